@@ -1,0 +1,112 @@
+//! I/O backends: the only place in the relay that touches sockets, and so the only place
+//! that holds `unsafe`.
+//!
+//! A worker owns one [`Backend`]. The backend owns the worker's sockets (listeners and
+//! connections) and turns kernel activity into calls on an [`EventSink`] that the worker
+//! implements. Everything protocol-related (decoding, routing, queues, timers) lives in the
+//! worker and its sans-IO state machines; a backend never looks inside the bytes it moves.
+//!
+//! Two backends implement the same contract:
+//! - [`uring`]: io_uring with batched submission (one `io_uring_enter` per loop tick),
+//!   multishot accept, multishot receive into a provided buffer ring where the kernel has them.
+//! - [`epoll`]: mio (epoll) for kernels or sandboxes where io_uring is missing or forbidden.
+//!
+//! [`probe`] decides between them for `io_backend = "auto"`.
+//!
+//! # Contract every backend keeps
+//! - Tokens are chosen by the sink in [`EventSink::accepted`]; the backend reports events for a
+//!   token until it reports [`EventSink::closed`] for it or the worker calls [`Backend::close`],
+//!   and never after either.
+//! - [`Backend::send`] takes ownership of a batch of buffers and writes all of them, in order,
+//!   as few syscalls as the kernel allows (vectored). At most one batch is in flight per
+//!   connection: the worker calls `send` again only after [`EventSink::sent`] for that token.
+//!   Partial writes are the backend's business, not the worker's.
+//! - Received bytes are lent to the sink in [`EventSink::received`]; the backend may reuse the
+//!   memory once the call returns (the worker copies what it keeps).
+//! - [`Backend::set_reading`] pauses and resumes reading from one connection (backpressure):
+//!   while paused, no `received` calls are made for that token.
+//! - [`Backend::shutdown_write`] half-closes after the last queued send (graceful close:
+//!   the peer reads everything, then sees EOF); the socket stays open for reading so that
+//!   unread input does not turn the close into a reset that discards our last frames.
+//! - [`Backend::poll`] submits everything queued since the last call, waits until at least one
+//!   event, the timeout, or a [`Wakeup`] from another thread, then reports all ready events.
+
+pub mod epoll;
+pub mod probe;
+pub mod uring;
+mod wakeup;
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+pub use wakeup::Wakeup;
+
+/// Identifies a connection within one worker; chosen by the worker (slot index plus a
+/// generation, so a stale completion can never reach a reused slot).
+pub type Token = u64;
+
+/// Why the backend closed a connection on its own.
+#[derive(Debug)]
+pub enum CloseReason {
+    /// The peer closed its side (EOF).
+    PeerClosed,
+    /// The socket failed (reset, timeout, ...).
+    Error(io::Error),
+}
+
+/// The worker side of a backend: receives what the kernel reports.
+pub trait EventSink {
+    /// A connection was accepted on one of the backend's listeners. The sink sets socket
+    /// options through the borrowed stream and answers with the token to use, or `None` to
+    /// refuse it (the backend closes it at once).
+    fn accepted(&mut self, stream: &TcpStream, peer: SocketAddr) -> Option<Token>;
+    /// Bytes arrived on a connection. The slice is only valid during the call.
+    fn received(&mut self, token: Token, data: &[u8]);
+    /// The whole batch given to [`Backend::send`] for this token has been written.
+    fn sent(&mut self, token: Token, bytes: usize);
+    /// The connection is gone (peer EOF or socket error); the backend has released it.
+    fn closed(&mut self, token: Token, reason: CloseReason);
+    /// Another thread called [`Wakeup::wake`].
+    fn woken(&mut self);
+}
+
+/// One worker's I/O backend. Created on the worker's own thread and used only there.
+pub trait Backend {
+    /// `"io_uring"` or `"epoll"`, for logs and metrics.
+    fn name(&self) -> &'static str;
+    /// Start accepting on a non-blocking listener (the caller has bound it, with
+    /// `SO_REUSEPORT` where several workers share an address).
+    fn add_listener(&mut self, listener: TcpListener) -> io::Result<()>;
+    /// Stop accepting and close every listener (shutdown). Connections stay open.
+    fn close_listeners(&mut self);
+    /// Write every buffer in `bufs` (drained; left empty) to the connection, in order.
+    /// Precondition: no batch is in flight for `token`.
+    fn send(&mut self, token: Token, bufs: &mut VecDeque<Bytes>);
+    /// Pause (`false`) or resume (`true`) reading from the connection.
+    fn set_reading(&mut self, token: Token, reading: bool);
+    /// Half-close the connection once the batch in flight, if any, has been written.
+    fn shutdown_write(&mut self, token: Token);
+    /// Close the connection now and forget the token; no event for it is reported after this.
+    fn close(&mut self, token: Token);
+    /// The handle other threads use to interrupt [`Backend::poll`].
+    fn wakeup(&self) -> Wakeup;
+    /// Submit queued work, wait for events (at most `timeout`; `None` waits indefinitely),
+    /// and report them to `sink`.
+    fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<()>;
+}
+
+/// Which backend to run; the config's `io_backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// Probe io_uring at start; fall back to epoll with one log line saying why.
+    Auto,
+    /// io_uring or fail to start.
+    IoUring,
+    /// mio/epoll.
+    Epoll,
+}

@@ -1,0 +1,2 @@
+//! pabal's relay (skeleton; filled by the relay issue).
+pub mod io;
