@@ -214,7 +214,7 @@ pub struct ClientSession {
     last_ts_ms: u64,
     rooms: HashMap<u32, RoomState>,
     senders: HashMap<u32, Text>,
-    in_flight: HashMap<u64, u32>,
+    in_flight: HashMap<u64, (u32, u64)>,
     next_msg_id: u64,
     names: HashMap<u64, (Text, bool)>,
 }
@@ -254,11 +254,15 @@ impl ClientSession {
         })
     }
 
-    /// A PUBLISH of `payload` to `alias`, with a fresh message id (returned).
+    /// A PUBLISH of `payload` to `alias`, with a fresh message id (returned). When its
+    /// PUBACK arrives, the room's cursor advances to the acknowledged sequence if that is
+    /// the next one and the alias is still bound to the same room; otherwise the sequence
+    /// is remembered as the client's own, which the relay may later skip.
     pub fn publish(&mut self, alias: u32, payload: Bytes, ack: Option<u64>) -> (u64, ClientFrame) {
         self.next_msg_id += 1;
         let msg_id = self.next_msg_id;
-        self.in_flight.insert(msg_id, alias);
+        let room_id = self.rooms.get(&alias).map_or(0, |r| r.room_id);
+        self.in_flight.insert(msg_id, (alias, room_id));
         let frame = ClientFrame::Publish(Publish {
             alias,
             msg_id: Some(msg_id),
@@ -337,11 +341,13 @@ impl ClientSession {
                 }
             }
             ServerFrame::PubAck(p) => {
-                let alias = self
+                let (alias, room_id) = self
                     .in_flight
                     .remove(&p.msg_id)
                     .ok_or(SessionError::UnknownMessageId(p.msg_id))?;
-                if let Some(room) = self.rooms.get_mut(&alias) {
+                // The rule applies only while the alias is still bound to the room the
+                // message was published to (an alias may be rebound in the meantime).
+                if let Some(room) = self.rooms.get_mut(&alias).filter(|r| r.room_id == room_id) {
                     if p.seq == room.cursor + 1 {
                         room.cursor = p.seq;
                     } else if p.seq > room.cursor {

@@ -1,2 +1,20 @@
-//! pabal's relay (skeleton; filled by the relay issue).
+//! pabal's relay: a thread-per-core daemon that holds phones' persistent connections and fans
+//! messages out to rooms and channels.
+//!
+//! - [`runtime`] starts one worker per core, each with its own I/O backend ([`io`]) and its
+//!   own [`core::Core`] state machine, connected by message passing ([`mesh`]).
+//! - [`core`] is sans-IO: routing, sequencing, history, resume, backpressure, heartbeats.
+//! - [`config`] is the TOML configuration with documented defaults.
+//!
+//! See ARCHITECTURE.md at the repository root for the threads and the path of one message.
+
+pub mod config;
+pub mod conn;
+pub mod core;
+pub mod directory;
+pub mod history;
+pub mod ids;
 pub mod io;
+pub mod mesh;
+pub mod runtime;
+pub mod stats;

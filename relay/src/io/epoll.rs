@@ -1,0 +1,564 @@
+//! The epoll backend, over mio: for kernels or sandboxes where io_uring is missing or denied.
+//!
+//! Owns: one `mio::Poll`, the worker's listeners and connections (as mio sockets), a reusable
+//! 64 KiB read buffer, and the registration of the worker's [`Wakeup`] eventfd. It implements
+//! the contract in [`super`] and nothing more: it never looks inside the bytes it moves and
+//! must not touch the io_uring backend, the worker's state, or any socket it was not given.
+//!
+//! Readiness is edge-triggered (mio's only mode on Linux), so every readiness edge is either
+//! consumed (read or written until `WouldBlock`) or remembered in a flag:
+//! - `read_ready`: data may be waiting that no edge will announce again (reads were paused,
+//!   or the per-tick budget ran out). A resumed or budget-limited connection goes on the
+//!   `dirty` list and is read at the start of the next [`Backend::poll`].
+//! - `write_blocked`: the last write hit `WouldBlock`; the next `WRITABLE` edge resumes it.
+//!
+//! All sink calls happen inside [`Backend::poll`]: `send`, `set_reading` and `shutdown_write`
+//! only record work (the `dirty` list), which `poll` performs before it waits. A tick that
+//! produced events this way does not block in `epoll_wait`.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice, Read};
+use std::net::{self, Shutdown, SocketAddr};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token as MioToken};
+use socket2::SockRef;
+
+use super::probe::BackendOptions;
+use super::{Backend, CloseReason, EventSink, Token, Wakeup};
+
+/// Most buffers handed to one `sendmsg` (the contract asks for vectored writes).
+const MAX_IOVECS: usize = 64;
+
+// mio tokens: the top two bits say what the token names.
+// - connection: bits 0..32 slot index, bits 32..62 slot generation;
+// - listener: bits 0..32 listener index;
+// - the wakeup eventfd.
+const _: () = assert!(usize::BITS == 64, "the token encoding assumes a 64-bit target");
+const KIND_SHIFT: u32 = 62;
+const KIND_CONN: usize = 0;
+const KIND_LISTENER: usize = 1;
+const KIND_WAKE: usize = 2;
+const GEN_MASK: u32 = (1 << 30) - 1;
+const WAKE_TOKEN: MioToken = MioToken(KIND_WAKE << KIND_SHIFT);
+
+fn conn_token(idx: u32, generation: u32) -> MioToken {
+    MioToken(((generation as usize) << 32) | idx as usize)
+}
+
+fn listener_token(idx: usize) -> MioToken {
+    MioToken((KIND_LISTENER << KIND_SHIFT) | idx)
+}
+
+/// One connection's state.
+#[derive(Debug)]
+struct Conn {
+    stream: TcpStream,
+    token: Token,
+    /// The worker wants `received` calls.
+    reading: bool,
+    /// Data (or EOF) may be waiting that no readiness edge will announce again.
+    read_ready: bool,
+    /// The peer's FIN was announced (EPOLLRDHUP): read on until EOF, short reads included.
+    rdhup: bool,
+    /// The batch in flight (what is left of it), and its total size for `sent`.
+    out: VecDeque<Bytes>,
+    out_total: usize,
+    in_flight: bool,
+    /// The last write hit `WouldBlock`; wait for a `WRITABLE` edge.
+    write_blocked: bool,
+    /// `shutdown_write` was called while a batch was in flight.
+    shutdown_pending: bool,
+    /// On the `dirty` list already.
+    queued: bool,
+}
+
+#[derive(Debug)]
+struct Slot {
+    generation: u32,
+    conn: Option<Conn>,
+}
+
+/// The mio/epoll implementation of [`Backend`].
+#[derive(Debug)]
+pub struct EpollBackend {
+    poll: Poll,
+    events: Events,
+    wakeup: Wakeup,
+    listeners: Vec<Option<TcpListener>>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    by_token: HashMap<Token, u32>,
+    /// Connections with work queued for the start of the next `poll` (slot, generation).
+    dirty: Vec<(u32, u32)>,
+    /// Scratch copy of one `epoll_wait`'s events (kept for its allocation).
+    ready: Vec<ReadyEvent>,
+    rbuf: Box<[u8]>,
+    /// Bytes one connection may move in one direction per tick before yielding.
+    budget: usize,
+}
+
+impl EpollBackend {
+    /// Creates the epoll instance and registers a fresh [`Wakeup`].
+    pub fn new(opts: &BackendOptions) -> io::Result<Self> {
+        opts.validate()?;
+        let poll = Poll::new()?;
+        let wakeup = Wakeup::new()?;
+        poll.registry().register(
+            &mut SourceFd(&wakeup.as_raw_fd()),
+            WAKE_TOKEN,
+            Interest::READABLE,
+        )?;
+        Ok(Self {
+            poll,
+            events: Events::with_capacity(opts.epoll_events),
+            wakeup,
+            listeners: Vec::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_token: HashMap::new(),
+            dirty: Vec::new(),
+            ready: Vec::new(),
+            rbuf: vec![0u8; opts.read_chunk].into_boxed_slice(),
+            budget: opts.io_budget,
+        })
+    }
+
+    fn conn_mut(&mut self, idx: u32, generation: u32) -> Option<&mut Conn> {
+        let slot = self.slots.get_mut(idx as usize)?;
+        if slot.generation != generation {
+            return None;
+        }
+        slot.conn.as_mut()
+    }
+
+    fn lookup(&mut self, token: Token) -> Option<(u32, &mut Conn)> {
+        let idx = *self.by_token.get(&token)?;
+        let conn = self.slots.get_mut(idx as usize)?.conn.as_mut()?;
+        Some((idx, conn))
+    }
+
+    fn mark_dirty(&mut self, idx: u32) {
+        let slot = &mut self.slots[idx as usize];
+        if let Some(conn) = slot.conn.as_mut()
+            && !conn.queued
+        {
+            conn.queued = true;
+            self.dirty.push((idx, slot.generation));
+        }
+    }
+
+    /// Forgets the connection in `idx` and closes its socket. Reports nothing.
+    fn release(&mut self, idx: u32) -> Option<Conn> {
+        let slot = &mut self.slots[idx as usize];
+        let conn = slot.conn.take()?;
+        slot.generation = (slot.generation + 1) & GEN_MASK;
+        self.free.push(idx);
+        self.by_token.remove(&conn.token);
+        // Closing the fd removes it from the epoll set; an explicit deregister would cost a
+        // syscall for nothing (stale events are filtered by the generation).
+        Some(conn)
+    }
+
+    /// Releases the connection and tells the sink why.
+    fn close_with(&mut self, idx: u32, reason: CloseReason, sink: &mut dyn EventSink) {
+        if let Some(conn) = self.release(idx) {
+            sink.closed(conn.token, reason);
+        }
+    }
+
+    fn alloc_slot(&mut self) -> io::Result<u32> {
+        if let Some(idx) = self.free.pop() {
+            return Ok(idx);
+        }
+        let idx = u32::try_from(self.slots.len())
+            .map_err(|_| io::Error::other("too many connections for one worker"))?;
+        self.slots.push(Slot { generation: 0, conn: None });
+        Ok(idx)
+    }
+
+    fn accept_all(&mut self, lidx: usize, sink: &mut dyn EventSink) {
+        loop {
+            let Some(Some(listener)) = self.listeners.get(lidx) else { return };
+            match listener.accept() {
+                Ok((stream, peer)) => self.on_accepted(stream, peer, sink),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOBUFS, ENOMEM: the connection stays in the backlog
+                    // and the next one to arrive triggers another attempt.
+                    tracing::warn!(error = %e, "accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr, sink: &mut dyn EventSink) {
+        let std_stream = net::TcpStream::from(stream);
+        let Some(token) = sink.accepted(&std_stream, peer) else { return };
+        if self.by_token.contains_key(&token) {
+            tracing::error!(token, "sink reused a live token; refusing the new connection");
+            return;
+        }
+        let mut stream = TcpStream::from_std(std_stream);
+        let idx = match self.alloc_slot() {
+            Ok(idx) => idx,
+            Err(e) => {
+                sink.closed(token, CloseReason::Error(e));
+                return;
+            }
+        };
+        let generation = self.slots[idx as usize].generation;
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            conn_token(idx, generation),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            self.free.push(idx);
+            sink.closed(token, CloseReason::Error(e));
+            return;
+        }
+        self.slots[idx as usize].conn = Some(Conn {
+            stream,
+            token,
+            reading: true,
+            read_ready: false,
+            rdhup: false,
+            out: VecDeque::new(),
+            out_total: 0,
+            in_flight: false,
+            write_blocked: false,
+            shutdown_pending: false,
+            queued: false,
+        });
+        self.by_token.insert(token, idx);
+    }
+
+    /// Reads until `WouldBlock`, EOF, an error, or the budget; reports what it read.
+    fn do_read(&mut self, idx: u32, sink: &mut dyn EventSink) {
+        let budget = self.budget;
+        let mut moved = 0usize;
+        loop {
+            let Some(conn) = self.slots[idx as usize].conn.as_mut() else { return };
+            if !conn.reading {
+                return; // read_ready stays set; resumed by set_reading(true)
+            }
+            match conn.stream.read(&mut self.rbuf) {
+                Ok(0) => {
+                    self.close_with(idx, CloseReason::PeerClosed, sink);
+                    return;
+                }
+                Ok(n) => {
+                    let short = n < self.rbuf.len() && !conn.rdhup;
+                    let token = conn.token;
+                    sink.received(token, &self.rbuf[..n]);
+                    moved += n;
+                    if short {
+                        // Edge-triggered: a short read emptied the socket; data that
+                        // arrives later raises a new edge (tokio relies on the same rule).
+                        conn.read_ready = false;
+                        return;
+                    }
+                    if moved >= budget {
+                        conn.read_ready = true;
+                        self.mark_dirty(idx);
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.read_ready = false;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.close_with(idx, CloseReason::Error(e), sink);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Writes the batch in flight until done, `WouldBlock`, an error, or the budget.
+    fn do_write(&mut self, idx: u32, sink: &mut dyn EventSink) {
+        let budget = self.budget;
+        let mut moved = 0usize;
+        loop {
+            let Some(conn) = self.slots[idx as usize].conn.as_mut() else { return };
+            if !conn.in_flight || conn.write_blocked {
+                return;
+            }
+            while conn.out.front().is_some_and(|b| b.is_empty()) {
+                conn.out.pop_front();
+            }
+            if conn.out.is_empty() {
+                conn.in_flight = false;
+                let (token, total) = (conn.token, std::mem::take(&mut conn.out_total));
+                let shutdown = std::mem::take(&mut conn.shutdown_pending);
+                if shutdown {
+                    shutdown_write_now(conn);
+                }
+                sink.sent(token, total);
+                return;
+            }
+            if moved >= budget {
+                self.mark_dirty(idx);
+                return;
+            }
+            let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut n_iov = 0;
+            for (slot, buf) in iov.iter_mut().zip(conn.out.iter()) {
+                *slot = IoSlice::new(buf);
+                n_iov += 1;
+            }
+            // sendmsg rather than writev: MSG_NOSIGNAL turns a write to a reset peer into
+            // EPIPE instead of SIGPIPE, whatever the process's signal disposition.
+            let res = SockRef::from(&conn.stream)
+                .send_vectored_with_flags(&iov[..n_iov], libc::MSG_NOSIGNAL);
+            match res {
+                Ok(0) => {
+                    let e = io::Error::from(io::ErrorKind::WriteZero);
+                    self.close_with(idx, CloseReason::Error(e), sink);
+                    return;
+                }
+                Ok(n) => {
+                    advance(&mut conn.out, n);
+                    moved += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.write_blocked = true;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.close_with(idx, CloseReason::Error(e), sink);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Performs the work that `send`, `set_reading` and the read budget queued.
+    fn run_dirty(&mut self, sink: &mut dyn EventSink) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &(idx, generation) in &dirty {
+            let Some(conn) = self.conn_mut(idx, generation) else { continue };
+            conn.queued = false;
+            if conn.in_flight && !conn.write_blocked {
+                self.do_write(idx, sink);
+            }
+            let Some(conn) = self.conn_mut(idx, generation) else { continue };
+            if conn.reading && conn.read_ready {
+                self.do_read(idx, sink);
+            }
+        }
+        // Put the (now empty) allocation back unless work was re-queued meanwhile.
+        if self.dirty.is_empty() {
+            let mut dirty = dirty;
+            dirty.clear();
+            self.dirty = dirty;
+        }
+    }
+
+    fn on_conn_event(&mut self, idx: u32, generation: u32, ev: &ReadyEvent, sink: &mut dyn EventSink) {
+        let Some(conn) = self.conn_mut(idx, generation) else { return };
+        if ev.error {
+            match conn.stream.take_error() {
+                Ok(Some(e)) | Err(e) => {
+                    self.close_with(idx, CloseReason::Error(e), sink);
+                    return;
+                }
+                Ok(None) => {}
+            }
+        }
+        if ev.writable {
+            conn.write_blocked = false;
+            if conn.in_flight {
+                self.do_write(idx, sink);
+            }
+        }
+        let Some(conn) = self.conn_mut(idx, generation) else { return };
+        if ev.readable || ev.read_closed {
+            conn.read_ready = true;
+            conn.rdhup |= ev.read_closed;
+            if conn.reading {
+                self.do_read(idx, sink);
+            }
+        }
+    }
+}
+
+/// What one epoll event said, copied out so the event buffer can be released.
+#[derive(Debug, Clone, Copy)]
+struct ReadyEvent {
+    token: MioToken,
+    readable: bool,
+    writable: bool,
+    read_closed: bool,
+    error: bool,
+}
+
+/// Counts the calls made on a sink, so `poll` knows whether its queued work reported
+/// anything (and must not block).
+struct Counting<'a> {
+    inner: &'a mut dyn EventSink,
+    calls: usize,
+}
+
+impl EventSink for Counting<'_> {
+    fn accepted(&mut self, stream: &net::TcpStream, peer: SocketAddr) -> Option<Token> {
+        self.calls += 1;
+        self.inner.accepted(stream, peer)
+    }
+    fn received(&mut self, token: Token, data: &[u8]) {
+        self.calls += 1;
+        self.inner.received(token, data);
+    }
+    fn sent(&mut self, token: Token, bytes: usize) {
+        self.calls += 1;
+        self.inner.sent(token, bytes);
+    }
+    fn closed(&mut self, token: Token, reason: CloseReason) {
+        self.calls += 1;
+        self.inner.closed(token, reason);
+    }
+    fn woken(&mut self) {
+        self.calls += 1;
+        self.inner.woken();
+    }
+}
+
+fn shutdown_write_now(conn: &Conn) {
+    if let Err(e) = conn.stream.shutdown(Shutdown::Write) {
+        // ENOTCONN after a reset: the error (or EOF) surfaces through the read side.
+        tracing::debug!(token = conn.token, error = %e, "shutdown(SHUT_WR) failed");
+    }
+}
+
+/// Drops the first `n` bytes from the front of the queue.
+fn advance(out: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = out.front_mut() else { return };
+        if n >= front.len() {
+            n -= front.len();
+            out.pop_front();
+        } else {
+            front.advance(n);
+            n = 0;
+        }
+    }
+}
+
+impl Backend for EpollBackend {
+    fn name(&self) -> &'static str {
+        "epoll"
+    }
+
+    fn add_listener(&mut self, listener: net::TcpListener) -> io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        let idx = self.listeners.len();
+        self.poll.registry().register(&mut listener, listener_token(idx), Interest::READABLE)?;
+        self.listeners.push(Some(listener));
+        Ok(())
+    }
+
+    fn close_listeners(&mut self) {
+        for listener in &mut self.listeners {
+            if let Some(mut l) = listener.take() {
+                let _ = self.poll.registry().deregister(&mut l);
+            }
+        }
+    }
+
+    fn send(&mut self, token: Token, bufs: &mut VecDeque<Bytes>) {
+        let Some((idx, conn)) = self.lookup(token) else {
+            tracing::debug!(token, "send on an unknown token; dropped");
+            bufs.clear();
+            return;
+        };
+        let total: usize = bufs.iter().map(Bytes::len).sum();
+        if conn.in_flight {
+            // Contract breach (one batch at a time): append, report both as one `sent`.
+            tracing::debug!(token, "send while a batch is in flight; appended to it");
+            conn.out.extend(bufs.drain(..));
+        } else {
+            // Swap so that both sides keep their VecDeque allocations.
+            std::mem::swap(&mut conn.out, bufs);
+            bufs.clear();
+            conn.in_flight = true;
+        }
+        conn.out_total += total;
+        self.mark_dirty(idx);
+    }
+
+    fn set_reading(&mut self, token: Token, reading: bool) {
+        let Some((idx, conn)) = self.lookup(token) else { return };
+        let was = std::mem::replace(&mut conn.reading, reading);
+        if reading && !was && conn.read_ready {
+            self.mark_dirty(idx);
+        }
+    }
+
+    fn shutdown_write(&mut self, token: Token) {
+        let Some((_, conn)) = self.lookup(token) else { return };
+        if conn.in_flight {
+            conn.shutdown_pending = true;
+        } else {
+            shutdown_write_now(conn);
+        }
+    }
+
+    fn close(&mut self, token: Token) {
+        if let Some(&idx) = self.by_token.get(&token) {
+            drop(self.release(idx));
+        }
+    }
+
+    fn wakeup(&self) -> Wakeup {
+        self.wakeup.clone()
+    }
+
+    fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<()> {
+        let mut counting = Counting { inner: sink, calls: 0 };
+        self.run_dirty(&mut counting);
+        let sink = counting.inner;
+        // Events already reported, or work left over: look, but do not wait.
+        let busy = counting.calls > 0 || !self.dirty.is_empty();
+        let timeout = if busy { Some(Duration::ZERO) } else { timeout };
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        // Copy the events out: handling them needs `&mut self`.
+        let mut ready = std::mem::take(&mut self.ready);
+        ready.clear();
+        ready.extend(self.events.iter().map(|e| ReadyEvent {
+            token: e.token(),
+            readable: e.is_readable(),
+            writable: e.is_writable(),
+            read_closed: e.is_read_closed(),
+            error: e.is_error(),
+        }));
+        for ev in &ready {
+            let raw = ev.token.0;
+            match raw >> KIND_SHIFT {
+                KIND_WAKE if self.wakeup.drain()? => sink.woken(),
+                KIND_LISTENER => self.accept_all(raw & ((1 << 32) - 1), sink),
+                KIND_CONN => {
+                    let idx = (raw & 0xFFFF_FFFF) as u32;
+                    let generation = (raw >> 32) as u32 & GEN_MASK;
+                    self.on_conn_event(idx, generation, ev, sink);
+                }
+                _ => {}
+            }
+        }
+        self.ready = ready;
+        Ok(())
+    }
+}

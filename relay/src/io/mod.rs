@@ -35,6 +35,8 @@ pub mod epoll;
 pub mod probe;
 pub mod uring;
 mod wakeup;
+#[cfg(test)]
+mod tests;
 
 use std::collections::VecDeque;
 use std::io;

@@ -1,0 +1,1255 @@
+//! The io_uring backend.
+//!
+//! Owns: one ring per worker, the provided-buffer ring its multishot receives fill, the
+//! worker's listeners and connections (as raw fds with per-connection send state), and the
+//! ring's poll on the worker's [`Wakeup`] eventfd. It implements the contract in [`super`] and
+//! nothing more: it never looks inside the bytes it moves and must not touch the epoll
+//! backend, the worker's state, or any fd it was not given.
+//!
+//! # Shape of one tick ([`Backend::poll`])
+//! `send`, `set_reading`, `shutdown_write`, `close` and re-arms only queue SQEs. `poll`
+//! delivers what is held in user space (data that arrived while a connection was paused),
+//! then makes exactly one `io_uring_enter` that submits everything queued and waits (with
+//! the EXT_ARG timeout) for at least one completion, then reaps the completion queue. The only
+//! other `io_uring_enter` happens when the submission queue is full: it is flushed and the
+//! push retried (and what still does not fit waits in a user-space backlog).
+//!
+//! # Operations
+//! - accept: multishot `ACCEPT` per listener (single-shot, re-armed, where unsupported);
+//! - receive: multishot `RECV` selecting from a provided-buffer ring; each buffer goes back
+//!   to the ring as soon as `EventSink::received` returns. A multishot that ends (no
+//!   `IORING_CQE_F_MORE`: ENOBUFS, CQ overflow, cancellation) is re-armed while the
+//!   connection reads. Without buffer rings / multishot receive (kernels before 6.0, or
+//!   [`BackendOptions::uring_multishot`] off) each connection gets its own buffer and a
+//!   single-shot `RECV`;
+//! - send: one `SENDMSG` per batch, its iovecs pointing into the `Bytes` of the batch, which
+//!   the connection holds until the completion; a short write is resubmitted for the rest;
+//! - wake: multishot `POLL_ADD` on the eventfd;
+//! - close: `ASYNC_CANCEL` of the connection's receive and send, then, once every operation
+//!   that names the fd has completed, `CLOSE` through the ring.
+//!
+//! # Why not `SEND_ZC`
+//! We do not use zero-copy send. A relay sends small coalesced frames: tens to a few hundred
+//! bytes per connection per tick. `SEND_ZC` pins the pages and posts a second, notification
+//! CQE once the NIC (or loopback) has released them, and the buffer must stay untouched until
+//! then; for small sends that bookkeeping costs more than the copy it saves. The kernel's own
+//! documentation and the io_uring benchmarks put the break-even around 10 KB per send, far
+//! above our frame sizes. Revisit only for bulk transfers (history replay of large batches).
+//!
+//! # Memory the kernel may touch, and why it stays valid
+//! Every SQE carries `user_data` = op kind | slot generation | slot index, never a pointer.
+//! A connection slot is reused only after every operation naming it has posted its final
+//! CQE (the slot counts them), so a late completion can never reach a new connection; the
+//! generation is a second check. The connection's state is boxed (its address is stable) and
+//! freed only at that point, so the `msghdr`, iovecs and `Bytes` of a send, and the buffer
+//! of a single-shot receive, outlive their operation. The buffer ring lives as long as the
+//! backend; on drop the backend cancels everything and waits for the completions, and leaks
+//! the memory rather than free it if the kernel does not answer.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::mem;
+use std::net::{self, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use io_uring::{EnterFlags, IoUring, cqueue, opcode, squeue, types};
+
+use super::probe::BackendOptions;
+use super::wakeup::syscall;
+use super::{Backend, CloseReason, EventSink, Token, Wakeup};
+
+/// The buffer group of our one provided-buffer ring.
+const BGID: u16 = 0;
+/// Linux's `UIO_MAXIOV`: the most iovecs one `sendmsg` accepts.
+const IOV_MAX: usize = 1024;
+/// How long accepting pauses after EMFILE/ENFILE/ENOMEM before it is retried.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// How long drop waits for the kernel to finish cancelled operations.
+const TEARDOWN_WAIT: Duration = Duration::from_secs(2);
+
+// user_data: bits 56..64 op kind, 32..56 slot generation, 0..32 slot index.
+const OP_ACCEPT: u8 = 1;
+const OP_RECV: u8 = 2;
+const OP_SEND: u8 = 3;
+const OP_SHUTDOWN: u8 = 4;
+/// A cancellation on behalf of a connection (counted in its `cancels`).
+const OP_CANCEL: u8 = 5;
+/// Close and listener/wake cancellations: nothing to do on completion.
+const OP_MISC: u8 = 6;
+const OP_WAKE: u8 = 7;
+const GEN_MASK: u32 = (1 << 24) - 1;
+
+fn user_data(op: u8, idx: u32, generation: u32) -> u64 {
+    (u64::from(op) << 56) | (u64::from(generation & GEN_MASK) << 32) | u64::from(idx)
+}
+
+fn decode(ud: u64) -> (u8, u32, u32) {
+    ((ud >> 56) as u8, (ud >> 32) as u32 & GEN_MASK, ud as u32)
+}
+
+fn errno(res: i32) -> io::Error {
+    io::Error::from_raw_os_error(-res)
+}
+
+/// An anonymous private mapping: page-aligned, as the buffer ring requires.
+struct Mmap {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Mmap {
+    fn anon(len: usize) -> io::Result<Self> {
+        // SAFETY: an anonymous mapping at an address of the kernel's choosing: no fd, no
+        // existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned a null pointer"))?;
+        Ok(Self { ptr, len })
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` describe a mapping we created and nothing else unmaps.
+        let _ = syscall!(unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) });
+    }
+}
+
+/// `struct io_uring_buf`: one entry of a provided-buffer ring. The `resv` field of entry 0
+/// is the ring's tail, which only userspace writes.
+#[repr(C)]
+struct RawBuf {
+    addr: u64,
+    len: u32,
+    bid: u16,
+    resv: u16,
+}
+const _: () = assert!(mem::size_of::<RawBuf>() == 16);
+const TAIL_OFFSET: usize = 14;
+
+/// The provided-buffer ring: `count` buffers of `size` bytes, all in the ring at rest; the
+/// kernel takes one per receive completion and we put it back after the sink has seen it.
+struct BufRing {
+    entries: Mmap,
+    data: Mmap,
+    count: u16,
+    size: u32,
+    /// Our copy of the tail (the kernel only reads it).
+    tail: u16,
+}
+
+impl BufRing {
+    fn new(count: u16, size: u32) -> io::Result<Self> {
+        let entries = Mmap::anon(usize::from(count) * mem::size_of::<RawBuf>())?;
+        let data = Mmap::anon(usize::from(count) * size as usize)?;
+        let mut ring = Self { entries, data, count, size, tail: 0 };
+        for bid in 0..count {
+            ring.put(bid);
+        }
+        ring.publish();
+        Ok(ring)
+    }
+
+    /// Writes buffer `bid` into the slot at our (unpublished) tail.
+    fn put(&mut self, bid: u16) {
+        debug_assert!(bid < self.count);
+        let slot = usize::from(self.tail & (self.count - 1));
+        let addr = self.data.ptr.as_ptr() as u64 + u64::from(bid) * u64::from(self.size);
+        let entry = self.entries.ptr.as_ptr().cast::<RawBuf>().wrapping_add(slot);
+        // SAFETY: `slot < count`, so `entry` lies in the entries mapping and is aligned (the
+        // mapping is page-aligned, entries are 16 bytes). The kernel reads only entries
+        // between its head and the published tail; this one is at the tail, so nothing reads
+        // it now. We write the three fields one by one and never `resv`, which in entry 0 is
+        // the tail the kernel may be reading.
+        unsafe {
+            (&raw mut (*entry).addr).write(addr);
+            (&raw mut (*entry).len).write(self.size);
+            (&raw mut (*entry).bid).write(bid);
+        }
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes the entries written by `put` visible to the kernel.
+    fn publish(&self) {
+        // SAFETY: the tail is the u16 at offset 14 of the page-aligned entries mapping
+        // (in bounds, 2-aligned). It is only ever accessed atomically: by us here and by the
+        // kernel with an acquire load.
+        let tail = unsafe {
+            AtomicU16::from_ptr(self.entries.ptr.as_ptr().add(TAIL_OFFSET).cast::<u16>())
+        };
+        tail.store(self.tail, Ordering::Release);
+    }
+
+    /// Gives buffer `bid` back to the kernel.
+    fn recycle(&mut self, bid: u16) {
+        if bid < self.count {
+            self.put(bid);
+            self.publish();
+        }
+    }
+
+    /// The first `len` bytes of buffer `bid`, which a completion has just handed us.
+    fn slice(&self, bid: u16, len: usize) -> Option<&[u8]> {
+        if bid >= self.count || len > self.size as usize {
+            return None;
+        }
+        let offset = usize::from(bid) * self.size as usize;
+        // SAFETY: in bounds (checked above). The kernel wrote these bytes before posting the
+        // completion that named `bid`, and it does not touch buffer `bid` again until we
+        // `recycle` it, which happens only after the returned slice is dead.
+        Some(unsafe { std::slice::from_raw_parts(self.data.ptr.as_ptr().add(offset), len) })
+    }
+}
+
+/// Send state of one connection. Lives in the boxed [`Conn`], so `msg` and `iov` keep their
+/// addresses while a `SENDMSG` that points at them is in flight.
+struct SendState {
+    /// What is left of the batch; the `Bytes` stay here (not advanced, not dropped) until
+    /// the send in flight completes.
+    bufs: VecDeque<Bytes>,
+    /// Batch size, for `sent`.
+    total: usize,
+    /// Bytes of the batch not yet written.
+    remaining: usize,
+    iov: Vec<libc::iovec>,
+    msg: libc::msghdr,
+    inflight: bool,
+}
+
+struct Conn {
+    token: Token,
+    /// Owned; closed through the ring once no operation names it.
+    stream: net::TcpStream,
+    fd: RawFd,
+    /// The worker closed it, or we reported `closed`: waiting for operations to finish.
+    closing: bool,
+    reading: bool,
+    recv_armed: bool,
+    recv_cancelling: bool,
+    /// EOF arrived while reads were paused; reported on resume, after `stash`.
+    eof_pending: bool,
+    /// Data that completed while reads were paused (a receive races its cancellation).
+    stash: Vec<u8>,
+    /// Single-shot receive buffer (no buffer ring).
+    rbuf: Option<Box<[u8]>>,
+    send: SendState,
+    shutdown_pending: bool,
+    shutdown_inflight: bool,
+    /// Our cancellations in flight for this connection.
+    cancels: u32,
+    /// On the `ready` list.
+    queued: bool,
+}
+
+impl Conn {
+    fn new(token: Token, stream: net::TcpStream) -> Self {
+        let fd = stream.as_raw_fd();
+        Self {
+            token,
+            stream,
+            fd,
+            closing: false,
+            reading: true,
+            recv_armed: false,
+            recv_cancelling: false,
+            eof_pending: false,
+            stash: Vec::new(),
+            rbuf: None,
+            send: SendState {
+                bufs: VecDeque::new(),
+                total: 0,
+                remaining: 0,
+                iov: Vec::new(),
+                // SAFETY: `msghdr` is a plain C struct for which all-zero is valid (null
+                // pointers, zero lengths).
+                msg: unsafe { mem::zeroed() },
+                inflight: false,
+            },
+            shutdown_pending: false,
+            shutdown_inflight: false,
+            cancels: 0,
+            queued: false,
+        }
+    }
+
+    /// Operations in flight that name this connection's fd or memory.
+    fn ops(&self) -> u32 {
+        u32::from(self.recv_armed)
+            + u32::from(self.send.inflight)
+            + u32::from(self.shutdown_inflight)
+            + self.cancels
+    }
+}
+
+struct Slot {
+    generation: u32,
+    conn: Option<Box<Conn>>,
+}
+
+struct ListenerSlot {
+    listener: Option<net::TcpListener>,
+    armed: bool,
+    closing: bool,
+    /// Accepting failed for lack of resources; re-arm at `accept_retry_at`.
+    retry: bool,
+}
+
+/// The io_uring implementation of [`Backend`].
+///
+/// Create it on the thread that will poll it: with `IORING_SETUP_SINGLE_ISSUER` the ring
+/// belongs to the thread that created it.
+pub struct UringBackend {
+    // Dropped first: the ring goes before the buffer memory it was told about.
+    ring: IoUring,
+    bufs: Option<BufRing>,
+    recv_multishot: bool,
+    accept_multishot: bool,
+    poll_multishot: bool,
+    buf_size: usize,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    by_token: HashMap<Token, u32>,
+    listeners: Vec<ListenerSlot>,
+    accept_retry_at: Option<Instant>,
+    wakeup: Wakeup,
+    wake_armed: bool,
+    wake_closing: bool,
+    /// SQEs that did not fit in the submission queue.
+    backlog: VecDeque<squeue::Entry>,
+    /// Connections with user-space events for the next tick (slot, generation).
+    ready: Vec<(u32, u32)>,
+    /// Scratch copy of the completion queue.
+    cqes: Vec<cqueue::Entry>,
+    /// Operations whose final completion has not been reaped.
+    inflight: usize,
+}
+
+impl std::fmt::Debug for UringBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringBackend")
+            .field("connections", &self.by_token.len())
+            .field("listeners", &self.listeners.iter().filter(|l| l.listener.is_some()).count())
+            .field("inflight", &self.inflight)
+            .field("buffer_ring", &self.bufs.is_some())
+            .field("recv_multishot", &self.recv_multishot)
+            .field("accept_multishot", &self.accept_multishot)
+            .finish_non_exhaustive()
+    }
+}
+
+fn build_ring(opts: &BackendOptions) -> io::Result<IoUring> {
+    if opts.uring_defer_taskrun {
+        let attempt = IoUring::builder()
+            .setup_cqsize(opts.cq_entries)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_coop_taskrun()
+            .build(opts.ring_entries);
+        match attempt {
+            Ok(ring) => return Ok(ring),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::debug!("io_uring: SINGLE_ISSUER|DEFER_TASKRUN refused; trying COOP_TASKRUN");
+            }
+            Err(e) => return Err(e),
+        }
+        let attempt = IoUring::builder()
+            .setup_cqsize(opts.cq_entries)
+            .setup_coop_taskrun()
+            .build(opts.ring_entries);
+        match attempt {
+            Ok(ring) => return Ok(ring),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::debug!("io_uring: COOP_TASKRUN refused; plain setup");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    IoUring::builder().setup_cqsize(opts.cq_entries).build(opts.ring_entries)
+}
+
+impl UringBackend {
+    /// Sets up the ring (CQ = `cq_entries`), the buffer ring if multishot is on and the kernel
+    /// has it, and the wakeup poll.
+    pub fn new(opts: &BackendOptions) -> io::Result<Self> {
+        opts.validate()?;
+        let ring = build_ring(opts)?;
+        if !ring.params().is_feature_ext_arg() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_uring lacks IORING_FEAT_EXT_ARG (Linux 5.11)",
+            ));
+        }
+        let bufs = if opts.uring_multishot {
+            match BufRing::new(opts.buf_ring_count, opts.buf_size) {
+                Ok(bufs) => {
+                    // SAFETY: the entries mapping is page-aligned and holds `count` entries;
+                    // it lives in `self.bufs` until the backend drops, after the ring (field
+                    // order) and after every operation has completed (see `Drop`).
+                    let reg = unsafe {
+                        ring.submitter().register_buf_ring_with_flags(
+                            bufs.entries.ptr.as_ptr() as u64,
+                            bufs.count,
+                            BGID,
+                            0,
+                        )
+                    };
+                    match reg {
+                        Ok(()) => Some(bufs),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "io_uring: no provided-buffer rings; single-shot receive into per-connection buffers");
+                            None
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            tracing::debug!("io_uring: multishot disabled by options; single-shot accept and receive");
+            None
+        };
+        let mut this = Self {
+            ring,
+            recv_multishot: bufs.is_some(),
+            bufs,
+            accept_multishot: opts.uring_multishot,
+            poll_multishot: opts.uring_multishot,
+            buf_size: opts.buf_size as usize,
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_token: HashMap::new(),
+            listeners: Vec::new(),
+            accept_retry_at: None,
+            wakeup: Wakeup::new()?,
+            wake_armed: false,
+            wake_closing: false,
+            backlog: VecDeque::new(),
+            ready: Vec::new(),
+            cqes: Vec::new(),
+            inflight: 0,
+        };
+        this.arm_wake();
+        Ok(this)
+    }
+
+    /// Queues an SQE; if the submission queue is full, submits it and retries, and keeps
+    /// what still does not fit in the backlog.
+    ///
+    /// # Safety
+    /// Every pointer in `entry` must stay valid, and the memory it names unmoved (and not
+    /// accessed by us, where the kernel writes it), until the operation's final completion
+    /// has been reaped.
+    unsafe fn push(&mut self, entry: squeue::Entry) {
+        self.inflight += 1;
+        if self.backlog.is_empty() {
+            // SAFETY: forwarded from this function's contract.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            if self.ring.submit().is_ok() {
+                // SAFETY: forwarded from this function's contract.
+                if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                    return;
+                }
+            }
+        }
+        self.backlog.push_back(entry);
+    }
+
+    /// Moves the backlog into the submission queue, submitting as it fills.
+    fn flush_backlog(&mut self) -> io::Result<()> {
+        for _ in 0..64 {
+            if self.backlog.is_empty() {
+                return Ok(());
+            }
+            {
+                let mut sq = self.ring.submission();
+                while let Some(entry) = self.backlog.front() {
+                    // SAFETY: every backlog entry was queued by `push`, whose caller
+                    // guaranteed its memory until the completion.
+                    if unsafe { sq.push(entry) }.is_err() {
+                        break;
+                    }
+                    self.backlog.pop_front();
+                }
+            }
+            if self.backlog.is_empty() {
+                return Ok(()); // the tick's enter submits them
+            }
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The tick's one `io_uring_enter`: submits, and waits for a completion if `wait`.
+    fn enter(&mut self, wait: bool, timeout: Option<Duration>) -> io::Result<()> {
+        let res = match (wait, timeout) {
+            (false, _) => {
+                let to_submit = self.ring.submission().len() as u32;
+                // SAFETY: a plain enter without an argument struct (`None`): it only reads
+                // SQEs, whose memory `push`'s callers vouched for. GETEVENTS with
+                // min_complete 0 runs deferred task work so that completions get posted.
+                unsafe {
+                    self.ring.submitter().enter::<libc::sigset_t>(
+                        to_submit,
+                        0,
+                        EnterFlags::GETEVENTS.bits(),
+                        None,
+                    )
+                }
+            }
+            (true, None) => self.ring.submitter().submit_and_wait(1),
+            (true, Some(d)) => {
+                let ts = types::Timespec::from(d);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+        };
+        match res {
+            Ok(_) => Ok(()),
+            // ETIME: the timeout; EINTR: a signal; EBUSY/EAGAIN: the CQ is backed up, which
+            // reaping resolves (the SQEs stay queued for the next enter).
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn reap(&mut self, sink: &mut dyn EventSink) {
+        // Without DEFER_TASKRUN completions may keep arriving while we work: bound the rounds.
+        for _ in 0..8 {
+            let mut cqes = mem::take(&mut self.cqes);
+            cqes.clear();
+            cqes.extend(self.ring.completion());
+            let empty = cqes.is_empty();
+            for cqe in &cqes {
+                self.complete(cqe, sink);
+            }
+            self.cqes = cqes;
+            if empty {
+                break;
+            }
+        }
+    }
+
+    fn complete(&mut self, cqe: &cqueue::Entry, sink: &mut dyn EventSink) {
+        let (op, idx, generation) = decode(cqe.user_data());
+        let (res, flags) = (cqe.result(), cqe.flags());
+        let more = cqueue::more(flags);
+        if !more {
+            self.inflight = self.inflight.saturating_sub(1);
+        }
+        match op {
+            OP_WAKE => self.on_wake(res, more, sink),
+            OP_ACCEPT => self.on_accept(idx as usize, res, more, sink),
+            OP_RECV => self.on_recv(idx, generation, res, flags, more, sink),
+            OP_SEND => self.on_send(idx, generation, res, sink),
+            OP_SHUTDOWN => {
+                if let Some(conn) = self.conn_mut(idx, generation) {
+                    conn.shutdown_inflight = false;
+                    if res < 0 {
+                        tracing::debug!(token = conn.token, error = %errno(res), "shutdown(SHUT_WR) failed");
+                    }
+                    self.maybe_finalize(idx);
+                }
+            }
+            OP_CANCEL => {
+                if let Some(conn) = self.conn_mut(idx, generation) {
+                    conn.cancels = conn.cancels.saturating_sub(1);
+                    self.maybe_finalize(idx);
+                }
+            }
+            OP_MISC => {
+                if res < 0 && !matches!(-res, libc::ENOENT | libc::EALREADY | libc::ECANCELED) {
+                    tracing::debug!(error = %errno(res), "io_uring close/cancel failed");
+                }
+            }
+            _ => tracing::error!(user_data = cqe.user_data(), "completion with unknown user_data"),
+        }
+    }
+
+    fn conn_mut(&mut self, idx: u32, generation: u32) -> Option<&mut Conn> {
+        let slot = self.slots.get_mut(idx as usize)?;
+        if slot.generation != generation {
+            return None;
+        }
+        slot.conn.as_deref_mut()
+    }
+
+    fn alloc_slot(&mut self) -> io::Result<u32> {
+        if let Some(idx) = self.free.pop() {
+            return Ok(idx);
+        }
+        let idx = u32::try_from(self.slots.len())
+            .map_err(|_| io::Error::other("too many connections for one worker"))?;
+        self.slots.push(Slot { generation: 0, conn: None });
+        Ok(idx)
+    }
+
+    fn queue_ready(&mut self, idx: u32) {
+        let slot = &mut self.slots[idx as usize];
+        if let Some(conn) = slot.conn.as_deref_mut()
+            && !conn.queued
+        {
+            conn.queued = true;
+            self.ready.push((idx, slot.generation));
+        }
+    }
+
+    // ---- arming operations ----
+
+    fn arm_wake(&mut self) {
+        let entry = opcode::PollAdd::new(types::Fd(self.wakeup.as_raw_fd()), libc::POLLIN as u32)
+            .multi(self.poll_multishot)
+            .build()
+            .user_data(user_data(OP_WAKE, 0, 0));
+        self.wake_armed = true;
+        // SAFETY: a poll references no memory of ours; the kernel holds its own reference to
+        // the eventfd's file.
+        unsafe { self.push(entry) }
+    }
+
+    fn arm_accept(&mut self, lidx: usize) {
+        let Some(slot) = self.listeners.get_mut(lidx) else { return };
+        let Some(listener) = slot.listener.as_ref() else { return };
+        let fd = types::Fd(listener.as_raw_fd());
+        let entry = if self.accept_multishot {
+            opcode::AcceptMulti::new(fd).flags(libc::SOCK_CLOEXEC).build()
+        } else {
+            opcode::Accept::new(fd, ptr::null_mut(), ptr::null_mut()).flags(libc::SOCK_CLOEXEC).build()
+        };
+        slot.armed = true;
+        slot.retry = false;
+        let entry = entry.user_data(user_data(OP_ACCEPT, lidx as u32, 0));
+        // SAFETY: the accept gets no address buffers (null), so it references no memory of
+        // ours; the listener's fd stays open until the accept's final completion.
+        unsafe { self.push(entry) }
+    }
+
+    fn arm_recv(&mut self, idx: u32) {
+        let multishot = self.recv_multishot && self.bufs.is_some();
+        let buf_size = self.buf_size;
+        let slot = &mut self.slots[idx as usize];
+        let generation = slot.generation;
+        let Some(conn) = slot.conn.as_deref_mut() else { return };
+        if conn.recv_armed || conn.closing {
+            return;
+        }
+        let ud = user_data(OP_RECV, idx, generation);
+        let entry = if multishot {
+            opcode::RecvMulti::new(types::Fd(conn.fd), BGID).build().user_data(ud)
+        } else {
+            let buf = conn.rbuf.get_or_insert_with(|| vec![0u8; buf_size].into_boxed_slice());
+            let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+            opcode::Recv::new(types::Fd(conn.fd), buf.as_mut_ptr(), len).build().user_data(ud)
+        };
+        conn.recv_armed = true;
+        conn.recv_cancelling = false;
+        // SAFETY: multishot: the kernel writes only into buffer-ring memory, which outlives
+        // every operation (see `Drop`). Single-shot: `rbuf` is heap memory owned by the boxed
+        // connection, which is freed only after this receive's final completion (`ops()`
+        // counts it) and which we read only after that completion.
+        unsafe { self.push(entry) }
+    }
+
+    fn submit_send(&mut self, idx: u32) {
+        let slot = &mut self.slots[idx as usize];
+        let generation = slot.generation;
+        let Some(conn) = slot.conn.as_deref_mut() else { return };
+        let s = &mut conn.send;
+        s.iov.clear();
+        s.iov.extend(s.bufs.iter().filter(|b| !b.is_empty()).take(IOV_MAX).map(|b| libc::iovec {
+            iov_base: b.as_ptr().cast_mut().cast(),
+            iov_len: b.len(),
+        }));
+        s.msg.msg_iov = s.iov.as_mut_ptr();
+        s.msg.msg_iovlen = s.iov.len();
+        s.inflight = true;
+        let entry = opcode::SendMsg::new(types::Fd(conn.fd), &raw const s.msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(user_data(OP_SEND, idx, generation));
+        // SAFETY: `msg` and `iov` live in the boxed connection (stable address) and are
+        // rewritten only here, which runs only while no send is in flight; the connection is
+        // freed only after this send's completion (`ops()` counts it). The iovecs point into
+        // the heap data of the `Bytes` in `bufs`, which are neither advanced nor dropped
+        // until the completion (`send` may only append, which moves the handles, not the
+        // data).
+        unsafe { self.push(entry) }
+    }
+
+    fn push_cancel(&mut self, target: u64, on_behalf: u64) {
+        let entry = opcode::AsyncCancel::new(target).build().user_data(on_behalf);
+        // SAFETY: a cancellation references no memory.
+        unsafe { self.push(entry) }
+    }
+
+    fn push_shutdown(&mut self, idx: u32) {
+        let slot = &mut self.slots[idx as usize];
+        let generation = slot.generation;
+        let Some(conn) = slot.conn.as_deref_mut() else { return };
+        if conn.shutdown_inflight {
+            return;
+        }
+        conn.shutdown_inflight = true;
+        let entry = opcode::Shutdown::new(types::Fd(conn.fd), libc::SHUT_WR)
+            .build()
+            .user_data(user_data(OP_SHUTDOWN, idx, generation));
+        // SAFETY: shutdown references no memory; the fd stays open until its completion
+        // (`ops()` counts it).
+        unsafe { self.push(entry) }
+    }
+
+    // ---- closing ----
+
+    /// Reports `closed` and starts releasing the connection.
+    fn close_with(&mut self, idx: u32, reason: CloseReason, sink: &mut dyn EventSink) {
+        let Some(conn) = self.slots[idx as usize].conn.as_deref() else { return };
+        if conn.closing {
+            return;
+        }
+        let token = conn.token;
+        self.by_token.remove(&token);
+        sink.closed(token, reason);
+        self.begin_close(idx);
+    }
+
+    /// Marks the connection closing (no more events), cancels its operations, and closes
+    /// the fd once none is left.
+    fn begin_close(&mut self, idx: u32) {
+        let slot = &mut self.slots[idx as usize];
+        let generation = slot.generation;
+        let Some(conn) = slot.conn.as_deref_mut() else { return };
+        if conn.closing {
+            return;
+        }
+        conn.closing = true;
+        conn.stash = Vec::new();
+        let cancel_recv = conn.recv_armed && !conn.recv_cancelling;
+        let cancel_send = conn.send.inflight;
+        conn.recv_cancelling |= cancel_recv;
+        conn.cancels += u32::from(cancel_recv) + u32::from(cancel_send);
+        let on_behalf = user_data(OP_CANCEL, idx, generation);
+        if cancel_recv {
+            self.push_cancel(user_data(OP_RECV, idx, generation), on_behalf);
+        }
+        if cancel_send {
+            self.push_cancel(user_data(OP_SEND, idx, generation), on_behalf);
+        }
+        self.maybe_finalize(idx);
+    }
+
+    /// Frees a closing connection's slot once no operation names it, closing its fd
+    /// through the ring.
+    fn maybe_finalize(&mut self, idx: u32) {
+        let slot = &mut self.slots[idx as usize];
+        match slot.conn.as_deref() {
+            Some(conn) if conn.closing && conn.ops() == 0 => {}
+            _ => return,
+        }
+        let Some(conn) = slot.conn.take() else { return };
+        slot.generation = (slot.generation + 1) & GEN_MASK;
+        self.free.push(idx);
+        let fd = conn.stream.into_raw_fd();
+        let entry = opcode::Close::new(types::Fd(fd)).build().user_data(user_data(OP_MISC, 0, 0));
+        // SAFETY: close references no memory; the fd is ours (taken from the stream) and no
+        // other operation names it any more.
+        unsafe { self.push(entry) }
+    }
+
+    // ---- completions ----
+
+    fn on_wake(&mut self, res: i32, more: bool, sink: &mut dyn EventSink) {
+        if !more {
+            self.wake_armed = false;
+        }
+        if res >= 0 {
+            match self.wakeup.drain() {
+                Ok(true) => sink.woken(),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "reading the wakeup eventfd failed"),
+            }
+        } else if res == -libc::EINVAL && self.poll_multishot {
+            tracing::debug!("io_uring: multishot poll unsupported; re-arming single-shot");
+            self.poll_multishot = false;
+        } else if res != -libc::ECANCELED {
+            tracing::warn!(error = %errno(res), "io_uring poll on the wakeup eventfd failed");
+        }
+        if !self.wake_armed && !self.wake_closing {
+            self.arm_wake();
+        }
+    }
+
+    fn on_accept(&mut self, lidx: usize, res: i32, more: bool, sink: &mut dyn EventSink) {
+        let Some(slot) = self.listeners.get_mut(lidx) else {
+            if res >= 0 {
+                // SAFETY: a successful accept's result is a new fd that only we own.
+                drop(unsafe { net::TcpStream::from_raw_fd(res) });
+            }
+            return;
+        };
+        if !more {
+            slot.armed = false;
+        }
+        if res >= 0 {
+            // SAFETY: a successful accept's result is a new fd the kernel installed for us;
+            // nothing else owns it.
+            let stream = unsafe { net::TcpStream::from_raw_fd(res) };
+            if !slot.closing && slot.listener.is_some() {
+                self.on_accepted(stream, sink);
+            }
+        } else {
+            match -res {
+                libc::ECANCELED => {}
+                libc::EINVAL if self.accept_multishot => {
+                    tracing::debug!("io_uring: multishot accept unsupported; single-shot accept");
+                    self.accept_multishot = false;
+                }
+                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
+                    if !slot.retry {
+                        tracing::warn!(error = %errno(res), "accept failed; pausing accepts for {ACCEPT_RETRY:?}");
+                    }
+                    slot.retry = true;
+                    self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
+                }
+                libc::EINTR | libc::EAGAIN | libc::ECONNABORTED | libc::EPROTO | libc::EPERM => {}
+                _ => {
+                    tracing::warn!(error = %errno(res), "accept failed");
+                    slot.retry = true;
+                    self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
+                }
+            }
+        }
+        let Some(slot) = self.listeners.get_mut(lidx) else { return };
+        if !slot.armed {
+            if slot.closing {
+                slot.listener = None; // closes it
+            } else if !slot.retry {
+                self.arm_accept(lidx);
+            }
+        }
+    }
+
+    fn on_accepted(&mut self, stream: net::TcpStream, sink: &mut dyn EventSink) {
+        let peer: SocketAddr = match stream.peer_addr() {
+            Ok(peer) => peer,
+            Err(e) => {
+                tracing::debug!(error = %e, "accepted connection is already gone");
+                return;
+            }
+        };
+        let Some(token) = sink.accepted(&stream, peer) else { return };
+        if self.by_token.contains_key(&token) {
+            tracing::error!(token, "sink reused a live token; refusing the new connection");
+            return;
+        }
+        let idx = match self.alloc_slot() {
+            Ok(idx) => idx,
+            Err(e) => {
+                sink.closed(token, CloseReason::Error(e));
+                return;
+            }
+        };
+        self.slots[idx as usize].conn = Some(Box::new(Conn::new(token, stream)));
+        self.by_token.insert(token, idx);
+        self.arm_recv(idx);
+    }
+
+    fn on_recv(
+        &mut self,
+        idx: u32,
+        generation: u32,
+        res: i32,
+        flags: u32,
+        more: bool,
+        sink: &mut dyn EventSink,
+    ) {
+        enum Next {
+            Nothing,
+            Rearm,
+            Close(CloseReason),
+            Finalize,
+        }
+        let bid = cqueue::buffer_select(flags);
+        let Self { slots, bufs, recv_multishot, .. } = self;
+        let conn = match slots.get_mut(idx as usize) {
+            Some(slot) if slot.generation == generation => slot.conn.as_deref_mut(),
+            _ => None,
+        };
+        let Some(conn) = conn else {
+            if let (Some(bid), Some(bufs)) = (bid, bufs.as_mut()) {
+                bufs.recycle(bid);
+            }
+            return;
+        };
+        if !more {
+            conn.recv_armed = false;
+            conn.recv_cancelling = false;
+        }
+        let next = if conn.closing {
+            Next::Finalize
+        } else if res > 0 {
+            let len = res as usize;
+            let data = match bid {
+                Some(bid) => bufs.as_ref().and_then(|b| b.slice(bid, len)),
+                None => conn.rbuf.as_deref().and_then(|b| b.get(..len)),
+            };
+            match data {
+                Some(data) if conn.reading => {
+                    if !conn.stash.is_empty() {
+                        sink.received(conn.token, &conn.stash);
+                        conn.stash.clear();
+                    }
+                    sink.received(conn.token, data);
+                    if more { Next::Nothing } else { Next::Rearm }
+                }
+                Some(data) => {
+                    conn.stash.extend_from_slice(data);
+                    if more { Next::Nothing } else { Next::Rearm }
+                }
+                None => Next::Close(CloseReason::Error(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "receive completion names no valid buffer",
+                ))),
+            }
+        } else if res == 0 {
+            if conn.reading {
+                if !conn.stash.is_empty() {
+                    sink.received(conn.token, &conn.stash);
+                    conn.stash.clear();
+                }
+                Next::Close(CloseReason::PeerClosed)
+            } else {
+                conn.eof_pending = true;
+                Next::Nothing
+            }
+        } else {
+            match -res {
+                // The ring ran dry, or the receive was cancelled (pause): re-arm if reading.
+                libc::ENOBUFS | libc::ECANCELED | libc::EINTR | libc::EAGAIN => Next::Rearm,
+                libc::EINVAL if *recv_multishot => {
+                    tracing::debug!("io_uring: multishot receive unsupported (EINVAL); single-shot receive into per-connection buffers");
+                    *recv_multishot = false;
+                    Next::Rearm
+                }
+                _ => Next::Close(CloseReason::Error(errno(res))),
+            }
+        };
+        // The sink is done with the buffer: give it back.
+        if let (Some(bid), Some(bufs)) = (bid, bufs.as_mut()) {
+            bufs.recycle(bid);
+        }
+        match next {
+            Next::Nothing => {}
+            Next::Rearm => {
+                if let Some(conn) = self.conn_mut(idx, generation)
+                    && conn.reading
+                    && !conn.eof_pending
+                    && !conn.recv_armed
+                {
+                    self.arm_recv(idx);
+                }
+            }
+            Next::Close(reason) => self.close_with(idx, reason, sink),
+            Next::Finalize => self.maybe_finalize(idx),
+        }
+    }
+
+    fn on_send(&mut self, idx: u32, generation: u32, res: i32, sink: &mut dyn EventSink) {
+        let Some(conn) = self.conn_mut(idx, generation) else { return };
+        conn.send.inflight = false;
+        if conn.closing {
+            conn.send.bufs.clear();
+            self.maybe_finalize(idx);
+            return;
+        }
+        if res < 0 {
+            if matches!(-res, libc::EINTR | libc::EAGAIN) {
+                self.submit_send(idx);
+            } else {
+                self.close_with(idx, CloseReason::Error(errno(res)), sink);
+            }
+            return;
+        }
+        let n = (res as usize).min(conn.send.remaining);
+        if n == 0 && conn.send.remaining > 0 {
+            let e = io::Error::from(io::ErrorKind::WriteZero);
+            self.close_with(idx, CloseReason::Error(e), sink);
+            return;
+        }
+        conn.send.remaining -= n;
+        advance(&mut conn.send.bufs, n);
+        if conn.send.remaining > 0 {
+            self.submit_send(idx); // short write, or more than IOV_MAX buffers
+            return;
+        }
+        conn.send.bufs.clear();
+        let (token, total) = (conn.token, mem::take(&mut conn.send.total));
+        let shutdown = mem::take(&mut conn.shutdown_pending);
+        sink.sent(token, total);
+        if shutdown {
+            self.push_shutdown(idx);
+        }
+    }
+
+    /// Delivers what was held for resumed connections (data stashed while paused, then a
+    /// deferred EOF) and re-arms their receives. Returns whether the sink heard anything.
+    fn run_ready(&mut self, sink: &mut dyn EventSink) -> bool {
+        let mut delivered = false;
+        let mut ready = mem::take(&mut self.ready);
+        for &(idx, generation) in &ready {
+            let Some(conn) = self.conn_mut(idx, generation) else { continue };
+            conn.queued = false;
+            if conn.closing || !conn.reading {
+                continue;
+            }
+            if !conn.stash.is_empty() {
+                sink.received(conn.token, &conn.stash);
+                conn.stash.clear();
+                if conn.stash.capacity() > 64 * 1024 {
+                    conn.stash = Vec::new();
+                }
+                delivered = true;
+            }
+            if conn.eof_pending {
+                self.close_with(idx, CloseReason::PeerClosed, sink);
+                delivered = true;
+            } else {
+                self.arm_recv(idx);
+            }
+        }
+        ready.clear();
+        if self.ready.is_empty() {
+            self.ready = ready;
+        }
+        delivered
+    }
+
+    fn rearm_listeners(&mut self) {
+        for lidx in 0..self.listeners.len() {
+            let l = &self.listeners[lidx];
+            if l.retry && !l.armed && !l.closing && l.listener.is_some() {
+                self.arm_accept(lidx);
+            }
+        }
+    }
+}
+
+/// Drops the first `n` bytes from the front of the queue.
+fn advance(out: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = out.front_mut() else { return };
+        if n >= front.len() {
+            n -= front.len();
+            out.pop_front();
+        } else {
+            front.advance(n);
+            n = 0;
+        }
+    }
+    while out.front().is_some_and(Bytes::is_empty) {
+        out.pop_front();
+    }
+}
+
+impl Backend for UringBackend {
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+
+    fn add_listener(&mut self, listener: net::TcpListener) -> io::Result<()> {
+        // io_uring polls internally; a blocking listener keeps older kernels from handing
+        // EAGAIN back to us instead of waiting.
+        listener.set_nonblocking(false)?;
+        self.listeners.push(ListenerSlot { listener: Some(listener), armed: false, closing: false, retry: false });
+        self.arm_accept(self.listeners.len() - 1);
+        Ok(())
+    }
+
+    fn close_listeners(&mut self) {
+        for lidx in 0..self.listeners.len() {
+            let slot = &mut self.listeners[lidx];
+            if slot.listener.is_none() || slot.closing {
+                continue;
+            }
+            slot.closing = true;
+            slot.retry = false;
+            if slot.armed {
+                // The listener closes when the accept's final completion arrives.
+                self.push_cancel(user_data(OP_ACCEPT, lidx as u32, 0), user_data(OP_MISC, 0, 0));
+            } else {
+                slot.listener = None;
+            }
+        }
+    }
+
+    fn send(&mut self, token: Token, bufs: &mut VecDeque<Bytes>) {
+        let Some(&idx) = self.by_token.get(&token) else {
+            tracing::debug!(token, "send on an unknown token; dropped");
+            bufs.clear();
+            return;
+        };
+        let Some(conn) = self.slots[idx as usize].conn.as_deref_mut() else { return };
+        let total: usize = bufs.iter().map(Bytes::len).sum();
+        if conn.send.inflight {
+            // Contract breach (one batch at a time): append (moves handles, not data) and
+            // report both as one `sent`.
+            tracing::debug!(token, "send while a batch is in flight; appended to it");
+            conn.send.bufs.extend(bufs.drain(..));
+            conn.send.total += total;
+            conn.send.remaining += total;
+            return;
+        }
+        // Swap so that both sides keep their VecDeque allocations.
+        mem::swap(&mut conn.send.bufs, bufs);
+        bufs.clear();
+        conn.send.total = total;
+        conn.send.remaining = total;
+        self.submit_send(idx);
+    }
+
+    fn set_reading(&mut self, token: Token, reading: bool) {
+        let Some(&idx) = self.by_token.get(&token) else { return };
+        let slot = &mut self.slots[idx as usize];
+        let generation = slot.generation;
+        let Some(conn) = slot.conn.as_deref_mut() else { return };
+        if conn.reading == reading {
+            return;
+        }
+        conn.reading = reading;
+        if !reading {
+            if conn.recv_armed && !conn.recv_cancelling {
+                conn.recv_cancelling = true;
+                conn.cancels += 1;
+                self.push_cancel(user_data(OP_RECV, idx, generation), user_data(OP_CANCEL, idx, generation));
+            }
+        } else if !conn.stash.is_empty() || conn.eof_pending {
+            self.queue_ready(idx);
+        } else if !conn.recv_armed {
+            self.arm_recv(idx);
+        }
+        // Resumed while the cancellation is in flight: the cancelled receive's completion
+        // re-arms it.
+    }
+
+    fn shutdown_write(&mut self, token: Token) {
+        let Some(&idx) = self.by_token.get(&token) else { return };
+        let Some(conn) = self.slots[idx as usize].conn.as_deref_mut() else { return };
+        if conn.send.inflight {
+            conn.shutdown_pending = true;
+        } else {
+            self.push_shutdown(idx);
+        }
+    }
+
+    fn close(&mut self, token: Token) {
+        if let Some(idx) = self.by_token.remove(&token) {
+            self.begin_close(idx);
+        }
+    }
+
+    fn wakeup(&self) -> Wakeup {
+        self.wakeup.clone()
+    }
+
+    fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<()> {
+        self.flush_backlog()?;
+        let delivered = self.run_ready(sink);
+        let mut timeout = timeout;
+        if let Some(at) = self.accept_retry_at {
+            let now = Instant::now();
+            if at <= now {
+                self.accept_retry_at = None;
+                self.rearm_listeners();
+            } else {
+                let left = at - now;
+                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+            }
+        }
+        let pending = self.ring.submission().cq_overflow() || !self.ring.completion().is_empty();
+        let wait = !(delivered || pending || timeout == Some(Duration::ZERO));
+        self.enter(wait, timeout)?;
+        self.reap(sink);
+        Ok(())
+    }
+}
+
+/// Ignores everything: used while tearing down.
+struct NullSink;
+
+impl EventSink for NullSink {
+    fn accepted(&mut self, _: &net::TcpStream, _: SocketAddr) -> Option<Token> {
+        None
+    }
+    fn received(&mut self, _: Token, _: &[u8]) {}
+    fn sent(&mut self, _: Token, _: usize) {}
+    fn closed(&mut self, _: Token, _: CloseReason) {}
+    fn woken(&mut self) {}
+}
+
+impl Drop for UringBackend {
+    fn drop(&mut self) {
+        // Cancel everything, then wait for the kernel to let go of our memory.
+        self.wake_closing = true;
+        if self.wake_armed {
+            self.push_cancel(user_data(OP_WAKE, 0, 0), user_data(OP_MISC, 0, 0));
+        }
+        self.close_listeners();
+        self.by_token.clear();
+        for idx in 0..self.slots.len() {
+            self.begin_close(idx as u32);
+        }
+        let deadline = Instant::now() + TEARDOWN_WAIT;
+        while self.inflight > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            if self.flush_backlog().is_err() || self.enter(true, Some(deadline - now)).is_err() {
+                break;
+            }
+            self.reap(&mut NullSink);
+        }
+        if self.inflight > 0 {
+            tracing::error!(
+                inflight = self.inflight,
+                "io_uring operations still in flight at drop; leaking their memory"
+            );
+            if let Some(bufs) = self.bufs.take() {
+                mem::forget(bufs);
+            }
+            for slot in &mut self.slots {
+                if let Some(conn) = slot.conn.take() {
+                    mem::forget(conn);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,548 @@
+//! The relay's configuration: a TOML file where every field has a documented default, so an
+//! empty file (or none at all) runs a loopback relay.
+//!
+//! Owns: parsing, defaults and validation (fail fast, naming the field). Must not touch:
+//! sockets or threads; the runtime reads a validated [`Config`] and nothing else.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::io::BackendKind;
+
+/// The configuration the relay runs with when no file is given: loopback, no auth.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../relay.default.toml");
+
+/// Why a configuration was refused.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The path.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or names an unknown field.
+    #[error("invalid config: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A field holds a value the relay cannot run with.
+    #[error("invalid config: `{field}`: {why}")]
+    Invalid {
+        /// The field, as written in the file.
+        field: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// Everything the relay can be told. See `relay.default.toml` for each field's meaning.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where phones connect. Default `127.0.0.1:7700`.
+    pub listen: SocketAddr,
+    /// Worker threads, one per core; 0 = the cores available to the process. Default 0.
+    pub workers: usize,
+    /// Pin each worker to a core. Default true.
+    pub pin_workers: bool,
+    /// `auto`, `io_uring` or `epoll`. Default `auto`.
+    pub io_backend: BackendKind,
+    /// Authentication of clients.
+    pub auth: AuthConfig,
+    /// Per-connection bounds.
+    pub connection: ConnectionConfig,
+    /// Heartbeats.
+    pub heartbeat: HeartbeatConfig,
+    /// History kept per room and channel.
+    pub retention: RetentionConfig,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `none`: the client names its user id in HELLO and may join rooms itself (development
+    /// and tests). Refused on a non-loopback address unless `allow_none_on_public` is set.
+    pub mode: AuthMode,
+    /// Permit `mode = "none"` on a non-loopback address. Default false.
+    pub allow_none_on_public: bool,
+    /// Close a connection that has not completed HELLO within this time. Default 5 s.
+    #[serde(with = "humantime_secs")]
+    pub handshake_timeout: Duration,
+}
+
+/// How clients authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// No authentication: the token is the user id.
+    None,
+}
+
+/// `[connection]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionConfig {
+    /// Largest frame body accepted from a client, bytes. Default 65536.
+    pub max_frame_len: usize,
+    /// Outbound queue cap per connection, bytes: past it, live traffic stops being queued
+    /// and the connection is fed from history as it drains. Default 256 KiB.
+    pub max_queued_bytes: usize,
+    /// Rooms and channels bound on one connection. Default 4096.
+    pub max_rooms: usize,
+    /// Sender aliases kept per connection. Default 64.
+    pub sender_aliases: usize,
+    /// Bytes of history fetched per page while a connection catches up. Default 32 KiB.
+    pub replay_page_bytes: usize,
+}
+
+/// `[heartbeat]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeartbeatConfig {
+    /// Ping a connection that has been quiet this long. Default 240 s: under the ~5 min
+    /// after which carrier NATs drop idle flows.
+    #[serde(with = "humantime_secs")]
+    pub interval: Duration,
+    /// Smallest interval a client may ask for. Default 30 s.
+    #[serde(with = "humantime_secs")]
+    pub min_interval: Duration,
+    /// Largest interval a client may ask for. Default 1680 s (28 min, as mobile push
+    /// services use).
+    #[serde(with = "humantime_secs")]
+    pub max_interval: Duration,
+    /// Close a connection that sends nothing for this long after a ping. Default 30 s.
+    #[serde(with = "humantime_secs")]
+    pub timeout: Duration,
+}
+
+/// `[retention]`: history per room; the first override whose prefix matches a name wins.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Messages kept per room. Default 1000.
+    pub max_messages: usize,
+    /// Payload bytes kept per room. Default 1 MiB.
+    pub max_bytes: usize,
+    /// Oldest message kept. Default 24 h.
+    #[serde(with = "humantime_secs")]
+    pub max_age: Duration,
+    /// Overrides by name prefix.
+    #[serde(rename = "override")]
+    pub overrides: Vec<RetentionOverride>,
+}
+
+/// One `[[retention.override]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionOverride {
+    /// Applies to rooms and channels whose name starts with this.
+    pub prefix: String,
+    /// Messages kept; default: the global value.
+    pub max_messages: Option<usize>,
+    /// Payload bytes kept; default: the global value.
+    pub max_bytes: Option<usize>,
+    /// Oldest message kept; default: the global value.
+    #[serde(default, with = "humantime_secs_opt")]
+    pub max_age: Option<Duration>,
+}
+
+/// The limits that apply to one room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Messages kept.
+    pub max_messages: usize,
+    /// Payload bytes kept.
+    pub max_bytes: usize,
+    /// Oldest message kept.
+    pub max_age: Duration,
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long to flush queued traffic before closing anyway. Default 10 s.
+    #[serde(with = "humantime_secs")]
+    pub grace: Duration,
+    /// Reconnect hints in GOAWAY are spread uniformly over this window. Default 30 s.
+    #[serde(with = "humantime_secs")]
+    pub reconnect_spread: Duration,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `pabal_relay=debug`, ...); `RUST_LOG` overrides it.
+    /// Default `info`.
+    pub level: String,
+    /// `text` or `json`. Default `text`.
+    pub format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            workers: 0,
+            pin_workers: true,
+            io_backend: BackendKind::Auto,
+            auth: AuthConfig::default(),
+            connection: ConnectionConfig::default(),
+            heartbeat: HeartbeatConfig::default(),
+            retention: RetentionConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::None,
+            allow_none_on_public: false,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            max_frame_len: 64 * 1024,
+            max_queued_bytes: 256 * 1024,
+            max_rooms: 4096,
+            sender_aliases: 64,
+            replay_page_bytes: 32 * 1024,
+        }
+    }
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        HeartbeatConfig {
+            interval: Duration::from_secs(240),
+            min_interval: Duration::from_secs(30),
+            max_interval: Duration::from_secs(1680),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            max_messages: 1000,
+            max_bytes: 1024 * 1024,
+            max_age: Duration::from_secs(24 * 3600),
+            overrides: Vec::new(),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace: Duration::from_secs(10),
+            reconnect_spread: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates TOML.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// The embedded default.
+    pub fn embedded() -> Result<Self, ConfigError> {
+        Self::from_toml(EMBEDDED_DEFAULT)
+    }
+
+    /// The effective configuration as TOML (for `--check-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// Worker threads to start.
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            return self.workers;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    /// The retention for a room or channel name.
+    pub fn retention_for(&self, name: &str) -> Retention {
+        let r = &self.retention;
+        let base = Retention {
+            max_messages: r.max_messages,
+            max_bytes: r.max_bytes,
+            max_age: r.max_age,
+        };
+        match r.overrides.iter().find(|o| name.starts_with(&o.prefix)) {
+            Some(o) => Retention {
+                max_messages: o.max_messages.unwrap_or(base.max_messages),
+                max_bytes: o.max_bytes.unwrap_or(base.max_bytes),
+                max_age: o.max_age.unwrap_or(base.max_age),
+            },
+            None => base,
+        }
+    }
+
+    /// Checks every field the types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(field: &'static str, why: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                field,
+                why: why.into(),
+            }
+        }
+        if self.auth.mode == AuthMode::None
+            && !self.listen.ip().is_loopback()
+            && !self.auth.allow_none_on_public
+        {
+            return Err(invalid(
+                "auth.mode",
+                format!(
+                    "\"none\" lets any client claim any user id; refused on {} (not loopback) \
+                     unless auth.allow_none_on_public = true",
+                    self.listen
+                ),
+            ));
+        }
+        if self.workers > 1024 {
+            return Err(invalid("workers", "at most 1024"));
+        }
+        let c = &self.connection;
+        if !(64..=16 * 1024 * 1024).contains(&c.max_frame_len) {
+            return Err(invalid("connection.max_frame_len", "must be 64 B ..= 16 MiB"));
+        }
+        if c.max_queued_bytes < c.max_frame_len + 64 {
+            return Err(invalid(
+                "connection.max_queued_bytes",
+                "must hold at least one maximal frame (max_frame_len + 64)",
+            ));
+        }
+        if c.max_rooms == 0 || c.max_rooms > 1 << 20 {
+            return Err(invalid("connection.max_rooms", "must be 1 ..= 1048576"));
+        }
+        if c.sender_aliases == 0 || c.sender_aliases > 16_384 {
+            return Err(invalid("connection.sender_aliases", "must be 1 ..= 16384"));
+        }
+        if c.replay_page_bytes < 1024 {
+            return Err(invalid("connection.replay_page_bytes", "at least 1024"));
+        }
+        let h = &self.heartbeat;
+        if h.min_interval.is_zero() || h.min_interval > h.max_interval {
+            return Err(invalid(
+                "heartbeat.min_interval",
+                "must be > 0 and <= heartbeat.max_interval",
+            ));
+        }
+        if h.interval < h.min_interval || h.interval > h.max_interval {
+            return Err(invalid(
+                "heartbeat.interval",
+                "must lie within [min_interval, max_interval]",
+            ));
+        }
+        if h.timeout.is_zero() {
+            return Err(invalid("heartbeat.timeout", "must be > 0"));
+        }
+        if self.auth.handshake_timeout.is_zero() {
+            return Err(invalid("auth.handshake_timeout", "must be > 0"));
+        }
+        let r = &self.retention;
+        if r.max_messages == 0 {
+            return Err(invalid("retention.max_messages", "must be > 0"));
+        }
+        for o in &r.overrides {
+            if o.max_messages == Some(0) {
+                return Err(invalid("retention.override.max_messages", "must be > 0"));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Durations written as `"30s"`, `"5m"`, `"2h"`, `"1d"`, `"250ms"` or a bare number of
+/// seconds.
+mod humantime_secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub(super) fn parse(text: &str) -> Result<Duration, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("`{text}` is not a duration like \"30s\" or \"5m\""))?;
+        let scale = match unit.trim() {
+            "ms" => 0.001,
+            "" | "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "d" => 86_400.0,
+            other => return Err(format!("unknown duration unit `{other}` (ms, s, m, h, d)")),
+        };
+        Duration::try_from_secs_f64(value * scale).map_err(|e| e.to_string())
+    }
+
+    pub(super) fn format(d: &Duration) -> String {
+        if d.subsec_millis() != 0 {
+            format!("{}ms", d.as_millis())
+        } else {
+            format!("{}s", d.as_secs())
+        }
+    }
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(d))
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Secs(u64),
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Text(t) => parse(&t).map_err(D::Error::custom),
+            Raw::Secs(s) => Ok(Duration::from_secs(s)),
+        }
+    }
+}
+
+mod humantime_secs_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&super::humantime_secs::format(d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrap(#[serde(with = "super::humantime_secs")] Duration);
+        Option::<Wrap>::deserialize(d).map(|o| o.map(|w| w.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid_and_loopback() {
+        let c = Config::embedded().expect("embedded default");
+        assert!(c.listen.ip().is_loopback());
+        assert_eq!(c.auth.mode, AuthMode::None);
+    }
+
+    #[test]
+    fn empty_file_means_defaults() {
+        let c = Config::from_toml("").expect("defaults");
+        assert_eq!(c.heartbeat.interval, Duration::from_secs(240));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let err = Config::from_toml("listne = \"127.0.0.1:1\"").unwrap_err();
+        assert!(err.to_string().contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn auth_none_is_refused_on_public_addresses() {
+        let err = Config::from_toml("listen = \"0.0.0.0:7700\"").unwrap_err();
+        assert!(err.to_string().contains("auth.mode"), "{err}");
+        Config::from_toml("listen = \"0.0.0.0:7700\"\n[auth]\nallow_none_on_public = true")
+            .expect("explicitly allowed");
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        for (toml, field) in [
+            ("[heartbeat]\ninterval = \"1s\"", "heartbeat.interval"),
+            ("[connection]\nmax_frame_len = 1", "connection.max_frame_len"),
+            ("[log]\nlevel = \"[[[\"", "log.level"),
+            ("[heartbeat]\ntimeout = \"5 parsecs\"", "parsecs"),
+        ] {
+            let err = Config::from_toml(toml).unwrap_err().to_string();
+            assert!(err.contains(field), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn retention_overrides_match_by_prefix() {
+        let c = Config::from_toml(
+            "[[retention.override]]\nprefix = \"brand:\"\nmax_age = \"1d\"\nmax_messages = 50000",
+        )
+        .expect("valid");
+        assert_eq!(c.retention_for("brand:acme").max_messages, 50_000);
+        assert_eq!(c.retention_for("dm:1:2").max_messages, 1000);
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let c = Config::embedded().expect("embedded");
+        let again = Config::from_toml(&c.to_toml()).expect("round trip");
+        assert_eq!(again.to_toml(), c.to_toml());
+    }
+}

@@ -1,0 +1,233 @@
+//! One client connection's state on its worker: read buffer, outbound queue, bound aliases
+//! and their stream positions, heartbeat bookkeeping.
+//!
+//! Owns: the bytes queued for one socket and the per-alias cursors that decide how each
+//! DELIVER is encoded. Must not touch: other connections, rooms, the backend (the worker
+//! hands the queue to the backend when it flushes).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use pabal_codec::{DeliverContext, DeliverHeader, ServerFrame, Text};
+
+use crate::ids::RoomName;
+use crate::io::Token;
+use crate::mesh::StartFrom;
+
+/// Payloads at least this long travel as their own shared buffer in the send batch (a
+/// vectored send) instead of being copied into the connection's buffer.
+pub const SHARED_PAYLOAD_MIN: usize = 2048;
+
+/// Where a connection stands in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Accepted; waiting for HELLO.
+    Handshake,
+    /// Open.
+    Open,
+    /// Closing: flushing what is queued, then half-closed, waiting for the peer's EOF.
+    Closing,
+}
+
+/// How a bound alias is being fed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubMode {
+    /// Asked the room's owner; waiting for its answer. Deliveries are ignored.
+    Pending,
+    /// Behind the room's head: fed page by page from history, not from live deliveries.
+    CatchingUp {
+        /// A page request is in flight.
+        fetching: bool,
+    },
+    /// At the head: fed by live deliveries.
+    Live,
+}
+
+/// A bound alias.
+#[derive(Debug, Clone)]
+pub struct Sub {
+    /// The room.
+    pub room: RoomName,
+    /// How the binding was asked for (decides whether a ROOM frame is needed).
+    pub from: StartFrom,
+    /// The epoch of the room's stream.
+    pub epoch: u64,
+    /// The client's cursor: the last sequence it has accounted for. DELIVER omits the
+    /// sequence when it is `cursor + 1`.
+    pub cursor: u64,
+    /// The last sequence processed for this connection, including the client's own
+    /// messages that are skipped rather than echoed (`position >= cursor`).
+    pub position: u64,
+    /// How it is fed.
+    pub mode: SubMode,
+    /// The highest sequence the client acknowledged.
+    pub acked: u64,
+}
+
+/// One client connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// The backend's token.
+    pub token: Token,
+    /// Relay-wide id, sent in WELCOME.
+    pub id: u64,
+    /// The peer.
+    pub peer: SocketAddr,
+    /// Where it stands.
+    pub phase: Phase,
+    /// Bytes received but not yet decoded (at most one partial frame).
+    pub rbuf: BytesMut,
+    out: BytesMut,
+    /// Batches ready for the backend, in order.
+    pub pending: VecDeque<Bytes>,
+    pending_bytes: usize,
+    inflight_bytes: usize,
+    /// A batch is with the backend.
+    pub sending: bool,
+    /// In the worker's list of connections to flush this tick.
+    pub dirty: bool,
+    /// The authenticated user, once open.
+    pub user: Option<Text>,
+    /// Bound aliases (index = alias).
+    pub subs: Vec<Option<Sub>>,
+    /// DELIVER encoding state.
+    pub ctx: DeliverContext,
+    /// Fed from history because the queue hit its cap.
+    pub lagging: bool,
+    /// Page requests in flight.
+    pub fetches: usize,
+    /// Latest ephemeral event per (alias, sender) held back while the queue is full.
+    pub ephemeral_backlog: Vec<(u32, Text, u64, Bytes)>,
+    /// When the connection was accepted.
+    pub accepted_at: Instant,
+    /// Last time anything arrived.
+    pub last_rx: Instant,
+    /// A heartbeat PING is outstanding since then.
+    pub ping_sent: Option<Instant>,
+    /// The negotiated heartbeat interval.
+    pub heartbeat: Duration,
+    /// When closing began.
+    pub closing_since: Option<Instant>,
+    /// Half-closed already.
+    pub shut: bool,
+    /// Reading is wanted (false under backpressure or while draining).
+    pub reading: bool,
+    /// The backend's reading state differs from `reading`.
+    pub reading_changed: bool,
+}
+
+impl Conn {
+    /// A new connection in the handshake phase.
+    pub fn new(token: Token, id: u64, peer: SocketAddr, now: Instant, heartbeat: Duration) -> Self {
+        Conn {
+            token,
+            id,
+            peer,
+            phase: Phase::Handshake,
+            rbuf: BytesMut::new(),
+            out: BytesMut::new(),
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            inflight_bytes: 0,
+            sending: false,
+            dirty: false,
+            user: None,
+            subs: Vec::new(),
+            ctx: DeliverContext::new(0, 1),
+            lagging: false,
+            fetches: 0,
+            ephemeral_backlog: Vec::new(),
+            accepted_at: now,
+            last_rx: now,
+            ping_sent: None,
+            heartbeat,
+            closing_since: None,
+            shut: false,
+            reading: true,
+            reading_changed: false,
+        }
+    }
+
+    /// Bytes queued or in flight.
+    pub fn queued(&self) -> usize {
+        self.out.len() + self.pending_bytes + self.inflight_bytes
+    }
+
+    /// Whether anything waits to be handed to the backend.
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty() || !self.pending.is_empty()
+    }
+
+    /// Queues a frame.
+    pub fn write(&mut self, frame: &ServerFrame) {
+        frame.encode(&mut self.out);
+    }
+
+    /// Queues a DELIVER: the per-connection header, then the shared payload (copied when
+    /// small, referenced when large).
+    pub fn write_deliver(&mut self, header: &DeliverHeader, payload: &Bytes) {
+        header.encode_prefix(payload.len(), &mut self.out);
+        if payload.len() >= SHARED_PAYLOAD_MIN {
+            let head = self.out.split().freeze();
+            self.pending_bytes += head.len() + payload.len();
+            self.pending.push_back(head);
+            self.pending.push_back(payload.clone());
+        } else {
+            self.out.extend_from_slice(payload);
+        }
+    }
+
+    /// Moves everything queued into `pending` for a send; returns the batch's size.
+    pub fn take_batch(&mut self) -> usize {
+        if !self.out.is_empty() {
+            let tail = self.out.split().freeze();
+            self.pending_bytes += tail.len();
+            self.pending.push_back(tail);
+        }
+        let bytes = self.pending_bytes;
+        self.inflight_bytes = bytes;
+        self.pending_bytes = 0;
+        self.sending = true;
+        bytes
+    }
+
+    /// The backend finished the batch in flight.
+    pub fn batch_sent(&mut self) {
+        self.inflight_bytes = 0;
+        self.sending = false;
+    }
+
+    /// The lowest free alias.
+    pub fn free_alias(&mut self) -> u32 {
+        match self.subs.iter().position(Option::is_none) {
+            Some(i) => i as u32,
+            None => {
+                self.subs.push(None);
+                (self.subs.len() - 1) as u32
+            }
+        }
+    }
+
+    /// The alias bound to `room`, if any.
+    pub fn alias_of(&self, room: &RoomName) -> Option<u32> {
+        self.subs
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| &s.room == room))
+            .map(|i| i as u32)
+    }
+
+    /// The sub bound to `alias`, if it is bound to `room`.
+    pub fn sub_for(&mut self, alias: u32, room: &RoomName) -> Option<&mut Sub> {
+        self.subs
+            .get_mut(alias as usize)?
+            .as_mut()
+            .filter(|s| &s.room == room)
+    }
+
+    /// Bound aliases.
+    pub fn bound(&self) -> usize {
+        self.subs.iter().filter(|s| s.is_some()).count()
+    }
+}

@@ -1,0 +1,1749 @@
+//! One worker's state machine: its connections, the rooms it owns, and the routing between
+//! them. Sans-IO: it reacts to backend events ([`EventSink`]), to messages from other
+//! workers ([`Core::handle`]) and to time ([`Core::run_timers`]), and it touches sockets only
+//! through a [`Transport`] when [`Core::flush`] hands over what it queued. Tests drive it
+//! with an in-memory transport.
+//!
+//! # Routing
+//! Every room has one owner worker (by hash of its id). The owner assigns sequences, keeps
+//! history, and knows which workers hold subscribed connections (a count per worker). A
+//! publish travels to the owner; the owner sends the PUBACK to the publisher's worker and
+//! then one delivery per interested worker; each worker fans out to its own connections,
+//! encoding one small header per connection in front of the one shared payload.
+//!
+//! # No loss, no duplicate, at every seam
+//! A connection binds a room by asking the owner ([`CoreMsg::Subscribe`]); until the answer
+//! comes, live deliveries for it are ignored, and the answer carries everything after the
+//! requested start up to the head as of the answer (or the first page of it). Because
+//! messages between two workers keep their order, every delivery after the answer has a
+//! higher sequence. A connection whose queue reaches its cap stops taking live deliveries
+//! and catches up page by page from history as it drains, then goes live the same way.
+//! Only history that retention already dropped becomes a GAP.
+//!
+//! Owns: connections, owned rooms, local subscriptions, timers. Must not touch: sockets
+//! directly, other workers' state (only messages), the directory beyond membership calls.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use pabal_codec::{
+    ClientFrame, DecodeError, Decoder, DeliverContext, ErrorCode, ErrorFrame, GoAway,
+    GoAwayReason, Left, LeftReason, Limits, PROTOCOL_VERSION, Pong, PubAck, Room, ServerFrame,
+    Text, Welcome,
+};
+use socket2::{SockRef, TcpKeepalive};
+
+use crate::config::{AuthMode, Config};
+use crate::conn::{Conn, Phase, Sub, SubMode};
+use crate::directory::{Directory, DirectoryError};
+use crate::history::History;
+use crate::ids::{CoreId, Origin, RoomName, Stored, StoredRef};
+use crate::io::{CloseReason, EventSink, Token};
+use crate::mesh::{CoreMsg, Mesh, Page, StartFrom};
+use crate::stats::{CoreStats, dec, inc};
+
+/// Payloads shorter than this are copied out of the publisher's read buffer when accepted,
+/// so that history never pins a whole receive buffer for a few bytes.
+const COMPACT_BELOW: usize = 4096;
+/// How long a closing connection may take to send its EOF after our half-close.
+const LINGER: Duration = Duration::from_secs(2);
+/// Ephemeral events held per lagging connection.
+const EPHEMERAL_BACKLOG: usize = 64;
+
+/// What a worker needs from its I/O backend when it flushes. Every [`crate::io::Backend`]
+/// is one; tests use an in-memory one.
+pub trait Transport {
+    /// Hands a batch to the socket (see [`crate::io::Backend::send`]).
+    fn send(&mut self, token: Token, bufs: &mut std::collections::VecDeque<Bytes>);
+    /// Pauses or resumes reading.
+    fn set_reading(&mut self, token: Token, reading: bool);
+    /// Half-closes after the batch in flight.
+    fn shutdown_write(&mut self, token: Token);
+    /// Closes now.
+    fn close(&mut self, token: Token);
+    /// Stops accepting.
+    fn close_listeners(&mut self);
+}
+
+impl<B: crate::io::Backend + ?Sized> Transport for B {
+    fn send(&mut self, token: Token, bufs: &mut std::collections::VecDeque<Bytes>) {
+        crate::io::Backend::send(self, token, bufs)
+    }
+    fn set_reading(&mut self, token: Token, reading: bool) {
+        crate::io::Backend::set_reading(self, token, reading)
+    }
+    fn shutdown_write(&mut self, token: Token) {
+        crate::io::Backend::shutdown_write(self, token)
+    }
+    fn close(&mut self, token: Token) {
+        crate::io::Backend::close(self, token)
+    }
+    fn close_listeners(&mut self) {
+        crate::io::Backend::close_listeners(self)
+    }
+}
+
+/// A room this worker owns.
+#[derive(Debug)]
+struct OwnedRoom {
+    epoch: u64,
+    head: u64,
+    history: History,
+    /// Subscribed connections per worker.
+    interest: Vec<u32>,
+}
+
+/// Shutdown progress.
+#[derive(Debug, Default)]
+struct Shutdown {
+    draining: bool,
+    fences: [usize; 2],
+    goaways_sent: bool,
+    deadline: Option<Instant>,
+    stop: bool,
+}
+
+/// Wall-clock milliseconds derived from the monotonic clock (one `SystemTime` read at start).
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    base: Instant,
+    base_unix_ms: u64,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let base_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Clock {
+            base: Instant::now(),
+            base_unix_ms,
+        }
+    }
+
+    fn unix_ms(&self, now: Instant) -> u64 {
+        self.base_unix_ms + now.saturating_duration_since(self.base).as_millis() as u64
+    }
+}
+
+/// One worker's state.
+#[derive(Debug)]
+pub struct Core {
+    id: CoreId,
+    cores: usize,
+    config: Arc<Config>,
+    decoder: Decoder,
+    directory: Arc<Directory>,
+    mesh: Mesh,
+    outbox: Vec<Vec<CoreMsg>>,
+    conns: Vec<Option<Conn>>,
+    free_slots: Vec<u32>,
+    generation: u32,
+    next_conn_id: u64,
+    dirty: Vec<Token>,
+    to_close: Vec<Token>,
+    close_listeners: bool,
+    owned: HashMap<RoomName, OwnedRoom>,
+    local: HashMap<RoomName, Vec<(Token, u32)>>,
+    users: HashMap<Text, Vec<Token>>,
+    timers: BinaryHeap<Reverse<(Instant, Token)>>,
+    epoch: u64,
+    clock: Clock,
+    now: Instant,
+    shutdown: Shutdown,
+    stats: Arc<CoreStats>,
+    scratch: Vec<StoredRef>,
+    rng: u64,
+}
+
+fn slot_of(token: Token) -> usize {
+    (token & 0xffff_ffff) as usize
+}
+
+impl Core {
+    /// A worker's state. `epoch` is the relay's boot epoch: every room created in this
+    /// process starts its stream in it.
+    pub fn new(
+        id: CoreId,
+        config: Arc<Config>,
+        directory: Arc<Directory>,
+        mesh: Mesh,
+        epoch: u64,
+        stats: Arc<CoreStats>,
+    ) -> Self {
+        let cores = mesh.cores();
+        let limits = Limits {
+            max_frame_len: config.connection.max_frame_len,
+            ..Limits::default()
+        };
+        Core {
+            id,
+            cores,
+            decoder: Decoder::new(limits),
+            config,
+            directory,
+            mesh,
+            outbox: (0..cores).map(|_| Vec::new()).collect(),
+            conns: Vec::new(),
+            free_slots: Vec::new(),
+            generation: 0,
+            next_conn_id: 0,
+            dirty: Vec::new(),
+            to_close: Vec::new(),
+            close_listeners: false,
+            owned: HashMap::new(),
+            local: HashMap::new(),
+            users: HashMap::new(),
+            timers: BinaryHeap::new(),
+            epoch,
+            clock: Clock::new(),
+            now: Instant::now(),
+            shutdown: Shutdown::default(),
+            stats,
+            scratch: Vec::new(),
+            rng: 0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
+        }
+    }
+
+    /// Sets the time for the events that follow.
+    pub fn set_now(&mut self, now: Instant) {
+        self.now = now;
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.unix_ms(self.now)
+    }
+
+    fn random(&mut self) -> u64 {
+        // splitmix64: jitter only, not security.
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Connections open on this worker.
+    pub fn connection_count(&self) -> usize {
+        self.conns.iter().filter(|c| c.is_some()).count()
+    }
+
+    /// The worker has finished its shutdown and its loop should end.
+    pub fn finished(&self) -> bool {
+        self.shutdown.stop
+            || (self.shutdown.goaways_sent && self.conns.iter().all(Option::is_none))
+    }
+
+    /// How long the loop may sleep before a timer is due.
+    pub fn next_timeout(&self) -> Option<Duration> {
+        let mut next = self.timers.peek().map(|Reverse((at, _))| *at);
+        if let Some(deadline) = self.shutdown.deadline {
+            next = Some(next.map_or(deadline, |n| n.min(deadline)));
+        }
+        next.map(|at| at.saturating_duration_since(self.now))
+    }
+
+    fn conn(&mut self, token: Token) -> Option<&mut Conn> {
+        self.conns
+            .get_mut(slot_of(token))?
+            .as_mut()
+            .filter(|c| c.token == token)
+    }
+
+    fn origin(&self, token: Token) -> Origin {
+        Origin {
+            core: self.id,
+            token,
+        }
+    }
+
+    fn send_to(&mut self, core: CoreId, msg: CoreMsg) {
+        self.outbox[core].push(msg);
+    }
+
+    fn to_owner(&mut self, room: &RoomName, msg: CoreMsg) {
+        let owner = room.owner(self.cores);
+        self.send_to(owner, msg);
+    }
+
+    fn mark_dirty(dirty: &mut Vec<Token>, conn: &mut Conn) {
+        if !conn.dirty {
+            conn.dirty = true;
+            dirty.push(conn.token);
+        }
+    }
+
+    fn write(&mut self, token: Token, frame: &ServerFrame) {
+        let Core { conns, dirty, .. } = self;
+        if let Some(conn) = conns
+            .get_mut(slot_of(token))
+            .and_then(Option::as_mut)
+            .filter(|c| c.token == token)
+        {
+            conn.write(frame);
+            Self::mark_dirty(dirty, conn);
+        }
+    }
+
+    fn arm(&mut self, token: Token, at: Instant) {
+        self.timers.push(Reverse((at, token)));
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Connection lifecycle
+    // ---------------------------------------------------------------------------------
+
+    fn configure_socket(&self, stream: &TcpStream) {
+        let sock = SockRef::from(stream);
+        let hb = &self.config.heartbeat;
+        // The relay batches its own writes; Nagle would only add delay.
+        let _ = sock.set_tcp_nodelay(true);
+        // Kernel keepalive backs up the protocol heartbeat for peers that never finished
+        // the handshake or whose app froze; unacknowledged data times out after the
+        // heartbeat window so a vanished phone does not hold a socket for 15 minutes.
+        let keepalive = TcpKeepalive::new()
+            .with_time(hb.interval + hb.timeout)
+            .with_interval(Duration::from_secs(15))
+            .with_retries(4);
+        let _ = sock.set_tcp_keepalive(&keepalive);
+        let _ = sock.set_tcp_user_timeout(Some(hb.timeout + Duration::from_secs(60)));
+    }
+
+    /// Begins a graceful close: stop decoding, flush what is queued, half-close, wait
+    /// briefly for the peer's EOF.
+    fn begin_close(&mut self, token: Token) {
+        let now = self.now;
+        let Core { conns, dirty, .. } = self;
+        let Some(conn) = conns
+            .get_mut(slot_of(token))
+            .and_then(Option::as_mut)
+            .filter(|c| c.token == token)
+        else {
+            return;
+        };
+        if conn.phase == Phase::Closing {
+            return;
+        }
+        conn.phase = Phase::Closing;
+        conn.closing_since = Some(now);
+        conn.rbuf.clear();
+        Self::mark_dirty(dirty, conn);
+        self.arm(token, now + LINGER);
+    }
+
+    /// Closes at once (a dead peer, a linger that ran out).
+    fn close_now(&mut self, token: Token) {
+        if self.drop_conn(token) {
+            self.to_close.push(token);
+        }
+    }
+
+    fn fatal(&mut self, token: Token, code: ErrorCode, message: String) {
+        inc(&self.stats.protocol_errors, 1);
+        tracing::debug!(token, ?code, %message, "closing connection on protocol error");
+        self.write(
+            token,
+            &ServerFrame::Error(ErrorFrame {
+                code,
+                fatal: true,
+                reference: 0,
+                message: Text::from(message),
+            }),
+        );
+        self.begin_close(token);
+    }
+
+    fn refuse(&mut self, token: Token, code: ErrorCode, reference: u64, message: String) {
+        self.write(
+            token,
+            &ServerFrame::Error(ErrorFrame {
+                code,
+                fatal: false,
+                reference,
+                message: Text::from(message),
+            }),
+        );
+    }
+
+    /// Forgets a connection and everything it subscribed. Returns whether it existed.
+    fn drop_conn(&mut self, token: Token) -> bool {
+        let slot = slot_of(token);
+        let Some(conn) = self
+            .conns
+            .get_mut(slot)
+            .and_then(|c| c.take_if(|c| c.token == token))
+        else {
+            return false;
+        };
+        self.free_slots.push(slot as u32);
+        dec(&self.stats.connections, 1);
+        if conn.lagging {
+            dec(&self.stats.lagging, 1);
+        }
+        for sub in conn.subs.into_iter().flatten() {
+            if sub.mode != SubMode::Pending {
+                self.unsubscribe_local(&sub.room, token);
+            }
+        }
+        if let Some(user) = conn.user {
+            if let Some(tokens) = self.users.get_mut(&user) {
+                tokens.retain(|&t| t != token);
+                if tokens.is_empty() {
+                    self.users.remove(&user);
+                }
+            }
+            self.directory.disconnect(&user, self.id);
+        }
+        true
+    }
+
+    /// Removes a connection from a room's local fan-out list and tells the owner.
+    fn unsubscribe_local(&mut self, room: &RoomName, token: Token) {
+        if let Some(list) = self.local.get_mut(room) {
+            if let Some(i) = list.iter().position(|&(t, _)| t == token) {
+                list.swap_remove(i);
+            }
+            if list.is_empty() {
+                self.local.remove(room);
+            }
+        }
+        let core = self.id;
+        self.to_owner(
+            room,
+            CoreMsg::Unsubscribed {
+                room: room.clone(),
+                core,
+            },
+        );
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Frames from clients
+    // ---------------------------------------------------------------------------------
+
+    fn on_frame(&mut self, token: Token, frame: ClientFrame) {
+        inc(&self.stats.frames_in, 1);
+        let Some(conn) = self.conn(token) else { return };
+        let phase = conn.phase;
+        match (phase, frame) {
+            (Phase::Closing, _) => {}
+            (Phase::Handshake, ClientFrame::Hello(hello)) => self.on_hello(token, hello),
+            (Phase::Handshake, other) => self.fatal(
+                token,
+                ErrorCode::ProtocolViolation,
+                format!("{} before HELLO", other.name()),
+            ),
+            (Phase::Open, ClientFrame::Hello(_)) => {
+                self.fatal(token, ErrorCode::ProtocolViolation, "second HELLO".into())
+            }
+            (Phase::Open, ClientFrame::Subscribe(s)) => self.on_subscribe(token, s.room, s.name),
+            (Phase::Open, ClientFrame::Unsubscribe(u)) => {
+                self.on_unsubscribe(token, u.alias, u.block)
+            }
+            (Phase::Open, ClientFrame::Publish(p)) => self.on_publish(token, p),
+            (Phase::Open, ClientFrame::Ack(ack)) => {
+                if let Some(conn) = self.conn(token) {
+                    for (alias, seq) in ack.iter() {
+                        if let Some(Some(sub)) = conn.subs.get_mut(alias as usize) {
+                            sub.acked = sub.acked.max(seq);
+                        }
+                    }
+                }
+            }
+            (Phase::Open, ClientFrame::Ping(ping)) => {
+                let granted = ping.interval_secs.map(|secs| {
+                    let granted = self.negotiate_heartbeat(secs);
+                    if let Some(conn) = self.conn(token) {
+                        conn.heartbeat = Duration::from_secs(u64::from(granted));
+                    }
+                    granted
+                });
+                self.write(
+                    token,
+                    &ServerFrame::Pong(Pong {
+                        interval_secs: granted,
+                    }),
+                );
+            }
+            (Phase::Open, ClientFrame::Pong(_)) => {}
+            (Phase::Open, ClientFrame::Bye) => self.begin_close(token),
+        }
+    }
+
+    fn negotiate_heartbeat(&self, asked_secs: u32) -> u32 {
+        let hb = &self.config.heartbeat;
+        if asked_secs == 0 {
+            return hb.interval.as_secs() as u32;
+        }
+        (u64::from(asked_secs)).clamp(hb.min_interval.as_secs(), hb.max_interval.as_secs()) as u32
+    }
+
+    fn authenticate(&self, token: &Bytes) -> Result<Text, (ErrorCode, String)> {
+        match self.config.auth.mode {
+            AuthMode::None => {
+                let user = Text::from_utf8(token.clone()).map_err(|_| {
+                    (ErrorCode::AuthFailed, "user id is not UTF-8".to_string())
+                })?;
+                if user.is_empty() || user.len() > self.decoder.limits().max_name_len {
+                    return Err((
+                        ErrorCode::AuthFailed,
+                        "user id must be 1..=255 bytes".to_string(),
+                    ));
+                }
+                Ok(user)
+            }
+        }
+    }
+
+    fn on_hello(&mut self, token: Token, hello: pabal_codec::Hello) {
+        let user = match self.authenticate(&hello.token) {
+            Ok(user) => user,
+            Err((code, message)) => return self.fatal(token, code, message),
+        };
+        let granted = self.negotiate_heartbeat(hello.heartbeat_secs);
+        let now_ms = self.now_ms();
+        let max_rooms = self.config.connection.max_rooms;
+        let sender_aliases = self.config.connection.sender_aliases;
+        let max_frame_len = self.config.connection.max_frame_len as u32;
+        let Some(conn) = self.conn(token) else { return };
+        conn.phase = Phase::Open;
+        conn.user = Some(user.clone());
+        conn.heartbeat = Duration::from_secs(u64::from(granted));
+        conn.ctx = DeliverContext::new(now_ms, sender_aliases);
+        let conn_id = conn.id;
+        self.write(
+            token,
+            &ServerFrame::Welcome(Welcome {
+                version: PROTOCOL_VERSION,
+                conn_id,
+                server_time_ms: now_ms,
+                heartbeat_secs: granted,
+                max_frame_len,
+                user: user.clone(),
+            }),
+        );
+        self.users.entry(user.clone()).or_default().push(token);
+        let rooms = self.directory.connect(&user, self.id);
+
+        // Resolve resume entries against the user's own rooms: entry i is alias i.
+        let mut by_id: HashMap<u64, usize> = HashMap::with_capacity(rooms.len());
+        for (i, (room, _)) in rooms.iter().enumerate() {
+            by_id
+                .entry(room.id)
+                .and_modify(|slot| *slot = usize::MAX) // ambiguous: never resolve it
+                .or_insert(i);
+        }
+        let mut taken = vec![false; rooms.len()];
+        let resume: Vec<_> = hello.resume.iter().collect();
+        let mut subscribe = Vec::new();
+        let mut unknown = Vec::new();
+        let mut subs: Vec<Option<Sub>> = Vec::with_capacity(resume.len().max(rooms.len()));
+        for (alias, entry) in resume.iter().enumerate() {
+            match by_id.get(&entry.room_id) {
+                Some(&i) if i != usize::MAX && !taken[i] => {
+                    taken[i] = true;
+                    let from = StartFrom::Resume {
+                        epoch: entry.epoch,
+                        last_seq: entry.last_seq,
+                    };
+                    subs.push(Some(pending_sub(rooms[i].0.clone(), from)));
+                    subscribe.push((alias as u32, rooms[i].0.clone(), from));
+                }
+                _ => {
+                    subs.push(None);
+                    unknown.push(alias as u32);
+                }
+            }
+        }
+        inc(&self.stats.resumes, subscribe.len() as u64);
+        for (i, (room, join)) in rooms.into_iter().enumerate() {
+            if taken[i] {
+                continue;
+            }
+            if subs.iter().filter(|s| s.is_some()).count() >= max_rooms {
+                tracing::warn!(%user, max_rooms, "user has more rooms than a connection binds");
+                break;
+            }
+            let alias = match subs.iter().position(Option::is_none) {
+                Some(a) if !unknown.contains(&(a as u32)) => a,
+                _ => {
+                    subs.push(None);
+                    subs.len() - 1
+                }
+            };
+            let from = StartFrom::Join {
+                epoch: join.epoch,
+                seq: join.seq,
+            };
+            subs[alias] = Some(pending_sub(room.clone(), from));
+            subscribe.push((alias as u32, room, from));
+        }
+        if let Some(conn) = self.conn(token) {
+            conn.subs = subs;
+        }
+        for alias in unknown {
+            self.write(
+                token,
+                &ServerFrame::Left(Left {
+                    alias,
+                    reason: LeftReason::UnknownRoom,
+                }),
+            );
+        }
+        let origin = self.origin(token);
+        for (alias, room, from) in subscribe {
+            self.to_owner(
+                &room.clone(),
+                CoreMsg::Subscribe {
+                    room,
+                    origin,
+                    alias,
+                    user: user.clone(),
+                    from,
+                },
+            );
+        }
+        let next = self.now + Duration::from_secs(u64::from(granted));
+        self.arm(token, next);
+    }
+
+    fn on_subscribe(&mut self, token: Token, is_room: bool, name: Text) {
+        let room = RoomName::new(!is_room, name);
+        let Some(conn) = self.conn(token) else { return };
+        let user = conn.user.clone().unwrap_or_default();
+        if let Some(alias) = conn.alias_of(&room) {
+            // Already bound: restate the binding so a client waiting for ROOM gets one.
+            if let Some(Some(sub)) = conn.subs.get(alias as usize) {
+                if sub.mode != SubMode::Pending {
+                    let frame = room_frame(alias, sub, sub.position);
+                    self.write(token, &frame);
+                }
+            }
+            return;
+        }
+        if conn.bound() >= self.config.connection.max_rooms {
+            let max = self.config.connection.max_rooms;
+            return self.refuse(
+                token,
+                ErrorCode::LimitExceeded,
+                0,
+                format!("{}: a connection binds at most {max} rooms", room.name),
+            );
+        }
+        if is_room && self.config.auth.mode != AuthMode::None {
+            return self.refuse(
+                token,
+                ErrorCode::NotPermitted,
+                0,
+                format!("{}: rooms are joined through the app server", room.name),
+            );
+        }
+        let requester = Some(self.origin(token));
+        self.to_owner(
+            &room.clone(),
+            CoreMsg::Join {
+                room,
+                user,
+                unblock: false,
+                requester,
+            },
+        );
+    }
+
+    fn on_unsubscribe(&mut self, token: Token, alias: u32, block: bool) {
+        let Some(conn) = self.conn(token) else { return };
+        let user = conn.user.clone().unwrap_or_default();
+        let Some(Some(sub)) = conn.subs.get(alias as usize) else {
+            return self.refuse(
+                token,
+                ErrorCode::UnknownAlias,
+                u64::from(alias),
+                format!("alias {alias} is not bound"),
+            );
+        };
+        let room = sub.room.clone();
+        let reason = if block {
+            LeftReason::Blocked
+        } else {
+            LeftReason::Unsubscribed
+        };
+        self.to_owner(
+            &room.clone(),
+            CoreMsg::Leave {
+                room,
+                user,
+                block,
+                reason,
+            },
+        );
+    }
+
+    fn on_publish(&mut self, token: Token, p: pabal_codec::Publish) {
+        let origin = self.origin(token);
+        let Some(conn) = self.conn(token) else { return };
+        let sender = conn.user.clone().unwrap_or_default();
+        let Some(Some(sub)) = conn.subs.get_mut(p.alias as usize) else {
+            let reference = p.msg_id.unwrap_or(0);
+            return self.refuse(
+                token,
+                ErrorCode::UnknownAlias,
+                reference,
+                format!("alias {} is not bound", p.alias),
+            );
+        };
+        if let Some(ack) = p.ack {
+            sub.acked = sub.acked.max(ack);
+        }
+        let room = sub.room.clone();
+        let msg = match p.msg_id {
+            Some(msg_id) => CoreMsg::Publish {
+                room: room.clone(),
+                origin,
+                alias: p.alias,
+                sender,
+                msg_id,
+                payload: p.payload,
+            },
+            None => CoreMsg::Ephemeral {
+                room: room.clone(),
+                origin,
+                sender,
+                payload: p.payload,
+            },
+        };
+        self.to_owner(&room, msg);
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Messages from workers
+    // ---------------------------------------------------------------------------------
+
+    /// Handles a batch from another worker (or from this one).
+    pub fn handle(&mut self, batch: Vec<CoreMsg>) {
+        for msg in batch {
+            self.handle_one(msg);
+        }
+    }
+
+    fn owned_room(&mut self, room: &RoomName) -> &mut OwnedRoom {
+        let (epoch, cores) = (self.epoch, self.cores);
+        let retention = self.config.retention_for(room.name.as_str());
+        self.owned.entry(room.clone()).or_insert_with(|| OwnedRoom {
+            epoch,
+            head: 0,
+            history: History::new(retention),
+            interest: vec![0; cores],
+        })
+    }
+
+    fn handle_one(&mut self, msg: CoreMsg) {
+        match msg {
+            CoreMsg::Publish {
+                room,
+                origin,
+                alias,
+                sender,
+                msg_id,
+                payload,
+            } => {
+                self.accept_publish(room, Some((origin, alias, msg_id)), sender, payload);
+            }
+            CoreMsg::Ephemeral {
+                room,
+                origin,
+                sender,
+                payload,
+            } => {
+                inc(&self.stats.ephemeral_in, 1);
+                let ts_ms = self.now_ms();
+                let interest = self.owned_room(&room).interest.clone();
+                for (core, &n) in interest.iter().enumerate() {
+                    if n > 0 {
+                        self.send_to(
+                            core,
+                            CoreMsg::DeliverEphemeral {
+                                room: room.clone(),
+                                origin: Some(origin),
+                                sender: sender.clone(),
+                                ts_ms,
+                                payload: payload.clone(),
+                            },
+                        );
+                    }
+                }
+            }
+            CoreMsg::Subscribe {
+                room,
+                origin,
+                alias,
+                user,
+                from,
+            } => {
+                if !self.directory.is_member(&user, &room) {
+                    return self.send_to(
+                        origin.core,
+                        CoreMsg::NotMember {
+                            room,
+                            origin,
+                            alias,
+                        },
+                    );
+                }
+                let page_bytes = self.config.connection.replay_page_bytes;
+                let now_ms = self.now_ms();
+                let mut msgs = std::mem::take(&mut self.scratch);
+                let owned = self.owned_room(&room);
+                owned.interest[origin.core] += 1;
+                owned.history.evict_expired(now_ms);
+                let start = match from {
+                    StartFrom::Live => owned.head,
+                    StartFrom::Resume { epoch, last_seq: s } | StartFrom::Join { epoch, seq: s } => {
+                        if epoch == owned.epoch { s.min(owned.head) } else { 0 }
+                    }
+                };
+                let info = owned.history.page(start, owned.head, page_bytes, &mut msgs);
+                let (epoch, head) = (owned.epoch, owned.head);
+                let page = Page {
+                    gap: info.gap,
+                    msgs: msgs.drain(..).collect(),
+                    complete: info.complete,
+                };
+                self.scratch = msgs;
+                self.send_to(
+                    origin.core,
+                    CoreMsg::Subscribed {
+                        room,
+                        origin,
+                        alias,
+                        epoch,
+                        head,
+                        start,
+                        page,
+                    },
+                );
+            }
+            CoreMsg::Fetch {
+                room,
+                origin,
+                alias,
+                after,
+            } => {
+                let page_bytes = self.config.connection.replay_page_bytes;
+                let now_ms = self.now_ms();
+                let mut msgs = Vec::new();
+                let owned = self.owned_room(&room);
+                owned.history.evict_expired(now_ms);
+                let info = owned.history.page(after, owned.head, page_bytes, &mut msgs);
+                let head = owned.head;
+                self.send_to(
+                    origin.core,
+                    CoreMsg::Paged {
+                        room,
+                        origin,
+                        alias,
+                        head,
+                        page: Page {
+                            gap: info.gap,
+                            msgs,
+                            complete: info.complete,
+                        },
+                    },
+                );
+            }
+            CoreMsg::Unsubscribed { room, core } => {
+                if let Some(owned) = self.owned.get_mut(&room) {
+                    owned.interest[core] = owned.interest[core].saturating_sub(1);
+                }
+            }
+            CoreMsg::Join {
+                room,
+                user,
+                unblock,
+                requester,
+            } => {
+                let owned = self.owned_room(&room);
+                let join = crate::directory::JoinPoint {
+                    epoch: owned.epoch,
+                    seq: owned.head,
+                };
+                match self.directory.add(&user, &room, join, unblock) {
+                    Ok(added) if added.new => {
+                        for core in added.cores {
+                            self.send_to(
+                                core,
+                                CoreMsg::MemberJoined {
+                                    room: room.clone(),
+                                    user: user.clone(),
+                                    epoch: join.epoch,
+                                    seq: join.seq,
+                                },
+                            );
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if let Some(origin) = requester {
+                            let code = match e {
+                                DirectoryError::Blocked(_) => ErrorCode::NotPermitted,
+                                _ => ErrorCode::LimitExceeded,
+                            };
+                            self.send_to(
+                                origin.core,
+                                CoreMsg::Refused {
+                                    origin,
+                                    code,
+                                    reference: 0,
+                                    message: format!("{}: {e}", room.name),
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+            CoreMsg::Leave {
+                room,
+                user,
+                block,
+                reason,
+            } => {
+                let (was, cores) = self.directory.remove(&user, &room, block);
+                if was {
+                    for core in cores {
+                        self.send_to(
+                            core,
+                            CoreMsg::MemberLeft {
+                                room: room.clone(),
+                                user: user.clone(),
+                                reason,
+                            },
+                        );
+                    }
+                }
+            }
+            CoreMsg::Accepted {
+                origin,
+                alias,
+                msg_id,
+                seq,
+            } => self.on_accepted(origin.token, alias, msg_id, seq),
+            CoreMsg::Refused {
+                origin,
+                code,
+                reference,
+                message,
+            } => self.refuse(origin.token, code, reference, message),
+            CoreMsg::Subscribed {
+                room,
+                origin,
+                alias,
+                epoch,
+                head,
+                start,
+                page,
+            } => self.on_subscribed(room, origin.token, alias, epoch, head, start, page),
+            CoreMsg::Paged {
+                room,
+                origin,
+                alias,
+                head,
+                page,
+            } => self.on_paged(room, origin.token, alias, head, page),
+            CoreMsg::NotMember {
+                room,
+                origin,
+                alias,
+            } => {
+                let token = origin.token;
+                if let Some(conn) = self.conn(token) {
+                    if conn.sub_for(alias, &room).is_some() {
+                        conn.subs[alias as usize] = None;
+                        self.write(
+                            token,
+                            &ServerFrame::Left(Left {
+                                alias,
+                                reason: LeftReason::Removed,
+                            }),
+                        );
+                    }
+                }
+            }
+            CoreMsg::Deliver { room, msg } => self.fan_out(&room, &msg),
+            CoreMsg::DeliverEphemeral {
+                room,
+                origin,
+                sender,
+                ts_ms,
+                payload,
+            } => self.fan_out_ephemeral(&room, origin, &sender, ts_ms, &payload),
+            CoreMsg::MemberJoined {
+                room,
+                user,
+                epoch,
+                seq,
+            } => self.on_member_joined(room, user, epoch, seq),
+            CoreMsg::MemberLeft { room, user, reason } => self.on_member_left(room, user, reason),
+            CoreMsg::Drain => self.begin_drain(),
+            CoreMsg::Fence { round } => self.on_fence(round),
+            CoreMsg::Stop => {
+                self.shutdown.stop = true;
+                let tokens: Vec<Token> = self.conns.iter().flatten().map(|c| c.token).collect();
+                for token in tokens {
+                    self.close_now(token);
+                }
+                self.close_listeners = true;
+            }
+        }
+    }
+
+    /// The owner accepts a message: sequence, history, PUBACK, then one delivery per
+    /// interested worker.
+    fn accept_publish(
+        &mut self,
+        room: RoomName,
+        from: Option<(Origin, u32, u64)>,
+        sender: Text,
+        payload: Bytes,
+    ) -> u64 {
+        let now_ms = self.now_ms();
+        // Small payloads are slices of a large receive buffer: give history its own copy
+        // once, so a retained 20-byte message does not pin that buffer.
+        let payload = if payload.len() < COMPACT_BELOW {
+            Bytes::copy_from_slice(&payload)
+        } else {
+            payload
+        };
+        let owned = self.owned_room(&room);
+        owned.head += 1;
+        let seq = owned.head;
+        let msg = Arc::new(Stored {
+            seq,
+            ts_ms: now_ms,
+            sender,
+            origin: from.map(|(o, _, _)| o),
+            payload,
+        });
+        owned.history.push(msg.clone(), now_ms);
+        let interest = std::mem::take(&mut owned.interest);
+        inc(&self.stats.messages_in, 1);
+        if let Some((origin, alias, msg_id)) = from {
+            // The PUBACK goes first: the publisher's worker must see it before the delivery.
+            self.send_to(
+                origin.core,
+                CoreMsg::Accepted {
+                    origin,
+                    alias,
+                    msg_id,
+                    seq,
+                },
+            );
+        }
+        for (core, &n) in interest.iter().enumerate() {
+            if n > 0 {
+                self.send_to(
+                    core,
+                    CoreMsg::Deliver {
+                        room: room.clone(),
+                        msg: msg.clone(),
+                    },
+                );
+            }
+        }
+        if let Some(owned) = self.owned.get_mut(&room) {
+            owned.interest = interest;
+        }
+        seq
+    }
+
+    fn on_accepted(&mut self, token: Token, alias: u32, msg_id: u64, seq: u64) {
+        let Some(conn) = self.conn(token) else { return };
+        if let Some(Some(sub)) = conn.subs.get_mut(alias as usize) {
+            // The same rule as the client's: a contiguous own message advances the cursor.
+            if sub.cursor + 1 == seq {
+                sub.cursor = seq;
+            }
+            if sub.position + 1 == seq {
+                sub.position = seq;
+            }
+        }
+        self.write(token, &ServerFrame::PubAck(PubAck { msg_id, seq }));
+    }
+
+    #[allow(clippy::too_many_arguments)] // reason: the fields of one message, unpacked
+    fn on_subscribed(
+        &mut self,
+        room: RoomName,
+        token: Token,
+        alias: u32,
+        epoch: u64,
+        head: u64,
+        start: u64,
+        page: Page,
+    ) {
+        let core = self.id;
+        let Some(conn) = self.conn(token) else {
+            return self.to_owner(&room.clone(), CoreMsg::Unsubscribed { room, core });
+        };
+        let Some(sub) = conn.sub_for(alias, &room).filter(|s| s.mode == SubMode::Pending) else {
+            return self.to_owner(&room.clone(), CoreMsg::Unsubscribed { room, core });
+        };
+        let clean_resume = matches!(sub.from,
+            StartFrom::Resume { epoch: e, last_seq } if e == epoch && last_seq == start);
+        sub.epoch = epoch;
+        sub.cursor = start;
+        sub.position = start;
+        sub.mode = SubMode::CatchingUp { fetching: false };
+        let frame = (!clean_resume).then(|| {
+            let mut frame = room_frame(alias, sub, head);
+            if let ServerFrame::Room(r) = &mut frame {
+                r.cursor = start;
+            }
+            frame
+        });
+        if let Some(frame) = frame {
+            self.write(token, &frame);
+        }
+        self.local.entry(room.clone()).or_default().push((token, alias));
+        self.apply_page(token, alias, &room, page);
+    }
+
+    fn on_paged(&mut self, room: RoomName, token: Token, alias: u32, _head: u64, page: Page) {
+        let Some(conn) = self.conn(token) else { return };
+        conn.fetches = conn.fetches.saturating_sub(1);
+        let Some(sub) = conn.sub_for(alias, &room) else { return };
+        if sub.mode != (SubMode::CatchingUp { fetching: true }) {
+            return;
+        }
+        sub.mode = SubMode::CatchingUp { fetching: false };
+        self.apply_page(token, alias, &room, page);
+    }
+
+    /// Writes a page of history to a catching-up alias; goes live when the page completes.
+    fn apply_page(&mut self, token: Token, alias: u32, room: &RoomName, page: Page) {
+        let me = self.origin(token);
+        let low_water = self.low_water();
+        let Core {
+            conns,
+            dirty,
+            stats,
+            ..
+        } = self;
+        let Some(conn) = conns
+            .get_mut(slot_of(token))
+            .and_then(Option::as_mut)
+            .filter(|c| c.token == token)
+        else {
+            return;
+        };
+        if let Some((_, to)) = page.gap {
+            let Some(Some(sub)) = conn.subs.get_mut(alias as usize) else {
+                return;
+            };
+            if to > sub.position {
+                // The client's cursor may trail `position` by its own skipped messages; the
+                // gap covers those too, which the client already holds as its own.
+                let gap = pabal_codec::Gap {
+                    alias,
+                    from: sub.cursor + 1,
+                    to,
+                };
+                sub.cursor = to;
+                sub.position = to;
+                conn.write(&ServerFrame::Gap(gap));
+                inc(&stats.gaps, 1);
+            }
+        }
+        let mut written = 0;
+        for msg in &page.msgs {
+            let header = {
+                let Some(Some(sub)) = conn.subs.get_mut(alias as usize) else {
+                    return;
+                };
+                if msg.seq <= sub.position {
+                    continue;
+                }
+                sub.position = msg.seq;
+                if msg.origin == Some(me) {
+                    continue;
+                }
+                let header =
+                    conn.ctx
+                        .header(alias, Some(msg.seq), sub.cursor, &msg.sender, msg.ts_ms);
+                sub.cursor = msg.seq;
+                header
+            };
+            conn.write_deliver(&header, &msg.payload);
+            written += 1;
+        }
+        inc(&stats.deliveries, written);
+        inc(&stats.replayed, written);
+        let Some(Some(sub)) = conn.subs.get_mut(alias as usize) else {
+            return;
+        };
+        sub.mode = if page.complete {
+            SubMode::Live
+        } else {
+            SubMode::CatchingUp { fetching: false }
+        };
+        Self::mark_dirty(dirty, conn);
+        let _ = room;
+        if !page.complete && conn.queued() <= low_water {
+            self.request_pages(token);
+        }
+        self.update_lagging(token);
+    }
+
+    fn low_water(&self) -> usize {
+        self.config.connection.max_queued_bytes / 4
+    }
+
+    /// Asks owners for the next page of every catching-up alias of a connection, within a
+    /// budget of pages in flight that keeps the queue near its cap.
+    fn request_pages(&mut self, token: Token) {
+        let budget = (self.config.connection.max_queued_bytes
+            / self.config.connection.replay_page_bytes)
+            .max(1);
+        let origin = self.origin(token);
+        let mut requests = Vec::new();
+        {
+            let Some(conn) = self.conn(token) else { return };
+            if conn.phase != Phase::Open {
+                return;
+            }
+            let mut fetches = conn.fetches;
+            for (alias, sub) in conn.subs.iter_mut().enumerate() {
+                if fetches >= budget {
+                    break;
+                }
+                if let Some(sub) = sub {
+                    if sub.mode == (SubMode::CatchingUp { fetching: false }) {
+                        sub.mode = SubMode::CatchingUp { fetching: true };
+                        fetches += 1;
+                        requests.push((sub.room.clone(), alias as u32, sub.position));
+                    }
+                }
+            }
+            conn.fetches = fetches;
+        }
+        for (room, alias, after) in requests {
+            self.to_owner(
+                &room.clone(),
+                CoreMsg::Fetch {
+                    room,
+                    origin,
+                    alias,
+                    after,
+                },
+            );
+        }
+    }
+
+    /// Keeps the lagging flag and gauge in step with the connection's aliases.
+    fn update_lagging(&mut self, token: Token) {
+        let stats = self.stats.clone();
+        let Some(conn) = self.conn(token) else { return };
+        let lagging = conn
+            .subs
+            .iter()
+            .flatten()
+            .any(|s| matches!(s.mode, SubMode::CatchingUp { .. }));
+        match (conn.lagging, lagging) {
+            (false, true) => {
+                inc(&stats.lagging, 1);
+                inc(&stats.lag_events, 1);
+            }
+            (true, false) => dec(&stats.lagging, 1),
+            _ => {}
+        }
+        conn.lagging = lagging;
+    }
+
+    /// Writes a new message to every live connection of this worker subscribed to the room.
+    fn fan_out(&mut self, room: &RoomName, msg: &StoredRef) {
+        let core = self.id;
+        let cap = self.config.connection.max_queued_bytes;
+        let mut fell_behind: Vec<Token> = Vec::new();
+        let Core {
+            local,
+            conns,
+            dirty,
+            stats,
+            ..
+        } = self;
+        let Some(subs) = local.get(room) else { return };
+        let mut written = 0;
+        for &(token, alias) in subs {
+            let Some(conn) = conns
+                .get_mut(slot_of(token))
+                .and_then(Option::as_mut)
+                .filter(|c| c.token == token)
+            else {
+                continue;
+            };
+            let over_cap = conn.queued() >= cap;
+            let header = {
+                let Some(Some(sub)) = conn.subs.get_mut(alias as usize) else {
+                    continue;
+                };
+                if sub.mode != SubMode::Live || msg.seq <= sub.position {
+                    continue;
+                }
+                if msg.seq != sub.position + 1 || over_cap {
+                    // Behind (queue full) or a hole: catch up from history instead.
+                    sub.mode = SubMode::CatchingUp { fetching: false };
+                    fell_behind.push(token);
+                    continue;
+                }
+                sub.position = msg.seq;
+                if msg.origin == Some(Origin { core, token }) {
+                    continue;
+                }
+                let header =
+                    conn.ctx
+                        .header(alias, Some(msg.seq), sub.cursor, &msg.sender, msg.ts_ms);
+                sub.cursor = msg.seq;
+                header
+            };
+            conn.write_deliver(&header, &msg.payload);
+            Self::mark_dirty(dirty, conn);
+            written += 1;
+        }
+        inc(&stats.deliveries, written);
+        for token in fell_behind {
+            self.update_lagging(token);
+            if self.conn(token).is_some_and(|c| c.queued() <= cap / 4) {
+                self.request_pages(token);
+            }
+        }
+    }
+
+    fn fan_out_ephemeral(
+        &mut self,
+        room: &RoomName,
+        origin: Option<Origin>,
+        sender: &Text,
+        ts_ms: u64,
+        payload: &Bytes,
+    ) {
+        let core = self.id;
+        let cap = self.config.connection.max_queued_bytes;
+        let Core {
+            local,
+            conns,
+            dirty,
+            ..
+        } = self;
+        let Some(subs) = local.get(room) else { return };
+        for &(token, alias) in subs {
+            if origin == Some(Origin { core, token }) {
+                continue;
+            }
+            let Some(conn) = conns
+                .get_mut(slot_of(token))
+                .and_then(Option::as_mut)
+                .filter(|c| c.token == token)
+            else {
+                continue;
+            };
+            let cursor = match conn.subs.get(alias as usize) {
+                Some(Some(sub)) if sub.mode != SubMode::Pending => sub.cursor,
+                _ => continue,
+            };
+            if conn.queued() >= cap || conn.lagging {
+                // Collapse: keep only the latest event per (alias, sender).
+                let backlog = &mut conn.ephemeral_backlog;
+                backlog.retain(|(a, s, _, _)| !(*a == alias && s == sender));
+                if backlog.len() >= EPHEMERAL_BACKLOG {
+                    backlog.remove(0);
+                }
+                backlog.push((alias, sender.clone(), ts_ms, payload.clone()));
+                continue;
+            }
+            let header = conn.ctx.header(alias, None, cursor, sender, ts_ms);
+            conn.write_deliver(&header, payload);
+            Self::mark_dirty(dirty, conn);
+        }
+    }
+
+    fn flush_ephemeral_backlog(&mut self, token: Token) {
+        let Core { conns, dirty, .. } = self;
+        let Some(conn) = conns
+            .get_mut(slot_of(token))
+            .and_then(Option::as_mut)
+            .filter(|c| c.token == token)
+        else {
+            return;
+        };
+        if conn.ephemeral_backlog.is_empty() {
+            return;
+        }
+        for (alias, sender, ts_ms, payload) in std::mem::take(&mut conn.ephemeral_backlog) {
+            let cursor = match conn.subs.get(alias as usize) {
+                Some(Some(sub)) => sub.cursor,
+                _ => continue,
+            };
+            let header = conn.ctx.header(alias, None, cursor, &sender, ts_ms);
+            conn.write_deliver(&header, &payload);
+        }
+        Self::mark_dirty(dirty, conn);
+    }
+
+    fn on_member_joined(&mut self, room: RoomName, user: Text, epoch: u64, seq: u64) {
+        let tokens = self.users.get(&user).cloned().unwrap_or_default();
+        let max_rooms = self.config.connection.max_rooms;
+        for token in tokens {
+            let origin = self.origin(token);
+            let Some(conn) = self.conn(token) else { continue };
+            if conn.phase != Phase::Open || conn.alias_of(&room).is_some() {
+                continue;
+            }
+            if conn.bound() >= max_rooms {
+                tracing::warn!(%user, room = %room.name, "connection room limit reached");
+                continue;
+            }
+            let alias = conn.free_alias();
+            let from = StartFrom::Join { epoch, seq };
+            conn.subs[alias as usize] = Some(pending_sub(room.clone(), from));
+            self.to_owner(
+                &room.clone(),
+                CoreMsg::Subscribe {
+                    room: room.clone(),
+                    origin,
+                    alias,
+                    user: user.clone(),
+                    from,
+                },
+            );
+        }
+    }
+
+    fn on_member_left(&mut self, room: RoomName, user: Text, reason: LeftReason) {
+        let tokens = self.users.get(&user).cloned().unwrap_or_default();
+        for token in tokens {
+            let Some(conn) = self.conn(token) else { continue };
+            let Some(alias) = conn.alias_of(&room) else { continue };
+            let Some(sub) = conn.subs[alias as usize].take() else {
+                continue;
+            };
+            if sub.mode != SubMode::Pending {
+                self.unsubscribe_local(&room, token);
+            }
+            self.write(token, &ServerFrame::Left(Left { alias, reason }));
+            self.update_lagging(token);
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Shutdown
+    // ---------------------------------------------------------------------------------
+
+    fn begin_drain(&mut self) {
+        if self.shutdown.draining {
+            return;
+        }
+        self.shutdown.draining = true;
+        self.shutdown.deadline = Some(self.now + self.config.shutdown.grace);
+        self.close_listeners = true;
+        // Stop reading: no publish from this worker's clients after this point.
+        for conn in self.conns.iter_mut().flatten() {
+            if conn.reading {
+                conn.reading = false;
+                conn.reading_changed = true;
+                Self::mark_dirty(&mut self.dirty, conn);
+            }
+        }
+        for core in 0..self.cores {
+            self.send_to(core, CoreMsg::Fence { round: 1 });
+        }
+    }
+
+    fn on_fence(&mut self, round: u8) {
+        let i = usize::from(round.clamp(1, 2) - 1);
+        self.shutdown.fences[i] += 1;
+        if self.shutdown.fences[i] < self.cores {
+            return;
+        }
+        if round == 1 {
+            // Every publish bound for rooms owned here has arrived and been accepted, so
+            // every delivery from here is already in the outboxes ahead of this fence.
+            for core in 0..self.cores {
+                self.send_to(core, CoreMsg::Fence { round: 2 });
+            }
+            return;
+        }
+        // Every delivery acknowledged anywhere before the drain has reached this worker.
+        self.shutdown.goaways_sent = true;
+        let spread = self.config.shutdown.reconnect_spread.as_millis() as u64;
+        let tokens: Vec<Token> = self.conns.iter().flatten().map(|c| c.token).collect();
+        for token in tokens {
+            if self.conn(token).is_some_and(|c| c.phase == Phase::Handshake) {
+                self.close_now(token);
+                continue;
+            }
+            let retry_after_ms = if spread == 0 { 0 } else { self.random() % spread };
+            self.write(
+                token,
+                &ServerFrame::GoAway(GoAway {
+                    reason: GoAwayReason::Shutdown,
+                    retry_after_ms,
+                    message: Text::from_static("relay shutting down"),
+                }),
+            );
+            self.begin_close(token);
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Timers
+    // ---------------------------------------------------------------------------------
+
+    /// Runs every timer that is due.
+    pub fn run_timers(&mut self) {
+        let now = self.now;
+        if self.shutdown.deadline.is_some_and(|d| now >= d) && !self.shutdown.stop {
+            tracing::info!(
+                core = self.id,
+                remaining = self.connection_count(),
+                "shutdown grace period over; closing the rest"
+            );
+            self.handle_one(CoreMsg::Stop);
+        }
+        while let Some(Reverse((at, token))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            self.on_timer(token);
+        }
+    }
+
+    fn on_timer(&mut self, token: Token) {
+        let now = self.now;
+        let handshake_timeout = self.config.auth.handshake_timeout;
+        let timeout = self.config.heartbeat.timeout;
+        let Some(conn) = self.conn(token) else { return };
+        match conn.phase {
+            Phase::Handshake => {
+                if now >= conn.accepted_at + handshake_timeout {
+                    self.write(
+                        token,
+                        &ServerFrame::GoAway(GoAway {
+                            reason: GoAwayReason::HandshakeTimeout,
+                            retry_after_ms: 0,
+                            message: Text::from_static("no HELLO in time"),
+                        }),
+                    );
+                    self.begin_close(token);
+                } else {
+                    let at = conn.accepted_at + handshake_timeout;
+                    self.arm(token, at);
+                }
+            }
+            Phase::Open => {
+                if let Some(sent) = conn.ping_sent {
+                    if now >= sent + timeout {
+                        inc(&self.stats.heartbeat_timeouts, 1);
+                        tracing::debug!(token, "peer silent after ping; closing");
+                        self.close_now(token);
+                    } else {
+                        self.arm(token, sent + timeout);
+                    }
+                } else if now >= conn.last_rx + conn.heartbeat {
+                    conn.ping_sent = Some(now);
+                    self.write(token, &ServerFrame::Ping(pabal_codec::Ping::default()));
+                    self.arm(token, now + timeout);
+                } else {
+                    let at = conn.last_rx + conn.heartbeat;
+                    self.arm(token, at);
+                }
+            }
+            Phase::Closing => {
+                if conn.closing_since.is_some_and(|t| now >= t + LINGER) {
+                    self.close_now(token);
+                } else if let Some(t) = conn.closing_since {
+                    self.arm(token, t + LINGER);
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Flush
+    // ---------------------------------------------------------------------------------
+
+    /// Hands everything queued this tick to the world: messages to other workers (one batch
+    /// each), and to each connection with output at most one send.
+    pub fn flush<T: Transport + ?Sized>(&mut self, transport: &mut T) {
+        // Messages to this worker itself are handled now, in order, until none are left.
+        loop {
+            let own = std::mem::take(&mut self.outbox[self.id]);
+            if own.is_empty() {
+                break;
+            }
+            self.handle(own);
+        }
+        for core in 0..self.cores {
+            if core != self.id && !self.outbox[core].is_empty() {
+                let batch = std::mem::take(&mut self.outbox[core]);
+                self.mesh.send(core, batch);
+            }
+        }
+        if std::mem::take(&mut self.close_listeners) {
+            transport.close_listeners();
+        }
+        for token in self.to_close.drain(..) {
+            transport.close(token);
+        }
+        let cap = self.config.connection.max_queued_bytes;
+        for token in std::mem::take(&mut self.dirty) {
+            let Some(conn) = self
+                .conns
+                .get_mut(slot_of(token))
+                .and_then(Option::as_mut)
+                .filter(|c| c.token == token)
+            else {
+                continue;
+            };
+            conn.dirty = false;
+            // Backpressure on input: a client that does not read its replies stops being
+            // read until its queue drains.
+            let want_reading = conn.reading && conn.queued() < cap && !self.shutdown.draining;
+            if conn.reading_changed || !want_reading {
+                transport.set_reading(token, want_reading);
+                conn.reading_changed = false;
+            }
+            if !conn.sending && conn.has_output() {
+                let bytes = conn.take_batch();
+                inc(&self.stats.bytes_out, bytes as u64);
+                inc(&self.stats.sends, 1);
+                transport.send(token, &mut conn.pending);
+            }
+            if conn.phase == Phase::Closing && !conn.sending && !conn.has_output() && !conn.shut {
+                conn.shut = true;
+                transport.shutdown_write(token);
+            }
+        }
+    }
+}
+
+fn pending_sub(room: RoomName, from: StartFrom) -> Sub {
+    Sub {
+        room,
+        from,
+        epoch: 0,
+        cursor: 0,
+        position: 0,
+        mode: SubMode::Pending,
+        acked: 0,
+    }
+}
+
+fn room_frame(alias: u32, sub: &Sub, head: u64) -> ServerFrame {
+    ServerFrame::Room(Room {
+        alias,
+        channel: sub.room.channel,
+        room_id: sub.room.id,
+        epoch: sub.epoch,
+        cursor: sub.cursor,
+        head: head.max(sub.cursor),
+        name: sub.room.name.clone(),
+    })
+}
+
+impl EventSink for Core {
+    fn accepted(&mut self, stream: &TcpStream, peer: SocketAddr) -> Option<Token> {
+        if self.shutdown.draining {
+            return None;
+        }
+        self.now = Instant::now();
+        self.configure_socket(stream);
+        let slot = match self.free_slots.pop() {
+            Some(slot) => slot as usize,
+            None => {
+                self.conns.push(None);
+                self.conns.len() - 1
+            }
+        };
+        self.generation = self.generation.wrapping_add(1);
+        let token = (u64::from(self.generation) << 32) | slot as u64;
+        self.next_conn_id += 1;
+        let conn_id = ((self.id as u64) << 48) | self.next_conn_id;
+        let conn = Conn::new(token, conn_id, peer, self.now, self.config.heartbeat.interval);
+        self.conns[slot] = Some(conn);
+        inc(&self.stats.connections, 1);
+        inc(&self.stats.accepted, 1);
+        let deadline = self.now + self.config.auth.handshake_timeout;
+        self.arm(token, deadline);
+        Some(token)
+    }
+
+    fn received(&mut self, token: Token, data: &[u8]) {
+        inc(&self.stats.bytes_in, data.len() as u64);
+        let now = Instant::now();
+        self.now = now;
+        let draining = self.shutdown.draining;
+        let Some(conn) = self.conn(token) else { return };
+        conn.last_rx = now;
+        conn.ping_sent = None;
+        if conn.phase == Phase::Closing || draining {
+            return;
+        }
+        conn.rbuf.extend_from_slice(data);
+        loop {
+            let Core { conns, decoder, .. } = &mut *self;
+            let Some(conn) = conns
+                .get_mut(slot_of(token))
+                .and_then(Option::as_mut)
+                .filter(|c| c.token == token && c.phase != Phase::Closing)
+            else {
+                return;
+            };
+            match decoder.decode_client(&mut conn.rbuf) {
+                Ok(Some(frame)) => self.on_frame(token, frame),
+                Ok(None) => return,
+                Err(e) => return self.decode_failed(token, e),
+            }
+        }
+    }
+
+    fn sent(&mut self, token: Token, _bytes: usize) {
+        let low_water = self.low_water();
+        let Some(conn) = self.conn(token) else { return };
+        conn.batch_sent();
+        let drained = conn.queued() <= low_water;
+        let more = conn.has_output() || conn.phase == Phase::Closing;
+        let lagging = conn.lagging;
+        if more || !conn.reading_changed {
+            let Core { conns, dirty, .. } = self;
+            if let Some(conn) = conns
+                .get_mut(slot_of(token))
+                .and_then(Option::as_mut)
+                .filter(|c| c.token == token)
+            {
+                Self::mark_dirty(dirty, conn);
+            }
+        }
+        if drained {
+            self.flush_ephemeral_backlog(token);
+            if lagging {
+                self.request_pages(token);
+            }
+        }
+    }
+
+    fn closed(&mut self, token: Token, reason: CloseReason) {
+        tracing::trace!(token, ?reason, "connection closed by peer");
+        self.drop_conn(token);
+    }
+
+    fn woken(&mut self) {}
+}
+
+impl Core {
+    fn decode_failed(&mut self, token: Token, e: DecodeError) {
+        self.fatal(token, e.code(), e.to_string());
+    }
+}

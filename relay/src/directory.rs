@@ -1,0 +1,272 @@
+//! The membership directory: which rooms each user belongs to, which channels they follow
+//! or blocked, and which workers hold their live connections.
+//!
+//! This is the one structure the workers share, because the app servers' social graph is
+//! relay-wide. It is touched only when a connection opens or closes and when membership
+//! changes, never per message: the hot path (publish, fan-out) runs on per-worker state and
+//! message passing. It is sharded by user behind `parking_lot` locks so that a reconnect
+//! storm on many cores does not serialise on one lock.
+//!
+//! Owns: membership and presence. Must not touch: sequences, history, connections' queues.
+
+use std::collections::{HashMap, HashSet};
+
+use pabal_codec::Text;
+use parking_lot::RwLock;
+use thiserror::Error;
+
+use crate::ids::{CoreId, RoomName};
+
+/// Where a member's stream starts: the room's epoch and last sequence when they joined. A
+/// connection that binds the room without a resume entry replays from here (within
+/// retention), so nothing published after the join is missed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinPoint {
+    /// The room's epoch at the join.
+    pub epoch: u64,
+    /// The room's head at the join.
+    pub seq: u64,
+}
+
+#[derive(Debug, Default)]
+struct UserEntry {
+    rooms: HashMap<RoomName, JoinPoint>,
+    blocked: HashSet<RoomName>,
+    /// Live connections per worker.
+    conns: Vec<(CoreId, u32)>,
+}
+
+impl UserEntry {
+    fn cores(&self) -> Vec<CoreId> {
+        self.conns.iter().map(|&(c, _)| c).collect()
+    }
+
+    fn is_unused(&self) -> bool {
+        self.rooms.is_empty() && self.blocked.is_empty() && self.conns.is_empty()
+    }
+}
+
+/// Why a membership change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum DirectoryError {
+    /// The user blocked this channel.
+    #[error("the user blocked {0}")]
+    Blocked(String),
+    /// The user already belongs to the maximum number of rooms.
+    #[error("the user already belongs to {max} rooms and channels")]
+    TooManyRooms {
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// The outcome of adding a member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Added {
+    /// The user was not a member before.
+    pub new: bool,
+    /// The join point in force (the old one if the user was a member already).
+    pub join: JoinPoint,
+    /// Workers holding the user's live connections.
+    pub cores: Vec<CoreId>,
+}
+
+/// The relay-wide membership directory.
+#[derive(Debug)]
+pub struct Directory {
+    shards: Box<[RwLock<HashMap<Text, UserEntry>>]>,
+    max_rooms_per_user: usize,
+}
+
+impl Directory {
+    /// An empty directory; each user may belong to at most `max_rooms_per_user` rooms.
+    pub fn new(shards: usize, max_rooms_per_user: usize) -> Self {
+        let shards = shards.clamp(1, 1024).next_power_of_two();
+        Directory {
+            shards: (0..shards).map(|_| RwLock::new(HashMap::new())).collect(),
+            max_rooms_per_user,
+        }
+    }
+
+    fn shard(&self, user: &Text) -> &RwLock<HashMap<Text, UserEntry>> {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in user.as_bytes().iter() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        &self.shards[(h as usize) & (self.shards.len() - 1)]
+    }
+
+    /// A connection of `user` opened on `core`: records it and returns the user's rooms, in
+    /// one step, so a concurrent join either shows up in the list or reaches this core.
+    pub fn connect(&self, user: &Text, core: CoreId) -> Vec<(RoomName, JoinPoint)> {
+        let mut shard = self.shard(user).write();
+        let entry = shard.entry(user.clone()).or_default();
+        match entry.conns.iter_mut().find(|(c, _)| *c == core) {
+            Some((_, n)) => *n += 1,
+            None => entry.conns.push((core, 1)),
+        }
+        entry.rooms.iter().map(|(r, j)| (r.clone(), *j)).collect()
+    }
+
+    /// A connection of `user` on `core` closed.
+    pub fn disconnect(&self, user: &Text, core: CoreId) {
+        let mut shard = self.shard(user).write();
+        if let Some(entry) = shard.get_mut(user) {
+            if let Some(i) = entry.conns.iter().position(|(c, _)| *c == core) {
+                entry.conns[i].1 -= 1;
+                if entry.conns[i].1 == 0 {
+                    entry.conns.swap_remove(i);
+                }
+            }
+            if entry.is_unused() {
+                shard.remove(user);
+            }
+        }
+    }
+
+    /// Adds `user` to `room` (a no-op that reports the existing join point if already a
+    /// member). A blocked channel stays blocked unless `unblock`.
+    pub fn add(
+        &self,
+        user: &Text,
+        room: &RoomName,
+        join: JoinPoint,
+        unblock: bool,
+    ) -> Result<Added, DirectoryError> {
+        let mut shard = self.shard(user).write();
+        let entry = shard.entry(user.clone()).or_default();
+        if entry.blocked.contains(room) {
+            if !unblock {
+                return Err(DirectoryError::Blocked(room.name.to_string()));
+            }
+            entry.blocked.remove(room);
+        }
+        if let Some(existing) = entry.rooms.get(room) {
+            return Ok(Added {
+                new: false,
+                join: *existing,
+                cores: entry.cores(),
+            });
+        }
+        if entry.rooms.len() >= self.max_rooms_per_user {
+            return Err(DirectoryError::TooManyRooms {
+                max: self.max_rooms_per_user,
+            });
+        }
+        entry.rooms.insert(room.clone(), join);
+        Ok(Added {
+            new: true,
+            join,
+            cores: entry.cores(),
+        })
+    }
+
+    /// Removes `user` from `room`, optionally blocking it. Returns whether the user was a
+    /// member and the workers holding the user's connections.
+    pub fn remove(&self, user: &Text, room: &RoomName, block: bool) -> (bool, Vec<CoreId>) {
+        let mut shard = self.shard(user).write();
+        let Some(entry) = shard.get_mut(user) else {
+            if block {
+                let mut entry = UserEntry::default();
+                entry.blocked.insert(room.clone());
+                shard.insert(user.clone(), entry);
+            }
+            return (false, Vec::new());
+        };
+        let was = entry.rooms.remove(room).is_some();
+        if block {
+            entry.blocked.insert(room.clone());
+        }
+        let cores = entry.cores();
+        if entry.is_unused() {
+            shard.remove(user);
+        }
+        (was, cores)
+    }
+
+    /// Whether `user` belongs to `room`.
+    pub fn is_member(&self, user: &Text, room: &RoomName) -> bool {
+        self.shard(user)
+            .read()
+            .get(user)
+            .is_some_and(|e| e.rooms.contains_key(room))
+    }
+
+    /// Workers holding `user`'s live connections.
+    pub fn cores_of(&self, user: &Text) -> Vec<CoreId> {
+        self.shard(user)
+            .read()
+            .get(user)
+            .map(UserEntry::cores)
+            .unwrap_or_default()
+    }
+
+    /// The rooms and channels `user` belongs to.
+    pub fn rooms_of(&self, user: &Text) -> Vec<RoomName> {
+        self.shard(user)
+            .read()
+            .get(user)
+            .map(|e| e.rooms.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room(name: &str) -> RoomName {
+        RoomName::new(false, Text::from(name))
+    }
+
+    const J: JoinPoint = JoinPoint { epoch: 1, seq: 0 };
+
+    #[test]
+    fn connect_sees_rooms_and_joins_see_connections() {
+        let d = Directory::new(4, 10);
+        let ann = Text::from("ann");
+        assert!(d.add(&ann, &room("a"), J, false).unwrap().cores.is_empty());
+        let rooms = d.connect(&ann, 3);
+        assert_eq!(rooms, vec![(room("a"), J)]);
+        let added = d.add(&ann, &room("b"), J, false).unwrap();
+        assert_eq!((added.new, added.cores), (true, vec![3]));
+        d.disconnect(&ann, 3);
+        assert!(d.cores_of(&ann).is_empty());
+        assert!(d.is_member(&ann, &room("b")));
+    }
+
+    #[test]
+    fn blocking_sticks_until_unblocked() {
+        let d = Directory::new(1, 10);
+        let ann = Text::from("ann");
+        let ch = RoomName::new(true, Text::from("news"));
+        d.add(&ann, &ch, J, false).unwrap();
+        assert_eq!(d.remove(&ann, &ch, true).0, true);
+        assert!(matches!(d.add(&ann, &ch, J, false), Err(DirectoryError::Blocked(_))));
+        assert!(d.add(&ann, &ch, J, true).unwrap().new);
+    }
+
+    #[test]
+    fn rooms_per_user_are_capped() {
+        let d = Directory::new(1, 2);
+        let ann = Text::from("ann");
+        d.add(&ann, &room("a"), J, false).unwrap();
+        d.add(&ann, &room("b"), J, false).unwrap();
+        assert_eq!(
+            d.add(&ann, &room("c"), J, false),
+            Err(DirectoryError::TooManyRooms { max: 2 })
+        );
+        // Re-adding an existing room is fine at the cap.
+        assert!(!d.add(&ann, &room("a"), J, false).unwrap().new);
+    }
+
+    #[test]
+    fn unused_entries_are_dropped() {
+        let d = Directory::new(1, 2);
+        let ann = Text::from("ann");
+        d.connect(&ann, 0);
+        d.disconnect(&ann, 0);
+        assert!(d.shards[0].read().is_empty());
+    }
+}

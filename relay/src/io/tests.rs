@@ -1,0 +1,672 @@
+//! Loopback tests of the backend contract, each written once and run against every backend:
+//! io_uring (multishot, with a deliberately small buffer ring so that ENOBUFS re-arming is
+//! exercised), io_uring forced onto its single-shot paths, and epoll (with a small per-tick
+//! budget). The io_uring variants print a skip line and pass where io_uring is unavailable.
+//!
+//! The backend runs on the test thread (the io_uring one is single-issuer); clients are std
+//! blocking sockets on their own threads. Every wait is bounded, so a hang fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // reason: tests
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use socket2::{Domain, SockRef, Socket, Type};
+
+use super::epoll::EpollBackend;
+use super::probe::{self, BackendOptions, ResolvedKind, Unavailable};
+use super::uring::UringBackend;
+use super::{Backend, BackendKind, CloseReason, EventSink, Token};
+
+/// Longest any single wait in these tests may take before the test fails.
+const LIMIT: Duration = Duration::from_secs(10);
+const TICK: Duration = Duration::from_millis(5);
+
+// ---- backends under test ----
+
+fn uring_opts(multishot: bool) -> BackendOptions {
+    BackendOptions {
+        ring_entries: 256,
+        cq_entries: 1024,
+        buf_ring_count: 64,
+        buf_size: 4096,
+        uring_multishot: multishot,
+        ..BackendOptions::default()
+    }
+}
+
+fn make_uring(multishot: bool) -> Option<Box<dyn Backend>> {
+    let opts = uring_opts(multishot);
+    if let Err(e) = probe::probe_uring(&opts) {
+        eprintln!("skipping the io_uring variant: {e}");
+        return None;
+    }
+    Some(Box::new(UringBackend::new(&opts).expect("io_uring backend")))
+}
+
+fn make_epoll() -> Option<Box<dyn Backend>> {
+    let opts = BackendOptions { io_budget: 256 * 1024, ..BackendOptions::default() };
+    Some(Box::new(EpollBackend::new(&opts).expect("epoll backend")))
+}
+
+macro_rules! for_each_backend {
+    ($($test:ident),* $(,)?) => {
+        mod uring {
+            $( #[test] fn $test() { if let Some(b) = super::make_uring(true) { super::$test(b) } } )*
+        }
+        mod uring_single_shot {
+            $( #[test] fn $test() { if let Some(b) = super::make_uring(false) { super::$test(b) } } )*
+        }
+        mod epoll {
+            $( #[test] fn $test() { if let Some(b) = super::make_epoll() { super::$test(b) } } )*
+        }
+    };
+}
+
+for_each_backend!(
+    echo_1mib_random_chunks,
+    many_connections,
+    large_batch_partial_writes,
+    pause_stops_received_until_resumed,
+    shutdown_write_delivers_then_eof,
+    peer_close_reported_once,
+    close_from_worker_silences_token,
+    wakeup_interrupts_indefinite_poll,
+    wakes_coalesce,
+    close_listeners_refuses_new_connections,
+    refused_connection_is_closed,
+);
+
+// ---- harness ----
+
+/// Records every event and checks the contract's "never after closed" rule.
+#[derive(Default)]
+struct Rec {
+    next: Token,
+    accepted: Vec<Token>,
+    rx: HashMap<Token, Vec<u8>>,
+    rx_calls: HashMap<Token, usize>,
+    sent: Vec<(Token, usize)>,
+    closed: Vec<(Token, Result<(), String>)>,
+    woken: usize,
+    /// Reported closed, or closed by the worker: no event may name these again.
+    dead: HashSet<Token>,
+    violations: Vec<String>,
+    /// Answer `accepted` with `None`.
+    refuse: bool,
+    /// SO_SNDBUF for accepted sockets.
+    sndbuf: Option<usize>,
+    /// Echo mode: what of `rx` has been sent back, and which tokens have a batch in flight.
+    echo: bool,
+    echoed: HashMap<Token, usize>,
+    in_flight: HashSet<Token>,
+}
+
+impl Rec {
+    fn check_live(&mut self, token: Token, what: &str) {
+        if self.dead.contains(&token) {
+            self.violations.push(format!("{what} for token {token} after it was closed"));
+        }
+    }
+}
+
+impl EventSink for Rec {
+    fn accepted(&mut self, stream: &TcpStream, _peer: SocketAddr) -> Option<Token> {
+        if self.refuse {
+            return None;
+        }
+        if let Some(size) = self.sndbuf {
+            SockRef::from(stream).set_send_buffer_size(size).unwrap();
+        }
+        self.next += 1;
+        let token = 1000 + self.next;
+        self.accepted.push(token);
+        Some(token)
+    }
+
+    fn received(&mut self, token: Token, data: &[u8]) {
+        self.check_live(token, "received");
+        assert!(!data.is_empty(), "received an empty slice");
+        self.rx.entry(token).or_default().extend_from_slice(data);
+        *self.rx_calls.entry(token).or_default() += 1;
+    }
+
+    fn sent(&mut self, token: Token, bytes: usize) {
+        self.check_live(token, "sent");
+        self.in_flight.remove(&token);
+        self.sent.push((token, bytes));
+    }
+
+    fn closed(&mut self, token: Token, reason: CloseReason) {
+        self.check_live(token, "closed");
+        self.dead.insert(token);
+        let reason = match reason {
+            CloseReason::PeerClosed => Ok(()),
+            CloseReason::Error(e) => Err(e.to_string()),
+        };
+        self.closed.push((token, reason));
+    }
+
+    fn woken(&mut self) {
+        self.woken += 1;
+    }
+}
+
+struct Server {
+    b: Box<dyn Backend>,
+    s: Rec,
+    addr: SocketAddr,
+}
+
+fn bound_listener() -> (TcpListener, SocketAddr) {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_reuse_port(true).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    socket.listen(1024).unwrap();
+    let listener: TcpListener = socket.into();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
+impl Server {
+    fn new(mut b: Box<dyn Backend>) -> Self {
+        let (listener, addr) = bound_listener();
+        b.add_listener(listener).unwrap();
+        Self { b, s: Rec::default(), addr }
+    }
+
+    fn tick(&mut self) {
+        self.b.poll(Some(TICK), &mut self.s).unwrap();
+        if self.s.echo {
+            self.pump_echo();
+        }
+    }
+
+    /// Sends back what arrived, in up to three `Bytes` per batch, one batch at a time.
+    fn pump_echo(&mut self) {
+        let tokens: Vec<Token> = self.s.rx.keys().copied().collect();
+        for token in tokens {
+            if self.s.in_flight.contains(&token) || self.s.dead.contains(&token) {
+                continue;
+            }
+            let rx = &self.s.rx[&token];
+            let done = self.s.echoed.get(&token).copied().unwrap_or(0);
+            if done == rx.len() {
+                continue;
+            }
+            let all = Bytes::copy_from_slice(&rx[done..]);
+            let third = all.len() / 3;
+            let mut batch: VecDeque<Bytes> =
+                [all.slice(..third), all.slice(third..2 * third), all.slice(2 * third..)].into();
+            self.s.echoed.insert(token, rx.len());
+            self.s.in_flight.insert(token);
+            self.b.send(token, &mut batch);
+            assert!(batch.is_empty(), "send must drain the batch");
+        }
+    }
+
+    /// Ticks until `done` holds; fails the test after [`LIMIT`].
+    fn until(&mut self, what: &str, mut done: impl FnMut(&mut Self) -> bool) {
+        let deadline = Instant::now() + LIMIT;
+        while !done(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; {} accepted, {} closed, {} sent, rx sizes {:?}, backend {:?}",
+                self.s.accepted.len(),
+                self.s.closed.len(),
+                self.s.sent.len(),
+                self.s.rx.iter().map(|(t, v)| (*t, v.len())).collect::<Vec<_>>(),
+                self.b.name(),
+            );
+            self.tick();
+        }
+    }
+
+    /// Ticks for `d` whatever happens.
+    fn run_for(&mut self, d: Duration) {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            self.tick();
+        }
+    }
+
+    fn close(&mut self, token: Token) {
+        self.b.close(token);
+        self.s.dead.insert(token);
+    }
+
+    fn assert_clean(&self) {
+        assert!(self.s.violations.is_empty(), "contract violations: {:?}", self.s.violations);
+    }
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s.set_write_timeout(Some(LIMIT)).unwrap();
+    s
+}
+
+/// xorshift64*: deterministic sizes and contents without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next() % (hi - lo) as u64) as usize
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = Rng(seed | 1);
+    (0..len).map(|_| rng.next() as u8).collect()
+}
+
+fn join<T>(handle: thread::JoinHandle<T>) -> T {
+    match handle.join() {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e),
+    }
+}
+
+// ---- the tests, generic over the backend ----
+
+fn echo_1mib_random_chunks(b: Box<dyn Backend>) {
+    let mut srv = Server::new(b);
+    srv.s.echo = true;
+    let addr = srv.addr;
+    let data = pattern(1, 1 << 20);
+    let expect = data.clone();
+    let client = thread::spawn(move || {
+        let mut s = connect(addr);
+        let mut w = s.try_clone().unwrap();
+        let writer = thread::spawn(move || {
+            let mut rng = Rng(7);
+            let mut off = 0;
+            while off < data.len() {
+                let n = rng.range(1, 64 * 1024).min(data.len() - off);
+                w.write_all(&data[off..off + n]).unwrap();
+                off += n;
+            }
+        });
+        let mut got = vec![0u8; expect.len()];
+        let mut rng = Rng(11);
+        let mut off = 0;
+        while off < got.len() {
+            let n = rng.range(1, 48 * 1024).min(got.len() - off);
+            s.read_exact(&mut got[off..off + n]).unwrap();
+            off += n;
+        }
+        join(writer);
+        assert!(got == expect, "echoed bytes differ");
+    });
+    srv.until("the echo client", |_| client.is_finished());
+    join(client);
+    srv.until("the peer's close", |s| s.s.closed.len() == 1);
+    assert!(srv.s.closed[0].1.is_ok(), "{:?}", srv.s.closed);
+    srv.assert_clean();
+}
+
+fn many_connections(b: Box<dyn Backend>) {
+    const N: usize = 200;
+    let mut srv = Server::new(b);
+    srv.s.echo = true;
+    let addr = srv.addr;
+    let client = thread::spawn(move || {
+        let mut conns = Vec::with_capacity(N);
+        for i in 0..N {
+            let mut s = connect(addr);
+            s.write_all(&pattern(i as u64 + 100, 1000)).unwrap();
+            conns.push(s);
+        }
+        for (i, s) in conns.iter_mut().enumerate() {
+            let mut got = vec![0u8; 1000];
+            s.read_exact(&mut got).unwrap();
+            assert!(got == pattern(i as u64 + 100, 1000), "connection {i} echoed wrong bytes");
+        }
+    });
+    srv.until("200 echo clients", |_| client.is_finished());
+    join(client);
+    srv.until("200 closes", |s| s.s.closed.len() == N);
+    assert_eq!(srv.s.accepted.len(), N);
+    let closed: HashSet<Token> = srv.s.closed.iter().map(|c| c.0).collect();
+    assert_eq!(closed.len(), N, "each connection closed exactly once");
+    srv.assert_clean();
+}
+
+fn large_batch_partial_writes(b: Box<dyn Backend>) {
+    let mut srv = Server::new(b);
+    srv.s.sndbuf = Some(64 * 1024);
+    let addr = srv.addr;
+    // ~6 MB in 3000 buffers: far more than one vectored write takes (64 / 1024 iovecs).
+    let mut rng = Rng(3);
+    let sizes: Vec<usize> = (0..3000).map(|_| rng.range(1, 4000)).collect();
+    let total: usize = sizes.iter().sum();
+    let whole = Bytes::from(pattern(5, total));
+    let expect = whole.clone();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let seen = progress.clone();
+    let client = thread::spawn(move || {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(64 * 1024).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        let mut s: TcpStream = socket.into();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        let mut got = vec![0u8; total];
+        let mut off = 0;
+        while off < total {
+            let n = s.read(&mut got[off..(off + 16 * 1024).min(total)]).unwrap();
+            assert!(n > 0, "early EOF at {off} of {total}");
+            off += n;
+            seen.store(off, Ordering::Release);
+            if off < 2 << 20 {
+                thread::sleep(Duration::from_micros(500)); // a slow reader at first
+            }
+        }
+        assert!(got[..] == expect[..], "batch bytes differ");
+    });
+    srv.until("the accept", |s| s.s.accepted.len() == 1);
+    let token = srv.s.accepted[0];
+    let mut batch = VecDeque::new();
+    let mut off = 0;
+    for n in sizes {
+        batch.push_back(whole.slice(off..off + n));
+        off += n;
+    }
+    srv.b.send(token, &mut batch);
+    assert!(batch.is_empty());
+    srv.until("sent", |s| !s.s.sent.is_empty());
+    let read_at_sent = progress.load(Ordering::Acquire);
+    assert!(
+        read_at_sent + (1 << 20) >= total,
+        "sent reported with only {read_at_sent} of {total} bytes read by the peer"
+    );
+    srv.until("the slow reader", |_| client.is_finished());
+    join(client);
+    assert_eq!(srv.s.sent, vec![(token, total)]);
+    srv.assert_clean();
+}
+
+fn pause_stops_received_until_resumed(b: Box<dyn Backend>) {
+    const LEN: usize = 2 << 20;
+    let mut srv = Server::new(b);
+    let addr = srv.addr;
+    let data = pattern(9, LEN);
+    let expect = data.clone();
+    let client = thread::spawn(move || {
+        let mut s = connect(addr);
+        for chunk in data.chunks(8192) {
+            s.write_all(chunk).unwrap();
+        }
+        // Then close: the EOF, too, must wait for the resume and come after the data.
+    });
+    srv.until("the first 64 KiB", |s| s.s.rx.values().next().is_some_and(|v| v.len() >= 64 * 1024));
+    let token = srv.s.accepted[0];
+    srv.b.set_reading(token, false);
+    let (len_at_pause, calls_at_pause) = (srv.s.rx[&token].len(), srv.s.rx_calls[&token]);
+    srv.run_for(Duration::from_millis(300));
+    assert_eq!(srv.s.rx_calls[&token], calls_at_pause, "received while paused");
+    assert_eq!(srv.s.rx[&token].len(), len_at_pause);
+    assert!(srv.s.closed.is_empty(), "closed while paused: {:?}", srv.s.closed);
+    srv.b.set_reading(token, true);
+    srv.until("the rest and the EOF", |s| !s.s.closed.is_empty());
+    assert!(srv.s.rx[&token] == expect, "bytes lost or reordered across the pause");
+    assert_eq!(srv.s.closed.len(), 1);
+    assert!(srv.s.closed[0].1.is_ok(), "{:?}", srv.s.closed);
+    join(client);
+    srv.assert_clean();
+}
+
+fn shutdown_write_delivers_then_eof(b: Box<dyn Backend>) {
+    const LEN: usize = 1 << 20;
+    let mut srv = Server::new(b);
+    let addr = srv.addr;
+    let whole = Bytes::from(pattern(13, LEN));
+    let expect = whole.clone();
+    let client = thread::spawn(move || {
+        let mut s = connect(addr);
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap(); // ends at the relay's FIN
+        assert!(got[..] == expect[..], "got {} of {LEN} bytes before EOF", got.len());
+        // Half-closed, not closed: the relay still reads.
+        s.write_all(b"bye").unwrap();
+    });
+    srv.until("the accept", |s| s.s.accepted.len() == 1);
+    let token = srv.s.accepted[0];
+    let mut batch: VecDeque<Bytes> = (0..100).map(|i| whole.slice(i * LEN / 100..(i + 1) * LEN / 100)).collect();
+    srv.b.send(token, &mut batch);
+    srv.b.shutdown_write(token); // with the batch still in flight
+    srv.until("the peer's close", |s| !s.s.closed.is_empty());
+    join(client);
+    assert_eq!(srv.s.sent, vec![(token, LEN)]);
+    assert_eq!(srv.s.rx.get(&token).map(Vec::as_slice), Some(&b"bye"[..]));
+    assert_eq!(srv.s.closed.len(), 1);
+    assert!(srv.s.closed[0].1.is_ok(), "{:?}", srv.s.closed);
+    srv.run_for(Duration::from_millis(50));
+    srv.assert_clean();
+}
+
+fn peer_close_reported_once(b: Box<dyn Backend>) {
+    let mut srv = Server::new(b);
+    let addr = srv.addr;
+    let client = thread::spawn(move || {
+        for i in 0..20 {
+            let mut s = connect(addr);
+            s.write_all(b"hello").unwrap();
+            if i % 2 == 1 {
+                // Abortive close: RST instead of FIN.
+                SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+            } else {
+                s.shutdown(Shutdown::Write).unwrap();
+            }
+        }
+    });
+    srv.until("20 closes", |s| s.s.closed.len() == 20);
+    join(client);
+    srv.run_for(Duration::from_millis(100));
+    assert_eq!(srv.s.closed.len(), 20);
+    let closed: HashSet<Token> = srv.s.closed.iter().map(|c| c.0).collect();
+    assert_eq!(closed, srv.s.accepted.iter().copied().collect());
+    for (token, reason) in &srv.s.closed {
+        if reason.is_ok() {
+            assert_eq!(srv.s.rx.get(token).map(Vec::as_slice), Some(&b"hello"[..]));
+        }
+    }
+    srv.assert_clean();
+}
+
+fn close_from_worker_silences_token(b: Box<dyn Backend>) {
+    let mut srv = Server::new(b);
+    let addr = srv.addr;
+    // A: streams at us until its writes fail (we close with its data unread: a reset).
+    let writer = thread::spawn(move || {
+        let mut s = connect(addr);
+        let chunk = vec![7u8; 16 * 1024];
+        let end = Instant::now() + LIMIT;
+        while Instant::now() < end {
+            if s.write_all(&chunk).is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    srv.until("A's accept and data", |s| !s.s.rx.is_empty());
+    let a = srv.s.accepted[0];
+    srv.close(a);
+    // B: we queue a large batch it does not read, then close with the send in flight.
+    let go = Arc::new(AtomicBool::new(false));
+    let go2 = go.clone();
+    let reader = thread::spawn(move || {
+        let mut s = connect(addr);
+        while !go2.load(Ordering::Acquire) {
+            thread::sleep(Duration::from_millis(1));
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(()),
+                Err(e) => return Err(e.kind()), // a timeout: our fd was never closed
+            }
+        }
+    });
+    srv.until("B's accept", |s| s.s.accepted.len() == 2);
+    let b_token = srv.s.accepted[1];
+    let big = Bytes::from(vec![1u8; 8 << 20]);
+    let mut batch: VecDeque<Bytes> = (0..8).map(|i| big.slice(i << 20..(i + 1) << 20)).collect();
+    srv.b.send(b_token, &mut batch);
+    srv.run_for(Duration::from_millis(50));
+    srv.close(b_token);
+    go.store(true, Ordering::Release);
+    srv.run_for(Duration::from_millis(300));
+    srv.until("both clients to finish", |_| writer.is_finished() && reader.is_finished());
+    assert!(join(writer), "A's writes never failed: its connection was not closed");
+    assert_eq!(join(reader), Ok(()), "B never saw the close");
+    assert!(srv.s.closed.is_empty(), "closed reported after close(): {:?}", srv.s.closed);
+    assert!(srv.s.sent.is_empty(), "sent reported after close()");
+    srv.assert_clean();
+}
+
+fn wakeup_interrupts_indefinite_poll(b: Box<dyn Backend>) {
+    let mut srv = Server::new(b);
+    let addr = srv.addr;
+    let wakeup = srv.b.wakeup();
+    // If a wake is lost, poll(None) would block forever: a watchdog connects after LIMIT,
+    // which ends the poll and fails the test instead.
+    let done = Arc::new(AtomicBool::new(false));
+    let fired = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (done, fired) = (done.clone(), fired.clone());
+        thread::spawn(move || {
+            let end = Instant::now() + LIMIT;
+            while Instant::now() < end {
+                if done.load(Ordering::Acquire) {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            fired.store(true, Ordering::Release);
+            let _ = TcpStream::connect(addr);
+        })
+    };
+    // A wake before the poll is not lost.
+    wakeup.wake();
+    srv.b.poll(None, &mut srv.s).unwrap();
+    assert_eq!(srv.s.woken, 1);
+    for round in 0..20 {
+        let before = srv.s.woken;
+        let w = wakeup.clone();
+        let waker = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(2));
+            for _ in 0..3 {
+                w.wake();
+            }
+        });
+        while srv.s.woken == before {
+            srv.b.poll(None, &mut srv.s).unwrap();
+            assert!(!fired.load(Ordering::Acquire), "round {round}: the wake never arrived");
+        }
+        join(waker);
+    }
+    done.store(true, Ordering::Release);
+    join(watchdog);
+    srv.assert_clean();
+}
+
+fn wakes_coalesce(b: Box<dyn Backend>) {
+    let mut srv = Server::new(b);
+    let wakeup = srv.b.wakeup();
+    join(thread::spawn(move || {
+        for _ in 0..1000 {
+            wakeup.wake();
+        }
+    }));
+    srv.b.poll(Some(Duration::from_millis(500)), &mut srv.s).unwrap();
+    srv.b.poll(Some(Duration::from_millis(20)), &mut srv.s).unwrap();
+    assert_eq!(srv.s.woken, 1, "1000 wakes before a poll are one wake");
+}
+
+fn close_listeners_refuses_new_connections(b: Box<dyn Backend>) {
+    let mut srv = Server::new(b);
+    let addr = srv.addr;
+    drop(connect(addr));
+    srv.until("the first accept", |s| s.s.accepted.len() == 1);
+    srv.b.close_listeners();
+    srv.until("connection refused", |s| {
+        s.tick();
+        matches!(TcpStream::connect(s.addr), Err(e) if e.kind() == io::ErrorKind::ConnectionRefused)
+    });
+    srv.assert_clean();
+}
+
+fn refused_connection_is_closed(b: Box<dyn Backend>) {
+    let mut srv = Server::new(b);
+    srv.s.refuse = true;
+    let addr = srv.addr;
+    let client = thread::spawn(move || {
+        let mut s = connect(addr);
+        let mut buf = [0u8; 16];
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            other => panic!("expected EOF or reset from a refused connection, got {other:?}"),
+        }
+    });
+    srv.until("the refused client", |_| client.is_finished());
+    join(client);
+    assert!(srv.s.accepted.is_empty() && srv.s.closed.is_empty());
+}
+
+// ---- probe ----
+
+#[test]
+fn probe_classifies_setup_errors() {
+    let err = |n| io::Error::from_raw_os_error(n);
+    assert!(matches!(probe::classify(err(libc::EPERM), Some(0)), Unavailable::Denied));
+    assert!(matches!(probe::classify(err(libc::EPERM), None), Unavailable::Denied));
+    assert!(matches!(probe::classify(err(libc::EPERM), Some(1)), Unavailable::Sysctl { value: 1 }));
+    assert!(matches!(probe::classify(err(libc::EPERM), Some(2)), Unavailable::Sysctl { value: 2 }));
+    assert!(matches!(probe::classify(err(libc::ENOSYS), Some(0)), Unavailable::NotImplemented));
+    assert!(matches!(probe::classify(err(libc::ENOMEM), Some(0)), Unavailable::MemoryLimit));
+    assert!(matches!(probe::classify(err(libc::EINVAL), Some(0)), Unavailable::Other(_)));
+    let msg = Unavailable::Sysctl { value: 1 }.to_string();
+    assert!(msg.contains("io_uring_disabled = 1") && msg.contains("io_uring_group"), "{msg}");
+}
+
+#[test]
+fn choose_and_build() {
+    let opts = BackendOptions::default();
+    assert_eq!(probe::choose(BackendKind::Epoll, &opts).unwrap(), ResolvedKind::Epoll);
+    let auto = probe::choose(BackendKind::Auto, &opts).unwrap();
+    match probe::choose(BackendKind::IoUring, &opts) {
+        Ok(kind) => assert_eq!((kind, auto), (ResolvedKind::IoUring, ResolvedKind::IoUring)),
+        Err(e) => {
+            eprintln!("io_uring unavailable here: {e}");
+            assert_eq!(auto, ResolvedKind::Epoll);
+        }
+    }
+    let backend = probe::new_backend(auto, &opts).unwrap();
+    assert_eq!(backend.name(), auto.name());
+}
+
+#[test]
+fn options_validation_names_the_field() {
+    let bad = BackendOptions { buf_ring_count: 1000, ..BackendOptions::default() };
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(err.contains("buf_ring_count"), "{err}");
+    let bad = BackendOptions { cq_entries: 1024, ..BackendOptions::default() };
+    assert!(bad.validate().unwrap_err().to_string().contains("cq_entries"));
+    BackendOptions::default().validate().unwrap();
+}

@@ -1,0 +1,295 @@
+//! Message passing between workers: the only way one core affects another.
+//!
+//! Each worker has one inbound crossbeam channel carrying batches (`Vec<CoreMsg>`): a worker
+//! collects what it has for each peer during a loop tick and sends one batch per peer per
+//! tick, then wakes the peer (the wakeup costs a syscall only when the peer has no wake
+//! pending). Messages from one worker to another arrive in the order sent, and the routing
+//! protocol relies on that: a room's owner sends a connection's PUBACK before the delivery
+//! of the same message, and a subscription reply before the deliveries that follow it.
+//!
+//! Owns: the message vocabulary and its transport. Must not touch: room or connection state.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+use pabal_codec::{ErrorCode, LeftReason, Text};
+
+use crate::ids::{CoreId, Origin, RoomName, StoredRef};
+use crate::io::Wakeup;
+
+/// Where a connection wants a room's stream to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFrom {
+    /// From now on (a new subscription).
+    Live,
+    /// After `last_seq` of `epoch` (the client's resume entry).
+    Resume {
+        /// The epoch the client's sequence belongs to.
+        epoch: u64,
+        /// The last sequence the client holds.
+        last_seq: u64,
+    },
+    /// After the user's join point.
+    Join {
+        /// The room's epoch at the join.
+        epoch: u64,
+        /// The room's head at the join.
+        seq: u64,
+    },
+}
+
+/// A slice of a room's history sent to one connection.
+#[derive(Debug, Default)]
+pub struct Page {
+    /// Sequences no longer kept: `from..=to`.
+    pub gap: Option<(u64, u64)>,
+    /// Messages, in order.
+    pub msgs: Vec<StoredRef>,
+    /// The page reaches the room's head as of when it was cut.
+    pub complete: bool,
+}
+
+/// One message between workers.
+#[derive(Debug)]
+pub enum CoreMsg {
+    // ---- to a room's owner -----------------------------------------------------------
+    /// A connection publishes a message.
+    Publish {
+        /// The room.
+        room: RoomName,
+        /// The publishing connection and its alias for the room.
+        origin: Origin,
+        /// Its alias for the room.
+        alias: u32,
+        /// The publishing user.
+        sender: Text,
+        /// The client's message id.
+        msg_id: u64,
+        /// The body.
+        payload: Bytes,
+    },
+    /// A connection publishes an ephemeral event.
+    Ephemeral {
+        /// The room.
+        room: RoomName,
+        /// The publishing connection.
+        origin: Origin,
+        /// The publishing user.
+        sender: Text,
+        /// The body.
+        payload: Bytes,
+    },
+    /// A connection binds the room; the owner checks membership, registers the worker's
+    /// interest and answers [`CoreMsg::Subscribed`] or [`CoreMsg::NotMember`].
+    Subscribe {
+        /// The room.
+        room: RoomName,
+        /// The connection.
+        origin: Origin,
+        /// Its alias for the room.
+        alias: u32,
+        /// The connection's user.
+        user: Text,
+        /// Where the stream starts.
+        from: StartFrom,
+    },
+    /// A catching-up connection asks for the next page after `after`.
+    Fetch {
+        /// The room.
+        room: RoomName,
+        /// The connection.
+        origin: Origin,
+        /// Its alias.
+        alias: u32,
+        /// The last sequence it has.
+        after: u64,
+    },
+    /// A subscription of a connection on `core` ended.
+    Unsubscribed {
+        /// The room.
+        room: RoomName,
+        /// The worker.
+        core: CoreId,
+    },
+    /// Add a member (a room) or subscriber (a channel).
+    Join {
+        /// The room.
+        room: RoomName,
+        /// The user.
+        user: Text,
+        /// Clear a block (app server's explicit subscribe); clients cannot.
+        unblock: bool,
+        /// Who to tell if it is refused.
+        requester: Option<Origin>,
+    },
+    /// Remove a member or subscriber.
+    Leave {
+        /// The room.
+        room: RoomName,
+        /// The user.
+        user: Text,
+        /// Also block the channel.
+        block: bool,
+        /// Reported to the user's connections.
+        reason: LeftReason,
+    },
+
+    // ---- from a room's owner to workers ------------------------------------------------
+    /// A publish was accepted.
+    Accepted {
+        /// The publishing connection.
+        origin: Origin,
+        /// Its alias for the room.
+        alias: u32,
+        /// The client's message id.
+        msg_id: u64,
+        /// The sequence given.
+        seq: u64,
+    },
+    /// A request of a connection was refused.
+    Refused {
+        /// The connection.
+        origin: Origin,
+        /// Why.
+        code: ErrorCode,
+        /// The message id or alias concerned.
+        reference: u64,
+        /// Detail for the client.
+        message: String,
+    },
+    /// A subscription is registered: the stream continues after `start`.
+    Subscribed {
+        /// The room.
+        room: RoomName,
+        /// The connection.
+        origin: Origin,
+        /// Its alias.
+        alias: u32,
+        /// The room's epoch.
+        epoch: u64,
+        /// The room's head when registered.
+        head: u64,
+        /// The cursor the connection's stream continues after.
+        start: u64,
+        /// The first page of catch-up, if any is needed.
+        page: Page,
+    },
+    /// The next page for a catching-up connection.
+    Paged {
+        /// The room.
+        room: RoomName,
+        /// The connection.
+        origin: Origin,
+        /// Its alias.
+        alias: u32,
+        /// The room's head when the page was cut.
+        head: u64,
+        /// The page.
+        page: Page,
+    },
+    /// The connection's user is not a member; the alias must be unbound.
+    NotMember {
+        /// The room.
+        room: RoomName,
+        /// The connection.
+        origin: Origin,
+        /// Its alias.
+        alias: u32,
+    },
+    /// A new message of the room, for the worker's subscribed connections.
+    Deliver {
+        /// The room.
+        room: RoomName,
+        /// The message.
+        msg: StoredRef,
+    },
+    /// An ephemeral event of the room.
+    DeliverEphemeral {
+        /// The room.
+        room: RoomName,
+        /// The publishing connection (not echoed).
+        origin: Option<Origin>,
+        /// The sender.
+        sender: Text,
+        /// The owner's clock.
+        ts_ms: u64,
+        /// The body.
+        payload: Bytes,
+    },
+    /// A user joined: bind the room on their connections here.
+    MemberJoined {
+        /// The room.
+        room: RoomName,
+        /// The user.
+        user: Text,
+        /// The room's epoch at the join.
+        epoch: u64,
+        /// The room's head at the join.
+        seq: u64,
+    },
+    /// A user left: unbind the room on their connections here.
+    MemberLeft {
+        /// The room.
+        room: RoomName,
+        /// The user.
+        user: Text,
+        /// Why.
+        reason: LeftReason,
+    },
+
+    // ---- lifecycle ---------------------------------------------------------------------
+    /// Begin a graceful shutdown: stop accepting and reading, then fence.
+    Drain,
+    /// Shutdown fence: every message the sender sent before this has been delivered.
+    Fence {
+        /// Round 1: no more publishes will be sent; round 2: no more deliveries.
+        round: u8,
+    },
+    /// Stop now: close every connection and leave the loop.
+    Stop,
+}
+
+/// Senders to every worker plus their wakeups. Cloned into each worker.
+#[derive(Debug, Clone)]
+pub struct Mesh {
+    senders: Arc<[Sender<Vec<CoreMsg>>]>,
+    wakeups: Arc<[Wakeup]>,
+}
+
+impl Mesh {
+    /// Channels for `cores` workers: the mesh-to-be's senders and each worker's receiver.
+    pub fn channels(cores: usize) -> (Vec<Sender<Vec<CoreMsg>>>, Vec<Receiver<Vec<CoreMsg>>>) {
+        (0..cores).map(|_| crossbeam_channel::unbounded()).unzip()
+    }
+
+    /// Assembles the mesh once every worker has reported its wakeup.
+    pub fn new(senders: Vec<Sender<Vec<CoreMsg>>>, wakeups: Vec<Wakeup>) -> Self {
+        Mesh {
+            senders: senders.into(),
+            wakeups: wakeups.into(),
+        }
+    }
+
+    /// Workers in the mesh.
+    pub fn cores(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// Sends a batch to a worker and wakes it. A worker that has exited drops the batch.
+    pub fn send(&self, to: CoreId, batch: Vec<CoreMsg>) {
+        if batch.is_empty() {
+            return;
+        }
+        if self.senders[to].send(batch).is_ok() {
+            self.wakeups[to].wake();
+        }
+    }
+
+    /// Sends one message to every worker.
+    pub fn broadcast(&self, make: impl Fn() -> CoreMsg) {
+        for core in 0..self.cores() {
+            self.send(core, vec![make()]);
+        }
+    }
+}

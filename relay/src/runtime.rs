@@ -1,0 +1,322 @@
+//! Starting and stopping the relay: listeners, one worker thread per core, the mesh between
+//! them, and graceful shutdown.
+//!
+//! Connections are spread across workers by `SO_REUSEPORT`: each worker has its own listening
+//! socket on the same address and the kernel hashes each new connection to one of them. We
+//! chose this over an acceptor thread that hands connections to the least-loaded worker
+//! (Seastar's way) because a relay's connections are long-lived and numerous (hundreds of
+//! thousands of phones), so hashing balances them statistically, while a single acceptor
+//! would be the one serial point in a reconnect storm and would add a cross-core handoff to
+//! every connection. The cost: `SO_REUSEPORT` never rebalances an existing imbalance, which
+//! mobile churn (connections live minutes, not days) undoes by itself.
+//!
+//! Owns: threads and their lifecycle. Must not touch: protocol or routing (that is
+//! [`crate::core`]), syscalls on connections (that is [`crate::io`]).
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail};
+use crossbeam_channel::{Receiver, Sender};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::Config;
+use crate::core::Core;
+use crate::directory::Directory;
+use crate::io::probe::{self, BackendOptions, ResolvedKind};
+use crate::io::{Backend, Wakeup};
+use crate::mesh::{CoreMsg, Mesh};
+use crate::stats::{CoreStats, StatsSnapshot};
+
+/// A running relay.
+#[derive(Debug)]
+pub struct RelayHandle {
+    addr: SocketAddr,
+    backend: ResolvedKind,
+    mesh: Mesh,
+    workers: Vec<JoinHandle<anyhow::Result<()>>>,
+    exited: Receiver<usize>,
+    stats: Vec<Arc<CoreStats>>,
+    directory: Arc<Directory>,
+    epoch: u64,
+}
+
+fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.set_cloexec(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// One listening socket per worker on the same address. Port 0 picks a free port once,
+/// then binds every worker's socket to it.
+fn bind_listeners(addr: SocketAddr, workers: usize) -> anyhow::Result<(SocketAddr, Vec<TcpListener>)> {
+    let first = bind_listener(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    let bound = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..workers {
+        listeners.push(
+            bind_listener(bound).with_context(|| format!("cannot listen on {bound} (SO_REUSEPORT)"))?,
+        );
+    }
+    Ok((bound, listeners))
+}
+
+impl RelayHandle {
+    /// Starts the relay: binds, starts the workers, and returns once all of them run.
+    pub fn start(config: Config) -> anyhow::Result<RelayHandle> {
+        config.validate()?;
+        let config = Arc::new(config);
+        let workers = config.worker_count();
+        let options = BackendOptions::default();
+        let backend = probe::choose(config.io_backend, &options)?;
+        let (addr, listeners) = bind_listeners(config.listen, workers)?;
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        let directory = Arc::new(Directory::new(workers * 8, config.connection.max_rooms));
+        let (senders, receivers) = Mesh::channels(workers);
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<(usize, std::io::Result<Wakeup>)>(workers);
+        let (exited_tx, exited_rx) = crossbeam_channel::unbounded();
+        let core_ids = if config.pin_workers {
+            core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let mut mesh_txs = Vec::new();
+        let mut handles = Vec::new();
+        let mut stats = Vec::new();
+        for (id, (inbox, listener)) in receivers.into_iter().zip(listeners).enumerate() {
+            let (mesh_tx, mesh_rx) = crossbeam_channel::bounded::<Mesh>(1);
+            mesh_txs.push(mesh_tx);
+            let core_stats = Arc::new(CoreStats::default());
+            stats.push(core_stats.clone());
+            let worker = Worker {
+                id,
+                config: config.clone(),
+                directory: directory.clone(),
+                kind: backend,
+                options: options.clone(),
+                listener,
+                inbox,
+                epoch,
+                stats: core_stats,
+                pin: core_ids.get(id % core_ids.len().max(1)).copied(),
+            };
+            let ready = ready_tx.clone();
+            let exited = exited_tx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("pabal-worker-{id}"))
+                .spawn(move || {
+                    let result = worker.run(ready, mesh_rx);
+                    if let Err(e) = &result {
+                        tracing::error!(worker = id, "worker failed: {e:#}");
+                    }
+                    let _ = exited.send(id);
+                    result
+                })
+                .context("cannot spawn worker thread")?;
+            handles.push(handle);
+        }
+        drop(ready_tx);
+        let mut wakeups: Vec<Option<Wakeup>> = (0..workers).map(|_| None).collect();
+        for _ in 0..workers {
+            let (id, wakeup) = ready_rx
+                .recv_timeout(Duration::from_secs(10))
+                .map_err(|_| anyhow!("a worker did not start within 10 s"))?;
+            match wakeup {
+                Ok(w) => wakeups[id] = Some(w),
+                Err(e) => {
+                    drop(mesh_txs);
+                    for h in handles {
+                        let _ = h.join();
+                    }
+                    bail!("worker {id} could not start its {} backend: {e}", backend.name());
+                }
+            }
+        }
+        let wakeups: Vec<Wakeup> = wakeups.into_iter().flatten().collect();
+        let mesh = Mesh::new(senders, wakeups);
+        for tx in mesh_txs {
+            let _ = tx.send(mesh.clone());
+        }
+        tracing::info!(
+            %addr,
+            workers,
+            backend = backend.name(),
+            epoch,
+            "relay listening"
+        );
+        Ok(RelayHandle {
+            addr,
+            backend,
+            mesh,
+            workers: handles,
+            exited: exited_rx,
+            stats,
+            directory,
+            epoch,
+        })
+    }
+
+    /// The address clients connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The backend the workers run.
+    pub fn backend(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// The boot epoch of every room created in this process.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The membership directory.
+    pub fn directory(&self) -> &Arc<Directory> {
+        &self.directory
+    }
+
+    /// Counters summed across workers.
+    pub fn stats(&self) -> StatsSnapshot {
+        let mut total = StatsSnapshot::default();
+        for s in &self.stats {
+            s.add_to(&mut total);
+        }
+        total
+    }
+
+    /// Each worker's counters.
+    pub fn worker_stats(&self) -> Vec<StatsSnapshot> {
+        self.stats
+            .iter()
+            .map(|s| {
+                let mut one = StatsSnapshot::default();
+                s.add_to(&mut one);
+                one
+            })
+            .collect()
+    }
+
+    /// Begins a graceful shutdown: stop accepting, deliver what was acknowledged, GOAWAY
+    /// everyone, close. Returns at once; [`RelayHandle::join`] waits.
+    pub fn shutdown(&self) {
+        self.mesh.broadcast(|| CoreMsg::Drain);
+    }
+
+    /// Waits until a worker exits (shutdown finished, or a worker failed); returns its index.
+    pub fn wait_any_exit(&self, timeout: Option<Duration>) -> Option<usize> {
+        match timeout {
+            Some(t) => self.exited.recv_timeout(t).ok(),
+            None => self.exited.recv().ok(),
+        }
+    }
+
+    /// Waits for every worker; the first worker error, if any.
+    pub fn join(self) -> anyhow::Result<()> {
+        // Any worker leaving means the relay is going down: make sure the rest follow.
+        let mut first_err = None;
+        let mesh = self.mesh;
+        for (id, handle) in self.workers.into_iter().enumerate() {
+            match handle.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    mesh.broadcast(|| CoreMsg::Stop);
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    mesh.broadcast(|| CoreMsg::Stop);
+                    first_err.get_or_insert(anyhow!("worker {id} panicked"));
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Shuts down and waits.
+    pub fn stop(self) -> anyhow::Result<()> {
+        self.shutdown();
+        self.join()
+    }
+}
+
+struct Worker {
+    id: usize,
+    config: Arc<Config>,
+    directory: Arc<Directory>,
+    kind: ResolvedKind,
+    options: BackendOptions,
+    listener: TcpListener,
+    inbox: Receiver<Vec<CoreMsg>>,
+    epoch: u64,
+    stats: Arc<CoreStats>,
+    pin: Option<core_affinity::CoreId>,
+}
+
+impl Worker {
+    fn run(
+        self,
+        ready: Sender<(usize, std::io::Result<Wakeup>)>,
+        mesh_rx: Receiver<Mesh>,
+    ) -> anyhow::Result<()> {
+        if let Some(core) = self.pin {
+            if !core_affinity::set_for_current(core) {
+                tracing::debug!(worker = self.id, "could not pin to core {}", core.id);
+            }
+        }
+        let mut backend = match probe::new_backend(self.kind, &self.options) {
+            Ok(b) => b,
+            Err(e) => {
+                let text = e.to_string();
+                let _ = ready.send((self.id, Err(e)));
+                bail!("backend: {text}");
+            }
+        };
+        let _ = ready.send((self.id, Ok(backend.wakeup())));
+        let Ok(mesh) = mesh_rx.recv() else {
+            return Ok(()); // start-up aborted elsewhere
+        };
+        backend
+            .add_listener(self.listener)
+            .context("cannot accept on the listener")?;
+        let mut core = Core::new(
+            self.id,
+            self.config,
+            self.directory,
+            mesh,
+            self.epoch,
+            self.stats,
+        );
+        run_loop(&mut *backend, &mut core, &self.inbox)
+    }
+}
+
+/// The event loop: drain messages, run timers, flush (one send per connection, one batch
+/// per peer worker), then wait in the backend (one `io_uring_enter` or `epoll_wait`).
+fn run_loop(backend: &mut dyn Backend, core: &mut Core, inbox: &Receiver<Vec<CoreMsg>>) -> anyhow::Result<()> {
+    loop {
+        core.set_now(Instant::now());
+        while let Ok(batch) = inbox.try_recv() {
+            core.handle(batch);
+        }
+        core.run_timers();
+        core.flush(backend);
+        if core.finished() {
+            return Ok(());
+        }
+        let timeout = if inbox.is_empty() {
+            core.next_timeout()
+        } else {
+            Some(Duration::ZERO)
+        };
+        backend.poll(timeout, core).context("backend poll failed")?;
+    }
+}
