@@ -207,7 +207,8 @@ impl ResumeList {
                     why: "empty group",
                 });
             }
-            total += count;
+            // Saturating: a later group's count may be anything up to 2^64-1.
+            total = total.saturating_add(count);
             if total > limits.max_resume_entries as u64 {
                 return Err(DecodeError::TooLong {
                     field: "resume list",
@@ -495,11 +496,13 @@ impl ClientFrame {
         let (ty, flags) = split_type_byte(r.u8("type")?);
         let frame = match ty {
             kind::HELLO => {
-                check_flags("HELLO", flags, HELLO_RESUME)?;
+                // The version comes before the flags: another version may define other
+                // flags, and its HELLO must be answered "unsupported version", not "malformed".
                 let version = r.u8("version")?;
                 if version != PROTOCOL_VERSION {
                     return Err(DecodeError::UnsupportedVersion { version });
                 }
+                check_flags("HELLO", flags, HELLO_RESUME)?;
                 let heartbeat_secs = r.varint_u32("heartbeat")?;
                 let token = r.len_prefixed("token", limits.max_token_len)?;
                 let resume = if flags & HELLO_RESUME != 0 {

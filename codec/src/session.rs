@@ -297,7 +297,12 @@ impl ClientSession {
 
     /// Resolves one frame from the relay, checking the protocol's rules.
     pub fn apply(&mut self, frame: ServerFrame) -> Result<Event, SessionError> {
-        if !self.welcomed && !matches!(frame, ServerFrame::Welcome(_) | ServerFrame::Error(_)) {
+        if !self.welcomed
+            && !matches!(
+                frame,
+                ServerFrame::Welcome(_) | ServerFrame::Error(_) | ServerFrame::GoAway(_)
+            )
+        {
             return Err(SessionError::BeforeWelcome(frame.name()));
         }
         Ok(match frame {
@@ -348,7 +353,8 @@ impl ClientSession {
                 // The rule applies only while the alias is still bound to the room the
                 // message was published to (an alias may be rebound in the meantime).
                 if let Some(room) = self.rooms.get_mut(&alias).filter(|r| r.room_id == room_id) {
-                    if p.seq == room.cursor + 1 {
+                    // Checked: there is no sequence after 2^64-1 (a relay may claim that cursor).
+                    if Some(p.seq) == room.cursor.checked_add(1) {
                         room.cursor = p.seq;
                     } else if p.seq > room.cursor {
                         room.own.push(p.seq);
@@ -379,10 +385,12 @@ impl ClientSession {
                 let seq = if h.ephemeral {
                     None
                 } else {
-                    let seq = h.seq.unwrap_or(room.cursor + 1);
+                    // Saturating: after a cursor of 2^64-1 an implicit sequence has nowhere to
+                    // go, and `seq <= cursor` below refuses it.
+                    let next = room.cursor.saturating_add(1);
+                    let seq = h.seq.unwrap_or(next);
                     // Only the client's own acknowledged messages may be skipped silently.
-                    let skipped_all_own =
-                        (room.cursor + 1..seq).all(|s| room.own.contains(&s));
+                    let skipped_all_own = (next..seq).all(|s| room.own.contains(&s));
                     if seq <= room.cursor || !skipped_all_own {
                         return Err(SessionError::SequenceBreak {
                             alias: h.alias,
@@ -408,7 +416,7 @@ impl ClientSession {
                     .rooms
                     .get_mut(&g.alias)
                     .ok_or(SessionError::UnknownAlias(g.alias))?;
-                if g.from != room.cursor + 1 {
+                if Some(g.from) != room.cursor.checked_add(1) {
                     return Err(SessionError::SequenceBreak {
                         alias: g.alias,
                         cursor: room.cursor,

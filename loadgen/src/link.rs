@@ -67,6 +67,15 @@ pub const DEFAULT_BUFFER_BYTES: usize = 64 * 1024;
 pub const DEFAULT_INITIAL_RTO_MS: u64 = 1000;
 /// Default [`LinkProfile::max_rto_ms`]: RFC 6298 allows a cap of at least 60 s.
 pub const DEFAULT_MAX_RTO_MS: u64 = 60_000;
+/// The largest value a `*_ms` profile field may take: one day.
+pub const MAX_MILLIS: u64 = 86_400_000;
+/// The largest value a `*_s` profile field may take: one year.
+pub const MAX_SECS: u64 = 365 * 86_400;
+
+/// A profile's millisecond value as a duration, clamped to [`MAX_MILLIS`].
+fn millis(ms: u64) -> Duration {
+    Duration::from_millis(ms.min(MAX_MILLIS))
+}
 
 /// Everything the model needs to know about one kind of link.
 ///
@@ -194,7 +203,47 @@ impl LinkProfile {
             return bad("loss", "must be a probability between 0 and 1");
         }
         if self.nat_idle_timeout_s == Some(0) {
-            return bad("nat_idle_timeout_s", "must be at least 1 (omit it for never)");
+            return bad(
+                "nat_idle_timeout_s",
+                "must be at least 1 (omit it for never)",
+            );
+        }
+        let too_long = |ms: u64| ms > MAX_MILLIS;
+        for (field, value) in [
+            ("delay_ms", self.delay_ms),
+            ("jitter_ms", self.jitter_ms),
+            ("initial_rto_ms", self.initial_rto_ms),
+            ("max_rto_ms", self.max_rto_ms),
+        ] {
+            if too_long(value) {
+                return bad(field, "must be at most 86400000 (one day)");
+            }
+        }
+        if self.nat_idle_timeout_s.is_some_and(|s| s > MAX_SECS) {
+            return bad("nat_idle_timeout_s", "must be at most 31536000 (one year)");
+        }
+        let radio_ms: &[(&'static str, u64)] = match &self.radio {
+            RadioModel::None => &[],
+            RadioModel::UmtsRrc(u) => &[
+                ("radio.idle_to_dch_ms", u.idle_to_dch_ms),
+                ("radio.fach_to_dch_ms", u.fach_to_dch_ms),
+                ("radio.dch_tail_ms", u.dch_tail_ms),
+                ("radio.fach_tail_ms", u.fach_tail_ms),
+            ],
+            RadioModel::Lte(l) => &[
+                ("radio.promotion_ms", l.promotion_ms),
+                ("radio.tail_ms", l.tail_ms),
+                ("radio.paging_cycle_ms", l.paging_cycle_ms),
+            ],
+            RadioModel::Generic(g) => &[
+                ("radio.promotion_ms", g.promotion_ms),
+                ("radio.idle_after_ms", g.idle_after_ms),
+            ],
+        };
+        for &(field, value) in radio_ms {
+            if too_long(value) {
+                return bad(field, "must be at most 86400000 (one day)");
+            }
         }
         if self.segment_bytes == 0 {
             return bad("segment_bytes", "must be at least 1");
@@ -216,6 +265,18 @@ impl LinkProfile {
         if let Some(h) = &self.handover {
             if h.mean_interval_s == 0 {
                 return bad("handover.mean_interval_s", "must be at least 1");
+            }
+            if h.mean_interval_s > MAX_SECS {
+                return bad(
+                    "handover.mean_interval_s",
+                    "must be at most 31536000 (one year)",
+                );
+            }
+            if too_long(h.stall_max_ms) {
+                return bad(
+                    "handover.stall_max_ms",
+                    "must be at most 86400000 (one day)",
+                );
             }
             if h.stall_min_ms > h.stall_max_ms {
                 return bad("handover.stall_min_ms", "must not exceed stall_max_ms");
@@ -388,6 +449,7 @@ pub enum LinkState {
 
 /// A change of [`LinkState`], reported once by [`Link::poll_event`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum LinkEvent {
     /// The NAT idle timeout expired at `at`.
     Blackholed {
@@ -412,6 +474,7 @@ pub enum OfferOutcome {
 
 /// The radio's power state at an instant, for metrics and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum RadioState {
     /// No radio model: always ready.
     AlwaysOn,
@@ -531,12 +594,12 @@ impl Link {
         } else {
             0.0
         };
-        let jitter = Duration::from_millis(p.jitter_ms);
+        let jitter = millis(p.jitter_ms);
         let per_segment = kbps.iter().any(Option::is_some) || loss > 0.0 || !jitter.is_zero();
-        let initial_rto = Duration::from_millis(p.initial_rto_ms.max(1));
+        let initial_rto = millis(p.initial_rto_ms.max(1));
         let shape = Shape {
             kbps,
-            delay: Duration::from_millis(p.delay_ms),
+            delay: millis(p.delay_ms),
             jitter,
             loss,
             segment: if per_segment {
@@ -547,7 +610,7 @@ impl Link {
             overhead: p.overhead_bytes,
             buffer: p.buffer_bytes.max(1),
             initial_rto,
-            max_rto: Duration::from_millis(p.max_rto_ms).max(initial_rto),
+            max_rto: millis(p.max_rto_ms).max(initial_rto),
         };
         let lane = |salt: u64| Lane {
             queue: VecDeque::new(),
@@ -562,7 +625,7 @@ impl Link {
             lanes: [lane(SALT_UP), lane(SALT_DOWN)],
             radio: Radio::new(&p.radio, splitmix64(seed ^ SALT_PAGING), now),
             nat: p.nat_idle_timeout_s.map(|s| Nat {
-                timeout: Duration::from_secs(s.max(1)),
+                timeout: Duration::from_secs(s.clamp(1, MAX_SECS)),
                 last: now,
             }),
             mobility: p
@@ -720,7 +783,8 @@ impl Link {
 
     /// The link's state at `now`.
     pub fn state(&self, now: Instant) -> LinkState {
-        self.terminal(now).map_or(LinkState::Open, |(state, _)| state)
+        self.terminal(now)
+            .map_or(LinkState::Open, |(state, _)| state)
     }
 
     /// Whether the NAT has forgotten the flow by `now`.
@@ -935,7 +999,7 @@ struct Admission {
 
 impl Radio {
     fn new(model: &RadioModel, paging_seed: u64, now: Instant) -> Self {
-        let ms = Duration::from_millis;
+        let ms = millis;
         let params = match model {
             RadioModel::None => RadioParams::None,
             RadioModel::UmtsRrc(u) => RadioParams::Umts {
@@ -1128,9 +1192,9 @@ impl Mobility {
         };
         let mut m = Self {
             seed,
-            mean_interval_s: h.mean_interval_s.max(1) as f64,
-            stall_min: Duration::from_millis(lo),
-            stall_span: Duration::from_millis(hi - lo),
+            mean_interval_s: h.mean_interval_s.clamp(1, MAX_SECS) as f64,
+            stall_min: millis(lo),
+            stall_span: millis(hi) - millis(lo),
             drop_probability,
             head_k: 0,
             head: Handover {
@@ -1239,12 +1303,21 @@ impl Mobility {
         match self.next_drop {
             Some(at) if at > now => Some(at),
             None if self.horizon > now => Some(self.horizon),
-            _ => self
-                .upcoming()
-                .filter(|h| h.start > now)
-                .take(DROP_LOOKAHEAD)
-                .find(|h| h.drops)
-                .map(|h| h.start),
+            // Asked about a time past the lookahead without advancing: look from there.
+            _ => {
+                let mut last = None;
+                for h in self
+                    .upcoming()
+                    .filter(|h| h.start > now)
+                    .take(DROP_LOOKAHEAD)
+                {
+                    last = Some(h.start);
+                    if h.drops {
+                        break;
+                    }
+                }
+                last
+            }
         }
     }
 
@@ -1477,7 +1550,12 @@ mod tests {
 
         // A 2000 B burst in FACH is over the threshold: 1.5 s FACH->DCH promotion first.
         let t2 = t1 + s(1);
-        let (d, _) = drive(&mut link, t2, &[(ms(0), Direction::Up, vec![4; 2000])], s(5));
+        let (d, _) = drive(
+            &mut link,
+            t2,
+            &[(ms(0), Direction::Up, vec![4; 2000])],
+            s(5),
+        );
         assert_eq!(link.stats().promotions, 2);
         let last = d.last().unwrap().0;
         assert_eq!(last, ms(1500 + 40 + 200));
@@ -1486,7 +1564,10 @@ mod tests {
         let active_until = t2 + ms(1540);
         assert_eq!(link.radio_state(active_until + ms(4999)), RadioState::Dch);
         assert_eq!(link.radio_state(active_until + ms(5001)), RadioState::Fach);
-        assert_eq!(link.radio_state(active_until + ms(17_001)), RadioState::Idle);
+        assert_eq!(
+            link.radio_state(active_until + ms(17_001)),
+            RadioState::Idle
+        );
     }
 
     #[test]
@@ -1755,7 +1836,10 @@ mod tests {
             link.deliver_into(Direction::Down, later, &mut out),
             DEFAULT_BUFFER_BYTES + 10
         );
-        assert_eq!(link.can_accept(Direction::Down, later), DEFAULT_BUFFER_BYTES);
+        assert_eq!(
+            link.can_accept(Direction::Down, later),
+            DEFAULT_BUFFER_BYTES
+        );
     }
 
     fn busy_script(seed: u64, n: usize) -> Vec<(Duration, Direction, Vec<u8>)> {
@@ -1802,8 +1886,12 @@ mod tests {
         let script = busy_script(1, 200);
         let end = Duration::from_secs(3600);
         let run = |seed: u64, start: Instant| {
-            let (deliveries, events) =
-                drive(&mut Link::new(&full_profile(), seed, start), start, &script, end);
+            let (deliveries, events) = drive(
+                &mut Link::new(&full_profile(), seed, start),
+                start,
+                &script,
+                end,
+            );
             let events: Vec<_> = events
                 .into_iter()
                 .map(|e| match e {
@@ -1814,7 +1902,11 @@ mod tests {
         };
         let a = run(42, t0);
         assert_eq!(a, run(42, t0));
-        assert_eq!(a, run(42, t1), "the schedule depends on offsets, not the base");
+        assert_eq!(
+            a,
+            run(42, t1),
+            "the schedule depends on offsets, not the base"
+        );
         let b = run(43, t0);
         assert_ne!(
             a.0.iter().map(|d| d.0).collect::<Vec<_>>(),
@@ -1827,9 +1919,7 @@ mod tests {
             ..flat()
         };
         let script = [(ms(0), Direction::Up, vec![0; 10])];
-        let times = |seed| {
-            drive(&mut Link::new(&jitter_only, seed, t0), t0, &script, end).0[0].0
-        };
+        let times = |seed| drive(&mut Link::new(&jitter_only, seed, t0), t0, &script, end).0[0].0;
         assert_eq!(times(1), times(1));
         let distinct: std::collections::BTreeSet<_> = (0..10).map(times).collect();
         assert!(distinct.len() > 5);
@@ -1853,8 +1943,54 @@ mod tests {
         assert!(e.to_string().contains("\"flat\""), "{e}");
     }
 
+    #[test]
+    fn absurd_values_are_rejected_or_clamped_never_panic() {
+        let absurd = LinkProfile {
+            delay_ms: u64::MAX,
+            jitter_ms: u64::MAX,
+            loss: f64::NAN,
+            nat_idle_timeout_s: Some(u64::MAX),
+            initial_rto_ms: u64::MAX,
+            max_rto_ms: 0,
+            segment_bytes: 0,
+            buffer_bytes: 0,
+            down_kbps: Some(0),
+            radio: RadioModel::Lte(LteRadio {
+                promotion_ms: u64::MAX,
+                tail_ms: u64::MAX,
+                paging_cycle_ms: u64::MAX,
+            }),
+            handover: Some(HandoverModel {
+                mean_interval_s: u64::MAX,
+                stall_min_ms: u64::MAX,
+                stall_max_ms: 0,
+                drop_probability: f64::INFINITY,
+            }),
+            ..flat()
+        };
+        assert!(absurd.validate().is_err());
+        let t0 = Instant::now();
+        let mut link = Link::new(&absurd, 1, t0);
+        for dir in Direction::BOTH {
+            link.offer(dir, t0, &[1; 3000]);
+            let _ = link.can_accept(dir, t0);
+        }
+        let (d, _) = drive(&mut link, t0, &[], Duration::from_secs(10 * 86_400));
+        assert_eq!(concat(&d, Direction::Up).len(), 3000);
+        assert_eq!(concat(&d, Direction::Down).len(), 3000);
+        let mut p = flat();
+        p.nat_idle_timeout_s = Some(MAX_SECS + 1);
+        assert_eq!(p.validate().unwrap_err().field, "nat_idle_timeout_s");
+        let mut p = flat();
+        p.radio = RadioModel::UmtsRrc(UmtsRrc {
+            dch_tail_ms: MAX_MILLIS + 1,
+            ..UmtsRrc::default()
+        });
+        assert_eq!(p.validate().unwrap_err().field, "radio.dch_tail_ms");
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
         /// Whatever the chunking, timing, jitter, loss, radio and handovers, each direction
         /// delivers exactly what was offered, in order, at non-decreasing times.

@@ -77,7 +77,12 @@ fn shaped(name: &str, down_kbps: u32, up_kbps: u32, delay_ms: u64, jitter_ms: u6
     }
 }
 
-fn handover(mean_interval_s: u64, stall_min_ms: u64, stall_max_ms: u64, drop: f64) -> HandoverModel {
+fn handover(
+    mean_interval_s: u64,
+    stall_min_ms: u64,
+    stall_max_ms: u64,
+    drop: f64,
+) -> HandoverModel {
     HandoverModel {
         mean_interval_s,
         stall_min_ms,
@@ -243,17 +248,18 @@ impl ProfileMix {
             if entries.iter().any(|(p, _)| p.name == name) {
                 return Err(bad(format!("{name:?} appears twice")));
             }
-            let profile = catalog
-                .iter()
-                .find(|p| p.name == name)
-                .ok_or_else(|| ProfileError::Unknown {
-                    name: name.to_owned(),
-                    known: catalog
-                        .iter()
-                        .map(|p| p.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                })?;
+            let profile =
+                catalog
+                    .iter()
+                    .find(|p| p.name == name)
+                    .ok_or_else(|| ProfileError::Unknown {
+                        name: name.to_owned(),
+                        known: catalog
+                            .iter()
+                            .map(|p| p.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    })?;
             entries.push((profile.clone(), weight));
         }
         let total = entries.iter().map(|(_, w)| u64::from(*w)).sum();
@@ -315,5 +321,202 @@ impl fmt::Display for ProfileMix {
             write!(f, "{}:{}", p.name, w)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins_are_valid_and_named() {
+        let all = builtins();
+        assert_eq!(all.len(), BUILTIN_NAMES.len());
+        for (p, name) in all.iter().zip(BUILTIN_NAMES) {
+            assert_eq!(p.name, name);
+            p.validate().unwrap();
+        }
+        assert_eq!(builtin("nope"), None);
+    }
+
+    #[test]
+    fn builtins_carry_the_design_table() {
+        let row = |n: &str| {
+            let p = builtin(n).unwrap();
+            (
+                p.down_kbps,
+                p.up_kbps,
+                p.delay_ms,
+                p.jitter_ms,
+                p.loss,
+                p.nat_idle_timeout_s,
+            )
+        };
+        assert_eq!(row("gprs"), (Some(35), Some(32), 650, 100, 0.02, Some(300)));
+        assert_eq!(
+            row("3g-slow"),
+            (Some(400), Some(400), 200, 50, 0.01, Some(300))
+        );
+        assert_eq!(row("3g"), (Some(780), Some(330), 100, 30, 0.005, Some(600)));
+        assert_eq!(
+            row("hspa"),
+            (Some(1600), Some(768), 75, 10, 0.003, Some(1800))
+        );
+        assert_eq!(
+            row("lte"),
+            (Some(8100), Some(1350), 30, 5, 0.002, Some(1800))
+        );
+        assert_eq!(row("unshaped"), (None, None, 0, 0, 0.0, None));
+        assert_eq!(
+            builtin("3g").unwrap().radio,
+            RadioModel::UmtsRrc(UmtsRrc::default())
+        );
+        assert_eq!(
+            builtin("lte").unwrap().radio,
+            RadioModel::Lte(LteRadio::default())
+        );
+        let stalls = |n: &str| {
+            let h = builtin(n).unwrap().handover.unwrap();
+            (h.mean_interval_s, h.stall_min_ms, h.stall_max_ms)
+        };
+        assert_eq!(stalls("gprs"), (300, 2000, 8000));
+        assert_eq!(stalls("3g-slow"), (600, 1000, 4000));
+        assert_eq!(stalls("3g"), (900, 1000, 3000));
+        assert_eq!(stalls("hspa"), (1200, 500, 2000));
+        assert_eq!(stalls("lte"), (1800, 100, 500));
+    }
+
+    #[test]
+    fn builtins_round_trip_through_toml() {
+        for p in builtins() {
+            let text = toml::to_string(&p).unwrap();
+            assert_eq!(parse_profile(&text).unwrap(), p, "{text}");
+        }
+    }
+
+    #[test]
+    fn the_docs_list_every_builtin() {
+        let doc = include_str!("../LINKS.md");
+        for name in BUILTIN_NAMES {
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "LINKS.md lacks `{name}`"
+            );
+        }
+    }
+
+    #[test]
+    fn profiles_file_with_overrides() {
+        let text = r#"
+            [[profile]]
+            name = "3g-bad"
+            down_kbps = 300
+            up_kbps = 100
+            delay_ms = 300
+            loss = 0.05
+            radio = { model = "umts_rrc", idle_to_dch_ms = 3000 }
+            handover = { mean_interval_s = 60, stall_min_ms = 100, stall_max_ms = 200 }
+
+            [[profile]]
+            name = "wifi"
+            delay_ms = 5
+            radio = { model = "generic", promotion_ms = 50, idle_after_ms = 200 }
+        "#;
+        let ps = parse_profiles(text).unwrap();
+        assert_eq!(ps.len(), 2);
+        let RadioModel::UmtsRrc(u) = &ps[0].radio else {
+            panic!("not umts: {:?}", ps[0].radio)
+        };
+        assert_eq!(u.idle_to_dch_ms, 3000);
+        assert_eq!(u.fach_to_dch_ms, UmtsRrc::default().fach_to_dch_ms);
+        assert_eq!(ps[0].handover.as_ref().unwrap().drop_probability, 0.0);
+        assert_eq!(ps[1].down_kbps, None);
+        assert_eq!(ps[1].buffer_bytes, crate::link::DEFAULT_BUFFER_BYTES);
+
+        let catalog = catalog_with(&ps);
+        assert_eq!(catalog.len(), BUILTIN_NAMES.len() + 2);
+        let mix = ProfileMix::parse_with("3g-bad:1,lte:1", &catalog).unwrap();
+        assert_eq!(mix.entries().count(), 2);
+    }
+
+    #[test]
+    fn a_user_profile_replaces_the_builtin_of_its_name() {
+        let mine = LinkProfile {
+            delay_ms: 999,
+            ..builtin("lte").unwrap()
+        };
+        let catalog = catalog_with(std::slice::from_ref(&mine));
+        assert_eq!(catalog.len(), BUILTIN_NAMES.len());
+        assert_eq!(
+            catalog.iter().find(|p| p.name == "lte").unwrap().delay_ms,
+            999
+        );
+    }
+
+    #[test]
+    fn bad_profiles_are_rejected_with_the_field_named() {
+        let err = |text: &str| parse_profile(text).unwrap_err().to_string();
+        assert!(err("name = \"x\"\ndelay = 5").contains("delay"));
+        assert!(
+            err("name = \"x\"\nradio = { model = \"umts_rrc\", idle_to_dch = 5 }")
+                .contains("idle_to_dch")
+        );
+        assert!(err("name = \"x\"\nradio = { model = \"5g\" }").contains("5g"));
+        assert!(
+            err("name = \"x\"\nradio = { model = \"generic\", promotion_ms = 5 }")
+                .contains("idle_after_ms")
+        );
+        assert!(
+            err("name = \"x\"\nhandover = { mean_interval_s = 1, stall_min_ms = 1, stall_max_ms = 2, typo = 1 }")
+                .contains("typo")
+        );
+        assert!(err("name = \"x\"\nloss = 2.0").contains("`loss`"));
+        assert!(err("name = \"x\"\ndown_kbps = 0").contains("`down_kbps`"));
+        assert!(err("down_kbps = 10").contains("name"));
+        let dup = "[[profile]]\nname = \"a\"\n[[profile]]\nname = \"a\"\n";
+        assert!(matches!(parse_profiles(dup), Err(ProfileError::Duplicate(n)) if n == "a"));
+        let none = parse_profile("name = \"x\"\nradio = { model = \"none\" }").unwrap();
+        assert_eq!(none.radio, RadioModel::None);
+    }
+
+    #[test]
+    fn mix_parses_and_picks_by_weight() {
+        let mix: ProfileMix = "3g:40,hspa:30,lte:20,3g-slow:8,gprs:2".parse().unwrap();
+        assert_eq!(mix.to_string(), "3g:40,hspa:30,lte:20,3g-slow:8,gprs:2");
+        let n = 100_000u64;
+        let mut counts = std::collections::HashMap::new();
+        for seed in 0..n {
+            *counts.entry(mix.pick(seed).name.clone()).or_insert(0u64) += 1;
+        }
+        for (p, w) in mix.entries() {
+            let share = counts[&p.name] as f64 / n as f64;
+            let want = f64::from(w) / 100.0;
+            assert!((share - want).abs() < 0.01, "{}: {share} vs {want}", p.name);
+        }
+        // The same seed always gets the same profile.
+        assert_eq!(mix.pick(12345), mix.pick(12345));
+
+        let one = ProfileMix::parse(" lte ").unwrap();
+        assert_eq!(one.pick(7).name, "lte");
+        assert_eq!(
+            ProfileMix::single(builtin("gprs").unwrap()).pick(1).name,
+            "gprs"
+        );
+        let zero_weight = ProfileMix::parse("lte:0,3g:1").unwrap();
+        assert!((0..1000).all(|s| zero_weight.pick(s).name == "3g"));
+    }
+
+    #[test]
+    fn bad_mixes_are_rejected() {
+        let unknown = ProfileMix::parse("3g:1,5g:2").unwrap_err();
+        assert!(matches!(&unknown, ProfileError::Unknown { name, .. } if name == "5g"));
+        assert!(unknown.to_string().contains("3g-slow"), "{unknown}");
+        for spec in ["", "3g:1,", "3g:x", "3g:-1", "3g:1,3g:2", "3g:0,lte:0"] {
+            assert!(
+                matches!(ProfileMix::parse(spec), Err(ProfileError::BadMix { .. })),
+                "{spec:?} was accepted"
+            );
+        }
     }
 }

@@ -112,10 +112,10 @@ pub struct Conn {
     pub closing_since: Option<Instant>,
     /// Half-closed already.
     pub shut: bool,
-    /// Reading is wanted (false under backpressure or while draining).
+    /// Reading is wanted by the protocol (false while draining for shutdown).
     pub reading: bool,
-    /// The backend's reading state differs from `reading`.
-    pub reading_changed: bool,
+    /// Whether the backend is currently reading this socket (it starts reading on accept).
+    pub backend_reading: bool,
 }
 
 impl Conn {
@@ -146,7 +146,7 @@ impl Conn {
             closing_since: None,
             shut: false,
             reading: true,
-            reading_changed: false,
+            backend_reading: true,
         }
     }
 

@@ -1203,9 +1203,10 @@ impl Core {
     /// Asks owners for the next page of every catching-up alias of a connection, within a
     /// budget of pages in flight that keeps the queue near its cap.
     fn request_pages(&mut self, token: Token) {
-        let budget = (self.config.connection.max_queued_bytes
-            / self.config.connection.replay_page_bytes)
-            .max(1);
+        // Pages are asked for only below the low-water mark, so the pages in flight fill at
+        // most the rest of the cap.
+        let cap = self.config.connection.max_queued_bytes;
+        let budget = ((cap - cap / 4) / self.config.connection.replay_page_bytes).max(1);
         let origin = self.origin(token);
         let mut requests = Vec::new();
         {
@@ -1449,11 +1450,8 @@ impl Core {
         self.close_listeners = true;
         // Stop reading: no publish from this worker's clients after this point.
         for conn in self.conns.iter_mut().flatten() {
-            if conn.reading {
-                conn.reading = false;
-                conn.reading_changed = true;
-                Self::mark_dirty(&mut self.dirty, conn);
-            }
+            conn.reading = false;
+            Self::mark_dirty(&mut self.dirty, conn);
         }
         for core in 0..self.cores {
             self.send_to(core, CoreMsg::Fence { round: 1 });
@@ -1611,9 +1609,15 @@ impl Core {
             // Backpressure on input: a client that does not read its replies stops being
             // read until its queue drains.
             let want_reading = conn.reading && conn.queued() < cap && !self.shutdown.draining;
-            if conn.reading_changed || !want_reading {
+            if want_reading != conn.backend_reading {
                 transport.set_reading(token, want_reading);
-                conn.reading_changed = false;
+                conn.backend_reading = want_reading;
+            }
+            let queued = conn.queued() as u64;
+            if queued > self.stats.queue_high_water.load(std::sync::atomic::Ordering::Relaxed) {
+                self.stats
+                    .queue_high_water
+                    .fetch_max(queued, std::sync::atomic::Ordering::Relaxed);
             }
             if !conn.sending && conn.has_output() {
                 let bytes = conn.take_batch();
@@ -1714,17 +1718,15 @@ impl EventSink for Core {
         let Some(conn) = self.conn(token) else { return };
         conn.batch_sent();
         let drained = conn.queued() <= low_water;
-        let more = conn.has_output() || conn.phase == Phase::Closing;
         let lagging = conn.lagging;
-        if more || !conn.reading_changed {
-            let Core { conns, dirty, .. } = self;
-            if let Some(conn) = conns
-                .get_mut(slot_of(token))
-                .and_then(Option::as_mut)
-                .filter(|c| c.token == token)
-            {
-                Self::mark_dirty(dirty, conn);
-            }
+        // Flush again: more output may be queued, reading may resume, or a close proceeds.
+        let Core { conns, dirty, .. } = self;
+        if let Some(conn) = conns
+            .get_mut(slot_of(token))
+            .and_then(Option::as_mut)
+            .filter(|c| c.token == token)
+        {
+            Self::mark_dirty(dirty, conn);
         }
         if drained {
             self.flush_ephemeral_backlog(token);

@@ -12,18 +12,24 @@ macro_rules! counters {
         #[repr(align(128))]
         pub struct CoreStats {
             $($(#[$m])* pub $name: AtomicU64,)*
+            /// The most bytes any one connection had queued at a flush (a high-water mark).
+            pub queue_high_water: AtomicU64,
         }
 
-        /// A summed copy of [`CoreStats`].
+        /// A summed copy of [`CoreStats`] (high-water marks take the maximum).
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
         pub struct StatsSnapshot {
             $($(#[$m])* pub $name: u64,)*
+            /// The most bytes any one connection had queued at a flush.
+            pub queue_high_water: u64,
         }
 
         impl CoreStats {
             /// Adds this worker's values into `into`.
             pub fn add_to(&self, into: &mut StatsSnapshot) {
                 $(into.$name += self.$name.load(Ordering::Relaxed);)*
+                into.queue_high_water =
+                    into.queue_high_water.max(self.queue_high_water.load(Ordering::Relaxed));
             }
         }
     };

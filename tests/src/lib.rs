@@ -148,9 +148,23 @@ impl Client {
         Self::connect_with(addr, user, ClientSession::new())
     }
 
+    /// Connects with a small receive buffer, so a client that stops reading fills the
+    /// relay's queue rather than the kernel's.
+    pub fn connect_small_window(addr: SocketAddr, user: &str, rcvbuf: usize) -> Client {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
+        socket.connect(&addr.into()).expect("connect");
+        Self::handshake(socket.into(), user, ClientSession::new())
+    }
+
     /// Connects with an existing session: its known rooms become the resume list.
-    pub fn connect_with(addr: SocketAddr, user: &str, mut session: ClientSession) -> Client {
+    pub fn connect_with(addr: SocketAddr, user: &str, session: ClientSession) -> Client {
         let stream = TcpStream::connect(addr).expect("connect");
+        Self::handshake(stream, user, session)
+    }
+
+    fn handshake(stream: TcpStream, user: &str, mut session: ClientSession) -> Client {
         stream.set_nodelay(true).unwrap();
         let hello = session.hello(Bytes::copy_from_slice(user.as_bytes()), 0);
         let mut client = Client {
@@ -259,6 +273,7 @@ impl Client {
                     return None;
                 }
                 Err(e) if e.kind() == ErrorKind::ConnectionReset => return None,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => panic!("{}: read failed: {e}", self.user),
             }
         }

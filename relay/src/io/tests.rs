@@ -472,10 +472,14 @@ fn peer_close_reported_once(b: Box<dyn Backend>) {
             }
         }
     });
-    srv.until("20 closes", |s| s.s.closed.len() == 20);
+    // A connection reset while still in the backlog may never be reported (io_uring's
+    // multishot accept learns the peer address afterwards, and a reset socket has none).
+    srv.until("every accepted connection to close", |s| {
+        client.is_finished() && s.s.accepted.len() >= 10 && s.s.closed.len() == s.s.accepted.len()
+    });
     join(client);
     srv.run_for(Duration::from_millis(100));
-    assert_eq!(srv.s.closed.len(), 20);
+    assert_eq!(srv.s.closed.len(), srv.s.accepted.len());
     let closed: HashSet<Token> = srv.s.closed.iter().map(|c| c.0).collect();
     assert_eq!(closed, srv.s.accepted.iter().copied().collect());
     for (token, reason) in &srv.s.closed {

@@ -87,8 +87,9 @@ fn user_data(op: u8, idx: u32, generation: u32) -> u64 {
     (u64::from(op) << 56) | (u64::from(generation & GEN_MASK) << 32) | u64::from(idx)
 }
 
+/// Splits `user_data` into (op, slot index, generation).
 fn decode(ud: u64) -> (u8, u32, u32) {
-    ((ud >> 56) as u8, (ud >> 32) as u32 & GEN_MASK, ud as u32)
+    ((ud >> 56) as u8, ud as u32, (ud >> 32) as u32 & GEN_MASK)
 }
 
 fn errno(res: i32) -> io::Error {
