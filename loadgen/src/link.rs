@@ -29,7 +29,9 @@
 //!    delivery times are monotone per direction, so jitter never reorders a TCP byte stream.
 //!
 //! Everything is computed eagerly when bytes are offered; later calls only look the schedule
-//! up. Radio state, NAT expiry and handovers are functions of time, evaluated lazily.
+//! up. Radio state, NAT expiry and handovers are functions of time, evaluated lazily. Pass
+//! instants from one monotonic clock, non-decreasing from call to call; an earlier one is
+//! tolerated (never a panic) but may be treated as the latest seen.
 //!
 //! # Driving it (the event loop's contract)
 //! ```text
