@@ -446,6 +446,7 @@ impl ClientSession {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests allow it locally (workspace lint policy)
 mod tests {
     use super::*;
     use crate::frame::{Deliver, Gap, PubAck, Room};

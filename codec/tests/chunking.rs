@@ -4,6 +4,8 @@
 //! NATS's `FuzzParser` splits each input in two; this is the general version: any number of
 //! cuts anywhere, including one byte per read.
 
+#![allow(clippy::unwrap_used)] // reason: a test fails loudly on the first surprise
+
 mod util;
 
 use bytes::{Bytes, BytesMut};

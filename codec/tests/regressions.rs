@@ -1,6 +1,8 @@
 //! Regression tests for codec bugs found while writing the spec, the fuzz targets and the
 //! property tests. Each test names the bug it pins.
 
+#![allow(clippy::unwrap_used)] // reason: a test fails loudly on the first surprise
+
 use bytes::{BufMut, Bytes, BytesMut};
 use pabal_codec::frame::kind;
 use pabal_codec::{

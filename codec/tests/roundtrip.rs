@@ -2,6 +2,8 @@
 //! exactly `encoded_len()` bytes, and `body_len()` is what the length prefix says.
 //! Encoding is canonical: re-encoding anything the decoder accepts gives back its bytes.
 
+#![allow(clippy::unwrap_used)] // reason: a test fails loudly on the first surprise
+
 mod util;
 
 use bytes::BytesMut;

@@ -52,6 +52,7 @@
 //! Deliver before polling events: bytes due before a drop are still handed out afterwards.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -527,7 +528,7 @@ pub struct LinkStats {
 /// schedule. See the module docs for the model and the event loop's contract.
 #[derive(Debug, Clone)]
 pub struct Link {
-    profile: LinkProfile,
+    profile: Arc<LinkProfile>,
     shape: Shape,
     lanes: [Lane; 2],
     radio: Radio,
@@ -587,9 +588,11 @@ impl Link {
     /// A link for one phone whose connection starts at `now` (the radio is awake and the NAT
     /// mapping fresh, as right after a TCP handshake). The same `profile`, `seed`, `now` and
     /// sequence of calls give the same schedule. Out-of-range profile values are clamped
-    /// (see [`LinkProfile::validate`] to reject them instead).
-    pub fn new(profile: &LinkProfile, seed: u64, now: Instant) -> Self {
-        let p = profile;
+    /// (see [`LinkProfile::validate`] to reject them instead). Pass an `Arc` to share one
+    /// profile among many links (a [`crate::profiles::ProfileMix`] hands out `Arc`s).
+    pub fn new(profile: impl Into<Arc<LinkProfile>>, seed: u64, now: Instant) -> Self {
+        let profile: Arc<LinkProfile> = profile.into();
+        let p = &*profile;
         let kbps = [p.up_kbps.map(|k| k.max(1)), p.down_kbps.map(|k| k.max(1))];
         let loss = if p.loss.is_finite() {
             p.loss.clamp(0.0, 1.0)
@@ -623,7 +626,6 @@ impl Link {
             stats: DirectionStats::default(),
         };
         Self {
-            profile: profile.clone(),
             lanes: [lane(SALT_UP), lane(SALT_DOWN)],
             radio: Radio::new(&p.radio, splitmix64(seed ^ SALT_PAGING), now),
             nat: p.nat_idle_timeout_s.map(|s| Nat {
@@ -637,6 +639,7 @@ impl Link {
             shape,
             event_reported: false,
             promotions: 0,
+            profile,
         }
     }
 
@@ -1428,7 +1431,7 @@ mod tests {
             jitter_ms: 50,
             ..flat()
         };
-        let mut link = Link::new(&profile, 1, t0);
+        let mut link = Link::new(profile.clone(), 1, t0);
         let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
         let (mut sent, mut got) = (0, Vec::new());
         let (mut now, mut last, mut pushed_back) = (t0, t0, false);
@@ -1462,7 +1465,7 @@ mod tests {
     #[test]
     fn one_way_delay_adds_to_a_small_message() {
         let t0 = Instant::now();
-        let mut link = Link::new(&flat(), 7, t0);
+        let mut link = Link::new(flat(), 7, t0);
         let (d, _) = drive(
             &mut link,
             t0,
@@ -1477,7 +1480,7 @@ mod tests {
             delay_ms: 200,
             ..LinkProfile::unshaped("delay only")
         };
-        let mut link = Link::new(&unlimited, 7, t0);
+        let mut link = Link::new(unlimited.clone(), 7, t0);
         let (d, _) = drive(
             &mut link,
             t0,
@@ -1490,7 +1493,7 @@ mod tests {
     #[test]
     fn unshaped_passes_bytes_through_at_once() {
         let t0 = Instant::now();
-        let mut link = Link::new(&LinkProfile::unshaped("unshaped"), 3, t0);
+        let mut link = Link::new(LinkProfile::unshaped("unshaped"), 3, t0);
         let t = t0 + ms(1234);
         assert_eq!(link.can_accept(Direction::Down, t), DEFAULT_BUFFER_BYTES);
         let big = vec![9u8; 100_000];
@@ -1513,7 +1516,7 @@ mod tests {
             radio: RadioModel::UmtsRrc(UmtsRrc::default()),
             ..flat()
         };
-        let mut link = Link::new(&profile, 1, t0);
+        let mut link = Link::new(profile.clone(), 1, t0);
         let s = Duration::from_secs;
         assert_eq!(link.radio_state(t0 + s(1)), RadioState::Dch);
         assert_eq!(link.radio_state(t0 + s(6)), RadioState::Fach);
@@ -1579,7 +1582,7 @@ mod tests {
             radio: RadioModel::UmtsRrc(UmtsRrc::default()),
             ..flat()
         };
-        let mut link = Link::new(&profile, 1, t0);
+        let mut link = Link::new(profile.clone(), 1, t0);
         let t = t0 + Duration::from_secs(60);
         link.offer(Direction::Up, t, &[1; 10]);
         assert!(matches!(
@@ -1603,7 +1606,7 @@ mod tests {
             ..LinkProfile::unshaped("lte-ish")
         };
         for seed in 0..20 {
-            let mut link = Link::new(&profile, seed, t0);
+            let mut link = Link::new(profile.clone(), seed, t0);
             let t = t0 + Duration::from_secs(20);
             assert_eq!(link.radio_state(t), RadioState::Idle);
             let mut up = link.clone();
@@ -1622,13 +1625,18 @@ mod tests {
             ..flat()
         };
         let script = [(ms(0), Direction::Down, vec![5; 3 * 1400])];
-        let (d, _) = drive(&mut Link::new(&lossy, 1, t0), t0, &script, ms(20_000));
+        let (d, _) = drive(
+            &mut Link::new(lossy.clone(), 1, t0),
+            t0,
+            &script,
+            ms(20_000),
+        );
         let times: Vec<_> = d.iter().map(|d| d.0).collect();
         // 1400 B at 400 kbit/s is 28 ms; stalls of 1 s, 2 s, 4 s; 200 ms delay.
         assert_eq!(times, [ms(1028 + 200), ms(3056 + 200), ms(7084 + 200)]);
         assert_eq!(concat(&d, Direction::Down), script[0].2);
 
-        let (d, _) = drive(&mut Link::new(&flat(), 1, t0), t0, &script, ms(20_000));
+        let (d, _) = drive(&mut Link::new(flat(), 1, t0), t0, &script, ms(20_000));
         let times: Vec<_> = d.iter().map(|d| d.0).collect();
         assert_eq!(times, [ms(228), ms(256), ms(284)]);
 
@@ -1638,7 +1646,7 @@ mod tests {
             ..lossy
         };
         let script = [(ms(0), Direction::Up, vec![5; 5 * 1400])];
-        let mut link = Link::new(&capped, 1, t0);
+        let mut link = Link::new(capped.clone(), 1, t0);
         let (d, _) = drive(&mut link, t0, &script, ms(60_000));
         let times: Vec<_> = d.iter().map(|d| d.0).collect();
         let stalls = [1000, 2000, 4000, 4000, 4000];
@@ -1659,7 +1667,7 @@ mod tests {
             loss: 0.5,
             ..flat()
         };
-        let mut link = Link::new(&profile, 11, t0);
+        let mut link = Link::new(profile.clone(), 11, t0);
         link.offer(Direction::Up, t0, &vec![0; 400 * 1400]);
         // Replay the stalls from the delivery schedule: a gap of 1 s after a clean segment,
         // and doubling gaps only after lost ones.
@@ -1688,7 +1696,7 @@ mod tests {
             nat_idle_timeout_s: Some(300),
             ..flat()
         };
-        let mut link = Link::new(&profile, 1, t0);
+        let mut link = Link::new(profile.clone(), 1, t0);
         // A ping every 60 s for 20 minutes, answered: never blackholed.
         let s = Duration::from_secs;
         let mut script = Vec::new();
@@ -1742,7 +1750,7 @@ mod tests {
     #[test]
     fn handover_stalls_both_directions() {
         let t0 = Instant::now();
-        let mut link = Link::new(&handover_profile(0.0), 5, t0);
+        let mut link = Link::new(handover_profile(0.0), 5, t0);
         let h = link.mobility.as_ref().unwrap().upcoming().next().unwrap();
         let stall = h.end - h.start;
         assert!(stall >= ms(1000) && stall <= ms(3000));
@@ -1766,7 +1774,7 @@ mod tests {
     #[test]
     fn handover_may_drop_the_connection() {
         let t0 = Instant::now();
-        let mut link = Link::new(&handover_profile(1.0), 5, t0);
+        let mut link = Link::new(handover_profile(1.0), 5, t0);
         let h = link.mobility.as_ref().unwrap().upcoming().next().unwrap();
         assert_eq!(link.next_event(t0), Some(h.start));
         // Due before the drop: still delivered after it. Due after: gone.
@@ -1798,7 +1806,7 @@ mod tests {
     fn the_first_dropping_handover_ends_the_link_whatever_the_lookahead() {
         let t0 = Instant::now();
         for (seed, p) in [(1, 0.3), (2, 0.02), (3, 0.005), (4, 1.0)] {
-            let mut link = Link::new(&handover_profile(p), seed, t0);
+            let mut link = Link::new(handover_profile(p), seed, t0);
             let fresh = link.mobility.clone().unwrap();
             let first = fresh
                 .upcoming()
@@ -1812,7 +1820,7 @@ mod tests {
             assert_eq!(events, [LinkEvent::Dropped { at: first }]);
             // A fresh link asked about a far instant, without stepping, agrees.
             let far = first + Duration::from_secs(1);
-            let link = Link::new(&handover_profile(p), seed, t0);
+            let link = Link::new(handover_profile(p), seed, t0);
             assert_eq!(link.state(first - Duration::from_nanos(1)), LinkState::Open);
             assert_eq!(link.state(far), LinkState::Dropped);
         }
@@ -1821,7 +1829,7 @@ mod tests {
     #[test]
     fn backpressure_bounds_the_queue_and_wakes_when_space_frees() {
         let t0 = Instant::now();
-        let mut link = Link::new(&flat(), 1, t0);
+        let mut link = Link::new(flat(), 1, t0);
         link.offer(Direction::Down, t0, &vec![0; DEFAULT_BUFFER_BYTES + 10]);
         assert_eq!(link.can_accept(Direction::Down, t0), 0);
         assert_eq!(link.can_accept(Direction::Up, t0), DEFAULT_BUFFER_BYTES);
@@ -1889,7 +1897,7 @@ mod tests {
         let end = Duration::from_secs(3600);
         let run = |seed: u64, start: Instant| {
             let (deliveries, events) = drive(
-                &mut Link::new(&full_profile(), seed, start),
+                &mut Link::new(full_profile(), seed, start),
                 start,
                 &script,
                 end,
@@ -1921,7 +1929,16 @@ mod tests {
             ..flat()
         };
         let script = [(ms(0), Direction::Up, vec![0; 10])];
-        let times = |seed| drive(&mut Link::new(&jitter_only, seed, t0), t0, &script, end).0[0].0;
+        let times = |seed| {
+            drive(
+                &mut Link::new(jitter_only.clone(), seed, t0),
+                t0,
+                &script,
+                end,
+            )
+            .0[0]
+                .0
+        };
         assert_eq!(times(1), times(1));
         let distinct: std::collections::BTreeSet<_> = (0..10).map(times).collect();
         assert!(distinct.len() > 5);
@@ -1972,7 +1989,7 @@ mod tests {
         };
         assert!(absurd.validate().is_err());
         let t0 = Instant::now();
-        let mut link = Link::new(&absurd, 1, t0);
+        let mut link = Link::new(absurd.clone(), 1, t0);
         for dir in Direction::BOTH {
             link.offer(dir, t0, &[1; 3000]);
             let _ = link.can_accept(dir, t0);
@@ -2017,7 +2034,7 @@ mod tests {
                 let bytes: Vec<u8> = (0..len).map(|_| { counter += 1; (counter % 251) as u8 }).collect();
                 (t, if up { Direction::Up } else { Direction::Down }, bytes)
             }).collect();
-            let mut link = Link::new(&profile, seed, t0);
+            let mut link = Link::new(profile.clone(), seed, t0);
             let (d, events) = drive(&mut link, t0, &script, Duration::from_secs(100_000));
             prop_assert!(events.is_empty());
             for dir in Direction::BOTH {

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -214,7 +215,7 @@ pub fn catalog_with(user: &[LinkProfile]) -> Vec<LinkProfile> {
 /// alone is a valid mix. Weights are relative (they need not sum to 100).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProfileMix {
-    entries: Vec<(LinkProfile, u32)>,
+    entries: Vec<(Arc<LinkProfile>, u32)>,
     total: u64,
 }
 
@@ -230,7 +231,7 @@ impl ProfileMix {
             spec: spec.to_owned(),
             problem,
         };
-        let mut entries: Vec<(LinkProfile, u32)> = Vec::new();
+        let mut entries: Vec<(Arc<LinkProfile>, u32)> = Vec::new();
         for item in spec.split(',').map(str::trim) {
             if item.is_empty() {
                 return Err(bad("empty entry".to_owned()));
@@ -260,7 +261,7 @@ impl ProfileMix {
                             .collect::<Vec<_>>()
                             .join(", "),
                     })?;
-            entries.push((profile.clone(), weight));
+            entries.push((Arc::new(profile.clone()), weight));
         }
         let total = entries.iter().map(|(_, w)| u64::from(*w)).sum();
         if total == 0 {
@@ -270,16 +271,17 @@ impl ProfileMix {
     }
 
     /// A mix of one profile.
-    pub fn single(profile: LinkProfile) -> Self {
+    pub fn single(profile: impl Into<Arc<LinkProfile>>) -> Self {
         Self {
-            entries: vec![(profile, 1)],
+            entries: vec![(profile.into(), 1)],
             total: 1,
         }
     }
 
     /// The profile for the phone with `seed`: the same seed always gets the same profile, and
-    /// over many seeds each profile's share approaches its weight's share.
-    pub fn pick(&self, seed: u64) -> &LinkProfile {
+    /// over many seeds each profile's share approaches its weight's share. Clone the `Arc` into
+    /// [`crate::link::Link::new`].
+    pub fn pick(&self, seed: u64) -> &Arc<LinkProfile> {
         // The modulo bias is below total / 2^64: nothing at these weights.
         let mut r = splitmix64(seed ^ 0x6d69_785f_7069_636b) % self.total;
         for (profile, weight) in &self.entries {
@@ -298,7 +300,7 @@ impl ProfileMix {
 
     /// The profiles and their weights, in the order given.
     pub fn entries(&self) -> impl Iterator<Item = (&LinkProfile, u32)> {
-        self.entries.iter().map(|(p, w)| (p, *w))
+        self.entries.iter().map(|(p, w)| (&**p, *w))
     }
 }
 

@@ -63,6 +63,10 @@ pub struct Config {
     pub retention: RetentionConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
+    /// The control listener: the app servers' API, metrics, health.
+    pub control: ControlConfig,
+    /// Limits that protect the relay from clients.
+    pub limits: LimitsConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -180,6 +184,103 @@ pub struct ShutdownConfig {
     pub reconnect_spread: Duration,
 }
 
+/// `[control]`: the server API for app servers, `/metrics` and health checks, on a listener
+/// of its own (never the client port).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Where the control API listens; empty string disables it. Default `127.0.0.1:7701`.
+    pub listen: String,
+    /// File holding the API key app servers present (`Authorization: Bearer KEY`). Required
+    /// when `listen` is not loopback. Default: none (loopback only).
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// The API key inline (development; prefer `api_key_file`). Default: none.
+    pub api_key: Option<String>,
+    /// Largest request body, bytes. Default 1 MiB.
+    pub max_body: usize,
+    /// Whether `/metrics` and the health endpoints also need the key. Default false.
+    pub metrics_need_key: bool,
+}
+
+/// `[limits]`: each hit is refused with a clear error and counted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Connections open at once on the whole relay. Default 1,000,000.
+    pub max_connections: usize,
+    /// Connections one user may hold at once (phone, desktop, web...). Default 16.
+    pub max_connections_per_user: usize,
+    /// Rooms and channels one user may belong to. Default 10,000.
+    pub max_rooms_per_user: usize,
+    /// Publishes per second per connection (token bucket rate). Default 20.
+    pub publish_rate: f64,
+    /// Publishes a connection may burst above the rate. Default 50.
+    pub publish_burst: f64,
+    /// Largest message payload, bytes. Default 16 KiB.
+    pub max_payload: usize,
+    /// New connections per second on the whole relay (split evenly across workers); past
+    /// it, a connection gets GOAWAY(overload) with a spread-out retry hint. Default 20,000.
+    pub new_connections_per_second: f64,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            listen: "127.0.0.1:7701".into(),
+            api_key_file: None,
+            api_key: None,
+            max_body: 1024 * 1024,
+            metrics_need_key: false,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 1_000_000,
+            max_connections_per_user: 16,
+            max_rooms_per_user: 10_000,
+            publish_rate: 20.0,
+            publish_burst: 50.0,
+            max_payload: 16 * 1024,
+            new_connections_per_second: 20_000.0,
+        }
+    }
+}
+
+impl ControlConfig {
+    /// The API key, read from the file or taken inline; `None` when neither is set.
+    pub fn load_api_key(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(path) = &self.api_key_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let key = text.trim_end_matches(['\n', '\r']).to_string();
+            if key.len() < 16 {
+                return Err(ConfigError::Invalid {
+                    field: "control.api_key_file",
+                    why: "the key must be at least 16 bytes".into(),
+                });
+            }
+            return Ok(Some(key));
+        }
+        Ok(self.api_key.clone())
+    }
+
+    /// The parsed listen address, or `None` when disabled.
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|e| ConfigError::Invalid {
+            field: "control.listen",
+            why: format!("`{}`: {e}", self.listen),
+        })
+    }
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -213,6 +314,8 @@ impl Default for Config {
             heartbeat: HeartbeatConfig::default(),
             retention: RetentionConfig::default(),
             shutdown: ShutdownConfig::default(),
+            control: ControlConfig::default(),
+            limits: LimitsConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -403,6 +506,37 @@ impl Config {
             if o.max_messages == Some(0) {
                 return Err(invalid("retention.override.max_messages", "must be > 0"));
             }
+        }
+        if let Some(addr) = self.control.listen_addr()? {
+            if addr == self.listen && addr.port() != 0 {
+                return Err(invalid("control.listen", "must differ from `listen`"));
+            }
+            let has_key = self.control.api_key_file.is_some() || self.control.api_key.is_some();
+            if !addr.ip().is_loopback() && !has_key {
+                return Err(invalid(
+                    "control.api_key_file",
+                    format!("required when control.listen ({addr}) is not loopback"),
+                ));
+            }
+        }
+        let l = &self.limits;
+        if l.max_connections == 0 || l.max_connections_per_user == 0 || l.max_rooms_per_user == 0 {
+            return Err(invalid("limits", "connection and room limits must be > 0"));
+        }
+        if !(l.publish_rate > 0.0 && l.publish_rate.is_finite()) {
+            return Err(invalid("limits.publish_rate", "must be a positive number"));
+        }
+        if !(l.publish_burst >= 1.0 && l.publish_burst.is_finite()) {
+            return Err(invalid("limits.publish_burst", "must be >= 1"));
+        }
+        if !(l.new_connections_per_second > 0.0 && l.new_connections_per_second.is_finite()) {
+            return Err(invalid("limits.new_connections_per_second", "must be a positive number"));
+        }
+        if l.max_payload == 0 || l.max_payload > c.max_frame_len {
+            return Err(invalid(
+                "limits.max_payload",
+                "must be > 0 and fit in connection.max_frame_len",
+            ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;

@@ -20,6 +20,47 @@ use crate::mesh::StartFrom;
 /// vectored send) instead of being copied into the connection's buffer.
 pub const SHARED_PAYLOAD_MIN: usize = 2048;
 
+/// A token bucket: `rate` tokens per second, holding at most `burst`.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        TokenBucket {
+            tokens: burst,
+            rate,
+            burst,
+            last: now,
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Changes the rate and burst (a reload), keeping the tokens already earned.
+    pub fn reconfigure(&mut self, rate: f64, burst: f64) {
+        self.rate = rate;
+        self.burst = burst;
+        self.tokens = self.tokens.min(burst);
+    }
+}
+
 /// Where a connection stands in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -112,6 +153,11 @@ pub struct Conn {
     pub closing_since: Option<Instant>,
     /// Half-closed already.
     pub shut: bool,
+    /// Publishes allowed per second.
+    pub publish_bucket: TokenBucket,
+    /// A service connection (trusted app server): exempt from the publish rate limit and
+    /// allowed to publish anywhere.
+    pub service: bool,
     /// Reading is wanted by the protocol (false while draining for shutdown).
     pub reading: bool,
     /// Whether the backend is currently reading this socket (it starts reading on accept).
@@ -120,7 +166,14 @@ pub struct Conn {
 
 impl Conn {
     /// A new connection in the handshake phase.
-    pub fn new(token: Token, id: u64, peer: SocketAddr, now: Instant, heartbeat: Duration) -> Self {
+    pub fn new(
+        token: Token,
+        id: u64,
+        peer: SocketAddr,
+        now: Instant,
+        heartbeat: Duration,
+        publish_bucket: TokenBucket,
+    ) -> Self {
         Conn {
             token,
             id,
@@ -145,6 +198,8 @@ impl Conn {
             heartbeat,
             closing_since: None,
             shut: false,
+            publish_bucket,
+            service: false,
             reading: true,
             backend_reading: true,
         }
@@ -229,5 +284,24 @@ impl Conn {
     /// Bound aliases.
     pub fn bound(&self) -> usize {
         self.subs.iter().filter(|s| s.is_some()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_allows_burst_then_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10.0, 3.0, t0);
+        assert!(b.take(t0) && b.take(t0) && b.take(t0));
+        assert!(!b.take(t0), "burst spent");
+        assert!(b.take(t0 + Duration::from_millis(100)), "one token per 100 ms");
+        assert!(!b.take(t0 + Duration::from_millis(150)));
+        // Idle for long: never more than the burst.
+        let later = t0 + Duration::from_secs(60);
+        assert!(b.take(later) && b.take(later) && b.take(later));
+        assert!(!b.take(later));
     }
 }

@@ -24,9 +24,10 @@
 //! directly, other workers' state (only messages), the directory beyond membership calls.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -38,12 +39,12 @@ use pabal_codec::{
 use socket2::{SockRef, TcpKeepalive};
 
 use crate::config::{AuthMode, Config};
-use crate::conn::{Conn, Phase, Sub, SubMode};
+use crate::conn::{Conn, Phase, Sub, SubMode, TokenBucket};
 use crate::directory::{Directory, DirectoryError};
 use crate::history::History;
 use crate::ids::{CoreId, Origin, RoomName, Stored, StoredRef};
 use crate::io::{CloseReason, EventSink, Token};
-use crate::mesh::{CoreMsg, Mesh, Page, StartFrom};
+use crate::mesh::{ControlOp, ControlReply, CoreMsg, Mesh, Page, RoomInfo, StartFrom};
 use crate::stats::{CoreStats, dec, inc};
 
 /// Payloads shorter than this are copied out of the publisher's read buffer when accepted,
@@ -95,6 +96,9 @@ struct OwnedRoom {
     history: History,
     /// Subscribed connections per worker.
     interest: Vec<u32>,
+    /// Members (rooms) or subscribers (channels); the directory holds the same facts by
+    /// user, and every change to both goes through this owner.
+    members: HashSet<Text>,
 }
 
 /// Shutdown progress.
@@ -158,6 +162,9 @@ pub struct Core {
     stats: Arc<CoreStats>,
     scratch: Vec<StoredRef>,
     rng: u64,
+    /// Connections open on the whole relay (one shared counter, touched per connection).
+    total_conns: Arc<AtomicUsize>,
+    accept_bucket: TokenBucket,
 }
 
 fn slot_of(token: Token) -> usize {
@@ -174,8 +181,10 @@ impl Core {
         mesh: Mesh,
         epoch: u64,
         stats: Arc<CoreStats>,
+        total_conns: Arc<AtomicUsize>,
     ) -> Self {
         let cores = mesh.cores();
+        let accept_rate = config.limits.new_connections_per_second / cores as f64;
         let limits = Limits {
             max_frame_len: config.connection.max_frame_len,
             ..Limits::default()
@@ -206,6 +215,8 @@ impl Core {
             stats,
             scratch: Vec::new(),
             rng: 0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
+            total_conns,
+            accept_bucket: TokenBucket::new(accept_rate, accept_rate.max(1.0), Instant::now()),
         }
     }
 
@@ -381,6 +392,7 @@ impl Core {
         };
         self.free_slots.push(slot as u32);
         dec(&self.stats.connections, 1);
+        self.total_conns.fetch_sub(1, Ordering::Relaxed);
         if conn.lagging {
             dec(&self.stats.lagging, 1);
         }
@@ -526,8 +538,21 @@ impl Core {
                 user: user.clone(),
             }),
         );
+        let rooms = match self.directory.connect(
+            &user,
+            self.id,
+            self.config.limits.max_connections_per_user,
+        ) {
+            Ok(rooms) => rooms,
+            Err(e) => {
+                inc(&self.stats.limit_refusals, 1);
+                if let Some(conn) = self.conn(token) {
+                    conn.user = None; // not registered in the directory
+                }
+                return self.fatal(token, ErrorCode::LimitExceeded, e.to_string());
+            }
+        };
         self.users.entry(user.clone()).or_default().push(token);
-        let rooms = self.directory.connect(&user, self.id);
 
         // Resolve resume entries against the user's own rooms: entry i is alias i.
         let mut by_id: HashMap<u64, usize> = HashMap::with_capacity(rooms.len());
@@ -684,7 +709,31 @@ impl Core {
 
     fn on_publish(&mut self, token: Token, p: pabal_codec::Publish) {
         let origin = self.origin(token);
+        let now = self.now;
+        let max_payload = self.config.limits.max_payload;
+        let auth_none = self.config.auth.mode == AuthMode::None;
+        let reference = p.msg_id.unwrap_or(0);
+        let stats = self.stats.clone();
         let Some(conn) = self.conn(token) else { return };
+        if p.payload.len() > max_payload {
+            inc(&stats.limit_refusals, 1);
+            return self.refuse(
+                token,
+                ErrorCode::PayloadTooLarge,
+                reference,
+                format!("payload of {} bytes exceeds {max_payload}", p.payload.len()),
+            );
+        }
+        if !conn.service && !conn.publish_bucket.take(now) {
+            inc(&stats.rate_limited, 1);
+            return self.refuse(
+                token,
+                ErrorCode::RateLimited,
+                reference,
+                "publish rate limit; slow down".into(),
+            );
+        }
+        let service = conn.service;
         let sender = conn.user.clone().unwrap_or_default();
         let Some(Some(sub)) = conn.subs.get_mut(p.alias as usize) else {
             let reference = p.msg_id.unwrap_or(0);
@@ -699,6 +748,16 @@ impl Core {
             sub.acked = sub.acked.max(ack);
         }
         let room = sub.room.clone();
+        if room.channel && !auth_none && !service {
+            // With tokens, channel publishing is reserved to service connections (the
+            // channel's app server); clients read channels.
+            return self.refuse(
+                token,
+                ErrorCode::NotPermitted,
+                reference,
+                format!("{}: publishing to this channel is not permitted", room.name),
+            );
+        }
         let msg = match p.msg_id {
             Some(msg_id) => CoreMsg::Publish {
                 room: room.clone(),
@@ -737,6 +796,7 @@ impl Core {
             head: 0,
             history: History::new(retention),
             interest: vec![0; cores],
+            members: HashSet::new(),
         })
     }
 
@@ -805,7 +865,9 @@ impl Core {
                         if epoch == owned.epoch { s.min(owned.head) } else { 0 }
                     }
                 };
-                let info = owned.history.page(start, owned.head, page_bytes, &mut msgs);
+                let info = owned
+                    .history
+                    .page(start, owned.head, page_bytes, usize::MAX, &mut msgs);
                 let (epoch, head) = (owned.epoch, owned.head);
                 let page = Page {
                     gap: info.gap,
@@ -837,7 +899,9 @@ impl Core {
                 let mut msgs = Vec::new();
                 let owned = self.owned_room(&room);
                 owned.history.evict_expired(now_ms);
-                let info = owned.history.page(after, owned.head, page_bytes, &mut msgs);
+                let info = owned
+                    .history
+                    .page(after, owned.head, page_bytes, usize::MAX, &mut msgs);
                 let head = owned.head;
                 self.send_to(
                     origin.core,
@@ -865,42 +929,21 @@ impl Core {
                 unblock,
                 requester,
             } => {
-                let owned = self.owned_room(&room);
-                let join = crate::directory::JoinPoint {
-                    epoch: owned.epoch,
-                    seq: owned.head,
-                };
-                match self.directory.add(&user, &room, join, unblock) {
-                    Ok(added) if added.new => {
-                        for core in added.cores {
-                            self.send_to(
-                                core,
-                                CoreMsg::MemberJoined {
-                                    room: room.clone(),
-                                    user: user.clone(),
-                                    epoch: join.epoch,
-                                    seq: join.seq,
-                                },
-                            );
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        if let Some(origin) = requester {
-                            let code = match e {
-                                DirectoryError::Blocked(_) => ErrorCode::NotPermitted,
-                                _ => ErrorCode::LimitExceeded,
-                            };
-                            self.send_to(
-                                origin.core,
-                                CoreMsg::Refused {
-                                    origin,
-                                    code,
-                                    reference: 0,
-                                    message: format!("{}: {e}", room.name),
-                                },
-                            );
-                        }
+                if let Err(e) = self.join_member(&room, &user, unblock) {
+                    if let Some(origin) = requester {
+                        let code = match e {
+                            DirectoryError::Blocked(_) => ErrorCode::NotPermitted,
+                            _ => ErrorCode::LimitExceeded,
+                        };
+                        self.send_to(
+                            origin.core,
+                            CoreMsg::Refused {
+                                origin,
+                                code,
+                                reference: 0,
+                                message: format!("{}: {e}", room.name),
+                            },
+                        );
                     }
                 }
             }
@@ -910,19 +953,11 @@ impl Core {
                 block,
                 reason,
             } => {
-                let (was, cores) = self.directory.remove(&user, &room, block);
-                if was {
-                    for core in cores {
-                        self.send_to(
-                            core,
-                            CoreMsg::MemberLeft {
-                                room: room.clone(),
-                                user: user.clone(),
-                                reason,
-                            },
-                        );
-                    }
-                }
+                self.leave_member(&room, &user, block, reason);
+            }
+            CoreMsg::Control { op, reply } => {
+                let answer = self.control(op);
+                let _ = reply.send(answer);
             }
             CoreMsg::Accepted {
                 origin,
@@ -995,6 +1030,201 @@ impl Core {
                     self.close_now(token);
                 }
                 self.close_listeners = true;
+            }
+        }
+    }
+
+    /// The owner adds a member: records the join point (the room's head now, so the new
+    /// member's connections replay anything published after it) and tells the workers that
+    /// hold the user's connections. Returns whether the user is new to the room.
+    fn join_member(
+        &mut self,
+        room: &RoomName,
+        user: &Text,
+        unblock: bool,
+    ) -> Result<bool, DirectoryError> {
+        let owned = self.owned_room(room);
+        let join = crate::directory::JoinPoint {
+            epoch: owned.epoch,
+            seq: owned.head,
+        };
+        let added = self.directory.add(user, room, join, unblock)?;
+        if let Some(owned) = self.owned.get_mut(room) {
+            owned.members.insert(user.clone());
+        }
+        if added.new {
+            for core in added.cores {
+                self.send_to(
+                    core,
+                    CoreMsg::MemberJoined {
+                        room: room.clone(),
+                        user: user.clone(),
+                        epoch: join.epoch,
+                        seq: join.seq,
+                    },
+                );
+            }
+        }
+        Ok(added.new)
+    }
+
+    /// The owner removes a member and unbinds the room on the user's connections. Deliveries
+    /// from this owner after this point never reach them (messages between two workers keep
+    /// their order). Returns whether the user was a member.
+    fn leave_member(&mut self, room: &RoomName, user: &Text, block: bool, reason: LeftReason) -> bool {
+        let (was, cores) = self.directory.remove(user, room, block);
+        if let Some(owned) = self.owned.get_mut(room) {
+            owned.members.remove(user);
+        }
+        if was {
+            for core in cores {
+                self.send_to(
+                    core,
+                    CoreMsg::MemberLeft {
+                        room: room.clone(),
+                        user: user.clone(),
+                        reason,
+                    },
+                );
+            }
+        }
+        was
+    }
+
+    /// Executes a server-API request.
+    fn control(&mut self, op: ControlOp) -> ControlReply {
+        match op {
+            ControlOp::Publish {
+                room,
+                sender,
+                payload,
+                ephemeral,
+            } => {
+                if ephemeral {
+                    let ts_ms = self.now_ms();
+                    let interest = self.owned_room(&room).interest.clone();
+                    for (core, &n) in interest.iter().enumerate() {
+                        if n > 0 {
+                            self.send_to(
+                                core,
+                                CoreMsg::DeliverEphemeral {
+                                    room: room.clone(),
+                                    origin: None,
+                                    sender: sender.clone(),
+                                    ts_ms,
+                                    payload: payload.clone(),
+                                },
+                            );
+                        }
+                    }
+                    return ControlReply::Published { seq: None };
+                }
+                let seq = self.accept_publish(room, None, sender, payload);
+                ControlReply::Published { seq: Some(seq) }
+            }
+            ControlOp::PublishMany {
+                rooms,
+                sender,
+                payload,
+            } => {
+                let mut out = Vec::with_capacity(rooms.len());
+                for room in rooms {
+                    let seq = self.accept_publish(room.clone(), None, sender.clone(), payload.clone());
+                    out.push((room, seq));
+                }
+                ControlReply::PublishedMany(out)
+            }
+            ControlOp::Members {
+                room,
+                add,
+                remove,
+                set,
+            } => {
+                let current: HashSet<Text> = self.owned_room(&room).members.clone();
+                let (add, remove): (Vec<Text>, Vec<Text>) = if set {
+                    let wanted: HashSet<Text> = add.into_iter().collect();
+                    (
+                        wanted.difference(&current).cloned().collect(),
+                        current.difference(&wanted).cloned().collect(),
+                    )
+                } else {
+                    (add, remove)
+                };
+                let mut added = Vec::new();
+                let mut refused = Vec::new();
+                let mut removed = Vec::new();
+                for user in remove {
+                    if self.leave_member(&room, &user, false, LeftReason::Removed) {
+                        removed.push(user);
+                    }
+                }
+                for user in add {
+                    match self.join_member(&room, &user, false) {
+                        Ok(true) => added.push(user),
+                        Ok(false) => {}
+                        Err(e) => {
+                            inc(&self.stats.limit_refusals, 1);
+                            refused.push((user, e.to_string()));
+                        }
+                    }
+                }
+                let count = self.owned.get(&room).map_or(0, |o| o.members.len());
+                ControlReply::Members {
+                    added,
+                    removed,
+                    refused,
+                    count,
+                }
+            }
+            ControlOp::Info { room } => {
+                let retention = self.config.retention_for(room.name.as_str());
+                let now_ms = self.now_ms();
+                ControlReply::Info(self.owned.get_mut(&room).map(|o| {
+                    o.history.evict_expired(now_ms);
+                    RoomInfo {
+                        members: o.members.len(),
+                        head: o.head,
+                        epoch: o.epoch,
+                        retained_messages: o.history.len(),
+                        retained_bytes: o.history.bytes(),
+                        first_seq: o.history.first_seq(),
+                        retention,
+                    }
+                }))
+            }
+            ControlOp::History { room, after, limit } => {
+                let now_ms = self.now_ms();
+                match self.owned.get_mut(&room) {
+                    Some(o) => {
+                        o.history.evict_expired(now_ms);
+                        let mut msgs = Vec::new();
+                        let info = o.history.page(after, o.head, usize::MAX, limit.max(1), &mut msgs);
+                        ControlReply::History {
+                            msgs,
+                            gap: info.gap,
+                            head: o.head,
+                            epoch: o.epoch,
+                        }
+                    }
+                    None => ControlReply::Info(None),
+                }
+            }
+            ControlOp::Kick { user } => {
+                let tokens = self.users.get(&user).cloned().unwrap_or_default();
+                for &token in &tokens {
+                    self.write(
+                        token,
+                        &ServerFrame::GoAway(GoAway {
+                            reason: GoAwayReason::Kicked,
+                            retry_after_ms: 0,
+                            message: Text::from_static("disconnected by the app server"),
+                        }),
+                    );
+                    self.begin_close(token);
+                }
+                ControlReply::Kicked {
+                    connections: tokens.len(),
+                }
             }
         }
     }
@@ -1664,6 +1894,8 @@ impl EventSink for Core {
         }
         self.now = Instant::now();
         self.configure_socket(stream);
+        let total = self.total_conns.fetch_add(1, Ordering::Relaxed) + 1;
+        let overloaded = total > self.config.limits.max_connections || !self.accept_bucket.take(self.now);
         let slot = match self.free_slots.pop() {
             Some(slot) => slot as usize,
             None => {
@@ -1675,12 +1907,37 @@ impl EventSink for Core {
         let token = (u64::from(self.generation) << 32) | slot as u64;
         self.next_conn_id += 1;
         let conn_id = ((self.id as u64) << 48) | self.next_conn_id;
-        let conn = Conn::new(token, conn_id, peer, self.now, self.config.heartbeat.interval);
+        let limits = &self.config.limits;
+        let bucket = TokenBucket::new(limits.publish_rate, limits.publish_burst, self.now);
+        let conn = Conn::new(
+            token,
+            conn_id,
+            peer,
+            self.now,
+            self.config.heartbeat.interval,
+            bucket,
+        );
         self.conns[slot] = Some(conn);
         inc(&self.stats.connections, 1);
         inc(&self.stats.accepted, 1);
         let deadline = self.now + self.config.auth.handshake_timeout;
         self.arm(token, deadline);
+        if overloaded {
+            // Shed load without amplifying it: tell the phone when to come back, spread
+            // over the reconnect window, instead of a bare reset it would retry at once.
+            inc(&self.stats.overload_refusals, 1);
+            let spread = self.config.shutdown.reconnect_spread.as_millis().max(1) as u64;
+            let retry_after_ms = 1000 + self.random() % spread;
+            self.write(
+                token,
+                &ServerFrame::GoAway(GoAway {
+                    reason: GoAwayReason::Overload,
+                    retry_after_ms,
+                    message: Text::from_static("relay busy; retry later"),
+                }),
+            );
+            self.begin_close(token);
+        }
         Some(token)
     }
 

@@ -53,6 +53,12 @@ pub enum DirectoryError {
     /// The user blocked this channel.
     #[error("the user blocked {0}")]
     Blocked(String),
+    /// The user already holds the maximum number of connections.
+    #[error("the user already holds {max} connections")]
+    TooManyConnections {
+        /// The limit.
+        max: usize,
+    },
     /// The user already belongs to the maximum number of rooms.
     #[error("the user already belongs to {max} rooms and channels")]
     TooManyRooms {
@@ -99,14 +105,24 @@ impl Directory {
 
     /// A connection of `user` opened on `core`: records it and returns the user's rooms, in
     /// one step, so a concurrent join either shows up in the list or reaches this core.
-    pub fn connect(&self, user: &Text, core: CoreId) -> Vec<(RoomName, JoinPoint)> {
+    /// Refused (and not recorded) if the user already holds `max_conns` connections.
+    pub fn connect(
+        &self,
+        user: &Text,
+        core: CoreId,
+        max_conns: usize,
+    ) -> Result<Vec<(RoomName, JoinPoint)>, DirectoryError> {
         let mut shard = self.shard(user).write();
         let entry = shard.entry(user.clone()).or_default();
+        let open: u32 = entry.conns.iter().map(|&(_, n)| n).sum();
+        if open as usize >= max_conns {
+            return Err(DirectoryError::TooManyConnections { max: max_conns });
+        }
         match entry.conns.iter_mut().find(|(c, _)| *c == core) {
             Some((_, n)) => *n += 1,
             None => entry.conns.push((core, 1)),
         }
-        entry.rooms.iter().map(|(r, j)| (r.clone(), *j)).collect()
+        Ok(entry.rooms.iter().map(|(r, j)| (r.clone(), *j)).collect())
     }
 
     /// A connection of `user` on `core` closed.
@@ -227,7 +243,7 @@ mod tests {
         let d = Directory::new(4, 10);
         let ann = Text::from("ann");
         assert!(d.add(&ann, &room("a"), J, false).unwrap().cores.is_empty());
-        let rooms = d.connect(&ann, 3);
+        let rooms = d.connect(&ann, 3, 4).unwrap();
         assert_eq!(rooms, vec![(room("a"), J)]);
         let added = d.add(&ann, &room("b"), J, false).unwrap();
         assert_eq!((added.new, added.cores), (true, vec![3]));
@@ -265,7 +281,11 @@ mod tests {
     fn unused_entries_are_dropped() {
         let d = Directory::new(1, 2);
         let ann = Text::from("ann");
-        d.connect(&ann, 0);
+        d.connect(&ann, 0, 1).unwrap();
+        assert_eq!(
+            d.connect(&ann, 1, 1),
+            Err(DirectoryError::TooManyConnections { max: 1 })
+        );
         d.disconnect(&ann, 0);
         assert!(d.shards[0].read().is_empty());
     }

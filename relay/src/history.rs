@@ -88,13 +88,15 @@ impl History {
         self.bytes
     }
 
-    /// Appends to `out` the messages after `after`, up to about `max_bytes` of payload (at
-    /// least one message), given the room's `head`. Reports the range lost to retention.
+    /// Appends to `out` the messages after `after`, up to about `max_bytes` of payload and
+    /// `max_msgs` messages (at least one message), given the room's `head`. Reports the range
+    /// lost to retention.
     pub fn page(
         &self,
         after: u64,
         head: u64,
         max_bytes: usize,
+        max_msgs: usize,
         out: &mut Vec<StoredRef>,
     ) -> PageInfo {
         if after >= head {
@@ -113,11 +115,13 @@ impl History {
             };
         }
         let mut taken_bytes = 0;
+        let mut taken = 0;
         let mut last = start - 1;
         for msg in self.msgs.iter().skip((start - first) as usize) {
-            if taken_bytes >= max_bytes && last >= start {
+            if (taken_bytes >= max_bytes || taken >= max_msgs) && last >= start {
                 break;
             }
+            taken += 1;
             taken_bytes += msg.payload.len() + 16;
             last = msg.seq;
             out.push(msg.clone());
@@ -185,19 +189,23 @@ mod tests {
         }
         // Kept: 6..=10. A reader at 2 lost 3..=5.
         let mut out = Vec::new();
-        let info = h.page(2, 10, 1 << 20, &mut out);
+        let info = h.page(2, 10, 1 << 20, usize::MAX, &mut out);
         assert_eq!(info.gap, Some((3, 5)));
         assert!(info.complete);
         assert_eq!(out.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![6, 7, 8, 9, 10]);
         // Paged by bytes: at least one message per page, never skipping.
         let mut out = Vec::new();
-        let info = h.page(7, 10, 1, &mut out);
+        let info = h.page(7, 10, 1, usize::MAX, &mut out);
         assert_eq!((info.gap, info.complete), (None, false));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].seq, 8);
+        // Paged by count.
+        let mut out = Vec::new();
+        assert!(!h.page(5, 10, 1 << 20, 2, &mut out).complete);
+        assert_eq!(out.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![6, 7]);
         // Caught up already.
         let mut out = Vec::new();
-        assert!(h.page(10, 10, 100, &mut out).complete);
+        assert!(h.page(10, 10, 100, usize::MAX, &mut out).complete);
         assert!(out.is_empty());
     }
 
@@ -206,7 +214,7 @@ mod tests {
         let h = History::new(retention(5, 1 << 20, 60));
         let mut out = Vec::new();
         // Head 7 but nothing kept (e.g. all expired).
-        let info = h.page(3, 7, 100, &mut out);
+        let info = h.page(3, 7, 100, usize::MAX, &mut out);
         assert_eq!(info.gap, Some((4, 7)));
         assert!(info.complete && out.is_empty());
     }

@@ -8,6 +8,7 @@
 //!
 //! See ARCHITECTURE.md at the repository root for the threads and the path of one message.
 
+pub mod auth;
 pub mod config;
 pub mod conn;
 pub mod core;

@@ -238,6 +238,15 @@ pub enum CoreMsg {
         reason: LeftReason,
     },
 
+    // ---- control plane -------------------------------------------------------------------
+    /// A request from the server API; the reply goes back on `reply`.
+    Control {
+        /// What to do.
+        op: ControlOp,
+        /// Where the answer goes (the API thread waits on it).
+        reply: Sender<ControlReply>,
+    },
+
     // ---- lifecycle ---------------------------------------------------------------------
     /// Begin a graceful shutdown: stop accepting and reading, then fence.
     Drain,
@@ -248,6 +257,121 @@ pub enum CoreMsg {
     },
     /// Stop now: close every connection and leave the loop.
     Stop,
+}
+
+/// A server-API request, executed by the room's owner (or by every worker holding a user).
+#[derive(Debug)]
+pub enum ControlOp {
+    /// Publish one message as `sender`.
+    Publish {
+        /// The room or channel.
+        room: RoomName,
+        /// Shown as the sender.
+        sender: Text,
+        /// The body.
+        payload: Bytes,
+        /// Not sequenced, not stored.
+        ephemeral: bool,
+    },
+    /// Publish one message into several rooms owned by this worker.
+    PublishMany {
+        /// The rooms.
+        rooms: Vec<RoomName>,
+        /// Shown as the sender.
+        sender: Text,
+        /// The body.
+        payload: Bytes,
+    },
+    /// Change membership (rooms) or subscriptions (channels).
+    Members {
+        /// The room or channel.
+        room: RoomName,
+        /// Users to add.
+        add: Vec<Text>,
+        /// Users to remove.
+        remove: Vec<Text>,
+        /// Replace the member set with `add` (everyone else is removed).
+        set: bool,
+    },
+    /// Describe a room.
+    Info {
+        /// The room or channel.
+        room: RoomName,
+    },
+    /// Read history after a sequence.
+    History {
+        /// The room or channel.
+        room: RoomName,
+        /// Messages after this sequence.
+        after: u64,
+        /// At most this many.
+        limit: usize,
+    },
+    /// Close every connection of a user on this worker (GOAWAY kicked).
+    Kick {
+        /// The user.
+        user: Text,
+    },
+}
+
+/// What a room looks like to the server API.
+#[derive(Debug, Clone)]
+pub struct RoomInfo {
+    /// Members (rooms) or subscribers (channels).
+    pub members: usize,
+    /// The last sequence.
+    pub head: u64,
+    /// The stream's epoch.
+    pub epoch: u64,
+    /// Messages in history.
+    pub retained_messages: usize,
+    /// Payload bytes in history.
+    pub retained_bytes: usize,
+    /// The oldest sequence in history.
+    pub first_seq: Option<u64>,
+    /// The limits that apply.
+    pub retention: crate::config::Retention,
+}
+
+/// The answer to a [`ControlOp`].
+#[derive(Debug)]
+pub enum ControlReply {
+    /// Published (`None` for an ephemeral event).
+    Published {
+        /// The sequence given.
+        seq: Option<u64>,
+    },
+    /// Published into several rooms.
+    PublishedMany(Vec<(RoomName, u64)>),
+    /// Membership changed.
+    Members {
+        /// Users added.
+        added: Vec<Text>,
+        /// Users removed.
+        removed: Vec<Text>,
+        /// Users that could not be added, with the reason.
+        refused: Vec<(Text, String)>,
+        /// Members now.
+        count: usize,
+    },
+    /// A room's description; `None` if the room does not exist.
+    Info(Option<RoomInfo>),
+    /// History.
+    History {
+        /// Messages, in order.
+        msgs: Vec<StoredRef>,
+        /// Sequences after `after` that are no longer kept.
+        gap: Option<(u64, u64)>,
+        /// The last sequence.
+        head: u64,
+        /// The epoch.
+        epoch: u64,
+    },
+    /// Connections closed.
+    Kicked {
+        /// How many.
+        connections: usize,
+    },
 }
 
 /// Senders to every worker plus their wakeups. Cloned into each worker.

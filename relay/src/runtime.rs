@@ -80,7 +80,8 @@ impl RelayHandle {
         let epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_millis() as u64);
-        let directory = Arc::new(Directory::new(workers * 8, config.connection.max_rooms));
+        let directory = Arc::new(Directory::new(workers * 8, config.limits.max_rooms_per_user));
+        let total_conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (senders, receivers) = Mesh::channels(workers);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<(usize, std::io::Result<Wakeup>)>(workers);
         let (exited_tx, exited_rx) = crossbeam_channel::unbounded();
@@ -107,6 +108,7 @@ impl RelayHandle {
                 inbox,
                 epoch,
                 stats: core_stats,
+                total_conns: total_conns.clone(),
                 pin: core_ids.get(id % core_ids.len().max(1)).copied(),
             };
             let ready = ready_tx.clone();
@@ -258,6 +260,7 @@ struct Worker {
     inbox: Receiver<Vec<CoreMsg>>,
     epoch: u64,
     stats: Arc<CoreStats>,
+    total_conns: Arc<std::sync::atomic::AtomicUsize>,
     pin: Option<core_affinity::CoreId>,
 }
 
@@ -294,6 +297,7 @@ impl Worker {
             mesh,
             self.epoch,
             self.stats,
+            self.total_conns,
         );
         run_loop(&mut *backend, &mut core, &self.inbox)
     }

@@ -68,6 +68,14 @@ counters! {
     heartbeat_timeouts,
     /// Sends submitted (one per connection per loop tick at most).
     sends,
+    /// Publishes refused by the per-connection rate limit.
+    rate_limited,
+    /// Requests refused by another limit (payload, rooms, connections per user, ...).
+    limit_refusals,
+    /// Connections turned away with GOAWAY(overload) (connection cap or accept rate).
+    overload_refusals,
+    /// HELLOs refused for a bad or expired token.
+    auth_failures,
 }
 
 /// Increments a counter.

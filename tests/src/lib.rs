@@ -83,6 +83,7 @@ impl TestRelay {
         config.pin_workers = false;
         config.io_backend = backend;
         config.log.level = "warn".into();
+        config.control.listen = "127.0.0.1:0".into();
         tweak(&mut config);
         let handle = RelayHandle::start(config).expect("relay starts");
         let addr = handle.local_addr();

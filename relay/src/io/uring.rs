@@ -664,6 +664,7 @@ impl UringBackend {
             return;
         }
         let ud = user_data(OP_RECV, idx, generation);
+        eprintln!("DBGX arm recv idx={idx} gen={generation} fd={}", conn.fd);
         let entry = if multishot {
             opcode::RecvMulti::new(types::Fd(conn.fd), BGID).build().user_data(ud)
         } else {
@@ -738,6 +739,7 @@ impl UringBackend {
         }
         let token = conn.token;
         self.by_token.remove(&token);
+        eprintln!("DBGX closed idx={idx} token={token} {reason:?}");
         sink.closed(token, reason);
         self.begin_close(idx);
     }
@@ -867,6 +869,7 @@ impl UringBackend {
             }
         };
         let Some(token) = sink.accepted(&stream, peer) else { return };
+        eprintln!("DBGX accepted token={token} fd={}", stream.as_raw_fd());
         if self.by_token.contains_key(&token) {
             tracing::error!(token, "sink reused a live token; refusing the new connection");
             return;
@@ -899,6 +902,7 @@ impl UringBackend {
             Finalize,
         }
         let bid = cqueue::buffer_select(flags);
+        eprintln!("DBGX recv idx={idx} gen={generation} res={res} more={more} bid={bid:?}");
         let Self { slots, bufs, recv_multishot, .. } = self;
         let conn = match slots.get_mut(idx as usize) {
             Some(slot) if slot.generation == generation => slot.conn.as_deref_mut(),
