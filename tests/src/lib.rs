@@ -84,6 +84,9 @@ impl TestRelay {
         config.io_backend = backend;
         config.log.level = "warn".into();
         config.control.listen = "127.0.0.1:0".into();
+        // Tests publish in bulk from one connection; the rate limit has its own test.
+        config.limits.publish_rate = 1e9;
+        config.limits.publish_burst = 1e9;
         tweak(&mut config);
         let handle = RelayHandle::start(config).expect("relay starts");
         let addr = handle.local_addr();
