@@ -13,6 +13,9 @@ use thiserror::Error;
 
 use crate::io::BackendKind;
 
+/// The most header a DELIVER adds in front of a payload (PROTOCOL.md, section 4).
+pub const DELIVER_HEADER_MAX: usize = 288;
+
 /// The configuration the relay runs with when no file is given: loopback, no auth.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../relay.default.toml");
 
@@ -31,6 +34,9 @@ pub enum ConfigError {
     /// The TOML is malformed or names an unknown field.
     #[error("invalid config: {0}")]
     Parse(#[from] toml::de::Error),
+    /// The `[auth.jwt]` section is invalid (the message names the field).
+    #[error("invalid config: {0}")]
+    Auth(#[from] crate::auth::AuthError),
     /// A field holds a value the relay cannot run with.
     #[error("invalid config: `{field}`: {why}")]
     Invalid {
@@ -83,6 +89,8 @@ pub struct AuthConfig {
     /// Close a connection that has not completed HELLO within this time. Default 5 s.
     #[serde(with = "humantime_secs")]
     pub handshake_timeout: Duration,
+    /// Keys and leeway for `mode = "jwt"` (see [`crate::auth`]).
+    pub jwt: Option<crate::auth::JwtConfig>,
 }
 
 /// How clients authenticate.
@@ -91,6 +99,8 @@ pub struct AuthConfig {
 pub enum AuthMode {
     /// No authentication: the token is the user id.
     None,
+    /// A JWT signed by the app server (HS256 or EdDSA), checked against `[auth.jwt]` keys.
+    Jwt,
 }
 
 /// `[connection]`
@@ -327,6 +337,7 @@ impl Default for AuthConfig {
             mode: AuthMode::None,
             allow_none_on_public: false,
             handshake_timeout: Duration::from_secs(5),
+            jwt: None,
         }
     }
 }
@@ -457,6 +468,19 @@ impl Config {
                 ),
             ));
         }
+        match (self.auth.mode, &self.auth.jwt) {
+            (AuthMode::Jwt, None) => {
+                return Err(invalid("auth.jwt", "mode = \"jwt\" needs [auth.jwt] with keys"));
+            }
+            (AuthMode::Jwt, Some(jwt)) => jwt.validate()?,
+            (AuthMode::None, Some(_)) => {
+                return Err(invalid(
+                    "auth.mode",
+                    "[auth.jwt] is set but mode = \"none\"; set mode = \"jwt\" or remove it",
+                ));
+            }
+            (AuthMode::None, None) => {}
+        }
         if self.workers > 1024 {
             return Err(invalid("workers", "at most 1024"));
         }
@@ -532,10 +556,15 @@ impl Config {
         if !(l.new_connections_per_second > 0.0 && l.new_connections_per_second.is_finite()) {
             return Err(invalid("limits.new_connections_per_second", "must be a positive number"));
         }
-        if l.max_payload == 0 || l.max_payload > c.max_frame_len {
+        // A DELIVER carries up to 288 bytes more header than the PUBLISH it came from (a
+        // new sender's id, a full sequence, a time delta), and clients size their frame
+        // limit by the relay's: the largest payload must leave that room.
+        if l.max_payload == 0 || l.max_payload + DELIVER_HEADER_MAX > c.max_frame_len {
             return Err(invalid(
                 "limits.max_payload",
-                "must be > 0 and fit in connection.max_frame_len",
+                format!(
+                    "must be > 0 and at most connection.max_frame_len - {DELIVER_HEADER_MAX}"
+                ),
             ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)

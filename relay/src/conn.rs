@@ -155,6 +155,8 @@ pub struct Conn {
     pub shut: bool,
     /// Publishes allowed per second.
     pub publish_bucket: TokenBucket,
+    /// What the token allows (`None` without auth: everything a client may do).
+    pub claims: Option<Box<crate::auth::Claims>>,
     /// A service connection (trusted app server): exempt from the publish rate limit and
     /// allowed to publish anywhere.
     pub service: bool,
@@ -199,6 +201,7 @@ impl Conn {
             closing_since: None,
             shut: false,
             publish_bucket,
+            claims: None,
             service: false,
             reading: true,
             backend_reading: true,

@@ -88,6 +88,16 @@ impl<B: crate::io::Backend + ?Sized> Transport for B {
     }
 }
 
+/// What all workers share: counted or swapped per connection or per reload, never touched
+/// per message.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Connections open on the whole relay.
+    pub connections: AtomicUsize,
+    /// The token verifier (`None` without auth); swapped on reload.
+    pub verifier: parking_lot::RwLock<Option<Arc<crate::auth::Verifier>>>,
+}
+
 /// A room this worker owns.
 #[derive(Debug)]
 struct OwnedRoom {
@@ -162,8 +172,8 @@ pub struct Core {
     stats: Arc<CoreStats>,
     scratch: Vec<StoredRef>,
     rng: u64,
-    /// Connections open on the whole relay (one shared counter, touched per connection).
-    total_conns: Arc<AtomicUsize>,
+    /// State shared by all workers (touched per connection, never per message).
+    shared: Arc<Shared>,
     accept_bucket: TokenBucket,
 }
 
@@ -181,7 +191,7 @@ impl Core {
         mesh: Mesh,
         epoch: u64,
         stats: Arc<CoreStats>,
-        total_conns: Arc<AtomicUsize>,
+        shared: Arc<Shared>,
     ) -> Self {
         let cores = mesh.cores();
         let accept_rate = config.limits.new_connections_per_second / cores as f64;
@@ -215,7 +225,7 @@ impl Core {
             stats,
             scratch: Vec::new(),
             rng: 0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
-            total_conns,
+            shared,
             accept_bucket: TokenBucket::new(accept_rate, accept_rate.max(1.0), Instant::now()),
         }
     }
@@ -392,7 +402,7 @@ impl Core {
         };
         self.free_slots.push(slot as u32);
         dec(&self.stats.connections, 1);
-        self.total_conns.fetch_sub(1, Ordering::Relaxed);
+        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
         if conn.lagging {
             dec(&self.stats.lagging, 1);
         }
@@ -494,27 +504,46 @@ impl Core {
         (u64::from(asked_secs)).clamp(hb.min_interval.as_secs(), hb.max_interval.as_secs()) as u32
     }
 
-    fn authenticate(&self, token: &Bytes) -> Result<Text, (ErrorCode, String)> {
-        match self.config.auth.mode {
+    /// Checks HELLO's credential; the user and, with tokens, the claims.
+    fn authenticate(
+        &self,
+        token: &Bytes,
+    ) -> Result<(Text, Option<crate::auth::Claims>), (ErrorCode, String)> {
+        let user = match self.config.auth.mode {
             AuthMode::None => {
-                let user = Text::from_utf8(token.clone()).map_err(|_| {
-                    (ErrorCode::AuthFailed, "user id is not UTF-8".to_string())
-                })?;
-                if user.is_empty() || user.len() > self.decoder.limits().max_name_len {
-                    return Err((
-                        ErrorCode::AuthFailed,
-                        "user id must be 1..=255 bytes".to_string(),
-                    ));
-                }
-                Ok(user)
+                let user = Text::from_utf8(token.clone())
+                    .map_err(|_| (ErrorCode::AuthFailed, "user id is not UTF-8".to_string()))?;
+                (user, None)
             }
+            AuthMode::Jwt => {
+                let verifier = self.shared.verifier.read().clone();
+                let Some(verifier) = verifier else {
+                    return Err((ErrorCode::Internal, "no token keys loaded".to_string()));
+                };
+                let now_s = self.now_ms() / 1000;
+                match verifier.verify(token, now_s) {
+                    Ok(claims) => (Text::from(claims.user.as_str()), Some(claims)),
+                    Err(e) if e.is_expiry() => return Err((ErrorCode::TokenExpired, e.to_string())),
+                    Err(e) => return Err((ErrorCode::AuthFailed, e.to_string())),
+                }
+            }
+        };
+        if user.0.is_empty() || user.0.len() > self.decoder.limits().max_name_len {
+            return Err((
+                ErrorCode::AuthFailed,
+                "user id must be 1..=255 bytes".to_string(),
+            ));
         }
+        Ok(user)
     }
 
     fn on_hello(&mut self, token: Token, hello: pabal_codec::Hello) {
-        let user = match self.authenticate(&hello.token) {
-            Ok(user) => user,
-            Err((code, message)) => return self.fatal(token, code, message),
+        let (user, claims) = match self.authenticate(&hello.token) {
+            Ok(found) => found,
+            Err((code, message)) => {
+                inc(&self.stats.auth_failures, 1);
+                return self.fatal(token, code, message);
+            }
         };
         let granted = self.negotiate_heartbeat(hello.heartbeat_secs);
         let now_ms = self.now_ms();
@@ -524,6 +553,8 @@ impl Core {
         let Some(conn) = self.conn(token) else { return };
         conn.phase = Phase::Open;
         conn.user = Some(user.clone());
+        conn.service = claims.as_ref().is_some_and(|c| c.service);
+        conn.claims = claims.map(Box::new);
         conn.heartbeat = Duration::from_secs(u64::from(granted));
         conn.ctx = DeliverContext::new(now_ms, sender_aliases);
         let conn_id = conn.id;
@@ -659,12 +690,24 @@ impl Core {
                 format!("{}: a connection binds at most {max} rooms", room.name),
             );
         }
-        if is_room && self.config.auth.mode != AuthMode::None {
+        let conn = self.conn(token).map(|c| (c.service, c.claims.as_deref().cloned()));
+        let (service, claims) = conn.unwrap_or((false, None));
+        let permitted = match (&claims, is_room) {
+            (None, _) => true, // no auth: development mode, clients manage themselves
+            (Some(_), true) => service,
+            (Some(c), false) => c.may_subscribe(room.name.as_str()),
+        };
+        if !permitted {
+            let why = if is_room {
+                "rooms are joined through the app server"
+            } else {
+                "the token does not allow this channel"
+            };
             return self.refuse(
                 token,
                 ErrorCode::NotPermitted,
                 0,
-                format!("{}: rooms are joined through the app server", room.name),
+                format!("{}: {why}", room.name),
             );
         }
         let requester = Some(self.origin(token));
@@ -734,6 +777,9 @@ impl Core {
             );
         }
         let service = conn.service;
+        let may_publish = |name: &str| {
+            auth_none || service || conn.claims.as_ref().is_some_and(|c| c.may_publish(name))
+        };
         let sender = conn.user.clone().unwrap_or_default();
         let Some(Some(sub)) = conn.subs.get_mut(p.alias as usize) else {
             let reference = p.msg_id.unwrap_or(0);
@@ -748,9 +794,9 @@ impl Core {
             sub.acked = sub.acked.max(ack);
         }
         let room = sub.room.clone();
-        if room.channel && !auth_none && !service {
-            // With tokens, channel publishing is reserved to service connections (the
-            // channel's app server); clients read channels.
+        if room.channel && !may_publish(room.name.as_str()) {
+            // With tokens, a channel takes publishes from service connections and from
+            // users whose token names it in `pub`; everyone else only reads it.
             return self.refuse(
                 token,
                 ErrorCode::NotPermitted,
@@ -1894,7 +1940,7 @@ impl EventSink for Core {
         }
         self.now = Instant::now();
         self.configure_socket(stream);
-        let total = self.total_conns.fetch_add(1, Ordering::Relaxed) + 1;
+        let total = self.shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
         let overloaded = total > self.config.limits.max_connections || !self.accept_bucket.take(self.now);
         let slot = match self.free_slots.pop() {
             Some(slot) => slot as usize,

@@ -23,7 +23,7 @@ use crossbeam_channel::{Receiver, Sender};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
-use crate::core::Core;
+use crate::core::{Core, Shared};
 use crate::directory::Directory;
 use crate::io::probe::{self, BackendOptions, ResolvedKind};
 use crate::io::{Backend, Wakeup};
@@ -81,7 +81,11 @@ impl RelayHandle {
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_millis() as u64);
         let directory = Arc::new(Directory::new(workers * 8, config.limits.max_rooms_per_user));
-        let total_conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let shared = Arc::new(Shared::default());
+        if let Some(jwt) = &config.auth.jwt {
+            let verifier = crate::auth::Verifier::from_config(jwt).context("cannot load token keys")?;
+            *shared.verifier.write() = Some(Arc::new(verifier));
+        }
         let (senders, receivers) = Mesh::channels(workers);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<(usize, std::io::Result<Wakeup>)>(workers);
         let (exited_tx, exited_rx) = crossbeam_channel::unbounded();
@@ -108,7 +112,7 @@ impl RelayHandle {
                 inbox,
                 epoch,
                 stats: core_stats,
-                total_conns: total_conns.clone(),
+                shared: shared.clone(),
                 pin: core_ids.get(id % core_ids.len().max(1)).copied(),
             };
             let ready = ready_tx.clone();
@@ -260,7 +264,7 @@ struct Worker {
     inbox: Receiver<Vec<CoreMsg>>,
     epoch: u64,
     stats: Arc<CoreStats>,
-    total_conns: Arc<std::sync::atomic::AtomicUsize>,
+    shared: Arc<Shared>,
     pin: Option<core_affinity::CoreId>,
 }
 
@@ -297,7 +301,7 @@ impl Worker {
             mesh,
             self.epoch,
             self.stats,
-            self.total_conns,
+            self.shared,
         );
         run_loop(&mut *backend, &mut core, &self.inbox)
     }

@@ -21,7 +21,9 @@
 //!   `IORING_CQE_F_MORE`: ENOBUFS, CQ overflow, cancellation) is re-armed while the
 //!   connection reads. Without buffer rings / multishot receive (kernels before 6.0, or
 //!   [`BackendOptions::uring_multishot`] off) each connection gets its own buffer and a
-//!   single-shot `RECV`;
+//!   single-shot `RECV`. Next to a multishot receive, a one-shot `POLL_ADD(POLLRDHUP)`
+//!   watches for the peer's FIN, because a kernel race can lose a multishot receive's EOF
+//!   (see [`UringBackend::arm_hup`]);
 //! - send: one `SENDMSG` per batch, its iovecs pointing into the `Bytes` of the batch, which
 //!   the connection holds until the completion; a short write is resubmitted for the rest;
 //! - wake: multishot `POLL_ADD` on the eventfd;
@@ -81,6 +83,8 @@ const OP_CANCEL: u8 = 5;
 /// Close and listener/wake cancellations: nothing to do on completion.
 const OP_MISC: u8 = 6;
 const OP_WAKE: u8 = 7;
+/// The per-connection `POLLRDHUP` watch (see [`UringBackend::arm_hup`]).
+const OP_HUP: u8 = 8;
 const GEN_MASK: u32 = (1 << 24) - 1;
 
 fn user_data(op: u8, idx: u32, generation: u32) -> u64 {
@@ -243,6 +247,10 @@ struct Conn {
     reading: bool,
     recv_armed: bool,
     recv_cancelling: bool,
+    /// The `POLLRDHUP` watch is in flight.
+    hup_armed: bool,
+    /// The peer shut down or the socket failed: receive single-shot from now on.
+    rdhup: bool,
     /// EOF arrived while reads were paused; reported on resume, after `stash`.
     eof_pending: bool,
     /// Data that completed while reads were paused (a receive races its cancellation).
@@ -269,6 +277,8 @@ impl Conn {
             reading: true,
             recv_armed: false,
             recv_cancelling: false,
+            hup_armed: false,
+            rdhup: false,
             eof_pending: false,
             stash: Vec::new(),
             rbuf: None,
@@ -292,6 +302,7 @@ impl Conn {
     /// Operations in flight that name this connection's fd or memory.
     fn ops(&self) -> u32 {
         u32::from(self.recv_armed)
+            + u32::from(self.hup_armed)
             + u32::from(self.send.inflight)
             + u32::from(self.shutdown_inflight)
             + self.cancels
@@ -572,6 +583,7 @@ impl UringBackend {
             OP_ACCEPT => self.on_accept(idx as usize, res, more, sink),
             OP_RECV => self.on_recv(idx, generation, res, flags, more, sink),
             OP_SEND => self.on_send(idx, generation, res, sink),
+            OP_HUP => self.on_hup(idx, generation, res),
             OP_SHUTDOWN => {
                 if let Some(conn) = self.conn_mut(idx, generation) {
                     conn.shutdown_inflight = false;
@@ -655,7 +667,8 @@ impl UringBackend {
     }
 
     fn arm_recv(&mut self, idx: u32) {
-        let multishot = self.recv_multishot && self.bufs.is_some();
+        let ring = self.bufs.is_some();
+        let multishot = self.recv_multishot && ring;
         let buf_size = self.buf_size;
         let slot = &mut self.slots[idx as usize];
         let generation = slot.generation;
@@ -664,9 +677,15 @@ impl UringBackend {
             return;
         }
         let ud = user_data(OP_RECV, idx, generation);
-        eprintln!("DBGX arm recv idx={idx} gen={generation} fd={}", conn.fd);
-        let entry = if multishot {
+        let entry = if multishot && !conn.rdhup {
             opcode::RecvMulti::new(types::Fd(conn.fd), BGID).build().user_data(ud)
+        } else if ring {
+            // Single-shot, still selecting from the buffer ring (len 0: the buffer's size).
+            opcode::Recv::new(types::Fd(conn.fd), ptr::null_mut(), 0)
+                .buf_group(BGID)
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+                .user_data(ud)
         } else {
             let buf = conn.rbuf.get_or_insert_with(|| vec![0u8; buf_size].into_boxed_slice());
             let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
@@ -674,10 +693,40 @@ impl UringBackend {
         };
         conn.recv_armed = true;
         conn.recv_cancelling = false;
-        // SAFETY: multishot: the kernel writes only into buffer-ring memory, which outlives
-        // every operation (see `Drop`). Single-shot: `rbuf` is heap memory owned by the boxed
+        // SAFETY: with buffer select the kernel writes only into buffer-ring memory, which
+        // outlives every operation (see `Drop`). Otherwise `rbuf` is heap memory owned by the boxed
         // connection, which is freed only after this receive's final completion (`ops()`
         // counts it) and which we read only after that completion.
+        unsafe { self.push(entry) }
+    }
+
+    /// Watches the connection for the peer's FIN or an error with a one-shot
+    /// `POLL_ADD(POLLRDHUP)`, alongside the multishot receive.
+    ///
+    /// Why: on Linux up to at least 6.18 a multishot `RECV` whose first issue races with the
+    /// peer's data and FIN can post the data and then never post the EOF completion (the
+    /// connection would sit open until the worker's heartbeat gives up on it; compare
+    /// liburing issue #1549). Our tests hit it about once in a thousand short connections.
+    /// When this poll fires we cancel the multishot receive and read the rest of the stream
+    /// with single-shot receives, which do not have the race. The cost is one SQE per
+    /// connection and one completion when the peer goes away.
+    fn arm_hup(&mut self, idx: u32) {
+        if !(self.recv_multishot && self.bufs.is_some()) {
+            return; // single-shot receives report EOF reliably
+        }
+        let slot = &mut self.slots[idx as usize];
+        let generation = slot.generation;
+        let Some(conn) = slot.conn.as_deref_mut() else { return };
+        if conn.hup_armed || conn.rdhup || conn.closing {
+            return;
+        }
+        conn.hup_armed = true;
+        // POLLERR and POLLHUP are always reported.
+        let entry = opcode::PollAdd::new(types::Fd(conn.fd), libc::POLLRDHUP as u32)
+            .build()
+            .user_data(user_data(OP_HUP, idx, generation));
+        // SAFETY: a poll references no memory of ours; the fd stays open until its
+        // completion (`ops()` counts it).
         unsafe { self.push(entry) }
     }
 
@@ -739,7 +788,6 @@ impl UringBackend {
         }
         let token = conn.token;
         self.by_token.remove(&token);
-        eprintln!("DBGX closed idx={idx} token={token} {reason:?}");
         sink.closed(token, reason);
         self.begin_close(idx);
     }
@@ -757,14 +805,18 @@ impl UringBackend {
         conn.stash = Vec::new();
         let cancel_recv = conn.recv_armed && !conn.recv_cancelling;
         let cancel_send = conn.send.inflight;
+        let cancel_hup = conn.hup_armed;
         conn.recv_cancelling |= cancel_recv;
-        conn.cancels += u32::from(cancel_recv) + u32::from(cancel_send);
+        conn.cancels += u32::from(cancel_recv) + u32::from(cancel_send) + u32::from(cancel_hup);
         let on_behalf = user_data(OP_CANCEL, idx, generation);
         if cancel_recv {
             self.push_cancel(user_data(OP_RECV, idx, generation), on_behalf);
         }
         if cancel_send {
             self.push_cancel(user_data(OP_SEND, idx, generation), on_behalf);
+        }
+        if cancel_hup {
+            self.push_cancel(user_data(OP_HUP, idx, generation), on_behalf);
         }
         self.maybe_finalize(idx);
     }
@@ -869,7 +921,6 @@ impl UringBackend {
             }
         };
         let Some(token) = sink.accepted(&stream, peer) else { return };
-        eprintln!("DBGX accepted token={token} fd={}", stream.as_raw_fd());
         if self.by_token.contains_key(&token) {
             tracing::error!(token, "sink reused a live token; refusing the new connection");
             return;
@@ -884,6 +935,7 @@ impl UringBackend {
         self.slots[idx as usize].conn = Some(Box::new(Conn::new(token, stream)));
         self.by_token.insert(token, idx);
         self.arm_recv(idx);
+        self.arm_hup(idx);
     }
 
     fn on_recv(
@@ -902,7 +954,6 @@ impl UringBackend {
             Finalize,
         }
         let bid = cqueue::buffer_select(flags);
-        eprintln!("DBGX recv idx={idx} gen={generation} res={res} more={more} bid={bid:?}");
         let Self { slots, bufs, recv_multishot, .. } = self;
         let conn = match slots.get_mut(idx as usize) {
             Some(slot) if slot.generation == generation => slot.conn.as_deref_mut(),
@@ -984,6 +1035,32 @@ impl UringBackend {
             }
             Next::Close(reason) => self.close_with(idx, reason, sink),
             Next::Finalize => self.maybe_finalize(idx),
+        }
+    }
+
+    fn on_hup(&mut self, idx: u32, generation: u32, res: i32) {
+        let Some(conn) = self.conn_mut(idx, generation) else { return };
+        conn.hup_armed = false;
+        if conn.closing {
+            self.maybe_finalize(idx);
+            return;
+        }
+        if res < 0 {
+            if res != -libc::ECANCELED {
+                tracing::debug!(token = conn.token, error = %errno(res), "POLLRDHUP watch failed");
+            }
+            return;
+        }
+        // The peer is done sending (or the socket failed). Replace the multishot receive by
+        // single-shot ones; its cancellation completion re-arms (see `on_recv`).
+        conn.rdhup = true;
+        if conn.recv_armed && !conn.recv_cancelling {
+            conn.recv_cancelling = true;
+            conn.cancels += 1;
+            self.push_cancel(
+                user_data(OP_RECV, idx, generation),
+                user_data(OP_CANCEL, idx, generation),
+            );
         }
     }
 
