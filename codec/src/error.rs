@@ -45,7 +45,11 @@ pub enum DecodeError {
     InvalidUtf8 { field: &'static str },
     /// A length-limited field exceeds its limit.
     #[error("{field} of {len} exceeds the limit of {max}")]
-    TooLong { field: &'static str, len: u64, max: usize },
+    TooLong {
+        field: &'static str,
+        len: u64,
+        max: usize,
+    },
     /// HELLO asked for a protocol version this side does not speak. The peer is
     /// incompatible rather than broken: answer [`ErrorCode::UnsupportedVersion`].
     #[error("unsupported protocol version {version}")]
@@ -53,7 +57,10 @@ pub enum DecodeError {
     /// A field holds a value the protocol forbids (e.g. an empty name, a gap whose end is
     /// before its start).
     #[error("invalid {field}: {why}")]
-    Invalid { field: &'static str, why: &'static str },
+    Invalid {
+        field: &'static str,
+        why: &'static str,
+    },
 }
 
 impl DecodeError {

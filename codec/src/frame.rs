@@ -858,9 +858,7 @@ impl ServerFrame {
                     + len_u64(r.head)
                     + text_len(&r.name)
             }
-            ServerFrame::Left(l) => {
-                1 + len_u64(u64::from(l.alias)) + len_u64(l.reason.to_wire())
-            }
+            ServerFrame::Left(l) => 1 + len_u64(u64::from(l.alias)) + len_u64(l.reason.to_wire()),
             ServerFrame::PubAck(p) => 1 + len_u64(p.msg_id) + len_u64(p.seq),
             ServerFrame::Deliver(d) => d.header.fields_len() + d.payload.len(),
             ServerFrame::Gap(g) => {
@@ -870,9 +868,7 @@ impl ServerFrame {
                 1 + len_u64(e.code.to_wire()) + len_u64(e.reference) + text_len(&e.message)
             }
             ServerFrame::GoAway(g) => {
-                1 + len_u64(g.reason.to_wire())
-                    + len_u64(g.retry_after_ms)
-                    + text_len(&g.message)
+                1 + len_u64(g.reason.to_wire()) + len_u64(g.retry_after_ms) + text_len(&g.message)
             }
             ServerFrame::Ping(p) => 1 + p.interval_secs.map_or(0, |i| len_u64(u64::from(i))),
             ServerFrame::Pong(p) => 1 + p.interval_secs.map_or(0, |i| len_u64(u64::from(i))),

@@ -97,7 +97,10 @@ impl<'a> Reader<'a> {
     pub(crate) fn name(&mut self, field: &'static str, max: usize) -> Result<Text, DecodeError> {
         let text = self.text(field, max)?;
         if text.is_empty() {
-            return Err(DecodeError::Invalid { field, why: "empty" });
+            return Err(DecodeError::Invalid {
+                field,
+                why: "empty",
+            });
         }
         Ok(text)
     }

@@ -16,8 +16,8 @@ use bytes::Bytes;
 
 use crate::error::{LeftReason, SessionError};
 use crate::frame::{
-    ClientFrame, DeliverHeader, ErrorFrame, GoAway, Hello, PROTOCOL_VERSION, Ping, Pong,
-    Publish, ResumeEntry, ResumeList, ServerFrame, Welcome,
+    ClientFrame, DeliverHeader, ErrorFrame, GoAway, Hello, PROTOCOL_VERSION, Ping, Pong, Publish,
+    ResumeEntry, ResumeList, ServerFrame, Welcome,
 };
 use crate::text::Text;
 
@@ -380,7 +380,9 @@ impl ClientSession {
                     .get(&h.sender_alias)
                     .cloned()
                     .ok_or(SessionError::UnknownSender(h.sender_alias))?;
-                let ts = (self.last_ts_ms as i64).saturating_add(h.ts_delta_ms).max(0) as u64;
+                let ts = (self.last_ts_ms as i64)
+                    .saturating_add(h.ts_delta_ms)
+                    .max(0) as u64;
                 self.last_ts_ms = ts;
                 let seq = if h.ephemeral {
                     None
@@ -481,7 +483,12 @@ mod tests {
         let mut client = ClientSession::new();
         client.apply(welcome(1_000)).unwrap();
         client.apply(room(0, 10)).unwrap();
-        let senders = [Text::from("ann"), Text::from("cat"), Text::from("dan"), Text::from("ann")];
+        let senders = [
+            Text::from("ann"),
+            Text::from("cat"),
+            Text::from("dan"),
+            Text::from("ann"),
+        ];
         let mut cursor = 10;
         for (i, s) in senders.iter().enumerate() {
             let seq = 11 + i as u64;
@@ -496,7 +503,12 @@ mod tests {
                 }))
                 .unwrap();
             match ev {
-                Event::Message { seq: got, sender, ts_ms, .. } => {
+                Event::Message {
+                    seq: got,
+                    sender,
+                    ts_ms,
+                    ..
+                } => {
                     assert_eq!(got, Some(seq));
                     assert_eq!(&sender, s);
                     assert_eq!(ts_ms, ts);
@@ -517,15 +529,34 @@ mod tests {
         let header = relay.header(0, Some(5), 3, &sender, 0);
         assert_eq!(header.seq, Some(5));
         let err = client
-            .apply(ServerFrame::Deliver(Deliver { header: header.clone(), payload: Bytes::new() }))
+            .apply(ServerFrame::Deliver(Deliver {
+                header: header.clone(),
+                payload: Bytes::new(),
+            }))
             .unwrap_err();
-        assert_eq!(err, SessionError::SequenceBreak { alias: 0, cursor: 3, got: 5 });
+        assert_eq!(
+            err,
+            SessionError::SequenceBreak {
+                alias: 0,
+                cursor: 3,
+                got: 5
+            }
+        );
         // Our own message 4, acknowledged while we lag, may be skipped.
         let (msg_id, _) = client.publish(0, Bytes::from_static(b"me"), None);
         // Pretend we are behind: the ack for 4 arrives with cursor 3, so it is recorded.
-        client.apply(ServerFrame::PubAck(PubAck { msg_id, seq: 4 })).unwrap();
-        assert_eq!(client.room(0).unwrap().cursor, 4, "contiguous own message advances");
-        let ev = client.apply(ServerFrame::Deliver(Deliver { header, payload: Bytes::new() }));
+        client
+            .apply(ServerFrame::PubAck(PubAck { msg_id, seq: 4 }))
+            .unwrap();
+        assert_eq!(
+            client.room(0).unwrap().cursor,
+            4,
+            "contiguous own message advances"
+        );
+        let ev = client.apply(ServerFrame::Deliver(Deliver {
+            header,
+            payload: Bytes::new(),
+        }));
         assert!(matches!(ev, Ok(Event::Message { seq: Some(5), .. })));
     }
 
@@ -534,8 +565,22 @@ mod tests {
         let mut client = ClientSession::new();
         client.apply(welcome(0)).unwrap();
         client.apply(room(0, 3)).unwrap();
-        assert!(client.apply(ServerFrame::Gap(Gap { alias: 0, from: 5, to: 9 })).is_err());
-        client.apply(ServerFrame::Gap(Gap { alias: 0, from: 4, to: 9 })).unwrap();
+        assert!(
+            client
+                .apply(ServerFrame::Gap(Gap {
+                    alias: 0,
+                    from: 5,
+                    to: 9
+                }))
+                .is_err()
+        );
+        client
+            .apply(ServerFrame::Gap(Gap {
+                alias: 0,
+                from: 4,
+                to: 9,
+            }))
+            .unwrap();
         assert_eq!(client.room(0).unwrap().cursor, 9);
     }
 
@@ -550,7 +595,11 @@ mod tests {
         let entries: Vec<_> = hello.resume.iter().collect();
         assert_eq!(
             entries,
-            vec![ResumeEntry { room_id: room_id(false, "r1"), epoch: 5, last_seq: 42 }]
+            vec![ResumeEntry {
+                room_id: room_id(false, "r1"),
+                epoch: 5,
+                last_seq: 42
+            }]
         );
         assert_eq!(client.room(0).unwrap().cursor, 42, "entry 0 is alias 0");
         assert!(client.room(3).is_none());
@@ -559,7 +608,10 @@ mod tests {
     #[test]
     fn frames_before_welcome_are_refused() {
         let mut client = ClientSession::new();
-        assert_eq!(client.apply(room(0, 0)), Err(SessionError::BeforeWelcome("ROOM")));
+        assert_eq!(
+            client.apply(room(0, 0)),
+            Err(SessionError::BeforeWelcome("ROOM"))
+        );
     }
 
     #[test]

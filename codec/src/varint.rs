@@ -107,7 +107,10 @@ mod tests {
     #[test]
     fn rejects_overlong_and_overflow() {
         assert_eq!(get_u64(&[0x80, 0x00]), Err(DecodeError::NonCanonicalVarint));
-        assert_eq!(get_u64(&[0x81, 0x80, 0x00]), Err(DecodeError::NonCanonicalVarint));
+        assert_eq!(
+            get_u64(&[0x81, 0x80, 0x00]),
+            Err(DecodeError::NonCanonicalVarint)
+        );
         let overflow = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02];
         assert_eq!(get_u64(&overflow), Err(DecodeError::VarintOverflow));
         let too_long = [0x80; 11];

@@ -1,13 +1,37 @@
-//! pabal-loadgen: virtual phones on emulated mobile links, driving a pabal relay.
+//! pabal-loadgen: virtual phones on emulated mobile links, driving a pabal relay, with
+//! delivery verification.
 //!
-//! The library holds loadgen's pieces that need no I/O, so they can be tested on their own:
-//! - [`link`]: the sans-IO link model (bandwidth, delay, jitter, loss as RTO stalls, 3G/LTE
-//!   radio states, carrier NAT expiry, handovers) that the event loop consults for every byte;
-//! - [`profiles`]: the named link profiles (gprs, 3g-slow, 3g, hspa, lte, unshaped), TOML
-//!   loading, and weighted profile mixes for a population of phones.
+//! Sans-IO pieces, testable on their own:
+//! - [`link`]: the link model (bandwidth, delay, jitter, loss as RTO stalls, 3G/LTE radio
+//!   states, carrier NAT expiry, handovers) that the event loop consults for every byte;
+//! - [`profiles`]: the named link profiles and weighted profile mixes;
+//! - [`scenario`]: scenario files (TOML) and `--scale`;
+//! - [`plan`]: the concrete population a scenario and seed describe;
+//! - [`payload`]: the measurement header every message carries;
+//! - [`verify`]: the ledger of what the relay acknowledged, and the verdict;
+//! - [`metrics`]: histograms and counters;
+//! - [`report`]: the table, JSON and SVG.
 //!
-//! The sources of every profile value are in `loadgen/LINKS.md`.
+//! With I/O:
+//! - [`phone`]: one virtual phone (socket, link, session, schedule);
+//! - [`worker`]: one thread's mio event loop over many phones;
+//! - [`run`]: a whole run; [`api`]: tokens and the relay's server API; [`spawn`]: a child
+//!   relay for `--spawn-relay`.
+//!
+//! The sources of every profile value are in `loadgen/LINKS.md`; how to run it, in
+//! `loadgen/README.md`.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod link;
+pub mod metrics;
+pub mod payload;
+pub mod phone;
+pub mod plan;
 pub mod profiles;
+pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod spawn;
+pub mod verify;
+pub mod worker;

@@ -1,1 +1,190 @@
-fn main() {}
+//! `loadgen`: thousands of virtual phones on emulated mobile links against a pabal relay, with
+//! delivery verification. See `loadgen/README.md`.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use mimalloc::MiMalloc;
+use pabal_loadgen::api::{ControlApi, Tokens};
+use pabal_loadgen::report;
+use pabal_loadgen::run::{RunConfig, run};
+use pabal_loadgen::scenario::Scenario;
+use pabal_loadgen::spawn::{SpawnOptions, SpawnedRelay};
+
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
+
+/// Virtual phones on emulated 3G/LTE links against a pabal relay, with delivery verification.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The scenario (TOML; see loadgen/scenarios/). Without one, the defaults: 1000 phones.
+    scenario: Option<PathBuf>,
+    /// The relay to load.
+    #[arg(long, default_value = "127.0.0.1:7700", conflicts_with = "spawn_relay")]
+    target: SocketAddr,
+    /// Start a local relay (the `relay` binary next to loadgen's) for the run, then stop it.
+    #[arg(long)]
+    spawn_relay: bool,
+    /// Worker threads of the spawned relay (default: the scenario's `[relay] workers`).
+    #[arg(long, requires = "spawn_relay")]
+    relay_workers: Option<usize>,
+    /// The relay binary for --spawn-relay.
+    #[arg(long, requires = "spawn_relay")]
+    relay_bin: Option<PathBuf>,
+    /// loadgen's event-loop threads (phones are spread over them).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Multiply the population (phones, channel subscribers) and population-level rates.
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Override the scenario's seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override the steady phase's length, seconds.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Override the longest drain, seconds.
+    #[arg(long)]
+    drain: Option<f64>,
+    /// Override the number of phones (before --scale).
+    #[arg(long)]
+    phones: Option<u64>,
+    /// Override the link profile mix, e.g. `3g` or `3g:60,lte:40`.
+    #[arg(long)]
+    profiles: Option<String>,
+    /// Write the JSON report here.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Write an SVG chart of latency percentiles over time here.
+    #[arg(long, value_name = "PATH")]
+    svg: Option<PathBuf>,
+    /// HS256 secret file: phones present JWTs minted with it (the relay must require them).
+    #[arg(long, value_name = "PATH", requires = "api_key_file")]
+    jwt_secret_file: Option<PathBuf>,
+    /// The relay's control API, `http://127.0.0.1:PORT` (membership and channel publishes).
+    #[arg(long, value_name = "URL")]
+    control: Option<String>,
+    /// File holding the control API key.
+    #[arg(long, value_name = "PATH")]
+    api_key_file: Option<PathBuf>,
+    /// Spread phones over this many loopback source addresses (127.0.1.x), for more than
+    /// ~28,000 connections to one relay port.
+    #[arg(long, default_value_t = 1)]
+    source_ips: usize,
+    /// No live progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match main_inner() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn main_inner() -> anyhow::Result<bool> {
+    let cli = Cli::parse();
+    let mut scenario = match &cli.scenario {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            Scenario::parse(&text).with_context(|| path.display().to_string())?
+        }
+        None => Scenario::default(),
+    };
+    if let Some(seed) = cli.seed {
+        scenario.seed = seed;
+    }
+    if let Some(d) = cli.duration {
+        scenario.duration_s = d;
+    }
+    if let Some(d) = cli.drain {
+        scenario.drain_s = d;
+    }
+    if let Some(n) = cli.phones {
+        scenario.population.phones = n;
+    }
+    if let Some(p) = &cli.profiles {
+        scenario.population.profiles = p.clone();
+    }
+    if !(cli.scale.is_finite() && cli.scale > 0.0) {
+        anyhow::bail!("--scale must be a positive number");
+    }
+    scenario.validate()?;
+    let scenario = scenario.scaled(cli.scale);
+
+    let relay = if cli.spawn_relay {
+        let options = SpawnOptions {
+            relay_bin: cli.relay_bin.clone(),
+            workers: cli.relay_workers.unwrap_or(scenario.relay.workers),
+            spec: scenario.relay.clone(),
+            jwt_secret_file: cli.jwt_secret_file.clone(),
+            api_key_file: cli.api_key_file.clone(),
+        };
+        let relay = SpawnedRelay::start(&options)?;
+        eprintln!(
+            "spawned relay: clients on {}, control on {} ({} worker(s))",
+            relay.addr,
+            relay.control,
+            options.workers.max(1)
+        );
+        Some(relay)
+    } else {
+        None
+    };
+    let target = relay.as_ref().map_or(cli.target, |r| r.addr);
+    let mut config = RunConfig::from_scenario(&scenario, target)?;
+    config.threads = cli.threads;
+    config.progress = !cli.quiet;
+    config.source_ips = cli.source_ips;
+    if let Some(secret) = &cli.jwt_secret_file {
+        config.tokens = Tokens::from_secret_file(secret)?;
+        let url = match (&cli.control, &relay) {
+            (Some(url), _) => url.clone(),
+            (None, Some(r)) => format!("http://{}", r.control),
+            (None, None) => anyhow::bail!("--jwt-secret-file needs --control (or --spawn-relay)"),
+        };
+        let key = cli.api_key_file.as_deref().map(ControlApi::read_key).transpose()?;
+        config.control = Some(ControlApi::new(&url, key)?);
+    }
+    eprintln!(
+        "{}: {} phones, {} rooms, {} thread(s), target {target}",
+        scenario.name,
+        config.plan.phones.len(),
+        config.plan.rooms.len(),
+        config.threads
+    );
+    let result = run(config);
+    if let Some(relay) = relay {
+        match relay.stop() {
+            Ok(Some(status)) if !status.success() => eprintln!("the spawned relay exited with {status}"),
+            Err(e) => eprintln!("stopping the spawned relay: {e:#}"),
+            _ => {}
+        }
+    }
+    let report = result?;
+    print!("{}", report::table(&report));
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(&report::to_json(&report))?;
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &cli.svg {
+        std::fs::write(path, report::to_svg(&report))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(report.passed())
+}

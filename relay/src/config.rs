@@ -284,10 +284,13 @@ impl ControlConfig {
         if self.listen.is_empty() {
             return Ok(None);
         }
-        self.listen.parse().map(Some).map_err(|e| ConfigError::Invalid {
-            field: "control.listen",
-            why: format!("`{}`: {e}", self.listen),
-        })
+        self.listen
+            .parse()
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid {
+                field: "control.listen",
+                why: format!("`{}`: {e}", self.listen),
+            })
     }
 }
 
@@ -470,7 +473,10 @@ impl Config {
         }
         match (self.auth.mode, &self.auth.jwt) {
             (AuthMode::Jwt, None) => {
-                return Err(invalid("auth.jwt", "mode = \"jwt\" needs [auth.jwt] with keys"));
+                return Err(invalid(
+                    "auth.jwt",
+                    "mode = \"jwt\" needs [auth.jwt] with keys",
+                ));
             }
             (AuthMode::Jwt, Some(jwt)) => jwt.validate()?,
             (AuthMode::None, Some(_)) => {
@@ -486,7 +492,10 @@ impl Config {
         }
         let c = &self.connection;
         if !(64..=16 * 1024 * 1024).contains(&c.max_frame_len) {
-            return Err(invalid("connection.max_frame_len", "must be 64 B ..= 16 MiB"));
+            return Err(invalid(
+                "connection.max_frame_len",
+                "must be 64 B ..= 16 MiB",
+            ));
         }
         if c.max_queued_bytes < c.max_frame_len + 64 {
             return Err(invalid(
@@ -554,7 +563,10 @@ impl Config {
             return Err(invalid("limits.publish_burst", "must be >= 1"));
         }
         if !(l.new_connections_per_second > 0.0 && l.new_connections_per_second.is_finite()) {
-            return Err(invalid("limits.new_connections_per_second", "must be a positive number"));
+            return Err(invalid(
+                "limits.new_connections_per_second",
+                "must be a positive number",
+            ));
         }
         // A DELIVER carries up to 288 bytes more header than the PUBLISH it came from (a
         // new sender's id, a full sequence, a time delta), and clients size their frame
@@ -562,9 +574,7 @@ impl Config {
         if l.max_payload == 0 || l.max_payload + DELIVER_HEADER_MAX > c.max_frame_len {
             return Err(invalid(
                 "limits.max_payload",
-                format!(
-                    "must be > 0 and at most connection.max_frame_len - {DELIVER_HEADER_MAX}"
-                ),
+                format!("must be > 0 and at most connection.max_frame_len - {DELIVER_HEADER_MAX}"),
             ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
@@ -649,6 +659,7 @@ mod humantime_secs_opt {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
 mod tests {
     use super::*;
 
@@ -683,7 +694,10 @@ mod tests {
     fn bad_values_name_their_field() {
         for (toml, field) in [
             ("[heartbeat]\ninterval = \"1s\"", "heartbeat.interval"),
-            ("[connection]\nmax_frame_len = 1", "connection.max_frame_len"),
+            (
+                "[connection]\nmax_frame_len = 1",
+                "connection.max_frame_len",
+            ),
             ("[log]\nlevel = \"[[[\"", "log.level"),
             ("[heartbeat]\ntimeout = \"5 parsecs\"", "parsecs"),
         ] {

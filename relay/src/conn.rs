@@ -291,6 +291,7 @@ impl Conn {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
 mod tests {
     use super::*;
 
@@ -300,7 +301,10 @@ mod tests {
         let mut b = TokenBucket::new(10.0, 3.0, t0);
         assert!(b.take(t0) && b.take(t0) && b.take(t0));
         assert!(!b.take(t0), "burst spent");
-        assert!(b.take(t0 + Duration::from_millis(100)), "one token per 100 ms");
+        assert!(
+            b.take(t0 + Duration::from_millis(100)),
+            "one token per 100 ms"
+        );
         assert!(!b.take(t0 + Duration::from_millis(150)));
         // Idle for long: never more than the burst.
         let later = t0 + Duration::from_secs(60);

@@ -32,9 +32,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use pabal_codec::{
-    ClientFrame, DecodeError, Decoder, DeliverContext, ErrorCode, ErrorFrame, GoAway,
-    GoAwayReason, Left, LeftReason, Limits, PROTOCOL_VERSION, Pong, PubAck, Room, ServerFrame,
-    Text, Welcome,
+    ClientFrame, DecodeError, Decoder, DeliverContext, ErrorCode, ErrorFrame, GoAway, GoAwayReason,
+    Left, LeftReason, Limits, PROTOCOL_VERSION, Pong, PubAck, Room, ServerFrame, Text, Welcome,
 };
 use socket2::{SockRef, TcpKeepalive};
 
@@ -230,6 +229,11 @@ impl Core {
         }
     }
 
+    /// Counts a loop iteration.
+    pub fn tick(&self) {
+        inc(&self.stats.ticks, 1);
+    }
+
     /// Sets the time for the events that follow.
     pub fn set_now(&mut self, now: Instant) {
         self.now = now;
@@ -255,8 +259,7 @@ impl Core {
 
     /// The worker has finished its shutdown and its loop should end.
     pub fn finished(&self) -> bool {
-        self.shutdown.stop
-            || (self.shutdown.goaways_sent && self.conns.iter().all(Option::is_none))
+        self.shutdown.stop || (self.shutdown.goaways_sent && self.conns.iter().all(Option::is_none))
     }
 
     /// How long the loop may sleep before a timer is due.
@@ -286,7 +289,7 @@ impl Core {
         self.outbox[core].push(msg);
     }
 
-    fn to_owner(&mut self, room: &RoomName, msg: CoreMsg) {
+    fn send_to_owner(&mut self, room: &RoomName, msg: CoreMsg) {
         let owner = room.owner(self.cores);
         self.send_to(owner, msg);
     }
@@ -434,7 +437,7 @@ impl Core {
             }
         }
         let core = self.id;
-        self.to_owner(
+        self.send_to_owner(
             room,
             CoreMsg::Unsubscribed {
                 room: room.clone(),
@@ -523,7 +526,9 @@ impl Core {
                 let now_s = self.now_ms() / 1000;
                 match verifier.verify(token, now_s) {
                     Ok(claims) => (Text::from(claims.user.as_str()), Some(claims)),
-                    Err(e) if e.is_expiry() => return Err((ErrorCode::TokenExpired, e.to_string())),
+                    Err(e) if e.is_expiry() => {
+                        return Err((ErrorCode::TokenExpired, e.to_string()));
+                    }
                     Err(e) => return Err((ErrorCode::AuthFailed, e.to_string())),
                 }
             }
@@ -543,6 +548,18 @@ impl Core {
             Err((code, message)) => {
                 inc(&self.stats.auth_failures, 1);
                 return self.fatal(token, code, message);
+            }
+        };
+        // Register with the directory first: a refusal must come before the session opens.
+        let rooms = match self.directory.connect(
+            &user,
+            self.id,
+            self.config.limits.max_connections_per_user,
+        ) {
+            Ok(rooms) => rooms,
+            Err(e) => {
+                inc(&self.stats.limit_refusals, 1);
+                return self.fatal(token, ErrorCode::LimitExceeded, e.to_string());
             }
         };
         let granted = self.negotiate_heartbeat(hello.heartbeat_secs);
@@ -569,20 +586,6 @@ impl Core {
                 user: user.clone(),
             }),
         );
-        let rooms = match self.directory.connect(
-            &user,
-            self.id,
-            self.config.limits.max_connections_per_user,
-        ) {
-            Ok(rooms) => rooms,
-            Err(e) => {
-                inc(&self.stats.limit_refusals, 1);
-                if let Some(conn) = self.conn(token) {
-                    conn.user = None; // not registered in the directory
-                }
-                return self.fatal(token, ErrorCode::LimitExceeded, e.to_string());
-            }
-        };
         self.users.entry(user.clone()).or_default().push(token);
 
         // Resolve resume entries against the user's own rooms: entry i is alias i.
@@ -652,7 +655,7 @@ impl Core {
         }
         let origin = self.origin(token);
         for (alias, room, from) in subscribe {
-            self.to_owner(
+            self.send_to_owner(
                 &room.clone(),
                 CoreMsg::Subscribe {
                     room,
@@ -673,11 +676,11 @@ impl Core {
         let user = conn.user.clone().unwrap_or_default();
         if let Some(alias) = conn.alias_of(&room) {
             // Already bound: restate the binding so a client waiting for ROOM gets one.
-            if let Some(Some(sub)) = conn.subs.get(alias as usize) {
-                if sub.mode != SubMode::Pending {
-                    let frame = room_frame(alias, sub, sub.position);
-                    self.write(token, &frame);
-                }
+            if let Some(Some(sub)) = conn.subs.get(alias as usize)
+                && sub.mode != SubMode::Pending
+            {
+                let frame = room_frame(alias, sub, sub.position);
+                self.write(token, &frame);
             }
             return;
         }
@@ -690,7 +693,9 @@ impl Core {
                 format!("{}: a connection binds at most {max} rooms", room.name),
             );
         }
-        let conn = self.conn(token).map(|c| (c.service, c.claims.as_deref().cloned()));
+        let conn = self
+            .conn(token)
+            .map(|c| (c.service, c.claims.as_deref().cloned()));
         let (service, claims) = conn.unwrap_or((false, None));
         let permitted = match (&claims, is_room) {
             (None, _) => true, // no auth: development mode, clients manage themselves
@@ -711,7 +716,7 @@ impl Core {
             );
         }
         let requester = Some(self.origin(token));
-        self.to_owner(
+        self.send_to_owner(
             &room.clone(),
             CoreMsg::Join {
                 room,
@@ -739,7 +744,7 @@ impl Core {
         } else {
             LeftReason::Unsubscribed
         };
-        self.to_owner(
+        self.send_to_owner(
             &room.clone(),
             CoreMsg::Leave {
                 room,
@@ -820,7 +825,7 @@ impl Core {
                 payload: p.payload,
             },
         };
-        self.to_owner(&room, msg);
+        self.send_to_owner(&room, msg);
     }
 
     // ---------------------------------------------------------------------------------
@@ -907,8 +912,13 @@ impl Core {
                 owned.history.evict_expired(now_ms);
                 let start = match from {
                     StartFrom::Live => owned.head,
-                    StartFrom::Resume { epoch, last_seq: s } | StartFrom::Join { epoch, seq: s } => {
-                        if epoch == owned.epoch { s.min(owned.head) } else { 0 }
+                    StartFrom::Resume { epoch, last_seq: s }
+                    | StartFrom::Join { epoch, seq: s } => {
+                        if epoch == owned.epoch {
+                            s.min(owned.head)
+                        } else {
+                            0
+                        }
                     }
                 };
                 let info = owned
@@ -917,7 +927,7 @@ impl Core {
                 let (epoch, head) = (owned.epoch, owned.head);
                 let page = Page {
                     gap: info.gap,
-                    msgs: msgs.drain(..).collect(),
+                    msgs: std::mem::take(&mut msgs),
                     complete: info.complete,
                 };
                 self.scratch = msgs;
@@ -976,6 +986,9 @@ impl Core {
                 requester,
             } => {
                 if let Err(e) = self.join_member(&room, &user, unblock) {
+                    if !matches!(e, DirectoryError::Blocked(_)) {
+                        inc(&self.stats.limit_refusals, 1);
+                    }
                     if let Some(origin) = requester {
                         let code = match e {
                             DirectoryError::Blocked(_) => ErrorCode::NotPermitted,
@@ -1039,17 +1052,17 @@ impl Core {
                 alias,
             } => {
                 let token = origin.token;
-                if let Some(conn) = self.conn(token) {
-                    if conn.sub_for(alias, &room).is_some() {
-                        conn.subs[alias as usize] = None;
-                        self.write(
-                            token,
-                            &ServerFrame::Left(Left {
-                                alias,
-                                reason: LeftReason::Removed,
-                            }),
-                        );
-                    }
+                if let Some(conn) = self.conn(token)
+                    && conn.sub_for(alias, &room).is_some()
+                {
+                    conn.subs[alias as usize] = None;
+                    self.write(
+                        token,
+                        &ServerFrame::Left(Left {
+                            alias,
+                            reason: LeftReason::Removed,
+                        }),
+                    );
                 }
             }
             CoreMsg::Deliver { room, msg } => self.fan_out(&room, &msg),
@@ -1069,6 +1082,11 @@ impl Core {
             CoreMsg::MemberLeft { room, user, reason } => self.on_member_left(room, user, reason),
             CoreMsg::Drain => self.begin_drain(),
             CoreMsg::Fence { round } => self.on_fence(round),
+            CoreMsg::Probe { seq } => {
+                self.stats.probe_ack.store(seq, Ordering::Relaxed);
+            }
+            CoreMsg::Reload(config) => self.reload(config),
+            CoreMsg::Stall(duration) => std::thread::sleep(duration),
             CoreMsg::Stop => {
                 self.shutdown.stop = true;
                 let tokens: Vec<Token> = self.conns.iter().flatten().map(|c| c.token).collect();
@@ -1078,6 +1096,32 @@ impl Core {
                 self.close_listeners = true;
             }
         }
+    }
+
+    /// Applies what can change live; owned rooms take the new retention, connections the
+    /// new publish limits.
+    fn reload(&mut self, config: Arc<Config>) {
+        for (room, owned) in &mut self.owned {
+            owned
+                .history
+                .set_retention(config.retention_for(room.name.as_str()));
+        }
+        let limits = &config.limits;
+        for conn in self.conns.iter_mut().flatten() {
+            conn.publish_bucket
+                .reconfigure(limits.publish_rate, limits.publish_burst);
+        }
+        let rate = limits.new_connections_per_second / self.cores as f64;
+        self.accept_bucket.reconfigure(rate, rate.max(1.0));
+        self.config = config;
+    }
+
+    /// Sums the bytes queued on every connection into the gauge (once a second).
+    pub fn sample_queues(&mut self) {
+        let total: usize = self.conns.iter().flatten().map(Conn::queued).sum();
+        self.stats
+            .queued_bytes
+            .store(total as u64, Ordering::Relaxed);
     }
 
     /// The owner adds a member: records the join point (the room's head now, so the new
@@ -1117,7 +1161,13 @@ impl Core {
     /// The owner removes a member and unbinds the room on the user's connections. Deliveries
     /// from this owner after this point never reach them (messages between two workers keep
     /// their order). Returns whether the user was a member.
-    fn leave_member(&mut self, room: &RoomName, user: &Text, block: bool, reason: LeftReason) -> bool {
+    fn leave_member(
+        &mut self,
+        room: &RoomName,
+        user: &Text,
+        block: bool,
+        reason: LeftReason,
+    ) -> bool {
         let (was, cores) = self.directory.remove(user, room, block);
         if let Some(owned) = self.owned.get_mut(room) {
             owned.members.remove(user);
@@ -1175,7 +1225,8 @@ impl Core {
             } => {
                 let mut out = Vec::with_capacity(rooms.len());
                 for room in rooms {
-                    let seq = self.accept_publish(room.clone(), None, sender.clone(), payload.clone());
+                    let seq =
+                        self.accept_publish(room.clone(), None, sender.clone(), payload.clone());
                     out.push((room, seq));
                 }
                 ControlReply::PublishedMany(out)
@@ -1209,7 +1260,9 @@ impl Core {
                         Ok(true) => added.push(user),
                         Ok(false) => {}
                         Err(e) => {
-                            inc(&self.stats.limit_refusals, 1);
+                            if !matches!(e, DirectoryError::Blocked(_)) {
+                                inc(&self.stats.limit_refusals, 1);
+                            }
                             refused.push((user, e.to_string()));
                         }
                     }
@@ -1244,7 +1297,9 @@ impl Core {
                     Some(o) => {
                         o.history.evict_expired(now_ms);
                         let mut msgs = Vec::new();
-                        let info = o.history.page(after, o.head, usize::MAX, limit.max(1), &mut msgs);
+                        let info =
+                            o.history
+                                .page(after, o.head, usize::MAX, limit.max(1), &mut msgs);
                         ControlReply::History {
                             msgs,
                             gap: info.gap,
@@ -1285,6 +1340,7 @@ impl Core {
         payload: Bytes,
     ) -> u64 {
         let now_ms = self.now_ms();
+        let now = self.now;
         // Small payloads are slices of a large receive buffer: give history its own copy
         // once, so a retained 20-byte message does not pin that buffer.
         let payload = if payload.len() < COMPACT_BELOW {
@@ -1298,6 +1354,7 @@ impl Core {
         let msg = Arc::new(Stored {
             seq,
             ts_ms: now_ms,
+            accepted_at: now,
             sender,
             origin: from.map(|(o, _, _)| o),
             payload,
@@ -1361,10 +1418,13 @@ impl Core {
     ) {
         let core = self.id;
         let Some(conn) = self.conn(token) else {
-            return self.to_owner(&room.clone(), CoreMsg::Unsubscribed { room, core });
+            return self.send_to_owner(&room.clone(), CoreMsg::Unsubscribed { room, core });
         };
-        let Some(sub) = conn.sub_for(alias, &room).filter(|s| s.mode == SubMode::Pending) else {
-            return self.to_owner(&room.clone(), CoreMsg::Unsubscribed { room, core });
+        let Some(sub) = conn
+            .sub_for(alias, &room)
+            .filter(|s| s.mode == SubMode::Pending)
+        else {
+            return self.send_to_owner(&room.clone(), CoreMsg::Unsubscribed { room, core });
         };
         let clean_resume = matches!(sub.from,
             StartFrom::Resume { epoch: e, last_seq } if e == epoch && last_seq == start);
@@ -1382,14 +1442,19 @@ impl Core {
         if let Some(frame) = frame {
             self.write(token, &frame);
         }
-        self.local.entry(room.clone()).or_default().push((token, alias));
+        self.local
+            .entry(room.clone())
+            .or_default()
+            .push((token, alias));
         self.apply_page(token, alias, &room, page);
     }
 
     fn on_paged(&mut self, room: RoomName, token: Token, alias: u32, _head: u64, page: Page) {
         let Some(conn) = self.conn(token) else { return };
         conn.fetches = conn.fetches.saturating_sub(1);
-        let Some(sub) = conn.sub_for(alias, &room) else { return };
+        let Some(sub) = conn.sub_for(alias, &room) else {
+            return;
+        };
         if sub.mode != (SubMode::CatchingUp { fetching: true }) {
             return;
         }
@@ -1495,18 +1560,18 @@ impl Core {
                 if fetches >= budget {
                     break;
                 }
-                if let Some(sub) = sub {
-                    if sub.mode == (SubMode::CatchingUp { fetching: false }) {
-                        sub.mode = SubMode::CatchingUp { fetching: true };
-                        fetches += 1;
-                        requests.push((sub.room.clone(), alias as u32, sub.position));
-                    }
+                if let Some(sub) = sub
+                    && sub.mode == (SubMode::CatchingUp { fetching: false })
+                {
+                    sub.mode = SubMode::CatchingUp { fetching: true };
+                    fetches += 1;
+                    requests.push((sub.room.clone(), alias as u32, sub.position));
                 }
             }
             conn.fetches = fetches;
         }
         for (room, alias, after) in requests {
-            self.to_owner(
+            self.send_to_owner(
                 &room.clone(),
                 CoreMsg::Fetch {
                     room,
@@ -1589,6 +1654,13 @@ impl Core {
             written += 1;
         }
         inc(&stats.deliveries, written);
+        if written > 0 {
+            let waited = self.now.saturating_duration_since(msg.accepted_at);
+            self.stats
+                .publish_to_send
+                .record(waited.as_micros() as u64, written);
+            self.stats.fanout_batch.record(written, 1);
+        }
         for token in fell_behind {
             self.update_lagging(token);
             if self.conn(token).is_some_and(|c| c.queued() <= cap / 4) {
@@ -1673,7 +1745,9 @@ impl Core {
         let max_rooms = self.config.connection.max_rooms;
         for token in tokens {
             let origin = self.origin(token);
-            let Some(conn) = self.conn(token) else { continue };
+            let Some(conn) = self.conn(token) else {
+                continue;
+            };
             if conn.phase != Phase::Open || conn.alias_of(&room).is_some() {
                 continue;
             }
@@ -1684,7 +1758,7 @@ impl Core {
             let alias = conn.free_alias();
             let from = StartFrom::Join { epoch, seq };
             conn.subs[alias as usize] = Some(pending_sub(room.clone(), from));
-            self.to_owner(
+            self.send_to_owner(
                 &room.clone(),
                 CoreMsg::Subscribe {
                     room: room.clone(),
@@ -1700,8 +1774,12 @@ impl Core {
     fn on_member_left(&mut self, room: RoomName, user: Text, reason: LeftReason) {
         let tokens = self.users.get(&user).cloned().unwrap_or_default();
         for token in tokens {
-            let Some(conn) = self.conn(token) else { continue };
-            let Some(alias) = conn.alias_of(&room) else { continue };
+            let Some(conn) = self.conn(token) else {
+                continue;
+            };
+            let Some(alias) = conn.alias_of(&room) else {
+                continue;
+            };
             let Some(sub) = conn.subs[alias as usize].take() else {
                 continue;
             };
@@ -1753,11 +1831,18 @@ impl Core {
         let spread = self.config.shutdown.reconnect_spread.as_millis() as u64;
         let tokens: Vec<Token> = self.conns.iter().flatten().map(|c| c.token).collect();
         for token in tokens {
-            if self.conn(token).is_some_and(|c| c.phase == Phase::Handshake) {
+            if self
+                .conn(token)
+                .is_some_and(|c| c.phase == Phase::Handshake)
+            {
                 self.close_now(token);
                 continue;
             }
-            let retry_after_ms = if spread == 0 { 0 } else { self.random() % spread };
+            let retry_after_ms = if spread == 0 {
+                0
+            } else {
+                self.random() % spread
+            };
             self.write(
                 token,
                 &ServerFrame::GoAway(GoAway {
@@ -1890,7 +1975,12 @@ impl Core {
                 conn.backend_reading = want_reading;
             }
             let queued = conn.queued() as u64;
-            if queued > self.stats.queue_high_water.load(std::sync::atomic::Ordering::Relaxed) {
+            if queued
+                > self
+                    .stats
+                    .queue_high_water
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            {
                 self.stats
                     .queue_high_water
                     .fetch_max(queued, std::sync::atomic::Ordering::Relaxed);
@@ -1941,7 +2031,8 @@ impl EventSink for Core {
         self.now = Instant::now();
         self.configure_socket(stream);
         let total = self.shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
-        let overloaded = total > self.config.limits.max_connections || !self.accept_bucket.take(self.now);
+        let overloaded =
+            total > self.config.limits.max_connections || !self.accept_bucket.take(self.now);
         let slot = match self.free_slots.pop() {
             Some(slot) => slot as usize,
             None => {

@@ -50,6 +50,16 @@ impl History {
         self.evict_expired(now_ms);
     }
 
+    /// Applies new limits (a reload), evicting what they no longer allow.
+    pub fn set_retention(&mut self, retention: Retention) {
+        self.retention = retention;
+        while self.msgs.len() > retention.max_messages
+            || (self.bytes > retention.max_bytes && self.msgs.len() > 1)
+        {
+            self.pop_front();
+        }
+    }
+
     /// Drops messages older than the age limit.
     pub fn evict_expired(&mut self, now_ms: u64) {
         let max_age = self.retention.max_age.as_millis() as u64;
@@ -115,13 +125,11 @@ impl History {
             };
         }
         let mut taken_bytes = 0;
-        let mut taken = 0;
         let mut last = start - 1;
-        for msg in self.msgs.iter().skip((start - first) as usize) {
+        for (taken, msg) in self.msgs.iter().skip((start - first) as usize).enumerate() {
             if (taken_bytes >= max_bytes || taken >= max_msgs) && last >= start {
                 break;
             }
-            taken += 1;
             taken_bytes += msg.payload.len() + 16;
             last = msg.seq;
             out.push(msg.clone());
@@ -134,6 +142,7 @@ impl History {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
 mod tests {
     use std::sync::Arc;
     use std::time::Duration;
@@ -148,6 +157,7 @@ mod tests {
         Arc::new(Stored {
             seq,
             ts_ms,
+            accepted_at: std::time::Instant::now(),
             sender: Text::from("u"),
             origin: None,
             payload: Bytes::from(vec![0u8; len]),
@@ -192,7 +202,10 @@ mod tests {
         let info = h.page(2, 10, 1 << 20, usize::MAX, &mut out);
         assert_eq!(info.gap, Some((3, 5)));
         assert!(info.complete);
-        assert_eq!(out.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![6, 7, 8, 9, 10]);
+        assert_eq!(
+            out.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            vec![6, 7, 8, 9, 10]
+        );
         // Paged by bytes: at least one message per page, never skipping.
         let mut out = Vec::new();
         let info = h.page(7, 10, 1, usize::MAX, &mut out);

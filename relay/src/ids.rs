@@ -72,6 +72,8 @@ pub struct Stored {
     pub seq: u64,
     /// When the owner accepted it, ms since the Unix epoch.
     pub ts_ms: u64,
+    /// When the owner accepted it, on the monotonic clock (for the relay's own latency).
+    pub accepted_at: std::time::Instant,
     /// Who published it.
     pub sender: Text,
     /// The connection that published it (never echoed back to it); `None` for the server API.

@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod config;
 pub mod conn;
+pub mod control;
 pub mod core;
 pub mod directory;
 pub mod history;

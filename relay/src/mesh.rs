@@ -257,6 +257,18 @@ pub enum CoreMsg {
     },
     /// Stop now: close every connection and leave the loop.
     Stop,
+    /// Liveness probe from the watchdog: answer by storing `seq` in `stats.probe_ack`.
+    Probe {
+        /// The watchdog's sequence number.
+        seq: u64,
+    },
+    /// A new configuration: apply what can change live (limits, heartbeat, retention,
+    /// replay sizes); the rest needs a restart.
+    Reload(std::sync::Arc<crate::config::Config>),
+    /// Block this worker's loop for a while. Only for tests of the watchdog (a wedged
+    /// worker); never sent by anything reachable from the network.
+    #[doc(hidden)]
+    Stall(std::time::Duration),
 }
 
 /// A server-API request, executed by the room's owner (or by every worker holding a user).
@@ -374,6 +386,11 @@ pub enum ControlReply {
     },
 }
 
+/// The sending end of a worker's inbox.
+pub type Outlet = Sender<Vec<CoreMsg>>;
+/// A worker's inbox: batches of messages from every worker, itself included.
+pub type Inbox = Receiver<Vec<CoreMsg>>;
+
 /// Senders to every worker plus their wakeups. Cloned into each worker.
 #[derive(Debug, Clone)]
 pub struct Mesh {
@@ -383,7 +400,7 @@ pub struct Mesh {
 
 impl Mesh {
     /// Channels for `cores` workers: the mesh-to-be's senders and each worker's receiver.
-    pub fn channels(cores: usize) -> (Vec<Sender<Vec<CoreMsg>>>, Vec<Receiver<Vec<CoreMsg>>>) {
+    pub fn channels(cores: usize) -> (Vec<Outlet>, Vec<Inbox>) {
         (0..cores).map(|_| crossbeam_channel::unbounded()).unzip()
     }
 
@@ -408,6 +425,11 @@ impl Mesh {
         if self.senders[to].send(batch).is_ok() {
             self.wakeups[to].wake();
         }
+    }
+
+    /// Batches waiting in a worker's inbox.
+    pub fn inbox_depth(&self, core: CoreId) -> usize {
+        self.senders[core].len()
     }
 
     /// Sends one message to every worker.

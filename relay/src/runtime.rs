@@ -30,17 +30,45 @@ use crate::io::{Backend, Wakeup};
 use crate::mesh::{CoreMsg, Mesh};
 use crate::stats::{CoreStats, StatsSnapshot};
 
-/// A running relay.
+/// A running relay: what every thread outside the workers (main, signals, the control
+/// API, the watchdog) may use. Shared behind an `Arc`; [`RelayHandle`] owns the threads.
 #[derive(Debug)]
-pub struct RelayHandle {
+pub struct Relay {
     addr: SocketAddr,
+    control_addr: parking_lot::Mutex<Option<SocketAddr>>,
     backend: ResolvedKind,
     mesh: Mesh,
-    workers: Vec<JoinHandle<anyhow::Result<()>>>,
     exited: Receiver<usize>,
     stats: Vec<Arc<CoreStats>>,
     directory: Arc<Directory>,
     epoch: u64,
+    shared: Arc<Shared>,
+    config: parking_lot::Mutex<Arc<Config>>,
+    started: Instant,
+    draining: std::sync::atomic::AtomicBool,
+    routes: parking_lot::RwLock<Vec<crate::control::Route>>,
+}
+
+/// The running relay and its worker threads.
+#[derive(Debug)]
+pub struct RelayHandle {
+    relay: Arc<Relay>,
+    workers: Vec<JoinHandle<anyhow::Result<()>>>,
+    control: Option<crate::control::ControlServer>,
+}
+
+impl std::ops::Deref for RelayHandle {
+    type Target = Relay;
+    fn deref(&self) -> &Relay {
+        &self.relay
+    }
+}
+
+/// What a reload changed and what it could not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Fields whose new value needs a restart to take effect (the old value stays).
+    pub needs_restart: Vec<&'static str>,
 }
 
 fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -56,13 +84,17 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// One listening socket per worker on the same address. Port 0 picks a free port once,
 /// then binds every worker's socket to it.
-fn bind_listeners(addr: SocketAddr, workers: usize) -> anyhow::Result<(SocketAddr, Vec<TcpListener>)> {
+fn bind_listeners(
+    addr: SocketAddr,
+    workers: usize,
+) -> anyhow::Result<(SocketAddr, Vec<TcpListener>)> {
     let first = bind_listener(addr).with_context(|| format!("cannot listen on {addr}"))?;
     let bound = first.local_addr()?;
     let mut listeners = vec![first];
     for _ in 1..workers {
         listeners.push(
-            bind_listener(bound).with_context(|| format!("cannot listen on {bound} (SO_REUSEPORT)"))?,
+            bind_listener(bound)
+                .with_context(|| format!("cannot listen on {bound} (SO_REUSEPORT)"))?,
         );
     }
     Ok((bound, listeners))
@@ -80,14 +112,19 @@ impl RelayHandle {
         let epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_millis() as u64);
-        let directory = Arc::new(Directory::new(workers * 8, config.limits.max_rooms_per_user));
+        let directory = Arc::new(Directory::new(
+            workers * 8,
+            config.limits.max_rooms_per_user,
+        ));
         let shared = Arc::new(Shared::default());
         if let Some(jwt) = &config.auth.jwt {
-            let verifier = crate::auth::Verifier::from_config(jwt).context("cannot load token keys")?;
+            let verifier =
+                crate::auth::Verifier::from_config(jwt).context("cannot load token keys")?;
             *shared.verifier.write() = Some(Arc::new(verifier));
         }
         let (senders, receivers) = Mesh::channels(workers);
-        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<(usize, std::io::Result<Wakeup>)>(workers);
+        let (ready_tx, ready_rx) =
+            crossbeam_channel::bounded::<(usize, std::io::Result<Wakeup>)>(workers);
         let (exited_tx, exited_rx) = crossbeam_channel::unbounded();
         let core_ids = if config.pin_workers {
             core_affinity::get_core_ids().unwrap_or_default()
@@ -143,7 +180,10 @@ impl RelayHandle {
                     for h in handles {
                         let _ = h.join();
                     }
-                    bail!("worker {id} could not start its {} backend: {e}", backend.name());
+                    bail!(
+                        "worker {id} could not start its {} backend: {e}",
+                        backend.name()
+                    );
                 }
             }
         }
@@ -159,16 +199,158 @@ impl RelayHandle {
             epoch,
             "relay listening"
         );
-        Ok(RelayHandle {
+        let relay = Arc::new(Relay {
             addr,
+            control_addr: parking_lot::Mutex::new(None),
             backend,
             mesh,
-            workers: handles,
             exited: exited_rx,
             stats,
             directory,
             epoch,
-        })
+            shared,
+            config: parking_lot::Mutex::new(config.clone()),
+            started: Instant::now(),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            routes: parking_lot::RwLock::new(Vec::new()),
+        });
+        let mut handle = RelayHandle {
+            relay: relay.clone(),
+            workers: handles,
+            control: None,
+        };
+        match crate::control::ControlServer::start(&config.control, relay.clone()) {
+            Ok(Some(server)) => {
+                *relay.control_addr.lock() = Some(server.local_addr());
+                tracing::info!(addr = %server.local_addr(), "control API listening");
+                handle.control = Some(server);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                relay.shutdown();
+                let _ = handle.join();
+                return Err(e);
+            }
+        }
+        Ok(handle)
+    }
+
+    /// The shared relay, for threads that outlive this borrow (control API, watchdog).
+    pub fn relay(&self) -> &Arc<Relay> {
+        &self.relay
+    }
+
+    /// Waits for every worker; the first worker error, if any.
+    pub fn join(mut self) -> anyhow::Result<()> {
+        if let Some(control) = self.control.take() {
+            control.stop();
+        }
+        // Any worker leaving means the relay is going down: make sure the rest follow.
+        let mut first_err = None;
+        for (id, handle) in std::mem::take(&mut self.workers).into_iter().enumerate() {
+            match handle.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    self.relay.mesh.broadcast(|| CoreMsg::Stop);
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    self.relay.mesh.broadcast(|| CoreMsg::Stop);
+                    first_err.get_or_insert(anyhow!("worker {id} panicked"));
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Shuts down and waits.
+    pub fn stop(self) -> anyhow::Result<()> {
+        self.shutdown();
+        self.join()
+    }
+}
+
+impl Relay {
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.lock().clone()
+    }
+
+    /// The state all workers share (connection count, token verifier).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Applies a new configuration without dropping connections: token keys, limits,
+    /// heartbeat bounds, retention and replay sizes change at once; fields that need a
+    /// restart are reported and keep their old value. A configuration that does not
+    /// validate, or whose keys do not load, changes nothing.
+    pub fn reload(&self, mut new: Config) -> anyhow::Result<ReloadReport> {
+        new.validate()?;
+        let old = self.config();
+        let mut report = ReloadReport::default();
+        macro_rules! fixed {
+            ($($field:ident).+, $name:literal) => {
+                if new.$($field).+ != old.$($field).+ {
+                    report.needs_restart.push($name);
+                    new.$($field).+ = old.$($field).+.clone();
+                }
+            };
+        }
+        fixed!(listen, "listen");
+        fixed!(workers, "workers");
+        fixed!(pin_workers, "pin_workers");
+        fixed!(io_backend, "io_backend");
+        fixed!(auth.mode, "auth.mode");
+        fixed!(control.listen, "control.listen");
+        fixed!(connection.max_frame_len, "connection.max_frame_len");
+        let verifier = match &new.auth.jwt {
+            Some(jwt) => Some(Arc::new(
+                crate::auth::Verifier::from_config(jwt).context("cannot load token keys")?,
+            )),
+            None => None,
+        };
+        *self.shared.verifier.write() = verifier;
+        let new = Arc::new(new);
+        *self.config.lock() = new.clone();
+        self.mesh.broadcast(|| CoreMsg::Reload(new.clone()));
+        Ok(report)
+    }
+
+    /// Asks every worker to answer a liveness probe (see [`RelayHandle::probe_acks`]).
+    pub fn probe(&self, seq: u64) {
+        self.mesh.broadcast(|| CoreMsg::Probe { seq });
+    }
+
+    /// The last probe each worker answered.
+    pub fn probe_acks(&self) -> Vec<u64> {
+        self.stats
+            .iter()
+            .map(|s| s.probe_ack.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Message batches waiting in each worker's inbox.
+    pub fn inbox_depths(&self) -> Vec<usize> {
+        (0..self.mesh.cores())
+            .map(|c| self.mesh.inbox_depth(c))
+            .collect()
+    }
+
+    /// Sends a request to one worker (the server API's path into the relay).
+    pub fn send(&self, worker: usize, msg: CoreMsg) {
+        self.mesh.send(worker, vec![msg]);
+    }
+
+    /// Workers running.
+    pub fn workers(&self) -> usize {
+        self.mesh.cores()
+    }
+
+    /// Blocks one worker's loop for `duration`: a wedged worker, for watchdog tests.
+    #[doc(hidden)]
+    pub fn stall_worker(&self, worker: usize, duration: Duration) {
+        self.mesh.send(worker, vec![CoreMsg::Stall(duration)]);
     }
 
     /// The address clients connect to.
@@ -215,7 +397,39 @@ impl RelayHandle {
     /// Begins a graceful shutdown: stop accepting, deliver what was acknowledged, GOAWAY
     /// everyone, close. Returns at once; [`RelayHandle::join`] waits.
     pub fn shutdown(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.mesh.broadcast(|| CoreMsg::Drain);
+    }
+
+    /// Whether a shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// When the relay started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Where the control API listens, if it runs.
+    pub fn control_addr(&self) -> Option<SocketAddr> {
+        *self.control_addr.lock()
+    }
+
+    /// The mesh to the workers (the control API's path into the relay).
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
+    }
+
+    /// Adds an endpoint to the control listener (operations: metrics, health, ...).
+    pub fn add_route(&self, route: crate::control::Route) {
+        self.routes.write().push(route);
+    }
+
+    /// The endpoints added with [`Relay::add_route`].
+    pub fn routes(&self) -> Vec<crate::control::Route> {
+        self.routes.read().clone()
     }
 
     /// Waits until a worker exits (shutdown finished, or a worker failed); returns its index.
@@ -224,33 +438,6 @@ impl RelayHandle {
             Some(t) => self.exited.recv_timeout(t).ok(),
             None => self.exited.recv().ok(),
         }
-    }
-
-    /// Waits for every worker; the first worker error, if any.
-    pub fn join(self) -> anyhow::Result<()> {
-        // Any worker leaving means the relay is going down: make sure the rest follow.
-        let mut first_err = None;
-        let mesh = self.mesh;
-        for (id, handle) in self.workers.into_iter().enumerate() {
-            match handle.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    mesh.broadcast(|| CoreMsg::Stop);
-                    first_err.get_or_insert(e);
-                }
-                Err(_) => {
-                    mesh.broadcast(|| CoreMsg::Stop);
-                    first_err.get_or_insert(anyhow!("worker {id} panicked"));
-                }
-            }
-        }
-        first_err.map_or(Ok(()), Err)
-    }
-
-    /// Shuts down and waits.
-    pub fn stop(self) -> anyhow::Result<()> {
-        self.shutdown();
-        self.join()
     }
 }
 
@@ -274,10 +461,10 @@ impl Worker {
         ready: Sender<(usize, std::io::Result<Wakeup>)>,
         mesh_rx: Receiver<Mesh>,
     ) -> anyhow::Result<()> {
-        if let Some(core) = self.pin {
-            if !core_affinity::set_for_current(core) {
-                tracing::debug!(worker = self.id, "could not pin to core {}", core.id);
-            }
+        if let Some(core) = self.pin
+            && !core_affinity::set_for_current(core)
+        {
+            tracing::debug!(worker = self.id, "could not pin to core {}", core.id);
         }
         let mut backend = match probe::new_backend(self.kind, &self.options) {
             Ok(b) => b,
@@ -309,9 +496,20 @@ impl Worker {
 
 /// The event loop: drain messages, run timers, flush (one send per connection, one batch
 /// per peer worker), then wait in the backend (one `io_uring_enter` or `epoll_wait`).
-fn run_loop(backend: &mut dyn Backend, core: &mut Core, inbox: &Receiver<Vec<CoreMsg>>) -> anyhow::Result<()> {
+fn run_loop(
+    backend: &mut dyn Backend,
+    core: &mut Core,
+    inbox: &Receiver<Vec<CoreMsg>>,
+) -> anyhow::Result<()> {
+    let mut next_sample = Instant::now();
     loop {
-        core.set_now(Instant::now());
+        let now = Instant::now();
+        core.set_now(now);
+        core.tick();
+        if now >= next_sample {
+            core.sample_queues();
+            next_sample = now + Duration::from_secs(1);
+        }
         while let Ok(batch) = inbox.try_recv() {
             core.handle(batch);
         }

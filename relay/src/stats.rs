@@ -14,14 +14,23 @@ macro_rules! counters {
             $($(#[$m])* pub $name: AtomicU64,)*
             /// The most bytes any one connection had queued at a flush (a high-water mark).
             pub queue_high_water: AtomicU64,
+            /// Time from a message's acceptance by its room's owner to the loop tick that
+            /// queues it for a connection's send, per delivery.
+            pub publish_to_send: Histogram,
+            /// Connections written per fan-out of one message on one worker.
+            pub fanout_batch: Histogram,
         }
 
         /// A summed copy of [`CoreStats`] (high-water marks take the maximum).
-        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
         pub struct StatsSnapshot {
             $($(#[$m])* pub $name: u64,)*
             /// The most bytes any one connection had queued at a flush.
             pub queue_high_water: u64,
+            /// See [`CoreStats::publish_to_send`] (microseconds).
+            pub publish_to_send: HistogramSnapshot,
+            /// See [`CoreStats::fanout_batch`] (connections).
+            pub fanout_batch: HistogramSnapshot,
         }
 
         impl CoreStats {
@@ -30,6 +39,8 @@ macro_rules! counters {
                 $(into.$name += self.$name.load(Ordering::Relaxed);)*
                 into.queue_high_water =
                     into.queue_high_water.max(self.queue_high_water.load(Ordering::Relaxed));
+                self.publish_to_send.add_to(&mut into.publish_to_send);
+                self.fanout_batch.add_to(&mut into.fanout_batch);
             }
         }
     };
@@ -68,6 +79,12 @@ counters! {
     heartbeat_timeouts,
     /// Sends submitted (one per connection per loop tick at most).
     sends,
+    /// Bytes queued for connections, summed once a second (a gauge).
+    queued_bytes,
+    /// Liveness probes answered (the watchdog's sequence number last seen).
+    probe_ack,
+    /// Loop iterations.
+    ticks,
     /// Publishes refused by the per-connection rate limit.
     rate_limited,
     /// Requests refused by another limit (payload, rooms, connections per user, ...).
@@ -76,6 +93,55 @@ counters! {
     overload_refusals,
     /// HELLOs refused for a bad or expired token.
     auth_failures,
+}
+
+/// Upper bounds of the histogram buckets (microseconds for latency, a count for batches);
+/// the last bucket is unbounded.
+pub const BUCKETS: [u64; 18] = [
+    1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000,
+    250_000, 1_000_000,
+];
+
+/// A fixed-bucket histogram written by one worker with relaxed atomics.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    /// Records `n` observations of `value`.
+    #[inline]
+    pub fn record(&self, value: u64, n: u64) {
+        let i = BUCKETS.partition_point(|&b| b < value);
+        self.counts[i].fetch_add(n, Ordering::Relaxed);
+        self.sum
+            .fetch_add(value.saturating_mul(n), Ordering::Relaxed);
+    }
+
+    fn add_to(&self, into: &mut HistogramSnapshot) {
+        for (i, c) in self.counts.iter().enumerate() {
+            into.counts[i] += c.load(Ordering::Relaxed);
+        }
+        into.sum += self.sum.load(Ordering::Relaxed);
+    }
+}
+
+/// Summed bucket counts: `counts[i]` observations were `<= BUCKETS[i]` (and above the
+/// previous bound); the last entry counts those above every bound.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct HistogramSnapshot {
+    /// Per bucket (not cumulative).
+    pub counts: [u64; BUCKETS.len() + 1],
+    /// Sum of all observed values.
+    pub sum: u64,
+}
+
+impl HistogramSnapshot {
+    /// Observations.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
 }
 
 /// Increments a counter.
@@ -88,4 +154,26 @@ pub fn inc(counter: &AtomicU64, by: u64) {
 #[inline]
 pub fn dec(counter: &AtomicU64, by: u64) {
     counter.fetch_sub(by, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_by_upper_bound() {
+        let h = Histogram::default();
+        h.record(0, 1);
+        h.record(1, 1);
+        h.record(3, 2);
+        h.record(2_000_000, 1);
+        let mut snap = HistogramSnapshot::default();
+        h.add_to(&mut snap);
+        assert_eq!(snap.counts[0], 2, "0 and 1 are <= 1");
+        assert_eq!(snap.counts[2], 2, "3 is <= 5");
+        assert_eq!(snap.counts[BUCKETS.len()], 1, "above every bound");
+        assert_eq!(snap.count(), 5);
+        assert_eq!(snap.sum, 1 + 6 + 2_000_000);
+    }
 }

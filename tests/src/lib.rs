@@ -77,11 +77,13 @@ impl TestRelay {
     /// A relay on 127.0.0.1:0 with `workers` workers and the given backend; `tweak` adjusts
     /// the rest of the configuration.
     pub fn start(backend: BackendKind, workers: usize, tweak: impl FnOnce(&mut Config)) -> Self {
-        let mut config = Config::default();
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        config.workers = workers;
-        config.pin_workers = false;
-        config.io_backend = backend;
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            workers,
+            pin_workers: false,
+            io_backend: backend,
+            ..Config::default()
+        };
         config.log.level = "warn".into();
         config.control.listen = "127.0.0.1:0".into();
         // Tests publish in bulk from one connection; the rate limit has its own test.
@@ -315,8 +317,14 @@ impl Client {
     pub fn messages(&mut self, alias: u32, n: usize) -> Vec<(u64, Bytes)> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
-            match self.wait_for(|e| matches!(e, Event::Message { alias: a, seq: Some(_), .. } if *a == alias)) {
-                Event::Message { seq: Some(seq), payload, .. } => out.push((seq, payload)),
+            match self.wait_for(
+                |e| matches!(e, Event::Message { alias: a, seq: Some(_), .. } if *a == alias),
+            ) {
+                Event::Message {
+                    seq: Some(seq),
+                    payload,
+                    ..
+                } => out.push((seq, payload)),
                 _ => unreachable!(),
             }
         }
@@ -330,13 +338,19 @@ impl Client {
         let deadline = Instant::now() + WAIT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "{}: relay did not close the connection", self.user);
+            assert!(
+                !left.is_zero(),
+                "{}: relay did not close the connection",
+                self.user
+            );
             match self.read_event(left) {
                 Some(e) => events.push(e),
                 None => {
                     // EOF or reset: make sure it is not just a quiet moment.
                     let mut probe = [0u8; 1];
-                    self.stream.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                    self.stream
+                        .set_read_timeout(Some(Duration::from_millis(50)))
+                        .unwrap();
                     match self.stream.read(&mut probe) {
                         Ok(0) => return events,
                         Err(e) if e.kind() == ErrorKind::ConnectionReset => return events,
@@ -354,5 +368,72 @@ impl Client {
     pub fn drop_link(self) -> ClientSession {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
         self.session
+    }
+}
+
+/// One HTTP/1.1 request to the control API; returns the status and the JSON body (or
+/// `Value::Null` when the body is not JSON).
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut stream = TcpStream::connect(addr).expect("connect to the control API");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let body = body.unwrap_or("");
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: relay\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {head}"));
+    let value = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    (status, value)
+}
+
+impl Client {
+    /// Connects and sends HELLO with `token`, returning the client before any answer (for
+    /// tests that expect a refusal).
+    pub fn connect_raw(addr: SocketAddr, user: &str, token: &[u8]) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).unwrap();
+        let mut session = ClientSession::new();
+        let hello = session.hello(Bytes::copy_from_slice(token), 0);
+        let mut client = Client {
+            stream,
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            decoder: Decoder::new(Limits::default()),
+            session,
+            queue: VecDeque::new(),
+            user: user.to_string(),
+            conn_id: 0,
+            bytes_in: 0,
+        };
+        client.send(&hello);
+        client
+    }
+
+    /// Connects with a token (JWT mode) and waits for WELCOME.
+    pub fn connect_token(addr: SocketAddr, user: &str, token: &str) -> Client {
+        let mut client = Self::connect_raw(addr, user, token.as_bytes());
+        match client.next_event(WAIT) {
+            Some(Event::Welcome(w)) => client.conn_id = w.conn_id,
+            other => panic!("{user}: expected WELCOME, got {other:?}"),
+        }
+        client
     }
 }

@@ -17,8 +17,13 @@ use rand::{Rng, SeedableRng};
 
 /// Publishes `count` numbered messages into `room` at about `rate` per second from its own
 /// thread; returns the number published when done.
-fn publisher(addr: SocketAddr, room: &'static str, count: u64, rate: u64, done: Arc<AtomicU64>)
--> std::thread::JoinHandle<()> {
+fn publisher(
+    addr: SocketAddr,
+    room: &'static str,
+    count: u64,
+    rate: u64,
+    done: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut p = Client::connect(addr, "publisher");
         let alias = p.join(room);

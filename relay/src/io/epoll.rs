@@ -37,7 +37,10 @@ const MAX_IOVECS: usize = 64;
 // - connection: bits 0..32 slot index, bits 32..62 slot generation;
 // - listener: bits 0..32 listener index;
 // - the wakeup eventfd.
-const _: () = assert!(usize::BITS == 64, "the token encoding assumes a 64-bit target");
+const _: () = assert!(
+    usize::BITS == 64,
+    "the token encoding assumes a 64-bit target"
+);
 const KIND_SHIFT: u32 = 62;
 const KIND_CONN: usize = 0;
 const KIND_LISTENER: usize = 1;
@@ -176,13 +179,18 @@ impl EpollBackend {
         }
         let idx = u32::try_from(self.slots.len())
             .map_err(|_| io::Error::other("too many connections for one worker"))?;
-        self.slots.push(Slot { generation: 0, conn: None });
+        self.slots.push(Slot {
+            generation: 0,
+            conn: None,
+        });
         Ok(idx)
     }
 
     fn accept_all(&mut self, lidx: usize, sink: &mut dyn EventSink) {
         loop {
-            let Some(Some(listener)) = self.listeners.get(lidx) else { return };
+            let Some(Some(listener)) = self.listeners.get(lidx) else {
+                return;
+            };
             match listener.accept() {
                 Ok((stream, peer)) => self.on_accepted(stream, peer, sink),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -200,9 +208,14 @@ impl EpollBackend {
 
     fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr, sink: &mut dyn EventSink) {
         let std_stream = net::TcpStream::from(stream);
-        let Some(token) = sink.accepted(&std_stream, peer) else { return };
+        let Some(token) = sink.accepted(&std_stream, peer) else {
+            return;
+        };
         if self.by_token.contains_key(&token) {
-            tracing::error!(token, "sink reused a live token; refusing the new connection");
+            tracing::error!(
+                token,
+                "sink reused a live token; refusing the new connection"
+            );
             return;
         }
         let mut stream = TcpStream::from_std(std_stream);
@@ -244,7 +257,9 @@ impl EpollBackend {
         let budget = self.budget;
         let mut moved = 0usize;
         loop {
-            let Some(conn) = self.slots[idx as usize].conn.as_mut() else { return };
+            let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
+                return;
+            };
             if !conn.reading {
                 return; // read_ready stays set; resumed by set_reading(true)
             }
@@ -288,7 +303,9 @@ impl EpollBackend {
         let budget = self.budget;
         let mut moved = 0usize;
         loop {
-            let Some(conn) = self.slots[idx as usize].conn.as_mut() else { return };
+            let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
+                return;
+            };
             if !conn.in_flight || conn.write_blocked {
                 return;
             }
@@ -346,12 +363,16 @@ impl EpollBackend {
     fn run_dirty(&mut self, sink: &mut dyn EventSink) {
         let dirty = std::mem::take(&mut self.dirty);
         for &(idx, generation) in &dirty {
-            let Some(conn) = self.conn_mut(idx, generation) else { continue };
+            let Some(conn) = self.conn_mut(idx, generation) else {
+                continue;
+            };
             conn.queued = false;
             if conn.in_flight && !conn.write_blocked {
                 self.do_write(idx, sink);
             }
-            let Some(conn) = self.conn_mut(idx, generation) else { continue };
+            let Some(conn) = self.conn_mut(idx, generation) else {
+                continue;
+            };
             if conn.reading && conn.read_ready {
                 self.do_read(idx, sink);
             }
@@ -364,8 +385,16 @@ impl EpollBackend {
         }
     }
 
-    fn on_conn_event(&mut self, idx: u32, generation: u32, ev: &ReadyEvent, sink: &mut dyn EventSink) {
-        let Some(conn) = self.conn_mut(idx, generation) else { return };
+    fn on_conn_event(
+        &mut self,
+        idx: u32,
+        generation: u32,
+        ev: &ReadyEvent,
+        sink: &mut dyn EventSink,
+    ) {
+        let Some(conn) = self.conn_mut(idx, generation) else {
+            return;
+        };
         if ev.error {
             match conn.stream.take_error() {
                 Ok(Some(e)) | Err(e) => {
@@ -381,7 +410,9 @@ impl EpollBackend {
                 self.do_write(idx, sink);
             }
         }
-        let Some(conn) = self.conn_mut(idx, generation) else { return };
+        let Some(conn) = self.conn_mut(idx, generation) else {
+            return;
+        };
         if ev.readable || ev.read_closed {
             conn.read_ready = true;
             conn.rdhup |= ev.read_closed;
@@ -462,7 +493,9 @@ impl Backend for EpollBackend {
         listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(listener);
         let idx = self.listeners.len();
-        self.poll.registry().register(&mut listener, listener_token(idx), Interest::READABLE)?;
+        self.poll
+            .registry()
+            .register(&mut listener, listener_token(idx), Interest::READABLE)?;
         self.listeners.push(Some(listener));
         Ok(())
     }
@@ -497,7 +530,9 @@ impl Backend for EpollBackend {
     }
 
     fn set_reading(&mut self, token: Token, reading: bool) {
-        let Some((idx, conn)) = self.lookup(token) else { return };
+        let Some((idx, conn)) = self.lookup(token) else {
+            return;
+        };
         let was = std::mem::replace(&mut conn.reading, reading);
         if reading && !was && conn.read_ready {
             self.mark_dirty(idx);
@@ -505,7 +540,9 @@ impl Backend for EpollBackend {
     }
 
     fn shutdown_write(&mut self, token: Token) {
-        let Some((_, conn)) = self.lookup(token) else { return };
+        let Some((_, conn)) = self.lookup(token) else {
+            return;
+        };
         if conn.in_flight {
             conn.shutdown_pending = true;
         } else {
@@ -524,7 +561,10 @@ impl Backend for EpollBackend {
     }
 
     fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<()> {
-        let mut counting = Counting { inner: sink, calls: 0 };
+        let mut counting = Counting {
+            inner: sink,
+            calls: 0,
+        };
         self.run_dirty(&mut counting);
         let sink = counting.inner;
         // Events already reported, or work left over: look, but do not wait.

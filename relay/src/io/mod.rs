@@ -33,10 +33,10 @@
 
 pub mod epoll;
 pub mod probe;
-pub mod uring;
-mod wakeup;
 #[cfg(test)]
 mod tests;
+pub mod uring;
+mod wakeup;
 
 use std::collections::VecDeque;
 use std::io;

@@ -96,7 +96,10 @@ impl BackendOptions {
             ));
         }
         if self.buf_size == 0 || self.buf_size > (1 << 30) {
-            return bad(format!("buf_size = {}: must be between 1 and 2^30", self.buf_size));
+            return bad(format!(
+                "buf_size = {}: must be between 1 and 2^30",
+                self.buf_size
+            ));
         }
         if self.epoll_events == 0 {
             return bad("epoll_events = 0: must be at least 1".to_owned());
@@ -151,12 +154,16 @@ pub enum Unavailable {
     )]
     Denied,
     /// ENOSYS: the kernel (or sandbox) has no io_uring.
-    #[error("io_uring_setup not implemented (ENOSYS): kernel older than 5.1, built without \
-             CONFIG_IO_URING, or a sandbox that lacks it")]
+    #[error(
+        "io_uring_setup not implemented (ENOSYS): kernel older than 5.1, built without \
+             CONFIG_IO_URING, or a sandbox that lacks it"
+    )]
     NotImplemented,
     /// ENOMEM while creating the ring: usually the locked-memory limit on kernels < 5.12.
-    #[error("io_uring_setup failed with ENOMEM: raise the locked-memory limit \
-             (LimitMEMLOCK=, ulimit -l) or lower ring_entries")]
+    #[error(
+        "io_uring_setup failed with ENOMEM: raise the locked-memory limit \
+             (LimitMEMLOCK=, ulimit -l) or lower ring_entries"
+    )]
     MemoryLimit,
     /// The kernel lacks opcodes the backend needs.
     #[error("the kernel lacks io_uring opcodes {0:?}")]
@@ -226,7 +233,9 @@ pub fn probe_uring(opts: &BackendOptions) -> Result<(), Unavailable> {
         return Err(Unavailable::MissingFeature("NODROP (Linux 5.5)"));
     }
     let mut probe = Probe::new();
-    ring.submitter().register_probe(&mut probe).map_err(Unavailable::Other)?;
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(Unavailable::Other)?;
     let missing: Vec<&'static str> = REQUIRED_OPS
         .iter()
         .filter(|(code, _)| !probe.is_supported(*code))

@@ -163,7 +163,13 @@ impl BufRing {
     fn new(count: u16, size: u32) -> io::Result<Self> {
         let entries = Mmap::anon(usize::from(count) * mem::size_of::<RawBuf>())?;
         let data = Mmap::anon(usize::from(count) * size as usize)?;
-        let mut ring = Self { entries, data, count, size, tail: 0 };
+        let mut ring = Self {
+            entries,
+            data,
+            count,
+            size,
+            tail: 0,
+        };
         for bid in 0..count {
             ring.put(bid);
         }
@@ -176,7 +182,12 @@ impl BufRing {
         debug_assert!(bid < self.count);
         let slot = usize::from(self.tail & (self.count - 1));
         let addr = self.data.ptr.as_ptr() as u64 + u64::from(bid) * u64::from(self.size);
-        let entry = self.entries.ptr.as_ptr().cast::<RawBuf>().wrapping_add(slot);
+        let entry = self
+            .entries
+            .ptr
+            .as_ptr()
+            .cast::<RawBuf>()
+            .wrapping_add(slot);
         // SAFETY: `slot < count`, so `entry` lies in the entries mapping and is aligned (the
         // mapping is page-aligned, entries are 16 bytes). The kernel reads only entries
         // between its head and the published tail; this one is at the tail, so nothing reads
@@ -356,7 +367,14 @@ impl std::fmt::Debug for UringBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UringBackend")
             .field("connections", &self.by_token.len())
-            .field("listeners", &self.listeners.iter().filter(|l| l.listener.is_some()).count())
+            .field(
+                "listeners",
+                &self
+                    .listeners
+                    .iter()
+                    .filter(|l| l.listener.is_some())
+                    .count(),
+            )
             .field("inflight", &self.inflight)
             .field("buffer_ring", &self.bufs.is_some())
             .field("recv_multishot", &self.recv_multishot)
@@ -376,7 +394,9 @@ fn build_ring(opts: &BackendOptions) -> io::Result<IoUring> {
         match attempt {
             Ok(ring) => return Ok(ring),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::debug!("io_uring: SINGLE_ISSUER|DEFER_TASKRUN refused; trying COOP_TASKRUN");
+                tracing::debug!(
+                    "io_uring: SINGLE_ISSUER|DEFER_TASKRUN refused; trying COOP_TASKRUN"
+                );
             }
             Err(e) => return Err(e),
         }
@@ -392,7 +412,9 @@ fn build_ring(opts: &BackendOptions) -> io::Result<IoUring> {
             Err(e) => return Err(e),
         }
     }
-    IoUring::builder().setup_cqsize(opts.cq_entries).build(opts.ring_entries)
+    IoUring::builder()
+        .setup_cqsize(opts.cq_entries)
+        .build(opts.ring_entries)
 }
 
 impl UringBackend {
@@ -432,7 +454,9 @@ impl UringBackend {
                 Err(e) => return Err(e),
             }
         } else {
-            tracing::debug!("io_uring: multishot disabled by options; single-shot accept and receive");
+            tracing::debug!(
+                "io_uring: multishot disabled by options; single-shot accept and receive"
+            );
             None
         };
         let mut this = Self {
@@ -604,7 +628,10 @@ impl UringBackend {
                     tracing::debug!(error = %errno(res), "io_uring close/cancel failed");
                 }
             }
-            _ => tracing::error!(user_data = cqe.user_data(), "completion with unknown user_data"),
+            _ => tracing::error!(
+                user_data = cqe.user_data(),
+                "completion with unknown user_data"
+            ),
         }
     }
 
@@ -622,7 +649,10 @@ impl UringBackend {
         }
         let idx = u32::try_from(self.slots.len())
             .map_err(|_| io::Error::other("too many connections for one worker"))?;
-        self.slots.push(Slot { generation: 0, conn: None });
+        self.slots.push(Slot {
+            generation: 0,
+            conn: None,
+        });
         Ok(idx)
     }
 
@@ -650,13 +680,21 @@ impl UringBackend {
     }
 
     fn arm_accept(&mut self, lidx: usize) {
-        let Some(slot) = self.listeners.get_mut(lidx) else { return };
-        let Some(listener) = slot.listener.as_ref() else { return };
+        let Some(slot) = self.listeners.get_mut(lidx) else {
+            return;
+        };
+        let Some(listener) = slot.listener.as_ref() else {
+            return;
+        };
         let fd = types::Fd(listener.as_raw_fd());
         let entry = if self.accept_multishot {
-            opcode::AcceptMulti::new(fd).flags(libc::SOCK_CLOEXEC).build()
+            opcode::AcceptMulti::new(fd)
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
         } else {
-            opcode::Accept::new(fd, ptr::null_mut(), ptr::null_mut()).flags(libc::SOCK_CLOEXEC).build()
+            opcode::Accept::new(fd, ptr::null_mut(), ptr::null_mut())
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
         };
         slot.armed = true;
         slot.retry = false;
@@ -672,13 +710,17 @@ impl UringBackend {
         let buf_size = self.buf_size;
         let slot = &mut self.slots[idx as usize];
         let generation = slot.generation;
-        let Some(conn) = slot.conn.as_deref_mut() else { return };
+        let Some(conn) = slot.conn.as_deref_mut() else {
+            return;
+        };
         if conn.recv_armed || conn.closing {
             return;
         }
         let ud = user_data(OP_RECV, idx, generation);
         let entry = if multishot && !conn.rdhup {
-            opcode::RecvMulti::new(types::Fd(conn.fd), BGID).build().user_data(ud)
+            opcode::RecvMulti::new(types::Fd(conn.fd), BGID)
+                .build()
+                .user_data(ud)
         } else if ring {
             // Single-shot, still selecting from the buffer ring (len 0: the buffer's size).
             opcode::Recv::new(types::Fd(conn.fd), ptr::null_mut(), 0)
@@ -687,9 +729,13 @@ impl UringBackend {
                 .flags(squeue::Flags::BUFFER_SELECT)
                 .user_data(ud)
         } else {
-            let buf = conn.rbuf.get_or_insert_with(|| vec![0u8; buf_size].into_boxed_slice());
+            let buf = conn
+                .rbuf
+                .get_or_insert_with(|| vec![0u8; buf_size].into_boxed_slice());
             let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-            opcode::Recv::new(types::Fd(conn.fd), buf.as_mut_ptr(), len).build().user_data(ud)
+            opcode::Recv::new(types::Fd(conn.fd), buf.as_mut_ptr(), len)
+                .build()
+                .user_data(ud)
         };
         conn.recv_armed = true;
         conn.recv_cancelling = false;
@@ -716,7 +762,9 @@ impl UringBackend {
         }
         let slot = &mut self.slots[idx as usize];
         let generation = slot.generation;
-        let Some(conn) = slot.conn.as_deref_mut() else { return };
+        let Some(conn) = slot.conn.as_deref_mut() else {
+            return;
+        };
         if conn.hup_armed || conn.rdhup || conn.closing {
             return;
         }
@@ -733,13 +781,21 @@ impl UringBackend {
     fn submit_send(&mut self, idx: u32) {
         let slot = &mut self.slots[idx as usize];
         let generation = slot.generation;
-        let Some(conn) = slot.conn.as_deref_mut() else { return };
+        let Some(conn) = slot.conn.as_deref_mut() else {
+            return;
+        };
         let s = &mut conn.send;
         s.iov.clear();
-        s.iov.extend(s.bufs.iter().filter(|b| !b.is_empty()).take(IOV_MAX).map(|b| libc::iovec {
-            iov_base: b.as_ptr().cast_mut().cast(),
-            iov_len: b.len(),
-        }));
+        s.iov.extend(
+            s.bufs
+                .iter()
+                .filter(|b| !b.is_empty())
+                .take(IOV_MAX)
+                .map(|b| libc::iovec {
+                    iov_base: b.as_ptr().cast_mut().cast(),
+                    iov_len: b.len(),
+                }),
+        );
         s.msg.msg_iov = s.iov.as_mut_ptr();
         s.msg.msg_iovlen = s.iov.len();
         s.inflight = true;
@@ -757,7 +813,9 @@ impl UringBackend {
     }
 
     fn push_cancel(&mut self, target: u64, on_behalf: u64) {
-        let entry = opcode::AsyncCancel::new(target).build().user_data(on_behalf);
+        let entry = opcode::AsyncCancel::new(target)
+            .build()
+            .user_data(on_behalf);
         // SAFETY: a cancellation references no memory.
         unsafe { self.push(entry) }
     }
@@ -765,7 +823,9 @@ impl UringBackend {
     fn push_shutdown(&mut self, idx: u32) {
         let slot = &mut self.slots[idx as usize];
         let generation = slot.generation;
-        let Some(conn) = slot.conn.as_deref_mut() else { return };
+        let Some(conn) = slot.conn.as_deref_mut() else {
+            return;
+        };
         if conn.shutdown_inflight {
             return;
         }
@@ -782,7 +842,9 @@ impl UringBackend {
 
     /// Reports `closed` and starts releasing the connection.
     fn close_with(&mut self, idx: u32, reason: CloseReason, sink: &mut dyn EventSink) {
-        let Some(conn) = self.slots[idx as usize].conn.as_deref() else { return };
+        let Some(conn) = self.slots[idx as usize].conn.as_deref() else {
+            return;
+        };
         if conn.closing {
             return;
         }
@@ -797,7 +859,9 @@ impl UringBackend {
     fn begin_close(&mut self, idx: u32) {
         let slot = &mut self.slots[idx as usize];
         let generation = slot.generation;
-        let Some(conn) = slot.conn.as_deref_mut() else { return };
+        let Some(conn) = slot.conn.as_deref_mut() else {
+            return;
+        };
         if conn.closing {
             return;
         }
@@ -833,7 +897,9 @@ impl UringBackend {
         slot.generation = (slot.generation + 1) & GEN_MASK;
         self.free.push(idx);
         let fd = conn.stream.into_raw_fd();
-        let entry = opcode::Close::new(types::Fd(fd)).build().user_data(user_data(OP_MISC, 0, 0));
+        let entry = opcode::Close::new(types::Fd(fd))
+            .build()
+            .user_data(user_data(OP_MISC, 0, 0));
         // SAFETY: close references no memory; the fd is ours (taken from the stream) and no
         // other operation names it any more.
         unsafe { self.push(entry) }
@@ -902,7 +968,9 @@ impl UringBackend {
                 }
             }
         }
-        let Some(slot) = self.listeners.get_mut(lidx) else { return };
+        let Some(slot) = self.listeners.get_mut(lidx) else {
+            return;
+        };
         if !slot.armed {
             if slot.closing {
                 slot.listener = None; // closes it
@@ -920,9 +988,14 @@ impl UringBackend {
                 return;
             }
         };
-        let Some(token) = sink.accepted(&stream, peer) else { return };
+        let Some(token) = sink.accepted(&stream, peer) else {
+            return;
+        };
         if self.by_token.contains_key(&token) {
-            tracing::error!(token, "sink reused a live token; refusing the new connection");
+            tracing::error!(
+                token,
+                "sink reused a live token; refusing the new connection"
+            );
             return;
         }
         let idx = match self.alloc_slot() {
@@ -954,7 +1027,12 @@ impl UringBackend {
             Finalize,
         }
         let bid = cqueue::buffer_select(flags);
-        let Self { slots, bufs, recv_multishot, .. } = self;
+        let Self {
+            slots,
+            bufs,
+            recv_multishot,
+            ..
+        } = self;
         let conn = match slots.get_mut(idx as usize) {
             Some(slot) if slot.generation == generation => slot.conn.as_deref_mut(),
             _ => None,
@@ -1011,7 +1089,9 @@ impl UringBackend {
                 // The ring ran dry, or the receive was cancelled (pause): re-arm if reading.
                 libc::ENOBUFS | libc::ECANCELED | libc::EINTR | libc::EAGAIN => Next::Rearm,
                 libc::EINVAL if *recv_multishot => {
-                    tracing::debug!("io_uring: multishot receive unsupported (EINVAL); single-shot receive into per-connection buffers");
+                    tracing::debug!(
+                        "io_uring: multishot receive unsupported (EINVAL); single-shot receive into per-connection buffers"
+                    );
                     *recv_multishot = false;
                     Next::Rearm
                 }
@@ -1039,7 +1119,9 @@ impl UringBackend {
     }
 
     fn on_hup(&mut self, idx: u32, generation: u32, res: i32) {
-        let Some(conn) = self.conn_mut(idx, generation) else { return };
+        let Some(conn) = self.conn_mut(idx, generation) else {
+            return;
+        };
         conn.hup_armed = false;
         if conn.closing {
             self.maybe_finalize(idx);
@@ -1065,7 +1147,9 @@ impl UringBackend {
     }
 
     fn on_send(&mut self, idx: u32, generation: u32, res: i32, sink: &mut dyn EventSink) {
-        let Some(conn) = self.conn_mut(idx, generation) else { return };
+        let Some(conn) = self.conn_mut(idx, generation) else {
+            return;
+        };
         conn.send.inflight = false;
         if conn.closing {
             conn.send.bufs.clear();
@@ -1107,7 +1191,9 @@ impl UringBackend {
         let mut delivered = false;
         let mut ready = mem::take(&mut self.ready);
         for &(idx, generation) in &ready {
-            let Some(conn) = self.conn_mut(idx, generation) else { continue };
+            let Some(conn) = self.conn_mut(idx, generation) else {
+                continue;
+            };
             conn.queued = false;
             if conn.closing || !conn.reading {
                 continue;
@@ -1170,7 +1256,12 @@ impl Backend for UringBackend {
         // io_uring polls internally; a blocking listener keeps older kernels from handing
         // EAGAIN back to us instead of waiting.
         listener.set_nonblocking(false)?;
-        self.listeners.push(ListenerSlot { listener: Some(listener), armed: false, closing: false, retry: false });
+        self.listeners.push(ListenerSlot {
+            listener: Some(listener),
+            armed: false,
+            closing: false,
+            retry: false,
+        });
         self.arm_accept(self.listeners.len() - 1);
         Ok(())
     }
@@ -1185,7 +1276,10 @@ impl Backend for UringBackend {
             slot.retry = false;
             if slot.armed {
                 // The listener closes when the accept's final completion arrives.
-                self.push_cancel(user_data(OP_ACCEPT, lidx as u32, 0), user_data(OP_MISC, 0, 0));
+                self.push_cancel(
+                    user_data(OP_ACCEPT, lidx as u32, 0),
+                    user_data(OP_MISC, 0, 0),
+                );
             } else {
                 slot.listener = None;
             }
@@ -1198,7 +1292,9 @@ impl Backend for UringBackend {
             bufs.clear();
             return;
         };
-        let Some(conn) = self.slots[idx as usize].conn.as_deref_mut() else { return };
+        let Some(conn) = self.slots[idx as usize].conn.as_deref_mut() else {
+            return;
+        };
         let total: usize = bufs.iter().map(Bytes::len).sum();
         if conn.send.inflight {
             // Contract breach (one batch at a time): append (moves handles, not data) and
@@ -1218,10 +1314,14 @@ impl Backend for UringBackend {
     }
 
     fn set_reading(&mut self, token: Token, reading: bool) {
-        let Some(&idx) = self.by_token.get(&token) else { return };
+        let Some(&idx) = self.by_token.get(&token) else {
+            return;
+        };
         let slot = &mut self.slots[idx as usize];
         let generation = slot.generation;
-        let Some(conn) = slot.conn.as_deref_mut() else { return };
+        let Some(conn) = slot.conn.as_deref_mut() else {
+            return;
+        };
         if conn.reading == reading {
             return;
         }
@@ -1230,7 +1330,10 @@ impl Backend for UringBackend {
             if conn.recv_armed && !conn.recv_cancelling {
                 conn.recv_cancelling = true;
                 conn.cancels += 1;
-                self.push_cancel(user_data(OP_RECV, idx, generation), user_data(OP_CANCEL, idx, generation));
+                self.push_cancel(
+                    user_data(OP_RECV, idx, generation),
+                    user_data(OP_CANCEL, idx, generation),
+                );
             }
         } else if !conn.stash.is_empty() || conn.eof_pending {
             self.queue_ready(idx);
@@ -1242,8 +1345,12 @@ impl Backend for UringBackend {
     }
 
     fn shutdown_write(&mut self, token: Token) {
-        let Some(&idx) = self.by_token.get(&token) else { return };
-        let Some(conn) = self.slots[idx as usize].conn.as_deref_mut() else { return };
+        let Some(&idx) = self.by_token.get(&token) else {
+            return;
+        };
+        let Some(conn) = self.slots[idx as usize].conn.as_deref_mut() else {
+            return;
+        };
         if conn.send.inflight {
             conn.shutdown_pending = true;
         } else {

@@ -56,7 +56,12 @@ impl Wakeup {
         let fd = syscall!(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
         // SAFETY: eventfd just returned this descriptor and nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { inner: Arc::new(Inner { fd, pending: AtomicBool::new(false) }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                fd,
+                pending: AtomicBool::new(false),
+            }),
+        })
     }
 
     /// Wakes the worker. Costs one `write(2)` for the first wake since the worker last
@@ -71,7 +76,11 @@ impl Wakeup {
         // SAFETY: the fd is an eventfd we own for the life of `inner`; `one` is 8 readable
         // bytes, the size an eventfd write requires.
         let res = syscall!(unsafe {
-            libc::write(self.inner.fd.as_raw_fd(), (&raw const one).cast::<libc::c_void>(), 8)
+            libc::write(
+                self.inner.fd.as_raw_fd(),
+                (&raw const one).cast::<libc::c_void>(),
+                8,
+            )
         });
         match res {
             Ok(_) => {}
@@ -100,7 +109,11 @@ impl Wakeup {
         // SAFETY: the fd is our eventfd; `counter` is 8 writable bytes, the size an eventfd
         // read requires.
         let res = syscall!(unsafe {
-            libc::read(self.inner.fd.as_raw_fd(), (&raw mut counter).cast::<libc::c_void>(), 8)
+            libc::read(
+                self.inner.fd.as_raw_fd(),
+                (&raw mut counter).cast::<libc::c_void>(),
+                8,
+            )
         });
         let drained = match res {
             Ok(_) => true,

@@ -1,0 +1,1533 @@
+//! One virtual phone: a TCP connection to the relay seen through its emulated [`Link`], a
+//! [`ClientSession`] that survives reconnects, and an open-loop publishing schedule.
+//!
+//! Owns: the phone's connection life cycle (connect, HELLO, WELCOME, resume, drop, GOAWAY,
+//! keepalive, reconnect with backoff), the byte path through the link in both directions,
+//! and turning what arrives into measurements and ledger entries. Must not touch: the event
+//! loop (the [`crate::worker`] calls [`Phone::step`] when the phone's socket is ready or its
+//! timer is due, then asks [`Phone::next_wake`]), other phones.
+//!
+//! # The byte path
+//! ```text
+//! frames the phone makes -> up_pending -> link.offer(Up) [<= can_accept] -> link.poll_deliver(Up)
+//!                        -> wbuf -> socket write
+//! socket read [only while link.can_accept(Down) > 0] -> link.offer(Down) -> link.poll_deliver(Down)
+//!                        -> rbuf -> Decoder -> ClientSession::apply -> events
+//! ```
+//! Reading stops when the link's downlink buffer is full, so the kernel's receive buffer
+//! (kept small, `rcvbuf_bytes`) fills and TCP backpressure reaches the relay, as a slow
+//! phone's would.
+//!
+//! # Link time
+//! For each publish the phone notes when the last byte of its PUBLISH was offered to the
+//! uplink and when the link released it; the difference goes into [`UplinkTimes`]. For each
+//! delivery the receiver knows when the last byte of the DELIVER was offered to its downlink
+//! (read from the socket) and when it was released. Their sum is the link model's share of
+//! that delivery; the rest of the end-to-end latency is the relay's (plus the loopback's and
+//! loadgen's own scheduling, which the timer-lag histogram shows).
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use hdrhistogram::Histogram;
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use pabal_codec::{
+    Ack, ClientFrame, ClientSession, Decoder, Event, GoAwayReason, Limits, Ping, Pong,
+    ServerFrame, Subscribe, Text,
+};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+
+use crate::api::Tokens;
+use crate::link::{Direction, Link, LinkEvent, LinkState, splitmix64};
+use crate::metrics::{DeliveryRecord, Metrics, record_ns};
+use crate::payload::{FLAG_SENDER_IDLE, Header};
+use crate::plan::{Plan, QuietPlan, SendPlan};
+use crate::scenario::Arrivals;
+use crate::verify::{Conflict, EndState, Kind, Ledger, PhoneEnd, RoomEnd, Source, Violation, Violations};
+
+/// How phones keep their connections (the run-wide part of the scenario).
+#[derive(Debug, Clone)]
+pub struct PhoneSettings {
+    /// Heartbeat interval asked for in HELLO, seconds (0: the relay's).
+    pub heartbeat_s: u32,
+    /// Silence beyond the granted heartbeat before the phone probes with a PING.
+    pub probe_after: Duration,
+    /// Silence after the probe before the phone gives up on the connection.
+    pub probe_timeout: Duration,
+    /// Give up on a connection that has no WELCOME after this long.
+    pub handshake_timeout: Duration,
+    /// SO_RCVBUF of each socket (0: the kernel's).
+    pub rcvbuf: usize,
+    /// Cumulative ACKs at most this often (`None`: only those riding on publishes).
+    pub ack_interval: Option<Duration>,
+    /// Idle threshold for "first message after idle".
+    pub idle_threshold: Duration,
+    /// Scenario drops per phone per hour.
+    pub drops_per_hour: f64,
+    /// Backoff after any drop (scripted, handover, dead connection, closed by the relay), ms.
+    pub drop_backoff_ms: [u64; 2],
+}
+
+impl Default for PhoneSettings {
+    fn default() -> Self {
+        PhoneSettings {
+            heartbeat_s: 0,
+            probe_after: Duration::from_secs(30),
+            probe_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(15),
+            rcvbuf: 16 * 1024,
+            ack_interval: Some(Duration::from_secs(10)),
+            idle_threshold: Duration::from_secs(20),
+            drops_per_hour: 0.0,
+            drop_backoff_ms: [500, 5000],
+        }
+    }
+}
+
+/// The uplink time of recent messages, per sender, readable by every worker: a ring of
+/// `(counter, µs)` slots per sender. A receiver that finds another counter in the slot (the
+/// ring wrapped) counts the delivery as `link_unknown`.
+#[derive(Debug)]
+pub struct UplinkTimes {
+    slots: Vec<AtomicU64>,
+    base: Vec<u32>,
+    ring: usize,
+}
+
+impl UplinkTimes {
+    /// Slots for every sender of `plan`.
+    pub fn new(plan: &Plan) -> UplinkTimes {
+        let senders = plan.phones.iter().filter(|p| p.send.is_some()).count().max(1);
+        // About 2M slots (16 MiB) in all, 16 to 1024 per sender.
+        let ring = ((1usize << 21) / senders).clamp(16, 1024).next_power_of_two() / 2;
+        let ring = ring.max(16);
+        let mut next = 0u32;
+        let base = plan
+            .phones
+            .iter()
+            .map(|p| {
+                if p.send.is_some() {
+                    next += 1;
+                    next - 1
+                } else {
+                    u32::MAX
+                }
+            })
+            .collect();
+        UplinkTimes {
+            slots: (0..next as usize * ring).map(|_| AtomicU64::new(0)).collect(),
+            base,
+            ring,
+        }
+    }
+
+    fn slot(&self, sender: u32, counter: u32) -> Option<&AtomicU64> {
+        let base = *self.base.get(sender as usize)?;
+        if base == u32::MAX {
+            return None;
+        }
+        self.slots
+            .get(base as usize * self.ring + counter as usize % self.ring)
+    }
+
+    /// Records that `sender`'s message `counter` spent `ns` in its uplink.
+    pub fn store(&self, sender: u32, counter: u32, ns: u64) {
+        if let Some(slot) = self.slot(sender, counter) {
+            let us = (ns / 1000).min(u64::from(u32::MAX));
+            slot.store((u64::from(counter) << 32) | us, Ordering::Release);
+        }
+    }
+
+    /// The uplink time of `sender`'s message `counter`, ns, if still known.
+    pub fn load(&self, sender: u32, counter: u32) -> Option<u64> {
+        let v = self.slot(sender, counter)?.load(Ordering::Acquire);
+        ((v >> 32) as u32 == counter && counter != 0).then_some((v & 0xffff_ffff) * 1000)
+    }
+}
+
+/// Everything the phones of every worker share.
+#[derive(Debug)]
+pub struct Shared {
+    /// The population.
+    pub plan: Plan,
+    /// What the relay promised and what phones saw.
+    pub ledger: Ledger,
+    /// Uplink times of recent messages.
+    pub uplink: UplinkTimes,
+    /// The run's time origin.
+    pub start: Instant,
+    /// Publishing starts (no phone publishes before).
+    pub steady_start: Instant,
+    /// Publishing stops; the drain begins.
+    pub publish_end: Instant,
+    /// The relay's client address.
+    pub target: SocketAddr,
+    /// Tokens for HELLO.
+    pub tokens: Tokens,
+    /// Channel publishers publish through the control API instead of connecting.
+    pub api_publishers: bool,
+    /// Connection keeping.
+    pub settings: PhoneSettings,
+    /// Source addresses phones bind to (empty: the kernel's choice).
+    pub source_ips: Vec<IpAddr>,
+    /// Set by the main thread to end the run.
+    pub stop: AtomicBool,
+}
+
+impl Shared {
+    /// Ns since the start.
+    pub fn since_start(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.start).as_nanos() as u64
+    }
+}
+
+/// What a worker lends a phone for one step.
+#[derive(Debug)]
+pub struct Ctx<'a> {
+    /// Shared state.
+    pub shared: &'a Shared,
+    /// The worker's poll registry.
+    pub registry: &'a Registry,
+    /// The worker's metrics.
+    pub metrics: &'a mut Metrics,
+    /// The worker's violations.
+    pub violations: &'a mut Violations,
+    /// This second's end-to-end latencies.
+    pub second: &'a mut Histogram<u64>,
+    /// A read buffer.
+    pub scratch: &'a mut [u8],
+    /// Phones of the worker with a WELCOME.
+    pub connected: &'a mut u64,
+    /// Now.
+    pub now: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Offline,
+    Connecting,
+    Handshake,
+    Open,
+}
+
+#[derive(Debug, Clone)]
+struct PhoneRoom {
+    room: u32,
+    alias: Option<u32>,
+    /// (epoch, cursor) once bound at least once.
+    known: Option<(u64, u64)>,
+    /// The cursor last acknowledged to the relay.
+    acked: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PubInUp {
+    end: u64,
+    counter: u32,
+    offered: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct DownOffer {
+    end: u64,
+    at: Instant,
+    idle: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Quiet {
+    plan: QuietPlan,
+    from: Instant,
+    to: Instant,
+}
+
+/// A sender's open-loop schedule: the instants messages are meant to be sent, whatever the
+/// relay does.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    next: Option<Instant>,
+    per_sec: f64,
+    arrivals: Arrivals,
+    remaining: Option<u64>,
+    end: Instant,
+    quiet: Option<Quiet>,
+}
+
+impl Schedule {
+    /// The schedule of `plan` starting at `at` and ending at `end`.
+    pub fn new(plan: &SendPlan, at: Instant, end: Instant, rng: &mut SmallRng) -> Schedule {
+        let per_sec = plan.per_min / 60.0;
+        let quiet = plan.quiet.map(|q| {
+            let from = at + secs(rng.random::<f64>() * q.active_s[1]);
+            Quiet {
+                plan: q,
+                from,
+                to: from + secs(uniform(rng, q.quiet_s)),
+            }
+        });
+        let mut s = Schedule {
+            next: None,
+            per_sec,
+            arrivals: plan.arrivals,
+            remaining: plan.max_count,
+            end,
+            quiet,
+        };
+        if per_sec > 0.0 && s.remaining != Some(0) {
+            let first = match plan.arrivals {
+                Arrivals::Poisson => at + s.gap(rng),
+                Arrivals::Uniform => at + secs(rng.random::<f64>() / per_sec),
+            };
+            s.next = Some(first);
+            s.place(rng);
+        }
+        s
+    }
+
+    fn gap(&self, rng: &mut SmallRng) -> Duration {
+        gap(self.arrivals, self.per_sec, rng)
+    }
+
+    /// Moves `next` out of quiet periods and past the end.
+    fn place(&mut self, rng: &mut SmallRng) {
+        let Some(mut t) = self.next else { return };
+        let (arrivals, per_sec) = (self.arrivals, self.per_sec);
+        if let Some(q) = &mut self.quiet {
+            loop {
+                if t >= q.to {
+                    q.from = q.to + secs(uniform(rng, q.plan.active_s));
+                    q.to = q.from + secs(uniform(rng, q.plan.quiet_s));
+                    continue;
+                }
+                if t >= q.from {
+                    // Quiet: the phone does not write. Memoryless arrivals resume after it.
+                    t = q.to + gap(arrivals, per_sec, rng);
+                    continue;
+                }
+                break;
+            }
+        }
+        self.next = (t < self.end).then_some(t);
+    }
+
+    /// When the next message is due.
+    pub fn next(&self) -> Option<Instant> {
+        self.next
+    }
+
+    /// Moves on to the message after the one due now.
+    pub fn advance(&mut self, rng: &mut SmallRng) {
+        if let Some(r) = &mut self.remaining {
+            *r = r.saturating_sub(1);
+            if *r == 0 {
+                self.next = None;
+                return;
+            }
+        }
+        if let Some(t) = self.next {
+            self.next = Some(t + self.gap(rng));
+            self.place(rng);
+        }
+    }
+}
+
+fn gap(arrivals: Arrivals, per_sec: f64, rng: &mut SmallRng) -> Duration {
+    match arrivals {
+        Arrivals::Poisson => secs(-(1.0 - rng.random::<f64>()).ln() / per_sec),
+        Arrivals::Uniform => secs(1.0 / per_sec),
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::from_secs(86_400 * 365))
+}
+
+fn uniform(rng: &mut SmallRng, range: [f64; 2]) -> f64 {
+    range[0] + rng.random::<f64>() * (range[1] - range[0])
+}
+
+fn uniform_ms(rng: &mut SmallRng, range: [u64; 2]) -> Duration {
+    Duration::from_millis(if range[1] > range[0] {
+        rng.random_range(range[0]..=range[1])
+    } else {
+        range[0]
+    })
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// Before WELCOME: refused, reset, timed out.
+    Failed,
+    /// A link handover, a scenario drop, a dead connection, the relay closing: reconnect after
+    /// the drop backoff.
+    Dropped,
+    /// GOAWAY: after the hint.
+    GoAway(Duration),
+    /// A protocol error: reconnect after the failure backoff.
+    Error,
+}
+
+/// One virtual phone.
+#[derive(Debug)]
+pub struct Phone {
+    /// Global index (also the sender index in payloads).
+    pub idx: u32,
+    token: Token,
+    profile: usize,
+    seed: u64,
+    rng: SmallRng,
+    state: State,
+    sock: Option<TcpStream>,
+    link: Option<Link>,
+    links_made: u64,
+    session: ClientSession,
+    decoder: Decoder,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    up_pending: BytesMut,
+    readable: bool,
+    writable: bool,
+    eof: bool,
+    up_produced: u64,
+    up_offered: u64,
+    up_released: u64,
+    pubs_in_up: VecDeque<PubInUp>,
+    down_released: u64,
+    down_offered: u64,
+    down_offers: VecDeque<DownOffer>,
+    last_activity: Instant,
+    rooms: Vec<PhoneRoom>,
+    send_direct: Vec<usize>,
+    send_groups: Vec<usize>,
+    sched: Option<Schedule>,
+    counter: u32,
+    inflight: Vec<(u64, u32, u32)>,
+    connect_started: Instant,
+    reconnect_at: Option<Instant>,
+    attempts: u32,
+    ever_welcomed: bool,
+    granted_hb: Option<Duration>,
+    last_rx: Instant,
+    probe_sent: Option<Instant>,
+    next_ack: Option<Instant>,
+    next_drop: Option<Instant>,
+    resume: Option<Vec<(usize, u64)>>,
+    last_deliver: Option<Instant>,
+    /// The instant the worker's timer heap holds for this phone.
+    pub(crate) scheduled: Option<Instant>,
+    /// Queued for a step in this loop iteration.
+    pub(crate) dirty: bool,
+}
+
+impl Phone {
+    /// Phone `idx` of the plan, polled under `token`, first connecting at `first_connect`.
+    pub fn new(shared: &Shared, idx: u32, token: Token, first_connect: Instant) -> Phone {
+        let plan = &shared.plan.phones[idx as usize];
+        let rooms: Vec<PhoneRoom> = plan
+            .rooms
+            .iter()
+            .map(|&room| PhoneRoom {
+                room,
+                alias: None,
+                known: None,
+                acked: 0,
+            })
+            .collect();
+        let slot_of = |r: &u32| rooms.iter().position(|pr| pr.room == *r);
+        let (send_direct, send_groups) = match &plan.send {
+            Some(s) => (
+                s.direct.iter().filter_map(slot_of).collect(),
+                s.groups.iter().filter_map(slot_of).collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        let mut rng = SmallRng::seed_from_u64(splitmix64(plan.seed ^ 0x7068_6f6e_6521));
+        let next_drop = drop_after(&mut rng, shared.settings.drops_per_hour)
+            .map(|d| shared.steady_start + d);
+        Phone {
+            idx,
+            token,
+            profile: plan.profile,
+            seed: plan.seed,
+            rng,
+            state: State::Offline,
+            sock: None,
+            link: None,
+            links_made: 0,
+            session: ClientSession::new(),
+            decoder: Decoder::new(Limits::default()),
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            up_pending: BytesMut::new(),
+            readable: false,
+            writable: false,
+            eof: false,
+            up_produced: 0,
+            up_offered: 0,
+            up_released: 0,
+            pubs_in_up: VecDeque::new(),
+            down_released: 0,
+            down_offered: 0,
+            down_offers: VecDeque::new(),
+            last_activity: first_connect,
+            rooms,
+            send_direct,
+            send_groups,
+            sched: None,
+            counter: 0,
+            inflight: Vec::new(),
+            connect_started: first_connect,
+            reconnect_at: Some(first_connect),
+            attempts: 0,
+            ever_welcomed: false,
+            granted_hb: None,
+            last_rx: first_connect,
+            probe_sent: None,
+            next_ack: None,
+            next_drop,
+            resume: None,
+            last_deliver: None,
+            scheduled: None,
+            dirty: false,
+        }
+    }
+
+    /// Marks the socket readable/writable (from a readiness event).
+    pub fn ready(&mut self, readable: bool, writable: bool) {
+        self.readable |= readable;
+        self.writable |= writable;
+    }
+
+    /// Whether the phone holds an open session (WELCOME received).
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
+    fn user<'s>(&self, shared: &'s Shared) -> &'s str {
+        &shared.plan.phones[self.idx as usize].user
+    }
+
+    fn label(&self, shared: &Shared) -> String {
+        format!("{} ({})", self.idx, self.user(shared))
+    }
+
+    /// Does whatever is due: connects, moves bytes through the link both ways, handles
+    /// frames, fires timers.
+    pub fn step(&mut self, ctx: &mut Ctx<'_>) {
+        let now = ctx.now;
+        if self.state == State::Offline && self.reconnect_at.is_some_and(|t| t <= now) {
+            self.connect(ctx);
+        }
+        if self.state == State::Connecting {
+            if self.writable {
+                self.check_connected(ctx);
+            } else if now >= self.connect_started + ctx.shared.settings.handshake_timeout {
+                self.close(ctx, Why::Failed);
+            }
+        }
+        self.publish_due(ctx);
+        if matches!(self.state, State::Handshake | State::Open) {
+            self.timers(ctx);
+        }
+        if matches!(self.state, State::Handshake | State::Open) {
+            self.pump(ctx);
+        }
+    }
+
+    /// When the phone next needs a step (besides socket readiness).
+    pub fn next_wake(&self, now: Instant, shared: &Shared) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        consider(self.sched.as_ref().and_then(Schedule::next));
+        let s = &shared.settings;
+        match self.state {
+            State::Offline => consider(self.reconnect_at),
+            State::Connecting => consider(Some(self.connect_started + s.handshake_timeout)),
+            State::Handshake | State::Open => {
+                consider(self.link.as_ref().and_then(|l| l.next_event(now)));
+                consider(self.next_ack);
+                consider(self.next_drop);
+                if self.state == State::Handshake {
+                    consider(Some(self.connect_started + s.handshake_timeout));
+                }
+                consider(self.keepalive_deadline(s));
+            }
+        }
+        next
+    }
+
+    fn keepalive_deadline(&self, s: &PhoneSettings) -> Option<Instant> {
+        if self.state != State::Open {
+            return None;
+        }
+        match self.probe_sent {
+            Some(p) => Some(p + s.probe_timeout),
+            None => self.granted_hb.map(|hb| self.last_rx + hb + s.probe_after),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Connecting
+    // -----------------------------------------------------------------------------------
+
+    fn connect(&mut self, ctx: &mut Ctx<'_>) {
+        let now = ctx.now;
+        self.reconnect_at = None;
+        ctx.metrics.counters.connects += 1;
+        self.connect_started = now;
+        match self.open_socket(ctx.shared) {
+            Ok(mut sock) => {
+                if let Err(e) =
+                    ctx.registry
+                        .register(&mut sock, self.token, Interest::READABLE | Interest::WRITABLE)
+                {
+                    tracing::warn!(phone = self.idx, "cannot register a socket: {e}");
+                    self.state = State::Connecting;
+                    return self.close(ctx, Why::Failed);
+                }
+                self.sock = Some(sock);
+                self.state = State::Connecting;
+                self.readable = false;
+                self.writable = false;
+            }
+            Err(e) => {
+                tracing::debug!(phone = self.idx, "connect failed: {e}");
+                self.state = State::Connecting;
+                self.close(ctx, Why::Failed);
+            }
+        }
+    }
+
+    fn open_socket(&self, shared: &Shared) -> std::io::Result<TcpStream> {
+        let target = shared.target;
+        let socket = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        if shared.settings.rcvbuf > 0 {
+            socket.set_recv_buffer_size(shared.settings.rcvbuf)?;
+        }
+        if !shared.source_ips.is_empty() {
+            let ip = shared.source_ips[self.idx as usize % shared.source_ips.len()];
+            socket.bind(&SocketAddr::new(ip, 0).into())?;
+        }
+        match socket.connect(&target.into()) {
+            Ok(()) => {}
+            // EINPROGRESS (115 on Linux): the non-blocking connect is under way.
+            Err(e) if e.raw_os_error() == Some(115) || e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        Ok(TcpStream::from_std(socket.into()))
+    }
+
+    fn check_connected(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(sock) = &self.sock else { return };
+        match sock.take_error() {
+            Ok(None) => {}
+            _ => return self.close(ctx, Why::Failed),
+        }
+        match sock.peer_addr() {
+            Ok(_) => self.on_connected(ctx),
+            Err(e) if e.kind() == ErrorKind::NotConnected => self.writable = false,
+            Err(_) => self.close(ctx, Why::Failed),
+        }
+    }
+
+    fn on_connected(&mut self, ctx: &mut Ctx<'_>) {
+        let now = ctx.now;
+        let shared = ctx.shared;
+        let calm = now >= shared.publish_end;
+        let profiles = if calm {
+            &shared.plan.calm_profiles
+        } else {
+            &shared.plan.profiles
+        };
+        self.links_made += 1;
+        let seed = splitmix64(self.seed ^ self.links_made.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        self.link = Some(Link::new(profiles[self.profile].clone(), seed, now));
+        self.last_activity = now;
+        self.last_rx = now;
+        let token = match shared.tokens.token_for(self.user(shared)) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(phone = self.idx, "no token: {e:#}");
+                return self.close(ctx, Why::Error);
+            }
+        };
+        let hb = shared.plan.phones[self.idx as usize]
+            .heartbeat_s
+            .unwrap_or(shared.settings.heartbeat_s);
+        let hello = self.session.hello(token, hb);
+        self.send_frame(&hello);
+        for r in &mut self.rooms {
+            r.alias = None;
+        }
+        let bound: Vec<(u32, u64)> = self.session.rooms().map(|(a, r)| (a, r.room_id)).collect();
+        for (alias, id) in bound {
+            if let Some(slot) = self.slot_of_id(shared, id) {
+                self.rooms[slot].alias = Some(alias);
+            }
+        }
+        if self.ever_welcomed {
+            // Resume: caught up once every room reaches the head known now.
+            let targets = self
+                .rooms
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.known.is_some())
+                .map(|(i, r)| (i, shared.ledger.last_acked(r.room)))
+                .collect();
+            self.resume = Some(targets);
+        }
+        self.state = State::Handshake;
+        self.writable = true;
+    }
+
+    fn slot_of_id(&self, shared: &Shared, room_id: u64) -> Option<usize> {
+        let room = *shared.plan.room_by_id.get(&room_id)?;
+        self.rooms.iter().position(|r| r.room == room)
+    }
+
+    fn slot_of_alias(&self, alias: u32) -> Option<usize> {
+        self.rooms.iter().position(|r| r.alias == Some(alias))
+    }
+
+    fn send_frame(&mut self, frame: &ClientFrame) {
+        let before = self.up_pending.len();
+        frame.encode(&mut self.up_pending);
+        self.up_produced += (self.up_pending.len() - before) as u64;
+    }
+
+    /// Ends the connection (a reset, like a phone losing its network) and schedules the next.
+    fn close(&mut self, ctx: &mut Ctx<'_>, why: Why) {
+        let now = ctx.now;
+        if let Some(mut sock) = self.sock.take() {
+            let _ = ctx.registry.deregister(&mut sock);
+            let _ = SockRef::from(&sock).set_linger(Some(Duration::ZERO));
+        }
+        match self.state {
+            State::Open => *ctx.connected = ctx.connected.saturating_sub(1),
+            State::Connecting | State::Handshake => ctx.metrics.counters.connect_failures += 1,
+            State::Offline => {}
+        }
+        let c = &mut ctx.metrics.counters;
+        c.unacked_at_close += self.inflight.len() as u64;
+        self.inflight.clear();
+        self.link = None;
+        self.rbuf = BytesMut::new();
+        self.wbuf = BytesMut::new();
+        self.up_pending = BytesMut::new();
+        self.pubs_in_up.clear();
+        self.down_offers.clear();
+        (self.up_produced, self.up_offered, self.up_released) = (0, 0, 0);
+        (self.down_offered, self.down_released) = (0, 0);
+        (self.readable, self.writable, self.eof) = (false, false, false);
+        self.probe_sent = None;
+        self.next_ack = None;
+        self.resume = None;
+        self.granted_hb = None;
+        let delay = match why {
+            Why::Failed | Why::Error => {
+                let base = 500u64 << self.attempts.min(6);
+                self.attempts += 1;
+                let ms = (base as f64 * (0.5 + self.rng.random::<f64>())).min(30_000.0);
+                Duration::from_millis(ms as u64)
+            }
+            Why::Dropped => uniform_ms(&mut self.rng, ctx.shared.settings.drop_backoff_ms),
+            Why::GoAway(d) => d,
+        };
+        self.state = State::Offline;
+        self.reconnect_at = Some(now + delay);
+    }
+
+    /// A scenario event drops this phone's connection; it comes back after `backoff`.
+    pub fn force_drop(&mut self, ctx: &mut Ctx<'_>, backoff: [u64; 2]) {
+        if matches!(self.state, State::Handshake | State::Open | State::Connecting) {
+            ctx.metrics.counters.scripted_drops += 1;
+            self.close(ctx, Why::Dropped);
+            self.reconnect_at = Some(ctx.now + uniform_ms(&mut self.rng, backoff));
+        }
+    }
+
+    /// Draws whether a scenario event with `share` affects this phone.
+    pub fn draw(&mut self, share: f64) -> bool {
+        self.rng.random::<f64>() < share
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Timers
+    // -----------------------------------------------------------------------------------
+
+    fn publish_due(&mut self, ctx: &mut Ctx<'_>) {
+        let now = ctx.now;
+        for _ in 0..10_000 {
+            let Some(sched) = &mut self.sched else { return };
+            let Some(t) = sched.next() else { return };
+            if t > now {
+                return;
+            }
+            sched.advance(&mut self.rng);
+            self.publish_one(t, ctx);
+        }
+    }
+
+    fn publish_one(&mut self, intended: Instant, ctx: &mut Ctx<'_>) {
+        let shared = ctx.shared;
+        if self.state != State::Open {
+            ctx.metrics.counters.skipped_offline += 1;
+            return;
+        }
+        let Some(plan) = &shared.plan.phones[self.idx as usize].send else { return };
+        let use_groups = match (self.send_direct.is_empty(), self.send_groups.is_empty()) {
+            (true, true) => return,
+            (true, false) => true,
+            (false, true) => false,
+            (false, false) => self.rng.random::<f64>() < plan.group_share,
+        };
+        let pool = if use_groups { &self.send_groups } else { &self.send_direct };
+        let bound = pool.iter().filter(|&&s| self.rooms[s].alias.is_some()).count();
+        if bound == 0 {
+            ctx.metrics.counters.skipped_unbound += 1;
+            return;
+        }
+        let pick = self.rng.random_range(0..bound);
+        let Some(&slot) = pool.iter().filter(|&&s| self.rooms[s].alias.is_some()).nth(pick) else {
+            return;
+        };
+        let Some(alias) = self.rooms[slot].alias else { return };
+        self.counter += 1;
+        let now = ctx.now;
+        let idle = now.saturating_duration_since(self.last_activity) >= shared.settings.idle_threshold;
+        let header = Header {
+            intended_ns: shared.since_start(intended),
+            sender: self.idx,
+            counter: self.counter,
+            flags: if idle { FLAG_SENDER_IDLE } else { 0 },
+        };
+        let payload = header.payload(plan.payload_bytes);
+        let room = &mut self.rooms[slot];
+        let ack = room
+            .known
+            .map(|(_, c)| c)
+            .filter(|&c| c > room.acked);
+        if let Some(c) = ack {
+            room.acked = c;
+        }
+        let room_idx = room.room;
+        let (msg_id, frame) = self.session.publish(alias, payload, ack);
+        self.inflight.push((msg_id, room_idx, self.counter));
+        self.send_frame(&frame);
+        self.pubs_in_up.push_back(PubInUp {
+            end: self.up_produced,
+            counter: self.counter,
+            offered: None,
+        });
+        ctx.metrics.counters.published += 1;
+    }
+
+    fn timers(&mut self, ctx: &mut Ctx<'_>) {
+        let now = ctx.now;
+        let s = &ctx.shared.settings;
+        if self.state == State::Handshake && now >= self.connect_started + s.handshake_timeout {
+            return self.close(ctx, Why::Failed);
+        }
+        if let Some(at) = self.next_drop
+            && at <= now
+        {
+            self.next_drop = if now < ctx.shared.publish_end {
+                drop_after(&mut self.rng, s.drops_per_hour).map(|d| now + d)
+            } else {
+                None
+            };
+            ctx.metrics.counters.scripted_drops += 1;
+            return self.close(ctx, Why::Dropped);
+        }
+        if let Some(deadline) = self.keepalive_deadline(s)
+            && now >= deadline
+        {
+            if self.probe_sent.is_some() {
+                ctx.metrics.counters.keepalive_timeouts += 1;
+                return self.close(ctx, Why::Dropped);
+            }
+            self.probe_sent = Some(now);
+            ctx.metrics.counters.probes += 1;
+            self.send_frame(&ClientFrame::Ping(Ping::default()));
+        }
+        if self.next_ack.is_some_and(|t| t <= now) {
+            self.next_ack = None;
+            let mut pairs = Vec::new();
+            for r in &mut self.rooms {
+                if let (Some(alias), Some((_, cursor))) = (r.alias, r.known)
+                    && cursor > r.acked
+                {
+                    r.acked = cursor;
+                    pairs.push((alias, cursor));
+                }
+            }
+            for chunk in pairs.chunks(256) {
+                self.send_frame(&ClientFrame::Ack(Ack::from_pairs(chunk)));
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Bytes
+    // -----------------------------------------------------------------------------------
+
+    fn pump(&mut self, ctx: &mut Ctx<'_>) {
+        for _ in 0..64 {
+            let mut progress = self.offer_up(ctx);
+            progress |= self.release_up(ctx);
+            if !self.write(ctx) {
+                return;
+            }
+            progress |= self.read(ctx);
+            progress |= self.release_down(ctx);
+            if !matches!(self.state, State::Handshake | State::Open) {
+                return;
+            }
+            if !progress {
+                break;
+            }
+        }
+        let now = ctx.now;
+        let event = self.link.as_mut().and_then(|l| l.poll_event(now));
+        match event {
+            Some(LinkEvent::Dropped { .. }) => {
+                ctx.metrics.counters.link_drops += 1;
+                return self.close(ctx, Why::Dropped);
+            }
+            Some(LinkEvent::Blackholed { .. }) => ctx.metrics.counters.blackholes += 1,
+            _ => {}
+        }
+        if self.eof && self.link.as_ref().is_none_or(|l| l.pending_bytes(Direction::Down) == 0) {
+            ctx.metrics.counters.closed_by_relay += 1;
+            self.close(ctx, Why::Dropped);
+        }
+    }
+
+    fn offer_up(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        let now = ctx.now;
+        let Some(link) = &mut self.link else { return false };
+        if self.up_pending.is_empty() {
+            return false;
+        }
+        let n = link.can_accept(Direction::Up, now).min(self.up_pending.len());
+        if n == 0 {
+            return false;
+        }
+        let chunk = self.up_pending.split_to(n).freeze();
+        link.offer_bytes(Direction::Up, now, chunk);
+        self.last_activity = now;
+        self.up_offered += n as u64;
+        for p in &mut self.pubs_in_up {
+            if p.end > self.up_offered {
+                break;
+            }
+            p.offered.get_or_insert(now);
+        }
+        true
+    }
+
+    fn release_up(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        let now = ctx.now;
+        let Some(link) = &mut self.link else { return false };
+        let mut got = false;
+        while let Some(chunk) = link.poll_deliver(Direction::Up, now) {
+            self.up_released += chunk.len() as u64;
+            self.wbuf.extend_from_slice(&chunk);
+            got = true;
+        }
+        while let Some(p) = self.pubs_in_up.front() {
+            if p.end > self.up_released {
+                break;
+            }
+            if let Some(at) = p.offered {
+                let ns = now.saturating_duration_since(at).as_nanos() as u64;
+                ctx.shared.uplink.store(self.idx, p.counter, ns);
+            }
+            self.pubs_in_up.pop_front();
+        }
+        got
+    }
+
+    /// Writes what the uplink released; false if the connection ended.
+    fn write(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        while !self.wbuf.is_empty() && self.writable {
+            let Some(sock) = &mut self.sock else { return false };
+            match sock.write(&self.wbuf) {
+                Ok(0) => {
+                    self.close(ctx, Why::Dropped);
+                    return false;
+                }
+                Ok(n) => {
+                    self.wbuf.advance(n);
+                    ctx.metrics.counters.bytes_up += n as u64;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => self.writable = false,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    if self.state == State::Open {
+                        ctx.metrics.counters.closed_by_relay += 1;
+                    }
+                    self.close(ctx, Why::Dropped);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn read(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        let now = ctx.now;
+        let mut progress = false;
+        while self.readable {
+            let (Some(link), Some(sock)) = (&mut self.link, &mut self.sock) else { break };
+            let cap = link.can_accept(Direction::Down, now).min(ctx.scratch.len());
+            if cap == 0 {
+                break;
+            }
+            match sock.read(&mut ctx.scratch[..cap]) {
+                Ok(0) => {
+                    self.eof = true;
+                    self.readable = false;
+                }
+                Ok(n) => {
+                    let idle = now.saturating_duration_since(self.last_activity)
+                        >= ctx.shared.settings.idle_threshold;
+                    link.offer(Direction::Down, now, &ctx.scratch[..n]);
+                    self.last_activity = now;
+                    self.down_offered += n as u64;
+                    self.down_offers.push_back(DownOffer {
+                        end: self.down_offered,
+                        at: now,
+                        idle,
+                    });
+                    ctx.metrics.counters.bytes_down += n as u64;
+                    progress = true;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => self.readable = false,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // A reset: like an end of stream, after what the link still carries.
+                    self.eof = true;
+                    self.readable = false;
+                }
+            }
+        }
+        progress
+    }
+
+    fn release_down(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        let now = ctx.now;
+        let Some(link) = &mut self.link else { return false };
+        let mut got = false;
+        while let Some(chunk) = link.poll_deliver(Direction::Down, now) {
+            self.down_released += chunk.len() as u64;
+            self.rbuf.extend_from_slice(&chunk);
+            got = true;
+        }
+        if got {
+            self.decode(ctx);
+        }
+        got
+    }
+
+    fn decode(&mut self, ctx: &mut Ctx<'_>) {
+        loop {
+            let before = self.rbuf.len();
+            match self.decoder.decode_server(&mut self.rbuf) {
+                Ok(Some(frame)) => {
+                    let len = before - self.rbuf.len();
+                    let end = self.down_released - self.rbuf.len() as u64;
+                    self.on_frame(frame, end, len, ctx);
+                    if !matches!(self.state, State::Handshake | State::Open) {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    ctx.violations.add(
+                        Violation {
+                            kind: Kind::Malformed,
+                            phone: Some(self.label(ctx.shared)),
+                            room: None,
+                            detail: e.to_string(),
+                        },
+                        0,
+                    );
+                    return self.close(ctx, Why::Error);
+                }
+            }
+        }
+    }
+
+    /// When the last byte of the frame ending at stream offset `end` entered the downlink,
+    /// and whether the link had been idle before it.
+    fn offer_of(&mut self, end: u64) -> Option<DownOffer> {
+        while self.down_offers.front().is_some_and(|o| o.end < end) {
+            self.down_offers.pop_front();
+        }
+        self.down_offers.front().copied()
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Frames
+    // -----------------------------------------------------------------------------------
+
+    fn on_frame(&mut self, frame: ServerFrame, end: u64, len: usize, ctx: &mut Ctx<'_>) {
+        self.last_rx = ctx.now;
+        self.probe_sent = None;
+        let alias = match &frame {
+            ServerFrame::Deliver(d) => Some(d.header.alias),
+            ServerFrame::Gap(g) => Some(g.alias),
+            ServerFrame::Room(r) => Some(r.alias),
+            ServerFrame::Left(l) => Some(l.alias),
+            _ => None,
+        };
+        match self.session.apply(frame) {
+            Ok(event) => self.on_event(event, end, len, ctx),
+            Err(e) => {
+                let room = alias
+                    .and_then(|a| self.slot_of_alias(a))
+                    .map(|s| ctx.shared.plan.rooms[self.rooms[s].room as usize].name.clone());
+                ctx.violations.add(
+                    Violation {
+                        kind: Kind::Session,
+                        phone: Some(self.label(ctx.shared)),
+                        room,
+                        detail: e.to_string(),
+                    },
+                    1,
+                );
+                self.close(ctx, Why::Error);
+            }
+        }
+    }
+
+    fn sync_cursor(&mut self, alias: u32) -> Option<usize> {
+        let slot = self.slot_of_alias(alias)?;
+        if let Some(rs) = self.session.room(alias) {
+            self.rooms[slot].known = Some((rs.epoch, rs.cursor));
+        }
+        Some(slot)
+    }
+
+    fn want_ack(&mut self, now: Instant, interval: Option<Duration>) {
+        if let Some(i) = interval
+            && self.next_ack.is_none()
+        {
+            self.next_ack = Some(now + i);
+        }
+    }
+
+    fn on_event(&mut self, event: Event, end: u64, len: usize, ctx: &mut Ctx<'_>) {
+        let now = ctx.now;
+        let shared = ctx.shared;
+        match event {
+            Event::Welcome(w) => {
+                self.state = State::Open;
+                *ctx.connected += 1;
+                self.attempts = 0;
+                let took = now.saturating_duration_since(self.connect_started).as_nanos() as u64;
+                let c = &mut ctx.metrics.counters;
+                c.welcomes += 1;
+                if self.ever_welcomed {
+                    c.reconnects += 1;
+                    record_ns(&mut ctx.metrics.reconnect, took);
+                } else {
+                    record_ns(&mut ctx.metrics.connect, took);
+                }
+                self.ever_welcomed = true;
+                self.granted_hb = (w.heartbeat_secs > 0)
+                    .then(|| Duration::from_secs(u64::from(w.heartbeat_secs)));
+                if shared.tokens.self_join() {
+                    for i in 0..self.rooms.len() {
+                        if self.rooms[i].alias.is_none() {
+                            self.subscribe(i, shared);
+                        }
+                    }
+                }
+                if self.sched.is_none()
+                    && let Some(plan) = &shared.plan.phones[self.idx as usize].send
+                {
+                    let at = now.max(shared.steady_start);
+                    self.sched = Some(Schedule::new(plan, at, shared.publish_end, &mut self.rng));
+                }
+            }
+            Event::Bound {
+                alias,
+                room,
+                previous_epoch,
+                ..
+            } => {
+                let Some(slot) = self.slot_of_id(shared, room.room_id) else {
+                    ctx.violations.add(
+                        Violation {
+                            kind: Kind::Misrouted,
+                            phone: Some(self.label(shared)),
+                            room: room.name.as_ref().map(|n| n.to_string()),
+                            detail: format!("bound to alias {alias}, not one of the phone's rooms"),
+                        },
+                        0,
+                    );
+                    return;
+                };
+                for r in &mut self.rooms {
+                    if r.alias == Some(alias) {
+                        r.alias = None;
+                    }
+                }
+                let label = self.label(shared);
+                let r = &mut self.rooms[slot];
+                r.alias = Some(alias);
+                if previous_epoch.is_some() {
+                    ctx.metrics.counters.epoch_resets += 1;
+                } else if let Some((epoch, cursor)) = r.known
+                    && epoch == room.epoch
+                    && cursor != room.cursor
+                {
+                    let (what, n) = if room.cursor > cursor {
+                        ("skipped", room.cursor - cursor)
+                    } else {
+                        ("rewound", cursor - room.cursor)
+                    };
+                    ctx.violations.add(
+                        Violation {
+                            kind: Kind::CursorJump,
+                            phone: Some(label),
+                            room: Some(shared.plan.rooms[r.room as usize].name.clone()),
+                            detail: format!(
+                                "ROOM {what} the cursor from {cursor} to {} in epoch {epoch}",
+                                room.cursor
+                            ),
+                        },
+                        n,
+                    );
+                }
+                r.known = Some((room.epoch, room.cursor));
+                r.acked = r.acked.min(room.cursor);
+            }
+            Event::Left { alias, .. } => {
+                ctx.metrics.counters.lefts += 1;
+                if let Some(slot) = self.rooms.iter().position(|r| r.alias == Some(alias)) {
+                    // Announced: the room is gone from this connection; a later binding starts
+                    // from its new join point.
+                    let r = &mut self.rooms[slot];
+                    r.alias = None;
+                    r.known = None;
+                    r.acked = 0;
+                    if shared.tokens.self_join() {
+                        self.subscribe(slot, shared);
+                    }
+                }
+            }
+            Event::Message {
+                alias,
+                seq: Some(seq),
+                payload,
+                ..
+            } => {
+                self.last_deliver = Some(now);
+                ctx.metrics.counters.delivered += 1;
+                let slot = self.sync_cursor(alias);
+                self.want_ack(now, shared.settings.ack_interval);
+                let Some(slot) = slot else { return };
+                let room = self.rooms[slot].room;
+                let Some(h) = Header::parse(&payload) else {
+                    ctx.violations.add(
+                        Violation {
+                            kind: Kind::Content,
+                            phone: Some(self.label(shared)),
+                            room: Some(shared.plan.rooms[room as usize].name.clone()),
+                            detail: format!("seq {seq}: the payload is not loadgen's"),
+                        },
+                        1,
+                    );
+                    return;
+                };
+                if let Err(c) = shared.ledger.record(room, seq, h.sender, h.counter, Source::Delivery) {
+                    self.conflict(c, ctx);
+                }
+                let at_ns = shared.since_start(now);
+                let e2e = at_ns.saturating_sub(h.intended_ns);
+                let bucket = shared.plan.rooms[room as usize].bucket;
+                let m = &mut *ctx.metrics;
+                m.e2e.record(self.profile, bucket, e2e);
+                record_ns(ctx.second, e2e);
+                let offer = self.offer_of(end);
+                let down = offer.map(|o| now.saturating_duration_since(o.at).as_nanos() as u64);
+                let up = shared.uplink.load(h.sender, h.counter);
+                let link = match (up, down) {
+                    (Some(u), Some(d)) => Some(u + d),
+                    _ => None,
+                };
+                match link {
+                    Some(l) => {
+                        m.link.record(self.profile, bucket, l);
+                        m.relay.record(self.profile, bucket, e2e.saturating_sub(l));
+                    }
+                    None => m.counters.link_unknown += 1,
+                }
+                if h.flags & FLAG_SENDER_IDLE != 0 || offer.is_some_and(|o| o.idle) {
+                    record_ns(&mut m.after_idle, e2e);
+                }
+                if let Some(trace) = &mut m.trace {
+                    trace.push(DeliveryRecord {
+                        phone: self.idx,
+                        room,
+                        seq,
+                        sender: h.sender,
+                        at_ns,
+                        e2e_ns: e2e,
+                        link_ns: link,
+                        frame_len: len as u32,
+                    });
+                }
+            }
+            Event::Message { seq: None, .. } => {}
+            Event::Gap { alias, from, to, .. } => {
+                let c = &mut ctx.metrics.counters;
+                c.gaps += 1;
+                c.gap_messages += to - from + 1;
+                self.last_deliver = Some(now);
+                self.sync_cursor(alias);
+            }
+            Event::PubAck { alias, msg_id, seq } => {
+                ctx.metrics.counters.acked += 1;
+                if let Some(i) = self.inflight.iter().position(|f| f.0 == msg_id) {
+                    let (_, room, counter) = self.inflight.swap_remove(i);
+                    if let Err(c) = shared.ledger.record(room, seq, self.idx, counter, Source::Ack) {
+                        self.conflict(c, ctx);
+                    }
+                }
+                self.sync_cursor(alias);
+            }
+            Event::Ping(_) => {
+                ctx.metrics.counters.pongs += 1;
+                self.send_frame(&ClientFrame::Pong(Pong::default()));
+            }
+            Event::Pong(_) => {}
+            Event::Error(e) => {
+                if let Some(i) = self.inflight.iter().position(|f| f.0 == e.reference && e.reference != 0) {
+                    self.inflight.swap_remove(i);
+                    ctx.metrics.counters.refused += 1;
+                }
+                let key = format!("{:?}{}", e.code, if e.fatal { " (fatal)" } else { "" });
+                *ctx.metrics.counters.errors.entry(key).or_default() += 1;
+                if e.fatal {
+                    self.close(ctx, Why::Error);
+                }
+            }
+            Event::GoAway(g) => {
+                let reason = match g.reason {
+                    GoAwayReason::Overload => "overload".to_string(),
+                    other => format!("{other:?}").to_lowercase(),
+                };
+                *ctx.metrics.counters.goaways.entry(reason).or_default() += 1;
+                // Honour the hint, plus a little jitter of our own (PROTOCOL.md §14).
+                let jitter = self.rng.random_range(0..=(g.retry_after_ms / 10).clamp(50, 1000));
+                let wait = Duration::from_millis(g.retry_after_ms.saturating_add(jitter));
+                self.close(ctx, Why::GoAway(wait));
+            }
+        }
+        if self.state == State::Open
+            && let Some(targets) = &self.resume
+            && targets
+                .iter()
+                .all(|&(slot, target)| self.rooms[slot].known.is_some_and(|(_, c)| c >= target))
+        {
+            let took = now.saturating_duration_since(self.connect_started).as_nanos() as u64;
+            record_ns(&mut ctx.metrics.resume, took);
+            self.resume = None;
+        }
+    }
+
+    fn subscribe(&mut self, slot: usize, shared: &Shared) {
+        let room = &shared.plan.rooms[self.rooms[slot].room as usize];
+        self.send_frame(&ClientFrame::Subscribe(Subscribe {
+            room: !room.channel,
+            name: Text::from(room.name.as_str()),
+        }));
+    }
+
+    fn conflict(&self, c: Conflict, ctx: &mut Ctx<'_>) {
+        let (kind, room) = match &c {
+            Conflict::Content { room, .. } | Conflict::OutOfRange { room, .. } => (Kind::Content, *room),
+            Conflict::Duplicate { now, .. } => (Kind::Duplicate, now.0),
+        };
+        ctx.violations.add(
+            Violation {
+                kind,
+                phone: Some(self.label(ctx.shared)),
+                room: ctx.shared.plan.rooms.get(room as usize).map(|r| r.name.clone()),
+                detail: c.to_string(),
+            },
+            1,
+        );
+    }
+
+    // -----------------------------------------------------------------------------------
+    // The end
+    // -----------------------------------------------------------------------------------
+
+    /// Whether the phone holds everything the relay acknowledged in each of its rooms and
+    /// awaits no PUBACK.
+    pub fn settled(&self, ledger: &Ledger) -> bool {
+        self.state == State::Open
+            && self.inflight.is_empty()
+            && self.rooms.iter().all(|r| {
+                r.alias.is_some() && r.known.is_some_and(|(_, c)| c >= ledger.last_acked(r.room))
+            })
+    }
+
+    /// How the phone stands at the end of the run.
+    pub fn end(&self, now: Instant, shared: &Shared) -> PhoneEnd {
+        let live_link = self
+            .link
+            .as_ref()
+            .is_some_and(|l| l.state(now) == LinkState::Open);
+        let state = if self.state != State::Open || !live_link {
+            EndState::Offline
+        } else if self.link.as_ref().is_some_and(|l| l.pending_bytes(Direction::Down) > 0)
+            || !self.rbuf.is_empty()
+            || self.last_deliver.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(2))
+        {
+            EndState::Receiving
+        } else {
+            EndState::Quiet
+        };
+        PhoneEnd {
+            phone: self.label(shared),
+            state,
+            rooms: self
+                .rooms
+                .iter()
+                .filter_map(|r| r.known.map(|(_, cursor)| RoomEnd { room: r.room, cursor }))
+                .collect(),
+            never_bound: self.rooms.iter().filter(|r| r.known.is_none()).count() as u32,
+        }
+    }
+}
+
+/// Time to the next scenario drop of one phone, if drops are on.
+fn drop_after(rng: &mut SmallRng, per_hour: f64) -> Option<Duration> {
+    (per_hour > 0.0).then(|| secs(-(1.0 - rng.random::<f64>()).ln() * 3600.0 / per_hour))
+}
+
+/// A schedule for a publisher that does not connect (it publishes through the API).
+pub fn api_schedule(plan: &SendPlan, seed: u64, at: Instant, end: Instant) -> (Schedule, SmallRng) {
+    let mut rng = SmallRng::seed_from_u64(splitmix64(seed ^ 0x6170_6900));
+    (Schedule::new(plan, at, end, &mut rng), rng)
+}
+
+/// Shared data for tests and the runner.
+pub fn shared_for(plan: Plan, target: SocketAddr, tokens: Tokens, settings: PhoneSettings) -> Arc<Shared> {
+    let now = Instant::now();
+    let ledger = Ledger::new(plan.rooms.len(), plan.phones.len());
+    let uplink = UplinkTimes::new(&plan);
+    Arc::new(Shared {
+        plan,
+        ledger,
+        uplink,
+        start: now,
+        steady_start: now,
+        publish_end: now + Duration::from_secs(3600),
+        target,
+        tokens,
+        api_publishers: false,
+        settings,
+        source_ips: Vec::new(),
+        stop: AtomicBool::new(false),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    fn plan(per_min: f64, arrivals: Arrivals, quiet: Option<QuietPlan>) -> SendPlan {
+        SendPlan {
+            arrivals,
+            quiet,
+            ..SendPlan::to_rooms(&[0], per_min, 20)
+        }
+    }
+
+    fn count(s: &mut Schedule, rng: &mut SmallRng) -> (usize, Vec<Instant>) {
+        let mut times = Vec::new();
+        while let Some(t) = s.next() {
+            times.push(t);
+            s.advance(rng);
+        }
+        (times.len(), times)
+    }
+
+    #[test]
+    fn poisson_schedules_keep_their_rate_and_end() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let t0 = Instant::now();
+        let end = t0 + Duration::from_secs(10_000);
+        let mut s = Schedule::new(&plan(60.0, Arrivals::Poisson, None), t0, end, &mut rng);
+        let (n, times) = count(&mut s, &mut rng);
+        assert!((9_500..10_500).contains(&n), "{n}");
+        assert!(times.windows(2).all(|w| w[0] <= w[1]));
+        assert!(times.iter().all(|&t| t >= t0 && t < end));
+    }
+
+    #[test]
+    fn uniform_schedules_are_evenly_spaced_and_counted() {
+        let mut rng = SmallRng::seed_from_u64(2);
+        let t0 = Instant::now();
+        let mut p = plan(600.0, Arrivals::Uniform, None);
+        p.max_count = Some(5);
+        let mut s = Schedule::new(&p, t0, t0 + Duration::from_secs(60), &mut rng);
+        let (n, times) = count(&mut s, &mut rng);
+        assert_eq!(n, 5);
+        for w in times.windows(2) {
+            assert_eq!(w[1] - w[0], Duration::from_millis(100));
+        }
+    }
+
+    #[test]
+    fn quiet_periods_silence_the_sender() {
+        let mut rng = SmallRng::seed_from_u64(3);
+        let t0 = Instant::now();
+        let quiet = QuietPlan {
+            quiet_s: [10.0, 10.0],
+            active_s: [10.0, 10.0],
+        };
+        let mut s = Schedule::new(&plan(600.0, Arrivals::Poisson, Some(quiet)), t0, t0 + Duration::from_secs(1000), &mut rng);
+        let (n, _) = count(&mut s, &mut rng);
+        // Half the time quiet: about half of 10,000.
+        assert!((4_000..6_000).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn uplink_times_are_found_by_counter_until_the_ring_wraps() {
+        let mut b = crate::plan::PlanBuilder::new();
+        let r = b.room("r", false);
+        b.phone("a", crate::link::LinkProfile::unshaped("u"), &[r], Some(SendPlan::to_rooms(&[r], 1.0, 20)));
+        b.phone("b", crate::link::LinkProfile::unshaped("u"), &[r], None);
+        let t = UplinkTimes::new(&b.build());
+        t.store(0, 1, 5_000_000);
+        assert_eq!(t.load(0, 1), Some(5_000_000));
+        assert_eq!(t.load(0, 2), None);
+        assert_eq!(t.load(1, 1), None, "not a sender");
+        t.store(0, 1 + t.ring as u32, 1_000);
+        assert_eq!(t.load(0, 1), None, "overwritten");
+    }
+}
