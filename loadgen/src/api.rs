@@ -51,7 +51,10 @@ impl Tokens {
         let secret = raw.strip_suffix(b"\n").unwrap_or(&raw);
         let secret = secret.strip_suffix(b"\r").unwrap_or(secret);
         if secret.len() < 32 {
-            bail!("{}: an HS256 secret must be at least 32 bytes", path.display());
+            bail!(
+                "{}: an HS256 secret must be at least 32 bytes",
+                path.display()
+            );
         }
         Ok(Tokens::Jwt {
             key: jsonwebtoken::EncodingKey::from_secret(secret),
@@ -64,14 +67,17 @@ impl Tokens {
         match self {
             Tokens::UserId => Ok(Bytes::copy_from_slice(user.as_bytes())),
             Tokens::Jwt { key, ttl } => {
-                let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
                 let claims = Claims {
                     sub: user,
                     exp: (now + *ttl).as_secs(),
                     chn: ["*"],
                 };
                 let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-                let token = jsonwebtoken::encode(&header, &claims, key).context("signing a token")?;
+                let token =
+                    jsonwebtoken::encode(&header, &claims, key).context("signing a token")?;
                 Ok(Bytes::from(token))
             }
         }
@@ -95,9 +101,9 @@ pub struct ControlApi {
 impl ControlApi {
     /// `url` is `http://HOST:PORT` (a path, if any, is ignored); `key` the API key.
     pub fn new(url: &str, key: Option<String>) -> anyhow::Result<ControlApi> {
-        let rest = url
-            .strip_prefix("http://")
-            .with_context(|| format!("--control {url:?}: only http:// URLs (loopback) are supported"))?;
+        let rest = url.strip_prefix("http://").with_context(|| {
+            format!("--control {url:?}: only http:// URLs (loopback) are supported")
+        })?;
         let host = rest.split('/').next().unwrap_or(rest).to_string();
         let addr = host
             .to_socket_addrs()
@@ -144,11 +150,13 @@ impl ControlApi {
         stream
             .read_to_end(&mut raw)
             .with_context(|| format!("control API {}: reading the answer to {path}", self.addr))?;
-        let (status, body) = parse_response(&raw).with_context(|| format!("control API: {path}"))?;
+        let (status, body) =
+            parse_response(&raw).with_context(|| format!("control API: {path}"))?;
         let value = if body.iter().all(u8::is_ascii_whitespace) {
             Value::Null
         } else {
-            serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()))
+            serde_json::from_slice(&body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()))
         };
         Ok((status, value))
     }
@@ -163,8 +171,11 @@ impl ControlApi {
 
     /// Adds users to a room.
     pub fn add_room_members(&self, room: &str, users: &[&str]) -> anyhow::Result<()> {
-        self.post_ok(&format!("/v1/rooms/{room}/members"), &json!({ "users": users }))
-            .map(drop)
+        self.post_ok(
+            &format!("/v1/rooms/{room}/members"),
+            &json!({ "users": users }),
+        )
+        .map(drop)
     }
 
     /// Subscribes users to a channel.
@@ -208,7 +219,9 @@ fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
     let mut length = None;
     let mut chunked = false;
     for line in lines {
-        let Some((name, value)) = line.split_once(':') else { continue };
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
         let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
         if name == "content-length" {
             length = value.parse::<usize>().ok();
@@ -221,7 +234,10 @@ fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
         let mut out = Vec::new();
         let mut rest = body;
         loop {
-            let line_end = rest.windows(2).position(|w| w == b"\r\n").context("bad chunk")?;
+            let line_end = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .context("bad chunk")?;
             let size_text = std::str::from_utf8(&rest[..line_end])?;
             let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
                 .context("bad chunk size")?;
@@ -248,7 +264,8 @@ mod tests {
 
     #[test]
     fn responses_parse_with_length_chunked_or_eof() {
-        let (s, b) = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{\"seq\":42}").unwrap();
+        let (s, b) =
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{\"seq\":42}").unwrap();
         assert_eq!((s, b.as_slice()), (200, &b"{\"seq\":42}"[..]));
         let (s, b) = parse_response(
             b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n",

@@ -85,7 +85,10 @@ struct Cli {
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     match main_inner() {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
@@ -158,7 +161,11 @@ fn main_inner() -> anyhow::Result<bool> {
             (None, Some(r)) => format!("http://{}", r.control),
             (None, None) => anyhow::bail!("--jwt-secret-file needs --control (or --spawn-relay)"),
         };
-        let key = cli.api_key_file.as_deref().map(ControlApi::read_key).transpose()?;
+        let key = cli
+            .api_key_file
+            .as_deref()
+            .map(ControlApi::read_key)
+            .transpose()?;
         config.control = Some(ControlApi::new(&url, key)?);
     }
     eprintln!(
@@ -171,7 +178,9 @@ fn main_inner() -> anyhow::Result<bool> {
     let result = run(config);
     if let Some(relay) = relay {
         match relay.stop() {
-            Ok(Some(status)) if !status.success() => eprintln!("the spawned relay exited with {status}"),
+            Ok(Some(status)) if !status.success() => {
+                eprintln!("the spawned relay exited with {status}")
+            }
             Err(e) => eprintln!("stopping the spawned relay: {e:#}"),
             _ => {}
         }

@@ -46,6 +46,9 @@ pub struct Counters {
     pub skipped_unbound: u64,
     /// Sequenced messages delivered to phones.
     pub delivered: u64,
+    /// Of those, messages sent before the receiver's current connection was welcomed
+    /// (replayed on resume, or caught up after a join).
+    pub delivered_resumed: u64,
     /// Deliveries with no link baseline (the sender's uplink time was not known).
     pub link_unknown: u64,
     /// GAP frames received.
@@ -95,10 +98,32 @@ impl Counters {
             ($($f:ident),*) => { $(self.$f += other.$f;)* };
         }
         sum!(
-            published, acked, refused, unacked_at_close, skipped_offline, skipped_unbound,
-            delivered, link_unknown, gaps, gap_messages, epoch_resets, lefts, connects,
-            connect_failures, welcomes, reconnects, link_drops, blackholes, scripted_drops,
-            keepalive_timeouts, closed_by_relay, pongs, probes, bytes_down, bytes_up
+            published,
+            acked,
+            refused,
+            unacked_at_close,
+            skipped_offline,
+            skipped_unbound,
+            delivered,
+            delivered_resumed,
+            link_unknown,
+            gaps,
+            gap_messages,
+            epoch_resets,
+            lefts,
+            connects,
+            connect_failures,
+            welcomes,
+            reconnects,
+            link_drops,
+            blackholes,
+            scripted_drops,
+            keepalive_timeouts,
+            closed_by_relay,
+            pongs,
+            probes,
+            bytes_down,
+            bytes_up
         );
         for (k, v) in &other.goaways {
             *self.goaways.entry(k.clone()).or_default() += v;
@@ -179,7 +204,9 @@ impl Breakdown {
 /// Everything one worker measured.
 #[derive(Debug, Clone)]
 pub struct Metrics {
-    /// End-to-end delivery latency, from the intended send time to decoding.
+    /// End-to-end delivery latency, from the intended send time to decoding, of live
+    /// deliveries: the receiver was connected (welcomed) when the message was meant to be
+    /// sent.
     pub e2e: Breakdown,
     /// The link model's share of each delivery (sender's uplink + receiver's downlink).
     pub link: Breakdown,
@@ -192,6 +219,9 @@ pub struct Metrics {
     pub reconnect: Histogram<u64>,
     /// Reconnection to caught up (every room's cursor at the head known when reconnecting).
     pub resume: Histogram<u64>,
+    /// End-to-end latency of deliveries that were sent while the receiver was away, and
+    /// reached it on its next connection (their latency is mostly the receiver's absence).
+    pub resumed: Histogram<u64>,
     /// End-to-end latency of deliveries after either end's link had been idle.
     pub after_idle: Histogram<u64>,
     /// How late loadgen's own timers fired (a loaded loadgen shows here first).
@@ -212,6 +242,7 @@ impl Metrics {
             connect: histogram(),
             reconnect: histogram(),
             resume: histogram(),
+            resumed: histogram(),
             after_idle: histogram(),
             timer_lag: histogram(),
             counters: Counters::default(),
@@ -228,6 +259,7 @@ impl Metrics {
             (&mut self.connect, &other.connect),
             (&mut self.reconnect, &other.reconnect),
             (&mut self.resume, &other.resume),
+            (&mut self.resumed, &other.resumed),
             (&mut self.after_idle, &other.after_idle),
             (&mut self.timer_lag, &other.timer_lag),
         ] {
@@ -285,7 +317,7 @@ pub struct Second {
     pub worker: usize,
     /// Seconds since the start (this covers `[sec, sec + 1)`).
     pub sec: u32,
-    /// End-to-end latencies of this second's deliveries.
+    /// End-to-end latencies of this second's live deliveries.
     pub e2e: Histogram<u64>,
     /// Counters so far (cumulative).
     pub counters: Counters,

@@ -57,7 +57,8 @@ impl Header {
         if head[..2] != MAGIC {
             return None;
         }
-        let u32_at = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+        let u32_at =
+            |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
         let mut ns = [0u8; 8];
         ns.copy_from_slice(&head[4..12]);
         Some(Header {

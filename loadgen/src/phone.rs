@@ -29,7 +29,6 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -38,8 +37,8 @@ use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use pabal_codec::{
-    Ack, ClientFrame, ClientSession, Decoder, Event, GoAwayReason, Limits, Ping, Pong,
-    ServerFrame, Subscribe, Text,
+    Ack, ClientFrame, ClientSession, Decoder, Event, GoAwayReason, Limits, Ping, Pong, ServerFrame,
+    Subscribe, Text,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -51,7 +50,9 @@ use crate::metrics::{DeliveryRecord, Metrics, record_ns};
 use crate::payload::{FLAG_SENDER_IDLE, Header};
 use crate::plan::{Plan, QuietPlan, SendPlan};
 use crate::scenario::Arrivals;
-use crate::verify::{Conflict, EndState, Kind, Ledger, PhoneEnd, RoomEnd, Source, Violation, Violations};
+use crate::verify::{
+    Conflict, EndState, Kind, Ledger, PhoneEnd, RoomEnd, Source, Violation, Violations,
+};
 
 /// How phones keep their connections (the run-wide part of the scenario).
 #[derive(Debug, Clone)]
@@ -105,9 +106,17 @@ pub struct UplinkTimes {
 impl UplinkTimes {
     /// Slots for every sender of `plan`.
     pub fn new(plan: &Plan) -> UplinkTimes {
-        let senders = plan.phones.iter().filter(|p| p.send.is_some()).count().max(1);
+        let senders = plan
+            .phones
+            .iter()
+            .filter(|p| p.send.is_some())
+            .count()
+            .max(1);
         // About 2M slots (16 MiB) in all, 16 to 1024 per sender.
-        let ring = ((1usize << 21) / senders).clamp(16, 1024).next_power_of_two() / 2;
+        let ring = ((1usize << 21) / senders)
+            .clamp(16, 1024)
+            .next_power_of_two()
+            / 2;
         let ring = ring.max(16);
         let mut next = 0u32;
         let base = plan
@@ -123,7 +132,9 @@ impl UplinkTimes {
             })
             .collect();
         UplinkTimes {
-            slots: (0..next as usize * ring).map(|_| AtomicU64::new(0)).collect(),
+            slots: (0..next as usize * ring)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             base,
             ring,
         }
@@ -415,6 +426,7 @@ pub struct Phone {
     reconnect_at: Option<Instant>,
     attempts: u32,
     ever_welcomed: bool,
+    welcomed_at: Option<Instant>,
     granted_hb: Option<Duration>,
     last_rx: Instant,
     probe_sent: Option<Instant>,
@@ -451,8 +463,8 @@ impl Phone {
             None => (Vec::new(), Vec::new()),
         };
         let mut rng = SmallRng::seed_from_u64(splitmix64(plan.seed ^ 0x7068_6f6e_6521));
-        let next_drop = drop_after(&mut rng, shared.settings.drops_per_hour)
-            .map(|d| shared.steady_start + d);
+        let next_drop =
+            drop_after(&mut rng, shared.settings.drops_per_hour).map(|d| shared.steady_start + d);
         Phone {
             idx,
             token,
@@ -489,6 +501,7 @@ impl Phone {
             reconnect_at: Some(first_connect),
             attempts: 0,
             ever_welcomed: false,
+            welcomed_at: None,
             granted_hb: None,
             last_rx: first_connect,
             probe_sent: None,
@@ -505,11 +518,6 @@ impl Phone {
     pub fn ready(&mut self, readable: bool, writable: bool) {
         self.readable |= readable;
         self.writable |= writable;
-    }
-
-    /// Whether the phone holds an open session (WELCOME received).
-    pub fn is_open(&self) -> bool {
-        self.state == State::Open
     }
 
     fn user<'s>(&self, shared: &'s Shared) -> &'s str {
@@ -590,10 +598,11 @@ impl Phone {
         self.connect_started = now;
         match self.open_socket(ctx.shared) {
             Ok(mut sock) => {
-                if let Err(e) =
-                    ctx.registry
-                        .register(&mut sock, self.token, Interest::READABLE | Interest::WRITABLE)
-                {
+                if let Err(e) = ctx.registry.register(
+                    &mut sock,
+                    self.token,
+                    Interest::READABLE | Interest::WRITABLE,
+                ) {
                     tracing::warn!(phone = self.idx, "cannot register a socket: {e}");
                     self.state = State::Connecting;
                     return self.close(ctx, Why::Failed);
@@ -613,7 +622,11 @@ impl Phone {
 
     fn open_socket(&self, shared: &Shared) -> std::io::Result<TcpStream> {
         let target = shared.target;
-        let socket = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
+        let socket = Socket::new(
+            Domain::for_address(target),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
         if shared.settings.rcvbuf > 0 {
@@ -738,6 +751,7 @@ impl Phone {
         self.next_ack = None;
         self.resume = None;
         self.granted_hb = None;
+        self.welcomed_at = None;
         let delay = match why {
             Why::Failed | Why::Error => {
                 let base = 500u64 << self.attempts.min(6);
@@ -754,7 +768,10 @@ impl Phone {
 
     /// A scenario event drops this phone's connection; it comes back after `backoff`.
     pub fn force_drop(&mut self, ctx: &mut Ctx<'_>, backoff: [u64; 2]) {
-        if matches!(self.state, State::Handshake | State::Open | State::Connecting) {
+        if matches!(
+            self.state,
+            State::Handshake | State::Open | State::Connecting
+        ) {
             ctx.metrics.counters.scripted_drops += 1;
             self.close(ctx, Why::Dropped);
             self.reconnect_at = Some(ctx.now + uniform_ms(&mut self.rng, backoff));
@@ -789,27 +806,43 @@ impl Phone {
             ctx.metrics.counters.skipped_offline += 1;
             return;
         }
-        let Some(plan) = &shared.plan.phones[self.idx as usize].send else { return };
+        let Some(plan) = &shared.plan.phones[self.idx as usize].send else {
+            return;
+        };
         let use_groups = match (self.send_direct.is_empty(), self.send_groups.is_empty()) {
             (true, true) => return,
             (true, false) => true,
             (false, true) => false,
             (false, false) => self.rng.random::<f64>() < plan.group_share,
         };
-        let pool = if use_groups { &self.send_groups } else { &self.send_direct };
-        let bound = pool.iter().filter(|&&s| self.rooms[s].alias.is_some()).count();
+        let pool = if use_groups {
+            &self.send_groups
+        } else {
+            &self.send_direct
+        };
+        let bound = pool
+            .iter()
+            .filter(|&&s| self.rooms[s].alias.is_some())
+            .count();
         if bound == 0 {
             ctx.metrics.counters.skipped_unbound += 1;
             return;
         }
         let pick = self.rng.random_range(0..bound);
-        let Some(&slot) = pool.iter().filter(|&&s| self.rooms[s].alias.is_some()).nth(pick) else {
+        let Some(&slot) = pool
+            .iter()
+            .filter(|&&s| self.rooms[s].alias.is_some())
+            .nth(pick)
+        else {
             return;
         };
-        let Some(alias) = self.rooms[slot].alias else { return };
+        let Some(alias) = self.rooms[slot].alias else {
+            return;
+        };
         self.counter += 1;
         let now = ctx.now;
-        let idle = now.saturating_duration_since(self.last_activity) >= shared.settings.idle_threshold;
+        let idle =
+            now.saturating_duration_since(self.last_activity) >= shared.settings.idle_threshold;
         let header = Header {
             intended_ns: shared.since_start(intended),
             sender: self.idx,
@@ -818,10 +851,7 @@ impl Phone {
         };
         let payload = header.payload(plan.payload_bytes);
         let room = &mut self.rooms[slot];
-        let ack = room
-            .known
-            .map(|(_, c)| c)
-            .filter(|&c| c > room.acked);
+        let ack = room.known.map(|(_, c)| c).filter(|&c| c > room.acked);
         if let Some(c) = ack {
             room.acked = c;
         }
@@ -912,7 +942,12 @@ impl Phone {
             Some(LinkEvent::Blackholed { .. }) => ctx.metrics.counters.blackholes += 1,
             _ => {}
         }
-        if self.eof && self.link.as_ref().is_none_or(|l| l.pending_bytes(Direction::Down) == 0) {
+        if self.eof
+            && self
+                .link
+                .as_ref()
+                .is_none_or(|l| l.pending_bytes(Direction::Down) == 0)
+        {
             ctx.metrics.counters.closed_by_relay += 1;
             self.close(ctx, Why::Dropped);
         }
@@ -920,11 +955,15 @@ impl Phone {
 
     fn offer_up(&mut self, ctx: &mut Ctx<'_>) -> bool {
         let now = ctx.now;
-        let Some(link) = &mut self.link else { return false };
+        let Some(link) = &mut self.link else {
+            return false;
+        };
         if self.up_pending.is_empty() {
             return false;
         }
-        let n = link.can_accept(Direction::Up, now).min(self.up_pending.len());
+        let n = link
+            .can_accept(Direction::Up, now)
+            .min(self.up_pending.len());
         if n == 0 {
             return false;
         }
@@ -943,7 +982,9 @@ impl Phone {
 
     fn release_up(&mut self, ctx: &mut Ctx<'_>) -> bool {
         let now = ctx.now;
-        let Some(link) = &mut self.link else { return false };
+        let Some(link) = &mut self.link else {
+            return false;
+        };
         let mut got = false;
         while let Some(chunk) = link.poll_deliver(Direction::Up, now) {
             self.up_released += chunk.len() as u64;
@@ -966,7 +1007,9 @@ impl Phone {
     /// Writes what the uplink released; false if the connection ended.
     fn write(&mut self, ctx: &mut Ctx<'_>) -> bool {
         while !self.wbuf.is_empty() && self.writable {
-            let Some(sock) = &mut self.sock else { return false };
+            let Some(sock) = &mut self.sock else {
+                return false;
+            };
             match sock.write(&self.wbuf) {
                 Ok(0) => {
                     self.close(ctx, Why::Dropped);
@@ -994,7 +1037,9 @@ impl Phone {
         let now = ctx.now;
         let mut progress = false;
         while self.readable {
-            let (Some(link), Some(sock)) = (&mut self.link, &mut self.sock) else { break };
+            let (Some(link), Some(sock)) = (&mut self.link, &mut self.sock) else {
+                break;
+            };
             let cap = link.can_accept(Direction::Down, now).min(ctx.scratch.len());
             if cap == 0 {
                 break;
@@ -1032,7 +1077,9 @@ impl Phone {
 
     fn release_down(&mut self, ctx: &mut Ctx<'_>) -> bool {
         let now = ctx.now;
-        let Some(link) = &mut self.link else { return false };
+        let Some(link) = &mut self.link else {
+            return false;
+        };
         let mut got = false;
         while let Some(chunk) = link.poll_deliver(Direction::Down, now) {
             self.down_released += chunk.len() as u64;
@@ -1100,9 +1147,11 @@ impl Phone {
         match self.session.apply(frame) {
             Ok(event) => self.on_event(event, end, len, ctx),
             Err(e) => {
-                let room = alias
-                    .and_then(|a| self.slot_of_alias(a))
-                    .map(|s| ctx.shared.plan.rooms[self.rooms[s].room as usize].name.clone());
+                let room = alias.and_then(|a| self.slot_of_alias(a)).map(|s| {
+                    ctx.shared.plan.rooms[self.rooms[s].room as usize]
+                        .name
+                        .clone()
+                });
                 ctx.violations.add(
                     Violation {
                         kind: Kind::Session,
@@ -1115,6 +1164,12 @@ impl Phone {
                 self.close(ctx, Why::Error);
             }
         }
+    }
+
+    /// Handles `frame` as if it had just arrived from the relay (tests: fabricated streams).
+    pub fn feed_frame(&mut self, frame: ServerFrame, ctx: &mut Ctx<'_>) {
+        let len = frame.encoded_len();
+        self.on_frame(frame, 0, len, ctx);
     }
 
     fn sync_cursor(&mut self, alias: u32) -> Option<usize> {
@@ -1141,7 +1196,9 @@ impl Phone {
                 self.state = State::Open;
                 *ctx.connected += 1;
                 self.attempts = 0;
-                let took = now.saturating_duration_since(self.connect_started).as_nanos() as u64;
+                let took = now
+                    .saturating_duration_since(self.connect_started)
+                    .as_nanos() as u64;
                 let c = &mut ctx.metrics.counters;
                 c.welcomes += 1;
                 if self.ever_welcomed {
@@ -1151,6 +1208,7 @@ impl Phone {
                     record_ns(&mut ctx.metrics.connect, took);
                 }
                 self.ever_welcomed = true;
+                self.welcomed_at = Some(now);
                 self.granted_hb = (w.heartbeat_secs > 0)
                     .then(|| Duration::from_secs(u64::from(w.heartbeat_secs)));
                 if shared.tokens.self_join() {
@@ -1258,31 +1316,43 @@ impl Phone {
                     );
                     return;
                 };
-                if let Err(c) = shared.ledger.record(room, seq, h.sender, h.counter, Source::Delivery) {
+                if let Err(c) =
+                    shared
+                        .ledger
+                        .record(room, seq, h.sender, h.counter, Source::Delivery)
+                {
                     self.conflict(c, ctx);
                 }
                 let at_ns = shared.since_start(now);
                 let e2e = at_ns.saturating_sub(h.intended_ns);
                 let bucket = shared.plan.rooms[room as usize].bucket;
-                let m = &mut *ctx.metrics;
-                m.e2e.record(self.profile, bucket, e2e);
-                record_ns(ctx.second, e2e);
                 let offer = self.offer_of(end);
-                let down = offer.map(|o| now.saturating_duration_since(o.at).as_nanos() as u64);
-                let up = shared.uplink.load(h.sender, h.counter);
-                let link = match (up, down) {
-                    (Some(u), Some(d)) => Some(u + d),
-                    _ => None,
-                };
-                match link {
-                    Some(l) => {
-                        m.link.record(self.profile, bucket, l);
-                        m.relay.record(self.profile, bucket, e2e.saturating_sub(l));
+                let m = &mut *ctx.metrics;
+                // Live: the receiver was connected when the message was meant to be sent.
+                // Otherwise its latency is mostly the receiver's absence: kept apart.
+                let live = self
+                    .welcomed_at
+                    .is_some_and(|w| h.intended_ns >= shared.since_start(w));
+                let mut link = None;
+                if live {
+                    m.e2e.record(self.profile, bucket, e2e);
+                    record_ns(ctx.second, e2e);
+                    let down = offer.map(|o| now.saturating_duration_since(o.at).as_nanos() as u64);
+                    let up = shared.uplink.load(h.sender, h.counter);
+                    link = up.zip(down).map(|(u, d)| u + d);
+                    match link {
+                        Some(l) => {
+                            m.link.record(self.profile, bucket, l);
+                            m.relay.record(self.profile, bucket, e2e.saturating_sub(l));
+                        }
+                        None => m.counters.link_unknown += 1,
                     }
-                    None => m.counters.link_unknown += 1,
-                }
-                if h.flags & FLAG_SENDER_IDLE != 0 || offer.is_some_and(|o| o.idle) {
-                    record_ns(&mut m.after_idle, e2e);
+                    if h.flags & FLAG_SENDER_IDLE != 0 || offer.is_some_and(|o| o.idle) {
+                        record_ns(&mut m.after_idle, e2e);
+                    }
+                } else {
+                    m.counters.delivered_resumed += 1;
+                    record_ns(&mut m.resumed, e2e);
                 }
                 if let Some(trace) = &mut m.trace {
                     trace.push(DeliveryRecord {
@@ -1298,7 +1368,9 @@ impl Phone {
                 }
             }
             Event::Message { seq: None, .. } => {}
-            Event::Gap { alias, from, to, .. } => {
+            Event::Gap {
+                alias, from, to, ..
+            } => {
                 let c = &mut ctx.metrics.counters;
                 c.gaps += 1;
                 c.gap_messages += to - from + 1;
@@ -1309,7 +1381,10 @@ impl Phone {
                 ctx.metrics.counters.acked += 1;
                 if let Some(i) = self.inflight.iter().position(|f| f.0 == msg_id) {
                     let (_, room, counter) = self.inflight.swap_remove(i);
-                    if let Err(c) = shared.ledger.record(room, seq, self.idx, counter, Source::Ack) {
+                    if let Err(c) = shared
+                        .ledger
+                        .record(room, seq, self.idx, counter, Source::Ack)
+                    {
                         self.conflict(c, ctx);
                     }
                 }
@@ -1321,7 +1396,11 @@ impl Phone {
             }
             Event::Pong(_) => {}
             Event::Error(e) => {
-                if let Some(i) = self.inflight.iter().position(|f| f.0 == e.reference && e.reference != 0) {
+                if let Some(i) = self
+                    .inflight
+                    .iter()
+                    .position(|f| f.0 == e.reference && e.reference != 0)
+                {
                     self.inflight.swap_remove(i);
                     ctx.metrics.counters.refused += 1;
                 }
@@ -1338,7 +1417,9 @@ impl Phone {
                 };
                 *ctx.metrics.counters.goaways.entry(reason).or_default() += 1;
                 // Honour the hint, plus a little jitter of our own (PROTOCOL.md §14).
-                let jitter = self.rng.random_range(0..=(g.retry_after_ms / 10).clamp(50, 1000));
+                let jitter = self
+                    .rng
+                    .random_range(0..=(g.retry_after_ms / 10).clamp(50, 1000));
                 let wait = Duration::from_millis(g.retry_after_ms.saturating_add(jitter));
                 self.close(ctx, Why::GoAway(wait));
             }
@@ -1349,7 +1430,9 @@ impl Phone {
                 .iter()
                 .all(|&(slot, target)| self.rooms[slot].known.is_some_and(|(_, c)| c >= target))
         {
-            let took = now.saturating_duration_since(self.connect_started).as_nanos() as u64;
+            let took = now
+                .saturating_duration_since(self.connect_started)
+                .as_nanos() as u64;
             record_ns(&mut ctx.metrics.resume, took);
             self.resume = None;
         }
@@ -1365,14 +1448,21 @@ impl Phone {
 
     fn conflict(&self, c: Conflict, ctx: &mut Ctx<'_>) {
         let (kind, room) = match &c {
-            Conflict::Content { room, .. } | Conflict::OutOfRange { room, .. } => (Kind::Content, *room),
+            Conflict::Content { room, .. } | Conflict::OutOfRange { room, .. } => {
+                (Kind::Content, *room)
+            }
             Conflict::Duplicate { now, .. } => (Kind::Duplicate, now.0),
         };
         ctx.violations.add(
             Violation {
                 kind,
                 phone: Some(self.label(ctx.shared)),
-                room: ctx.shared.plan.rooms.get(room as usize).map(|r| r.name.clone()),
+                room: ctx
+                    .shared
+                    .plan
+                    .rooms
+                    .get(room as usize)
+                    .map(|r| r.name.clone()),
                 detail: c.to_string(),
             },
             1,
@@ -1401,9 +1491,14 @@ impl Phone {
             .is_some_and(|l| l.state(now) == LinkState::Open);
         let state = if self.state != State::Open || !live_link {
             EndState::Offline
-        } else if self.link.as_ref().is_some_and(|l| l.pending_bytes(Direction::Down) > 0)
+        } else if self
+            .link
+            .as_ref()
+            .is_some_and(|l| l.pending_bytes(Direction::Down) > 0)
             || !self.rbuf.is_empty()
-            || self.last_deliver.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(2))
+            || self
+                .last_deliver
+                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(2))
         {
             EndState::Receiving
         } else {
@@ -1415,7 +1510,12 @@ impl Phone {
             rooms: self
                 .rooms
                 .iter()
-                .filter_map(|r| r.known.map(|(_, cursor)| RoomEnd { room: r.room, cursor }))
+                .filter_map(|r| {
+                    r.known.map(|(_, cursor)| RoomEnd {
+                        room: r.room,
+                        cursor,
+                    })
+                })
                 .collect(),
             never_bound: self.rooms.iter().filter(|r| r.known.is_none()).count() as u32,
         }
@@ -1431,27 +1531,6 @@ fn drop_after(rng: &mut SmallRng, per_hour: f64) -> Option<Duration> {
 pub fn api_schedule(plan: &SendPlan, seed: u64, at: Instant, end: Instant) -> (Schedule, SmallRng) {
     let mut rng = SmallRng::seed_from_u64(splitmix64(seed ^ 0x6170_6900));
     (Schedule::new(plan, at, end, &mut rng), rng)
-}
-
-/// Shared data for tests and the runner.
-pub fn shared_for(plan: Plan, target: SocketAddr, tokens: Tokens, settings: PhoneSettings) -> Arc<Shared> {
-    let now = Instant::now();
-    let ledger = Ledger::new(plan.rooms.len(), plan.phones.len());
-    let uplink = UplinkTimes::new(&plan);
-    Arc::new(Shared {
-        plan,
-        ledger,
-        uplink,
-        start: now,
-        steady_start: now,
-        publish_end: now + Duration::from_secs(3600),
-        target,
-        tokens,
-        api_publishers: false,
-        settings,
-        source_ips: Vec::new(),
-        stop: AtomicBool::new(false),
-    })
 }
 
 #[cfg(test)]
@@ -1510,7 +1589,12 @@ mod tests {
             quiet_s: [10.0, 10.0],
             active_s: [10.0, 10.0],
         };
-        let mut s = Schedule::new(&plan(600.0, Arrivals::Poisson, Some(quiet)), t0, t0 + Duration::from_secs(1000), &mut rng);
+        let mut s = Schedule::new(
+            &plan(600.0, Arrivals::Poisson, Some(quiet)),
+            t0,
+            t0 + Duration::from_secs(1000),
+            &mut rng,
+        );
         let (n, _) = count(&mut s, &mut rng);
         // Half the time quiet: about half of 10,000.
         assert!((4_000..6_000).contains(&n), "{n}");
@@ -1520,7 +1604,12 @@ mod tests {
     fn uplink_times_are_found_by_counter_until_the_ring_wraps() {
         let mut b = crate::plan::PlanBuilder::new();
         let r = b.room("r", false);
-        b.phone("a", crate::link::LinkProfile::unshaped("u"), &[r], Some(SendPlan::to_rooms(&[r], 1.0, 20)));
+        b.phone(
+            "a",
+            crate::link::LinkProfile::unshaped("u"),
+            &[r],
+            Some(SendPlan::to_rooms(&[r], 1.0, 20)),
+        );
         b.phone("b", crate::link::LinkProfile::unshaped("u"), &[r], None);
         let t = UplinkTimes::new(&b.build());
         t.store(0, 1, 5_000_000);

@@ -279,10 +279,17 @@ impl Plan {
                 .iter()
                 .find(|p| p.name == ch.publisher_profile)
                 .with_context(|| {
-                    format!("channel {:?}: unknown publisher_profile {:?}", ch.name, ch.publisher_profile)
+                    format!(
+                        "channel {:?}: unknown publisher_profile {:?}",
+                        ch.name, ch.publisher_profile
+                    )
                 })?
                 .clone();
-            let mut send = SendPlan::to_rooms(&[room], ch.msgs_per_min, ch.payload_bytes.unwrap_or(scenario.payload_bytes));
+            let mut send = SendPlan::to_rooms(
+                &[room],
+                ch.msgs_per_min,
+                ch.payload_bytes.unwrap_or(scenario.payload_bytes),
+            );
             send.arrivals = ch.arrivals;
             let p = b.phone(&format!("pub-{}", ch.name), profile, &[room], Some(send));
             b.plan.phones[p as usize].publisher = true;

@@ -13,7 +13,8 @@ use crate::plan::Bucket;
 use crate::run::RunReport;
 use crate::verify::Kind;
 
-const HEAD: &str = "                              count       p50       p90       p99     p99.9       max";
+const HEAD: &str =
+    "                              count       p50       p90       p99     p99.9       max";
 
 fn row(out: &mut String, label: &str, h: &Histogram<u64>) {
     let s = Summary::of(h);
@@ -34,7 +35,11 @@ fn breakdown(out: &mut String, title: &str, b: &Breakdown, r: &RunReport) {
         row(out, &format!("  receiver on {name}"), h);
     }
     for bucket in Bucket::ALL {
-        row(out, &format!("  fan-out {}", bucket.label()), &b.by_bucket[bucket.index()]);
+        row(
+            out,
+            &format!("  fan-out {}", bucket.label()),
+            &b.by_bucket[bucket.index()],
+        );
     }
 }
 
@@ -60,14 +65,35 @@ pub fn table(r: &RunReport) -> String {
         .map(|(p, n)| format!("{p} {n}"))
         .collect();
     let rooms: Vec<String> = r.rooms.iter().map(|(k, n)| format!("{k} {n}")).collect();
-    let _ = writeln!(out, "links: {}; rooms: {}", mix.join(", "), rooms.join(", "));
-    breakdown(&mut out, "delivery latency, end to end from the intended send time", &m.e2e, r);
-    breakdown(&mut out, "link model alone (sender's uplink + receiver's downlink)", &m.link, r);
-    breakdown(&mut out, "relay added (end to end minus the link's share, per delivery)", &m.relay, r);
+    let _ = writeln!(
+        out,
+        "links: {}; rooms: {}",
+        mix.join(", "),
+        rooms.join(", ")
+    );
+    breakdown(
+        &mut out,
+        "live delivery latency, end to end from the intended send time",
+        &m.e2e,
+        r,
+    );
+    breakdown(
+        &mut out,
+        "link model alone (sender's uplink + receiver's downlink)",
+        &m.link,
+        r,
+    );
+    breakdown(
+        &mut out,
+        "relay added (end to end minus the link's share, per delivery)",
+        &m.relay,
+        r,
+    );
     let _ = writeln!(out, "\nconnections, ms\n{HEAD}");
     row(&mut out, "connect (TCP -> WELCOME)", &m.connect);
     row(&mut out, "reconnect (TCP -> WELCOME)", &m.reconnect);
     row(&mut out, "resume (TCP -> caught up)", &m.resume);
+    row(&mut out, "missed, delivered on resume", &m.resumed);
     row(&mut out, "first message after idle", &m.after_idle);
     row(&mut out, "loadgen timer lag", &m.timer_lag);
     let published = c.published + r.api.published;
@@ -76,12 +102,14 @@ pub fn table(r: &RunReport) -> String {
         out,
         "\ntraffic: {published} published ({acked} acknowledged, {} refused, {} unacknowledged when \
          their connection ended, {} skipped while offline, {} skipped before the room was bound); \
-         {} delivered",
+         {} delivered ({} live, {} on resume)",
         c.refused + r.api.refused,
         c.unacked_at_close,
         c.skipped_offline,
         c.skipped_unbound,
-        c.delivered
+        c.delivered,
+        c.delivered - c.delivered_resumed,
+        c.delivered_resumed
     );
     let _ = writeln!(
         out,
@@ -109,8 +137,16 @@ pub fn table(r: &RunReport) -> String {
         c.blackholes,
         c.keepalive_timeouts,
         c.closed_by_relay,
-        if goaways.is_empty() { "none".into() } else { goaways.join(", ") },
-        if errors.is_empty() { "none".into() } else { errors.join(", ") },
+        if goaways.is_empty() {
+            "none".into()
+        } else {
+            goaways.join(", ")
+        },
+        if errors.is_empty() {
+            "none".into()
+        } else {
+            errors.join(", ")
+        },
     );
     let s = &r.summary;
     let v = &r.violations;
@@ -171,7 +207,12 @@ fn breakdown_json(b: &Breakdown, r: &RunReport) -> Value {
         .collect();
     let buckets: serde_json::Map<String, Value> = Bucket::ALL
         .iter()
-        .map(|b2| (b2.label().to_string(), summary_json(&b.by_bucket[b2.index()])))
+        .map(|b2| {
+            (
+                b2.label().to_string(),
+                summary_json(&b.by_bucket[b2.index()]),
+            )
+        })
         .collect();
     json!({ "all": summary_json(&b.all), "by_profile": profiles, "by_fanout": buckets })
 }
@@ -195,6 +236,7 @@ pub fn to_json(r: &RunReport) -> Value {
             "connect": summary_json(&m.connect),
             "reconnect": summary_json(&m.reconnect),
             "resume": summary_json(&m.resume),
+            "delivered_on_resume": summary_json(&m.resumed),
             "first_after_idle": summary_json(&m.after_idle),
             "loadgen_timer_lag": summary_json(&m.timer_lag),
         },
@@ -248,7 +290,11 @@ pub fn to_svg(r: &RunReport) -> String {
     for d in 0..=decades as u32 {
         let ms = 10f64.powi(d as i32);
         let yy = y(ms);
-        let label = if ms >= 1000.0 { format!("{} s", ms / 1000.0) } else { format!("{ms} ms") };
+        let label = if ms >= 1000.0 {
+            format!("{} s", ms / 1000.0)
+        } else {
+            format!("{ms} ms")
+        };
         let _ = writeln!(
             s,
             r##"<line x1="{left}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"##,
@@ -285,7 +331,8 @@ pub fn to_svg(r: &RunReport) -> String {
         top + ph / 2.0,
         top + ph / 2.0
     );
-    let lines: [(&str, &str, fn(&Summary) -> f64); 4] = [
+    type Line = (&'static str, &'static str, fn(&Summary) -> f64);
+    let lines: [Line; 4] = [
         ("p50", "#1f77b4", |l| l.p50),
         ("p90", "#2ca02c", |l| l.p90),
         ("p99", "#ff7f0e", |l| l.p99),
@@ -319,5 +366,7 @@ pub fn to_svg(r: &RunReport) -> String {
 }
 
 fn xml(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

@@ -20,7 +20,7 @@ use crate::api::{ControlApi, Tokens};
 use crate::metrics::{Counters, Metrics, Second, Summary, coarse_histogram};
 use crate::payload::Header;
 use crate::phone::{PhoneSettings, Shared, UplinkTimes, api_schedule};
-use crate::plan::{Bucket, Plan, check_ids};
+use crate::plan::{Plan, check_ids};
 use crate::scenario::{EventSpec, Scenario};
 use crate::verify::{FinalSummary, Ledger, Source, Violations, final_check};
 use crate::worker::Worker;
@@ -78,7 +78,8 @@ impl RunConfig {
                 probe_timeout: Duration::from_secs_f64(p.probe_timeout_s),
                 handshake_timeout: Duration::from_secs_f64(p.handshake_timeout_s),
                 rcvbuf: p.rcvbuf_bytes,
-                ack_interval: (p.ack_interval_s > 0.0).then(|| Duration::from_secs_f64(p.ack_interval_s)),
+                ack_interval: (p.ack_interval_s > 0.0)
+                    .then(|| Duration::from_secs_f64(p.ack_interval_s)),
                 idle_threshold: Duration::from_secs_f64(s.measure.idle_threshold_s),
                 drops_per_hour: s.drops.per_hour,
                 drop_backoff_ms: s.drops.backoff_ms,
@@ -216,7 +217,9 @@ fn api_publisher(shared: &Shared, api: &ControlApi, publishers: &[u32]) -> Count
         *counter += 1;
         let phone = &shared.plan.phones[*idx as usize];
         let Some(send) = &phone.send else { continue };
-        let Some(&room) = send.groups.first() else { continue };
+        let Some(&room) = send.groups.first() else {
+            continue;
+        };
         let payload = Header {
             intended_ns: shared.since_start(at),
             sender: *idx,
@@ -271,7 +274,10 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     }
     if let Some(api) = &control {
         if progress {
-            eprintln!("setting up {} rooms and channels through the server API...", plan.rooms.len());
+            eprintln!(
+                "setting up {} rooms and channels through the server API...",
+                plan.rooms.len()
+            );
         }
         setup_membership(&plan, api)?;
     }
@@ -444,7 +450,9 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
         ends.extend(result.ends);
     }
     let api_counters = match api_handle {
-        Some(h) => h.join().map_err(|_| anyhow::anyhow!("the API publisher panicked"))?,
+        Some(h) => h
+            .join()
+            .map_err(|_| anyhow::anyhow!("the API publisher panicked"))?,
         None => Counters::default(),
     };
     let plan = &shared.plan;
@@ -457,7 +465,6 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     if progress {
         eprintln!("stopped: {stop_reason}");
     }
-    let _ = Bucket::ALL;
     Ok(RunReport {
         name,
         phones: phone_count,

@@ -424,7 +424,10 @@ impl Scenario {
             return bad("settle_s", "must be >= 0");
         }
         if self.payload_bytes < HEADER_LEN || self.payload_bytes > 60_000 {
-            return bad("payload_bytes", "must be 20 ..= 60000 (20: the measurement header)");
+            return bad(
+                "payload_bytes",
+                "must be 20 ..= 60000 (20: the measurement header)",
+            );
         }
         let p = &self.population;
         if p.phones == 0 && self.channels.is_empty() {
@@ -434,7 +437,10 @@ impl Scenario {
             return bad("population.phones", "at most 10000000");
         }
         if !positive(p.connect_rate) {
-            return bad("population.connect_rate", "must be > 0 (connections per second)");
+            return bad(
+                "population.connect_rate",
+                "must be > 0 (connections per second)",
+            );
         }
         for (field, v) in [
             ("population.probe_after_s", p.probe_after_s),
@@ -486,10 +492,16 @@ impl Scenario {
             return bad("idle.share", "must be a share between 0 and 1");
         }
         if !range(i.quiet_s) || i.quiet_s[1] <= 0.0 {
-            return bad("idle.quiet_s", "must be [min, max] seconds with 0 <= min <= max, max > 0");
+            return bad(
+                "idle.quiet_s",
+                "must be [min, max] seconds with 0 <= min <= max, max > 0",
+            );
         }
         if !range(i.active_s) || i.active_s[1] <= 0.0 {
-            return bad("idle.active_s", "must be [min, max] seconds with 0 <= min <= max, max > 0");
+            return bad(
+                "idle.active_s",
+                "must be [min, max] seconds with 0 <= min <= max, max > 0",
+            );
         }
         if !nonneg(self.drops.per_hour) || self.drops.per_hour > 36_000.0 {
             return bad("drops.per_hour", "must be 0 ..= 36000");
@@ -590,7 +602,9 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_refused_by_name() {
-        let err = Scenario::parse("[chat]\nmsg_per_min = 3").unwrap_err().to_string();
+        let err = Scenario::parse("[chat]\nmsg_per_min = 3")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("msg_per_min"), "{err}");
     }
 
@@ -599,9 +613,18 @@ mod tests {
         for (text, field) in [
             ("payload_bytes = 4", "payload_bytes"),
             ("[chat]\ngroup_share = 2.0", "chat.group_share"),
-            ("[chat.group_size]\nmin = 10\nmax = 5", "chat.group_size.max"),
-            ("[[channel]]\nname = \"a b\"\nsubscribers = 5", "channel[0].name"),
-            ("[[event]]\nat_s = 1\nkind = \"drop\"\nshare = 3", "event[0].share"),
+            (
+                "[chat.group_size]\nmin = 10\nmax = 5",
+                "chat.group_size.max",
+            ),
+            (
+                "[[channel]]\nname = \"a b\"\nsubscribers = 5",
+                "channel[0].name",
+            ),
+            (
+                "[[event]]\nat_s = 1\nkind = \"drop\"\nshare = 3",
+                "event[0].share",
+            ),
             ("[[profile]]\nname = \"x\"\nloss = 7", "profile.loss"),
         ] {
             let err = Scenario::parse(text).unwrap_err().to_string();

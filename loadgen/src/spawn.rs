@@ -50,7 +50,9 @@ fn find_relay(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
         return Ok(p.to_path_buf());
     }
     let exe = std::env::current_exe().context("cannot locate loadgen's own executable")?;
-    let dir = exe.parent().context("loadgen's executable has no directory")?;
+    let dir = exe
+        .parent()
+        .context("loadgen's executable has no directory")?;
     for candidate in [dir.join("relay"), dir.join("../relay")] {
         if candidate.is_file() {
             return Ok(candidate);
@@ -85,11 +87,17 @@ pub fn config_text(addr: SocketAddr, control: SocketAddr, o: &SpawnOptions) -> S
     if spec.new_connections_per_second.is_some() {
         t.push_str("\n[limits]\n");
         if let Some(rate) = spec.new_connections_per_second {
-            t.push_str(&format!("new_connections_per_second = {:.3}\n", rate.max(0.001)));
+            t.push_str(&format!(
+                "new_connections_per_second = {:.3}\n",
+                rate.max(0.001)
+            ));
         }
     }
     if let Some(spread) = spec.reconnect_spread_s {
-        t.push_str(&format!("\n[shutdown]\nreconnect_spread = \"{}ms\"\n", (spread * 1000.0).round() as u64));
+        t.push_str(&format!(
+            "\n[shutdown]\nreconnect_spread = \"{}ms\"\n",
+            (spread * 1000.0).round() as u64
+        ));
     }
     if !spec.extra_toml.trim().is_empty() {
         t.push('\n');
@@ -108,7 +116,8 @@ impl SpawnedRelay {
         while control == addr {
             control = free_port()?;
         }
-        let config_path = std::env::temp_dir().join(format!("pabal-loadgen-relay-{}.toml", std::process::id()));
+        let config_path =
+            std::env::temp_dir().join(format!("pabal-loadgen-relay-{}.toml", std::process::id()));
         std::fs::write(&config_path, config_text(addr, control, o))
             .with_context(|| format!("cannot write {}", config_path.display()))?;
         let child = Command::new(&bin)
@@ -134,7 +143,10 @@ impl SpawnedRelay {
                 && let Some(status) = child.try_wait()?
             {
                 relay.child = None;
-                bail!("the relay exited at start ({status}); its configuration: {}", relay.config_path.display());
+                bail!(
+                    "the relay exited at start ({status}); its configuration: {}",
+                    relay.config_path.display()
+                );
             }
             if Instant::now() >= deadline {
                 bail!("the relay did not accept connections on {addr} within 20 s");
@@ -149,7 +161,9 @@ impl SpawnedRelay {
     }
 
     fn terminate(&mut self) -> anyhow::Result<Option<ExitStatus>> {
-        let Some(mut child) = self.child.take() else { return Ok(None) };
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
         // std has no SIGTERM and loadgen has no unsafe code: ask kill(1).
         let _ = Command::new("kill")
             .arg("-TERM")
@@ -197,12 +211,19 @@ mod tests {
             },
             ..SpawnOptions::default()
         };
-        let t = config_text("127.0.0.1:5000".parse().unwrap(), "127.0.0.1:5001".parse().unwrap(), &o);
+        let t = config_text(
+            "127.0.0.1:5000".parse().unwrap(),
+            "127.0.0.1:5001".parse().unwrap(),
+            &o,
+        );
         let v: toml::Value = toml::from_str(&t).unwrap();
         assert_eq!(v["listen"].as_str(), Some("127.0.0.1:5000"));
         assert_eq!(v["workers"].as_integer(), Some(2));
         assert_eq!(v["control"]["listen"].as_str(), Some("127.0.0.1:5001"));
-        assert_eq!(v["limits"]["new_connections_per_second"].as_float(), Some(50.0));
+        assert_eq!(
+            v["limits"]["new_connections_per_second"].as_float(),
+            Some(50.0)
+        );
         assert_eq!(v["shutdown"]["reconnect_spread"].as_str(), Some("5000ms"));
         assert_eq!(v["retention"]["max_messages"].as_integer(), Some(5000));
     }

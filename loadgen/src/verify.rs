@@ -92,12 +92,22 @@ pub enum Conflict {
 impl fmt::Display for Conflict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Conflict::Content { room, seq, first, now } => write!(
+            Conflict::Content {
+                room,
+                seq,
+                first,
+                now,
+            } => write!(
                 f,
                 "room {room} seq {seq}: carried sender {} #{} first, now sender {} #{}",
                 first.0, first.1, now.0, now.1
             ),
-            Conflict::Duplicate { sender, counter, first, now } => write!(
+            Conflict::Duplicate {
+                sender,
+                counter,
+                first,
+                now,
+            } => write!(
                 f,
                 "sender {sender} message #{counter} appears as room {} seq {} and room {} seq {}",
                 first.0, first.1, now.0, now.1
@@ -126,8 +136,10 @@ impl Ledger {
         counter: u32,
         source: Source,
     ) -> Result<(), Conflict> {
-        let (Some(log), Some(slog)) = (self.rooms.get(room as usize), self.senders.get(sender as usize))
-        else {
+        let (Some(log), Some(slog)) = (
+            self.rooms.get(room as usize),
+            self.senders.get(sender as usize),
+        ) else {
             return Err(Conflict::OutOfRange { room, seq });
         };
         if seq == 0 || counter == 0 {
@@ -459,12 +471,19 @@ mod tests {
         let mut v = Violations::default();
         let s = final_check(
             &l,
-            &[end(EndState::Quiet, 5), end(EndState::Receiving, 3), end(EndState::Offline, 1)],
+            &[
+                end(EndState::Quiet, 5),
+                end(EndState::Receiving, 3),
+                end(EndState::Offline, 1),
+            ],
             |_| "r".into(),
             &mut v,
         );
         assert_eq!(v.total(), 0);
-        assert_eq!((s.caught_up, s.behind_receiving, s.behind_offline), (1, 1, 1));
+        assert_eq!(
+            (s.caught_up, s.behind_receiving, s.behind_offline),
+            (1, 1, 1)
+        );
         let s = final_check(&l, &[end(EndState::Quiet, 2)], |_| "r".into(), &mut v);
         assert_eq!((s.silent_loss_pairs, s.silent_loss_messages), (1, 3));
         assert_eq!(v.count(Kind::SilentLoss), 1);

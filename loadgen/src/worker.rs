@@ -74,7 +74,8 @@ impl Worker {
         let mut list = Vec::with_capacity(phones.len());
         let mut heap = BinaryHeap::with_capacity(phones.len());
         for (local, &idx) in phones.iter().enumerate() {
-            let first = shared.start + Duration::from_secs_f64(shared.plan.connect_offset_s(idx as usize));
+            let first =
+                shared.start + Duration::from_secs_f64(shared.plan.connect_offset_s(idx as usize));
             let mut phone = Phone::new(&shared, idx, Token(local), first);
             phone.scheduled = Some(first);
             heap.push(Reverse((first, local as u32)));
@@ -82,7 +83,12 @@ impl Worker {
         }
         let mut events: Vec<(Instant, EventSpec)> = events
             .iter()
-            .map(|e| (shared.steady_start + Duration::from_secs_f64(e.at_s), e.clone()))
+            .map(|e| {
+                (
+                    shared.steady_start + Duration::from_secs_f64(e.at_s),
+                    e.clone(),
+                )
+            })
             .collect();
         events.sort_by_key(|(t, _)| *t);
         events.reverse();
@@ -116,7 +122,8 @@ impl Worker {
             if let Some(Reverse((t, _))) = self.heap.peek() {
                 deadline = deadline.min(*t);
             }
-            deadline = deadline.min(self.shared.start + Duration::from_secs(u64::from(self.sec) + 1));
+            deadline =
+                deadline.min(self.shared.start + Duration::from_secs(u64::from(self.sec) + 1));
             if let Some((t, _)) = self.events.last() {
                 deadline = deadline.min(*t);
             }

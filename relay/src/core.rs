@@ -2030,6 +2030,30 @@ impl EventSink for Core {
         }
         self.now = Instant::now();
         self.configure_socket(stream);
+        Some(self.admit(peer))
+    }
+
+    fn received(&mut self, token: Token, data: &[u8]) {
+        self.now = Instant::now();
+        self.on_bytes(token, data);
+    }
+
+    fn sent(&mut self, token: Token, bytes: usize) {
+        self.on_sent(token, bytes);
+    }
+
+    fn closed(&mut self, token: Token, reason: CloseReason) {
+        tracing::trace!(token, ?reason, "connection closed by peer");
+        self.drop_conn(token);
+    }
+
+    fn woken(&mut self) {}
+}
+
+impl Core {
+    /// Admits a connection whose socket is set up: a slot, a token, the handshake deadline,
+    /// and, past the connection cap or the accept rate, a GOAWAY(overload).
+    pub fn admit(&mut self, peer: SocketAddr) -> Token {
         let total = self.shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
         let overloaded =
             total > self.config.limits.max_connections || !self.accept_bucket.take(self.now);
@@ -2075,13 +2099,13 @@ impl EventSink for Core {
             );
             self.begin_close(token);
         }
-        Some(token)
+        token
     }
 
-    fn received(&mut self, token: Token, data: &[u8]) {
+    /// Bytes arrived on a connection (at the time last set with [`Core::set_now`]).
+    pub fn on_bytes(&mut self, token: Token, data: &[u8]) {
         inc(&self.stats.bytes_in, data.len() as u64);
-        let now = Instant::now();
-        self.now = now;
+        let now = self.now;
         let draining = self.shutdown.draining;
         let Some(conn) = self.conn(token) else { return };
         conn.last_rx = now;
@@ -2107,7 +2131,8 @@ impl EventSink for Core {
         }
     }
 
-    fn sent(&mut self, token: Token, _bytes: usize) {
+    /// The batch in flight for a connection was written.
+    pub fn on_sent(&mut self, token: Token, _bytes: usize) {
         let low_water = self.low_water();
         let Some(conn) = self.conn(token) else { return };
         conn.batch_sent();
@@ -2130,16 +2155,16 @@ impl EventSink for Core {
         }
     }
 
-    fn closed(&mut self, token: Token, reason: CloseReason) {
-        tracing::trace!(token, ?reason, "connection closed by peer");
+    /// The peer closed the connection or it failed.
+    pub fn on_closed(&mut self, token: Token) {
         self.drop_conn(token);
     }
 
-    fn woken(&mut self) {}
-}
-
-impl Core {
     fn decode_failed(&mut self, token: Token, e: DecodeError) {
         self.fatal(token, e.code(), e.to_string());
     }
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

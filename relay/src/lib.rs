@@ -18,5 +18,7 @@ pub mod history;
 pub mod ids;
 pub mod io;
 pub mod mesh;
+pub mod metrics;
 pub mod runtime;
 pub mod stats;
+pub mod watchdog;

@@ -1,14 +1,40 @@
 //! `relay`: the pabal relay daemon.
+//!
+//! The main thread loads the configuration, starts the relay and waits for its workers. One
+//! control thread takes every signal (signal-hook) and passes it on as a message: SIGTERM
+//! and SIGINT begin a graceful shutdown, SIGHUP reloads the configuration file. The
+//! watchdog thread ([`pabal_relay::watchdog`]) probes the workers for systemd's watchdog
+//! and `/healthz`, and keeps systemd's `STATUS=` line current.
+//!
+//! Under systemd (`Type=notify`, see `systemd/relay.service`) the relay sends READY=1 once
+//! it listens, RELOADING=1 ... READY=1 around a reload and STOPPING=1 when it drains; every
+//! notification is a no-op without `NOTIFY_SOCKET`. Logs go to stderr, one line per event;
+//! when stderr is the journal (`JOURNAL_STREAM`), without timestamps (journald adds its
+//! own) and with the syslog priority prefix journald files them under.
 
-use std::path::PathBuf;
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
 use mimalloc::MiMalloc;
 use pabal_relay::config::{Config, LogFormat};
-use pabal_relay::runtime::RelayHandle;
+use pabal_relay::metrics;
+use pabal_relay::runtime::{Relay, RelayHandle};
+use pabal_relay::watchdog::{self, NotifyState, Watchdog, WatchdogConfig};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::{Layered, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
@@ -25,58 +51,106 @@ struct Cli {
     /// (non-zero if invalid). Used by systemd before a reload.
     #[arg(long, value_name = "PATH", conflicts_with = "config")]
     check_config: Option<PathBuf>,
+    /// With --check-config: do not print the effective configuration, only the verdict.
+    #[arg(long, short, requires = "check_config")]
+    quiet: bool,
     /// Print the embedded default configuration and exit.
     #[arg(long)]
     print_default_config: bool,
 }
 
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match config.log.format {
-        LogFormat::Json => builder.json().with_current_span(false).init(),
-        LogFormat::Text => builder.with_target(false).init(),
-    }
-}
-
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.print_default_config {
         print!("{}", pabal_relay::config::EMBEDDED_DEFAULT);
-        return Ok(());
+        return ExitCode::SUCCESS;
     }
-    if let Some(path) = cli.check_config {
-        let config = Config::load(&path)?;
-        print!("{}", config.to_toml());
-        eprintln!("{}: ok", path.display());
-        return Ok(());
+    let journal = stderr_is_journal();
+    if let Some(path) = &cli.check_config {
+        return match Config::load(path) {
+            Ok(config) => {
+                if !cli.quiet {
+                    print!("{}", config.to_toml());
+                }
+                eprintln!("{}: ok", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                let message = format!("{}: {e}", path.display());
+                eprintln!("{}", if journal { one_line(&message) } else { message });
+                ExitCode::FAILURE
+            }
+        };
     }
-    let config = match &cli.config {
-        Some(path) => Config::load(path)?,
-        None => Config::embedded()?,
+    let loaded = match &cli.config {
+        Some(path) => Config::load(path),
+        None => Config::embedded(),
     };
-    init_logging(&config);
+    let config = match loaded {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("relay: {}", one_line(&e.to_string()));
+            return ExitCode::FAILURE;
+        }
+    };
+    let log = init_logging(&config, journal);
+    install_panic_hook();
+    match run(config, cli.config.as_deref(), &log) {
+        Ok(()) => {
+            tracing::info!("relay stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let message = error_chain(&e);
+            tracing::error!("{message}");
+            watchdog::notify(&[NotifyState::Status(&format!("failed: {message}"))]);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config, path: Option<&Path>, log: &LogControl) -> anyhow::Result<()> {
     let mut signals =
         Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
     let relay = RelayHandle::start(config)?;
+    let (watchdog_config, systemd_watchdog) = WatchdogConfig::from_env();
+    let watchdog = Watchdog::spawn(relay.relay().clone(), watchdog_config, watchdog::systemd())
+        .context("cannot start the watchdog thread")?;
+    if systemd_watchdog {
+        tracing::info!(
+            "systemd watchdog on: every worker is probed every {:.1} s",
+            watchdog_config.period.as_secs_f64()
+        );
+    }
+    for route in metrics::routes_with(Some(watchdog.liveness())) {
+        relay.add_route(route);
+    }
+    watchdog::notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&format!(
+            "listening on {} ({} workers, backend {})",
+            relay.local_addr(),
+            relay.workers(),
+            relay.backend()
+        )),
+    ]);
     let handle = signals.handle();
     // Signals are taken on this control thread and passed to the workers as messages.
     std::thread::scope(|scope| {
         scope.spawn(|| {
             for signal in signals.forever() {
-                match signal {
-                    SIGHUP => tracing::warn!(
-                        "SIGHUP: live reload is not available in this build; restart to apply \
-                         config changes"
-                    ),
-                    _ => {
-                        tracing::info!(signal, "shutting down gracefully");
-                        relay.shutdown();
-                        break;
-                    }
+                if signal == SIGHUP {
+                    reload(&relay, path, log);
+                    continue;
                 }
+                let name = signal_hook::low_level::signal_name(signal).unwrap_or("signal");
+                tracing::info!("{name}: shutting down gracefully");
+                watchdog::notify(&[
+                    NotifyState::Stopping,
+                    NotifyState::Status("draining: GOAWAY to every client"),
+                ]);
+                relay.shutdown();
+                break;
             }
         });
         // A worker leaving (shutdown done, or a failure) ends the process.
@@ -84,7 +158,349 @@ fn main() -> anyhow::Result<()> {
         relay.shutdown();
         handle.close();
     });
-    relay.join()?;
-    tracing::info!("relay stopped");
-    Ok(())
+    watchdog.stop();
+    relay.join()
+}
+
+/// SIGHUP: re-reads the file and applies it. RELOADING=1 and READY=1 bracket the work so
+/// `systemctl reload` returns once it is done; a file that fails changes nothing.
+fn reload(relay: &Relay, path: Option<&Path>, log: &LogControl) {
+    let Some(path) = path else {
+        tracing::warn!("SIGHUP: running the embedded default (no --config); nothing to reload");
+        return;
+    };
+    watchdog::notify_reloading();
+    let old = relay.config();
+    let outcome = Config::load(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|new| {
+            let changed = config_diff(&old, &new);
+            let log_config = new.log.clone();
+            relay
+                .reload(new)
+                .map(|report| (report, changed, log_config))
+        });
+    match outcome {
+        Ok((report, changed, log_config)) => {
+            let mut restart: Vec<&str> = report.needs_restart.clone();
+            if log_config.format != old.log.format {
+                restart.push("log.format");
+            }
+            if log_config.level != old.log.level {
+                match log.set_level(&log_config.level) {
+                    Ok(true) => {}
+                    Ok(false) => tracing::info!("log.level changed, but RUST_LOG overrides it"),
+                    Err(e) => tracing::warn!("cannot apply log.level: {e:#}"),
+                }
+            }
+            let live: Vec<&str> = changed
+                .iter()
+                .map(String::as_str)
+                .filter(|field| !restart.iter().any(|r| covers(r, field)))
+                .collect();
+            let live = if live.is_empty() {
+                "nothing".to_string()
+            } else {
+                live.join(", ")
+            };
+            if restart.is_empty() {
+                tracing::info!(path = %path.display(), "configuration reloaded; changed live: {live}");
+            } else {
+                tracing::warn!(
+                    path = %path.display(),
+                    "configuration reloaded; changed live: {live}; needs a restart, running \
+                     value kept: {}",
+                    restart.join(", ")
+                );
+            }
+        }
+        Err(e) => tracing::error!(
+            path = %path.display(),
+            "reload failed, the running configuration stays: {}",
+            error_chain(&e)
+        ),
+    }
+    watchdog::notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&format!(
+            "reloaded; listening on {} ({} workers, backend {})",
+            relay.local_addr(),
+            relay.workers(),
+            relay.backend()
+        )),
+    ]);
+}
+
+/// Whether the reload report's `field` (e.g. `auth.mode`) covers a changed path.
+fn covers(field: &str, changed: &str) -> bool {
+    changed == field
+        || changed
+            .strip_prefix(field)
+            .is_some_and(|rest| rest.starts_with('.'))
+}
+
+/// The dotted paths of every field whose value differs (`limits.publish_rate`); tables
+/// are walked, anything else (arrays such as `retention.override`) compares whole.
+fn config_diff(old: &Config, new: &Config) -> Vec<String> {
+    match (toml::Value::try_from(old), toml::Value::try_from(new)) {
+        (Ok(a), Ok(b)) => {
+            let mut out = Vec::new();
+            diff_values("", &a, &b, &mut out);
+            out
+        }
+        _ => vec!["(cannot compare)".to_string()],
+    }
+}
+
+fn diff_values(path: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (toml::Value::Table(a), toml::Value::Table(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for key in keys {
+                let child = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match (a.get(key), b.get(key)) {
+                    (Some(x), Some(y)) => diff_values(&child, x, y, out),
+                    _ => out.push(child),
+                }
+            }
+        }
+        _ if a != b => out.push(path.to_string()),
+        _ => {}
+    }
+}
+
+/// Collapses a multi-line message (TOML errors show the offending line) into one line, so
+/// the journal keeps it as one entry.
+fn one_line(text: &str) -> String {
+    let parts: Vec<&str> = text
+        .lines()
+        .map(|l| l.trim().trim_start_matches('|').trim_start())
+        .filter(|l| !l.is_empty())
+        .collect();
+    parts.join(" | ")
+}
+
+/// An error and its causes on one line, skipping a cause whose text the message before
+/// already includes (`ConfigError` displays its TOML source itself).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    one_line(&text)
+}
+
+/// Whether stderr is connected to the journal: `JOURNAL_STREAM` names its device and inode
+/// (systemd.exec(5)), compared so a redirected stderr is not mistaken for it.
+fn stderr_is_journal() -> bool {
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    std::fs::File::from(fd)
+        .metadata()
+        .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+}
+
+/// The reloadable part of logging: the level filter.
+struct LogControl {
+    filter: reload::Handle<EnvFilter, Registry>,
+    /// `RUST_LOG` was set: it wins over `log.level`, at start and on reload.
+    from_env: bool,
+}
+
+impl LogControl {
+    /// Applies a new `log.level`; `Ok(false)` when `RUST_LOG` overrides it.
+    fn set_level(&self, level: &str) -> anyhow::Result<bool> {
+        if self.from_env {
+            return Ok(false);
+        }
+        let filter = EnvFilter::try_new(level).context("log.level")?;
+        self.filter.reload(filter).context("log filter")?;
+        Ok(true)
+    }
+}
+
+type Base = Layered<reload::Layer<EnvFilter, Registry>, Registry>;
+
+fn init_logging(config: &Config, journal: bool) -> LogControl {
+    let from_env = std::env::var_os("RUST_LOG").is_some();
+    let filter = from_env
+        .then(|| EnvFilter::try_from_default_env().ok())
+        .flatten()
+        .or_else(|| EnvFilter::try_new(&config.log.level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let tty = !journal && std::io::stderr().is_terminal();
+    let output: Box<dyn Layer<Base> + Send + Sync> = match config.log.format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .fmt_fields(JsonFields::new())
+            .event_format(OneLine {
+                priority: journal,
+                inner: tracing_subscriber::fmt::format()
+                    .json()
+                    .with_current_span(false)
+                    .with_span_list(false),
+            })
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Text if tty => tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Text if journal => tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .event_format(OneLine {
+                priority: true,
+                inner: tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_target(false)
+                    .with_ansi(false),
+            })
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .event_format(OneLine {
+                priority: false,
+                inner: tracing_subscriber::fmt::format()
+                    .with_target(false)
+                    .with_ansi(false),
+            })
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .init();
+    LogControl {
+        filter: handle,
+        from_env,
+    }
+}
+
+/// Wraps an event format: one line per event whatever the message holds, and under
+/// journald the `<N>` syslog priority prefix (sd-daemon(3)), which journald strips and
+/// files the entry under, so `journalctl -p warning` finds warnings and errors.
+struct OneLine<F> {
+    priority: bool,
+    inner: F,
+}
+
+impl<S, N, F> FormatEvent<S, N> for OneLine<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let mut line = String::new();
+        if self.priority {
+            let priority = match *event.metadata().level() {
+                Level::ERROR => 3,
+                Level::WARN => 4,
+                Level::INFO => 6,
+                _ => 7,
+            };
+            write!(line, "<{priority}>")?;
+        }
+        self.inner
+            .format_event(ctx, Writer::new(&mut line), event)?;
+        let body = line.trim_end_matches('\n');
+        if body.contains('\n') {
+            writer.write_str(&body.replace('\n', " | "))?;
+        } else {
+            writer.write_str(body)?;
+        }
+        writer.write_char('\n')
+    }
+}
+
+/// A panic becomes one error line in the log (thread, place, message) instead of the
+/// default multi-line report; with `RUST_BACKTRACE=1` the backtrace follows on the same line.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info.payload_as_str().unwrap_or("(non-text panic payload)");
+        let place = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!(
+                thread,
+                at = %place,
+                "panic: {}; backtrace: {}",
+                one_line(message),
+                one_line(&backtrace.to_string())
+            );
+        } else {
+            tracing::error!(thread, at = %place, "panic: {}", one_line(message));
+        }
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
+
+    use super::*;
+
+    #[test]
+    fn the_diff_names_changed_fields_by_path() {
+        let old = Config::default();
+        let mut new = Config::default();
+        new.limits.publish_rate = 100.0;
+        new.retention.max_messages = 5;
+        new.workers = 3;
+        assert_eq!(
+            config_diff(&old, &new),
+            ["limits.publish_rate", "retention.max_messages", "workers"]
+        );
+        assert!(config_diff(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn restart_fields_cover_their_subfields_only() {
+        assert!(covers("auth.mode", "auth.mode"));
+        assert!(covers("auth", "auth.mode"));
+        assert!(!covers("listen", "listen_backlog"));
+    }
+
+    #[test]
+    fn multi_line_messages_become_one_line() {
+        assert_eq!(
+            one_line("TOML parse error at line 1\n  |\n1 | x = \n  | ^\nbad\n"),
+            "TOML parse error at line 1 | 1 | x = | ^ | bad"
+        );
+    }
 }

@@ -221,10 +221,12 @@ impl Watchdog {
             config.stale_after(),
         ));
         let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
-        let thread = std::thread::Builder::new().name("pabal-watchdog".into()).spawn({
-            let liveness = liveness.clone();
-            move || run(&relay, config, &liveness, &stopped, notifier)
-        })?;
+        let thread = std::thread::Builder::new()
+            .name("pabal-watchdog".into())
+            .spawn({
+                let liveness = liveness.clone();
+                move || run(&relay, config, &liveness, &stopped, notifier)
+            })?;
         Ok(Watchdog {
             stop: Some(stop),
             thread: Some(thread),
@@ -395,7 +397,11 @@ mod tests {
 
     #[test]
     fn all_answered_means_ping() {
-        assert_eq!(verdict(Some(7), &[7, 9]), Verdict::Alive, "later probes count too");
+        assert_eq!(
+            verdict(Some(7), &[7, 9]),
+            Verdict::Alive,
+            "later probes count too"
+        );
     }
 
     #[test]
@@ -418,7 +424,10 @@ mod tests {
         assert_eq!(live.check(t0 + Duration::from_secs(2)), Ok(()));
         assert_eq!(
             live.check(t0 + Duration::from_millis(3500)),
-            Err(vec![(1, Duration::from_millis(3500)), (2, Duration::from_millis(2500))])
+            Err(vec![
+                (1, Duration::from_millis(3500)),
+                (2, Duration::from_millis(2500))
+            ])
         );
         live.record(3, &[3, 3, 3], t0 + Duration::from_secs(4));
         assert_eq!(live.check(t0 + Duration::from_secs(4)), Ok(()));

@@ -539,7 +539,11 @@ fn peer_close_reported_once(b: Box<dyn Backend>) {
     });
     join(client);
     // The ten that closed with a FIN are always accepted.
-    assert!(srv.s.accepted.len() >= 10, "only {} accepted", srv.s.accepted.len());
+    assert!(
+        srv.s.accepted.len() >= 10,
+        "only {} accepted",
+        srv.s.accepted.len()
+    );
     let closed: HashSet<Token> = srv.s.closed.iter().map(|c| c.0).collect();
     assert_eq!(closed, srv.s.accepted.iter().copied().collect());
     for (token, reason) in &srv.s.closed {
@@ -822,4 +826,24 @@ fn options_validation_names_the_field() {
             .contains("cq_entries")
     );
     BackendOptions::default().validate().unwrap();
+}
+
+/// Rings far too small for the load: the submission queue fills (submit and retry, then the
+/// backlog) and the completion queue overflows (the kernel holds the overflow, NODROP).
+#[test]
+fn uring_tiny_rings() {
+    let opts = BackendOptions {
+        ring_entries: 4,
+        cq_entries: 8,
+        buf_ring_count: 8,
+        buf_size: 1024,
+        ..BackendOptions::default()
+    };
+    if let Err(e) = probe::probe_uring(&opts) {
+        eprintln!("skipping the io_uring variant: {e}");
+        return;
+    }
+    many_connections(Box::new(UringBackend::new(&opts).unwrap()));
+    echo_1mib_random_chunks(Box::new(UringBackend::new(&opts).unwrap()));
+    short_connections_all_close(Box::new(UringBackend::new(&opts).unwrap()));
 }

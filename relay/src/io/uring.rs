@@ -23,7 +23,7 @@
 //!   [`BackendOptions::uring_multishot`] off) each connection gets its own buffer and a
 //!   single-shot `RECV`. Next to a multishot receive, a one-shot `POLL_ADD(POLLRDHUP)`
 //!   watches for the peer's FIN, because a kernel race can lose a multishot receive's EOF
-//!   (see [`UringBackend::arm_hup`]);
+//!   (see `UringBackend::arm_hup`);
 //! - send: one `SENDMSG` per batch, its iovecs pointing into the `Bytes` of the batch, which
 //!   the connection holds until the completion; a short write is resubmitted for the rest;
 //! - wake: multishot `POLL_ADD` on the eventfd;
@@ -34,9 +34,16 @@
 //! We do not use zero-copy send. A relay sends small coalesced frames: tens to a few hundred
 //! bytes per connection per tick. `SEND_ZC` pins the pages and posts a second, notification
 //! CQE once the NIC (or loopback) has released them, and the buffer must stay untouched until
-//! then; for small sends that bookkeeping costs more than the copy it saves. The kernel's own
-//! documentation and the io_uring benchmarks put the break-even around 10 KB per send, far
-//! above our frame sizes. Revisit only for bulk transfers (history replay of large batches).
+//! then; for small sends that bookkeeping costs more than the copy it saves. The kernel's
+//! `MSG_ZEROCOPY` documentation (`Documentation/networking/msg_zerocopy.rst`) puts the
+//! break-even around 10 KB per write; `SEND_ZC` makes the notification cheaper, not the
+//! pinning, and io_uring's own benchmarks show gains only for large payloads, far above
+//! our frame sizes. A quick check on the 2-core development VM (Linux 6.18, loopback,
+//! one TCP connection, 32 sends in flight, `SEND` vs `SEND_ZC` waiting for its notification):
+//! 64 B 1.4 µs vs 5.6 µs per send, 256 B 1.7 vs 6.3 µs, 4 KiB 2.9 vs 7.2 µs, 64 KiB 18 vs
+//! 32 µs. Loopback copies zero-copy pages at the receiver anyway, so it overstates the loss
+//! for large sends on a real NIC, but the fixed per-send cost that dominates small frames is
+//! the same. Revisit only for bulk transfers (history replay of large batches).
 //!
 //! # Memory the kernel may touch, and why it stays valid
 //! Every SQE carries `user_data` = op kind | slot generation | slot index, never a pointer.
@@ -976,6 +983,8 @@ impl UringBackend {
                 slot.listener = None; // closes it
             } else if !slot.retry {
                 self.arm_accept(lidx);
+            } else if self.accept_retry_at.is_none() {
+                self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
             }
         }
     }
@@ -1220,10 +1229,14 @@ impl UringBackend {
         delivered
     }
 
+    /// The accept pause is over: re-arm the listeners it stopped. (One whose multishot
+    /// accept survived the error is still armed; it re-arms when that accept ends.)
     fn rearm_listeners(&mut self) {
         for lidx in 0..self.listeners.len() {
-            let l = &self.listeners[lidx];
-            if l.retry && !l.armed && !l.closing && l.listener.is_some() {
+            let l = &mut self.listeners[lidx];
+            if l.armed {
+                l.retry = false;
+            } else if l.retry && !l.closing && l.listener.is_some() {
                 self.arm_accept(lidx);
             }
         }
