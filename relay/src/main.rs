@@ -447,7 +447,12 @@ where
 /// default multi-line report; with `RUST_BACKTRACE=1` the backtrace follows on the same line.
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
-        let message = info.payload_as_str().unwrap_or("(non-text panic payload)");
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(non-text panic payload)");
         let place = info
             .location()
             .map(|l| format!("{}:{}", l.file(), l.line()))

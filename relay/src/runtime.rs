@@ -107,7 +107,15 @@ impl RelayHandle {
         let config = Arc::new(config);
         let workers = config.worker_count();
         let options = BackendOptions::default();
-        let backend = probe::choose(config.io_backend, &options)?;
+        // Probe on a thread of its own: tearing down the probe ring can leave io_uring task
+        // work for the thread that made it, which would interrupt (EINTR) the caller's next
+        // blocking socket call with a timeout.
+        let backend = std::thread::scope(|scope| {
+            scope
+                .spawn(|| probe::choose(config.io_backend, &options))
+                .join()
+                .map_err(|_| anyhow!("the io_uring probe panicked"))
+        })??;
         let (addr, listeners) = bind_listeners(config.listen, workers)?;
         let epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)

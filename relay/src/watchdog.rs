@@ -29,7 +29,7 @@ pub type Notifier = Box<dyn FnMut(&[NotifyState<'_>]) + Send>;
 /// Sends to systemd's `NOTIFY_SOCKET`; a no-op when the variable is unset (not under
 /// systemd, or `Type=` is not `notify`).
 pub fn systemd() -> Notifier {
-    Box::new(|states| notify(states))
+    Box::new(notify)
 }
 
 /// Sends `states` to systemd now (a no-op without `NOTIFY_SOCKET`); a failure is logged at

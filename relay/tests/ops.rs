@@ -58,16 +58,17 @@ impl Drop for TempDir {
 // ---------------------------------------------------------------------------------------
 // In-process relays, HTTP, and a protocol client.
 
-fn start_relay(workers: usize, tweak: impl FnOnce(&mut Config)) -> RelayHandle {
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.workers = workers;
-    config.pin_workers = false;
+fn start_relay(workers: usize) -> RelayHandle {
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        workers,
+        pin_workers: false,
+        ..Config::default()
+    };
     config.control.listen = "127.0.0.1:0".into();
     config.limits.publish_rate = 1e9;
     config.limits.publish_burst = 1e9;
     config.shutdown.grace = Duration::from_secs(2);
-    tweak(&mut config);
     RelayHandle::start(config).expect("relay starts")
 }
 
@@ -680,7 +681,7 @@ fn the_shipped_config_is_valid_and_so_are_its_production_lines() {
 
 #[test]
 fn metrics_parse_and_move_with_traffic() {
-    let relay = start_relay(2, |_| {});
+    let relay = start_relay(2);
     for route in metrics::routes() {
         relay.add_route(route);
     }
@@ -743,7 +744,7 @@ fn metrics_parse_and_move_with_traffic() {
 
 #[test]
 fn health_and_readiness() {
-    let relay = start_relay(2, |_| {});
+    let relay = start_relay(2);
     for route in metrics::routes() {
         relay.add_route(route);
     }
@@ -792,7 +793,7 @@ fn pings_until(
 
 #[test]
 fn the_watchdog_withholds_pings_while_a_worker_is_wedged() {
-    let relay = start_relay(2, |_| {});
+    let relay = start_relay(2);
     let (tx, rx) = crossbeam_channel::unbounded::<String>();
     let notifier: Notifier = Box::new(move |states| {
         for state in states {

@@ -1,0 +1,125 @@
+//! Memory per idle connection: the relay's resident set growth per mostly idle phone
+//! connection (authenticated, two rooms bound), for each I/O backend.
+//!
+//! The relay runs in this process; the phones run in a child process (this same executable
+//! with `--phones N`), so the relay's RSS is measured alone. Kernel socket buffers are not in
+//! the RSS; they are the kernel's (tunable with `net.ipv4.tcp_rmem`/`tcp_wmem`).
+//!
+//! `cargo bench -p pabal-benches --bench idle_connections` (`PABAL_IDLE_CONNS`, default 5000).
+
+#![allow(clippy::unwrap_used)] // reason: a benchmark driver fails loudly
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use pabal_codec::{ClientFrame, Decoder, Hello, ResumeList, ServerFrame, Subscribe, Text};
+use pabal_relay::config::Config;
+use pabal_relay::io::BackendKind;
+use pabal_relay::runtime::RelayHandle;
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// The child: open `n` phones, each in a 1:1 room with its neighbour and in one shared
+/// channel, print "ready", and hold them until stdin closes.
+fn phones(addr: &str, n: usize) {
+    let mut held = Vec::with_capacity(n);
+    let decoder = Decoder::default();
+    for i in 0..n {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let mut out = BytesMut::new();
+        ClientFrame::Hello(Hello {
+            version: 1,
+            heartbeat_secs: 0,
+            token: Bytes::from(format!("u{i}")),
+            resume: ResumeList::default(),
+        })
+        .encode(&mut out);
+        for (room, name) in [(true, format!("dm:{}", i / 2)), (false, "news".to_string())] {
+            ClientFrame::Subscribe(Subscribe { room, name: Text::from(name) }).encode(&mut out);
+        }
+        s.write_all(&out).unwrap();
+        let mut buf = BytesMut::new();
+        let mut bound = 0;
+        while bound < 2 {
+            while let Some(f) = decoder.decode_server(&mut buf).unwrap() {
+                if matches!(f, ServerFrame::Room(_)) {
+                    bound += 1;
+                }
+            }
+            if bound < 2 {
+                let mut chunk = [0u8; 1024];
+                let n = s.read(&mut chunk).unwrap();
+                assert!(n > 0);
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+        held.push(s);
+    }
+    println!("ready");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+}
+
+fn measure(backend: BackendKind, n: usize) {
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        workers: 1,
+        io_backend: backend,
+        ..Config::default()
+    };
+    config.control.listen = String::new();
+    config.log.level = "warn".into();
+    config.limits.new_connections_per_second = 1e9;
+    let relay = RelayHandle::start(config).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = rss_kib();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--phones", &n.to_string(), &relay.local_addr().to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss_kib();
+    assert_eq!(relay.stats().connections, n as u64);
+    drop(child.stdin.take());
+    child.wait().unwrap();
+    println!(
+        "{:<9} {:>7} connections: relay RSS +{} KiB = {:.0} bytes per connection",
+        relay.backend(),
+        n,
+        after - before,
+        (after - before) as f64 * 1024.0 / n as f64
+    );
+    relay.stop().unwrap();
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--phones") {
+        return phones(&args[i + 2], args[i + 1].parse().unwrap());
+    }
+    let n: usize = std::env::var("PABAL_IDLE_CONNS").ok().and_then(|s| s.parse().ok()).unwrap_or(5000);
+    for backend in [BackendKind::Epoll, BackendKind::IoUring] {
+        if backend == BackendKind::IoUring
+            && pabal_relay::io::probe::probe_uring(&pabal_relay::io::probe::BackendOptions::default()).is_err()
+        {
+            println!("io_uring unavailable here: skipped");
+            continue;
+        }
+        measure(backend, n);
+    }
+}
