@@ -1446,6 +1446,15 @@ impl Core {
             .entry(room.clone())
             .or_default()
             .push((token, alias));
+        // A phone resuming hundreds of rooms gets one first page per room; past its queue
+        // cap the rest wait and are fetched page by page as the socket drains, like any
+        // lagging connection, so a resume never grows memory past the cap.
+        let cap = self.config.connection.max_queued_bytes;
+        let page = if self.conn(token).is_some_and(|c| c.queued() >= cap) && !page.complete {
+            Page::default()
+        } else {
+            page
+        };
         self.apply_page(token, alias, &room, page);
     }
 

@@ -343,3 +343,36 @@ fn a_silent_phone_is_pinged_then_closed() {
     assert!(h.wire.closed.contains(&t));
     assert_eq!(h.stats.heartbeat_timeouts.load(Ordering::Relaxed), 1);
 }
+
+#[test]
+fn resuming_many_long_gaps_stays_within_the_cap() {
+    const CAP: usize = 8192;
+    let mut h = Harness::new(|c| {
+        c.connection.max_frame_len = 1024;
+        c.limits.max_payload = 512;
+        c.connection.max_queued_bytes = CAP;
+        c.connection.replay_page_bytes = 2048;
+    });
+    let ann = h.connect("ann", ClientSession::new());
+    let bob = h.connect("bob", ClientSession::new());
+    let rooms: Vec<u32> = (0..20).map(|r| h.join(ann, &format!("r{r}"))).collect();
+    for r in 0..20 {
+        h.join(bob, &format!("r{r}"));
+    }
+    h.events(bob);
+    let session = h.phones.remove(&bob).unwrap().session;
+    h.core.on_closed(bob);
+    // While bob is away, 20 rooms x 40 messages of ~200 bytes: 160 KB to catch up on.
+    for i in 0..40 {
+        for &alias in &rooms {
+            h.publish(ann, alias, &format!("{i:02}:{}", "y".repeat(200)));
+        }
+    }
+    h.stats.queue_high_water.store(0, Ordering::Relaxed);
+    let bob = h.connect("bob", session);
+    let high = h.stats.queue_high_water.load(Ordering::Relaxed) as usize;
+    assert!(high <= CAP + 2048 + 1024, "resume queued {high} bytes");
+    let got = h.messages(bob);
+    assert_eq!(got.len(), 800, "every missed message arrives");
+    assert_eq!(h.stats.gaps.load(Ordering::Relaxed), 0);
+}
