@@ -46,7 +46,11 @@ fn phones(addr: &str, n: usize) {
         })
         .encode(&mut out);
         for (room, name) in [(true, format!("dm:{}", i / 2)), (false, "news".to_string())] {
-            ClientFrame::Subscribe(Subscribe { room, name: Text::from(name) }).encode(&mut out);
+            ClientFrame::Subscribe(Subscribe {
+                room,
+                name: Text::from(name),
+            })
+            .encode(&mut out);
         }
         s.write_all(&out).unwrap();
         let mut buf = BytesMut::new();
@@ -112,10 +116,16 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "--phones") {
         return phones(&args[i + 2], args[i + 1].parse().unwrap());
     }
-    let n: usize = std::env::var("PABAL_IDLE_CONNS").ok().and_then(|s| s.parse().ok()).unwrap_or(5000);
+    let n: usize = std::env::var("PABAL_IDLE_CONNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5000);
     for backend in [BackendKind::Epoll, BackendKind::IoUring] {
         if backend == BackendKind::IoUring
-            && pabal_relay::io::probe::probe_uring(&pabal_relay::io::probe::BackendOptions::default()).is_err()
+            && pabal_relay::io::probe::probe_uring(
+                &pabal_relay::io::probe::BackendOptions::default(),
+            )
+            .is_err()
         {
             println!("io_uring unavailable here: skipped");
             continue;

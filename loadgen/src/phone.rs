@@ -876,13 +876,15 @@ impl Phone {
         if let Some(at) = self.next_drop
             && at <= now
         {
-            self.next_drop = if now < ctx.shared.publish_end {
-                drop_after(&mut self.rng, s.drops_per_hour).map(|d| now + d)
-            } else {
-                None
-            };
-            ctx.metrics.counters.scripted_drops += 1;
-            return self.close(ctx, Why::Dropped);
+            // Scenario drops stop with publishing, so that the drain can settle.
+            let end = ctx.shared.publish_end;
+            self.next_drop = drop_after(&mut self.rng, s.drops_per_hour)
+                .map(|d| now + d)
+                .filter(|&t| t < end);
+            if at < end {
+                ctx.metrics.counters.scripted_drops += 1;
+                return self.close(ctx, Why::Dropped);
+            }
         }
         if let Some(deadline) = self.keepalive_deadline(s)
             && now >= deadline

@@ -26,7 +26,12 @@ fn a_blackholed_phone_is_noticed_and_resumes_without_loss() {
     // between messages.
     let mut send = SendPlan::to_rooms(&[room], 20.0, 64);
     send.arrivals = Arrivals::Uniform;
-    b.phone("sender", LinkProfile::unshaped("unshaped"), &[room], Some(send));
+    b.phone(
+        "sender",
+        LinkProfile::unshaped("unshaped"),
+        &[room],
+        Some(send),
+    );
     let nat = LinkProfile {
         nat_idle_timeout_s: Some(2),
         ..LinkProfile::unshaped("nat2s")
@@ -51,7 +56,10 @@ fn a_blackholed_phone_is_noticed_and_resumes_without_loss() {
     let c = &report.metrics.counters;
     assert!(c.blackholes >= 1, "the NAT never expired");
     assert!(c.keepalive_timeouts >= 1, "the phone never noticed");
-    assert!(c.reconnects >= 1 && !report.metrics.resume.is_empty(), "no resume");
+    assert!(
+        c.reconnects >= 1 && !report.metrics.resume.is_empty(),
+        "no resume"
+    );
     assert!(c.delivered_resumed >= 1, "nothing was replayed on resume");
     assert!(report.passed(), "{table}");
     let s = &report.summary;

@@ -57,7 +57,10 @@ fn a_short_mixed_scenario_ends_without_violations() {
     let c = &report.metrics.counters;
     assert!(c.delivered > 500, "{c:?}");
     assert!(c.acked > 100, "{c:?}");
-    assert!(c.scripted_drops > 0 && c.reconnects > 0, "drops were exercised: {c:?}");
+    assert!(
+        c.scripted_drops > 0 && c.reconnects > 0,
+        "drops were exercised: {c:?}"
+    );
     assert_eq!(report.summary.silent_loss_pairs, 0);
     assert!(report.summary.pairs >= 200, "{:?}", report.summary);
     assert!(report.metrics.e2e.all.len() > 500);
@@ -65,8 +68,16 @@ fn a_short_mixed_scenario_ends_without_violations() {
     let json = report::to_json(&report);
     assert_eq!(json["passed"], true);
     assert!(json["series"].as_array().is_some_and(|s| !s.is_empty()));
-    assert!(json["latency_ms"]["relay_added"]["all"]["count"].as_u64().unwrap() > 0);
+    assert!(
+        json["latency_ms"]["relay_added"]["all"]["count"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     let svg = report::to_svg(&report);
-    assert!(svg.starts_with("<svg") && svg.contains("<polyline"), "{svg}");
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<polyline"),
+        "{svg}"
+    );
     relay.stop().unwrap();
 }

@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use mio::{Poll, Token};
-use pabal_codec::{
-    Deliver, DeliverHeader, ServerFrame, Text, Welcome, room_id, Room,
-};
+use pabal_codec::{Deliver, DeliverHeader, Room, ServerFrame, Text, Welcome, room_id};
 use pabal_loadgen::api::Tokens;
 use pabal_loadgen::link::LinkProfile;
 use pabal_loadgen::metrics::{Metrics, histogram};
@@ -32,7 +30,9 @@ fn a_hole_at_the_end_is_reported_as_silent_loss() {
         ledger.record(0, seq, 0, seq as u32, Source::Ack).unwrap();
     }
     for seq in 1..=2 {
-        ledger.record(0, seq, 0, seq as u32, Source::Delivery).unwrap();
+        ledger
+            .record(0, seq, 0, seq as u32, Source::Delivery)
+            .unwrap();
     }
     let phone = PhoneEnd {
         phone: "1 (u1)".into(),
@@ -58,8 +58,14 @@ fn swapped_and_duplicated_messages_are_caught() {
     let ledger = Ledger::new(1, 2);
     ledger.record(0, 1, 0, 1, Source::Ack).unwrap();
     ledger.record(0, 2, 1, 1, Source::Ack).unwrap();
-    assert!(ledger.record(0, 1, 1, 1, Source::Delivery).is_err(), "content swapped");
-    assert!(ledger.record(0, 3, 0, 1, Source::Delivery).is_err(), "sender 0's #1 twice");
+    assert!(
+        ledger.record(0, 1, 1, 1, Source::Delivery).is_err(),
+        "content swapped"
+    );
+    assert!(
+        ledger.record(0, 3, 0, 1, Source::Delivery).is_err(),
+        "sender 0's #1 twice"
+    );
 }
 
 fn deliver(alias: u32, seq: Option<u64>, new_sender: Option<&str>, payload: Bytes) -> ServerFrame {
@@ -82,7 +88,12 @@ fn deliver(alias: u32, seq: Option<u64>, new_sender: Option<&str>, payload: Byte
 fn a_hole_in_a_live_stream_is_a_violation() {
     let mut b = PlanBuilder::new();
     let room = b.room("hole", false);
-    b.phone("u0", LinkProfile::unshaped("u"), &[room], Some(SendPlan::to_rooms(&[room], 1.0, 20)));
+    b.phone(
+        "u0",
+        LinkProfile::unshaped("u"),
+        &[room],
+        Some(SendPlan::to_rooms(&[room], 1.0, 20)),
+    );
     b.phone("u1", LinkProfile::unshaped("u"), &[room], None);
     let plan = b.build();
     let now = Instant::now();
@@ -118,7 +129,13 @@ fn a_hole_in_a_live_stream_is_a_violation() {
     };
     let mut phone = Phone::new(&shared, 1, Token(0), now);
     let payload = |counter| {
-        Header { intended_ns: 0, sender: 0, counter, flags: 0 }.payload(20)
+        Header {
+            intended_ns: 0,
+            sender: 0,
+            counter,
+            flags: 0,
+        }
+        .payload(20)
     };
     phone.feed_frame(
         ServerFrame::Welcome(Welcome {
@@ -146,8 +163,16 @@ fn a_hole_in_a_live_stream_is_a_violation() {
     phone.feed_frame(deliver(0, None, Some("u0"), payload(1)), &mut ctx);
     assert_eq!(ctx.violations.total(), 0, "sequence 1 is fine");
     phone.feed_frame(deliver(0, Some(3), None, payload(3)), &mut ctx);
-    assert_eq!(ctx.violations.count(Kind::Session), 1, "{:?}", ctx.violations);
+    assert_eq!(
+        ctx.violations.count(Kind::Session),
+        1,
+        "{:?}",
+        ctx.violations
+    );
     let example = ctx.violations.examples[0].to_string();
-    assert!(example.contains("(u1)") && example.contains("hole"), "{example}");
+    assert!(
+        example.contains("(u1)") && example.contains("hole"),
+        "{example}"
+    );
     assert_eq!(ctx.metrics.counters.delivered, 1);
 }

@@ -114,8 +114,15 @@ fn run(config: Config, path: Option<&Path>, log: &LogControl) -> anyhow::Result<
         Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
     let relay = RelayHandle::start(config)?;
     let (watchdog_config, systemd_watchdog) = WatchdogConfig::from_env();
-    let watchdog = Watchdog::spawn(relay.relay().clone(), watchdog_config, watchdog::systemd())
-        .context("cannot start the watchdog thread")?;
+    let watchdog =
+        match Watchdog::spawn(relay.relay().clone(), watchdog_config, watchdog::systemd()) {
+            Ok(watchdog) => watchdog,
+            Err(e) => {
+                relay.shutdown();
+                let _ = relay.join();
+                return Err(e).context("cannot start the watchdog thread");
+            }
+        };
     if systemd_watchdog {
         tracing::info!(
             "systemd watchdog on: every worker is probed every {:.1} s",

@@ -18,11 +18,13 @@ use pabal_relay::runtime::RelayHandle;
 
 /// A one-worker relay on 127.0.0.1:0 (epoll: available everywhere), with `tweak` applied.
 pub fn relay(tweak: impl FnOnce(&mut Config)) -> RelayHandle {
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.workers = 1;
-    config.pin_workers = false;
-    config.io_backend = BackendKind::Epoll;
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        workers: 1,
+        pin_workers: false,
+        io_backend: BackendKind::Epoll,
+        ..Config::default()
+    };
     config.control.listen = String::new();
     config.log.level = "warn".into();
     tweak(&mut config);
