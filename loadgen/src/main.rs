@@ -73,9 +73,10 @@ struct Cli {
     /// File holding the control API key.
     #[arg(long, value_name = "PATH")]
     api_key_file: Option<PathBuf>,
-    /// Spread phones over this many loopback source addresses (127.0.1.x), for more than
-    /// ~28,000 connections to one relay port.
-    #[arg(long, default_value_t = 1)]
+    /// Spread phones over this many loopback source addresses (127.0.1.x); 0: one per 2,000
+    /// phones against a loopback relay (past ~15,000 connections from one address, each
+    /// connect() costs the kernel ~1 ms of port search); 1: never bind.
+    #[arg(long, default_value_t = 0)]
     source_ips: usize,
     /// No live progress line.
     #[arg(long)]
@@ -150,6 +151,9 @@ fn main_inner() -> anyhow::Result<bool> {
         None
     };
     let target = relay.as_ref().map_or(cli.target, |r| r.addr);
+    std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(2)).with_context(
+        || format!("no relay answers on {target} (start one, or use --spawn-relay)"),
+    )?;
     let mut config = RunConfig::from_scenario(&scenario, target)?;
     config.threads = cli.threads;
     config.progress = !cli.quiet;

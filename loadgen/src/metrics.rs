@@ -224,7 +224,8 @@ pub struct Metrics {
     pub resumed: Histogram<u64>,
     /// End-to-end latency of deliveries after either end's link had been idle.
     pub after_idle: Histogram<u64>,
-    /// How late loadgen's own timers fired (a loaded loadgen shows here first).
+    /// How late loadgen got to a phone after its timer was due or its socket became ready
+    /// (a loaded loadgen shows here first; this lag is inside the "relay added" figures).
     pub timer_lag: Histogram<u64>,
     /// Counters.
     pub counters: Counters,
@@ -319,6 +320,8 @@ pub struct Second {
     pub sec: u32,
     /// End-to-end latencies of this second's live deliveries.
     pub e2e: Histogram<u64>,
+    /// What the relay added to them (end to end minus the link's share).
+    pub relay: Histogram<u64>,
     /// Counters so far (cumulative).
     pub counters: Counters,
     /// Violations so far (cumulative).

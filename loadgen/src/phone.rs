@@ -183,8 +183,6 @@ pub struct Shared {
     pub target: SocketAddr,
     /// Tokens for HELLO.
     pub tokens: Tokens,
-    /// Channel publishers publish through the control API instead of connecting.
-    pub api_publishers: bool,
     /// Connection keeping.
     pub settings: PhoneSettings,
     /// Source addresses phones bind to (empty: the kernel's choice).
@@ -213,6 +211,8 @@ pub struct Ctx<'a> {
     pub violations: &'a mut Violations,
     /// This second's end-to-end latencies.
     pub second: &'a mut Histogram<u64>,
+    /// This second's relay-added latencies.
+    pub second_relay: &'a mut Histogram<u64>,
     /// A read buffer.
     pub scratch: &'a mut [u8],
     /// Phones of the worker with a WELCOME.
@@ -881,7 +881,8 @@ impl Phone {
             self.next_drop = drop_after(&mut self.rng, s.drops_per_hour)
                 .map(|d| now + d)
                 .filter(|&t| t < end);
-            if at < end {
+            // A drop due while the phone was away already happened, in effect.
+            if at < end && at >= self.connect_started {
                 ctx.metrics.counters.scripted_drops += 1;
                 return self.close(ctx, Why::Dropped);
             }
@@ -1346,6 +1347,7 @@ impl Phone {
                         Some(l) => {
                             m.link.record(self.profile, bucket, l);
                             m.relay.record(self.profile, bucket, e2e.saturating_sub(l));
+                            record_ns(ctx.second_relay, e2e.saturating_sub(l));
                         }
                         None => m.counters.link_unknown += 1,
                     }
@@ -1476,13 +1478,14 @@ impl Phone {
     // -----------------------------------------------------------------------------------
 
     /// Whether the phone holds everything the relay acknowledged in each of its rooms and
-    /// awaits no PUBACK.
+    /// awaits no PUBACK. A phone between connections counts if its cursors are caught up:
+    /// it has nothing left to receive, and it will resume from there.
     pub fn settled(&self, ledger: &Ledger) -> bool {
-        self.state == State::Open
-            && self.inflight.is_empty()
-            && self.rooms.iter().all(|r| {
-                r.alias.is_some() && r.known.is_some_and(|(_, c)| c >= ledger.last_acked(r.room))
-            })
+        self.inflight.is_empty()
+            && self
+                .rooms
+                .iter()
+                .all(|r| r.known.is_some_and(|(_, c)| c >= ledger.last_acked(r.room)))
     }
 
     /// How the phone stands at the end of the run.

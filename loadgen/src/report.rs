@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::metrics::{Breakdown, Summary};
 use crate::plan::Bucket;
-use crate::run::RunReport;
+use crate::run::{RunReport, SecondPoint};
 use crate::verify::Kind;
 
 const HEAD: &str =
@@ -95,7 +95,7 @@ pub fn table(r: &RunReport) -> String {
     row(&mut out, "resume (TCP -> caught up)", &m.resume);
     row(&mut out, "missed, delivered on resume", &m.resumed);
     row(&mut out, "first message after idle", &m.after_idle);
-    row(&mut out, "loadgen timer lag", &m.timer_lag);
+    row(&mut out, "loadgen lag (due -> handled)", &m.timer_lag);
     let published = c.published + r.api.published;
     let acked = c.acked + r.api.acked;
     let _ = writeln!(
@@ -238,7 +238,7 @@ pub fn to_json(r: &RunReport) -> Value {
             "resume": summary_json(&m.resume),
             "delivered_on_resume": summary_json(&m.resumed),
             "first_after_idle": summary_json(&m.after_idle),
-            "loadgen_timer_lag": summary_json(&m.timer_lag),
+            "loadgen_lag": summary_json(&m.timer_lag),
         },
         "bytes": {
             "down_per_delivery": per(c.bytes_down, c.delivered),
@@ -282,7 +282,7 @@ pub fn to_svg(r: &RunReport) -> String {
     let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
     let _ = writeln!(
         s,
-        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}: end-to-end delivery latency per second</text>"#,
+        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}: live delivery latency per second (end to end; dashed: relay added p99)</text>"#,
         w / 2.0,
         xml(&r.name)
     );
@@ -303,7 +303,10 @@ pub fn to_svg(r: &RunReport) -> String {
             yy + 4.0
         );
     }
-    let step = ((max_sec / 10.0).ceil() as u32).max(1);
+    let step = [1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 600, 1800, 3600]
+        .into_iter()
+        .find(|&s| max_sec / f64::from(s) <= 12.0)
+        .unwrap_or(3600);
     let mut sec = 0;
     while f64::from(sec) <= max_sec {
         let xx = x(f64::from(sec));
@@ -331,29 +334,40 @@ pub fn to_svg(r: &RunReport) -> String {
         top + ph / 2.0,
         top + ph / 2.0
     );
-    type Line = (&'static str, &'static str, fn(&Summary) -> f64);
-    let lines: [Line; 4] = [
-        ("p50", "#1f77b4", |l| l.p50),
-        ("p90", "#2ca02c", |l| l.p90),
-        ("p99", "#ff7f0e", |l| l.p99),
-        ("max", "#d62728", |l| l.max),
+    type Line = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&SecondPoint) -> f64,
+    );
+    let lines: [Line; 5] = [
+        ("p50", "#1f77b4", "", |p| p.latency.p50),
+        ("p90", "#2ca02c", "", |p| p.latency.p90),
+        ("p99", "#ff7f0e", "", |p| p.latency.p99),
+        ("max", "#d62728", "", |p| p.latency.max),
+        (
+            "relay added p99",
+            "#7f7f7f",
+            r#" stroke-dasharray="5,3""#,
+            |p| p.relay_added.p99,
+        ),
     ];
-    for (k, (label, colour, get)) in lines.iter().enumerate() {
+    for (k, (label, colour, dash, get)) in lines.iter().enumerate() {
         let pts: Vec<String> = points
             .iter()
-            .map(|p| format!("{:.1},{:.1}", x(f64::from(p.sec) + 0.5), y(get(&p.latency))))
+            .map(|p| format!("{:.1},{:.1}", x(f64::from(p.sec) + 0.5), y(get(p))))
             .collect();
         if !pts.is_empty() {
             let _ = writeln!(
                 s,
-                r#"<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{}"/>"#,
+                r#"<polyline fill="none" stroke="{colour}" stroke-width="1.5"{dash} points="{}"/>"#,
                 pts.join(" ")
             );
         }
         let lx = left + 10.0 + 70.0 * k as f64;
         let _ = writeln!(
             s,
-            r#"<line x1="{lx}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{colour}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{label}</text>"#,
+            r#"<line x1="{lx}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{colour}" stroke-width="3"{dash}/><text x="{:.1}" y="{:.1}">{label}</text>"#,
             top + 14.0,
             lx + 20.0,
             top + 14.0,

@@ -54,7 +54,8 @@ pub struct RunConfig {
     pub progress: bool,
     /// Keep every delivery in the report (tests).
     pub trace: bool,
-    /// Spread phones over this many loopback source addresses (1: the kernel's choice).
+    /// Spread phones over this many loopback source addresses (127.0.1.x); 1: the kernel's
+    /// choice; 0: automatic (one per 2,000 phones against a loopback relay).
     pub source_ips: usize,
 }
 
@@ -89,7 +90,7 @@ impl RunConfig {
             control: None,
             progress: true,
             trace: false,
-            source_ips: 1,
+            source_ips: 0,
         })
     }
 }
@@ -103,8 +104,10 @@ pub struct SecondPoint {
     pub deliveries: u64,
     /// Publishes this second.
     pub published: u64,
-    /// End-to-end latency this second, ms.
+    /// End-to-end latency of this second's live deliveries, ms.
     pub latency: Summary,
+    /// What the relay added to them, ms.
+    pub relay_added: Summary,
     /// Phones connected at its end.
     pub connected: u64,
 }
@@ -288,6 +291,14 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     } else {
         Vec::new()
     };
+    // Past a few thousand connections from one address to one port, every connect() makes
+    // the kernel scan for a free ephemeral port (about 1 ms each at 15,000): spread phones
+    // over loopback source addresses instead, about 2,000 each.
+    let source_ips = match source_ips {
+        0 if target.ip().is_loopback() => plan.phones.len().div_ceil(2000).clamp(1, 250),
+        0 => 1,
+        n => n,
+    };
     let source_ips: Vec<IpAddr> = if source_ips > 1 && target.ip().is_loopback() {
         (0..source_ips.min(250))
             .map(|k| IpAddr::V4(Ipv4Addr::new(127, 0, 1, 1 + k as u8)))
@@ -318,7 +329,6 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
         publish_end,
         target,
         tokens,
-        api_publishers: control.is_some(),
         settings,
         source_ips,
         stop: AtomicBool::new(false),
@@ -361,7 +371,9 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     };
 
     // The main thread: seconds in, progress out, and the decision to stop.
-    let mut pending: BTreeMap<u32, (usize, Histogram<u64>, Vec<Second>)> = BTreeMap::new();
+    let connectable = phone_count - api_publishers.len();
+    type Pending = (usize, Histogram<u64>, Histogram<u64>, Vec<Second>);
+    let mut pending: BTreeMap<u32, Pending> = BTreeMap::new();
     let mut series = Vec::new();
     let mut last = Counters::default();
     let mut stop_reason = "drain deadline";
@@ -372,10 +384,11 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
             Ok(second) => {
                 let entry = pending
                     .entry(second.sec)
-                    .or_insert_with(|| (0, coarse_histogram(), Vec::new()));
+                    .or_insert_with(|| (0, coarse_histogram(), coarse_histogram(), Vec::new()));
                 entry.0 += 1;
                 let _ = entry.1.add(&second.e2e);
-                entry.2.push(second);
+                let _ = entry.2.add(&second.relay);
+                entry.3.push(second);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -384,7 +397,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
             if entry.get().0 < threads {
                 break;
             }
-            let (sec, (_, hist, seconds)) = entry.remove_entry();
+            let (sec, (_, hist, relay_hist, seconds)) = entry.remove_entry();
             let mut counters = Counters::default();
             let (mut violations, mut connected, mut settled) = (0, 0, true);
             for s in &seconds {
@@ -398,18 +411,21 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
                 deliveries: counters.delivered - last.delivered,
                 published: counters.published - last.published,
                 latency: Summary::of(&hist),
+                relay_added: Summary::of(&relay_hist),
                 connected,
             };
             if progress {
                 let mut err = std::io::stderr().lock();
                 let _ = writeln!(
                     err,
-                    "[{sec:>4}s] conn {connected:>6}/{phone_count}  pub {:>6}/s  deliv {:>7}/s  \
-                     p50 {:>8}  p99 {:>8}  gaps {}  goaway {}  drops {}  viol {violations}",
+                    "[{sec:>4}s] conn {connected:>6}/{connectable}  pub {:>6}/s  deliv {:>7}/s  \
+                     p50 {:>7}  p99 {:>7}  relay+ p99 {:>6}  gaps {}  goaway {}  drops {}  \
+                     viol {violations}",
                     point.published,
                     point.deliveries,
                     fmt_ms(point.latency.p50),
                     fmt_ms(point.latency.p99),
+                    fmt_ms(point.relay_added.p99),
                     counters.gaps,
                     counters.goaway_total(),
                     counters.link_drops + counters.scripted_drops + counters.keepalive_timeouts,
@@ -455,6 +471,14 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
             .map_err(|_| anyhow::anyhow!("the API publisher panicked"))?,
         None => Counters::default(),
     };
+    if metrics.counters.welcomes == 0 && connectable > 0 {
+        bail!(
+            "no phone got a WELCOME from {target} ({} connection attempts, {} failed): is a \
+             relay running there, and does it accept these tokens?",
+            metrics.counters.connects,
+            metrics.counters.connect_failures
+        );
+    }
     let plan = &shared.plan;
     let summary = final_check(
         &shared.ledger,
@@ -487,11 +511,13 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     })
 }
 
-/// Milliseconds for the progress line: `312ms`, `1.25s`.
+/// Milliseconds for the progress line: `2.5ms`, `312ms`, `1.25s`.
 pub fn fmt_ms(ms: f64) -> String {
     if ms >= 1000.0 {
         format!("{:.2}s", ms / 1000.0)
-    } else {
+    } else if ms >= 10.0 {
         format!("{ms:.0}ms")
+    } else {
+        format!("{ms:.1}ms")
     }
 }

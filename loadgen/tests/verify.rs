@@ -106,7 +106,6 @@ fn a_hole_in_a_live_stream_is_a_violation() {
         publish_end: now + Duration::from_secs(60),
         target: SocketAddr::from(([127, 0, 0, 1], 9)),
         tokens: Tokens::UserId,
-        api_publishers: false,
         settings: PhoneSettings::default(),
         source_ips: Vec::new(),
         stop: AtomicBool::new(false),
@@ -115,6 +114,7 @@ fn a_hole_in_a_live_stream_is_a_violation() {
     let mut metrics = Metrics::new(1, false);
     let mut violations = Violations::default();
     let mut second: Histogram<u64> = histogram();
+    let mut second_relay: Histogram<u64> = histogram();
     let mut scratch = vec![0u8; 1024];
     let mut connected = 0;
     let mut ctx = Ctx {
@@ -123,6 +123,7 @@ fn a_hole_in_a_live_stream_is_a_violation() {
         metrics: &mut metrics,
         violations: &mut violations,
         second: &mut second,
+        second_relay: &mut second_relay,
         scratch: &mut scratch,
         connected: &mut connected,
         now,
