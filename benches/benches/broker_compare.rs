@@ -14,6 +14,8 @@
 
 #![allow(clippy::unwrap_used)] // reason: a benchmark driver fails loudly
 
+mod common;
+
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -22,9 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use mio::net::TcpStream as MioStream;
 use mio::{Events, Interest, Poll, Token};
-use pabal_codec::{ClientFrame, Decoder, Hello, Publish, ResumeList, ServerFrame, Subscribe, Text};
-use pabal_relay::config::Config;
-use pabal_relay::io::BackendKind;
+use pabal_codec::{ClientFrame, Decoder, Publish, ServerFrame};
 use pabal_relay::runtime::RelayHandle;
 
 const SUBSCRIBERS: usize = 1000;
@@ -54,20 +54,7 @@ fn wait_listening(addr: SocketAddr) {
     }
 }
 
-fn read_some(s: &mut TcpStream, buf: &mut BytesMut) {
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        match s.read(&mut chunk) {
-            Ok(0) => panic!("server closed"),
-            Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
-                return;
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => panic!("read: {e}"),
-        }
-    }
-}
+use common::read_some;
 
 // ---- MQTT 3.1.1, just enough ----------------------------------------------------------
 
@@ -191,32 +178,7 @@ fn nats_count(buf: &mut BytesMut) -> u64 {
 // ---- pabal -----------------------------------------------------------------------------
 
 fn pabal_connect(addr: SocketAddr, user: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_nodelay(true).unwrap();
-    let mut out = BytesMut::new();
-    ClientFrame::Hello(Hello {
-        version: 1,
-        heartbeat_secs: 0,
-        token: Bytes::copy_from_slice(user.as_bytes()),
-        resume: ResumeList::default(),
-    })
-    .encode(&mut out);
-    ClientFrame::Subscribe(Subscribe {
-        room: false,
-        name: Text::from(TOPIC),
-    })
-    .encode(&mut out);
-    s.write_all(&out).unwrap();
-    let decoder = Decoder::default();
-    let mut buf = BytesMut::new();
-    loop {
-        while let Some(f) = decoder.decode_server(&mut buf).unwrap() {
-            if matches!(f, ServerFrame::Room(_)) {
-                return s;
-            }
-        }
-        read_some(&mut s, &mut buf);
-    }
+    common::pabal_client(addr, user, &[(true, TOPIC.to_string())])
 }
 
 /// One run: returns (deliveries per second, bytes received per delivery).
@@ -392,18 +354,8 @@ fn main() {
         "{:<22} {:>14} {:>16}",
         "server (core 0)", "deliveries/s", "bytes/delivery"
     );
-    for backend in [BackendKind::Epoll, BackendKind::IoUring] {
-        let mut config = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            workers: 1,
-            io_backend: backend,
-            ..Config::default()
-        };
-        config.control.listen = String::new();
-        config.log.level = "warn".into();
-        config.limits.publish_rate = 1e12;
-        config.limits.publish_burst = 1e12;
-        config.connection.max_queued_bytes = 1 << 20;
+    for backend in common::backends() {
+        let config = common::relay_config(backend);
         let Ok(relay) = RelayHandle::start(config) else {
             continue;
         };

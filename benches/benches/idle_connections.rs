@@ -9,14 +9,12 @@
 
 #![allow(clippy::unwrap_used)] // reason: a benchmark driver fails loudly
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+mod common;
+
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use pabal_codec::{ClientFrame, Decoder, Hello, ResumeList, ServerFrame, Subscribe, Text};
-use pabal_relay::config::Config;
 use pabal_relay::io::BackendKind;
 use pabal_relay::runtime::RelayHandle;
 
@@ -32,43 +30,11 @@ fn rss_kib() -> u64 {
 
 /// The child: open `n` phones, each in a 1:1 room with its neighbour and in one shared
 /// channel, print "ready", and hold them until stdin closes.
-fn phones(addr: &str, n: usize) {
+fn phones(addr: std::net::SocketAddr, n: usize) {
     let mut held = Vec::with_capacity(n);
-    let decoder = Decoder::default();
     for i in 0..n {
-        let mut s = TcpStream::connect(addr).unwrap();
-        let mut out = BytesMut::new();
-        ClientFrame::Hello(Hello {
-            version: 1,
-            heartbeat_secs: 0,
-            token: Bytes::from(format!("u{i}")),
-            resume: ResumeList::default(),
-        })
-        .encode(&mut out);
-        for (room, name) in [(true, format!("dm:{}", i / 2)), (false, "news".to_string())] {
-            ClientFrame::Subscribe(Subscribe {
-                room,
-                name: Text::from(name),
-            })
-            .encode(&mut out);
-        }
-        s.write_all(&out).unwrap();
-        let mut buf = BytesMut::new();
-        let mut bound = 0;
-        while bound < 2 {
-            while let Some(f) = decoder.decode_server(&mut buf).unwrap() {
-                if matches!(f, ServerFrame::Room(_)) {
-                    bound += 1;
-                }
-            }
-            if bound < 2 {
-                let mut chunk = [0u8; 1024];
-                let n = s.read(&mut chunk).unwrap();
-                assert!(n > 0);
-                buf.extend_from_slice(&chunk[..n]);
-            }
-        }
-        held.push(s);
+        let rooms = [(false, format!("dm:{}", i / 2)), (true, "news".to_string())];
+        held.push(common::pabal_client(addr, &format!("u{i}"), &rooms));
     }
     println!("ready");
     let mut line = String::new();
@@ -76,15 +42,7 @@ fn phones(addr: &str, n: usize) {
 }
 
 fn measure(backend: BackendKind, n: usize) {
-    let mut config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        workers: 1,
-        io_backend: backend,
-        ..Config::default()
-    };
-    config.control.listen = String::new();
-    config.log.level = "warn".into();
-    config.limits.new_connections_per_second = 1e9;
+    let config = common::relay_config(backend);
     let relay = RelayHandle::start(config).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let before = rss_kib();
@@ -114,22 +72,13 @@ fn measure(backend: BackendKind, n: usize) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--phones") {
-        return phones(&args[i + 2], args[i + 1].parse().unwrap());
+        return phones(args[i + 2].parse().unwrap(), args[i + 1].parse().unwrap());
     }
     let n: usize = std::env::var("PABAL_IDLE_CONNS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5000);
-    for backend in [BackendKind::Epoll, BackendKind::IoUring] {
-        if backend == BackendKind::IoUring
-            && pabal_relay::io::probe::probe_uring(
-                &pabal_relay::io::probe::BackendOptions::default(),
-            )
-            .is_err()
-        {
-            println!("io_uring unavailable here: skipped");
-            continue;
-        }
+    for backend in common::backends() {
         measure(backend, n);
     }
 }

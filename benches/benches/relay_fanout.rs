@@ -20,8 +20,10 @@
 
 #![allow(clippy::unwrap_used)] // reason: a benchmark driver fails loudly
 
+mod common;
+
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -30,8 +32,7 @@ use bytes::{Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use mio::net::TcpStream as MioStream;
 use mio::{Events, Interest, Poll, Token};
-use pabal_codec::{ClientFrame, Decoder, Hello, Publish, ResumeList, ServerFrame, Subscribe, Text};
-use pabal_relay::config::Config;
+use pabal_codec::{ClientFrame, Decoder, Publish, ServerFrame};
 use pabal_relay::io::BackendKind;
 use pabal_relay::runtime::RelayHandle;
 
@@ -81,52 +82,6 @@ fn rooms_100x100() -> Scenario {
         subscribers,
         fanout: 100,
     }
-}
-
-/// Connects, says HELLO, binds rooms, and waits until every binding is confirmed.
-fn client(addr: SocketAddr, user: &str, rooms: &[(bool, String)]) -> (TcpStream, BytesMut) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_nodelay(true).unwrap();
-    let mut out = BytesMut::new();
-    ClientFrame::Hello(Hello {
-        version: 1,
-        heartbeat_secs: 0,
-        token: Bytes::copy_from_slice(user.as_bytes()),
-        resume: ResumeList::default(),
-    })
-    .encode(&mut out);
-    for (channel, name) in rooms {
-        ClientFrame::Subscribe(Subscribe {
-            room: !channel,
-            name: Text::from(name.as_str()),
-        })
-        .encode(&mut out);
-    }
-    stream.write_all(&out).unwrap();
-    let decoder = Decoder::default();
-    let mut buf = BytesMut::new();
-    let mut bound = 0;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    while bound < rooms.len() {
-        while let Some(frame) = decoder.decode_server(&mut buf).unwrap() {
-            if let ServerFrame::Room(_) = frame {
-                bound += 1;
-            }
-        }
-        if bound == rooms.len() {
-            break;
-        }
-        let mut chunk = [0u8; 4096];
-        let n = match stream.read(&mut chunk) {
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            other => other.unwrap(),
-        };
-        assert!(n > 0, "{user}: closed during setup");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    (stream, buf)
 }
 
 struct Outcome {
@@ -285,19 +240,8 @@ fn run_phase(
 }
 
 fn run(backend: BackendKind, scenario: &Scenario, secs: f64) {
-    let mut config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        workers: 1,
-        pin_workers: true,
-        io_backend: backend,
-        ..Config::default()
-    };
-    config.control.listen = String::new();
-    config.log.level = "warn".into();
-    config.limits.publish_rate = 1e12;
-    config.limits.publish_burst = 1e12;
+    let mut config = common::relay_config(backend);
     config.limits.max_rooms_per_user = 100;
-    config.connection.max_queued_bytes = 1 << 20;
     let relay = RelayHandle::start(config).unwrap();
     let addr = relay.local_addr();
     if let Some(core) = core_affinity::get_core_ids().and_then(|ids| ids.get(1).copied()) {
@@ -307,7 +251,7 @@ fn run(backend: BackendKind, scenario: &Scenario, secs: f64) {
         .subscribers
         .iter()
         .map(|(user, rooms)| {
-            let (s, _) = client(addr, user, rooms);
+            let s = common::pabal_client(addr, user, rooms);
             s.set_nonblocking(true).unwrap();
             MioStream::from_std(s)
         })
@@ -316,7 +260,7 @@ fn run(backend: BackendKind, scenario: &Scenario, secs: f64) {
         .publishers
         .iter()
         .map(|(user, rooms)| {
-            let (s, _) = client(addr, user, rooms);
+            let s = common::pabal_client(addr, user, rooms);
             (s, (0..rooms.len() as u32).collect())
         })
         .collect();
@@ -362,16 +306,7 @@ fn main() {
         "p99.9 ms",
         "max ms"
     );
-    for backend in [BackendKind::Epoll, BackendKind::IoUring] {
-        if backend == BackendKind::IoUring
-            && pabal_relay::io::probe::probe_uring(
-                &pabal_relay::io::probe::BackendOptions::default(),
-            )
-            .is_err()
-        {
-            println!("io_uring unavailable here: skipped");
-            continue;
-        }
+    for backend in common::backends() {
         for scenario in [channel_1000(), rooms_100x100()] {
             if filter
                 .as_deref()

@@ -512,32 +512,14 @@ fn route(ctx: &Ctx, method: &str, path: &str, query: &str, body: &[u8]) -> Resul
             }
         }
         ("PUT" | "POST", ["v1", coll @ ("rooms" | "channels"), room, member_coll]) => {
-            let expected = if *coll == "rooms" {
-                "members"
-            } else {
-                "subscribers"
-            };
-            if *member_coll != expected {
-                return Err(ApiError::not_found(format!(
-                    "use /v1/{coll}/NAME/{expected}"
-                )));
-            }
+            member_collection(coll, member_coll)?;
             let room = room_of(coll, room)?;
             let b: UsersBody = parse(body)?;
             let add = users(b.users)?;
             members(relay, room, add, Vec::new(), method == "PUT")
         }
         ("DELETE", ["v1", coll @ ("rooms" | "channels"), room, member_coll, user]) => {
-            let expected = if *coll == "rooms" {
-                "members"
-            } else {
-                "subscribers"
-            };
-            if *member_coll != expected {
-                return Err(ApiError::not_found(format!(
-                    "use /v1/{coll}/NAME/{expected}/USER"
-                )));
-            }
+            member_collection(coll, member_coll)?;
             let room = room_of(coll, room)?;
             let user = name("a user id", user)?;
             members(relay, room, Vec::new(), vec![user], false)
@@ -565,6 +547,21 @@ fn route(ctx: &Ctx, method: &str, path: &str, query: &str, body: &[u8]) -> Resul
         }
         _ => Err(ApiError::not_found(format!("no endpoint {method} {path}"))),
     }
+}
+
+/// Rooms have `members`, channels `subscribers`.
+fn member_collection(coll: &str, member_coll: &str) -> Result<(), ApiError> {
+    let expected = if coll == "rooms" {
+        "members"
+    } else {
+        "subscribers"
+    };
+    if member_coll != expected {
+        return Err(ApiError::not_found(format!(
+            "use /v1/{coll}/NAME/{expected}"
+        )));
+    }
+    Ok(())
 }
 
 fn members(

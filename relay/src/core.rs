@@ -180,6 +180,15 @@ fn slot_of(token: Token) -> usize {
     (token & 0xffff_ffff) as usize
 }
 
+/// The live connection for `token` in a slab (for methods that borrow other fields of the
+/// core at the same time).
+fn conn_in(conns: &mut [Option<Conn>], token: Token) -> Option<&mut Conn> {
+    conns
+        .get_mut(slot_of(token))?
+        .as_mut()
+        .filter(|c| c.token == token)
+}
+
 impl Core {
     /// A worker's state. `epoch` is the relay's boot epoch: every room created in this
     /// process starts its stream in it.
@@ -272,10 +281,7 @@ impl Core {
     }
 
     fn conn(&mut self, token: Token) -> Option<&mut Conn> {
-        self.conns
-            .get_mut(slot_of(token))?
-            .as_mut()
-            .filter(|c| c.token == token)
+        conn_in(&mut self.conns, token)
     }
 
     fn origin(&self, token: Token) -> Origin {
@@ -303,11 +309,7 @@ impl Core {
 
     fn write(&mut self, token: Token, frame: &ServerFrame) {
         let Core { conns, dirty, .. } = self;
-        if let Some(conn) = conns
-            .get_mut(slot_of(token))
-            .and_then(Option::as_mut)
-            .filter(|c| c.token == token)
-        {
+        if let Some(conn) = conn_in(conns, token) {
             conn.write(frame);
             Self::mark_dirty(dirty, conn);
         }
@@ -342,11 +344,7 @@ impl Core {
     fn begin_close(&mut self, token: Token) {
         let now = self.now;
         let Core { conns, dirty, .. } = self;
-        let Some(conn) = conns
-            .get_mut(slot_of(token))
-            .and_then(Option::as_mut)
-            .filter(|c| c.token == token)
-        else {
+        let Some(conn) = conn_in(conns, token) else {
             return;
         };
         if conn.phase == Phase::Closing {
@@ -1481,11 +1479,7 @@ impl Core {
             stats,
             ..
         } = self;
-        let Some(conn) = conns
-            .get_mut(slot_of(token))
-            .and_then(Option::as_mut)
-            .filter(|c| c.token == token)
-        else {
+        let Some(conn) = conn_in(conns, token) else {
             return;
         };
         if let Some((_, to)) = page.gap {
@@ -1627,11 +1621,7 @@ impl Core {
         let Some(subs) = local.get(room) else { return };
         let mut written = 0;
         for &(token, alias) in subs {
-            let Some(conn) = conns
-                .get_mut(slot_of(token))
-                .and_then(Option::as_mut)
-                .filter(|c| c.token == token)
-            else {
+            let Some(conn) = conn_in(conns, token) else {
                 continue;
             };
             let over_cap = conn.queued() >= cap;
@@ -1699,11 +1689,7 @@ impl Core {
             if origin == Some(Origin { core, token }) {
                 continue;
             }
-            let Some(conn) = conns
-                .get_mut(slot_of(token))
-                .and_then(Option::as_mut)
-                .filter(|c| c.token == token)
-            else {
+            let Some(conn) = conn_in(conns, token) else {
                 continue;
             };
             let cursor = match conn.subs.get(alias as usize) {
@@ -1728,11 +1714,7 @@ impl Core {
 
     fn flush_ephemeral_backlog(&mut self, token: Token) {
         let Core { conns, dirty, .. } = self;
-        let Some(conn) = conns
-            .get_mut(slot_of(token))
-            .and_then(Option::as_mut)
-            .filter(|c| c.token == token)
-        else {
+        let Some(conn) = conn_in(conns, token) else {
             return;
         };
         if conn.ephemeral_backlog.is_empty() {
@@ -1967,12 +1949,7 @@ impl Core {
         }
         let cap = self.config.connection.max_queued_bytes;
         for token in std::mem::take(&mut self.dirty) {
-            let Some(conn) = self
-                .conns
-                .get_mut(slot_of(token))
-                .and_then(Option::as_mut)
-                .filter(|c| c.token == token)
-            else {
+            let Some(conn) = conn_in(&mut self.conns, token) else {
                 continue;
             };
             conn.dirty = false;
@@ -2125,11 +2102,7 @@ impl Core {
         conn.rbuf.extend_from_slice(data);
         loop {
             let Core { conns, decoder, .. } = &mut *self;
-            let Some(conn) = conns
-                .get_mut(slot_of(token))
-                .and_then(Option::as_mut)
-                .filter(|c| c.token == token && c.phase != Phase::Closing)
-            else {
+            let Some(conn) = conn_in(conns, token).filter(|c| c.phase != Phase::Closing) else {
                 return;
             };
             match decoder.decode_client(&mut conn.rbuf) {
@@ -2149,11 +2122,7 @@ impl Core {
         let lagging = conn.lagging;
         // Flush again: more output may be queued, reading may resume, or a close proceeds.
         let Core { conns, dirty, .. } = self;
-        if let Some(conn) = conns
-            .get_mut(slot_of(token))
-            .and_then(Option::as_mut)
-            .filter(|c| c.token == token)
-        {
+        if let Some(conn) = conn_in(conns, token) {
             Self::mark_dirty(dirty, conn);
         }
         if drained {

@@ -170,9 +170,15 @@ impl Client {
         Self::handshake(stream, user, session)
     }
 
-    fn handshake(stream: TcpStream, user: &str, mut session: ClientSession) -> Client {
+    /// Sends HELLO (with `token` as the credential) over `stream`, without waiting.
+    fn hello_over(
+        stream: TcpStream,
+        user: &str,
+        token: &[u8],
+        mut session: ClientSession,
+    ) -> Client {
         stream.set_nodelay(true).unwrap();
-        let hello = session.hello(Bytes::copy_from_slice(user.as_bytes()), 0);
+        let hello = session.hello(Bytes::copy_from_slice(token), 0);
         let mut client = Client {
             stream,
             rbuf: BytesMut::with_capacity(64 * 1024),
@@ -184,6 +190,11 @@ impl Client {
             bytes_in: 0,
         };
         client.send(&hello);
+        client
+    }
+
+    fn handshake(stream: TcpStream, user: &str, session: ClientSession) -> Client {
+        let mut client = Self::hello_over(stream, user, user.as_bytes(), session);
         match client.next_event(WAIT) {
             Some(Event::Welcome(w)) => client.conn_id = w.conn_id,
             other => panic!("{user}: expected WELCOME, got {other:?}"),
@@ -410,21 +421,7 @@ impl Client {
     /// tests that expect a refusal).
     pub fn connect_raw(addr: SocketAddr, user: &str, token: &[u8]) -> Client {
         let stream = TcpStream::connect(addr).expect("connect");
-        stream.set_nodelay(true).unwrap();
-        let mut session = ClientSession::new();
-        let hello = session.hello(Bytes::copy_from_slice(token), 0);
-        let mut client = Client {
-            stream,
-            rbuf: BytesMut::with_capacity(64 * 1024),
-            decoder: Decoder::new(Limits::default()),
-            session,
-            queue: VecDeque::new(),
-            user: user.to_string(),
-            conn_id: 0,
-            bytes_in: 0,
-        };
-        client.send(&hello);
-        client
+        Self::hello_over(stream, user, token, ClientSession::new())
     }
 
     /// Connects with a token (JWT mode) and waits for WELCOME.
