@@ -42,8 +42,6 @@ struct Scenario {
     publishers: Vec<(String, Vec<(bool, String)>)>,
     /// (subscriber user, rooms or channels it binds)
     subscribers: Vec<(String, Vec<(bool, String)>)>,
-    /// Deliveries per published message.
-    fanout: u64,
 }
 
 fn channel_1000() -> Scenario {
@@ -54,7 +52,6 @@ fn channel_1000() -> Scenario {
         subscribers: (0..1000)
             .map(|i| (format!("s{i}"), vec![ch.clone()]))
             .collect(),
-        fanout: 1000,
     }
 }
 
@@ -80,7 +77,6 @@ fn rooms_100x100() -> Scenario {
         name: "rooms-100x100",
         publishers,
         subscribers,
-        fanout: 100,
     }
 }
 
@@ -281,7 +277,6 @@ fn run(backend: BackendKind, scenario: &Scenario, secs: f64) {
         q(&paced, 0.999),
         paced.latency.max() as f64 / 1000.0,
     );
-    let _ = scenario.fanout;
     drop(readers);
     drop(publishers);
     relay.stop().unwrap();

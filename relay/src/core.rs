@@ -169,7 +169,6 @@ pub struct Core {
     now: Instant,
     shutdown: Shutdown,
     stats: Arc<CoreStats>,
-    scratch: Vec<StoredRef>,
     rng: u64,
     /// State shared by all workers (touched per connection, never per message).
     shared: Arc<Shared>,
@@ -178,6 +177,25 @@ pub struct Core {
 
 fn slot_of(token: Token) -> usize {
     (token & 0xffff_ffff) as usize
+}
+
+/// Advances an alias past `msg`: the header to write, or `None` when the message is the
+/// connection's own (its position moves past it, its client cursor does not: the client
+/// accounted for it at PUBACK). The one rule for live and replayed deliveries alike.
+fn advance(
+    ctx: &mut DeliverContext,
+    sub: &mut Sub,
+    alias: u32,
+    msg: &Stored,
+    me: Origin,
+) -> Option<pabal_codec::DeliverHeader> {
+    sub.position = msg.seq;
+    if msg.origin == Some(me) {
+        return None;
+    }
+    let header = ctx.header(alias, Some(msg.seq), sub.cursor, &msg.sender, msg.ts_ms);
+    sub.cursor = msg.seq;
+    Some(header)
 }
 
 /// The live connection for `token` in a slab (for methods that borrow other fields of the
@@ -231,7 +249,6 @@ impl Core {
             now: Instant::now(),
             shutdown: Shutdown::default(),
             stats,
-            scratch: Vec::new(),
             rng: 0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
             shared,
             accept_bucket: TokenBucket::new(accept_rate, accept_rate.max(1.0), Instant::now()),
@@ -691,15 +708,13 @@ impl Core {
                 format!("{}: a connection binds at most {max} rooms", room.name),
             );
         }
-        let conn = self
+        let permitted = self
             .conn(token)
-            .map(|c| (c.service, c.claims.as_deref().cloned()));
-        let (service, claims) = conn.unwrap_or((false, None));
-        let permitted = match (&claims, is_room) {
-            (None, _) => true, // no auth: development mode, clients manage themselves
-            (Some(_), true) => service,
-            (Some(c), false) => c.may_subscribe(room.name.as_str()),
-        };
+            .is_some_and(|c| match (&c.claims, is_room) {
+                (None, _) => true, // no auth: development mode, clients manage themselves
+                (Some(_), true) => c.service,
+                (Some(claims), false) => claims.may_subscribe(room.name.as_str()),
+            });
         if !permitted {
             let why = if is_room {
                 "rooms are joined through the app server"
@@ -759,10 +774,8 @@ impl Core {
         let max_payload = self.config.limits.max_payload;
         let auth_none = self.config.auth.mode == AuthMode::None;
         let reference = p.msg_id.unwrap_or(0);
-        let stats = self.stats.clone();
-        let Some(conn) = self.conn(token) else { return };
         if p.payload.len() > max_payload {
-            inc(&stats.limit_refusals, 1);
+            inc(&self.stats.limit_refusals, 1);
             return self.refuse(
                 token,
                 ErrorCode::PayloadTooLarge,
@@ -770,8 +783,9 @@ impl Core {
                 format!("payload of {} bytes exceeds {max_payload}", p.payload.len()),
             );
         }
+        let Some(conn) = self.conn(token) else { return };
         if !conn.service && !conn.publish_bucket.take(now) {
-            inc(&stats.rate_limited, 1);
+            inc(&self.stats.rate_limited, 1);
             return self.refuse(
                 token,
                 ErrorCode::RateLimited,
@@ -868,22 +882,7 @@ impl Core {
                 payload,
             } => {
                 inc(&self.stats.ephemeral_in, 1);
-                let ts_ms = self.now_ms();
-                let interest = self.owned_room(&room).interest.clone();
-                for (core, &n) in interest.iter().enumerate() {
-                    if n > 0 {
-                        self.send_to(
-                            core,
-                            CoreMsg::DeliverEphemeral {
-                                room: room.clone(),
-                                origin: Some(origin),
-                                sender: sender.clone(),
-                                ts_ms,
-                                payload: payload.clone(),
-                            },
-                        );
-                    }
-                }
+                self.broadcast_ephemeral(&room, Some(origin), sender, payload);
             }
             CoreMsg::Subscribe {
                 room,
@@ -904,7 +903,7 @@ impl Core {
                 }
                 let page_bytes = self.config.connection.replay_page_bytes;
                 let now_ms = self.now_ms();
-                let mut msgs = std::mem::take(&mut self.scratch);
+                let mut msgs = Vec::new();
                 let owned = self.owned_room(&room);
                 owned.interest[origin.core] += 1;
                 owned.history.evict_expired(now_ms);
@@ -925,10 +924,9 @@ impl Core {
                 let (epoch, head) = (owned.epoch, owned.head);
                 let page = Page {
                     gap: info.gap,
-                    msgs: std::mem::take(&mut msgs),
+                    msgs,
                     complete: info.complete,
                 };
-                self.scratch = msgs;
                 self.send_to(
                     origin.core,
                     CoreMsg::Subscribed {
@@ -956,14 +954,12 @@ impl Core {
                 let info = owned
                     .history
                     .page(after, owned.head, page_bytes, usize::MAX, &mut msgs);
-                let head = owned.head;
                 self.send_to(
                     origin.core,
                     CoreMsg::Paged {
                         room,
                         origin,
                         alias,
-                        head,
                         page: Page {
                             gap: info.gap,
                             msgs,
@@ -1041,9 +1037,8 @@ impl Core {
                 room,
                 origin,
                 alias,
-                head,
                 page,
-            } => self.on_paged(room, origin.token, alias, head, page),
+            } => self.on_paged(&room, origin.token, alias, page),
             CoreMsg::NotMember {
                 room,
                 origin,
@@ -1195,22 +1190,7 @@ impl Core {
                 ephemeral,
             } => {
                 if ephemeral {
-                    let ts_ms = self.now_ms();
-                    let interest = self.owned_room(&room).interest.clone();
-                    for (core, &n) in interest.iter().enumerate() {
-                        if n > 0 {
-                            self.send_to(
-                                core,
-                                CoreMsg::DeliverEphemeral {
-                                    room: room.clone(),
-                                    origin: None,
-                                    sender: sender.clone(),
-                                    ts_ms,
-                                    payload: payload.clone(),
-                                },
-                            );
-                        }
-                    }
+                    self.broadcast_ephemeral(&room, None, sender, payload);
                     return ControlReply::Published { seq: None };
                 }
                 let seq = self.accept_publish(room, None, sender, payload);
@@ -1325,6 +1305,36 @@ impl Core {
                     connections: tokens.len(),
                 }
             }
+        }
+    }
+
+    /// The owner passes an ephemeral event to every interested worker: no sequence, no
+    /// history.
+    fn broadcast_ephemeral(
+        &mut self,
+        room: &RoomName,
+        origin: Option<Origin>,
+        sender: Text,
+        payload: Bytes,
+    ) {
+        let ts_ms = self.now_ms();
+        let interest = std::mem::take(&mut self.owned_room(room).interest);
+        for (core, &n) in interest.iter().enumerate() {
+            if n > 0 {
+                self.send_to(
+                    core,
+                    CoreMsg::DeliverEphemeral {
+                        room: room.clone(),
+                        origin,
+                        sender: sender.clone(),
+                        ts_ms,
+                        payload: payload.clone(),
+                    },
+                );
+            }
+        }
+        if let Some(owned) = self.owned.get_mut(room) {
+            owned.interest = interest;
         }
     }
 
@@ -1453,24 +1463,24 @@ impl Core {
         } else {
             page
         };
-        self.apply_page(token, alias, &room, page);
+        self.apply_page(token, alias, page);
     }
 
-    fn on_paged(&mut self, room: RoomName, token: Token, alias: u32, _head: u64, page: Page) {
+    fn on_paged(&mut self, room: &RoomName, token: Token, alias: u32, page: Page) {
         let Some(conn) = self.conn(token) else { return };
         conn.fetches = conn.fetches.saturating_sub(1);
-        let Some(sub) = conn.sub_for(alias, &room) else {
+        let Some(sub) = conn.sub_for(alias, room) else {
             return;
         };
         if sub.mode != (SubMode::CatchingUp { fetching: true }) {
             return;
         }
         sub.mode = SubMode::CatchingUp { fetching: false };
-        self.apply_page(token, alias, &room, page);
+        self.apply_page(token, alias, page);
     }
 
     /// Writes a page of history to a catching-up alias; goes live when the page completes.
-    fn apply_page(&mut self, token: Token, alias: u32, room: &RoomName, page: Page) {
+    fn apply_page(&mut self, token: Token, alias: u32, page: Page) {
         let me = self.origin(token);
         let low_water = self.low_water();
         let Core {
@@ -1509,15 +1519,10 @@ impl Core {
                 if msg.seq <= sub.position {
                     continue;
                 }
-                sub.position = msg.seq;
-                if msg.origin == Some(me) {
-                    continue;
+                match advance(&mut conn.ctx, sub, alias, msg, me) {
+                    Some(header) => header,
+                    None => continue,
                 }
-                let header =
-                    conn.ctx
-                        .header(alias, Some(msg.seq), sub.cursor, &msg.sender, msg.ts_ms);
-                sub.cursor = msg.seq;
-                header
             };
             conn.write_deliver(&header, &msg.payload);
             written += 1;
@@ -1533,7 +1538,6 @@ impl Core {
             SubMode::CatchingUp { fetching: false }
         };
         Self::mark_dirty(dirty, conn);
-        let _ = room;
         if !page.complete && conn.queued() <= low_water {
             self.request_pages(token);
         }
@@ -1588,8 +1592,10 @@ impl Core {
 
     /// Keeps the lagging flag and gauge in step with the connection's aliases.
     fn update_lagging(&mut self, token: Token) {
-        let stats = self.stats.clone();
-        let Some(conn) = self.conn(token) else { return };
+        let Core { conns, stats, .. } = self;
+        let Some(conn) = conn_in(conns, token) else {
+            return;
+        };
         let lagging = conn
             .subs
             .iter()
@@ -1638,15 +1644,10 @@ impl Core {
                     fell_behind.push(token);
                     continue;
                 }
-                sub.position = msg.seq;
-                if msg.origin == Some(Origin { core, token }) {
-                    continue;
+                match advance(&mut conn.ctx, sub, alias, msg, Origin { core, token }) {
+                    Some(header) => header,
+                    None => continue,
                 }
-                let header =
-                    conn.ctx
-                        .header(alias, Some(msg.seq), sub.cursor, &msg.sender, msg.ts_ms);
-                sub.cursor = msg.seq;
-                header
             };
             conn.write_deliver(&header, &msg.payload);
             Self::mark_dirty(dirty, conn);

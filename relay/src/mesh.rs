@@ -183,8 +183,6 @@ pub enum CoreMsg {
         origin: Origin,
         /// Its alias.
         alias: u32,
-        /// The room's head when the page was cut.
-        head: u64,
         /// The page.
         page: Page,
     },

@@ -389,12 +389,6 @@ fn every_limit_is_enforced_and_reported() {
     refused(&relay, token("ann").as_bytes(), ErrorCode::LimitExceeded);
     // Rooms per user: the second subscription is refused.
     ann.subscribe("news:1");
-    let svc = hs256(
-        "a",
-        SECRET_A,
-        json!({"sub": "svc", "exp": now() + 60, "svc": true}),
-    );
-    let _ = svc;
     ann.send(&pabal_codec::ClientFrame::Subscribe(
         pabal_codec::Subscribe {
             room: false,
@@ -448,6 +442,17 @@ fn every_limit_is_enforced_and_reported() {
         !limited.is_empty() && limited.iter().all(|id| ids[2..].contains(id)),
         "{limited:?}"
     );
+    // A service token (a trusted app server) is exempt from the publish rate limit.
+    let svc_token = hs256(
+        "a",
+        SECRET_A,
+        json!({"sub": "app-server", "exp": now() + 60, "svc": true}),
+    );
+    let mut svc = Client::connect_token(relay.addr, "app-server", &svc_token);
+    let ops = svc.join("ops");
+    for i in 0..10 {
+        assert_eq!(svc.publish_acked(ops, format!("{i}").into_bytes()), i + 1);
+    }
     // Handshake deadline: a connection that never says HELLO gets GOAWAY.
     let mut silent = std::net::TcpStream::connect(relay.addr).unwrap();
     silent
