@@ -1,0 +1,144 @@
+//! Server-API operations as the worker that owns a room (or holds a user's connections)
+//! executes them: publish, membership changes, room info, history reads, kicks.
+//!
+//! Owns: turning a [`ControlOp`] into core actions and a [`ControlReply`]. Must not touch:
+//! HTTP (that is `control.rs`), sockets, other workers' state (only messages).
+
+use std::collections::HashSet;
+
+use pabal_codec::{GoAway, GoAwayReason, LeftReason, ServerFrame, Text};
+
+use super::Core;
+use crate::directory::DirectoryError;
+use crate::mesh::{ControlOp, ControlReply, RoomInfo};
+use crate::stats::inc;
+
+impl Core {
+    /// Executes a server-API request.
+    pub(super) fn control(&mut self, op: ControlOp) -> ControlReply {
+        match op {
+            ControlOp::Publish {
+                room,
+                sender,
+                payload,
+                ephemeral,
+            } => {
+                if ephemeral {
+                    self.broadcast_ephemeral(&room, None, sender, payload);
+                    return ControlReply::Published { seq: None };
+                }
+                let seq = self.accept_publish(room, None, sender, payload);
+                ControlReply::Published { seq: Some(seq) }
+            }
+            ControlOp::PublishMany {
+                rooms,
+                sender,
+                payload,
+            } => {
+                let mut out = Vec::with_capacity(rooms.len());
+                for room in rooms {
+                    let seq =
+                        self.accept_publish(room.clone(), None, sender.clone(), payload.clone());
+                    out.push((room, seq));
+                }
+                ControlReply::PublishedMany(out)
+            }
+            ControlOp::Members {
+                room,
+                add,
+                remove,
+                set,
+            } => {
+                let current: HashSet<Text> = self.owned_room(&room).members.clone();
+                let (add, remove): (Vec<Text>, Vec<Text>) = if set {
+                    let wanted: HashSet<Text> = add.into_iter().collect();
+                    (
+                        wanted.difference(&current).cloned().collect(),
+                        current.difference(&wanted).cloned().collect(),
+                    )
+                } else {
+                    (add, remove)
+                };
+                let mut added = Vec::new();
+                let mut refused = Vec::new();
+                let mut removed = Vec::new();
+                for user in remove {
+                    if self.leave_member(&room, &user, false, LeftReason::Removed) {
+                        removed.push(user);
+                    }
+                }
+                for user in add {
+                    match self.join_member(&room, &user, false) {
+                        Ok(true) => added.push(user),
+                        Ok(false) => {}
+                        Err(e) => {
+                            if !matches!(e, DirectoryError::Blocked(_)) {
+                                inc(&self.stats.limit_refusals, 1);
+                            }
+                            refused.push((user, e.to_string()));
+                        }
+                    }
+                }
+                let count = self.owned.get(&room).map_or(0, |o| o.members.len());
+                ControlReply::Members {
+                    added,
+                    removed,
+                    refused,
+                    count,
+                }
+            }
+            ControlOp::Info { room } => {
+                let retention = self.config.retention_for(room.name.as_str());
+                let now_ms = self.now_ms();
+                ControlReply::Info(self.owned.get_mut(&room).map(|o| {
+                    o.history.evict_expired(now_ms);
+                    RoomInfo {
+                        members: o.members.len(),
+                        head: o.head,
+                        epoch: o.epoch,
+                        retained_messages: o.history.len(),
+                        retained_bytes: o.history.bytes(),
+                        first_seq: o.history.first_seq(),
+                        retention,
+                    }
+                }))
+            }
+            ControlOp::History { room, after, limit } => {
+                let now_ms = self.now_ms();
+                match self.owned.get_mut(&room) {
+                    Some(o) => {
+                        o.history.evict_expired(now_ms);
+                        let mut msgs = Vec::new();
+                        let info =
+                            o.history
+                                .page(after, o.head, usize::MAX, limit.max(1), &mut msgs);
+                        ControlReply::History {
+                            msgs,
+                            gap: info.gap,
+                            head: o.head,
+                            epoch: o.epoch,
+                        }
+                    }
+                    None => ControlReply::Info(None),
+                }
+            }
+            ControlOp::Kick { user } => {
+                let tokens = self.users.get(&user).cloned().unwrap_or_default();
+                for &token in &tokens {
+                    self.write(
+                        token,
+                        &ServerFrame::GoAway(GoAway {
+                            reason: GoAwayReason::Kicked,
+                            retry_after_ms: 0,
+                            message: Text::from_static("disconnected by the app server"),
+                        }),
+                    );
+                    self.begin_close(token);
+                }
+                ControlReply::Kicked {
+                    connections: tokens.len(),
+                }
+            }
+        }
+    }
+}
