@@ -195,5 +195,8 @@ wire_enum! {
         Blocked = 2,
         /// A resume entry named a room the relay does not know for this user.
         UnknownRoom = 3,
+        /// A resume entry from before the relay restarted (with in-memory state) named a
+        /// room the relay does not know for this user yet: keep it and resume it later.
+        Restarted = 4,
     }
 }

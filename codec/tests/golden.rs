@@ -278,6 +278,14 @@ fn fixtures() -> Vec<Fixture> {
             by_hand: frame(&[&[LEFT], &v(1), &v(3)]),
         },
         Fixture {
+            name: "left_restarted",
+            frame: Frame::Server(ServerFrame::Left(Left {
+                alias: 0,
+                reason: LeftReason::Restarted,
+            })),
+            by_hand: frame(&[&[LEFT], &v(0), &v(4)]),
+        },
+        Fixture {
             name: "puback",
             frame: Frame::Server(ServerFrame::PubAck(PubAck { msg_id: 5, seq: 42 })),
             by_hand: frame(&[&[PUBACK], &v(5), &v(42)]),
@@ -614,6 +622,10 @@ fn fixture_field_values() {
         panic!()
     };
     assert_eq!((l.alias, l.reason), (1, LeftReason::UnknownRoom));
+    let Ok(Some(ServerFrame::Left(l))) = dec_server(&read("left_restarted")) else {
+        panic!()
+    };
+    assert_eq!((l.alias, l.reason), (0, LeftReason::Restarted));
 
     let Ok(Some(ServerFrame::Ping(p))) = dec_server(&read("ping")) else {
         panic!()

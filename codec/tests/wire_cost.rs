@@ -56,6 +56,13 @@ fn a_delivered_message() {
     assert_eq!(TOPIC.len(), 11);
     // pabal: steady state with the previous DELIVER up to 8.191 s before; the first message
     // from a sender on this connection adds its id once.
+    assert_eq!(
+        deliver(false, 0),
+        25,
+        "under 64 ms the time delta is one byte"
+    );
+    assert_eq!(deliver(false, 63), 25);
+    assert_eq!(deliver(false, 64), 26);
     assert_eq!(deliver(false, 1234), 26);
     assert_eq!(deliver(false, 8191), 26);
     assert_eq!(deliver(false, 8192), 27);

@@ -118,6 +118,12 @@ pub struct ConnectionConfig {
     pub sender_aliases: usize,
     /// Bytes of history fetched per page while a connection catches up. Default 32 KiB.
     pub replay_page_bytes: usize,
+    /// After a start with in-memory state, how long a resume entry from an earlier run of
+    /// the relay that names a room the relay does not (yet) know for the user is answered
+    /// LEFT `Restarted` (keep the room: the app server is re-sending membership) rather than
+    /// LEFT `UnknownRoom` (drop it). Default 10 min.
+    #[serde(with = "humantime_secs")]
+    pub restart_grace: Duration,
 }
 
 /// `[heartbeat]`
@@ -220,8 +226,20 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Connections one user may hold at once (phone, desktop, web...). Default 16.
     pub max_connections_per_user: usize,
-    /// Rooms and channels one user may belong to. Default 10,000.
+    /// Rooms and channels one user may belong to. Default 4096; at most
+    /// `connection.max_rooms`, since every connection of a user binds all the user's rooms.
     pub max_rooms_per_user: usize,
+    /// Channels one user may block. Default 1000.
+    pub max_blocked_per_user: usize,
+    /// Rooms and channels the relay holds in memory before clients may no longer create new
+    /// ones by subscribing (the server API still can). Rooms without members, subscribers or
+    /// retained history are evicted. Default 4,000,000.
+    pub max_rooms: usize,
+    /// SUBSCRIBE and UNSUBSCRIBE frames per second per connection (token bucket rate).
+    /// Default 10.
+    pub subscribe_rate: f64,
+    /// SUBSCRIBE and UNSUBSCRIBE frames a connection may burst above the rate. Default 100.
+    pub subscribe_burst: f64,
     /// Publishes per second per connection (token bucket rate). Default 20.
     pub publish_rate: f64,
     /// Publishes a connection may burst above the rate. Default 50.
@@ -250,7 +268,11 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_connections: 1_000_000,
             max_connections_per_user: 16,
-            max_rooms_per_user: 10_000,
+            max_rooms_per_user: 4096,
+            max_blocked_per_user: 1000,
+            max_rooms: 4_000_000,
+            subscribe_rate: 10.0,
+            subscribe_burst: 100.0,
             publish_rate: 20.0,
             publish_burst: 50.0,
             max_payload: 16 * 1024,
@@ -353,6 +375,7 @@ impl Default for ConnectionConfig {
             max_rooms: 4096,
             sender_aliases: 64,
             replay_page_bytes: 32 * 1024,
+            restart_grace: Duration::from_secs(600),
         }
     }
 }
@@ -555,6 +578,31 @@ impl Config {
         let l = &self.limits;
         if l.max_connections == 0 || l.max_connections_per_user == 0 || l.max_rooms_per_user == 0 {
             return Err(invalid("limits", "connection and room limits must be > 0"));
+        }
+        if l.max_rooms_per_user > c.max_rooms {
+            return Err(invalid(
+                "limits.max_rooms_per_user",
+                format!(
+                    "{} exceeds connection.max_rooms ({}): every connection of a user binds \
+                     all of the user's rooms",
+                    l.max_rooms_per_user, c.max_rooms
+                ),
+            ));
+        }
+        if l.max_blocked_per_user == 0 || l.max_rooms == 0 {
+            return Err(invalid(
+                "limits",
+                "max_blocked_per_user and max_rooms must be > 0",
+            ));
+        }
+        if !(l.subscribe_rate > 0.0 && l.subscribe_rate.is_finite()) {
+            return Err(invalid(
+                "limits.subscribe_rate",
+                "must be a positive number",
+            ));
+        }
+        if !(l.subscribe_burst >= 1.0 && l.subscribe_burst.is_finite()) {
+            return Err(invalid("limits.subscribe_burst", "must be >= 1"));
         }
         if !(l.publish_rate > 0.0 && l.publish_rate.is_finite()) {
             return Err(invalid("limits.publish_rate", "must be a positive number"));

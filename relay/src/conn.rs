@@ -68,7 +68,12 @@ pub enum Phase {
     Handshake,
     /// Open.
     Open,
-    /// Closing: flushing what is queued, then half-closed, waiting for the peer's EOF.
+    /// A fatal error is decided but publishes this connection sent before it are still
+    /// with their rooms' owners: their PUBACKs go out first, then the ERROR, so the ERROR is
+    /// the last frame. Nothing is read or delivered meanwhile.
+    Failing,
+    /// Closing: the last frame is queued; flushing it, then half-closed, waiting for the
+    /// peer's EOF. Nothing more is written.
     Closing,
 }
 
@@ -103,8 +108,11 @@ pub struct Sub {
     pub position: u64,
     /// How it is fed.
     pub mode: SubMode,
-    /// The highest sequence the client acknowledged.
+    /// The highest sequence the client acknowledged (never past `position`).
     pub acked: u64,
+    /// The subscription request this binding waits for (or was answered by): answers to
+    /// any other request, e.g. one still in flight from an earlier membership, are stale.
+    pub request: u64,
 }
 
 /// One client connection.
@@ -155,6 +163,15 @@ pub struct Conn {
     pub shut: bool,
     /// Publishes allowed per second.
     pub publish_bucket: TokenBucket,
+    /// SUBSCRIBE and UNSUBSCRIBE frames allowed per second.
+    pub subscribe_bucket: TokenBucket,
+    /// Publishes sent to their rooms' owners and not yet answered.
+    pub publishes_in_flight: u32,
+    /// The fatal ERROR to send once `publishes_in_flight` reaches zero ([`Phase::Failing`]).
+    pub fatal: Option<Box<ServerFrame>>,
+    /// The one heartbeat/handshake/linger deadline in force; timer entries for any other
+    /// time are stale and ignored, so a connection has exactly one timer chain.
+    pub timer_at: Option<Instant>,
     /// What the token allows (`None` without auth: everything a client may do).
     pub claims: Option<Box<crate::auth::Claims>>,
     /// A service connection (trusted app server): exempt from the publish rate limit and
@@ -175,6 +192,7 @@ impl Conn {
         now: Instant,
         heartbeat: Duration,
         publish_bucket: TokenBucket,
+        subscribe_bucket: TokenBucket,
     ) -> Self {
         Conn {
             token,
@@ -201,6 +219,10 @@ impl Conn {
             closing_since: None,
             shut: false,
             publish_bucket,
+            subscribe_bucket,
+            publishes_in_flight: 0,
+            fatal: None,
+            timer_at: None,
             claims: None,
             service: false,
             reading: true,
@@ -218,14 +240,30 @@ impl Conn {
         !self.out.is_empty() || !self.pending.is_empty()
     }
 
-    /// Queues a frame.
+    /// Whether frames may still be queued: not once closing, when the last frame (a GOAWAY
+    /// or a fatal ERROR) is already queued and the socket is about to be half-closed.
+    pub fn writable(&self) -> bool {
+        self.phase != Phase::Closing
+    }
+
+    /// Whether the session is open for deliveries (not handshaking, failing or closing).
+    pub fn is_open(&self) -> bool {
+        self.phase == Phase::Open
+    }
+
+    /// Queues a frame (dropped once closing: see [`Conn::writable`]).
     pub fn write(&mut self, frame: &ServerFrame) {
-        frame.encode(&mut self.out);
+        if self.writable() {
+            frame.encode(&mut self.out);
+        }
     }
 
     /// Queues a DELIVER: the per-connection header, then the shared payload (copied when
-    /// small, referenced when large).
+    /// small, referenced when large). Dropped once closing.
     pub fn write_deliver(&mut self, header: &DeliverHeader, payload: &Bytes) {
+        if !self.writable() {
+            return;
+        }
         header.encode_prefix(payload.len(), &mut self.out);
         if payload.len() >= SHARED_PAYLOAD_MIN {
             let head = self.out.split().freeze();

@@ -24,7 +24,7 @@
 //! directly, other workers' state (only messages), the directory beyond membership calls.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,6 +53,9 @@ const COMPACT_BELOW: usize = 4096;
 const LINGER: Duration = Duration::from_secs(2);
 /// Ephemeral events held per lagging connection.
 const EPHEMERAL_BACKLOG: usize = 64;
+/// How long a room without members or subscribers waits before it is checked for eviction
+/// (and rechecked while retention still holds messages of it).
+const IDLE_ROOM_CHECK: Duration = Duration::from_secs(60);
 
 /// What a worker needs from its I/O backend when it flushes. Every [`crate::io::Backend`]
 /// is one; tests use an in-memory one.
@@ -108,6 +111,15 @@ struct OwnedRoom {
     /// Members (rooms) or subscribers (channels); the directory holds the same facts by
     /// user, and every change to both goes through this owner.
     members: HashSet<Text>,
+    /// In the worker's queue of idle rooms to check for eviction.
+    idle_queued: bool,
+}
+
+impl OwnedRoom {
+    /// No members, no subscribed connection anywhere: only retained history keeps it.
+    fn unused(&self) -> bool {
+        self.members.is_empty() && self.interest.iter().all(|&n| n == 0)
+    }
 }
 
 /// Shutdown progress.
@@ -164,6 +176,14 @@ pub struct Core {
     local: HashMap<RoomName, Vec<(Token, u32)>>,
     users: HashMap<Text, Vec<Token>>,
     timers: BinaryHeap<Reverse<(Instant, Token)>>,
+    /// Owned rooms that became unused, oldest first, with when to check them.
+    idle_rooms: VecDeque<(Instant, RoomName)>,
+    /// The next subscription request's id (answers are matched per request).
+    next_request: u64,
+    /// When this worker started (for `connection.restart_grace`).
+    booted: Instant,
+    /// The last epoch given to a room created here.
+    last_epoch: u64,
     epoch: u64,
     clock: Clock,
     now: Instant,
@@ -225,6 +245,8 @@ impl Core {
             max_frame_len: config.connection.max_frame_len,
             ..Limits::default()
         };
+        let clock = Clock::new();
+        directory.set_max_blocked_per_user(config.limits.max_blocked_per_user);
         Core {
             id,
             cores,
@@ -244,8 +266,12 @@ impl Core {
             local: HashMap::new(),
             users: HashMap::new(),
             timers: BinaryHeap::new(),
+            idle_rooms: VecDeque::new(),
+            next_request: 0,
+            booted: clock.base,
+            last_epoch: 0,
             epoch,
-            clock: Clock::new(),
+            clock,
             now: Instant::now(),
             shutdown: Shutdown::default(),
             stats,
@@ -332,8 +358,17 @@ impl Core {
         }
     }
 
+    /// Makes `at` the connection's deadline if it is sooner than the one in force. Each
+    /// connection has one deadline ([`Conn::timer_at`]); heap entries for other times are
+    /// stale and skipped, so a connection never carries two timer chains.
     fn arm(&mut self, token: Token, at: Instant) {
-        self.timers.push(Reverse((at, token)));
+        let Some(conn) = conn_in(&mut self.conns, token) else {
+            return;
+        };
+        if conn.timer_at.is_none_or(|t| at < t) {
+            conn.timer_at = Some(at);
+            self.timers.push(Reverse((at, token)));
+        }
     }
 
     // ---------------------------------------------------------------------------------
@@ -381,18 +416,49 @@ impl Core {
         }
     }
 
+    /// Ends a connection with a fatal ERROR as its last frame. Publishes it sent before
+    /// are answered first ([`Phase::Failing`]): a client stops reading at the ERROR, so a
+    /// PUBACK after it would be lost and the message published twice.
     fn fatal(&mut self, token: Token, code: ErrorCode, message: String) {
         inc(&self.stats.protocol_errors, 1);
         tracing::debug!(token, ?code, %message, "closing connection on protocol error");
-        self.write(
-            token,
-            &ServerFrame::Error(ErrorFrame {
-                code,
-                fatal: true,
-                reference: 0,
-                message: Text::from(message),
-            }),
-        );
+        let frame = ServerFrame::Error(ErrorFrame {
+            code,
+            fatal: true,
+            reference: 0,
+            message: Text::from(message),
+        });
+        let now = self.now;
+        let Core { conns, dirty, .. } = self;
+        let Some(conn) = conn_in(conns, token) else {
+            return;
+        };
+        match conn.phase {
+            Phase::Failing | Phase::Closing => {}
+            Phase::Handshake | Phase::Open if conn.publishes_in_flight > 0 => {
+                conn.phase = Phase::Failing;
+                conn.fatal = Some(Box::new(frame));
+                conn.rbuf.clear();
+                conn.reading = false;
+                Self::mark_dirty(dirty, conn);
+                self.arm(token, now + LINGER);
+            }
+            Phase::Handshake | Phase::Open => {
+                conn.write(&frame);
+                self.begin_close(token);
+            }
+        }
+    }
+
+    /// A failing connection's publishes are all answered (or their time ran out): the fatal
+    /// ERROR goes out last, and the connection closes.
+    fn finish_failing(&mut self, token: Token) {
+        let Some(conn) = self.conn(token).filter(|c| c.phase == Phase::Failing) else {
+            return;
+        };
+        if let Some(frame) = conn.fatal.take() {
+            conn.write(&frame);
+        }
         self.begin_close(token);
     }
 
@@ -470,7 +536,7 @@ impl Core {
         let Some(conn) = self.conn(token) else { return };
         let phase = conn.phase;
         match (phase, frame) {
-            (Phase::Closing, _) => {}
+            (Phase::Failing | Phase::Closing, _) => {}
             (Phase::Handshake, ClientFrame::Hello(hello)) => self.on_hello(token, hello),
             (Phase::Handshake, other) => self.fatal(
                 token,
@@ -480,16 +546,29 @@ impl Core {
             (Phase::Open, ClientFrame::Hello(_)) => {
                 self.fatal(token, ErrorCode::ProtocolViolation, "second HELLO".into())
             }
+            (Phase::Open, ClientFrame::Subscribe(_) | ClientFrame::Unsubscribe(_))
+                if !self.take_subscribe_budget(token) =>
+            {
+                inc(&self.stats.subscribe_rate_limited, 1);
+                self.refuse(
+                    token,
+                    ErrorCode::RateLimited,
+                    0,
+                    "subscribe rate limit; slow down".into(),
+                );
+            }
             (Phase::Open, ClientFrame::Subscribe(s)) => self.on_subscribe(token, s.room, s.name),
             (Phase::Open, ClientFrame::Unsubscribe(u)) => {
                 self.on_unsubscribe(token, u.alias, u.block)
             }
             (Phase::Open, ClientFrame::Publish(p)) => self.on_publish(token, p),
             (Phase::Open, ClientFrame::Ack(ack)) => {
+                // PROTOCOL.md §12: an ACK of an unbound alias is ignored (a LEFT may be in
+                // flight), and one past what was sent counts only up to what was sent.
                 if let Some(conn) = self.conn(token) {
                     for (alias, seq) in ack.iter() {
                         if let Some(Some(sub)) = conn.subs.get_mut(alias as usize) {
-                            sub.acked = sub.acked.max(seq);
+                            sub.acked = sub.acked.max(seq.min(sub.position));
                         }
                     }
                 }
@@ -499,6 +578,8 @@ impl Core {
                     let granted = self.negotiate_heartbeat(secs);
                     if let Some(conn) = self.conn(token) {
                         conn.heartbeat = Duration::from_secs(u64::from(granted));
+                        let at = conn.last_rx + conn.heartbeat;
+                        self.arm(token, at);
                     }
                     granted
                 });
@@ -512,6 +593,12 @@ impl Core {
             (Phase::Open, ClientFrame::Pong(_)) => {}
             (Phase::Open, ClientFrame::Bye) => self.begin_close(token),
         }
+    }
+
+    fn take_subscribe_budget(&mut self, token: Token) -> bool {
+        let now = self.now;
+        self.conn(token)
+            .is_some_and(|c| c.service || c.subscribe_bucket.take(now))
     }
 
     fn negotiate_heartbeat(&self, asked_secs: u32) -> u32 {
@@ -611,25 +698,40 @@ impl Core {
                 .and_modify(|slot| *slot = usize::MAX) // ambiguous: never resolve it
                 .or_insert(i);
         }
+        // An entry from an earlier run of the relay naming a room it does not know for
+        // the user may only mean the app server has not re-sent membership yet.
+        let restarted = self.now < self.booted + self.config.connection.restart_grace;
         let mut taken = vec![false; rooms.len()];
         let resume: Vec<_> = hello.resume.iter().collect();
         let mut subscribe = Vec::new();
-        let mut unknown = Vec::new();
+        let mut left = Vec::new();
+        let mut over_limit = Vec::new();
         let mut subs: Vec<Option<Sub>> = Vec::with_capacity(resume.len().max(rooms.len()));
         for (alias, entry) in resume.iter().enumerate() {
             match by_id.get(&entry.room_id) {
                 Some(&i) if i != usize::MAX && !taken[i] => {
                     taken[i] = true;
+                    if subscribe.len() >= max_rooms {
+                        subs.push(None);
+                        over_limit.push((Some(alias as u32), rooms[i].0.clone()));
+                        continue;
+                    }
                     let from = StartFrom::Resume {
                         epoch: entry.epoch,
                         last_seq: entry.last_seq,
                     };
-                    subs.push(Some(pending_sub(rooms[i].0.clone(), from)));
-                    subscribe.push((alias as u32, rooms[i].0.clone(), from));
+                    let request = self.new_request();
+                    subs.push(Some(pending_sub(rooms[i].0.clone(), from, request)));
+                    subscribe.push((alias as u32, rooms[i].0.clone(), from, request));
                 }
                 _ => {
                     subs.push(None);
-                    unknown.push(alias as u32);
+                    let reason = if restarted && entry.epoch < self.epoch {
+                        LeftReason::Restarted
+                    } else {
+                        LeftReason::UnknownRoom
+                    };
+                    left.push((alias as u32, reason));
                 }
             }
         }
@@ -638,12 +740,13 @@ impl Core {
             if taken[i] {
                 continue;
             }
-            if subs.iter().filter(|s| s.is_some()).count() >= max_rooms {
-                tracing::warn!(%user, max_rooms, "user has more rooms than a connection binds");
-                break;
+            if subscribe.len() >= max_rooms {
+                over_limit.push((None, room));
+                continue;
             }
+            // Aliases answered with LEFT are not reused in this HELLO's answer (§6.5).
             let alias = match subs.iter().position(Option::is_none) {
-                Some(a) if !unknown.contains(&(a as u32)) => a,
+                Some(a) if !left.iter().any(|&(l, _)| l == a as u32) => a,
                 _ => {
                     subs.push(None);
                     subs.len() - 1
@@ -653,23 +756,21 @@ impl Core {
                 epoch: join.epoch,
                 seq: join.seq,
             };
-            subs[alias] = Some(pending_sub(room.clone(), from));
-            subscribe.push((alias as u32, room, from));
+            let request = self.new_request();
+            subs[alias] = Some(pending_sub(room.clone(), from, request));
+            subscribe.push((alias as u32, room, from, request));
         }
         if let Some(conn) = self.conn(token) {
             conn.subs = subs;
         }
-        for alias in unknown {
-            self.write(
-                token,
-                &ServerFrame::Left(Left {
-                    alias,
-                    reason: LeftReason::UnknownRoom,
-                }),
-            );
+        for (alias, reason) in left {
+            self.write(token, &ServerFrame::Left(Left { alias, reason }));
+        }
+        for (alias, room) in over_limit {
+            self.refuse_room_limit(token, alias, &room);
         }
         let origin = self.origin(token);
-        for (alias, room, from) in subscribe {
+        for (alias, room, from, request) in subscribe {
             self.send_to_owner(
                 &room.clone(),
                 CoreMsg::Subscribe {
@@ -678,11 +779,40 @@ impl Core {
                     alias,
                     user: user.clone(),
                     from,
+                    request,
                 },
             );
         }
         let next = self.now + Duration::from_secs(u64::from(granted));
         self.arm(token, next);
+    }
+
+    fn new_request(&mut self) -> u64 {
+        self.next_request += 1;
+        self.next_request
+    }
+
+    /// A room the connection cannot bind: it already holds `connection.max_rooms`. The
+    /// client gets a non-fatal ERROR `LimitExceeded` naming the room (and, for a resume
+    /// entry, a LEFT for its alias); the refusal is counted.
+    fn refuse_room_limit(&mut self, token: Token, alias: Option<u32>, room: &RoomName) {
+        inc(&self.stats.limit_refusals, 1);
+        let max = self.config.connection.max_rooms;
+        if let Some(alias) = alias {
+            self.write(
+                token,
+                &ServerFrame::Left(Left {
+                    alias,
+                    reason: LeftReason::UnknownRoom,
+                }),
+            );
+        }
+        self.refuse(
+            token,
+            ErrorCode::LimitExceeded,
+            room.id,
+            format!("{}: a connection binds at most {max} rooms", room.name),
+        );
     }
 
     fn on_subscribe(&mut self, token: Token, is_room: bool, name: Text) {
@@ -808,7 +938,7 @@ impl Core {
             );
         };
         if let Some(ack) = p.ack {
-            sub.acked = sub.acked.max(ack);
+            sub.acked = sub.acked.max(ack.min(sub.position));
         }
         let room = sub.room.clone();
         if room.channel && !may_publish(room.name.as_str()) {
@@ -820,6 +950,10 @@ impl Core {
                 reference,
                 format!("{}: publishing to this channel is not permitted", room.name),
             );
+        }
+        if p.msg_id.is_some() {
+            // Answered by the owner's PUBACK; a fatal error waits for it (`fatal`).
+            conn.publishes_in_flight += 1;
         }
         let msg = match p.msg_id {
             Some(msg_id) => CoreMsg::Publish {
@@ -851,16 +985,220 @@ impl Core {
         }
     }
 
+    /// An owned room, created (in a fresh epoch) if this worker does not hold it.
     fn owned_room(&mut self, room: &RoomName) -> &mut OwnedRoom {
-        let (epoch, cores) = (self.epoch, self.cores);
+        if !self.owned.contains_key(room) {
+            let epoch = self.fresh_epoch();
+            self.create_room(room, epoch);
+        }
+        let Some(owned) = self.owned.get_mut(room) else {
+            unreachable!("created above")
+        };
+        owned
+    }
+
+    fn create_room(&mut self, room: &RoomName, epoch: u64) {
         let retention = self.config.retention_for(room.name.as_str());
-        self.owned.entry(room.clone()).or_insert_with(|| OwnedRoom {
-            epoch,
-            head: 0,
-            history: History::new(retention),
-            interest: vec![0; cores],
-            members: HashSet::new(),
+        self.owned.insert(
+            room.clone(),
+            OwnedRoom {
+                epoch,
+                head: 0,
+                history: History::new(retention),
+                interest: vec![0; self.cores],
+                members: HashSet::new(),
+                idle_queued: false,
+            },
+        );
+        self.stats
+            .rooms
+            .store(self.owned.len() as u64, Ordering::Relaxed);
+        // Unused until someone joins or subscribes; checked for eviction in a while.
+        self.note_if_unused(room);
+    }
+
+    /// The epoch of a room created now: unique on this worker and never below the boot
+    /// epoch, so a room evicted and created again never reuses the sequences of an earlier
+    /// stream under the same epoch, and epochs from an earlier run of the relay stay below
+    /// every epoch of this one.
+    fn fresh_epoch(&mut self) -> u64 {
+        let epoch = self.now_ms().max(self.epoch).max(self.last_epoch + 1);
+        self.last_epoch = epoch;
+        epoch
+    }
+
+    /// Queues an owned room for an eviction check if nothing but history keeps it.
+    fn note_if_unused(&mut self, room: &RoomName) {
+        let due = self.now + IDLE_ROOM_CHECK;
+        if let Some(owned) = self.owned.get_mut(room)
+            && owned.unused()
+            && !owned.idle_queued
+        {
+            owned.idle_queued = true;
+            self.idle_rooms.push_back((due, room.clone()));
+        }
+    }
+
+    /// Evicts owned rooms that have had no members and no subscribers since their check
+    /// was queued and whose retention has dropped every message; rooms still holding
+    /// history are checked again later. Bounded: rooms nobody uses do not accumulate.
+    fn evict_idle_rooms(&mut self) {
+        let now = self.now;
+        let now_ms = self.now_ms();
+        let mut evicted = 0;
+        while let Some((due, _)) = self.idle_rooms.front() {
+            if *due > now {
+                break;
+            }
+            let Some((_, room)) = self.idle_rooms.pop_front() else {
+                break;
+            };
+            let Some(owned) = self.owned.get_mut(&room) else {
+                continue;
+            };
+            owned.idle_queued = false;
+            if !owned.unused() {
+                continue;
+            }
+            owned.history.evict_expired(now_ms);
+            if owned.history.is_empty() {
+                self.owned.remove(&room);
+                evicted += 1;
+            } else {
+                owned.idle_queued = true;
+                self.idle_rooms.push_back((now + IDLE_ROOM_CHECK, room));
+            }
+        }
+        if evicted > 0 {
+            inc(&self.stats.rooms_evicted, evicted);
+            self.stats
+                .rooms
+                .store(self.owned.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The floor of `user`'s stream of an owned room: the user's join point in the room's
+    /// current epoch (everything of a later epoch was published after the join), or `None`
+    /// when the user is not a member. Every start (resume, join, page) is clamped to it.
+    fn join_floor(&self, user: &Text, room: &RoomName, owned_epoch: u64) -> Option<u64> {
+        let join = self.directory.join_point(user, room)?;
+        Some(if join.epoch == owned_epoch {
+            join.seq
+        } else {
+            0
         })
+    }
+
+    /// The owner answers a connection binding one of its rooms: the stream starts where the
+    /// request asks, but never before the user's join point, whatever epoch the request
+    /// names (so no resume entry can read what was published before the user joined or
+    /// while they were removed).
+    fn on_subscribe_request(
+        &mut self,
+        room: RoomName,
+        origin: Origin,
+        alias: u32,
+        user: &Text,
+        from: StartFrom,
+        request: u64,
+    ) {
+        let epoch = self.owned.get(&room).map_or(self.epoch, |o| o.epoch);
+        let Some(floor) = self.join_floor(user, &room, epoch) else {
+            return self.not_member(room, origin, alias, request);
+        };
+        let owned = self.owned_room(&room);
+        owned.interest[origin.core] += 1;
+        let asked = match from {
+            StartFrom::Live => owned.head,
+            StartFrom::Resume { epoch, last_seq: s } | StartFrom::Join { epoch, seq: s } => {
+                if epoch == owned.epoch {
+                    s.min(owned.head)
+                } else {
+                    0
+                }
+            }
+        };
+        let start = asked.max(floor.min(owned.head));
+        let Some((page, epoch, head)) = self.cut_page(&room, start) else {
+            return;
+        };
+        self.send_to(
+            origin.core,
+            CoreMsg::Subscribed {
+                room,
+                origin,
+                alias,
+                epoch,
+                head,
+                start,
+                page,
+                request,
+            },
+        );
+    }
+
+    /// The owner answers a page request of a catching-up connection, from no earlier than
+    /// the user's join point; a user no longer a member gets the alias unbound.
+    fn on_fetch(
+        &mut self,
+        room: RoomName,
+        origin: Origin,
+        alias: u32,
+        user: &Text,
+        after: u64,
+        request: u64,
+    ) {
+        let floor = self
+            .owned
+            .get(&room)
+            .and_then(|o| Some(self.join_floor(user, &room, o.epoch)?.min(o.head)));
+        let Some(floor) = floor else {
+            return self.not_member(room, origin, alias, request);
+        };
+        let Some((page, _, _)) = self.cut_page(&room, after.max(floor)) else {
+            return;
+        };
+        self.send_to(
+            origin.core,
+            CoreMsg::Paged {
+                room,
+                origin,
+                alias,
+                page,
+                request,
+            },
+        );
+    }
+
+    fn not_member(&mut self, room: RoomName, origin: Origin, alias: u32, request: u64) {
+        self.send_to(
+            origin.core,
+            CoreMsg::NotMember {
+                room,
+                origin,
+                alias,
+                request,
+            },
+        );
+    }
+
+    /// A page of an owned room's history after `after`, within retention, with the room's
+    /// epoch and head as of the cut.
+    fn cut_page(&mut self, room: &RoomName, after: u64) -> Option<(Page, u64, u64)> {
+        let page_bytes = self.config.connection.replay_page_bytes;
+        let now_ms = self.now_ms();
+        let owned = self.owned.get_mut(room)?;
+        owned.history.evict_expired(now_ms);
+        let mut msgs = Vec::new();
+        let info = owned
+            .history
+            .page(after, owned.head, page_bytes, usize::MAX, &mut msgs);
+        let page = Page {
+            gap: info.gap,
+            msgs,
+            complete: info.complete,
+        };
+        Some((page, owned.epoch, owned.head))
     }
 
     fn handle_one(&mut self, msg: CoreMsg) {
@@ -890,88 +1228,21 @@ impl Core {
                 alias,
                 user,
                 from,
-            } => {
-                if !self.directory.is_member(&user, &room) {
-                    return self.send_to(
-                        origin.core,
-                        CoreMsg::NotMember {
-                            room,
-                            origin,
-                            alias,
-                        },
-                    );
-                }
-                let page_bytes = self.config.connection.replay_page_bytes;
-                let now_ms = self.now_ms();
-                let mut msgs = Vec::new();
-                let owned = self.owned_room(&room);
-                owned.interest[origin.core] += 1;
-                owned.history.evict_expired(now_ms);
-                let start = match from {
-                    StartFrom::Live => owned.head,
-                    StartFrom::Resume { epoch, last_seq: s }
-                    | StartFrom::Join { epoch, seq: s } => {
-                        if epoch == owned.epoch {
-                            s.min(owned.head)
-                        } else {
-                            0
-                        }
-                    }
-                };
-                let info = owned
-                    .history
-                    .page(start, owned.head, page_bytes, usize::MAX, &mut msgs);
-                let (epoch, head) = (owned.epoch, owned.head);
-                let page = Page {
-                    gap: info.gap,
-                    msgs,
-                    complete: info.complete,
-                };
-                self.send_to(
-                    origin.core,
-                    CoreMsg::Subscribed {
-                        room,
-                        origin,
-                        alias,
-                        epoch,
-                        head,
-                        start,
-                        page,
-                    },
-                );
-            }
+                request,
+            } => self.on_subscribe_request(room, origin, alias, &user, from, request),
             CoreMsg::Fetch {
                 room,
                 origin,
                 alias,
+                user,
                 after,
-            } => {
-                let page_bytes = self.config.connection.replay_page_bytes;
-                let now_ms = self.now_ms();
-                let mut msgs = Vec::new();
-                let owned = self.owned_room(&room);
-                owned.history.evict_expired(now_ms);
-                let info = owned
-                    .history
-                    .page(after, owned.head, page_bytes, usize::MAX, &mut msgs);
-                self.send_to(
-                    origin.core,
-                    CoreMsg::Paged {
-                        room,
-                        origin,
-                        alias,
-                        page: Page {
-                            gap: info.gap,
-                            msgs,
-                            complete: info.complete,
-                        },
-                    },
-                );
-            }
+                request,
+            } => self.on_fetch(room, origin, alias, &user, after, request),
             CoreMsg::Unsubscribed { room, core } => {
                 if let Some(owned) = self.owned.get_mut(&room) {
                     owned.interest[core] = owned.interest[core].saturating_sub(1);
                 }
+                self.note_if_unused(&room);
             }
             CoreMsg::Join {
                 room,
@@ -979,6 +1250,26 @@ impl Core {
                 unblock,
                 requester,
             } => {
+                let cap = self.config.limits.max_rooms.div_ceil(self.cores);
+                if let Some(origin) = requester
+                    && !self.owned.contains_key(&room)
+                    && self.owned.len() >= cap
+                {
+                    // A client may not make the relay hold ever more rooms by subscribing.
+                    inc(&self.stats.limit_refusals, 1);
+                    return self.send_to(
+                        origin.core,
+                        CoreMsg::Refused {
+                            origin,
+                            code: ErrorCode::LimitExceeded,
+                            reference: 0,
+                            message: format!(
+                                "{}: the relay holds as many rooms as it may",
+                                room.name
+                            ),
+                        },
+                    );
+                }
                 if let Err(e) = self.join_member(&room, &user, unblock) {
                     if !matches!(e, DirectoryError::Blocked(_)) {
                         inc(&self.stats.limit_refusals, 1);
@@ -1032,30 +1323,28 @@ impl Core {
                 head,
                 start,
                 page,
-            } => self.on_subscribed(room, origin.token, alias, epoch, head, start, page),
+                request,
+            } => self.on_subscribed(room, origin.token, alias, epoch, head, start, page, request),
             CoreMsg::Paged {
                 room,
                 origin,
                 alias,
                 page,
-            } => self.on_paged(&room, origin.token, alias, page),
+                request,
+            } => self.on_paged(&room, origin.token, alias, page, request),
             CoreMsg::NotMember {
                 room,
                 origin,
                 alias,
+                request,
             } => {
                 let token = origin.token;
                 if let Some(conn) = self.conn(token)
-                    && conn.sub_for(alias, &room).is_some()
+                    && conn
+                        .sub_for(alias, &room)
+                        .is_some_and(|s| s.request == request)
                 {
-                    conn.subs[alias as usize] = None;
-                    self.write(
-                        token,
-                        &ServerFrame::Left(Left {
-                            alias,
-                            reason: LeftReason::Removed,
-                        }),
-                    );
+                    self.unbind(token, alias, LeftReason::Removed);
                 }
             }
             CoreMsg::Deliver { room, msg } => self.fan_out(&room, &msg),
@@ -1103,7 +1392,11 @@ impl Core {
         for conn in self.conns.iter_mut().flatten() {
             conn.publish_bucket
                 .reconfigure(limits.publish_rate, limits.publish_burst);
+            conn.subscribe_bucket
+                .reconfigure(limits.subscribe_rate, limits.subscribe_burst);
         }
+        self.directory
+            .set_max_blocked_per_user(limits.max_blocked_per_user);
         let rate = limits.new_connections_per_second / self.cores as f64;
         self.accept_bucket.reconfigure(rate, rate.max(1.0));
         self.config = config;
@@ -1126,12 +1419,21 @@ impl Core {
         user: &Text,
         unblock: bool,
     ) -> Result<bool, DirectoryError> {
-        let owned = self.owned_room(room);
-        let join = crate::directory::JoinPoint {
-            epoch: owned.epoch,
-            seq: owned.head,
+        // A refused join creates nothing: the room exists only once someone is in it.
+        let join = match self.owned.get(room) {
+            Some(owned) => crate::directory::JoinPoint {
+                epoch: owned.epoch,
+                seq: owned.head,
+            },
+            None => crate::directory::JoinPoint {
+                epoch: self.fresh_epoch(),
+                seq: 0,
+            },
         };
         let added = self.directory.add(user, room, join, unblock)?;
+        if !self.owned.contains_key(room) {
+            self.create_room(room, join.epoch);
+        }
         if let Some(owned) = self.owned.get_mut(room) {
             owned.members.insert(user.clone());
         }
@@ -1161,10 +1463,24 @@ impl Core {
         block: bool,
         reason: LeftReason,
     ) -> bool {
-        let (was, cores) = self.directory.remove(user, room, block);
+        let crate::directory::Removed {
+            was,
+            cores,
+            block_refused,
+        } = self.directory.remove(user, room, block);
+        let reason = match block_refused {
+            Some(e) => {
+                // Left all the same, but not blocked: the LEFT says so.
+                inc(&self.stats.limit_refusals, 1);
+                tracing::debug!(%user, room = %room.name, "block refused: {e}");
+                LeftReason::Unsubscribed
+            }
+            None => reason,
+        };
         if let Some(owned) = self.owned.get_mut(room) {
             owned.members.remove(user);
         }
+        self.note_if_unused(room);
         if was {
             for core in cores {
                 self.send_to(
@@ -1273,6 +1589,8 @@ impl Core {
 
     fn on_accepted(&mut self, token: Token, alias: u32, msg_id: u64, seq: u64) {
         let Some(conn) = self.conn(token) else { return };
+        conn.publishes_in_flight = conn.publishes_in_flight.saturating_sub(1);
+        let failing = conn.phase == Phase::Failing;
         if let Some(Some(sub)) = conn.subs.get_mut(alias as usize) {
             // The same rule as the client's: a contiguous own message advances the cursor.
             if sub.cursor + 1 == seq {
@@ -1283,6 +1601,9 @@ impl Core {
             }
         }
         self.write(token, &ServerFrame::PubAck(PubAck { msg_id, seq }));
+        if failing && self.conn(token).is_some_and(|c| c.publishes_in_flight == 0) {
+            self.finish_failing(token);
+        }
     }
 
     #[allow(clippy::too_many_arguments)] // reason: the fields of one message, unpacked
@@ -1295,6 +1616,7 @@ impl Core {
         head: u64,
         start: u64,
         page: Page,
+        request: u64,
     ) {
         let core = self.id;
         let Some(conn) = self.conn(token) else {
@@ -1302,7 +1624,7 @@ impl Core {
         };
         let Some(sub) = conn
             .sub_for(alias, &room)
-            .filter(|s| s.mode == SubMode::Pending)
+            .filter(|s| s.mode == SubMode::Pending && s.request == request)
         else {
             return self.send_to_owner(&room.clone(), CoreMsg::Unsubscribed { room, core });
         };
@@ -1338,10 +1660,10 @@ impl Core {
         self.apply_page(token, alias, page);
     }
 
-    fn on_paged(&mut self, room: &RoomName, token: Token, alias: u32, page: Page) {
+    fn on_paged(&mut self, room: &RoomName, token: Token, alias: u32, page: Page, request: u64) {
         let Some(conn) = self.conn(token) else { return };
         conn.fetches = conn.fetches.saturating_sub(1);
-        let Some(sub) = conn.sub_for(alias, room) else {
+        let Some(sub) = conn.sub_for(alias, room).filter(|s| s.request == request) else {
             return;
         };
         if sub.mode != (SubMode::CatchingUp { fetching: true }) {
@@ -1361,7 +1683,7 @@ impl Core {
             stats,
             ..
         } = self;
-        let Some(conn) = conn_in(conns, token) else {
+        let Some(conn) = conn_in(conns, token).filter(|c| c.is_open()) else {
             return;
         };
         if let Some((_, to)) = page.gap {
@@ -1444,19 +1766,25 @@ impl Core {
                 {
                     sub.mode = SubMode::CatchingUp { fetching: true };
                     fetches += 1;
-                    requests.push((sub.room.clone(), alias as u32, sub.position));
+                    requests.push((sub.room.clone(), alias as u32, sub.position, sub.request));
                 }
             }
             conn.fetches = fetches;
         }
-        for (room, alias, after) in requests {
+        let user = self
+            .conn(token)
+            .and_then(|c| c.user.clone())
+            .unwrap_or_default();
+        for (room, alias, after, request) in requests {
             self.send_to_owner(
                 &room.clone(),
                 CoreMsg::Fetch {
                     room,
                     origin,
                     alias,
+                    user: user.clone(),
                     after,
+                    request,
                 },
             );
         }
@@ -1499,7 +1827,7 @@ impl Core {
         let Some(subs) = local.get(room) else { return };
         let mut written = 0;
         for &(token, alias) in subs {
-            let Some(conn) = conn_in(conns, token) else {
+            let Some(conn) = conn_in(conns, token).filter(|c| c.is_open()) else {
                 continue;
             };
             let over_cap = conn.queued() >= cap;
@@ -1562,7 +1890,7 @@ impl Core {
             if origin == Some(Origin { core, token }) {
                 continue;
             }
-            let Some(conn) = conn_in(conns, token) else {
+            let Some(conn) = conn_in(conns, token).filter(|c| c.is_open()) else {
                 continue;
             };
             let cursor = match conn.subs.get(alias as usize) {
@@ -1587,7 +1915,7 @@ impl Core {
 
     fn flush_ephemeral_backlog(&mut self, token: Token) {
         let Core { conns, dirty, .. } = self;
-        let Some(conn) = conn_in(conns, token) else {
+        let Some(conn) = conn_in(conns, token).filter(|c| c.is_open()) else {
             return;
         };
         if conn.ephemeral_backlog.is_empty() {
@@ -1616,12 +1944,15 @@ impl Core {
                 continue;
             }
             if conn.bound() >= max_rooms {
-                tracing::warn!(%user, room = %room.name, "connection room limit reached");
+                self.refuse_room_limit(token, None, &room);
                 continue;
             }
             let alias = conn.free_alias();
             let from = StartFrom::Join { epoch, seq };
-            conn.subs[alias as usize] = Some(pending_sub(room.clone(), from));
+            let request = self.new_request();
+            if let Some(conn) = self.conn(token) {
+                conn.subs[alias as usize] = Some(pending_sub(room.clone(), from, request));
+            }
             self.send_to_owner(
                 &room.clone(),
                 CoreMsg::Subscribe {
@@ -1630,6 +1961,7 @@ impl Core {
                     alias,
                     user: user.clone(),
                     from,
+                    request,
                 },
             );
         }
@@ -1644,15 +1976,29 @@ impl Core {
             let Some(alias) = conn.alias_of(&room) else {
                 continue;
             };
-            let Some(sub) = conn.subs[alias as usize].take() else {
-                continue;
-            };
-            if sub.mode != SubMode::Pending {
-                self.unsubscribe_local(&room, token);
-            }
-            self.write(token, &ServerFrame::Left(Left { alias, reason }));
-            self.update_lagging(token);
+            self.unbind(token, alias, reason);
         }
+    }
+
+    /// Unbinds an alias: leaves the room's local fan-out (if it got that far) and tells the
+    /// client with LEFT, unless the client never saw the binding (a join whose ROOM had
+    /// not been sent yet; resume entries are bound from the HELLO on).
+    fn unbind(&mut self, token: Token, alias: u32, reason: LeftReason) {
+        let Some(sub) = self
+            .conn(token)
+            .and_then(|c| c.subs.get_mut(alias as usize)?.take())
+        else {
+            return;
+        };
+        if sub.mode != SubMode::Pending {
+            self.unsubscribe_local(&sub.room, token);
+        }
+        let announced =
+            sub.mode != SubMode::Pending || matches!(sub.from, StartFrom::Resume { .. });
+        if announced {
+            self.write(token, &ServerFrame::Left(Left { alias, reason }));
+        }
+        self.update_lagging(token);
     }
 
     // ---------------------------------------------------------------------------------
@@ -1707,15 +2053,12 @@ impl Core {
             } else {
                 self.random() % spread
             };
-            self.write(
+            self.goaway(
                 token,
-                &ServerFrame::GoAway(GoAway {
-                    reason: GoAwayReason::Shutdown,
-                    retry_after_ms,
-                    message: Text::from_static("relay shutting down"),
-                }),
+                GoAwayReason::Shutdown,
+                retry_after_ms,
+                Text::from_static("relay shutting down"),
             );
-            self.begin_close(token);
         }
     }
 
@@ -1739,10 +2082,20 @@ impl Core {
                 break;
             }
             self.timers.pop();
+            let Some(conn) = self.conn(token) else {
+                continue;
+            };
+            if conn.timer_at != Some(at) {
+                continue; // superseded by a sooner deadline
+            }
+            conn.timer_at = None;
             self.on_timer(token);
         }
+        self.evict_idle_rooms();
     }
 
+    /// The connection's deadline came: handshake timeout, heartbeat, a failing connection's
+    /// last chance, or the end of a linger. Re-arms the next deadline.
     fn on_timer(&mut self, token: Token) {
         let now = self.now;
         let handshake_timeout = self.config.auth.handshake_timeout;
@@ -1751,15 +2104,12 @@ impl Core {
         match conn.phase {
             Phase::Handshake => {
                 if now >= conn.accepted_at + handshake_timeout {
-                    self.write(
+                    self.goaway(
                         token,
-                        &ServerFrame::GoAway(GoAway {
-                            reason: GoAwayReason::HandshakeTimeout,
-                            retry_after_ms: 0,
-                            message: Text::from_static("no HELLO in time"),
-                        }),
+                        GoAwayReason::HandshakeTimeout,
+                        0,
+                        Text::from_static("no HELLO in time"),
                     );
-                    self.begin_close(token);
                 } else {
                     let at = conn.accepted_at + handshake_timeout;
                     self.arm(token, at);
@@ -1770,7 +2120,12 @@ impl Core {
                     if now >= sent + timeout {
                         inc(&self.stats.heartbeat_timeouts, 1);
                         tracing::debug!(token, "peer silent after ping; closing");
-                        self.close_now(token);
+                        self.goaway(
+                            token,
+                            GoAwayReason::Timeout,
+                            0,
+                            Text::from_static("no answer to the heartbeat"),
+                        );
                     } else {
                         self.arm(token, sent + timeout);
                     }
@@ -1783,6 +2138,10 @@ impl Core {
                     self.arm(token, at);
                 }
             }
+            Phase::Failing => {
+                // The owners' answers are overdue (they never should be): fail now.
+                self.finish_failing(token);
+            }
             Phase::Closing => {
                 if conn.closing_since.is_some_and(|t| now >= t + LINGER) {
                     self.close_now(token);
@@ -1791,6 +2150,23 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// Writes GOAWAY as the connection's last frame and closes it (a failing connection's
+    /// last frame stays its ERROR).
+    fn goaway(&mut self, token: Token, reason: GoAwayReason, retry_after_ms: u64, message: Text) {
+        if self.conn(token).is_some_and(|c| c.phase == Phase::Failing) {
+            return self.finish_failing(token);
+        }
+        self.write(
+            token,
+            &ServerFrame::GoAway(GoAway {
+                reason,
+                retry_after_ms,
+                message,
+            }),
+        );
+        self.begin_close(token);
     }
 
     // ---------------------------------------------------------------------------------
@@ -1858,7 +2234,7 @@ impl Core {
     }
 }
 
-fn pending_sub(room: RoomName, from: StartFrom) -> Sub {
+fn pending_sub(room: RoomName, from: StartFrom, request: u64) -> Sub {
     Sub {
         room,
         from,
@@ -1867,6 +2243,7 @@ fn pending_sub(room: RoomName, from: StartFrom) -> Sub {
         position: 0,
         mode: SubMode::Pending,
         acked: 0,
+        request,
     }
 }
 
@@ -1928,14 +2305,16 @@ impl Core {
         self.next_conn_id += 1;
         let conn_id = ((self.id as u64) << 48) | self.next_conn_id;
         let limits = &self.config.limits;
-        let bucket = TokenBucket::new(limits.publish_rate, limits.publish_burst, self.now);
+        let publish = TokenBucket::new(limits.publish_rate, limits.publish_burst, self.now);
+        let subscribe = TokenBucket::new(limits.subscribe_rate, limits.subscribe_burst, self.now);
         let conn = Conn::new(
             token,
             conn_id,
             peer,
             self.now,
             self.config.heartbeat.interval,
-            bucket,
+            publish,
+            subscribe,
         );
         self.conns[slot] = Some(conn);
         inc(&self.stats.connections, 1);
@@ -1948,15 +2327,12 @@ impl Core {
             inc(&self.stats.overload_refusals, 1);
             let spread = self.config.shutdown.reconnect_spread.as_millis().max(1) as u64;
             let retry_after_ms = 1000 + self.random() % spread;
-            self.write(
+            self.goaway(
                 token,
-                &ServerFrame::GoAway(GoAway {
-                    reason: GoAwayReason::Overload,
-                    retry_after_ms,
-                    message: Text::from_static("relay busy; retry later"),
-                }),
+                GoAwayReason::Overload,
+                retry_after_ms,
+                Text::from_static("relay busy; retry later"),
             );
-            self.begin_close(token);
         }
         token
     }
@@ -1968,14 +2344,22 @@ impl Core {
         let draining = self.shutdown.draining;
         let Some(conn) = self.conn(token) else { return };
         conn.last_rx = now;
-        conn.ping_sent = None;
-        if conn.phase == Phase::Closing || draining {
+        if conn.ping_sent.take().is_some() {
+            // The heartbeat was answered: the next ping is due an interval from now, which
+            // may be sooner than the deadline armed for the answer.
+            let at = now + conn.heartbeat;
+            self.arm(token, at);
+        }
+        let Some(conn) = self.conn(token) else { return };
+        if !matches!(conn.phase, Phase::Handshake | Phase::Open) || draining {
             return;
         }
         conn.rbuf.extend_from_slice(data);
         loop {
             let Core { conns, decoder, .. } = &mut *self;
-            let Some(conn) = conn_in(conns, token).filter(|c| c.phase != Phase::Closing) else {
+            let Some(conn) =
+                conn_in(conns, token).filter(|c| matches!(c.phase, Phase::Handshake | Phase::Open))
+            else {
                 return;
             };
             match decoder.decode_client(&mut conn.rbuf) {

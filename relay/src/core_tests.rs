@@ -22,10 +22,15 @@ struct Wire {
     in_flight: HashMap<Token, usize>,
     closed: HashSet<Token>,
     half_closed: HashSet<Token>,
+    /// Sends after a half-close (a real socket answers EPIPE).
+    after_shutdown: usize,
 }
 
 impl Transport for Wire {
     fn send(&mut self, token: Token, bufs: &mut VecDeque<Bytes>) {
+        if self.half_closed.contains(&token) {
+            self.after_shutdown += 1;
+        }
         let out = self.written.entry(token).or_default();
         let mut n = 0;
         for b in bufs.drain(..) {
@@ -51,6 +56,8 @@ struct Phone {
     session: ClientSession,
     inbox: BytesMut,
     events: Vec<Event>,
+    /// A forged client's frames, unchecked (it has no session that knows its aliases).
+    forged: Option<Vec<ServerFrame>>,
 }
 
 struct Harness {
@@ -130,7 +137,10 @@ impl Harness {
                 phone.inbox.extend_from_slice(&bytes.split());
             }
             while let Some(frame) = decoder.decode_server(&mut phone.inbox).unwrap() {
-                phone.events.push(phone.session.apply(frame).unwrap());
+                match &mut phone.forged {
+                    Some(frames) => frames.push(frame),
+                    None => phone.events.push(phone.session.apply(frame).unwrap()),
+                }
             }
         }
     }
@@ -146,6 +156,7 @@ impl Harness {
                 session,
                 inbox: BytesMut::new(),
                 events: Vec::new(),
+                forged: None,
             },
         );
         self.send(token, &hello);
@@ -174,6 +185,64 @@ impl Harness {
                 .session
                 .publish(alias, Bytes::copy_from_slice(body.as_bytes()), None);
         self.send(token, &frame);
+    }
+
+    /// A client that writes its own HELLO (any resume entries it likes) and whose frames
+    /// are collected raw.
+    fn connect_forged(&mut self, user: &str, resume: &[pabal_codec::ResumeEntry]) -> Token {
+        self.core.set_now(self.now);
+        let token = self.core.admit("127.0.0.1:1".parse().unwrap());
+        self.phones.insert(
+            token,
+            Phone {
+                session: ClientSession::new(),
+                inbox: BytesMut::new(),
+                events: Vec::new(),
+                forged: Some(Vec::new()),
+            },
+        );
+        let hello = ClientFrame::Hello(pabal_codec::Hello {
+            version: pabal_codec::PROTOCOL_VERSION,
+            heartbeat_secs: 0,
+            token: Bytes::copy_from_slice(user.as_bytes()),
+            resume: pabal_codec::ResumeList::from_entries(resume),
+        });
+        self.send(token, &hello);
+        token
+    }
+
+    fn frames(&mut self, token: Token) -> Vec<ServerFrame> {
+        let phone = self.phones.get_mut(&token).unwrap();
+        std::mem::take(phone.forged.as_mut().unwrap())
+    }
+
+    /// The app server adds a member, as the server API does.
+    fn app_join(&mut self, room: &str, user: &str) {
+        self.core.handle(vec![CoreMsg::Join {
+            room: RoomName::new(false, Text::from(room)),
+            user: Text::from(user),
+            unblock: false,
+            requester: None,
+        }]);
+        self.pump();
+    }
+
+    /// The app server removes a member, as the server API does.
+    fn app_remove(&mut self, room: &str, user: &str) {
+        self.core.handle(vec![CoreMsg::Leave {
+            room: RoomName::new(false, Text::from(room)),
+            user: Text::from(user),
+            block: false,
+            reason: LeftReason::Removed,
+        }]);
+        self.pump();
+    }
+
+    fn tick(&mut self, by: Duration) {
+        self.now += by;
+        self.core.set_now(self.now);
+        self.core.run_timers();
+        self.pump();
     }
 
     fn events(&mut self, token: Token) -> Vec<Event> {
@@ -228,6 +297,7 @@ fn anything_before_hello_is_a_fatal_protocol_error() {
             session: ClientSession::new(),
             inbox: BytesMut::new(),
             events: Vec::new(),
+            forged: None,
         },
     );
     h.send(token, &ClientFrame::Ping(pabal_codec::Ping::default()));
@@ -331,15 +401,17 @@ fn a_silent_phone_is_pinged_then_closed() {
     });
     let t = h.connect("quiet", ClientSession::new());
     h.events(t);
-    h.now += Duration::from_secs(11);
-    h.core.set_now(h.now);
-    h.core.run_timers();
-    h.pump();
+    h.tick(Duration::from_secs(11));
     assert!(matches!(h.events(t)[..], [Event::Ping(_)]));
-    h.now += Duration::from_secs(6);
-    h.core.set_now(h.now);
-    h.core.run_timers();
-    h.core.flush(&mut h.wire);
+    h.tick(Duration::from_secs(6));
+    // PROTOCOL.md §14: the heartbeat failure is announced (GOAWAY Timeout), then closed.
+    let events = h.events(t);
+    assert!(
+        matches!(&events[..], [Event::GoAway(g)] if g.reason == pabal_codec::GoAwayReason::Timeout),
+        "{events:?}"
+    );
+    assert!(h.wire.half_closed.contains(&t));
+    h.tick(Duration::from_secs(3));
     assert!(h.wire.closed.contains(&t));
     assert_eq!(h.stats.heartbeat_timeouts.load(Ordering::Relaxed), 1);
 }
@@ -375,4 +447,430 @@ fn resuming_many_long_gaps_stays_within_the_cap() {
     let got = h.messages(bob);
     assert_eq!(got.len(), 800, "every missed message arrives");
     assert_eq!(h.stats.gaps.load(Ordering::Relaxed), 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Regressions from the outside review: each fails on the code before its fix.
+// ---------------------------------------------------------------------------------------
+
+fn room_named(name: &str) -> RoomName {
+    RoomName::new(false, Text::from(name))
+}
+
+fn entry(name: &str, epoch: u64, last_seq: u64) -> pabal_codec::ResumeEntry {
+    pabal_codec::ResumeEntry {
+        room_id: pabal_codec::room_id(false, name),
+        epoch,
+        last_seq,
+    }
+}
+
+fn delivered_seqs(frames: &[ServerFrame]) -> Vec<Option<u64>> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Deliver(d) => Some(d.header.seq),
+            _ => None,
+        })
+        .collect()
+}
+
+fn room_cursor(frames: &[ServerFrame]) -> Option<u64> {
+    frames.iter().find_map(|f| match f {
+        ServerFrame::Room(r) => Some(r.cursor),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_resume_never_reads_before_the_join_point_whatever_epoch_it_names() {
+    let mut h = Harness::new(|_| {});
+    let ann = h.connect("ann", ClientSession::new());
+    let a = h.join(ann, "club");
+    for i in 1..=5 {
+        h.publish(ann, a, &format!("before-{i}"));
+    }
+    // The app server adds mallory at seq 5; she forges resume entries from 0.
+    h.app_join("club", "mallory");
+    let epoch = h.core.owned[&room_named("club")].epoch;
+    for forged in [epoch, 0, 1, epoch + 1] {
+        let m = h.connect_forged("mallory", &[entry("club", forged, 0)]);
+        let frames = h.frames(m);
+        assert!(
+            delivered_seqs(&frames).is_empty(),
+            "epoch {forged}: history from before the join leaked: {frames:?}"
+        );
+        assert_eq!(room_cursor(&frames), Some(5), "epoch {forged}: {frames:?}");
+        h.core.on_closed(m);
+        h.phones.remove(&m);
+    }
+}
+
+#[test]
+fn a_member_removed_and_added_again_never_reads_what_was_published_in_between() {
+    let mut h = Harness::new(|_| {});
+    let ann = h.connect("ann", ClientSession::new());
+    let a = h.join(ann, "club");
+    let bob = h.connect("bob", ClientSession::new());
+    h.join(bob, "club");
+    for i in 1..=3 {
+        h.publish(ann, a, &format!("m{i}"));
+    }
+    assert_eq!(h.messages(bob).len(), 3);
+    h.app_remove("club", "bob");
+    for i in 4..=6 {
+        h.publish(ann, a, &format!("while-removed-{i}"));
+    }
+    h.app_join("club", "bob");
+    assert!(h.messages(bob).is_empty());
+    // Bob's phone resumes from 3, where it was when he was removed.
+    h.core.on_closed(bob);
+    h.phones.remove(&bob);
+    let epoch = h.core.owned[&room_named("club")].epoch;
+    let b = h.connect_forged("bob", &[entry("club", epoch, 3)]);
+    let frames = h.frames(b);
+    assert!(delivered_seqs(&frames).is_empty(), "{frames:?}");
+    assert_eq!(room_cursor(&frames), Some(6), "{frames:?}");
+}
+
+#[test]
+fn a_subscription_answer_for_an_earlier_membership_is_dropped() {
+    let mut h = Harness::new(|_| {});
+    let ann = h.connect("ann", ClientSession::new());
+    let a = h.join(ann, "club");
+    h.publish(ann, a, "m1");
+    let bob = h.connect("bob", ClientSession::new());
+    h.events(bob);
+    // In one batch: bob joins, is removed, a message goes by, bob joins again. His first
+    // binding request is still in flight when the second join happens.
+    // Published from a connection that has gone since (its PUBACK reaches nobody).
+    let origin = h.core.origin(u64::MAX);
+    h.core.handle(vec![
+        CoreMsg::Join {
+            room: room_named("club"),
+            user: Text::from("bob"),
+            unblock: false,
+            requester: None,
+        },
+        CoreMsg::Leave {
+            room: room_named("club"),
+            user: Text::from("bob"),
+            block: false,
+            reason: LeftReason::Removed,
+        },
+        CoreMsg::Publish {
+            room: room_named("club"),
+            origin,
+            alias: a,
+            sender: Text::from("ann"),
+            msg_id: 99,
+            payload: Bytes::from_static(b"while-removed"),
+        },
+        CoreMsg::Join {
+            room: room_named("club"),
+            user: Text::from("bob"),
+            unblock: false,
+            requester: None,
+        },
+    ]);
+    h.pump();
+    let events = h.events(bob);
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Message { .. })),
+        "{events:?}"
+    );
+    let bound: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Bound { room, .. } => Some(room.cursor),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(bound, vec![2], "one binding, after the second join");
+    // The stale answer gave its interest back: ann and bob are the room's only subscribers.
+    assert_eq!(h.core.owned[&room_named("club")].interest, vec![2]);
+    h.publish(ann, a, "m3");
+    assert_eq!(h.messages(bob), vec![(3, Bytes::from_static(b"m3"))]);
+}
+
+#[test]
+fn a_fatal_error_is_the_last_frame_even_after_a_publish_in_the_same_read() {
+    let mut h = Harness::new(|_| {});
+    let ann = h.connect("ann", ClientSession::new());
+    let a = h.join(ann, "r");
+    h.events(ann);
+    let phone = h.phones.get_mut(&ann).unwrap();
+    let (_, publish) = phone.session.publish(a, Bytes::from_static(b"hello"), None);
+    let mut bytes = BytesMut::new();
+    publish.encode(&mut bytes);
+    bytes.extend_from_slice(&[0x01, 0x1f]); // a frame of an unknown type
+    h.core.set_now(h.now);
+    h.core.on_bytes(ann, &bytes);
+    h.pump();
+    let events = h.events(ann);
+    assert!(
+        matches!(&events[..], [Event::PubAck { seq: 1, .. }, Event::Error(e)] if e.fatal),
+        "{events:?}"
+    );
+    assert!(h.wire.half_closed.contains(&ann));
+}
+
+#[test]
+fn nothing_is_written_to_a_connection_once_it_is_closing() {
+    let mut h = Harness::new(|_| {});
+    let ann = h.connect("ann", ClientSession::new());
+    let a = h.join(ann, "r");
+    let bob = h.connect("bob", ClientSession::new());
+    h.join(bob, "r");
+    h.send(bob, &ClientFrame::Bye);
+    assert!(h.wire.half_closed.contains(&bob));
+    for i in 0..3 {
+        h.publish(ann, a, &format!("m{i}"));
+    }
+    h.core.handle(vec![CoreMsg::DeliverEphemeral {
+        room: room_named("r"),
+        origin: None,
+        sender: Text::from("ann"),
+        ts_ms: 0,
+        payload: Bytes::from_static(b"typing"),
+    }]);
+    h.pump();
+    assert_eq!(h.wire.after_shutdown, 0, "sends after the half-close");
+}
+
+#[test]
+fn an_answered_ping_rearms_the_heartbeat_at_the_granted_interval() {
+    let mut h = Harness::new(|c| {
+        c.heartbeat.min_interval = Duration::from_secs(1);
+        c.heartbeat.interval = Duration::from_secs(10);
+        c.heartbeat.timeout = Duration::from_secs(30);
+    });
+    let t = h.connect("phone", ClientSession::new());
+    h.events(t);
+    h.tick(Duration::from_secs(11));
+    assert!(matches!(h.events(t)[..], [Event::Ping(_)]));
+    h.send(t, &ClientFrame::Pong(pabal_codec::Pong::default()));
+    h.tick(Duration::from_secs(9));
+    assert!(h.events(t).is_empty(), "pinged before the interval");
+    h.tick(Duration::from_secs(2));
+    assert!(
+        matches!(h.events(t)[..], [Event::Ping(_)]),
+        "no ping one interval after the answer"
+    );
+    // One timer chain per connection: once the superseded deadlines have passed, one entry.
+    h.send(t, &ClientFrame::Pong(pabal_codec::Pong::default()));
+    for _ in 0..10 {
+        h.tick(Duration::from_secs(11));
+        h.send(t, &ClientFrame::Pong(pabal_codec::Pong::default()));
+    }
+    h.tick(Duration::from_secs(31));
+    assert_eq!(h.core.timers.len(), 1, "{:?}", h.core.timers);
+}
+
+#[test]
+fn a_refused_join_creates_no_room_and_client_created_rooms_are_capped() {
+    let mut h = Harness::new(|c| c.limits.max_rooms = 2);
+    let ann = h.connect("ann", ClientSession::new());
+    // A blocked channel: the refused subscribe leaves nothing behind.
+    let news = RoomName::new(true, Text::from("news"));
+    h.core.directory.remove(&Text::from("ann"), &news, true);
+    h.send(
+        ann,
+        &ClientFrame::Subscribe(Subscribe {
+            room: false,
+            name: Text::from("news"),
+        }),
+    );
+    assert!(matches!(&h.events(ann)[..], [Event::Error(e)] if e.code == ErrorCode::NotPermitted));
+    assert!(!h.core.owned.contains_key(&news));
+    // Two rooms fit; a client cannot make the relay hold a third.
+    h.join(ann, "a");
+    h.join(ann, "b");
+    h.events(ann);
+    h.send(
+        ann,
+        &ClientFrame::Subscribe(Subscribe {
+            room: true,
+            name: Text::from("c"),
+        }),
+    );
+    assert!(matches!(&h.events(ann)[..], [Event::Error(e)] if e.code == ErrorCode::LimitExceeded));
+    assert_eq!(h.core.owned.len(), 2);
+    assert_eq!(h.stats.rooms.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn unused_rooms_are_evicted_once_retention_has_dropped_their_history() {
+    let mut h = Harness::new(|c| c.retention.max_age = Duration::from_secs(90));
+    let ann = h.connect("ann", ClientSession::new());
+    let a = h.join(ann, "tmp");
+    h.publish(ann, a, "m1");
+    let first_epoch = h.core.owned[&room_named("tmp")].epoch;
+    h.send(
+        ann,
+        &ClientFrame::Unsubscribe(pabal_codec::Unsubscribe {
+            alias: a,
+            block: false,
+        }),
+    );
+    // Unused, but its message is retained: kept.
+    h.tick(Duration::from_secs(61));
+    assert!(h.core.owned.contains_key(&room_named("tmp")));
+    // Retention drops the message: evicted at the next check.
+    h.tick(Duration::from_secs(61));
+    assert!(!h.core.owned.contains_key(&room_named("tmp")));
+    assert_eq!(h.stats.rooms_evicted.load(Ordering::Relaxed), 1);
+    assert_eq!(h.stats.rooms.load(Ordering::Relaxed), 0);
+    // Created again, it starts a new stream in a new epoch.
+    h.join(ann, "tmp");
+    assert_ne!(h.core.owned[&room_named("tmp")].epoch, first_epoch);
+}
+
+#[test]
+fn subscribes_are_rate_limited_and_blocks_are_capped() {
+    let mut h = Harness::new(|c| {
+        c.limits.subscribe_burst = 3.0;
+        c.limits.subscribe_rate = 1.0;
+        c.limits.max_blocked_per_user = 1;
+    });
+    let ann = h.connect("ann", ClientSession::new());
+    for name in ["c1", "c2", "c3", "c4", "c5"] {
+        h.send(
+            ann,
+            &ClientFrame::Subscribe(Subscribe {
+                room: false,
+                name: Text::from(name),
+            }),
+        );
+    }
+    let events = h.events(ann);
+    let refused = events
+        .iter()
+        .filter(|e| matches!(e, Event::Error(e) if e.code == ErrorCode::RateLimited))
+        .count();
+    assert_eq!(refused, 2, "{events:?}");
+    assert_eq!(h.stats.subscribe_rate_limited.load(Ordering::Relaxed), 2);
+    // The first block takes; the second is over the cap: left, but not blocked.
+    h.now += Duration::from_secs(10);
+    let mut reasons = Vec::new();
+    for name in ["c1", "c2"] {
+        let alias = h.phones[&ann].session.alias_of(name).unwrap();
+        h.send(
+            ann,
+            &ClientFrame::Unsubscribe(pabal_codec::Unsubscribe { alias, block: true }),
+        );
+        reasons.extend(h.events(ann).into_iter().filter_map(|e| match e {
+            Event::Left { reason, .. } => Some(reason),
+            _ => None,
+        }));
+    }
+    assert_eq!(reasons, vec![LeftReason::Blocked, LeftReason::Unsubscribed]);
+    assert_eq!(h.stats.limit_refusals.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn room_maps_do_not_hash_by_the_public_room_id() {
+    use std::hash::BuildHasher;
+    let hasher = std::collections::hash_map::RandomState::new();
+    let a = room_named("a");
+    // Another name forced onto the same 64-bit id, as a collision would be.
+    let mut b = room_named("b");
+    b.id = a.id;
+    assert_ne!(hasher.hash_one(&a), hasher.hash_one(&b));
+    assert_ne!(a, b);
+}
+
+#[test]
+fn rooms_past_the_connection_limit_are_refused_with_a_typed_error() {
+    let mut h = Harness::new(|c| {
+        c.connection.max_rooms = 2;
+        c.limits.max_rooms_per_user = 2;
+    });
+    // The directory allows more (as after a reload that lowered the connection limit).
+    let ann = h.connect("ann", ClientSession::new());
+    h.join(ann, "r1");
+    h.join(ann, "r2");
+    h.events(ann);
+    h.app_join("r3", "ann");
+    let events = h.events(ann);
+    assert!(
+        matches!(&events[..], [Event::Error(e)]
+            if e.code == ErrorCode::LimitExceeded && !e.fatal
+                && e.reference == pabal_codec::room_id(false, "r3")),
+        "{events:?}"
+    );
+    // A new connection binds two and is told about the third.
+    let session = h.phones.remove(&ann).unwrap().session;
+    h.core.on_closed(ann);
+    let ann = h.connect("ann", session);
+    let events = h.events(ann);
+    let errors = events
+        .iter()
+        .filter(|e| matches!(e, Event::Error(e) if e.code == ErrorCode::LimitExceeded))
+        .count();
+    assert_eq!(errors, 1, "{events:?}");
+    assert_eq!(h.stats.limit_refusals.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn a_resume_from_before_a_restart_is_told_restarted_not_unknown() {
+    let mut h = Harness::new(|c| c.connection.restart_grace = Duration::from_secs(600));
+    // The harness relay's boot epoch is 42: epoch 41 is an earlier run.
+    let t = h.connect_forged("ann", &[entry("club", 41, 7), entry("other", 43, 1)]);
+    let frames = h.frames(t);
+    let left: Vec<(u32, LeftReason)> = frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Left(l) => Some((l.alias, l.reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        left,
+        vec![(0, LeftReason::Restarted), (1, LeftReason::UnknownRoom)]
+    );
+    // Past the grace period the app server has had its chance: unknown means unknown.
+    h.tick(Duration::from_secs(601));
+    let t = h.connect_forged("ann", &[entry("club", 41, 7)]);
+    let frames = h.frames(t);
+    assert!(
+        frames
+            .iter()
+            .any(|f| matches!(f, ServerFrame::Left(l) if l.reason == LeftReason::UnknownRoom)),
+        "{frames:?}"
+    );
+}
+
+#[test]
+fn a_room_named_twice_in_a_resume_binds_once() {
+    let mut h = Harness::new(|_| {});
+    h.app_join("club", "ann");
+    let epoch = h.core.owned[&room_named("club")].epoch;
+    let t = h.connect_forged("ann", &[entry("club", epoch, 0), entry("club", epoch, 0)]);
+    let frames = h.frames(t);
+    let left: Vec<u32> = frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Left(l) if l.reason == LeftReason::UnknownRoom => Some(l.alias),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(left, vec![1], "{frames:?}");
+    assert_eq!(h.core.owned[&room_named("club")].interest, vec![1]);
+}
+
+#[test]
+fn an_ack_counts_only_up_to_what_was_sent() {
+    let mut h = Harness::new(|_| {});
+    let ann = h.connect("ann", ClientSession::new());
+    let a = h.join(ann, "r");
+    let bob = h.connect("bob", ClientSession::new());
+    let b = h.join(bob, "r");
+    h.publish(ann, a, "m1");
+    h.send(
+        bob,
+        &ClientFrame::Ack(pabal_codec::Ack::from_pairs(&[(b, 1000), (77, 5)])),
+    );
+    let conn = h.core.conn(bob).unwrap();
+    assert_eq!(conn.subs[b as usize].as_ref().unwrap().acked, 1);
 }

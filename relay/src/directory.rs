@@ -10,6 +10,7 @@
 //! Owns: membership and presence. Must not touch: sequences, history, connections' queues.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pabal_codec::Text;
 use parking_lot::RwLock;
@@ -65,6 +66,24 @@ pub enum DirectoryError {
         /// The limit.
         max: usize,
     },
+    /// The user already blocks the maximum number of channels.
+    #[error("the user already blocks {max} channels")]
+    TooManyBlocks {
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// The outcome of removing a member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// The user was a member.
+    pub was: bool,
+    /// Workers holding the user's live connections.
+    pub cores: Vec<CoreId>,
+    /// The block asked for was refused (the user blocks too many channels already); the
+    /// user left all the same.
+    pub block_refused: Option<DirectoryError>,
 }
 
 /// The outcome of adding a member.
@@ -82,17 +101,25 @@ pub struct Added {
 #[derive(Debug)]
 pub struct Directory {
     shards: Box<[RwLock<HashMap<Text, UserEntry>>]>,
-    max_rooms_per_user: usize,
+    max_rooms_per_user: AtomicUsize,
+    max_blocked_per_user: AtomicUsize,
 }
 
 impl Directory {
-    /// An empty directory; each user may belong to at most `max_rooms_per_user` rooms.
+    /// An empty directory; each user may belong to at most `max_rooms_per_user` rooms (and
+    /// block up to 1000 channels until [`Directory::set_max_blocked_per_user`]).
     pub fn new(shards: usize, max_rooms_per_user: usize) -> Self {
         let shards = shards.clamp(1, 1024).next_power_of_two();
         Directory {
             shards: (0..shards).map(|_| RwLock::new(HashMap::new())).collect(),
-            max_rooms_per_user,
+            max_rooms_per_user: AtomicUsize::new(max_rooms_per_user),
+            max_blocked_per_user: AtomicUsize::new(1000),
         }
+    }
+
+    /// Sets how many channels one user may block (applies to later blocks).
+    pub fn set_max_blocked_per_user(&self, max: usize) {
+        self.max_blocked_per_user.store(max, Ordering::Relaxed);
     }
 
     fn shard(&self, user: &Text) -> &RwLock<HashMap<Text, UserEntry>> {
@@ -165,10 +192,9 @@ impl Directory {
                 cores: entry.cores(),
             });
         }
-        if entry.rooms.len() >= self.max_rooms_per_user {
-            return Err(DirectoryError::TooManyRooms {
-                max: self.max_rooms_per_user,
-            });
+        let max_rooms = self.max_rooms_per_user.load(Ordering::Relaxed);
+        if entry.rooms.len() >= max_rooms {
+            return Err(DirectoryError::TooManyRooms { max: max_rooms });
         }
         entry.rooms.insert(room.clone(), join);
         Ok(Added {
@@ -178,27 +204,38 @@ impl Directory {
         })
     }
 
-    /// Removes `user` from `room`, optionally blocking it. Returns whether the user was a
-    /// member and the workers holding the user's connections.
-    pub fn remove(&self, user: &Text, room: &RoomName, block: bool) -> (bool, Vec<CoreId>) {
+    /// Removes `user` from `room`, optionally blocking it (refused past the per-user cap on
+    /// blocks: the user leaves all the same).
+    pub fn remove(&self, user: &Text, room: &RoomName, block: bool) -> Removed {
+        let max_blocked = self.max_blocked_per_user.load(Ordering::Relaxed);
         let mut shard = self.shard(user).write();
-        let Some(entry) = shard.get_mut(user) else {
-            if block {
-                let mut entry = UserEntry::default();
-                entry.blocked.insert(room.clone());
-                shard.insert(user.clone(), entry);
-            }
-            return (false, Vec::new());
-        };
+        let entry = shard.entry(user.clone()).or_default();
         let was = entry.rooms.remove(room).is_some();
-        if block {
-            entry.blocked.insert(room.clone());
+        let mut block_refused = None;
+        if block && !entry.blocked.contains(room) {
+            if entry.blocked.len() >= max_blocked {
+                block_refused = Some(DirectoryError::TooManyBlocks { max: max_blocked });
+            } else {
+                entry.blocked.insert(room.clone());
+            }
         }
         let cores = entry.cores();
         if entry.is_unused() {
             shard.remove(user);
         }
-        (was, cores)
+        Removed {
+            was,
+            cores,
+            block_refused,
+        }
+    }
+
+    /// Where `user`'s stream of `room` starts, if the user belongs to it.
+    pub fn join_point(&self, user: &Text, room: &RoomName) -> Option<JoinPoint> {
+        self.shard(user)
+            .read()
+            .get(user)
+            .and_then(|e| e.rooms.get(room).copied())
     }
 
     /// Whether `user` belongs to `room`.
@@ -259,7 +296,7 @@ mod tests {
         let ann = Text::from("ann");
         let ch = RoomName::new(true, Text::from("news"));
         d.add(&ann, &ch, J, false).unwrap();
-        assert!(d.remove(&ann, &ch, true).0);
+        assert!(d.remove(&ann, &ch, true).was);
         assert!(matches!(
             d.add(&ann, &ch, J, false),
             Err(DirectoryError::Blocked(_))
@@ -279,6 +316,47 @@ mod tests {
         );
         // Re-adding an existing room is fine at the cap.
         assert!(!d.add(&ann, &room("a"), J, false).unwrap().new);
+    }
+
+    #[test]
+    fn blocks_per_user_are_capped_and_the_user_still_leaves() {
+        let d = Directory::new(1, 10);
+        d.set_max_blocked_per_user(2);
+        let ann = Text::from("ann");
+        let ch = |n: &str| RoomName::new(true, Text::from(n));
+        for n in ["a", "b"] {
+            assert_eq!(d.remove(&ann, &ch(n), true).block_refused, None);
+        }
+        d.add(&ann, &ch("c"), J, false).unwrap();
+        let removed = d.remove(&ann, &ch("c"), true);
+        assert!(removed.was, "left all the same");
+        assert_eq!(
+            removed.block_refused,
+            Some(DirectoryError::TooManyBlocks { max: 2 })
+        );
+        assert!(d.add(&ann, &ch("c"), J, false).unwrap().new, "not blocked");
+        // Blocking what is already blocked is no new block.
+        assert_eq!(d.remove(&ann, &ch("a"), true).block_refused, None);
+    }
+
+    #[test]
+    fn join_points_are_per_membership() {
+        let d = Directory::new(1, 10);
+        let ann = Text::from("ann");
+        assert_eq!(d.join_point(&ann, &room("a")), None);
+        d.add(&ann, &room("a"), JoinPoint { epoch: 7, seq: 3 }, false)
+            .unwrap();
+        assert_eq!(
+            d.join_point(&ann, &room("a")),
+            Some(JoinPoint { epoch: 7, seq: 3 })
+        );
+        d.remove(&ann, &room("a"), false);
+        d.add(&ann, &room("a"), JoinPoint { epoch: 7, seq: 9 }, false)
+            .unwrap();
+        assert_eq!(
+            d.join_point(&ann, &room("a")),
+            Some(JoinPoint { epoch: 7, seq: 9 })
+        );
     }
 
     #[test]

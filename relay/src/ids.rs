@@ -11,8 +11,11 @@ use pabal_codec::{Text, room_id};
 /// Index of a worker (one per core).
 pub type CoreId = usize;
 
-/// A room or a channel, by kind and name. Hashes by its stable 64-bit id (cheap) and compares
-/// by kind and name (exact), so an id collision can never merge two rooms.
+/// A room or a channel, by kind and name. Compares by kind and name (exact), so an id
+/// collision can never merge two rooms, and hashes by kind and name too: the 64-bit id is
+/// FNV-1a, which anyone can collide on purpose, so keying maps by it would let a client
+/// degrade a worker's room maps; hashed by name, the maps' keyed hasher (std's randomly
+/// seeded SipHash) decides.
 #[derive(Clone, Debug)]
 pub struct RoomName {
     /// `room_id(channel, name)`.
@@ -50,7 +53,8 @@ impl Eq for RoomName {}
 
 impl Hash for RoomName {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.id);
+        state.write_u8(u8::from(self.channel));
+        state.write(self.name.as_bytes());
     }
 }
 

@@ -91,8 +91,12 @@ pub enum CoreMsg {
         alias: u32,
         /// The connection's user.
         user: Text,
-        /// Where the stream starts.
+        /// Where the stream asks to start; the owner never starts it before the user's
+        /// join point, whatever the request says.
         from: StartFrom,
+        /// The request's id, echoed in the answer: an answer for any other request than
+        /// the one the alias waits for is stale and dropped.
+        request: u64,
     },
     /// A catching-up connection asks for the next page after `after`.
     Fetch {
@@ -102,8 +106,12 @@ pub enum CoreMsg {
         origin: Origin,
         /// Its alias.
         alias: u32,
+        /// The connection's user (still a member? the page never reaches before the join).
+        user: Text,
         /// The last sequence it has.
         after: u64,
+        /// The subscription request the alias was bound by.
+        request: u64,
     },
     /// A subscription of a connection on `core` ended.
     Unsubscribed {
@@ -174,6 +182,8 @@ pub enum CoreMsg {
         start: u64,
         /// The first page of catch-up, if any is needed.
         page: Page,
+        /// The request answered.
+        request: u64,
     },
     /// The next page for a catching-up connection.
     Paged {
@@ -185,6 +195,8 @@ pub enum CoreMsg {
         alias: u32,
         /// The page.
         page: Page,
+        /// The subscription request the alias was bound by.
+        request: u64,
     },
     /// The connection's user is not a member; the alias must be unbound.
     NotMember {
@@ -194,6 +206,8 @@ pub enum CoreMsg {
         origin: Origin,
         /// Its alias.
         alias: u32,
+        /// The request answered.
+        request: u64,
     },
     /// A new message of the room, for the worker's subscribed connections.
     Deliver {

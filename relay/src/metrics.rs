@@ -215,6 +215,11 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         |s| s.auth_failures,
     ),
     ("pabal_loop_ticks", "Worker loop iterations.", |s| s.ticks),
+    (
+        "pabal_rooms_evicted",
+        "Rooms evicted from memory: no members, no subscribers, no retained history.",
+        |s| s.rooms_evicted,
+    ),
 ];
 
 /// `pabal_errors_total{kind}`: connections closed or requests refused, by cause.
@@ -224,6 +229,7 @@ const ERRORS: &[(&str, Field)] = &[
     ("rate_limited", |s| s.rate_limited),
     ("limit_refused", |s| s.limit_refusals),
     ("overload_refused", |s| s.overload_refusals),
+    ("subscribe_rate_limited", |s| s.subscribe_rate_limited),
 ];
 
 /// Gauges with a `worker` label.
@@ -242,6 +248,11 @@ const GAUGES: &[(&str, &str, Field)] = &[
         "pabal_lagging_connections",
         "Connections being fed from history because their queue reached its cap.",
         |s| s.lagging,
+    ),
+    (
+        "pabal_rooms",
+        "Rooms and channels this worker owns (holds history and membership for).",
+        |s| s.rooms,
     ),
 ];
 
@@ -400,7 +411,8 @@ impl Collector for Scrape {
             "pabal_errors",
             "Connections closed or requests refused, by kind: protocol_error, \
              heartbeat_timeout, rate_limited (publish rate), limit_refused (payload, rooms, \
-             connections per user...), overload_refused (GOAWAY overload).",
+             connections per user...), overload_refused (GOAWAY overload), \
+             subscribe_rate_limited (SUBSCRIBE/UNSUBSCRIBE rate).",
             None,
             MetricType::Counter,
         )?;

@@ -93,6 +93,12 @@ counters! {
     overload_refusals,
     /// HELLOs refused for a bad or expired token.
     auth_failures,
+    /// SUBSCRIBE/UNSUBSCRIBE frames refused by the per-connection rate limit.
+    subscribe_rate_limited,
+    /// Rooms and channels this worker owns (a gauge).
+    rooms,
+    /// Owned rooms evicted: no members, no subscribers, no retained history.
+    rooms_evicted,
 }
 
 /// Upper bounds of the histogram buckets (microseconds for latency, a count for batches);
