@@ -216,8 +216,14 @@ pub struct ControlConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Connections open at once on the whole relay. Default 1,000,000.
+    /// Connections open at once on the whole relay. Default 1,000,000. At start (and on
+    /// reload) it is clamped to what `RLIMIT_NOFILE` allows after `reserved_fds`, with one
+    /// warning; past it, new connections get GOAWAY(overload).
     pub max_connections: usize,
+    /// Descriptors kept for everything that is not a client connection (stdio, the control
+    /// API's connections, key and config files, logs, storage), on top of 3 per worker.
+    /// Default 1024; at least 32.
+    pub reserved_fds: usize,
     /// Connections one user may hold at once (phone, desktop, web...). Default 16.
     pub max_connections_per_user: usize,
     /// Rooms and channels one user may belong to. Default 10,000.
@@ -249,6 +255,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_connections: 1_000_000,
+            reserved_fds: 1024,
             max_connections_per_user: 16,
             max_rooms_per_user: 10_000,
             publish_rate: 20.0,
@@ -555,6 +562,12 @@ impl Config {
         let l = &self.limits;
         if l.max_connections == 0 || l.max_connections_per_user == 0 || l.max_rooms_per_user == 0 {
             return Err(invalid("limits", "connection and room limits must be > 0"));
+        }
+        if l.reserved_fds < 32 {
+            return Err(invalid(
+                "limits.reserved_fds",
+                "must be at least 32 (stdio, listeners and the control API need descriptors)",
+            ));
         }
         if !(l.publish_rate > 0.0 && l.publish_rate.is_finite()) {
             return Err(invalid("limits.publish_rate", "must be a positive number"));

@@ -93,6 +93,11 @@ counters! {
     overload_refusals,
     /// HELLOs refused for a bad or expired token.
     auth_failures,
+    /// Accept attempts that failed and paused accepting (EMFILE, ENFILE, ENOBUFS, ENOMEM);
+    /// copied from the backend each loop tick.
+    accept_failures,
+    /// Episodes of paused accepting (one per run of failures; see `io::accept`).
+    accept_pauses,
 }
 
 /// Upper bounds of the histogram buckets (microseconds for latency, a count for batches);

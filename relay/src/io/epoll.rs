@@ -12,6 +12,11 @@
 //!   `dirty` list and is read at the start of the next [`Backend::poll`].
 //! - `write_blocked`: the last write hit `WouldBlock`; the next `WRITABLE` edge resumes it.
 //!
+//! Listeners are drained until `WouldBlock`. When accepting fails for lack of resources the
+//! backend follows [`AcceptBackoff`]: it stops draining, and once the pause is over `poll`
+//! drains every listener again by itself, since the connections left in the backlog raise
+//! no new edge.
+//!
 //! All sink calls happen inside [`Backend::poll`]: `send`, `set_reading` and `shutdown_write`
 //! only record work (the `dirty` list), which `poll` performs before it waits. A tick that
 //! produced events this way does not block in `epoll_wait`.
@@ -19,7 +24,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Read};
 use std::net::{self, Shutdown, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use mio::net::{TcpListener, TcpStream};
@@ -27,8 +32,9 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token as MioToken};
 use socket2::SockRef;
 
+use super::accept::{AcceptBackoff, AcceptError};
 use super::probe::BackendOptions;
-use super::{Backend, CloseReason, EventSink, Token, Wakeup};
+use super::{AcceptStats, Backend, CloseReason, EventSink, Token, Wakeup};
 
 /// Most buffers handed to one `sendmsg` (the contract asks for vectored writes).
 const MAX_IOVECS: usize = 64;
@@ -102,14 +108,20 @@ pub struct EpollBackend {
     rbuf: Box<[u8]>,
     /// Bytes one connection may move in one direction per tick before yielding.
     budget: usize,
+    /// Whether accepting is paused, and when to drain the listeners again.
+    accept: AcceptBackoff,
 }
 
 impl EpollBackend {
     /// Creates the epoll instance and registers a fresh [`Wakeup`].
     pub fn new(opts: &BackendOptions) -> io::Result<Self> {
+        Self::with_wakeup(opts, Wakeup::new()?)
+    }
+
+    /// [`Self::new`] around a given wakeup (tests give it one whose reads fail).
+    pub(crate) fn with_wakeup(opts: &BackendOptions, wakeup: Wakeup) -> io::Result<Self> {
         opts.validate()?;
         let poll = Poll::new()?;
-        let wakeup = Wakeup::new()?;
         poll.registry().register(
             &mut SourceFd(&wakeup.as_raw_fd()),
             WAKE_TOKEN,
@@ -127,6 +139,7 @@ impl EpollBackend {
             ready: Vec::new(),
             rbuf: vec![0u8; opts.read_chunk].into_boxed_slice(),
             budget: opts.io_budget,
+            accept: AcceptBackoff::default(),
         })
     }
 
@@ -186,24 +199,38 @@ impl EpollBackend {
         Ok(idx)
     }
 
-    fn accept_all(&mut self, lidx: usize, sink: &mut dyn EventSink) {
+    /// Accepts from one listener until `WouldBlock`. Returns `false` when a failure paused
+    /// accepting (or it was paused already): the backlog is left for the retry.
+    fn accept_all(&mut self, lidx: usize, sink: &mut dyn EventSink) -> bool {
+        if self.accept.paused() {
+            return false; // `poll` drains every listener when the pause is over
+        }
         loop {
             let Some(Some(listener)) = self.listeners.get(lidx) else {
-                return;
+                return true;
             };
             match listener.accept() {
                 Ok((stream, peer)) => self.on_accepted(stream, peer, sink),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
-                Err(e) => {
-                    // EMFILE, ENFILE, ENOBUFS, ENOMEM: the connection stays in the backlog
-                    // and the next one to arrive triggers another attempt.
-                    tracing::warn!(error = %e, "accept failed");
-                    return;
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) => match AcceptError::of(e.raw_os_error().unwrap_or(0)) {
+                    AcceptError::Transient => {}
+                    AcceptError::Pause => {
+                        self.accept.failed(Instant::now(), &e);
+                        return false;
+                    }
+                },
             }
         }
+    }
+
+    /// The accept pause is over: drains every listener, new edge or not.
+    fn retry_accepts(&mut self, sink: &mut dyn EventSink) {
+        for lidx in 0..self.listeners.len() {
+            if !self.accept_all(lidx, sink) {
+                return; // paused again
+            }
+        }
+        self.accept.succeeded(Instant::now());
     }
 
     fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr, sink: &mut dyn EventSink) {
@@ -560,16 +587,29 @@ impl Backend for EpollBackend {
         self.wakeup.clone()
     }
 
+    fn accept_stats(&self) -> AcceptStats {
+        self.accept.stats()
+    }
+
     fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<()> {
         let mut counting = Counting {
             inner: sink,
             calls: 0,
         };
         self.run_dirty(&mut counting);
+        if self.accept.paused() && self.accept.due(Instant::now()) {
+            self.retry_accepts(&mut counting);
+        }
         let sink = counting.inner;
         // Events already reported, or work left over: look, but do not wait.
         let busy = counting.calls > 0 || !self.dirty.is_empty();
-        let timeout = if busy { Some(Duration::ZERO) } else { timeout };
+        let timeout = if busy {
+            Some(Duration::ZERO)
+        } else if self.accept.paused() {
+            self.accept.bound_timeout(Instant::now(), timeout)
+        } else {
+            timeout
+        };
         match self.poll.poll(&mut self.events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
@@ -588,8 +628,22 @@ impl Backend for EpollBackend {
         for ev in &ready {
             let raw = ev.token.0;
             match raw >> KIND_SHIFT {
-                KIND_WAKE if self.wakeup.drain()? => sink.woken(),
-                KIND_LISTENER => self.accept_all(raw & ((1 << 32) - 1), sink),
+                KIND_WAKE => match self.wakeup.drain() {
+                    Ok(true) => sink.woken(),
+                    Ok(false) => {}
+                    Err(e) => {
+                        // The rest of the batch still gets handled; the worker looks at its
+                        // inbox as if woken, so a wake is never lost to a failed read.
+                        tracing::warn!(error = %e, "reading the wakeup eventfd failed");
+                        sink.woken();
+                    }
+                },
+                KIND_LISTENER => {
+                    let lidx = raw & ((1 << 32) - 1);
+                    if self.accept_all(lidx, sink) && self.accept.in_episode() {
+                        self.accept.succeeded(Instant::now());
+                    }
+                }
                 KIND_CONN => {
                     let idx = (raw & 0xFFFF_FFFF) as u32;
                     let generation = (raw >> 32) as u32 & GEN_MASK;

@@ -15,7 +15,10 @@
 //! push retried (and what still does not fit waits in a user-space backlog).
 //!
 //! # Operations
-//! - accept: multishot `ACCEPT` per listener (single-shot, re-armed, where unsupported);
+//! - accept: multishot `ACCEPT` per listener (single-shot, re-armed, where unsupported). On
+//!   a failure that is not about one connection (EMFILE, ENFILE, ENOBUFS, ENOMEM) the
+//!   accept ends; it is re-armed when the [`AcceptBackoff`] pause is over, and picks up the
+//!   connections waiting in the backlog;
 //! - receive: multishot `RECV` selecting from a provided-buffer ring; each buffer goes back
 //!   to the ring as soon as `EventSink::received` returns. A multishot that ends (no
 //!   `IORING_CQE_F_MORE`: ENOBUFS, CQ overflow, cancellation) is re-armed while the
@@ -67,16 +70,15 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes};
 use io_uring::{EnterFlags, IoUring, cqueue, opcode, squeue, types};
 
+use super::accept::{AcceptBackoff, AcceptError};
 use super::probe::BackendOptions;
 use super::wakeup::syscall;
-use super::{Backend, CloseReason, EventSink, Token, Wakeup};
+use super::{AcceptStats, Backend, CloseReason, EventSink, Token, Wakeup};
 
 /// The buffer group of our one provided-buffer ring.
 const BGID: u16 = 0;
 /// Linux's `UIO_MAXIOV`: the most iovecs one `sendmsg` accepts.
 const IOV_MAX: usize = 1024;
-/// How long accepting pauses after EMFILE/ENFILE/ENOMEM before it is retried.
-const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// How long drop waits for the kernel to finish cancelled operations.
 const TEARDOWN_WAIT: Duration = Duration::from_secs(2);
 
@@ -336,7 +338,7 @@ struct ListenerSlot {
     listener: Option<net::TcpListener>,
     armed: bool,
     closing: bool,
-    /// Accepting failed for lack of resources; re-arm at `accept_retry_at`.
+    /// Accepting failed and paused: re-arm when the pause is over.
     retry: bool,
 }
 
@@ -356,7 +358,8 @@ pub struct UringBackend {
     free: Vec<u32>,
     by_token: HashMap<Token, u32>,
     listeners: Vec<ListenerSlot>,
-    accept_retry_at: Option<Instant>,
+    /// Whether accepting is paused, and when to re-arm the listeners.
+    accept: AcceptBackoff,
     wakeup: Wakeup,
     wake_armed: bool,
     wake_closing: bool,
@@ -477,7 +480,7 @@ impl UringBackend {
             free: Vec::new(),
             by_token: HashMap::new(),
             listeners: Vec::new(),
-            accept_retry_at: None,
+            accept: AcceptBackoff::default(),
             wakeup: Wakeup::new()?,
             wake_armed: false,
             wake_closing: false,
@@ -951,6 +954,9 @@ impl UringBackend {
             // nothing else owns it.
             let stream = unsafe { net::TcpStream::from_raw_fd(res) };
             if !slot.closing && slot.listener.is_some() {
+                if self.accept.in_episode() {
+                    self.accept.succeeded(Instant::now());
+                }
                 self.on_accepted(stream, sink);
             }
         } else {
@@ -960,31 +966,26 @@ impl UringBackend {
                     tracing::debug!("io_uring: multishot accept unsupported; single-shot accept");
                     self.accept_multishot = false;
                 }
-                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
-                    if !slot.retry {
-                        tracing::warn!(error = %errno(res), "accept failed; pausing accepts for {ACCEPT_RETRY:?}");
+                errno => match AcceptError::of(errno) {
+                    AcceptError::Transient => {}
+                    AcceptError::Pause => {
+                        self.accept
+                            .failed(Instant::now(), &io::Error::from_raw_os_error(errno));
                     }
-                    slot.retry = true;
-                    self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
-                }
-                libc::EINTR | libc::EAGAIN | libc::ECONNABORTED | libc::EPROTO | libc::EPERM => {}
-                _ => {
-                    tracing::warn!(error = %errno(res), "accept failed");
-                    slot.retry = true;
-                    self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
-                }
+                },
             }
         }
+        let paused = self.accept.paused();
         let Some(slot) = self.listeners.get_mut(lidx) else {
             return;
         };
         if !slot.armed {
             if slot.closing {
                 slot.listener = None; // closes it
-            } else if !slot.retry {
+            } else if paused {
+                slot.retry = true; // re-armed when the pause is over (`poll`)
+            } else {
                 self.arm_accept(lidx);
-            } else if self.accept_retry_at.is_none() {
-                self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
             }
         }
     }
@@ -1381,18 +1382,20 @@ impl Backend for UringBackend {
         self.wakeup.clone()
     }
 
+    fn accept_stats(&self) -> AcceptStats {
+        self.accept.stats()
+    }
+
     fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<()> {
         self.flush_backlog()?;
         let delivered = self.run_ready(sink);
         let mut timeout = timeout;
-        if let Some(at) = self.accept_retry_at {
+        if self.accept.paused() {
             let now = Instant::now();
-            if at <= now {
-                self.accept_retry_at = None;
+            if self.accept.due(now) {
                 self.rearm_listeners();
             } else {
-                let left = at - now;
-                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+                timeout = self.accept.bound_timeout(now, timeout);
             }
         }
         let pending = self.ring.submission().cq_overflow() || !self.ring.completion().is_empty();
