@@ -361,7 +361,7 @@ impl Relay {
         fit_to_descriptors(config, self.nofile, self.workers())
     }
 
-    /// Asks every worker to answer a liveness probe (see [`RelayHandle::probe_acks`]).
+    /// Asks every worker to answer a liveness probe (see [`Relay::probe_acks`]).
     pub fn probe(&self, seq: u64) {
         self.mesh.broadcast(|| CoreMsg::Probe { seq });
     }

@@ -1,9 +1,10 @@
 //! The epoll backend, over mio: for kernels or sandboxes where io_uring is missing or denied.
 //!
-//! Owns: one `mio::Poll`, the worker's listeners and connections (as mio sockets), a reusable
-//! 64 KiB read buffer, and the registration of the worker's [`Wakeup`] eventfd. It implements
-//! the contract in [`super`] and nothing more: it never looks inside the bytes it moves and
-//! must not touch the io_uring backend, the worker's state, or any socket it was not given.
+//! Owns: one `mio::Poll`, the worker's listeners and connections (as mio sockets, in a
+//! [`Slab`] whose keys make the mio tokens), a reusable 64 KiB read buffer, and the
+//! registration of the worker's [`Wakeup`] eventfd. It implements the contract in [`super`]
+//! and nothing more: it never looks inside the bytes it moves and must not touch the
+//! io_uring backend, the worker's state, or any socket it was not given.
 //!
 //! Readiness is edge-triggered (mio's only mode on Linux), so every readiness edge is either
 //! consumed (read or written until `WouldBlock`) or remembered in a flag:
@@ -26,7 +27,7 @@ use std::io::{self, IoSlice, Read};
 use std::net::{self, Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token as MioToken};
@@ -34,6 +35,7 @@ use socket2::SockRef;
 
 use super::accept::{AcceptBackoff, AcceptError};
 use super::probe::BackendOptions;
+use super::slab::{Key, Slab, consume};
 use super::{AcceptStats, Backend, CloseReason, EventSink, Token, Wakeup};
 
 /// Most buffers handed to one `sendmsg` (the contract asks for vectored writes).
@@ -51,11 +53,12 @@ const KIND_SHIFT: u32 = 62;
 const KIND_CONN: usize = 0;
 const KIND_LISTENER: usize = 1;
 const KIND_WAKE: usize = 2;
-const GEN_MASK: u32 = (1 << 30) - 1;
+const GEN_BITS: u32 = 30;
+const GEN_MASK: u32 = (1 << GEN_BITS) - 1;
 const WAKE_TOKEN: MioToken = MioToken(KIND_WAKE << KIND_SHIFT);
 
-fn conn_token(idx: u32, generation: u32) -> MioToken {
-    MioToken(((generation as usize) << 32) | idx as usize)
+fn conn_token(key: Key) -> MioToken {
+    MioToken(((key.generation as usize) << 32) | key.index as usize)
 }
 
 fn listener_token(idx: usize) -> MioToken {
@@ -85,12 +88,6 @@ struct Conn {
     queued: bool,
 }
 
-#[derive(Debug)]
-struct Slot {
-    generation: u32,
-    conn: Option<Conn>,
-}
-
 /// The mio/epoll implementation of [`Backend`].
 #[derive(Debug)]
 pub struct EpollBackend {
@@ -98,11 +95,10 @@ pub struct EpollBackend {
     events: Events,
     wakeup: Wakeup,
     listeners: Vec<Option<TcpListener>>,
-    slots: Vec<Slot>,
-    free: Vec<u32>,
+    conns: Slab<Conn>,
     by_token: HashMap<Token, u32>,
-    /// Connections with work queued for the start of the next `poll` (slot, generation).
-    dirty: Vec<(u32, u32)>,
+    /// Connections with work queued for the start of the next `poll`.
+    dirty: Vec<Key>,
     /// Scratch copy of one `epoll_wait`'s events (kept for its allocation).
     ready: Vec<ReadyEvent>,
     rbuf: Box<[u8]>,
@@ -132,8 +128,7 @@ impl EpollBackend {
             events: Events::with_capacity(opts.epoll_events),
             wakeup,
             listeners: Vec::new(),
-            slots: Vec::new(),
-            free: Vec::new(),
+            conns: Slab::new(GEN_BITS),
             by_token: HashMap::new(),
             dirty: Vec::new(),
             ready: Vec::new(),
@@ -143,36 +138,28 @@ impl EpollBackend {
         })
     }
 
-    fn conn_mut(&mut self, idx: u32, generation: u32) -> Option<&mut Conn> {
-        let slot = self.slots.get_mut(idx as usize)?;
-        if slot.generation != generation {
-            return None;
-        }
-        slot.conn.as_mut()
+    /// The connection in slot `idx`, whatever its generation.
+    fn conn_at(&mut self, idx: u32) -> Option<&mut Conn> {
+        self.conns.at_mut(idx).map(|(_, conn)| conn)
     }
 
     fn lookup(&mut self, token: Token) -> Option<(u32, &mut Conn)> {
         let idx = *self.by_token.get(&token)?;
-        let conn = self.slots.get_mut(idx as usize)?.conn.as_mut()?;
-        Some((idx, conn))
+        Some((idx, self.conn_at(idx)?))
     }
 
     fn mark_dirty(&mut self, idx: u32) {
-        let slot = &mut self.slots[idx as usize];
-        if let Some(conn) = slot.conn.as_mut()
+        if let Some((key, conn)) = self.conns.at_mut(idx)
             && !conn.queued
         {
             conn.queued = true;
-            self.dirty.push((idx, slot.generation));
+            self.dirty.push(key);
         }
     }
 
     /// Forgets the connection in `idx` and closes its socket. Reports nothing.
     fn release(&mut self, idx: u32) -> Option<Conn> {
-        let slot = &mut self.slots[idx as usize];
-        let conn = slot.conn.take()?;
-        slot.generation = (slot.generation + 1) & GEN_MASK;
-        self.free.push(idx);
+        let conn = self.conns.remove_at(idx)?;
         self.by_token.remove(&conn.token);
         // Closing the fd removes it from the epoll set; an explicit deregister would cost a
         // syscall for nothing (stale events are filtered by the generation).
@@ -184,19 +171,6 @@ impl EpollBackend {
         if let Some(conn) = self.release(idx) {
             sink.closed(conn.token, reason);
         }
-    }
-
-    fn alloc_slot(&mut self) -> io::Result<u32> {
-        if let Some(idx) = self.free.pop() {
-            return Ok(idx);
-        }
-        let idx = u32::try_from(self.slots.len())
-            .map_err(|_| io::Error::other("too many connections for one worker"))?;
-        self.slots.push(Slot {
-            generation: 0,
-            conn: None,
-        });
-        Ok(idx)
     }
 
     /// Accepts from one listener until `WouldBlock`. Returns `false` when a failure paused
@@ -245,26 +219,8 @@ impl EpollBackend {
             );
             return;
         }
-        let mut stream = TcpStream::from_std(std_stream);
-        let idx = match self.alloc_slot() {
-            Ok(idx) => idx,
-            Err(e) => {
-                sink.closed(token, CloseReason::Error(e));
-                return;
-            }
-        };
-        let generation = self.slots[idx as usize].generation;
-        if let Err(e) = self.poll.registry().register(
-            &mut stream,
-            conn_token(idx, generation),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            self.free.push(idx);
-            sink.closed(token, CloseReason::Error(e));
-            return;
-        }
-        self.slots[idx as usize].conn = Some(Conn {
-            stream,
+        let conn = Conn {
+            stream: TcpStream::from_std(std_stream),
             token,
             reading: true,
             read_ready: false,
@@ -275,8 +231,28 @@ impl EpollBackend {
             write_blocked: false,
             shutdown_pending: false,
             queued: false,
-        });
-        self.by_token.insert(token, idx);
+        };
+        let key = match self.conns.insert(conn) {
+            Ok(key) => key,
+            Err(e) => {
+                sink.closed(token, CloseReason::Error(e));
+                return;
+            }
+        };
+        let registered = match self.conns.get_mut(key) {
+            Some(conn) => self.poll.registry().register(
+                &mut conn.stream,
+                conn_token(key),
+                Interest::READABLE | Interest::WRITABLE,
+            ),
+            None => Err(io::Error::other("slab lost a connection just inserted")),
+        };
+        if let Err(e) = registered {
+            drop(self.conns.remove_at(key.index));
+            sink.closed(token, CloseReason::Error(e));
+            return;
+        }
+        self.by_token.insert(token, key.index);
     }
 
     /// Reads until `WouldBlock`, EOF, an error, or the budget; reports what it read.
@@ -284,7 +260,7 @@ impl EpollBackend {
         let budget = self.budget;
         let mut moved = 0usize;
         loop {
-            let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
+            let Some(conn) = self.conns.at_mut(idx).map(|(_, conn)| conn) else {
                 return;
             };
             if !conn.reading {
@@ -330,7 +306,7 @@ impl EpollBackend {
         let budget = self.budget;
         let mut moved = 0usize;
         loop {
-            let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
+            let Some(conn) = self.conns.at_mut(idx).map(|(_, conn)| conn) else {
                 return;
             };
             if !conn.in_flight || conn.write_blocked {
@@ -370,7 +346,7 @@ impl EpollBackend {
                     return;
                 }
                 Ok(n) => {
-                    advance(&mut conn.out, n);
+                    consume(&mut conn.out, n);
                     moved += n;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -389,19 +365,19 @@ impl EpollBackend {
     /// Performs the work that `send`, `set_reading` and the read budget queued.
     fn run_dirty(&mut self, sink: &mut dyn EventSink) {
         let dirty = std::mem::take(&mut self.dirty);
-        for &(idx, generation) in &dirty {
-            let Some(conn) = self.conn_mut(idx, generation) else {
+        for &key in &dirty {
+            let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
             conn.queued = false;
             if conn.in_flight && !conn.write_blocked {
-                self.do_write(idx, sink);
+                self.do_write(key.index, sink);
             }
-            let Some(conn) = self.conn_mut(idx, generation) else {
+            let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
             if conn.reading && conn.read_ready {
-                self.do_read(idx, sink);
+                self.do_read(key.index, sink);
             }
         }
         // Put the (now empty) allocation back unless work was re-queued meanwhile.
@@ -412,14 +388,9 @@ impl EpollBackend {
         }
     }
 
-    fn on_conn_event(
-        &mut self,
-        idx: u32,
-        generation: u32,
-        ev: &ReadyEvent,
-        sink: &mut dyn EventSink,
-    ) {
-        let Some(conn) = self.conn_mut(idx, generation) else {
+    fn on_conn_event(&mut self, key: Key, ev: &ReadyEvent, sink: &mut dyn EventSink) {
+        let idx = key.index;
+        let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         if ev.error {
@@ -437,7 +408,7 @@ impl EpollBackend {
                 self.do_write(idx, sink);
             }
         }
-        let Some(conn) = self.conn_mut(idx, generation) else {
+        let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         if ev.readable || ev.read_closed {
@@ -494,20 +465,6 @@ fn shutdown_write_now(conn: &Conn) {
     if let Err(e) = conn.stream.shutdown(Shutdown::Write) {
         // ENOTCONN after a reset: the error (or EOF) surfaces through the read side.
         tracing::debug!(token = conn.token, error = %e, "shutdown(SHUT_WR) failed");
-    }
-}
-
-/// Drops the first `n` bytes from the front of the queue.
-fn advance(out: &mut VecDeque<Bytes>, mut n: usize) {
-    while n > 0 {
-        let Some(front) = out.front_mut() else { return };
-        if n >= front.len() {
-            n -= front.len();
-            out.pop_front();
-        } else {
-            front.advance(n);
-            n = 0;
-        }
     }
 }
 
@@ -645,9 +602,11 @@ impl Backend for EpollBackend {
                     }
                 }
                 KIND_CONN => {
-                    let idx = (raw & 0xFFFF_FFFF) as u32;
-                    let generation = (raw >> 32) as u32 & GEN_MASK;
-                    self.on_conn_event(idx, generation, ev, sink);
+                    let key = Key {
+                        index: (raw & 0xFFFF_FFFF) as u32,
+                        generation: (raw >> 32) as u32 & GEN_MASK,
+                    };
+                    self.on_conn_event(key, ev, sink);
                 }
                 _ => {}
             }

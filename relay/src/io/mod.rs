@@ -11,7 +11,9 @@
 //!   multishot accept, multishot receive into a provided buffer ring where the kernel has them.
 //! - [`epoll`]: mio (epoll) for kernels or sandboxes where io_uring is missing or forbidden.
 //!
-//! [`probe`] decides between them for `io_backend = "auto"`.
+//! [`probe`] decides between them for `io_backend = "auto"`. Both keep their connections in
+//! one generational slab ([`slab`]), follow one accept policy ([`accept`]), and share the
+//! descriptor budget ([`descriptors`]).
 //!
 //! # Contract every backend keeps
 //! - Tokens are chosen by the sink in [`EventSink::accepted`]; the backend reports events for a
@@ -51,6 +53,7 @@ pub mod accept;
 pub mod descriptors;
 pub mod epoll;
 pub mod probe;
+pub mod slab;
 #[cfg(test)]
 mod tests;
 pub mod uring;
