@@ -222,8 +222,14 @@ pub struct ControlConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Connections open at once on the whole relay. Default 1,000,000.
+    /// Connections open at once on the whole relay. Default 1,000,000. At start (and on
+    /// reload) it is clamped to what `RLIMIT_NOFILE` allows after `reserved_fds`, with one
+    /// warning; past it, new connections get GOAWAY(overload).
     pub max_connections: usize,
+    /// Descriptors kept for everything that is not a client connection (stdio, the control
+    /// API's connections, key and config files, logs, storage), on top of 3 per worker.
+    /// Default 1024; at least 32.
+    pub reserved_fds: usize,
     /// Connections one user may hold at once (phone, desktop, web...). Default 16.
     pub max_connections_per_user: usize,
     /// Rooms and channels one user may belong to. Default 4096; at most
@@ -267,6 +273,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_connections: 1_000_000,
+            reserved_fds: 1024,
             max_connections_per_user: 16,
             max_rooms_per_user: 4096,
             max_blocked_per_user: 1000,
@@ -603,6 +610,12 @@ impl Config {
         }
         if !(l.subscribe_burst >= 1.0 && l.subscribe_burst.is_finite()) {
             return Err(invalid("limits.subscribe_burst", "must be >= 1"));
+        }
+        if l.reserved_fds < 32 {
+            return Err(invalid(
+                "limits.reserved_fds",
+                "must be at least 32 (stdio, listeners and the control API need descriptors)",
+            ));
         }
         if !(l.publish_rate > 0.0 && l.publish_rate.is_finite()) {
             return Err(invalid("limits.publish_rate", "must be a positive number"));

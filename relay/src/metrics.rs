@@ -220,6 +220,17 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         "Rooms evicted from memory: no members, no subscribers, no retained history.",
         |s| s.rooms_evicted,
     ),
+    (
+        "pabal_accept_failures",
+        "Accept attempts that failed for lack of descriptors or memory (EMFILE, ENFILE, \
+         ENOBUFS, ENOMEM) and paused accepting.",
+        |s| s.accept_failures,
+    ),
+    (
+        "pabal_accept_pauses",
+        "Episodes of paused accepting: runs of accept failures, each retried with backoff.",
+        |s| s.accept_pauses,
+    ),
 ];
 
 /// `pabal_errors_total{kind}`: connections closed or requests refused, by cause.

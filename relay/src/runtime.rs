@@ -25,6 +25,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::config::Config;
 use crate::core::{Core, Shared};
 use crate::directory::Directory;
+use crate::io::descriptors::{self, FDS_PER_WORKER};
 use crate::io::probe::{self, BackendOptions, ResolvedKind};
 use crate::io::{Backend, Wakeup};
 use crate::mesh::{CoreMsg, Mesh};
@@ -47,6 +48,8 @@ pub struct Relay {
     started: Instant,
     draining: std::sync::atomic::AtomicBool,
     routes: parking_lot::RwLock<Vec<crate::control::Route>>,
+    /// The soft `RLIMIT_NOFILE` in force (raised to the hard limit at start).
+    nofile: u64,
 }
 
 /// The running relay and its worker threads.
@@ -69,6 +72,25 @@ impl std::ops::Deref for RelayHandle {
 pub struct ReloadReport {
     /// Fields whose new value needs a restart to take effect (the old value stays).
     pub needs_restart: Vec<&'static str>,
+}
+
+/// Clamps `limits.max_connections` to the connections that `nofile` descriptors leave room
+/// for after `limits.reserved_fds` and the workers' own, saying so in one warning; fails
+/// when no descriptor is left for connections at all.
+fn fit_to_descriptors(config: &mut Config, nofile: u64, workers: usize) -> anyhow::Result<()> {
+    let limits = &mut config.limits;
+    let budget = descriptors::connection_budget(nofile, limits.reserved_fds, workers)?;
+    if limits.max_connections > budget {
+        tracing::warn!(
+            "limits.max_connections clamped from {} to {budget} because RLIMIT_NOFILE is \
+             {nofile} (limits.reserved_fds = {} and {FDS_PER_WORKER} per worker are kept for \
+             the relay itself)",
+            limits.max_connections,
+            limits.reserved_fds,
+        );
+        limits.max_connections = budget;
+    }
+    Ok(())
 }
 
 fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -102,10 +124,14 @@ fn bind_listeners(
 
 impl RelayHandle {
     /// Starts the relay: binds, starts the workers, and returns once all of them run.
-    pub fn start(config: Config) -> anyhow::Result<RelayHandle> {
+    pub fn start(mut config: Config) -> anyhow::Result<RelayHandle> {
         config.validate()?;
-        let config = Arc::new(config);
         let workers = config.worker_count();
+        let nofile = descriptors::raise_nofile()
+            .context("cannot read RLIMIT_NOFILE")?
+            .soft;
+        fit_to_descriptors(&mut config, nofile, workers)?;
+        let config = Arc::new(config);
         let options = BackendOptions::default();
         // Probe on a thread of its own: tearing down the probe ring can leave io_uring task
         // work for the thread that made it, which would interrupt (EINTR) the caller's next
@@ -205,6 +231,7 @@ impl RelayHandle {
             workers,
             backend = backend.name(),
             epoch,
+            max_connections = config.limits.max_connections,
             "relay listening"
         );
         let relay = Arc::new(Relay {
@@ -221,6 +248,7 @@ impl RelayHandle {
             started: Instant::now(),
             draining: std::sync::atomic::AtomicBool::new(false),
             routes: parking_lot::RwLock::new(Vec::new()),
+            nofile,
         });
         let mut handle = RelayHandle {
             relay: relay.clone(),
@@ -295,6 +323,7 @@ impl Relay {
     /// validate, or whose keys do not load, changes nothing.
     pub fn reload(&self, mut new: Config) -> anyhow::Result<ReloadReport> {
         new.validate()?;
+        self.fit_to_descriptors(&mut new)?;
         let old = self.config();
         let mut report = ReloadReport::default();
         macro_rules! fixed {
@@ -325,7 +354,14 @@ impl Relay {
         Ok(report)
     }
 
-    /// Asks every worker to answer a liveness probe (see [`RelayHandle::probe_acks`]).
+    /// Clamps `limits.max_connections` of a configuration about to be applied to what the
+    /// descriptors allow (see `limits.reserved_fds`), as at start. [`Relay::reload`] calls it,
+    /// so that the workers' admission never sees more connections than descriptors.
+    pub fn fit_to_descriptors(&self, config: &mut Config) -> anyhow::Result<()> {
+        fit_to_descriptors(config, self.nofile, self.workers())
+    }
+
+    /// Asks every worker to answer a liveness probe (see [`Relay::probe_acks`]).
     pub fn probe(&self, seq: u64) {
         self.mesh.broadcast(|| CoreMsg::Probe { seq });
     }
@@ -489,6 +525,7 @@ impl Worker {
         backend
             .add_listener(self.listener)
             .context("cannot accept on the listener")?;
+        let stats = self.stats.clone();
         let mut core = Core::new(
             self.id,
             self.config,
@@ -498,7 +535,7 @@ impl Worker {
             self.stats,
             self.shared,
         );
-        run_loop(&mut *backend, &mut core, &self.inbox)
+        run_loop(&mut *backend, &mut core, &self.inbox, &stats)
     }
 }
 
@@ -508,6 +545,7 @@ fn run_loop(
     backend: &mut dyn Backend,
     core: &mut Core,
     inbox: &Receiver<Vec<CoreMsg>>,
+    stats: &CoreStats,
 ) -> anyhow::Result<()> {
     let mut next_sample = Instant::now();
     loop {
@@ -532,5 +570,12 @@ fn run_loop(
             Some(Duration::ZERO)
         };
         backend.poll(timeout, core).context("backend poll failed")?;
+        let accept = backend.accept_stats();
+        stats
+            .accept_failures
+            .store(accept.failures, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .accept_pauses
+            .store(accept.pauses, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -99,6 +99,11 @@ counters! {
     rooms,
     /// Owned rooms evicted: no members, no subscribers, no retained history.
     rooms_evicted,
+    /// Accept attempts that failed and paused accepting (EMFILE, ENFILE, ENOBUFS, ENOMEM);
+    /// copied from the backend each loop tick.
+    accept_failures,
+    /// Episodes of paused accepting (one per run of failures; see `io::accept`).
+    accept_pauses,
 }
 
 /// Upper bounds of the histogram buckets (microseconds for latency, a count for batches);

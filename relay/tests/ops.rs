@@ -7,11 +7,11 @@
 #![allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,9 +25,11 @@ use pabal_relay::metrics;
 use pabal_relay::runtime::RelayHandle;
 use pabal_relay::watchdog::{Notifier, Watchdog, WatchdogConfig};
 
+mod common;
+use common::{Daemon, RELAY, addr_in};
+
 /// The longest any single wait may take.
 const WAIT: Duration = Duration::from_secs(10);
-const RELAY: &str = env!("CARGO_BIN_EXE_relay");
 
 fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
@@ -844,72 +846,6 @@ fn the_watchdog_withholds_pings_while_a_worker_is_wedged() {
 // ---------------------------------------------------------------------------------------
 // The real binary: READY, SIGHUP reload, SIGTERM.
 
-/// The spawned relay, killed if the test fails before it exits.
-struct Daemon {
-    child: Child,
-    log: crossbeam_channel::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Daemon {
-    /// Waits for a log line containing `needle`.
-    fn wait_log(&mut self, needle: &str) -> String {
-        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
-            return line.clone();
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            match self.log.recv_deadline(deadline) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "no log line with {needle:?}; log so far:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
-        // SAFETY: kill(2) with our own child's pid and a valid signal number.
-        let rc = unsafe { libc::kill(pid, signal) };
-        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
-    }
-
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the relay did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn addr_in(line: &str) -> SocketAddr {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("addr="))
-        .unwrap_or_else(|| panic!("no addr= in {line:?}"))
-        .parse()
-        .unwrap()
-}
-
 /// Waits for a notification containing `needle`; returns the notifications up to it.
 fn wait_notify(socket: &UnixDatagram, needle: &str, seen: &mut Vec<String>) -> String {
     let deadline = Instant::now() + WAIT;
@@ -954,34 +890,10 @@ fn sighup_raises_a_limit_without_dropping_a_connection() {
     let notify_path = dir.path("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
 
-    let mut child = Command::new(RELAY)
-        .arg("--config")
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .env_remove("JOURNAL_STREAM")
-        .env_remove("WATCHDOG_PID")
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env("WATCHDOG_USEC", "1000000")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, log) = crossbeam_channel::unbounded();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
+    let mut daemon = Daemon::spawn(&config, |cmd| {
+        cmd.env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", "1000000");
     });
-    let mut daemon = Daemon {
-        child,
-        log,
-        seen: Vec::new(),
-    };
     let mut notes = Vec::new();
     wait_notify(&notify, "READY=1", &mut notes);
     let addr = addr_in(&daemon.wait_log("relay listening"));

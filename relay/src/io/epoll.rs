@@ -1,9 +1,10 @@
 //! The epoll backend, over mio: for kernels or sandboxes where io_uring is missing or denied.
 //!
-//! Owns: one `mio::Poll`, the worker's listeners and connections (as mio sockets), a reusable
-//! 64 KiB read buffer, and the registration of the worker's [`Wakeup`] eventfd. It implements
-//! the contract in [`super`] and nothing more: it never looks inside the bytes it moves and
-//! must not touch the io_uring backend, the worker's state, or any socket it was not given.
+//! Owns: one `mio::Poll`, the worker's listeners and connections (as mio sockets, in a
+//! [`Slab`] whose keys make the mio tokens), a reusable 64 KiB read buffer, and the
+//! registration of the worker's [`Wakeup`] eventfd. It implements the contract in [`super`]
+//! and nothing more: it never looks inside the bytes it moves and must not touch the
+//! io_uring backend, the worker's state, or any socket it was not given.
 //!
 //! Readiness is edge-triggered (mio's only mode on Linux), so every readiness edge is either
 //! consumed (read or written until `WouldBlock`) or remembered in a flag:
@@ -12,6 +13,11 @@
 //!   `dirty` list and is read at the start of the next [`Backend::poll`].
 //! - `write_blocked`: the last write hit `WouldBlock`; the next `WRITABLE` edge resumes it.
 //!
+//! Listeners are drained until `WouldBlock`. When accepting fails for lack of resources the
+//! backend follows [`AcceptBackoff`]: it stops draining, and once the pause is over `poll`
+//! drains every listener again by itself, since the connections left in the backlog raise
+//! no new edge.
+//!
 //! All sink calls happen inside [`Backend::poll`]: `send`, `set_reading` and `shutdown_write`
 //! only record work (the `dirty` list), which `poll` performs before it waits. A tick that
 //! produced events this way does not block in `epoll_wait`.
@@ -19,16 +25,18 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Read};
 use std::net::{self, Shutdown, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token as MioToken};
 use socket2::SockRef;
 
+use super::accept::{AcceptBackoff, AcceptError};
 use super::probe::BackendOptions;
-use super::{Backend, CloseReason, EventSink, Token, Wakeup};
+use super::slab::{Key, Slab, consume};
+use super::{AcceptStats, Backend, CloseReason, EventSink, Token, Wakeup};
 
 /// Most buffers handed to one `sendmsg` (the contract asks for vectored writes).
 const MAX_IOVECS: usize = 64;
@@ -45,11 +53,12 @@ const KIND_SHIFT: u32 = 62;
 const KIND_CONN: usize = 0;
 const KIND_LISTENER: usize = 1;
 const KIND_WAKE: usize = 2;
-const GEN_MASK: u32 = (1 << 30) - 1;
+const GEN_BITS: u32 = 30;
+const GEN_MASK: u32 = (1 << GEN_BITS) - 1;
 const WAKE_TOKEN: MioToken = MioToken(KIND_WAKE << KIND_SHIFT);
 
-fn conn_token(idx: u32, generation: u32) -> MioToken {
-    MioToken(((generation as usize) << 32) | idx as usize)
+fn conn_token(key: Key) -> MioToken {
+    MioToken(((key.generation as usize) << 32) | key.index as usize)
 }
 
 fn listener_token(idx: usize) -> MioToken {
@@ -79,12 +88,6 @@ struct Conn {
     queued: bool,
 }
 
-#[derive(Debug)]
-struct Slot {
-    generation: u32,
-    conn: Option<Conn>,
-}
-
 /// The mio/epoll implementation of [`Backend`].
 #[derive(Debug)]
 pub struct EpollBackend {
@@ -92,24 +95,29 @@ pub struct EpollBackend {
     events: Events,
     wakeup: Wakeup,
     listeners: Vec<Option<TcpListener>>,
-    slots: Vec<Slot>,
-    free: Vec<u32>,
+    conns: Slab<Conn>,
     by_token: HashMap<Token, u32>,
-    /// Connections with work queued for the start of the next `poll` (slot, generation).
-    dirty: Vec<(u32, u32)>,
+    /// Connections with work queued for the start of the next `poll`.
+    dirty: Vec<Key>,
     /// Scratch copy of one `epoll_wait`'s events (kept for its allocation).
     ready: Vec<ReadyEvent>,
     rbuf: Box<[u8]>,
     /// Bytes one connection may move in one direction per tick before yielding.
     budget: usize,
+    /// Whether accepting is paused, and when to drain the listeners again.
+    accept: AcceptBackoff,
 }
 
 impl EpollBackend {
     /// Creates the epoll instance and registers a fresh [`Wakeup`].
     pub fn new(opts: &BackendOptions) -> io::Result<Self> {
+        Self::with_wakeup(opts, Wakeup::new()?)
+    }
+
+    /// [`Self::new`] around a given wakeup (tests give it one whose reads fail).
+    pub(crate) fn with_wakeup(opts: &BackendOptions, wakeup: Wakeup) -> io::Result<Self> {
         opts.validate()?;
         let poll = Poll::new()?;
-        let wakeup = Wakeup::new()?;
         poll.registry().register(
             &mut SourceFd(&wakeup.as_raw_fd()),
             WAKE_TOKEN,
@@ -120,46 +128,38 @@ impl EpollBackend {
             events: Events::with_capacity(opts.epoll_events),
             wakeup,
             listeners: Vec::new(),
-            slots: Vec::new(),
-            free: Vec::new(),
+            conns: Slab::new(GEN_BITS),
             by_token: HashMap::new(),
             dirty: Vec::new(),
             ready: Vec::new(),
             rbuf: vec![0u8; opts.read_chunk].into_boxed_slice(),
             budget: opts.io_budget,
+            accept: AcceptBackoff::default(),
         })
     }
 
-    fn conn_mut(&mut self, idx: u32, generation: u32) -> Option<&mut Conn> {
-        let slot = self.slots.get_mut(idx as usize)?;
-        if slot.generation != generation {
-            return None;
-        }
-        slot.conn.as_mut()
+    /// The connection in slot `idx`, whatever its generation.
+    fn conn_at(&mut self, idx: u32) -> Option<&mut Conn> {
+        self.conns.at_mut(idx).map(|(_, conn)| conn)
     }
 
     fn lookup(&mut self, token: Token) -> Option<(u32, &mut Conn)> {
         let idx = *self.by_token.get(&token)?;
-        let conn = self.slots.get_mut(idx as usize)?.conn.as_mut()?;
-        Some((idx, conn))
+        Some((idx, self.conn_at(idx)?))
     }
 
     fn mark_dirty(&mut self, idx: u32) {
-        let slot = &mut self.slots[idx as usize];
-        if let Some(conn) = slot.conn.as_mut()
+        if let Some((key, conn)) = self.conns.at_mut(idx)
             && !conn.queued
         {
             conn.queued = true;
-            self.dirty.push((idx, slot.generation));
+            self.dirty.push(key);
         }
     }
 
     /// Forgets the connection in `idx` and closes its socket. Reports nothing.
     fn release(&mut self, idx: u32) -> Option<Conn> {
-        let slot = &mut self.slots[idx as usize];
-        let conn = slot.conn.take()?;
-        slot.generation = (slot.generation + 1) & GEN_MASK;
-        self.free.push(idx);
+        let conn = self.conns.remove_at(idx)?;
         self.by_token.remove(&conn.token);
         // Closing the fd removes it from the epoll set; an explicit deregister would cost a
         // syscall for nothing (stale events are filtered by the generation).
@@ -173,37 +173,38 @@ impl EpollBackend {
         }
     }
 
-    fn alloc_slot(&mut self) -> io::Result<u32> {
-        if let Some(idx) = self.free.pop() {
-            return Ok(idx);
+    /// Accepts from one listener until `WouldBlock`. Returns `false` when a failure paused
+    /// accepting (or it was paused already): the backlog is left for the retry.
+    fn accept_all(&mut self, lidx: usize, sink: &mut dyn EventSink) -> bool {
+        if self.accept.paused() {
+            return false; // `poll` drains every listener when the pause is over
         }
-        let idx = u32::try_from(self.slots.len())
-            .map_err(|_| io::Error::other("too many connections for one worker"))?;
-        self.slots.push(Slot {
-            generation: 0,
-            conn: None,
-        });
-        Ok(idx)
-    }
-
-    fn accept_all(&mut self, lidx: usize, sink: &mut dyn EventSink) {
         loop {
             let Some(Some(listener)) = self.listeners.get(lidx) else {
-                return;
+                return true;
             };
             match listener.accept() {
                 Ok((stream, peer)) => self.on_accepted(stream, peer, sink),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
-                Err(e) => {
-                    // EMFILE, ENFILE, ENOBUFS, ENOMEM: the connection stays in the backlog
-                    // and the next one to arrive triggers another attempt.
-                    tracing::warn!(error = %e, "accept failed");
-                    return;
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) => match AcceptError::of(e.raw_os_error().unwrap_or(0)) {
+                    AcceptError::Transient => {}
+                    AcceptError::Pause => {
+                        self.accept.failed(Instant::now(), &e);
+                        return false;
+                    }
+                },
             }
         }
+    }
+
+    /// The accept pause is over: drains every listener, new edge or not.
+    fn retry_accepts(&mut self, sink: &mut dyn EventSink) {
+        for lidx in 0..self.listeners.len() {
+            if !self.accept_all(lidx, sink) {
+                return; // paused again
+            }
+        }
+        self.accept.succeeded(Instant::now());
     }
 
     fn on_accepted(&mut self, stream: TcpStream, peer: SocketAddr, sink: &mut dyn EventSink) {
@@ -218,26 +219,8 @@ impl EpollBackend {
             );
             return;
         }
-        let mut stream = TcpStream::from_std(std_stream);
-        let idx = match self.alloc_slot() {
-            Ok(idx) => idx,
-            Err(e) => {
-                sink.closed(token, CloseReason::Error(e));
-                return;
-            }
-        };
-        let generation = self.slots[idx as usize].generation;
-        if let Err(e) = self.poll.registry().register(
-            &mut stream,
-            conn_token(idx, generation),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            self.free.push(idx);
-            sink.closed(token, CloseReason::Error(e));
-            return;
-        }
-        self.slots[idx as usize].conn = Some(Conn {
-            stream,
+        let conn = Conn {
+            stream: TcpStream::from_std(std_stream),
             token,
             reading: true,
             read_ready: false,
@@ -248,8 +231,28 @@ impl EpollBackend {
             write_blocked: false,
             shutdown_pending: false,
             queued: false,
-        });
-        self.by_token.insert(token, idx);
+        };
+        let key = match self.conns.insert(conn) {
+            Ok(key) => key,
+            Err(e) => {
+                sink.closed(token, CloseReason::Error(e));
+                return;
+            }
+        };
+        let registered = match self.conns.get_mut(key) {
+            Some(conn) => self.poll.registry().register(
+                &mut conn.stream,
+                conn_token(key),
+                Interest::READABLE | Interest::WRITABLE,
+            ),
+            None => Err(io::Error::other("slab lost a connection just inserted")),
+        };
+        if let Err(e) = registered {
+            drop(self.conns.remove_at(key.index));
+            sink.closed(token, CloseReason::Error(e));
+            return;
+        }
+        self.by_token.insert(token, key.index);
     }
 
     /// Reads until `WouldBlock`, EOF, an error, or the budget; reports what it read.
@@ -257,7 +260,7 @@ impl EpollBackend {
         let budget = self.budget;
         let mut moved = 0usize;
         loop {
-            let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
+            let Some(conn) = self.conns.at_mut(idx).map(|(_, conn)| conn) else {
                 return;
             };
             if !conn.reading {
@@ -303,7 +306,7 @@ impl EpollBackend {
         let budget = self.budget;
         let mut moved = 0usize;
         loop {
-            let Some(conn) = self.slots[idx as usize].conn.as_mut() else {
+            let Some(conn) = self.conns.at_mut(idx).map(|(_, conn)| conn) else {
                 return;
             };
             if !conn.in_flight || conn.write_blocked {
@@ -343,7 +346,7 @@ impl EpollBackend {
                     return;
                 }
                 Ok(n) => {
-                    advance(&mut conn.out, n);
+                    consume(&mut conn.out, n);
                     moved += n;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -362,19 +365,19 @@ impl EpollBackend {
     /// Performs the work that `send`, `set_reading` and the read budget queued.
     fn run_dirty(&mut self, sink: &mut dyn EventSink) {
         let dirty = std::mem::take(&mut self.dirty);
-        for &(idx, generation) in &dirty {
-            let Some(conn) = self.conn_mut(idx, generation) else {
+        for &key in &dirty {
+            let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
             conn.queued = false;
             if conn.in_flight && !conn.write_blocked {
-                self.do_write(idx, sink);
+                self.do_write(key.index, sink);
             }
-            let Some(conn) = self.conn_mut(idx, generation) else {
+            let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
             if conn.reading && conn.read_ready {
-                self.do_read(idx, sink);
+                self.do_read(key.index, sink);
             }
         }
         // Put the (now empty) allocation back unless work was re-queued meanwhile.
@@ -385,14 +388,9 @@ impl EpollBackend {
         }
     }
 
-    fn on_conn_event(
-        &mut self,
-        idx: u32,
-        generation: u32,
-        ev: &ReadyEvent,
-        sink: &mut dyn EventSink,
-    ) {
-        let Some(conn) = self.conn_mut(idx, generation) else {
+    fn on_conn_event(&mut self, key: Key, ev: &ReadyEvent, sink: &mut dyn EventSink) {
+        let idx = key.index;
+        let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         if ev.error {
@@ -410,7 +408,7 @@ impl EpollBackend {
                 self.do_write(idx, sink);
             }
         }
-        let Some(conn) = self.conn_mut(idx, generation) else {
+        let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         if ev.readable || ev.read_closed {
@@ -467,20 +465,6 @@ fn shutdown_write_now(conn: &Conn) {
     if let Err(e) = conn.stream.shutdown(Shutdown::Write) {
         // ENOTCONN after a reset: the error (or EOF) surfaces through the read side.
         tracing::debug!(token = conn.token, error = %e, "shutdown(SHUT_WR) failed");
-    }
-}
-
-/// Drops the first `n` bytes from the front of the queue.
-fn advance(out: &mut VecDeque<Bytes>, mut n: usize) {
-    while n > 0 {
-        let Some(front) = out.front_mut() else { return };
-        if n >= front.len() {
-            n -= front.len();
-            out.pop_front();
-        } else {
-            front.advance(n);
-            n = 0;
-        }
     }
 }
 
@@ -560,16 +544,29 @@ impl Backend for EpollBackend {
         self.wakeup.clone()
     }
 
+    fn accept_stats(&self) -> AcceptStats {
+        self.accept.stats()
+    }
+
     fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<()> {
         let mut counting = Counting {
             inner: sink,
             calls: 0,
         };
         self.run_dirty(&mut counting);
+        if self.accept.paused() && self.accept.due(Instant::now()) {
+            self.retry_accepts(&mut counting);
+        }
         let sink = counting.inner;
         // Events already reported, or work left over: look, but do not wait.
         let busy = counting.calls > 0 || !self.dirty.is_empty();
-        let timeout = if busy { Some(Duration::ZERO) } else { timeout };
+        let timeout = if busy {
+            Some(Duration::ZERO)
+        } else if self.accept.paused() {
+            self.accept.bound_timeout(Instant::now(), timeout)
+        } else {
+            timeout
+        };
         match self.poll.poll(&mut self.events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
@@ -588,12 +585,28 @@ impl Backend for EpollBackend {
         for ev in &ready {
             let raw = ev.token.0;
             match raw >> KIND_SHIFT {
-                KIND_WAKE if self.wakeup.drain()? => sink.woken(),
-                KIND_LISTENER => self.accept_all(raw & ((1 << 32) - 1), sink),
+                KIND_WAKE => match self.wakeup.drain() {
+                    Ok(true) => sink.woken(),
+                    Ok(false) => {}
+                    Err(e) => {
+                        // The rest of the batch still gets handled; the worker looks at its
+                        // inbox as if woken, so a wake is never lost to a failed read.
+                        tracing::warn!(error = %e, "reading the wakeup eventfd failed");
+                        sink.woken();
+                    }
+                },
+                KIND_LISTENER => {
+                    let lidx = raw & ((1 << 32) - 1);
+                    if self.accept_all(lidx, sink) && self.accept.in_episode() {
+                        self.accept.succeeded(Instant::now());
+                    }
+                }
                 KIND_CONN => {
-                    let idx = (raw & 0xFFFF_FFFF) as u32;
-                    let generation = (raw >> 32) as u32 & GEN_MASK;
-                    self.on_conn_event(idx, generation, ev, sink);
+                    let key = Key {
+                        index: (raw & 0xFFFF_FFFF) as u32,
+                        generation: (raw >> 32) as u32 & GEN_MASK,
+                    };
+                    self.on_conn_event(key, ev, sink);
                 }
                 _ => {}
             }

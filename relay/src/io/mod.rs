@@ -11,7 +11,9 @@
 //!   multishot accept, multishot receive into a provided buffer ring where the kernel has them.
 //! - [`epoll`]: mio (epoll) for kernels or sandboxes where io_uring is missing or forbidden.
 //!
-//! [`probe`] decides between them for `io_backend = "auto"`.
+//! [`probe`] decides between them for `io_backend = "auto"`. Both keep their connections in
+//! one generational slab ([`slab`]), follow one accept policy ([`accept`]), and share the
+//! descriptor budget ([`descriptors`]).
 //!
 //! # Contract every backend keeps
 //! - Tokens are chosen by the sink in [`EventSink::accepted`]; the backend reports events for a
@@ -30,9 +32,28 @@
 //!   unread input does not turn the close into a reset that discards our last frames.
 //! - [`Backend::poll`] submits everything queued since the last call, waits until at least one
 //!   event, the timeout, or a [`Wakeup`] from another thread, then reports all ready events.
+//!   A failure that concerns one event (a connection's error, a failed eventfd read) is
+//!   handled or logged there; it never abandons the rest of the batch.
+//!
+//! # Accept errors: one policy ([`accept::AcceptBackoff`])
+//! - Errors about the one connection (ECONNABORTED, EPROTO, EPERM from a firewall rule, the
+//!   network errors `accept(2)` passes on, EINTR, EAGAIN) are skipped: the next connection is
+//!   accepted at once.
+//! - Any other error (EMFILE, ENFILE, ENOBUFS, ENOMEM: the process or the kernel is out of
+//!   descriptors or memory) pauses accepting on every listener of the backend for 10 ms,
+//!   doubling per failed retry up to 1 s. When the pause is over the backend retries the
+//!   backlog itself (epoll re-drains the listener, io_uring re-arms its accept) whether or not
+//!   a new connection arrived: connections already waiting in the backlog are never left
+//!   there for want of an edge. The connections stay queued in the kernel meanwhile.
+//! - An episode (from the first failure to the next accept that works) is logged twice, never
+//!   per attempt: a warning when it begins and a line with the count when it ends; failures
+//!   and episodes are counted ([`Backend::accept_stats`], `pabal_accept_*` in `/metrics`).
 
+pub mod accept;
+pub mod descriptors;
 pub mod epoll;
 pub mod probe;
+pub mod slab;
 #[cfg(test)]
 mod tests;
 pub mod uring;
@@ -45,6 +66,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+pub use accept::AcceptStats;
 pub use wakeup::Wakeup;
 
 /// Identifies a connection within one worker; chosen by the worker (slot index plus a
@@ -97,8 +119,11 @@ pub trait Backend {
     /// The handle other threads use to interrupt [`Backend::poll`].
     fn wakeup(&self) -> Wakeup;
     /// Submit queued work, wait for events (at most `timeout`; `None` waits indefinitely),
-    /// and report them to `sink`.
+    /// and report them to `sink`. While accepting is paused, the wait ends in time for the
+    /// retry.
     fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<()>;
+    /// Accept failures and pauses since the backend started.
+    fn accept_stats(&self) -> AcceptStats;
 }
 
 /// Which backend to run; the config's `io_backend`.

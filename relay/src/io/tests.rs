@@ -5,6 +5,9 @@
 //!
 //! The backend runs on the test thread (the io_uring one is single-issuer); clients are std
 //! blocking sockets on their own threads. Every wait is bounded, so a hang fails the test.
+//!
+//! Tests that exhaust the process's descriptors run in a child process (this test binary,
+//! re-run with a filter naming just that test), so that the other tests keep theirs.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // reason: tests
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -18,10 +21,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use socket2::{Domain, SockRef, Socket, Type};
 
+use super::descriptors;
 use super::epoll::EpollBackend;
 use super::probe::{self, BackendOptions, ResolvedKind, Unavailable};
 use super::uring::UringBackend;
-use super::{Backend, BackendKind, CloseReason, EventSink, Token};
+use super::{Backend, BackendKind, CloseReason, EventSink, Token, Wakeup};
 
 /// Longest any single wait in these tests may take before the test fails.
 const LIMIT: Duration = Duration::from_secs(10);
@@ -72,6 +76,38 @@ macro_rules! for_each_backend {
         }
     };
 }
+
+/// Like [`for_each_backend!`], each variant in a child process of its own (see
+/// [`in_child`]).
+macro_rules! for_each_backend_in_child {
+    ($($test:ident),* $(,)?) => {
+        mod in_child {
+            mod uring {
+                $( #[test] fn $test() {
+                    crate::io::tests::in_child(module_path!(), stringify!($test), || {
+                        if let Some(b) = crate::io::tests::make_uring(true) { crate::io::tests::$test(b) }
+                    })
+                } )*
+            }
+            mod uring_single_shot {
+                $( #[test] fn $test() {
+                    crate::io::tests::in_child(module_path!(), stringify!($test), || {
+                        if let Some(b) = crate::io::tests::make_uring(false) { crate::io::tests::$test(b) }
+                    })
+                } )*
+            }
+            mod epoll {
+                $( #[test] fn $test() {
+                    crate::io::tests::in_child(module_path!(), stringify!($test), || {
+                        if let Some(b) = crate::io::tests::make_epoll() { crate::io::tests::$test(b) }
+                    })
+                } )*
+            }
+        }
+    };
+}
+
+for_each_backend_in_child!(accept_retries_the_backlog_when_descriptors_return);
 
 for_each_backend!(
     echo_1mib_random_chunks,
@@ -317,6 +353,58 @@ fn join<T>(handle: thread::JoinHandle<T>) -> T {
         Ok(v) => v,
         Err(e) => std::panic::resume_unwind(e),
     }
+}
+
+/// Names the test a child process runs (see [`in_child`]).
+const CHILD_ENV: &str = "PABAL_IO_TEST_CHILD";
+
+/// Runs `body` in a child process: this test binary again, filtered to exactly this test
+/// (`module` is the test's `module_path!()`), with [`CHILD_ENV`] telling it to run the body.
+/// The parent passes when the child ran that one test and it passed.
+fn in_child(module: &str, name: &str, body: impl FnOnce()) {
+    let module = module
+        .split_once("::")
+        .map_or(module, |(_crate, rest)| rest);
+    let test = format!("{module}::{name}");
+    if std::env::var(CHILD_ENV).is_ok_and(|t| t == test) {
+        body();
+        return;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, &test)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out = thread::spawn(move || {
+        let mut text = String::new();
+        stdout.read_to_string(&mut text).unwrap();
+        text
+    });
+    let err = thread::spawn(move || {
+        let mut text = String::new();
+        stderr.read_to_string(&mut text).unwrap();
+        text
+    });
+    let deadline = Instant::now() + 3 * LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the child running {test} did not finish");
+        }
+        thread::sleep(TICK);
+    };
+    let (out, err) = (join(out), join(err));
+    assert!(
+        status.success() && out.contains("1 passed"),
+        "{test} in a child process: {status}\n--- stdout\n{out}\n--- stderr\n{err}"
+    );
 }
 
 // ---- the tests, generic over the backend ----
@@ -846,4 +934,60 @@ fn uring_tiny_rings() {
     many_connections(Box::new(UringBackend::new(&opts).unwrap()));
     echo_1mib_random_chunks(Box::new(UringBackend::new(&opts).unwrap()));
     short_connections_all_close(Box::new(UringBackend::new(&opts).unwrap()));
+}
+
+/// Accepting runs out of descriptors while clients wait in the backlog; once descriptors are
+/// free again the backend accepts them by itself, without any new connection arriving to
+/// raise an edge. Runs in a child process ([`in_child`]): it lowers the soft RLIMIT_NOFILE
+/// and fills the descriptor table.
+fn accept_retries_the_backlog_when_descriptors_return(b: Box<dyn Backend>) {
+    const CLIENTS: usize = 4;
+    let mut srv = Server::new(b);
+    descriptors::set_soft_nofile(256).unwrap();
+    let clients: Vec<TcpStream> = (0..CLIENTS).map(|_| connect(srv.addr)).collect();
+    let mut filler = Vec::new();
+    loop {
+        match std::fs::File::open("/dev/null") {
+            Ok(f) => filler.push(f),
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => break,
+            Err(e) => panic!("open /dev/null: {e}"),
+        }
+        assert!(filler.len() < 256, "the lowered limit did not take");
+    }
+    srv.until("an accept to fail with EMFILE", |s| {
+        s.b.accept_stats().failures > 0
+    });
+    assert!(srv.s.accepted.is_empty(), "nothing can be accepted yet");
+    drop(filler);
+    srv.until("the clients in the backlog to be accepted", |s| {
+        s.s.accepted.len() == CLIENTS
+    });
+    let stats = srv.b.accept_stats();
+    assert_eq!(stats.pauses, 1, "one episode: {stats:?}");
+    // The accepted connections work.
+    for mut c in clients {
+        c.write_all(b"x").unwrap();
+    }
+    srv.until("every client's byte", |s| {
+        s.s.rx.values().map(Vec::len).sum::<usize>() == CLIENTS
+    });
+    srv.assert_clean();
+}
+
+/// epoll: a wakeup whose read fails (here a pipe's write end with the read end closed:
+/// EPOLLERR, then EBADF on read) neither fails the poll nor drops the rest of its batch.
+#[test]
+fn epoll_failed_wakeup_read_keeps_the_batch() {
+    let (reader, writer) = io::pipe().unwrap();
+    drop(reader);
+    let wakeup = Wakeup::from_fd(writer.into());
+    let b = EpollBackend::with_wakeup(&BackendOptions::default(), wakeup).unwrap();
+    let mut srv = Server::new(Box::new(b));
+    let mut client = connect(srv.addr);
+    client.write_all(b"hello").unwrap();
+    srv.until("the client's bytes", |s| {
+        s.s.rx.values().any(|v| v == b"hello")
+    });
+    assert!(srv.s.woken >= 1, "a failed read counts as a wake");
+    srv.assert_clean();
 }

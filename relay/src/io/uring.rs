@@ -1,10 +1,11 @@
 //! The io_uring backend.
 //!
 //! Owns: one ring per worker, the provided-buffer ring its multishot receives fill, the
-//! worker's listeners and connections (as raw fds with per-connection send state), and the
-//! ring's poll on the worker's [`Wakeup`] eventfd. It implements the contract in [`super`] and
-//! nothing more: it never looks inside the bytes it moves and must not touch the epoll
-//! backend, the worker's state, or any fd it was not given.
+//! worker's listeners and connections (as raw fds with per-connection send state, boxed in
+//! the shared [`Slab`] whose keys `user_data` carries), and the ring's poll on the worker's
+//! [`Wakeup`] eventfd. It implements the contract in [`super`] and nothing more: it never
+//! looks inside the bytes it moves and must not touch the epoll backend, the worker's state,
+//! or any fd it was not given.
 //!
 //! # Shape of one tick ([`Backend::poll`])
 //! `send`, `set_reading`, `shutdown_write`, `close` and re-arms only queue SQEs. `poll`
@@ -15,7 +16,10 @@
 //! push retried (and what still does not fit waits in a user-space backlog).
 //!
 //! # Operations
-//! - accept: multishot `ACCEPT` per listener (single-shot, re-armed, where unsupported);
+//! - accept: multishot `ACCEPT` per listener (single-shot, re-armed, where unsupported). On
+//!   a failure that is not about one connection (EMFILE, ENFILE, ENOBUFS, ENOMEM) the
+//!   accept ends; it is re-armed when the [`AcceptBackoff`] pause is over, and picks up the
+//!   connections waiting in the backlog;
 //! - receive: multishot `RECV` selecting from a provided-buffer ring; each buffer goes back
 //!   to the ring as soon as `EventSink::received` returns. A multishot that ends (no
 //!   `IORING_CQE_F_MORE`: ENOBUFS, CQ overflow, cancellation) is re-armed while the
@@ -64,19 +68,19 @@ use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use io_uring::{EnterFlags, IoUring, cqueue, opcode, squeue, types};
 
+use super::accept::{AcceptBackoff, AcceptError};
 use super::probe::BackendOptions;
+use super::slab::{Key, Slab, consume};
 use super::wakeup::syscall;
-use super::{Backend, CloseReason, EventSink, Token, Wakeup};
+use super::{AcceptStats, Backend, CloseReason, EventSink, Token, Wakeup};
 
 /// The buffer group of our one provided-buffer ring.
 const BGID: u16 = 0;
 /// Linux's `UIO_MAXIOV`: the most iovecs one `sendmsg` accepts.
 const IOV_MAX: usize = 1024;
-/// How long accepting pauses after EMFILE/ENFILE/ENOMEM before it is retried.
-const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// How long drop waits for the kernel to finish cancelled operations.
 const TEARDOWN_WAIT: Duration = Duration::from_secs(2);
 
@@ -92,7 +96,8 @@ const OP_MISC: u8 = 6;
 const OP_WAKE: u8 = 7;
 /// The per-connection `POLLRDHUP` watch (see [`UringBackend::arm_hup`]).
 const OP_HUP: u8 = 8;
-const GEN_MASK: u32 = (1 << 24) - 1;
+const GEN_BITS: u32 = 24;
+const GEN_MASK: u32 = (1 << GEN_BITS) - 1;
 
 fn user_data(op: u8, idx: u32, generation: u32) -> u64 {
     (u64::from(op) << 56) | (u64::from(generation & GEN_MASK) << 32) | u64::from(idx)
@@ -327,16 +332,11 @@ impl Conn {
     }
 }
 
-struct Slot {
-    generation: u32,
-    conn: Option<Box<Conn>>,
-}
-
 struct ListenerSlot {
     listener: Option<net::TcpListener>,
     armed: bool,
     closing: bool,
-    /// Accepting failed for lack of resources; re-arm at `accept_retry_at`.
+    /// Accepting failed and paused: re-arm when the pause is over.
     retry: bool,
 }
 
@@ -352,18 +352,19 @@ pub struct UringBackend {
     accept_multishot: bool,
     poll_multishot: bool,
     buf_size: usize,
-    slots: Vec<Slot>,
-    free: Vec<u32>,
+    /// Boxed, so that the kernel's pointers into a connection survive the slab growing.
+    conns: Slab<Box<Conn>>,
     by_token: HashMap<Token, u32>,
     listeners: Vec<ListenerSlot>,
-    accept_retry_at: Option<Instant>,
+    /// Whether accepting is paused, and when to re-arm the listeners.
+    accept: AcceptBackoff,
     wakeup: Wakeup,
     wake_armed: bool,
     wake_closing: bool,
     /// SQEs that did not fit in the submission queue.
     backlog: VecDeque<squeue::Entry>,
-    /// Connections with user-space events for the next tick (slot, generation).
-    ready: Vec<(u32, u32)>,
+    /// Connections with user-space events for the next tick.
+    ready: Vec<Key>,
     /// Scratch copy of the completion queue.
     cqes: Vec<cqueue::Entry>,
     /// Operations whose final completion has not been reaped.
@@ -473,11 +474,10 @@ impl UringBackend {
             accept_multishot: opts.uring_multishot,
             poll_multishot: opts.uring_multishot,
             buf_size: opts.buf_size as usize,
-            slots: Vec::new(),
-            free: Vec::new(),
+            conns: Slab::new(GEN_BITS),
             by_token: HashMap::new(),
             listeners: Vec::new(),
-            accept_retry_at: None,
+            accept: AcceptBackoff::default(),
             wakeup: Wakeup::new()?,
             wake_armed: false,
             wake_closing: false,
@@ -643,33 +643,24 @@ impl UringBackend {
     }
 
     fn conn_mut(&mut self, idx: u32, generation: u32) -> Option<&mut Conn> {
-        let slot = self.slots.get_mut(idx as usize)?;
-        if slot.generation != generation {
-            return None;
-        }
-        slot.conn.as_deref_mut()
+        let key = Key {
+            index: idx,
+            generation,
+        };
+        self.conns.get_mut(key).map(|conn| &mut **conn)
     }
 
-    fn alloc_slot(&mut self) -> io::Result<u32> {
-        if let Some(idx) = self.free.pop() {
-            return Ok(idx);
-        }
-        let idx = u32::try_from(self.slots.len())
-            .map_err(|_| io::Error::other("too many connections for one worker"))?;
-        self.slots.push(Slot {
-            generation: 0,
-            conn: None,
-        });
-        Ok(idx)
+    /// The connection in slot `idx`, whatever its generation.
+    fn conn_at(&mut self, idx: u32) -> Option<&mut Conn> {
+        self.conns.at_mut(idx).map(|(_, conn)| &mut **conn)
     }
 
     fn queue_ready(&mut self, idx: u32) {
-        let slot = &mut self.slots[idx as usize];
-        if let Some(conn) = slot.conn.as_deref_mut()
+        if let Some((key, conn)) = self.conns.at_mut(idx)
             && !conn.queued
         {
             conn.queued = true;
-            self.ready.push((idx, slot.generation));
+            self.ready.push(key);
         }
     }
 
@@ -715,11 +706,10 @@ impl UringBackend {
         let ring = self.bufs.is_some();
         let multishot = self.recv_multishot && ring;
         let buf_size = self.buf_size;
-        let slot = &mut self.slots[idx as usize];
-        let generation = slot.generation;
-        let Some(conn) = slot.conn.as_deref_mut() else {
+        let Some((key, conn)) = self.conns.at_mut(idx) else {
             return;
         };
+        let generation = key.generation;
         if conn.recv_armed || conn.closing {
             return;
         }
@@ -767,11 +757,10 @@ impl UringBackend {
         if !(self.recv_multishot && self.bufs.is_some()) {
             return; // single-shot receives report EOF reliably
         }
-        let slot = &mut self.slots[idx as usize];
-        let generation = slot.generation;
-        let Some(conn) = slot.conn.as_deref_mut() else {
+        let Some((key, conn)) = self.conns.at_mut(idx) else {
             return;
         };
+        let generation = key.generation;
         if conn.hup_armed || conn.rdhup || conn.closing {
             return;
         }
@@ -786,11 +775,10 @@ impl UringBackend {
     }
 
     fn submit_send(&mut self, idx: u32) {
-        let slot = &mut self.slots[idx as usize];
-        let generation = slot.generation;
-        let Some(conn) = slot.conn.as_deref_mut() else {
+        let Some((key, conn)) = self.conns.at_mut(idx) else {
             return;
         };
+        let generation = key.generation;
         let s = &mut conn.send;
         s.iov.clear();
         s.iov.extend(
@@ -828,11 +816,10 @@ impl UringBackend {
     }
 
     fn push_shutdown(&mut self, idx: u32) {
-        let slot = &mut self.slots[idx as usize];
-        let generation = slot.generation;
-        let Some(conn) = slot.conn.as_deref_mut() else {
+        let Some((key, conn)) = self.conns.at_mut(idx) else {
             return;
         };
+        let generation = key.generation;
         if conn.shutdown_inflight {
             return;
         }
@@ -849,7 +836,7 @@ impl UringBackend {
 
     /// Reports `closed` and starts releasing the connection.
     fn close_with(&mut self, idx: u32, reason: CloseReason, sink: &mut dyn EventSink) {
-        let Some(conn) = self.slots[idx as usize].conn.as_deref() else {
+        let Some(conn) = self.conn_at(idx) else {
             return;
         };
         if conn.closing {
@@ -864,11 +851,10 @@ impl UringBackend {
     /// Marks the connection closing (no more events), cancels its operations, and closes
     /// the fd once none is left.
     fn begin_close(&mut self, idx: u32) {
-        let slot = &mut self.slots[idx as usize];
-        let generation = slot.generation;
-        let Some(conn) = slot.conn.as_deref_mut() else {
+        let Some((key, conn)) = self.conns.at_mut(idx) else {
             return;
         };
+        let generation = key.generation;
         if conn.closing {
             return;
         }
@@ -895,14 +881,13 @@ impl UringBackend {
     /// Frees a closing connection's slot once no operation names it, closing its fd
     /// through the ring.
     fn maybe_finalize(&mut self, idx: u32) {
-        let slot = &mut self.slots[idx as usize];
-        match slot.conn.as_deref() {
+        match self.conn_at(idx) {
             Some(conn) if conn.closing && conn.ops() == 0 => {}
             _ => return,
         }
-        let Some(conn) = slot.conn.take() else { return };
-        slot.generation = (slot.generation + 1) & GEN_MASK;
-        self.free.push(idx);
+        let Some(conn) = self.conns.remove_at(idx) else {
+            return;
+        };
         let fd = conn.stream.into_raw_fd();
         let entry = opcode::Close::new(types::Fd(fd))
             .build()
@@ -951,6 +936,9 @@ impl UringBackend {
             // nothing else owns it.
             let stream = unsafe { net::TcpStream::from_raw_fd(res) };
             if !slot.closing && slot.listener.is_some() {
+                if self.accept.in_episode() {
+                    self.accept.succeeded(Instant::now());
+                }
                 self.on_accepted(stream, sink);
             }
         } else {
@@ -960,31 +948,26 @@ impl UringBackend {
                     tracing::debug!("io_uring: multishot accept unsupported; single-shot accept");
                     self.accept_multishot = false;
                 }
-                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
-                    if !slot.retry {
-                        tracing::warn!(error = %errno(res), "accept failed; pausing accepts for {ACCEPT_RETRY:?}");
+                errno => match AcceptError::of(errno) {
+                    AcceptError::Transient => {}
+                    AcceptError::Pause => {
+                        self.accept
+                            .failed(Instant::now(), &io::Error::from_raw_os_error(errno));
                     }
-                    slot.retry = true;
-                    self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
-                }
-                libc::EINTR | libc::EAGAIN | libc::ECONNABORTED | libc::EPROTO | libc::EPERM => {}
-                _ => {
-                    tracing::warn!(error = %errno(res), "accept failed");
-                    slot.retry = true;
-                    self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
-                }
+                },
             }
         }
+        let paused = self.accept.paused();
         let Some(slot) = self.listeners.get_mut(lidx) else {
             return;
         };
         if !slot.armed {
             if slot.closing {
                 slot.listener = None; // closes it
-            } else if !slot.retry {
+            } else if paused {
+                slot.retry = true; // re-armed when the pause is over (`poll`)
+            } else {
                 self.arm_accept(lidx);
-            } else if self.accept_retry_at.is_none() {
-                self.accept_retry_at = Some(Instant::now() + ACCEPT_RETRY);
             }
         }
     }
@@ -1007,14 +990,13 @@ impl UringBackend {
             );
             return;
         }
-        let idx = match self.alloc_slot() {
-            Ok(idx) => idx,
+        let idx = match self.conns.insert(Box::new(Conn::new(token, stream))) {
+            Ok(key) => key.index,
             Err(e) => {
                 sink.closed(token, CloseReason::Error(e));
                 return;
             }
         };
-        self.slots[idx as usize].conn = Some(Box::new(Conn::new(token, stream)));
         self.by_token.insert(token, idx);
         self.arm_recv(idx);
         self.arm_hup(idx);
@@ -1037,15 +1019,16 @@ impl UringBackend {
         }
         let bid = cqueue::buffer_select(flags);
         let Self {
-            slots,
+            conns,
             bufs,
             recv_multishot,
             ..
         } = self;
-        let conn = match slots.get_mut(idx as usize) {
-            Some(slot) if slot.generation == generation => slot.conn.as_deref_mut(),
-            _ => None,
+        let key = Key {
+            index: idx,
+            generation,
         };
+        let conn = conns.get_mut(key).map(|conn| &mut **conn);
         let Some(conn) = conn else {
             if let (Some(bid), Some(bufs)) = (bid, bufs.as_mut()) {
                 bufs.recycle(bid);
@@ -1180,7 +1163,7 @@ impl UringBackend {
             return;
         }
         conn.send.remaining -= n;
-        advance(&mut conn.send.bufs, n);
+        consume(&mut conn.send.bufs, n);
         if conn.send.remaining > 0 {
             self.submit_send(idx); // short write, or more than IOV_MAX buffers
             return;
@@ -1199,8 +1182,9 @@ impl UringBackend {
     fn run_ready(&mut self, sink: &mut dyn EventSink) -> bool {
         let mut delivered = false;
         let mut ready = mem::take(&mut self.ready);
-        for &(idx, generation) in &ready {
-            let Some(conn) = self.conn_mut(idx, generation) else {
+        for &key in &ready {
+            let idx = key.index;
+            let Some(conn) = self.conn_mut(idx, key.generation) else {
                 continue;
             };
             conn.queued = false;
@@ -1240,23 +1224,6 @@ impl UringBackend {
                 self.arm_accept(lidx);
             }
         }
-    }
-}
-
-/// Drops the first `n` bytes from the front of the queue.
-fn advance(out: &mut VecDeque<Bytes>, mut n: usize) {
-    while n > 0 {
-        let Some(front) = out.front_mut() else { return };
-        if n >= front.len() {
-            n -= front.len();
-            out.pop_front();
-        } else {
-            front.advance(n);
-            n = 0;
-        }
-    }
-    while out.front().is_some_and(Bytes::is_empty) {
-        out.pop_front();
     }
 }
 
@@ -1305,7 +1272,7 @@ impl Backend for UringBackend {
             bufs.clear();
             return;
         };
-        let Some(conn) = self.slots[idx as usize].conn.as_deref_mut() else {
+        let Some(conn) = self.conn_at(idx) else {
             return;
         };
         let total: usize = bufs.iter().map(Bytes::len).sum();
@@ -1330,11 +1297,10 @@ impl Backend for UringBackend {
         let Some(&idx) = self.by_token.get(&token) else {
             return;
         };
-        let slot = &mut self.slots[idx as usize];
-        let generation = slot.generation;
-        let Some(conn) = slot.conn.as_deref_mut() else {
+        let Some((key, conn)) = self.conns.at_mut(idx) else {
             return;
         };
+        let generation = key.generation;
         if conn.reading == reading {
             return;
         }
@@ -1361,7 +1327,7 @@ impl Backend for UringBackend {
         let Some(&idx) = self.by_token.get(&token) else {
             return;
         };
-        let Some(conn) = self.slots[idx as usize].conn.as_deref_mut() else {
+        let Some(conn) = self.conn_at(idx) else {
             return;
         };
         if conn.send.inflight {
@@ -1381,18 +1347,20 @@ impl Backend for UringBackend {
         self.wakeup.clone()
     }
 
+    fn accept_stats(&self) -> AcceptStats {
+        self.accept.stats()
+    }
+
     fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<()> {
         self.flush_backlog()?;
         let delivered = self.run_ready(sink);
         let mut timeout = timeout;
-        if let Some(at) = self.accept_retry_at {
+        if self.accept.paused() {
             let now = Instant::now();
-            if at <= now {
-                self.accept_retry_at = None;
+            if self.accept.due(now) {
                 self.rearm_listeners();
             } else {
-                let left = at - now;
-                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+                timeout = self.accept.bound_timeout(now, timeout);
             }
         }
         let pending = self.ring.submission().cq_overflow() || !self.ring.completion().is_empty();
@@ -1425,8 +1393,8 @@ impl Drop for UringBackend {
         }
         self.close_listeners();
         self.by_token.clear();
-        for idx in 0..self.slots.len() {
-            self.begin_close(idx as u32);
+        for idx in 0..self.conns.slots() {
+            self.begin_close(idx);
         }
         let deadline = Instant::now() + TEARDOWN_WAIT;
         while self.inflight > 0 {
@@ -1447,10 +1415,8 @@ impl Drop for UringBackend {
             if let Some(bufs) = self.bufs.take() {
                 mem::forget(bufs);
             }
-            for slot in &mut self.slots {
-                if let Some(conn) = slot.conn.take() {
-                    mem::forget(conn);
-                }
+            for conn in self.conns.drain() {
+                mem::forget(conn);
             }
         }
     }

@@ -64,6 +64,17 @@ impl Wakeup {
         })
     }
 
+    /// A wakeup around any descriptor (tests use one whose reads fail).
+    #[cfg(test)]
+    pub(crate) fn from_fd(fd: OwnedFd) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                fd,
+                pending: AtomicBool::new(false),
+            }),
+        }
+    }
+
     /// Wakes the worker. Costs one `write(2)` for the first wake since the worker last
     /// drained, nothing for the ones after it.
     pub fn wake(&self) {

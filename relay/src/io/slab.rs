@@ -1,0 +1,188 @@
+//! [`Slab`]: the generational slab both backends keep their connections in, and
+//! [`consume`], which drops written bytes from the front of a send queue.
+//!
+//! Owns slot reuse and the generation check that keeps a stale event or completion (which
+//! names a slot index and the generation it was issued under) from reaching a connection
+//! that reused the slot. It knows nothing of sockets or of either backend; each backend
+//! packs [`Key`]s into its own event tokens (mio tokens, io_uring `user_data`) with as many
+//! generation bits as its encoding leaves.
+
+use std::collections::VecDeque;
+use std::io;
+
+use bytes::{Buf, Bytes};
+
+/// Names one occupant of a slot: the slot's index and its generation when the value was
+/// inserted. The same index with another generation names another (or no) value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key {
+    /// The slot.
+    pub index: u32,
+    /// The slot's generation, masked to the slab's generation bits.
+    pub generation: u32,
+}
+
+#[derive(Debug)]
+struct Slot<T> {
+    generation: u32,
+    value: Option<T>,
+}
+
+/// Values in reusable slots; freed slots are reused last-in first-out, each reuse under a
+/// new generation.
+#[derive(Debug)]
+pub struct Slab<T> {
+    slots: Vec<Slot<T>>,
+    free: Vec<u32>,
+    generation_mask: u32,
+}
+
+impl<T> Slab<T> {
+    /// An empty slab whose generations wrap after `generation_bits` bits (1 to 32).
+    pub fn new(generation_bits: u32) -> Self {
+        debug_assert!((1..=32).contains(&generation_bits));
+        Self {
+            slots: Vec::new(),
+            free: Vec::new(),
+            generation_mask: u32::MAX >> (32 - generation_bits.clamp(1, 32)),
+        }
+    }
+
+    /// Stores `value` and returns its key. Fails only when every `u32` index is taken.
+    pub fn insert(&mut self, value: T) -> io::Result<Key> {
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None => {
+                let index = u32::try_from(self.slots.len())
+                    .map_err(|_| io::Error::other("too many connections for one worker"))?;
+                self.slots.push(Slot {
+                    generation: 0,
+                    value: None,
+                });
+                index
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        slot.value = Some(value);
+        Ok(Key {
+            index,
+            generation: slot.generation,
+        })
+    }
+
+    /// The value `key` names, if it is still there.
+    pub fn get_mut(&mut self, key: Key) -> Option<&mut T> {
+        let slot = self.slots.get_mut(key.index as usize)?;
+        if slot.generation != key.generation {
+            return None;
+        }
+        slot.value.as_mut()
+    }
+
+    /// Whatever occupies slot `index` now, with its key.
+    pub fn at_mut(&mut self, index: u32) -> Option<(Key, &mut T)> {
+        let slot = self.slots.get_mut(index as usize)?;
+        let key = Key {
+            index,
+            generation: slot.generation,
+        };
+        slot.value.as_mut().map(|value| (key, value))
+    }
+
+    /// Takes the value out of slot `index` and frees the slot under a new generation, so
+    /// that keys naming the old value no longer resolve.
+    pub fn remove_at(&mut self, index: u32) -> Option<T> {
+        let slot = self.slots.get_mut(index as usize)?;
+        let value = slot.value.take()?;
+        slot.generation = slot.generation.wrapping_add(1) & self.generation_mask;
+        self.free.push(index);
+        Some(value)
+    }
+
+    /// Slots ever allocated (occupied or free): every index below it may be passed to
+    /// [`Self::at_mut`] and [`Self::remove_at`].
+    pub fn slots(&self) -> u32 {
+        // `insert` never lets the length pass u32::MAX + 1; saturate rather than wrap.
+        u32::try_from(self.slots.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Takes every value out (teardown), leaving the slab empty.
+    pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
+        self.free.clear();
+        self.slots.drain(..).filter_map(|slot| slot.value)
+    }
+}
+
+/// Drops the first `n` bytes (what a write took) from the front of a send queue, and any
+/// empty buffers left at its front.
+pub fn consume(out: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = out.front_mut() else { return };
+        if n >= front.len() {
+            n -= front.len();
+            out.pop_front();
+        } else {
+            front.advance(n);
+            n = 0;
+        }
+    }
+    while out.front().is_some_and(Bytes::is_empty) {
+        out.pop_front();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reused_slot_does_not_answer_an_old_key() {
+        let mut slab = Slab::new(24);
+        let a = slab.insert("a").unwrap();
+        let b = slab.insert("b").unwrap();
+        assert_eq!((a.index, b.index), (0, 1));
+        assert_eq!(slab.remove_at(a.index), Some("a"));
+        assert_eq!(slab.remove_at(a.index), None, "already free");
+        assert!(slab.get_mut(a).is_none());
+        let c = slab.insert("c").unwrap();
+        assert_eq!(c.index, a.index, "the free slot is reused");
+        assert_ne!(c.generation, a.generation);
+        assert!(slab.get_mut(a).is_none(), "the old key names nothing");
+        assert_eq!(slab.get_mut(c), Some(&mut "c"));
+        assert_eq!(slab.at_mut(c.index).map(|(k, v)| (k, *v)), Some((c, "c")));
+        assert_eq!(slab.slots(), 2);
+        let mut rest: Vec<&str> = slab.drain().collect();
+        rest.sort_unstable();
+        assert_eq!(rest, ["b", "c"]);
+        assert_eq!(slab.slots(), 0);
+    }
+
+    #[test]
+    fn generations_wrap_within_their_bits() {
+        let mut slab = Slab::new(2);
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            let key = slab.insert(()).unwrap();
+            seen.push(key.generation);
+            slab.remove_at(key.index);
+        }
+        assert_eq!(seen, [0, 1, 2, 3, 0]);
+    }
+
+    #[test]
+    fn consume_drops_written_bytes_and_empty_fronts() {
+        let mut q: VecDeque<Bytes> = [
+            Bytes::from_static(b"abc"),
+            Bytes::new(),
+            Bytes::from_static(b"de"),
+        ]
+        .into();
+        consume(&mut q, 2);
+        assert_eq!(q[0], Bytes::from_static(b"c"));
+        consume(&mut q, 1);
+        assert_eq!(q.len(), 1, "the empty buffer after it goes too");
+        consume(&mut q, 5);
+        assert!(q.is_empty());
+    }
+}

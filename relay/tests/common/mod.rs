@@ -1,0 +1,127 @@
+//! What the integration tests that spawn the real binary (`relay`) share: the child process
+//! with its log lines, and reading addresses out of those lines.
+
+#![allow(dead_code)] // reason: each test file uses a part of this module
+#![allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The longest a spawned relay may take to log a line or exit.
+pub const WAIT: Duration = Duration::from_secs(10);
+/// The binary under test.
+pub const RELAY: &str = env!("CARGO_BIN_EXE_relay");
+
+/// The spawned relay, killed if the test fails before it exits.
+pub struct Daemon {
+    child: Child,
+    log: crossbeam_channel::Receiver<String>,
+    /// Log lines read so far.
+    pub seen: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts `relay --config <config>` with a clean logging environment and its stderr
+    /// read line by line; `setup` adds to the command (environment, limits).
+    pub fn spawn(config: &std::path::Path, setup: impl FnOnce(&mut Command)) -> Daemon {
+        let mut cmd = Command::new(RELAY);
+        cmd.arg("--config")
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("WATCHDOG_PID")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        setup(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, log) = crossbeam_channel::unbounded();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Daemon {
+            child,
+            log,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line containing `needle` (or finds it among those already read).
+    pub fn wait_log(&mut self, needle: &str) -> String {
+        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.log.recv_deadline(deadline) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line with {needle:?}; log so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Sends `signal` to the relay.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) with our own child's pid and a valid signal number.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits for the relay to exit.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the relay did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the relay to exit, then returns its whole log.
+    pub fn into_log(mut self) -> Vec<String> {
+        self.wait_exit();
+        // The reader thread sends the last line before it sees EOF and hangs up.
+        while let Ok(line) = self.log.recv_timeout(WAIT) {
+            self.seen.push(line);
+        }
+        std::mem::take(&mut self.seen)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The address in a log line's `addr=` field.
+pub fn addr_in(line: &str) -> SocketAddr {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .unwrap_or_else(|| panic!("no addr= in {line:?}"))
+        .parse()
+        .unwrap()
+}

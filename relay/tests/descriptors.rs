@@ -1,0 +1,172 @@
+//! File descriptors: the real binary (`relay`) started under a low `RLIMIT_NOFILE`, once per
+//! backend. It must clamp `limits.max_connections` to what the descriptors allow (one log
+//! line), turn the clients past the clamp away with GOAWAY(overload) instead of running out
+//! of descriptors, and keep the clamp when a reload asks for more.
+//!
+//! Every wait is bounded: a hang fails the test.
+
+#![allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+
+use bytes::{Bytes, BytesMut};
+use pabal_codec::{ClientSession, Decoder, GoAwayReason, Limits, ServerFrame};
+use pabal_relay::io::probe::{self, BackendOptions};
+
+mod common;
+use common::{Daemon, WAIT, addr_in};
+/// The relay's hard descriptor limit; it starts with a lower soft one and must raise it.
+const NOFILE_HARD: u64 = 256;
+const NOFILE_SOFT: u64 = 128;
+const RESERVED_FDS: usize = 64;
+/// Clients beyond the clamp.
+const EXTRA: usize = 5;
+
+fn config(backend: &str, max_connections: Option<usize>) -> String {
+    let max = max_connections.map_or(String::new(), |n| format!("max_connections = {n}\n"));
+    format!(
+        "listen = \"127.0.0.1:0\"\nworkers = 1\npin_workers = false\nio_backend = \"{backend}\"\n\
+         [control]\nlisten = \"127.0.0.1:0\"\n\
+         [limits]\n{max}reserved_fds = {RESERVED_FDS}\nnew_connections_per_second = 1000000.0\n\
+         [log]\nlevel = \"info\"\nformat = \"text\"\n"
+    )
+}
+
+/// What the relay answered a HELLO with.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    Welcome,
+    Overload,
+}
+
+/// Connects, says HELLO as `user`, and returns the connection with the relay's first answer.
+fn hello(addr: SocketAddr, user: &str) -> (TcpStream, Answer) {
+    let mut stream = TcpStream::connect_timeout(&addr, WAIT).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut out = BytesMut::new();
+    ClientSession::new()
+        .hello(Bytes::copy_from_slice(user.as_bytes()), 0)
+        .encode(&mut out);
+    // A refused client may be closed before its HELLO is read: the answer is what counts.
+    let _ = stream.write_all(&out);
+    let decoder = Decoder::new(Limits::default());
+    let mut rbuf = BytesMut::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match decoder.decode_server(&mut rbuf).unwrap() {
+            Some(ServerFrame::Welcome(_)) => return (stream, Answer::Welcome),
+            Some(ServerFrame::GoAway(g)) if g.reason == GoAwayReason::Overload => {
+                return (stream, Answer::Overload);
+            }
+            Some(other) => panic!("{user}: unexpected first frame {other:?}"),
+            None => {}
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => panic!("{user}: closed without an answer"),
+            Ok(n) => rbuf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("{user}: no answer: {e}"),
+        }
+    }
+}
+
+fn clients_past_the_descriptor_clamp_get_goaway_overload(backend: &str) {
+    let dir = std::env::temp_dir().join(format!("pabal-fds-{}-{backend}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("relay.toml");
+    std::fs::write(&path, config(backend, None)).unwrap();
+    let mut daemon = Daemon::spawn(&path, |cmd| {
+        let limit = libc::rlimit {
+            rlim_cur: NOFILE_SOFT,
+            rlim_max: NOFILE_HARD,
+        };
+        // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and
+        // `limit` is a plain value moved into the closure.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    });
+    let addr = addr_in(&daemon.wait_log("relay listening"));
+
+    // The one clamp line, with the raised soft limit.
+    let clamp = daemon
+        .seen
+        .iter()
+        .find(|l| l.contains("limits.max_connections clamped"))
+        .unwrap_or_else(|| panic!("no clamp line; log:\n{}", daemon.seen.join("\n")))
+        .clone();
+    let expect = format!("because RLIMIT_NOFILE is {NOFILE_HARD}");
+    assert!(
+        clamp.contains("clamped from 1000000 to") && clamp.contains(&expect),
+        "{clamp}"
+    );
+    let cap: usize = clamp
+        .split("clamped from 1000000 to ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number in {clamp:?}"));
+    assert!(cap > 0 && (cap as u64) < NOFILE_HARD, "{clamp}");
+
+    // Every client up to the clamp is welcomed; the ones past it are turned away.
+    let mut held = Vec::new();
+    for i in 0..cap {
+        let (stream, answer) = hello(addr, &format!("user{i}"));
+        assert_eq!(answer, Answer::Welcome, "client {i} of {cap}");
+        held.push(stream);
+    }
+    for i in 0..EXTRA {
+        let (_stream, answer) = hello(addr, &format!("extra{i}"));
+        assert_eq!(answer, Answer::Overload, "extra client {i}");
+    }
+
+    // A reload that asks for more connections than descriptors is clamped the same way.
+    std::fs::write(&path, config(backend, Some(1_000_000))).unwrap();
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log("configuration reloaded");
+    let (_stream, answer) = hello(addr, "after-reload");
+    assert_eq!(answer, Answer::Overload, "the reload kept the clamp");
+
+    drop(held);
+    daemon.signal(libc::SIGTERM);
+    let log = daemon.into_log();
+    let at_start = log
+        .iter()
+        .take_while(|l| !l.contains("relay listening"))
+        .filter(|l| l.contains("limits.max_connections clamped"))
+        .count();
+    assert_eq!(
+        at_start,
+        1,
+        "one clamp line at start; log:\n{}",
+        log.join("\n")
+    );
+    let exhausted: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("accept failed") || l.contains("Too many open files"))
+        .collect();
+    assert!(exhausted.is_empty(), "descriptors ran out: {exhausted:#?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn epoll_clamps_to_the_descriptor_limit() {
+    clients_past_the_descriptor_clamp_get_goaway_overload("epoll");
+}
+
+#[test]
+fn io_uring_clamps_to_the_descriptor_limit() {
+    if let Err(e) = probe::probe_uring(&BackendOptions::default()) {
+        eprintln!("skipping the io_uring variant: {e}");
+        return;
+    }
+    clients_past_the_descriptor_clamp_get_goaway_overload("io_uring");
+}
