@@ -108,6 +108,8 @@ struct OwnedRoom {
     /// Members (rooms) or subscribers (channels); the directory holds the same facts by
     /// user, and every change to both goes through this owner.
     members: HashSet<Text>,
+    /// The server API's recent `Idempotency-Key`s and the sequences they got.
+    idempotency: crate::idempotency::IdempotencyWindow<u64>,
 }
 
 /// Shutdown progress.
@@ -860,6 +862,7 @@ impl Core {
             history: History::new(retention),
             interest: vec![0; cores],
             members: HashSet::new(),
+            idempotency: crate::idempotency::IdempotencyWindow::new(),
         })
     }
 

@@ -82,7 +82,8 @@ pub struct Added {
 #[derive(Debug)]
 pub struct Directory {
     shards: Box<[RwLock<HashMap<Text, UserEntry>>]>,
-    max_rooms_per_user: usize,
+    /// `limits.max_rooms_per_user`: a setting a reload changes ([`Directory::set_max_rooms_per_user`]).
+    max_rooms_per_user: std::sync::atomic::AtomicUsize,
 }
 
 impl Directory {
@@ -91,8 +92,15 @@ impl Directory {
         let shards = shards.clamp(1, 1024).next_power_of_two();
         Directory {
             shards: (0..shards).map(|_| RwLock::new(HashMap::new())).collect(),
-            max_rooms_per_user,
+            max_rooms_per_user: max_rooms_per_user.into(),
         }
+    }
+
+    /// Changes the rooms-per-user limit (a reload): later joins are checked against it;
+    /// a user above a lowered limit keeps their rooms but joins no more.
+    pub fn set_max_rooms_per_user(&self, max: usize) {
+        self.max_rooms_per_user
+            .store(max, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn shard(&self, user: &Text) -> &RwLock<HashMap<Text, UserEntry>> {
@@ -165,10 +173,11 @@ impl Directory {
                 cores: entry.cores(),
             });
         }
-        if entry.rooms.len() >= self.max_rooms_per_user {
-            return Err(DirectoryError::TooManyRooms {
-                max: self.max_rooms_per_user,
-            });
+        let max = self
+            .max_rooms_per_user
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if entry.rooms.len() >= max {
+            return Err(DirectoryError::TooManyRooms { max });
         }
         entry.rooms.insert(room.clone(), join);
         Ok(Added {
