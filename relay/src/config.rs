@@ -316,9 +316,9 @@ impl ControlConfig {
     /// is trimmed), so an empty or short key never reaches the listener.
     pub fn load_api_key(&self) -> Result<Option<String>, ConfigError> {
         if let Some(path) = &self.api_key_file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.display().to_string(),
-                source,
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+                field: "control.api_key_file",
+                why: format!("cannot read {}: {e}", path.display()),
             })?;
             let key = text
                 .strip_suffix('\n')

@@ -301,6 +301,15 @@ impl Relay {
         new.validate()?;
         let old = self.config();
         let plan = crate::reload::Plan::new(&old, &new)?;
+        if let Err(e) = plan.effective.validate() {
+            // Valid only together with what needs a restart (e.g. `auth.mode` and its
+            // `[auth.jwt]`): half of it would leave the relay in a state no file describes.
+            bail!(
+                "the new configuration holds only with {} changed, which needs a restart; \
+                 nothing was reloaded: {e}",
+                plan.needs_restart.join(", ")
+            );
+        }
         let new = plan.effective;
         let verifier = match &new.auth.jwt {
             Some(jwt) => Some(Arc::new(
@@ -312,14 +321,20 @@ impl Relay {
         *self.shared.verifier.write() = verifier;
         self.directory
             .set_max_rooms_per_user(new.limits.max_rooms_per_user);
+        let mut live = plan.live;
         if let Some(plane) = self.control_plane() {
+            let rotated = !plane.settings().same_key(&control);
+            if rotated && !live.iter().any(|f| f.starts_with("control.api_key")) {
+                // Same path, new contents.
+                live.push("control.api_key_file (new key in the file)".into());
+            }
             plane.install(control);
         }
         let new = Arc::new(new);
         *self.config.lock() = new.clone();
         self.mesh.broadcast(|| CoreMsg::Reload(new.clone()));
         Ok(ReloadReport {
-            live: plan.live,
+            live,
             needs_restart: plan.needs_restart,
         })
     }

@@ -123,6 +123,16 @@ impl Settings {
         })
     }
 
+    /// Whether both hold the same API key (a reload that re-read an unchanged path may
+    /// still have found a new key in the file).
+    pub fn same_key(&self, other: &Settings) -> bool {
+        match (&self.key, &other.key) {
+            (Some(ApiKey(a)), Some(ApiKey(b))) => a.as_bytes().ct_eq(b.as_bytes()).into(),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
     /// The `[control]` section in force.
     pub fn config(&self) -> &ControlConfig {
         &self.config
@@ -152,6 +162,8 @@ impl Settings {
 #[derive(Debug, Default)]
 pub(crate) struct Holdings {
     connections: AtomicUsize,
+    /// Connections past `max_connections` being answered 503.
+    refusals: AtomicUsize,
     in_flight: AtomicUsize,
     streams: AtomicUsize,
 }

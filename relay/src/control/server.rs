@@ -230,12 +230,36 @@ fn admit(ctx: &Arc<Ctx>, stream: TcpStream) {
     let settings = ctx.plane.settings.read().clone();
     let max = settings.config().max_connections;
     let Some(slot) = Slot::take(&ctx.plane, |h| &h.connections, max) else {
-        // A fresh socket's send buffer takes this whole; if not, the close says enough.
-        let _ = stream.try_write(BUSY);
+        // Answered and drained briefly (closing with the request unread would reset the
+        // connection and lose the answer), as long as refusals in progress stay under the
+        // same bound; past it, closed at once.
+        if let Some(refusal) = Slot::take(&ctx.plane, |h| &h.refusals, max) {
+            tokio::spawn(refuse(stream, refusal));
+        }
         return;
     };
     let _ = stream.set_nodelay(true);
     tokio::spawn(connection(ctx.clone(), stream, settings, slot));
+}
+
+/// Answers 503, stops writing, and reads what the client sent for up to a second, so the
+/// close does not reset the connection before the client reads the answer.
+async fn refuse(mut stream: TcpStream, _slot: Slot) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let drain = async {
+        stream.write_all(BUSY).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// One connection under the bounds in force when it was accepted.
