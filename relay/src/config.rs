@@ -201,21 +201,57 @@ pub struct ShutdownConfig {
 }
 
 /// `[control]`: the server API for app servers, `/metrics` and health checks, on a listener
-/// of its own (never the client port).
+/// of its own (never the client port). Every bound below protects that listener from its
+/// clients; all of them except `listen` change on a reload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
     /// Where the control API listens; empty string disables it. Default `127.0.0.1:7701`.
     pub listen: String,
-    /// File holding the API key app servers present (`Authorization: Bearer KEY`). Required
-    /// when `listen` is not loopback. Default: none (loopback only).
+    /// File holding the API key app servers present (`Authorization: Bearer KEY`): at least
+    /// 16 bytes after a trailing newline is trimmed. Required (or `api_key`) when `listen` is
+    /// not loopback. Default: none (loopback only).
     pub api_key_file: Option<std::path::PathBuf>,
-    /// The API key inline (development; prefer `api_key_file`). Default: none.
+    /// The API key inline (development; prefer `api_key_file`), same rule: at least 16
+    /// bytes. Default: none.
     pub api_key: Option<String>,
-    /// Largest request body, bytes. Default 1 MiB.
+    /// Largest request body, bytes (past it: 413, without reading it). Default 1 MiB.
     pub max_body: usize,
     /// Whether `/metrics` and the health endpoints also need the key. Default false.
     pub metrics_need_key: bool,
+    /// Connections open at once; one past it is closed at once with a 503. Default 256.
+    pub max_connections: usize,
+    /// API requests being served at once; past it: 503 with `Retry-After`. Default 64.
+    pub max_in_flight: usize,
+    /// `GET /v1/events` streams open at once; past it: 503. Default 16.
+    pub max_event_streams: usize,
+    /// Largest request line plus headers, bytes; past it: 431. Default 16 KiB.
+    pub max_header_bytes: usize,
+    /// Most request headers; past it: 431. Default 64.
+    pub max_headers: usize,
+    /// The request line and headers must arrive within this; it also bounds how long a
+    /// keep-alive connection may wait idle for its next request. Default 10 s.
+    #[serde(with = "humantime_secs")]
+    pub header_timeout: Duration,
+    /// The body must arrive within this after the headers (past it: 408). Default 10 s.
+    #[serde(with = "humantime_secs")]
+    pub body_timeout: Duration,
+    /// A connection on which no byte moves either way for this long is closed (a client
+    /// that stops reading its answer). Default 60 s.
+    #[serde(with = "humantime_secs")]
+    pub idle_timeout: Duration,
+    /// How long a call waits for the worker that executes it; past it: 504, and the
+    /// operation may still complete. Default 5 s.
+    #[serde(with = "humantime_secs")]
+    pub reply_timeout: Duration,
+    /// A comment line on every `GET /v1/events` stream this often. Default 15 s.
+    #[serde(with = "humantime_secs")]
+    pub event_keepalive: Duration,
+    /// `Idempotency-Key`s each room's owner remembers (the oldest goes first). Default 1024.
+    pub idempotency_keys: usize,
+    /// How long a room's owner remembers an `Idempotency-Key`. Default 10 min.
+    #[serde(with = "humantime_secs")]
+    pub idempotency_max_age: Duration,
 }
 
 /// `[limits]`: each hit is refused with a clear error and counted.
@@ -265,6 +301,18 @@ impl Default for ControlConfig {
             api_key: None,
             max_body: 1024 * 1024,
             metrics_need_key: false,
+            max_connections: 256,
+            max_in_flight: 64,
+            max_event_streams: 16,
+            max_header_bytes: 16 * 1024,
+            max_headers: 64,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            reply_timeout: Duration::from_secs(5),
+            event_keepalive: Duration::from_secs(15),
+            idempotency_keys: 1024,
+            idempotency_max_age: Duration::from_secs(600),
         }
     }
 }
@@ -288,22 +336,28 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The fewest bytes an API key may have.
+pub const MIN_API_KEY_LEN: usize = 16;
+
 impl ControlConfig {
-    /// The API key, read from the file or taken inline; `None` when neither is set.
+    /// The API key, read from the file or taken inline; `None` when neither is set. Both
+    /// follow one rule ([`MIN_API_KEY_LEN`] bytes at least, after a file's trailing newline
+    /// is trimmed), so an empty or short key never reaches the listener.
     pub fn load_api_key(&self) -> Result<Option<String>, ConfigError> {
         if let Some(path) = &self.api_key_file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.display().to_string(),
-                source,
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+                field: "control.api_key_file",
+                why: format!("cannot read {}: {e}", path.display()),
             })?;
-            let key = text.trim_end_matches(['\n', '\r']).to_string();
-            if key.len() < 16 {
-                return Err(ConfigError::Invalid {
-                    field: "control.api_key_file",
-                    why: "the key must be at least 16 bytes".into(),
-                });
-            }
-            return Ok(Some(key));
+            let key = text
+                .strip_suffix('\n')
+                .map(|k| k.strip_suffix('\r').unwrap_or(k))
+                .unwrap_or(&text);
+            check_api_key("control.api_key_file", key)?;
+            return Ok(Some(key.to_string()));
+        }
+        if let Some(key) = &self.api_key {
+            check_api_key("control.api_key", key)?;
         }
         Ok(self.api_key.clone())
     }
@@ -321,6 +375,92 @@ impl ControlConfig {
                 why: format!("`{}`: {e}", self.listen),
             })
     }
+}
+
+impl ControlConfig {
+    /// Checks `[control]` without reading files (`--check-config` and a reload also load
+    /// `api_key_file`: [`Config::check_files`]).
+    fn validate(&self, client_listen: SocketAddr) -> Result<(), ConfigError> {
+        fn invalid(field: &'static str, why: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                field,
+                why: why.into(),
+            }
+        }
+        if self.api_key.is_some() && self.api_key_file.is_some() {
+            return Err(invalid(
+                "control.api_key",
+                "set either control.api_key or control.api_key_file, not both",
+            ));
+        }
+        if let Some(key) = &self.api_key {
+            check_api_key("control.api_key", key)?;
+        }
+        if let Some(addr) = self.listen_addr()? {
+            if addr == client_listen && addr.port() != 0 {
+                return Err(invalid("control.listen", "must differ from `listen`"));
+            }
+            let has_key = self.api_key_file.is_some() || self.api_key.is_some();
+            if !addr.ip().is_loopback() && !has_key {
+                return Err(invalid(
+                    "control.api_key_file",
+                    format!("required when control.listen ({addr}) is not loopback"),
+                ));
+            }
+        }
+        for (field, value) in [
+            ("control.max_body", self.max_body),
+            ("control.max_connections", self.max_connections),
+            ("control.max_in_flight", self.max_in_flight),
+            ("control.max_event_streams", self.max_event_streams),
+            ("control.max_headers", self.max_headers),
+            ("control.idempotency_keys", self.idempotency_keys),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be > 0"));
+            }
+        }
+        if !(1024..=1024 * 1024).contains(&self.max_header_bytes) {
+            return Err(invalid(
+                "control.max_header_bytes",
+                "must be 1 KiB ..= 1 MiB",
+            ));
+        }
+        for (field, value) in [
+            ("control.header_timeout", self.header_timeout),
+            ("control.body_timeout", self.body_timeout),
+            ("control.idle_timeout", self.idle_timeout),
+            ("control.reply_timeout", self.reply_timeout),
+            ("control.event_keepalive", self.event_keepalive),
+            ("control.idempotency_max_age", self.idempotency_max_age),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(field, "must be > 0"));
+            }
+        }
+        if self.event_keepalive >= self.idle_timeout {
+            return Err(invalid(
+                "control.event_keepalive",
+                "must be shorter than control.idle_timeout (the stream would be closed as idle)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The one rule for API keys, inline or from a file.
+fn check_api_key(field: &'static str, key: &str) -> Result<(), ConfigError> {
+    if key.len() < MIN_API_KEY_LEN {
+        let what = if key.is_empty() { "empty" } else { "too short" };
+        return Err(ConfigError::Invalid {
+            field,
+            why: format!(
+                "the key is {what} ({} bytes); it must be at least {MIN_API_KEY_LEN} bytes",
+                key.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// `[log]`
@@ -480,6 +620,17 @@ impl Config {
         }
     }
 
+    /// Loads every file the configuration names (the API key file, the token keys) and
+    /// applies the rules their contents must follow; [`Config::validate`] reads no file.
+    /// `--check-config` runs both, so what it accepts, a start or a reload accepts too.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        self.control.load_api_key()?;
+        if let Some(jwt) = &self.auth.jwt {
+            crate::auth::Verifier::from_config(jwt)?;
+        }
+        Ok(())
+    }
+
     /// Checks every field the types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn invalid(field: &'static str, why: impl Into<String>) -> ConfigError {
@@ -570,18 +721,7 @@ impl Config {
                 return Err(invalid("retention.override.max_messages", "must be > 0"));
             }
         }
-        if let Some(addr) = self.control.listen_addr()? {
-            if addr == self.listen && addr.port() != 0 {
-                return Err(invalid("control.listen", "must differ from `listen`"));
-            }
-            let has_key = self.control.api_key_file.is_some() || self.control.api_key.is_some();
-            if !addr.ip().is_loopback() && !has_key {
-                return Err(invalid(
-                    "control.api_key_file",
-                    format!("required when control.listen ({addr}) is not loopback"),
-                ));
-            }
-        }
+        self.control.validate(self.listen)?;
         let l = &self.limits;
         if l.max_connections == 0 || l.max_connections_per_user == 0 || l.max_rooms_per_user == 0 {
             return Err(invalid("limits", "connection and room limits must be > 0"));

@@ -113,6 +113,8 @@ struct OwnedRoom {
     members: HashSet<Text>,
     /// In the worker's queue of idle rooms to check for eviction.
     idle_queued: bool,
+    /// The server API's recent `Idempotency-Key`s and the sequences they got.
+    idempotency: crate::idempotency::IdempotencyWindow<u64>,
 }
 
 impl OwnedRoom {
@@ -1008,6 +1010,7 @@ impl Core {
                 interest: vec![0; self.cores],
                 members: HashSet::new(),
                 idle_queued: false,
+                idempotency: crate::idempotency::IdempotencyWindow::new(),
             },
         );
         self.stats

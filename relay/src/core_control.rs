@@ -6,40 +6,89 @@
 
 use std::collections::HashSet;
 
+use bytes::Bytes;
 use pabal_codec::{GoAway, GoAwayReason, LeftReason, ServerFrame, Text};
 
 use super::Core;
 use crate::directory::DirectoryError;
-use crate::mesh::{ControlOp, ControlReply, RoomInfo};
+use crate::idempotency::IdempotencyKey;
+use crate::ids::RoomName;
+use crate::mesh::{ControlOp, ControlRefusal, ControlReply, Published, RoomInfo};
 use crate::stats::inc;
 
+impl ControlOp {
+    /// Whether the operation changes state (refused while draining); reads are not.
+    fn mutates(&self) -> bool {
+        match self {
+            ControlOp::Publish { .. }
+            | ControlOp::PublishMany { .. }
+            | ControlOp::Members { .. }
+            | ControlOp::Kick { .. } => true,
+            ControlOp::Info { .. } | ControlOp::History { .. } => false,
+        }
+    }
+}
+
 impl Core {
+    /// Publishes as the server API, once per `key`: a key this room recorded within
+    /// `control.idempotency_max_age` answers with the first sequence and publishes nothing.
+    fn publish_once(
+        &mut self,
+        room: RoomName,
+        sender: Text,
+        payload: Bytes,
+        key: Option<IdempotencyKey>,
+    ) -> Published {
+        let (now, max_keys, max_age) = (
+            self.now,
+            self.config.control.idempotency_keys,
+            self.config.control.idempotency_max_age,
+        );
+        if let Some(key) = &key
+            && let Some(seq) = self.owned_room(&room).idempotency.get(key, now, max_age)
+        {
+            return Published::Repeat { seq };
+        }
+        let seq = self.accept_publish(room.clone(), None, sender, payload);
+        if let Some(key) = key {
+            self.owned_room(&room)
+                .idempotency
+                .record(key, seq, now, max_keys, max_age);
+        }
+        Published::New { seq }
+    }
+
     /// Executes a server-API request.
     pub(super) fn control(&mut self, op: ControlOp) -> ControlReply {
+        if self.shutdown.draining && op.mutates() {
+            // Accepted after the shutdown fences, it would reach nobody before GOAWAY.
+            return ControlReply::Refused(ControlRefusal::Draining);
+        }
         match op {
             ControlOp::Publish {
                 room,
                 sender,
                 payload,
                 ephemeral,
+                key,
             } => {
                 if ephemeral {
                     self.broadcast_ephemeral(&room, None, sender, payload);
-                    return ControlReply::Published { seq: None };
+                    return ControlReply::Published(None);
                 }
-                let seq = self.accept_publish(room, None, sender, payload);
-                ControlReply::Published { seq: Some(seq) }
+                ControlReply::Published(Some(self.publish_once(room, sender, payload, key)))
             }
             ControlOp::PublishMany {
                 rooms,
                 sender,
                 payload,
+                key,
             } => {
                 let mut out = Vec::with_capacity(rooms.len());
                 for room in rooms {
-                    let seq =
-                        self.accept_publish(room.clone(), None, sender.clone(), payload.clone());
-                    out.push((room, seq));
+                    let done =
+                        self.publish_once(room.clone(), sender.clone(), payload.clone(), key);
+                    out.push((room, Ok(done)));
                 }
                 ControlReply::PublishedMany(out)
             }

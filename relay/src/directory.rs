@@ -122,6 +122,12 @@ impl Directory {
         self.max_blocked_per_user.store(max, Ordering::Relaxed);
     }
 
+    /// Changes the rooms-per-user limit (a reload): later joins are checked against it;
+    /// a user above a lowered limit keeps their rooms but joins no more.
+    pub fn set_max_rooms_per_user(&self, max: usize) {
+        self.max_rooms_per_user.store(max, Ordering::Relaxed);
+    }
+
     fn shard(&self, user: &Text) -> &RwLock<HashMap<Text, UserEntry>> {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for &b in user.as_bytes().iter() {

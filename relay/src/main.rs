@@ -67,7 +67,9 @@ fn main() -> ExitCode {
     }
     let journal = stderr_is_journal();
     if let Some(path) = &cli.check_config {
-        return match Config::load(path) {
+        // Every file the configuration names is read too (API key, token keys): what passes
+        // here passes at start and at the reload `systemctl reload` sends next.
+        return match Config::load(path).and_then(|c| c.check_files().map(|()| c)) {
             Ok(config) => {
                 if !cli.quiet {
                     print!("{}", config.to_toml());
@@ -177,47 +179,32 @@ fn reload(relay: &Relay, path: Option<&Path>, log: &LogControl) {
         return;
     };
     watchdog::notify_reloading();
-    let old = relay.config();
     let outcome = Config::load(path)
         .map_err(anyhow::Error::from)
-        .and_then(|new| {
-            let changed = config_diff(&old, &new);
-            let log_config = new.log.clone();
-            relay
-                .reload(new)
-                .map(|report| (report, changed, log_config))
-        });
+        .and_then(|new| relay.reload(new));
     match outcome {
-        Ok((report, changed, log_config)) => {
-            let mut restart: Vec<&str> = report.needs_restart.clone();
-            if log_config.format != old.log.format {
-                restart.push("log.format");
-            }
-            if log_config.level != old.log.level {
-                match log.set_level(&log_config.level) {
+        Ok(report) => {
+            // log.level is classified live: this binary owns the log filter and applies it.
+            if report.live.iter().any(|f| f == "log.level") {
+                match log.set_level(&relay.config().log.level) {
                     Ok(true) => {}
                     Ok(false) => tracing::info!("log.level changed, but RUST_LOG overrides it"),
                     Err(e) => tracing::warn!("cannot apply log.level: {e:#}"),
                 }
             }
-            let live: Vec<&str> = changed
-                .iter()
-                .map(String::as_str)
-                .filter(|field| !restart.iter().any(|r| covers(r, field)))
-                .collect();
-            let live = if live.is_empty() {
+            let live = if report.live.is_empty() {
                 "nothing".to_string()
             } else {
-                live.join(", ")
+                report.live.join(", ")
             };
-            if restart.is_empty() {
+            if report.needs_restart.is_empty() {
                 tracing::info!(path = %path.display(), "configuration reloaded; changed live: {live}");
             } else {
                 tracing::warn!(
                     path = %path.display(),
                     "configuration reloaded; changed live: {live}; needs a restart, running \
                      value kept: {}",
-                    restart.join(", ")
+                    report.needs_restart.join(", ")
                 );
             }
         }
@@ -236,50 +223,6 @@ fn reload(relay: &Relay, path: Option<&Path>, log: &LogControl) {
             relay.backend()
         )),
     ]);
-}
-
-/// Whether the reload report's `field` (e.g. `auth.mode`) covers a changed path.
-fn covers(field: &str, changed: &str) -> bool {
-    changed == field
-        || changed
-            .strip_prefix(field)
-            .is_some_and(|rest| rest.starts_with('.'))
-}
-
-/// The dotted paths of every field whose value differs (`limits.publish_rate`); tables
-/// are walked, anything else (arrays such as `retention.override`) compares whole.
-fn config_diff(old: &Config, new: &Config) -> Vec<String> {
-    match (toml::Value::try_from(old), toml::Value::try_from(new)) {
-        (Ok(a), Ok(b)) => {
-            let mut out = Vec::new();
-            diff_values("", &a, &b, &mut out);
-            out
-        }
-        _ => vec!["(cannot compare)".to_string()],
-    }
-}
-
-fn diff_values(path: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
-    match (a, b) {
-        (toml::Value::Table(a), toml::Value::Table(b)) => {
-            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            for key in keys {
-                let child = if path.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{path}.{key}")
-                };
-                match (a.get(key), b.get(key)) {
-                    (Some(x), Some(y)) => diff_values(&child, x, y, out),
-                    _ => out.push(child),
-                }
-            }
-        }
-        _ if a != b => out.push(path.to_string()),
-        _ => {}
-    }
 }
 
 /// Collapses a multi-line message (TOML errors show the offending line) into one line, so
@@ -486,27 +429,6 @@ mod tests {
     #![allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
 
     use super::*;
-
-    #[test]
-    fn the_diff_names_changed_fields_by_path() {
-        let old = Config::default();
-        let mut new = Config::default();
-        new.limits.publish_rate = 100.0;
-        new.retention.max_messages = 5;
-        new.workers = 3;
-        assert_eq!(
-            config_diff(&old, &new),
-            ["limits.publish_rate", "retention.max_messages", "workers"]
-        );
-        assert!(config_diff(&old, &old).is_empty());
-    }
-
-    #[test]
-    fn restart_fields_cover_their_subfields_only() {
-        assert!(covers("auth.mode", "auth.mode"));
-        assert!(covers("auth", "auth.mode"));
-        assert!(!covers("listen", "listen_backlog"));
-    }
 
     #[test]
     fn multi_line_messages_become_one_line() {

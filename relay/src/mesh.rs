@@ -15,6 +15,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use pabal_codec::{ErrorCode, LeftReason, Text};
 
+use crate::idempotency::IdempotencyKey;
 use crate::ids::{CoreId, Origin, RoomName, StoredRef};
 use crate::io::Wakeup;
 
@@ -255,8 +256,8 @@ pub enum CoreMsg {
     Control {
         /// What to do.
         op: ControlOp,
-        /// Where the answer goes (the API thread waits on it).
-        reply: Sender<ControlReply>,
+        /// Where the answer goes (the control plane awaits it; sending needs no runtime).
+        reply: tokio::sync::oneshot::Sender<ControlReply>,
     },
 
     // ---- lifecycle ---------------------------------------------------------------------
@@ -296,8 +297,12 @@ pub enum ControlOp {
         payload: Bytes,
         /// Not sequenced, not stored.
         ephemeral: bool,
+        /// The caller's `Idempotency-Key`: a key the room saw recently returns the first
+        /// sequence and publishes nothing.
+        key: Option<IdempotencyKey>,
     },
-    /// Publish one message into several rooms owned by this worker.
+    /// Publish one message into several rooms owned by this worker; each room is answered
+    /// on its own.
     PublishMany {
         /// The rooms.
         rooms: Vec<RoomName>,
@@ -305,6 +310,8 @@ pub enum ControlOp {
         sender: Text,
         /// The body.
         payload: Bytes,
+        /// The caller's `Idempotency-Key`, remembered by each room.
+        key: Option<IdempotencyKey>,
     },
     /// Change membership (rooms) or subscriptions (channels).
     Members {
@@ -357,16 +364,47 @@ pub struct RoomInfo {
     pub retention: crate::config::Retention,
 }
 
+/// How one room took a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Sequenced now.
+    New {
+        /// The sequence given.
+        seq: u64,
+    },
+    /// The `Idempotency-Key` was seen: nothing was published again.
+    Repeat {
+        /// The sequence the first request got.
+        seq: u64,
+    },
+}
+
+impl Published {
+    /// The message's sequence, new or original.
+    pub fn seq(self) -> u64 {
+        match self {
+            Published::New { seq } | Published::Repeat { seq } => seq,
+        }
+    }
+}
+
+/// Why a worker refused a server-API operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ControlRefusal {
+    /// The worker has begun a graceful shutdown: no more mutations.
+    Draining,
+}
+
 /// The answer to a [`ControlOp`].
 #[derive(Debug)]
 pub enum ControlReply {
     /// Published (`None` for an ephemeral event).
-    Published {
-        /// The sequence given.
-        seq: Option<u64>,
-    },
-    /// Published into several rooms.
-    PublishedMany(Vec<(RoomName, u64)>),
+    Published(Option<Published>),
+    /// One answer per room of a [`ControlOp::PublishMany`], in the order asked.
+    PublishedMany(Vec<(RoomName, Result<Published, ControlRefusal>)>),
+    /// Refused as a whole.
+    Refused(ControlRefusal),
     /// Membership changed.
     Members {
         /// Users added.

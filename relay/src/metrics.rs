@@ -88,12 +88,13 @@ pub fn healthz(relay: &Relay, liveness: Option<&Liveness>) -> Response {
             Ok(()) => Vec::new(),
             Err(stuck) => stuck
                 .into_iter()
-                .map(|(w, silent)| {
+                .map(|(c, silent)| {
                     let why = format!(
-                        "worker {w} has not answered a liveness probe for {:.1} s",
+                        "{} has not answered a liveness probe for {:.1} s",
+                        watchdog::component_name(c, workers),
                         silent.as_secs_f64()
                     );
-                    (w, why)
+                    (c, why)
                 })
                 .collect(),
         },
@@ -101,12 +102,13 @@ pub fn healthz(relay: &Relay, liveness: Option<&Liveness>) -> Response {
             Ok(()) => Vec::new(),
             Err(stuck) => stuck
                 .into_iter()
-                .map(|w| {
+                .map(|c| {
                     let why = format!(
-                        "worker {w} did not answer a liveness probe within {:.1} s",
+                        "{} did not answer a liveness probe within {:.1} s",
+                        watchdog::component_name(c, workers),
                         HEALTH_PROBE_DEADLINE.as_secs_f64()
                     );
-                    (w, why)
+                    (c, why)
                 })
                 .collect(),
         },

@@ -36,7 +36,7 @@ use crate::stats::{CoreStats, StatsSnapshot};
 #[derive(Debug)]
 pub struct Relay {
     addr: SocketAddr,
-    control_addr: parking_lot::Mutex<Option<SocketAddr>>,
+    control: parking_lot::Mutex<Option<crate::control::ControlPlane>>,
     backend: ResolvedKind,
     mesh: Mesh,
     exited: Receiver<usize>,
@@ -67,11 +67,13 @@ impl std::ops::Deref for RelayHandle {
     }
 }
 
-/// What a reload changed and what it could not.
+/// What a reload changed and what it could not, field by field (see [`crate::reload`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReloadReport {
-    /// Fields whose new value needs a restart to take effect (the old value stays).
-    pub needs_restart: Vec<&'static str>,
+    /// Changed fields now in force.
+    pub live: Vec<String>,
+    /// Changed fields whose new value needs a restart to take effect (the old value stays).
+    pub needs_restart: Vec<String>,
 }
 
 /// Clamps `limits.max_connections` to the connections that `nofile` descriptors leave room
@@ -236,7 +238,7 @@ impl RelayHandle {
         );
         let relay = Arc::new(Relay {
             addr,
-            control_addr: parking_lot::Mutex::new(None),
+            control: parking_lot::Mutex::new(None),
             backend,
             mesh,
             exited: exited_rx,
@@ -257,7 +259,7 @@ impl RelayHandle {
         };
         match crate::control::ControlServer::start(&config.control, relay.clone()) {
             Ok(Some(server)) => {
-                *relay.control_addr.lock() = Some(server.local_addr());
+                *relay.control.lock() = Some(server.plane().clone());
                 tracing::info!(addr = %server.local_addr(), "control API listening");
                 handle.control = Some(server);
             }
@@ -317,41 +319,53 @@ impl Relay {
         &self.shared
     }
 
-    /// Applies a new configuration without dropping connections: token keys, limits,
-    /// heartbeat bounds, retention and replay sizes change at once; fields that need a
-    /// restart are reported and keep their old value. A configuration that does not
-    /// validate, or whose keys do not load, changes nothing.
+    /// Applies a new configuration without dropping connections, field by field as
+    /// [`crate::reload::Plan`] sorts them: each live field is applied by its subsystem (the
+    /// token verifier, the membership directory, the control plane, the workers), each
+    /// restart field keeps its running value and is reported. What can fail (validation,
+    /// the token keys, the API key file) is done first: a configuration that fails changes
+    /// nothing.
     pub fn reload(&self, mut new: Config) -> anyhow::Result<ReloadReport> {
         new.validate()?;
         self.fit_to_descriptors(&mut new)?;
         let old = self.config();
-        let mut report = ReloadReport::default();
-        macro_rules! fixed {
-            ($($field:ident).+, $name:literal) => {
-                if new.$($field).+ != old.$($field).+ {
-                    report.needs_restart.push($name);
-                    new.$($field).+ = old.$($field).+.clone();
-                }
-            };
+        let plan = crate::reload::Plan::new(&old, &new)?;
+        if let Err(e) = plan.effective.validate() {
+            // Valid only together with what needs a restart (e.g. `auth.mode` and its
+            // `[auth.jwt]`): half of it would leave the relay in a state no file describes.
+            bail!(
+                "the new configuration holds only with {} changed, which needs a restart; \
+                 nothing was reloaded: {e}",
+                plan.needs_restart.join(", ")
+            );
         }
-        fixed!(listen, "listen");
-        fixed!(workers, "workers");
-        fixed!(pin_workers, "pin_workers");
-        fixed!(io_backend, "io_backend");
-        fixed!(auth.mode, "auth.mode");
-        fixed!(control.listen, "control.listen");
-        fixed!(connection.max_frame_len, "connection.max_frame_len");
+        let new = plan.effective;
         let verifier = match &new.auth.jwt {
             Some(jwt) => Some(Arc::new(
                 crate::auth::Verifier::from_config(jwt).context("cannot load token keys")?,
             )),
             None => None,
         };
+        let control = crate::control::Settings::load(&new.control)?;
         *self.shared.verifier.write() = verifier;
+        self.directory
+            .set_max_rooms_per_user(new.limits.max_rooms_per_user);
+        let mut live = plan.live;
+        if let Some(plane) = self.control_plane() {
+            let rotated = !plane.settings().same_key(&control);
+            if rotated && !live.iter().any(|f| f.starts_with("control.api_key")) {
+                // Same path, new contents.
+                live.push("control.api_key_file (new key in the file)".into());
+            }
+            plane.install(control);
+        }
         let new = Arc::new(new);
         *self.config.lock() = new.clone();
         self.mesh.broadcast(|| CoreMsg::Reload(new.clone()));
-        Ok(report)
+        Ok(ReloadReport {
+            live,
+            needs_restart: plan.needs_restart,
+        })
     }
 
     /// Clamps `limits.max_connections` of a configuration about to be applied to what the
@@ -458,7 +472,12 @@ impl Relay {
 
     /// Where the control API listens, if it runs.
     pub fn control_addr(&self) -> Option<SocketAddr> {
-        *self.control_addr.lock()
+        self.control.lock().as_ref().map(|c| c.addr())
+    }
+
+    /// The control plane, if it runs: its settings and its liveness probe.
+    pub fn control_plane(&self) -> Option<crate::control::ControlPlane> {
+        self.control.lock().clone()
     }
 
     /// The mesh to the workers (the control API's path into the relay).

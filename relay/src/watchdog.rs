@@ -2,9 +2,13 @@
 //!
 //! Every period the watchdog thread checks that each worker answered the previous liveness
 //! probe (a [`crate::mesh::CoreMsg::Probe`] through the worker's own inbox, answered by its
-//! loop), then sends the next one. Only when every worker answered does it send systemd
-//! `WATCHDOG=1`; a wedged worker (a loop stuck in a syscall, a livelock, a deadlock) stops
-//! the pings, is logged by index, and systemd restarts the relay after `WatchdogSec=`. The
+//! loop), and so did the control plane (the probe goes to its runtime, which answers it
+//! between requests: [`crate::control::ControlPlane::probe`]), then sends the next one.
+//! Only when every one answered does it send systemd `WATCHDOG=1`; a wedged worker (a loop
+//! stuck in a syscall, a livelock, a deadlock) or a wedged or dead control plane (where
+//! `/healthz`, `/metrics` and the server API live) stops the pings, is logged by name, and
+//! systemd restarts the relay after `WatchdogSec=`. Components are numbered: the workers
+//! by index, then the control plane ([`component_name`]). The
 //! same thread keeps `STATUS=` current ("N connections, M msg/s in, backend io_uring").
 //!
 //! The decision is sans-IO ([`verdict`], [`Liveness`]: acknowledgements and time in, a
@@ -54,21 +58,44 @@ pub fn notify_reloading() {
 /// increasing order and "acknowledged >= n" means "answered probe n".
 static PROBE_SEQ: parking_lot::Mutex<u64> = parking_lot::Mutex::new(0);
 
-/// Sends the next liveness probe to every worker and returns its sequence.
+/// Sends the next liveness probe to every worker and the control plane, and returns its
+/// sequence.
 pub fn send_probe(relay: &Relay) -> u64 {
     let mut seq = PROBE_SEQ.lock();
     *seq += 1;
     relay.probe(*seq);
+    if let Some(control) = relay.control_plane() {
+        control.probe(*seq);
+    }
     *seq
 }
 
-/// Probes every worker and waits up to `deadline` for all answers: `Err` lists the workers
-/// that did not answer. For `/healthz` when no watchdog thread runs.
+/// The last probe each component answered: the workers by index, then the control plane
+/// if it runs.
+pub fn probe_acks(relay: &Relay) -> Vec<u64> {
+    let mut acks = relay.probe_acks();
+    if let Some(control) = relay.control_plane() {
+        acks.push(control.probe_ack());
+    }
+    acks
+}
+
+/// "worker 1", or "the control plane" for the component after the last worker.
+pub fn component_name(component: usize, workers: usize) -> String {
+    if component < workers {
+        format!("worker {component}")
+    } else {
+        "the control plane".to_string()
+    }
+}
+
+/// Probes every component and waits up to `deadline` for all answers: `Err` lists the
+/// components that did not answer. For `/healthz` when no watchdog thread runs.
 pub fn probe_now(relay: &Relay, deadline: Duration) -> Result<(), Vec<usize>> {
     let seq = send_probe(relay);
     let until = Instant::now() + deadline;
     loop {
-        match verdict(Some(seq), &relay.probe_acks()) {
+        match verdict(Some(seq), &probe_acks(relay)) {
             Verdict::Alive => return Ok(()),
             Verdict::Wedged { workers, .. } if Instant::now() >= until => return Err(workers),
             Verdict::Wedged { .. } => std::thread::sleep(Duration::from_millis(2)),
@@ -216,7 +243,7 @@ impl Watchdog {
         notifier: Notifier,
     ) -> std::io::Result<Watchdog> {
         let liveness = Arc::new(Liveness::new(
-            relay.workers(),
+            probe_acks(&relay).len(),
             Instant::now(),
             config.stale_after(),
         ));
@@ -283,7 +310,7 @@ fn run(
         }
         let now = Instant::now();
         if now >= next_probe {
-            let acks = relay.probe_acks();
+            let acks = probe_acks(relay);
             if let Some(seq) = sent {
                 liveness.record(seq, &acks, now);
             }
@@ -291,8 +318,9 @@ fn run(
                 Verdict::Alive => {
                     if !wedged.is_empty() {
                         tracing::info!(
-                            workers = ?wedged,
-                            "every worker answers liveness probes again; WATCHDOG=1 resumes"
+                            components = ?wedged,
+                            "every worker and the control plane answer liveness probes \
+                             again; WATCHDOG=1 resumes"
                         );
                         wedged.clear();
                     }
@@ -300,13 +328,14 @@ fn run(
                 }
                 Verdict::Wedged { seq, workers } => {
                     let silences = liveness.silences(now);
-                    for &worker in &workers {
-                        let silent = silences.get(worker).copied().unwrap_or_default();
+                    for &component in &workers {
+                        let silent = silences.get(component).copied().unwrap_or_default();
                         tracing::warn!(
-                            worker,
+                            component,
                             probe = seq,
-                            "worker {worker} has not answered a liveness probe for {:.1} s; \
-                             withholding WATCHDOG=1",
+                            "{} has not answered a liveness probe for {:.1} s; withholding \
+                             WATCHDOG=1",
+                            component_name(component, relay.workers()),
                             silent.as_secs_f64()
                         );
                     }
@@ -352,13 +381,21 @@ impl StatusLine {
                 0.0
             }
         };
-        let line = status_line(
+        let workers: Vec<usize> = wedged
+            .iter()
+            .copied()
+            .filter(|&c| c < relay.workers())
+            .collect();
+        let mut line = status_line(
             s.connections,
             rate(s.messages_in, self.messages_in),
             rate(s.deliveries, self.deliveries),
             relay.backend(),
-            wedged,
+            &workers,
         );
+        if workers.len() < wedged.len() {
+            line.push_str("; control plane not answering");
+        }
         self.at = now;
         self.messages_in = s.messages_in;
         self.deliveries = s.deliveries;

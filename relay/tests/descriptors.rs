@@ -9,7 +9,6 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
 
 use bytes::{Bytes, BytesMut};
 use pabal_codec::{ClientSession, Decoder, GoAwayReason, Limits, ServerFrame};
@@ -78,21 +77,7 @@ fn clients_past_the_descriptor_clamp_get_goaway_overload(backend: &str) {
     let path = dir.join("relay.toml");
     std::fs::write(&path, config(backend, None)).unwrap();
     let mut daemon = Daemon::spawn(&path, |cmd| {
-        let limit = libc::rlimit {
-            rlim_cur: NOFILE_SOFT,
-            rlim_max: NOFILE_HARD,
-        };
-        // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and
-        // `limit` is a plain value moved into the closure.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
+        common::limit_nofile(cmd, NOFILE_SOFT, NOFILE_HARD);
     });
     let addr = addr_in(&daemon.wait_log("relay listening"));
 

@@ -793,8 +793,9 @@ fn pings_until(
     pings
 }
 
-#[test]
-fn the_watchdog_withholds_pings_while_a_worker_is_wedged() {
+/// A two-worker relay with a watchdog probing every 200 ms, its notifications collected,
+/// `/healthz` reading the watchdog's record.
+fn watched_relay() -> (RelayHandle, Watchdog, crossbeam_channel::Receiver<String>) {
     let relay = start_relay(2);
     let (tx, rx) = crossbeam_channel::unbounded::<String>();
     let notifier: Notifier = Box::new(move |states| {
@@ -810,6 +811,12 @@ fn the_watchdog_withholds_pings_while_a_worker_is_wedged() {
     for route in metrics::routes_with(Some(watchdog.liveness())) {
         relay.add_route(route);
     }
+    (relay, watchdog, rx)
+}
+
+#[test]
+fn the_watchdog_withholds_pings_while_a_worker_is_wedged() {
+    let (relay, watchdog, rx) = watched_relay();
     let control = relay.control_addr().unwrap();
     let mut other = Vec::new();
 
@@ -961,10 +968,101 @@ fn sighup_raises_a_limit_without_dropping_a_connection() {
     wait_notify(&notify, "STOPPING=1", &mut notes);
     client.wait_for(|e| matches!(e, Event::GoAway(_)));
     drop(client);
-    let status = daemon.wait_exit();
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        daemon.seen.join("\n")
+    daemon.assert_exits_cleanly();
+}
+
+// ---------------------------------------------------------------------------------------
+// The control plane: descriptor exhaustion, a wedged control thread, key files.
+
+#[test]
+fn the_control_accept_loop_survives_descriptor_exhaustion() {
+    let dir = TempDir::new("emfile");
+    let config = dir.path("relay.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\nworkers = 1\npin_workers = false\nio_backend = \"epoll\"\n\
+         [control]\nlisten = \"127.0.0.1:0\"\nmax_connections = 10000\nheader_timeout = \"60s\"\n\
+         idle_timeout = \"120s\"\n[log]\nlevel = \"info\"\n",
+    )
+    .unwrap();
+    // 64 descriptors: a few dozen connections exhaust them.
+    let mut daemon = Daemon::spawn(&config, |cmd| common::limit_nofile(cmd, 64, 64));
+    let control = addr_in(&daemon.wait_log("control API listening"));
+    assert_eq!(http_get(control, "/healthz").0, 200);
+    let held: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect_timeout(&control, WAIT).unwrap())
+        .collect();
+    daemon.wait_log("control API: accept failed");
+    // Descriptors come back as the clients go: the port answers again without a restart.
+    drop(held);
+    let (status, _, body) = http_get(control, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    daemon.wait_log("control API: accepting again");
+    daemon.signal(libc::SIGTERM);
+    daemon.assert_exits_cleanly();
+}
+
+#[test]
+fn the_watchdog_withholds_pings_while_the_control_plane_is_wedged() {
+    let (relay, watchdog, rx) = watched_relay();
+    let control = relay.control_addr().unwrap();
+    let mut other = Vec::new();
+    assert!(pings_until(&rx, Instant::now() + Duration::from_secs(1), &mut other) >= 2);
+
+    let t0 = Instant::now();
+    relay.control_plane().unwrap().stall(Duration::from_secs(3));
+    pings_until(&rx, t0 + Duration::from_millis(600), &mut other);
+    let wedged = pings_until(&rx, t0 + Duration::from_millis(2400), &mut other);
+    assert_eq!(wedged, 0, "no WATCHDOG=1 while the control plane is wedged");
+    // The health view names it (component 2: after the two workers), and only it.
+    let stuck = watchdog.liveness().check(Instant::now()).unwrap_err();
+    assert_eq!(
+        stuck.iter().map(|&(c, _)| c).collect::<Vec<_>>(),
+        vec![2],
+        "{stuck:?}"
     );
+    assert_eq!(
+        pabal_relay::watchdog::component_name(2, 2),
+        "the control plane"
+    );
+
+    let resumed = pings_until(&rx, t0 + Duration::from_millis(5000), &mut other);
+    assert!(
+        resumed >= 1,
+        "pings resume once the control plane answers again"
+    );
+    assert_eq!(http_get(control, "/healthz").0, 200);
+    watchdog.stop();
+    relay.stop().unwrap();
+}
+
+#[test]
+fn check_config_reads_the_api_key_file() {
+    let dir = TempDir::new("keyfile");
+    let config = dir.path("relay.toml");
+    let key = dir.path("api.key");
+    std::fs::write(
+        &config,
+        format!(
+            "[control]\nlisten = \"0.0.0.0:7701\"\napi_key_file = {:?}\n",
+            key.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (ok, stderr) = check_config(&config);
+    assert!(!ok, "a missing key file passes --check-config");
+    assert!(stderr.contains("control.api_key_file"), "{stderr}");
+    for bad in ["", "\n", "fifteen-bytes!!\n"] {
+        std::fs::write(&key, bad).unwrap();
+        let (ok, stderr) = check_config(&config);
+        assert!(!ok, "{bad:?} passes --check-config");
+        assert!(stderr.contains("control.api_key_file"), "{bad:?}: {stderr}");
+    }
+    std::fs::write(&key, "sixteen-bytes!!!\n").unwrap();
+    let (ok, stderr) = check_config(&config);
+    assert!(ok, "{stderr}");
+    // The same rule for a key given inline.
+    std::fs::write(&config, "[control]\napi_key = \"\"\n").unwrap();
+    let (ok, stderr) = check_config(&config);
+    assert!(!ok && stderr.contains("control.api_key"), "{stderr}");
 }

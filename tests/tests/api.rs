@@ -15,7 +15,9 @@ use pabal_relay::io::BackendKind;
 use pabal_tests::{Client, TestRelay, http, per_backend};
 use serde_json::json;
 
-const KEY: &str = "test-api-key-0123456789";
+mod common;
+
+use common::{KEY, Reply, get, raw_http, request};
 const SECRET_A: &[u8] = b"an-hs256-secret-of-at-least-32-bytes!!";
 const SECRET_B: &[u8] = b"another-hs256-secret-of-32-bytes-or-more";
 
@@ -291,6 +293,7 @@ per_backend! {
         }
         relay.stop();
     }
+
 }
 
 #[test]
@@ -531,4 +534,469 @@ impl BytesBuf {
             self.0.extend_from_slice(&chunk[..n]);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Reloads that never lie (issue 10, item 4); drains, timeouts and retries (item 12).
+
+#[test]
+fn a_reload_rotates_the_api_key_inline_and_from_a_file() {
+    let keys = keys(false);
+    let relay = jwt_relay(BackendKind::Epoll, &keys, |_| {});
+    let addr = relay.handle().control_addr().unwrap();
+    let stats_with = |key: &str| {
+        let req = format!(
+            "GET /v1/stats HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+        );
+        raw_http(addr, req.as_bytes()).status
+    };
+    assert_eq!(stats_with(KEY), 200);
+    // Inline.
+    let new_key = "rotated-key-0123456789";
+    let mut config = (*relay.handle().config()).clone();
+    config.control.api_key = Some(new_key.into());
+    let report = relay.handle().reload(config).unwrap();
+    assert_eq!(report.live, ["control.api_key"], "{report:?}");
+    assert_eq!((stats_with(KEY), stats_with(new_key)), (401, 200));
+    // From a file: rewriting the file and reloading the same configuration rotates it.
+    let dir = TempDir::new("apikey");
+    let file = dir.0.join("api.key");
+    std::fs::write(&file, "file-key-number-one-0123\n").unwrap();
+    let mut config = (*relay.handle().config()).clone();
+    config.control.api_key = None;
+    config.control.api_key_file = Some(file.clone());
+    relay.handle().reload(config.clone()).unwrap();
+    assert_eq!(
+        (stats_with(new_key), stats_with("file-key-number-one-0123")),
+        (401, 200)
+    );
+    std::fs::write(&file, "file-key-number-two-0123\n").unwrap();
+    let report = relay.handle().reload(config.clone()).unwrap();
+    assert!(
+        report
+            .live
+            .iter()
+            .any(|f| f.starts_with("control.api_key_file")),
+        "{report:?}"
+    );
+    assert_eq!(
+        (
+            stats_with("file-key-number-one-0123"),
+            stats_with("file-key-number-two-0123")
+        ),
+        (401, 200)
+    );
+    // A key file that breaks the rule fails the reload and changes nothing.
+    std::fs::write(&file, "short\n").unwrap();
+    let err = relay.handle().reload(config).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("control.api_key_file"),
+        "{err:#}"
+    );
+    assert_eq!(stats_with("file-key-number-two-0123"), 200);
+    relay.stop();
+}
+
+#[test]
+fn a_reload_applies_max_rooms_per_user() {
+    let keys = keys(false);
+    let relay = jwt_relay(BackendKind::Epoll, &keys, |c| {
+        c.limits.max_rooms_per_user = 1
+    });
+    let add = |room: &str| {
+        let (s, b) = api(
+            &relay,
+            "POST",
+            &format!("/v1/rooms/{room}/members"),
+            Some(json!({"users": ["ann"]})),
+        );
+        assert_eq!(s, 200, "{b}");
+        b["added"].as_array().unwrap().len()
+    };
+    assert_eq!(add("one"), 1);
+    assert_eq!(
+        add("two"),
+        0,
+        "the second room is refused at 1 room per user"
+    );
+    let mut config = (*relay.handle().config()).clone();
+    config.limits.max_rooms_per_user = 2;
+    let report = relay.handle().reload(config).unwrap();
+    assert_eq!(report.live, ["limits.max_rooms_per_user"]);
+    assert_eq!(add("two"), 1, "the raised limit is in force");
+    assert_eq!(add("three"), 0);
+    relay.stop();
+}
+
+/// Sets the leaf at `path` (dots; `[i]` picks an array element) of a TOML tree.
+fn leaf_mut<'v>(root: &'v mut toml::Value, path: &[String]) -> &'v mut toml::Value {
+    let mut v = root;
+    for seg in path {
+        v = match seg.parse::<usize>() {
+            Ok(i) if v.is_array() => &mut v.as_array_mut().unwrap()[i],
+            _ => v.get_mut(seg.as_str()).unwrap(),
+        };
+    }
+    v
+}
+
+/// Every leaf of a TOML tree, as segment lists.
+fn leaves(v: &toml::Value, path: Vec<String>, out: &mut Vec<Vec<String>>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, child) in t {
+                let mut p = path.clone();
+                p.push(k.clone());
+                leaves(child, p, out);
+            }
+        }
+        toml::Value::Array(a) if a.iter().all(toml::Value::is_table) && !a.is_empty() => {
+            for (i, child) in a.iter().enumerate() {
+                let mut p = path.clone();
+                p.push(i.to_string());
+                leaves(child, p, out);
+            }
+        }
+        _ => out.push(path),
+    }
+}
+
+#[test]
+fn every_config_field_reloads_live_or_says_it_needs_a_restart() {
+    use pabal_relay::config::Config;
+    let keys = keys(true);
+    let dir = TempDir::new("walk");
+    let key_files = [dir.0.join("one.key"), dir.0.join("two.key")];
+    std::fs::write(&key_files[0], "walk-key-number-one-0123").unwrap();
+    std::fs::write(&key_files[1], "walk-key-number-two-0123").unwrap();
+    let relay = jwt_relay(BackendKind::Epoll, &keys, |c| {
+        c.control.api_key = None;
+        c.control.api_key_file = Some(key_files[0].clone());
+        c.retention
+            .overrides
+            .push(pabal_relay::config::RetentionOverride {
+                prefix: "brand:".into(),
+                max_messages: Some(10),
+                max_bytes: Some(1 << 20),
+                max_age: Some(Duration::from_secs(60)),
+            });
+    });
+    let base = (*relay.handle().config()).clone();
+    let base_value = toml::Value::try_from(&base).unwrap();
+    let mut paths = Vec::new();
+    leaves(&base_value, Vec::new(), &mut paths);
+    // Every optional field is present, so every leaf is walked.
+    let text = toml::to_string(&base_value).unwrap();
+    for field in [
+        "api_key_file",
+        "jwt",
+        "override",
+        "kid",
+        "secret_file",
+        "public_key_file",
+    ] {
+        assert!(
+            text.contains(field),
+            "{field} is not in the walked configuration"
+        );
+    }
+    let strings = [
+        "127.0.0.1:7799",
+        "127.0.0.1:7798",
+        "json",
+        "text",
+        "debug",
+        "info",
+        "epoll",
+        "io_uring",
+        "auto",
+        "jwt",
+        "none",
+        "hs256",
+        "eddsa",
+        "other-kid",
+        "other:",
+    ];
+    let mut classified = 0;
+    for path in &paths {
+        let dotted = path.join(".");
+        let original = leaf_mut(&mut base_value.clone(), path).clone();
+        let mut candidates: Vec<toml::Value> = match &original {
+            toml::Value::Integer(i) => vec![(i + 1).into(), (i * 2).into(), (i - 1).into()],
+            toml::Value::Float(f) => vec![(f * 2.0).into(), (f / 2.0).into()],
+            toml::Value::Boolean(b) => vec![(!b).into()],
+            toml::Value::String(s)
+                if s.ends_with('s')
+                    && s[..s.len() - 1]
+                        .chars()
+                        .all(|c| c.is_ascii_digit() || c == 'm') =>
+            {
+                vec![
+                    "7s".into(),
+                    "11s".into(),
+                    "250ms".into(),
+                    "90s".into(),
+                    "3600s".into(),
+                ]
+            }
+            toml::Value::String(s) if std::path::Path::new(s).is_file() => {
+                // The same file under another path, and for the API key another key.
+                let copy = dir.0.join(format!("copy-{}", path.join("-")));
+                std::fs::copy(s, &copy).unwrap();
+                let other = if s.ends_with("one.key") {
+                    &key_files[1]
+                } else {
+                    &key_files[0]
+                };
+                vec![
+                    toml::Value::from(copy.display().to_string()),
+                    toml::Value::from(other.display().to_string()),
+                ]
+            }
+            toml::Value::String(_) => strings.iter().map(|s| toml::Value::from(*s)).collect(),
+            other => panic!("{dotted}: no way to perturb {other:?}"),
+        };
+        candidates.retain(|c| *c != original);
+        let perturbed = candidates.into_iter().find_map(|candidate| {
+            let mut v = base_value.clone();
+            *leaf_mut(&mut v, path) = candidate;
+            let config: Config = v.try_into().ok()?;
+            config.validate().ok()?;
+            config.check_files().ok()?;
+            Some(config)
+        });
+        let Some(perturbed) = perturbed else {
+            // A key's algorithm cannot change alone (its key file is of the other kind), nor
+            // can a second key become the default (one default at most), nor can auth.mode
+            // (keys are set, so it is "jwt").
+            assert!(
+                ["auth.mode"].contains(&dotted.as_str())
+                    || path
+                        .last()
+                        .is_some_and(|l| l == "algorithm" || l == "default"),
+                "{dotted}: no valid perturbation"
+            );
+            assert!(pabal_relay::reload::classify(&dotted).is_some(), "{dotted}");
+            continue;
+        };
+        let report = relay
+            .handle()
+            .reload(perturbed.clone())
+            .unwrap_or_else(|e| panic!("{dotted}: {e:#}"));
+        let in_force = toml::Value::try_from(&*relay.handle().config()).unwrap();
+        let wanted = toml::Value::try_from(&perturbed).unwrap();
+        let covers = |field: &String| {
+            pabal_relay::reload::covers(field, &dotted) || dotted.starts_with(&format!("{field}."))
+        };
+        let live = report.live.iter().any(covers);
+        let restart = report.needs_restart.iter().any(covers);
+        assert!(
+            live != restart,
+            "{dotted}: live {live}, restart {restart}: {report:?}"
+        );
+        if live {
+            assert_eq!(
+                leaf_mut(&mut in_force.clone(), path),
+                leaf_mut(&mut wanted.clone(), path),
+                "{dotted} reported live but not in force"
+            );
+        } else {
+            assert_eq!(
+                leaf_mut(&mut in_force.clone(), path),
+                &original,
+                "{dotted} needs a restart but its running value changed"
+            );
+        }
+        // Back to the base for the next field.
+        let back = relay.handle().reload(base.clone()).unwrap();
+        assert!(
+            back.needs_restart.is_empty() || restart,
+            "{dotted}: {back:?}"
+        );
+        classified += 1;
+    }
+    assert!(classified >= 50, "only {classified} fields walked");
+    relay.stop();
+}
+
+#[test]
+fn mutations_are_refused_while_draining_and_reads_still_work() {
+    let relay = TestRelay::start(BackendKind::Epoll, 1, |c| {
+        c.control.api_key = Some(KEY.into());
+        c.shutdown.grace = Duration::from_secs(8);
+        c.shutdown.reconnect_spread = Duration::from_secs(2);
+    });
+    let addr = relay.handle().control_addr().unwrap();
+    // A member that stops reading keeps the drain going (its queue never empties) until
+    // the grace runs out, so the worker is there to answer reads.
+    let ann = Client::connect_small_window(relay.addr, "ann", 4096);
+    let put = request("PUT", "/v1/rooms/r/members", None, r#"{"users": ["ann"]}"#);
+    assert_eq!(raw_http(addr, &put).status, 200);
+    let big = json!({"sender": "s", "text": "x".repeat(15_000)}).to_string();
+    for _ in 0..300 {
+        let r = raw_http(addr, &request("POST", "/v1/rooms/r/messages", None, &big));
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    relay.begin_shutdown();
+    let publish = request(
+        "POST",
+        "/v1/rooms/r/messages",
+        None,
+        r#"{"sender": "s", "text": "t"}"#,
+    );
+    for req in [
+        publish,
+        request(
+            "POST",
+            "/v1/messages",
+            None,
+            r#"{"rooms": ["r"], "sender": "s", "text": "t"}"#,
+        ),
+        put,
+        request("DELETE", "/v1/rooms/r/members/ann", None, ""),
+        request("POST", "/v1/users/ann/disconnect", None, ""),
+    ] {
+        let reply = raw_http(addr, &req);
+        assert_eq!(reply.status, 503, "{}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], "draining", "{}", reply.body);
+        assert_eq!(reply.header("retry-after"), Some("10"), "grace + spread");
+    }
+    let stats = get(addr, "/v1/stats");
+    assert_eq!(stats.status, 200, "{}", stats.body);
+    let info = get(addr, "/v1/rooms/r");
+    assert_eq!(
+        (info.status, info.json()["last_seq"].as_u64()),
+        (200, Some(300)),
+        "{}",
+        info.body
+    );
+    drop(ann);
+    relay.join();
+}
+
+/// A room name owned by `worker` of `workers`.
+fn room_owned_by(worker: usize, workers: usize, prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|n| {
+            pabal_relay::ids::RoomName::new(false, pabal_codec::Text::from(n.as_str()))
+                .owner(workers)
+                == worker
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_timed_out_publish_answers_504_and_its_retry_publishes_nothing_twice() {
+    let keys = keys(false);
+    let relay = jwt_relay(BackendKind::Epoll, &keys, |c| {
+        c.control.reply_timeout = Duration::from_millis(200);
+    });
+    let addr = relay.handle().control_addr().unwrap();
+    let room = room_owned_by(1, 2, "slow-");
+    let path = format!("/v1/rooms/{room}/messages");
+    let body = r#"{"sender": "s", "text": "once"}"#;
+    // The owner is wedged for far longer than the reply timeout: the call times out, but
+    // the owner still publishes once it runs again.
+    relay.handle().stall_worker(1, Duration::from_millis(1500));
+    let first = raw_http(addr, &request("POST", &path, Some("order-42"), body));
+    assert_eq!(first.status, 504, "{}", first.body);
+    assert!(first.body.contains("may still complete"), "{}", first.body);
+    let until = std::time::Instant::now() + pabal_tests::WAIT;
+    let retry = loop {
+        let r = raw_http(addr, &request("POST", &path, Some("order-42"), body));
+        if r.status == 200 || std::time::Instant::now() > until {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(retry.status, 200, "{}", retry.body);
+    assert_eq!(
+        retry.json(),
+        json!({"seq": 1, "repeated": true}),
+        "{}",
+        retry.body
+    );
+    let again = raw_http(addr, &request("POST", &path, Some("order-42"), body));
+    assert_eq!(again.json(), json!({"seq": 1, "repeated": true}));
+    let fresh = raw_http(addr, &request("POST", &path, Some("order-43"), body));
+    assert_eq!(fresh.json(), json!({"seq": 2, "repeated": false}));
+    let info = get(addr, &format!("/v1/rooms/{room}"));
+    assert_eq!(info.json()["last_seq"], 2, "published once per key");
+    relay.stop();
+}
+
+#[test]
+fn publish_many_answers_per_room_and_a_retry_completes_only_what_is_missing() {
+    let keys = keys(false);
+    let relay = jwt_relay(BackendKind::Epoll, &keys, |c| {
+        c.control.reply_timeout = Duration::from_millis(200);
+    });
+    let addr = relay.handle().control_addr().unwrap();
+    let fast = room_owned_by(0, 2, "fast-");
+    let slow = room_owned_by(1, 2, "slow-");
+    let body = json!({"rooms": [fast, slow], "sender": "s", "text": "hi"}).to_string();
+    relay.handle().stall_worker(1, Duration::from_millis(1500));
+    let first = raw_http(
+        addr,
+        &request("POST", "/v1/messages", Some("batch-1"), &body),
+    );
+    assert_eq!(first.status, 200, "{}", first.body);
+    let status_of = |reply: &Reply, room: &str| {
+        reply.json()["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == room)
+            .cloned()
+            .unwrap_or_else(|| panic!("no result for {room}: {}", reply.body))
+    };
+    assert_eq!(status_of(&first, &fast)["status"], "published");
+    assert_eq!(status_of(&first, &fast)["seq"], 1);
+    assert_eq!(status_of(&first, &slow)["status"], "unknown");
+    let until = std::time::Instant::now() + pabal_tests::WAIT;
+    let retry = loop {
+        let r = raw_http(
+            addr,
+            &request("POST", "/v1/messages", Some("batch-1"), &body),
+        );
+        if status_of(&r, &slow)["status"] == "published" || std::time::Instant::now() > until {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for room in [&fast, &slow] {
+        let r = status_of(&retry, room);
+        assert_eq!(
+            (
+                r["status"].as_str(),
+                r["seq"].as_u64(),
+                r["repeated"].as_bool()
+            ),
+            (Some("published"), Some(1), Some(true)),
+            "{room}: {r}"
+        );
+        assert_eq!(
+            get(addr, &format!("/v1/rooms/{room}")).json()["last_seq"],
+            1
+        );
+    }
+    relay.stop();
+}
+
+#[test]
+fn a_file_valid_only_with_a_restart_field_changed_is_refused_whole() {
+    let keys = keys(false);
+    let relay = jwt_relay(BackendKind::Epoll, &keys, |_| {});
+    let mut config = (*relay.handle().config()).clone();
+    config.auth.mode = AuthMode::None;
+    config.auth.jwt = None;
+    config.limits.publish_rate = 5.0;
+    let err = relay.handle().reload(config).unwrap_err();
+    assert!(format!("{err:#}").contains("auth.mode"), "{err:#}");
+    let running = relay.handle().config();
+    assert!(running.auth.jwt.is_some(), "the token keys stay");
+    assert_eq!(running.limits.publish_rate, 1e9, "nothing was reloaded");
+    Client::connect_token(relay.addr, "ann", &token("ann"));
+    relay.stop();
 }

@@ -97,6 +97,16 @@ impl Daemon {
         }
     }
 
+    /// Waits for the exit and expects status 0.
+    pub fn assert_exits_cleanly(&mut self) {
+        let status = self.wait_exit();
+        assert!(
+            status.success(),
+            "exit status {status}; log:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
     /// Waits for the relay to exit, then returns its whole log.
     pub fn into_log(mut self) -> Vec<String> {
         self.wait_exit();
@@ -114,6 +124,26 @@ impl Drop for Daemon {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// Runs the command under RLIMIT_NOFILE `soft`/`hard`.
+pub fn limit_nofile(cmd: &mut Command, soft: u64, hard: u64) {
+    use std::os::unix::process::CommandExt;
+    let limit = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: runs in the forked child before exec; setrlimit(2) is async-signal-safe and
+    // `limit` is a plain value moved into the closure.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
     }
 }
 
