@@ -982,7 +982,7 @@ fn the_control_accept_loop_survives_descriptor_exhaustion() {
         &config,
         "listen = \"127.0.0.1:0\"\nworkers = 1\npin_workers = false\nio_backend = \"epoll\"\n\
          [control]\nlisten = \"127.0.0.1:0\"\nmax_connections = 10000\nheader_timeout = \"60s\"\n\
-         idle_timeout = \"120s\"\n[log]\nlevel = \"info\"\n",
+         idle_timeout = \"120s\"\n[limits]\nreserved_fds = 32\n[log]\nlevel = \"info\"\n",
     )
     .unwrap();
     // 64 descriptors: a few dozen connections exhaust them.

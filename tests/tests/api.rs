@@ -722,7 +722,7 @@ fn every_config_field_reloads_live_or_says_it_needs_a_restart() {
         let dotted = path.join(".");
         let original = leaf_mut(&mut base_value.clone(), path).clone();
         let mut candidates: Vec<toml::Value> = match &original {
-            toml::Value::Integer(i) => vec![(i + 1).into(), (i * 2).into(), (i - 1).into()],
+            toml::Value::Integer(i) => vec![(i - 1).into(), (i + 1).into(), (i * 2).into()],
             toml::Value::Float(f) => vec![(f * 2.0).into(), (f / 2.0).into()],
             toml::Value::Boolean(b) => vec![(!b).into()],
             toml::Value::String(s)
