@@ -9,9 +9,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use pabal_loadgen::api::Tokens;
+use pabal_loadgen::gaps::Retention;
 use pabal_loadgen::phone::PhoneSettings;
-use pabal_loadgen::plan::Plan;
-use pabal_loadgen::run::RunConfig;
+use pabal_loadgen::plan::{Plan, fresh_run_id};
+use pabal_loadgen::run::{RetentionSource, RunConfig};
+use pabal_loadgen::verify::Thresholds;
 use pabal_relay::config::Config;
 use pabal_relay::io::BackendKind;
 use pabal_relay::runtime::RelayHandle;
@@ -48,6 +50,18 @@ pub fn config(plan: Plan, target: SocketAddr, duration_s: f64, drain_s: f64) -> 
         progress: false,
         trace: true,
         source_ips: 1,
+        run_id: fresh_run_id(),
+        retention: RetentionSource::Known(retention(&Config::default())),
+        thresholds: Thresholds::default(),
+    }
+}
+
+/// The retention of a relay configuration, as loadgen judges GAPs by it.
+pub fn retention(c: &Config) -> Retention {
+    Retention {
+        max_messages: c.retention.max_messages as u64,
+        max_bytes: c.retention.max_bytes as u64,
+        max_age_s: c.retention.max_age.as_secs(),
     }
 }
 
