@@ -243,6 +243,9 @@ struct PhoneRoom {
     recent: [Msg; RECENT],
     /// Where the next one goes in `recent`.
     recent_at: u8,
+    /// A violation in this room made the phone start over: its cursor is known to be off,
+    /// and the ROOM that sets it right is not a second violation.
+    resync: bool,
 }
 
 /// Messages a phone remembers per room to catch one delivered twice.
@@ -255,6 +258,12 @@ const NO_MSG: Msg = Msg {
 impl PhoneRoom {
     fn forget_recent(&mut self) {
         self.recent = [NO_MSG; RECENT];
+    }
+
+    /// After a misplaced delivery: the cursor is off, what was received may come again.
+    fn start_over(&mut self) {
+        self.forget_recent();
+        self.resync = true;
     }
 
     /// Remembers `msg`; false if it was received just before.
@@ -374,6 +383,7 @@ impl Phone {
                 acked: 0,
                 recent: [NO_MSG; RECENT],
                 recent_at: 0,
+                resync: false,
             })
             .collect();
         let slot_of = |r: &u32| rooms.iter().position(|pr| pr.room == *r);
@@ -1191,7 +1201,8 @@ impl Phone {
                 }
                 if previous_epoch.is_some() {
                     ctx.metrics.counters.epoch_resets += 1;
-                } else if let Some((epoch, cursor)) = r.known
+                } else if !std::mem::take(&mut r.resync)
+                    && let Some((epoch, cursor)) = r.known
                     && epoch == room.epoch
                     && cursor != room.cursor
                 {
@@ -1428,6 +1439,7 @@ impl Phone {
                 ),
                 1,
             );
+            self.rooms[slot].start_over();
             self.close(ctx, Why::Error);
             return None;
         }
@@ -1445,6 +1457,7 @@ impl Phone {
         conflicts.iter().for_each(|c| report_conflict(c, ctx));
         if mine {
             // Implicit sequences after a misplaced message are misplaced too: resynchronise.
+            self.rooms[slot].start_over();
             self.close(ctx, Why::Error);
             return None;
         }

@@ -5,6 +5,8 @@
 #![allow(dead_code, reason = "each test binary uses a subset")]
 #![allow(clippy::unwrap_used, reason = "test helpers fail loudly")]
 
+pub mod proxy;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -20,17 +22,35 @@ use pabal_relay::runtime::RelayHandle;
 
 /// A one-worker relay on 127.0.0.1:0 (epoll: available everywhere), with `tweak` applied.
 pub fn relay(tweak: impl FnOnce(&mut Config)) -> RelayHandle {
+    relay_on(BackendKind::Epoll, tweak)
+}
+
+/// A one-worker relay on 127.0.0.1:0 with the given I/O backend, with `tweak` applied.
+pub fn relay_on(backend: BackendKind, tweak: impl FnOnce(&mut Config)) -> RelayHandle {
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         workers: 1,
         pin_workers: false,
-        io_backend: BackendKind::Epoll,
+        io_backend: backend,
         ..Config::default()
     };
     config.control.listen = String::new();
     config.log.level = "warn".into();
     tweak(&mut config);
     RelayHandle::start(config).expect("relay starts")
+}
+
+/// The relay's I/O backends this machine runs: epoll, and io_uring where the kernel allows
+/// it (a note on stderr where it does not).
+pub fn backends() -> Vec<BackendKind> {
+    use pabal_relay::io::probe::{BackendOptions, probe_uring};
+    match probe_uring(&BackendOptions::default()) {
+        Ok(_) => vec![BackendKind::Epoll, BackendKind::IoUring],
+        Err(e) => {
+            eprintln!("io_uring unavailable here ({e}): epoll only");
+            vec![BackendKind::Epoll]
+        }
+    }
 }
 
 /// A quiet, traced run of `plan` against `target`.
