@@ -282,3 +282,85 @@ fn xml(text: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+    use crate::metrics::{Counters, Metrics, Summary};
+    use crate::run::{EventMark, GapSummary, PublishAccount, Timeline};
+    use crate::verify::{FinalSummary, Violations};
+
+    fn report() -> RunReport {
+        let ms = |v: f64| Summary {
+            count: 10,
+            p50: v,
+            p90: v,
+            p99: v,
+            p999: v,
+            max: v,
+            mean: v,
+        };
+        RunReport {
+            name: "chart".into(),
+            phones: 10,
+            rooms: Default::default(),
+            threads: 1,
+            profiles: vec!["3g".into()],
+            phones_per_profile: vec![10],
+            timeline: Timeline {
+                ramp_s: 2.0,
+                settle_s: 1.0,
+                steady_s: 10.0,
+                drain_s: 3.0,
+                total_s: 16.0,
+            },
+            metrics: Metrics::new(1, false),
+            api: Counters::default(),
+            violations: Violations::default(),
+            summary: FinalSummary::default(),
+            series: (0..16)
+                .map(|sec| SecondPoint {
+                    sec,
+                    deliveries: 100,
+                    published: 10,
+                    latency: ms(200.0),
+                    relay_added: ms(5.0),
+                    connected: 10,
+                    loadgen_lag: ms(2.0),
+                    drops: u64::from(sec == 8) * 10,
+                    goaways: u64::from(sec == 9) * 7,
+                })
+                .collect(),
+            events: vec![EventMark {
+                at_s: 8.0,
+                label: "drop 100%".into(),
+            }],
+            run_id: "r1".into(),
+            publishes: PublishAccount::default(),
+            gap_summary: GapSummary::default(),
+        }
+    }
+
+    /// Phases, the event, the drops strip and loadgen's lag are drawn; the legend lies below
+    /// everything that carries data.
+    #[test]
+    fn phases_events_lag_and_a_legend_off_the_data() {
+        let svg = to_svg(&report());
+        for phase in ["ramp", "settle", "steady", "drain"] {
+            assert!(svg.contains(&format!(">{phase}</text>")), "{phase}");
+        }
+        assert!(svg.contains(">drop 100%</text>"));
+        assert!(svg.contains("<title>loadgen lag p99</title>"));
+        assert!(svg.contains("<title>drops at 8-9 s: 10</title>"));
+        assert!(svg.contains("<title>GOAWAY at 9-10 s: 7</title>"));
+        let data_bottom = TOP + PLOT_H + STRIP_GAP + STRIP_H;
+        for label in LINES.iter().map(|l| l.0).chain(["drops/s", "GOAWAY/s"]) {
+            let text = format!(">{label}</text>");
+            let at = svg.find(&text).unwrap();
+            let y_attr = svg[..at].rfind(" y=\"").unwrap() + 4;
+            let y: f64 = svg[y_attr..].split('"').next().unwrap().parse().unwrap();
+            assert!(y > data_bottom + 30.0, "legend {label} at y {y}");
+        }
+    }
+}

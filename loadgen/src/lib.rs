@@ -13,7 +13,8 @@
 //!   phones received;
 //! - [`gaps`]: whether a GAP was allowed (retention or an epoch change);
 //! - [`verify`]: the kinds of violation, thresholds, and the final verdict;
-//! - [`metrics`]: histograms and counters;
+//! - [`metrics`]: histograms and counters; [`uplink`]: each message's time in its
+//!   sender's uplink;
 //! - [`report`]: the table and JSON; [`chart`]: the SVG.
 //!
 //! With I/O:
@@ -41,5 +42,6 @@ pub mod run;
 pub mod scenario;
 pub mod schedule;
 pub mod spawn;
+pub mod uplink;
 pub mod verify;
 pub mod worker;

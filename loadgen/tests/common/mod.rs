@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use pabal_loadgen::api::Tokens;
 use pabal_loadgen::gaps::Retention;
+use pabal_loadgen::link::LinkProfile;
 use pabal_loadgen::phone::PhoneSettings;
-use pabal_loadgen::plan::{Plan, fresh_run_id};
+use pabal_loadgen::plan::{Plan, PlanBuilder, SendPlan, fresh_run_id};
 use pabal_loadgen::run::{RetentionSource, RunConfig};
+use pabal_loadgen::scenario::Arrivals;
 use pabal_loadgen::verify::Thresholds;
 use pabal_relay::config::Config;
 use pabal_relay::io::BackendKind;
@@ -90,4 +92,17 @@ pub fn median(mut v: Vec<u64>) -> u64 {
     assert!(!v.is_empty(), "no samples");
     v.sort_unstable();
     v[v.len() / 2]
+}
+
+/// Adds an unshaped phone named "sender" that publishes `per_min` 64-byte messages a
+/// minute into `room`, evenly spaced; returns its index.
+pub fn uniform_sender(b: &mut PlanBuilder, room: u32, per_min: f64) -> u32 {
+    let mut send = SendPlan::to_rooms(&[room], per_min, 64);
+    send.arrivals = Arrivals::Uniform;
+    b.phone(
+        "sender",
+        LinkProfile::unshaped("unshaped"),
+        &[room],
+        Some(send),
+    )
 }
