@@ -1,8 +1,8 @@
 //! The app server's side of a run: tokens for phones, and the relay's server API.
 //!
 //! Owns: minting HS256 tokens (`{sub, exp, chn: ["*"]}`) and a tiny blocking HTTP/1.1 client
-//! for the control listener (`POST` JSON with `Authorization: Bearer KEY`; loopback only, one
-//! request per connection). Must not touch: phones, links, the event loop.
+//! for the control listener (`POST` JSON and `GET` with `Authorization: Bearer KEY`; loopback
+//! only, one request per connection). Must not touch: phones, links, the event loop.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -13,6 +13,8 @@ use base64::Engine;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Value, json};
+
+use crate::gaps::Retention;
 
 /// What a phone presents in HELLO.
 #[derive(Clone)]
@@ -127,14 +129,31 @@ impl ControlApi {
 
     /// `POST path` with a JSON body; the status and the JSON answer (`null` if none).
     pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
-        let body = serde_json::to_vec(body)?;
+        self.request("POST", path, Some(body))
+    }
+
+    /// `GET path`; the status and the JSON answer (`null` if none).
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        self.request("GET", path, None)
+    }
+
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let body = match body {
+            Some(b) => serde_json::to_vec(b)?,
+            None => Vec::new(),
+        };
         let mut stream = TcpStream::connect_timeout(&self.addr, self.timeout)
             .with_context(|| format!("control API {}: connect", self.addr))?;
         stream.set_read_timeout(Some(self.timeout))?;
         stream.set_write_timeout(Some(self.timeout))?;
         stream.set_nodelay(true)?;
         let mut req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\nConnection: close\r\n",
             self.host,
             body.len()
@@ -185,6 +204,29 @@ impl ControlApi {
             &json!({ "users": users }),
         )
         .map(drop)
+    }
+
+    /// The retention in force for a room (or channel), from `GET /v1/{rooms|channels}/NAME`.
+    pub fn retention(&self, name: &str, channel: bool) -> anyhow::Result<Retention> {
+        let collection = if channel { "channels" } else { "rooms" };
+        let path = format!("/v1/{collection}/{name}");
+        let (status, value) = self.get(&path)?;
+        if status != 200 {
+            bail!("control API: GET {path}: HTTP {status}: {value}");
+        }
+        let r = value
+            .get("retention")
+            .with_context(|| format!("control API: GET {path}: no \"retention\" in {value}"))?;
+        let field = |f: &str| {
+            r.get(f).and_then(Value::as_u64).with_context(|| {
+                format!("control API: GET {path}: no integer \"retention.{f}\" in {value}")
+            })
+        };
+        Ok(Retention {
+            max_messages: field("max_messages")?,
+            max_bytes: field("max_bytes")?,
+            max_age_s: field("max_age_s")?,
+        })
     }
 
     /// Publishes into a channel as `sender`; the sequence the relay gave the message.

@@ -7,10 +7,15 @@
 //! - [`profiles`]: the named link profiles and weighted profile mixes;
 //! - [`scenario`]: scenario files (TOML) and `--scale`;
 //! - [`plan`]: the concrete population a scenario and seed describe;
-//! - [`payload`]: the measurement header every message carries;
-//! - [`verify`]: the ledger of what the relay acknowledged, and the verdict;
-//! - [`metrics`]: histograms and counters;
-//! - [`report`]: the table, JSON and SVG.
+//! - [`payload`]: the measurement header and checksum every message carries;
+//! - [`schedule`]: open-loop send schedules and drop/backoff draws;
+//! - [`ledger`]: what the relay acknowledged under each sequence, checked against what
+//!   phones received;
+//! - [`gaps`]: whether a GAP was allowed (retention or an epoch change);
+//! - [`verify`]: the kinds of violation, thresholds, and the final verdict;
+//! - [`metrics`]: histograms and counters; [`uplink`]: each message's time in its
+//!   sender's uplink;
+//! - [`report`]: the table and JSON; [`chart`]: the SVG.
 //!
 //! With I/O:
 //! - [`phone`]: one virtual phone (socket, link, session, schedule);
@@ -23,6 +28,9 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod chart;
+pub mod gaps;
+pub mod ledger;
 pub mod link;
 pub mod metrics;
 pub mod payload;
@@ -32,6 +40,8 @@ pub mod profiles;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod schedule;
 pub mod spawn;
+pub mod uplink;
 pub mod verify;
 pub mod worker;

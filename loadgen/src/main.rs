@@ -12,7 +12,7 @@ use clap::Parser;
 use mimalloc::MiMalloc;
 use pabal_loadgen::api::{ControlApi, Tokens};
 use pabal_loadgen::report;
-use pabal_loadgen::run::{RunConfig, run};
+use pabal_loadgen::run::{RetentionSource, RunConfig, run};
 use pabal_loadgen::scenario::Scenario;
 use pabal_loadgen::spawn::{SpawnOptions, SpawnedRelay};
 
@@ -78,6 +78,14 @@ struct Cli {
     /// connect() costs the kernel ~1 ms of port search); 1: never bind.
     #[arg(long, default_value_t = 0)]
     source_ips: usize,
+    /// Suffix of every room, channel and user name (run isolation: runs against one relay
+    /// never see each other's messages). Default: a fresh one per run.
+    #[arg(long, value_name = "ID")]
+    run_id: Option<String>,
+    /// With --target: run even though the scenario's `[relay]` section sets options that
+    /// cannot apply to a relay loadgen did not start (they are ignored).
+    #[arg(long)]
+    ignore_relay_options: bool,
     /// No live progress line.
     #[arg(long)]
     quiet: bool,
@@ -130,6 +138,26 @@ fn main_inner() -> anyhow::Result<bool> {
     }
     scenario.validate()?;
     let scenario = scenario.scaled(cli.scale);
+    if !cli.spawn_relay {
+        let set = scenario.relay.cannot_apply();
+        if !set.is_empty() {
+            eprintln!(
+                "the scenario's [relay] section sets what only a relay loadgen starts can take; \
+                 against --target {} it cannot apply:",
+                cli.target
+            );
+            for option in &set {
+                eprintln!("  {option}");
+            }
+            if !cli.ignore_relay_options {
+                anyhow::bail!(
+                    "configure the running relay to match (see loadgen/README.md), then run \
+                     again with --ignore-relay-options; or use --spawn-relay"
+                );
+            }
+            eprintln!("--ignore-relay-options: going on without them");
+        }
+    }
 
     let relay = if cli.spawn_relay {
         let options = SpawnOptions {
@@ -158,26 +186,37 @@ fn main_inner() -> anyhow::Result<bool> {
     config.threads = cli.threads;
     config.progress = !cli.quiet;
     config.source_ips = cli.source_ips;
+    if let Some(id) = &cli.run_id {
+        config.run_id = id.clone();
+    }
+    let api_key = cli
+        .api_key_file
+        .as_deref()
+        .map(ControlApi::read_key)
+        .transpose()?;
+    let control_url = match (&cli.control, &relay) {
+        (Some(url), _) => Some(url.clone()),
+        (None, Some(r)) => Some(format!("http://{}", r.control)),
+        (None, None) => None,
+    };
+    // The relay's own answer beats the scenario's word on retention.
+    if let Some(url) = &control_url {
+        config.retention = RetentionSource::Api(ControlApi::new(url, api_key.clone())?);
+    }
     if let Some(secret) = &cli.jwt_secret_file {
         config.tokens = Tokens::from_secret_file(secret)?;
-        let url = match (&cli.control, &relay) {
-            (Some(url), _) => url.clone(),
-            (None, Some(r)) => format!("http://{}", r.control),
-            (None, None) => anyhow::bail!("--jwt-secret-file needs --control (or --spawn-relay)"),
+        let Some(url) = &control_url else {
+            anyhow::bail!("--jwt-secret-file needs --control (or --spawn-relay)");
         };
-        let key = cli
-            .api_key_file
-            .as_deref()
-            .map(ControlApi::read_key)
-            .transpose()?;
-        config.control = Some(ControlApi::new(&url, key)?);
+        config.control = Some(ControlApi::new(url, api_key)?);
     }
     eprintln!(
-        "{}: {} phones, {} rooms, {} thread(s), target {target}",
+        "{}: {} phones, {} rooms, {} thread(s), target {target}, run id {}",
         scenario.name,
         config.plan.phones.len(),
         config.plan.rooms.len(),
-        config.threads
+        config.threads,
+        config.run_id
     );
     let result = run(config);
     if let Some(relay) = relay {

@@ -133,6 +133,11 @@ impl Counters {
         }
     }
 
+    /// Connections lost: handovers, scenario drops, keepalive timeouts, closed by the relay.
+    pub fn drops_total(&self) -> u64 {
+        self.link_drops + self.scripted_drops + self.keepalive_timeouts + self.closed_by_relay
+    }
+
     /// GOAWAYs of every reason.
     pub fn goaway_total(&self) -> u64 {
         self.goaways.values().sum()
@@ -322,6 +327,8 @@ pub struct Second {
     pub e2e: Histogram<u64>,
     /// What the relay added to them (end to end minus the link's share).
     pub relay: Histogram<u64>,
+    /// loadgen's own lag this second (due or ready -> handled).
+    pub lag: Histogram<u64>,
     /// Counters so far (cumulative).
     pub counters: Counters,
     /// Violations so far (cumulative).

@@ -29,7 +29,7 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -45,14 +45,15 @@ use rand::{Rng, SeedableRng};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use crate::api::Tokens;
+use crate::gaps::GapSeen;
+use crate::ledger::{Claim, Conflict, Ledger, Msg};
 use crate::link::{Direction, Link, LinkEvent, LinkState, splitmix64};
 use crate::metrics::{DeliveryRecord, Metrics, record_ns};
-use crate::payload::{FLAG_SENDER_IDLE, Header};
-use crate::plan::{Plan, QuietPlan, SendPlan};
-use crate::scenario::Arrivals;
-use crate::verify::{
-    Conflict, EndState, Kind, Ledger, PhoneEnd, RoomEnd, Source, Violation, Violations,
-};
+use crate::payload::{FLAG_SENDER_IDLE, Header, PayloadError};
+use crate::plan::Plan;
+use crate::schedule::{Schedule, drop_after, uniform_ms};
+pub use crate::uplink::UplinkTimes;
+use crate::verify::{EndState, Kind, PhoneEnd, RoomEnd, Violation, Violations};
 
 /// How phones keep their connections (the run-wide part of the scenario).
 #[derive(Debug, Clone)]
@@ -90,77 +91,6 @@ impl Default for PhoneSettings {
             drops_per_hour: 0.0,
             drop_backoff_ms: [500, 5000],
         }
-    }
-}
-
-/// The uplink time of recent messages, per sender, readable by every worker: a ring of
-/// `(counter, µs)` slots per sender. A receiver that finds another counter in the slot (the
-/// ring wrapped) counts the delivery as `link_unknown`.
-#[derive(Debug)]
-pub struct UplinkTimes {
-    slots: Vec<AtomicU64>,
-    base: Vec<u32>,
-    ring: usize,
-}
-
-impl UplinkTimes {
-    /// Slots for every sender of `plan`.
-    pub fn new(plan: &Plan) -> UplinkTimes {
-        let senders = plan
-            .phones
-            .iter()
-            .filter(|p| p.send.is_some())
-            .count()
-            .max(1);
-        // About 2M slots (16 MiB) in all, 16 to 1024 per sender.
-        let ring = ((1usize << 21) / senders)
-            .clamp(16, 1024)
-            .next_power_of_two()
-            / 2;
-        let ring = ring.max(16);
-        let mut next = 0u32;
-        let base = plan
-            .phones
-            .iter()
-            .map(|p| {
-                if p.send.is_some() {
-                    next += 1;
-                    next - 1
-                } else {
-                    u32::MAX
-                }
-            })
-            .collect();
-        UplinkTimes {
-            slots: (0..next as usize * ring)
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            base,
-            ring,
-        }
-    }
-
-    fn slot(&self, sender: u32, counter: u32) -> Option<&AtomicU64> {
-        let base = *self.base.get(sender as usize)?;
-        if base == u32::MAX {
-            return None;
-        }
-        self.slots
-            .get(base as usize * self.ring + counter as usize % self.ring)
-    }
-
-    /// Records that `sender`'s message `counter` spent `ns` in its uplink.
-    pub fn store(&self, sender: u32, counter: u32, ns: u64) {
-        if let Some(slot) = self.slot(sender, counter) {
-            let us = (ns / 1000).min(u64::from(u32::MAX));
-            slot.store((u64::from(counter) << 32) | us, Ordering::Release);
-        }
-    }
-
-    /// The uplink time of `sender`'s message `counter`, ns, if still known.
-    pub fn load(&self, sender: u32, counter: u32) -> Option<u64> {
-        let v = self.slot(sender, counter)?.load(Ordering::Acquire);
-        ((v >> 32) as u32 == counter && counter != 0).then_some((v & 0xffff_ffff) * 1000)
     }
 }
 
@@ -217,6 +147,8 @@ pub struct Ctx<'a> {
     pub scratch: &'a mut [u8],
     /// Phones of the worker with a WELCOME.
     pub connected: &'a mut u64,
+    /// GAPs received, judged at the end.
+    pub gaps: &'a mut Vec<GapSeen>,
     /// Now.
     pub now: Instant,
 }
@@ -237,6 +169,51 @@ struct PhoneRoom {
     known: Option<(u64, u64)>,
     /// The cursor last acknowledged to the relay.
     acked: u64,
+    /// The last few messages received in this room on this binding (duplicate check).
+    recent: [Msg; RECENT],
+    /// Where the next one goes in `recent`.
+    recent_at: u8,
+    /// A violation in this room made the phone start over: its cursor is known to be off,
+    /// and the ROOM that sets it right is not a second violation.
+    resync: bool,
+}
+
+/// Messages a phone remembers per room to catch one delivered twice.
+const RECENT: usize = 8;
+const NO_MSG: Msg = Msg {
+    sender: u32::MAX,
+    counter: 0,
+};
+
+impl PhoneRoom {
+    fn forget_recent(&mut self) {
+        self.recent = [NO_MSG; RECENT];
+    }
+
+    /// After a misplaced delivery: the cursor is off, what was received may come again.
+    fn start_over(&mut self) {
+        self.forget_recent();
+        self.resync = true;
+    }
+
+    /// Remembers `msg`; false if it was received just before.
+    fn remember(&mut self, msg: Msg) -> bool {
+        if self.recent.contains(&msg) {
+            return false;
+        }
+        self.recent[self.recent_at as usize % RECENT] = msg;
+        self.recent_at = self.recent_at.wrapping_add(1);
+        true
+    }
+}
+
+/// A publish awaiting its PUBACK.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    msg_id: u64,
+    room: u32,
+    counter: u32,
+    intended_ms: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -251,126 +228,6 @@ struct DownOffer {
     end: u64,
     at: Instant,
     idle: bool,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Quiet {
-    plan: QuietPlan,
-    from: Instant,
-    to: Instant,
-}
-
-/// A sender's open-loop schedule: the instants messages are meant to be sent, whatever the
-/// relay does.
-#[derive(Debug, Clone)]
-pub struct Schedule {
-    next: Option<Instant>,
-    per_sec: f64,
-    arrivals: Arrivals,
-    remaining: Option<u64>,
-    end: Instant,
-    quiet: Option<Quiet>,
-}
-
-impl Schedule {
-    /// The schedule of `plan` starting at `at` and ending at `end`.
-    pub fn new(plan: &SendPlan, at: Instant, end: Instant, rng: &mut SmallRng) -> Schedule {
-        let per_sec = plan.per_min / 60.0;
-        let quiet = plan.quiet.map(|q| {
-            let from = at + secs(rng.random::<f64>() * q.active_s[1]);
-            Quiet {
-                plan: q,
-                from,
-                to: from + secs(uniform(rng, q.quiet_s)),
-            }
-        });
-        let mut s = Schedule {
-            next: None,
-            per_sec,
-            arrivals: plan.arrivals,
-            remaining: plan.max_count,
-            end,
-            quiet,
-        };
-        if per_sec > 0.0 && s.remaining != Some(0) {
-            let first = match plan.arrivals {
-                Arrivals::Poisson => at + s.gap(rng),
-                Arrivals::Uniform => at + secs(rng.random::<f64>() / per_sec),
-            };
-            s.next = Some(first);
-            s.place(rng);
-        }
-        s
-    }
-
-    fn gap(&self, rng: &mut SmallRng) -> Duration {
-        gap(self.arrivals, self.per_sec, rng)
-    }
-
-    /// Moves `next` out of quiet periods and past the end.
-    fn place(&mut self, rng: &mut SmallRng) {
-        let Some(mut t) = self.next else { return };
-        let (arrivals, per_sec) = (self.arrivals, self.per_sec);
-        if let Some(q) = &mut self.quiet {
-            loop {
-                if t >= q.to {
-                    q.from = q.to + secs(uniform(rng, q.plan.active_s));
-                    q.to = q.from + secs(uniform(rng, q.plan.quiet_s));
-                    continue;
-                }
-                if t >= q.from {
-                    // Quiet: the phone does not write. Memoryless arrivals resume after it.
-                    t = q.to + gap(arrivals, per_sec, rng);
-                    continue;
-                }
-                break;
-            }
-        }
-        self.next = (t < self.end).then_some(t);
-    }
-
-    /// When the next message is due.
-    pub fn next(&self) -> Option<Instant> {
-        self.next
-    }
-
-    /// Moves on to the message after the one due now.
-    pub fn advance(&mut self, rng: &mut SmallRng) {
-        if let Some(r) = &mut self.remaining {
-            *r = r.saturating_sub(1);
-            if *r == 0 {
-                self.next = None;
-                return;
-            }
-        }
-        if let Some(t) = self.next {
-            self.next = Some(t + self.gap(rng));
-            self.place(rng);
-        }
-    }
-}
-
-fn gap(arrivals: Arrivals, per_sec: f64, rng: &mut SmallRng) -> Duration {
-    match arrivals {
-        Arrivals::Poisson => secs(-(1.0 - rng.random::<f64>()).ln() / per_sec),
-        Arrivals::Uniform => secs(1.0 / per_sec),
-    }
-}
-
-fn secs(s: f64) -> Duration {
-    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::from_secs(86_400 * 365))
-}
-
-fn uniform(rng: &mut SmallRng, range: [f64; 2]) -> f64 {
-    range[0] + rng.random::<f64>() * (range[1] - range[0])
-}
-
-fn uniform_ms(rng: &mut SmallRng, range: [u64; 2]) -> Duration {
-    Duration::from_millis(if range[1] > range[0] {
-        rng.random_range(range[0]..=range[1])
-    } else {
-        range[0]
-    })
 }
 
 /// Why a connection ended.
@@ -421,7 +278,7 @@ pub struct Phone {
     send_groups: Vec<usize>,
     sched: Option<Schedule>,
     counter: u32,
-    inflight: Vec<(u64, u32, u32)>,
+    inflight: Vec<InFlight>,
     connect_started: Instant,
     reconnect_at: Option<Instant>,
     attempts: u32,
@@ -434,6 +291,8 @@ pub struct Phone {
     next_drop: Option<Instant>,
     resume: Option<Vec<(usize, u64)>>,
     last_deliver: Option<Instant>,
+    /// Why the last connection ended.
+    last_close: Option<Why>,
     /// The instant the worker's timer heap holds for this phone.
     pub(crate) scheduled: Option<Instant>,
     /// Queued for a step in this loop iteration.
@@ -452,6 +311,9 @@ impl Phone {
                 alias: None,
                 known: None,
                 acked: 0,
+                recent: [NO_MSG; RECENT],
+                recent_at: 0,
+                resync: false,
             })
             .collect();
         let slot_of = |r: &u32| rooms.iter().position(|pr| pr.room == *r);
@@ -509,6 +371,7 @@ impl Phone {
             next_drop,
             resume: None,
             last_deliver: None,
+            last_close: None,
             scheduled: None,
             dirty: false,
         }
@@ -763,6 +626,7 @@ impl Phone {
             Why::GoAway(d) => d,
         };
         self.state = State::Offline;
+        self.last_close = Some(why);
         self.reconnect_at = Some(now + delay);
     }
 
@@ -857,7 +721,12 @@ impl Phone {
         }
         let room_idx = room.room;
         let (msg_id, frame) = self.session.publish(alias, payload, ack);
-        self.inflight.push((msg_id, room_idx, self.counter));
+        self.inflight.push(InFlight {
+            msg_id,
+            room: room_idx,
+            counter: self.counter,
+            intended_ms: ms_u32(header.intended_ns),
+        });
         self.send_frame(&frame);
         self.pubs_in_up.push_back(PubInUp {
             end: self.up_produced,
@@ -1254,9 +1123,16 @@ impl Phone {
                 let label = self.label(shared);
                 let r = &mut self.rooms[slot];
                 r.alias = Some(alias);
+                shared.ledger.note_epoch(r.room, room.epoch);
+                if r.known != Some((room.epoch, room.cursor)) {
+                    // A new stream (a join, another epoch, a moved cursor): what came before
+                    // may legitimately come again.
+                    r.forget_recent();
+                }
                 if previous_epoch.is_some() {
                     ctx.metrics.counters.epoch_resets += 1;
-                } else if let Some((epoch, cursor)) = r.known
+                } else if !std::mem::take(&mut r.resync)
+                    && let Some((epoch, cursor)) = r.known
                     && epoch == room.epoch
                     && cursor != room.cursor
                 {
@@ -1290,6 +1166,7 @@ impl Phone {
                     r.alias = None;
                     r.known = None;
                     r.acked = 0;
+                    r.forget_recent();
                     if shared.tokens.self_join() {
                         self.subscribe(slot, shared);
                     }
@@ -1306,26 +1183,10 @@ impl Phone {
                 let slot = self.sync_cursor(alias);
                 self.want_ack(now, shared.settings.ack_interval);
                 let Some(slot) = slot else { return };
-                let room = self.rooms[slot].room;
-                let Some(h) = Header::parse(&payload) else {
-                    ctx.violations.add(
-                        Violation {
-                            kind: Kind::Content,
-                            phone: Some(self.label(shared)),
-                            room: Some(shared.plan.rooms[room as usize].name.clone()),
-                            detail: format!("seq {seq}: the payload is not loadgen's"),
-                        },
-                        1,
-                    );
+                let Some(h) = self.check_delivery(slot, seq, &payload, ctx) else {
                     return;
                 };
-                if let Err(c) =
-                    shared
-                        .ledger
-                        .record(room, seq, h.sender, h.counter, Source::Delivery)
-                {
-                    self.conflict(c, ctx);
-                }
+                let room = self.rooms[slot].room;
                 let at_ns = shared.since_start(now);
                 let e2e = at_ns.saturating_sub(h.intended_ns);
                 let bucket = shared.plan.rooms[room as usize].bucket;
@@ -1379,18 +1240,32 @@ impl Phone {
                 c.gaps += 1;
                 c.gap_messages += to - from + 1;
                 self.last_deliver = Some(now);
-                self.sync_cursor(alias);
+                if let Some(slot) = self.sync_cursor(alias)
+                    && let Some((epoch, _)) = self.rooms[slot].known
+                {
+                    ctx.gaps.push(GapSeen {
+                        phone: self.idx,
+                        room: self.rooms[slot].room,
+                        epoch,
+                        from,
+                        to,
+                        at_ms: shared.since_start(now) / 1_000_000,
+                    });
+                }
             }
             Event::PubAck { alias, msg_id, seq } => {
                 ctx.metrics.counters.acked += 1;
-                if let Some(i) = self.inflight.iter().position(|f| f.0 == msg_id) {
-                    let (_, room, counter) = self.inflight.swap_remove(i);
-                    if let Err(c) = shared
+                if let Some(i) = self.inflight.iter().position(|f| f.msg_id == msg_id) {
+                    let f = self.inflight.swap_remove(i);
+                    let msg = Msg {
+                        sender: self.idx,
+                        counter: f.counter,
+                    };
+                    let mut conflicts = Vec::new();
+                    shared
                         .ledger
-                        .record(room, seq, self.idx, counter, Source::Ack)
-                    {
-                        self.conflict(c, ctx);
-                    }
+                        .ack(f.room, seq, msg, f.intended_ms, &mut conflicts);
+                    conflicts.into_iter().for_each(|c| report_conflict(&c, ctx));
                 }
                 self.sync_cursor(alias);
             }
@@ -1403,7 +1278,7 @@ impl Phone {
                 if let Some(i) = self
                     .inflight
                     .iter()
-                    .position(|f| f.0 == e.reference && e.reference != 0)
+                    .position(|f| f.msg_id == e.reference && e.reference != 0)
                 {
                     self.inflight.swap_remove(i);
                     ctx.metrics.counters.refused += 1;
@@ -1450,27 +1325,73 @@ impl Phone {
         }));
     }
 
-    fn conflict(&self, c: Conflict, ctx: &mut Ctx<'_>) {
-        let (kind, room) = match &c {
-            Conflict::Content { room, .. } | Conflict::OutOfRange { room, .. } => {
-                (Kind::Content, *room)
-            }
-            Conflict::Duplicate { now, .. } => (Kind::Duplicate, now.0),
+    /// Checks a delivery's payload and records the phone's claim in the ledger; the header
+    /// if the message is worth measuring.
+    fn check_delivery(
+        &mut self,
+        slot: usize,
+        seq: u64,
+        payload: &[u8],
+        ctx: &mut Ctx<'_>,
+    ) -> Option<Header> {
+        let shared = ctx.shared;
+        let room = self.rooms[slot].room;
+        let label = self.label(shared);
+        let violation = |kind, detail| Violation {
+            kind,
+            phone: Some(label.clone()),
+            room: Some(shared.plan.rooms[room as usize].name.clone()),
+            detail,
         };
-        ctx.violations.add(
-            Violation {
-                kind,
-                phone: Some(self.label(ctx.shared)),
-                room: ctx
-                    .shared
-                    .plan
-                    .rooms
-                    .get(room as usize)
-                    .map(|r| r.name.clone()),
-                detail: c.to_string(),
-            },
-            1,
-        );
+        let h = match Header::parse(payload) {
+            Ok(h) => h,
+            Err(e) => {
+                let kind = match e {
+                    PayloadError::Foreign { .. } => Kind::Content,
+                    PayloadError::Corrupted { .. } => Kind::Corrupted,
+                };
+                ctx.violations
+                    .add(violation(kind, format!("seq {seq}: {e}")), 1);
+                return None;
+            }
+        };
+        let msg = Msg {
+            sender: h.sender,
+            counter: h.counter,
+        };
+        if !self.rooms[slot].remember(msg) {
+            // Its sequence is wrong too, and so will be every implicit one after it on this
+            // connection: start over from the cursor (the violation is recorded).
+            ctx.violations.add(
+                violation(
+                    Kind::Duplicate,
+                    format!("{msg} delivered again, as seq {seq}"),
+                ),
+                1,
+            );
+            self.rooms[slot].start_over();
+            self.close(ctx, Why::Error);
+            return None;
+        }
+        let mut conflicts = Vec::new();
+        let claim = Claim {
+            room,
+            seq,
+            phone: self.idx,
+            msg,
+        };
+        shared
+            .ledger
+            .claim(claim, ms_u32(h.intended_ns), &mut conflicts);
+        let mine = conflicts.iter().any(|c| c.phone() == Some(self.idx));
+        conflicts.iter().for_each(|c| report_conflict(c, ctx));
+        if mine {
+            // Implicit sequences after a misplaced message are misplaced too: resynchronise.
+            self.rooms[slot].start_over();
+            self.close(ctx, Why::Error);
+            return None;
+        }
+        Some(h)
     }
 
     // -----------------------------------------------------------------------------------
@@ -1512,6 +1433,11 @@ impl Phone {
         PhoneEnd {
             phone: self.label(shared),
             state,
+            welcomed: self.ever_welcomed,
+            unacked: self.inflight.len() as u32,
+            waiting_for_hint: self.state == State::Offline
+                && matches!(self.last_close, Some(Why::GoAway(_)))
+                && self.reconnect_at.is_some_and(|t| t > now),
             rooms: self
                 .rooms
                 .iter()
@@ -1527,101 +1453,34 @@ impl Phone {
     }
 }
 
-/// Time to the next scenario drop of one phone, if drops are on.
-fn drop_after(rng: &mut SmallRng, per_hour: f64) -> Option<Duration> {
-    (per_hour > 0.0).then(|| secs(-(1.0 - rng.random::<f64>()).ln() * 3600.0 / per_hour))
+/// Ns since the start as ms, saturating (49 days).
+fn ms_u32(ns: u64) -> u32 {
+    u32::try_from(ns / 1_000_000).unwrap_or(u32::MAX)
 }
 
-/// A schedule for a publisher that does not connect (it publishes through the API).
-pub fn api_schedule(plan: &SendPlan, seed: u64, at: Instant, end: Instant) -> (Schedule, SmallRng) {
-    let mut rng = SmallRng::seed_from_u64(splitmix64(seed ^ 0x6170_6900));
-    (Schedule::new(plan, at, end, &mut rng), rng)
+/// Records a ledger contradiction as a violation of the phone it names.
+fn report_conflict(c: &Conflict, ctx: &mut Ctx<'_>) {
+    ctx.violations
+        .add(conflict_violation(c, &ctx.shared.plan), 1);
 }
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "tests")]
-mod tests {
-    use super::*;
-
-    fn plan(per_min: f64, arrivals: Arrivals, quiet: Option<QuietPlan>) -> SendPlan {
-        SendPlan {
-            arrivals,
-            quiet,
-            ..SendPlan::to_rooms(&[0], per_min, 20)
+/// A ledger contradiction as a violation, naming the phone and room.
+pub fn conflict_violation(c: &Conflict, plan: &Plan) -> Violation {
+    let kind = match c {
+        Conflict::Reordered { .. } => Kind::Reordered,
+        Conflict::Duplicate { .. } => Kind::Duplicate,
+        Conflict::Content { .. } | Conflict::AckedTwice { .. } | Conflict::OutOfRange { .. } => {
+            Kind::Content
         }
-    }
-
-    fn count(s: &mut Schedule, rng: &mut SmallRng) -> (usize, Vec<Instant>) {
-        let mut times = Vec::new();
-        while let Some(t) = s.next() {
-            times.push(t);
-            s.advance(rng);
-        }
-        (times.len(), times)
-    }
-
-    #[test]
-    fn poisson_schedules_keep_their_rate_and_end() {
-        let mut rng = SmallRng::seed_from_u64(1);
-        let t0 = Instant::now();
-        let end = t0 + Duration::from_secs(10_000);
-        let mut s = Schedule::new(&plan(60.0, Arrivals::Poisson, None), t0, end, &mut rng);
-        let (n, times) = count(&mut s, &mut rng);
-        assert!((9_500..10_500).contains(&n), "{n}");
-        assert!(times.windows(2).all(|w| w[0] <= w[1]));
-        assert!(times.iter().all(|&t| t >= t0 && t < end));
-    }
-
-    #[test]
-    fn uniform_schedules_are_evenly_spaced_and_counted() {
-        let mut rng = SmallRng::seed_from_u64(2);
-        let t0 = Instant::now();
-        let mut p = plan(600.0, Arrivals::Uniform, None);
-        p.max_count = Some(5);
-        let mut s = Schedule::new(&p, t0, t0 + Duration::from_secs(60), &mut rng);
-        let (n, times) = count(&mut s, &mut rng);
-        assert_eq!(n, 5);
-        for w in times.windows(2) {
-            assert_eq!(w[1] - w[0], Duration::from_millis(100));
-        }
-    }
-
-    #[test]
-    fn quiet_periods_silence_the_sender() {
-        let mut rng = SmallRng::seed_from_u64(3);
-        let t0 = Instant::now();
-        let quiet = QuietPlan {
-            quiet_s: [10.0, 10.0],
-            active_s: [10.0, 10.0],
-        };
-        let mut s = Schedule::new(
-            &plan(600.0, Arrivals::Poisson, Some(quiet)),
-            t0,
-            t0 + Duration::from_secs(1000),
-            &mut rng,
-        );
-        let (n, _) = count(&mut s, &mut rng);
-        // Half the time quiet: about half of 10,000.
-        assert!((4_000..6_000).contains(&n), "{n}");
-    }
-
-    #[test]
-    fn uplink_times_are_found_by_counter_until_the_ring_wraps() {
-        let mut b = crate::plan::PlanBuilder::new();
-        let r = b.room("r", false);
-        b.phone(
-            "a",
-            crate::link::LinkProfile::unshaped("u"),
-            &[r],
-            Some(SendPlan::to_rooms(&[r], 1.0, 20)),
-        );
-        b.phone("b", crate::link::LinkProfile::unshaped("u"), &[r], None);
-        let t = UplinkTimes::new(&b.build());
-        t.store(0, 1, 5_000_000);
-        assert_eq!(t.load(0, 1), Some(5_000_000));
-        assert_eq!(t.load(0, 2), None);
-        assert_eq!(t.load(1, 1), None, "not a sender");
-        t.store(0, 1 + t.ring as u32, 1_000);
-        assert_eq!(t.load(0, 1), None, "overwritten");
+    };
+    Violation {
+        kind,
+        phone: c.phone().and_then(|p| {
+            plan.phones
+                .get(p as usize)
+                .map(|pp| format!("{p} ({})", pp.user))
+        }),
+        room: plan.rooms.get(c.room() as usize).map(|r| r.name.clone()),
+        detail: c.to_string(),
     }
 }

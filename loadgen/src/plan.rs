@@ -5,6 +5,12 @@
 //! clocks, threads. The same scenario and seed always give the same plan, so runs are
 //! reproducible and a failure names phones and rooms that exist in the next run too.
 //! [`PlanBuilder`] builds small hand-made plans for tests.
+//!
+//! # Run isolation
+//! [`Plan::namespace`] suffixes every room, channel and user name with `.RUN_ID`, so two runs
+//! against one relay never share a room or a user: nothing an earlier run left in the relay
+//! (memberships, history) reaches a later one. A suffix, not a prefix, so the relay's
+//! retention overrides by name prefix still apply.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -186,6 +192,31 @@ impl Plan {
     /// Seconds until every phone has started connecting.
     pub fn ramp_s(&self) -> f64 {
         self.phones.len() as f64 / self.connect_rate
+    }
+
+    /// Suffixes every room, channel and user name with `.run_id` (see the module docs) and
+    /// recomputes the room ids.
+    pub fn namespace(&mut self, run_id: &str) -> anyhow::Result<()> {
+        if run_id.is_empty() {
+            return Ok(());
+        }
+        if !valid_run_id(run_id) {
+            bail!("run id {run_id:?}: 1-32 of letters, digits, - and _");
+        }
+        for room in &mut self.rooms {
+            room.name = format!("{}.{run_id}", room.name);
+            room.id = pabal_codec::room_id(room.channel, &room.name);
+        }
+        self.room_by_id = self
+            .rooms
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.id, i as u32))
+            .collect();
+        for phone in &mut self.phones {
+            phone.user = format!("{}.{run_id}", phone.user);
+        }
+        check_ids(self)
     }
 
     /// The profile names, in [`Plan::profiles`] order.
@@ -446,6 +477,23 @@ impl PlanBuilder {
     }
 }
 
+/// A run id for [`Plan::namespace`]: 1-32 of letters, digits, `-` and `_`.
+pub fn valid_run_id(id: &str) -> bool {
+    (1..=32).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// A fresh run id: `r` and 8 hex digits drawn from the clock and the process id.
+pub fn fresh_run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mixed = crate::link::splitmix64(nanos ^ (u64::from(std::process::id()) << 40));
+    format!("r{:08x}", mixed as u32)
+}
+
 /// Checks that no two rooms share an id (FNV collisions would confuse resume).
 pub fn check_ids(plan: &Plan) -> anyhow::Result<()> {
     if plan.room_by_id.len() != plan.rooms.len() {
@@ -497,6 +545,27 @@ mod tests {
         let a = Plan::generate(&scenario("seed = 1\n[population]\nphones = 100")).unwrap();
         let b = Plan::generate(&scenario("seed = 2\n[population]\nphones = 100")).unwrap();
         assert_ne!(a.rooms, b.rooms);
+    }
+
+    #[test]
+    fn namespacing_renames_rooms_and_users_and_keeps_ids_consistent() {
+        let mut p = Plan::generate(&scenario(
+            "[population]\nphones = 20\n[[channel]]\nname = \"news\"\nsubscribers = 5",
+        ))
+        .unwrap();
+        let before = p.clone();
+        p.namespace("r1234abcd").unwrap();
+        for (a, b) in p.rooms.iter().zip(&before.rooms) {
+            assert_eq!(a.name, format!("{}.r1234abcd", b.name));
+            assert_eq!(a.id, pabal_codec::room_id(a.channel, &a.name));
+            assert_eq!(
+                p.room_by_id[&a.id] as usize,
+                p.rooms.iter().position(|r| r == a).unwrap()
+            );
+        }
+        assert!(p.phones.iter().all(|ph| ph.user.ends_with(".r1234abcd")));
+        assert!(p.clone().namespace("bad id").is_err());
+        assert!(valid_run_id(&fresh_run_id()));
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Reports of a run: a table for people, JSON for machines, and an SVG chart of latency
-//! percentiles over time.
+//! Reports of a run: a table for people and JSON for machines (the SVG chart is
+//! [`crate::chart`]'s).
 //!
 //! Owns: formatting. Must not touch: measuring (everything comes from a [`RunReport`]).
 
@@ -10,8 +10,10 @@ use serde_json::{Value, json};
 
 use crate::metrics::{Breakdown, Summary};
 use crate::plan::Bucket;
-use crate::run::{RunReport, SecondPoint};
+use crate::run::RunReport;
 use crate::verify::Kind;
+
+pub use crate::chart::to_svg;
 
 const HEAD: &str =
     "                              count       p50       p90       p99     p99.9       max";
@@ -67,10 +69,23 @@ pub fn table(r: &RunReport) -> String {
     let rooms: Vec<String> = r.rooms.iter().map(|(k, n)| format!("{k} {n}")).collect();
     let _ = writeln!(
         out,
-        "links: {}; rooms: {}",
+        "links: {}; rooms: {}; run id {} (suffix of every room and user name)",
         mix.join(", "),
-        rooms.join(", ")
+        rooms.join(", "),
+        r.run_id
     );
+    let ramp_end = t.ramp_s;
+    let steady_from = ramp_end + t.settle_s;
+    let steady_to = steady_from + t.steady_s;
+    let mut phases = format!(
+        "phases: ramp 0-{ramp_end:.1} s, settle to {steady_from:.1} s, steady {steady_from:.1}-\
+         {steady_to:.1} s, drain {steady_to:.1}-{:.1} s",
+        steady_to + t.drain_s
+    );
+    for e in &r.events {
+        let _ = write!(phases, "; event at {:.1} s: {}", e.at_s, e.label);
+    }
+    let _ = writeln!(out, "{phases}");
     breakdown(
         &mut out,
         "live delivery latency, end to end from the intended send time",
@@ -96,15 +111,23 @@ pub fn table(r: &RunReport) -> String {
     row(&mut out, "missed, delivered on resume", &m.resumed);
     row(&mut out, "first message after idle", &m.after_idle);
     row(&mut out, "loadgen lag (due -> handled)", &m.timer_lag);
-    let published = c.published + r.api.published;
-    let acked = c.acked + r.api.acked;
+    let p = &r.publishes;
     let _ = writeln!(
         out,
-        "\ntraffic: {published} published ({acked} acknowledged, {} refused, {} unacknowledged when \
-         their connection ended, {} skipped while offline, {} skipped before the room was bound); \
-         {} delivered ({} live, {} on resume)",
-        c.refused + r.api.refused,
-        c.unacked_at_close,
+        "\ntraffic: {} published = {} acknowledged + {} refused + {} without PUBACK when their \
+         connection ended + {} never acknowledged on a live connection (violations) + {} \
+         unacknowledged on phones not judged{}; not sent: {} due while offline, {} before the \
+         room was bound; {} delivered ({} live, {} on resume)",
+        p.published,
+        p.acked,
+        p.refused,
+        p.lost_with_connection,
+        p.never_acked,
+        p.unacked_not_judged,
+        match p.unaccounted() {
+            0 => String::new(),
+            n => format!(" ({n} UNACCOUNTED)"),
+        },
         c.skipped_offline,
         c.skipped_unbound,
         c.delivered,
@@ -150,16 +173,20 @@ pub fn table(r: &RunReport) -> String {
     );
     let s = &r.summary;
     let v = &r.violations;
+    let g = &r.gap_summary;
     let _ = writeln!(
         out,
-        "\nverification: {} (phone, room) pairs; {} caught up; announced losses: {} GAPs covering \
-         {} messages, {} epoch resets; not judged: {} pairs still receiving ({} messages), {} \
-         pairs offline at the end ({} messages); {} memberships never bound",
+        "\nverification: judged {} of {} phones ({} never welcomed, {} not judged: {} waiting \
+         out a relay's retry hint); {} (phone, room) pairs, {} caught up; not judged: {} pairs \
+         still receiving ({} messages), {} pairs offline ({} messages); {} memberships never \
+         bound",
+        s.phones_judged,
+        s.phones,
+        s.never_welcomed,
+        s.not_judged,
+        s.not_judged_waiting_for_hint,
         s.pairs,
         s.caught_up,
-        c.gaps,
-        c.gap_messages,
-        c.epoch_resets,
         s.behind_receiving,
         s.behind_receiving_messages,
         s.behind_offline,
@@ -168,17 +195,31 @@ pub fn table(r: &RunReport) -> String {
     );
     let _ = writeln!(
         out,
-        "violations: silent loss {} ({} messages), duplicates {}, skip/repeat/reorder {}, content \
-         {}, cursor jumps {}, malformed {}, misrouted {}",
-        v.count(Kind::SilentLoss),
-        v.messages.get(&Kind::SilentLoss).copied().unwrap_or(0),
-        v.count(Kind::Duplicate),
-        v.count(Kind::Session),
-        v.count(Kind::Content),
-        v.count(Kind::CursorJump),
-        v.count(Kind::Malformed),
-        v.count(Kind::Misrouted)
+        "announced losses: {} GAPs covering {} messages (explained by retention: {} count, {} \
+         bytes, {} age; {} by an epoch change; {} unexplained; retention {}), {} epoch resets",
+        c.gaps,
+        c.gap_messages,
+        g.by_count,
+        g.by_bytes,
+        g.by_age,
+        g.by_epoch,
+        g.unexplained,
+        g.retention_source,
+        c.epoch_resets
     );
+    let counts: Vec<String> = Kind::ALL
+        .iter()
+        .map(|&k| {
+            let n = v.count(k);
+            let m = v.messages(k);
+            if m > n {
+                format!("{} {n} ({m} messages)", k.label())
+            } else {
+                format!("{} {n}", k.label())
+            }
+        })
+        .collect();
+    let _ = writeln!(out, "violations: {}", counts.join(", "));
     for e in v.examples.iter().take(20) {
         let _ = writeln!(out, "  - {e}");
     }
@@ -186,7 +227,8 @@ pub fn table(r: &RunReport) -> String {
         out,
         "RESULT: {}",
         if r.passed() {
-            "PASS (no silent loss, duplicate or reorder)"
+            "PASS (every publish accounted for; no silent loss, unexplained GAP, corruption, \
+             duplicate or reorder; every phone welcomed, bound and judged)"
         } else {
             "FAIL (see the violations above)"
         }
@@ -248,139 +290,14 @@ pub fn to_json(r: &RunReport) -> Value {
         },
         "counters": c,
         "api_counters": r.api,
+        "run_id": r.run_id,
+        "events": r.events,
+        "publishes": r.publishes,
         "verification": {
             "summary": r.summary,
+            "gaps": r.gap_summary,
             "violations": r.violations,
         },
         "series": r.series,
     })
-}
-
-/// An SVG chart of p50/p90/p99/max end-to-end latency per second, on a log scale.
-pub fn to_svg(r: &RunReport) -> String {
-    let (w, h) = (960.0, 480.0);
-    let (left, right, top, bottom) = (70.0, 20.0, 40.0, 50.0);
-    let pw = w - left - right;
-    let ph = h - top - bottom;
-    let points: Vec<_> = r.series.iter().filter(|p| p.latency.count > 0).collect();
-    let max_sec = r.series.last().map_or(1, |p| p.sec.max(1)) as f64;
-    let top_ms = points
-        .iter()
-        .map(|p| p.latency.max)
-        .fold(10.0_f64, f64::max);
-    let decades = top_ms.log10().ceil().max(1.0);
-    let x = |sec: f64| left + pw * sec / max_sec;
-    let y = |ms: f64| {
-        let v = ms.max(1.0).log10().clamp(0.0, decades);
-        top + ph * (1.0 - v / decades)
-    };
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}: live delivery latency per second (end to end; dashed: relay added p99)</text>"#,
-        w / 2.0,
-        xml(&r.name)
-    );
-    // Axes and grid.
-    for d in 0..=decades as u32 {
-        let ms = 10f64.powi(d as i32);
-        let yy = y(ms);
-        let label = if ms >= 1000.0 {
-            format!("{} s", ms / 1000.0)
-        } else {
-            format!("{ms} ms")
-        };
-        let _ = writeln!(
-            s,
-            r##"<line x1="{left}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"##,
-            left + pw,
-            left - 6.0,
-            yy + 4.0
-        );
-    }
-    let step = [1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 600, 1800, 3600]
-        .into_iter()
-        .find(|&s| max_sec / f64::from(s) <= 12.0)
-        .unwrap_or(3600);
-    let mut sec = 0;
-    while f64::from(sec) <= max_sec {
-        let xx = x(f64::from(sec));
-        let _ = writeln!(
-            s,
-            r##"<line x1="{xx:.1}" y1="{top}" x2="{xx:.1}" y2="{:.1}" stroke="#eee"/><text x="{xx:.1}" y="{:.1}" text-anchor="middle">{sec}</text>"##,
-            top + ph,
-            top + ph + 16.0
-        );
-        sec += step;
-    }
-    let _ = writeln!(
-        s,
-        r#"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">seconds since start</text>"#,
-        left + pw / 2.0,
-        h - 12.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="16" y="{:.1}" text-anchor="middle" transform="rotate(-90 16 {:.1})">latency (log scale)</text>"#,
-        top + ph / 2.0,
-        top + ph / 2.0
-    );
-    type Line = (
-        &'static str,
-        &'static str,
-        &'static str,
-        fn(&SecondPoint) -> f64,
-    );
-    let lines: [Line; 5] = [
-        ("p50", "#1f77b4", "", |p| p.latency.p50),
-        ("p90", "#2ca02c", "", |p| p.latency.p90),
-        ("p99", "#ff7f0e", "", |p| p.latency.p99),
-        ("max", "#d62728", "", |p| p.latency.max),
-        (
-            "relay added p99",
-            "#7f7f7f",
-            r#" stroke-dasharray="5,3""#,
-            |p| p.relay_added.p99,
-        ),
-    ];
-    for (k, (label, colour, dash, get)) in lines.iter().enumerate() {
-        let pts: Vec<String> = points
-            .iter()
-            .map(|p| format!("{:.1},{:.1}", x(f64::from(p.sec) + 0.5), y(get(p))))
-            .collect();
-        if !pts.is_empty() {
-            let _ = writeln!(
-                s,
-                r#"<polyline fill="none" stroke="{colour}" stroke-width="1.5"{dash} points="{}"/>"#,
-                pts.join(" ")
-            );
-        }
-        let lx = left + 10.0 + 70.0 * k as f64;
-        let _ = writeln!(
-            s,
-            r#"<line x1="{lx}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{colour}" stroke-width="3"{dash}/><text x="{:.1}" y="{:.1}">{label}</text>"#,
-            top + 14.0,
-            lx + 20.0,
-            top + 14.0,
-            lx + 25.0,
-            top + 18.0
-        );
-    }
-    s.push_str("</svg>\n");
-    s
-}
-
-fn xml(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
 }

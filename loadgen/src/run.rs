@@ -1,9 +1,11 @@
 //! A whole run: membership set-up, worker threads, channel publishing through the API, the
 //! live progress line, the drain, and the verdict.
 //!
-//! Owns: the timeline (ramp-up, settle, steady phase, drain) and putting the workers'
-//! results together into a [`RunReport`]. Must not touch: sockets of phones (the workers own
-//! them), report formatting (that is [`crate::report`]).
+//! Owns: the timeline (ramp-up, settle, steady phase, drain), run isolation (the plan is
+//! namespaced by the run id before anything connects), and putting the workers' results
+//! together into a [`RunReport`]: the final comparison, the GAP judgement against the
+//! relay's retention, and the account of every publish. Must not touch: sockets of phones
+//! (the workers own them), report formatting (that is [`crate::report`]).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -17,13 +19,41 @@ use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 
 use crate::api::{ControlApi, Tokens};
+use crate::gaps::{Explained, GapSeen, Retention, RoomGaps};
+use crate::ledger::{Conflict, Ledger, Msg};
 use crate::metrics::{Counters, Metrics, Second, Summary, coarse_histogram};
 use crate::payload::Header;
-use crate::phone::{PhoneSettings, Shared, UplinkTimes, api_schedule};
-use crate::plan::{Plan, check_ids};
-use crate::scenario::{EventSpec, Scenario};
-use crate::verify::{FinalSummary, Ledger, Source, Violations, final_check};
+use crate::phone::{PhoneSettings, Shared, UplinkTimes, conflict_violation};
+use crate::plan::{Plan, check_ids, fresh_run_id};
+use crate::scenario::{EventKind, EventSpec, Scenario};
+use crate::schedule::api_schedule;
+use crate::verify::{FinalSummary, Kind, Thresholds, Violation, Violations, final_check};
 use crate::worker::Worker;
+
+/// Where the relay's retention limits come from, to judge GAPs.
+#[derive(Debug, Clone)]
+pub enum RetentionSource {
+    /// Known beforehand (the scenario's `[verify] retention`, a test's relay).
+    Known(Retention),
+    /// Read per room from the relay's server API at the end of the run (`--control`, or
+    /// the relay `--spawn-relay` started).
+    Api(ControlApi),
+    /// Nothing better: the relay's documented defaults.
+    RelayDefaults,
+}
+
+impl RetentionSource {
+    fn describe(&self) -> &'static str {
+        match self {
+            RetentionSource::Known(_) => "as configured in the scenario",
+            RetentionSource::Api(_) => "read from the relay's server API",
+            RetentionSource::RelayDefaults => {
+                "the relay's defaults (not read from the relay: give --control, or [verify] \
+                 retention)"
+            }
+        }
+    }
+}
 
 /// Everything a run needs.
 #[derive(Debug)]
@@ -57,6 +87,12 @@ pub struct RunConfig {
     /// Spread phones over this many loopback source addresses (127.0.1.x); 1: the kernel's
     /// choice; 0: automatic (one per 2,000 phones against a loopback relay).
     pub source_ips: usize,
+    /// Suffix of every room, channel and user name (run isolation); empty: none.
+    pub run_id: String,
+    /// The relay's retention, to judge GAPs.
+    pub retention: RetentionSource,
+    /// What the verdict tolerates at the end.
+    pub thresholds: Thresholds,
 }
 
 impl RunConfig {
@@ -91,6 +127,12 @@ impl RunConfig {
             progress: true,
             trace: false,
             source_ips: 0,
+            run_id: fresh_run_id(),
+            retention: s
+                .verify
+                .retention
+                .map_or(RetentionSource::RelayDefaults, RetentionSource::Known),
+            thresholds: s.verify.thresholds(),
         })
     }
 }
@@ -110,6 +152,69 @@ pub struct SecondPoint {
     pub relay_added: Summary,
     /// Phones connected at its end.
     pub connected: u64,
+    /// loadgen's own lag this second, ms: if it grows, loadgen is the bottleneck.
+    pub loadgen_lag: Summary,
+    /// Connections lost this second (handovers, scenario drops, keepalive, relay closes).
+    pub drops: u64,
+    /// GOAWAYs this second.
+    pub goaways: u64,
+}
+
+/// Something that happened at a moment of the run, for the report and the chart.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EventMark {
+    /// Seconds since the start.
+    pub at_s: f64,
+    /// What.
+    pub label: String,
+}
+
+/// Every publish, accounted for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PublishAccount {
+    /// Written (phones) or sent (API).
+    pub published: u64,
+    /// Acknowledged with a sequence.
+    pub acked: u64,
+    /// Refused with an error code.
+    pub refused: u64,
+    /// Without PUBACK when their connection ended: the client cannot know (PROTOCOL.md §12).
+    pub lost_with_connection: u64,
+    /// Without PUBACK after the drain on a live, quiet connection: violations.
+    pub never_acked: u64,
+    /// Without PUBACK at the end on a phone that was not judged.
+    pub unacked_not_judged: u64,
+}
+
+impl PublishAccount {
+    /// Publishes in none of the other categories (0 when everything adds up).
+    pub fn unaccounted(&self) -> i64 {
+        self.published as i64
+            - (self.acked
+                + self.refused
+                + self.lost_with_connection
+                + self.never_acked
+                + self.unacked_not_judged) as i64
+    }
+}
+
+/// What the GAPs of a run were, judged against the relay's retention.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GapSummary {
+    /// GAP frames received.
+    pub gaps: u64,
+    /// Explained by the count limit.
+    pub by_count: u64,
+    /// By the byte limit.
+    pub by_bytes: u64,
+    /// By the age limit.
+    pub by_age: u64,
+    /// By an epoch change.
+    pub by_epoch: u64,
+    /// Explained by nothing: violations.
+    pub unexplained: u64,
+    /// Where the retention limits came from.
+    pub retention_source: String,
 }
 
 /// Phases of the run, in seconds.
@@ -154,6 +259,14 @@ pub struct RunReport {
     pub summary: FinalSummary,
     /// Second by second.
     pub series: Vec<SecondPoint>,
+    /// Scenario events, for the report and the chart.
+    pub events: Vec<EventMark>,
+    /// The run id every name was suffixed with.
+    pub run_id: String,
+    /// Every publish, accounted for.
+    pub publishes: PublishAccount,
+    /// The GAPs, judged.
+    pub gap_summary: GapSummary,
 }
 
 impl RunReport {
@@ -187,8 +300,13 @@ fn setup_membership(plan: &Plan, api: &ControlApi) -> anyhow::Result<()> {
 }
 
 /// Publishes the channel publishers' messages through the control API, on their schedules.
-fn api_publisher(shared: &Shared, api: &ControlApi, publishers: &[u32]) -> Counters {
+fn api_publisher(
+    shared: &Shared,
+    api: &ControlApi,
+    publishers: &[u32],
+) -> (Counters, Vec<Conflict>) {
     let mut counters = Counters::default();
+    let mut conflicts = Vec::new();
     let mut scheds: Vec<_> = publishers
         .iter()
         .filter_map(|&i| {
@@ -223,8 +341,9 @@ fn api_publisher(shared: &Shared, api: &ControlApi, publishers: &[u32]) -> Count
         let Some(&room) = send.groups.first() else {
             continue;
         };
+        let intended_ns = shared.since_start(at);
         let payload = Header {
-            intended_ns: shared.since_start(at),
+            intended_ns,
             sender: *idx,
             counter: *counter,
             flags: 0,
@@ -237,9 +356,12 @@ fn api_publisher(shared: &Shared, api: &ControlApi, publishers: &[u32]) -> Count
         match api.publish_channel(name, &phone.user, &payload) {
             Ok(seq) => {
                 counters.acked += 1;
-                if let Err(c) = shared.ledger.record(room, seq, *idx, *counter, Source::Ack) {
-                    tracing::error!("API publish: {c}");
-                }
+                let msg = Msg {
+                    sender: *idx,
+                    counter: *counter,
+                };
+                let ms = u32::try_from(intended_ns / 1_000_000).unwrap_or(u32::MAX);
+                shared.ledger.ack(room, seq, msg, ms, &mut conflicts);
             }
             Err(e) => {
                 counters.refused += 1;
@@ -247,7 +369,7 @@ fn api_publisher(shared: &Shared, api: &ControlApi, publishers: &[u32]) -> Count
             }
         }
     }
-    counters
+    (counters, conflicts)
 }
 
 /// Runs the load and returns what it found. Fails only when the run cannot take place (no
@@ -255,7 +377,7 @@ fn api_publisher(shared: &Shared, api: &ControlApi, publishers: &[u32]) -> Count
 pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     let RunConfig {
         name,
-        plan,
+        mut plan,
         target,
         threads,
         settle,
@@ -268,6 +390,9 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
         progress,
         trace,
         source_ips,
+        run_id,
+        retention,
+        thresholds,
     } = config;
     if threads == 0 {
         bail!("--threads must be at least 1");
@@ -275,6 +400,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     if !tokens.self_join() && control.is_none() {
         bail!("with tokens, membership is set up through the server API: give --control");
     }
+    plan.namespace(&run_id)?;
     if let Some(api) = &control {
         if progress {
             eprintln!(
@@ -372,7 +498,13 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
 
     // The main thread: seconds in, progress out, and the decision to stop.
     let connectable = phone_count - api_publishers.len();
-    type Pending = (usize, Histogram<u64>, Histogram<u64>, Vec<Second>);
+    struct Pending {
+        workers: usize,
+        e2e: Histogram<u64>,
+        relay: Histogram<u64>,
+        lag: Histogram<u64>,
+        seconds: Vec<Second>,
+    }
     let mut pending: BTreeMap<u32, Pending> = BTreeMap::new();
     let mut series = Vec::new();
     let mut last = Counters::default();
@@ -382,25 +514,30 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(second) => {
-                let entry = pending
-                    .entry(second.sec)
-                    .or_insert_with(|| (0, coarse_histogram(), coarse_histogram(), Vec::new()));
-                entry.0 += 1;
-                let _ = entry.1.add(&second.e2e);
-                let _ = entry.2.add(&second.relay);
-                entry.3.push(second);
+                let entry = pending.entry(second.sec).or_insert_with(|| Pending {
+                    workers: 0,
+                    e2e: coarse_histogram(),
+                    relay: coarse_histogram(),
+                    lag: coarse_histogram(),
+                    seconds: Vec::new(),
+                });
+                entry.workers += 1;
+                let _ = entry.e2e.add(&second.e2e);
+                let _ = entry.relay.add(&second.relay);
+                let _ = entry.lag.add(&second.lag);
+                entry.seconds.push(second);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
         while let Some(entry) = pending.first_entry() {
-            if entry.get().0 < threads {
+            if entry.get().workers < threads {
                 break;
             }
-            let (sec, (_, hist, relay_hist, seconds)) = entry.remove_entry();
+            let (sec, p) = entry.remove_entry();
             let mut counters = Counters::default();
             let (mut violations, mut connected, mut settled) = (0, 0, true);
-            for s in &seconds {
+            for s in &p.seconds {
                 counters.add(&s.counters);
                 violations += s.violations;
                 connected += s.connected;
@@ -410,25 +547,29 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
                 sec,
                 deliveries: counters.delivered - last.delivered,
                 published: counters.published - last.published,
-                latency: Summary::of(&hist),
-                relay_added: Summary::of(&relay_hist),
+                latency: Summary::of(&p.e2e),
+                relay_added: Summary::of(&p.relay),
                 connected,
+                loadgen_lag: Summary::of(&p.lag),
+                drops: counters.drops_total() - last.drops_total(),
+                goaways: counters.goaway_total() - last.goaway_total(),
             };
             if progress {
                 let mut err = std::io::stderr().lock();
                 let _ = writeln!(
                     err,
                     "[{sec:>4}s] conn {connected:>6}/{connectable}  pub {:>6}/s  deliv {:>7}/s  \
-                     p50 {:>7}  p99 {:>7}  relay+ p99 {:>6}  gaps {}  goaway {}  drops {}  \
-                     viol {violations}",
+                     p50 {:>7}  p99 {:>7}  relay+ p99 {:>6}  lag p99 {:>6}  gaps {}  goaway {}  \
+                     drops {}  viol {violations}",
                     point.published,
                     point.deliveries,
                     fmt_ms(point.latency.p50),
                     fmt_ms(point.latency.p99),
                     fmt_ms(point.relay_added.p99),
+                    fmt_ms(point.loadgen_lag.p99),
                     counters.gaps,
                     counters.goaway_total(),
-                    counters.link_drops + counters.scripted_drops + counters.keepalive_timeouts,
+                    counters.drops_total(),
                 );
             }
             series.push(point);
@@ -456,6 +597,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     let mut metrics = Metrics::new(profiles.len(), trace);
     let mut violations = Violations::default();
     let mut ends = Vec::new();
+    let mut gaps = Vec::new();
     for handle in handles {
         let result = handle
             .join()
@@ -464,12 +606,13 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
         metrics.merge(result.metrics);
         violations.merge(result.violations);
         ends.extend(result.ends);
+        gaps.extend(result.gaps);
     }
-    let api_counters = match api_handle {
+    let (api_counters, api_conflicts) = match api_handle {
         Some(h) => h
             .join()
             .map_err(|_| anyhow::anyhow!("the API publisher panicked"))?,
-        None => Counters::default(),
+        None => (Counters::default(), Vec::new()),
     };
     if metrics.counters.welcomes == 0 && connectable > 0 {
         bail!(
@@ -480,15 +623,53 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
         );
     }
     let plan = &shared.plan;
+    for c in api_conflicts.iter().chain(&shared.ledger.finish()) {
+        violations.add(conflict_violation(c, plan), 1);
+    }
+    let gap_summary = judge_gaps(&shared.ledger, plan, &gaps, &retention, &mut violations);
     let summary = final_check(
-        &shared.ledger,
+        |r| shared.ledger.last_acked(r),
         &ends,
         |r| plan.rooms[r as usize].name.clone(),
+        &thresholds,
         &mut violations,
     );
+    let c = &metrics.counters;
+    let publishes = PublishAccount {
+        published: c.published + api_counters.published,
+        acked: c.acked + api_counters.acked,
+        refused: c.refused + api_counters.refused,
+        lost_with_connection: c.unacked_at_close,
+        never_acked: summary.unacked_quiet,
+        unacked_not_judged: summary.unacked_not_judged,
+    };
+    if publishes.unaccounted() != 0 {
+        violations.add(
+            Violation {
+                kind: Kind::UnackedPublish,
+                phone: None,
+                room: None,
+                detail: format!(
+                    "{} publishes unaccounted for: {publishes:?}",
+                    publishes.unaccounted()
+                ),
+            },
+            publishes.unaccounted().unsigned_abs(),
+        );
+    }
     if progress {
         eprintln!("stopped: {stop_reason}");
     }
+    let steady_s = (steady_start - start).as_secs_f64();
+    let events = events
+        .iter()
+        .map(|e| EventMark {
+            at_s: steady_s + e.at_s,
+            label: match e.kind {
+                EventKind::Drop => format!("drop {:.0}%", e.share * 100.0),
+            },
+        })
+        .collect();
     Ok(RunReport {
         name,
         phones: phone_count,
@@ -508,7 +689,84 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
         violations,
         summary,
         series,
+        events,
+        run_id,
+        publishes,
+        gap_summary,
     })
+}
+
+/// Judges every GAP phones received against the relay's retention (see [`crate::gaps`]).
+fn judge_gaps(
+    ledger: &Ledger,
+    plan: &Plan,
+    gaps: &[GapSeen],
+    source: &RetentionSource,
+    violations: &mut Violations,
+) -> GapSummary {
+    let mut s = GapSummary {
+        gaps: gaps.len() as u64,
+        retention_source: source.describe().to_string(),
+        ..GapSummary::default()
+    };
+    let size_of = |sender: u32| {
+        plan.phones
+            .get(sender as usize)
+            .and_then(|p| p.send.as_ref())
+            .map_or(0, |s| s.payload_bytes as u64)
+    };
+    let max_size = (0..plan.phones.len() as u32)
+        .map(size_of)
+        .max()
+        .unwrap_or(0);
+    let mut by_room: BTreeMap<u32, Vec<&GapSeen>> = BTreeMap::new();
+    for g in gaps {
+        by_room.entry(g.room).or_default().push(g);
+    }
+    for (room, room_gaps) in by_room {
+        let Some(info) = plan.rooms.get(room as usize) else {
+            continue;
+        };
+        let retention = match source {
+            RetentionSource::Known(r) => *r,
+            RetentionSource::RelayDefaults => Retention::RELAY_DEFAULT,
+            RetentionSource::Api(api) => match api.retention(&info.name, info.channel) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(
+                        "{e:#}: judging {}'s GAPs by the relay's defaults",
+                        info.name
+                    );
+                    Retention::RELAY_DEFAULT
+                }
+            },
+        };
+        let judge = RoomGaps::new(&ledger.snapshot(room), size_of, max_size);
+        for g in room_gaps {
+            match judge.judge(g, &retention) {
+                Explained::Count => s.by_count += 1,
+                Explained::Bytes => s.by_bytes += 1,
+                Explained::Age => s.by_age += 1,
+                Explained::Epoch => s.by_epoch += 1,
+                Explained::Unexplained(detail) => {
+                    s.unexplained += 1;
+                    violations.add(
+                        Violation {
+                            kind: Kind::UnexplainedGap,
+                            phone: plan
+                                .phones
+                                .get(g.phone as usize)
+                                .map(|p| format!("{} ({})", g.phone, p.user)),
+                            room: Some(info.name.clone()),
+                            detail,
+                        },
+                        g.to - g.from + 1,
+                    );
+                }
+            }
+        }
+    }
+    s
 }
 
 /// Milliseconds for the progress line: `2.5ms`, `312ms`, `1.25s`.

@@ -22,8 +22,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::gaps::Retention;
 use crate::link::LinkProfile;
 use crate::payload::HEADER_LEN;
+use crate::verify::Thresholds;
 
 /// A whole scenario file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,7 +44,7 @@ pub struct Scenario {
     /// Pause between the end of the ramp-up and the steady phase, so joins settle, seconds.
     /// Default 2.
     pub settle_s: f64,
-    /// Payload size of every chat message, bytes (at least the 20-byte measurement header).
+    /// Payload size of every chat message, bytes (at least the 24-byte measurement header).
     /// Default 64.
     pub payload_bytes: usize,
     /// Who connects, on which links, and how phones keep their connections.
@@ -65,8 +67,11 @@ pub struct Scenario {
     /// built-in's name replaces it. Default none.
     #[serde(rename = "profile")]
     pub profiles: Vec<LinkProfile>,
-    /// The relay `--spawn-relay` starts (ignored against `--target`).
+    /// The relay `--spawn-relay` starts (against `--target`, a scenario that sets any of it
+    /// is refused unless told to go on: see [`RelaySpec::cannot_apply`]).
     pub relay: RelaySpec,
+    /// What the verdict tolerates, and the relay's retention when it cannot be read.
+    pub verify: VerifySpec,
 }
 
 impl Default for Scenario {
@@ -88,6 +93,7 @@ impl Default for Scenario {
             events: Vec::new(),
             profiles: Vec::new(),
             relay: RelaySpec::default(),
+            verify: VerifySpec::default(),
         }
     }
 }
@@ -372,6 +378,56 @@ impl Default for RelaySpec {
     }
 }
 
+impl RelaySpec {
+    /// The options set (away from their defaults) that only a relay loadgen starts itself can
+    /// take: against a running relay (`--target`) they cannot apply.
+    pub fn cannot_apply(&self) -> Vec<String> {
+        let mut set = Vec::new();
+        if self.workers != RelaySpec::default().workers {
+            set.push(format!("relay.workers = {}", self.workers));
+        }
+        if let Some(v) = self.new_connections_per_second {
+            set.push(format!("relay.new_connections_per_second = {v}"));
+        }
+        if let Some(v) = self.reconnect_spread_s {
+            set.push(format!("relay.reconnect_spread_s = {v}"));
+        }
+        if !self.extra_toml.trim().is_empty() {
+            set.push("relay.extra_toml".to_string());
+        }
+        set
+    }
+}
+
+/// `[verify]`: thresholds of the verdict, and the retention to judge GAPs against when the
+/// relay's server API cannot be asked.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifySpec {
+    /// Phones that may never get a WELCOME. Default 0.
+    pub max_never_welcomed: u64,
+    /// Memberships of welcomed phones that may never be bound. Default 0.
+    pub max_never_bound: u64,
+    /// Phones that may end unjudged (still receiving, or offline without a retry hint).
+    /// Default 0.
+    pub max_not_judged: u64,
+    /// The relay's retention, `{ max_messages, max_bytes, max_age_s }`, for a `--target`
+    /// relay without `--control`. Default: read from the server API when there is one, else
+    /// the relay's defaults (1000 messages, 1 MiB, 24 h).
+    pub retention: Option<Retention>,
+}
+
+impl VerifySpec {
+    /// The thresholds.
+    pub fn thresholds(&self) -> Thresholds {
+        Thresholds {
+            max_never_welcomed: self.max_never_welcomed,
+            max_never_bound: self.max_never_bound,
+            max_not_judged: self.max_not_judged,
+        }
+    }
+}
+
 /// A scenario field out of range.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("scenario: `{field}` {problem}")]
@@ -426,7 +482,7 @@ impl Scenario {
         if self.payload_bytes < HEADER_LEN || self.payload_bytes > 60_000 {
             return bad(
                 "payload_bytes",
-                "must be 20 ..= 60000 (20: the measurement header)",
+                "must be 24 ..= 60000 (24: the measurement header)",
             );
         }
         let p = &self.population;
@@ -533,7 +589,7 @@ impl Scenario {
             if let Some(n) = ch.payload_bytes
                 && !(HEADER_LEN..=60_000).contains(&n)
             {
-                return bad(&at("payload_bytes"), "must be 20 ..= 60000");
+                return bad(&at("payload_bytes"), "must be 24 ..= 60000");
             }
         }
         for (k, e) in self.events.iter().enumerate() {
@@ -562,6 +618,17 @@ impl Scenario {
         }
         if r.reconnect_spread_s.is_some_and(|v| !positive(v)) {
             return bad("relay.reconnect_spread_s", "must be > 0");
+        }
+        if let Some(ret) = &self.verify.retention {
+            for (field, v) in [
+                ("verify.retention.max_messages", ret.max_messages),
+                ("verify.retention.max_bytes", ret.max_bytes),
+                ("verify.retention.max_age_s", ret.max_age_s),
+            ] {
+                if v == 0 {
+                    return bad(field, "must be > 0");
+                }
+            }
         }
         Ok(())
     }
@@ -626,6 +693,10 @@ mod tests {
                 "event[0].share",
             ),
             ("[[profile]]\nname = \"x\"\nloss = 7", "profile.loss"),
+            (
+                "[verify.retention]\nmax_messages = 0\nmax_bytes = 1\nmax_age_s = 1",
+                "verify.retention.max_messages",
+            ),
         ] {
             let err = Scenario::parse(text).unwrap_err().to_string();
             assert!(err.contains(field), "{text}: {err}");
@@ -646,6 +717,19 @@ mod tests {
         assert!((s.population.connect_rate - 100.0).abs() < 1e-9);
         assert_eq!(s.relay.new_connections_per_second, Some(50.0));
         assert!((s.chat.msgs_per_min - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn relay_options_that_cannot_reach_a_running_relay_are_listed() {
+        assert!(Scenario::default().relay.cannot_apply().is_empty());
+        let s = Scenario::parse(
+            "[relay]\nworkers = 1\nnew_connections_per_second = 2000\nreconnect_spread_s = 10",
+        )
+        .unwrap();
+        let set = s.relay.cannot_apply();
+        assert_eq!(set.len(), 2, "{set:?}");
+        assert!(set[0].contains("new_connections_per_second"), "{set:?}");
+        assert!(set[1].contains("reconnect_spread_s"), "{set:?}");
     }
 
     #[test]

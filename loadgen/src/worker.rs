@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
 
+use crate::gaps::GapSeen;
 use crate::metrics::{Metrics, Second, coarse_histogram, record_ns};
 use crate::phone::{Ctx, Phone, Shared};
 use crate::scenario::EventSpec;
@@ -40,6 +41,8 @@ pub struct WorkerResult {
     pub violations: Violations,
     /// Its phones at the end.
     pub ends: Vec<PhoneEnd>,
+    /// GAPs its phones received.
+    pub gaps: Vec<GapSeen>,
 }
 
 /// One event-loop thread and its phones.
@@ -56,6 +59,8 @@ pub struct Worker {
     violations: Violations,
     second: hdrhistogram::Histogram<u64>,
     second_relay: hdrhistogram::Histogram<u64>,
+    second_lag: hdrhistogram::Histogram<u64>,
+    gaps: Vec<GapSeen>,
     sec: u32,
     scratch: Vec<u8>,
     connected: u64,
@@ -106,6 +111,8 @@ impl Worker {
             violations: Violations::default(),
             second: coarse_histogram(),
             second_relay: coarse_histogram(),
+            second_lag: coarse_histogram(),
+            gaps: Vec::new(),
             sec: 0,
             scratch: vec![0; 64 * 1024],
             connected: 0,
@@ -176,10 +183,9 @@ impl Worker {
                 // Each phone reads the clock when its turn comes: what loadgen itself takes
                 // to get there shows as lag, and is never hidden from the latencies.
                 let now = Instant::now();
-                record_ns(
-                    &mut self.metrics.timer_lag,
-                    now.saturating_duration_since(due).as_nanos() as u64,
-                );
+                let lag = now.saturating_duration_since(due).as_nanos() as u64;
+                record_ns(&mut self.metrics.timer_lag, lag);
+                record_ns(&mut self.second_lag, lag);
                 self.step(i as usize, now);
             }
             dirty.clear();
@@ -197,6 +203,7 @@ impl Worker {
             metrics: self.metrics,
             violations: self.violations,
             ends,
+            gaps: self.gaps,
         })
     }
 
@@ -212,6 +219,7 @@ impl Worker {
             second_relay,
             scratch,
             connected,
+            gaps,
             ..
         } = self;
         let mut ctx = Ctx {
@@ -223,6 +231,7 @@ impl Worker {
             second_relay,
             scratch,
             connected,
+            gaps,
             now,
         };
         let p = &mut phones[i];
@@ -266,6 +275,7 @@ impl Worker {
                 sec: self.sec,
                 e2e: std::mem::replace(&mut self.second, coarse_histogram()),
                 relay: std::mem::replace(&mut self.second_relay, coarse_histogram()),
+                lag: std::mem::replace(&mut self.second_lag, coarse_histogram()),
                 counters: self.metrics.counters.clone(),
                 violations: self.violations.total(),
                 connected: self.connected,

@@ -9,9 +9,8 @@ mod common;
 use std::time::Duration;
 
 use pabal_loadgen::link::LinkProfile;
-use pabal_loadgen::plan::{PlanBuilder, SendPlan};
+use pabal_loadgen::plan::PlanBuilder;
 use pabal_loadgen::run::run;
-use pabal_loadgen::scenario::Arrivals;
 
 #[test]
 fn a_blackholed_phone_is_noticed_and_resumes_without_loss() {
@@ -24,14 +23,7 @@ fn a_blackholed_phone_is_noticed_and_resumes_without_loss() {
     let room = b.room("nat", false);
     // A message every 3 s: longer than the NAT's 2 s idle timeout, so the flow expires
     // between messages.
-    let mut send = SendPlan::to_rooms(&[room], 20.0, 64);
-    send.arrivals = Arrivals::Uniform;
-    b.phone(
-        "sender",
-        LinkProfile::unshaped("unshaped"),
-        &[room],
-        Some(send),
-    );
+    common::uniform_sender(&mut b, room, 20.0);
     let nat = LinkProfile {
         nat_idle_timeout_s: Some(2),
         ..LinkProfile::unshaped("nat2s")

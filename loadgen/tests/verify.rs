@@ -12,36 +12,52 @@ use hdrhistogram::Histogram;
 use mio::{Poll, Token};
 use pabal_codec::{Deliver, DeliverHeader, Room, ServerFrame, Text, Welcome, room_id};
 use pabal_loadgen::api::Tokens;
+use pabal_loadgen::ledger::{Claim, Conflict, Ledger, Msg};
 use pabal_loadgen::link::LinkProfile;
 use pabal_loadgen::metrics::{Metrics, histogram};
 use pabal_loadgen::payload::Header;
 use pabal_loadgen::phone::{Ctx, Phone, PhoneSettings, Shared, UplinkTimes};
 use pabal_loadgen::plan::{PlanBuilder, SendPlan};
 use pabal_loadgen::verify::{
-    EndState, Kind, Ledger, PhoneEnd, RoomEnd, Source, Violations, final_check,
+    EndState, Kind, PhoneEnd, RoomEnd, Thresholds, Violations, final_check,
 };
+
+fn msg(sender: u32, counter: u32) -> Msg {
+    Msg { sender, counter }
+}
 
 /// The relay acknowledged 1..=5; a phone that is connected and quiet holds only 1 and 2.
 /// Nothing announced the rest: silent loss, with the phone, room and range named.
 #[test]
 fn a_hole_at_the_end_is_reported_as_silent_loss() {
     let ledger = Ledger::new(1, 2);
+    let mut out = Vec::new();
     for seq in 1..=5 {
-        ledger.record(0, seq, 0, seq as u32, Source::Ack).unwrap();
+        ledger.ack(0, seq, msg(0, seq as u32), 0, &mut out);
     }
     for seq in 1..=2 {
-        ledger
-            .record(0, seq, 0, seq as u32, Source::Delivery)
-            .unwrap();
+        let claim = Claim {
+            room: 0,
+            seq,
+            phone: 1,
+            msg: msg(0, seq as u32),
+        };
+        ledger.claim(claim, 0, &mut out);
     }
-    let phone = PhoneEnd {
-        phone: "1 (u1)".into(),
-        state: EndState::Quiet,
-        rooms: vec![RoomEnd { room: 0, cursor: 2 }],
-        never_bound: 0,
-    };
+    assert!(out.is_empty());
+    let phone = PhoneEnd::new(
+        "1 (u1)",
+        EndState::Quiet,
+        vec![RoomEnd { room: 0, cursor: 2 }],
+    );
     let mut violations = Violations::default();
-    let summary = final_check(&ledger, &[phone], |_| "dm-0".into(), &mut violations);
+    let summary = final_check(
+        |r| ledger.last_acked(r),
+        &[phone],
+        |_| "dm-0".into(),
+        &Thresholds::default(),
+        &mut violations,
+    );
     assert_eq!(summary.silent_loss_pairs, 1);
     assert_eq!(summary.silent_loss_messages, 3);
     assert_eq!(violations.count(Kind::SilentLoss), 1);
@@ -52,19 +68,24 @@ fn a_hole_at_the_end_is_reported_as_silent_loss() {
     );
 }
 
-/// A second message under an acknowledged sequence, or one message under two sequences.
+/// A second message acknowledged under a sequence, or one message under two sequences.
 #[test]
 fn swapped_and_duplicated_messages_are_caught() {
     let ledger = Ledger::new(1, 2);
-    ledger.record(0, 1, 0, 1, Source::Ack).unwrap();
-    ledger.record(0, 2, 1, 1, Source::Ack).unwrap();
+    let mut out = Vec::new();
+    ledger.ack(0, 1, msg(0, 1), 0, &mut out);
+    ledger.ack(0, 2, msg(1, 1), 0, &mut out);
+    assert!(out.is_empty());
+    ledger.ack(0, 1, msg(1, 2), 0, &mut out);
     assert!(
-        ledger.record(0, 1, 1, 1, Source::Delivery).is_err(),
-        "content swapped"
+        matches!(out.as_slice(), [Conflict::AckedTwice { .. }]),
+        "{out:?}"
     );
+    out.clear();
+    ledger.ack(0, 3, msg(0, 1), 0, &mut out);
     assert!(
-        ledger.record(0, 3, 0, 1, Source::Delivery).is_err(),
-        "sender 0's #1 twice"
+        matches!(out.as_slice(), [Conflict::Duplicate { .. }]),
+        "{out:?}"
     );
 }
 
@@ -117,6 +138,7 @@ fn a_hole_in_a_live_stream_is_a_violation() {
     let mut second_relay: Histogram<u64> = histogram();
     let mut scratch = vec![0u8; 1024];
     let mut connected = 0;
+    let mut gaps = Vec::new();
     let mut ctx = Ctx {
         shared: &shared,
         registry: poll.registry(),
@@ -126,6 +148,7 @@ fn a_hole_in_a_live_stream_is_a_violation() {
         second_relay: &mut second_relay,
         scratch: &mut scratch,
         connected: &mut connected,
+        gaps: &mut gaps,
         now,
     };
     let mut phone = Phone::new(&shared, 1, Token(0), now);
@@ -136,7 +159,7 @@ fn a_hole_in_a_live_stream_is_a_violation() {
             counter,
             flags: 0,
         }
-        .payload(20)
+        .payload(24)
     };
     phone.feed_frame(
         ServerFrame::Welcome(Welcome {

@@ -5,30 +5,54 @@
 #![allow(dead_code, reason = "each test binary uses a subset")]
 #![allow(clippy::unwrap_used, reason = "test helpers fail loudly")]
 
+pub mod proxy;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use pabal_loadgen::api::Tokens;
+use pabal_loadgen::gaps::Retention;
+use pabal_loadgen::link::LinkProfile;
 use pabal_loadgen::phone::PhoneSettings;
-use pabal_loadgen::plan::Plan;
-use pabal_loadgen::run::RunConfig;
+use pabal_loadgen::plan::{Plan, PlanBuilder, SendPlan, fresh_run_id};
+use pabal_loadgen::run::{RetentionSource, RunConfig};
+use pabal_loadgen::scenario::Arrivals;
+use pabal_loadgen::verify::Thresholds;
 use pabal_relay::config::Config;
 use pabal_relay::io::BackendKind;
 use pabal_relay::runtime::RelayHandle;
 
 /// A one-worker relay on 127.0.0.1:0 (epoll: available everywhere), with `tweak` applied.
 pub fn relay(tweak: impl FnOnce(&mut Config)) -> RelayHandle {
+    relay_on(BackendKind::Epoll, tweak)
+}
+
+/// A one-worker relay on 127.0.0.1:0 with the given I/O backend, with `tweak` applied.
+pub fn relay_on(backend: BackendKind, tweak: impl FnOnce(&mut Config)) -> RelayHandle {
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         workers: 1,
         pin_workers: false,
-        io_backend: BackendKind::Epoll,
+        io_backend: backend,
         ..Config::default()
     };
     config.control.listen = String::new();
     config.log.level = "warn".into();
     tweak(&mut config);
     RelayHandle::start(config).expect("relay starts")
+}
+
+/// The relay's I/O backends this machine runs: epoll, and io_uring where the kernel allows
+/// it (a note on stderr where it does not).
+pub fn backends() -> Vec<BackendKind> {
+    use pabal_relay::io::probe::{BackendOptions, probe_uring};
+    match probe_uring(&BackendOptions::default()) {
+        Ok(_) => vec![BackendKind::Epoll, BackendKind::IoUring],
+        Err(e) => {
+            eprintln!("io_uring unavailable here ({e}): epoll only");
+            vec![BackendKind::Epoll]
+        }
+    }
 }
 
 /// A quiet, traced run of `plan` against `target`.
@@ -48,6 +72,18 @@ pub fn config(plan: Plan, target: SocketAddr, duration_s: f64, drain_s: f64) -> 
         progress: false,
         trace: true,
         source_ips: 1,
+        run_id: fresh_run_id(),
+        retention: RetentionSource::Known(retention(&Config::default())),
+        thresholds: Thresholds::default(),
+    }
+}
+
+/// The retention of a relay configuration, as loadgen judges GAPs by it.
+pub fn retention(c: &Config) -> Retention {
+    Retention {
+        max_messages: c.retention.max_messages as u64,
+        max_bytes: c.retention.max_bytes as u64,
+        max_age_s: c.retention.max_age.as_secs(),
     }
 }
 
@@ -56,4 +92,17 @@ pub fn median(mut v: Vec<u64>) -> u64 {
     assert!(!v.is_empty(), "no samples");
     v.sort_unstable();
     v[v.len() / 2]
+}
+
+/// Adds an unshaped phone named "sender" that publishes `per_min` 64-byte messages a
+/// minute into `room`, evenly spaced; returns its index.
+pub fn uniform_sender(b: &mut PlanBuilder, room: u32, per_min: f64) -> u32 {
+    let mut send = SendPlan::to_rooms(&[room], per_min, 64);
+    send.arrivals = Arrivals::Uniform;
+    b.phone(
+        "sender",
+        LinkProfile::unshaped("unshaped"),
+        &[room],
+        Some(send),
+    )
 }
