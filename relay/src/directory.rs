@@ -97,6 +97,69 @@ pub struct Added {
     pub cores: Vec<CoreId>,
 }
 
+/// What a worker's core asks of the membership directory: on connect and disconnect, on
+/// membership changes and when a connection binds a room; never per message. The relay's
+/// [`Directory`] is one (sharded, behind locks no worker holds across a call); a durable or
+/// clustered directory, or a simulation's, is another.
+pub trait Membership: Send + Sync + std::fmt::Debug {
+    /// A connection of `user` opened on `core`: records it and returns the user's rooms with
+    /// their join points, refused past `max_conns` connections.
+    fn connect(
+        &self,
+        user: &Text,
+        core: CoreId,
+        max_conns: usize,
+    ) -> Result<Vec<(RoomName, JoinPoint)>, DirectoryError>;
+    /// A connection of `user` on `core` closed.
+    fn disconnect(&self, user: &Text, core: CoreId);
+    /// Adds `user` to `room` at `join` (see [`Directory::add`]).
+    fn add(
+        &self,
+        user: &Text,
+        room: &RoomName,
+        join: JoinPoint,
+        unblock: bool,
+    ) -> Result<Added, DirectoryError>;
+    /// Removes `user` from `room`, optionally blocking it (see [`Directory::remove`]).
+    fn remove(&self, user: &Text, room: &RoomName, block: bool) -> Removed;
+    /// Where `user`'s stream of `room` starts, if the user belongs to it.
+    fn join_point(&self, user: &Text, room: &RoomName) -> Option<JoinPoint>;
+    /// Sets how many channels one user may block.
+    fn set_max_blocked_per_user(&self, max: usize);
+}
+
+impl Membership for Directory {
+    fn connect(
+        &self,
+        user: &Text,
+        core: CoreId,
+        max_conns: usize,
+    ) -> Result<Vec<(RoomName, JoinPoint)>, DirectoryError> {
+        Directory::connect(self, user, core, max_conns)
+    }
+    fn disconnect(&self, user: &Text, core: CoreId) {
+        Directory::disconnect(self, user, core)
+    }
+    fn add(
+        &self,
+        user: &Text,
+        room: &RoomName,
+        join: JoinPoint,
+        unblock: bool,
+    ) -> Result<Added, DirectoryError> {
+        Directory::add(self, user, room, join, unblock)
+    }
+    fn remove(&self, user: &Text, room: &RoomName, block: bool) -> Removed {
+        Directory::remove(self, user, room, block)
+    }
+    fn join_point(&self, user: &Text, room: &RoomName) -> Option<JoinPoint> {
+        Directory::join_point(self, user, room)
+    }
+    fn set_max_blocked_per_user(&self, max: usize) {
+        Directory::set_max_blocked_per_user(self, max)
+    }
+}
+
 /// The relay-wide membership directory.
 #[derive(Debug)]
 pub struct Directory {

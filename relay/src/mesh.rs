@@ -278,10 +278,6 @@ pub enum CoreMsg {
     /// A new configuration: apply what can change live (limits, heartbeat, retention,
     /// replay sizes); the rest needs a restart.
     Reload(std::sync::Arc<crate::config::Config>),
-    /// Block this worker's loop for a while. Only for tests of the watchdog (a wedged
-    /// worker); never sent by anything reachable from the network.
-    #[doc(hidden)]
-    Stall(std::time::Duration),
 }
 
 /// A server-API request, executed by the room's owner (or by every worker holding a user).

@@ -23,11 +23,11 @@ use crossbeam_channel::{Receiver, Sender};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
-use crate::core::{Core, Shared};
+use crate::core::{Clock, Core, Shared};
 use crate::directory::Directory;
 use crate::io::descriptors::{self, FDS_PER_WORKER};
 use crate::io::probe::{self, BackendOptions, ResolvedKind};
-use crate::io::{Backend, Wakeup};
+use crate::io::{Backend, CloseReason, EventSink, Token, Wakeup};
 use crate::mesh::{CoreMsg, Mesh};
 use crate::stats::{CoreStats, StatsSnapshot};
 
@@ -50,6 +50,30 @@ pub struct Relay {
     routes: parking_lot::RwLock<Vec<crate::control::Route>>,
     /// The soft `RLIMIT_NOFILE` in force (raised to the hard limit at start).
     nofile: u64,
+    /// Each worker's test hook.
+    #[cfg(feature = "test-hooks")]
+    stalls: Vec<Arc<StallHook>>,
+}
+
+/// A test hook, compiled in only with the `test-hooks` feature: blocks a worker's loop for
+/// a while (a wedged worker, for the watchdog's tests). Without the feature it holds nothing
+/// and does nothing; either way the core never sleeps.
+#[derive(Debug, Default)]
+struct StallHook {
+    #[cfg(feature = "test-hooks")]
+    ms: std::sync::atomic::AtomicU64,
+}
+
+impl StallHook {
+    fn wait(&self) {
+        #[cfg(feature = "test-hooks")]
+        {
+            let ms = self.ms.swap(0, std::sync::atomic::Ordering::Relaxed);
+            if ms > 0 {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+        }
+    }
 }
 
 /// The running relay and its worker threads.
@@ -170,6 +194,7 @@ impl RelayHandle {
         let mut mesh_txs = Vec::new();
         let mut handles = Vec::new();
         let mut stats = Vec::new();
+        let stalls: Vec<Arc<StallHook>> = (0..workers).map(|_| Arc::default()).collect();
         for (id, (inbox, listener)) in receivers.into_iter().zip(listeners).enumerate() {
             let (mesh_tx, mesh_rx) = crossbeam_channel::bounded::<Mesh>(1);
             mesh_txs.push(mesh_tx);
@@ -187,6 +212,7 @@ impl RelayHandle {
                 stats: core_stats,
                 shared: shared.clone(),
                 pin: core_ids.get(id % core_ids.len().max(1)).copied(),
+                stall: stalls[id].clone(),
             };
             let ready = ready_tx.clone();
             let exited = exited_tx.clone();
@@ -251,6 +277,8 @@ impl RelayHandle {
             draining: std::sync::atomic::AtomicBool::new(false),
             routes: parking_lot::RwLock::new(Vec::new()),
             nofile,
+            #[cfg(feature = "test-hooks")]
+            stalls,
         });
         let mut handle = RelayHandle {
             relay: relay.clone(),
@@ -405,10 +433,18 @@ impl Relay {
         self.mesh.cores()
     }
 
-    /// Blocks one worker's loop for `duration`: a wedged worker, for watchdog tests.
-    #[doc(hidden)]
+    /// Blocks one worker's loop for `duration`: a wedged worker, for watchdog tests (feature
+    /// `test-hooks`).
+    #[cfg(feature = "test-hooks")]
     pub fn stall_worker(&self, worker: usize, duration: Duration) {
-        self.mesh.send(worker, vec![CoreMsg::Stall(duration)]);
+        if let Some(hook) = self.stalls.get(worker) {
+            hook.ms.store(
+                duration.as_millis() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            // An empty batch: only the wakeup matters.
+            self.mesh.send(worker, Vec::new());
+        }
     }
 
     /// The address clients connect to.
@@ -516,6 +552,7 @@ struct Worker {
     stats: Arc<CoreStats>,
     shared: Arc<Shared>,
     pin: Option<core_affinity::CoreId>,
+    stall: Arc<StallHook>,
 }
 
 impl Worker {
@@ -545,17 +582,70 @@ impl Worker {
             .add_listener(self.listener)
             .context("cannot accept on the listener")?;
         let stats = self.stats.clone();
+        let now = Instant::now();
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let mut core = Core::new(
             self.id,
+            mesh.cores(),
             self.config,
             self.directory,
-            mesh,
             self.epoch,
             self.stats,
             self.shared,
+            Clock::new(now, unix_ms),
+            now,
         );
-        run_loop(&mut *backend, &mut core, &self.inbox, &stats)
+        run_loop(&mut *backend, &mut core, &self.inbox, &mesh, &stats, &self.stall)
     }
+}
+
+/// Hands a backend's events to the core, each with the time it happened, and sets up each
+/// accepted socket. The only place a worker reads the clock for its core.
+struct Driver<'a> {
+    core: &'a mut Core,
+}
+
+impl EventSink for Driver<'_> {
+    fn accepted(&mut self, stream: &std::net::TcpStream, peer: SocketAddr) -> Option<Token> {
+        if !self.core.accepting() {
+            return None;
+        }
+        configure_socket(stream, &self.core.config().heartbeat);
+        Some(self.core.admit(Instant::now(), peer))
+    }
+
+    fn received(&mut self, token: Token, data: &[u8]) {
+        self.core.on_bytes(Instant::now(), token, data);
+    }
+
+    fn sent(&mut self, token: Token, bytes: usize) {
+        self.core.on_sent(Instant::now(), token, bytes);
+    }
+
+    fn closed(&mut self, token: Token, reason: CloseReason) {
+        tracing::trace!(token, ?reason, "connection closed by peer");
+        self.core.on_closed(Instant::now(), token);
+    }
+
+    fn woken(&mut self) {}
+}
+
+/// Socket options for a client connection.
+fn configure_socket(stream: &std::net::TcpStream, hb: &crate::config::HeartbeatConfig) {
+    let sock = socket2::SockRef::from(stream);
+    // The relay batches its own writes; Nagle would only add delay.
+    let _ = sock.set_tcp_nodelay(true);
+    // Kernel keepalive backs up the protocol heartbeat for peers that never finished the
+    // handshake or whose app froze; unacknowledged data times out after the heartbeat
+    // window so a vanished phone does not hold a socket for 15 minutes.
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(hb.interval + hb.timeout)
+        .with_interval(Duration::from_secs(15))
+        .with_retries(4);
+    let _ = sock.set_tcp_keepalive(&keepalive);
+    let _ = sock.set_tcp_user_timeout(Some(hb.timeout + Duration::from_secs(60)));
 }
 
 /// The event loop: drain messages, run timers, flush (one send per connection, one batch
@@ -564,22 +654,29 @@ fn run_loop(
     backend: &mut dyn Backend,
     core: &mut Core,
     inbox: &Receiver<Vec<CoreMsg>>,
+    mesh: &Mesh,
     stats: &CoreStats,
+    stall: &StallHook,
 ) -> anyhow::Result<()> {
     let mut next_sample = Instant::now();
     loop {
+        stall.wait();
         let now = Instant::now();
-        core.set_now(now);
         core.tick();
         if now >= next_sample {
             core.sample_queues();
             next_sample = now + Duration::from_secs(1);
         }
         while let Ok(batch) = inbox.try_recv() {
-            core.handle(batch);
+            core.handle(now, batch);
         }
-        core.run_timers();
+        core.run_timers(now);
         core.flush(backend);
+        core.drain_mesh(|to, batch| mesh.send(to, batch));
+        core.drain_replies(|to, answer| {
+            // The control plane may have given up waiting; nothing to do then.
+            let _ = to.send(answer);
+        });
         if core.finished() {
             return Ok(());
         }
@@ -588,7 +685,9 @@ fn run_loop(
         } else {
             Some(Duration::ZERO)
         };
-        backend.poll(timeout, core).context("backend poll failed")?;
+        backend
+            .poll(timeout, &mut Driver { core })
+            .context("backend poll failed")?;
         let accept = backend.accept_stats();
         stats
             .accept_failures

@@ -12,8 +12,7 @@ use bytes::{Bytes, BytesMut};
 use pabal_codec::{ClientFrame, ClientSession, Decoder, ErrorCode, Event, Limits, Subscribe, Text};
 
 use super::*;
-use crate::io::Wakeup;
-use crate::mesh::Mesh;
+use crate::directory::Directory;
 
 /// What the worker handed to "the sockets".
 #[derive(Default)]
@@ -76,18 +75,19 @@ impl Harness {
         config.limits.publish_burst = 1e9;
         tweak(&mut config);
         config.validate().unwrap();
-        let (senders, _receivers) = Mesh::channels(1);
-        let mesh = Mesh::new(senders, vec![Wakeup::new().unwrap()]);
         let stats = Arc::new(CoreStats::default());
-        let directory = Arc::new(Directory::new(1, 100));
+        let directory: Arc<dyn Membership> = Arc::new(Directory::new(1, 100));
+        let now = Instant::now();
         let core = Core::new(
             0,
+            1,
             Arc::new(config),
-            directory,
-            mesh,
+            directory.clone(),
             42,
             stats.clone(),
             Arc::new(Shared::default()),
+            Clock::new(now, 1_767_225_600_000),
+            now,
         );
         Harness {
             core,
@@ -95,22 +95,20 @@ impl Harness {
             phones: HashMap::new(),
             stalled: HashSet::new(),
             stats,
-            now: Instant::now(),
+            now,
         }
     }
 
     fn send(&mut self, token: Token, frame: &ClientFrame) {
         let mut bytes = BytesMut::new();
         frame.encode(&mut bytes);
-        self.core.set_now(self.now);
-        self.core.on_bytes(token, &bytes);
+        self.core.on_bytes(self.now, token, &bytes);
         self.pump();
     }
 
     /// Flushes and completes sends (except to stalled phones) until nothing moves.
     fn pump(&mut self) {
         for _ in 0..1000 {
-            self.core.set_now(self.now);
             self.core.flush(&mut self.wire);
             let done: Vec<(Token, usize)> = self
                 .wire
@@ -124,7 +122,7 @@ impl Harness {
             }
             for (token, n) in done {
                 self.wire.in_flight.remove(&token);
-                self.core.on_sent(token, n);
+                self.core.on_sent(self.now, token, n);
             }
         }
         self.read_all();
@@ -146,8 +144,7 @@ impl Harness {
     }
 
     fn connect(&mut self, user: &str, session: ClientSession) -> Token {
-        self.core.set_now(self.now);
-        let token = self.core.admit("127.0.0.1:1".parse().unwrap());
+        let token = self.core.admit(self.now, "127.0.0.1:1".parse().unwrap());
         let mut session = session;
         let hello = session.hello(Bytes::copy_from_slice(user.as_bytes()), 0);
         self.phones.insert(
@@ -190,8 +187,7 @@ impl Harness {
     /// A client that writes its own HELLO (any resume entries it likes) and whose frames
     /// are collected raw.
     fn connect_forged(&mut self, user: &str, resume: &[pabal_codec::ResumeEntry]) -> Token {
-        self.core.set_now(self.now);
-        let token = self.core.admit("127.0.0.1:1".parse().unwrap());
+        let token = self.core.admit(self.now, "127.0.0.1:1".parse().unwrap());
         self.phones.insert(
             token,
             Phone {
@@ -218,7 +214,7 @@ impl Harness {
 
     /// The app server adds a member, as the server API does.
     fn app_join(&mut self, room: &str, user: &str) {
-        self.core.handle(vec![CoreMsg::Join {
+        self.core.handle(self.now, vec![CoreMsg::Join {
             room: RoomName::new(false, Text::from(room)),
             user: Text::from(user),
             unblock: false,
@@ -229,7 +225,7 @@ impl Harness {
 
     /// The app server removes a member, as the server API does.
     fn app_remove(&mut self, room: &str, user: &str) {
-        self.core.handle(vec![CoreMsg::Leave {
+        self.core.handle(self.now, vec![CoreMsg::Leave {
             room: RoomName::new(false, Text::from(room)),
             user: Text::from(user),
             block: false,
@@ -240,8 +236,7 @@ impl Harness {
 
     fn tick(&mut self, by: Duration) {
         self.now += by;
-        self.core.set_now(self.now);
-        self.core.run_timers();
+        self.core.run_timers(self.now);
         self.pump();
     }
 
@@ -289,8 +284,7 @@ fn two_phones_chat_through_one_worker() {
 #[test]
 fn anything_before_hello_is_a_fatal_protocol_error() {
     let mut h = Harness::new(|_| {});
-    h.core.set_now(h.now);
-    let token = h.core.admit("127.0.0.1:1".parse().unwrap());
+    let token = h.core.admit(h.now, "127.0.0.1:1".parse().unwrap());
     h.phones.insert(
         token,
         Phone {
@@ -312,8 +306,7 @@ fn anything_before_hello_is_a_fatal_protocol_error() {
     );
     // Its linger runs out: closed for good.
     h.now += Duration::from_secs(3);
-    h.core.set_now(h.now);
-    h.core.run_timers();
+    h.core.run_timers(h.now);
     h.core.flush(&mut h.wire);
     assert!(h.wire.closed.contains(&token));
 }
@@ -370,7 +363,7 @@ fn a_reconnecting_phone_resumes_without_a_seam() {
     assert_eq!(h.messages(bob).len(), 3);
     // Bob's link drops; two messages go by; he comes back with his session.
     let session = h.phones.remove(&bob).unwrap().session;
-    h.core.on_closed(bob);
+    h.core.on_closed(h.now, bob);
     for i in 4..=5 {
         h.publish(ann, a, &format!("m{i}"));
     }
@@ -433,7 +426,7 @@ fn resuming_many_long_gaps_stays_within_the_cap() {
     }
     h.events(bob);
     let session = h.phones.remove(&bob).unwrap().session;
-    h.core.on_closed(bob);
+    h.core.on_closed(h.now, bob);
     // While bob is away, 20 rooms x 40 messages of ~200 bytes: 160 KB to catch up on.
     for i in 0..40 {
         for &alias in &rooms {
@@ -501,7 +494,7 @@ fn a_resume_never_reads_before_the_join_point_whatever_epoch_it_names() {
             "epoch {forged}: history from before the join leaked: {frames:?}"
         );
         assert_eq!(room_cursor(&frames), Some(5), "epoch {forged}: {frames:?}");
-        h.core.on_closed(m);
+        h.core.on_closed(h.now, m);
         h.phones.remove(&m);
     }
 }
@@ -524,7 +517,7 @@ fn a_member_removed_and_added_again_never_reads_what_was_published_in_between() 
     h.app_join("club", "bob");
     assert!(h.messages(bob).is_empty());
     // Bob's phone resumes from 3, where it was when he was removed.
-    h.core.on_closed(bob);
+    h.core.on_closed(h.now, bob);
     h.phones.remove(&bob);
     let epoch = h.core.owned[&room_named("club")].epoch;
     let b = h.connect_forged("bob", &[entry("club", epoch, 3)]);
@@ -545,7 +538,7 @@ fn a_subscription_answer_for_an_earlier_membership_is_dropped() {
     // binding request is still in flight when the second join happens.
     // Published from a connection that has gone since (its PUBACK reaches nobody).
     let origin = h.core.origin(u64::MAX);
-    h.core.handle(vec![
+    h.core.handle(h.now, vec![
         CoreMsg::Join {
             room: room_named("club"),
             user: Text::from("bob"),
@@ -604,8 +597,7 @@ fn a_fatal_error_is_the_last_frame_even_after_a_publish_in_the_same_read() {
     let mut bytes = BytesMut::new();
     publish.encode(&mut bytes);
     bytes.extend_from_slice(&[0x01, 0x1f]); // a frame of an unknown type
-    h.core.set_now(h.now);
-    h.core.on_bytes(ann, &bytes);
+    h.core.on_bytes(h.now, ann, &bytes);
     h.pump();
     let events = h.events(ann);
     assert!(
@@ -627,7 +619,7 @@ fn nothing_is_written_to_a_connection_once_it_is_closing() {
     for i in 0..3 {
         h.publish(ann, a, &format!("m{i}"));
     }
-    h.core.handle(vec![CoreMsg::DeliverEphemeral {
+    h.core.handle(h.now, vec![CoreMsg::DeliverEphemeral {
         room: room_named("r"),
         origin: None,
         sender: Text::from("ann"),
@@ -801,7 +793,7 @@ fn rooms_past_the_connection_limit_are_refused_with_a_typed_error() {
     );
     // A new connection binds two and is told about the third.
     let session = h.phones.remove(&ann).unwrap().session;
-    h.core.on_closed(ann);
+    h.core.on_closed(h.now, ann);
     let ann = h.connect("ann", session);
     let events = h.events(ann);
     let errors = events

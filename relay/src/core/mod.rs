@@ -1,0 +1,663 @@
+//! One worker's state machine: its connections, the rooms it owns, and the routing between
+//! them. Sans-IO: time comes in as an argument of every event ([`Core::admit`],
+//! [`Core::on_bytes`], [`Core::on_sent`], [`Core::on_closed`], [`Core::handle`],
+//! [`Core::run_timers`]); nothing inside reads a clock, touches a socket, sends to another
+//! worker or sleeps. What it wants done leaves as outputs the runtime carries out: socket
+//! operations through a [`Transport`] when [`Core::flush`] hands over what it queued,
+//! message batches for other workers from [`Core::drain_mesh`], and server-API answers from
+//! [`Core::drain_replies`]. The same core runs under the real runtime, the in-memory test
+//! harness (`tests.rs`) and the deterministic multi-worker simulator (`sim.rs`).
+//!
+//! # Roles
+//! - [`client`]: what a connection's frames do (HELLO, SUBSCRIBE, PUBLISH, ...).
+//! - [`owner`]: the rooms this worker owns: sequencing, history, membership, join points.
+//! - [`delivery`]: writing messages to this worker's connections: fan-out, catch-up, GAPs.
+//! - [`control`]: server-API operations.
+//! - [`lifecycle`]: admitting and closing connections, timers, reloads, the shutdown drain.
+//!
+//! # Routing
+//! Every room has one owner worker (by hash of its id). The owner assigns sequences, keeps
+//! history, and knows which workers hold subscribed connections (a count per worker). A
+//! publish travels to the owner; the owner sends the PUBACK to the publisher's worker and
+//! then one delivery per interested worker; each worker fans out to its own connections,
+//! encoding one small header per connection in front of the one shared payload.
+//!
+//! # No loss, no duplicate, at every seam
+//! A connection binds a room by asking the owner ([`CoreMsg::Subscribe`]); until the answer
+//! to that very request comes, live deliveries for it are ignored, and the answer carries
+//! everything after the requested start (never before the user's join point) up to the head
+//! as of the answer (or the first page of it). Because messages between two workers keep
+//! their order, every delivery after the answer has a higher sequence. A connection whose
+//! queue reaches its cap stops taking live deliveries and catches up page by page from
+//! history as it drains, then goes live the same way. Only history that retention already
+//! dropped becomes a GAP.
+//!
+//! Owns: connections, owned rooms, local subscriptions, timers. Must not touch: sockets,
+//! clocks, threads or channels (only outputs), other workers' state (only messages), the
+//! membership directory beyond [`Membership`] calls.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pabal_codec::{
+    Decoder, ErrorCode, ErrorFrame, LeftReason, Limits, ServerFrame, Text,
+};
+
+use crate::config::Config;
+use crate::conn::{Conn, Phase, TokenBucket};
+use crate::directory::{DirectoryError, Membership};
+use crate::ids::{CoreId, Origin, RoomName};
+use crate::io::Token;
+use crate::mesh::{ControlReply, CoreMsg};
+use crate::stats::{CoreStats, inc};
+
+/// Payloads shorter than this are copied out of the publisher's read buffer when accepted,
+/// so that history never pins a whole receive buffer for a few bytes.
+const COMPACT_BELOW: usize = 4096;
+/// How long a closing connection may take to send its EOF after our half-close.
+const LINGER: Duration = Duration::from_secs(2);
+/// Ephemeral events held per lagging connection.
+const EPHEMERAL_BACKLOG: usize = 64;
+/// How long a room without members or subscribers waits before it is checked for eviction
+/// (and rechecked while retention still holds messages of it).
+const IDLE_ROOM_CHECK: Duration = Duration::from_secs(60);
+
+/// What a worker needs from its I/O backend when it flushes. Every [`crate::io::Backend`]
+/// is one; tests use an in-memory one.
+pub trait Transport {
+    /// Hands a batch to the socket (see [`crate::io::Backend::send`]).
+    fn send(&mut self, token: Token, bufs: &mut std::collections::VecDeque<Bytes>);
+    /// Pauses or resumes reading.
+    fn set_reading(&mut self, token: Token, reading: bool);
+    /// Half-closes after the batch in flight.
+    fn shutdown_write(&mut self, token: Token);
+    /// Closes now.
+    fn close(&mut self, token: Token);
+    /// Stops accepting.
+    fn close_listeners(&mut self);
+}
+
+impl<B: crate::io::Backend + ?Sized> Transport for B {
+    fn send(&mut self, token: Token, bufs: &mut std::collections::VecDeque<Bytes>) {
+        crate::io::Backend::send(self, token, bufs)
+    }
+    fn set_reading(&mut self, token: Token, reading: bool) {
+        crate::io::Backend::set_reading(self, token, reading)
+    }
+    fn shutdown_write(&mut self, token: Token) {
+        crate::io::Backend::shutdown_write(self, token)
+    }
+    fn close(&mut self, token: Token) {
+        crate::io::Backend::close(self, token)
+    }
+    fn close_listeners(&mut self) {
+        crate::io::Backend::close_listeners(self)
+    }
+}
+
+/// What all workers share: counted or swapped per connection or per reload, never touched
+/// per message.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Connections open on the whole relay.
+    pub connections: AtomicUsize,
+    /// The token verifier (`None` without auth); swapped on reload.
+    pub verifier: parking_lot::RwLock<Option<Arc<crate::auth::Verifier>>>,
+}
+
+/// Shutdown progress.
+#[derive(Debug, Default)]
+struct Shutdown {
+    draining: bool,
+    fences: [usize; 2],
+    goaways_sent: bool,
+    deadline: Option<Instant>,
+    stop: bool,
+}
+
+/// Wall-clock milliseconds derived from the monotonic clock: the caller tells the core, once,
+/// which wall-clock time an instant stands for.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    base: Instant,
+    base_unix_ms: u64,
+}
+
+impl Clock {
+    /// `base` (a monotonic instant) is `base_unix_ms` ms since the Unix epoch.
+    pub fn new(base: Instant, base_unix_ms: u64) -> Self {
+        Clock { base, base_unix_ms }
+    }
+
+    pub(super) fn unix_ms(&self, now: Instant) -> u64 {
+        self.base_unix_ms + now.saturating_duration_since(self.base).as_millis() as u64
+    }
+}
+
+/// Where a server-API answer goes (the control plane awaits it).
+pub type ReplyTo = tokio::sync::oneshot::Sender<ControlReply>;
+
+/// One worker's state.
+#[derive(Debug)]
+pub struct Core {
+    id: CoreId,
+    cores: usize,
+    config: Arc<Config>,
+    decoder: Decoder,
+    directory: Arc<dyn Membership>,
+    /// Messages for each worker (this one's own are handled within the tick).
+    outbox: Vec<Vec<CoreMsg>>,
+    /// Server-API answers to hand back.
+    replies: Vec<(ReplyTo, ControlReply)>,
+    conns: Vec<Option<Conn>>,
+    free_slots: Vec<u32>,
+    generation: u32,
+    next_conn_id: u64,
+    dirty: Vec<Token>,
+    to_close: Vec<Token>,
+    close_listeners: bool,
+    owned: HashMap<RoomName, OwnedRoom>,
+    local: HashMap<RoomName, Vec<(Token, u32)>>,
+    users: HashMap<Text, Vec<Token>>,
+    timers: BinaryHeap<Reverse<(Instant, Token)>>,
+    /// Owned rooms that became unused, oldest first, with when to check them.
+    idle_rooms: VecDeque<(Instant, RoomName)>,
+    /// The next subscription request's id (answers are matched per request).
+    next_request: u64,
+    /// When this worker started (for `connection.restart_grace`).
+    booted: Instant,
+    /// The last epoch given to a room created here.
+    last_epoch: u64,
+    epoch: u64,
+    clock: Clock,
+    now: Instant,
+    shutdown: Shutdown,
+    stats: Arc<CoreStats>,
+    rng: u64,
+    /// State shared by all workers (touched per connection, never per message).
+    shared: Arc<Shared>,
+    accept_bucket: TokenBucket,
+}
+
+pub(super) fn slot_of(token: Token) -> usize {
+    (token & 0xffff_ffff) as usize
+}
+
+/// The live connection for `token` in a slab (for methods that borrow other fields of the
+/// core at the same time).
+pub(super) fn conn_in(conns: &mut [Option<Conn>], token: Token) -> Option<&mut Conn> {
+    conns
+        .get_mut(slot_of(token))?
+        .as_mut()
+        .filter(|c| c.token == token)
+}
+
+impl Core {
+    /// A worker's state: worker `id` of `cores`. `epoch` is the relay's boot epoch: rooms
+    /// created in this process get epochs from it on. `clock` tells the wall-clock time of
+    /// `now`, the worker's start.
+    #[allow(clippy::too_many_arguments)] // reason: everything a worker is made of, once
+    pub fn new(
+        id: CoreId,
+        cores: usize,
+        config: Arc<Config>,
+        directory: Arc<dyn Membership>,
+        epoch: u64,
+        stats: Arc<CoreStats>,
+        shared: Arc<Shared>,
+        clock: Clock,
+        now: Instant,
+    ) -> Self {
+        let accept_rate = config.limits.new_connections_per_second / cores as f64;
+        let limits = Limits {
+            max_frame_len: config.connection.max_frame_len,
+            ..Limits::default()
+        };
+        directory.set_max_blocked_per_user(config.limits.max_blocked_per_user);
+        Core {
+            id,
+            cores,
+            decoder: Decoder::new(limits),
+            config,
+            directory,
+            outbox: (0..cores).map(|_| Vec::new()).collect(),
+            replies: Vec::new(),
+            conns: Vec::new(),
+            free_slots: Vec::new(),
+            generation: 0,
+            next_conn_id: 0,
+            dirty: Vec::new(),
+            to_close: Vec::new(),
+            close_listeners: false,
+            owned: HashMap::new(),
+            local: HashMap::new(),
+            users: HashMap::new(),
+            timers: BinaryHeap::new(),
+            idle_rooms: VecDeque::new(),
+            next_request: 0,
+            booted: now,
+            last_epoch: 0,
+            epoch,
+            clock,
+            now,
+            shutdown: Shutdown::default(),
+            stats,
+            rng: 0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
+            shared,
+            accept_bucket: TokenBucket::new(accept_rate, accept_rate.max(1.0), now),
+        }
+    }
+
+    /// Counts a loop iteration.
+    pub fn tick(&self) {
+        inc(&self.stats.ticks, 1);
+    }
+
+    /// Moves the worker's time forward to `now` (never back).
+    pub(super) fn advance_to(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+    }
+
+    pub(super) fn now_ms(&self) -> u64 {
+        self.clock.unix_ms(self.now)
+    }
+
+    pub(super) fn random(&mut self) -> u64 {
+        // splitmix64: jitter only, not security.
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// The configuration in force on this worker.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// Whether new connections are taken (not once draining).
+    pub fn accepting(&self) -> bool {
+        !self.shutdown.draining
+    }
+
+    /// Connections open on this worker.
+    pub fn connection_count(&self) -> usize {
+        self.conns.iter().filter(|c| c.is_some()).count()
+    }
+
+    /// The worker has finished its shutdown and its loop should end.
+    pub fn finished(&self) -> bool {
+        self.shutdown.stop || (self.shutdown.goaways_sent && self.conns.iter().all(Option::is_none))
+    }
+
+    /// How long the loop may sleep before a timer is due.
+    pub fn next_timeout(&self) -> Option<Duration> {
+        let mut next = self.timers.peek().map(|Reverse((at, _))| *at);
+        if let Some(deadline) = self.shutdown.deadline {
+            next = Some(next.map_or(deadline, |n| n.min(deadline)));
+        }
+        next.map(|at| at.saturating_duration_since(self.now))
+    }
+
+    pub(super) fn conn(&mut self, token: Token) -> Option<&mut Conn> {
+        conn_in(&mut self.conns, token)
+    }
+
+    pub(super) fn origin(&self, token: Token) -> Origin {
+        Origin {
+            core: self.id,
+            token,
+        }
+    }
+
+    pub(super) fn send_to(&mut self, core: CoreId, msg: CoreMsg) {
+        self.outbox[core].push(msg);
+    }
+
+    pub(super) fn send_to_owner(&mut self, room: &RoomName, msg: CoreMsg) {
+        let owner = room.owner(self.cores);
+        self.send_to(owner, msg);
+    }
+
+    pub(super) fn mark_dirty(dirty: &mut Vec<Token>, conn: &mut Conn) {
+        if !conn.dirty {
+            conn.dirty = true;
+            dirty.push(conn.token);
+        }
+    }
+
+    pub(super) fn write(&mut self, token: Token, frame: &ServerFrame) {
+        let Core { conns, dirty, .. } = self;
+        if let Some(conn) = conn_in(conns, token) {
+            conn.write(frame);
+            Self::mark_dirty(dirty, conn);
+        }
+    }
+
+    /// Makes `at` the connection's deadline if it is sooner than the one in force. Each
+    /// connection has one deadline ([`Conn::timer_at`]); heap entries for other times are
+    /// stale and skipped, so a connection never carries two timer chains.
+    pub(super) fn arm(&mut self, token: Token, at: Instant) {
+        let Some(conn) = conn_in(&mut self.conns, token) else {
+            return;
+        };
+        if conn.timer_at.is_none_or(|t| at < t) {
+            conn.timer_at = Some(at);
+            self.timers.push(Reverse((at, token)));
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Connection lifecycle
+    // ---------------------------------------------------------------------------------
+
+    pub(super) fn refuse(&mut self, token: Token, code: ErrorCode, reference: u64, message: String) {
+        self.write(
+            token,
+            &ServerFrame::Error(ErrorFrame {
+                code,
+                fatal: false,
+                reference,
+                message: Text::from(message),
+            }),
+        );
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Frames from clients
+    // ---------------------------------------------------------------------------------
+
+    // ---------------------------------------------------------------------------------
+    // Messages from workers
+    // ---------------------------------------------------------------------------------
+
+    /// Handles a batch from another worker (or from the control plane) at `now`.
+    pub fn handle(&mut self, now: Instant, batch: Vec<CoreMsg>) {
+        self.advance_to(now);
+        for msg in batch {
+            self.handle_one(msg);
+        }
+    }
+
+    pub(super) fn handle_one(&mut self, msg: CoreMsg) {
+        match msg {
+            CoreMsg::Publish {
+                room,
+                origin,
+                alias,
+                sender,
+                msg_id,
+                payload,
+            } => {
+                self.accept_publish(room, Some((origin, alias, msg_id)), sender, payload);
+            }
+            CoreMsg::Ephemeral {
+                room,
+                origin,
+                sender,
+                payload,
+            } => {
+                inc(&self.stats.ephemeral_in, 1);
+                self.broadcast_ephemeral(&room, Some(origin), sender, payload);
+            }
+            CoreMsg::Subscribe {
+                room,
+                origin,
+                alias,
+                user,
+                from,
+                request,
+            } => self.on_subscribe_request(room, origin, alias, &user, from, request),
+            CoreMsg::Fetch {
+                room,
+                origin,
+                alias,
+                user,
+                after,
+                request,
+            } => self.on_fetch(room, origin, alias, &user, after, request),
+            CoreMsg::Unsubscribed { room, core } => {
+                if let Some(owned) = self.owned.get_mut(&room) {
+                    owned.interest[core] = owned.interest[core].saturating_sub(1);
+                }
+                self.note_if_unused(&room);
+            }
+            CoreMsg::Join {
+                room,
+                user,
+                unblock,
+                requester,
+            } => {
+                let cap = self.config.limits.max_rooms.div_ceil(self.cores);
+                if let Some(origin) = requester
+                    && !self.owned.contains_key(&room)
+                    && self.owned.len() >= cap
+                {
+                    // A client may not make the relay hold ever more rooms by subscribing.
+                    inc(&self.stats.limit_refusals, 1);
+                    return self.send_to(
+                        origin.core,
+                        CoreMsg::Refused {
+                            origin,
+                            code: ErrorCode::LimitExceeded,
+                            reference: 0,
+                            message: format!(
+                                "{}: the relay holds as many rooms as it may",
+                                room.name
+                            ),
+                        },
+                    );
+                }
+                if let Err(e) = self.join_member(&room, &user, unblock) {
+                    if !matches!(e, DirectoryError::Blocked(_)) {
+                        inc(&self.stats.limit_refusals, 1);
+                    }
+                    if let Some(origin) = requester {
+                        let code = match e {
+                            DirectoryError::Blocked(_) => ErrorCode::NotPermitted,
+                            _ => ErrorCode::LimitExceeded,
+                        };
+                        self.send_to(
+                            origin.core,
+                            CoreMsg::Refused {
+                                origin,
+                                code,
+                                reference: 0,
+                                message: format!("{}: {e}", room.name),
+                            },
+                        );
+                    }
+                }
+            }
+            CoreMsg::Leave {
+                room,
+                user,
+                block,
+                reason,
+            } => {
+                self.leave_member(&room, &user, block, reason);
+            }
+            CoreMsg::Control { op, reply } => {
+                let answer = self.control(op);
+                self.replies.push((reply, answer));
+            }
+            CoreMsg::Accepted {
+                origin,
+                alias,
+                msg_id,
+                seq,
+            } => self.on_accepted(origin.token, alias, msg_id, seq),
+            CoreMsg::Refused {
+                origin,
+                code,
+                reference,
+                message,
+            } => self.refuse(origin.token, code, reference, message),
+            CoreMsg::Subscribed {
+                room,
+                origin,
+                alias,
+                epoch,
+                head,
+                start,
+                page,
+                request,
+            } => self.on_subscribed(room, origin.token, alias, epoch, head, start, page, request),
+            CoreMsg::Paged {
+                room,
+                origin,
+                alias,
+                page,
+                request,
+            } => self.on_paged(&room, origin.token, alias, page, request),
+            CoreMsg::NotMember {
+                room,
+                origin,
+                alias,
+                request,
+            } => {
+                let token = origin.token;
+                if let Some(conn) = self.conn(token)
+                    && conn
+                        .sub_for(alias, &room)
+                        .is_some_and(|s| s.request == request)
+                {
+                    self.unbind(token, alias, LeftReason::Removed);
+                }
+            }
+            CoreMsg::Deliver { room, msg } => self.fan_out(&room, &msg),
+            CoreMsg::DeliverEphemeral {
+                room,
+                origin,
+                sender,
+                ts_ms,
+                payload,
+            } => self.fan_out_ephemeral(&room, origin, &sender, ts_ms, &payload),
+            CoreMsg::MemberJoined {
+                room,
+                user,
+                epoch,
+                seq,
+            } => self.on_member_joined(room, user, epoch, seq),
+            CoreMsg::MemberLeft { room, user, reason } => self.on_member_left(room, user, reason),
+            CoreMsg::Drain => self.begin_drain(),
+            CoreMsg::Fence { round } => self.on_fence(round),
+            CoreMsg::Probe { seq } => {
+                self.stats.probe_ack.store(seq, Ordering::Relaxed);
+            }
+            CoreMsg::Reload(config) => self.reload(config),
+            CoreMsg::Stop => {
+                self.shutdown.stop = true;
+                let tokens: Vec<Token> = self.conns.iter().flatten().map(|c| c.token).collect();
+                for token in tokens {
+                    self.close_now(token);
+                }
+                self.close_listeners = true;
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Shutdown
+    // ---------------------------------------------------------------------------------
+
+    // ---------------------------------------------------------------------------------
+    // Timers
+    // ---------------------------------------------------------------------------------
+
+    // ---------------------------------------------------------------------------------
+    // Flush
+    // ---------------------------------------------------------------------------------
+
+    /// Hands what the connections have queued this tick to the sockets: at most one send
+    /// per connection with output, reading paused or resumed, half-closes and closes.
+    /// Messages this worker sent itself are handled first, in order, until none are left;
+    /// messages for other workers stay for [`Core::drain_mesh`].
+    pub fn flush<T: Transport + ?Sized>(&mut self, transport: &mut T) {
+        loop {
+            let own = std::mem::take(&mut self.outbox[self.id]);
+            if own.is_empty() {
+                break;
+            }
+            for msg in own {
+                self.handle_one(msg);
+            }
+        }
+        if std::mem::take(&mut self.close_listeners) {
+            transport.close_listeners();
+        }
+        for token in self.to_close.drain(..) {
+            transport.close(token);
+        }
+        let cap = self.config.connection.max_queued_bytes;
+        for token in std::mem::take(&mut self.dirty) {
+            let Some(conn) = conn_in(&mut self.conns, token) else {
+                continue;
+            };
+            conn.dirty = false;
+            // Backpressure on input: a client that does not read its replies stops being
+            // read until its queue drains.
+            let want_reading = conn.reading && conn.queued() < cap && !self.shutdown.draining;
+            if want_reading != conn.backend_reading {
+                transport.set_reading(token, want_reading);
+                conn.backend_reading = want_reading;
+            }
+            let queued = conn.queued() as u64;
+            if queued
+                > self
+                    .stats
+                    .queue_high_water
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                self.stats
+                    .queue_high_water
+                    .fetch_max(queued, std::sync::atomic::Ordering::Relaxed);
+            }
+            if !conn.sending && conn.has_output() {
+                let bytes = conn.take_batch();
+                inc(&self.stats.bytes_out, bytes as u64);
+                inc(&self.stats.sends, 1);
+                transport.send(token, &mut conn.pending);
+            }
+            if conn.phase == Phase::Closing && !conn.sending && !conn.has_output() && !conn.shut {
+                conn.shut = true;
+                transport.shutdown_write(token);
+            }
+        }
+    }
+
+    /// Hands each worker the batch of messages queued for it (one batch per worker per
+    /// tick, in the order queued). Call after [`Core::flush`].
+    pub fn drain_mesh(&mut self, mut send: impl FnMut(CoreId, Vec<CoreMsg>)) {
+        for core in 0..self.cores {
+            if core != self.id && !self.outbox[core].is_empty() {
+                send(core, std::mem::take(&mut self.outbox[core]));
+            }
+        }
+    }
+
+    /// Hands back the server-API answers computed since the last call.
+    pub fn drain_replies(&mut self, mut reply: impl FnMut(ReplyTo, ControlReply)) {
+        for (to, answer) in self.replies.drain(..) {
+            reply(to, answer);
+        }
+    }
+}
+
+
+mod client;
+mod control;
+mod delivery;
+mod lifecycle;
+mod owner;
+
+#[cfg(test)]
+mod tests;
+
+use delivery::{pending_sub, room_frame};
+use owner::OwnedRoom;

@@ -1,0 +1,443 @@
+//! The room owner: the rooms this worker owns. Sequencing and history, membership changes
+//! (join points), answers to subscription and page requests (never before a user's join
+//! point), ephemeral broadcast, and eviction of rooms nobody uses.
+//!
+//! Owns: [`OwnedRoom`]s. Must not touch: connections (it answers their workers with
+//! messages, even when the connection is on this worker).
+
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use pabal_codec::{
+    LeftReason, Text,
+};
+
+use super::*;
+use crate::directory::DirectoryError;
+use crate::history::History;
+use crate::ids::{Origin, RoomName, Stored};
+use crate::mesh::{CoreMsg, Page, StartFrom};
+use crate::stats::inc;
+
+/// A room this worker owns.
+#[derive(Debug)]
+pub(super) struct OwnedRoom {
+    pub(super) epoch: u64,
+    pub(super) head: u64,
+    pub(super) history: History,
+    /// Subscribed connections per worker.
+    pub(super) interest: Vec<u32>,
+    /// Members (rooms) or subscribers (channels); the directory holds the same facts by
+    /// user, and every change to both goes through this owner.
+    pub(super) members: HashSet<Text>,
+    /// In the worker's queue of idle rooms to check for eviction.
+    pub(super) idle_queued: bool,
+    /// The server API's recent `Idempotency-Key`s and the sequences they got.
+    pub(super) idempotency: crate::idempotency::IdempotencyWindow<u64>,
+}
+
+impl OwnedRoom {
+    /// No members, no subscribed connection anywhere: only retained history keeps it.
+    pub(super) fn unused(&self) -> bool {
+        self.members.is_empty() && self.interest.iter().all(|&n| n == 0)
+    }
+}
+
+impl Core {
+    /// An owned room, created (in a fresh epoch) if this worker does not hold it.
+    pub(super) fn owned_room(&mut self, room: &RoomName) -> &mut OwnedRoom {
+        if !self.owned.contains_key(room) {
+            let epoch = self.fresh_epoch();
+            self.create_room(room, epoch);
+        }
+        let Some(owned) = self.owned.get_mut(room) else {
+            unreachable!("created above")
+        };
+        owned
+    }
+
+    pub(super) fn create_room(&mut self, room: &RoomName, epoch: u64) {
+        let retention = self.config.retention_for(room.name.as_str());
+        self.owned.insert(
+            room.clone(),
+            OwnedRoom {
+                epoch,
+                head: 0,
+                history: History::new(retention),
+                interest: vec![0; self.cores],
+                members: HashSet::new(),
+                idle_queued: false,
+                idempotency: crate::idempotency::IdempotencyWindow::new(),
+            },
+        );
+        self.stats
+            .rooms
+            .store(self.owned.len() as u64, Ordering::Relaxed);
+        // Unused until someone joins or subscribes; checked for eviction in a while.
+        self.note_if_unused(room);
+    }
+
+    /// The epoch of a room created now: unique on this worker and never below the boot
+    /// epoch, so a room evicted and created again never reuses the sequences of an earlier
+    /// stream under the same epoch, and epochs from an earlier run of the relay stay below
+    /// every epoch of this one.
+    pub(super) fn fresh_epoch(&mut self) -> u64 {
+        let epoch = self.now_ms().max(self.epoch).max(self.last_epoch + 1);
+        self.last_epoch = epoch;
+        epoch
+    }
+
+    /// Queues an owned room for an eviction check if nothing but history keeps it.
+    pub(super) fn note_if_unused(&mut self, room: &RoomName) {
+        let due = self.now + IDLE_ROOM_CHECK;
+        if let Some(owned) = self.owned.get_mut(room)
+            && owned.unused()
+            && !owned.idle_queued
+        {
+            owned.idle_queued = true;
+            self.idle_rooms.push_back((due, room.clone()));
+        }
+    }
+
+    /// Evicts owned rooms that have had no members and no subscribers since their check
+    /// was queued and whose retention has dropped every message; rooms still holding
+    /// history are checked again later. Bounded: rooms nobody uses do not accumulate.
+    pub(super) fn evict_idle_rooms(&mut self) {
+        let now = self.now;
+        let now_ms = self.now_ms();
+        let mut evicted = 0;
+        while let Some((due, _)) = self.idle_rooms.front() {
+            if *due > now {
+                break;
+            }
+            let Some((_, room)) = self.idle_rooms.pop_front() else {
+                break;
+            };
+            let Some(owned) = self.owned.get_mut(&room) else {
+                continue;
+            };
+            owned.idle_queued = false;
+            if !owned.unused() {
+                continue;
+            }
+            owned.history.evict_expired(now_ms);
+            if owned.history.is_empty() {
+                self.owned.remove(&room);
+                evicted += 1;
+            } else {
+                owned.idle_queued = true;
+                self.idle_rooms.push_back((now + IDLE_ROOM_CHECK, room));
+            }
+        }
+        if evicted > 0 {
+            inc(&self.stats.rooms_evicted, evicted);
+            self.stats
+                .rooms
+                .store(self.owned.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The floor of `user`'s stream of an owned room: the user's join point in the room's
+    /// current epoch (everything of a later epoch was published after the join), or `None`
+    /// when the user is not a member. Every start (resume, join, page) is clamped to it.
+    pub(super) fn join_floor(&self, user: &Text, room: &RoomName, owned_epoch: u64) -> Option<u64> {
+        let join = self.directory.join_point(user, room)?;
+        Some(if join.epoch == owned_epoch {
+            join.seq
+        } else {
+            0
+        })
+    }
+
+    /// The owner answers a connection binding one of its rooms: the stream starts where the
+    /// request asks, but never before the user's join point, whatever epoch the request
+    /// names (so no resume entry can read what was published before the user joined or
+    /// while they were removed).
+    pub(super) fn on_subscribe_request(
+        &mut self,
+        room: RoomName,
+        origin: Origin,
+        alias: u32,
+        user: &Text,
+        from: StartFrom,
+        request: u64,
+    ) {
+        let epoch = self.owned.get(&room).map_or(self.epoch, |o| o.epoch);
+        let Some(floor) = self.join_floor(user, &room, epoch) else {
+            return self.not_member(room, origin, alias, request);
+        };
+        let owned = self.owned_room(&room);
+        owned.interest[origin.core] += 1;
+        let asked = match from {
+            StartFrom::Live => owned.head,
+            StartFrom::Resume { epoch, last_seq: s } | StartFrom::Join { epoch, seq: s } => {
+                if epoch == owned.epoch {
+                    s.min(owned.head)
+                } else {
+                    0
+                }
+            }
+        };
+        let start = asked.max(floor.min(owned.head));
+        let Some((page, epoch, head)) = self.cut_page(&room, start) else {
+            return;
+        };
+        self.send_to(
+            origin.core,
+            CoreMsg::Subscribed {
+                room,
+                origin,
+                alias,
+                epoch,
+                head,
+                start,
+                page,
+                request,
+            },
+        );
+    }
+
+    /// The owner answers a page request of a catching-up connection, from no earlier than
+    /// the user's join point; a user no longer a member gets the alias unbound.
+    pub(super) fn on_fetch(
+        &mut self,
+        room: RoomName,
+        origin: Origin,
+        alias: u32,
+        user: &Text,
+        after: u64,
+        request: u64,
+    ) {
+        let floor = self
+            .owned
+            .get(&room)
+            .and_then(|o| Some(self.join_floor(user, &room, o.epoch)?.min(o.head)));
+        let Some(floor) = floor else {
+            return self.not_member(room, origin, alias, request);
+        };
+        let Some((page, _, _)) = self.cut_page(&room, after.max(floor)) else {
+            return;
+        };
+        self.send_to(
+            origin.core,
+            CoreMsg::Paged {
+                room,
+                origin,
+                alias,
+                page,
+                request,
+            },
+        );
+    }
+
+    pub(super) fn not_member(&mut self, room: RoomName, origin: Origin, alias: u32, request: u64) {
+        self.send_to(
+            origin.core,
+            CoreMsg::NotMember {
+                room,
+                origin,
+                alias,
+                request,
+            },
+        );
+    }
+
+    /// A page of an owned room's history after `after`, within retention, with the room's
+    /// epoch and head as of the cut.
+    pub(super) fn cut_page(&mut self, room: &RoomName, after: u64) -> Option<(Page, u64, u64)> {
+        let page_bytes = self.config.connection.replay_page_bytes;
+        let now_ms = self.now_ms();
+        let owned = self.owned.get_mut(room)?;
+        owned.history.evict_expired(now_ms);
+        let mut msgs = Vec::new();
+        let info = owned
+            .history
+            .page(after, owned.head, page_bytes, usize::MAX, &mut msgs);
+        let page = Page {
+            gap: info.gap,
+            msgs,
+            complete: info.complete,
+        };
+        Some((page, owned.epoch, owned.head))
+    }
+
+    /// The owner adds a member: records the join point (the room's head now, so the new
+    /// member's connections replay anything published after it) and tells the workers that
+    /// hold the user's connections. Returns whether the user is new to the room.
+    pub(super) fn join_member(
+        &mut self,
+        room: &RoomName,
+        user: &Text,
+        unblock: bool,
+    ) -> Result<bool, DirectoryError> {
+        // A refused join creates nothing: the room exists only once someone is in it.
+        let join = match self.owned.get(room) {
+            Some(owned) => crate::directory::JoinPoint {
+                epoch: owned.epoch,
+                seq: owned.head,
+            },
+            None => crate::directory::JoinPoint {
+                epoch: self.fresh_epoch(),
+                seq: 0,
+            },
+        };
+        let added = self.directory.add(user, room, join, unblock)?;
+        if !self.owned.contains_key(room) {
+            self.create_room(room, join.epoch);
+        }
+        if let Some(owned) = self.owned.get_mut(room) {
+            owned.members.insert(user.clone());
+        }
+        if added.new {
+            for core in added.cores {
+                self.send_to(
+                    core,
+                    CoreMsg::MemberJoined {
+                        room: room.clone(),
+                        user: user.clone(),
+                        epoch: join.epoch,
+                        seq: join.seq,
+                    },
+                );
+            }
+        }
+        Ok(added.new)
+    }
+
+    /// The owner removes a member and unbinds the room on the user's connections. Deliveries
+    /// from this owner after this point never reach them (messages between two workers keep
+    /// their order). Returns whether the user was a member.
+    pub(super) fn leave_member(
+        &mut self,
+        room: &RoomName,
+        user: &Text,
+        block: bool,
+        reason: LeftReason,
+    ) -> bool {
+        let crate::directory::Removed {
+            was,
+            cores,
+            block_refused,
+        } = self.directory.remove(user, room, block);
+        let reason = match block_refused {
+            Some(e) => {
+                // Left all the same, but not blocked: the LEFT says so.
+                inc(&self.stats.limit_refusals, 1);
+                tracing::debug!(%user, room = %room.name, "block refused: {e}");
+                LeftReason::Unsubscribed
+            }
+            None => reason,
+        };
+        if let Some(owned) = self.owned.get_mut(room) {
+            owned.members.remove(user);
+        }
+        self.note_if_unused(room);
+        if was {
+            for core in cores {
+                self.send_to(
+                    core,
+                    CoreMsg::MemberLeft {
+                        room: room.clone(),
+                        user: user.clone(),
+                        reason,
+                    },
+                );
+            }
+        }
+        was
+    }
+
+    /// The owner passes an ephemeral event to every interested worker: no sequence, no
+    /// history.
+    pub(super) fn broadcast_ephemeral(
+        &mut self,
+        room: &RoomName,
+        origin: Option<Origin>,
+        sender: Text,
+        payload: Bytes,
+    ) {
+        let ts_ms = self.now_ms();
+        let interest = std::mem::take(&mut self.owned_room(room).interest);
+        for (core, &n) in interest.iter().enumerate() {
+            if n > 0 {
+                self.send_to(
+                    core,
+                    CoreMsg::DeliverEphemeral {
+                        room: room.clone(),
+                        origin,
+                        sender: sender.clone(),
+                        ts_ms,
+                        payload: payload.clone(),
+                    },
+                );
+            }
+        }
+        if let Some(owned) = self.owned.get_mut(room) {
+            owned.interest = interest;
+        }
+    }
+
+    /// The owner accepts a message: sequence, history, PUBACK, then one delivery per
+    /// interested worker.
+    pub(super) fn accept_publish(
+        &mut self,
+        room: RoomName,
+        from: Option<(Origin, u32, u64)>,
+        sender: Text,
+        payload: Bytes,
+    ) -> u64 {
+        let now_ms = self.now_ms();
+        let now = self.now;
+        // Small payloads are slices of a large receive buffer: give history its own copy
+        // once, so a retained 20-byte message does not pin that buffer.
+        let payload = if payload.len() < COMPACT_BELOW {
+            Bytes::copy_from_slice(&payload)
+        } else {
+            payload
+        };
+        let owned = self.owned_room(&room);
+        owned.head += 1;
+        let seq = owned.head;
+        let msg = Arc::new(Stored {
+            seq,
+            ts_ms: now_ms,
+            accepted_at: now,
+            sender,
+            origin: from.map(|(o, _, _)| o),
+            payload,
+        });
+        owned.history.push(msg.clone(), now_ms);
+        let interest = std::mem::take(&mut owned.interest);
+        inc(&self.stats.messages_in, 1);
+        if let Some((origin, alias, msg_id)) = from {
+            // The PUBACK goes first: the publisher's worker must see it before the delivery.
+            self.send_to(
+                origin.core,
+                CoreMsg::Accepted {
+                    origin,
+                    alias,
+                    msg_id,
+                    seq,
+                },
+            );
+        }
+        for (core, &n) in interest.iter().enumerate() {
+            if n > 0 {
+                self.send_to(
+                    core,
+                    CoreMsg::Deliver {
+                        room: room.clone(),
+                        msg: msg.clone(),
+                    },
+                );
+            }
+        }
+        if let Some(owned) = self.owned.get_mut(&room) {
+            owned.interest = interest;
+        }
+        seq
+    }
+}
