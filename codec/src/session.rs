@@ -130,7 +130,15 @@ pub struct RoomState {
     pub epoch: u64,
     /// The last sequence received (or acknowledged as the client's own, or skipped by GAP).
     pub cursor: u64,
-    own: Vec<u64>,
+}
+
+/// The sequences of one room this connection published and got PUBACKs for, above the
+/// cursor: the relay skips them instead of echoing them. Kept per room, not per alias, so
+/// they survive a LEFT and a new binding of the same room (PROTOCOL.md §9).
+#[derive(Debug, Clone, Default)]
+struct OwnSeqs {
+    epoch: u64,
+    seqs: Vec<u64>,
 }
 
 /// A server frame resolved against the session: every alias, implicit sequence, sender and
@@ -214,7 +222,12 @@ pub struct ClientSession {
     last_ts_ms: u64,
     rooms: HashMap<u32, RoomState>,
     senders: HashMap<u32, Text>,
+    /// Publishes awaiting their PUBACK: alias and room id.
     in_flight: HashMap<u64, (u32, u64)>,
+    /// This connection's own acknowledged sequences, by room id.
+    own: HashMap<u64, OwnSeqs>,
+    /// The epoch of each room's stream as last bound on this connection.
+    epochs: HashMap<u64, u64>,
     next_msg_id: u64,
     names: HashMap<u64, (Text, bool)>,
 }
@@ -239,8 +252,10 @@ impl ClientSession {
                 last_seq: r.cursor,
             })
             .collect();
-        for (i, (_, mut room)) in known.into_iter().enumerate() {
-            room.own.clear();
+        self.own.clear();
+        self.epochs.clear();
+        for (i, (_, room)) in known.into_iter().enumerate() {
+            self.epochs.insert(room.room_id, room.epoch);
             self.rooms.insert(i as u32, room);
         }
         self.welcomed = false;
@@ -324,8 +339,17 @@ impl ClientSession {
                     channel: Some(r.channel),
                     epoch: r.epoch,
                     cursor: r.cursor,
-                    own: Vec::new(),
                 };
+                // Own sequences above the new cursor stay (the relay skips them on the new
+                // binding too); a new epoch makes them meaningless.
+                self.epochs.insert(r.room_id, r.epoch);
+                if let Some(own) = self.own.get_mut(&r.room_id) {
+                    if own.epoch == r.epoch {
+                        own.seqs.retain(|&s| s > r.cursor);
+                    } else {
+                        self.own.remove(&r.room_id);
+                    }
+                }
                 self.rooms.insert(r.alias, room.clone());
                 Event::Bound {
                     alias: r.alias,
@@ -350,15 +374,31 @@ impl ClientSession {
                     .in_flight
                     .remove(&p.msg_id)
                     .ok_or(SessionError::UnknownMessageId(p.msg_id))?;
-                // The rule applies only while the alias is still bound to the room the
-                // message was published to (an alias may be rebound in the meantime).
-                if let Some(room) = self.rooms.get_mut(&alias).filter(|r| r.room_id == room_id) {
-                    // Checked: there is no sequence after 2^64-1 (a relay may claim that cursor).
-                    if Some(p.seq) == room.cursor.checked_add(1) {
+                // The sequence belongs to the room's stream as last bound on this connection
+                // (a relay sends a ROOM before the PUBACKs that follow it). The cursor moves
+                // only while the alias is still bound to that room (an alias may be rebound
+                // in the meantime); otherwise the sequence is remembered as the room's own,
+                // in case the room is bound again on this connection.
+                let epoch = self.epochs.get(&room_id).copied().unwrap_or(0);
+                let bound = self.rooms.get_mut(&alias).filter(|r| r.room_id == room_id);
+                // Checked: there is no sequence after 2^64-1 (a relay may claim that cursor).
+                let contiguous = match bound {
+                    Some(room) if Some(p.seq) == room.cursor.checked_add(1) => {
                         room.cursor = p.seq;
-                    } else if p.seq > room.cursor {
-                        room.own.push(p.seq);
+                        true
                     }
+                    Some(room) if p.seq <= room.cursor => true,
+                    _ => false,
+                };
+                if !contiguous {
+                    let own = self.own.entry(room_id).or_default();
+                    if own.epoch != epoch {
+                        *own = OwnSeqs {
+                            epoch,
+                            seqs: Vec::new(),
+                        };
+                    }
+                    own.seqs.push(p.seq);
                 }
                 Event::PubAck {
                     alias,
@@ -392,7 +432,12 @@ impl ClientSession {
                     let next = room.cursor.saturating_add(1);
                     let seq = h.seq.unwrap_or(next);
                     // Only the client's own acknowledged messages may be skipped silently.
-                    let skipped_all_own = (next..seq).all(|s| room.own.contains(&s));
+                    let own = self
+                        .own
+                        .get_mut(&room.room_id)
+                        .filter(|o| o.epoch == room.epoch);
+                    let skipped_all_own =
+                        (next..seq).all(|s| own.as_ref().is_some_and(|o| o.seqs.contains(&s)));
                     if seq <= room.cursor || !skipped_all_own {
                         return Err(SessionError::SequenceBreak {
                             alias: h.alias,
@@ -401,7 +446,9 @@ impl ClientSession {
                         });
                     }
                     room.cursor = seq;
-                    room.own.retain(|&s| s > seq);
+                    if let Some(own) = own {
+                        own.seqs.retain(|&s| s > seq);
+                    }
                     Some(seq)
                 };
                 Event::Message {
@@ -426,7 +473,9 @@ impl ClientSession {
                     });
                 }
                 room.cursor = g.to;
-                room.own.retain(|&s| s > g.to);
+                if let Some(own) = self.own.get_mut(&room.room_id) {
+                    own.seqs.retain(|&s| s > g.to);
+                }
                 Event::Gap {
                     alias: g.alias,
                     room_id: room.room_id,

@@ -169,6 +169,16 @@ pub struct Conn {
     pub publishes_in_flight: u32,
     /// The fatal ERROR to send once `publishes_in_flight` reaches zero ([`Phase::Failing`]).
     pub fatal: Option<Box<ServerFrame>>,
+    /// Aliases unbound (LEFT sent) that may not be bound again yet, each with the number of
+    /// the relay PING whose PONG frees it: until the client has answered a PING sent after
+    /// the LEFT, a frame naming the alias may still be one it sent for the old room.
+    pub retired: Vec<(u32, u64)>,
+    /// PINGs the relay sent on this connection, and PONGs the client answered with.
+    pub pings_sent: u64,
+    /// See `pings_sent`.
+    pub pongs_seen: u64,
+    /// A PING must follow the LEFTs queued since the last one (see `retired`).
+    pub retire_ping_due: bool,
     /// The one heartbeat/handshake/linger deadline in force; timer entries for any other
     /// time are stale and ignored, so a connection has exactly one timer chain.
     pub timer_at: Option<Instant>,
@@ -223,6 +233,10 @@ impl Conn {
             publishes_in_flight: 0,
             fatal: None,
             timer_at: None,
+            retired: Vec::new(),
+            pings_sent: 0,
+            pongs_seen: 0,
+            retire_ping_due: false,
             claims: None,
             service: false,
             reading: true,
@@ -295,15 +309,42 @@ impl Conn {
         self.sending = false;
     }
 
-    /// The lowest free alias.
+    /// The lowest free alias: unbound and not retired (see [`Conn::retired`]).
     pub fn free_alias(&mut self) -> u32 {
-        match self.subs.iter().position(Option::is_none) {
+        let retired = &self.retired;
+        let free = self
+            .subs
+            .iter()
+            .enumerate()
+            .position(|(i, s)| s.is_none() && !retired.iter().any(|&(a, _)| a as usize == i));
+        match free {
             Some(i) => i as u32,
             None => {
                 self.subs.push(None);
                 (self.subs.len() - 1) as u32
             }
         }
+    }
+
+    /// An alias was unbound with a LEFT: it stays out of use until the client answers the
+    /// PING that will follow the LEFT (queued at the next flush).
+    pub fn retire(&mut self, alias: u32) {
+        self.retired.push((alias, self.pings_sent + 1));
+        self.retire_ping_due = true;
+    }
+
+    /// Queues a PING (heartbeat or retirement), counting it.
+    pub fn ping(&mut self) {
+        self.write(&ServerFrame::Ping(pabal_codec::Ping::default()));
+        self.pings_sent += 1;
+        self.retire_ping_due = false;
+    }
+
+    /// The client answered a PING: aliases retired before it are free again.
+    pub fn pong(&mut self) {
+        self.pongs_seen = (self.pongs_seen + 1).min(self.pings_sent);
+        let seen = self.pongs_seen;
+        self.retired.retain(|&(_, ping)| ping > seen);
     }
 
     /// The alias bound to `room`, if any.

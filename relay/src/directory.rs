@@ -218,7 +218,12 @@ impl Directory {
             Some((_, n)) => *n += 1,
             None => entry.conns.push((core, 1)),
         }
-        Ok(entry.rooms.iter().map(|(r, j)| (r.clone(), *j)).collect())
+        let mut rooms: Vec<(RoomName, JoinPoint)> =
+            entry.rooms.iter().map(|(r, j)| (r.clone(), *j)).collect();
+        // In a stable order (by kind and name), so a user's rooms get the same aliases on
+        // every connection and every run.
+        rooms.sort_unstable_by(|(a, _), (b, _)| (a.channel, &a.name).cmp(&(b.channel, &b.name)));
+        Ok(rooms)
     }
 
     /// A connection of `user` on `core` closed.

@@ -21,6 +21,7 @@ pub mod io;
 pub mod mesh;
 pub mod metrics;
 pub mod reload;
+pub mod rng;
 pub mod runtime;
 pub mod stats;
 pub mod watchdog;

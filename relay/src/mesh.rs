@@ -51,6 +51,22 @@ pub struct Page {
     pub complete: bool,
 }
 
+/// Where a client's publish came from: the connection, the alias it named, the binding of
+/// that alias it was published on (the subscription request that bound it, so the PUBACK
+/// moves the cursor of that binding only, never of a later one), and the client's message
+/// id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishedBy {
+    /// The publishing connection.
+    pub origin: Origin,
+    /// Its alias for the room.
+    pub alias: u32,
+    /// The alias's binding when published.
+    pub binding: u64,
+    /// The client's message id.
+    pub msg_id: u64,
+}
+
 /// One message between workers.
 #[derive(Debug)]
 pub enum CoreMsg {
@@ -59,14 +75,10 @@ pub enum CoreMsg {
     Publish {
         /// The room.
         room: RoomName,
-        /// The publishing connection and its alias for the room.
-        origin: Origin,
-        /// Its alias for the room.
-        alias: u32,
+        /// The publishing connection, alias, binding and message id.
+        by: PublishedBy,
         /// The publishing user.
         sender: Text,
-        /// The client's message id.
-        msg_id: u64,
         /// The body.
         payload: Bytes,
     },
@@ -147,12 +159,8 @@ pub enum CoreMsg {
     // ---- from a room's owner to workers ------------------------------------------------
     /// A publish was accepted.
     Accepted {
-        /// The publishing connection.
-        origin: Origin,
-        /// Its alias for the room.
-        alias: u32,
-        /// The client's message id.
-        msg_id: u64,
+        /// The publish.
+        by: PublishedBy,
         /// The sequence given.
         seq: u64,
     },

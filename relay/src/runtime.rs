@@ -597,7 +597,14 @@ impl Worker {
             Clock::new(now, unix_ms),
             now,
         );
-        run_loop(&mut *backend, &mut core, &self.inbox, &mesh, &stats, &self.stall)
+        run_loop(
+            &mut *backend,
+            &mut core,
+            &self.inbox,
+            &mesh,
+            &stats,
+            &self.stall,
+        )
     }
 }
 

@@ -5,14 +5,13 @@
 //! Owns: turning client frames into requests to owners and answers to the client. Must not
 //! touch: owned rooms (only messages to their owner), other connections, sockets.
 
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pabal_codec::{
-    ClientFrame, DecodeError, DeliverContext, ErrorCode, Left,
-    LeftReason, PROTOCOL_VERSION, Pong, ServerFrame, Text, Welcome,
+    ClientFrame, DecodeError, DeliverContext, ErrorCode, Left, LeftReason, PROTOCOL_VERSION, Pong,
+    ServerFrame, Text, Welcome,
 };
 
 use super::*;
@@ -20,7 +19,7 @@ use crate::config::AuthMode;
 use crate::conn::{Phase, Sub, SubMode};
 use crate::ids::RoomName;
 use crate::io::Token;
-use crate::mesh::{CoreMsg, StartFrom};
+use crate::mesh::{CoreMsg, PublishedBy, StartFrom};
 use crate::stats::inc;
 
 impl Core {
@@ -83,7 +82,11 @@ impl Core {
                     }),
                 );
             }
-            (Phase::Open, ClientFrame::Pong(_)) => {}
+            (Phase::Open, ClientFrame::Pong(_)) => {
+                if let Some(conn) = self.conn(token) {
+                    conn.pong();
+                }
+            }
             (Phase::Open, ClientFrame::Bye) => self.begin_close(token),
         }
     }
@@ -258,6 +261,9 @@ impl Core {
         }
         for (alias, reason) in left {
             self.write(token, &ServerFrame::Left(Left { alias, reason }));
+            if let Some(conn) = self.conn(token) {
+                conn.retire(alias);
+            }
         }
         for (alias, room) in over_limit {
             self.refuse_room_limit(token, alias, &room);
@@ -299,6 +305,9 @@ impl Core {
                     reason: LeftReason::UnknownRoom,
                 }),
             );
+            if let Some(conn) = self.conn(token) {
+                conn.retire(alias);
+            }
         }
         self.refuse(
             token,
@@ -313,10 +322,13 @@ impl Core {
         let Some(conn) = self.conn(token) else { return };
         let user = conn.user.clone().unwrap_or_default();
         if let Some(alias) = conn.alias_of(&room) {
-            // Already bound: restate the binding so a client waiting for ROOM gets one.
-            if let Some(Some(sub)) = conn.subs.get(alias as usize)
+            // Already bound: restate the binding so a client waiting for ROOM gets one, with
+            // the cursor past everything processed (own messages included: the client keeps
+            // those above the new cursor).
+            if let Some(Some(sub)) = conn.subs.get_mut(alias as usize)
                 && sub.mode != SubMode::Pending
             {
+                sub.cursor = sub.position;
                 let frame = room_frame(alias, sub, sub.position);
                 self.write(token, &frame);
             }
@@ -444,6 +456,7 @@ impl Core {
                 format!("{}: publishing to this channel is not permitted", room.name),
             );
         }
+        let binding = sub.request;
         if p.msg_id.is_some() {
             // Answered by the owner's PUBACK; a fatal error waits for it (`fatal`).
             conn.publishes_in_flight += 1;
@@ -451,10 +464,13 @@ impl Core {
         let msg = match p.msg_id {
             Some(msg_id) => CoreMsg::Publish {
                 room: room.clone(),
-                origin,
-                alias: p.alias,
+                by: PublishedBy {
+                    origin,
+                    alias: p.alias,
+                    binding,
+                    msg_id,
+                },
                 sender,
-                msg_id,
                 payload: p.payload,
             },
             None => CoreMsg::Ephemeral {

@@ -6,24 +6,21 @@
 //! Owns: per-connection stream positions and output queues. Must not touch: owned rooms
 //! (history is read only through the pages owners send), sockets.
 
-
-
 use bytes::Bytes;
-use pabal_codec::{
-    DeliverContext, Left,
-    LeftReason, PubAck, Room, ServerFrame, Text,
-};
+use pabal_codec::{DeliverContext, Left, LeftReason, PubAck, Room, ServerFrame, Text};
 
 use super::*;
 use crate::conn::{Phase, Sub, SubMode};
 use crate::ids::{Origin, RoomName, Stored, StoredRef};
 use crate::io::Token;
-use crate::mesh::{CoreMsg, Page, StartFrom};
+use crate::mesh::{CoreMsg, Page, PublishedBy, StartFrom};
 use crate::stats::{dec, inc};
 
 /// Advances an alias past `msg`: the header to write, or `None` when the message is the
 /// connection's own (its position moves past it, its client cursor does not: the client
-/// accounted for it at PUBACK). The one rule for live and replayed deliveries alike.
+/// accounted for it at PUBACK, which always precedes the delivery; a client keeps its own
+/// sequences per room across LEFT and ROOM, PROTOCOL.md §9). The one rule for live and
+/// replayed deliveries alike.
 pub(super) fn advance(
     ctx: &mut DeliverContext,
     sub: &mut Sub,
@@ -66,12 +63,17 @@ pub(super) fn room_frame(alias: u32, sub: &Sub, head: u64) -> ServerFrame {
 }
 
 impl Core {
-    pub(super) fn on_accepted(&mut self, token: Token, alias: u32, msg_id: u64, seq: u64) {
+    pub(super) fn on_accepted(&mut self, by: PublishedBy, seq: u64) {
+        let (token, msg_id) = (by.origin.token, by.msg_id);
         let Some(conn) = self.conn(token) else { return };
         conn.publishes_in_flight = conn.publishes_in_flight.saturating_sub(1);
         let failing = conn.phase == Phase::Failing;
-        if let Some(Some(sub)) = conn.subs.get_mut(alias as usize) {
-            // The same rule as the client's: a contiguous own message advances the cursor.
+        if let Some(Some(sub)) = conn.subs.get_mut(by.alias as usize)
+            && sub.request == by.binding
+        {
+            // The same rule as the client's: a contiguous own message advances the cursor,
+            // if the alias is still bound by the subscription it was published on (so to the
+            // same room).
             if sub.cursor + 1 == seq {
                 sub.cursor = seq;
             }
@@ -139,7 +141,14 @@ impl Core {
         self.apply_page(token, alias, page);
     }
 
-    pub(super) fn on_paged(&mut self, room: &RoomName, token: Token, alias: u32, page: Page, request: u64) {
+    pub(super) fn on_paged(
+        &mut self,
+        room: &RoomName,
+        token: Token,
+        alias: u32,
+        page: Page,
+        request: u64,
+    ) {
         let Some(conn) = self.conn(token) else { return };
         conn.fetches = conn.fetches.saturating_sub(1);
         let Some(sub) = conn.sub_for(alias, room).filter(|s| s.request == request) else {
@@ -476,6 +485,9 @@ impl Core {
             sub.mode != SubMode::Pending || matches!(sub.from, StartFrom::Resume { .. });
         if announced {
             self.write(token, &ServerFrame::Left(Left { alias, reason }));
+            if let Some(conn) = self.conn(token) {
+                conn.retire(alias);
+            }
         }
         self.update_lagging(token);
     }

@@ -5,16 +5,13 @@
 //! Owns: connection slots, timers, shutdown progress. Must not touch: rooms' streams (only
 //! through delivery and messages to owners), sockets.
 
-
 use std::cmp::Reverse;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use pabal_codec::{
-    ErrorCode, ErrorFrame, GoAway, GoAwayReason, ServerFrame, Text,
-};
+use pabal_codec::{ErrorCode, ErrorFrame, GoAway, GoAwayReason, ServerFrame, Text};
 
 use super::*;
 use crate::config::Config;
@@ -149,7 +146,13 @@ impl Core {
 
     /// Writes GOAWAY as the connection's last frame and closes it (a failing connection's
     /// last frame stays its ERROR).
-    pub(super) fn goaway(&mut self, token: Token, reason: GoAwayReason, retry_after_ms: u64, message: Text) {
+    pub(super) fn goaway(
+        &mut self,
+        token: Token,
+        reason: GoAwayReason,
+        retry_after_ms: u64,
+        message: Text,
+    ) {
         if self.conn(token).is_some_and(|c| c.phase == Phase::Failing) {
             return self.finish_failing(token);
         }
@@ -367,7 +370,11 @@ impl Core {
                     }
                 } else if now >= conn.last_rx + conn.heartbeat {
                     conn.ping_sent = Some(now);
-                    self.write(token, &ServerFrame::Ping(pabal_codec::Ping::default()));
+                    conn.ping();
+                    let Core { conns, dirty, .. } = self;
+                    if let Some(conn) = conn_in(conns, token) {
+                        Self::mark_dirty(dirty, conn);
+                    }
                     self.arm(token, now + timeout);
                 } else {
                     let at = conn.last_rx + conn.heartbeat;

@@ -43,9 +43,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pabal_codec::{
-    Decoder, ErrorCode, ErrorFrame, LeftReason, Limits, ServerFrame, Text,
-};
+use pabal_codec::{Decoder, ErrorCode, ErrorFrame, LeftReason, Limits, ServerFrame, Text};
 
 use crate::config::Config;
 use crate::conn::{Conn, Phase, TokenBucket};
@@ -177,7 +175,7 @@ pub struct Core {
     now: Instant,
     shutdown: Shutdown,
     stats: Arc<CoreStats>,
-    rng: u64,
+    rng: crate::rng::SplitMix64,
     /// State shared by all workers (touched per connection, never per message).
     shared: Arc<Shared>,
     accept_bucket: TokenBucket,
@@ -246,7 +244,9 @@ impl Core {
             now,
             shutdown: Shutdown::default(),
             stats,
-            rng: 0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
+            rng: crate::rng::SplitMix64::new(
+                0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
+            ),
             shared,
             accept_bucket: TokenBucket::new(accept_rate, accept_rate.max(1.0), now),
         }
@@ -267,12 +267,7 @@ impl Core {
     }
 
     pub(super) fn random(&mut self) -> u64 {
-        // splitmix64: jitter only, not security.
-        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.rng.next_u64()
     }
 
     /// The configuration in force on this worker.
@@ -356,7 +351,13 @@ impl Core {
     // Connection lifecycle
     // ---------------------------------------------------------------------------------
 
-    pub(super) fn refuse(&mut self, token: Token, code: ErrorCode, reference: u64, message: String) {
+    pub(super) fn refuse(
+        &mut self,
+        token: Token,
+        code: ErrorCode,
+        reference: u64,
+        message: String,
+    ) {
         self.write(
             token,
             &ServerFrame::Error(ErrorFrame {
@@ -388,13 +389,11 @@ impl Core {
         match msg {
             CoreMsg::Publish {
                 room,
-                origin,
-                alias,
+                by,
                 sender,
-                msg_id,
                 payload,
             } => {
-                self.accept_publish(room, Some((origin, alias, msg_id)), sender, payload);
+                self.accept_publish(room, Some(by), sender, payload);
             }
             CoreMsg::Ephemeral {
                 room,
@@ -486,12 +485,7 @@ impl Core {
                 let answer = self.control(op);
                 self.replies.push((reply, answer));
             }
-            CoreMsg::Accepted {
-                origin,
-                alias,
-                msg_id,
-                seq,
-            } => self.on_accepted(origin.token, alias, msg_id, seq),
+            CoreMsg::Accepted { by, seq } => self.on_accepted(by, seq),
             CoreMsg::Refused {
                 origin,
                 code,
@@ -618,6 +612,11 @@ impl Core {
                     .queue_high_water
                     .fetch_max(queued, std::sync::atomic::Ordering::Relaxed);
             }
+            if conn.retire_ping_due && conn.writable() {
+                // After LEFTs: the PONG tells when the client can no longer name the
+                // retired aliases for their old rooms.
+                conn.ping();
+            }
             if !conn.sending && conn.has_output() {
                 let bytes = conn.take_batch();
                 inc(&self.stats.bytes_out, bytes as u64);
@@ -649,13 +648,14 @@ impl Core {
     }
 }
 
-
 mod client;
 mod control;
 mod delivery;
 mod lifecycle;
 mod owner;
 
+#[cfg(test)]
+mod sim;
 #[cfg(test)]
 mod tests;
 

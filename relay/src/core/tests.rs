@@ -214,23 +214,29 @@ impl Harness {
 
     /// The app server adds a member, as the server API does.
     fn app_join(&mut self, room: &str, user: &str) {
-        self.core.handle(self.now, vec![CoreMsg::Join {
-            room: RoomName::new(false, Text::from(room)),
-            user: Text::from(user),
-            unblock: false,
-            requester: None,
-        }]);
+        self.core.handle(
+            self.now,
+            vec![CoreMsg::Join {
+                room: RoomName::new(false, Text::from(room)),
+                user: Text::from(user),
+                unblock: false,
+                requester: None,
+            }],
+        );
         self.pump();
     }
 
     /// The app server removes a member, as the server API does.
     fn app_remove(&mut self, room: &str, user: &str) {
-        self.core.handle(self.now, vec![CoreMsg::Leave {
-            room: RoomName::new(false, Text::from(room)),
-            user: Text::from(user),
-            block: false,
-            reason: LeftReason::Removed,
-        }]);
+        self.core.handle(
+            self.now,
+            vec![CoreMsg::Leave {
+                room: RoomName::new(false, Text::from(room)),
+                user: Text::from(user),
+                block: false,
+                reason: LeftReason::Removed,
+            }],
+        );
         self.pump();
     }
 
@@ -538,34 +544,40 @@ fn a_subscription_answer_for_an_earlier_membership_is_dropped() {
     // binding request is still in flight when the second join happens.
     // Published from a connection that has gone since (its PUBACK reaches nobody).
     let origin = h.core.origin(u64::MAX);
-    h.core.handle(h.now, vec![
-        CoreMsg::Join {
-            room: room_named("club"),
-            user: Text::from("bob"),
-            unblock: false,
-            requester: None,
-        },
-        CoreMsg::Leave {
-            room: room_named("club"),
-            user: Text::from("bob"),
-            block: false,
-            reason: LeftReason::Removed,
-        },
-        CoreMsg::Publish {
-            room: room_named("club"),
-            origin,
-            alias: a,
-            sender: Text::from("ann"),
-            msg_id: 99,
-            payload: Bytes::from_static(b"while-removed"),
-        },
-        CoreMsg::Join {
-            room: room_named("club"),
-            user: Text::from("bob"),
-            unblock: false,
-            requester: None,
-        },
-    ]);
+    h.core.handle(
+        h.now,
+        vec![
+            CoreMsg::Join {
+                room: room_named("club"),
+                user: Text::from("bob"),
+                unblock: false,
+                requester: None,
+            },
+            CoreMsg::Leave {
+                room: room_named("club"),
+                user: Text::from("bob"),
+                block: false,
+                reason: LeftReason::Removed,
+            },
+            CoreMsg::Publish {
+                room: room_named("club"),
+                by: crate::mesh::PublishedBy {
+                    origin,
+                    alias: a,
+                    binding: 0,
+                    msg_id: 99,
+                },
+                sender: Text::from("ann"),
+                payload: Bytes::from_static(b"while-removed"),
+            },
+            CoreMsg::Join {
+                room: room_named("club"),
+                user: Text::from("bob"),
+                unblock: false,
+                requester: None,
+            },
+        ],
+    );
     h.pump();
     let events = h.events(bob);
     assert!(
@@ -619,13 +631,16 @@ fn nothing_is_written_to_a_connection_once_it_is_closing() {
     for i in 0..3 {
         h.publish(ann, a, &format!("m{i}"));
     }
-    h.core.handle(h.now, vec![CoreMsg::DeliverEphemeral {
-        room: room_named("r"),
-        origin: None,
-        sender: Text::from("ann"),
-        ts_ms: 0,
-        payload: Bytes::from_static(b"typing"),
-    }]);
+    h.core.handle(
+        h.now,
+        vec![CoreMsg::DeliverEphemeral {
+            room: room_named("r"),
+            origin: None,
+            sender: Text::from("ann"),
+            ts_ms: 0,
+            payload: Bytes::from_static(b"typing"),
+        }],
+    );
     h.pump();
     assert_eq!(h.wire.after_shutdown, 0, "sends after the half-close");
 }
@@ -865,4 +880,54 @@ fn an_ack_counts_only_up_to_what_was_sent() {
     );
     let conn = h.core.conn(bob).unwrap();
     assert_eq!(conn.subs[b as usize].as_ref().unwrap().acked, 1);
+}
+
+#[test]
+fn an_unbound_alias_is_not_reused_until_the_client_answers_a_ping() {
+    // Found by the simulator: a PUBLISH the client sent on alias 0 for room r1 just before
+    // the relay unbound it must not land in another room the relay bound to alias 0 since.
+    let mut h = Harness::new(|_| {});
+    let ann = h.connect("ann", ClientSession::new());
+    h.app_join("r1", "ann");
+    assert_eq!(h.phones[&ann].session.alias_of("r1"), Some(0));
+    h.app_remove("r1", "ann");
+    let events = h.events(ann);
+    assert!(
+        matches!(
+            &events[..],
+            [.., Event::Left { alias: 0, .. }, Event::Ping(_)]
+        ),
+        "{events:?}"
+    );
+    // Not answered yet: a new room gets another alias, and a late publish on 0 is refused.
+    h.app_join("r2", "ann");
+    assert_eq!(h.phones[&ann].session.alias_of("r2"), Some(1));
+    let late = ClientFrame::Publish(pabal_codec::Publish {
+        alias: 0,
+        msg_id: Some(77),
+        ack: None,
+        payload: Bytes::from_static(b"for r1"),
+    });
+    h.phones.get_mut(&ann).unwrap().forged = Some(Vec::new());
+    h.send(ann, &late);
+    let frames = h.frames(ann);
+    assert!(
+        matches!(&frames[..], [ServerFrame::Error(e)] if e.code == ErrorCode::UnknownAlias && e.reference == 77),
+        "{frames:?}"
+    );
+    assert_eq!(
+        h.core.owned[&room_named("r2")].head,
+        0,
+        "nothing reached r2"
+    );
+    // Answered: alias 0 is free again.
+    h.send(ann, &ClientFrame::Pong(pabal_codec::Pong::default()));
+    h.app_join("r3", "ann");
+    let frames = h.frames(ann);
+    assert!(
+        frames
+            .iter()
+            .any(|f| matches!(f, ServerFrame::Room(r) if r.alias == 0 && r.name.as_str() == "r3")),
+        "{frames:?}"
+    );
 }

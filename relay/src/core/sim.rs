@@ -1,0 +1,876 @@
+//! Deterministic simulation of a whole relay in one thread: N workers' cores, the mesh
+//! between them, the control plane and virtual phones, with every interleaving chosen by a
+//! seeded scheduler (after FoundationDB's simulation and TigerBeetle's VOPR).
+//!
+//! What the scheduler picks from, step by step: a mesh batch delivered (FIFO per pair of
+//! workers, any pair), a control operation reaching a room's owner (add or remove a member),
+//! a phone's bytes arriving at its worker in any chunking, a send completing (or a phone's
+//! socket stalling), a connection cut, a phone connecting (to any worker, resuming with its
+//! session), a publish or an ACK, time advancing (timers), and at the end a drain.
+//!
+//! What is checked after every step: each phone's `ClientSession` accepts every frame (no
+//! skipped, repeated or reordered sequence, no frame for an unknown alias); nothing reaches
+//! a user from outside their membership (never before the join point, never while removed);
+//! every delivered body is the one the room's owner accepted under that sequence; no
+//! connection's queue exceeds its cap by more than one page and one frame. At the end, with
+//! every phone connected and nothing stalled, every member holds every message of its
+//! current membership exactly once, and a drain delivers all of it before the GOAWAY.
+//!
+//! A failing seed prints itself; `PABAL_SIM_SEED=<seed>` replays it exactly. CI runs a
+//! bounded number of seeds; `PABAL_SIM_SEEDS=<n>` (and `PABAL_SIM_FROM=<first>`) run more.
+//!
+//! Owns: test scaffolding only. Must not touch: anything outside tests.
+
+#![allow(clippy::unwrap_used)] // reason: a simulation fails loudly on the first surprise
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use pabal_codec::{
+    ClientFrame, ClientSession, Decoder, Event, LeftReason, Limits, ServerFrame, Text,
+};
+
+use super::{Clock, Core, Shared, Transport};
+use crate::config::Config;
+use crate::directory::{Directory, Membership};
+use crate::ids::RoomName;
+use crate::io::Token;
+use crate::mesh::CoreMsg;
+use crate::rng::SplitMix64;
+use crate::stats::CoreStats;
+
+/// One worker's sockets as the simulation sees them.
+#[derive(Default)]
+struct SimWire {
+    /// Bytes handed to each socket and not yet taken by its phone, one entry per send.
+    in_flight: HashMap<Token, VecDeque<Bytes>>,
+    /// Half-closed (the relay's last frame is out) or closed by the relay.
+    ended: BTreeSet<Token>,
+    /// Sends after a half-close or close (a real socket answers EPIPE).
+    after_end: usize,
+}
+
+impl Transport for SimWire {
+    fn send(&mut self, token: Token, bufs: &mut VecDeque<Bytes>) {
+        if self.ended.contains(&token) {
+            self.after_end += 1;
+        }
+        let mut batch = BytesMut::new();
+        for b in bufs.drain(..) {
+            batch.extend_from_slice(&b);
+        }
+        self.in_flight
+            .entry(token)
+            .or_default()
+            .push_back(batch.freeze());
+    }
+    fn set_reading(&mut self, _: Token, _: bool) {}
+    fn shutdown_write(&mut self, token: Token) {
+        self.ended.insert(token);
+    }
+    fn close(&mut self, token: Token) {
+        self.ended.insert(token);
+    }
+    fn close_listeners(&mut self) {}
+}
+
+/// A phone's connection to one worker.
+struct Link {
+    core: usize,
+    token: Token,
+    /// Bytes written by the phone, not yet read by the relay.
+    up: BytesMut,
+    /// Bytes read from the relay, not yet decoded.
+    down: BytesMut,
+    /// The socket stopped draining (the phone's reader is stuck).
+    stalled: bool,
+    /// The relay ended the session (GOAWAY or fatal ERROR seen).
+    ended: bool,
+    welcomed: bool,
+}
+
+/// A virtual phone: one user, one session that survives its connections.
+struct Phone {
+    user: Text,
+    session: ClientSession,
+    link: Option<Link>,
+    published: u64,
+    /// Every message received, by room: (seq, body). Across connections.
+    received: HashMap<u64, Vec<(u64, Bytes)>>,
+    /// Sequences this phone got PUBACKs for, by room.
+    own: HashMap<u64, BTreeSet<u64>>,
+    /// The room each publish awaiting its PUBACK went to, by message id.
+    sent_to: HashMap<u64, u64>,
+    /// GOAWAYs seen, and the per-room cursors each time.
+    goaways: Vec<BTreeMap<u64, u64>>,
+}
+
+/// One membership of a user in a room, in the room's sequences: (after, until], `until`
+/// `None` while it lasts.
+type Interval = (u64, Option<u64>);
+
+/// The truth the simulation checks against: membership intervals as the owners applied
+/// them, in sequences of each room.
+#[derive(Default)]
+struct Model {
+    /// (user, room id) -> its memberships, oldest first.
+    intervals: HashMap<(Text, u64), Vec<Interval>>,
+}
+
+impl Model {
+    fn allowed(&self, user: &Text, room: u64, seq: u64) -> bool {
+        self.intervals.get(&(user.clone(), room)).is_some_and(|v| {
+            v.iter()
+                .any(|&(after, until)| seq > after && until.is_none_or(|u| seq <= u))
+        })
+    }
+
+    fn current(&self, user: &Text, room: u64) -> Option<u64> {
+        self.intervals
+            .get(&(user.clone(), room))
+            .and_then(|v| v.last())
+            .and_then(|&(after, until)| until.is_none().then_some(after))
+    }
+}
+
+/// The size of one simulated relay, drawn from the seed.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    cores: usize,
+    phones: usize,
+    rooms: usize,
+    steps: usize,
+}
+
+/// A violation: what went wrong, at which step.
+#[derive(Debug)]
+struct Violation(String);
+
+struct Sim {
+    rng: SplitMix64,
+    now: Instant,
+    config: Arc<Config>,
+    directory: Arc<Directory>,
+    cores: Vec<Core>,
+    stats: Vec<Arc<CoreStats>>,
+    wires: Vec<SimWire>,
+    /// Mesh batches in flight, FIFO per (from, to).
+    links: Vec<VecDeque<Vec<CoreMsg>>>,
+    /// Control operations on their way to each worker.
+    control: Vec<VecDeque<CoreMsg>>,
+    phones: Vec<Phone>,
+    rooms: Vec<RoomName>,
+    model: Model,
+    step: usize,
+    trace: VecDeque<String>,
+}
+
+const PEER: &str = "127.0.0.1:40000";
+
+impl Sim {
+    fn new(seed: u64, shape: Shape, tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut config = Config::default();
+        config.limits.publish_rate = 1e9;
+        config.limits.publish_burst = 1e9;
+        config.connection.max_queued_bytes = 4096;
+        config.connection.replay_page_bytes = 1024;
+        config.connection.max_frame_len = 1024;
+        config.limits.max_payload = 256;
+        config.retention.max_messages = 1_000_000;
+        config.retention.max_bytes = 1 << 30;
+        // Heartbeats and handshake deadlines fire within a run.
+        config.heartbeat.min_interval = Duration::from_secs(5);
+        config.heartbeat.interval = Duration::from_secs(20);
+        config.heartbeat.timeout = Duration::from_secs(10);
+        tweak(&mut config);
+        config.validate().unwrap();
+        let config = Arc::new(config);
+        let directory = Arc::new(Directory::new(4, config.limits.max_rooms_per_user));
+        let now = Instant::now();
+        let shared = Arc::new(Shared::default());
+        let mut cores = Vec::new();
+        let mut stats = Vec::new();
+        for id in 0..shape.cores {
+            let s = Arc::new(CoreStats::default());
+            stats.push(s.clone());
+            let membership: Arc<dyn Membership> = directory.clone();
+            cores.push(Core::new(
+                id,
+                shape.cores,
+                config.clone(),
+                membership,
+                1_000,
+                s,
+                shared.clone(),
+                Clock::new(now, 1_767_225_600_000),
+                now,
+            ));
+        }
+        let phones = (0..shape.phones)
+            .map(|i| Phone {
+                user: Text::from(format!("u{i}")),
+                session: ClientSession::new(),
+                link: None,
+                published: 0,
+                received: HashMap::new(),
+                own: HashMap::new(),
+                sent_to: HashMap::new(),
+                goaways: Vec::new(),
+            })
+            .collect();
+        Sim {
+            rng: SplitMix64::new(seed),
+            now,
+            config,
+            directory,
+            wires: (0..shape.cores).map(|_| SimWire::default()).collect(),
+            links: (0..shape.cores * shape.cores)
+                .map(|_| VecDeque::new())
+                .collect(),
+            control: (0..shape.cores).map(|_| VecDeque::new()).collect(),
+            cores,
+            stats,
+            phones,
+            rooms: (0..shape.rooms)
+                .map(|r| RoomName::new(false, Text::from(format!("room{r}"))))
+                .collect(),
+            model: Model::default(),
+            step: 0,
+            trace: VecDeque::new(),
+        }
+    }
+
+    fn note(&mut self, what: String) {
+        if std::env::var_os("PABAL_SIM_TRACE").is_some() {
+            eprintln!("#{} {what}", self.step);
+        }
+        if self.trace.len() == 40 {
+            self.trace.pop_front();
+        }
+        self.trace.push_back(format!("#{} {what}", self.step));
+    }
+
+    fn fail(&self, what: String) -> Violation {
+        let trace: Vec<&String> = self.trace.iter().collect();
+        Violation(format!(
+            "step {}: {what}\nlast steps:\n{trace:#?}",
+            self.step
+        ))
+    }
+
+    fn n(&self) -> usize {
+        self.cores.len()
+    }
+
+    /// Carries out what a core wants done: its socket operations and its messages.
+    fn service(&mut self, core: usize) -> Result<(), Violation> {
+        let n = self.n();
+        self.cores[core].flush(&mut self.wires[core]);
+        let links = &mut self.links;
+        self.cores[core].drain_mesh(|to, batch| links[core * n + to].push_back(batch));
+        self.cores[core].drain_replies(|to, answer| {
+            let _ = to.send(answer);
+        });
+        if self.wires[core].after_end > 0 {
+            return Err(self.fail(format!("worker {core} wrote to a socket after its end")));
+        }
+        let cap = self.config.connection.max_queued_bytes
+            + self.config.connection.replay_page_bytes
+            + self.config.connection.max_frame_len
+            + 64;
+        let high = self.stats[core]
+            .queue_high_water
+            .load(std::sync::atomic::Ordering::Relaxed) as usize;
+        if high > cap {
+            return Err(self.fail(format!("a queue on worker {core} reached {high} bytes")));
+        }
+        Ok(())
+    }
+
+    fn random(&mut self, n: usize) -> usize {
+        (self.rng.next_u64() % n.max(1) as u64) as usize
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.rng.next_u64() % 100 < percent
+    }
+
+    // ---- actions ------------------------------------------------------------------------
+
+    fn deliver_mesh(&mut self) -> Result<bool, Violation> {
+        let busy: Vec<usize> = (0..self.links.len())
+            .filter(|&i| !self.links[i].is_empty())
+            .collect();
+        if busy.is_empty() {
+            return Ok(false);
+        }
+        let i = busy[self.random(busy.len())];
+        let to = i % self.n();
+        let batch = self.links[i].pop_front().unwrap();
+        self.note(format!(
+            "mesh {}->{to}: {} messages",
+            i / self.n(),
+            batch.len()
+        ));
+        self.cores[to].handle(self.now, batch);
+        self.service(to)?;
+        Ok(true)
+    }
+
+    fn queue_control(&mut self) {
+        let r = self.random(self.rooms.len());
+        let room = self.rooms[r].clone();
+        let u = self.random(self.phones.len());
+        let user = self.phones[u].user.clone();
+        let member = self.directory.join_point(&user, &room).is_some();
+        // Mostly adds while few are members, removals otherwise.
+        let msg = if !member || self.chance(30) {
+            CoreMsg::Join {
+                room: room.clone(),
+                user,
+                unblock: false,
+                requester: None,
+            }
+        } else {
+            CoreMsg::Leave {
+                room: room.clone(),
+                user,
+                block: false,
+                reason: LeftReason::Removed,
+            }
+        };
+        let owner = room.owner(self.n());
+        self.control[owner].push_back(msg);
+    }
+
+    fn deliver_control(&mut self) -> Result<bool, Violation> {
+        let busy: Vec<usize> = (0..self.n())
+            .filter(|&c| !self.control[c].is_empty())
+            .collect();
+        if busy.is_empty() {
+            return Ok(false);
+        }
+        let core = busy[self.random(busy.len())];
+        let msg = self.control[core].pop_front().unwrap();
+        let (user, room) = match &msg {
+            CoreMsg::Join { user, room, .. } | CoreMsg::Leave { user, room, .. } => {
+                (user.clone(), room.clone())
+            }
+            _ => unreachable!("only membership changes are queued"),
+        };
+        let before = self.directory.join_point(&user, &room);
+        self.note(format!("control at {core}: {msg:?}"));
+        self.cores[core].handle(self.now, vec![msg]);
+        // One message in the batch: the room's head now is its head at the change.
+        let after = self.directory.join_point(&user, &room);
+        let head = self.cores[core].owned.get(&room).map_or(0, |o| o.head);
+        let key = (user, room.id);
+        match (before, after) {
+            (None, Some(join)) => {
+                self.model
+                    .intervals
+                    .entry(key)
+                    .or_default()
+                    .push((join.seq, None));
+            }
+            (Some(_), None) => {
+                if let Some(last) = self
+                    .model
+                    .intervals
+                    .get_mut(&key)
+                    .and_then(|v| v.last_mut())
+                {
+                    last.1 = Some(head);
+                }
+            }
+            _ => {}
+        }
+        self.service(core)?;
+        Ok(true)
+    }
+
+    fn connect(&mut self, p: usize) -> Result<(), Violation> {
+        let core = self.random(self.n());
+        let token = self.cores[core].admit(self.now, PEER.parse::<SocketAddr>().unwrap());
+        let user = self.phones[p].user.clone();
+        let hello = self.phones[p]
+            .session
+            .hello(Bytes::copy_from_slice(user.as_bytes()), 0);
+        let mut up = BytesMut::new();
+        hello.encode(&mut up);
+        self.note(format!("{user} connects to worker {core} as {token:#x}"));
+        self.phones[p].link = Some(Link {
+            core,
+            token,
+            up,
+            down: BytesMut::new(),
+            stalled: false,
+            ended: false,
+            welcomed: false,
+        });
+        self.service(core)
+    }
+
+    fn cut(&mut self, p: usize) -> Result<(), Violation> {
+        let Some(link) = self.phones[p].link.take() else {
+            return Ok(());
+        };
+        self.note(format!(
+            "{} cut from worker {}",
+            self.phones[p].user, link.core
+        ));
+        self.wires[link.core].in_flight.remove(&link.token);
+        self.wires[link.core].ended.remove(&link.token);
+        self.cores[link.core].on_closed(self.now, link.token);
+        self.service(link.core)
+    }
+
+    fn transmit(&mut self, p: usize) -> Result<(), Violation> {
+        let len = match &self.phones[p].link {
+            Some(l) if !l.up.is_empty() => l.up.len(),
+            _ => return Ok(()),
+        };
+        let take = 1 + self.random(len);
+        let link = self.phones[p].link.as_mut().unwrap();
+        let chunk = link.up.split_to(take);
+        let (core, token) = (link.core, link.token);
+        self.cores[core].on_bytes(self.now, token, &chunk);
+        self.service(core)
+    }
+
+    /// The phone's socket takes the oldest send in flight; the phone reads what arrived.
+    fn complete_send(&mut self, p: usize) -> Result<(), Violation> {
+        let Some(link) = &self.phones[p].link else {
+            return Ok(());
+        };
+        let (core, token) = (link.core, link.token);
+        let Some(bytes) = self.wires[core]
+            .in_flight
+            .get_mut(&token)
+            .and_then(VecDeque::pop_front)
+        else {
+            return Ok(());
+        };
+        let n = bytes.len();
+        self.phones[p]
+            .link
+            .as_mut()
+            .unwrap()
+            .down
+            .extend_from_slice(&bytes);
+        self.read_frames(p)?;
+        self.cores[core].on_sent(self.now, token, n);
+        self.service(core)?;
+        // The relay half-closed after its last frame and the phone read it all: EOF.
+        let drained = self.wires[core]
+            .in_flight
+            .get(&token)
+            .is_none_or(VecDeque::is_empty);
+        if drained && self.wires[core].ended.contains(&token) {
+            self.cut(p)?;
+        }
+        Ok(())
+    }
+
+    fn read_frames(&mut self, p: usize) -> Result<(), Violation> {
+        let decoder = Decoder::new(Limits::default());
+        loop {
+            let phone = &mut self.phones[p];
+            let link = phone.link.as_mut().unwrap();
+            let frame = match decoder.decode_server(&mut link.down) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    let user = phone.user.clone();
+                    return Err(self.fail(format!("{user} got an undecodable frame: {e}")));
+                }
+            };
+            if link.ended {
+                let user = phone.user.clone();
+                return Err(self.fail(format!("{user} got {frame:?} after its last frame")));
+            }
+            let user = phone.user.clone();
+            self.note(format!("{user} <- {frame:?}"));
+            let phone = &mut self.phones[p];
+            let goaway = matches!(frame, ServerFrame::GoAway(_))
+                || matches!(&frame, ServerFrame::Error(e) if e.fatal);
+            let event = match phone.session.apply(frame) {
+                Ok(event) => event,
+                Err(e) => {
+                    let user = phone.user.clone();
+                    return Err(self.fail(format!("{user}: the session refused a frame: {e}")));
+                }
+            };
+            self.on_event(p, event)?;
+            if goaway {
+                let phone = &mut self.phones[p];
+                phone.link.as_mut().unwrap().ended = true;
+                let cursors = phone
+                    .session
+                    .rooms()
+                    .map(|(_, r)| (r.room_id, r.cursor))
+                    .collect();
+                phone.goaways.push(cursors);
+            }
+        }
+    }
+
+    fn on_event(&mut self, p: usize, event: Event) -> Result<(), Violation> {
+        let user = self.phones[p].user.clone();
+        match event {
+            Event::Welcome(_) => {
+                self.phones[p].link.as_mut().unwrap().welcomed = true;
+            }
+            Event::Message {
+                room_id,
+                seq: Some(seq),
+                payload,
+                ..
+            } => {
+                if !self.model.allowed(&user, room_id, seq) {
+                    return Err(self.fail(format!(
+                        "{user} received seq {seq} of room {room_id:#x} outside its membership: {:?}",
+                        self.model.intervals.get(&(user.clone(), room_id))
+                    )));
+                }
+                let truth = self.stored(room_id, seq);
+                if truth.as_ref() != Some(&payload) {
+                    return Err(self.fail(format!(
+                        "{user} received {payload:?} as seq {seq} of {room_id:#x}; the owner holds {truth:?}"
+                    )));
+                }
+                self.phones[p]
+                    .received
+                    .entry(room_id)
+                    .or_default()
+                    .push((seq, payload));
+            }
+            Event::PubAck { msg_id, seq, .. } => {
+                let phone = &mut self.phones[p];
+                if let Some(room_id) = phone.sent_to.remove(&msg_id) {
+                    phone.own.entry(room_id).or_default().insert(seq);
+                }
+            }
+            Event::Ping(_) => {
+                let link = self.phones[p].link.as_mut().unwrap();
+                ClientFrame::Pong(pabal_codec::Pong::default()).encode(&mut link.up);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The body the room's owner holds under `seq`.
+    fn stored(&self, room_id: u64, seq: u64) -> Option<Bytes> {
+        let room = self.rooms.iter().find(|r| r.id == room_id)?;
+        let owned = self.cores[room.owner(self.n())].owned.get(room)?;
+        let mut msgs = Vec::new();
+        owned.history.page(seq - 1, seq, usize::MAX, 1, &mut msgs);
+        msgs.first()
+            .filter(|m| m.seq == seq)
+            .map(|m| m.payload.clone())
+    }
+
+    fn publish(&mut self, p: usize) -> Result<(), Violation> {
+        let phone = &mut self.phones[p];
+        let Some(link) = phone.link.as_ref().filter(|l| l.welcomed && !l.ended) else {
+            return Ok(());
+        };
+        let _ = link;
+        let mut aliases: Vec<u32> = phone.session.rooms().map(|(a, _)| a).collect();
+        aliases.sort_unstable();
+        if aliases.is_empty() {
+            return Ok(());
+        }
+        let alias = aliases[(self.rng.next_u64() % aliases.len() as u64) as usize];
+        let phone = &mut self.phones[p];
+        phone.published += 1;
+        let body = Bytes::from(format!("{}:{}", phone.user, phone.published));
+        let ack = phone.session.room(alias).map(|r| r.cursor);
+        let room_id = phone.session.room(alias).map_or(0, |r| r.room_id);
+        let (msg_id, frame) = phone.session.publish(alias, body, ack.filter(|&c| c > 0));
+        phone.sent_to.insert(msg_id, room_id);
+        let note = format!("{} -> {frame:?}", phone.user);
+        let phone = &mut self.phones[p];
+        frame.encode(&mut phone.link.as_mut().unwrap().up);
+        self.note(note);
+        Ok(())
+    }
+
+    fn tick(&mut self, by: Duration) -> Result<(), Violation> {
+        self.now += by;
+        for core in 0..self.n() {
+            self.cores[core].run_timers(self.now);
+            self.service(core)?;
+        }
+        Ok(())
+    }
+
+    /// One step chosen by the scheduler.
+    fn step(&mut self) -> Result<(), Violation> {
+        self.step += 1;
+        let p = self.random(self.phones.len());
+        match self.random(100) {
+            0..=24 => {
+                self.deliver_mesh()?;
+            }
+            25..=29 => self.queue_control(),
+            30..=36 => {
+                self.deliver_control()?;
+            }
+            37..=41 => {
+                let cut = self.chance(30);
+                match (&self.phones[p].link, cut) {
+                    (None, _) => self.connect(p)?,
+                    (Some(_), true) => self.cut(p)?,
+                    (Some(_), false) => {}
+                }
+            }
+            42..=53 => self.publish(p)?,
+            54..=71 => self.transmit(p)?,
+            72..=93 => {
+                if !self.phones[p].link.as_ref().is_some_and(|l| l.stalled) {
+                    self.complete_send(p)?;
+                }
+            }
+            94..=96 => {
+                if let Some(link) = self.phones[p].link.as_mut() {
+                    link.stalled = !link.stalled;
+                }
+            }
+            _ => {
+                let ms = 1 + self.rng.next_u64() % 3_000;
+                self.tick(Duration::from_millis(ms))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs everything in flight to the end, with no stalls and no new traffic.
+    fn quiesce(&mut self) -> Result<(), Violation> {
+        for link in self.phones.iter_mut().filter_map(|p| p.link.as_mut()) {
+            link.stalled = false;
+        }
+        for _ in 0..100_000 {
+            self.step += 1;
+            let mut moved = self.deliver_mesh()? || self.deliver_control()?;
+            for p in 0..self.phones.len() {
+                let pending_up = self.phones[p]
+                    .link
+                    .as_ref()
+                    .is_some_and(|l| !l.up.is_empty());
+                if pending_up {
+                    let link = self.phones[p].link.as_mut().unwrap();
+                    let all = link.up.split();
+                    let (core, token) = (link.core, link.token);
+                    self.cores[core].on_bytes(self.now, token, &all);
+                    self.service(core)?;
+                    moved = true;
+                }
+                let pending_down = self.phones[p].link.as_ref().is_some_and(|l| {
+                    self.wires[l.core]
+                        .in_flight
+                        .get(&l.token)
+                        .is_some_and(|q| !q.is_empty())
+                });
+                if pending_down {
+                    self.complete_send(p)?;
+                    moved = true;
+                }
+            }
+            if !moved {
+                return Ok(());
+            }
+        }
+        Err(self.fail("the simulation did not settle".into()))
+    }
+
+    /// Every member holds every message of its current membership, exactly once.
+    fn check_complete(&self) -> Result<(), Violation> {
+        for phone in &self.phones {
+            if phone.link.is_none() {
+                continue;
+            }
+            for room in &self.rooms {
+                let Some(after) = self.model.current(&phone.user, room.id) else {
+                    continue;
+                };
+                let head = self.cores[room.owner(self.n())]
+                    .owned
+                    .get(room)
+                    .map_or(0, |o| o.head);
+                let own = phone.own.get(&room.id).cloned().unwrap_or_default();
+                let mut got: Vec<u64> = phone
+                    .received
+                    .get(&room.id)
+                    .map(|v| v.iter().map(|&(s, _)| s).filter(|&s| s > after).collect())
+                    .unwrap_or_default();
+                let before = got.len();
+                got.sort_unstable();
+                got.dedup();
+                if got.len() != before {
+                    return Err(self.fail(format!(
+                        "{} received a message of {} twice",
+                        phone.user, room.name
+                    )));
+                }
+                let missing: Vec<u64> = (after + 1..=head)
+                    .filter(|s| !own.contains(s) && got.binary_search(s).is_err())
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(self.fail(format!(
+                        "{} (member of {} after {after}, head {head}) never received {missing:?}",
+                        phone.user, room.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Connects every phone, settles, checks completeness; then drains and checks that
+    /// every phone got everything before its GOAWAY.
+    fn finish(&mut self) -> Result<(), Violation> {
+        // Everyone connected and welcomed (a connection the relay ended meanwhile, e.g. a
+        // handshake that ran out of time, is replaced), with nothing left in flight.
+        for _ in 0..10 {
+            let mut all_open = true;
+            for p in 0..self.phones.len() {
+                if self.phones[p].link.as_ref().is_some_and(|l| l.ended) {
+                    self.cut(p)?;
+                }
+                if self.phones[p].link.is_none() {
+                    self.connect(p)?;
+                    all_open = false;
+                }
+            }
+            self.quiesce()?;
+            if all_open
+                && self
+                    .phones
+                    .iter()
+                    .all(|p| p.link.as_ref().is_some_and(|l| l.welcomed && !l.ended))
+            {
+                break;
+            }
+        }
+        self.check_complete()?;
+        let heads: HashMap<u64, u64> = self
+            .rooms
+            .iter()
+            .map(|r| {
+                let head = self.cores[r.owner(self.n())]
+                    .owned
+                    .get(r)
+                    .map_or(0, |o| o.head);
+                (r.id, head)
+            })
+            .collect();
+        for phone in &mut self.phones {
+            phone.goaways.clear();
+        }
+        for core in 0..self.n() {
+            self.cores[core].handle(self.now, vec![CoreMsg::Drain]);
+            self.service(core)?;
+        }
+        self.quiesce()?;
+        for phone in &self.phones {
+            let Some(cursors) = phone.goaways.last() else {
+                return Err(self.fail(format!("{} got no GOAWAY from the drain", phone.user)));
+            };
+            for room in &self.rooms {
+                if self.model.current(&phone.user, room.id).is_none() {
+                    continue;
+                }
+                let cursor = cursors.get(&room.id).copied().unwrap_or(0);
+                let own = phone.own.get(&room.id);
+                let missed =
+                    (cursor + 1..=heads[&room.id]).any(|s| own.is_none_or(|o| !o.contains(&s)));
+                if missed {
+                    return Err(self.fail(format!(
+                        "{} got its GOAWAY at {cursor} of {}, before the head {}",
+                        phone.user, room.name, heads[&room.id]
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn shape_of(seed: u64) -> Shape {
+    let mut rng = SplitMix64::new(seed ^ 0x5eed);
+    Shape {
+        cores: 1 + (rng.next_u64() % 8) as usize,
+        phones: 3 + (rng.next_u64() % 8) as usize,
+        rooms: 1 + (rng.next_u64() % 4) as usize,
+        steps: 500 + (rng.next_u64() % 2_500) as usize,
+    }
+}
+
+/// Runs one seed to its end.
+fn run_seed(seed: u64) -> Result<(), Violation> {
+    let shape = shape_of(seed);
+    let mut sim = Sim::new(seed, shape, |_| {});
+    for _ in 0..shape.steps {
+        sim.step()?;
+    }
+    sim.finish()
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn seeded_simulations_keep_the_delivery_contract() {
+    let seeds: Vec<u64> = match env_u64("PABAL_SIM_SEED") {
+        Some(seed) => vec![seed],
+        None => {
+            let from = env_u64("PABAL_SIM_FROM").unwrap_or(1);
+            let count = env_u64("PABAL_SIM_SEEDS").unwrap_or(300);
+            (from..from + count).collect()
+        }
+    };
+    for seed in seeds {
+        if let Err(Violation(what)) = run_seed(seed) {
+            panic!(
+                "simulation seed {seed} ({:?}) failed; replay with PABAL_SIM_SEED={seed}\n{what}",
+                shape_of(seed)
+            );
+        }
+    }
+}
+
+#[test]
+fn the_same_seed_replays_the_same_run() {
+    let run = |seed| {
+        let shape = shape_of(seed);
+        let mut sim = Sim::new(seed, shape, |_| {});
+        for _ in 0..shape.steps {
+            sim.step().unwrap();
+        }
+        let received: Vec<(Text, usize)> = sim
+            .phones
+            .iter()
+            .map(|p| (p.user.clone(), p.received.values().map(Vec::len).sum()))
+            .collect();
+        (received, sim.trace.iter().cloned().collect::<Vec<_>>())
+    };
+    assert_eq!(run(7), run(7));
+}
+
+#[test]
+fn the_simulator_finds_a_resume_that_reads_past_the_join_point() {
+    // Fault injection: with the owner's join-point clamp switched off (the code before the
+    // outside review's fix), some seed must break the contract, and say so.
+    super::owner::SKIP_JOIN_CLAMP.with(|skip| skip.set(true));
+    let found = (1..=2_000).find_map(|seed| run_seed(seed).err().map(|v| (seed, v.0)));
+    super::owner::SKIP_JOIN_CLAMP.with(|skip| skip.set(false));
+    let (seed, what) = found.expect("no seed found the leak");
+    eprintln!("PABAL_SIM_SEED={seed} finds it: {what}");
+    assert!(what.contains("outside its membership"), "{what}");
+}
