@@ -30,12 +30,17 @@ use crate::io::probe::{self, BackendOptions, ResolvedKind};
 use crate::io::{Backend, Wakeup};
 use crate::mesh::{CoreMsg, Mesh};
 use crate::stats::{CoreStats, StatsSnapshot};
+use crate::transport::{Layers, ListenerKind, TransportShared};
 
 /// A running relay: what every thread outside the workers (main, signals, the control
 /// API, the watchdog) may use. Shared behind an `Arc`; [`RelayHandle`] owns the threads.
 #[derive(Debug)]
 pub struct Relay {
     addr: SocketAddr,
+    /// Where the WebSocket listener is bound, if it runs.
+    ws_addr: Option<SocketAddr>,
+    /// TLS and WebSocket, shared by the workers (certificate swapped on reload).
+    transport: Arc<TransportShared>,
     control_addr: parking_lot::Mutex<Option<SocketAddr>>,
     backend: ResolvedKind,
     mesh: Mesh,
@@ -142,7 +147,35 @@ impl RelayHandle {
                 .join()
                 .map_err(|_| anyhow!("the io_uring probe panicked"))
         })??;
+        // TLS and WebSocket (transport/): a bad certificate fails here, before binding.
+        let transport = Arc::new(TransportShared::new(&config).context("[tls]")?);
         let (addr, listeners) = bind_listeners(config.listen, workers)?;
+        let (ws_addr, mut ws_listeners) = match config.websocket.listen_addr()? {
+            Some(ws) => {
+                let (bound, listeners) = bind_listeners(ws, workers)?;
+                (Some(bound), listeners.into_iter().map(Some).collect())
+            }
+            None => (None, Vec::new()),
+        };
+        let tls_on = transport.tls.is_some();
+        let mut layered = vec![(
+            addr,
+            if tls_on {
+                ListenerKind::Tls
+            } else {
+                ListenerKind::Plain
+            },
+        )];
+        if let Some(ws) = ws_addr {
+            layered.push((
+                ws,
+                if tls_on {
+                    ListenerKind::Wss
+                } else {
+                    ListenerKind::Ws
+                },
+            ));
+        }
         let epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_millis() as u64);
@@ -185,6 +218,9 @@ impl RelayHandle {
                 stats: core_stats,
                 shared: shared.clone(),
                 pin: core_ids.get(id % core_ids.len().max(1)).copied(),
+                ws_listener: ws_listeners.get_mut(id).and_then(Option::take),
+                transport: transport.clone(),
+                layered: layered.clone(),
             };
             let ready = ready_tx.clone();
             let exited = exited_tx.clone();
@@ -234,8 +270,13 @@ impl RelayHandle {
             max_connections = config.limits.max_connections,
             "relay listening"
         );
+        if let Some(ws) = ws_addr {
+            tracing::info!(%ws, tls = tls_on, "WebSocket listening");
+        }
         let relay = Arc::new(Relay {
             addr,
+            ws_addr,
+            transport,
             control_addr: parking_lot::Mutex::new(None),
             backend,
             mesh,
@@ -341,12 +382,19 @@ impl Relay {
         fixed!(auth.mode, "auth.mode");
         fixed!(control.listen, "control.listen");
         fixed!(connection.max_frame_len, "connection.max_frame_len");
+        fixed!(websocket.listen, "websocket.listen");
+        if new.tls.enabled() != old.tls.enabled() {
+            report.needs_restart.push("tls");
+            new.tls = old.tls.clone();
+        }
         let verifier = match &new.auth.jwt {
             Some(jwt) => Some(Arc::new(
                 crate::auth::Verifier::from_config(jwt).context("cannot load token keys")?,
             )),
             None => None,
         };
+        // A new certificate (same paths, renewed files) applies to handshakes from now on.
+        self.transport.reload(&new).context("[tls]")?;
         *self.shared.verifier.write() = verifier;
         let new = Arc::new(new);
         *self.config.lock() = new.clone();
@@ -400,6 +448,16 @@ impl Relay {
     /// The address clients connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the WebSocket listener is bound, if it runs.
+    pub fn websocket_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr
+    }
+
+    /// Whether `listen` (and the WebSocket listener) speak TLS.
+    pub fn tls(&self) -> bool {
+        self.transport.tls.is_some()
     }
 
     /// The backend the workers run.
@@ -497,6 +555,11 @@ struct Worker {
     stats: Arc<CoreStats>,
     shared: Arc<Shared>,
     pin: Option<core_affinity::CoreId>,
+    /// This worker's socket on the WebSocket address (`SO_REUSEPORT`), if it runs.
+    ws_listener: Option<TcpListener>,
+    transport: Arc<TransportShared>,
+    /// Bound addresses and what they speak.
+    layered: Vec<(SocketAddr, ListenerKind)>,
 }
 
 impl Worker {
@@ -525,6 +588,12 @@ impl Worker {
         backend
             .add_listener(self.listener)
             .context("cannot accept on the listener")?;
+        if let Some(ws) = self.ws_listener {
+            backend
+                .add_listener(ws)
+                .context("cannot accept on the WebSocket listener")?;
+        }
+        let mut layers = Layers::new(self.transport, self.layered);
         let stats = self.stats.clone();
         let mut core = Core::new(
             self.id,
@@ -535,15 +604,20 @@ impl Worker {
             self.stats,
             self.shared,
         );
-        run_loop(&mut *backend, &mut core, &self.inbox, &stats)
+        run_loop(&mut *backend, &mut core, &mut layers, &self.inbox, &stats)
     }
 }
 
 /// The event loop: drain messages, run timers, flush (one send per connection, one batch
 /// per peer worker), then wait in the backend (one `io_uring_enter` or `epoll_wait`).
+///
+/// TLS and WebSocket hook in here, and only here: the backend's events reach the core
+/// through [`Layers::sink`], the core's flush reaches the backend through
+/// [`Layers::transport`], and [`Layers::flush`] sends what the layers produced.
 fn run_loop(
     backend: &mut dyn Backend,
     core: &mut Core,
+    layers: &mut Layers,
     inbox: &Receiver<Vec<CoreMsg>>,
     stats: &CoreStats,
 ) -> anyhow::Result<()> {
@@ -560,16 +634,19 @@ fn run_loop(
             core.handle(batch);
         }
         core.run_timers();
-        core.flush(backend);
+        core.flush(&mut layers.transport(backend));
+        layers.flush(backend);
         if core.finished() {
             return Ok(());
         }
-        let timeout = if inbox.is_empty() {
+        let timeout = if inbox.is_empty() && !layers.has_work() {
             core.next_timeout()
         } else {
             Some(Duration::ZERO)
         };
-        backend.poll(timeout, core).context("backend poll failed")?;
+        backend
+            .poll(timeout, &mut layers.sink(core))
+            .context("backend poll failed")?;
         let accept = backend.accept_stats();
         stats
             .accept_failures
