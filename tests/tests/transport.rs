@@ -315,7 +315,7 @@ per_backend! {
         let relay = tls_relay(backend, &pki, |c| c.websocket.listen = "127.0.0.1:0".into());
         let ws_addr = relay.handle().websocket_addr().unwrap();
         let tls = pki.client();
-        let mut tcp = TcpStream::connect(ws_addr).unwrap();
+        let tcp = TcpStream::connect(ws_addr).unwrap();
         tcp.set_read_timeout(Some(WAIT)).unwrap();
         let conn = rustls::ClientConnection::new(tls.config.clone(), tls.server_name.clone()).unwrap();
         let mut stream = rustls::StreamOwned::new(conn, tcp);
