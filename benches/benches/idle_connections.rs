@@ -11,22 +11,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::Duration;
-
 use pabal_relay::io::BackendKind;
 use pabal_relay::runtime::RelayHandle;
-
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
 
 /// The child: open `n` phones, each in a 1:1 room with its neighbour and in one shared
 /// channel, print "ready", and hold them until stdin closes.
@@ -44,27 +30,13 @@ fn phones(addr: std::net::SocketAddr, n: usize) {
 fn measure(backend: BackendKind, n: usize) {
     let config = common::relay_config(backend);
     let relay = RelayHandle::start(config).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    let before = rss_kib();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--phones", &n.to_string(), &relay.local_addr().to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
-    std::thread::sleep(Duration::from_millis(500));
-    let after = rss_kib();
-    assert_eq!(relay.stats().connections, n as u64);
-    drop(child.stdin.take());
-    child.wait().unwrap();
+    let grown = common::rss_growth_with_phones(&relay, n, &[]);
     println!(
         "{:<9} {:>7} connections: relay RSS +{} KiB = {:.0} bytes per connection",
         relay.backend(),
         n,
-        after - before,
-        (after - before) as f64 * 1024.0 / n as f64
+        grown,
+        grown as f64 * 1024.0 / n as f64
     );
     relay.stop().unwrap();
 }

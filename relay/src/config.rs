@@ -75,6 +75,90 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// TLS on `listen` and on the WebSocket listener (see [`crate::transport::tls`]).
+    pub tls: TlsConfig,
+    /// The WebSocket listener for browsers (see [`crate::transport::ws`]).
+    pub websocket: WebSocketConfig,
+}
+
+/// `[tls]`: set `cert_file` and `key_file` to turn TLS on for `listen` and for the WebSocket
+/// listener (wss); leave both unset to keep them plain (a TLS-terminating proxy in front).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain, leaf first. Re-read on SIGHUP. Default: none.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1). Re-read on SIGHUP.
+    /// Default: none.
+    pub key_file: Option<std::path::PathBuf>,
+    /// Bytes of TLS 1.3 early data (0-RTT) accepted on a resumed connection; it may carry
+    /// only the HELLO. 0 turns 0-RTT off. Default 16384.
+    pub max_early_data: u32,
+    /// Resumption tickets sent after each full handshake. Default 2.
+    pub tickets_per_handshake: usize,
+    /// Sessions remembered for resumption, shared by all workers; each ticket resumes once
+    /// (single use: the anti-replay rule 0-RTT relies on). Default 65536.
+    pub session_cache: usize,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_file: None,
+            key_file: None,
+            max_early_data: 16 * 1024,
+            tickets_per_handshake: 2,
+            session_cache: 65_536,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether TLS is on.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some() || self.key_file.is_some()
+    }
+}
+
+/// `[websocket]`: RFC 6455 for browsers; each binary message carries pabal frames.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Where browsers connect (`ws://`, or `wss://` with `[tls]`); empty string disables
+    /// it. Default: disabled.
+    pub listen: String,
+    /// Origins allowed to open a connection (`https://app.example`); `"*"` allows any. A
+    /// request without an `Origin` header (not a browser) is always allowed: the HELLO's
+    /// token is the credential. Default: none (browsers are refused until listed).
+    pub allowed_origins: Vec<String>,
+    /// Largest upgrade request (request line and headers), bytes. Default 8192.
+    pub max_handshake_bytes: usize,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            listen: String::new(),
+            allowed_origins: Vec::new(),
+            max_handshake_bytes: 8192,
+        }
+    }
+}
+
+impl WebSocketConfig {
+    /// The parsed listen address, or `None` when disabled.
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen
+            .parse()
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid {
+                field: "websocket.listen",
+                why: format!("`{}`: {e}", self.listen),
+            })
+    }
 }
 
 /// `[auth]`
@@ -499,6 +583,8 @@ impl Default for Config {
             control: ControlConfig::default(),
             limits: LimitsConfig::default(),
             log: LogConfig::default(),
+            tls: TlsConfig::default(),
+            websocket: WebSocketConfig::default(),
         }
     }
 }
@@ -722,6 +808,7 @@ impl Config {
             }
         }
         self.control.validate(self.listen)?;
+        self.validate_transport()?;
         let l = &self.limits;
         if l.max_connections == 0 || l.max_connections_per_user == 0 || l.max_rooms_per_user == 0 {
             return Err(invalid("limits", "connection and room limits must be > 0"));
@@ -780,6 +867,80 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+
+    /// `[tls]` and `[websocket]`: both files or neither, and they must load (a missing,
+    /// unreadable, malformed, expired or mismatched certificate fails here, at start, on
+    /// reload and in `--check-config`, naming the field).
+    fn validate_transport(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, why: String| ConfigError::Invalid { field, why };
+        let t = &self.tls;
+        match (&t.cert_file, &t.key_file) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls.key_file",
+                    "required with tls.cert_file".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls.cert_file",
+                    "required with tls.key_file".into(),
+                ));
+            }
+            (Some(cert), Some(key)) => {
+                crate::transport::tls::load_certified_key(cert, key, std::time::SystemTime::now())
+                    .map_err(|e| invalid(e.field(), e.to_string()))?;
+            }
+            (None, None) => {}
+        }
+        if t.tickets_per_handshake > 16 {
+            return Err(invalid("tls.tickets_per_handshake", "at most 16".into()));
+        }
+        if t.session_cache == 0 && t.max_early_data > 0 {
+            return Err(invalid(
+                "tls.session_cache",
+                "0-RTT (tls.max_early_data > 0) needs a session cache > 0".into(),
+            ));
+        }
+        if let Some(ws) = self.websocket.listen_addr()? {
+            if ws == self.listen && ws.port() != 0 {
+                return Err(invalid(
+                    "websocket.listen",
+                    "must differ from `listen`".into(),
+                ));
+            }
+            if self.auth.mode == AuthMode::None
+                && !ws.ip().is_loopback()
+                && !self.auth.allow_none_on_public
+            {
+                return Err(invalid(
+                    "auth.mode",
+                    format!(
+                        "\"none\" is refused on websocket.listen {ws} (not loopback) unless \
+                         auth.allow_none_on_public = true"
+                    ),
+                ));
+            }
+        }
+        let w = &self.websocket;
+        if !(256..=65_536).contains(&w.max_handshake_bytes) {
+            return Err(invalid(
+                "websocket.max_handshake_bytes",
+                "must be 256 ..= 65536".into(),
+            ));
+        }
+        if let Some(bad) = w
+            .allowed_origins
+            .iter()
+            .find(|o| o.as_str() != "*" && !(o.starts_with("http://") || o.starts_with("https://")))
+        {
+            return Err(invalid(
+                "websocket.allowed_origins",
+                format!("`{bad}`: an origin is \"*\" or scheme://host[:port]"),
+            ));
+        }
         Ok(())
     }
 }

@@ -4,6 +4,7 @@
 //! - [`runtime`] starts one worker per core, each with its own I/O backend ([`io`]) and its
 //!   own [`core::Core`] state machine, connected by message passing ([`mesh`]).
 //! - [`core`] is sans-IO: routing, sequencing, history, resume, backpressure, heartbeats.
+//! - [`transport`] layers TLS and WebSocket between a backend and the core, per listener.
 //! - [`config`] is the TOML configuration with documented defaults; [`auth`] checks tokens.
 //!
 //! See ARCHITECTURE.md at the repository root for the threads and the path of one message.
@@ -24,4 +25,5 @@ pub mod reload;
 pub mod rng;
 pub mod runtime;
 pub mod stats;
+pub mod transport;
 pub mod watchdog;

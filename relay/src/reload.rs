@@ -69,6 +69,13 @@ pub const FIELDS: &[(&str, Reload)] = &[
         Reload::Live("log filter (the binary; RUST_LOG overrides it)"),
     ),
     ("log.format", Reload::Restart),
+    // Turning TLS on or off is refused live by `Relay::reload` itself (a restart).
+    ("tls", Reload::Live("TLS (new handshakes)")),
+    ("websocket.listen", Reload::Restart),
+    (
+        "websocket",
+        Reload::Live("WebSocket layer (new handshakes)"),
+    ),
 ];
 
 /// How `path` reloads: the most specific entry of [`FIELDS`] covering it, `None` if none.

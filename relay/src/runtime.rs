@@ -30,6 +30,7 @@ use crate::io::probe::{self, BackendOptions, ResolvedKind};
 use crate::io::{Backend, CloseReason, EventSink, Token, Wakeup};
 use crate::mesh::{CoreMsg, Mesh};
 use crate::stats::{CoreStats, StatsSnapshot};
+use crate::transport::{Layers, ListenerKind, TransportShared};
 
 /// A running relay: what every thread outside the workers (main, signals, the control
 /// API, the watchdog) may use. Shared behind an `Arc`; [`RelayHandle`] owns the threads.
@@ -37,6 +38,10 @@ use crate::stats::{CoreStats, StatsSnapshot};
 pub struct Relay {
     addr: SocketAddr,
     control: parking_lot::Mutex<Option<crate::control::ControlPlane>>,
+    /// Where the WebSocket listener is bound, if it runs.
+    ws_addr: Option<SocketAddr>,
+    /// TLS and WebSocket, shared by the workers (certificate swapped on reload).
+    transport: Arc<TransportShared>,
     backend: ResolvedKind,
     mesh: Mesh,
     exited: Receiver<usize>,
@@ -168,7 +173,35 @@ impl RelayHandle {
                 .join()
                 .map_err(|_| anyhow!("the io_uring probe panicked"))
         })??;
+        // TLS and WebSocket (transport/): a bad certificate fails here, before binding.
+        let transport = Arc::new(TransportShared::new(&config).context("[tls]")?);
         let (addr, listeners) = bind_listeners(config.listen, workers)?;
+        let (ws_addr, mut ws_listeners) = match config.websocket.listen_addr()? {
+            Some(ws) => {
+                let (bound, listeners) = bind_listeners(ws, workers)?;
+                (Some(bound), listeners.into_iter().map(Some).collect())
+            }
+            None => (None, Vec::new()),
+        };
+        let tls_on = transport.tls.is_some();
+        let mut layered = vec![(
+            addr,
+            if tls_on {
+                ListenerKind::Tls
+            } else {
+                ListenerKind::Plain
+            },
+        )];
+        if let Some(ws) = ws_addr {
+            layered.push((
+                ws,
+                if tls_on {
+                    ListenerKind::Wss
+                } else {
+                    ListenerKind::Ws
+                },
+            ));
+        }
         let epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_millis() as u64);
@@ -213,6 +246,9 @@ impl RelayHandle {
                 shared: shared.clone(),
                 pin: core_ids.get(id % core_ids.len().max(1)).copied(),
                 stall: stalls[id].clone(),
+                ws_listener: ws_listeners.get_mut(id).and_then(Option::take),
+                transport: transport.clone(),
+                layered: layered.clone(),
             };
             let ready = ready_tx.clone();
             let exited = exited_tx.clone();
@@ -262,9 +298,14 @@ impl RelayHandle {
             max_connections = config.limits.max_connections,
             "relay listening"
         );
+        if let Some(ws) = ws_addr {
+            tracing::info!(%ws, tls = tls_on, "WebSocket listening");
+        }
         let relay = Arc::new(Relay {
             addr,
             control: parking_lot::Mutex::new(None),
+            ws_addr,
+            transport,
             backend,
             mesh,
             exited: exited_rx,
@@ -367,7 +408,15 @@ impl Relay {
                 plan.needs_restart.join(", ")
             );
         }
-        let new = plan.effective;
+        let mut new = plan.effective;
+        let mut live = plan.live;
+        let mut needs_restart = plan.needs_restart;
+        if new.tls.enabled() != old.tls.enabled() {
+            // Turning TLS on or off changes what the listeners speak: a restart.
+            live.retain(|f| !f.starts_with("tls"));
+            needs_restart.push("tls (turning it on or off)".into());
+            new.tls = old.tls.clone();
+        }
         let verifier = match &new.auth.jwt {
             Some(jwt) => Some(Arc::new(
                 crate::auth::Verifier::from_config(jwt).context("cannot load token keys")?,
@@ -375,10 +424,11 @@ impl Relay {
             None => None,
         };
         let control = crate::control::Settings::load(&new.control)?;
+        // A new certificate (same paths, renewed files) applies to handshakes from now on.
+        self.transport.reload(&new).context("[tls]")?;
         *self.shared.verifier.write() = verifier;
         self.directory
             .set_max_rooms_per_user(new.limits.max_rooms_per_user);
-        let mut live = plan.live;
         if let Some(plane) = self.control_plane() {
             let rotated = !plane.settings().same_key(&control);
             if rotated && !live.iter().any(|f| f.starts_with("control.api_key")) {
@@ -392,7 +442,7 @@ impl Relay {
         self.mesh.broadcast(|| CoreMsg::Reload(new.clone()));
         Ok(ReloadReport {
             live,
-            needs_restart: plan.needs_restart,
+            needs_restart,
         })
     }
 
@@ -450,6 +500,16 @@ impl Relay {
     /// The address clients connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the WebSocket listener is bound, if it runs.
+    pub fn websocket_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr
+    }
+
+    /// Whether `listen` (and the WebSocket listener) speak TLS.
+    pub fn tls(&self) -> bool {
+        self.transport.tls.is_some()
     }
 
     /// The backend the workers run.
@@ -553,6 +613,11 @@ struct Worker {
     shared: Arc<Shared>,
     pin: Option<core_affinity::CoreId>,
     stall: Arc<StallHook>,
+    /// This worker's socket on the WebSocket address (`SO_REUSEPORT`), if it runs.
+    ws_listener: Option<TcpListener>,
+    transport: Arc<TransportShared>,
+    /// Bound addresses and what they speak.
+    layered: Vec<(SocketAddr, ListenerKind)>,
 }
 
 impl Worker {
@@ -581,6 +646,12 @@ impl Worker {
         backend
             .add_listener(self.listener)
             .context("cannot accept on the listener")?;
+        if let Some(ws) = self.ws_listener {
+            backend
+                .add_listener(ws)
+                .context("cannot accept on the WebSocket listener")?;
+        }
+        let mut layers = Layers::new(self.transport, self.layered);
         let stats = self.stats.clone();
         let now = Instant::now();
         let unix_ms = SystemTime::now()
@@ -600,6 +671,7 @@ impl Worker {
         run_loop(
             &mut *backend,
             &mut core,
+            &mut layers,
             &self.inbox,
             &mesh,
             &stats,
@@ -657,9 +729,14 @@ fn configure_socket(stream: &std::net::TcpStream, hb: &crate::config::HeartbeatC
 
 /// The event loop: drain messages, run timers, flush (one send per connection, one batch
 /// per peer worker), then wait in the backend (one `io_uring_enter` or `epoll_wait`).
+///
+/// TLS and WebSocket hook in here, and only here: the backend's events reach the core
+/// through [`Layers::sink`], the core's flush reaches the backend through
+/// [`Layers::transport`], and [`Layers::flush`] sends what the layers produced.
 fn run_loop(
     backend: &mut dyn Backend,
     core: &mut Core,
+    layers: &mut Layers,
     inbox: &Receiver<Vec<CoreMsg>>,
     mesh: &Mesh,
     stats: &CoreStats,
@@ -678,7 +755,8 @@ fn run_loop(
             core.handle(now, batch);
         }
         core.run_timers(now);
-        core.flush(backend);
+        core.flush(&mut layers.transport(backend));
+        layers.flush(backend);
         core.drain_mesh(|to, batch| mesh.send(to, batch));
         core.drain_replies(|to, answer| {
             // The control plane may have given up waiting; nothing to do then.
@@ -687,13 +765,13 @@ fn run_loop(
         if core.finished() {
             return Ok(());
         }
-        let timeout = if inbox.is_empty() {
+        let timeout = if inbox.is_empty() && !layers.has_work() {
             core.next_timeout()
         } else {
             Some(Duration::ZERO)
         };
         backend
-            .poll(timeout, &mut Driver { core })
+            .poll(timeout, &mut layers.sink(&mut Driver { core }))
             .context("backend poll failed")?;
         let accept = backend.accept_stats();
         stats

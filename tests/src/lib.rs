@@ -21,6 +21,9 @@ use pabal_relay::io::BackendKind;
 use pabal_relay::io::probe::{self, BackendOptions};
 use pabal_relay::runtime::RelayHandle;
 
+pub mod pki;
+pub mod ws;
+
 /// How long any single wait in a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(20);
 

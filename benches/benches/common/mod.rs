@@ -94,3 +94,43 @@ pub fn pabal_client(addr: SocketAddr, user: &str, rooms: &[(bool, String)]) -> T
     stream.set_read_timeout(None).unwrap();
     stream
 }
+
+/// This process's resident set, KiB.
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// The relay's RSS growth (KiB) while a child process (this executable with
+/// `--phones N ADDR EXTRA...`) holds `n` connections to it; the child prints "ready" once
+/// they are up and exits when its stdin closes.
+pub fn rss_growth_with_phones(
+    relay: &pabal_relay::runtime::RelayHandle,
+    n: usize,
+    extra: &[String],
+) -> u64 {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    std::thread::sleep(Duration::from_millis(200));
+    let before = rss_kib();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--phones", &n.to_string(), &relay.local_addr().to_string()])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss_kib();
+    assert_eq!(relay.stats().connections, n as u64);
+    drop(child.stdin.take());
+    child.wait().unwrap();
+    after.saturating_sub(before)
+}

@@ -1,0 +1,244 @@
+//! TLS against plain TCP, in one run, on a one-worker relay in this process:
+//! - memory per idle connection (relay RSS growth; the phones live in a child process,
+//!   this executable with `--phones`), plain vs TLS;
+//! - full TLS handshakes (plus HELLO/WELCOME) per second on one worker, and resumed ones;
+//! - deliveries per second to subscribers of one room, plain vs TLS.
+//!
+//! `cargo bench -p pabal-benches --bench tls` (`PABAL_IDLE_CONNS`, default 2000;
+//! `PABAL_BENCH_SECS`, default 3). Test certificates are made at run time with rcgen.
+
+#![allow(clippy::unwrap_used)] // reason: a benchmark driver fails loudly
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pabal_client::{Client, ClientConfig, ClientEvent, TlsOptions};
+use pabal_relay::config::Config;
+use pabal_relay::io::BackendKind;
+use pabal_relay::runtime::RelayHandle;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+/// Writes a self-signed `localhost` certificate and key into `dir`; returns their paths.
+fn make_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, cert.cert.pem()).unwrap();
+    std::fs::write(&k, cert.signing_key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+fn tls_options(cert: &Path, resume: bool) -> TlsOptions {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(cert).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut tls = TlsOptions::new(roots, "localhost").unwrap();
+    if !resume {
+        let mut config = (*tls.config).clone();
+        config.resumption = rustls::client::Resumption::disabled();
+        tls.config = Arc::new(config);
+    }
+    tls
+}
+
+fn client(addr: SocketAddr, user: &str, tls: Option<&TlsOptions>) -> Client {
+    let mut config = ClientConfig::new(addr, user.to_string());
+    config.tls = tls.cloned();
+    let mut c = Client::new(config);
+    c.connect().unwrap();
+    c
+}
+
+fn wait_bound(c: &mut Client) {
+    loop {
+        if let Some(ClientEvent::Bound { .. }) = c.next_event(Duration::from_secs(10)).unwrap() {
+            return;
+        }
+    }
+}
+
+/// The child: `n` phones, each bound to one room, held until stdin closes.
+fn phones(addr: SocketAddr, n: usize, cert: Option<&str>) {
+    let tls = cert.map(|c| tls_options(Path::new(c), true));
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut c = client(addr, &format!("u{i}"), tls.as_ref());
+        c.join(&format!("dm:{}", i / 2)).unwrap();
+        wait_bound(&mut c);
+        held.push(c);
+    }
+    println!("ready");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+}
+
+fn relay(backend: BackendKind, cert: Option<&(PathBuf, PathBuf)>) -> RelayHandle {
+    let mut config: Config = common::relay_config(backend);
+    if let Some((c, k)) = cert {
+        config.tls.cert_file = Some(c.clone());
+        config.tls.key_file = Some(k.clone());
+    }
+    RelayHandle::start(config).unwrap()
+}
+
+fn idle_memory(backend: BackendKind, n: usize, cert: Option<&(PathBuf, PathBuf)>) -> f64 {
+    let relay = relay(backend, cert);
+    let extra: Vec<String> = cert.iter().map(|(c, _)| c.display().to_string()).collect();
+    let grown = common::rss_growth_with_phones(&relay, n, &extra);
+    relay.stop().unwrap();
+    grown as f64 * 1024.0 / n as f64
+}
+
+fn handshakes(backend: BackendKind, cert: &(PathBuf, PathBuf), resume: bool, secs: u64) -> f64 {
+    let relay = relay(backend, Some(cert));
+    let tls = tls_options(&cert.0, resume);
+    let addr = relay.local_addr();
+    if resume {
+        // One full handshake to get the tickets.
+        drop(client(addr, "warm", Some(&tls)));
+    }
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(secs) {
+        // connect() returns after WELCOME: a full TLS handshake plus HELLO/WELCOME.
+        let mut c = client(addr, "hs", Some(&tls));
+        c.close();
+        n += 1;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    relay.stop().unwrap();
+    rate
+}
+
+fn deliveries(
+    backend: BackendKind,
+    cert: Option<&(PathBuf, PathBuf)>,
+    subs: usize,
+    msgs: usize,
+) -> f64 {
+    let relay = relay(backend, cert);
+    let tls = cert.map(|c| tls_options(&c.0, true));
+    let addr = relay.local_addr();
+    let mut readers: Vec<Client> = (0..subs)
+        .map(|i| {
+            let mut c = client(addr, &format!("r{i}"), tls.as_ref());
+            c.join("room:bench").unwrap();
+            wait_bound(&mut c);
+            c
+        })
+        .collect();
+    let mut writer = client(addr, "w", tls.as_ref());
+    writer.join("room:bench").unwrap();
+    wait_bound(&mut writer);
+    let payload = bytes::Bytes::from(vec![b'x'; 100]);
+    let start = Instant::now();
+    let reader_threads: Vec<_> = readers
+        .drain(..)
+        .map(|mut r| {
+            std::thread::spawn(move || {
+                let mut got = 0;
+                while got < msgs {
+                    if let Some(ClientEvent::Message { .. }) =
+                        r.next_event(Duration::from_secs(10)).unwrap()
+                    {
+                        got += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    for _ in 0..msgs {
+        writer.publish("room:bench", payload.clone()).unwrap();
+        while let Some(_e) = writer.next_event(Duration::ZERO).unwrap() {}
+    }
+    for t in reader_threads {
+        t.join().unwrap();
+    }
+    let rate = (subs * msgs) as f64 / start.elapsed().as_secs_f64();
+    relay.stop().unwrap();
+    rate
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--phones") {
+        return phones(
+            args[i + 2].parse().unwrap(),
+            args[i + 1].parse().unwrap(),
+            args.get(i + 3).map(String::as_str),
+        );
+    }
+    let n: usize = std::env::var("PABAL_IDLE_CONNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+    let secs: u64 = std::env::var("PABAL_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    if let Some(i) = args.iter().position(|a| a == "--idle") {
+        // One measurement per process: freed memory of an earlier run stays in the RSS.
+        let backend = if args[i + 1] == "epoll" {
+            BackendKind::Epoll
+        } else {
+            BackendKind::IoUring
+        };
+        let cert = args
+            .get(i + 2)
+            .map(|c| (PathBuf::from(c), PathBuf::from(&args[i + 3])));
+        println!("{}", idle_memory(backend, n, cert.as_ref()));
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pabal-tls-bench-{}", std::process::id()));
+    let cert = make_cert(&dir);
+    let idle = |backend: BackendKind, tls: bool| -> f64 {
+        let mut args = vec![
+            "--idle".to_string(),
+            if backend == BackendKind::Epoll {
+                "epoll"
+            } else {
+                "io_uring"
+            }
+            .to_string(),
+        ];
+        if tls {
+            args.push(cert.0.display().to_string());
+            args.push(cert.1.display().to_string());
+        }
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(&args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    for backend in common::backends() {
+        let plain = idle(backend, false);
+        let tls = idle(backend, true);
+        println!(
+            "{backend:?}: idle memory per connection ({n}): plain {plain:.0} B, TLS {tls:.0} B, \
+             TLS costs {:.0} B more",
+            tls - plain
+        );
+        let full = handshakes(backend, &cert, false, secs);
+        let resumed = handshakes(backend, &cert, true, secs);
+        println!(
+            "{backend:?}: handshakes + HELLO/WELCOME per second, one worker (client in the same \
+             process): full {full:.0}/s, resumed (0-RTT HELLO) {resumed:.0}/s"
+        );
+        let plain = deliveries(backend, None, 20, 20_000);
+        let tls = deliveries(backend, Some(&cert), 20, 20_000);
+        println!(
+            "{backend:?}: deliveries per second, 20 subscribers x 20000 x 100 B: plain {plain:.0}/s, \
+             TLS {tls:.0}/s ({:.0}%)",
+            tls / plain * 100.0
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
