@@ -754,6 +754,10 @@ fn every_config_field_reloads_live_or_says_it_needs_a_restart() {
                 ]
             }
             toml::Value::String(_) => strings.iter().map(|s| toml::Value::from(*s)).collect(),
+            toml::Value::Array(a) if a.is_empty() => {
+                vec![toml::Value::Array(vec!["https://chat.example".into()])]
+            }
+            toml::Value::Array(_) => vec![toml::Value::Array(Vec::new())],
             other => panic!("{dotted}: no way to perturb {other:?}"),
         };
         candidates.retain(|c| *c != original);
