@@ -8,8 +8,16 @@ use bytes::Bytes;
 
 /// A UTF-8 string held as [`Bytes`], so decoding a name or user id copies nothing and a
 /// clone is a reference-count increment. The bytes are validated when the value is built.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Text(Bytes);
+
+/// Hashes as the `str` it holds, so that a map keyed by `Text` can be searched with a `&str`
+/// (`Borrow<str>` requires equal hashes).
+impl std::hash::Hash for Text {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
 
 impl Text {
     /// Wraps bytes that must be UTF-8.
@@ -77,5 +85,17 @@ impl fmt::Display for Text {
 impl std::borrow::Borrow<str> for Text {
     fn borrow(&self) -> &str {
         self.as_str()
+    }
+}
+
+#[cfg(test)]
+mod hash_tests {
+    use super::*;
+
+    #[test]
+    fn a_map_keyed_by_text_is_searched_by_str() {
+        let mut map = std::collections::HashMap::new();
+        map.insert(Text::from("ann"), 1);
+        assert_eq!(map.get("ann"), Some(&1));
     }
 }

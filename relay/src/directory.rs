@@ -164,6 +164,9 @@ impl Membership for Directory {
 #[derive(Debug)]
 pub struct Directory {
     shards: Box<[RwLock<HashMap<Text, UserEntry>>]>,
+    /// Picks a user's shard: keyed (randomly seeded SipHash), so no client can choose user
+    /// ids that all land on one shard's lock.
+    shard_of: std::collections::hash_map::RandomState,
     max_rooms_per_user: AtomicUsize,
     max_blocked_per_user: AtomicUsize,
 }
@@ -175,6 +178,7 @@ impl Directory {
         let shards = shards.clamp(1, 1024).next_power_of_two();
         Directory {
             shards: (0..shards).map(|_| RwLock::new(HashMap::new())).collect(),
+            shard_of: std::collections::hash_map::RandomState::new(),
             max_rooms_per_user: AtomicUsize::new(max_rooms_per_user),
             max_blocked_per_user: AtomicUsize::new(1000),
         }
@@ -192,10 +196,8 @@ impl Directory {
     }
 
     fn shard(&self, user: &Text) -> &RwLock<HashMap<Text, UserEntry>> {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for &b in user.as_bytes().iter() {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        use std::hash::BuildHasher;
+        let h = self.shard_of.hash_one(user.as_bytes());
         &self.shards[(h as usize) & (self.shards.len() - 1)]
     }
 

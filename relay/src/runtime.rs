@@ -692,7 +692,7 @@ impl EventSink for Driver<'_> {
             return None;
         }
         configure_socket(stream, &self.core.config().heartbeat);
-        Some(self.core.admit(Instant::now(), peer))
+        self.core.admit(Instant::now(), peer)
     }
 
     fn received(&mut self, token: Token, data: &[u8]) {

@@ -23,28 +23,20 @@ use crate::stats::{dec, inc};
 
 impl Core {
     /// Admits a connection whose socket is set up: a slot, a token, the handshake deadline,
-    /// and, past the connection cap or the accept rate, a GOAWAY(overload).
-    pub fn admit(&mut self, now: Instant, peer: SocketAddr) -> Token {
+    /// and, past the connection cap or the accept rate, a GOAWAY(overload). `None` only if
+    /// this worker has no slot left (2^32 connections).
+    pub fn admit(&mut self, now: Instant, peer: SocketAddr) -> Option<Token> {
         self.advance_to(now);
         let total = self.shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
         let overloaded =
             total > self.config.limits.max_connections || !self.accept_bucket.take(self.now);
-        let slot = match self.free_slots.pop() {
-            Some(slot) => slot as usize,
-            None => {
-                self.conns.push(None);
-                self.conns.len() - 1
-            }
-        };
-        self.generation = self.generation.wrapping_add(1);
-        let token = (u64::from(self.generation) << 32) | slot as u64;
         self.next_conn_id += 1;
         let conn_id = ((self.id as u64) << 48) | self.next_conn_id;
         let limits = &self.config.limits;
         let publish = TokenBucket::new(limits.publish_rate, limits.publish_burst, self.now);
         let subscribe = TokenBucket::new(limits.subscribe_rate, limits.subscribe_burst, self.now);
         let conn = Conn::new(
-            token,
+            0,
             conn_id,
             peer,
             self.now,
@@ -52,7 +44,14 @@ impl Core {
             publish,
             subscribe,
         );
-        self.conns[slot] = Some(conn);
+        let Ok(key) = self.conns.insert(conn) else {
+            self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        };
+        let token = token_of(key);
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.token = token;
+        }
         inc(&self.stats.connections, 1);
         inc(&self.stats.accepted, 1);
         let deadline = self.now + self.config.auth.handshake_timeout;
@@ -70,7 +69,7 @@ impl Core {
                 Text::from_static("relay busy; retry later"),
             );
         }
-        token
+        Some(token)
     }
 
     /// Begins a graceful close: stop decoding, flush what is queued, half-close, wait
@@ -169,15 +168,9 @@ impl Core {
 
     /// Forgets a connection and everything it subscribed. Returns whether it existed.
     pub(super) fn drop_conn(&mut self, token: Token) -> bool {
-        let slot = slot_of(token);
-        let Some(conn) = self
-            .conns
-            .get_mut(slot)
-            .and_then(|c| c.take_if(|c| c.token == token))
-        else {
+        let Some(conn) = self.conns.remove(key_of(token)) else {
             return false;
         };
-        self.free_slots.push(slot as u32);
         dec(&self.stats.connections, 1);
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
         if conn.lagging {
@@ -255,7 +248,7 @@ impl Core {
         self.shutdown.deadline = Some(self.now + self.config.shutdown.grace);
         self.close_listeners = true;
         // Stop reading: no publish from this worker's clients after this point.
-        for conn in self.conns.iter_mut().flatten() {
+        for conn in self.conns.iter_mut() {
             conn.reading = false;
             Self::mark_dirty(&mut self.dirty, conn);
         }
@@ -281,7 +274,7 @@ impl Core {
         // Every delivery acknowledged anywhere before the drain has reached this worker.
         self.shutdown.goaways_sent = true;
         let spread = self.config.shutdown.reconnect_spread.as_millis() as u64;
-        let tokens: Vec<Token> = self.conns.iter().flatten().map(|c| c.token).collect();
+        let tokens: Vec<Token> = self.conns.iter().map(|c| c.token).collect();
         for token in tokens {
             if self
                 .conn(token)
@@ -404,7 +397,7 @@ impl Core {
                 .set_retention(config.retention_for(room.name.as_str()));
         }
         let limits = &config.limits;
-        for conn in self.conns.iter_mut().flatten() {
+        for conn in self.conns.iter_mut() {
             conn.publish_bucket
                 .reconfigure(limits.publish_rate, limits.publish_burst);
             conn.subscribe_bucket
@@ -419,7 +412,7 @@ impl Core {
 
     /// Sums the bytes queued on every connection into the gauge (once a second).
     pub fn sample_queues(&mut self) {
-        let total: usize = self.conns.iter().flatten().map(Conn::queued).sum();
+        let total: usize = self.conns.iter().map(Conn::queued).sum();
         self.stats
             .queued_bytes
             .store(total as u64, Ordering::Relaxed);

@@ -42,7 +42,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use pabal_codec::{Decoder, ErrorCode, ErrorFrame, LeftReason, Limits, ServerFrame, Text};
 
 use crate::config::Config;
@@ -50,6 +49,8 @@ use crate::conn::{Conn, Phase, TokenBucket};
 use crate::directory::{DirectoryError, Membership};
 use crate::ids::{CoreId, Origin, RoomName};
 use crate::io::Token;
+pub use crate::io::Transport;
+use crate::io::slab::{Key, Slab};
 use crate::mesh::{ControlReply, CoreMsg};
 use crate::stats::{CoreStats, inc};
 
@@ -63,39 +64,6 @@ const EPHEMERAL_BACKLOG: usize = 64;
 /// How long a room without members or subscribers waits before it is checked for eviction
 /// (and rechecked while retention still holds messages of it).
 const IDLE_ROOM_CHECK: Duration = Duration::from_secs(60);
-
-/// What a worker needs from its I/O backend when it flushes. Every [`crate::io::Backend`]
-/// is one; tests use an in-memory one.
-pub trait Transport {
-    /// Hands a batch to the socket (see [`crate::io::Backend::send`]).
-    fn send(&mut self, token: Token, bufs: &mut std::collections::VecDeque<Bytes>);
-    /// Pauses or resumes reading.
-    fn set_reading(&mut self, token: Token, reading: bool);
-    /// Half-closes after the batch in flight.
-    fn shutdown_write(&mut self, token: Token);
-    /// Closes now.
-    fn close(&mut self, token: Token);
-    /// Stops accepting.
-    fn close_listeners(&mut self);
-}
-
-impl<B: crate::io::Backend + ?Sized> Transport for B {
-    fn send(&mut self, token: Token, bufs: &mut std::collections::VecDeque<Bytes>) {
-        crate::io::Backend::send(self, token, bufs)
-    }
-    fn set_reading(&mut self, token: Token, reading: bool) {
-        crate::io::Backend::set_reading(self, token, reading)
-    }
-    fn shutdown_write(&mut self, token: Token) {
-        crate::io::Backend::shutdown_write(self, token)
-    }
-    fn close(&mut self, token: Token) {
-        crate::io::Backend::close(self, token)
-    }
-    fn close_listeners(&mut self) {
-        crate::io::Backend::close_listeners(self)
-    }
-}
 
 /// What all workers share: counted or swapped per connection or per reload, never touched
 /// per message.
@@ -151,9 +119,9 @@ pub struct Core {
     outbox: Vec<Vec<CoreMsg>>,
     /// Server-API answers to hand back.
     replies: Vec<(ReplyTo, ControlReply)>,
-    conns: Vec<Option<Conn>>,
-    free_slots: Vec<u32>,
-    generation: u32,
+    /// This worker's connections; a connection's token is its slab key (generation in the
+    /// high 32 bits, slot in the low), so a stale token never reaches a slot's next occupant.
+    conns: Slab<Conn>,
     next_conn_id: u64,
     dirty: Vec<Token>,
     to_close: Vec<Token>,
@@ -181,17 +149,22 @@ pub struct Core {
     accept_bucket: TokenBucket,
 }
 
-pub(super) fn slot_of(token: Token) -> usize {
-    (token & 0xffff_ffff) as usize
+/// A connection's token for its slab key, and back.
+pub(super) fn token_of(key: Key) -> Token {
+    (u64::from(key.generation) << 32) | u64::from(key.index)
+}
+
+fn key_of(token: Token) -> Key {
+    Key {
+        index: token as u32,
+        generation: (token >> 32) as u32,
+    }
 }
 
 /// The live connection for `token` in a slab (for methods that borrow other fields of the
 /// core at the same time).
-pub(super) fn conn_in(conns: &mut [Option<Conn>], token: Token) -> Option<&mut Conn> {
-    conns
-        .get_mut(slot_of(token))?
-        .as_mut()
-        .filter(|c| c.token == token)
+pub(super) fn conn_in(conns: &mut Slab<Conn>, token: Token) -> Option<&mut Conn> {
+    conns.get_mut(key_of(token))
 }
 
 impl Core {
@@ -224,9 +197,7 @@ impl Core {
             directory,
             outbox: (0..cores).map(|_| Vec::new()).collect(),
             replies: Vec::new(),
-            conns: Vec::new(),
-            free_slots: Vec::new(),
-            generation: 0,
+            conns: Slab::new(32),
             next_conn_id: 0,
             dirty: Vec::new(),
             to_close: Vec::new(),
@@ -282,12 +253,12 @@ impl Core {
 
     /// Connections open on this worker.
     pub fn connection_count(&self) -> usize {
-        self.conns.iter().filter(|c| c.is_some()).count()
+        self.conns.len()
     }
 
     /// The worker has finished its shutdown and its loop should end.
     pub fn finished(&self) -> bool {
-        self.shutdown.stop || (self.shutdown.goaways_sent && self.conns.iter().all(Option::is_none))
+        self.shutdown.stop || (self.shutdown.goaways_sent && self.conns.is_empty())
     }
 
     /// How long the loop may sleep before a timer is due.
@@ -547,7 +518,7 @@ impl Core {
             CoreMsg::Reload(config) => self.reload(config),
             CoreMsg::Stop => {
                 self.shutdown.stop = true;
-                let tokens: Vec<Token> = self.conns.iter().flatten().map(|c| c.token).collect();
+                let tokens: Vec<Token> = self.conns.iter().map(|c| c.token).collect();
                 for token in tokens {
                     self.close_now(token);
                 }

@@ -394,7 +394,9 @@ impl Sim {
 
     fn connect(&mut self, p: usize) -> Result<(), Violation> {
         let core = self.random(self.n());
-        let token = self.cores[core].admit(self.now, PEER.parse::<SocketAddr>().unwrap());
+        let token = self.cores[core]
+            .admit(self.now, PEER.parse::<SocketAddr>().unwrap())
+            .unwrap();
         let user = self.phones[p].user.clone();
         let hello = self.phones[p]
             .session

@@ -144,7 +144,10 @@ impl Harness {
     }
 
     fn connect(&mut self, user: &str, session: ClientSession) -> Token {
-        let token = self.core.admit(self.now, "127.0.0.1:1".parse().unwrap());
+        let token = self
+            .core
+            .admit(self.now, "127.0.0.1:1".parse().unwrap())
+            .unwrap();
         let mut session = session;
         let hello = session.hello(Bytes::copy_from_slice(user.as_bytes()), 0);
         self.phones.insert(
@@ -187,7 +190,10 @@ impl Harness {
     /// A client that writes its own HELLO (any resume entries it likes) and whose frames
     /// are collected raw.
     fn connect_forged(&mut self, user: &str, resume: &[pabal_codec::ResumeEntry]) -> Token {
-        let token = self.core.admit(self.now, "127.0.0.1:1".parse().unwrap());
+        let token = self
+            .core
+            .admit(self.now, "127.0.0.1:1".parse().unwrap())
+            .unwrap();
         self.phones.insert(
             token,
             Phone {
@@ -290,7 +296,7 @@ fn two_phones_chat_through_one_worker() {
 #[test]
 fn anything_before_hello_is_a_fatal_protocol_error() {
     let mut h = Harness::new(|_| {});
-    let token = h.core.admit(h.now, "127.0.0.1:1".parse().unwrap());
+    let token = h.core.admit(h.now, "127.0.0.1:1".parse().unwrap()).unwrap();
     h.phones.insert(
         token,
         Phone {

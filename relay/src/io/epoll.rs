@@ -36,7 +36,7 @@ use socket2::SockRef;
 use super::accept::{AcceptBackoff, AcceptError};
 use super::probe::BackendOptions;
 use super::slab::{Key, Slab, consume};
-use super::{AcceptStats, Backend, CloseReason, EventSink, Token, Wakeup};
+use super::{AcceptStats, Backend, CloseReason, EventSink, Token, Transport, Wakeup};
 
 /// Most buffers handed to one `sendmsg` (the contract asks for vectored writes).
 const MAX_IOVECS: usize = 64;
@@ -468,22 +468,7 @@ fn shutdown_write_now(conn: &Conn) {
     }
 }
 
-impl Backend for EpollBackend {
-    fn name(&self) -> &'static str {
-        "epoll"
-    }
-
-    fn add_listener(&mut self, listener: net::TcpListener) -> io::Result<()> {
-        listener.set_nonblocking(true)?;
-        let mut listener = TcpListener::from_std(listener);
-        let idx = self.listeners.len();
-        self.poll
-            .registry()
-            .register(&mut listener, listener_token(idx), Interest::READABLE)?;
-        self.listeners.push(Some(listener));
-        Ok(())
-    }
-
+impl Transport for EpollBackend {
     fn close_listeners(&mut self) {
         for listener in &mut self.listeners {
             if let Some(mut l) = listener.take() {
@@ -538,6 +523,23 @@ impl Backend for EpollBackend {
         if let Some(&idx) = self.by_token.get(&token) {
             drop(self.release(idx));
         }
+    }
+}
+
+impl Backend for EpollBackend {
+    fn name(&self) -> &'static str {
+        "epoll"
+    }
+
+    fn add_listener(&mut self, listener: net::TcpListener) -> io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        let idx = self.listeners.len();
+        self.poll
+            .registry()
+            .register(&mut listener, listener_token(idx), Interest::READABLE)?;
+        self.listeners.push(Some(listener));
+        Ok(())
     }
 
     fn wakeup(&self) -> Wakeup {

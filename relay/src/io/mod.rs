@@ -90,7 +90,7 @@ pub trait EventSink {
     fn accepted(&mut self, stream: &TcpStream, peer: SocketAddr) -> Option<Token>;
     /// Bytes arrived on a connection. The slice is only valid during the call.
     fn received(&mut self, token: Token, data: &[u8]);
-    /// The whole batch given to [`Backend::send`] for this token has been written.
+    /// The whole batch given to [`Transport::send`] for this token has been written.
     fn sent(&mut self, token: Token, bytes: usize);
     /// The connection is gone (peer EOF or socket error); the backend has released it.
     fn closed(&mut self, token: Token, reason: CloseReason);
@@ -98,15 +98,10 @@ pub trait EventSink {
     fn woken(&mut self);
 }
 
-/// One worker's I/O backend. Created on the worker's own thread and used only there.
-pub trait Backend {
-    /// `"io_uring"` or `"epoll"`, for logs and metrics.
-    fn name(&self) -> &'static str;
-    /// Start accepting on a non-blocking listener (the caller has bound it, with
-    /// `SO_REUSEPORT` where several workers share an address).
-    fn add_listener(&mut self, listener: TcpListener) -> io::Result<()>;
-    /// Stop accepting and close every listener (shutdown). Connections stay open.
-    fn close_listeners(&mut self);
+/// The socket operations a worker's core hands over when it flushes ([`crate::core::Core::flush`]):
+/// what a worker asks of its sockets. Every [`Backend`] is one; the core's tests and the
+/// simulator use in-memory ones, and the TLS/WebSocket layers wrap one.
+pub trait Transport {
     /// Write every buffer in `bufs` (drained; left empty) to the connection, in order.
     /// Precondition: no batch is in flight for `token`.
     fn send(&mut self, token: Token, bufs: &mut VecDeque<Bytes>);
@@ -116,6 +111,18 @@ pub trait Backend {
     fn shutdown_write(&mut self, token: Token);
     /// Close the connection now and forget the token; no event for it is reported after this.
     fn close(&mut self, token: Token);
+    /// Stop accepting and close every listener (shutdown). Connections stay open.
+    fn close_listeners(&mut self);
+}
+
+/// One worker's I/O backend: its sockets ([`Transport`]) plus listening, waiting and
+/// waking. Created on the worker's own thread and used only there.
+pub trait Backend: Transport {
+    /// `"io_uring"` or `"epoll"`, for logs and metrics.
+    fn name(&self) -> &'static str;
+    /// Start accepting on a non-blocking listener (the caller has bound it, with
+    /// `SO_REUSEPORT` where several workers share an address).
+    fn add_listener(&mut self, listener: TcpListener) -> io::Result<()>;
     /// The handle other threads use to interrupt [`Backend::poll`].
     fn wakeup(&self) -> Wakeup;
     /// Submit queued work, wait for events (at most `timeout`; `None` waits indefinitely),

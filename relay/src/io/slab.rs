@@ -35,6 +35,7 @@ pub struct Slab<T> {
     slots: Vec<Slot<T>>,
     free: Vec<u32>,
     generation_mask: u32,
+    len: usize,
 }
 
 impl<T> Slab<T> {
@@ -45,6 +46,7 @@ impl<T> Slab<T> {
             slots: Vec::new(),
             free: Vec::new(),
             generation_mask: u32::MAX >> (32 - generation_bits.clamp(1, 32)),
+            len: 0,
         }
     }
 
@@ -64,6 +66,7 @@ impl<T> Slab<T> {
         };
         let slot = &mut self.slots[index as usize];
         slot.value = Some(value);
+        self.len += 1;
         Ok(Key {
             index,
             generation: slot.generation,
@@ -96,7 +99,34 @@ impl<T> Slab<T> {
         let value = slot.value.take()?;
         slot.generation = slot.generation.wrapping_add(1) & self.generation_mask;
         self.free.push(index);
+        self.len -= 1;
         Some(value)
+    }
+
+    /// Takes out the value `key` names, if it is still there (see [`Self::remove_at`]).
+    pub fn remove(&mut self, key: Key) -> Option<T> {
+        self.get_mut(key)?;
+        self.remove_at(key.index)
+    }
+
+    /// Values held now.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no value is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every value held, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = &T> + '_ {
+        self.slots.iter().filter_map(|slot| slot.value.as_ref())
+    }
+
+    /// Every value held, in slot order, mutably.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> + '_ {
+        self.slots.iter_mut().filter_map(|slot| slot.value.as_mut())
     }
 
     /// Slots ever allocated (occupied or free): every index below it may be passed to
@@ -109,6 +139,7 @@ impl<T> Slab<T> {
     /// Takes every value out (teardown), leaving the slab empty.
     pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
         self.free.clear();
+        self.len = 0;
         self.slots.drain(..).filter_map(|slot| slot.value)
     }
 }

@@ -75,7 +75,7 @@ use super::accept::{AcceptBackoff, AcceptError};
 use super::probe::BackendOptions;
 use super::slab::{Key, Slab, consume};
 use super::wakeup::syscall;
-use super::{AcceptStats, Backend, CloseReason, EventSink, Token, Wakeup};
+use super::{AcceptStats, Backend, CloseReason, EventSink, Token, Transport, Wakeup};
 
 /// The buffer group of our one provided-buffer ring.
 const BGID: u16 = 0;
@@ -1227,25 +1227,7 @@ impl UringBackend {
     }
 }
 
-impl Backend for UringBackend {
-    fn name(&self) -> &'static str {
-        "io_uring"
-    }
-
-    fn add_listener(&mut self, listener: net::TcpListener) -> io::Result<()> {
-        // io_uring polls internally; a blocking listener keeps older kernels from handing
-        // EAGAIN back to us instead of waiting.
-        listener.set_nonblocking(false)?;
-        self.listeners.push(ListenerSlot {
-            listener: Some(listener),
-            armed: false,
-            closing: false,
-            retry: false,
-        });
-        self.arm_accept(self.listeners.len() - 1);
-        Ok(())
-    }
-
+impl Transport for UringBackend {
     fn close_listeners(&mut self) {
         for lidx in 0..self.listeners.len() {
             let slot = &mut self.listeners[lidx];
@@ -1341,6 +1323,26 @@ impl Backend for UringBackend {
         if let Some(idx) = self.by_token.remove(&token) {
             self.begin_close(idx);
         }
+    }
+}
+
+impl Backend for UringBackend {
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+
+    fn add_listener(&mut self, listener: net::TcpListener) -> io::Result<()> {
+        // io_uring polls internally; a blocking listener keeps older kernels from handing
+        // EAGAIN back to us instead of waiting.
+        listener.set_nonblocking(false)?;
+        self.listeners.push(ListenerSlot {
+            listener: Some(listener),
+            armed: false,
+            closing: false,
+            retry: false,
+        });
+        self.arm_accept(self.listeners.len() - 1);
+        Ok(())
     }
 
     fn wakeup(&self) -> Wakeup {
