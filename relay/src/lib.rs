@@ -5,6 +5,8 @@
 //!   own [`core::Core`] state machine, connected by message passing ([`mesh`]).
 //! - [`core`] is sans-IO: routing, sequencing, history, resume, backpressure, heartbeats.
 //! - [`config`] is the TOML configuration with documented defaults; [`auth`] checks tokens.
+//! - [`storage`] is the durable state: one segmented log per worker, group commit per tick,
+//!   checkpointed recovery that truncates only a torn tail and quarantines interior damage.
 //!
 //! See ARCHITECTURE.md at the repository root for the threads and the path of one message.
 
@@ -21,4 +23,5 @@ pub mod mesh;
 pub mod metrics;
 pub mod runtime;
 pub mod stats;
+pub mod storage;
 pub mod watchdog;
