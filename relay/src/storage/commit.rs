@@ -267,3 +267,40 @@ impl Drop for SyncThread {
         }
     }
 }
+
+/// Runs each job on the caller's thread as it is submitted (blocking). For tools, tests and
+/// as a baseline in benchmarks; a worker's event loop uses [`SyncThread`] or the ring.
+#[derive(Debug, Default)]
+pub struct InlineExecutor {
+    done: Vec<Completion>,
+    failed_write: bool,
+}
+
+impl CommitExecutor for InlineExecutor {
+    fn submit(&mut self, job: Job) {
+        let c = match job {
+            Job::Commit(batch) => {
+                let result = run_commit(&batch);
+                self.failed_write = result.is_err();
+                Completion::Commit { batch, result }
+            }
+            Job::Checkpoint(job) => {
+                let result = if self.failed_write {
+                    Err(io::Error::other("an earlier write failed"))
+                } else {
+                    run_checkpoint(&job)
+                };
+                Completion::Checkpoint { job, result }
+            }
+        };
+        self.done.push(c);
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.done);
+    }
+
+    fn wait(&mut self, out: &mut Vec<Completion>, _timeout: Duration) {
+        self.poll(out);
+    }
+}

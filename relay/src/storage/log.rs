@@ -129,6 +129,8 @@ pub struct WorkerLog {
     checkpoint_in_flight: Option<Position>,
     /// The state changed since the last checkpoint was taken (appends, retention).
     pub(super) state_dirty: bool,
+    /// Segments no room needs wait for a checkpoint to be deleted.
+    pub(super) releasable: bool,
     /// Force a sync and a checkpoint as soon as possible (a clean close).
     closing: bool,
     last_checkpoint: Instant,
@@ -242,6 +244,7 @@ impl WorkerLog {
             spare_batches: Vec::new(),
             checkpoint_in_flight: None,
             state_dirty: false,
+            releasable: false,
             closing: false,
             last_checkpoint: now,
             checkpoint_pos: pos,
@@ -612,13 +615,15 @@ impl WorkerLog {
                 return Some(Job::Commit(batch));
             }
         }
-        let checkpoint_due =
-            self.closing || now >= self.last_checkpoint + self.opts.checkpoint_interval;
+        // Over quota, deleting what retention released is the way out: do not wait.
+        let checkpoint_due = self.closing
+            || (self.quota_full && self.releasable)
+            || now >= self.last_checkpoint + self.opts.checkpoint_interval;
         if checkpoint_due
             && self.checkpoint_in_flight.is_none()
             && self.pending.is_empty()
             && self.held.is_none()
-            && (self.state_dirty || !self.to_delete.is_empty())
+            && (self.state_dirty || self.releasable || !self.to_delete.is_empty())
         {
             return Some(Job::Checkpoint(self.checkpoint_job(now)));
         }
@@ -794,12 +799,17 @@ impl WorkerLog {
             .values()
             .flat_map(|r| r.extents.iter().map(|e| e.segment))
             .collect();
-        let deletable: Vec<u64> = self
+        let unreferenced: Vec<u64> = self
             .segments
-            .range(..self.checkpoint_pos.segment)
-            .map(|(&id, _)| id)
-            .filter(|id| !referenced.contains(id))
+            .keys()
+            .copied()
+            .filter(|id| *id != self.active && !referenced.contains(id))
             .collect();
+        let (deletable, later): (Vec<u64>, Vec<u64>) = unreferenced
+            .into_iter()
+            .partition(|&id| id < self.checkpoint_pos.segment);
+        // The rest become deletable with the checkpoint after this one.
+        self.releasable = !later.is_empty();
         for id in deletable {
             if let Some(seg) = self.segments.remove(&id) {
                 self.to_delete.push((id, seg.len));

@@ -5,7 +5,7 @@
 
 /// A histogram with power-of-two buckets: bucket 0 counts zeros, bucket `i` counts values
 /// in `2^(i-1) ..= 2^i - 1`, the last bucket everything larger. Fixed size, no allocation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Log2Histogram {
     /// Counts per bucket.
     pub buckets: [u64; 32],
@@ -15,17 +15,6 @@ pub struct Log2Histogram {
     pub sum: u64,
     /// The largest value recorded.
     pub max: u64,
-}
-
-impl Default for Log2Histogram {
-    fn default() -> Self {
-        Log2Histogram {
-            buckets: [0; 32],
-            count: 0,
-            sum: 0,
-            max: 0,
-        }
-    }
 }
 
 impl Log2Histogram {
@@ -90,8 +79,7 @@ pub struct StorageMetrics {
     pub recovery_ms: u64,
     /// Log bytes the last recovery scanned (gauge).
     pub recovery_bytes: u64,
-    /// Segments quarantined by recovery since the directory was created is not known;
-    /// this counts those of the last recovery (gauge).
+    /// Segments the last recovery quarantined (gauge; the files stay in `quarantine/`).
     pub quarantined_segments: u64,
     /// Torn tails the last recovery truncated (gauge).
     pub torn_tails_truncated: u64,

@@ -53,7 +53,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use commit::{CommitExecutor, Completion, Job, SyncThread};
+pub use commit::{CommitExecutor, Completion, InlineExecutor, Job, SyncThread};
 pub use log::{LogOptions, WorkerLog};
 pub use metrics::{Log2Histogram, StorageMetrics};
 pub use read::StoredMessage;
@@ -192,3 +192,6 @@ pub enum StorageEvent {
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
+
+#[cfg(test)]
+mod tests;

@@ -101,6 +101,9 @@ impl WorkerLog {
             .keys()
             .filter(|&&id| id != self.active && !pins.contains_key(&id))
             .count() as u64;
+        if out.segments_released > 0 {
+            self.releasable = true;
+        }
         // The oldest segment, if cold rooms alone keep it, and older than the previous one
         // (there is a newer closed segment): copy those rooms forward.
         let Some((&oldest, _)) = self.segments.iter().next() else {
