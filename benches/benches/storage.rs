@@ -59,6 +59,17 @@ fn bench_dir() -> tempfile::TempDir {
     }
 }
 
+/// `n` rooms, each started in epoch 1; their keys.
+fn rooms(log: &mut WorkerLog, n: usize) -> Vec<u64> {
+    (0..n)
+        .map(|r| {
+            let key = log.room(&RoomName::new(false, Text::from(format!("room-{r}"))));
+            log.append_epoch(key, 1, 0).unwrap();
+            key
+        })
+        .collect()
+}
+
 struct Run {
     acked: u64,
     elapsed: Duration,
@@ -72,13 +83,7 @@ struct Run {
 fn run(fsync: FsyncPolicy, payload_len: usize, rate: Option<f64>, dur: Duration) -> Run {
     let dir = bench_dir();
     let (mut log, _) = WorkerLog::open(dir.path(), 0, opts(fsync), Instant::now()).unwrap();
-    let keys: Vec<u64> = (0..ROOMS)
-        .map(|r| {
-            let key = log.room(&RoomName::new(false, Text::from(format!("room-{r}"))));
-            log.append_epoch(key, 1, 0).unwrap();
-            key
-        })
-        .collect();
+    let keys = rooms(&mut log, ROOMS);
     let mut exec = SyncThread::spawn("bench", None).unwrap();
     assert!(log.flush_blocking(&mut exec, Duration::from_secs(10)));
     let payload = vec![7u8; payload_len];
@@ -201,13 +206,7 @@ fn recovery() {
     let dir = bench_dir();
     let (mut log, _) =
         WorkerLog::open(dir.path(), 0, opts(FsyncPolicy::Never), Instant::now()).unwrap();
-    let keys: Vec<u64> = (0..1000)
-        .map(|r| {
-            let key = log.room(&RoomName::new(false, Text::from(format!("room-{r}"))));
-            log.append_epoch(key, 1, 0).unwrap();
-            key
-        })
-        .collect();
+    let keys = rooms(&mut log, 1000);
     let mut exec = SyncThread::spawn("bench-recovery", None).unwrap();
     let payload = vec![3u8; 1024];
     let mut i = 0;
