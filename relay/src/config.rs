@@ -79,6 +79,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// The WebSocket listener for browsers (see [`crate::transport::ws`]).
     pub websocket: WebSocketConfig,
+    /// Durable state: where history, membership and epochs are kept.
+    pub storage: StorageConfig,
 }
 
 /// `[tls]`: set `cert_file` and `key_file` to turn TLS on for `listen` and for the WebSocket
@@ -532,6 +534,103 @@ impl ControlConfig {
     }
 }
 
+/// `[storage]`: durable history, membership and epochs (see `storage` and
+/// `relay.default.toml` for what an acknowledgement means in each mode).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `memory` (nothing survives a restart) or `disk`. Default `memory`.
+    pub mode: StorageMode,
+    /// The directory holding one log per worker (`worker-N/`). Default `/var/lib/relay`.
+    pub dir: std::path::PathBuf,
+    /// `always`, `interval` or `never`. Default `always`.
+    pub fsync: FsyncPolicy,
+    /// With `fsync = "interval"`, written data is synced within this long. Default 10 ms;
+    /// at most 1 s.
+    #[serde(with = "humantime_secs")]
+    pub fsync_interval: Duration,
+    /// A segment file rolls at this size, bytes. Default 64 MiB; 1 MiB ..= 1 GiB.
+    pub segment_size: u64,
+    /// Appends are refused with `storage_full` past this many bytes on disk, split evenly
+    /// across workers; 0: only the file system limits. Default 0.
+    pub max_disk_bytes: u64,
+    /// How often each worker writes a checkpoint of its index (also at a clean stop).
+    /// Default 60 s.
+    #[serde(with = "humantime_secs")]
+    pub checkpoint_interval: Duration,
+}
+
+/// Where state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageMode {
+    /// In memory only.
+    Memory,
+    /// In a log per worker under `[storage] dir`.
+    Disk,
+}
+
+/// When the log is fdatasynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    /// Before anything is acknowledged (one sync per group commit).
+    Always,
+    /// Within `fsync_interval` of the write; acknowledged once written.
+    Interval,
+    /// Never by the relay; acknowledged once written.
+    Never,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            mode: StorageMode::Memory,
+            dir: "/var/lib/relay".into(),
+            fsync: FsyncPolicy::Always,
+            fsync_interval: Duration::from_millis(10),
+            segment_size: 64 * 1024 * 1024,
+            max_disk_bytes: 0,
+            checkpoint_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl StorageConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, why: &str| ConfigError::Invalid {
+            field,
+            why: why.into(),
+        };
+        if self.mode == StorageMode::Disk && !self.dir.is_absolute() {
+            return Err(invalid("storage.dir", "must be an absolute path"));
+        }
+        if self.fsync_interval.is_zero() || self.fsync_interval > Duration::from_secs(1) {
+            return Err(invalid(
+                "storage.fsync_interval",
+                "must be > 0 and at most 1s (an interval of minutes loses minutes of \
+                 acknowledged messages on a power failure)",
+            ));
+        }
+        if !(1 << 20..=1 << 30).contains(&self.segment_size) {
+            return Err(invalid("storage.segment_size", "must be 1 MiB ..= 1 GiB"));
+        }
+        if self.max_disk_bytes != 0 && self.max_disk_bytes < 4 * self.segment_size {
+            return Err(invalid(
+                "storage.max_disk_bytes",
+                "must be 0 (no quota) or at least 4 x storage.segment_size",
+            ));
+        }
+        if self.checkpoint_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "storage.checkpoint_interval",
+                "must be at least 1s",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The one rule for API keys, inline or from a file.
 fn check_api_key(field: &'static str, key: &str) -> Result<(), ConfigError> {
     if key.len() < MIN_API_KEY_LEN {
@@ -585,6 +684,7 @@ impl Default for Config {
             log: LogConfig::default(),
             tls: TlsConfig::default(),
             websocket: WebSocketConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -867,6 +967,7 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
+        self.storage.validate()?;
         Ok(())
     }
 
@@ -1062,6 +1163,28 @@ mod tests {
             ),
             ("[log]\nlevel = \"[[[\"", "log.level"),
             ("[heartbeat]\ntimeout = \"5 parsecs\"", "parsecs"),
+            (
+                "[storage]\nfsync_interval = \"2m\"",
+                "storage.fsync_interval",
+            ),
+            (
+                "[storage]\nfsync_interval = \"0ms\"",
+                "storage.fsync_interval",
+            ),
+            ("[storage]\nsegment_size = 1000", "storage.segment_size"),
+            (
+                "[storage]\nmax_disk_bytes = 1048576",
+                "storage.max_disk_bytes",
+            ),
+            (
+                "[storage]\nmode = \"disk\"\ndir = \"rel/dir\"",
+                "storage.dir",
+            ),
+            ("[storage]\nfsync = \"sometimes\"", "sometimes"),
+            (
+                "[storage]\ncheckpoint_interval = \"10ms\"",
+                "storage.checkpoint_interval",
+            ),
         ] {
             let err = Config::from_toml(toml).unwrap_err().to_string();
             assert!(err.contains(field), "{toml}: {err}");

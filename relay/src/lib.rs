@@ -6,6 +6,8 @@
 //! - [`core`] is sans-IO: routing, sequencing, history, resume, backpressure, heartbeats.
 //! - [`transport`] layers TLS and WebSocket between a backend and the core, per listener.
 //! - [`config`] is the TOML configuration with documented defaults; [`auth`] checks tokens.
+//! - [`storage`] is the durable state: one segmented log per worker, group commit per tick,
+//!   checkpointed recovery that truncates only a torn tail and quarantines interior damage.
 //!
 //! See ARCHITECTURE.md at the repository root for the threads and the path of one message.
 
@@ -26,4 +28,5 @@ pub mod rng;
 pub mod runtime;
 pub mod stats;
 pub mod transport;
+pub mod storage;
 pub mod watchdog;
