@@ -6,7 +6,6 @@
 //! hands the queue to the backend when it flushes).
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -122,8 +121,6 @@ pub struct Conn {
     pub token: Token,
     /// Relay-wide id, sent in WELCOME.
     pub id: u64,
-    /// The peer.
-    pub peer: SocketAddr,
     /// Where it stands.
     pub phase: Phase,
     /// Bytes received but not yet decoded (at most one partial frame).
@@ -198,7 +195,6 @@ impl Conn {
     pub fn new(
         token: Token,
         id: u64,
-        peer: SocketAddr,
         now: Instant,
         heartbeat: Duration,
         publish_bucket: TokenBucket,
@@ -207,7 +203,6 @@ impl Conn {
         Conn {
             token,
             id,
-            peer,
             phase: Phase::Handshake,
             rbuf: BytesMut::new(),
             out: BytesMut::new(),

@@ -119,13 +119,9 @@ impl<V: Copy, K: Copy + Eq + Hash> IdempotencyWindow<V, K> {
     }
 
     /// Keys remembered.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.order.len()
-    }
-
-    /// Whether no key is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
     }
 
     fn expire(&mut self, now: Instant, max_age: Duration) {

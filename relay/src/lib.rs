@@ -11,22 +11,24 @@
 //!
 //! See ARCHITECTURE.md at the repository root for the threads and the path of one message.
 
+#![warn(missing_docs)]
+
 pub mod auth;
 pub mod config;
-pub mod conn;
-pub mod control;
-pub mod core;
-pub mod directory;
-pub mod history;
-pub mod idempotency;
+pub(crate) mod conn;
+pub(crate) mod control;
+pub(crate) mod core;
+pub(crate) mod directory;
+pub(crate) mod history;
+pub(crate) mod idempotency;
 pub mod ids;
 pub mod io;
-pub mod mesh;
+pub(crate) mod mesh;
 pub mod metrics;
 pub mod reload;
-pub mod rng;
+pub(crate) mod rng;
 pub mod runtime;
-pub mod stats;
-pub mod transport;
+pub(crate) mod stats;
 pub mod storage;
+pub(crate) mod transport;
 pub mod watchdog;

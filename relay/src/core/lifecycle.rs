@@ -38,7 +38,6 @@ impl Core {
         let conn = Conn::new(
             0,
             conn_id,
-            peer,
             self.now,
             self.config.heartbeat.interval,
             publish,
@@ -52,6 +51,7 @@ impl Core {
         if let Some(conn) = self.conns.get_mut(key) {
             conn.token = token;
         }
+        tracing::trace!(%peer, token, conn_id, "connection admitted");
         inc(&self.stats.connections, 1);
         inc(&self.stats.accepted, 1);
         let deadline = self.now + self.config.auth.handshake_timeout;

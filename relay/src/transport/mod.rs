@@ -192,16 +192,6 @@ impl Layers {
         !self.dirty.is_empty()
     }
 
-    /// Layered connections open.
-    pub fn len(&self) -> usize {
-        self.conns.len()
-    }
-
-    /// Whether no layered connection is open.
-    pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
-    }
-
     fn kind_of(&self, stream: &TcpStream) -> ListenerKind {
         if self.listeners.is_empty() {
             return ListenerKind::Plain;

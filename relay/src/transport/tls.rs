@@ -414,16 +414,6 @@ impl TlsLayer {
             wire.push_back(scratch.split().freeze());
         }
     }
-
-    /// Whether the handshake is still in progress.
-    pub fn is_handshaking(&self) -> bool {
-        self.conn.is_handshaking()
-    }
-
-    /// The negotiated ALPN protocol.
-    pub fn alpn(&self) -> Option<&[u8]> {
-        self.conn.alpn_protocol()
-    }
 }
 
 fn read_all(reader: &mut impl Read, out: &mut Vec<u8>) {
