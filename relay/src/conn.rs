@@ -109,6 +109,9 @@ pub struct Sub {
     pub mode: SubMode,
     /// The highest sequence the client acknowledged (never past `position`).
     pub acked: u64,
+    /// The membership this binding was made for (its serial; see `JoinPoint::serial`): a
+    /// removal of another membership leaves it alone.
+    pub membership: u64,
     /// The subscription request this binding waits for (or was answered by): answers to
     /// any other request, e.g. one still in flight from an earlier membership, are stale.
     pub request: u64,

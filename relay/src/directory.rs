@@ -27,6 +27,10 @@ pub struct JoinPoint {
     pub epoch: u64,
     /// The room's head at the join.
     pub seq: u64,
+    /// Which membership this is among the user's memberships of the room (assigned by the
+    /// owner, increasing): a removal names the membership it ends, so a connection bound by
+    /// a later membership is never unbound by a late message about an earlier one.
+    pub serial: u64,
 }
 
 #[derive(Debug, Default)]
@@ -77,8 +81,8 @@ pub enum DirectoryError {
 /// The outcome of removing a member.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Removed {
-    /// The user was a member.
-    pub was: bool,
+    /// The membership removed, if the user was a member.
+    pub was: Option<JoinPoint>,
     /// Workers holding the user's live connections.
     pub cores: Vec<CoreId>,
     /// The block asked for was refused (the user blocks too many channels already); the
@@ -286,7 +290,7 @@ impl Directory {
         let max_blocked = self.max_blocked_per_user.load(Ordering::Relaxed);
         let mut shard = self.shard(user).write();
         let entry = shard.entry(user.clone()).or_default();
-        let was = entry.rooms.remove(room).is_some();
+        let was = entry.rooms.remove(room);
         let mut block_refused = None;
         if block && !entry.blocked.contains(room) {
             if entry.blocked.len() >= max_blocked {
@@ -350,7 +354,11 @@ mod tests {
         RoomName::new(false, Text::from(name))
     }
 
-    const J: JoinPoint = JoinPoint { epoch: 1, seq: 0 };
+    const J: JoinPoint = JoinPoint {
+        epoch: 1,
+        seq: 0,
+        serial: 1,
+    };
 
     #[test]
     fn connect_sees_rooms_and_joins_see_connections() {
@@ -372,7 +380,7 @@ mod tests {
         let ann = Text::from("ann");
         let ch = RoomName::new(true, Text::from("news"));
         d.add(&ann, &ch, J, false).unwrap();
-        assert!(d.remove(&ann, &ch, true).was);
+        assert!(d.remove(&ann, &ch, true).was.is_some());
         assert!(matches!(
             d.add(&ann, &ch, J, false),
             Err(DirectoryError::Blocked(_))
@@ -405,7 +413,7 @@ mod tests {
         }
         d.add(&ann, &ch("c"), J, false).unwrap();
         let removed = d.remove(&ann, &ch("c"), true);
-        assert!(removed.was, "left all the same");
+        assert!(removed.was.is_some(), "left all the same");
         assert_eq!(
             removed.block_refused,
             Some(DirectoryError::TooManyBlocks { max: 2 })
@@ -420,18 +428,44 @@ mod tests {
         let d = Directory::new(1, 10);
         let ann = Text::from("ann");
         assert_eq!(d.join_point(&ann, &room("a")), None);
-        d.add(&ann, &room("a"), JoinPoint { epoch: 7, seq: 3 }, false)
-            .unwrap();
+        d.add(
+            &ann,
+            &room("a"),
+            JoinPoint {
+                epoch: 7,
+                seq: 3,
+                serial: 1,
+            },
+            false,
+        )
+        .unwrap();
         assert_eq!(
             d.join_point(&ann, &room("a")),
-            Some(JoinPoint { epoch: 7, seq: 3 })
+            Some(JoinPoint {
+                epoch: 7,
+                seq: 3,
+                serial: 1
+            })
         );
         d.remove(&ann, &room("a"), false);
-        d.add(&ann, &room("a"), JoinPoint { epoch: 7, seq: 9 }, false)
-            .unwrap();
+        d.add(
+            &ann,
+            &room("a"),
+            JoinPoint {
+                epoch: 7,
+                seq: 9,
+                serial: 2,
+            },
+            false,
+        )
+        .unwrap();
         assert_eq!(
             d.join_point(&ann, &room("a")),
-            Some(JoinPoint { epoch: 7, seq: 9 })
+            Some(JoinPoint {
+                epoch: 7,
+                seq: 9,
+                serial: 2
+            })
         );
     }
 

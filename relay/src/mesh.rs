@@ -244,10 +244,8 @@ pub enum CoreMsg {
         room: RoomName,
         /// The user.
         user: Text,
-        /// The room's epoch at the join.
-        epoch: u64,
-        /// The room's head at the join.
-        seq: u64,
+        /// The membership: the room's epoch and head at the join, and its serial.
+        join: crate::directory::JoinPoint,
     },
     /// A user left: unbind the room on their connections here.
     MemberLeft {
@@ -257,6 +255,8 @@ pub enum CoreMsg {
         user: Text,
         /// Why.
         reason: LeftReason,
+        /// The serial of the membership that ended: only bindings made for it are unbound.
+        serial: u64,
     },
 
     // ---- control plane -------------------------------------------------------------------

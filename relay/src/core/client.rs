@@ -217,7 +217,8 @@ impl Core {
                         last_seq: entry.last_seq,
                     };
                     let request = self.new_request();
-                    subs.push(Some(pending_sub(rooms[i].0.clone(), from, request)));
+                    let serial = rooms[i].1.serial;
+                    subs.push(Some(pending_sub(rooms[i].0.clone(), from, request, serial)));
                     subscribe.push((alias as u32, rooms[i].0.clone(), from, request));
                 }
                 _ => {
@@ -253,7 +254,7 @@ impl Core {
                 seq: join.seq,
             };
             let request = self.new_request();
-            subs[alias] = Some(pending_sub(room.clone(), from, request));
+            subs[alias] = Some(pending_sub(room.clone(), from, request, join.serial));
             subscribe.push((alias as u32, room, from, request));
         }
         if let Some(conn) = self.conn(token) {

@@ -11,6 +11,7 @@ use pabal_codec::{DeliverContext, Left, LeftReason, PubAck, Room, ServerFrame, T
 
 use super::*;
 use crate::conn::{Phase, Sub, SubMode};
+use crate::directory::JoinPoint;
 use crate::ids::{Origin, RoomName, Stored, StoredRef};
 use crate::io::Token;
 use crate::mesh::{CoreMsg, Page, PublishedBy, StartFrom};
@@ -37,8 +38,9 @@ pub(super) fn advance(
     Some(header)
 }
 
-pub(super) fn pending_sub(room: RoomName, from: StartFrom, request: u64) -> Sub {
+pub(super) fn pending_sub(room: RoomName, from: StartFrom, request: u64, membership: u64) -> Sub {
     Sub {
+        membership,
         room,
         from,
         epoch: 0,
@@ -420,7 +422,7 @@ impl Core {
         Self::mark_dirty(dirty, conn);
     }
 
-    pub(super) fn on_member_joined(&mut self, room: RoomName, user: Text, epoch: u64, seq: u64) {
+    pub(super) fn on_member_joined(&mut self, room: RoomName, user: Text, join: JoinPoint) {
         let tokens = self.users.get(&user).cloned().unwrap_or_default();
         let max_rooms = self.config.connection.max_rooms;
         for token in tokens {
@@ -436,10 +438,14 @@ impl Core {
                 continue;
             }
             let alias = conn.free_alias();
-            let from = StartFrom::Join { epoch, seq };
+            let from = StartFrom::Join {
+                epoch: join.epoch,
+                seq: join.seq,
+            };
             let request = self.new_request();
             if let Some(conn) = self.conn(token) {
-                conn.subs[alias as usize] = Some(pending_sub(room.clone(), from, request));
+                conn.subs[alias as usize] =
+                    Some(pending_sub(room.clone(), from, request, join.serial));
             }
             self.send_to_owner(
                 &room.clone(),
@@ -455,7 +461,13 @@ impl Core {
         }
     }
 
-    pub(super) fn on_member_left(&mut self, room: RoomName, user: Text, reason: LeftReason) {
+    pub(super) fn on_member_left(
+        &mut self,
+        room: RoomName,
+        user: Text,
+        reason: LeftReason,
+        serial: u64,
+    ) {
         let tokens = self.users.get(&user).cloned().unwrap_or_default();
         for token in tokens {
             let Some(conn) = self.conn(token) else {
@@ -464,6 +476,14 @@ impl Core {
             let Some(alias) = conn.alias_of(&room) else {
                 continue;
             };
+            // A binding made for a later membership (a HELLO reads the directory, which is
+            // ahead of the owner's messages still in flight) outlives this removal.
+            if conn.subs[alias as usize]
+                .as_ref()
+                .is_some_and(|s| s.membership != serial)
+            {
+                continue;
+            }
             self.unbind(token, alias, reason);
         }
     }

@@ -138,6 +138,8 @@ pub struct Core {
     booted: Instant,
     /// The last epoch given to a room created here.
     last_epoch: u64,
+    /// The last membership serial given here.
+    last_serial: u64,
     epoch: u64,
     clock: Clock,
     now: Instant,
@@ -210,6 +212,7 @@ impl Core {
             next_request: 0,
             booted: now,
             last_epoch: 0,
+            last_serial: 0,
             epoch,
             clock,
             now,
@@ -503,13 +506,13 @@ impl Core {
                 ts_ms,
                 payload,
             } => self.fan_out_ephemeral(&room, origin, &sender, ts_ms, &payload),
-            CoreMsg::MemberJoined {
+            CoreMsg::MemberJoined { room, user, join } => self.on_member_joined(room, user, join),
+            CoreMsg::MemberLeft {
                 room,
                 user,
-                epoch,
-                seq,
-            } => self.on_member_joined(room, user, epoch, seq),
-            CoreMsg::MemberLeft { room, user, reason } => self.on_member_left(room, user, reason),
+                reason,
+                serial,
+            } => self.on_member_left(room, user, reason, serial),
             CoreMsg::Drain => self.begin_drain(),
             CoreMsg::Fence { round } => self.on_fence(round),
             CoreMsg::Probe { seq } => {

@@ -94,6 +94,14 @@ impl Core {
         epoch
     }
 
+    /// A membership serial: increasing on this worker across restarts too (never below the
+    /// clock in microseconds), so no two memberships of a room share one.
+    pub(super) fn fresh_serial(&mut self) -> u64 {
+        let serial = (self.now_ms() * 1000).max(self.last_serial + 1);
+        self.last_serial = serial;
+        serial
+    }
+
     /// Queues an owned room for an eviction check if nothing but history keeps it.
     pub(super) fn note_if_unused(&mut self, room: &RoomName) {
         let due = self.now + IDLE_ROOM_CHECK;
@@ -284,14 +292,17 @@ impl Core {
         unblock: bool,
     ) -> Result<bool, DirectoryError> {
         // A refused join creates nothing: the room exists only once someone is in it.
+        let serial = self.fresh_serial();
         let join = match self.owned.get(room) {
             Some(owned) => crate::directory::JoinPoint {
                 epoch: owned.epoch,
                 seq: owned.head,
+                serial,
             },
             None => crate::directory::JoinPoint {
                 epoch: self.fresh_epoch(),
                 seq: 0,
+                serial,
             },
         };
         let added = self.directory.add(user, room, join, unblock)?;
@@ -308,8 +319,7 @@ impl Core {
                     CoreMsg::MemberJoined {
                         room: room.clone(),
                         user: user.clone(),
-                        epoch: join.epoch,
-                        seq: join.seq,
+                        join,
                     },
                 );
             }
@@ -345,7 +355,7 @@ impl Core {
             owned.members.remove(user);
         }
         self.note_if_unused(room);
-        if was {
+        if let Some(join) = was {
             for core in cores {
                 self.send_to(
                     core,
@@ -353,11 +363,12 @@ impl Core {
                         room: room.clone(),
                         user: user.clone(),
                         reason,
+                        serial: join.serial,
                     },
                 );
             }
         }
-        was
+        was.is_some()
     }
 
     /// The owner passes an ephemeral event to every interested worker: no sequence, no

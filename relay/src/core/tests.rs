@@ -937,3 +937,32 @@ fn an_unbound_alias_is_not_reused_until_the_client_answers_a_ping() {
         "{frames:?}"
     );
 }
+
+#[test]
+fn a_late_removal_of_an_earlier_membership_leaves_the_current_binding_alone() {
+    // Found by the simulator (seed 37941): a phone reconnected and bound a room from the
+    // directory, which already held its new membership, while the owner's message about
+    // the end of its previous membership was still on its way.
+    let mut h = Harness::new(|_| {});
+    let bob = h.connect("bob", ClientSession::new());
+    h.app_join("club", "bob");
+    let serial = h
+        .core
+        .directory
+        .join_point(&Text::from("bob"), &room_named("club"))
+        .unwrap()
+        .serial;
+    h.events(bob);
+    let late = |serial| CoreMsg::MemberLeft {
+        room: room_named("club"),
+        user: Text::from("bob"),
+        reason: LeftReason::Removed,
+        serial,
+    };
+    h.core.handle(h.now, vec![late(serial - 1)]);
+    h.pump();
+    assert!(h.events(bob).is_empty(), "unbound by a stale removal");
+    h.core.handle(h.now, vec![late(serial)]);
+    h.pump();
+    assert!(matches!(&h.events(bob)[..], [Event::Left { .. }, Event::Ping(_)]));
+}

@@ -168,6 +168,9 @@ fn parse_state(r: &mut Reader<'_>) -> Option<(Position, LogState)> {
             let join = JoinPoint {
                 epoch: r.u64()?,
                 seq: r.u64()?,
+                // A recovered membership is the only one of its user and room in this run
+                // (no removal of an earlier one can be in flight after a restart).
+                serial: 0,
             };
             room.members.insert(user, join);
         }
@@ -241,8 +244,14 @@ mod tests {
                 payload_bytes: 70,
                 last_ts_ms: 123,
             });
-            room.members
-                .insert(Text::from("ann"), JoinPoint { epoch: 77, seq: 3 });
+            room.members.insert(
+                Text::from("ann"),
+                JoinPoint {
+                    epoch: 77,
+                    seq: 3,
+                    serial: 0,
+                },
+            );
             room.blocked.insert(Text::from("bo"));
         }
         s.next_lsn = 99;

@@ -254,8 +254,13 @@ impl LogState {
                 room.extents.clear();
             }
             Body::Join { epoch, user } => {
-                room.members
-                    .insert(Text::from(user), JoinPoint { epoch, seq: h.seq });
+                // Serial 0: see the checkpoint's reader.
+                let join = JoinPoint {
+                    epoch,
+                    seq: h.seq,
+                    serial: 0,
+                };
+                room.members.insert(Text::from(user), join);
             }
             Body::Leave { user } => {
                 // By `Text`, not `&str`: `Text` hashes as bytes, `str` does not.
@@ -451,7 +456,11 @@ mod tests {
         );
         assert_eq!(
             s.rooms[&7].members[&Text::from("ann")],
-            JoinPoint { epoch: 5, seq: 3 }
+            JoinPoint {
+                epoch: 5,
+                seq: 3,
+                serial: 0
+            }
         );
         assert!(s.rooms[&7].blocked.contains(&Text::from("bo")));
         s.apply(

@@ -188,7 +188,11 @@ fn reopen_recovers_history_membership_blocks_and_epochs() {
         assert_eq!(s.members.len(), 1);
         assert_eq!(
             s.members[&Text::from("ann")],
-            JoinPoint { epoch: 11, seq: 0 }
+            JoinPoint {
+                epoch: 11,
+                seq: 0,
+                serial: 0
+            }
         );
         let s = &log.state().rooms[&c];
         assert_eq!((s.epoch, s.head), (12, 300));
