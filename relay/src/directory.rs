@@ -76,6 +76,10 @@ pub enum DirectoryError {
         /// The limit.
         max: usize,
     },
+    /// The room's durable log did not take the change (`storage_full`: retry later, or
+    /// `storage_failed`), so it was not made.
+    #[error("{0}")]
+    Storage(&'static str),
 }
 
 /// The outcome of removing a member.
@@ -128,6 +132,8 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
     fn remove(&self, user: &Text, room: &RoomName, block: bool) -> Removed;
     /// Where `user`'s stream of `room` starts, if the user belongs to it.
     fn join_point(&self, user: &Text, room: &RoomName) -> Option<JoinPoint>;
+    /// Whether `user` blocked `room` (a channel).
+    fn is_blocked(&self, user: &Text, room: &RoomName) -> bool;
     /// Sets how many channels one user may block.
     fn set_max_blocked_per_user(&self, max: usize);
 }
@@ -158,6 +164,9 @@ impl Membership for Directory {
     }
     fn join_point(&self, user: &Text, room: &RoomName) -> Option<JoinPoint> {
         Directory::join_point(self, user, room)
+    }
+    fn is_blocked(&self, user: &Text, room: &RoomName) -> bool {
+        Directory::is_blocked(self, user, room)
     }
     fn set_max_blocked_per_user(&self, max: usize) {
         Directory::set_max_blocked_per_user(self, max)
@@ -316,6 +325,14 @@ impl Directory {
             .read()
             .get(user)
             .and_then(|e| e.rooms.get(room).copied())
+    }
+
+    /// Whether `user` blocked `room`.
+    pub fn is_blocked(&self, user: &Text, room: &RoomName) -> bool {
+        self.shard(user)
+            .read()
+            .get(user)
+            .is_some_and(|e| e.blocked.contains(room))
     }
 
     /// Whether `user` belongs to `room`.

@@ -50,6 +50,12 @@ impl History {
         self.evict_expired(now_ms);
     }
 
+    /// Forgets every message (the room starts a new epoch).
+    pub fn clear(&mut self) {
+        self.msgs.clear();
+        self.bytes = 0;
+    }
+
     /// Applies new limits (a reload), evicting what they no longer allow.
     pub fn set_retention(&mut self, retention: Retention) {
         self.retention = retention;

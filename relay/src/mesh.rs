@@ -164,6 +164,15 @@ pub enum CoreMsg {
         /// The sequence given.
         seq: u64,
     },
+    /// A publish was not accepted: the owner's log refused it (nothing was sequenced).
+    NotAccepted {
+        /// The publish.
+        by: PublishedBy,
+        /// `Overloaded` (retry) or `Internal`.
+        code: ErrorCode,
+        /// `storage_full` or `storage_failed`.
+        message: String,
+    },
     /// A request of a connection was refused.
     Refused {
         /// The connection.
@@ -398,6 +407,12 @@ impl Published {
 pub enum ControlRefusal {
     /// The worker has begun a graceful shutdown: no more mutations.
     Draining,
+    /// The room's log is out of space (`[storage] max_disk_bytes` or the file system):
+    /// nothing was stored; retry later (HTTP 507 `storage_full`).
+    StorageFull,
+    /// The room's log failed (an fsync error) and refuses writes until the relay restarts
+    /// (HTTP 503 `storage_failed`).
+    StorageFailed,
 }
 
 /// The answer to a [`ControlOp`].

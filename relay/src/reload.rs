@@ -69,6 +69,8 @@ pub const FIELDS: &[(&str, Reload)] = &[
         Reload::Live("log filter (the binary; RUST_LOG overrides it)"),
     ),
     ("log.format", Reload::Restart),
+    // Each worker's log is opened (and recovered) with these at start.
+    ("storage", Reload::Restart),
     // Turning TLS on or off is refused live by `Relay::reload` itself (a restart).
     ("tls", Reload::Live("TLS (new handshakes)")),
     ("websocket.listen", Reload::Restart),

@@ -22,7 +22,7 @@ use anyhow::{Context, anyhow, bail};
 use crossbeam_channel::{Receiver, Sender};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::config::Config;
+use crate::config::{Config, StorageMode};
 use crate::core::{Clock, Core, Shared};
 use crate::directory::Directory;
 use crate::io::descriptors::{self, FDS_PER_WORKER};
@@ -30,6 +30,7 @@ use crate::io::probe::{self, BackendOptions, ResolvedKind};
 use crate::io::{Backend, CloseReason, EventSink, Token, Wakeup};
 use crate::mesh::{CoreMsg, Mesh};
 use crate::stats::{CoreStats, StatsSnapshot};
+use crate::storage::{CommitExecutor, LogOptions, SyncThread, WorkerLog};
 use crate::transport::{Layers, ListenerKind, TransportShared};
 
 /// A running relay: what every thread outside the workers (main, signals, the control
@@ -158,6 +159,9 @@ impl RelayHandle {
     pub fn start(mut config: Config) -> anyhow::Result<RelayHandle> {
         config.validate()?;
         let workers = config.worker_count();
+        if config.storage.mode == StorageMode::Disk {
+            check_stored_workers(&config.storage.dir, workers)?;
+        }
         let nofile = descriptors::raise_nofile()
             .context("cannot read RLIMIT_NOFILE")?
             .soft;
@@ -217,7 +221,7 @@ impl RelayHandle {
         }
         let (senders, receivers) = Mesh::channels(workers);
         let (ready_tx, ready_rx) =
-            crossbeam_channel::bounded::<(usize, std::io::Result<Wakeup>)>(workers);
+            crossbeam_channel::bounded::<(usize, anyhow::Result<Wakeup>)>(workers);
         let (exited_tx, exited_rx) = crossbeam_channel::unbounded();
         let core_ids = if config.pin_workers {
             core_affinity::get_core_ids().unwrap_or_default()
@@ -246,6 +250,7 @@ impl RelayHandle {
                 shared: shared.clone(),
                 pin: core_ids.get(id % core_ids.len().max(1)).copied(),
                 stall: stalls[id].clone(),
+                workers,
                 ws_listener: ws_listeners.get_mut(id).and_then(Option::take),
                 transport: transport.clone(),
                 layered: layered.clone(),
@@ -267,10 +272,15 @@ impl RelayHandle {
         }
         drop(ready_tx);
         let mut wakeups: Vec<Option<Wakeup>> = (0..workers).map(|_| None).collect();
+        // Recovery reads what the checkpoint does not cover: seconds per GB, not minutes.
+        let start_limit = match config.storage.mode {
+            StorageMode::Memory => Duration::from_secs(10),
+            StorageMode::Disk => Duration::from_secs(300),
+        };
         for _ in 0..workers {
-            let (id, wakeup) = ready_rx
-                .recv_timeout(Duration::from_secs(10))
-                .map_err(|_| anyhow!("a worker did not start within 10 s"))?;
+            let (id, wakeup) = ready_rx.recv_timeout(start_limit).map_err(|_| {
+                anyhow!("a worker did not start within {} s", start_limit.as_secs())
+            })?;
             match wakeup {
                 Ok(w) => wakeups[id] = Some(w),
                 Err(e) => {
@@ -279,7 +289,7 @@ impl RelayHandle {
                         let _ = h.join();
                     }
                     bail!(
-                        "worker {id} could not start its {} backend: {e}",
+                        "worker {id} could not start ({} backend): {e:#}",
                         backend.name()
                     );
                 }
@@ -536,6 +546,14 @@ impl Relay {
         total
     }
 
+    /// Each worker's durable log's metrics as last copied (empty in memory mode).
+    pub fn storage_metrics(&self) -> Vec<crate::storage::StorageMetrics> {
+        self.stats
+            .iter()
+            .filter_map(|s| *s.storage.lock())
+            .collect()
+    }
+
     /// Each worker's counters.
     pub fn worker_stats(&self) -> Vec<StatsSnapshot> {
         self.stats
@@ -613,6 +631,8 @@ struct Worker {
     shared: Arc<Shared>,
     pin: Option<core_affinity::CoreId>,
     stall: Arc<StallHook>,
+    /// Workers in the relay.
+    workers: usize,
     /// This worker's socket on the WebSocket address (`SO_REUSEPORT`), if it runs.
     ws_listener: Option<TcpListener>,
     transport: Arc<TransportShared>,
@@ -623,7 +643,7 @@ struct Worker {
 impl Worker {
     fn run(
         self,
-        ready: Sender<(usize, std::io::Result<Wakeup>)>,
+        ready: Sender<(usize, anyhow::Result<Wakeup>)>,
         mesh_rx: Receiver<Mesh>,
     ) -> anyhow::Result<()> {
         if let Some(core) = self.pin
@@ -635,8 +655,34 @@ impl Worker {
             Ok(b) => b,
             Err(e) => {
                 let text = e.to_string();
-                let _ = ready.send((self.id, Err(e)));
+                let _ = ready.send((self.id, Err(anyhow!("backend: {text}"))));
                 bail!("backend: {text}");
+            }
+        };
+        let now = Instant::now();
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut core = Core::new(
+            self.id,
+            self.workers,
+            self.config.clone(),
+            self.directory,
+            self.epoch,
+            self.stats.clone(),
+            self.shared,
+            Clock::new(now, unix_ms),
+            now,
+        );
+        // Disk mode: recover this worker's log and restore its rooms (and their members
+        // into the directory) before the relay says it is ready, so no phone is told a room
+        // does not exist because its owner had not read it back yet.
+        let mut executor = match open_storage(self.id, &self.config, &mut core, &*backend) {
+            Ok(exec) => exec,
+            Err(e) => {
+                let text = format!("{e:#}");
+                let _ = ready.send((self.id, Err(e)));
+                bail!("{text}");
             }
         };
         let _ = ready.send((self.id, Ok(backend.wakeup())));
@@ -652,32 +698,108 @@ impl Worker {
                 .context("cannot accept on the WebSocket listener")?;
         }
         let mut layers = Layers::new(self.transport, self.layered);
-        let stats = self.stats.clone();
-        let now = Instant::now();
-        let unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let mut core = Core::new(
-            self.id,
-            mesh.cores(),
-            self.config,
-            self.directory,
-            self.epoch,
-            self.stats,
-            self.shared,
-            Clock::new(now, unix_ms),
-            now,
-        );
-        run_loop(
+        let result = run_loop(
             &mut *backend,
             &mut core,
             &mut layers,
             &self.inbox,
             &mesh,
-            &stats,
+            &self.stats,
             &self.stall,
-        )
+            executor.as_mut(),
+        );
+        if let (Some(mut log), Some(exec)) = (core.take_storage(), executor.as_mut()) {
+            // A clean stop: everything appended synced and a checkpoint written, so the
+            // next start recovers without scanning.
+            log.begin_close();
+            if !log.flush_blocking(exec, CLOSE_LIMIT) {
+                tracing::warn!(
+                    worker = self.id,
+                    "storage: the log did not close within {} s; the next start recovers it",
+                    CLOSE_LIMIT.as_secs()
+                );
+            }
+        }
+        result
     }
+}
+
+/// How long a worker waits at a clean stop for its log's last sync and checkpoint.
+const CLOSE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Refuses to start when `dir` holds the logs of another number of workers: rooms are owned
+/// by hash modulo the worker count, so a room's log would be read by a worker that does not
+/// own it. Re-homing is not implemented; keep `workers` as it was, or move the directory
+/// aside to start empty.
+fn check_stored_workers(dir: &std::path::Path, workers: usize) -> anyhow::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("storage.dir {}", dir.display())),
+    };
+    let mut stored = 0usize;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("storage.dir {}", dir.display()))?;
+        let name = entry.file_name();
+        if let Some(n) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("worker-"))
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            stored = stored.max(n + 1);
+        }
+    }
+    if stored != 0 && stored != workers {
+        bail!(
+            "workers = {workers}, but storage.dir {} holds the logs of {stored} workers: a \
+             room's owner is chosen by the worker count, so the relay cannot start with \
+             another one; set workers = {stored} (or move the directory aside to start with \
+             empty state)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Opens and recovers worker `id`'s log (disk mode), hands the core what it recovered, and
+/// starts the executor that runs the log's jobs (woken through the worker's eventfd).
+/// `None` in memory mode.
+fn open_storage(
+    id: usize,
+    config: &Config,
+    core: &mut Core,
+    backend: &dyn Backend,
+) -> anyhow::Result<Option<SyncThread>> {
+    if config.storage.mode != StorageMode::Disk {
+        return Ok(None);
+    }
+    let workers = config.worker_count();
+    let opts = LogOptions::from_config(&config.storage, workers);
+    let now = Instant::now();
+    let (log, report) = WorkerLog::open(&config.storage.dir, id as u32, opts, now)
+        .with_context(|| format!("storage.dir: worker {id}'s log"))?;
+    tracing::info!(
+        worker = id,
+        ms = report.duration.as_millis() as u64,
+        bytes = report.bytes_scanned,
+        records = report.records,
+        rooms = log.state().rooms.len(),
+        torn_tail = report.torn_tail.is_some(),
+        quarantined = report.quarantined.len(),
+        "storage recovered"
+    );
+    for q in &report.quarantined {
+        tracing::error!(worker = id, segment = q.segment, path = %q.path.display(), offset = q.offset, "storage: a damaged segment was quarantined; its rooms start a new epoch");
+    }
+    core.attach_storage(log, &report, now)
+        .with_context(|| format!("storage.dir: restoring worker {id}'s rooms"))?;
+    let wakeup = backend.wakeup();
+    let exec = SyncThread::spawn(
+        &format!("pabal-worker-{id}"),
+        Some(Arc::new(move || wakeup.wake())),
+    )
+    .context("cannot start the storage threads")?;
+    Ok(Some(exec))
 }
 
 /// Hands a backend's events to the core, each with the time it happened, and sets up each
@@ -733,6 +855,7 @@ fn configure_socket(stream: &std::net::TcpStream, hb: &crate::config::HeartbeatC
 /// TLS and WebSocket hook in here, and only here: the backend's events reach the core
 /// through [`Layers::sink`], the core's flush reaches the backend through
 /// [`Layers::transport`], and [`Layers::flush`] sends what the layers produced.
+#[allow(clippy::too_many_arguments)] // reason: the parts of one worker, once
 fn run_loop(
     backend: &mut dyn Backend,
     core: &mut Core,
@@ -741,12 +864,21 @@ fn run_loop(
     mesh: &Mesh,
     stats: &CoreStats,
     stall: &StallHook,
+    mut storage: Option<&mut SyncThread>,
 ) -> anyhow::Result<()> {
     let mut next_sample = Instant::now();
+    let mut completions = Vec::new();
     loop {
         stall.wait();
         let now = Instant::now();
         core.tick();
+        if let Some(exec) = storage.as_deref_mut() {
+            // What the disk finished since the last tick: releases the outputs held for it.
+            exec.poll(&mut completions);
+            for c in completions.drain(..) {
+                core.on_storage_completion(now, c);
+            }
+        }
         if now >= next_sample {
             core.sample_queues();
             next_sample = now + Duration::from_secs(1);
@@ -762,6 +894,12 @@ fn run_loop(
             // The control plane may have given up waiting; nothing to do then.
             let _ = to.send(answer);
         });
+        if let Some(exec) = storage.as_deref_mut() {
+            // Group commit: everything this tick appended goes out as one job.
+            while let Some(job) = core.poll_storage_job(now) {
+                exec.submit(job);
+            }
+        }
         if core.finished() {
             return Ok(());
         }

@@ -19,6 +19,9 @@ macro_rules! counters {
             pub publish_to_send: Histogram,
             /// Connections written per fan-out of one message on one worker.
             pub fanout_batch: Histogram,
+            /// The worker's durable log's metrics (disk mode), copied once a second by the
+            /// worker; read by scrapes only, so the lock is never contended per message.
+            pub storage: parking_lot::Mutex<Option<crate::storage::StorageMetrics>>,
         }
 
         /// A summed copy of [`CoreStats`] (high-water marks take the maximum).

@@ -988,7 +988,12 @@ fn the_control_accept_loop_survives_descriptor_exhaustion() {
     // 64 descriptors: a few dozen connections exhaust them.
     let mut daemon = Daemon::spawn(&config, |cmd| common::limit_nofile(cmd, 64, 64));
     let control = addr_in(&daemon.wait_log("control API listening"));
-    assert_eq!(http_get(control, "/healthz").0, 200);
+    // Healthy once every worker has answered the watchdog's first probe.
+    let deadline = Instant::now() + WAIT;
+    while http_get(control, "/healthz").0 != 200 {
+        assert!(Instant::now() < deadline, "never healthy");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let held: Vec<TcpStream> = (0..100)
         .map(|_| TcpStream::connect_timeout(&control, WAIT).unwrap())
         .collect();

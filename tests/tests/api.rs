@@ -701,6 +701,9 @@ fn every_config_field_reloads_live_or_says_it_needs_a_restart() {
         );
     }
     let strings = [
+        "interval",
+        "never",
+        "disk",
         "127.0.0.1:7799",
         "127.0.0.1:7798",
         "json",
@@ -722,7 +725,16 @@ fn every_config_field_reloads_live_or_says_it_needs_a_restart() {
         let dotted = path.join(".");
         let original = leaf_mut(&mut base_value.clone(), path).clone();
         let mut candidates: Vec<toml::Value> = match &original {
-            toml::Value::Integer(i) => vec![(i - 1).into(), (i + 1).into(), (i * 2).into()],
+            // The last: a quota of bytes (`storage.max_disk_bytes` of 0 has no small
+            // neighbour that validates).
+            toml::Value::Integer(i) => {
+                vec![
+                    (i - 1).into(),
+                    (i + 1).into(),
+                    (i * 2).into(),
+                    (i + (1 << 30)).into(),
+                ]
+            }
             toml::Value::Float(f) => vec![(f * 2.0).into(), (f / 2.0).into()],
             toml::Value::Boolean(b) => vec![(!b).into()],
             toml::Value::String(s)

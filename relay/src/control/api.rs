@@ -147,6 +147,21 @@ fn timed_out(limit: Duration) -> ApiError {
 fn refusal(relay: &Relay, why: ControlRefusal) -> ApiError {
     match why {
         ControlRefusal::Draining => draining(relay),
+        ControlRefusal::StorageFull => ApiError {
+            retry_after_s: Some(1),
+            ..ApiError::new(
+                507,
+                "storage_full",
+                "the relay's storage is full (storage.max_disk_bytes or the file system); \
+                 nothing was stored; retry later",
+            )
+        },
+        ControlRefusal::StorageFailed => ApiError::new(
+            503,
+            "storage_failed",
+            "the relay's storage failed and refuses writes until the relay restarts; nothing \
+             was stored",
+        ),
     }
 }
 
@@ -582,6 +597,8 @@ impl Call<'_> {
 fn refused(why: ControlRefusal) -> Value {
     let code = match why {
         ControlRefusal::Draining => "draining",
+        ControlRefusal::StorageFull => "storage_full",
+        ControlRefusal::StorageFailed => "storage_failed",
     };
     json!({"status": "refused", "code": code})
 }

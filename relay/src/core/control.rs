@@ -38,7 +38,7 @@ impl Core {
         sender: Text,
         payload: Bytes,
         key: Option<IdempotencyKey>,
-    ) -> Published {
+    ) -> Result<Published, ControlRefusal> {
         let (now, max_keys, max_age) = (
             self.now,
             self.config.control.idempotency_keys,
@@ -47,15 +47,20 @@ impl Core {
         if let Some(key) = &key
             && let Some(seq) = self.owned_room(&room).idempotency.get(key, now, max_age)
         {
-            return Published::Repeat { seq };
+            return Ok(Published::Repeat { seq });
         }
-        let seq = self.accept_publish(room.clone(), None, sender, payload);
+        let seq = self
+            .accept_publish(room.clone(), None, sender, payload)
+            .map_err(|e| {
+                tracing::debug!(error = %e, "server-API publish refused by storage");
+                super::durable::refusal_of(&e)
+            })?;
         if let Some(key) = key {
             self.owned_room(&room)
                 .idempotency
                 .record(key, seq, now, max_keys, max_age);
         }
-        Published::New { seq }
+        Ok(Published::New { seq })
     }
 
     /// Executes a server-API request.
@@ -76,7 +81,10 @@ impl Core {
                     self.broadcast_ephemeral(&room, None, sender, payload);
                     return ControlReply::Published(None);
                 }
-                ControlReply::Published(Some(self.publish_once(room, sender, payload, key)))
+                match self.publish_once(room, sender, payload, key) {
+                    Ok(done) => ControlReply::Published(Some(done)),
+                    Err(why) => ControlReply::Refused(why),
+                }
             }
             ControlOp::PublishMany {
                 rooms,
@@ -88,7 +96,7 @@ impl Core {
                 for room in rooms {
                     let done =
                         self.publish_once(room.clone(), sender.clone(), payload.clone(), key);
-                    out.push((room, Ok(done)));
+                    out.push((room, done));
                 }
                 ControlReply::PublishedMany(out)
             }
@@ -153,21 +161,13 @@ impl Core {
                 }))
             }
             ControlOp::History { room, after, limit } => {
-                let now_ms = self.now_ms();
-                match self.owned.get_mut(&room) {
-                    Some(o) => {
-                        o.history.evict_expired(now_ms);
-                        let mut msgs = Vec::new();
-                        let info =
-                            o.history
-                                .page(after, o.head, usize::MAX, limit.max(1), &mut msgs);
-                        ControlReply::History {
-                            msgs,
-                            gap: info.gap,
-                            head: o.head,
-                            epoch: o.epoch,
-                        }
-                    }
+                match self.read_history(&room, after, usize::MAX, limit.max(1)) {
+                    Some((msgs, info, epoch, head)) => ControlReply::History {
+                        msgs,
+                        gap: info.gap,
+                        head,
+                        epoch,
+                    },
                     None => ControlReply::Info(None),
                 }
             }

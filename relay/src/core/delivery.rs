@@ -89,6 +89,19 @@ impl Core {
         }
     }
 
+    /// The owner's log refused a publish: the publisher gets a non-fatal ERROR naming the
+    /// message (`Overloaded` with `storage_full`: retry later) instead of a PUBACK.
+    pub(super) fn on_not_accepted(&mut self, by: PublishedBy, code: ErrorCode, message: String) {
+        let token = by.origin.token;
+        let Some(conn) = self.conn(token) else { return };
+        conn.publishes_in_flight = conn.publishes_in_flight.saturating_sub(1);
+        let failing = conn.phase == Phase::Failing;
+        self.refuse(token, code, by.msg_id, message);
+        if failing && self.conn(token).is_some_and(|c| c.publishes_in_flight == 0) {
+            self.finish_failing(token);
+        }
+    }
+
     #[allow(clippy::too_many_arguments)] // reason: the fields of one message, unpacked
     pub(super) fn on_subscribed(
         &mut self,

@@ -324,6 +324,7 @@ impl Core {
             self.on_timer(token);
         }
         self.evict_idle_rooms();
+        self.run_storage_timers();
     }
 
     /// The connection's deadline came: handshake timeout, heartbeat, a failing connection's
@@ -416,5 +417,6 @@ impl Core {
         self.stats
             .queued_bytes
             .store(total as u64, Ordering::Relaxed);
+        self.publish_storage_metrics();
     }
 }

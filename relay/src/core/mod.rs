@@ -149,6 +149,8 @@ pub struct Core {
     /// State shared by all workers (touched per connection, never per message).
     shared: Arc<Shared>,
     accept_bucket: TokenBucket,
+    /// The worker's durable log and the outputs waiting on it (disk mode only).
+    storage: Option<Box<durable::Durability>>,
 }
 
 /// A connection's token for its slab key, and back.
@@ -223,6 +225,7 @@ impl Core {
             ),
             shared,
             accept_bucket: TokenBucket::new(accept_rate, accept_rate.max(1.0), now),
+            storage: None,
         }
     }
 
@@ -267,7 +270,10 @@ impl Core {
     /// How long the loop may sleep before a timer is due.
     pub fn next_timeout(&self) -> Option<Duration> {
         let mut next = self.timers.peek().map(|Reverse((at, _))| *at);
-        if let Some(deadline) = self.shutdown.deadline {
+        for deadline in [self.shutdown.deadline, self.storage_deadline()]
+            .into_iter()
+            .flatten()
+        {
             next = Some(next.map_or(deadline, |n| n.min(deadline)));
         }
         next.map(|at| at.saturating_duration_since(self.now))
@@ -282,10 +288,6 @@ impl Core {
             core: self.id,
             token,
         }
-    }
-
-    pub(super) fn send_to(&mut self, core: CoreId, msg: CoreMsg) {
-        self.outbox[core].push(msg);
     }
 
     pub(super) fn send_to_owner(&mut self, room: &RoomName, msg: CoreMsg) {
@@ -367,7 +369,18 @@ impl Core {
                 sender,
                 payload,
             } => {
-                self.accept_publish(room, Some(by), sender, payload);
+                if let Err(e) = self.accept_publish(room, Some(by), sender, payload) {
+                    let (code, message) = durable::error_of(&e);
+                    tracing::debug!(error = %e, "publish refused by storage");
+                    self.send_to(
+                        by.origin.core,
+                        CoreMsg::NotAccepted {
+                            by,
+                            code,
+                            message: message.to_owned(),
+                        },
+                    );
+                }
             }
             CoreMsg::Ephemeral {
                 room,
@@ -433,6 +446,8 @@ impl Core {
                     if let Some(origin) = requester {
                         let code = match e {
                             DirectoryError::Blocked(_) => ErrorCode::NotPermitted,
+                            DirectoryError::Storage("storage_full") => ErrorCode::Overloaded,
+                            DirectoryError::Storage(_) => ErrorCode::Internal,
                             _ => ErrorCode::LimitExceeded,
                         };
                         self.send_to(
@@ -457,9 +472,10 @@ impl Core {
             }
             CoreMsg::Control { op, reply } => {
                 let answer = self.control(op);
-                self.replies.push((reply, answer));
+                self.reply(reply, answer);
             }
             CoreMsg::Accepted { by, seq } => self.on_accepted(by, seq),
+            CoreMsg::NotAccepted { by, code, message } => self.on_not_accepted(by, code, message),
             CoreMsg::Refused {
                 origin,
                 code,
@@ -625,6 +641,7 @@ impl Core {
 mod client;
 mod control;
 mod delivery;
+mod durable;
 mod lifecycle;
 mod owner;
 

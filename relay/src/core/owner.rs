@@ -15,7 +15,7 @@ use pabal_codec::{LeftReason, Text};
 use super::*;
 use crate::directory::DirectoryError;
 use crate::history::History;
-use crate::ids::{Origin, RoomName, Stored};
+use crate::ids::{Origin, RoomName, Stored, StoredRef};
 use crate::mesh::{CoreMsg, Page, PublishedBy, StartFrom};
 use crate::stats::inc;
 
@@ -34,6 +34,10 @@ pub(super) struct OwnedRoom {
     pub(super) idle_queued: bool,
     /// The server API's recent `Idempotency-Key`s and the sequences they got.
     pub(super) idempotency: crate::idempotency::IdempotencyWindow<u64>,
+    /// Its key in the worker's log (disk mode; 0 until its first record).
+    pub(super) key: crate::storage::RoomKey,
+    /// The log holds the room's current epoch (disk mode).
+    pub(super) epoch_stored: bool,
 }
 
 impl OwnedRoom {
@@ -75,6 +79,8 @@ impl Core {
                 members: HashSet::new(),
                 idle_queued: false,
                 idempotency: crate::idempotency::IdempotencyWindow::new(),
+                key: 0,
+                epoch_stored: false,
             },
         );
         self.stats
@@ -136,10 +142,12 @@ impl Core {
                 continue;
             }
             owned.history.evict_expired(now_ms);
-            if owned.history.is_empty() {
+            // In disk mode the log forgets the room too (it comes back in a new epoch, as
+            // in memory mode); if the log refuses, the room stays and is checked later.
+            if owned.history.is_empty() && self.store_drop(&room) {
                 self.owned.remove(&room);
                 evicted += 1;
-            } else {
+            } else if let Some(owned) = self.owned.get_mut(&room) {
                 owned.idle_queued = true;
                 self.idle_rooms.push_back((now + IDLE_ROOM_CHECK, room));
             }
@@ -267,19 +275,44 @@ impl Core {
     /// epoch and head as of the cut.
     pub(super) fn cut_page(&mut self, room: &RoomName, after: u64) -> Option<(Page, u64, u64)> {
         let page_bytes = self.config.connection.replay_page_bytes;
-        let now_ms = self.now_ms();
-        let owned = self.owned.get_mut(room)?;
-        owned.history.evict_expired(now_ms);
-        let mut msgs = Vec::new();
-        let info = owned
-            .history
-            .page(after, owned.head, page_bytes, usize::MAX, &mut msgs);
+        let (msgs, info, epoch, head) = self.read_history(room, after, page_bytes, usize::MAX)?;
         let page = Page {
             gap: info.gap,
             msgs,
             complete: info.complete,
         };
-        Some((page, owned.epoch, owned.head))
+        Some((page, epoch, head))
+    }
+
+    /// Messages of an owned room after `after` (up to about `max_bytes` and `max_msgs`),
+    /// with the room's epoch and head: from memory, or, for what lies before the in-memory
+    /// tail, from the log (disk mode) one page at a time, never loading the whole room.
+    pub(super) fn read_history(
+        &mut self,
+        room: &RoomName,
+        after: u64,
+        max_bytes: usize,
+        max_msgs: usize,
+    ) -> Option<(Vec<StoredRef>, crate::history::PageInfo, u64, u64)> {
+        let now_ms = self.now_ms();
+        let owned = self.owned.get_mut(room)?;
+        owned.history.evict_expired(now_ms);
+        let (epoch, head) = (owned.epoch, owned.head);
+        let mem_first = owned.history.first_seq().unwrap_or(head + 1);
+        if self.durable()
+            && after < head
+            && after + 1 < mem_first
+            && let Some((msgs, info)) =
+                self.disk_page(room, after, (mem_first, head), max_bytes, max_msgs)
+        {
+            return Some((msgs, info, epoch, head));
+        }
+        let owned = self.owned.get_mut(room)?;
+        let mut msgs = Vec::new();
+        let info = owned
+            .history
+            .page(after, head, max_bytes, max_msgs, &mut msgs);
+        Some((msgs, info, epoch, head))
     }
 
     /// The owner adds a member: records the join point (the room's head now, so the new
@@ -305,9 +338,22 @@ impl Core {
                 serial,
             },
         };
+        let was_blocked = unblock && self.directory.is_blocked(user, room);
         let added = self.directory.add(user, room, join, unblock)?;
         if !self.owned.contains_key(room) {
             self.create_room(room, join.epoch);
+        }
+        if (added.new || was_blocked)
+            && let Err(e) = self.store_join(room, user, added.join, was_blocked)
+        {
+            // Not stored, so not done: undo the directory's side.
+            if added.new {
+                self.directory.remove(user, room, was_blocked);
+            } else if was_blocked {
+                self.directory.remove(user, room, true);
+                let _ = self.directory.add(user, room, added.join, false);
+            }
+            return Err(DirectoryError::Storage(super::durable::error_of(&e).1));
         }
         if let Some(owned) = self.owned.get_mut(room) {
             owned.members.insert(user.clone());
@@ -337,6 +383,17 @@ impl Core {
         block: bool,
         reason: LeftReason,
     ) -> bool {
+        let member = self
+            .owned
+            .get(room)
+            .is_some_and(|o| o.members.contains(user));
+        let block = block && !self.directory.is_blocked(user, room);
+        if let Err(e) = self.store_leave(room, user, member, block) {
+            // Not stored, so not done: the user stays (the server API reports it).
+            inc(&self.stats.limit_refusals, 1);
+            tracing::warn!(%user, room = %room.name, "leave not stored: {e}");
+            return false;
+        }
         let crate::directory::Removed {
             was,
             cores,
@@ -401,15 +458,16 @@ impl Core {
         }
     }
 
-    /// The owner accepts a message: sequence, history, PUBACK, then one delivery per
-    /// interested worker.
+    /// The owner accepts a message: sequence, log (disk mode), history, PUBACK, then one
+    /// delivery per interested worker. Refused, with nothing sequenced, when the log does
+    /// not take it (full disk).
     pub(super) fn accept_publish(
         &mut self,
         room: RoomName,
         from: Option<PublishedBy>,
         sender: Text,
         payload: Bytes,
-    ) -> u64 {
+    ) -> Result<u64, crate::storage::StorageError> {
         let now_ms = self.now_ms();
         let now = self.now;
         // Small payloads are slices of a large receive buffer: give history its own copy
@@ -419,9 +477,10 @@ impl Core {
         } else {
             payload
         };
+        let seq = self.owned_room(&room).head + 1;
+        self.store_message(&room, seq, now_ms, &sender, &payload)?;
         let owned = self.owned_room(&room);
-        owned.head += 1;
-        let seq = owned.head;
+        owned.head = seq;
         let msg = Arc::new(Stored {
             seq,
             ts_ms: now_ms,
@@ -451,6 +510,6 @@ impl Core {
         if let Some(owned) = self.owned.get_mut(&room) {
             owned.interest = interest;
         }
-        seq
+        Ok(seq)
     }
 }

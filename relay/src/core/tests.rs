@@ -964,5 +964,76 @@ fn a_late_removal_of_an_earlier_membership_leaves_the_current_binding_alone() {
     assert!(h.events(bob).is_empty(), "unbound by a stale removal");
     h.core.handle(h.now, vec![late(serial)]);
     h.pump();
-    assert!(matches!(&h.events(bob)[..], [Event::Left { .. }, Event::Ping(_)]));
+    assert!(matches!(
+        &h.events(bob)[..],
+        [Event::Left { .. }, Event::Ping(_)]
+    ));
+}
+
+/// Runs the log's jobs to completion and hands the core what came back, as the runtime
+/// does at the end and the start of a tick.
+fn commit(h: &mut Harness, exec: &mut crate::storage::InlineExecutor) {
+    use crate::storage::CommitExecutor;
+    while let Some(job) = h.core.poll_storage_job(h.now) {
+        exec.submit(job);
+    }
+    let mut done = Vec::new();
+    exec.poll(&mut done);
+    for c in done {
+        h.core.on_storage_completion(h.now, c);
+    }
+    h.pump();
+}
+
+#[test]
+fn in_disk_mode_nothing_leaves_before_the_log_says_it_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::new(|c| {
+        c.storage.mode = crate::config::StorageMode::Disk;
+        c.storage.dir = dir.path().to_path_buf();
+    });
+    let opts = crate::storage::LogOptions::from_config(&h.core.config().storage, 1);
+    let (log, report) = crate::storage::WorkerLog::open(dir.path(), 0, opts, h.now).unwrap();
+    h.core.attach_storage(log, &report, h.now).unwrap();
+    let mut exec = crate::storage::InlineExecutor::default();
+    let ann = h.connect("ann", ClientSession::new());
+    let bob = h.connect("bob", ClientSession::new());
+    let subscribe = ClientFrame::Subscribe(Subscribe {
+        room: true,
+        name: Text::from("dm"),
+    });
+    h.send(ann, &subscribe);
+    // The join (and the room's epoch) is appended: the answer waits for the commit.
+    assert!(
+        !h.events(ann)
+            .iter()
+            .any(|e| matches!(e, Event::Bound { .. })),
+        "bound before the join was stored"
+    );
+    commit(&mut h, &mut exec);
+    assert!(
+        h.events(ann)
+            .iter()
+            .any(|e| matches!(e, Event::Bound { .. }))
+    );
+    let a = h.phones[&ann].session.alias_of("dm").unwrap();
+    h.send(bob, &subscribe);
+    commit(&mut h, &mut exec);
+    h.events(bob);
+    h.publish(ann, a, "hello");
+    assert!(
+        h.events(ann).is_empty(),
+        "a PUBACK before the message was stored"
+    );
+    assert!(
+        h.messages(bob).is_empty(),
+        "delivered before the message was stored"
+    );
+    commit(&mut h, &mut exec);
+    assert!(
+        h.events(ann)
+            .iter()
+            .any(|e| matches!(e, Event::PubAck { seq: 1, .. }))
+    );
+    assert_eq!(h.messages(bob), vec![(1, Bytes::from_static(b"hello"))]);
 }

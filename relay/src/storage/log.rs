@@ -564,15 +564,31 @@ impl WorkerLog {
 
     /// When the log next needs [`WorkerLog::poll_job`] called although nothing was
     /// appended: a sync due under `interval`, a retry after a failed write, a checkpoint.
+    /// `None` when nothing is due: while a commit is in flight its completion (which wakes
+    /// the worker) comes first, and a checkpoint is due only when there is something to
+    /// checkpoint, so an idle log never asks its worker to wake.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let mut at = self.last_checkpoint + self.opts.checkpoint_interval;
+        if self.failed.is_some() || self.in_flight.is_some() {
+            return None;
+        }
+        let mut at: Option<Instant> = None;
+        let mut due = |t: Instant| at = Some(at.map_or(t, |a: Instant| a.min(t)));
+        if self.checkpoint_in_flight.is_none()
+            && (self.state_dirty || self.releasable || !self.to_delete.is_empty() || self.closing)
+        {
+            due(self.last_checkpoint + self.opts.checkpoint_interval);
+        }
         if self.held.is_some() {
-            at = at.min(self.retry_at);
+            due(self.retry_at);
+        }
+        if self.quota_full && self.releasable && self.checkpoint_in_flight.is_none() {
+            // Deleting what retention released is the way out of a full quota: now.
+            due(self.last_checkpoint);
         }
         if let (FsyncPolicy::Interval, Some(since)) = (self.opts.fsync, self.unsynced_since) {
-            at = at.min(since + self.opts.fsync_interval);
+            due(since + self.opts.fsync_interval);
         }
-        Some(at)
+        at
     }
 
     /// Asks for a final sync and checkpoint (a clean shutdown): [`WorkerLog::poll_job`]
