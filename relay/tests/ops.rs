@@ -801,9 +801,16 @@ fn the_control_accept_loop_survives_descriptor_exhaustion() {
          idle_timeout = \"120s\"\n[limits]\nreserved_fds = 32\n[log]\nlevel = \"info\"\n",
     )
     .unwrap();
+    let notify_path = dir.path("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
     // 64 descriptors: a few dozen connections exhaust them.
-    let mut daemon = Daemon::spawn(RELAY, &config, |cmd| limit_nofile(cmd, 64, 64));
+    let mut daemon = Daemon::spawn(RELAY, &config, |cmd| {
+        limit_nofile(cmd, 64, 64);
+        cmd.env("NOTIFY_SOCKET", &notify_path);
+    });
     let control = addr_in(&daemon.wait_log("control API listening"));
+    // The operations routes are added after the control API listens, before READY=1.
+    wait_notify(&notify, "READY=1", &mut Vec::new());
     assert_eq!(http_get(control, "/healthz").0, 200);
     let held: Vec<TcpStream> = (0..100)
         .map(|_| TcpStream::connect_timeout(&control, WAIT).unwrap())
