@@ -354,7 +354,7 @@ fn main() {
         "{:<22} {:>14} {:>16}",
         "server (core 0)", "deliveries/s", "bytes/delivery"
     );
-    for backend in common::backends() {
+    for backend in pabal_testkit::backends() {
         let config = common::relay_config(backend);
         let Ok(relay) = RelayHandle::start(config) else {
             continue;

@@ -50,7 +50,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5000);
-    for backend in common::backends() {
+    for backend in pabal_testkit::backends() {
         measure(backend, n);
     }
 }

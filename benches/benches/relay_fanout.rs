@@ -301,7 +301,7 @@ fn main() {
         "p99.9 ms",
         "max ms"
     );
-    for backend in common::backends() {
+    for backend in pabal_testkit::backends() {
         for scenario in [channel_1000(), rooms_100x100()] {
             if filter
                 .as_deref()

@@ -5,7 +5,7 @@
 //! - deliveries per second to subscribers of one room, plain vs TLS.
 //!
 //! `cargo bench -p pabal-benches --bench tls` (`PABAL_IDLE_CONNS`, default 2000;
-//! `PABAL_BENCH_SECS`, default 3). Test certificates are made at run time with rcgen.
+//! `PABAL_BENCH_SECS`, default 3). Test certificates are made at run time (`pabal_testkit::pki`).
 
 #![allow(clippy::unwrap_used)] // reason: a benchmark driver fails loudly
 
@@ -21,22 +21,21 @@ use pabal_client::{Client, ClientConfig, ClientEvent, TlsOptions};
 use pabal_relay::config::Config;
 use pabal_relay::io::BackendKind;
 use pabal_relay::runtime::RelayHandle;
+use pabal_testkit::pki::TestPki;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
-/// Writes a self-signed `localhost` certificate and key into `dir`; returns their paths.
-fn make_cert(dir: &Path) -> (PathBuf, PathBuf) {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    std::fs::create_dir_all(dir).unwrap();
-    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&c, cert.cert.pem()).unwrap();
-    std::fs::write(&k, cert.signing_key.serialize_pem()).unwrap();
-    (c, k)
+/// The relay's certificate and key, and the CA that issued them (what clients trust).
+#[derive(Debug, Clone)]
+struct Certs {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
 }
 
-fn tls_options(cert: &Path, resume: bool) -> TlsOptions {
+fn tls_options(ca: &Path, resume: bool) -> TlsOptions {
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(cert).unwrap() {
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
     let mut tls = TlsOptions::new(roots, "localhost").unwrap();
@@ -64,9 +63,10 @@ fn wait_bound(c: &mut Client) {
     }
 }
 
-/// The child: `n` phones, each bound to one room, held until stdin closes.
-fn phones(addr: SocketAddr, n: usize, cert: Option<&str>) {
-    let tls = cert.map(|c| tls_options(Path::new(c), true));
+/// The child: `n` phones (trusting the CA in file `ca`, if TLS), each bound to one room,
+/// held until stdin closes.
+fn phones(addr: SocketAddr, n: usize, ca: Option<&str>) {
+    let tls = ca.map(|c| tls_options(Path::new(c), true));
     let mut held = Vec::with_capacity(n);
     for i in 0..n {
         let mut c = client(addr, &format!("u{i}"), tls.as_ref());
@@ -79,26 +79,26 @@ fn phones(addr: SocketAddr, n: usize, cert: Option<&str>) {
     let _ = std::io::stdin().read_line(&mut line);
 }
 
-fn relay(backend: BackendKind, cert: Option<&(PathBuf, PathBuf)>) -> RelayHandle {
+fn relay(backend: BackendKind, certs: Option<&Certs>) -> RelayHandle {
     let mut config: Config = common::relay_config(backend);
-    if let Some((c, k)) = cert {
-        config.tls.cert_file = Some(c.clone());
-        config.tls.key_file = Some(k.clone());
+    if let Some(c) = certs {
+        config.tls.cert_file = Some(c.cert.clone());
+        config.tls.key_file = Some(c.key.clone());
     }
     RelayHandle::start(config).unwrap()
 }
 
-fn idle_memory(backend: BackendKind, n: usize, cert: Option<&(PathBuf, PathBuf)>) -> f64 {
-    let relay = relay(backend, cert);
-    let extra: Vec<String> = cert.iter().map(|(c, _)| c.display().to_string()).collect();
+fn idle_memory(backend: BackendKind, n: usize, certs: Option<&Certs>) -> f64 {
+    let relay = relay(backend, certs);
+    let extra: Vec<String> = certs.iter().map(|c| c.ca.display().to_string()).collect();
     let grown = common::rss_growth_with_phones(&relay, n, &extra);
     relay.stop().unwrap();
     grown as f64 * 1024.0 / n as f64
 }
 
-fn handshakes(backend: BackendKind, cert: &(PathBuf, PathBuf), resume: bool, secs: u64) -> f64 {
-    let relay = relay(backend, Some(cert));
-    let tls = tls_options(&cert.0, resume);
+fn handshakes(backend: BackendKind, certs: &Certs, resume: bool, secs: u64) -> f64 {
+    let relay = relay(backend, Some(certs));
+    let tls = tls_options(&certs.ca, resume);
     let addr = relay.local_addr();
     if resume {
         // One full handshake to get the tickets.
@@ -117,14 +117,9 @@ fn handshakes(backend: BackendKind, cert: &(PathBuf, PathBuf), resume: bool, sec
     rate
 }
 
-fn deliveries(
-    backend: BackendKind,
-    cert: Option<&(PathBuf, PathBuf)>,
-    subs: usize,
-    msgs: usize,
-) -> f64 {
-    let relay = relay(backend, cert);
-    let tls = cert.map(|c| tls_options(&c.0, true));
+fn deliveries(backend: BackendKind, certs: Option<&Certs>, subs: usize, msgs: usize) -> f64 {
+    let relay = relay(backend, certs);
+    let tls = certs.map(|c| tls_options(&c.ca, true));
     let addr = relay.local_addr();
     let mut readers: Vec<Client> = (0..subs)
         .map(|i| {
@@ -190,14 +185,21 @@ fn main() {
         } else {
             BackendKind::IoUring
         };
-        let cert = args
-            .get(i + 2)
-            .map(|c| (PathBuf::from(c), PathBuf::from(&args[i + 3])));
-        println!("{}", idle_memory(backend, n, cert.as_ref()));
+        let certs = args.get(i + 2).map(|c| Certs {
+            cert: PathBuf::from(c),
+            key: PathBuf::from(&args[i + 3]),
+            ca: PathBuf::from(&args[i + 4]),
+        });
+        println!("{}", idle_memory(backend, n, certs.as_ref()));
         return;
     }
-    let dir = std::env::temp_dir().join(format!("pabal-tls-bench-{}", std::process::id()));
-    let cert = make_cert(&dir);
+    let pki = TestPki::new();
+    let (cert, key) = pki.issue();
+    let certs = Certs {
+        cert,
+        key,
+        ca: pki.ca_file(),
+    };
     let idle = |backend: BackendKind, tls: bool| -> f64 {
         let mut args = vec![
             "--idle".to_string(),
@@ -209,8 +211,9 @@ fn main() {
             .to_string(),
         ];
         if tls {
-            args.push(cert.0.display().to_string());
-            args.push(cert.1.display().to_string());
+            for path in [&certs.cert, &certs.key, &certs.ca] {
+                args.push(path.display().to_string());
+            }
         }
         let out = Command::new(std::env::current_exe().unwrap())
             .args(&args)
@@ -218,7 +221,7 @@ fn main() {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
     };
-    for backend in common::backends() {
+    for backend in pabal_testkit::backends() {
         let plain = idle(backend, false);
         let tls = idle(backend, true);
         println!(
@@ -226,19 +229,18 @@ fn main() {
              TLS costs {:.0} B more",
             tls - plain
         );
-        let full = handshakes(backend, &cert, false, secs);
-        let resumed = handshakes(backend, &cert, true, secs);
+        let full = handshakes(backend, &certs, false, secs);
+        let resumed = handshakes(backend, &certs, true, secs);
         println!(
             "{backend:?}: handshakes + HELLO/WELCOME per second, one worker (client in the same \
              process): full {full:.0}/s, resumed (0-RTT HELLO) {resumed:.0}/s"
         );
         let plain = deliveries(backend, None, 20, 20_000);
-        let tls = deliveries(backend, Some(&cert), 20, 20_000);
+        let tls = deliveries(backend, Some(&certs), 20, 20_000);
         println!(
             "{backend:?}: deliveries per second, 20 subscribers x 20000 x 100 B: plain {plain:.0}/s, \
              TLS {tls:.0}/s ({:.0}%)",
             tls / plain * 100.0
         );
     }
-    let _ = std::fs::remove_dir_all(dir);
 }

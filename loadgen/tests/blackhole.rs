@@ -11,10 +11,12 @@ use std::time::Duration;
 use pabal_loadgen::link::LinkProfile;
 use pabal_loadgen::plan::PlanBuilder;
 use pabal_loadgen::run::run;
+use pabal_relay::io::BackendKind;
+use pabal_testkit::TestRelay;
 
 #[test]
 fn a_blackholed_phone_is_noticed_and_resumes_without_loss() {
-    let relay = common::relay(|c| {
+    let relay = TestRelay::start(BackendKind::Epoll, 1, |c| {
         c.heartbeat.interval = Duration::from_secs(1);
         c.heartbeat.min_interval = Duration::from_secs(1);
         c.heartbeat.timeout = Duration::from_secs(1);
@@ -61,5 +63,5 @@ fn a_blackholed_phone_is_noticed_and_resumes_without_loss() {
         "both phones end caught up: {s:?}"
     );
     assert!(c.acked >= 3, "{c:?}");
-    relay.stop().unwrap();
+    relay.stop();
 }

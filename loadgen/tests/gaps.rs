@@ -15,13 +15,13 @@ use pabal_loadgen::report;
 use pabal_loadgen::run::{RetentionSource, RunReport, run};
 use pabal_loadgen::verify::Kind;
 use pabal_relay::io::BackendKind;
+use pabal_testkit::TestRelay;
 
 /// A sender publishing 10 messages a second, and a receiver whose link drops about every
 /// second and comes back a second later: each resume finds more than 3 messages it missed.
 fn run_with(backend: BackendKind, judge_by: Option<Retention>) -> RunReport {
-    let relay = common::relay_on(backend, |c| {
+    let relay = TestRelay::start(backend, 1, |c| {
         c.retention.max_messages = 3;
-        c.control.listen = "127.0.0.1:0".into();
     });
     let mut b = PlanBuilder::new();
     let room = b.room("short-memory", false);
@@ -46,13 +46,13 @@ fn run_with(backend: BackendKind, judge_by: Option<Retention>) -> RunReport {
         }
     };
     let report = run(config).unwrap();
-    relay.stop().unwrap();
+    relay.stop();
     report
 }
 
 #[test]
 fn gaps_that_retention_explains_pass_and_the_same_gaps_unexplained_fail() {
-    for backend in common::backends() {
+    for backend in pabal_testkit::backends() {
         let report = run_with(backend, None);
         let table = report::table(&report);
         eprintln!("{backend:?}, retention read from the API:\n{table}");

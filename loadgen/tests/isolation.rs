@@ -10,6 +10,7 @@ mod common;
 use pabal_loadgen::report;
 use pabal_loadgen::run::{RunConfig, RunReport, run};
 use pabal_loadgen::scenario::Scenario;
+use pabal_testkit::TestRelay;
 
 const SCENARIO: &str = r#"
 duration_s = 2
@@ -41,8 +42,8 @@ fn run_once(addr: std::net::SocketAddr, seed: u64, run_id: Option<&str>) -> RunR
 
 #[test]
 fn repeated_runs_against_one_relay_do_not_see_each_other() {
-    for backend in common::backends() {
-        let relay = common::relay_on(backend, |_| {});
+    for backend in pabal_testkit::backends() {
+        let relay = TestRelay::start(backend, 1, |_| {});
         let first = run_once(relay.local_addr(), 1, None);
         assert!(first.passed(), "{}", report::table(&first));
         let second = run_once(relay.local_addr(), 2, None);
@@ -56,6 +57,6 @@ fn repeated_runs_against_one_relay_do_not_see_each_other() {
             "a run reusing names passed:\n{}",
             report::table(&reused)
         );
-        relay.stop().unwrap();
+        relay.stop();
     }
 }

@@ -14,6 +14,8 @@ use pabal_loadgen::run::{RunConfig, run};
 use pabal_loadgen::scenario::Scenario;
 use pabal_relay::auth::{JwtConfig, KeyAlgorithm, KeyConfig};
 use pabal_relay::config::AuthMode;
+use pabal_relay::io::BackendKind;
+use pabal_testkit::TestRelay;
 
 const SCENARIO: &str = r#"
 name = "jwt-api"
@@ -50,7 +52,7 @@ fn tokens_and_the_server_api_drive_a_relay_that_requires_them() {
     let secret = temp_file("jwt.secret", "loadgen-test-secret-0123456789abcdef\n");
     let key = "loadgen-test-api-key-0123456789";
     let secret_for_relay = secret.clone();
-    let relay = common::relay(move |c| {
+    let relay = TestRelay::start(BackendKind::Epoll, 1, move |c| {
         c.auth.mode = AuthMode::Jwt;
         c.auth.jwt = Some(JwtConfig {
             leeway: 30,
@@ -62,7 +64,6 @@ fn tokens_and_the_server_api_drive_a_relay_that_requires_them() {
                 public_key_file: None,
             }],
         });
-        c.control.listen = "127.0.0.1:0".into();
         c.control.api_key = Some(key.into());
     });
     let control = relay.control_addr().expect("the control API listens");
@@ -93,5 +94,5 @@ fn tokens_and_the_server_api_drive_a_relay_that_requires_them() {
         "every membership came from the API"
     );
     assert_eq!(report.summary.caught_up, report.summary.pairs);
-    relay.stop().unwrap();
+    relay.stop();
 }

@@ -11,6 +11,8 @@ use pabal_loadgen::link::LinkProfile;
 use pabal_loadgen::plan::{PlanBuilder, SendPlan};
 use pabal_loadgen::run::run;
 use pabal_loadgen::scenario::Arrivals;
+use pabal_relay::io::BackendKind;
+use pabal_testkit::TestRelay;
 
 /// The two tests measure time: they must not share the two cores with each other.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -20,7 +22,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 #[test]
 fn a_burst_arrives_at_the_links_rate() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let relay = common::relay(|c| {
+    let relay = TestRelay::start(BackendKind::Epoll, 1, |c| {
         c.limits.publish_rate = 1000.0;
         c.limits.publish_burst = 1000.0;
     });
@@ -64,7 +66,7 @@ fn a_burst_arrives_at_the_links_rate() {
         "{rate:.0} B/s over {bytes} B in {:.3} s, expected 50,000 B/s +-15%",
         span_ns as f64 / 1e9
     );
-    relay.stop().unwrap();
+    relay.stop();
 }
 
 /// A 200 ms one-way delay on the receiver's link adds about 200 ms (within 20%) to each
@@ -72,7 +74,7 @@ fn a_burst_arrives_at_the_links_rate() {
 #[test]
 fn a_one_way_delay_adds_itself_to_delivery() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let relay = common::relay(|_| {});
+    let relay = TestRelay::start(BackendKind::Epoll, 1, |_| {});
     let mut b = PlanBuilder::new();
     let room = b.room("delay", false);
     let mut send = SendPlan::to_rooms(&[room], 300.0, 64);
@@ -119,5 +121,5 @@ fn a_one_way_delay_adds_itself_to_delivery() {
         (195.0..=215.0).contains(&link_ms),
         "link baseline {link_ms:.1} ms"
     );
-    relay.stop().unwrap();
+    relay.stop();
 }

@@ -13,6 +13,7 @@ use pabal_loadgen::run::{RunConfig, RunReport, run};
 use pabal_loadgen::scenario::Scenario;
 use pabal_loadgen::verify::Kind;
 use pabal_relay::io::BackendKind;
+use pabal_testkit::TestRelay;
 
 /// 16 phones on unshaped links in 4 groups of 8, each sending 2 messages a second: enough
 /// traffic for every misbehaviour to find its frames within 3 s.
@@ -36,7 +37,7 @@ msgs_per_min = 120
 "#;
 
 fn run_behind(backend: BackendKind, mode: Misbehaviour, seed: u64) -> (RunReport, Proxy) {
-    let relay = common::relay_on(backend, |_| {});
+    let relay = TestRelay::start(backend, 1, |_| {});
     let proxy = Proxy::start(relay.local_addr(), mode, seed, 3);
     let scenario = Scenario::parse(SCENARIO).unwrap();
     let mut config = RunConfig::from_scenario(&scenario, proxy.addr()).unwrap();
@@ -45,14 +46,14 @@ fn run_behind(backend: BackendKind, mode: Misbehaviour, seed: u64) -> (RunReport
         &pabal_relay::config::Config::default(),
     ));
     let report = run(config).unwrap();
-    relay.stop().unwrap();
+    relay.stop();
     (report, proxy)
 }
 
 /// Runs `mode` on every backend: the proxy must have misbehaved, and the run must fail with
 /// `kind` and no other violation.
 fn fails_with(mode: Misbehaviour, kind: Kind) {
-    for backend in common::backends() {
+    for backend in pabal_testkit::backends() {
         let (report, proxy) = run_behind(backend, mode, 7);
         let table = report::table(&report);
         eprintln!("{backend:?} {mode:?}:\n{table}");
@@ -66,7 +67,7 @@ fn fails_with(mode: Misbehaviour, kind: Kind) {
 
 #[test]
 fn a_clean_proxy_passes() {
-    for backend in common::backends() {
+    for backend in pabal_testkit::backends() {
         let (report, proxy) = run_behind(backend, Misbehaviour::Clean, 7);
         let table = report::table(&report);
         assert!(report.passed(), "{backend:?}:\n{table}");

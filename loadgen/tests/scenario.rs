@@ -8,6 +8,8 @@ mod common;
 use pabal_loadgen::report;
 use pabal_loadgen::run::{RunConfig, run};
 use pabal_loadgen::scenario::Scenario;
+use pabal_relay::io::BackendKind;
+use pabal_testkit::TestRelay;
 
 const SCENARIO: &str = r#"
 name = "e2e-short"
@@ -46,7 +48,7 @@ msgs_per_min = 30
 
 #[test]
 fn a_short_mixed_scenario_ends_without_violations() {
-    let relay = common::relay(|_| {});
+    let relay = TestRelay::start(BackendKind::Epoll, 1, |_| {});
     let scenario = Scenario::parse(SCENARIO).unwrap();
     let mut config = RunConfig::from_scenario(&scenario, relay.local_addr()).unwrap();
     config.progress = false;
@@ -79,5 +81,5 @@ fn a_short_mixed_scenario_ends_without_violations() {
         svg.starts_with("<svg") && svg.contains("<polyline"),
         "{svg}"
     );
-    relay.stop().unwrap();
+    relay.stop();
 }

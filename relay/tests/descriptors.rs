@@ -7,15 +7,14 @@
 
 #![allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 
-use bytes::{Bytes, BytesMut};
-use pabal_codec::{ClientSession, Decoder, GoAwayReason, Limits, ServerFrame};
-use pabal_relay::io::probe::{self, BackendOptions};
+use pabal_codec::{Event, GoAwayReason};
+use pabal_testkit::daemon::{Daemon, addr_in, limit_nofile};
+use pabal_testkit::{Client, TempDir, WAIT, skip, uring_unavailable};
 
-mod common;
-use common::{Daemon, WAIT, addr_in};
+/// The binary under test.
+const RELAY: &str = env!("CARGO_BIN_EXE_relay");
 /// The relay's hard descriptor limit; it starts with a lower soft one and must raise it.
 const NOFILE_HARD: u64 = 256;
 const NOFILE_SOFT: u64 = 128;
@@ -41,43 +40,23 @@ enum Answer {
 }
 
 /// Connects, says HELLO as `user`, and returns the connection with the relay's first answer.
-fn hello(addr: SocketAddr, user: &str) -> (TcpStream, Answer) {
-    let mut stream = TcpStream::connect_timeout(&addr, WAIT).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    let mut out = BytesMut::new();
-    ClientSession::new()
-        .hello(Bytes::copy_from_slice(user.as_bytes()), 0)
-        .encode(&mut out);
-    // A refused client may be closed before its HELLO is read: the answer is what counts.
-    let _ = stream.write_all(&out);
-    let decoder = Decoder::new(Limits::default());
-    let mut rbuf = BytesMut::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        match decoder.decode_server(&mut rbuf).unwrap() {
-            Some(ServerFrame::Welcome(_)) => return (stream, Answer::Welcome),
-            Some(ServerFrame::GoAway(g)) if g.reason == GoAwayReason::Overload => {
-                return (stream, Answer::Overload);
-            }
-            Some(other) => panic!("{user}: unexpected first frame {other:?}"),
-            None => {}
-        }
-        match stream.read(&mut chunk) {
-            Ok(0) => panic!("{user}: closed without an answer"),
-            Ok(n) => rbuf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => panic!("{user}: no answer: {e}"),
-        }
-    }
+fn hello(addr: SocketAddr, user: &str) -> (Client, Answer) {
+    let mut client = Client::connect_raw(addr, user, user.as_bytes());
+    let answer = match client.next_event(WAIT) {
+        Some(Event::Welcome(_)) => Answer::Welcome,
+        Some(Event::GoAway(g)) if g.reason == GoAwayReason::Overload => Answer::Overload,
+        Some(other) => panic!("{user}: unexpected first frame {other:?}"),
+        None => panic!("{user}: closed without an answer"),
+    };
+    (client, answer)
 }
 
 fn clients_past_the_descriptor_clamp_get_goaway_overload(backend: &str) {
-    let dir = std::env::temp_dir().join(format!("pabal-fds-{}-{backend}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("relay.toml");
+    let dir = TempDir::new(&format!("fds-{backend}"));
+    let path = dir.path("relay.toml");
     std::fs::write(&path, config(backend, None)).unwrap();
-    let mut daemon = Daemon::spawn(&path, |cmd| {
-        common::limit_nofile(cmd, NOFILE_SOFT, NOFILE_HARD);
+    let mut daemon = Daemon::spawn(RELAY, &path, |cmd| {
+        limit_nofile(cmd, NOFILE_SOFT, NOFILE_HARD);
     });
     let addr = addr_in(&daemon.wait_log("relay listening"));
 
@@ -139,7 +118,6 @@ fn clients_past_the_descriptor_clamp_get_goaway_overload(backend: &str) {
         .filter(|l| l.contains("accept failed") || l.contains("Too many open files"))
         .collect();
     assert!(exhausted.is_empty(), "descriptors ran out: {exhausted:#?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -149,8 +127,8 @@ fn epoll_clamps_to_the_descriptor_limit() {
 
 #[test]
 fn io_uring_clamps_to_the_descriptor_limit() {
-    if let Err(e) = probe::probe_uring(&BackendOptions::default()) {
-        eprintln!("skipping the io_uring variant: {e}");
+    if let Some(why) = uring_unavailable() {
+        skip(format_args!("io_uring unavailable here: {why}"));
         return;
     }
     clients_past_the_descriptor_clamp_get_goaway_overload("io_uring");

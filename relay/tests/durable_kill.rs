@@ -18,8 +18,10 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 
-mod common;
-use common::{Daemon, addr_in};
+use pabal_testkit::WAIT;
+use pabal_testkit::daemon::{Daemon, addr_in};
+
+const RELAY: &str = env!("CARGO_BIN_EXE_relay");
 
 const ROOMS: usize = 4;
 const ROUNDS: usize = 4;
@@ -33,7 +35,7 @@ fn http(
     body: &str,
 ) -> Option<(u16, serde_json::Value)> {
     let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(common::WAIT)).ok()?;
+    s.set_read_timeout(Some(WAIT)).ok()?;
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -49,7 +51,7 @@ fn http(
 }
 
 fn spawn(config: &Path) -> (Daemon, SocketAddr) {
-    let mut relay = Daemon::spawn(config, |_| {});
+    let mut relay = Daemon::spawn(RELAY, config, |_| {});
     let line = relay.wait_log("control API listening");
     (relay, addr_in(&line))
 }

@@ -6,231 +6,46 @@
 
 #![allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{ErrorKind, Read, Write};
+use std::collections::{HashMap, HashSet};
+use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use pabal_codec::{
-    ClientFrame, ClientSession, Decoder, ErrorCode, Event, Limits, Ping, ServerFrame, Subscribe,
-    Text,
-};
+use pabal_codec::Event;
 use pabal_relay::config::Config;
+use pabal_relay::io::BackendKind;
 use pabal_relay::metrics;
-use pabal_relay::runtime::RelayHandle;
 use pabal_relay::watchdog::{Notifier, Watchdog, WatchdogConfig};
+use pabal_testkit::daemon::{Daemon, addr_in, limit_nofile};
+use pabal_testkit::http::get_anonymous;
+use pabal_testkit::{Client, TempDir, TestRelay, WAIT, repo_file, skip};
 
-mod common;
-use common::{Daemon, RELAY, addr_in};
+/// The binary under test.
+const RELAY: &str = env!("CARGO_BIN_EXE_relay");
 
-/// The longest any single wait may take.
-const WAIT: Duration = Duration::from_secs(10);
-
-fn repo_file(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+/// A relay in this process with `workers` workers on the configured default backend, and a
+/// short shutdown grace.
+fn start_relay(workers: usize) -> TestRelay {
+    TestRelay::start(BackendKind::Auto, workers, |c| {
+        c.shutdown.grace = Duration::from_secs(2);
+    })
 }
 
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("pabal-ops-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// In-process relays, HTTP, and a protocol client.
-
-fn start_relay(workers: usize) -> RelayHandle {
-    let mut config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        workers,
-        pin_workers: false,
-        ..Config::default()
-    };
-    config.control.listen = "127.0.0.1:0".into();
-    config.limits.publish_rate = 1e9;
-    config.limits.publish_burst = 1e9;
-    config.shutdown.grace = Duration::from_secs(2);
-    RelayHandle::start(config).expect("relay starts")
-}
-
-/// One HTTP/1.1 GET: (status, content type, body).
+/// One HTTP/1.1 GET without credentials: (status, content type, body).
 fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
-    let mut stream = TcpStream::connect_timeout(&addr, WAIT).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let mut content_type = String::new();
-    for line in head.lines() {
-        let (name, value) = line.split_once(':').unwrap_or((line, ""));
-        if name.eq_ignore_ascii_case("content-type") {
-            content_type = value.trim().to_string();
-        }
-        assert!(
-            !(name.eq_ignore_ascii_case("transfer-encoding") && value.contains("chunked")),
-            "this reader expects a plain body"
-        );
-    }
-    (status, content_type, body.to_string())
-}
-
-/// A blocking client that resolves every frame through the codec's `ClientSession`.
-struct Client {
-    stream: TcpStream,
-    rbuf: BytesMut,
-    decoder: Decoder,
-    session: ClientSession,
-    queue: VecDeque<Event>,
-    user: String,
-}
-
-impl Client {
-    fn connect(addr: SocketAddr, user: &str) -> Client {
-        let stream = TcpStream::connect_timeout(&addr, WAIT).unwrap();
-        stream.set_nodelay(true).unwrap();
-        let mut client = Client {
-            stream,
-            rbuf: BytesMut::with_capacity(16 * 1024),
-            decoder: Decoder::new(Limits::default()),
-            session: ClientSession::new(),
-            queue: VecDeque::new(),
-            user: user.to_string(),
-        };
-        let hello = client
-            .session
-            .hello(Bytes::copy_from_slice(user.as_bytes()), 0);
-        client.send(&hello);
-        client.wait_for(|e| matches!(e, Event::Welcome(_)));
-        client
-    }
-
-    fn send(&mut self, frame: &ClientFrame) {
-        let mut buf = BytesMut::new();
-        frame.encode(&mut buf);
-        self.stream.write_all(&buf).unwrap();
-    }
-
-    fn join(&mut self, room: &str) -> u32 {
-        self.send(&ClientFrame::Subscribe(Subscribe {
-            room: true,
-            name: Text::from(room),
-        }));
-        match self.wait_for(|e| matches!(e, Event::Bound { room: r, .. } if r.name.as_ref().is_some_and(|n| n.as_str() == room))) {
-            Event::Bound { alias, .. } => alias,
-            _ => unreachable!(),
-        }
-    }
-
-    fn publish(&mut self, alias: u32, payload: &'static [u8]) -> u64 {
-        let (id, frame) = self
-            .session
-            .publish(alias, Bytes::from_static(payload), None);
-        self.send(&frame);
-        id
-    }
-
-    /// Publishes `n` messages at once and sorts the answers: (acknowledged, rate-limited).
-    fn publish_burst(&mut self, alias: u32, n: usize) -> (usize, usize) {
-        let ids: HashSet<u64> = (0..n).map(|_| self.publish(alias, b"hello")).collect();
-        let (mut acked, mut limited) = (0, 0);
-        while acked + limited < n {
-            match self.wait_for(|e| match e {
-                Event::PubAck { msg_id, .. } => ids.contains(msg_id),
-                Event::Error(err) => ids.contains(&err.reference),
-                _ => false,
-            }) {
-                Event::PubAck { .. } => acked += 1,
-                Event::Error(err) => {
-                    assert_eq!(err.code, ErrorCode::RateLimited, "{err:?}");
-                    assert!(!err.fatal, "a rate limit must not close the connection");
-                    limited += 1;
-                }
-                _ => unreachable!(),
-            }
-        }
-        (acked, limited)
-    }
-
-    /// PING, and the PONG that proves the connection still works.
-    fn ping(&mut self) {
-        self.send(&ClientFrame::Ping(Ping::default()));
-        self.wait_for(|e| matches!(e, Event::Pong(_)));
-    }
-
-    fn read_event(&mut self, timeout: Duration) -> Option<Event> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.decoder.decode_server(&mut self.rbuf) {
-                Ok(Some(frame)) => return Some(self.apply(frame)),
-                Ok(None) => {}
-                Err(e) => panic!("{}: malformed frame from the relay: {e}", self.user),
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            self.stream.set_read_timeout(Some(left)).unwrap();
-            let mut chunk = [0u8; 16 * 1024];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return None,
-                Ok(n) => self.rbuf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    return None;
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => panic!("{}: read failed: {e}", self.user),
-            }
-        }
-    }
-
-    fn apply(&mut self, frame: ServerFrame) -> Event {
-        self.session
-            .apply(frame)
-            .unwrap_or_else(|e| panic!("{}: protocol violation by the relay: {e}", self.user))
-    }
-
-    fn wait_for(&mut self, mut pred: impl FnMut(&Event) -> bool) -> Event {
-        if let Some(i) = self.queue.iter().position(&mut pred) {
-            return self.queue.remove(i).unwrap();
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.read_event(left) {
-                Some(e) if pred(&e) => return e,
-                Some(e) => self.queue.push_back(e),
-                None => panic!("{}: timed out; queued: {:?}", self.user, self.queue),
-            }
-        }
-    }
+    let reply = get_anonymous(addr, path);
+    let content_type = reply.header("content-type").unwrap_or("").to_string();
+    assert!(
+        !reply
+            .header("transfer-encoding")
+            .is_some_and(|v| v.contains("chunked")),
+        "this reader expects a plain body"
+    );
+    (reply.status, content_type, reply.body)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -560,10 +375,11 @@ fn the_parser_refuses_what_prometheus_would() {
 
 #[test]
 fn the_unit_passes_systemd_analyze() {
+    // `.ci/run` installs systemd where it is missing; under CI a missing tool fails.
     match Command::new("systemd-analyze").arg("--version").output() {
         Ok(out) if out.status.success() => {}
         _ => {
-            println!("skipped: systemd-analyze not installed");
+            skip("systemd-analyze not installed (`apt-get install systemd`)");
             return;
         }
     }
@@ -604,10 +420,10 @@ fn the_unit_passes_systemd_analyze() {
                 .unwrap_or_else(|| panic!("cannot read the score in {line:?}"));
             assert!(score <= 2.0, "the unit's exposure grew to {score}:\n{text}");
         }
-        None => println!(
-            "skipped: systemd-analyze security --offline unsupported here: {}",
+        None => skip(format_args!(
+            "systemd-analyze security --offline unsupported here: {}",
             String::from_utf8_lossy(&out.stderr).trim()
-        ),
+        )),
     }
 }
 
@@ -741,7 +557,7 @@ fn metrics_parse_and_move_with_traffic() {
         after.sum("pabal_queued_bytes", &[("worker", worker)]);
     }
     drop((alice, bob));
-    relay.stop().unwrap();
+    relay.stop();
 }
 
 #[test]
@@ -769,11 +585,11 @@ fn health_and_readiness() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    relay.shutdown();
+    relay.begin_shutdown();
     let (status, _, body) = http_get(control, "/readyz");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("draining"), "{body}");
-    relay.join().unwrap();
+    relay.join();
 }
 
 /// Counts `WATCHDOG=1` pings until `until`, keeping other notifications.
@@ -795,7 +611,7 @@ fn pings_until(
 
 /// A two-worker relay with a watchdog probing every 200 ms, its notifications collected,
 /// `/healthz` reading the watchdog's record.
-fn watched_relay() -> (RelayHandle, Watchdog, crossbeam_channel::Receiver<String>) {
+fn watched_relay() -> (TestRelay, Watchdog, crossbeam_channel::Receiver<String>) {
     let relay = start_relay(2);
     let (tx, rx) = crossbeam_channel::unbounded::<String>();
     let notifier: Notifier = Box::new(move |states| {
@@ -847,7 +663,7 @@ fn the_watchdog_withholds_pings_while_a_worker_is_wedged() {
     assert_eq!(http_get(control, "/healthz").0, 200);
 
     watchdog.stop();
-    relay.stop().unwrap();
+    relay.stop();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -897,7 +713,7 @@ fn sighup_raises_a_limit_without_dropping_a_connection() {
     let notify_path = dir.path("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
 
-    let mut daemon = Daemon::spawn(&config, |cmd| {
+    let mut daemon = Daemon::spawn(RELAY, &config, |cmd| {
         cmd.env("NOTIFY_SOCKET", &notify_path)
             .env("WATCHDOG_USEC", "1000000");
     });
@@ -985,15 +801,17 @@ fn the_control_accept_loop_survives_descriptor_exhaustion() {
          idle_timeout = \"120s\"\n[limits]\nreserved_fds = 32\n[log]\nlevel = \"info\"\n",
     )
     .unwrap();
+    let notify_path = dir.path("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
     // 64 descriptors: a few dozen connections exhaust them.
-    let mut daemon = Daemon::spawn(&config, |cmd| common::limit_nofile(cmd, 64, 64));
+    let mut daemon = Daemon::spawn(RELAY, &config, |cmd| {
+        limit_nofile(cmd, 64, 64);
+        cmd.env("NOTIFY_SOCKET", &notify_path);
+    });
     let control = addr_in(&daemon.wait_log("control API listening"));
-    // Healthy once every worker has answered the watchdog's first probe.
-    let deadline = Instant::now() + WAIT;
-    while http_get(control, "/healthz").0 != 200 {
-        assert!(Instant::now() < deadline, "never healthy");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The operations routes are added after the control API listens, before READY=1.
+    wait_notify(&notify, "READY=1", &mut Vec::new());
+    assert_eq!(http_get(control, "/healthz").0, 200);
     let held: Vec<TcpStream> = (0..100)
         .map(|_| TcpStream::connect_timeout(&control, WAIT).unwrap())
         .collect();
@@ -1038,7 +856,7 @@ fn the_watchdog_withholds_pings_while_the_control_plane_is_wedged() {
     );
     assert_eq!(http_get(control, "/healthz").0, 200);
     watchdog.stop();
-    relay.stop().unwrap();
+    relay.stop();
 }
 
 #[test]

@@ -12,12 +12,10 @@ use pabal_codec::{ErrorCode, Event, GoAwayReason, LeftReason};
 use pabal_relay::auth::{JwtConfig, KeyAlgorithm, KeyConfig};
 use pabal_relay::config::{AuthMode, Config};
 use pabal_relay::io::BackendKind;
-use pabal_tests::{Client, TestRelay, http, per_backend};
+use pabal_testkit::http::{KEY, Reply, get, http, raw_http, request};
+use pabal_testkit::{Client, TestRelay, per_backend};
 use serde_json::json;
 
-mod common;
-
-use common::{KEY, Reply, get, raw_http, request};
 const SECRET_A: &[u8] = b"an-hs256-secret-of-at-least-32-bytes!!";
 const SECRET_B: &[u8] = b"another-hs256-secret-of-32-bytes-or-more";
 
@@ -918,7 +916,7 @@ fn a_timed_out_publish_answers_504_and_its_retry_publishes_nothing_twice() {
     let first = raw_http(addr, &request("POST", &path, Some("order-42"), body));
     assert_eq!(first.status, 504, "{}", first.body);
     assert!(first.body.contains("may still complete"), "{}", first.body);
-    let until = std::time::Instant::now() + pabal_tests::WAIT;
+    let until = std::time::Instant::now() + pabal_testkit::WAIT;
     let retry = loop {
         let r = raw_http(addr, &request("POST", &path, Some("order-42"), body));
         if r.status == 200 || std::time::Instant::now() > until {
@@ -970,7 +968,7 @@ fn publish_many_answers_per_room_and_a_retry_completes_only_what_is_missing() {
     assert_eq!(status_of(&first, &fast)["status"], "published");
     assert_eq!(status_of(&first, &fast)["seq"], 1);
     assert_eq!(status_of(&first, &slow)["status"], "unknown");
-    let until = std::time::Instant::now() + pabal_tests::WAIT;
+    let until = std::time::Instant::now() + pabal_testkit::WAIT;
     let retry = loop {
         let r = raw_http(
             addr,

@@ -4,14 +4,12 @@
 
 #![allow(clippy::unwrap_used)] // reason: tests
 
-mod common;
-
 use std::time::Duration;
 
-use common::{KEY, get, raw_http, request, with_ops_routes};
 use pabal_relay::config::Config;
 use pabal_relay::io::BackendKind;
-use pabal_tests::{TestRelay, per_backend};
+use pabal_testkit::http::{KEY, get, raw_http, request, with_ops_routes};
+use pabal_testkit::{TestRelay, per_backend};
 
 /// A two-worker relay whose control API needs [`KEY`].
 fn keyed_relay(backend: BackendKind, tweak: impl FnOnce(&mut Config)) -> TestRelay {
@@ -76,8 +74,8 @@ per_backend! {
                 let chunk = chunk.clone();
                 std::thread::spawn(move || {
                     let mut s = std::net::TcpStream::connect(addr).unwrap();
-                    s.set_write_timeout(Some(pabal_tests::WAIT)).unwrap();
-                    s.set_read_timeout(Some(pabal_tests::WAIT)).unwrap();
+                    s.set_write_timeout(Some(pabal_testkit::WAIT)).unwrap();
+                    s.set_read_timeout(Some(pabal_testkit::WAIT)).unwrap();
                     let mut sent = 0;
                     if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ").is_ok() {
                         for _ in 0..16 {
@@ -149,7 +147,7 @@ fn past_the_connection_bound_a_client_gets_503_and_others_are_served_after() {
         .map(|_| std::net::TcpStream::connect(addr).unwrap())
         .collect();
     let plane = relay.handle().control_plane().unwrap();
-    let until = std::time::Instant::now() + pabal_tests::WAIT;
+    let until = std::time::Instant::now() + pabal_testkit::WAIT;
     while plane.connections() < 2 {
         assert!(
             std::time::Instant::now() < until,
@@ -161,7 +159,7 @@ fn past_the_connection_bound_a_client_gets_503_and_others_are_served_after() {
     assert_eq!(refused.status, 503);
     assert_eq!(refused.header("retry-after"), Some("1"));
     drop(held);
-    let until = std::time::Instant::now() + pabal_tests::WAIT;
+    let until = std::time::Instant::now() + pabal_testkit::WAIT;
     while plane.connections() > 0 {
         assert!(
             std::time::Instant::now() < until,
@@ -214,7 +212,7 @@ fn the_event_stream_tells_the_boot_epoch_and_is_bounded() {
     );
     assert_eq!(unauthorized.status, 401);
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(pabal_tests::WAIT)).unwrap();
+    stream.set_read_timeout(Some(pabal_testkit::WAIT)).unwrap();
     write!(
         stream,
         "GET /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n"

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pabal_codec::{ClientFrame, Event, Ping};
-use pabal_tests::{Client, TestRelay, WAIT, per_backend};
+use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use pabal_codec::{ErrorCode, Event};
 use pabal_relay::config::{Config, FsyncPolicy, StorageMode};
-use pabal_tests::{Client, TestRelay, WAIT, http, per_backend};
+use pabal_testkit::http::http;
+use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
 
 const KEY: &str = "test-api-key-0123456789";
 

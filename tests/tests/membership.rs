@@ -7,7 +7,7 @@
 
 use bytes::{Bytes, BytesMut};
 use pabal_codec::{Event, ResumeEntry, ServerFrame, room_id};
-use pabal_tests::{Client, TestRelay, forged_resume, per_backend};
+use pabal_testkit::{Client, TestRelay, forged_resume, per_backend};
 
 fn delivered(frames: &[ServerFrame]) -> usize {
     frames

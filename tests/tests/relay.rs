@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pabal_codec::{ErrorCode, Event, GoAwayReason};
-use pabal_tests::{Client, TestRelay, per_backend};
+use pabal_testkit::{Client, TestRelay, per_backend};
 
 per_backend! {
     fn two_users_chat_in_a_room(backend) {

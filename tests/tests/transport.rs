@@ -12,9 +12,9 @@ use pabal_client::{Backoff, Client as RustClient, ClientConfig, ClientEvent, Tls
 use pabal_codec::{ClientFrame, Decoder, ErrorCode, Limits, Ping, ServerFrame, Subscribe, Text};
 use pabal_relay::config::Config;
 use pabal_relay::io::BackendKind;
-use pabal_tests::pki::TestPki;
-use pabal_tests::ws::{WsClient, WsConn, WsFrame};
-use pabal_tests::{Client, TestRelay, WAIT, per_backend};
+use pabal_testkit::pki::TestPki;
+use pabal_testkit::ws::{WsClient, WsConn, WsFrame};
+use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
 use rand::{Rng, SeedableRng};
 
 fn tls_relay(backend: BackendKind, pki: &TestPki, tweak: impl FnOnce(&mut Config)) -> TestRelay {

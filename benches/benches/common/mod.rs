@@ -1,43 +1,28 @@
-//! What the server benches share: the relay configuration they run, the backends to try, and
-//! a pabal client's handshake.
+//! What the server benches share on top of `pabal-testkit`: the bench relay's configuration,
+//! a bound client's bare socket, and memory measurement.
 
 #![allow(dead_code)] // reason: each bench binary uses a different subset of these helpers
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use pabal_codec::{ClientFrame, Decoder, Hello, ResumeList, ServerFrame, Subscribe, Text};
+use bytes::BytesMut;
 use pabal_relay::config::Config;
 use pabal_relay::io::BackendKind;
-use pabal_relay::io::probe::{BackendOptions, probe_uring};
+use pabal_testkit::{Client, loopback_config};
 
-/// A loopback relay on one worker, without the control listener or any rate limit in the way.
+/// The test relay ([`loopback_config`]) on one worker, pinned, without the control listener,
+/// and with no rate limit in the way.
 pub fn relay_config(backend: BackendKind) -> Config {
-    let mut config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        workers: 1,
-        io_backend: backend,
-        ..Config::default()
-    };
+    let mut config = loopback_config(backend, 1);
+    config.pin_workers = true;
     config.control.listen = String::new();
-    config.log.level = "warn".into();
     config.limits.publish_rate = 1e12;
     config.limits.publish_burst = 1e12;
     config.limits.new_connections_per_second = 1e12;
     config.connection.max_queued_bytes = 1 << 20;
     config
-}
-
-/// epoll, and io_uring where this machine has it (a line says when it does not).
-pub fn backends() -> Vec<BackendKind> {
-    let mut all = vec![BackendKind::Epoll];
-    match probe_uring(&BackendOptions::default()) {
-        Ok(()) => all.push(BackendKind::IoUring),
-        Err(e) => println!("io_uring unavailable here ({e}): skipped"),
-    }
-    all
 }
 
 /// Reads once into `buf`, retrying interrupted reads; panics on EOF.
@@ -56,43 +41,18 @@ pub fn read_some(s: &mut TcpStream, buf: &mut BytesMut) {
     }
 }
 
-/// Connects as `user` (a relay without auth), binds `rooms` (`true`: a channel), and waits
-/// until every binding is confirmed.
+/// Connects as `user` (a relay without auth), binds `rooms` in order (`true`: a channel), so
+/// their aliases are 0, 1, ..., and returns the bare socket once every binding is confirmed.
 pub fn pabal_client(addr: SocketAddr, user: &str, rooms: &[(bool, String)]) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_nodelay(true).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut out = BytesMut::new();
-    ClientFrame::Hello(Hello {
-        version: 1,
-        heartbeat_secs: 0,
-        token: Bytes::copy_from_slice(user.as_bytes()),
-        resume: ResumeList::default(),
-    })
-    .encode(&mut out);
+    let mut client = Client::connect(addr, user);
     for (channel, name) in rooms {
-        ClientFrame::Subscribe(Subscribe {
-            room: !channel,
-            name: Text::from(name.as_str()),
-        })
-        .encode(&mut out);
-    }
-    stream.write_all(&out).unwrap();
-    let decoder = Decoder::default();
-    let mut buf = BytesMut::new();
-    let mut bound = 0;
-    while bound < rooms.len() {
-        while let Some(frame) = decoder.decode_server(&mut buf).unwrap() {
-            bound += usize::from(matches!(frame, ServerFrame::Room(_)));
-        }
-        if bound < rooms.len() {
-            read_some(&mut stream, &mut buf);
+        if *channel {
+            client.subscribe(name);
+        } else {
+            client.join(name);
         }
     }
-    stream.set_read_timeout(None).unwrap();
-    stream
+    client.into_stream()
 }
 
 /// This process's resident set, KiB.

@@ -1,6 +1,6 @@
-//! Shared helpers for loadgen's end-to-end tests: an in-process relay on an ephemeral
-//! loopback port, and a run configuration for a hand-made plan. Every run is bounded by its
-//! own timeline (duration plus drain), so a stuck relay fails a test instead of hanging it.
+//! Shared helpers for loadgen's end-to-end tests: a run configuration for a hand-made plan
+//! (the relay itself is `pabal_testkit::TestRelay`). Every run is bounded by its own
+//! timeline (duration plus drain), so a stuck relay fails a test instead of hanging it.
 
 #![allow(dead_code, reason = "each test binary uses a subset")]
 #![allow(clippy::unwrap_used, reason = "test helpers fail loudly")]
@@ -19,41 +19,6 @@ use pabal_loadgen::run::{RetentionSource, RunConfig};
 use pabal_loadgen::scenario::Arrivals;
 use pabal_loadgen::verify::Thresholds;
 use pabal_relay::config::Config;
-use pabal_relay::io::BackendKind;
-use pabal_relay::runtime::RelayHandle;
-
-/// A one-worker relay on 127.0.0.1:0 (epoll: available everywhere), with `tweak` applied.
-pub fn relay(tweak: impl FnOnce(&mut Config)) -> RelayHandle {
-    relay_on(BackendKind::Epoll, tweak)
-}
-
-/// A one-worker relay on 127.0.0.1:0 with the given I/O backend, with `tweak` applied.
-pub fn relay_on(backend: BackendKind, tweak: impl FnOnce(&mut Config)) -> RelayHandle {
-    let mut config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        workers: 1,
-        pin_workers: false,
-        io_backend: backend,
-        ..Config::default()
-    };
-    config.control.listen = String::new();
-    config.log.level = "warn".into();
-    tweak(&mut config);
-    RelayHandle::start(config).expect("relay starts")
-}
-
-/// The relay's I/O backends this machine runs: epoll, and io_uring where the kernel allows
-/// it (a note on stderr where it does not).
-pub fn backends() -> Vec<BackendKind> {
-    use pabal_relay::io::probe::{BackendOptions, probe_uring};
-    match probe_uring(&BackendOptions::default()) {
-        Ok(_) => vec![BackendKind::Epoll, BackendKind::IoUring],
-        Err(e) => {
-            eprintln!("io_uring unavailable here ({e}): epoll only");
-            vec![BackendKind::Epoll]
-        }
-    }
-}
 
 /// A quiet, traced run of `plan` against `target`.
 pub fn config(plan: Plan, target: SocketAddr, duration_s: f64, drain_s: f64) -> RunConfig {

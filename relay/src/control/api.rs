@@ -72,6 +72,15 @@ impl ApiError {
         Self::new(500, "internal", message)
     }
 
+    /// 503 `starting`, retry in a second: the operations endpoints the binary adds are not
+    /// in place yet (the control API listens a moment before).
+    pub fn starting() -> Self {
+        ApiError {
+            retry_after_s: Some(1),
+            ..Self::new(503, "starting", "the relay is starting")
+        }
+    }
+
     /// 503 with `Retry-After: 1`: a bound of the control plane is reached.
     pub fn busy(message: impl Into<String>) -> Self {
         ApiError {

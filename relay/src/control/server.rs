@@ -380,9 +380,12 @@ async fn handle(ctx: &Arc<Ctx>, req: Request<Incoming>) -> hyper::Response<Body>
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
-    let route = ctx
-        .relay
-        .routes()
+    let routes = ctx.relay.routes();
+    if routes.is_empty() && matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics") {
+        // The binary adds these right after start: until then, not ready, rather than 404.
+        return whole(ApiError::starting().response());
+    }
+    let route = routes
         .into_iter()
         .find(|r| r.method == method.as_str() && r.path == path);
     if let Some(route) = route {

@@ -1,7 +1,8 @@
 //! Loopback tests of the backend contract, each written once and run against every backend:
 //! io_uring (multishot, with a deliberately small buffer ring so that ENOBUFS re-arming is
 //! exercised), io_uring forced onto its single-shot paths, and epoll (with a small per-tick
-//! budget). The io_uring variants print a skip line and pass where io_uring is unavailable.
+//! budget). The io_uring variants print a skip line and pass where io_uring is unavailable,
+//! except under CI (`CI=true`), where they fail ([`pabal_testkit::skip`]).
 //!
 //! The backend runs on the test thread (the io_uring one is single-issuer); clients are std
 //! blocking sockets on their own threads. Every wait is bounded, so a hang fails the test.
@@ -47,7 +48,7 @@ fn uring_opts(multishot: bool) -> BackendOptions {
 fn make_uring(multishot: bool) -> Option<Box<dyn Backend>> {
     let opts = uring_opts(multishot);
     if let Err(e) = probe::probe_uring(&opts) {
-        eprintln!("skipping the io_uring variant: {e}");
+        pabal_testkit::skip(format_args!("the io_uring variant: {e}"));
         return None;
     }
     Some(Box::new(
@@ -928,7 +929,7 @@ fn uring_tiny_rings() {
         ..BackendOptions::default()
     };
     if let Err(e) = probe::probe_uring(&opts) {
-        eprintln!("skipping the io_uring variant: {e}");
+        pabal_testkit::skip(format_args!("the io_uring variant: {e}"));
         return;
     }
     many_connections(Box::new(UringBackend::new(&opts).unwrap()));

@@ -1,20 +1,20 @@
-//! What the integration tests that spawn the real binary (`relay`) share: the child process
-//! with its log lines, and reading addresses out of those lines.
-
-#![allow(dead_code)] // reason: each test file uses a part of this module
-#![allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
+//! The relay binary as a child process: spawned with a configuration file and a clean
+//! logging environment, its log lines read as they come, signals sent to it, its exit
+//! awaited; and reading addresses out of its log lines.
+//!
+//! Owns: the child process of one test. Must not touch: the binary's path, which only the
+//! relay crate's own tests know (`env!("CARGO_BIN_EXE_relay")`); they pass it in.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The longest a spawned relay may take to log a line or exit.
-pub const WAIT: Duration = Duration::from_secs(10);
-/// The binary under test.
-pub const RELAY: &str = env!("CARGO_BIN_EXE_relay");
+use crate::WAIT;
 
 /// The spawned relay, killed if the test fails before it exits.
+#[derive(Debug)]
 pub struct Daemon {
     child: Child,
     log: crossbeam_channel::Receiver<String>,
@@ -23,10 +23,10 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `relay --config <config>` with a clean logging environment and its stderr
+    /// Starts `<binary> --config <config>` with a clean logging environment and its stderr
     /// read line by line; `setup` adds to the command (environment, limits).
-    pub fn spawn(config: &std::path::Path, setup: impl FnOnce(&mut Command)) -> Daemon {
-        let mut cmd = Command::new(RELAY);
+    pub fn spawn(binary: &str, config: &Path, setup: impl FnOnce(&mut Command)) -> Daemon {
+        let mut cmd = Command::new(binary);
         cmd.arg("--config")
             .arg(config)
             .env_remove("RUST_LOG")

@@ -2,7 +2,8 @@
 //! request, masked binary messages out, unmasked frames in. Written from RFC 6455 on
 //! purpose, independently of the relay's framing code.
 //!
-//! Owns: test plumbing only.
+//! Owns: the browser side of a WebSocket in tests. Must not touch: the relay's framing code
+//! (`relay/src/transport/ws.rs`), which this client checks independently.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -3,13 +3,15 @@
 //! temporary directory the `[tls]` section can point at, and client TLS options trusting
 //! the CA.
 //!
-//! Owns: test plumbing only.
+//! Owns: test certificates and their directory. Must not touch: the relay's or the
+//! client's TLS code (they are what these certificates test).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use pabal_client::TlsOptions;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+use crate::TempDir;
 
 /// A test certificate authority and a directory for the files it issues.
 #[derive(Debug)]
@@ -17,10 +19,9 @@ pub struct TestPki {
     ca_params: CertificateParams,
     ca_key: KeyPair,
     ca_der: rustls::pki_types::CertificateDer<'static>,
-    dir: PathBuf,
+    ca_pem: String,
+    dir: TempDir,
 }
-
-static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
 
 impl TestPki {
     /// A fresh CA and an empty temporary directory.
@@ -32,17 +33,12 @@ impl TestPki {
             .push(rcgen::DnType::CommonName, "pabal test CA");
         let ca_key = KeyPair::generate().unwrap();
         let ca = ca_params.self_signed(&ca_key).unwrap();
-        let dir = std::env::temp_dir().join(format!(
-            "pabal-pki-{}-{}",
-            std::process::id(),
-            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
         TestPki {
             ca_der: ca.der().clone(),
+            ca_pem: ca.pem(),
             ca_params,
             ca_key,
-            dir,
+            dir: TempDir::new("pki"),
         }
     }
 
@@ -55,8 +51,8 @@ impl TestPki {
         let key = KeyPair::generate().unwrap();
         let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
         let cert = params.signed_by(&key, &issuer).unwrap();
-        let cert_path = self.dir.join("cert.pem");
-        let key_path = self.dir.join("key.pem");
+        let cert_path = self.dir.path("cert.pem");
+        let key_path = self.dir.path("key.pem");
         std::fs::write(&cert_path, cert.pem()).unwrap();
         std::fs::write(&key_path, key.serialize_pem()).unwrap();
         (cert_path, key_path)
@@ -67,9 +63,17 @@ impl TestPki {
         self.issue_years(2020, 2100)
     }
 
+    /// Writes the CA's certificate as `ca.pem` (for a client in another process to trust);
+    /// returns its path.
+    pub fn ca_file(&self) -> PathBuf {
+        let path = self.dir.path("ca.pem");
+        std::fs::write(&path, &self.ca_pem).unwrap();
+        path
+    }
+
     /// A path in this PKI's directory.
     pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+        self.dir.path(name)
     }
 
     /// Client TLS options trusting this CA only, for `localhost`.
@@ -83,11 +87,5 @@ impl TestPki {
 impl Default for TestPki {
     fn default() -> Self {
         TestPki::new()
-    }
-}
-
-impl Drop for TestPki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
