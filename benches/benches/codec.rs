@@ -12,26 +12,13 @@ use bytes::{Bytes, BytesMut};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use pabal_codec::{Ack, ClientFrame, Decoder, DeliverContext, Ping, Publish, Text};
 
-/// A tiny deterministic generator (xorshift64*), so every run benches the same stream.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+/// The relay's deterministic generator, so every run benches the same stream.
+use pabal_relay::rng::SplitMix64 as Rng;
 
 /// What a busy client sends: 90% PUBLISH of 10-200 bytes (chat lines; some with an ACK
 /// riding along), 8% ACK of a few rooms, 2% PING. Returns the stream and its frame count.
 fn client_stream(frames: usize) -> (Bytes, usize) {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     let mut out = BytesMut::new();
     let mut msg_id = 0;
     for _ in 0..frames {
@@ -87,7 +74,7 @@ fn decode(c: &mut Criterion) {
 /// 0.1-5 s apart, contiguous sequences (implicit on the wire).
 fn encode_deliver(c: &mut Criterion) {
     const FRAMES: usize = 1_000;
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     let senders: Vec<Text> = (0..20)
         .map(|i| Text::from(format!("user-{i:04}")))
         .collect();

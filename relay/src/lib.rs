@@ -26,7 +26,7 @@ pub mod io;
 pub(crate) mod mesh;
 pub mod metrics;
 pub mod reload;
-pub(crate) mod rng;
+pub mod rng;
 pub mod runtime;
 pub(crate) mod stats;
 pub mod storage;

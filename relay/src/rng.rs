@@ -15,6 +15,11 @@ impl SplitMix64 {
         SplitMix64 { state: seed }
     }
 
+    /// A number in `0..n` (`n > 0`; slightly biased for huge `n`, fine for tests and jitter).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);

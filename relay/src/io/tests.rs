@@ -329,23 +329,23 @@ fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
-/// xorshift64*: deterministic sizes and contents without a dependency.
-struct Rng(u64);
+/// Deterministic sizes and contents: the relay's one PRNG.
+struct Rng(crate::rng::SplitMix64);
 
 impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(crate::rng::SplitMix64::new(seed))
+    }
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        self.0.next_u64()
     }
     fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next() % (hi - lo) as u64) as usize
+        lo + self.0.below((hi - lo) as u64) as usize
     }
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     (0..len).map(|_| rng.next() as u8).collect()
 }
 
@@ -420,7 +420,7 @@ fn echo_1mib_random_chunks(b: Box<dyn Backend>) {
         let mut s = connect(addr);
         let mut w = s.try_clone().unwrap();
         let writer = thread::spawn(move || {
-            let mut rng = Rng(7);
+            let mut rng = Rng::new(7);
             let mut off = 0;
             while off < data.len() {
                 let n = rng.range(1, 64 * 1024).min(data.len() - off);
@@ -429,7 +429,7 @@ fn echo_1mib_random_chunks(b: Box<dyn Backend>) {
             }
         });
         let mut got = vec![0u8; expect.len()];
-        let mut rng = Rng(11);
+        let mut rng = Rng::new(11);
         let mut off = 0;
         while off < got.len() {
             let n = rng.range(1, 48 * 1024).min(got.len() - off);
@@ -481,7 +481,7 @@ fn large_batch_partial_writes(b: Box<dyn Backend>) {
     srv.s.sndbuf = Some(64 * 1024);
     let addr = srv.addr;
     // ~6 MB in 3000 buffers: far more than one vectored write takes (64 / 1024 iovecs).
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     let sizes: Vec<usize> = (0..3000).map(|_| rng.range(1, 4000)).collect();
     let total: usize = sizes.iter().sum();
     let whole = Bytes::from(pattern(5, total));
