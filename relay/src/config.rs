@@ -147,19 +147,21 @@ impl Default for WebSocketConfig {
     }
 }
 
+/// A listen address where "" means disabled.
+fn optional_addr(field: &'static str, text: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|e| ConfigError::Invalid {
+        field,
+        why: format!("`{text}`: {e}"),
+    })
+}
+
 impl WebSocketConfig {
     /// The parsed listen address, or `None` when disabled.
     pub fn listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        if self.listen.is_empty() {
-            return Ok(None);
-        }
-        self.listen
-            .parse()
-            .map(Some)
-            .map_err(|e| ConfigError::Invalid {
-                field: "websocket.listen",
-                why: format!("`{}`: {e}", self.listen),
-            })
+        optional_addr("websocket.listen", &self.listen)
     }
 }
 
@@ -450,16 +452,7 @@ impl ControlConfig {
 
     /// The parsed listen address, or `None` when disabled.
     pub fn listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        if self.listen.is_empty() {
-            return Ok(None);
-        }
-        self.listen
-            .parse()
-            .map(Some)
-            .map_err(|e| ConfigError::Invalid {
-                field: "control.listen",
-                why: format!("`{}`: {e}", self.listen),
-            })
+        optional_addr("control.listen", &self.listen)
     }
 }
 
