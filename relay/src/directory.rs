@@ -444,46 +444,17 @@ mod tests {
     fn join_points_are_per_membership() {
         let d = Directory::new(1, 10);
         let ann = Text::from("ann");
+        let jp = |seq, serial| JoinPoint {
+            epoch: 7,
+            seq,
+            serial,
+        };
         assert_eq!(d.join_point(&ann, &room("a")), None);
-        d.add(
-            &ann,
-            &room("a"),
-            JoinPoint {
-                epoch: 7,
-                seq: 3,
-                serial: 1,
-            },
-            false,
-        )
-        .unwrap();
-        assert_eq!(
-            d.join_point(&ann, &room("a")),
-            Some(JoinPoint {
-                epoch: 7,
-                seq: 3,
-                serial: 1
-            })
-        );
+        d.add(&ann, &room("a"), jp(3, 1), false).unwrap();
+        assert_eq!(d.join_point(&ann, &room("a")), Some(jp(3, 1)));
         d.remove(&ann, &room("a"), false);
-        d.add(
-            &ann,
-            &room("a"),
-            JoinPoint {
-                epoch: 7,
-                seq: 9,
-                serial: 2,
-            },
-            false,
-        )
-        .unwrap();
-        assert_eq!(
-            d.join_point(&ann, &room("a")),
-            Some(JoinPoint {
-                epoch: 7,
-                seq: 9,
-                serial: 2
-            })
-        );
+        d.add(&ann, &room("a"), jp(9, 2), false).unwrap();
+        assert_eq!(d.join_point(&ann, &room("a")), Some(jp(9, 2)));
     }
 
     #[test]
