@@ -120,7 +120,8 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<(RoomName, JoinPoint)>, DirectoryError>;
     /// A connection of `user` on `core` closed.
     fn disconnect(&self, user: &Text, core: CoreId);
-    /// Adds `user` to `room` at `join` (see [`Directory::add`]).
+    /// Adds `user` to `room` at `join`: a no-op that reports the join point in force if the
+    /// user is a member already; a blocked channel stays blocked unless `unblock`.
     fn add(
         &self,
         user: &Text,
@@ -128,7 +129,8 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
         join: JoinPoint,
         unblock: bool,
     ) -> Result<Added, DirectoryError>;
-    /// Removes `user` from `room`, optionally blocking it (see [`Directory::remove`]).
+    /// Removes `user` from `room`, optionally blocking it (refused past the per-user cap on
+    /// blocks: the user leaves all the same).
     fn remove(&self, user: &Text, room: &RoomName, block: bool) -> Removed;
     /// Where `user`'s stream of `room` starts, if the user belongs to it.
     fn join_point(&self, user: &Text, room: &RoomName) -> Option<JoinPoint>;
@@ -136,41 +138,6 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
     fn is_blocked(&self, user: &Text, room: &RoomName) -> bool;
     /// Sets how many channels one user may block.
     fn set_max_blocked_per_user(&self, max: usize);
-}
-
-impl Membership for Directory {
-    fn connect(
-        &self,
-        user: &Text,
-        core: CoreId,
-        max_conns: usize,
-    ) -> Result<Vec<(RoomName, JoinPoint)>, DirectoryError> {
-        Directory::connect(self, user, core, max_conns)
-    }
-    fn disconnect(&self, user: &Text, core: CoreId) {
-        Directory::disconnect(self, user, core)
-    }
-    fn add(
-        &self,
-        user: &Text,
-        room: &RoomName,
-        join: JoinPoint,
-        unblock: bool,
-    ) -> Result<Added, DirectoryError> {
-        Directory::add(self, user, room, join, unblock)
-    }
-    fn remove(&self, user: &Text, room: &RoomName, block: bool) -> Removed {
-        Directory::remove(self, user, room, block)
-    }
-    fn join_point(&self, user: &Text, room: &RoomName) -> Option<JoinPoint> {
-        Directory::join_point(self, user, room)
-    }
-    fn is_blocked(&self, user: &Text, room: &RoomName) -> bool {
-        Directory::is_blocked(self, user, room)
-    }
-    fn set_max_blocked_per_user(&self, max: usize) {
-        Directory::set_max_blocked_per_user(self, max)
-    }
 }
 
 /// The relay-wide membership directory.
@@ -197,11 +164,6 @@ impl Directory {
         }
     }
 
-    /// Sets how many channels one user may block (applies to later blocks).
-    pub fn set_max_blocked_per_user(&self, max: usize) {
-        self.max_blocked_per_user.store(max, Ordering::Relaxed);
-    }
-
     /// Changes the rooms-per-user limit (a reload): later joins are checked against it;
     /// a user above a lowered limit keeps their rooms but joins no more.
     pub fn set_max_rooms_per_user(&self, max: usize) {
@@ -214,10 +176,35 @@ impl Directory {
         &self.shards[(h as usize) & (self.shards.len() - 1)]
     }
 
+    /// Workers holding `user`'s live connections.
+    pub fn cores_of(&self, user: &Text) -> Vec<CoreId> {
+        self.shard(user)
+            .read()
+            .get(user)
+            .map(UserEntry::cores)
+            .unwrap_or_default()
+    }
+
+    /// The rooms and channels `user` belongs to.
+    pub fn rooms_of(&self, user: &Text) -> Vec<RoomName> {
+        self.shard(user)
+            .read()
+            .get(user)
+            .map(|e| e.rooms.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Membership for Directory {
+    /// Sets how many channels one user may block (applies to later blocks).
+    fn set_max_blocked_per_user(&self, max: usize) {
+        self.max_blocked_per_user.store(max, Ordering::Relaxed);
+    }
+
     /// A connection of `user` opened on `core`: records it and returns the user's rooms, in
     /// one step, so a concurrent join either shows up in the list or reaches this core.
     /// Refused (and not recorded) if the user already holds `max_conns` connections.
-    pub fn connect(
+    fn connect(
         &self,
         user: &Text,
         core: CoreId,
@@ -242,7 +229,7 @@ impl Directory {
     }
 
     /// A connection of `user` on `core` closed.
-    pub fn disconnect(&self, user: &Text, core: CoreId) {
+    fn disconnect(&self, user: &Text, core: CoreId) {
         let mut shard = self.shard(user).write();
         if let Some(entry) = shard.get_mut(user) {
             if let Some(i) = entry.conns.iter().position(|(c, _)| *c == core) {
@@ -259,7 +246,7 @@ impl Directory {
 
     /// Adds `user` to `room` (a no-op that reports the existing join point if already a
     /// member). A blocked channel stays blocked unless `unblock`.
-    pub fn add(
+    fn add(
         &self,
         user: &Text,
         room: &RoomName,
@@ -295,7 +282,7 @@ impl Directory {
 
     /// Removes `user` from `room`, optionally blocking it (refused past the per-user cap on
     /// blocks: the user leaves all the same).
-    pub fn remove(&self, user: &Text, room: &RoomName, block: bool) -> Removed {
+    fn remove(&self, user: &Text, room: &RoomName, block: bool) -> Removed {
         let max_blocked = self.max_blocked_per_user.load(Ordering::Relaxed);
         let mut shard = self.shard(user).write();
         let entry = shard.entry(user.clone()).or_default();
@@ -320,7 +307,7 @@ impl Directory {
     }
 
     /// Where `user`'s stream of `room` starts, if the user belongs to it.
-    pub fn join_point(&self, user: &Text, room: &RoomName) -> Option<JoinPoint> {
+    fn join_point(&self, user: &Text, room: &RoomName) -> Option<JoinPoint> {
         self.shard(user)
             .read()
             .get(user)
@@ -328,37 +315,11 @@ impl Directory {
     }
 
     /// Whether `user` blocked `room`.
-    pub fn is_blocked(&self, user: &Text, room: &RoomName) -> bool {
+    fn is_blocked(&self, user: &Text, room: &RoomName) -> bool {
         self.shard(user)
             .read()
             .get(user)
             .is_some_and(|e| e.blocked.contains(room))
-    }
-
-    /// Whether `user` belongs to `room`.
-    pub fn is_member(&self, user: &Text, room: &RoomName) -> bool {
-        self.shard(user)
-            .read()
-            .get(user)
-            .is_some_and(|e| e.rooms.contains_key(room))
-    }
-
-    /// Workers holding `user`'s live connections.
-    pub fn cores_of(&self, user: &Text) -> Vec<CoreId> {
-        self.shard(user)
-            .read()
-            .get(user)
-            .map(UserEntry::cores)
-            .unwrap_or_default()
-    }
-
-    /// The rooms and channels `user` belongs to.
-    pub fn rooms_of(&self, user: &Text) -> Vec<RoomName> {
-        self.shard(user)
-            .read()
-            .get(user)
-            .map(|e| e.rooms.keys().cloned().collect())
-            .unwrap_or_default()
     }
 }
 
@@ -388,7 +349,7 @@ mod tests {
         assert_eq!((added.new, added.cores), (true, vec![3]));
         d.disconnect(&ann, 3);
         assert!(d.cores_of(&ann).is_empty());
-        assert!(d.is_member(&ann, &room("b")));
+        assert!(d.join_point(&ann, &room("b")).is_some());
     }
 
     #[test]
