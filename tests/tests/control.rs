@@ -247,3 +247,26 @@ fn the_event_stream_tells_the_boot_epoch_and_is_bounded() {
     drop(stream);
     relay.stop();
 }
+
+#[test]
+fn operations_endpoints_answer_starting_until_they_are_in_place() {
+    // The binary adds /metrics, /healthz and /readyz a moment after the control API listens:
+    // in between, a probe learns "not yet", never 404.
+    let relay = TestRelay::start(BackendKind::Epoll, 1, |_| {});
+    let addr = relay.control_addr().unwrap();
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let reply = pabal_testkit::http::get_anonymous(addr, path);
+        assert_eq!(reply.status, 503, "{path}: {}", reply.body);
+        assert!(reply.body.contains("starting"), "{path}: {}", reply.body);
+        assert!(
+            reply.head.to_ascii_lowercase().contains("retry-after: 1"),
+            "{}",
+            reply.head
+        );
+    }
+    with_ops_routes(&relay);
+    assert_eq!(
+        pabal_testkit::http::get_anonymous(addr, "/readyz").status,
+        200
+    );
+}
