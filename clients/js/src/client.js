@@ -344,8 +344,7 @@ export class PabalClient {
         this.retryAfterMs = e.retryAfterMs;
         if (e.reason === GoAwayReason.KICKED) {
           // §14: no automatic reconnect before the app has a fresh token.
-          this.#teardown();
-          this.#setState('closed', 'kicked');
+          this.#stop('kicked');
           return 'stop';
         }
         this.#connectionLost(`GOAWAY ${e.reason}: ${e.message}`);
@@ -362,9 +361,8 @@ export class PabalClient {
         this.versionIndex++; // §5: an older version this client also speaks
         this.#connectionLost(e.message);
       } else if (e.code === ErrorCode.UNSUPPORTED_VERSION || e.code === ErrorCode.AUTH_FAILED) {
-        this.#teardown();
         for (const j of this.joining.splice(0)) j.reject(err);
-        this.#setState('closed', e.message);
+        this.#stop(e.message);
       } else {
         this.#connectionLost(e.message);
       }
@@ -475,6 +473,21 @@ export class PabalClient {
     }
     this.#emit('disconnected', { reason: why, retryAfterMs: this.retryAfterMs });
     this.#scheduleReconnect();
+  }
+
+  /**
+   * Ends the connection for good (until {@link connect} is called again).
+   * @param {string} why
+   */
+  #stop(why) {
+    const ws = this.ws;
+    this.#teardown();
+    try {
+      ws?.close();
+    } catch {
+      // already closing
+    }
+    this.#setState('closed', why);
   }
 
   /** Ends the connection's state: in-flight publishes go back to the outbox, in order. */

@@ -180,3 +180,20 @@ test('relay heartbeats are answered, so an idle connection stays up', async (t) 
   assert.deepEqual(states, []);
   assert.equal(ann.connects, 1);
 });
+
+test('after GOAWAY Kicked the client does not reconnect on its own', async (t) => {
+  const relay = await startRelay(t);
+  const ann = client(t, relay.wsUrl, 'ann');
+  await until(ann, () => ann.state === 'open', 'ann connects');
+  /** @type {(string | null)[]} */
+  const reasons = [];
+  ann.on('state', (s) => reasons.push(s.reason));
+  await relay.api('POST', '/v1/users/ann/disconnect');
+  await until(ann, () => ann.state === 'closed', 'ann is closed');
+  assert.deepEqual(reasons, ['kicked']);
+  // Until the app calls connect() again (with a fresh token), nothing more happens.
+  await new Promise((resolve) => setTimeout(resolve, 500));
+  assert.equal(ann.connects, 1);
+  ann.connect();
+  await until(ann, () => ann.state === 'open', 'ann reconnects when asked');
+});
