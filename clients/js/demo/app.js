@@ -65,24 +65,28 @@ function setStatus(text) {
   document.getElementById('status').textContent = text;
 }
 
-document.getElementById('room-form').addEventListener('submit', async (ev) => {
-  ev.preventDefault();
-  const input = /** @type {HTMLInputElement} */ (document.getElementById('room-input'));
-  const text = input.value;
-  if (!text) return;
-  input.value = '';
+/**
+ * Calls `send(text)` with what is typed into a form's input.
+ * @param {string} form @param {string} input @param {(text: string) => Promise<void>} send
+ */
+function onSubmit(form, input, send) {
+  document.getElementById(form).addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const field = /** @type {HTMLInputElement} */ (document.getElementById(input));
+    const text = field.value;
+    field.value = '';
+    if (text) await send(text);
+  });
+}
+
+onSubmit('room-form', 'room-input', async (text) => {
   const seq = await client.publish(ROOM, text);
   add({ room: ROOM, channel: false, seq: /** @type {number} */ (seq), sender: user, text });
   save();
 });
 
-document.getElementById('channel-form').addEventListener('submit', async (ev) => {
-  ev.preventDefault();
-  const input = /** @type {HTMLInputElement} */ (document.getElementById('channel-input'));
-  const text = input.value;
-  if (!text) return;
-  input.value = '';
-  // Channels are written by the app server: the demo server broadcasts for us.
+// Channels are written by the app server: the demo server broadcasts for us.
+onSubmit('channel-form', 'channel-input', async (text) => {
   await fetch('/api/announce', { method: 'POST', body: JSON.stringify({ user, text }) });
 });
 

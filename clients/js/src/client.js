@@ -464,13 +464,7 @@ export class PabalClient {
 
   /** @param {string} why */
   #connectionLost(why) {
-    const ws = this.ws;
-    this.#teardown();
-    try {
-      ws?.close();
-    } catch {
-      // already closing
-    }
+    this.#dropSocket();
     this.#emit('disconnected', { reason: why, retryAfterMs: this.retryAfterMs });
     this.#scheduleReconnect();
   }
@@ -480,6 +474,12 @@ export class PabalClient {
    * @param {string} why
    */
   #stop(why) {
+    this.#dropSocket();
+    this.#setState('closed', why);
+  }
+
+  /** Tears the connection's state down and closes its socket. */
+  #dropSocket() {
     const ws = this.ws;
     this.#teardown();
     try {
@@ -487,7 +487,6 @@ export class PabalClient {
     } catch {
       // already closing
     }
-    this.#setState('closed', why);
   }
 
   /** Ends the connection's state: in-flight publishes go back to the outbox, in order. */
