@@ -518,10 +518,20 @@ export class PabalClient {
     this.attempt++;
     this.#setState('waiting', null);
     this.#emit('reconnecting', { delayMs: delay, attempt: this.attempt });
+    this.#reconnectAt(Date.now() + delay);
+  }
+
+  /**
+   * Reconnects at `deadline` (wall clock), never before: a timer may fire early against the
+   * wall clock (an event loop's cached time), and a GOAWAY's hint is a minimum.
+   * @param {number} deadline
+   */
+  #reconnectAt(deadline) {
     this.reconnectTimer = setTimeout(() => {
       this.reconnectTimer = null;
+      if (Date.now() < deadline) return this.#reconnectAt(deadline);
       this.#open();
-    }, delay);
+    }, Math.max(0, deadline - Date.now()));
   }
 
   /** @param {'reconnectTimer' | 'ackTimer' | 'heartbeatTimer'} name */

@@ -167,16 +167,16 @@ test('malformed input from the wire ends the connection, and the resume loses no
 
 test('relay heartbeats are answered, so an idle connection stays up', async (t) => {
   const relay = await startRelay(t, {
-    toml: '[heartbeat]\ninterval = "1s"\nmin_interval = "1s"\ntimeout = "1s"\n',
+    toml: '[heartbeat]\ninterval = "1s"\nmin_interval = "1s"\ntimeout = "2s"\n',
   });
   const ann = client(t, relay.wsUrl, 'ann', { heartbeatSecs: 1 });
   await until(ann, () => ann.state === 'open', 'ann connects');
   assert.equal(ann.welcome?.heartbeatSecs, 1);
   const states = [];
   ann.on('state', (s) => states.push(s.state));
-  // Several intervals of silence: the relay pings each second and closes a silent client
-  // one second later; this one answers every PING.
-  await new Promise((resolve) => setTimeout(resolve, 4000));
+  // Several intervals of silence: the relay pings after a second of it and closes a client
+  // that stays silent two seconds more; this one answers every PING.
+  await new Promise((resolve) => setTimeout(resolve, 5000));
   assert.deepEqual(states, []);
   assert.equal(ann.connects, 1);
 });
