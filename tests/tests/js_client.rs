@@ -25,6 +25,18 @@ fn js_dir() -> PathBuf {
     workspace().join("clients").join("js")
 }
 
+/// Prefixes of the environment cargo sets for one crate's build or tests.
+const CARGO_SET_FOR_A_CRATE: &[&str] = &[
+    "CARGO_PKG_",
+    "CARGO_MANIFEST_",
+    "CARGO_CRATE_NAME",
+    "CARGO_BIN_NAME",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_TARGET_TMPDIR",
+    "CARGO_RUSTC_CURRENT_DIR",
+    "OUT_DIR",
+];
+
 /// The relay binary the suites start: `$PABAL_RELAY_BIN`, else built here (a no-op when the
 /// test build already made it). `test-hooks` is on because this crate enables it for the
 /// whole workspace build: the same features find the same artifact instead of rebuilding it.
@@ -35,7 +47,17 @@ fn relay_binary() -> &'static Path {
             return PathBuf::from(bin);
         }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(cargo)
+        let mut cmd = Command::new(cargo);
+        // Without the variables cargo set for this test crate (CARGO_MANIFEST_DIR,
+        // CARGO_PKG_NAME, ...): build scripts (ring's) track them, and inherited they would
+        // make this build differ from the shell's `cargo test` and rebuild the relay.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if CARGO_SET_FOR_A_CRATE.iter().any(|set| key.starts_with(set)) {
+                cmd.env_remove(&*key);
+            }
+        }
+        let out = cmd
             .args(["build", "-p", "pabal-relay", "--bin", "relay"])
             .args(["--features", "test-hooks", "--locked"])
             .arg("--message-format=json-render-diagnostics")
