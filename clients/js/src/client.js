@@ -257,7 +257,12 @@ export class PabalClient {
       }
       this.#receive(new Uint8Array(ev.data));
     };
-    ws.onerror = () => {};
+    // An error ends the connection by itself: browsers follow it with a close event, but
+    // Node 20's WebSocket does not when the connection is refused.
+    ws.onerror = () => {
+      if (this.ws !== ws) return;
+      this.#connectionLost('socket error');
+    };
     ws.onclose = (ev) => {
       if (this.ws !== ws) return;
       this.#connectionLost(`socket closed (${ev.code})`);
@@ -492,7 +497,7 @@ export class PabalClient {
   /** Ends the connection's state: in-flight publishes go back to the outbox, in order. */
   #teardown() {
     if (this.ws) {
-      this.ws.onopen = this.ws.onmessage = this.ws.onclose = null;
+      this.ws.onopen = this.ws.onmessage = this.ws.onclose = this.ws.onerror = null;
     }
     this.ws = null;
     this.decoder = null;

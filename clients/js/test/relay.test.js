@@ -197,3 +197,16 @@ test('after GOAWAY Kicked the client does not reconnect on its own', async (t) =
   ann.connect();
   await until(ann, () => ann.state === 'open', 'ann reconnects when asked');
 });
+
+test('failed reconnects back off exponentially with full jitter, up to the cap', async (t) => {
+  const relay = await startRelay(t);
+  const ann = client(t, relay.wsUrl, 'ann', { random: () => 0.999 });
+  await until(ann, () => ann.state === 'open', 'ann connects');
+  /** @type {number[]} */
+  const delays = [];
+  ann.on('reconnecting', (r) => delays.push(r.delayMs));
+  await relay.stop(); // every reconnect now fails
+  await until(ann, () => delays.length >= 6, 'six attempts');
+  // base 50 ms, cap 500 ms: the window doubles per failure; the draw is 0.999 of it.
+  assert.deepEqual(delays.slice(0, 6), [50, 100, 200, 400, 500, 500].map((w) => Math.floor(0.999 * w)));
+});
