@@ -295,3 +295,161 @@ fn install(root: &Path) -> Result<(), StorageError> {
 fn worker_dir(root: &Path, n: usize) -> PathBuf {
     root.join(format!("worker-{n}"))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
+mod tests {
+    use pabal_codec::Text;
+
+    use super::*;
+    use crate::config::FsyncPolicy;
+
+    fn opts() -> LogOptions {
+        LogOptions {
+            segment_size: 1 << 20,
+            fsync: FsyncPolicy::Always,
+            fsync_interval: Duration::from_millis(10),
+            max_disk_bytes: 0,
+            checkpoint_interval: Duration::from_secs(3600),
+        }
+    }
+
+    fn name(i: u64) -> RoomName {
+        RoomName::new(false, Text::from(format!("room:{i}").as_str()))
+    }
+
+    /// Twelve rooms in the logs of two workers, each in its owner's: epoch 100 + i, i + 2
+    /// messages, one member.
+    fn write_two_workers(root: &Path) {
+        let mut exec = InlineExecutor::default();
+        for w in 0..2u32 {
+            let (mut log, _) = WorkerLog::open(root, w, opts(), Instant::now()).unwrap();
+            for i in (0..12).filter(|i| name(*i).owner(2) == w as usize) {
+                let key = log.room(&name(i));
+                log.append_epoch(key, 100 + i, 0).unwrap();
+                for seq in 1..=i + 2 {
+                    let body = format!("{i}/{seq}");
+                    log.append_message(key, seq, 1000 + seq, 0, "u", body.as_bytes())
+                        .unwrap();
+                }
+                log.append_join(key, "member", 100 + i, 1).unwrap();
+            }
+            log.begin_close();
+            assert!(log.flush_blocking(&mut exec, Duration::from_secs(10)));
+        }
+    }
+
+    /// Every room is in the log of its owner under `workers`, whole.
+    fn check(root: &Path, workers: usize) {
+        assert_eq!(
+            stored_workers(root).unwrap(),
+            (0..workers).collect::<Vec<_>>()
+        );
+        for dir in [TMP_DIR, READY_DIR, OLD_DIR, INSTALLING] {
+            assert!(!root.join(dir).exists(), "{dir} left behind");
+        }
+        let mut logs: Vec<WorkerLog> = (0..workers)
+            .map(|w| {
+                WorkerLog::open(root, w as u32, opts(), Instant::now())
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        for i in 0..12 {
+            let owner = name(i).owner(workers);
+            for (w, log) in logs.iter_mut().enumerate() {
+                let key = log.state().keys.get(&name(i)).copied();
+                if w != owner {
+                    assert_eq!(key, None, "room {i} also in worker {w}");
+                    continue;
+                }
+                let key = key.unwrap();
+                let rs = log.state().rooms[&key].clone();
+                assert_eq!((rs.epoch, rs.head), (100 + i, i + 2), "room {i}");
+                assert_eq!(rs.members[&Text::from("member")].epoch, 100 + i);
+                let mut page = Vec::new();
+                log.read_page(key, 0, usize::MAX, usize::MAX, &mut page)
+                    .unwrap();
+                let got: Vec<(u64, u64, Vec<u8>)> = page
+                    .iter()
+                    .map(|m| (m.seq, m.ts_ms, m.payload.to_vec()))
+                    .collect();
+                let want: Vec<(u64, u64, Vec<u8>)> = (1..=i + 2)
+                    .map(|s| (s, 1000 + s, format!("{i}/{s}").into_bytes()))
+                    .collect();
+                assert_eq!(got, want, "room {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn rooms_move_to_their_new_owners_and_a_same_count_start_does_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        write_two_workers(dir.path());
+        let report = rehome(dir.path(), 3, opts()).unwrap().unwrap();
+        assert_eq!(
+            (report.from_workers, report.to_workers, report.rooms),
+            (2, 3, 12)
+        );
+        assert_eq!(report.messages, (0..12).map(|i| i + 2).sum::<u64>());
+        assert!(report.moved > 0);
+        check(dir.path(), 3);
+        assert_eq!(rehome(dir.path(), 3, opts()).unwrap(), None);
+        rehome(dir.path(), 1, opts()).unwrap().unwrap();
+        check(dir.path(), 1);
+    }
+
+    #[test]
+    fn an_attempt_cut_before_its_commit_point_is_redone_and_an_install_cut_is_finished() {
+        // Cut while building: the half-built logs are thrown away, the old ones used.
+        let dir = tempfile::tempdir().unwrap();
+        write_two_workers(dir.path());
+        fs::create_dir_all(dir.path().join(TMP_DIR).join("worker-0")).unwrap();
+        fs::write(dir.path().join(TMP_DIR).join("worker-0").join("junk"), b"x").unwrap();
+        rehome(dir.path(), 3, opts()).unwrap().unwrap();
+        check(dir.path(), 3);
+        // Cut during the install: the new logs are ready, one old log has moved out.
+        let dir = tempfile::tempdir().unwrap();
+        write_two_workers(dir.path());
+        let stored = stored_workers(dir.path()).unwrap();
+        build(dir.path(), &stored, 3, opts()).unwrap();
+        fs::rename(dir.path().join(TMP_DIR), dir.path().join(READY_DIR)).unwrap();
+        fs::create_dir_all(dir.path().join(OLD_DIR)).unwrap();
+        fs::rename(
+            worker_dir(dir.path(), 0),
+            worker_dir(&dir.path().join(OLD_DIR), 0),
+        )
+        .unwrap();
+        assert_eq!(
+            rehome(dir.path(), 3, opts()).unwrap(),
+            None,
+            "finished, not redone"
+        );
+        check(dir.path(), 3);
+        // Cut later: the marker is there and two new logs have moved in.
+        let dir = tempfile::tempdir().unwrap();
+        write_two_workers(dir.path());
+        let stored = stored_workers(dir.path()).unwrap();
+        build(dir.path(), &stored, 3, opts()).unwrap();
+        let (root, ready, old) = (
+            dir.path(),
+            dir.path().join(READY_DIR),
+            dir.path().join(OLD_DIR),
+        );
+        fs::rename(root.join(TMP_DIR), &ready).unwrap();
+        fs::create_dir_all(&old).unwrap();
+        for n in 0..2 {
+            fs::rename(worker_dir(root, n), worker_dir(&old, n)).unwrap();
+        }
+        fs::File::create(root.join(INSTALLING)).unwrap();
+        for n in 0..2 {
+            fs::rename(worker_dir(&ready, n), worker_dir(root, n)).unwrap();
+        }
+        assert_eq!(
+            rehome(root, 3, opts()).unwrap(),
+            None,
+            "finished, not redone"
+        );
+        check(root, 3);
+    }
+}
