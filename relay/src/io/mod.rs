@@ -57,6 +57,7 @@ pub mod slab;
 #[cfg(test)]
 mod tests;
 pub mod uring;
+pub mod uring_storage;
 mod wakeup;
 
 use std::collections::VecDeque;
@@ -131,6 +132,13 @@ pub trait Backend: Transport {
     fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<()>;
     /// Accept failures and pauses since the backend started.
     fn accept_stats(&self) -> AcceptStats;
+    /// The backend's own executor for the worker's durable-log jobs, where it has one: the
+    /// io_uring backend writes and syncs through its ring ([`uring_storage`]), and reports
+    /// the completions from [`Backend::poll`] (a completion ends the wait). `None` (epoll):
+    /// the worker runs them on a [`crate::storage::SyncThread`].
+    fn storage_executor(&mut self) -> Option<&mut dyn crate::storage::CommitExecutor> {
+        None
+    }
 }
 
 /// Which backend to run; the config's `io_backend`.
