@@ -112,9 +112,11 @@ impl Core {
     ) -> Result<(Text, Option<crate::auth::Claims>), (ErrorCode, String)> {
         let user = match self.config.auth.mode {
             AuthMode::None => {
-                let user = Text::from_utf8(token.clone())
+                let user = std::str::from_utf8(token)
                     .map_err(|_| (ErrorCode::AuthFailed, "user id is not UTF-8".to_string()))?;
-                (user, None)
+                // A copy of its own: a slice of the frame would keep the whole read buffer
+                // it arrived in alive for as long as the session lasts.
+                (Text::from(user), None)
             }
             AuthMode::Jwt => {
                 let verifier = self.shared.verifier.read().clone();
@@ -319,7 +321,7 @@ impl Core {
     }
 
     pub(super) fn on_subscribe(&mut self, token: Token, is_room: bool, name: Text) {
-        let room = RoomName::new(!is_room, name);
+        let room = self.shared_name(RoomName::new(!is_room, name));
         let Some(conn) = self.conn(token) else { return };
         let user = conn.user.clone().unwrap_or_default();
         if let Some(alias) = conn.alias_of(&room) {
@@ -484,6 +486,22 @@ impl Core {
         self.send_to_owner(&room, msg);
     }
 
+    /// The worker's own copy of a room's name if it has one (bindings to a room then share
+    /// one name), or a copy of its own: a name sliced out of a frame would keep the whole
+    /// read buffer it arrived in alive for as long as the binding lasts.
+    pub(super) fn shared_name(&self, room: RoomName) -> RoomName {
+        if let Some((known, _)) = self.local.get_key_value(&room) {
+            return known.clone();
+        }
+        if let Some((known, _)) = self.owned.get_key_value(&room) {
+            return known.clone();
+        }
+        RoomName {
+            name: Text::from(room.name.as_str()),
+            ..room
+        }
+    }
+
     /// Bytes arrived on a connection at `now`.
     pub fn on_bytes(&mut self, now: Instant, token: Token, data: &[u8]) {
         self.advance_to(now);
@@ -502,19 +520,49 @@ impl Core {
         if !matches!(conn.phase, Phase::Handshake | Phase::Open) || draining {
             return;
         }
-        conn.rbuf.extend_from_slice(data);
+        // Whole frames are decoded out of the worker's one read buffer; a connection keeps
+        // bytes of its own only for a partial frame, so an idle connection holds none.
+        let own = !conn.rbuf.is_empty();
+        let mut buf = if own {
+            std::mem::take(&mut conn.rbuf)
+        } else {
+            std::mem::take(&mut self.read_scratch)
+        };
+        buf.extend_from_slice(data);
         loop {
             let Core { conns, decoder, .. } = &mut *self;
-            let Some(conn) =
-                conn_in(conns, token).filter(|c| matches!(c.phase, Phase::Handshake | Phase::Open))
-            else {
-                return;
-            };
-            match decoder.decode_client(&mut conn.rbuf) {
-                Ok(Some(frame)) => self.on_frame(token, frame),
-                Ok(None) => return,
-                Err(e) => return self.decode_failed(token, e),
+            if conn_in(conns, token)
+                .filter(|c| matches!(c.phase, Phase::Handshake | Phase::Open))
+                .is_none()
+            {
+                buf.clear();
+                break;
             }
+            match decoder.decode_client(&mut buf) {
+                Ok(Some(frame)) => self.on_frame(token, frame),
+                Ok(None) => break,
+                Err(e) => {
+                    buf.clear();
+                    self.decode_failed(token, e);
+                    break;
+                }
+            }
+        }
+        let partial = !buf.is_empty();
+        match self.conn(token) {
+            Some(conn) if partial && own => conn.rbuf = buf,
+            Some(conn) if partial => {
+                // The leftover moves to a buffer of its own size; the shared one stays.
+                conn.rbuf = BytesMut::from(&buf[..]);
+                buf.clear();
+                self.read_scratch = buf;
+            }
+            _ if !own => {
+                buf.clear();
+                self.read_scratch = buf;
+            }
+            // A connection's own buffer, emptied: freed (the shared one is kept).
+            _ => {}
         }
     }
 
