@@ -218,7 +218,8 @@ pub struct ConnectionConfig {
     /// The kernel send buffer of each client socket (`SO_SNDBUF`), bytes; 0 leaves it to the
     /// kernel's autotuning. On loopback and fast links autotuning lets a stalled reader's
     /// socket hold megabytes of kernel memory; a bound caps what a stalled phone costs the
-    /// kernel, as `max_queued_bytes` caps what it costs the relay. Default 0.
+    /// kernel, as `max_queued_bytes` caps what it costs the relay. The kernel doubles the
+    /// value and caps it at `net.core.wmem_max`. Default 0.
     pub send_buffer_bytes: usize,
 }
 
@@ -869,10 +870,10 @@ impl Config {
         if c.max_queued_bytes < 1024 {
             return Err(invalid("connection.max_queued_bytes", "at least 1024"));
         }
-        if c.send_buffer_bytes != 0 && !(2048..=64 << 20).contains(&c.send_buffer_bytes) {
+        if c.send_buffer_bytes != 0 && !(2048..=1 << 30).contains(&c.send_buffer_bytes) {
             return Err(invalid(
                 "connection.send_buffer_bytes",
-                "must be 0 (the kernel's autotuning) or 2048 ..= 64 MiB",
+                "must be 0 (the kernel's autotuning) or 2048 ..= 1 GiB",
             ));
         }
         if c.max_rooms == 0 || c.max_rooms > 1 << 20 {
