@@ -521,12 +521,18 @@ impl Core {
             return;
         }
         // Whole frames are decoded out of the worker's one read buffer; a connection keeps
-        // bytes of its own only for a partial frame, so an idle connection holds none.
+        // bytes of its own only for a partial frame, so an idle connection holds none. A
+        // read that may hold a payload history keeps without copying (one of at least
+        // `COMPACT_BELOW` bytes) gets a buffer of its own size instead: that payload keeps
+        // its whole buffer alive, which must not be the worker's, grown by earlier reads.
         let own = !conn.rbuf.is_empty();
+        let shared = !own && data.len() < COMPACT_BELOW;
         let mut buf = if own {
             std::mem::take(&mut conn.rbuf)
-        } else {
+        } else if shared {
             std::mem::take(&mut self.read_scratch)
+        } else {
+            BytesMut::new()
         };
         buf.extend_from_slice(data);
         loop {
@@ -549,21 +555,21 @@ impl Core {
             }
         }
         let partial = !buf.is_empty();
-        match self.conn(token) {
-            Some(conn) if partial && own => conn.rbuf = buf,
-            Some(conn) if partial => {
-                // The leftover moves to a buffer of its own size; the shared one stays.
-                conn.rbuf = BytesMut::from(&buf[..]);
-                buf.clear();
-                self.read_scratch = buf;
+        if let Some(conn) = self.conn(token)
+            && partial
+        {
+            if own {
+                conn.rbuf = buf;
+                return;
             }
-            _ if !own => {
-                buf.clear();
-                self.read_scratch = buf;
-            }
-            // A connection's own buffer, emptied: freed (the shared one is kept).
-            _ => {}
+            // The leftover moves to a buffer of its own size.
+            conn.rbuf = BytesMut::from(&buf[..]);
         }
+        if shared {
+            buf.clear();
+            self.read_scratch = buf;
+        }
+        // Otherwise a buffer of the connection's own, emptied: freed.
     }
 
     pub(super) fn decode_failed(&mut self, token: Token, e: DecodeError) {
