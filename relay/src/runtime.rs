@@ -879,7 +879,12 @@ impl EventSink for Driver<'_> {
         if !self.core.accepting() {
             return None;
         }
-        configure_socket(stream, &self.core.config().heartbeat);
+        let config = self.core.config();
+        configure_socket(
+            stream,
+            &config.heartbeat,
+            config.connection.send_buffer_bytes,
+        );
         self.core.admit(Instant::now(), peer)
     }
 
@@ -900,8 +905,15 @@ impl EventSink for Driver<'_> {
 }
 
 /// Socket options for a client connection.
-fn configure_socket(stream: &std::net::TcpStream, hb: &crate::config::HeartbeatConfig) {
+fn configure_socket(
+    stream: &std::net::TcpStream,
+    hb: &crate::config::HeartbeatConfig,
+    send_buffer_bytes: usize,
+) {
     let sock = socket2::SockRef::from(stream);
+    if send_buffer_bytes > 0 {
+        let _ = sock.set_send_buffer_size(send_buffer_bytes);
+    }
     // The relay batches its own writes; Nagle would only add delay.
     let _ = sock.set_tcp_nodelay(true);
     // Kernel keepalive backs up the protocol heartbeat for peers that never finished the

@@ -32,8 +32,9 @@ pub(super) struct OwnedRoom {
     pub(super) members: HashSet<Text>,
     /// In the worker's queue of idle rooms to check for eviction.
     pub(super) idle_queued: bool,
-    /// The server API's recent `Idempotency-Key`s and the sequences they got.
-    pub(super) idempotency: crate::idempotency::IdempotencyWindow<u64>,
+    /// The server API's recent `Idempotency-Key`s and the sequences they got (boxed: most
+    /// rooms never see one, and a room costs its owner this record's size).
+    pub(super) idempotency: Option<Box<crate::idempotency::IdempotencyWindow<u64>>>,
     /// Its key in the worker's log (disk mode; 0 until its first record).
     pub(super) key: crate::storage::RoomKey,
     /// The log holds the room's current epoch (disk mode).
@@ -78,7 +79,7 @@ impl Core {
                 interest: vec![0; self.cores],
                 members: HashSet::new(),
                 idle_queued: false,
-                idempotency: crate::idempotency::IdempotencyWindow::new(),
+                idempotency: None,
                 key: 0,
                 epoch_stored: false,
             },

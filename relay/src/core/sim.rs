@@ -277,10 +277,10 @@ impl Sim {
         if self.wires[core].after_end > 0 {
             return Err(self.fail(format!("worker {core} wrote to a socket after its end")));
         }
-        let cap = self.config.connection.max_queued_bytes
-            + self.config.connection.replay_page_bytes
-            + self.config.connection.max_frame_len
-            + 64;
+        // The window holds every DELIVER; control frames (PUBACKs of publishes in flight,
+        // ROOM, LEFT, GAP, PING) may add at most about one frame.
+        let cap =
+            self.config.connection.max_queued_bytes + self.config.connection.max_frame_len + 64;
         let high = self.stats[core]
             .queue_high_water
             .load(std::sync::atomic::Ordering::Relaxed) as usize;

@@ -363,6 +363,44 @@ fn a_stalled_phone_is_capped_then_caught_up_from_history() {
 }
 
 #[test]
+fn a_stalled_phone_never_queues_past_its_window() {
+    // Messages that do not divide the window: before the window rule a queue took one more
+    // message past the cap, and a page was written whole past it.
+    const WINDOW: usize = 4096;
+    let mut h = Harness::new(|c| {
+        c.connection.max_frame_len = 2048;
+        c.limits.max_payload = 1500;
+        c.connection.max_queued_bytes = WINDOW;
+        c.connection.replay_page_bytes = WINDOW;
+    });
+    let ann = h.connect("ann", ClientSession::new());
+    let bob = h.connect("bob", ClientSession::new());
+    let a = h.join(ann, "g");
+    h.join(bob, "g");
+    h.events(bob);
+    h.stalled.insert(bob);
+    for i in 1..=200 {
+        h.publish(ann, a, &format!("{i:03}:{}", "z".repeat(1100)));
+        let high = h.stats.queue_high_water.load(Ordering::Relaxed) as usize;
+        assert!(high <= WINDOW, "message {i}: a queue held {high} bytes");
+    }
+    assert!(h.stats.lag_events.load(Ordering::Relaxed) >= 1);
+    // Draining: pages larger than what the window has room for are cut, never overfilled.
+    h.stalled.clear();
+    h.pump();
+    let high = h.stats.queue_high_water.load(Ordering::Relaxed) as usize;
+    assert!(high <= WINDOW, "catching up queued {high} bytes");
+    let got = h.messages(bob);
+    assert_eq!(got.len(), 200);
+    for (i, (seq, body)) in got.iter().enumerate() {
+        assert_eq!(*seq, i as u64 + 1);
+        assert!(body.starts_with(format!("{seq:03}:").as_bytes()));
+    }
+    assert_eq!(h.stats.gaps.load(Ordering::Relaxed), 0);
+    assert_eq!(h.stats.lagging.load(Ordering::Relaxed), 0);
+}
+
+#[test]
 fn a_reconnecting_phone_resumes_without_a_seam() {
     let mut h = Harness::new(|_| {});
     let ann = h.connect("ann", ClientSession::new());
