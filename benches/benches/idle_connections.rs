@@ -4,11 +4,11 @@
 //! Each measurement runs in a fresh process (this same executable with `--relay BACKEND N`)
 //! that holds the relay; the phones run in another child process (`--phones N ADDR`), so the
 //! relay's RSS is measured alone, and neither backend inherits memory the other freed. At
-//! 19,000 connections the relay is near its 20,000-descriptor limit. Kernel socket buffers are not in
+//! 18,500 connections the relay is near its 20,000-descriptor limit. Kernel socket buffers are not in
 //! the RSS; they are the kernel's (tunable with `net.ipv4.tcp_rmem`/`tcp_wmem`).
 //!
 //! `cargo bench -p pabal-benches --bench idle_connections` (`PABAL_IDLE_CONNS`: a comma
-//! separated list of connection counts, default `10000,19000`; `PABAL_IDLE_ROOMS`: rooms
+//! separated list of connection counts, default `10000,18500`; `PABAL_IDLE_ROOMS`: rooms
 //! bound per phone, 0 to 2, default 2, to split the cost of a connection from its bindings).
 
 #![allow(clippy::unwrap_used)] // reason: a benchmark driver fails loudly
@@ -68,7 +68,7 @@ fn main() {
         return measure(backend, args[i + 2].parse().unwrap());
     }
     let sizes: Vec<usize> = std::env::var("PABAL_IDLE_CONNS")
-        .unwrap_or_else(|_| "10000,19000".to_string())
+        .unwrap_or_else(|_| "10000,18500".to_string())
         .split(',')
         .map(|n| n.trim().parse().unwrap())
         .collect();
