@@ -14,8 +14,11 @@ use bytes::BytesMut;
 use pabal_client::{Client, ClientConfig};
 use pabal_codec::{ClientFrame, Decoder, ErrorCode, ErrorFrame, ServerFrame, Text, Welcome};
 
+/// What a HELLO offered: its version and device id.
+type Hello = (u8, Option<u64>);
+
 /// Reads one HELLO off `stream`: (version, device id), or the decoding error's code.
-fn read_hello(stream: &mut TcpStream) -> Result<(u8, Option<u64>), ErrorCode> {
+fn read_hello(stream: &mut TcpStream) -> Result<Hello, ErrorCode> {
     let decoder = Decoder::default();
     let mut buf = BytesMut::new();
     let mut chunk = [0u8; 4096];
@@ -43,10 +46,7 @@ fn answer(stream: &mut TcpStream, frame: ServerFrame) {
 fn fake_relay(
     versions: &'static [u8],
     connections: usize,
-) -> (
-    std::net::SocketAddr,
-    thread::JoinHandle<Vec<(u8, Option<u64>)>>,
-) {
+) -> (std::net::SocketAddr, thread::JoinHandle<Vec<Hello>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let relay = thread::spawn(move || {
