@@ -388,6 +388,15 @@ pub struct LimitsConfig {
     /// New connections per second on the whole relay (split evenly across workers); past
     /// it, a connection gets GOAWAY(overload) with a spread-out retry hint. Default 20,000.
     pub new_connections_per_second: f64,
+    /// Publish ids (protocol v2: user, device, msg_id) each room remembers, so a PUBLISH
+    /// repeated after a reconnect gets the original PUBACK instead of a second copy: the
+    /// room's most recent ones (the oldest goes first). 0 turns recognition off. Default
+    /// 1024.
+    pub publish_ids: usize,
+    /// How long a room remembers a publish id. Default 1 h. Past this (or past
+    /// `publish_ids` newer messages) a repeat is a new message.
+    #[serde(with = "humantime_secs")]
+    pub publish_id_max_age: Duration,
 }
 
 impl Default for ControlConfig {
@@ -429,6 +438,8 @@ impl Default for LimitsConfig {
             publish_burst: 50.0,
             max_payload: 16 * 1024,
             new_connections_per_second: 20_000.0,
+            publish_ids: 1024,
+            publish_id_max_age: Duration::from_secs(3600),
         }
     }
 }
@@ -958,6 +969,9 @@ impl Config {
         }
         if !(l.publish_burst >= 1.0 && l.publish_burst.is_finite()) {
             return Err(invalid("limits.publish_burst", "must be >= 1"));
+        }
+        if l.publish_id_max_age.is_zero() {
+            return Err(invalid("limits.publish_id_max_age", "must be > 0"));
         }
         if !(l.new_connections_per_second > 0.0 && l.new_connections_per_second.is_finite()) {
             return Err(invalid(

@@ -276,6 +276,10 @@ pub struct Conn {
     /// A service connection (trusted app server): exempt from the publish rate limit and
     /// allowed to publish anywhere.
     pub service: bool,
+    /// Protocol v2: who this connection publishes as, a hash of the user and HELLO's device
+    /// id; its publishes' ids are `(publisher, msg_id)`, recognised by rooms when repeated.
+    /// 0: version 1 or no device id (no recognition).
+    pub publisher: u64,
     /// Reading is wanted by the protocol (false while draining for shutdown).
     pub reading: bool,
     /// Whether the backend is currently reading this socket (it starts reading on accept).
@@ -323,6 +327,7 @@ impl Conn {
             retire_ping_due: false,
             claims: None,
             service: false,
+            publisher: 0,
             reading: true,
             backend_reading: true,
         }

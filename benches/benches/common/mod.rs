@@ -44,7 +44,22 @@ pub fn read_some(s: &mut TcpStream, buf: &mut BytesMut) {
 /// Connects as `user` (a relay without auth), binds `rooms` in order (`true`: a channel), so
 /// their aliases are 0, 1, ..., and returns the bare socket once every binding is confirmed.
 pub fn pabal_client(addr: SocketAddr, user: &str, rooms: &[(bool, String)]) -> TcpStream {
-    let mut client = Client::connect(addr, user);
+    bind_all(Client::connect(addr, user), rooms)
+}
+
+/// As [`pabal_client`], for a device (protocol v2 with a device id): its publishes carry
+/// publish ids, which the rooms check and record.
+pub fn pabal_device(
+    addr: SocketAddr,
+    user: &str,
+    rooms: &[(bool, String)],
+    device_id: u64,
+) -> TcpStream {
+    let session = pabal_codec::ClientSession::with_device(device_id, 0);
+    bind_all(Client::connect_with(addr, user, session), rooms)
+}
+
+fn bind_all(mut client: Client, rooms: &[(bool, String)]) -> TcpStream {
     for (channel, name) in rooms {
         if *channel {
             client.subscribe(name);

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pabal_codec::{
-    ClientFrame, DecodeError, DeliverContext, ErrorCode, Left, LeftReason, PROTOCOL_VERSION, Pong,
-    ServerFrame, Text, Welcome,
+    ClientFrame, DecodeError, DeliverContext, ErrorCode, Left, LeftReason, Pong, ServerFrame, Text,
+    Welcome,
 };
 
 use super::*;
@@ -21,6 +21,25 @@ use crate::ids::RoomName;
 use crate::io::Token;
 use crate::mesh::{CoreMsg, PublishedBy, StartFrom};
 use crate::stats::inc;
+
+/// Who a version-2 connection publishes as: FNV-1a (64-bit) over the user id, a zero byte
+/// and the device id, never 0 (0 means "not recognised"). Two devices collide only with
+/// probability 2^-64, and then only share recognition of their own msg_ids in a room.
+pub(super) fn publisher_of(user: &Text, device: u64) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = OFFSET;
+    for &byte in user
+        .as_bytes()
+        .iter()
+        .chain(&[0])
+        .chain(&device.to_le_bytes())
+    {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(PRIME);
+    }
+    hash.max(1)
+}
 
 impl Core {
     pub(super) fn on_frame(&mut self, token: Token, frame: ClientFrame) {
@@ -174,11 +193,16 @@ impl Core {
         conn.claims = claims.map(Box::new);
         conn.heartbeat = Duration::from_secs(u64::from(granted));
         conn.ctx = DeliverContext::new(now_ms, sender_aliases);
+        conn.publisher = hello
+            .device_id
+            .map_or(0, |device| publisher_of(&user, device));
         let conn_id = conn.id;
         self.write(
             token,
             &ServerFrame::Welcome(Welcome {
-                version: PROTOCOL_VERSION,
+                // The decoder took only versions this relay speaks: the session speaks the
+                // client's.
+                version: hello.version,
                 conn_id,
                 server_time_ms: now_ms,
                 heartbeat_secs: granted,
@@ -460,6 +484,7 @@ impl Core {
             );
         }
         let binding = sub.request;
+        let publisher = conn.publisher;
         if p.msg_id.is_some() {
             // Answered by the owner's PUBACK; a fatal error waits for it (`fatal`).
             conn.publishes_in_flight += 1;
@@ -472,6 +497,7 @@ impl Core {
                     alias: p.alias,
                     binding,
                     msg_id,
+                    publisher,
                 },
                 sender,
                 payload: p.payload,

@@ -54,7 +54,7 @@ impl Core {
             return Ok(Published::Repeat { seq });
         }
         let seq = self
-            .accept_publish(room.clone(), None, sender, payload)
+            .accept_publish(room.clone(), None, sender, payload, None)
             .map_err(|e| {
                 tracing::debug!(error = %e, "server-API publish refused by storage");
                 super::durable::refusal_of(&e)

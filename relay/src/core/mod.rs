@@ -374,7 +374,7 @@ impl Core {
                 sender,
                 payload,
             } => {
-                if let Err(e) = self.accept_publish(room, Some(by), sender, payload) {
+                if let Err(e) = self.publish_once_from(room, by, sender, payload) {
                     let (code, message) = durable::error_of(&e);
                     tracing::debug!(error = %e, "publish refused by storage");
                     self.send_to(

@@ -310,6 +310,7 @@ impl WorkerLog {
     }
 
     /// Appends a message; `seq` must follow the room's head.
+    #[allow(clippy::too_many_arguments)] // reason: the fields of one record, unpacked
     pub fn append_message(
         &mut self,
         key: RoomKey,
@@ -318,6 +319,7 @@ impl WorkerLog {
         flags: u8,
         sender: &str,
         payload: &[u8],
+        publish_id: Option<(u64, u64)>,
     ) -> Result<Lsn, StorageError> {
         let head = self.room_state(key)?.head;
         if seq != head + 1 {
@@ -328,6 +330,7 @@ impl WorkerLog {
             flags,
             sender,
             payload,
+            publish_id,
         };
         self.append(key, seq, 0, body)
     }
