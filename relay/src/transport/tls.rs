@@ -270,7 +270,11 @@ impl TlsShared {
         } else {
             EarlyDataGate::Closed
         };
-        Ok(TlsLayer { conn, early })
+        Ok(TlsLayer {
+            conn,
+            early,
+            progress: Progress::default(),
+        })
     }
 }
 
@@ -342,6 +346,39 @@ impl EarlyDataGate {
 pub struct TlsLayer {
     conn: ServerConnection,
     early: EarlyDataGate,
+    progress: Progress,
+}
+
+/// What the layer has already reported (each outcome once per connection).
+#[derive(Debug, Default)]
+struct Progress {
+    /// Whether the ClientHello offers early data, once known.
+    hello: HelloScan,
+    /// rustls accepted early data on this connection.
+    early_accepted: bool,
+    /// The early-data outcome was reported.
+    early_reported: bool,
+    /// The handshake's completion was reported.
+    handshake_reported: bool,
+    /// The layer failed (its error was reported).
+    failed: bool,
+}
+
+/// What the relay decided about the client's 0-RTT early data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EarlyData {
+    /// Taken (a resumed session, a fresh single-use ticket).
+    Accepted,
+    /// Offered and skipped: the ticket is unknown or already used (a replay), or the
+    /// client asked for more than `tls.max_early_data`.
+    Rejected,
+}
+
+/// A completed handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handshake {
+    /// It resumed a session from a ticket.
+    pub resumed: bool,
 }
 
 /// What a call to [`TlsLayer::input`] found besides plaintext.
@@ -349,19 +386,180 @@ pub struct TlsLayer {
 pub struct TlsInput {
     /// The peer sent close_notify: no more plaintext will come.
     pub peer_closed: bool,
+    /// The handshake completed during this call.
+    pub handshake: Option<Handshake>,
+    /// The relay decided about offered early data during this call.
+    pub early_data: Option<EarlyData>,
+}
+
+/// Why a handshake failed, as `pabal_tls_handshake_failures_total` labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// The client offered ALPN without `pabal/1`.
+    Alpn,
+    /// The peer sent an alert.
+    PeerAlert,
+    /// A malformed, unexpected or undecryptable message.
+    BadMessage,
+    /// Nothing in common: versions, cipher suites, key exchange groups.
+    Incompatible,
+    /// Anything else rustls reports.
+    Other,
+}
+
+impl HandshakeFailure {
+    /// Classifies a rustls error.
+    pub fn of(e: &rustls::Error) -> HandshakeFailure {
+        use rustls::Error as E;
+        match e {
+            E::NoApplicationProtocol => HandshakeFailure::Alpn,
+            E::AlertReceived(_) => HandshakeFailure::PeerAlert,
+            E::InvalidMessage(_)
+            | E::InappropriateMessage { .. }
+            | E::InappropriateHandshakeMessage { .. }
+            | E::PeerMisbehaved(_)
+            | E::DecryptError
+            | E::PeerSentOversizedRecord => HandshakeFailure::BadMessage,
+            E::PeerIncompatible(_) => HandshakeFailure::Incompatible,
+            _ => HandshakeFailure::Other,
+        }
+    }
+}
+
+/// Whether the client's ClientHello offers early data, read from the first record.
+#[derive(Debug, Default)]
+enum HelloScan {
+    /// Nothing seen yet.
+    #[default]
+    Empty,
+    /// The first record arrived in pieces: kept until whole (at most one record, 16 KiB
+    /// plus its header; only during the handshake, and only when the peer splits it).
+    Partial(Vec<u8>),
+    /// Known.
+    Done {
+        /// The `early_data` extension is present.
+        offered: bool,
+    },
+}
+
+/// The largest TLS record: a 5-byte header and 2^14 + 256 bytes of fragment (RFC 8446 5.2).
+const MAX_RECORD: usize = 5 + (1 << 14) + 256;
+
+/// The `early_data` extension's type (RFC 8446 4.2).
+const EXT_EARLY_DATA: u16 = 42;
+
+/// Whether the ClientHello at the start of `wire` carries the `early_data` extension:
+/// `None` while the first record is incomplete, `Some(false)` for anything malformed or
+/// not a ClientHello (rustls refuses those itself).
+fn client_hello_offers_early_data(wire: &[u8]) -> Option<bool> {
+    let header = wire.get(..5)?;
+    if header[0] != 0x16 {
+        return Some(false);
+    }
+    let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+    let record = wire.get(5..5 + len)?;
+    Some(scan_client_hello(record).unwrap_or(false))
+}
+
+/// Walks a ClientHello handshake message to its extensions (`None`: malformed or cut).
+fn scan_client_hello(msg: &[u8]) -> Option<bool> {
+    let mut r = Reader(msg);
+    if r.take(1)?[0] != 0x01 {
+        return None; // not a ClientHello
+    }
+    r.take(3)?; // length
+    r.take(2 + 32)?; // legacy_version, random
+    let session_id = usize::from(r.take(1)?[0]);
+    r.take(session_id)?;
+    let suites = r.u16()?;
+    r.take(suites)?;
+    let compression = usize::from(r.take(1)?[0]);
+    r.take(compression)?;
+    let exts_len = r.u16()?;
+    let mut exts = Reader(r.take(exts_len)?);
+    while !exts.0.is_empty() {
+        let ty = exts.u16()?;
+        let len = exts.u16()?;
+        exts.take(len)?;
+        if ty == usize::from(EXT_EARLY_DATA) {
+            return Some(true);
+        }
+    }
+    Some(false)
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (self.0.get(..n)?, self.0.get(n..)?);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u16(&mut self) -> Option<usize> {
+        let b = self.take(2)?;
+        Some(usize::from(u16::from_be_bytes([b[0], b[1]])))
+    }
+}
+
+impl HelloScan {
+    /// Looks at the next socket bytes (until the answer is known).
+    fn feed(&mut self, data: &[u8]) {
+        let verdict = match self {
+            HelloScan::Done { .. } => return,
+            HelloScan::Empty => client_hello_offers_early_data(data).ok_or(data),
+            HelloScan::Partial(buf) => {
+                let room = MAX_RECORD.saturating_sub(buf.len());
+                buf.extend_from_slice(&data[..room.min(data.len())]);
+                match client_hello_offers_early_data(buf) {
+                    Some(v) => Ok(v),
+                    None if buf.len() >= MAX_RECORD => Ok(false),
+                    None => return,
+                }
+            }
+        };
+        *self = match verdict {
+            Ok(offered) => HelloScan::Done { offered },
+            Err(first) => HelloScan::Partial(first.to_vec()),
+        };
+    }
+
+    fn offered(&self) -> bool {
+        matches!(self, HelloScan::Done { offered: true })
+    }
 }
 
 impl TlsLayer {
     /// Feeds socket bytes; appends the plaintext (early data first, checked by the 0-RTT
-    /// rule) to `plain`. On error an alert may be queued: call [`TlsLayer::drain`] to send it.
+    /// rule) to `plain` and what happened besides to `input` (filled on error too). On
+    /// error an alert may be queued: call [`TlsLayer::drain`] to send it.
     pub fn input(
         &mut self,
         mut data: &[u8],
         plain: &mut Vec<u8>,
-    ) -> Result<TlsInput, TlsLayerError> {
-        let mut input = TlsInput::default();
+        input: &mut TlsInput,
+    ) -> Result<(), TlsLayerError> {
+        if self.progress.failed {
+            return Ok(());
+        }
+        if self.conn.is_handshaking() {
+            self.progress.hello.feed(data);
+        }
+        let result = self.input_records(&mut data, plain, input);
+        if result.is_err() {
+            self.progress.failed = true;
+        }
+        result
+    }
+
+    fn input_records(
+        &mut self,
+        data: &mut &[u8],
+        plain: &mut Vec<u8>,
+        input: &mut TlsInput,
+    ) -> Result<(), TlsLayerError> {
         while !data.is_empty() {
-            match self.conn.read_tls(&mut data) {
+            match self.conn.read_tls(data) {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) => {
@@ -371,6 +569,8 @@ impl TlsLayer {
                 }
             }
             let state = self.conn.process_new_packets()?;
+            self.progress.early_accepted |= self.conn.early_data().is_some();
+            self.note_progress(input);
             if let Some(mut early) = self.conn.early_data() {
                 let start = plain.len();
                 read_all(&mut early, plain);
@@ -384,7 +584,42 @@ impl TlsLayer {
                 break;
             }
         }
-        Ok(input)
+        Ok(())
+    }
+
+    /// Reports the early-data decision (once the ClientHello is answered) and the
+    /// handshake's completion, each once.
+    fn note_progress(&mut self, input: &mut TlsInput) {
+        let p = &mut self.progress;
+        let hello_answered = self.conn.wants_write() || !self.conn.is_handshaking();
+        if !p.early_reported && p.hello.offered() && hello_answered {
+            p.early_reported = true;
+            input.early_data = Some(if p.early_accepted {
+                EarlyData::Accepted
+            } else {
+                EarlyData::Rejected
+            });
+        }
+        if !p.handshake_reported && !self.conn.is_handshaking() {
+            p.handshake_reported = true;
+            p.hello = HelloScan::Done {
+                offered: p.hello.offered(),
+            };
+            input.handshake = Some(Handshake {
+                resumed: self.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+            });
+        }
+    }
+
+    /// The handshake is still under way and has not failed: a connection ending now ends
+    /// an incomplete handshake.
+    pub fn handshake_pending(&self) -> bool {
+        self.conn.is_handshaking() && !self.progress.failed
+    }
+
+    /// Whether the handshake is still under way (a failure now is a handshake failure).
+    pub fn is_handshaking(&self) -> bool {
+        self.conn.is_handshaking()
     }
 
     /// Encrypts plaintext for the peer (buffered by rustls until the handshake allows it).
