@@ -165,6 +165,8 @@ pub struct Layers {
     dirty: Vec<Token>,
     /// Plaintext scratch (per worker: an idle connection keeps no buffer).
     plain: Vec<u8>,
+    /// TLS records being decrypted (per worker, like `plain`).
+    tls_in: Vec<u8>,
     /// Encoding scratch; batches are split off it.
     enc: BytesMut,
 }
@@ -191,6 +193,7 @@ impl Layers {
             conns: HashMap::new(),
             dirty: Vec::new(),
             plain: Vec::new(),
+            tls_in: Vec::new(),
             enc: BytesMut::new(),
         }
     }
@@ -267,12 +270,13 @@ impl Layers {
     /// Forgets a connection; a TLS handshake it leaves unfinished counts as incomplete.
     fn remove(&mut self, token: Token) -> Option<Box<Layered>> {
         let conn = self.conns.remove(&token)?;
-        if conn
-            .tls
-            .as_ref()
-            .is_some_and(tls::TlsLayer::handshake_pending)
-        {
-            inc(&self.stats.tls_failed_incomplete, 1);
+        if let Some(tls) = &conn.tls {
+            if tls.handshake_pending() {
+                inc(&self.stats.tls_failed_incomplete, 1);
+            }
+            if tls.early_data_unanswered() {
+                inc(&self.stats.tls_early_rejected, 1);
+            }
         }
         Some(conn)
     }
@@ -312,7 +316,7 @@ impl Layers {
             Some(tls) => {
                 let mut input = tls::TlsInput::default();
                 let handshaking = tls.is_handshaking();
-                let result = tls.input(data, &mut plain, &mut input);
+                let result = tls.input(data, &mut plain, &mut input, &mut self.tls_in);
                 count_tls(&self.stats, &input, result.as_ref().err(), handshaking);
                 match result {
                     Ok(()) => peer_closed = input.peer_closed,

@@ -1,5 +1,9 @@
-//! TLS 1.3 for the phone listener and the WebSocket listener (wss), over rustls's buffered
-//! API driven by the worker's own reads and writes: no second runtime, no thread.
+//! TLS 1.3 for the phone listener and the WebSocket listener (wss), over rustls's unbuffered
+//! API driven by the worker's own reads and writes: no second runtime, no thread. Records
+//! are decrypted in a per-worker scratch buffer and encoded into a buffer the next drain
+//! hands to the backend whole, so an idle connection keeps no TLS buffer (the buffered API
+//! kept a 4 KB receive buffer per connection); only a record a read cut in two waits with
+//! its connection.
 //!
 //! - **Certificates** come from `[tls] cert_file` and `key_file`. [`load_certified_key`]
 //!   refuses a missing, unreadable or malformed file, a certificate that has expired or is
@@ -29,16 +33,21 @@
 //! rule (that is the core's), other connections.
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
+use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::server::{
+    ClientHello, ResolvesServerCert, ServerConnectionData, ServerSessionMemoryCache,
+    UnbufferedServerConnection,
+};
 use rustls::sign::CertifiedKey;
-use rustls::{ServerConfig, ServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, UnbufferedStatus, WriteTraffic,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use thiserror::Error;
@@ -261,10 +270,7 @@ impl TlsShared {
 
     /// A layer for one new connection.
     pub fn accept(&self) -> Result<TlsLayer, rustls::Error> {
-        let mut conn = ServerConnection::new(self.config.clone())?;
-        // The core bounds what it hands over (one batch in flight, capped queue); rustls
-        // must take all of it.
-        conn.set_buffer_limit(None);
+        let conn = UnbufferedServerConnection::new(self.config.clone())?;
         let early = if self.config.max_early_data_size > 0 {
             EarlyDataGate::Open(FrameStart::default())
         } else {
@@ -274,6 +280,10 @@ impl TlsShared {
             conn,
             early,
             progress: Progress::default(),
+            partial: Vec::new(),
+            pending: Vec::new(),
+            out: Vec::new(),
+            close: Close::Not,
         })
     }
 }
@@ -341,12 +351,41 @@ impl EarlyDataGate {
     }
 }
 
-/// One connection's TLS: socket bytes in, plaintext out, and back.
-#[derive(Debug)]
+/// One connection's TLS: socket bytes in, plaintext out, and back, over rustls's unbuffered
+/// API: records are decrypted in the worker's scratch and encoded into a buffer the next
+/// drain hands over whole, so an idle connection keeps no buffer (only a record a read cut).
 pub struct TlsLayer {
-    conn: ServerConnection,
+    conn: UnbufferedServerConnection,
     early: EarlyDataGate,
     progress: Progress,
+    /// The start of a record the last read cut (empty otherwise).
+    partial: Vec<u8>,
+    /// Plaintext from the core that rustls may not encrypt yet (during the handshake).
+    pending: Vec<u8>,
+    /// Records for the socket, until the next drain.
+    out: Vec<u8>,
+    close: Close,
+}
+
+impl std::fmt::Debug for TlsLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsLayer")
+            .field("handshaking", &self.conn.is_handshaking())
+            .field("early", &self.early)
+            .field("progress", &self.progress)
+            .field("partial", &self.partial.len())
+            .field("pending", &self.pending.len())
+            .field("out", &self.out.len())
+            .finish()
+    }
+}
+
+/// close_notify: not asked for, asked for (sent once rustls may), sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    Not,
+    Requested,
+    Sent,
 }
 
 /// What the layer has already reported (each outcome once per connection).
@@ -360,8 +399,10 @@ struct Progress {
     early_reported: bool,
     /// The handshake's completion was reported.
     handshake_reported: bool,
-    /// The layer failed (its error was reported).
+    /// rustls failed (its error was reported): nothing more goes in or out but its alert.
     failed: bool,
+    /// Early data broke the 0-RTT rule: nothing more is read; the refusal still goes out.
+    refused: bool,
 }
 
 /// What the relay decided about the client's 0-RTT early data.
@@ -531,90 +572,150 @@ impl HelloScan {
 
 impl TlsLayer {
     /// Feeds socket bytes; appends the plaintext (early data first, checked by the 0-RTT
-    /// rule) to `plain` and what happened besides to `input` (filled on error too). On
-    /// error an alert may be queued: call [`TlsLayer::drain`] to send it.
+    /// rule) to `plain` and what happened besides to `input` (filled on error too).
+    /// `scratch` is the worker's: records are decrypted in it, and only a record cut by the
+    /// read stays with the connection. On error an alert may be queued: call
+    /// [`TlsLayer::drain`] to send it.
     pub fn input(
         &mut self,
-        mut data: &[u8],
+        data: &[u8],
         plain: &mut Vec<u8>,
         input: &mut TlsInput,
+        scratch: &mut Vec<u8>,
     ) -> Result<(), TlsLayerError> {
-        if self.progress.failed {
+        if self.progress.failed || self.progress.refused {
             return Ok(());
         }
         if self.conn.is_handshaking() {
             self.progress.hello.feed(data);
         }
-        let result = self.input_records(&mut data, plain, input);
-        if result.is_err() {
-            self.progress.failed = true;
+        scratch.clear();
+        scratch.extend_from_slice(&self.partial);
+        scratch.extend_from_slice(data);
+        self.partial = Vec::new();
+        let result = self.pump(scratch, plain, input);
+        match &result {
+            Err(TlsLayerError::EarlyData(_)) => self.progress.refused = true,
+            Err(TlsLayerError::Tls(_)) => {
+                self.progress.failed = true;
+                // The alert rustls queued, if any.
+                let _ = self.pump(&mut [], &mut Vec::new(), &mut TlsInput::default());
+            }
+            Ok(()) => {}
         }
         result
     }
 
-    fn input_records(
+    /// Drives rustls over `incoming` until it needs more bytes: decrypts, encodes the
+    /// handshake's records and the plaintext waiting in `pending` into `out`. Keeps a cut
+    /// record in `partial`.
+    fn pump(
         &mut self,
-        data: &mut &[u8],
+        incoming: &mut [u8],
         plain: &mut Vec<u8>,
         input: &mut TlsInput,
     ) -> Result<(), TlsLayerError> {
-        while !data.is_empty() {
-            match self.conn.read_tls(data) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) => {
-                    return Err(TlsLayerError::Tls(rustls::Error::General(format!(
-                        "read_tls: {e}"
-                    ))));
+        let mut offset = 0;
+        let result = loop {
+            let UnbufferedStatus { mut discard, state } =
+                self.conn.process_tls_records(&mut incoming[offset..]);
+            let state = match state {
+                Ok(state) => state,
+                Err(e) => break Err(TlsLayerError::Tls(e)),
+            };
+            let mut idle = false;
+            match state {
+                ConnectionState::ReadTraffic(mut r) => {
+                    while let Some(record) = r.next_record() {
+                        let record = record?;
+                        discard += record.discard;
+                        plain.extend_from_slice(record.payload);
+                    }
                 }
+                ConnectionState::ReadEarlyData(mut r) => {
+                    let start = plain.len();
+                    while let Some(record) = r.next_record() {
+                        let record = record?;
+                        discard += record.discard;
+                        plain.extend_from_slice(record.payload);
+                    }
+                    if !self.progress.early_reported {
+                        self.progress.early_reported = true;
+                        self.progress.early_accepted = true;
+                        input.early_data = Some(EarlyData::Accepted);
+                    }
+                    offset += discard;
+                    if let Err(e) = self.early.check(&plain[start..]) {
+                        break Err(e);
+                    }
+                    continue;
+                }
+                ConnectionState::EncodeTlsData(mut e) => {
+                    encode_into(&mut self.out, |buf| match e.encode(buf) {
+                        Ok(n) => Ok(n),
+                        Err(EncodeError::InsufficientSize(s)) => Err(Some(s.required_size)),
+                        Err(_) => Err(None),
+                    });
+                }
+                ConnectionState::TransmitTlsData(mut t) => {
+                    if let Some(mut w) = t.may_encrypt_app_data() {
+                        pending_out(&mut self.pending, &mut self.out, &mut self.close, &mut w);
+                    }
+                    t.done();
+                }
+                ConnectionState::WriteTraffic(mut w) => {
+                    pending_out(&mut self.pending, &mut self.out, &mut self.close, &mut w);
+                    idle = true;
+                }
+                ConnectionState::PeerClosed => input.peer_closed = true,
+                ConnectionState::Closed => {
+                    input.peer_closed = true;
+                    idle = true;
+                }
+                _ => idle = true, // BlockedHandshake: more bytes needed
             }
-            let state = self.conn.process_new_packets()?;
-            self.progress.early_accepted |= self.conn.early_data().is_some();
-            self.note_progress(input);
-            if let Some(mut early) = self.conn.early_data() {
-                let start = plain.len();
-                read_all(&mut early, plain);
-                self.early.check(&plain[start..])?;
+            offset += discard;
+            if idle {
+                break Ok(());
             }
-            if state.plaintext_bytes_to_read() > 0 {
-                read_all(&mut self.conn.reader(), plain);
-            }
-            if state.peer_has_closed() {
-                input.peer_closed = true;
-                break;
-            }
+        };
+        self.note_progress(input);
+        if offset < incoming.len() && result.is_ok() {
+            self.partial = incoming[offset..].to_vec();
         }
-        Ok(())
+        result
     }
 
-    /// Reports the early-data decision (once the ClientHello is answered) and the
-    /// handshake's completion, each once.
+    /// Reports the handshake's completion, and the early data a completed handshake did not
+    /// take, each once.
     fn note_progress(&mut self, input: &mut TlsInput) {
         let p = &mut self.progress;
-        let hello_answered = self.conn.wants_write() || !self.conn.is_handshaking();
-        if !p.early_reported && p.hello.offered() && hello_answered {
+        if p.handshake_reported || self.conn.is_handshaking() {
+            return;
+        }
+        p.handshake_reported = true;
+        if p.hello.offered() && !p.early_reported {
             p.early_reported = true;
-            input.early_data = Some(if p.early_accepted {
-                EarlyData::Accepted
-            } else {
-                EarlyData::Rejected
-            });
+            input.early_data = Some(EarlyData::Rejected);
         }
-        if !p.handshake_reported && !self.conn.is_handshaking() {
-            p.handshake_reported = true;
-            p.hello = HelloScan::Done {
-                offered: p.hello.offered(),
-            };
-            input.handshake = Some(Handshake {
-                resumed: self.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
-            });
-        }
+        p.hello = HelloScan::Done {
+            offered: p.hello.offered(),
+        };
+        input.handshake = Some(Handshake {
+            resumed: self.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+        });
     }
 
     /// The handshake is still under way and has not failed: a connection ending now ends
     /// an incomplete handshake.
     pub fn handshake_pending(&self) -> bool {
-        self.conn.is_handshaking() && !self.progress.failed
+        self.conn.is_handshaking() && !self.progress.failed && !self.progress.refused
+    }
+
+    /// The client offered early data and the connection ends before the relay took it (a
+    /// replayed first flight whose ticket was used ends this way).
+    pub fn early_data_unanswered(&self) -> bool {
+        self.progress.hello.offered() && !self.progress.early_reported
     }
 
     /// Whether the handshake is still under way (a failure now is a handshake failure).
@@ -622,62 +723,83 @@ impl TlsLayer {
         self.conn.is_handshaking()
     }
 
-    /// Encrypts plaintext for the peer (buffered by rustls until the handshake allows it).
+    /// Encrypts plaintext for the peer (kept until the handshake allows it).
     pub fn write(&mut self, plain: &[u8]) {
-        // The buffer limit is off: rustls takes everything.
-        if let Err(e) = self.conn.writer().write_all(plain) {
-            tracing::debug!(error = %e, "TLS writer refused plaintext");
+        self.pending.extend_from_slice(plain);
+        self.flush_pending();
+    }
+
+    /// Queues close_notify (sent once the handshake allows it).
+    pub fn close(&mut self) {
+        if self.close == Close::Not {
+            self.close = Close::Requested;
+        }
+        self.flush_pending();
+    }
+
+    fn flush_pending(&mut self) {
+        if self.progress.failed {
+            return;
+        }
+        let partial = std::mem::take(&mut self.partial);
+        let mut none: [u8; 0] = [];
+        if let Err(e) = self.pump(&mut none, &mut Vec::new(), &mut TlsInput::default()) {
+            tracing::debug!(error = %e, "TLS refused to encrypt");
+        }
+        self.partial = partial;
+    }
+
+    /// Moves the TLS records ready for the socket into `wire` (the connection keeps no
+    /// buffer afterwards).
+    pub fn drain(&mut self, _scratch: &mut BytesMut, wire: &mut VecDeque<Bytes>) {
+        if !self.out.is_empty() {
+            wire.push_back(Bytes::from(std::mem::take(&mut self.out)));
         }
     }
+}
 
-    /// Queues close_notify.
-    pub fn close(&mut self) {
-        self.conn.send_close_notify();
+/// Encrypts the plaintext waiting for rustls to allow it, and close_notify if asked.
+fn pending_out(
+    pending: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    close: &mut Close,
+    w: &mut WriteTraffic<'_, ServerConnectionData>,
+) {
+    if !pending.is_empty() {
+        let plain = std::mem::take(pending);
+        encode_into(out, |buf| match w.encrypt(&plain, buf) {
+            Ok(n) => Ok(n),
+            Err(EncryptError::InsufficientSize(s)) => Err(Some(s.required_size)),
+            Err(_) => Err(None),
+        });
     }
+    if *close == Close::Requested {
+        *close = Close::Sent;
+        encode_into(out, |buf| match w.queue_close_notify(buf) {
+            Ok(n) => Ok(n),
+            Err(EncryptError::InsufficientSize(s)) => Err(Some(s.required_size)),
+            Err(_) => Err(None),
+        });
+    }
+}
 
-    /// Moves the TLS records ready for the socket into `wire`, split off `scratch` (a
-    /// per-worker buffer, so an idle connection keeps none).
-    pub fn drain(&mut self, scratch: &mut BytesMut, wire: &mut VecDeque<Bytes>) {
-        while self.conn.wants_write() {
-            let mut w = BytesWriter(scratch);
-            match self.conn.write_tls(&mut w) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+/// Appends what `f` encodes to `out`, growing it to the size rustls asks for.
+fn encode_into(out: &mut Vec<u8>, mut f: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>) {
+    let start = out.len();
+    let mut room = 1024;
+    loop {
+        out.resize(start + room, 0);
+        match f(&mut out[start..]) {
+            Ok(n) => {
+                out.truncate(start + n);
+                return;
+            }
+            Err(Some(required)) if required > room => room = required,
+            Err(_) => {
+                out.truncate(start);
+                return;
             }
         }
-        if !scratch.is_empty() {
-            wire.push_back(scratch.split().freeze());
-        }
-    }
-}
-
-fn read_all(reader: &mut impl Read, out: &mut Vec<u8>) {
-    let mut chunk = [0u8; 4096];
-    loop {
-        match reader.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => out.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
-struct BytesWriter<'a>(&'a mut BytesMut);
-
-impl Write for BytesWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-        let mut n = 0;
-        for b in bufs {
-            self.0.extend_from_slice(b);
-            n += b.len();
-        }
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
