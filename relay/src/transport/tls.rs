@@ -831,6 +831,92 @@ mod tests {
         EarlyDataGate::Open(FrameStart::default())
     }
 
+    /// Moves the client's pending records to the layer in `cut`-byte reads; returns
+    /// whether anything moved and the handshake the layer reported.
+    fn client_to_layer(
+        client: &mut rustls::ClientConnection,
+        layer: &mut TlsLayer,
+        cut: usize,
+        plain: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+    ) -> (bool, Option<Handshake>) {
+        let mut up = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut up).unwrap();
+        }
+        let mut handshake = None;
+        for piece in up.chunks(cut) {
+            let mut input = TlsInput::default();
+            layer.input(piece, plain, &mut input, scratch).unwrap();
+            handshake = handshake.or(input.handshake);
+        }
+        (!up.is_empty(), handshake)
+    }
+
+    /// Moves the layer's records to the client; whether anything moved.
+    fn layer_to_client(layer: &mut TlsLayer, client: &mut rustls::ClientConnection) -> bool {
+        let mut wire = VecDeque::new();
+        layer.drain(&mut BytesMut::new(), &mut wire);
+        for b in &wire {
+            client.read_tls(&mut &b[..]).unwrap();
+            client.process_new_packets().unwrap();
+        }
+        !wire.is_empty()
+    }
+
+    #[test]
+    fn records_cut_anywhere_work_and_an_idle_layer_keeps_no_buffer() {
+        use std::io::{Read, Write};
+        let pki = pabal_testkit::pki::TestPki::new();
+        let (cert, key) = pki.issue();
+        let shared = TlsShared::new(&TlsConfig {
+            cert_file: Some(cert),
+            key_file: Some(key),
+            ..TlsConfig::default()
+        })
+        .unwrap();
+        let tls = pki.client();
+        let mut scratch = Vec::new();
+        for cut in [1, 2, 5, 7, 100, 4096] {
+            let mut layer = shared.accept().unwrap();
+            let mut client =
+                rustls::ClientConnection::new(tls.config.clone(), tls.server_name.clone()).unwrap();
+            let mut plain = Vec::new();
+            let mut handshake = None;
+            for _ in 0..10 {
+                let (sent, done) =
+                    client_to_layer(&mut client, &mut layer, cut, &mut plain, &mut scratch);
+                handshake = handshake.or(done);
+                if !layer_to_client(&mut layer, &mut client) && !sent {
+                    break;
+                }
+            }
+            assert!(
+                !client.is_handshaking(),
+                "cut {cut}: the handshake completed"
+            );
+            assert!(handshake.is_some(), "cut {cut}: the layer reported it");
+            let hello = encoded(&[hello()]);
+            client.writer().write_all(&hello).unwrap();
+            client_to_layer(&mut client, &mut layer, cut, &mut plain, &mut scratch);
+            assert_eq!(plain, hello, "cut {cut}: the HELLO came through whole");
+            layer.write(b"welcome");
+            assert!(layer_to_client(&mut layer, &mut client));
+            let mut answer = Vec::new();
+            let _ = client.reader().read_to_end(&mut answer);
+            assert_eq!(answer, b"welcome", "cut {cut}");
+            assert_eq!(
+                (
+                    layer.partial.capacity(),
+                    layer.pending.capacity(),
+                    layer.out.capacity()
+                ),
+                (0, 0, 0),
+                "cut {cut}: an idle layer keeps no buffer"
+            );
+        }
+    }
+
     #[test]
     fn early_data_passes_one_hello_in_any_split() {
         let bytes = encoded(&[hello()]);
