@@ -21,7 +21,9 @@
 //! - [`phone`]: one virtual phone (socket, link, session, schedule);
 //! - [`worker`]: one thread's mio event loop over many phones;
 //! - [`run`]: a whole run; [`api`]: tokens and the relay's server API; [`spawn`]: a child
-//!   relay for `--spawn-relay`.
+//!   relay for `--spawn-relay`;
+//! - [`tls_reconnect`]: `--tls-reconnect`, what a reconnect costs over TLS (fresh, resumed,
+//!   0-RTT) on each link profile.
 //!
 //! The sources of every profile value are in `loadgen/LINKS.md`; how to run it, in
 //! `loadgen/README.md`.
@@ -42,6 +44,7 @@ pub mod run;
 pub mod scenario;
 pub mod schedule;
 pub mod spawn;
+pub mod tls_reconnect;
 pub mod uplink;
 pub mod verify;
 pub mod worker;

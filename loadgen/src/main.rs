@@ -89,6 +89,21 @@ struct Cli {
     /// No live progress line.
     #[arg(long)]
     quiet: bool,
+    /// Instead of a load run: measure one phone's reconnect over TLS per link profile
+    /// (--profiles, default `3g,lte`): fresh handshake, resumed, 0-RTT. With --spawn-relay
+    /// the relay gets a throwaway certificate; with --target give --tls-ca.
+    #[arg(long, conflicts_with = "scenario")]
+    tls_reconnect: bool,
+    /// --tls-reconnect against --target: the PEM file of the CA the relay's certificate
+    /// chains to.
+    #[arg(long, value_name = "PATH", requires = "tls_reconnect")]
+    tls_ca: Option<PathBuf>,
+    /// --tls-reconnect: the name the relay's certificate carries.
+    #[arg(long, default_value = "localhost", requires = "tls_reconnect")]
+    tls_server_name: String,
+    /// --tls-reconnect: reconnects measured per profile and mode.
+    #[arg(long, default_value_t = 9, requires = "tls_reconnect")]
+    trials: usize,
 }
 
 fn main() -> ExitCode {
@@ -110,6 +125,9 @@ fn main() -> ExitCode {
 
 fn main_inner() -> anyhow::Result<bool> {
     let cli = Cli::parse();
+    if cli.tls_reconnect {
+        return tls_reconnect_main(&cli);
+    }
     let mut scenario = match &cli.scenario {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -239,4 +257,70 @@ fn main_inner() -> anyhow::Result<bool> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(report.passed())
+}
+
+/// `--tls-reconnect`: the reconnect probe (see `pabal_loadgen::tls_reconnect`).
+fn tls_reconnect_main(cli: &Cli) -> anyhow::Result<bool> {
+    use pabal_loadgen::profiles::ProfileMix;
+    use pabal_loadgen::tls_reconnect::{self, ProbeConfig};
+    let mix = ProfileMix::parse(cli.profiles.as_deref().unwrap_or("3g,lte"))?;
+    let profiles = mix.entries().map(|(p, _)| p.clone()).collect();
+    let run_id = cli
+        .run_id
+        .clone()
+        .unwrap_or_else(pabal_loadgen::plan::fresh_run_id);
+    let (relay, target, tls) = if cli.spawn_relay {
+        let dir = std::env::temp_dir().join(format!("pabal-loadgen-tls-{}", std::process::id()));
+        let (cert, key, tls) = tls_reconnect::throwaway_certificate(&dir)?;
+        let spec = pabal_loadgen::scenario::RelaySpec {
+            extra_toml: format!(
+                "[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+                cert.display().to_string(),
+                key.display().to_string()
+            ),
+            ..Default::default()
+        };
+        let options = SpawnOptions {
+            relay_bin: cli.relay_bin.clone(),
+            workers: cli.relay_workers.unwrap_or(1),
+            spec,
+            jwt_secret_file: None,
+            api_key_file: None,
+        };
+        let relay = SpawnedRelay::start(&options)?;
+        eprintln!("spawned relay: TLS on {}", relay.addr);
+        let addr = relay.addr;
+        (Some(relay), addr, tls)
+    } else {
+        let Some(ca) = &cli.tls_ca else {
+            anyhow::bail!("--tls-reconnect against --target needs --tls-ca (or use --spawn-relay)");
+        };
+        (
+            None,
+            cli.target,
+            tls_reconnect::trust(ca, &cli.tls_server_name)?,
+        )
+    };
+    let config = ProbeConfig {
+        relay: target,
+        tls,
+        profiles,
+        trials: cli.trials.max(1),
+        seed: cli.seed.unwrap_or(1),
+        run_id,
+        timeout: std::time::Duration::from_secs(30),
+    };
+    let result = tls_reconnect::run_probe(&config);
+    if let Some(relay) = relay
+        && let Err(e) = relay.stop()
+    {
+        eprintln!("stopping the spawned relay: {e:#}");
+    }
+    let reports = result?;
+    print!("{}", tls_reconnect::table(&reports));
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(&reports)?;
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(true)
 }

@@ -439,6 +439,99 @@ const GAUGES: &[(&str, &str, Field)] = &[
     ),
 ];
 
+// TLS and WebSocket (the transport layers'): plain counters, then counters by a label.
+
+/// The transport layers' counters with a `worker` label.
+const TRANSPORT_COUNTERS: &[(&str, &str, Field)] = &[
+    (
+        "pabal_tls_handshakes",
+        "TLS handshakes completed (fresh and resumed).",
+        |s| s.tls_handshakes,
+    ),
+    (
+        "pabal_tls_resumptions",
+        "TLS handshakes that resumed a session from a ticket.",
+        |s| s.tls_resumptions,
+    ),
+    (
+        "pabal_websocket_upgrades",
+        "WebSocket upgrades completed (101 Switching Protocols).",
+        |s| s.ws_upgrades,
+    ),
+];
+
+/// A counter family split by one label besides `worker`: name, help, label, values.
+type Labelled = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [(&'static str, Field)],
+);
+
+/// The transport layers' counters split by reason or result.
+const TRANSPORT_LABELLED: &[Labelled] = &[
+    (
+        "pabal_tls_handshake_failures",
+        "TLS handshakes that failed, by reason: alpn (no pabal/1), peer_alert, bad_message \
+         (malformed, unexpected or undecryptable), incompatible (no common version, suite or \
+         group), incomplete (the peer or the handshake deadline ended it first), other.",
+        "reason",
+        &[
+            ("alpn", |s| s.tls_failed_alpn),
+            ("peer_alert", |s| s.tls_failed_peer_alert),
+            ("bad_message", |s| s.tls_failed_bad_message),
+            ("incompatible", |s| s.tls_failed_incompatible),
+            ("incomplete", |s| s.tls_failed_incomplete),
+            ("other", |s| s.tls_failed_other),
+        ],
+    ),
+    (
+        "pabal_tls_early_data",
+        "TLS 0-RTT early data by result: accepted, rejected (ticket unknown or already used, \
+         as a replay's is), refused (accepted by TLS but held more than one HELLO; the \
+         connection ended).",
+        "result",
+        &[
+            ("accepted", |s| s.tls_early_accepted),
+            ("rejected", |s| s.tls_early_rejected),
+            ("refused", |s| s.tls_early_refused),
+        ],
+    ),
+    (
+        "pabal_websocket_refusals",
+        "WebSocket upgrades refused, by reason: bad_request (400), not_websocket (426), \
+         too_large (431), origin (403, not in websocket.allowed_origins).",
+        "reason",
+        &[
+            ("bad_request", |s| s.ws_refused_bad_request),
+            ("not_websocket", |s| s.ws_refused_not_websocket),
+            ("too_large", |s| s.ws_refused_too_large),
+            ("origin", |s| s.ws_refused_origin),
+        ],
+    ),
+];
+
+impl Scrape {
+    fn encode_transport(&self, enc: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        for &(name, help, field) in TRANSPORT_COUNTERS {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (w, s) in self.workers.iter().enumerate() {
+                ConstCounter::new(field(s)).encode(m.encode_family(&worker_label(w))?)?;
+            }
+        }
+        for &(name, help, label, values) in TRANSPORT_LABELLED {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (w, s) in self.workers.iter().enumerate() {
+                for &(value, field) in values {
+                    let labels = [("worker", w.to_string()), (label, value.to_string())];
+                    ConstCounter::new(field(s)).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Scrape {
     /// Reads the relay's counters now.
     pub fn of(relay: &Relay) -> Self {
@@ -622,6 +715,7 @@ impl Collector for Scrape {
             &self.summed(|s| &s.fanout_batch),
             1.0,
         )?;
+        self.encode_transport(&mut enc)?;
         self.encode_storage(&mut enc)
     }
 }

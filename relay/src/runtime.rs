@@ -697,7 +697,7 @@ impl Worker {
                 .add_listener(ws)
                 .context("cannot accept on the WebSocket listener")?;
         }
-        let mut layers = Layers::new(self.transport, self.layered);
+        let mut layers = Layers::new(self.transport, self.layered, self.stats.clone());
         let result = run_loop(
             &mut *backend,
             &mut core,

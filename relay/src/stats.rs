@@ -109,6 +109,39 @@ counters! {
     accept_failures,
     /// Episodes of paused accepting (one per run of failures; see `io::accept`).
     accept_pauses,
+    // The transport layers' counters (`transport::Layers`): TLS and WebSocket.
+    /// TLS handshakes completed.
+    tls_handshakes,
+    /// TLS handshakes that resumed a session (a ticket).
+    tls_resumptions,
+    /// TLS handshakes that failed: the client refused or lacks ALPN `pabal/1`.
+    tls_failed_alpn,
+    /// TLS handshakes that failed: the peer sent an alert.
+    tls_failed_peer_alert,
+    /// TLS handshakes that failed: a malformed, unexpected or undecryptable message.
+    tls_failed_bad_message,
+    /// TLS handshakes that failed: nothing in common (versions, suites, groups).
+    tls_failed_incompatible,
+    /// TLS handshakes that failed for another reason rustls gives.
+    tls_failed_other,
+    /// TLS handshakes the peer or the handshake deadline ended before they finished.
+    tls_failed_incomplete,
+    /// 0-RTT early data accepted (the HELLO rode in the first flight).
+    tls_early_accepted,
+    /// 0-RTT early data offered but rejected (ticket unknown or already used: a replay).
+    tls_early_rejected,
+    /// Connections ended for early data other than one HELLO.
+    tls_early_refused,
+    /// WebSocket upgrades completed.
+    ws_upgrades,
+    /// WebSocket upgrades refused: not an HTTP/1.1 GET, bad Sec-WebSocket-Key (400).
+    ws_refused_bad_request,
+    /// WebSocket upgrades refused: not a WebSocket upgrade or not version 13 (426).
+    ws_refused_not_websocket,
+    /// WebSocket upgrades refused: the request was too large (431).
+    ws_refused_too_large,
+    /// WebSocket upgrades refused: the Origin is not in `websocket.allowed_origins` (403).
+    ws_refused_origin,
 }
 
 /// Upper bounds of the histogram buckets (microseconds for latency, a count for batches);

@@ -9,9 +9,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use pabal_client::{Backoff, Client as RustClient, ClientConfig, ClientEvent, TlsOptions};
-use pabal_codec::{ClientFrame, Decoder, ErrorCode, Limits, Ping, ServerFrame, Subscribe, Text};
+use pabal_codec::{
+    ClientFrame, Decoder, ErrorCode, Limits, Ping, Publish, ServerFrame, Subscribe, Text,
+};
 use pabal_relay::config::Config;
 use pabal_relay::io::BackendKind;
+use pabal_testkit::http::{get_anonymous, with_ops_routes};
 use pabal_testkit::pki::TestPki;
 use pabal_testkit::ws::{WsClient, WsConn, WsFrame};
 use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
@@ -113,6 +116,102 @@ fn encode(frames: &[ClientFrame]) -> Vec<u8> {
 
 fn hello(user: &str) -> ClientFrame {
     pabal_codec::ClientSession::new().hello(Bytes::copy_from_slice(user.as_bytes()), 0)
+}
+
+/// A resumed client's first flight: ClientHello and `early` as 0-RTT early data, as bytes
+/// (to send, and to replay), and the client connection to finish the genuine handshake.
+fn first_flight(tls: &TlsOptions, early: &[u8]) -> (rustls::ClientConnection, Vec<u8>) {
+    let mut conn =
+        rustls::ClientConnection::new(tls.config.clone(), tls.server_name.clone()).unwrap();
+    conn.early_data()
+        .expect("the client holds a ticket allowing early data")
+        .write_all(early)
+        .unwrap();
+    let mut flight = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut flight).unwrap();
+    }
+    (conn, flight)
+}
+
+/// Sends a captured first flight on a new connection and waits for the relay's answer
+/// (its ServerHello), so the relay has decided about the early data.
+fn replay(relay: &TestRelay, flight: &[u8]) -> TcpStream {
+    let mut tcp = TcpStream::connect(relay.addr).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    tcp.write_all(flight).unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        tcp.read(&mut byte).unwrap(),
+        1,
+        "the relay answers the replayed flight"
+    );
+    assert_eq!(byte[0], 0x16, "a TLS handshake record");
+    tcp
+}
+
+/// Sends a first flight genuinely and finishes the handshake.
+fn genuine(
+    relay: &TestRelay,
+    conn: rustls::ClientConnection,
+    flight: &[u8],
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let mut tcp = TcpStream::connect(relay.addr).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    tcp.write_all(flight).unwrap();
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock).unwrap();
+    }
+    stream
+}
+
+/// Reads frames until one matches `pred` (the connection must stay open until then).
+fn frame_where(
+    stream: &mut impl Read,
+    rbuf: &mut BytesMut,
+    mut pred: impl FnMut(&ServerFrame) -> bool,
+) -> ServerFrame {
+    let decoder = Decoder::new(Limits::default());
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(f) = decoder.decode_server(rbuf).unwrap() {
+            if pred(&f) {
+                return f;
+            }
+        }
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(n > 0, "the relay closed the connection");
+        rbuf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The sum over workers of an OpenMetrics counter (`name` without `_total`) whose labels
+/// include `label` (`""`: every series).
+fn counter(metrics: &str, name: &str, label: &str) -> u64 {
+    let prefix = format!("{name}_total{{");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Scrapes `/metrics` until `cond` holds (counters land when the worker handles the
+/// event); panics after [`WAIT`] with the last scrape.
+fn metrics_until(ops: std::net::SocketAddr, cond: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let body = get_anonymous(ops, "/metrics").body;
+        if cond(&body) {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics never got there:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Every frame until the relay closes the stream.
@@ -264,6 +363,138 @@ per_backend! {
         let frames = frames_until_closed(&mut third);
         assert!(matches!(frames.as_slice(), [ServerFrame::Error(e)] if e.code == ErrorCode::ProtocolViolation), "{frames:?}");
         // Nothing of it reached the core: the relay has no connection left open.
+        relay.stop();
+    }
+
+    fn replayed_early_data_does_no_harm(backend) {
+        let pki = TestPki::new();
+        let relay = tls_relay(backend, &pki, |_| {});
+        let ops = with_ops_routes(&relay);
+        let early = |m: &str, result: &str| counter(m, "pabal_tls_early_data", &format!("result=\"{result}\""));
+        let mut bob = rust_client(&relay, "bob", Some(pki.client()));
+        bob.connect().unwrap();
+        bob.join("room:replay").unwrap();
+        bound(&mut bob);
+        // Ann's full handshake leaves her tickets (read up to the WELCOME: they come first).
+        let tls = pki.client();
+        let (mut first, _) = raw_tls(&relay, &tls, &[]);
+        first.write_all(&encode(&[hello("ann")])).unwrap();
+        let mut rbuf = BytesMut::new();
+        frame_where(&mut first, &mut rbuf, |f| matches!(f, ServerFrame::Welcome(_)));
+        drop(first);
+        let ping = encode(&[ClientFrame::Ping(Ping::default())]);
+        let pong = |f: &ServerFrame| matches!(f, ServerFrame::Pong(_));
+
+        // 1. The genuine first flight, then its replay: the ticket was used, so the replay's
+        // early data is rejected (the relay answers with a full handshake nobody finishes).
+        let (conn, flight) = first_flight(&tls, &encode(&[hello("ann")]));
+        let mut ann = genuine(&relay, conn, &flight);
+        assert!(ann.conn.is_early_data_accepted(), "the genuine 0-RTT HELLO is taken");
+        let mut ann_buf = BytesMut::new();
+        frame_where(&mut ann, &mut ann_buf, |f| matches!(f, ServerFrame::Welcome(_)));
+        drop(replay(&relay, &flight));
+        let m = metrics_until(ops, |m| early(m, "rejected") == 1);
+        assert_eq!(early(&m, "accepted"), 1, "only the genuine early data was taken:\n{m}");
+
+        // 2. The replay outruns the genuine flight: it takes the ticket, and its HELLO binds
+        // only its own connection (answered under keys the replayer lacks). The genuine client
+        // falls back to a full handshake, sends its HELLO again and is served; the connection
+        // ann already had is untouched.
+        let (conn, flight) = first_flight(&tls, &encode(&[hello("ann")]));
+        let replayed = replay(&relay, &flight);
+        metrics_until(ops, |m| early(m, "accepted") == 2);
+        let mut late = genuine(&relay, conn, &flight);
+        assert!(!late.conn.is_early_data_accepted(), "the ticket went to the replay");
+        late.write_all(&encode(&[hello("ann")])).unwrap();
+        let mut late_buf = BytesMut::new();
+        frame_where(&mut late, &mut late_buf, |f| matches!(f, ServerFrame::Welcome(_)));
+        metrics_until(ops, |m| early(m, "rejected") == 2);
+        ann.write_all(&ping).unwrap();
+        frame_where(&mut ann, &mut ann_buf, pong);
+        late.write_all(&ping).unwrap();
+        frame_where(&mut late, &mut late_buf, pong);
+        drop(replayed);
+
+        // 3. A first flight carrying a JOIN and a PUBLISH after the HELLO: the genuine
+        // connection is refused, the replay's early data is rejected, and nothing is published.
+        let publish = ClientFrame::Publish(Publish {
+            alias: 1,
+            msg_id: Some(1),
+            ack: None,
+            payload: Bytes::from_static(b"twice?"),
+        });
+        let join = ClientFrame::Subscribe(Subscribe { room: true, name: Text::from("room:replay") });
+        let (conn, flight) = first_flight(&tls, &encode(&[hello("ann"), join, publish]));
+        let mut refused = genuine(&relay, conn, &flight);
+        let frames = frames_until_closed(&mut refused);
+        assert!(
+            matches!(frames.as_slice(), [ServerFrame::Error(e)] if e.fatal && e.code == ErrorCode::ProtocolViolation),
+            "{frames:?}"
+        );
+        drop(replay(&relay, &flight));
+        let m = metrics_until(ops, |m| early(m, "rejected") == 3);
+        assert_eq!(early(&m, "refused"), 1, "{m}");
+        assert_eq!(early(&m, "accepted"), 3, "{m}");
+        // The room's first message is bob's: no publish came from any replay.
+        let id = bob.publish("room:replay", "first").unwrap();
+        let published = wait(&mut bob, |e| matches!(e, ClientEvent::Published { .. }));
+        assert!(matches!(published, ClientEvent::Published { id: i, seq: 1 } if i == id), "{published:?}");
+        relay.stop();
+    }
+
+    fn tls_and_websocket_metrics_count_outcomes(backend) {
+        let pki = TestPki::new();
+        let relay = tls_relay(backend, &pki, |_| {});
+        let ops = with_ops_routes(&relay);
+        // A fresh handshake, then a 0-RTT resumption.
+        let mut ann = rust_client(&relay, "ann", Some(pki.client()));
+        ann.connect().unwrap();
+        assert_eq!(connected(&mut ann), (false, false));
+        ann.cut();
+        assert_eq!(connected(&mut ann), (true, true));
+        // Plaintext on the TLS port: a bad message. A client without pabal/1: alpn.
+        let mut plain = TcpStream::connect(relay.addr).unwrap();
+        plain.write_all(&encode(&[hello("eve")])).unwrap();
+        plain.set_read_timeout(Some(WAIT)).unwrap();
+        frames_until_closed(&mut PlainGarbage(&mut plain));
+        let mut other = (*pki.client().config).clone();
+        other.alpn_protocols = vec![b"h2".to_vec()];
+        let mut wrong = pki.client();
+        wrong.config = std::sync::Arc::new(other);
+        let mut alpn = rust_client(&relay, "eve", Some(wrong));
+        assert!(alpn.connect().is_err(), "no pabal/1, no connection");
+        // A TCP connection closed before its ClientHello: incomplete.
+        drop(TcpStream::connect(relay.addr).unwrap());
+        let m = metrics_until(ops, |m| {
+            counter(m, "pabal_tls_handshake_failures", "reason=\"incomplete\"") >= 1
+                && counter(m, "pabal_tls_handshakes", "") == 2
+        });
+        assert_eq!(counter(&m, "pabal_tls_resumptions", ""), 1, "{m}");
+        assert_eq!(counter(&m, "pabal_tls_early_data", "result=\"accepted\""), 1, "{m}");
+        assert_eq!(counter(&m, "pabal_tls_early_data", "result=\"rejected\""), 0, "{m}");
+        assert_eq!(counter(&m, "pabal_tls_handshake_failures", "reason=\"bad_message\""), 1, "{m}");
+        assert_eq!(counter(&m, "pabal_tls_handshake_failures", "reason=\"alpn\""), 1, "{m}");
+        relay.stop();
+
+        let relay = TestRelay::start(backend, 2, |c| {
+            c.websocket.listen = "127.0.0.1:0".into();
+            c.websocket.allowed_origins = vec!["https://app.example".into()];
+        });
+        let ops = with_ops_routes(&relay);
+        let ws_addr = relay.handle().websocket_addr().unwrap();
+        let _ok = WsClient::connect(ws_addr, "ann", Some("https://app.example"));
+        let (_, status) = WsConn::open(ws_addr, Some("https://evil.example"));
+        assert!(status.contains(" 403 "), "{status}");
+        let mut get = TcpStream::connect(ws_addr).unwrap();
+        get.write_all(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n").unwrap();
+        get.set_read_timeout(Some(WAIT)).unwrap();
+        let mut answer = String::new();
+        let _ = get.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
+        let m = metrics_until(ops, |m| counter(m, "pabal_websocket_refusals", "") == 2);
+        assert_eq!(counter(&m, "pabal_websocket_upgrades", ""), 1, "{m}");
+        assert_eq!(counter(&m, "pabal_websocket_refusals", "reason=\"origin\""), 1, "{m}");
+        assert_eq!(counter(&m, "pabal_websocket_refusals", "reason=\"not_websocket\""), 1, "{m}");
         relay.stop();
     }
 

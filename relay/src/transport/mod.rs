@@ -35,6 +35,7 @@ use pabal_codec::{ErrorCode, ErrorFrame, ServerFrame, Text};
 
 use crate::core::Transport;
 use crate::io::{CloseReason, EventSink, Token};
+use crate::stats::{CoreStats, inc};
 
 /// What a listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,12 +157,16 @@ impl Layered {
 #[derive(Debug)]
 pub struct Layers {
     shared: Arc<TransportShared>,
+    /// The worker's counters (the TLS and WebSocket ones are this module's).
+    stats: Arc<CoreStats>,
     /// Local addresses of the layered listeners and what they speak.
     listeners: Vec<(SocketAddr, ListenerKind)>,
     conns: HashMap<Token, Box<Layered>>,
     dirty: Vec<Token>,
     /// Plaintext scratch (per worker: an idle connection keeps no buffer).
     plain: Vec<u8>,
+    /// TLS records being decrypted (per worker, like `plain`).
+    tls_in: Vec<u8>,
     /// Encoding scratch; batches are split off it.
     enc: BytesMut,
 }
@@ -172,10 +177,15 @@ fn matches_listener(bound: SocketAddr, local: SocketAddr) -> bool {
 
 impl Layers {
     /// Layers for one worker; `listeners` names the layered listeners' bound addresses
-    /// (plain ones need not be listed).
-    pub fn new(shared: Arc<TransportShared>, listeners: Vec<(SocketAddr, ListenerKind)>) -> Layers {
+    /// (plain ones need not be listed); `stats` are the worker's counters.
+    pub fn new(
+        shared: Arc<TransportShared>,
+        listeners: Vec<(SocketAddr, ListenerKind)>,
+        stats: Arc<CoreStats>,
+    ) -> Layers {
         Layers {
             shared,
+            stats,
             listeners: listeners
                 .into_iter()
                 .filter(|(_, k)| *k != ListenerKind::Plain)
@@ -183,6 +193,7 @@ impl Layers {
             conns: HashMap::new(),
             dirty: Vec::new(),
             plain: Vec::new(),
+            tls_in: Vec::new(),
             enc: BytesMut::new(),
         }
     }
@@ -250,10 +261,24 @@ impl Layers {
                 backend.shutdown_write(token);
             }
             if conn.doomed && !conn.in_flight && conn.wire.is_empty() {
-                self.conns.remove(&token);
+                self.remove(token);
                 backend.close(token);
             }
         }
+    }
+
+    /// Forgets a connection; a TLS handshake it leaves unfinished counts as incomplete.
+    fn remove(&mut self, token: Token) -> Option<Box<Layered>> {
+        let conn = self.conns.remove(&token)?;
+        if let Some(tls) = &conn.tls {
+            if tls.handshake_pending() {
+                inc(&self.stats.tls_failed_incomplete, 1);
+            }
+            if tls.early_data_unanswered() {
+                inc(&self.stats.tls_early_rejected, 1);
+            }
+        }
+        Some(conn)
     }
 
     /// A layer refused the peer: the core forgets the connection; the answer already in
@@ -289,8 +314,12 @@ impl Layers {
         let mut failure: Option<String> = None;
         match &mut conn.tls {
             Some(tls) => {
-                match tls.input(data, &mut plain) {
-                    Ok(input) => peer_closed = input.peer_closed,
+                let mut input = tls::TlsInput::default();
+                let handshaking = tls.is_handshaking();
+                let result = tls.input(data, &mut plain, &mut input, &mut self.tls_in);
+                count_tls(&self.stats, &input, result.as_ref().err(), handshaking);
+                match result {
+                    Ok(()) => peer_closed = input.peer_closed,
                     Err(tls::TlsLayerError::EarlyData(why)) => {
                         // The protocol's own refusal, then close_notify.
                         let mut buf = BytesMut::new();
@@ -324,6 +353,7 @@ impl Layers {
                         &mut out,
                     );
                     let held = ws.take_held();
+                    count_ws(&self.stats, &result);
                     if !out.is_empty() {
                         conn.down(out.freeze(), &mut self.enc);
                     }
@@ -406,6 +436,56 @@ impl Layers {
     }
 }
 
+/// Counts what one TLS input found: a completed handshake (resumed or not), the early-data
+/// decision, a refusal of early data, a failed handshake by reason.
+fn count_tls(
+    stats: &CoreStats,
+    input: &tls::TlsInput,
+    error: Option<&tls::TlsLayerError>,
+    handshaking: bool,
+) {
+    if let Some(handshake) = input.handshake {
+        inc(&stats.tls_handshakes, 1);
+        if handshake.resumed {
+            inc(&stats.tls_resumptions, 1);
+        }
+    }
+    match input.early_data {
+        Some(tls::EarlyData::Accepted) => inc(&stats.tls_early_accepted, 1),
+        Some(tls::EarlyData::Rejected) => inc(&stats.tls_early_rejected, 1),
+        None => {}
+    }
+    match error {
+        Some(tls::TlsLayerError::EarlyData(_)) => inc(&stats.tls_early_refused, 1),
+        Some(tls::TlsLayerError::Tls(e)) if handshaking => {
+            let counter = match tls::HandshakeFailure::of(e) {
+                tls::HandshakeFailure::Alpn => &stats.tls_failed_alpn,
+                tls::HandshakeFailure::PeerAlert => &stats.tls_failed_peer_alert,
+                tls::HandshakeFailure::BadMessage => &stats.tls_failed_bad_message,
+                tls::HandshakeFailure::Incompatible => &stats.tls_failed_incompatible,
+                tls::HandshakeFailure::Other => &stats.tls_failed_other,
+            };
+            inc(counter, 1);
+        }
+        Some(tls::TlsLayerError::Tls(_)) | None => {}
+    }
+}
+
+/// Counts a completed or refused WebSocket upgrade.
+fn count_ws(stats: &CoreStats, result: &Result<ws::WsInput, ws::WsError>) {
+    let counter = match result {
+        Ok(input) if input.upgraded => &stats.ws_upgrades,
+        Err(ws::WsError::Refused { status, .. }) => match status {
+            403 => &stats.ws_refused_origin,
+            426 => &stats.ws_refused_not_websocket,
+            431 => &stats.ws_refused_too_large,
+            _ => &stats.ws_refused_bad_request,
+        },
+        _ => return,
+    };
+    inc(counter, 1);
+}
+
 /// The core's [`EventSink`] behind the layers.
 pub struct LayeredSink<'a> {
     layers: &'a mut Layers,
@@ -456,7 +536,7 @@ impl EventSink for LayeredSink<'_> {
     }
 
     fn closed(&mut self, token: Token, reason: CloseReason) {
-        match self.layers.conns.remove(&token) {
+        match self.layers.remove(token) {
             Some(conn) if conn.doomed => {} // the core already forgot it
             _ => self.inner.closed(token, reason),
         }
@@ -499,7 +579,7 @@ impl<T: Transport + ?Sized> Transport for LayeredTransport<'_, T> {
     }
 
     fn close(&mut self, token: Token) {
-        self.layers.conns.remove(&token);
+        self.layers.remove(token);
         self.inner.close(token);
     }
 
