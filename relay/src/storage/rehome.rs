@@ -215,7 +215,15 @@ fn copy_room(
         };
         after = last.seq;
         for m in page.drain(..) {
-            new.append_message(key, m.seq, m.ts_ms, m.flags, m.sender.as_str(), &m.payload)?;
+            new.append_message(
+                key,
+                m.seq,
+                m.ts_ms,
+                m.flags,
+                m.sender.as_str(),
+                &m.payload,
+                m.publish_id,
+            )?;
             copied += 1;
         }
         flush(new, exec)?;
