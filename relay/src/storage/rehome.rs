@@ -337,7 +337,7 @@ mod tests {
                 log.append_epoch(key, 100 + i, 0).unwrap();
                 for seq in 1..=i + 2 {
                     let body = format!("{i}/{seq}");
-                    log.append_message(key, seq, 1000 + seq, 0, "u", body.as_bytes())
+                    log.append_message(key, seq, 1000 + seq, 0, "u", body.as_bytes(), None)
                         .unwrap();
                 }
                 log.append_join(key, "member", 100 + i, 1).unwrap();
