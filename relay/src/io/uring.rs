@@ -87,7 +87,8 @@ const BGID: u16 = 0;
 /// Linux's `UIO_MAXIOV`: the most iovecs one `sendmsg` accepts.
 const IOV_MAX: usize = 1024;
 /// `IORING_RECVSEND_POLL_FIRST` (uapi `io_uring.h`, Linux 5.19; in a send's `ioprio`): arm
-/// the poll for room first instead of trying the send. Kernels without it ignore it.
+/// the poll for room first instead of trying the send. A kernel without it answers EINVAL;
+/// the backend then stops asking (`send_poll_first`) and resubmits plainly.
 const RECVSEND_POLL_FIRST: u16 = 1;
 /// How long drop waits for the kernel to finish cancelled operations.
 const TEARDOWN_WAIT: Duration = Duration::from_secs(2);
@@ -378,6 +379,8 @@ pub struct UringBackend {
     /// Operations whose final completion has not been reaped.
     inflight: usize,
     send_stats: SendStats,
+    /// The kernel takes `RECVSEND_POLL_FIRST` (until it answers EINVAL to one).
+    send_poll_first: bool,
 }
 
 impl std::fmt::Debug for UringBackend {
@@ -495,6 +498,7 @@ impl UringBackend {
             cqes: Vec::new(),
             inflight: 0,
             send_stats: SendStats::default(),
+            send_poll_first: true,
         };
         this.arm_wake();
         Ok(this)
@@ -804,7 +808,11 @@ impl UringBackend {
                 }),
         );
         s.inflight = true;
-        let ioprio = if full { RECVSEND_POLL_FIRST } else { 0 };
+        let ioprio = if full && self.send_poll_first {
+            RECVSEND_POLL_FIRST
+        } else {
+            0
+        };
         let fd = types::Fd(conn.fd);
         let entry = match s.iov.as_slice() {
             // One buffer (one send's length is at most u32::MAX; a larger one takes SENDMSG).
@@ -1179,6 +1187,12 @@ impl UringBackend {
                 let full = res == -libc::EAGAIN;
                 self.send_stats.blind_retries += u64::from(full);
                 self.submit_send(idx, full);
+            } else if res == -libc::EINVAL && self.send_poll_first {
+                // A kernel before 5.19 refuses RECVSEND_POLL_FIRST (and the EINVAL may be
+                // that): stop asking for it and send plainly.
+                tracing::debug!("io_uring: sends refuse IORING_RECVSEND_POLL_FIRST; not used");
+                self.send_poll_first = false;
+                self.submit_send(idx, false);
             } else {
                 self.close_with(idx, CloseReason::Error(errno(res)), sink);
             }
