@@ -1,11 +1,15 @@
 //! Memory per idle connection: the relay's resident set growth per mostly idle phone
 //! connection (authenticated, two rooms bound), for each I/O backend.
 //!
-//! The relay runs in this process; the phones run in a child process (this same executable
-//! with `--phones N`), so the relay's RSS is measured alone. Kernel socket buffers are not in
+//! Each measurement runs in a fresh process (this same executable with `--relay BACKEND N`)
+//! that holds the relay; the phones run in another child process (`--phones N ADDR`), so the
+//! relay's RSS is measured alone, and neither backend inherits memory the other freed. At
+//! 18,500 connections the relay is near its 20,000-descriptor limit. Kernel socket buffers are not in
 //! the RSS; they are the kernel's (tunable with `net.ipv4.tcp_rmem`/`tcp_wmem`).
 //!
-//! `cargo bench -p pabal-benches --bench idle_connections` (`PABAL_IDLE_CONNS`, default 5000).
+//! `cargo bench -p pabal-benches --bench idle_connections` (`PABAL_IDLE_CONNS`: a comma
+//! separated list of connection counts, default `10000,18500`; `PABAL_IDLE_ROOMS`: rooms
+//! bound per phone, 0 to 2, default 2, to split the cost of a connection from its bindings).
 
 #![allow(clippy::unwrap_used)] // reason: a benchmark driver fails loudly
 
@@ -17,10 +21,18 @@ use pabal_relay::runtime::RelayHandle;
 /// The child: open `n` phones, each in a 1:1 room with its neighbour and in one shared
 /// channel, print "ready", and hold them until stdin closes.
 fn phones(addr: std::net::SocketAddr, n: usize) {
+    let bound: usize = std::env::var("PABAL_IDLE_ROOMS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
     let mut held = Vec::with_capacity(n);
     for i in 0..n {
         let rooms = [(false, format!("dm:{}", i / 2)), (true, "news".to_string())];
-        held.push(common::pabal_client(addr, &format!("u{i}"), &rooms));
+        held.push(common::pabal_client(
+            addr,
+            &format!("u{i}"),
+            &rooms[..bound.min(2)],
+        ));
     }
     println!("ready");
     let mut line = String::new();
@@ -30,13 +42,15 @@ fn phones(addr: std::net::SocketAddr, n: usize) {
 fn measure(backend: BackendKind, n: usize) {
     let config = common::relay_config(backend);
     let relay = RelayHandle::start(config).unwrap();
-    let grown = common::rss_growth_with_phones(&relay, n, &[]);
+    let grown = common::growth_with_phones(&relay, n, &[]);
     println!(
-        "{:<9} {:>7} connections: relay RSS +{} KiB = {:.0} bytes per connection",
+        "{:<9} {:>7} connections: relay RSS +{} KiB = {:.0} bytes per connection \
+         (heap in use {:.0} bytes per connection)",
         relay.backend(),
         n,
-        grown,
-        grown as f64 * 1024.0 / n as f64
+        grown.rss_kib,
+        grown.rss_kib as f64 * 1024.0 / n as f64,
+        grown.heap_bytes as f64 / n as f64
     );
     relay.stop().unwrap();
 }
@@ -46,11 +60,31 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "--phones") {
         return phones(args[i + 2].parse().unwrap(), args[i + 1].parse().unwrap());
     }
-    let n: usize = std::env::var("PABAL_IDLE_CONNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5000);
-    for backend in pabal_testkit::backends() {
-        measure(backend, n);
+    if let Some(i) = args.iter().position(|a| a == "--relay") {
+        let backend = match args[i + 1].as_str() {
+            "epoll" => BackendKind::Epoll,
+            _ => BackendKind::IoUring,
+        };
+        return measure(backend, args[i + 2].parse().unwrap());
+    }
+    let sizes: Vec<usize> = std::env::var("PABAL_IDLE_CONNS")
+        .unwrap_or_else(|_| "10000,18500".to_string())
+        .split(',')
+        .map(|n| n.trim().parse().unwrap())
+        .collect();
+    // Each measurement in a fresh process: memory a previous relay freed stays with the
+    // allocator and would hide the next relay's growth.
+    for &n in &sizes {
+        for backend in pabal_testkit::backends() {
+            let name = match backend {
+                BackendKind::Epoll => "epoll",
+                _ => "io_uring",
+            };
+            let status = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--relay", name, &n.to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success(), "the {name} measurement at {n} failed");
+        }
     }
 }

@@ -2,8 +2,9 @@
 //! storage mode: memory, and disk with `fsync = "never"`, `"interval"` and `"always"`, for
 //! 32 B and 1 KiB payloads, in one run so the ratios compare like with like.
 //!
-//! One worker (epoll), 16 publisher connections, each in its own room and nobody else
-//! subscribed, so what is measured is sequencing, the log and the PUBACK path. Each case
+//! One worker, on each I/O backend (epoll: the log's jobs on a sync thread; io_uring: written
+//! and synced through the worker's ring; io_uring is left out where it is unavailable), 16
+//! publisher connections, each in its own room and nobody else subscribed, so what is measured is sequencing, the log and the PUBACK path. Each case
 //! runs twice: saturated (each publisher keeps 64 publishes unacknowledged) for the
 //! acknowledged rate, then open-loop at half that rate for the latency percentiles,
 //! measured from each publish's intended send time (no coordinated omission).
@@ -159,14 +160,22 @@ fn main() {
         ("interval", Some(FsyncPolicy::Interval)),
         ("always", Some(FsyncPolicy::Always)),
     ];
+    let mut backends = vec![BackendKind::Epoll];
+    match pabal_relay::io::probe::probe_uring(&pabal_relay::io::probe::BackendOptions::default()) {
+        Ok(()) => backends.push(BackendKind::IoUring),
+        Err(e) => println!("io_uring left out: {e}"),
+    }
     println!(
-        "{:<9} {:>7} {:>14} | {:>10} {:>9} {:>9} {:>9}",
-        "mode", "payload", "acked/s (sat)", "paced/s", "p50 ms", "p99 ms", "max ms"
+        "{:<8} {:<9} {:>7} {:>14} | {:>10} {:>9} {:>9} {:>9}",
+        "backend", "mode", "payload", "acked/s (sat)", "paced/s", "p50 ms", "p99 ms", "max ms"
     );
-    for payload in [32usize, 1024] {
+    let cases = backends
+        .iter()
+        .flat_map(|b| [32usize, 1024].map(|p| (*b, p)));
+    for (backend, payload) in cases {
         for (round, (name, fsync)) in modes.iter().enumerate() {
             let dir = tempfile::tempdir().unwrap();
-            let mut config = common::relay_config(BackendKind::Epoll);
+            let mut config = common::relay_config(backend);
             if let Some(fsync) = fsync {
                 config.storage.mode = StorageMode::Disk;
                 config.storage.dir = dir.path().to_path_buf();
@@ -178,8 +187,13 @@ fn main() {
             let rate = sat.acked as f64 / sat.secs;
             let paced = phase(addr, payload, secs, Some(rate / 2.0), round * 2 + 1);
             let ms = |q: f64| paced.latency.value_at_quantile(q) as f64 / 1000.0;
+            let backend = match backend {
+                BackendKind::IoUring => "io_uring",
+                _ => "epoll",
+            };
             println!(
-                "{:<9} {:>7} {:>14.0} | {:>10.0} {:>9.2} {:>9.2} {:>9.2}",
+                "{:<8} {:<9} {:>7} {:>14.0} | {:>10.0} {:>9.2} {:>9.2} {:>9.2}",
+                backend,
                 name,
                 payload,
                 rate,

@@ -113,7 +113,7 @@ fn run(fsync: FsyncPolicy, payload_len: usize, rate: Option<f64>, dur: Duration)
             next_room = (next_room + 1) % ROOMS;
             let seq = log.state().rooms[&key].head + 1;
             let lsn = log
-                .append_message(key, seq, 0, 0, "publisher", &payload)
+                .append_message(key, seq, 0, 0, "publisher", &payload, None)
                 .unwrap();
             let intended = match rate {
                 None => now,
@@ -215,7 +215,7 @@ fn recovery() {
             let key = keys[i % keys.len()];
             i += 1;
             let seq = log.state().rooms[&key].head + 1;
-            log.append_message(key, seq, 0, 0, "publisher", &payload)
+            log.append_message(key, seq, 0, 0, "publisher", &payload, None)
                 .unwrap();
         }
         assert!(log.flush_blocking(&mut exec, Duration::from_secs(30)));

@@ -13,8 +13,11 @@
 //! - Heartbeats: answers the relay's PING; pings the relay when it has heard nothing for the
 //!   granted interval plus [`ClientConfig::heartbeat_timeout`], and reconnects when that
 //!   ping goes unanswered.
-//! - Publishes are at least once: one not acknowledged when the link drops is published
-//!   again on the next connection (PROTOCOL.md §12), with a fresh message id.
+//! - Publishes are exactly once with a relay that speaks protocol version 2: the client
+//!   sends its device id in HELLO, and a publish not acknowledged when the link drops is
+//!   published again on the next connection with the same message id, which the relay
+//!   recognises (PROTOCOL.md §7). A relay that refuses version 2 gets version 1 on the next
+//!   attempt; there a republish takes a fresh id (at least once, §12).
 //!
 //! Owns: one logical session with one relay, its socket and its timers. Must not touch:
 //! anything global (no threads, no runtime): the caller drives it with
@@ -185,6 +188,12 @@ pub struct ClientConfig {
     pub ack_every: usize,
     /// Seed for the backoff jitter (tests); `None` seeds from the OS.
     pub seed: Option<u64>,
+    /// The device id sent in HELLO (protocol version 2): keep it per installation, with
+    /// the last message id ([`ClientSession::last_msg_id`]) as `first_msg_id`. `None`:
+    /// drawn at random when the [`Client`] is made (exactly once for its lifetime).
+    pub device_id: Option<u64>,
+    /// The message counter to continue from (persisted with `device_id`).
+    pub first_msg_id: u64,
 }
 
 impl ClientConfig {
@@ -199,6 +208,8 @@ impl ClientConfig {
             backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(30)),
             ack_every: 64,
             seed: None,
+            device_id: None,
+            first_msg_id: 0,
         }
     }
 }
@@ -211,6 +222,8 @@ struct Outgoing {
     payload: Bytes,
     /// The message id on the current connection, once sent.
     msg_id: Option<u64>,
+    /// The message id it was last sent with (0: never): kept across reconnects.
+    sent_as: u64,
 }
 
 /// The connection in use.
@@ -251,9 +264,12 @@ impl Client {
             Some(seed) => SmallRng::seed_from_u64(seed),
             None => SmallRng::from_os_rng(),
         };
+        // Not from the seeded generator: two clients of one user must not share a device.
+        let device_id = config.device_id.unwrap_or_else(rand::random);
+        let session = ClientSession::with_device(device_id, config.first_msg_id);
         Client {
             config,
-            session: ClientSession::new(),
+            session,
             decoder: Decoder::new(Limits::default()),
             open: None,
             events: VecDeque::new(),
@@ -337,6 +353,14 @@ impl Client {
                         self.republish()?;
                         return Ok(());
                     }
+                    ServerFrame::Error(e)
+                        if e.code == ErrorCode::UnsupportedVersion
+                            && self.session.refused_version() =>
+                    {
+                        // A relay that speaks only version 1: ask again in version 1.
+                        self.open = None;
+                        return self.connect();
+                    }
                     other => {
                         let result = self.on_frame(other);
                         self.open = None;
@@ -358,14 +382,18 @@ impl Client {
         }
     }
 
-    /// Sends the publishes the relay has not acknowledged, with fresh message ids.
+    /// Sends the publishes the relay has not acknowledged: with their message ids in
+    /// version 2 (the relay recognises a repeat), with fresh ones in version 1.
     fn republish(&mut self) -> Result<(), ClientError> {
         let mut outbox = std::mem::take(&mut self.outbox);
         for out in &mut outbox {
             out.msg_id = None;
             if let Some(alias) = self.alias_of_room(out.room_id) {
-                let (msg_id, frame) = self.session.publish(alias, out.payload.clone(), None);
+                let (msg_id, frame) =
+                    self.session
+                        .republish(alias, out.sent_as, out.payload.clone(), None);
                 out.msg_id = Some(msg_id);
+                out.sent_as = msg_id;
                 self.send(&frame)?;
             }
         }
@@ -413,11 +441,13 @@ impl Client {
             room_id,
             payload: payload.clone(),
             msg_id: None,
+            sent_as: 0,
         };
         if self.open.is_some() {
             let ack = self.open.as_mut().and_then(|o| o.acks.remove(&alias));
             let (msg_id, frame) = self.session.publish(alias, payload, ack);
             out.msg_id = Some(msg_id);
+            out.sent_as = msg_id;
             self.outbox.push(out);
             self.send(&frame)?;
         } else {
@@ -732,8 +762,11 @@ impl Client {
             .iter_mut()
             .filter(|o| o.msg_id.is_none() && o.room_id == room_id)
         {
-            let (msg_id, frame) = self.session.publish(alias, out.payload.clone(), None);
+            let (msg_id, frame) =
+                self.session
+                    .republish(alias, out.sent_as, out.payload.clone(), None);
             out.msg_id = Some(msg_id);
+            out.sent_as = msg_id;
             self.send(&frame)?;
         }
         self.outbox = outbox;

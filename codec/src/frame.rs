@@ -1,4 +1,4 @@
-//! Every frame of protocol v1, in both directions: its layout, how it is written and how it
+//! Every frame of protocol v1 and v2, in both directions: its layout, how it is written and how it
 //! is parsed. PROTOCOL.md is the normative description; this module is its implementation,
 //! and each frame's layout is written here exactly once.
 //!
@@ -14,8 +14,12 @@ use crate::reader::Reader;
 use crate::text::Text;
 use crate::varint::{len_u64, put_u64, unzigzag, zigzag};
 
-/// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// The newest protocol version this crate speaks: what a client offers first.
+pub const PROTOCOL_VERSION: u8 = 2;
+
+/// Every protocol version this crate speaks, oldest first. Version 2 adds HELLO's device id
+/// (PROTOCOL.md §5): a PUBLISH's `msg_id` then names the message across reconnects.
+pub const SUPPORTED_VERSIONS: [u8; 2] = [1, 2];
 
 /// Frame type codes: the low 5 bits of a frame's first body byte. The high 3 bits are flags
 /// whose meaning depends on the type.
@@ -93,12 +97,17 @@ fn put_text(dst: &mut impl BufMut, t: &Text) {
 /// HELLO: the first frame a client sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
-    /// The protocol version the client speaks (1).
+    /// The protocol version the client speaks (1 or 2).
     pub version: u8,
     /// The heartbeat interval the client asks for, in seconds; 0 takes the relay's default.
     pub heartbeat_secs: u32,
     /// The credential: a signed token, or the bare user id where the relay runs without auth.
     pub token: Bytes,
+    /// Version 2 only: the device's id, the same on every connection of this installation.
+    /// With it, a PUBLISH's `msg_id` is the device's counter and names the message across
+    /// reconnects: the relay answers a repeat with the original PUBACK (PROTOCOL.md §7).
+    /// Must be `None` in a version-1 HELLO (the flag is undefined there).
+    pub device_id: Option<u64>,
     /// Rooms the client knows, with the last sequence it holds of each. Entry `i` is bound to
     /// alias `i` for the new connection.
     pub resume: ResumeList,
@@ -387,6 +396,8 @@ pub enum ClientFrame {
 }
 
 const HELLO_RESUME: u8 = 0b001;
+/// Version 2: a device id (`u64le`) follows the token.
+const HELLO_DEVICE: u8 = 0b010;
 const SUBSCRIBE_ROOM: u8 = 0b001;
 const UNSUBSCRIBE_BLOCK: u8 = 0b001;
 const PUBLISH_EPHEMERAL: u8 = 0b001;
@@ -415,6 +426,7 @@ impl ClientFrame {
                 1 + len_u64(u64::from(h.heartbeat_secs))
                     + len_u64(h.token.len() as u64)
                     + h.token.len()
+                    + h.device_id.map_or(0, |_| 8)
                     + h.resume.encoded_len()
             }
             ClientFrame::Subscribe(s) => text_len(&s.name),
@@ -443,12 +455,18 @@ impl ClientFrame {
         put_u64(dst, self.body_len() as u64);
         match self {
             ClientFrame::Hello(h) => {
-                let flags = if h.resume.is_empty() { 0 } else { HELLO_RESUME };
+                let mut flags = if h.resume.is_empty() { 0 } else { HELLO_RESUME };
+                if h.device_id.is_some() {
+                    flags |= HELLO_DEVICE;
+                }
                 dst.put_u8(type_byte(kind::HELLO, flags));
                 dst.put_u8(h.version);
                 put_u64(dst, u64::from(h.heartbeat_secs));
                 put_u64(dst, h.token.len() as u64);
                 dst.put_slice(&h.token);
+                if let Some(device) = h.device_id {
+                    dst.put_u64_le(device);
+                }
                 dst.put_slice(&h.resume.raw);
             }
             ClientFrame::Subscribe(s) => {
@@ -499,12 +517,19 @@ impl ClientFrame {
                 // The version comes before the flags: another version may define other
                 // flags, and its HELLO must be answered "unsupported version", not "malformed".
                 let version = r.u8("version")?;
-                if version != PROTOCOL_VERSION {
-                    return Err(DecodeError::UnsupportedVersion { version });
-                }
-                check_flags("HELLO", flags, HELLO_RESUME)?;
+                let defined = match version {
+                    1 => HELLO_RESUME,
+                    2 => HELLO_RESUME | HELLO_DEVICE,
+                    _ => return Err(DecodeError::UnsupportedVersion { version }),
+                };
+                check_flags("HELLO", flags, defined)?;
                 let heartbeat_secs = r.varint_u32("heartbeat")?;
                 let token = r.len_prefixed("token", limits.max_token_len)?;
+                let device_id = if flags & HELLO_DEVICE != 0 {
+                    Some(r.u64_le("device id")?)
+                } else {
+                    None
+                };
                 let resume = if flags & HELLO_RESUME != 0 {
                     ResumeList::decode(&mut r, limits)?
                 } else {
@@ -515,6 +540,7 @@ impl ClientFrame {
                     version,
                     heartbeat_secs,
                     token,
+                    device_id,
                     resume,
                 })
             }

@@ -1,4 +1,4 @@
-//! pabal's wire protocol, version 1: a sans-IO, zero-copy codec.
+//! pabal's wire protocol, versions 1 and 2: a sans-IO, zero-copy codec.
 //!
 //! [`PROTOCOL.md`](https://example.invalid/pabal/codec/PROTOCOL.md) (next to this crate's
 //! manifest) is the normative specification; this crate implements it.
@@ -29,8 +29,8 @@ pub use decode::{Decoder, Framing};
 pub use error::{DecodeError, ErrorCode, GoAwayReason, LeftReason, SessionError};
 pub use frame::{
     Ack, ClientFrame, Deliver, DeliverHeader, ErrorFrame, Gap, GoAway, Hello, Left,
-    PROTOCOL_VERSION, Ping, Pong, PubAck, Publish, ResumeEntry, ResumeList, Room, ServerFrame,
-    Subscribe, Unsubscribe, Welcome,
+    PROTOCOL_VERSION, Ping, Pong, PubAck, Publish, ResumeEntry, ResumeList, Room,
+    SUPPORTED_VERSIONS, ServerFrame, Subscribe, Unsubscribe, Welcome,
 };
 pub use limits::Limits;
 pub use session::{ClientSession, DeliverContext, Event, RoomState, SenderAliases, room_id};

@@ -230,12 +230,54 @@ pub struct ClientSession {
     epochs: HashMap<u64, u64>,
     next_msg_id: u64,
     names: HashMap<u64, (Text, bool)>,
+    /// The device id sent in a version-2 HELLO: with it, message ids survive reconnects.
+    device_id: Option<u64>,
+    /// A relay refused version 2: speak version 1 from the next HELLO on.
+    v1_only: bool,
 }
 
 impl ClientSession {
     /// A session that knows no rooms yet.
     pub fn new() -> Self {
         ClientSession::default()
+    }
+
+    /// A session of a device (PROTOCOL.md §5, version 2): `device_id` is drawn at random
+    /// once per installation and kept, and `next_msg_id` is the device's message counter
+    /// as persisted (0 on a new installation). Message ids then name messages across
+    /// reconnects, so [`ClientSession::republish`] keeps them and the relay answers a
+    /// repeat with the original PUBACK instead of storing the message twice.
+    pub fn with_device(device_id: u64, next_msg_id: u64) -> Self {
+        ClientSession {
+            device_id: Some(device_id),
+            next_msg_id,
+            ..ClientSession::default()
+        }
+    }
+
+    /// The protocol version the next HELLO offers.
+    pub fn version(&self) -> u8 {
+        if self.v1_only { 1 } else { PROTOCOL_VERSION }
+    }
+
+    /// The last message id given out: persist it with the device id, so that a restarted
+    /// app does not reuse an id the relay may still remember.
+    pub fn last_msg_id(&self) -> u64 {
+        self.next_msg_id
+    }
+
+    /// Whether a repeated publish keeps its message id and is recognised by the relay: a
+    /// version-2 session with a device id.
+    pub fn idempotent(&self) -> bool {
+        self.device_id.is_some() && !self.v1_only
+    }
+
+    /// The relay answered HELLO with ERROR `UnsupportedVersion`: speak version 1 from the
+    /// next HELLO on. Returns whether that is a change (a version-1 refusal is final).
+    pub fn refused_version(&mut self) -> bool {
+        let changed = !self.v1_only;
+        self.v1_only = true;
+        changed
     }
 
     /// Starts a (new) connection: forgets the previous connection's aliases and builds a
@@ -261,10 +303,12 @@ impl ClientSession {
         self.welcomed = false;
         self.senders.clear();
         self.in_flight.clear();
+        let version = self.version();
         ClientFrame::Hello(Hello {
-            version: PROTOCOL_VERSION,
+            version,
             heartbeat_secs,
             token,
+            device_id: self.device_id.filter(|_| version >= 2),
             resume: ResumeList::from_entries(&entries),
         })
     }
@@ -276,6 +320,34 @@ impl ClientSession {
     pub fn publish(&mut self, alias: u32, payload: Bytes, ack: Option<u64>) -> (u64, ClientFrame) {
         self.next_msg_id += 1;
         let msg_id = self.next_msg_id;
+        self.publish_with_id(alias, msg_id, payload, ack)
+    }
+
+    /// A PUBLISH of a message sent before as `msg_id` whose PUBACK never came (the
+    /// connection ended). In an [idempotent](ClientSession::idempotent) session it keeps
+    /// `msg_id`, so the relay recognises it and answers with the original sequence if it
+    /// had accepted it; otherwise it gets a fresh id (version 1: ids are per connection).
+    pub fn republish(
+        &mut self,
+        alias: u32,
+        msg_id: u64,
+        payload: Bytes,
+        ack: Option<u64>,
+    ) -> (u64, ClientFrame) {
+        if self.idempotent() && msg_id != 0 {
+            self.publish_with_id(alias, msg_id, payload, ack)
+        } else {
+            self.publish(alias, payload, ack)
+        }
+    }
+
+    fn publish_with_id(
+        &mut self,
+        alias: u32,
+        msg_id: u64,
+        payload: Bytes,
+        ack: Option<u64>,
+    ) -> (u64, ClientFrame) {
         let room_id = self.rooms.get(&alias).map_or(0, |r| r.room_id);
         self.in_flight.insert(msg_id, (alias, room_id));
         let frame = ClientFrame::Publish(Publish {
@@ -607,6 +679,58 @@ mod tests {
             payload: Bytes::new(),
         }));
         assert!(matches!(ev, Ok(Event::Message { seq: Some(5), .. })));
+    }
+
+    fn hello_of(frame: ClientFrame) -> Hello {
+        match frame {
+            ClientFrame::Hello(h) => h,
+            other => panic!("not a HELLO: {other:?}"),
+        }
+    }
+
+    fn msg_id_of(frame: &ClientFrame) -> Option<u64> {
+        match frame {
+            ClientFrame::Publish(p) => p.msg_id,
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_device_session_offers_v2_keeps_ids_across_reconnects_and_falls_back_to_v1() {
+        let mut client = ClientSession::with_device(0xfeed, 41);
+        let hello = hello_of(client.hello(Bytes::from_static(b"t"), 0));
+        assert_eq!((hello.version, hello.device_id), (2, Some(0xfeed)));
+        client.apply(welcome(0)).unwrap();
+        client.apply(room(0, 3)).unwrap();
+        let (id, _) = client.publish(0, Bytes::from_static(b"m"), None);
+        assert_eq!(id, 42, "the counter continues from the persisted one");
+        assert_eq!(client.last_msg_id(), 42);
+        // The link dropped before the PUBACK: the next connection sends the same id.
+        client.hello(Bytes::from_static(b"t"), 0);
+        client.apply(welcome(0)).unwrap();
+        let (again, frame) = client.republish(0, id, Bytes::from_static(b"m"), None);
+        assert_eq!((again, msg_id_of(&frame)), (42, Some(42)));
+        // A relay that speaks only version 1: the next HELLO is version 1, without the
+        // device id, and a republish takes a fresh id there.
+        assert!(client.refused_version());
+        assert!(!client.refused_version(), "a version-1 refusal is final");
+        let hello = hello_of(client.hello(Bytes::from_static(b"t"), 0));
+        assert_eq!((hello.version, hello.device_id), (1, None));
+        client.apply(welcome(0)).unwrap();
+        let (fresh, _) = client.republish(0, id, Bytes::from_static(b"m"), None);
+        assert_eq!(fresh, 43);
+    }
+
+    #[test]
+    fn a_session_without_a_device_republishes_with_fresh_ids() {
+        let mut client = ClientSession::new();
+        let hello = hello_of(client.hello(Bytes::from_static(b"t"), 0));
+        assert_eq!((hello.version, hello.device_id), (2, None));
+        client.apply(welcome(0)).unwrap();
+        client.apply(room(0, 3)).unwrap();
+        let (id, _) = client.publish(0, Bytes::from_static(b"m"), None);
+        let (again, _) = client.republish(0, id, Bytes::from_static(b"m"), None);
+        assert_ne!(again, id);
     }
 
     #[test]

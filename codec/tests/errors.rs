@@ -543,17 +543,57 @@ fn ack_limit() {
 
 #[test]
 fn unsupported_version() {
-    for version in [0u8, 2, 0xff] {
+    for version in [0u8, 3, 0xff] {
         let err = client_err(&[kind::HELLO, version, 0, 0]);
         assert_eq!(err, DecodeError::UnsupportedVersion { version });
         assert_eq!(err.code(), ErrorCode::UnsupportedVersion);
     }
     // Only the version is read: whatever a later version puts after it (and in the flags)
-    // is not judged by a v1 decoder.
+    // is not judged by this decoder.
     assert_eq!(
-        client_err(&[kind::HELLO | 0xe0, 2, 0xff, 0xff]),
-        DecodeError::UnsupportedVersion { version: 2 }
+        client_err(&[kind::HELLO | 0xe0, 3, 0xff, 0xff]),
+        DecodeError::UnsupportedVersion { version: 3 }
     );
+}
+
+#[test]
+fn the_device_flag_is_version_2_only() {
+    // Version 1 defines only RESUME (0x20): a device id there is an undefined flag.
+    assert_eq!(
+        client_err(&[kind::HELLO | 0x40, 1, 0, 1, b'a', 1, 0, 0, 0, 0, 0, 0, 0]),
+        DecodeError::UndefinedFlags {
+            frame: "HELLO",
+            flags: 0b010
+        }
+    );
+    // Version 2 reads it; a truncated one is malformed.
+    assert!(
+        dec_client(&framed(&[
+            kind::HELLO | 0x40,
+            2,
+            0,
+            1,
+            b'a',
+            1,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0
+        ]))
+        .is_ok()
+    );
+    assert!(matches!(
+        client_err(&[kind::HELLO | 0x40, 2, 0, 1, b'a', 1, 0, 0]),
+        DecodeError::Truncated { .. }
+    ));
+    // 0x80 stays undefined in version 2.
+    assert!(matches!(
+        client_err(&[kind::HELLO | 0x80, 2, 0, 1, b'a']),
+        DecodeError::UndefinedFlags { .. }
+    ));
 }
 
 #[test]

@@ -33,6 +33,8 @@ const OLD_EPOCH: u64 = 1_766_000_000_000;
 /// WELCOME's server time: the base of the first DELIVER's time delta.
 const T0: u64 = EPOCH + 3_600_000;
 const MESSAGE: &[u8] = b"see you at 7 tonight";
+/// A phone's device id (version 2): drawn at random once per installation.
+const DEVICE: u64 = 0x5eed_0fb0_b5ee_d001;
 
 enum Frame {
     Client(ClientFrame),
@@ -105,6 +107,7 @@ fn fixtures() -> Vec<Fixture> {
                 version: 1,
                 heartbeat_secs: 600,
                 token: Bytes::from_static(b"bob"),
+                device_id: None,
                 resume: ResumeList::from_entries(&[
                     ResumeEntry {
                         room_id: hiking(),
@@ -147,9 +150,36 @@ fn fixtures() -> Vec<Fixture> {
                 version: 1,
                 heartbeat_secs: 0,
                 token: Bytes::from_static(b"ann"),
+                device_id: None,
                 resume: ResumeList::default(),
             })),
             by_hand: frame(&[&[HELLO, 1], &v(0), &text("ann")]),
+        },
+        Fixture {
+            name: "hello_v2_device",
+            frame: Frame::Client(ClientFrame::Hello(Hello {
+                version: 2,
+                heartbeat_secs: 600,
+                token: Bytes::from_static(b"bob"),
+                device_id: Some(DEVICE),
+                resume: ResumeList::from_entries(&[ResumeEntry {
+                    room_id: hiking(),
+                    epoch: EPOCH,
+                    last_seq: 41,
+                }]),
+            })),
+            by_hand: frame(&[
+                &[HELLO | 0x20 | 0x40], // RESUME and DEVICE flags
+                &[2],                   // version
+                &v(600),                // heartbeat asked for
+                &text("bob"),           // token
+                &le(DEVICE),            // device id
+                &v(1),                  // epoch groups
+                &v(EPOCH),
+                &v(1),
+                &le(hiking()),
+                &v(41),
+            ]),
         },
         Fixture {
             name: "subscribe",
@@ -241,6 +271,25 @@ fn fixtures() -> Vec<Fixture> {
             })),
             by_hand: frame(&[
                 &[WELCOME, 1],
+                &v(42),
+                &v(T0),
+                &v(600),
+                &v(65536),
+                &text("bob"),
+            ]),
+        },
+        Fixture {
+            name: "welcome_v2",
+            frame: Frame::Server(ServerFrame::Welcome(Welcome {
+                version: 2,
+                conn_id: 42,
+                server_time_ms: T0,
+                heartbeat_secs: 600,
+                max_frame_len: 65536,
+                user: Text::from("bob"),
+            })),
+            by_hand: frame(&[
+                &[WELCOME, 2],
                 &v(42),
                 &v(T0),
                 &v(600),

@@ -63,6 +63,7 @@ proptest! {
             version: 1,
             heartbeat_secs: 0,
             token: bytes::Bytes::from_static(b"t"),
+            device_id: None,
             resume: list,
         });
         let Ok(Some(ClientFrame::Hello(back))) = dec_client(&enc_client(&hello)) else {

@@ -184,6 +184,7 @@ fn hello(entries: &[ResumeEntry]) -> usize {
         version: 1,
         heartbeat_secs: 0,
         token: Bytes::from(vec![b'j'; JWT_LEN]),
+        device_id: None,
         resume: ResumeList::from_entries(entries),
     }))
 }
@@ -192,6 +193,15 @@ fn hello(entries: &[ResumeEntry]) -> usize {
 fn connect_with_a_150_byte_jwt() {
     // pabal: HELLO up, WELCOME down (connection id from core 3, a user id of 3 bytes).
     assert_eq!(hello(&[]), 157);
+    // Version 2 with a device id (exactly-once publish): 8 bytes more, once per connection.
+    let hello_v2 = client_len(&ClientFrame::Hello(Hello {
+        version: 2,
+        heartbeat_secs: 0,
+        token: Bytes::from(vec![b'j'; JWT_LEN]),
+        device_id: Some(u64::MAX),
+        resume: ResumeList::default(),
+    }));
+    assert_eq!(hello_v2, 165);
     let welcome = server_len(&ServerFrame::Welcome(Welcome {
         version: 1,
         conn_id: (3 << 48) | 12_345,

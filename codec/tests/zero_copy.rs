@@ -63,6 +63,7 @@ fn names_tokens_and_resume_lists_are_slices_too() {
         version: 1,
         heartbeat_secs: 240,
         token: Bytes::from(vec![b'j'; 150]),
+        device_id: None,
         resume: ResumeList::from_entries(&[pabal_codec::ResumeEntry {
             room_id: 1,
             epoch: 2,

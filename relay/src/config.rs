@@ -197,14 +197,17 @@ pub enum AuthMode {
 pub struct ConnectionConfig {
     /// Largest frame body accepted from a client, bytes. Default 65536.
     pub max_frame_len: usize,
-    /// Outbound queue cap per connection, bytes: past it, live traffic stops being queued
-    /// and the connection is fed from history as it drains. Default 256 KiB.
+    /// Outbound window per connection, bytes: a DELIVER is queued only while it fits (an
+    /// empty queue takes any one frame); past it, live traffic stops being queued and the
+    /// connection falls behind to a cursor, fed from history page by page as its socket
+    /// drains. It bounds what a stalled phone costs. Default 8 KiB.
     pub max_queued_bytes: usize,
     /// Rooms and channels bound on one connection. Default 4096.
     pub max_rooms: usize,
     /// Sender aliases kept per connection. Default 64.
     pub sender_aliases: usize,
-    /// Bytes of history fetched per page while a connection catches up. Default 32 KiB.
+    /// Bytes of history fetched per page while a connection catches up (at most
+    /// `max_queued_bytes`). Default 4 KiB.
     pub replay_page_bytes: usize,
     /// After a start with in-memory state, how long a resume entry from an earlier run of
     /// the relay that names a room the relay does not (yet) know for the user is answered
@@ -212,6 +215,12 @@ pub struct ConnectionConfig {
     /// LEFT `UnknownRoom` (drop it). Default 10 min.
     #[serde(with = "humantime_secs")]
     pub restart_grace: Duration,
+    /// The kernel send buffer of each client socket (`SO_SNDBUF`), bytes; 0 leaves it to the
+    /// kernel's autotuning. On loopback and fast links autotuning lets a stalled reader's
+    /// socket hold megabytes of kernel memory; a bound caps what a stalled phone costs the
+    /// kernel, as `max_queued_bytes` caps what it costs the relay. The kernel doubles the
+    /// value and caps it at `net.core.wmem_max`. Default 0.
+    pub send_buffer_bytes: usize,
 }
 
 /// `[heartbeat]`
@@ -379,6 +388,15 @@ pub struct LimitsConfig {
     /// New connections per second on the whole relay (split evenly across workers); past
     /// it, a connection gets GOAWAY(overload) with a spread-out retry hint. Default 20,000.
     pub new_connections_per_second: f64,
+    /// Publish ids (protocol v2: user, device, msg_id) each room remembers, so a PUBLISH
+    /// repeated after a reconnect gets the original PUBACK instead of a second copy: the
+    /// room's most recent ones (the oldest goes first). 0 turns recognition off. Default
+    /// 1024.
+    pub publish_ids: usize,
+    /// How long a room remembers a publish id. Default 1 h. Past this (or past
+    /// `publish_ids` newer messages) a repeat is a new message.
+    #[serde(with = "humantime_secs")]
+    pub publish_id_max_age: Duration,
 }
 
 impl Default for ControlConfig {
@@ -420,6 +438,8 @@ impl Default for LimitsConfig {
             publish_burst: 50.0,
             max_payload: 16 * 1024,
             new_connections_per_second: 20_000.0,
+            publish_ids: 1024,
+            publish_id_max_age: Duration::from_secs(3600),
         }
     }
 }
@@ -697,11 +717,12 @@ impl Default for ConnectionConfig {
     fn default() -> Self {
         ConnectionConfig {
             max_frame_len: 64 * 1024,
-            max_queued_bytes: 256 * 1024,
+            max_queued_bytes: 8 * 1024,
             max_rooms: 4096,
             sender_aliases: 64,
-            replay_page_bytes: 32 * 1024,
+            replay_page_bytes: 4 * 1024,
             restart_grace: Duration::from_secs(600),
+            send_buffer_bytes: 0,
         }
     }
 }
@@ -857,10 +878,13 @@ impl Config {
                 "must be 64 B ..= 16 MiB",
             ));
         }
-        if c.max_queued_bytes < c.max_frame_len + 64 {
+        if c.max_queued_bytes < 1024 {
+            return Err(invalid("connection.max_queued_bytes", "at least 1024"));
+        }
+        if c.send_buffer_bytes != 0 && !(2048..=1 << 30).contains(&c.send_buffer_bytes) {
             return Err(invalid(
-                "connection.max_queued_bytes",
-                "must hold at least one maximal frame (max_frame_len + 64)",
+                "connection.send_buffer_bytes",
+                "must be 0 (the kernel's autotuning) or 2048 ..= 1 GiB",
             ));
         }
         if c.max_rooms == 0 || c.max_rooms > 1 << 20 {
@@ -869,8 +893,11 @@ impl Config {
         if c.sender_aliases == 0 || c.sender_aliases > 16_384 {
             return Err(invalid("connection.sender_aliases", "must be 1 ..= 16384"));
         }
-        if c.replay_page_bytes < 1024 {
-            return Err(invalid("connection.replay_page_bytes", "at least 1024"));
+        if c.replay_page_bytes < 1024 || c.replay_page_bytes > c.max_queued_bytes {
+            return Err(invalid(
+                "connection.replay_page_bytes",
+                "must be 1024 ..= connection.max_queued_bytes",
+            ));
         }
         let h = &self.heartbeat;
         if h.min_interval.is_zero() || h.min_interval > h.max_interval {
@@ -942,6 +969,9 @@ impl Config {
         }
         if !(l.publish_burst >= 1.0 && l.publish_burst.is_finite()) {
             return Err(invalid("limits.publish_burst", "must be >= 1"));
+        }
+        if l.publish_id_max_age.is_zero() {
+            return Err(invalid("limits.publish_id_max_age", "must be > 0"));
         }
         if !(l.new_connections_per_second > 0.0 && l.new_connections_per_second.is_finite()) {
             return Err(invalid(

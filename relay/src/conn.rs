@@ -5,6 +5,7 @@
 //! DELIVER is encoded. Must not touch: other connections, rooms, the backend (the worker
 //! hands the queue to the backend when it flushes).
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,77 @@ use crate::mesh::StartFrom;
 /// Payloads at least this long travel as their own shared buffer in the send batch (a
 /// vectored send) instead of being copied into the connection's buffer.
 pub const SHARED_PAYLOAD_MIN: usize = 2048;
+
+/// The most bytes a DELIVER's length prefix and header fields take besides the sender's
+/// name: varints for the length, alias, sequence, sender alias, name length and timestamp
+/// delta, and the type byte.
+const DELIVER_FIELDS_MAX: usize = 64;
+
+/// An upper bound on the bytes a DELIVER of `payload_len` bytes from `sender` takes queued
+/// (the sender's name counts in case it must be defined in this frame).
+pub fn deliver_bound(payload_len: usize, sender: &Text) -> usize {
+    payload_len + sender.len() + DELIVER_FIELDS_MAX
+}
+
+/// Below this many aliases a connection's bindings grow one at a time.
+const EXACT_SUBS: usize = 8;
+
+/// Spare output buffers kept by one worker's pool.
+const OUT_POOL_BUFFERS: usize = 256;
+/// Output buffers with more spare capacity than this are freed rather than pooled.
+const OUT_POOL_BUFFER_MAX: usize = 16 * 1024;
+
+thread_local! {
+    /// The worker's pool of output buffers: a connection takes one when it has something to
+    /// send and gives it back once everything it queued is written, so an idle connection
+    /// holds none. Per thread, and a worker's core runs on its own thread: the pool is the
+    /// worker's, never shared or locked across cores.
+    static OUT_POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    /// The same for the lists of batches handed to the backend ([`Conn::pending`]).
+    static PENDING_POOL: RefCell<Vec<VecDeque<Bytes>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A spare batch list from this worker's pool (an unallocated one when the pool is empty).
+fn take_pending() -> VecDeque<Bytes> {
+    PENDING_POOL
+        .with(|pool| pool.borrow_mut().pop())
+        .unwrap_or_default()
+}
+
+/// Gives an emptied batch list back to this worker's pool (or frees it).
+fn give_pending(list: VecDeque<Bytes>) {
+    if list.is_empty() && list.capacity() > 0 && list.capacity() <= PENDING_POOL_MAX {
+        PENDING_POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < OUT_POOL_BUFFERS {
+                pool.push(list);
+            }
+        });
+    }
+}
+
+/// Batch lists longer than this are freed rather than pooled.
+const PENDING_POOL_MAX: usize = 64;
+
+/// A spare output buffer from this worker's pool (an empty one when the pool is empty).
+fn take_out_buffer() -> BytesMut {
+    OUT_POOL
+        .with(|pool| pool.borrow_mut().pop())
+        .unwrap_or_default()
+}
+
+/// Gives an emptied output buffer back to this worker's pool (or frees it).
+fn give_out_buffer(buf: BytesMut) {
+    let spare = buf.capacity();
+    if buf.is_empty() && spare > 0 && spare <= OUT_POOL_BUFFER_MAX {
+        OUT_POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < OUT_POOL_BUFFERS {
+                pool.push(buf);
+            }
+        });
+    }
+}
 
 /// A token bucket: `rate` tokens per second, holding at most `burst`.
 #[derive(Debug, Clone, Copy)]
@@ -117,6 +189,31 @@ pub struct Sub {
     pub request: u64,
 }
 
+/// The state only some connections need, boxed apart so that the record of an idle phone
+/// stays small.
+#[derive(Debug, Default)]
+pub struct Rare {
+    /// Latest ephemeral event per (alias, sender) held back while the queue is full.
+    pub ephemeral_backlog: Vec<(u32, Text, u64, Bytes)>,
+    /// When closing began.
+    pub closing_since: Option<Instant>,
+    /// The fatal ERROR to send once `publishes_in_flight` reaches zero ([`Phase::Failing`]).
+    pub fatal: Option<ServerFrame>,
+    /// Aliases unbound (LEFT sent) that may not be bound again yet, each with the number of
+    /// the relay PING whose PONG frees it: until the client has answered a PING sent after
+    /// the LEFT, a frame naming the alias may still be one it sent for the old room.
+    pub retired: Vec<(u32, u64)>,
+}
+
+impl Rare {
+    fn is_empty(&self) -> bool {
+        self.ephemeral_backlog.is_empty()
+            && self.closing_since.is_none()
+            && self.fatal.is_none()
+            && self.retired.is_empty()
+    }
+}
+
 /// One client connection.
 #[derive(Debug)]
 pub struct Conn {
@@ -147,8 +244,6 @@ pub struct Conn {
     pub lagging: bool,
     /// Page requests in flight.
     pub fetches: usize,
-    /// Latest ephemeral event per (alias, sender) held back while the queue is full.
-    pub ephemeral_backlog: Vec<(u32, Text, u64, Bytes)>,
     /// When the connection was accepted.
     pub accepted_at: Instant,
     /// Last time anything arrived.
@@ -157,8 +252,6 @@ pub struct Conn {
     pub ping_sent: Option<Instant>,
     /// The negotiated heartbeat interval.
     pub heartbeat: Duration,
-    /// When closing began.
-    pub closing_since: Option<Instant>,
     /// Half-closed already.
     pub shut: bool,
     /// Publishes allowed per second.
@@ -167,17 +260,13 @@ pub struct Conn {
     pub subscribe_bucket: TokenBucket,
     /// Publishes sent to their rooms' owners and not yet answered.
     pub publishes_in_flight: u32,
-    /// The fatal ERROR to send once `publishes_in_flight` reaches zero ([`Phase::Failing`]).
-    pub fatal: Option<Box<ServerFrame>>,
-    /// Aliases unbound (LEFT sent) that may not be bound again yet, each with the number of
-    /// the relay PING whose PONG frees it: until the client has answered a PING sent after
-    /// the LEFT, a frame naming the alias may still be one it sent for the old room.
-    pub retired: Vec<(u32, u64)>,
+    /// What only some connections need (`None` until one does).
+    pub rare: Option<Box<Rare>>,
     /// PINGs the relay sent on this connection, and PONGs the client answered with.
     pub pings_sent: u64,
     /// See `pings_sent`.
     pub pongs_seen: u64,
-    /// A PING must follow the LEFTs queued since the last one (see `retired`).
+    /// A PING must follow the LEFTs queued since the last one (see [`Rare::retired`]).
     pub retire_ping_due: bool,
     /// The one heartbeat/handshake/linger deadline in force; timer entries for any other
     /// time are stale and ignored, so a connection has exactly one timer chain.
@@ -187,6 +276,10 @@ pub struct Conn {
     /// A service connection (trusted app server): exempt from the publish rate limit and
     /// allowed to publish anywhere.
     pub service: bool,
+    /// Protocol v2: who this connection publishes as, a hash of the user and HELLO's device
+    /// id; its publishes' ids are `(publisher, msg_id)`, recognised by rooms when repeated.
+    /// 0: version 1 or no device id (no recognition).
+    pub publisher: u64,
     /// Reading is wanted by the protocol (false while draining for shutdown).
     pub reading: bool,
     /// Whether the backend is currently reading this socket (it starts reading on accept).
@@ -219,24 +312,22 @@ impl Conn {
             ctx: DeliverContext::new(0, 1),
             lagging: false,
             fetches: 0,
-            ephemeral_backlog: Vec::new(),
             accepted_at: now,
             last_rx: now,
             ping_sent: None,
             heartbeat,
-            closing_since: None,
             shut: false,
             publish_bucket,
             subscribe_bucket,
             publishes_in_flight: 0,
-            fatal: None,
             timer_at: None,
-            retired: Vec::new(),
+            rare: None,
             pings_sent: 0,
             pongs_seen: 0,
             retire_ping_due: false,
             claims: None,
             service: false,
+            publisher: 0,
             reading: true,
             backend_reading: true,
         }
@@ -245,6 +336,14 @@ impl Conn {
     /// Bytes queued or in flight.
     pub fn queued(&self) -> usize {
         self.out.len() + self.pending_bytes + self.inflight_bytes
+    }
+
+    /// Whether a frame of (at most) `frame_len` bytes fits the connection's window of
+    /// `window` queued bytes. An empty queue takes any one frame, so a frame larger than the
+    /// window still goes out, alone.
+    pub fn window_allows(&self, frame_len: usize, window: usize) -> bool {
+        let queued = self.queued();
+        queued == 0 || queued + frame_len <= window
     }
 
     /// Whether anything waits to be handed to the backend.
@@ -263,10 +362,18 @@ impl Conn {
         self.phase == Phase::Open
     }
 
+    /// The output buffer, taken from the worker's pool if the connection holds none.
+    fn out_buffer(&mut self) -> &mut BytesMut {
+        if self.out.capacity() == 0 {
+            self.out = take_out_buffer();
+        }
+        &mut self.out
+    }
+
     /// Queues a frame (dropped once closing: see [`Conn::writable`]).
     pub fn write(&mut self, frame: &ServerFrame) {
         if self.writable() {
-            frame.encode(&mut self.out);
+            frame.encode(self.out_buffer());
         }
     }
 
@@ -276,8 +383,11 @@ impl Conn {
         if !self.writable() {
             return;
         }
-        header.encode_prefix(payload.len(), &mut self.out);
+        header.encode_prefix(payload.len(), self.out_buffer());
         if payload.len() >= SHARED_PAYLOAD_MIN {
+            if self.pending.capacity() == 0 {
+                self.pending = take_pending();
+            }
             let head = self.out.split().freeze();
             self.pending_bytes += head.len() + payload.len();
             self.pending.push_back(head);
@@ -289,6 +399,9 @@ impl Conn {
 
     /// Moves everything queued into `pending` for a send; returns the batch's size.
     pub fn take_batch(&mut self) -> usize {
+        if self.pending.capacity() == 0 {
+            self.pending = take_pending();
+        }
         if !self.out.is_empty() {
             let tail = self.out.split().freeze();
             self.pending_bytes += tail.len();
@@ -301,15 +414,34 @@ impl Conn {
         bytes
     }
 
-    /// The backend finished the batch in flight.
+    /// The backend finished the batch in flight. A connection with nothing more to send
+    /// gives its output buffers back to the worker's pool.
     pub fn batch_sent(&mut self) {
         self.inflight_bytes = 0;
         self.sending = false;
+        if !self.has_output() {
+            give_out_buffer(std::mem::take(&mut self.out));
+            if self.pending.capacity() > 0 {
+                give_pending(std::mem::take(&mut self.pending));
+            }
+        }
     }
 
-    /// The lowest free alias: unbound and not retired (see [`Conn::retired`]).
+    /// The connection's rare state, made on first use.
+    pub fn rare_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_default()
+    }
+
+    /// Frees the rare state once nothing is left in it.
+    pub fn trim_rare(&mut self) {
+        if self.rare.as_ref().is_some_and(|r| r.is_empty()) {
+            self.rare = None;
+        }
+    }
+
+    /// The lowest free alias: unbound and not retired (see [`Rare::retired`]).
     pub fn free_alias(&mut self) -> u32 {
-        let retired = &self.retired;
+        let retired: &[(u32, u64)] = self.rare.as_ref().map_or(&[], |r| &r.retired);
         let free = self
             .subs
             .iter()
@@ -318,6 +450,10 @@ impl Conn {
         match free {
             Some(i) => i as u32,
             None => {
+                // A phone binds a few rooms: no spare slots (128 bytes each) for those.
+                if self.subs.len() < EXACT_SUBS {
+                    self.subs.reserve_exact(1);
+                }
                 self.subs.push(None);
                 (self.subs.len() - 1) as u32
             }
@@ -327,7 +463,8 @@ impl Conn {
     /// An alias was unbound with a LEFT: it stays out of use until the client answers the
     /// PING that will follow the LEFT (queued at the next flush).
     pub fn retire(&mut self, alias: u32) {
-        self.retired.push((alias, self.pings_sent + 1));
+        let ping = self.pings_sent + 1;
+        self.rare_mut().retired.push((alias, ping));
         self.retire_ping_due = true;
     }
 
@@ -342,7 +479,10 @@ impl Conn {
     pub fn pong(&mut self) {
         self.pongs_seen = (self.pongs_seen + 1).min(self.pings_sent);
         let seen = self.pongs_seen;
-        self.retired.retain(|&(_, ping)| ping > seen);
+        if let Some(rare) = &mut self.rare {
+            rare.retired.retain(|&(_, ping)| ping > seen);
+        }
+        self.trim_rare();
     }
 
     /// The alias bound to `room`, if any.
@@ -371,6 +511,65 @@ impl Conn {
 #[allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_connection_holds_no_buffers_and_a_compact_record() {
+        let t0 = Instant::now();
+        let bucket = TokenBucket::new(1.0, 1.0, t0);
+        let mut conn = Conn::new(1, 1, t0, Duration::from_secs(30), bucket, bucket);
+        // Rare state (backlogs, retired aliases, a pending fatal ERROR) lives apart.
+        let record = std::mem::size_of::<Conn>();
+        eprintln!("the connection record: {record} bytes");
+        assert!(
+            record <= 448,
+            "the connection record grew to {record} bytes"
+        );
+        conn.ping();
+        assert!(conn.queued() > 0 && conn.out.capacity() > 0);
+        conn.take_batch();
+        // The backend takes the batch (`Transport::send` swaps the list's contents out).
+        conn.pending.clear();
+        conn.batch_sent();
+        assert_eq!(conn.queued(), 0);
+        assert_eq!(
+            conn.out.capacity(),
+            0,
+            "the output buffer went back to the pool"
+        );
+        assert_eq!(
+            conn.pending.capacity(),
+            0,
+            "the batch list went back to the pool"
+        );
+        // The next frame takes them from the pool again.
+        conn.ping();
+        assert!(conn.out.capacity() > 0);
+        // Two bindings take two slots, not a vector's spare capacity.
+        for (expected, name) in [(0, "a"), (1, "b")] {
+            let alias = conn.free_alias();
+            assert_eq!(alias, expected);
+            conn.subs[alias as usize] = Some(Sub {
+                room: RoomName::new(false, Text::from(name)),
+                from: StartFrom::Join { epoch: 1, seq: 0 },
+                epoch: 1,
+                cursor: 0,
+                position: 0,
+                mode: SubMode::Pending,
+                acked: 0,
+                membership: 1,
+                request: 1,
+            });
+        }
+        assert_eq!(conn.subs.capacity(), 2);
+        // Retiring an alias makes the rare state; the PONG that frees it drops it again.
+        conn.retire(0);
+        assert!(conn.rare.is_some());
+        conn.ping();
+        for _ in 0..conn.pings_sent {
+            conn.pong();
+        }
+        assert!(conn.rare.is_none());
+    }
 
     #[test]
     fn token_bucket_allows_burst_then_rate() {

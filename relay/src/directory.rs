@@ -33,9 +33,68 @@ pub struct JoinPoint {
     pub serial: u64,
 }
 
+/// A user's rooms and their join points: a vector kept sorted by room id (a user belongs to
+/// a few rooms; a hash map would cost several times the entries it holds), searched by
+/// binary search; rooms whose ids collide sit next to each other and are told apart by name.
+#[derive(Debug, Default)]
+struct RoomMap(Vec<(RoomName, JoinPoint)>);
+
+/// Below this many entries a [`RoomMap`] grows one entry at a time (no spare capacity).
+const ROOM_MAP_EXACT: usize = 8;
+
+impl RoomMap {
+    /// Where `room` is, or where it would go.
+    fn find(&self, room: &RoomName) -> Result<usize, usize> {
+        let start = self.0.partition_point(|(r, _)| r.id < room.id);
+        self.0[start..]
+            .iter()
+            .take_while(|(r, _)| r.id == room.id)
+            .position(|(r, _)| r == room)
+            .map(|i| start + i)
+            .ok_or(start)
+    }
+
+    fn get(&self, room: &RoomName) -> Option<&JoinPoint> {
+        self.find(room).ok().map(|i| &self.0[i].1)
+    }
+
+    fn insert(&mut self, room: RoomName, join: JoinPoint) {
+        match self.find(&room) {
+            Ok(i) => self.0[i].1 = join,
+            Err(i) => {
+                if self.0.len() < ROOM_MAP_EXACT {
+                    self.0.reserve_exact(1);
+                }
+                self.0.insert(i, (room, join));
+            }
+        }
+    }
+
+    fn remove(&mut self, room: &RoomName) -> Option<JoinPoint> {
+        let i = self.find(room).ok()?;
+        let (_, join) = self.0.remove(i);
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        Some(join)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(RoomName, JoinPoint)> {
+        self.0.iter()
+    }
+}
+
 #[derive(Debug, Default)]
 struct UserEntry {
-    rooms: HashMap<RoomName, JoinPoint>,
+    rooms: RoomMap,
     blocked: HashSet<RoomName>,
     /// Live connections per worker.
     conns: Vec<(CoreId, u32)>,
@@ -190,7 +249,7 @@ impl Directory {
         self.shard(user)
             .read()
             .get(user)
-            .map(|e| e.rooms.keys().cloned().collect())
+            .map(|e| e.rooms.iter().map(|(r, _)| r.clone()).collect())
             .unwrap_or_default()
     }
 }
@@ -218,7 +277,10 @@ impl Membership for Directory {
         }
         match entry.conns.iter_mut().find(|(c, _)| *c == core) {
             Some((_, n)) => *n += 1,
-            None => entry.conns.push((core, 1)),
+            None => {
+                entry.conns.reserve_exact(1);
+                entry.conns.push((core, 1));
+            }
         }
         let mut rooms: Vec<(RoomName, JoinPoint)> =
             entry.rooms.iter().map(|(r, j)| (r.clone(), *j)).collect();

@@ -65,6 +65,9 @@ pub struct PublishedBy {
     pub binding: u64,
     /// The client's message id.
     pub msg_id: u64,
+    /// Protocol v2: the connection's publisher (user and device, hashed); with `msg_id` it
+    /// names the message across reconnects. 0: not recognised when repeated.
+    pub publisher: u64,
 }
 
 /// One message between workers.

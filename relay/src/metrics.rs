@@ -337,6 +337,12 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         |s| s.messages_in,
     ),
     (
+        "pabal_publishes_repeated",
+        "Publishes recognised as repeats of a message the room holds (protocol v2 publish ids) \
+         and answered with its original sequence, stored and delivered nothing again.",
+        |s| s.publishes_repeated,
+    ),
+    (
         "pabal_ephemeral_accepted",
         "Ephemeral events accepted (not sequenced, not stored).",
         |s| s.ephemeral_in,

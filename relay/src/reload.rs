@@ -52,6 +52,10 @@ pub const FIELDS: &[(&str, Reload)] = &[
     ("connection.replay_page_bytes", Reload::Live("workers")),
     ("connection.restart_grace", Reload::Live("workers")),
     (
+        "connection.send_buffer_bytes",
+        Reload::Live("workers (connections opened after the reload)"),
+    ),
+    (
         "heartbeat",
         Reload::Live("workers (connections opened after the reload)"),
     ),

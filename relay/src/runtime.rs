@@ -160,7 +160,7 @@ impl RelayHandle {
         config.validate()?;
         let workers = config.worker_count();
         if config.storage.mode == StorageMode::Disk {
-            check_stored_workers(&config.storage.dir, workers)?;
+            rehome_rooms(&config, workers)?;
         }
         let nofile = descriptors::raise_nofile()
             .context("cannot read RLIMIT_NOFILE")?
@@ -677,7 +677,7 @@ impl Worker {
         // Disk mode: recover this worker's log and restore its rooms (and their members
         // into the directory) before the relay says it is ready, so no phone is told a room
         // does not exist because its owner had not read it back yet.
-        let mut executor = match open_storage(self.id, &self.config, &mut core, &*backend) {
+        let mut executor = match open_storage(self.id, &self.config, &mut core, &mut *backend) {
             Ok(exec) => exec,
             Err(e) => {
                 let text = format!("{e:#}");
@@ -712,7 +712,13 @@ impl Worker {
             // A clean stop: everything appended synced and a checkpoint written, so the
             // next start recovers without scanning.
             log.begin_close();
-            if !log.flush_blocking(exec, CLOSE_LIMIT) {
+            let closed = match exec {
+                Executor::Thread(t) => log.flush_blocking(t, CLOSE_LIMIT),
+                Executor::Backend => {
+                    log.flush_blocking(&mut DrivenByBackend(&mut *backend), CLOSE_LIMIT)
+                }
+            };
+            if !closed {
                 tracing::warn!(
                     worker = self.id,
                     "storage: the log did not close within {} s; the next start recovers it",
@@ -727,49 +733,106 @@ impl Worker {
 /// How long a worker waits at a clean stop for its log's last sync and checkpoint.
 const CLOSE_LIMIT: Duration = Duration::from_secs(10);
 
-/// Refuses to start when `dir` holds the logs of another number of workers: rooms are owned
-/// by hash modulo the worker count, so a room's log would be read by a worker that does not
-/// own it. Re-homing is not implemented; keep `workers` as it was, or move the directory
-/// aside to start empty.
-fn check_stored_workers(dir: &std::path::Path, workers: usize) -> anyhow::Result<()> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("storage.dir {}", dir.display())),
-    };
-    let mut stored = 0usize;
-    for entry in entries {
-        let entry = entry.with_context(|| format!("storage.dir {}", dir.display()))?;
-        let name = entry.file_name();
-        if let Some(n) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("worker-"))
-            .and_then(|n| n.parse::<usize>().ok())
-        {
-            stored = stored.max(n + 1);
-        }
-    }
-    if stored != 0 && stored != workers {
-        bail!(
-            "workers = {workers}, but storage.dir {} holds the logs of {stored} workers: a \
-             room's owner is chosen by the worker count, so the relay cannot start with \
-             another one; set workers = {stored} (or move the directory aside to start with \
-             empty state)",
-            dir.display()
+/// Disk mode: when `[storage] dir` holds the logs of another worker count (or a
+/// re-homing a crash interrupted), re-homes every room into the log of the worker that owns
+/// it under `workers` ([`crate::storage::rehome`]) before any worker starts.
+fn rehome_rooms(config: &Config, workers: usize) -> anyhow::Result<()> {
+    let opts = LogOptions::from_config(&config.storage, workers);
+    let started = Instant::now();
+    let report =
+        crate::storage::rehome::rehome(&config.storage.dir, workers, opts).with_context(|| {
+            format!(
+                "storage.dir {}: re-homing rooms for workers = {workers}",
+                config.storage.dir.display()
+            )
+        })?;
+    if let Some(r) = report {
+        tracing::warn!(
+            from = r.from_workers,
+            to = r.to_workers,
+            rooms = r.rooms,
+            moved = r.moved,
+            messages = r.messages,
+            new_epochs = r.new_epochs,
+            ms = started.elapsed().as_millis() as u64,
+            "storage: the worker count changed; every room was re-homed to its new owner's log"
         );
     }
     Ok(())
 }
 
+/// Who runs a worker's durable-log jobs.
+enum Executor {
+    /// The backend itself ([`Backend::storage_executor`]: io_uring, through the ring).
+    Backend,
+    /// A sync thread (epoll).
+    Thread(SyncThread),
+}
+
+impl Executor {
+    /// The executor to submit to and poll.
+    fn get<'a>(&'a mut self, backend: &'a mut dyn Backend) -> Option<&'a mut dyn CommitExecutor> {
+        match self {
+            Executor::Thread(t) => Some(t),
+            Executor::Backend => backend.storage_executor(),
+        }
+    }
+}
+
+/// The backend's executor with a blocking wait, for the clean stop: waiting polls the
+/// backend (its events are dropped: the core has finished), which is what completes the
+/// ring's operations.
+struct DrivenByBackend<'a>(&'a mut dyn Backend);
+
+impl CommitExecutor for DrivenByBackend<'_> {
+    fn submit(&mut self, job: crate::storage::Job) {
+        if let Some(exec) = self.0.storage_executor() {
+            exec.submit(job);
+        }
+    }
+
+    fn poll(&mut self, out: &mut Vec<crate::storage::Completion>) {
+        if let Some(exec) = self.0.storage_executor() {
+            exec.poll(out);
+        }
+    }
+
+    fn wait(&mut self, out: &mut Vec<crate::storage::Completion>, timeout: Duration) {
+        self.poll(out);
+        if out.is_empty() {
+            if let Err(e) = self.0.poll(Some(timeout), &mut Discard) {
+                tracing::warn!(error = %e, "backend poll failed while closing the log");
+            }
+            if let Some(exec) = self.0.storage_executor() {
+                exec.wait(out, Duration::ZERO);
+            }
+        }
+    }
+}
+
+/// Drops a backend's events (a worker whose core has finished, closing its log).
+struct Discard;
+
+impl EventSink for Discard {
+    fn accepted(&mut self, _: &std::net::TcpStream, _: SocketAddr) -> Option<Token> {
+        None
+    }
+    fn received(&mut self, _: Token, _: &[u8]) {}
+    fn sent(&mut self, _: Token, _: usize) {}
+    fn closed(&mut self, _: Token, _: CloseReason) {}
+    fn woken(&mut self) {}
+}
+
 /// Opens and recovers worker `id`'s log (disk mode), hands the core what it recovered, and
-/// starts the executor that runs the log's jobs (woken through the worker's eventfd).
-/// `None` in memory mode.
+/// picks the executor that runs the log's jobs: the backend's own where it has one
+/// (io_uring), else a sync thread woken through the worker's eventfd (epoll). `None` in
+/// memory mode.
 fn open_storage(
     id: usize,
     config: &Config,
     core: &mut Core,
-    backend: &dyn Backend,
-) -> anyhow::Result<Option<SyncThread>> {
+    backend: &mut dyn Backend,
+) -> anyhow::Result<Option<Executor>> {
     if config.storage.mode != StorageMode::Disk {
         return Ok(None);
     }
@@ -793,13 +856,16 @@ fn open_storage(
     }
     core.attach_storage(log, &report, now)
         .with_context(|| format!("storage.dir: restoring worker {id}'s rooms"))?;
+    if backend.storage_executor().is_some() {
+        return Ok(Some(Executor::Backend));
+    }
     let wakeup = backend.wakeup();
     let exec = SyncThread::spawn(
         &format!("pabal-worker-{id}"),
         Some(Arc::new(move || wakeup.wake())),
     )
     .context("cannot start the storage threads")?;
-    Ok(Some(exec))
+    Ok(Some(Executor::Thread(exec)))
 }
 
 /// Hands a backend's events to the core, each with the time it happened, and sets up each
@@ -813,7 +879,12 @@ impl EventSink for Driver<'_> {
         if !self.core.accepting() {
             return None;
         }
-        configure_socket(stream, &self.core.config().heartbeat);
+        let config = self.core.config();
+        configure_socket(
+            stream,
+            &config.heartbeat,
+            config.connection.send_buffer_bytes,
+        );
         self.core.admit(Instant::now(), peer)
     }
 
@@ -834,8 +905,15 @@ impl EventSink for Driver<'_> {
 }
 
 /// Socket options for a client connection.
-fn configure_socket(stream: &std::net::TcpStream, hb: &crate::config::HeartbeatConfig) {
+fn configure_socket(
+    stream: &std::net::TcpStream,
+    hb: &crate::config::HeartbeatConfig,
+    send_buffer_bytes: usize,
+) {
     let sock = socket2::SockRef::from(stream);
+    if send_buffer_bytes > 0 {
+        let _ = sock.set_send_buffer_size(send_buffer_bytes);
+    }
     // The relay batches its own writes; Nagle would only add delay.
     let _ = sock.set_tcp_nodelay(true);
     // Kernel keepalive backs up the protocol heartbeat for peers that never finished the
@@ -864,7 +942,7 @@ fn run_loop(
     mesh: &Mesh,
     stats: &CoreStats,
     stall: &StallHook,
-    mut storage: Option<&mut SyncThread>,
+    mut storage: Option<&mut Executor>,
 ) -> anyhow::Result<()> {
     let mut next_sample = Instant::now();
     let mut completions = Vec::new();
@@ -872,7 +950,7 @@ fn run_loop(
         stall.wait();
         let now = Instant::now();
         core.tick();
-        if let Some(exec) = storage.as_deref_mut() {
+        if let Some(exec) = storage.as_deref_mut().and_then(|s| s.get(&mut *backend)) {
             // What the disk finished since the last tick: releases the outputs held for it.
             exec.poll(&mut completions);
             for c in completions.drain(..) {
@@ -894,7 +972,7 @@ fn run_loop(
             // The control plane may have given up waiting; nothing to do then.
             let _ = to.send(answer);
         });
-        if let Some(exec) = storage.as_deref_mut() {
+        if let Some(exec) = storage.as_deref_mut().and_then(|s| s.get(&mut *backend)) {
             // Group commit: everything this tick appended goes out as one job.
             while let Some(job) = core.poll_storage_job(now) {
                 exec.submit(job);

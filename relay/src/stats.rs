@@ -60,6 +60,8 @@ counters! {
     messages_in,
     /// Ephemeral events accepted.
     ephemeral_in,
+    /// Publishes recognised as repeats (protocol v2) and answered with the original PUBACK.
+    publishes_repeated,
     /// Messages written to connections (live and replayed).
     deliveries,
     /// Messages written from history (resume and catch-up).

@@ -115,7 +115,7 @@ fn crash_child() {
             let key = keys[r as usize];
             let seq = log.state().rooms[&key].head + 1;
             let lsn = log
-                .append_message(key, seq, seq, 0, "pub", &payload(r, seq))
+                .append_message(key, seq, seq, 0, "pub", &payload(r, seq), None)
                 .unwrap();
             unacked.push_back((lsn, r, seq));
         }
@@ -263,7 +263,7 @@ fn full_disk_child() {
     // Fill the file until the write fails and appends are refused.
     let refused = loop {
         let seq = log.state().rooms[&key].head + 1;
-        match log.append_message(key, seq, seq, 0, "pub", &payload(0, seq)) {
+        match log.append_message(key, seq, seq, 0, "pub", &payload(0, seq), None) {
             Ok(_) => pump(&mut log, &mut exec, &mut events),
             Err(e) => break e,
         }
@@ -311,7 +311,7 @@ fn full_disk_child() {
     }
     assert!(events.contains(&StorageEvent::Available), "{events:?}");
     let seq = log.state().rooms[&key].head + 1;
-    log.append_message(key, seq, seq, 0, "pub", &payload(0, seq))
+    log.append_message(key, seq, seq, 0, "pub", &payload(0, seq), None)
         .expect("appends are taken again");
     log.begin_close();
     assert!(log.flush_blocking(&mut exec, WAIT));

@@ -349,6 +349,7 @@ pub fn forged_resume(
         version: pabal_codec::PROTOCOL_VERSION,
         heartbeat_secs: 0,
         token: Bytes::copy_from_slice(user.as_bytes()),
+        device_id: None,
         resume: pabal_codec::ResumeList::from_entries(entries),
     });
     let mut out = BytesMut::new();

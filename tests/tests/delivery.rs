@@ -130,6 +130,70 @@ per_backend! {
         relay.stop();
     }
 
+    fn stalled_phones_each_hold_one_window_and_lose_nothing(backend) {
+        // Many phones stop reading; each costs the relay its window of queued bytes (the
+        // relay's own gauge says so), not a copy of what it missed; once they read again,
+        // history serves everything, in order, once.
+        let phones: usize = std::env::var("PABAL_STALLED_PHONES").ok()
+            .and_then(|s| s.parse().ok()).unwrap_or(2000);
+        const WINDOW: usize = 8 * 1024;
+        const N: u64 = 120;
+        const PAYLOAD: usize = 1000;
+        let relay = TestRelay::start(backend, 2, |c| {
+            c.connection.max_queued_bytes = WINDOW;
+            c.connection.replay_page_bytes = 4096;
+            // A phone's link holds little in flight; loopback's autotuning would let each
+            // stalled socket hold megabytes in the kernel before the relay's window fills.
+            c.connection.send_buffer_bytes = 4096;
+            c.retention.max_messages = 100_000;
+            c.retention.max_bytes = 256 << 20;
+        });
+        let mut stalled: Vec<(Client, u32)> = (0..phones)
+            .map(|i| {
+                let mut c = Client::connect_small_window(relay.addr, &format!("phone{i}"), 4096);
+                let alias = c.join("room:stalled");
+                (c, alias)
+            })
+            .collect();
+        let mut p = Client::connect(relay.addr, "writer");
+        let alias = p.join("room:stalled");
+        let body = |i: u64| {
+            let mut b = format!("{i}:").into_bytes();
+            b.resize(PAYLOAD, b'x');
+            b
+        };
+        for i in 1..=N {
+            assert_eq!(p.publish_acked(alias, body(i)), i);
+        }
+        // A PUBACK precedes the fan-out on the other worker: wait until every stalled phone
+        // has fallen behind (each was sent far more than its window and socket hold).
+        let deadline = Instant::now() + WAIT;
+        let stats = loop {
+            let stats = relay.handle().stats();
+            if stats.lagging as usize == phones || Instant::now() > deadline {
+                break stats;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(stats.lagging as usize, phones, "every stalled phone falls behind to its cursor");
+        // Control frames (a PING, a PUBACK) are not held to the window; 64 bytes covers one.
+        assert!(
+            stats.queue_high_water <= (WINDOW + 64) as u64,
+            "a stalled phone's queue grew past its window: {} > {}",
+            stats.queue_high_water,
+            WINDOW + 64
+        );
+        for (c, a) in &mut stalled {
+            let got = c.messages(*a, N as usize);
+            for (i, (seq, payload)) in got.iter().enumerate() {
+                assert_eq!(*seq, i as u64 + 1);
+                assert_eq!(payload[..], body(*seq)[..]);
+            }
+        }
+        assert_eq!(relay.handle().stats().gaps, 0);
+        relay.stop();
+    }
+
     fn resume_past_retention_gets_the_exact_gap(backend) {
         let relay = TestRelay::start(backend, 2, |c| c.retention.max_messages = 10);
         let mut p = Client::connect(relay.addr, "writer");

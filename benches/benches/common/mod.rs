@@ -44,7 +44,22 @@ pub fn read_some(s: &mut TcpStream, buf: &mut BytesMut) {
 /// Connects as `user` (a relay without auth), binds `rooms` in order (`true`: a channel), so
 /// their aliases are 0, 1, ..., and returns the bare socket once every binding is confirmed.
 pub fn pabal_client(addr: SocketAddr, user: &str, rooms: &[(bool, String)]) -> TcpStream {
-    let mut client = Client::connect(addr, user);
+    bind_all(Client::connect(addr, user), rooms)
+}
+
+/// As [`pabal_client`], for a device (protocol v2 with a device id): its publishes carry
+/// publish ids, which the rooms check and record.
+pub fn pabal_device(
+    addr: SocketAddr,
+    user: &str,
+    rooms: &[(bool, String)],
+    device_id: u64,
+) -> TcpStream {
+    let session = pabal_codec::ClientSession::with_device(device_id, 0);
+    bind_all(Client::connect_with(addr, user, session), rooms)
+}
+
+fn bind_all(mut client: Client, rooms: &[(bool, String)]) -> TcpStream {
     for (channel, name) in rooms {
         if *channel {
             client.subscribe(name);
@@ -66,6 +81,23 @@ pub fn rss_kib() -> u64 {
         .unwrap()
 }
 
+/// Bytes this process's allocator has handed out and not had back (glibc `mallinfo2`: the
+/// main arena and the threads' arenas, plus mmapped chunks).
+pub fn heap_in_use() -> u64 {
+    // SAFETY: `mallinfo2` only reads the allocator's counters and returns them by value.
+    let info = unsafe { libc::mallinfo2() };
+    (info.uordblks + info.hblkhd) as u64
+}
+
+/// What the relay's process grew by while the phones were held.
+#[derive(Debug, Clone, Copy)]
+pub struct Growth {
+    /// Resident set, KiB.
+    pub rss_kib: u64,
+    /// Heap in use ([`heap_in_use`]), bytes.
+    pub heap_bytes: u64,
+}
+
 /// The relay's RSS growth (KiB) while a child process (this executable with
 /// `--phones N ADDR EXTRA...`) holds `n` connections to it; the child prints "ready" once
 /// they are up and exits when its stdin closes.
@@ -74,10 +106,19 @@ pub fn rss_growth_with_phones(
     n: usize,
     extra: &[String],
 ) -> u64 {
+    growth_with_phones(relay, n, extra).rss_kib
+}
+
+/// [`rss_growth_with_phones`], with the heap's growth beside the RSS's.
+pub fn growth_with_phones(
+    relay: &pabal_relay::runtime::RelayHandle,
+    n: usize,
+    extra: &[String],
+) -> Growth {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     std::thread::sleep(Duration::from_millis(200));
-    let before = rss_kib();
+    let before = (rss_kib(), heap_in_use());
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--phones", &n.to_string(), &relay.local_addr().to_string()])
         .args(extra)
@@ -88,9 +129,12 @@ pub fn rss_growth_with_phones(
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
     std::thread::sleep(Duration::from_millis(500));
-    let after = rss_kib();
+    let after = (rss_kib(), heap_in_use());
     assert_eq!(relay.stats().connections, n as u64);
     drop(child.stdin.take());
     child.wait().unwrap();
-    after.saturating_sub(before)
+    Growth {
+        rss_kib: after.0.saturating_sub(before.0),
+        heap_bytes: after.1.saturating_sub(before.1),
+    }
 }

@@ -239,11 +239,13 @@ pub fn any_ack_pairs() -> impl Strategy<Value = Vec<(u32, u64)>> {
 /// Every client frame, every flag combination.
 pub fn client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
-        1 => (any_varint_u32(), any_token(), any_resume_entries()).prop_map(|(hb, token, entries)| {
+        1 => (any_varint_u32(), any_token(), prop::option::of(any::<u64>()), any_resume_entries()).prop_map(|(hb, token, device_id, entries)| {
             ClientFrame::Hello(Hello {
-                version: PROTOCOL_VERSION,
+                // Version 1 defines no device id.
+                version: if device_id.is_some() { PROTOCOL_VERSION } else { 1 },
                 heartbeat_secs: hb,
                 token,
+                device_id,
                 resume: ResumeList::from_entries(&entries),
             })
         }),

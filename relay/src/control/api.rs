@@ -480,6 +480,13 @@ impl Call<'_> {
                 }
                 Ok(json!({ "closed": closed }))
             }
+            ("GET", ["v1", "users", user, "presence"]) => {
+                // From the membership directory, which counts every live connection: no
+                // worker is asked, so an app server may call it before every push.
+                let user = name("a user id", user)?;
+                let online = !relay.directory().cores_of(&user).is_empty();
+                Ok(json!({ "user": user.as_str(), "online": online }))
+            }
             ("GET", ["v1", "users", user, "rooms"]) => {
                 let user = name("a user id", user)?;
                 let rooms: Vec<Value> = relay

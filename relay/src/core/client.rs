@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pabal_codec::{
-    ClientFrame, DecodeError, DeliverContext, ErrorCode, Left, LeftReason, PROTOCOL_VERSION, Pong,
-    ServerFrame, Text, Welcome,
+    ClientFrame, DecodeError, DeliverContext, ErrorCode, Left, LeftReason, Pong, ServerFrame, Text,
+    Welcome,
 };
 
 use super::*;
@@ -21,6 +21,25 @@ use crate::ids::RoomName;
 use crate::io::Token;
 use crate::mesh::{CoreMsg, PublishedBy, StartFrom};
 use crate::stats::inc;
+
+/// Who a version-2 connection publishes as: FNV-1a (64-bit) over the user id, a zero byte
+/// and the device id, never 0 (0 means "not recognised"). Two devices collide only with
+/// probability 2^-64, and then only share recognition of their own msg_ids in a room.
+pub(super) fn publisher_of(user: &Text, device: u64) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = OFFSET;
+    for &byte in user
+        .as_bytes()
+        .iter()
+        .chain(&[0])
+        .chain(&device.to_le_bytes())
+    {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(PRIME);
+    }
+    hash.max(1)
+}
 
 impl Core {
     pub(super) fn on_frame(&mut self, token: Token, frame: ClientFrame) {
@@ -112,9 +131,11 @@ impl Core {
     ) -> Result<(Text, Option<crate::auth::Claims>), (ErrorCode, String)> {
         let user = match self.config.auth.mode {
             AuthMode::None => {
-                let user = Text::from_utf8(token.clone())
+                let user = std::str::from_utf8(token)
                     .map_err(|_| (ErrorCode::AuthFailed, "user id is not UTF-8".to_string()))?;
-                (user, None)
+                // A copy of its own: a slice of the frame would keep the whole read buffer
+                // it arrived in alive for as long as the session lasts.
+                (Text::from(user), None)
             }
             AuthMode::Jwt => {
                 let verifier = self.shared.verifier.read().clone();
@@ -172,11 +193,16 @@ impl Core {
         conn.claims = claims.map(Box::new);
         conn.heartbeat = Duration::from_secs(u64::from(granted));
         conn.ctx = DeliverContext::new(now_ms, sender_aliases);
+        conn.publisher = hello
+            .device_id
+            .map_or(0, |device| publisher_of(&user, device));
         let conn_id = conn.id;
         self.write(
             token,
             &ServerFrame::Welcome(Welcome {
-                version: PROTOCOL_VERSION,
+                // The decoder took only versions this relay speaks: the session speaks the
+                // client's.
+                version: hello.version,
                 conn_id,
                 server_time_ms: now_ms,
                 heartbeat_secs: granted,
@@ -319,7 +345,7 @@ impl Core {
     }
 
     pub(super) fn on_subscribe(&mut self, token: Token, is_room: bool, name: Text) {
-        let room = RoomName::new(!is_room, name);
+        let room = self.shared_name(RoomName::new(!is_room, name));
         let Some(conn) = self.conn(token) else { return };
         let user = conn.user.clone().unwrap_or_default();
         if let Some(alias) = conn.alias_of(&room) {
@@ -458,6 +484,7 @@ impl Core {
             );
         }
         let binding = sub.request;
+        let publisher = conn.publisher;
         if p.msg_id.is_some() {
             // Answered by the owner's PUBACK; a fatal error waits for it (`fatal`).
             conn.publishes_in_flight += 1;
@@ -470,6 +497,7 @@ impl Core {
                     alias: p.alias,
                     binding,
                     msg_id,
+                    publisher,
                 },
                 sender,
                 payload: p.payload,
@@ -482,6 +510,22 @@ impl Core {
             },
         };
         self.send_to_owner(&room, msg);
+    }
+
+    /// The worker's own copy of a room's name if it has one (bindings to a room then share
+    /// one name), or a copy of its own: a name sliced out of a frame would keep the whole
+    /// read buffer it arrived in alive for as long as the binding lasts.
+    pub(super) fn shared_name(&self, room: RoomName) -> RoomName {
+        if let Some((known, _)) = self.local.get_key_value(&room) {
+            return known.clone();
+        }
+        if let Some((known, _)) = self.owned.get_key_value(&room) {
+            return known.clone();
+        }
+        RoomName {
+            name: Text::from(room.name.as_str()),
+            ..room
+        }
     }
 
     /// Bytes arrived on a connection at `now`.
@@ -502,20 +546,56 @@ impl Core {
         if !matches!(conn.phase, Phase::Handshake | Phase::Open) || draining {
             return;
         }
-        conn.rbuf.extend_from_slice(data);
+        // Whole frames are decoded out of the worker's one read buffer; a connection keeps
+        // bytes of its own only for a partial frame, so an idle connection holds none. A
+        // read that may hold a payload history keeps without copying (one of at least
+        // `COMPACT_BELOW` bytes) gets a buffer of its own size instead: that payload keeps
+        // its whole buffer alive, which must not be the worker's, grown by earlier reads.
+        let own = !conn.rbuf.is_empty();
+        let shared = !own && data.len() < COMPACT_BELOW;
+        let mut buf = if own {
+            std::mem::take(&mut conn.rbuf)
+        } else if shared {
+            std::mem::take(&mut self.read_scratch)
+        } else {
+            BytesMut::new()
+        };
+        buf.extend_from_slice(data);
         loop {
             let Core { conns, decoder, .. } = &mut *self;
-            let Some(conn) =
-                conn_in(conns, token).filter(|c| matches!(c.phase, Phase::Handshake | Phase::Open))
-            else {
-                return;
-            };
-            match decoder.decode_client(&mut conn.rbuf) {
+            if conn_in(conns, token)
+                .filter(|c| matches!(c.phase, Phase::Handshake | Phase::Open))
+                .is_none()
+            {
+                buf.clear();
+                break;
+            }
+            match decoder.decode_client(&mut buf) {
                 Ok(Some(frame)) => self.on_frame(token, frame),
-                Ok(None) => return,
-                Err(e) => return self.decode_failed(token, e),
+                Ok(None) => break,
+                Err(e) => {
+                    buf.clear();
+                    self.decode_failed(token, e);
+                    break;
+                }
             }
         }
+        let partial = !buf.is_empty();
+        if let Some(conn) = self.conn(token)
+            && partial
+        {
+            if own {
+                conn.rbuf = buf;
+                return;
+            }
+            // The leftover moves to a buffer of its own size.
+            conn.rbuf = BytesMut::from(&buf[..]);
+        }
+        if shared {
+            buf.clear();
+            self.read_scratch = buf;
+        }
+        // Otherwise a buffer of the connection's own, emptied: freed.
     }
 
     pub(super) fn decode_failed(&mut self, token: Token, e: DecodeError) {

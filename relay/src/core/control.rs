@@ -45,12 +45,16 @@ impl Core {
             self.config.control.idempotency_max_age,
         );
         if let Some(key) = &key
-            && let Some(seq) = self.owned_room(&room).idempotency.get(key, now, max_age)
+            && let Some(seq) = self
+                .owned_room(&room)
+                .idempotency
+                .as_mut()
+                .and_then(|w| w.get(key, now, max_age))
         {
             return Ok(Published::Repeat { seq });
         }
         let seq = self
-            .accept_publish(room.clone(), None, sender, payload)
+            .accept_publish(room.clone(), None, sender, payload, None)
             .map_err(|e| {
                 tracing::debug!(error = %e, "server-API publish refused by storage");
                 super::durable::refusal_of(&e)
@@ -58,6 +62,7 @@ impl Core {
         if let Some(key) = key {
             self.owned_room(&room)
                 .idempotency
+                .get_or_insert_with(|| Box::new(crate::idempotency::IdempotencyWindow::new()))
                 .record(key, seq, now, max_keys, max_age);
         }
         Ok(Published::New { seq })

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use pabal_codec::{DeliverContext, Left, LeftReason, PubAck, Room, ServerFrame, Text};
 
 use super::*;
-use crate::conn::{Phase, Sub, SubMode};
+use crate::conn::{Phase, Sub, SubMode, deliver_bound};
 use crate::directory::JoinPoint;
 use crate::ids::{Origin, RoomName, Stored, StoredRef};
 use crate::io::Token;
@@ -180,6 +180,7 @@ impl Core {
     pub(super) fn apply_page(&mut self, token: Token, alias: u32, page: Page) {
         let me = self.origin(token);
         let low_water = self.low_water();
+        let window = self.config.connection.max_queued_bytes;
         let Core {
             conns,
             dirty,
@@ -208,14 +209,23 @@ impl Core {
             }
         }
         let mut written = 0;
+        // The window holds: what does not fit waits for the next page, fetched from
+        // `position` once the socket drains.
+        let mut cut_short = false;
         for msg in &page.msgs {
+            match conn.subs.get(alias as usize) {
+                Some(Some(sub)) if msg.seq <= sub.position => continue,
+                Some(Some(_)) => {}
+                _ => return,
+            }
+            if !conn.window_allows(deliver_bound(msg.payload.len(), &msg.sender), window) {
+                cut_short = true;
+                break;
+            }
             let header = {
                 let Some(Some(sub)) = conn.subs.get_mut(alias as usize) else {
                     return;
                 };
-                if msg.seq <= sub.position {
-                    continue;
-                }
                 match advance(&mut conn.ctx, sub, alias, msg, me) {
                     Some(header) => header,
                     None => continue,
@@ -229,13 +239,15 @@ impl Core {
         let Some(Some(sub)) = conn.subs.get_mut(alias as usize) else {
             return;
         };
-        sub.mode = if page.complete {
+        sub.mode = if page.complete && !cut_short {
             SubMode::Live
         } else {
             SubMode::CatchingUp { fetching: false }
         };
         Self::mark_dirty(dirty, conn);
-        if !page.complete && conn.queued() <= low_water {
+        // A page cut short waits for the socket to drain (`on_sent` asks again): asking now
+        // would fetch the same message that did not fit, again and again.
+        if !page.complete && !cut_short && conn.queued() <= low_water {
             self.request_pages(token);
         }
         self.update_lagging(token);
@@ -333,7 +345,7 @@ impl Core {
             let Some(conn) = conn_in(conns, token).filter(|c| c.is_open()) else {
                 continue;
             };
-            let over_cap = conn.queued() >= cap;
+            let over_cap = !conn.window_allows(deliver_bound(msg.payload.len(), &msg.sender), cap);
             let header = {
                 let Some(Some(sub)) = conn.subs.get_mut(alias as usize) else {
                     continue;
@@ -400,9 +412,9 @@ impl Core {
                 Some(Some(sub)) if sub.mode != SubMode::Pending => sub.cursor,
                 _ => continue,
             };
-            if conn.queued() >= cap || conn.lagging {
+            if conn.lagging || !conn.window_allows(deliver_bound(payload.len(), sender), cap) {
                 // Collapse: keep only the latest event per (alias, sender).
-                let backlog = &mut conn.ephemeral_backlog;
+                let backlog = &mut conn.rare_mut().ephemeral_backlog;
                 backlog.retain(|(a, s, _, _)| !(*a == alias && s == sender));
                 if backlog.len() >= EPHEMERAL_BACKLOG {
                     backlog.remove(0);
@@ -417,14 +429,27 @@ impl Core {
     }
 
     pub(super) fn flush_ephemeral_backlog(&mut self, token: Token) {
+        let window = self.config.connection.max_queued_bytes;
         let Core { conns, dirty, .. } = self;
         let Some(conn) = conn_in(conns, token).filter(|c| c.is_open()) else {
             return;
         };
-        if conn.ephemeral_backlog.is_empty() {
+        let Some(rare) = conn
+            .rare
+            .as_mut()
+            .filter(|r| !r.ephemeral_backlog.is_empty())
+        else {
             return;
-        }
-        for (alias, sender, ts_ms, payload) in std::mem::take(&mut conn.ephemeral_backlog) {
+        };
+        let mut backlog = std::mem::take(&mut rare.ephemeral_backlog).into_iter();
+        for (alias, sender, ts_ms, payload) in backlog.by_ref() {
+            if !conn.window_allows(deliver_bound(payload.len(), &sender), window) {
+                // The rest waits, in order, for the next drain.
+                conn.rare_mut()
+                    .ephemeral_backlog
+                    .push((alias, sender, ts_ms, payload));
+                break;
+            }
             let cursor = match conn.subs.get(alias as usize) {
                 Some(Some(sub)) => sub.cursor,
                 _ => continue,
@@ -432,6 +457,8 @@ impl Core {
             let header = conn.ctx.header(alias, None, cursor, &sender, ts_ms);
             conn.write_deliver(&header, &payload);
         }
+        conn.rare_mut().ephemeral_backlog.extend(backlog);
+        conn.trim_rare();
         Self::mark_dirty(dirty, conn);
     }
 

@@ -172,23 +172,43 @@ impl Core {
             rs.members.iter().map(|(u, j)| (u.clone(), *j)).collect();
         let blocked: Vec<Text> = rs.blocked.iter().cloned().collect();
         let mut tail = Vec::new();
+        // Enough to rebuild the window of publish ids too (`limits.publish_ids`).
+        let publish_ids = self.config.limits.publish_ids as u64;
         let after = head
-            .saturating_sub(RECOVERED_TAIL)
+            .saturating_sub(RECOVERED_TAIL.max(publish_ids))
             .max(first.saturating_sub(1));
         d.log
             .read_page(key, after, usize::MAX, usize::MAX, &mut tail)?;
         self.last_epoch = self.last_epoch.max(epoch);
         self.create_room(name, epoch);
         let accepted_at = self.now;
+        let (now_ms, max_age) = (self.now_ms(), self.config.limits.publish_id_max_age);
         let Some(owned) = self.owned.get_mut(name) else {
             return Ok(());
         };
         owned.head = head;
         owned.key = key;
         owned.epoch_stored = true;
+        let history_from = head.saturating_sub(RECOVERED_TAIL);
         for m in tail {
-            let ts_ms = m.ts_ms;
-            owned.history.push(stored(m, accepted_at), ts_ms);
+            // Its age survives the restart: it was recorded when it was accepted.
+            let age = Duration::from_millis(now_ms.saturating_sub(m.ts_ms));
+            if let Some(id) = m.publish_id
+                && age < max_age
+                && let Some(at) = accepted_at.checked_sub(age)
+            {
+                owned.publish_ids.get_or_insert_default().record(
+                    id,
+                    m.seq,
+                    at,
+                    publish_ids as usize,
+                    max_age,
+                );
+            }
+            if m.seq > history_from {
+                let ts_ms = m.ts_ms;
+                owned.history.push(stored(m, accepted_at), ts_ms);
+            }
         }
         for (user, _) in &members {
             owned.members.insert(user.clone());
@@ -233,6 +253,7 @@ impl Core {
         ts_ms: u64,
         sender: &Text,
         payload: &Bytes,
+        publish_id: Option<super::owner::PublishId>,
     ) -> Result<(), StorageError> {
         if self.storage.is_none() {
             return Ok(());
@@ -240,7 +261,7 @@ impl Core {
         let key = self.store_epoch(room)?;
         if let Some(d) = self.storage.as_deref_mut() {
             d.log
-                .append_message(key, seq, ts_ms, 0, sender.as_str(), payload)?;
+                .append_message(key, seq, ts_ms, 0, sender.as_str(), payload, publish_id)?;
         }
         Ok(())
     }

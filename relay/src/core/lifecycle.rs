@@ -84,8 +84,8 @@ impl Core {
             return;
         }
         conn.phase = Phase::Closing;
-        conn.closing_since = Some(now);
-        conn.rbuf.clear();
+        conn.rare_mut().closing_since = Some(now);
+        conn.rbuf = bytes::BytesMut::new();
         Self::mark_dirty(dirty, conn);
         self.arm(token, now + LINGER);
     }
@@ -118,8 +118,8 @@ impl Core {
             Phase::Failing | Phase::Closing => {}
             Phase::Handshake | Phase::Open if conn.publishes_in_flight > 0 => {
                 conn.phase = Phase::Failing;
-                conn.fatal = Some(Box::new(frame));
-                conn.rbuf.clear();
+                conn.rare_mut().fatal = Some(frame);
+                conn.rbuf = bytes::BytesMut::new();
                 conn.reading = false;
                 Self::mark_dirty(dirty, conn);
                 self.arm(token, now + LINGER);
@@ -137,7 +137,7 @@ impl Core {
         let Some(conn) = self.conn(token).filter(|c| c.phase == Phase::Failing) else {
             return;
         };
-        if let Some(frame) = conn.fatal.take() {
+        if let Some(frame) = conn.rare.as_mut().and_then(|r| r.fatal.take()) {
             conn.write(&frame);
         }
         self.begin_close(token);
@@ -380,9 +380,10 @@ impl Core {
                 self.finish_failing(token);
             }
             Phase::Closing => {
-                if conn.closing_since.is_some_and(|t| now >= t + LINGER) {
+                let closing_since = conn.rare.as_ref().and_then(|r| r.closing_since);
+                if closing_since.is_some_and(|t| now >= t + LINGER) {
                     self.close_now(token);
-                } else if let Some(t) = conn.closing_since {
+                } else if let Some(t) = closing_since {
                     self.arm(token, t + LINGER);
                 }
             }

@@ -42,6 +42,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use pabal_codec::{Decoder, ErrorCode, ErrorFrame, LeftReason, Limits, ServerFrame, Text};
 
 use crate::config::Config;
@@ -151,6 +152,9 @@ pub struct Core {
     accept_bucket: TokenBucket,
     /// The worker's durable log and the outputs waiting on it (disk mode only).
     storage: Option<Box<durable::Durability>>,
+    /// The worker's one read buffer: received bytes are decoded here; a connection keeps
+    /// bytes of its own only for a partial frame ([`Conn::rbuf`]).
+    read_scratch: BytesMut,
 }
 
 /// A connection's token for its slab key, and back.
@@ -226,6 +230,7 @@ impl Core {
             shared,
             accept_bucket: TokenBucket::new(accept_rate, accept_rate.max(1.0), now),
             storage: None,
+            read_scratch: BytesMut::new(),
         }
     }
 
@@ -369,7 +374,7 @@ impl Core {
                 sender,
                 payload,
             } => {
-                if let Err(e) = self.accept_publish(room, Some(by), sender, payload) {
+                if let Err(e) = self.publish_once_from(room, by, sender, payload) {
                     let (code, message) = durable::error_of(&e);
                     tracing::debug!(error = %e, "publish refused by storage");
                     self.send_to(

@@ -19,6 +19,14 @@ use crate::ids::{Origin, RoomName, Stored, StoredRef};
 use crate::mesh::{CoreMsg, Page, PublishedBy, StartFrom};
 use crate::stats::inc;
 
+/// A message's publish id (protocol v2): the connection's publisher (user and device) and
+/// the client's msg_id.
+pub(super) type PublishId = (u64, u64);
+
+/// A room's window of recent publish ids, bounded by `limits.publish_ids` and
+/// `limits.publish_id_max_age`.
+pub(super) type PublishIds = crate::idempotency::IdempotencyWindow<u64, PublishId>;
+
 /// A room this worker owns.
 #[derive(Debug)]
 pub(super) struct OwnedRoom {
@@ -32,8 +40,12 @@ pub(super) struct OwnedRoom {
     pub(super) members: HashSet<Text>,
     /// In the worker's queue of idle rooms to check for eviction.
     pub(super) idle_queued: bool,
-    /// The server API's recent `Idempotency-Key`s and the sequences they got.
-    pub(super) idempotency: crate::idempotency::IdempotencyWindow<u64>,
+    /// The server API's recent `Idempotency-Key`s and the sequences they got (boxed: most
+    /// rooms never see one, and a room costs its owner this record's size).
+    pub(super) idempotency: Option<Box<crate::idempotency::IdempotencyWindow<u64>>>,
+    /// Protocol v2: the publish ids of recent messages and the sequences they got (see
+    /// [`Core::publish_once_from`]); allocated at the room's first such publish.
+    pub(super) publish_ids: Option<Box<PublishIds>>,
     /// Its key in the worker's log (disk mode; 0 until its first record).
     pub(super) key: crate::storage::RoomKey,
     /// The log holds the room's current epoch (disk mode).
@@ -78,7 +90,8 @@ impl Core {
                 interest: vec![0; self.cores],
                 members: HashSet::new(),
                 idle_queued: false,
-                idempotency: crate::idempotency::IdempotencyWindow::new(),
+                idempotency: None,
+                publish_ids: None,
                 key: 0,
                 epoch_stored: false,
             },
@@ -458,6 +471,44 @@ impl Core {
         }
     }
 
+    /// The owner takes a client's publish, once per publish id: a repeat of a message the
+    /// room remembers (`limits.publish_ids`, `limits.publish_id_max_age`) is answered with
+    /// the original sequence, and nothing is stored or delivered again (PROTOCOL.md §12).
+    /// The answer goes through [`Core::send_to`] like any PUBACK, so in disk mode it never
+    /// overtakes the original's durability.
+    pub(super) fn publish_once_from(
+        &mut self,
+        room: RoomName,
+        by: PublishedBy,
+        sender: Text,
+        payload: Bytes,
+    ) -> Result<u64, crate::storage::StorageError> {
+        let (now, max_ids, max_age) = (
+            self.now,
+            self.config.limits.publish_ids,
+            self.config.limits.publish_id_max_age,
+        );
+        let id = (by.publisher != 0 && max_ids > 0).then_some((by.publisher, by.msg_id));
+        if let Some(id) = id
+            && let Some(seq) = self
+                .owned
+                .get_mut(&room)
+                .and_then(|o| o.publish_ids.as_mut()?.get(&id, now, max_age))
+        {
+            inc(&self.stats.publishes_repeated, 1);
+            self.send_to(by.origin.core, CoreMsg::Accepted { by, seq });
+            return Ok(seq);
+        }
+        let seq = self.accept_publish(room.clone(), Some(by), sender, payload, id)?;
+        if let Some(id) = id {
+            self.owned_room(&room)
+                .publish_ids
+                .get_or_insert_default()
+                .record(id, seq, now, max_ids, max_age);
+        }
+        Ok(seq)
+    }
+
     /// The owner accepts a message: sequence, log (disk mode), history, PUBACK, then one
     /// delivery per interested worker. Refused, with nothing sequenced, when the log does
     /// not take it (full disk).
@@ -467,6 +518,7 @@ impl Core {
         from: Option<PublishedBy>,
         sender: Text,
         payload: Bytes,
+        publish_id: Option<PublishId>,
     ) -> Result<u64, crate::storage::StorageError> {
         let now_ms = self.now_ms();
         let now = self.now;
@@ -478,7 +530,7 @@ impl Core {
             payload
         };
         let seq = self.owned_room(&room).head + 1;
-        self.store_message(&room, seq, now_ms, &sender, &payload)?;
+        self.store_message(&room, seq, now_ms, &sender, &payload, publish_id)?;
         let owned = self.owned_room(&room);
         owned.head = seq;
         let msg = Arc::new(Stored {

@@ -190,6 +190,17 @@ impl Harness {
     /// A client that writes its own HELLO (any resume entries it likes) and whose frames
     /// are collected raw.
     fn connect_forged(&mut self, user: &str, resume: &[pabal_codec::ResumeEntry]) -> Token {
+        self.connect_forged_hello(pabal_codec::Hello {
+            version: pabal_codec::PROTOCOL_VERSION,
+            heartbeat_secs: 0,
+            token: Bytes::copy_from_slice(user.as_bytes()),
+            device_id: None,
+            resume: pabal_codec::ResumeList::from_entries(resume),
+        })
+    }
+
+    /// A forged client that sends exactly `hello`.
+    fn connect_forged_hello(&mut self, hello: pabal_codec::Hello) -> Token {
         let token = self
             .core
             .admit(self.now, "127.0.0.1:1".parse().unwrap())
@@ -203,13 +214,7 @@ impl Harness {
                 forged: Some(Vec::new()),
             },
         );
-        let hello = ClientFrame::Hello(pabal_codec::Hello {
-            version: pabal_codec::PROTOCOL_VERSION,
-            heartbeat_secs: 0,
-            token: Bytes::copy_from_slice(user.as_bytes()),
-            resume: pabal_codec::ResumeList::from_entries(resume),
-        });
-        self.send(token, &hello);
+        self.send(token, &ClientFrame::Hello(hello));
         token
     }
 
@@ -360,6 +365,44 @@ fn a_stalled_phone_is_capped_then_caught_up_from_history() {
         0,
         "caught up and live again"
     );
+}
+
+#[test]
+fn a_stalled_phone_never_queues_past_its_window() {
+    // Messages that do not divide the window: before the window rule a queue took one more
+    // message past the cap, and a page was written whole past it.
+    const WINDOW: usize = 4096;
+    let mut h = Harness::new(|c| {
+        c.connection.max_frame_len = 2048;
+        c.limits.max_payload = 1500;
+        c.connection.max_queued_bytes = WINDOW;
+        c.connection.replay_page_bytes = WINDOW;
+    });
+    let ann = h.connect("ann", ClientSession::new());
+    let bob = h.connect("bob", ClientSession::new());
+    let a = h.join(ann, "g");
+    h.join(bob, "g");
+    h.events(bob);
+    h.stalled.insert(bob);
+    for i in 1..=200 {
+        h.publish(ann, a, &format!("{i:03}:{}", "z".repeat(1100)));
+        let high = h.stats.queue_high_water.load(Ordering::Relaxed) as usize;
+        assert!(high <= WINDOW, "message {i}: a queue held {high} bytes");
+    }
+    assert!(h.stats.lag_events.load(Ordering::Relaxed) >= 1);
+    // Draining: pages larger than what the window has room for are cut, never overfilled.
+    h.stalled.clear();
+    h.pump();
+    let high = h.stats.queue_high_water.load(Ordering::Relaxed) as usize;
+    assert!(high <= WINDOW, "catching up queued {high} bytes");
+    let got = h.messages(bob);
+    assert_eq!(got.len(), 200);
+    for (i, (seq, body)) in got.iter().enumerate() {
+        assert_eq!(*seq, i as u64 + 1);
+        assert!(body.starts_with(format!("{seq:03}:").as_bytes()));
+    }
+    assert_eq!(h.stats.gaps.load(Ordering::Relaxed), 0);
+    assert_eq!(h.stats.lagging.load(Ordering::Relaxed), 0);
 }
 
 #[test]
@@ -572,6 +615,7 @@ fn a_subscription_answer_for_an_earlier_membership_is_dropped() {
                     alias: a,
                     binding: 0,
                     msg_id: 99,
+                    publisher: 0,
                 },
                 sender: Text::from("ann"),
                 payload: Bytes::from_static(b"while-removed"),
@@ -1036,4 +1080,158 @@ fn in_disk_mode_nothing_leaves_before_the_log_says_it_is_durable() {
             .any(|e| matches!(e, Event::PubAck { seq: 1, .. }))
     );
     assert_eq!(h.messages(bob), vec![(1, Bytes::from_static(b"hello"))]);
+}
+
+// ---- Protocol v2: idempotent publish across reconnects ---------------------------------
+
+/// Publishes `body` on `token` with the given `msg_id` (a republish keeps it in an
+/// idempotent session) and returns the sequences of the PUBACKs that came back.
+fn republish(h: &mut Harness, token: Token, room: &str, msg_id: u64, body: &str) -> Vec<u64> {
+    let phone = h.phones.get_mut(&token).unwrap();
+    let alias = phone.session.alias_of(room).unwrap();
+    let (id, frame) =
+        phone
+            .session
+            .republish(alias, msg_id, Bytes::copy_from_slice(body.as_bytes()), None);
+    assert_eq!(id, msg_id, "an idempotent session keeps the id");
+    h.send(token, &frame);
+    h.events(token)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::PubAck { seq, .. } => Some(seq),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Ann (a device) and bob in "dm"; returns (ann, bob, ann's session as it was before
+/// anything was published: what her phone holds after a PUBACK was lost).
+fn device_and_reader(h: &mut Harness) -> (Token, Token, ClientSession) {
+    let ann = h.connect("ann", ClientSession::with_device(0xa11ce, 0));
+    let bob = h.connect("bob", ClientSession::new());
+    h.join(ann, "dm");
+    h.join(bob, "dm");
+    h.events(ann);
+    h.events(bob);
+    let before = h.phones[&ann].session.clone();
+    (ann, bob, before)
+}
+
+#[test]
+fn a_v2_publish_repeated_after_a_cut_gets_its_original_sequence_and_is_delivered_once() {
+    let mut h = Harness::new(|_| {});
+    let (ann, bob, before) = device_and_reader(&mut h);
+    assert_eq!(republish(&mut h, ann, "dm", 1, "hello"), vec![1]);
+    assert_eq!(h.messages(bob), vec![(1, Bytes::from_static(b"hello"))]);
+    // The link drops before ann's phone saw the PUBACK: it reconnects and publishes again,
+    // with the same message id.
+    h.core.on_closed(h.now, ann);
+    let ann = h.connect("ann", before);
+    assert_eq!(
+        republish(&mut h, ann, "dm", 1, "hello"),
+        vec![1],
+        "the original PUBACK"
+    );
+    assert!(h.messages(bob).is_empty(), "delivered once");
+    assert_eq!(h.stats.publishes_repeated.load(Ordering::Relaxed), 1);
+    // The next message is a new one.
+    assert_eq!(republish(&mut h, ann, "dm", 2, "again"), vec![2]);
+    assert_eq!(h.messages(bob), vec![(2, Bytes::from_static(b"again"))]);
+}
+
+#[test]
+fn publish_ids_are_per_user_and_device_and_need_a_device() {
+    let mut h = Harness::new(|_| {});
+    let (ann, bob, _) = device_and_reader(&mut h);
+    assert_eq!(republish(&mut h, ann, "dm", 1, "ann's"), vec![1]);
+    // Bob's own device counts from 1 too: his msg_id 1 is another message.
+    let bob_phone = h.connect("bob", ClientSession::with_device(0xa11ce, 0));
+    h.events(bob_phone);
+    assert_eq!(republish(&mut h, bob_phone, "dm", 1, "bob's"), vec![2]);
+    // Ann's second device, with the same msg_id: another message.
+    let ann_tablet = h.connect("ann", ClientSession::with_device(0x7ab, 0));
+    h.events(ann_tablet);
+    assert_eq!(republish(&mut h, ann_tablet, "dm", 1, "tablet"), vec![3]);
+    // Without a device id (a v2 HELLO without DEVICE, like every v1 HELLO) ids are per
+    // connection: the same msg_id on another connection is a new message.
+    let plain = h.connect("cat", ClientSession::new());
+    h.app_join("dm", "cat");
+    h.events(plain);
+    h.messages(bob);
+    let alias = h.phones[&plain].session.alias_of("dm").unwrap();
+    for want in [4, 5] {
+        let (_, frame) = h.phones.get_mut(&plain).unwrap().session.publish(
+            alias,
+            Bytes::from_static(b"x"),
+            None,
+        );
+        let frame = match frame {
+            ClientFrame::Publish(mut p) => {
+                p.msg_id = Some(1);
+                ClientFrame::Publish(p)
+            }
+            other => other,
+        };
+        // The session expects the id it gave out; answer it by hand.
+        h.core.on_bytes(h.now, plain, &{
+            let mut b = BytesMut::new();
+            frame.encode(&mut b);
+            b
+        });
+        h.core.flush(&mut h.wire);
+        let written = h.wire.written.get_mut(&plain).unwrap().split();
+        h.wire.in_flight.remove(&plain);
+        h.core.on_sent(h.now, plain, written.len());
+        let mut buf = written;
+        let frame = Decoder::new(Limits::default())
+            .decode_server(&mut buf)
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(frame, ServerFrame::PubAck(p) if p.msg_id == 1 && p.seq == want),
+            "{frame:?}"
+        );
+    }
+    assert_eq!(h.stats.publishes_repeated.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn past_the_window_a_repeat_is_a_new_message() {
+    let mut h = Harness::new(|c| {
+        c.limits.publish_ids = 2;
+        c.limits.publish_id_max_age = Duration::from_secs(60);
+    });
+    let (ann, bob, _) = device_and_reader(&mut h);
+    for (id, seq) in [(1, 1), (2, 2), (3, 3)] {
+        assert_eq!(republish(&mut h, ann, "dm", id, "m"), vec![seq]);
+    }
+    h.messages(bob);
+    // The window holds the 2 most recent: 1 was pushed out, 3 is remembered.
+    assert_eq!(republish(&mut h, ann, "dm", 3, "m"), vec![3]);
+    assert_eq!(republish(&mut h, ann, "dm", 1, "m"), vec![4]);
+    assert_eq!(h.messages(bob).len(), 1);
+    // And by age: a minute later 4 is forgotten too.
+    h.tick(Duration::from_secs(59));
+    assert_eq!(republish(&mut h, ann, "dm", 1, "m"), vec![4]);
+    h.tick(Duration::from_secs(1));
+    assert_eq!(republish(&mut h, ann, "dm", 1, "m"), vec![5]);
+}
+
+#[test]
+fn a_session_speaks_the_version_of_its_hello() {
+    let mut h = Harness::new(|_| {});
+    for version in [1u8, 2] {
+        let token = h.connect_forged_hello(pabal_codec::Hello {
+            version,
+            heartbeat_secs: 0,
+            token: Bytes::from_static(b"ann"),
+            device_id: None,
+            resume: pabal_codec::ResumeList::default(),
+        });
+        let frames = h.frames(token);
+        assert!(
+            matches!(frames.first(), Some(ServerFrame::Welcome(w)) if w.version == version),
+            "{frames:?}"
+        );
+    }
 }

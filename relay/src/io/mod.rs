@@ -60,6 +60,7 @@ pub mod slab;
 #[cfg(test)]
 mod tests;
 pub mod uring;
+pub mod uring_storage;
 mod wakeup;
 
 use std::collections::VecDeque;
@@ -136,6 +137,13 @@ pub trait Backend: Transport {
     fn accept_stats(&self) -> AcceptStats;
     /// How sends met full socket buffers since the backend started.
     fn send_stats(&self) -> SendStats;
+    /// The backend's own executor for the worker's durable-log jobs, where it has one: the
+    /// io_uring backend writes and syncs through its ring ([`uring_storage`]), and reports
+    /// the completions from [`Backend::poll`] (a completion ends the wait). `None` (epoll):
+    /// the worker runs them on a [`crate::storage::SyncThread`].
+    fn storage_executor(&mut self) -> Option<&mut dyn crate::storage::CommitExecutor> {
+        None
+    }
 }
 
 /// How a backend's sends met full socket buffers, since it started.

@@ -70,6 +70,7 @@ use std::mem;
 use std::net::{self, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::ptr::{self, NonNull};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
@@ -79,8 +80,10 @@ use io_uring::{EnterFlags, IoUring, cqueue, opcode, squeue, types};
 use super::accept::{AcceptBackoff, AcceptError};
 use super::probe::BackendOptions;
 use super::slab::{Key, Slab, consume};
+use super::uring_storage::{RingCommits, StorageSqe};
 use super::wakeup::syscall;
 use super::{AcceptStats, Backend, CloseReason, EventSink, SendStats, Token, Transport, Wakeup};
+use crate::storage::CommitExecutor;
 
 /// The buffer group of our one provided-buffer ring.
 const BGID: u16 = 0;
@@ -105,6 +108,9 @@ const OP_MISC: u8 = 6;
 const OP_WAKE: u8 = 7;
 /// The per-connection `POLLRDHUP` watch (see [`UringBackend::arm_hup`]).
 const OP_HUP: u8 = 8;
+/// A durable-log write or sync ([`super::uring_storage`]): index and generation are the
+/// executor's own.
+const OP_STORAGE: u8 = 9;
 const GEN_BITS: u32 = 24;
 const GEN_MASK: u32 = (1 << GEN_BITS) - 1;
 
@@ -381,6 +387,10 @@ pub struct UringBackend {
     send_stats: SendStats,
     /// The kernel takes `RECVSEND_POLL_FIRST` (until it answers EINVAL to one).
     send_poll_first: bool,
+    /// The durable log's executor on this ring (disk mode), created when first asked for.
+    storage: Option<RingCommits>,
+    /// Scratch for its SQEs.
+    storage_sqes: Vec<StorageSqe>,
 }
 
 impl std::fmt::Debug for UringBackend {
@@ -499,6 +509,8 @@ impl UringBackend {
             inflight: 0,
             send_stats: SendStats::default(),
             send_poll_first: true,
+            storage: None,
+            storage_sqes: Vec::new(),
         };
         this.arm_wake();
         Ok(this)
@@ -614,6 +626,28 @@ impl UringBackend {
                 break;
             }
         }
+        // Follow-ups of the storage completions (the rest of a short write, the syncs
+        // after the writes) go out with the next enter.
+        self.push_storage();
+    }
+
+    /// Pushes the SQEs the durable log's executor queued.
+    fn push_storage(&mut self) {
+        let Some(storage) = self.storage.as_mut() else {
+            return;
+        };
+        let mut sqes = mem::take(&mut self.storage_sqes);
+        storage.take_sqes(&mut sqes);
+        for (entry, idx, serial) in sqes.drain(..) {
+            let entry = entry.user_data(user_data(OP_STORAGE, idx, serial));
+            // SAFETY: the entry points into a buffer of the commit the executor runs, and
+            // names files that commit holds (`Arc<File>`, the directory's `File`); the
+            // executor keeps that commit until every operation it submitted has posted its
+            // CQE, and the backend keeps the executor until `inflight` is zero (or leaks it,
+            // see `Drop`).
+            unsafe { self.push(entry) };
+        }
+        self.storage_sqes = sqes;
     }
 
     fn complete(&mut self, cqe: &cqueue::Entry, sink: &mut dyn EventSink) {
@@ -629,6 +663,10 @@ impl UringBackend {
             OP_RECV => self.on_recv(idx, generation, res, flags, more, sink),
             OP_SEND => self.on_send(idx, generation, res, sink),
             OP_HUP => self.on_hup(idx, generation, res),
+            OP_STORAGE => match self.storage.as_mut() {
+                Some(storage) => storage.on_cqe(idx, generation, res),
+                None => tracing::error!("storage completion without a storage executor"),
+            },
             OP_SHUTDOWN => {
                 if let Some(conn) = self.conn_mut(idx, generation) {
                     conn.shutdown_inflight = false;
@@ -1404,7 +1442,20 @@ impl Backend for UringBackend {
         self.send_stats
     }
 
+    fn storage_executor(&mut self) -> Option<&mut dyn CommitExecutor> {
+        let wakeup = self.wakeup.clone();
+        let storage = self.storage.get_or_insert_with(|| {
+            let name = std::thread::current()
+                .name()
+                .unwrap_or("pabal-worker")
+                .to_owned();
+            RingCommits::new(name, Some(Arc::new(move || wakeup.wake())))
+        });
+        Some(storage)
+    }
+
     fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<()> {
+        self.push_storage();
         self.flush_backlog()?;
         let delivered = self.run_ready(sink);
         let mut timeout = timeout;
@@ -1467,6 +1518,9 @@ impl Drop for UringBackend {
             );
             if let Some(bufs) = self.bufs.take() {
                 mem::forget(bufs);
+            }
+            if let Some(storage) = self.storage.take() {
+                mem::forget(storage);
             }
             for conn in self.conns.drain() {
                 mem::forget(conn);

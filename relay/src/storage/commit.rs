@@ -4,9 +4,10 @@
 //! Owns: the [`CommitExecutor`] trait and [`SyncThread`], the blocking executor the epoll
 //! backend uses: a per-worker commit thread (writes and fdatasyncs, in submission order) and
 //! a checkpoint thread (so a checkpoint never delays a commit), both answering through a
-//! channel and a waker, so the event loop never blocks on the disk. [`super::uring`] is the
-//! same trait on an io_uring ring. Must not decide anything: it does what the job says and
-//! reports what happened, including partial failure.
+//! channel and a waker, so the event loop never blocks on the disk. The io_uring backend
+//! implements the same trait on the worker's own ring (`crate::io::uring_storage`). Must
+//! not decide anything: it does what the job says and reports what happened, including
+//! partial failure.
 //!
 //! A commit job's writes are positional (`pwrite` at the offsets the log chose), so a job
 //! that failed half-way (ENOSPC) is retried whole: rewriting bytes already written is
@@ -185,28 +186,42 @@ impl std::fmt::Debug for SyncThread {
     }
 }
 
+/// Starts a worker's checkpoint thread, named `{name}-ckpt`: it runs the checkpoint jobs
+/// sent to the returned channel in order and sends each completion to `done`, then runs
+/// `waker`. It ends once the channel closes, after finishing what it holds. Shared by
+/// [`SyncThread`] and the io_uring executor, so a checkpoint never delays a commit on either.
+pub fn spawn_checkpointer(
+    name: &str,
+    done: Sender<Completion>,
+    waker: Option<Waker>,
+) -> io::Result<(Sender<CheckpointJob>, JoinHandle<()>)> {
+    let (jobs, job_rx) = crossbeam_channel::unbounded::<CheckpointJob>();
+    let thread = std::thread::Builder::new()
+        .name(format!("{name}-ckpt"))
+        .spawn(move || {
+            for job in job_rx {
+                let result = run_checkpoint(&job);
+                notify(&done, Completion::Checkpoint { job, result }, &waker);
+            }
+        })?;
+    Ok((jobs, thread))
+}
+
+/// Queues a completion and wakes the worker.
+fn notify(tx: &Sender<Completion>, c: Completion, waker: &Option<Waker>) {
+    let _ = tx.send(c);
+    if let Some(w) = waker {
+        w();
+    }
+}
+
 impl SyncThread {
     /// Starts the threads, named after `name` (the worker). `waker` runs after every
     /// completion.
     pub fn spawn(name: &str, waker: Option<Waker>) -> io::Result<Self> {
         let (jobs, job_rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done) = crossbeam_channel::unbounded();
-        let (ckpt_tx, ckpt_rx) = crossbeam_channel::unbounded::<CheckpointJob>();
-        let notify = move |tx: &Sender<Completion>, c: Completion, waker: &Option<Waker>| {
-            let _ = tx.send(c);
-            if let Some(w) = waker {
-                w();
-            }
-        };
-        let (tx, w) = (done_tx.clone(), waker.clone());
-        let checkpointer = std::thread::Builder::new()
-            .name(format!("{name}-ckpt"))
-            .spawn(move || {
-                for job in ckpt_rx {
-                    let result = run_checkpoint(&job);
-                    notify(&tx, Completion::Checkpoint { job, result }, &w);
-                }
-            })?;
+        let (ckpt_tx, checkpointer) = spawn_checkpointer(name, done_tx.clone(), waker.clone())?;
         let committer = std::thread::Builder::new()
             .name(format!("{name}-sync"))
             .spawn(move || {
@@ -221,8 +236,7 @@ impl SyncThread {
                             notify(&done_tx, Completion::Commit { batch, result }, &waker);
                         }
                         Job::Checkpoint(job) if failed_write => {
-                            let result = Err(io::Error::other("an earlier write failed"));
-                            notify(&done_tx, Completion::Checkpoint { job, result }, &waker);
+                            notify(&done_tx, refused_checkpoint(job), &waker);
                         }
                         Job::Checkpoint(job) => {
                             let _ = ckpt_tx.send(job);
@@ -235,6 +249,15 @@ impl SyncThread {
             done,
             threads: vec![committer, checkpointer],
         })
+    }
+}
+
+/// The answer to a checkpoint submitted after a commit whose write failed: the log on disk
+/// is short of what it would cover until the batch is retried and succeeds.
+pub fn refused_checkpoint(job: CheckpointJob) -> Completion {
+    Completion::Checkpoint {
+        job,
+        result: Err(io::Error::other("an earlier write failed")),
     }
 }
 
@@ -284,12 +307,9 @@ impl CommitExecutor for InlineExecutor {
                 self.failed_write = result.is_err();
                 Completion::Commit { batch, result }
             }
+            Job::Checkpoint(job) if self.failed_write => refused_checkpoint(job),
             Job::Checkpoint(job) => {
-                let result = if self.failed_write {
-                    Err(io::Error::other("an earlier write failed"))
-                } else {
-                    run_checkpoint(&job)
-                };
+                let result = run_checkpoint(&job);
                 Completion::Checkpoint { job, result }
             }
         };

@@ -8,8 +8,10 @@
 //! write per segment touched, per policy one fdatasync) for a [`CommitExecutor`] to run, and
 //! [`WorkerLog::on_completion`] turns what comes back into [`StorageEvent`]s. The only
 //! blocking calls on the worker are rare and short: creating a segment file when the log
-//! rolls (an `open`; its directory fsync goes out with the next sync), and reading history
-//! pages ([`super::read`]) and compaction copies ([`super::retention`]).
+//! rolls (an `open` and a `fallocate` reserving its size, so that a full file system is
+//! met there, before an append is taken, and never as a failed write of records already
+//! accepted; its directory fsync goes out with the next sync), and reading history pages
+//! ([`super::read`]) and compaction copies ([`super::retention`]).
 //!
 //! One commit is in flight at a time: what is appended while the disk works on it goes
 //! into the next, which is how the batch grows with the load (group commit).
@@ -111,6 +113,9 @@ pub struct WorkerLog {
     retry_at: Instant,
     retry_backoff: Duration,
     quota_full: bool,
+    /// The last roll found the file system full: appends that need a new segment are
+    /// refused until one can be created.
+    fs_full: bool,
     failed: Option<String>,
     /// Segments written since the last sync.
     unsynced: Vec<(u64, Arc<File>)>,
@@ -184,7 +189,7 @@ impl WorkerLog {
             id: active,
             first_lsn: rec.state.next_lsn,
         };
-        let file = segment::create(&dir, active)?;
+        let file = segment::create_reserved(&dir, active, opts.segment_size)?;
         let path = segment::path(&dir, active);
         std::os::unix::fs::FileExt::write_all_at(&file, &header.encode(), 0)
             .and_then(|()| file.sync_all())
@@ -231,6 +236,7 @@ impl WorkerLog {
             retry_at: now,
             retry_backoff: Duration::ZERO,
             quota_full: false,
+            fs_full: false,
             failed: None,
             unsynced: Vec::new(),
             unsynced_since: None,
@@ -304,6 +310,7 @@ impl WorkerLog {
     }
 
     /// Appends a message; `seq` must follow the room's head.
+    #[allow(clippy::too_many_arguments)] // reason: the fields of one record, unpacked
     pub fn append_message(
         &mut self,
         key: RoomKey,
@@ -312,6 +319,7 @@ impl WorkerLog {
         flags: u8,
         sender: &str,
         payload: &[u8],
+        publish_id: Option<(u64, u64)>,
     ) -> Result<Lsn, StorageError> {
         let head = self.room_state(key)?.head;
         if seq != head + 1 {
@@ -322,6 +330,7 @@ impl WorkerLog {
             flags,
             sender,
             payload,
+            publish_id,
         };
         self.append(key, seq, 0, body)
     }
@@ -508,20 +517,33 @@ impl WorkerLog {
         Ok(plain.lsn)
     }
 
-    /// Starts the next segment: creates its file (its header goes out with its first write,
-    /// its name is made durable by the next directory sync).
+    /// Starts the next segment: creates its file with its whole size reserved on disk (its
+    /// header goes out with its first write, its name is made durable by the next directory
+    /// sync). A file system without room for it refuses the append that needed it, before
+    /// anything is taken (nothing already accepted waits on the space), and the next roll
+    /// tries again, so appends resume by themselves once space returns.
     fn roll(&mut self) -> Result<(), StorageError> {
         let id = self.active + 1;
-        let file = match segment::create(&self.dir, id) {
+        let file = match segment::create_reserved(&self.dir, id, self.opts.segment_size) {
             Ok(f) => Arc::new(f),
             Err(StorageError::Io { source, .. }) if is_space_error(&source) => {
                 self.metrics.full_refusals += 1;
+                if !self.fs_full {
+                    self.fs_full = true;
+                    self.events.push_back(StorageEvent::Full {
+                        cause: FullCause::FileSystem,
+                    });
+                }
                 return Err(StorageError::StorageFull {
                     cause: FullCause::FileSystem,
                 });
             }
             Err(e) => return Err(e),
         };
+        if self.fs_full {
+            self.fs_full = false;
+            self.events.push_back(StorageEvent::Available);
+        }
         let header = SegmentHeader {
             worker: self.worker,
             id,

@@ -15,13 +15,16 @@
 //! - [`log`]: [`WorkerLog`], the sans-IO heart: appends during a tick into one buffer, hands
 //!   out one [`Job`] at the end of it, takes [`Completion`]s back as events.
 //! - [`commit`]: the [`CommitExecutor`] trait and [`SyncThread`], the blocking executor (a
-//!   per-worker thread, so the event loop never waits on fsync); [`uring`] implements the
-//!   same trait on an io_uring ring.
+//!   per-worker thread, so the event loop never waits on fsync), which the epoll backend
+//!   uses; the io_uring backend runs the same jobs through the worker's own ring
+//!   (`crate::io::uring_storage`).
 //! - [`recovery`]: checkpoint, then a forward scan verifying every checksum; truncates only
 //!   a torn tail and quarantines interior damage.
 //! - [`checkpoint`]: the checkpoint file (the whole per-room index and membership).
 //! - [`read`]: history pages read back from segments through the index.
 //! - [`retention`]: trimming rooms, deleting whole segments, copying cold rooms forward.
+//! - [`rehome`]: at a start with another worker count, every room copied into the log of
+//!   its new owner.
 //! - [`metrics`]: plain counters and histograms the core copies into its stats.
 //!
 //! Membership, subscriptions (channel membership), blocks and room epochs are records in the
@@ -44,6 +47,7 @@ pub mod metrics;
 pub mod read;
 pub mod record;
 pub mod recovery;
+pub mod rehome;
 pub mod retention;
 pub mod segment;
 pub mod state;

@@ -27,6 +27,8 @@ pub struct StoredMessage {
     pub sender: Text,
     /// Its payload.
     pub payload: Bytes,
+    /// Its publish id (protocol v2), if it had one.
+    pub publish_id: Option<(u64, u64)>,
 }
 
 impl WorkerLog {
@@ -94,6 +96,7 @@ impl WorkerLog {
                         flags,
                         sender,
                         payload,
+                        publish_id,
                     } = rec.body
                     else {
                         continue;
@@ -110,6 +113,7 @@ impl WorkerLog {
                         flags,
                         sender: Text::from(sender),
                         payload: Bytes::copy_from_slice(payload),
+                        publish_id,
                     });
                     taken += 1;
                     bytes += payload.len() + 16;

@@ -13,7 +13,7 @@
 //!  4     4    header_crc   crc32c of bytes 0..4 and 8..40
 //!  8     4    body_crc     crc32c of bytes 40..len
 //! 12     1    kind         Body's tag
-//! 13     1    flags        HAS_NAME | CHANNEL | COPY
+//! 13     1    flags        HAS_NAME | CHANNEL | COPY | PUBLISH_ID
 //! 14     2    reserved     zero
 //! 16     8    lsn          the log sequence number: consecutive within a worker's log
 //! 24     8    key          the room's key in this log (its 64-bit id unless that collides)
@@ -21,6 +21,10 @@
 //!                          join: the join point's sequence; copy end: the last copied seq
 //! 40     ..   body         [name: u16 len + UTF-8, when HAS_NAME] then the kind's fields
 //! ```
+//!
+//! A message's fields: ts_ms u64, flags u8, [publisher u64, msg_id u64 when PUBLISH_ID: its
+//! publish id, protocol v2], sender (u16 len + UTF-8), payload (the rest). A log written
+//! before PUBLISH_ID existed reads the same: the flag is clear in all its records.
 //!
 //! Why two checksums: when only the body is damaged, the header still names the record's
 //! room and length exactly, so recovery knows which room lost what and where the next
@@ -45,7 +49,9 @@ pub const FLAG_HAS_NAME: u8 = 0x01;
 pub const FLAG_CHANNEL: u8 = 0x02;
 /// A message copied forward by compaction (the same message, at a new place).
 pub const FLAG_COPY: u8 = 0x04;
-const KNOWN_FLAGS: u8 = FLAG_HAS_NAME | FLAG_CHANNEL | FLAG_COPY;
+/// A message carries its publish id (derived from [`Body::Message`]'s `publish_id`).
+pub const FLAG_PUBLISH_ID: u8 = 0x08;
+const KNOWN_FLAGS: u8 = FLAG_HAS_NAME | FLAG_CHANNEL | FLAG_COPY | FLAG_PUBLISH_ID;
 
 const KIND_MESSAGE: u8 = 1;
 const KIND_EPOCH: u8 = 2;
@@ -68,6 +74,8 @@ pub enum Body<'a> {
         sender: &'a str,
         /// The payload, as published.
         payload: &'a [u8],
+        /// Protocol v2: the publish id (publisher, msg_id) the room recognises repeats by.
+        publish_id: Option<(u64, u64)>,
     },
     /// The room starts a new stream: epoch `epoch`, sequences after the header's `seq`.
     Epoch {
@@ -104,6 +112,17 @@ pub enum Body<'a> {
 }
 
 impl Body<'_> {
+    /// The header flags the body implies.
+    fn flags(&self) -> u8 {
+        match self {
+            Body::Message {
+                publish_id: Some(_),
+                ..
+            } => FLAG_PUBLISH_ID,
+            _ => 0,
+        }
+    }
+
     fn kind(&self) -> u8 {
         match self {
             Body::Message { .. } => KIND_MESSAGE,
@@ -179,7 +198,7 @@ impl<'a> NewRecord<'a> {
     /// The record as it will decode, given its encoded length (for applying it to the
     /// state without decoding what was just encoded).
     pub fn as_record(&self, len: usize) -> Record<'a> {
-        let mut flags = self.flags & FLAG_COPY;
+        let mut flags = (self.flags & FLAG_COPY) | self.body.flags();
         if let Some((channel, _)) = self.name {
             flags |= FLAG_HAS_NAME | if channel { FLAG_CHANNEL } else { 0 };
         }
@@ -204,8 +223,11 @@ pub fn encoded_len(rec: &NewRecord<'_>) -> usize {
     let name = rec.name.map_or(0, |(_, n)| 2 + n.len());
     let body = match rec.body {
         Body::Message {
-            sender, payload, ..
-        } => 8 + 1 + 2 + sender.len() + payload.len(),
+            sender,
+            payload,
+            publish_id,
+            ..
+        } => 8 + 1 + publish_id.map_or(0, |_| 16) + 2 + sender.len() + payload.len(),
         Body::Epoch { .. } | Body::CopyEnd { .. } => 8,
         Body::Join { user, .. } => 8 + 2 + user.len(),
         Body::Leave { user } => 2 + user.len(),
@@ -224,7 +246,7 @@ pub fn encode(rec: &NewRecord<'_>, out: &mut Vec<u8>) -> usize {
         out.extend_from_slice(&t.as_bytes()[..len]);
     }
     let start = out.len();
-    let mut flags = rec.flags & FLAG_COPY;
+    let mut flags = (rec.flags & FLAG_COPY) | rec.body.flags();
     if let Some((channel, _)) = rec.name {
         flags |= FLAG_HAS_NAME;
         if channel {
@@ -247,9 +269,14 @@ pub fn encode(rec: &NewRecord<'_>, out: &mut Vec<u8>) -> usize {
             flags,
             sender,
             payload,
+            publish_id,
         } => {
             out.extend_from_slice(&ts_ms.to_le_bytes());
             out.push(flags);
+            if let Some((publisher, msg_id)) = publish_id {
+                out.extend_from_slice(&publisher.to_le_bytes());
+                out.extend_from_slice(&msg_id.to_le_bytes());
+            }
             text(out, sender);
             out.extend_from_slice(payload);
         }
@@ -378,9 +405,16 @@ fn parse_body(header: Header, body: &[u8]) -> Option<Record<'_>> {
         KIND_MESSAGE => Body::Message {
             ts_ms: r.u64()?,
             flags: r.u8()?,
+            publish_id: if header.flags & FLAG_PUBLISH_ID != 0 {
+                Some((r.u64()?, r.u64()?))
+            } else {
+                None
+            },
             sender: r.text()?,
             payload: std::mem::take(&mut r.0),
         },
+        // Only a message carries a publish id.
+        _ if header.flags & FLAG_PUBLISH_ID != 0 => return None,
         KIND_EPOCH => Body::Epoch { epoch: r.u64()? },
         KIND_JOIN => Body::Join {
             epoch: r.u64()?,
@@ -418,6 +452,14 @@ mod tests {
                 flags: 3,
                 sender: "alice",
                 payload: b"hello world",
+                publish_id: None,
+            },
+            Body::Message {
+                ts_ms: 1_700_000_000_001,
+                flags: 0,
+                sender: "bob",
+                payload: b"exactly once",
+                publish_id: Some((0xfeed_f00d, 42)),
             },
             Body::Epoch { epoch: 42 },
             Body::Join {

@@ -163,6 +163,7 @@ impl WorkerLog {
                 flags: m.flags,
                 sender: m.sender.as_str(),
                 payload: &m.payload,
+                publish_id: m.publish_id,
             };
             self.append(key, m.seq, FLAG_COPY, body)?;
         }

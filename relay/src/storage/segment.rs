@@ -123,6 +123,31 @@ pub fn create(dir: &Path, id: u64) -> Result<File, StorageError> {
         .map_err(|e| StorageError::io(p, e))
 }
 
+/// Creates segment `id` like [`create`] and reserves `size` bytes of disk for it
+/// (`fallocate` with `FALLOC_FL_KEEP_SIZE`: blocks allocated, the file's length unchanged,
+/// so recovery reads it as before). The log never writes a segment past its size, so once
+/// a segment exists its writes do not run out of space: a full file system shows at the
+/// roll, before the append that would need the space is taken, never as a failed write
+/// of records already accepted. On a file system that cannot reserve (`EOPNOTSUPP`) the
+/// segment is created without. A failed reservation removes the file.
+pub fn create_reserved(dir: &Path, id: u64, size: u64) -> Result<File, StorageError> {
+    let file = create(dir, id)?;
+    let e = match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::KEEP_SIZE, 0, size) {
+        Ok(()) => return Ok(file),
+        Err(e) => io::Error::from(e),
+    };
+    if matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
+    ) {
+        return Ok(file);
+    }
+    let p = path(dir, id);
+    drop(file);
+    let _ = std::fs::remove_file(&p);
+    Err(StorageError::io(p, e))
+}
+
 /// Opens an existing segment for reading and writing.
 pub fn open(dir: &Path, id: u64) -> Result<File, StorageError> {
     let p = path(dir, id);
@@ -156,6 +181,21 @@ pub fn read_at(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
 #[allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_created_segment_has_its_size_reserved_but_reads_as_empty() {
+        use std::os::unix::fs::MetadataExt;
+        // tmpfs reserves (as ext4, xfs and btrfs do); /dev/shm is one on Linux.
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let file = create_reserved(dir.path(), 7, 1 << 20).unwrap();
+        let meta = file.metadata().unwrap();
+        assert_eq!(meta.len(), 0, "recovery sees only what was written");
+        assert!(meta.blocks() * 512 >= 1 << 20, "{} blocks", meta.blocks());
+        assert!(matches!(
+            create_reserved(dir.path(), 7, 1 << 20),
+            Err(StorageError::Io { .. })
+        ));
+    }
 
     #[test]
     fn header_round_trips_and_refuses_damage() {

@@ -333,6 +333,7 @@ mod tests {
             flags: 0,
             sender: "s",
             payload: b"0123456789",
+            publish_id: None,
         }
     }
 

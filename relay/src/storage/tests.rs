@@ -45,7 +45,7 @@ fn payload(key: RoomKey, seq: u64) -> Vec<u8> {
 /// Appends the room's next message (payload derived from room and sequence).
 fn publish(log: &mut WorkerLog, key: RoomKey) -> Result<Lsn, StorageError> {
     let seq = log.state().rooms[&key].head + 1;
-    log.append_message(key, seq, 1_000 + seq, 0, "sender", &payload(key, seq))
+    log.append_message(key, seq, 1_000 + seq, 0, "sender", &payload(key, seq), None)
 }
 
 fn flush(log: &mut WorkerLog) {
@@ -507,7 +507,7 @@ fn a_sequence_that_does_not_follow_and_oversized_texts_are_refused() {
     let (mut log, _) = open(dir.path(), opts(1 << 20, FsyncPolicy::Never));
     let key = log.room(&room("r"));
     assert!(matches!(
-        log.append_message(key, 2, 0, 0, "s", b"x"),
+        log.append_message(key, 2, 0, 0, "s", b"x", None),
         Err(StorageError::Sequence {
             head: 0,
             seq: 2,

@@ -466,6 +466,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             heartbeat_secs: 0,
             token: Bytes::from_static(b"alice"),
+            device_id: None,
             resume: ResumeList::from_entries(&[]),
         })
     }

@@ -1,0 +1,211 @@
+// Types of the pabal JavaScript client (src/*.js are plain ES modules with JSDoc types that
+// refer to these). See README.md "JavaScript client" and codec/PROTOCOL.md.
+
+export type FrameErrorKind =
+  | 'varint_overflow'
+  | 'non_canonical_varint'
+  | 'out_of_range'
+  | 'truncated'
+  | 'trailing_bytes'
+  | 'too_long'
+  | 'empty_name'
+  | 'invalid_utf8'
+  | 'unknown_frame_type'
+  | 'undefined_flags'
+  | 'empty_frame'
+  | 'frame_too_large'
+  | 'dead_stream';
+
+export class FrameError extends Error {
+  readonly kind: FrameErrorKind;
+}
+
+export class SessionError extends Error {
+  readonly kind:
+    | 'before_welcome'
+    | 'unknown_alias'
+    | 'unknown_sender'
+    | 'sequence_break'
+    | 'unknown_msg_id'
+    | 'version_mismatch';
+}
+
+export class RelayError extends Error {
+  readonly code: number;
+  readonly reference: number;
+  readonly fatal: boolean;
+}
+
+/** A room or channel as the client knows it. */
+export interface RoomInfo {
+  roomId: bigint;
+  name: string;
+  channel: boolean;
+  epoch: bigint;
+  /** The last sequence held (0: none). */
+  cursor: number;
+}
+
+/** What to store to resume in a later run (JSON-friendly). */
+export interface SessionSnapshot {
+  rooms: { roomId: string; name: string; channel: boolean; epoch: string; cursor: number }[];
+}
+
+// ---- relay frames, as decoded ----
+export interface WelcomeEvent {
+  type: 'welcome';
+  version: number;
+  connId: bigint;
+  serverTimeMs: number;
+  heartbeatSecs: number;
+  maxFrameLen: number;
+  user: string;
+}
+export interface RoomFrame {
+  type: 'room';
+  alias: number;
+  roomId: bigint;
+  epoch: bigint;
+  cursor: number;
+  head: number;
+  name: string;
+  channel: boolean;
+}
+export interface LeftFrame { type: 'left'; alias: number; reason: number }
+export interface PubAckFrame { type: 'puback'; msgId: number; seq: number }
+export interface DeliverFrame {
+  type: 'deliver';
+  alias: number;
+  seq: number | null;
+  senderAlias: number;
+  sender: string | null;
+  tsDeltaMs: number;
+  ephemeral: boolean;
+  payload: Uint8Array;
+}
+export interface GapFrame { type: 'gap'; alias: number; from: number; to: number }
+export interface ErrorEvent { type: 'error'; fatal: boolean; code: number; reference: number; message: string }
+export interface GoAwayEvent { type: 'goaway'; reason: number; retryAfterMs: number; message: string }
+export interface HeartbeatFrame { type: 'ping' | 'pong'; intervalSecs: number | null }
+export type RelayFrame =
+  | WelcomeEvent | RoomFrame | LeftFrame | PubAckFrame | DeliverFrame | GapFrame
+  | ErrorEvent | GoAwayEvent | HeartbeatFrame;
+
+// ---- session events ----
+export interface RoomEvent {
+  type: 'room';
+  alias: number;
+  room: RoomInfo;
+  head: number;
+  /** Set when the stream restarted: what came after `after` in `epoch` is lost (fetch it). */
+  lost: { epoch: bigint; after: number } | null;
+}
+export interface LeftEvent { type: 'left'; alias: number; room: RoomInfo; reason: number }
+export interface MessageEvent {
+  type: 'message';
+  room: RoomInfo;
+  /** null for an ephemeral event. */
+  seq: number | null;
+  sender: string;
+  /** The relay's acceptance time, ms since the Unix epoch. */
+  timeMs: number;
+  ephemeral: boolean;
+  payload: Uint8Array;
+}
+export interface GapEvent { type: 'gap'; room: RoomInfo; from: number; to: number }
+export interface PubAckEvent { type: 'puback'; msgId: number; seq: number; room: RoomInfo | null }
+export type SessionEvent =
+  | WelcomeEvent | RoomEvent | LeftEvent | MessageEvent | GapEvent | PubAckEvent
+  | ErrorEvent | GoAwayEvent | HeartbeatFrame;
+
+export interface ClientEvents {
+  welcome: WelcomeEvent;
+  room: RoomEvent;
+  left: LeftEvent;
+  message: MessageEvent;
+  gap: GapEvent;
+  puback: PubAckEvent;
+  goaway: GoAwayEvent;
+  relayError: ErrorEvent;
+  error: { kind: 'protocol' | 'heartbeat' | 'token'; error: Error };
+  disconnected: { reason: string; retryAfterMs: number };
+  reconnecting: { delayMs: number; attempt: number };
+  state: { state: 'idle' | 'connecting' | 'open' | 'waiting' | 'closed'; reason: string | null };
+}
+
+export interface ClientOptions {
+  /** ws:// or wss:// address of the relay's WebSocket listener. */
+  url: string;
+  /** The credential (or, on a relay without auth, the user id); a function is called per connect. */
+  token: string | Uint8Array | (() => string | Uint8Array | Promise<string | Uint8Array>);
+  /** Heartbeat interval to ask for, seconds (0: the relay's default). */
+  heartbeatSecs?: number;
+  /** How long to wait for an answer to a PING, ms (default 30000). */
+  heartbeatTimeoutMs?: number;
+  /** Full-jitter backoff: base and cap of the window, ms (defaults 500 and 30000). */
+  backoffBaseMs?: number;
+  backoffCapMs?: number;
+  /** How long received messages wait before their cumulative ACK, ms (default 100). */
+  ackDelayMs?: number;
+  /** Reconnect on its own after a drop (default true). */
+  reconnect?: boolean;
+  /** Protocol versions allowed (default: every version this client speaks, newest first). */
+  versions?: number[];
+  /** Rooms and cursors from an earlier run (PabalClient.snapshot()). */
+  snapshot?: SessionSnapshot;
+  /** A WebSocket constructor (default: globalThis.WebSocket). */
+  WebSocket?: typeof WebSocket;
+  /** A source of uniform numbers in [0, 1) for the backoff jitter (default Math.random). */
+  random?: () => number;
+}
+
+export class PabalClient {
+  constructor(options: ClientOptions);
+  readonly state: 'idle' | 'connecting' | 'open' | 'waiting' | 'closed';
+  readonly welcome: WelcomeEvent | null;
+  /** Connections opened so far. */
+  readonly connects: number;
+  on<K extends keyof ClientEvents>(type: K, fn: (e: ClientEvents[K]) => void): () => void;
+  connect(): void;
+  close(): void;
+  snapshot(): SessionSnapshot;
+  rooms(): RoomInfo[];
+  publish(
+    name: string,
+    payload: Uint8Array | string,
+    opts?: { channel?: boolean; ephemeral?: boolean },
+  ): Promise<number | null>;
+  join(name: string, opts?: { channel?: boolean }): Promise<RoomInfo>;
+  leave(name: string, opts?: { channel?: boolean; block?: boolean }): boolean;
+}
+
+export class FrameDecoder {
+  constructor(version: { decodeRelayFrame: unknown }, limits?: Partial<Limits>);
+  push(chunk: Uint8Array): RelayFrame[];
+  allowFrameLen(maxFrameLen: number): void;
+  buffered(): number;
+}
+
+export interface Limits {
+  maxFrameLen: number;
+  maxNameLen: number;
+  maxTokenLen: number;
+  maxResumeEntries: number;
+  maxAckEntries: number;
+  maxTextLen: number;
+}
+
+export class Session {
+  constructor(snapshot?: SessionSnapshot);
+  startConnection(): { roomId: bigint; epoch: bigint; lastSeq: number }[];
+  endConnection(): number[];
+  apply(frame: RelayFrame): SessionEvent;
+  snapshot(): SessionSnapshot;
+}
+
+export function roomId(channel: boolean, name: string): bigint;
+export const ErrorCode: Readonly<Record<string, number>>;
+export const GoAwayReason: Readonly<Record<string, number>>;
+export const LeftReason: Readonly<Record<string, number>>;
+export const VERSIONS: ReadonlyMap<number, unknown>;
+export * as v1 from './src/v1.js';

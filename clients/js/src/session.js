@@ -1,0 +1,321 @@
+// @ts-check
+/**
+ * @module session
+ * The client's side of the pabal protocol as a sans-IO state machine (PROTOCOL.md §6, §9,
+ * §10, §17 items 2-7): the rooms it knows with their epochs and cursors (kept across
+ * connections, the resume list of the next HELLO), and per connection the alias bindings,
+ * own sequences, sender aliases, running time and messages in flight. `apply` turns each
+ * relay frame into a complete event, or throws {@link SessionError} on any violation of the
+ * cursor rules (never a silent skip or repeat).
+ *
+ * Owns: that state and its rules. Must not touch: sockets, timers or the clock (it reads
+ * no time; the relay's times arrive in frames), frame layouts (the version modules).
+ */
+
+/** LEFT reasons (§14). */
+export const LeftReason = Object.freeze({
+  UNSUBSCRIBED: 0,
+  REMOVED: 1,
+  BLOCKED: 2,
+  UNKNOWN_ROOM: 3,
+  RESTARTED: 4,
+});
+
+/** A frame that breaks the session rules: the connection must end (and resume). */
+export class SessionError extends Error {
+  /**
+   * @param {'before_welcome' | 'unknown_alias' | 'unknown_sender' | 'sequence_break' |
+   *   'unknown_msg_id' | 'version_mismatch'} kind
+   * @param {string} message
+   */
+  constructor(kind, message) {
+    super(message);
+    this.name = 'SessionError';
+    this.kind = kind;
+  }
+}
+
+/**
+ * @typedef {object} RoomState what the client keeps of one room across connections
+ * @property {bigint} roomId
+ * @property {string} name
+ * @property {boolean} channel
+ * @property {bigint} epoch
+ * @property {number} cursor the last sequence held (0: none)
+ */
+
+/** @param {bigint} id */
+const keyOf = (id) => id.toString(16);
+
+export class Session {
+  /** @param {import('../index').SessionSnapshot} [snapshot] rooms from an earlier run */
+  constructor(snapshot) {
+    /** @type {Map<string, RoomState>} rooms known, by id */
+    this.rooms = new Map();
+    for (const r of snapshot?.rooms ?? []) {
+      const room = {
+        roomId: BigInt(r.roomId),
+        name: r.name,
+        channel: r.channel,
+        epoch: BigInt(r.epoch),
+        cursor: r.cursor,
+      };
+      this.rooms.set(keyOf(room.roomId), room);
+    }
+    this.#resetConnection();
+  }
+
+  #resetConnection() {
+    this.welcomed = false;
+    this.lastTsMs = 0;
+    /** @type {Map<number, string>} alias → room key */
+    this.aliases = new Map();
+    /** @type {Map<string, number>} room key → alias */
+    this.aliasOfRoom = new Map();
+    /** @type {Map<number, string>} */
+    this.senders = new Map();
+    /** @type {Map<string, { epoch: bigint, seqs: Set<number> }>} own sequences per room */
+    this.own = new Map();
+    /** @type {Map<number, { alias: number, key: string }>} publishes awaiting PUBACK */
+    this.inFlight = new Map();
+    /** @type {Map<number, number>} alias → the highest sequence acknowledged to the relay */
+    this.acked = new Map();
+    this.nextMsgId = 0;
+  }
+
+  /**
+   * Starts a connection: forgets the last one's per-connection state and returns HELLO's
+   * resume list, binding entry i to alias i (§6.4).
+   * @returns {{ roomId: bigint, epoch: bigint, lastSeq: number }[]}
+   */
+  startConnection() {
+    this.#resetConnection();
+    const entries = [];
+    for (const [key, room] of this.rooms) {
+      const alias = entries.length;
+      this.#bind(alias, key);
+      entries.push({ roomId: room.roomId, epoch: room.epoch, lastSeq: room.cursor });
+    }
+    return entries;
+  }
+
+  /** The connection ended: what was in flight is unconfirmed; the rooms stay. */
+  endConnection() {
+    const unconfirmed = [...this.inFlight.keys()];
+    this.#resetConnection();
+    return unconfirmed;
+  }
+
+  /**
+   * The alias a room is bound to on this connection, if any.
+   * @param {bigint} roomId
+   */
+  aliasOf(roomId) {
+    return this.aliasOfRoom.get(keyOf(roomId));
+  }
+
+  /** @param {bigint} roomId */
+  room(roomId) {
+    return this.rooms.get(keyOf(roomId));
+  }
+
+  /**
+   * Registers a PUBLISH about to be sent; returns its msg_id and the ack that rides along
+   * (null when the relay already has the alias's cursor).
+   * @param {bigint} roomId a bound room
+   */
+  publish(roomId) {
+    const key = keyOf(roomId);
+    const alias = this.aliasOfRoom.get(key);
+    if (alias === undefined) throw new RangeError(`room ${key} is not bound`);
+    const msgId = ++this.nextMsgId;
+    this.inFlight.set(msgId, { alias, key });
+    return { alias, msgId, ack: this.#takeAck(alias) };
+  }
+
+  /**
+   * An ephemeral publish's alias and piggybacked ack.
+   * @param {bigint} roomId a bound room
+   */
+  publishEphemeral(roomId) {
+    const alias = this.aliasOfRoom.get(keyOf(roomId));
+    if (alias === undefined) throw new RangeError(`room ${keyOf(roomId)} is not bound`);
+    return { alias, ack: this.#takeAck(alias) };
+  }
+
+  /**
+   * Cumulative acks not yet sent, at most `max` pairs; marks them sent.
+   * @param {number} max
+   */
+  takeAcks(max) {
+    const pairs = [];
+    for (const alias of this.aliases.keys()) {
+      if (pairs.length === max) break;
+      const seq = this.#takeAck(alias);
+      if (seq !== null) pairs.push({ alias, seq });
+    }
+    return pairs;
+  }
+
+  /** @param {number} alias */
+  #takeAck(alias) {
+    const key = this.aliases.get(alias);
+    const room = key === undefined ? undefined : this.rooms.get(key);
+    if (!room || room.cursor <= (this.acked.get(alias) ?? 0)) return null;
+    this.acked.set(alias, room.cursor);
+    return room.cursor;
+  }
+
+  /** The rooms to keep for a later run (JSON-friendly: ids and epochs as strings). */
+  snapshot() {
+    return {
+      rooms: [...this.rooms.values()].map((r) => ({
+        roomId: r.roomId.toString(),
+        name: r.name,
+        channel: r.channel,
+        epoch: r.epoch.toString(),
+        cursor: r.cursor,
+      })),
+    };
+  }
+
+  /**
+   * Applies one relay frame.
+   * @param {import('../index').RelayFrame} f
+   * @returns {import('../index').SessionEvent}
+   * @throws {SessionError}
+   */
+  apply(f) {
+    if (!this.welcomed && f.type !== 'welcome' && f.type !== 'error' && f.type !== 'goaway') {
+      throw new SessionError('before_welcome', `${f.type} before WELCOME`);
+    }
+    switch (f.type) {
+      case 'welcome':
+        this.welcomed = true;
+        this.lastTsMs = f.serverTimeMs;
+        return f;
+      case 'room': {
+        const key = keyOf(f.roomId);
+        const old = this.rooms.get(key);
+        const previousEpoch = old && old.epoch !== f.epoch ? old.epoch : null;
+        const lost =
+          old && (previousEpoch !== null || f.cursor < old.cursor)
+            ? { epoch: old.epoch, after: old.cursor }
+            : null;
+        const room = { roomId: f.roomId, name: f.name, channel: f.channel, epoch: f.epoch, cursor: f.cursor };
+        this.rooms.set(key, room);
+        const own = this.own.get(key);
+        if (own) {
+          if (own.epoch === f.epoch) {
+            for (const s of own.seqs) if (s <= f.cursor) own.seqs.delete(s);
+          } else {
+            this.own.delete(key);
+          }
+        }
+        const previous = this.aliases.get(f.alias);
+        if (previous !== undefined) this.aliasOfRoom.delete(previous);
+        const oldAlias = this.aliasOfRoom.get(key);
+        if (oldAlias !== undefined && oldAlias !== f.alias) this.aliases.delete(oldAlias);
+        this.#bind(f.alias, key);
+        this.acked.set(f.alias, f.cursor);
+        return { type: 'room', alias: f.alias, room: publicRoom(room), head: f.head, lost };
+      }
+      case 'left': {
+        const key = this.aliases.get(f.alias);
+        if (key === undefined) throw new SessionError('unknown_alias', `LEFT for unbound alias ${f.alias}`);
+        this.aliases.delete(f.alias);
+        this.aliasOfRoom.delete(key);
+        const room = /** @type {RoomState} */ (this.rooms.get(key));
+        // §17.5: drop the room, except after LEFT Restarted: keep it and its cursor.
+        if (f.reason !== LeftReason.RESTARTED) this.rooms.delete(key);
+        return { type: 'left', alias: f.alias, room: publicRoom(room), reason: f.reason };
+      }
+      case 'puback': {
+        const sent = this.inFlight.get(f.msgId);
+        if (!sent) throw new SessionError('unknown_msg_id', `PUBACK for unknown msg_id ${f.msgId}`);
+        this.inFlight.delete(f.msgId);
+        const room = this.rooms.get(sent.key);
+        const bound = this.aliases.get(sent.alias) === sent.key ? room : undefined;
+        if (bound && f.seq === bound.cursor + 1) {
+          bound.cursor = f.seq;
+        } else if (!(bound && f.seq <= bound.cursor) && room) {
+          let own = this.own.get(sent.key);
+          if (!own || own.epoch !== room.epoch) {
+            own = { epoch: room.epoch, seqs: new Set() };
+            this.own.set(sent.key, own);
+          }
+          own.seqs.add(f.seq);
+        }
+        return { type: 'puback', msgId: f.msgId, seq: f.seq, room: room ? publicRoom(room) : null };
+      }
+      case 'deliver': {
+        const room = this.#bound(f.alias, 'DELIVER');
+        if (f.sender !== null) this.senders.set(f.senderAlias, f.sender);
+        const sender = this.senders.get(f.senderAlias);
+        if (sender === undefined) {
+          throw new SessionError('unknown_sender', `DELIVER from undefined sender alias ${f.senderAlias}`);
+        }
+        this.lastTsMs = Math.max(0, this.lastTsMs + f.tsDeltaMs);
+        /** @type {number | null} */
+        let seq = null;
+        if (!f.ephemeral) {
+          const next = room.cursor + 1;
+          seq = f.seq ?? next;
+          const own = this.own.get(keyOf(room.roomId));
+          const ownSeqs = own && own.epoch === room.epoch ? own.seqs : null;
+          if (seq <= room.cursor || !Number.isSafeInteger(next)) {
+            throw breakOf(f.alias, room.cursor, seq);
+          }
+          for (let s = next; s < seq; s++) {
+            if (!ownSeqs?.has(s)) throw breakOf(f.alias, room.cursor, seq);
+          }
+          room.cursor = seq;
+          if (ownSeqs) for (const s of ownSeqs) if (s <= seq) ownSeqs.delete(s);
+        }
+        return {
+          type: 'message',
+          room: publicRoom(room),
+          seq,
+          sender,
+          timeMs: this.lastTsMs,
+          ephemeral: f.ephemeral,
+          payload: f.payload,
+        };
+      }
+      case 'gap': {
+        const room = this.#bound(f.alias, 'GAP');
+        if (f.from !== room.cursor + 1) throw breakOf(f.alias, room.cursor, f.from);
+        room.cursor = f.to;
+        const own = this.own.get(keyOf(room.roomId));
+        if (own) for (const s of own.seqs) if (s <= f.to) own.seqs.delete(s);
+        return { type: 'gap', room: publicRoom(room), from: f.from, to: f.to };
+      }
+      default:
+        return f;
+    }
+  }
+
+  /** @param {number} alias @param {string} key */
+  #bind(alias, key) {
+    this.aliases.set(alias, key);
+    this.aliasOfRoom.set(key, alias);
+  }
+
+  /** @param {number} alias @param {string} frame */
+  #bound(alias, frame) {
+    const key = this.aliases.get(alias);
+    const room = key === undefined ? undefined : this.rooms.get(key);
+    if (!room) throw new SessionError('unknown_alias', `${frame} for unbound alias ${alias}`);
+    return room;
+  }
+}
+
+/** @param {RoomState} r @returns {import('../index').RoomInfo} */
+function publicRoom(r) {
+  return { roomId: r.roomId, name: r.name, channel: r.channel, epoch: r.epoch, cursor: r.cursor };
+}
+
+/** @param {number} alias @param {number} cursor @param {number} got */
+function breakOf(alias, cursor, got) {
+  return new SessionError('sequence_break', `alias ${alias}: cursor ${cursor}, got sequence ${got}`);
+}

@@ -1,0 +1,30 @@
+// @ts-check
+/**
+ * @module versions
+ * The protocol versions this client speaks, newest first (PROTOCOL.md §5). Each is a module
+ * with the same shape as v1.js. A client starts with the newest it is allowed and, when a
+ * relay answers ERROR `UnsupportedVersion` (3, fatal), reconnects with the next older one.
+ * Adding version 2 is: write v2.js with v1's exports (its own HELLO and frame layouts), add
+ * it to `VERSIONS` here.
+ *
+ * Owns: the version list. Must not touch: frame layouts (the version modules).
+ */
+
+import * as v1 from './v1.js';
+
+/** @typedef {typeof v1} ProtocolVersion */
+
+/** @type {ReadonlyMap<number, ProtocolVersion>} newest first */
+export const VERSIONS = new Map([[v1.VERSION, v1]]);
+
+/**
+ * The versions to try, newest first, limited to `allowed` when given.
+ * @param {number[] | undefined} allowed
+ * @returns {ProtocolVersion[]}
+ */
+export function versionsToTry(allowed) {
+  const all = [...VERSIONS.values()];
+  const list = allowed ? all.filter((v) => allowed.includes(v.VERSION)) : all;
+  if (list.length === 0) throw new RangeError(`no supported protocol version in ${allowed}`);
+  return list;
+}

@@ -1,0 +1,117 @@
+// The session rules without a socket (PROTOCOL.md §6, §9, §10): resume bindings, cursor
+// moves, own sequences, GAP, LEFT, sender aliases and time deltas, and every violation
+// refused as a SessionError rather than skipped.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+
+import { LeftReason, Session, SessionError, roomId } from '../src/index.js';
+
+const HIKING = roomId(false, 'hiking-club');
+const EPOCH = 1_767_225_600_000n;
+const welcome = { type: 'welcome', version: 1, connId: 1n, serverTimeMs: 1000, heartbeatSecs: 240, maxFrameLen: 65536, user: 'bob' };
+const room = (/** @type {number} */ alias, cursor = 0, epoch = EPOCH, head = cursor) => ({
+  type: 'room', alias, roomId: HIKING, epoch, cursor, head, name: 'hiking-club', channel: false,
+});
+const deliver = (/** @type {number | null} */ seq, sender = /** @type {string | null} */ ('ann'), tsDeltaMs = 5) => ({
+  type: 'deliver', alias: 0, seq, senderAlias: 0, sender, tsDeltaMs, ephemeral: false, payload: new Uint8Array(),
+});
+const breaks = (/** @type {() => unknown} */ f, kind = 'sequence_break') =>
+  assert.throws(f, (e) => e instanceof SessionError && e.kind === kind);
+
+/** A session bound to hiking-club on alias 0 at `cursor`. */
+function bound(cursor = 0) {
+  const s = new Session();
+  s.startConnection();
+  s.apply(/** @type {any} */ (welcome));
+  s.apply(/** @type {any} */ (room(0, cursor)));
+  return s;
+}
+
+test('nothing but WELCOME, ERROR or GOAWAY before WELCOME', () => {
+  const s = new Session();
+  s.startConnection();
+  breaks(() => s.apply(/** @type {any} */ (room(0))), 'before_welcome');
+});
+
+test('implicit sequences follow the cursor; times add up and never go below 0', () => {
+  const s = bound(41);
+  const first = s.apply(/** @type {any} */ (deliver(null)));
+  assert.equal(first.type === 'message' && first.seq, 42);
+  assert.equal(first.type === 'message' && first.timeMs, 1005);
+  const second = s.apply(/** @type {any} */ (deliver(null, null, -5000)));
+  assert.equal(second.type === 'message' && second.seq, 43);
+  assert.equal(second.type === 'message' && second.timeMs, 0);
+  assert.equal(s.room(HIKING)?.cursor, 43);
+});
+
+test('an explicit sequence may skip only own sequences', () => {
+  const s = bound(41);
+  s.publish(HIKING); // msg 1
+  s.publish(HIKING); // msg 2
+  s.apply({ type: 'puback', msgId: 2, seq: 43 }); // not contiguous: own
+  s.apply({ type: 'puback', msgId: 1, seq: 42 }); // contiguous: the cursor moves
+  assert.equal(s.room(HIKING)?.cursor, 42);
+  const m = s.apply(/** @type {any} */ (deliver(44)));
+  assert.equal(m.type === 'message' && m.seq, 44);
+  breaks(() => s.apply(/** @type {any} */ (deliver(46)))); // 45 is not ours
+  breaks(() => s.apply(/** @type {any} */ (deliver(44)))); // a repeat
+});
+
+test('an undefined sender alias is a violation', () => {
+  const s = bound();
+  breaks(() => s.apply(/** @type {any} */ (deliver(null, null))), 'unknown_sender');
+});
+
+test('GAP must start right after the cursor', () => {
+  const s = bound(7);
+  breaks(() => bound(7).apply({ type: 'gap', alias: 0, from: 9, to: 20 }));
+  const g = s.apply({ type: 'gap', alias: 0, from: 8, to: 1007 });
+  assert.equal(g.type, 'gap');
+  assert.equal(s.room(HIKING)?.cursor, 1007);
+});
+
+test('the resume list binds entry i to alias i, grouped by epoch, and keeps cursors', () => {
+  const s = bound();
+  s.apply(/** @type {any} */ (deliver(null)));
+  assert.deepEqual(s.endConnection(), []);
+  const entries = s.startConnection();
+  assert.deepEqual(entries, [{ roomId: HIKING, epoch: EPOCH, lastSeq: 1 }]);
+  s.apply(/** @type {any} */ (welcome));
+  // Resumed cleanly: the next DELIVER continues the stream with no ROOM.
+  const m = s.apply(/** @type {any} */ (deliver(null)));
+  assert.equal(m.type === 'message' && m.seq, 2);
+});
+
+test('a ROOM in a new epoch says what was lost', () => {
+  const s = bound(41);
+  const e = s.apply(/** @type {any} */ (room(0, 0, EPOCH + 1n, 120)));
+  assert.deepEqual(e.type === 'room' && e.lost, { epoch: EPOCH, after: 41 });
+  assert.equal(s.room(HIKING)?.cursor, 0);
+});
+
+test('LEFT Restarted keeps the room for the next resume; LEFT UnknownRoom drops it', () => {
+  const s = bound(5);
+  s.apply({ type: 'left', alias: 0, reason: LeftReason.RESTARTED });
+  breaks(() => s.apply(/** @type {any} */ (deliver(null))), 'unknown_alias');
+  s.endConnection();
+  assert.equal(s.startConnection().length, 1);
+  s.apply(/** @type {any} */ (welcome));
+  s.apply({ type: 'left', alias: 0, reason: LeftReason.UNKNOWN_ROOM });
+  s.endConnection();
+  assert.deepEqual(s.startConnection(), []);
+});
+
+test('a snapshot restores rooms, epochs and cursors', () => {
+  const s = bound(41);
+  const again = new Session(JSON.parse(JSON.stringify(s.snapshot())));
+  assert.deepEqual(again.startConnection(), [{ roomId: HIKING, epoch: EPOCH, lastSeq: 41 }]);
+});
+
+test('cumulative acks: one pair per alias that moved, then none', () => {
+  const s = bound(0);
+  s.apply(/** @type {any} */ (deliver(null)));
+  s.apply(/** @type {any} */ (deliver(null, null)));
+  assert.deepEqual(s.takeAcks(512), [{ alias: 0, seq: 2 }]);
+  assert.deepEqual(s.takeAcks(512), []);
+});
