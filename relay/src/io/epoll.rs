@@ -11,7 +11,10 @@
 //! - `read_ready`: data may be waiting that no edge will announce again (reads were paused,
 //!   or the per-tick budget ran out). A resumed or budget-limited connection goes on the
 //!   `dirty` list and is read at the start of the next [`Backend::poll`].
-//! - `write_blocked`: the last write hit `WouldBlock`; the next `WRITABLE` edge resumes it.
+//! - `write_blocked`: the last write was short (the socket buffer is full) or hit `WouldBlock`;
+//!   the next `WRITABLE` edge resumes it. A short write is not retried at once: the retry
+//!   would only return `EAGAIN` (a wasted syscall per full socket, [`SendStats`]), and the
+//!   kernel raises the edge when room frees up (TCP sets `SOCK_NOSPACE` on a short write).
 //!
 //! Listeners are drained until `WouldBlock`. When accepting fails for lack of resources the
 //! backend follows [`AcceptBackoff`]: it stops draining, and once the pause is over `poll`
@@ -36,7 +39,7 @@ use socket2::SockRef;
 use super::accept::{AcceptBackoff, AcceptError};
 use super::probe::BackendOptions;
 use super::slab::{Key, Slab, consume};
-use super::{AcceptStats, Backend, CloseReason, EventSink, Token, Transport, Wakeup};
+use super::{AcceptStats, Backend, CloseReason, EventSink, SendStats, Token, Transport, Wakeup};
 
 /// Most buffers handed to one `sendmsg` (the contract asks for vectored writes).
 const MAX_IOVECS: usize = 64;
@@ -80,7 +83,7 @@ struct Conn {
     out: VecDeque<Bytes>,
     out_total: usize,
     in_flight: bool,
-    /// The last write hit `WouldBlock`; wait for a `WRITABLE` edge.
+    /// The last write was short or hit `WouldBlock`; wait for a `WRITABLE` edge.
     write_blocked: bool,
     /// `shutdown_write` was called while a batch was in flight.
     shutdown_pending: bool,
@@ -106,6 +109,7 @@ pub struct EpollBackend {
     budget: usize,
     /// Whether accepting is paused, and when to drain the listeners again.
     accept: AcceptBackoff,
+    send_stats: SendStats,
 }
 
 impl EpollBackend {
@@ -135,6 +139,7 @@ impl EpollBackend {
             rbuf: vec![0u8; opts.read_chunk].into_boxed_slice(),
             budget: opts.io_budget,
             accept: AcceptBackoff::default(),
+            send_stats: SendStats::default(),
         })
     }
 
@@ -331,9 +336,11 @@ impl EpollBackend {
             }
             let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
             let mut n_iov = 0;
+            let mut offered = 0;
             for (slot, buf) in iov.iter_mut().zip(conn.out.iter()) {
                 *slot = IoSlice::new(buf);
                 n_iov += 1;
+                offered += buf.len();
             }
             // sendmsg rather than writev: MSG_NOSIGNAL turns a write to a reset peer into
             // EPIPE instead of SIGPIPE, whatever the process's signal disposition.
@@ -348,8 +355,15 @@ impl EpollBackend {
                 Ok(n) => {
                     consume(&mut conn.out, n);
                     moved += n;
+                    if n < offered {
+                        // The socket buffer is full: the writable edge says when to go on.
+                        self.send_stats.short_writes += 1;
+                        conn.write_blocked = true;
+                        return;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.send_stats.blind_retries += 1;
                     conn.write_blocked = true;
                     return;
                 }
@@ -548,6 +562,10 @@ impl Backend for EpollBackend {
 
     fn accept_stats(&self) -> AcceptStats {
         self.accept.stats()
+    }
+
+    fn send_stats(&self) -> SendStats {
+        self.send_stats
     }
 
     fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<()> {

@@ -22,7 +22,10 @@
 //! - [`Backend::send`] takes ownership of a batch of buffers and writes all of them, in order,
 //!   as few syscalls as the kernel allows (vectored). At most one batch is in flight per
 //!   connection: the worker calls `send` again only after [`EventSink::sent`] for that token.
-//!   Partial writes are the backend's business, not the worker's.
+//!   Partial writes are the backend's business, not the worker's. A short write means the
+//!   socket buffer is full: the backend waits for the kernel to say there is room (epoll's
+//!   writable edge, io_uring's `IORING_RECVSEND_POLL_FIRST`) and never tries a write it
+//!   knows will fail ([`SendStats`]).
 //! - Received bytes are lent to the sink in [`EventSink::received`]; the backend may reuse the
 //!   memory once the call returns (the worker copies what it keeps).
 //! - [`Backend::set_reading`] pauses and resumes reading from one connection (backpressure):
@@ -132,6 +135,8 @@ pub trait Backend: Transport {
     fn poll(&mut self, timeout: Option<Duration>, sink: &mut dyn EventSink) -> io::Result<()>;
     /// Accept failures and pauses since the backend started.
     fn accept_stats(&self) -> AcceptStats;
+    /// How sends met full socket buffers since the backend started.
+    fn send_stats(&self) -> SendStats;
     /// The backend's own executor for the worker's durable-log jobs, where it has one: the
     /// io_uring backend writes and syncs through its ring ([`uring_storage`]), and reports
     /// the completions from [`Backend::poll`] (a completion ends the wait). `None` (epoll):
@@ -139,6 +144,18 @@ pub trait Backend: Transport {
     fn storage_executor(&mut self) -> Option<&mut dyn crate::storage::CommitExecutor> {
         None
     }
+}
+
+/// How a backend's sends met full socket buffers, since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendStats {
+    /// Writes that took less than they were offered: the socket buffer filled.
+    pub short_writes: u64,
+    /// Writes tried on a socket already known to be full (epoll: a write that returned
+    /// `EAGAIN`; io_uring: a send resubmitted after a short write without
+    /// `IORING_RECVSEND_POLL_FIRST`). Each is a wasted round through the kernel; the
+    /// backends keep it at zero, and tests assert that.
+    pub blind_retries: u64,
 }
 
 /// Which backend to run; the config's `io_backend`.

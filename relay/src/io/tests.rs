@@ -114,6 +114,7 @@ for_each_backend!(
     echo_1mib_random_chunks,
     many_connections,
     large_batch_partial_writes,
+    full_socket_waits_for_room_without_blind_retries,
     pause_stops_received_until_resumed,
     shutdown_write_delivers_then_eof,
     peer_close_reported_once,
@@ -526,6 +527,62 @@ fn large_batch_partial_writes(b: Box<dyn Backend>) {
     srv.until("the slow reader", |_| client.is_finished());
     join(client);
     assert_eq!(srv.s.sent, vec![(token, total)]);
+    srv.assert_clean();
+}
+
+/// A send that fills the socket buffer (a short write) waits for the kernel to report room:
+/// no write is tried on a socket known to be full (epoll: no `EAGAIN` round after a short
+/// write; io_uring: the rest goes with `IORING_RECVSEND_POLL_FIRST`), and every byte still
+/// arrives, in order, with one `sent`.
+fn full_socket_waits_for_room_without_blind_retries(b: Box<dyn Backend>) {
+    let mut srv = Server::new(b);
+    srv.s.sndbuf = Some(64 * 1024);
+    let addr = srv.addr;
+    let total = 4 << 20;
+    let whole = Bytes::from(pattern(11, total));
+    let expect = whole.clone();
+    let go = Arc::new(AtomicBool::new(false));
+    let go_client = go.clone();
+    let client = thread::spawn(move || {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(64 * 1024).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        let mut s: TcpStream = socket.into();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        // Not a byte is read until the server has met the full buffer.
+        let deadline = Instant::now() + LIMIT;
+        while !go_client.load(Ordering::Acquire) {
+            assert!(
+                Instant::now() < deadline,
+                "the server never filled the socket"
+            );
+            thread::sleep(TICK);
+        }
+        let mut got = vec![0u8; total];
+        s.read_exact(&mut got).unwrap();
+        assert!(got[..] == expect[..], "bytes differ");
+    });
+    srv.until("the accept", |s| s.s.accepted.len() == 1);
+    let token = srv.s.accepted[0];
+    // A phone's batch (one buffer) and a burst's (many): both paths meet the full buffer.
+    let mut batch = VecDeque::new();
+    batch.push_back(whole.slice(..total / 2));
+    for chunk in (total / 2..total).step_by(16 * 1024) {
+        batch.push_back(whole.slice(chunk..(chunk + 16 * 1024).min(total)));
+    }
+    srv.b.send(token, &mut batch);
+    srv.until("a short write", |s| s.b.send_stats().short_writes > 0);
+    go.store(true, Ordering::Release);
+    srv.until("sent", |s| !s.s.sent.is_empty());
+    srv.until("the reader", |_| client.is_finished());
+    join(client);
+    assert_eq!(srv.s.sent, vec![(token, total)]);
+    let stats = srv.b.send_stats();
+    assert!(stats.short_writes > 1, "{stats:?}");
+    assert_eq!(
+        stats.blind_retries, 0,
+        "a write was tried on a full socket: {stats:?}"
+    );
     srv.assert_clean();
 }
 

@@ -28,8 +28,13 @@
 //!   single-shot `RECV`. Next to a multishot receive, a one-shot `POLL_ADD(POLLRDHUP)`
 //!   watches for the peer's FIN, because a kernel race can lose a multishot receive's EOF
 //!   (see `UringBackend::arm_hup`);
-//! - send: one `SENDMSG` per batch, its iovecs pointing into the `Bytes` of the batch, which
-//!   the connection holds until the completion; a short write is resubmitted for the rest;
+//! - send: one `SEND` for a batch of one buffer (a phone's usual batch: its frames are
+//!   coalesced into one buffer), else one `SENDMSG`, its iovecs pointing into the `Bytes` of
+//!   the batch, which the connection holds until the completion. A short write means the
+//!   socket buffer is full: the rest is resubmitted with `IORING_RECVSEND_POLL_FIRST`, so the
+//!   kernel waits for room instead of trying a send that fails with `EAGAIN` and only then
+//!   polling (the wasted round that [`SendStats::blind_retries`] counts). All of a tick's
+//!   sends go to the kernel in the tick's one `io_uring_enter`;
 //! - wake: multishot `POLL_ADD` on the eventfd;
 //! - close: `ASYNC_CANCEL` of the connection's receive and send, then, once every operation
 //!   that names the fd has completed, `CLOSE` through the ring.
@@ -77,13 +82,17 @@ use super::probe::BackendOptions;
 use super::slab::{Key, Slab, consume};
 use super::uring_storage::{RingCommits, StorageSqe};
 use super::wakeup::syscall;
-use super::{AcceptStats, Backend, CloseReason, EventSink, Token, Transport, Wakeup};
+use super::{AcceptStats, Backend, CloseReason, EventSink, SendStats, Token, Transport, Wakeup};
 use crate::storage::CommitExecutor;
 
 /// The buffer group of our one provided-buffer ring.
 const BGID: u16 = 0;
 /// Linux's `UIO_MAXIOV`: the most iovecs one `sendmsg` accepts.
 const IOV_MAX: usize = 1024;
+/// `IORING_RECVSEND_POLL_FIRST` (uapi `io_uring.h`, Linux 5.19; in a send's `ioprio`): arm
+/// the poll for room first instead of trying the send. A kernel without it answers EINVAL;
+/// the backend then stops asking (`send_poll_first`) and resubmits plainly.
+const RECVSEND_POLL_FIRST: u16 = 1;
 /// How long drop waits for the kernel to finish cancelled operations.
 const TEARDOWN_WAIT: Duration = Duration::from_secs(2);
 
@@ -375,6 +384,9 @@ pub struct UringBackend {
     cqes: Vec<cqueue::Entry>,
     /// Operations whose final completion has not been reaped.
     inflight: usize,
+    send_stats: SendStats,
+    /// The kernel takes `RECVSEND_POLL_FIRST` (until it answers EINVAL to one).
+    send_poll_first: bool,
     /// The durable log's executor on this ring (disk mode), created when first asked for.
     storage: Option<RingCommits>,
     /// Scratch for its SQEs.
@@ -495,6 +507,8 @@ impl UringBackend {
             ready: Vec::new(),
             cqes: Vec::new(),
             inflight: 0,
+            send_stats: SendStats::default(),
+            send_poll_first: true,
             storage: None,
             storage_sqes: Vec::new(),
         };
@@ -812,7 +826,9 @@ impl UringBackend {
         unsafe { self.push(entry) }
     }
 
-    fn submit_send(&mut self, idx: u32) {
+    /// Submits what is left of the connection's batch. `full`: the last send was short, so
+    /// the socket buffer is full and the kernel should wait for room before trying.
+    fn submit_send(&mut self, idx: u32, full: bool) {
         let Some((key, conn)) = self.conns.at_mut(idx) else {
             return;
         };
@@ -829,19 +845,37 @@ impl UringBackend {
                     iov_len: b.len(),
                 }),
         );
-        s.msg.msg_iov = s.iov.as_mut_ptr();
-        s.msg.msg_iovlen = s.iov.len();
         s.inflight = true;
-        let entry = opcode::SendMsg::new(types::Fd(conn.fd), &raw const s.msg)
-            .flags(libc::MSG_NOSIGNAL as u32)
-            .build()
-            .user_data(user_data(OP_SEND, idx, generation));
+        let ioprio = if full && self.send_poll_first {
+            RECVSEND_POLL_FIRST
+        } else {
+            0
+        };
+        let fd = types::Fd(conn.fd);
+        let entry = match s.iov.as_slice() {
+            // One buffer (one send's length is at most u32::MAX; a larger one takes SENDMSG).
+            [one] if u32::try_from(one.iov_len).is_ok() => {
+                opcode::Send::new(fd, one.iov_base.cast_const().cast(), one.iov_len as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .ioprio(ioprio)
+                    .build()
+            }
+            _ => {
+                s.msg.msg_iov = s.iov.as_mut_ptr();
+                s.msg.msg_iovlen = s.iov.len();
+                opcode::SendMsg::new(fd, &raw const s.msg)
+                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .ioprio(ioprio)
+                    .build()
+            }
+        }
+        .user_data(user_data(OP_SEND, idx, generation));
         // SAFETY: `msg` and `iov` live in the boxed connection (stable address) and are
         // rewritten only here, which runs only while no send is in flight; the connection is
-        // freed only after this send's completion (`ops()` counts it). The iovecs point into
-        // the heap data of the `Bytes` in `bufs`, which are neither advanced nor dropped
-        // until the completion (`send` may only append, which moves the handles, not the
-        // data).
+        // freed only after this send's completion (`ops()` counts it). The iovecs (and a
+        // single SEND's buffer) point into the heap data of the `Bytes` in `bufs`, which are
+        // neither advanced nor dropped until the completion (`send` may only append, which
+        // moves the handles, not the data).
         unsafe { self.push(entry) }
     }
 
@@ -1188,7 +1222,15 @@ impl UringBackend {
         }
         if res < 0 {
             if matches!(-res, libc::EINTR | libc::EAGAIN) {
-                self.submit_send(idx);
+                let full = res == -libc::EAGAIN;
+                self.send_stats.blind_retries += u64::from(full);
+                self.submit_send(idx, full);
+            } else if res == -libc::EINVAL && self.send_poll_first {
+                // A kernel before 5.19 refuses RECVSEND_POLL_FIRST (and the EINVAL may be
+                // that): stop asking for it and send plainly.
+                tracing::debug!("io_uring: sends refuse IORING_RECVSEND_POLL_FIRST; not used");
+                self.send_poll_first = false;
+                self.submit_send(idx, false);
             } else {
                 self.close_with(idx, CloseReason::Error(errno(res)), sink);
             }
@@ -1200,10 +1242,15 @@ impl UringBackend {
             self.close_with(idx, CloseReason::Error(e), sink);
             return;
         }
+        // What this send offered: its iovecs are those of the last `submit_send`.
+        let offered: usize = conn.send.iov.iter().map(|v| v.iov_len).sum();
         conn.send.remaining -= n;
         consume(&mut conn.send.bufs, n);
         if conn.send.remaining > 0 {
-            self.submit_send(idx); // short write, or more than IOV_MAX buffers
+            // A short write (the socket buffer is full), or more than IOV_MAX buffers.
+            let full = n < offered;
+            self.send_stats.short_writes += u64::from(full);
+            self.submit_send(idx, full);
             return;
         }
         conn.send.bufs.clear();
@@ -1310,7 +1357,7 @@ impl Transport for UringBackend {
         bufs.clear();
         conn.send.total = total;
         conn.send.remaining = total;
-        self.submit_send(idx);
+        self.submit_send(idx, false);
     }
 
     fn set_reading(&mut self, token: Token, reading: bool) {
@@ -1389,6 +1436,10 @@ impl Backend for UringBackend {
 
     fn accept_stats(&self) -> AcceptStats {
         self.accept.stats()
+    }
+
+    fn send_stats(&self) -> SendStats {
+        self.send_stats
     }
 
     fn storage_executor(&mut self) -> Option<&mut dyn CommitExecutor> {
