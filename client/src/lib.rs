@@ -773,11 +773,14 @@ impl Client {
         Ok(())
     }
 
-    /// Rooms known to the session by id, with their cursors (what the next HELLO resumes).
+    /// Rooms known to the session by id, with their cursors (what the next HELLO resumes):
+    /// the bound ones and those a restarted relay did not know yet (LEFT `Restarted`).
     pub fn cursors(&self) -> HashMap<u64, u64> {
         self.session
             .rooms()
-            .map(|(_, r)| (r.room_id, r.cursor))
+            .map(|(_, r)| r)
+            .chain(self.session.parked())
+            .map(|r| (r.room_id, r.cursor))
             .collect()
     }
 }

@@ -234,6 +234,10 @@ pub struct ClientSession {
     device_id: Option<u64>,
     /// A relay refused version 2: speak version 1 from the next HELLO on.
     v1_only: bool,
+    /// Rooms unbound by LEFT `Restarted` (§6): the relay restarted and does not know them
+    /// for this user yet. Kept, with their cursors, for the next HELLO's resume list, until
+    /// a ROOM binds them again. At most one entry per room the session knew.
+    parked: Vec<RoomState>,
 }
 
 impl ClientSession {
@@ -286,6 +290,9 @@ impl ClientSession {
     pub fn hello(&mut self, token: Bytes, heartbeat_secs: u32) -> ClientFrame {
         let mut known: Vec<(u32, RoomState)> = self.rooms.drain().collect();
         known.sort_by_key(|(alias, _)| *alias);
+        // Rooms parked by LEFT `Restarted` follow the bound ones (a room bound again since
+        // is no longer parked).
+        known.extend(self.parked.drain(..).map(|room| (u32::MAX, room)));
         let entries: Vec<ResumeEntry> = known
             .iter()
             .map(|(_, r)| ResumeEntry {
@@ -369,6 +376,12 @@ impl ClientSession {
         self.rooms.iter().map(|(a, r)| (*a, r))
     }
 
+    /// Rooms unbound by LEFT `Restarted` and kept for the next resume (§6), with their
+    /// cursors.
+    pub fn parked(&self) -> impl Iterator<Item = &RoomState> {
+        self.parked.iter()
+    }
+
     /// The alias bound to a room or channel name, if any.
     pub fn alias_of(&self, name: &str) -> Option<u32> {
         self.rooms
@@ -422,6 +435,7 @@ impl ClientSession {
                         self.own.remove(&r.room_id);
                     }
                 }
+                self.parked.retain(|p| p.room_id != r.room_id);
                 self.rooms.insert(r.alias, room.clone());
                 Event::Bound {
                     alias: r.alias,
@@ -435,6 +449,11 @@ impl ClientSession {
                     .rooms
                     .remove(&l.alias)
                     .ok_or(SessionError::UnknownAlias(l.alias))?;
+                if l.reason == LeftReason::Restarted
+                    && !self.parked.iter().any(|p| p.room_id == room.room_id)
+                {
+                    self.parked.push(room.clone());
+                }
                 Event::Left {
                     alias: l.alias,
                     room_id: room.room_id,
@@ -572,7 +591,7 @@ impl ClientSession {
 #[allow(clippy::unwrap_used)] // reason: tests allow it locally (workspace lint policy)
 mod tests {
     use super::*;
-    use crate::frame::{Deliver, Gap, PubAck, Room};
+    use crate::frame::{Deliver, Gap, Left, PubAck, Room};
 
     fn welcome(t: u64) -> ServerFrame {
         ServerFrame::Welcome(Welcome {
@@ -776,6 +795,44 @@ mod tests {
         );
         assert_eq!(client.room(0).unwrap().cursor, 42, "entry 0 is alias 0");
         assert!(client.room(3).is_none());
+    }
+
+    #[test]
+    fn a_room_left_because_the_relay_restarted_is_resumed_again_until_bound() {
+        let mut client = ClientSession::new();
+        client.apply(welcome(0)).unwrap();
+        client.apply(room(0, 42)).unwrap();
+        client
+            .apply(ServerFrame::Left(Left {
+                alias: 0,
+                reason: LeftReason::Restarted,
+            }))
+            .unwrap();
+        assert!(client.room(0).is_none(), "the alias is unbound");
+        assert_eq!(client.parked().map(|r| r.cursor).collect::<Vec<_>>(), [42]);
+        // The next HELLO resumes it with its cursor, as alias 0 again.
+        let hello = hello_of(client.hello(Bytes::from_static(b"t"), 0));
+        let entries: Vec<_> = hello.resume.iter().collect();
+        assert_eq!(
+            entries,
+            vec![ResumeEntry {
+                room_id: room_id(false, "r1"),
+                epoch: 5,
+                last_seq: 42
+            }]
+        );
+        assert_eq!(client.parked().count(), 0, "bound again by the resume list");
+        // Any other reason drops the room for good.
+        client.apply(welcome(0)).unwrap();
+        client
+            .apply(ServerFrame::Left(Left {
+                alias: 0,
+                reason: LeftReason::UnknownRoom,
+            }))
+            .unwrap();
+        let hello = hello_of(client.hello(Bytes::from_static(b"t"), 0));
+        assert_eq!(hello.resume.iter().count(), 0);
+        assert_eq!(client.parked().count(), 0);
     }
 
     #[test]
