@@ -49,6 +49,10 @@ export interface RoomInfo {
 /** What to store to resume in a later run (JSON-friendly). */
 export interface SessionSnapshot {
   rooms: { roomId: string; name: string; channel: boolean; epoch: string; cursor: number }[];
+  /** The device id of version 2's HELLO, 16 hex digits (absent in older snapshots: drawn anew). */
+  deviceId?: string;
+  /** The device's last msg_id: restored with the same device id, so no id is reused (§12). */
+  lastMsgId?: number;
 }
 
 // ---- relay frames, as decoded ----
@@ -151,8 +155,17 @@ export interface ClientOptions {
   reconnect?: boolean;
   /** Protocol versions allowed (default: every version this client speaks, newest first). */
   versions?: number[];
-  /** Rooms and cursors from an earlier run (PabalClient.snapshot()). */
+  /** Rooms, cursors, device id and msg_id counter from an earlier run (PabalClient.snapshot()). */
   snapshot?: SessionSnapshot;
+  /**
+   * The device id sent in a version-2 HELLO (PROTOCOL.md §7), as a bigint or up to 16 hex
+   * digits: an app that persists its own passes it here (default: the snapshot's, else drawn
+   * at random per client). With it, a message republished after a dropped connection keeps
+   * its msg_id and the relay stores it once (§12).
+   */
+  deviceId?: bigint | string;
+  /** The persisted msg_id counter of `deviceId` when the snapshot is not of that device (default 0). */
+  lastMsgId?: number;
   /** A WebSocket constructor (default: globalThis.WebSocket). */
   WebSocket?: typeof WebSocket;
   /** A source of uniform numbers in [0, 1) for the backoff jitter (default Math.random). */
@@ -165,6 +178,8 @@ export class PabalClient {
   readonly welcome: WelcomeEvent | null;
   /** Connections opened so far. */
   readonly connects: number;
+  /** The device id of version-2 HELLOs, 16 hex digits (also in snapshot()). */
+  readonly deviceId: string;
   on<K extends keyof ClientEvents>(type: K, fn: (e: ClientEvents[K]) => void): () => void;
   connect(): void;
   close(): void;
@@ -196,8 +211,19 @@ export interface Limits {
 }
 
 export class Session {
-  constructor(snapshot?: SessionSnapshot);
-  startConnection(): { roomId: bigint; epoch: bigint; lastSeq: number }[];
+  constructor(snapshot?: SessionSnapshot, device?: { deviceId?: bigint | string; lastMsgId?: number });
+  readonly deviceId: bigint;
+  /** The device's message counter: the last msg_id given out. */
+  readonly lastMsgId: number;
+  /** Whether this connection keeps msg_ids across reconnects (version 2 with the device id). */
+  readonly idempotent: boolean;
+  /** `device`: the HELLO carries the device id (version 2). */
+  startConnection(device?: boolean): { roomId: bigint; epoch: bigint; lastSeq: number }[];
+  /** `republishOf`: the msg_id the message had; kept when `idempotent` (version 2). */
+  publish(
+    roomId: bigint,
+    republishOf?: number | null,
+  ): { alias: number; msgId: number; ack: number | null; idempotent: boolean };
   endConnection(): number[];
   apply(frame: RelayFrame): SessionEvent;
   snapshot(): SessionSnapshot;
@@ -209,3 +235,4 @@ export const GoAwayReason: Readonly<Record<string, number>>;
 export const LeftReason: Readonly<Record<string, number>>;
 export const VERSIONS: ReadonlyMap<number, unknown>;
 export * as v1 from './src/v1.js';
+export * as v2 from './src/v2.js';

@@ -55,6 +55,8 @@ client.on('message', (e) => {
   save();
 });
 client.on('gap', save);
+// Messages queued while offline take their msg_ids when sent: keep the counter on unload too.
+addEventListener('pagehide', save);
 client.on('room', (e) => {
   save();
   if (e.lost) setStatus(`${e.room.name} restarted: messages after #${e.lost.after} are gone`);
@@ -80,7 +82,9 @@ function onSubmit(form, input, send) {
 }
 
 onSubmit('room-form', 'room-input', async (text) => {
-  const seq = await client.publish(ROOM, text);
+  const sent = client.publish(ROOM, text);
+  save(); // the device's msg_id counter moved (PROTOCOL.md §12): a reload must not reuse an id
+  const seq = await sent;
   add({ room: ROOM, channel: false, seq: /** @type {number} */ (seq), sender: user, text });
   save();
 });

@@ -4,8 +4,9 @@
  * `PabalClient`: one user's connection to a pabal relay over WebSocket, kept alive across
  * drops. It drives a {@link Session} (the protocol's rules) and a {@link FrameDecoder} over a
  * WebSocket (the browser's, Node's global one, or any constructor passed in), and adds what
- * needs I/O and time (PROTOCOL.md §17 items 7-9): HELLO on every connect with the resume list,
- * republishing what was not acknowledged, batched cumulative ACKs (piggybacked on PUBLISH
+ * needs I/O and time (PROTOCOL.md §17 items 7-9): HELLO on every connect with the resume list
+ * (version 2 with the device id, falling back to 1 when the relay refuses it), republishing
+ * what was not acknowledged (in version 2 with the same msg_id, so nothing is stored twice), batched cumulative ACKs (piggybacked on PUBLISH
  * when possible), PING/PONG heartbeats, and reconnects with full-jitter exponential backoff
  * that waits at least a GOAWAY's `retry_after_ms`.
  *
@@ -85,7 +86,7 @@ export class PabalClient {
     this.random = options.random ?? Math.random;
     this.versions = versionsToTry(options.versions);
     this.versionIndex = 0;
-    this.session = new Session(options.snapshot);
+    this.session = new Session(options.snapshot, { deviceId: options.deviceId, lastMsgId: options.lastMsgId });
     /** @type {'idle' | 'connecting' | 'open' | 'waiting' | 'closed'} */
     this.state = 'idle';
     /** @type {WebSocket | null} */
@@ -98,8 +99,10 @@ export class PabalClient {
     this.retryAfterMs = 0;
     /** @type {import('../index').WelcomeEvent | null} */
     this.welcome = null;
-    /** @type {{ key: bigint, payload: Uint8Array, ephemeral: boolean,
-     *   resolve: (seq: number | null) => void, reject: (e: Error) => void }[]} */
+    /** @type {{ key: bigint, payload: Uint8Array, ephemeral: boolean, msgId: number | null,
+     *   resolve: (seq: number | null) => void, reject: (e: Error) => void }[]}
+     * `msgId`: the id a message was sent with on a version-2 connection, kept for its
+     * republish (§12); null before, and in version 1 (a republish takes a fresh id). */
     this.outbox = [];
     /** @type {Map<number, (typeof this.outbox)[number]>} */
     this.sent = new Map();
@@ -168,9 +171,17 @@ export class PabalClient {
     this.#setState('closed', 'closed by the client');
   }
 
-  /** What to keep to resume in a later run (cursors and epochs). */
+  /**
+   * What to keep to resume in a later run: cursors and epochs, and the device id with its
+   * message counter (so a reloaded app reuses no msg_id the relay may remember, §12).
+   */
   snapshot() {
     return this.session.snapshot();
+  }
+
+  /** The device id a version-2 HELLO carries, as 16 hex digits. */
+  get deviceId() {
+    return this.session.deviceId.toString(16).padStart(16, '0');
   }
 
   /** The rooms this client knows, with their cursors. */
@@ -192,7 +203,7 @@ export class PabalClient {
     if (!this.session.room(key)) return Promise.reject(new RangeError(`not a member of ${name}`));
     const bytes = typeof payload === 'string' ? TEXT_ENCODER.encode(payload) : payload;
     return new Promise((resolve, reject) => {
-      this.outbox.push({ key, payload: bytes, ephemeral: opts.ephemeral ?? false, resolve, reject });
+      this.outbox.push({ key, payload: bytes, ephemeral: opts.ephemeral ?? false, msgId: null, resolve, reject });
       this.#flushOutbox();
     });
   }
@@ -247,8 +258,9 @@ export class PabalClient {
     this.decoder = new FrameDecoder(version, { maxFrameLen: DEFAULT_LIMITS.maxFrameLen });
     ws.onopen = () => {
       if (this.ws !== ws) return;
-      const resume = this.session.startConnection();
-      this.#send(version.encodeHello({ heartbeatSecs: this.options.heartbeatSecs, token, resume }));
+      const resume = this.session.startConnection(version.DEVICE);
+      const deviceId = version.DEVICE ? this.session.deviceId : null;
+      this.#send(version.encodeHello({ heartbeatSecs: this.options.heartbeatSecs, token, deviceId, resume }));
     };
     ws.onmessage = (ev) => {
       if (this.ws !== ws) return;
@@ -400,7 +412,10 @@ export class PabalClient {
         this.#send(v.encodePublish({ alias, msgId: null, ack, payload: m.payload }));
         m.resolve(null);
       } else {
-        const { alias, msgId, ack } = this.session.publish(m.key);
+        // A republish keeps its msg_id on a version-2 connection (§12): the relay answers a
+        // message it already stored with the original PUBACK and delivers nothing twice.
+        const { alias, msgId, ack, idempotent } = this.session.publish(m.key, m.msgId);
+        m.msgId = idempotent ? msgId : null;
         this.sent.set(msgId, m);
         this.#send(v.encodePublish({ alias, msgId, ack, payload: m.payload }));
       }

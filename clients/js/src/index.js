@@ -14,3 +14,4 @@ export { FrameDecoder } from './decoder.js';
 export { FrameError, roomId } from './wire.js';
 export { VERSIONS } from './versions.js';
 export * as v1 from './v1.js';
+export * as v2 from './v2.js';

@@ -47,9 +47,43 @@ export class SessionError extends Error {
 /** @param {bigint} id */
 const keyOf = (id) => id.toString(16);
 
+/**
+ * A device id as a bigint: a bigint, or a string of 1 to 16 hex digits (the snapshot's form).
+ * @param {bigint | string} id
+ */
+export function parseDeviceId(id) {
+  const v = typeof id === 'bigint' ? id : /^[0-9a-fA-F]{1,16}$/.test(id) ? BigInt(`0x${id}`) : -1n;
+  if (v < 0n || v > 0xffff_ffff_ffff_ffffn) throw new RangeError(`not a 64-bit device id: ${id}`);
+  return v;
+}
+
+/** A device id drawn at random (64 bits, never 0). */
+function randomDeviceId() {
+  const words = new Uint32Array(2);
+  do crypto.getRandomValues(words);
+  while (words[0] === 0 && words[1] === 0);
+  return (BigInt(words[0]) << 32n) | BigInt(words[1]);
+}
+
 export class Session {
-  /** @param {import('../index').SessionSnapshot} [snapshot] rooms from an earlier run */
-  constructor(snapshot) {
+  /**
+   * @param {import('../index').SessionSnapshot} [snapshot] rooms, device id and message
+   *   counter from an earlier run
+   * @param {{ deviceId?: bigint | string, lastMsgId?: number }} [device] the app's own device
+   *   id (default: the snapshot's, else drawn at random) and, for a device id the snapshot
+   *   does not hold, its persisted counter (default 0)
+   */
+  constructor(snapshot, device = {}) {
+    const saved = snapshot?.deviceId === undefined ? null : parseDeviceId(snapshot.deviceId);
+    /** The device id a version-2 HELLO carries (§7): kept, with the counter, across runs. */
+    this.deviceId = device.deviceId === undefined ? (saved ?? randomDeviceId()) : parseDeviceId(device.deviceId);
+    /**
+     * The last msg_id given out: the device's message counter (§12). It only grows, across
+     * connections and (through the snapshot) runs, so no id is reused for another message.
+     */
+    this.lastMsgId = saved === this.deviceId ? (snapshot?.lastMsgId ?? 0) : (device.lastMsgId ?? 0);
+    /** Whether this connection's msg_ids name messages across reconnects (version 2). */
+    this.idempotent = false;
     /** @type {Map<string, RoomState>} rooms known, by id */
     this.rooms = new Map();
     for (const r of snapshot?.rooms ?? []) {
@@ -80,16 +114,18 @@ export class Session {
     this.inFlight = new Map();
     /** @type {Map<number, number>} alias → the highest sequence acknowledged to the relay */
     this.acked = new Map();
-    this.nextMsgId = 0;
   }
 
   /**
    * Starts a connection: forgets the last one's per-connection state and returns HELLO's
    * resume list, binding entry i to alias i (§6.4).
+   * @param {boolean} [device] the HELLO carries the device id (version 2): republishes keep
+   *   their msg_ids on this connection
    * @returns {{ roomId: bigint, epoch: bigint, lastSeq: number }[]}
    */
-  startConnection() {
+  startConnection(device = false) {
     this.#resetConnection();
+    this.idempotent = device;
     const entries = [];
     for (const [key, room] of this.rooms) {
       const alias = entries.length;
@@ -121,16 +157,21 @@ export class Session {
 
   /**
    * Registers a PUBLISH about to be sent; returns its msg_id and the ack that rides along
-   * (null when the relay already has the alias's cursor).
+   * (null when the relay already has the alias's cursor). A republish of a message whose
+   * PUBACK never came passes the msg_id it had: on a version-2 connection it keeps it, so
+   * the relay answers a repeat with the original PUBACK (§12); otherwise (version 1) it gets
+   * a fresh one. `idempotent` in the result says whether the msg_id names the message across
+   * reconnects (keep it for a republish).
    * @param {bigint} roomId a bound room
+   * @param {number | null} [republishOf] the msg_id the message was sent with before
    */
-  publish(roomId) {
+  publish(roomId, republishOf = null) {
     const key = keyOf(roomId);
     const alias = this.aliasOfRoom.get(key);
     if (alias === undefined) throw new RangeError(`room ${key} is not bound`);
-    const msgId = ++this.nextMsgId;
+    const msgId = this.idempotent && republishOf !== null && republishOf > 0 ? republishOf : ++this.lastMsgId;
     this.inFlight.set(msgId, { alias, key });
-    return { alias, msgId, ack: this.#takeAck(alias) };
+    return { alias, msgId, ack: this.#takeAck(alias), idempotent: this.idempotent };
   }
 
   /**
@@ -166,9 +207,14 @@ export class Session {
     return room.cursor;
   }
 
-  /** The rooms to keep for a later run (JSON-friendly: ids and epochs as strings). */
+  /**
+   * What to keep for a later run (JSON-friendly: ids and epochs as strings): the rooms, and
+   * the device id with its message counter, so a restarted app reuses no msg_id (§12).
+   */
   snapshot() {
     return {
+      deviceId: this.deviceId.toString(16).padStart(16, '0'),
+      lastMsgId: this.lastMsgId,
       rooms: [...this.rooms.values()].map((r) => ({
         roomId: r.roomId.toString(),
         name: r.name,

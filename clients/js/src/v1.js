@@ -13,6 +13,13 @@ import { FrameError, Reader, Writer } from './wire.js';
 
 export const VERSION = 1;
 
+/**
+ * Whether this version's HELLO carries the device id, so that a PUBLISH's msg_id is the
+ * device's counter and a republish keeps it (§5, §12): not in version 1.
+ * @type {boolean}
+ */
+export const DEVICE = false;
+
 /** Frame type numbers (low 5 bits of the type byte). */
 export const T = Object.freeze({
   HELLO: 0x01,
@@ -50,13 +57,27 @@ export const DEFAULT_LIMITS = Object.freeze({
 // ---- client → relay ----
 
 /**
- * HELLO (§7). `resume` entries are grouped into runs of one epoch; entry i is alias i.
- * @param {{ heartbeatSecs: number, token: Uint8Array,
+ * HELLO (§7). `resume` entries are grouped into runs of one epoch; entry i is alias i. Version
+ * 1 has no device id: a `deviceId` passed here is ignored (its msg_ids are per connection).
+ * @param {{ heartbeatSecs: number, token: Uint8Array, deviceId?: bigint | null,
  *   resume: { roomId: bigint, epoch: bigint, lastSeq: number }[] }} hello
  */
 export function encodeHello({ heartbeatSecs, token, resume }) {
-  const w = new Writer().u8(T.HELLO | (resume.length > 0 ? F20 : 0)).u8(VERSION);
+  return encodeHelloOf(VERSION, { heartbeatSecs, token, deviceId: null, resume });
+}
+
+/**
+ * HELLO of any version (§7): the layout every version shares, with the DEVICE flag and the
+ * device id after the token when `deviceId` is not null (version 2 on; v2.js calls this).
+ * @param {number} version
+ * @param {{ heartbeatSecs: number, token: Uint8Array, deviceId: bigint | null,
+ *   resume: { roomId: bigint, epoch: bigint, lastSeq: number }[] }} hello
+ */
+export function encodeHelloOf(version, { heartbeatSecs, token, deviceId, resume }) {
+  const flags = (resume.length > 0 ? F20 : 0) | (deviceId === null ? 0 : F40);
+  const w = new Writer().u8(T.HELLO | flags).u8(version);
   w.varint32(heartbeatSecs).bytesField(token);
+  if (deviceId !== null) w.u64le(deviceId);
   if (resume.length > 0) {
     /** @type {{ epoch: bigint, entries: typeof resume }[]} */
     const groups = [];

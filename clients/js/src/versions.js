@@ -4,18 +4,22 @@
  * The protocol versions this client speaks, newest first (PROTOCOL.md §5). Each is a module
  * with the same shape as v1.js. A client starts with the newest it is allowed and, when a
  * relay answers ERROR `UnsupportedVersion` (3, fatal), reconnects with the next older one.
- * Adding version 2 is: write v2.js with v1's exports (its own HELLO and frame layouts), add
- * it to `VERSIONS` here.
+ * Adding a version is: write vN.js with v1's exports (re-exporting what it shares, as v2.js
+ * does), add it to `VERSIONS` here, newest first.
  *
  * Owns: the version list. Must not touch: frame layouts (the version modules).
  */
 
 import * as v1 from './v1.js';
+import * as v2 from './v2.js';
 
 /** @typedef {typeof v1} ProtocolVersion */
 
 /** @type {ReadonlyMap<number, ProtocolVersion>} newest first */
-export const VERSIONS = new Map([[v1.VERSION, v1]]);
+export const VERSIONS = new Map([
+  [v2.VERSION, v2],
+  [v1.VERSION, v1],
+]);
 
 /**
  * The versions to try, newest first, limited to `allowed` when given.

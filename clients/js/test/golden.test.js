@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { readFileSync, readdirSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
-import { FrameDecoder, roomId, v1 } from '../src/index.js';
+import { FrameDecoder, roomId, v1, v2 } from '../src/index.js';
 
 const TESTDATA = fileURLToPath(new URL('../../../codec/testdata/', import.meta.url));
 const fixture = (/** @type {string} */ name) => new Uint8Array(readFileSync(`${TESTDATA}${name}.bin`));
@@ -35,6 +35,13 @@ const ENCODED = {
         { roomId: COFFEE, epoch: 1_766_000_000_000n, lastSeq: 300 },
       ],
     }),
+  hello_v2_device: () =>
+    v2.encodeHello({
+      heartbeatSecs: 600,
+      token: utf8('bob'),
+      deviceId: 0x5eed0fb0b5eed001n,
+      resume: [{ roomId: HIKING, epoch: 1_767_225_600_000n, lastSeq: 41 }],
+    }),
   subscribe: () => v1.encodeSubscribe('coffee-news', false),
   unsubscribe_block: () => v1.encodeUnsubscribe(3, true),
   publish: () => v1.encodePublish({ alias: 2, msgId: 5, ack: null, payload: utf8('see you at 7 tonight') }),
@@ -50,6 +57,7 @@ const ENCODED = {
 /** Relay → client fixtures and the values of PROTOCOL.md §8. */
 const DECODED = {
   welcome: { type: 'welcome', version: 1, connId: 42n, serverTimeMs: 1_767_229_200_000, heartbeatSecs: 600, maxFrameLen: 65536, user: 'bob' },
+  welcome_v2: { type: 'welcome', version: 2, connId: 42n, serverTimeMs: 1_767_229_200_000, heartbeatSecs: 600, maxFrameLen: 65536, user: 'bob' },
   room: { type: 'room', alias: 2, roomId: COFFEE, epoch: 1_767_225_600_000n, cursor: 0, head: 120, name: 'coffee-news', channel: true },
   left: { type: 'left', alias: 1, reason: 3 },
   left_restarted: { type: 'left', alias: 0, reason: 4 },
@@ -78,6 +86,21 @@ for (const [name, expected] of Object.entries(DECODED)) {
     assert.deepEqual(decodeOne(fixture(name)), expected);
   });
 }
+
+test('version 2 changes only HELLO: its version byte and the DEVICE flag with the device id', () => {
+  const hello = { heartbeatSecs: 0, token: utf8('ann'), resume: [] };
+  // Without a device id a v2 HELLO is v1's with version 2; v1 never writes a device id.
+  assert.deepEqual(v2.encodeHello(hello), Uint8Array.of(0x07, 0x01, 0x02, 0x00, 0x03, 0x61, 0x6e, 0x6e));
+  assert.deepEqual(v1.encodeHello({ ...hello, deviceId: 7n }), fixture('hello'));
+  assert.deepEqual(v2.encodeHello({ ...hello, deviceId: 1n }).subarray(0, 3), Uint8Array.of(0x0f, 0x41, 0x02));
+  assert.equal(v2.encodePublish, v1.encodePublish);
+  assert.equal(v2.decodeRelayFrame, v1.decodeRelayFrame);
+  assert.deepEqual([v1.DEVICE, v2.DEVICE], [false, true]);
+  // Decoding is shared: v2's decoder reads every relay fixture as v1's does.
+  for (const [name, expected] of Object.entries(DECODED)) {
+    assert.deepEqual(new FrameDecoder(v2).push(fixture(name)), [expected], name);
+  }
+});
 
 test('every fixture in codec/testdata is covered', () => {
   const names = readdirSync(TESTDATA).filter((f) => f.endsWith('.bin')).map((f) => f.slice(0, -4));

@@ -96,14 +96,47 @@ test('cut connections resume without loss or repeats', async (t) => {
   // Every message of ann's exactly once, in order.
   assert.deepEqual(fromAnn().map((m) => m.text), Array.from({ length: total }, (_, i) => `m${i + 1}`));
   // No sequence twice, none out of order, none lost: what bob did not receive is his own
-  // (a PUBACK of his stands for it). A message of his that was in flight at a cut may be
-  // accepted twice (at least once, PROTOCOL.md §12) and come back to him from the first time.
+  // (a PUBACK of his stands for it). A message of his that was in flight at a cut is
+  // republished with its msg_id (version 2, PROTOCOL.md §12): stored once, but it may come
+  // back to him on resume when his cursor was before it.
   const seqs = bobGot.map((m) => /** @type {number} */ (m.seq));
   assert.deepEqual(seqs, [...new Set(seqs)].sort((a, b) => a - b));
   const held = new Set([...seqs, ...bobSeqs]);
   const head = Math.max(...held);
   assert.deepEqual(Array.from({ length: head }, (_, i) => i + 1).filter((s) => !held.has(s)), []);
   assert.equal(bob.rooms()[0].cursor >= seqs[seqs.length - 1], true);
+});
+
+test('v2: a publish whose PUBACK was lost is republished and stored once', async (t) => {
+  const relay = await startRelay(t);
+  const proxy = await startProxy(t, relay.wsAddr);
+  const ann = client(t, proxy.url, 'ann');
+  const bob = client(t, relay.wsUrl, 'bob');
+  const bobGot = inbox(bob);
+  await ann.join('family');
+  await bob.join('family');
+  assert.equal(ann.welcome?.version, 2);
+  /** @type {number[]} */
+  const pubacks = [];
+  ann.on('puback', (p) => pubacks.push(p.msgId));
+
+  // The relay's answers stop reaching ann: her PUBLISH arrives, its PUBACK does not.
+  proxy.mute();
+  const connects = ann.connects;
+  const sent = ann.publish('family', 'exactly once');
+  await until(bob, () => bobGot.length === 1, 'the relay stored it and bob got it');
+  assert.deepEqual(pubacks, []);
+  proxy.cut();
+  await until(ann, () => ann.state === 'open' && ann.connects > connects, 'ann reconnects');
+
+  // The republish (same msg_id) is answered with the original sequence, stored nothing new.
+  const seq = await sent;
+  assert.equal(seq, bobGot[0].seq);
+  assert.equal(ann.snapshot().lastMsgId, 1, 'one msg_id for the message, sent twice');
+  const next = await ann.publish('family', 'after');
+  assert.equal(next, /** @type {number} */ (seq) + 1, 'no second copy took a sequence');
+  await until(bob, () => bobGot.some((m) => m.text === 'after'), 'bob gets the next message');
+  assert.deepEqual(bobGot.map((m) => [m.text, m.seq]), [['exactly once', seq], ['after', next]]);
 });
 
 test('a GOAWAY retry hint is waited out before reconnecting', async (t) => {

@@ -115,3 +115,53 @@ test('cumulative acks: one pair per alias that moved, then none', () => {
   assert.deepEqual(s.takeAcks(512), [{ alias: 0, seq: 2 }]);
   assert.deepEqual(s.takeAcks(512), []);
 });
+
+// ---- version 2: the device's msg_id counter (PROTOCOL.md §5, §12) ----
+
+test('v2: a republish keeps its msg_id across a reconnect; v1 takes a fresh one', () => {
+  const s = new Session(undefined, { deviceId: 0xfeedn, lastMsgId: 41 });
+  s.startConnection(true);
+  s.apply(/** @type {any} */ ({ ...welcome, version: 2 }));
+  s.apply(/** @type {any} */ (room(0, 0)));
+  const first = s.publish(HIKING);
+  assert.deepEqual([first.msgId, first.idempotent], [42, true]);
+  // The connection ends before the PUBACK: the message is unconfirmed.
+  assert.deepEqual(s.endConnection(), [42]);
+  s.startConnection(true);
+  s.apply(/** @type {any} */ ({ ...welcome, version: 2 }));
+  const again = s.publish(HIKING, first.msgId);
+  assert.equal(again.msgId, 42, 'the same msg_id names the same message');
+  const puback = s.apply({ type: 'puback', msgId: 42, seq: 1 });
+  assert.equal(puback.type === 'puback' && puback.room?.cursor, 1);
+  // A new message still takes the next id; the counter never went back.
+  assert.equal(s.publish(HIKING).msgId, 43);
+  assert.equal(s.lastMsgId, 43);
+  // On a version-1 connection (no device id) a republish gets a fresh id.
+  s.endConnection();
+  s.startConnection(false);
+  s.apply(/** @type {any} */ (welcome));
+  const v1 = s.publish(HIKING, 43);
+  assert.deepEqual([v1.msgId, v1.idempotent], [44, false]);
+});
+
+test('v2: the snapshot keeps the device id and the counter; an app may pass its own id', () => {
+  const s = new Session(undefined, { deviceId: '5eed0fb0b5eed001' });
+  s.startConnection(true);
+  s.apply(/** @type {any} */ ({ ...welcome, version: 2 }));
+  s.apply(/** @type {any} */ (room(0, 0)));
+  s.publish(HIKING);
+  s.publish(HIKING);
+  const snap = JSON.parse(JSON.stringify(s.snapshot()));
+  assert.deepEqual([snap.deviceId, snap.lastMsgId], ['5eed0fb0b5eed001', 2]);
+  const reloaded = new Session(snap);
+  assert.equal(reloaded.deviceId, 0x5eed0fb0b5eed001n);
+  reloaded.startConnection(true);
+  reloaded.apply(/** @type {any} */ ({ ...welcome, version: 2 }));
+  assert.equal(reloaded.publish(HIKING).msgId, 3, 'no id is reused after a reload');
+  // Another device id than the snapshot's starts its own counter.
+  assert.equal(new Session(snap, { deviceId: 7n }).lastMsgId, 0);
+  // Without either, each session draws its own random id.
+  assert.notEqual(new Session().deviceId, new Session().deviceId);
+  assert.throws(() => new Session(undefined, { deviceId: 'not hex' }), RangeError);
+  assert.throws(() => new Session(undefined, { deviceId: 1n << 64n }), RangeError);
+});

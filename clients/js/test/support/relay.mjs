@@ -103,20 +103,22 @@ export async function startRelay(t, { toml = '', limits = '' } = {}) {
 /**
  * A TCP proxy in front of `target` ("host:port"). It forwards the relay's WebSocket stream a
  * whole WebSocket frame at a time, so `inject` can slip a frame of its own between two of
- * the relay's; `cut` drops every connection (both sides) at once.
+ * the relay's; `cut` drops every connection (both sides) at once; `mute` stops the relay →
+ * client direction of the open connections (what the relay sends is dropped) while the
+ * client's frames still reach the relay.
  * @param {import('node:test').TestContext} t
  * @param {string} target
  */
 export async function startProxy(t, target) {
   const [host, port] = [target.slice(0, target.lastIndexOf(':')), Number(target.slice(target.lastIndexOf(':') + 1))];
-  /** @type {Set<{ client: net.Socket, upstream: net.Socket }>} */
+  /** @type {Set<{ client: net.Socket, upstream: net.Socket, muted: boolean }>} */
   const pairs = new Set();
   /** Times (Date.now()) at which clients connected. */
   const connectTimes = [];
   const server = net.createServer((client) => {
     connectTimes.push(Date.now());
     const upstream = net.connect(port, host);
-    const pair = { client, upstream };
+    const pair = { client, upstream, muted: false };
     pairs.add(pair);
     const drop = () => {
       pairs.delete(pair);
@@ -129,6 +131,7 @@ export async function startProxy(t, target) {
     let pending = Buffer.alloc(0);
     let upgraded = false;
     upstream.on('data', (d) => {
+      if (pair.muted) return;
       pending = Buffer.concat([pending, d]);
       if (!upgraded) {
         const end = pending.indexOf('\r\n\r\n');
@@ -159,6 +162,10 @@ export async function startProxy(t, target) {
         p.upstream.destroy();
       }
       pairs.clear();
+    },
+    /** From now on, drops what the relay sends on the open connections (new ones are not muted). */
+    mute() {
+      for (const p of pairs) p.muted = true;
     },
     /**
      * Sends `payload` to every client as one binary WebSocket message of the relay's.
