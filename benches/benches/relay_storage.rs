@@ -10,7 +10,9 @@
 //! measured from each publish's intended send time (no coordinated omission).
 //!
 //! `cargo bench -p pabal-benches --bench relay_storage` (`PABAL_BENCH_SECS` sets each
-//! phase's length, default 3). The logs go to a temporary directory under `TMPDIR`: point it
+//! phase's length, default 3; `PABAL_STORAGE_PACED` paces the latency phase at that many
+//! publishes/s instead of half the saturated rate, e.g. 25000 for half of the 50,000/s
+//! target). The logs go to a temporary directory under `TMPDIR`: point it
 //! at the disk you want to measure (a tmpfs makes every fsync free).
 
 #![allow(clippy::unwrap_used)] // reason: a benchmark driver fails loudly
@@ -154,6 +156,9 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3.0);
+    let fixed_pace: Option<f64> = std::env::var("PABAL_STORAGE_PACED")
+        .ok()
+        .and_then(|s| s.parse().ok());
     let modes: [(&str, Option<FsyncPolicy>); 4] = [
         ("memory", None),
         ("never", Some(FsyncPolicy::Never)),
@@ -185,7 +190,13 @@ fn main() {
             let addr = relay.local_addr();
             let sat = phase(addr, payload, secs, None, round * 2);
             let rate = sat.acked as f64 / sat.secs;
-            let paced = phase(addr, payload, secs, Some(rate / 2.0), round * 2 + 1);
+            let paced = phase(
+                addr,
+                payload,
+                secs,
+                Some(fixed_pace.unwrap_or(rate / 2.0)),
+                round * 2 + 1,
+            );
             let ms = |q: f64| paced.latency.value_at_quantile(q) as f64 / 1000.0;
             let backend = match backend {
                 BackendKind::IoUring => "io_uring",
