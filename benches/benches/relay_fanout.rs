@@ -294,9 +294,6 @@ fn run(backend: BackendKind, scenario: &Scenario, secs: f64) {
     relay.stop().unwrap();
 }
 
-/// Set in a child run: the one backend it measures.
-const CHILD_BACKEND: &str = "PABAL_FANOUT_BACKEND";
-
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument selects scenarios by name.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
@@ -304,49 +301,29 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5.0);
-    if let Ok(name) = std::env::var(CHILD_BACKEND) {
-        let backend = if name == "io_uring" {
-            BackendKind::IoUring
-        } else {
-            BackendKind::Epoll
-        };
-        for scenario in [channel_1000(), rooms_100x100()] {
-            if filter
-                .as_deref()
-                .is_some_and(|f| !scenario.name.contains(f))
-            {
-                continue;
-            }
-            run(backend, &scenario, secs);
-        }
+    let Some(backend) = common::child_backend() else {
+        println!(
+            "{:<9} {:<14} {:>12} {:>10} | {:>11} {:>8} {:>8} {:>8} {:>8}",
+            "backend",
+            "scenario",
+            "deliv/s max",
+            "msg/s max",
+            "deliv/s@50%",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "max ms"
+        );
+        common::run_each_backend_in_its_own_process(&filter.into_iter().collect::<Vec<_>>());
         return;
-    }
-    println!(
-        "{:<9} {:<14} {:>12} {:>10} | {:>11} {:>8} {:>8} {:>8} {:>8}",
-        "backend",
-        "scenario",
-        "deliv/s max",
-        "msg/s max",
-        "deliv/s@50%",
-        "p50 ms",
-        "p99 ms",
-        "p99.9 ms",
-        "max ms"
-    );
-    // Each backend runs in a fresh process: run second in the same process, a backend
-    // inherits the first one's heap and measured at half its speed in the broadcast case.
-    let exe = std::env::current_exe().unwrap();
-    for backend in pabal_testkit::backends() {
-        let name = match backend {
-            BackendKind::IoUring => "io_uring",
-            _ => "epoll",
-        };
-        let mut child = std::process::Command::new(&exe);
-        child.arg("--bench").env(CHILD_BACKEND, name);
-        if let Some(f) = &filter {
-            child.arg(f);
+    };
+    for scenario in [channel_1000(), rooms_100x100()] {
+        if filter
+            .as_deref()
+            .is_some_and(|f| !scenario.name.contains(f))
+        {
+            continue;
         }
-        let status = child.status().unwrap();
-        assert!(status.success(), "the {name} run failed: {status}");
+        run(backend, &scenario, secs);
     }
 }

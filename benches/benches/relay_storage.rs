@@ -2,8 +2,8 @@
 //! storage mode: memory, and disk with `fsync = "never"`, `"interval"` and `"always"`, for
 //! 32 B and 1 KiB payloads, in one run so the ratios compare like with like.
 //!
-//! One worker, on each I/O backend (epoll: the log's jobs on a sync thread; io_uring: written
-//! and synced through the worker's ring; io_uring is left out where it is unavailable), 16
+//! One worker, on each I/O backend, each in a process of its own (epoll: the log's jobs on a
+//! sync thread; io_uring: written and synced through the worker's ring), 16
 //! publisher connections, each in its own room and nobody else subscribed, so what is measured is sequencing, the log and the PUBACK path. Each case
 //! runs twice: saturated (each publisher keeps 64 publishes unacknowledged) for the
 //! acknowledged rate, then open-loop at half that rate for the latency percentiles,
@@ -165,19 +165,15 @@ fn main() {
         ("interval", Some(FsyncPolicy::Interval)),
         ("always", Some(FsyncPolicy::Always)),
     ];
-    let mut backends = vec![BackendKind::Epoll];
-    match pabal_relay::io::probe::probe_uring(&pabal_relay::io::probe::BackendOptions::default()) {
-        Ok(()) => backends.push(BackendKind::IoUring),
-        Err(e) => println!("io_uring left out: {e}"),
-    }
-    println!(
-        "{:<8} {:<9} {:>7} {:>14} | {:>10} {:>9} {:>9} {:>9}",
-        "backend", "mode", "payload", "acked/s (sat)", "paced/s", "p50 ms", "p99 ms", "max ms"
-    );
-    let cases = backends
-        .iter()
-        .flat_map(|b| [32usize, 1024].map(|p| (*b, p)));
-    for (backend, payload) in cases {
+    let Some(backend) = common::child_backend() else {
+        println!(
+            "{:<8} {:<9} {:>7} {:>14} | {:>10} {:>9} {:>9} {:>9}",
+            "backend", "mode", "payload", "acked/s (sat)", "paced/s", "p50 ms", "p99 ms", "max ms"
+        );
+        common::run_each_backend_in_its_own_process(&[]);
+        return;
+    };
+    for payload in [32usize, 1024] {
         for (round, (name, fsync)) in modes.iter().enumerate() {
             let dir = tempfile::tempdir().unwrap();
             let mut config = common::relay_config(backend);

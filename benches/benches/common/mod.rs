@@ -138,3 +138,37 @@ pub fn growth_with_phones(
         heap_bytes: after.1.saturating_sub(before.1),
     }
 }
+
+/// The environment variable that names the one backend a child run of a bench measures.
+const CHILD_BACKEND: &str = "PABAL_BENCH_BACKEND";
+
+/// In a child run started by [`run_each_backend_in_its_own_process`], the backend it measures.
+pub fn child_backend() -> Option<BackendKind> {
+    let name = std::env::var(CHILD_BACKEND).ok()?;
+    Some(if name == "io_uring" {
+        BackendKind::IoUring
+    } else {
+        BackendKind::Epoll
+    })
+}
+
+/// Runs the bench's own executable once per available backend, each in a fresh process, with
+/// `args` (stdout inherited, so the children print their rows under the parent's header).
+/// Run second in the same process, a backend measures on the heap the first one left
+/// behind (io_uring's broadcast fan-out measured at half speed that way).
+pub fn run_each_backend_in_its_own_process(args: &[String]) {
+    let exe = std::env::current_exe().unwrap();
+    for backend in pabal_testkit::backends() {
+        let name = match backend {
+            BackendKind::IoUring => "io_uring",
+            _ => "epoll",
+        };
+        let status = std::process::Command::new(&exe)
+            .arg("--bench")
+            .args(args)
+            .env(CHILD_BACKEND, name)
+            .status()
+            .unwrap();
+        assert!(status.success(), "the {name} run failed: {status}");
+    }
+}
