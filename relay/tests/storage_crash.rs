@@ -235,19 +235,7 @@ fn full_disk_child() {
         return;
     };
     const LIMIT: u64 = 48 * 1024;
-    // SAFETY: setting a signal disposition and a resource limit of this process; no memory
-    // is shared with the call. Writes past the limit then fail with EFBIG instead of the
-    // process being killed by SIGXFSZ.
-    unsafe {
-        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim), 0);
-        lim.rlim_cur = LIMIT;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
-    }
+    pabal_testkit::daemon::limit_file_size_of_this_process(LIMIT);
     let mut o = opts();
     o.segment_size = 1 << 20; // one segment: the file limit is what runs out
     o.checkpoint_interval = Duration::from_secs(3600);

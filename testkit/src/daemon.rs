@@ -147,6 +147,25 @@ pub fn limit_nofile(cmd: &mut Command, soft: u64, hard: u64) {
     }
 }
 
+/// Limits this process's file sizes to `bytes` (RLIMIT_FSIZE) and ignores SIGXFSZ, so a write
+/// past the limit fails with EFBIG instead of killing the process: a full disk for one
+/// process. Call it only in a child process that runs one test (it changes the whole
+/// process).
+pub fn limit_file_size_of_this_process(bytes: u64) {
+    // SAFETY: setting a signal disposition and a resource limit of this process; no memory
+    // is shared with the calls (`lim` is a plain local value).
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim), 0);
+        lim.rlim_cur = bytes;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
+    }
+}
+
 /// The address in a log line's `addr=` field.
 pub fn addr_in(line: &str) -> SocketAddr {
     line.split_whitespace()

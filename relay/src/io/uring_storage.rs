@@ -584,19 +584,7 @@ mod tests {
         let Ok(dir) = std::env::var(CHILD_DIR) else {
             return;
         };
-        // SAFETY: setting a signal disposition and a resource limit of this process (a
-        // child running only this test); no memory is shared with the calls. Writes past
-        // the limit then fail with EFBIG instead of the process being killed by SIGXFSZ.
-        unsafe {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            let mut lim = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim), 0);
-            lim.rlim_cur = LIMIT;
-            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
-        }
+        pabal_testkit::daemon::limit_file_size_of_this_process(LIMIT);
         let mut backend = UringBackend::new(&BackendOptions::default()).unwrap();
         let seg = file(&Path::new(&dir).join("seg"), true);
         let batch = CommitBatch {
