@@ -385,6 +385,38 @@ mod tests {
         Some(UringBackend::new(&opts).expect("io_uring backend"))
     }
 
+    /// A batch of one record, `data` at `offset` of `file`, which it syncs when `sync`.
+    fn one_record(file: &Arc<File>, offset: u64, data: Vec<u8>, sync: bool) -> CommitBatch {
+        CommitBatch {
+            chunks: vec![WriteChunk {
+                segment: 1,
+                file: file.clone(),
+                offset,
+                data,
+            }],
+            sync: if sync { vec![file.clone()] } else { Vec::new() },
+            records: 1,
+            last_lsn: 1,
+            ..CommitBatch::default()
+        }
+    }
+
+    /// Runs a group commit to its completion: how long its syncs took, or what failed.
+    fn commit(
+        backend: &mut UringBackend,
+        batch: CommitBatch,
+    ) -> Result<Option<Duration>, CommitError> {
+        let Completion::Commit { result, .. } = run(backend, Job::Commit(batch)) else {
+            panic!("not a commit");
+        };
+        result
+    }
+
+    /// Whether `result` is a failed write with `errno`.
+    fn write_failed_with(result: &Result<Option<Duration>, CommitError>, errno: i32) -> bool {
+        matches!(result, Err(CommitError::Write(e)) if e.raw_os_error() == Some(errno))
+    }
+
     fn file(path: &Path, writable: bool) -> Arc<File> {
         let f = OpenOptions::new()
             .read(true)
@@ -454,18 +486,7 @@ mod tests {
         b.read_exact_at(&mut got, 0).unwrap();
         assert!(got == big);
         // A batch without syncs reports none.
-        let batch = CommitBatch {
-            chunks: vec![WriteChunk {
-                segment: 1,
-                file: a.clone(),
-                offset: 105,
-                data: b"!".to_vec(),
-            }],
-            ..CommitBatch::default()
-        };
-        let Completion::Commit { result, .. } = run(&mut backend, Job::Commit(batch)) else {
-            panic!("not a commit");
-        };
+        let result = commit(&mut backend, one_record(&a, 105, b"!".to_vec(), false));
         assert!(matches!(result, Ok(None)), "{result:?}");
     }
 
@@ -475,25 +496,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ro"), b"").unwrap();
         let read_only = file(&dir.path().join("ro"), false);
-        let batch = CommitBatch {
-            chunks: vec![WriteChunk {
-                segment: 1,
-                file: read_only.clone(),
-                offset: 0,
-                data: b"lost".to_vec(),
-            }],
-            sync: vec![read_only],
-            records: 1,
-            last_lsn: 1,
-            ..CommitBatch::default()
-        };
-        let Completion::Commit { result, .. } = run(&mut backend, Job::Commit(batch)) else {
-            panic!("not a commit");
-        };
-        assert!(
-            matches!(&result, Err(CommitError::Write(e)) if e.raw_os_error() == Some(libc::EBADF)),
-            "{result:?}"
+        let result = commit(
+            &mut backend,
+            one_record(&read_only, 0, b"lost".to_vec(), true),
         );
+        assert!(write_failed_with(&result, libc::EBADF), "{result:?}");
         let job = CheckpointJob {
             dir: dir.path().to_path_buf(),
             bytes: b"state".to_vec(),
@@ -516,20 +523,7 @@ mod tests {
         let Some(mut backend) = ring() else { return };
         let dir = tempfile::tempdir().unwrap();
         let seg = file(&dir.path().join("seg"), true);
-        let batch = CommitBatch {
-            chunks: vec![WriteChunk {
-                segment: 1,
-                file: seg.clone(),
-                offset: 0,
-                data: b"record".to_vec(),
-            }],
-            records: 1,
-            last_lsn: 1,
-            ..CommitBatch::default()
-        };
-        let Completion::Commit { result, .. } = run(&mut backend, Job::Commit(batch)) else {
-            panic!("not a commit");
-        };
+        let result = commit(&mut backend, one_record(&seg, 0, b"record".to_vec(), false));
         assert!(result.is_ok(), "{result:?}");
         let job = CheckpointJob {
             dir: dir.path().to_path_buf(),
@@ -587,25 +581,8 @@ mod tests {
         pabal_testkit::daemon::limit_file_size_of_this_process(LIMIT);
         let mut backend = UringBackend::new(&BackendOptions::default()).unwrap();
         let seg = file(&Path::new(&dir).join("seg"), true);
-        let batch = CommitBatch {
-            chunks: vec![WriteChunk {
-                segment: 1,
-                file: seg.clone(),
-                offset: 0,
-                data: vec![7u8; 8192],
-            }],
-            sync: vec![seg.clone()],
-            records: 1,
-            last_lsn: 1,
-            ..CommitBatch::default()
-        };
-        let Completion::Commit { result, .. } = run(&mut backend, Job::Commit(batch)) else {
-            panic!("not a commit");
-        };
-        assert!(
-            matches!(&result, Err(CommitError::Write(e)) if e.raw_os_error() == Some(libc::EFBIG)),
-            "{result:?}"
-        );
+        let result = commit(&mut backend, one_record(&seg, 0, vec![7u8; 8192], true));
+        assert!(write_failed_with(&result, libc::EFBIG), "{result:?}");
         assert_eq!(
             seg.metadata().unwrap().len(),
             LIMIT,
