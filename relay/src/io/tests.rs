@@ -490,11 +490,7 @@ fn large_batch_partial_writes(b: Box<dyn Backend>) {
     let progress = Arc::new(AtomicUsize::new(0));
     let seen = progress.clone();
     let client = thread::spawn(move || {
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        socket.set_recv_buffer_size(64 * 1024).unwrap();
-        socket.connect(&addr.into()).unwrap();
-        let mut s: TcpStream = socket.into();
-        s.set_read_timeout(Some(LIMIT)).unwrap();
+        let mut s = slow_reader(addr);
         let mut got = vec![0u8; total];
         let mut off = 0;
         while off < total {
@@ -544,11 +540,7 @@ fn full_socket_waits_for_room_without_blind_retries(b: Box<dyn Backend>) {
     let go = Arc::new(AtomicBool::new(false));
     let go_client = go.clone();
     let client = thread::spawn(move || {
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        socket.set_recv_buffer_size(64 * 1024).unwrap();
-        socket.connect(&addr.into()).unwrap();
-        let mut s: TcpStream = socket.into();
-        s.set_read_timeout(Some(LIMIT)).unwrap();
+        let mut s = slow_reader(addr);
         // Not a byte is read until the server has met the full buffer.
         let deadline = Instant::now() + LIMIT;
         while !go_client.load(Ordering::Acquire) {
@@ -1048,4 +1040,15 @@ fn epoll_failed_wakeup_read_keeps_the_batch() {
     });
     assert!(srv.s.woken >= 1, "a failed read counts as a wake");
     srv.assert_clean();
+}
+
+/// A client socket with a small (64 KiB) receive buffer, so the server's sends fill the
+/// socket quickly, connected to `addr`, reads timing out after [`LIMIT`].
+fn slow_reader(addr: std::net::SocketAddr) -> TcpStream {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let s: TcpStream = socket.into();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s
 }
