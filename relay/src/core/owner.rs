@@ -499,18 +499,12 @@ impl Core {
             self.send_to(by.origin.core, CoreMsg::Accepted { by, seq });
             return Ok(seq);
         }
-        let seq = self.accept_publish(room.clone(), Some(by), sender, payload, id)?;
-        if let Some(id) = id {
-            self.owned_room(&room)
-                .publish_ids
-                .get_or_insert_default()
-                .record(id, seq, now, max_ids, max_age);
-        }
-        Ok(seq)
+        self.accept_publish(room, Some(by), sender, payload, id)
     }
 
-    /// The owner accepts a message: sequence, log (disk mode), history, PUBACK, then one
-    /// delivery per interested worker. Refused, with nothing sequenced, when the log does
+    /// The owner accepts a message: sequence, log (disk mode), the room's window of publish
+    /// ids (`publish_id`, protocol v2), history, PUBACK, then one delivery per interested
+    /// worker. Refused, with nothing sequenced, when the log does
     /// not take it (full disk).
     pub(super) fn accept_publish(
         &mut self,
@@ -531,8 +525,19 @@ impl Core {
         };
         let seq = self.owned_room(&room).head + 1;
         self.store_message(&room, seq, now_ms, &sender, &payload, publish_id)?;
+        let (max_ids, max_age) = (
+            self.config.limits.publish_ids,
+            self.config.limits.publish_id_max_age,
+        );
         let owned = self.owned_room(&room);
         owned.head = seq;
+        if let Some(id) = publish_id {
+            // Remembered once stored, so a repeat is answered with this sequence.
+            owned
+                .publish_ids
+                .get_or_insert_default()
+                .record(id, seq, now, max_ids, max_age);
+        }
         let msg = Arc::new(Stored {
             seq,
             ts_ms: now_ms,
