@@ -1,7 +1,8 @@
 //! pabal's one test kit, shared by every test crate and the benches: the one place that knows
 //! what "a test relay" is ([`loopback_config`], [`TestRelay`]), a blocking client built on the
 //! codec alone ([`Client`]), the spawned release binary ([`daemon::Daemon`]), raw HTTP for the
-//! control plane ([`http`]), a WebSocket client ([`ws`]), test certificates ([`pki`]), and
+//! control plane ([`http`]), a WebSocket client ([`ws`]), test certificates ([`pki`]), a private
+//! Redis ([`redis`]), and
 //! the rule that nothing may skip under CI ([`skip`], [`per_backend!`], [`backends`]).
 //!
 //! Owns: test plumbing only. Every wait is bounded by [`WAIT`]: a hang fails the test
@@ -21,6 +22,7 @@ mod client;
 pub mod daemon;
 pub mod http;
 pub mod pki;
+pub mod redis;
 mod relay;
 pub mod ws;
 
