@@ -81,6 +81,10 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     /// Durable state: where history, membership and epochs are kept.
     pub storage: StorageConfig,
+    /// Several relay nodes on one engine (Redis); `None` (no `[cluster]`): the relay runs
+    /// alone. See [`crate::cluster`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// `[tls]`: set `cert_file` and `key_file` to turn TLS on for `listen` and for the WebSocket
@@ -698,6 +702,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             websocket: WebSocketConfig::default(),
             storage: StorageConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -991,6 +996,9 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         self.storage.validate()?;
+        if let Some(cluster) = &self.cluster {
+            cluster.validate(self.storage.mode)?;
+        }
         Ok(())
     }
 
@@ -1071,12 +1079,12 @@ impl Config {
 
 /// Durations written as `"30s"`, `"5m"`, `"2h"`, `"1d"`, `"250ms"` or a bare number of
 /// seconds.
-mod humantime_secs {
+pub(crate) mod humantime_secs {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
-    pub(super) fn parse(text: &str) -> Result<Duration, String> {
+    pub(crate) fn parse(text: &str) -> Result<Duration, String> {
         let text = text.trim();
         let split = text
             .find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -1096,7 +1104,7 @@ mod humantime_secs {
         Duration::try_from_secs_f64(value * scale).map_err(|e| e.to_string())
     }
 
-    pub(super) fn format(d: &Duration) -> String {
+    pub(crate) fn format(d: &Duration) -> String {
         if d.subsec_millis() != 0 {
             format!("{}ms", d.as_millis())
         } else {
@@ -1104,7 +1112,7 @@ mod humantime_secs {
         }
     }
 
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format(d))
     }
 
@@ -1115,7 +1123,7 @@ mod humantime_secs {
         Secs(u64),
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         match Raw::deserialize(d)? {
             Raw::Text(t) => parse(&t).map_err(D::Error::custom),
             Raw::Secs(s) => Ok(Duration::from_secs(s)),

@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub(crate) mod conn;
 pub(crate) mod control;

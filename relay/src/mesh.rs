@@ -416,6 +416,10 @@ pub enum ControlRefusal {
     /// The room's log failed (an fsync error) and refuses writes until the relay restarts
     /// (HTTP 503 `storage_failed`).
     StorageFailed,
+    /// The cluster's engine (Redis) cannot be reached, or the worker has as many publishes
+    /// in flight to it as it may: nothing was sequenced; retry later (HTTP 503
+    /// `unavailable`).
+    Unavailable,
 }
 
 /// The answer to a [`ControlOp`].

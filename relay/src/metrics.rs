@@ -130,10 +130,14 @@ pub fn healthz(relay: &Relay, liveness: Option<&Liveness>) -> Response {
 }
 
 /// `GET /readyz`: 200 while serving, 503 once a graceful shutdown has begun (load
-/// balancers stop sending new phones before the GOAWAYs go out).
+/// balancers stop sending new phones before the GOAWAYs go out), and 503
+/// `engine_unavailable` while a cluster node's engine (Redis) connections are down (its
+/// publishes are refused then; phones are better served by another node).
 pub fn readyz(relay: &Relay) -> Response {
     if relay.is_draining() {
         Response::json(503, &json!({ "status": "draining" }))
+    } else if relay.cluster().is_some_and(|c| !c.healthy()) {
+        Response::json(503, &json!({ "status": "engine_unavailable" }))
     } else {
         Response::json(200, &json!({ "status": "ready" }))
     }
@@ -156,6 +160,99 @@ pub struct Scrape {
     pub inbox_depths: Vec<usize>,
     /// Each worker's durable log's metrics (empty in memory mode).
     pub storage: Vec<StorageMetrics>,
+    /// The cluster's metrics (`[cluster]` only).
+    pub cluster: Option<ClusterScrape>,
+}
+
+/// The cluster's metrics as read at scrape time (see [`crate::cluster::ClusterStats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClusterScrape {
+    /// Replies read from the engine.
+    pub round_trips: u64,
+    /// Commands in flight to the engine, all workers.
+    pub pipeline_depth: i64,
+    /// Room channels subscribed, all workers.
+    pub subscriptions: i64,
+    /// Messages read back from streams to fill holes.
+    pub holes_filled: u64,
+    /// Engine connection failures, refusals and malformed replies.
+    pub errors: u64,
+    /// Publishes refused `unavailable`.
+    pub refused: u64,
+    /// Engine threads with both connections up.
+    pub engines_up: i64,
+    /// Engine threads.
+    pub engines: i64,
+}
+
+impl ClusterScrape {
+    fn of(c: &crate::cluster::ClusterStats) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        ClusterScrape {
+            round_trips: c.round_trips.load(Relaxed),
+            pipeline_depth: c.pipeline_depth.load(Relaxed),
+            subscriptions: c.subscriptions.load(Relaxed),
+            holes_filled: c.holes_filled.load(Relaxed),
+            errors: c.errors.load(Relaxed),
+            refused: c.refused.load(Relaxed),
+            engines_up: c.engines_up.load(Relaxed),
+            engines: c.engines.load(Relaxed),
+        }
+    }
+
+    fn encode(&self, enc: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        for (name, help, v) in [
+            (
+                "pabal_cluster_engine_round_trips",
+                "Replies read from the engine (Redis).",
+                self.round_trips,
+            ),
+            (
+                "pabal_cluster_holes_filled",
+                "Messages read back from a room's stream to fill a hole (a sequence jump or a lost subscription).",
+                self.holes_filled,
+            ),
+            (
+                "pabal_cluster_engine_errors",
+                "Engine connection failures, refused commands and malformed replies.",
+                self.errors,
+            ),
+            (
+                "pabal_cluster_publishes_refused",
+                "Publishes refused `unavailable` (engine down, or cluster.max_in_flight reached).",
+                self.refused,
+            ),
+        ] {
+            let c = ConstCounter::new(v);
+            c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        for (name, help, v) in [
+            (
+                "pabal_cluster_pipeline_depth",
+                "Commands sent to the engine and not answered yet, all workers.",
+                self.pipeline_depth,
+            ),
+            (
+                "pabal_cluster_subscriptions",
+                "Room channels subscribed on the engine, all workers.",
+                self.subscriptions,
+            ),
+            (
+                "pabal_cluster_engines_up",
+                "Engine threads with both connections up (one per worker).",
+                self.engines_up,
+            ),
+            (
+                "pabal_cluster_engines",
+                "Engine threads (one per worker).",
+                self.engines,
+            ),
+        ] {
+            let g = ConstGauge::new(v);
+            g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        Ok(())
+    }
 }
 
 type StorageField = fn(&StorageMetrics) -> u64;
@@ -543,6 +640,7 @@ impl Scrape {
             workers: relay.worker_stats(),
             inbox_depths: relay.inbox_depths(),
             storage: relay.storage_metrics(),
+            cluster: relay.cluster().map(|c| ClusterScrape::of(c)),
         }
     }
 
@@ -716,6 +814,9 @@ impl Collector for Scrape {
             1.0,
         )?;
         self.encode_transport(&mut enc)?;
+        if let Some(cluster) = &self.cluster {
+            cluster.encode(&mut enc)?;
+        }
         self.encode_storage(&mut enc)
     }
 }
@@ -753,6 +854,7 @@ mod tests {
             workers: vec![w0, w1],
             inbox_depths: vec![0, 5],
             storage: Vec::new(),
+            cluster: None,
         }
     }
 

@@ -34,6 +34,8 @@ pub const FIELDS: &[(&str, Reload)] = &[
     ("workers", Reload::Restart),
     ("pin_workers", Reload::Restart),
     ("io_backend", Reload::Restart),
+    // Each worker's engine thread connects with these at start.
+    ("cluster", Reload::Restart),
     ("auth.mode", Reload::Restart),
     // Only validation reads it, and the new file was validated with it.
     ("auth.allow_none_on_public", Reload::Live("validation")),

@@ -22,6 +22,7 @@ use anyhow::{Context, anyhow, bail};
 use crossbeam_channel::{Receiver, Sender};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::cluster::{ClusterStats, EngineHandle};
 use crate::config::{Config, StorageMode};
 use crate::core::{Clock, Core, Shared};
 use crate::directory::Directory;
@@ -56,6 +57,8 @@ pub struct Relay {
     routes: parking_lot::RwLock<Vec<crate::control::Route>>,
     /// The soft `RLIMIT_NOFILE` in force (raised to the hard limit at start).
     nofile: u64,
+    /// The cluster's metrics and health (`[cluster]` only).
+    cluster: Option<Arc<ClusterStats>>,
     /// Each worker's test hook.
     #[cfg(feature = "test-hooks")]
     stalls: Vec<Arc<StallHook>>,
@@ -214,6 +217,14 @@ impl RelayHandle {
             config.limits.max_rooms_per_user,
         ));
         let shared = Arc::new(Shared::default());
+        // Cluster mode: one node id for this start, one metrics block for every engine thread.
+        let cluster = config
+            .cluster
+            .as_ref()
+            .map(|c| (Arc::new(ClusterStats::default()), c.node_id_or_random()));
+        if let Some((_, node)) = &cluster {
+            tracing::info!(node = %node, "cluster node");
+        }
         if let Some(jwt) = &config.auth.jwt {
             let verifier =
                 crate::auth::Verifier::from_config(jwt).context("cannot load token keys")?;
@@ -254,6 +265,7 @@ impl RelayHandle {
                 ws_listener: ws_listeners.get_mut(id).and_then(Option::take),
                 transport: transport.clone(),
                 layered: layered.clone(),
+                cluster: cluster.clone(),
             };
             let ready = ready_tx.clone();
             let exited = exited_tx.clone();
@@ -328,6 +340,7 @@ impl RelayHandle {
             draining: std::sync::atomic::AtomicBool::new(false),
             routes: parking_lot::RwLock::new(Vec::new()),
             nofile,
+            cluster: cluster.map(|(stats, _)| stats),
             #[cfg(feature = "test-hooks")]
             stalls,
         });
@@ -546,6 +559,11 @@ impl Relay {
         total
     }
 
+    /// The cluster's metrics and engine health (`None` without `[cluster]`).
+    pub fn cluster(&self) -> Option<&Arc<ClusterStats>> {
+        self.cluster.as_ref()
+    }
+
     /// Each worker's durable log's metrics as last copied (empty in memory mode).
     pub fn storage_metrics(&self) -> Vec<crate::storage::StorageMetrics> {
         self.stats
@@ -638,6 +656,8 @@ struct Worker {
     transport: Arc<TransportShared>,
     /// Bound addresses and what they speak.
     layered: Vec<(SocketAddr, ListenerKind)>,
+    /// `[cluster]`: the shared metrics and this node's id.
+    cluster: Option<(Arc<ClusterStats>, String)>,
 }
 
 impl Worker {
@@ -685,6 +705,30 @@ impl Worker {
                 bail!("{text}");
             }
         };
+        // Cluster mode: this worker's engine thread, answering through the worker's wakeup.
+        let engine = match (&self.config.cluster, &self.cluster) {
+            (Some(config), Some((stats, node))) => {
+                let wakeup = backend.wakeup();
+                match EngineHandle::spawn(
+                    self.id,
+                    config,
+                    node,
+                    Box::new(move || wakeup.wake()),
+                    stats.clone(),
+                ) {
+                    Ok(engine) => {
+                        core.attach_cluster(stats.clone());
+                        Some(engine)
+                    }
+                    Err(e) => {
+                        let text = format!("cannot start the engine thread: {e}");
+                        let _ = ready.send((self.id, Err(anyhow!("{text}"))));
+                        bail!("{text}");
+                    }
+                }
+            }
+            _ => None,
+        };
         let _ = ready.send((self.id, Ok(backend.wakeup())));
         let Ok(mesh) = mesh_rx.recv() else {
             return Ok(()); // start-up aborted elsewhere
@@ -707,6 +751,7 @@ impl Worker {
             &self.stats,
             &self.stall,
             executor.as_mut(),
+            engine.as_ref(),
         );
         if let (Some(mut log), Some(exec)) = (core.take_storage(), executor.as_mut()) {
             // A clean stop: everything appended synced and a checkpoint written, so the
@@ -943,6 +988,7 @@ fn run_loop(
     stats: &CoreStats,
     stall: &StallHook,
     mut storage: Option<&mut Executor>,
+    engine: Option<&EngineHandle>,
 ) -> anyhow::Result<()> {
     let mut next_sample = Instant::now();
     let mut completions = Vec::new();
@@ -964,6 +1010,12 @@ fn run_loop(
         while let Ok(batch) = inbox.try_recv() {
             core.handle(now, batch);
         }
+        if let Some(engine) = engine {
+            // What the engine answered since the last tick (cluster mode).
+            while let Some(event) = engine.try_recv() {
+                core.on_engine(now, event);
+            }
+        }
         core.run_timers(now);
         core.flush(&mut layers.transport(backend));
         layers.flush(backend);
@@ -972,6 +1024,12 @@ fn run_loop(
             // The control plane may have given up waiting; nothing to do then.
             let _ = to.send(answer);
         });
+        if let Some(engine) = engine
+            && core.drain_engine(|cmd| engine.send(cmd))
+        {
+            // One wake per tick for everything the owners asked of the engine.
+            engine.wake();
+        }
         if let Some(exec) = storage.as_deref_mut().and_then(|s| s.get(&mut *backend)) {
             // Group commit: everything this tick appended goes out as one job.
             while let Some(job) = core.poll_storage_job(now) {
@@ -981,7 +1039,8 @@ fn run_loop(
         if core.finished() {
             return Ok(());
         }
-        let timeout = if inbox.is_empty() && !layers.has_work() {
+        let engine_waits = engine.is_some_and(EngineHandle::has_events);
+        let timeout = if inbox.is_empty() && !layers.has_work() && !engine_waits {
             core.next_timeout()
         } else {
             Some(Duration::ZERO)

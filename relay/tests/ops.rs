@@ -889,3 +889,34 @@ fn check_config_reads_the_api_key_file() {
     let (ok, stderr) = check_config(&config);
     assert!(!ok && stderr.contains("control.api_key"), "{stderr}");
 }
+
+#[test]
+fn check_config_names_bad_cluster_fields() {
+    let dir = TempDir::new("cluster-config");
+    let config = dir.path("relay.toml");
+    for (body, field) in [
+        ("[cluster]\nredis = [\"http://db:6379\"]\n", "cluster.redis"),
+        (
+            "[cluster]\nredis = [\"redis://a:1\", \"redis://b:1\"]\n",
+            "cluster.redis",
+        ),
+        ("[cluster]\nnode_id = \"a b\"\n", "cluster.node_id"),
+        ("[cluster]\nmax_in_flight = 0\n", "cluster.max_in_flight"),
+        (
+            "[storage]\nmode = \"disk\"\ndir = \"/var/lib/relay\"\n[cluster]\n",
+            "storage.mode",
+        ),
+    ] {
+        std::fs::write(&config, body).unwrap();
+        let (ok, stderr) = check_config(&config);
+        assert!(!ok, "{body:?} passes --check-config");
+        assert!(stderr.contains(field), "{body:?}: {stderr}");
+    }
+    std::fs::write(
+        &config,
+        "[cluster]\nredis = [\"redis://127.0.0.1:6379\"]\nnode_id = \"relay-1\"\n",
+    )
+    .unwrap();
+    let (ok, stderr) = check_config(&config);
+    assert!(ok, "{stderr}");
+}

@@ -171,6 +171,14 @@ fn refusal(relay: &Relay, why: ControlRefusal) -> ApiError {
             "the relay's storage failed and refuses writes until the relay restarts; nothing \
              was stored",
         ),
+        ControlRefusal::Unavailable => ApiError {
+            retry_after_s: Some(1),
+            ..ApiError::new(
+                503,
+                "unavailable",
+                "the cluster's engine (Redis) is unavailable; nothing was sequenced; retry later",
+            )
+        },
     }
 }
 
@@ -615,6 +623,7 @@ fn refused(why: ControlRefusal) -> Value {
         ControlRefusal::Draining => "draining",
         ControlRefusal::StorageFull => "storage_full",
         ControlRefusal::StorageFailed => "storage_failed",
+        ControlRefusal::Unavailable => "unavailable",
     };
     json!({"status": "refused", "code": code})
 }

@@ -39,18 +39,7 @@ impl Core {
         payload: Bytes,
         key: Option<IdempotencyKey>,
     ) -> Result<Published, ControlRefusal> {
-        let (now, max_keys, max_age) = (
-            self.now,
-            self.config.control.idempotency_keys,
-            self.config.control.idempotency_max_age,
-        );
-        if let Some(key) = &key
-            && let Some(seq) = self
-                .owned_room(&room)
-                .idempotency
-                .as_mut()
-                .and_then(|w| w.get(key, now, max_age))
-        {
+        if let Some(seq) = self.repeated_key(&room, key.as_ref()) {
             return Ok(Published::Repeat { seq });
         }
         let seq = self
@@ -60,12 +49,36 @@ impl Core {
                 super::durable::refusal_of(&e)
             })?;
         if let Some(key) = key {
-            self.owned_room(&room)
-                .idempotency
-                .get_or_insert_with(|| Box::new(crate::idempotency::IdempotencyWindow::new()))
-                .record(key, seq, now, max_keys, max_age);
+            self.remember_key(&room, key, seq);
         }
         Ok(Published::New { seq })
+    }
+
+    /// The sequence an `Idempotency-Key` got in this room within
+    /// `control.idempotency_max_age`, if it was seen.
+    pub(super) fn repeated_key(
+        &mut self,
+        room: &RoomName,
+        key: Option<&IdempotencyKey>,
+    ) -> Option<u64> {
+        let (now, max_age) = (self.now, self.config.control.idempotency_max_age);
+        self.owned_room(room)
+            .idempotency
+            .as_mut()?
+            .get(key?, now, max_age)
+    }
+
+    /// Records that `key` published `seq` in the room.
+    pub(super) fn remember_key(&mut self, room: &RoomName, key: IdempotencyKey, seq: u64) {
+        let (now, max_keys, max_age) = (
+            self.now,
+            self.config.control.idempotency_keys,
+            self.config.control.idempotency_max_age,
+        );
+        self.owned_room(room)
+            .idempotency
+            .get_or_insert_with(|| Box::new(crate::idempotency::IdempotencyWindow::new()))
+            .record(key, seq, now, max_keys, max_age);
     }
 
     /// Executes a server-API request.

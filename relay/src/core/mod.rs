@@ -14,6 +14,8 @@
 //! - [`delivery`]: writing messages to this worker's connections: fan-out, catch-up, GAPs.
 //! - [`control`]: server-API operations.
 //! - [`lifecycle`]: admitting and closing connections, timers, reloads, the shutdown drain.
+//! - [`cluster`]: with `[cluster]`, the owner's publishes sequenced by the engine and the
+//!   engine's messages fed in order into the same fan-out.
 //!
 //! # Routing
 //! Every room has one owner worker (by hash of its id). The owner assigns sequences, keeps
@@ -155,6 +157,8 @@ pub struct Core {
     /// The worker's one read buffer: received bytes are decoded here; a connection keeps
     /// bytes of its own only for a partial frame ([`Conn::rbuf`]).
     read_scratch: BytesMut,
+    /// The engine's side of the owner (`[cluster]` only).
+    cluster: Option<Box<cluster::ClusterSide>>,
 }
 
 /// A connection's token for its slab key, and back.
@@ -231,6 +235,7 @@ impl Core {
             accept_bucket: TokenBucket::new(accept_rate, accept_rate.max(1.0), now),
             storage: None,
             read_scratch: BytesMut::new(),
+            cluster: None,
         }
     }
 
@@ -367,6 +372,9 @@ impl Core {
     }
 
     pub(super) fn handle_one(&mut self, msg: CoreMsg) {
+        let Some(msg) = self.cluster_gate(msg) else {
+            return;
+        };
         match msg {
             CoreMsg::Publish {
                 room,
@@ -644,6 +652,7 @@ impl Core {
 }
 
 mod client;
+mod cluster;
 mod control;
 mod delivery;
 mod durable;

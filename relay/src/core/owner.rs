@@ -159,6 +159,7 @@ impl Core {
             // in memory mode); if the log refuses, the room stays and is checked later.
             if owned.history.is_empty() && self.store_drop(&room) {
                 self.owned.remove(&room);
+                self.cluster_forget(&room);
                 evicted += 1;
             } else if let Some(owned) = self.owned.get_mut(&room) {
                 owned.idle_queued = true;
@@ -482,7 +483,7 @@ impl Core {
         by: PublishedBy,
         sender: Text,
         payload: Bytes,
-    ) -> Result<u64, crate::storage::StorageError> {
+    ) -> Result<(), crate::storage::StorageError> {
         let (now, max_ids, max_age) = (
             self.now,
             self.config.limits.publish_ids,
@@ -497,9 +498,15 @@ impl Core {
         {
             inc(&self.stats.publishes_repeated, 1);
             self.send_to(by.origin.core, CoreMsg::Accepted { by, seq });
-            return Ok(seq);
+            return Ok(());
+        }
+        if self.cluster.is_some() {
+            // Sequenced by the engine; the PUBACK follows its answer (core/cluster.rs).
+            self.cluster_publish_client(room, by, sender, payload, id);
+            return Ok(());
         }
         self.accept_publish(room, Some(by), sender, payload, id)
+            .map(|_| ())
     }
 
     /// The owner accepts a message: sequence, log (disk mode), the room's window of publish
@@ -546,13 +553,25 @@ impl Core {
             origin: from.map(|by| by.origin),
             payload,
         });
-        owned.history.push(msg.clone(), now_ms);
-        let interest = std::mem::take(&mut owned.interest);
-        inc(&self.stats.messages_in, 1);
         if let Some(by) = from {
             // The PUBACK goes first: the publisher's worker must see it before the delivery.
             self.send_to(by.origin.core, CoreMsg::Accepted { by, seq });
         }
+        self.append_and_fan_out(&room, msg);
+        Ok(seq)
+    }
+
+    /// Appends an accepted message to its room's history (the head becomes its sequence)
+    /// and sends one delivery per interested worker.
+    pub(super) fn append_and_fan_out(&mut self, room: &RoomName, msg: StoredRef) {
+        let now_ms = self.now_ms();
+        let Some(owned) = self.owned.get_mut(room) else {
+            return;
+        };
+        owned.head = msg.seq;
+        owned.history.push(msg.clone(), now_ms);
+        let interest = std::mem::take(&mut owned.interest);
+        inc(&self.stats.messages_in, 1);
         for (core, &n) in interest.iter().enumerate() {
             if n > 0 {
                 self.send_to(
@@ -564,9 +583,8 @@ impl Core {
                 );
             }
         }
-        if let Some(owned) = self.owned.get_mut(&room) {
+        if let Some(owned) = self.owned.get_mut(room) {
             owned.interest = interest;
         }
-        Ok(seq)
     }
 }

@@ -1,0 +1,265 @@
+//! `[cluster]`: the engine several relay nodes share, its address and bounds.
+//!
+//! Owns: the section's fields, defaults and validation. Must not touch: anything that runs
+//! (the engine threads read a validated copy).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, StorageMode, humantime_secs};
+
+/// The engine that sequences, stores and carries every room's messages between nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// Redis 7+ (or Valkey): one Lua script per publish, a capped stream per room, pub/sub.
+    Redis,
+}
+
+/// `[cluster]`: present, the relay is one node of a cluster on the engine; absent, it runs
+/// alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The engine. Default `redis` (the only one).
+    pub engine: EngineKind,
+    /// The engine's address, `redis://host:port` (port 6379 if left out). Exactly one in
+    /// this version (a single Redis; Sentinel and Redis Cluster seeds are not supported
+    /// yet). Default `["redis://127.0.0.1:6379"]`.
+    pub redis: Vec<String>,
+    /// This node's name, unique in the cluster: it tags the node's publishes so that the
+    /// node recognises its own messages coming back over pub/sub. Letters, digits, `.`,
+    /// `_`, `-`; 1 to 64 characters. Default: `node-<pid>-<random>` (unique per start).
+    pub node_id: Option<String>,
+    /// How long connecting to the engine may take. Default 1 s.
+    #[serde(with = "humantime_secs")]
+    pub connect_timeout: Duration,
+    /// A lost engine connection is retried after 50 ms, doubling up to this. Default 2 s.
+    #[serde(with = "humantime_secs")]
+    pub reconnect_max: Duration,
+    /// Messages each room's stream keeps in the engine (`XADD MAXLEN ~`): how far back a
+    /// phone on any node can resume or page. Default 10000.
+    pub stream_max_len: u64,
+    /// Publishes one worker may have in flight to the engine; more are refused with
+    /// `Overloaded` `unavailable` (retryable) rather than queued. Default 4096.
+    pub max_in_flight: usize,
+    /// Messages read per stream request when a node fills a hole or opens a room.
+    /// Default 256.
+    pub fill_batch: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            engine: EngineKind::Redis,
+            redis: vec!["redis://127.0.0.1:6379".into()],
+            node_id: None,
+            connect_timeout: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(2),
+            stream_max_len: 10_000,
+            max_in_flight: 4096,
+            fill_batch: 256,
+        }
+    }
+}
+
+/// A parsed `redis://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisAddr {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl std::fmt::Display for RedisAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// Parses `redis://host[:port]` (no user, password or database in this version).
+pub fn parse_redis_url(url: &str) -> Result<RedisAddr, String> {
+    let rest = url
+        .strip_prefix("redis://")
+        .ok_or_else(|| format!("`{url}` does not start with redis://"))?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() || rest.contains(['@', '/', '?']) {
+        return Err(format!(
+            "`{url}`: only redis://host[:port] is supported (no credentials, database or options)"
+        ));
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || rest.starts_with('[') => {
+            let port: u16 = port
+                .parse()
+                .map_err(|_| format!("`{url}`: `{port}` is not a port"))?;
+            (host, port)
+        }
+        _ => (rest, 6379),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || port == 0 {
+        return Err(format!("`{url}`: needs a host and a port > 0"));
+    }
+    Ok(RedisAddr {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+impl ClusterConfig {
+    /// Checks the section; `storage` is `[storage] mode`: the engine is the durable store,
+    /// so a node refuses a disk log of its own (two stores of truth for one sequence).
+    pub fn validate(&self, storage: StorageMode) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, why: String| ConfigError::Invalid { field, why };
+        if storage == StorageMode::Disk {
+            return Err(invalid(
+                "storage.mode",
+                "\"disk\" cannot be combined with [cluster]: the engine (Redis) is the durable \
+                 store of a cluster's rooms; set storage.mode = \"memory\" and make Redis \
+                 durable (appendonly yes, appendfsync always)"
+                    .into(),
+            ));
+        }
+        match self.redis.as_slice() {
+            [one] => {
+                parse_redis_url(one).map_err(|e| invalid("cluster.redis", e))?;
+            }
+            [] => {
+                return Err(invalid(
+                    "cluster.redis",
+                    "needs the engine's address".into(),
+                ));
+            }
+            _ => {
+                return Err(invalid(
+                    "cluster.redis",
+                    "exactly one address in this version (a single Redis; Sentinel and \
+                     Redis Cluster are not supported yet)"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(id) = &self.node_id
+            && (id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+        {
+            return Err(invalid(
+                "cluster.node_id",
+                format!("`{id}`: 1 to 64 letters, digits, `.`, `_` or `-`"),
+            ));
+        }
+        if self.connect_timeout.is_zero() || self.connect_timeout > Duration::from_secs(60) {
+            return Err(invalid(
+                "cluster.connect_timeout",
+                "must be > 0 and at most 60s".into(),
+            ));
+        }
+        if self.reconnect_max < Duration::from_millis(50)
+            || self.reconnect_max > Duration::from_secs(300)
+        {
+            return Err(invalid(
+                "cluster.reconnect_max",
+                "must be 50ms ..= 300s".into(),
+            ));
+        }
+        if self.stream_max_len == 0 {
+            return Err(invalid("cluster.stream_max_len", "must be > 0".into()));
+        }
+        if !(1..=1 << 20).contains(&self.max_in_flight) {
+            return Err(invalid(
+                "cluster.max_in_flight",
+                "must be 1 ..= 1048576".into(),
+            ));
+        }
+        if !(1..=10_000).contains(&self.fill_batch) {
+            return Err(invalid("cluster.fill_batch", "must be 1 ..= 10000".into()));
+        }
+        Ok(())
+    }
+
+    /// The engine's address (validated).
+    pub fn redis_addr(&self) -> Result<RedisAddr, String> {
+        parse_redis_url(self.redis.first().map_or("", String::as_str))
+    }
+
+    /// This node's id: the configured one, or one unique to this start.
+    pub fn node_id_or_random(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            format!("node-{}-{nanos:x}", std::process::id())
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_or_name_the_problem() {
+        assert_eq!(
+            parse_redis_url("redis://10.0.0.5:6380").unwrap(),
+            RedisAddr {
+                host: "10.0.0.5".into(),
+                port: 6380
+            }
+        );
+        assert_eq!(parse_redis_url("redis://db").unwrap().port, 6379);
+        assert!(parse_redis_url("http://db:1").is_err());
+        assert!(parse_redis_url("redis://u:p@db:1").is_err());
+        assert!(parse_redis_url("redis://db:x").is_err());
+    }
+
+    #[test]
+    fn disk_storage_and_bad_fields_are_refused_by_name() {
+        let ok = ClusterConfig::default();
+        ok.validate(StorageMode::Memory).unwrap();
+        let field = |c: &ClusterConfig, mode| match c.validate(mode) {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        assert_eq!(field(&ok, StorageMode::Disk), "storage.mode");
+        let two = ClusterConfig {
+            redis: vec!["redis://a:1".into(), "redis://b:1".into()],
+            ..ok.clone()
+        };
+        assert_eq!(field(&two, StorageMode::Memory), "cluster.redis");
+        let bad_id = ClusterConfig {
+            node_id: Some("a b".into()),
+            ..ok.clone()
+        };
+        assert_eq!(field(&bad_id, StorageMode::Memory), "cluster.node_id");
+        let zero = ClusterConfig {
+            stream_max_len: 0,
+            ..ok
+        };
+        assert_eq!(field(&zero, StorageMode::Memory), "cluster.stream_max_len");
+    }
+
+    #[test]
+    fn the_documented_section_is_the_default() {
+        // relay.default.toml documents [cluster] commented out; uncommented, it must say
+        // exactly what the defaults are.
+        let text = crate::config::EMBEDDED_DEFAULT;
+        let start = text
+            .find("\n# [cluster]\n")
+            .expect("the section is documented");
+        let section: String = text[start + 1..]
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let parsed: std::collections::BTreeMap<String, ClusterConfig> =
+            toml::from_str(&section).unwrap();
+        assert_eq!(parsed["cluster"], ClusterConfig::default());
+    }
+}

@@ -1,0 +1,202 @@
+//! Several relay nodes on one engine (`[cluster]`, Redis): every room's sequence is
+//! assigned by the engine, so any phone on any node sees one order, and a node's death costs
+//! its phones a reconnect.
+//!
+//! # How a message travels
+//! A room still has one owner worker per node ([`crate::core`]). A publish reaching it goes
+//! to the engine as one Lua script on the room's keys ([`script`]): the room's epoch (created
+//! once in a meta hash), `HINCRBY` of its sequence, `XADD` to its capped stream
+//! (`cluster.stream_max_len`), `PUBLISH` to its channel with epoch, sequence and the
+//! publishing node's tag. The script's answer is the PUBACK's sequence. Every node whose
+//! owner worker holds the room subscribes its channel; a message from the channel, or the
+//! script's answer, enters the owner's history and the same per-worker fan-out as on one
+//! relay, strictly in sequence order: a message after a hole waits while the owner reads
+//! the hole from the stream (`XRANGE` by sequence: stream ids are `<seq>-0`). The node's own
+//! publishes coming back over pub/sub are recognised by their tag (`node/worker/ticket`).
+//!
+//! # Engine I/O: a dedicated thread per worker
+//! Each worker has an engine thread ([`engine`]) with two pipelined connections to Redis
+//! (commands; pub/sub) driven by mio, and a RESP2 codec of our own ([`resp`]: encode into a
+//! reused buffer, decode bounded). The worker hands it commands through a channel once per
+//! loop tick and wakes it; replies come back through a channel and the worker's eventfd,
+//! like mesh messages. We chose the thread over driving Redis from the worker's own backend
+//! because the backends (io_uring and epoll) own only client sockets and their contract has
+//! no outgoing connections or reconnects; the thread keeps that contract, costs one
+//! cross-thread hop per tick (not per message: commands and replies travel in batches), and
+//! never blocks a worker. In-flight publishes are bounded per worker
+//! (`cluster.max_in_flight`): beyond it a publish is refused with `Overloaded`
+//! `unavailable`, never queued.
+//!
+//! # Failure
+//! A lost connection fails the publishes in flight on it (`Overloaded` `unavailable`: not
+//! sequenced as far as the node knows; a retry may duplicate one that Redis did run), and
+//! the engine reconnects with backoff (50 ms doubling to `cluster.reconnect_max`). A
+//! re-established pub/sub connection re-subscribes every channel and makes each owner read
+//! what it missed from the stream before delivering anything newer. Live connections stay
+//! up throughout; `/readyz` says 503 while any worker's engine is down.
+//!
+//! Owns: the engine threads, the wire format, the scripts and key names, the cluster's
+//! metrics. Must not touch: connections or rooms (the owner worker's core applies what the
+//! engine reports, see `core/cluster.rs`).
+
+mod config;
+pub mod engine;
+pub mod resp;
+pub mod script;
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use pabal_codec::Text;
+
+pub use config::{ClusterConfig, EngineKind, RedisAddr, parse_redis_url};
+pub use engine::EngineHandle;
+
+use crate::ids::RoomName;
+
+/// A request from an owner worker to its engine thread.
+#[derive(Debug)]
+pub enum EngineCmd {
+    /// Sequence, store and publish one message.
+    Publish(PublishRequest),
+    /// Subscribe the room's channel, then read its epoch, head and recent tail.
+    Open {
+        /// The room.
+        room: RoomName,
+        /// The epoch the room gets if the engine does not hold it.
+        epoch_hint: u64,
+        /// Messages of the tail to read.
+        tail: u64,
+    },
+    /// Read the room's stream after `after`, up to `cluster.fill_batch` messages.
+    Fill {
+        /// The room.
+        room: RoomName,
+        /// The last sequence the owner holds.
+        after: u64,
+    },
+    /// Unsubscribe the room's channel (the owner evicted the room).
+    Close {
+        /// The room.
+        room: RoomName,
+    },
+}
+
+/// A publish for the engine.
+#[derive(Debug)]
+pub struct PublishRequest {
+    /// Matches the answer to the request.
+    pub ticket: u64,
+    /// The room.
+    pub room: RoomName,
+    /// The epoch the room gets if the engine does not hold it (it lost it, or never had it).
+    pub epoch_hint: u64,
+    /// When the owner took it, ms since the Unix epoch.
+    pub ts_ms: u64,
+    /// Shown as the sender.
+    pub sender: Text,
+    /// The body.
+    pub payload: Bytes,
+}
+
+/// One message as the engine holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineMessage {
+    /// Its sequence in the room.
+    pub seq: u64,
+    /// When its owner took it, ms since the Unix epoch.
+    pub ts_ms: u64,
+    /// This worker's ticket when this worker published it (its tag names this node and
+    /// worker); `None` for everyone else's.
+    pub ticket: Option<u64>,
+    /// Who published it.
+    pub sender: Text,
+    /// The body.
+    pub payload: Bytes,
+}
+
+/// What an engine thread reports to its worker.
+#[derive(Debug)]
+pub enum EngineEvent {
+    /// The script ran: the message has this sequence.
+    Published {
+        /// The request's ticket.
+        ticket: u64,
+        /// The room's epoch.
+        epoch: u64,
+        /// The sequence the engine assigned.
+        seq: u64,
+    },
+    /// The publish did not reach the engine (or the engine refused it); not sequenced as
+    /// far as this node knows.
+    PublishFailed {
+        /// The request's ticket.
+        ticket: u64,
+    },
+    /// The room's channel is subscribed; this is its state after the subscription.
+    Opened {
+        /// The room.
+        room: RoomName,
+        /// Its epoch.
+        epoch: u64,
+        /// Its head.
+        seq: u64,
+        /// Its most recent messages, ascending (what retention left of the asked tail).
+        tail: Vec<EngineMessage>,
+    },
+    /// Messages of the stream after `after`, ascending (a page of at most
+    /// `cluster.fill_batch`).
+    Filled {
+        /// The room.
+        room: RoomName,
+        /// The request's start.
+        after: u64,
+        /// What the stream holds after it.
+        msgs: Vec<EngineMessage>,
+    },
+    /// A message from the room's channel.
+    Message {
+        /// The room.
+        room: RoomName,
+        /// The room's epoch as the message names it.
+        epoch: u64,
+        /// The message.
+        msg: EngineMessage,
+    },
+    /// The pub/sub connection came back and the room's channel is subscribed again: what
+    /// was published meanwhile must be read from the stream.
+    Resubscribed {
+        /// The room.
+        room: RoomName,
+    },
+}
+
+/// The cluster's metrics, shared by the engine threads and the owners (counted per batch
+/// or per event, never locked).
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    /// Replies read from the engine (round trips of pipelined commands).
+    pub round_trips: AtomicU64,
+    /// Commands sent and not answered yet, all workers together.
+    pub pipeline_depth: AtomicI64,
+    /// Channels subscribed, all workers together.
+    pub subscriptions: AtomicI64,
+    /// Messages read from a stream to fill a hole (a sequence jump or a lost subscription).
+    pub holes_filled: AtomicU64,
+    /// Connection failures, refusals and malformed replies.
+    pub errors: AtomicU64,
+    /// Publishes refused because the engine was unavailable or `cluster.max_in_flight` was
+    /// reached.
+    pub refused: AtomicU64,
+    /// Engine threads with both connections up.
+    pub engines_up: AtomicI64,
+    /// Engine threads running.
+    pub engines: AtomicI64,
+}
+
+impl ClusterStats {
+    /// Whether every engine thread has its connections up.
+    pub fn healthy(&self) -> bool {
+        self.engines_up.load(Ordering::Relaxed) >= self.engines.load(Ordering::Relaxed)
+    }
+}

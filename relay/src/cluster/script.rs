@@ -1,0 +1,197 @@
+//! What the cluster keeps in Redis and the scripts that change it.
+//!
+//! Keys of a room (all share the hash tag `{r:<name>}`, or `{c:<name>}` for a channel, so a
+//! Redis Cluster keeps a room on one shard and runs its script there):
+//! - `pabal:{r:name}:m`: the meta hash: `e` the epoch (set once), `s` the last sequence;
+//! - `pabal:{r:name}:s`: the stream, one entry per message with id `<seq>-0` and fields
+//!   `t` (ms since the Unix epoch), `g` (the publishing node's tag), `u` (sender), `p`
+//!   (payload), capped at about `cluster.stream_max_len` entries;
+//! - `pabal:{r:name}:c`: the pub/sub channel; a message on it is
+//!   `<epoch> <seq> <ts> <tag> <sender length> <sender><payload>`.
+//!
+//! Owns: key names, the scripts, the channel message format. Must not touch: connections.
+
+use bytes::{Bytes, BytesMut};
+use pabal_codec::Text;
+
+use super::EngineMessage;
+use super::resp::Value;
+use crate::ids::RoomName;
+
+/// The start of both scripts: `e` is the room's epoch, created from ARGV[1] (the caller's
+/// hint) if the engine does not hold the room.
+macro_rules! epoch_prelude {
+    () => {
+        r"
+local e = redis.call('HGET', KEYS[1], 'e')
+if not e then
+  e = ARGV[1]
+  redis.call('HSET', KEYS[1], 'e', e)
+end
+"
+    };
+}
+
+/// Sequence one message: KEYS meta, stream; ARGV epoch hint, ts, tag, sender, payload,
+/// stream max length, channel. Returns `{epoch, seq}`.
+pub const PUBLISH: &str = concat!(
+    epoch_prelude!(),
+    r"
+local s = redis.call('HINCRBY', KEYS[1], 's', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], s .. '-0',
+  't', ARGV[2], 'g', ARGV[3], 'u', ARGV[4], 'p', ARGV[5])
+redis.call('PUBLISH', ARGV[7], e .. ' ' .. s .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' ..
+  string.len(ARGV[4]) .. ' ' .. ARGV[4] .. ARGV[5])
+return {e, s}
+"
+);
+
+/// A room's state: KEYS meta, stream; ARGV epoch hint, tail length. Returns
+/// `{epoch, seq, entries of the last <tail> sequences}`.
+pub const OPEN: &str = concat!(
+    epoch_prelude!(),
+    r"
+local s = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
+local from = s - tonumber(ARGV[2]) + 1
+if from < 1 then from = 1 end
+return {e, s, redis.call('XRANGE', KEYS[2], from .. '-0', '+')}
+"
+);
+
+/// The SHA1 (hex) Redis names a script by.
+pub fn sha1_hex(script: &str) -> Bytes {
+    use sha1::Digest;
+    let digest = sha1::Sha1::digest(script.as_bytes());
+    let mut out = BytesMut::with_capacity(40);
+    for b in digest {
+        out.extend_from_slice(format!("{b:02x}").as_bytes());
+    }
+    out.freeze()
+}
+
+/// One of a room's keys: `pabal:{r:name}:<suffix>` (`c:` for a channel) into `out`.
+pub fn key(out: &mut Vec<u8>, room: &RoomName, suffix: &str) {
+    out.clear();
+    out.extend_from_slice(b"pabal:{");
+    out.extend_from_slice(if room.channel { b"c:" } else { b"r:" });
+    out.extend_from_slice(room.name.as_bytes());
+    out.extend_from_slice(b"}:");
+    out.extend_from_slice(suffix.as_bytes());
+}
+
+/// A publisher's tag: `node/worker/ticket`.
+pub fn tag(out: &mut Vec<u8>, node: &str, worker: usize, ticket: u64) {
+    out.clear();
+    out.extend_from_slice(node.as_bytes());
+    let mut digits = [0; 20];
+    out.push(b'/');
+    out.extend_from_slice(super::resp::decimal(worker as u64, &mut digits));
+    out.push(b'/');
+    out.extend_from_slice(super::resp::decimal(ticket, &mut digits));
+}
+
+/// The ticket in `tag` if it is this node's worker's (`prefix` = `node/worker/`).
+fn own_ticket(tag: &[u8], prefix: &[u8]) -> Option<u64> {
+    std::str::from_utf8(tag.strip_prefix(prefix)?)
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn num(b: &[u8]) -> Option<u64> {
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
+
+/// Parses a channel message: `(epoch, message)`, or `None` when it is not one.
+pub fn parse_channel_message(body: &Bytes, prefix: &[u8]) -> Option<(u64, EngineMessage)> {
+    let mut fields = [&b""[..]; 5];
+    let mut at = 0;
+    for field in &mut fields {
+        let end = at + body.get(at..)?.iter().position(|&b| b == b' ')?;
+        *field = &body[at..end];
+        at = end + 1;
+    }
+    let [epoch, seq, ts, tag, sender_len] = fields;
+    let sender_len = num(sender_len)? as usize;
+    let sender_end = at.checked_add(sender_len)?;
+    let sender = Text::from_utf8(
+        body.get(at..sender_end)
+            .map(|_| body.slice(at..sender_end))?,
+    )
+    .ok()?;
+    Some((
+        num(epoch)?,
+        EngineMessage {
+            seq: num(seq)?,
+            ts_ms: num(ts)?,
+            ticket: own_ticket(tag, prefix),
+            sender,
+            payload: body.slice(sender_end..),
+        },
+    ))
+}
+
+/// Parses one `XRANGE` entry: `[id, [field, value, ...]]`.
+pub fn parse_entry(entry: &Value, prefix: &[u8]) -> Option<EngineMessage> {
+    let [id, fields] = entry.array()? else {
+        return None;
+    };
+    let id = id.bytes()?;
+    let seq = num(id.strip_suffix(b"-0")?)?;
+    let (mut ts, mut tag, mut sender, mut payload) = (None, None, None, None);
+    for pair in fields.array()?.chunks_exact(2) {
+        let value = pair[1].bytes()?;
+        match &pair[0].bytes()?[..] {
+            b"t" => ts = num(value),
+            b"g" => tag = Some(value.clone()),
+            b"u" => sender = Text::from_utf8(value.clone()).ok(),
+            b"p" => payload = Some(value.clone()),
+            _ => {}
+        }
+    }
+    Some(EngineMessage {
+        seq,
+        ts_ms: ts?,
+        ticket: own_ticket(&tag?, prefix),
+        sender: sender?,
+        payload: payload?,
+    })
+}
+
+/// Parses the entries of an `XRANGE` reply, ascending; `None` if any is malformed.
+pub fn parse_entries(reply: &Value, prefix: &[u8]) -> Option<Vec<EngineMessage>> {
+    reply
+        .array()?
+        .iter()
+        .map(|e| parse_entry(e, prefix))
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_messages_parse_and_recognise_own_tags() {
+        let body = Bytes::from_static(b"77 5 1000 n1/0/42 3 bobhello world");
+        let (epoch, m) = parse_channel_message(&body, b"n1/0/").unwrap();
+        assert_eq!((epoch, m.seq, m.ts_ms, m.ticket), (77, 5, 1000, Some(42)));
+        assert_eq!(m.sender.as_str(), "bob");
+        assert_eq!(&m.payload[..], b"hello world");
+        let (_, other) = parse_channel_message(&body, b"n2/0/").unwrap();
+        assert_eq!(other.ticket, None);
+        for bad in [&b"77 5 1000 n1/0/42 9 bob"[..], b"x 5 1 t 0 ", b"1 2 3"] {
+            assert!(parse_channel_message(&Bytes::from_static(bad), b"n/").is_none());
+        }
+    }
+
+    #[test]
+    fn room_keys_share_one_hash_tag() {
+        let room = RoomName::new(false, Text::from("room:x"));
+        let mut k = Vec::new();
+        key(&mut k, &room, "m");
+        assert_eq!(&k[..], b"pabal:{r:room:x}:m");
+        assert_eq!(sha1_hex("").len(), 40);
+    }
+}

@@ -1,0 +1,614 @@
+//! The owner's side of a cluster (`[cluster]`, see [`crate::cluster`]): publishes go to the
+//! engine, which assigns their sequences; messages from the engine (script answers, the
+//! room's channel, stream reads) enter the owner's history and fan-out strictly in sequence
+//! order, holes read back from the stream first.
+//!
+//! # A room on a node
+//! The first request for a room at its owner (a subscription, join, publish, server-API
+//! call) opens it: the engine subscribes the room's channel, then reads the room's epoch,
+//! head and recent tail. Requests for the room wait (bounded, `MAX_PARKED`) until it is
+//! open, then run as on one relay. A room stays subscribed while its owner holds it and is
+//! unsubscribed when the owner evicts it (no members, no subscribers, no history left).
+//!
+//! # Order and holes
+//! A message whose sequence follows the head is appended and fanned out; one after a hole
+//! waits (bounded, `MAX_REORDER`: beyond it, it is read back with the hole) while the owner
+//! reads the stream after its head (`Fill`), page by page. Only what the stream's retention
+//! dropped becomes a jump of the head, which phones see as an exact GAP. A re-established
+//! pub/sub connection makes the owner read the stream after its head before anything else.
+//! This node's own publishes are recognised by their ticket whichever way they come back
+//! first (script answer, channel, stream): the PUBACK always goes out before the delivery,
+//! and the publishing connection never gets its own message.
+//!
+//! Owns: each room's open state, parked requests, the reorder buffer, publishes in flight
+//! (`cluster.max_in_flight`). Must not touch: the engine's connections (only
+//! [`EngineCmd`]s out, [`EngineEvent`]s in), other workers (messages only).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::Bytes;
+use pabal_codec::{ErrorCode, Text};
+
+use super::owner::PublishId;
+use super::{COMPACT_BELOW, Core, ReplyTo};
+use crate::cluster::{ClusterStats, EngineCmd, EngineEvent, EngineMessage, PublishRequest};
+use crate::idempotency::IdempotencyKey;
+use crate::ids::{RoomName, Stored, StoredRef};
+use crate::mesh::{ControlOp, ControlRefusal, ControlReply, CoreMsg, Published, PublishedBy};
+
+/// Requests waiting for one room to open; more are refused (`unavailable`).
+const MAX_PARKED: usize = 4096;
+/// Messages after a hole held per room; more are read back from the stream with the hole.
+const MAX_REORDER: usize = 8192;
+/// The most tail messages read when a room opens.
+const MAX_OPEN_TAIL: u64 = 4096;
+/// The message a publish refused for want of the engine carries (with `Overloaded`).
+pub(super) const UNAVAILABLE: &str = "unavailable";
+
+/// Who waits for a publish's sequence.
+#[derive(Debug)]
+enum Publisher {
+    /// A connection (PUBACK), with its v2 publish id.
+    Client {
+        by: PublishedBy,
+        publish_id: Option<PublishId>,
+    },
+    /// The server API, with its `Idempotency-Key`.
+    Api {
+        reply: ReplyTo,
+        key: Option<IdempotencyKey>,
+    },
+}
+
+/// A publish sent to the engine.
+#[derive(Debug)]
+struct PendingPublish {
+    room: RoomName,
+    publisher: Publisher,
+    ts_ms: u64,
+    sender: Text,
+    payload: Bytes,
+}
+
+/// A room's state on this node.
+#[derive(Debug, Default)]
+struct RoomSync {
+    open: bool,
+    /// Requests waiting for the room to open.
+    parked: Vec<CoreMsg>,
+    /// Messages after a hole, by sequence.
+    reorder: BTreeMap<u64, StoredRef>,
+    /// A stream read is in flight.
+    filling: bool,
+    /// The channel was resubscribed while the room was opening: read the stream once open.
+    resync: bool,
+}
+
+/// The cluster state of one worker.
+#[derive(Debug)]
+pub(super) struct ClusterSide {
+    out: Vec<EngineCmd>,
+    rooms: HashMap<RoomName, RoomSync>,
+    pending: HashMap<u64, PendingPublish>,
+    next_ticket: u64,
+    stats: Arc<ClusterStats>,
+}
+
+impl Core {
+    /// Makes this worker a cluster node's owner (`[cluster]`): its rooms are sequenced by
+    /// the engine. The runtime carries [`Core::drain_engine`]'s commands to the worker's
+    /// engine thread and feeds its events to [`Core::on_engine`].
+    pub fn attach_cluster(&mut self, stats: Arc<ClusterStats>) {
+        self.cluster = Some(Box::new(ClusterSide {
+            out: Vec::new(),
+            rooms: HashMap::new(),
+            pending: HashMap::new(),
+            // Tickets of an earlier run of a node with the same id never match.
+            next_ticket: self.now_ms() << 20,
+            stats,
+        }));
+    }
+
+    /// Hands the commands for the engine queued since the last call; whether there were any.
+    pub fn drain_engine(&mut self, mut send: impl FnMut(EngineCmd)) -> bool {
+        let Some(side) = self.cluster.as_deref_mut() else {
+            return false;
+        };
+        let any = !side.out.is_empty();
+        for cmd in side.out.drain(..) {
+            send(cmd);
+        }
+        any
+    }
+
+    /// What the engine thread reports, at `now`.
+    pub fn on_engine(&mut self, now: Instant, event: EngineEvent) {
+        self.advance_to(now);
+        match event {
+            EngineEvent::Published { ticket, epoch, seq } => {
+                let Some(p) = self.take_pending(ticket) else {
+                    return; // its message came back first and resolved it
+                };
+                let room = p.room.clone();
+                let msg = self.resolve(p, seq);
+                self.cluster_offer(&room, epoch, msg);
+            }
+            EngineEvent::PublishFailed { ticket } => {
+                if let Some(p) = self.take_pending(ticket) {
+                    self.refuse_publisher(p.publisher);
+                }
+            }
+            EngineEvent::Opened {
+                room,
+                epoch,
+                seq,
+                tail,
+            } => self.on_opened(room, epoch, seq, tail),
+            EngineEvent::Filled { room, after, msgs } => self.on_filled(&room, after, msgs),
+            EngineEvent::Message { room, epoch, msg } => self.offer_engine_msg(&room, epoch, msg),
+            EngineEvent::Resubscribed { room } => {
+                let Some(sync) = self.sync_mut(&room) else {
+                    return;
+                };
+                if sync.open {
+                    self.request_fill(&room);
+                } else {
+                    sync.resync = true;
+                }
+            }
+        }
+    }
+
+    fn sync_mut(&mut self, room: &RoomName) -> Option<&mut RoomSync> {
+        self.cluster.as_deref_mut()?.rooms.get_mut(room)
+    }
+
+    fn take_pending(&mut self, ticket: u64) -> Option<PendingPublish> {
+        self.cluster.as_deref_mut()?.pending.remove(&ticket)
+    }
+
+    /// In cluster mode, lets a message through to its handler, or takes it: a publish of
+    /// an open room goes to the engine; anything for a room not open yet waits for it.
+    pub(super) fn cluster_gate(&mut self, msg: CoreMsg) -> Option<CoreMsg> {
+        let Some(side) = self.cluster.as_deref_mut() else {
+            return Some(msg);
+        };
+        let room = match &msg {
+            CoreMsg::Publish { room, .. }
+            | CoreMsg::Ephemeral { room, .. }
+            | CoreMsg::Subscribe { room, .. }
+            | CoreMsg::Fetch { room, .. }
+            | CoreMsg::Join { room, .. } => room,
+            CoreMsg::Control { op, .. } => match op {
+                ControlOp::Publish { room, .. }
+                | ControlOp::Members { room, .. }
+                | ControlOp::Info { room, .. }
+                | ControlOp::History { room, .. } => room,
+                ControlOp::PublishMany { .. } => {
+                    if let CoreMsg::Control { reply, .. } = msg {
+                        // Not in this version: one engine round per room of the batch.
+                        self.reply(reply, ControlReply::Refused(ControlRefusal::Unavailable));
+                    }
+                    return None;
+                }
+                ControlOp::Kick { .. } => return Some(msg),
+            },
+            _ => return Some(msg),
+        };
+        match side.rooms.get_mut(room) {
+            Some(sync) if sync.open => {}
+            Some(sync) if sync.parked.len() < MAX_PARKED => {
+                sync.parked.push(msg);
+                return None;
+            }
+            Some(_) => {
+                self.refuse_parked(msg);
+                return None;
+            }
+            None => {
+                let room = room.clone();
+                let tail = (self.config.retention_for(room.name.as_str()).max_messages as u64)
+                    .min(self.config.cluster.as_ref().map_or(0, |c| c.stream_max_len))
+                    .min(MAX_OPEN_TAIL);
+                let epoch_hint = self.fresh_epoch();
+                let Some(side) = self.cluster.as_deref_mut() else {
+                    return Some(msg);
+                };
+                side.rooms.insert(
+                    room.clone(),
+                    RoomSync {
+                        parked: vec![msg],
+                        ..RoomSync::default()
+                    },
+                );
+                side.out.push(EngineCmd::Open {
+                    room,
+                    epoch_hint,
+                    tail,
+                });
+                return None;
+            }
+        }
+        // A client's publish goes on to `publish_once_from` (owner.rs), which checks the
+        // window of publish ids and hands it to the engine.
+        match msg {
+            CoreMsg::Control {
+                op:
+                    ControlOp::Publish {
+                        room,
+                        sender,
+                        payload,
+                        ephemeral: false,
+                        key,
+                    },
+                reply,
+            } => {
+                if let Some(seq) = self.repeated_key(&room, key.as_ref()) {
+                    self.reply(
+                        reply,
+                        ControlReply::Published(Some(Published::Repeat { seq })),
+                    );
+                } else {
+                    self.cluster_publish(room, Publisher::Api { reply, key }, sender, payload);
+                }
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    /// A client's publish (its publish id not seen recently) goes to the engine.
+    pub(super) fn cluster_publish_client(
+        &mut self,
+        room: RoomName,
+        by: PublishedBy,
+        sender: Text,
+        payload: Bytes,
+        publish_id: Option<PublishId>,
+    ) {
+        self.cluster_publish(room, Publisher::Client { by, publish_id }, sender, payload);
+    }
+
+    fn cluster_publish(
+        &mut self,
+        room: RoomName,
+        publisher: Publisher,
+        sender: Text,
+        payload: Bytes,
+    ) {
+        let payload = if payload.len() < COMPACT_BELOW {
+            Bytes::copy_from_slice(&payload)
+        } else {
+            payload
+        };
+        let (epoch_hint, ts_ms) = (self.fresh_epoch(), self.now_ms());
+        let max = self.config.cluster.as_ref().map_or(0, |c| c.max_in_flight);
+        let Some(side) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        if side.pending.len() >= max {
+            side.stats.refused.fetch_add(1, Ordering::Relaxed);
+            return self.refuse_publisher(publisher);
+        }
+        let ticket = side.next_ticket;
+        side.next_ticket += 1;
+        side.out.push(EngineCmd::Publish(PublishRequest {
+            ticket,
+            room: room.clone(),
+            epoch_hint,
+            ts_ms,
+            sender: sender.clone(),
+            payload: payload.clone(),
+        }));
+        side.pending.insert(
+            ticket,
+            PendingPublish {
+                room,
+                publisher,
+                ts_ms,
+                sender,
+                payload,
+            },
+        );
+    }
+
+    /// A publish the engine did not take: `Overloaded` `unavailable` (retryable).
+    fn refuse_publisher(&mut self, publisher: Publisher) {
+        match publisher {
+            Publisher::Client { by, .. } => self.send_to(
+                by.origin.core,
+                CoreMsg::NotAccepted {
+                    by,
+                    code: ErrorCode::Overloaded,
+                    message: UNAVAILABLE.to_owned(),
+                },
+            ),
+            Publisher::Api { reply, .. } => {
+                self.reply(reply, ControlReply::Refused(ControlRefusal::Unavailable));
+            }
+        }
+    }
+
+    /// A request that could not wait for its room to open.
+    fn refuse_parked(&mut self, msg: CoreMsg) {
+        if let Some(side) = self.cluster.as_deref() {
+            side.stats.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        match msg {
+            CoreMsg::Publish { by, .. } => self.refuse_publisher(Publisher::Client {
+                by,
+                publish_id: None,
+            }),
+            CoreMsg::Control { reply, .. } => {
+                self.reply(reply, ControlReply::Refused(ControlRefusal::Unavailable));
+            }
+            CoreMsg::Subscribe { origin, .. }
+            | CoreMsg::Fetch { origin, .. }
+            | CoreMsg::Join {
+                requester: Some(origin),
+                ..
+            } => self.send_to(
+                origin.core,
+                CoreMsg::Refused {
+                    origin,
+                    code: ErrorCode::Overloaded,
+                    reference: 0,
+                    message: UNAVAILABLE.to_owned(),
+                },
+            ),
+            other => tracing::debug!(?other, "dropped: its room could not open in time"),
+        }
+    }
+
+    /// The publisher learns the sequence (PUBACK, or the server API's answer) and the
+    /// room remembers its publish id or key; returns the message as history holds it.
+    fn resolve(&mut self, p: PendingPublish, seq: u64) -> StoredRef {
+        let (now, max_ids, max_age) = (
+            self.now,
+            self.config.limits.publish_ids,
+            self.config.limits.publish_id_max_age,
+        );
+        let origin = match p.publisher {
+            Publisher::Client { by, publish_id } => {
+                if let (Some(id), Some(owned)) = (publish_id, self.owned.get_mut(&p.room)) {
+                    owned
+                        .publish_ids
+                        .get_or_insert_default()
+                        .record(id, seq, now, max_ids, max_age);
+                }
+                self.send_to(by.origin.core, CoreMsg::Accepted { by, seq });
+                Some(by.origin)
+            }
+            Publisher::Api { reply, key } => {
+                if let Some(key) = key {
+                    self.remember_key(&p.room, key, seq);
+                }
+                self.reply(reply, ControlReply::Published(Some(Published::New { seq })));
+                None
+            }
+        };
+        Arc::new(Stored {
+            seq,
+            ts_ms: p.ts_ms,
+            accepted_at: self.now,
+            sender: p.sender,
+            origin,
+            payload: p.payload,
+        })
+    }
+
+    /// A message from the channel or the stream: this worker's own publish resolves its
+    /// publisher first (so the PUBACK precedes the delivery and the publisher is not sent
+    /// its own message).
+    fn offer_engine_msg(&mut self, room: &RoomName, epoch: u64, m: EngineMessage) {
+        let msg = match m.ticket.and_then(|t| self.take_pending(t)) {
+            Some(p) => self.resolve(p, m.seq),
+            None => stored(m, self.now),
+        };
+        self.cluster_offer(room, epoch, msg);
+    }
+
+    /// Appends `msg` if it follows the head (and whatever waited after it); holds it and
+    /// reads the hole from the stream if it does not.
+    fn cluster_offer(&mut self, room: &RoomName, epoch: u64, msg: StoredRef) {
+        let Some(owned) = self.owned.get_mut(room) else {
+            return;
+        };
+        if epoch != owned.epoch {
+            if epoch < owned.epoch {
+                return;
+            }
+            // The engine lost the room and started it again: a new stream.
+            tracing::warn!(room = %room.name, old = owned.epoch, epoch, "the engine holds a new epoch of the room");
+            owned.epoch = epoch;
+            owned.head = 0;
+            owned.history.clear();
+            if let Some(sync) = self.sync_mut(room) {
+                sync.reorder.clear();
+            }
+            return self.cluster_offer(room, epoch, msg);
+        }
+        let head = owned.head;
+        if msg.seq <= head {
+            return; // already here (an echo, or read back with a hole)
+        }
+        if msg.seq > head + 1 {
+            if let Some(sync) = self.sync_mut(room)
+                && sync.reorder.len() < MAX_REORDER
+            {
+                sync.reorder.insert(msg.seq, msg);
+            }
+            return self.request_fill(room);
+        }
+        self.append_and_fan_out(room, msg);
+        self.drain_reorder(room);
+    }
+
+    /// Appends what waited after a hole now filled.
+    fn drain_reorder(&mut self, room: &RoomName) {
+        loop {
+            let Some(head) = self.owned.get(room).map(|o| o.head) else {
+                return;
+            };
+            let Some(sync) = self.sync_mut(room) else {
+                return;
+            };
+            while sync
+                .reorder
+                .first_key_value()
+                .is_some_and(|(&s, _)| s <= head)
+            {
+                sync.reorder.pop_first();
+            }
+            match sync.reorder.first_entry() {
+                Some(e) if *e.key() == head + 1 => {
+                    let msg = e.remove();
+                    self.append_and_fan_out(room, msg);
+                }
+                Some(_) => return self.request_fill(room),
+                None => return,
+            }
+        }
+    }
+
+    /// Reads the stream after the room's head (one read in flight per room).
+    fn request_fill(&mut self, room: &RoomName) {
+        let Some(after) = self.owned.get(room).map(|o| o.head) else {
+            return;
+        };
+        let Some(side) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        let Some(sync) = side.rooms.get_mut(room) else {
+            return;
+        };
+        if !sync.filling {
+            sync.filling = true;
+            side.out.push(EngineCmd::Fill {
+                room: room.clone(),
+                after,
+            });
+        }
+    }
+
+    fn on_filled(&mut self, room: &RoomName, after: u64, msgs: Vec<EngineMessage>) {
+        let batch = self
+            .config
+            .cluster
+            .as_ref()
+            .map_or(usize::MAX, |c| c.fill_batch);
+        let full = msgs.len() >= batch;
+        let Some(sync) = self.sync_mut(room) else {
+            return;
+        };
+        sync.filling = false;
+        let waiting = sync.reorder.first_key_value().map(|(&s, _)| s);
+        let Some(epoch) = self.owned.get(room).map(|o| o.epoch) else {
+            return;
+        };
+        let mut filled = 0;
+        for m in msgs {
+            let Some(head) = self.owned.get(room).map(|o| o.head) else {
+                return;
+            };
+            if m.seq <= head {
+                continue;
+            }
+            if m.seq > head + 1 {
+                self.jump(room, m.seq);
+            }
+            filled += 1;
+            self.offer_engine_msg(room, epoch, m);
+        }
+        if let Some(first) = waiting
+            && !full
+            && self.owned.get(room).is_some_and(|o| o.head + 1 < first)
+        {
+            // The stream holds nothing between the head and what waits: retention dropped it.
+            self.jump(room, first);
+        }
+        if let Some(side) = self.cluster.as_deref() {
+            side.stats.holes_filled.fetch_add(filled, Ordering::Relaxed);
+        }
+        if filled > 0 {
+            tracing::debug!(room = %room.name, after, filled, "filled a hole from the stream");
+        }
+        self.drain_reorder(room);
+        if full {
+            self.request_fill(room);
+        }
+    }
+
+    /// Retention dropped the messages before `seq`: the head moves past them, and phones
+    /// reading that far get an exact GAP.
+    fn jump(&mut self, room: &RoomName, seq: u64) {
+        if let Some(owned) = self.owned.get_mut(room)
+            && seq > owned.head + 1
+        {
+            tracing::warn!(room = %room.name, from = owned.head + 1, to = seq - 1, "the engine's stream no longer holds these messages");
+            owned.history.clear();
+            owned.head = seq - 1;
+        }
+    }
+
+    fn on_opened(&mut self, room: RoomName, epoch: u64, seq: u64, tail: Vec<EngineMessage>) {
+        let now_ms = self.now_ms();
+        if !self.owned.contains_key(&room) {
+            self.create_room(&room, epoch);
+        }
+        let now = self.now;
+        let mut refill = false;
+        if let Some(owned) = self.owned.get_mut(&room) {
+            if owned.epoch != epoch || owned.head == 0 {
+                owned.epoch = epoch;
+                owned.history.clear();
+                let mut last = None;
+                for m in tail.into_iter().filter(|m| m.seq <= seq) {
+                    if last.is_some_and(|l: u64| l + 1 != m.seq) {
+                        owned.history.clear();
+                    }
+                    last = Some(m.seq);
+                    owned.history.push(stored(m, now), now_ms);
+                }
+                owned.head = seq;
+            } else {
+                refill = seq > owned.head;
+            }
+        }
+        let Some(sync) = self.sync_mut(&room) else {
+            return;
+        };
+        sync.open = true;
+        let parked = std::mem::take(&mut sync.parked);
+        if std::mem::take(&mut sync.resync) || refill {
+            self.request_fill(&room);
+        }
+        for msg in parked {
+            self.handle_one(msg);
+        }
+    }
+
+    /// The owner evicted `room`: its channel is no longer needed here.
+    pub(super) fn cluster_forget(&mut self, room: &RoomName) {
+        if let Some(side) = self.cluster.as_deref_mut()
+            && side.rooms.remove(room).is_some()
+        {
+            side.out.push(EngineCmd::Close { room: room.clone() });
+        }
+    }
+}
+
+/// A message from the engine as history holds it (`accepted_at`: when it arrived here).
+fn stored(m: EngineMessage, now: Instant) -> StoredRef {
+    Arc::new(Stored {
+        seq: m.seq,
+        ts_ms: m.ts_ms,
+        accepted_at: now,
+        sender: m.sender,
+        origin: None,
+        payload: m.payload,
+    })
+}

@@ -1,0 +1,230 @@
+//! End-to-end: relay nodes on one Redis (`[cluster]`), each a real relay on loopback, once
+//! per I/O backend. Every node's phones must see one order of every room with no hole and
+//! no duplicate (`ClientSession` refuses a duplicate or a reordering; the tests refuse a
+//! GAP), whatever happens to the engine connections or to Redis itself.
+//!
+//! Membership lives on each node in this version: every phone joins the room itself
+//! (`room:` rooms are open to join) on the node it is connected to.
+
+#![allow(clippy::unwrap_used)] // reason: tests
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pabal_codec::{ErrorCode, Event};
+use pabal_relay::cluster::ClusterConfig;
+use pabal_relay::io::BackendKind;
+use pabal_testkit::redis::RedisServer;
+use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
+
+/// A cluster node on `redis`: two workers, named `id`.
+fn node(backend: BackendKind, redis: &RedisServer, id: &str) -> TestRelay {
+    TestRelay::start(backend, 2, |c| {
+        c.retention.max_messages = 10_000;
+        c.cluster = Some(ClusterConfig {
+            redis: vec![redis.url()],
+            node_id: Some(id.into()),
+            ..ClusterConfig::default()
+        });
+    })
+}
+
+/// Reads `alias` until it holds every sequence up to `last`; returns seq -> payload.
+/// Panics on a GAP (nothing here is past retention) or after [`WAIT`].
+fn read_through(client: &mut Client, alias: u32, last: u64) -> BTreeMap<u64, Bytes> {
+    let mut got = BTreeMap::new();
+    let deadline = Instant::now() + WAIT * 2;
+    while got.keys().next_back().copied().unwrap_or(0) < last {
+        assert!(
+            Instant::now() < deadline,
+            "{}: timed out at {:?} of {last}",
+            client.user,
+            got.keys().next_back()
+        );
+        match client.next_event(Duration::from_millis(100)) {
+            Some(Event::Message {
+                alias: a,
+                seq: Some(seq),
+                payload,
+                ..
+            }) if a == alias => {
+                assert!(got.insert(seq, payload).is_none(), "duplicate {seq}");
+            }
+            Some(Event::Gap { from, to, .. }) => panic!("{}: gap {from}..={to}", client.user),
+            _ => {}
+        }
+    }
+    let expected: Vec<u64> = (1..=last).collect();
+    assert_eq!(
+        got.keys().copied().collect::<Vec<_>>(),
+        expected,
+        "{}: every sequence, in order, once",
+        client.user
+    );
+    got
+}
+
+/// Publishes `count` messages tagged `tag` and waits for each PUBACK; the sequences.
+fn publish_all(addr: SocketAddr, room: &'static str, tag: &'static str, count: usize) -> Vec<u64> {
+    let mut p = Client::connect(addr, tag);
+    let alias = p.join(room);
+    (0..count)
+        .map(|i| p.publish_acked(alias, format!("{tag}-{i}").into_bytes()))
+        .collect()
+}
+
+per_backend! {
+    fn three_nodes_see_one_order(backend) {
+        let Some(redis) = RedisServer::start("three-nodes") else { return };
+        let nodes: Vec<TestRelay> =
+            ["n1", "n2", "n3"].iter().map(|id| node(backend, &redis, id)).collect();
+        const ROOM: &str = "room:cluster-order";
+        const EACH: usize = 150;
+        // A reader on every node, joined before anything is published: owed every message.
+        let mut readers: Vec<(Client, u32)> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let mut c = Client::connect(n.addr, &format!("reader{i}"));
+                let alias = c.join(ROOM);
+                (c, alias)
+            })
+            .collect();
+        // Publishers on two different nodes at once: the engine orders them.
+        let (a, b) = (nodes[0].addr, nodes[1].addr);
+        let pa = std::thread::spawn(move || publish_all(a, ROOM, "alice", EACH));
+        let pb = std::thread::spawn(move || publish_all(b, ROOM, "bob", EACH));
+        let (mut seqs, seqs_b) = (pa.join().unwrap(), pb.join().unwrap());
+        for s in [&seqs, &seqs_b] {
+            assert!(s.windows(2).all(|w| w[0] < w[1]), "one publisher's sequences rise");
+        }
+        seqs.extend(seqs_b);
+        seqs.sort_unstable();
+        let total = (2 * EACH) as u64;
+        assert_eq!(seqs, (1..=total).collect::<Vec<_>>(), "every PUBACK a distinct sequence");
+        let alias0 = readers[0].1;
+        let first = read_through(&mut readers[0].0, alias0, total);
+        for (reader, alias) in &mut readers[1..] {
+            assert_eq!(read_through(reader, *alias, total), first, "the same order on every node");
+        }
+        drop(nodes);
+    }
+
+    fn lost_subscriptions_are_filled_from_the_stream(backend) {
+        let Some(redis) = RedisServer::start("client-kill") else { return };
+        let (a, b) = (node(backend, &redis, "na"), node(backend, &redis, "nb"));
+        const ROOM: &str = "room:cluster-kill";
+        const COUNT: usize = 400;
+        let mut reader = Client::connect(b.addr, "reader");
+        let alias = reader.join(ROOM);
+        let done = Arc::new(AtomicBool::new(false));
+        let killer = {
+            let (done, port) = (done.clone(), redis.port);
+            std::thread::spawn(move || {
+                let mut kills = 0;
+                while !done.load(Ordering::SeqCst) {
+                    // Every node's pub/sub connection, mid-stream.
+                    let out = std::process::Command::new("redis-cli")
+                        .args(["-p", &port.to_string(), "CLIENT", "KILL", "TYPE", "pubsub"])
+                        .output()
+                        .unwrap();
+                    kills += String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().unwrap_or(0);
+                    std::thread::sleep(Duration::from_millis(15));
+                }
+                kills
+            })
+        };
+        let addr = a.addr;
+        let seqs = std::thread::spawn(move || publish_all(addr, ROOM, "alice", COUNT))
+            .join()
+            .unwrap();
+        // One last kill after the last publish: only the resubscription's catch-up can
+        // bring what is published while the subscription is down.
+        redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+        let mut last = Client::connect(a.addr, "closer");
+        let last_alias = last.join(ROOM);
+        let final_seq = last.publish_acked(last_alias, &b"last"[..]);
+        done.store(true, Ordering::SeqCst);
+        let kills = killer.join().unwrap();
+        assert_eq!(seqs, (1..=COUNT as u64).collect::<Vec<_>>());
+        let got = read_through(&mut reader, alias, final_seq);
+        for (i, seq) in seqs.iter().enumerate() {
+            assert_eq!(got[seq], Bytes::from(format!("alice-{i}")));
+        }
+        assert!(kills > 0, "the pub/sub connections were killed");
+        eprintln!(
+            "killed {kills} pub/sub connections; holes filled: {}",
+            b.cluster().unwrap().holes_filled.load(Ordering::Relaxed)
+        );
+    }
+
+    fn redis_restart_refuses_then_recovers(backend) {
+        let Some(mut redis) = RedisServer::start("restart") else { return };
+        let (a, b) = (node(backend, &redis, "ra"), node(backend, &redis, "rb"));
+        let ops = pabal_testkit::http::with_ops_routes(&a);
+        const ROOM: &str = "room:cluster-restart";
+        let mut reader = Client::connect(b.addr, "reader");
+        let alias = reader.join(ROOM);
+        let mut p = Client::connect(a.addr, "alice");
+        let pa = p.join(ROOM);
+        let mut acked = Vec::new();
+        for i in 0..20 {
+            acked.push(p.publish_acked(pa, format!("before-{i}").into_bytes()));
+        }
+        assert_eq!(pabal_testkit::http::get_anonymous(ops, "/readyz").status, 200);
+        redis.kill();
+        // Refused, typed and retryable, while Redis is down; the connection stays up.
+        let id = p.publish(pa, &b"while-down"[..]);
+        match p.wait_for(|e| matches!(e, Event::Error(err) if err.reference == id)
+            || matches!(e, Event::PubAck { msg_id, .. } if *msg_id == id))
+        {
+            Event::Error(err) => {
+                assert_eq!(err.code, ErrorCode::Overloaded);
+                assert!(!err.fatal);
+                assert_eq!(err.message.as_str(), "unavailable");
+            }
+            other => panic!("a publish was acknowledged with Redis down: {other:?}"),
+        }
+        let deadline = Instant::now() + WAIT;
+        while pabal_testkit::http::get_anonymous(ops, "/readyz").status != 503 {
+            assert!(Instant::now() < deadline, "/readyz never said the engine is down");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        redis.restart();
+        // The engine reconnects by itself: publishes are taken again.
+        let deadline = Instant::now() + WAIT;
+        let mut i = 0;
+        while acked.len() < 40 {
+            assert!(Instant::now() < deadline, "publishes never recovered");
+            let id = p.publish(pa, format!("after-{i}").into_bytes());
+            i += 1;
+            match p.wait_for(|e| matches!(e, Event::Error(err) if err.reference == id)
+                || matches!(e, Event::PubAck { msg_id, .. } if *msg_id == id))
+            {
+                Event::PubAck { seq, .. } => acked.push(seq),
+                Event::Error(err) => {
+                    assert_eq!(err.message.as_str(), "unavailable");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => unreachable!(),
+            }
+        }
+        let deadline = Instant::now() + WAIT;
+        while pabal_testkit::http::get_anonymous(ops, "/readyz").status != 200 {
+            assert!(Instant::now() < deadline, "/readyz never recovered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Nothing acknowledged was lost (appendfsync always), and the reader on the other
+        // node, whose connection stayed up, has all of it in one unbroken order.
+        let last = *acked.iter().max().unwrap();
+        assert!(acked.windows(2).all(|w| w[0] < w[1]), "{acked:?}");
+        let got = read_through(&mut reader, alias, last);
+        for seq in &acked[..20] {
+            assert!(got[seq].starts_with(b"before-"));
+        }
+    }
+}
