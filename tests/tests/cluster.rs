@@ -227,4 +227,40 @@ per_backend! {
             assert!(got[seq].starts_with(b"before-"));
         }
     }
+
+    fn phones_resume_on_another_node(backend) {
+        let Some(redis) = RedisServer::start("resume") else { return };
+        let (a, b) = (node(backend, &redis, "sa"), node(backend, &redis, "sb"));
+        const ROOM: &str = "room:cluster-resume";
+        const COUNT: usize = 300;
+        let mut reader = Client::connect(a.addr, "reader");
+        let alias = reader.join(ROOM);
+        // Membership lives on each node in this version: the reader joins on node b too
+        // (from a second connection) before anything is published, so its join point
+        // there is the room's start as well.
+        Client::connect(b.addr, "reader").join(ROOM);
+        let addr = b.addr;
+        let writer = std::thread::spawn(move || publish_all(addr, ROOM, "alice", COUNT));
+        let before: Vec<u64> = reader.messages(alias, 50).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(before, (1..=50).collect::<Vec<_>>());
+        // Node a goes away under the publishes; its phone resumes on node b.
+        let session = reader.drop_link();
+        drop(a);
+        let mut reader = Client::connect_with(b.addr, "reader", session);
+        assert_eq!(writer.join().unwrap().len(), COUNT);
+        let mut after = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while after.last().copied() != Some(COUNT as u64) {
+            assert!(Instant::now() < deadline, "stuck after {:?}", after.last());
+            match reader.next_event(Duration::from_millis(100)) {
+                Some(Event::Message { alias: a, seq: Some(seq), payload, .. }) if a == alias => {
+                    assert_eq!(payload, Bytes::from(format!("alice-{}", seq - 1)));
+                    after.push(seq);
+                }
+                Some(Event::Gap { from, to, .. }) => panic!("gap {from}..={to} after the resume"),
+                _ => {}
+            }
+        }
+        assert_eq!(after, (51..=COUNT as u64).collect::<Vec<_>>(), "resumed on node b with no seam");
+    }
 }
