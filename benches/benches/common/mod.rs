@@ -12,6 +12,8 @@ use pabal_relay::config::Config;
 use pabal_relay::io::BackendKind;
 use pabal_testkit::{Client, loopback_config};
 
+pub mod publish;
+
 /// The test relay ([`loopback_config`]) on one worker, pinned, without the control listener,
 /// and with no rate limit in the way.
 pub fn relay_config(backend: BackendKind) -> Config {

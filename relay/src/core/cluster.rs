@@ -83,6 +83,10 @@ struct RoomSync {
     reorder: BTreeMap<u64, StoredRef>,
     /// A stream read is in flight.
     filling: bool,
+    /// The highest sequence waiting after a hole when that read was sent: the stream held
+    /// everything up to it then, so a hole below it that the read does not fill was dropped
+    /// by retention (a hole above it may only be newer than the read).
+    fill_covers: u64,
     /// The channel was resubscribed while the room was opening: read the stream once open.
     resync: bool,
 }
@@ -443,6 +447,12 @@ impl Core {
             }
             return self.request_fill(room);
         }
+        // The copy that waited after a hole came first: it alone may know its publisher
+        // (so the publisher is not sent its own message).
+        let msg = self
+            .sync_mut(room)
+            .and_then(|sync| sync.reorder.remove(&msg.seq))
+            .unwrap_or(msg);
         self.append_and_fan_out(room, msg);
         self.drain_reorder(room);
     }
@@ -487,6 +497,7 @@ impl Core {
         };
         if !sync.filling {
             sync.filling = true;
+            sync.fill_covers = sync.reorder.last_key_value().map_or(0, |(&s, _)| s);
             side.out.push(EngineCmd::Fill {
                 room: room.clone(),
                 after,
@@ -504,8 +515,8 @@ impl Core {
         let Some(sync) = self.sync_mut(room) else {
             return;
         };
-        sync.filling = false;
-        let waiting = sync.reorder.first_key_value().map(|(&s, _)| s);
+        // Still filling while this page is applied: no second read for the same hole.
+        let covers = sync.fill_covers;
         let Some(epoch) = self.owned.get(room).map(|o| o.epoch) else {
             return;
         };
@@ -523,15 +534,23 @@ impl Core {
             filled += 1;
             self.offer_engine_msg(room, epoch, m);
         }
+        let waiting = self
+            .sync_mut(room)
+            .and_then(|s| s.reorder.first_key_value().map(|(&s, _)| s));
         if let Some(first) = waiting
             && !full
+            && first <= covers
             && self.owned.get(room).is_some_and(|o| o.head + 1 < first)
         {
-            // The stream holds nothing between the head and what waits: retention dropped it.
+            // The stream held `first` when it was read, and nothing between the head and
+            // it: retention dropped that.
             self.jump(room, first);
         }
-        if let Some(side) = self.cluster.as_deref() {
+        if let Some(side) = self.cluster.as_deref_mut() {
             side.stats.holes_filled.fetch_add(filled, Ordering::Relaxed);
+            if let Some(sync) = side.rooms.get_mut(room) {
+                sync.filling = false;
+            }
         }
         if filled > 0 {
             tracing::debug!(room = %room.name, after, filled, "filled a hole from the stream");

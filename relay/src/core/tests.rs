@@ -14,6 +14,9 @@ use pabal_codec::{ClientFrame, ClientSession, Decoder, ErrorCode, Event, Limits,
 use super::*;
 use crate::directory::Directory;
 
+#[path = "cluster_tests.rs"]
+mod cluster;
+
 /// What the worker handed to "the sockets".
 #[derive(Default)]
 struct Wire {
