@@ -263,4 +263,38 @@ per_backend! {
         }
         assert_eq!(after, (51..=COUNT as u64).collect::<Vec<_>>(), "resumed on node b with no seam");
     }
+
+    fn a_room_nobody_binds_is_unsubscribed_and_caught_up_when_bound_again(backend) {
+        let Some(redis) = RedisServer::start("release") else { return };
+        let (a, b) = (node(backend, &redis, "ua"), node(backend, &redis, "ub"));
+        const ROOM: &str = "room:cluster-release";
+        let channel = format!("pabal:{{r:{ROOM}}}:c");
+        let subscribers = || -> u64 {
+            let out = redis.cli(&["PUBSUB", "NUMSUB", &channel]);
+            out.lines().nth(1).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+        };
+        let wait_for = |n: u64| {
+            let deadline = Instant::now() + WAIT;
+            while subscribers() != n {
+                assert!(Instant::now() < deadline, "{channel}: {} subscribers, not {n}", subscribers());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        let mut reader = Client::connect(b.addr, "reader");
+        let alias = reader.join(ROOM);
+        wait_for(1);
+        // The last connection on node b lets the room go: node b unsubscribes.
+        let session = reader.drop_link();
+        wait_for(0);
+        // Published meanwhile through node a; node b hears none of it.
+        let seqs = publish_all(a.addr, ROOM, "alice", 10);
+        assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+        // (The publisher has gone too, so node a has let the room go as well.)
+        wait_for(0);
+        // Bound again on node b: it subscribes again and reads what it missed.
+        let mut reader = Client::connect_with(b.addr, "reader", session);
+        let got = read_through(&mut reader, alias, 10);
+        assert_eq!(got[&10], Bytes::from_static(b"alice-9"));
+        wait_for(1);
+    }
 }

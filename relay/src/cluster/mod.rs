@@ -7,8 +7,8 @@
 //! to the engine as one Lua script on the room's keys ([`script`]): the room's epoch (created
 //! once in a meta hash), `HINCRBY` of its sequence, `XADD` to its capped stream
 //! (`cluster.stream_max_len`), `PUBLISH` to its channel with epoch, sequence and the
-//! publishing node's tag. The script's answer is the PUBACK's sequence. Every node whose
-//! owner worker holds the room subscribes its channel; a message from the channel, or the
+//! publishing node's tag. The script's answer is the PUBACK's sequence. Every node where a
+//! connection binds the room subscribes its channel; a message from the channel, or the
 //! script's answer, enters the owner's history and the same per-worker fan-out as on one
 //! relay, strictly in sequence order: a message after a hole waits while the owner reads
 //! the hole from the stream (`XRANGE` by sequence: stream ids are `<seq>-0`). The node's own

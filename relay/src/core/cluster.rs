@@ -7,8 +7,10 @@
 //! The first request for a room at its owner (a subscription, join, publish, server-API
 //! call) opens it: the engine subscribes the room's channel, then reads the room's epoch,
 //! head and recent tail. Requests for the room wait (bounded, `MAX_PARKED`) until it is
-//! open, then run as on one relay. A room stays subscribed while its owner holds it and is
-//! unsubscribed when the owner evicts it (no members, no subscribers, no history left).
+//! open, then run as on one relay. When the last connection on this node lets the room go,
+//! its channel is unsubscribed (its history stays); the next request opens it again, and
+//! if the engine's head moved meanwhile the requests wait until the owner has read what it
+//! missed from the stream (so a join point is never taken from a stale head).
 //!
 //! # Order and holes
 //! A message whose sequence follows the head is appended and fanned out; one after a hole
@@ -73,10 +75,23 @@ struct PendingPublish {
     payload: Bytes,
 }
 
+/// Where a room's channel subscription stands on this node.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum SyncState {
+    /// Subscribing and reading the room's state; requests wait.
+    #[default]
+    Opening,
+    /// Subscribed and caught up: requests run.
+    Open,
+    /// Unsubscribed (no connection here binds it); its history may be behind, so the next
+    /// request opens it again and reads what it missed from the stream.
+    Closed,
+}
+
 /// A room's state on this node.
 #[derive(Debug, Default)]
 struct RoomSync {
-    open: bool,
+    state: SyncState,
     /// Requests waiting for the room to open.
     parked: Vec<CoreMsg>,
     /// Messages after a hole, by sequence.
@@ -89,6 +104,9 @@ struct RoomSync {
     fill_covers: u64,
     /// The channel was resubscribed while the room was opening: read the stream once open.
     resync: bool,
+    /// Reopening a room whose history fell behind: it opens (and the waiting requests run,
+    /// join points included) once its head reaches this.
+    open_at: u64,
 }
 
 /// The cluster state of one worker.
@@ -157,7 +175,7 @@ impl Core {
                 let Some(sync) = self.sync_mut(&room) else {
                     return;
                 };
-                if sync.open {
+                if sync.state == SyncState::Open {
                     self.request_fill(&room);
                 } else {
                     sync.resync = true;
@@ -203,16 +221,17 @@ impl Core {
             _ => return Some(msg),
         };
         match side.rooms.get_mut(room) {
-            Some(sync) if sync.open => {}
-            Some(sync) if sync.parked.len() < MAX_PARKED => {
+            Some(sync) if sync.state == SyncState::Open => {}
+            Some(sync) if sync.state == SyncState::Opening && sync.parked.len() < MAX_PARKED => {
                 sync.parked.push(msg);
                 return None;
             }
-            Some(_) => {
+            Some(sync) if sync.state == SyncState::Opening => {
                 self.refuse_parked(msg);
                 return None;
             }
-            None => {
+            _ => {
+                // Not held here, or unsubscribed since: subscribe and read its state first.
                 let room = room.clone();
                 let tail = (self.config.retention_for(room.name.as_str()).max_messages as u64)
                     .min(self.config.cluster.as_ref().map_or(0, |c| c.stream_max_len))
@@ -221,13 +240,9 @@ impl Core {
                 let Some(side) = self.cluster.as_deref_mut() else {
                     return Some(msg);
                 };
-                side.rooms.insert(
-                    room.clone(),
-                    RoomSync {
-                        parked: vec![msg],
-                        ..RoomSync::default()
-                    },
-                );
+                let sync = side.rooms.entry(room.clone()).or_default();
+                sync.state = SyncState::Opening;
+                sync.parked.push(msg);
                 side.out.push(EngineCmd::Open {
                     room,
                     epoch_hint,
@@ -559,6 +574,13 @@ impl Core {
         if full {
             self.request_fill(room);
         }
+        let head = self.owned.get(room).map_or(0, |o| o.head);
+        if self
+            .sync_mut(room)
+            .is_some_and(|s| s.state == SyncState::Opening && s.open_at > 0 && head >= s.open_at)
+        {
+            self.finish_open(room);
+        }
     }
 
     /// Retention dropped the messages before `seq`: the head moves past them, and phones
@@ -600,13 +622,49 @@ impl Core {
         let Some(sync) = self.sync_mut(&room) else {
             return;
         };
-        sync.open = true;
-        let parked = std::mem::take(&mut sync.parked);
-        if std::mem::take(&mut sync.resync) || refill {
+        if refill {
+            // Reopened behind the engine: catch up from the stream before anything runs.
+            sync.open_at = seq;
+            sync.resync = false;
+            return self.request_fill(&room);
+        }
+        let resync = std::mem::take(&mut sync.resync);
+        self.finish_open(&room);
+        if resync {
             self.request_fill(&room);
         }
-        for msg in parked {
+    }
+
+    /// The room is open: the requests that waited run, in order.
+    fn finish_open(&mut self, room: &RoomName) {
+        let Some(sync) = self.sync_mut(room) else {
+            return;
+        };
+        sync.state = SyncState::Open;
+        sync.open_at = 0;
+        for msg in std::mem::take(&mut sync.parked) {
             self.handle_one(msg);
+        }
+    }
+
+    /// The last connection on this node bound to `room` let it go: its channel is
+    /// unsubscribed (the room's history stays; the next request reopens it and reads what
+    /// was published meanwhile from the stream).
+    pub(super) fn cluster_release_if_unwatched(&mut self, room: &RoomName) {
+        if !self
+            .owned
+            .get(room)
+            .is_some_and(|o| o.interest.iter().all(|&n| n == 0))
+        {
+            return;
+        }
+        if let Some(side) = self.cluster.as_deref_mut()
+            && let Some(sync) = side.rooms.get_mut(room)
+            && sync.state == SyncState::Open
+        {
+            sync.state = SyncState::Closed;
+            sync.reorder.clear();
+            side.out.push(EngineCmd::Close { room: room.clone() });
         }
     }
 

@@ -425,6 +425,7 @@ impl Core {
                     owned.interest[core] = owned.interest[core].saturating_sub(1);
                 }
                 self.note_if_unused(&room);
+                self.cluster_release_if_unwatched(&room);
             }
             CoreMsg::Join {
                 room,
