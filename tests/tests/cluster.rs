@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pabal_codec::{ErrorCode, Event};
+use pabal_codec::{ClientSession, ErrorCode, Event};
 use pabal_relay::cluster::ClusterConfig;
 use pabal_relay::io::BackendKind;
 use pabal_testkit::redis::RedisServer;
@@ -296,5 +296,25 @@ per_backend! {
         let got = read_through(&mut reader, alias, 10);
         assert_eq!(got[&10], Bytes::from_static(b"alice-9"));
         wait_for(1);
+    }
+
+    fn a_repeated_publish_id_is_sequenced_once_whichever_node_it_reaches(backend) {
+        let Some(redis) = RedisServer::start("repeat") else { return };
+        let (a, b) = (node(backend, &redis, "pa"), node(backend, &redis, "pb"));
+        const ROOM: &str = "room:cluster-repeat";
+        let mut reader = Client::connect(a.addr, "reader");
+        let alias = reader.join(ROOM);
+        let mut first = Client::connect_with(a.addr, "alice", ClientSession::with_device(42, 0));
+        let fa = first.join(ROOM);
+        let seq = first.publish_acked(fa, &b"hello"[..]);
+        // The same device retries its message (same msg_id: its counter restarts from the
+        // same persisted value) through the other node, as after an `unavailable`.
+        let mut retry = Client::connect_with(b.addr, "alice", ClientSession::with_device(42, 0));
+        let rb = retry.join(ROOM);
+        assert_eq!(retry.publish_acked(rb, &b"hello"[..]), seq, "the first sequence, again");
+        let next = first.publish_acked(fa, &b"next"[..]);
+        assert_eq!(next, seq + 1, "the repeat took no sequence");
+        let got = read_through(&mut reader, alias, next);
+        assert_eq!(got.len(), 2, "delivered once: {got:?}");
     }
 }

@@ -200,7 +200,7 @@ struct Engine {
     publish_sha: Bytes,
     open_sha: Bytes,
     /// Scratch for key names and the tag (reused: no allocation per publish).
-    keys: [Vec<u8>; 4],
+    keys: [Vec<u8>; 6],
     /// Both connections are up (counted in `engines_up`).
     up: bool,
     /// Replies decoded from one read (reused).
@@ -212,21 +212,25 @@ struct Engine {
 fn encode_script(
     out: &mut BytesMut,
     (script, sha, eval): (&str, &Bytes, bool),
-    room: &RoomName,
-    [meta, stream]: [&mut Vec<u8>; 2],
+    keys: &[&[u8]],
     args: &[&[u8]],
 ) {
-    script::key(meta, room, "m");
-    script::key(stream, room, "s");
-    let mut all: [&[u8]; 16] = [&[]; 16];
-    let head: [&[u8]; 5] = if eval {
-        [b"EVAL", script.as_bytes(), b"2", meta, stream]
+    let mut all: [&[u8]; 20] = [&[]; 20];
+    let mut digits = [0; 20];
+    let head: [&[u8]; 3] = if eval {
+        [
+            b"EVAL",
+            script.as_bytes(),
+            decimal(keys.len() as u64, &mut digits),
+        ]
     } else {
-        [b"EVALSHA", sha, b"2", meta, stream]
+        [b"EVALSHA", sha, decimal(keys.len() as u64, &mut digits)]
     };
-    let n = head.len() + args.len();
-    all[..head.len()].copy_from_slice(&head);
-    all[head.len()..n].copy_from_slice(args);
+    let mut n = 0;
+    for part in [&head[..], keys, args] {
+        all[n..n + part.len()].copy_from_slice(part);
+        n += part.len();
+    }
     resp::encode(out, all[..n].iter().copied());
 }
 
@@ -485,16 +489,19 @@ impl Engine {
                 .push(EngineEvent::PublishFailed { ticket: req.ticket });
             return;
         };
-        let [meta, stream, channel, tag] = &mut self.keys;
+        let [meta, stream, ids, channel, tag, repeat] = &mut self.keys;
+        script::key(meta, &req.room, "m");
+        script::key(stream, &req.room, "s");
+        script::key(ids, &req.room, "i");
         script::key(channel, &req.room, "c");
         script::tag(tag, &self.node_id, self.worker, req.ticket);
-        let (mut d1, mut d2, mut d3) = ([0; 20], [0; 20], [0; 20]);
+        script::repeat_key(repeat, req.repeat.as_ref());
+        let (mut d1, mut d2, mut d3, mut d4) = ([0; 20], [0; 20], [0; 20], [0; 20]);
         let sha = &self.publish_sha;
         encode_script(
             &mut conn.wbuf,
             (PUBLISH, sha, eval),
-            &req.room,
-            [meta, stream],
+            &[meta, stream, ids],
             &[
                 decimal(req.epoch_hint, &mut d1),
                 decimal(req.ts_ms, &mut d2),
@@ -503,6 +510,8 @@ impl Engine {
                 &req.payload,
                 decimal(self.config.stream_max_len, &mut d3),
                 channel,
+                repeat,
+                decimal(req.window.max(1) as u64, &mut d4),
             ],
         );
         self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);
@@ -516,13 +525,14 @@ impl Engine {
             }
             return;
         };
-        let [meta, stream, _, _] = &mut self.keys;
+        let [meta, stream, ..] = &mut self.keys;
+        script::key(meta, &room, "m");
+        script::key(stream, &room, "s");
         let (mut d1, mut d2) = ([0; 20], [0; 20]);
         encode_script(
             &mut conn.wbuf,
             (OPEN, &self.open_sha, eval),
-            &room,
-            [meta, stream],
+            &[meta, stream],
             &[decimal(hint, &mut d1), decimal(tail, &mut d2)],
         );
         self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);
@@ -550,7 +560,7 @@ impl Engine {
             self.fills_waiting.push((room, after));
             return;
         };
-        let [_, stream, start, _] = &mut self.keys;
+        let [_, stream, start, ..] = &mut self.keys;
         script::key(stream, &room, "s");
         start.clear();
         let mut d = [0; 20];
@@ -672,15 +682,17 @@ impl Engine {
                     self.send_publish(req, true);
                     return Ok(());
                 }
-                let answer = reply
-                    .array()
-                    .and_then(|a| Some((a.first()?.int()?, a.get(1)?.int()?)));
+                let answer = reply.array().and_then(|a| {
+                    let repeated = a.get(2).and_then(Value::int) == Some(1);
+                    Some((a.first()?.int()?, a.get(1)?.int()?, repeated))
+                });
                 match answer {
-                    Some((epoch, seq)) if epoch > 0 && seq > 0 => {
+                    Some((epoch, seq, repeated)) if epoch > 0 && seq > 0 => {
                         self.out.push(EngineEvent::Published {
                             ticket: req.ticket,
                             epoch: epoch as u64,
                             seq: seq as u64,
+                            repeated,
                         });
                     }
                     _ => {

@@ -29,7 +29,8 @@
 //!
 //! # Failure
 //! A lost connection fails the publishes in flight on it (`Overloaded` `unavailable`: not
-//! sequenced as far as the node knows; a retry may duplicate one that Redis did run), and
+//! sequenced as far as the node knows; a retry that carries a v2 publish id or an
+//! `Idempotency-Key` is answered from the room's window in the engine, on any node), and
 //! the engine reconnects with backoff (50 ms doubling to `cluster.reconnect_max`). A
 //! re-established pub/sub connection re-subscribes every channel and makes each owner read
 //! what it missed from the stream before delivering anything newer. Live connections stay
@@ -97,6 +98,26 @@ pub struct PublishRequest {
     pub sender: Text,
     /// The body.
     pub payload: Bytes,
+    /// What names the message across retries (a v2 publish id or an `Idempotency-Key`):
+    /// a repeat the room's window in the engine remembers is answered with the first
+    /// sequence and publishes nothing, whichever node it reaches.
+    pub repeat: Option<RepeatKey>,
+    /// How many of the room's recent repeat keys the engine keeps.
+    pub window: usize,
+}
+
+/// What names a publish across retries.
+#[derive(Debug, Clone, Copy)]
+pub enum RepeatKey {
+    /// A protocol-v2 publish id: the connection's publisher (user and device) and msg_id.
+    Device {
+        /// The publisher (user and device, hashed).
+        publisher: u64,
+        /// The client's msg_id.
+        msg_id: u64,
+    },
+    /// The server API's `Idempotency-Key`.
+    Api(crate::idempotency::IdempotencyKey),
 }
 
 /// One message as the engine holds it.
@@ -126,6 +147,9 @@ pub enum EngineEvent {
         epoch: u64,
         /// The sequence the engine assigned.
         seq: u64,
+        /// The repeat key was in the room's window: `seq` is the first publish's, and
+        /// nothing was published now.
+        repeated: bool,
     },
     /// The publish did not reach the engine (or the engine refused it); not sequenced as
     /// far as this node knows.

@@ -6,6 +6,8 @@
 //! - `pabal:{r:name}:s`: the stream, one entry per message with id `<seq>-0` and fields
 //!   `t` (ms since the Unix epoch), `g` (the publishing node's tag), `u` (sender), `p`
 //!   (payload), capped at about `cluster.stream_max_len` entries;
+//! - `pabal:{r:name}:i`: the window of repeat keys (v2 publish ids `d<publisher>:<msg_id>`,
+//!   API `k<Idempotency-Key>`), a sorted set by sequence trimmed to the window's size;
 //! - `pabal:{r:name}:c`: the pub/sub channel; a message on it is
 //!   `<epoch> <seq> <ts> <tag> <sender length> <sender><payload>`.
 //!
@@ -32,16 +34,25 @@ end
     };
 }
 
-/// Sequence one message: KEYS meta, stream; ARGV epoch hint, ts, tag, sender, payload,
-/// stream max length, channel. Returns `{epoch, seq}`.
+/// Sequence one message: KEYS meta, stream, repeat window; ARGV epoch hint, ts, tag, sender,
+/// payload, stream max length, channel, repeat key (empty: none), window size. Returns
+/// `{epoch, seq}`, or `{epoch, first seq, 1}` for a repeat key the window holds.
 pub const PUBLISH: &str = concat!(
     epoch_prelude!(),
     r"
+if ARGV[8] ~= '' then
+  local first = redis.call('ZSCORE', KEYS[3], ARGV[8])
+  if first then return {e, tonumber(first), 1} end
+end
 local s = redis.call('HINCRBY', KEYS[1], 's', 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], s .. '-0',
   't', ARGV[2], 'g', ARGV[3], 'u', ARGV[4], 'p', ARGV[5])
 redis.call('PUBLISH', ARGV[7], e .. ' ' .. s .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' ..
   string.len(ARGV[4]) .. ' ' .. ARGV[4] .. ARGV[5])
+if ARGV[8] ~= '' then
+  redis.call('ZADD', KEYS[3], s, ARGV[8])
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[9]) + 1))
+end
 return {e, s}
 "
 );
@@ -77,6 +88,26 @@ pub fn key(out: &mut Vec<u8>, room: &RoomName, suffix: &str) {
     out.extend_from_slice(room.name.as_bytes());
     out.extend_from_slice(b"}:");
     out.extend_from_slice(suffix.as_bytes());
+}
+
+/// A repeat key as the window holds it: `d<publisher>:<msg_id>` or `k<Idempotency-Key>`
+/// (empty: none).
+pub fn repeat_key(out: &mut Vec<u8>, key: Option<&super::RepeatKey>) {
+    out.clear();
+    let mut digits = [0; 20];
+    match key {
+        None => {}
+        Some(super::RepeatKey::Device { publisher, msg_id }) => {
+            out.push(b'd');
+            out.extend_from_slice(super::resp::decimal(*publisher, &mut digits));
+            out.push(b':');
+            out.extend_from_slice(super::resp::decimal(*msg_id, &mut digits));
+        }
+        Some(super::RepeatKey::Api(key)) => {
+            out.push(b'k');
+            out.extend_from_slice(key.as_bytes());
+        }
+    }
 }
 
 /// A publisher's tag: `node/worker/ticket`.

@@ -36,10 +36,13 @@ use pabal_codec::{ErrorCode, Text};
 
 use super::owner::PublishId;
 use super::{COMPACT_BELOW, Core, ReplyTo};
-use crate::cluster::{ClusterStats, EngineCmd, EngineEvent, EngineMessage, PublishRequest};
+use crate::cluster::{
+    ClusterStats, EngineCmd, EngineEvent, EngineMessage, PublishRequest, RepeatKey,
+};
 use crate::idempotency::IdempotencyKey;
 use crate::ids::{RoomName, Stored, StoredRef};
 use crate::mesh::{ControlOp, ControlRefusal, ControlReply, CoreMsg, Published, PublishedBy};
+use crate::stats::inc;
 
 /// Requests waiting for one room to open; more are refused (`unavailable`).
 const MAX_PARKED: usize = 4096;
@@ -150,10 +153,19 @@ impl Core {
     pub fn on_engine(&mut self, now: Instant, event: EngineEvent) {
         self.advance_to(now);
         match event {
-            EngineEvent::Published { ticket, epoch, seq } => {
+            EngineEvent::Published {
+                ticket,
+                epoch,
+                seq,
+                repeated,
+            } => {
                 let Some(p) = self.take_pending(ticket) else {
                     return; // its message came back first and resolved it
                 };
+                if repeated {
+                    // The engine's window knew it: the first publish's sequence, nothing new.
+                    return self.resolve_repeat(p.publisher, seq);
+                }
                 let room = p.room.clone();
                 let msg = self.resolve(p, seq);
                 self.cluster_offer(&room, epoch, msg);
@@ -305,6 +317,23 @@ impl Core {
         };
         let (epoch_hint, ts_ms) = (self.fresh_epoch(), self.now_ms());
         let max = self.config.cluster.as_ref().map_or(0, |c| c.max_in_flight);
+        let (repeat, window) = match &publisher {
+            Publisher::Client {
+                publish_id: Some((publisher, msg_id)),
+                ..
+            } => (
+                Some(RepeatKey::Device {
+                    publisher: *publisher,
+                    msg_id: *msg_id,
+                }),
+                self.config.limits.publish_ids,
+            ),
+            Publisher::Api { key: Some(key), .. } => (
+                Some(RepeatKey::Api(*key)),
+                self.config.control.idempotency_keys,
+            ),
+            _ => (None, 0),
+        };
         let Some(side) = self.cluster.as_deref_mut() else {
             return;
         };
@@ -321,6 +350,8 @@ impl Core {
             ts_ms,
             sender: sender.clone(),
             payload: payload.clone(),
+            repeat,
+            window,
         }));
         side.pending.insert(
             ticket,
@@ -347,6 +378,22 @@ impl Core {
             ),
             Publisher::Api { reply, .. } => {
                 self.reply(reply, ControlReply::Refused(ControlRefusal::Unavailable));
+            }
+        }
+    }
+
+    /// A repeat the engine's window recognised: the publisher gets the first sequence.
+    fn resolve_repeat(&mut self, publisher: Publisher, seq: u64) {
+        inc(&self.stats.publishes_repeated, 1);
+        match publisher {
+            Publisher::Client { by, .. } => {
+                self.send_to(by.origin.core, CoreMsg::Accepted { by, seq });
+            }
+            Publisher::Api { reply, .. } => {
+                self.reply(
+                    reply,
+                    ControlReply::Published(Some(Published::Repeat { seq })),
+                );
             }
         }
     }

@@ -63,36 +63,56 @@ fn open_dm(h: &mut Harness, token: Token) -> (RoomName, u32) {
     (room, alias)
 }
 
-#[test]
-fn engine_order_holes_filled_and_no_echo_to_the_publisher() {
+/// ann (with `session`) and bob in `dm`, opened; their events so far dropped.
+fn ann_and_bob(session: ClientSession) -> (Harness, Token, Token, RoomName, u32) {
     let mut h = cluster_harness();
-    let ann = h.connect("ann", ClientSession::new());
+    let ann = h.connect("ann", session);
     let bob = h.connect("bob", ClientSession::new());
     let (room, a) = open_dm(&mut h, ann);
     h.join(bob, "dm");
     h.events(ann);
     h.events(bob);
-    // ann's publish goes to the engine, which makes it 3 (1 and 2 came from other nodes
-    // and have not arrived here yet).
-    h.publish(ann, a, "mine");
-    let ticket = match engine_cmds(&mut h).as_slice() {
-        [EngineCmd::Publish(p)] => p.ticket,
-        other => panic!("{other:?}"),
+    (h, ann, bob, room, a)
+}
+
+/// `token` publishes; the engine answers `seq` (`repeated`: from its window); the PUBACK
+/// must say `seq`. Returns the request the engine got.
+fn publish_answered(
+    h: &mut Harness,
+    (token, alias): (Token, u32),
+    seq: u64,
+    repeated: bool,
+) -> crate::cluster::PublishRequest {
+    h.publish(token, alias, "body");
+    let mut cmds = engine_cmds(h);
+    let Some(EngineCmd::Publish(req)) = cmds.pop().filter(|_| cmds.is_empty()) else {
+        panic!("one publish for the engine");
     };
+    let (ticket, epoch) = (req.ticket, 77);
     feed(
-        &mut h,
+        h,
         EngineEvent::Published {
             ticket,
-            epoch: 77,
-            seq: 3,
+            epoch,
+            seq,
+            repeated,
         },
     );
-    // The PUBACK at once; nothing delivered past the hole, which is read from the stream.
-    let acks = h.events(ann);
+    let acks = h.events(token);
     assert!(
-        matches!(acks.as_slice(), [Event::PubAck { seq: 3, .. }]),
+        matches!(acks.as_slice(), [Event::PubAck { seq: s, .. }] if *s == seq),
         "{acks:?}"
     );
+    req
+}
+
+#[test]
+fn engine_order_holes_filled_and_no_echo_to_the_publisher() {
+    let (mut h, ann, bob, room, a) = ann_and_bob(ClientSession::new());
+    // ann's publish goes to the engine, which makes it 3 (1 and 2 came from other nodes
+    // and have not arrived here yet): the PUBACK at once, nothing delivered past the hole,
+    // which is read from the stream.
+    let ticket = publish_answered(&mut h, (ann, a), 3, false).ticket;
     assert!(h.messages(bob).is_empty());
     assert!(matches!(
         engine_cmds(&mut h).as_slice(),
@@ -277,5 +297,27 @@ fn only_what_the_stream_dropped_becomes_a_gap() {
             .filter(|e| matches!(e, Event::Message { .. }))
             .count(),
         3
+    );
+}
+
+#[test]
+fn a_repeat_the_engine_knows_is_answered_with_the_first_sequence() {
+    let (mut h, ann, bob, _, a) = ann_and_bob(ClientSession::with_device(7, 0));
+    // The publish id travels to the engine, which keeps the room's window of them; another
+    // node took it first (a retry after `unavailable`): its sequence, nothing new.
+    let req = publish_answered(&mut h, (ann, a), 1, true);
+    assert!(matches!(
+        req.repeat,
+        Some(crate::cluster::RepeatKey::Device { msg_id: 1, .. })
+    ));
+    assert!(
+        h.messages(bob).is_empty(),
+        "a repeat is not delivered again"
+    );
+    assert_eq!(
+        h.stats
+            .publishes_repeated
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
     );
 }
