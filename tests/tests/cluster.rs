@@ -218,6 +218,18 @@ per_backend! {
             assert!(Instant::now() < deadline, "/readyz never recovered");
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The engine's failures and recovery show in /metrics.
+        let metrics = pabal_testkit::http::get_anonymous(ops, "/metrics").body;
+        let value = |name: &str| -> f64 {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+        };
+        assert!(value("pabal_cluster_engine_errors_total") > 0.0);
+        assert!(value("pabal_cluster_publishes_refused_total") > 0.0);
+        assert!(value("pabal_cluster_engine_round_trips_total") > 0.0);
+        assert_eq!(value("pabal_cluster_engines_up"), value("pabal_cluster_engines"));
         // Nothing acknowledged was lost (appendfsync always), and the reader on the other
         // node, whose connection stayed up, has all of it in one unbroken order.
         let last = *acked.iter().max().unwrap();
