@@ -202,8 +202,10 @@ impl EventSink for Rec {
     }
 }
 
-struct Server {
-    b: Box<dyn Backend>,
+/// A backend under test with its recording sink; generic so that a test of one backend can
+/// reach that backend's own inspection methods.
+struct Server<B: Backend + ?Sized = dyn Backend> {
+    b: Box<B>,
     s: Rec,
     addr: SocketAddr,
 }
@@ -221,8 +223,8 @@ fn bound_listener() -> (TcpListener, SocketAddr) {
     (listener, addr)
 }
 
-impl Server {
-    fn new(mut b: Box<dyn Backend>) -> Self {
+impl<B: Backend + ?Sized> Server<B> {
+    fn new(mut b: Box<B>) -> Self {
         let (listener, addr) = bound_listener();
         b.add_listener(listener).unwrap();
         Self {
@@ -964,6 +966,55 @@ fn options_validation_names_the_field() {
             .contains("cq_entries")
     );
     BackendOptions::default().validate().unwrap();
+}
+
+/// An idle io_uring connection holds no send state: the `msghdr` and iovecs of a send are
+/// taken from the backend's pool while it is in flight and given back when it completes.
+#[test]
+fn uring_idle_connection_holds_no_send_state() {
+    // The record lives inline in the slab (it was boxed, 200-odd bytes with a send's
+    // `msghdr` and iovec list, before): a size guard.
+    let record = UringBackend::connection_record_bytes();
+    assert!(
+        record <= 136,
+        "the io_uring connection record grew to {record} bytes"
+    );
+    let opts = uring_opts(true);
+    if let Err(e) = probe::probe_uring(&opts) {
+        pabal_testkit::skip(format_args!("the io_uring variant: {e}"));
+        return;
+    }
+    let mut srv = Server::new(Box::new(UringBackend::new(&opts).unwrap()));
+    srv.s.echo = true;
+    let addr = srv.addr;
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let client = thread::spawn(move || {
+        let mut s = connect(addr);
+        s.write_all(&pattern(5, 3000)).unwrap();
+        let mut got = vec![0u8; 3000];
+        s.read_exact(&mut got).unwrap();
+        assert!(got == pattern(5, 3000), "echoed bytes differ");
+        // Stays open, idle, until the server side has looked.
+        let _ = held.recv();
+    });
+    srv.until("the echo, sent in full", |s| {
+        s.s.accepted.len() == 1
+            && s.s.in_flight.is_empty()
+            && s.s.echoed.values().sum::<usize>() == 3000
+            && s.s.sent.iter().map(|&(_, n)| n).sum::<usize>() == 3000
+    });
+    // The echo went out as vectored sends (three buffers a batch): each took the vectors
+    // from the pool and gave them back, so the idle connection holds none.
+    let (held_by_connections, pooled) = srv.b.send_vectors_in_use();
+    assert_eq!(
+        held_by_connections, 0,
+        "an idle connection holds send vectors"
+    );
+    assert_eq!(pooled, 1, "the send's vectors went back to the pool");
+    release.send(()).unwrap();
+    join(client);
+    srv.until("the peer's close", |s| s.s.closed.len() == 1);
+    srv.assert_clean();
 }
 
 /// Rings far too small for the load: the submission queue fills (submit and retry, then the
