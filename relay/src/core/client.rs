@@ -210,7 +210,7 @@ impl Core {
                 user: user.clone(),
             }),
         );
-        self.users.entry(user.clone()).or_default().push(token);
+        push_compact(self.users.entry(user.clone()).or_default(), token);
 
         // Resolve resume entries against the user's own rooms: entry i is alias i.
         let mut by_id: HashMap<u64, usize> = HashMap::with_capacity(rooms.len());

@@ -169,6 +169,19 @@ fn key_of(token: Token) -> Key {
     }
 }
 
+/// Below this many entries, [`push_compact`] grows a list one entry at a time.
+const EXACT_LIST: usize = 8;
+
+/// Pushes onto a list that is usually short (a user's connections on this worker, a 1:1
+/// room's subscribers here): while it is short it gets no spare capacity, which a vector's
+/// doubling would give it (four slots for one entry) in every idle phone's lists.
+pub(super) fn push_compact<T>(list: &mut Vec<T>, item: T) {
+    if list.len() < EXACT_LIST {
+        list.reserve_exact(1);
+    }
+    list.push(item);
+}
+
 /// The live connection for `token` in a slab (for methods that borrow other fields of the
 /// core at the same time).
 pub(super) fn conn_in(conns: &mut Slab<Conn>, token: Token) -> Option<&mut Conn> {
@@ -648,6 +661,7 @@ mod control;
 mod delivery;
 mod durable;
 mod lifecycle;
+mod members;
 mod owner;
 
 #[cfg(test)]

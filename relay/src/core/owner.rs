@@ -5,7 +5,6 @@
 //! Owns: [`OwnedRoom`]s. Must not touch: connections (it answers their workers with
 //! messages, even when the connection is on this worker).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -37,7 +36,7 @@ pub(super) struct OwnedRoom {
     pub(super) interest: Vec<u32>,
     /// Members (rooms) or subscribers (channels); the directory holds the same facts by
     /// user, and every change to both goes through this owner.
-    pub(super) members: HashSet<Text>,
+    pub(super) members: super::members::MemberSet,
     /// In the worker's queue of idle rooms to check for eviction.
     pub(super) idle_queued: bool,
     /// The server API's recent `Idempotency-Key`s and the sequences they got (boxed: most
@@ -88,7 +87,7 @@ impl Core {
                 head: 0,
                 history: History::new(retention),
                 interest: vec![0; self.cores],
-                members: HashSet::new(),
+                members: super::members::MemberSet::default(),
                 idle_queued: false,
                 idempotency: None,
                 publish_ids: None,
