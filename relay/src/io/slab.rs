@@ -1,5 +1,6 @@
-//! [`Slab`]: the generational slab both backends keep their connections in, and
-//! [`consume`], which drops written bytes from the front of a send queue.
+//! [`Slab`]: the generational slab both backends keep their connections in, [`consume`],
+//! which drops written bytes from the front of a send queue, and [`ListPool`], the spare
+//! send queues that let an idle connection hold none.
 //!
 //! Owns slot reuse and the generation check that keeps a stale event or completion (which
 //! names a slot index and the generation it was issued under) from reaching a connection
@@ -159,6 +160,44 @@ pub fn consume(out: &mut VecDeque<Bytes>, mut n: usize) {
     }
     while out.front().is_some_and(Bytes::is_empty) {
         out.pop_front();
+    }
+}
+
+/// Spare send queues kept by one backend.
+const LIST_POOL_MAX: usize = 256;
+/// Queues with room for more buffers than this are freed rather than pooled.
+const LIST_POOL_CAPACITY_MAX: usize = 64;
+
+/// A backend's spare send queues. `send` swaps the worker's batch with the connection's
+/// queue, so the worker gets the queue back as its next (allocated) list; a connection
+/// whose batch is written gives its emptied queue here rather than keeping it while idle,
+/// and takes one from here for its next batch. Nothing is allocated per send once the
+/// pool and the worker's own pool hold enough queues.
+#[derive(Debug, Default)]
+pub struct ListPool(Vec<VecDeque<Bytes>>);
+
+impl ListPool {
+    /// A spare queue (empty, allocated), or an unallocated one when there is none.
+    pub fn take(&mut self) -> VecDeque<Bytes> {
+        self.0.pop().unwrap_or_default()
+    }
+
+    /// Takes back a queue whose buffers were written (or are dropped), keeping its
+    /// allocation while the pool has room.
+    pub fn give(&mut self, mut list: VecDeque<Bytes>) {
+        list.clear();
+        if list.capacity() > 0
+            && list.capacity() <= LIST_POOL_CAPACITY_MAX
+            && self.0.len() < LIST_POOL_MAX
+        {
+            self.0.push(list);
+        }
+    }
+
+    /// Spare queues held.
+    #[cfg(test)]
+    pub fn spare(&self) -> usize {
+        self.0.len()
     }
 }
 

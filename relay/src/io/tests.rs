@@ -124,6 +124,7 @@ for_each_backend!(
     wakes_coalesce,
     close_listeners_refuses_new_connections,
     refused_connection_is_closed,
+    an_idle_connection_holds_no_send_state,
 );
 
 // ---- harness ----
@@ -968,12 +969,11 @@ fn options_validation_names_the_field() {
     BackendOptions::default().validate().unwrap();
 }
 
-/// An idle io_uring connection holds no send state: the `msghdr` and iovecs of a send are
-/// taken from the backend's pool while it is in flight and given back when it completes.
+/// The io_uring connection record lives inline in the slab (it was boxed, 200-odd bytes
+/// with a send's `msghdr` and iovec list); the vectors come from a pool while a send is in
+/// flight (see [`an_idle_connection_holds_no_send_state`]).
 #[test]
-fn uring_idle_connection_holds_no_send_state() {
-    // The record lives inline in the slab (it was boxed, 200-odd bytes with a send's
-    // `msghdr` and iovec list, before): a size guard.
+fn uring_connection_record_is_compact_and_send_vectors_are_pooled() {
     let record = UringBackend::connection_record_bytes();
     assert!(
         record <= 136,
@@ -985,6 +985,21 @@ fn uring_idle_connection_holds_no_send_state() {
         return;
     }
     let mut srv = Server::new(Box::new(UringBackend::new(&opts).unwrap()));
+    echo_and_hold_idle(&mut srv, |srv| {
+        assert_eq!(
+            srv.b.send_vectors_pooled(),
+            1,
+            "the vectors went back to the pool"
+        );
+    });
+}
+
+/// Echoes 3,000 bytes on one connection (vectored batches of three buffers), then, while
+/// the connection is open and idle, runs `check`.
+fn echo_and_hold_idle<B: Backend + ?Sized>(
+    srv: &mut Server<B>,
+    check: impl FnOnce(&mut Server<B>),
+) {
     srv.s.echo = true;
     let addr = srv.addr;
     let (release, held) = std::sync::mpsc::channel::<()>();
@@ -1003,18 +1018,22 @@ fn uring_idle_connection_holds_no_send_state() {
             && s.s.echoed.values().sum::<usize>() == 3000
             && s.s.sent.iter().map(|&(_, n)| n).sum::<usize>() == 3000
     });
-    // The echo went out as vectored sends (three buffers a batch): each took the vectors
-    // from the pool and gave them back, so the idle connection holds none.
-    let (held_by_connections, pooled) = srv.b.send_vectors_in_use();
-    assert_eq!(
-        held_by_connections, 0,
-        "an idle connection holds send vectors"
-    );
-    assert_eq!(pooled, 1, "the send's vectors went back to the pool");
+    check(srv);
     release.send(()).unwrap();
     join(client);
     srv.until("the peer's close", |s| s.s.closed.len() == 1);
     srv.assert_clean();
+}
+
+/// A connection whose batches are written holds no send queue (nor io_uring's vectors):
+/// the emptied queue goes to the backend's pool, and the next batch takes one from there.
+fn an_idle_connection_holds_no_send_state(b: Box<dyn Backend>) {
+    let mut srv = Server::new(b);
+    echo_and_hold_idle(&mut srv, |srv| {
+        let (held, pooled) = srv.b.idle_send_state();
+        assert_eq!(held, 0, "an idle connection holds send state");
+        assert_eq!(pooled, 1, "the emptied queue went back to the pool");
+    });
 }
 
 /// Rings far too small for the load: the submission queue fills (submit and retry, then the

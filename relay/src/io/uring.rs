@@ -82,7 +82,7 @@ use io_uring::{EnterFlags, IoUring, cqueue, opcode, squeue, types};
 
 use super::accept::{AcceptBackoff, AcceptError};
 use super::probe::BackendOptions;
-use super::slab::{Key, Slab, consume};
+use super::slab::{Key, ListPool, Slab, consume};
 use super::uring_storage::{RingCommits, StorageSqe};
 use super::wakeup::syscall;
 use super::{AcceptStats, Backend, CloseReason, EventSink, SendStats, Token, Transport, Wakeup};
@@ -393,6 +393,8 @@ pub struct UringBackend {
     buf_size: usize,
     /// Inline (the kernel holds no pointer into a record: see the module docs).
     conns: Slab<Conn>,
+    /// Spare send queues (a connection holds one only while it sends).
+    lists: ListPool,
     /// Spare send vectors ([`SendVectors`]), so a send allocates none.
     #[allow(clippy::vec_box)]
     // reason: each is handed to a connection as the box whose address the kernel reads
@@ -525,6 +527,7 @@ impl UringBackend {
             poll_multishot: opts.uring_multishot,
             buf_size: opts.buf_size as usize,
             conns: Slab::new(GEN_BITS),
+            lists: ListPool::default(),
             send_vectors: Vec::new(),
             by_token: HashMap::new(),
             listeners: Vec::new(),
@@ -992,19 +995,10 @@ impl UringBackend {
         mem::size_of::<Conn>()
     }
 
-    /// Send vectors held by connections, and spare ones in the pool (tests check that an
-    /// idle connection holds none).
+    /// Spare send vectors in the pool.
     #[cfg(test)]
-    pub(super) fn send_vectors_in_use(&mut self) -> (usize, usize) {
-        let held = self
-            .by_token
-            .values()
-            .copied()
-            .collect::<Vec<_>>()
-            .into_iter()
-            .filter(|&idx| self.conn_at(idx).is_some_and(|c| c.send.vectors.is_some()))
-            .count();
-        (held, self.send_vectors.len())
+    pub(super) fn send_vectors_pooled(&self) -> usize {
+        self.send_vectors.len()
     }
 
     /// Gives a finished send's vectors back to the pool (or frees them).
@@ -1281,8 +1275,8 @@ impl UringBackend {
         };
         conn.send.inflight = false;
         if conn.closing {
-            conn.send.bufs.clear();
-            let vectors = conn.send.vectors.take();
+            let (list, vectors) = (mem::take(&mut conn.send.bufs), conn.send.vectors.take());
+            self.lists.give(list);
             self.give_send_vectors(vectors);
             self.maybe_finalize(idx);
             return;
@@ -1324,10 +1318,11 @@ impl UringBackend {
             self.submit_send(idx, full);
             return;
         }
-        conn.send.bufs.clear();
         let (token, total) = (conn.token, mem::take(&mut conn.send.total));
         let shutdown = mem::take(&mut conn.shutdown_pending);
-        let vectors = conn.send.vectors.take();
+        // The emptied queue and the vectors go to the pools: an idle connection holds none.
+        let (list, vectors) = (mem::take(&mut conn.send.bufs), conn.send.vectors.take());
+        self.lists.give(list);
         self.give_send_vectors(vectors);
         sink.sent(token, total);
         if shutdown {
@@ -1412,7 +1407,7 @@ impl Transport for UringBackend {
             bufs.clear();
             return;
         };
-        let Some(conn) = self.conn_at(idx) else {
+        let Some((_, conn)) = self.conns.at_mut(idx) else {
             return;
         };
         let total: usize = bufs.iter().map(Bytes::len).sum();
@@ -1425,7 +1420,10 @@ impl Transport for UringBackend {
             conn.send.remaining += total;
             return;
         }
-        // Swap so that both sides keep their VecDeque allocations.
+        // Swap with a pooled queue, so that the worker gets an allocated list back.
+        if conn.send.bufs.capacity() == 0 {
+            conn.send.bufs = self.lists.take();
+        }
         mem::swap(&mut conn.send.bufs, bufs);
         bufs.clear();
         conn.send.total = total;
@@ -1485,6 +1483,18 @@ impl Transport for UringBackend {
 }
 
 impl Backend for UringBackend {
+    #[cfg(test)]
+    fn idle_send_state(&mut self) -> (usize, usize) {
+        let held = self
+            .conns
+            .iter()
+            .filter(|c| {
+                !c.send.inflight && (c.send.bufs.capacity() > 0 || c.send.vectors.is_some())
+            })
+            .count();
+        (held, self.lists.spare())
+    }
+
     fn name(&self) -> &'static str {
         "io_uring"
     }
