@@ -629,7 +629,7 @@ impl Core {
                 let bytes = conn.take_batch();
                 inc(&self.stats.bytes_out, bytes as u64);
                 inc(&self.stats.sends, 1);
-                transport.send(token, &mut conn.pending);
+                transport.send(token, conn.batch());
             }
             if conn.phase == Phase::Closing && !conn.sending && !conn.has_output() && !conn.shut {
                 conn.shut = true;
