@@ -127,7 +127,9 @@ pub struct Core {
     dirty: Vec<Token>,
     to_close: Vec<Token>,
     close_listeners: bool,
-    owned: HashMap<RoomName, OwnedRoom>,
+    /// Boxed: a hash map keeps up to twice its entries in buckets, and a bucket of a boxed
+    /// record costs a pointer, not the whole record.
+    owned: HashMap<RoomName, Box<OwnedRoom>>,
     local: HashMap<RoomName, Vec<(Token, u32)>>,
     users: HashMap<Text, Vec<Token>>,
     timers: BinaryHeap<Reverse<(Instant, Token)>>,

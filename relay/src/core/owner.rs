@@ -78,9 +78,14 @@ impl Core {
         owned
     }
 
+    /// Takes ownership of `room` with `record`.
+    fn hold_room(&mut self, room: RoomName, record: OwnedRoom) {
+        self.owned.insert(room, Box::new(record));
+    }
+
     pub(super) fn create_room(&mut self, room: &RoomName, epoch: u64) {
         let retention = self.config.retention_for(room.name.as_str());
-        self.owned.insert(
+        self.hold_room(
             room.clone(),
             OwnedRoom {
                 epoch,

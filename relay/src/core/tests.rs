@@ -1260,4 +1260,10 @@ fn an_idle_phone_costs_its_worker_exact_lists_and_a_compact_room() {
         record <= 168,
         "the owned room record grew to {record} bytes"
     );
+    // And the owner's map holds it boxed: its spare buckets (up to half the map) cost a
+    // pointer each, not a record.
+    fn value_bytes<K, V>(_: &HashMap<K, V>) -> usize {
+        std::mem::size_of::<V>()
+    }
+    assert_eq!(value_bytes(&h.core.owned), 8);
 }
