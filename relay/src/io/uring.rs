@@ -59,13 +59,13 @@
 //! A connection slot is reused only after every operation naming it has posted its final
 //! CQE (the slot counts them), so a late completion can never reach a new connection; the
 //! generation is a second check. The kernel is given no pointer into the connection record
-//! itself (it lives inline in the slab, which may move it as it grows): a send's `msghdr`
-//! and iovecs live in a boxed [`SendVectors`] that the connection holds while the send is in
-//! flight, its `Bytes` and a single-shot receive's buffer are heap memory the connection
-//! owns, and all of them are freed only once the operation's final completion is reaped, so
-//! they outlive their operation. The buffer ring lives as long as the
-//! backend; on drop the backend cancels everything and waits for the completions, and leaks
-//! the memory rather than free it if the kernel does not answer.
+//! itself (it lives inline in the slab, whose slots do not move, but nothing relies on
+//! that): a send's `msghdr` and iovecs live in a boxed [`SendVectors`] that the connection
+//! holds while the send is in flight, its `Bytes` and a single-shot receive's buffer are
+//! heap memory the connection owns, and all of them are freed only once the operation's
+//! final completion is reaped, so they outlive their operation. The buffer ring lives as
+//! long as the backend; on drop the backend cancels everything and waits for the
+//! completions, and leaks the memory rather than free it if the kernel does not answer.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -319,8 +319,8 @@ struct Conn {
     eof_pending: bool,
     /// Data that completed while reads were paused (a receive races its cancellation).
     stash: Vec<u8>,
-    /// Single-shot receive buffer (no buffer ring): heap memory, so its address does not
-    /// change when the slab moves the record.
+    /// Single-shot receive buffer (no buffer ring): heap memory of its own, whose address
+    /// the kernel is given.
     rbuf: Option<Box<[u8]>>,
     send: SendState,
     shutdown_pending: bool,
@@ -821,9 +821,9 @@ impl UringBackend {
         conn.recv_armed = true;
         conn.recv_cancelling = false;
         // SAFETY: with buffer select the kernel writes only into buffer-ring memory, which
-        // outlives every operation (see `Drop`). Otherwise `rbuf` is heap memory owned by the
-        // connection (not moved when the slab moves the record), which is freed only after this receive's final completion (`ops()`
-        // counts it) and which we read only after that completion.
+        // outlives every operation (see `Drop`). Otherwise `rbuf` is a heap block the
+        // connection owns (not part of the record), freed only after this receive's final
+        // completion (`ops()` counts it) and read only after that completion.
         unsafe { self.push(entry) }
     }
 
