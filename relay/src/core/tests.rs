@@ -1250,6 +1250,9 @@ fn an_idle_phone_costs_its_worker_exact_lists_and_a_compact_room() {
     // doubling gave four).
     assert_eq!(h.core.users[&Text::from("ann")].capacity(), 1);
     assert_eq!(h.core.local[&dm].capacity(), 2);
+    // A room made by a join has its member at once: it is never queued for an eviction
+    // check (each entry was 64 bytes, one per two phones).
+    assert!(h.core.idle_rooms.is_empty());
     let owned = &h.core.owned[&dm];
     assert_eq!(owned.members.len(), 2);
     assert!(owned.members.contains(&Text::from("bob")));
