@@ -27,7 +27,8 @@
 //!
 //! The max rate is searched (x1.5 up to the first failure, then bisected; a failed rate is
 //! tried twice) for the relay on each backend and for the baseline, interleaved per round;
-//! medians of the rounds.
+//! medians of the rounds. Each relay measurement runs in a process of its own (this
+//! executable with `--relay-max`), so no backend measures on a heap another relay left.
 //!
 //! # Modes (`PABAL_PHONE_MODE`)
 //! - `shape` (default): relay (io_uring, epoll) and baseline, `PABAL_PHONE_ROUNDS` rounds
@@ -560,6 +561,55 @@ fn relay_max(
     (best, name)
 }
 
+/// [`relay_max`] in a process of its own (this executable with `--relay-max`): a relay
+/// started after another in the same process measures on the heap the first one left
+/// behind, so each measurement gets a fresh process, as the other server benches do.
+fn relay_max_isolated(
+    backend: BackendKind,
+    workers: usize,
+    rooms: usize,
+    members: usize,
+    start: f64,
+) -> (Outcome, String) {
+    let name = match backend {
+        BackendKind::Epoll => "epoll",
+        _ => "io_uring",
+    };
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--relay-max", name])
+        .args([workers, rooms, members].map(|n| n.to_string()))
+        .arg(start.to_string())
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the {name} measurement failed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("relay-max: "))
+        .expect("the child's result line");
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let outcome = Outcome {
+        rate: f[0].parse().unwrap(),
+        p99_us: f[1].parse().unwrap(),
+        lost: f[2].parse().unwrap(),
+    };
+    (outcome, f[3].to_string())
+}
+
+/// The child side of [`relay_max_isolated`]: `--relay-max BACKEND WORKERS ROOMS MEMBERS START`.
+fn relay_max_child(args: &[String]) {
+    let backend = if args[0] == "epoll" {
+        BackendKind::Epoll
+    } else {
+        BackendKind::IoUring
+    };
+    let n = |i: usize| -> usize { args[i].parse().unwrap() };
+    let (o, name) = relay_max(backend, n(1), n(2), n(3), args[4].parse().unwrap());
+    println!("relay-max: {} {} {} {name}", o.rate, o.p99_us, o.lost);
+}
+
 /// A DELIVER frame as the relay sends it to a phone (steady state: next in sequence, a
 /// known sender), carrying `payload`.
 fn deliver_frame(payload: &[u8]) -> BytesMut {
@@ -646,7 +696,7 @@ fn mode_shape() {
         let mut base_rates = Vec::new();
         let mut relay_rates: Vec<Vec<f64>> = backends.iter().map(|_| Vec::new()).collect();
         let mut ratios: Vec<Vec<f64>> = backends.iter().map(|_| Vec::new()).collect();
-        let mut names = vec![""; backends.len()];
+        let mut names = vec![String::new(); backends.len()];
         let mut start = 20_000.0;
         for round in 1..=rounds {
             let base = baseline_max(rooms, members, start);
@@ -654,11 +704,11 @@ fn mode_shape() {
             let mut line = format!("  round {round}: baseline {}", show(&base));
             base_rates.push(base.rate);
             for (b, &backend) in backends.iter().enumerate() {
-                let (o, name) = relay_max(backend, 1, rooms, members, start);
+                let (o, name) = relay_max_isolated(backend, 1, rooms, members, start);
+                line += &format!(", {name} {} = {:.2}", show(&o), o.rate / base.rate);
                 names[b] = name;
                 relay_rates[b].push(o.rate);
                 ratios[b].push(o.rate / base.rate);
-                line += &format!(", {name} {} = {:.2}", show(&o), o.rate / base.rate);
             }
             println!("{line}");
         }
@@ -687,7 +737,7 @@ fn mode_workers() {
         let mut one = None;
         let mut start = 20_000.0;
         for workers in worker_counts() {
-            let (o, name) = relay_max(backend, workers, rooms, members, start);
+            let (o, name) = relay_max_isolated(backend, workers, rooms, members, start);
             start = o.rate;
             let base = *one.get_or_insert(o.rate / workers as f64);
             println!(
@@ -714,7 +764,12 @@ fn storm_thread(addr: SocketAddr, me: usize, stop: &AtomicBool) -> u64 {
 fn mode_storm() {
     let threads: usize = env_or("PABAL_STORM_THREADS", 4);
     let secs = trial_secs().max(3.0);
-    for backend in pabal_testkit::backends() {
+    // Each backend's relays in a process of their own (the mode travels in the environment).
+    let Some(backend) = common::child_backend() else {
+        common::run_each_backend_in_its_own_process(&[]);
+        return;
+    };
+    {
         for workers in worker_counts() {
             let mut config = common::relay_config(backend);
             config.workers = workers;
@@ -748,6 +803,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--phones-child") {
         return child(&args[i + 1..]);
+    }
+    if let Some(i) = args.iter().position(|a| a == "--relay-max") {
+        return relay_max_child(&args[i + 1..]);
     }
     match std::env::var("PABAL_PHONE_MODE")
         .as_deref()

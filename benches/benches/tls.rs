@@ -193,6 +193,12 @@ fn main() {
         println!("{}", idle_memory(backend, n, certs.as_ref()));
         return;
     }
+    // Each backend in a process of its own: a relay started after another in the same
+    // process measures on the heap the first one left behind.
+    let Some(backend) = common::child_backend() else {
+        common::run_each_backend_in_its_own_process(&[]);
+        return;
+    };
     let pki = TestPki::new();
     let (cert, key) = pki.issue();
     let certs = Certs {
@@ -221,7 +227,7 @@ fn main() {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
     };
-    for backend in pabal_testkit::backends() {
+    {
         let plain = idle(backend, false);
         let tls = idle(backend, true);
         println!(

@@ -39,83 +39,81 @@ const OUT_POOL_BUFFERS: usize = 256;
 /// Output buffers with more spare capacity than this are freed rather than pooled.
 const OUT_POOL_BUFFER_MAX: usize = 16 * 1024;
 
+/// What a connection has queued or in flight. A connection holds one only while it has
+/// something to send: it takes one from the worker's pool and gives it back once everything
+/// it queued is written, so an idle connection holds a `None` instead of two buffers and a
+/// list (80 bytes of its record).
+#[derive(Debug, Default)]
+struct Output {
+    /// Frames encoded and not yet handed to the backend.
+    out: BytesMut,
+    /// Batches ready for the backend, in order.
+    pending: VecDeque<Bytes>,
+    pending_bytes: usize,
+    inflight_bytes: usize,
+}
+
 thread_local! {
-    /// The worker's pool of output buffers: a connection takes one when it has something to
-    /// send and gives it back once everything it queued is written, so an idle connection
-    /// holds none. Per thread, and a worker's core runs on its own thread: the pool is the
-    /// worker's, never shared or locked across cores.
-    static OUT_POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
-    /// The same for the lists of batches handed to the backend ([`Conn::pending`]).
-    static PENDING_POOL: RefCell<Vec<VecDeque<Bytes>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// A spare batch list from this worker's pool (an unallocated one when the pool is empty).
-fn take_pending() -> VecDeque<Bytes> {
-    PENDING_POOL
-        .with(|pool| pool.borrow_mut().pop())
-        .unwrap_or_default()
-}
-
-/// Gives an emptied batch list back to this worker's pool (or frees it).
-fn give_pending(list: VecDeque<Bytes>) {
-    if list.is_empty() && list.capacity() > 0 && list.capacity() <= PENDING_POOL_MAX {
-        PENDING_POOL.with(|pool| {
-            let mut pool = pool.borrow_mut();
-            if pool.len() < OUT_POOL_BUFFERS {
-                pool.push(list);
-            }
-        });
-    }
+    /// The worker's pool of [`Output`]s, with their buffers. Per thread, and a worker's core
+    /// runs on its own thread: the pool is the worker's, never shared or locked across cores.
+    #[allow(clippy::vec_box)] // reason: the boxes themselves are what is pooled (a connection holds one)
+    static OUTPUT_POOL: RefCell<Vec<Box<Output>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Batch lists longer than this are freed rather than pooled.
 const PENDING_POOL_MAX: usize = 64;
 
-/// A spare output buffer from this worker's pool (an empty one when the pool is empty).
-fn take_out_buffer() -> BytesMut {
-    OUT_POOL
+/// A spare output from this worker's pool (a new, unallocated one when the pool is empty).
+fn take_output() -> Box<Output> {
+    OUTPUT_POOL
         .with(|pool| pool.borrow_mut().pop())
         .unwrap_or_default()
 }
 
-/// Gives an emptied output buffer back to this worker's pool (or frees it).
-fn give_out_buffer(buf: BytesMut) {
-    let spare = buf.capacity();
-    if buf.is_empty() && spare > 0 && spare <= OUT_POOL_BUFFER_MAX {
-        OUT_POOL.with(|pool| {
-            let mut pool = pool.borrow_mut();
-            if pool.len() < OUT_POOL_BUFFERS {
-                pool.push(buf);
-            }
-        });
+/// Gives an emptied output back to this worker's pool (or frees it), keeping its buffers
+/// unless they grew large.
+fn give_output(mut output: Box<Output>) {
+    if output.out.capacity() > OUT_POOL_BUFFER_MAX || !output.out.is_empty() {
+        output.out = BytesMut::new();
     }
+    if output.pending.capacity() > PENDING_POOL_MAX {
+        output.pending = VecDeque::new();
+    }
+    output.pending.clear();
+    output.pending_bytes = 0;
+    output.inflight_bytes = 0;
+    OUTPUT_POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.len() < OUT_POOL_BUFFERS {
+            pool.push(output);
+        }
+    });
 }
 
-/// A token bucket: `rate` tokens per second, holding at most `burst`.
+/// A token bucket's level, without its rate and burst: the caller passes them to each
+/// [`Tokens::take`]. A connection's limits are the config's, the same for every
+/// connection, so its record carries only this (24 bytes a bucket instead of 40), and a
+/// reload applies to every connection at its next take.
 #[derive(Debug, Clone, Copy)]
-pub struct TokenBucket {
+pub struct Tokens {
     tokens: f64,
-    rate: f64,
-    burst: f64,
     last: Instant,
 }
 
-impl TokenBucket {
-    /// A full bucket.
-    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
-        TokenBucket {
+impl Tokens {
+    /// A full bucket of `burst` tokens.
+    pub fn full(burst: f64, now: Instant) -> Self {
+        Tokens {
             tokens: burst,
-            rate,
-            burst,
             last: now,
         }
     }
 
-    /// Takes one token if there is one.
-    pub fn take(&mut self, now: Instant) -> bool {
+    /// Takes one token if there is one, refilling at `rate` per second up to `burst`.
+    pub fn take(&mut self, now: Instant, rate: f64, burst: f64) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -123,12 +121,36 @@ impl TokenBucket {
             false
         }
     }
+}
+
+/// A token bucket: `rate` tokens per second, holding at most `burst`.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
+    tokens: Tokens,
+    rate: f64,
+    burst: f64,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        TokenBucket {
+            tokens: Tokens::full(burst, now),
+            rate,
+            burst,
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
+        self.tokens.take(now, self.rate, self.burst)
+    }
 
     /// Changes the rate and burst (a reload), keeping the tokens already earned.
     pub fn reconfigure(&mut self, rate: f64, burst: f64) {
         self.rate = rate;
         self.burst = burst;
-        self.tokens = self.tokens.min(burst);
+        self.tokens.tokens = self.tokens.tokens.min(burst);
     }
 }
 
@@ -225,11 +247,8 @@ pub struct Conn {
     pub phase: Phase,
     /// Bytes received but not yet decoded (at most one partial frame).
     pub rbuf: BytesMut,
-    out: BytesMut,
-    /// Batches ready for the backend, in order.
-    pub pending: VecDeque<Bytes>,
-    pending_bytes: usize,
-    inflight_bytes: usize,
+    /// What is queued or in flight (`None` while idle: see [`Output`]).
+    output: Option<Box<Output>>,
     /// A batch is with the backend.
     pub sending: bool,
     /// In the worker's list of connections to flush this tick.
@@ -254,10 +273,10 @@ pub struct Conn {
     pub heartbeat: Duration,
     /// Half-closed already.
     pub shut: bool,
-    /// Publishes allowed per second.
-    pub publish_bucket: TokenBucket,
+    /// Publishes allowed per second (`limits.publish_rate`, `publish_burst`).
+    pub publish_bucket: Tokens,
     /// SUBSCRIBE and UNSUBSCRIBE frames allowed per second.
-    pub subscribe_bucket: TokenBucket,
+    pub subscribe_bucket: Tokens,
     /// Publishes sent to their rooms' owners and not yet answered.
     pub publishes_in_flight: u32,
     /// What only some connections need (`None` until one does).
@@ -293,18 +312,15 @@ impl Conn {
         id: u64,
         now: Instant,
         heartbeat: Duration,
-        publish_bucket: TokenBucket,
-        subscribe_bucket: TokenBucket,
+        publish_bucket: Tokens,
+        subscribe_bucket: Tokens,
     ) -> Self {
         Conn {
             token,
             id,
             phase: Phase::Handshake,
             rbuf: BytesMut::new(),
-            out: BytesMut::new(),
-            pending: VecDeque::new(),
-            pending_bytes: 0,
-            inflight_bytes: 0,
+            output: None,
             sending: false,
             dirty: false,
             user: None,
@@ -335,7 +351,9 @@ impl Conn {
 
     /// Bytes queued or in flight.
     pub fn queued(&self) -> usize {
-        self.out.len() + self.pending_bytes + self.inflight_bytes
+        self.output
+            .as_ref()
+            .map_or(0, |o| o.out.len() + o.pending_bytes + o.inflight_bytes)
     }
 
     /// Whether a frame of (at most) `frame_len` bytes fits the connection's window of
@@ -348,7 +366,9 @@ impl Conn {
 
     /// Whether anything waits to be handed to the backend.
     pub fn has_output(&self) -> bool {
-        !self.out.is_empty() || !self.pending.is_empty()
+        self.output
+            .as_ref()
+            .is_some_and(|o| !o.out.is_empty() || !o.pending.is_empty())
     }
 
     /// Whether frames may still be queued: not once closing, when the last frame (a GOAWAY
@@ -362,18 +382,15 @@ impl Conn {
         self.phase == Phase::Open
     }
 
-    /// The output buffer, taken from the worker's pool if the connection holds none.
-    fn out_buffer(&mut self) -> &mut BytesMut {
-        if self.out.capacity() == 0 {
-            self.out = take_out_buffer();
-        }
-        &mut self.out
+    /// The output, taken from the worker's pool if the connection holds none.
+    fn output(&mut self) -> &mut Output {
+        self.output.get_or_insert_with(take_output)
     }
 
     /// Queues a frame (dropped once closing: see [`Conn::writable`]).
     pub fn write(&mut self, frame: &ServerFrame) {
         if self.writable() {
-            frame.encode(self.out_buffer());
+            frame.encode(&mut self.output().out);
         }
     }
 
@@ -383,47 +400,49 @@ impl Conn {
         if !self.writable() {
             return;
         }
-        header.encode_prefix(payload.len(), self.out_buffer());
+        let o = self.output();
+        header.encode_prefix(payload.len(), &mut o.out);
         if payload.len() >= SHARED_PAYLOAD_MIN {
-            if self.pending.capacity() == 0 {
-                self.pending = take_pending();
-            }
-            let head = self.out.split().freeze();
-            self.pending_bytes += head.len() + payload.len();
-            self.pending.push_back(head);
-            self.pending.push_back(payload.clone());
+            let head = o.out.split().freeze();
+            o.pending_bytes += head.len() + payload.len();
+            o.pending.push_back(head);
+            o.pending.push_back(payload.clone());
         } else {
-            self.out.extend_from_slice(payload);
+            o.out.extend_from_slice(payload);
         }
     }
 
     /// Moves everything queued into `pending` for a send; returns the batch's size.
     pub fn take_batch(&mut self) -> usize {
-        if self.pending.capacity() == 0 {
-            self.pending = take_pending();
+        let o = self.output();
+        if !o.out.is_empty() {
+            let tail = o.out.split().freeze();
+            o.pending_bytes += tail.len();
+            o.pending.push_back(tail);
         }
-        if !self.out.is_empty() {
-            let tail = self.out.split().freeze();
-            self.pending_bytes += tail.len();
-            self.pending.push_back(tail);
-        }
-        let bytes = self.pending_bytes;
-        self.inflight_bytes = bytes;
-        self.pending_bytes = 0;
+        let bytes = o.pending_bytes;
+        o.inflight_bytes = bytes;
+        o.pending_bytes = 0;
         self.sending = true;
         bytes
+    }
+
+    /// The batch [`Conn::take_batch`] made, for the backend (which takes its contents).
+    pub fn batch(&mut self) -> &mut VecDeque<Bytes> {
+        &mut self.output().pending
     }
 
     /// The backend finished the batch in flight. A connection with nothing more to send
     /// gives its output buffers back to the worker's pool.
     pub fn batch_sent(&mut self) {
-        self.inflight_bytes = 0;
         self.sending = false;
-        if !self.has_output() {
-            give_out_buffer(std::mem::take(&mut self.out));
-            if self.pending.capacity() > 0 {
-                give_pending(std::mem::take(&mut self.pending));
-            }
+        if let Some(o) = &mut self.output {
+            o.inflight_bytes = 0;
+        }
+        if !self.has_output()
+            && let Some(output) = self.output.take()
+        {
+            give_output(output);
         }
     }
 
@@ -515,35 +534,26 @@ mod tests {
     #[test]
     fn an_idle_connection_holds_no_buffers_and_a_compact_record() {
         let t0 = Instant::now();
-        let bucket = TokenBucket::new(1.0, 1.0, t0);
+        let bucket = Tokens::full(1.0, t0);
         let mut conn = Conn::new(1, 1, t0, Duration::from_secs(30), bucket, bucket);
         // Rare state (backlogs, retired aliases, a pending fatal ERROR) lives apart.
         let record = std::mem::size_of::<Conn>();
         eprintln!("the connection record: {record} bytes");
         assert!(
-            record <= 456,
+            record <= 352,
             "the connection record grew to {record} bytes"
         );
         conn.ping();
-        assert!(conn.queued() > 0 && conn.out.capacity() > 0);
+        assert!(conn.queued() > 0 && conn.output.as_ref().is_some_and(|o| o.out.capacity() > 0));
         conn.take_batch();
         // The backend takes the batch (`Transport::send` swaps the list's contents out).
-        conn.pending.clear();
+        conn.batch().clear();
         conn.batch_sent();
         assert_eq!(conn.queued(), 0);
-        assert_eq!(
-            conn.out.capacity(),
-            0,
-            "the output buffer went back to the pool"
-        );
-        assert_eq!(
-            conn.pending.capacity(),
-            0,
-            "the batch list went back to the pool"
-        );
-        // The next frame takes them from the pool again.
+        assert!(conn.output.is_none(), "the output went back to the pool");
+        // The next frame takes it, with its buffer, from the pool again.
         conn.ping();
-        assert!(conn.out.capacity() > 0);
+        assert!(conn.output.as_ref().is_some_and(|o| o.out.capacity() > 0));
         // Two bindings take two slots, not a vector's spare capacity.
         for (expected, name) in [(0, "a"), (1, "b")] {
             let alias = conn.free_alias();
@@ -569,6 +579,21 @@ mod tests {
             conn.pong();
         }
         assert!(conn.rare.is_none());
+    }
+
+    #[test]
+    fn a_connections_tokens_follow_the_limits_passed_to_each_take() {
+        let t0 = Instant::now();
+        let mut t = Tokens::full(3.0, t0);
+        assert!(t.take(t0, 10.0, 3.0) && t.take(t0, 10.0, 3.0));
+        // A reload lowers the burst to 1: the one token left is all there is.
+        assert!(t.take(t0, 10.0, 1.0));
+        assert!(!t.take(t0, 10.0, 1.0));
+        let later = t0 + Duration::from_secs(60);
+        assert!(t.take(later, 10.0, 1.0), "refilled up to the new burst");
+        assert!(!t.take(later, 10.0, 1.0), "and no further");
+        // A raised rate refills faster.
+        assert!(t.take(later + Duration::from_millis(10), 100.0, 1.0));
     }
 
     #[test]

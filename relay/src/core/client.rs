@@ -112,8 +112,12 @@ impl Core {
 
     pub(super) fn take_subscribe_budget(&mut self, token: Token) -> bool {
         let now = self.now;
+        let (rate, burst) = (
+            self.config.limits.subscribe_rate,
+            self.config.limits.subscribe_burst,
+        );
         self.conn(token)
-            .is_some_and(|c| c.service || c.subscribe_bucket.take(now))
+            .is_some_and(|c| c.service || c.subscribe_bucket.take(now, rate, burst))
     }
 
     pub(super) fn negotiate_heartbeat(&self, asked_secs: u32) -> u32 {
@@ -210,7 +214,7 @@ impl Core {
                 user: user.clone(),
             }),
         );
-        self.users.entry(user.clone()).or_default().push(token);
+        push_compact(self.users.entry(user.clone()).or_default(), token);
 
         // Resolve resume entries against the user's own rooms: entry i is alias i.
         let mut by_id: HashMap<u64, usize> = HashMap::with_capacity(rooms.len());
@@ -445,8 +449,12 @@ impl Core {
                 format!("payload of {} bytes exceeds {max_payload}", p.payload.len()),
             );
         }
+        let (rate, burst) = (
+            self.config.limits.publish_rate,
+            self.config.limits.publish_burst,
+        );
         let Some(conn) = self.conn(token) else { return };
-        if !conn.service && !conn.publish_bucket.take(now) {
+        if !conn.service && !conn.publish_bucket.take(now, rate, burst) {
             inc(&self.stats.rate_limited, 1);
             return self.refuse(
                 token,

@@ -124,7 +124,7 @@ impl Core {
                 remove,
                 set,
             } => {
-                let current: HashSet<Text> = self.owned_room(&room).members.clone();
+                let current: HashSet<Text> = self.owned_room(&room).members.to_set();
                 let (add, remove): (Vec<Text>, Vec<Text>) = if set {
                     let wanted: HashSet<Text> = add.into_iter().collect();
                     (

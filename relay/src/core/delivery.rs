@@ -140,10 +140,7 @@ impl Core {
         if let Some(frame) = frame {
             self.write(token, &frame);
         }
-        self.local
-            .entry(room.clone())
-            .or_default()
-            .push((token, alias));
+        push_compact(self.local.entry(room.clone()).or_default(), (token, alias));
         // A phone resuming hundreds of rooms gets one first page per room; past its queue
         // cap the rest wait and are fetched page by page as the socket drains, like any
         // lagging connection, so a resume never grows memory past the cap.

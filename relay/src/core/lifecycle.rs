@@ -15,7 +15,7 @@ use pabal_codec::{ErrorCode, ErrorFrame, GoAway, GoAwayReason, ServerFrame, Text
 
 use super::*;
 use crate::config::Config;
-use crate::conn::{Conn, Phase, SubMode, TokenBucket};
+use crate::conn::{Conn, Phase, SubMode, Tokens};
 use crate::ids::RoomName;
 use crate::io::Token;
 use crate::mesh::CoreMsg;
@@ -33,8 +33,8 @@ impl Core {
         self.next_conn_id += 1;
         let conn_id = ((self.id as u64) << 48) | self.next_conn_id;
         let limits = &self.config.limits;
-        let publish = TokenBucket::new(limits.publish_rate, limits.publish_burst, self.now);
-        let subscribe = TokenBucket::new(limits.subscribe_rate, limits.subscribe_burst, self.now);
+        let publish = Tokens::full(limits.publish_burst, self.now);
+        let subscribe = Tokens::full(limits.subscribe_burst, self.now);
         let conn = Conn::new(
             0,
             conn_id,
@@ -398,13 +398,8 @@ impl Core {
                 .history
                 .set_retention(config.retention_for(room.name.as_str()));
         }
+        // Connections' buckets take the new rates and bursts at their next take.
         let limits = &config.limits;
-        for conn in self.conns.iter_mut() {
-            conn.publish_bucket
-                .reconfigure(limits.publish_rate, limits.publish_burst);
-            conn.subscribe_bucket
-                .reconfigure(limits.subscribe_rate, limits.subscribe_burst);
-        }
         self.directory
             .set_max_blocked_per_user(limits.max_blocked_per_user);
         let rate = limits.new_connections_per_second / self.cores as f64;

@@ -129,7 +129,9 @@ pub struct Core {
     dirty: Vec<Token>,
     to_close: Vec<Token>,
     close_listeners: bool,
-    owned: HashMap<RoomName, OwnedRoom>,
+    /// Boxed: a hash map keeps up to twice its entries in buckets, and a bucket of a boxed
+    /// record costs a pointer, not the whole record.
+    owned: HashMap<RoomName, Box<OwnedRoom>>,
     local: HashMap<RoomName, Vec<(Token, u32)>>,
     users: HashMap<Text, Vec<Token>>,
     timers: BinaryHeap<Reverse<(Instant, Token)>>,
@@ -171,6 +173,19 @@ fn key_of(token: Token) -> Key {
         index: token as u32,
         generation: (token >> 32) as u32,
     }
+}
+
+/// Below this many entries, [`push_compact`] grows a list one entry at a time.
+const EXACT_LIST: usize = 8;
+
+/// Pushes onto a list that is usually short (a user's connections on this worker, a 1:1
+/// room's subscribers here): while it is short it gets no spare capacity, which a vector's
+/// doubling would give it (four slots for one entry) in every idle phone's lists.
+pub(super) fn push_compact<T>(list: &mut Vec<T>, item: T) {
+    if list.len() < EXACT_LIST {
+        list.reserve_exact(1);
+    }
+    list.push(item);
 }
 
 /// The live connection for `token` in a slab (for methods that borrow other fields of the
@@ -625,7 +640,7 @@ impl Core {
                 let bytes = conn.take_batch();
                 inc(&self.stats.bytes_out, bytes as u64);
                 inc(&self.stats.sends, 1);
-                transport.send(token, &mut conn.pending);
+                transport.send(token, conn.batch());
             }
             if conn.phase == Phase::Closing && !conn.sending && !conn.has_output() && !conn.shut {
                 conn.shut = true;
@@ -658,6 +673,7 @@ mod control;
 mod delivery;
 mod durable;
 mod lifecycle;
+mod members;
 mod owner;
 
 #[cfg(test)]

@@ -5,7 +5,6 @@
 //! Owns: [`OwnedRoom`]s. Must not touch: connections (it answers their workers with
 //! messages, even when the connection is on this worker).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -37,7 +36,7 @@ pub(super) struct OwnedRoom {
     pub(super) interest: Vec<u32>,
     /// Members (rooms) or subscribers (channels); the directory holds the same facts by
     /// user, and every change to both goes through this owner.
-    pub(super) members: HashSet<Text>,
+    pub(super) members: super::members::MemberSet,
     /// In the worker's queue of idle rooms to check for eviction.
     pub(super) idle_queued: bool,
     /// The server API's recent `Idempotency-Key`s and the sequences they got (boxed: most
@@ -79,16 +78,32 @@ impl Core {
         owned
     }
 
+    /// Takes ownership of `room` with `record`.
+    fn hold_room(&mut self, room: RoomName, record: OwnedRoom) {
+        self.owned.insert(room, Box::new(record));
+    }
+
+    /// Creates `room` and queues it for an eviction check: it is unused until someone joins
+    /// or subscribes.
     pub(super) fn create_room(&mut self, room: &RoomName, epoch: u64) {
+        self.create_room_unqueued(room, epoch);
+        self.note_if_unused(room);
+    }
+
+    /// Creates `room` without queuing it for an eviction check: for a join, which puts its
+    /// member in at once (and queues the room itself if it fails), so that a room made by a
+    /// join costs no entry in the queue of idle rooms (64 bytes each, and the queue keeps
+    /// its high-water capacity).
+    fn create_room_unqueued(&mut self, room: &RoomName, epoch: u64) {
         let retention = self.config.retention_for(room.name.as_str());
-        self.owned.insert(
+        self.hold_room(
             room.clone(),
             OwnedRoom {
                 epoch,
                 head: 0,
                 history: History::new(retention),
                 interest: vec![0; self.cores],
-                members: HashSet::new(),
+                members: super::members::MemberSet::default(),
                 idle_queued: false,
                 idempotency: None,
                 publish_ids: None,
@@ -99,8 +114,6 @@ impl Core {
         self.stats
             .rooms
             .store(self.owned.len() as u64, Ordering::Relaxed);
-        // Unused until someone joins or subscribes; checked for eviction in a while.
-        self.note_if_unused(room);
     }
 
     /// The epoch of a room created now: unique on this worker and never below the boot
@@ -355,11 +368,13 @@ impl Core {
         let was_blocked = unblock && self.directory.is_blocked(user, room);
         let added = self.directory.add(user, room, join, unblock)?;
         if !self.owned.contains_key(room) {
-            self.create_room(room, join.epoch);
+            self.create_room_unqueued(room, join.epoch);
         }
         if (added.new || was_blocked)
             && let Err(e) = self.store_join(room, user, added.join, was_blocked)
         {
+            // No member goes in: a room this join made waits for its eviction check.
+            self.note_if_unused(room);
             // Not stored, so not done: undo the directory's side.
             if added.new {
                 self.directory.remove(user, room, was_blocked);

@@ -38,7 +38,7 @@ use socket2::SockRef;
 
 use super::accept::{AcceptBackoff, AcceptError};
 use super::probe::BackendOptions;
-use super::slab::{Key, Slab, consume};
+use super::slab::{Key, ListPool, Slab, consume};
 use super::{AcceptStats, Backend, CloseReason, EventSink, SendStats, Token, Transport, Wakeup};
 
 /// Most buffers handed to one `sendmsg` (the contract asks for vectored writes).
@@ -99,6 +99,8 @@ pub struct EpollBackend {
     wakeup: Wakeup,
     listeners: Vec<Option<TcpListener>>,
     conns: Slab<Conn>,
+    /// Spare send queues (a connection holds one only while it sends).
+    lists: ListPool,
     by_token: HashMap<Token, u32>,
     /// Connections with work queued for the start of the next `poll`.
     dirty: Vec<Key>,
@@ -133,6 +135,7 @@ impl EpollBackend {
             wakeup,
             listeners: Vec::new(),
             conns: Slab::new(GEN_BITS),
+            lists: ListPool::default(),
             by_token: HashMap::new(),
             dirty: Vec::new(),
             ready: Vec::new(),
@@ -322,6 +325,8 @@ impl EpollBackend {
             }
             if conn.out.is_empty() {
                 conn.in_flight = false;
+                // The emptied queue goes to the pool: an idle connection holds none.
+                self.lists.give(std::mem::take(&mut conn.out));
                 let (token, total) = (conn.token, std::mem::take(&mut conn.out_total));
                 let shutdown = std::mem::take(&mut conn.shutdown_pending);
                 if shutdown {
@@ -492,9 +497,12 @@ impl Transport for EpollBackend {
     }
 
     fn send(&mut self, token: Token, bufs: &mut VecDeque<Bytes>) {
-        let Some((idx, conn)) = self.lookup(token) else {
+        let Some(&idx) = self.by_token.get(&token) else {
             tracing::debug!(token, "send on an unknown token; dropped");
             bufs.clear();
+            return;
+        };
+        let Some((_, conn)) = self.conns.at_mut(idx) else {
             return;
         };
         let total: usize = bufs.iter().map(Bytes::len).sum();
@@ -503,7 +511,10 @@ impl Transport for EpollBackend {
             tracing::debug!(token, "send while a batch is in flight; appended to it");
             conn.out.extend(bufs.drain(..));
         } else {
-            // Swap so that both sides keep their VecDeque allocations.
+            // Swap with a pooled queue, so that the worker gets an allocated list back.
+            if conn.out.capacity() == 0 {
+                conn.out = self.lists.take();
+            }
             std::mem::swap(&mut conn.out, bufs);
             bufs.clear();
             conn.in_flight = true;
@@ -541,6 +552,16 @@ impl Transport for EpollBackend {
 }
 
 impl Backend for EpollBackend {
+    #[cfg(test)]
+    fn idle_send_state(&mut self) -> (usize, usize) {
+        let held = self
+            .conns
+            .iter()
+            .filter(|c| !c.in_flight && c.out.capacity() > 0)
+            .count();
+        (held, self.lists.spare())
+    }
+
     fn name(&self) -> &'static str {
         "epoll"
     }

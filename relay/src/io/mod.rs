@@ -144,6 +144,11 @@ pub trait Backend: Transport {
     fn storage_executor(&mut self) -> Option<&mut dyn crate::storage::CommitExecutor> {
         None
     }
+    /// Connections holding send state (a queue's allocation, io_uring's send vectors) with
+    /// no send in flight, and spare queues in the backend's pool. Tests check that an idle
+    /// connection holds none.
+    #[cfg(test)]
+    fn idle_send_state(&mut self) -> (usize, usize);
 }
 
 /// How a backend's sends met full socket buffers, since it started.

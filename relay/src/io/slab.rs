@@ -1,5 +1,6 @@
-//! [`Slab`]: the generational slab both backends keep their connections in, and
-//! [`consume`], which drops written bytes from the front of a send queue.
+//! [`Slab`]: the generational slab both backends keep their connections in, [`consume`],
+//! which drops written bytes from the front of a send queue, and [`ListPool`], the spare
+//! send queues that let an idle connection hold none.
 //!
 //! Owns slot reuse and the generation check that keeps a stale event or completion (which
 //! names a slot index and the generation it was issued under) from reaching a connection
@@ -28,11 +29,19 @@ struct Slot<T> {
     value: Option<T>,
 }
 
+/// Slots per chunk of a [`Slab`].
+const CHUNK: usize = 128;
+
 /// Values in reusable slots; freed slots are reused last-in first-out, each reuse under a
 /// new generation.
+///
+/// The slots live in chunks of [`CHUNK`], each allocated once at its full size, not in one
+/// vector: a vector grows by doubling, so at 10,000 connections its allocation held 16,384
+/// connection records (and every doubling copied them all); chunks leave at most one
+/// chunk's worth of spare slots, and a slot never moves.
 #[derive(Debug)]
 pub struct Slab<T> {
-    slots: Vec<Slot<T>>,
+    chunks: Vec<Vec<Slot<T>>>,
     free: Vec<u32>,
     generation_mask: u32,
     len: usize,
@@ -43,7 +52,7 @@ impl<T> Slab<T> {
     pub fn new(generation_bits: u32) -> Self {
         debug_assert!((1..=32).contains(&generation_bits));
         Self {
-            slots: Vec::new(),
+            chunks: Vec::new(),
             free: Vec::new(),
             generation_mask: u32::MAX >> (32 - generation_bits.clamp(1, 32)),
             len: 0,
@@ -55,27 +64,45 @@ impl<T> Slab<T> {
         let index = match self.free.pop() {
             Some(index) => index,
             None => {
-                let index = u32::try_from(self.slots.len())
+                let index = u32::try_from(self.slot_count())
                     .map_err(|_| io::Error::other("too many connections for one worker"))?;
-                self.slots.push(Slot {
-                    generation: 0,
-                    value: None,
-                });
+                if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
+                    self.chunks.push(Vec::with_capacity(CHUNK));
+                }
+                if let Some(chunk) = self.chunks.last_mut() {
+                    chunk.push(Slot {
+                        generation: 0,
+                        value: None,
+                    });
+                }
                 index
             }
         };
-        let slot = &mut self.slots[index as usize];
+        // The slot was just found free or made.
+        let slot = self
+            .slot_mut(index)
+            .ok_or_else(|| io::Error::other("a free slab slot is missing"))?;
         slot.value = Some(value);
+        let generation = slot.generation;
         self.len += 1;
-        Ok(Key {
-            index,
-            generation: slot.generation,
-        })
+        Ok(Key { index, generation })
+    }
+
+    /// Slots ever allocated.
+    fn slot_count(&self) -> usize {
+        self.chunks
+            .last()
+            .map_or(0, |last| (self.chunks.len() - 1) * CHUNK + last.len())
+    }
+
+    fn slot_mut(&mut self, index: u32) -> Option<&mut Slot<T>> {
+        let index = index as usize;
+        self.chunks.get_mut(index / CHUNK)?.get_mut(index % CHUNK)
     }
 
     /// The value `key` names, if it is still there.
     pub fn get_mut(&mut self, key: Key) -> Option<&mut T> {
-        let slot = self.slots.get_mut(key.index as usize)?;
+        let slot = self.slot_mut(key.index)?;
         if slot.generation != key.generation {
             return None;
         }
@@ -84,7 +111,7 @@ impl<T> Slab<T> {
 
     /// Whatever occupies slot `index` now, with its key.
     pub fn at_mut(&mut self, index: u32) -> Option<(Key, &mut T)> {
-        let slot = self.slots.get_mut(index as usize)?;
+        let slot = self.slot_mut(index)?;
         let key = Key {
             index,
             generation: slot.generation,
@@ -95,9 +122,10 @@ impl<T> Slab<T> {
     /// Takes the value out of slot `index` and frees the slot under a new generation, so
     /// that keys naming the old value no longer resolve.
     pub fn remove_at(&mut self, index: u32) -> Option<T> {
-        let slot = self.slots.get_mut(index as usize)?;
+        let mask = self.generation_mask;
+        let slot = self.slot_mut(index)?;
         let value = slot.value.take()?;
-        slot.generation = slot.generation.wrapping_add(1) & self.generation_mask;
+        slot.generation = slot.generation.wrapping_add(1) & mask;
         self.free.push(index);
         self.len -= 1;
         Some(value)
@@ -121,26 +149,41 @@ impl<T> Slab<T> {
 
     /// Every value held, in slot order.
     pub fn iter(&self) -> impl Iterator<Item = &T> + '_ {
-        self.slots.iter().filter_map(|slot| slot.value.as_ref())
+        self.chunks
+            .iter()
+            .flatten()
+            .filter_map(|slot| slot.value.as_ref())
     }
 
     /// Every value held, in slot order, mutably.
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> + '_ {
-        self.slots.iter_mut().filter_map(|slot| slot.value.as_mut())
+        self.chunks
+            .iter_mut()
+            .flatten()
+            .filter_map(|slot| slot.value.as_mut())
     }
 
     /// Slots ever allocated (occupied or free): every index below it may be passed to
     /// [`Self::at_mut`] and [`Self::remove_at`].
     pub fn slots(&self) -> u32 {
         // `insert` never lets the length pass u32::MAX + 1; saturate rather than wrap.
-        u32::try_from(self.slots.len()).unwrap_or(u32::MAX)
+        u32::try_from(self.slot_count()).unwrap_or(u32::MAX)
+    }
+
+    /// Slots allocated, used or spare (tests check the spare ones are few).
+    #[cfg(test)]
+    fn allocated_slots(&self) -> usize {
+        self.chunks.iter().map(Vec::capacity).sum()
     }
 
     /// Takes every value out (teardown), leaving the slab empty.
     pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
         self.free.clear();
         self.len = 0;
-        self.slots.drain(..).filter_map(|slot| slot.value)
+        self.chunks
+            .drain(..)
+            .flatten()
+            .filter_map(|slot| slot.value)
     }
 }
 
@@ -159,6 +202,44 @@ pub fn consume(out: &mut VecDeque<Bytes>, mut n: usize) {
     }
     while out.front().is_some_and(Bytes::is_empty) {
         out.pop_front();
+    }
+}
+
+/// Spare send queues kept by one backend.
+const LIST_POOL_MAX: usize = 256;
+/// Queues with room for more buffers than this are freed rather than pooled.
+const LIST_POOL_CAPACITY_MAX: usize = 64;
+
+/// A backend's spare send queues. `send` swaps the worker's batch with the connection's
+/// queue, so the worker gets the queue back as its next (allocated) list; a connection
+/// whose batch is written gives its emptied queue here rather than keeping it while idle,
+/// and takes one from here for its next batch. Nothing is allocated per send once the
+/// pool and the worker's own pool hold enough queues.
+#[derive(Debug, Default)]
+pub struct ListPool(Vec<VecDeque<Bytes>>);
+
+impl ListPool {
+    /// A spare queue (empty, allocated), or an unallocated one when there is none.
+    pub fn take(&mut self) -> VecDeque<Bytes> {
+        self.0.pop().unwrap_or_default()
+    }
+
+    /// Takes back a queue whose buffers were written (or are dropped), keeping its
+    /// allocation while the pool has room.
+    pub fn give(&mut self, mut list: VecDeque<Bytes>) {
+        list.clear();
+        if list.capacity() > 0
+            && list.capacity() <= LIST_POOL_CAPACITY_MAX
+            && self.0.len() < LIST_POOL_MAX
+        {
+            self.0.push(list);
+        }
+    }
+
+    /// Spare queues held.
+    #[cfg(test)]
+    pub fn spare(&self) -> usize {
+        self.0.len()
     }
 }
 
@@ -187,6 +268,37 @@ mod tests {
         rest.sort_unstable();
         assert_eq!(rest, ["b", "c"]);
         assert_eq!(slab.slots(), 0);
+    }
+
+    #[test]
+    fn slots_grow_by_chunks_and_never_move() {
+        let mut slab = Slab::new(24);
+        let first = slab.insert(0usize).unwrap();
+        let first_at: *const usize = slab.get_mut(first).unwrap();
+        let keys: Vec<Key> = (1..1100).map(|i| slab.insert(i).unwrap()).collect();
+        // A vector would hold 2,048 slots for 1,100 values by now, and have moved them.
+        assert!(
+            slab.allocated_slots() <= 1100 + CHUNK,
+            "{} slots allocated for 1,100 values",
+            slab.allocated_slots()
+        );
+        assert_eq!(slab.slots(), 1100);
+        assert!(
+            std::ptr::eq(first_at, slab.get_mut(first).unwrap()),
+            "a slot moved"
+        );
+        for (i, key) in keys.iter().enumerate() {
+            assert_eq!(slab.get_mut(*key), Some(&mut (i + 1)));
+        }
+        // Free slots across chunks are reused, last freed first.
+        assert_eq!(slab.remove_at(130), Some(130));
+        assert_eq!(slab.remove_at(1099), Some(1099));
+        assert_eq!(slab.insert(7).unwrap().index, 1099);
+        assert_eq!(slab.insert(8).unwrap().index, 130);
+        assert_eq!(slab.iter().count(), 1100);
+        assert_eq!(slab.len(), 1100);
+        assert_eq!(slab.drain().count(), 1100);
+        assert_eq!((slab.slots(), slab.allocated_slots()), (0, 0));
     }
 
     #[test]

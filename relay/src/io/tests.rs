@@ -124,6 +124,7 @@ for_each_backend!(
     wakes_coalesce,
     close_listeners_refuses_new_connections,
     refused_connection_is_closed,
+    an_idle_connection_holds_no_send_state,
 );
 
 // ---- harness ----
@@ -202,8 +203,10 @@ impl EventSink for Rec {
     }
 }
 
-struct Server {
-    b: Box<dyn Backend>,
+/// A backend under test with its recording sink; generic so that a test of one backend can
+/// reach that backend's own inspection methods.
+struct Server<B: Backend + ?Sized = dyn Backend> {
+    b: Box<B>,
     s: Rec,
     addr: SocketAddr,
 }
@@ -221,8 +224,8 @@ fn bound_listener() -> (TcpListener, SocketAddr) {
     (listener, addr)
 }
 
-impl Server {
-    fn new(mut b: Box<dyn Backend>) -> Self {
+impl<B: Backend + ?Sized> Server<B> {
+    fn new(mut b: Box<B>) -> Self {
         let (listener, addr) = bound_listener();
         b.add_listener(listener).unwrap();
         Self {
@@ -964,6 +967,73 @@ fn options_validation_names_the_field() {
             .contains("cq_entries")
     );
     BackendOptions::default().validate().unwrap();
+}
+
+/// The io_uring connection record lives inline in the slab (it was boxed, 200-odd bytes
+/// with a send's `msghdr` and iovec list); the vectors come from a pool while a send is in
+/// flight (see [`an_idle_connection_holds_no_send_state`]).
+#[test]
+fn uring_connection_record_is_compact_and_send_vectors_are_pooled() {
+    let record = UringBackend::connection_record_bytes();
+    assert!(
+        record <= 136,
+        "the io_uring connection record grew to {record} bytes"
+    );
+    let opts = uring_opts(true);
+    if let Err(e) = probe::probe_uring(&opts) {
+        pabal_testkit::skip(format_args!("the io_uring variant: {e}"));
+        return;
+    }
+    let mut srv = Server::new(Box::new(UringBackend::new(&opts).unwrap()));
+    echo_and_hold_idle(&mut srv, |srv| {
+        assert_eq!(
+            srv.b.send_vectors_pooled(),
+            1,
+            "the vectors went back to the pool"
+        );
+    });
+}
+
+/// Echoes 3,000 bytes on one connection (vectored batches of three buffers), then, while
+/// the connection is open and idle, runs `check`.
+fn echo_and_hold_idle<B: Backend + ?Sized>(
+    srv: &mut Server<B>,
+    check: impl FnOnce(&mut Server<B>),
+) {
+    srv.s.echo = true;
+    let addr = srv.addr;
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let client = thread::spawn(move || {
+        let mut s = connect(addr);
+        s.write_all(&pattern(5, 3000)).unwrap();
+        let mut got = vec![0u8; 3000];
+        s.read_exact(&mut got).unwrap();
+        assert!(got == pattern(5, 3000), "echoed bytes differ");
+        // Stays open, idle, until the server side has looked.
+        let _ = held.recv();
+    });
+    srv.until("the echo, sent in full", |s| {
+        s.s.accepted.len() == 1
+            && s.s.in_flight.is_empty()
+            && s.s.echoed.values().sum::<usize>() == 3000
+            && s.s.sent.iter().map(|&(_, n)| n).sum::<usize>() == 3000
+    });
+    check(srv);
+    release.send(()).unwrap();
+    join(client);
+    srv.until("the peer's close", |s| s.s.closed.len() == 1);
+    srv.assert_clean();
+}
+
+/// A connection whose batches are written holds no send queue (nor io_uring's vectors):
+/// the emptied queue goes to the backend's pool, and the next batch takes one from there.
+fn an_idle_connection_holds_no_send_state(b: Box<dyn Backend>) {
+    let mut srv = Server::new(b);
+    echo_and_hold_idle(&mut srv, |srv| {
+        let (held, pooled) = srv.b.idle_send_state();
+        assert_eq!(held, 0, "an idle connection holds send state");
+        assert_eq!(pooled, 1, "the emptied queue went back to the pool");
+    });
 }
 
 /// Rings far too small for the load: the submission queue fills (submit and retry, then the

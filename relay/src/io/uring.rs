@@ -1,7 +1,7 @@
 //! The io_uring backend.
 //!
 //! Owns: one ring per worker, the provided-buffer ring its multishot receives fill, the
-//! worker's listeners and connections (as raw fds with per-connection send state, boxed in
+//! worker's listeners and connections (as raw fds with per-connection send state, inline in
 //! the shared [`Slab`] whose keys `user_data` carries), and the ring's poll on the worker's
 //! [`Wakeup`] eventfd. It implements the contract in [`super`] and nothing more: it never
 //! looks inside the bytes it moves and must not touch the epoll backend, the worker's state,
@@ -58,11 +58,14 @@
 //! Every SQE carries `user_data` = op kind | slot generation | slot index, never a pointer.
 //! A connection slot is reused only after every operation naming it has posted its final
 //! CQE (the slot counts them), so a late completion can never reach a new connection; the
-//! generation is a second check. The connection's state is boxed (its address is stable) and
-//! freed only at that point, so the `msghdr`, iovecs and `Bytes` of a send, and the buffer
-//! of a single-shot receive, outlive their operation. The buffer ring lives as long as the
-//! backend; on drop the backend cancels everything and waits for the completions, and leaks
-//! the memory rather than free it if the kernel does not answer.
+//! generation is a second check. The kernel is given no pointer into the connection record
+//! itself (it lives inline in the slab, whose slots do not move, but nothing relies on
+//! that): a send's `msghdr` and iovecs live in a boxed [`SendVectors`] that the connection
+//! holds while the send is in flight, its `Bytes` and a single-shot receive's buffer are
+//! heap memory the connection owns, and all of them are freed only once the operation's
+//! final completion is reaped, so they outlive their operation. The buffer ring lives as
+//! long as the backend; on drop the backend cancels everything and waits for the
+//! completions, and leaks the memory rather than free it if the kernel does not answer.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -79,7 +82,7 @@ use io_uring::{EnterFlags, IoUring, cqueue, opcode, squeue, types};
 
 use super::accept::{AcceptBackoff, AcceptError};
 use super::probe::BackendOptions;
-use super::slab::{Key, Slab, consume};
+use super::slab::{Key, ListPool, Slab, consume};
 use super::uring_storage::{RingCommits, StorageSqe};
 use super::wakeup::syscall;
 use super::{AcceptStats, Backend, CloseReason, EventSink, SendStats, Token, Transport, Wakeup};
@@ -260,8 +263,31 @@ impl BufRing {
     }
 }
 
-/// Send state of one connection. Lives in the boxed [`Conn`], so `msg` and `iov` keep their
-/// addresses while a `SENDMSG` that points at them is in flight.
+/// The `msghdr` and iovec list a `SENDMSG` points the kernel at. Boxed, so they keep their
+/// address while the send is in flight; a connection holds one only while it sends (taken
+/// from and given back to the backend's pool), so an idle connection holds none.
+struct SendVectors {
+    iov: Vec<libc::iovec>,
+    msg: libc::msghdr,
+}
+
+impl SendVectors {
+    fn new() -> Box<Self> {
+        Box::new(Self {
+            iov: Vec::new(),
+            // SAFETY: `msghdr` is a plain C struct for which all-zero is valid (null
+            // pointers, zero lengths).
+            msg: unsafe { mem::zeroed() },
+        })
+    }
+}
+
+/// Spare [`SendVectors`] kept by one backend.
+const SEND_VECTORS_POOL: usize = 256;
+/// Iovec lists longer than this are freed rather than pooled.
+const SEND_VECTORS_POOL_IOV_MAX: usize = 64;
+
+/// Send state of one connection.
 struct SendState {
     /// What is left of the batch; the `Bytes` stay here (not advanced, not dropped) until
     /// the send in flight completes.
@@ -270,8 +296,8 @@ struct SendState {
     total: usize,
     /// Bytes of the batch not yet written.
     remaining: usize,
-    iov: Vec<libc::iovec>,
-    msg: libc::msghdr,
+    /// The vectors of the send in flight (`None` while idle).
+    vectors: Option<Box<SendVectors>>,
     inflight: bool,
 }
 
@@ -293,7 +319,8 @@ struct Conn {
     eof_pending: bool,
     /// Data that completed while reads were paused (a receive races its cancellation).
     stash: Vec<u8>,
-    /// Single-shot receive buffer (no buffer ring).
+    /// Single-shot receive buffer (no buffer ring): heap memory of its own, whose address
+    /// the kernel is given.
     rbuf: Option<Box<[u8]>>,
     send: SendState,
     shutdown_pending: bool,
@@ -324,10 +351,7 @@ impl Conn {
                 bufs: VecDeque::new(),
                 total: 0,
                 remaining: 0,
-                iov: Vec::new(),
-                // SAFETY: `msghdr` is a plain C struct for which all-zero is valid (null
-                // pointers, zero lengths).
-                msg: unsafe { mem::zeroed() },
+                vectors: None,
                 inflight: false,
             },
             shutdown_pending: false,
@@ -367,8 +391,14 @@ pub struct UringBackend {
     accept_multishot: bool,
     poll_multishot: bool,
     buf_size: usize,
-    /// Boxed, so that the kernel's pointers into a connection survive the slab growing.
-    conns: Slab<Box<Conn>>,
+    /// Inline (the kernel holds no pointer into a record: see the module docs).
+    conns: Slab<Conn>,
+    /// Spare send queues (a connection holds one only while it sends).
+    lists: ListPool,
+    /// Spare send vectors ([`SendVectors`]), so a send allocates none.
+    #[allow(clippy::vec_box)]
+    // reason: each is handed to a connection as the box whose address the kernel reads
+    send_vectors: Vec<Box<SendVectors>>,
     by_token: HashMap<Token, u32>,
     listeners: Vec<ListenerSlot>,
     /// Whether accepting is paused, and when to re-arm the listeners.
@@ -497,6 +527,8 @@ impl UringBackend {
             poll_multishot: opts.uring_multishot,
             buf_size: opts.buf_size as usize,
             conns: Slab::new(GEN_BITS),
+            lists: ListPool::default(),
+            send_vectors: Vec::new(),
             by_token: HashMap::new(),
             listeners: Vec::new(),
             accept: AcceptBackoff::default(),
@@ -699,12 +731,12 @@ impl UringBackend {
             index: idx,
             generation,
         };
-        self.conns.get_mut(key).map(|conn| &mut **conn)
+        self.conns.get_mut(key)
     }
 
     /// The connection in slot `idx`, whatever its generation.
     fn conn_at(&mut self, idx: u32) -> Option<&mut Conn> {
-        self.conns.at_mut(idx).map(|(_, conn)| &mut **conn)
+        self.conns.at_mut(idx).map(|(_, conn)| conn)
     }
 
     fn queue_ready(&mut self, idx: u32) {
@@ -789,9 +821,9 @@ impl UringBackend {
         conn.recv_armed = true;
         conn.recv_cancelling = false;
         // SAFETY: with buffer select the kernel writes only into buffer-ring memory, which
-        // outlives every operation (see `Drop`). Otherwise `rbuf` is heap memory owned by the boxed
-        // connection, which is freed only after this receive's final completion (`ops()`
-        // counts it) and which we read only after that completion.
+        // outlives every operation (see `Drop`). Otherwise `rbuf` is a heap block the
+        // connection owns (not part of the record), freed only after this receive's final
+        // completion (`ops()` counts it) and read only after that completion.
         unsafe { self.push(entry) }
     }
 
@@ -834,8 +866,12 @@ impl UringBackend {
         };
         let generation = key.generation;
         let s = &mut conn.send;
-        s.iov.clear();
-        s.iov.extend(
+        let pool = &mut self.send_vectors;
+        let v = s
+            .vectors
+            .get_or_insert_with(|| pool.pop().unwrap_or_else(SendVectors::new));
+        v.iov.clear();
+        v.iov.extend(
             s.bufs
                 .iter()
                 .filter(|b| !b.is_empty())
@@ -852,7 +888,7 @@ impl UringBackend {
             0
         };
         let fd = types::Fd(conn.fd);
-        let entry = match s.iov.as_slice() {
+        let entry = match v.iov.as_slice() {
             // One buffer (one send's length is at most u32::MAX; a larger one takes SENDMSG).
             [one] if u32::try_from(one.iov_len).is_ok() => {
                 opcode::Send::new(fd, one.iov_base.cast_const().cast(), one.iov_len as u32)
@@ -861,18 +897,19 @@ impl UringBackend {
                     .build()
             }
             _ => {
-                s.msg.msg_iov = s.iov.as_mut_ptr();
-                s.msg.msg_iovlen = s.iov.len();
-                opcode::SendMsg::new(fd, &raw const s.msg)
+                v.msg.msg_iov = v.iov.as_mut_ptr();
+                v.msg.msg_iovlen = v.iov.len();
+                opcode::SendMsg::new(fd, &raw const v.msg)
                     .flags(libc::MSG_NOSIGNAL as u32)
                     .ioprio(ioprio)
                     .build()
             }
         }
         .user_data(user_data(OP_SEND, idx, generation));
-        // SAFETY: `msg` and `iov` live in the boxed connection (stable address) and are
-        // rewritten only here, which runs only while no send is in flight; the connection is
-        // freed only after this send's completion (`ops()` counts it). The iovecs (and a
+        // SAFETY: `msg` and `iov` live in the connection's boxed `SendVectors` (stable
+        // address, whatever the slab does with the record) and are rewritten only here, which
+        // runs only while no send is in flight; the box leaves the connection (back to the
+        // pool, or freed with it) only after this send's completion (`ops()` counts it). The iovecs (and a
         // single SEND's buffer) point into the heap data of the `Bytes` in `bufs`, which are
         // neither advanced nor dropped until the completion (`send` may only append, which
         // moves the handles, not the data).
@@ -952,6 +989,28 @@ impl UringBackend {
 
     /// Frees a closing connection's slot once no operation names it, closing its fd
     /// through the ring.
+    /// The size of one connection's record in the slab (tests guard it).
+    #[cfg(test)]
+    pub(super) fn connection_record_bytes() -> usize {
+        mem::size_of::<Conn>()
+    }
+
+    /// Spare send vectors in the pool.
+    #[cfg(test)]
+    pub(super) fn send_vectors_pooled(&self) -> usize {
+        self.send_vectors.len()
+    }
+
+    /// Gives a finished send's vectors back to the pool (or frees them).
+    fn give_send_vectors(&mut self, vectors: Option<Box<SendVectors>>) {
+        if let Some(v) = vectors
+            && v.iov.capacity() <= SEND_VECTORS_POOL_IOV_MAX
+            && self.send_vectors.len() < SEND_VECTORS_POOL
+        {
+            self.send_vectors.push(v);
+        }
+    }
+
     fn maybe_finalize(&mut self, idx: u32) {
         match self.conn_at(idx) {
             Some(conn) if conn.closing && conn.ops() == 0 => {}
@@ -1062,7 +1121,7 @@ impl UringBackend {
             );
             return;
         }
-        let idx = match self.conns.insert(Box::new(Conn::new(token, stream))) {
+        let idx = match self.conns.insert(Conn::new(token, stream)) {
             Ok(key) => key.index,
             Err(e) => {
                 sink.closed(token, CloseReason::Error(e));
@@ -1100,7 +1159,7 @@ impl UringBackend {
             index: idx,
             generation,
         };
-        let conn = conns.get_mut(key).map(|conn| &mut **conn);
+        let conn = conns.get_mut(key);
         let Some(conn) = conn else {
             if let (Some(bid), Some(bufs)) = (bid, bufs.as_mut()) {
                 bufs.recycle(bid);
@@ -1216,7 +1275,9 @@ impl UringBackend {
         };
         conn.send.inflight = false;
         if conn.closing {
-            conn.send.bufs.clear();
+            let (list, vectors) = (mem::take(&mut conn.send.bufs), conn.send.vectors.take());
+            self.lists.give(list);
+            self.give_send_vectors(vectors);
             self.maybe_finalize(idx);
             return;
         }
@@ -1243,7 +1304,11 @@ impl UringBackend {
             return;
         }
         // What this send offered: its iovecs are those of the last `submit_send`.
-        let offered: usize = conn.send.iov.iter().map(|v| v.iov_len).sum();
+        let offered: usize = conn
+            .send
+            .vectors
+            .as_ref()
+            .map_or(0, |v| v.iov.iter().map(|v| v.iov_len).sum());
         conn.send.remaining -= n;
         consume(&mut conn.send.bufs, n);
         if conn.send.remaining > 0 {
@@ -1253,9 +1318,12 @@ impl UringBackend {
             self.submit_send(idx, full);
             return;
         }
-        conn.send.bufs.clear();
         let (token, total) = (conn.token, mem::take(&mut conn.send.total));
         let shutdown = mem::take(&mut conn.shutdown_pending);
+        // The emptied queue and the vectors go to the pools: an idle connection holds none.
+        let (list, vectors) = (mem::take(&mut conn.send.bufs), conn.send.vectors.take());
+        self.lists.give(list);
+        self.give_send_vectors(vectors);
         sink.sent(token, total);
         if shutdown {
             self.push_shutdown(idx);
@@ -1339,7 +1407,7 @@ impl Transport for UringBackend {
             bufs.clear();
             return;
         };
-        let Some(conn) = self.conn_at(idx) else {
+        let Some((_, conn)) = self.conns.at_mut(idx) else {
             return;
         };
         let total: usize = bufs.iter().map(Bytes::len).sum();
@@ -1352,7 +1420,10 @@ impl Transport for UringBackend {
             conn.send.remaining += total;
             return;
         }
-        // Swap so that both sides keep their VecDeque allocations.
+        // Swap with a pooled queue, so that the worker gets an allocated list back.
+        if conn.send.bufs.capacity() == 0 {
+            conn.send.bufs = self.lists.take();
+        }
         mem::swap(&mut conn.send.bufs, bufs);
         bufs.clear();
         conn.send.total = total;
@@ -1412,6 +1483,18 @@ impl Transport for UringBackend {
 }
 
 impl Backend for UringBackend {
+    #[cfg(test)]
+    fn idle_send_state(&mut self) -> (usize, usize) {
+        let held = self
+            .conns
+            .iter()
+            .filter(|c| {
+                !c.send.inflight && (c.send.bufs.capacity() > 0 || c.send.vectors.is_some())
+            })
+            .count();
+        (held, self.lists.spare())
+    }
+
     fn name(&self) -> &'static str {
         "io_uring"
     }

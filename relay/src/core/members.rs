@@ -1,0 +1,145 @@
+//! [`MemberSet`]: the users of one owned room (its members) or channel (its subscribers).
+//!
+//! Owns: the set's representation, sized for the common case. Most rooms are small (a 1:1
+//! room has two members) and every one of them costs its owner this set, so a small set is
+//! a vector with no spare capacity; a large one (a channel's subscribers) is a hash set.
+//! Must not touch: the directory, or anything else of the room.
+
+use std::collections::HashSet;
+
+use pabal_codec::Text;
+
+/// Up to this many users a set is a vector searched linearly.
+const FEW_MAX: usize = 16;
+
+/// A room's members by user name.
+#[derive(Debug, Clone)]
+pub(super) enum MemberSet {
+    /// At most [`FEW_MAX`] users, unordered, each once.
+    Few(Vec<Text>),
+    /// More; boxed, so that the many small sets stay the size of a vector.
+    #[allow(clippy::box_collection)]
+    // reason: the box keeps the enum at a vector's 24 bytes, not a hash set's 48
+    Many(Box<HashSet<Text>>),
+}
+
+impl Default for MemberSet {
+    fn default() -> Self {
+        MemberSet::Few(Vec::new())
+    }
+}
+
+impl MemberSet {
+    /// Whether `user` is in the set.
+    pub(super) fn contains(&self, user: &Text) -> bool {
+        match self {
+            MemberSet::Few(users) => users.contains(user),
+            MemberSet::Many(users) => users.contains(user),
+        }
+    }
+
+    /// Adds `user`; false if it was there already.
+    pub(super) fn insert(&mut self, user: Text) -> bool {
+        match self {
+            MemberSet::Few(users) => {
+                if users.contains(&user) {
+                    return false;
+                }
+                if users.len() < FEW_MAX {
+                    users.reserve_exact(1);
+                    users.push(user);
+                } else {
+                    let mut many: HashSet<Text> = users.drain(..).collect();
+                    many.insert(user);
+                    *self = MemberSet::Many(Box::new(many));
+                }
+                true
+            }
+            MemberSet::Many(users) => users.insert(user),
+        }
+    }
+
+    /// Removes `user`; false if it was not there. A large set that shrinks to half the
+    /// small size becomes a vector again.
+    pub(super) fn remove(&mut self, user: &Text) -> bool {
+        match self {
+            MemberSet::Few(users) => match users.iter().position(|u| u == user) {
+                Some(i) => {
+                    users.swap_remove(i);
+                    users.shrink_to_fit();
+                    true
+                }
+                None => false,
+            },
+            MemberSet::Many(users) => {
+                let removed = users.remove(user);
+                if users.len() <= FEW_MAX / 2 {
+                    *self = MemberSet::Few(users.drain().collect());
+                }
+                removed
+            }
+        }
+    }
+
+    /// How many users.
+    pub(super) fn len(&self) -> usize {
+        match self {
+            MemberSet::Few(users) => users.len(),
+            MemberSet::Many(users) => users.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub(super) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The users, as a hash set (for set arithmetic; not on any per-message path).
+    pub(super) fn to_set(&self) -> HashSet<Text> {
+        match self {
+            MemberSet::Few(users) => users.iter().cloned().collect(),
+            MemberSet::Many(users) => (**users).clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(i: usize) -> Text {
+        Text::from(format!("u{i}").as_str())
+    }
+
+    #[test]
+    fn a_small_set_is_an_exact_vector_and_a_large_one_a_hash_set() {
+        // A room holds this inline: a vector's size, not a hash set's 48 bytes.
+        let inline = std::mem::size_of::<MemberSet>();
+        assert!(inline <= 24, "the member set grew to {inline} bytes");
+        let mut set = MemberSet::default();
+        assert!(set.insert(user(0)) && set.insert(user(1)));
+        assert!(!set.insert(user(1)), "each user once");
+        match &set {
+            MemberSet::Few(users) => assert_eq!(users.capacity(), 2, "no spare slots"),
+            MemberSet::Many(_) => panic!("two members made a hash set"),
+        }
+        for i in 2..100 {
+            assert!(set.insert(user(i)));
+        }
+        assert!(matches!(set, MemberSet::Many(_)));
+        assert_eq!(set.len(), 100);
+        assert!((0..100).all(|i| set.contains(&user(i))));
+        assert_eq!(set.to_set().len(), 100);
+        for i in 0..95 {
+            assert!(set.remove(&user(i)));
+            assert!(!set.remove(&user(i)), "removed once");
+        }
+        assert!(matches!(set, MemberSet::Few(_)), "shrunk back to a vector");
+        assert_eq!(set.len(), 5);
+        assert!((95..100).all(|i| set.contains(&user(i))) && !set.contains(&user(0)));
+        for i in 95..100 {
+            assert!(set.remove(&user(i)));
+        }
+        assert!(set.is_empty());
+    }
+}
