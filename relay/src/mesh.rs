@@ -143,6 +143,17 @@ pub enum CoreMsg {
         /// Read up to.
         read: u64,
     },
+    // ---- from a room's owner, about its members' markers ---------------------------------
+    /// Members' markers that moved since the room's last update (a RECEIPT for the
+    /// worker's version-3 connections bound to the room's stream `epoch`).
+    Receipts {
+        /// The room.
+        room: RoomName,
+        /// The room's stream.
+        epoch: u64,
+        /// Each member whose markers moved, with its markers now (shared by all workers).
+        markers: Arc<[(Text, crate::core::Marker)]>,
+    },
     /// A subscription of a connection on `core` ended.
     Unsubscribed {
         /// The room.

@@ -158,6 +158,9 @@ pub struct Core {
     read_scratch: BytesMut,
     /// Marker updates from this tick's ACKs and READs, for the rooms' owners.
     pending_markers: receipts::PendingMarkers,
+    /// Owned rooms whose members' markers moved, oldest first, with when their RECEIPT
+    /// update is due.
+    receipts_due: VecDeque<(Instant, RoomName)>,
 }
 
 /// A connection's token for its slab key, and back.
@@ -235,6 +238,7 @@ impl Core {
             storage: None,
             read_scratch: BytesMut::new(),
             pending_markers: receipts::PendingMarkers::default(),
+            receipts_due: VecDeque::new(),
         }
     }
 
@@ -279,9 +283,13 @@ impl Core {
     /// How long the loop may sleep before a timer is due.
     pub fn next_timeout(&self) -> Option<Duration> {
         let mut next = self.timers.peek().map(|Reverse((at, _))| *at);
-        for deadline in [self.shutdown.deadline, self.storage_deadline()]
-            .into_iter()
-            .flatten()
+        for deadline in [
+            self.shutdown.deadline,
+            self.storage_deadline(),
+            self.receipts_deadline(),
+        ]
+        .into_iter()
+        .flatten()
         {
             next = Some(next.map_or(deadline, |n| n.min(deadline)));
         }
@@ -490,6 +498,11 @@ impl Core {
                 delivered,
                 read,
             } => self.on_markers(&room, &user, epoch, Marker { delivered, read }),
+            CoreMsg::Receipts {
+                room,
+                epoch,
+                markers,
+            } => self.on_receipts(&room, epoch, &markers),
             CoreMsg::Accepted { by, seq } => self.on_accepted(by, seq),
             CoreMsg::NotAccepted { by, code, message } => self.on_not_accepted(by, code, message),
             CoreMsg::Refused {
