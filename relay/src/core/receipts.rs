@@ -34,7 +34,7 @@ use pabal_codec::{Receipt, ServerFrame, Text};
 use super::*;
 use crate::conn::SubMode;
 use crate::ids::RoomName;
-use crate::mesh::CoreMsg;
+use crate::mesh::{CoreMsg, RoomReceipts, RoomUnread};
 
 /// One member's cumulative markers in a room's current epoch (0: nothing yet).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -329,10 +329,63 @@ impl Core {
         }
     }
 
+    /// The server API's unread counts of `user` in `rooms` (owned here; rooms the user is
+    /// not a member of, or channels, are left out): the messages after both the user's
+    /// read marker and join point.
+    pub(super) fn unread_of(&self, user: &Text, rooms: Vec<RoomName>) -> Vec<RoomUnread> {
+        let mut out = Vec::with_capacity(rooms.len());
+        for room in rooms {
+            let Some(owned) = self.owned.get(&room).filter(|_| !room.channel) else {
+                continue;
+            };
+            let Some(joined_at) = self.join_floor(user, &room, owned.epoch) else {
+                continue;
+            };
+            let joined_at = joined_at.min(owned.head);
+            let marker = self.markers(&room, user);
+            let unread = owned.head - marker.read.max(joined_at).min(owned.head);
+            out.push(RoomUnread {
+                head: owned.head,
+                room,
+                joined_at,
+                marker,
+                unread,
+            });
+        }
+        out
+    }
+
+    /// The server API's view of an owned room's markers: every member with its join point
+    /// and markers, by user id; `None` for a room not held here.
+    pub(super) fn receipts_of(&self, room: &RoomName) -> Option<RoomReceipts> {
+        let owned = self.owned.get(room)?;
+        let mut members: Vec<(Text, u64, Marker)> = owned
+            .members
+            .iter()
+            .map(|user| {
+                let joined_at = self
+                    .join_floor(user, room, owned.epoch)
+                    .unwrap_or(0)
+                    .min(owned.head);
+                let marker = owned
+                    .receipts
+                    .as_ref()
+                    .and_then(|m| m.get(user))
+                    .unwrap_or_default();
+                (user.clone(), joined_at, marker)
+            })
+            .collect();
+        members.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        Some(RoomReceipts {
+            head: owned.head,
+            epoch: owned.epoch,
+            members,
+        })
+    }
+
     /// `user`'s markers in owned `room` (all 0 when the user has none, is not a member, or
     /// the room is not owned here). Messages at or before the user's join point were
     /// never the user's: a marker below it means none since the join.
-    #[cfg_attr(not(test), allow(dead_code))] // reason: the offline hand-off and the receipts API call it
     pub fn markers(&self, room: &RoomName, user: &Text) -> Marker {
         self.owned
             .get(room)
