@@ -2,12 +2,14 @@
 //! on two workers: a user with two devices, ACKs on one move the user's delivered marker,
 //! READ on the other moves the read marker, the room's other members get RECEIPT frames,
 //! and the server API's unread counts (per room and in total) and a room's markers follow.
+//! With disk storage, markers survive a restart and a change of the worker count.
 
 #![allow(clippy::unwrap_used)] // reason: tests
 
 use std::time::{Duration, Instant};
 
 use pabal_codec::{Ack, ClientFrame, Event, Read};
+use pabal_relay::config::{FsyncPolicy, StorageMode};
 use pabal_testkit::http::http;
 use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
 use serde_json::Value;
@@ -127,5 +129,42 @@ per_backend! {
         until(&relay, "/v1/users/ann/unread", "ann's total 0", |b| {
             b["total"].as_u64() == Some(0)
         });
+    }
+
+    fn markers_survive_a_restart_and_a_changed_worker_count_with_disk_storage(backend) {
+        let dir = pabal_testkit::TempDir::new("receipts-durable");
+        let start = |workers: usize| {
+            TestRelay::start(backend, workers, |c| {
+                c.storage.mode = StorageMode::Disk;
+                c.storage.dir = dir.path("state");
+                c.storage.fsync = FsyncPolicy::Always;
+                c.receipts.interval = Duration::from_millis(20);
+            })
+        };
+        let relay = start(2);
+        let mut ann = Client::connect(relay.addr, "ann");
+        let mut bob = Client::connect(relay.addr, "bob");
+        let a = ann.join("r");
+        let b = bob.join("r");
+        for i in 0..3 {
+            bob.publish_acked(b, format!("m{i}"));
+        }
+        assert_eq!(ann.messages(a, 3).len(), 3);
+        ann.send(&ClientFrame::Ack(Ack::from_pairs(&[(a, 3)])));
+        ann.send(&ClientFrame::Read(Read { alias: a, seq: 2 }));
+        // A RECEIPT leaves the owner only once the markers it reports are stored.
+        receipt_for(&mut bob, "ann", 3, 2);
+        drop((ann, bob));
+        relay.stop();
+
+        for workers in [2, 3] {
+            let relay = start(workers);
+            let body = get(&relay, "/v1/rooms/r/receipts");
+            assert_eq!(markers_of(&body, "ann"), (3, 2), "{workers} workers: {body}");
+            assert_eq!(markers_of(&body, "bob"), (0, 0), "{workers} workers: {body}");
+            let body = get(&relay, "/v1/users/ann/unread");
+            assert_eq!(unread(&body, "r"), 1, "{workers} workers: {body}");
+            relay.stop();
+        }
     }
 }

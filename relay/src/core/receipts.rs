@@ -79,6 +79,22 @@ pub(super) struct RoomMarkers {
 }
 
 impl RoomMarkers {
+    /// The markers restored from the log (disk mode), `None` when there are none.
+    pub(super) fn restored(markers: impl Iterator<Item = (Text, Marker)>) -> Option<Box<Self>> {
+        let by_member: HashMap<Text, Entry> = markers
+            .map(|(user, marker)| {
+                let moved = false;
+                (user, Entry { marker, moved })
+            })
+            .collect();
+        (!by_member.is_empty()).then(|| {
+            Box::new(RoomMarkers {
+                by_member,
+                ..RoomMarkers::default()
+            })
+        })
+    }
+
     pub(super) fn get(&self, user: &Text) -> Option<Marker> {
         self.by_member.get(user).map(|e| e.marker)
     }
@@ -243,6 +259,7 @@ impl Core {
                 continue;
             };
             markers.queued = false;
+            let epoch = owned.epoch;
             let RoomMarkers {
                 by_member, moved, ..
             } = &mut **markers;
@@ -257,7 +274,11 @@ impl Core {
             if moved.is_empty() {
                 continue;
             }
-            let epoch = owned.epoch;
+            // Durable where storage is: one record per moved member per interval.
+            self.store_markers(&room, epoch, &moved);
+            let Some(owned) = self.owned.get(&room) else {
+                continue;
+            };
             let cores: Vec<CoreId> = (0..self.cores)
                 .filter(|&core| owned.interest[core] > 0)
                 .collect();
