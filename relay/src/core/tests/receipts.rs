@@ -213,3 +213,44 @@ fn a_version_2_session_gets_no_receipt_and_may_not_send_read() {
     let dan = h.core.markers(&room_named("r"), &Text::from("dan"));
     assert_eq!(dan.read, 0);
 }
+
+#[test]
+fn unread_counts_start_at_the_join_point_and_follow_the_read_marker() {
+    let mut h = Harness::new(|c| c.receipts.interval = Duration::from_secs(1));
+    let (phone, a1, _, _, bob) = two_devices(&mut h);
+    let b = h.phones[&bob].session.alias_of("r").unwrap();
+    // Dan joins after three messages: they were never his.
+    h.app_join("r", "dan");
+    h.publish(bob, b, "m4");
+    let room = room_named("r");
+    let unread = |h: &Harness, user: &str| -> Vec<(u64, u64, u64)> {
+        h.core
+            .unread_of(&Text::from(user), vec![room.clone()])
+            .into_iter()
+            .map(|u| (u.head, u.joined_at, u.unread))
+            .collect()
+    };
+    assert_eq!(unread(&h, "dan"), vec![(4, 3, 1)]);
+    assert_eq!(unread(&h, "ann"), vec![(4, 0, 4)]);
+    h.send(
+        phone,
+        &ClientFrame::Read(pabal_codec::Read { alias: a1, seq: 3 }),
+    );
+    assert_eq!(unread(&h, "ann"), vec![(4, 0, 1)]);
+    assert_eq!(unread(&h, "eve"), vec![], "not a member: no count");
+    // The room's markers for the server API: every member, by user id.
+    let r = h.core.receipts_of(&room).unwrap();
+    let members: Vec<(String, u64, u64, u64)> = r
+        .members
+        .iter()
+        .map(|(u, joined, m)| (u.to_string(), *joined, m.delivered, m.read))
+        .collect();
+    assert_eq!(
+        members,
+        vec![
+            ("ann".to_string(), 0, 3, 3),
+            ("bob".to_string(), 0, 0, 0),
+            ("dan".to_string(), 3, 0, 0),
+        ]
+    );
+}
