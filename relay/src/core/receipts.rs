@@ -3,8 +3,8 @@
 //! follows the user's READ frames (protocol v3).
 //!
 //! The path of a marker: a connection's worker notes each ACK that moves a binding's
-//! `acked` in [`PendingMarkers`], keyed by (room, user), so that however many ACKs (and
-//! connections of the user on this worker) arrive in one loop tick, the room's owner gets
+//! `acked`, and each READ, in [`PendingMarkers`], keyed by (room, user), so that however many
+//! ACKs and READs (and connections of the user on this worker) arrive in one loop tick, the room's owner gets
 //! at most one [`CoreMsg::Markers`] per (room, user) per tick ([`Core::send_pending_markers`],
 //! called by [`Core::flush`]). The owner keeps the markers of its room's members in
 //! [`RoomMarkers`] (boxed in the room and absent until the room's first marker, so a room
@@ -16,7 +16,11 @@
 //! RECEIPT frames (protocol v3): a room whose markers moved is queued once; at most every
 //! `receipts.interval` the owner sends the members' markers that moved since the last time
 //! ([`CoreMsg::Receipts`], one per worker with subscribed connections), and each worker
-//! writes one RECEIPT to each of its version-3 connections bound to the room.
+//! writes one RECEIPT to each of its version-3 connections bound to the room. In disk mode
+//! the same update first appends one Markers record per moved member to the owner's log
+//! ([`Core::store_markers`]); the RECEIPT is held until it is durable. The server API's
+//! unread counts and a room's markers ([`Core::unread_of`], [`Core::receipts_of`]) are read
+//! here too.
 //!
 //! Per-member cost at the owner: one map entry, the user id's `Text` (a shared handle, 32
 //! bytes) and a [`Marker`] with its "moved" flag (24 bytes), about 64 bytes with the map's
@@ -190,7 +194,7 @@ impl Core {
                 },
             );
         }
-        // The map keeps its capacity for the next tick.
+        // The list keeps its capacity for the next tick.
         self.pending_markers.updates = updates;
     }
 
