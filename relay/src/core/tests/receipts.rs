@@ -66,16 +66,23 @@ fn acks_within_one_tick_reach_the_owner_as_one_update_per_room_and_user() {
         h.core.on_bytes(h.now, token, &bytes);
     }
     h.core.send_pending_markers();
-    let updates: Vec<_> = h.core.outbox[0]
+    let updates: Vec<Vec<(String, u64)>> = h.core.outbox[0]
         .iter()
         .filter_map(|m| match m {
-            CoreMsg::Markers {
-                user, delivered, ..
-            } => Some((user.to_string(), *delivered)),
+            CoreMsg::Markers(updates) => Some(
+                updates
+                    .iter()
+                    .map(|u| (u.user.to_string(), u.marker.delivered))
+                    .collect(),
+            ),
             _ => None,
         })
         .collect();
-    assert_eq!(updates, vec![("ann".to_string(), 3)]);
+    assert_eq!(
+        updates,
+        vec![vec![("ann".to_string(), 3)]],
+        "one message, one update"
+    );
     h.pump();
     assert_eq!(delivered(&h, "ann"), 3);
     assert_eq!(h.stats.markers_advanced.load(Ordering::Relaxed), 1);
@@ -87,12 +94,13 @@ fn markers_are_kept_for_members_only_never_past_the_head_and_forgotten_on_leave(
     let (phone, a1, _, _, _) = two_devices(&mut h);
     let room = room_named("r");
     let epoch = h.core.owned[&room].epoch;
-    let update = |user: &str, epoch: u64, delivered: u64, read: u64| CoreMsg::Markers {
-        room: room.clone(),
-        user: Text::from(user),
-        epoch,
-        delivered,
-        read,
+    let update = |user: &str, epoch: u64, delivered: u64, read: u64| {
+        CoreMsg::Markers(vec![crate::mesh::MarkerUpdate {
+            room: room.clone(),
+            user: Text::from(user),
+            epoch,
+            marker: Marker { delivered, read },
+        }])
     };
     // Past the head (3): clamped to it; read implies delivered.
     h.core.handle(h.now, vec![update("bob", epoch, 1000, 2)]);
