@@ -93,12 +93,16 @@ pub struct ReceiptsConfig {
     /// go out together, once. Default 1s; 10ms ..= 1h.
     #[serde(with = "humantime_secs")]
     pub interval: Duration,
+    /// Rooms of at most this many members get every marker move in their RECEIPTs; larger
+    /// ones only read-marker moves (with the delivered marker alongside). Default 32.
+    pub delivered_max_members: usize,
 }
 
 impl Default for ReceiptsConfig {
     fn default() -> Self {
         ReceiptsConfig {
             interval: Duration::from_secs(1),
+            delivered_max_members: 32,
         }
     }
 }

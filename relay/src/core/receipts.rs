@@ -72,6 +72,8 @@ struct Entry {
     marker: Marker,
     /// Moved since the room's last RECEIPT update (listed in `RoomMarkers::moved`).
     moved: bool,
+    /// The read marker as of the last update that went out.
+    sent_read: u64,
 }
 
 /// The markers of one owned room's members.
@@ -89,8 +91,15 @@ impl RoomMarkers {
     pub(super) fn restored(markers: impl Iterator<Item = (Text, Marker)>) -> Option<Box<Self>> {
         let by_member: HashMap<Text, Entry> = markers
             .map(|(user, marker)| {
-                let moved = false;
-                (user, Entry { marker, moved })
+                let (moved, sent_read) = (false, marker.read);
+                (
+                    user,
+                    Entry {
+                        marker,
+                        moved,
+                        sent_read,
+                    },
+                )
             })
             .collect();
         (!by_member.is_empty()).then(|| {
@@ -307,7 +316,11 @@ impl Core {
     }
 
     /// Sends the RECEIPT updates that are due: per room, the markers that moved since its
-    /// last update, to every worker with connections subscribed to it.
+    /// last update, to every worker with connections subscribed to it. In a room of more
+    /// than `receipts.delivered_max_members` members, a member whose read marker did not
+    /// move is left out (its delivered marker rides along with its next read move): ACKs
+    /// move delivered markers at machine rate, and a large group would otherwise get every
+    /// member's every ACK; reads are the user's own acts.
     pub(super) fn send_due_receipts(&mut self) {
         while let Some(&(due, _)) = self.receipts_due.front() {
             if due > self.now {
@@ -324,14 +337,18 @@ impl Core {
             };
             markers.queued = false;
             let epoch = owned.epoch;
+            let all = owned.members.len() <= self.config.receipts.delivered_max_members;
             let RoomMarkers {
                 by_member, moved, ..
             } = &mut **markers;
-            let moved: Arc<[(Text, Marker)]> = moved
+            let mut read_moved = Vec::new();
+            let moved: Vec<(Text, Marker)> = moved
                 .drain(..)
                 .filter_map(|user| {
                     let entry = by_member.get_mut(&user)?;
                     entry.moved = false;
+                    read_moved.push(entry.marker.read != entry.sent_read);
+                    entry.sent_read = entry.marker.read;
                     Some((user, entry.marker))
                 })
                 .collect();
@@ -340,7 +357,16 @@ impl Core {
             }
             // Durable where storage is: one record per moved member per interval.
             self.store_markers(&room, epoch, &moved);
-            let Some(owned) = self.owned.get(&room) else {
+            let moved: Arc<[(Text, Marker)]> = if all {
+                moved.into()
+            } else {
+                moved
+                    .into_iter()
+                    .zip(read_moved)
+                    .filter_map(|(m, read)| read.then_some(m))
+                    .collect()
+            };
+            let Some(owned) = self.owned.get(&room).filter(|_| !moved.is_empty()) else {
                 continue;
             };
             let cores: Vec<CoreId> = (0..self.cores)

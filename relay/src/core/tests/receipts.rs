@@ -262,3 +262,22 @@ fn unread_counts_start_at_the_join_point_and_follow_the_read_marker() {
         ]
     );
 }
+
+#[test]
+fn a_large_room_hears_read_moves_only_with_the_delivered_marker_alongside() {
+    let mut h = Harness::new(|c| {
+        c.receipts.interval = Duration::from_secs(1);
+        c.receipts.delivered_max_members = 2;
+    });
+    // Three members (ann, bob, cat): above the limit.
+    let (phone, a1, _, _, bob) = two_devices(&mut h);
+    let cat = h.connect("cat", ClientSession::new());
+    h.join(cat, "r");
+    ack(&mut h, phone, a1, 3);
+    h.tick(Duration::from_secs(1));
+    assert!(receipts(&mut h, bob).is_empty(), "a delivered move went out");
+    assert_eq!(delivered(&h, "ann"), 3, "the marker is kept all the same");
+    h.send(phone, &ClientFrame::Read(pabal_codec::Read { alias: a1, seq: 1 }));
+    h.tick(Duration::from_secs(1));
+    assert_eq!(receipts(&mut h, bob), vec![vec![("ann".to_string(), 3, 1)]]);
+}
