@@ -275,9 +275,15 @@ fn a_large_room_hears_read_moves_only_with_the_delivered_marker_alongside() {
     h.join(cat, "r");
     ack(&mut h, phone, a1, 3);
     h.tick(Duration::from_secs(1));
-    assert!(receipts(&mut h, bob).is_empty(), "a delivered move went out");
+    assert!(
+        receipts(&mut h, bob).is_empty(),
+        "a delivered move went out"
+    );
     assert_eq!(delivered(&h, "ann"), 3, "the marker is kept all the same");
-    h.send(phone, &ClientFrame::Read(pabal_codec::Read { alias: a1, seq: 1 }));
+    h.send(
+        phone,
+        &ClientFrame::Read(pabal_codec::Read { alias: a1, seq: 1 }),
+    );
     h.tick(Duration::from_secs(1));
     assert_eq!(receipts(&mut h, bob), vec![vec![("ann".to_string(), 3, 1)]]);
 }
