@@ -85,6 +85,30 @@ pub struct Config {
     /// alone. See [`crate::cluster`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// Receipts (protocol v3): how often members hear of each other's markers.
+    pub receipts: ReceiptsConfig,
+}
+
+/// `[receipts]`: delivered and read markers per (user, room) (PROTOCOL.md §12).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReceiptsConfig {
+    /// The least time between two RECEIPT updates of one room: markers that move within it
+    /// go out together, once. Default 1s; 10ms ..= 1h.
+    #[serde(with = "humantime_secs")]
+    pub interval: Duration,
+    /// Rooms of at most this many members get every marker move in their RECEIPTs; larger
+    /// ones only read-marker moves (with the delivered marker alongside). Default 32.
+    pub delivered_max_members: usize,
+}
+
+impl Default for ReceiptsConfig {
+    fn default() -> Self {
+        ReceiptsConfig {
+            interval: Duration::from_secs(1),
+            delivered_max_members: 32,
+        }
+    }
 }
 
 /// `[tls]`: set `cert_file` and `key_file` to turn TLS on for `listen` and for the WebSocket
@@ -703,6 +727,7 @@ impl Default for Config {
             websocket: WebSocketConfig::default(),
             storage: StorageConfig::default(),
             cluster: None,
+            receipts: ReceiptsConfig::default(),
         }
     }
 }
@@ -919,6 +944,10 @@ impl Config {
         }
         if h.timeout.is_zero() {
             return Err(invalid("heartbeat.timeout", "must be > 0"));
+        }
+        let interval = self.receipts.interval;
+        if interval < Duration::from_millis(10) || interval > Duration::from_secs(3600) {
+            return Err(invalid("receipts.interval", "must be 10ms ..= 1h"));
         }
         if self.auth.handshake_timeout.is_zero() {
             return Err(invalid("auth.handshake_timeout", "must be > 0"));
@@ -1188,6 +1217,7 @@ mod tests {
     fn bad_values_name_their_field() {
         for (toml, field) in [
             ("[heartbeat]\ninterval = \"1s\"", "heartbeat.interval"),
+            ("[receipts]\ninterval = \"1ms\"", "receipts.interval"),
             (
                 "[connection]\nmax_frame_len = 1",
                 "connection.max_frame_len",

@@ -255,6 +255,7 @@ mod tests {
             .expect("the section is documented");
         let section: String = text[start + 1..]
             .lines()
+            .take_while(|l| l.starts_with('#'))
             .map(|l| l.strip_prefix("# ").unwrap_or(l))
             .collect::<Vec<_>>()
             .join("\n");

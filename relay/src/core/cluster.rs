@@ -220,7 +220,11 @@ impl Core {
                 ControlOp::Publish { room, .. }
                 | ControlOp::Members { room, .. }
                 | ControlOp::Info { room, .. }
-                | ControlOp::History { room, .. } => room,
+                | ControlOp::History { room, .. }
+                | ControlOp::Receipts { room } => room,
+                // Answered from the markers this node's owners hold (markers are not in
+                // the engine yet: see the README's cluster section).
+                ControlOp::Unread { .. } => return Some(msg),
                 ControlOp::PublishMany { .. } => {
                     if let CoreMsg::Control { reply, .. } = msg {
                         // Not in this version: one engine round per room of the batch.

@@ -94,6 +94,14 @@ impl MemberSet {
         self.len() == 0
     }
 
+    /// The users, in no particular order.
+    pub(super) fn iter(&self) -> Box<dyn Iterator<Item = &Text> + '_> {
+        match self {
+            MemberSet::Few(users) => Box::new(users.iter()),
+            MemberSet::Many(users) => Box::new(users.iter()),
+        }
+    }
+
     /// The users, as a hash set (for set arithmetic; not on any per-message path).
     pub(super) fn to_set(&self) -> HashSet<Text> {
         match self {

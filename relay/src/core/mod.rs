@@ -13,6 +13,7 @@
 //! - [`owner`]: the rooms this worker owns: sequencing, history, membership, join points.
 //! - [`delivery`]: writing messages to this worker's connections: fan-out, catch-up, GAPs.
 //! - [`control`]: server-API operations.
+//! - [`receipts`]: per (user, room) delivered and read markers.
 //! - [`lifecycle`]: admitting and closing connections, timers, reloads, the shutdown drain.
 //! - [`cluster`]: with `[cluster]`, the owner's publishes sequenced by the engine and the
 //!   engine's messages fed in order into the same fan-out.
@@ -161,6 +162,11 @@ pub struct Core {
     read_scratch: BytesMut,
     /// The engine's side of the owner (`[cluster]` only).
     cluster: Option<Box<cluster::ClusterSide>>,
+    /// Marker updates from this tick's ACKs and READs, for the rooms' owners.
+    pending_markers: receipts::PendingMarkers,
+    /// Owned rooms whose members' markers moved, oldest first, with when their RECEIPT
+    /// update is due.
+    receipts_due: VecDeque<(Instant, RoomName)>,
 }
 
 /// A connection's token for its slab key, and back.
@@ -251,6 +257,8 @@ impl Core {
             storage: None,
             read_scratch: BytesMut::new(),
             cluster: None,
+            pending_markers: receipts::PendingMarkers::default(),
+            receipts_due: VecDeque::new(),
         }
     }
 
@@ -295,9 +303,13 @@ impl Core {
     /// How long the loop may sleep before a timer is due.
     pub fn next_timeout(&self) -> Option<Duration> {
         let mut next = self.timers.peek().map(|Reverse((at, _))| *at);
-        for deadline in [self.shutdown.deadline, self.storage_deadline()]
-            .into_iter()
-            .flatten()
+        for deadline in [
+            self.shutdown.deadline,
+            self.storage_deadline(),
+            self.receipts_deadline(),
+        ]
+        .into_iter()
+        .flatten()
         {
             next = Some(next.map_or(deadline, |n| n.min(deadline)));
         }
@@ -503,6 +515,12 @@ impl Core {
                 let answer = self.control(op);
                 self.reply(reply, answer);
             }
+            CoreMsg::Markers(updates) => self.on_markers(updates),
+            CoreMsg::Receipts {
+                room,
+                epoch,
+                markers,
+            } => self.on_receipts(&room, epoch, &markers),
             CoreMsg::Accepted { by, seq } => self.on_accepted(by, seq),
             CoreMsg::NotAccepted { by, code, message } => self.on_not_accepted(by, code, message),
             CoreMsg::Refused {
@@ -592,6 +610,7 @@ impl Core {
     /// Messages this worker sent itself are handled first, in order, until none are left;
     /// messages for other workers stay for [`Core::drain_mesh`].
     pub fn flush<T: Transport + ?Sized>(&mut self, transport: &mut T) {
+        self.send_pending_markers();
         loop {
             let own = std::mem::take(&mut self.outbox[self.id]);
             if own.is_empty() {
@@ -675,6 +694,7 @@ mod durable;
 mod lifecycle;
 mod members;
 mod owner;
+mod receipts;
 
 #[cfg(test)]
 mod sim;
@@ -683,3 +703,4 @@ mod tests;
 
 use delivery::{pending_sub, room_frame};
 use owner::OwnedRoom;
+pub use receipts::Marker;
