@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use crate::handoff::config::{HandoffConfig, HandoffRule};
 use crate::io::BackendKind;
 
 /// The most header a DELIVER adds in front of a payload (PROTOCOL.md, section 4).
@@ -81,6 +82,8 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     /// Durable state: where history, membership and epochs are kept.
     pub storage: StorageConfig,
+    /// Offline hand-off to the app server (webhooks; see [`crate::handoff`]).
+    pub handoff: HandoffConfig,
 }
 
 /// `[tls]`: set `cert_file` and `key_file` to turn TLS on for `listen` and for the WebSocket
@@ -698,6 +701,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             websocket: WebSocketConfig::default(),
             storage: StorageConfig::default(),
+            handoff: HandoffConfig::default(),
         }
     }
 }
@@ -825,6 +829,7 @@ impl Config {
     /// `--check-config` runs both, so what it accepts, a start or a reload accepts too.
     pub fn check_files(&self) -> Result<(), ConfigError> {
         self.control.load_api_key()?;
+        self.handoff.load_secret()?;
         if let Some(jwt) = &self.auth.jwt {
             crate::auth::Verifier::from_config(jwt)?;
         }
@@ -991,6 +996,7 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         self.storage.validate()?;
+        self.handoff.validate(!self.control.listen.is_empty())?;
         Ok(())
     }
 
@@ -1071,7 +1077,7 @@ impl Config {
 
 /// Durations written as `"30s"`, `"5m"`, `"2h"`, `"1d"`, `"250ms"` or a bare number of
 /// seconds.
-mod humantime_secs {
+pub(crate) mod humantime_secs {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
@@ -1104,7 +1110,7 @@ mod humantime_secs {
         }
     }
 
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format(d))
     }
 
@@ -1115,7 +1121,7 @@ mod humantime_secs {
         Secs(u64),
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         match Raw::deserialize(d)? {
             Raw::Text(t) => parse(&t).map_err(D::Error::custom),
             Raw::Secs(s) => Ok(Duration::from_secs(s)),
@@ -1123,19 +1129,19 @@ mod humantime_secs {
     }
 }
 
-mod humantime_secs_opt {
+pub(crate) mod humantime_secs_opt {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
             Some(d) => s.serialize_str(&super::humantime_secs::format(d)),
             None => s.serialize_none(),
         }
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<Option<Duration>, D::Error> {
         #[derive(Deserialize)]

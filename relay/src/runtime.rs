@@ -56,9 +56,19 @@ pub struct Relay {
     routes: parking_lot::RwLock<Vec<crate::control::Route>>,
     /// The soft `RLIMIT_NOFILE` in force (raised to the hard limit at start).
     nofile: u64,
+    /// Offline hand-off (`[handoff] url` set): the sender the control thread takes at its
+    /// start, and the counters.
+    handoff: Option<Handoff>,
     /// Each worker's test hook.
     #[cfg(feature = "test-hooks")]
     stalls: Vec<Arc<StallHook>>,
+}
+
+/// The hand-off pipeline's relay-side ends.
+#[derive(Debug)]
+struct Handoff {
+    sender: parking_lot::Mutex<Option<crate::handoff::sender::Sender>>,
+    stats: Arc<crate::handoff::HandoffStats>,
 }
 
 /// A test hook, compiled in only with the `test-hooks` feature: blocks a worker's loop for
@@ -214,6 +224,20 @@ impl RelayHandle {
             config.limits.max_rooms_per_user,
         ));
         let shared = Arc::new(Shared::default());
+        // The hand-off sender loads its secret here (a bad one fails the start); workers get
+        // the channel's sending end, the control thread the rest.
+        let (handoff_tx, handoff) = if config.handoff.enabled() {
+            let (tx, rx) = crate::handoff::channel(crate::handoff::CHANNEL_CAPACITY);
+            let stats = tx.stats().clone();
+            let sender = crate::handoff::sender::Sender::new(&config.handoff, rx)?;
+            let handoff = Handoff {
+                sender: parking_lot::Mutex::new(Some(sender)),
+                stats,
+            };
+            (Some(tx), Some(handoff))
+        } else {
+            (None, None)
+        };
         if let Some(jwt) = &config.auth.jwt {
             let verifier =
                 crate::auth::Verifier::from_config(jwt).context("cannot load token keys")?;
@@ -254,6 +278,7 @@ impl RelayHandle {
                 ws_listener: ws_listeners.get_mut(id).and_then(Option::take),
                 transport: transport.clone(),
                 layered: layered.clone(),
+                handoff: handoff_tx.clone(),
             };
             let ready = ready_tx.clone();
             let exited = exited_tx.clone();
@@ -328,6 +353,7 @@ impl RelayHandle {
             draining: std::sync::atomic::AtomicBool::new(false),
             routes: parking_lot::RwLock::new(Vec::new()),
             nofile,
+            handoff,
             #[cfg(feature = "test-hooks")]
             stalls,
         });
@@ -554,6 +580,17 @@ impl Relay {
             .collect()
     }
 
+    /// The hand-off counters, when `[handoff] url` is set.
+    pub fn handoff_stats(&self) -> Option<crate::handoff::HandoffSnapshot> {
+        self.handoff.as_ref().map(|h| h.stats.snapshot())
+    }
+
+    /// The hand-off sender, for the control thread to run (once; `None` after, or when
+    /// hand-offs are off).
+    pub(crate) fn take_handoff_sender(&self) -> Option<crate::handoff::sender::Sender> {
+        self.handoff.as_ref().and_then(|h| h.sender.lock().take())
+    }
+
     /// Each worker's counters.
     pub fn worker_stats(&self) -> Vec<StatsSnapshot> {
         self.stats
@@ -638,6 +675,8 @@ struct Worker {
     transport: Arc<TransportShared>,
     /// Bound addresses and what they speak.
     layered: Vec<(SocketAddr, ListenerKind)>,
+    /// Where the core's offline hand-offs go (`[handoff] url` set).
+    handoff: Option<crate::handoff::HandoffTx>,
 }
 
 impl Worker {
@@ -698,6 +737,8 @@ impl Worker {
                 .context("cannot accept on the WebSocket listener")?;
         }
         let mut layers = Layers::new(self.transport, self.layered, self.stats.clone());
+        // Held for the worker's life: the sender runs while any worker holds its end.
+        let _handoff = self.handoff;
         let result = run_loop(
             &mut *backend,
             &mut core,

@@ -168,7 +168,7 @@ impl Histogram {
             .fetch_add(value.saturating_mul(n), Ordering::Relaxed);
     }
 
-    fn add_to(&self, into: &mut HistogramSnapshot) {
+    pub(crate) fn add_to(&self, into: &mut HistogramSnapshot) {
         for (i, c) in self.counts.iter().enumerate() {
             into.counts[i] += c.load(Ordering::Relaxed);
         }
