@@ -129,6 +129,20 @@ pub enum CoreMsg {
         /// The subscription request the alias was bound by.
         request: u64,
     },
+    /// A member's delivered and read markers moved (ACKs and READs of the user's
+    /// connections on one worker, coalesced per tick; 0: no news for that part).
+    Markers {
+        /// The room.
+        room: RoomName,
+        /// The member.
+        user: Text,
+        /// The room's stream the sequences belong to.
+        epoch: u64,
+        /// Acknowledged up to.
+        delivered: u64,
+        /// Read up to.
+        read: u64,
+    },
     /// A subscription of a connection on `core` ended.
     Unsubscribed {
         /// The room.

@@ -415,6 +415,11 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         |s| s.publishes_repeated,
     ),
     (
+        "pabal_markers_advanced",
+        "Times a member's delivered or read marker (receipts) advanced at its room's owner.",
+        |s| s.markers_advanced,
+    ),
+    (
         "pabal_ephemeral_accepted",
         "Ephemeral events accepted (not sequenced, not stored).",
         |s| s.ephemeral_in,

@@ -62,6 +62,8 @@ counters! {
     ephemeral_in,
     /// Publishes recognised as repeats (protocol v2) and answered with the original PUBACK.
     publishes_repeated,
+    /// Times a member's delivered or read marker advanced at its room's owner.
+    markers_advanced,
     /// Messages written to connections (live and replayed).
     deliveries,
     /// Messages written from history (resume and catch-up).

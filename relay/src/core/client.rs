@@ -76,12 +76,8 @@ impl Core {
             (Phase::Open, ClientFrame::Ack(ack)) => {
                 // PROTOCOL.md §12: an ACK of an unbound alias is ignored (a LEFT may be in
                 // flight), and one past what was sent counts only up to what was sent.
-                if let Some(conn) = self.conn(token) {
-                    for (alias, seq) in ack.iter() {
-                        if let Some(Some(sub)) = conn.subs.get_mut(alias as usize) {
-                            sub.acked = sub.acked.max(seq.min(sub.position));
-                        }
-                    }
+                for (alias, seq) in ack.iter() {
+                    self.ack(token, alias, seq);
                 }
             }
             (Phase::Open, ClientFrame::Ping(ping)) => {
@@ -108,6 +104,26 @@ impl Core {
             }
             (Phase::Open, ClientFrame::Bye) => self.begin_close(token),
         }
+    }
+
+    /// A cumulative ACK of `seq` on `alias` (PROTOCOL.md §12): ignored for an unbound alias
+    /// (a LEFT may be in flight), counted only up to what was sent; when it moves the
+    /// binding's `acked`, the user's delivered marker may move too.
+    pub(super) fn ack(&mut self, token: Token, alias: u32, seq: u64) {
+        let Some(conn) = self.conn(token) else { return };
+        let Some(Some(sub)) = conn.subs.get_mut(alias as usize) else {
+            return;
+        };
+        let acked = seq.min(sub.position);
+        if acked <= sub.acked {
+            return;
+        }
+        sub.acked = acked;
+        let (room, epoch) = (sub.room.clone(), sub.epoch);
+        let Some(user) = conn.user.clone() else {
+            return;
+        };
+        self.note_acked(&room, &user, epoch, acked);
     }
 
     pub(super) fn take_subscribe_budget(&mut self, token: Token) -> bool {
@@ -431,6 +447,10 @@ impl Core {
     }
 
     pub(super) fn on_publish(&mut self, token: Token, p: pabal_codec::Publish) {
+        if let Some(ack) = p.ack {
+            // The ACK riding on the PUBLISH counts whatever becomes of the publish.
+            self.ack(token, p.alias, ack);
+        }
         let origin = self.origin(token);
         let now = self.now;
         let max_payload = self.config.limits.max_payload;
@@ -469,9 +489,6 @@ impl Core {
                 format!("alias {} is not bound", p.alias),
             );
         };
-        if let Some(ack) = p.ack {
-            sub.acked = sub.acked.max(ack.min(sub.position));
-        }
         let room = sub.room.clone();
         if room.channel && !may_publish(room.name.as_str()) {
             // With tokens, a channel takes publishes from service connections and from

@@ -13,6 +13,7 @@
 //! - [`owner`]: the rooms this worker owns: sequencing, history, membership, join points.
 //! - [`delivery`]: writing messages to this worker's connections: fan-out, catch-up, GAPs.
 //! - [`control`]: server-API operations.
+//! - [`receipts`]: per (user, room) delivered and read markers.
 //! - [`lifecycle`]: admitting and closing connections, timers, reloads, the shutdown drain.
 //!
 //! # Routing
@@ -155,6 +156,8 @@ pub struct Core {
     /// The worker's one read buffer: received bytes are decoded here; a connection keeps
     /// bytes of its own only for a partial frame ([`Conn::rbuf`]).
     read_scratch: BytesMut,
+    /// Marker updates from this tick's ACKs and READs, for the rooms' owners.
+    pending_markers: receipts::PendingMarkers,
 }
 
 /// A connection's token for its slab key, and back.
@@ -231,6 +234,7 @@ impl Core {
             accept_bucket: TokenBucket::new(accept_rate, accept_rate.max(1.0), now),
             storage: None,
             read_scratch: BytesMut::new(),
+            pending_markers: receipts::PendingMarkers::default(),
         }
     }
 
@@ -479,6 +483,13 @@ impl Core {
                 let answer = self.control(op);
                 self.reply(reply, answer);
             }
+            CoreMsg::Markers {
+                room,
+                user,
+                epoch,
+                delivered,
+                read,
+            } => self.on_markers(&room, &user, epoch, Marker { delivered, read }),
             CoreMsg::Accepted { by, seq } => self.on_accepted(by, seq),
             CoreMsg::NotAccepted { by, code, message } => self.on_not_accepted(by, code, message),
             CoreMsg::Refused {
@@ -568,6 +579,7 @@ impl Core {
     /// Messages this worker sent itself are handled first, in order, until none are left;
     /// messages for other workers stay for [`Core::drain_mesh`].
     pub fn flush<T: Transport + ?Sized>(&mut self, transport: &mut T) {
+        self.send_pending_markers();
         loop {
             let own = std::mem::take(&mut self.outbox[self.id]);
             if own.is_empty() {
@@ -649,6 +661,7 @@ mod delivery;
 mod durable;
 mod lifecycle;
 mod owner;
+mod receipts;
 
 #[cfg(test)]
 mod sim;
@@ -657,3 +670,4 @@ mod tests;
 
 use delivery::{pending_sub, room_frame};
 use owner::OwnedRoom;
+pub use receipts::Marker;

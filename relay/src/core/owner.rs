@@ -46,6 +46,9 @@ pub(super) struct OwnedRoom {
     /// Protocol v2: the publish ids of recent messages and the sequences they got (see
     /// [`Core::publish_once_from`]); allocated at the room's first such publish.
     pub(super) publish_ids: Option<Box<PublishIds>>,
+    /// Its members' delivered and read markers (see [`super::receipts`]); allocated at the
+    /// room's first marker.
+    pub(super) receipts: Option<Box<super::receipts::RoomMarkers>>,
     /// Its key in the worker's log (disk mode; 0 until its first record).
     pub(super) key: crate::storage::RoomKey,
     /// The log holds the room's current epoch (disk mode).
@@ -92,6 +95,7 @@ impl Core {
                 idle_queued: false,
                 idempotency: None,
                 publish_ids: None,
+                receipts: None,
                 key: 0,
                 epoch_stored: false,
             },
@@ -424,6 +428,7 @@ impl Core {
         if let Some(owned) = self.owned.get_mut(room) {
             owned.members.remove(user);
         }
+        self.forget_markers(room, user);
         self.note_if_unused(room);
         if let Some(join) = was {
             for core in cores {

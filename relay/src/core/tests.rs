@@ -1235,3 +1235,5 @@ fn a_session_speaks_the_version_of_its_hello() {
         );
     }
 }
+
+mod receipts;

@@ -1,0 +1,122 @@
+//! Receipts at the core: delivered markers from ACKs (coalesced per (room, user) per tick,
+//! monotonic, members only, never past the room's head).
+
+use std::sync::atomic::Ordering;
+
+use pabal_codec::Ack;
+
+use super::*;
+
+fn ack(h: &mut Harness, token: Token, alias: u32, seq: u64) {
+    h.send(token, &ClientFrame::Ack(Ack::from_pairs(&[(alias, seq)])));
+}
+
+/// Ann with two phones in room `r`, Bob publishing three messages there.
+fn two_devices(h: &mut Harness) -> (Token, u32, Token, u32, Token) {
+    let phone = h.connect("ann", ClientSession::new());
+    let tablet = h.connect("ann", ClientSession::new());
+    let a1 = h.join(phone, "r");
+    let a2 = h.join(tablet, "r");
+    let bob = h.connect("bob", ClientSession::new());
+    let b = h.join(bob, "r");
+    for body in ["m1", "m2", "m3"] {
+        h.publish(bob, b, body);
+    }
+    assert_eq!(h.messages(phone).len(), 3);
+    assert_eq!(h.messages(tablet).len(), 3);
+    (phone, a1, tablet, a2, bob)
+}
+
+fn delivered(h: &Harness, user: &str) -> u64 {
+    h.core.delivered_up_to(&room_named("r"), &Text::from(user))
+}
+
+#[test]
+fn acks_of_any_device_move_the_users_delivered_marker_forward_only() {
+    let mut h = Harness::new(|_| {});
+    let (phone, a1, tablet, a2, _) = two_devices(&mut h);
+    assert_eq!(delivered(&h, "ann"), 0);
+    ack(&mut h, phone, a1, 2);
+    assert_eq!(delivered(&h, "ann"), 2);
+    ack(&mut h, tablet, a2, 1);
+    assert_eq!(
+        delivered(&h, "ann"),
+        2,
+        "a lower ACK of another device moved it back"
+    );
+    ack(&mut h, tablet, a2, 3);
+    assert_eq!(delivered(&h, "ann"), 3);
+    assert_eq!(delivered(&h, "bob"), 0, "bob acknowledged nothing");
+    assert_eq!(h.stats.markers_advanced.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn acks_within_one_tick_reach_the_owner_as_one_update_per_room_and_user() {
+    let mut h = Harness::new(|_| {});
+    let (phone, a1, tablet, a2, _) = two_devices(&mut h);
+    // Four ACKs from two connections of one user, read in one tick, before any flush.
+    for (token, alias, seq) in [
+        (phone, a1, 1),
+        (phone, a1, 2),
+        (tablet, a2, 1),
+        (tablet, a2, 3),
+    ] {
+        let mut bytes = BytesMut::new();
+        ClientFrame::Ack(Ack::from_pairs(&[(alias, seq)])).encode(&mut bytes);
+        h.core.on_bytes(h.now, token, &bytes);
+    }
+    h.core.send_pending_markers();
+    let updates: Vec<_> = h.core.outbox[0]
+        .iter()
+        .filter_map(|m| match m {
+            CoreMsg::Markers {
+                user, delivered, ..
+            } => Some((user.to_string(), *delivered)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(updates, vec![("ann".to_string(), 3)]);
+    h.pump();
+    assert_eq!(delivered(&h, "ann"), 3);
+    assert_eq!(h.stats.markers_advanced.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn markers_are_kept_for_members_only_never_past_the_head_and_forgotten_on_leave() {
+    let mut h = Harness::new(|_| {});
+    let (phone, a1, _, _, _) = two_devices(&mut h);
+    let room = room_named("r");
+    let epoch = h.core.owned[&room].epoch;
+    let update = |user: &str, epoch: u64, delivered: u64, read: u64| CoreMsg::Markers {
+        room: room.clone(),
+        user: Text::from(user),
+        epoch,
+        delivered,
+        read,
+    };
+    // Past the head (3): clamped to it; read implies delivered.
+    h.core.handle(h.now, vec![update("bob", epoch, 1000, 2)]);
+    let bob = |h: &Harness| {
+        let m = h.core.markers(&room_named("r"), &Text::from("bob"));
+        (m.delivered, m.read)
+    };
+    assert_eq!(bob(&h), (3, 2));
+    h.core.handle(h.now, vec![update("bob", epoch, 0, 3)]);
+    assert_eq!(bob(&h), (3, 3));
+    // Not a member: nothing is kept.
+    h.core.handle(h.now, vec![update("eve", epoch, 2, 0)]);
+    assert_eq!(h.core.markers(&room, &Text::from("eve")), Marker::default());
+    // Another stream of the room: not this one's sequences.
+    h.core.handle(h.now, vec![update("ann", epoch + 1, 2, 0)]);
+    assert_eq!(delivered(&h, "ann"), 0);
+    ack(&mut h, phone, a1, 3);
+    assert_eq!(delivered(&h, "ann"), 3);
+    assert_eq!(h.core.owned[&room].receipts.as_ref().unwrap().len(), 2);
+    h.app_remove("r", "ann");
+    assert_eq!(delivered(&h, "ann"), 0, "a former member's marker is kept");
+    h.app_remove("r", "bob");
+    assert!(
+        h.core.owned[&room].receipts.is_none(),
+        "a room whose members have no markers still holds their record"
+    );
+}
