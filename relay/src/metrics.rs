@@ -455,6 +455,12 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         |s| s.lag_events,
     ),
     ("pabal_gaps", "GAP frames sent.", |s| s.gaps),
+    (
+        "pabal_handoff_detected",
+        "Offline hand-offs found by the rooms' owners (a member had not acked a window of \
+         messages within handoff.delay).",
+        |s| s.handoffs_detected,
+    ),
     ("pabal_resumes", "Resume entries honoured in HELLO.", |s| {
         s.resumes
     }),
@@ -839,7 +845,7 @@ mod tests {
     #[test]
     fn handoff_families_appear_only_when_handoff_is_on() {
         let text = scrape().render().unwrap();
-        assert!(!text.contains("pabal_handoff"), "{text}");
+        assert!(!text.contains("pabal_handoff_queued"), "{text}");
         let mut s = scrape();
         let mut h = HandoffSnapshot {
             queued: 7,

@@ -737,8 +737,6 @@ impl Worker {
                 .context("cannot accept on the WebSocket listener")?;
         }
         let mut layers = Layers::new(self.transport, self.layered, self.stats.clone());
-        // Held for the worker's life: the sender runs while any worker holds its end.
-        let _handoff = self.handoff;
         let result = run_loop(
             &mut *backend,
             &mut core,
@@ -748,6 +746,7 @@ impl Worker {
             &self.stats,
             &self.stall,
             executor.as_mut(),
+            self.handoff.as_ref(),
         );
         if let (Some(mut log), Some(exec)) = (core.take_storage(), executor.as_mut()) {
             // A clean stop: everything appended synced and a checkpoint written, so the
@@ -984,6 +983,7 @@ fn run_loop(
     stats: &CoreStats,
     stall: &StallHook,
     mut storage: Option<&mut Executor>,
+    handoff: Option<&crate::handoff::HandoffTx>,
 ) -> anyhow::Result<()> {
     let mut next_sample = Instant::now();
     let mut completions = Vec::new();
@@ -1013,6 +1013,12 @@ fn run_loop(
             // The control plane may have given up waiting; nothing to do then.
             let _ = to.send(answer);
         });
+        if let Some(tx) = handoff {
+            // try_send: a full channel drops the hand-off and counts it; never waits.
+            core.drain_handoffs(|h| {
+                tx.offer(h);
+            });
+        }
         if let Some(exec) = storage.as_deref_mut().and_then(|s| s.get(&mut *backend)) {
             // Group commit: everything this tick appended goes out as one job.
             while let Some(job) = core.poll_storage_job(now) {

@@ -60,6 +60,8 @@ counters! {
     messages_in,
     /// Ephemeral events accepted.
     ephemeral_in,
+    /// Offline hand-offs found by rooms this worker owns (members who did not ack in time).
+    handoffs_detected,
     /// Publishes recognised as repeats (protocol v2) and answered with the original PUBACK.
     publishes_repeated,
     /// Times a member's delivered or read marker advanced at its room's owner.

@@ -5,8 +5,9 @@
 //! - the sender alone (its public API, on a tokio runtime of the test's own): batch
 //!   contents exact and signed, a 500 then a 200 gets the same ids again, a 4xx is refused
 //!   for good, a dead app server never grows the queue past `queue_max`;
-//! - a relay with `[handoff]` on, once per I/O backend: the sender runs on the control
-//!   thread and its counters are on `/metrics`.
+//! - a relay with `[handoff]` on, once per I/O backend, end to end: an offline member gets
+//!   exactly one hand-off per window of messages, a member that acks gets none, a member
+//!   that receives but does not ack gets one; the counters are on `/metrics`.
 
 #![allow(clippy::unwrap_used)] // reason: tests
 
@@ -16,12 +17,13 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pabal_codec::Text;
+use pabal_codec::{Ack, ClientFrame, Event, Text};
 use pabal_relay::config::HandoffConfig;
 use pabal_relay::handoff::sender::Sender;
 use pabal_relay::handoff::{self, Handoff, HandoffSnapshot, wire};
 use pabal_relay::ids::RoomName;
-use pabal_testkit::WAIT;
+use pabal_testkit::http::raw_http;
+use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
 
 const SECRET: &str = "handoff-test-secret-0123";
 
@@ -334,4 +336,105 @@ fn a_full_channel_drops_and_counts_without_waiting() {
     let s = stats(&tx);
     assert_eq!(s.dropped_channel_full, 7);
     assert_eq!(s.enqueued, 0);
+}
+
+/// The delay of the end-to-end test: long enough that a member's ACK, sent as soon as the
+/// message arrives on loopback, reaches the owner well before it (the ACK is what is
+/// tested, not its speed).
+const E2E_DELAY: Duration = Duration::from_secs(3);
+
+/// `(user, first_seq, last_seq, publisher)` of every item in a request, sorted.
+fn items(r: &Received) -> Vec<(String, u64, u64, String)> {
+    let mut v: Vec<_> = r.json()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            assert_eq!(i["room"], "group:e2e");
+            assert_eq!(i["kind"], "room");
+            (
+                i["user"].as_str().unwrap().to_string(),
+                i["first_seq"].as_u64().unwrap(),
+                i["last_seq"].as_u64().unwrap(),
+                i["publisher"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Waits for message `seq` on `alias`.
+fn receive(client: &mut Client, alias: u32, seq: u64) {
+    client.wait_for(
+        |e| matches!(e, Event::Message { alias: a, seq: Some(s), .. } if *a == alias && *s == seq),
+    );
+}
+
+per_backend! {
+    fn offline_and_unacking_members_are_handed_off_once_per_window_acking_ones_never(backend) {
+        let app = AppServer::start(&[]);
+        let relay = TestRelay::start(backend, 2, |c| {
+            c.handoff.url = app.url();
+            c.handoff.secret = Some(SECRET.into());
+            c.handoff.delay = E2E_DELAY;
+            c.handoff.batch_interval = Duration::from_millis(100);
+        });
+        for route in pabal_relay::metrics::routes() {
+            relay.handle().add_route(route);
+        }
+        let room = "group:e2e";
+        // cy joins and goes away: a member with no connection at all.
+        let mut cy = Client::connect(relay.addr, "cy");
+        cy.join(room);
+        drop(cy.drop_link());
+        let mut ann = Client::connect(relay.addr, "ann");
+        let a = ann.join(room);
+        let mut bob = Client::connect(relay.addr, "bob");
+        let b = bob.join(room);
+        // dee is connected and receives, but never acknowledges.
+        let mut dee = Client::connect(relay.addr, "dee");
+        let d = dee.join(room);
+
+        for window in [1u64, 3] {
+            let (first, last) = (window, window + 1);
+            for seq in first..=last {
+                assert_eq!(ann.publish_acked(a, format!("m{seq}")), seq);
+            }
+            receive(&mut bob, b, last);
+            bob.send(&ClientFrame::Ack(Ack::from_pairs(&[(b, last)])));
+            receive(&mut dee, d, last);
+            // The next request is this window's (so the last window sent nothing again),
+            // and it holds exactly cy and dee: not bob, who acked, not ann, the publisher.
+            let request = app.next();
+            let sig = request.header("x-pabal-signature").unwrap();
+            assert!(wire::verify(SECRET.as_bytes(), sig, &request.body, now_s(), 300));
+            assert_eq!(
+                items(&request),
+                [
+                    ("cy".to_string(), first, last, "ann".to_string()),
+                    ("dee".to_string(), first, last, "ann".to_string()),
+                ],
+                "window {first}..={last}"
+            );
+        }
+        let reply = raw_http(
+            relay.handle().control_addr().unwrap(),
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(reply.status, 200);
+        let metric = |name: &str| -> u64 {
+            reply
+                .body
+                .lines()
+                .filter(|l| l.starts_with(name))
+                .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64)
+                .sum()
+        };
+        assert_eq!(metric("pabal_handoff_detected_total"), 4, "{}", reply.body);
+        // The last batch's 2xx may still be on its way back to the sender.
+        assert!(metric("pabal_handoff_sent_total") >= 2, "{}", reply.body);
+        assert_eq!(metric("pabal_handoff_dropped_total"), 0, "{}", reply.body);
+        assert!(app.requests.try_recv().is_err(), "nothing else was sent");
+    }
 }

@@ -325,6 +325,7 @@ impl Core {
         }
         self.evict_idle_rooms();
         self.run_storage_timers();
+        self.run_handoff_timers();
     }
 
     /// The connection's deadline came: handshake timeout, heartbeat, a failing connection's

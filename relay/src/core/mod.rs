@@ -14,6 +14,7 @@
 //! - [`delivery`]: writing messages to this worker's connections: fan-out, catch-up, GAPs.
 //! - [`control`]: server-API operations.
 //! - [`receipts`]: per (user, room) delivered and read markers.
+//! - [`handoff`]: offline hand-offs: members who did not receive messages in time.
 //! - [`lifecycle`]: admitting and closing connections, timers, reloads, the shutdown drain.
 //!
 //! # Routing
@@ -158,6 +159,8 @@ pub struct Core {
     read_scratch: BytesMut,
     /// Marker updates from this tick's ACKs and READs, for the rooms' owners.
     pending_markers: receipts::PendingMarkers,
+    /// Offline hand-off: rooms' windows due, hand-offs found ([`handoff`]).
+    handoff: handoff::Detection,
 }
 
 /// A connection's token for its slab key, and back.
@@ -200,6 +203,7 @@ impl Core {
             ..Limits::default()
         };
         directory.set_max_blocked_per_user(config.limits.max_blocked_per_user);
+        let config_handoff_on = config.handoff.enabled();
         Core {
             id,
             cores,
@@ -235,6 +239,7 @@ impl Core {
             storage: None,
             read_scratch: BytesMut::new(),
             pending_markers: receipts::PendingMarkers::default(),
+            handoff: handoff::Detection::new(config_handoff_on),
         }
     }
 
@@ -279,9 +284,13 @@ impl Core {
     /// How long the loop may sleep before a timer is due.
     pub fn next_timeout(&self) -> Option<Duration> {
         let mut next = self.timers.peek().map(|Reverse((at, _))| *at);
-        for deadline in [self.shutdown.deadline, self.storage_deadline()]
-            .into_iter()
-            .flatten()
+        for deadline in [
+            self.shutdown.deadline,
+            self.storage_deadline(),
+            self.handoff.next_due(),
+        ]
+        .into_iter()
+        .flatten()
         {
             next = Some(next.map_or(deadline, |n| n.min(deadline)));
         }
@@ -659,6 +668,7 @@ mod client;
 mod control;
 mod delivery;
 mod durable;
+mod handoff;
 mod lifecycle;
 mod owner;
 mod receipts;

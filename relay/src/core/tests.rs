@@ -1236,4 +1236,5 @@ fn a_session_speaks_the_version_of_its_hello() {
     }
 }
 
+mod handoff;
 mod receipts;

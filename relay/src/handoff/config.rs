@@ -1,5 +1,5 @@
 //! `[handoff]`: where offline hand-offs go, how they are signed, batched, retried and
-//! bounded, and which rooms and channels fire them (per-prefix rules).
+//! bounded, and which rooms fire them (per-prefix rules; channels never do).
 //!
 //! Owns: the section's fields, defaults and validation (fail fast, naming the field). Must
 //! not touch: sockets, threads, worker state.
@@ -32,9 +32,6 @@ pub struct HandoffConfig {
     /// hand-off. Default 10 s.
     #[serde(with = "humantime_secs")]
     pub delay: Duration,
-    /// Whether channels fire hand-offs at all (a brand channel has millions of subscribers,
-    /// most of them offline); a rule below may still turn one on by prefix. Default false.
-    pub channels: bool,
     /// Items per POST at most. Default 100.
     pub batch_max: usize,
     /// A batch that is not full is sent once its oldest item has waited this long.
@@ -56,7 +53,10 @@ pub struct HandoffConfig {
     /// The longest pause between attempts. Default 60 s.
     #[serde(with = "humantime_secs")]
     pub retry_max: Duration,
-    /// Per-prefix rules; the first whose prefix matches a room's or channel's name wins.
+    /// Per-prefix rules for rooms; the first whose prefix matches a room's name wins.
+    /// Channels never fire hand-offs: they keep no delivered markers, and a brand channel
+    /// of millions must not fire one webhook per subscriber (the app server that publishes
+    /// a broadcast pushes it itself).
     pub rooms: Vec<HandoffRule>,
 }
 
@@ -64,7 +64,7 @@ pub struct HandoffConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HandoffRule {
-    /// Applies to rooms and channels whose name starts with this.
+    /// Applies to rooms whose name starts with this.
     pub prefix: String,
     /// Whether they fire hand-offs. Default true.
     #[serde(default = "yes")]
@@ -85,7 +85,6 @@ impl Default for HandoffConfig {
             secret_file: None,
             secret: None,
             delay: Duration::from_secs(10),
-            channels: false,
             batch_max: 100,
             batch_interval: Duration::from_secs(1),
             queue_max: 100_000,
@@ -123,15 +122,18 @@ impl HandoffConfig {
         !self.url.is_empty()
     }
 
-    /// The delay for a room or channel, or `None` if it fires no hand-offs.
+    /// The delay for a room, or `None` if it fires no hand-offs (a channel never does).
     pub fn delay_for(&self, room: &RoomName) -> Option<Duration> {
+        if room.channel {
+            return None;
+        }
         match self
             .rooms
             .iter()
             .find(|r| room.name.as_str().starts_with(&r.prefix))
         {
             Some(rule) => rule.enabled.then(|| rule.delay.unwrap_or(self.delay)),
-            None => (!room.channel || self.channels).then_some(self.delay),
+            None => Some(self.delay),
         }
     }
 
@@ -253,7 +255,7 @@ impl HandoffConfig {
             if rule.prefix.is_empty() {
                 return Err(invalid(
                     "handoff.rooms.prefix",
-                    "must not be empty (set handoff.delay or handoff.channels instead)",
+                    "must not be empty (set handoff.delay instead)",
                 ));
             }
             if rule.delay.is_some_and(|d| d.is_zero()) {
@@ -289,7 +291,7 @@ mod tests {
     }
 
     #[test]
-    fn rooms_fire_and_channels_do_not_by_default() {
+    fn rooms_fire_and_channels_never_do() {
         let c = HandoffConfig::default();
         assert_eq!(
             c.delay_for(&room(false, "group:1")),
@@ -301,14 +303,12 @@ mod tests {
     #[test]
     fn the_first_matching_rule_wins() {
         let c = Config::from_toml(
-            "[handoff]\nchannels = true\n\
-             [[handoff.rooms]]\nprefix = \"chan:\"\nenabled = false\n\
+            "[[handoff.rooms]]\nprefix = \"chan:\"\nenabled = false\n\
              [[handoff.rooms]]\nprefix = \"dm:\"\ndelay = \"3s\"\n\
              [[handoff.rooms]]\nprefix = \"d\"\nenabled = false\n",
         )
         .unwrap()
         .handoff;
-        assert_eq!(c.delay_for(&room(true, "chan:acme")), None);
         assert_eq!(c.delay_for(&room(false, "chan:x")), None);
         assert_eq!(
             c.delay_for(&room(false, "dm:1:2")),
@@ -316,9 +316,10 @@ mod tests {
         );
         assert_eq!(c.delay_for(&room(false, "door")), None);
         assert_eq!(
-            c.delay_for(&room(true, "news")),
+            c.delay_for(&room(false, "news")),
             Some(Duration::from_secs(10))
         );
+        assert_eq!(c.delay_for(&room(true, "dm:news")), None, "never a channel");
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! worker state (the owner's detection feeds [`HandoffTx`]), the control plane's listener.
 
 pub mod config;
+pub mod detect;
 pub mod queue;
 pub mod sender;
 pub mod wire;
