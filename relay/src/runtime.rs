@@ -227,7 +227,8 @@ impl RelayHandle {
         // The hand-off sender loads its secret here (a bad one fails the start); workers get
         // the channel's sending end, the control thread the rest.
         let (handoff_tx, handoff) = if config.handoff.enabled() {
-            let (tx, rx) = crate::handoff::channel(crate::handoff::CHANNEL_CAPACITY);
+            let (tx, rx) =
+                crate::handoff::channel(crate::handoff::channel_capacity(&config.handoff));
             let stats = tx.stats().clone();
             let sender = crate::handoff::sender::Sender::new(&config.handoff, rx)?;
             let handoff = Handoff {

@@ -377,4 +377,26 @@ mod tests {
         assert_eq!(e.path, "/push?x=1");
         assert_eq!(c.load_secret().unwrap().unwrap(), b"0123456789abcdef");
     }
+
+    #[test]
+    fn the_secret_file_is_read_by_check_files_and_must_hold_16_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("handoff.key");
+        let toml = format!(
+            "[handoff]\nurl = \"http://127.0.0.1:9/h\"\nsecret_file = \"{}\"",
+            path.display()
+        );
+        let c = Config::from_toml(&toml).unwrap();
+        let err = c.check_files().unwrap_err().to_string();
+        assert!(err.contains("handoff.secret_file"), "{err}");
+        std::fs::write(&path, "short\n").unwrap();
+        let err = c.check_files().unwrap_err().to_string();
+        assert!(err.contains("handoff.secret_file"), "{err}");
+        std::fs::write(&path, "0123456789abcdef\n").unwrap();
+        c.check_files().unwrap();
+        assert_eq!(
+            c.handoff.load_secret().unwrap().unwrap(),
+            b"0123456789abcdef"
+        );
+    }
 }

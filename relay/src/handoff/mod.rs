@@ -33,10 +33,17 @@ use pabal_codec::Text;
 use crate::ids::RoomName;
 use crate::stats::Histogram;
 
-/// Items a worker may have handed over that the sender has not yet taken: the channel's
-/// bound. The sender drains it whenever it runs, so it fills only when the control thread
-/// is stalled; each item is a few reference-counted names and numbers.
-pub const CHANNEL_CAPACITY: usize = 4096;
+/// The most items the workers' channel to the sender holds: `handoff.queue_max`, up to
+/// this. The sender drains the channel whenever it runs, so it fills only when the control
+/// thread is stalled, or when a window of a large room hands off many members at once
+/// (one per offline member); tokio's channel takes memory in small blocks as items arrive,
+/// not for its whole bound up front.
+pub const CHANNEL_MAX: usize = 65_536;
+
+/// The channel's bound for `config`.
+pub fn channel_capacity(config: &config::HandoffConfig) -> usize {
+    config.queue_max.clamp(1, CHANNEL_MAX)
+}
 
 /// One hand-off: `user` has not received messages `first_seq..=last_seq` of `room` in time.
 /// Names are shared [`Text`]s (a clone is a reference-count increment), so building one

@@ -358,4 +358,11 @@ mod tests {
         );
         assert_eq!(o.held(), 2);
     }
+
+    #[test]
+    fn a_queued_item_stays_small() {
+        // The bound relay.default.toml and README.md state ("about 160 bytes each").
+        let size = std::mem::size_of::<Queued>();
+        assert!(size <= 160, "{size}");
+    }
 }
