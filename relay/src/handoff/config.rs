@@ -307,8 +307,11 @@ mod tests {
              [[handoff.rooms]]\nprefix = \"dm:\"\ndelay = \"3s\"\n\
              [[handoff.rooms]]\nprefix = \"d\"\nenabled = false\n",
         )
-        .unwrap()
-        .handoff;
+        .unwrap();
+        // --check-config prints rules back, a rule without its own delay included.
+        let again = Config::from_toml(&c.to_toml()).unwrap();
+        assert_eq!(again.handoff, c.handoff);
+        let c = c.handoff;
         assert_eq!(c.delay_for(&room(false, "chan:x")), None);
         assert_eq!(
             c.delay_for(&room(false, "dm:1:2")),
