@@ -16,8 +16,11 @@
 //! - Publishes are exactly once with a relay that speaks protocol version 2: the client
 //!   sends its device id in HELLO, and a publish not acknowledged when the link drops is
 //!   published again on the next connection with the same message id, which the relay
-//!   recognises (PROTOCOL.md §7). A relay that refuses version 2 gets version 1 on the next
-//!   attempt; there a republish takes a fresh id (at least once, §12).
+//!   recognises (PROTOCOL.md §7). A relay that refuses version 3 gets version 2 on the next
+//!   attempt, and one that refuses 2 gets version 1; there a republish takes a fresh id (at
+//!   least once, §12).
+//! - Receipts (version 3): [`Client::read`] sends READ; members' delivered and read markers
+//!   arrive as [`ClientEvent::Receipt`].
 //!
 //! Owns: one logical session with one relay, its socket and its timers. Must not touch:
 //! anything global (no threads, no runtime): the caller drives it with
@@ -159,6 +162,13 @@ pub enum ClientEvent {
         reference: u64,
         /// The relay's words.
         message: String,
+    },
+    /// Protocol version 3: members' delivered and read markers in a room moved.
+    Receipt {
+        /// The room id.
+        room_id: u64,
+        /// Each member whose markers moved, with its markers now.
+        members: Vec<pabal_codec::MemberMarkers>,
     },
     /// The link is gone; the client reconnects after `retry_in`.
     Disconnected {
@@ -456,6 +466,21 @@ impl Client {
         Ok(id)
     }
 
+    /// Tells the relay the user read `room` up to `seq` (protocol version 3: READ; the
+    /// room's members get it in their RECEIPTs). Returns whether it was sent: not when
+    /// the room is not bound, no connection is open, or the relay speaks an older version.
+    pub fn read(&mut self, room: &str, seq: u64) -> Result<bool, ClientError> {
+        let frame = self
+            .session
+            .alias_of(room)
+            .filter(|_| self.open.is_some())
+            .and_then(|alias| self.session.read(alias, seq));
+        match frame {
+            Some(frame) => self.send(&frame).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
     /// Ends the link abruptly (a phone losing its network); the client reconnects with
     /// backoff on the next [`Client::next_event`].
     pub fn cut(&mut self) {
@@ -717,6 +742,11 @@ impl Client {
                         .push_back(ClientEvent::Published { id: out.id, seq });
                 }
             }
+            Event::Receipt {
+                room_id, members, ..
+            } => self
+                .events
+                .push_back(ClientEvent::Receipt { room_id, members }),
             Event::Ping(_) => self.send(&ClientFrame::Pong(Pong::default()))?,
             Event::Pong(_) => {}
             Event::Error(e) => {

@@ -1,6 +1,6 @@
-//! pabal-client against a relay that speaks only protocol version 1 (a fake one on
-//! loopback): the client offers version 2 with its device id, is refused with
-//! `UnsupportedVersion`, and at once connects again in version 1 without the device id.
+//! pabal-client against relays that speak older protocol versions (fake ones on loopback):
+//! the client offers version 3 with its device id; refused with `UnsupportedVersion`, it at
+//! once connects again in version 2 (with the device id), then in version 1 (without).
 //! Against a version-2 relay it stays in version 2.
 
 #![allow(clippy::unwrap_used)] // reason: tests
@@ -90,24 +90,31 @@ fn fake_relay(
 }
 
 #[test]
-fn a_client_refused_version_2_connects_again_in_version_1() {
-    let (addr, relay) = fake_relay(&[1], 2);
+fn a_client_refused_versions_3_and_2_connects_again_in_version_1() {
+    let (addr, relay) = fake_relay(&[1], 3);
     let mut config = ClientConfig::new(addr, "ann");
     config.device_id = Some(0xd0d0);
     let mut client = Client::new(config);
     client.connect().unwrap();
     assert!(client.is_connected());
     assert_eq!(client.session().version(), 1);
-    assert_eq!(relay.join().unwrap(), vec![(2, Some(0xd0d0)), (1, None)]);
+    assert_eq!(
+        relay.join().unwrap(),
+        vec![(3, Some(0xd0d0)), (2, Some(0xd0d0)), (1, None)]
+    );
 }
 
 #[test]
 fn a_client_of_a_version_2_relay_sends_its_device_id() {
-    let (addr, relay) = fake_relay(&[1, 2], 1);
+    let (addr, relay) = fake_relay(&[1, 2], 2);
     let mut config = ClientConfig::new(addr, "ann");
     config.device_id = Some(0xd0d0);
     let mut client = Client::new(config);
     client.connect().unwrap();
     assert!(client.session().idempotent());
-    assert_eq!(relay.join().unwrap(), vec![(2, Some(0xd0d0))]);
+    assert_eq!(client.session().version(), 2);
+    assert_eq!(
+        relay.join().unwrap(),
+        vec![(3, Some(0xd0d0)), (2, Some(0xd0d0))]
+    );
 }

@@ -1,4 +1,4 @@
-//! Every frame of protocol v1 and v2, in both directions: its layout, how it is written and how it
+//! Every frame of protocol v1, v2 and v3, in both directions: its layout, how it is written and how it
 //! is parsed. PROTOCOL.md is the normative description; this module is its implementation,
 //! and each frame's layout is written here exactly once.
 //!
@@ -11,15 +11,17 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::error::{DecodeError, ErrorCode, GoAwayReason, LeftReason};
 use crate::limits::Limits;
 use crate::reader::Reader;
+pub use crate::receipt::{Read, Receipt, ReceiptEntry};
 use crate::text::Text;
 use crate::varint::{len_u64, put_u64, unzigzag, zigzag};
 
 /// The newest protocol version this crate speaks: what a client offers first.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 
 /// Every protocol version this crate speaks, oldest first. Version 2 adds HELLO's device id
 /// (PROTOCOL.md §5): a PUBLISH's `msg_id` then names the message across reconnects.
-pub const SUPPORTED_VERSIONS: [u8; 2] = [1, 2];
+/// Version 3 adds receipts: READ from the client, RECEIPT from the relay.
+pub const SUPPORTED_VERSIONS: [u8; 3] = [1, 2, 3];
 
 /// Frame type codes: the low 5 bits of a frame's first body byte. The high 3 bits are flags
 /// whose meaning depends on the type.
@@ -40,6 +42,8 @@ pub mod kind {
     pub const PONG: u8 = 0x07;
     /// Client: closing the session on purpose.
     pub const BYE: u8 = 0x08;
+    /// Client (version 3): the user read a room up to a sequence.
+    pub const READ: u8 = 0x09;
     /// Server: the session is open.
     pub const WELCOME: u8 = 0x10;
     /// Server: an alias is bound to a room or channel.
@@ -56,6 +60,8 @@ pub mod kind {
     pub const ERROR: u8 = 0x16;
     /// Server: the connection is about to close; reconnect later.
     pub const GOAWAY: u8 = 0x17;
+    /// Relay (version 3): members' delivered and read markers in one room.
+    pub const RECEIPT: u8 = 0x18;
 }
 
 const TYPE_MASK: u8 = 0x1f;
@@ -97,7 +103,7 @@ fn put_text(dst: &mut impl BufMut, t: &Text) {
 /// HELLO: the first frame a client sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
-    /// The protocol version the client speaks (1 or 2).
+    /// The protocol version the client speaks (1, 2 or 3).
     pub version: u8,
     /// The heartbeat interval the client asks for, in seconds; 0 takes the relay's default.
     pub heartbeat_secs: u32,
@@ -393,6 +399,8 @@ pub enum ClientFrame {
     Pong(Pong),
     /// BYE.
     Bye,
+    /// READ (version 3).
+    Read(Read),
 }
 
 const HELLO_RESUME: u8 = 0b001;
@@ -416,6 +424,7 @@ impl ClientFrame {
             ClientFrame::Ping(_) => "PING",
             ClientFrame::Pong(_) => "PONG",
             ClientFrame::Bye => "BYE",
+            ClientFrame::Read(_) => "READ",
         }
     }
 
@@ -441,6 +450,7 @@ impl ClientFrame {
             ClientFrame::Ping(p) => p.interval_secs.map_or(0, |i| len_u64(u64::from(i))),
             ClientFrame::Pong(p) => p.interval_secs.map_or(0, |i| len_u64(u64::from(i))),
             ClientFrame::Bye => 0,
+            ClientFrame::Read(r) => r.fields_len(),
         }
     }
 
@@ -504,6 +514,10 @@ impl ClientFrame {
             ClientFrame::Ping(p) => put_interval(dst, kind::PING, p.interval_secs),
             ClientFrame::Pong(p) => put_interval(dst, kind::PONG, p.interval_secs),
             ClientFrame::Bye => dst.put_u8(type_byte(kind::BYE, 0)),
+            ClientFrame::Read(r) => {
+                dst.put_u8(type_byte(kind::READ, 0));
+                r.put_fields(dst);
+            }
         }
     }
 
@@ -519,7 +533,7 @@ impl ClientFrame {
                 let version = r.u8("version")?;
                 let defined = match version {
                     1 => HELLO_RESUME,
-                    2 => HELLO_RESUME | HELLO_DEVICE,
+                    2 | 3 => HELLO_RESUME | HELLO_DEVICE,
                     _ => return Err(DecodeError::UnsupportedVersion { version }),
                 };
                 check_flags("HELLO", flags, defined)?;
@@ -619,6 +633,10 @@ impl ClientFrame {
                 check_flags("BYE", flags, 0)?;
                 r.finish("BYE")?;
                 ClientFrame::Bye
+            }
+            kind::READ => {
+                check_flags("READ", flags, 0)?;
+                ClientFrame::Read(Read::parse_fields(&mut r)?)
             }
             other => return Err(DecodeError::UnknownFrameType(other)),
         };
@@ -844,6 +862,8 @@ pub enum ServerFrame {
     Ping(Ping),
     /// PONG.
     Pong(Pong),
+    /// RECEIPT (version 3).
+    Receipt(Receipt),
 }
 
 const ROOM_CHANNEL: u8 = 0b001;
@@ -863,6 +883,7 @@ impl ServerFrame {
             ServerFrame::GoAway(_) => "GOAWAY",
             ServerFrame::Ping(_) => "PING",
             ServerFrame::Pong(_) => "PONG",
+            ServerFrame::Receipt(_) => "RECEIPT",
         }
     }
 
@@ -898,6 +919,7 @@ impl ServerFrame {
             }
             ServerFrame::Ping(p) => 1 + p.interval_secs.map_or(0, |i| len_u64(u64::from(i))),
             ServerFrame::Pong(p) => 1 + p.interval_secs.map_or(0, |i| len_u64(u64::from(i))),
+            ServerFrame::Receipt(r) => 1 + r.fields_len(),
         }
     }
 
@@ -966,6 +988,10 @@ impl ServerFrame {
             }
             ServerFrame::Ping(p) => put_interval(dst, kind::PING, p.interval_secs),
             ServerFrame::Pong(p) => put_interval(dst, kind::PONG, p.interval_secs),
+            ServerFrame::Receipt(r) => {
+                dst.put_u8(type_byte(kind::RECEIPT, 0));
+                r.put_fields(dst);
+            }
             ServerFrame::Deliver(_) => {}
         }
     }
@@ -1116,6 +1142,10 @@ impl ServerFrame {
             kind::PONG => ServerFrame::Pong(Pong {
                 interval_secs: parse_interval(&mut r, "PONG", flags)?,
             }),
+            kind::RECEIPT => {
+                check_flags("RECEIPT", flags, 0)?;
+                ServerFrame::Receipt(Receipt::parse_fields(&mut r, limits)?)
+            }
             other => return Err(DecodeError::UnknownFrameType(other)),
         };
         Ok(frame)

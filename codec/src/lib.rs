@@ -1,4 +1,4 @@
-//! pabal's wire protocol, versions 1 and 2: a sans-IO, zero-copy codec.
+//! pabal's wire protocol, versions 1, 2 and 3: a sans-IO, zero-copy codec.
 //!
 //! [`PROTOCOL.md`](https://example.invalid/pabal/codec/PROTOCOL.md) (next to this crate's
 //! manifest) is the normative specification; this crate implements it.
@@ -21,6 +21,7 @@ pub mod error;
 pub mod frame;
 pub mod limits;
 mod reader;
+pub mod receipt;
 pub mod session;
 pub mod text;
 pub mod varint;
@@ -29,9 +30,11 @@ pub use decode::{Decoder, Framing};
 pub use error::{DecodeError, ErrorCode, GoAwayReason, LeftReason, SessionError};
 pub use frame::{
     Ack, ClientFrame, Deliver, DeliverHeader, ErrorFrame, Gap, GoAway, Hello, Left,
-    PROTOCOL_VERSION, Ping, Pong, PubAck, Publish, ResumeEntry, ResumeList, Room,
-    SUPPORTED_VERSIONS, ServerFrame, Subscribe, Unsubscribe, Welcome,
+    PROTOCOL_VERSION, Ping, Pong, PubAck, Publish, Read, Receipt, ReceiptEntry, ResumeEntry,
+    ResumeList, Room, SUPPORTED_VERSIONS, ServerFrame, Subscribe, Unsubscribe, Welcome,
 };
 pub use limits::Limits;
-pub use session::{ClientSession, DeliverContext, Event, RoomState, SenderAliases, room_id};
+pub use session::{
+    ClientSession, DeliverContext, Event, MemberMarkers, RoomState, SenderAliases, room_id,
+};
 pub use text::Text;

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use crate::error::{LeftReason, SessionError};
 use crate::frame::{
     ClientFrame, DeliverHeader, ErrorFrame, GoAway, Hello, PROTOCOL_VERSION, Ping, Pong, Publish,
-    ResumeEntry, ResumeList, ServerFrame, Welcome,
+    Read, Receipt, ReceiptEntry, ResumeEntry, ResumeList, ServerFrame, Welcome,
 };
 use crate::text::Text;
 
@@ -117,6 +117,31 @@ impl DeliverContext {
     }
 }
 
+impl DeliverContext {
+    /// A RECEIPT entry (version 3) for `member`'s markers: the member is named by its slot
+    /// in this connection's sender table (PROTOCOL.md §10), defined by the entry if needed.
+    pub fn receipt_entry(&mut self, member: &Text, delivered: u64, read: u64) -> ReceiptEntry {
+        let (member_alias, new) = self.senders.alias(member);
+        ReceiptEntry {
+            member_alias,
+            new_member: new.then(|| member.clone()),
+            delivered,
+            read: read.min(delivered),
+        }
+    }
+}
+
+/// One member's markers, resolved from a RECEIPT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberMarkers {
+    /// The member's user id.
+    pub user: Text,
+    /// Delivered to one of the member's connections up to this sequence.
+    pub delivered: u64,
+    /// Read up to this sequence.
+    pub read: u64,
+}
+
 /// What the client knows of one bound alias.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomState {
@@ -211,6 +236,15 @@ pub enum Event {
     Error(ErrorFrame),
     /// GOAWAY from the relay.
     GoAway(GoAway),
+    /// Version 3: members' delivered and read markers in a room (RECEIPT).
+    Receipt {
+        /// The alias.
+        alias: u32,
+        /// The room.
+        room_id: u64,
+        /// The members whose markers moved, with their markers now.
+        members: Vec<MemberMarkers>,
+    },
 }
 
 /// The client's side of a connection: builds HELLO and PUBLISH, and resolves everything the
@@ -232,8 +266,11 @@ pub struct ClientSession {
     names: HashMap<u64, (Text, bool)>,
     /// The device id sent in a version-2 HELLO: with it, message ids survive reconnects.
     device_id: Option<u64>,
-    /// A relay refused version 2: speak version 1 from the next HELLO on.
-    v1_only: bool,
+    /// How many versions below [`PROTOCOL_VERSION`] relays' refusals brought the next HELLO
+    /// (a relay answering `UnsupportedVersion` makes it offer the next older one).
+    fallbacks: u8,
+    /// The version of the current connection's session (its WELCOME's), 0 before it.
+    session_version: u8,
     /// Rooms unbound by LEFT `Restarted` (§6): the relay restarted and does not know them
     /// for this user yet. Kept, with their cursors, for the next HELLO's resume list, until
     /// a ROOM binds them again. At most one entry per room the session knew.
@@ -261,7 +298,7 @@ impl ClientSession {
 
     /// The protocol version the next HELLO offers.
     pub fn version(&self) -> u8 {
-        if self.v1_only { 1 } else { PROTOCOL_VERSION }
+        PROTOCOL_VERSION.saturating_sub(self.fallbacks).max(1)
     }
 
     /// The last message id given out: persist it with the device id, so that a restarted
@@ -273,15 +310,24 @@ impl ClientSession {
     /// Whether a repeated publish keeps its message id and is recognised by the relay: a
     /// version-2 session with a device id.
     pub fn idempotent(&self) -> bool {
-        self.device_id.is_some() && !self.v1_only
+        self.device_id.is_some() && self.version() >= 2
     }
 
-    /// The relay answered HELLO with ERROR `UnsupportedVersion`: speak version 1 from the
-    /// next HELLO on. Returns whether that is a change (a version-1 refusal is final).
+    /// The relay answered HELLO with ERROR `UnsupportedVersion`: offer the next older
+    /// version (3, then 2, then 1) from the next HELLO on. Returns whether that is a change
+    /// (a version-1 refusal is final).
     pub fn refused_version(&mut self) -> bool {
-        let changed = !self.v1_only;
-        self.v1_only = true;
+        let changed = self.version() > 1;
+        if changed {
+            self.fallbacks += 1;
+        }
         changed
+    }
+
+    /// A READ (version 3): the user read every message of `alias` up to `seq`. `None` when
+    /// the current session speaks an older version (it has no READ).
+    pub fn read(&self, alias: u32, seq: u64) -> Option<ClientFrame> {
+        (self.session_version >= 3).then_some(ClientFrame::Read(Read { alias, seq }))
     }
 
     /// Starts a (new) connection: forgets the previous connection's aliases and builds a
@@ -308,6 +354,7 @@ impl ClientSession {
             self.rooms.insert(i as u32, room);
         }
         self.welcomed = false;
+        self.session_version = 0;
         self.senders.clear();
         self.in_flight.clear();
         let version = self.version();
@@ -408,6 +455,7 @@ impl ClientSession {
         Ok(match frame {
             ServerFrame::Welcome(w) => {
                 self.welcomed = true;
+                self.session_version = w.version;
                 self.last_ts_ms = w.server_time_ms;
                 Event::Welcome(w)
             }
@@ -578,6 +626,38 @@ impl ClientSession {
             ServerFrame::Pong(p) => Event::Pong(p),
             ServerFrame::Error(e) => Event::Error(e),
             ServerFrame::GoAway(g) => Event::GoAway(g),
+            ServerFrame::Receipt(r) => self.apply_receipt(r)?,
+        })
+    }
+
+    /// RECEIPT: members named by sender-table slots (an entry may define its slot, as a
+    /// DELIVER's NEW_SENDER does), for a bound alias.
+    fn apply_receipt(&mut self, r: Receipt) -> Result<Event, SessionError> {
+        let room_id = self
+            .rooms
+            .get(&r.alias)
+            .ok_or(SessionError::UnknownAlias(r.alias))?
+            .room_id;
+        let mut members = Vec::with_capacity(r.entries.len());
+        for e in r.entries {
+            if let Some(user) = e.new_member {
+                self.senders.insert(e.member_alias, user);
+            }
+            let user = self
+                .senders
+                .get(&e.member_alias)
+                .cloned()
+                .ok_or(SessionError::UnknownSender(e.member_alias))?;
+            members.push(MemberMarkers {
+                user,
+                delivered: e.delivered,
+                read: e.read,
+            });
+        }
+        Ok(Event::Receipt {
+            alias: r.alias,
+            room_id,
+            members,
         })
     }
 
@@ -715,8 +795,12 @@ mod tests {
     }
 
     #[test]
-    fn a_device_session_offers_v2_keeps_ids_across_reconnects_and_falls_back_to_v1() {
+    fn a_device_session_offers_v3_keeps_ids_across_reconnects_and_falls_back_to_v2_then_v1() {
         let mut client = ClientSession::with_device(0xfeed, 41);
+        let hello = hello_of(client.hello(Bytes::from_static(b"t"), 0));
+        assert_eq!((hello.version, hello.device_id), (3, Some(0xfeed)));
+        // A relay that speaks versions 1 and 2 only.
+        assert!(client.refused_version());
         let hello = hello_of(client.hello(Bytes::from_static(b"t"), 0));
         assert_eq!((hello.version, hello.device_id), (2, Some(0xfeed)));
         client.apply(welcome(0)).unwrap();
@@ -744,7 +828,7 @@ mod tests {
     fn a_session_without_a_device_republishes_with_fresh_ids() {
         let mut client = ClientSession::new();
         let hello = hello_of(client.hello(Bytes::from_static(b"t"), 0));
-        assert_eq!((hello.version, hello.device_id), (2, None));
+        assert_eq!((hello.version, hello.device_id), (3, None));
         client.apply(welcome(0)).unwrap();
         client.apply(room(0, 3)).unwrap();
         let (id, _) = client.publish(0, Bytes::from_static(b"m"), None);
@@ -852,5 +936,77 @@ mod tests {
         // byte "r", computed independently (the same routine gives the published test
         // vector 0xaf63dc4c8601ec8c for "a").
         assert_eq!(room_id(false, ""), 0xaf63_ef4c_8602_0cd5);
+    }
+
+    #[test]
+    fn receipts_name_members_through_the_sender_table_and_read_needs_version_3() {
+        let mut relay = DeliverContext::new(0, 2);
+        let mut client = ClientSession::new();
+        client.hello(Bytes::from_static(b"t"), 0);
+        let welcome_v = |version| {
+            ServerFrame::Welcome(Welcome {
+                version,
+                conn_id: 7,
+                server_time_ms: 0,
+                heartbeat_secs: 30,
+                max_frame_len: 65536,
+                user: Text::from("bob"),
+            })
+        };
+        client.apply(welcome_v(3)).unwrap();
+        client.apply(room(0, 3)).unwrap();
+        assert_eq!(
+            client.read(0, 3),
+            Some(ClientFrame::Read(Read { alias: 0, seq: 3 }))
+        );
+        // A sender slot defined by a DELIVER names the same user in a RECEIPT, and back.
+        let header = relay.header(0, Some(4), 3, &Text::from("ann"), 0);
+        client
+            .apply(ServerFrame::Deliver(Deliver {
+                header,
+                payload: Bytes::new(),
+            }))
+            .unwrap();
+        let entries = vec![
+            relay.receipt_entry(&Text::from("ann"), 4, 4),
+            relay.receipt_entry(&Text::from("cat"), 4, 9),
+        ];
+        assert_eq!(entries[0].new_member, None, "ann's slot is defined already");
+        assert_eq!(entries[1].read, 4, "read never past delivered");
+        let ev = client
+            .apply(ServerFrame::Receipt(Receipt { alias: 0, entries }))
+            .unwrap();
+        let Event::Receipt { members, .. } = ev else {
+            panic!("{ev:?}")
+        };
+        let got: Vec<(&str, u64, u64)> = members
+            .iter()
+            .map(|m| (m.user.as_str(), m.delivered, m.read))
+            .collect();
+        assert_eq!(got, vec![("ann", 4, 4), ("cat", 4, 4)]);
+        // An undefined slot, an unbound alias: refused.
+        let stray = |alias, member_alias| {
+            ServerFrame::Receipt(Receipt {
+                alias,
+                entries: vec![ReceiptEntry {
+                    member_alias,
+                    new_member: None,
+                    delivered: 1,
+                    read: 1,
+                }],
+            })
+        };
+        assert_eq!(
+            client.apply(stray(0, 9)),
+            Err(SessionError::UnknownSender(9))
+        );
+        assert_eq!(
+            client.apply(stray(5, 0)),
+            Err(SessionError::UnknownAlias(5))
+        );
+        // A version-2 session has no READ.
+        client.hello(Bytes::from_static(b"t"), 0);
+        client.apply(welcome_v(2)).unwrap();
+        assert_eq!(client.read(0, 3), None);
     }
 }

@@ -294,7 +294,7 @@ fn trailing_bytes() {
 fn unknown_frame_types() {
     for ty in [
         0x00,
-        0x09,
+        0x0a,
         0x0f,
         0x1f,
         kind::WELCOME,
@@ -313,7 +313,8 @@ fn unknown_frame_types() {
         kind::PUBLISH,
         kind::ACK,
         kind::BYE,
-        0x18,
+        kind::READ,
+        0x19,
         0x1f,
     ] {
         assert_eq!(
@@ -322,10 +323,10 @@ fn unknown_frame_types() {
             "server {ty:#x}"
         );
     }
-    // Flags do not change the type: 0xe9 is type 0x09 with all flags set.
-    assert_eq!(client_err(&[0xe9]), DecodeError::UnknownFrameType(0x09));
+    // Flags do not change the type: 0xea is type 0x0a with all flags set.
+    assert_eq!(client_err(&[0xea]), DecodeError::UnknownFrameType(0x0a));
     assert_eq!(
-        DecodeError::UnknownFrameType(9).code(),
+        DecodeError::UnknownFrameType(10).code(),
         ErrorCode::UnknownFrameType
     );
 }
@@ -543,7 +544,7 @@ fn ack_limit() {
 
 #[test]
 fn unsupported_version() {
-    for version in [0u8, 3, 0xff] {
+    for version in [0u8, 4, 0xff] {
         let err = client_err(&[kind::HELLO, version, 0, 0]);
         assert_eq!(err, DecodeError::UnsupportedVersion { version });
         assert_eq!(err.code(), ErrorCode::UnsupportedVersion);
@@ -551,8 +552,8 @@ fn unsupported_version() {
     // Only the version is read: whatever a later version puts after it (and in the flags)
     // is not judged by this decoder.
     assert_eq!(
-        client_err(&[kind::HELLO | 0xe0, 3, 0xff, 0xff]),
-        DecodeError::UnsupportedVersion { version: 3 }
+        client_err(&[kind::HELLO | 0xe0, 4, 0xff, 0xff]),
+        DecodeError::UnsupportedVersion { version: 4 }
     );
 }
 
@@ -665,4 +666,51 @@ fn error_messages_name_the_problem() {
         .to_string(),
         "undefined flags 0b101 on BYE"
     );
+}
+
+#[test]
+fn read_and_receipt_are_malformed_without_their_fields() {
+    // READ: alias and sequence, nothing after.
+    assert!(matches!(
+        client_err(&[kind::READ, 0]),
+        DecodeError::Truncated { .. }
+    ));
+    assert_eq!(
+        client_err(&[kind::READ, 0, 5, 1]),
+        DecodeError::TrailingBytes {
+            frame: "READ",
+            extra: 1
+        }
+    );
+    assert_eq!(
+        client_err(&[kind::READ | 0x20, 0, 5]),
+        DecodeError::UndefinedFlags {
+            frame: "READ",
+            flags: 0b001
+        }
+    );
+    // RECEIPT: at least one entry; read (delivered - unread) never below 0.
+    assert_eq!(
+        server_err(&[kind::RECEIPT, 0]),
+        DecodeError::Invalid {
+            field: "RECEIPT",
+            why: "no entries"
+        }
+    );
+    assert_eq!(
+        server_err(&[kind::RECEIPT, 0, 0, 3, 4]),
+        DecodeError::Invalid {
+            field: "receipt unread",
+            why: "read before sequence 0"
+        }
+    );
+    assert!(matches!(
+        server_err(&[kind::RECEIPT, 0, 0, 3]),
+        DecodeError::Truncated { .. }
+    ));
+    // A member slot that defines a name carries one.
+    assert!(matches!(
+        server_err(&[kind::RECEIPT, 0, 1, 3]),
+        DecodeError::Truncated { .. }
+    ));
 }

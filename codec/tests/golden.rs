@@ -21,8 +21,8 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use pabal_codec::{
     Ack, ClientFrame, Deliver, DeliverHeader, ErrorCode, ErrorFrame, Gap, GoAway, GoAwayReason,
-    Hello, Left, LeftReason, Ping, Pong, PubAck, Publish, ResumeEntry, ResumeList, Room,
-    ServerFrame, Subscribe, Text, Unsubscribe, Welcome, room_id,
+    Hello, Left, LeftReason, Ping, Pong, PubAck, Publish, Read, Receipt, ReceiptEntry, ResumeEntry,
+    ResumeList, Room, ServerFrame, Subscribe, Text, Unsubscribe, Welcome, room_id,
 };
 use util::*;
 
@@ -94,6 +94,30 @@ fn family() -> u64 {
 }
 fn coffee() -> u64 {
     room_id(true, "coffee-news")
+}
+
+/// WELCOME in protocol version `version`: the same fields, only the version byte differs.
+fn welcome_fixture(name: &'static str, version: u8) -> Fixture {
+    use pabal_codec::frame::kind::WELCOME;
+    Fixture {
+        name,
+        frame: Frame::Server(ServerFrame::Welcome(Welcome {
+            version,
+            conn_id: 42,
+            server_time_ms: T0,
+            heartbeat_secs: 600,
+            max_frame_len: 65536,
+            user: Text::from("bob"),
+        })),
+        by_hand: frame(&[
+            &[WELCOME, version],
+            &v(42),
+            &v(T0),
+            &v(600),
+            &v(65536),
+            &text("bob"),
+        ]),
+    }
 }
 
 fn fixtures() -> Vec<Fixture> {
@@ -259,44 +283,8 @@ fn fixtures() -> Vec<Fixture> {
             by_hand: frame(&[&[BYE]]),
         },
         // --- server frames ---------------------------------------------------------------
-        Fixture {
-            name: "welcome",
-            frame: Frame::Server(ServerFrame::Welcome(Welcome {
-                version: 1,
-                conn_id: 42,
-                server_time_ms: T0,
-                heartbeat_secs: 600,
-                max_frame_len: 65536,
-                user: Text::from("bob"),
-            })),
-            by_hand: frame(&[
-                &[WELCOME, 1],
-                &v(42),
-                &v(T0),
-                &v(600),
-                &v(65536),
-                &text("bob"),
-            ]),
-        },
-        Fixture {
-            name: "welcome_v2",
-            frame: Frame::Server(ServerFrame::Welcome(Welcome {
-                version: 2,
-                conn_id: 42,
-                server_time_ms: T0,
-                heartbeat_secs: 600,
-                max_frame_len: 65536,
-                user: Text::from("bob"),
-            })),
-            by_hand: frame(&[
-                &[WELCOME, 2],
-                &v(42),
-                &v(T0),
-                &v(600),
-                &v(65536),
-                &text("bob"),
-            ]),
-        },
+        welcome_fixture("welcome", 1),
+        welcome_fixture("welcome_v2", 2),
         Fixture {
             name: "room",
             frame: Frame::Server(ServerFrame::Room(Room {
@@ -450,6 +438,61 @@ fn fixtures() -> Vec<Fixture> {
                 interval_secs: Some(1200),
             })),
             by_hand: frame(&[&[PONG | 0x20], &v(1200)]),
+        },
+        // --- version 3: receipts -----------------------------------------------------------
+        Fixture {
+            name: "hello_v3",
+            frame: Frame::Client(ClientFrame::Hello(Hello {
+                version: 3,
+                heartbeat_secs: 600,
+                token: Bytes::from_static(b"bob"),
+                device_id: Some(DEVICE),
+                resume: ResumeList::default(),
+            })),
+            by_hand: frame(&[
+                &[HELLO | 0x40], // DEVICE flag
+                &[3],            // version
+                &v(600),
+                &text("bob"),
+                &le(DEVICE),
+            ]),
+        },
+        welcome_fixture("welcome_v3", 3),
+        Fixture {
+            name: "read",
+            frame: Frame::Client(ClientFrame::Read(Read { alias: 0, seq: 42 })),
+            by_hand: frame(&[&[READ], &v(0), &v(42)]),
+        },
+        Fixture {
+            name: "receipt",
+            frame: Frame::Server(ServerFrame::Receipt(Receipt {
+                alias: 0,
+                entries: vec![
+                    ReceiptEntry {
+                        member_alias: 2,
+                        new_member: Some(Text::from("cat")),
+                        delivered: 42,
+                        read: 40,
+                    },
+                    ReceiptEntry {
+                        member_alias: 0,
+                        new_member: None,
+                        delivered: 42,
+                        read: 42,
+                    },
+                ],
+            })),
+            by_hand: frame(&[
+                &[RECEIPT],
+                &v(0),          // alias
+                &v(2 << 1 | 1), // member slot 2, a name follows
+                &text("cat"),   // the member
+                &v(42),         // delivered up to
+                &v(42 - 40),    // delivered - read
+                &v(0 << 1),     // member slot 0, already defined
+                &v(42),
+                &v(0),
+            ]),
         },
     ]
 }

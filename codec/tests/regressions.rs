@@ -57,11 +57,11 @@ fn resume_count_overflow_is_an_error_not_a_panic() {
 /// first one this decoder does not speak.)
 #[test]
 fn hello_version_is_checked_before_flags() {
-    let body = [kind::HELLO | 0xe0, 3, 0, 0];
+    let body = [kind::HELLO | 0xe0, 4, 0, 0];
     let err = Decoder::default()
         .decode_client(&mut framed(&body))
         .unwrap_err();
-    assert_eq!(err, DecodeError::UnsupportedVersion { version: 3 });
+    assert_eq!(err, DecodeError::UnsupportedVersion { version: 4 });
     assert_eq!(err.code(), pabal_codec::ErrorCode::UnsupportedVersion);
     // A v1 HELLO with an undefined flag is still malformed.
     let body = [kind::HELLO | 0x40, 1, 0, 0];

@@ -368,3 +368,43 @@ fn largest_deliver_header() {
     }));
     assert_eq!(smallest, 1 + 2);
 }
+
+/// Protocol v3's receipts: READ up, RECEIPT down (PROTOCOL.md §16, "pabal v3").
+#[test]
+fn receipts() {
+    use pabal_codec::{Read, Receipt, ReceiptEntry};
+    let read = |seq| client_len(&ClientFrame::Read(Read { alias: 0, seq }));
+    assert_eq!(read(42), 4);
+    assert_eq!(read(5000), 5);
+    let entry = |slot: u32, name: Option<&str>| ReceiptEntry {
+        member_alias: slot,
+        new_member: name.map(Text::from),
+        delivered: 5000,
+        read: 5000,
+    };
+    let receipt = |entries: Vec<ReceiptEntry>| {
+        server_len(&ServerFrame::Receipt(Receipt { alias: 0, entries }))
+    };
+    // One member whose slot is defined (a sender of the room, usually).
+    assert_eq!(receipt(vec![entry(0, None)]), 7);
+    // The first time a member is named on the connection: + its id ("ann").
+    assert_eq!(receipt(vec![entry(0, Some("ann"))]), 11);
+    // Every member of a 5-member group in one update: 4 B each + 3 B.
+    assert_eq!(receipt((0..5).map(|s| entry(s, None)).collect()), 23);
+    // Read 2 behind delivered costs no more than caught up.
+    let behind = ReceiptEntry {
+        read: 4998,
+        ..entry(0, None)
+    };
+    assert_eq!(receipt(vec![behind]), 7);
+    // XMPP chat markers (XEP-0333): a `displayed` marker as sent to the room and as each
+    // occupant gets it.
+    let sent = format!(
+        "<message to='{TOPIC}@muc.example.com' type='groupchat' id='6'><displayed xmlns='urn:xmpp:chat-markers:0' id='5'/></message>"
+    );
+    assert_eq!(sent.len(), 127);
+    let got = format!(
+        "<message from='{TOPIC}@muc.example.com/ann' to='bob@example.com/phone' type='groupchat' id='6'><displayed xmlns='urn:xmpp:chat-markers:0' id='5'/></message>"
+    );
+    assert_eq!(got.len(), 160);
+}

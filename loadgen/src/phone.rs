@@ -1274,6 +1274,9 @@ impl Phone {
                 self.send_frame(&ClientFrame::Pong(Pong::default()));
             }
             Event::Pong(_) => {}
+            // Protocol v3 markers: the virtual phones render nothing; the bytes are counted
+            // with everything else received.
+            Event::Receipt { .. } => {}
             Event::Error(e) => {
                 if let Some(i) = self
                     .inflight

@@ -84,6 +84,26 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Offline hand-off to the app server (webhooks; see [`crate::handoff`]).
     pub handoff: HandoffConfig,
+    /// Receipts (protocol v3): how often members hear of each other's markers.
+    pub receipts: ReceiptsConfig,
+}
+
+/// `[receipts]`: delivered and read markers per (user, room) (PROTOCOL.md §12).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReceiptsConfig {
+    /// The least time between two RECEIPT updates of one room: markers that move within it
+    /// go out together, once. Default 1s; 10ms ..= 1h.
+    #[serde(with = "humantime_secs")]
+    pub interval: Duration,
+}
+
+impl Default for ReceiptsConfig {
+    fn default() -> Self {
+        ReceiptsConfig {
+            interval: Duration::from_secs(1),
+        }
+    }
 }
 
 /// `[tls]`: set `cert_file` and `key_file` to turn TLS on for `listen` and for the WebSocket
@@ -702,6 +722,7 @@ impl Default for Config {
             websocket: WebSocketConfig::default(),
             storage: StorageConfig::default(),
             handoff: HandoffConfig::default(),
+            receipts: ReceiptsConfig::default(),
         }
     }
 }
@@ -919,6 +940,10 @@ impl Config {
         }
         if h.timeout.is_zero() {
             return Err(invalid("heartbeat.timeout", "must be > 0"));
+        }
+        let interval = self.receipts.interval;
+        if interval < Duration::from_millis(10) || interval > Duration::from_secs(3600) {
+            return Err(invalid("receipts.interval", "must be 10ms ..= 1h"));
         }
         if self.auth.handshake_timeout.is_zero() {
             return Err(invalid("auth.handshake_timeout", "must be > 0"));
@@ -1186,6 +1211,7 @@ mod tests {
     fn bad_values_name_their_field() {
         for (toml, field) in [
             ("[heartbeat]\ninterval = \"1s\"", "heartbeat.interval"),
+            ("[receipts]\ninterval = \"1ms\"", "receipts.interval"),
             (
                 "[connection]\nmax_frame_len = 1",
                 "connection.max_frame_len",

@@ -276,6 +276,8 @@ pub struct Conn {
     /// A service connection (trusted app server): exempt from the publish rate limit and
     /// allowed to publish anywhere.
     pub service: bool,
+    /// Protocol v3: the session takes RECEIPT frames and may send READ.
+    pub receipts: bool,
     /// Protocol v2: who this connection publishes as, a hash of the user and HELLO's device
     /// id; its publishes' ids are `(publisher, msg_id)`, recognised by rooms when repeated.
     /// 0: version 1 or no device id (no recognition).
@@ -327,6 +329,7 @@ impl Conn {
             retire_ping_due: false,
             claims: None,
             service: false,
+            receipts: false,
             publisher: 0,
             reading: true,
             backend_reading: true,

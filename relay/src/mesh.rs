@@ -143,6 +143,17 @@ pub enum CoreMsg {
         /// Read up to.
         read: u64,
     },
+    // ---- from a room's owner, about its members' markers ---------------------------------
+    /// Members' markers that moved since the room's last update (a RECEIPT for the
+    /// worker's version-3 connections bound to the room's stream `epoch`).
+    Receipts {
+        /// The room.
+        room: RoomName,
+        /// The room's stream.
+        epoch: u64,
+        /// Each member whose markers moved, with its markers now (shared by all workers).
+        markers: Arc<[(Text, crate::core::Marker)]>,
+    },
     /// A subscription of a connection on `core` ended.
     Unsubscribed {
         /// The room.
@@ -373,6 +384,46 @@ pub enum ControlOp {
         /// The user.
         user: Text,
     },
+    /// A user's unread counts in the rooms of theirs this worker owns.
+    Unread {
+        /// The user.
+        user: Text,
+        /// The user's rooms owned by this worker.
+        rooms: Vec<RoomName>,
+    },
+    /// A room's members' delivered and read markers.
+    Receipts {
+        /// The room.
+        room: RoomName,
+    },
+}
+
+/// A user's unread count in one room (`GET /v1/users/{user}/unread`).
+#[derive(Debug, Clone)]
+pub struct RoomUnread {
+    /// The room.
+    pub room: RoomName,
+    /// Its last sequence.
+    pub head: u64,
+    /// The room's head when the user joined (in the current epoch; 0 otherwise): what came
+    /// before was never the user's.
+    pub joined_at: u64,
+    /// The user's markers.
+    pub marker: crate::core::Marker,
+    /// Messages after both the read marker and the join point: `head - max(read,
+    /// joined_at)`.
+    pub unread: u64,
+}
+
+/// A room's members' markers (`GET /v1/rooms/{room}/receipts`).
+#[derive(Debug, Clone)]
+pub struct RoomReceipts {
+    /// The last sequence.
+    pub head: u64,
+    /// The stream's epoch.
+    pub epoch: u64,
+    /// Every member, by user id: (user, join point, markers).
+    pub members: Vec<(Text, u64, crate::core::Marker)>,
 }
 
 /// What a room looks like to the server API.
@@ -470,6 +521,10 @@ pub enum ControlReply {
         /// How many.
         connections: usize,
     },
+    /// A user's unread counts, one per room asked that the user is a member of.
+    Unread(Vec<RoomUnread>),
+    /// A room's markers; `None` if the worker does not hold the room.
+    Receipts(Option<RoomReceipts>),
 }
 
 /// The sending end of a worker's inbox.

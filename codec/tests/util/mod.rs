@@ -8,7 +8,8 @@ use bytes::{Bytes, BytesMut};
 use pabal_codec::{
     Ack, ClientFrame, DecodeError, Decoder, Deliver, DeliverHeader, ErrorCode, ErrorFrame, Gap,
     GoAway, GoAwayReason, Hello, Left, LeftReason, PROTOCOL_VERSION, Ping, Pong, PubAck, Publish,
-    ResumeEntry, ResumeList, Room, ServerFrame, Subscribe, Text, Unsubscribe, Welcome,
+    Read, Receipt, ReceiptEntry, ResumeEntry, ResumeList, Room, ServerFrame, Subscribe, Text,
+    Unsubscribe, Welcome,
 };
 use proptest::prelude::*;
 
@@ -267,7 +268,9 @@ pub fn client_frame() -> impl Strategy<Value = ClientFrame> {
             .prop_map(|interval_secs| ClientFrame::Ping(Ping { interval_secs })),
         1 => prop::option::of(any_varint_u32())
             .prop_map(|interval_secs| ClientFrame::Pong(Pong { interval_secs })),
-        1 => Just(ClientFrame::Bye),]
+        1 => Just(ClientFrame::Bye),
+        1 => (any_varint_u32(), any_varint())
+            .prop_map(|(alias, seq)| ClientFrame::Read(Read { alias, seq })),]
 }
 
 /// A DELIVER header, every valid flag combination (an ephemeral event has no sequence).
@@ -363,5 +366,26 @@ pub fn server_frame() -> impl Strategy<Value = ServerFrame> {
         1 => prop::option::of(any_varint_u32())
             .prop_map(|interval_secs| ServerFrame::Ping(Ping { interval_secs })),
         1 => prop::option::of(any_varint_u32())
-            .prop_map(|interval_secs| ServerFrame::Pong(Pong { interval_secs })),]
+            .prop_map(|interval_secs| ServerFrame::Pong(Pong { interval_secs })),
+        2 => (any_varint_u32(), any_receipt_entries())
+            .prop_map(|(alias, entries)| ServerFrame::Receipt(Receipt { alias, entries })),]
+}
+
+/// RECEIPT entries, at least one, with and without member names (read never past delivered).
+pub fn any_receipt_entries() -> impl Strategy<Value = Vec<ReceiptEntry>> {
+    prop::collection::vec(
+        (
+            any_varint_u32(),
+            prop::option::of(any_name()),
+            any_varint(),
+            any_varint(),
+        )
+            .prop_map(|(member_alias, new_member, a, b)| ReceiptEntry {
+                member_alias,
+                new_member,
+                delivered: a.max(b),
+                read: a.min(b),
+            }),
+        1..8,
+    )
 }

@@ -210,11 +210,7 @@ impl Call<'_> {
         match tokio::time::timeout(limit, rx).await {
             Ok(Ok(ControlReply::Refused(why))) => Err(refusal(self.relay, why)),
             Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => Err(ApiError::new(
-                503,
-                "unavailable",
-                "the worker is gone (the relay is stopping)",
-            )),
+            Ok(Err(_)) => Err(worker_gone()),
             Err(_) => Err(timed_out(limit)),
         }
     }
@@ -374,6 +370,32 @@ impl Call<'_> {
                     _ => Err(unexpected()),
                 }
             }
+            ("GET", ["v1", "rooms", room, "receipts"]) => {
+                let room = room_of("rooms", room)?;
+                let worker = room.owner(relay.workers());
+                match self
+                    .call(worker, ControlOp::Receipts { room: room.clone() })
+                    .await?
+                {
+                    ControlReply::Receipts(Some(r)) => Ok(json!({
+                        "name": room.name.as_str(),
+                        "last_seq": r.head,
+                        "epoch": r.epoch,
+                        "members": r.members.iter().map(|(user, joined_at, m)| json!({
+                            "user": user.as_str(),
+                            "joined_at": joined_at,
+                            "delivered_up_to": m.delivered,
+                            "read_up_to": m.read,
+                        })).collect::<Vec<_>>(),
+                    })),
+                    ControlReply::Receipts(None) => Err(ApiError::not_found(format!(
+                        "no room named `{}`",
+                        room.name
+                    ))),
+                    _ => Err(unexpected()),
+                }
+            }
+            ("GET", ["v1", "users", user, "unread"]) => self.unread(name("a user id", user)?).await,
             ("GET", ["v1", coll, room, "messages"]) => {
                 let room = room_of(coll, room)?;
                 let q = query_map(query);
@@ -534,6 +556,68 @@ impl Call<'_> {
         }
     }
 
+    /// Groups `rooms` by owner worker and sends each owner `op(its rooms)`, all at once: the
+    /// rooms asked of each owner, with where its answer comes.
+    fn ask_owners(
+        &self,
+        rooms: Vec<RoomName>,
+        op: impl Fn(Vec<RoomName>) -> ControlOp,
+    ) -> Vec<(Vec<RoomName>, tokio::sync::oneshot::Receiver<ControlReply>)> {
+        let mut by_worker: HashMap<usize, Vec<RoomName>> = HashMap::new();
+        for room in rooms {
+            by_worker
+                .entry(room.owner(self.relay.workers()))
+                .or_default()
+                .push(room);
+        }
+        by_worker
+            .into_iter()
+            .map(|(worker, rooms)| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let op = op(rooms.clone());
+                self.relay.send(worker, CoreMsg::Control { op, reply: tx });
+                (rooms, rx)
+            })
+            .collect()
+    }
+
+    /// A user's unread counts: the user's rooms (from the directory) grouped by owner, every
+    /// owner asked at once, one round trip each.
+    async fn unread(&self, user: Text) -> Result<Value, ApiError> {
+        let mut rooms = self.relay.directory().rooms_of(&user);
+        rooms.retain(|r| !r.channel);
+        let waiting = self.ask_owners(rooms, |rooms| ControlOp::Unread {
+            user: user.clone(),
+            rooms,
+        });
+        let limit = self.settings.config().reply_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut rooms = Vec::new();
+        let mut total: u64 = 0;
+        for (_, rx) in waiting {
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(ControlReply::Unread(counts))) => {
+                    for c in counts {
+                        total += c.unread;
+                        rooms.push(json!({
+                            "name": c.room.name.as_str(),
+                            "unread": c.unread,
+                            "last_seq": c.head,
+                            "joined_at": c.joined_at,
+                            "read_up_to": c.marker.read,
+                            "delivered_up_to": c.marker.delivered,
+                        }));
+                    }
+                }
+                Ok(Ok(_)) => return Err(unexpected()),
+                Ok(Err(_)) => return Err(worker_gone()),
+                Err(_) => return Err(timed_out(limit)),
+            }
+        }
+        rooms.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        Ok(json!({ "user": user.as_str(), "total": total, "rooms": rooms }))
+    }
+
     /// One message into many rooms: every owner is asked at once, and each room is
     /// answered on its own: `published` (with its sequence), `refused` (with a code), or
     /// `unknown` (its owner did not answer in time: it may still publish; retry with the
@@ -550,28 +634,18 @@ impl Call<'_> {
         if b.rooms.is_empty() && b.channels.is_empty() {
             return Err(ApiError::bad("name at least one of `rooms` or `channels`"));
         }
-        let mut by_worker: HashMap<usize, Vec<RoomName>> = HashMap::new();
+        let mut rooms = Vec::with_capacity(b.rooms.len() + b.channels.len());
         for (coll, list) in [("rooms", &b.rooms), ("channels", &b.channels)] {
             for n in list {
-                let room = room_of(coll, n)?;
-                by_worker
-                    .entry(room.owner(relay.workers()))
-                    .or_default()
-                    .push(room);
+                rooms.push(room_of(coll, n)?);
             }
         }
-        let mut waiting = Vec::with_capacity(by_worker.len());
-        for (worker, rooms) in by_worker {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let op = ControlOp::PublishMany {
-                rooms: rooms.clone(),
-                sender: sender.clone(),
-                payload: payload.clone(),
-                key: self.key,
-            };
-            relay.send(worker, CoreMsg::Control { op, reply: tx });
-            waiting.push((rooms, rx));
-        }
+        let waiting = self.ask_owners(rooms, |rooms| ControlOp::PublishMany {
+            rooms,
+            sender: sender.clone(),
+            payload: payload.clone(),
+            key: self.key,
+        });
         let deadline = tokio::time::Instant::now() + self.settings.config().reply_timeout;
         let mut results = Vec::new();
         for (rooms, rx) in waiting {
@@ -608,6 +682,15 @@ impl Call<'_> {
         }
         Ok(json!({ "results": results }))
     }
+}
+
+/// 503: the worker that was asked is gone (the relay is stopping).
+fn worker_gone() -> ApiError {
+    ApiError::new(
+        503,
+        "unavailable",
+        "the worker is gone (the relay is stopping)",
+    )
 }
 
 fn refused(why: ControlRefusal) -> Value {

@@ -103,6 +103,15 @@ impl Core {
                 }
             }
             (Phase::Open, ClientFrame::Bye) => self.begin_close(token),
+            (Phase::Open, ClientFrame::Read(read)) => {
+                if self.conn(token).is_some_and(|c| c.receipts) {
+                    self.on_read(token, read.alias, read.seq);
+                } else {
+                    // Before version 3 there is no READ: answered as any unknown type was.
+                    let unknown = DecodeError::UnknownFrameType(pabal_codec::frame::kind::READ);
+                    self.decode_failed(token, unknown);
+                }
+            }
         }
     }
 
@@ -124,6 +133,21 @@ impl Core {
             return;
         };
         self.note_acked(&room, &user, epoch, acked);
+    }
+
+    /// READ (version 3) of `seq` on `alias`: like an ACK, ignored for an unbound alias and
+    /// counted only up to what was sent; the user's read marker may move.
+    pub(super) fn on_read(&mut self, token: Token, alias: u32, seq: u64) {
+        let Some(conn) = self.conn(token) else { return };
+        let Some(Some(sub)) = conn.subs.get(alias as usize) else {
+            return;
+        };
+        let read = seq.min(sub.position);
+        let (room, epoch) = (sub.room.clone(), sub.epoch);
+        let Some(user) = conn.user.clone() else {
+            return;
+        };
+        self.note_read(&room, &user, epoch, read);
     }
 
     pub(super) fn take_subscribe_budget(&mut self, token: Token) -> bool {
@@ -206,6 +230,7 @@ impl Core {
         conn.phase = Phase::Open;
         conn.user = Some(user.clone());
         conn.service = claims.as_ref().is_some_and(|c| c.service);
+        conn.receipts = hello.version >= 3;
         conn.claims = claims.map(Box::new);
         conn.heartbeat = Duration::from_secs(u64::from(granted));
         conn.ctx = DeliverContext::new(now_ms, sender_aliases);

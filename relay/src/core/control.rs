@@ -1,5 +1,6 @@
 //! Server-API operations as the worker that owns a room (or holds a user's connections)
-//! executes them: publish, membership changes, room info, history reads, kicks.
+//! executes them: publish, membership changes, room info, history reads, kicks, unread
+//! counts and receipts (computed in [`super::receipts`]).
 //!
 //! Owns: turning a [`ControlOp`] into core actions and a [`ControlReply`]. Must not touch:
 //! HTTP (that is `control.rs`), sockets, other workers' state (only messages).
@@ -24,7 +25,10 @@ impl ControlOp {
             | ControlOp::PublishMany { .. }
             | ControlOp::Members { .. }
             | ControlOp::Kick { .. } => true,
-            ControlOp::Info { .. } | ControlOp::History { .. } => false,
+            ControlOp::Info { .. }
+            | ControlOp::History { .. }
+            | ControlOp::Unread { .. }
+            | ControlOp::Receipts { .. } => false,
         }
     }
 }
@@ -193,6 +197,8 @@ impl Core {
                     connections: tokens.len(),
                 }
             }
+            ControlOp::Unread { user, rooms } => ControlReply::Unread(self.unread_of(&user, rooms)),
+            ControlOp::Receipts { room } => ControlReply::Receipts(self.receipts_of(&room)),
         }
     }
 }

@@ -171,6 +171,14 @@ impl Core {
         let members: Vec<(Text, JoinPoint)> =
             rs.members.iter().map(|(u, j)| (u.clone(), *j)).collect();
         let blocked: Vec<Text> = rs.blocked.iter().cloned().collect();
+        let markers: Vec<(Text, super::Marker)> = rs
+            .markers
+            .iter()
+            .map(|(u, m)| {
+                let (delivered, read) = (m.delivered, m.read);
+                (u.clone(), super::Marker { delivered, read })
+            })
+            .collect();
         let mut tail = Vec::new();
         // Enough to rebuild the window of publish ids too (`limits.publish_ids`).
         let publish_ids = self.config.limits.publish_ids as u64;
@@ -213,6 +221,7 @@ impl Core {
         for (user, _) in &members {
             owned.members.insert(user.clone());
         }
+        owned.receipts = super::receipts::RoomMarkers::restored(markers.into_iter());
         for (user, join) in members {
             if let Err(e) = self.directory.add(&user, name, join, false) {
                 tracing::warn!(%user, room = %name.name, "storage: a stored member could not be restored: {e}");
@@ -315,6 +324,32 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// Appends members' receipts markers (coalesced by the caller: once per member per
+    /// `receipts.interval`). A refusal (a full disk) leaves them in memory only, logged.
+    pub(super) fn store_markers(
+        &mut self,
+        room: &RoomName,
+        epoch: u64,
+        markers: &[(Text, super::Marker)],
+    ) {
+        if self.storage.is_none() {
+            return;
+        }
+        let stored = self.store_epoch(room).and_then(|key| {
+            let Some(d) = self.storage.as_deref_mut() else {
+                return Ok(());
+            };
+            for (user, m) in markers {
+                d.log
+                    .append_markers(key, user.as_str(), epoch, m.delivered, m.read)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = stored {
+            tracing::warn!(room = %room.name, "receipts markers not stored: {e}");
+        }
     }
 
     /// Appends that an evicted room is gone (it comes back in a new epoch, as in memory

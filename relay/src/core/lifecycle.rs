@@ -324,6 +324,7 @@ impl Core {
             self.on_timer(token);
         }
         self.evict_idle_rooms();
+        self.send_due_receipts();
         self.run_storage_timers();
         self.run_handoff_timers();
     }

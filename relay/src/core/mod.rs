@@ -161,6 +161,9 @@ pub struct Core {
     pending_markers: receipts::PendingMarkers,
     /// Offline hand-off: rooms' windows due, hand-offs found ([`handoff`]).
     handoff: handoff::Detection,
+    /// Owned rooms whose members' markers moved, oldest first, with when their RECEIPT
+    /// update is due.
+    receipts_due: VecDeque<(Instant, RoomName)>,
 }
 
 /// A connection's token for its slab key, and back.
@@ -240,6 +243,7 @@ impl Core {
             read_scratch: BytesMut::new(),
             pending_markers: receipts::PendingMarkers::default(),
             handoff: handoff::Detection::new(config_handoff_on),
+            receipts_due: VecDeque::new(),
         }
     }
 
@@ -288,6 +292,7 @@ impl Core {
             self.shutdown.deadline,
             self.storage_deadline(),
             self.handoff.next_due(),
+            self.receipts_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -499,6 +504,11 @@ impl Core {
                 delivered,
                 read,
             } => self.on_markers(&room, &user, epoch, Marker { delivered, read }),
+            CoreMsg::Receipts {
+                room,
+                epoch,
+                markers,
+            } => self.on_receipts(&room, epoch, &markers),
             CoreMsg::Accepted { by, seq } => self.on_accepted(by, seq),
             CoreMsg::NotAccepted { by, code, message } => self.on_not_accepted(by, code, message),
             CoreMsg::Refused {

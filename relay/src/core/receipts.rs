@@ -13,19 +13,28 @@
 //! marker advances, the owner calls [`Core::markers_advanced`]: the one place that learns
 //! it (receipt frames to members, the log, the offline hand-off hang off it).
 //!
-//! Per-member cost at the owner: one map entry, the user id's `Text` (a shared handle, 32
-//! bytes) and a [`Marker`] (16 bytes), about 64 bytes with the map's overhead.
+//! RECEIPT frames (protocol v3): a room whose markers moved is queued once; at most every
+//! `receipts.interval` the owner sends the members' markers that moved since the last time
+//! ([`CoreMsg::Receipts`], one per worker with subscribed connections), and each worker
+//! writes one RECEIPT to each of its version-3 connections bound to the room.
 //!
-//! Owns: the markers and the coalescing of ACKs into marker updates. Must not touch:
-//! connections' bindings (it reads what the client frame handler hands it), history.
+//! Per-member cost at the owner: one map entry, the user id's `Text` (a shared handle, 32
+//! bytes) and a [`Marker`] with its "moved" flag (24 bytes), about 64 bytes with the map's
+//! overhead.
+//!
+//! Owns: the markers, the coalescing of ACKs and READs into marker updates, RECEIPT
+//! frames. Must not touch: connections' bindings (it reads what the client frame handler
+//! hands it), history.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use pabal_codec::Text;
+use pabal_codec::{Receipt, ServerFrame, Text};
 
 use super::*;
+use crate::conn::SubMode;
 use crate::ids::RoomName;
-use crate::mesh::CoreMsg;
+use crate::mesh::{CoreMsg, RoomReceipts, RoomUnread};
 
 /// One member's cumulative markers in a room's current epoch (0: nothing yet).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,15 +60,43 @@ impl Marker {
     }
 }
 
+/// One member's markers at the owner.
+#[derive(Debug, Default)]
+struct Entry {
+    marker: Marker,
+    /// Moved since the room's last RECEIPT update (listed in `RoomMarkers::moved`).
+    moved: bool,
+}
+
 /// The markers of one owned room's members.
 #[derive(Debug, Default)]
 pub(super) struct RoomMarkers {
-    by_member: HashMap<Text, Marker>,
+    by_member: HashMap<Text, Entry>,
+    /// Members whose markers moved since the last RECEIPT update, in order.
+    moved: Vec<Text>,
+    /// In the worker's queue of rooms due a RECEIPT update.
+    queued: bool,
 }
 
 impl RoomMarkers {
+    /// The markers restored from the log (disk mode), `None` when there are none.
+    pub(super) fn restored(markers: impl Iterator<Item = (Text, Marker)>) -> Option<Box<Self>> {
+        let by_member: HashMap<Text, Entry> = markers
+            .map(|(user, marker)| {
+                let moved = false;
+                (user, Entry { marker, moved })
+            })
+            .collect();
+        (!by_member.is_empty()).then(|| {
+            Box::new(RoomMarkers {
+                by_member,
+                ..RoomMarkers::default()
+            })
+        })
+    }
+
     pub(super) fn get(&self, user: &Text) -> Option<Marker> {
-        self.by_member.get(user).copied()
+        self.by_member.get(user).map(|e| e.marker)
     }
 
     #[cfg(test)]
@@ -68,27 +105,38 @@ impl RoomMarkers {
     }
 }
 
+/// One (room, user)'s marker update noted this tick: the room's stream and the markers.
+type PendingUpdate = (RoomName, Text, u64, Marker);
+
 /// Marker updates a worker has noted this loop tick, one per (room, user), for the rooms'
-/// owners.
+/// owners, in the order first noted (so that a run replays the same way).
 #[derive(Debug, Default)]
 pub(super) struct PendingMarkers {
-    updates: HashMap<(RoomName, Text), (u64, Marker)>,
+    updates: Vec<PendingUpdate>,
+    /// Where each (room, user) is in `updates`.
+    index: HashMap<(RoomName, Text), usize>,
 }
 
 impl PendingMarkers {
     /// Notes that `user`'s connection acknowledged (`delivered`) or read (`read`) up to a
     /// sequence of `room`'s stream `epoch`; merged with what is noted already.
     pub(super) fn note(&mut self, room: &RoomName, user: &Text, epoch: u64, update: Marker) {
-        let entry = self
-            .updates
+        let updates = &mut self.updates;
+        let i = *self
+            .index
             .entry((room.clone(), user.clone()))
-            .or_insert((epoch, Marker::default()));
-        if entry.0 != epoch {
+            .or_insert_with(|| {
+                updates.push((room.clone(), user.clone(), epoch, Marker::default()));
+                updates.len() - 1
+            });
+        let (_, _, noted_epoch, marker) = &mut self.updates[i];
+        if *noted_epoch != epoch {
             // A binding of another stream of the room: the later one stands.
-            *entry = (epoch, Marker::default());
+            *noted_epoch = epoch;
+            *marker = Marker::default();
         }
-        entry.1.read = entry.1.read.max(update.read);
-        entry.1.delivered = entry.1.delivered.max(update.delivered);
+        marker.read = marker.read.max(update.read);
+        marker.delivered = marker.delivered.max(update.delivered);
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -111,14 +159,25 @@ impl Core {
         self.pending_markers.note(room, user, epoch, update);
     }
 
+    /// A READ on a binding of `room` (stream `epoch`) up to `read`: the user's read marker
+    /// may advance (sent to the owner at the end of the tick, coalesced).
+    pub(super) fn note_read(&mut self, room: &RoomName, user: &Text, epoch: u64, read: u64) {
+        if room.channel {
+            return;
+        }
+        let update = Marker { delivered: 0, read };
+        self.pending_markers.note(room, user, epoch, update);
+    }
+
     /// Sends the marker updates noted this tick to the rooms' owners: one message per
     /// (room, user).
     pub(super) fn send_pending_markers(&mut self) {
         if self.pending_markers.is_empty() {
             return;
         }
+        self.pending_markers.index.clear();
         let mut updates = std::mem::take(&mut self.pending_markers.updates);
-        for ((room, user), (epoch, marker)) in updates.drain() {
+        for (room, user, epoch, marker) in updates.drain(..) {
             let owner = room.owner(self.cores);
             self.send_to(
                 owner,
@@ -146,16 +205,20 @@ impl Core {
         }
         let head = owned.head;
         let markers = owned.receipts.get_or_insert_with(Box::default);
-        let marker = markers.by_member.entry(user.clone()).or_default();
-        let was = *marker;
-        if marker.advance(update, head) {
-            let now = *marker;
+        let entry = markers.by_member.entry(user.clone()).or_default();
+        let was = entry.marker;
+        if entry.marker.advance(update, head) {
+            let now = entry.marker;
+            if !entry.moved {
+                entry.moved = true;
+                markers.moved.push(user.clone());
+            }
             self.markers_advanced(room, user, was, now);
         }
     }
 
     /// The hook where the owner learns that `user`'s markers in `room` moved from `was` to
-    /// `now` (at least one part advanced).
+    /// `now` (at least one part advanced): queues the room's next RECEIPT update.
     pub(super) fn markers_advanced(
         &mut self,
         room: &RoomName,
@@ -165,6 +228,114 @@ impl Core {
     ) {
         inc(&self.stats.markers_advanced, 1);
         tracing::trace!(room = %room.name, %user, ?was, ?now, "markers advanced");
+        let due = self.now + self.config.receipts.interval;
+        if let Some(markers) = self.owned.get_mut(room).and_then(|o| o.receipts.as_mut())
+            && !markers.queued
+        {
+            markers.queued = true;
+            self.receipts_due.push_back((due, room.clone()));
+        }
+    }
+
+    /// When the next RECEIPT update is due.
+    pub(super) fn receipts_deadline(&self) -> Option<Instant> {
+        self.receipts_due.front().map(|(at, _)| *at)
+    }
+
+    /// Sends the RECEIPT updates that are due: per room, the markers that moved since its
+    /// last update, to every worker with connections subscribed to it.
+    pub(super) fn send_due_receipts(&mut self) {
+        while let Some(&(due, _)) = self.receipts_due.front() {
+            if due > self.now {
+                break;
+            }
+            let Some((_, room)) = self.receipts_due.pop_front() else {
+                break;
+            };
+            let Some(owned) = self.owned.get_mut(&room) else {
+                continue;
+            };
+            let Some(markers) = owned.receipts.as_mut() else {
+                continue;
+            };
+            markers.queued = false;
+            let epoch = owned.epoch;
+            let RoomMarkers {
+                by_member, moved, ..
+            } = &mut **markers;
+            let moved: Arc<[(Text, Marker)]> = moved
+                .drain(..)
+                .filter_map(|user| {
+                    let entry = by_member.get_mut(&user)?;
+                    entry.moved = false;
+                    Some((user, entry.marker))
+                })
+                .collect();
+            if moved.is_empty() {
+                continue;
+            }
+            // Durable where storage is: one record per moved member per interval.
+            self.store_markers(&room, epoch, &moved);
+            let Some(owned) = self.owned.get(&room) else {
+                continue;
+            };
+            let cores: Vec<CoreId> = (0..self.cores)
+                .filter(|&core| owned.interest[core] > 0)
+                .collect();
+            for core in cores {
+                self.send_to(
+                    core,
+                    CoreMsg::Receipts {
+                        room: room.clone(),
+                        epoch,
+                        markers: moved.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Writes a room's markers update to this worker's version-3 connections bound to the
+    /// room's stream `epoch`: one RECEIPT each (more only past the frame size limit),
+    /// naming members through the connection's sender table. A connection whose queue is
+    /// full misses the update (the server API has the markers).
+    pub(super) fn on_receipts(&mut self, room: &RoomName, epoch: u64, markers: &[(Text, Marker)]) {
+        let window = self.config.connection.max_queued_bytes;
+        // Room for the length prefix, the type byte and the alias.
+        let max_body = self.config.connection.max_frame_len.saturating_sub(16);
+        let Core {
+            local,
+            conns,
+            dirty,
+            ..
+        } = self;
+        let Some(subs) = local.get(room) else { return };
+        for &(token, alias) in subs {
+            let Some(conn) = conn_in(conns, token).filter(|c| c.is_open() && c.receipts) else {
+                continue;
+            };
+            match conn.subs.get(alias as usize) {
+                Some(Some(sub)) if sub.mode != SubMode::Pending && sub.epoch == epoch => {}
+                _ => continue,
+            }
+            let mut frame = Receipt {
+                alias,
+                entries: Vec::new(),
+            };
+            let mut len = 0;
+            for (user, m) in markers {
+                let entry = conn.ctx.receipt_entry(user, m.delivered, m.read);
+                let entry_len = entry.encoded_len();
+                if len + entry_len > max_body && !frame.entries.is_empty() {
+                    write_receipt(conn, &mut frame, window);
+                    len = 0;
+                }
+                len += entry_len;
+                frame.entries.push(entry);
+            }
+            write_receipt(conn, &mut frame, window);
+            Self::mark_dirty(dirty, conn);
+        }
     }
 
     /// The owner forgets a member's markers (the user left the room).
@@ -179,10 +350,63 @@ impl Core {
         }
     }
 
+    /// The server API's unread counts of `user` in `rooms` (owned here; rooms the user is
+    /// not a member of, or channels, are left out): the messages after both the user's
+    /// read marker and join point.
+    pub(super) fn unread_of(&self, user: &Text, rooms: Vec<RoomName>) -> Vec<RoomUnread> {
+        let mut out = Vec::with_capacity(rooms.len());
+        for room in rooms {
+            let Some(owned) = self.owned.get(&room).filter(|_| !room.channel) else {
+                continue;
+            };
+            let Some(joined_at) = self.join_floor(user, &room, owned.epoch) else {
+                continue;
+            };
+            let joined_at = joined_at.min(owned.head);
+            let marker = self.markers(&room, user);
+            let unread = owned.head - marker.read.max(joined_at).min(owned.head);
+            out.push(RoomUnread {
+                head: owned.head,
+                room,
+                joined_at,
+                marker,
+                unread,
+            });
+        }
+        out
+    }
+
+    /// The server API's view of an owned room's markers: every member with its join point
+    /// and markers, by user id; `None` for a room not held here.
+    pub(super) fn receipts_of(&self, room: &RoomName) -> Option<RoomReceipts> {
+        let owned = self.owned.get(room)?;
+        let mut members: Vec<(Text, u64, Marker)> = owned
+            .members
+            .iter()
+            .map(|user| {
+                let joined_at = self
+                    .join_floor(user, room, owned.epoch)
+                    .unwrap_or(0)
+                    .min(owned.head);
+                let marker = owned
+                    .receipts
+                    .as_ref()
+                    .and_then(|m| m.get(user))
+                    .unwrap_or_default();
+                (user.clone(), joined_at, marker)
+            })
+            .collect();
+        members.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        Some(RoomReceipts {
+            head: owned.head,
+            epoch: owned.epoch,
+            members,
+        })
+    }
+
     /// `user`'s markers in owned `room` (all 0 when the user has none, is not a member, or
     /// the room is not owned here). Messages at or before the user's join point were
     /// never the user's: a marker below it means none since the join.
-    #[cfg_attr(not(test), allow(dead_code))] // reason: the offline hand-off and the receipts API call it
     pub fn markers(&self, room: &RoomName, user: &Text) -> Marker {
         self.owned
             .get(room)
@@ -195,5 +419,20 @@ impl Core {
     #[cfg_attr(not(test), allow(dead_code))] // reason: the offline hand-off and the receipts API call it
     pub fn delivered_up_to(&self, room: &RoomName, user: &Text) -> u64 {
         self.markers(room, user).delivered
+    }
+}
+
+/// Queues `frame` (its entries taken) on `conn` unless the connection's window is full.
+fn write_receipt(conn: &mut crate::conn::Conn, frame: &mut Receipt, window: usize) {
+    let entries = std::mem::take(&mut frame.entries);
+    if entries.is_empty() {
+        return;
+    }
+    let frame = ServerFrame::Receipt(Receipt {
+        alias: frame.alias,
+        entries,
+    });
+    if conn.window_allows(frame.encoded_len(), window) {
+        conn.write(&frame);
     }
 }

@@ -10,8 +10,9 @@
 //! Format (little-endian): magic `PABALCKP`, version u16, reserved u16, worker u32, then the
 //! position (segment id u64, offset u64, next LSN u64), the room count u32 and per room: key
 //! u64, channel u8, name, epoch, head, first retained, extents (count u32, 7 x u64 each),
-//! members (count u32, user, epoch, seq), blocks (count u32, user); texts are u16-length
-//! prefixed. A crc32c of everything before it ends the file.
+//! members (count u32, user, epoch, seq), blocks (count u32, user), and since version 2
+//! receipts markers (count u32, user, delivered, read); texts are u16-length prefixed. A
+//! crc32c of everything before it ends the file. Version 1 files (no markers) are read too.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File};
@@ -22,12 +23,14 @@ use pabal_codec::Text;
 
 use super::Lsn;
 use super::record::{MAX_TEXT_LEN, Reader};
-use super::state::{Extent, LogState, RoomState};
+use super::state::{Extent, LogState, RoomState, StoredMarkers};
 use crate::directory::JoinPoint;
 use crate::ids::RoomName;
 
 const MAGIC: &[u8; 8] = b"PABALCKP";
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
+/// The oldest version this build reads (version 1: no receipts markers).
+const OLDEST_VERSION: u16 = 1;
 /// The newest checkpoint.
 pub const FILE: &str = "checkpoint";
 /// The one before it.
@@ -95,6 +98,11 @@ pub fn encode(worker: u32, pos: Position, state: &LogState, out: &mut Vec<u8>) {
         for user in &room.blocked {
             put_text(out, user.as_str());
         }
+        out.extend_from_slice(&(room.markers.len() as u32).to_le_bytes());
+        for (user, m) in &room.markers {
+            put_text(out, user.as_str());
+            put_u64s(out, &[m.delivered, m.read]);
+        }
     }
     let crc = crc32c::crc32c(out);
     out.extend_from_slice(&crc.to_le_bytes());
@@ -121,17 +129,19 @@ pub fn decode(bytes: &[u8], worker: u32) -> Result<(Position, LogState), String>
         return Err("not a checkpoint (bad magic)".into());
     }
     let version = r.take(4).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    if version != Some(VERSION) {
-        return Err(format!("version {version:?}; this build reads {VERSION}"));
-    }
+    let Some(version) = version.filter(|v| (OLDEST_VERSION..=VERSION).contains(v)) else {
+        return Err(format!(
+            "version {version:?}; this build reads {OLDEST_VERSION} to {VERSION}"
+        ));
+    };
     match r.u32() {
         Some(w) if w == worker => {}
         other => return Err(format!("written by worker {other:?}, not {worker}")),
     }
-    parse_state(&mut r).ok_or_else(|| "malformed".to_string())
+    parse_state(&mut r, version).ok_or_else(|| "malformed".to_string())
 }
 
-fn parse_state(r: &mut Reader<'_>) -> Option<(Position, LogState)> {
+fn parse_state(r: &mut Reader<'_>, version: u16) -> Option<(Position, LogState)> {
     let pos = Position {
         segment: r.u64()?,
         offset: r.u64()?,
@@ -151,6 +161,7 @@ fn parse_state(r: &mut Reader<'_>) -> Option<(Position, LogState)> {
             extents: VecDeque::new(),
             members: HashMap::new(),
             blocked: HashSet::new(),
+            markers: HashMap::new(),
         };
         for _ in 0..count(r, 56)? {
             room.extents.push_back(Extent {
@@ -176,6 +187,16 @@ fn parse_state(r: &mut Reader<'_>) -> Option<(Position, LogState)> {
         }
         for _ in 0..count(r, 2)? {
             room.blocked.insert(Text::from(r.text()?));
+        }
+        if version >= 2 {
+            for _ in 0..count(r, 18)? {
+                let user = Text::from(r.text()?);
+                let m = StoredMarkers {
+                    delivered: r.u64()?,
+                    read: r.u64()?,
+                };
+                room.markers.insert(user, m);
+            }
         }
         if state.rooms.insert(key, room).is_some() || state.keys.insert(name, key).is_some() {
             return None;
@@ -253,6 +274,13 @@ mod tests {
                 },
             );
             room.blocked.insert(Text::from("bo"));
+            room.markers.insert(
+                Text::from("ann"),
+                StoredMarkers {
+                    delivered: 9,
+                    read: 7,
+                },
+            );
         }
         s.next_lsn = 99;
         s
@@ -284,6 +312,7 @@ mod tests {
             assert_eq!(g.extents, room.extents);
             assert_eq!(g.members, room.members);
             assert_eq!(g.blocked, room.blocked);
+            assert_eq!(g.markers, room.markers);
             assert_eq!(got_state.keys[&room.name], *key);
         }
         // A second write keeps the first as .prev; damage the newest: the previous is used.
@@ -329,5 +358,44 @@ mod tests {
                 let _ = decode(&b, 0);
             }
         }
+    }
+
+    /// A checkpoint written before receipts (version 1: no markers section) still loads.
+    #[test]
+    fn a_version_1_checkpoint_is_read_without_markers() {
+        let mut state = sample();
+        for room in state.rooms.values_mut() {
+            room.markers.clear();
+        }
+        let pos = Position {
+            segment: 2,
+            offset: 900,
+            lsn: 99,
+        };
+        let mut v2 = Vec::new();
+        encode(4, pos, &state, &mut v2);
+        // Version 1 is version 2 without the (here empty) markers count of each room.
+        let mut v1 = v2[..v2.len() - 4].to_vec();
+        v1[8..10].copy_from_slice(&1u16.to_le_bytes());
+        let mut at = 0;
+        let mut cut = Vec::new();
+        // Each room's markers count (u32 0) directly follows its last block "bo" (02 00 b o).
+        while let Some(i) = v1[at..]
+            .windows(6)
+            .position(|w| w == [2, 0, b'b', b'o', 0, 0])
+        {
+            cut.push(at + i + 4);
+            at += i + 6;
+        }
+        assert_eq!(cut.len(), 3);
+        for &i in cut.iter().rev() {
+            v1.drain(i..i + 4);
+        }
+        let crc = crc32c::crc32c(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        let (got_pos, got) = decode(&v1, 4).unwrap();
+        assert_eq!(got_pos, pos);
+        assert_eq!(got.rooms.len(), 3);
+        assert!(got.rooms.values().all(|r| r.markers.is_empty()));
     }
 }

@@ -372,6 +372,19 @@ impl WorkerLog {
         self.append(key, 0, 0, Body::Block { blocked, user })
     }
 
+    /// Records `user`'s receipts markers in the room's stream `epoch`: delivered up to
+    /// `delivered`, read up to `read`.
+    pub fn append_markers(
+        &mut self,
+        key: RoomKey,
+        user: &str,
+        epoch: u64,
+        delivered: u64,
+        read: u64,
+    ) -> Result<Lsn, StorageError> {
+        self.append(key, delivered, 0, Body::Markers { epoch, read, user })
+    }
+
     /// Drops the room: its state and history are forgotten.
     pub fn append_drop(&mut self, key: RoomKey) -> Result<Lsn, StorageError> {
         let lsn = self.append(key, 0, 0, Body::Drop)?;
@@ -423,7 +436,8 @@ impl WorkerLog {
             Body::Message { sender: t, .. }
             | Body::Join { user: t, .. }
             | Body::Leave { user: t }
-            | Body::Block { user: t, .. } => t.len(),
+            | Body::Block { user: t, .. }
+            | Body::Markers { user: t, .. } => t.len(),
             _ => 0,
         };
         for (what, len) in [("room name", room.name.name.len()), ("user id", text_len)] {

@@ -18,13 +18,16 @@
 //! 16     8    lsn          the log sequence number: consecutive within a worker's log
 //! 24     8    key          the room's key in this log (its 64-bit id unless that collides)
 //! 32     8    seq          message: its sequence; epoch: the head the epoch starts after;
-//!                          join: the join point's sequence; copy end: the last copied seq
+//!                          join: the join point's sequence; copy end: the last copied seq;
+//!                          markers: the member's delivered marker
 //! 40     ..   body         [name: u16 len + UTF-8, when HAS_NAME] then the kind's fields
 //! ```
 //!
 //! A message's fields: ts_ms u64, flags u8, [publisher u64, msg_id u64 when PUBLISH_ID: its
 //! publish id, protocol v2], sender (u16 len + UTF-8), payload (the rest). A log written
 //! before PUBLISH_ID existed reads the same: the flag is clear in all its records.
+//! A member's markers (receipts): epoch u64, read u64, user (u16 len + UTF-8); a log
+//! written before they existed simply has none.
 //!
 //! Why two checksums: when only the body is damaged, the header still names the record's
 //! room and length exactly, so recovery knows which room lost what and where the next
@@ -60,6 +63,7 @@ const KIND_LEAVE: u8 = 4;
 const KIND_BLOCK: u8 = 5;
 const KIND_COPY_END: u8 = 6;
 const KIND_DROP: u8 = 7;
+const KIND_MARKERS: u8 = 8;
 
 /// What a record says. Borrowed from the buffer it was decoded from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +113,16 @@ pub enum Body<'a> {
     },
     /// The room was dropped: forget its state and history.
     Drop,
+    /// A member's receipts markers in the room's stream `epoch`: delivered up to the
+    /// header's `seq`, read up to `read` (cumulative: the highest stands).
+    Markers {
+        /// The stream the sequences belong to.
+        epoch: u64,
+        /// Read up to.
+        read: u64,
+        /// The member.
+        user: &'a str,
+    },
 }
 
 impl Body<'_> {
@@ -132,6 +146,7 @@ impl Body<'_> {
             Body::Block { .. } => KIND_BLOCK,
             Body::CopyEnd { .. } => KIND_COPY_END,
             Body::Drop => KIND_DROP,
+            Body::Markers { .. } => KIND_MARKERS,
         }
     }
 }
@@ -233,6 +248,7 @@ pub fn encoded_len(rec: &NewRecord<'_>) -> usize {
         Body::Leave { user } => 2 + user.len(),
         Body::Block { user, .. } => 1 + 2 + user.len(),
         Body::Drop => 0,
+        Body::Markers { user, .. } => 16 + 2 + user.len(),
     };
     HEADER_LEN + name + body
 }
@@ -292,6 +308,11 @@ pub fn encode(rec: &NewRecord<'_>, out: &mut Vec<u8>) -> usize {
         }
         Body::CopyEnd { first_seq } => out.extend_from_slice(&first_seq.to_le_bytes()),
         Body::Drop => {}
+        Body::Markers { epoch, read, user } => {
+            out.extend_from_slice(&epoch.to_le_bytes());
+            out.extend_from_slice(&read.to_le_bytes());
+            text(out, user);
+        }
     }
     let len = out.len() - start;
     let rec_bytes = &mut out[start..];
@@ -328,7 +349,7 @@ pub fn decode_header(buf: &[u8]) -> Result<Option<Header>, RecordError> {
     let len = u32_at(buf, 0);
     if u32_at(buf, 4) != header_crc(buf)
         || !(HEADER_LEN..=MAX_RECORD_LEN).contains(&(len as usize))
-        || !(KIND_MESSAGE..=KIND_DROP).contains(&buf[12])
+        || !(KIND_MESSAGE..=KIND_MARKERS).contains(&buf[12])
         || buf[13] & !KNOWN_FLAGS != 0
         || buf[14] != 0
         || buf[15] != 0
@@ -433,6 +454,11 @@ fn parse_body(header: Header, body: &[u8]) -> Option<Record<'_>> {
             first_seq: r.u64()?,
         },
         KIND_DROP => Body::Drop,
+        KIND_MARKERS => Body::Markers {
+            epoch: r.u64()?,
+            read: r.u64()?,
+            user: r.text()?,
+        },
         _ => return None,
     };
     r.0.is_empty().then_some(Record { header, name, body })
@@ -473,6 +499,11 @@ mod tests {
             },
             Body::CopyEnd { first_seq: 5 },
             Body::Drop,
+            Body::Markers {
+                epoch: 7,
+                read: 40,
+                user: "dave",
+            },
         ];
         body.iter()
             .enumerate()

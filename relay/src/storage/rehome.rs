@@ -191,7 +191,8 @@ fn build(
     Ok(report)
 }
 
-/// Copies one room (state, retained messages, members, blocks) from `old` into `new`;
+/// Copies one room (state, retained messages, members, blocks, receipts markers) from
+/// `old` into `new`;
 /// returns the messages copied.
 fn copy_room(
     old: &mut WorkerLog,
@@ -243,6 +244,9 @@ fn copy_room(
     }
     for user in &rs.blocked {
         new.append_block(key, user.as_str(), true)?;
+    }
+    for (user, m) in &rs.markers {
+        new.append_markers(key, user.as_str(), rs.epoch, m.delivered, m.read)?;
     }
     flush(new, exec)?;
     Ok(copied)

@@ -1,6 +1,6 @@
 //! The state a worker's log describes: per room its name, epoch, head, first retained
-//! sequence, members with their join points, blocks, and the index of where its messages
-//! lie (extents of consecutive sequences in one segment).
+//! sequence, members with their join points and receipts markers, blocks, and the index of
+//! where its messages lie (extents of consecutive sequences in one segment).
 //!
 //! Owns: [`LogState`] and the one function that changes it from a record, [`LogState::apply`],
 //! used alike when appending and when recovering, so both always agree. Must not touch files.
@@ -58,6 +58,17 @@ pub struct RoomState {
     pub members: HashMap<Text, JoinPoint>,
     /// Users who blocked it (channels).
     pub blocked: HashSet<Text>,
+    /// Members' receipts markers in the current epoch (members only).
+    pub markers: HashMap<Text, StoredMarkers>,
+}
+
+/// A member's receipts markers as the log holds them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoredMarkers {
+    /// Delivered up to.
+    pub delivered: u64,
+    /// Read up to.
+    pub read: u64,
 }
 
 impl RoomState {
@@ -70,6 +81,7 @@ impl RoomState {
             extents: VecDeque::new(),
             members: HashMap::new(),
             blocked: HashSet::new(),
+            markers: HashMap::new(),
         }
     }
 
@@ -252,6 +264,7 @@ impl LogState {
                 room.head = h.seq;
                 room.first_retained = h.seq + 1;
                 room.extents.clear();
+                room.markers.clear();
             }
             Body::Join { epoch, user } => {
                 // Serial 0: see the checkpoint's reader.
@@ -264,7 +277,17 @@ impl LogState {
             }
             Body::Leave { user } => {
                 // By `Text`, not `&str`: `Text` hashes as bytes, `str` does not.
-                room.members.remove(&Text::from(user));
+                let user = Text::from(user);
+                room.members.remove(&user);
+                room.markers.remove(&user);
+            }
+            Body::Markers { epoch, read, user } => {
+                let user = Text::from(user);
+                if epoch == room.epoch && room.members.contains_key(&user) {
+                    let m = room.markers.entry(user).or_default();
+                    m.delivered = m.delivered.max(h.seq);
+                    m.read = m.read.max(read);
+                }
             }
             Body::Block { blocked, user } => {
                 if blocked {

@@ -120,3 +120,96 @@ fn markers_are_kept_for_members_only_never_past_the_head_and_forgotten_on_leave(
         "a room whose members have no markers still holds their record"
     );
 }
+
+/// The RECEIPT updates a phone got: (member, delivered, read) per entry.
+fn receipts(h: &mut Harness, token: Token) -> Vec<Vec<(String, u64, u64)>> {
+    h.events(token)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Receipt { members, .. } => Some(
+                members
+                    .into_iter()
+                    .map(|m| (m.user.to_string(), m.delivered, m.read))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn members_get_one_receipt_per_interval_with_the_markers_that_moved() {
+    let mut h = Harness::new(|c| c.receipts.interval = Duration::from_secs(1));
+    let (phone, a1, tablet, a2, bob) = two_devices(&mut h);
+    // No ACK or READ yet: no marker moved, nothing is sent.
+    h.tick(Duration::from_secs(2));
+    assert!(receipts(&mut h, bob).is_empty());
+    ack(&mut h, phone, a1, 1);
+    ack(&mut h, phone, a1, 2);
+    h.send(
+        tablet,
+        &ClientFrame::Read(pabal_codec::Read { alias: a2, seq: 1 }),
+    );
+    assert!(
+        receipts(&mut h, bob).is_empty(),
+        "a receipt went out before the interval"
+    );
+    h.tick(Duration::from_secs(1));
+    let expected = vec![vec![("ann".to_string(), 2, 1)]];
+    assert_eq!(receipts(&mut h, bob), expected, "three moves, one update");
+    assert_eq!(
+        receipts(&mut h, phone),
+        expected,
+        "the user's own devices hear too"
+    );
+    assert_eq!(receipts(&mut h, tablet), expected);
+    // Read moves delivered along; a READ past what was sent counts up to it.
+    h.send(
+        tablet,
+        &ClientFrame::Read(pabal_codec::Read { alias: a2, seq: 99 }),
+    );
+    h.tick(Duration::from_secs(1));
+    assert_eq!(receipts(&mut h, bob), vec![vec![("ann".to_string(), 3, 3)]]);
+    let room = room_named("r");
+    assert_eq!(
+        h.core.markers(&room, &Text::from("ann")),
+        Marker {
+            delivered: 3,
+            read: 3
+        }
+    );
+    // Nothing moved: nothing more.
+    h.tick(Duration::from_secs(5));
+    assert!(receipts(&mut h, bob).is_empty());
+}
+
+#[test]
+fn a_version_2_session_gets_no_receipt_and_may_not_send_read() {
+    let mut h = Harness::new(|c| c.receipts.interval = Duration::from_secs(1));
+    let (phone, a1, _, _, _) = two_devices(&mut h);
+    let mut old = ClientSession::new();
+    assert!(old.refused_version());
+    let dan = h.connect("dan", old);
+    h.app_join("r", "dan");
+    let d = h.phones[&dan].session.alias_of("r").unwrap();
+    h.events(dan);
+    ack(&mut h, phone, a1, 3);
+    h.tick(Duration::from_secs(1));
+    assert!(receipts(&mut h, dan).is_empty());
+    // READ is an unknown frame type before version 3, as it always was.
+    h.send(
+        dan,
+        &ClientFrame::Read(pabal_codec::Read { alias: d, seq: 3 }),
+    );
+    let errors: Vec<_> = h
+        .events(dan)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Error(e) => Some((e.code, e.fatal)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(errors, vec![(ErrorCode::UnknownFrameType, true)]);
+    let dan = h.core.markers(&room_named("r"), &Text::from("dan"));
+    assert_eq!(dan.read, 0);
+}
