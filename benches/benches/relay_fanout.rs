@@ -19,6 +19,12 @@
 //! publish id and the room's owner checks and records it: the cost of exactly-once publish
 //! is in the figures. Their msg_ids keep counting across phases, as a device's do.
 //!
+//! Subscribers speak protocol v3 but by default acknowledge nothing, so no receipt work is
+//! measured. With `PABAL_BENCH_ACK=1` each subscriber sends, after every batch it reads from
+//! its socket, one cumulative ACK of every room it got messages in (as `pabal-client` does):
+//! the relay then keeps delivered markers per (user, room) and sends RECEIPT updates to the
+//! v3 subscribers (`receipts.interval`, 1 s), and the rows are marked `+ack`.
+//!
 //! `cargo bench -p pabal-benches --bench relay_fanout` (`PABAL_BENCH_SECS` sets each phase's
 //! length, default 5; a scenario name as argument runs only that one;
 //! `PABAL_BENCH_HANDOFF=1` turns the offline hand-off on, with a 1 s delay and an app server
@@ -40,7 +46,7 @@ use bytes::{Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use mio::net::TcpStream as MioStream;
 use mio::{Events, Interest, Poll, Token};
-use pabal_codec::{ClientFrame, Decoder, Publish, ServerFrame};
+use pabal_codec::{Ack, ClientFrame, Decoder, Publish, ServerFrame};
 use pabal_relay::io::BackendKind;
 use pabal_relay::runtime::RelayHandle;
 
@@ -100,9 +106,10 @@ struct Outcome {
 /// open loop.
 fn run_phase(
     publishers: &mut [(TcpStream, Vec<u32>)],
-    readers: &mut [MioStream],
+    readers: &mut [Reader],
     secs: f64,
     rate: Option<f64>,
+    ack: bool,
 ) -> Outcome {
     let stop = Arc::new(AtomicBool::new(false));
     let deliveries = Arc::new(AtomicU64::new(0));
@@ -114,9 +121,9 @@ fn run_phase(
         let deliveries_r = deliveries.clone();
         scope.spawn(move || {
             let mut poll = Poll::new().unwrap();
-            for (i, s) in readers.iter_mut().enumerate() {
+            for (i, r) in readers.iter_mut().enumerate() {
                 poll.registry()
-                    .register(s, Token(i), Interest::READABLE)
+                    .register(&mut r.stream, Token(i), Interest::READABLE)
                     .unwrap();
             }
             let mut bufs: Vec<BytesMut> = (0..readers.len())
@@ -134,8 +141,9 @@ fn run_phase(
                 }
                 for ev in &events {
                     let i = ev.token().0;
+                    let reader = &mut readers[i];
                     loop {
-                        match readers[i].read(&mut chunk) {
+                        match reader.stream.read(&mut chunk) {
                             Ok(0) => break,
                             Ok(n) => bufs[i].extend_from_slice(&chunk[..n]),
                             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -144,13 +152,24 @@ fn run_phase(
                         }
                     }
                     let now = start.elapsed().as_nanos() as u64;
+                    let mut got = false;
                     while let Some(frame) = decoder.decode_server(&mut bufs[i]).unwrap() {
                         if let ServerFrame::Deliver(d) = frame {
                             let sent = u64::from_le_bytes(d.payload[..8].try_into().unwrap());
                             hist.record((now.saturating_sub(sent) / 1000).max(1))
                                 .unwrap();
                             count += 1;
+                            // Fresh rooms and no own messages: the n-th delivery is seq n.
+                            let alias = d.header.alias as usize;
+                            if reader.received.len() <= alias {
+                                reader.received.resize(alias + 1, 0);
+                            }
+                            reader.received[alias] += 1;
+                            got = true;
                         }
+                    }
+                    if ack && got {
+                        reader.ack();
                     }
                 }
                 deliveries_r.store(count, Ordering::Relaxed);
@@ -245,12 +264,54 @@ fn run_phase(
     })
 }
 
+/// A subscriber's socket, what it got per alias, and what it acknowledged.
+struct Reader {
+    stream: MioStream,
+    /// Messages received per alias.
+    received: Vec<u64>,
+    /// The last sequence acknowledged per alias.
+    acked: Vec<u64>,
+    /// Bytes of ACK frames not yet written (the socket was full).
+    out: Vec<u8>,
+}
+
+impl Reader {
+    /// One cumulative ACK of every alias that got messages since the last one.
+    fn ack(&mut self) {
+        self.acked.resize(self.received.len(), 0);
+        let pairs: Vec<(u32, u64)> = (0..self.received.len())
+            .filter(|&a| self.received[a] > self.acked[a])
+            .map(|a| (a as u32, self.received[a]))
+            .collect();
+        if pairs.is_empty() {
+            return;
+        }
+        for &(a, seq) in &pairs {
+            self.acked[a as usize] = seq;
+        }
+        let mut frame = BytesMut::new();
+        ClientFrame::Ack(Ack::from_pairs(&pairs)).encode(&mut frame);
+        self.out.extend_from_slice(&frame);
+        while !self.out.is_empty() {
+            match self.stream.write(&self.out) {
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                // The rest goes after the next read.
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("ack write: {e}"),
+            }
+        }
+    }
+}
+
 /// A publisher's device id: fixed per user, so runs are repeatable.
 fn device_of(user: &str) -> u64 {
     pabal_codec::room_id(false, user)
 }
 
-fn run(backend: BackendKind, scenario: &Scenario, secs: f64) {
+fn run(backend: BackendKind, scenario: &Scenario, secs: f64, ack: bool) {
     let mut config = common::relay_config(backend);
     config.limits.max_rooms_per_user = 100;
     if std::env::var_os("PABAL_BENCH_HANDOFF").is_some() {
@@ -266,13 +327,18 @@ fn run(backend: BackendKind, scenario: &Scenario, secs: f64) {
     if let Some(core) = core_affinity::get_core_ids().and_then(|ids| ids.get(1).copied()) {
         core_affinity::set_for_current(core);
     }
-    let mut readers: Vec<MioStream> = scenario
+    let mut readers: Vec<Reader> = scenario
         .subscribers
         .iter()
         .map(|(user, rooms)| {
             let s = common::pabal_client(addr, user, rooms);
             s.set_nonblocking(true).unwrap();
-            MioStream::from_std(s)
+            Reader {
+                stream: MioStream::from_std(s),
+                received: Vec::new(),
+                acked: Vec::new(),
+                out: Vec::new(),
+            }
         })
         .collect();
     let mut publishers: Vec<(TcpStream, Vec<u32>)> = scenario
@@ -283,15 +349,26 @@ fn run(backend: BackendKind, scenario: &Scenario, secs: f64) {
             (s, (0..rooms.len() as u32).collect())
         })
         .collect();
-    let saturated = run_phase(&mut publishers, &mut readers, secs, None);
+    let saturated = run_phase(&mut publishers, &mut readers, secs, None, ack);
     let msg_rate = saturated.messages as f64 / saturated.secs;
-    let paced = run_phase(&mut publishers, &mut readers, secs, Some(msg_rate / 2.0));
+    let paced = run_phase(
+        &mut publishers,
+        &mut readers,
+        secs,
+        Some(msg_rate / 2.0),
+        ack,
+    );
+    let name = if ack {
+        format!("{}+ack", scenario.name)
+    } else {
+        scenario.name.to_string()
+    };
     let per_s = |o: &Outcome| o.deliveries as f64 / o.secs;
     let q = |o: &Outcome, p: f64| o.latency.value_at_quantile(p) as f64 / 1000.0;
     println!(
         "{:<9} {:<14} {:>12.0} {:>10.0} | {:>11.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
         relay.backend(),
-        scenario.name,
+        name,
         per_s(&saturated),
         msg_rate,
         per_s(&paced),
@@ -312,6 +389,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5.0);
+    let ack = std::env::var("PABAL_BENCH_ACK").is_ok_and(|v| v == "1");
     let Some(backend) = common::child_backend() else {
         println!(
             "{:<9} {:<14} {:>12} {:>10} | {:>11} {:>8} {:>8} {:>8} {:>8}",
@@ -335,6 +413,6 @@ fn main() {
         {
             continue;
         }
-        run(backend, &scenario, secs);
+        run(backend, &scenario, secs, ack);
     }
 }

@@ -91,9 +91,12 @@ export interface GapFrame { type: 'gap'; alias: number; from: number; to: number
 export interface ErrorEvent { type: 'error'; fatal: boolean; code: number; reference: number; message: string }
 export interface GoAwayEvent { type: 'goaway'; reason: number; retryAfterMs: number; message: string }
 export interface HeartbeatFrame { type: 'ping' | 'pong'; intervalSecs: number | null }
+/** One member's markers in a RECEIPT (version 3); `name` set when the entry defines the slot. */
+export interface ReceiptEntry { memberAlias: number; name: string | null; delivered: number; read: number }
+export interface ReceiptFrame { type: 'receipt'; alias: number; entries: ReceiptEntry[] }
 export type RelayFrame =
   | WelcomeEvent | RoomFrame | LeftFrame | PubAckFrame | DeliverFrame | GapFrame
-  | ErrorEvent | GoAwayEvent | HeartbeatFrame;
+  | ErrorEvent | GoAwayEvent | HeartbeatFrame | ReceiptFrame;
 
 // ---- session events ----
 export interface RoomEvent {
@@ -118,9 +121,15 @@ export interface MessageEvent {
 }
 export interface GapEvent { type: 'gap'; room: RoomInfo; from: number; to: number }
 export interface PubAckEvent { type: 'puback'; msgId: number; seq: number; room: RoomInfo | null }
+/** Version 3: members' delivered and read markers that moved in a room. */
+export interface ReceiptEvent {
+  type: 'receipt';
+  room: RoomInfo;
+  members: { user: string; delivered: number; read: number }[];
+}
 export type SessionEvent =
   | WelcomeEvent | RoomEvent | LeftEvent | MessageEvent | GapEvent | PubAckEvent
-  | ErrorEvent | GoAwayEvent | HeartbeatFrame;
+  | ErrorEvent | GoAwayEvent | HeartbeatFrame | ReceiptEvent;
 
 export interface ClientEvents {
   welcome: WelcomeEvent;
@@ -128,6 +137,7 @@ export interface ClientEvents {
   left: LeftEvent;
   message: MessageEvent;
   gap: GapEvent;
+  receipt: ReceiptEvent;
   puback: PubAckEvent;
   goaway: GoAwayEvent;
   relayError: ErrorEvent;
@@ -192,6 +202,8 @@ export class PabalClient {
   ): Promise<number | null>;
   join(name: string, opts?: { channel?: boolean }): Promise<RoomInfo>;
   leave(name: string, opts?: { channel?: boolean; block?: boolean }): boolean;
+  /** Version 3: READ up to `seq`; false when not sent (not bound, not open, older version). */
+  read(name: string, seq: number, opts?: { channel?: boolean }): boolean;
 }
 
 export class FrameDecoder {
@@ -236,3 +248,4 @@ export const LeftReason: Readonly<Record<string, number>>;
 export const VERSIONS: ReadonlyMap<number, unknown>;
 export * as v1 from './src/v1.js';
 export * as v2 from './src/v2.js';
+export * as v3 from './src/v3.js';

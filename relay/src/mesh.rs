@@ -129,20 +129,9 @@ pub enum CoreMsg {
         /// The subscription request the alias was bound by.
         request: u64,
     },
-    /// A member's delivered and read markers moved (ACKs and READs of the user's
-    /// connections on one worker, coalesced per tick; 0: no news for that part).
-    Markers {
-        /// The room.
-        room: RoomName,
-        /// The member.
-        user: Text,
-        /// The room's stream the sequences belong to.
-        epoch: u64,
-        /// Acknowledged up to.
-        delivered: u64,
-        /// Read up to.
-        read: u64,
-    },
+    /// Members' delivered and read markers moved (ACKs and READs of the users' connections
+    /// on one worker in one tick: at most one update per (room, user), sorted by room).
+    Markers(Vec<MarkerUpdate>),
     // ---- from a room's owner, about its members' markers ---------------------------------
     /// Members' markers that moved since the room's last update (a RECEIPT for the
     /// worker's version-3 connections bound to the room's stream `epoch`).
@@ -396,6 +385,19 @@ pub enum ControlOp {
         /// The room.
         room: RoomName,
     },
+}
+
+/// One member's marker update from a connection's worker (0: no news for that part).
+#[derive(Debug, Clone)]
+pub struct MarkerUpdate {
+    /// The room.
+    pub room: RoomName,
+    /// The member.
+    pub user: Text,
+    /// The room's stream the sequences belong to.
+    pub epoch: u64,
+    /// Acknowledged (delivered) and read up to.
+    pub marker: crate::core::Marker,
 }
 
 /// A user's unread count in one room (`GET /v1/users/{user}/unread`).

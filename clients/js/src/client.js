@@ -5,7 +5,8 @@
  * drops. It drives a {@link Session} (the protocol's rules) and a {@link FrameDecoder} over a
  * WebSocket (the browser's, Node's global one, or any constructor passed in), and adds what
  * needs I/O and time (PROTOCOL.md §17 items 7-9): HELLO on every connect with the resume list
- * (version 2 with the device id, falling back to 1 when the relay refuses it), republishing
+ * (version 3, then 2 with the device id, then 1 as relays refuse them), READ and RECEIPT
+ * (version 3: `read()`, `receipt` events), republishing
  * what was not acknowledged (in version 2 with the same msg_id, so nothing is stored twice), batched cumulative ACKs (piggybacked on PUBLISH
  * when possible), PING/PONG heartbeats, and reconnects with full-jitter exponential backoff
  * that waits at least a GOAWAY's `retry_after_ms`.
@@ -235,6 +236,24 @@ export class PabalClient {
     return true;
   }
 
+  /**
+   * Tells the relay the user read a room up to `seq` (protocol version 3: READ; the room's
+   * members get it in their RECEIPTs). Returns whether it was sent: not when the room is
+   * not bound, the connection is not open, or it speaks an older version.
+   * @param {string} name
+   * @param {number} seq
+   * @param {{ channel?: boolean }} [opts]
+   */
+  read(name, seq, opts = {}) {
+    const alias = this.session.aliasOf(roomIdOf(opts.channel ?? false, name));
+    const v = /** @type {{ encodeRead?: (r: { alias: number, seq: number }) => Uint8Array }} */ (
+      /** @type {unknown} */ (this.#v())
+    );
+    if (alias === undefined || this.state !== 'open' || !v.encodeRead) return false;
+    this.#send(v.encodeRead({ alias, seq }));
+    return true;
+  }
+
   #v() {
     return this.versions[this.versionIndex];
   }
@@ -341,6 +360,9 @@ export class PabalClient {
         return;
       case 'gap':
         this.#emit('gap', e);
+        return;
+      case 'receipt':
+        this.#emit('receipt', e);
         return;
       case 'puback': {
         const entry = this.sent.get(e.msgId);

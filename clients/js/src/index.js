@@ -15,3 +15,4 @@ export { FrameError, roomId } from './wire.js';
 export { VERSIONS } from './versions.js';
 export * as v1 from './v1.js';
 export * as v2 from './v2.js';
+export * as v3 from './v3.js';

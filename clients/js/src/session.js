@@ -328,6 +328,19 @@ export class Session {
           payload: f.payload,
         };
       }
+      case 'receipt': {
+        // §12 (version 3): members are named by sender aliases; an entry may define one.
+        const room = this.#bound(f.alias, 'RECEIPT');
+        const members = f.entries.map((e) => {
+          if (e.name !== null) this.senders.set(e.memberAlias, e.name);
+          const user = this.senders.get(e.memberAlias);
+          if (user === undefined) {
+            throw new SessionError('unknown_sender', `RECEIPT for undefined member alias ${e.memberAlias}`);
+          }
+          return { user, delivered: e.delivered, read: e.read };
+        });
+        return { type: 'receipt', room: publicRoom(room), members };
+      }
       case 'gap': {
         const room = this.#bound(f.alias, 'GAP');
         if (f.from !== room.cursor + 1) throw breakOf(f.alias, room.cursor, f.from);

@@ -12,11 +12,13 @@
 
 import * as v1 from './v1.js';
 import * as v2 from './v2.js';
+import * as v3 from './v3.js';
 
 /** @typedef {typeof v1} ProtocolVersion */
 
 /** @type {ReadonlyMap<number, ProtocolVersion>} newest first */
 export const VERSIONS = new Map([
+  [v3.VERSION, /** @type {ProtocolVersion} */ (/** @type {unknown} */ (v3))],
   [v2.VERSION, v2],
   [v1.VERSION, v1],
 ]);

@@ -89,7 +89,7 @@ const PUBLISH = 0x04;
 const publishedIds = (/** @type {FakeSocket} */ ws) => ws.frames().filter((f) => (f[0] & 0x1f) === PUBLISH).map((f) => f[2]);
 
 test('v2: an unacknowledged publish keeps its msg_id across a reconnect', async (t) => {
-  const c = fakeClient({ deviceId: 0x5eed0fb0b5eed001n, lastMsgId: 9 });
+  const c = fakeClient({ deviceId: 0x5eed0fb0b5eed001n, lastMsgId: 9, versions: [2, 1] });
   t.after(() => c.close());
   const first = await sockets(1);
   first.open();
@@ -118,7 +118,7 @@ test('v2: an unacknowledged publish keeps its msg_id across a reconnect', async 
   assert.deepEqual(publishedIds(second), [10, 11]);
   const snap = JSON.parse(JSON.stringify(c.snapshot()));
   c.close();
-  const reloaded = fakeClient({ snapshot: snap });
+  const reloaded = fakeClient({ snapshot: snap, versions: [2, 1] });
   t.after(() => reloaded.close());
   const ws = await sockets(1);
   ws.open();
@@ -129,14 +129,18 @@ test('v2: an unacknowledged publish keeps its msg_id across a reconnect', async 
   assert.deepEqual(publishedIds(ws), [12]);
 });
 
-test('a relay that refuses v2 gets v1 without a device id, and republishes take fresh ids', async (t) => {
+test('a relay that refuses v3 and v2 gets v1 without a device id, and republishes take fresh ids', async (t) => {
   const c = fakeClient({ deviceId: 5n });
   t.after(() => c.close());
-  const first = await sockets(1);
+  const zeroth = await sockets(1);
+  zeroth.open();
+  assert.deepEqual(zeroth.frames()[0].slice(0, 2), [0x41, 3], 'HELLO v3 + DEVICE first');
+  zeroth.receive(unsupported());
+  const first = await sockets(2);
   first.open();
-  assert.deepEqual(first.frames()[0].slice(0, 2), [0x41, 2]);
+  assert.deepEqual(first.frames()[0].slice(0, 2), [0x41, 2], 'then v2, still with the device id');
   first.receive(unsupported());
-  const second = await sockets(2);
+  const second = await sockets(3);
   second.open();
   assert.deepEqual(second.frames()[0], [0x01, 1, 0, 3, 0x62, 0x6f, 0x62], 'HELLO v1, no DEVICE');
   second.receive(welcome(1));
@@ -144,7 +148,7 @@ test('a relay that refuses v2 gets v1 without a device id, and republishes take 
   c.publish('hiking-club', 'hi');
   assert.deepEqual(publishedIds(second), [1]);
   second.drop();
-  const third = await sockets(3);
+  const third = await sockets(4);
   third.open();
   assert.equal(third.frames()[0][1], 1, 'stays on version 1');
   third.receive(welcome(1));

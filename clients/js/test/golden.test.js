@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { readFileSync, readdirSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
-import { FrameDecoder, roomId, v1, v2 } from '../src/index.js';
+import { FrameDecoder, roomId, v1, v2, v3 } from '../src/index.js';
 
 const TESTDATA = fileURLToPath(new URL('../../../codec/testdata/', import.meta.url));
 const fixture = (/** @type {string} */ name) => new Uint8Array(readFileSync(`${TESTDATA}${name}.bin`));
@@ -42,6 +42,9 @@ const ENCODED = {
       deviceId: 0x5eed0fb0b5eed001n,
       resume: [{ roomId: HIKING, epoch: 1_767_225_600_000n, lastSeq: 41 }],
     }),
+  hello_v3: () =>
+    v3.encodeHello({ heartbeatSecs: 600, token: utf8('bob'), deviceId: 0x5eed0fb0b5eed001n, resume: [] }),
+  read: () => v3.encodeRead({ alias: 0, seq: 42 }),
   subscribe: () => v1.encodeSubscribe('coffee-news', false),
   unsubscribe_block: () => v1.encodeUnsubscribe(3, true),
   publish: () => v1.encodePublish({ alias: 2, msgId: 5, ack: null, payload: utf8('see you at 7 tonight') }),
@@ -75,6 +78,35 @@ const DECODED = {
   pong_interval: { type: 'pong', intervalSecs: 1200 },
 };
 
+/** Version 3's relay frames: decoded by v3's decoder only. */
+const DECODED_V3 = {
+  welcome_v3: { type: 'welcome', version: 3, connId: 42n, serverTimeMs: 1_767_229_200_000, heartbeatSecs: 600, maxFrameLen: 65536, user: 'bob' },
+  receipt: {
+    type: 'receipt',
+    alias: 0,
+    entries: [
+      { memberAlias: 2, name: 'cat', delivered: 42, read: 40 },
+      { memberAlias: 0, name: null, delivered: 42, read: 42 },
+    ],
+  },
+};
+
+for (const [name, expected] of Object.entries(DECODED_V3)) {
+  test(`decodes fixture ${name} (version 3)`, () => {
+    assert.deepEqual(new FrameDecoder(v3).push(fixture(name)), [expected]);
+  });
+}
+
+test('version 3 decodes every earlier relay fixture as version 1 does; RECEIPT is unknown before it', () => {
+  for (const [name, expected] of Object.entries(DECODED)) {
+    assert.deepEqual(new FrameDecoder(v3).push(fixture(name)), [expected], name);
+  }
+  assert.throws(() => new FrameDecoder(v2).push(fixture('receipt')), /unknown frame type 0x18/);
+  // An unread above delivered, and a RECEIPT without entries, are malformed.
+  assert.throws(() => new FrameDecoder(v3).push(Uint8Array.of(0x05, 0x18, 0x00, 0x00, 0x03, 0x04)), /unread/);
+  assert.throws(() => new FrameDecoder(v3).push(Uint8Array.of(0x02, 0x18, 0x00)), /without entries/);
+});
+
 for (const [name, encode] of Object.entries(ENCODED)) {
   test(`encodes fixture ${name}`, () => {
     assert.deepEqual(encode(), fixture(name));
@@ -104,7 +136,7 @@ test('version 2 changes only HELLO: its version byte and the DEVICE flag with th
 
 test('every fixture in codec/testdata is covered', () => {
   const names = readdirSync(TESTDATA).filter((f) => f.endsWith('.bin')).map((f) => f.slice(0, -4));
-  const covered = new Set([...Object.keys(ENCODED), ...Object.keys(DECODED)]);
+  const covered = new Set([...Object.keys(ENCODED), ...Object.keys(DECODED), ...Object.keys(DECODED_V3)]);
   assert.deepEqual(names.filter((n) => !covered.has(n)), []);
 });
 

@@ -115,7 +115,8 @@ test('v2: a publish whose PUBACK was lost is republished and stored once', async
   const bobGot = inbox(bob);
   await ann.join('family');
   await bob.join('family');
-  assert.equal(ann.welcome?.version, 2);
+  // Version 3 keeps version 2's idempotent publish unchanged.
+  assert.equal(ann.welcome?.version, 3);
   /** @type {number[]} */
   const pubacks = [];
   ann.on('puback', (p) => pubacks.push(p.msgId));
@@ -137,6 +138,25 @@ test('v2: a publish whose PUBACK was lost is republished and stored once', async
   assert.equal(next, /** @type {number} */ (seq) + 1, 'no second copy took a sequence');
   await until(bob, () => bobGot.some((m) => m.text === 'after'), 'bob gets the next message');
   assert.deepEqual(bobGot.map((m) => [m.text, m.seq]), [['exactly once', seq], ['after', next]]);
+});
+
+test('v3: READ moves the reader\'s marker and the other member gets a RECEIPT', async (t) => {
+  const relay = await startRelay(t, { toml: '[receipts]\ninterval = "20ms"' });
+  const ann = client(t, relay.wsUrl, 'ann');
+  const bob = client(t, relay.wsUrl, 'bob');
+  const bobGot = inbox(bob);
+  await ann.join('family');
+  await bob.join('family');
+  assert.equal(bob.welcome?.version, 3);
+  /** @type {{ user: string, delivered: number, read: number }[]} */
+  const seen = [];
+  ann.on('receipt', (r) => seen.push(...r.members));
+  const seq = /** @type {number} */ (await ann.publish('family', 'dinner at 7?'));
+  await until(bob, () => bobGot.length === 1, 'bob receives');
+  // bob's client acknowledges what it received (delivered); then bob reads it.
+  assert.equal(bob.read('family', seq), true);
+  await until(ann, () => seen.some((m) => m.user === 'bob' && m.read === seq && m.delivered === seq), 'ann hears bob read it');
+  assert.equal(ann.read('nowhere', 1), false, 'not a bound room');
 });
 
 test('a GOAWAY retry hint is waited out before reconnecting', async (t) => {

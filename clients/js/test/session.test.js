@@ -165,3 +165,27 @@ test('v2: the snapshot keeps the device id and the counter; an app may pass its 
   assert.throws(() => new Session(undefined, { deviceId: 'not hex' }), RangeError);
   assert.throws(() => new Session(undefined, { deviceId: 1n << 64n }), RangeError);
 });
+
+test('RECEIPT (version 3) names members through the sender aliases and needs a bound alias', () => {
+  const s = bound(10);
+  s.apply(/** @type {any} */ (deliver(null, 'ann')));
+  const ev = s.apply(/** @type {any} */ ({
+    type: 'receipt',
+    alias: 0,
+    entries: [
+      { memberAlias: 0, name: null, delivered: 11, read: 11 },
+      { memberAlias: 1, name: 'cat', delivered: 11, read: 9 },
+    ],
+  }));
+  assert.equal(ev.type, 'receipt');
+  assert.deepEqual(/** @type {any} */ (ev).members, [
+    { user: 'ann', delivered: 11, read: 11 },
+    { user: 'cat', delivered: 11, read: 9 },
+  ]);
+  // The slot the RECEIPT defined names the sender of a later DELIVER.
+  const m = s.apply(/** @type {any} */ ({ ...deliver(null, null), senderAlias: 1 }));
+  assert.equal(/** @type {any} */ (m).sender, 'cat');
+  const stray = (/** @type {number} */ alias, /** @type {number} */ memberAlias) => ({ type: 'receipt', alias, entries: [{ memberAlias, name: null, delivered: 1, read: 1 }] });
+  breaks(() => s.apply(/** @type {any} */ (stray(0, 9))), 'unknown_sender');
+  breaks(() => s.apply(/** @type {any} */ (stray(5, 0))), 'unknown_alias');
+});

@@ -128,11 +128,8 @@ impl Core {
             return;
         }
         sub.acked = acked;
-        let (room, epoch) = (sub.room.clone(), sub.epoch);
-        let Some(user) = conn.user.clone() else {
-            return;
-        };
-        self.note_acked(&room, &user, epoch, acked);
+        let channel = sub.room.channel;
+        self.note_acked(token, alias, channel);
     }
 
     /// READ (version 3) of `seq` on `alias`: like an ACK, ignored for an unbound alias and

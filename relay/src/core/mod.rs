@@ -497,13 +497,7 @@ impl Core {
                 let answer = self.control(op);
                 self.reply(reply, answer);
             }
-            CoreMsg::Markers {
-                room,
-                user,
-                epoch,
-                delivered,
-                read,
-            } => self.on_markers(&room, &user, epoch, Marker { delivered, read }),
+            CoreMsg::Markers(updates) => self.on_markers(updates),
             CoreMsg::Receipts {
                 room,
                 epoch,

@@ -2,11 +2,12 @@
 //! to* follows the ACKs of any of the user's connections (PROTOCOL.md §12); *read up to*
 //! follows the user's READ frames (protocol v3).
 //!
-//! The path of a marker: a connection's worker notes each ACK that moves a binding's
-//! `acked` in [`PendingMarkers`], keyed by (room, user), so that however many ACKs (and
-//! connections of the user on this worker) arrive in one loop tick, the room's owner gets
-//! at most one [`CoreMsg::Markers`] per (room, user) per tick ([`Core::send_pending_markers`],
-//! called by [`Core::flush`]). The owner keeps the markers of its room's members in
+//! The path of a marker: a connection's worker notes each binding whose ACK moved its
+//! `acked`, and each READ, in [`PendingMarkers`]; at the end of the tick
+//! ([`Core::send_pending_markers`], called by [`Core::flush`]) it sorts them by (room, user)
+//! and merges, so that however many ACKs and READs (and connections of the user on this
+//! worker) arrived, the room's owner gets at most one update per (room, user) per tick, all
+//! of them in one [`CoreMsg::Markers`] per owner. The owner keeps the markers of its room's members in
 //! [`RoomMarkers`] (boxed in the room and absent until the room's first marker, so a room
 //! without receipts costs one pointer), monotonic, never past the room's head, only for
 //! members of a room (channels keep none), and dropped when the member leaves. Whenever a
@@ -16,7 +17,11 @@
 //! RECEIPT frames (protocol v3): a room whose markers moved is queued once; at most every
 //! `receipts.interval` the owner sends the members' markers that moved since the last time
 //! ([`CoreMsg::Receipts`], one per worker with subscribed connections), and each worker
-//! writes one RECEIPT to each of its version-3 connections bound to the room.
+//! writes one RECEIPT to each of its version-3 connections bound to the room. In disk mode
+//! the same update first appends one Markers record per moved member to the owner's log
+//! ([`Core::store_markers`]); the RECEIPT is held until it is durable. The server API's
+//! unread counts and a room's markers ([`Core::unread_of`], [`Core::receipts_of`]) are read
+//! here too.
 //!
 //! Per-member cost at the owner: one map entry, the user id's `Text` (a shared handle, 32
 //! bytes) and a [`Marker`] with its "moved" flag (24 bytes), about 64 bytes with the map's
@@ -34,7 +39,8 @@ use pabal_codec::{Receipt, ServerFrame, Text};
 use super::*;
 use crate::conn::SubMode;
 use crate::ids::RoomName;
-use crate::mesh::{CoreMsg, RoomReceipts, RoomUnread};
+use crate::io::Token;
+use crate::mesh::{CoreMsg, MarkerUpdate, RoomReceipts, RoomUnread};
 
 /// One member's cumulative markers in a room's current epoch (0: nothing yet).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -105,58 +111,49 @@ impl RoomMarkers {
     }
 }
 
-/// One (room, user)'s marker update noted this tick: the room's stream and the markers.
-type PendingUpdate = (RoomName, Text, u64, Marker);
-
-/// Marker updates a worker has noted this loop tick, one per (room, user), for the rooms'
-/// owners, in the order first noted (so that a run replays the same way).
+/// Marker updates a worker has noted this loop tick, for the rooms' owners. ACKs are noted
+/// as the bindings they moved (no hashing per ACK: the binding holds the room, the user and
+/// the sequence); READs, which are rare, with their values.
 #[derive(Debug, Default)]
 pub(super) struct PendingMarkers {
-    updates: Vec<PendingUpdate>,
-    /// Where each (room, user) is in `updates`.
-    index: HashMap<(RoomName, Text), usize>,
+    /// Bindings (connection, alias) whose acknowledged sequence moved, in order, repeats
+    /// included (removed when sent).
+    acked: Vec<(Token, u32)>,
+    /// READs: room, user, the room's stream and the sequence.
+    reads: Vec<MarkerUpdate>,
 }
 
 impl PendingMarkers {
-    /// Notes that `user`'s connection acknowledged (`delivered`) or read (`read`) up to a
-    /// sequence of `room`'s stream `epoch`; merged with what is noted already.
-    pub(super) fn note(&mut self, room: &RoomName, user: &Text, epoch: u64, update: Marker) {
-        let updates = &mut self.updates;
-        let i = *self
-            .index
-            .entry((room.clone(), user.clone()))
-            .or_insert_with(|| {
-                updates.push((room.clone(), user.clone(), epoch, Marker::default()));
-                updates.len() - 1
-            });
-        let (_, _, noted_epoch, marker) = &mut self.updates[i];
-        if *noted_epoch != epoch {
-            // A binding of another stream of the room: the later one stands.
-            *noted_epoch = epoch;
-            *marker = Marker::default();
-        }
-        marker.read = marker.read.max(update.read);
-        marker.delivered = marker.delivered.max(update.delivered);
-    }
-
     pub(super) fn is_empty(&self) -> bool {
-        self.updates.is_empty()
+        self.acked.is_empty() && self.reads.is_empty()
     }
 }
 
+/// Orders updates by room, then user (then stream), so updates of one (room, user) are
+/// adjacent, and the owner meets each room's updates in one run.
+fn by_room_and_user(a: &MarkerUpdate, b: &MarkerUpdate) -> std::cmp::Ordering {
+    (
+        a.room.id,
+        a.room.name.as_bytes(),
+        a.user.as_bytes(),
+        a.epoch,
+    )
+        .cmp(&(
+            b.room.id,
+            b.room.name.as_bytes(),
+            b.user.as_bytes(),
+            b.epoch,
+        ))
+}
+
 impl Core {
-    /// A connection's binding of `room` (stream `epoch`) moved its acknowledged sequence to
-    /// `acked`: the user's delivered marker may advance (sent to the owner at the end of the
-    /// tick, coalesced). Channels keep no markers.
-    pub(super) fn note_acked(&mut self, room: &RoomName, user: &Text, epoch: u64, acked: u64) {
-        if room.channel {
-            return;
+    /// A connection's binding `alias` moved its acknowledged sequence: the user's delivered
+    /// marker may advance (sent to the owner at the end of the tick, coalesced). Channels
+    /// keep no markers.
+    pub(super) fn note_acked(&mut self, token: Token, alias: u32, channel: bool) {
+        if !channel {
+            self.pending_markers.acked.push((token, alias));
         }
-        let update = Marker {
-            delivered: acked,
-            read: 0,
-        };
-        self.pending_markers.note(room, user, epoch, update);
     }
 
     /// A READ on a binding of `room` (stream `epoch`) up to `read`: the user's read marker
@@ -165,60 +162,134 @@ impl Core {
         if room.channel {
             return;
         }
-        let update = Marker { delivered: 0, read };
-        self.pending_markers.note(room, user, epoch, update);
+        self.pending_markers.reads.push(MarkerUpdate {
+            room: room.clone(),
+            user: user.clone(),
+            epoch,
+            marker: Marker { delivered: 0, read },
+        });
     }
 
-    /// Sends the marker updates noted this tick to the rooms' owners: one message per
-    /// (room, user).
+    /// Sends the marker updates noted this tick to the rooms' owners: at most one update per
+    /// (room, user), in one message per owner.
     pub(super) fn send_pending_markers(&mut self) {
         if self.pending_markers.is_empty() {
             return;
         }
-        self.pending_markers.index.clear();
-        let mut updates = std::mem::take(&mut self.pending_markers.updates);
-        for (room, user, epoch, marker) in updates.drain(..) {
-            let owner = room.owner(self.cores);
-            self.send_to(
-                owner,
-                CoreMsg::Markers {
-                    room,
-                    user,
-                    epoch,
-                    delivered: marker.delivered,
-                    read: marker.read,
+        let mut acked = std::mem::take(&mut self.pending_markers.acked);
+        let mut updates = std::mem::take(&mut self.pending_markers.reads);
+        acked.sort_unstable();
+        acked.dedup();
+        for &(token, alias) in &acked {
+            let Some(conn) = conn_in(&mut self.conns, token) else {
+                continue;
+            };
+            let (Some(Some(sub)), Some(user)) = (conn.subs.get(alias as usize), &conn.user) else {
+                continue;
+            };
+            updates.push(MarkerUpdate {
+                room: sub.room.clone(),
+                user: user.clone(),
+                epoch: sub.epoch,
+                marker: Marker {
+                    delivered: sub.acked,
+                    read: 0,
                 },
-            );
+            });
         }
-        // The map keeps its capacity for the next tick.
-        self.pending_markers.updates = updates;
+        acked.clear();
+        // The list keeps its capacity for the next tick.
+        self.pending_markers.acked = acked;
+        // One update per (room, user): merge neighbours (a user's devices on this worker, an
+        // ACK and a READ); of two streams of a room, the later binding's (higher epoch) wins.
+        updates.sort_unstable_by(by_room_and_user);
+        let mut by_owner: Vec<Vec<MarkerUpdate>> = (0..self.cores).map(|_| Vec::new()).collect();
+        for u in updates {
+            let owner = u.room.owner(self.cores);
+            let list = &mut by_owner[owner];
+            match list.last_mut() {
+                Some(last)
+                    if last.room.id == u.room.id
+                        && last.room.name == u.room.name
+                        && last.user == u.user =>
+                {
+                    if u.epoch != last.epoch {
+                        *last = u;
+                    } else {
+                        last.marker.delivered = last.marker.delivered.max(u.marker.delivered);
+                        last.marker.read = last.marker.read.max(u.marker.read);
+                    }
+                }
+                _ => list.push(u),
+            }
+        }
+        for (owner, updates) in by_owner.into_iter().enumerate() {
+            if !updates.is_empty() {
+                self.send_to(owner, CoreMsg::Markers(updates));
+            }
+        }
     }
 
-    /// The owner applies a member's marker update: only for a member of the room, only in
-    /// the room's current stream, never past the head, never backwards.
-    pub(super) fn on_markers(&mut self, room: &RoomName, user: &Text, epoch: u64, update: Marker) {
-        let Some(owned) = self.owned.get_mut(room) else {
-            return;
-        };
-        if room.channel || owned.epoch != epoch || !owned.members.contains(user) {
-            return;
-        }
-        let head = owned.head;
-        let markers = owned.receipts.get_or_insert_with(Box::default);
-        let entry = markers.by_member.entry(user.clone()).or_default();
-        let was = entry.marker;
-        if entry.marker.advance(update, head) {
-            let now = entry.marker;
-            if !entry.moved {
-                entry.moved = true;
-                markers.moved.push(user.clone());
+    /// The owner applies members' marker updates (sorted by room): only for members of the
+    /// room, only in the room's current stream, never past the head, never backwards.
+    pub(super) fn on_markers(&mut self, updates: Vec<MarkerUpdate>) {
+        let due = self.now + self.config.receipts.interval;
+        let mut advanced = Vec::new();
+        let mut runs = updates.into_iter().peekable();
+        while let Some(first) = runs.next() {
+            let room = first.room.clone();
+            let Some(owned) = self.owned.get_mut(&room).filter(|_| !room.channel) else {
+                while runs.next_if(|u| u.room.name == room.name).is_some() {}
+                continue;
+            };
+            let (head, epoch) = (owned.head, owned.epoch);
+            let markers = owned.receipts.get_or_insert_with(Box::default);
+            let mut u = Some(first);
+            while let Some(MarkerUpdate {
+                user,
+                epoch: e,
+                marker: update,
+                ..
+            }) = u.take()
+            {
+                if e == epoch {
+                    // A user with an entry is a member (leaving removes it).
+                    let entry = match markers.by_member.get_mut(&user) {
+                        Some(entry) => Some(entry),
+                        None if owned.members.contains(&user) => {
+                            Some(markers.by_member.entry(user.clone()).or_default())
+                        }
+                        None => None,
+                    };
+                    if let Some(entry) = entry {
+                        let was = entry.marker;
+                        if entry.marker.advance(update, head) {
+                            if !entry.moved {
+                                entry.moved = true;
+                                markers.moved.push(user.clone());
+                            }
+                            advanced.push((user, was, entry.marker));
+                        }
+                    }
+                }
+                u = runs.next_if(|n| n.room.name == room.name && n.room.id == room.id);
             }
-            self.markers_advanced(room, user, was, now);
+            if !advanced.is_empty() && !markers.queued {
+                markers.queued = true;
+                self.receipts_due.push_back((due, room.clone()));
+            }
+            if markers.by_member.is_empty() {
+                owned.receipts = None;
+            }
+            for (user, was, now) in advanced.drain(..) {
+                self.markers_advanced(&room, &user, was, now);
+            }
         }
     }
 
     /// The hook where the owner learns that `user`'s markers in `room` moved from `was` to
-    /// `now` (at least one part advanced): queues the room's next RECEIPT update.
+    /// `now` (at least one part advanced; the room's next RECEIPT update is queued
+    /// already).
     pub(super) fn markers_advanced(
         &mut self,
         room: &RoomName,
@@ -228,13 +299,6 @@ impl Core {
     ) {
         inc(&self.stats.markers_advanced, 1);
         tracing::trace!(room = %room.name, %user, ?was, ?now, "markers advanced");
-        let due = self.now + self.config.receipts.interval;
-        if let Some(markers) = self.owned.get_mut(room).and_then(|o| o.receipts.as_mut())
-            && !markers.queued
-        {
-            markers.queued = true;
-            self.receipts_due.push_back((due, room.clone()));
-        }
     }
 
     /// When the next RECEIPT update is due.

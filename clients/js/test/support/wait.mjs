@@ -22,7 +22,7 @@ export function until(client, check, what) {
     const timer = setTimeout(() => done(new Error(`timed out waiting for ${what}`)), DEADLINE_MS);
     // Events cover every state change but one driven from outside (a test's own counters).
     const poll = setInterval(() => check() && done(), 50);
-    for (const type of ['welcome', 'room', 'left', 'message', 'gap', 'puback', 'goaway', 'state', 'error', 'relayError']) {
+    for (const type of ['welcome', 'room', 'left', 'message', 'gap', 'receipt', 'puback', 'goaway', 'state', 'error', 'relayError']) {
       offs.push(client.on(/** @type {any} */ (type), () => check() && done()));
     }
   });

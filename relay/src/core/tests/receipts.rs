@@ -66,16 +66,23 @@ fn acks_within_one_tick_reach_the_owner_as_one_update_per_room_and_user() {
         h.core.on_bytes(h.now, token, &bytes);
     }
     h.core.send_pending_markers();
-    let updates: Vec<_> = h.core.outbox[0]
+    let updates: Vec<Vec<(String, u64)>> = h.core.outbox[0]
         .iter()
         .filter_map(|m| match m {
-            CoreMsg::Markers {
-                user, delivered, ..
-            } => Some((user.to_string(), *delivered)),
+            CoreMsg::Markers(updates) => Some(
+                updates
+                    .iter()
+                    .map(|u| (u.user.to_string(), u.marker.delivered))
+                    .collect(),
+            ),
             _ => None,
         })
         .collect();
-    assert_eq!(updates, vec![("ann".to_string(), 3)]);
+    assert_eq!(
+        updates,
+        vec![vec![("ann".to_string(), 3)]],
+        "one message, one update"
+    );
     h.pump();
     assert_eq!(delivered(&h, "ann"), 3);
     assert_eq!(h.stats.markers_advanced.load(Ordering::Relaxed), 1);
@@ -87,12 +94,13 @@ fn markers_are_kept_for_members_only_never_past_the_head_and_forgotten_on_leave(
     let (phone, a1, _, _, _) = two_devices(&mut h);
     let room = room_named("r");
     let epoch = h.core.owned[&room].epoch;
-    let update = |user: &str, epoch: u64, delivered: u64, read: u64| CoreMsg::Markers {
-        room: room.clone(),
-        user: Text::from(user),
-        epoch,
-        delivered,
-        read,
+    let update = |user: &str, epoch: u64, delivered: u64, read: u64| {
+        CoreMsg::Markers(vec![crate::mesh::MarkerUpdate {
+            room: room.clone(),
+            user: Text::from(user),
+            epoch,
+            marker: Marker { delivered, read },
+        }])
     };
     // Past the head (3): clamped to it; read implies delivered.
     h.core.handle(h.now, vec![update("bob", epoch, 1000, 2)]);
@@ -212,4 +220,45 @@ fn a_version_2_session_gets_no_receipt_and_may_not_send_read() {
     assert_eq!(errors, vec![(ErrorCode::UnknownFrameType, true)]);
     let dan = h.core.markers(&room_named("r"), &Text::from("dan"));
     assert_eq!(dan.read, 0);
+}
+
+#[test]
+fn unread_counts_start_at_the_join_point_and_follow_the_read_marker() {
+    let mut h = Harness::new(|c| c.receipts.interval = Duration::from_secs(1));
+    let (phone, a1, _, _, bob) = two_devices(&mut h);
+    let b = h.phones[&bob].session.alias_of("r").unwrap();
+    // Dan joins after three messages: they were never his.
+    h.app_join("r", "dan");
+    h.publish(bob, b, "m4");
+    let room = room_named("r");
+    let unread = |h: &Harness, user: &str| -> Vec<(u64, u64, u64)> {
+        h.core
+            .unread_of(&Text::from(user), vec![room.clone()])
+            .into_iter()
+            .map(|u| (u.head, u.joined_at, u.unread))
+            .collect()
+    };
+    assert_eq!(unread(&h, "dan"), vec![(4, 3, 1)]);
+    assert_eq!(unread(&h, "ann"), vec![(4, 0, 4)]);
+    h.send(
+        phone,
+        &ClientFrame::Read(pabal_codec::Read { alias: a1, seq: 3 }),
+    );
+    assert_eq!(unread(&h, "ann"), vec![(4, 0, 1)]);
+    assert_eq!(unread(&h, "eve"), vec![], "not a member: no count");
+    // The room's markers for the server API: every member, by user id.
+    let r = h.core.receipts_of(&room).unwrap();
+    let members: Vec<(String, u64, u64, u64)> = r
+        .members
+        .iter()
+        .map(|(u, joined, m)| (u.to_string(), *joined, m.delivered, m.read))
+        .collect();
+    assert_eq!(
+        members,
+        vec![
+            ("ann".to_string(), 0, 3, 3),
+            ("bob".to_string(), 0, 0, 0),
+            ("dan".to_string(), 3, 0, 0),
+        ]
+    );
 }
