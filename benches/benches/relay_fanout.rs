@@ -26,7 +26,10 @@
 //! v3 subscribers (`receipts.interval`, 1 s), and the rows are marked `+ack`.
 //!
 //! `cargo bench -p pabal-benches --bench relay_fanout` (`PABAL_BENCH_SECS` sets each phase's
-//! length, default 5; a scenario name as argument runs only that one). Each backend runs in
+//! length, default 5; a scenario name as argument runs only that one;
+//! `PABAL_BENCH_HANDOFF=1` turns the offline hand-off on, with a 1 s delay and an app server
+//! that refuses every connection: no subscriber acks, so every member of every room is
+//! handed off every window, the detection's worst case). Each backend runs in
 //! a process of its own, so neither inherits the other's heap.
 
 #![allow(clippy::unwrap_used)] // reason: a benchmark driver fails loudly
@@ -311,6 +314,14 @@ fn device_of(user: &str) -> u64 {
 fn run(backend: BackendKind, scenario: &Scenario, secs: f64, ack: bool) {
     let mut config = common::relay_config(backend);
     config.limits.max_rooms_per_user = 100;
+    if std::env::var_os("PABAL_BENCH_HANDOFF").is_some() {
+        // The sender runs on the control thread. Port 9 (discard) on loopback: nothing
+        // listens, every POST is retried.
+        config.control.listen = "127.0.0.1:0".into();
+        config.handoff.url = "http://127.0.0.1:9/hooks".into();
+        config.handoff.secret = Some("bench-handoff-secret-0123".into());
+        config.handoff.delay = Duration::from_secs(1);
+    }
     let relay = RelayHandle::start(config).unwrap();
     let addr = relay.local_addr();
     if let Some(core) = core_affinity::get_core_ids().and_then(|ids| ids.get(1).copied()) {

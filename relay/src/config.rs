@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use crate::handoff::config::{HandoffConfig, HandoffRule};
 use crate::io::BackendKind;
 
 /// The most header a DELIVER adds in front of a payload (PROTOCOL.md, section 4).
@@ -85,6 +86,8 @@ pub struct Config {
     /// alone. See [`crate::cluster`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// Offline hand-off to the app server (webhooks; see [`crate::handoff`]).
+    pub handoff: HandoffConfig,
     /// Receipts (protocol v3): how often members hear of each other's markers.
     pub receipts: ReceiptsConfig,
 }
@@ -727,6 +730,7 @@ impl Default for Config {
             websocket: WebSocketConfig::default(),
             storage: StorageConfig::default(),
             cluster: None,
+            handoff: HandoffConfig::default(),
             receipts: ReceiptsConfig::default(),
         }
     }
@@ -855,6 +859,7 @@ impl Config {
     /// `--check-config` runs both, so what it accepts, a start or a reload accepts too.
     pub fn check_files(&self) -> Result<(), ConfigError> {
         self.control.load_api_key()?;
+        self.handoff.load_secret()?;
         if let Some(jwt) = &self.auth.jwt {
             crate::auth::Verifier::from_config(jwt)?;
         }
@@ -1027,7 +1032,18 @@ impl Config {
         self.storage.validate()?;
         if let Some(cluster) = &self.cluster {
             cluster.validate(self.storage.mode)?;
+            if self.handoff.enabled() {
+                // A node's owner sees only its own phones' acks (markers are not in the
+                // engine yet): it would hand off members acking on other nodes.
+                return Err(invalid(
+                    "handoff.url",
+                    "offline hand-off cannot be combined with [cluster] in this version: \
+                     delivered markers are kept per node, not in the engine"
+                        .to_string(),
+                ));
+            }
         }
+        self.handoff.validate(!self.control.listen.is_empty())?;
         Ok(())
     }
 
@@ -1160,19 +1176,19 @@ pub(crate) mod humantime_secs {
     }
 }
 
-mod humantime_secs_opt {
+pub(crate) mod humantime_secs_opt {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
             Some(d) => s.serialize_str(&super::humantime_secs::format(d)),
             None => s.serialize_none(),
         }
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<Option<Duration>, D::Error> {
         #[derive(Deserialize)]

@@ -20,6 +20,7 @@ pub(crate) mod conn;
 pub(crate) mod control;
 pub(crate) mod core;
 pub(crate) mod directory;
+pub mod handoff;
 pub(crate) mod history;
 pub(crate) mod idempotency;
 pub mod ids;

@@ -26,6 +26,7 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 
 use crate::control::{Response, Route};
+use crate::handoff::HandoffSnapshot;
 use crate::runtime::Relay;
 use crate::stats::{BUCKETS, HistogramSnapshot, StatsSnapshot};
 use crate::storage::{Log2Histogram, StorageMetrics};
@@ -162,6 +163,8 @@ pub struct Scrape {
     pub storage: Vec<StorageMetrics>,
     /// The cluster's metrics (`[cluster]` only).
     pub cluster: Option<ClusterScrape>,
+    /// The offline hand-off counters (`None` while `[handoff] url` is empty).
+    pub handoff: Option<HandoffSnapshot>,
 }
 
 /// The cluster's metrics as read at scrape time (see [`crate::cluster::ClusterStats`]).
@@ -416,6 +419,75 @@ impl Scrape {
     }
 }
 
+type HandoffField = fn(&HandoffSnapshot) -> u64;
+
+/// Hand-off counters (no `worker` label: one sender per relay): name, help, field.
+const HANDOFF_COUNTERS: &[(&str, &str, HandoffField)] = &[
+    (
+        "pabal_handoff_enqueued",
+        "Hand-offs the sender took from the workers.",
+        |h| h.enqueued,
+    ),
+    (
+        "pabal_handoff_sent",
+        "Hand-offs the app server accepted (2xx).",
+        |h| h.sent,
+    ),
+    (
+        "pabal_handoff_batches",
+        "Hand-off batches the app server accepted (2xx).",
+        |h| h.batches,
+    ),
+    (
+        "pabal_handoff_retried",
+        "Hand-off POSTs that failed and will be retried (5xx, 408, 429, timeout, connection \
+         error).",
+        |h| h.retried,
+    ),
+];
+
+impl Scrape {
+    fn encode_handoff(&self, enc: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let Some(h) = &self.handoff else {
+            return Ok(());
+        };
+        let g = ConstGauge::new(h.queued);
+        g.encode(enc.encode_descriptor(
+            "pabal_handoff_queued",
+            "Hand-offs held by the sender: queued plus in flight (at most handoff.queue_max).",
+            None,
+            g.metric_type(),
+        )?)?;
+        for &(name, help, field) in HANDOFF_COUNTERS {
+            let c = ConstCounter::new(field(h));
+            c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "pabal_handoff_dropped",
+            "Hand-offs dropped, by reason: queue_full (handoff.queue_max reached: the oldest \
+             queued goes), channel_full (the workers' channel to the sender was full), \
+             refused (the app server answered a 4xx other than 408/429), stopped (shutdown).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in [
+            ("queue_full", h.dropped_queue_full),
+            ("channel_full", h.dropped_channel_full),
+            ("refused", h.dropped_refused),
+            ("stopped", h.dropped_stopped),
+        ] {
+            ConstCounter::new(n).encode(m.encode_family(&[("reason", reason)])?)?;
+        }
+        histogram(
+            enc,
+            "pabal_handoff_batch_seconds",
+            "From a batch's oldest item entering the queue to the app server's 2xx.",
+            &h.batch_latency_ms,
+            1e3,
+        )
+    }
+}
+
 type Field = fn(&StatsSnapshot) -> u64;
 
 /// Counters with a `worker` label: name (OpenMetrics adds `_total`), help, field.
@@ -480,6 +552,12 @@ const COUNTERS: &[(&str, &str, Field)] = &[
         |s| s.lag_events,
     ),
     ("pabal_gaps", "GAP frames sent.", |s| s.gaps),
+    (
+        "pabal_handoff_detected",
+        "Offline hand-offs found by the rooms' owners (a member had not acked a window of \
+         messages within handoff.delay).",
+        |s| s.handoffs_detected,
+    ),
     ("pabal_resumes", "Resume entries honoured in HELLO.", |s| {
         s.resumes
     }),
@@ -646,6 +724,7 @@ impl Scrape {
             inbox_depths: relay.inbox_depths(),
             storage: relay.storage_metrics(),
             cluster: relay.cluster().map(|c| ClusterScrape::of(c)),
+            handoff: relay.handoff_stats(),
         }
     }
 
@@ -822,6 +901,7 @@ impl Collector for Scrape {
         if let Some(cluster) = &self.cluster {
             cluster.encode(&mut enc)?;
         }
+        self.encode_handoff(&mut enc)?;
         self.encode_storage(&mut enc)
     }
 }
@@ -860,6 +940,38 @@ mod tests {
             inbox_depths: vec![0, 5],
             storage: Vec::new(),
             cluster: None,
+            handoff: None,
+        }
+    }
+
+    #[test]
+    fn handoff_families_appear_only_when_handoff_is_on() {
+        let text = scrape().render().unwrap();
+        assert!(!text.contains("pabal_handoff_queued"), "{text}");
+        let mut s = scrape();
+        let mut h = HandoffSnapshot {
+            queued: 7,
+            sent: 40,
+            retried: 2,
+            dropped_queue_full: 3,
+            dropped_refused: 1,
+            ..HandoffSnapshot::default()
+        };
+        h.batch_latency_ms.counts[9] = 2; // <= 1000 ms
+        h.batch_latency_ms.sum = 1_500;
+        s.handoff = Some(h);
+        let text = s.render().unwrap();
+        for expected in [
+            "\npabal_handoff_queued 7\n",
+            "\npabal_handoff_sent_total 40\n",
+            "\npabal_handoff_retried_total 2\n",
+            "\npabal_handoff_dropped_total{reason=\"queue_full\"} 3\n",
+            "\npabal_handoff_dropped_total{reason=\"refused\"} 1\n",
+            "\npabal_handoff_dropped_total{reason=\"channel_full\"} 0\n",
+            "\npabal_handoff_batch_seconds_bucket{le=\"1.0\"} 2\n",
+            "\npabal_handoff_batch_seconds_count 2\n",
+        ] {
+            assert!(text.contains(expected), "{expected:?} in\n{text}");
         }
     }
 

@@ -77,6 +77,8 @@ pub const FIELDS: &[(&str, Reload)] = &[
     ("log.format", Reload::Restart),
     // Each worker's log is opened (and recovered) with these at start.
     ("storage", Reload::Restart),
+    // The sender and the workers' rules are set up once at start.
+    ("handoff", Reload::Restart),
     // Turning TLS on or off is refused live by `Relay::reload` itself (a restart).
     ("tls", Reload::Live("TLS (new handshakes)")),
     ("websocket.listen", Reload::Restart),

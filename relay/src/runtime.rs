@@ -59,9 +59,19 @@ pub struct Relay {
     nofile: u64,
     /// The cluster's metrics and health (`[cluster]` only).
     cluster: Option<Arc<ClusterStats>>,
+    /// Offline hand-off (`[handoff] url` set): the sender the control thread takes at its
+    /// start, and the counters.
+    handoff: Option<Handoff>,
     /// Each worker's test hook.
     #[cfg(feature = "test-hooks")]
     stalls: Vec<Arc<StallHook>>,
+}
+
+/// The hand-off pipeline's relay-side ends.
+#[derive(Debug)]
+struct Handoff {
+    sender: parking_lot::Mutex<Option<crate::handoff::sender::Sender>>,
+    stats: Arc<crate::handoff::HandoffStats>,
 }
 
 /// A test hook, compiled in only with the `test-hooks` feature: blocks a worker's loop for
@@ -225,6 +235,21 @@ impl RelayHandle {
         if let Some((_, node)) = &cluster {
             tracing::info!(node = %node, "cluster node");
         }
+        // The hand-off sender loads its secret here (a bad one fails the start); workers get
+        // the channel's sending end, the control thread the rest.
+        let (handoff_tx, handoff) = if config.handoff.enabled() {
+            let (tx, rx) =
+                crate::handoff::channel(crate::handoff::channel_capacity(&config.handoff));
+            let stats = tx.stats().clone();
+            let sender = crate::handoff::sender::Sender::new(&config.handoff, rx)?;
+            let handoff = Handoff {
+                sender: parking_lot::Mutex::new(Some(sender)),
+                stats,
+            };
+            (Some(tx), Some(handoff))
+        } else {
+            (None, None)
+        };
         if let Some(jwt) = &config.auth.jwt {
             let verifier =
                 crate::auth::Verifier::from_config(jwt).context("cannot load token keys")?;
@@ -266,6 +291,7 @@ impl RelayHandle {
                 transport: transport.clone(),
                 layered: layered.clone(),
                 cluster: cluster.clone(),
+                handoff: handoff_tx.clone(),
             };
             let ready = ready_tx.clone();
             let exited = exited_tx.clone();
@@ -341,6 +367,7 @@ impl RelayHandle {
             routes: parking_lot::RwLock::new(Vec::new()),
             nofile,
             cluster: cluster.map(|(stats, _)| stats),
+            handoff,
             #[cfg(feature = "test-hooks")]
             stalls,
         });
@@ -572,6 +599,17 @@ impl Relay {
             .collect()
     }
 
+    /// The hand-off counters, when `[handoff] url` is set.
+    pub fn handoff_stats(&self) -> Option<crate::handoff::HandoffSnapshot> {
+        self.handoff.as_ref().map(|h| h.stats.snapshot())
+    }
+
+    /// The hand-off sender, for the control thread to run (once; `None` after, or when
+    /// hand-offs are off).
+    pub(crate) fn take_handoff_sender(&self) -> Option<crate::handoff::sender::Sender> {
+        self.handoff.as_ref().and_then(|h| h.sender.lock().take())
+    }
+
     /// Each worker's counters.
     pub fn worker_stats(&self) -> Vec<StatsSnapshot> {
         self.stats
@@ -658,6 +696,8 @@ struct Worker {
     layered: Vec<(SocketAddr, ListenerKind)>,
     /// `[cluster]`: the shared metrics and this node's id.
     cluster: Option<(Arc<ClusterStats>, String)>,
+    /// Where the core's offline hand-offs go (`[handoff] url` set).
+    handoff: Option<crate::handoff::HandoffTx>,
 }
 
 impl Worker {
@@ -752,6 +792,7 @@ impl Worker {
             &self.stall,
             executor.as_mut(),
             engine.as_ref(),
+            self.handoff.as_ref(),
         );
         if let (Some(mut log), Some(exec)) = (core.take_storage(), executor.as_mut()) {
             // A clean stop: everything appended synced and a checkpoint written, so the
@@ -989,6 +1030,7 @@ fn run_loop(
     stall: &StallHook,
     mut storage: Option<&mut Executor>,
     engine: Option<&EngineHandle>,
+    handoff: Option<&crate::handoff::HandoffTx>,
 ) -> anyhow::Result<()> {
     let mut next_sample = Instant::now();
     let mut completions = Vec::new();
@@ -1029,6 +1071,12 @@ fn run_loop(
         {
             // One wake per tick for everything the owners asked of the engine.
             engine.wake();
+        }
+        if let Some(tx) = handoff {
+            // try_send: a full channel drops the hand-off and counts it; never waits.
+            core.drain_handoffs(|h| {
+                tx.offer(h);
+            });
         }
         if let Some(exec) = storage.as_deref_mut().and_then(|s| s.get(&mut *backend)) {
             // Group commit: everything this tick appended goes out as one job.

@@ -60,6 +60,8 @@ counters! {
     messages_in,
     /// Ephemeral events accepted.
     ephemeral_in,
+    /// Offline hand-offs found by rooms this worker owns (members who did not ack in time).
+    handoffs_detected,
     /// Publishes recognised as repeats (protocol v2) and answered with the original PUBACK.
     publishes_repeated,
     /// Times a member's delivered or read marker advanced at its room's owner.
@@ -170,7 +172,7 @@ impl Histogram {
             .fetch_add(value.saturating_mul(n), Ordering::Relaxed);
     }
 
-    fn add_to(&self, into: &mut HistogramSnapshot) {
+    pub(crate) fn add_to(&self, into: &mut HistogramSnapshot) {
         for (i, c) in self.counts.iter().enumerate() {
             into.counts[i] += c.load(Ordering::Relaxed);
         }

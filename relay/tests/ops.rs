@@ -906,6 +906,10 @@ fn check_config_names_bad_cluster_fields() {
             "[storage]\nmode = \"disk\"\ndir = \"/var/lib/relay\"\n[cluster]\n",
             "storage.mode",
         ),
+        (
+            "[cluster]\n[handoff]\nurl = \"http://127.0.0.1:9/hook\"\nsecret = \"0123456789abcdef0123\"\n",
+            "handoff.url",
+        ),
     ] {
         std::fs::write(&config, body).unwrap();
         let (ok, stderr) = check_config(&config);

@@ -678,6 +678,15 @@ fn every_config_field_reloads_live_or_says_it_needs_a_restart() {
                 max_bytes: Some(1 << 20),
                 max_age: Some(Duration::from_secs(60)),
             });
+        // [handoff] on (nothing listens there; nothing is handed off in this test), with
+        // a rule, so that its every field is walked.
+        c.handoff.url = "http://127.0.0.1:7797/hooks".into();
+        c.handoff.secret_file = Some(key_files[0].clone());
+        c.handoff.rooms.push(pabal_relay::config::HandoffRule {
+            prefix: "dm:".into(),
+            enabled: true,
+            delay: Some(Duration::from_secs(5)),
+        });
     });
     let base = (*relay.handle().config()).clone();
     let base_value = toml::Value::try_from(&base).unwrap();
@@ -717,6 +726,7 @@ fn every_config_field_reloads_live_or_says_it_needs_a_restart() {
         "eddsa",
         "other-kid",
         "other:",
+        "http://127.0.0.1:7796/hooks",
     ];
     let mut classified = 0;
     for path in &paths {

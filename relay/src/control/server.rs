@@ -89,6 +89,7 @@ impl ControlServer {
             ack: AtomicU64::new(0),
             beats,
         });
+        let handoff = relay.take_handoff_sender();
         let ctx = Arc::new(Ctx {
             relay,
             plane: plane.clone(),
@@ -106,6 +107,10 @@ impl ControlServer {
                         }
                     };
                     tokio::spawn(answer_beats(ctx.plane.clone(), probe_rx, beats_rx));
+                    // Offline hand-offs to the app server (handoff/sender.rs).
+                    if let Some(sender) = handoff {
+                        tokio::spawn(sender.run());
+                    }
                     tokio::select! {
                         () = accept_loop(listener, ctx) => {}
                         _ = stopped => {}

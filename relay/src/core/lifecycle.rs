@@ -326,6 +326,7 @@ impl Core {
         self.evict_idle_rooms();
         self.send_due_receipts();
         self.run_storage_timers();
+        self.run_handoff_timers();
     }
 
     /// The connection's deadline came: handshake timeout, heartbeat, a failing connection's

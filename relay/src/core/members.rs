@@ -95,10 +95,10 @@ impl MemberSet {
     }
 
     /// The users, in no particular order.
-    pub(super) fn iter(&self) -> Box<dyn Iterator<Item = &Text> + '_> {
+    pub(super) fn iter(&self) -> MemberIter<'_> {
         match self {
-            MemberSet::Few(users) => Box::new(users.iter()),
-            MemberSet::Many(users) => Box::new(users.iter()),
+            MemberSet::Few(users) => MemberIter::Few(users.iter()),
+            MemberSet::Many(users) => MemberIter::Many(users.iter()),
         }
     }
 
@@ -108,6 +108,32 @@ impl MemberSet {
             MemberSet::Few(users) => users.iter().cloned().collect(),
             MemberSet::Many(users) => (**users).clone(),
         }
+    }
+}
+
+/// The users of a [`MemberSet`], borrowed (no allocation).
+pub(super) enum MemberIter<'a> {
+    Few(std::slice::Iter<'a, Text>),
+    Many(std::collections::hash_set::Iter<'a, Text>),
+}
+
+impl<'a> Iterator for MemberIter<'a> {
+    type Item = &'a Text;
+
+    fn next(&mut self) -> Option<&'a Text> {
+        match self {
+            MemberIter::Few(users) => users.next(),
+            MemberIter::Many(users) => users.next(),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a MemberSet {
+    type Item = &'a Text;
+    type IntoIter = MemberIter<'a>;
+
+    fn into_iter(self) -> MemberIter<'a> {
+        self.iter()
     }
 }
 
@@ -149,5 +175,20 @@ mod tests {
             assert!(set.remove(&user(i)));
         }
         assert!(set.is_empty());
+    }
+
+    #[test]
+    fn both_shapes_iterate_every_member_once() {
+        let mut set = MemberSet::default();
+        for n in [3, 40] {
+            for i in 0..n {
+                set.insert(user(i));
+            }
+            let mut seen: Vec<&Text> = (&set).into_iter().collect();
+            seen.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            seen.dedup();
+            assert_eq!(seen.len(), n, "{n} members");
+            assert!((0..n).all(|i| set.iter().any(|u| *u == user(i))));
+        }
     }
 }

@@ -14,6 +14,7 @@
 //! - [`delivery`]: writing messages to this worker's connections: fan-out, catch-up, GAPs.
 //! - [`control`]: server-API operations.
 //! - [`receipts`]: per (user, room) delivered and read markers.
+//! - [`handoff`]: offline hand-offs: members who did not receive messages in time.
 //! - [`lifecycle`]: admitting and closing connections, timers, reloads, the shutdown drain.
 //! - [`cluster`]: with `[cluster]`, the owner's publishes sequenced by the engine and the
 //!   engine's messages fed in order into the same fan-out.
@@ -164,6 +165,8 @@ pub struct Core {
     cluster: Option<Box<cluster::ClusterSide>>,
     /// Marker updates from this tick's ACKs and READs, for the rooms' owners.
     pending_markers: receipts::PendingMarkers,
+    /// Offline hand-off: rooms' windows due, hand-offs found ([`handoff`]).
+    handoff: handoff::Detection,
     /// Owned rooms whose members' markers moved, oldest first, with when their RECEIPT
     /// update is due.
     receipts_due: VecDeque<(Instant, RoomName)>,
@@ -222,6 +225,7 @@ impl Core {
             ..Limits::default()
         };
         directory.set_max_blocked_per_user(config.limits.max_blocked_per_user);
+        let config_handoff_on = config.handoff.enabled();
         Core {
             id,
             cores,
@@ -258,6 +262,7 @@ impl Core {
             read_scratch: BytesMut::new(),
             cluster: None,
             pending_markers: receipts::PendingMarkers::default(),
+            handoff: handoff::Detection::new(config_handoff_on),
             receipts_due: VecDeque::new(),
         }
     }
@@ -306,6 +311,7 @@ impl Core {
         for deadline in [
             self.shutdown.deadline,
             self.storage_deadline(),
+            self.handoff.next_due(),
             self.receipts_deadline(),
         ]
         .into_iter()
@@ -691,6 +697,7 @@ mod cluster;
 mod control;
 mod delivery;
 mod durable;
+mod handoff;
 mod lifecycle;
 mod members;
 mod owner;

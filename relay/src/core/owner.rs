@@ -48,6 +48,9 @@ pub(super) struct OwnedRoom {
     /// Its members' delivered and read markers (see [`super::receipts`]); allocated at the
     /// room's first marker.
     pub(super) receipts: Option<Box<super::receipts::RoomMarkers>>,
+    /// Offline hand-off: windows of recent messages waiting for their delay (see
+    /// [`super::handoff`]); absent while none is pending.
+    pub(super) handoffs: Option<Box<crate::handoff::detect::RoomWindows>>,
     /// Its key in the worker's log (disk mode; 0 until its first record).
     pub(super) key: crate::storage::RoomKey,
     /// The log holds the room's current epoch (disk mode).
@@ -111,6 +114,7 @@ impl Core {
                 idempotency: None,
                 publish_ids: None,
                 receipts: None,
+                handoffs: None,
                 key: 0,
                 epoch_stored: false,
             },
@@ -606,5 +610,6 @@ impl Core {
         if let Some(owned) = self.owned.get_mut(room) {
             owned.interest = interest;
         }
+        self.note_for_handoff(room, msg.seq, msg.ts_ms, &msg.sender);
     }
 }

@@ -15,7 +15,10 @@
 //! a user from outside their membership (never before the join point, never while removed);
 //! every delivered body is the one the room's owner accepted under that sequence; every
 //! PUBACK names the sequence the owner holds the published body under; no connection's
-//! queue exceeds its cap by more than one page and one frame. At the end, every body
+//! queue exceeds its cap by more than one page and one frame; with `[handoff]` on, every
+//! hand-off names a member, a range past the member's join point up to the owner's head
+//! that never ends with the member's own message, no message is handed off twice to one
+//! member, and no room holds more than three windows. At the end, every body
 //! published (however often republished) is in its room exactly once, with one sequence; with
 //! every phone connected and nothing stalled, every member holds every message of its
 //! current membership exactly once, and a drain delivers all of it before the GOAWAY.
@@ -173,6 +176,8 @@ struct Sim {
     model: Model,
     step: usize,
     trace: VecDeque<String>,
+    /// Offline hand-offs so far: the last sequence handed off per (member, room, epoch).
+    handed_off: HashMap<(Text, RoomName, u64), u64>,
 }
 
 const PEER: &str = "127.0.0.1:40000";
@@ -247,6 +252,7 @@ impl Sim {
             model: Model::default(),
             step: 0,
             trace: VecDeque::new(),
+            handed_off: HashMap::new(),
         }
     }
 
@@ -284,6 +290,7 @@ impl Sim {
         if self.wires[core].after_end > 0 {
             return Err(self.fail(format!("worker {core} wrote to a socket after its end")));
         }
+        self.check_handoffs(core)?;
         // The window holds every DELIVER; control frames (PUBACKs of publishes in flight,
         // ROOM, LEFT, GAP, PING) may add at most about one frame.
         let cap =
@@ -293,6 +300,64 @@ impl Sim {
             .load(std::sync::atomic::Ordering::Relaxed) as usize;
         if high > cap {
             return Err(self.fail(format!("a queue on worker {core} reached {high} bytes")));
+        }
+        Ok(())
+    }
+
+    /// What worker `core` found to hand off is owed: a member's, past the join point, up to
+    /// the head, never ending with the member's own message, never a message twice.
+    fn check_handoffs(&mut self, core: usize) -> Result<(), Violation> {
+        let mut found = Vec::new();
+        self.cores[core].drain_handoffs(|h| found.push(h));
+        for h in found {
+            let owned = &self.cores[core].owned;
+            let what = format!("{h:?}");
+            let Some(room) = owned.get(&h.room) else {
+                return Err(self.fail(format!("a hand-off for a room not owned here: {what}")));
+            };
+            let Some(join) = self.directory.join_point(&h.user, &h.room) else {
+                return Err(self.fail(format!("a hand-off for a non-member: {what}")));
+            };
+            let floor = if join.epoch == h.epoch { join.seq } else { 0 };
+            let mut last = Vec::new();
+            room.history.page(
+                h.last_seq - 1,
+                h.last_seq.min(room.head),
+                usize::MAX,
+                1,
+                &mut last,
+            );
+            let last_publisher = last
+                .first()
+                .filter(|m| m.seq == h.last_seq)
+                .map(|m| m.sender.clone());
+            if h.epoch != room.epoch
+                || h.first_seq <= floor
+                || h.first_seq > h.last_seq
+                || h.last_seq > room.head
+                || last_publisher.as_ref() != Some(&h.publisher)
+                || h.publisher == h.user
+            {
+                return Err(self.fail(format!(
+                    "a hand-off not owed (join {floor}, head {}): {what}",
+                    room.head
+                )));
+            }
+            let key = (h.user.clone(), h.room.clone(), h.epoch);
+            if self
+                .handed_off
+                .get(&key)
+                .is_some_and(|&last| h.first_seq <= last)
+            {
+                return Err(self.fail(format!("a message handed off twice: {what}")));
+            }
+            self.handed_off.insert(key, h.last_seq);
+        }
+        for room in self.cores[core].owned.values() {
+            let windows = room.handoffs.as_ref().map_or(0, |w| w.len());
+            if windows > 3 {
+                return Err(self.fail(format!("a room holds {windows} hand-off windows")));
+            }
         }
         Ok(())
     }
@@ -941,6 +1006,31 @@ fn seeded_simulations_keep_the_delivery_contract() {
             );
         }
     }
+}
+
+#[test]
+fn seeded_simulations_hand_off_only_what_is_owed_and_each_message_once() {
+    let from = env_u64("PABAL_SIM_FROM").unwrap_or(1);
+    let mut handed_off = 0;
+    for seed in from..from + 100 {
+        let shape = shape_of(seed);
+        let mut sim = Sim::new(seed, shape, |c| {
+            c.handoff.url = "http://127.0.0.1:9/hooks".into();
+            c.handoff.secret = Some("simulated-secret-0123".into());
+            c.handoff.delay = Duration::from_secs(2);
+        });
+        let run = (0..shape.steps)
+            .try_for_each(|_| sim.step())
+            .and_then(|()| sim.finish());
+        if let Err(Violation(what)) = run {
+            panic!("simulation seed {seed} with [handoff] on failed\n{what}");
+        }
+        handed_off += sim.handed_off.len();
+    }
+    assert!(
+        handed_off > 0,
+        "no seed handed anything off: nothing was checked"
+    );
 }
 
 #[test]
