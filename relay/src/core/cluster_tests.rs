@@ -321,3 +321,43 @@ fn a_repeat_the_engine_knows_is_answered_with_the_first_sequence() {
         1
     );
 }
+
+#[test]
+fn a_phone_ahead_of_this_node_is_not_sent_again_what_it_saw_on_another() {
+    let (mut h, _ann, bob, room, _) = ann_and_bob(ClientSession::new());
+    let live = |h: &mut Harness, seq: u64, body: &str| {
+        feed(
+            h,
+            EngineEvent::Message {
+                room: room.clone(),
+                epoch: 77,
+                msg: other(seq, body),
+            },
+        )
+    };
+    live(&mut h, 1, "one");
+    assert_eq!(seqs(h.messages(bob)), vec![1]);
+    // Bob's other phone read up to 3 on another node, which went away; this node has only
+    // 1 so far. It resumes here from 3.
+    let phone = h.connect_forged("bob", &[entry("dm", 77, 3)]);
+    live(&mut h, 2, "two");
+    live(&mut h, 3, "three");
+    live(&mut h, 4, "four");
+    let frames = h.frames(phone);
+    assert!(
+        !frames.iter().any(|f| matches!(f, ServerFrame::Room(_))),
+        "no ROOM rewinding its cursor: {frames:?}"
+    );
+    let bodies: Vec<&[u8]> = frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Deliver(d) => Some(&d.payload[..]),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        bodies,
+        vec![&b"four"[..]],
+        "2 and 3 were seen on the other node"
+    );
+}

@@ -224,15 +224,22 @@ impl Core {
         let Some(floor) = self.join_floor(user, &room, epoch) else {
             return self.not_member(room, origin, alias, request);
         };
+        // A cluster node may trail the engine: a phone resuming here from another node can
+        // have seen messages this node has not received yet. Its cursor then stands (a live
+        // message at or below it is not sent again); alone, a relay's head is the room's, and
+        // a cursor past it is clamped.
+        let trails_engine = self.cluster.is_some();
         let owned = self.owned_room(&room);
         owned.interest[origin.core] += 1;
         let asked = match from {
             StartFrom::Live => owned.head,
             StartFrom::Resume { epoch, last_seq: s } | StartFrom::Join { epoch, seq: s } => {
-                if epoch == owned.epoch {
-                    s.min(owned.head)
-                } else {
+                if epoch != owned.epoch {
                     0
+                } else if trails_engine {
+                    s
+                } else {
+                    s.min(owned.head)
                 }
             }
         };
