@@ -130,7 +130,9 @@ pub enum CoreMsg {
         request: u64,
     },
     /// Members' delivered and read markers moved (ACKs and READs of the users' connections
-    /// on one worker in one tick: at most one update per (room, user), sorted by room).
+    /// on one worker in one tick: one update per (room, user), grouped by room; a hash
+    /// collision in the worker's sort may split one, which the owner's forward-only markers
+    /// make harmless).
     Markers(Vec<MarkerUpdate>),
     // ---- from a room's owner, about its members' markers ---------------------------------
     /// Members' markers that moved since the room's last update (a RECEIPT for the
