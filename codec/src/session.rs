@@ -278,6 +278,22 @@ pub struct ClientSession {
 }
 
 impl ClientSession {
+    /// The user a sender alias names (§10): a frame that (re)defines the alias sets it
+    /// first; an alias never defined is the relay's error.
+    fn resolve_sender(
+        senders: &mut HashMap<u32, Text>,
+        alias: u32,
+        defined: Option<Text>,
+    ) -> Result<Text, SessionError> {
+        if let Some(user) = defined {
+            senders.insert(alias, user);
+        }
+        senders
+            .get(&alias)
+            .cloned()
+            .ok_or(SessionError::UnknownSender(alias))
+    }
+
     /// A session that knows no rooms yet.
     pub fn new() -> Self {
         ClientSession::default()
@@ -551,14 +567,7 @@ impl ClientSession {
                     .rooms
                     .get_mut(&h.alias)
                     .ok_or(SessionError::UnknownAlias(h.alias))?;
-                if let Some(sender) = h.new_sender {
-                    self.senders.insert(h.sender_alias, sender);
-                }
-                let sender = self
-                    .senders
-                    .get(&h.sender_alias)
-                    .cloned()
-                    .ok_or(SessionError::UnknownSender(h.sender_alias))?;
+                let sender = Self::resolve_sender(&mut self.senders, h.sender_alias, h.new_sender)?;
                 let ts = (self.last_ts_ms as i64)
                     .saturating_add(h.ts_delta_ms)
                     .max(0) as u64;
@@ -640,14 +649,7 @@ impl ClientSession {
             .room_id;
         let mut members = Vec::with_capacity(r.entries.len());
         for e in r.entries {
-            if let Some(user) = e.new_member {
-                self.senders.insert(e.member_alias, user);
-            }
-            let user = self
-                .senders
-                .get(&e.member_alias)
-                .cloned()
-                .ok_or(SessionError::UnknownSender(e.member_alias))?;
+            let user = Self::resolve_sender(&mut self.senders, e.member_alias, e.new_member)?;
             members.push(MemberMarkers {
                 user,
                 delivered: e.delivered,
