@@ -867,9 +867,7 @@ mod tests {
         let mut client = ClientSession::new();
         client.apply(welcome(0)).unwrap();
         client.apply(room(3, 42)).unwrap();
-        let ClientFrame::Hello(hello) = client.hello(Bytes::from_static(b"t"), 0) else {
-            panic!("not a hello")
-        };
+        let hello = hello_of(client.hello(Bytes::from_static(b"t"), 0));
         let entries: Vec<_> = hello.resume.iter().collect();
         assert_eq!(
             entries,

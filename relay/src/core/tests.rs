@@ -331,22 +331,34 @@ fn anything_before_hello_is_a_fatal_protocol_error() {
     assert!(h.wire.closed.contains(&token));
 }
 
-#[test]
-fn a_stalled_phone_is_capped_then_caught_up_from_history() {
-    const CAP: usize = 4096;
+/// ann publishes into group "g" (alias returned) where bob's socket has stopped draining,
+/// under the given frame, payload, queue window and replay page sizes.
+fn a_stalled_reader(
+    max_frame_len: usize,
+    max_payload: usize,
+    window: usize,
+    page: usize,
+) -> (Harness, Token, u32, Token) {
     let mut h = Harness::new(|c| {
-        c.connection.max_frame_len = 1024;
-        c.limits.max_payload = 512;
-        c.connection.max_queued_bytes = CAP;
-        c.connection.replay_page_bytes = 1024;
+        c.connection.max_frame_len = max_frame_len;
+        c.limits.max_payload = max_payload;
+        c.connection.max_queued_bytes = window;
+        c.connection.replay_page_bytes = page;
     });
     let ann = h.connect("ann", ClientSession::new());
     let bob = h.connect("bob", ClientSession::new());
     let a = h.join(ann, "g");
     h.join(bob, "g");
     h.events(bob);
-    // Bob's socket stops draining.
     h.stalled.insert(bob);
+    (h, ann, a, bob)
+}
+
+#[test]
+fn a_stalled_phone_is_capped_then_caught_up_from_history() {
+    const CAP: usize = 4096;
+    // Bob's socket stops draining.
+    let (mut h, ann, a, bob) = a_stalled_reader(1024, 512, CAP, 1024);
     for i in 1..=300 {
         h.publish(ann, a, &format!("{i:03}:{}", "x".repeat(96)));
     }
@@ -375,18 +387,7 @@ fn a_stalled_phone_never_queues_past_its_window() {
     // Messages that do not divide the window: before the window rule a queue took one more
     // message past the cap, and a page was written whole past it.
     const WINDOW: usize = 4096;
-    let mut h = Harness::new(|c| {
-        c.connection.max_frame_len = 2048;
-        c.limits.max_payload = 1500;
-        c.connection.max_queued_bytes = WINDOW;
-        c.connection.replay_page_bytes = WINDOW;
-    });
-    let ann = h.connect("ann", ClientSession::new());
-    let bob = h.connect("bob", ClientSession::new());
-    let a = h.join(ann, "g");
-    h.join(bob, "g");
-    h.events(bob);
-    h.stalled.insert(bob);
+    let (mut h, ann, a, bob) = a_stalled_reader(2048, 1500, WINDOW, WINDOW);
     for i in 1..=200 {
         h.publish(ann, a, &format!("{i:03}:{}", "z".repeat(1100)));
         let high = h.stats.queue_high_water.load(Ordering::Relaxed) as usize;
