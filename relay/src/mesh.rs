@@ -375,6 +375,13 @@ pub enum ControlOp {
         /// The user.
         user: Text,
     },
+    /// With `[cluster]`: publish a disconnect notice on the user's channel, so every node
+    /// closes the user's connections (answered `Kicked` with 0 once published). Alone, the
+    /// same as `Kick`.
+    KickEverywhere {
+        /// The user.
+        user: Text,
+    },
     /// A user's unread counts in the rooms of theirs this worker owns.
     Unread {
         /// The user.

@@ -508,6 +508,18 @@ impl Call<'_> {
                         _ => return Err(unexpected()),
                     }
                 }
+                if relay.cluster().is_some() {
+                    // The other nodes close theirs when the engine's notice reaches them.
+                    let worker = RoomName::new(false, user.clone()).owner(relay.workers());
+                    match self
+                        .call(worker, ControlOp::KickEverywhere { user: user.clone() })
+                        .await?
+                    {
+                        ControlReply::Kicked { .. } => {}
+                        ControlReply::Refused(why) => return Err(refusal(relay, why)),
+                        _ => return Err(unexpected()),
+                    }
+                }
                 Ok(json!({ "closed": closed }))
             }
             ("GET", ["v1", "users", user, "presence"]) => {
