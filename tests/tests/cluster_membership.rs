@@ -225,4 +225,39 @@ per_backend! {
         let metrics = pabal_testkit::http::get_anonymous(pabal_testkit::http::with_ops_routes(&n[1]), "/metrics").body;
         assert!(metrics.contains("pabal_cluster_user_loads_total"), "{metrics}");
     }
+    fn a_hello_is_refused_unavailable_while_the_engine_is_down_and_taken_when_it_is_back(backend) {
+        let Some(mut redis) = RedisServer::start("members-down") else { return };
+        let node = cluster_node(backend, &redis, "d1");
+        let ops = pabal_testkit::http::with_ops_routes(&node);
+        let engines_up = || -> Option<(u64, u64)> {
+            let metrics = pabal_testkit::http::get_anonymous(ops, "/metrics").body;
+            let value = |name: &str| {
+                metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            };
+            Some((value("pabal_cluster_engines_up")?, value("pabal_cluster_engines")?))
+        };
+        let wait_until = |pred: &dyn Fn((u64, u64)) -> bool, what: &str| {
+            let deadline = std::time::Instant::now() + pabal_testkit::WAIT;
+            while !engines_up().is_some_and(pred) {
+                assert!(std::time::Instant::now() < deadline, "{what}: {:?}", engines_up());
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        };
+        wait_until(&|(up, all)| all > 0 && up == all, "the engines never came up");
+        redis.kill();
+        wait_until(&|(up, _)| up == 0, "the engines never noticed Redis going");
+        // The user's rooms cannot be read: the HELLO is refused, retryable, and the
+        // connection closed rather than left waiting.
+        let mut bob = Client::connect_raw(node.addr, "bob", b"bob");
+        let events = bob.until_closed();
+        assert!(
+            events.iter().any(|e| matches!(e, Event::Error(err)
+                if err.fatal && err.code == ErrorCode::Overloaded && err.message.as_str() == "unavailable")),
+            "{events:?}"
+        );
+        redis.restart();
+        wait_until(&|(up, all)| up == all, "the engines never came back");
+        let mut bob = Client::connect(node.addr, "bob");
+        bob.join("group:cm-back");
+    }
 }
