@@ -260,4 +260,19 @@ per_backend! {
         let mut bob = Client::connect(node.addr, "bob");
         bob.join("group:cm-back");
     }
+    fn a_replacing_member_call_through_one_node_sees_members_added_through_another(backend) {
+        let Some(redis) = RedisServer::start("members-set") else { return };
+        let n = nodes(backend, &redis, "s");
+        const ROOM: &str = "group:cm-set";
+        let path = format!("/v1/rooms/{ROOM}/members");
+        let mut bob = Client::connect(n[2].addr, "bob");
+        let (s, b) = call(&n[0], "POST", &path, Some(json!({"users": ["bob", "carol"]})));
+        assert_eq!((s, &b["added"]), (200, &json!(["bob", "carol"])), "{b}");
+        let alias = bound(&mut bob, ROOM);
+        // Node 2's owner has seen none of these joins: the replacement reads the engine's.
+        let (s, b) = call(&n[1], "PUT", &path, Some(json!({"users": ["carol", "dave"]})));
+        assert_eq!(s, 200, "{b}");
+        assert_eq!((&b["added"], &b["removed"], &b["count"]), (&json!(["dave"]), &json!(["bob"]), &json!(2)), "{b}");
+        assert_eq!(left(&mut bob, alias), LeftReason::Removed);
+    }
 }

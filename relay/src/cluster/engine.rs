@@ -482,6 +482,7 @@ impl Engine {
             cmd @ (EngineCmd::Member(_)
             | EngineCmd::WatchUser { .. }
             | EngineCmd::UnwatchUser { .. }
+            | EngineCmd::ReadMembers { .. }
             | EngineCmd::Kick { .. }) => self.on_member_cmd(cmd),
             EngineCmd::Close { room } => {
                 let ch = channel_key(&room);

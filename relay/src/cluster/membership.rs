@@ -133,6 +133,31 @@ if b > tonumber(ARGV[2]) then return {'full', b} end
 return {'ok', redis.call('HGETALL', KEYS[1]), redis.call('SMEMBERS', KEYS[2])}
 ";
 
+/// A room's members: KEYS members; ARGV max. Returns `{'ok', [user, ...]}`, or
+/// `{'full', count}` past the cap.
+pub const READ_MEMBERS: &str = r"
+local n = redis.call('HLEN', KEYS[1])
+if n > tonumber(ARGV[1]) then return {'full', n} end
+return {'ok', redis.call('HKEYS', KEYS[1])}
+";
+
+/// Parses [`READ_MEMBERS`]' answer: `Ok(users)`, `Err(Some(count))` past the cap,
+/// `Err(None)` when the answer is not one.
+pub fn parse_members(reply: &Value) -> Result<Vec<Text>, Option<u64>> {
+    let a = reply.array().ok_or(None)?;
+    match a.first().and_then(Value::bytes).map(|b| &b[..]) {
+        Some(b"full") => Err(Some(a.get(1).and_then(Value::int).unwrap_or(0) as u64)),
+        Some(b"ok") => Ok(a
+            .get(1)
+            .and_then(Value::array)
+            .ok_or(None)?
+            .iter()
+            .filter_map(|v| Text::from_utf8(v.bytes()?.clone()).ok())
+            .collect()),
+        _ => Err(None),
+    }
+}
+
 /// One of a user's keys: `pabal:{u:user}:<suffix>`.
 pub fn user_key(user: &Text, suffix: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(user.as_bytes().len() + 12);

@@ -101,6 +101,15 @@ pub enum EngineCmd {
         /// The user.
         user: Text,
     },
+    /// Read the room's members (for a replacing `PUT .../members`).
+    ReadMembers {
+        /// Matches the answer ([`EngineEvent::MembersRead`]).
+        ticket: u64,
+        /// The room.
+        room: RoomName,
+        /// More members than this: refused.
+        max: usize,
+    },
     /// Publish a kick notice on the user's channel.
     Kick {
         /// Matches the answer ([`EngineEvent::Kicked`]).
@@ -317,6 +326,14 @@ pub enum EngineEvent {
         user: Text,
         /// The change.
         notice: membership::Notice,
+    },
+    /// The room's members as the engine holds them: `Err(Some(count))` past the cap asked,
+    /// `Err(None)` when the engine could not be read.
+    MembersRead {
+        /// The request's ticket.
+        ticket: u64,
+        /// The members.
+        members: Result<Vec<Text>, Option<u64>>,
     },
     /// A kick notice was published (`ok`), or could not be.
     Kicked {

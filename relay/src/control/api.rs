@@ -179,6 +179,14 @@ fn refusal(relay: &Relay, why: ControlRefusal) -> ApiError {
                 "the cluster's engine (Redis) is unavailable; nothing was sequenced; retry later",
             )
         },
+        ControlRefusal::TooManyMembers { members, max } => ApiError::new(
+            413,
+            "too_many_members",
+            format!(
+                "the room has {members} members; a replacing PUT reads at most {max}: add \
+                 (POST) and remove (DELETE) instead"
+            ),
+        ),
     }
 }
 
@@ -719,6 +727,7 @@ fn refused(why: ControlRefusal) -> Value {
         ControlRefusal::StorageFull => "storage_full",
         ControlRefusal::StorageFailed => "storage_failed",
         ControlRefusal::Unavailable => "unavailable",
+        ControlRefusal::TooManyMembers { .. } => "too_many_members",
     };
     json!({"status": "refused", "code": code})
 }

@@ -193,6 +193,7 @@ impl Core {
             | EngineEvent::UserLoaded { .. }
             | EngineEvent::UserLoadFailed { .. }
             | EngineEvent::Notice { .. }
+            | EngineEvent::MembersRead { .. }
             | EngineEvent::Kicked { .. }) => self.on_member_event(member),
             EngineEvent::Resubscribed { room } => {
                 let Some(sync) = self.sync_mut(&room) else {

@@ -40,6 +40,8 @@ pub(super) enum Step {
     Load { user: Text },
     /// A kick notice.
     Kick { ticket: u64 },
+    /// The read of a room's members.
+    ReadMembers { ticket: u64 },
 }
 
 /// `EVAL <script> <keys> <args>`: membership changes are rare, so the script's text is
@@ -110,6 +112,24 @@ impl Engine {
                     [&b"PUBLISH"[..], &ch[..], &b"K"[..]].into_iter(),
                 );
                 self.push_member_pending(Step::Kick { ticket });
+            }
+            EngineCmd::ReadMembers { ticket, room, max } => {
+                let Some(conn) = self.cmd.as_mut() else {
+                    return self.out.push(EngineEvent::MembersRead {
+                        ticket,
+                        members: Err(None),
+                    });
+                };
+                let [members, ..] = &mut self.keys;
+                super::script::key(members, &room, "u");
+                let mut d = [0; 20];
+                eval(
+                    &mut conn.wbuf,
+                    m::READ_MEMBERS,
+                    &[members],
+                    &[decimal(max as u64, &mut d)],
+                );
+                self.push_member_pending(Step::ReadMembers { ticket });
             }
             other => tracing::error!(?other, "not a membership command"),
         }
@@ -321,6 +341,13 @@ impl Engine {
                 self.out.push(event);
             }
             Step::Kick { ticket } => self.out.push(EngineEvent::Kicked { ticket, ok: true }),
+            Step::ReadMembers { ticket } => {
+                let members = m::parse_members(&reply);
+                if members == Err(None) {
+                    return self.malformed(Step::ReadMembers { ticket }, &reply);
+                }
+                self.out.push(EngineEvent::MembersRead { ticket, members });
+            }
         }
     }
 
@@ -357,6 +384,10 @@ impl Engine {
                 over_cap: None,
             },
             Step::Kick { ticket } => EngineEvent::Kicked { ticket, ok: false },
+            Step::ReadMembers { ticket } => EngineEvent::MembersRead {
+                ticket,
+                members: Err(None),
+            },
         };
         self.out.push(event);
     }

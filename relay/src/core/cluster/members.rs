@@ -39,6 +39,10 @@ use crate::io::Token;
 use crate::mesh::{ControlRefusal, ControlReply};
 use crate::stats::inc;
 
+/// A replacing `PUT .../members` reads the room's members from the engine: at most this
+/// many (more: refused `too_many_members`).
+const MAX_SET_MEMBERS: usize = 100_000;
+
 /// The message a HELLO refused for want of the engine carries (with `Overloaded`).
 const UNAVAILABLE: &str = super::UNAVAILABLE;
 
@@ -86,6 +90,8 @@ pub(in crate::core) struct MembersSide {
     pending: HashMap<u64, PendingChange>,
     batches: HashMap<u64, Batch>,
     kicks: HashMap<u64, ReplyTo>,
+    /// Replacing member calls waiting for the room's members: answer, room, users wanted.
+    sets: HashMap<u64, (ReplyTo, RoomName, Vec<Text>)>,
 }
 
 impl Core {
@@ -177,6 +183,7 @@ impl Core {
                 self.on_user_load_failed(&user, over_cap)
             }
             EngineEvent::Notice { user, notice } => self.on_notice(&user, notice),
+            EngineEvent::MembersRead { ticket, members } => self.on_members_read(ticket, members),
             EngineEvent::MemberDone { ticket, outcome } => self.on_member_done(ticket, outcome),
             EngineEvent::MemberFailed { ticket } => self.on_member_failed(ticket),
             EngineEvent::Kicked { ticket, ok } => {
@@ -377,7 +384,9 @@ impl Core {
     }
 
     /// The server API's member call at the room's owner (the room is open): every change
-    /// goes to the engine; the answer comes once all are done.
+    /// goes to the engine; the answer comes once all are done. A replacing call (`set`)
+    /// first reads the room's members from the engine (changes made through other nodes
+    /// are not in this owner's member set).
     pub(in crate::core) fn cluster_members(
         &mut self,
         room: RoomName,
@@ -386,20 +395,60 @@ impl Core {
         set: bool,
         reply: ReplyTo,
     ) {
-        let (add, remove) = if set {
-            let current = self
-                .owned
-                .get(&room)
-                .map(|o| o.members.to_set())
-                .unwrap_or_default();
-            let wanted: HashSet<Text> = add.into_iter().collect();
-            (
-                wanted.difference(&current).cloned().collect(),
-                current.difference(&wanted).cloned().collect::<Vec<_>>(),
-            )
-        } else {
-            (add, remove)
+        if set {
+            let ticket = self.next_member_ticket();
+            if let Some(side) = self.members_side() {
+                side.sets.insert(ticket, (reply, room.clone(), add));
+            }
+            return self.push_engine(EngineCmd::ReadMembers {
+                ticket,
+                room,
+                max: MAX_SET_MEMBERS,
+            });
+        }
+        self.run_member_batch(room, add, remove, reply);
+    }
+
+    /// A replacing member call's read of the room's members came back: the owner's member
+    /// set becomes what the engine holds, and the difference is applied.
+    fn on_members_read(&mut self, ticket: u64, members: Result<Vec<Text>, Option<u64>>) {
+        let Some((reply, room, wanted)) = self.members_side().and_then(|s| s.sets.remove(&ticket))
+        else {
+            return;
         };
+        let current = match members {
+            Ok(current) => current,
+            Err(Some(members)) => {
+                let why = ControlRefusal::TooManyMembers {
+                    members,
+                    max: MAX_SET_MEMBERS,
+                };
+                return self.reply(reply, ControlReply::Refused(why));
+            }
+            Err(None) => {
+                return self.reply(reply, ControlReply::Refused(ControlRefusal::Unavailable));
+            }
+        };
+        let current: HashSet<Text> = current.into_iter().collect();
+        if let Some(owned) = self.owned.get_mut(&room) {
+            owned.members = super::super::members::MemberSet::default();
+            for user in &current {
+                owned.members.insert(user.clone());
+            }
+        }
+        let wanted: HashSet<Text> = wanted.into_iter().collect();
+        let add = wanted.difference(&current).cloned().collect();
+        let remove = current.difference(&wanted).cloned().collect();
+        self.run_member_batch(room, add, remove, reply);
+    }
+
+    fn run_member_batch(
+        &mut self,
+        room: RoomName,
+        add: Vec<Text>,
+        remove: Vec<Text>,
+        reply: ReplyTo,
+    ) {
         let batch = self.next_member_ticket();
         let waiting = add.len() + remove.len();
         if waiting == 0 {
