@@ -27,6 +27,14 @@
 //! (`cluster.max_in_flight`): beyond it a publish is refused with `Overloaded`
 //! `unavailable`, never queued.
 //!
+//! # Membership
+//! Memberships, blocks and join points live in the engine too ([`membership`]): a change
+//! is the room's script then the user's, and a notice on the user's channel reaches every
+//! worker (on every node) that holds a connection of the user; a worker reads the user's
+//! rooms and blocks when it starts watching them and whenever its pub/sub connection comes
+//! back. The engine thread's side is `engine/members.rs`; the worker's is
+//! `core/cluster/members.rs`.
+//!
 //! # Failure
 //! A lost connection fails the publishes in flight on it (`Overloaded` `unavailable`: not
 //! sequenced as far as the node knows; a retry that carries a v2 publish id or an

@@ -22,6 +22,10 @@
 //! first (script answer, channel, stream): the PUBACK always goes out before the delivery,
 //! and the publishing connection never gets its own message.
 //!
+//! # Membership
+//! Memberships, blocks and join points are the engine's: see `cluster/members.rs` (HELLOs
+//! wait for the user's rooms, changes go to the engine, notices bind and unbind).
+//!
 //! Owns: each room's open state, parked requests, the reorder buffer, publishes in flight
 //! (`cluster.max_in_flight`). Must not touch: the engine's connections (only
 //! [`EngineCmd`]s out, [`EngineEvent`]s in), other workers (messages only).
