@@ -368,6 +368,44 @@ mod tests {
     }
 
     #[test]
+    fn a_users_rooms_parse_and_a_cap_is_reported() {
+        let bulk = |s: &str| Value::Bulk(Some(Bytes::copy_from_slice(s.as_bytes())));
+        let arr = |v: Vec<Value>| Value::Array(Some(v));
+        let ok = arr(vec![
+            bulk("ok"),
+            arr(vec![
+                bulk("r:club"),
+                bulk("7:3:99"),
+                bulk("x:skipped"),
+                bulk("1:1:1"),
+            ]),
+            arr(vec![bulk("c:news")]),
+        ]);
+        let rooms = parse_user_rooms(&ok).unwrap();
+        assert_eq!(
+            rooms.rooms,
+            vec![(
+                RoomName::new(false, Text::from("club")),
+                JoinPoint {
+                    epoch: 7,
+                    seq: 3,
+                    serial: 99
+                }
+            )]
+        );
+        assert_eq!(rooms.blocks, vec![RoomName::new(true, Text::from("news"))]);
+        let full = arr(vec![bulk("full"), Value::Int(5000)]);
+        assert_eq!(parse_user_rooms(&full), Err(Some(5000)));
+        assert_eq!(parse_members(&full), Err(Some(5000)));
+        assert_eq!(parse_user_rooms(&bulk("OK")), Err(None));
+        let members = arr(vec![bulk("ok"), arr(vec![bulk("ann"), bulk("bob")])]);
+        assert_eq!(
+            parse_members(&members),
+            Ok(vec![Text::from("ann"), Text::from("bob")])
+        );
+    }
+
+    #[test]
     fn user_keys_share_the_users_hash_tag() {
         let ann = Text::from("ann");
         assert_eq!(&user_key(&ann, "r")[..], b"pabal:{u:ann}:r");

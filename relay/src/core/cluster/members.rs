@@ -21,6 +21,12 @@
 //! the engine's head (this node may trail it), and one path for every node keeps them
 //! alike.
 //!
+//! The owner's member set of a room is not loaded from the engine when the room opens, as a
+//! first design had it: a channel's subscribers are unbounded, and every node owning the
+//! channel would hold all of them. It holds the changes made through this owner; a
+//! replacing `PUT .../members`, the one call that needs them all, reads the engine's
+//! (bounded, `MAX_SET_MEMBERS`) and refreshes it.
+//!
 //! Owns: watched users, HELLOs waiting for their user's load, membership changes in flight.
 //! Must not touch: the engine's connections (commands out, events in), other workers.
 
