@@ -275,4 +275,32 @@ per_backend! {
         assert_eq!((&b["added"], &b["removed"], &b["count"]), (&json!(["dave"]), &json!(["bob"]), &json!(2)), "{b}");
         assert_eq!(left(&mut bob, alias), LeftReason::Removed);
     }
+
+    fn a_change_half_done_in_the_engine_is_completed_by_its_retry(backend) {
+        let Some(redis) = RedisServer::start("members-half") else { return };
+        let n = nodes(backend, &redis, "h");
+        const ROOM: &str = "group:cm-half";
+        let path = format!("/v1/rooms/{ROOM}/members");
+        let mut alice = Client::connect(n[0].addr, "alice");
+        let a = alice.join(ROOM);
+        alice.publish_acked(a, &b"first"[..]);
+        alice.publish_acked(a, &b"second"[..]);
+        let mut bob = Client::connect(n[1].addr, "bob");
+        // A join whose node died between the room's script and the user's: the room's
+        // member hash holds bob (joined after 1), bob's own rooms do not.
+        let epoch = redis.cli(&["HGET", &format!("pabal:{{r:{ROOM}}}:m"), "e"]);
+        let join = format!("{}:1:7", epoch.trim());
+        redis.cli(&["HSET", &format!("pabal:{{r:{ROOM}}}:u"), "bob", &join]);
+        // The app server's retry completes it: bob's phones bind from that join point.
+        let (s, b) = call(&n[2], "POST", &path, Some(json!({"users": ["bob"]})));
+        assert_eq!((s, &b["added"]), (200, &json!(["bob"])), "{b}");
+        let alias = bound(&mut bob, ROOM);
+        assert_eq!(payloads(bob.messages(alias, 1)), vec![(2, "second".to_string())]);
+        // A removal half done the same way (the room's side only): the retry removes bob
+        // from his own rooms and unbinds his phones.
+        redis.cli(&["HDEL", &format!("pabal:{{r:{ROOM}}}:u"), "bob"]);
+        let (s, b) = call(&n[2], "DELETE", &format!("{path}/bob"), None);
+        assert_eq!((s, &b["removed"]), (200, &json!(["bob"])), "{b}");
+        assert_eq!(left(&mut bob, alias), LeftReason::Removed);
+    }
 }
