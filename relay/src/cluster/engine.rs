@@ -25,6 +25,8 @@ use super::script::{self, OPEN, PUBLISH};
 use super::{ClusterConfig, ClusterStats, EngineCmd, EngineEvent, PublishRequest, RedisAddr};
 use crate::ids::RoomName;
 
+mod members;
+
 const CMD: Token = Token(0);
 const SUB: Token = Token(1);
 const WAKE: Token = Token(2);
@@ -78,6 +80,7 @@ impl EngineHandle {
             sub_retry: (Instant::now(), BACKOFF_MIN),
             inflight: VecDeque::new(),
             channels: HashMap::new(),
+            users: HashMap::new(),
             fills_waiting: Vec::new(),
             out: Vec::new(),
             publish_sha: script::sha1_hex(PUBLISH),
@@ -153,6 +156,8 @@ enum Pending {
         room: RoomName,
         after: u64,
     },
+    /// Membership's commands (`members.rs`).
+    Members(members::Step),
 }
 
 /// A channel's subscription on the pub/sub connection.
@@ -195,6 +200,8 @@ struct Engine {
     sub_retry: (Instant, Duration),
     inflight: VecDeque<Pending>,
     channels: HashMap<Bytes, Channel>,
+    /// Users' notice channels (`members.rs`).
+    users: HashMap<Bytes, members::UserWatch>,
     fills_waiting: Vec<(RoomName, u64)>,
     out: Vec<EngineEvent>,
     publish_sha: Bytes,
@@ -369,10 +376,14 @@ impl Engine {
             Ok(mut conn) => {
                 self.sub_retry.1 = BACKOFF_MIN;
                 tracing::info!(worker = self.worker, addr = %self.addr, "engine pub/sub connection up");
-                if !self.channels.is_empty() {
+                if !self.channels.is_empty() || !self.users.is_empty() {
                     let mut args: Vec<&[u8]> = vec![b"SUBSCRIBE"];
                     for (k, c) in self.channels.iter_mut() {
                         c.state = SubState::Subscribing;
+                        args.push(&k[..]);
+                    }
+                    for (k, w) in self.users.iter_mut() {
+                        w.state = SubState::Subscribing;
                         args.push(&k[..]);
                     }
                     resp::encode(&mut conn.wbuf, args.into_iter());
@@ -406,6 +417,7 @@ impl Engine {
                     }
                 }
                 Pending::Fill { room, after } => self.fills_waiting.push((room, after)),
+                Pending::Members(step) => self.fail_member_step(step),
             }
         }
         self.note_health();
@@ -425,6 +437,7 @@ impl Engine {
         self.stats
             .subscriptions
             .fetch_sub(confirmed, Ordering::Relaxed);
+        self.users_down();
         self.note_health();
     }
 
@@ -466,6 +479,11 @@ impl Engine {
                     self.fills_waiting.push((room, after));
                 }
             }
+            cmd @ (EngineCmd::Member(_)
+            | EngineCmd::WatchUser { .. }
+            | EngineCmd::UnwatchUser { .. }
+            | EngineCmd::ReadMembers { .. }
+            | EngineCmd::Kick { .. }) => self.on_member_cmd(cmd),
             EngineCmd::Close { room } => {
                 let ch = channel_key(&room);
                 if let Some(c) = self.channels.remove(&ch) {
@@ -677,6 +695,7 @@ impl Engine {
     fn on_reply(&mut self, pending: Pending, reply: Value) -> io::Result<()> {
         let noscript = matches!(&reply, Value::Error(e) if e.starts_with(b"NOSCRIPT"));
         match pending {
+            Pending::Members(step) => self.on_member_reply(step, reply),
             Pending::Publish(req) => {
                 if noscript {
                     self.send_publish(req, true);
@@ -764,6 +783,9 @@ impl Engine {
         let (Some(kind), Some(ch)) = (kind.bytes(), ch.bytes()) else {
             return;
         };
+        if self.on_user_push(kind, ch, body) {
+            return;
+        }
         match &kind[..] {
             b"message" => {
                 let Some(c) = self.channels.get(&ch[..]) else {
