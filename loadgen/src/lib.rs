@@ -15,7 +15,8 @@
 //! - [`verify`]: the kinds of violation, thresholds, and the final verdict;
 //! - [`metrics`]: histograms and counters; [`uplink`]: each message's time in its
 //!   sender's uplink;
-//! - [`report`]: the table and JSON; [`chart`]: the SVG.
+//! - [`report`]: the table and JSON; [`chart`]: the SVG; [`shard`]: `--shard i/n` and
+//!   `--merge`, one population over several loadgen processes and their one verdict.
 //!
 //! With I/O:
 //! - [`phone`]: one virtual phone (socket, link, session, schedule);
@@ -46,6 +47,7 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod schedule;
+pub mod shard;
 pub mod spawn;
 pub mod targets;
 pub mod tls_reconnect;

@@ -17,6 +17,7 @@ use pabal_loadgen::fault::NodeFault;
 use pabal_loadgen::report;
 use pabal_loadgen::run::{RetentionSource, RunConfig, run};
 use pabal_loadgen::scenario::Scenario;
+use pabal_loadgen::shard::{self, Shard};
 use pabal_loadgen::spawn::{ClusterNode, SpawnOptions, SpawnedRelay};
 use pabal_loadgen::targets::{TargetPolicy, Targets};
 
@@ -119,6 +120,16 @@ struct Cli {
     /// cannot apply to a relay loadgen did not start (they are ignored).
     #[arg(long)]
     ignore_relay_options: bool,
+    /// Run part i of n of the population (`0/4`): 1/n of it, its own seed and run id
+    /// (`<run id>-s<i>`), rooms never shared with another part; for several loadgen processes
+    /// against one relay or cluster where one process's descriptor limit is the wall. Give
+    /// every part the same --run-id and --json, then --merge the reports.
+    #[arg(long, value_name = "I/N", conflicts_with = "spawn_relay")]
+    shard: Option<Shard>,
+    /// Instead of a run: merge the JSON reports of a run's shards into one verdict (exit 0
+    /// only if every shard passed); --json writes the merged one.
+    #[arg(long, value_name = "REPORT.json", num_args = 1.., conflicts_with = "scenario")]
+    merge: Vec<PathBuf>,
     /// No live progress line.
     #[arg(long)]
     quiet: bool,
@@ -161,6 +172,9 @@ fn main_inner() -> anyhow::Result<bool> {
     if cli.tls_reconnect {
         return tls_reconnect_main(&cli);
     }
+    if !cli.merge.is_empty() {
+        return merge_main(&cli);
+    }
     let mut scenario = match &cli.scenario {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -189,6 +203,10 @@ fn main_inner() -> anyhow::Result<bool> {
     }
     scenario.validate()?;
     let scenario = scenario.scaled(cli.scale);
+    let scenario = match cli.shard {
+        Some(s) => s.part_of(&scenario),
+        None => scenario,
+    };
     if !cli.spawn_relay {
         let set = scenario.relay.cannot_apply();
         if !set.is_empty() {
@@ -236,6 +254,9 @@ fn main_inner() -> anyhow::Result<bool> {
     config.source_ips = cli.source_ips;
     if let Some(id) = &cli.run_id {
         config.run_id = id.clone();
+    }
+    if let Some(s) = cli.shard {
+        config.run_id = s.run_id(&config.run_id);
     }
     let api_key = cli
         .api_key_file
@@ -326,6 +347,26 @@ fn main_inner() -> anyhow::Result<bool> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(report.passed())
+}
+
+/// `--merge`: one verdict from the shards' reports.
+fn merge_main(cli: &Cli) -> anyhow::Result<bool> {
+    let reports = cli
+        .merge
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| path.display().to_string())
+        })
+        .collect::<anyhow::Result<Vec<serde_json::Value>>>()?;
+    let merged = shard::merge(&reports)?;
+    print!("{}", shard::table(&merged));
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(&shard::to_json(&merged))?;
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(merged.passed)
 }
 
 /// `--spawn-relay`: one relay, or `--nodes N` cluster nodes on `--redis`.
