@@ -137,7 +137,8 @@ pub fn config_text(addr: SocketAddr, control: SocketAddr, o: &SpawnOptions) -> S
 }
 
 impl SpawnedRelay {
-    /// Starts the relay and waits (up to 20 s) until it accepts connections.
+    /// Starts the relay and waits (up to 20 s) until it accepts connections (clients and
+    /// server API).
     pub fn start(o: &SpawnOptions) -> anyhow::Result<SpawnedRelay> {
         let bin = find_relay(o.relay_bin.as_deref())?;
         let addr = free_port()?;
@@ -164,7 +165,7 @@ impl SpawnedRelay {
     }
 
     /// Starts the child on the configuration already written and waits (up to 20 s) until
-    /// it accepts connections.
+    /// it accepts connections on its client port and its server API.
     fn launch(&mut self) -> anyhow::Result<()> {
         let child = Command::new(&self.bin)
             .arg("--config")
@@ -177,7 +178,11 @@ impl SpawnedRelay {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            // Both listeners: the server API comes up after the client port, and a run sets
+            // memberships through it first thing.
+            let accepts =
+                |addr| TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_ok();
+            if accepts(&self.addr) && accepts(&self.control) {
                 return Ok(());
             }
             if let Some(child) = &mut self.child
