@@ -9,7 +9,10 @@
 //!    loop at **one rate for all three rows: half of the one-node-on-Redis saturated
 //!    message rate**, for publish-to-delivery p50/p99 from each message's intended send time.
 //!    The engine's added latency is the `1 node` row's minus the `alone` row's at that rate.
-//!    Redis' CPU per message from `INFO cpu` over the saturated phase.
+//!    Redis' CPU per message from `INFO cpu` over the saturated phase. A third shape,
+//!    `rooms-12x1` (12 rooms of one publisher and one subscriber), is there for the
+//!    engine's added latency: the big fan-outs' percentiles are dominated by the one reader
+//!    thread that drains 1,000 sockets, which hides a millisecond.
 //! 2. **One Redis shard's capacity through the script** (in the parent process, no relay):
 //!    8 connections, 64 pipelined `EVALSHA` each, over 1,000 rooms, three connections
 //!    subscribed to every room's channel; the script as the relay runs it (with and without
@@ -20,7 +23,9 @@
 //! `appendfsync always`, the recommended production setting), flushed between rows.
 //!
 //! `cargo bench -p pabal-benches --bench relay_cluster` (`PABAL_BENCH_SECS` sets each
-//! phase's length, default 3; an argument `fanout` or `capacity` runs only that part).
+//! phase's length, default 3; an argument `fanout` or `capacity` runs only that part;
+//! `PABAL_BENCH_SHAPE=rooms-12x1` only that shape; `PABAL_BENCH_RATE=1000` paces every row
+//! at that many messages/s instead of half the one-node rate).
 //! Everything shares this machine's cores (Redis, the nodes, the load): on a small machine
 //! the three-node rows measure contention as much as the engine. Print the load average
 //! next to any figure you quote.
@@ -43,6 +48,18 @@ use pabal_testkit::redis::RedisServer;
 /// The rows of each shape: name, nodes (0: alone, no engine). The one-node row runs first:
 /// its saturated rate sets the paced rate of all three.
 const ROWS: [(&str, usize); 3] = [("1 node+redis", 1), ("alone", 0), ("3 nodes+redis", 3)];
+
+/// 12 rooms, each one publisher and one subscriber: publish-to-deliver with no fan-out to
+/// queue behind (12 publishers keep 3,072 publishes in flight when saturated, under a
+/// node worker's `cluster.max_in_flight` of 4,096).
+fn rooms_12x1() -> Scenario {
+    let room = |k: usize| vec![(false, format!("room:pair{k}"))];
+    Scenario {
+        name: "rooms-12x1",
+        publishers: (0..12).map(|k| (format!("w{k}"), room(k))).collect(),
+        subscribers: (0..12).map(|k| (format!("r{k}"), room(k))).collect(),
+    }
+}
 
 /// The load average (1, 5, 15 min), to print beside the figures.
 fn load_average() -> String {
@@ -72,6 +89,9 @@ fn one_row(
                 config.cluster = Some(ClusterConfig {
                     redis: vec![redis.url()],
                     node_id: Some(format!("bench-{i}")),
+                    // The saturated phases keep up to 3,072 publishes in flight on one
+                    // worker; the default bound (4,096) refused some under a loaded machine.
+                    max_in_flight: 65_536,
                     ..ClusterConfig::default()
                 });
             }
@@ -126,8 +146,15 @@ fn fanout(backend: BackendKind, secs: f64) {
     let Some(redis) = RedisServer::start("bench-fanout") else {
         return;
     };
-    for scenario in [channel_1000(), rooms_100x100()] {
-        let mut paced_rate = None;
+    let shape = std::env::var("PABAL_BENCH_SHAPE").ok();
+    let fixed_rate: Option<f64> = std::env::var("PABAL_BENCH_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok());
+    for scenario in [rooms_12x1(), channel_1000(), rooms_100x100()] {
+        if shape.as_deref().is_some_and(|s| s != scenario.name) {
+            continue;
+        }
+        let mut paced_rate = fixed_rate;
         for (shape, nodes) in ROWS {
             let (sat, paced, cpu) = one_row(backend, &redis, &scenario, nodes, secs, paced_rate);
             let msg_rate = sat.messages as f64 / sat.secs;

@@ -151,6 +151,9 @@ pub fn run_phase(
             }
             lat_tx.send(hist).unwrap();
         });
+        // A panic below (a refused publish) must still stop the reader, or the scope waits
+        // for it forever.
+        let _stop_reader = StopOnDrop(&stop);
         // The publishers, on this thread.
         let window = 256u64;
         let mut in_flight = vec![0u64; publishers.len()];
@@ -237,6 +240,15 @@ pub fn run_phase(
             latency,
         }
     })
+}
+
+/// Sets its flag when dropped, unwinding included.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A subscriber's socket, what it got per alias, and what it acknowledged.
