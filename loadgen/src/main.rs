@@ -306,8 +306,9 @@ fn main_inner() -> anyhow::Result<bool> {
         && let Some(url) = &control_url
     {
         // Several nodes, each with its own membership: a phone that moves to another node
-        // must already be a member there from the start (a join there later would start at
-        // that node's head), so memberships go through every node's server API.
+        // must already be a member there from the start (a membership set there later has
+        // its join point at that node's head then), so memberships go through every
+        // node's server API.
         config.control = Some(ControlApi::new(url, api_key)?);
     }
     eprintln!(

@@ -5,7 +5,7 @@
 //!
 //! Membership: each node keeps its own in this relay version, so the run sets every room's
 //! members and every channel's subscribers through every node's server API before anything
-//! is published (a join on another node later would start at that node's head). The killed
+//! is published (a membership set later on a node has its join point at the head then). The killed
 //! node comes back empty (memory mode) and gets its memberships again with join points at
 //! the rooms' heads, so it stays down until its phones have moved on: a phone resuming on it
 //! from an older cursor would be clamped to its join point, which loadgen reports as a
@@ -80,44 +80,64 @@ fn backend_name(backend: BackendKind) -> &'static str {
     }
 }
 
+/// Three cluster nodes on `redis` and a run of `scenario` over them (`policy`), memberships
+/// set through every node's server API; the nodes, for a fault.
+fn three_nodes(
+    backend: BackendKind,
+    redis: &RedisServer,
+    scenario: &str,
+    policy: TargetPolicy,
+) -> (Vec<Arc<Mutex<SpawnedRelay>>>, Vec<ControlApi>, RunConfig) {
+    let nodes: Vec<Arc<Mutex<SpawnedRelay>>> = (1..=3)
+        .map(|k| {
+            let options = SpawnOptions {
+                workers: 1,
+                cluster: Some(ClusterNode {
+                    redis: redis.url(),
+                    node_id: format!("kill-test-{k}"),
+                }),
+                io_backend: Some(backend_name(backend).into()),
+                ..SpawnOptions::default()
+            };
+            Arc::new(Mutex::new(SpawnedRelay::start(&options).unwrap()))
+        })
+        .collect();
+    let (addrs, apis): (Vec<_>, Vec<_>) = nodes
+        .iter()
+        .map(|n| {
+            let n = n.lock().unwrap();
+            let api = ControlApi::new(&format!("http://{}", n.control), None).unwrap();
+            (n.addr, api)
+        })
+        .unzip();
+    let scenario = Scenario::parse(scenario).unwrap();
+    let targets = Targets::new(addrs, policy).unwrap();
+    let mut config = RunConfig::from_scenario(&scenario, targets).unwrap();
+    config.progress = false;
+    config.control = Some(apis[0].clone());
+    config.other_controls = apis[1..].to_vec();
+    config.retention = RetentionSource::Api(apis[0].clone());
+    (nodes, apis, config)
+}
+
+fn ready() -> bool {
+    if relay_binary_present() {
+        return true;
+    }
+    pabal_testkit::skip(
+        "no relay binary next to the test (cargo build -p pabal-relay --bin relay)",
+    );
+    false
+}
+
 per_backend! {
     fn a_node_killed_mid_run_loses_nothing(backend) {
-        if !relay_binary_present() {
-            pabal_testkit::skip(
-                "no relay binary next to the test (cargo build -p pabal-relay --bin relay)",
-            );
+        if !ready() {
             return;
         }
         let Some(redis) = RedisServer::start("loadgen-kill") else { return };
-        let nodes: Vec<Arc<Mutex<SpawnedRelay>>> = (1..=3)
-            .map(|k| {
-                let options = SpawnOptions {
-                    workers: 1,
-                    cluster: Some(ClusterNode {
-                        redis: redis.url(),
-                        node_id: format!("kill-test-{k}"),
-                    }),
-                    io_backend: Some(backend_name(backend).into()),
-                    ..SpawnOptions::default()
-                };
-                Arc::new(Mutex::new(SpawnedRelay::start(&options).unwrap()))
-            })
-            .collect();
-        let (addrs, apis): (Vec<_>, Vec<_>) = nodes
-            .iter()
-            .map(|n| {
-                let n = n.lock().unwrap();
-                let api = ControlApi::new(&format!("http://{}", n.control), None).unwrap();
-                (n.addr, api)
-            })
-            .unzip();
-        let scenario = Scenario::parse(SCENARIO).unwrap();
-        let targets = Targets::new(addrs, TargetPolicy::Sticky).unwrap();
-        let mut config = RunConfig::from_scenario(&scenario, targets).unwrap();
-        config.progress = false;
-        config.control = Some(apis[0].clone());
-        config.other_controls = apis[1..].to_vec();
-        config.retention = RetentionSource::Api(apis[0].clone());
+        let (nodes, apis, mut config) =
+            three_nodes(backend, &redis, SCENARIO, TargetPolicy::Sticky);
         config.fault = Some(NodeFault {
             node: nodes[1].clone(),
             label: "node 2".into(),
@@ -143,5 +163,25 @@ per_backend! {
         assert!(report.summary.pairs as u64 >= connecting, "{:?}", report.summary);
         assert!(report.passed(), "{table}");
         assert_eq!(report.publishes.unaccounted(), 0, "{:?}", report.publishes);
+    }
+
+    fn every_reconnect_on_another_node_loses_nothing(backend) {
+        if !ready() {
+            return;
+        }
+        let Some(redis) = RedisServer::start("loadgen-rotate") else { return };
+        // Dropped often: every phone resumes several times, each time on the next node.
+        let scenario = SCENARIO.replace("[drops]\n", "[drops]\nper_hour = 900\n");
+        let (_nodes, _apis, config) =
+            three_nodes(backend, &redis, &scenario, TargetPolicy::Rotate);
+        let connecting = config.plan.phones.iter().filter(|p| !p.publisher).count() as u64;
+        let report = run(config).unwrap();
+        let table = report::table(&report);
+        eprintln!("{table}");
+        let c = &report.metrics.counters;
+        assert!(c.scripted_drops >= connecting, "{c:?}");
+        assert!(c.reconnects >= connecting, "{c:?}");
+        assert_eq!(report.summary.silent_loss_pairs, 0, "{table}");
+        assert!(report.passed(), "{table}");
     }
 }
