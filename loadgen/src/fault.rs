@@ -1,0 +1,89 @@
+//! A relay node killed (SIGKILL) and restarted in the middle of a run (`--kill-node`).
+//!
+//! Owns: the fault's timeline on its own thread (kill at a moment of the steady phase,
+//! restart after a delay, the node's membership set again through its server API) and the
+//! marks it leaves in the report. Must not touch: phones (they find out as phones do: their
+//! connections reset, and they reconnect elsewhere, see [`crate::targets`]), the verdict.
+//!
+//! A restarted node in memory mode has forgotten the memberships the run set up; they are set
+//! again through its server API once it accepts. Its join points are then the rooms' heads at
+//! that moment, so a phone that resumes there from an older cursor would be clamped to them:
+//! under the `sticky` policy phones only go back to it when their own node fails.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::api::ControlApi;
+use crate::phone::Shared;
+use crate::run::{EventMark, setup_membership};
+use crate::spawn::SpawnedRelay;
+
+/// One node's death and, optionally, its return.
+#[derive(Debug)]
+pub struct NodeFault {
+    /// The node (loadgen started it).
+    pub node: Arc<Mutex<SpawnedRelay>>,
+    /// Its name in the report (`node 2`).
+    pub label: String,
+    /// When it is killed, seconds after publishing starts.
+    pub kill_at_s: f64,
+    /// How long it stays dead before it is started again; `None`: it stays dead.
+    pub down_s: Option<f64>,
+    /// Its server API, to set the run's memberships again after the restart.
+    pub control: Option<ControlApi>,
+}
+
+/// Sleeps until `at`, or returns false if the run stops first.
+fn sleep_until(shared: &Shared, at: Instant) -> bool {
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= at {
+            return true;
+        }
+        std::thread::sleep((at - now).min(Duration::from_millis(50)));
+    }
+}
+
+/// Plays `fault` against the run `shared` describes; the marks of what it did.
+pub(crate) fn play(fault: &NodeFault, shared: &Shared) -> anyhow::Result<Vec<EventMark>> {
+    let mut marks = Vec::new();
+    let mark = |label: String| EventMark {
+        at_s: Instant::now()
+            .saturating_duration_since(shared.start)
+            .as_secs_f64(),
+        label,
+    };
+    let kill_at = shared.steady_start + Duration::from_secs_f64(fault.kill_at_s.max(0.0));
+    if !sleep_until(shared, kill_at) {
+        return Ok(marks);
+    }
+    let lock = || fault.node.lock().unwrap_or_else(PoisonError::into_inner);
+    lock()
+        .kill()
+        .with_context(|| format!("killing {}", fault.label))?;
+    marks.push(mark(format!("kill -9 {}", fault.label)));
+    let Some(down_s) = fault.down_s else {
+        return Ok(marks);
+    };
+    if !sleep_until(
+        shared,
+        Instant::now() + Duration::from_secs_f64(down_s.max(0.0)),
+    ) {
+        return Ok(marks);
+    }
+    lock()
+        .restart()
+        .with_context(|| format!("restarting {}", fault.label))?;
+    if let Some(api) = &fault.control {
+        setup_membership(&shared.plan, api)
+            .with_context(|| format!("membership on the restarted {}", fault.label))?;
+    }
+    marks.push(mark(format!("restart {}", fault.label)));
+    Ok(marks)
+}
