@@ -1,14 +1,13 @@
 //! A relay node killed (SIGKILL) and restarted in the middle of a run (`--kill-node`).
 //!
 //! Owns: the fault's timeline on its own thread (kill at a moment of the steady phase,
-//! restart after a delay, the node's membership set again through its server API) and the
-//! marks it leaves in the report. Must not touch: phones (they find out as phones do: their
-//! connections reset, and they reconnect elsewhere, see [`crate::targets`]), the verdict.
+//! restart after a delay) and the marks it leaves in the report. Must not touch: phones
+//! (they find out as phones do: their connections reset, and they reconnect elsewhere, see
+//! [`crate::targets`]), the verdict.
 //!
-//! A restarted node in memory mode has forgotten the memberships the run set up; they are set
-//! again through its server API once it accepts. Its join points are then the rooms' heads at
-//! that moment, so a phone that resumes there from an older cursor would be clamped to them:
-//! under the `sticky` policy phones only go back to it when their own node fails.
+//! A restarted node keeps nothing of its own: memberships, join points and every room's
+//! stream live in the cluster's engine, so phones that come back to it resume there as on
+//! any other node.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -16,9 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::api::ControlApi;
 use crate::phone::Shared;
-use crate::run::{EventMark, setup_membership};
+use crate::run::EventMark;
 use crate::spawn::SpawnedRelay;
 
 /// One node's death and, optionally, its return.
@@ -32,8 +30,6 @@ pub struct NodeFault {
     pub kill_at_s: f64,
     /// How long it stays dead before it is started again; `None`: it stays dead.
     pub down_s: Option<f64>,
-    /// Its server API, to set the run's memberships again after the restart.
-    pub control: Option<ControlApi>,
 }
 
 /// Sleeps until `at`, or returns false if the run stops first.
@@ -80,10 +76,6 @@ pub(crate) fn play(fault: &NodeFault, shared: &Shared) -> anyhow::Result<Vec<Eve
     lock()
         .restart()
         .with_context(|| format!("restarting {}", fault.label))?;
-    if let Some(api) = &fault.control {
-        setup_membership(&shared.plan, api)
-            .with_context(|| format!("membership on the restarted {}", fault.label))?;
-    }
     marks.push(mark(format!("restart {}", fault.label)));
     Ok(marks)
 }

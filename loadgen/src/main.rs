@@ -100,10 +100,9 @@ struct Cli {
     #[arg(long, value_name = "PATH", requires = "api_key_file")]
     jwt_secret_file: Option<PathBuf>,
     /// The relay's control API, `http://127.0.0.1:PORT` (membership and channel publishes);
-    /// against several nodes, each node's (`URL1,URL2,...`): memberships are set up on every
-    /// one (each node keeps its own), channel publishes go through the first.
-    #[arg(long, value_name = "URL", value_delimiter = ',')]
-    control: Vec<String>,
+    /// against several nodes, any one node's (membership lives in the cluster's engine).
+    #[arg(long, value_name = "URL")]
+    control: Option<String>,
     /// File holding the control API key.
     #[arg(long, value_name = "PATH")]
     api_key_file: Option<PathBuf>,
@@ -263,20 +262,10 @@ fn main_inner() -> anyhow::Result<bool> {
         .as_deref()
         .map(ControlApi::read_key)
         .transpose()?;
-    let control_urls: Vec<String> = if nodes.is_empty() {
-        cli.control.clone()
-    } else {
-        nodes
-            .iter()
-            .map(|n| format!("http://{}", lock(n).1))
-            .collect()
+    let control_url = match nodes.first() {
+        None => cli.control.clone(),
+        Some(node) => Some(format!("http://{}", lock(node).1)),
     };
-    let control_url = control_urls.first().cloned();
-    for url in control_urls.iter().skip(1) {
-        config
-            .other_controls
-            .push(ControlApi::new(url, api_key.clone())?);
-    }
     if let Some(k) = cli.kill_node {
         let Some(node) = k.checked_sub(1).and_then(|i| nodes.get(i)) else {
             anyhow::bail!("--kill-node {k}: the nodes are 1 to {}", nodes.len());
@@ -286,10 +275,6 @@ fn main_inner() -> anyhow::Result<bool> {
             label: format!("node {k}"),
             kill_at_s: cli.kill_at,
             down_s: cli.restart_after,
-            control: Some(ControlApi::new(
-                &format!("http://{}", lock(node).1),
-                api_key.clone(),
-            )?),
         });
     }
     // The relay's own answer beats the scenario's word on retention.
@@ -302,13 +287,12 @@ fn main_inner() -> anyhow::Result<bool> {
             anyhow::bail!("--jwt-secret-file needs --control (or --spawn-relay)");
         };
         config.control = Some(ControlApi::new(url, api_key)?);
-    } else if control_urls.len() > 1
+    } else if config.targets.addrs().len() > 1
         && let Some(url) = &control_url
     {
-        // Several nodes, each with its own membership: a phone that moves to another node
-        // must already be a member there from the start (a membership set there later has
-        // its join point at that node's head then), so memberships go through every
-        // node's server API.
+        // Several nodes: every membership is set up through the server API before anything
+        // is published (membership lives in the engine, so one node's API reaches them
+        // all), rather than by each phone's first SUBSCRIBE on whichever node it reaches.
         config.control = Some(ControlApi::new(url, api_key)?);
     }
     eprintln!(

@@ -7,10 +7,10 @@
 //! relay's retention, and the account of every publish. Must not touch: sockets of phones
 //! (the workers own them), report formatting (that is [`crate::report`]).
 //!
-//! Against several nodes (`--target A,B,C`), membership is set up through every node's
-//! server API (each node keeps its own in this relay version), phones are spread over the
-//! nodes ([`crate::targets`]), and one ledger judges them all: the verdict does not depend on
-//! which node a message went through.
+//! Against several nodes (`--target A,B,C`), membership is set up through one node's server
+//! API (membership lives in the cluster's engine, so it reaches every node), phones are
+//! spread over the nodes ([`crate::targets`]), and one ledger judges them all: the verdict
+//! does not depend on which node a message went through.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -87,8 +87,6 @@ pub struct RunConfig {
     pub tokens: Tokens,
     /// The relay's server API (membership and channel publishing go through it when set).
     pub control: Option<ControlApi>,
-    /// The server APIs of the other nodes: the run's memberships are set up on each too.
-    pub other_controls: Vec<ControlApi>,
     /// A node killed (and restarted) during the steady phase.
     pub fault: Option<NodeFault>,
     /// Print the live progress line on stderr.
@@ -135,7 +133,6 @@ impl RunConfig {
             events: s.events.clone(),
             tokens: Tokens::UserId,
             control: None,
-            other_controls: Vec::new(),
             fault: None,
             progress: true,
             trace: false,
@@ -290,7 +287,7 @@ impl RunReport {
 }
 
 /// Sets every room's members (and every channel's subscribers) through `api`.
-pub(crate) fn setup_membership(plan: &Plan, api: &ControlApi) -> anyhow::Result<()> {
+fn setup_membership(plan: &Plan, api: &ControlApi) -> anyhow::Result<()> {
     let mut members: Vec<Vec<&str>> = vec![Vec::new(); plan.rooms.len()];
     for p in &plan.phones {
         if p.publisher {
@@ -401,7 +398,6 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
         events,
         tokens,
         control,
-        other_controls,
         fault,
         progress,
         trace,
@@ -425,9 +421,6 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
             );
         }
         setup_membership(&plan, api)?;
-        for other in &other_controls {
-            setup_membership(&plan, other)?;
-        }
     }
     let api_publishers: Vec<u32> = if control.is_some() {
         (0..plan.phones.len() as u32)

@@ -35,7 +35,6 @@ pub fn config(plan: Plan, target: SocketAddr, duration_s: f64, drain_s: f64) -> 
         events: Vec::new(),
         tokens: Tokens::UserId,
         control: None,
-        other_controls: Vec::new(),
         fault: None,
         progress: false,
         trace: true,
