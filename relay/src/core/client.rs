@@ -569,10 +569,7 @@ impl Core {
         if let Some((known, _)) = self.owned.get_key_value(&room) {
             return known.clone();
         }
-        RoomName {
-            name: Text::from(room.name.as_str()),
-            ..room
-        }
+        RoomName::new(room.channel, Text::from(room.name.as_str()))
     }
 
     /// Bytes arrived on a connection at `now`.
