@@ -268,7 +268,7 @@ impl Core {
             if conn.phase != Phase::Open {
                 return;
             }
-            let mut fetches = conn.fetches;
+            let mut fetches = conn.fetches as usize;
             for (alias, sub) in conn.subs.iter_mut().enumerate() {
                 if fetches >= budget {
                     break;
@@ -281,7 +281,7 @@ impl Core {
                     requests.push((sub.room.clone(), alias as u32, sub.position, sub.request));
                 }
             }
-            conn.fetches = fetches;
+            conn.fetches = fetches as u32;
         }
         let user = self
             .conn(token)

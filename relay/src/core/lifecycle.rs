@@ -9,7 +9,7 @@ use std::cmp::Reverse;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pabal_codec::{ErrorCode, ErrorFrame, GoAway, GoAwayReason, ServerFrame, Text};
 
@@ -33,12 +33,13 @@ impl Core {
         self.next_conn_id += 1;
         let conn_id = ((self.id as u64) << 48) | self.next_conn_id;
         let limits = &self.config.limits;
-        let publish = Tokens::full(limits.publish_burst, self.now);
-        let subscribe = Tokens::full(limits.subscribe_burst, self.now);
+        let stamp = self.clock.stamp(self.now);
+        let publish = Tokens::full(limits.publish_burst, stamp);
+        let subscribe = Tokens::full(limits.subscribe_burst, stamp);
         let conn = Conn::new(
             0,
             conn_id,
-            self.now,
+            stamp,
             self.config.heartbeat.interval,
             publish,
             subscribe,
@@ -85,7 +86,7 @@ impl Core {
         }
         conn.phase = Phase::Closing;
         conn.rare_mut().closing_since = Some(now);
-        conn.rbuf = bytes::BytesMut::new();
+        conn.rbuf = None;
         Self::mark_dirty(dirty, conn);
         self.arm(token, now + LINGER);
     }
@@ -119,7 +120,7 @@ impl Core {
             Phase::Handshake | Phase::Open if conn.publishes_in_flight > 0 => {
                 conn.phase = Phase::Failing;
                 conn.rare_mut().fatal = Some(frame);
-                conn.rbuf = bytes::BytesMut::new();
+                conn.rbuf = None;
                 conn.reading = false;
                 Self::mark_dirty(dirty, conn);
                 self.arm(token, now + LINGER);
@@ -314,6 +315,7 @@ impl Core {
                 break;
             }
             self.timers.pop();
+            let at = self.clock.stamp(at);
             let Some(conn) = self.conn(token) else {
                 continue;
             };
@@ -335,10 +337,15 @@ impl Core {
         let now = self.now;
         let handshake_timeout = self.config.auth.handshake_timeout;
         let timeout = self.config.heartbeat.timeout;
+        let (clock, stamp) = (self.clock, self.clock.stamp(now));
+        let limits = &self.config.limits;
+        let publish = (limits.publish_rate, limits.publish_burst);
+        let subscribe = (limits.subscribe_rate, limits.subscribe_burst);
         let Some(conn) = self.conn(token) else { return };
         match conn.phase {
             Phase::Handshake => {
-                if now >= conn.accepted_at + handshake_timeout {
+                let deadline = clock.instant_of(conn.accepted_at, now) + handshake_timeout;
+                if now >= deadline {
                     self.goaway(
                         token,
                         GoAwayReason::HandshakeTimeout,
@@ -346,12 +353,19 @@ impl Core {
                         Text::from_static("no HELLO in time"),
                     );
                 } else {
-                    let at = conn.accepted_at + handshake_timeout;
-                    self.arm(token, at);
+                    self.arm(token, deadline);
                 }
             }
             Phase::Open => {
+                // Keeps the buckets' stamps young (see `Stamp`): a heartbeat comes at
+                // least once an interval.
+                conn.publish_bucket.settle(stamp, publish.0, publish.1);
+                conn.subscribe_bucket
+                    .settle(stamp, subscribe.0, subscribe.1);
+                let quiet_until = clock.instant_of(conn.last_rx, now)
+                    + Duration::from_millis(conn.heartbeat_ms.into());
                 if let Some(sent) = conn.ping_sent {
+                    let sent = clock.instant_of(sent, now);
                     if now >= sent + timeout {
                         inc(&self.stats.heartbeat_timeouts, 1);
                         tracing::debug!(token, "peer silent after ping; closing");
@@ -364,8 +378,8 @@ impl Core {
                     } else {
                         self.arm(token, sent + timeout);
                     }
-                } else if now >= conn.last_rx + conn.heartbeat {
-                    conn.ping_sent = Some(now);
+                } else if now >= quiet_until {
+                    conn.ping_sent = Some(stamp);
                     conn.ping();
                     let Core { conns, dirty, .. } = self;
                     if let Some(conn) = conn_in(conns, token) {
@@ -373,8 +387,7 @@ impl Core {
                     }
                     self.arm(token, now + timeout);
                 } else {
-                    let at = conn.last_rx + conn.heartbeat;
-                    self.arm(token, at);
+                    self.arm(token, quiet_until);
                 }
             }
             Phase::Failing => {

@@ -50,7 +50,7 @@ use bytes::BytesMut;
 use pabal_codec::{Decoder, ErrorCode, ErrorFrame, LeftReason, Limits, ServerFrame, Text};
 
 use crate::config::Config;
-use crate::conn::{Conn, Phase, TokenBucket};
+use crate::conn::{Conn, Phase, Stamp, TokenBucket};
 use crate::directory::{DirectoryError, Membership};
 use crate::ids::{CoreId, Origin, RoomName};
 use crate::io::Token;
@@ -106,6 +106,22 @@ impl Clock {
 
     pub(super) fn unix_ms(&self, now: Instant) -> u64 {
         self.base_unix_ms + now.saturating_duration_since(self.base).as_millis() as u64
+    }
+
+    /// `t` as a connection's record keeps it: ms since the base, modulo 2^32 (see
+    /// [`Stamp`]).
+    pub(super) fn stamp(&self, t: Instant) -> Stamp {
+        // Truncating to 32 bits is the modulo.
+        Stamp(t.saturating_duration_since(self.base).as_millis() as u32)
+    }
+
+    /// The instant a past stamp stands for (at most `now`), on a whole millisecond: its
+    /// stamp is the same stamp again, so a deadline computed from it and checked against it
+    /// agree.
+    pub(super) fn instant_of(&self, stamp: Stamp, now: Instant) -> Instant {
+        let now_ms = now.saturating_duration_since(self.base).as_millis();
+        let ms = now_ms.saturating_sub(u128::from(self.stamp(now).since(stamp)));
+        self.base + Duration::from_millis(ms as u64)
     }
 }
 
@@ -360,8 +376,15 @@ impl Core {
         let Some(conn) = conn_in(&mut self.conns, token) else {
             return;
         };
-        if conn.timer_at.is_none_or(|t| at < t) {
-            conn.timer_at = Some(at);
+        let (now, at_stamp) = (self.clock.stamp(self.now), self.clock.stamp(at));
+        // Deadlines are compared by their distance from now (a stamp wraps; deadlines lie
+        // within a day of now).
+        let from_now = |t: Stamp| t.since(now) as i32;
+        if conn
+            .timer_at
+            .is_none_or(|t| from_now(at_stamp) < from_now(t))
+        {
+            conn.timer_at = Some(at_stamp);
             self.timers.push(Reverse((at, token)));
         }
     }

@@ -84,3 +84,44 @@ fn a_rooms_name_is_one_record_shared_by_its_owner_the_directory_the_worker_and_b
         );
     }
 }
+
+#[test]
+fn a_connections_32_bit_stamps_keep_heartbeats_and_rate_limits_across_the_clocks_wrap() {
+    // A connection's record keeps its times as 32-bit ms stamps from the worker's base
+    // (4 bytes each instead of an `Instant`'s 16): they wrap every 49.7 days of uptime.
+    let mut h = Harness::new(|c| {
+        c.heartbeat.min_interval = Duration::from_secs(1);
+        c.heartbeat.interval = Duration::from_secs(10);
+        c.heartbeat.timeout = Duration::from_secs(5);
+        c.limits.publish_rate = 1.0;
+        c.limits.publish_burst = 2.0;
+    });
+    // Five seconds before the stamps wrap.
+    h.now += Duration::from_millis((1 << 32) - 5_000);
+    let quiet = h.connect("quiet", ClientSession::new());
+    let talker = h.connect("talker", ClientSession::new());
+    let alias = h.join(talker, "r");
+    h.events(quiet);
+    // Publishes three at once: how many of them the rate limit refused so far.
+    let three = |h: &mut Harness| {
+        h.events(talker);
+        for body in ["m1", "m2", "m3"] {
+            h.publish(talker, alias, body);
+        }
+        h.stats.rate_limited.load(Ordering::Relaxed)
+    };
+    assert_eq!(three(&mut h), 1, "burst of 2");
+    // Across the wrap: the heartbeat is due an interval after the last byte, not 49 days.
+    h.tick(Duration::from_secs(9));
+    assert!(h.events(quiet).is_empty(), "pinged before the interval");
+    h.tick(Duration::from_secs(2));
+    assert!(matches!(h.events(quiet)[..], [Event::Ping(_)]));
+    // The bucket refilled by the time that passed across the wrap (and no more).
+    assert_eq!(three(&mut h), 2, "refilled to the burst");
+    h.tick(Duration::from_secs(6));
+    let events = h.events(quiet);
+    assert!(
+        matches!(&events[..], [Event::GoAway(g)] if g.reason == pabal_codec::GoAwayReason::Timeout),
+        "{events:?}"
+    );
+}
