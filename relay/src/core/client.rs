@@ -255,7 +255,10 @@ impl Core {
                 user: user.clone(),
             }),
         );
-        push_compact(self.users.entry(user.clone()).or_default(), token);
+        self.users
+            .entry(user.clone())
+            .and_modify(|conns| conns.push(token))
+            .or_insert(UserConns::One(token));
 
         // Resolve resume entries against the user's own rooms: entry i is alias i.
         let mut by_id: HashMap<u64, usize> = HashMap::with_capacity(rooms.len());

@@ -194,7 +194,10 @@ impl Core {
                 }
             }
             ControlOp::Kick { user } => {
-                let tokens = self.users.get(&user).cloned().unwrap_or_default();
+                let tokens = self
+                    .users
+                    .get(&user)
+                    .map_or_else(Vec::new, |c| c.as_slice().to_vec());
                 for &token in &tokens {
                     self.write(
                         token,

@@ -460,7 +460,10 @@ impl Core {
     }
 
     pub(super) fn on_member_joined(&mut self, room: RoomName, user: Text, join: JoinPoint) {
-        let tokens = self.users.get(&user).cloned().unwrap_or_default();
+        let tokens = self
+            .users
+            .get(&user)
+            .map_or_else(Vec::new, |c| c.as_slice().to_vec());
         let max_rooms = self.config.connection.max_rooms;
         for token in tokens {
             let origin = self.origin(token);
@@ -505,7 +508,10 @@ impl Core {
         reason: LeftReason,
         serial: u64,
     ) {
-        let tokens = self.users.get(&user).cloned().unwrap_or_default();
+        let tokens = self
+            .users
+            .get(&user)
+            .map_or_else(Vec::new, |c| c.as_slice().to_vec());
         for token in tokens {
             let Some(conn) = self.conn(token) else {
                 continue;

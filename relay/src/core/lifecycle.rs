@@ -183,11 +183,10 @@ impl Core {
             }
         }
         if let Some(user) = conn.user {
-            if let Some(tokens) = self.users.get_mut(&user) {
-                tokens.retain(|&t| t != token);
-                if tokens.is_empty() {
-                    self.users.remove(&user);
-                }
+            if let Some(conns) = self.users.get_mut(&user)
+                && !conns.remove(token)
+            {
+                self.users.remove(&user);
             }
             self.directory.disconnect(&user, self.id);
         }

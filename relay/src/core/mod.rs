@@ -151,7 +151,7 @@ pub struct Core {
     /// record costs a pointer, not the whole record.
     owned: HashMap<RoomName, Box<OwnedRoom>>,
     local: HashMap<RoomName, Vec<(Token, u32)>>,
-    users: HashMap<Text, Vec<Token>>,
+    users: HashMap<Text, UserConns>,
     timers: BinaryHeap<Reverse<(Instant, Token)>>,
     /// Owned rooms that became unused, oldest first, with when to check them.
     idle_rooms: VecDeque<(Instant, RoomName)>,
@@ -211,6 +211,49 @@ pub(super) fn push_compact<T>(list: &mut Vec<T>, item: T) {
         list.reserve_exact(1);
     }
     list.push(item);
+}
+
+/// A user's connections on this worker: one inline (a phone's user has one connection),
+/// more in an exact vector. A one-token vector cost every phone a heap block besides the
+/// map's bucket.
+#[derive(Debug, Clone)]
+pub(super) enum UserConns {
+    /// The usual case.
+    One(Token),
+    /// Two or more (a user connected from several devices to this worker).
+    Many(Vec<Token>),
+}
+
+impl UserConns {
+    /// The tokens.
+    pub(super) fn as_slice(&self) -> &[Token] {
+        match self {
+            UserConns::One(token) => std::slice::from_ref(token),
+            UserConns::Many(tokens) => tokens,
+        }
+    }
+
+    /// Adds a connection.
+    pub(super) fn push(&mut self, token: Token) {
+        match self {
+            UserConns::One(first) => *self = UserConns::Many(vec![*first, token]),
+            UserConns::Many(tokens) => push_compact(tokens, token),
+        }
+    }
+
+    /// Removes a connection; false once none is left (the caller drops the entry).
+    pub(super) fn remove(&mut self, token: Token) -> bool {
+        match self {
+            UserConns::One(first) => *first != token,
+            UserConns::Many(tokens) => {
+                tokens.retain(|&t| t != token);
+                if let [only] = tokens[..] {
+                    *self = UserConns::One(only);
+                }
+                !self.as_slice().is_empty()
+            }
+        }
+    }
 }
 
 /// The live connection for `token` in a slab (for methods that borrow other fields of the

@@ -20,9 +20,12 @@ fn an_idle_phone_costs_its_worker_exact_lists_and_a_compact_room() {
     let mut h = Harness::new(|_| {});
     two_phones_in_a_room(&mut h);
     let dm = room_named("dm");
-    // One connection of a user, two subscribers of a 1:1 room: no spare slots (a vector's
-    // doubling gave four).
-    assert_eq!(h.core.users[&Text::from("ann")].capacity(), 1);
+    // One connection of a user, held inline (a one-token vector was a heap block of its
+    // own); two subscribers of a 1:1 room: no spare slots (a vector's doubling gave four).
+    assert!(matches!(
+        h.core.users[&Text::from("ann")],
+        UserConns::One(_)
+    ));
     assert_eq!(h.core.local[&dm].capacity(), 2);
     // A room made by a join has its member at once: it is never queued for an eviction
     // check (each entry was 64 bytes, one per two phones).
@@ -124,4 +127,22 @@ fn a_connections_32_bit_stamps_keep_heartbeats_and_rate_limits_across_the_clocks
         matches!(&events[..], [Event::GoAway(g)] if g.reason == pabal_codec::GoAwayReason::Timeout),
         "{events:?}"
     );
+}
+
+#[test]
+fn a_users_connections_on_a_worker_are_one_token_inline_and_more_in_a_list() {
+    assert_eq!(
+        std::mem::size_of::<UserConns>(),
+        24,
+        "a vector's size, no more"
+    );
+    let mut conns = UserConns::One(7);
+    conns.push(9);
+    conns.push(11);
+    assert_eq!(conns.as_slice(), &[7, 9, 11]);
+    assert!(conns.remove(9) && conns.remove(4));
+    assert!(conns.remove(7), "one left");
+    assert!(matches!(conns, UserConns::One(11)), "back inline");
+    assert!(conns.remove(4), "another token leaves it alone");
+    assert!(!conns.remove(11), "none left");
 }
