@@ -15,7 +15,7 @@ use pabal_codec::{ErrorCode, ErrorFrame, GoAway, GoAwayReason, ServerFrame, Text
 
 use super::*;
 use crate::config::Config;
-use crate::conn::{Conn, Phase, SubMode, Tokens};
+use crate::conn::{Conn, Phase, Stamp, SubMode, Tokens};
 use crate::ids::RoomName;
 use crate::io::Token;
 use crate::mesh::CoreMsg;
@@ -309,12 +309,14 @@ impl Core {
             );
             self.handle_one(CoreMsg::Stop);
         }
+        let now_ms = self.clock.elapsed_ms(now);
         while let Some(Reverse((at, token))) = self.timers.peek().copied() {
-            if at > now {
+            if at > now_ms {
                 break;
             }
             self.timers.pop();
-            let at = self.clock.stamp(at);
+            // Truncating to 32 bits is the modulo (see `Stamp`).
+            let at = Stamp(at as u32);
             let Some(conn) = self.conn(token) else {
                 continue;
             };

@@ -115,6 +115,23 @@ impl Clock {
         Stamp(t.saturating_duration_since(self.base).as_millis() as u32)
     }
 
+    /// A deadline as the timer heap keeps it: whole ms since the base, rounded up, so the
+    /// entry is not due before the deadline is.
+    pub(super) fn deadline_ms(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.base);
+        since.as_millis() as u64 + u64::from(!since.subsec_nanos().is_multiple_of(1_000_000))
+    }
+
+    /// Whole ms from the base to `now`, rounded down: a heap entry at or below it is due.
+    pub(super) fn elapsed_ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.base).as_millis() as u64
+    }
+
+    /// The instant `ms` whole milliseconds after the base.
+    pub(super) fn at_ms(&self, ms: u64) -> Instant {
+        self.base + Duration::from_millis(ms)
+    }
+
     /// The instant a past stamp stands for (at most `now`), on a whole millisecond: its
     /// stamp is the same stamp again, so a deadline computed from it and checked against it
     /// agree.
@@ -152,7 +169,9 @@ pub struct Core {
     owned: HashMap<RoomName, Box<OwnedRoom>>,
     local: HashMap<RoomName, Vec<(Token, u32)>>,
     users: HashMap<Text, UserConns>,
-    timers: BinaryHeap<Reverse<(Instant, Token)>>,
+    /// Connections' deadlines, ms since the clock's base ([`Clock::deadline_ms`]): 16 bytes
+    /// an entry (24 with an `Instant`), one or two entries per connection.
+    timers: BinaryHeap<Reverse<(u64, Token)>>,
     /// Owned rooms that became unused, oldest first, with when to check them.
     idle_rooms: VecDeque<(Instant, RoomName)>,
     /// The next subscription request's id (answers are matched per request).
@@ -366,7 +385,10 @@ impl Core {
 
     /// How long the loop may sleep before a timer is due.
     pub fn next_timeout(&self) -> Option<Duration> {
-        let mut next = self.timers.peek().map(|Reverse((at, _))| *at);
+        let mut next = self
+            .timers
+            .peek()
+            .map(|Reverse((at, _))| self.clock.at_ms(*at));
         for deadline in [
             self.shutdown.deadline,
             self.storage_deadline(),
@@ -419,7 +441,9 @@ impl Core {
         let Some(conn) = conn_in(&mut self.conns, token) else {
             return;
         };
-        let (now, at_stamp) = (self.clock.stamp(self.now), self.clock.stamp(at));
+        let at_ms = self.clock.deadline_ms(at);
+        // Truncating to 32 bits is the modulo (see `Stamp`).
+        let (now, at_stamp) = (self.clock.stamp(self.now), Stamp(at_ms as u32));
         // Deadlines are compared by their distance from now (a stamp wraps; deadlines lie
         // within a day of now).
         let from_now = |t: Stamp| t.since(now) as i32;
@@ -428,7 +452,7 @@ impl Core {
             .is_none_or(|t| from_now(at_stamp) < from_now(t))
         {
             conn.timer_at = Some(at_stamp);
-            self.timers.push(Reverse((at, token)));
+            self.timers.push(Reverse((at_ms, token)));
         }
     }
 

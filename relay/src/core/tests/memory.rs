@@ -47,6 +47,12 @@ fn an_idle_phone_costs_its_worker_exact_lists_and_a_compact_room() {
         std::mem::size_of::<V>()
     }
     assert_eq!(value_bytes(&h.core.owned), 8);
+    // Each connection's deadline in the timer heap: ms since the clock's base and the
+    // token (an `Instant` made it 24 bytes).
+    fn entry_bytes<T: Ord>(_: &std::collections::BinaryHeap<T>) -> usize {
+        std::mem::size_of::<T>()
+    }
+    assert_eq!(entry_bytes(&h.core.timers), 16);
 }
 
 #[test]
