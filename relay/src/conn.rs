@@ -221,7 +221,12 @@ pub enum Phase {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubMode {
     /// Asked the room's owner; waiting for its answer. Deliveries are ignored.
-    Pending,
+    Pending {
+        /// How the binding was asked for (decides whether a ROOM frame is needed): only
+        /// needed until the answer, so it lives here, not in every binding (8 bytes of
+        /// each [`Sub`]).
+        from: StartFrom,
+    },
     /// Behind the room's head: fed page by page from history, not from live deliveries.
     CatchingUp {
         /// A page request is in flight.
@@ -236,8 +241,6 @@ pub enum SubMode {
 pub struct Sub {
     /// The room.
     pub room: RoomName,
-    /// How the binding was asked for (decides whether a ROOM frame is needed).
-    pub from: StartFrom,
     /// The epoch of the room's stream.
     pub epoch: u64,
     /// The client's cursor: the last sequence it has accounted for. DELIVER omits the
@@ -256,6 +259,13 @@ pub struct Sub {
     /// The subscription request this binding waits for (or was answered by): answers to
     /// any other request, e.g. one still in flight from an earlier membership, are stale.
     pub request: u64,
+}
+
+impl Sub {
+    /// Waiting for the owner's answer ([`SubMode::Pending`]).
+    pub fn is_pending(&self) -> bool {
+        matches!(self.mode, SubMode::Pending { .. })
+    }
 }
 
 /// The state only some connections need, boxed apart so that the record of an idle phone
@@ -615,17 +625,24 @@ mod tests {
             assert_eq!(alias, expected);
             conn.subs[alias as usize] = Some(Sub {
                 room: RoomName::new(false, Text::from(name)),
-                from: StartFrom::Join { epoch: 1, seq: 0 },
                 epoch: 1,
                 cursor: 0,
                 position: 0,
-                mode: SubMode::Pending,
+                mode: SubMode::Pending {
+                    from: StartFrom::Join { epoch: 1, seq: 0 },
+                },
                 acked: 0,
                 membership: 1,
                 request: 1,
             });
         }
         assert_eq!(conn.subs.capacity(), 2);
+        // A binding: the room's shared name, four u64 stream positions (sequences are u64
+        // on the wire), its membership serial and request id, and how it is fed (with the
+        // start it was asked for while pending). It was 128 bytes with the room's name
+        // inline and the start kept for its whole life.
+        let sub = std::mem::size_of::<Option<Sub>>();
+        assert!(sub <= 80, "a binding grew to {sub} bytes");
         // Retiring an alias makes the rare state; the PONG that frees it drops it again.
         conn.retire(0);
         assert!(conn.rare.is_some());

@@ -16,7 +16,7 @@ use pabal_codec::{
 
 use super::*;
 use crate::config::AuthMode;
-use crate::conn::{Phase, Sub, SubMode, heartbeat_ms};
+use crate::conn::{Phase, Sub, heartbeat_ms};
 use crate::ids::RoomName;
 use crate::io::Token;
 use crate::mesh::{CoreMsg, PublishedBy, StartFrom};
@@ -401,7 +401,7 @@ impl Core {
             // the cursor past everything processed (own messages included: the client keeps
             // those above the new cursor).
             if let Some(Some(sub)) = conn.subs.get_mut(alias as usize)
-                && sub.mode != SubMode::Pending
+                && !sub.is_pending()
             {
                 sub.cursor = sub.position;
                 let frame = room_frame(alias, sub, sub.position);

@@ -15,7 +15,7 @@ use pabal_codec::{ErrorCode, ErrorFrame, GoAway, GoAwayReason, ServerFrame, Text
 
 use super::*;
 use crate::config::Config;
-use crate::conn::{Conn, Phase, Stamp, SubMode, Tokens};
+use crate::conn::{Conn, Phase, Stamp, Tokens};
 use crate::ids::RoomName;
 use crate::io::Token;
 use crate::mesh::CoreMsg;
@@ -178,7 +178,7 @@ impl Core {
             dec(&self.stats.lagging, 1);
         }
         for sub in conn.subs.into_iter().flatten() {
-            if sub.mode != SubMode::Pending {
+            if !sub.is_pending() {
                 self.unsubscribe_local(&sub.room, token);
             }
         }
