@@ -205,7 +205,8 @@ pub struct AuthConfig {
     pub mode: AuthMode,
     /// Permit `mode = "none"` on a non-loopback address. Default false.
     pub allow_none_on_public: bool,
-    /// Close a connection that has not completed HELLO within this time. Default 5 s.
+    /// Close a connection that has not completed HELLO within this time, at most 24 h.
+    /// Default 5 s.
     #[serde(with = "humantime_secs")]
     pub handshake_timeout: Duration,
     /// Keys and leeway for `mode = "jwt"` (see [`crate::auth`]).
@@ -265,11 +266,12 @@ pub struct HeartbeatConfig {
     /// Smallest interval a client may ask for. Default 30 s.
     #[serde(with = "humantime_secs")]
     pub min_interval: Duration,
-    /// Largest interval a client may ask for. Default 1680 s (28 min, as mobile push
-    /// services use).
+    /// Largest interval a client may ask for, at most 24 h. Default 1680 s (28 min, as
+    /// mobile push services use).
     #[serde(with = "humantime_secs")]
     pub max_interval: Duration,
-    /// Close a connection that sends nothing for this long after a ping. Default 30 s.
+    /// Close a connection that sends nothing for this long after a ping, at most 24 h.
+    /// Default 30 s.
     #[serde(with = "humantime_secs")]
     pub timeout: Duration,
 }
@@ -950,6 +952,18 @@ impl Config {
         if h.timeout.is_zero() {
             return Err(invalid("heartbeat.timeout", "must be > 0"));
         }
+        // A connection's record keeps its times as 32-bit ms stamps, exact for ages under
+        // 49 days (`conn::Stamp`); these bound every age it keeps.
+        const DAY: Duration = Duration::from_secs(86_400);
+        for (field, value) in [
+            ("heartbeat.max_interval", h.max_interval),
+            ("heartbeat.timeout", h.timeout),
+            ("auth.handshake_timeout", self.auth.handshake_timeout),
+        ] {
+            if value > DAY {
+                return Err(invalid(field, "must be at most 24h"));
+            }
+        }
         let interval = self.receipts.interval;
         if interval < Duration::from_millis(10) || interval > Duration::from_secs(3600) {
             return Err(invalid("receipts.interval", "must be 10ms ..= 1h"));
@@ -1240,6 +1254,16 @@ mod tests {
             ),
             ("[log]\nlevel = \"[[[\"", "log.level"),
             ("[heartbeat]\ntimeout = \"5 parsecs\"", "parsecs"),
+            // Connection records keep 32-bit ms stamps: ages stay under a day.
+            (
+                "[heartbeat]\nmax_interval = \"90000s\"",
+                "heartbeat.max_interval",
+            ),
+            ("[heartbeat]\ntimeout = \"90000s\"", "heartbeat.timeout"),
+            (
+                "[auth]\nhandshake_timeout = \"90000s\"",
+                "auth.handshake_timeout",
+            ),
             (
                 "[storage]\nfsync_interval = \"2m\"",
                 "storage.fsync_interval",

@@ -90,43 +90,79 @@ fn give_output(mut output: Box<Output>) {
     });
 }
 
+/// A time on a worker's clock, kept in a connection's record: milliseconds since the
+/// worker's base instant, modulo 2^32 (4 bytes instead of an `Instant`'s 16). The worker
+/// converts (`Core::stamp`, `Core::instant_of`); a stamp is only ever read as an age
+/// (`now.since(stamp)`), which is exact while the age is under 2^32 ms (49.7 days). Every
+/// stamp a connection keeps is refreshed far sooner: `last_rx` and the PING's time within
+/// a heartbeat interval and timeout (at most a day: `heartbeat.max_interval`), the
+/// handshake's only while it lasts, the token buckets' at every heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp(pub u32);
+
+impl Stamp {
+    /// Milliseconds from `earlier` to `self` (`self` no earlier than `earlier`).
+    pub fn since(self, earlier: Stamp) -> u32 {
+        self.0.wrapping_sub(earlier.0)
+    }
+}
+
+/// Adds `elapsed_secs` worth of tokens at `rate` per second to `tokens`, up to `burst`,
+/// then takes one if there is one: the new level and whether one was taken.
+fn refill_and_take(tokens: f64, elapsed_secs: f64, rate: f64, burst: f64) -> (f64, bool) {
+    let tokens = (tokens + elapsed_secs * rate).min(burst);
+    if tokens >= 1.0 {
+        (tokens - 1.0, true)
+    } else {
+        (tokens, false)
+    }
+}
+
 /// A token bucket's level, without its rate and burst: the caller passes them to each
 /// [`Tokens::take`]. A connection's limits are the config's, the same for every
-/// connection, so its record carries only this (24 bytes a bucket instead of 40), and a
-/// reload applies to every connection at its next take.
+/// connection, so its record carries only this (8 bytes a bucket: an `f32` level and a
+/// [`Stamp`]; 24 with an `f64` and an `Instant`, 40 with the rate and burst), and a reload
+/// applies to every connection at its next take. An `f32` holds a level exactly to a
+/// millionth of a token for bursts up to 16; a burst so large that a token is below its
+/// precision (millions) never runs dry, which is what such a burst means.
 #[derive(Debug, Clone, Copy)]
 pub struct Tokens {
-    tokens: f64,
-    last: Instant,
+    tokens: f32,
+    last: Stamp,
 }
 
 impl Tokens {
     /// A full bucket of `burst` tokens.
-    pub fn full(burst: f64, now: Instant) -> Self {
+    pub fn full(burst: f64, now: Stamp) -> Self {
         Tokens {
-            tokens: burst,
+            tokens: burst as f32,
             last: now,
         }
     }
 
     /// Takes one token if there is one, refilling at `rate` per second up to `burst`.
-    pub fn take(&mut self, now: Instant, rate: f64, burst: f64) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+    pub fn take(&mut self, now: Stamp, rate: f64, burst: f64) -> bool {
+        let elapsed = f64::from(now.since(self.last)) / 1000.0;
         self.last = now;
-        self.tokens = (self.tokens + elapsed * rate).min(burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        let (tokens, taken) = refill_and_take(f64::from(self.tokens), elapsed, rate, burst);
+        self.tokens = tokens as f32;
+        taken
+    }
+
+    /// Refills up to `now` without taking a token: keeps the bucket's stamp young (see
+    /// [`Stamp`]) on a connection that publishes nothing for weeks.
+    pub fn settle(&mut self, now: Stamp, rate: f64, burst: f64) {
+        let elapsed = f64::from(now.since(self.last)) / 1000.0;
+        self.last = now;
+        self.tokens = (f64::from(self.tokens) + elapsed * rate).min(burst) as f32;
     }
 }
 
 /// A token bucket: `rate` tokens per second, holding at most `burst`.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenBucket {
-    tokens: Tokens,
+    tokens: f64,
+    last: Instant,
     rate: f64,
     burst: f64,
 }
@@ -135,7 +171,8 @@ impl TokenBucket {
     /// A full bucket.
     pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
         TokenBucket {
-            tokens: Tokens::full(burst, now),
+            tokens: burst,
+            last: now,
             rate,
             burst,
         }
@@ -143,15 +180,25 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     pub fn take(&mut self, now: Instant) -> bool {
-        self.tokens.take(now, self.rate, self.burst)
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        let taken;
+        (self.tokens, taken) = refill_and_take(self.tokens, elapsed, self.rate, self.burst);
+        taken
     }
 
     /// Changes the rate and burst (a reload), keeping the tokens already earned.
     pub fn reconfigure(&mut self, rate: f64, burst: f64) {
         self.rate = rate;
         self.burst = burst;
-        self.tokens.tokens = self.tokens.tokens.min(burst);
+        self.tokens = self.tokens.min(burst);
     }
+}
+
+/// A heartbeat interval in ms, as a record keeps it (saturating: the config bounds it to a
+/// day).
+pub fn heartbeat_ms(interval: Duration) -> u32 {
+    u32::try_from(interval.as_millis()).unwrap_or(u32::MAX)
 }
 
 /// Where a connection stands in its life.
@@ -174,7 +221,12 @@ pub enum Phase {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubMode {
     /// Asked the room's owner; waiting for its answer. Deliveries are ignored.
-    Pending,
+    Pending {
+        /// How the binding was asked for (decides whether a ROOM frame is needed): only
+        /// needed until the answer, so it lives here, not in every binding (8 bytes of
+        /// each [`Sub`]).
+        from: StartFrom,
+    },
     /// Behind the room's head: fed page by page from history, not from live deliveries.
     CatchingUp {
         /// A page request is in flight.
@@ -189,8 +241,6 @@ pub enum SubMode {
 pub struct Sub {
     /// The room.
     pub room: RoomName,
-    /// How the binding was asked for (decides whether a ROOM frame is needed).
-    pub from: StartFrom,
     /// The epoch of the room's stream.
     pub epoch: u64,
     /// The client's cursor: the last sequence it has accounted for. DELIVER omits the
@@ -209,6 +259,13 @@ pub struct Sub {
     /// The subscription request this binding waits for (or was answered by): answers to
     /// any other request, e.g. one still in flight from an earlier membership, are stale.
     pub request: u64,
+}
+
+impl Sub {
+    /// Waiting for the owner's answer ([`SubMode::Pending`]).
+    pub fn is_pending(&self) -> bool {
+        matches!(self.mode, SubMode::Pending { .. })
+    }
 }
 
 /// The state only some connections need, boxed apart so that the record of an idle phone
@@ -245,8 +302,10 @@ pub struct Conn {
     pub id: u64,
     /// Where it stands.
     pub phase: Phase,
-    /// Bytes received but not yet decoded (at most one partial frame).
-    pub rbuf: BytesMut,
+    /// Bytes received but not yet decoded (at most one partial frame); `None` without
+    /// one, which is how an idle connection is (8 bytes of its record instead of 32).
+    #[allow(clippy::box_collection)] // reason: the box is what keeps an idle record small
+    pub rbuf: Option<Box<BytesMut>>,
     /// What is queued or in flight (`None` while idle: see [`Output`]).
     output: Option<Box<Output>>,
     /// A batch is with the backend.
@@ -262,15 +321,15 @@ pub struct Conn {
     /// Fed from history because the queue hit its cap.
     pub lagging: bool,
     /// Page requests in flight.
-    pub fetches: usize,
+    pub fetches: u32,
     /// When the connection was accepted.
-    pub accepted_at: Instant,
+    pub accepted_at: Stamp,
     /// Last time anything arrived.
-    pub last_rx: Instant,
+    pub last_rx: Stamp,
     /// A heartbeat PING is outstanding since then.
-    pub ping_sent: Option<Instant>,
-    /// The negotiated heartbeat interval.
-    pub heartbeat: Duration,
+    pub ping_sent: Option<Stamp>,
+    /// The negotiated heartbeat interval, ms (at most `heartbeat.max_interval`, a day).
+    pub heartbeat_ms: u32,
     /// Half-closed already.
     pub shut: bool,
     /// Publishes allowed per second (`limits.publish_rate`, `publish_burst`).
@@ -287,9 +346,9 @@ pub struct Conn {
     pub pongs_seen: u64,
     /// A PING must follow the LEFTs queued since the last one (see [`Rare::retired`]).
     pub retire_ping_due: bool,
-    /// The one heartbeat/handshake/linger deadline in force; timer entries for any other
-    /// time are stale and ignored, so a connection has exactly one timer chain.
-    pub timer_at: Option<Instant>,
+    /// The one heartbeat/handshake/linger deadline in force (its stamp); timer entries for
+    /// any other time are stale and ignored, so a connection has exactly one timer chain.
+    pub timer_at: Option<Stamp>,
     /// What the token allows (`None` without auth: everything a client may do).
     pub claims: Option<Box<crate::auth::Claims>>,
     /// A service connection (trusted app server): exempt from the publish rate limit and
@@ -312,7 +371,7 @@ impl Conn {
     pub fn new(
         token: Token,
         id: u64,
-        now: Instant,
+        now: Stamp,
         heartbeat: Duration,
         publish_bucket: Tokens,
         subscribe_bucket: Tokens,
@@ -321,7 +380,7 @@ impl Conn {
             token,
             id,
             phase: Phase::Handshake,
-            rbuf: BytesMut::new(),
+            rbuf: None,
             output: None,
             sending: false,
             dirty: false,
@@ -333,7 +392,7 @@ impl Conn {
             accepted_at: now,
             last_rx: now,
             ping_sent: None,
-            heartbeat,
+            heartbeat_ms: heartbeat_ms(heartbeat),
             shut: false,
             publish_bucket,
             subscribe_bucket,
@@ -536,16 +595,19 @@ mod tests {
 
     #[test]
     fn an_idle_connection_holds_no_buffers_and_a_compact_record() {
-        let t0 = Instant::now();
+        let t0 = Stamp(0);
         let bucket = Tokens::full(1.0, t0);
         let mut conn = Conn::new(1, 1, t0, Duration::from_secs(30), bucket, bucket);
-        // Rare state (backlogs, retired aliases, a pending fatal ERROR) lives apart.
+        // Rare state (backlogs, retired aliases, a pending fatal ERROR) lives apart; times
+        // are 32-bit stamps (they were `Instant`s, 16 bytes each: 352 bytes), and a partial
+        // frame's buffer is boxed (an empty one took 32 bytes).
         let record = std::mem::size_of::<Conn>();
         eprintln!("the connection record: {record} bytes");
         assert!(
-            record <= 352,
+            record <= 240,
             "the connection record grew to {record} bytes"
         );
+        assert!(conn.rbuf.is_none());
         conn.ping();
         assert!(conn.queued() > 0 && conn.output.as_ref().is_some_and(|o| o.out.capacity() > 0));
         conn.take_batch();
@@ -563,17 +625,24 @@ mod tests {
             assert_eq!(alias, expected);
             conn.subs[alias as usize] = Some(Sub {
                 room: RoomName::new(false, Text::from(name)),
-                from: StartFrom::Join { epoch: 1, seq: 0 },
                 epoch: 1,
                 cursor: 0,
                 position: 0,
-                mode: SubMode::Pending,
+                mode: SubMode::Pending {
+                    from: StartFrom::Join { epoch: 1, seq: 0 },
+                },
                 acked: 0,
                 membership: 1,
                 request: 1,
             });
         }
         assert_eq!(conn.subs.capacity(), 2);
+        // A binding: the room's shared name, four u64 stream positions (sequences are u64
+        // on the wire), its membership serial and request id, and how it is fed (with the
+        // start it was asked for while pending). It was 128 bytes with the room's name
+        // inline and the start kept for its whole life.
+        let sub = std::mem::size_of::<Option<Sub>>();
+        assert!(sub <= 80, "a binding grew to {sub} bytes");
         // Retiring an alias makes the rare state; the PONG that frees it drops it again.
         conn.retire(0);
         assert!(conn.rare.is_some());
@@ -586,17 +655,23 @@ mod tests {
 
     #[test]
     fn a_connections_tokens_follow_the_limits_passed_to_each_take() {
-        let t0 = Instant::now();
+        let t0 = Stamp(u32::MAX - 5_000); // the worker's clock wraps in between
+        let after = |d: Duration| Stamp(t0.0.wrapping_add(d.as_millis() as u32));
         let mut t = Tokens::full(3.0, t0);
         assert!(t.take(t0, 10.0, 3.0) && t.take(t0, 10.0, 3.0));
         // A reload lowers the burst to 1: the one token left is all there is.
         assert!(t.take(t0, 10.0, 1.0));
         assert!(!t.take(t0, 10.0, 1.0));
-        let later = t0 + Duration::from_secs(60);
+        let later = after(Duration::from_secs(60));
         assert!(t.take(later, 10.0, 1.0), "refilled up to the new burst");
         assert!(!t.take(later, 10.0, 1.0), "and no further");
         // A raised rate refills faster.
-        assert!(t.take(later + Duration::from_millis(10), 100.0, 1.0));
+        assert!(!t.take(after(Duration::from_millis(60_005)), 100.0, 1.0));
+        assert!(t.take(after(Duration::from_millis(60_012)), 100.0, 1.0));
+        // Settling refills without taking: still empty until a token's worth of time.
+        t.settle(after(Duration::from_millis(60_015)), 100.0, 1.0);
+        assert!(!t.take(after(Duration::from_millis(60_015)), 100.0, 1.0));
+        assert!(t.take(after(Duration::from_millis(60_030)), 100.0, 1.0));
     }
 
     #[test]

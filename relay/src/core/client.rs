@@ -16,7 +16,7 @@ use pabal_codec::{
 
 use super::*;
 use crate::config::AuthMode;
-use crate::conn::{Phase, Sub, SubMode};
+use crate::conn::{Phase, Sub, heartbeat_ms};
 use crate::ids::RoomName;
 use crate::io::Token;
 use crate::mesh::{CoreMsg, PublishedBy, StartFrom};
@@ -83,9 +83,12 @@ impl Core {
             (Phase::Open, ClientFrame::Ping(ping)) => {
                 let granted = ping.interval_secs.map(|secs| {
                     let granted = self.negotiate_heartbeat(secs);
+                    let clock = self.clock;
+                    let now = self.now;
                     if let Some(conn) = self.conn(token) {
-                        conn.heartbeat = Duration::from_secs(u64::from(granted));
-                        let at = conn.last_rx + conn.heartbeat;
+                        let interval = Duration::from_secs(u64::from(granted));
+                        conn.heartbeat_ms = heartbeat_ms(interval);
+                        let at = clock.instant_of(conn.last_rx, now) + interval;
                         self.arm(token, at);
                     }
                     granted
@@ -148,7 +151,7 @@ impl Core {
     }
 
     pub(super) fn take_subscribe_budget(&mut self, token: Token) -> bool {
-        let now = self.now;
+        let now = self.clock.stamp(self.now);
         let (rate, burst) = (
             self.config.limits.subscribe_rate,
             self.config.limits.subscribe_burst,
@@ -237,7 +240,7 @@ impl Core {
         conn.service = claims.as_ref().is_some_and(|c| c.service);
         conn.receipts = hello.version >= 3;
         conn.claims = claims.map(Box::new);
-        conn.heartbeat = Duration::from_secs(u64::from(granted));
+        conn.heartbeat_ms = heartbeat_ms(Duration::from_secs(u64::from(granted)));
         conn.ctx = DeliverContext::new(now_ms, sender_aliases);
         conn.publisher = hello
             .device_id
@@ -256,7 +259,10 @@ impl Core {
                 user: user.clone(),
             }),
         );
-        push_compact(self.users.entry(user.clone()).or_default(), token);
+        self.users
+            .entry(user.clone())
+            .and_modify(|conns| conns.push(token))
+            .or_insert(UserConns::One(token));
 
         // Resolve resume entries against the user's own rooms: entry i is alias i.
         let mut by_id: HashMap<u64, usize> = HashMap::with_capacity(rooms.len());
@@ -399,7 +405,7 @@ impl Core {
             // the cursor past everything processed (own messages included: the client keeps
             // those above the new cursor).
             if let Some(Some(sub)) = conn.subs.get_mut(alias as usize)
-                && sub.mode != SubMode::Pending
+                && !sub.is_pending()
             {
                 sub.cursor = sub.position;
                 let frame = room_frame(alias, sub, sub.position);
@@ -482,7 +488,7 @@ impl Core {
             self.ack(token, p.alias, ack);
         }
         let origin = self.origin(token);
-        let now = self.now;
+        let now = self.clock.stamp(self.now);
         let max_payload = self.config.limits.max_payload;
         let auth_none = self.config.auth.mode == AuthMode::None;
         let reference = p.msg_id.unwrap_or(0);
@@ -573,10 +579,7 @@ impl Core {
         if let Some((known, _)) = self.owned.get_key_value(&room) {
             return known.clone();
         }
-        RoomName {
-            name: Text::from(room.name.as_str()),
-            ..room
-        }
+        RoomName::new(room.channel, Text::from(room.name.as_str()))
     }
 
     /// Bytes arrived on a connection at `now`.
@@ -585,12 +588,13 @@ impl Core {
         inc(&self.stats.bytes_in, data.len() as u64);
         let now = self.now;
         let draining = self.shutdown.draining;
+        let stamp = self.clock.stamp(now);
         let Some(conn) = self.conn(token) else { return };
-        conn.last_rx = now;
+        conn.last_rx = stamp;
         if conn.ping_sent.take().is_some() {
             // The heartbeat was answered: the next ping is due an interval from now, which
             // may be sooner than the deadline armed for the answer.
-            let at = now + conn.heartbeat;
+            let at = now + Duration::from_millis(conn.heartbeat_ms.into());
             self.arm(token, at);
         }
         let Some(conn) = self.conn(token) else { return };
@@ -602,10 +606,10 @@ impl Core {
         // read that may hold a payload history keeps without copying (one of at least
         // `COMPACT_BELOW` bytes) gets a buffer of its own size instead: that payload keeps
         // its whole buffer alive, which must not be the worker's, grown by earlier reads.
-        let own = !conn.rbuf.is_empty();
+        let own = conn.rbuf.is_some();
         let shared = !own && data.len() < COMPACT_BELOW;
         let mut buf = if own {
-            std::mem::take(&mut conn.rbuf)
+            conn.rbuf.take().map_or_else(BytesMut::new, |b| *b)
         } else if shared {
             std::mem::take(&mut self.read_scratch)
         } else {
@@ -636,11 +640,11 @@ impl Core {
             && partial
         {
             if own {
-                conn.rbuf = buf;
+                conn.rbuf = Some(Box::new(buf));
                 return;
             }
             // The leftover moves to a buffer of its own size.
-            conn.rbuf = BytesMut::from(&buf[..]);
+            conn.rbuf = Some(Box::new(BytesMut::from(&buf[..])));
         }
         if shared {
             buf.clear();

@@ -38,7 +38,7 @@ impl Core {
     /// Closes this worker's connections of `user` not closing already (GOAWAY kicked);
     /// how many.
     pub(super) fn kick_local(&mut self, user: &Text) -> usize {
-        let tokens = self.users.get(user).cloned().unwrap_or_default();
+        let tokens = self.tokens_of(user);
         let mut kicked = 0;
         for token in tokens {
             if self

@@ -42,11 +42,10 @@ pub(super) fn pending_sub(room: RoomName, from: StartFrom, request: u64, members
     Sub {
         membership,
         room,
-        from,
         epoch: 0,
         cursor: 0,
         position: 0,
-        mode: SubMode::Pending,
+        mode: SubMode::Pending { from },
         acked: 0,
         request,
     }
@@ -120,12 +119,12 @@ impl Core {
         };
         let Some(sub) = conn
             .sub_for(alias, &room)
-            .filter(|s| s.mode == SubMode::Pending && s.request == request)
+            .filter(|s| s.is_pending() && s.request == request)
         else {
             return self.send_to_owner(&room.clone(), CoreMsg::Unsubscribed { room, core });
         };
-        let clean_resume = matches!(sub.from,
-            StartFrom::Resume { epoch: e, last_seq } if e == epoch && last_seq == start);
+        let clean_resume = matches!(sub.mode, SubMode::Pending {
+            from: StartFrom::Resume { epoch: e, last_seq } } if e == epoch && last_seq == start);
         sub.epoch = epoch;
         sub.cursor = start;
         sub.position = start;
@@ -268,7 +267,7 @@ impl Core {
             if conn.phase != Phase::Open {
                 return;
             }
-            let mut fetches = conn.fetches;
+            let mut fetches = conn.fetches as usize;
             for (alias, sub) in conn.subs.iter_mut().enumerate() {
                 if fetches >= budget {
                     break;
@@ -281,7 +280,7 @@ impl Core {
                     requests.push((sub.room.clone(), alias as u32, sub.position, sub.request));
                 }
             }
-            conn.fetches = fetches;
+            conn.fetches = fetches as u32;
         }
         let user = self
             .conn(token)
@@ -406,7 +405,7 @@ impl Core {
                 continue;
             };
             let cursor = match conn.subs.get(alias as usize) {
-                Some(Some(sub)) if sub.mode != SubMode::Pending => sub.cursor,
+                Some(Some(sub)) if !sub.is_pending() => sub.cursor,
                 _ => continue,
             };
             if conn.lagging || !conn.window_allows(deliver_bound(payload.len(), sender), cap) {
@@ -460,7 +459,7 @@ impl Core {
     }
 
     pub(super) fn on_member_joined(&mut self, room: RoomName, user: Text, join: JoinPoint) {
-        let tokens = self.users.get(&user).cloned().unwrap_or_default();
+        let tokens = self.tokens_of(&user);
         let max_rooms = self.config.connection.max_rooms;
         for token in tokens {
             let origin = self.origin(token);
@@ -505,7 +504,7 @@ impl Core {
         reason: LeftReason,
         serial: u64,
     ) {
-        let tokens = self.users.get(&user).cloned().unwrap_or_default();
+        let tokens = self.tokens_of(&user);
         for token in tokens {
             let Some(conn) = self.conn(token) else {
                 continue;
@@ -535,11 +534,16 @@ impl Core {
         else {
             return;
         };
-        if sub.mode != SubMode::Pending {
+        if !sub.is_pending() {
             self.unsubscribe_local(&sub.room, token);
         }
-        let announced =
-            sub.mode != SubMode::Pending || matches!(sub.from, StartFrom::Resume { .. });
+        // Pending bindings were announced only when made from a resume entry.
+        let announced = !matches!(
+            sub.mode,
+            SubMode::Pending {
+                from: StartFrom::Live | StartFrom::Join { .. }
+            }
+        );
         if announced {
             self.write(token, &ServerFrame::Left(Left { alias, reason }));
             if let Some(conn) = self.conn(token) {

@@ -9,13 +9,13 @@ use std::cmp::Reverse;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pabal_codec::{ErrorCode, ErrorFrame, GoAway, GoAwayReason, ServerFrame, Text};
 
 use super::*;
 use crate::config::Config;
-use crate::conn::{Conn, Phase, SubMode, Tokens};
+use crate::conn::{Conn, Phase, Stamp, Tokens};
 use crate::ids::RoomName;
 use crate::io::Token;
 use crate::mesh::CoreMsg;
@@ -33,12 +33,13 @@ impl Core {
         self.next_conn_id += 1;
         let conn_id = ((self.id as u64) << 48) | self.next_conn_id;
         let limits = &self.config.limits;
-        let publish = Tokens::full(limits.publish_burst, self.now);
-        let subscribe = Tokens::full(limits.subscribe_burst, self.now);
+        let stamp = self.clock.stamp(self.now);
+        let publish = Tokens::full(limits.publish_burst, stamp);
+        let subscribe = Tokens::full(limits.subscribe_burst, stamp);
         let conn = Conn::new(
             0,
             conn_id,
-            self.now,
+            stamp,
             self.config.heartbeat.interval,
             publish,
             subscribe,
@@ -85,7 +86,7 @@ impl Core {
         }
         conn.phase = Phase::Closing;
         conn.rare_mut().closing_since = Some(now);
-        conn.rbuf = bytes::BytesMut::new();
+        conn.rbuf = None;
         Self::mark_dirty(dirty, conn);
         self.arm(token, now + LINGER);
     }
@@ -119,7 +120,7 @@ impl Core {
             Phase::Handshake | Phase::Open if conn.publishes_in_flight > 0 => {
                 conn.phase = Phase::Failing;
                 conn.rare_mut().fatal = Some(frame);
-                conn.rbuf = bytes::BytesMut::new();
+                conn.rbuf = None;
                 conn.reading = false;
                 Self::mark_dirty(dirty, conn);
                 self.arm(token, now + LINGER);
@@ -177,18 +178,17 @@ impl Core {
             dec(&self.stats.lagging, 1);
         }
         for sub in conn.subs.into_iter().flatten() {
-            if sub.mode != SubMode::Pending {
+            if !sub.is_pending() {
                 self.unsubscribe_local(&sub.room, token);
             }
         }
         if let Some(user) = conn.user {
             let mut last = false;
-            if let Some(tokens) = self.users.get_mut(&user) {
-                tokens.retain(|&t| t != token);
-                if tokens.is_empty() {
-                    self.users.remove(&user);
-                    last = true;
-                }
+            if let Some(conns) = self.users.get_mut(&user)
+                && !conns.remove(token)
+            {
+                self.users.remove(&user);
+                last = true;
             }
             self.directory.disconnect(&user, self.id);
             if last {
@@ -314,11 +314,14 @@ impl Core {
             );
             self.handle_one(CoreMsg::Stop);
         }
+        let now_ms = self.clock.elapsed_ms(now);
         while let Some(Reverse((at, token))) = self.timers.peek().copied() {
-            if at > now {
+            if at > now_ms {
                 break;
             }
             self.timers.pop();
+            // Truncating to 32 bits is the modulo (see `Stamp`).
+            let at = Stamp(at as u32);
             let Some(conn) = self.conn(token) else {
                 continue;
             };
@@ -340,10 +343,15 @@ impl Core {
         let now = self.now;
         let handshake_timeout = self.config.auth.handshake_timeout;
         let timeout = self.config.heartbeat.timeout;
+        let (clock, stamp) = (self.clock, self.clock.stamp(now));
+        let limits = &self.config.limits;
+        let publish = (limits.publish_rate, limits.publish_burst);
+        let subscribe = (limits.subscribe_rate, limits.subscribe_burst);
         let Some(conn) = self.conn(token) else { return };
         match conn.phase {
             Phase::Handshake => {
-                if now >= conn.accepted_at + handshake_timeout {
+                let deadline = clock.instant_of(conn.accepted_at, now) + handshake_timeout;
+                if now >= deadline {
                     self.goaway(
                         token,
                         GoAwayReason::HandshakeTimeout,
@@ -351,12 +359,19 @@ impl Core {
                         Text::from_static("no HELLO in time"),
                     );
                 } else {
-                    let at = conn.accepted_at + handshake_timeout;
-                    self.arm(token, at);
+                    self.arm(token, deadline);
                 }
             }
             Phase::Open => {
+                // Keeps the buckets' stamps young (see `Stamp`): a heartbeat comes at
+                // least once an interval.
+                conn.publish_bucket.settle(stamp, publish.0, publish.1);
+                conn.subscribe_bucket
+                    .settle(stamp, subscribe.0, subscribe.1);
+                let quiet_until = clock.instant_of(conn.last_rx, now)
+                    + Duration::from_millis(conn.heartbeat_ms.into());
                 if let Some(sent) = conn.ping_sent {
+                    let sent = clock.instant_of(sent, now);
                     if now >= sent + timeout {
                         inc(&self.stats.heartbeat_timeouts, 1);
                         tracing::debug!(token, "peer silent after ping; closing");
@@ -369,8 +384,8 @@ impl Core {
                     } else {
                         self.arm(token, sent + timeout);
                     }
-                } else if now >= conn.last_rx + conn.heartbeat {
-                    conn.ping_sent = Some(now);
+                } else if now >= quiet_until {
+                    conn.ping_sent = Some(stamp);
                     conn.ping();
                     let Core { conns, dirty, .. } = self;
                     if let Some(conn) = conn_in(conns, token) {
@@ -378,8 +393,7 @@ impl Core {
                     }
                     self.arm(token, now + timeout);
                 } else {
-                    let at = conn.last_rx + conn.heartbeat;
-                    self.arm(token, at);
+                    self.arm(token, quiet_until);
                 }
             }
             Phase::Failing => {

@@ -50,7 +50,7 @@ use bytes::BytesMut;
 use pabal_codec::{Decoder, ErrorCode, ErrorFrame, LeftReason, Limits, ServerFrame, Text};
 
 use crate::config::Config;
-use crate::conn::{Conn, Phase, TokenBucket};
+use crate::conn::{Conn, Phase, Stamp, TokenBucket};
 use crate::directory::{DirectoryError, Membership};
 use crate::ids::{CoreId, Origin, RoomName};
 use crate::io::Token;
@@ -107,6 +107,39 @@ impl Clock {
     pub(super) fn unix_ms(&self, now: Instant) -> u64 {
         self.base_unix_ms + now.saturating_duration_since(self.base).as_millis() as u64
     }
+
+    /// `t` as a connection's record keeps it: ms since the base, modulo 2^32 (see
+    /// [`Stamp`]).
+    pub(super) fn stamp(&self, t: Instant) -> Stamp {
+        // Truncating to 32 bits is the modulo.
+        Stamp(t.saturating_duration_since(self.base).as_millis() as u32)
+    }
+
+    /// A deadline as the timer heap keeps it: whole ms since the base, rounded up, so the
+    /// entry is not due before the deadline is.
+    pub(super) fn deadline_ms(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.base);
+        since.as_millis() as u64 + u64::from(!since.subsec_nanos().is_multiple_of(1_000_000))
+    }
+
+    /// Whole ms from the base to `now`, rounded down: a heap entry at or below it is due.
+    pub(super) fn elapsed_ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.base).as_millis() as u64
+    }
+
+    /// The instant `ms` whole milliseconds after the base.
+    pub(super) fn at_ms(&self, ms: u64) -> Instant {
+        self.base + Duration::from_millis(ms)
+    }
+
+    /// The instant a past stamp stands for (at most `now`), on a whole millisecond: its
+    /// stamp is the same stamp again, so a deadline computed from it and checked against it
+    /// agree.
+    pub(super) fn instant_of(&self, stamp: Stamp, now: Instant) -> Instant {
+        let now_ms = now.saturating_duration_since(self.base).as_millis();
+        let ms = now_ms.saturating_sub(u128::from(self.stamp(now).since(stamp)));
+        self.base + Duration::from_millis(ms as u64)
+    }
 }
 
 /// Where a server-API answer goes (the control plane awaits it).
@@ -135,8 +168,10 @@ pub struct Core {
     /// record costs a pointer, not the whole record.
     owned: HashMap<RoomName, Box<OwnedRoom>>,
     local: HashMap<RoomName, Vec<(Token, u32)>>,
-    users: HashMap<Text, Vec<Token>>,
-    timers: BinaryHeap<Reverse<(Instant, Token)>>,
+    users: HashMap<Text, UserConns>,
+    /// Connections' deadlines, ms since the clock's base ([`Clock::deadline_ms`]): 16 bytes
+    /// an entry (24 with an `Instant`), one or two entries per connection.
+    timers: BinaryHeap<Reverse<(u64, Token)>>,
     /// Owned rooms that became unused, oldest first, with when to check them.
     idle_rooms: VecDeque<(Instant, RoomName)>,
     /// The next subscription request's id (answers are matched per request).
@@ -207,6 +242,49 @@ pub(super) fn push_compact<T>(list: &mut Vec<T>, item: T) {
     list.push(item);
 }
 
+/// A user's connections on this worker: one inline (a phone's user has one connection),
+/// more in an exact vector. A one-token vector cost every phone a heap block besides the
+/// map's bucket.
+#[derive(Debug, Clone)]
+pub(super) enum UserConns {
+    /// The usual case.
+    One(Token),
+    /// Two or more (a user connected from several devices to this worker).
+    Many(Vec<Token>),
+}
+
+impl UserConns {
+    /// The tokens.
+    pub(super) fn as_slice(&self) -> &[Token] {
+        match self {
+            UserConns::One(token) => std::slice::from_ref(token),
+            UserConns::Many(tokens) => tokens,
+        }
+    }
+
+    /// Adds a connection.
+    pub(super) fn push(&mut self, token: Token) {
+        match self {
+            UserConns::One(first) => *self = UserConns::Many(vec![*first, token]),
+            UserConns::Many(tokens) => push_compact(tokens, token),
+        }
+    }
+
+    /// Removes a connection; false once none is left (the caller drops the entry).
+    pub(super) fn remove(&mut self, token: Token) -> bool {
+        match self {
+            UserConns::One(first) => *first != token,
+            UserConns::Many(tokens) => {
+                tokens.retain(|&t| t != token);
+                if let [only] = tokens[..] {
+                    *self = UserConns::One(only);
+                }
+                !self.as_slice().is_empty()
+            }
+        }
+    }
+}
+
 /// The live connection for `token` in a slab (for methods that borrow other fields of the
 /// core at the same time).
 pub(super) fn conn_in(conns: &mut Slab<Conn>, token: Token) -> Option<&mut Conn> {
@@ -214,6 +292,14 @@ pub(super) fn conn_in(conns: &mut Slab<Conn>, token: Token) -> Option<&mut Conn>
 }
 
 impl Core {
+    /// The user's connections on this worker, copied out (the caller goes on to change the
+    /// core while it walks them).
+    pub(super) fn tokens_of(&self, user: &Text) -> Vec<Token> {
+        self.users
+            .get(user)
+            .map_or_else(Vec::new, |c| c.as_slice().to_vec())
+    }
+
     /// A worker's state: worker `id` of `cores`. `epoch` is the relay's boot epoch: rooms
     /// created in this process get epochs from it on. `clock` tells the wall-clock time of
     /// `now`, the worker's start.
@@ -317,7 +403,10 @@ impl Core {
 
     /// How long the loop may sleep before a timer is due.
     pub fn next_timeout(&self) -> Option<Duration> {
-        let mut next = self.timers.peek().map(|Reverse((at, _))| *at);
+        let mut next = self
+            .timers
+            .peek()
+            .map(|Reverse((at, _))| self.clock.at_ms(*at));
         for deadline in [
             self.shutdown.deadline,
             self.storage_deadline(),
@@ -370,9 +459,18 @@ impl Core {
         let Some(conn) = conn_in(&mut self.conns, token) else {
             return;
         };
-        if conn.timer_at.is_none_or(|t| at < t) {
-            conn.timer_at = Some(at);
-            self.timers.push(Reverse((at, token)));
+        let at_ms = self.clock.deadline_ms(at);
+        // Truncating to 32 bits is the modulo (see `Stamp`).
+        let (now, at_stamp) = (self.clock.stamp(self.now), Stamp(at_ms as u32));
+        // Deadlines are compared by their distance from now (a stamp wraps; deadlines lie
+        // within a day of now).
+        let from_now = |t: Stamp| t.since(now) as i32;
+        if conn
+            .timer_at
+            .is_none_or(|t| from_now(at_stamp) < from_now(t))
+        {
+            conn.timer_at = Some(at_stamp);
+            self.timers.push(Reverse((at_ms, token)));
         }
     }
 

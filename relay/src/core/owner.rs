@@ -84,6 +84,14 @@ impl Core {
         owned
     }
 
+    /// This worker's handle of `room` if it owns the room, else `room` itself: what to store
+    /// wherever the room's name is kept, so every copy shares the owner's one record.
+    pub(super) fn owners_name(&self, room: &RoomName) -> RoomName {
+        self.owned
+            .get_key_value(room)
+            .map_or_else(|| room.clone(), |(known, _)| known.clone())
+    }
+
     /// Takes ownership of `room` with `record`.
     fn hold_room(&mut self, room: RoomName, record: OwnedRoom) {
         self.owned.insert(room, Box::new(record));
@@ -366,6 +374,9 @@ impl Core {
         user: &Text,
         unblock: bool,
     ) -> Result<bool, DirectoryError> {
+        // The directory and the workers keep the owner's handle of the room (one shared
+        // record), not the one this request carried.
+        let room = &self.owners_name(room);
         // A refused join creates nothing: the room exists only once someone is in it.
         let serial = self.fresh_serial();
         let join = match self.owned.get(room) {

@@ -38,7 +38,6 @@ use std::sync::Arc;
 use pabal_codec::{Receipt, ServerFrame, Text};
 
 use super::*;
-use crate::conn::SubMode;
 use crate::ids::RoomName;
 use crate::io::Token;
 use crate::mesh::{CoreMsg, MarkerUpdate, RoomReceipts, RoomUnread};
@@ -411,7 +410,7 @@ impl Core {
                 continue;
             };
             match conn.subs.get(alias as usize) {
-                Some(Some(sub)) if sub.mode != SubMode::Pending && sub.epoch == epoch => {}
+                Some(Some(sub)) if !sub.is_pending() && sub.epoch == epoch => {}
                 _ => continue,
             }
             let mut frame = Receipt {

@@ -837,8 +837,7 @@ fn room_maps_do_not_hash_by_the_public_room_id() {
     let hasher = std::collections::hash_map::RandomState::new();
     let a = room_named("a");
     // Another name forced onto the same 64-bit id, as a collision would be.
-    let mut b = room_named("b");
-    b.id = a.id;
+    let b = RoomName::with_id(a.id, false, Text::from("b"));
     assert_ne!(hasher.hash_one(&a), hasher.hash_one(&b));
     assert_ne!(a, b);
 }
@@ -1242,40 +1241,6 @@ fn a_session_speaks_the_version_of_its_hello() {
     }
 }
 
-#[test]
-fn an_idle_phone_costs_its_worker_exact_lists_and_a_compact_room() {
-    let mut h = Harness::new(|_| {});
-    let ann = h.connect("ann", ClientSession::new());
-    let bob = h.connect("bob", ClientSession::new());
-    h.join(ann, "dm");
-    h.join(bob, "dm");
-    h.events(ann);
-    h.events(bob);
-    let dm = room_named("dm");
-    // One connection of a user, two subscribers of a 1:1 room: no spare slots (a vector's
-    // doubling gave four).
-    assert_eq!(h.core.users[&Text::from("ann")].capacity(), 1);
-    assert_eq!(h.core.local[&dm].capacity(), 2);
-    // A room made by a join has its member at once: it is never queued for an eviction
-    // check (each entry was 64 bytes, one per two phones).
-    assert!(h.core.idle_rooms.is_empty());
-    let owned = &h.core.owned[&dm];
-    assert_eq!(owned.members.len(), 2);
-    assert!(owned.members.contains(&Text::from("bob")));
-    // The room record each owned room costs (one per two phones in 1:1 chats); it was 192
-    // bytes with a hash set of members, 168 with a member vector, and receipts' markers and
-    // hand-off windows (each a boxed option, empty while idle) added 8 bytes each.
-    let record = std::mem::size_of::<super::owner::OwnedRoom>();
-    assert!(
-        record <= 184,
-        "the owned room record grew to {record} bytes"
-    );
-    // And the owner's map holds it boxed: its spare buckets (up to half the map) cost a
-    // pointer each, not a record.
-    fn value_bytes<K, V>(_: &HashMap<K, V>) -> usize {
-        std::mem::size_of::<V>()
-    }
-    assert_eq!(value_bytes(&h.core.owned), 8);
-}
 mod handoff;
+mod memory;
 mod receipts;

@@ -500,8 +500,8 @@ mod tests {
     fn colliding_ids_get_distinct_keys() {
         let mut s = LogState::new();
         let a = RoomName::new(false, Text::from("a"));
-        let mut b = RoomName::new(false, Text::from("b"));
-        b.id = a.id; // as if b collided with a on purpose
+        // As if b collided with a on purpose.
+        let b = RoomName::with_id(a.id, false, Text::from("b"));
         let (ka, new_a) = s.key_for(&a);
         let (kb, new_b) = s.key_for(&b);
         assert!(new_a && new_b && ka != kb);

@@ -296,7 +296,7 @@ impl Core {
     fn sync_connections(&mut self, user: &Text, engine: &UserRooms) {
         let held: HashMap<&RoomName, u64> =
             engine.rooms.iter().map(|(r, j)| (r, j.serial)).collect();
-        let tokens = self.users.get(user).cloned().unwrap_or_default();
+        let tokens = self.tokens_of(user);
         for token in tokens {
             let Some(conn) = self.conn(token) else {
                 continue;

@@ -1,0 +1,154 @@
+//! What an idle phone costs its worker: exact lists, compact records, and names shared
+//! rather than copied (each guard fails if a representation grows back).
+
+use super::*;
+
+/// Ann and Bob, one connection each, both joined to room "dm"; each JOIN carries its own
+/// copy of the name, sliced out of its frame.
+fn two_phones_in_a_room(h: &mut Harness) -> (Token, Token) {
+    let ann = h.connect("ann", ClientSession::new());
+    let bob = h.connect("bob", ClientSession::new());
+    h.join(ann, "dm");
+    h.join(bob, "dm");
+    h.events(ann);
+    h.events(bob);
+    (ann, bob)
+}
+
+#[test]
+fn an_idle_phone_costs_its_worker_exact_lists_and_a_compact_room() {
+    let mut h = Harness::new(|_| {});
+    two_phones_in_a_room(&mut h);
+    let dm = room_named("dm");
+    // One connection of a user, held inline (a one-token vector was a heap block of its
+    // own); two subscribers of a 1:1 room: no spare slots (a vector's doubling gave four).
+    assert!(matches!(
+        h.core.users[&Text::from("ann")],
+        UserConns::One(_)
+    ));
+    assert_eq!(h.core.local[&dm].capacity(), 2);
+    // A room made by a join has its member at once: it is never queued for an eviction
+    // check (each entry was 64 bytes, one per two phones).
+    assert!(h.core.idle_rooms.is_empty());
+    let owned = &h.core.owned[&dm];
+    assert_eq!(owned.members.len(), 2);
+    assert!(owned.members.contains(&Text::from("bob")));
+    // The room record each owned room costs (one per two phones in 1:1 chats); it was 192
+    // bytes with a hash set of members, 168 with a member vector, and receipts' markers and
+    // hand-off windows (each a boxed option, empty while idle) added 8 bytes each.
+    let record = std::mem::size_of::<super::owner::OwnedRoom>();
+    assert!(
+        record <= 184,
+        "the owned room record grew to {record} bytes"
+    );
+    // And the owner's map holds it boxed: its spare buckets (up to half the map) cost a
+    // pointer each, not a record.
+    fn value_bytes<K, V>(_: &HashMap<K, V>) -> usize {
+        std::mem::size_of::<V>()
+    }
+    assert_eq!(value_bytes(&h.core.owned), 8);
+    // Each connection's deadline in the timer heap: ms since the clock's base and the
+    // token (an `Instant` made it 24 bytes).
+    fn entry_bytes<T: Ord>(_: &std::collections::BinaryHeap<T>) -> usize {
+        std::mem::size_of::<T>()
+    }
+    assert_eq!(entry_bytes(&h.core.timers), 16);
+}
+
+#[test]
+fn a_rooms_name_is_one_record_shared_by_its_owner_the_directory_the_worker_and_bindings() {
+    // A room's name was a 48-byte value (id, kind, a 32-byte `Text`) copied into the
+    // directory, the owner's map, the worker's subscriber lists and every binding; it is an
+    // 8-byte handle to one shared record now.
+    assert_eq!(std::mem::size_of::<RoomName>(), 8);
+    let mut h = Harness::new(|_| {});
+    let (ann, bob) = two_phones_in_a_room(&mut h);
+    let dm = room_named("dm");
+    let (owners, _) = h.core.owned.get_key_value(&dm).unwrap();
+    let owners = owners.clone();
+    assert!(!owners.same_record(&dm), "a lookup key is another record");
+    let (local, _) = h.core.local.get_key_value(&dm).unwrap();
+    assert!(
+        local.same_record(&owners),
+        "the worker's list shares the owner's name"
+    );
+    for token in [ann, bob] {
+        let conn = h.core.conn(token).unwrap();
+        let sub = conn.subs[0].as_ref().unwrap();
+        assert_eq!(sub.room, dm);
+        assert!(
+            sub.room.same_record(&owners),
+            "a binding shares the owner's name"
+        );
+    }
+    for user in ["ann", "bob"] {
+        let user = Text::from(user);
+        // What the directory holds for each member (a connect lists it; undone at once).
+        let rooms = h.core.directory.connect(&user, 0, usize::MAX).unwrap();
+        h.core.directory.disconnect(&user, 0);
+        assert_eq!(rooms.len(), 1);
+        assert!(
+            rooms[0].0.same_record(&owners),
+            "the directory's entry for {user} shares the owner's name"
+        );
+    }
+}
+
+#[test]
+fn a_connections_32_bit_stamps_keep_heartbeats_and_rate_limits_across_the_clocks_wrap() {
+    // A connection's record keeps its times as 32-bit ms stamps from the worker's base
+    // (4 bytes each instead of an `Instant`'s 16): they wrap every 49.7 days of uptime.
+    let mut h = Harness::new(|c| {
+        c.heartbeat.min_interval = Duration::from_secs(1);
+        c.heartbeat.interval = Duration::from_secs(10);
+        c.heartbeat.timeout = Duration::from_secs(5);
+        c.limits.publish_rate = 1.0;
+        c.limits.publish_burst = 2.0;
+    });
+    // Five seconds before the stamps wrap.
+    h.now += Duration::from_millis((1 << 32) - 5_000);
+    let quiet = h.connect("quiet", ClientSession::new());
+    let talker = h.connect("talker", ClientSession::new());
+    let alias = h.join(talker, "r");
+    h.events(quiet);
+    // Publishes three at once: how many of them the rate limit refused so far.
+    let three = |h: &mut Harness| {
+        h.events(talker);
+        for body in ["m1", "m2", "m3"] {
+            h.publish(talker, alias, body);
+        }
+        h.stats.rate_limited.load(Ordering::Relaxed)
+    };
+    assert_eq!(three(&mut h), 1, "burst of 2");
+    // Across the wrap: the heartbeat is due an interval after the last byte, not 49 days.
+    h.tick(Duration::from_secs(9));
+    assert!(h.events(quiet).is_empty(), "pinged before the interval");
+    h.tick(Duration::from_secs(2));
+    assert!(matches!(h.events(quiet)[..], [Event::Ping(_)]));
+    // The bucket refilled by the time that passed across the wrap (and no more).
+    assert_eq!(three(&mut h), 2, "refilled to the burst");
+    h.tick(Duration::from_secs(6));
+    let events = h.events(quiet);
+    assert!(
+        matches!(&events[..], [Event::GoAway(g)] if g.reason == pabal_codec::GoAwayReason::Timeout),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_users_connections_on_a_worker_are_one_token_inline_and_more_in_a_list() {
+    assert_eq!(
+        std::mem::size_of::<UserConns>(),
+        24,
+        "a vector's size, no more"
+    );
+    let mut conns = UserConns::One(7);
+    conns.push(9);
+    conns.push(11);
+    assert_eq!(conns.as_slice(), &[7, 9, 11]);
+    assert!(conns.remove(9) && conns.remove(4));
+    assert!(conns.remove(7), "one left");
+    assert!(matches!(conns, UserConns::One(11)), "back inline");
+    assert!(conns.remove(4), "another token leaves it alone");
+    assert!(!conns.remove(11), "none left");
+}
