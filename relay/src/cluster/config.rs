@@ -39,13 +39,14 @@ pub struct ClusterConfig {
     #[serde(with = "humantime_secs")]
     pub reconnect_max: Duration,
     /// Messages each room's stream keeps in the engine (`XADD MAXLEN ~`): how far back a
-    /// phone on any node can resume or page. Default 10000.
+    /// phone on any node can resume or page (from the stream, past the node's memory).
+    /// Default 10000.
     pub stream_max_len: u64,
     /// Publishes one worker may have in flight to the engine; more are refused with
     /// `Overloaded` `unavailable` (retryable) rather than queued. Default 4096.
     pub max_in_flight: usize,
-    /// Messages read per stream request when a node fills a hole or opens a room.
-    /// Default 256.
+    /// Messages read per stream request when a node fills a hole, or per page for a phone
+    /// resuming (a binding lagging) past the node's in-memory history. Default 256.
     pub fill_batch: usize,
 }
 

@@ -152,6 +152,9 @@ enum Pending {
     Fill {
         room: RoomName,
         after: u64,
+        /// The owner's reader waiting for this page ([`EngineCmd::Read`]); `None`: a fill
+        /// of the owner's own history.
+        reader: Option<u64>,
     },
 }
 
@@ -195,7 +198,7 @@ struct Engine {
     sub_retry: (Instant, Duration),
     inflight: VecDeque<Pending>,
     channels: HashMap<Bytes, Channel>,
-    fills_waiting: Vec<(RoomName, u64)>,
+    fills_waiting: Vec<(RoomName, u64, Option<u64>)>,
     out: Vec<EngineEvent>,
     publish_sha: Bytes,
     open_sha: Bytes,
@@ -356,8 +359,8 @@ impl Engine {
                 for ch in ready {
                     self.send_opens(&ch);
                 }
-                for (room, after) in std::mem::take(&mut self.fills_waiting) {
-                    self.send_fill(room, after);
+                for (room, after, reader) in std::mem::take(&mut self.fills_waiting) {
+                    self.send_fill(room, after, reader);
                 }
             }
             Err(e) => self.cmd_retry = self.backoff(now, self.cmd_retry.1, &e, "command"),
@@ -405,7 +408,11 @@ impl Engine {
                         c.opens.push((hint, tail));
                     }
                 }
-                Pending::Fill { room, after } => self.fills_waiting.push((room, after)),
+                Pending::Fill {
+                    room,
+                    after,
+                    reader,
+                } => self.fills_waiting.push((room, after, reader)),
             }
         }
         self.note_health();
@@ -459,13 +466,12 @@ impl Engine {
                     }
                 }
             }
-            EngineCmd::Fill { room, after } => {
-                if self.cmd.is_some() {
-                    self.send_fill(room, after);
-                } else {
-                    self.fills_waiting.push((room, after));
-                }
-            }
+            EngineCmd::Fill { room, after } => self.send_fill(room, after, None),
+            EngineCmd::Read {
+                room,
+                after,
+                reader,
+            } => self.send_fill(room, after, Some(reader)),
             EngineCmd::Close { room } => {
                 let ch = channel_key(&room);
                 if let Some(c) = self.channels.remove(&ch) {
@@ -555,9 +561,12 @@ impl Engine {
         }
     }
 
-    fn send_fill(&mut self, room: RoomName, after: u64) {
+    /// Reads a page of the room's stream after `after` (`XRANGE <after+1>-0 + COUNT
+    /// fill_batch`), for the owner's history or for a `reader`; waits for the command
+    /// connection while it is down.
+    fn send_fill(&mut self, room: RoomName, after: u64, reader: Option<u64>) {
         let Some(conn) = self.cmd.as_mut() else {
-            self.fills_waiting.push((room, after));
+            self.fills_waiting.push((room, after, reader));
             return;
         };
         let [_, stream, start, ..] = &mut self.keys;
@@ -580,7 +589,11 @@ impl Engine {
             .into_iter(),
         );
         self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);
-        self.inflight.push_back(Pending::Fill { room, after });
+        self.inflight.push_back(Pending::Fill {
+            room,
+            after,
+            reader,
+        });
     }
 
     fn flush_writes(&mut self) {
@@ -730,14 +743,26 @@ impl Engine {
                     tail,
                 });
             }
-            Pending::Fill { room, after } => {
+            Pending::Fill {
+                room,
+                after,
+                reader,
+            } => {
                 let Some(msgs) = script::parse_entries(&reply, &self.prefix) else {
-                    self.fills_waiting.push((room, after));
+                    self.fills_waiting.push((room, after, reader));
                     return Err(io::Error::other(format!(
                         "bad answer to a stream read: {reply:?}"
                     )));
                 };
-                self.out.push(EngineEvent::Filled { room, after, msgs });
+                self.out.push(match reader {
+                    None => EngineEvent::Filled { room, after, msgs },
+                    Some(reader) => EngineEvent::Read {
+                        room,
+                        after,
+                        reader,
+                        msgs,
+                    },
+                });
             }
         }
         Ok(())

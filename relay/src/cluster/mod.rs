@@ -76,6 +76,18 @@ pub enum EngineCmd {
         /// The last sequence the owner holds.
         after: u64,
     },
+    /// Read one page of the room's stream after `after` (up to `cluster.fill_batch`
+    /// messages) for a reader the owner's memory no longer covers: a phone resuming, or a
+    /// binding lagging, past the node's in-memory history. Answered by
+    /// [`EngineEvent::Read`] with the same `reader`.
+    Read {
+        /// The room.
+        room: RoomName,
+        /// The reader's position: the page starts after it.
+        after: u64,
+        /// Names the waiting reader at the owner.
+        reader: u64,
+    },
     /// Unsubscribe the room's channel (the owner evicted the room).
     Close {
         /// The room.
@@ -176,6 +188,19 @@ pub enum EngineEvent {
         /// The request's start.
         after: u64,
         /// What the stream holds after it.
+        msgs: Vec<EngineMessage>,
+    },
+    /// A page of the stream for a reader ([`EngineCmd::Read`]), ascending (at most
+    /// `cluster.fill_batch`). While the command connection is down the read waits for
+    /// the next one, like a fill.
+    Read {
+        /// The room.
+        room: RoomName,
+        /// The request's start.
+        after: u64,
+        /// The waiting reader.
+        reader: u64,
+        /// What the stream holds after `after`.
         msgs: Vec<EngineMessage>,
     },
     /// A message from the room's channel.

@@ -238,6 +238,25 @@ fn only_what_the_stream_dropped_becomes_a_gap() {
         [EngineCmd::Fill { after: 0, .. }]
     ));
     feed(&mut h, filled(0, &[4, 5]));
+    // bob's binding, behind the node's memory now, reads its next page from the stream,
+    // which tells it the same.
+    let reader = match engine_cmds(&mut h).as_slice() {
+        [
+            EngineCmd::Read {
+                after: 0, reader, ..
+            },
+        ] => *reader,
+        other => panic!("{other:?}"),
+    };
+    feed(
+        &mut h,
+        EngineEvent::Read {
+            room: room.clone(),
+            after: 0,
+            reader,
+            msgs: [4, 5].iter().map(|&s| other(s, "x")).collect(),
+        },
+    );
     let events = h.events(bob);
     assert!(
         events
