@@ -17,6 +17,21 @@ pub enum EngineKind {
     Redis,
 }
 
+/// How the engine's Redis is deployed (`cluster.topology`). Said in the configuration, not
+/// guessed at connect: a guess would change where keys live and how messages are published
+/// (`PUBLISH` or sharded `SPUBLISH`) on what one address happened to answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Topology {
+    /// One Redis (primary): `cluster.redis` holds exactly its address.
+    Single,
+    /// A Redis Cluster: `cluster.redis` holds seed addresses; the engine reads the slot map
+    /// (`CLUSTER SLOTS`) from the first that answers, connects to every shard's master,
+    /// runs each room's script on the shard of its hash slot, subscribes with sharded
+    /// pub/sub (`SSUBSCRIBE`) and follows `MOVED` and `ASK`.
+    Cluster,
+}
+
 /// `[cluster]`: present, the relay is one node of a cluster on the engine; absent, it runs
 /// alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,9 +39,11 @@ pub enum EngineKind {
 pub struct ClusterConfig {
     /// The engine. Default `redis` (the only one).
     pub engine: EngineKind,
-    /// The engine's address, `redis://host:port` (port 6379 if left out). Exactly one in
-    /// this version (a single Redis; Sentinel and Redis Cluster seeds are not supported
-    /// yet). Default `["redis://127.0.0.1:6379"]`.
+    /// How Redis is deployed: `single` or `cluster`. Default `single`.
+    pub topology: Topology,
+    /// The engine's addresses, `redis://host:port` (port 6379 if left out): exactly one
+    /// with `topology = "single"`; one or more seeds of a Redis Cluster with `"cluster"`.
+    /// Default `["redis://127.0.0.1:6379"]`.
     pub redis: Vec<String>,
     /// This node's name, unique in the cluster: it tags the node's publishes so that the
     /// node recognises its own messages coming back over pub/sub. Letters, digits, `.`,
@@ -54,6 +71,7 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             engine: EngineKind::Redis,
+            topology: Topology::Single,
             redis: vec!["redis://127.0.0.1:6379".into()],
             node_id: None,
             connect_timeout: Duration::from_secs(1),
@@ -124,21 +142,22 @@ impl ClusterConfig {
                     .into(),
             ));
         }
-        match self.redis.as_slice() {
-            [one] => {
-                parse_redis_url(one).map_err(|e| invalid("cluster.redis", e))?;
-            }
-            [] => {
+        for url in &self.redis {
+            parse_redis_url(url).map_err(|e| invalid("cluster.redis", e))?;
+        }
+        match (self.topology, self.redis.len()) {
+            (_, 0) => {
                 return Err(invalid(
                     "cluster.redis",
                     "needs the engine's address".into(),
                 ));
             }
-            _ => {
+            (Topology::Single, 1) | (Topology::Cluster, _) => {}
+            (Topology::Single, _) => {
                 return Err(invalid(
                     "cluster.redis",
-                    "exactly one address in this version (a single Redis; Sentinel and \
-                     Redis Cluster are not supported yet)"
+                    "exactly one address with topology = \"single\" (several are the seeds \
+                     of a Redis Cluster: set cluster.topology = \"cluster\")"
                         .into(),
                 ));
             }
@@ -184,9 +203,12 @@ impl ClusterConfig {
         Ok(())
     }
 
-    /// The engine's address (validated).
-    pub fn redis_addr(&self) -> Result<RedisAddr, String> {
-        parse_redis_url(self.redis.first().map_or("", String::as_str))
+    /// The engine's addresses (validated): the one Redis, or a Redis Cluster's seeds.
+    pub fn redis_addrs(&self) -> Result<Vec<RedisAddr>, String> {
+        if self.redis.is_empty() {
+            return Err("cluster.redis: no address".into());
+        }
+        self.redis.iter().map(|u| parse_redis_url(u)).collect()
     }
 
     /// This node's id: the configured one, or one unique to this start.
@@ -234,6 +256,16 @@ mod tests {
             ..ok.clone()
         };
         assert_eq!(field(&two, StorageMode::Memory), "cluster.redis");
+        let seeds = ClusterConfig {
+            topology: Topology::Cluster,
+            ..two.clone()
+        };
+        seeds.validate(StorageMode::Memory).unwrap();
+        let bad_seed = ClusterConfig {
+            redis: vec!["redis://a:1".into(), "http://b:1".into()],
+            ..seeds
+        };
+        assert_eq!(field(&bad_seed, StorageMode::Memory), "cluster.redis");
         let bad_id = ClusterConfig {
             node_id: Some("a b".into()),
             ..ok.clone()

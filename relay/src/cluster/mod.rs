@@ -15,8 +15,9 @@
 //! publishes coming back over pub/sub are recognised by their tag (`node/worker/ticket`).
 //!
 //! # Engine I/O: a dedicated thread per worker
-//! Each worker has an engine thread ([`engine`]) with two pipelined connections to Redis
-//! (commands; pub/sub) driven by mio, and a RESP2 codec of our own ([`resp`]: encode into a
+//! Each worker has an engine thread ([`engine`]) with two pipelined connections
+//! (commands; pub/sub) to each Redis it uses (the one Redis, or every shard master of a
+//! Redis Cluster, routed by hash slot: [`slots`]) driven by mio, and a RESP2 codec of our own ([`resp`]: encode into a
 //! reused buffer, decode bounded). The worker hands it commands through a channel once per
 //! loop tick and wakes it; replies come back through a channel and the worker's eventfd,
 //! like mesh messages. We chose the thread over driving Redis from the worker's own backend
@@ -44,13 +45,15 @@ mod config;
 pub mod engine;
 pub mod resp;
 pub mod script;
+mod shard;
+pub mod slots;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use pabal_codec::Text;
 
-pub use config::{ClusterConfig, EngineKind, RedisAddr, parse_redis_url};
+pub use config::{ClusterConfig, EngineKind, RedisAddr, Topology, parse_redis_url};
 pub use engine::EngineHandle;
 
 use crate::ids::RoomName;
