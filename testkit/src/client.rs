@@ -297,6 +297,25 @@ impl Client {
         got
     }
 
+    /// Publishes once to `alias`: `Some(seq)` on its PUBACK, `None` on a refusal, which
+    /// must be the cluster's typed, retryable `Overloaded` `unavailable` (anything else
+    /// fails the test).
+    pub fn publish_or_unavailable(&mut self, alias: u32, payload: impl Into<Bytes>) -> Option<u64> {
+        let id = self.publish(alias, payload);
+        match self.wait_for(|e| {
+            matches!(e, Event::Error(err) if err.reference == id)
+                || matches!(e, Event::PubAck { msg_id, .. } if *msg_id == id)
+        }) {
+            Event::PubAck { seq, .. } => Some(seq),
+            Event::Error(err) => {
+                assert_eq!(err.message.as_str(), "unavailable");
+                assert!(!err.fatal, "a refusal keeps the connection");
+                None
+            }
+            other => panic!("not an answer to {id}: {other:?}"),
+        }
+    }
+
     /// Connects as `tag`, joins `room`, publishes `count` messages `<tag>-<i>` and waits
     /// for each PUBACK; their sequences.
     pub fn publish_all(addr: SocketAddr, room: &str, tag: &str, count: usize) -> Vec<u64> {

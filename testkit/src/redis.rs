@@ -49,11 +49,7 @@ impl RedisServer {
             crate::skip("redis-server is not installed (.ci/install-redis.sh installs it)");
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut server = RedisServer {
             child: None,
             port,
@@ -117,17 +113,32 @@ impl RedisServer {
 
     /// Runs one command with `redis-cli`; its output, or `None` if it could not run.
     pub fn try_cli(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        cli_on(self.port, args)
     }
+}
+
+/// A port free on 127.0.0.1 now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs one command with `redis-cli` against 127.0.0.1:`port`; its output, or `None` if
+/// it could not run.
+fn cli_on(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Drop for RedisServer {
@@ -223,9 +234,19 @@ impl RedisCluster {
     pub fn start(name: &str, shards: usize) -> Option<RedisCluster> {
         let nodes = (0..shards)
             .map(|i| {
+                // The cluster bus' port is its own free port (by default it is the port +
+                // 10000, which may be taken, or past 65535).
+                let bus = free_port().to_string();
                 RedisServer::start_with(
                     &format!("{name}-{i}"),
-                    &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-node-timeout",
+                        "2000",
+                        "--cluster-port",
+                        &bus,
+                    ],
                 )
             })
             .collect::<Option<Vec<_>>>()?;
@@ -339,5 +360,104 @@ impl RedisCluster {
         for n in (0..self.nodes.len()).filter(|&n| n != from && n != to) {
             ok(n, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
         }
+    }
+}
+
+/// One master, one replica of it and one sentinel watching it (quorum 1, down after 1 s),
+/// each a private process killed when dropped: enough for a real failover.
+#[derive(Debug)]
+pub struct RedisSentinel {
+    /// The master (until a failover).
+    pub master: RedisServer,
+    /// Its replica (the master after a failover).
+    pub replica: RedisServer,
+    /// The sentinel's port.
+    pub port: u16,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl RedisSentinel {
+    /// The name the sentinel knows the master by.
+    pub const MASTER: &'static str = "pabal";
+
+    /// Starts the three and waits until the replica is in sync and the sentinel names
+    /// the master. `None` (after [`crate::skip`]) where `redis-server` is missing.
+    pub fn start(name: &str) -> Option<RedisSentinel> {
+        let master = RedisServer::start(&format!("{name}-master"))?;
+        let mport = master.port.to_string();
+        let replica = RedisServer::start_with(
+            &format!("{name}-replica"),
+            &["--replicaof", "127.0.0.1", &mport],
+        )?;
+        let port = free_port();
+        let dir = TempDir::new(&format!("sentinel-{name}"));
+        let conf = dir.path("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
+                 sentinel monitor {m} 127.0.0.1 {mport} 1\n\
+                 sentinel down-after-milliseconds {m} 1000\n\
+                 sentinel failover-timeout {m} 3000\n",
+                dir.path("").display(),
+                m = Self::MASTER,
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel starts");
+        let sentinel = RedisSentinel {
+            master,
+            replica,
+            port,
+            child,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + WAIT;
+        while !sentinel
+            .replica
+            .try_cli(&["INFO", "replication"])
+            .is_some_and(|i| i.contains("master_link_status:up"))
+            || sentinel.master_port() != Some(sentinel.master.port)
+            || !sentinel
+                .sentinel_cli(&["SENTINEL", "replicas", Self::MASTER])
+                .is_some_and(|r| r.contains(&sentinel.replica.port.to_string()))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the sentinel never saw master and replica"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(sentinel)
+    }
+
+    /// The cluster's address for the relay: `sentinel://127.0.0.1:<port>/pabal`.
+    pub fn url(&self) -> String {
+        format!("sentinel://127.0.0.1:{}/{}", self.port, Self::MASTER)
+    }
+
+    /// The master's port as the sentinel names it now.
+    pub fn master_port(&self) -> Option<u16> {
+        let out = self.sentinel_cli(&["SENTINEL", "get-master-addr-by-name", Self::MASTER])?;
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+
+    fn sentinel_cli(&self, args: &[&str]) -> Option<String> {
+        cli_on(self.port, args)
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

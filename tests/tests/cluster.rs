@@ -90,18 +90,11 @@ per_backend! {
         let mut i = 0;
         while acked.len() < 40 {
             assert!(Instant::now() < deadline, "publishes never recovered");
-            let id = p.publish(pa, format!("after-{i}").into_bytes());
-            i += 1;
-            match p.wait_for(|e| matches!(e, Event::Error(err) if err.reference == id)
-                || matches!(e, Event::PubAck { msg_id, .. } if *msg_id == id))
-            {
-                Event::PubAck { seq, .. } => acked.push(seq),
-                Event::Error(err) => {
-                    assert_eq!(err.message.as_str(), "unavailable");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                _ => unreachable!(),
+            match p.publish_or_unavailable(pa, format!("after-{i}").into_bytes()) {
+                Some(seq) => acked.push(seq),
+                None => std::thread::sleep(Duration::from_millis(20)),
             }
+            i += 1;
         }
         let deadline = Instant::now() + WAIT;
         while pabal_testkit::http::get_anonymous(ops, "/readyz").status != 200 {

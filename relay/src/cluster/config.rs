@@ -30,6 +30,10 @@ pub enum Topology {
     /// runs each room's script on the shard of its hash slot, subscribes with sharded
     /// pub/sub (`SSUBSCRIBE`) and follows `MOVED` and `ASK`.
     Cluster,
+    /// One Redis master behind Sentinel: `cluster.redis` holds the sentinels,
+    /// `sentinel://host:port/<master-name>` (one master name); the engine asks them where
+    /// the master is at start and again whenever its connection is lost (a failover).
+    Sentinel,
 }
 
 /// `[cluster]`: present, the relay is one node of a cluster on the engine; absent, it runs
@@ -39,10 +43,11 @@ pub enum Topology {
 pub struct ClusterConfig {
     /// The engine. Default `redis` (the only one).
     pub engine: EngineKind,
-    /// How Redis is deployed: `single` or `cluster`. Default `single`.
+    /// How Redis is deployed: `single`, `cluster` or `sentinel`. Default `single`.
     pub topology: Topology,
     /// The engine's addresses, `redis://host:port` (port 6379 if left out): exactly one
-    /// with `topology = "single"`; one or more seeds of a Redis Cluster with `"cluster"`.
+    /// with `topology = "single"`; one or more seeds of a Redis Cluster with `"cluster"`;
+    /// the sentinels, `sentinel://host[:port]/<master-name>`, with `"sentinel"`.
     /// Default `["redis://127.0.0.1:6379"]`.
     pub redis: Vec<String>,
     /// This node's name, unique in the cluster: it tags the node's publishes so that the
@@ -98,6 +103,28 @@ impl std::fmt::Display for RedisAddr {
     }
 }
 
+/// Parses `sentinel://host[:port]/<master-name>` (port 26379 if left out): the sentinel's
+/// address and the master's name.
+pub fn parse_sentinel_url(url: &str) -> Result<(RedisAddr, String), String> {
+    let rest = url
+        .strip_prefix("sentinel://")
+        .ok_or_else(|| format!("`{url}` does not start with sentinel://"))?;
+    let (addr, name) = rest
+        .split_once('/')
+        .filter(|(_, n)| !n.is_empty() && !n.contains(['/', '?', '@']))
+        .ok_or_else(|| format!("`{url}`: needs sentinel://host[:port]/<master-name>"))?;
+    let has_port = addr
+        .rsplit_once(':')
+        .is_some_and(|(h, _)| !h.ends_with(']') || addr.starts_with('['))
+        && !addr.ends_with(']');
+    let url = if has_port {
+        format!("redis://{addr}")
+    } else {
+        format!("redis://{addr}:26379")
+    };
+    Ok((parse_redis_url(&url)?, name.to_owned()))
+}
+
 /// Parses `redis://host[:port]` (no user, password or database in this version).
 pub fn parse_redis_url(url: &str) -> Result<RedisAddr, String> {
     let rest = url
@@ -142,8 +169,12 @@ impl ClusterConfig {
                     .into(),
             ));
         }
-        for url in &self.redis {
-            parse_redis_url(url).map_err(|e| invalid("cluster.redis", e))?;
+        if self.topology == Topology::Sentinel {
+            self.sentinels().map_err(|e| invalid("cluster.redis", e))?;
+        } else {
+            for url in &self.redis {
+                parse_redis_url(url).map_err(|e| invalid("cluster.redis", e))?;
+            }
         }
         match (self.topology, self.redis.len()) {
             (_, 0) => {
@@ -152,7 +183,7 @@ impl ClusterConfig {
                     "needs the engine's address".into(),
                 ));
             }
-            (Topology::Single, 1) | (Topology::Cluster, _) => {}
+            (Topology::Single, 1) | (Topology::Cluster | Topology::Sentinel, _) => {}
             (Topology::Single, _) => {
                 return Err(invalid(
                     "cluster.redis",
@@ -203,12 +234,31 @@ impl ClusterConfig {
         Ok(())
     }
 
-    /// The engine's addresses (validated): the one Redis, or a Redis Cluster's seeds.
+    /// The engine's addresses (validated): the one Redis, a Redis Cluster's seeds, or the
+    /// sentinels.
     pub fn redis_addrs(&self) -> Result<Vec<RedisAddr>, String> {
         if self.redis.is_empty() {
             return Err("cluster.redis: no address".into());
         }
+        if self.topology == Topology::Sentinel {
+            return Ok(self.sentinels()?.0);
+        }
         self.redis.iter().map(|u| parse_redis_url(u)).collect()
+    }
+
+    /// The sentinels' addresses and the one master name they all give.
+    pub fn sentinels(&self) -> Result<(Vec<RedisAddr>, String), String> {
+        let mut name: Option<String> = None;
+        let mut addrs = Vec::new();
+        for url in &self.redis {
+            let (addr, n) = parse_sentinel_url(url)?;
+            if name.as_ref().is_some_and(|m| *m != n) {
+                return Err(format!("`{url}`: every sentinel must name the same master"));
+            }
+            name = Some(n);
+            addrs.push(addr);
+        }
+        Ok((addrs, name.ok_or("no sentinel address")?))
     }
 
     /// This node's id: the configured one, or one unique to this start.
@@ -240,6 +290,22 @@ mod tests {
         assert!(parse_redis_url("http://db:1").is_err());
         assert!(parse_redis_url("redis://u:p@db:1").is_err());
         assert!(parse_redis_url("redis://db:x").is_err());
+        assert_eq!(
+            parse_sentinel_url("sentinel://10.0.0.7/main").unwrap(),
+            (
+                RedisAddr {
+                    host: "10.0.0.7".into(),
+                    port: 26379
+                },
+                "main".into()
+            )
+        );
+        assert_eq!(
+            parse_sentinel_url("sentinel://s:5000/main").unwrap().0.port,
+            5000
+        );
+        assert!(parse_sentinel_url("sentinel://s:5000").is_err());
+        assert!(parse_sentinel_url("redis://s:5000/main").is_err());
     }
 
     #[test]
@@ -266,6 +332,17 @@ mod tests {
             ..seeds
         };
         assert_eq!(field(&bad_seed, StorageMode::Memory), "cluster.redis");
+        let sentinels = ClusterConfig {
+            topology: Topology::Sentinel,
+            redis: vec!["sentinel://a:1/m".into(), "sentinel://b:1/m".into()],
+            ..ok.clone()
+        };
+        sentinels.validate(StorageMode::Memory).unwrap();
+        let two_masters = ClusterConfig {
+            redis: vec!["sentinel://a:1/m".into(), "sentinel://b:1/n".into()],
+            ..sentinels
+        };
+        assert_eq!(field(&two_masters, StorageMode::Memory), "cluster.redis");
         let bad_id = ClusterConfig {
             node_id: Some("a b".into()),
             ..ok.clone()

@@ -2,7 +2,9 @@
 //! it needs on mio, fed by the worker once per loop tick and answering through a channel
 //! and the worker's wakeup.
 //!
-//! With `cluster.topology = "single"` that is one Redis. With `"cluster"` it is every
+//! With `cluster.topology = "single"` that is one Redis; with `"sentinel"` it is the one
+//! master the sentinels name (asked again whenever its connection is lost or it answers
+//! `READONLY`: a failover moves it). With `"cluster"` it is every
 //! shard's master of a Redis Cluster: the slot map comes from the seeds (`CLUSTER SLOTS`,
 //! [`super::slots`]); each room's commands go to the shard of its hash slot, its channel
 //! is subscribed there with sharded pub/sub (`SSUBSCRIBE`; the script `SPUBLISH`es); a
@@ -66,13 +68,17 @@ impl EngineHandle {
         stats: Arc<ClusterStats>,
     ) -> io::Result<Self> {
         let seeds = config.redis_addrs().map_err(io::Error::other)?;
+        let master_name = match config.topology {
+            Topology::Sentinel => Some(config.sentinels().map_err(io::Error::other)?.1),
+            _ => None,
+        };
         // One Redis serves every slot; a cluster's map is read by the engine thread.
         let (map, shards) = match config.topology {
             Topology::Single => (
                 Some(SlotMap::single(seeds[0].clone())),
                 vec![Shard::new(seeds[0].clone())],
             ),
-            Topology::Cluster => (None, Vec::new()),
+            Topology::Cluster | Topology::Sentinel => (None, Vec::new()),
         };
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
@@ -84,7 +90,8 @@ impl EngineHandle {
             node_id: node_id.to_owned(),
             worker,
             topology: config.topology,
-            refresh_due: config.topology == Topology::Cluster,
+            master_name,
+            refresh_due: config.topology != Topology::Single,
             seeds,
             config: config.clone(),
             poll,
@@ -213,7 +220,9 @@ struct Engine {
     node_id: String,
     worker: usize,
     topology: Topology,
-    /// `cluster.redis`: the one Redis, or the cluster's seeds.
+    /// The master's name behind Sentinel.
+    master_name: Option<String>,
+    /// `cluster.redis`: the one Redis, the cluster's seeds, or the sentinels.
     seeds: Vec<RedisAddr>,
     config: ClusterConfig,
     poll: Poll,
@@ -378,7 +387,7 @@ impl Engine {
     /// its slot's shard), plain pub/sub on one Redis.
     fn sub_verbs(&self) -> (&'static [u8], &'static [u8]) {
         match self.topology {
-            Topology::Single => (b"SUBSCRIBE", b"UNSUBSCRIBE"),
+            Topology::Single | Topology::Sentinel => (b"SUBSCRIBE", b"UNSUBSCRIBE"),
             Topology::Cluster => (b"SSUBSCRIBE", b"SUNSUBSCRIBE"),
         }
     }
@@ -392,17 +401,27 @@ impl Engine {
         }
     }
 
-    /// Reads the slot map from the seeds (and the shards known), bounded by
-    /// `cluster.connect_timeout` per address; on success the shards are renumbered and
-    /// every channel routed again.
+    /// Reads the slot map from the seeds (and the shards known), or asks the sentinels
+    /// where the master is, bounded by `cluster.connect_timeout` per address; on a change
+    /// the shards are renumbered and every channel routed again.
     fn refresh_map(&mut self, now: Instant) {
-        let mut seeds = self.seeds.clone();
-        for s in &self.shards {
-            if !seeds.contains(&s.addr) {
-                seeds.push(s.addr.clone());
+        let timeout = self.config.connect_timeout;
+        let (found, what) = match &self.master_name {
+            Some(name) => (
+                slots::ask_sentinels(&self.seeds, name, timeout),
+                "sentinel (SENTINEL get-master-addr-by-name)",
+            ),
+            None => {
+                let mut seeds = self.seeds.clone();
+                for s in &self.shards {
+                    if !seeds.contains(&s.addr) {
+                        seeds.push(s.addr.clone());
+                    }
+                }
+                (slots::discover(&seeds, timeout), "slot map (CLUSTER SLOTS)")
             }
-        }
-        match slots::discover(&seeds, self.config.connect_timeout) {
+        };
+        match found {
             Ok(map) => {
                 self.refresh_due = false;
                 // At most one refresh per this long, however many MOVEDs arrive.
@@ -413,8 +432,9 @@ impl Engine {
                 if self.map.as_ref() != Some(&map) {
                     tracing::info!(
                         worker = self.worker,
-                        shards = map.shards.len(),
-                        "engine topology: a Redis Cluster (cluster.topology = \"cluster\"), slot map read"
+                        shards = ?map.shards,
+                        topology = ?self.topology,
+                        "engine topology read (cluster.topology)"
                     );
                     self.apply_map(map);
                 } else {
@@ -426,8 +446,7 @@ impl Engine {
                     host: String::new(),
                     port: 0,
                 });
-                self.map_retry =
-                    self.backoff(self.map_retry, &addr, &e, "slot map (CLUSTER SLOTS)");
+                self.map_retry = self.backoff(self.map_retry, &addr, &e, what);
             }
         }
     }
@@ -576,9 +595,10 @@ impl Engine {
     }
 
     /// A shard's connection failed: on a Redis Cluster its slots may have moved to a
-    /// promoted replica, so the map is read again (from any node that answers).
+    /// promoted replica, behind Sentinel the master may have, so the map is read again
+    /// (from any node, or sentinel, that answers).
     fn lost_shard(&mut self) {
-        if self.topology == Topology::Cluster {
+        if self.topology != Topology::Single {
             self.refresh_due = true;
         }
     }
@@ -722,7 +742,7 @@ impl Engine {
         script::repeat_key(repeat, req.repeat.as_ref());
         let (mut d1, mut d2, mut d3, mut d4) = ([0; 20], [0; 20], [0; 20], [0; 20]);
         let verb: &[u8] = match self.topology {
-            Topology::Single => b"PUBLISH",
+            Topology::Single | Topology::Sentinel => b"PUBLISH",
             Topology::Cluster => b"SPUBLISH",
         };
         encode_script(
@@ -1009,6 +1029,10 @@ impl Engine {
                     _ => {
                         self.stats.errors.fetch_add(1, Ordering::Relaxed);
                         self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        if matches!(&reply, Value::Error(e) if e.starts_with(b"READONLY")) {
+                            // A replica now (a failover): ask where the master went.
+                            self.lost_shard();
+                        }
                         tracing::warn!(worker = self.worker, reply = ?reply, "engine refused a publish");
                         self.out
                             .push(EngineEvent::PublishFailed { ticket: req.ticket });
@@ -1097,7 +1121,7 @@ impl Engine {
                 }
                 _ => {
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    self.refresh_due |= self.topology == Topology::Cluster;
+                    self.lost_shard();
                     tracing::warn!(worker = self.worker, error = %String::from_utf8_lossy(e), "the pub/sub connection refused a subscription");
                 }
             }

@@ -53,7 +53,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use bytes::Bytes;
 use pabal_codec::Text;
 
-pub use config::{ClusterConfig, EngineKind, RedisAddr, Topology, parse_redis_url};
+pub use config::{
+    ClusterConfig, EngineKind, RedisAddr, Topology, parse_redis_url, parse_sentinel_url,
+};
 pub use engine::EngineHandle;
 
 use crate::ids::RoomName;

@@ -2,7 +2,9 @@
 //! room; a Redis Cluster splits the 16384 hash slots over its shards, and a room's keys
 //! and channel share one slot (the CRC16 of their hash tag `{r:<name>}`), so each room's
 //! script and stream live on one shard. The slot map is read from a seed with
-//! `CLUSTER SLOTS` at start, after a `MOVED` and when a shard is lost.
+//! `CLUSTER SLOTS` at start, after a `MOVED` and when a shard is lost. Behind Sentinel,
+//! the one Redis is the master the sentinels name (`SENTINEL get-master-addr-by-name`),
+//! asked at start and whenever its connection is lost or it answers as a replica.
 //!
 //! Owns: the slot function, the slot map and its discovery. Must not touch: the engine's
 //! connections (discovery uses a short blocking connection of its own, on the engine
@@ -125,19 +127,57 @@ impl SlotMap {
 /// Asks the seeds, in turn, for the cluster's slot map (`CLUSTER SLOTS`); each attempt is
 /// bounded by `timeout` (connect, write and read).
 pub fn discover(seeds: &[RedisAddr], timeout: Duration) -> io::Result<SlotMap> {
-    let mut last = io::Error::other("no seed address");
-    for seed in seeds {
-        match ask_slots(seed, timeout) {
+    first_answer(seeds, |seed| {
+        let reply = request(seed, timeout, &[b"CLUSTER", b"SLOTS"])?;
+        SlotMap::from_cluster_slots(&reply, seed).ok_or_else(|| {
+            io::Error::other("CLUSTER SLOTS: a malformed answer, or slots nobody serves")
+        })
+    })
+}
+
+/// Asks the sentinels, in turn, where the master named `name` is now (`SENTINEL
+/// get-master-addr-by-name`): a map of that one Redis.
+pub fn ask_sentinels(
+    sentinels: &[RedisAddr],
+    name: &str,
+    timeout: Duration,
+) -> io::Result<SlotMap> {
+    first_answer(sentinels, |sentinel| {
+        let reply = request(
+            sentinel,
+            timeout,
+            &[b"SENTINEL", b"get-master-addr-by-name", name.as_bytes()],
+        )?;
+        let addr = reply.array().and_then(|a| {
+            let host = std::str::from_utf8(a.first()?.bytes()?).ok()?.to_owned();
+            let port = u16::try_from(a.get(1)?.int()?).ok()?;
+            Some(RedisAddr { host, port })
+        });
+        addr.map(SlotMap::single)
+            .ok_or_else(|| io::Error::other(format!("the sentinel knows no master named `{name}`")))
+    })
+}
+
+/// The first of `addrs` for which `ask` succeeds, or the last error.
+fn first_answer(
+    addrs: &[RedisAddr],
+    mut ask: impl FnMut(&RedisAddr) -> io::Result<SlotMap>,
+) -> io::Result<SlotMap> {
+    let mut last = io::Error::other("no address");
+    for addr in addrs {
+        match ask(addr) {
             Ok(map) => return Ok(map),
-            Err(e) => last = io::Error::new(e.kind(), format!("{seed}: {e}")),
+            Err(e) => last = io::Error::new(e.kind(), format!("{addr}: {e}")),
         }
     }
     Err(last)
 }
 
-fn ask_slots(seed: &RedisAddr, timeout: Duration) -> io::Result<SlotMap> {
+/// One command on a short blocking connection of its own; its reply (a Redis error as
+/// an error).
+fn request(addr: &RedisAddr, timeout: Duration, args: &[&[u8]]) -> io::Result<Value> {
     let mut last = io::Error::other("the address resolves to nothing");
-    for a in (seed.host.as_str(), seed.port).to_socket_addrs()? {
+    for a in (addr.host.as_str(), addr.port).to_socket_addrs()? {
         let mut s = match TcpStream::connect_timeout(&a, timeout) {
             Ok(s) => s,
             Err(e) => {
@@ -148,7 +188,7 @@ fn ask_slots(seed: &RedisAddr, timeout: Duration) -> io::Result<SlotMap> {
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
         let mut out = BytesMut::new();
-        resp::encode(&mut out, [&b"CLUSTER"[..], &b"SLOTS"[..]].into_iter());
+        resp::encode(&mut out, args.iter().copied());
         s.write_all(&out)?;
         let mut buf = BytesMut::new();
         let mut chunk = [0u8; 16 * 1024];
@@ -163,14 +203,9 @@ fn ask_slots(seed: &RedisAddr, timeout: Duration) -> io::Result<SlotMap> {
             buf.extend_from_slice(&chunk[..n]);
         };
         if let Value::Error(e) = &reply {
-            return Err(io::Error::other(format!(
-                "CLUSTER SLOTS: {} (is cluster-enabled on?)",
-                String::from_utf8_lossy(e)
-            )));
+            return Err(io::Error::other(String::from_utf8_lossy(e).into_owned()));
         }
-        return SlotMap::from_cluster_slots(&reply, seed).ok_or_else(|| {
-            io::Error::other("CLUSTER SLOTS: a malformed answer, or slots nobody serves")
-        });
+        return Ok(reply);
     }
     Err(last)
 }
