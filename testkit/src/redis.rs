@@ -331,6 +331,13 @@ impl RedisCluster {
     /// `MIGRATE` of its keys, then `SETSLOT NODE` on every node), as `redis-cli --cluster
     /// reshard` does.
     pub fn migrate(&self, slot: u16, from: usize, to: usize) {
+        self.begin_migration(slot, from, to);
+        self.finish_migration(slot, to);
+    }
+
+    /// The first half of [`RedisCluster::migrate`]: `slot` is MIGRATING on `from` and
+    /// IMPORTING on `to`, and its keys have moved, so `from` answers `ASK` for them.
+    pub fn begin_migration(&self, slot: u16, from: usize, to: usize) {
         let slot = slot.to_string();
         let id = |n: usize| self.nodes[n].cli(&["CLUSTER", "MYID"]).trim().to_owned();
         let (from_id, to_id) = (id(from), id(to));
@@ -355,9 +362,18 @@ impl RedisCluster {
             args.extend(keys.iter().copied());
             ok(from, &args);
         }
+    }
+
+    /// The second half of [`RedisCluster::migrate`]: every node says `to` serves `slot`.
+    pub fn finish_migration(&self, slot: u16, to: usize) {
+        let slot = slot.to_string();
+        let to_id = self.nodes[to].cli(&["CLUSTER", "MYID"]).trim().to_owned();
+        let ok = |n: usize, args: &[&str]| {
+            let out = self.nodes[n].cli(args);
+            assert_eq!(out.trim(), "OK", "{args:?} on node {n}");
+        };
         ok(to, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
-        ok(from, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
-        for n in (0..self.nodes.len()).filter(|&n| n != from && n != to) {
+        for n in (0..self.nodes.len()).filter(|&n| n != to) {
             ok(n, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
         }
     }

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)] // reason: tests
 
 use bytes::Bytes;
+use pabal_codec::ClientSession;
 use pabal_relay::cluster::{ClusterConfig, Topology};
 use pabal_relay::io::BackendKind;
 use pabal_testkit::redis::{RedisCluster, filled_despite_killed_subscriptions};
@@ -115,21 +116,30 @@ per_backend! {
         let to = (from + 1) % cluster.nodes.len();
         let mut reader = Client::connect(b.addr, "reader");
         let alias = reader.join(&room);
-        let mut p = Client::connect(a.addr, "alice");
+        // A device with publish ids: the room's window key exists from the first publish,
+        // so mid-migration every key of the script is on one side (a key missing on the
+        // importing shard would make Redis answer TRYAGAIN, refused `unavailable`).
+        let mut p = Client::connect_with(a.addr, "alice", ClientSession::with_device(42, 0));
         let pa = p.join(&room);
         for i in 1..=10u64 {
             assert_eq!(p.publish_acked(pa, format!("alice-{}", i - 1).into_bytes()), i);
         }
         // The live room's slot moves to another shard, keys and all, as `redis-cli
-        // --cluster reshard` does it: both nodes' engines now hold a stale map and a
+        // --cluster reshard` does it: both nodes' engines hold a stale map and a
         // subscription on the old shard.
-        cluster.migrate(slot, from, to);
-        assert_eq!(cluster.owner_of(slot), to);
+        // Mid-migration the keys are on the importing shard, which the old one points to
+        // with ASK: the publishes follow it (ASKING).
+        cluster.begin_migration(slot, from, to);
         for i in 11..=20u64 {
             assert_eq!(p.publish_acked(pa, format!("alice-{}", i - 1).into_bytes()), i);
         }
-        let got = reader.read_through(alias, 20);
-        assert_eq!(got[&20], Bytes::from_static(b"alice-19"));
+        cluster.finish_migration(slot, to);
+        assert_eq!(cluster.owner_of(slot), to);
+        for i in 21..=30u64 {
+            assert_eq!(p.publish_acked(pa, format!("alice-{}", i - 1).into_bytes()), i);
+        }
+        let got = reader.read_through(alias, 30);
+        assert_eq!(got[&30], Bytes::from_static(b"alice-29"));
         keys_only_on(&cluster, slot, to);
     }
 }

@@ -906,7 +906,8 @@ impl Engine {
                         Some(conn) => {
                             resp::encode(&mut conn.wbuf, [&b"ASKING"[..]].into_iter());
                             self.shards[i].inflight.push_back((Pending::Asking, 0));
-                            self.resend(p, false, Some(i), hops);
+                            // EVAL, not EVALSHA: a NOSCRIPT's resend would lack the ASKING.
+                            self.resend(p, true, Some(i), hops);
                         }
                         // Not connected yet: it goes back to the slot's owner, which asks
                         // again (bounded by the hops).
