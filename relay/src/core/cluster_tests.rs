@@ -380,3 +380,80 @@ fn a_phone_ahead_of_this_node_is_not_sent_again_what_it_saw_on_another() {
         "2 and 3 were seen on the other node"
     );
 }
+
+#[test]
+fn a_resume_past_the_nodes_memory_reads_the_stream_one_page_at_a_time() {
+    let mut h = Harness::new(|c| {
+        c.cluster = Some(ClusterConfig {
+            fill_batch: 2,
+            ..ClusterConfig::default()
+        });
+        c.retention.max_messages = 3;
+    });
+    h.core.attach_cluster(Arc::new(ClusterStats::default()));
+    let bob = h.connect("bob", ClientSession::new());
+    let (room, _) = open_dm(&mut h, bob);
+    for seq in 1..=10 {
+        feed(
+            &mut h,
+            EngineEvent::Message {
+                room: room.clone(),
+                epoch: 77,
+                msg: other(seq, &format!("m{seq}")),
+            },
+        );
+    }
+    assert!(engine_cmds(&mut h).is_empty());
+    // The node remembers 8..=10; bob's other phone resumes from 2.
+    let phone = h.connect_forged("bob", &[entry("dm", 77, 2)]);
+    let mut answer = |h: &mut Harness, after: u64, msgs: &[u64]| {
+        let reader = match engine_cmds(h).as_slice() {
+            [
+                EngineCmd::Read {
+                    after: a, reader, ..
+                },
+            ] if *a == after => *reader,
+            other => panic!("one page read after {after} in flight, not {other:?}"),
+        };
+        feed(
+            h,
+            EngineEvent::Read {
+                room: room.clone(),
+                after,
+                reader,
+                msgs: msgs.iter().map(|&s| other(s, &format!("m{s}"))).collect(),
+            },
+        );
+    };
+    // The stream no longer holds 3; it pages 4..=7 two at a time, each page asked for only
+    // once the one before is written.
+    answer(&mut h, 2, &[4, 5]);
+    answer(&mut h, 5, &[6, 7]);
+    // From 8 on, the node's memory answers.
+    assert!(engine_cmds(&mut h).is_empty());
+    let frames = h.frames(phone);
+    let gaps: Vec<(u64, u64)> = frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Gap(g) => Some((g.from, g.to)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        gaps,
+        vec![(3, 3)],
+        "a GAP for exactly what the stream dropped"
+    );
+    let bodies: Vec<&[u8]> = frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Deliver(d) => Some(&d.payload[..]),
+            _ => None,
+        })
+        .collect();
+    let want: Vec<String> = (4..=10).map(|s| format!("m{s}")).collect();
+    assert_eq!(
+        bodies,
+        want.iter().map(|s| s.as_bytes()).collect::<Vec<_>>()
+    );
+}
