@@ -33,6 +33,17 @@ fn other(seq: u64, body: &str) -> EngineMessage {
     }
 }
 
+/// The bodies of the DELIVERs among `frames`, in order.
+fn delivered(frames: &[ServerFrame]) -> Vec<&[u8]> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Deliver(d) => Some(&d.payload[..]),
+            _ => None,
+        })
+        .collect()
+}
+
 fn seqs(messages: Vec<(u64, Bytes)>) -> Vec<u64> {
     messages.into_iter().map(|(s, _)| s).collect()
 }
@@ -367,13 +378,7 @@ fn a_phone_ahead_of_this_node_is_not_sent_again_what_it_saw_on_another() {
         !frames.iter().any(|f| matches!(f, ServerFrame::Room(_))),
         "no ROOM rewinding its cursor: {frames:?}"
     );
-    let bodies: Vec<&[u8]> = frames
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::Deliver(d) => Some(&d.payload[..]),
-            _ => None,
-        })
-        .collect();
+    let bodies = delivered(&frames);
     assert_eq!(
         bodies,
         vec![&b"four"[..]],
@@ -406,7 +411,7 @@ fn a_resume_past_the_nodes_memory_reads_the_stream_one_page_at_a_time() {
     assert!(engine_cmds(&mut h).is_empty());
     // The node remembers 8..=10; bob's other phone resumes from 2.
     let phone = h.connect_forged("bob", &[entry("dm", 77, 2)]);
-    let mut answer = |h: &mut Harness, after: u64, msgs: &[u64]| {
+    let answer = |h: &mut Harness, after: u64, msgs: &[u64]| {
         let reader = match engine_cmds(h).as_slice() {
             [
                 EngineCmd::Read {
@@ -444,13 +449,7 @@ fn a_resume_past_the_nodes_memory_reads_the_stream_one_page_at_a_time() {
         vec![(3, 3)],
         "a GAP for exactly what the stream dropped"
     );
-    let bodies: Vec<&[u8]> = frames
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::Deliver(d) => Some(&d.payload[..]),
-            _ => None,
-        })
-        .collect();
+    let bodies = delivered(&frames);
     let want: Vec<String> = (4..=10).map(|s| format!("m{s}")).collect();
     assert_eq!(
         bodies,
