@@ -1,58 +1,209 @@
-//! What the cluster's engine costs: acknowledged publishes per second and publish-to-PUBACK
-//! latency for one relay alone (memory mode), one node on Redis, and three nodes on one
-//! Redis (publishers spread over the nodes), and Redis' own CPU per publish.
+//! What the cluster's engine costs, in three parts.
 //!
-//! Each relay node has one worker; Redis is a private `redis-server`
-//! (`pabal_testkit::redis`: `appendonly yes`, `appendfsync always`, the recommended
-//! production setting) in a temporary directory under `TMPDIR`. 16 publisher connections,
-//! each in its own room; each case runs saturated (64 unacknowledged publishes each) for the
-//! rate, then paced at half that rate for the percentiles. Redis' CPU per publish is read
-//! from `INFO commandstats` (the publish script's `usec_per_call`) and `INFO cpu`
-//! (`used_cpu_user + used_cpu_sys` over the saturated phase, divided by its publishes).
+//! 1. **Fan-out across nodes** (each backend in a process of its own): the shapes of
+//!    `relay_fanout` (`channel-1000`, `rooms-100x100`; publishers are devices, 32-byte
+//!    payloads carrying the intended send time) against one relay alone (memory mode), one
+//!    node on Redis, and three nodes on that Redis, subscribers and publishers spread round
+//!    robin over the nodes; every node one worker, unpinned. Each runs saturated (a window
+//!    of unacknowledged publishes per publisher) for deliveries/s and messages/s, then open
+//!    loop at **one rate for all three rows: half of the one-node-on-Redis saturated
+//!    message rate**, for publish-to-delivery p50/p99 from each message's intended send time.
+//!    The engine's added latency is the `1 node` row's minus the `alone` row's at that rate.
+//!    Redis' CPU per message from `INFO cpu` over the saturated phase. A third shape,
+//!    `rooms-12x1` (12 rooms of one publisher and one subscriber), is there for the
+//!    engine's added latency: the big fan-outs' percentiles are dominated by the one reader
+//!    thread that drains 1,000 sockets, which hides a millisecond.
+//! 2. **One Redis shard's capacity through the script** (in the parent process, no relay):
+//!    8 connections, 64 pipelined `EVALSHA` each, over 1,000 rooms, three connections
+//!    subscribed to every room's channel; the script as the relay runs it (with and without
+//!    a device's publish id) and without its `XADD`, its `PUBLISH`, or both. Calls/s, Redis
+//!    CPU per call (`INFO cpu`), the script's own time per call (`INFO commandstats`).
+//!
+//! Redis is a private `redis-server` (`pabal_testkit::redis`: `appendonly yes`,
+//! `appendfsync always`, the recommended production setting), flushed between rows.
 //!
 //! `cargo bench -p pabal-benches --bench relay_cluster` (`PABAL_BENCH_SECS` sets each
-//! phase's length, default 3). Everything shares this machine's cores: on a small machine
-//! the three-node row measures contention as much as the engine.
+//! phase's length, default 3; an argument `fanout` or `capacity` runs only that part;
+//! `PABAL_BENCH_SHAPE=rooms-12x1` only that shape; `PABAL_BENCH_RATE=1000` paces every row
+//! at that many messages/s instead of half the one-node rate).
+//! Everything shares this machine's cores (Redis, the nodes, the load): on a small machine
+//! the three-node rows measure contention as much as the engine. Print the load average
+//! next to any figure you quote.
 
 #![allow(clippy::unwrap_used)] // reason: a benchmark driver fails loudly
 
 mod common;
 
-use common::publish::{backend_name, phase};
+use common::fanout::{
+    Outcome, Reader, Scenario, channel_1000, device_of, rooms_100x100, run_phase,
+};
+use common::publish::backend_name;
+use common::redis_capacity::{self, redis_cpu};
+use mio::net::TcpStream as MioStream;
 use pabal_relay::cluster::ClusterConfig;
+use pabal_relay::io::BackendKind;
 use pabal_relay::runtime::RelayHandle;
 use pabal_testkit::redis::RedisServer;
 
-/// A field of an `INFO` answer (`name:value` lines), or of a `k=v,...` value.
-fn info_field(info: &str, line: &str, key: Option<&str>) -> f64 {
-    let Some(value) = info
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(line)?.strip_prefix(':'))
-    else {
-        return 0.0;
-    };
-    match key {
-        None => value.trim().parse().unwrap_or(0.0),
-        Some(k) => value
-            .split(',')
-            .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0),
+/// The rows of each shape: name, nodes (0: alone, no engine). The one-node row runs first:
+/// its saturated rate sets the paced rate of all three.
+const ROWS: [(&str, usize); 3] = [("1 node+redis", 1), ("alone", 0), ("3 nodes+redis", 3)];
+
+/// 12 rooms, each one publisher and one subscriber: publish-to-deliver with no fan-out to
+/// queue behind (12 publishers keep 3,072 publishes in flight when saturated, under a
+/// node worker's `cluster.max_in_flight` of 4,096).
+fn rooms_12x1() -> Scenario {
+    let room = |k: usize| vec![(false, format!("room:pair{k}"))];
+    Scenario {
+        name: "rooms-12x1",
+        publishers: (0..12).map(|k| (format!("w{k}"), room(k))).collect(),
+        subscribers: (0..12).map(|k| (format!("r{k}"), room(k))).collect(),
     }
 }
 
-/// Redis' CPU seconds so far and the publish script's calls and microseconds.
-fn redis_cpu(redis: &RedisServer) -> (f64, f64, f64) {
-    let cpu = redis.cli(&["INFO", "cpu"]);
-    let stats = redis.cli(&["INFO", "commandstats"]);
-    let script = |k| {
-        info_field(&stats, "cmdstat_evalsha", Some(k)) + info_field(&stats, "cmdstat_eval", Some(k))
+/// The load average (1, 5, 15 min), to print beside the figures.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Starts `nodes` relays (one alone when 0) and runs `scenario` saturated, then paced at
+/// `paced_rate` messages/s (half of its own saturated rate when `None`). Returns both
+/// outcomes and Redis' CPU µs per message of the saturated phase.
+fn one_row(
+    backend: BackendKind,
+    redis: &RedisServer,
+    scenario: &Scenario,
+    nodes: usize,
+    secs: f64,
+    paced_rate: Option<f64>,
+) -> (Outcome, Outcome, f64) {
+    redis.cli(&["FLUSHALL"]);
+    let relays: Vec<RelayHandle> = (0..nodes.max(1))
+        .map(|i| {
+            let mut config = common::relay_config(backend);
+            config.pin_workers = false;
+            config.limits.max_rooms_per_user = 100;
+            if nodes > 0 {
+                config.cluster = Some(ClusterConfig {
+                    redis: vec![redis.url()],
+                    node_id: Some(format!("bench-{i}")),
+                    // The saturated phases keep up to 3,072 publishes in flight on one
+                    // worker; the default bound (4,096) refused some under a loaded machine.
+                    max_in_flight: 65_536,
+                    ..ClusterConfig::default()
+                });
+            }
+            RelayHandle::start(config).unwrap()
+        })
+        .collect();
+    let addrs: Vec<_> = relays.iter().map(|r| r.local_addr()).collect();
+    let mut readers: Vec<Reader> = scenario
+        .subscribers
+        .iter()
+        .enumerate()
+        .map(|(i, (user, rooms))| {
+            let s = common::pabal_client(addrs[i % addrs.len()], user, rooms);
+            s.set_nonblocking(true).unwrap();
+            Reader {
+                stream: MioStream::from_std(s),
+                received: Vec::new(),
+                acked: Vec::new(),
+                out: Vec::new(),
+            }
+        })
+        .collect();
+    let mut publishers: Vec<_> = scenario
+        .publishers
+        .iter()
+        .enumerate()
+        .map(|(p, (user, rooms))| {
+            let addr = addrs[p % addrs.len()];
+            let s = common::pabal_device(addr, user, rooms, device_of(user));
+            (s, (0..rooms.len() as u32).collect::<Vec<u32>>())
+        })
+        .collect();
+    let before = redis_cpu(redis);
+    let saturated = run_phase(&mut publishers, &mut readers, secs, None, false);
+    let after = redis_cpu(redis);
+    let cpu_per_msg = if nodes == 0 || saturated.messages == 0 {
+        0.0
+    } else {
+        (after.0 - before.0) * 1e6 / saturated.messages as f64
     };
-    (
-        info_field(&cpu, "used_cpu_user", None) + info_field(&cpu, "used_cpu_sys", None),
-        script("calls"),
-        script("usec"),
-    )
+    let rate = paced_rate.unwrap_or(saturated.messages as f64 / saturated.secs / 2.0);
+    let paced = run_phase(&mut publishers, &mut readers, secs, Some(rate), false);
+    drop(readers);
+    drop(publishers);
+    for relay in relays {
+        relay.stop().unwrap();
+    }
+    (saturated, paced, cpu_per_msg)
+}
+
+fn fanout(backend: BackendKind, secs: f64) {
+    let Some(redis) = RedisServer::start("bench-fanout") else {
+        return;
+    };
+    let shape = std::env::var("PABAL_BENCH_SHAPE").ok();
+    let fixed_rate: Option<f64> = std::env::var("PABAL_BENCH_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok());
+    for scenario in [rooms_12x1(), channel_1000(), rooms_100x100()] {
+        if shape.as_deref().is_some_and(|s| s != scenario.name) {
+            continue;
+        }
+        let mut paced_rate = fixed_rate;
+        for (shape, nodes) in ROWS {
+            let (sat, paced, cpu) = one_row(backend, &redis, &scenario, nodes, secs, paced_rate);
+            let msg_rate = sat.messages as f64 / sat.secs;
+            let rate = *paced_rate.get_or_insert(msg_rate / 2.0);
+            let q = |o: &Outcome, p: f64| o.latency.value_at_quantile(p) as f64 / 1000.0;
+            println!(
+                "{:<8} {:<13} {:<13} {:>11.0} {:>9.0} | {:>8.0} {:>11.0} {:>7.2} {:>7.2} {:>8.2} | \
+                 {:>9.1}  load {}",
+                backend_name(backend),
+                scenario.name,
+                shape,
+                sat.deliveries as f64 / sat.secs,
+                msg_rate,
+                rate,
+                paced.deliveries as f64 / paced.secs,
+                q(&paced, 0.5),
+                q(&paced, 0.99),
+                paced.latency.max() as f64 / 1000.0,
+                cpu,
+                load_average(),
+            );
+        }
+    }
+}
+
+fn capacity(secs: f64) {
+    let Some(redis) = RedisServer::start("bench-capacity") else {
+        return;
+    };
+    println!(
+        "\none Redis shard through the publish script (8 connections x 64 pipelined EVALSHA, \
+         1,000 rooms, 3 subscribers per channel)"
+    );
+    println!(
+        "{:<20} {:>10} {:>15} {:>15} {:>18}",
+        "variant", "calls/s", "redis CPU us", "script us/call", "1 core at that CPU"
+    );
+    for variant in redis_capacity::variants() {
+        let c = redis_capacity::measure(&redis, &variant, secs);
+        println!(
+            "{:<20} {:>10.0} {:>15.2} {:>15.2} {:>16.0}/s  load {}",
+            variant.name,
+            c.per_s,
+            c.cpu_us,
+            c.script_us,
+            1e6 / c.cpu_us.max(0.001),
+            load_average(),
+        );
+    }
 }
 
 fn main() {
@@ -60,74 +211,30 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3.0);
+    let part: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let wants = |p: &str| part.as_deref().is_none_or(|w| w == p);
     let Some(backend) = common::child_backend() else {
-        println!(
-            "{:<8} {:<14} {:>14} | {:>10} {:>8} {:>8} {:>8} | {:>13} {:>13}",
-            "backend",
-            "shape",
-            "acked/s (sat)",
-            "paced/s",
-            "p50 ms",
-            "p99 ms",
-            "max ms",
-            "script us/pub",
-            "redis us/pub"
-        );
-        common::run_each_backend_in_its_own_process(&[]);
-        return;
-    };
-    let Some(redis) = RedisServer::start("bench") else {
-        return;
-    };
-    for (round, (shape, nodes)) in [("alone", 0usize), ("1 node+redis", 1), ("3 nodes+redis", 3)]
-        .into_iter()
-        .enumerate()
-    {
-        let relays: Vec<RelayHandle> = (0..nodes.max(1))
-            .map(|i| {
-                let mut config = common::relay_config(backend);
-                config.pin_workers = false;
-                if nodes > 0 {
-                    config.cluster = Some(ClusterConfig {
-                        redis: vec![redis.url()],
-                        node_id: Some(format!("bench-{round}-{i}")),
-                        ..ClusterConfig::default()
-                    });
-                }
-                RelayHandle::start(config).unwrap()
-            })
-            .collect();
-        let addrs: Vec<_> = relays.iter().map(|r| r.local_addr()).collect();
-        let before = redis_cpu(&redis);
-        let sat = phase(&addrs, 32, secs, None, round * 2);
-        let after = redis_cpu(&redis);
-        let rate = sat.rate();
-        let paced = phase(&addrs, 32, secs, Some(rate / 2.0), round * 2 + 1);
-        let per_pub = |d: f64| {
-            if nodes == 0 || sat.acked == 0 {
-                0.0
-            } else {
-                d / sat.acked as f64
-            }
-        };
-        println!(
-            "{:<8} {:<14} {:>14.0} | {:>10.0} {:>8.2} {:>8.2} {:>8.2} | {:>13.1} {:>13.1}",
-            backend_name(backend),
-            shape,
-            rate,
-            paced.rate(),
-            paced.ms(0.5),
-            paced.ms(0.99),
-            paced.max_ms(),
-            if after.1 > before.1 {
-                (after.2 - before.2) / (after.1 - before.1)
-            } else {
-                0.0
-            },
-            per_pub((after.0 - before.0) * 1e6),
-        );
-        for relay in relays {
-            relay.stop().unwrap();
+        if wants("fanout") {
+            println!(
+                "{:<8} {:<13} {:<13} {:>11} {:>9} | {:>8} {:>11} {:>7} {:>7} {:>8} | {:>9}",
+                "backend",
+                "shape",
+                "nodes",
+                "deliv/s max",
+                "msg/s max",
+                "paced/s",
+                "deliv/s@pace",
+                "p50 ms",
+                "p99 ms",
+                "max ms",
+                "redis us/msg"
+            );
+            common::run_each_backend_in_its_own_process(&["fanout".to_string()]);
         }
-    }
+        if wants("capacity") {
+            capacity(secs);
+        }
+        return;
+    };
+    fanout(backend, secs);
 }

@@ -15,13 +15,16 @@
 //! - [`verify`]: the kinds of violation, thresholds, and the final verdict;
 //! - [`metrics`]: histograms and counters; [`uplink`]: each message's time in its
 //!   sender's uplink;
-//! - [`report`]: the table and JSON; [`chart`]: the SVG.
+//! - [`report`]: the table and JSON; [`chart`]: the SVG; [`shard`]: `--shard i/n` and
+//!   `--merge`, one population over several loadgen processes and their one verdict.
 //!
 //! With I/O:
 //! - [`phone`]: one virtual phone (socket, link, session, schedule);
 //! - [`worker`]: one thread's mio event loop over many phones;
-//! - [`run`]: a whole run; [`api`]: tokens and the relay's server API; [`spawn`]: a child
-//!   relay for `--spawn-relay`;
+//! - [`run`]: a whole run; [`api`]: tokens and the relay's server API; [`spawn`]: child
+//!   relays for `--spawn-relay` (one, or a cluster's nodes); [`fault`]: a node killed and
+//!   restarted mid-run;
+//! - [`targets`]: the relay addresses phones are spread over, and when a phone moves on;
 //! - [`tls_reconnect`]: `--tls-reconnect`, what a reconnect costs over TLS (fresh, resumed,
 //!   0-RTT) on each link profile.
 //!
@@ -31,6 +34,7 @@
 
 pub mod api;
 pub mod chart;
+pub mod fault;
 pub mod gaps;
 pub mod ledger;
 pub mod link;
@@ -43,7 +47,9 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod schedule;
+pub mod shard;
 pub mod spawn;
+pub mod targets;
 pub mod tls_reconnect;
 pub mod uplink;
 pub mod verify;

@@ -10,11 +10,16 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use mimalloc::MiMalloc;
+use std::sync::{Arc, Mutex, PoisonError};
+
 use pabal_loadgen::api::{ControlApi, Tokens};
+use pabal_loadgen::fault::NodeFault;
 use pabal_loadgen::report;
 use pabal_loadgen::run::{RetentionSource, RunConfig, run};
 use pabal_loadgen::scenario::Scenario;
-use pabal_loadgen::spawn::{SpawnOptions, SpawnedRelay};
+use pabal_loadgen::shard::{self, Shard};
+use pabal_loadgen::spawn::{ClusterNode, SpawnOptions, SpawnedRelay};
+use pabal_loadgen::targets::{TargetPolicy, Targets};
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
@@ -25,9 +30,36 @@ static GLOBAL: MiMalloc = MiMalloc;
 struct Cli {
     /// The scenario (TOML; see loadgen/scenarios/). Without one, the defaults: 1000 phones.
     scenario: Option<PathBuf>,
-    /// The relay to load.
-    #[arg(long, default_value = "127.0.0.1:7700", conflicts_with = "spawn_relay")]
-    target: SocketAddr,
+    /// The relay to load; several (`A,B,C`): a cluster's nodes, phones spread round robin
+    /// (see --target-policy).
+    #[arg(
+        long,
+        default_value = "127.0.0.1:7700",
+        value_delimiter = ',',
+        conflicts_with = "spawn_relay"
+    )]
+    target: Vec<SocketAddr>,
+    /// With several targets: when a phone moves to the next one. `sticky`: only when a
+    /// connection to its target fails (a node died); `rotate`: at every reconnect.
+    #[arg(long, value_enum, default_value_t = TargetPolicy::Sticky)]
+    target_policy: TargetPolicy,
+    /// With --spawn-relay: start this many cluster nodes on --redis (one worker set each).
+    #[arg(long, default_value_t = 1, requires = "spawn_relay")]
+    nodes: usize,
+    /// With --spawn-relay: the Redis the nodes share (`redis://127.0.0.1:6379`); makes every
+    /// spawned relay a cluster node. loadgen does not start Redis.
+    #[arg(long, value_name = "URL", requires = "spawn_relay")]
+    redis: Option<String>,
+    /// With --spawn-relay: kill -9 this node (1-based) during the run (see --kill-at).
+    #[arg(long, value_name = "N", requires = "spawn_relay")]
+    kill_node: Option<usize>,
+    /// Seconds after publishing starts at which --kill-node dies.
+    #[arg(long, default_value_t = 5.0, requires = "kill_node")]
+    kill_at: f64,
+    /// Seconds the killed node stays down before it is started again (and its memberships
+    /// set again); without it, it stays down.
+    #[arg(long, value_name = "SECONDS", requires = "kill_node")]
+    restart_after: Option<f64>,
     /// Start a local relay (the `relay` binary next to loadgen's) for the run, then stop it.
     #[arg(long)]
     spawn_relay: bool,
@@ -67,7 +99,8 @@ struct Cli {
     /// HS256 secret file: phones present JWTs minted with it (the relay must require them).
     #[arg(long, value_name = "PATH", requires = "api_key_file")]
     jwt_secret_file: Option<PathBuf>,
-    /// The relay's control API, `http://127.0.0.1:PORT` (membership and channel publishes).
+    /// The relay's control API, `http://127.0.0.1:PORT` (membership and channel publishes);
+    /// against several nodes, any one node's (membership lives in the cluster's engine).
     #[arg(long, value_name = "URL")]
     control: Option<String>,
     /// File holding the control API key.
@@ -86,6 +119,16 @@ struct Cli {
     /// cannot apply to a relay loadgen did not start (they are ignored).
     #[arg(long)]
     ignore_relay_options: bool,
+    /// Run part i of n of the population (`0/4`): 1/n of it, its own seed and run id
+    /// (`<run id>-s<i>`), rooms never shared with another part; for several loadgen processes
+    /// against one relay or cluster where one process's descriptor limit is the wall. Give
+    /// every part the same --run-id and --json, then --merge the reports.
+    #[arg(long, value_name = "I/N", conflicts_with = "spawn_relay")]
+    shard: Option<Shard>,
+    /// Instead of a run: merge the JSON reports of a run's shards into one verdict (exit 0
+    /// only if every shard passed); --json writes the merged one.
+    #[arg(long, value_name = "REPORT.json", num_args = 1.., conflicts_with = "scenario")]
+    merge: Vec<PathBuf>,
     /// No live progress line.
     #[arg(long)]
     quiet: bool,
@@ -128,6 +171,9 @@ fn main_inner() -> anyhow::Result<bool> {
     if cli.tls_reconnect {
         return tls_reconnect_main(&cli);
     }
+    if !cli.merge.is_empty() {
+        return merge_main(&cli);
+    }
     let mut scenario = match &cli.scenario {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -156,13 +202,17 @@ fn main_inner() -> anyhow::Result<bool> {
     }
     scenario.validate()?;
     let scenario = scenario.scaled(cli.scale);
+    let scenario = match cli.shard {
+        Some(s) => s.part_of(&scenario),
+        None => scenario,
+    };
     if !cli.spawn_relay {
         let set = scenario.relay.cannot_apply();
         if !set.is_empty() {
             eprintln!(
                 "the scenario's [relay] section sets what only a relay loadgen starts can take; \
                  against --target {} it cannot apply:",
-                cli.target
+                Targets::new(cli.target.clone(), cli.target_policy)?
             );
             for option in &set {
                 eprintln!("  {option}");
@@ -177,46 +227,56 @@ fn main_inner() -> anyhow::Result<bool> {
         }
     }
 
-    let relay = if cli.spawn_relay {
-        let options = SpawnOptions {
-            relay_bin: cli.relay_bin.clone(),
-            workers: cli.relay_workers.unwrap_or(scenario.relay.workers),
-            spec: scenario.relay.clone(),
-            jwt_secret_file: cli.jwt_secret_file.clone(),
-            api_key_file: cli.api_key_file.clone(),
-        };
-        let relay = SpawnedRelay::start(&options)?;
-        eprintln!(
-            "spawned relay: clients on {}, control on {} ({} worker(s))",
-            relay.addr,
-            relay.control,
-            options.workers.max(1)
-        );
-        Some(relay)
+    let nodes = if cli.spawn_relay {
+        spawn_nodes(&cli, &scenario)?
     } else {
-        None
+        Vec::new()
     };
-    let target = relay.as_ref().map_or(cli.target, |r| r.addr);
-    std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(2)).with_context(
-        || format!("no relay answers on {target} (start one, or use --spawn-relay)"),
-    )?;
-    let mut config = RunConfig::from_scenario(&scenario, target)?;
+    let lock = |n: &Arc<Mutex<SpawnedRelay>>| {
+        let r = n.lock().unwrap_or_else(PoisonError::into_inner);
+        (r.addr, r.control)
+    };
+    let targets = if nodes.is_empty() {
+        Targets::new(cli.target.clone(), cli.target_policy)?
+    } else {
+        Targets::new(nodes.iter().map(|n| lock(n).0).collect(), cli.target_policy)?
+    };
+    for &target in targets.addrs() {
+        std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(2))
+            .with_context(|| {
+                format!("no relay answers on {target} (start one, or use --spawn-relay)")
+            })?;
+    }
+    let mut config = RunConfig::from_scenario(&scenario, targets)?;
     config.threads = cli.threads;
     config.progress = !cli.quiet;
     config.source_ips = cli.source_ips;
     if let Some(id) = &cli.run_id {
         config.run_id = id.clone();
     }
+    if let Some(s) = cli.shard {
+        config.run_id = s.run_id(&config.run_id);
+    }
     let api_key = cli
         .api_key_file
         .as_deref()
         .map(ControlApi::read_key)
         .transpose()?;
-    let control_url = match (&cli.control, &relay) {
-        (Some(url), _) => Some(url.clone()),
-        (None, Some(r)) => Some(format!("http://{}", r.control)),
-        (None, None) => None,
+    let control_url = match nodes.first() {
+        None => cli.control.clone(),
+        Some(node) => Some(format!("http://{}", lock(node).1)),
     };
+    if let Some(k) = cli.kill_node {
+        let Some(node) = k.checked_sub(1).and_then(|i| nodes.get(i)) else {
+            anyhow::bail!("--kill-node {k}: the nodes are 1 to {}", nodes.len());
+        };
+        config.fault = Some(NodeFault {
+            node: node.clone(),
+            label: format!("node {k}"),
+            kill_at_s: cli.kill_at,
+            down_s: cli.restart_after,
+        });
+    }
     // The relay's own answer beats the scenario's word on retention.
     if let Some(url) = &control_url {
         config.retention = RetentionSource::Api(ControlApi::new(url, api_key.clone())?);
@@ -227,18 +287,33 @@ fn main_inner() -> anyhow::Result<bool> {
             anyhow::bail!("--jwt-secret-file needs --control (or --spawn-relay)");
         };
         config.control = Some(ControlApi::new(url, api_key)?);
+    } else if config.targets.addrs().len() > 1
+        && let Some(url) = &control_url
+    {
+        // Several nodes: every membership is set up through the server API before anything
+        // is published (membership lives in the engine, so one node's API reaches them
+        // all), rather than by each phone's first SUBSCRIBE on whichever node it reaches.
+        config.control = Some(ControlApi::new(url, api_key)?);
     }
     eprintln!(
-        "{}: {} phones, {} rooms, {} thread(s), target {target}, run id {}",
+        "{}: {} phones, {} rooms, {} thread(s), target {}, run id {}",
         scenario.name,
         config.plan.phones.len(),
         config.plan.rooms.len(),
         config.threads,
+        config.targets,
         config.run_id
     );
     let result = run(config);
-    if let Some(relay) = relay {
-        match relay.stop() {
+    for node in nodes {
+        let Ok(relay) = Arc::try_unwrap(node) else {
+            continue; // still lent: dropping it stops it
+        };
+        match relay
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+            .stop()
+        {
             Ok(Some(status)) if !status.success() => {
                 eprintln!("the spawned relay exited with {status}")
             }
@@ -257,6 +332,67 @@ fn main_inner() -> anyhow::Result<bool> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(report.passed())
+}
+
+/// `--merge`: one verdict from the shards' reports.
+fn merge_main(cli: &Cli) -> anyhow::Result<bool> {
+    let reports = cli
+        .merge
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| path.display().to_string())
+        })
+        .collect::<anyhow::Result<Vec<serde_json::Value>>>()?;
+    let merged = shard::merge(&reports)?;
+    print!("{}", shard::table(&merged));
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(&shard::to_json(&merged))?;
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(merged.passed)
+}
+
+/// `--spawn-relay`: one relay, or `--nodes N` cluster nodes on `--redis`.
+fn spawn_nodes(cli: &Cli, scenario: &Scenario) -> anyhow::Result<Vec<Arc<Mutex<SpawnedRelay>>>> {
+    if cli.nodes == 0 {
+        anyhow::bail!("--nodes must be at least 1");
+    }
+    if cli.nodes > 1 && cli.redis.is_none() {
+        anyhow::bail!(
+            "--nodes {} needs --redis (the engine the nodes share)",
+            cli.nodes
+        );
+    }
+    let run_tag = std::process::id();
+    let mut nodes = Vec::new();
+    for k in 1..=cli.nodes {
+        let options = SpawnOptions {
+            relay_bin: cli.relay_bin.clone(),
+            workers: cli.relay_workers.unwrap_or(scenario.relay.workers),
+            spec: scenario.relay.clone(),
+            jwt_secret_file: cli.jwt_secret_file.clone(),
+            api_key_file: cli.api_key_file.clone(),
+            cluster: cli.redis.as_ref().map(|redis| ClusterNode {
+                redis: redis.clone(),
+                node_id: format!("loadgen-{run_tag}-{k}"),
+            }),
+            io_backend: None,
+        };
+        let relay = SpawnedRelay::start(&options)?;
+        eprintln!(
+            "spawned relay {k}: clients on {}, control on {} ({} worker(s){})",
+            relay.addr,
+            relay.control,
+            options.workers.max(1),
+            cli.redis
+                .as_ref()
+                .map_or(String::new(), |r| format!(", cluster on {r}"))
+        );
+        nodes.push(Arc::new(Mutex::new(relay)));
+    }
+    Ok(nodes)
 }
 
 /// `--tls-reconnect`: the reconnect probe (see `pabal_loadgen::tls_reconnect`).
@@ -286,6 +422,8 @@ fn tls_reconnect_main(cli: &Cli) -> anyhow::Result<bool> {
             spec,
             jwt_secret_file: None,
             api_key_file: None,
+            cluster: None,
+            io_backend: None,
         };
         let relay = SpawnedRelay::start(&options)?;
         eprintln!("spawned relay: TLS on {}", relay.addr);
@@ -297,7 +435,7 @@ fn tls_reconnect_main(cli: &Cli) -> anyhow::Result<bool> {
         };
         (
             None,
-            cli.target,
+            cli.target[0],
             tls_reconnect::trust(ca, &cli.tls_server_name)?,
         )
     };

@@ -52,6 +52,7 @@ use crate::metrics::{DeliveryRecord, Metrics, record_ns};
 use crate::payload::{FLAG_SENDER_IDLE, Header, PayloadError};
 use crate::plan::Plan;
 use crate::schedule::{Schedule, drop_after, uniform_ms};
+use crate::targets::Targets;
 pub use crate::uplink::UplinkTimes;
 use crate::verify::{EndState, Kind, PhoneEnd, RoomEnd, Violation, Violations};
 
@@ -109,8 +110,8 @@ pub struct Shared {
     pub steady_start: Instant,
     /// Publishing stops; the drain begins.
     pub publish_end: Instant,
-    /// The relay's client address.
-    pub target: SocketAddr,
+    /// The relay's client addresses (a cluster's nodes) and which one a phone uses.
+    pub targets: Targets,
     /// Tokens for HELLO.
     pub tokens: Tokens,
     /// Connection keeping.
@@ -282,6 +283,8 @@ pub struct Phone {
     connect_started: Instant,
     reconnect_at: Option<Instant>,
     attempts: u32,
+    /// How many times the phone left its target for the next ([`Targets::pick`]).
+    target_moves: u32,
     ever_welcomed: bool,
     welcomed_at: Option<Instant>,
     granted_hb: Option<Duration>,
@@ -362,6 +365,7 @@ impl Phone {
             connect_started: first_connect,
             reconnect_at: Some(first_connect),
             attempts: 0,
+            target_moves: 0,
             ever_welcomed: false,
             welcomed_at: None,
             granted_hb: None,
@@ -484,7 +488,7 @@ impl Phone {
     }
 
     fn open_socket(&self, shared: &Shared) -> std::io::Result<TcpStream> {
-        let target = shared.target;
+        let target = shared.targets.pick(self.idx, self.target_moves);
         let socket = Socket::new(
             Domain::for_address(target),
             Type::STREAM,
@@ -615,6 +619,9 @@ impl Phone {
         self.resume = None;
         self.granted_hb = None;
         self.welcomed_at = None;
+        if ctx.shared.targets.moves_after(matches!(why, Why::Failed)) {
+            self.target_moves = self.target_moves.wrapping_add(1);
+        }
         let delay = match why {
             Why::Failed | Why::Error => {
                 let base = 500u64 << self.attempts.min(6);

@@ -299,5 +299,10 @@ pub fn to_json(r: &RunReport) -> Value {
             "violations": r.violations,
         },
         "series": r.series,
+        // For `--merge` (crate::shard): the latency histograms themselves, V2 in base64.
+        "histograms": {
+            "end_to_end": crate::shard::encode_histogram(&m.e2e.all),
+            "relay_added": crate::shard::encode_histogram(&m.relay.all),
+        },
     })
 }

@@ -6,10 +6,15 @@
 //! together into a [`RunReport`]: the final comparison, the GAP judgement against the
 //! relay's retention, and the account of every publish. Must not touch: sockets of phones
 //! (the workers own them), report formatting (that is [`crate::report`]).
+//!
+//! Against several nodes (`--target A,B,C`), membership is set up through one node's server
+//! API (membership lives in the cluster's engine, so it reaches every node), phones are
+//! spread over the nodes ([`crate::targets`]), and one ledger judges them all: the verdict
+//! does not depend on which node a message went through.
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -19,6 +24,7 @@ use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 
 use crate::api::{ControlApi, Tokens};
+use crate::fault::{self, NodeFault};
 use crate::gaps::{Explained, GapSeen, Retention, RoomGaps};
 use crate::ledger::{Conflict, Ledger, Msg};
 use crate::metrics::{Counters, Metrics, Second, Summary, coarse_histogram};
@@ -27,6 +33,7 @@ use crate::phone::{PhoneSettings, Shared, UplinkTimes, conflict_violation};
 use crate::plan::{Plan, check_ids, fresh_run_id};
 use crate::scenario::{EventKind, EventSpec, Scenario};
 use crate::schedule::api_schedule;
+use crate::targets::Targets;
 use crate::verify::{FinalSummary, Kind, Thresholds, Violation, Violations, final_check};
 use crate::worker::Worker;
 
@@ -62,8 +69,8 @@ pub struct RunConfig {
     pub name: String,
     /// The population.
     pub plan: Plan,
-    /// The relay's client address.
-    pub target: SocketAddr,
+    /// The relay's client addresses (one, or a cluster's nodes).
+    pub targets: Targets,
     /// Worker threads.
     pub threads: usize,
     /// Pause after the ramp-up before publishing starts.
@@ -80,6 +87,8 @@ pub struct RunConfig {
     pub tokens: Tokens,
     /// The relay's server API (membership and channel publishing go through it when set).
     pub control: Option<ControlApi>,
+    /// A node killed (and restarted) during the steady phase.
+    pub fault: Option<NodeFault>,
     /// Print the live progress line on stderr.
     pub progress: bool,
     /// Keep every delivery in the report (tests).
@@ -96,15 +105,15 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    /// The run a (scaled) scenario describes, against `target`.
-    pub fn from_scenario(s: &Scenario, target: SocketAddr) -> anyhow::Result<RunConfig> {
+    /// The run a (scaled) scenario describes, against `targets`.
+    pub fn from_scenario(s: &Scenario, targets: Targets) -> anyhow::Result<RunConfig> {
         let plan = Plan::generate(s)?;
         check_ids(&plan)?;
         let p = &s.population;
         Ok(RunConfig {
             name: s.name.clone(),
             plan,
-            target,
+            targets,
             threads: 1,
             settle: Duration::from_secs_f64(s.settle_s),
             duration: Duration::from_secs_f64(s.duration_s),
@@ -124,6 +133,7 @@ impl RunConfig {
             events: s.events.clone(),
             tokens: Tokens::UserId,
             control: None,
+            fault: None,
             progress: true,
             trace: false,
             source_ips: 0,
@@ -276,6 +286,7 @@ impl RunReport {
     }
 }
 
+/// Sets every room's members (and every channel's subscribers) through `api`.
 fn setup_membership(plan: &Plan, api: &ControlApi) -> anyhow::Result<()> {
     let mut members: Vec<Vec<&str>> = vec![Vec::new(); plan.rooms.len()];
     for p in &plan.phones {
@@ -378,7 +389,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     let RunConfig {
         name,
         mut plan,
-        target,
+        targets,
         threads,
         settle,
         duration,
@@ -387,6 +398,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
         events,
         tokens,
         control,
+        fault,
         progress,
         trace,
         source_ips,
@@ -421,11 +433,11 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
     // the kernel scan for a free ephemeral port (about 1 ms each at 15,000): spread phones
     // over loopback source addresses instead, about 2,000 each.
     let source_ips = match source_ips {
-        0 if target.ip().is_loopback() => plan.phones.len().div_ceil(2000).clamp(1, 250),
+        0 if targets.all_loopback() => plan.phones.len().div_ceil(2000).clamp(1, 250),
         0 => 1,
         n => n,
     };
-    let source_ips: Vec<IpAddr> = if source_ips > 1 && target.ip().is_loopback() {
+    let source_ips: Vec<IpAddr> = if source_ips > 1 && targets.all_loopback() {
         (0..source_ips.min(250))
             .map(|k| IpAddr::V4(Ipv4Addr::new(127, 0, 1, 1 + k as u8)))
             .collect()
@@ -453,7 +465,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
         start,
         steady_start,
         publish_end,
-        target,
+        targets,
         tokens,
         settings,
         source_ips,
@@ -494,6 +506,18 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
             )
         }
         _ => None,
+    };
+    let fault_handle = match fault {
+        Some(f) => {
+            let shared = shared.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("loadgen-fault".into())
+                    .spawn(move || fault::play(&f, &shared))
+                    .context("cannot start the fault thread")?,
+            )
+        }
+        None => None,
     };
 
     // The main thread: seconds in, progress out, and the decision to stop.
@@ -614,10 +638,18 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
             .map_err(|_| anyhow::anyhow!("the API publisher panicked"))?,
         None => (Counters::default(), Vec::new()),
     };
+    let fault_marks = match fault_handle {
+        Some(h) => h
+            .join()
+            .map_err(|_| anyhow::anyhow!("the fault thread panicked"))?
+            .context("the node fault")?,
+        None => Vec::new(),
+    };
     if metrics.counters.welcomes == 0 && connectable > 0 {
         bail!(
-            "no phone got a WELCOME from {target} ({} connection attempts, {} failed): is a \
+            "no phone got a WELCOME from {} ({} connection attempts, {} failed): is a \
              relay running there, and does it accept these tokens?",
+            shared.targets,
             metrics.counters.connects,
             metrics.counters.connect_failures
         );
@@ -661,7 +693,7 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
         eprintln!("stopped: {stop_reason}");
     }
     let steady_s = (steady_start - start).as_secs_f64();
-    let events = events
+    let mut events: Vec<EventMark> = events
         .iter()
         .map(|e| EventMark {
             at_s: steady_s + e.at_s,
@@ -669,7 +701,9 @@ pub fn run(config: RunConfig) -> anyhow::Result<RunReport> {
                 EventKind::Drop => format!("drop {:.0}%", e.share * 100.0),
             },
         })
+        .chain(fault_marks)
         .collect();
+    events.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
     Ok(RunReport {
         name,
         phones: phone_count,

@@ -1,13 +1,16 @@
-//! `--spawn-relay`: a local relay as a child process, for a one-command demo.
+//! `--spawn-relay`: a local relay (or `--nodes N` cluster nodes on one Redis) as child
+//! processes, for a one-command demo and for failure runs.
 //!
 //! Owns: finding the `relay` binary (next to loadgen's own executable), picking free loopback
 //! ports, writing a temporary configuration, starting the child, waiting until it accepts,
-//! and stopping it with SIGTERM (then waiting for its graceful exit). Must not touch: the
-//! run itself.
+//! killing it with SIGKILL and starting it again on the same ports ([`SpawnedRelay::kill`],
+//! [`SpawnedRelay::restart`]), and stopping it with SIGTERM (then waiting for its graceful
+//! exit). Must not touch: the run itself, and Redis (the caller runs it).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -27,6 +30,19 @@ pub struct SpawnOptions {
     pub jwt_secret_file: Option<PathBuf>,
     /// The API key app servers present.
     pub api_key_file: Option<PathBuf>,
+    /// A cluster node: its `[cluster]` section.
+    pub cluster: Option<ClusterNode>,
+    /// The relay's `io_backend` (`epoll`, `io_uring`); `None`: its default.
+    pub io_backend: Option<String>,
+}
+
+/// What makes a spawned relay one node of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNode {
+    /// The engine, `redis://host:port`.
+    pub redis: String,
+    /// The node's name (unique in the cluster).
+    pub node_id: String,
 }
 
 /// A running child relay; stopped (SIGTERM, then SIGKILL after 30 s) when dropped.
@@ -38,7 +54,11 @@ pub struct SpawnedRelay {
     /// Where the control API listens.
     pub control: SocketAddr,
     config_path: PathBuf,
+    bin: PathBuf,
 }
+
+/// Tells apart the configuration files of the relays one loadgen process starts.
+static NEXT_CONFIG: AtomicU32 = AtomicU32::new(0);
 
 fn free_port() -> anyhow::Result<SocketAddr> {
     let l = TcpListener::bind("127.0.0.1:0").context("cannot find a free loopback port")?;
@@ -71,6 +91,9 @@ pub fn config_text(addr: SocketAddr, control: SocketAddr, o: &SpawnOptions) -> S
         "# written by loadgen --spawn-relay\nlisten = \"{addr}\"\nworkers = {}\n",
         o.workers.max(1)
     );
+    if let Some(backend) = &o.io_backend {
+        t.push_str(&format!("io_backend = {backend:?}\n"));
+    }
     if let Some(secret) = &o.jwt_secret_file {
         t.push_str(&format!(
             "\n[auth]\nmode = \"jwt\"\n\n[auth.jwt]\n[[auth.jwt.keys]]\nalgorithm = \"HS256\"\n\
@@ -83,6 +106,12 @@ pub fn config_text(addr: SocketAddr, control: SocketAddr, o: &SpawnOptions) -> S
         t.push_str(&format!("api_key_file = {:?}\n", key.display().to_string()));
     }
     t.push_str("\n[log]\nlevel = \"warn\"\n");
+    if let Some(node) = &o.cluster {
+        t.push_str(&format!(
+            "\n[cluster]\nengine = \"redis\"\nredis = [{:?}]\nnode_id = {:?}\n",
+            node.redis, node.node_id
+        ));
+    }
     let spec = &o.spec;
     if spec.new_connections_per_second.is_some() {
         t.push_str("\n[limits]\n");
@@ -108,7 +137,8 @@ pub fn config_text(addr: SocketAddr, control: SocketAddr, o: &SpawnOptions) -> S
 }
 
 impl SpawnedRelay {
-    /// Starts the relay and waits (up to 20 s) until it accepts connections.
+    /// Starts the relay and waits (up to 20 s) until it accepts connections (clients and
+    /// server API).
     pub fn start(o: &SpawnOptions) -> anyhow::Result<SpawnedRelay> {
         let bin = find_relay(o.relay_bin.as_deref())?;
         let addr = free_port()?;
@@ -116,43 +146,86 @@ impl SpawnedRelay {
         while control == addr {
             control = free_port()?;
         }
-        let config_path =
-            std::env::temp_dir().join(format!("pabal-loadgen-relay-{}.toml", std::process::id()));
+        let config_path = std::env::temp_dir().join(format!(
+            "pabal-loadgen-relay-{}-{}.toml",
+            std::process::id(),
+            NEXT_CONFIG.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::write(&config_path, config_text(addr, control, o))
             .with_context(|| format!("cannot write {}", config_path.display()))?;
-        let child = Command::new(&bin)
+        let mut relay = SpawnedRelay {
+            child: None,
+            addr,
+            control,
+            config_path,
+            bin,
+        };
+        relay.launch()?;
+        Ok(relay)
+    }
+
+    /// Starts the child on the configuration already written and waits (up to 20 s) until
+    /// it accepts connections on its client port and its server API.
+    fn launch(&mut self) -> anyhow::Result<()> {
+        let child = Command::new(&self.bin)
             .arg("--config")
-            .arg(&config_path)
+            .arg(&self.config_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let mut relay = SpawnedRelay {
-            child: Some(child),
-            addr,
-            control,
-            config_path,
-        };
+            .with_context(|| format!("cannot start {}", self.bin.display()))?;
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return Ok(relay);
+            // Both listeners: the server API comes up after the client port, and a run sets
+            // memberships through it first thing.
+            let accepts =
+                |addr| TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_ok();
+            if accepts(&self.addr) && accepts(&self.control) {
+                return Ok(());
             }
-            if let Some(child) = &mut relay.child
+            if let Some(child) = &mut self.child
                 && let Some(status) = child.try_wait()?
             {
-                relay.child = None;
+                self.child = None;
                 bail!(
                     "the relay exited at start ({status}); its configuration: {}",
-                    relay.config_path.display()
+                    self.config_path.display()
                 );
             }
             if Instant::now() >= deadline {
-                bail!("the relay did not accept connections on {addr} within 20 s");
+                bail!(
+                    "the relay did not accept connections on {} within 20 s",
+                    self.addr
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The child's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the relay with SIGKILL (no GOAWAY, no graceful close: its connections reset,
+    /// its publishes in flight are lost with them) and waits for it to be gone.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().context("cannot kill the relay")?;
+            child.wait().context("cannot wait for the killed relay")?;
+        }
+        Ok(())
+    }
+
+    /// Starts the relay again, after [`SpawnedRelay::kill`], on the same ports and
+    /// configuration; waits until it accepts.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("the relay on {} is still running", self.addr);
+        }
+        self.launch()
     }
 
     /// SIGTERM, then waits for the graceful exit (SIGKILL after 30 s).
@@ -162,6 +235,7 @@ impl SpawnedRelay {
 
     fn terminate(&mut self) -> anyhow::Result<Option<ExitStatus>> {
         let Some(mut child) = self.child.take() else {
+            let _ = std::fs::remove_file(&self.config_path);
             return Ok(None);
         };
         // std has no SIGTERM and loadgen has no unsafe code: ask kill(1).
@@ -209,6 +283,11 @@ mod tests {
                 extra_toml: "[retention]\nmax_messages = 5000".into(),
                 ..RelaySpec::default()
             },
+            cluster: Some(ClusterNode {
+                redis: "redis://127.0.0.1:6390".into(),
+                node_id: "n2".into(),
+            }),
+            io_backend: Some("epoll".into()),
             ..SpawnOptions::default()
         };
         let t = config_text(
@@ -219,6 +298,7 @@ mod tests {
         let v: toml::Value = toml::from_str(&t).unwrap();
         assert_eq!(v["listen"].as_str(), Some("127.0.0.1:5000"));
         assert_eq!(v["workers"].as_integer(), Some(2));
+        assert_eq!(v["io_backend"].as_str(), Some("epoll"));
         assert_eq!(v["control"]["listen"].as_str(), Some("127.0.0.1:5001"));
         assert_eq!(
             v["limits"]["new_connections_per_second"].as_float(),
@@ -226,5 +306,11 @@ mod tests {
         );
         assert_eq!(v["shutdown"]["reconnect_spread"].as_str(), Some("5000ms"));
         assert_eq!(v["retention"]["max_messages"].as_integer(), Some(5000));
+        assert_eq!(v["cluster"]["engine"].as_str(), Some("redis"));
+        assert_eq!(
+            v["cluster"]["redis"][0].as_str(),
+            Some("redis://127.0.0.1:6390")
+        );
+        assert_eq!(v["cluster"]["node_id"].as_str(), Some("n2"));
     }
 }

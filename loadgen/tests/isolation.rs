@@ -10,6 +10,7 @@ mod common;
 use pabal_loadgen::report;
 use pabal_loadgen::run::{RunConfig, RunReport, run};
 use pabal_loadgen::scenario::Scenario;
+use pabal_loadgen::targets::Targets;
 use pabal_testkit::TestRelay;
 
 const SCENARIO: &str = r#"
@@ -32,7 +33,7 @@ msgs_per_min = 60
 fn run_once(addr: std::net::SocketAddr, seed: u64, run_id: Option<&str>) -> RunReport {
     let mut scenario = Scenario::parse(SCENARIO).unwrap();
     scenario.seed = seed;
-    let mut config = RunConfig::from_scenario(&scenario, addr).unwrap();
+    let mut config = RunConfig::from_scenario(&scenario, Targets::one(addr)).unwrap();
     config.progress = false;
     if let Some(id) = run_id {
         config.run_id = id.to_string();

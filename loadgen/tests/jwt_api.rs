@@ -12,6 +12,7 @@ use pabal_loadgen::plan::Bucket;
 use pabal_loadgen::report;
 use pabal_loadgen::run::{RunConfig, run};
 use pabal_loadgen::scenario::Scenario;
+use pabal_loadgen::targets::Targets;
 use pabal_relay::auth::{JwtConfig, KeyAlgorithm, KeyConfig};
 use pabal_relay::config::AuthMode;
 use pabal_relay::io::BackendKind;
@@ -68,7 +69,7 @@ fn tokens_and_the_server_api_drive_a_relay_that_requires_them() {
     });
     let control = relay.control_addr().expect("the control API listens");
     let scenario = Scenario::parse(SCENARIO).unwrap();
-    let mut config = RunConfig::from_scenario(&scenario, relay.local_addr()).unwrap();
+    let mut config = RunConfig::from_scenario(&scenario, Targets::one(relay.local_addr())).unwrap();
     config.progress = false;
     config.tokens = Tokens::from_secret_file(&secret).unwrap();
     config.control = Some(ControlApi::new(&format!("http://{control}"), Some(key.into())).unwrap());

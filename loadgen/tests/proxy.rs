@@ -11,6 +11,7 @@ use common::proxy::{Misbehaviour, Proxy};
 use pabal_loadgen::report;
 use pabal_loadgen::run::{RunConfig, RunReport, run};
 use pabal_loadgen::scenario::Scenario;
+use pabal_loadgen::targets::Targets;
 use pabal_loadgen::verify::Kind;
 use pabal_relay::io::BackendKind;
 use pabal_testkit::TestRelay;
@@ -40,7 +41,7 @@ fn run_behind(backend: BackendKind, mode: Misbehaviour, seed: u64) -> (RunReport
     let relay = TestRelay::start(backend, 1, |_| {});
     let proxy = Proxy::start(relay.local_addr(), mode, seed, 3);
     let scenario = Scenario::parse(SCENARIO).unwrap();
-    let mut config = RunConfig::from_scenario(&scenario, proxy.addr()).unwrap();
+    let mut config = RunConfig::from_scenario(&scenario, Targets::one(proxy.addr())).unwrap();
     config.progress = false;
     config.retention = pabal_loadgen::run::RetentionSource::Known(common::retention(
         &pabal_relay::config::Config::default(),

@@ -8,6 +8,7 @@ mod common;
 use pabal_loadgen::report;
 use pabal_loadgen::run::{RunConfig, run};
 use pabal_loadgen::scenario::Scenario;
+use pabal_loadgen::targets::Targets;
 use pabal_relay::io::BackendKind;
 use pabal_testkit::TestRelay;
 
@@ -50,7 +51,7 @@ msgs_per_min = 30
 fn a_short_mixed_scenario_ends_without_violations() {
     let relay = TestRelay::start(BackendKind::Epoll, 1, |_| {});
     let scenario = Scenario::parse(SCENARIO).unwrap();
-    let mut config = RunConfig::from_scenario(&scenario, relay.local_addr()).unwrap();
+    let mut config = RunConfig::from_scenario(&scenario, Targets::one(relay.local_addr())).unwrap();
     config.progress = false;
     let report = run(config).unwrap();
     let table = report::table(&report);

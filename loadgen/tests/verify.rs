@@ -18,6 +18,7 @@ use pabal_loadgen::metrics::{Metrics, histogram};
 use pabal_loadgen::payload::Header;
 use pabal_loadgen::phone::{Ctx, Phone, PhoneSettings, Shared, UplinkTimes};
 use pabal_loadgen::plan::{PlanBuilder, SendPlan};
+use pabal_loadgen::targets::Targets;
 use pabal_loadgen::verify::{
     EndState, Kind, PhoneEnd, RoomEnd, Thresholds, Violations, final_check,
 };
@@ -125,7 +126,7 @@ fn a_hole_in_a_live_stream_is_a_violation() {
         start: now,
         steady_start: now,
         publish_end: now + Duration::from_secs(60),
-        target: SocketAddr::from(([127, 0, 0, 1], 9)),
+        targets: Targets::one(SocketAddr::from(([127, 0, 0, 1], 9))),
         tokens: Tokens::UserId,
         settings: PhoneSettings::default(),
         source_ips: Vec::new(),

@@ -288,6 +288,13 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
     fn is_blocked(&self, user: &Text, room: &RoomName) -> bool;
     /// Sets how many channels one user may block.
     fn set_max_blocked_per_user(&self, max: usize);
+    /// `user`'s rooms with their join points, and the channels they blocked (a cluster
+    /// node compares them with the engine's, see `core/cluster/members.rs`).
+    fn snapshot(&self, user: &Text) -> (Vec<(RoomName, JoinPoint)>, Vec<RoomName>);
+    /// Drops everything held for `user` unless they have a live connection (a cluster node
+    /// holds a user's membership only while it holds a connection of theirs: the engine
+    /// holds it for good).
+    fn forget_if_offline(&self, user: &Text);
 }
 
 /// The relay-wide membership directory.
@@ -461,6 +468,27 @@ impl Membership for Directory {
             .read()
             .get(user)
             .is_some_and(|e| e.is_blocked(room))
+    }
+
+    fn snapshot(&self, user: &Text) -> (Vec<(RoomName, JoinPoint)>, Vec<RoomName>) {
+        let shard = self.shard(user).read();
+        let Some(entry) = shard.get(user) else {
+            return Default::default();
+        };
+        let rooms = entry.rooms.iter().cloned().collect();
+        let blocks = entry
+            .blocked
+            .as_ref()
+            .map(|b| b.iter().cloned().collect())
+            .unwrap_or_default();
+        (rooms, blocks)
+    }
+
+    fn forget_if_offline(&self, user: &Text) {
+        let mut shard = self.shard(user).write();
+        if shard.get(user).is_some_and(|e| e.conns.is_empty()) {
+            shard.remove(user);
+        }
     }
 }
 

@@ -375,6 +375,13 @@ pub enum ControlOp {
         /// The user.
         user: Text,
     },
+    /// With `[cluster]`: publish a disconnect notice on the user's channel, so every node
+    /// closes the user's connections (answered `Kicked` with 0 once published). Alone, the
+    /// same as `Kick`.
+    KickEverywhere {
+        /// The user.
+        user: Text,
+    },
     /// A user's unread counts in the rooms of theirs this worker owns.
     Unread {
         /// The user.
@@ -489,6 +496,15 @@ pub enum ControlRefusal {
     /// in flight to it as it may: nothing was sequenced; retry later (HTTP 503
     /// `unavailable`).
     Unavailable,
+    /// A replacing member call (`PUT`) in a cluster reads the room's members from the
+    /// engine; the room has more than it reads (HTTP 413 `too_many_members`: add and
+    /// remove instead).
+    TooManyMembers {
+        /// How many the room has.
+        members: u64,
+        /// How many a replacing call reads.
+        max: usize,
+    },
 }
 
 /// The answer to a [`ControlOp`].

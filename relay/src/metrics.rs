@@ -186,6 +186,14 @@ pub struct ClusterScrape {
     pub engines_up: i64,
     /// Engine threads.
     pub engines: i64,
+    /// Membership changes run in the engine.
+    pub member_changes: u64,
+    /// Notices received on users' channels.
+    pub notices: u64,
+    /// Reads of a user's rooms and blocks.
+    pub user_loads: u64,
+    /// Users' channels subscribed, all workers.
+    pub users_watched: i64,
 }
 
 impl ClusterScrape {
@@ -200,6 +208,10 @@ impl ClusterScrape {
             refused: c.refused.load(Relaxed),
             engines_up: c.engines_up.load(Relaxed),
             engines: c.engines.load(Relaxed),
+            member_changes: c.member_changes.load(Relaxed),
+            notices: c.notices.load(Relaxed),
+            user_loads: c.user_loads.load(Relaxed),
+            users_watched: c.users_watched.load(Relaxed),
         }
     }
 
@@ -225,6 +237,21 @@ impl ClusterScrape {
                 "Publishes refused `unavailable` (engine down, or cluster.max_in_flight reached).",
                 self.refused,
             ),
+            (
+                "pabal_cluster_member_changes",
+                "Membership changes (joins, leaves, blocks) run in the engine.",
+                self.member_changes,
+            ),
+            (
+                "pabal_cluster_notices",
+                "Notices received on users' channels (joins, leaves, disconnects).",
+                self.notices,
+            ),
+            (
+                "pabal_cluster_user_loads",
+                "Reads of a user's rooms and blocks from the engine (a first connection on a worker, a resubscription).",
+                self.user_loads,
+            ),
         ] {
             let c = ConstCounter::new(v);
             c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)?;
@@ -249,6 +276,11 @@ impl ClusterScrape {
                 "pabal_cluster_engines",
                 "Engine threads (one per worker).",
                 self.engines,
+            ),
+            (
+                "pabal_cluster_users_watched",
+                "Users' notice channels subscribed on the engine, all workers.",
+                self.users_watched,
             ),
         ] {
             let g = ConstGauge::new(v);

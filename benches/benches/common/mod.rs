@@ -12,7 +12,9 @@ use pabal_relay::config::Config;
 use pabal_relay::io::BackendKind;
 use pabal_testkit::{Client, loopback_config};
 
+pub mod fanout;
 pub mod publish;
+pub mod redis_capacity;
 
 /// The test relay ([`loopback_config`]) on one worker, pinned, without the control listener,
 /// and with no rate limit in the way.

@@ -17,6 +17,7 @@ use pabal_loadgen::phone::PhoneSettings;
 use pabal_loadgen::plan::{Plan, PlanBuilder, SendPlan, fresh_run_id};
 use pabal_loadgen::run::{RetentionSource, RunConfig};
 use pabal_loadgen::scenario::Arrivals;
+use pabal_loadgen::targets::Targets;
 use pabal_loadgen::verify::Thresholds;
 use pabal_relay::config::Config;
 
@@ -25,7 +26,7 @@ pub fn config(plan: Plan, target: SocketAddr, duration_s: f64, drain_s: f64) -> 
     RunConfig {
         name: "test".into(),
         plan,
-        target,
+        targets: Targets::one(target),
         threads: 1,
         settle: Duration::from_millis(1000),
         duration: Duration::from_secs_f64(duration_s),
@@ -34,6 +35,7 @@ pub fn config(plan: Plan, target: SocketAddr, duration_s: f64, drain_s: f64) -> 
         events: Vec::new(),
         tokens: Tokens::UserId,
         control: None,
+        fault: None,
         progress: false,
         trace: true,
         source_ips: 1,

@@ -39,6 +39,8 @@ use super::{
 };
 use crate::ids::RoomName;
 
+pub(super) mod members;
+
 /// The engine thread's waker (shard `i`'s connections are tokens `2i+1` and `2i+2`).
 const WAKE: Token = Token(0);
 /// How often one command may be redirected (`MOVED`, `ASK`) before it is given up.
@@ -104,6 +106,7 @@ impl EngineHandle {
             shards,
             map_retry: Retry::now(),
             channels: HashMap::new(),
+            users: HashMap::new(),
             fills_waiting: Vec::new(),
             redirects: Vec::new(),
             out: Vec::new(),
@@ -239,6 +242,9 @@ struct Engine {
     refresh_due: bool,
     map_retry: Retry,
     channels: HashMap<Bytes, Channel>,
+    /// Users' notice channels (`members.rs`), on the shard of their key, with plain
+    /// pub/sub whatever the topology (a Redis Cluster carries it to every node).
+    users: HashMap<Bytes, members::UserWatch>,
     fills_waiting: Vec<(RoomName, u64, Option<u64>)>,
     /// Commands answered `MOVED` or `ASK` in the replies being read, with their hops.
     redirects: Vec<(Pending, u8, Redirect)>,
@@ -483,6 +489,7 @@ impl Engine {
             }
             c.shard = now_at;
         }
+        self.renumber_users(&before, &map);
         self.map = Some(map);
         for mut gone in old.into_iter().flatten() {
             for conn in [gone.cmd.as_mut(), gone.sub.as_mut()].into_iter().flatten() {
@@ -524,6 +531,7 @@ impl Engine {
                 c.state = SubState::Subscribing;
             }
         }
+        self.route_users();
     }
 
     /// The shard at `addr`, added (it connects at the next turn) if the map lacks it.
@@ -635,6 +643,7 @@ impl Engine {
                 reader,
             } => self.fills_waiting.push((room, after, reader)),
             Pending::Asking => {}
+            Pending::Members(step) => self.fail_member_step(step),
         }
     }
 
@@ -670,6 +679,7 @@ impl Engine {
         self.stats
             .subscriptions
             .fetch_sub(confirmed, Ordering::Relaxed);
+        self.users_down(i);
         self.lost_shard();
         self.note_health();
     }
@@ -704,6 +714,11 @@ impl Engine {
                 after,
                 reader,
             } => self.send_fill(room, after, Some(reader), None, 0),
+            cmd @ (EngineCmd::Member(_)
+            | EngineCmd::WatchUser { .. }
+            | EngineCmd::UnwatchUser { .. }
+            | EngineCmd::ReadMembers { .. }
+            | EngineCmd::Kick { .. }) => self.on_member_cmd(cmd),
             EngineCmd::Close { room } => {
                 let ch = channel_key(&room);
                 let (_, unsubscribe) = self.sub_verbs();
@@ -884,6 +899,9 @@ impl Engine {
                 reader,
             } => self.send_fill(room, after, reader, target, hops),
             Pending::Asking => {}
+            // Membership's steps are not re-routed: the change fails, and its retry (which
+            // repairs a half-done change) routes again.
+            Pending::Members(step) => self.fail_member_step(step),
         }
     }
 
@@ -1009,6 +1027,7 @@ impl Engine {
         let noscript = matches!(&reply, Value::Error(e) if e.starts_with(b"NOSCRIPT"));
         match pending {
             Pending::Asking => {}
+            Pending::Members(step) => self.on_member_reply(step, reply),
             Pending::Publish(req) => {
                 if noscript {
                     self.send_publish(req, true, Some(i), hops);
@@ -1136,6 +1155,9 @@ impl Engine {
         let (Some(kind), Some(ch)) = (kind.bytes(), ch.bytes()) else {
             return;
         };
+        if self.on_user_push(kind, ch, body) {
+            return;
+        }
         match &kind[..] {
             b"message" | b"smessage" => {
                 let Some(c) = self.channels.get(&ch[..]) else {

@@ -28,6 +28,14 @@
 //! (`cluster.max_in_flight`): beyond it a publish is refused with `Overloaded`
 //! `unavailable`, never queued.
 //!
+//! # Membership
+//! Memberships, blocks and join points live in the engine too ([`membership`]): a change
+//! is the room's script then the user's, and a notice on the user's channel reaches every
+//! worker (on every node) that holds a connection of the user; a worker reads the user's
+//! rooms and blocks when it starts watching them and whenever its pub/sub connection comes
+//! back. The engine thread's side is `engine/members.rs`; the worker's is
+//! `core/cluster/members.rs`.
+//!
 //! # Failure
 //! A lost connection fails the publishes in flight on it (`Overloaded` `unavailable`: not
 //! sequenced as far as the node knows; a retry that carries a v2 publish id or an
@@ -43,6 +51,7 @@
 
 mod config;
 pub mod engine;
+pub mod membership;
 pub mod resp;
 pub mod script;
 mod shard;
@@ -97,6 +106,104 @@ pub enum EngineCmd {
     Close {
         /// The room.
         room: RoomName,
+    },
+    /// Make a user a member of a room, or end the membership, on both sides in the engine,
+    /// and publish the notice ([`membership`]).
+    Member(MemberRequest),
+    /// Subscribe the user's notice channel, then read the user's rooms and blocks
+    /// ([`EngineEvent::UserLoaded`]); again whenever the subscription is re-established.
+    WatchUser {
+        /// The user.
+        user: Text,
+        /// At most this many rooms are read (more: refused).
+        max_rooms: usize,
+        /// At most this many blocks are read (more: refused).
+        max_blocks: usize,
+    },
+    /// Unsubscribe the user's notice channel (the worker's last connection of the user
+    /// closed).
+    UnwatchUser {
+        /// The user.
+        user: Text,
+    },
+    /// Read the room's members (for a replacing `PUT .../members`).
+    ReadMembers {
+        /// Matches the answer ([`EngineEvent::MembersRead`]).
+        ticket: u64,
+        /// The room.
+        room: RoomName,
+        /// More members than this: refused.
+        max: usize,
+    },
+    /// Publish a kick notice on the user's channel.
+    Kick {
+        /// Matches the answer ([`EngineEvent::Kicked`]).
+        ticket: u64,
+        /// The user.
+        user: Text,
+    },
+}
+
+/// A membership change for the engine.
+#[derive(Debug, Clone)]
+pub struct MemberRequest {
+    /// Matches the answer to the request.
+    pub ticket: u64,
+    /// The room.
+    pub room: RoomName,
+    /// The user.
+    pub user: Text,
+    /// Join or leave.
+    pub change: MemberChange,
+}
+
+/// What a [`MemberRequest`] does.
+#[derive(Debug, Clone, Copy)]
+pub enum MemberChange {
+    /// Join (a no-op answering the join point in force for a member already).
+    Join {
+        /// The room's epoch if the engine does not hold it.
+        epoch_hint: u64,
+        /// The new membership's serial.
+        serial: u64,
+        /// Unblock a blocked channel (else a blocked channel refuses).
+        unblock: bool,
+        /// `limits.max_rooms_per_user`.
+        max_rooms: usize,
+    },
+    /// Leave, optionally blocking the channel.
+    Leave {
+        /// Block the channel too.
+        block: bool,
+        /// What the user's connections are told.
+        reason: pabal_codec::LeftReason,
+        /// `limits.max_blocked_per_user`.
+        max_blocks: usize,
+    },
+}
+
+/// What a [`MemberRequest`] came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberOutcome {
+    /// The user is a member at `join`; `new` if they were not before (on either side).
+    Joined {
+        /// New to the room.
+        new: bool,
+        /// The join point in force.
+        join: crate::directory::JoinPoint,
+    },
+    /// The join was refused: the channel is blocked (`blocked`), or the user belongs to
+    /// `limits.max_rooms_per_user` rooms already.
+    JoinRefused {
+        /// Blocked rather than full.
+        blocked: bool,
+    },
+    /// The user left.
+    Left {
+        /// Whether the user was a member (on either side).
+        was: bool,
+        /// A block was asked and refused (too many blocks); left all the same.
+        block_refused: bool,
     },
 }
 
@@ -223,6 +330,56 @@ pub enum EngineEvent {
         /// The room.
         room: RoomName,
     },
+    /// A membership change ran on both sides.
+    MemberDone {
+        /// The request's ticket.
+        ticket: u64,
+        /// What it came to.
+        outcome: MemberOutcome,
+    },
+    /// A membership change did not reach the engine, or not both sides of it (a retry
+    /// repairs it, see [`membership`]).
+    MemberFailed {
+        /// The request's ticket.
+        ticket: u64,
+    },
+    /// The user's notice channel is subscribed (again) and this is what the engine holds.
+    UserLoaded {
+        /// The user.
+        user: Text,
+        /// Rooms and blocks.
+        rooms: membership::UserRooms,
+    },
+    /// The user's rooms could not be read: the engine is down (`over_cap: None`), or the
+    /// user has more rooms or blocks than this node may load (`Some(count)`).
+    UserLoadFailed {
+        /// The user.
+        user: Text,
+        /// How many, when a cap refused the load.
+        over_cap: Option<u64>,
+    },
+    /// A notice on the user's channel.
+    Notice {
+        /// The user.
+        user: Text,
+        /// The change.
+        notice: membership::Notice,
+    },
+    /// The room's members as the engine holds them: `Err(Some(count))` past the cap asked,
+    /// `Err(None)` when the engine could not be read.
+    MembersRead {
+        /// The request's ticket.
+        ticket: u64,
+        /// The members.
+        members: Result<Vec<Text>, Option<u64>>,
+    },
+    /// A kick notice was published (`ok`), or could not be.
+    Kicked {
+        /// The request's ticket.
+        ticket: u64,
+        /// Published.
+        ok: bool,
+    },
 }
 
 /// The cluster's metrics, shared by the engine threads and the owners (counted per batch
@@ -246,6 +403,14 @@ pub struct ClusterStats {
     pub engines_up: AtomicI64,
     /// Engine threads running.
     pub engines: AtomicI64,
+    /// Membership changes (joins, leaves, blocks) run in the engine.
+    pub member_changes: AtomicU64,
+    /// Notices received on users' channels (joins, leaves, kicks).
+    pub notices: AtomicU64,
+    /// Loads of a user's rooms and blocks (at a first connection, after a resubscription).
+    pub user_loads: AtomicU64,
+    /// Users' notice channels subscribed, all workers together.
+    pub users_watched: AtomicI64,
 }
 
 impl ClusterStats {

@@ -107,6 +107,8 @@ pub(super) enum Pending {
     },
     /// `ASKING` before a command sent to a slot's importing shard (its `+OK` is dropped).
     Asking,
+    /// Membership's commands (`engine/members.rs`).
+    Members(super::engine::members::Step),
 }
 
 /// When to try connecting next, and the delay after that.

@@ -179,6 +179,14 @@ fn refusal(relay: &Relay, why: ControlRefusal) -> ApiError {
                 "the cluster's engine (Redis) is unavailable; nothing was sequenced; retry later",
             )
         },
+        ControlRefusal::TooManyMembers { members, max } => ApiError::new(
+            413,
+            "too_many_members",
+            format!(
+                "the room has {members} members; a replacing PUT reads at most {max}: add \
+                 (POST) and remove (DELETE) instead"
+            ),
+        ),
     }
 }
 
@@ -508,6 +516,18 @@ impl Call<'_> {
                         _ => return Err(unexpected()),
                     }
                 }
+                if relay.cluster().is_some() {
+                    // The other nodes close theirs when the engine's notice reaches them.
+                    let worker = RoomName::new(false, user.clone()).owner(relay.workers());
+                    match self
+                        .call(worker, ControlOp::KickEverywhere { user: user.clone() })
+                        .await?
+                    {
+                        ControlReply::Kicked { .. } => {}
+                        ControlReply::Refused(why) => return Err(refusal(relay, why)),
+                        _ => return Err(unexpected()),
+                    }
+                }
                 Ok(json!({ "closed": closed }))
             }
             ("GET", ["v1", "users", user, "presence"]) => {
@@ -707,6 +727,7 @@ fn refused(why: ControlRefusal) -> Value {
         ControlRefusal::StorageFull => "storage_full",
         ControlRefusal::StorageFailed => "storage_failed",
         ControlRefusal::Unavailable => "unavailable",
+        ControlRefusal::TooManyMembers { .. } => "too_many_members",
     };
     json!({"status": "refused", "code": code})
 }

@@ -210,6 +210,10 @@ impl Core {
                 return self.fatal(token, code, message);
             }
         };
+        // A cluster node reads the user's rooms from the engine first (the HELLO waits).
+        let Some(hello) = self.cluster_hello_gate(token, hello, &user) else {
+            return;
+        };
         // Register with the directory first: a refusal must come before the session opens.
         let rooms = match self.directory.connect(
             &user,

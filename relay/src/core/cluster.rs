@@ -22,6 +22,10 @@
 //! first (script answer, channel, stream): the PUBACK always goes out before the delivery,
 //! and the publishing connection never gets its own message.
 //!
+//! # Membership
+//! Memberships, blocks and join points are the engine's: see `cluster/members.rs` (HELLOs
+//! wait for the user's rooms, changes go to the engine, notices bind and unbind).
+//!
 //! Owns: each room's open state, parked requests, the reorder buffer, publishes in flight
 //! (`cluster.max_in_flight`). Must not touch: the engine's connections (only
 //! [`EngineCmd`]s out, [`EngineEvent`]s in), other workers (messages only).
@@ -43,6 +47,8 @@ use crate::idempotency::IdempotencyKey;
 use crate::ids::{RoomName, Stored, StoredRef};
 use crate::mesh::{ControlOp, ControlRefusal, ControlReply, CoreMsg, Published, PublishedBy};
 use crate::stats::inc;
+
+mod members;
 
 /// Requests waiting for one room to open; more are refused (`unavailable`).
 const MAX_PARKED: usize = 4096;
@@ -123,6 +129,8 @@ pub(super) struct ClusterSide {
     pub(super) readers: HashMap<u64, super::stream_pages::PageReader>,
     pub(super) next_reader: u64,
     stats: Arc<ClusterStats>,
+    /// Membership in the engine (`cluster/members.rs`).
+    members: members::MembersSide,
 }
 
 impl Core {
@@ -139,6 +147,7 @@ impl Core {
             readers: HashMap::new(),
             next_reader: 0,
             stats,
+            members: members::MembersSide::default(),
         }));
     }
 
@@ -194,6 +203,13 @@ impl Core {
                 msgs,
             } => self.on_stream_read(&room, after, reader, msgs),
             EngineEvent::Message { room, epoch, msg } => self.offer_engine_msg(&room, epoch, msg),
+            member @ (EngineEvent::MemberDone { .. }
+            | EngineEvent::MemberFailed { .. }
+            | EngineEvent::UserLoaded { .. }
+            | EngineEvent::UserLoadFailed { .. }
+            | EngineEvent::Notice { .. }
+            | EngineEvent::MembersRead { .. }
+            | EngineEvent::Kicked { .. }) => self.on_member_event(member),
             EngineEvent::Resubscribed { room } => {
                 let Some(sync) = self.sync_mut(&room) else {
                     return;
@@ -244,6 +260,16 @@ impl Core {
                     return None;
                 }
                 ControlOp::Kick { .. } => return Some(msg),
+                ControlOp::KickEverywhere { .. } => {
+                    if let CoreMsg::Control {
+                        op: ControlOp::KickEverywhere { user },
+                        reply,
+                    } = msg
+                    {
+                        self.cluster_kick(user, reply);
+                    }
+                    return None;
+                }
             },
             _ => return Some(msg),
         };
@@ -300,6 +326,19 @@ impl Core {
                 } else {
                     self.cluster_publish(room, Publisher::Api { reply, key }, sender, payload);
                 }
+                None
+            }
+            CoreMsg::Control {
+                op:
+                    ControlOp::Members {
+                        room,
+                        add,
+                        remove,
+                        set,
+                    },
+                reply,
+            } => {
+                self.cluster_members(room, add, remove, set, reply);
                 None
             }
             other => Some(other),
@@ -431,15 +470,7 @@ impl Core {
             | CoreMsg::Join {
                 requester: Some(origin),
                 ..
-            } => self.send_to(
-                origin.core,
-                CoreMsg::Refused {
-                    origin,
-                    code: ErrorCode::Overloaded,
-                    reference: 0,
-                    message: UNAVAILABLE.to_owned(),
-                },
-            ),
+            } => self.refuse_origin(origin, ErrorCode::Overloaded, UNAVAILABLE.to_owned()),
             other => tracing::debug!(?other, "dropped: its room could not open in time"),
         }
     }

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::cluster::{ClusterConfig, ClusterStats, EngineCmd, EngineEvent, EngineMessage};
+use crate::directory::JoinPoint;
 use crate::ids::RoomName;
 
 fn cluster_harness() -> Harness {
@@ -11,15 +12,90 @@ fn cluster_harness() -> Harness {
     h
 }
 
+/// What the engine asked of the worker, less the membership commands, which
+/// [`Harness::play_engine_membership`] answered.
 fn engine_cmds(h: &mut Harness) -> Vec<EngineCmd> {
-    let mut out = Vec::new();
-    h.core.drain_engine(|c| out.push(c));
-    out
+    h.play_engine_membership();
+    HELD.with(|held| std::mem::take(&mut *held.borrow_mut()))
+}
+
+thread_local! {
+    /// The engine's memberships: user -> rooms and join points (one test per thread).
+    static MEMBERS: std::cell::RefCell<HashMap<Text, Vec<(RoomName, JoinPoint)>>> =
+        Default::default();
+    /// Commands for the engine other than membership, kept for [`engine_cmds`].
+    static HELD: std::cell::RefCell<Vec<EngineCmd>> = Default::default();
+}
+
+impl Harness {
+    /// Plays the engine's membership side, as the scripts of `cluster/membership.rs` do
+    /// in Redis: a user's rooms are read when a worker watches the user, and a change is
+    /// answered and its notice sent back to the worker (which watches every user it holds
+    /// a connection of). The join point is the owner's epoch and head.
+    pub(super) fn play_engine_membership(&mut self) {
+        use crate::cluster::membership::{Notice, UserRooms};
+        use crate::cluster::{MemberChange, MemberOutcome};
+        loop {
+            let mut cmds = Vec::new();
+            self.core.drain_engine(|c| cmds.push(c));
+            let mut events = Vec::new();
+            for cmd in cmds {
+                match cmd {
+                    EngineCmd::WatchUser { user, .. } => {
+                        let rooms = MEMBERS.with(|m| m.borrow().get(&user).cloned());
+                        let rooms = UserRooms {
+                            rooms: rooms.unwrap_or_default(),
+                            blocks: Vec::new(),
+                        };
+                        events.push(EngineEvent::UserLoaded { user, rooms });
+                    }
+                    EngineCmd::UnwatchUser { .. } => {}
+                    EngineCmd::Member(req) => {
+                        let MemberChange::Join { serial, .. } = req.change else {
+                            panic!("only joins in these tests: {req:?}");
+                        };
+                        let (epoch, seq) = self
+                            .core
+                            .owned
+                            .get(&req.room)
+                            .map_or((77, 0), |o| (o.epoch, o.head));
+                        let join = JoinPoint { epoch, seq, serial };
+                        MEMBERS.with(|m| {
+                            m.borrow_mut()
+                                .entry(req.user.clone())
+                                .or_default()
+                                .push((req.room.clone(), join));
+                        });
+                        events.push(EngineEvent::MemberDone {
+                            ticket: req.ticket,
+                            outcome: MemberOutcome::Joined { new: true, join },
+                        });
+                        events.push(EngineEvent::Notice {
+                            user: req.user,
+                            notice: Notice::Joined {
+                                room: req.room,
+                                join,
+                            },
+                        });
+                    }
+                    other => HELD.with(|held| held.borrow_mut().push(other)),
+                }
+            }
+            if events.is_empty() {
+                return;
+            }
+            for event in events {
+                self.core.on_engine(self.now, event);
+            }
+            self.pump();
+        }
+    }
 }
 
 fn feed(h: &mut Harness, event: EngineEvent) {
     h.core.on_engine(h.now, event);
     h.pump();
+    h.play_engine_membership();
 }
 
 /// Another node's message.

@@ -24,7 +24,8 @@ impl ControlOp {
             ControlOp::Publish { .. }
             | ControlOp::PublishMany { .. }
             | ControlOp::Members { .. }
-            | ControlOp::Kick { .. } => true,
+            | ControlOp::Kick { .. }
+            | ControlOp::KickEverywhere { .. } => true,
             ControlOp::Info { .. }
             | ControlOp::History { .. }
             | ControlOp::Unread { .. }
@@ -34,6 +35,32 @@ impl ControlOp {
 }
 
 impl Core {
+    /// Closes this worker's connections of `user` not closing already (GOAWAY kicked);
+    /// how many.
+    pub(super) fn kick_local(&mut self, user: &Text) -> usize {
+        let tokens = self.users.get(user).cloned().unwrap_or_default();
+        let mut kicked = 0;
+        for token in tokens {
+            if self
+                .conn(token)
+                .is_none_or(|c| c.phase == crate::conn::Phase::Closing)
+            {
+                continue;
+            }
+            self.write(
+                token,
+                &ServerFrame::GoAway(GoAway {
+                    reason: GoAwayReason::Kicked,
+                    retry_after_ms: 0,
+                    message: Text::from_static("disconnected by the app server"),
+                }),
+            );
+            self.begin_close(token);
+            kicked += 1;
+        }
+        kicked
+    }
+
     /// Publishes as the server API, once per `key`: a key this room recorded within
     /// `control.idempotency_max_age` answers with the first sequence and publishes nothing.
     fn publish_once(
@@ -193,23 +220,9 @@ impl Core {
                     None => ControlReply::Info(None),
                 }
             }
-            ControlOp::Kick { user } => {
-                let tokens = self.users.get(&user).cloned().unwrap_or_default();
-                for &token in &tokens {
-                    self.write(
-                        token,
-                        &ServerFrame::GoAway(GoAway {
-                            reason: GoAwayReason::Kicked,
-                            retry_after_ms: 0,
-                            message: Text::from_static("disconnected by the app server"),
-                        }),
-                    );
-                    self.begin_close(token);
-                }
-                ControlReply::Kicked {
-                    connections: tokens.len(),
-                }
-            }
+            ControlOp::Kick { user } | ControlOp::KickEverywhere { user } => ControlReply::Kicked {
+                connections: self.kick_local(&user),
+            },
             ControlOp::Unread { user, rooms } => ControlReply::Unread(self.unread_of(&user, rooms)),
             ControlOp::Receipts { room } => ControlReply::Receipts(self.receipts_of(&room)),
         }

@@ -182,13 +182,18 @@ impl Core {
             }
         }
         if let Some(user) = conn.user {
+            let mut last = false;
             if let Some(tokens) = self.users.get_mut(&user) {
                 tokens.retain(|&t| t != token);
                 if tokens.is_empty() {
                     self.users.remove(&user);
+                    last = true;
                 }
             }
             self.directory.disconnect(&user, self.id);
+            if last {
+                self.cluster_user_gone(&user);
+            }
         }
         true
     }

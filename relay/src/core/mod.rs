@@ -184,6 +184,16 @@ fn key_of(token: Token) -> Key {
     }
 }
 
+/// The ERROR code of a refused join.
+pub(super) fn join_refusal_code(e: &DirectoryError) -> ErrorCode {
+    match e {
+        DirectoryError::Blocked(_) => ErrorCode::NotPermitted,
+        DirectoryError::Storage("storage_full") => ErrorCode::Overloaded,
+        DirectoryError::Storage(_) => ErrorCode::Internal,
+        _ => ErrorCode::LimitExceeded,
+    }
+}
+
 /// Below this many entries, [`push_compact`] grows a list one entry at a time.
 const EXACT_LIST: usize = 8;
 
@@ -370,6 +380,20 @@ impl Core {
     // Connection lifecycle
     // ---------------------------------------------------------------------------------
 
+    /// Refuses a request of the connection at `origin` (a non-fatal ERROR, through its
+    /// worker).
+    pub(super) fn refuse_origin(&mut self, origin: Origin, code: ErrorCode, message: String) {
+        self.send_to(
+            origin.core,
+            CoreMsg::Refused {
+                origin,
+                code,
+                reference: 0,
+                message,
+            },
+        );
+    }
+
     pub(super) fn refuse(
         &mut self,
         token: Token,
@@ -486,26 +510,17 @@ impl Core {
                         },
                     );
                 }
+                if self.cluster.is_some() {
+                    // Joined in the engine: core/cluster/members.rs.
+                    return self.cluster_join(room, user, unblock, requester);
+                }
                 if let Err(e) = self.join_member(&room, &user, unblock) {
                     if !matches!(e, DirectoryError::Blocked(_)) {
                         inc(&self.stats.limit_refusals, 1);
                     }
                     if let Some(origin) = requester {
-                        let code = match e {
-                            DirectoryError::Blocked(_) => ErrorCode::NotPermitted,
-                            DirectoryError::Storage("storage_full") => ErrorCode::Overloaded,
-                            DirectoryError::Storage(_) => ErrorCode::Internal,
-                            _ => ErrorCode::LimitExceeded,
-                        };
-                        self.send_to(
-                            origin.core,
-                            CoreMsg::Refused {
-                                origin,
-                                code,
-                                reference: 0,
-                                message: format!("{}: {e}", room.name),
-                            },
-                        );
+                        let message = format!("{}: {e}", room.name);
+                        self.refuse_origin(origin, join_refusal_code(&e), message);
                     }
                 }
             }
@@ -515,7 +530,11 @@ impl Core {
                 block,
                 reason,
             } => {
-                self.leave_member(&room, &user, block, reason);
+                if self.cluster.is_some() {
+                    self.cluster_leave(room, user, block, reason);
+                } else {
+                    self.leave_member(&room, &user, block, reason);
+                }
             }
             CoreMsg::Control { op, reply } => {
                 let answer = self.control(op);

@@ -107,6 +107,8 @@ impl Harness {
         frame.encode(&mut bytes);
         self.core.on_bytes(self.now, token, &bytes);
         self.pump();
+        // A cluster node's HELLO and joins wait for the engine (cluster_tests.rs).
+        self.play_engine_membership();
     }
 
     /// Flushes and completes sends (except to stalled phones) until nothing moves.

@@ -1,0 +1,300 @@
+//! The fan-out shapes `relay_fanout` and `relay_cluster` measure, and one phase of them:
+//! publishers (devices, a window of unacknowledged publishes each, or open loop at a rate)
+//! and every subscriber socket read on one poll, latency from each message's intended send
+//! time (no coordinated omission).
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use hdrhistogram::Histogram;
+use mio::net::TcpStream as MioStream;
+use mio::{Events, Interest, Poll, Token};
+use pabal_codec::{Ack, ClientFrame, Decoder, Publish, ServerFrame};
+
+/// A fan-out shape: who publishes where, who binds what.
+pub struct Scenario {
+    /// Its name in the table.
+    pub name: &'static str,
+    /// (publisher user, rooms it publishes to)
+    pub publishers: Vec<(String, Vec<(bool, String)>)>,
+    /// (subscriber user, rooms or channels it binds)
+    pub subscribers: Vec<(String, Vec<(bool, String)>)>,
+}
+
+/// One publisher, one channel, 1,000 subscriber connections.
+pub fn channel_1000() -> Scenario {
+    let ch = (true, "bench:channel".to_string());
+    Scenario {
+        name: "channel-1000",
+        publishers: vec![("brand".into(), vec![ch.clone()])],
+        subscribers: (0..1000)
+            .map(|i| (format!("s{i}"), vec![ch.clone()]))
+            .collect(),
+    }
+}
+
+/// 100 rooms of 100 members each (1,000 connections, each in about 10 rooms), 10
+/// publishers.
+pub fn rooms_100x100() -> Scenario {
+    let mut subscribers: Vec<(String, Vec<(bool, String)>)> =
+        (0..1000).map(|i| (format!("m{i}"), Vec::new())).collect();
+    for room in 0..100 {
+        for j in 0..100 {
+            // 100 distinct members per room, each user in about 10 rooms.
+            let user = (room * 7 + j * 10) % 1000;
+            subscribers[user].1.push((false, format!("room:{room}")));
+        }
+    }
+    let publishers = (0..10)
+        .map(|p| {
+            let rooms = (0..10)
+                .map(|k| (false, format!("room:{}", p * 10 + k)))
+                .collect();
+            (format!("p{p}"), rooms)
+        })
+        .collect();
+    Scenario {
+        name: "rooms-100x100",
+        publishers,
+        subscribers,
+    }
+}
+
+/// What one phase measured.
+pub struct Outcome {
+    /// Deliveries read by the subscribers while publishing.
+    pub deliveries: u64,
+    /// Messages published.
+    pub messages: u64,
+    /// The phase's length.
+    pub secs: f64,
+    /// Publish-to-delivery latency, µs, from each message's intended send time.
+    pub latency: Histogram<u64>,
+}
+
+/// Runs publishers and the reader for `secs`. `rate`: `None` saturates (a window of
+/// unacknowledged publishes per publisher), `Some(r)` publishes `r` messages/s in total,
+/// open loop.
+pub fn run_phase(
+    publishers: &mut [(TcpStream, Vec<u32>)],
+    readers: &mut [Reader],
+    secs: f64,
+    rate: Option<f64>,
+    ack: bool,
+) -> Outcome {
+    let stop = Arc::new(AtomicBool::new(false));
+    let deliveries = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let (lat_tx, lat_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        // The reader: every subscriber socket on one poll.
+        let stop_r = stop.clone();
+        let deliveries_r = deliveries.clone();
+        scope.spawn(move || {
+            let mut poll = Poll::new().unwrap();
+            for (i, r) in readers.iter_mut().enumerate() {
+                poll.registry()
+                    .register(&mut r.stream, Token(i), Interest::READABLE)
+                    .unwrap();
+            }
+            let mut bufs: Vec<BytesMut> = (0..readers.len())
+                .map(|_| BytesMut::with_capacity(64 * 1024))
+                .collect();
+            let decoder = Decoder::default();
+            let mut events = Events::with_capacity(1024);
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let mut chunk = vec![0u8; 256 * 1024];
+            let mut count = 0u64;
+            while !stop_r.load(Ordering::Relaxed) {
+                match poll.poll(&mut events, Some(Duration::from_millis(50))) {
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    other => other.unwrap(),
+                }
+                for ev in &events {
+                    let i = ev.token().0;
+                    let reader = &mut readers[i];
+                    loop {
+                        match reader.stream.read(&mut chunk) {
+                            Ok(0) => break,
+                            Ok(n) => bufs[i].extend_from_slice(&chunk[..n]),
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                            Err(e) => panic!("read: {e}"),
+                        }
+                    }
+                    let now = start.elapsed().as_nanos() as u64;
+                    let mut got = false;
+                    while let Some(frame) = decoder.decode_server(&mut bufs[i]).unwrap() {
+                        if let ServerFrame::Deliver(d) = frame {
+                            let sent = u64::from_le_bytes(d.payload[..8].try_into().unwrap());
+                            hist.record((now.saturating_sub(sent) / 1000).max(1))
+                                .unwrap();
+                            count += 1;
+                            // Fresh rooms and no own messages: the n-th delivery is seq n.
+                            let alias = d.header.alias as usize;
+                            if reader.received.len() <= alias {
+                                reader.received.resize(alias + 1, 0);
+                            }
+                            reader.received[alias] += 1;
+                            got = true;
+                        }
+                    }
+                    if ack && got {
+                        reader.ack();
+                    }
+                }
+                deliveries_r.store(count, Ordering::Relaxed);
+            }
+            lat_tx.send(hist).unwrap();
+        });
+        // A panic below (a refused publish) must still stop the reader, or the scope waits
+        // for it forever.
+        let _stop_reader = StopOnDrop(&stop);
+        // The publishers, on this thread.
+        let window = 256u64;
+        let mut in_flight = vec![0u64; publishers.len()];
+        let mut next_msg = vec![0u64; publishers.len()];
+        // A device never reuses a msg_id: the paced phase continues after the saturated one.
+        let id_base = if rate.is_some() { 1 << 40 } else { 0 };
+        let mut bufs: Vec<BytesMut> = publishers.iter().map(|_| BytesMut::new()).collect();
+        for (s, _) in publishers.iter() {
+            s.set_nonblocking(true).unwrap();
+        }
+        let decoder = Decoder::default();
+        let mut published = 0u64;
+        let mut out = BytesMut::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        let per_pub_interval = rate.map(|r| 1e9 * publishers.len() as f64 / r);
+        while start.elapsed().as_secs_f64() < secs {
+            let now = start.elapsed().as_nanos() as u64;
+            for (p, (stream, aliases)) in publishers.iter_mut().enumerate() {
+                out.clear();
+                loop {
+                    let intended = match per_pub_interval {
+                        None if in_flight[p] < window => now,
+                        None => break,
+                        Some(gap) => {
+                            let t = (next_msg[p] as f64 * gap) as u64;
+                            if t > now {
+                                break;
+                            }
+                            t
+                        }
+                    };
+                    let mut payload = [0u8; 32];
+                    payload[..8].copy_from_slice(&intended.to_le_bytes());
+                    let alias = aliases[(next_msg[p] % aliases.len() as u64) as usize];
+                    next_msg[p] += 1;
+                    ClientFrame::Publish(Publish {
+                        alias,
+                        msg_id: Some(id_base + next_msg[p]),
+                        ack: None,
+                        payload: Bytes::copy_from_slice(&payload),
+                    })
+                    .encode(&mut out);
+                    in_flight[p] += 1;
+                    published += 1;
+                }
+                if !out.is_empty() {
+                    stream.set_nonblocking(false).unwrap();
+                    stream.write_all(&out).unwrap();
+                    stream.set_nonblocking(true).unwrap();
+                }
+                loop {
+                    match stream.read(&mut chunk) {
+                        Ok(0) => panic!("publisher closed"),
+                        Ok(n) => bufs[p].extend_from_slice(&chunk[..n]),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(e) => panic!("publisher read: {e}"),
+                    }
+                }
+                while let Some(frame) = decoder.decode_server(&mut bufs[p]).unwrap() {
+                    match frame {
+                        ServerFrame::PubAck(_) => in_flight[p] -= 1,
+                        ServerFrame::Error(e) => panic!("publish refused: {}", e.message),
+                        _ => {}
+                    }
+                }
+            }
+            if rate.is_some() {
+                std::thread::sleep(Duration::from_micros(200));
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let at_end = deliveries.load(Ordering::Relaxed);
+        // Let in-flight deliveries land so latency covers every message, then stop.
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        let latency = lat_rx.recv().unwrap();
+        Outcome {
+            deliveries: at_end,
+            messages: published,
+            secs,
+            latency,
+        }
+    })
+}
+
+/// Sets its flag when dropped, unwinding included.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A subscriber's socket, what it got per alias, and what it acknowledged.
+pub struct Reader {
+    /// The socket.
+    pub stream: MioStream,
+    /// Messages received per alias.
+    pub received: Vec<u64>,
+    /// The last sequence acknowledged per alias.
+    pub acked: Vec<u64>,
+    /// Bytes of ACK frames not yet written (the socket was full).
+    pub out: Vec<u8>,
+}
+
+impl Reader {
+    /// One cumulative ACK of every alias that got messages since the last one.
+    pub fn ack(&mut self) {
+        self.acked.resize(self.received.len(), 0);
+        let pairs: Vec<(u32, u64)> = (0..self.received.len())
+            .filter(|&a| self.received[a] > self.acked[a])
+            .map(|a| (a as u32, self.received[a]))
+            .collect();
+        if pairs.is_empty() {
+            return;
+        }
+        for &(a, seq) in &pairs {
+            self.acked[a as usize] = seq;
+        }
+        let mut frame = BytesMut::new();
+        ClientFrame::Ack(Ack::from_pairs(&pairs)).encode(&mut frame);
+        self.out.extend_from_slice(&frame);
+        while !self.out.is_empty() {
+            match self.stream.write(&self.out) {
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                // The rest goes after the next read.
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("ack write: {e}"),
+            }
+        }
+    }
+}
+
+/// A publisher's device id: fixed per user, so runs are repeatable.
+pub fn device_of(user: &str) -> u64 {
+    pabal_codec::room_id(false, user)
+}

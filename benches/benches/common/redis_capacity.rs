@@ -1,0 +1,275 @@
+//! One Redis shard's capacity through the cluster's publish script, without a relay: many
+//! connections, each a pipeline of `EVALSHA publish` over its own rooms, against a private
+//! `redis-server`, with three connections subscribed to every room's channel (three nodes
+//! holding every room). The script is `pabal_relay::cluster::script::PUBLISH` itself, and
+//! variants of it without its `XADD` or its `PUBLISH`, to say what in it costs.
+//!
+//! Owns: the driver and the variants. Must not touch: the relay (nothing here runs one).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use pabal_relay::cluster::resp::{self, Value};
+use pabal_relay::cluster::script::PUBLISH;
+use pabal_testkit::redis::RedisServer;
+
+/// Rooms the load is spread over.
+const ROOMS: usize = 1000;
+/// Connections driving the script.
+const CONNECTIONS: usize = 8;
+/// Commands each connection keeps in flight.
+const PIPELINE: usize = 64;
+/// Nodes subscribed to every room's channel.
+const SUBSCRIBERS: usize = 3;
+
+/// A variant of the publish script.
+pub struct Variant {
+    /// Its name in the table.
+    pub name: &'static str,
+    /// The script's text.
+    pub script: String,
+    /// Whether each publish carries a repeat key (a device's publish id: `ZADD` and a trim).
+    pub publish_id: bool,
+}
+
+/// The script without the statements that start with `call` (and their continuation lines).
+fn without(script: &str, calls: &[&str]) -> String {
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in script.lines() {
+        if calls
+            .iter()
+            .any(|c| line.starts_with(&format!("redis.call('{c}'")))
+        {
+            skipping = true;
+            continue;
+        }
+        if skipping && line.starts_with("  ") {
+            continue;
+        }
+        skipping = false;
+        out.push_str(line);
+        out.push('\n');
+    }
+    for c in calls {
+        assert!(
+            !out.contains(&format!("'{c}'")),
+            "the variant still calls {c}: the script changed shape"
+        );
+    }
+    out
+}
+
+/// The variants measured, the script as the relay runs it first.
+pub fn variants() -> Vec<Variant> {
+    vec![
+        Variant {
+            name: "script, publish id",
+            script: PUBLISH.to_string(),
+            publish_id: true,
+        },
+        Variant {
+            name: "script",
+            script: PUBLISH.to_string(),
+            publish_id: false,
+        },
+        Variant {
+            name: "without XADD",
+            script: without(PUBLISH, &["XADD"]),
+            publish_id: false,
+        },
+        Variant {
+            name: "without PUBLISH",
+            script: without(PUBLISH, &["PUBLISH"]),
+            publish_id: false,
+        },
+        Variant {
+            name: "without both",
+            script: without(PUBLISH, &["XADD", "PUBLISH"]),
+            publish_id: false,
+        },
+    ]
+}
+
+/// What one variant measured.
+pub struct Capacity {
+    /// Script calls answered per second.
+    pub per_s: f64,
+    /// Redis' CPU (user + sys) per call, µs.
+    pub cpu_us: f64,
+    /// The script's own time per call (`INFO commandstats`), µs.
+    pub script_us: f64,
+}
+
+/// A field of an `INFO` answer (`name:value` lines), or of a `k=v,...` value.
+pub fn info_field(info: &str, line: &str, key: Option<&str>) -> f64 {
+    let Some(value) = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(line)?.strip_prefix(':'))
+    else {
+        return 0.0;
+    };
+    match key {
+        None => value.trim().parse().unwrap_or(0.0),
+        Some(k) => value
+            .split(',')
+            .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0),
+    }
+}
+
+/// Redis' CPU seconds so far and the scripts' calls and microseconds (`EVALSHA` + `EVAL`).
+pub fn redis_cpu(redis: &RedisServer) -> (f64, f64, f64) {
+    let cpu = redis.cli(&["INFO", "cpu"]);
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    let script = |k| {
+        info_field(&stats, "cmdstat_evalsha", Some(k)) + info_field(&stats, "cmdstat_eval", Some(k))
+    };
+    (
+        info_field(&cpu, "used_cpu_user", None) + info_field(&cpu, "used_cpu_sys", None),
+        script("calls"),
+        script("usec"),
+    )
+}
+
+/// Reads replies from `s` into `buf` until `n` have been decoded; panics on an error reply.
+fn read_replies(s: &mut TcpStream, buf: &mut BytesMut, mut n: usize) {
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        while n > 0 {
+            match resp::decode(buf).unwrap() {
+                Some(Value::Error(e)) => panic!("redis: {}", String::from_utf8_lossy(&e)),
+                Some(_) => n -= 1,
+                None => break,
+            }
+        }
+        if n == 0 {
+            return;
+        }
+        let got = s.read(&mut chunk).unwrap();
+        assert!(got > 0, "redis closed the connection");
+        buf.extend_from_slice(&chunk[..got]);
+    }
+}
+
+fn keys(room: usize) -> [String; 4] {
+    let tag = format!("pabal:{{r:cap{room}}}");
+    [
+        format!("{tag}:m"),
+        format!("{tag}:s"),
+        format!("{tag}:i"),
+        format!("{tag}:c"),
+    ]
+}
+
+/// Connections subscribed to every room's channel, drained until `stop`.
+fn subscribers(port: u16, stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<()>> {
+    (0..SUBSCRIBERS)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let mut out = BytesMut::new();
+            let channels: Vec<String> = (0..ROOMS).map(|r| keys(r)[3].clone()).collect();
+            resp::encode(
+                &mut out,
+                std::iter::once(&b"SUBSCRIBE"[..])
+                    .chain(channels.iter().map(String::as_bytes))
+                    .collect::<Vec<_>>()
+                    .into_iter(),
+            );
+            s.write_all(&out).unwrap();
+            let mut buf = BytesMut::new();
+            read_replies(&mut s, &mut buf, ROOMS);
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut chunk = vec![0u8; 256 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = s.read(&mut chunk);
+                }
+            })
+        })
+        .collect()
+}
+
+/// Drives `variant` for `secs` from [`CONNECTIONS`] pipelined connections.
+pub fn measure(redis: &RedisServer, variant: &Variant, secs: f64) -> Capacity {
+    redis.cli(&["FLUSHALL"]);
+    let sha = redis
+        .cli(&["SCRIPT", "LOAD", &variant.script])
+        .trim()
+        .to_string();
+    assert_eq!(sha.len(), 40, "SCRIPT LOAD answered {sha:?}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let subs = subscribers(redis.port, &stop);
+    redis.cli(&["CONFIG", "RESETSTAT"]);
+    let before = redis_cpu(redis);
+    let start = Instant::now();
+    let drivers: Vec<_> = (0..CONNECTIONS)
+        .map(|c| {
+            let (sha, port, publish_id) = (sha.clone(), redis.port, variant.publish_id);
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_nodelay(true).unwrap();
+                let rooms: Vec<[String; 4]> = (c..ROOMS).step_by(CONNECTIONS).map(keys).collect();
+                let payload = [7u8; 32];
+                let mut out = BytesMut::new();
+                let mut buf = BytesMut::new();
+                let (mut sent, mut next) = (0u64, 0usize);
+                while start.elapsed().as_secs_f64() < secs {
+                    out.clear();
+                    for _ in 0..PIPELINE {
+                        let [m, st, i, ch] = &rooms[next % rooms.len()];
+                        next += 1;
+                        sent += 1;
+                        let id = if publish_id {
+                            format!("d{c}:{sent}")
+                        } else {
+                            String::new()
+                        };
+                        let ts = sent.to_string();
+                        let args: [&[u8]; 15] = [
+                            b"EVALSHA",
+                            sha.as_bytes(),
+                            b"3",
+                            m.as_bytes(),
+                            st.as_bytes(),
+                            i.as_bytes(),
+                            b"1",
+                            ts.as_bytes(),
+                            b"bench/0/1",
+                            b"sender",
+                            &payload,
+                            b"10000",
+                            ch.as_bytes(),
+                            id.as_bytes(),
+                            b"1000",
+                        ];
+                        resp::encode(&mut out, args.into_iter());
+                    }
+                    s.write_all(&out).unwrap();
+                    read_replies(&mut s, &mut buf, PIPELINE);
+                }
+                sent
+            })
+        })
+        .collect();
+    let calls: u64 = drivers.into_iter().map(|d| d.join().unwrap()).sum();
+    let elapsed = start.elapsed().as_secs_f64();
+    let after = redis_cpu(redis);
+    stop.store(true, Ordering::Relaxed);
+    for s in subs {
+        s.join().unwrap();
+    }
+    let counted = (after.1 - before.1).max(1.0);
+    Capacity {
+        per_s: calls as f64 / elapsed,
+        cpu_us: (after.0 - before.0) * 1e6 / counted,
+        script_us: (after.2 - before.2) / counted,
+    }
+}

@@ -1,0 +1,662 @@
+//! A cluster node's membership (`[cluster]`): the engine holds every membership, block and
+//! join point ([`crate::cluster::membership`]); a node's directory holds those of the users
+//! it has connections of, as a cache the engine's notices keep current.
+//!
+//! # A user on this worker
+//! A worker watches a user's notice channel while it holds a connection of theirs (the
+//! first HELLO subscribes it, the last close unsubscribes it). A HELLO waits until the
+//! channel is subscribed and the user's rooms and blocks are read into the directory
+//! (bounded by `auth.handshake_timeout`; with the engine down it is refused `Overloaded`
+//! `unavailable`, fatal, so the phone reconnects). Every notice, and every read after a
+//! resubscription, is applied to the directory and to this worker's connections of the
+//! user exactly as a local membership change is (binding, LEFT, GOAWAY); after a read, the
+//! connections' bindings are compared with what the engine holds, so a notice lost while
+//! the pub/sub connection was down costs nothing.
+//!
+//! # A change made here
+//! A join or leave (a phone's SUBSCRIBE or UNSUBSCRIBE, the server API's member calls) goes
+//! to the engine; the engine's answer updates the owner's member set and answers the
+//! requester, and the notice it published binds or unbinds the user's connections on every
+//! node, this one included. Why not apply it locally first: the join point must come from
+//! the engine's head (this node may trail it), and one path for every node keeps them
+//! alike.
+//!
+//! The owner's member set of a room is not loaded from the engine when the room opens, as a
+//! first design had it: a channel's subscribers are unbounded, and every node owning the
+//! channel would hold all of them. It holds the changes made through this owner; a
+//! replacing `PUT .../members`, the one call that needs them all, reads the engine's
+//! (bounded, `MAX_SET_MEMBERS`) and refreshes it.
+//!
+//! Owns: watched users, HELLOs waiting for their user's load, membership changes in flight.
+//! Must not touch: the engine's connections (commands out, events in), other workers.
+
+use std::collections::{HashMap, HashSet};
+
+use pabal_codec::{ErrorCode, Hello, LeftReason, Text};
+
+use super::super::Core;
+use super::super::ReplyTo;
+use crate::cluster::membership::{Notice, UserRooms};
+use crate::cluster::{EngineCmd, EngineEvent, MemberChange, MemberOutcome, MemberRequest};
+use crate::conn::Phase;
+use crate::directory::{DirectoryError, JoinPoint};
+use crate::ids::{Origin, RoomName};
+use crate::io::Token;
+use crate::mesh::{ControlRefusal, ControlReply};
+use crate::stats::inc;
+
+/// A replacing `PUT .../members` reads the room's members from the engine: at most this
+/// many (more: refused `too_many_members`).
+const MAX_SET_MEMBERS: usize = 100_000;
+
+/// The message a HELLO refused for want of the engine carries (with `Overloaded`).
+const UNAVAILABLE: &str = super::UNAVAILABLE;
+
+/// A user whose notice channel this worker watches.
+#[derive(Debug, Default)]
+struct Watch {
+    /// The user's rooms and blocks were read since the channel was subscribed.
+    loaded: bool,
+    /// HELLOs waiting for that read.
+    parked: Vec<(Token, Hello)>,
+}
+
+/// Who waits for a membership change.
+#[derive(Debug)]
+enum Requester {
+    /// A server-API member call (a batch of changes, answered once all are done).
+    Api { batch: u64 },
+    /// A phone's SUBSCRIBE (refusals go back to it) or UNSUBSCRIBE (nobody).
+    Client { origin: Option<Origin> },
+}
+
+#[derive(Debug)]
+struct PendingChange {
+    room: RoomName,
+    user: Text,
+    requester: Requester,
+}
+
+/// A server-API member call waiting for its changes.
+#[derive(Debug)]
+struct Batch {
+    reply: ReplyTo,
+    room: RoomName,
+    waiting: usize,
+    failed: bool,
+    added: Vec<Text>,
+    removed: Vec<Text>,
+    refused: Vec<(Text, String)>,
+}
+
+/// One worker's membership state in a cluster.
+#[derive(Debug, Default)]
+pub(in crate::core) struct MembersSide {
+    watched: HashMap<Text, Watch>,
+    pending: HashMap<u64, PendingChange>,
+    batches: HashMap<u64, Batch>,
+    kicks: HashMap<u64, ReplyTo>,
+    /// Replacing member calls waiting for the room's members: answer, room, users wanted.
+    sets: HashMap<u64, (ReplyTo, RoomName, Vec<Text>)>,
+}
+
+impl Core {
+    fn members_side(&mut self) -> Option<&mut MembersSide> {
+        Some(&mut self.cluster.as_deref_mut()?.members)
+    }
+
+    fn next_member_ticket(&mut self) -> u64 {
+        let Some(side) = self.cluster.as_deref_mut() else {
+            return 0;
+        };
+        side.next_ticket += 1;
+        side.next_ticket
+    }
+
+    fn push_engine(&mut self, cmd: EngineCmd) {
+        if let Some(side) = self.cluster.as_deref_mut() {
+            side.out.push(cmd);
+        }
+    }
+
+    /// A HELLO of `user` passes once this worker holds the user's rooms from the engine;
+    /// until then it waits (`None`), and the user's channel is watched.
+    pub(in crate::core) fn cluster_hello_gate(
+        &mut self,
+        token: Token,
+        hello: Hello,
+        user: &Text,
+    ) -> Option<Hello> {
+        let max_conns = self.config.limits.max_connections_per_user;
+        let (max_rooms, max_blocks) = (
+            self.config.limits.max_rooms_per_user,
+            self.config.limits.max_blocked_per_user,
+        );
+        let Some(side) = self.members_side() else {
+            return Some(hello);
+        };
+        let new = !side.watched.contains_key(user);
+        let watch = side.watched.entry(user.clone()).or_default();
+        if watch.loaded {
+            return Some(hello);
+        }
+        if watch.parked.len() >= max_conns {
+            inc(&self.stats.limit_refusals, 1);
+            self.fatal(
+                token,
+                ErrorCode::LimitExceeded,
+                format!("the user already holds {max_conns} connections"),
+            );
+            return None;
+        }
+        watch.parked.push((token, hello));
+        if new {
+            self.push_engine(EngineCmd::WatchUser {
+                user: user.clone(),
+                max_rooms,
+                max_blocks,
+            });
+        }
+        None
+    }
+
+    /// This worker's last connection of `user` closed: the channel is no longer watched
+    /// here, and the node forgets the user's membership if no worker holds a connection.
+    pub(in crate::core) fn cluster_user_gone(&mut self, user: &Text) {
+        let Some(side) = self.members_side() else {
+            return;
+        };
+        if side.watched.get(user).is_some_and(|w| w.parked.is_empty()) {
+            side.watched.remove(user);
+            self.push_engine(EngineCmd::UnwatchUser { user: user.clone() });
+        }
+        self.directory.forget_if_offline(user);
+    }
+
+    /// Stops watching `user` if this worker holds no connection of theirs and no HELLO.
+    fn unwatch_if_unused(&mut self, user: &Text) {
+        if self.users.contains_key(user) {
+            return;
+        }
+        self.cluster_user_gone(user);
+    }
+
+    /// What the engine reports about membership.
+    pub(in crate::core) fn on_member_event(&mut self, event: EngineEvent) {
+        match event {
+            EngineEvent::UserLoaded { user, rooms } => self.on_user_loaded(&user, rooms),
+            EngineEvent::UserLoadFailed { user, over_cap } => {
+                self.on_user_load_failed(&user, over_cap)
+            }
+            EngineEvent::Notice { user, notice } => self.on_notice(&user, notice),
+            EngineEvent::MembersRead { ticket, members } => self.on_members_read(ticket, members),
+            EngineEvent::MemberDone { ticket, outcome } => self.on_member_done(ticket, outcome),
+            EngineEvent::MemberFailed { ticket } => self.on_member_failed(ticket),
+            EngineEvent::Kicked { ticket, ok } => {
+                let Some(reply) = self.members_side().and_then(|s| s.kicks.remove(&ticket)) else {
+                    return;
+                };
+                let answer = if ok {
+                    ControlReply::Kicked { connections: 0 }
+                } else {
+                    ControlReply::Refused(ControlRefusal::Unavailable)
+                };
+                self.reply(reply, answer);
+            }
+            other => tracing::error!(?other, "not a membership event"),
+        }
+    }
+
+    fn on_user_loaded(&mut self, user: &Text, engine: UserRooms) {
+        self.sync_directory(user, &engine);
+        self.sync_connections(user, &engine);
+        let Some(watch) = self.members_side().and_then(|s| s.watched.get_mut(user)) else {
+            return self.directory.forget_if_offline(user);
+        };
+        watch.loaded = true;
+        let parked = std::mem::take(&mut watch.parked);
+        for (token, hello) in parked {
+            if self
+                .conn(token)
+                .is_some_and(|c| c.phase == Phase::Handshake)
+            {
+                self.on_hello(token, hello);
+            }
+        }
+        self.unwatch_if_unused(user);
+    }
+
+    fn on_user_load_failed(&mut self, user: &Text, over_cap: Option<u64>) {
+        let Some(watch) = self.members_side().and_then(|s| s.watched.get_mut(user)) else {
+            return;
+        };
+        if watch.loaded {
+            // A reread after a resubscription: the cache stands until the next one.
+            tracing::warn!(%user, "could not reread a user's rooms from the engine");
+            return;
+        }
+        let parked = std::mem::take(&mut watch.parked);
+        for (token, _) in parked {
+            match over_cap {
+                Some(n) => {
+                    inc(&self.stats.limit_refusals, 1);
+                    self.fatal(
+                        token,
+                        ErrorCode::LimitExceeded,
+                        format!("the user has {n} rooms or blocks, more than this relay loads"),
+                    );
+                }
+                None => self.fatal(token, ErrorCode::Overloaded, UNAVAILABLE.to_owned()),
+            }
+        }
+        if let Some(side) = self.members_side() {
+            side.watched.remove(user);
+        }
+        self.push_engine(EngineCmd::UnwatchUser { user: user.clone() });
+        self.directory.forget_if_offline(user);
+    }
+
+    /// Makes the directory's entry of `user` what the engine holds.
+    fn sync_directory(&mut self, user: &Text, engine: &UserRooms) {
+        let (cached, blocked) = self.directory.snapshot(user);
+        let held: HashMap<&RoomName, JoinPoint> =
+            engine.rooms.iter().map(|(r, j)| (r, *j)).collect();
+        let blocks: HashSet<&RoomName> = engine.blocks.iter().collect();
+        for (room, join) in &cached {
+            if held.get(room) != Some(join) {
+                self.directory.remove(user, room, false);
+            }
+        }
+        for room in &blocked {
+            if !blocks.contains(room) {
+                // Unblocked meanwhile: `add` unblocks; the membership goes unless held.
+                let _ = self.directory.add(
+                    user,
+                    room,
+                    JoinPoint {
+                        epoch: 0,
+                        seq: 0,
+                        serial: 0,
+                    },
+                    true,
+                );
+                self.directory.remove(user, room, false);
+            }
+        }
+        for room in &engine.blocks {
+            self.directory.remove(user, room, true);
+        }
+        for (room, join) in &engine.rooms {
+            let _ = self.directory.add(user, room, *join, true);
+        }
+    }
+
+    /// Makes this worker's connections of `user` bind what the engine holds: bindings of
+    /// memberships that ended go (LEFT removed), memberships not bound yet are bound.
+    fn sync_connections(&mut self, user: &Text, engine: &UserRooms) {
+        let held: HashMap<&RoomName, u64> =
+            engine.rooms.iter().map(|(r, j)| (r, j.serial)).collect();
+        let tokens = self.users.get(user).cloned().unwrap_or_default();
+        for token in tokens {
+            let Some(conn) = self.conn(token) else {
+                continue;
+            };
+            let ended: Vec<u32> = conn
+                .subs
+                .iter()
+                .enumerate()
+                .filter_map(|(alias, sub)| {
+                    let sub = sub.as_ref()?;
+                    (held.get(&sub.room) != Some(&sub.membership)).then_some(alias as u32)
+                })
+                .collect();
+            for alias in ended {
+                self.unbind(token, alias, LeftReason::Removed);
+            }
+        }
+        for (room, join) in &engine.rooms {
+            self.on_member_joined(room.clone(), user.clone(), *join);
+        }
+    }
+
+    fn on_notice(&mut self, user: &Text, notice: Notice) {
+        match notice {
+            Notice::Joined { room, join } => {
+                match self.directory.join_point(user, &room) {
+                    Some(j) if j == join => {}
+                    Some(old) => {
+                        self.directory.remove(user, &room, false);
+                        self.on_member_left(
+                            room.clone(),
+                            user.clone(),
+                            LeftReason::Removed,
+                            old.serial,
+                        );
+                    }
+                    None => {}
+                }
+                let _ = self.directory.add(user, &room, join, true);
+                self.on_member_joined(room, user.clone(), join);
+            }
+            Notice::Left {
+                room,
+                join,
+                reason,
+                blocked,
+            } => {
+                self.directory.remove(user, &room, blocked);
+                self.on_member_left(room, user.clone(), reason, join.serial);
+            }
+            Notice::Kick => {
+                self.kick_local(user);
+            }
+        }
+    }
+
+    /// A phone's SUBSCRIBE (or an unblocking join) at the room's owner: the engine joins the
+    /// user; refusals go back to the phone, the binding comes with the notice.
+    pub(in crate::core) fn cluster_join(
+        &mut self,
+        room: RoomName,
+        user: Text,
+        unblock: bool,
+        origin: Option<Origin>,
+    ) {
+        self.send_member_change(
+            room,
+            user,
+            Requester::Client { origin },
+            Some(unblock),
+            None,
+        );
+    }
+
+    /// A phone's UNSUBSCRIBE at the room's owner: the engine ends the membership (and
+    /// blocks the channel); the notice unbinds the user's connections.
+    pub(in crate::core) fn cluster_leave(
+        &mut self,
+        room: RoomName,
+        user: Text,
+        block: bool,
+        reason: LeftReason,
+    ) {
+        self.send_member_change(
+            room,
+            user,
+            Requester::Client { origin: None },
+            None,
+            Some((block, reason)),
+        );
+    }
+
+    /// The server API's member call at the room's owner (the room is open): every change
+    /// goes to the engine; the answer comes once all are done. A replacing call (`set`)
+    /// first reads the room's members from the engine (changes made through other nodes
+    /// are not in this owner's member set).
+    pub(in crate::core) fn cluster_members(
+        &mut self,
+        room: RoomName,
+        add: Vec<Text>,
+        remove: Vec<Text>,
+        set: bool,
+        reply: ReplyTo,
+    ) {
+        if set {
+            let ticket = self.next_member_ticket();
+            if let Some(side) = self.members_side() {
+                side.sets.insert(ticket, (reply, room.clone(), add));
+            }
+            return self.push_engine(EngineCmd::ReadMembers {
+                ticket,
+                room,
+                max: MAX_SET_MEMBERS,
+            });
+        }
+        self.run_member_batch(room, add, remove, reply);
+    }
+
+    /// A replacing member call's read of the room's members came back: the owner's member
+    /// set becomes what the engine holds, and the difference is applied.
+    fn on_members_read(&mut self, ticket: u64, members: Result<Vec<Text>, Option<u64>>) {
+        let Some((reply, room, wanted)) = self.members_side().and_then(|s| s.sets.remove(&ticket))
+        else {
+            return;
+        };
+        let current = match members {
+            Ok(current) => current,
+            Err(Some(members)) => {
+                let why = ControlRefusal::TooManyMembers {
+                    members,
+                    max: MAX_SET_MEMBERS,
+                };
+                return self.reply(reply, ControlReply::Refused(why));
+            }
+            Err(None) => {
+                return self.reply(reply, ControlReply::Refused(ControlRefusal::Unavailable));
+            }
+        };
+        let current: HashSet<Text> = current.into_iter().collect();
+        if let Some(owned) = self.owned.get_mut(&room) {
+            owned.members = super::super::members::MemberSet::default();
+            for user in &current {
+                owned.members.insert(user.clone());
+            }
+        }
+        let wanted: HashSet<Text> = wanted.into_iter().collect();
+        let add = wanted.difference(&current).cloned().collect();
+        let remove = current.difference(&wanted).cloned().collect();
+        self.run_member_batch(room, add, remove, reply);
+    }
+
+    fn run_member_batch(
+        &mut self,
+        room: RoomName,
+        add: Vec<Text>,
+        remove: Vec<Text>,
+        reply: ReplyTo,
+    ) {
+        let batch = self.next_member_ticket();
+        let waiting = add.len() + remove.len();
+        if waiting == 0 {
+            let count = self.owned.get(&room).map_or(0, |o| o.members.len());
+            return self.reply(
+                reply,
+                ControlReply::Members {
+                    added: Vec::new(),
+                    removed: Vec::new(),
+                    refused: Vec::new(),
+                    count,
+                },
+            );
+        }
+        if let Some(side) = self.members_side() {
+            side.batches.insert(
+                batch,
+                Batch {
+                    reply,
+                    room: room.clone(),
+                    waiting,
+                    failed: false,
+                    added: Vec::new(),
+                    removed: Vec::new(),
+                    refused: Vec::new(),
+                },
+            );
+        }
+        for user in remove {
+            let requester = Requester::Api { batch };
+            let leave = Some((false, LeftReason::Removed));
+            self.send_member_change(room.clone(), user, requester, None, leave);
+        }
+        for user in add {
+            let requester = Requester::Api { batch };
+            self.send_member_change(room.clone(), user, requester, Some(false), None);
+        }
+    }
+
+    /// The server API's disconnect: a kick notice for every node.
+    pub(in crate::core) fn cluster_kick(&mut self, user: Text, reply: ReplyTo) {
+        let ticket = self.next_member_ticket();
+        if let Some(side) = self.members_side() {
+            side.kicks.insert(ticket, reply);
+        }
+        self.push_engine(EngineCmd::Kick { ticket, user });
+    }
+
+    fn send_member_change(
+        &mut self,
+        room: RoomName,
+        user: Text,
+        requester: Requester,
+        join: Option<bool>,
+        leave: Option<(bool, LeftReason)>,
+    ) {
+        let change = match (join, leave) {
+            (Some(unblock), _) => {
+                let epoch_hint = match self.owned.get(&room) {
+                    Some(o) => o.epoch,
+                    None => self.fresh_epoch(),
+                };
+                MemberChange::Join {
+                    epoch_hint,
+                    serial: self.fresh_serial(),
+                    unblock,
+                    max_rooms: self.config.limits.max_rooms_per_user,
+                }
+            }
+            (None, Some((block, reason))) => MemberChange::Leave {
+                block,
+                reason,
+                max_blocks: self.config.limits.max_blocked_per_user,
+            },
+            (None, None) => return,
+        };
+        let ticket = self.next_member_ticket();
+        self.push_engine(EngineCmd::Member(MemberRequest {
+            ticket,
+            room: room.clone(),
+            user: user.clone(),
+            change,
+        }));
+        if let Some(side) = self.members_side() {
+            side.pending.insert(
+                ticket,
+                PendingChange {
+                    room,
+                    user,
+                    requester,
+                },
+            );
+        }
+    }
+
+    fn on_member_done(&mut self, ticket: u64, outcome: MemberOutcome) {
+        let Some(p) = self.members_side().and_then(|s| s.pending.remove(&ticket)) else {
+            return;
+        };
+        let PendingChange {
+            room,
+            user,
+            requester,
+        } = p;
+        let api_result = match outcome {
+            MemberOutcome::Joined { new, .. } => {
+                if let Some(owned) = self.owned.get_mut(&room) {
+                    owned.members.insert(user.clone());
+                }
+                new.then_some(Ok(true))
+            }
+            MemberOutcome::JoinRefused { blocked } => {
+                self.note_if_unused(&room);
+                let e = if blocked {
+                    DirectoryError::Blocked(room.name.to_string())
+                } else {
+                    inc(&self.stats.limit_refusals, 1);
+                    DirectoryError::TooManyRooms {
+                        max: self.config.limits.max_rooms_per_user,
+                    }
+                };
+                if let Requester::Client {
+                    origin: Some(origin),
+                } = requester
+                {
+                    let message = format!("{}: {e}", room.name);
+                    self.refuse_origin(origin, super::super::join_refusal_code(&e), message);
+                }
+                Some(Err(e.to_string()))
+            }
+            MemberOutcome::Left { was, block_refused } => {
+                if block_refused {
+                    inc(&self.stats.limit_refusals, 1);
+                }
+                if let Some(owned) = self.owned.get_mut(&room) {
+                    owned.members.remove(&user);
+                }
+                self.forget_markers(&room, &user);
+                self.note_if_unused(&room);
+                was.then_some(Ok(false))
+            }
+        };
+        if let Requester::Api { batch } = requester {
+            self.batch_step(batch, user, api_result, false);
+        }
+    }
+
+    fn on_member_failed(&mut self, ticket: u64) {
+        let Some(p) = self.members_side().and_then(|s| s.pending.remove(&ticket)) else {
+            return;
+        };
+        match p.requester {
+            Requester::Api { batch } => self.batch_step(batch, p.user, None, true),
+            Requester::Client {
+                origin: Some(origin),
+            } => self.refuse_origin(origin, ErrorCode::Overloaded, UNAVAILABLE.to_owned()),
+            Requester::Client { origin: None } => {
+                tracing::warn!(user = %p.user, room = %p.room.name, "a leave did not reach the engine");
+            }
+        }
+    }
+
+    /// One change of a server-API batch is done: `Ok(true)` added, `Ok(false)` removed,
+    /// `Err` refused, `None` nothing changed; `failed`: it did not reach the engine.
+    fn batch_step(
+        &mut self,
+        batch: u64,
+        user: Text,
+        result: Option<Result<bool, String>>,
+        failed: bool,
+    ) {
+        let Some(side) = self.members_side() else {
+            return;
+        };
+        let Some(b) = side.batches.get_mut(&batch) else {
+            return;
+        };
+        b.failed |= failed;
+        match result {
+            Some(Ok(true)) => b.added.push(user),
+            Some(Ok(false)) => b.removed.push(user),
+            Some(Err(why)) => b.refused.push((user, why)),
+            None => {}
+        }
+        b.waiting -= 1;
+        if b.waiting > 0 {
+            return;
+        }
+        let Some(b) = side.batches.remove(&batch) else {
+            return;
+        };
+        let answer = if b.failed {
+            // Some changes may be done, some not: a retry (idempotent) completes them.
+            ControlReply::Refused(ControlRefusal::Unavailable)
+        } else {
+            ControlReply::Members {
+                added: b.added,
+                removed: b.removed,
+                refused: b.refused,
+                count: self.owned.get(&b.room).map_or(0, |o| o.members.len()),
+            }
+        };
+        self.reply(b.reply, answer);
+    }
+}
