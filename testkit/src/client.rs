@@ -5,7 +5,7 @@
 //! Owns: the client side of the wire protocol in tests, on the codec only. Must not touch:
 //! the relay (it is a peer on a socket) or `pabal-client` (that is the product under test).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -260,6 +260,115 @@ impl Client {
             }
         }
         out
+    }
+
+    /// Reads `alias` until it holds every sequence up to `last`; returns seq -> payload.
+    /// Panics on a GAP, a duplicate, a sequence missing, or after twice [`WAIT`]: what a
+    /// phone of a cluster test must see.
+    pub fn read_through(&mut self, alias: u32, last: u64) -> BTreeMap<u64, Bytes> {
+        let mut got = BTreeMap::new();
+        let deadline = Instant::now() + WAIT * 2;
+        while got.keys().next_back().copied().unwrap_or(0) < last {
+            assert!(
+                Instant::now() < deadline,
+                "{}: timed out at {:?} of {last}",
+                self.user,
+                got.keys().next_back()
+            );
+            match self.next_event(Duration::from_millis(100)) {
+                Some(Event::Message {
+                    alias: a,
+                    seq: Some(seq),
+                    payload,
+                    ..
+                }) if a == alias => {
+                    assert!(got.insert(seq, payload).is_none(), "duplicate {seq}");
+                }
+                Some(Event::Gap { from, to, .. }) => panic!("{}: gap {from}..={to}", self.user),
+                _ => {}
+            }
+        }
+        assert_eq!(
+            got.keys().copied().collect::<Vec<_>>(),
+            (1..=last).collect::<Vec<_>>(),
+            "{}: every sequence, in order, once",
+            self.user
+        );
+        got
+    }
+
+    /// Publishes once to `alias`: `Some(seq)` on its PUBACK, `None` on a refusal, which
+    /// must be the cluster's typed, retryable `Overloaded` `unavailable` (anything else
+    /// fails the test).
+    pub fn publish_or_unavailable(&mut self, alias: u32, payload: impl Into<Bytes>) -> Option<u64> {
+        let id = self.publish(alias, payload);
+        match self.wait_for(|e| {
+            matches!(e, Event::Error(err) if err.reference == id)
+                || matches!(e, Event::PubAck { msg_id, .. } if *msg_id == id)
+        }) {
+            Event::PubAck { seq, .. } => Some(seq),
+            Event::Error(err) => {
+                assert_eq!(err.message.as_str(), "unavailable");
+                assert!(!err.fatal, "a refusal keeps the connection");
+                None
+            }
+            other => panic!("not an answer to {id}: {other:?}"),
+        }
+    }
+
+    /// Connects as `tag`, joins `room`, publishes `count` messages `<tag>-<i>` and waits
+    /// for each PUBACK; their sequences.
+    pub fn publish_all(addr: SocketAddr, room: &str, tag: &str, count: usize) -> Vec<u64> {
+        let mut p = Client::connect(addr, tag);
+        let alias = p.join(room);
+        (0..count)
+            .map(|i| p.publish_acked(alias, format!("{tag}-{i}").into_bytes()))
+            .collect()
+    }
+
+    /// A cluster's first promise: a reader on every node of `nodes` joins `room`, then
+    /// publishers on the first two nodes publish `each` messages at once; every PUBACK
+    /// gets a distinct sequence, each publisher's rise, and every reader reads the same
+    /// messages in the same order, with no hole and no duplicate.
+    pub fn one_order_on_every_node(nodes: &[SocketAddr], room: &str, each: usize) {
+        let mut readers: Vec<(Client, u32)> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, &addr)| {
+                let mut c = Client::connect(addr, &format!("reader{i}"));
+                let alias = c.join(room);
+                (c, alias)
+            })
+            .collect();
+        let publisher = |addr: SocketAddr, tag: &'static str| {
+            let room = room.to_owned();
+            std::thread::spawn(move || Client::publish_all(addr, &room, tag, each))
+        };
+        let (pa, pb) = (publisher(nodes[0], "alice"), publisher(nodes[1], "bob"));
+        let (mut seqs, seqs_b) = (pa.join().unwrap(), pb.join().unwrap());
+        for s in [&seqs, &seqs_b] {
+            assert!(
+                s.windows(2).all(|w| w[0] < w[1]),
+                "one publisher's sequences rise"
+            );
+        }
+        seqs.extend(seqs_b);
+        seqs.sort_unstable();
+        let total = (2 * each) as u64;
+        assert_eq!(
+            seqs,
+            (1..=total).collect::<Vec<_>>(),
+            "{room}: distinct sequences"
+        );
+        let (first, rest) = readers.split_first_mut().expect("a node");
+        let order = first.0.read_through(first.1, total);
+        for (reader, alias) in rest {
+            assert_eq!(
+                reader.read_through(*alias, total),
+                order,
+                "{room}: one order"
+            );
+        }
     }
 
     /// Reads until the relay closes the connection, returning every event; panics if it

@@ -38,6 +38,21 @@ pub struct TestRelay {
 }
 
 impl TestRelay {
+    /// Waits until every engine thread of a cluster node has its connections up (the
+    /// slot map read, or the master found through Sentinel); panics after [`WAIT`].
+    pub fn wait_for_engine(&self) {
+        let stats = self.cluster().expect("a cluster node").clone();
+        let deadline = std::time::Instant::now() + crate::WAIT;
+        while !(stats.healthy() && stats.engines_up.load(std::sync::atomic::Ordering::Relaxed) > 0)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the engine never came up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// A relay from [`loopback_config`] with `workers` workers and the given backend; `tweak`
     /// adjusts the rest of the configuration.
     pub fn start(backend: BackendKind, workers: usize, tweak: impl FnOnce(&mut Config)) -> Self {

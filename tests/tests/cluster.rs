@@ -9,17 +9,14 @@
 
 #![allow(clippy::unwrap_used)] // reason: tests
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pabal_codec::{ClientSession, ErrorCode, Event};
 use pabal_relay::cluster::ClusterConfig;
 use pabal_relay::io::BackendKind;
-use pabal_testkit::redis::RedisServer;
+use pabal_testkit::redis::{RedisServer, filled_despite_killed_subscriptions};
 use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
 
 /// A cluster node on `redis`: two workers, named `id`.
@@ -34,129 +31,22 @@ fn node(backend: BackendKind, redis: &RedisServer, id: &str) -> TestRelay {
     })
 }
 
-/// Reads `alias` until it holds every sequence up to `last`; returns seq -> payload.
-/// Panics on a GAP (nothing here is past retention) or after [`WAIT`].
-fn read_through(client: &mut Client, alias: u32, last: u64) -> BTreeMap<u64, Bytes> {
-    let mut got = BTreeMap::new();
-    let deadline = Instant::now() + WAIT * 2;
-    while got.keys().next_back().copied().unwrap_or(0) < last {
-        assert!(
-            Instant::now() < deadline,
-            "{}: timed out at {:?} of {last}",
-            client.user,
-            got.keys().next_back()
-        );
-        match client.next_event(Duration::from_millis(100)) {
-            Some(Event::Message {
-                alias: a,
-                seq: Some(seq),
-                payload,
-                ..
-            }) if a == alias => {
-                assert!(got.insert(seq, payload).is_none(), "duplicate {seq}");
-            }
-            Some(Event::Gap { from, to, .. }) => panic!("{}: gap {from}..={to}", client.user),
-            _ => {}
-        }
-    }
-    let expected: Vec<u64> = (1..=last).collect();
-    assert_eq!(
-        got.keys().copied().collect::<Vec<_>>(),
-        expected,
-        "{}: every sequence, in order, once",
-        client.user
-    );
-    got
-}
-
-/// Publishes `count` messages tagged `tag` and waits for each PUBACK; the sequences.
-fn publish_all(addr: SocketAddr, room: &'static str, tag: &'static str, count: usize) -> Vec<u64> {
-    let mut p = Client::connect(addr, tag);
-    let alias = p.join(room);
-    (0..count)
-        .map(|i| p.publish_acked(alias, format!("{tag}-{i}").into_bytes()))
-        .collect()
-}
-
 per_backend! {
     fn three_nodes_see_one_order(backend) {
         let Some(redis) = RedisServer::start("three-nodes") else { return };
         let nodes: Vec<TestRelay> =
             ["n1", "n2", "n3"].iter().map(|id| node(backend, &redis, id)).collect();
-        const ROOM: &str = "room:cluster-order";
-        const EACH: usize = 150;
-        // A reader on every node, joined before anything is published: owed every message.
-        let mut readers: Vec<(Client, u32)> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let mut c = Client::connect(n.addr, &format!("reader{i}"));
-                let alias = c.join(ROOM);
-                (c, alias)
-            })
-            .collect();
-        // Publishers on two different nodes at once: the engine orders them.
-        let (a, b) = (nodes[0].addr, nodes[1].addr);
-        let pa = std::thread::spawn(move || publish_all(a, ROOM, "alice", EACH));
-        let pb = std::thread::spawn(move || publish_all(b, ROOM, "bob", EACH));
-        let (mut seqs, seqs_b) = (pa.join().unwrap(), pb.join().unwrap());
-        for s in [&seqs, &seqs_b] {
-            assert!(s.windows(2).all(|w| w[0] < w[1]), "one publisher's sequences rise");
-        }
-        seqs.extend(seqs_b);
-        seqs.sort_unstable();
-        let total = (2 * EACH) as u64;
-        assert_eq!(seqs, (1..=total).collect::<Vec<_>>(), "every PUBACK a distinct sequence");
-        let alias0 = readers[0].1;
-        let first = read_through(&mut readers[0].0, alias0, total);
-        for (reader, alias) in &mut readers[1..] {
-            assert_eq!(read_through(reader, *alias, total), first, "the same order on every node");
-        }
+        // A reader on every node, owed every message; publishers on two nodes at once:
+        // the engine orders them.
+        let addrs: Vec<_> = nodes.iter().map(|n| n.addr).collect();
+        Client::one_order_on_every_node(&addrs, "room:cluster-order", 150);
         drop(nodes);
     }
 
     fn lost_subscriptions_are_filled_from_the_stream(backend) {
         let Some(redis) = RedisServer::start("client-kill") else { return };
         let (a, b) = (node(backend, &redis, "na"), node(backend, &redis, "nb"));
-        const ROOM: &str = "room:cluster-kill";
-        const COUNT: usize = 400;
-        let mut reader = Client::connect(b.addr, "reader");
-        let alias = reader.join(ROOM);
-        let done = Arc::new(AtomicBool::new(false));
-        let killer = {
-            let (done, port) = (done.clone(), redis.port);
-            std::thread::spawn(move || {
-                let mut kills = 0;
-                while !done.load(Ordering::SeqCst) {
-                    // Every node's pub/sub connection, mid-stream.
-                    let out = std::process::Command::new("redis-cli")
-                        .args(["-p", &port.to_string(), "CLIENT", "KILL", "TYPE", "pubsub"])
-                        .output()
-                        .unwrap();
-                    kills += String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().unwrap_or(0);
-                    std::thread::sleep(Duration::from_millis(15));
-                }
-                kills
-            })
-        };
-        let addr = a.addr;
-        let seqs = std::thread::spawn(move || publish_all(addr, ROOM, "alice", COUNT))
-            .join()
-            .unwrap();
-        // One last kill after the last publish: only the resubscription's catch-up can
-        // bring what is published while the subscription is down.
-        redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
-        let mut last = Client::connect(a.addr, "closer");
-        let last_alias = last.join(ROOM);
-        let final_seq = last.publish_acked(last_alias, &b"last"[..]);
-        done.store(true, Ordering::SeqCst);
-        let kills = killer.join().unwrap();
-        assert_eq!(seqs, (1..=COUNT as u64).collect::<Vec<_>>());
-        let got = read_through(&mut reader, alias, final_seq);
-        for (i, seq) in seqs.iter().enumerate() {
-            assert_eq!(got[seq], Bytes::from(format!("alice-{i}")));
-        }
-        assert!(kills > 0, "the pub/sub connections were killed");
+        let kills = filled_despite_killed_subscriptions(a.addr, b.addr, "room:cluster-kill", redis.port, 400);
         eprintln!(
             "killed {kills} pub/sub connections; holes filled: {}",
             b.cluster().unwrap().holes_filled.load(Ordering::Relaxed)
@@ -201,18 +91,11 @@ per_backend! {
         let mut i = 0;
         while acked.len() < 40 {
             assert!(Instant::now() < deadline, "publishes never recovered");
-            let id = p.publish(pa, format!("after-{i}").into_bytes());
-            i += 1;
-            match p.wait_for(|e| matches!(e, Event::Error(err) if err.reference == id)
-                || matches!(e, Event::PubAck { msg_id, .. } if *msg_id == id))
-            {
-                Event::PubAck { seq, .. } => acked.push(seq),
-                Event::Error(err) => {
-                    assert_eq!(err.message.as_str(), "unavailable");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                _ => unreachable!(),
+            match p.publish_or_unavailable(pa, format!("after-{i}").into_bytes()) {
+                Some(seq) => acked.push(seq),
+                None => std::thread::sleep(Duration::from_millis(20)),
             }
+            i += 1;
         }
         let deadline = Instant::now() + WAIT;
         while pabal_testkit::http::get_anonymous(ops, "/readyz").status != 200 {
@@ -235,7 +118,7 @@ per_backend! {
         // node, whose connection stayed up, has all of it in one unbroken order.
         let last = *acked.iter().max().unwrap();
         assert!(acked.windows(2).all(|w| w[0] < w[1]), "{acked:?}");
-        let got = read_through(&mut reader, alias, last);
+        let got = reader.read_through(alias, last);
         for seq in &acked[..20] {
             assert!(got[seq].starts_with(b"before-"));
         }
@@ -249,7 +132,7 @@ per_backend! {
         let mut reader = Client::connect(a.addr, "reader");
         let alias = reader.join(ROOM);
         let addr = b.addr;
-        let writer = std::thread::spawn(move || publish_all(addr, ROOM, "alice", COUNT));
+        let writer = std::thread::spawn(move || Client::publish_all(addr, ROOM, "alice", COUNT));
         let before: Vec<u64> = reader.messages(alias, 50).into_iter().map(|(s, _)| s).collect();
         assert_eq!(before, (1..=50).collect::<Vec<_>>());
         // Node a goes away under the publishes; its phone resumes on node b.
@@ -296,13 +179,13 @@ per_backend! {
         let session = reader.drop_link();
         wait_for(0);
         // Published meanwhile through node a; node b hears none of it.
-        let seqs = publish_all(a.addr, ROOM, "alice", 10);
+        let seqs = Client::publish_all(a.addr, ROOM, "alice", 10);
         assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
         // (The publisher has gone too, so node a has let the room go as well.)
         wait_for(0);
         // Bound again on node b: it subscribes again and reads what it missed.
         let mut reader = Client::connect_with(b.addr, "reader", session);
-        let got = read_through(&mut reader, alias, 10);
+        let got = reader.read_through(alias, 10);
         assert_eq!(got[&10], Bytes::from_static(b"alice-9"));
         wait_for(1);
     }
@@ -323,7 +206,7 @@ per_backend! {
         assert_eq!(retry.publish_acked(rb, &b"hello"[..]), seq, "the first sequence, again");
         let next = first.publish_acked(fa, &b"next"[..]);
         assert_eq!(next, seq + 1, "the repeat took no sequence");
-        let got = read_through(&mut reader, alias, next);
+        let got = reader.read_through(alias, next);
         assert_eq!(got.len(), 2, "delivered once: {got:?}");
     }
 }

@@ -17,6 +17,25 @@ pub enum EngineKind {
     Redis,
 }
 
+/// How the engine's Redis is deployed (`cluster.topology`). Said in the configuration, not
+/// guessed at connect: a guess would change where keys live and how messages are published
+/// (`PUBLISH` or sharded `SPUBLISH`) on what one address happened to answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Topology {
+    /// One Redis (primary): `cluster.redis` holds exactly its address.
+    Single,
+    /// A Redis Cluster: `cluster.redis` holds seed addresses; the engine reads the slot map
+    /// (`CLUSTER SLOTS`) from the first that answers, connects to every shard's master,
+    /// runs each room's script on the shard of its hash slot, subscribes with sharded
+    /// pub/sub (`SSUBSCRIBE`) and follows `MOVED` and `ASK`.
+    Cluster,
+    /// One Redis master behind Sentinel: `cluster.redis` holds the sentinels,
+    /// `sentinel://host:port/<master-name>` (one master name); the engine asks them where
+    /// the master is at start and again whenever its connection is lost (a failover).
+    Sentinel,
+}
+
 /// `[cluster]`: present, the relay is one node of a cluster on the engine; absent, it runs
 /// alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,9 +43,12 @@ pub enum EngineKind {
 pub struct ClusterConfig {
     /// The engine. Default `redis` (the only one).
     pub engine: EngineKind,
-    /// The engine's address, `redis://host:port` (port 6379 if left out). Exactly one in
-    /// this version (a single Redis; Sentinel and Redis Cluster seeds are not supported
-    /// yet). Default `["redis://127.0.0.1:6379"]`.
+    /// How Redis is deployed: `single`, `cluster` or `sentinel`. Default `single`.
+    pub topology: Topology,
+    /// The engine's addresses, `redis://host:port` (port 6379 if left out): exactly one
+    /// with `topology = "single"`; one or more seeds of a Redis Cluster with `"cluster"`;
+    /// the sentinels, `sentinel://host[:port]/<master-name>`, with `"sentinel"`.
+    /// Default `["redis://127.0.0.1:6379"]`.
     pub redis: Vec<String>,
     /// This node's name, unique in the cluster: it tags the node's publishes so that the
     /// node recognises its own messages coming back over pub/sub. Letters, digits, `.`,
@@ -39,13 +61,14 @@ pub struct ClusterConfig {
     #[serde(with = "humantime_secs")]
     pub reconnect_max: Duration,
     /// Messages each room's stream keeps in the engine (`XADD MAXLEN ~`): how far back a
-    /// phone on any node can resume or page. Default 10000.
+    /// phone on any node can resume or page (from the stream, past the node's memory).
+    /// Default 10000.
     pub stream_max_len: u64,
     /// Publishes one worker may have in flight to the engine; more are refused with
     /// `Overloaded` `unavailable` (retryable) rather than queued. Default 4096.
     pub max_in_flight: usize,
-    /// Messages read per stream request when a node fills a hole or opens a room.
-    /// Default 256.
+    /// Messages read per stream request when a node fills a hole, or per page for a phone
+    /// resuming (a binding lagging) past the node's in-memory history. Default 256.
     pub fill_batch: usize,
 }
 
@@ -53,6 +76,7 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             engine: EngineKind::Redis,
+            topology: Topology::Single,
             redis: vec!["redis://127.0.0.1:6379".into()],
             node_id: None,
             connect_timeout: Duration::from_secs(1),
@@ -77,6 +101,28 @@ impl std::fmt::Display for RedisAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}", self.host, self.port)
     }
+}
+
+/// Parses `sentinel://host[:port]/<master-name>` (port 26379 if left out): the sentinel's
+/// address and the master's name.
+pub fn parse_sentinel_url(url: &str) -> Result<(RedisAddr, String), String> {
+    let rest = url
+        .strip_prefix("sentinel://")
+        .ok_or_else(|| format!("`{url}` does not start with sentinel://"))?;
+    let (addr, name) = rest
+        .split_once('/')
+        .filter(|(_, n)| !n.is_empty() && !n.contains(['/', '?', '@']))
+        .ok_or_else(|| format!("`{url}`: needs sentinel://host[:port]/<master-name>"))?;
+    let has_port = addr
+        .rsplit_once(':')
+        .is_some_and(|(h, _)| !h.ends_with(']') || addr.starts_with('['))
+        && !addr.ends_with(']');
+    let url = if has_port {
+        format!("redis://{addr}")
+    } else {
+        format!("redis://{addr}:26379")
+    };
+    Ok((parse_redis_url(&url)?, name.to_owned()))
 }
 
 /// Parses `redis://host[:port]` (no user, password or database in this version).
@@ -123,21 +169,26 @@ impl ClusterConfig {
                     .into(),
             ));
         }
-        match self.redis.as_slice() {
-            [one] => {
-                parse_redis_url(one).map_err(|e| invalid("cluster.redis", e))?;
+        if self.topology == Topology::Sentinel {
+            self.sentinels().map_err(|e| invalid("cluster.redis", e))?;
+        } else {
+            for url in &self.redis {
+                parse_redis_url(url).map_err(|e| invalid("cluster.redis", e))?;
             }
-            [] => {
+        }
+        match (self.topology, self.redis.len()) {
+            (_, 0) => {
                 return Err(invalid(
                     "cluster.redis",
                     "needs the engine's address".into(),
                 ));
             }
-            _ => {
+            (Topology::Single, 1) | (Topology::Cluster | Topology::Sentinel, _) => {}
+            (Topology::Single, _) => {
                 return Err(invalid(
                     "cluster.redis",
-                    "exactly one address in this version (a single Redis; Sentinel and \
-                     Redis Cluster are not supported yet)"
+                    "exactly one address with topology = \"single\" (several are the seeds \
+                     of a Redis Cluster: set cluster.topology = \"cluster\")"
                         .into(),
                 ));
             }
@@ -183,9 +234,31 @@ impl ClusterConfig {
         Ok(())
     }
 
-    /// The engine's address (validated).
-    pub fn redis_addr(&self) -> Result<RedisAddr, String> {
-        parse_redis_url(self.redis.first().map_or("", String::as_str))
+    /// The engine's addresses (validated): the one Redis, a Redis Cluster's seeds, or the
+    /// sentinels.
+    pub fn redis_addrs(&self) -> Result<Vec<RedisAddr>, String> {
+        if self.redis.is_empty() {
+            return Err("cluster.redis: no address".into());
+        }
+        if self.topology == Topology::Sentinel {
+            return Ok(self.sentinels()?.0);
+        }
+        self.redis.iter().map(|u| parse_redis_url(u)).collect()
+    }
+
+    /// The sentinels' addresses and the one master name they all give.
+    pub fn sentinels(&self) -> Result<(Vec<RedisAddr>, String), String> {
+        let mut name: Option<String> = None;
+        let mut addrs = Vec::new();
+        for url in &self.redis {
+            let (addr, n) = parse_sentinel_url(url)?;
+            if name.as_ref().is_some_and(|m| *m != n) {
+                return Err(format!("`{url}`: every sentinel must name the same master"));
+            }
+            name = Some(n);
+            addrs.push(addr);
+        }
+        Ok((addrs, name.ok_or("no sentinel address")?))
     }
 
     /// This node's id: the configured one, or one unique to this start.
@@ -217,6 +290,22 @@ mod tests {
         assert!(parse_redis_url("http://db:1").is_err());
         assert!(parse_redis_url("redis://u:p@db:1").is_err());
         assert!(parse_redis_url("redis://db:x").is_err());
+        assert_eq!(
+            parse_sentinel_url("sentinel://10.0.0.7/main").unwrap(),
+            (
+                RedisAddr {
+                    host: "10.0.0.7".into(),
+                    port: 26379
+                },
+                "main".into()
+            )
+        );
+        assert_eq!(
+            parse_sentinel_url("sentinel://s:5000/main").unwrap().0.port,
+            5000
+        );
+        assert!(parse_sentinel_url("sentinel://s:5000").is_err());
+        assert!(parse_sentinel_url("redis://s:5000/main").is_err());
     }
 
     #[test]
@@ -233,6 +322,27 @@ mod tests {
             ..ok.clone()
         };
         assert_eq!(field(&two, StorageMode::Memory), "cluster.redis");
+        let seeds = ClusterConfig {
+            topology: Topology::Cluster,
+            ..two.clone()
+        };
+        seeds.validate(StorageMode::Memory).unwrap();
+        let bad_seed = ClusterConfig {
+            redis: vec!["redis://a:1".into(), "http://b:1".into()],
+            ..seeds
+        };
+        assert_eq!(field(&bad_seed, StorageMode::Memory), "cluster.redis");
+        let sentinels = ClusterConfig {
+            topology: Topology::Sentinel,
+            redis: vec!["sentinel://a:1/m".into(), "sentinel://b:1/m".into()],
+            ..ok.clone()
+        };
+        sentinels.validate(StorageMode::Memory).unwrap();
+        let two_masters = ClusterConfig {
+            redis: vec!["sentinel://a:1/m".into(), "sentinel://b:1/n".into()],
+            ..sentinels
+        };
+        assert_eq!(field(&two_masters, StorageMode::Memory), "cluster.redis");
         let bad_id = ClusterConfig {
             node_id: Some("a b".into()),
             ..ok.clone()

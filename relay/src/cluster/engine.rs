@@ -1,15 +1,26 @@
-//! One worker's engine thread: two pipelined connections to Redis (commands, pub/sub) on
-//! mio, fed by the worker once per loop tick and answering through a channel and the
-//! worker's wakeup.
+//! One worker's engine thread: two pipelined connections (commands, pub/sub) to each Redis
+//! it needs on mio, fed by the worker once per loop tick and answering through a channel
+//! and the worker's wakeup.
 //!
-//! Owns: the connections, what is in flight on them, the subscribed channels and
-//! reconnection with backoff. Must not touch: rooms or connections (it only reports
-//! [`EngineEvent`]s), the worker's thread (it never blocks the worker: the worker only
-//! sends on an unbounded channel whose length the worker bounds itself).
+//! With `cluster.topology = "single"` that is one Redis; with `"sentinel"` it is the one
+//! master the sentinels name (asked again whenever its connection is lost or it answers
+//! `READONLY`: a failover moves it). With `"cluster"` it is every
+//! shard's master of a Redis Cluster: the slot map comes from the seeds (`CLUSTER SLOTS`,
+//! [`super::slots`]); each room's commands go to the shard of its hash slot, its channel
+//! is subscribed there with sharded pub/sub (`SSUBSCRIBE`; the script `SPUBLISH`es); a
+//! `MOVED` corrects the map (and has it read again) and sends the command where Redis
+//! said, an `ASK` sends `ASKING` and the command to the importing shard; a shard whose
+//! connection is lost is handled like a lost single Redis (its publishes fail
+//! `unavailable`, it is reconnected with backoff, its channels resubscribed and the owners
+//! told to read the stream), and the map is read again in case its slots moved.
+//!
+//! Owns: the slot map, the shards' connections, what is in flight on them, the subscribed
+//! channels and reconnection with backoff. Must not touch: rooms or connections (it only
+//! reports [`EngineEvent`]s), the worker's thread (it never blocks the worker: the worker
+//! only sends on an unbounded channel whose length the worker bounds itself).
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read, Write};
-use std::net::ToSocketAddrs;
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -17,21 +28,23 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{Receiver, Sender};
-use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Poll, Token, Waker};
 
 use super::resp::{self, Value, decimal};
 use super::script::{self, OPEN, PUBLISH};
-use super::{ClusterConfig, ClusterStats, EngineCmd, EngineEvent, PublishRequest, RedisAddr};
+use super::shard::{BACKOFF_MIN, Conn, Pending, Retry, Shard};
+use super::slots::{self, SlotMap};
+use super::{
+    ClusterConfig, ClusterStats, EngineCmd, EngineEvent, PublishRequest, RedisAddr, Topology,
+};
 use crate::ids::RoomName;
 
-mod members;
+pub(super) mod members;
 
-const CMD: Token = Token(0);
-const SUB: Token = Token(1);
-const WAKE: Token = Token(2);
-/// The first reconnect delay (doubling up to `cluster.reconnect_max`).
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// The engine thread's waker (shard `i`'s connections are tokens `2i+1` and `2i+2`).
+const WAKE: Token = Token(0);
+/// How often one command may be redirected (`MOVED`, `ASK`) before it is given up.
+const MAX_HOPS: u8 = 5;
 /// Events waiting for the worker; a full queue makes the engine thread wait (and Redis
 /// buffer, or drop the subscriber, which the owner then repairs from the stream).
 const EVENT_QUEUE: usize = 65_536;
@@ -56,7 +69,19 @@ impl EngineHandle {
         wake_worker: Box<dyn Fn() + Send>,
         stats: Arc<ClusterStats>,
     ) -> io::Result<Self> {
-        let addr = config.redis_addr().map_err(io::Error::other)?;
+        let seeds = config.redis_addrs().map_err(io::Error::other)?;
+        let master_name = match config.topology {
+            Topology::Sentinel => Some(config.sentinels().map_err(io::Error::other)?.1),
+            _ => None,
+        };
+        // One Redis serves every slot; a cluster's map is read by the engine thread.
+        let (map, shards) = match config.topology {
+            Topology::Single => (
+                Some(SlotMap::single(seeds[0].clone())),
+                vec![Shard::new(seeds[0].clone())],
+            ),
+            Topology::Cluster | Topology::Sentinel => (None, Vec::new()),
+        };
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         let (tx, cmds) = crossbeam_channel::unbounded();
@@ -66,7 +91,10 @@ impl EngineHandle {
             prefix: format!("{node_id}/{worker}/").into_bytes(),
             node_id: node_id.to_owned(),
             worker,
-            addr,
+            topology: config.topology,
+            master_name,
+            refresh_due: config.topology != Topology::Single,
+            seeds,
             config: config.clone(),
             poll,
             cmds,
@@ -74,20 +102,20 @@ impl EngineHandle {
             wake_worker,
             stop: stop.clone(),
             stats,
-            cmd: None,
-            sub: None,
-            cmd_retry: (Instant::now(), BACKOFF_MIN),
-            sub_retry: (Instant::now(), BACKOFF_MIN),
-            inflight: VecDeque::new(),
+            map,
+            shards,
+            map_retry: Retry::now(),
             channels: HashMap::new(),
             users: HashMap::new(),
             fills_waiting: Vec::new(),
+            redirects: Vec::new(),
             out: Vec::new(),
             publish_sha: script::sha1_hex(PUBLISH),
             open_sha: script::sha1_hex(OPEN),
             keys: Default::default(),
             up: false,
             replies: Vec::new(),
+            ready: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("pabal-engine-{worker}"))
@@ -137,30 +165,37 @@ impl Drop for EngineHandle {
     }
 }
 
-/// A connection to Redis with its buffers.
-struct Conn {
-    stream: TcpStream,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
+/// A command answered `MOVED` or `ASK`: where to send it again.
+enum Redirect {
+    /// The slot lives on `addr` now: the map is corrected (and refreshed soon) and the
+    /// command goes there.
+    Moved { slot: u16, addr: RedisAddr },
+    /// The slot is migrating to `addr`: `ASKING`, then the command, there (once).
+    Ask { addr: RedisAddr },
 }
 
-/// A command on the command connection awaiting its reply (in order).
-enum Pending {
-    Publish(PublishRequest),
-    Open {
-        room: RoomName,
-        hint: u64,
-        tail: u64,
-    },
-    Fill {
-        room: RoomName,
-        after: u64,
-    },
-    /// Membership's commands (`members.rs`).
-    Members(members::Step),
+/// Parses `MOVED <slot> <host>:<port>` or `ASK <slot> <host>:<port>`.
+fn redirect(error: &[u8]) -> Option<Redirect> {
+    let text = std::str::from_utf8(error).ok()?;
+    let mut parts = text.split(' ');
+    let (kind, slot, addr) = (parts.next()?, parts.next()?, parts.next()?);
+    let slot: u16 = slot.parse().ok()?;
+    let (host, port) = addr.rsplit_once(':')?;
+    let addr = RedisAddr {
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port: port.parse().ok()?,
+    };
+    match kind {
+        "MOVED" => Some(Redirect::Moved { slot, addr }),
+        "ASK" => Some(Redirect::Ask { addr }),
+        _ => None,
+    }
 }
 
-/// A channel's subscription on the pub/sub connection.
+/// A channel's subscription on its shard's pub/sub connection.
 #[derive(PartialEq, Eq, Clone, Copy)]
 enum SubState {
     /// Not asked for on the current connection (none is up).
@@ -174,6 +209,8 @@ enum SubState {
 struct Channel {
     room: RoomName,
     state: SubState,
+    /// The shard it is (to be) subscribed on; `None` before the slot map is known.
+    shard: Option<usize>,
     /// Opens waiting for the subscription (epoch hint, tail).
     opens: Vec<(u64, u64)>,
     /// An open was sent: a resubscription must make the owner catch up.
@@ -185,7 +222,11 @@ struct Engine {
     prefix: Vec<u8>,
     node_id: String,
     worker: usize,
-    addr: RedisAddr,
+    topology: Topology,
+    /// The master's name behind Sentinel.
+    master_name: Option<String>,
+    /// `cluster.redis`: the one Redis, the cluster's seeds, or the sentinels.
+    seeds: Vec<RedisAddr>,
     config: ClusterConfig,
     poll: Poll,
     cmds: Receiver<EngineCmd>,
@@ -193,25 +234,31 @@ struct Engine {
     wake_worker: Box<dyn Fn() + Send>,
     stop: Arc<AtomicBool>,
     stats: Arc<ClusterStats>,
-    cmd: Option<Conn>,
-    sub: Option<Conn>,
-    /// When to try connecting next, and the delay after that.
-    cmd_retry: (Instant, Duration),
-    sub_retry: (Instant, Duration),
-    inflight: VecDeque<Pending>,
+    /// Which shard serves which room; `None` until a seed answered.
+    map: Option<SlotMap>,
+    /// `map.shards`, in the same order, with their connections.
+    shards: Vec<Shard>,
+    /// The slot map must be read again (a `MOVED`, a lost shard); not before `map_retry`.
+    refresh_due: bool,
+    map_retry: Retry,
     channels: HashMap<Bytes, Channel>,
-    /// Users' notice channels (`members.rs`).
+    /// Users' notice channels (`members.rs`), on the shard of their key, with plain
+    /// pub/sub whatever the topology (a Redis Cluster carries it to every node).
     users: HashMap<Bytes, members::UserWatch>,
-    fills_waiting: Vec<(RoomName, u64)>,
+    fills_waiting: Vec<(RoomName, u64, Option<u64>)>,
+    /// Commands answered `MOVED` or `ASK` in the replies being read, with their hops.
+    redirects: Vec<(Pending, u8, Redirect)>,
     out: Vec<EngineEvent>,
     publish_sha: Bytes,
     open_sha: Bytes,
     /// Scratch for key names and the tag (reused: no allocation per publish).
     keys: [Vec<u8>; 6],
-    /// Both connections are up (counted in `engines_up`).
+    /// Every shard's connections are up (counted in `engines_up`).
     up: bool,
     /// Replies decoded from one read (reused).
     replies: Vec<Value>,
+    /// Connections with events from one poll (reused): (shard, pub/sub?).
+    ready: Vec<(usize, bool)>,
 }
 
 /// Appends one script call on a room's meta hash and stream: `EVALSHA <sha> 2 <meta>
@@ -241,6 +288,16 @@ fn encode_script(
     resp::encode(out, all[..n].iter().copied());
 }
 
+/// Channel `ch`, if it is (to be) subscribed on shard `i` (a push from another shard is
+/// about a subscription it left).
+fn channel_on<'a>(
+    channels: &'a mut HashMap<Bytes, Channel>,
+    ch: &[u8],
+    i: usize,
+) -> Option<&'a mut Channel> {
+    channels.get_mut(ch).filter(|c| c.shard == Some(i))
+}
+
 fn channel_key(room: &RoomName) -> Bytes {
     let mut k = Vec::new();
     script::key(&mut k, room, "c");
@@ -250,14 +307,19 @@ fn channel_key(room: &RoomName) -> Bytes {
 impl Engine {
     fn run(mut self) {
         self.stats.engines.fetch_add(1, Ordering::Relaxed);
-        let mut events = Events::with_capacity(16);
+        let mut events = Events::with_capacity(64);
         while !self.stop.load(Ordering::SeqCst) {
             let now = Instant::now();
-            if self.cmd.is_none() && now >= self.cmd_retry.0 {
-                self.connect_cmd(now);
+            if self.refresh_due && now >= self.map_retry.at {
+                self.refresh_map(now);
             }
-            if self.sub.is_none() && now >= self.sub_retry.0 {
-                self.connect_sub(now);
+            for i in 0..self.shards.len() {
+                if self.shards[i].cmd.is_none() && now >= self.shards[i].cmd_retry.at {
+                    self.connect(i, false);
+                }
+                if self.shards[i].sub.is_none() && now >= self.shards[i].sub_retry.at {
+                    self.connect(i, true);
+                }
             }
             self.note_health();
             while let Ok(cmd) = self.cmds.try_recv() {
@@ -265,13 +327,18 @@ impl Engine {
             }
             self.flush_writes();
             self.deliver_events();
-            let retry = [
-                self.cmd.is_none().then_some(self.cmd_retry.0),
-                self.sub.is_none().then_some(self.sub_retry.0),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            let retry = self
+                .shards
+                .iter()
+                .flat_map(|s| {
+                    [
+                        s.cmd.is_none().then_some(s.cmd_retry.at),
+                        s.sub.is_none().then_some(s.sub_retry.at),
+                    ]
+                })
+                .chain([self.refresh_due.then_some(self.map_retry.at)])
+                .flatten()
+                .min();
             let timeout = retry.map(|at| at.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout)
                 && e.kind() != io::ErrorKind::Interrupted
@@ -279,20 +346,26 @@ impl Engine {
                 tracing::error!(worker = self.worker, error = %e, "engine poll failed; the engine thread stops");
                 break;
             }
-            let (mut cmd_ready, mut sub_ready) = (false, false);
-            for ev in events.iter() {
-                match ev.token() {
-                    CMD => cmd_ready = true,
-                    SUB => sub_ready = true,
-                    _ => {}
+            let mut ready = std::mem::take(&mut self.ready);
+            ready.extend(
+                events
+                    .iter()
+                    .filter(|ev| ev.token() != WAKE)
+                    .map(|ev| ((ev.token().0 - 1) / 2, ev.token().0 % 2 == 0)),
+            );
+            for &(shard, pubsub) in &ready {
+                if shard >= self.shards.len() {
+                    continue;
+                }
+                if pubsub {
+                    self.read_sub(shard);
+                } else {
+                    self.read_cmd(shard);
                 }
             }
-            if cmd_ready {
-                self.read_cmd();
-            }
-            if sub_ready {
-                self.read_sub();
-            }
+            ready.clear();
+            self.ready = ready;
+            self.follow_redirects();
             self.flush_writes();
             self.deliver_events();
         }
@@ -303,7 +376,7 @@ impl Engine {
     }
 
     fn note_health(&mut self) {
-        let up = self.cmd.is_some() && self.sub.is_some();
+        let up = !self.shards.is_empty() && self.shards.iter().all(Shard::up);
         if up != self.up {
             self.up = up;
             let d = if up { 1 } else { -1 };
@@ -311,174 +384,336 @@ impl Engine {
         }
     }
 
-    fn connect(&self, token: Token) -> io::Result<Conn> {
-        let mut last = io::Error::other("the address resolves to nothing");
-        for a in (self.addr.host.as_str(), self.addr.port).to_socket_addrs()? {
-            match std::net::TcpStream::connect_timeout(&a, self.config.connect_timeout) {
-                Ok(s) => {
-                    s.set_nodelay(true)?;
-                    s.set_nonblocking(true)?;
-                    let mut stream = TcpStream::from_std(s);
-                    self.poll.registry().register(
-                        &mut stream,
-                        token,
-                        Interest::READABLE | Interest::WRITABLE,
-                    )?;
-                    return Ok(Conn {
-                        stream,
-                        rbuf: BytesMut::with_capacity(64 * 1024),
-                        wbuf: BytesMut::with_capacity(64 * 1024),
-                    });
-                }
-                Err(e) => last = e,
-            }
-        }
-        Err(last)
+    /// The shard serving `key`, if the slot map is known.
+    fn route(&self, key: &[u8]) -> Option<usize> {
+        self.map.as_ref().map(|m| m.shard_of_key(key))
     }
 
-    fn backoff(
-        &self,
-        now: Instant,
-        delay: Duration,
-        e: &io::Error,
-        what: &str,
-    ) -> (Instant, Duration) {
+    /// `(subscribe, unsubscribe)`: sharded pub/sub on a Redis Cluster (a channel lives on
+    /// its slot's shard), plain pub/sub on one Redis.
+    fn sub_verbs(&self) -> (&'static [u8], &'static [u8]) {
+        match self.topology {
+            Topology::Single | Topology::Sentinel => (b"SUBSCRIBE", b"UNSUBSCRIBE"),
+            Topology::Cluster => (b"SSUBSCRIBE", b"SUNSUBSCRIBE"),
+        }
+    }
+
+    fn backoff(&self, retry: Retry, addr: &RedisAddr, e: &io::Error, what: &str) -> Retry {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(worker = self.worker, addr = %self.addr, error = %e, "engine {what} connection down; retrying in {} ms", delay.as_millis());
-        (now + delay, (delay * 2).min(self.config.reconnect_max))
-    }
-
-    fn connect_cmd(&mut self, now: Instant) {
-        match self.connect(CMD) {
-            Ok(conn) => {
-                self.cmd = Some(conn);
-                self.cmd_retry.1 = BACKOFF_MIN;
-                tracing::info!(worker = self.worker, node = %self.node_id, addr = %self.addr, "engine command connection up");
-                let ready: Vec<Bytes> = self
-                    .channels
-                    .iter()
-                    .filter(|(_, c)| c.state == SubState::Subscribed && !c.opens.is_empty())
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for ch in ready {
-                    self.send_opens(&ch);
-                }
-                for (room, after) in std::mem::take(&mut self.fills_waiting) {
-                    self.send_fill(room, after);
-                }
-            }
-            Err(e) => self.cmd_retry = self.backoff(now, self.cmd_retry.1, &e, "command"),
+        tracing::warn!(worker = self.worker, addr = %addr, error = %e, "engine {what} connection down; retrying in {} ms", retry.delay.as_millis());
+        Retry {
+            at: Instant::now() + retry.delay,
+            delay: (retry.delay * 2).min(self.config.reconnect_max),
         }
     }
 
-    fn connect_sub(&mut self, now: Instant) {
-        match self.connect(SUB) {
-            Ok(mut conn) => {
-                self.sub_retry.1 = BACKOFF_MIN;
-                tracing::info!(worker = self.worker, addr = %self.addr, "engine pub/sub connection up");
-                if !self.channels.is_empty() || !self.users.is_empty() {
-                    let mut args: Vec<&[u8]> = vec![b"SUBSCRIBE"];
-                    for (k, c) in self.channels.iter_mut() {
-                        c.state = SubState::Subscribing;
-                        args.push(&k[..]);
+    /// Reads the slot map from the seeds (and the shards known), or asks the sentinels
+    /// where the master is, bounded by `cluster.connect_timeout` per address; on a change
+    /// the shards are renumbered and every channel routed again.
+    fn refresh_map(&mut self, now: Instant) {
+        let timeout = self.config.connect_timeout;
+        let (found, what) = match &self.master_name {
+            Some(name) => (
+                slots::ask_sentinels(&self.seeds, name, timeout),
+                "sentinel (SENTINEL get-master-addr-by-name)",
+            ),
+            None => {
+                let mut seeds = self.seeds.clone();
+                for s in &self.shards {
+                    if !seeds.contains(&s.addr) {
+                        seeds.push(s.addr.clone());
                     }
-                    for (k, w) in self.users.iter_mut() {
-                        w.state = SubState::Subscribing;
-                        args.push(&k[..]);
-                    }
-                    resp::encode(&mut conn.wbuf, args.into_iter());
                 }
-                self.sub = Some(conn);
+                (slots::discover(&seeds, timeout), "slot map (CLUSTER SLOTS)")
             }
-            Err(e) => self.sub_retry = self.backoff(now, self.sub_retry.1, &e, "pub/sub"),
+        };
+        match found {
+            Ok(map) => {
+                self.refresh_due = false;
+                // At most one refresh per this long, however many MOVEDs arrive.
+                self.map_retry = Retry {
+                    at: now + BACKOFF_MIN * 4,
+                    delay: BACKOFF_MIN,
+                };
+                if self.map.as_ref() != Some(&map) {
+                    tracing::info!(
+                        worker = self.worker,
+                        shards = ?map.shards,
+                        topology = ?self.topology,
+                        "engine topology read (cluster.topology)"
+                    );
+                    self.apply_map(map);
+                } else {
+                    self.route_channels();
+                }
+            }
+            Err(e) => {
+                let addr = self.seeds.first().cloned().unwrap_or(RedisAddr {
+                    host: String::new(),
+                    port: 0,
+                });
+                self.map_retry = self.backoff(self.map_retry, &addr, &e, what);
+            }
         }
     }
 
-    /// The command connection failed: what was in flight fails (publishes) or waits for
-    /// the next connection (opens, fills).
-    fn fail_cmd(&mut self, e: &io::Error) {
-        if let Some(mut conn) = self.cmd.take() {
-            let _ = self.poll.registry().deregister(&mut conn.stream);
-        }
-        let now = Instant::now();
-        self.cmd_retry = self.backoff(now, self.cmd_retry.1, e, "command");
-        let n = self.inflight.len() as i64;
-        self.stats.pipeline_depth.fetch_sub(n, Ordering::Relaxed);
-        for p in std::mem::take(&mut self.inflight) {
-            match p {
-                Pending::Publish(req) => {
-                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                    self.out
-                        .push(EngineEvent::PublishFailed { ticket: req.ticket });
-                }
-                Pending::Open { room, hint, tail } => {
-                    if let Some(c) = self.channels.get_mut(&channel_key(&room)) {
-                        c.opens.push((hint, tail));
-                    }
-                }
-                Pending::Fill { room, after } => self.fills_waiting.push((room, after)),
-                Pending::Members(step) => self.fail_member_step(step),
+    /// Takes `map`: shards still in it keep their connections (renumbered), new ones
+    /// connect, gone ones fail what was in flight on them.
+    fn apply_map(&mut self, map: SlotMap) {
+        let before: Vec<RedisAddr> = self.shards.iter().map(|s| s.addr.clone()).collect();
+        let mut old: Vec<Option<Shard>> = std::mem::take(&mut self.shards)
+            .into_iter()
+            .map(Some)
+            .collect();
+        for (i, addr) in map.shards.iter().enumerate() {
+            let mut shard = old
+                .iter_mut()
+                .find(|s| s.as_ref().is_some_and(|s| s.addr == *addr))
+                .and_then(Option::take)
+                .unwrap_or_else(|| Shard::new(addr.clone()));
+            if let Err(e) = shard.reregister(self.poll.registry(), i) {
+                tracing::warn!(worker = self.worker, error = %e, "cannot renumber an engine connection");
             }
+            self.shards.push(shard);
         }
+        // Channels follow their shard's new number; those of a gone shard lost their
+        // subscription with it.
+        for c in self.channels.values_mut() {
+            let addr = c.shard.and_then(|i| before.get(i));
+            let now_at = addr.and_then(|a| map.shards.iter().position(|m| m == a));
+            if now_at.is_none() {
+                if c.state == SubState::Subscribed {
+                    self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
+                }
+                c.state = SubState::Idle;
+            }
+            c.shard = now_at;
+        }
+        self.renumber_users(&before, &map);
+        self.map = Some(map);
+        for mut gone in old.into_iter().flatten() {
+            for conn in [gone.cmd.as_mut(), gone.sub.as_mut()].into_iter().flatten() {
+                let _ = self.poll.registry().deregister(&mut conn.stream);
+            }
+            let inflight = std::mem::take(&mut gone.inflight);
+            self.fail_inflight(inflight);
+        }
+        self.route_channels();
         self.note_health();
     }
 
-    fn fail_sub(&mut self, e: &io::Error) {
-        if let Some(mut conn) = self.sub.take() {
+    /// Moves every channel to the shard its slot maps to (unsubscribing where it was), and
+    /// subscribes those not subscribed where their shard's pub/sub connection is up.
+    fn route_channels(&mut self) {
+        let (subscribe, unsubscribe) = self.sub_verbs();
+        let Some(map) = self.map.as_ref() else {
+            return;
+        };
+        for (ch, c) in self.channels.iter_mut() {
+            let want = map.shard_of_key(ch);
+            if c.shard != Some(want) {
+                if let Some(old) = c.shard
+                    && c.state != SubState::Idle
+                    && let Some(sub) = self.shards.get_mut(old).and_then(|s| s.sub.as_mut())
+                {
+                    resp::encode(&mut sub.wbuf, [unsubscribe, &ch[..]].into_iter());
+                }
+                if c.state == SubState::Subscribed {
+                    self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
+                }
+                c.state = SubState::Idle;
+                c.shard = Some(want);
+            }
+            if c.state == SubState::Idle
+                && let Some(sub) = self.shards.get_mut(want).and_then(|s| s.sub.as_mut())
+            {
+                resp::encode(&mut sub.wbuf, [subscribe, &ch[..]].into_iter());
+                c.state = SubState::Subscribing;
+            }
+        }
+        self.route_users();
+    }
+
+    /// The shard at `addr`, added (it connects at the next turn) if the map lacks it.
+    fn shard_at(&mut self, addr: &RedisAddr) -> usize {
+        if let Some(i) = self.shards.iter().position(|s| s.addr == *addr) {
+            return i;
+        }
+        self.shards.push(Shard::new(addr.clone()));
+        if let Some(map) = self.map.as_mut() {
+            map.shards.push(addr.clone());
+        }
+        self.shards.len() - 1
+    }
+
+    /// Connects shard `i`'s command (`pubsub` false) or pub/sub connection; what waited
+    /// for it is sent.
+    fn connect(&mut self, i: usize, pubsub: bool) {
+        let addr = self.shards[i].addr.clone();
+        let (cmd_token, sub_token) = Shard::tokens(i);
+        let token = if pubsub { sub_token } else { cmd_token };
+        let what = if pubsub { "pub/sub" } else { "command" };
+        let conn = Conn::open(
+            &addr,
+            self.config.connect_timeout,
+            self.poll.registry(),
+            token,
+        );
+        let shard = &mut self.shards[i];
+        let (slot, retry) = if pubsub {
+            (&mut shard.sub, &mut shard.sub_retry)
+        } else {
+            (&mut shard.cmd, &mut shard.cmd_retry)
+        };
+        match conn {
+            Ok(conn) => {
+                *slot = Some(conn);
+                retry.delay = BACKOFF_MIN;
+                tracing::info!(worker = self.worker, node = %self.node_id, addr = %addr, "engine {what} connection up");
+            }
+            Err(e) => {
+                let before = *retry;
+                let after = self.backoff(before, &addr, &e, what);
+                let shard = &mut self.shards[i];
+                *(if pubsub {
+                    &mut shard.sub_retry
+                } else {
+                    &mut shard.cmd_retry
+                }) = after;
+                return self.lost_shard();
+            }
+        }
+        if pubsub {
+            return self.route_channels();
+        }
+        let ready: Vec<Bytes> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| {
+                c.shard == Some(i) && c.state == SubState::Subscribed && !c.opens.is_empty()
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for ch in ready {
+            self.send_opens(&ch);
+        }
+        for (room, after, reader) in std::mem::take(&mut self.fills_waiting) {
+            self.send_fill(room, after, reader, None, 0);
+        }
+    }
+
+    /// A shard's connection failed: on a Redis Cluster its slots may have moved to a
+    /// promoted replica, behind Sentinel the master may have, so the map is read again
+    /// (from any node, or sentinel, that answers).
+    fn lost_shard(&mut self) {
+        if self.topology != Topology::Single {
+            self.refresh_due = true;
+        }
+    }
+
+    /// Commands that will get no reply: publishes fail (`unavailable`: the node does not
+    /// know whether Redis ran them), opens and reads wait for the next connection.
+    fn fail_inflight(&mut self, inflight: VecDeque<(Pending, u8)>) {
+        let n = inflight
+            .iter()
+            .filter(|(p, _)| !matches!(p, Pending::Asking))
+            .count() as i64;
+        self.stats.pipeline_depth.fetch_sub(n, Ordering::Relaxed);
+        for (p, _) in inflight {
+            self.give_up(p);
+        }
+    }
+
+    /// A command that will not be answered: a publish fails, an open or read waits.
+    fn give_up(&mut self, p: Pending) {
+        match p {
+            Pending::Publish(req) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                self.out
+                    .push(EngineEvent::PublishFailed { ticket: req.ticket });
+            }
+            Pending::Open { room, hint, tail } => {
+                if let Some(c) = self.channels.get_mut(&channel_key(&room)) {
+                    c.opens.push((hint, tail));
+                }
+            }
+            Pending::Fill {
+                room,
+                after,
+                reader,
+            } => self.fills_waiting.push((room, after, reader)),
+            Pending::Asking => {}
+            Pending::Members(step) => self.fail_member_step(step),
+        }
+    }
+
+    fn fail_cmd(&mut self, i: usize, e: &io::Error) {
+        let Some(shard) = self.shards.get_mut(i) else {
+            return;
+        };
+        if let Some(mut conn) = shard.cmd.take() {
             let _ = self.poll.registry().deregister(&mut conn.stream);
         }
-        let now = Instant::now();
-        self.sub_retry = self.backoff(now, self.sub_retry.1, e, "pub/sub");
+        let inflight = std::mem::take(&mut shard.inflight);
+        let addr = shard.addr.clone();
+        self.shards[i].cmd_retry = self.backoff(self.shards[i].cmd_retry, &addr, e, "command");
+        self.fail_inflight(inflight);
+        self.lost_shard();
+        self.note_health();
+    }
+
+    fn fail_sub(&mut self, i: usize, e: &io::Error) {
+        let Some(shard) = self.shards.get_mut(i) else {
+            return;
+        };
+        if let Some(mut conn) = shard.sub.take() {
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+        }
+        let addr = shard.addr.clone();
+        self.shards[i].sub_retry = self.backoff(self.shards[i].sub_retry, &addr, e, "pub/sub");
         let mut confirmed = 0;
-        for c in self.channels.values_mut() {
+        for c in self.channels.values_mut().filter(|c| c.shard == Some(i)) {
             confirmed += i64::from(c.state == SubState::Subscribed);
             c.state = SubState::Idle;
         }
         self.stats
             .subscriptions
             .fetch_sub(confirmed, Ordering::Relaxed);
-        self.users_down();
+        self.users_down(i);
+        self.lost_shard();
         self.note_health();
     }
 
     fn on_cmd(&mut self, cmd: EngineCmd) {
         match cmd {
-            EngineCmd::Publish(req) => self.send_publish(req, false),
+            EngineCmd::Publish(req) => self.send_publish(req, false, None, 0),
             EngineCmd::Open {
                 room,
                 epoch_hint,
                 tail,
             } => {
                 let ch = channel_key(&room);
-                let sub_up = self.sub.is_some();
+                let shard = self.route(&ch);
                 let c = self.channels.entry(ch.clone()).or_insert(Channel {
                     room,
                     state: SubState::Idle,
+                    shard,
                     opens: Vec::new(),
                     opened: false,
                 });
                 c.opens.push((epoch_hint, tail));
-                let state = c.state;
-                if state == SubState::Idle && sub_up {
-                    c.state = SubState::Subscribing;
-                }
-                match state {
+                match c.state {
                     SubState::Subscribed => self.send_opens(&ch),
                     SubState::Subscribing => {}
-                    SubState::Idle => {
-                        if let Some(sub) = self.sub.as_mut() {
-                            resp::encode(&mut sub.wbuf, [&b"SUBSCRIBE"[..], &ch[..]].into_iter());
-                        }
-                    }
+                    SubState::Idle => self.route_channels(),
                 }
             }
-            EngineCmd::Fill { room, after } => {
-                if self.cmd.is_some() {
-                    self.send_fill(room, after);
-                } else {
-                    self.fills_waiting.push((room, after));
-                }
-            }
+            EngineCmd::Fill { room, after } => self.send_fill(room, after, None, None, 0),
+            EngineCmd::Read {
+                room,
+                after,
+                reader,
+            } => self.send_fill(room, after, Some(reader), None, 0),
             cmd @ (EngineCmd::Member(_)
             | EngineCmd::WatchUser { .. }
             | EngineCmd::UnwatchUser { .. }
@@ -486,39 +721,48 @@ impl Engine {
             | EngineCmd::Kick { .. }) => self.on_member_cmd(cmd),
             EngineCmd::Close { room } => {
                 let ch = channel_key(&room);
+                let (_, unsubscribe) = self.sub_verbs();
                 if let Some(c) = self.channels.remove(&ch) {
                     if c.state == SubState::Subscribed {
                         self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
                     }
                     if c.state != SubState::Idle
-                        && let Some(sub) = self.sub.as_mut()
+                        && let Some(sub) = c
+                            .shard
+                            .and_then(|i| self.shards.get_mut(i))
+                            .and_then(|s| s.sub.as_mut())
                     {
-                        resp::encode(&mut sub.wbuf, [&b"UNSUBSCRIBE"[..], &ch[..]].into_iter());
+                        resp::encode(&mut sub.wbuf, [unsubscribe, &ch[..]].into_iter());
                     }
                 }
             }
         }
     }
 
-    fn send_publish(&mut self, req: PublishRequest, eval: bool) {
-        let Some(conn) = self.cmd.as_mut() else {
-            self.stats.refused.fetch_add(1, Ordering::Relaxed);
-            self.out
-                .push(EngineEvent::PublishFailed { ticket: req.ticket });
-            return;
-        };
+    /// Runs the publish script on the room's shard (`target`: a shard named by an `ASK`).
+    fn send_publish(&mut self, req: PublishRequest, eval: bool, target: Option<usize>, hops: u8) {
         let [meta, stream, ids, channel, tag, repeat] = &mut self.keys;
         script::key(meta, &req.room, "m");
+        let shard = target.or_else(|| self.map.as_ref().map(|m| m.shard_of_key(meta)));
+        let Some(shard) = shard.and_then(|i| self.shards.get_mut(i)) else {
+            return self.give_up(Pending::Publish(req));
+        };
+        let Some(conn) = shard.cmd.as_mut() else {
+            return self.give_up(Pending::Publish(req));
+        };
         script::key(stream, &req.room, "s");
         script::key(ids, &req.room, "i");
         script::key(channel, &req.room, "c");
         script::tag(tag, &self.node_id, self.worker, req.ticket);
         script::repeat_key(repeat, req.repeat.as_ref());
         let (mut d1, mut d2, mut d3, mut d4) = ([0; 20], [0; 20], [0; 20], [0; 20]);
-        let sha = &self.publish_sha;
+        let verb: &[u8] = match self.topology {
+            Topology::Single | Topology::Sentinel => b"PUBLISH",
+            Topology::Cluster => b"SPUBLISH",
+        };
         encode_script(
             &mut conn.wbuf,
-            (PUBLISH, sha, eval),
+            (PUBLISH, &self.publish_sha, eval),
             &[meta, stream, ids],
             &[
                 decimal(req.epoch_hint, &mut d1),
@@ -530,21 +774,31 @@ impl Engine {
                 channel,
                 repeat,
                 decimal(req.window.max(1) as u64, &mut d4),
+                verb,
             ],
         );
         self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);
-        self.inflight.push_back(Pending::Publish(req));
+        shard.inflight.push_back((Pending::Publish(req), hops));
     }
 
-    fn send_open(&mut self, room: RoomName, hint: u64, tail: u64, eval: bool) {
-        let Some(conn) = self.cmd.as_mut() else {
-            if let Some(c) = self.channels.get_mut(&channel_key(&room)) {
-                c.opens.push((hint, tail));
-            }
-            return;
-        };
+    fn send_open(
+        &mut self,
+        room: RoomName,
+        hint: u64,
+        tail: u64,
+        eval: bool,
+        target: Option<usize>,
+        hops: u8,
+    ) {
         let [meta, stream, ..] = &mut self.keys;
         script::key(meta, &room, "m");
+        let shard = target.or_else(|| self.map.as_ref().map(|m| m.shard_of_key(meta)));
+        let Some(shard) = shard.and_then(|i| self.shards.get_mut(i)) else {
+            return self.give_up(Pending::Open { room, hint, tail });
+        };
+        let Some(conn) = shard.cmd.as_mut() else {
+            return self.give_up(Pending::Open { room, hint, tail });
+        };
         script::key(stream, &room, "s");
         let (mut d1, mut d2) = ([0; 20], [0; 20]);
         encode_script(
@@ -554,13 +808,21 @@ impl Engine {
             &[decimal(hint, &mut d1), decimal(tail, &mut d2)],
         );
         self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);
-        self.inflight.push_back(Pending::Open { room, hint, tail });
+        shard
+            .inflight
+            .push_back((Pending::Open { room, hint, tail }, hops));
     }
 
     /// Sends the opens waiting on channel `ch` (its subscription is confirmed).
     fn send_opens(&mut self, ch: &Bytes) {
-        if self.cmd.is_none() {
+        let Some(c) = self.channels.get(ch) else {
             return;
+        };
+        if c.shard
+            .and_then(|i| self.shards.get(i))
+            .is_none_or(|s| s.cmd.is_none())
+        {
+            return; // they wait for the shard's command connection
         }
         let Some(c) = self.channels.get_mut(ch) else {
             return;
@@ -569,17 +831,31 @@ impl Engine {
         c.opened = true;
         let room = c.room.clone();
         for (hint, tail) in opens {
-            self.send_open(room.clone(), hint, tail, false);
+            self.send_open(room.clone(), hint, tail, false, None, 0);
         }
     }
 
-    fn send_fill(&mut self, room: RoomName, after: u64) {
-        let Some(conn) = self.cmd.as_mut() else {
-            self.fills_waiting.push((room, after));
-            return;
-        };
+    /// Reads a page of the room's stream after `after` (`XRANGE <after+1>-0 + COUNT
+    /// fill_batch`), for the owner's history or for a `reader`; waits for the room's
+    /// shard's command connection while it is down.
+    fn send_fill(
+        &mut self,
+        room: RoomName,
+        after: u64,
+        reader: Option<u64>,
+        target: Option<usize>,
+        hops: u8,
+    ) {
         let [_, stream, start, ..] = &mut self.keys;
         script::key(stream, &room, "s");
+        let shard = target.or_else(|| self.map.as_ref().map(|m| m.shard_of_key(stream)));
+        let Some(conn) = shard
+            .and_then(|i| self.shards.get_mut(i))
+            .and_then(|s| s.cmd.as_mut())
+        else {
+            self.fills_waiting.push((room, after, reader));
+            return;
+        };
         start.clear();
         let mut d = [0; 20];
         start.extend_from_slice(decimal(after + 1, &mut d));
@@ -598,69 +874,105 @@ impl Engine {
             .into_iter(),
         );
         self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);
-        self.inflight.push_back(Pending::Fill { room, after });
+        if let Some(s) = shard.and_then(|i| self.shards.get_mut(i)) {
+            s.inflight.push_back((
+                Pending::Fill {
+                    room,
+                    after,
+                    reader,
+                },
+                hops,
+            ));
+        }
     }
 
-    fn flush_writes(&mut self) {
-        let mut failed = [None, None];
-        for (i, conn) in [self.cmd.as_mut(), self.sub.as_mut()]
-            .into_iter()
-            .enumerate()
-        {
-            let Some(conn) = conn else { continue };
-            while !conn.wbuf.is_empty() {
-                match conn.stream.write(&conn.wbuf) {
-                    Ok(0) => {
-                        failed[i] = Some(io::Error::from(io::ErrorKind::WriteZero));
-                        break;
+    /// Sends a redirected (or NOSCRIPT-answered) command again.
+    fn resend(&mut self, p: Pending, eval: bool, target: Option<usize>, hops: u8) {
+        match p {
+            Pending::Publish(req) => self.send_publish(req, eval, target, hops),
+            Pending::Open { room, hint, tail } => {
+                self.send_open(room, hint, tail, eval, target, hops)
+            }
+            Pending::Fill {
+                room,
+                after,
+                reader,
+            } => self.send_fill(room, after, reader, target, hops),
+            Pending::Asking => {}
+            // Membership's steps are not re-routed: the change fails, and its retry (which
+            // repairs a half-done change) routes again.
+            Pending::Members(step) => self.fail_member_step(step),
+        }
+    }
+
+    /// Sends the commands answered `MOVED` or `ASK` where Redis said.
+    fn follow_redirects(&mut self) {
+        for (p, hops, r) in std::mem::take(&mut self.redirects) {
+            match r {
+                Redirect::Moved { slot, addr } => {
+                    let i = self.shard_at(&addr);
+                    if let Some(map) = self.map.as_mut() {
+                        map.set(slot, i);
                     }
-                    Ok(n) => {
-                        let _ = conn.wbuf.split_to(n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        failed[i] = Some(e);
-                        break;
+                    self.refresh_due = true;
+                    self.route_channels();
+                    self.resend(p, false, None, hops);
+                }
+                Redirect::Ask { addr } => {
+                    let i = self.shard_at(&addr);
+                    match self.shards[i].cmd.as_mut() {
+                        Some(conn) => {
+                            resp::encode(&mut conn.wbuf, [&b"ASKING"[..]].into_iter());
+                            self.shards[i].inflight.push_back((Pending::Asking, 0));
+                            // EVAL, not EVALSHA: a NOSCRIPT's resend would lack the ASKING.
+                            self.resend(p, true, Some(i), hops);
+                        }
+                        // Not connected yet: it goes back to the slot's owner, which asks
+                        // again (bounded by the hops).
+                        None => self.resend(p, false, None, hops),
                     }
                 }
             }
         }
-        let [cmd, sub] = failed;
-        if let Some(e) = cmd {
-            self.fail_cmd(&e);
-        }
-        if let Some(e) = sub {
-            self.fail_sub(&e);
-        }
     }
 
-    /// Reads what the socket has into the connection's buffer: an error, or EOF as one.
-    fn fill_rbuf(conn: &mut Conn) -> io::Result<()> {
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            match conn.stream.read(&mut chunk) {
-                Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-                Ok(n) => conn.rbuf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+    fn flush_writes(&mut self) {
+        let mut failed = Vec::new();
+        for (i, shard) in self.shards.iter_mut().enumerate() {
+            if let Some(conn) = shard.cmd.as_mut()
+                && let Err(e) = conn.flush()
+            {
+                failed.push((i, false, e));
+            }
+            if let Some(conn) = shard.sub.as_mut()
+                && let Err(e) = conn.flush()
+            {
+                failed.push((i, true, e));
+            }
+        }
+        for (i, pubsub, e) in failed {
+            if pubsub {
+                self.fail_sub(i, &e);
+            } else {
+                self.fail_cmd(i, &e);
             }
         }
     }
 
-    /// Reads what connection `token` has and decodes every complete reply into
+    /// Reads what shard `i`'s connection has and decodes every complete reply into
     /// `self.replies`; the read's or the decoder's error comes after what decoded.
-    fn read_replies(&mut self, token: Token) -> io::Result<()> {
-        let conn = if token == CMD {
-            self.cmd.as_mut()
-        } else {
-            self.sub.as_mut()
-        };
-        let Some(conn) = conn else {
+    fn read_replies(&mut self, i: usize, pubsub: bool) -> io::Result<()> {
+        let Some(shard) = self.shards.get_mut(i) else {
             return Ok(());
         };
-        let read = Self::fill_rbuf(conn);
+        let Some(conn) = (if pubsub {
+            shard.sub.as_mut()
+        } else {
+            shard.cmd.as_mut()
+        }) else {
+            return Ok(());
+        };
+        let read = conn.fill();
         loop {
             match resp::decode(&mut conn.rbuf) {
                 Ok(Some(v)) => self.replies.push(v),
@@ -670,35 +982,55 @@ impl Engine {
         }
     }
 
-    fn read_cmd(&mut self) {
-        let result = self.read_replies(CMD);
+    fn read_cmd(&mut self, i: usize) {
+        let result = self.read_replies(i, false);
         let mut replies = std::mem::take(&mut self.replies);
         for reply in replies.drain(..) {
-            let Some(pending) = self.inflight.pop_front() else {
-                self.fail_cmd(&io::Error::other("a reply nobody asked for"));
+            let Some((pending, hops)) = self.shards.get_mut(i).and_then(|s| s.inflight.pop_front())
+            else {
+                self.fail_cmd(i, &io::Error::other("a reply nobody asked for"));
                 break;
             };
+            if matches!(pending, Pending::Asking) {
+                continue;
+            }
             self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
             self.stats.pipeline_depth.fetch_sub(1, Ordering::Relaxed);
-            if let Err(e) = self.on_reply(pending, reply) {
-                self.fail_cmd(&e);
+            if let Err(e) = self.on_reply(i, pending, hops, reply) {
+                self.fail_cmd(i, &e);
                 break;
             }
         }
         replies.clear();
         self.replies = replies;
-        if let (Err(e), Some(_)) = (result, &self.cmd) {
-            self.fail_cmd(&e);
+        if let Err(e) = result
+            && self.shards.get(i).is_some_and(|s| s.cmd.is_some())
+        {
+            self.fail_cmd(i, &e);
         }
     }
 
-    fn on_reply(&mut self, pending: Pending, reply: Value) -> io::Result<()> {
+    fn on_reply(&mut self, i: usize, pending: Pending, hops: u8, reply: Value) -> io::Result<()> {
+        if let Value::Error(e) = &reply
+            && let Some(r) = redirect(e)
+        {
+            if hops >= MAX_HOPS {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(worker = self.worker, error = %String::from_utf8_lossy(e), "a command was redirected too often");
+                self.refresh_due = true;
+                self.give_up(pending);
+            } else {
+                self.redirects.push((pending, hops + 1, r));
+            }
+            return Ok(());
+        }
         let noscript = matches!(&reply, Value::Error(e) if e.starts_with(b"NOSCRIPT"));
         match pending {
+            Pending::Asking => {}
             Pending::Members(step) => self.on_member_reply(step, reply),
             Pending::Publish(req) => {
                 if noscript {
-                    self.send_publish(req, true);
+                    self.send_publish(req, true, Some(i), hops);
                     return Ok(());
                 }
                 let answer = reply.array().and_then(|a| {
@@ -717,6 +1049,10 @@ impl Engine {
                     _ => {
                         self.stats.errors.fetch_add(1, Ordering::Relaxed);
                         self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        if matches!(&reply, Value::Error(e) if e.starts_with(b"READONLY")) {
+                            // A replica now (a failover): ask where the master went.
+                            self.lost_shard();
+                        }
                         tracing::warn!(worker = self.worker, reply = ?reply, "engine refused a publish");
                         self.out
                             .push(EngineEvent::PublishFailed { ticket: req.ticket });
@@ -725,7 +1061,7 @@ impl Engine {
             }
             Pending::Open { room, hint, tail } => {
                 if noscript {
-                    self.send_open(room, hint, tail, true);
+                    self.send_open(room, hint, tail, true, Some(i), hops);
                     return Ok(());
                 }
                 let parsed = reply.array().and_then(|a| {
@@ -749,32 +1085,68 @@ impl Engine {
                     tail,
                 });
             }
-            Pending::Fill { room, after } => {
+            Pending::Fill {
+                room,
+                after,
+                reader,
+            } => {
                 let Some(msgs) = script::parse_entries(&reply, &self.prefix) else {
-                    self.fills_waiting.push((room, after));
+                    self.fills_waiting.push((room, after, reader));
                     return Err(io::Error::other(format!(
                         "bad answer to a stream read: {reply:?}"
                     )));
                 };
-                self.out.push(EngineEvent::Filled { room, after, msgs });
+                self.out.push(match reader {
+                    None => EngineEvent::Filled { room, after, msgs },
+                    Some(reader) => EngineEvent::Read {
+                        room,
+                        after,
+                        reader,
+                        msgs,
+                    },
+                });
             }
         }
         Ok(())
     }
 
-    fn read_sub(&mut self) {
-        let result = self.read_replies(SUB);
+    fn read_sub(&mut self, i: usize) {
+        let result = self.read_replies(i, true);
         let mut pushes = std::mem::take(&mut self.replies);
         for push in pushes.drain(..) {
-            self.on_push(&push);
+            self.on_push(i, &push);
         }
         self.replies = pushes;
         if let Err(e) = result {
-            self.fail_sub(&e);
+            self.fail_sub(i, &e);
         }
     }
 
-    fn on_push(&mut self, push: &Value) {
+    fn on_push(&mut self, i: usize, push: &Value) {
+        if let Value::Error(e) = push {
+            // A sharded subscription sent to a shard that no longer serves its slot.
+            match redirect(e) {
+                Some(Redirect::Moved { slot, addr }) => {
+                    let shard = self.shard_at(&addr);
+                    if let Some(map) = self.map.as_mut() {
+                        map.set(slot, shard);
+                    }
+                    self.refresh_due = true;
+                    for c in self.channels.values_mut().filter(|c| c.shard == Some(i)) {
+                        if c.state == SubState::Subscribing {
+                            c.state = SubState::Idle;
+                        }
+                    }
+                    self.route_channels();
+                }
+                _ => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    self.lost_shard();
+                    tracing::warn!(worker = self.worker, error = %String::from_utf8_lossy(e), "the pub/sub connection refused a subscription");
+                }
+            }
+            return;
+        }
         let Some([kind, ch, body]) = push.array() else {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(worker = self.worker, push = ?push, "unexpected reply on the pub/sub connection");
@@ -787,7 +1159,7 @@ impl Engine {
             return;
         }
         match &kind[..] {
-            b"message" => {
+            b"message" | b"smessage" => {
                 let Some(c) = self.channels.get(&ch[..]) else {
                     return; // unsubscribed meanwhile
                 };
@@ -810,8 +1182,8 @@ impl Engine {
                     }
                 }
             }
-            b"subscribe" => {
-                let Some(c) = self.channels.get_mut(&ch[..]) else {
+            b"subscribe" | b"ssubscribe" => {
+                let Some(c) = channel_on(&mut self.channels, ch, i) else {
                     return;
                 };
                 if c.state != SubState::Subscribed {
@@ -825,6 +1197,20 @@ impl Engine {
                 }
                 let ch = ch.clone();
                 self.send_opens(&ch);
+            }
+            b"sunsubscribe" => {
+                // Redis dropped a sharded subscription we still hold (its slot moved): it
+                // is subscribed again where the slot now lives, and the owner catches up
+                // from the stream once that is confirmed.
+                let Some(c) = channel_on(&mut self.channels, ch, i) else {
+                    return;
+                };
+                if c.state == SubState::Subscribed {
+                    self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
+                }
+                c.state = SubState::Idle;
+                self.refresh_due = true;
+                self.route_channels();
             }
             _ => {}
         }

@@ -15,8 +15,9 @@
 //! publishes coming back over pub/sub are recognised by their tag (`node/worker/ticket`).
 //!
 //! # Engine I/O: a dedicated thread per worker
-//! Each worker has an engine thread ([`engine`]) with two pipelined connections to Redis
-//! (commands; pub/sub) driven by mio, and a RESP2 codec of our own ([`resp`]: encode into a
+//! Each worker has an engine thread ([`engine`]) with two pipelined connections
+//! (commands; pub/sub) to each Redis it uses (the one Redis, or every shard master of a
+//! Redis Cluster, routed by hash slot: [`slots`]) driven by mio, and a RESP2 codec of our own ([`resp`]: encode into a
 //! reused buffer, decode bounded). The worker hands it commands through a channel once per
 //! loop tick and wakes it; replies come back through a channel and the worker's eventfd,
 //! like mesh messages. We chose the thread over driving Redis from the worker's own backend
@@ -53,13 +54,17 @@ pub mod engine;
 pub mod membership;
 pub mod resp;
 pub mod script;
+mod shard;
+pub mod slots;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use pabal_codec::Text;
 
-pub use config::{ClusterConfig, EngineKind, RedisAddr, parse_redis_url};
+pub use config::{
+    ClusterConfig, EngineKind, RedisAddr, Topology, parse_redis_url, parse_sentinel_url,
+};
 pub use engine::EngineHandle;
 
 use crate::ids::RoomName;
@@ -84,6 +89,18 @@ pub enum EngineCmd {
         room: RoomName,
         /// The last sequence the owner holds.
         after: u64,
+    },
+    /// Read one page of the room's stream after `after` (up to `cluster.fill_batch`
+    /// messages) for a reader the owner's memory no longer covers: a phone resuming, or a
+    /// binding lagging, past the node's in-memory history. Answered by
+    /// [`EngineEvent::Read`] with the same `reader`.
+    Read {
+        /// The room.
+        room: RoomName,
+        /// The reader's position: the page starts after it.
+        after: u64,
+        /// Names the waiting reader at the owner.
+        reader: u64,
     },
     /// Unsubscribe the room's channel (the owner evicted the room).
     Close {
@@ -283,6 +300,19 @@ pub enum EngineEvent {
         /// The request's start.
         after: u64,
         /// What the stream holds after it.
+        msgs: Vec<EngineMessage>,
+    },
+    /// A page of the stream for a reader ([`EngineCmd::Read`]), ascending (at most
+    /// `cluster.fill_batch`). While the command connection is down the read waits for
+    /// the next one, like a fill.
+    Read {
+        /// The room.
+        room: RoomName,
+        /// The request's start.
+        after: u64,
+        /// The waiting reader.
+        reader: u64,
+        /// What the stream holds after `after`.
         msgs: Vec<EngineMessage>,
     },
     /// A message from the room's channel.

@@ -35,7 +35,8 @@ end
 }
 
 /// Sequence one message: KEYS meta, stream, repeat window; ARGV epoch hint, ts, tag, sender,
-/// payload, stream max length, channel, repeat key (empty: none), window size. Returns
+/// payload, stream max length, channel, repeat key (empty: none), window size, the publish
+/// command (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster). Returns
 /// `{epoch, seq}`, or `{epoch, first seq, 1}` for a repeat key the window holds.
 pub const PUBLISH: &str = concat!(
     epoch_prelude!(),
@@ -47,7 +48,7 @@ end
 local s = redis.call('HINCRBY', KEYS[1], 's', 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], s .. '-0',
   't', ARGV[2], 'g', ARGV[3], 'u', ARGV[4], 'p', ARGV[5])
-redis.call('PUBLISH', ARGV[7], e .. ' ' .. s .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' ..
+redis.call(ARGV[10], ARGV[7], e .. ' ' .. s .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' ..
   string.len(ARGV[4]) .. ' ' .. ARGV[4] .. ARGV[5])
 if ARGV[8] ~= '' then
   redis.call('ZADD', KEYS[3], s, ARGV[8])

@@ -121,10 +121,13 @@ struct RoomSync {
 /// The cluster state of one worker.
 #[derive(Debug)]
 pub(super) struct ClusterSide {
-    out: Vec<EngineCmd>,
+    pub(super) out: Vec<EngineCmd>,
     rooms: HashMap<RoomName, RoomSync>,
     pending: HashMap<u64, PendingPublish>,
     next_ticket: u64,
+    /// Readers waiting for a page of a stream (see `stream_pages.rs`), by id.
+    pub(super) readers: HashMap<u64, super::stream_pages::PageReader>,
+    pub(super) next_reader: u64,
     stats: Arc<ClusterStats>,
     /// Membership in the engine (`cluster/members.rs`).
     members: members::MembersSide,
@@ -141,6 +144,8 @@ impl Core {
             pending: HashMap::new(),
             // Tickets of an earlier run of a node with the same id never match.
             next_ticket: self.now_ms() << 20,
+            readers: HashMap::new(),
+            next_reader: 0,
             stats,
             members: members::MembersSide::default(),
         }));
@@ -191,6 +196,12 @@ impl Core {
                 tail,
             } => self.on_opened(room, epoch, seq, tail),
             EngineEvent::Filled { room, after, msgs } => self.on_filled(&room, after, msgs),
+            EngineEvent::Read {
+                room,
+                after,
+                reader,
+                msgs,
+            } => self.on_stream_read(&room, after, reader, msgs),
             EngineEvent::Message { room, epoch, msg } => self.offer_engine_msg(&room, epoch, msg),
             member @ (EngineEvent::MemberDone { .. }
             | EngineEvent::MemberFailed { .. }
@@ -761,7 +772,7 @@ impl Core {
 }
 
 /// A message from the engine as history holds it (`accepted_at`: when it arrived here).
-fn stored(m: EngineMessage, now: Instant) -> StoredRef {
+pub(super) fn stored(m: EngineMessage, now: Instant) -> StoredRef {
     Arc::new(Stored {
         seq: m.seq,
         ts_ms: m.ts_ms,

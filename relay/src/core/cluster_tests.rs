@@ -109,6 +109,17 @@ fn other(seq: u64, body: &str) -> EngineMessage {
     }
 }
 
+/// The bodies of the DELIVERs among `frames`, in order.
+fn delivered(frames: &[ServerFrame]) -> Vec<&[u8]> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Deliver(d) => Some(&d.payload[..]),
+            _ => None,
+        })
+        .collect()
+}
+
 fn seqs(messages: Vec<(u64, Bytes)>) -> Vec<u64> {
     messages.into_iter().map(|(s, _)| s).collect()
 }
@@ -314,6 +325,25 @@ fn only_what_the_stream_dropped_becomes_a_gap() {
         [EngineCmd::Fill { after: 0, .. }]
     ));
     feed(&mut h, filled(0, &[4, 5]));
+    // bob's binding, behind the node's memory now, reads its next page from the stream,
+    // which tells it the same.
+    let reader = match engine_cmds(&mut h).as_slice() {
+        [
+            EngineCmd::Read {
+                after: 0, reader, ..
+            },
+        ] => *reader,
+        other => panic!("{other:?}"),
+    };
+    feed(
+        &mut h,
+        EngineEvent::Read {
+            room: room.clone(),
+            after: 0,
+            reader,
+            msgs: [4, 5].iter().map(|&s| other(s, "x")).collect(),
+        },
+    );
     let events = h.events(bob);
     assert!(
         events
@@ -424,16 +454,81 @@ fn a_phone_ahead_of_this_node_is_not_sent_again_what_it_saw_on_another() {
         !frames.iter().any(|f| matches!(f, ServerFrame::Room(_))),
         "no ROOM rewinding its cursor: {frames:?}"
     );
-    let bodies: Vec<&[u8]> = frames
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::Deliver(d) => Some(&d.payload[..]),
-            _ => None,
-        })
-        .collect();
+    let bodies = delivered(&frames);
     assert_eq!(
         bodies,
         vec![&b"four"[..]],
         "2 and 3 were seen on the other node"
+    );
+}
+
+#[test]
+fn a_resume_past_the_nodes_memory_reads_the_stream_one_page_at_a_time() {
+    let mut h = Harness::new(|c| {
+        c.cluster = Some(ClusterConfig {
+            fill_batch: 2,
+            ..ClusterConfig::default()
+        });
+        c.retention.max_messages = 3;
+    });
+    h.core.attach_cluster(Arc::new(ClusterStats::default()));
+    let bob = h.connect("bob", ClientSession::new());
+    let (room, _) = open_dm(&mut h, bob);
+    for seq in 1..=10 {
+        feed(
+            &mut h,
+            EngineEvent::Message {
+                room: room.clone(),
+                epoch: 77,
+                msg: other(seq, &format!("m{seq}")),
+            },
+        );
+    }
+    assert!(engine_cmds(&mut h).is_empty());
+    // The node remembers 8..=10; bob's other phone resumes from 2.
+    let phone = h.connect_forged("bob", &[entry("dm", 77, 2)]);
+    let answer = |h: &mut Harness, after: u64, msgs: &[u64]| {
+        let reader = match engine_cmds(h).as_slice() {
+            [
+                EngineCmd::Read {
+                    after: a, reader, ..
+                },
+            ] if *a == after => *reader,
+            other => panic!("one page read after {after} in flight, not {other:?}"),
+        };
+        feed(
+            h,
+            EngineEvent::Read {
+                room: room.clone(),
+                after,
+                reader,
+                msgs: msgs.iter().map(|&s| other(s, &format!("m{s}"))).collect(),
+            },
+        );
+    };
+    // The stream no longer holds 3; it pages 4..=7 two at a time, each page asked for only
+    // once the one before is written.
+    answer(&mut h, 2, &[4, 5]);
+    answer(&mut h, 5, &[6, 7]);
+    // From 8 on, the node's memory answers.
+    assert!(engine_cmds(&mut h).is_empty());
+    let frames = h.frames(phone);
+    let gaps: Vec<(u64, u64)> = frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Gap(g) => Some((g.from, g.to)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        gaps,
+        vec![(3, 3)],
+        "a GAP for exactly what the stream dropped"
+    );
+    let bodies = delivered(&frames);
+    let want: Vec<String> = (4..=10).map(|s| format!("m{s}")).collect();
+    assert_eq!(
+        bodies,
+        want.iter().map(|s| s.as_bytes()).collect::<Vec<_>>()
     );
 }

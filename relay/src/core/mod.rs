@@ -819,6 +819,7 @@ mod lifecycle;
 mod members;
 mod owner;
 mod receipts;
+mod stream_pages;
 
 #[cfg(test)]
 mod sim;

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use pabal_codec::{LeftReason, Text};
 
+use super::stream_pages::PageReader;
 use super::*;
 use crate::directory::DirectoryError;
 use crate::history::History;
@@ -258,22 +259,13 @@ impl Core {
             floor
         };
         let start = asked.max(floor.min(owned.head));
-        let Some((page, epoch, head)) = self.cut_page(&room, start) else {
-            return;
+        let reader = PageReader::Subscribe {
+            origin,
+            alias,
+            request,
+            start,
         };
-        self.send_to(
-            origin.core,
-            CoreMsg::Subscribed {
-                room,
-                origin,
-                alias,
-                epoch,
-                head,
-                start,
-                page,
-                request,
-            },
-        );
+        self.answer_page(&room, start, reader);
     }
 
     /// The owner answers a page request of a catching-up connection, from no earlier than
@@ -294,19 +286,12 @@ impl Core {
         let Some(floor) = floor else {
             return self.not_member(room, origin, alias, request);
         };
-        let Some((page, _, _)) = self.cut_page(&room, after.max(floor)) else {
-            return;
+        let reader = PageReader::Fetch {
+            origin,
+            alias,
+            request,
         };
-        self.send_to(
-            origin.core,
-            CoreMsg::Paged {
-                room,
-                origin,
-                alias,
-                page,
-                request,
-            },
-        );
+        self.answer_page(&room, after.max(floor), reader);
     }
 
     pub(super) fn not_member(&mut self, room: RoomName, origin: Origin, alias: u32, request: u64) {

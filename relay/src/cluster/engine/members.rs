@@ -9,8 +9,10 @@ use std::sync::atomic::Ordering;
 use bytes::{Bytes, BytesMut};
 use pabal_codec::Text;
 
+use super::super::RedisAddr;
 use super::super::membership as m;
 use super::super::resp::{self, Value, decimal};
+use super::super::slots::SlotMap;
 use super::super::{EngineCmd, EngineEvent, MemberChange, MemberOutcome, MemberRequest};
 use super::{Engine, Pending, SubState, encode_script};
 
@@ -18,12 +20,14 @@ use super::{Engine, Pending, SubState, encode_script};
 pub(super) struct UserWatch {
     user: Text,
     pub(super) state: SubState,
+    /// The shard it is (to be) subscribed on (its key's); `None` before the map is known.
+    pub(super) shard: Option<usize>,
     max_rooms: usize,
     max_blocks: usize,
 }
 
 /// A membership command on the command connection awaiting its reply.
-pub(super) enum Step {
+pub(in crate::cluster) enum Step {
     /// The room's script of a change ran (or failed).
     Room(MemberRequest),
     /// The user's script of a join, after the room's gave `join` (`room_new`: new there).
@@ -60,10 +64,13 @@ impl Engine {
                 max_blocks,
             } => {
                 let ch = m::notice_channel(&user);
-                let sub_up = self.sub.is_some();
+                let shard = self.route(&ch);
+                let sub_up = self.sub_up(shard);
+                let cmd_up = self.cmd_up(shard);
                 let w = self.users.entry(ch.clone()).or_insert(UserWatch {
                     user: user.clone(),
                     state: SubState::Idle,
+                    shard,
                     max_rooms,
                     max_blocks,
                 });
@@ -71,19 +78,12 @@ impl Engine {
                     // Already subscribed (a connection raced its unwatch): read again.
                     SubState::Subscribed => self.send_load(&ch),
                     SubState::Subscribing => {}
-                    SubState::Idle if sub_up => {
-                        w.state = SubState::Subscribing;
-                        if let Some(sub) = self.sub.as_mut() {
-                            resp::encode(&mut sub.wbuf, [&b"SUBSCRIBE"[..], &ch[..]].into_iter());
-                        }
-                    }
+                    SubState::Idle if sub_up => self.route_users(),
                     // The engine is down: refused now (the phone retries).
-                    SubState::Idle if self.cmd.is_none() => {
-                        self.out.push(EngineEvent::UserLoadFailed {
-                            user,
-                            over_cap: None,
-                        })
-                    }
+                    SubState::Idle if !cmd_up => self.out.push(EngineEvent::UserLoadFailed {
+                        user,
+                        over_cap: None,
+                    }),
                     // Only the pub/sub connection is down (reconnecting): the channel is
                     // subscribed, and the user read, when it is back.
                     SubState::Idle => {}
@@ -96,59 +96,130 @@ impl Engine {
                         self.stats.users_watched.fetch_sub(1, Ordering::Relaxed);
                     }
                     if w.state != SubState::Idle
-                        && let Some(sub) = self.sub.as_mut()
+                        && let Some(sub) = w
+                            .shard
+                            .and_then(|i| self.shards.get_mut(i))
+                            .and_then(|s| s.sub.as_mut())
                     {
                         resp::encode(&mut sub.wbuf, [&b"UNSUBSCRIBE"[..], &ch[..]].into_iter());
                     }
                 }
             }
             EngineCmd::Kick { ticket, user } => {
-                let Some(conn) = self.cmd.as_mut() else {
+                let ch = m::notice_channel(&user);
+                let Some((i, conn)) = self.cmd_for(&ch) else {
                     return self.out.push(EngineEvent::Kicked { ticket, ok: false });
                 };
-                let ch = m::notice_channel(&user);
                 resp::encode(
                     &mut conn.wbuf,
                     [&b"PUBLISH"[..], &ch[..], &b"K"[..]].into_iter(),
                 );
-                self.push_member_pending(Step::Kick { ticket });
+                self.push_member_pending(i, Step::Kick { ticket });
             }
             EngineCmd::ReadMembers { ticket, room, max } => {
-                let Some(conn) = self.cmd.as_mut() else {
+                let mut members = Vec::new();
+                super::script::key(&mut members, &room, "u");
+                let Some((i, conn)) = self.cmd_for(&members) else {
                     return self.out.push(EngineEvent::MembersRead {
                         ticket,
                         members: Err(None),
                     });
                 };
-                let [members, ..] = &mut self.keys;
-                super::script::key(members, &room, "u");
                 let mut d = [0; 20];
                 eval(
                     &mut conn.wbuf,
                     m::READ_MEMBERS,
-                    &[members],
+                    &[&members],
                     &[decimal(max as u64, &mut d)],
                 );
-                self.push_member_pending(Step::ReadMembers { ticket });
+                self.push_member_pending(i, Step::ReadMembers { ticket });
             }
             other => tracing::error!(?other, "not a membership command"),
         }
     }
 
-    fn push_member_pending(&mut self, step: Step) {
+    fn push_member_pending(&mut self, i: usize, step: Step) {
         self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);
-        self.inflight.push_back(Pending::Members(step));
+        if let Some(shard) = self.shards.get_mut(i) {
+            shard.inflight.push_back((Pending::Members(step), 0));
+        }
+    }
+
+    /// Whether shard `i`'s pub/sub connection is up.
+    fn sub_up(&self, i: Option<usize>) -> bool {
+        i.and_then(|i| self.shards.get(i))
+            .is_some_and(|s| s.sub.is_some())
+    }
+
+    /// Whether shard `i`'s command connection is up.
+    fn cmd_up(&self, i: Option<usize>) -> bool {
+        i.and_then(|i| self.shards.get(i))
+            .is_some_and(|s| s.cmd.is_some())
+    }
+
+    /// The command connection of the shard serving `key`, with its number.
+    fn cmd_for(&mut self, key: &[u8]) -> Option<(usize, &mut super::Conn)> {
+        let i = self.route(key)?;
+        Some((i, self.shards.get_mut(i)?.cmd.as_mut()?))
+    }
+
+    /// Moves every user's channel to the shard of its key and subscribes those not
+    /// subscribed where that shard's pub/sub connection is up (plain pub/sub: notices are
+    /// `PUBLISH`ed, which a Redis Cluster carries to every node).
+    pub(super) fn route_users(&mut self) {
+        let Some(map) = self.map.as_ref() else {
+            return;
+        };
+        for (ch, w) in self.users.iter_mut() {
+            let want = map.shard_of_key(ch);
+            if w.shard != Some(want) {
+                if let Some(old) = w.shard
+                    && w.state != SubState::Idle
+                    && let Some(sub) = self.shards.get_mut(old).and_then(|s| s.sub.as_mut())
+                {
+                    resp::encode(&mut sub.wbuf, [&b"UNSUBSCRIBE"[..], &ch[..]].into_iter());
+                }
+                if w.state == SubState::Subscribed {
+                    self.stats.users_watched.fetch_sub(1, Ordering::Relaxed);
+                }
+                w.state = SubState::Idle;
+                w.shard = Some(want);
+            }
+            if w.state == SubState::Idle
+                && let Some(sub) = self.shards.get_mut(want).and_then(|s| s.sub.as_mut())
+            {
+                resp::encode(&mut sub.wbuf, [&b"SUBSCRIBE"[..], &ch[..]].into_iter());
+                w.state = SubState::Subscribing;
+            }
+        }
+    }
+
+    /// The shards were renumbered (`before`: their addresses until now): users' channels
+    /// follow; those of a gone shard lost their subscription with it.
+    pub(super) fn renumber_users(&mut self, before: &[RedisAddr], map: &SlotMap) {
+        for w in self.users.values_mut() {
+            let addr = w.shard.and_then(|i| before.get(i));
+            let now_at = addr.and_then(|a| map.shards.iter().position(|m| m == a));
+            if now_at.is_none() {
+                if w.state == SubState::Subscribed {
+                    self.stats.users_watched.fetch_sub(1, Ordering::Relaxed);
+                }
+                w.state = SubState::Idle;
+            }
+            w.shard = now_at;
+        }
     }
 
     fn send_member_room(&mut self, req: MemberRequest) {
-        let Some(conn) = self.cmd.as_mut() else {
+        let (mut meta, mut members) = (Vec::new(), Vec::new());
+        super::script::key(&mut meta, &req.room, "m");
+        super::script::key(&mut members, &req.room, "u");
+        let Some((i, conn)) = self.cmd_for(&meta) else {
             return self
                 .out
                 .push(EngineEvent::MemberFailed { ticket: req.ticket });
         };
-        let [meta, members, ..] = &mut self.keys;
-        super::script::key(meta, &req.room, "m");
-        super::script::key(members, &req.room, "u");
+        let (meta, members) = (&meta, &members);
         let user = req.user.as_bytes();
         match req.change {
             MemberChange::Join {
@@ -166,20 +237,23 @@ impl Engine {
                 eval(&mut conn.wbuf, m::ROOM_LEAVE, &[members], &[user]);
             }
         }
-        self.push_member_pending(Step::Room(req));
+        self.push_member_pending(i, Step::Room(req));
     }
 
     /// Sends the user's script of a change whose room side answered.
     fn send_member_user(&mut self, step: Step) {
-        let Some(conn) = self.cmd.as_mut() else {
-            return self.fail_member_step(step);
-        };
         let (req, join_or_empty) = match &step {
             Step::UserJoin { req, join, .. } => (req, join.clone()),
             Step::UserLeave { req, .. } => (req, Bytes::new()),
             _ => return,
         };
         let rooms = m::user_key(&req.user, "r");
+        let Some(i) = self.route(&rooms).filter(|&i| self.cmd_up(Some(i))) else {
+            return self.fail_member_step(step);
+        };
+        let Some(conn) = self.shards.get_mut(i).and_then(|s| s.cmd.as_mut()) else {
+            return self.fail_member_step(step);
+        };
         let blocks = m::user_key(&req.user, "b");
         let field = m::room_field(&req.room);
         let channel = m::notice_channel(&req.user);
@@ -216,14 +290,16 @@ impl Engine {
                 ],
             ),
         }
-        self.push_member_pending(step);
+        self.push_member_pending(i, step);
     }
 
     /// Reads the rooms and blocks of the user whose channel `ch` is subscribed.
     fn send_load(&mut self, ch: &Bytes) {
         let Some(w) = self.users.get(ch) else { return };
         let user = w.user.clone();
-        let Some(conn) = self.cmd.as_mut() else {
+        let (max_rooms, max_blocks) = (w.max_rooms as u64, w.max_blocks as u64);
+        let rooms = m::user_key(&user, "r");
+        let Some((i, conn)) = self.cmd_for(&rooms) else {
             return self.out.push(EngineEvent::UserLoadFailed {
                 user,
                 over_cap: None,
@@ -233,14 +309,11 @@ impl Engine {
         eval(
             &mut conn.wbuf,
             m::LOAD_USER,
-            &[&m::user_key(&user, "r"), &m::user_key(&user, "b")],
-            &[
-                decimal(w.max_rooms as u64, &mut d1),
-                decimal(w.max_blocks as u64, &mut d2),
-            ],
+            &[&rooms, &m::user_key(&user, "b")],
+            &[decimal(max_rooms, &mut d1), decimal(max_blocks, &mut d2)],
         );
         self.stats.user_loads.fetch_add(1, Ordering::Relaxed);
-        self.push_member_pending(Step::Load { user });
+        self.push_member_pending(i, Step::Load { user });
     }
 
     /// A membership step's reply.
@@ -358,18 +431,18 @@ impl Engine {
     }
 
     fn send_undo(&mut self, req: &MemberRequest, join: &Bytes) {
-        let Some(conn) = self.cmd.as_mut() else {
+        let mut members = Vec::new();
+        super::script::key(&mut members, &req.room, "u");
+        let Some((i, conn)) = self.cmd_for(&members) else {
             return;
         };
-        let [members, ..] = &mut self.keys;
-        super::script::key(members, &req.room, "u");
         eval(
             &mut conn.wbuf,
             m::ROOM_UNDO,
-            &[members],
+            &[&members],
             &[req.user.as_bytes(), join],
         );
-        self.push_member_pending(Step::Undo);
+        self.push_member_pending(i, Step::Undo);
     }
 
     /// A step that will not be answered (the connection failed, or the answer was bad).
@@ -392,10 +465,10 @@ impl Engine {
         self.out.push(event);
     }
 
-    /// The pub/sub connection failed: the users' channels wait for the next one.
-    pub(super) fn users_down(&mut self) {
+    /// Shard `i`'s pub/sub connection failed: its users' channels wait for the next one.
+    pub(super) fn users_down(&mut self, i: usize) {
         let mut confirmed = 0;
-        for w in self.users.values_mut() {
+        for w in self.users.values_mut().filter(|w| w.shard == Some(i)) {
             confirmed += i64::from(w.state == SubState::Subscribed);
             w.state = SubState::Idle;
         }

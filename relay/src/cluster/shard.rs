@@ -1,0 +1,176 @@
+//! One Redis an engine thread talks to (the single Redis, or one Redis Cluster shard's
+//! master): its command and pub/sub connections on the engine thread's mio poll, their
+//! buffers, their reconnection backoff, and what is in flight on the command connection.
+//!
+//! Owns: the sockets and their bytes. Must not touch: what the commands mean (the engine
+//! encodes them and reads the replies, see `engine.rs`).
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::ToSocketAddrs;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use super::{PublishRequest, RedisAddr};
+use crate::ids::RoomName;
+
+/// The first reconnect delay (doubling up to `cluster.reconnect_max`).
+pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(50);
+
+/// A connection to Redis with its buffers.
+pub(super) struct Conn {
+    pub(super) stream: TcpStream,
+    pub(super) rbuf: BytesMut,
+    pub(super) wbuf: BytesMut,
+}
+
+impl Conn {
+    /// Connects (blocking, bounded by `timeout`) and registers the socket as `token`.
+    pub(super) fn open(
+        addr: &RedisAddr,
+        timeout: Duration,
+        registry: &Registry,
+        token: Token,
+    ) -> io::Result<Conn> {
+        let mut last = io::Error::other("the address resolves to nothing");
+        for a in (addr.host.as_str(), addr.port).to_socket_addrs()? {
+            match std::net::TcpStream::connect_timeout(&a, timeout) {
+                Ok(s) => {
+                    s.set_nodelay(true)?;
+                    s.set_nonblocking(true)?;
+                    let mut stream = TcpStream::from_std(s);
+                    registry.register(
+                        &mut stream,
+                        token,
+                        Interest::READABLE | Interest::WRITABLE,
+                    )?;
+                    return Ok(Conn {
+                        stream,
+                        rbuf: BytesMut::with_capacity(64 * 1024),
+                        wbuf: BytesMut::with_capacity(64 * 1024),
+                    });
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Writes what is buffered until the socket would block.
+    pub(super) fn flush(&mut self) -> io::Result<()> {
+        while !self.wbuf.is_empty() {
+            match self.stream.write(&self.wbuf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    let _ = self.wbuf.split_to(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what the socket has into the read buffer: an error, or EOF as one.
+    pub(super) fn fill(&mut self) -> io::Result<()> {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => self.rbuf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A command on a command connection awaiting its reply (in order).
+pub(super) enum Pending {
+    Publish(PublishRequest),
+    Open {
+        room: RoomName,
+        hint: u64,
+        tail: u64,
+    },
+    Fill {
+        room: RoomName,
+        after: u64,
+        /// The owner's reader waiting for this page ([`super::EngineCmd::Read`]); `None`:
+        /// a fill of the owner's own history.
+        reader: Option<u64>,
+    },
+    /// `ASKING` before a command sent to a slot's importing shard (its `+OK` is dropped).
+    Asking,
+    /// Membership's commands (`engine/members.rs`).
+    Members(super::engine::members::Step),
+}
+
+/// When to try connecting next, and the delay after that.
+#[derive(Clone, Copy)]
+pub(super) struct Retry {
+    pub(super) at: Instant,
+    pub(super) delay: Duration,
+}
+
+impl Retry {
+    pub(super) fn now() -> Self {
+        Retry {
+            at: Instant::now(),
+            delay: BACKOFF_MIN,
+        }
+    }
+}
+
+/// One Redis: its two connections and the commands in flight on the first.
+pub(super) struct Shard {
+    pub(super) addr: RedisAddr,
+    pub(super) cmd: Option<Conn>,
+    pub(super) sub: Option<Conn>,
+    pub(super) cmd_retry: Retry,
+    pub(super) sub_retry: Retry,
+    /// Commands sent on `cmd`, with how often each was redirected (`MOVED`, `ASK`).
+    pub(super) inflight: VecDeque<(Pending, u8)>,
+}
+
+impl Shard {
+    pub(super) fn new(addr: RedisAddr) -> Self {
+        Shard {
+            addr,
+            cmd: None,
+            sub: None,
+            cmd_retry: Retry::now(),
+            sub_retry: Retry::now(),
+            inflight: VecDeque::new(),
+        }
+    }
+
+    /// Shard `i`'s tokens: (command, pub/sub). Token 0 is the engine's waker.
+    pub(super) fn tokens(i: usize) -> (Token, Token) {
+        (Token(2 * i + 1), Token(2 * i + 2))
+    }
+
+    /// Both connections are up.
+    pub(super) fn up(&self) -> bool {
+        self.cmd.is_some() && self.sub.is_some()
+    }
+
+    /// Registers the open connections under shard `i`'s tokens (after the shards were
+    /// renumbered by a new slot map).
+    pub(super) fn reregister(&mut self, registry: &Registry, i: usize) -> io::Result<()> {
+        let (ct, st) = Self::tokens(i);
+        let both = Interest::READABLE | Interest::WRITABLE;
+        if let Some(c) = self.cmd.as_mut() {
+            registry.reregister(&mut c.stream, ct, both)?;
+        }
+        if let Some(c) = self.sub.as_mut() {
+            registry.reregister(&mut c.stream, st, both)?;
+        }
+        Ok(())
+    }
+}

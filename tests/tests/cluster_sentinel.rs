@@ -1,0 +1,79 @@
+//! End-to-end: relay nodes on one Redis master behind Sentinel (`cluster.topology =
+//! "sentinel"`, `sentinel://` seeds), once per I/O backend. The master is killed; the
+//! sentinel promotes its replica; the nodes ask the sentinel again, publishes are refused
+//! `unavailable` meanwhile and taken again after, and a phone on the other node sees one
+//! unbroken order.
+
+#![allow(clippy::unwrap_used)] // reason: tests
+
+use std::time::{Duration, Instant};
+
+use pabal_relay::cluster::{ClusterConfig, Topology};
+use pabal_relay::io::BackendKind;
+use pabal_testkit::redis::RedisSentinel;
+use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
+
+fn node(backend: BackendKind, sentinel: &RedisSentinel, id: &str) -> TestRelay {
+    let node = TestRelay::start(backend, 2, |c| {
+        c.cluster = Some(ClusterConfig {
+            topology: Topology::Sentinel,
+            redis: vec![sentinel.url()],
+            node_id: Some(id.into()),
+            ..ClusterConfig::default()
+        });
+    });
+    // Phones' HELLOs wait for the engine (their rooms are read from it).
+    node.wait_for_engine();
+    node
+}
+
+per_backend! {
+    fn a_failover_behind_sentinel_is_followed(backend) {
+        let Some(mut sentinel) = RedisSentinel::start("failover") else { return };
+        let (a, b) = (node(backend, &sentinel, "fa"), node(backend, &sentinel, "fb"));
+        const ROOM: &str = "room:cluster-sentinel";
+        let mut reader = Client::connect(b.addr, "reader");
+        let alias = reader.join(ROOM);
+        let mut p = Client::connect(a.addr, "alice");
+        let pa = p.join(ROOM);
+        let mut acked: Vec<u64> = (0..10)
+            .map(|i| p.publish_acked(pa, format!("before-{i}").into_bytes()))
+            .collect();
+        assert_eq!(acked, (1..=10).collect::<Vec<_>>());
+        // The replica holds all of it before the master dies (replication is asynchronous:
+        // what it had not received would be lost with the master).
+        let meta = format!("pabal:{{r:{ROOM}}}:m");
+        let deadline = Instant::now() + WAIT;
+        while sentinel.replica.cli(&["HGET", &meta, "s"]).trim() != "10" {
+            assert!(Instant::now() < deadline, "the replica never caught up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let old = sentinel.master.port;
+        sentinel.master.kill();
+        // Publishes are refused (typed, retryable) until the nodes follow the sentinel to
+        // the promoted replica; then they are taken again.
+        let deadline = Instant::now() + WAIT * 2;
+        let mut refused = 0;
+        let mut i = 0;
+        while acked.len() < 20 {
+            assert!(Instant::now() < deadline, "publishes never recovered after the failover");
+            match p.publish_or_unavailable(pa, format!("after-{i}").into_bytes()) {
+                Some(seq) => acked.push(seq),
+                None => {
+                    refused += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            i += 1;
+        }
+        assert_ne!(sentinel.master_port(), Some(old), "the sentinel promoted the replica");
+        assert!(refused > 0, "publishes were refused while the master was gone");
+        assert!(acked.windows(2).all(|w| w[0] < w[1]), "{acked:?}");
+        // The phone on the other node, whose connection stayed up, has it all in order.
+        let last = *acked.last().unwrap();
+        let got = reader.read_through(alias, last);
+        for seq in &acked {
+            assert!(got.contains_key(seq));
+        }
+    }
+}
