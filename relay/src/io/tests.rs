@@ -1098,6 +1098,49 @@ fn uring_tiny_rings() {
     short_connections_all_close(Box::new(UringBackend::new(&opts).unwrap()));
 }
 
+/// Receives keep to a few provided buffers: 1,500 small receives, one at a time, leave at
+/// most two windows of buffer pages resident, not the whole ring. (The kernel takes posted
+/// buffers in ring order: with all 1,024 posted, every one was written in turn, and a worker
+/// held 4 MiB of buffer memory whatever its connections did.)
+#[test]
+fn uring_receives_keep_to_a_few_provided_buffers() {
+    const ROUNDS: u64 = 1500;
+    let opts = BackendOptions {
+        buf_ring_count: 1024,
+        buf_size: 16 * 1024,
+        ..uring_opts(true)
+    };
+    if let Err(e) = probe::probe_uring(&opts) {
+        pabal_testkit::skip(format_args!("the io_uring variant: {e}"));
+        return;
+    }
+    let mut srv = Server::new(Box::new(UringBackend::new(&opts).unwrap()));
+    srv.s.echo = true;
+    let addr = srv.addr;
+    let client = thread::spawn(move || {
+        let mut s = connect(addr);
+        let mut got = [0u8; 8];
+        for i in 0..ROUNDS {
+            s.write_all(&i.to_le_bytes()).unwrap();
+            s.read_exact(&mut got).unwrap();
+            assert_eq!(got, i.to_le_bytes(), "echo {i}");
+        }
+    });
+    srv.until("1,500 echoes", |_| client.is_finished());
+    join(client);
+    let calls: usize = srv.s.rx_calls.values().sum();
+    assert!(calls >= ROUNDS as usize / 2, "only {calls} receives");
+    let resident = srv
+        .b
+        .buffer_pages_resident()
+        .expect("a provided-buffer ring");
+    assert!(
+        resident <= 128,
+        "{resident} pages of provided buffers resident after {calls} small receives"
+    );
+    srv.assert_clean();
+}
+
 /// Accepting runs out of descriptors while clients wait in the backlog; once descriptors are
 /// free again the backend accepts them by itself, without any new connection arriving to
 /// raise an edge. Runs in a child process ([`in_child`]): it lowers the soft RLIMIT_NOFILE

@@ -33,7 +33,10 @@
 //!   accept ends; it is re-armed when the [`AcceptBackoff`] pause is over, and picks up the
 //!   connections waiting in the backlog;
 //! - receive: multishot `RECV` selecting from a provided-buffer ring; each buffer goes back
-//!   to the ring as soon as `EventSink::received` returns. A multishot that ends (no
+//!   to the ring as soon as `EventSink::received` returns. Only a window of the ring's
+//!   buffers is posted (64 at first, doubled whenever a receive finds none), topped up with
+//!   the buffers most recently returned, so the same few stay in use and the rest of the
+//!   ring's memory is never touched (`BufRing`). A multishot that ends (no
 //!   `IORING_CQE_F_MORE`: ENOBUFS, CQ overflow, cancellation) is re-armed while the
 //!   connection reads. Without buffer rings / multishot receive (kernels before 6.0, or
 //!   [`BackendOptions::uring_multishot`] off) each connection gets its own buffer and a
@@ -190,8 +193,19 @@ struct RawBuf {
 const _: () = assert!(mem::size_of::<RawBuf>() == 16);
 const TAIL_OFFSET: usize = 14;
 
-/// The provided-buffer ring: `count` buffers of `size` bytes, all in the ring at rest; the
-/// kernel takes one per receive completion and we put it back after the sink has seen it.
+/// Buffers kept posted in the provided-buffer ring at first; doubled (up to the ring's
+/// `count`) each time a receive finds it empty.
+const POSTED_AT_FIRST: u16 = 64;
+
+/// The provided-buffer ring: `count` buffers of `size` bytes, of which only a window of
+/// `target` is posted to the kernel at rest; the rest wait in `spare`.
+///
+/// Why a window: the kernel takes posted buffers in ring order, so with all `count` posted
+/// every one of them was written to in turn (its first page at least: 4 MiB of resident
+/// memory per worker for 1,024 buffers of 16 KiB, connections or not). Here a buffer coming
+/// back goes on top of `spare` and the ring is topped up from the top, so the same few
+/// buffers keep cycling and the others are never touched. When a receive finds the ring
+/// empty (ENOBUFS) the window doubles, so a busy worker posts what its bursts need.
 struct BufRing {
     entries: Mmap,
     data: Mmap,
@@ -199,6 +213,12 @@ struct BufRing {
     size: u32,
     /// Our copy of the tail (the kernel only reads it).
     tail: u16,
+    /// Buffers published and not yet taken by the kernel.
+    posted: u16,
+    /// How many buffers to keep posted.
+    target: u16,
+    /// Buffers neither posted nor lent to the sink, the most recently returned last.
+    spare: Vec<u16>,
 }
 
 impl BufRing {
@@ -211,12 +231,33 @@ impl BufRing {
             count,
             size,
             tail: 0,
+            posted: 0,
+            target: POSTED_AT_FIRST.min(count),
+            // Buffer 0 on top: the first posted are the first in memory.
+            spare: (0..count).rev().collect(),
         };
-        for bid in 0..count {
-            ring.put(bid);
-        }
-        ring.publish();
+        ring.top_up();
         Ok(ring)
+    }
+
+    /// Posts spare buffers, most recently returned first, until `target` are posted.
+    fn top_up(&mut self) {
+        let mut added = false;
+        while self.posted < self.target {
+            let Some(bid) = self.spare.pop() else { break };
+            self.put(bid);
+            self.posted += 1;
+            added = true;
+        }
+        if added {
+            self.publish();
+        }
+    }
+
+    /// A receive found no buffer posted: post twice as many from now on.
+    fn ran_dry(&mut self) {
+        self.target = self.target.saturating_mul(2).min(self.count);
+        self.top_up();
     }
 
     /// Writes buffer `bid` into the slot at our (unpublished) tail.
@@ -254,12 +295,32 @@ impl BufRing {
         tail.store(self.tail, Ordering::Release);
     }
 
-    /// Gives buffer `bid` back to the kernel.
+    /// Takes back buffer `bid`, which a completion handed us (the kernel took it from the
+    /// posted ones), and tops the ring up.
     fn recycle(&mut self, bid: u16) {
         if bid < self.count {
-            self.put(bid);
-            self.publish();
+            self.posted = self.posted.saturating_sub(1);
+            self.spare.push(bid);
+            self.top_up();
         }
+    }
+
+    /// Pages of buffer memory that are resident (`mincore`), for tests.
+    #[cfg(test)]
+    fn resident_pages(&self) -> usize {
+        let page = 4096;
+        let mut vec = vec![0u8; self.data.len.div_ceil(page)];
+        // SAFETY: `data` is our mapping, page-aligned, `len` bytes; `vec` has one byte per
+        // page of it.
+        let res = unsafe {
+            libc::mincore(
+                self.data.ptr.as_ptr().cast(),
+                self.data.len,
+                vec.as_mut_ptr(),
+            )
+        };
+        assert_eq!(res, 0, "mincore: {}", io::Error::last_os_error());
+        vec.iter().filter(|&&b| b & 1 == 1).count()
     }
 
     /// The first `len` bytes of buffer `bid`, which a completion has just handed us.
@@ -1014,6 +1075,12 @@ impl UringBackend {
         mem::size_of::<Conn>()
     }
 
+    /// Resident pages of the provided buffers' memory (`None` without a buffer ring).
+    #[cfg(test)]
+    pub(super) fn buffer_pages_resident(&self) -> Option<usize> {
+        self.bufs.as_ref().map(BufRing::resident_pages)
+    }
+
     /// Spare send vectors in the pool.
     #[cfg(test)]
     pub(super) fn send_vectors_pooled(&self) -> usize {
@@ -1228,8 +1295,15 @@ impl UringBackend {
             }
         } else {
             match -res {
-                // The ring ran dry, or the receive was cancelled (pause): re-arm if reading.
-                libc::ENOBUFS | libc::ECANCELED | libc::EINTR | libc::EAGAIN => Next::Rearm,
+                // The ring ran dry: post more buffers, and re-arm.
+                libc::ENOBUFS => {
+                    if let Some(bufs) = bufs.as_mut() {
+                        bufs.ran_dry();
+                    }
+                    Next::Rearm
+                }
+                // The receive was cancelled (pause): re-arm if reading.
+                libc::ECANCELED | libc::EINTR | libc::EAGAIN => Next::Rearm,
                 libc::EINVAL if *recv_multishot => {
                     tracing::debug!(
                         "io_uring: multishot receive unsupported (EINVAL); single-shot receive into per-connection buffers"
