@@ -75,7 +75,7 @@
 //! CQE (the slot counts them), so a late completion can never reach a new connection; the
 //! generation is a second check. The kernel is given no pointer into the connection record
 //! itself (it lives inline in the slab, whose slots do not move, but nothing relies on
-//! that): a send's `msghdr` and iovecs live in a boxed [`SendVectors`] that the connection
+//! that): a send's `msghdr` and iovecs live in a boxed [`Batch`] that the connection
 //! holds while the send is in flight, its `Bytes` and a single-shot receive's buffer are
 //! heap memory the connection owns, and all of them are freed only once the operation's
 //! final completion is reaped, so they outlive their operation. The buffer ring lives as
@@ -86,7 +86,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::mem;
 use std::net::{self, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::ptr::{self, NonNull};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -336,17 +336,29 @@ impl BufRing {
     }
 }
 
-/// The `msghdr` and iovec list a `SENDMSG` points the kernel at. Boxed, so they keep their
-/// address while the send is in flight; a connection holds one only while it sends (taken
-/// from and given back to the backend's pool), so an idle connection holds none.
-struct SendVectors {
+/// A batch being sent: its buffers, its progress, and the `msghdr` and iovec list a
+/// `SENDMSG` points the kernel at. Boxed, so the vectors keep their address while a send is
+/// in flight; a connection holds one only from [`Transport::send`] to the batch's last
+/// completion (taken from and given back to the backend's pool), so an idle connection
+/// holds none.
+struct Batch {
+    /// What is left of the batch; the `Bytes` stay here (not advanced, not dropped) until
+    /// the send in flight completes.
+    bufs: VecDeque<Bytes>,
+    /// Batch size, for `sent`.
+    total: usize,
+    /// Bytes of the batch not yet written.
+    remaining: usize,
     iov: Vec<libc::iovec>,
     msg: libc::msghdr,
 }
 
-impl SendVectors {
+impl Batch {
     fn new() -> Box<Self> {
         Box::new(Self {
+            bufs: VecDeque::new(),
+            total: 0,
+            remaining: 0,
             iov: Vec::new(),
             // SAFETY: `msghdr` is a plain C struct for which all-zero is valid (null
             // pointers, zero lengths).
@@ -355,30 +367,36 @@ impl SendVectors {
     }
 }
 
-/// Spare [`SendVectors`] kept by one backend.
-const SEND_VECTORS_POOL: usize = 256;
-/// Iovec lists longer than this are freed rather than pooled.
-const SEND_VECTORS_POOL_IOV_MAX: usize = 64;
+/// Spare [`Batch`]es kept by one backend.
+const BATCH_POOL: usize = 256;
+/// Batches whose iovec list grew longer than this are freed rather than pooled.
+const BATCH_POOL_IOV_MAX: usize = 64;
 
-/// Send state of one connection.
-struct SendState {
-    /// What is left of the batch; the `Bytes` stay here (not advanced, not dropped) until
-    /// the send in flight completes.
-    bufs: VecDeque<Bytes>,
-    /// Batch size, for `sent`.
-    total: usize,
-    /// Bytes of the batch not yet written.
-    remaining: usize,
-    /// The vectors of the send in flight (`None` while idle).
-    vectors: Option<Box<SendVectors>>,
-    inflight: bool,
+/// What only a paused connection, or one on the single-shot receive path, needs: boxed, so
+/// that the others do not carry it.
+#[derive(Default)]
+struct Rare {
+    /// Data that completed while reads were paused (a receive races its cancellation).
+    stash: Vec<u8>,
+    /// Single-shot receive buffer (no buffer ring): heap memory of its own, whose address
+    /// the kernel is given.
+    rbuf: Option<Box<[u8]>>,
 }
 
+/// One connection's record, inline in the slab (48 bytes: what every connection needs;
+/// a batch being sent and the rare state are boxed apart).
 struct Conn {
     token: Token,
     /// Owned; closed through the ring once no operation names it.
     stream: net::TcpStream,
-    fd: RawFd,
+    /// Our cancellations in flight for this connection.
+    cancels: u32,
+    /// The batch being sent (`None` while idle).
+    batch: Option<Box<Batch>>,
+    /// The stash and the single-shot receive buffer, made on first use.
+    rare: Option<Box<Rare>>,
+    /// A send of `batch` is in flight.
+    inflight: bool,
     /// The worker closed it, or we reported `closed`: waiting for operations to finish.
     closing: bool,
     reading: bool,
@@ -388,29 +406,23 @@ struct Conn {
     hup_armed: bool,
     /// The peer shut down or the socket failed: receive single-shot from now on.
     rdhup: bool,
-    /// EOF arrived while reads were paused; reported on resume, after `stash`.
+    /// EOF arrived while reads were paused; reported on resume, after the stash.
     eof_pending: bool,
-    /// Data that completed while reads were paused (a receive races its cancellation).
-    stash: Vec<u8>,
-    /// Single-shot receive buffer (no buffer ring): heap memory of its own, whose address
-    /// the kernel is given.
-    rbuf: Option<Box<[u8]>>,
-    send: SendState,
     shutdown_pending: bool,
     shutdown_inflight: bool,
-    /// Our cancellations in flight for this connection.
-    cancels: u32,
     /// On the `ready` list.
     queued: bool,
 }
 
 impl Conn {
     fn new(token: Token, stream: net::TcpStream) -> Self {
-        let fd = stream.as_raw_fd();
         Self {
             token,
             stream,
-            fd,
+            cancels: 0,
+            batch: None,
+            rare: None,
+            inflight: false,
             closing: false,
             reading: true,
             recv_armed: false,
@@ -418,19 +430,42 @@ impl Conn {
             hup_armed: false,
             rdhup: false,
             eof_pending: false,
-            stash: Vec::new(),
-            rbuf: None,
-            send: SendState {
-                bufs: VecDeque::new(),
-                total: 0,
-                remaining: 0,
-                vectors: None,
-                inflight: false,
-            },
             shutdown_pending: false,
             shutdown_inflight: false,
-            cancels: 0,
             queued: false,
+        }
+    }
+
+    fn fd(&self) -> types::Fd {
+        types::Fd(self.stream.as_raw_fd())
+    }
+
+    /// Whether data waits in the stash.
+    fn stashed(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| !r.stash.is_empty())
+    }
+
+    /// Hands the stash to the sink and empties it; frees the rare state once nothing is
+    /// left in it.
+    fn deliver_stash(&mut self, sink: &mut dyn EventSink) {
+        if let Some(rare) = self.rare.as_mut()
+            && !rare.stash.is_empty()
+        {
+            sink.received(self.token, &rare.stash);
+            rare.stash.clear();
+        }
+        self.trim_rare();
+    }
+
+    /// Frees the rare state when it holds nothing: no stash, no single-shot buffer (whose
+    /// address a receive may hold, so it stays while there is one).
+    fn trim_rare(&mut self) {
+        if self
+            .rare
+            .as_ref()
+            .is_some_and(|r| r.rbuf.is_none() && r.stash.is_empty())
+        {
+            self.rare = None;
         }
     }
 
@@ -438,7 +473,7 @@ impl Conn {
     fn ops(&self) -> u32 {
         u32::from(self.recv_armed)
             + u32::from(self.hup_armed)
-            + u32::from(self.send.inflight)
+            + u32::from(self.inflight)
             + u32::from(self.shutdown_inflight)
             + self.cancels
     }
@@ -468,10 +503,10 @@ pub struct UringBackend {
     conns: Slab<Conn>,
     /// Spare send queues (a connection holds one only while it sends).
     lists: ListPool,
-    /// Spare send vectors ([`SendVectors`]), so a send allocates none.
+    /// Spare [`Batch`]es, so a send allocates none.
     #[allow(clippy::vec_box)]
     // reason: each is handed to a connection as the box whose address the kernel reads
-    send_vectors: Vec<Box<SendVectors>>,
+    batches: Vec<Box<Batch>>,
     by_token: HashMap<Token, u32>,
     listeners: Vec<ListenerSlot>,
     /// Whether accepting is paused, and when to re-arm the listeners.
@@ -603,7 +638,7 @@ impl UringBackend {
             buf_size: opts.buf_size as usize,
             conns: Slab::new(GEN_BITS),
             lists: ListPool::default(),
-            send_vectors: Vec::new(),
+            batches: Vec::new(),
             by_token: HashMap::new(),
             listeners: Vec::new(),
             accept: AcceptBackoff::default(),
@@ -879,22 +914,25 @@ impl UringBackend {
         }
         let ud = user_data(OP_RECV, idx, generation);
         let entry = if multishot && !conn.rdhup {
-            opcode::RecvMulti::new(types::Fd(conn.fd), BGID)
+            opcode::RecvMulti::new(conn.fd(), BGID)
                 .build()
                 .user_data(ud)
         } else if ring {
             // Single-shot, still selecting from the buffer ring (len 0: the buffer's size).
-            opcode::Recv::new(types::Fd(conn.fd), ptr::null_mut(), 0)
+            opcode::Recv::new(conn.fd(), ptr::null_mut(), 0)
                 .buf_group(BGID)
                 .build()
                 .flags(squeue::Flags::BUFFER_SELECT)
                 .user_data(ud)
         } else {
+            let fd = conn.fd();
             let buf = conn
+                .rare
+                .get_or_insert_default()
                 .rbuf
                 .get_or_insert_with(|| vec![0u8; buf_size].into_boxed_slice());
             let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-            opcode::Recv::new(types::Fd(conn.fd), buf.as_mut_ptr(), len)
+            opcode::Recv::new(fd, buf.as_mut_ptr(), len)
                 .build()
                 .user_data(ud)
         };
@@ -902,8 +940,9 @@ impl UringBackend {
         conn.recv_cancelling = false;
         // SAFETY: with buffer select the kernel writes only into buffer-ring memory, which
         // outlives every operation (see `Drop`). Otherwise `rbuf` is a heap block the
-        // connection owns (not part of the record), freed only after this receive's final
-        // completion (`ops()` counts it) and read only after that completion.
+        // connection owns (not part of the record; the rare state holding it is kept while
+        // it has one), freed only with the connection, after this receive's final
+        // completion (`ops()` counts it), and read only after that completion.
         unsafe { self.push(entry) }
     }
 
@@ -930,7 +969,7 @@ impl UringBackend {
         }
         conn.hup_armed = true;
         // POLLERR and POLLHUP are always reported.
-        let entry = opcode::PollAdd::new(types::Fd(conn.fd), libc::POLLRDHUP as u32)
+        let entry = opcode::PollAdd::new(conn.fd(), libc::POLLRDHUP as u32)
             .build()
             .user_data(user_data(OP_HUP, idx, generation));
         // SAFETY: a poll references no memory of ours; the fd stays open until its
@@ -945,14 +984,13 @@ impl UringBackend {
             return;
         };
         let generation = key.generation;
-        let s = &mut conn.send;
-        let pool = &mut self.send_vectors;
-        let v = s
-            .vectors
-            .get_or_insert_with(|| pool.pop().unwrap_or_else(SendVectors::new));
+        let fd = conn.fd();
+        let Some(v) = conn.batch.as_deref_mut() else {
+            return;
+        };
         v.iov.clear();
         v.iov.extend(
-            s.bufs
+            v.bufs
                 .iter()
                 .filter(|b| !b.is_empty())
                 .take(IOV_MAX)
@@ -961,13 +999,12 @@ impl UringBackend {
                     iov_len: b.len(),
                 }),
         );
-        s.inflight = true;
+        conn.inflight = true;
         let ioprio = if full && self.send_poll_first {
             RECVSEND_POLL_FIRST
         } else {
             0
         };
-        let fd = types::Fd(conn.fd);
         let entry = match v.iov.as_slice() {
             // One buffer (one send's length is at most u32::MAX; a larger one takes SENDMSG).
             [one] if u32::try_from(one.iov_len).is_ok() => {
@@ -986,13 +1023,13 @@ impl UringBackend {
             }
         }
         .user_data(user_data(OP_SEND, idx, generation));
-        // SAFETY: `msg` and `iov` live in the connection's boxed `SendVectors` (stable
-        // address, whatever the slab does with the record) and are rewritten only here, which
-        // runs only while no send is in flight; the box leaves the connection (back to the
-        // pool, or freed with it) only after this send's completion (`ops()` counts it). The iovecs (and a
-        // single SEND's buffer) point into the heap data of the `Bytes` in `bufs`, which are
-        // neither advanced nor dropped until the completion (`send` may only append, which
-        // moves the handles, not the data).
+        // SAFETY: `msg` and `iov` live in the connection's boxed `Batch` (stable address,
+        // whatever the slab does with the record) and are rewritten only here, which runs
+        // only while no send is in flight; the box leaves the connection (back to the pool,
+        // or freed with it) only after this send's completion (`ops()` counts it). The
+        // iovecs (and a single SEND's buffer) point into the heap data of the `Bytes` in
+        // `bufs`, which are neither advanced nor dropped until the completion (`send` may
+        // only append, which moves the handles, not the data).
         unsafe { self.push(entry) }
     }
 
@@ -1013,7 +1050,7 @@ impl UringBackend {
             return;
         }
         conn.shutdown_inflight = true;
-        let entry = opcode::Shutdown::new(types::Fd(conn.fd), libc::SHUT_WR)
+        let entry = opcode::Shutdown::new(conn.fd(), libc::SHUT_WR)
             .build()
             .user_data(user_data(OP_SHUTDOWN, idx, generation));
         // SAFETY: shutdown references no memory; the fd stays open until its completion
@@ -1048,9 +1085,11 @@ impl UringBackend {
             return;
         }
         conn.closing = true;
-        conn.stash = Vec::new();
+        if let Some(rare) = conn.rare.as_mut() {
+            rare.stash = Vec::new();
+        }
         let cancel_recv = conn.recv_armed && !conn.recv_cancelling;
-        let cancel_send = conn.send.inflight;
+        let cancel_send = conn.inflight;
         let cancel_hup = conn.hup_armed;
         conn.recv_cancelling |= cancel_recv;
         conn.cancels += u32::from(cancel_recv) + u32::from(cancel_send) + u32::from(cancel_hup);
@@ -1081,19 +1120,21 @@ impl UringBackend {
         self.bufs.as_ref().map(BufRing::resident_pages)
     }
 
-    /// Spare send vectors in the pool.
+    /// Spare batches in the pool.
     #[cfg(test)]
-    pub(super) fn send_vectors_pooled(&self) -> usize {
-        self.send_vectors.len()
+    pub(super) fn batches_pooled(&self) -> usize {
+        self.batches.len()
     }
 
-    /// Gives a finished send's vectors back to the pool (or frees them).
-    fn give_send_vectors(&mut self, vectors: Option<Box<SendVectors>>) {
-        if let Some(v) = vectors
-            && v.iov.capacity() <= SEND_VECTORS_POOL_IOV_MAX
-            && self.send_vectors.len() < SEND_VECTORS_POOL
-        {
-            self.send_vectors.push(v);
+    /// Takes a finished batch from the connection: its emptied queue to the queue pool, the
+    /// rest to the batch pool (or freed).
+    fn release_batch(&mut self, idx: u32) {
+        let Some(mut batch) = self.conn_at(idx).and_then(|c| c.batch.take()) else {
+            return;
+        };
+        self.lists.give(mem::take(&mut batch.bufs));
+        if batch.iov.capacity() <= BATCH_POOL_IOV_MAX && self.batches.len() < BATCH_POOL {
+            self.batches.push(batch);
         }
     }
 
@@ -1260,34 +1301,45 @@ impl UringBackend {
             Next::Finalize
         } else if res > 0 {
             let len = res as usize;
+            let (token, reading) = (conn.token, conn.reading);
+            if !reading {
+                conn.rare.get_or_insert_default(); // for the stash
+            }
+            let (stash, rbuf) = match conn.rare.as_deref_mut() {
+                Some(Rare { stash, rbuf }) => (Some(stash), rbuf.as_deref()),
+                None => (None, None),
+            };
             let data = match bid {
                 Some(bid) => bufs.as_ref().and_then(|b| b.slice(bid, len)),
-                None => conn.rbuf.as_deref().and_then(|b| b.get(..len)),
+                None => rbuf.and_then(|b| b.get(..len)),
             };
-            match data {
-                Some(data) if conn.reading => {
-                    if !conn.stash.is_empty() {
-                        sink.received(conn.token, &conn.stash);
-                        conn.stash.clear();
+            let next = match (data, stash) {
+                (Some(data), stash) if reading => {
+                    if let Some(stash) = stash
+                        && !stash.is_empty()
+                    {
+                        sink.received(token, stash);
+                        stash.clear();
                     }
-                    sink.received(conn.token, data);
+                    sink.received(token, data);
                     if more { Next::Nothing } else { Next::Rearm }
                 }
-                Some(data) => {
-                    conn.stash.extend_from_slice(data);
+                (Some(data), Some(stash)) => {
+                    stash.extend_from_slice(data);
                     if more { Next::Nothing } else { Next::Rearm }
                 }
-                None => Next::Close(CloseReason::Error(io::Error::new(
+                _ => Next::Close(CloseReason::Error(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "receive completion names no valid buffer",
                 ))),
+            };
+            if reading {
+                conn.trim_rare();
             }
+            next
         } else if res == 0 {
             if conn.reading {
-                if !conn.stash.is_empty() {
-                    sink.received(conn.token, &conn.stash);
-                    conn.stash.clear();
-                }
+                conn.deliver_stash(sink);
                 Next::Close(CloseReason::PeerClosed)
             } else {
                 conn.eof_pending = true;
@@ -1366,11 +1418,9 @@ impl UringBackend {
         let Some(conn) = self.conn_mut(idx, generation) else {
             return;
         };
-        conn.send.inflight = false;
+        conn.inflight = false;
         if conn.closing {
-            let (list, vectors) = (mem::take(&mut conn.send.bufs), conn.send.vectors.take());
-            self.lists.give(list);
-            self.give_send_vectors(vectors);
+            self.release_batch(idx);
             self.maybe_finalize(idx);
             return;
         }
@@ -1390,33 +1440,31 @@ impl UringBackend {
             }
             return;
         }
-        let n = (res as usize).min(conn.send.remaining);
-        if n == 0 && conn.send.remaining > 0 {
+        let (token, shutdown) = (conn.token, conn.shutdown_pending);
+        let Some(batch) = conn.batch.as_deref_mut() else {
+            return; // a completion for a send we never made: nothing to account
+        };
+        let n = (res as usize).min(batch.remaining);
+        if n == 0 && batch.remaining > 0 {
             let e = io::Error::from(io::ErrorKind::WriteZero);
             self.close_with(idx, CloseReason::Error(e), sink);
             return;
         }
         // What this send offered: its iovecs are those of the last `submit_send`.
-        let offered: usize = conn
-            .send
-            .vectors
-            .as_ref()
-            .map_or(0, |v| v.iov.iter().map(|v| v.iov_len).sum());
-        conn.send.remaining -= n;
-        consume(&mut conn.send.bufs, n);
-        if conn.send.remaining > 0 {
+        let offered: usize = batch.iov.iter().map(|v| v.iov_len).sum();
+        batch.remaining -= n;
+        consume(&mut batch.bufs, n);
+        if batch.remaining > 0 {
             // A short write (the socket buffer is full), or more than IOV_MAX buffers.
             let full = n < offered;
             self.send_stats.short_writes += u64::from(full);
             self.submit_send(idx, full);
             return;
         }
-        let (token, total) = (conn.token, mem::take(&mut conn.send.total));
-        let shutdown = mem::take(&mut conn.shutdown_pending);
-        // The emptied queue and the vectors go to the pools: an idle connection holds none.
-        let (list, vectors) = (mem::take(&mut conn.send.bufs), conn.send.vectors.take());
-        self.lists.give(list);
-        self.give_send_vectors(vectors);
+        let total = mem::take(&mut batch.total);
+        conn.shutdown_pending = false;
+        // The emptied queue and the batch go to the pools: an idle connection holds none.
+        self.release_batch(idx);
         sink.sent(token, total);
         if shutdown {
             self.push_shutdown(idx);
@@ -1437,12 +1485,8 @@ impl UringBackend {
             if conn.closing || !conn.reading {
                 continue;
             }
-            if !conn.stash.is_empty() {
-                sink.received(conn.token, &conn.stash);
-                conn.stash.clear();
-                if conn.stash.capacity() > 64 * 1024 {
-                    conn.stash = Vec::new();
-                }
+            if conn.stashed() {
+                conn.deliver_stash(sink);
                 delivered = true;
             }
             if conn.eof_pending {
@@ -1500,27 +1544,37 @@ impl Transport for UringBackend {
             bufs.clear();
             return;
         };
-        let Some((_, conn)) = self.conns.at_mut(idx) else {
+        let Self {
+            conns,
+            batches,
+            lists,
+            ..
+        } = self;
+        let Some((_, conn)) = conns.at_mut(idx) else {
             return;
         };
         let total: usize = bufs.iter().map(Bytes::len).sum();
-        if conn.send.inflight {
+        let inflight = conn.inflight;
+        let batch = conn
+            .batch
+            .get_or_insert_with(|| batches.pop().unwrap_or_else(Batch::new));
+        if inflight {
             // Contract breach (one batch at a time): append (moves handles, not data) and
             // report both as one `sent`.
             tracing::debug!(token, "send while a batch is in flight; appended to it");
-            conn.send.bufs.extend(bufs.drain(..));
-            conn.send.total += total;
-            conn.send.remaining += total;
+            batch.bufs.extend(bufs.drain(..));
+            batch.total += total;
+            batch.remaining += total;
             return;
         }
         // Swap with a pooled queue, so that the worker gets an allocated list back.
-        if conn.send.bufs.capacity() == 0 {
-            conn.send.bufs = self.lists.take();
+        if batch.bufs.capacity() == 0 {
+            batch.bufs = lists.take();
         }
-        mem::swap(&mut conn.send.bufs, bufs);
+        mem::swap(&mut batch.bufs, bufs);
         bufs.clear();
-        conn.send.total = total;
-        conn.send.remaining = total;
+        batch.total = total;
+        batch.remaining = total;
         self.submit_send(idx, false);
     }
 
@@ -1545,7 +1599,7 @@ impl Transport for UringBackend {
                     user_data(OP_CANCEL, idx, generation),
                 );
             }
-        } else if !conn.stash.is_empty() || conn.eof_pending {
+        } else if conn.stashed() || conn.eof_pending {
             self.queue_ready(idx);
         } else if !conn.recv_armed {
             self.arm_recv(idx);
@@ -1561,7 +1615,7 @@ impl Transport for UringBackend {
         let Some(conn) = self.conn_at(idx) else {
             return;
         };
-        if conn.send.inflight {
+        if conn.inflight {
             conn.shutdown_pending = true;
         } else {
             self.push_shutdown(idx);
@@ -1581,9 +1635,7 @@ impl Backend for UringBackend {
         let held = self
             .conns
             .iter()
-            .filter(|c| {
-                !c.send.inflight && (c.send.bufs.capacity() > 0 || c.send.vectors.is_some())
-            })
+            .filter(|c| !c.inflight && c.batch.is_some())
             .count();
         (held, self.lists.spare())
     }
