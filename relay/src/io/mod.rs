@@ -60,6 +60,7 @@ pub mod slab;
 #[cfg(test)]
 mod tests;
 pub mod uring;
+mod uring_buffers;
 pub mod uring_storage;
 mod wakeup;
 

@@ -46,6 +46,9 @@ pub struct BackendOptions {
     /// Try `IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN` (falling back to
     /// plain setup if the kernel refuses). Default true.
     pub uring_defer_taskrun: bool,
+    /// io_uring: completions one [`super::Backend::poll`] may report before it returns and
+    /// leaves the rest for the next tick (the counterpart of `epoll_events`). Default 1024.
+    pub uring_tick_completions: usize,
     /// epoll: events fetched per `epoll_wait`. Default 1024.
     pub epoll_events: usize,
     /// epoll: size of the reusable read buffer. Default 64 KiB.
@@ -64,6 +67,7 @@ impl Default for BackendOptions {
             buf_size: 16 * 1024,
             uring_multishot: true,
             uring_defer_taskrun: true,
+            uring_tick_completions: 1024,
             epoll_events: 1024,
             read_chunk: 64 * 1024,
             io_budget: 1024 * 1024,
@@ -100,6 +104,9 @@ impl BackendOptions {
                 "buf_size = {}: must be between 1 and 2^30",
                 self.buf_size
             ));
+        }
+        if self.uring_tick_completions == 0 {
+            return bad("uring_tick_completions = 0: must be at least 1".to_owned());
         }
         if self.epoll_events == 0 {
             return bad("epoll_events = 0: must be at least 1".to_owned());

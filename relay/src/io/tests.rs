@@ -125,6 +125,7 @@ for_each_backend!(
     close_listeners_refuses_new_connections,
     refused_connection_is_closed,
     an_idle_connection_holds_no_send_state,
+    one_poll_reports_every_ready_connection,
 );
 
 // ---- harness ----
@@ -480,6 +481,36 @@ fn many_connections(b: Box<dyn Backend>) {
     srv.assert_clean();
 }
 
+/// Data already waiting on many connections is reported by one `poll` (up to the backend's
+/// batch, 1,024 on both), as `epoll_wait` hands over every ready socket. On a `DEFER_TASKRUN`
+/// ring the kernel completes at most 20 receives per pass of `io_uring_enter` (Linux 6.13+):
+/// an io_uring tick that entered once reported about 20 of these 300, so a worker with many
+/// acknowledging subscribers turned ten times per epoll tick, with smaller sends each.
+fn one_poll_reports_every_ready_connection(b: Box<dyn Backend>) {
+    const N: usize = 300;
+    let mut srv = Server::new(b);
+    let addr = srv.addr;
+    let mut clients: Vec<TcpStream> = (0..N).map(|_| connect(addr)).collect();
+    // Settled: every connection accepted and its receive armed.
+    srv.until_settled("300 accepted", |s| s.s.accepted.len() == N);
+    for c in &mut clients {
+        c.write_all(b"ack").unwrap();
+    }
+    // Loopback puts the bytes in the relay's sockets during the writes; this only leaves
+    // room for a slow machine.
+    thread::sleep(Duration::from_millis(100));
+    srv.b.poll(Some(LIMIT), &mut srv.s).unwrap();
+    assert_eq!(
+        srv.s.rx.len(),
+        N,
+        "one poll reported {} of {N} connections with data waiting ({})",
+        srv.s.rx.len(),
+        srv.b.name()
+    );
+    assert!(srv.s.rx.values().all(|got| got == b"ack"));
+    srv.assert_clean();
+}
+
 fn large_batch_partial_writes(b: Box<dyn Backend>) {
     let mut srv = Server::new(b);
     srv.s.sndbuf = Some(64 * 1024);
@@ -587,9 +618,19 @@ fn pause_stops_received_until_resumed(b: Box<dyn Backend>) {
     let addr = srv.addr;
     let data = pattern(9, LEN);
     let expect = data.clone();
+    // The client sends the rest only once reading is paused: a backend may well take all of
+    // it, and the EOF, in the tick that brings the first 64 KiB.
+    let paused = Arc::new(AtomicBool::new(false));
+    let go = paused.clone();
     let client = thread::spawn(move || {
         let mut s = connect(addr);
-        for chunk in data.chunks(8192) {
+        let (first, rest) = data.split_at(64 * 1024);
+        s.write_all(first).unwrap();
+        let deadline = Instant::now() + LIMIT;
+        while !go.load(Ordering::Acquire) && Instant::now() < deadline {
+            thread::sleep(TICK);
+        }
+        for chunk in rest.chunks(8192) {
             s.write_all(chunk).unwrap();
         }
         // Then close: the EOF, too, must wait for the resume and come after the data.
@@ -599,6 +640,7 @@ fn pause_stops_received_until_resumed(b: Box<dyn Backend>) {
     });
     let token = srv.s.accepted[0];
     srv.b.set_reading(token, false);
+    paused.store(true, Ordering::Release);
     let (len_at_pause, calls_at_pause) = (srv.s.rx[&token].len(), srv.s.rx_calls[&token]);
     srv.run_for(Duration::from_millis(300));
     assert_eq!(
@@ -969,14 +1011,16 @@ fn options_validation_names_the_field() {
     BackendOptions::default().validate().unwrap();
 }
 
-/// The io_uring connection record lives inline in the slab (it was boxed, 200-odd bytes
-/// with a send's `msghdr` and iovec list); the vectors come from a pool while a send is in
-/// flight (see [`an_idle_connection_holds_no_send_state`]).
+/// The io_uring connection record lives inline in the slab, 48 bytes (it was boxed, 200-odd
+/// bytes with a send's `msghdr` and iovec list, then 136 inline with the send queue and its
+/// counters, the stash and the single-shot buffer): a batch being sent comes from a pool
+/// while it is in flight (see [`an_idle_connection_holds_no_send_state`]), the stash and the
+/// single-shot buffer are boxed apart.
 #[test]
 fn uring_connection_record_is_compact_and_send_vectors_are_pooled() {
     let record = UringBackend::connection_record_bytes();
     assert!(
-        record <= 136,
+        record <= 48,
         "the io_uring connection record grew to {record} bytes"
     );
     let opts = uring_opts(true);
@@ -986,11 +1030,7 @@ fn uring_connection_record_is_compact_and_send_vectors_are_pooled() {
     }
     let mut srv = Server::new(Box::new(UringBackend::new(&opts).unwrap()));
     echo_and_hold_idle(&mut srv, |srv| {
-        assert_eq!(
-            srv.b.send_vectors_pooled(),
-            1,
-            "the vectors went back to the pool"
-        );
+        assert_eq!(srv.b.batches_pooled(), 1, "the batch went back to the pool");
     });
 }
 
@@ -1054,6 +1094,49 @@ fn uring_tiny_rings() {
     many_connections(Box::new(UringBackend::new(&opts).unwrap()));
     echo_1mib_random_chunks(Box::new(UringBackend::new(&opts).unwrap()));
     short_connections_all_close(Box::new(UringBackend::new(&opts).unwrap()));
+}
+
+/// Receives keep to a few provided buffers: 1,500 small receives, one at a time, leave at
+/// most two windows of buffer pages resident, not the whole ring. (The kernel takes posted
+/// buffers in ring order: with all 1,024 posted, every one was written in turn, and a worker
+/// held 4 MiB of buffer memory whatever its connections did.)
+#[test]
+fn uring_receives_keep_to_a_few_provided_buffers() {
+    const ROUNDS: u64 = 1500;
+    let opts = BackendOptions {
+        buf_ring_count: 1024,
+        buf_size: 16 * 1024,
+        ..uring_opts(true)
+    };
+    if let Err(e) = probe::probe_uring(&opts) {
+        pabal_testkit::skip(format_args!("the io_uring variant: {e}"));
+        return;
+    }
+    let mut srv = Server::new(Box::new(UringBackend::new(&opts).unwrap()));
+    srv.s.echo = true;
+    let addr = srv.addr;
+    let client = thread::spawn(move || {
+        let mut s = connect(addr);
+        let mut got = [0u8; 8];
+        for i in 0..ROUNDS {
+            s.write_all(&i.to_le_bytes()).unwrap();
+            s.read_exact(&mut got).unwrap();
+            assert_eq!(got, i.to_le_bytes(), "echo {i}");
+        }
+    });
+    srv.until("1,500 echoes", |_| client.is_finished());
+    join(client);
+    let calls: usize = srv.s.rx_calls.values().sum();
+    assert!(calls >= ROUNDS as usize / 2, "only {calls} receives");
+    let resident = srv
+        .b
+        .buffer_pages_resident()
+        .expect("a provided-buffer ring");
+    assert!(
+        resident <= 128,
+        "{resident} pages of provided buffers resident after {calls} small receives"
+    );
+    srv.assert_clean();
 }
 
 /// Accepting runs out of descriptors while clients wait in the backlog; once descriptors are

@@ -1,6 +1,7 @@
 //! The io_uring backend.
 //!
-//! Owns: one ring per worker, the provided-buffer ring its multishot receives fill, the
+//! Owns: one ring per worker, the provided-buffer ring its multishot receives fill (its
+//! memory and which buffers are posted: [`super::uring_buffers`]), the
 //! worker's listeners and connections (as raw fds with per-connection send state, inline in
 //! the shared [`Slab`] whose keys `user_data` carries), and the ring's poll on the worker's
 //! [`Wakeup`] eventfd. It implements the contract in [`super`] and nothing more: it never
@@ -10,10 +11,22 @@
 //! # Shape of one tick ([`Backend::poll`])
 //! `send`, `set_reading`, `shutdown_write`, `close` and re-arms only queue SQEs. `poll`
 //! delivers what is held in user space (data that arrived while a connection was paused),
-//! then makes exactly one `io_uring_enter` that submits everything queued and waits (with
-//! the EXT_ARG timeout) for at least one completion, then reaps the completion queue. The only
-//! other `io_uring_enter` happens when the submission queue is full: it is flushed and the
-//! push retried (and what still does not fit waits in a user-space backlog).
+//! then makes one `io_uring_enter` that submits everything queued and waits (with the
+//! EXT_ARG timeout) for at least one completion, and reaps the completion queue. Then it
+//! collects what else is ready: non-blocking `io_uring_enter(GETEVENTS)` calls, each
+//! followed by a reap, until one brings nothing or the tick has reported
+//! [`BackendOptions::uring_tick_completions`] (epoll's `epoll_wait` hands over up to
+//! `epoll_events` ready sockets at once; this is the same batch).
+//!
+//! Why the extra enters: on a `DEFER_TASKRUN` ring a receive's completion is task work that
+//! the kernel runs inside `io_uring_enter`, and since Linux 6.13 it runs at most 20 of them
+//! per pass (`IO_LOCAL_TW_DEFAULT_MAX`; at most two passes per enter), and only as many as
+//! the wait asked for (one) after it slept. One enter per tick made a tick handle at most
+//! about 20 receives: with a thousand subscribers sending ACKs the worker turned ten times
+//! as often as epoll's, fanned out a few publishes per turn and sent each connection half
+//! as much per `SEND` (README, "io_uring against epoll with ACKs"). The only other
+//! `io_uring_enter` happens when the submission queue is full: it is flushed and the push
+//! retried (and what still does not fit waits in a user-space backlog).
 //!
 //! # Operations
 //! - accept: multishot `ACCEPT` per listener (single-shot, re-armed, where unsupported). On
@@ -21,7 +34,10 @@
 //!   accept ends; it is re-armed when the [`AcceptBackoff`] pause is over, and picks up the
 //!   connections waiting in the backlog;
 //! - receive: multishot `RECV` selecting from a provided-buffer ring; each buffer goes back
-//!   to the ring as soon as `EventSink::received` returns. A multishot that ends (no
+//!   to the ring as soon as `EventSink::received` returns. Only a window of the ring's
+//!   buffers is posted (64 at first, doubled whenever a receive finds none), topped up with
+//!   the buffers most recently returned, so the same few stay in use and the rest of the
+//!   ring's memory is never touched (`BufRing`). A multishot that ends (no
 //!   `IORING_CQE_F_MORE`: ENOBUFS, CQ overflow, cancellation) is re-armed while the
 //!   connection reads. Without buffer rings / multishot receive (kernels before 6.0, or
 //!   [`BackendOptions::uring_multishot`] off) each connection gets its own buffer and a
@@ -60,7 +76,7 @@
 //! CQE (the slot counts them), so a late completion can never reach a new connection; the
 //! generation is a second check. The kernel is given no pointer into the connection record
 //! itself (it lives inline in the slab, whose slots do not move, but nothing relies on
-//! that): a send's `msghdr` and iovecs live in a boxed [`SendVectors`] that the connection
+//! that): a send's `msghdr` and iovecs live in a boxed [`Batch`] that the connection
 //! holds while the send is in flight, its `Bytes` and a single-shot receive's buffer are
 //! heap memory the connection owns, and all of them are freed only once the operation's
 //! final completion is reaped, so they outlive their operation. The buffer ring lives as
@@ -71,10 +87,9 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::mem;
 use std::net::{self, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
-use std::ptr::{self, NonNull};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::ptr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -83,8 +98,8 @@ use io_uring::{EnterFlags, IoUring, cqueue, opcode, squeue, types};
 use super::accept::{AcceptBackoff, AcceptError};
 use super::probe::BackendOptions;
 use super::slab::{Key, ListPool, Slab, consume};
+use super::uring_buffers::BufRing;
 use super::uring_storage::{RingCommits, StorageSqe};
-use super::wakeup::syscall;
 use super::{AcceptStats, Backend, CloseReason, EventSink, SendStats, Token, Transport, Wakeup};
 use crate::storage::CommitExecutor;
 
@@ -130,150 +145,29 @@ fn errno(res: i32) -> io::Error {
     io::Error::from_raw_os_error(-res)
 }
 
-/// An anonymous private mapping: page-aligned, as the buffer ring requires.
-struct Mmap {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Mmap {
-    fn anon(len: usize) -> io::Result<Self> {
-        // SAFETY: an anonymous mapping at an address of the kernel's choosing: no fd, no
-        // existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| io::Error::other("mmap returned a null pointer"))?;
-        Ok(Self { ptr, len })
-    }
-}
-
-impl Drop for Mmap {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` describe a mapping we created and nothing else unmaps.
-        let _ = syscall!(unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) });
-    }
-}
-
-/// `struct io_uring_buf`: one entry of a provided-buffer ring. The `resv` field of entry 0
-/// is the ring's tail, which only userspace writes.
-#[repr(C)]
-struct RawBuf {
-    addr: u64,
-    len: u32,
-    bid: u16,
-    resv: u16,
-}
-const _: () = assert!(mem::size_of::<RawBuf>() == 16);
-const TAIL_OFFSET: usize = 14;
-
-/// The provided-buffer ring: `count` buffers of `size` bytes, all in the ring at rest; the
-/// kernel takes one per receive completion and we put it back after the sink has seen it.
-struct BufRing {
-    entries: Mmap,
-    data: Mmap,
-    count: u16,
-    size: u32,
-    /// Our copy of the tail (the kernel only reads it).
-    tail: u16,
-}
-
-impl BufRing {
-    fn new(count: u16, size: u32) -> io::Result<Self> {
-        let entries = Mmap::anon(usize::from(count) * mem::size_of::<RawBuf>())?;
-        let data = Mmap::anon(usize::from(count) * size as usize)?;
-        let mut ring = Self {
-            entries,
-            data,
-            count,
-            size,
-            tail: 0,
-        };
-        for bid in 0..count {
-            ring.put(bid);
-        }
-        ring.publish();
-        Ok(ring)
-    }
-
-    /// Writes buffer `bid` into the slot at our (unpublished) tail.
-    fn put(&mut self, bid: u16) {
-        debug_assert!(bid < self.count);
-        let slot = usize::from(self.tail & (self.count - 1));
-        let addr = self.data.ptr.as_ptr() as u64 + u64::from(bid) * u64::from(self.size);
-        let entry = self
-            .entries
-            .ptr
-            .as_ptr()
-            .cast::<RawBuf>()
-            .wrapping_add(slot);
-        // SAFETY: `slot < count`, so `entry` lies in the entries mapping and is aligned (the
-        // mapping is page-aligned, entries are 16 bytes). The kernel reads only entries
-        // between its head and the published tail; this one is at the tail, so nothing reads
-        // it now. We write the three fields one by one and never `resv`, which in entry 0 is
-        // the tail the kernel may be reading.
-        unsafe {
-            (&raw mut (*entry).addr).write(addr);
-            (&raw mut (*entry).len).write(self.size);
-            (&raw mut (*entry).bid).write(bid);
-        }
-        self.tail = self.tail.wrapping_add(1);
-    }
-
-    /// Makes the entries written by `put` visible to the kernel.
-    fn publish(&self) {
-        // SAFETY: the tail is the u16 at offset 14 of the page-aligned entries mapping
-        // (in bounds, 2-aligned). It is only ever accessed atomically: by us here and by the
-        // kernel with an acquire load.
-        let tail = unsafe {
-            AtomicU16::from_ptr(self.entries.ptr.as_ptr().add(TAIL_OFFSET).cast::<u16>())
-        };
-        tail.store(self.tail, Ordering::Release);
-    }
-
-    /// Gives buffer `bid` back to the kernel.
-    fn recycle(&mut self, bid: u16) {
-        if bid < self.count {
-            self.put(bid);
-            self.publish();
-        }
-    }
-
-    /// The first `len` bytes of buffer `bid`, which a completion has just handed us.
-    fn slice(&self, bid: u16, len: usize) -> Option<&[u8]> {
-        if bid >= self.count || len > self.size as usize {
-            return None;
-        }
-        let offset = usize::from(bid) * self.size as usize;
-        // SAFETY: in bounds (checked above). The kernel wrote these bytes before posting the
-        // completion that named `bid`, and it does not touch buffer `bid` again until we
-        // `recycle` it, which happens only after the returned slice is dead.
-        Some(unsafe { std::slice::from_raw_parts(self.data.ptr.as_ptr().add(offset), len) })
-    }
-}
-
-/// The `msghdr` and iovec list a `SENDMSG` points the kernel at. Boxed, so they keep their
-/// address while the send is in flight; a connection holds one only while it sends (taken
-/// from and given back to the backend's pool), so an idle connection holds none.
-struct SendVectors {
+/// A batch being sent: its buffers, its progress, and the `msghdr` and iovec list a
+/// `SENDMSG` points the kernel at. Boxed, so the vectors keep their address while a send is
+/// in flight; a connection holds one only from [`Transport::send`] to the batch's last
+/// completion (taken from and given back to the backend's pool), so an idle connection
+/// holds none.
+struct Batch {
+    /// What is left of the batch; the `Bytes` stay here (not advanced, not dropped) until
+    /// the send in flight completes.
+    bufs: VecDeque<Bytes>,
+    /// Batch size, for `sent`.
+    total: usize,
+    /// Bytes of the batch not yet written.
+    remaining: usize,
     iov: Vec<libc::iovec>,
     msg: libc::msghdr,
 }
 
-impl SendVectors {
+impl Batch {
     fn new() -> Box<Self> {
         Box::new(Self {
+            bufs: VecDeque::new(),
+            total: 0,
+            remaining: 0,
             iov: Vec::new(),
             // SAFETY: `msghdr` is a plain C struct for which all-zero is valid (null
             // pointers, zero lengths).
@@ -282,30 +176,36 @@ impl SendVectors {
     }
 }
 
-/// Spare [`SendVectors`] kept by one backend.
-const SEND_VECTORS_POOL: usize = 256;
-/// Iovec lists longer than this are freed rather than pooled.
-const SEND_VECTORS_POOL_IOV_MAX: usize = 64;
+/// Spare [`Batch`]es kept by one backend.
+const BATCH_POOL: usize = 256;
+/// Batches whose iovec list grew longer than this are freed rather than pooled.
+const BATCH_POOL_IOV_MAX: usize = 64;
 
-/// Send state of one connection.
-struct SendState {
-    /// What is left of the batch; the `Bytes` stay here (not advanced, not dropped) until
-    /// the send in flight completes.
-    bufs: VecDeque<Bytes>,
-    /// Batch size, for `sent`.
-    total: usize,
-    /// Bytes of the batch not yet written.
-    remaining: usize,
-    /// The vectors of the send in flight (`None` while idle).
-    vectors: Option<Box<SendVectors>>,
-    inflight: bool,
+/// What only a paused connection, or one on the single-shot receive path, needs: boxed, so
+/// that the others do not carry it.
+#[derive(Default)]
+struct Rare {
+    /// Data that completed while reads were paused (a receive races its cancellation).
+    stash: Vec<u8>,
+    /// Single-shot receive buffer (no buffer ring): heap memory of its own, whose address
+    /// the kernel is given.
+    rbuf: Option<Box<[u8]>>,
 }
 
+/// One connection's record, inline in the slab (48 bytes: what every connection needs;
+/// a batch being sent and the rare state are boxed apart).
 struct Conn {
     token: Token,
     /// Owned; closed through the ring once no operation names it.
     stream: net::TcpStream,
-    fd: RawFd,
+    /// Our cancellations in flight for this connection.
+    cancels: u32,
+    /// The batch being sent (`None` while idle).
+    batch: Option<Box<Batch>>,
+    /// The stash and the single-shot receive buffer, made on first use.
+    rare: Option<Box<Rare>>,
+    /// A send of `batch` is in flight.
+    inflight: bool,
     /// The worker closed it, or we reported `closed`: waiting for operations to finish.
     closing: bool,
     reading: bool,
@@ -315,29 +215,23 @@ struct Conn {
     hup_armed: bool,
     /// The peer shut down or the socket failed: receive single-shot from now on.
     rdhup: bool,
-    /// EOF arrived while reads were paused; reported on resume, after `stash`.
+    /// EOF arrived while reads were paused; reported on resume, after the stash.
     eof_pending: bool,
-    /// Data that completed while reads were paused (a receive races its cancellation).
-    stash: Vec<u8>,
-    /// Single-shot receive buffer (no buffer ring): heap memory of its own, whose address
-    /// the kernel is given.
-    rbuf: Option<Box<[u8]>>,
-    send: SendState,
     shutdown_pending: bool,
     shutdown_inflight: bool,
-    /// Our cancellations in flight for this connection.
-    cancels: u32,
     /// On the `ready` list.
     queued: bool,
 }
 
 impl Conn {
     fn new(token: Token, stream: net::TcpStream) -> Self {
-        let fd = stream.as_raw_fd();
         Self {
             token,
             stream,
-            fd,
+            cancels: 0,
+            batch: None,
+            rare: None,
+            inflight: false,
             closing: false,
             reading: true,
             recv_armed: false,
@@ -345,19 +239,42 @@ impl Conn {
             hup_armed: false,
             rdhup: false,
             eof_pending: false,
-            stash: Vec::new(),
-            rbuf: None,
-            send: SendState {
-                bufs: VecDeque::new(),
-                total: 0,
-                remaining: 0,
-                vectors: None,
-                inflight: false,
-            },
             shutdown_pending: false,
             shutdown_inflight: false,
-            cancels: 0,
             queued: false,
+        }
+    }
+
+    fn fd(&self) -> types::Fd {
+        types::Fd(self.stream.as_raw_fd())
+    }
+
+    /// Whether data waits in the stash.
+    fn stashed(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| !r.stash.is_empty())
+    }
+
+    /// Hands the stash to the sink and empties it; frees the rare state once nothing is
+    /// left in it.
+    fn deliver_stash(&mut self, sink: &mut dyn EventSink) {
+        if let Some(rare) = self.rare.as_mut()
+            && !rare.stash.is_empty()
+        {
+            sink.received(self.token, &rare.stash);
+            rare.stash.clear();
+        }
+        self.trim_rare();
+    }
+
+    /// Frees the rare state when it holds nothing: no stash, no single-shot buffer (whose
+    /// address a receive may hold, so it stays while there is one).
+    fn trim_rare(&mut self) {
+        if self
+            .rare
+            .as_ref()
+            .is_some_and(|r| r.rbuf.is_none() && r.stash.is_empty())
+        {
+            self.rare = None;
         }
     }
 
@@ -365,7 +282,7 @@ impl Conn {
     fn ops(&self) -> u32 {
         u32::from(self.recv_armed)
             + u32::from(self.hup_armed)
-            + u32::from(self.send.inflight)
+            + u32::from(self.inflight)
             + u32::from(self.shutdown_inflight)
             + self.cancels
     }
@@ -395,10 +312,10 @@ pub struct UringBackend {
     conns: Slab<Conn>,
     /// Spare send queues (a connection holds one only while it sends).
     lists: ListPool,
-    /// Spare send vectors ([`SendVectors`]), so a send allocates none.
+    /// Spare [`Batch`]es, so a send allocates none.
     #[allow(clippy::vec_box)]
     // reason: each is handed to a connection as the box whose address the kernel reads
-    send_vectors: Vec<Box<SendVectors>>,
+    batches: Vec<Box<Batch>>,
     by_token: HashMap<Token, u32>,
     listeners: Vec<ListenerSlot>,
     /// Whether accepting is paused, and when to re-arm the listeners.
@@ -415,6 +332,8 @@ pub struct UringBackend {
     /// Operations whose final completion has not been reaped.
     inflight: usize,
     send_stats: SendStats,
+    /// [`BackendOptions::uring_tick_completions`].
+    tick_completions: usize,
     /// The kernel takes `RECVSEND_POLL_FIRST` (until it answers EINVAL to one).
     send_poll_first: bool,
     /// The durable log's executor on this ring (disk mode), created when first asked for.
@@ -492,16 +411,13 @@ impl UringBackend {
         let bufs = if opts.uring_multishot {
             match BufRing::new(opts.buf_ring_count, opts.buf_size) {
                 Ok(bufs) => {
+                    let (entries, count) = bufs.entries();
                     // SAFETY: the entries mapping is page-aligned and holds `count` entries;
                     // it lives in `self.bufs` until the backend drops, after the ring (field
                     // order) and after every operation has completed (see `Drop`).
                     let reg = unsafe {
-                        ring.submitter().register_buf_ring_with_flags(
-                            bufs.entries.ptr.as_ptr() as u64,
-                            bufs.count,
-                            BGID,
-                            0,
-                        )
+                        ring.submitter()
+                            .register_buf_ring_with_flags(entries, count, BGID, 0)
                     };
                     match reg {
                         Ok(()) => Some(bufs),
@@ -528,7 +444,7 @@ impl UringBackend {
             buf_size: opts.buf_size as usize,
             conns: Slab::new(GEN_BITS),
             lists: ListPool::default(),
-            send_vectors: Vec::new(),
+            batches: Vec::new(),
             by_token: HashMap::new(),
             listeners: Vec::new(),
             accept: AcceptBackoff::default(),
@@ -540,6 +456,7 @@ impl UringBackend {
             cqes: Vec::new(),
             inflight: 0,
             send_stats: SendStats::default(),
+            tick_completions: opts.uring_tick_completions,
             send_poll_first: true,
             storage: None,
             storage_sqes: Vec::new(),
@@ -643,13 +560,16 @@ impl UringBackend {
         }
     }
 
-    fn reap(&mut self, sink: &mut dyn EventSink) {
+    /// Handles what the completion queue holds; returns how many completions that was.
+    fn reap(&mut self, sink: &mut dyn EventSink) -> usize {
+        let mut reaped = 0;
         // Without DEFER_TASKRUN completions may keep arriving while we work: bound the rounds.
         for _ in 0..8 {
             let mut cqes = mem::take(&mut self.cqes);
             cqes.clear();
             cqes.extend(self.ring.completion());
             let empty = cqes.is_empty();
+            reaped += cqes.len();
             for cqe in &cqes {
                 self.complete(cqe, sink);
             }
@@ -661,6 +581,7 @@ impl UringBackend {
         // Follow-ups of the storage completions (the rest of a short write, the syncs
         // after the writes) go out with the next enter.
         self.push_storage();
+        reaped
     }
 
     /// Pushes the SQEs the durable log's executor queued.
@@ -799,22 +720,25 @@ impl UringBackend {
         }
         let ud = user_data(OP_RECV, idx, generation);
         let entry = if multishot && !conn.rdhup {
-            opcode::RecvMulti::new(types::Fd(conn.fd), BGID)
+            opcode::RecvMulti::new(conn.fd(), BGID)
                 .build()
                 .user_data(ud)
         } else if ring {
             // Single-shot, still selecting from the buffer ring (len 0: the buffer's size).
-            opcode::Recv::new(types::Fd(conn.fd), ptr::null_mut(), 0)
+            opcode::Recv::new(conn.fd(), ptr::null_mut(), 0)
                 .buf_group(BGID)
                 .build()
                 .flags(squeue::Flags::BUFFER_SELECT)
                 .user_data(ud)
         } else {
+            let fd = conn.fd();
             let buf = conn
+                .rare
+                .get_or_insert_default()
                 .rbuf
                 .get_or_insert_with(|| vec![0u8; buf_size].into_boxed_slice());
             let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-            opcode::Recv::new(types::Fd(conn.fd), buf.as_mut_ptr(), len)
+            opcode::Recv::new(fd, buf.as_mut_ptr(), len)
                 .build()
                 .user_data(ud)
         };
@@ -822,8 +746,9 @@ impl UringBackend {
         conn.recv_cancelling = false;
         // SAFETY: with buffer select the kernel writes only into buffer-ring memory, which
         // outlives every operation (see `Drop`). Otherwise `rbuf` is a heap block the
-        // connection owns (not part of the record), freed only after this receive's final
-        // completion (`ops()` counts it) and read only after that completion.
+        // connection owns (not part of the record; the rare state holding it is kept while
+        // it has one), freed only with the connection, after this receive's final
+        // completion (`ops()` counts it), and read only after that completion.
         unsafe { self.push(entry) }
     }
 
@@ -850,7 +775,7 @@ impl UringBackend {
         }
         conn.hup_armed = true;
         // POLLERR and POLLHUP are always reported.
-        let entry = opcode::PollAdd::new(types::Fd(conn.fd), libc::POLLRDHUP as u32)
+        let entry = opcode::PollAdd::new(conn.fd(), libc::POLLRDHUP as u32)
             .build()
             .user_data(user_data(OP_HUP, idx, generation));
         // SAFETY: a poll references no memory of ours; the fd stays open until its
@@ -865,14 +790,13 @@ impl UringBackend {
             return;
         };
         let generation = key.generation;
-        let s = &mut conn.send;
-        let pool = &mut self.send_vectors;
-        let v = s
-            .vectors
-            .get_or_insert_with(|| pool.pop().unwrap_or_else(SendVectors::new));
+        let fd = conn.fd();
+        let Some(v) = conn.batch.as_deref_mut() else {
+            return;
+        };
         v.iov.clear();
         v.iov.extend(
-            s.bufs
+            v.bufs
                 .iter()
                 .filter(|b| !b.is_empty())
                 .take(IOV_MAX)
@@ -881,13 +805,12 @@ impl UringBackend {
                     iov_len: b.len(),
                 }),
         );
-        s.inflight = true;
+        conn.inflight = true;
         let ioprio = if full && self.send_poll_first {
             RECVSEND_POLL_FIRST
         } else {
             0
         };
-        let fd = types::Fd(conn.fd);
         let entry = match v.iov.as_slice() {
             // One buffer (one send's length is at most u32::MAX; a larger one takes SENDMSG).
             [one] if u32::try_from(one.iov_len).is_ok() => {
@@ -906,13 +829,13 @@ impl UringBackend {
             }
         }
         .user_data(user_data(OP_SEND, idx, generation));
-        // SAFETY: `msg` and `iov` live in the connection's boxed `SendVectors` (stable
-        // address, whatever the slab does with the record) and are rewritten only here, which
-        // runs only while no send is in flight; the box leaves the connection (back to the
-        // pool, or freed with it) only after this send's completion (`ops()` counts it). The iovecs (and a
-        // single SEND's buffer) point into the heap data of the `Bytes` in `bufs`, which are
-        // neither advanced nor dropped until the completion (`send` may only append, which
-        // moves the handles, not the data).
+        // SAFETY: `msg` and `iov` live in the connection's boxed `Batch` (stable address,
+        // whatever the slab does with the record) and are rewritten only here, which runs
+        // only while no send is in flight; the box leaves the connection (back to the pool,
+        // or freed with it) only after this send's completion (`ops()` counts it). The
+        // iovecs (and a single SEND's buffer) point into the heap data of the `Bytes` in
+        // `bufs`, which are neither advanced nor dropped until the completion (`send` may
+        // only append, which moves the handles, not the data).
         unsafe { self.push(entry) }
     }
 
@@ -933,7 +856,7 @@ impl UringBackend {
             return;
         }
         conn.shutdown_inflight = true;
-        let entry = opcode::Shutdown::new(types::Fd(conn.fd), libc::SHUT_WR)
+        let entry = opcode::Shutdown::new(conn.fd(), libc::SHUT_WR)
             .build()
             .user_data(user_data(OP_SHUTDOWN, idx, generation));
         // SAFETY: shutdown references no memory; the fd stays open until its completion
@@ -968,9 +891,11 @@ impl UringBackend {
             return;
         }
         conn.closing = true;
-        conn.stash = Vec::new();
+        if let Some(rare) = conn.rare.as_mut() {
+            rare.stash = Vec::new();
+        }
         let cancel_recv = conn.recv_armed && !conn.recv_cancelling;
-        let cancel_send = conn.send.inflight;
+        let cancel_send = conn.inflight;
         let cancel_hup = conn.hup_armed;
         conn.recv_cancelling |= cancel_recv;
         conn.cancels += u32::from(cancel_recv) + u32::from(cancel_send) + u32::from(cancel_hup);
@@ -995,19 +920,27 @@ impl UringBackend {
         mem::size_of::<Conn>()
     }
 
-    /// Spare send vectors in the pool.
+    /// Resident pages of the provided buffers' memory (`None` without a buffer ring).
     #[cfg(test)]
-    pub(super) fn send_vectors_pooled(&self) -> usize {
-        self.send_vectors.len()
+    pub(super) fn buffer_pages_resident(&self) -> Option<usize> {
+        self.bufs.as_ref().map(BufRing::resident_pages)
     }
 
-    /// Gives a finished send's vectors back to the pool (or frees them).
-    fn give_send_vectors(&mut self, vectors: Option<Box<SendVectors>>) {
-        if let Some(v) = vectors
-            && v.iov.capacity() <= SEND_VECTORS_POOL_IOV_MAX
-            && self.send_vectors.len() < SEND_VECTORS_POOL
-        {
-            self.send_vectors.push(v);
+    /// Spare batches in the pool.
+    #[cfg(test)]
+    pub(super) fn batches_pooled(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// Takes a finished batch from the connection: its emptied queue to the queue pool, the
+    /// rest to the batch pool (or freed).
+    fn release_batch(&mut self, idx: u32) {
+        let Some(mut batch) = self.conn_at(idx).and_then(|c| c.batch.take()) else {
+            return;
+        };
+        self.lists.give(mem::take(&mut batch.bufs));
+        if batch.iov.capacity() <= BATCH_POOL_IOV_MAX && self.batches.len() < BATCH_POOL {
+            self.batches.push(batch);
         }
     }
 
@@ -1174,34 +1107,45 @@ impl UringBackend {
             Next::Finalize
         } else if res > 0 {
             let len = res as usize;
+            let (token, reading) = (conn.token, conn.reading);
+            if !reading {
+                conn.rare.get_or_insert_default(); // for the stash
+            }
+            let (stash, rbuf) = match conn.rare.as_deref_mut() {
+                Some(Rare { stash, rbuf }) => (Some(stash), rbuf.as_deref()),
+                None => (None, None),
+            };
             let data = match bid {
                 Some(bid) => bufs.as_ref().and_then(|b| b.slice(bid, len)),
-                None => conn.rbuf.as_deref().and_then(|b| b.get(..len)),
+                None => rbuf.and_then(|b| b.get(..len)),
             };
-            match data {
-                Some(data) if conn.reading => {
-                    if !conn.stash.is_empty() {
-                        sink.received(conn.token, &conn.stash);
-                        conn.stash.clear();
+            let next = match (data, stash) {
+                (Some(data), stash) if reading => {
+                    if let Some(stash) = stash
+                        && !stash.is_empty()
+                    {
+                        sink.received(token, stash);
+                        stash.clear();
                     }
-                    sink.received(conn.token, data);
+                    sink.received(token, data);
                     if more { Next::Nothing } else { Next::Rearm }
                 }
-                Some(data) => {
-                    conn.stash.extend_from_slice(data);
+                (Some(data), Some(stash)) => {
+                    stash.extend_from_slice(data);
                     if more { Next::Nothing } else { Next::Rearm }
                 }
-                None => Next::Close(CloseReason::Error(io::Error::new(
+                _ => Next::Close(CloseReason::Error(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "receive completion names no valid buffer",
                 ))),
+            };
+            if reading {
+                conn.trim_rare();
             }
+            next
         } else if res == 0 {
             if conn.reading {
-                if !conn.stash.is_empty() {
-                    sink.received(conn.token, &conn.stash);
-                    conn.stash.clear();
-                }
+                conn.deliver_stash(sink);
                 Next::Close(CloseReason::PeerClosed)
             } else {
                 conn.eof_pending = true;
@@ -1209,8 +1153,15 @@ impl UringBackend {
             }
         } else {
             match -res {
-                // The ring ran dry, or the receive was cancelled (pause): re-arm if reading.
-                libc::ENOBUFS | libc::ECANCELED | libc::EINTR | libc::EAGAIN => Next::Rearm,
+                // The ring ran dry: post more buffers, and re-arm.
+                libc::ENOBUFS => {
+                    if let Some(bufs) = bufs.as_mut() {
+                        bufs.ran_dry();
+                    }
+                    Next::Rearm
+                }
+                // The receive was cancelled (pause): re-arm if reading.
+                libc::ECANCELED | libc::EINTR | libc::EAGAIN => Next::Rearm,
                 libc::EINVAL if *recv_multishot => {
                     tracing::debug!(
                         "io_uring: multishot receive unsupported (EINVAL); single-shot receive into per-connection buffers"
@@ -1273,11 +1224,9 @@ impl UringBackend {
         let Some(conn) = self.conn_mut(idx, generation) else {
             return;
         };
-        conn.send.inflight = false;
+        conn.inflight = false;
         if conn.closing {
-            let (list, vectors) = (mem::take(&mut conn.send.bufs), conn.send.vectors.take());
-            self.lists.give(list);
-            self.give_send_vectors(vectors);
+            self.release_batch(idx);
             self.maybe_finalize(idx);
             return;
         }
@@ -1297,33 +1246,31 @@ impl UringBackend {
             }
             return;
         }
-        let n = (res as usize).min(conn.send.remaining);
-        if n == 0 && conn.send.remaining > 0 {
+        let (token, shutdown) = (conn.token, conn.shutdown_pending);
+        let Some(batch) = conn.batch.as_deref_mut() else {
+            return; // a completion for a send we never made: nothing to account
+        };
+        let n = (res as usize).min(batch.remaining);
+        if n == 0 && batch.remaining > 0 {
             let e = io::Error::from(io::ErrorKind::WriteZero);
             self.close_with(idx, CloseReason::Error(e), sink);
             return;
         }
         // What this send offered: its iovecs are those of the last `submit_send`.
-        let offered: usize = conn
-            .send
-            .vectors
-            .as_ref()
-            .map_or(0, |v| v.iov.iter().map(|v| v.iov_len).sum());
-        conn.send.remaining -= n;
-        consume(&mut conn.send.bufs, n);
-        if conn.send.remaining > 0 {
+        let offered: usize = batch.iov.iter().map(|v| v.iov_len).sum();
+        batch.remaining -= n;
+        consume(&mut batch.bufs, n);
+        if batch.remaining > 0 {
             // A short write (the socket buffer is full), or more than IOV_MAX buffers.
             let full = n < offered;
             self.send_stats.short_writes += u64::from(full);
             self.submit_send(idx, full);
             return;
         }
-        let (token, total) = (conn.token, mem::take(&mut conn.send.total));
-        let shutdown = mem::take(&mut conn.shutdown_pending);
-        // The emptied queue and the vectors go to the pools: an idle connection holds none.
-        let (list, vectors) = (mem::take(&mut conn.send.bufs), conn.send.vectors.take());
-        self.lists.give(list);
-        self.give_send_vectors(vectors);
+        let total = mem::take(&mut batch.total);
+        conn.shutdown_pending = false;
+        // The emptied queue and the batch go to the pools: an idle connection holds none.
+        self.release_batch(idx);
         sink.sent(token, total);
         if shutdown {
             self.push_shutdown(idx);
@@ -1344,12 +1291,8 @@ impl UringBackend {
             if conn.closing || !conn.reading {
                 continue;
             }
-            if !conn.stash.is_empty() {
-                sink.received(conn.token, &conn.stash);
-                conn.stash.clear();
-                if conn.stash.capacity() > 64 * 1024 {
-                    conn.stash = Vec::new();
-                }
+            if conn.stashed() {
+                conn.deliver_stash(sink);
                 delivered = true;
             }
             if conn.eof_pending {
@@ -1407,27 +1350,37 @@ impl Transport for UringBackend {
             bufs.clear();
             return;
         };
-        let Some((_, conn)) = self.conns.at_mut(idx) else {
+        let Self {
+            conns,
+            batches,
+            lists,
+            ..
+        } = self;
+        let Some((_, conn)) = conns.at_mut(idx) else {
             return;
         };
         let total: usize = bufs.iter().map(Bytes::len).sum();
-        if conn.send.inflight {
+        let inflight = conn.inflight;
+        let batch = conn
+            .batch
+            .get_or_insert_with(|| batches.pop().unwrap_or_else(Batch::new));
+        if inflight {
             // Contract breach (one batch at a time): append (moves handles, not data) and
             // report both as one `sent`.
             tracing::debug!(token, "send while a batch is in flight; appended to it");
-            conn.send.bufs.extend(bufs.drain(..));
-            conn.send.total += total;
-            conn.send.remaining += total;
+            batch.bufs.extend(bufs.drain(..));
+            batch.total += total;
+            batch.remaining += total;
             return;
         }
         // Swap with a pooled queue, so that the worker gets an allocated list back.
-        if conn.send.bufs.capacity() == 0 {
-            conn.send.bufs = self.lists.take();
+        if batch.bufs.capacity() == 0 {
+            batch.bufs = lists.take();
         }
-        mem::swap(&mut conn.send.bufs, bufs);
+        mem::swap(&mut batch.bufs, bufs);
         bufs.clear();
-        conn.send.total = total;
-        conn.send.remaining = total;
+        batch.total = total;
+        batch.remaining = total;
         self.submit_send(idx, false);
     }
 
@@ -1452,7 +1405,7 @@ impl Transport for UringBackend {
                     user_data(OP_CANCEL, idx, generation),
                 );
             }
-        } else if !conn.stash.is_empty() || conn.eof_pending {
+        } else if conn.stashed() || conn.eof_pending {
             self.queue_ready(idx);
         } else if !conn.recv_armed {
             self.arm_recv(idx);
@@ -1468,7 +1421,7 @@ impl Transport for UringBackend {
         let Some(conn) = self.conn_at(idx) else {
             return;
         };
-        if conn.send.inflight {
+        if conn.inflight {
             conn.shutdown_pending = true;
         } else {
             self.push_shutdown(idx);
@@ -1488,9 +1441,7 @@ impl Backend for UringBackend {
         let held = self
             .conns
             .iter()
-            .filter(|c| {
-                !c.send.inflight && (c.send.bufs.capacity() > 0 || c.send.vectors.is_some())
-            })
+            .filter(|c| !c.inflight && c.batch.is_some())
             .count();
         (held, self.lists.spare())
     }
@@ -1553,7 +1504,16 @@ impl Backend for UringBackend {
         let pending = self.ring.submission().cq_overflow() || !self.ring.completion().is_empty();
         let wait = !(delivered || pending || timeout == Some(Duration::ZERO));
         self.enter(wait, timeout)?;
-        self.reap(sink);
+        let mut reaped = self.reap(sink);
+        // The kernel runs a bounded share of the ready completions per enter (see the
+        // module docs): collect the rest without waiting, up to the tick's budget.
+        let mut reported = reaped;
+        while reaped > 0 && reported < self.tick_completions {
+            self.flush_backlog()?;
+            self.enter(false, None)?;
+            reaped = self.reap(sink);
+            reported += reaped;
+        }
         Ok(())
     }
 }
