@@ -117,9 +117,16 @@ impl EngineHandle {
             replies: Vec::new(),
             ready: Vec::new(),
         };
+        // Counted before the thread runs: until it is up, the node is not healthy (counted
+        // by the thread itself, a relay could look healthy while an engine had not started).
+        let counted = engine.stats.clone();
+        counted.engines.fetch_add(1, Ordering::Relaxed);
         let thread = std::thread::Builder::new()
             .name(format!("pabal-engine-{worker}"))
-            .spawn(move || engine.run())?;
+            .spawn(move || engine.run())
+            .inspect_err(|_| {
+                counted.engines.fetch_sub(1, Ordering::Relaxed);
+            })?;
         Ok(EngineHandle {
             tx,
             events,
@@ -306,7 +313,6 @@ fn channel_key(room: &RoomName) -> Bytes {
 
 impl Engine {
     fn run(mut self) {
-        self.stats.engines.fetch_add(1, Ordering::Relaxed);
         let mut events = Events::with_capacity(64);
         while !self.stop.load(Ordering::SeqCst) {
             let now = Instant::now();
@@ -1237,5 +1243,30 @@ impl Engine {
             }
         }
         (self.wake_worker)();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/readyz` and the tests' wait for the engine read `ClusterStats::healthy`: a node
+    /// whose engine thread has not run yet must not look healthy (it did while the thread
+    /// counted itself, and a HELLO sent then was refused `unavailable`).
+    #[test]
+    fn an_engine_counts_as_down_from_the_moment_it_is_spawned() {
+        let stats = Arc::new(ClusterStats::default());
+        let config = ClusterConfig {
+            // Nothing listens on port 1: the engine stays down.
+            redis: vec!["redis://127.0.0.1:1".into()],
+            ..ClusterConfig::default()
+        };
+        let handle = EngineHandle::spawn(0, &config, "t", Box::new(|| {}), stats.clone())
+            .expect("the engine thread starts");
+        assert_eq!(stats.engines.load(Ordering::Relaxed), 1);
+        assert!(!stats.healthy());
+        drop(handle);
+        assert_eq!(stats.engines.load(Ordering::Relaxed), 0);
+        assert!(stats.healthy(), "no engine left, none down");
     }
 }
