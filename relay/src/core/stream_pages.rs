@@ -212,15 +212,19 @@ impl Core {
         read.msgs.extend(page.msgs.into_iter().take(room_left));
         let progressed = reached > read.reached;
         read.reached = reached;
-        if read.msgs.len() >= read.limit || page.complete || reached >= head || !progressed {
+        if read.msgs.len() >= read.limit || page.complete || reached >= head {
             return answer(self, read);
         }
-        if self.needs_stream(room, reached) {
+        // (A page that read nothing new is not asked again: memory answers the rest.)
+        if progressed && self.needs_stream(room, reached) {
             return self.read_stream(room, reached, PageReader::History(read));
         }
         // Memory reaches back to `reached + 1`: the rest comes from there, as on one relay.
         let want = read.limit - read.msgs.len();
-        if let Some((msgs, _, _, _)) = self.read_history(room, reached, usize::MAX, want) {
+        if let Some((msgs, info, _, _)) = self.read_history(room, reached, usize::MAX, want) {
+            if let Some((from, to)) = info.gap.filter(|_| read.msgs.is_empty()) {
+                read.gap = Some((read.gap.map_or(from, |(first, _)| first), to));
+            }
             read.msgs.extend(msgs);
         }
         answer(self, read)
