@@ -22,12 +22,18 @@
 //! first (script answer, channel, stream): the PUBACK always goes out before the delivery,
 //! and the publishing connection never gets its own message.
 //!
+//! # The server API
+//! A multi-room publish is a batch: each room opens (or waits for its room) and publishes
+//! through the engine as a single API publish does; the batch is answered room by room once
+//! every room has its answer. A history read reaching before this node's memory is read
+//! from the stream (`stream_pages.rs`).
+//!
 //! # Membership
 //! Memberships, blocks and join points are the engine's: see `cluster/members.rs` (HELLOs
 //! wait for the user's rooms, changes go to the engine, notices bind and unbind).
 //!
 //! Owns: each room's open state, parked requests, the reorder buffer, publishes in flight
-//! (`cluster.max_in_flight`). Must not touch: the engine's connections (only
+//! (`cluster.max_in_flight`), multi-room API publishes waiting for their rooms. Must not touch: the engine's connections (only
 //! [`EngineCmd`]s out, [`EngineEvent`]s in), other workers (messages only).
 
 use std::collections::{BTreeMap, HashMap};
