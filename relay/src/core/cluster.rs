@@ -22,12 +22,18 @@
 //! first (script answer, channel, stream): the PUBACK always goes out before the delivery,
 //! and the publishing connection never gets its own message.
 //!
+//! # The server API
+//! A multi-room publish is a batch: each room opens (or waits for its room) and publishes
+//! through the engine as a single API publish does; the batch is answered room by room once
+//! every room has its answer. A history read reaching before this node's memory is read
+//! from the stream (`stream_pages.rs`).
+//!
 //! # Membership
 //! Memberships, blocks and join points are the engine's: see `cluster/members.rs` (HELLOs
 //! wait for the user's rooms, changes go to the engine, notices bind and unbind).
 //!
 //! Owns: each room's open state, parked requests, the reorder buffer, publishes in flight
-//! (`cluster.max_in_flight`). Must not touch: the engine's connections (only
+//! (`cluster.max_in_flight`), multi-room API publishes waiting for their rooms. Must not touch: the engine's connections (only
 //! [`EngineCmd`]s out, [`EngineEvent`]s in), other workers (messages only).
 
 use std::collections::{BTreeMap, HashMap};
@@ -72,6 +78,48 @@ enum Publisher {
         reply: ReplyTo,
         key: Option<IdempotencyKey>,
     },
+    /// One room of a multi-room server-API publish: the batch, the room's place in it,
+    /// and the batch's `Idempotency-Key`.
+    Batch {
+        batch: u64,
+        index: usize,
+        key: Option<IdempotencyKey>,
+    },
+}
+
+/// A multi-room server-API publish ([`ControlOp::PublishMany`]): each room goes to the
+/// engine on its own, and the batch is answered once every room has its answer.
+#[derive(Debug)]
+struct Batch {
+    reply: ReplyTo,
+    sender: Text,
+    payload: Bytes,
+    key: Option<IdempotencyKey>,
+    /// Each room and, once it has one, its answer, in the order asked.
+    answers: Vec<(RoomName, Option<Result<Published, ControlRefusal>>)>,
+    /// Rooms not answered yet.
+    left: usize,
+}
+
+/// A request waiting for its room to open.
+#[derive(Debug)]
+enum Parked {
+    Msg(CoreMsg),
+    /// One room of a multi-room publish (see [`Batch`]).
+    Batch {
+        batch: u64,
+        index: usize,
+    },
+}
+
+/// What a request for a room does now.
+enum Gate {
+    /// The room is open: the request runs.
+    Run,
+    /// The room is opening: the request waits for it ([`Core::park`]).
+    Park,
+    /// Too many requests wait for the room already: refused (`unavailable`).
+    Refuse,
 }
 
 /// A publish sent to the engine.
@@ -102,7 +150,7 @@ enum SyncState {
 struct RoomSync {
     state: SyncState,
     /// Requests waiting for the room to open.
-    parked: Vec<CoreMsg>,
+    parked: Vec<Parked>,
     /// Messages after a hole, by sequence.
     reorder: BTreeMap<u64, StoredRef>,
     /// A stream read is in flight.
@@ -125,6 +173,9 @@ pub(super) struct ClusterSide {
     rooms: HashMap<RoomName, RoomSync>,
     pending: HashMap<u64, PendingPublish>,
     next_ticket: u64,
+    /// Multi-room API publishes waiting for some of their rooms, by id.
+    batches: HashMap<u64, Batch>,
+    next_batch: u64,
     /// Readers waiting for a page of a stream (see `stream_pages.rs`), by id.
     pub(super) readers: HashMap<u64, super::stream_pages::PageReader>,
     pub(super) next_reader: u64,
@@ -144,6 +195,8 @@ impl Core {
             pending: HashMap::new(),
             // Tickets of an earlier run of a node with the same id never match.
             next_ticket: self.now_ms() << 20,
+            batches: HashMap::new(),
+            next_batch: 0,
             readers: HashMap::new(),
             next_reader: 0,
             stats,
@@ -234,9 +287,9 @@ impl Core {
     /// In cluster mode, lets a message through to its handler, or takes it: a publish of
     /// an open room goes to the engine; anything for a room not open yet waits for it.
     pub(super) fn cluster_gate(&mut self, msg: CoreMsg) -> Option<CoreMsg> {
-        let Some(side) = self.cluster.as_deref_mut() else {
+        if self.cluster.is_none() {
             return Some(msg);
-        };
+        }
         let room = match &msg {
             CoreMsg::Publish { room, .. }
             | CoreMsg::Ephemeral { room, .. }
@@ -253,9 +306,18 @@ impl Core {
                 // the engine yet: see the README's cluster section).
                 ControlOp::Unread { .. } => return Some(msg),
                 ControlOp::PublishMany { .. } => {
-                    if let CoreMsg::Control { reply, .. } = msg {
-                        // Not in this version: one engine round per room of the batch.
-                        self.reply(reply, ControlReply::Refused(ControlRefusal::Unavailable));
+                    if let CoreMsg::Control {
+                        op:
+                            ControlOp::PublishMany {
+                                rooms,
+                                sender,
+                                payload,
+                                key,
+                            },
+                        reply,
+                    } = msg
+                    {
+                        self.cluster_publish_many(rooms, sender, payload, key, reply);
                     }
                     return None;
                 }
@@ -273,34 +335,15 @@ impl Core {
             },
             _ => return Some(msg),
         };
-        match side.rooms.get_mut(room) {
-            Some(sync) if sync.state == SyncState::Open => {}
-            Some(sync) if sync.state == SyncState::Opening && sync.parked.len() < MAX_PARKED => {
-                sync.parked.push(msg);
-                return None;
-            }
-            Some(sync) if sync.state == SyncState::Opening => {
-                self.refuse_parked(msg);
-                return None;
-            }
-            _ => {
-                // Not held here, or unsubscribed since: subscribe and read its state first.
+        match self.gate(room) {
+            Gate::Run => {}
+            Gate::Park => {
                 let room = room.clone();
-                let tail = (self.config.retention_for(room.name.as_str()).max_messages as u64)
-                    .min(self.config.cluster.as_ref().map_or(0, |c| c.stream_max_len))
-                    .min(MAX_OPEN_TAIL);
-                let epoch_hint = self.fresh_epoch();
-                let Some(side) = self.cluster.as_deref_mut() else {
-                    return Some(msg);
-                };
-                let sync = side.rooms.entry(room.clone()).or_default();
-                sync.state = SyncState::Opening;
-                sync.parked.push(msg);
-                side.out.push(EngineCmd::Open {
-                    room,
-                    epoch_hint,
-                    tail,
-                });
+                self.park(&room, Parked::Msg(msg));
+                return None;
+            }
+            Gate::Refuse => {
+                self.refuse_parked(msg);
                 return None;
             }
         }
@@ -341,8 +384,164 @@ impl Core {
                 self.cluster_members(room, add, remove, set, reply);
                 None
             }
+            CoreMsg::Control {
+                op: ControlOp::History { room, after, limit },
+                reply,
+            } if self.needs_stream(&room, after) => {
+                self.read_history_stream(&room, after, limit, reply);
+                None
+            }
             other => Some(other),
         }
+    }
+
+    /// Whether a request for `room` runs now, waits for the room to open, or is refused;
+    /// a room not held here (or unsubscribed since) starts opening: the engine subscribes
+    /// its channel and reads its state first.
+    fn gate(&mut self, room: &RoomName) -> Gate {
+        let Some(side) = self.cluster.as_deref() else {
+            return Gate::Run;
+        };
+        match side.rooms.get(room).map(|s| (s.state, s.parked.len())) {
+            Some((SyncState::Open, _)) => Gate::Run,
+            Some((SyncState::Opening, n)) if n < MAX_PARKED => Gate::Park,
+            Some((SyncState::Opening, _)) => Gate::Refuse,
+            _ => {
+                let tail = (self.config.retention_for(room.name.as_str()).max_messages as u64)
+                    .min(self.config.cluster.as_ref().map_or(0, |c| c.stream_max_len))
+                    .min(MAX_OPEN_TAIL);
+                let epoch_hint = self.fresh_epoch();
+                let Some(side) = self.cluster.as_deref_mut() else {
+                    return Gate::Run;
+                };
+                side.rooms.entry(room.clone()).or_default().state = SyncState::Opening;
+                side.out.push(EngineCmd::Open {
+                    room: room.clone(),
+                    epoch_hint,
+                    tail,
+                });
+                Gate::Park
+            }
+        }
+    }
+
+    /// Makes `request` wait for `room` to open (after [`Gate::Park`]).
+    fn park(&mut self, room: &RoomName, request: Parked) {
+        if let Some(sync) = self.sync_mut(room) {
+            sync.parked.push(request);
+        }
+    }
+
+    /// A multi-room server-API publish: each room goes to the engine as a single API
+    /// publish does (its own sequence, its own window of keys), and the batch is answered
+    /// room by room once all have an answer, as on one relay.
+    fn cluster_publish_many(
+        &mut self,
+        rooms: Vec<RoomName>,
+        sender: Text,
+        payload: Bytes,
+        key: Option<IdempotencyKey>,
+        reply: ReplyTo,
+    ) {
+        if self.shutdown.draining {
+            // As on one relay: accepted after the shutdown fences, it would reach nobody.
+            return self.reply(reply, ControlReply::Refused(ControlRefusal::Draining));
+        }
+        let Some(side) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        let (batch, count) = (side.next_batch, rooms.len());
+        side.next_batch += 1;
+        if count == 0 {
+            return self.reply(reply, ControlReply::PublishedMany(Vec::new()));
+        }
+        side.batches.insert(
+            batch,
+            Batch {
+                reply,
+                sender,
+                payload,
+                key,
+                answers: rooms.into_iter().map(|room| (room, None)).collect(),
+                left: count,
+            },
+        );
+        for index in 0..count {
+            let Some(room) = self
+                .cluster
+                .as_deref()
+                .and_then(|side| side.batches.get(&batch))
+                .and_then(|b| b.answers.get(index))
+                .map(|(room, _)| room.clone())
+            else {
+                return;
+            };
+            match self.gate(&room) {
+                Gate::Run => self.publish_batch_room(batch, index),
+                Gate::Park => self.park(&room, Parked::Batch { batch, index }),
+                Gate::Refuse => self.refuse_parked_room(batch, index),
+            }
+        }
+    }
+
+    /// One room of a batch, its room open: a key the room saw recently answers with the
+    /// first sequence; otherwise the room's publish goes to the engine.
+    fn publish_batch_room(&mut self, batch: u64, index: usize) {
+        let Some((room, sender, payload, key)) = self
+            .cluster
+            .as_deref()
+            .and_then(|side| side.batches.get(&batch))
+            .and_then(|b| {
+                let (room, _) = b.answers.get(index)?;
+                Some((room.clone(), b.sender.clone(), b.payload.clone(), b.key))
+            })
+        else {
+            return;
+        };
+        if let Some(seq) = self.repeated_key(&room, key.as_ref()) {
+            return self.answer_batch(batch, index, Ok(Published::Repeat { seq }));
+        }
+        let publisher = Publisher::Batch { batch, index, key };
+        self.cluster_publish(room, publisher, sender, payload);
+    }
+
+    /// Room `index` of `batch` has its answer; the batch is answered once all have one.
+    fn answer_batch(
+        &mut self,
+        batch: u64,
+        index: usize,
+        answer: Result<Published, ControlRefusal>,
+    ) {
+        let Some(side) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        let Some(b) = side.batches.get_mut(&batch) else {
+            return;
+        };
+        if let Some((_, slot @ None)) = b.answers.get_mut(index) {
+            *slot = Some(answer);
+            b.left -= 1;
+        }
+        if b.left > 0 {
+            return;
+        }
+        let Some(b) = side.batches.remove(&batch) else {
+            return;
+        };
+        let answers = b
+            .answers
+            .into_iter()
+            .map(|(room, answer)| (room, answer.unwrap_or(Err(ControlRefusal::Unavailable))))
+            .collect();
+        self.reply(b.reply, ControlReply::PublishedMany(answers));
+    }
+
+    /// A room of a batch that could not wait for its room to open.
+    fn refuse_parked_room(&mut self, batch: u64, index: usize) {
+        if let Some(side) = self.cluster.as_deref() {
+            side.stats.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        self.answer_batch(batch, index, Err(ControlRefusal::Unavailable));
     }
 
     /// A client's publish (its publish id not seen recently) goes to the engine.
@@ -382,7 +581,7 @@ impl Core {
                 }),
                 self.config.limits.publish_ids,
             ),
-            Publisher::Api { key: Some(key), .. } => (
+            Publisher::Api { key: Some(key), .. } | Publisher::Batch { key: Some(key), .. } => (
                 Some(RepeatKey::Api(*key)),
                 self.config.control.idempotency_keys,
             ),
@@ -433,6 +632,9 @@ impl Core {
             Publisher::Api { reply, .. } => {
                 self.reply(reply, ControlReply::Refused(ControlRefusal::Unavailable));
             }
+            Publisher::Batch { batch, index, .. } => {
+                self.answer_batch(batch, index, Err(ControlRefusal::Unavailable));
+            }
         }
     }
 
@@ -448,6 +650,9 @@ impl Core {
                     reply,
                     ControlReply::Published(Some(Published::Repeat { seq })),
                 );
+            }
+            Publisher::Batch { batch, index, .. } => {
+                self.answer_batch(batch, index, Ok(Published::Repeat { seq }));
             }
         }
     }
@@ -499,6 +704,13 @@ impl Core {
                     self.remember_key(&p.room, key, seq);
                 }
                 self.reply(reply, ControlReply::Published(Some(Published::New { seq })));
+                None
+            }
+            Publisher::Batch { batch, index, key } => {
+                if let Some(key) = key {
+                    self.remember_key(&p.room, key, seq);
+                }
+                self.answer_batch(batch, index, Ok(Published::New { seq }));
                 None
             }
         };
@@ -735,8 +947,11 @@ impl Core {
         };
         sync.state = SyncState::Open;
         sync.open_at = 0;
-        for msg in std::mem::take(&mut sync.parked) {
-            self.handle_one(msg);
+        for request in std::mem::take(&mut sync.parked) {
+            match request {
+                Parked::Msg(msg) => self.handle_one(msg),
+                Parked::Batch { batch, index } => self.publish_batch_room(batch, index),
+            }
         }
     }
 
@@ -763,10 +978,19 @@ impl Core {
 
     /// The owner evicted `room`: its channel is no longer needed here.
     pub(super) fn cluster_forget(&mut self, room: &RoomName) {
-        if let Some(side) = self.cluster.as_deref_mut()
-            && side.rooms.remove(room).is_some()
-        {
-            side.out.push(EngineCmd::Close { room: room.clone() });
+        let Some(side) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        let Some(sync) = side.rooms.remove(room) else {
+            return;
+        };
+        side.out.push(EngineCmd::Close { room: room.clone() });
+        // Whatever still waited for the room is refused, so no batch waits for it forever.
+        for request in sync.parked {
+            match request {
+                Parked::Msg(msg) => self.refuse_parked(msg),
+                Parked::Batch { batch, index } => self.refuse_parked_room(batch, index),
+            }
         }
     }
 }

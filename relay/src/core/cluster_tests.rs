@@ -532,3 +532,96 @@ fn a_resume_past_the_nodes_memory_reads_the_stream_one_page_at_a_time() {
         want.iter().map(|s| s.as_bytes()).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn a_multi_room_api_publish_answers_each_room_on_its_own() {
+    use crate::mesh::{ControlOp, ControlRefusal, ControlReply, CoreMsg, Published};
+    let mut h = cluster_harness();
+    let rooms = [
+        RoomName::new(false, Text::from("one")),
+        RoomName::new(false, Text::from("two")),
+    ];
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    let op = ControlOp::PublishMany {
+        rooms: rooms.to_vec(),
+        sender: Text::from("server"),
+        payload: Bytes::from_static(b"hi"),
+        key: None,
+    };
+    h.core
+        .handle(h.now, vec![CoreMsg::Control { op, reply: tx }]);
+    // Each room opens first (its head in the engine: 4).
+    let opened: Vec<RoomName> = engine_cmds(&mut h)
+        .into_iter()
+        .filter_map(|c| match c {
+            EngineCmd::Open { room, .. } => Some(room),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(opened, rooms.to_vec());
+    for room in &rooms {
+        let (room, epoch, seq, tail) = (room.clone(), 77, 4, Vec::new());
+        feed(
+            &mut h,
+            EngineEvent::Opened {
+                room,
+                epoch,
+                seq,
+                tail,
+            },
+        );
+    }
+    // Then each room's publish goes to the engine on its own.
+    let tickets: Vec<(RoomName, u64)> = engine_cmds(&mut h)
+        .into_iter()
+        .filter_map(|c| match c {
+            EngineCmd::Publish(req) => Some((req.room, req.ticket)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tickets.len(), 2, "{tickets:?}");
+    assert_eq!(tickets[0].0, rooms[0]);
+    let answered = |h: &mut Harness| {
+        let mut got = Vec::new();
+        h.core.drain_replies(|to, answer| got.push((to, answer)));
+        for (to, answer) in got {
+            let _ = to.send(answer);
+        }
+    };
+    let (ticket, epoch, seq, repeated) = (tickets[0].1, 77, 5, false);
+    feed(
+        &mut h,
+        EngineEvent::Published {
+            ticket,
+            epoch,
+            seq,
+            repeated,
+        },
+    );
+    answered(&mut h);
+    assert!(
+        rx.try_recv().is_err(),
+        "answered before every room has its answer"
+    );
+    // The second room's publish fails in the engine: that room alone is refused.
+    feed(
+        &mut h,
+        EngineEvent::PublishFailed {
+            ticket: tickets[1].1,
+        },
+    );
+    answered(&mut h);
+    match rx.try_recv() {
+        Ok(ControlReply::PublishedMany(answers)) => assert!(
+            matches!(
+                answers.as_slice(),
+                [
+                    (one, Ok(Published::New { seq: 5 })),
+                    (two, Err(ControlRefusal::Unavailable)),
+                ] if *one == rooms[0] && *two == rooms[1]
+            ),
+            "{answers:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+}
