@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::ops::Deref;
 
+use pabal_relay::cluster::ClusterConfig;
 use pabal_relay::config::Config;
 use pabal_relay::io::BackendKind;
 use pabal_relay::runtime::RelayHandle;
@@ -38,6 +39,22 @@ pub struct TestRelay {
 }
 
 impl TestRelay {
+    /// A cluster node: two workers on `backend`, `cluster` as its `[cluster]` section,
+    /// `tweak` for the rest; returned once every engine thread is up, since a phone's HELLO
+    /// is refused `unavailable` before that (its rooms are read from the engine).
+    pub fn cluster_node(
+        backend: BackendKind,
+        cluster: ClusterConfig,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        let node = Self::start(backend, 2, |c| {
+            c.cluster = Some(cluster);
+            tweak(c);
+        });
+        node.wait_for_engine();
+        node
+    }
+
     /// Waits until every engine thread of a cluster node has its connections up (the
     /// slot map read, or the master found through Sentinel); panics after [`WAIT`].
     pub fn wait_for_engine(&self) {

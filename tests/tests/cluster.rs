@@ -21,14 +21,12 @@ use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
 
 /// A cluster node on `redis`: two workers, named `id`.
 fn node(backend: BackendKind, redis: &RedisServer, id: &str) -> TestRelay {
-    TestRelay::start(backend, 2, |c| {
-        c.retention.max_messages = 10_000;
-        c.cluster = Some(ClusterConfig {
-            redis: vec![redis.url()],
-            node_id: Some(id.into()),
-            ..ClusterConfig::default()
-        });
-    })
+    let cluster = ClusterConfig {
+        redis: vec![redis.url()],
+        node_id: Some(id.into()),
+        ..ClusterConfig::default()
+    };
+    TestRelay::cluster_node(backend, cluster, |c| c.retention.max_messages = 10_000)
 }
 
 per_backend! {

@@ -25,18 +25,14 @@ const PAGE: usize = 4;
 /// A cluster node named `id` on `redis` (two workers) whose stream keeps about `stream`
 /// messages; ready once its engine is up.
 fn node(backend: BackendKind, redis: &RedisServer, id: &str, stream: u64) -> TestRelay {
-    let node = TestRelay::start(backend, 2, |c| {
-        c.retention.max_messages = MEMORY;
-        c.cluster = Some(ClusterConfig {
-            redis: vec![redis.url()],
-            node_id: Some(id.into()),
-            stream_max_len: stream,
-            fill_batch: PAGE,
-            ..ClusterConfig::default()
-        });
-    });
-    node.wait_for_engine();
-    node
+    let cluster = ClusterConfig {
+        redis: vec![redis.url()],
+        node_id: Some(id.into()),
+        stream_max_len: stream,
+        fill_batch: PAGE,
+        ..ClusterConfig::default()
+    };
+    TestRelay::cluster_node(backend, cluster, |c| c.retention.max_messages = MEMORY)
 }
 
 fn control(node: &TestRelay) -> SocketAddr {

@@ -20,13 +20,12 @@ use serde_json::{Value, json};
 
 /// A cluster node named `id` on `redis`, with two workers.
 fn cluster_node(backend: BackendKind, redis: &RedisServer, id: &str) -> TestRelay {
-    TestRelay::start(backend, 2, |c| {
-        c.cluster = Some(ClusterConfig {
-            redis: vec![redis.url()],
-            node_id: Some(id.into()),
-            ..ClusterConfig::default()
-        });
-    })
+    let cluster = ClusterConfig {
+        redis: vec![redis.url()],
+        node_id: Some(id.into()),
+        ..ClusterConfig::default()
+    };
+    TestRelay::cluster_node(backend, cluster, |_| {})
 }
 
 fn nodes(backend: BackendKind, redis: &RedisServer, prefix: &str) -> Vec<TestRelay> {

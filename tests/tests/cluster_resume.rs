@@ -23,16 +23,14 @@ const STREAM: u64 = 300;
 const PAGE: usize = 32;
 
 fn node(backend: BackendKind, redis: &RedisServer, id: &str) -> TestRelay {
-    TestRelay::start(backend, 2, |c| {
-        c.retention.max_messages = MEMORY;
-        c.cluster = Some(ClusterConfig {
-            redis: vec![redis.url()],
-            node_id: Some(id.into()),
-            stream_max_len: STREAM,
-            fill_batch: PAGE,
-            ..ClusterConfig::default()
-        });
-    })
+    let cluster = ClusterConfig {
+        redis: vec![redis.url()],
+        node_id: Some(id.into()),
+        stream_max_len: STREAM,
+        fill_batch: PAGE,
+        ..ClusterConfig::default()
+    };
+    TestRelay::cluster_node(backend, cluster, |c| c.retention.max_messages = MEMORY)
 }
 
 /// The first sequence `room`'s stream still holds.

@@ -14,17 +14,13 @@ use pabal_testkit::redis::RedisSentinel;
 use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
 
 fn node(backend: BackendKind, sentinel: &RedisSentinel, id: &str) -> TestRelay {
-    let node = TestRelay::start(backend, 2, |c| {
-        c.cluster = Some(ClusterConfig {
-            topology: Topology::Sentinel,
-            redis: vec![sentinel.url()],
-            node_id: Some(id.into()),
-            ..ClusterConfig::default()
-        });
-    });
-    // Phones' HELLOs wait for the engine (their rooms are read from it).
-    node.wait_for_engine();
-    node
+    let cluster = ClusterConfig {
+        topology: Topology::Sentinel,
+        redis: vec![sentinel.url()],
+        node_id: Some(id.into()),
+        ..ClusterConfig::default()
+    };
+    TestRelay::cluster_node(backend, cluster, |_| {})
 }
 
 per_backend! {

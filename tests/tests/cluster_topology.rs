@@ -16,18 +16,13 @@ use pabal_testkit::{Client, TestRelay, per_backend};
 /// A node on `cluster`, given only its first master as seed: the rest comes from the
 /// slot map.
 fn node(backend: BackendKind, cluster: &RedisCluster, id: &str) -> TestRelay {
-    let node = TestRelay::start(backend, 2, |c| {
-        c.retention.max_messages = 10_000;
-        c.cluster = Some(ClusterConfig {
-            topology: Topology::Cluster,
-            redis: vec![cluster.urls()[0].clone()],
-            node_id: Some(id.into()),
-            ..ClusterConfig::default()
-        });
-    });
-    // Phones' HELLOs wait for the engine (their rooms are read from it).
-    node.wait_for_engine();
-    node
+    let config = ClusterConfig {
+        topology: Topology::Cluster,
+        redis: vec![cluster.urls()[0].clone()],
+        node_id: Some(id.into()),
+        ..ClusterConfig::default()
+    };
+    TestRelay::cluster_node(backend, config, |c| c.retention.max_messages = 10_000)
 }
 
 /// The meta key of `room`, which every key of the room shares the slot of.
