@@ -17,7 +17,7 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -36,14 +36,6 @@ enum Proto {
     Pabal,
     Mqtt,
     Nats,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn wait_listening(addr: SocketAddr) {
@@ -370,7 +362,7 @@ fn main() {
     }
     let dir = std::env::temp_dir().join(format!("pabal-brokers-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = free_port();
+    let port = pabal_testkit::free_port();
     let conf = dir.join("mosquitto.conf");
     std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\nmax_inflight_messages 0\n")).unwrap();
     match spawn(
@@ -388,7 +380,7 @@ fn main() {
         }
         None => println!("mosquitto: not installed, skipped"),
     }
-    let port = free_port();
+    let port = pabal_testkit::free_port();
     match spawn(
         Command::new("taskset")
             .args([

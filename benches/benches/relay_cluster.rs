@@ -39,7 +39,6 @@ use common::fanout::{
 };
 use common::publish::backend_name;
 use common::redis_capacity::{self, redis_cpu};
-use mio::net::TcpStream as MioStream;
 use pabal_relay::cluster::ClusterConfig;
 use pabal_relay::io::BackendKind;
 use pabal_relay::runtime::RelayHandle;
@@ -103,16 +102,7 @@ fn one_row(
         .subscribers
         .iter()
         .enumerate()
-        .map(|(i, (user, rooms))| {
-            let s = common::pabal_client(addrs[i % addrs.len()], user, rooms);
-            s.set_nonblocking(true).unwrap();
-            Reader {
-                stream: MioStream::from_std(s),
-                received: Vec::new(),
-                acked: Vec::new(),
-                out: Vec::new(),
-            }
-        })
+        .map(|(i, (user, rooms))| Reader::connect(addrs[i % addrs.len()], user, rooms))
         .collect();
     let mut publishers: Vec<_> = scenario
         .publishers

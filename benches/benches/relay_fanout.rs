@@ -42,7 +42,6 @@ use std::time::Duration;
 use common::fanout::{
     Outcome, Reader, Scenario, channel_1000, device_of, rooms_100x100, run_phase,
 };
-use mio::net::TcpStream as MioStream;
 use pabal_relay::io::BackendKind;
 use pabal_relay::runtime::RelayHandle;
 
@@ -65,16 +64,7 @@ fn run(backend: BackendKind, scenario: &Scenario, secs: f64, ack: bool) {
     let mut readers: Vec<Reader> = scenario
         .subscribers
         .iter()
-        .map(|(user, rooms)| {
-            let s = common::pabal_client(addr, user, rooms);
-            s.set_nonblocking(true).unwrap();
-            Reader {
-                stream: MioStream::from_std(s),
-                received: Vec::new(),
-                acked: Vec::new(),
-                out: Vec::new(),
-            }
-        })
+        .map(|(user, rooms)| Reader::connect(addr, user, rooms))
         .collect();
     let mut publishers: Vec<(TcpStream, Vec<u32>)> = scenario
         .publishers

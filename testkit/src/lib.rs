@@ -27,6 +27,7 @@ mod relay;
 pub mod ws;
 
 pub use client::{Client, forged_resume};
+pub use redis::free_port;
 pub use relay::{TestRelay, loopback_config};
 
 /// How long any single wait in a test may take before the test fails.

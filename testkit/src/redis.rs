@@ -118,7 +118,7 @@ impl RedisServer {
 }
 
 /// A port free on 127.0.0.1 now.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -4,7 +4,7 @@
 //! time (no coordinated omission).
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -264,6 +264,18 @@ pub struct Reader {
 }
 
 impl Reader {
+    /// A subscriber `user` of `rooms` on the relay at `addr`, its socket non-blocking.
+    pub fn connect(addr: SocketAddr, user: &str, rooms: &[(bool, String)]) -> Reader {
+        let s = super::pabal_client(addr, user, rooms);
+        s.set_nonblocking(true).unwrap();
+        Reader {
+            stream: MioStream::from_std(s),
+            received: Vec::new(),
+            acked: Vec::new(),
+            out: Vec::new(),
+        }
+    }
+
     /// One cumulative ACK of every alias that got messages since the last one.
     pub fn ack(&mut self) {
         self.acked.resize(self.received.len(), 0);
