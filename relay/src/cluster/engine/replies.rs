@@ -1,0 +1,343 @@
+//! The engine thread's read side: decoding what each shard's connections answer,
+//! turning replies to commands (publishes, opens, fills, membership steps) and pub/sub
+//! pushes (room messages, subscription confirmations, sharded subscriptions dropped by a
+//! slot move) into [`EngineEvent`]s, following `MOVED`/`ASK` redirects, and handing the
+//! events to the worker.
+//!
+//! Owns: reply parsing and the events built from it. Must not touch: what is sent or how
+//! connections are made (the rest of the engine thread), rooms or connections (the worker).
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::super::resp::{self, Value};
+use super::super::script;
+use super::super::shard::Pending;
+use super::super::{EngineEvent, RedisAddr};
+use super::{Channel, Engine, MAX_HOPS, SubState, channel_key};
+
+/// A command answered `MOVED` or `ASK`: where to send it again.
+pub(super) enum Redirect {
+    /// The slot lives on `addr` now: the map is corrected (and refreshed soon) and the
+    /// command goes there.
+    Moved { slot: u16, addr: RedisAddr },
+    /// The slot is migrating to `addr`: `ASKING`, then the command, there (once).
+    Ask { addr: RedisAddr },
+}
+
+/// Parses `MOVED <slot> <host>:<port>` or `ASK <slot> <host>:<port>`.
+fn redirect(error: &[u8]) -> Option<Redirect> {
+    let text = std::str::from_utf8(error).ok()?;
+    let mut parts = text.split(' ');
+    let (kind, slot, addr) = (parts.next()?, parts.next()?, parts.next()?);
+    let slot: u16 = slot.parse().ok()?;
+    let (host, port) = addr.rsplit_once(':')?;
+    let addr = RedisAddr {
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port: port.parse().ok()?,
+    };
+    match kind {
+        "MOVED" => Some(Redirect::Moved { slot, addr }),
+        "ASK" => Some(Redirect::Ask { addr }),
+        _ => None,
+    }
+}
+
+/// Channel `ch`, if it is (to be) subscribed on shard `i` (a push from another shard is
+/// about a subscription it left).
+fn channel_on<'a>(
+    channels: &'a mut HashMap<Bytes, Channel>,
+    ch: &[u8],
+    i: usize,
+) -> Option<&'a mut Channel> {
+    channels.get_mut(ch).filter(|c| c.shard == Some(i))
+}
+
+impl Engine {
+    /// Reads what shard `i`'s connection has and decodes every complete reply into
+    /// `self.replies`; the read's or the decoder's error comes after what decoded.
+    fn read_replies(&mut self, i: usize, pubsub: bool) -> io::Result<()> {
+        let Some(shard) = self.shards.get_mut(i) else {
+            return Ok(());
+        };
+        let Some(conn) = (if pubsub {
+            shard.sub.as_mut()
+        } else {
+            shard.cmd.as_mut()
+        }) else {
+            return Ok(());
+        };
+        let read = conn.fill();
+        loop {
+            match resp::decode(&mut conn.rbuf) {
+                Ok(Some(v)) => self.replies.push(v),
+                Ok(None) => return read,
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
+    }
+
+    pub(super) fn read_cmd(&mut self, i: usize) {
+        let result = self.read_replies(i, false);
+        let mut replies = std::mem::take(&mut self.replies);
+        for reply in replies.drain(..) {
+            let Some((pending, hops)) = self.shards.get_mut(i).and_then(|s| s.inflight.pop_front())
+            else {
+                self.fail_cmd(i, &io::Error::other("a reply nobody asked for"));
+                break;
+            };
+            if matches!(pending, Pending::Asking) {
+                continue;
+            }
+            self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
+            self.stats.pipeline_depth.fetch_sub(1, Ordering::Relaxed);
+            if let Err(e) = self.on_reply(i, pending, hops, reply) {
+                self.fail_cmd(i, &e);
+                break;
+            }
+        }
+        replies.clear();
+        self.replies = replies;
+        if let Err(e) = result
+            && self.shards.get(i).is_some_and(|s| s.cmd.is_some())
+        {
+            self.fail_cmd(i, &e);
+        }
+    }
+
+    fn on_reply(&mut self, i: usize, pending: Pending, hops: u8, reply: Value) -> io::Result<()> {
+        if let Value::Error(e) = &reply
+            && let Some(r) = redirect(e)
+        {
+            if hops >= MAX_HOPS {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(worker = self.worker, error = %String::from_utf8_lossy(e), "a command was redirected too often");
+                self.refresh_due = true;
+                self.give_up(pending);
+            } else {
+                self.redirects.push((pending, hops + 1, r));
+            }
+            return Ok(());
+        }
+        let noscript = matches!(&reply, Value::Error(e) if e.starts_with(b"NOSCRIPT"));
+        match pending {
+            Pending::Asking => {}
+            Pending::Members(step) => self.on_member_reply(step, reply),
+            Pending::Publish(req) => {
+                if noscript {
+                    self.send_publish(req, true, Some(i), hops);
+                    return Ok(());
+                }
+                let answer = reply.array().and_then(|a| {
+                    let repeated = a.get(2).and_then(Value::int) == Some(1);
+                    Some((a.first()?.int()?, a.get(1)?.int()?, repeated))
+                });
+                match answer {
+                    Some((epoch, seq, repeated)) if epoch > 0 && seq > 0 => {
+                        self.out.push(EngineEvent::Published {
+                            ticket: req.ticket,
+                            epoch: epoch as u64,
+                            seq: seq as u64,
+                            repeated,
+                        });
+                    }
+                    _ => {
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        if matches!(&reply, Value::Error(e) if e.starts_with(b"READONLY")) {
+                            // A replica now (a failover): ask where the master went.
+                            self.lost_shard();
+                        }
+                        tracing::warn!(worker = self.worker, reply = ?reply, "engine refused a publish");
+                        self.out
+                            .push(EngineEvent::PublishFailed { ticket: req.ticket });
+                    }
+                }
+            }
+            Pending::Open { room, hint, tail } => {
+                if noscript {
+                    self.send_open(room, hint, tail, true, Some(i), hops);
+                    return Ok(());
+                }
+                let parsed = reply.array().and_then(|a| {
+                    let epoch = a.first()?.int()?;
+                    let seq = a.get(1)?.int()?;
+                    let tail = script::parse_entries(a.get(2)?, &self.prefix)?;
+                    Some((epoch, seq, tail))
+                });
+                let Some((epoch, seq, tail)) = parsed.filter(|(e, s, _)| *e > 0 && *s >= 0) else {
+                    if let Some(c) = self.channels.get_mut(&channel_key(&room)) {
+                        c.opens.push((hint, tail));
+                    }
+                    return Err(io::Error::other(format!(
+                        "bad answer to a room's open: {reply:?}"
+                    )));
+                };
+                self.out.push(EngineEvent::Opened {
+                    room,
+                    epoch: epoch as u64,
+                    seq: seq as u64,
+                    tail,
+                });
+            }
+            Pending::Fill {
+                room,
+                after,
+                reader,
+            } => {
+                let Some(msgs) = script::parse_entries(&reply, &self.prefix) else {
+                    self.fills_waiting.push((room, after, reader));
+                    return Err(io::Error::other(format!(
+                        "bad answer to a stream read: {reply:?}"
+                    )));
+                };
+                self.out.push(match reader {
+                    None => EngineEvent::Filled { room, after, msgs },
+                    Some(reader) => EngineEvent::Read {
+                        room,
+                        after,
+                        reader,
+                        msgs,
+                    },
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn read_sub(&mut self, i: usize) {
+        let result = self.read_replies(i, true);
+        let mut pushes = std::mem::take(&mut self.replies);
+        for push in pushes.drain(..) {
+            self.on_push(i, &push);
+        }
+        self.replies = pushes;
+        if let Err(e) = result {
+            self.fail_sub(i, &e);
+        }
+    }
+
+    fn on_push(&mut self, i: usize, push: &Value) {
+        if let Value::Error(e) = push {
+            // A sharded subscription sent to a shard that no longer serves its slot.
+            match redirect(e) {
+                Some(Redirect::Moved { slot, addr }) => {
+                    let shard = self.shard_at(&addr);
+                    if let Some(map) = self.map.as_mut() {
+                        map.set(slot, shard);
+                    }
+                    self.refresh_due = true;
+                    for c in self.channels.values_mut().filter(|c| c.shard == Some(i)) {
+                        if c.state == SubState::Subscribing {
+                            c.state = SubState::Idle;
+                        }
+                    }
+                    self.route_channels();
+                }
+                _ => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    self.lost_shard();
+                    tracing::warn!(worker = self.worker, error = %String::from_utf8_lossy(e), "the pub/sub connection refused a subscription");
+                }
+            }
+            return;
+        }
+        let Some([kind, ch, body]) = push.array() else {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(worker = self.worker, push = ?push, "unexpected reply on the pub/sub connection");
+            return;
+        };
+        let (Some(kind), Some(ch)) = (kind.bytes(), ch.bytes()) else {
+            return;
+        };
+        if self.on_user_push(kind, ch, body) {
+            return;
+        }
+        match &kind[..] {
+            b"message" | b"smessage" => {
+                let Some(c) = self.channels.get(&ch[..]) else {
+                    return; // unsubscribed meanwhile
+                };
+                match body
+                    .bytes()
+                    .and_then(|b| script::parse_channel_message(b, &self.prefix))
+                {
+                    Some((epoch, msg)) => self.out.push(EngineEvent::Message {
+                        room: c.room.clone(),
+                        epoch,
+                        msg,
+                    }),
+                    None => {
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            worker = self.worker,
+                            "a malformed message on a room's channel was dropped"
+                        );
+                        // The owner sees the hole at the next message and reads it back.
+                    }
+                }
+            }
+            b"subscribe" | b"ssubscribe" => {
+                let Some(c) = channel_on(&mut self.channels, ch, i) else {
+                    return;
+                };
+                if c.state != SubState::Subscribed {
+                    c.state = SubState::Subscribed;
+                    self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
+                }
+                if c.opened && c.opens.is_empty() {
+                    self.out.push(EngineEvent::Resubscribed {
+                        room: c.room.clone(),
+                    });
+                }
+                let ch = ch.clone();
+                self.send_opens(&ch);
+            }
+            b"sunsubscribe" => {
+                // Redis dropped a sharded subscription we still hold (its slot moved): it
+                // is subscribed again where the slot now lives, and the owner catches up
+                // from the stream once that is confirmed.
+                let Some(c) = channel_on(&mut self.channels, ch, i) else {
+                    return;
+                };
+                if c.state == SubState::Subscribed {
+                    self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
+                }
+                c.state = SubState::Idle;
+                self.refresh_due = true;
+                self.route_channels();
+            }
+            _ => {}
+        }
+    }
+
+    /// Hands the events to the worker and wakes it.
+    pub(super) fn deliver_events(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
+        for mut ev in self.out.drain(..) {
+            loop {
+                match self.events.send_timeout(ev, Duration::from_millis(100)) {
+                    Ok(()) => break,
+                    Err(crossbeam_channel::SendTimeoutError::Timeout(back)) => {
+                        if self.stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        (self.wake_worker)();
+                        ev = back;
+                    }
+                    Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return,
+                }
+            }
+        }
+        (self.wake_worker)();
+    }
+}
