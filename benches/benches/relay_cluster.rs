@@ -25,7 +25,10 @@
 //! `cargo bench -p pabal-benches --bench relay_cluster` (`PABAL_BENCH_SECS` sets each
 //! phase's length, default 3; an argument `fanout` or `capacity` runs only that part;
 //! `PABAL_BENCH_SHAPE=rooms-12x1` only that shape; `PABAL_BENCH_RATE=1000` paces every row
-//! at that many messages/s instead of half the one-node rate).
+//! at that many messages/s instead of half the one-node rate; `PABAL_BENCH_APPENDFSYNC=no`
+//! or `everysec` runs Redis without its `fsync` per write). Each Redis row also prints the
+//! engine's stages over the paced phase (`ClusterStats::stages`: worker -> engine thread,
+//! Redis' answer, engine thread -> worker), mean and the buckets holding p50 and p99.
 //! Everything shares this machine's cores (Redis, the nodes, the load): on a small machine
 //! the three-node rows measure contention as much as the engine. Print the load average
 //! next to any figure you quote.
