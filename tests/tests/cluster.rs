@@ -111,6 +111,11 @@ per_backend! {
         assert!(value("pabal_cluster_engine_errors_total") > 0.0);
         assert!(value("pabal_cluster_publishes_refused_total") > 0.0);
         assert!(value("pabal_cluster_engine_round_trips_total") > 0.0);
+        // The engine's path by stage: every publish acknowledged went through all three.
+        for stage in ["to_engine", "publish_reply", "to_worker"] {
+            let n = value(&format!("pabal_cluster_{stage}_seconds_count"));
+            assert!(n >= 40.0, "pabal_cluster_{stage}_seconds_count {n}");
+        }
         assert_eq!(value("pabal_cluster_engines_up"), value("pabal_cluster_engines"));
         // Nothing acknowledged was lost (appendfsync always), and the reader on the other
         // node, whose connection stayed up, has all of it in one unbroken order.
