@@ -25,7 +25,10 @@
 //! `cargo bench -p pabal-benches --bench relay_cluster` (`PABAL_BENCH_SECS` sets each
 //! phase's length, default 3; an argument `fanout` or `capacity` runs only that part;
 //! `PABAL_BENCH_SHAPE=rooms-12x1` only that shape; `PABAL_BENCH_RATE=1000` paces every row
-//! at that many messages/s instead of half the one-node rate).
+//! at that many messages/s instead of half the one-node rate; `PABAL_BENCH_APPENDFSYNC=no`
+//! or `everysec` runs Redis without its `fsync` per write). Each Redis row also prints the
+//! engine's stages over the paced phase (`ClusterStats::stages`: worker -> engine thread,
+//! Redis' answer, engine thread -> worker), mean and the buckets holding p50 and p99.
 //! Everything shares this machine's cores (Redis, the nodes, the load): on a small machine
 //! the three-node rows measure contention as much as the engine. Print the load average
 //! next to any figure you quote.
@@ -39,9 +42,10 @@ use common::fanout::{
 };
 use common::publish::backend_name;
 use common::redis_capacity::{self, redis_cpu};
-use pabal_relay::cluster::ClusterConfig;
+use pabal_relay::cluster::{BUCKETS, ClusterConfig, HistogramSnapshot};
 use pabal_relay::io::BackendKind;
 use pabal_relay::runtime::RelayHandle;
+
 use pabal_testkit::redis::RedisServer;
 
 /// The rows of each shape: name, nodes (0: alone, no engine). The one-node row runs first:
@@ -69,7 +73,8 @@ fn load_average() -> String {
 
 /// Starts `nodes` relays (one alone when 0) and runs `scenario` saturated, then paced at
 /// `paced_rate` messages/s (half of its own saturated rate when `None`). Returns both
-/// outcomes and Redis' CPU µs per message of the saturated phase.
+/// outcomes, Redis' CPU µs per message of the saturated phase, and the engine's stages
+/// over the paced phase.
 fn one_row(
     backend: BackendKind,
     redis: &RedisServer,
@@ -77,7 +82,7 @@ fn one_row(
     nodes: usize,
     secs: f64,
     paced_rate: Option<f64>,
-) -> (Outcome, Outcome, f64) {
+) -> (Outcome, Outcome, f64, [HistogramSnapshot; 3]) {
     redis.cli(&["FLUSHALL"]);
     let relays: Vec<RelayHandle> = (0..nodes.max(1))
         .map(|i| {
@@ -123,17 +128,71 @@ fn one_row(
         (after.0 - before.0) * 1e6 / saturated.messages as f64
     };
     let rate = paced_rate.unwrap_or(saturated.messages as f64 / saturated.secs / 2.0);
+    let stages_before = engine_stages(&relays);
     let paced = run_phase(&mut publishers, &mut readers, secs, Some(rate), false);
+    let stages = engine_stages(&relays);
+    let stages = std::array::from_fn(|k| minus(&stages[k], &stages_before[k]));
     drop(readers);
     drop(publishers);
     for relay in relays {
         relay.stop().unwrap();
     }
-    (saturated, paced, cpu_per_msg)
+    (saturated, paced, cpu_per_msg, stages)
+}
+
+/// The engine's stage histograms (`ClusterStats::stages`), every node together.
+fn engine_stages(relays: &[RelayHandle]) -> [HistogramSnapshot; 3] {
+    let mut sum = [HistogramSnapshot::default(); 3];
+    for stats in relays.iter().filter_map(|r| r.cluster()) {
+        for (into, h) in sum.iter_mut().zip(stats.stages()) {
+            for (c, n) in into.counts.iter_mut().zip(h.counts) {
+                *c += n;
+            }
+            into.sum += h.sum;
+        }
+    }
+    sum
+}
+
+fn minus(after: &HistogramSnapshot, before: &HistogramSnapshot) -> HistogramSnapshot {
+    let mut d = *after;
+    for (c, b) in d.counts.iter_mut().zip(before.counts) {
+        *c -= b;
+    }
+    d.sum -= before.sum;
+    d
+}
+
+/// `mean (p50 <= bound, p99 <= bound)` in µs, the quantiles as their bucket's upper bound.
+fn stage_text(h: &HistogramSnapshot) -> String {
+    let n = h.count();
+    if n == 0 {
+        return "-".into();
+    }
+    let bound = |q: f64| {
+        let want = (n as f64 * q).ceil() as u64;
+        let mut seen = 0;
+        for (i, c) in h.counts.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return BUCKETS.get(i).map_or("inf".into(), |b| b.to_string());
+            }
+        }
+        "inf".into()
+    };
+    format!(
+        "{:.0} ({} / {})",
+        h.sum as f64 / n as f64,
+        bound(0.5),
+        bound(0.99)
+    )
 }
 
 fn fanout(backend: BackendKind, secs: f64) {
-    let Some(redis) = RedisServer::start("bench-fanout") else {
+    // `PABAL_BENCH_APPENDFSYNC=everysec` (or `no`): Redis' own fsync per write out of the
+    // rows, to tell what the engine adds from what `appendfsync always` costs this disk.
+    let fsync = std::env::var("PABAL_BENCH_APPENDFSYNC").unwrap_or_else(|_| "always".into());
+    let Some(redis) = RedisServer::start_with("bench-fanout", &["--appendfsync", &fsync]) else {
         return;
     };
     let shape = std::env::var("PABAL_BENCH_SHAPE").ok();
@@ -146,7 +205,8 @@ fn fanout(backend: BackendKind, secs: f64) {
         }
         let mut paced_rate = fixed_rate;
         for (shape, nodes) in ROWS {
-            let (sat, paced, cpu) = one_row(backend, &redis, &scenario, nodes, secs, paced_rate);
+            let (sat, paced, cpu, stages) =
+                one_row(backend, &redis, &scenario, nodes, secs, paced_rate);
             let msg_rate = sat.messages as f64 / sat.secs;
             let rate = *paced_rate.get_or_insert(msg_rate / 2.0);
             let q = |o: &Outcome, p: f64| o.latency.value_at_quantile(p) as f64 / 1000.0;
@@ -166,6 +226,16 @@ fn fanout(backend: BackendKind, secs: f64) {
                 cpu,
                 load_average(),
             );
+            if nodes > 0 {
+                let [to_engine, reply, to_worker] = &stages;
+                println!(
+                    "         stages at that rate, mean µs (p50 / p99 bucket bounds): worker -> \
+                     engine {} · Redis answer (appendfsync {fsync}) {} · engine -> worker {}",
+                    stage_text(to_engine),
+                    stage_text(reply),
+                    stage_text(to_worker),
+                );
+            }
         }
     }
 }

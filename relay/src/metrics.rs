@@ -194,6 +194,9 @@ pub struct ClusterScrape {
     pub user_loads: u64,
     /// Users' channels subscribed, all workers.
     pub users_watched: i64,
+    /// The engine's path by stage (µs): `[to_engine, publish_reply, to_worker]`, see
+    /// [`crate::cluster::ClusterStats::stages`].
+    pub stages: [HistogramSnapshot; 3],
 }
 
 impl ClusterScrape {
@@ -212,6 +215,7 @@ impl ClusterScrape {
             notices: c.notices.load(Relaxed),
             user_loads: c.user_loads.load(Relaxed),
             users_watched: c.users_watched.load(Relaxed),
+            stages: c.stages(),
         }
     }
 
@@ -285,6 +289,26 @@ impl ClusterScrape {
         ] {
             let g = ConstGauge::new(v);
             g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        let [to_engine, publish_reply, to_worker] = &self.stages;
+        for (name, help, h) in [
+            (
+                "pabal_cluster_to_engine_seconds",
+                "A command queued by a worker until its engine thread took it.",
+                to_engine,
+            ),
+            (
+                "pabal_cluster_publish_reply_seconds",
+                "A publish written to Redis until its answer was read (Redis' appendfsync included).",
+                publish_reply,
+            ),
+            (
+                "pabal_cluster_to_worker_seconds",
+                "An answer or message read by an engine thread until its worker took it.",
+                to_worker,
+            ),
+        ] {
+            histogram(enc, name, help, h, 1e6)?;
         }
         Ok(())
     }

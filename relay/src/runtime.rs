@@ -1054,7 +1054,8 @@ fn run_loop(
         }
         if let Some(engine) = engine {
             // What the engine answered since the last tick (cluster mode).
-            while let Some(event) = engine.try_recv() {
+            let took = Instant::now();
+            while let Some(event) = engine.try_recv(took) {
                 core.on_engine(now, event);
             }
         }

@@ -111,6 +111,11 @@ per_backend! {
         assert!(value("pabal_cluster_engine_errors_total") > 0.0);
         assert!(value("pabal_cluster_publishes_refused_total") > 0.0);
         assert!(value("pabal_cluster_engine_round_trips_total") > 0.0);
+        // The engine's path by stage: every publish acknowledged went through all three.
+        for stage in ["to_engine", "publish_reply", "to_worker"] {
+            let n = value(&format!("pabal_cluster_{stage}_seconds_count"));
+            assert!(n >= 40.0, "pabal_cluster_{stage}_seconds_count {n}");
+        }
         assert_eq!(value("pabal_cluster_engines_up"), value("pabal_cluster_engines"));
         // Nothing acknowledged was lost (appendfsync always), and the reader on the other
         // node, whose connection stayed up, has all of it in one unbroken order.
@@ -206,5 +211,34 @@ per_backend! {
         assert_eq!(next, seq + 1, "the repeat took no sequence");
         let got = reader.read_through(alias, next);
         assert_eq!(got.len(), 2, "delivered once: {got:?}");
+    }
+
+    fn a_publish_answered_is_handed_to_its_worker_once_not_again_with_its_copy(backend) {
+        let Some(redis) = RedisServer::start("own-copy") else { return };
+        let (a, b) = (node(backend, &redis, "oa"), node(backend, &redis, "ob"));
+        const ROOM: &str = "room:cluster-own-copy";
+        const COUNT: u64 = 100;
+        let mut reader = Client::connect(a.addr, "reader");
+        let alias = reader.join(ROOM);
+        let mut p = Client::connect(a.addr, "alice");
+        let pa = p.join(ROOM);
+        let stats = a.cluster().unwrap().clone();
+        let handed = || stats.stages()[2].count();
+        let before = handed();
+        for i in 0..COUNT {
+            assert_eq!(p.publish_acked(pa, format!("m{i}").into_bytes()), i + 1);
+        }
+        // One publish through node b: node a's pub/sub connection carries it after every
+        // copy of node a's own publishes, so once it is delivered they have all been read.
+        assert_eq!(Client::publish_all(b.addr, ROOM, "bob", 1), vec![COUNT + 1]);
+        let got = reader.read_through(alias, COUNT + 1);
+        assert_eq!(got.len() as u64, COUNT + 1, "each delivered once, in order");
+        // Each publish's answer is an event for its worker; its copy on the room's channel
+        // was one more (a duplicate the worker dropped, after a wake-up of its own).
+        let events = handed() - before;
+        assert!(
+            events < 2 * COUNT,
+            "{events} events for {COUNT} publishes: their channel copies were handed over too"
+        );
     }
 }

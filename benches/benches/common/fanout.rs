@@ -1,7 +1,7 @@
 //! The fan-out shapes `relay_fanout` and `relay_cluster` measure, and one phase of them:
-//! publishers (devices, a window of unacknowledged publishes each, or open loop at a rate)
-//! and every subscriber socket read on one poll, latency from each message's intended send
-//! time (no coordinated omission).
+//! publishers (devices, a window of unacknowledged publishes each, or open loop at a rate,
+//! their schedules staggered evenly over the gap) and every subscriber socket read on one
+//! poll, latency from each message's intended send time (no coordinated omission).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -169,6 +169,7 @@ pub fn run_phase(
         let mut out = BytesMut::new();
         let mut chunk = vec![0u8; 64 * 1024];
         let per_pub_interval = rate.map(|r| 1e9 * publishers.len() as f64 / r);
+        let publishers_n = publishers.len();
         while start.elapsed().as_secs_f64() < secs {
             let now = start.elapsed().as_nanos() as u64;
             for (p, (stream, aliases)) in publishers.iter_mut().enumerate() {
@@ -178,7 +179,12 @@ pub fn run_phase(
                         None if in_flight[p] < window => now,
                         None => break,
                         Some(gap) => {
-                            let t = (next_msg[p] as f64 * gap) as u64;
+                            // Publisher p sends p/n of a gap after publisher 0: the paced
+                            // rate is spread evenly, not a burst of every publisher at once
+                            // (a burst of 12 went through Redis as one batch of 12 scripts,
+                            // each message waiting for all of them).
+                            let phase = p as f64 / publishers_n as f64;
+                            let t = ((next_msg[p] as f64 + phase) * gap) as u64;
                             if t > now {
                                 break;
                             }

@@ -58,9 +58,12 @@ const EVENT_QUEUE: usize = 65_536;
 /// The worker's side of its engine thread; dropping it stops the thread.
 #[derive(Debug)]
 pub struct EngineHandle {
-    tx: Sender<EngineCmd>,
-    events: Receiver<EngineEvent>,
+    /// Commands, each with when its worker queued it.
+    tx: Sender<(Instant, EngineCmd)>,
+    /// Events, each with when the engine thread read what it reports.
+    events: Receiver<(Instant, EngineEvent)>,
     waker: Arc<Waker>,
+    stats: Arc<ClusterStats>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -107,7 +110,7 @@ impl EngineHandle {
             events: events_tx,
             wake_worker,
             stop: stop.clone(),
-            stats,
+            stats: stats.clone(),
             map,
             shards,
             map_retry: Retry::now(),
@@ -122,6 +125,7 @@ impl EngineHandle {
             up: false,
             replies: Vec::new(),
             ready: Vec::new(),
+            woke: Instant::now(),
         };
         // Counted before the thread runs: until it is up, the node is not healthy (counted
         // by the thread itself, a relay could look healthy while an engine had not started).
@@ -137,6 +141,7 @@ impl EngineHandle {
             tx,
             events,
             waker,
+            stats,
             stop,
             thread: Some(thread),
         })
@@ -145,7 +150,7 @@ impl EngineHandle {
     /// Queues a command (the engine thread runs it after the next [`EngineHandle::wake`]).
     pub fn send(&self, cmd: EngineCmd) {
         // The thread only ends when this handle drops.
-        let _ = self.tx.send(cmd);
+        let _ = self.tx.send((Instant::now(), cmd));
     }
 
     /// Wakes the engine thread for the commands queued since the last wake.
@@ -155,9 +160,13 @@ impl EngineHandle {
         }
     }
 
-    /// The next event, if one waits.
-    pub fn try_recv(&self) -> Option<EngineEvent> {
-        self.events.try_recv().ok()
+    /// The next event, if one waits; `now` (the worker's tick) counts its hand-over
+    /// (`ClusterStats::to_worker_us`).
+    pub fn try_recv(&self, now: Instant) -> Option<EngineEvent> {
+        let (read, event) = self.events.try_recv().ok()?;
+        let waited = now.saturating_duration_since(read).as_micros() as u64;
+        self.stats.to_worker_us.record(waited, 1);
+        Some(event)
     }
 
     /// Whether events wait.
@@ -212,8 +221,8 @@ struct Engine {
     seeds: Vec<RedisAddr>,
     config: ClusterConfig,
     poll: Poll,
-    cmds: Receiver<EngineCmd>,
-    events: Sender<EngineEvent>,
+    cmds: Receiver<(Instant, EngineCmd)>,
+    events: Sender<(Instant, EngineEvent)>,
     wake_worker: Box<dyn Fn() + Send>,
     stop: Arc<AtomicBool>,
     stats: Arc<ClusterStats>,
@@ -242,6 +251,9 @@ struct Engine {
     replies: Vec<Value>,
     /// Connections with events from one poll (reused): (shard, pub/sub?).
     ready: Vec<(usize, bool)>,
+    /// When the thread last woke (its loop's clock: commands written and replies read in
+    /// one pass are stamped with it).
+    woke: Instant,
 }
 
 /// Appends one script call on a room's meta hash and stream: `EVALSHA <sha> 2 <meta>
@@ -282,6 +294,7 @@ impl Engine {
         let mut events = Events::with_capacity(64);
         while !self.stop.load(Ordering::SeqCst) {
             let now = Instant::now();
+            self.woke = now;
             if self.refresh_due && now >= self.map_retry.at {
                 self.refresh_map(now);
             }
@@ -294,7 +307,9 @@ impl Engine {
                 }
             }
             self.note_health();
-            while let Ok(cmd) = self.cmds.try_recv() {
+            while let Ok((queued, cmd)) = self.cmds.try_recv() {
+                let waited = now.saturating_duration_since(queued).as_micros() as u64;
+                self.stats.to_engine_us.record(waited, 1);
                 self.on_cmd(cmd);
             }
             self.flush_writes();
@@ -318,6 +333,7 @@ impl Engine {
                 tracing::error!(worker = self.worker, error = %e, "engine poll failed; the engine thread stops");
                 break;
             }
+            self.woke = Instant::now();
             let mut ready = std::mem::take(&mut self.ready);
             ready.extend(
                 events
@@ -325,6 +341,9 @@ impl Engine {
                     .filter(|ev| ev.token() != WAKE)
                     .map(|ev| ((ev.token().0 - 1) / 2, ev.token().0 % 2 == 0)),
             );
+            // Answers before pushes: a publish's copy read in the same pass as its answer
+            // is then known for a duplicate and not handed over (`CopiesDue`).
+            ready.sort_unstable_by_key(|&(_, pubsub)| pubsub);
             for &(shard, pubsub) in &ready {
                 if shard >= self.shards.len() {
                     continue;
@@ -599,7 +618,7 @@ impl Engine {
     /// A command that will not be answered: a publish fails, an open or read waits.
     fn give_up(&mut self, p: Pending) {
         match p {
-            Pending::Publish(req) => {
+            Pending::Publish(req, _) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 self.out
                     .push(EngineEvent::PublishFailed { ticket: req.ticket });
@@ -717,10 +736,10 @@ impl Engine {
         script::key(meta, &req.room, "m");
         let shard = target.or_else(|| self.map.as_ref().map(|m| m.shard_of_key(meta)));
         let Some(shard) = shard.and_then(|i| self.shards.get_mut(i)) else {
-            return self.give_up(Pending::Publish(req));
+            return self.give_up(Pending::Publish(req, self.woke));
         };
         let Some(conn) = shard.cmd.as_mut() else {
-            return self.give_up(Pending::Publish(req));
+            return self.give_up(Pending::Publish(req, self.woke));
         };
         script::key(stream, &req.room, "s");
         script::key(ids, &req.room, "i");
@@ -750,7 +769,9 @@ impl Engine {
             ],
         );
         self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);
-        shard.inflight.push_back((Pending::Publish(req), hops));
+        shard
+            .inflight
+            .push_back((Pending::Publish(req, self.woke), hops));
     }
 
     fn send_open(
@@ -861,7 +882,7 @@ impl Engine {
     /// Sends a redirected (or NOSCRIPT-answered) command again.
     fn resend(&mut self, p: Pending, eval: bool, target: Option<usize>, hops: u8) {
         match p {
-            Pending::Publish(req) => self.send_publish(req, eval, target, hops),
+            Pending::Publish(req, _) => self.send_publish(req, eval, target, hops),
             Pending::Open { room, hint, tail } => {
                 self.send_open(room, hint, tail, eval, target, hops)
             }

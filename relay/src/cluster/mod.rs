@@ -68,6 +68,10 @@ pub use config::{
 pub use engine::EngineHandle;
 
 use crate::ids::RoomName;
+use crate::stats::Histogram;
+/// The stage histograms' snapshots ([`ClusterStats::stages`]) and their buckets' upper
+/// bounds (µs).
+pub use crate::stats::{BUCKETS, HistogramSnapshot};
 
 /// A request from an owner worker to its engine thread.
 #[derive(Debug)]
@@ -411,9 +415,34 @@ pub struct ClusterStats {
     pub user_loads: AtomicU64,
     /// Users' notice channels subscribed, all workers together.
     pub users_watched: AtomicI64,
+    /// The engine's path by stage, in µs (see ARCHITECTURE.md's cluster section): a
+    /// command queued by its worker until its engine thread took it off the channel.
+    pub to_engine_us: Histogram,
+    /// A publish written to Redis until its answer was read (Redis' own time, its
+    /// `appendfsync` included, and the loopback both ways).
+    pub publish_reply_us: Histogram,
+    /// An answer or message read by the engine thread until its worker took the event.
+    pub to_worker_us: Histogram,
 }
 
 impl ClusterStats {
+    /// The engine's path by stage so far, every worker together: `[to_engine_us,
+    /// publish_reply_us, to_worker_us]`.
+    pub fn stages(&self) -> [HistogramSnapshot; 3] {
+        let mut out = [HistogramSnapshot::default(); 3];
+        for (h, into) in [
+            &self.to_engine_us,
+            &self.publish_reply_us,
+            &self.to_worker_us,
+        ]
+        .into_iter()
+        .zip(out.iter_mut())
+        {
+            h.add_to(into);
+        }
+        out
+    }
+
     /// Whether every engine thread has its connections up.
     pub fn healthy(&self) -> bool {
         self.engines_up.load(Ordering::Relaxed) >= self.engines.load(Ordering::Relaxed)

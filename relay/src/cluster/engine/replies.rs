@@ -17,7 +17,7 @@ use bytes::Bytes;
 use super::super::resp::{self, Value};
 use super::super::script;
 use super::super::shard::Pending;
-use super::super::{EngineEvent, RedisAddr};
+use super::super::{EngineEvent, EngineMessage, RedisAddr};
 use super::{Channel, Engine, MAX_HOPS, SubState, channel_key};
 
 /// A command answered `MOVED` or `ASK`: where to send it again.
@@ -130,7 +130,9 @@ impl Engine {
         match pending {
             Pending::Asking => {}
             Pending::Members(step) => self.on_member_reply(step, reply),
-            Pending::Publish(req) => {
+            Pending::Publish(req, sent) => {
+                let took = self.woke.saturating_duration_since(sent).as_micros() as u64;
+                self.stats.publish_reply_us.record(took, 1);
                 if noscript {
                     self.send_publish(req, true, Some(i), hops);
                     return Ok(());
@@ -141,6 +143,10 @@ impl Engine {
                 });
                 match answer {
                     Some((epoch, seq, repeated)) if epoch > 0 && seq > 0 => {
+                        if !repeated && let Some(shard) = self.shards.get_mut(i) {
+                            // The script published it: its copy on the channel is due.
+                            shard.copies_due.answered(req.ticket);
+                        }
                         self.out.push(EngineEvent::Published {
                             ticket: req.ticket,
                             epoch: epoch as u64,
@@ -269,6 +275,16 @@ impl Engine {
                     .bytes()
                     .and_then(|b| script::parse_channel_message(b, &self.prefix))
                 {
+                    // This worker's own publish, its answer handed over already.
+                    Some((
+                        _,
+                        EngineMessage {
+                            ticket: Some(t), ..
+                        },
+                    )) if self
+                        .shards
+                        .get_mut(i)
+                        .is_some_and(|s| s.copies_due.take_copy(t)) => {}
                     Some((epoch, msg)) => self.out.push(EngineEvent::Message {
                         room: c.room.clone(),
                         epoch,
@@ -323,7 +339,8 @@ impl Engine {
         if self.out.is_empty() {
             return;
         }
-        for mut ev in self.out.drain(..) {
+        for ev in self.out.drain(..) {
+            let mut ev = (self.woke, ev);
             loop {
                 match self.events.send_timeout(ev, Duration::from_millis(100)) {
                     Ok(()) => break,
