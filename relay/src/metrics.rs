@@ -194,6 +194,10 @@ pub struct ClusterScrape {
     pub user_loads: u64,
     /// Users' channels subscribed, all workers.
     pub users_watched: i64,
+    /// Markers script calls (one per room per owner tick with markers that moved).
+    pub marker_batches: u64,
+    /// Marker updates dropped while too many waited for the engine.
+    pub markers_dropped: u64,
 }
 
 impl ClusterScrape {
@@ -212,6 +216,8 @@ impl ClusterScrape {
             notices: c.notices.load(Relaxed),
             user_loads: c.user_loads.load(Relaxed),
             users_watched: c.users_watched.load(Relaxed),
+            marker_batches: c.marker_batches.load(Relaxed),
+            markers_dropped: c.markers_dropped.load(Relaxed),
         }
     }
 
@@ -251,6 +257,16 @@ impl ClusterScrape {
                 "pabal_cluster_user_loads",
                 "Reads of a user's rooms and blocks from the engine (a first connection on a worker, a resubscription).",
                 self.user_loads,
+            ),
+            (
+                "pabal_cluster_marker_batches",
+                "Receipts' marker updates sent to the engine (one script call per room per owner tick).",
+                self.marker_batches,
+            ),
+            (
+                "pabal_cluster_markers_dropped",
+                "Marker updates dropped because too many waited for the engine while it was down.",
+                self.markers_dropped,
             ),
         ] {
             let c = ConstCounter::new(v);

@@ -36,6 +36,15 @@
 //! back. The engine thread's side is `engine/members.rs`; the worker's is
 //! `core/cluster/members.rs`.
 //!
+//! # Receipts and the offline hand-off
+//! Members' delivered and read markers live in the engine ([`receipts`]): each owner sends
+//! one script call per room per tick with its phones' coalesced ACKs and READs, the script
+//! moves the markers forward and publishes the moved ones on the room's channel, and every
+//! node's owner sends RECEIPTs from that. The server API's receipts and unread counts are
+//! read there. A message's offline hand-off is decided by the node that sequenced it, by
+//! one script that compares every member's markers and hand-off mark. The engine thread's
+//! side is `engine/receipts.rs`; the worker's is `core/cluster/receipts.rs`.
+//!
 //! # Failure
 //! A lost connection fails the publishes in flight on it (`Overloaded` `unavailable`: not
 //! sequenced as far as the node knows; a retry that carries a v2 publish id or an

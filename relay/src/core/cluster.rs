@@ -32,6 +32,11 @@
 //! Memberships, blocks and join points are the engine's: see `cluster/members.rs` (HELLOs
 //! wait for the user's rooms, changes go to the engine, notices bind and unbind).
 //!
+//! # Receipts
+//! Markers are the engine's too: see `cluster/receipts.rs` (one batch per room per tick to
+//! the engine, markers back from the room's channel, the server API's reads). This node's
+//! own publishes (and only those) join the offline hand-off's windows, in `resolve`.
+//!
 //! Owns: each room's open state, parked requests, the reorder buffer, publishes in flight
 //! (`cluster.max_in_flight`), multi-room API publishes waiting for their rooms. Must not touch: the engine's connections (only
 //! [`EngineCmd`]s out, [`EngineEvent`]s in), other workers (messages only).
