@@ -198,6 +198,8 @@ pub struct ClusterScrape {
     pub marker_batches: u64,
     /// Marker updates dropped while too many waited for the engine.
     pub markers_dropped: u64,
+    /// Rooms whose markers wait for the engine.
+    pub markers_waiting: i64,
 }
 
 impl ClusterScrape {
@@ -218,6 +220,7 @@ impl ClusterScrape {
             users_watched: c.users_watched.load(Relaxed),
             marker_batches: c.marker_batches.load(Relaxed),
             markers_dropped: c.markers_dropped.load(Relaxed),
+            markers_waiting: c.markers_waiting.load(Relaxed),
         }
     }
 
@@ -297,6 +300,11 @@ impl ClusterScrape {
                 "pabal_cluster_users_watched",
                 "Users' notice channels subscribed on the engine, all workers.",
                 self.users_watched,
+            ),
+            (
+                "pabal_cluster_markers_waiting",
+                "Rooms whose receipts' markers wait for the engine (down), all workers.",
+                self.markers_waiting,
             ),
         ] {
             let g = ConstGauge::new(v);

@@ -212,6 +212,56 @@ per_backend! {
         assert_eq!(s, 404);
     }
 
+    fn markers_moved_while_redis_is_down_reach_it_when_it_is_back(backend) {
+        let Some(mut redis) = RedisServer::start("receipts-down") else { return };
+        let n = nodes(backend, &redis, "d", |_| {});
+        const ROOM: &str = "group:cr-down";
+        let mut ann = Client::connect(n[0].addr, "ann");
+        let a = ann.join(ROOM);
+        let mut bob = Client::connect(n[1].addr, "bob");
+        let b = bob.join(ROOM);
+        for i in 1..=3 {
+            assert_eq!(ann.publish_acked(a, format!("m{i}")), i);
+        }
+        receive(&mut bob, b, 3);
+        redis.kill();
+        // The server API's reads are refused, retryable, on every node.
+        let receipts = format!("/v1/rooms/{ROOM}/receipts");
+        for node in &n {
+            for path in [receipts.as_str(), "/v1/users/bob/unread"] {
+                let deadline = Instant::now() + WAIT;
+                loop {
+                    let (status, body) = call(node, "GET", path, None);
+                    if status == 503 {
+                        assert_eq!(body["error"]["code"], "unavailable", "{body}");
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "{path} never refused: {status} {body}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        // bob acks and reads on node 2 meanwhile: kept there, coalesced, until Redis is back.
+        bob.send(&ClientFrame::Ack(Ack::from_pairs(&[(b, 1)])));
+        bob.send(&ClientFrame::Ack(Ack::from_pairs(&[(b, 3)])));
+        bob.send(&ClientFrame::Read(ReadFrame { alias: b, seq: 2 }));
+        let stats = n[1].cluster().unwrap().clone();
+        let deadline = Instant::now() + WAIT;
+        while stats.markers_waiting.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "bob's markers never waited for the engine");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        redis.restart();
+        // Sent on recovery: every node reads them, and ann's phone on node 1 hears them.
+        for node in &n {
+            until(node, &receipts, "bob's markers (3, 2) after recovery", |b| {
+                markers_of(b, "bob") == Some((3, 2))
+            });
+        }
+        receipt_for(&mut ann, "bob", 3, 2);
+        assert_eq!(stats.markers_waiting.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
     fn a_message_is_handed_off_by_one_node_never_to_a_member_who_acked_on_another(backend) {
         let Some(redis) = RedisServer::start("receipts-handoff") else { return };
         let (url, requests) = app_server();

@@ -703,6 +703,7 @@ impl Engine {
                 markers,
             } => self.send_markers(room, epoch, markers, (false, None, 0)),
             EngineCmd::Handoff(check) => self.send_handoff(check, (false, None, 0)),
+            EngineCmd::LoadMarkers { room } => self.send_load_markers(room),
             EngineCmd::ReadReceipts { ticket, room } => self.send_read_receipts(ticket, &room),
             EngineCmd::ReadUnread {
                 ticket,

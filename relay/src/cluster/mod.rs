@@ -163,6 +163,12 @@ pub enum EngineCmd {
         /// One marker per member.
         markers: Vec<(Text, crate::core::Marker)>,
     },
+    /// Read a room's markers (the room opened here, or its channel was resubscribed):
+    /// answered by [`EngineEvent::Markers`] with every member's markers.
+    LoadMarkers {
+        /// The room.
+        room: RoomName,
+    },
     /// A hand-off window of this node's messages is due: the engine decides who is owed
     /// what ([`receipts::HANDOFF`]); answered by [`EngineEvent::HandoffOwed`]. Waits for the
     /// engine while it is down.
@@ -422,7 +428,7 @@ pub enum EngineEvent {
         ok: bool,
     },
     /// Members' markers of a room moved in the engine (published on the room's channel by
-    /// whichever node moved them).
+    /// whichever node moved them), or were read for [`EngineCmd::LoadMarkers`].
     Markers {
         /// The room.
         room: RoomName,
@@ -488,6 +494,8 @@ pub struct ClusterStats {
     pub marker_batches: AtomicU64,
     /// Marker updates dropped because too many rooms' markers waited for the engine.
     pub markers_dropped: AtomicU64,
+    /// Rooms whose markers wait for the engine (down), all workers together.
+    pub markers_waiting: AtomicI64,
 }
 
 impl ClusterStats {

@@ -69,6 +69,16 @@ end
 return #out
 ";
 
+/// A room's markers for a node opening the room (or resubscribing its channel): KEYS meta,
+/// markers; ARGV max. Returns `{epoch, [user, marker, ...]}`, `{epoch}` past the cap (the
+/// node learns markers as they move), `{''}` for a room the engine does not hold.
+pub const LOAD_MARKERS: &str = r"
+local e = redis.call('HGET', KEYS[1], 'e')
+if not e then return {''} end
+if redis.call('HLEN', KEYS[2]) > tonumber(ARGV[1]) then return {e} end
+return {e, redis.call('HGETALL', KEYS[2])}
+";
+
 /// A room's receipts: KEYS meta, members, markers; ARGV max members. Returns
 /// `{epoch, head, [user, join point, ...], [user, marker, ...]}`, `{''}` for a room the
 /// engine does not hold, `{'full', count}` past the cap.
@@ -204,6 +214,25 @@ pub fn parse_markers_message(body: &[u8]) -> Option<(u64, Vec<(Text, Marker)>)> 
         rest = rest.strip_prefix(b" ").unwrap_or(rest);
     }
     Some((epoch, out))
+}
+
+/// Parses [`LOAD_MARKERS`]' answer: `(epoch, markers of that epoch)`; `None` for a room
+/// the engine does not hold, or a malformed answer.
+pub fn parse_loaded_markers(reply: &Value) -> Option<(u64, Vec<(Text, Marker)>)> {
+    let a = reply.array()?;
+    let epoch = value_num(a.first()?)?;
+    let markers = match a.get(1) {
+        None => Vec::new(),
+        Some(pairs) => pairs
+            .array()?
+            .chunks_exact(2)
+            .filter_map(|p| {
+                let user = Text::from_utf8(p[0].bytes()?.clone()).ok()?;
+                Some((user, parse_marker(p[1].bytes()?, epoch)?))
+            })
+            .collect(),
+    };
+    Some((epoch, markers))
 }
 
 /// Parses [`HANDOFF`]'s answer: `(user, first, last)` per member owed.
@@ -392,6 +421,38 @@ mod tests {
             parse_room_unread(&arr(vec![bulk("")]), room, join)
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn loaded_markers_parse_and_skip_other_epochs() {
+        let bulk = |s: &str| Value::Bulk(Some(Bytes::copy_from_slice(s.as_bytes())));
+        let reply = Value::Array(Some(vec![
+            bulk("7"),
+            Value::Array(Some(vec![
+                bulk("bob"),
+                bulk("7:4:2"),
+                bulk("ann"),
+                bulk("6:9:9"),
+            ])),
+        ]));
+        let (epoch, markers) = parse_loaded_markers(&reply).unwrap();
+        assert_eq!(epoch, 7);
+        assert_eq!(
+            markers,
+            vec![(
+                Text::from("bob"),
+                Marker {
+                    delivered: 4,
+                    read: 2
+                }
+            )]
+        );
+        let capped = Value::Array(Some(vec![bulk("7")]));
+        assert_eq!(parse_loaded_markers(&capped), Some((7, Vec::new())));
+        assert_eq!(
+            parse_loaded_markers(&Value::Array(Some(vec![bulk("")]))),
+            None
         );
     }
 

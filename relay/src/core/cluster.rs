@@ -279,6 +279,8 @@ impl Core {
             | EngineEvent::ReceiptsRead { .. }
             | EngineEvent::UnreadRead { .. }) => self.on_receipts_event(receipts),
             EngineEvent::Resubscribed { room } => {
+                // Markers that moved while the channel was down were not heard here.
+                self.cluster_load_markers(&room);
                 let Some(sync) = self.sync_mut(&room) else {
                     return;
                 };
@@ -929,6 +931,7 @@ impl Core {
 
     fn on_opened(&mut self, room: RoomName, epoch: u64, seq: u64, tail: Vec<EngineMessage>) {
         let now_ms = self.now_ms();
+        self.cluster_load_markers(&room);
         if !self.owned.contains_key(&room) {
             self.create_room(&room, epoch);
         }

@@ -28,7 +28,7 @@ thread_local! {
 }
 
 impl Harness {
-    /// Plays the engine's membership side, as the scripts of `cluster/membership.rs` do
+    /// Plays the engine's membership side (and answers markers loads: none), as the scripts of `cluster/membership.rs` do
     /// in Redis: a user's rooms are read when a worker watches the user, and a change is
     /// answered and its notice sent back to the worker (which watches every user it holds
     /// a connection of). The join point is the owner's epoch and head.
@@ -50,6 +50,9 @@ impl Harness {
                         events.push(EngineEvent::UserLoaded { user, rooms });
                     }
                     EngineCmd::UnwatchUser { .. } => {}
+                    // A room's markers, read when it opens: these tests' engine holds
+                    // none (an empty answer changes nothing).
+                    EngineCmd::LoadMarkers { .. } => {}
                     EngineCmd::Member(req) => {
                         let MemberChange::Join { serial, .. } = req.change else {
                             panic!("only joins in these tests: {req:?}");

@@ -34,6 +34,9 @@ const MAX_WAITING_ROOMS: usize = 65_536;
 const MAX_WAITING_MEMBERS: usize = 100_000;
 /// Hand-off decisions that may wait for the engine, per engine thread.
 const MAX_WAITING_CHECKS: usize = 65_536;
+/// A room's markers are loaded at open for at most this many members (more: learnt as
+/// they move).
+const MAX_LOADED_MARKERS: usize = 10_000;
 /// A room's receipts are read for at most this many members (more: refused).
 pub(in crate::cluster) const MAX_RECEIPTS_MEMBERS: usize = 100_000;
 
@@ -47,6 +50,8 @@ pub(in crate::cluster) enum Step {
     },
     /// A hand-off decision.
     Handoff(HandoffCheck),
+    /// A room's markers for its owner.
+    Load { room: RoomName },
     /// A room's receipts for the server API.
     Receipts { ticket: u64 },
     /// A user's rooms, first step of the unread counts.
@@ -167,6 +172,9 @@ impl Engine {
                 .fetch_add(markers.len() as u64, Ordering::Relaxed);
             return;
         }
+        if !waiting.contains_key(&room) {
+            self.stats.markers_waiting.fetch_add(1, Ordering::Relaxed);
+        }
         let (e, by_member) = waiting.entry(room).or_default();
         if epoch != *e {
             if epoch < *e {
@@ -233,6 +241,27 @@ impl Engine {
         self.push_receipts_pending(shard, Step::Handoff(check), hops);
     }
 
+    /// Reads a room's markers for its owner (nothing while the engine is down: the room's
+    /// next open or resubscription reads them).
+    pub(super) fn send_load_markers(&mut self, room: RoomName) {
+        let meta = room_key(&room, "m");
+        let shard = self.route(&meta);
+        let Some(conn) = shard
+            .and_then(|i| self.shards.get_mut(i))
+            .and_then(|s| s.cmd.as_mut())
+        else {
+            return;
+        };
+        let mut d = [0; 20];
+        encode_script(
+            &mut conn.wbuf,
+            (r::LOAD_MARKERS, &Bytes::new(), true),
+            &[&meta, &room_key(&room, "k")],
+            &[decimal(MAX_LOADED_MARKERS as u64, &mut d)],
+        );
+        self.push_receipts_pending(shard, Step::Load { room }, 0);
+    }
+
     /// The server API's read of a room's markers (fails at once while the engine is down).
     pub(super) fn send_read_receipts(&mut self, ticket: u64, room: &RoomName) {
         let meta = room_key(room, "m");
@@ -291,7 +320,11 @@ impl Engine {
     /// A command connection came up: what waited for the engine is sent (what still has
     /// no connection waits again).
     pub(super) fn send_receipts_waiting(&mut self) {
-        for (room, (epoch, by_member)) in std::mem::take(&mut self.receipts.waiting) {
+        let waiting = std::mem::take(&mut self.receipts.waiting);
+        self.stats
+            .markers_waiting
+            .fetch_sub(waiting.len() as i64, Ordering::Relaxed);
+        for (room, (epoch, by_member)) in waiting {
             self.send_markers(
                 room,
                 epoch,
@@ -322,6 +355,7 @@ impl Engine {
                 ticket,
                 answer: Err(()),
             }),
+            Step::Load { .. } => {}
             Step::UserRooms { ticket, .. } => self.fail_gather(ticket, false),
             Step::RoomUnread { ticket, .. } => self.fail_gather(ticket, true),
         }
@@ -370,7 +404,7 @@ impl Engine {
             return match step {
                 // Refused, not lost: a marker is sent again with the member's next ACK or
                 // READ; a refused hand-off decision is not retried.
-                Step::Markers { .. } | Step::Handoff(_) => {}
+                Step::Markers { .. } | Step::Handoff(_) | Step::Load { .. } => {}
                 other => self.receipts_give_up(other),
             };
         }
@@ -383,6 +417,15 @@ impl Engine {
                     tracing::warn!(worker = self.worker, reply = ?reply, "a malformed answer to a hand-off decision");
                 }
             },
+            Step::Load { room } => {
+                if let Some((epoch, markers)) = r::parse_loaded_markers(&reply) {
+                    self.out.push(EngineEvent::Markers {
+                        room,
+                        epoch,
+                        markers,
+                    });
+                }
+            }
             Step::Receipts { ticket } => {
                 let answer = r::parse_receipts(&reply).ok_or(());
                 self.out.push(EngineEvent::ReceiptsRead { ticket, answer });

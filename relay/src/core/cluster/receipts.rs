@@ -96,6 +96,17 @@ impl Core {
         }
     }
 
+    /// Reads `room`'s markers from the engine (it opened here, or its channel came back):
+    /// what moved while this node was not listening reaches its phones' RECEIPTs.
+    pub(in crate::core) fn cluster_load_markers(&mut self, room: &RoomName) {
+        if room.channel {
+            return;
+        }
+        if let Some(side) = self.cluster.as_deref_mut() {
+            side.out.push(EngineCmd::LoadMarkers { room: room.clone() });
+        }
+    }
+
     /// Remembers `reply` for an engine read; its ticket.
     fn wait_for_engine(&mut self, reply: ReplyTo) -> Option<u64> {
         let side = self.cluster.as_deref_mut()?;
