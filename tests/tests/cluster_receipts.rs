@@ -99,6 +99,20 @@ fn receive(client: &mut Client, alias: u32, seq: u64) {
     );
 }
 
+/// ann on node 1 (a version-3 phone: RECEIPT frames) and bob on node 2 join `room`; ann
+/// publishes 1..=3 and bob receives them. Their phones and aliases.
+fn ann_and_bob(n: &[TestRelay], room: &str) -> ((Client, u32), (Client, u32)) {
+    let mut ann = Client::connect(n[0].addr, "ann");
+    let a = ann.join(room);
+    let mut bob = Client::connect(n[1].addr, "bob");
+    let b = bob.join(room);
+    for i in 1..=3 {
+        assert_eq!(ann.publish_acked(a, format!("m{i}")), i);
+    }
+    receive(&mut bob, b, 3);
+    ((ann, a), (bob, b))
+}
+
 /// One hand-off item: `(user, first_seq, last_seq, publisher)`.
 type Item = (String, u64, u64, String);
 
@@ -173,15 +187,7 @@ per_backend! {
         let Some(redis) = RedisServer::start("receipts-markers") else { return };
         let n = nodes(backend, &redis, "m", |_| {});
         const ROOM: &str = "group:cr-markers";
-        // ann on node 1 (a version-3 phone: RECEIPT frames), bob on node 2.
-        let mut ann = Client::connect(n[0].addr, "ann");
-        let a = ann.join(ROOM);
-        let mut bob = Client::connect(n[1].addr, "bob");
-        let b = bob.join(ROOM);
-        for i in 1..=3 {
-            assert_eq!(ann.publish_acked(a, format!("m{i}")), i);
-        }
-        receive(&mut bob, b, 3);
+        let ((mut ann, _), (mut bob, b)) = ann_and_bob(&n, ROOM);
         // Every node (node 3 holds no phone of bob's) counts bob's three unread.
         for node in &n {
             let body = until(node, "/v1/users/bob/unread", "bob's 3 unread", |b| {
@@ -216,14 +222,7 @@ per_backend! {
         let Some(mut redis) = RedisServer::start("receipts-down") else { return };
         let n = nodes(backend, &redis, "d", |_| {});
         const ROOM: &str = "group:cr-down";
-        let mut ann = Client::connect(n[0].addr, "ann");
-        let a = ann.join(ROOM);
-        let mut bob = Client::connect(n[1].addr, "bob");
-        let b = bob.join(ROOM);
-        for i in 1..=3 {
-            assert_eq!(ann.publish_acked(a, format!("m{i}")), i);
-        }
-        receive(&mut bob, b, 3);
+        let ((mut ann, _), (mut bob, b)) = ann_and_bob(&n, ROOM);
         redis.kill();
         // The server API's reads are refused, retryable, on every node.
         let receipts = format!("/v1/rooms/{ROOM}/receipts");

@@ -121,10 +121,7 @@ impl Engine {
             Topology::Cluster => b"SPUBLISH",
         };
         let sha = self.receipts.markers_sha.clone();
-        let Some(conn) = shard
-            .and_then(|i| self.shards.get_mut(i))
-            .and_then(|s| s.cmd.as_mut())
-        else {
+        let Some(conn) = self.cmd_conn(shard) else {
             return self.keep_markers(room, epoch, markers);
         };
         let (members, keys, channel) = (
@@ -209,10 +206,7 @@ impl Engine {
         let meta = room_key(&check.room, "m");
         let shard = target.or_else(|| self.route(&meta));
         let sha = self.receipts.handoff_sha.clone();
-        let Some(conn) = shard
-            .and_then(|i| self.shards.get_mut(i))
-            .and_then(|s| s.cmd.as_mut())
-        else {
+        let Some(conn) = self.cmd_conn(shard) else {
             if self.receipts.checks.len() < MAX_WAITING_CHECKS {
                 self.receipts.checks.push(check);
             } else {
@@ -246,10 +240,7 @@ impl Engine {
     pub(super) fn send_load_markers(&mut self, room: RoomName) {
         let meta = room_key(&room, "m");
         let shard = self.route(&meta);
-        let Some(conn) = shard
-            .and_then(|i| self.shards.get_mut(i))
-            .and_then(|s| s.cmd.as_mut())
-        else {
+        let Some(conn) = self.cmd_conn(shard) else {
             return;
         };
         let mut d = [0; 20];
@@ -266,10 +257,7 @@ impl Engine {
     pub(super) fn send_read_receipts(&mut self, ticket: u64, room: &RoomName) {
         let meta = room_key(room, "m");
         let shard = self.route(&meta);
-        let Some(conn) = shard
-            .and_then(|i| self.shards.get_mut(i))
-            .and_then(|s| s.cmd.as_mut())
-        else {
+        let Some(conn) = self.cmd_conn(shard) else {
             return self.out.push(EngineEvent::ReceiptsRead {
                 ticket,
                 answer: Err(()),
@@ -290,10 +278,7 @@ impl Engine {
     pub(super) fn send_read_unread(&mut self, ticket: u64, user: &Text, max_rooms: usize) {
         let rooms = super::super::membership::user_key(user, "r");
         let shard = self.route(&rooms);
-        let Some(conn) = shard
-            .and_then(|i| self.shards.get_mut(i))
-            .and_then(|s| s.cmd.as_mut())
-        else {
+        let Some(conn) = self.cmd_conn(shard) else {
             return self.out.push(EngineEvent::UnreadRead {
                 ticket,
                 answer: Err(None),
@@ -308,6 +293,13 @@ impl Engine {
         );
         let user = user.clone();
         self.push_receipts_pending(shard, Step::UserRooms { ticket, user }, 0);
+    }
+
+    /// Shard `shard`'s command connection, if it is up.
+    fn cmd_conn(&mut self, shard: Option<usize>) -> Option<&mut super::Conn> {
+        shard
+            .and_then(|i| self.shards.get_mut(i))
+            .and_then(|s| s.cmd.as_mut())
     }
 
     fn push_receipts_pending(&mut self, shard: Option<usize>, step: Step, hops: u8) {
@@ -490,10 +482,7 @@ impl Engine {
         for (room, join) in rooms {
             let meta = room_key(&room, "m");
             let shard = self.route(&meta);
-            let Some(conn) = shard
-                .and_then(|i| self.shards.get_mut(i))
-                .and_then(|s| s.cmd.as_mut())
-            else {
+            let Some(conn) = self.cmd_conn(shard) else {
                 return self.fail_gather(ticket, true);
             };
             encode_script(
