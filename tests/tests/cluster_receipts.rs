@@ -12,11 +12,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use pabal_codec::{Ack, ClientFrame, Event, Read as ReadFrame};
-use pabal_relay::cluster::ClusterConfig;
+use pabal_relay::cluster::{ClusterConfig, Topology};
 use pabal_relay::config::Config;
 use pabal_relay::io::BackendKind;
 use pabal_testkit::http::{KEY, http};
-use pabal_testkit::redis::RedisServer;
+use pabal_testkit::redis::{RedisCluster, RedisServer};
 use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
 use serde_json::{Value, json};
 
@@ -27,12 +27,25 @@ fn nodes(
     prefix: &str,
     tweak: impl Fn(&mut Config),
 ) -> Vec<TestRelay> {
+    let engine = ClusterConfig {
+        redis: vec![redis.url()],
+        ..ClusterConfig::default()
+    };
+    nodes_on(backend, &engine, prefix, tweak)
+}
+
+/// Three cluster nodes on `engine` (its `node_id` set per node).
+fn nodes_on(
+    backend: BackendKind,
+    engine: &ClusterConfig,
+    prefix: &str,
+    tweak: impl Fn(&mut Config),
+) -> Vec<TestRelay> {
     (1..=3)
         .map(|i| {
             let cluster = ClusterConfig {
-                redis: vec![redis.url()],
                 node_id: Some(format!("{prefix}{i}")),
-                ..ClusterConfig::default()
+                ..engine.clone()
             };
             TestRelay::cluster_node(backend, cluster, |c| {
                 c.receipts.interval = Duration::from_millis(20);
@@ -216,6 +229,30 @@ per_backend! {
         // A room the engine does not hold is not found, on any node.
         let (s, _) = call(&n[2], "GET", "/v1/rooms/group:cr-none/receipts", None);
         assert_eq!(s, 404);
+    }
+
+    fn markers_move_across_nodes_on_a_redis_cluster_and_go_with_a_leave(backend) {
+        let Some(redis) = RedisCluster::start("receipts-rc", 3) else { return };
+        let engine = ClusterConfig {
+            topology: Topology::Cluster,
+            redis: vec![redis.urls()[0].clone()],
+            ..ClusterConfig::default()
+        };
+        let n = nodes_on(backend, &engine, "c", |_| {});
+        const ROOM: &str = "group:cr-sharded";
+        let ((mut ann, _), (mut bob, b)) = ann_and_bob(&n, ROOM);
+        // The markers script and its sharded publish on the room's shard.
+        bob.send(&ClientFrame::Ack(Ack::from_pairs(&[(b, 3)])));
+        receipt_for(&mut ann, "bob", 3, 0);
+        let receipts = format!("/v1/rooms/{ROOM}/receipts");
+        until(&n[2], &receipts, "bob's markers (3, 0)", |b| markers_of(b, "bob") == Some((3, 0)));
+        // A leave takes bob's markers with it: back in the room, bob starts again at 0.
+        let (s, body) = call(&n[2], "DELETE", &format!("/v1/rooms/{ROOM}/members/bob"), None);
+        assert_eq!(s, 200, "{body}");
+        let (s, body) = call(&n[2], "POST", &format!("/v1/rooms/{ROOM}/members"), Some(json!({"users": ["bob"]})));
+        assert_eq!(s, 200, "{body}");
+        let body = until(&n[0], &receipts, "bob a member again", |b| markers_of(b, "bob").is_some());
+        assert_eq!(markers_of(&body, "bob"), Some((0, 0)), "{body}");
     }
 
     fn markers_moved_while_redis_is_down_reach_it_when_it_is_back(backend) {
