@@ -1046,16 +1046,6 @@ impl Config {
         self.storage.validate()?;
         if let Some(cluster) = &self.cluster {
             cluster.validate(self.storage.mode)?;
-            if self.handoff.enabled() {
-                // A node's owner sees only its own phones' acks (markers are not in the
-                // engine yet): it would hand off members acking on other nodes.
-                return Err(invalid(
-                    "handoff.url",
-                    "offline hand-off cannot be combined with [cluster] in this version: \
-                     delivered markers are kept per node, not in the engine"
-                        .to_string(),
-                ));
-            }
         }
         self.handoff.validate(!self.control.listen.is_empty())?;
         Ok(())

@@ -389,6 +389,13 @@ pub enum ControlOp {
         /// The user's rooms owned by this worker.
         rooms: Vec<RoomName>,
     },
+    /// With `[cluster]`: a user's unread counts in every room of theirs, read from the
+    /// engine (sent to the worker owning the user's id as a room name). Alone, the rooms
+    /// of the user's this worker owns.
+    UnreadEverywhere {
+        /// The user.
+        user: Text,
+    },
     /// A room's members' delivered and read markers.
     Receipts {
         /// The room.

@@ -197,6 +197,12 @@ pub struct ClusterScrape {
     /// The engine's path by stage (µs): `[to_engine, publish_reply, to_worker]`, see
     /// [`crate::cluster::ClusterStats::stages`].
     pub stages: [HistogramSnapshot; 3],
+    /// Markers script calls (one per room per owner tick with markers that moved).
+    pub marker_batches: u64,
+    /// Marker updates dropped while too many waited for the engine.
+    pub markers_dropped: u64,
+    /// Rooms whose markers wait for the engine.
+    pub markers_waiting: i64,
 }
 
 impl ClusterScrape {
@@ -216,6 +222,9 @@ impl ClusterScrape {
             user_loads: c.user_loads.load(Relaxed),
             users_watched: c.users_watched.load(Relaxed),
             stages: c.stages(),
+            marker_batches: c.marker_batches.load(Relaxed),
+            markers_dropped: c.markers_dropped.load(Relaxed),
+            markers_waiting: c.markers_waiting.load(Relaxed),
         }
     }
 
@@ -256,6 +265,16 @@ impl ClusterScrape {
                 "Reads of a user's rooms and blocks from the engine (a first connection on a worker, a resubscription).",
                 self.user_loads,
             ),
+            (
+                "pabal_cluster_marker_batches",
+                "Receipts' marker updates sent to the engine (one script call per room per owner tick).",
+                self.marker_batches,
+            ),
+            (
+                "pabal_cluster_markers_dropped",
+                "Marker updates dropped because too many waited for the engine while it was down.",
+                self.markers_dropped,
+            ),
         ] {
             let c = ConstCounter::new(v);
             c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)?;
@@ -285,6 +304,11 @@ impl ClusterScrape {
                 "pabal_cluster_users_watched",
                 "Users' notice channels subscribed on the engine, all workers.",
                 self.users_watched,
+            ),
+            (
+                "pabal_cluster_markers_waiting",
+                "Rooms whose receipts' markers wait for the engine (down), all workers.",
+                self.markers_waiting,
             ),
         ] {
             let g = ConstGauge::new(v);

@@ -906,10 +906,6 @@ fn check_config_names_bad_cluster_fields() {
             "[storage]\nmode = \"disk\"\ndir = \"/var/lib/relay\"\n[cluster]\n",
             "storage.mode",
         ),
-        (
-            "[cluster]\n[handoff]\nurl = \"http://127.0.0.1:9/hook\"\nsecret = \"0123456789abcdef0123\"\n",
-            "handoff.url",
-        ),
     ] {
         std::fs::write(&config, body).unwrap();
         let (ok, stderr) = check_config(&config);
@@ -923,4 +919,12 @@ fn check_config_names_bad_cluster_fields() {
     .unwrap();
     let (ok, stderr) = check_config(&config);
     assert!(ok, "{stderr}");
+    // Offline hand-off works with [cluster] (markers live in the engine).
+    std::fs::write(
+        &config,
+        "[cluster]\nredis = [\"redis://127.0.0.1:6379\"]\n[handoff]\nurl = \"http://127.0.0.1:9/hook\"\nsecret = \"0123456789abcdef0123\"\n",
+    )
+    .unwrap();
+    let (ok, stderr) = check_config(&config);
+    assert!(ok, "[cluster] with [handoff] is refused: {stderr}");
 }

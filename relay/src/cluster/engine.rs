@@ -43,6 +43,7 @@ use super::{
 use crate::ids::RoomName;
 
 pub(super) mod members;
+pub(super) mod receipts;
 mod replies;
 
 use replies::Redirect;
@@ -116,6 +117,7 @@ impl EngineHandle {
             map_retry: Retry::now(),
             channels: HashMap::new(),
             users: HashMap::new(),
+            receipts: receipts::EngineReceipts::default(),
             fills_waiting: Vec::new(),
             redirects: Vec::new(),
             out: Vec::new(),
@@ -237,6 +239,8 @@ struct Engine {
     /// Users' notice channels (`members.rs`), on the shard of their key, with plain
     /// pub/sub whatever the topology (a Redis Cluster carries it to every node).
     users: HashMap<Bytes, members::UserWatch>,
+    /// Receipts' commands waiting for the engine and gathers (`receipts.rs`).
+    receipts: receipts::EngineReceipts,
     fills_waiting: Vec<(RoomName, u64, Option<u64>)>,
     /// Commands answered `MOVED` or `ASK` in the replies being read, with their hops.
     redirects: Vec<(Pending, u8, Redirect)>,
@@ -591,6 +595,7 @@ impl Engine {
         for (room, after, reader) in std::mem::take(&mut self.fills_waiting) {
             self.send_fill(room, after, reader, None, 0);
         }
+        self.send_receipts_waiting();
     }
 
     /// A shard's connection failed: on a Redis Cluster its slots may have moved to a
@@ -635,6 +640,7 @@ impl Engine {
             } => self.fills_waiting.push((room, after, reader)),
             Pending::Asking => {}
             Pending::Members(step) => self.fail_member_step(step),
+            Pending::Receipts(step) => self.receipts_give_up(step),
         }
     }
 
@@ -710,6 +716,19 @@ impl Engine {
             | EngineCmd::UnwatchUser { .. }
             | EngineCmd::ReadMembers { .. }
             | EngineCmd::Kick { .. }) => self.on_member_cmd(cmd),
+            EngineCmd::Markers {
+                room,
+                epoch,
+                markers,
+            } => self.send_markers(room, epoch, markers, (false, None, 0)),
+            EngineCmd::Handoff(check) => self.send_handoff(check, (false, None, 0)),
+            EngineCmd::LoadMarkers { room } => self.send_load_markers(room),
+            EngineCmd::ReadReceipts { ticket, room } => self.send_read_receipts(ticket, &room),
+            EngineCmd::ReadUnread {
+                ticket,
+                user,
+                max_rooms,
+            } => self.send_read_unread(ticket, &user, max_rooms),
             EngineCmd::Close { room } => {
                 let ch = channel_key(&room);
                 let (_, unsubscribe) = self.sub_verbs();
@@ -895,6 +914,7 @@ impl Engine {
             // Membership's steps are not re-routed: the change fails, and its retry (which
             // repairs a half-done change) routes again.
             Pending::Members(step) => self.fail_member_step(step),
+            Pending::Receipts(step) => self.receipts_resend(step, eval, target, hops),
         }
     }
 

@@ -74,10 +74,17 @@ end
 return 1
 ";
 
-/// A room's leave: KEYS members; ARGV user. Returns the join point removed, or `''`.
+/// A room's leave: KEYS members; ARGV user. Returns the join point removed, or `''`. The
+/// member's markers and hand-off mark (`pabal:{r:name}:k`, `:h`, on the same slot, see
+/// [`super::receipts`]) go with the membership.
 pub const ROOM_LEAVE: &str = r"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur then redis.call('HDEL', KEYS[1], ARGV[1]) end
+if cur then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  local base = string.sub(KEYS[1], 1, -2)
+  redis.call('HDEL', base .. 'k', ARGV[1])
+  redis.call('HDEL', base .. 'h', ARGV[1])
+end
 return cur or ''
 ";
 

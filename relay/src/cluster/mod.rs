@@ -36,6 +36,15 @@
 //! back. The engine thread's side is `engine/members.rs`; the worker's is
 //! `core/cluster/members.rs`.
 //!
+//! # Receipts and the offline hand-off
+//! Members' delivered and read markers live in the engine ([`receipts`]): each owner sends
+//! one script call per room per tick with its phones' coalesced ACKs and READs, the script
+//! moves the markers forward and publishes the moved ones on the room's channel, and every
+//! node's owner sends RECEIPTs from that. The server API's receipts and unread counts are
+//! read there. A message's offline hand-off is decided by the node that sequenced it, by
+//! one script that compares every member's markers and hand-off mark. The engine thread's
+//! side is `engine/receipts.rs`; the worker's is `core/cluster/receipts.rs`.
+//!
 //! # Failure
 //! A lost connection fails the publishes in flight on it (`Overloaded` `unavailable`: not
 //! sequenced as far as the node knows; a retry that carries a v2 publish id or an
@@ -52,6 +61,7 @@
 mod config;
 pub mod engine;
 pub mod membership;
+pub mod receipts;
 pub mod resp;
 pub mod script;
 mod shard;
@@ -145,6 +155,43 @@ pub enum EngineCmd {
         ticket: u64,
         /// The user.
         user: Text,
+    },
+    /// Move members' markers of a room forward in the engine and publish those that moved
+    /// ([`receipts::MARKERS`]): one per room per owner tick. While the engine is down the
+    /// engine thread keeps the latest marker per member (bounded) and sends it on recovery.
+    Markers {
+        /// The room.
+        room: RoomName,
+        /// The room's epoch the markers belong to.
+        epoch: u64,
+        /// One marker per member.
+        markers: Vec<(Text, crate::core::Marker)>,
+    },
+    /// Read a room's markers (the room opened here, or its channel was resubscribed):
+    /// answered by [`EngineEvent::Markers`] with every member's markers.
+    LoadMarkers {
+        /// The room.
+        room: RoomName,
+    },
+    /// A hand-off window of this node's messages is due: the engine decides who is owed
+    /// what ([`receipts::HANDOFF`]); answered by [`EngineEvent::HandoffOwed`]. Waits for the
+    /// engine while it is down.
+    Handoff(receipts::HandoffCheck),
+    /// Read a room's members' markers (the server API's receipts).
+    ReadReceipts {
+        /// Matches the answer ([`EngineEvent::ReceiptsRead`]).
+        ticket: u64,
+        /// The room.
+        room: RoomName,
+    },
+    /// Read a user's unread counts in every room of theirs.
+    ReadUnread {
+        /// Matches the answer ([`EngineEvent::UnreadRead`]).
+        ticket: u64,
+        /// The user.
+        user: Text,
+        /// At most this many rooms are read (more: refused).
+        max_rooms: usize,
     },
 }
 
@@ -384,6 +431,38 @@ pub enum EngineEvent {
         /// Published.
         ok: bool,
     },
+    /// Members' markers of a room moved in the engine (published on the room's channel by
+    /// whichever node moved them), or were read for [`EngineCmd::LoadMarkers`].
+    Markers {
+        /// The room.
+        room: RoomName,
+        /// The room's epoch.
+        epoch: u64,
+        /// The markers that moved, as the engine holds them now.
+        markers: Vec<(Text, crate::core::Marker)>,
+    },
+    /// The engine decided a due hand-off window: these members are owed `(first, last)`.
+    HandoffOwed {
+        /// The window.
+        check: receipts::HandoffCheck,
+        /// `(user, first sequence, last sequence)` per member handed off.
+        owed: Vec<(Text, u64, u64)>,
+    },
+    /// A room's markers as the engine holds them; `Err` when the engine could not be read.
+    ReceiptsRead {
+        /// The request's ticket.
+        ticket: u64,
+        /// The answer.
+        answer: Result<receipts::ReceiptsAnswer, ()>,
+    },
+    /// A user's unread counts; `Err(Some(count))` past the cap on rooms, `Err(None)` when
+    /// the engine could not be read.
+    UnreadRead {
+        /// The request's ticket.
+        ticket: u64,
+        /// The rooms (those the engine holds).
+        answer: Result<Vec<crate::mesh::RoomUnread>, Option<u64>>,
+    },
 }
 
 /// The cluster's metrics, shared by the engine threads and the owners (counted per batch
@@ -423,6 +502,12 @@ pub struct ClusterStats {
     pub publish_reply_us: Histogram,
     /// An answer or message read by the engine thread until its worker took the event.
     pub to_worker_us: Histogram,
+    /// Markers script calls (one per room per owner tick with markers that moved).
+    pub marker_batches: AtomicU64,
+    /// Marker updates dropped because too many rooms' markers waited for the engine.
+    pub markers_dropped: AtomicU64,
+    /// Rooms whose markers wait for the engine (down), all workers together.
+    pub markers_waiting: AtomicI64,
 }
 
 impl ClusterStats {

@@ -113,6 +113,8 @@ pub(super) enum Pending {
     Asking,
     /// Membership's commands (`engine/members.rs`).
     Members(super::engine::members::Step),
+    /// Receipts' commands (`engine/receipts.rs`).
+    Receipts(super::engine::receipts::Step),
 }
 
 /// When to try connecting next, and the delay after that.

@@ -408,6 +408,8 @@ impl Call<'_> {
                         "no room named `{}`",
                         room.name
                     ))),
+                    // With [cluster]: read from the engine, which may be unavailable.
+                    ControlReply::Refused(why) => Err(refusal(relay, why)),
                     _ => Err(unexpected()),
                 }
             }
@@ -612,12 +614,22 @@ impl Call<'_> {
     /// A user's unread counts: the user's rooms (from the directory) grouped by owner, every
     /// owner asked at once, one round trip each.
     async fn unread(&self, user: Text) -> Result<Value, ApiError> {
-        let mut rooms = self.relay.directory().rooms_of(&user);
-        rooms.retain(|r| !r.channel);
-        let waiting = self.ask_owners(rooms, |rooms| ControlOp::Unread {
-            user: user.clone(),
-            rooms,
-        });
+        let waiting = if self.relay.cluster().is_some() {
+            // The user's rooms, markers and heads are the engine's: one worker reads them
+            // all there (the same answer on every node).
+            let worker = RoomName::new(false, user.clone()).owner(self.relay.workers());
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let op = ControlOp::UnreadEverywhere { user: user.clone() };
+            self.relay.send(worker, CoreMsg::Control { op, reply: tx });
+            vec![(Vec::new(), rx)]
+        } else {
+            let mut rooms = self.relay.directory().rooms_of(&user);
+            rooms.retain(|r| !r.channel);
+            self.ask_owners(rooms, |rooms| ControlOp::Unread {
+                user: user.clone(),
+                rooms,
+            })
+        };
         let limit = self.settings.config().reply_timeout;
         let deadline = tokio::time::Instant::now() + limit;
         let mut rooms = Vec::new();
@@ -637,6 +649,7 @@ impl Call<'_> {
                         }));
                     }
                 }
+                Ok(Ok(ControlReply::Refused(why))) => return Err(refusal(self.relay, why)),
                 Ok(Ok(_)) => return Err(unexpected()),
                 Ok(Err(_)) => return Err(worker_gone()),
                 Err(_) => return Err(timed_out(limit)),

@@ -32,6 +32,11 @@
 //! Memberships, blocks and join points are the engine's: see `cluster/members.rs` (HELLOs
 //! wait for the user's rooms, changes go to the engine, notices bind and unbind).
 //!
+//! # Receipts
+//! Markers are the engine's too: see `cluster/receipts.rs` (one batch per room per tick to
+//! the engine, markers back from the room's channel, the server API's reads). This node's
+//! own publishes (and only those) join the offline hand-off's windows, in `resolve`.
+//!
 //! Owns: each room's open state, parked requests, the reorder buffer, publishes in flight
 //! (`cluster.max_in_flight`), multi-room API publishes waiting for their rooms. Must not touch: the engine's connections (only
 //! [`EngineCmd`]s out, [`EngineEvent`]s in), other workers (messages only).
@@ -55,6 +60,7 @@ use crate::mesh::{ControlOp, ControlRefusal, ControlReply, CoreMsg, Published, P
 use crate::stats::inc;
 
 mod members;
+mod receipts;
 
 /// Requests waiting for one room to open; more are refused (`unavailable`).
 const MAX_PARKED: usize = 4096;
@@ -182,6 +188,8 @@ pub(super) struct ClusterSide {
     stats: Arc<ClusterStats>,
     /// Membership in the engine (`cluster/members.rs`).
     members: members::MembersSide,
+    /// Markers batches and receipts reads (`cluster/receipts.rs`).
+    receipts: receipts::ReceiptsSide,
 }
 
 impl Core {
@@ -201,11 +209,14 @@ impl Core {
             next_reader: 0,
             stats,
             members: members::MembersSide::default(),
+            receipts: receipts::ReceiptsSide::default(),
         }));
     }
 
     /// Hands the commands for the engine queued since the last call; whether there were any.
     pub fn drain_engine(&mut self, mut send: impl FnMut(EngineCmd)) -> bool {
+        // The tick's marker updates: one command per room.
+        self.flush_marker_batches();
         let Some(side) = self.cluster.as_deref_mut() else {
             return false;
         };
@@ -263,7 +274,13 @@ impl Core {
             | EngineEvent::Notice { .. }
             | EngineEvent::MembersRead { .. }
             | EngineEvent::Kicked { .. }) => self.on_member_event(member),
+            receipts @ (EngineEvent::Markers { .. }
+            | EngineEvent::HandoffOwed { .. }
+            | EngineEvent::ReceiptsRead { .. }
+            | EngineEvent::UnreadRead { .. }) => self.on_receipts_event(receipts),
             EngineEvent::Resubscribed { room } => {
+                // Markers that moved while the channel was down were not heard here.
+                self.cluster_load_markers(&room);
                 let Some(sync) = self.sync_mut(&room) else {
                     return;
                 };
@@ -300,10 +317,20 @@ impl Core {
                 ControlOp::Publish { room, .. }
                 | ControlOp::Members { room, .. }
                 | ControlOp::Info { room, .. }
-                | ControlOp::History { room, .. }
-                | ControlOp::Receipts { room } => room,
-                // Answered from the markers this node's owners hold (markers are not in
-                // the engine yet: see the README's cluster section).
+                | ControlOp::History { room, .. } => room,
+                // Markers live in the engine: read there, the same on every node.
+                ControlOp::Receipts { .. } | ControlOp::UnreadEverywhere { .. } => {
+                    if let CoreMsg::Control { op, reply } = msg {
+                        match op {
+                            ControlOp::Receipts { room } => self.cluster_read_receipts(room, reply),
+                            ControlOp::UnreadEverywhere { user } => {
+                                self.cluster_read_unread(user, reply);
+                            }
+                            _ => {}
+                        }
+                    }
+                    return None;
+                }
                 ControlOp::Unread { .. } => return Some(msg),
                 ControlOp::PublishMany { .. } => {
                     if let CoreMsg::Control {
@@ -688,6 +715,8 @@ impl Core {
             self.config.limits.publish_ids,
             self.config.limits.publish_id_max_age,
         );
+        // This node sequenced it: this node decides its offline hand-off.
+        self.note_own_for_handoff(&p.room, seq, p.ts_ms, &p.sender);
         let origin = match p.publisher {
             Publisher::Client { by, publish_id } => {
                 if let (Some(id), Some(owned)) = (publish_id, self.owned.get_mut(&p.room)) {
@@ -902,6 +931,7 @@ impl Core {
 
     fn on_opened(&mut self, room: RoomName, epoch: u64, seq: u64, tail: Vec<EngineMessage>) {
         let now_ms = self.now_ms();
+        self.cluster_load_markers(&room);
         if !self.owned.contains_key(&room) {
             self.create_room(&room, epoch);
         }

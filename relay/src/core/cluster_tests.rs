@@ -28,7 +28,7 @@ thread_local! {
 }
 
 impl Harness {
-    /// Plays the engine's membership side, as the scripts of `cluster/membership.rs` do
+    /// Plays the engine's membership side (and answers markers loads: none), as the scripts of `cluster/membership.rs` do
     /// in Redis: a user's rooms are read when a worker watches the user, and a change is
     /// answered and its notice sent back to the worker (which watches every user it holds
     /// a connection of). The join point is the owner's epoch and head.
@@ -50,6 +50,9 @@ impl Harness {
                         events.push(EngineEvent::UserLoaded { user, rooms });
                     }
                     EngineCmd::UnwatchUser { .. } => {}
+                    // A room's markers, read when it opens: these tests' engine holds
+                    // none (an empty answer changes nothing).
+                    EngineCmd::LoadMarkers { .. } => {}
                     EngineCmd::Member(req) => {
                         let MemberChange::Join { serial, .. } = req.change else {
                             panic!("only joins in these tests: {req:?}");
@@ -624,4 +627,92 @@ fn a_multi_room_api_publish_answers_each_room_on_its_own() {
         ),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_ticks_acks_and_reads_reach_the_engine_as_one_batch_per_room_and_come_back_from_it() {
+    let (mut h, ann, bob, room, a) = ann_and_bob(ClientSession::new());
+    for seq in 1..=3 {
+        feed(
+            &mut h,
+            EngineEvent::Message {
+                room: room.clone(),
+                epoch: 77,
+                msg: other(seq, "m"),
+            },
+        );
+    }
+    assert_eq!(seqs(h.messages(bob)).len(), 3);
+    let b = h.phones[&bob].session.alias_of("dm").unwrap();
+    // Within one tick: two ACKs and a READ of ann's, an ACK of bob's.
+    for (token, frame) in [
+        (
+            ann,
+            ClientFrame::Ack(pabal_codec::Ack::from_pairs(&[(a, 1)])),
+        ),
+        (
+            ann,
+            ClientFrame::Ack(pabal_codec::Ack::from_pairs(&[(a, 3)])),
+        ),
+        (
+            ann,
+            ClientFrame::Read(pabal_codec::Read { alias: a, seq: 2 }),
+        ),
+        (
+            bob,
+            ClientFrame::Ack(pabal_codec::Ack::from_pairs(&[(b, 2)])),
+        ),
+    ] {
+        let mut bytes = BytesMut::new();
+        frame.encode(&mut bytes);
+        h.core.on_bytes(h.now, token, &bytes);
+    }
+    h.pump();
+    let m = |delivered, read| Marker { delivered, read };
+    match engine_cmds(&mut h).as_slice() {
+        [
+            EngineCmd::Markers {
+                room: r,
+                epoch: 77,
+                markers,
+            },
+        ] => {
+            assert_eq!(r, &room);
+            assert_eq!(
+                markers,
+                &vec![(Text::from("ann"), m(3, 2)), (Text::from("bob"), m(2, 0))],
+                "one entry per member, the latest of each part"
+            );
+        }
+        other => panic!("one markers batch for the room: {other:?}"),
+    }
+    assert_eq!(
+        h.core.markers(&room, &Text::from("bob")),
+        Marker::default(),
+        "the markers are the engine's: applied when its channel says they moved"
+    );
+    // The engine's channel says bob's moved (through any node): a RECEIPT for ann.
+    feed(
+        &mut h,
+        EngineEvent::Markers {
+            room: room.clone(),
+            epoch: 77,
+            markers: vec![(Text::from("bob"), m(2, 0))],
+        },
+    );
+    assert_eq!(h.core.markers(&room, &Text::from("bob")), m(2, 0));
+    h.tick(h.core.config.receipts.interval);
+    let receipts: Vec<Event> = h
+        .events(ann)
+        .into_iter()
+        .filter(|e| matches!(e, Event::Receipt { .. }))
+        .collect();
+    assert!(
+        matches!(receipts.as_slice(), [Event::Receipt { members, .. }]
+            if members.iter().any(|e| e.user.as_str() == "bob" && e.delivered == 2)),
+        "{receipts:?}"
+    );
+    // Nothing moved since: no batch.
+    h.pump();
+    assert!(engine_cmds(&mut h).is_empty());
 }

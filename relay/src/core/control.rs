@@ -29,6 +29,7 @@ impl ControlOp {
             ControlOp::Info { .. }
             | ControlOp::History { .. }
             | ControlOp::Unread { .. }
+            | ControlOp::UnreadEverywhere { .. }
             | ControlOp::Receipts { .. } => false,
         }
     }
@@ -224,6 +225,11 @@ impl Core {
                 connections: self.kick_local(&user),
             },
             ControlOp::Unread { user, rooms } => ControlReply::Unread(self.unread_of(&user, rooms)),
+            ControlOp::UnreadEverywhere { user } => {
+                // Alone (never sent so by the server API): the rooms owned here.
+                let rooms = self.owned.keys().filter(|r| !r.channel).cloned().collect();
+                ControlReply::Unread(self.unread_of(&user, rooms))
+            }
             ControlOp::Receipts { room } => ControlReply::Receipts(self.receipts_of(&room)),
         }
     }

@@ -19,6 +19,8 @@ use std::time::Instant;
 use pabal_codec::Text;
 
 use super::{Core, OwnedRoom};
+use crate::cluster::EngineCmd;
+use crate::cluster::receipts::HandoffCheck;
 use crate::directory::Membership;
 use crate::handoff::Handoff;
 use crate::handoff::detect::{Due, Noted, Window};
@@ -52,7 +54,9 @@ impl Detection {
 
 impl Core {
     /// The owner accepted message `seq` of `room` at `ts_ms`, from `publisher`: it joins the
-    /// room's open window (or opens one) if the room fires hand-offs.
+    /// room's open window (or opens one) if the room fires hand-offs. In cluster mode only
+    /// this node's own messages do ([`Core::note_own_for_handoff`]): another node decides
+    /// the hand-off of its own.
     pub(super) fn note_for_handoff(
         &mut self,
         room: &RoomName,
@@ -60,6 +64,24 @@ impl Core {
         ts_ms: u64,
         publisher: &Text,
     ) {
+        if self.cluster.is_none() {
+            self.note_window(room, seq, ts_ms, publisher);
+        }
+    }
+
+    /// Cluster mode: this node's owner got sequence `seq` for its own publish from the
+    /// engine; the message joins the room's window here, and nowhere else.
+    pub(super) fn note_own_for_handoff(
+        &mut self,
+        room: &RoomName,
+        seq: u64,
+        ts_ms: u64,
+        publisher: &Text,
+    ) {
+        self.note_window(room, seq, ts_ms, publisher);
+    }
+
+    fn note_window(&mut self, room: &RoomName, seq: u64, ts_ms: u64, publisher: &Text) {
         if !self.handoff.on {
             return;
         }
@@ -117,6 +139,17 @@ impl Core {
                 if window.epoch != owned.epoch {
                     continue; // the room's stream restarted: those sequences are gone
                 }
+                if let Some(side) = self.cluster.as_deref_mut() {
+                    // The engine holds every node's markers and who was handed off what:
+                    // it decides (`Core::handoffs_owed` takes its answer).
+                    side.out.push(EngineCmd::Handoff(HandoffCheck {
+                        room: room.clone(),
+                        epoch: window.epoch,
+                        last: window.last,
+                        other: window.other,
+                    }));
+                    continue;
+                }
                 let found = owed(
                     &window,
                     &room,
@@ -136,6 +169,25 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// The engine decided a window of this node's (cluster mode): one hand-off per member
+    /// it found owed something.
+    pub(super) fn handoffs_owed(&mut self, check: &HandoffCheck, owed: Vec<(Text, u64, u64)>) {
+        let found = owed.len();
+        for (user, first_seq, last_seq) in owed {
+            let last = check.ending_at(last_seq);
+            self.handoff.out.push(Handoff {
+                room: check.room.clone(),
+                epoch: check.epoch,
+                first_seq,
+                last_seq,
+                user,
+                publisher: last.publisher.clone(),
+                time_ms: last.ts_ms,
+            });
+        }
+        inc(&self.stats.handoffs_detected, found as u64);
     }
 
     /// Hands the hand-offs found since the last call to `offer` (the runtime's

@@ -114,6 +114,32 @@ impl RoomMarkers {
         self.by_member.get(user).map(|e| e.marker)
     }
 
+    /// Moves `user`'s markers by `update` (at most to `head`), listing the member as moved
+    /// since the last RECEIPT update; `(was, now)` if they moved. A member without an
+    /// entry gets one only if `admit`.
+    fn advance_member(
+        &mut self,
+        user: &Text,
+        update: Marker,
+        head: u64,
+        admit: bool,
+    ) -> Option<(Marker, Marker)> {
+        let entry = match self.by_member.get_mut(user) {
+            Some(entry) => entry,
+            None if admit => self.by_member.entry(user.clone()).or_default(),
+            None => return None,
+        };
+        let was = entry.marker;
+        if !entry.marker.advance(update, head) {
+            return None;
+        }
+        if !entry.moved {
+            entry.moved = true;
+            self.moved.push(user.clone());
+        }
+        Some((was, entry.marker))
+    }
+
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.by_member.len()
@@ -247,6 +273,11 @@ impl Core {
     /// The owner applies members' marker updates (grouped by room): only for members of the
     /// room, only in the room's current stream, never past the head, never backwards.
     pub(super) fn on_markers(&mut self, updates: Vec<MarkerUpdate>) {
+        if self.cluster.is_some() {
+            // The markers are the engine's: they go there, one batch per room per tick, and
+            // come back through the room's channel (`core/cluster/receipts.rs`).
+            return self.cluster_queue_markers(updates);
+        }
         let due = self.now + self.config.receipts.interval;
         let mut advanced = Vec::new();
         let mut runs = updates.into_iter().peekable();
@@ -268,22 +299,9 @@ impl Core {
             {
                 if e == epoch {
                     // A user with an entry is a member (leaving removes it).
-                    let entry = match markers.by_member.get_mut(&user) {
-                        Some(entry) => Some(entry),
-                        None if owned.members.contains(&user) => {
-                            Some(markers.by_member.entry(user.clone()).or_default())
-                        }
-                        None => None,
-                    };
-                    if let Some(entry) = entry {
-                        let was = entry.marker;
-                        if entry.marker.advance(update, head) {
-                            if !entry.moved {
-                                entry.moved = true;
-                                markers.moved.push(user.clone());
-                            }
-                            advanced.push((user, was, entry.marker));
-                        }
+                    let admit = owned.members.contains(&user);
+                    if let Some((was, now)) = markers.advance_member(&user, update, head, admit) {
+                        advanced.push((user, was, now));
                     }
                 }
                 u = runs.next_if(|n| n.room.name == room.name && n.room.id == room.id);
@@ -298,6 +316,42 @@ impl Core {
             for (user, was, now) in advanced.drain(..) {
                 self.markers_advanced(&room, &user, was, now);
             }
+        }
+    }
+
+    /// Markers the engine moved (cluster mode, from the room's channel): taken as they are
+    /// (the engine admits members only and never passes its head, which this node's may
+    /// trail), RECEIPT updates queued as for local ones.
+    pub(super) fn apply_engine_markers(
+        &mut self,
+        room: &RoomName,
+        epoch: u64,
+        markers: Vec<(Text, Marker)>,
+    ) {
+        let due = self.now + self.config.receipts.interval;
+        let Some(owned) = self
+            .owned
+            .get_mut(room)
+            .filter(|o| !room.channel && o.epoch == epoch)
+        else {
+            return;
+        };
+        let held = owned.receipts.get_or_insert_with(Box::default);
+        let mut advanced = Vec::new();
+        for (user, update) in markers {
+            if let Some((was, now)) = held.advance_member(&user, update, u64::MAX, true) {
+                advanced.push((user, was, now));
+            }
+        }
+        if !advanced.is_empty() && !held.queued {
+            held.queued = true;
+            self.receipts_due.push_back((due, room.clone()));
+        }
+        if held.by_member.is_empty() {
+            owned.receipts = None;
+        }
+        for (user, was, now) in advanced {
+            self.markers_advanced(room, &user, was, now);
         }
     }
 

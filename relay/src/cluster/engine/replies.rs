@@ -130,6 +130,7 @@ impl Engine {
         match pending {
             Pending::Asking => {}
             Pending::Members(step) => self.on_member_reply(step, reply),
+            Pending::Receipts(step) => self.on_receipts_reply(i, step, hops, reply),
             Pending::Publish(req, sent) => {
                 let took = self.woke.saturating_duration_since(sent).as_micros() as u64;
                 self.stats.publish_reply_us.record(took, 1);
@@ -271,6 +272,16 @@ impl Engine {
                 let Some(c) = self.channels.get(&ch[..]) else {
                     return; // unsubscribed meanwhile
                 };
+                if let Some((epoch, markers)) = body
+                    .bytes()
+                    .and_then(|b| super::super::receipts::parse_markers_message(b))
+                {
+                    return self.out.push(EngineEvent::Markers {
+                        room: c.room.clone(),
+                        epoch,
+                        markers,
+                    });
+                }
                 match body
                     .bytes()
                     .and_then(|b| script::parse_channel_message(b, &self.prefix))

@@ -1,0 +1,468 @@
+//! Receipts' markers in the engine: every member's delivered and read markers of a room,
+//! and what the offline hand-off handed off, kept on the room's slot so that every node
+//! sees one set of markers (PROTOCOL.md §12 across nodes).
+//!
+//! # Keys (next to the room's meta hash and member hash, `{r:name}`)
+//! - `pabal:{r:name}:k`: the markers, user → `epoch:delivered:read`; only members (the
+//!   script checks the member hash `:u`), only forward, never past the room's head in Redis;
+//!   a part of another epoch counts as 0;
+//! - `pabal:{r:name}:h`: the offline hand-off's high-water mark, user → `epoch:seq`: every
+//!   message up to `seq` was handed off (or delivered) for that member.
+//!
+//! Both lose a member's field when the member leaves (`ROOM_LEAVE` in [`super::membership`]),
+//! so they hold at most one field per member.
+//!
+//! # How a marker travels
+//! Each node's owner coalesces its phones' ACKs and READs per loop tick (as on one relay)
+//! and sends one [`MARKERS`] call per room per tick with the latest marker of each member
+//! that moved. The script moves the markers with `max()`, and publishes the ones that moved
+//! on the room's channel as `R <epoch> (<delivered> <read> <user length> <user>)*` (a room
+//! message starts with its epoch's digits, so the two never mix), which reaches every node
+//! whose phones bind the room; their owners send RECEIPT frames as usual.
+//!
+//! # Offline hand-off
+//! The node whose owner published a message (its script answered the sequence) is the one
+//! that decides its hand-off: when its window is due, [`HANDOFF`] compares every member's
+//! join point, delivered marker and hand-off mark with the window's last message, hands off
+//! the rest and moves the mark, in one script, so two nodes never hand off the same
+//! message and a member who acked on any node is never handed off.
+//!
+//! Owns: these keys, their scripts, the markers' channel format. Must not touch: the
+//! room's stream, meta or member hash (read only).
+
+use pabal_codec::Text;
+
+use super::resp::Value;
+use crate::core::Marker;
+use crate::directory::JoinPoint;
+use crate::handoff::detect::Noted;
+use crate::ids::RoomName;
+use crate::mesh::{RoomReceipts, RoomUnread};
+
+/// Markers update: KEYS meta, members, markers; ARGV epoch, channel, publish command, then
+/// `user, delivered, read` per member. Returns how many moved (published on the channel).
+pub const MARKERS: &str = r"
+local e = redis.call('HGET', KEYS[1], 'e')
+if e ~= ARGV[1] then return 0 end
+local head = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
+local out = {}
+for i = 4, #ARGV, 3 do
+  local u = ARGV[i]
+  if redis.call('HEXISTS', KEYS[2], u) == 1 then
+    local d, r = 0, 0
+    local cur = redis.call('HGET', KEYS[3], u)
+    if cur then
+      local ce, cd, cr = string.match(cur, '^(%d+):(%d+):(%d+)$')
+      if ce == e then d = tonumber(cd); r = tonumber(cr) end
+    end
+    local nr = math.max(r, math.min(tonumber(ARGV[i + 2]) or 0, head))
+    local nd = math.max(d, math.min(tonumber(ARGV[i + 1]) or 0, head), nr)
+    if nd ~= d or nr ~= r then
+      redis.call('HSET', KEYS[3], u, e .. ':' .. nd .. ':' .. nr)
+      out[#out + 1] = nd .. ' ' .. nr .. ' ' .. string.len(u) .. ' ' .. u
+    end
+  end
+end
+if #out > 0 then
+  redis.call(ARGV[3], ARGV[2], 'R ' .. e .. ' ' .. table.concat(out, ' '))
+end
+return #out
+";
+
+/// A room's markers for a node opening the room (or resubscribing its channel): KEYS meta,
+/// markers; ARGV max. Returns `{epoch, [user, marker, ...]}`, `{epoch}` past the cap (the
+/// node learns markers as they move), `{''}` for a room the engine does not hold.
+pub const LOAD_MARKERS: &str = r"
+local e = redis.call('HGET', KEYS[1], 'e')
+if not e then return {''} end
+if redis.call('HLEN', KEYS[2]) > tonumber(ARGV[1]) then return {e} end
+return {e, redis.call('HGETALL', KEYS[2])}
+";
+
+/// A room's receipts: KEYS meta, members, markers; ARGV max members. Returns
+/// `{epoch, head, [user, join point, ...], [user, marker, ...]}`, `{''}` for a room the
+/// engine does not hold, `{'full', count}` past the cap.
+pub const READ_RECEIPTS: &str = r"
+local e = redis.call('HGET', KEYS[1], 'e')
+if not e then return {''} end
+local n = redis.call('HLEN', KEYS[2])
+if n > tonumber(ARGV[1]) then return {'full', n} end
+local s = redis.call('HGET', KEYS[1], 's') or '0'
+return {e, s, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3])}
+";
+
+/// One room of a user's unread counts: KEYS meta, markers; ARGV user. Returns
+/// `{epoch, head, marker or ''}`, or `{''}` for a room the engine does not hold.
+pub const ROOM_UNREAD: &str = r"
+local e = redis.call('HGET', KEYS[1], 'e')
+if not e then return {''} end
+local s = redis.call('HGET', KEYS[1], 's') or '0'
+return {e, s, redis.call('HGET', KEYS[2], ARGV[1]) or ''}
+";
+
+/// A user's rooms: KEYS the user's rooms hash; ARGV max. Returns `{'ok', [field, join
+/// point, ...]}` or `{'full', count}`.
+pub const USER_ROOMS: &str = r"
+local n = redis.call('HLEN', KEYS[1])
+if n > tonumber(ARGV[1]) then return {'full', n} end
+return {'ok', redis.call('HGETALL', KEYS[1])}
+";
+
+/// A hand-off window is due: KEYS meta, members, markers, hand-off marks; ARGV epoch, the
+/// window's last sequence, its publisher, the last sequence by someone else (0: none).
+/// Every member with something owed past `max(join point, delivered, handed off)` up to
+/// the window's last message (for its publisher: the last by someone else) gets its mark
+/// moved there. Returns `[user, first, last, ...]`.
+pub const HANDOFF: &str = r"
+local e = redis.call('HGET', KEYS[1], 'e')
+if e ~= ARGV[1] then return {} end
+local out = {}
+local m = redis.call('HGETALL', KEYS[2])
+for i = 1, #m, 2 do
+  local u = m[i]
+  local done = 0
+  local je, js = string.match(m[i + 1], '^(%d+):(%d+):')
+  if je == e then done = tonumber(js) end
+  local k = redis.call('HGET', KEYS[3], u)
+  if k then
+    local ke, kd = string.match(k, '^(%d+):(%d+):')
+    if ke == e then done = math.max(done, tonumber(kd)) end
+  end
+  local h = redis.call('HGET', KEYS[4], u)
+  if h then
+    local he, hs = string.match(h, '^(%d+):(%d+)$')
+    if he == e then done = math.max(done, tonumber(hs)) end
+  end
+  local last = tonumber(ARGV[2])
+  if u == ARGV[3] then last = tonumber(ARGV[4]) end
+  if done < last then
+    redis.call('HSET', KEYS[4], u, e .. ':' .. last)
+    out[#out + 1] = u
+    out[#out + 1] = done + 1
+    out[#out + 1] = last
+  end
+end
+return out
+";
+
+/// A due hand-off window sent to the engine for its decision.
+#[derive(Debug, Clone)]
+pub struct HandoffCheck {
+    /// The room.
+    pub room: RoomName,
+    /// The window's epoch.
+    pub epoch: u64,
+    /// Its last message.
+    pub last: Noted,
+    /// Its last message by someone other than `last.publisher`.
+    pub other: Option<Noted>,
+}
+
+impl HandoffCheck {
+    /// The message a hand-off ending at `last_seq` names (the window's last, or the last
+    /// by someone else).
+    pub fn ending_at(&self, last_seq: u64) -> &Noted {
+        match &self.other {
+            Some(o) if o.seq == last_seq => o,
+            _ => &self.last,
+        }
+    }
+}
+
+fn num(b: &[u8]) -> Option<u64> {
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
+
+/// An integer or a decimal bulk string.
+fn value_num(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        other => num(other.bytes()?),
+    }
+}
+
+/// Parses a stored marker `epoch:delivered:read` if it is of `epoch` (another epoch's is
+/// none).
+fn parse_marker(text: &[u8], epoch: u64) -> Option<Marker> {
+    let mut parts = text.splitn(3, |&b| b == b':').map(num);
+    let e = parts.next()??;
+    let delivered = parts.next()??;
+    let read = parts.next()??;
+    (e == epoch).then_some(Marker { delivered, read })
+}
+
+/// Parses a markers message from a room's channel: `(epoch, [(user, marker)])`; `None`
+/// when `body` is not one (a room message, or malformed).
+pub fn parse_markers_message(body: &[u8]) -> Option<(u64, Vec<(Text, Marker)>)> {
+    let rest = body.strip_prefix(b"R ")?;
+    let mut fields = rest.splitn(2, |&b| b == b' ');
+    let epoch = num(fields.next()?)?;
+    let mut rest = fields.next().unwrap_or_default();
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let mut nums = [0u64; 3];
+        for n in &mut nums {
+            let end = rest.iter().position(|&b| b == b' ')?;
+            *n = num(&rest[..end])?;
+            rest = &rest[end + 1..];
+        }
+        let [delivered, read, len] = nums;
+        let len = usize::try_from(len).ok()?;
+        let user = std::str::from_utf8(rest.get(..len)?).ok()?;
+        out.push((Text::from(user), Marker { delivered, read }));
+        rest = rest.get(len..)?;
+        rest = rest.strip_prefix(b" ").unwrap_or(rest);
+    }
+    Some((epoch, out))
+}
+
+/// Parses [`LOAD_MARKERS`]' answer: `(epoch, markers of that epoch)`; `None` for a room
+/// the engine does not hold, or a malformed answer.
+pub fn parse_loaded_markers(reply: &Value) -> Option<(u64, Vec<(Text, Marker)>)> {
+    let a = reply.array()?;
+    let epoch = value_num(a.first()?)?;
+    let markers = match a.get(1) {
+        None => Vec::new(),
+        Some(pairs) => pairs
+            .array()?
+            .chunks_exact(2)
+            .filter_map(|p| {
+                let user = Text::from_utf8(p[0].bytes()?.clone()).ok()?;
+                Some((user, parse_marker(p[1].bytes()?, epoch)?))
+            })
+            .collect(),
+    };
+    Some((epoch, markers))
+}
+
+/// Parses [`HANDOFF`]'s answer: `(user, first, last)` per member owed.
+pub fn parse_owed(reply: &Value) -> Option<Vec<(Text, u64, u64)>> {
+    reply
+        .array()?
+        .chunks_exact(3)
+        .map(|c| {
+            let user = Text::from_utf8(c[0].bytes()?.clone()).ok()?;
+            Some((user, value_num(&c[1])?, value_num(&c[2])?))
+        })
+        .collect()
+}
+
+/// What [`READ_RECEIPTS`] answered.
+#[derive(Debug)]
+pub enum ReceiptsAnswer {
+    /// The room's markers.
+    Room(RoomReceipts),
+    /// The engine does not hold the room.
+    NoRoom,
+    /// More members than asked for.
+    Full(u64),
+}
+
+/// Parses [`READ_RECEIPTS`]' answer (members sorted by user id, join points of another
+/// epoch counting as 0, as on one relay).
+pub fn parse_receipts(reply: &Value) -> Option<ReceiptsAnswer> {
+    let a = reply.array()?;
+    match a.first()?.bytes().map(|b| &b[..]) {
+        Some(b"") => return Some(ReceiptsAnswer::NoRoom),
+        Some(b"full") => return Some(ReceiptsAnswer::Full(value_num(a.get(1)?)?)),
+        _ => {}
+    }
+    let epoch = value_num(a.first()?)?;
+    let head = value_num(a.get(1)?)?;
+    let markers = a.get(3)?.array()?;
+    let mut members = Vec::new();
+    for pair in a.get(2)?.array()?.chunks_exact(2) {
+        let user = pair[0].bytes()?;
+        let join = super::membership::parse_join_point(pair[1].bytes()?)?;
+        let joined_at = if join.epoch == epoch { join.seq } else { 0 };
+        let marker = markers
+            .chunks_exact(2)
+            .find(|m| m[0].bytes() == Some(user))
+            .and_then(|m| parse_marker(m[1].bytes()?, epoch))
+            .unwrap_or_default();
+        members.push((
+            Text::from_utf8(user.clone()).ok()?,
+            joined_at.min(head),
+            marker,
+        ));
+    }
+    members.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+    Some(ReceiptsAnswer::Room(RoomReceipts {
+        head,
+        epoch,
+        members,
+    }))
+}
+
+/// Parses [`ROOM_UNREAD`]'s answer for `user`'s membership `join` of `room`; `Some(None)`
+/// for a room the engine does not hold.
+pub fn parse_room_unread(
+    reply: &Value,
+    room: RoomName,
+    join: JoinPoint,
+) -> Option<Option<RoomUnread>> {
+    let a = reply.array()?;
+    if a.first()?.bytes().is_some_and(|b| b.is_empty()) {
+        return Some(None);
+    }
+    let epoch = value_num(a.first()?)?;
+    let head = value_num(a.get(1)?)?;
+    let marker = parse_marker(a.get(2)?.bytes()?, epoch).unwrap_or_default();
+    let joined_at = if join.epoch == epoch { join.seq } else { 0 }.min(head);
+    let unread = head - marker.read.max(joined_at).min(head);
+    Some(Some(RoomUnread {
+        room,
+        head,
+        joined_at,
+        marker,
+        unread,
+    }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    #[test]
+    fn markers_messages_parse_and_room_messages_do_not() {
+        let (epoch, markers) = parse_markers_message(b"R 77 5 3 3 bob 9 9 7 ann lee").unwrap();
+        assert_eq!(epoch, 77);
+        assert_eq!(
+            markers,
+            vec![
+                (
+                    Text::from("bob"),
+                    Marker {
+                        delivered: 5,
+                        read: 3
+                    }
+                ),
+                (
+                    Text::from("ann lee"),
+                    Marker {
+                        delivered: 9,
+                        read: 9
+                    }
+                ),
+            ]
+        );
+        for bad in [
+            &b"77 5 1000 n1/0/42 3 bobhello"[..],
+            b"R x 1 1 1 a",
+            b"R 7 1 1 9 bob",
+            b"R 7 1 1",
+        ] {
+            assert!(parse_markers_message(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn receipts_and_unread_answers_parse_with_other_epochs_as_zero() {
+        let bulk = |s: &str| Value::Bulk(Some(Bytes::copy_from_slice(s.as_bytes())));
+        let arr = |v: Vec<Value>| Value::Array(Some(v));
+        let reply = arr(vec![
+            bulk("7"),
+            bulk("10"),
+            arr(vec![bulk("bob"), bulk("7:4:1"), bulk("ann"), bulk("6:9:1")]),
+            arr(vec![bulk("bob"), bulk("7:8:6"), bulk("ann"), bulk("6:9:9")]),
+        ]);
+        let Some(ReceiptsAnswer::Room(r)) = parse_receipts(&reply) else {
+            panic!("not a room");
+        };
+        assert_eq!((r.epoch, r.head), (7, 10));
+        assert_eq!(
+            r.members,
+            vec![
+                (Text::from("ann"), 0, Marker::default()),
+                (
+                    Text::from("bob"),
+                    4,
+                    Marker {
+                        delivered: 8,
+                        read: 6
+                    }
+                ),
+            ]
+        );
+        assert!(matches!(
+            parse_receipts(&arr(vec![bulk("")])),
+            Some(ReceiptsAnswer::NoRoom)
+        ));
+        assert!(matches!(
+            parse_receipts(&arr(vec![bulk("full"), Value::Int(9)])),
+            Some(ReceiptsAnswer::Full(9))
+        ));
+        let room = RoomName::new(false, Text::from("r"));
+        let join = JoinPoint {
+            epoch: 7,
+            seq: 4,
+            serial: 1,
+        };
+        let u = parse_room_unread(
+            &arr(vec![bulk("7"), bulk("10"), bulk("")]),
+            room.clone(),
+            join,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((u.head, u.joined_at, u.unread), (10, 4, 6));
+        let u = parse_room_unread(
+            &arr(vec![bulk("7"), bulk("10"), bulk("7:9:8")]),
+            room.clone(),
+            join,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(u.unread, 2);
+        assert!(
+            parse_room_unread(&arr(vec![bulk("")]), room, join)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn loaded_markers_parse_and_skip_other_epochs() {
+        let bulk = |s: &str| Value::Bulk(Some(Bytes::copy_from_slice(s.as_bytes())));
+        let reply = Value::Array(Some(vec![
+            bulk("7"),
+            Value::Array(Some(vec![
+                bulk("bob"),
+                bulk("7:4:2"),
+                bulk("ann"),
+                bulk("6:9:9"),
+            ])),
+        ]));
+        let (epoch, markers) = parse_loaded_markers(&reply).unwrap();
+        assert_eq!(epoch, 7);
+        assert_eq!(
+            markers,
+            vec![(
+                Text::from("bob"),
+                Marker {
+                    delivered: 4,
+                    read: 2
+                }
+            )]
+        );
+        let capped = Value::Array(Some(vec![bulk("7")]));
+        assert_eq!(parse_loaded_markers(&capped), Some((7, Vec::new())));
+        assert_eq!(
+            parse_loaded_markers(&Value::Array(Some(vec![bulk("")]))),
+            None
+        );
+    }
+
+    #[test]
+    fn owed_members_parse() {
+        let reply = Value::Array(Some(vec![
+            Value::Bulk(Some(Bytes::from_static(b"cy"))),
+            Value::Int(3),
+            Value::Int(5),
+        ]));
+        assert_eq!(parse_owed(&reply), Some(vec![(Text::from("cy"), 3, 5)]));
+    }
+}
