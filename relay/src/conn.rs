@@ -313,7 +313,7 @@ pub struct Conn {
     /// In the worker's list of connections to flush this tick.
     pub dirty: bool,
     /// The authenticated user, once open.
-    pub user: Option<Text>,
+    pub user: Option<crate::ids::UserName>,
     /// Bound aliases (index = alias).
     pub subs: Vec<Option<Sub>>,
     /// DELIVER encoding state.
@@ -506,6 +506,13 @@ impl Conn {
         {
             give_output(output);
         }
+    }
+
+    /// The user's name (empty before HELLO), as a `Text` sharing the handle's bytes.
+    pub fn user_text(&self) -> Text {
+        self.user
+            .as_ref()
+            .map_or_else(Text::default, crate::ids::UserName::text)
     }
 
     /// The connection's rare state, made on first use.

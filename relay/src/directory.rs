@@ -16,7 +16,7 @@ use pabal_codec::Text;
 use parking_lot::RwLock;
 use thiserror::Error;
 
-use crate::ids::{CoreId, RoomName};
+use crate::ids::{CoreId, RoomName, UserName};
 
 /// Where a member's stream starts: the room's epoch and last sequence when they joined. A
 /// connection that binds the room without a resume entry replays from here (within
@@ -261,6 +261,8 @@ pub struct Added {
     pub join: JoinPoint,
     /// Workers holding the user's live connections.
     pub cores: Vec<CoreId>,
+    /// The directory's handle to the user's name, for the room's member set to share.
+    pub user: UserName,
 }
 
 /// What a worker's core asks of the membership directory: on connect and disconnect, on
@@ -268,14 +270,15 @@ pub struct Added {
 /// [`Directory`] is one (sharded, behind locks no worker holds across a call); a durable or
 /// clustered directory, or a simulation's, is another.
 pub trait Membership: Send + Sync + std::fmt::Debug {
-    /// A connection of `user` opened on `core`: records it and returns the user's rooms with
-    /// their join points, refused past `max_conns` connections.
+    /// A connection of `user` opened on `core`: records it and returns the directory's
+    /// handle to the user's name (for the connection and the worker's maps to share) and
+    /// the user's rooms with their join points, refused past `max_conns` connections.
     fn connect(
         &self,
         user: &Text,
         core: CoreId,
         max_conns: usize,
-    ) -> Result<Vec<(RoomName, JoinPoint)>, DirectoryError>;
+    ) -> Result<(UserName, Vec<(RoomName, JoinPoint)>), DirectoryError>;
     /// A connection of `user` on `core` closed.
     fn disconnect(&self, user: &Text, core: CoreId);
     /// Adds `user` to `room` at `join`: a no-op that reports the join point in force if the
@@ -308,7 +311,8 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
 /// The relay-wide membership directory.
 #[derive(Debug)]
 pub struct Directory {
-    shards: Box<[RwLock<HashMap<Text, UserEntry>>]>,
+    /// Keyed by the user's shared handle, searched with the name's `Text`.
+    shards: Box<[RwLock<HashMap<UserName, UserEntry>>]>,
     /// Picks a user's shard: keyed (randomly seeded SipHash), so no client can choose user
     /// ids that all land on one shard's lock.
     shard_of: std::collections::hash_map::RandomState,
@@ -335,7 +339,7 @@ impl Directory {
         self.max_rooms_per_user.store(max, Ordering::Relaxed);
     }
 
-    fn shard(&self, user: &Text) -> &RwLock<HashMap<Text, UserEntry>> {
+    fn shard(&self, user: &Text) -> &RwLock<HashMap<UserName, UserEntry>> {
         use std::hash::BuildHasher;
         let h = self.shard_of.hash_one(user.as_bytes());
         &self.shards[(h as usize) & (self.shards.len() - 1)]
@@ -360,6 +364,28 @@ impl Directory {
     }
 }
 
+/// `user`'s entry, made if missing, and the handle it is keyed by (at HELLO and membership
+/// changes only: a lookup more than an entry API would take, for not making a record when
+/// the user has one).
+fn entry_of<'a>(
+    shard: &'a mut HashMap<UserName, UserEntry>,
+    user: &Text,
+) -> (UserName, &'a mut UserEntry) {
+    let handle = match shard.get_key_value(user) {
+        Some((handle, _)) => handle.clone(),
+        None => {
+            // A copy of the name's bytes, not a clone of the caller's `Text`: a clone would
+            // turn the caller's buffer into a shared one (another heap block, kept for as
+            // long as the record lives); a short name's copy is one exact block.
+            let handle = UserName::new(Text::from(user.as_str()));
+            shard.insert(handle.clone(), UserEntry::default());
+            handle
+        }
+    };
+    let entry = shard.entry(handle.clone()).or_default();
+    (handle, entry)
+}
+
 impl Membership for Directory {
     /// Sets how many channels one user may block (applies to later blocks).
     fn set_max_blocked_per_user(&self, max: usize) {
@@ -374,9 +400,9 @@ impl Membership for Directory {
         user: &Text,
         core: CoreId,
         max_conns: usize,
-    ) -> Result<Vec<(RoomName, JoinPoint)>, DirectoryError> {
+    ) -> Result<(UserName, Vec<(RoomName, JoinPoint)>), DirectoryError> {
         let mut shard = self.shard(user).write();
-        let entry = shard.entry(user.clone()).or_default();
+        let (handle, entry) = entry_of(&mut shard, user);
         if entry.conns.count() as usize >= max_conns {
             return Err(DirectoryError::TooManyConnections { max: max_conns });
         }
@@ -386,7 +412,7 @@ impl Membership for Directory {
         // In a stable order (by kind and name), so a user's rooms get the same aliases on
         // every connection and every run.
         rooms.sort_unstable_by(|(a, _), (b, _)| (a.channel, &a.name).cmp(&(b.channel, &b.name)));
-        Ok(rooms)
+        Ok((handle, rooms))
     }
 
     /// A connection of `user` on `core` closed.
@@ -410,7 +436,7 @@ impl Membership for Directory {
         unblock: bool,
     ) -> Result<Added, DirectoryError> {
         let mut shard = self.shard(user).write();
-        let entry = shard.entry(user.clone()).or_default();
+        let (handle, entry) = entry_of(&mut shard, user);
         if entry.is_blocked(room) {
             if !unblock {
                 return Err(DirectoryError::Blocked(room.name.to_string()));
@@ -422,6 +448,7 @@ impl Membership for Directory {
                 new: false,
                 join: *existing,
                 cores: entry.cores(),
+                user: handle,
             });
         }
         let max_rooms = self.max_rooms_per_user.load(Ordering::Relaxed);
@@ -433,6 +460,7 @@ impl Membership for Directory {
             new: true,
             join,
             cores: entry.cores(),
+            user: handle,
         })
     }
 
@@ -441,7 +469,7 @@ impl Membership for Directory {
     fn remove(&self, user: &Text, room: &RoomName, block: bool) -> Removed {
         let max_blocked = self.max_blocked_per_user.load(Ordering::Relaxed);
         let mut shard = self.shard(user).write();
-        let entry = shard.entry(user.clone()).or_default();
+        let (_, entry) = entry_of(&mut shard, user);
         let was = entry.rooms.remove(room);
         let mut block_refused = None;
         if block && !entry.is_blocked(room) {
@@ -519,9 +547,12 @@ mod tests {
     fn connect_sees_rooms_and_joins_see_connections() {
         let d = Directory::new(4, 10);
         let ann = Text::from("ann");
-        assert!(d.add(&ann, &room("a"), J, false).unwrap().cores.is_empty());
-        let rooms = d.connect(&ann, 3, 4).unwrap();
+        let first = d.add(&ann, &room("a"), J, false).unwrap();
+        assert!(first.cores.is_empty());
+        let (handle, rooms) = d.connect(&ann, 3, 4).unwrap();
         assert_eq!(rooms, vec![(room("a"), J)]);
+        // One record for the user: the handle the join made is the one a connection gets.
+        assert!(handle.same_record(&first.user) && handle == ann);
         let added = d.add(&ann, &room("b"), J, false).unwrap();
         assert_eq!((added.new, added.cores), (true, vec![3]));
         d.disconnect(&ann, 3);

@@ -168,7 +168,8 @@ pub struct Core {
     /// record costs a pointer, not the whole record.
     owned: HashMap<RoomName, Box<OwnedRoom>>,
     local: HashMap<RoomName, Vec<(Token, u32)>>,
-    users: HashMap<Text, UserConns>,
+    /// Keyed by the user's shared handle (the directory's), searched with the name.
+    users: HashMap<crate::ids::UserName, UserConns>,
     /// Connections' deadlines, ms since the clock's base ([`Clock::deadline_ms`]): 16 bytes
     /// an entry (24 with an `Instant`), one or two entries per connection.
     timers: BinaryHeap<Reverse<(u64, Token)>>,

@@ -396,7 +396,7 @@ impl Core {
             return Err(DirectoryError::Storage(super::durable::error_of(&e).1));
         }
         if let Some(owned) = self.owned.get_mut(room) {
-            owned.members.insert(user.clone());
+            owned.members.insert(added.user.clone());
         }
         if added.new {
             for core in added.cores {
