@@ -36,6 +36,17 @@ fn an_idle_phone_costs_its_worker_exact_lists_and_a_compact_room() {
     // The room record each owned room costs (one per two phones in 1:1 chats); it was 192
     // bytes with a hash set of members, 168 with a member vector, and receipts' markers and
     // hand-off windows (each a boxed option, empty while idle) added 8 bytes each.
+    // Its per-worker interest counts inline (a vector was a heap block per room).
+    assert!(matches!(
+        owned.interest,
+        super::owner::Interest::Inline { len: 1, .. }
+    ));
+    assert_eq!(owned.interest, vec![2]);
+    assert_eq!(
+        super::owner::Interest::new(6).len(),
+        6,
+        "past four workers, boxed"
+    );
     let record = std::mem::size_of::<super::owner::OwnedRoom>();
     assert!(
         record <= 184,
@@ -193,10 +204,11 @@ fn a_connections_32_bit_stamps_keep_heartbeats_and_rate_limits_across_the_clocks
 
 #[test]
 fn a_users_connections_on_a_worker_are_one_token_inline_and_more_in_a_list() {
+    // The worker's user map holds one per connected user (a vector made it 24 bytes).
     assert_eq!(
         std::mem::size_of::<UserConns>(),
-        24,
-        "a vector's size, no more"
+        16,
+        "a boxed slice's size, no more"
     );
     let mut conns = UserConns::One(7);
     conns.push(9);
