@@ -313,7 +313,7 @@ pub struct Conn {
     /// In the worker's list of connections to flush this tick.
     pub dirty: bool,
     /// The authenticated user, once open.
-    pub user: Option<Text>,
+    pub user: Option<crate::ids::UserName>,
     /// Bound aliases (index = alias).
     pub subs: Vec<Option<Sub>>,
     /// DELIVER encoding state.
@@ -508,6 +508,13 @@ impl Conn {
         }
     }
 
+    /// The user's name (empty before HELLO), as a `Text` sharing the handle's bytes.
+    pub fn user_text(&self) -> Text {
+        self.user
+            .as_ref()
+            .map_or_else(Text::default, crate::ids::UserName::text)
+    }
+
     /// The connection's rare state, made on first use.
     pub fn rare_mut(&mut self) -> &mut Rare {
         self.rare.get_or_insert_default()
@@ -600,11 +607,12 @@ mod tests {
         let mut conn = Conn::new(1, 1, t0, Duration::from_secs(30), bucket, bucket);
         // Rare state (backlogs, retired aliases, a pending fatal ERROR) lives apart; times
         // are 32-bit stamps (they were `Instant`s, 16 bytes each: 352 bytes), and a partial
-        // frame's buffer is boxed (an empty one took 32 bytes).
+        // frame's buffer is boxed (an empty one took 32 bytes); the user's name is an 8-byte
+        // shared handle (a 32-byte `Text`: 240 bytes).
         let record = std::mem::size_of::<Conn>();
         eprintln!("the connection record: {record} bytes");
         assert!(
-            record <= 240,
+            record <= 216,
             "the connection record grew to {record} bytes"
         );
         assert!(conn.rbuf.is_none());

@@ -16,7 +16,7 @@ use pabal_codec::Text;
 use parking_lot::RwLock;
 use thiserror::Error;
 
-use crate::ids::{CoreId, RoomName};
+use crate::ids::{CoreId, RoomName, UserName};
 
 /// Where a member's stream starts: the room's epoch and last sequence when they joined. A
 /// connection that binds the room without a resume entry replays from here (within
@@ -93,11 +93,12 @@ impl RoomMap {
 
 /// A user's live connections, counted per worker: the first worker inline (a phone's user
 /// is on one worker), any others in a boxed vector (8 bytes while there are none; a vector
-/// inline took 24, and a vector alone cost every user a heap block).
+/// inline took 24, and a vector alone cost every user a heap block). 16 bytes: the first
+/// worker's count is 0 when the user has no live connection (an `Option` took 8 more).
 #[derive(Debug, Default)]
 struct Presence {
-    /// `(worker, connections)`; `None` when the user has no live connection.
-    first: Option<(u32, u32)>,
+    /// `(worker, connections)`; connections 0 when the user has no live connection.
+    first: (u32, u32),
     /// Further workers, each with at least one connection (`None`: no other worker).
     #[allow(clippy::box_collection)] // reason: 8 bytes per user instead of a vector's 24
     rest: Option<Box<Vec<(u32, u32)>>>,
@@ -109,7 +110,8 @@ impl Presence {
     }
 
     fn iter(&self) -> impl Iterator<Item = &(u32, u32)> {
-        self.first.iter().chain(self.rest().iter())
+        let first = (self.first.1 > 0).then_some(&self.first);
+        first.into_iter().chain(self.rest().iter())
     }
 
     fn count(&self) -> u32 {
@@ -121,20 +123,22 @@ impl Presence {
     }
 
     fn is_empty(&self) -> bool {
-        self.first.is_none()
+        self.first.1 == 0
     }
 
     fn add(&mut self, core: CoreId) {
         let core = core as u32;
-        if let Some((_, n)) = self
-            .first
+        if self.first.1 == 0 {
+            self.first = (core, 1);
+        } else if self.first.0 == core {
+            self.first.1 += 1;
+        } else if let Some((_, n)) = self
+            .rest
             .iter_mut()
-            .chain(self.rest.iter_mut().flat_map(|r| r.iter_mut()))
+            .flat_map(|r| r.iter_mut())
             .find(|(c, _)| *c == core)
         {
             *n += 1;
-        } else if self.first.is_none() {
-            self.first = Some((core, 1));
         } else {
             let rest = self.rest.get_or_insert_default();
             rest.reserve_exact(1);
@@ -144,12 +148,10 @@ impl Presence {
 
     fn remove(&mut self, core: CoreId) {
         let core = core as u32;
-        if let Some((c, n)) = &mut self.first
-            && *c == core
-        {
-            *n -= 1;
-            if *n == 0 {
-                self.first = self.rest.as_mut().and_then(|r| r.pop());
+        if self.first.1 > 0 && self.first.0 == core {
+            self.first.1 -= 1;
+            if self.first.1 == 0 {
+                self.first = self.rest.as_mut().and_then(|r| r.pop()).unwrap_or_default();
             }
         } else if let Some(rest) = &mut self.rest
             && let Some(i) = rest.iter().position(|&(c, _)| c == core)
@@ -261,6 +263,8 @@ pub struct Added {
     pub join: JoinPoint,
     /// Workers holding the user's live connections.
     pub cores: Vec<CoreId>,
+    /// The directory's handle to the user's name, for the room's member set to share.
+    pub user: UserName,
 }
 
 /// What a worker's core asks of the membership directory: on connect and disconnect, on
@@ -268,14 +272,15 @@ pub struct Added {
 /// [`Directory`] is one (sharded, behind locks no worker holds across a call); a durable or
 /// clustered directory, or a simulation's, is another.
 pub trait Membership: Send + Sync + std::fmt::Debug {
-    /// A connection of `user` opened on `core`: records it and returns the user's rooms with
-    /// their join points, refused past `max_conns` connections.
+    /// A connection of `user` opened on `core`: records it and returns the directory's
+    /// handle to the user's name (for the connection and the worker's maps to share) and
+    /// the user's rooms with their join points, refused past `max_conns` connections.
     fn connect(
         &self,
         user: &Text,
         core: CoreId,
         max_conns: usize,
-    ) -> Result<Vec<(RoomName, JoinPoint)>, DirectoryError>;
+    ) -> Result<(UserName, Vec<(RoomName, JoinPoint)>), DirectoryError>;
     /// A connection of `user` on `core` closed.
     fn disconnect(&self, user: &Text, core: CoreId);
     /// Adds `user` to `room` at `join`: a no-op that reports the join point in force if the
@@ -308,7 +313,8 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
 /// The relay-wide membership directory.
 #[derive(Debug)]
 pub struct Directory {
-    shards: Box<[RwLock<HashMap<Text, UserEntry>>]>,
+    /// Keyed by the user's shared handle, searched with the name's `Text`.
+    shards: Box<[RwLock<HashMap<UserName, UserEntry>>]>,
     /// Picks a user's shard: keyed (randomly seeded SipHash), so no client can choose user
     /// ids that all land on one shard's lock.
     shard_of: std::collections::hash_map::RandomState,
@@ -335,7 +341,7 @@ impl Directory {
         self.max_rooms_per_user.store(max, Ordering::Relaxed);
     }
 
-    fn shard(&self, user: &Text) -> &RwLock<HashMap<Text, UserEntry>> {
+    fn shard(&self, user: &Text) -> &RwLock<HashMap<UserName, UserEntry>> {
         use std::hash::BuildHasher;
         let h = self.shard_of.hash_one(user.as_bytes());
         &self.shards[(h as usize) & (self.shards.len() - 1)]
@@ -360,6 +366,28 @@ impl Directory {
     }
 }
 
+/// `user`'s entry, made if missing, and the handle it is keyed by (at HELLO and membership
+/// changes only: a lookup more than an entry API would take, for not making a record when
+/// the user has one).
+fn entry_of<'a>(
+    shard: &'a mut HashMap<UserName, UserEntry>,
+    user: &Text,
+) -> (UserName, &'a mut UserEntry) {
+    let handle = match shard.get_key_value(user) {
+        Some((handle, _)) => handle.clone(),
+        None => {
+            // A copy of the name's bytes, not a clone of the caller's `Text`: a clone would
+            // turn the caller's buffer into a shared one (another heap block, kept for as
+            // long as the record lives); a short name's copy is one exact block.
+            let handle = UserName::new(Text::from(user.as_str()));
+            shard.insert(handle.clone(), UserEntry::default());
+            handle
+        }
+    };
+    let entry = shard.entry(handle.clone()).or_default();
+    (handle, entry)
+}
+
 impl Membership for Directory {
     /// Sets how many channels one user may block (applies to later blocks).
     fn set_max_blocked_per_user(&self, max: usize) {
@@ -374,9 +402,9 @@ impl Membership for Directory {
         user: &Text,
         core: CoreId,
         max_conns: usize,
-    ) -> Result<Vec<(RoomName, JoinPoint)>, DirectoryError> {
+    ) -> Result<(UserName, Vec<(RoomName, JoinPoint)>), DirectoryError> {
         let mut shard = self.shard(user).write();
-        let entry = shard.entry(user.clone()).or_default();
+        let (handle, entry) = entry_of(&mut shard, user);
         if entry.conns.count() as usize >= max_conns {
             return Err(DirectoryError::TooManyConnections { max: max_conns });
         }
@@ -386,7 +414,7 @@ impl Membership for Directory {
         // In a stable order (by kind and name), so a user's rooms get the same aliases on
         // every connection and every run.
         rooms.sort_unstable_by(|(a, _), (b, _)| (a.channel, &a.name).cmp(&(b.channel, &b.name)));
-        Ok(rooms)
+        Ok((handle, rooms))
     }
 
     /// A connection of `user` on `core` closed.
@@ -410,7 +438,7 @@ impl Membership for Directory {
         unblock: bool,
     ) -> Result<Added, DirectoryError> {
         let mut shard = self.shard(user).write();
-        let entry = shard.entry(user.clone()).or_default();
+        let (handle, entry) = entry_of(&mut shard, user);
         if entry.is_blocked(room) {
             if !unblock {
                 return Err(DirectoryError::Blocked(room.name.to_string()));
@@ -422,6 +450,7 @@ impl Membership for Directory {
                 new: false,
                 join: *existing,
                 cores: entry.cores(),
+                user: handle,
             });
         }
         let max_rooms = self.max_rooms_per_user.load(Ordering::Relaxed);
@@ -433,6 +462,7 @@ impl Membership for Directory {
             new: true,
             join,
             cores: entry.cores(),
+            user: handle,
         })
     }
 
@@ -441,7 +471,7 @@ impl Membership for Directory {
     fn remove(&self, user: &Text, room: &RoomName, block: bool) -> Removed {
         let max_blocked = self.max_blocked_per_user.load(Ordering::Relaxed);
         let mut shard = self.shard(user).write();
-        let entry = shard.entry(user.clone()).or_default();
+        let (_, entry) = entry_of(&mut shard, user);
         let was = entry.rooms.remove(room);
         let mut block_refused = None;
         if block && !entry.is_blocked(room) {
@@ -519,9 +549,12 @@ mod tests {
     fn connect_sees_rooms_and_joins_see_connections() {
         let d = Directory::new(4, 10);
         let ann = Text::from("ann");
-        assert!(d.add(&ann, &room("a"), J, false).unwrap().cores.is_empty());
-        let rooms = d.connect(&ann, 3, 4).unwrap();
+        let first = d.add(&ann, &room("a"), J, false).unwrap();
+        assert!(first.cores.is_empty());
+        let (handle, rooms) = d.connect(&ann, 3, 4).unwrap();
         assert_eq!(rooms, vec![(room("a"), J)]);
+        // One record for the user: the handle the join made is the one a connection gets.
+        assert!(handle.same_record(&first.user) && handle == ann);
         let added = d.add(&ann, &room("b"), J, false).unwrap();
         assert_eq!((added.new, added.cores), (true, vec![3]));
         d.disconnect(&ann, 3);
@@ -534,9 +567,9 @@ mod tests {
         // Every user with a live connection costs one entry (in a hash map, so about
         // 1.5 times this): it was 96 bytes with an unboxed blocked set and a vector of
         // workers (and that vector's heap block), 72 with the rooms and other workers in
-        // vectors inline.
+        // vectors inline, 48 with the first worker's count in an `Option`.
         let entry = std::mem::size_of::<UserEntry>();
-        assert!(entry <= 48, "the user entry grew to {entry} bytes");
+        assert!(entry <= 40, "the user entry grew to {entry} bytes");
         let d = Directory::new(1, 10);
         let ann = Text::from("ann");
         for core in [2, 5, 2, 7] {

@@ -1,7 +1,8 @@
-//! Identities shared by every part of the relay: room names, cores, connection origins.
+//! Identities shared by every part of the relay: room and user names, cores, connection
+//! origins.
 //!
-//! Owns: the types only. Must not hold state (a room's shared name record is a value,
-//! freed with its last handle).
+//! Owns: the types only. Must not hold state (a room's or user's shared name record is a
+//! value, freed with its last handle; there is no interner).
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -103,6 +104,96 @@ impl Hash for RoomName {
     }
 }
 
+/// A user's name as a shared handle (8 bytes): one record per connected user, made at HELLO
+/// and shared by the connection's record, the worker's user → connections map, the
+/// directory's key and the member sets of the user's rooms (each held a 32-byte `Text`
+/// before, about 150 bytes per idle phone with the maps' load factor). Cloned by reference
+/// count, read through `Deref` as the [`Text`] (so `&user` passes where a `&Text` is
+/// asked for). Two handles made apart for the same name are equal; the directory hands
+/// out its own (see `Added::user`) so that a room's member set shares the connection's.
+/// No interner: the record is freed with its last handle.
+///
+/// Compares and hashes as the name (exact; the same record is equal without comparing
+/// bytes), like the `Text` it holds, so a map keyed by it is searched with a `&Text`.
+#[derive(Clone)]
+pub struct UserName(Arc<Text>);
+
+impl UserName {
+    /// A handle to a new record for `name`.
+    pub fn new(name: Text) -> Self {
+        UserName(Arc::new(name))
+    }
+
+    /// The name, as a `Text` (a reference-counted clone, no copy of the bytes).
+    pub fn text(&self) -> Text {
+        Text::clone(&self.0)
+    }
+
+    /// Whether both handles share one record.
+    pub fn same_record(&self, other: &UserName) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::ops::Deref for UserName {
+    type Target = Text;
+
+    fn deref(&self) -> &Text {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<Text> for UserName {
+    fn borrow(&self) -> &Text {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for UserName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for UserName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+impl PartialEq for UserName {
+    fn eq(&self, other: &Self) -> bool {
+        self.same_record(other) || *self.0 == *other.0
+    }
+}
+
+impl Eq for UserName {}
+
+impl PartialEq<Text> for UserName {
+    fn eq(&self, other: &Text) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl Hash for UserName {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As the `Text` hashes (`Borrow<Text>` requires equal hashes).
+        self.0.hash(state);
+    }
+}
+
+impl From<Text> for UserName {
+    fn from(name: Text) -> Self {
+        UserName::new(name)
+    }
+}
+
+impl From<&str> for UserName {
+    fn from(name: &str) -> Self {
+        UserName::new(Text::from(name))
+    }
+}
+
 /// A connection, relay-wide: the worker that holds it and its token there. Tokens carry a
 /// generation, so an origin never names a later connection that reused the slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -158,5 +249,33 @@ mod tests {
             (a.id, a.channel, a.name.as_str()),
             (room_id(false, "dm:1"), false, "dm:1")
         );
+    }
+
+    #[test]
+    fn a_user_name_is_a_shared_handle_found_by_its_text() {
+        assert_eq!(std::mem::size_of::<UserName>(), 8);
+        assert_eq!(std::mem::size_of::<Option<UserName>>(), 8);
+        let ann = UserName::from("ann");
+        let copy = ann.clone();
+        assert!(copy.same_record(&ann), "a clone shares the record");
+        let again = UserName::from("ann");
+        assert!(!again.same_record(&ann));
+        assert_eq!(again, ann, "equal by name, whatever the record");
+        assert_ne!(UserName::from("bob"), ann);
+        assert_eq!(ann, Text::from("ann"));
+        // A map keyed by handles is searched with the name's `Text` (equal hashes).
+        let map: std::collections::HashMap<UserName, u32> = [(ann.clone(), 7)].into();
+        assert_eq!(map.get(&Text::from("ann")), Some(&7));
+        assert_eq!(map.get(&Text::from("bob")), None);
+        let (key, _) = map
+            .get_key_value(&Text::from("ann"))
+            .expect("found by its text");
+        assert!(key.same_record(&ann));
+        // The text is the name's, shared rather than copied.
+        assert_eq!(ann.text().as_str(), "ann");
+        // Freed with its last handle: no interner keeps it.
+        let weak = Arc::downgrade(&ann.0);
+        drop((ann, copy, map));
+        assert!(weak.upgrade().is_none());
     }
 }

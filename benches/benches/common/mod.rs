@@ -135,6 +135,15 @@ pub fn growth_with_phones(
     std::thread::sleep(Duration::from_millis(500));
     let after = (rss_kib(), heap_in_use());
     assert_eq!(relay.stats().connections, n as u64);
+    // A profiler's window: `PABAL_BENCH_HOLD_SECS` keeps the phones connected this long
+    // after the measurement (e.g. for `vgdb --pid=PID detailed_snapshot FILE` under massif).
+    if let Some(secs) = std::env::var("PABAL_BENCH_HOLD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        eprintln!("holding {secs} s (pid {})", std::process::id());
+        std::thread::sleep(Duration::from_secs(secs));
+    }
     drop(child.stdin.take());
     child.wait().unwrap();
     Growth {

@@ -218,12 +218,14 @@ impl Core {
             return;
         };
         // Register with the directory first: a refusal must come before the session opens.
-        let rooms = match self.directory.connect(
+        // The connection, the worker's user map and the user's member sets share the
+        // directory's handle to the name.
+        let (handle, rooms) = match self.directory.connect(
             &user,
             self.id,
             self.config.limits.max_connections_per_user,
         ) {
-            Ok(rooms) => rooms,
+            Ok(found) => found,
             Err(e) => {
                 inc(&self.stats.limit_refusals, 1);
                 return self.fatal(token, ErrorCode::LimitExceeded, e.to_string());
@@ -236,7 +238,7 @@ impl Core {
         let max_frame_len = self.config.connection.max_frame_len as u32;
         let Some(conn) = self.conn(token) else { return };
         conn.phase = Phase::Open;
-        conn.user = Some(user.clone());
+        conn.user = Some(handle.clone());
         conn.service = claims.as_ref().is_some_and(|c| c.service);
         conn.receipts = hello.version >= 3;
         conn.claims = claims.map(Box::new);
@@ -260,7 +262,7 @@ impl Core {
             }),
         );
         self.users
-            .entry(user.clone())
+            .entry(handle)
             .and_modify(|conns| conns.push(token))
             .or_insert(UserConns::One(token));
 
@@ -399,7 +401,7 @@ impl Core {
     pub(super) fn on_subscribe(&mut self, token: Token, is_room: bool, name: Text) {
         let room = self.shared_name(RoomName::new(!is_room, name));
         let Some(conn) = self.conn(token) else { return };
-        let user = conn.user.clone().unwrap_or_default();
+        let user = conn.user_text();
         if let Some(alias) = conn.alias_of(&room) {
             // Already bound: restate the binding so a client waiting for ROOM gets one, with
             // the cursor past everything processed (own messages included: the client keeps
@@ -456,7 +458,7 @@ impl Core {
 
     pub(super) fn on_unsubscribe(&mut self, token: Token, alias: u32, block: bool) {
         let Some(conn) = self.conn(token) else { return };
-        let user = conn.user.clone().unwrap_or_default();
+        let user = conn.user_text();
         let Some(Some(sub)) = conn.subs.get(alias as usize) else {
             return self.refuse(
                 token,
@@ -519,7 +521,7 @@ impl Core {
         let may_publish = |name: &str| {
             auth_none || service || conn.claims.as_ref().is_some_and(|c| c.may_publish(name))
         };
-        let sender = conn.user.clone().unwrap_or_default();
+        let sender = conn.user_text();
         let Some(Some(sub)) = conn.subs.get_mut(p.alias as usize) else {
             let reference = p.msg_id.unwrap_or(0);
             return self.refuse(

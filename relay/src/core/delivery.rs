@@ -282,10 +282,7 @@ impl Core {
             }
             conn.fetches = fetches as u32;
         }
-        let user = self
-            .conn(token)
-            .and_then(|c| c.user.clone())
-            .unwrap_or_default();
+        let user = self.conn(token).map(|c| c.user_text()).unwrap_or_default();
         for (room, alias, after, request) in requests {
             self.send_to_owner(
                 &room.clone(),

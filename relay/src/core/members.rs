@@ -1,4 +1,5 @@
-//! [`MemberSet`]: the users of one owned room (its members) or channel (its subscribers).
+//! [`MemberSet`]: the users of one owned room (its members) or channel (its subscribers),
+//! as shared handles to their names (the directory's, see `Added::user`).
 //!
 //! Owns: the set's representation, sized for the common case. Most rooms are small (a 1:1
 //! room has two members) and every one of them costs its owner this set, so a small set is
@@ -9,6 +10,8 @@ use std::collections::HashSet;
 
 use pabal_codec::Text;
 
+use crate::ids::UserName;
+
 /// Up to this many users a set is a vector searched linearly.
 const FEW_MAX: usize = 16;
 
@@ -16,11 +19,11 @@ const FEW_MAX: usize = 16;
 #[derive(Debug, Clone)]
 pub(super) enum MemberSet {
     /// At most [`FEW_MAX`] users, unordered, each once.
-    Few(Vec<Text>),
+    Few(Vec<UserName>),
     /// More; boxed, so that the many small sets stay the size of a vector.
     #[allow(clippy::box_collection)]
     // reason: the box keeps the enum at a vector's 24 bytes, not a hash set's 48
-    Many(Box<HashSet<Text>>),
+    Many(Box<HashSet<UserName>>),
 }
 
 impl Default for MemberSet {
@@ -33,13 +36,15 @@ impl MemberSet {
     /// Whether `user` is in the set.
     pub(super) fn contains(&self, user: &Text) -> bool {
         match self {
-            MemberSet::Few(users) => users.contains(user),
+            MemberSet::Few(users) => users.iter().any(|u| u == user),
             MemberSet::Many(users) => users.contains(user),
         }
     }
 
-    /// Adds `user`; false if it was there already.
-    pub(super) fn insert(&mut self, user: Text) -> bool {
+    /// Adds `user`; false if it was there already. Pass the directory's handle (see
+    /// `Added::user`) to share its record; a `Text` makes a record of its own.
+    pub(super) fn insert(&mut self, user: impl Into<UserName>) -> bool {
+        let user = user.into();
         match self {
             MemberSet::Few(users) => {
                 if users.contains(&user) {
@@ -49,7 +54,7 @@ impl MemberSet {
                     users.reserve_exact(1);
                     users.push(user);
                 } else {
-                    let mut many: HashSet<Text> = users.drain(..).collect();
+                    let mut many: HashSet<UserName> = users.drain(..).collect();
                     many.insert(user);
                     *self = MemberSet::Many(Box::new(many));
                 }
@@ -105,16 +110,16 @@ impl MemberSet {
     /// The users, as a hash set (for set arithmetic; not on any per-message path).
     pub(super) fn to_set(&self) -> HashSet<Text> {
         match self {
-            MemberSet::Few(users) => users.iter().cloned().collect(),
-            MemberSet::Many(users) => (**users).clone(),
+            MemberSet::Few(users) => users.iter().map(UserName::text).collect(),
+            MemberSet::Many(users) => users.iter().map(UserName::text).collect(),
         }
     }
 }
 
 /// The users of a [`MemberSet`], borrowed (no allocation).
 pub(super) enum MemberIter<'a> {
-    Few(std::slice::Iter<'a, Text>),
-    Many(std::collections::hash_set::Iter<'a, Text>),
+    Few(std::slice::Iter<'a, UserName>),
+    Many(std::collections::hash_set::Iter<'a, UserName>),
 }
 
 impl<'a> Iterator for MemberIter<'a> {
@@ -122,8 +127,8 @@ impl<'a> Iterator for MemberIter<'a> {
 
     fn next(&mut self) -> Option<&'a Text> {
         match self {
-            MemberIter::Few(users) => users.next(),
-            MemberIter::Many(users) => users.next(),
+            MemberIter::Few(users) => users.next().map(|u| &**u),
+            MemberIter::Many(users) => users.next().map(|u| &**u),
         }
     }
 }

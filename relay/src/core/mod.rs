@@ -168,7 +168,8 @@ pub struct Core {
     /// record costs a pointer, not the whole record.
     owned: HashMap<RoomName, Box<OwnedRoom>>,
     local: HashMap<RoomName, Vec<(Token, u32)>>,
-    users: HashMap<Text, UserConns>,
+    /// Keyed by the user's shared handle (the directory's), searched with the name.
+    users: HashMap<crate::ids::UserName, UserConns>,
     /// Connections' deadlines, ms since the clock's base ([`Clock::deadline_ms`]): 16 bytes
     /// an entry (24 with an `Instant`), one or two entries per connection.
     timers: BinaryHeap<Reverse<(u64, Token)>>,
@@ -243,14 +244,16 @@ pub(super) fn push_compact<T>(list: &mut Vec<T>, item: T) {
 }
 
 /// A user's connections on this worker: one inline (a phone's user has one connection),
-/// more in an exact vector. A one-token vector cost every phone a heap block besides the
-/// map's bucket.
+/// more in an exact boxed slice (16 bytes: the enum is 16 too, the one token sits beside
+/// the slice's non-null pointer; a vector made it 24). A one-token vector cost every phone
+/// a heap block besides the map's bucket.
 #[derive(Debug, Clone)]
 pub(super) enum UserConns {
     /// The usual case.
     One(Token),
-    /// Two or more (a user connected from several devices to this worker).
-    Many(Vec<Token>),
+    /// Two or more (a user connected from several devices to this worker); reallocated
+    /// exactly at each connect and close of such a user (never per message).
+    Many(Box<[Token]>),
 }
 
 impl UserConns {
@@ -264,10 +267,10 @@ impl UserConns {
 
     /// Adds a connection.
     pub(super) fn push(&mut self, token: Token) {
-        match self {
-            UserConns::One(first) => *self = UserConns::Many(vec![*first, token]),
-            UserConns::Many(tokens) => push_compact(tokens, token),
-        }
+        let mut tokens = self.as_slice().to_vec();
+        tokens.reserve_exact(1);
+        tokens.push(token);
+        *self = UserConns::Many(tokens.into_boxed_slice());
     }
 
     /// Removes a connection; false once none is left (the caller drops the entry).
@@ -275,11 +278,13 @@ impl UserConns {
         match self {
             UserConns::One(first) => *first != token,
             UserConns::Many(tokens) => {
-                tokens.retain(|&t| t != token);
-                if let [only] = tokens[..] {
-                    *self = UserConns::One(only);
-                }
-                !self.as_slice().is_empty()
+                let left: Vec<Token> = tokens.iter().copied().filter(|&t| t != token).collect();
+                *self = match left[..] {
+                    [] => return false,
+                    [only] => UserConns::One(only),
+                    _ => UserConns::Many(left.into_boxed_slice()),
+                };
+                true
             }
         }
     }

@@ -224,7 +224,7 @@ impl Core {
             };
             updates.push(MarkerUpdate {
                 room: sub.room.clone(),
-                user: user.clone(),
+                user: user.text(),
                 epoch: sub.epoch,
                 marker: Marker {
                     delivered: sub.acked,

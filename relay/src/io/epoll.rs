@@ -25,7 +25,7 @@
 //! only record work (the `dirty` list), which `poll` performs before it waits. A tick that
 //! produced events this way does not block in `epoll_wait`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read};
 use std::net::{self, Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
@@ -38,7 +38,7 @@ use socket2::SockRef;
 
 use super::accept::{AcceptBackoff, AcceptError};
 use super::probe::BackendOptions;
-use super::slab::{Key, ListPool, Slab, consume};
+use super::slab::{Key, ListPool, Slab, TokenIndex, consume};
 use super::{AcceptStats, Backend, CloseReason, EventSink, SendStats, Token, Transport, Wakeup};
 
 /// Most buffers handed to one `sendmsg` (the contract asks for vectored writes).
@@ -101,7 +101,8 @@ pub struct EpollBackend {
     conns: Slab<Conn>,
     /// Spare send queues (a connection holds one only while it sends).
     lists: ListPool,
-    by_token: HashMap<Token, u32>,
+    /// The slot of each token's connection.
+    by_token: TokenIndex,
     /// Connections with work queued for the start of the next `poll`.
     dirty: Vec<Key>,
     /// Scratch copy of one `epoll_wait`'s events (kept for its allocation).
@@ -136,7 +137,7 @@ impl EpollBackend {
             listeners: Vec::new(),
             conns: Slab::new(GEN_BITS),
             lists: ListPool::default(),
-            by_token: HashMap::new(),
+            by_token: TokenIndex::default(),
             dirty: Vec::new(),
             ready: Vec::new(),
             rbuf: vec![0u8; opts.read_chunk].into_boxed_slice(),
@@ -152,7 +153,7 @@ impl EpollBackend {
     }
 
     fn lookup(&mut self, token: Token) -> Option<(u32, &mut Conn)> {
-        let idx = *self.by_token.get(&token)?;
+        let idx = self.by_token.get(token)?;
         Some((idx, self.conn_at(idx)?))
     }
 
@@ -168,7 +169,7 @@ impl EpollBackend {
     /// Forgets the connection in `idx` and closes its socket. Reports nothing.
     fn release(&mut self, idx: u32) -> Option<Conn> {
         let conn = self.conns.remove_at(idx)?;
-        self.by_token.remove(&conn.token);
+        self.by_token.remove(conn.token);
         // Closing the fd removes it from the epoll set; an explicit deregister would cost a
         // syscall for nothing (stale events are filtered by the generation).
         Some(conn)
@@ -220,7 +221,7 @@ impl EpollBackend {
         let Some(token) = sink.accepted(&std_stream, peer) else {
             return;
         };
-        if self.by_token.contains_key(&token) {
+        if self.by_token.contains(token) {
             tracing::error!(
                 token,
                 "sink reused a live token; refusing the new connection"
@@ -497,7 +498,7 @@ impl Transport for EpollBackend {
     }
 
     fn send(&mut self, token: Token, bufs: &mut VecDeque<Bytes>) {
-        let Some(&idx) = self.by_token.get(&token) else {
+        let Some(idx) = self.by_token.get(token) else {
             tracing::debug!(token, "send on an unknown token; dropped");
             bufs.clear();
             return;
@@ -545,7 +546,7 @@ impl Transport for EpollBackend {
     }
 
     fn close(&mut self, token: Token) {
-        if let Some(&idx) = self.by_token.get(&token) {
+        if let Some(idx) = self.by_token.get(token) {
             drop(self.release(idx));
         }
     }

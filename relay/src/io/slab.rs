@@ -1,6 +1,7 @@
 //! [`Slab`]: the generational slab both backends keep their connections in, [`consume`],
-//! which drops written bytes from the front of a send queue, and [`ListPool`], the spare
-//! send queues that let an idle connection hold none.
+//! which drops written bytes from the front of a send queue, [`ListPool`], the spare
+//! send queues that let an idle connection hold none, and [`TokenIndex`], which finds a
+//! connection's slot from the worker's token.
 //!
 //! Owns slot reuse and the generation check that keeps a stale event or completion (which
 //! names a slot index and the generation it was issued under) from reaching a connection
@@ -8,7 +9,7 @@
 //! packs [`Key`]s into its own event tokens (mio tokens, io_uring `user_data`) with as many
 //! generation bits as its encoding leaves.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 
 use bytes::{Buf, Bytes};
@@ -243,10 +244,182 @@ impl ListPool {
     }
 }
 
+/// The worker's token of a connection (see `io::Token`).
+type Token = u64;
+
+/// Below this many slots the dense part of a [`TokenIndex`] may always grow; past it, only
+/// to twice the connections indexed (a token whose low half is further out goes to the
+/// map).
+const DENSE_FREE: usize = 1024;
+
+/// A backend's connections by the worker's token: the slot each token's connection is in.
+///
+/// The worker's tokens are its own slab keys (the slot in the low 32 bits, a generation in
+/// the high), so their low halves are dense: the index is a vector indexed by the low half
+/// holding (high half, slot + 1), 8 bytes per entry, where a hash map spent 16 bytes a
+/// bucket and held up to twice the buckets it had entries (28 bytes per idle phone at
+/// 10,000). The backend contract does not promise dense tokens, so a token whose low half
+/// is far past the connections indexed, or whose entry is taken by another live token
+/// (a slot the worker reused before the backend let the old connection go), goes to a hash
+/// map instead: any token works, dense ones cost least. The vector's empty tail is cut
+/// and its spare capacity returned when it is less than a quarter full (bounded: at most
+/// once per halving, not per removal).
+#[derive(Debug, Default)]
+pub struct TokenIndex {
+    /// By the token's low half: `(high half, slot + 1)`, `(0, 0)` when empty.
+    dense: Vec<(u32, u32)>,
+    /// Tokens the dense part does not hold.
+    sparse: HashMap<Token, u32>,
+    /// Entries in `dense`.
+    dense_len: usize,
+}
+
+impl TokenIndex {
+    /// The slot of `token`'s connection.
+    pub fn get(&self, token: Token) -> Option<u32> {
+        let (lo, hi) = (token as u32 as usize, (token >> 32) as u32);
+        match self.dense.get(lo) {
+            Some(&(h, slot)) if slot != 0 && h == hi => Some(slot - 1),
+            _ if self.sparse.is_empty() => None,
+            _ => self.sparse.get(&token).copied(),
+        }
+    }
+
+    /// Whether `token` is indexed.
+    pub fn contains(&self, token: Token) -> bool {
+        self.get(token).is_some()
+    }
+
+    /// Indexes `token` at `slot` (a token indexed already moves to `slot`).
+    pub fn insert(&mut self, token: Token, slot: u32) {
+        self.remove(token);
+        let (lo, hi) = (token as u32 as usize, (token >> 32) as u32);
+        let bound = DENSE_FREE.max(2 * (self.len() + 1));
+        let fits = lo < self.dense.len() || lo < bound;
+        // `slot + 1` must not wrap (slabs stop far below `u32::MAX` slots).
+        if fits && slot < u32::MAX {
+            if self.dense.len() <= lo {
+                self.dense.resize(lo + 1, (0, 0));
+            }
+            if self.dense[lo].1 == 0 {
+                self.dense[lo] = (hi, slot + 1);
+                self.dense_len += 1;
+                return;
+            }
+        }
+        self.sparse.insert(token, slot);
+    }
+
+    /// Forgets `token`; returns its slot.
+    pub fn remove(&mut self, token: Token) -> Option<u32> {
+        let (lo, hi) = (token as u32 as usize, (token >> 32) as u32);
+        if let Some(entry) = self.dense.get_mut(lo)
+            && entry.1 != 0
+            && entry.0 == hi
+        {
+            let slot = entry.1 - 1;
+            *entry = (0, 0);
+            self.dense_len -= 1;
+            self.trim();
+            return Some(slot);
+        }
+        self.sparse.remove(&token)
+    }
+
+    /// Tokens indexed.
+    pub fn len(&self) -> usize {
+        self.dense_len + self.sparse.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Cuts the empty tail and returns spare capacity once the vector is under a quarter
+    /// full: each trim at least halves the capacity, so trims stay rare.
+    fn trim(&mut self) {
+        if self.dense.capacity() > DENSE_FREE && self.dense_len < self.dense.capacity() / 4 {
+            while self.dense.last().is_some_and(|e| e.1 == 0) {
+                self.dense.pop();
+            }
+            self.dense.shrink_to(self.dense_len.max(DENSE_FREE) * 2);
+        }
+        if self.sparse.is_empty() && self.sparse.capacity() > 0 {
+            self.sparse = HashMap::new();
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_index_finds_dense_and_sparse_tokens_and_forgets_them() {
+        let mut index = TokenIndex::default();
+        let token = |generation: u64, slot: u64| (generation << 32) | slot;
+        // The worker's tokens: dense slots, generations in the high half.
+        for slot in 0..5000 {
+            index.insert(token(3, slot), slot as u32 + 10);
+        }
+        assert_eq!(index.len(), 5000);
+        assert!(index.sparse.is_empty(), "dense tokens take no map bucket");
+        assert_eq!(index.get(token(3, 42)), Some(52));
+        assert_eq!(
+            index.get(token(4, 42)),
+            None,
+            "another generation is another token"
+        );
+        // The same slot under a new generation while the old one is still held: both found.
+        index.insert(token(4, 42), 7);
+        assert_eq!(
+            (index.get(token(3, 42)), index.get(token(4, 42))),
+            (Some(52), Some(7))
+        );
+        // Any token works: one far past the dense part goes to the map.
+        index.insert(u64::MAX, 1);
+        index.insert(1 << 31, 2);
+        assert_eq!(
+            (index.get(u64::MAX), index.get(1 << 31)),
+            (Some(1), Some(2))
+        );
+        assert!(
+            index.dense.len() < 20_000,
+            "a stray token does not size the vector"
+        );
+        assert_eq!(index.remove(token(3, 42)), Some(52));
+        assert_eq!(index.get(token(3, 42)), None);
+        assert_eq!(
+            index.get(token(4, 42)),
+            Some(7),
+            "the other generation stays"
+        );
+        for t in [token(4, 42), u64::MAX, 1 << 31] {
+            assert!(index.remove(t).is_some());
+            assert!(index.remove(t).is_none(), "removed once");
+        }
+        // Churn: once the vector is under a quarter full its capacity goes back.
+        for slot in 100..5000 {
+            assert!(index.remove(token(3, slot)).is_some());
+        }
+        assert_eq!(index.len(), 99, "slots 0 to 99 but 42");
+        assert!(
+            index.dense.capacity() <= 2 * DENSE_FREE,
+            "{}",
+            index.dense.capacity()
+        );
+        assert!(
+            (0..100)
+                .filter(|&slot| slot != 42)
+                .all(|slot| index.get(token(3, slot)) == Some(slot as u32 + 10))
+        );
+        assert!(
+            index.sparse.capacity() == 0,
+            "the emptied map freed its buckets"
+        );
+    }
 
     #[test]
     fn a_reused_slot_does_not_answer_an_old_key() {

@@ -36,6 +36,17 @@ fn an_idle_phone_costs_its_worker_exact_lists_and_a_compact_room() {
     // The room record each owned room costs (one per two phones in 1:1 chats); it was 192
     // bytes with a hash set of members, 168 with a member vector, and receipts' markers and
     // hand-off windows (each a boxed option, empty while idle) added 8 bytes each.
+    // Its per-worker interest counts inline (a vector was a heap block per room).
+    assert!(matches!(
+        owned.interest,
+        super::owner::Interest::Inline { len: 1, .. }
+    ));
+    assert_eq!(owned.interest, vec![2]);
+    assert_eq!(
+        super::owner::Interest::new(6).len(),
+        6,
+        "past four workers, boxed"
+    );
     let record = std::mem::size_of::<super::owner::OwnedRoom>();
     assert!(
         record <= 184,
@@ -84,7 +95,7 @@ fn a_rooms_name_is_one_record_shared_by_its_owner_the_directory_the_worker_and_b
     for user in ["ann", "bob"] {
         let user = Text::from(user);
         // What the directory holds for each member (a connect lists it; undone at once).
-        let rooms = h.core.directory.connect(&user, 0, usize::MAX).unwrap();
+        let (_, rooms) = h.core.directory.connect(&user, 0, usize::MAX).unwrap();
         h.core.directory.disconnect(&user, 0);
         assert_eq!(rooms.len(), 1);
         assert!(
@@ -92,6 +103,62 @@ fn a_rooms_name_is_one_record_shared_by_its_owner_the_directory_the_worker_and_b
             "the directory's entry for {user} shares the owner's name"
         );
     }
+}
+
+#[test]
+fn a_users_name_is_one_record_shared_by_the_connection_the_worker_the_directory_and_rooms() {
+    // A user's name was a 32-byte `Text` in the connection's record, the worker's user map,
+    // the directory's key and every member set (about 150 bytes per idle phone); it is an
+    // 8-byte handle to one record now, the directory's.
+    assert_eq!(std::mem::size_of::<Option<crate::ids::UserName>>(), 8);
+    let mut h = Harness::new(|_| {});
+    let (ann, bob) = two_phones_in_a_room(&mut h);
+    let dm = room_named("dm");
+    for (token, name) in [(ann, "ann"), (bob, "bob")] {
+        let name = Text::from(name);
+        let user = h.core.conn(token).unwrap().user.clone().unwrap();
+        assert_eq!(user, name);
+        let (key, conns) = h.core.users.get_key_value(&name).unwrap();
+        assert!(
+            key.same_record(&user),
+            "the worker's map shares {name}'s record"
+        );
+        assert_eq!(conns.as_slice(), &[token]);
+        let super::members::MemberSet::Few(members) = &h.core.owned[&dm].members else {
+            panic!("a 1:1 room's members are a vector");
+        };
+        let member = members.iter().find(|m| **m == name).unwrap();
+        assert!(
+            member.same_record(&user),
+            "the room's member set shares {name}'s record"
+        );
+        // The directory's: what it hands a join (undone at once) and a connection.
+        let join = crate::directory::JoinPoint {
+            epoch: 1,
+            seq: 0,
+            serial: 1,
+        };
+        let added = h
+            .core
+            .directory
+            .add(&name, &room_named("other"), join, false);
+        let added = added.unwrap();
+        assert!(
+            added.user.same_record(&user),
+            "the directory keys {name} by the record"
+        );
+        h.core.directory.remove(&name, &room_named("other"), false);
+    }
+    // A second connection of ann's shares the record; the name stays the same user's.
+    let again = h.connect("ann", ClientSession::new());
+    let first = h.core.conn(ann).unwrap().user.clone().unwrap();
+    let second = h.core.conn(again).unwrap().user.clone().unwrap();
+    assert!(second.same_record(&first));
+    assert_eq!(
+        h.core.users[&Text::from("ann")].as_slice(),
+        &[ann, again],
+        "one entry, both connections"
+    );
 }
 
 #[test]
@@ -137,10 +204,11 @@ fn a_connections_32_bit_stamps_keep_heartbeats_and_rate_limits_across_the_clocks
 
 #[test]
 fn a_users_connections_on_a_worker_are_one_token_inline_and_more_in_a_list() {
+    // The worker's user map holds one per connected user (a vector made it 24 bytes).
     assert_eq!(
         std::mem::size_of::<UserConns>(),
-        24,
-        "a vector's size, no more"
+        16,
+        "a boxed slice's size, no more"
     );
     let mut conns = UserConns::One(7);
     conns.push(9);
