@@ -47,7 +47,9 @@ pub struct BackendOptions {
     /// plain setup if the kernel refuses). Default true.
     pub uring_defer_taskrun: bool,
     /// io_uring: completions one [`super::Backend::poll`] may report before it returns and
-    /// leaves the rest for the next tick (the counterpart of `epoll_events`). Default 1024.
+    /// leaves the rest for the next tick (the counterpart of `epoll_events`). Sends'
+    /// completions do not count (epoll's writes are not among its events either). Default
+    /// 1024.
     pub uring_tick_completions: usize,
     /// epoll: events fetched per `epoll_wait`. Default 1024.
     pub epoll_events: usize,

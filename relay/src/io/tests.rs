@@ -126,6 +126,7 @@ for_each_backend!(
     refused_connection_is_closed,
     an_idle_connection_holds_no_send_state,
     one_poll_reports_every_ready_connection,
+    sends_do_not_crowd_out_receives_in_one_poll,
 );
 
 // ---- harness ----
@@ -489,16 +490,7 @@ fn many_connections(b: Box<dyn Backend>) {
 fn one_poll_reports_every_ready_connection(b: Box<dyn Backend>) {
     const N: usize = 300;
     let mut srv = Server::new(b);
-    let addr = srv.addr;
-    let mut clients: Vec<TcpStream> = (0..N).map(|_| connect(addr)).collect();
-    // Settled: every connection accepted and its receive armed.
-    srv.until_settled("300 accepted", |s| s.s.accepted.len() == N);
-    for c in &mut clients {
-        c.write_all(b"ack").unwrap();
-    }
-    // Loopback puts the bytes in the relay's sockets during the writes; this only leaves
-    // room for a slow machine.
-    thread::sleep(Duration::from_millis(100));
+    let _clients = clients_with_data_waiting(&mut srv, N);
     srv.b.poll(Some(LIMIT), &mut srv.s).unwrap();
     assert_eq!(
         srv.s.rx.len(),
@@ -508,6 +500,44 @@ fn one_poll_reports_every_ready_connection(b: Box<dyn Backend>) {
         srv.b.name()
     );
     assert!(srv.s.rx.values().all(|got| got == b"ack"));
+    srv.assert_clean();
+}
+
+/// `n` connections, accepted with their receives armed, each with "ack" waiting in the
+/// server's socket. Keep the clients: dropping them closes the connections.
+fn clients_with_data_waiting(srv: &mut Server, n: usize) -> Vec<TcpStream> {
+    let addr = srv.addr;
+    let mut clients: Vec<TcpStream> = (0..n).map(|_| connect(addr)).collect();
+    srv.until_settled("all accepted", |s| s.s.accepted.len() == n);
+    for c in &mut clients {
+        c.write_all(b"ack").unwrap();
+    }
+    // Loopback puts the bytes in the server's sockets during the writes; this only leaves
+    // room for a slow machine.
+    thread::sleep(Duration::from_millis(100));
+    clients
+}
+
+/// A poll that sends to many connections still reports every one with data waiting: the
+/// sends' completions do not use up the tick's budget (io_uring once ended such a tick after
+/// the first enter's few receives, so the worker alternated sending and receiving ticks).
+fn sends_do_not_crowd_out_receives_in_one_poll(b: Box<dyn Backend>) {
+    const N: usize = 700; // sends plus receives exceed the 1,024 per tick; receives alone do not
+    let mut srv = Server::new(b);
+    let _clients = clients_with_data_waiting(&mut srv, N);
+    for token in srv.s.accepted.clone() {
+        srv.b
+            .send(token, &mut VecDeque::from([Bytes::from_static(b"frame")]));
+    }
+    srv.b.poll(Some(LIMIT), &mut srv.s).unwrap();
+    let name = srv.b.name();
+    assert_eq!(srv.s.sent.len(), N, "sends reported in the poll ({name})");
+    assert_eq!(
+        srv.s.rx.len(),
+        N,
+        "the poll that sent to {N} connections reported {} of them with data waiting ({name})",
+        srv.s.rx.len()
+    );
     srv.assert_clean();
 }
 
