@@ -43,6 +43,7 @@ use super::{
 use crate::ids::RoomName;
 
 pub(super) mod members;
+mod presence;
 mod replies;
 
 use replies::Redirect;
@@ -122,6 +123,7 @@ impl EngineHandle {
             up: false,
             replies: Vec::new(),
             ready: Vec::new(),
+            presence: presence::PresenceState::new(node_id, worker, config.presence_lease),
         };
         // Counted before the thread runs: until it is up, the node is not healthy (counted
         // by the thread itself, a relay could look healthy while an engine had not started).
@@ -242,6 +244,9 @@ struct Engine {
     replies: Vec<Value>,
     /// Connections with events from one poll (reused): (shard, pub/sub?).
     ready: Vec<(usize, bool)>,
+    /// This worker's presence entries and membership steps waiting to go again
+    /// (`presence.rs`).
+    presence: presence::PresenceState,
 }
 
 /// Appends one script call on a room's meta hash and stream: `EVALSHA <sha> 2 <meta>
@@ -297,6 +302,7 @@ impl Engine {
             while let Ok(cmd) = self.cmds.try_recv() {
                 self.on_cmd(cmd);
             }
+            let presence_at = self.presence_timers(now);
             self.flush_writes();
             self.deliver_events();
             let retry = self
@@ -308,7 +314,10 @@ impl Engine {
                         s.sub.is_none().then_some(s.sub_retry.at),
                     ]
                 })
-                .chain([self.refresh_due.then_some(self.map_retry.at)])
+                .chain([
+                    self.refresh_due.then_some(self.map_retry.at),
+                    Some(presence_at),
+                ])
                 .flatten()
                 .min();
             let timeout = retry.map(|at| at.saturating_duration_since(Instant::now()));
@@ -690,7 +699,10 @@ impl Engine {
             | EngineCmd::WatchUser { .. }
             | EngineCmd::UnwatchUser { .. }
             | EngineCmd::ReadMembers { .. }
-            | EngineCmd::Kick { .. }) => self.on_member_cmd(cmd),
+            | EngineCmd::Kick { .. }
+            | EngineCmd::Claim { .. }
+            | EngineCmd::Release { .. }
+            | EngineCmd::Lookup { .. }) => self.on_member_cmd(cmd),
             EngineCmd::Close { room } => {
                 let ch = channel_key(&room);
                 let (_, unsubscribe) = self.sub_verbs();
@@ -871,9 +883,8 @@ impl Engine {
                 reader,
             } => self.send_fill(room, after, reader, target, hops),
             Pending::Asking => {}
-            // Membership's steps are not re-routed: the change fails, and its retry (which
-            // repairs a half-done change) routes again.
-            Pending::Members(step) => self.fail_member_step(step),
+            // Membership's steps go where Redis said too (`engine/members.rs`).
+            Pending::Members(step) => self.send_step(step, target, hops),
         }
     }
 

@@ -52,6 +52,7 @@
 mod config;
 pub mod engine;
 pub mod membership;
+pub mod presence;
 pub mod resp;
 pub mod script;
 mod shard;
@@ -141,6 +142,30 @@ pub enum EngineCmd {
         ticket: u64,
         /// The user.
         user: Text,
+    },
+    /// A HELLO of a watched user: count one more connection of theirs on this worker,
+    /// unless the user holds `max` on every node together ([`presence::CLAIM`]).
+    Claim {
+        /// Matches the answer ([`EngineEvent::Claimed`]).
+        ticket: u64,
+        /// The user.
+        user: Text,
+        /// `limits.max_connections_per_user`.
+        max: usize,
+    },
+    /// `closed` claimed connections of the user on this worker closed (one loop tick's).
+    Release {
+        /// The user.
+        user: Text,
+        /// How many.
+        closed: u32,
+    },
+    /// Read what the server API asks ([`presence::Lookup`]).
+    Lookup {
+        /// Matches the answer ([`EngineEvent::LookedUp`]).
+        ticket: u64,
+        /// What to read.
+        lookup: presence::Lookup,
     },
 }
 
@@ -380,6 +405,34 @@ pub enum EngineEvent {
         /// Published.
         ok: bool,
     },
+    /// A HELLO's claim ([`EngineCmd::Claim`]) was answered.
+    Claimed {
+        /// The request's ticket.
+        ticket: u64,
+        /// What it came to.
+        outcome: ClaimOutcome,
+    },
+    /// A lookup's answer; `None` when the engine could not be read.
+    LookedUp {
+        /// The request's ticket.
+        ticket: u64,
+        /// The answer.
+        answer: Option<presence::LookupAnswer>,
+    },
+}
+
+/// What a HELLO's claim came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// Counted: the session may open.
+    Granted,
+    /// The user holds this many connections on every node together, the cap already.
+    Refused {
+        /// Live connections counted.
+        connections: u64,
+    },
+    /// The engine could not be asked (or did not answer).
+    Failed,
 }
 
 /// The cluster's metrics, shared by the engine threads and the owners (counted per batch

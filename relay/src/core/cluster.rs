@@ -206,6 +206,7 @@ impl Core {
 
     /// Hands the commands for the engine queued since the last call; whether there were any.
     pub fn drain_engine(&mut self, mut send: impl FnMut(EngineCmd)) -> bool {
+        self.flush_releases();
         let Some(side) = self.cluster.as_deref_mut() else {
             return false;
         };
@@ -262,7 +263,9 @@ impl Core {
             | EngineEvent::UserLoadFailed { .. }
             | EngineEvent::Notice { .. }
             | EngineEvent::MembersRead { .. }
-            | EngineEvent::Kicked { .. }) => self.on_member_event(member),
+            | EngineEvent::Kicked { .. }
+            | EngineEvent::Claimed { .. }
+            | EngineEvent::LookedUp { .. }) => self.on_member_event(member),
             EngineEvent::Resubscribed { room } => {
                 let Some(sync) = self.sync_mut(&room) else {
                     return;
@@ -322,6 +325,16 @@ impl Core {
                     return None;
                 }
                 ControlOp::Kick { .. } => return Some(msg),
+                ControlOp::Lookup(_) => {
+                    if let CoreMsg::Control {
+                        op: ControlOp::Lookup(lookup),
+                        reply,
+                    } = msg
+                    {
+                        self.cluster_lookup(lookup, reply);
+                    }
+                    return None;
+                }
                 ControlOp::KickEverywhere { .. } => {
                     if let CoreMsg::Control {
                         op: ControlOp::KickEverywhere { user },

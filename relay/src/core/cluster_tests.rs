@@ -49,7 +49,12 @@ impl Harness {
                         };
                         events.push(EngineEvent::UserLoaded { user, rooms });
                     }
-                    EngineCmd::UnwatchUser { .. } => {}
+                    EngineCmd::UnwatchUser { .. } | EngineCmd::Release { .. } => {}
+                    // One node here: every claim is under the cap.
+                    EngineCmd::Claim { ticket, .. } => events.push(EngineEvent::Claimed {
+                        ticket,
+                        outcome: crate::cluster::ClaimOutcome::Granted,
+                    }),
                     EngineCmd::Member(req) => {
                         let MemberChange::Join { serial, .. } = req.change else {
                             panic!("only joins in these tests: {req:?}");

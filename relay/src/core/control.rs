@@ -29,7 +29,8 @@ impl ControlOp {
             ControlOp::Info { .. }
             | ControlOp::History { .. }
             | ControlOp::Unread { .. }
-            | ControlOp::Receipts { .. } => false,
+            | ControlOp::Receipts { .. }
+            | ControlOp::Lookup(_) => false,
         }
     }
 }
@@ -225,6 +226,9 @@ impl Core {
             },
             ControlOp::Unread { user, rooms } => ControlReply::Unread(self.unread_of(&user, rooms)),
             ControlOp::Receipts { room } => ControlReply::Receipts(self.receipts_of(&room)),
+            // Only a cluster node has an engine to read (`core/cluster/members.rs` takes it
+            // there); the server API asks one only then.
+            ControlOp::Lookup(_) => ControlReply::Refused(ControlRefusal::Unavailable),
         }
     }
 }

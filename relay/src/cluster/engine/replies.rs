@@ -129,7 +129,7 @@ impl Engine {
         let noscript = matches!(&reply, Value::Error(e) if e.starts_with(b"NOSCRIPT"));
         match pending {
             Pending::Asking => {}
-            Pending::Members(step) => self.on_member_reply(step, reply),
+            Pending::Members(step) => self.on_member_reply(step, reply, hops),
             Pending::Publish(req) => {
                 if noscript {
                     self.send_publish(req, true, Some(i), hops);
