@@ -15,7 +15,7 @@ use super::Engine;
 use super::members::Step;
 
 /// The first wait before a step answered `TRYAGAIN` goes again (doubling per try).
-const TRYAGAIN_BACKOFF: Duration = Duration::from_millis(20);
+const TRYAGAIN_BACKOFF: Duration = Duration::from_millis(50);
 
 /// One worker's presence in the engine and its membership steps waiting to be resent.
 pub(super) struct PresenceState {
