@@ -36,6 +36,13 @@
 //! back. The engine thread's side is `engine/members.rs`; the worker's is
 //! `core/cluster/members.rs`.
 //!
+//! # A user across nodes
+//! Each worker's count of each user's connections lives in the engine with a lease
+//! ([`presence`]): presence, a user's rooms and a room's member count are read there by
+//! the server API, and every HELLO claims its connection against
+//! `limits.max_connections_per_user` on every node together. The engine thread's side is
+//! `engine/presence.rs`.
+//!
 //! # Failure
 //! A lost connection fails the publishes in flight on it (`Overloaded` `unavailable`: not
 //! sequenced as far as the node knows; a retry that carries a v2 publish id or an

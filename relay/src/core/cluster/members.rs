@@ -7,7 +7,10 @@
 //! first HELLO subscribes it, the last close unsubscribes it). A HELLO waits until the
 //! channel is subscribed and the user's rooms and blocks are read into the directory
 //! (bounded by `auth.handshake_timeout`; with the engine down it is refused `Overloaded`
-//! `unavailable`, fatal, so the phone reconnects). Every notice, and every read after a
+//! `unavailable`, fatal, so the phone reconnects), and then for its claim: the engine
+//! counts the connection against `limits.max_connections_per_user` on every node together
+//! (`cluster/presence.rs`) or refuses it (`LimitExceeded`, as on one relay). Closes are
+//! handed to the engine once per user and loop tick. Every notice, and every read after a
 //! resubscription, is applied to the directory and to this worker's connections of the
 //! user exactly as a local membership change is (binding, LEFT, GOAWAY); after a read, the
 //! connections' bindings are compared with what the engine holds, so a notice lost while
@@ -27,7 +30,8 @@
 //! replacing `PUT .../members`, the one call that needs them all, reads the engine's
 //! (bounded, `MAX_SET_MEMBERS`) and refreshes it.
 //!
-//! Owns: watched users, HELLOs waiting for their user's load, membership changes in flight.
+//! Owns: watched users, HELLOs waiting for their user's load or their claim, closes not
+//! yet handed to the engine, membership changes and lookups in flight.
 //! Must not touch: the engine's connections (commands out, events in), other workers.
 
 use std::collections::{HashMap, HashSet};
@@ -282,11 +286,11 @@ impl Core {
         let Some(side) = self.members_side() else {
             return;
         };
-        if side
-            .watched
-            .get(user)
-            .is_some_and(|w| w.parked.is_empty() && w.claiming == 0)
-        {
+        if side.watched.get(user).is_some_and(|w| w.claiming > 0) {
+            // HELLOs wait for their claims: the user's rooms, read for them, stay.
+            return;
+        }
+        if side.watched.get(user).is_some_and(|w| w.parked.is_empty()) {
             side.watched.remove(user);
             // The unwatch deletes the worker's entry; a release after it would count
             // against a next watch of the user.
