@@ -1,9 +1,10 @@
 //! End-to-end: a user across the nodes of a cluster. Presence counts a phone on any node,
 //! `limits.max_connections_per_user` holds on every node together, a user's rooms and a
 //! room's member count are the engine's (whichever node made the change, connected or
-//! not), and a membership change meeting a slot that moved (`MOVED`) succeeds without the
-//! caller retrying. Real relay nodes on loopback and a real `redis-server` (a three-shard
-//! Redis Cluster for the slot move), once per I/O backend.
+//! not), and a membership change meeting a slot that moved (`MOVED`) or a slot mid-migration
+//! (`TRYAGAIN`) succeeds without the caller retrying. Real relay nodes on loopback and a
+//! real `redis-server` (a three-shard Redis Cluster for the slot moves), once per I/O
+//! backend.
 
 #![allow(clippy::unwrap_used)] // reason: tests
 
@@ -179,5 +180,54 @@ per_backend! {
         assert_eq!(cluster.keys_in_slot(from, slot), 0, "nothing written on the old shard");
         let (_, rooms) = call(&n, "GET", "/v1/users/ann/rooms", None);
         assert_eq!(rooms["rooms"], json!([{"name": room, "kind": "room"}]), "{rooms}");
+    }
+    fn a_membership_change_meeting_tryagain_mid_migration_succeeds_without_a_retry(backend) {
+        let Some(cluster) = RedisCluster::start("presence-tryagain", 3) else { return };
+        let config = ClusterConfig {
+            topology: Topology::Cluster,
+            redis: vec![cluster.urls()[0].clone()],
+            node_id: Some("ta".into()),
+            ..ClusterConfig::default()
+        };
+        let n = TestRelay::cluster_node(backend, config, |_| {});
+        // ann belongs to one room: her rooms hash exists, her blocks set does not.
+        let (status, body) = call(&n, "POST", "/v1/rooms/first/members", Some(json!({"users": ["ann"]})));
+        assert_eq!(status, 200, "{body}");
+        let slot = cluster.slot("pabal:{u:ann}:r");
+        assert_ne!(slot, cluster.slot("pabal:{r:second}:m"));
+        let from = cluster.owner_of(slot);
+        let to = (from + 1) % cluster.nodes.len();
+        // The user's slot starts migrating, its keys still on the old shard: a script on
+        // both of the user's keys, one there and one missing, is answered TRYAGAIN.
+        let id = |s: usize| cluster.nodes[s].cli(&["CLUSTER", "MYID"]).trim().to_owned();
+        let (from_id, to_id) = (id(from), id(to));
+        let slot_text = slot.to_string();
+        assert_eq!(cluster.nodes[to].cli(&["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &from_id]).trim(), "OK");
+        assert_eq!(cluster.nodes[from].cli(&["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &to_id]).trim(), "OK");
+        let tryagains = || -> u64 {
+            cluster.nodes[from]
+                .cli(&["INFO", "errorstats"])
+                .lines()
+                .find_map(|l| l.strip_prefix("errorstat_TRYAGAIN:count="))
+                .and_then(|c| c.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let control = n.handle().control_addr().unwrap();
+        let join = std::thread::spawn(move || {
+            let body = json!({"users": ["ann"]}).to_string();
+            http(control, "POST", "/v1/rooms/second/members", Some(KEY), Some(&body))
+        });
+        // Once the user's script met TRYAGAIN, the migration completes (keys moved, the
+        // slot handed over); the step, sent again, follows it.
+        let deadline = Instant::now() + WAIT;
+        while tryagains() == 0 {
+            assert!(Instant::now() < deadline, "the user's script never met TRYAGAIN");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        cluster.migrate(slot, from, to);
+        let (status, body) = join.join().unwrap();
+        assert_eq!(status, 200, "the call succeeds: {body}");
+        assert_eq!(body["added"], json!(["ann"]), "{body}");
+        assert_eq!(cluster.nodes[to].cli(&["HLEN", "pabal:{u:ann}:r"]).trim(), "2");
     }
 }
