@@ -31,6 +31,17 @@ fn node(backend: BackendKind, redis: &RedisServer, id: &str, max_conns: usize) -
     })
 }
 
+/// A node named `id` on the three-shard `cluster`, given its first master as seed.
+fn sharded_node(backend: BackendKind, cluster: &RedisCluster, id: &str) -> TestRelay {
+    let config = ClusterConfig {
+        topology: Topology::Cluster,
+        redis: vec![cluster.urls()[0].clone()],
+        node_id: Some(id.into()),
+        ..ClusterConfig::default()
+    };
+    TestRelay::cluster_node(backend, config, |_| {})
+}
+
 /// A server-API call to `node`.
 fn call(node: &TestRelay, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
     let body = body.map(|b| b.to_string());
@@ -150,13 +161,7 @@ per_backend! {
 
     fn a_membership_change_meeting_a_moved_slot_succeeds_without_a_retry(backend) {
         let Some(cluster) = RedisCluster::start("presence-moved", 3) else { return };
-        let config = ClusterConfig {
-            topology: Topology::Cluster,
-            redis: vec![cluster.urls()[0].clone()],
-            node_id: Some("mv".into()),
-            ..ClusterConfig::default()
-        };
-        let n = TestRelay::cluster_node(backend, config, |_| {});
+        let n = sharded_node(backend, &cluster, "mv");
         let room = "moving-club";
         // A change is the room's script, then the user's: the user's (empty) slot moves
         // behind the node's back, so its stale map sends the user's script to the old
@@ -183,13 +188,7 @@ per_backend! {
     }
     fn a_membership_change_meeting_tryagain_mid_migration_succeeds_without_a_retry(backend) {
         let Some(cluster) = RedisCluster::start("presence-tryagain", 3) else { return };
-        let config = ClusterConfig {
-            topology: Topology::Cluster,
-            redis: vec![cluster.urls()[0].clone()],
-            node_id: Some("ta".into()),
-            ..ClusterConfig::default()
-        };
-        let n = TestRelay::cluster_node(backend, config, |_| {});
+        let n = sharded_node(backend, &cluster, "ta");
         // ann belongs to one room: her rooms hash exists, her blocks set does not.
         let (status, body) = call(&n, "POST", "/v1/rooms/first/members", Some(json!({"users": ["ann"]})));
         assert_eq!(status, 200, "{body}");
