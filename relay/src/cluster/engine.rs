@@ -15,7 +15,8 @@
 //! told to read the stream), and the map is read again in case its slots moved.
 //!
 //! What the connections answer is read in [`replies`]; membership's commands and users'
-//! notice channels are in [`members`].
+//! notice channels are in [`members`]; presence entries, lookups and the retries of
+//! membership steps answered `TRYAGAIN` in `presence`.
 //!
 //! Owns: the slot map, the shards' connections, what is in flight on them, the subscribed
 //! channels and reconnection with backoff. Must not touch: rooms or connections (it only
