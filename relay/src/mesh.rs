@@ -401,6 +401,9 @@ pub enum ControlOp {
         /// The room.
         room: RoomName,
     },
+    /// A read answered from the engine (a cluster node only): a user's presence or rooms,
+    /// a room's member count, on every node together.
+    Lookup(crate::cluster::presence::Lookup),
 }
 
 /// One member's marker update from a connection's worker (0: no news for that part).
@@ -556,6 +559,8 @@ pub enum ControlReply {
     Unread(Vec<RoomUnread>),
     /// A room's markers; `None` if the worker does not hold the room.
     Receipts(Option<RoomReceipts>),
+    /// A [`ControlOp::Lookup`]'s answer.
+    LookedUp(crate::cluster::presence::LookupAnswer),
 }
 
 /// The sending end of a worker's inbox.

@@ -903,6 +903,10 @@ fn check_config_names_bad_cluster_fields() {
         ("[cluster]\nnode_id = \"a b\"\n", "cluster.node_id"),
         ("[cluster]\nmax_in_flight = 0\n", "cluster.max_in_flight"),
         (
+            "[cluster]\npresence_lease = \"500ms\"\n",
+            "cluster.presence_lease",
+        ),
+        (
             "[storage]\nmode = \"disk\"\ndir = \"/var/lib/relay\"\n[cluster]\n",
             "storage.mode",
         ),

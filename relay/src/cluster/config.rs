@@ -70,6 +70,12 @@ pub struct ClusterConfig {
     /// Messages read per stream request when a node fills a hole, or per page for a phone
     /// resuming (a binding lagging) past the node's in-memory history. Default 256.
     pub fill_batch: usize,
+    /// How long a node's count of a user's connections stays in the engine without being
+    /// renewed (it is renewed every third of it): a node killed with -9 stops counting
+    /// toward presence and `limits.max_connections_per_user` this long after. 1 s ..= 1 h.
+    /// Default 30 s.
+    #[serde(with = "humantime_secs")]
+    pub presence_lease: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -84,6 +90,7 @@ impl Default for ClusterConfig {
             stream_max_len: 10_000,
             max_in_flight: 4096,
             fill_batch: 256,
+            presence_lease: Duration::from_secs(30),
         }
     }
 }
@@ -230,6 +237,14 @@ impl ClusterConfig {
         }
         if !(1..=10_000).contains(&self.fill_batch) {
             return Err(invalid("cluster.fill_batch", "must be 1 ..= 10000".into()));
+        }
+        if self.presence_lease < Duration::from_secs(1)
+            || self.presence_lease > Duration::from_secs(3600)
+        {
+            return Err(invalid(
+                "cluster.presence_lease",
+                "must be 1s ..= 1h".into(),
+            ));
         }
         Ok(())
     }

@@ -15,7 +15,8 @@
 //! told to read the stream), and the map is read again in case its slots moved.
 //!
 //! What the connections answer is read in [`replies`]; membership's commands and users'
-//! notice channels are in [`members`].
+//! notice channels are in [`members`]; presence entries, lookups and the retries of
+//! membership steps answered `TRYAGAIN` in `presence`.
 //!
 //! Owns: the slot map, the shards' connections, what is in flight on them, the subscribed
 //! channels and reconnection with backoff. Must not touch: rooms or connections (it only
@@ -44,6 +45,7 @@ use crate::ids::RoomName;
 
 pub(super) mod members;
 pub(super) mod receipts;
+mod presence;
 mod replies;
 
 use replies::Redirect;
@@ -128,6 +130,7 @@ impl EngineHandle {
             replies: Vec::new(),
             ready: Vec::new(),
             woke: Instant::now(),
+            presence: presence::PresenceState::new(node_id, worker, config.presence_lease),
         };
         // Counted before the thread runs: until it is up, the node is not healthy (counted
         // by the thread itself, a relay could look healthy while an engine had not started).
@@ -258,6 +261,9 @@ struct Engine {
     /// When the thread last woke (its loop's clock: commands written and replies read in
     /// one pass are stamped with it).
     woke: Instant,
+    /// This worker's presence entries and membership steps waiting to go again
+    /// (`presence.rs`).
+    presence: presence::PresenceState,
 }
 
 /// Appends one script call on a room's meta hash and stream: `EVALSHA <sha> 2 <meta>
@@ -316,6 +322,7 @@ impl Engine {
                 self.stats.to_engine_us.record(waited, 1);
                 self.on_cmd(cmd);
             }
+            let presence_at = self.presence_timers(now);
             self.flush_writes();
             self.deliver_events();
             let retry = self
@@ -327,7 +334,10 @@ impl Engine {
                         s.sub.is_none().then_some(s.sub_retry.at),
                     ]
                 })
-                .chain([self.refresh_due.then_some(self.map_retry.at)])
+                .chain([
+                    self.refresh_due.then_some(self.map_retry.at),
+                    Some(presence_at),
+                ])
                 .flatten()
                 .min();
             let timeout = retry.map(|at| at.saturating_duration_since(Instant::now()));
@@ -715,7 +725,10 @@ impl Engine {
             | EngineCmd::WatchUser { .. }
             | EngineCmd::UnwatchUser { .. }
             | EngineCmd::ReadMembers { .. }
-            | EngineCmd::Kick { .. }) => self.on_member_cmd(cmd),
+            | EngineCmd::Kick { .. }
+            | EngineCmd::Claim { .. }
+            | EngineCmd::Release { .. }
+            | EngineCmd::Lookup { .. }) => self.on_member_cmd(cmd),
             EngineCmd::Markers {
                 room,
                 epoch,
@@ -911,9 +924,8 @@ impl Engine {
                 reader,
             } => self.send_fill(room, after, reader, target, hops),
             Pending::Asking => {}
-            // Membership's steps are not re-routed: the change fails, and its retry (which
-            // repairs a half-done change) routes again.
-            Pending::Members(step) => self.fail_member_step(step),
+            // Membership's steps go where Redis said too (`engine/members.rs`).
+            Pending::Members(step) => self.send_step(step, target, hops),
             Pending::Receipts(step) => self.receipts_resend(step, eval, target, hops),
         }
     }

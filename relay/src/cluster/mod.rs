@@ -45,6 +45,13 @@
 //! one script that compares every member's markers and hand-off mark. The engine thread's
 //! side is `engine/receipts.rs`; the worker's is `core/cluster/receipts.rs`.
 //!
+//! # A user across nodes
+//! Each worker's count of each user's connections lives in the engine with a lease
+//! ([`presence`]): presence, a user's rooms and a room's member count are read there by
+//! the server API, and every HELLO claims its connection against
+//! `limits.max_connections_per_user` on every node together. The engine thread's side is
+//! `engine/presence.rs`.
+//!
 //! # Failure
 //! A lost connection fails the publishes in flight on it (`Overloaded` `unavailable`: not
 //! sequenced as far as the node knows; a retry that carries a v2 publish id or an
@@ -62,6 +69,7 @@ mod config;
 pub mod engine;
 pub mod membership;
 pub mod receipts;
+pub mod presence;
 pub mod resp;
 pub mod script;
 mod shard;
@@ -192,6 +200,30 @@ pub enum EngineCmd {
         user: Text,
         /// At most this many rooms are read (more: refused).
         max_rooms: usize,
+    },
+    /// A HELLO of a watched user: count one more connection of theirs on this worker,
+    /// unless the user holds `max` on every node together ([`presence::CLAIM`]).
+    Claim {
+        /// Matches the answer ([`EngineEvent::Claimed`]).
+        ticket: u64,
+        /// The user.
+        user: Text,
+        /// `limits.max_connections_per_user`.
+        max: usize,
+    },
+    /// `closed` claimed connections of the user on this worker closed (one loop tick's).
+    Release {
+        /// The user.
+        user: Text,
+        /// How many.
+        closed: u32,
+    },
+    /// Read what the server API asks ([`presence::Lookup`]).
+    Lookup {
+        /// Matches the answer ([`EngineEvent::LookedUp`]).
+        ticket: u64,
+        /// What to read.
+        lookup: presence::Lookup,
     },
 }
 
@@ -463,6 +495,34 @@ pub enum EngineEvent {
         /// The rooms (those the engine holds).
         answer: Result<Vec<crate::mesh::RoomUnread>, Option<u64>>,
     },
+    /// A HELLO's claim ([`EngineCmd::Claim`]) was answered.
+    Claimed {
+        /// The request's ticket.
+        ticket: u64,
+        /// What it came to.
+        outcome: ClaimOutcome,
+    },
+    /// A lookup's answer; `None` when the engine could not be read.
+    LookedUp {
+        /// The request's ticket.
+        ticket: u64,
+        /// The answer.
+        answer: Option<presence::LookupAnswer>,
+    },
+}
+
+/// What a HELLO's claim came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// Counted: the session may open.
+    Granted,
+    /// The user holds this many connections on every node together, the cap already.
+    Refused {
+        /// Live connections counted.
+        connections: u64,
+    },
+    /// The engine could not be asked (or did not answer).
+    Failed,
 }
 
 /// The cluster's metrics, shared by the engine threads and the owners (counted per batch

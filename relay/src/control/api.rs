@@ -21,6 +21,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{Response, Settings};
+use crate::cluster::presence::{self, Lookup, LookupAnswer};
 use crate::idempotency::IdempotencyKey;
 use crate::ids::RoomName;
 use crate::mesh::{ControlOp, ControlRefusal, ControlReply, CoreMsg, Published};
@@ -472,7 +473,7 @@ impl Call<'_> {
                         "name": room.name.as_str(),
                         "kind": kind(&room),
                         "id": room.id.to_string(),
-                        "members": info.members,
+                        "members": self.member_count(&room, info.members).await?,
                         "last_seq": info.head,
                         "epoch": info.epoch,
                         "retained": {
@@ -533,17 +534,40 @@ impl Call<'_> {
                 Ok(json!({ "closed": closed }))
             }
             ("GET", ["v1", "users", user, "presence"]) => {
+                let user = name("a user id", user)?;
+                if relay.cluster().is_some() {
+                    // Every node's live count, from the engine.
+                    let LookupAnswer::Presence(entries) =
+                        self.lookup(Lookup::Presence { user: user.clone() }).await?
+                    else {
+                        return Err(unexpected());
+                    };
+                    let connections: u64 = entries.iter().map(|(_, n)| n).sum();
+                    return Ok(json!({
+                        "user": user.as_str(),
+                        "online": connections > 0,
+                        "connections": connections,
+                        "nodes": presence::nodes_of(&entries),
+                    }));
+                }
                 // From the membership directory, which counts every live connection: no
                 // worker is asked, so an app server may call it before every push.
-                let user = name("a user id", user)?;
                 let online = !relay.directory().cores_of(&user).is_empty();
                 Ok(json!({ "user": user.as_str(), "online": online }))
             }
             ("GET", ["v1", "users", user, "rooms"]) => {
                 let user = name("a user id", user)?;
-                let rooms: Vec<Value> = relay
-                    .directory()
-                    .rooms_of(&user)
+                let rooms = if relay.cluster().is_some() {
+                    // The user's rooms as the engine holds them, connected or not.
+                    let LookupAnswer::Rooms(rooms) = self.lookup(Lookup::Rooms { user }).await?
+                    else {
+                        return Err(unexpected());
+                    };
+                    rooms
+                } else {
+                    relay.directory().rooms_of(&user)
+                };
+                let rooms: Vec<Value> = rooms
                     .iter()
                     .map(|r| json!({"name": r.name.as_str(), "kind": kind(r)}))
                     .collect();
@@ -582,6 +606,36 @@ impl Call<'_> {
                 "refused": refused.iter().map(|(u, why)| json!({"user": u.as_str(), "reason": why})).collect::<Vec<_>>(),
                 "count": count,
             })),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Reads `lookup` from the engine (a cluster node only), through the worker its user or
+    /// room names.
+    async fn lookup(&self, lookup: Lookup) -> Result<LookupAnswer, ApiError> {
+        let worker = match &lookup {
+            Lookup::Presence { user } | Lookup::Rooms { user } => {
+                RoomName::new(false, user.clone()).owner(self.relay.workers())
+            }
+            Lookup::MemberCount { room } => room.owner(self.relay.workers()),
+        };
+        match self.call(worker, ControlOp::Lookup(lookup)).await? {
+            ControlReply::LookedUp(answer) => Ok(answer),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// A room's members: on a cluster node every node's (the engine's member hash), else
+    /// `local`, the owner's count.
+    async fn member_count(&self, room: &RoomName, local: usize) -> Result<u64, ApiError> {
+        if self.relay.cluster().is_none() {
+            return Ok(local as u64);
+        }
+        match self
+            .lookup(Lookup::MemberCount { room: room.clone() })
+            .await?
+        {
+            LookupAnswer::MemberCount(n) => Ok(n),
             _ => Err(unexpected()),
         }
     }

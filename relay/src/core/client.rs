@@ -228,6 +228,8 @@ impl Core {
             Ok(found) => found,
             Err(e) => {
                 inc(&self.stats.limit_refusals, 1);
+                // Its claim counted on every node (a cluster node): it counts no more.
+                self.cluster_release(&user);
                 return self.fatal(token, ErrorCode::LimitExceeded, e.to_string());
             }
         };

@@ -217,6 +217,7 @@ impl Core {
     pub fn drain_engine(&mut self, mut send: impl FnMut(EngineCmd)) -> bool {
         // The tick's marker updates: one command per room.
         self.flush_marker_batches();
+        self.flush_releases();
         let Some(side) = self.cluster.as_deref_mut() else {
             return false;
         };
@@ -273,7 +274,9 @@ impl Core {
             | EngineEvent::UserLoadFailed { .. }
             | EngineEvent::Notice { .. }
             | EngineEvent::MembersRead { .. }
-            | EngineEvent::Kicked { .. }) => self.on_member_event(member),
+            | EngineEvent::Kicked { .. }
+            | EngineEvent::Claimed { .. }
+            | EngineEvent::LookedUp { .. }) => self.on_member_event(member),
             receipts @ (EngineEvent::Markers { .. }
             | EngineEvent::HandoffOwed { .. }
             | EngineEvent::ReceiptsRead { .. }
@@ -349,6 +352,16 @@ impl Core {
                     return None;
                 }
                 ControlOp::Kick { .. } => return Some(msg),
+                ControlOp::Lookup(_) => {
+                    if let CoreMsg::Control {
+                        op: ControlOp::Lookup(lookup),
+                        reply,
+                    } = msg
+                    {
+                        self.cluster_lookup(lookup, reply);
+                    }
+                    return None;
+                }
                 ControlOp::KickEverywhere { .. } => {
                     if let CoreMsg::Control {
                         op: ControlOp::KickEverywhere { user },

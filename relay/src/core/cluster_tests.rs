@@ -49,10 +49,15 @@ impl Harness {
                         };
                         events.push(EngineEvent::UserLoaded { user, rooms });
                     }
-                    EngineCmd::UnwatchUser { .. } => {}
+                    EngineCmd::UnwatchUser { .. } | EngineCmd::Release { .. } => {}
                     // A room's markers, read when it opens: these tests' engine holds
                     // none (an empty answer changes nothing).
                     EngineCmd::LoadMarkers { .. } => {}
+                    // One node here: every claim is under the cap.
+                    EngineCmd::Claim { ticket, .. } => events.push(EngineEvent::Claimed {
+                        ticket,
+                        outcome: crate::cluster::ClaimOutcome::Granted,
+                    }),
                     EngineCmd::Member(req) => {
                         let MemberChange::Join { serial, .. } = req.change else {
                             panic!("only joins in these tests: {req:?}");

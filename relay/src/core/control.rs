@@ -30,7 +30,8 @@ impl ControlOp {
             | ControlOp::History { .. }
             | ControlOp::Unread { .. }
             | ControlOp::UnreadEverywhere { .. }
-            | ControlOp::Receipts { .. } => false,
+            | ControlOp::Receipts { .. }
+            | ControlOp::Lookup(_) => false,
         }
     }
 }
@@ -231,6 +232,9 @@ impl Core {
                 ControlReply::Unread(self.unread_of(&user, rooms))
             }
             ControlOp::Receipts { room } => ControlReply::Receipts(self.receipts_of(&room)),
+            // Only a cluster node has an engine to read (`core/cluster/members.rs` takes it
+            // there); the server API asks one only then.
+            ControlOp::Lookup(_) => ControlReply::Refused(ControlRefusal::Unavailable),
         }
     }
 }

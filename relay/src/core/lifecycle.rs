@@ -191,6 +191,7 @@ impl Core {
                 last = true;
             }
             self.directory.disconnect(&user, self.id);
+            self.cluster_release(&user);
             if last {
                 self.cluster_user_gone(&user);
             }

@@ -11,22 +11,32 @@ use pabal_codec::Text;
 
 use super::super::RedisAddr;
 use super::super::membership as m;
-use super::super::resp::{self, Value, decimal};
+use super::super::presence::{self as p, Lookup};
+use super::super::resp::{self, Value};
 use super::super::slots::SlotMap;
-use super::super::{EngineCmd, EngineEvent, MemberChange, MemberOutcome, MemberRequest};
-use super::{Engine, Pending, SubState, encode_script};
+use super::super::{
+    ClaimOutcome, EngineCmd, EngineEvent, MemberChange, MemberOutcome, MemberRequest,
+};
+use super::{Engine, MAX_HOPS, Pending, SubState, encode_script};
+use crate::ids::RoomName;
 
 /// A user's notice channel on this engine thread.
 pub(super) struct UserWatch {
-    user: Text,
+    pub(super) user: Text,
     pub(super) state: SubState,
     /// The shard it is (to be) subscribed on (its key's); `None` before the map is known.
     pub(super) shard: Option<usize>,
     max_rooms: usize,
     max_blocks: usize,
+    /// This worker's connections of the user counted in the engine (claims in flight
+    /// included): what its presence entry says (`presence.rs`).
+    pub(super) conns: u32,
 }
 
-/// A membership command on the command connection awaiting its reply.
+/// A membership command on the command connection awaiting its reply. Each carries what
+/// it takes to send it again: a step answered `MOVED` or `ASK` goes where Redis said, one
+/// answered `TRYAGAIN` (a slot mid-migration) goes again after a short backoff, both
+/// bounded by the engine's `MAX_HOPS`.
 pub(in crate::cluster) enum Step {
     /// The room's script of a change ran (or failed).
     Room(MemberRequest),
@@ -38,14 +48,32 @@ pub(in crate::cluster) enum Step {
     },
     /// The user's script of a leave, after the room's removed `was` (empty: nothing).
     UserLeave { req: MemberRequest, was: bool },
-    /// The undo of a refused join's room side.
-    Undo,
+    /// The undo of a refused join's room side (at join point `join`).
+    Undo { req: MemberRequest, join: Bytes },
     /// The read of a user's rooms and blocks.
     Load { user: Text },
     /// A kick notice.
-    Kick { ticket: u64 },
+    Kick { ticket: u64, user: Text },
     /// The read of a room's members.
-    ReadMembers { ticket: u64 },
+    ReadMembers {
+        ticket: u64,
+        room: RoomName,
+        max: usize,
+    },
+    /// A HELLO's claim of one more connection of the user (`presence.rs`).
+    Claim { ticket: u64, user: Text, max: usize },
+    /// This worker's count of the user written, and its lease renewed (`presence.rs`).
+    SetPresence { user: Text },
+    /// A server-API read (`presence.rs`).
+    Lookup { ticket: u64, lookup: Lookup },
+}
+
+/// What a step sends.
+enum Command {
+    /// `EVAL <script> <keys> <args>`.
+    Eval(&'static str, Vec<Vec<u8>>, Vec<Vec<u8>>),
+    /// A plain command, verb first.
+    Plain(Vec<Vec<u8>>),
 }
 
 /// `EVAL <script> <keys> <args>`: membership changes are rare, so the script's text is
@@ -54,10 +82,49 @@ fn eval(out: &mut BytesMut, script: &str, keys: &[&[u8]], args: &[&[u8]]) {
     encode_script(out, (script, &Bytes::new(), true), keys, args);
 }
 
+/// The user's script of a change (`join`: the join point the room's script gave).
+fn user_command(req: &MemberRequest, join: Option<&Bytes>) -> Command {
+    let d = |n: u64| n.to_string().into_bytes();
+    let keys = vec![m::user_key(&req.user, "r"), m::user_key(&req.user, "b")];
+    let field = m::room_field(&req.room);
+    let channel = m::notice_channel(&req.user).to_vec();
+    let flag = |on: bool| if on { b"1".to_vec() } else { b"0".to_vec() };
+    match req.change {
+        MemberChange::Join {
+            unblock, max_rooms, ..
+        } => Command::Eval(
+            m::USER_JOIN,
+            keys,
+            vec![
+                field,
+                join.map(|j| j.to_vec()).unwrap_or_default(),
+                flag(unblock),
+                d(max_rooms as u64),
+                channel,
+            ],
+        ),
+        MemberChange::Leave {
+            block,
+            reason,
+            max_blocks,
+        } => Command::Eval(
+            m::USER_LEAVE,
+            keys,
+            vec![
+                field,
+                flag(block),
+                d(max_blocks as u64),
+                channel,
+                m::reason_code(reason).as_bytes().to_vec(),
+            ],
+        ),
+    }
+}
+
 impl Engine {
     pub(super) fn on_member_cmd(&mut self, cmd: EngineCmd) {
         match cmd {
-            EngineCmd::Member(req) => self.send_member_room(req),
+            EngineCmd::Member(req) => self.send_step(Step::Room(req), None, 0),
             EngineCmd::WatchUser {
                 user,
                 max_rooms,
@@ -73,10 +140,11 @@ impl Engine {
                     shard,
                     max_rooms,
                     max_blocks,
+                    conns: 0,
                 });
                 match w.state {
                     // Already subscribed (a connection raced its unwatch): read again.
-                    SubState::Subscribed => self.send_load(&ch),
+                    SubState::Subscribed => self.send_step(Step::Load { user }, None, 0),
                     SubState::Subscribing => {}
                     SubState::Idle if sub_up => self.route_users(),
                     // The engine is down: refused now (the phone retries).
@@ -103,45 +171,22 @@ impl Engine {
                     {
                         resp::encode(&mut sub.wbuf, [&b"UNSUBSCRIBE"[..], &ch[..]].into_iter());
                     }
+                    if w.conns > 0 {
+                        // The worker's last connection of the user closed: its entry goes.
+                        self.send_step(Step::SetPresence { user }, None, 0);
+                    }
                 }
             }
             EngineCmd::Kick { ticket, user } => {
-                let ch = m::notice_channel(&user);
-                let Some((i, conn)) = self.cmd_for(&ch) else {
-                    return self.out.push(EngineEvent::Kicked { ticket, ok: false });
-                };
-                resp::encode(
-                    &mut conn.wbuf,
-                    [&b"PUBLISH"[..], &ch[..], &b"K"[..]].into_iter(),
-                );
-                self.push_member_pending(i, Step::Kick { ticket });
+                self.send_step(Step::Kick { ticket, user }, None, 0)
             }
             EngineCmd::ReadMembers { ticket, room, max } => {
-                let mut members = Vec::new();
-                super::script::key(&mut members, &room, "u");
-                let Some((i, conn)) = self.cmd_for(&members) else {
-                    return self.out.push(EngineEvent::MembersRead {
-                        ticket,
-                        members: Err(None),
-                    });
-                };
-                let mut d = [0; 20];
-                eval(
-                    &mut conn.wbuf,
-                    m::READ_MEMBERS,
-                    &[&members],
-                    &[decimal(max as u64, &mut d)],
-                );
-                self.push_member_pending(i, Step::ReadMembers { ticket });
+                self.send_step(Step::ReadMembers { ticket, room, max }, None, 0)
             }
+            cmd @ (EngineCmd::Claim { .. }
+            | EngineCmd::Release { .. }
+            | EngineCmd::Lookup { .. }) => self.on_presence_cmd(cmd),
             other => tracing::error!(?other, "not a membership command"),
-        }
-    }
-
-    fn push_member_pending(&mut self, i: usize, step: Step) {
-        self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);
-        if let Some(shard) = self.shards.get_mut(i) {
-            shard.inflight.push_back((Pending::Members(step), 0));
         }
     }
 
@@ -155,12 +200,6 @@ impl Engine {
     fn cmd_up(&self, i: Option<usize>) -> bool {
         i.and_then(|i| self.shards.get(i))
             .is_some_and(|s| s.cmd.is_some())
-    }
-
-    /// The command connection of the shard serving `key`, with its number.
-    fn cmd_for(&mut self, key: &[u8]) -> Option<(usize, &mut super::Conn)> {
-        let i = self.route(key)?;
-        Some((i, self.shards.get_mut(i)?.cmd.as_mut()?))
     }
 
     /// Moves every user's channel to the shard of its key and subscribes those not
@@ -210,114 +249,131 @@ impl Engine {
         }
     }
 
-    fn send_member_room(&mut self, req: MemberRequest) {
-        let (mut meta, mut members) = (Vec::new(), Vec::new());
-        super::script::key(&mut meta, &req.room, "m");
-        super::script::key(&mut members, &req.room, "u");
-        let Some((i, conn)) = self.cmd_for(&meta) else {
-            return self
-                .out
-                .push(EngineEvent::MemberFailed { ticket: req.ticket });
+    /// Sends `step`'s command to `target` (a shard an `ASK` named) or to the shard of its
+    /// key; fails the step when that shard's command connection is down.
+    pub(super) fn send_step(&mut self, step: Step, target: Option<usize>, hops: u8) {
+        let Some(command) = self.command_of(&step) else {
+            return; // nothing to send any more (the user is no longer watched)
         };
-        let (meta, members) = (&meta, &members);
-        let user = req.user.as_bytes();
-        match req.change {
-            MemberChange::Join {
-                epoch_hint, serial, ..
-            } => {
-                let (mut d1, mut d2) = ([0; 20], [0; 20]);
-                eval(
-                    &mut conn.wbuf,
-                    m::ROOM_JOIN,
-                    &[meta, members],
-                    &[decimal(epoch_hint, &mut d1), user, decimal(serial, &mut d2)],
-                );
-            }
-            MemberChange::Leave { .. } => {
-                eval(&mut conn.wbuf, m::ROOM_LEAVE, &[members], &[user]);
-            }
-        }
-        self.push_member_pending(i, Step::Room(req));
-    }
-
-    /// Sends the user's script of a change whose room side answered.
-    fn send_member_user(&mut self, step: Step) {
-        let (req, join_or_empty) = match &step {
-            Step::UserJoin { req, join, .. } => (req, join.clone()),
-            Step::UserLeave { req, .. } => (req, Bytes::new()),
-            _ => return,
+        let key = match &command {
+            Command::Eval(_, keys, _) => keys.first(),
+            Command::Plain(parts) => parts.get(1),
         };
-        let rooms = m::user_key(&req.user, "r");
-        let Some(i) = self.route(&rooms).filter(|&i| self.cmd_up(Some(i))) else {
+        let i = target.or_else(|| key.and_then(|k| self.route(k)));
+        let Some(conn) = i
+            .and_then(|i| self.shards.get_mut(i))
+            .and_then(|s| s.cmd.as_mut())
+        else {
             return self.fail_member_step(step);
         };
-        let Some(conn) = self.shards.get_mut(i).and_then(|s| s.cmd.as_mut()) else {
-            return self.fail_member_step(step);
-        };
-        let blocks = m::user_key(&req.user, "b");
-        let field = m::room_field(&req.room);
-        let channel = m::notice_channel(&req.user);
-        let mut d = [0; 20];
-        match req.change {
-            MemberChange::Join {
-                unblock, max_rooms, ..
-            } => eval(
-                &mut conn.wbuf,
-                m::USER_JOIN,
-                &[&rooms, &blocks],
-                &[
-                    &field,
-                    &join_or_empty,
-                    if unblock { b"1" } else { b"0" },
-                    decimal(max_rooms as u64, &mut d),
-                    &channel,
-                ],
-            ),
-            MemberChange::Leave {
-                block,
-                reason,
-                max_blocks,
-            } => eval(
-                &mut conn.wbuf,
-                m::USER_LEAVE,
-                &[&rooms, &blocks],
-                &[
-                    &field,
-                    if block { b"1" } else { b"0" },
-                    decimal(max_blocks as u64, &mut d),
-                    &channel,
-                    m::reason_code(reason).as_bytes(),
-                ],
-            ),
+        match &command {
+            Command::Eval(script, keys, args) => {
+                let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+                let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+                eval(&mut conn.wbuf, script, &keys, &args);
+            }
+            Command::Plain(parts) => resp::encode(&mut conn.wbuf, parts.iter().map(Vec::as_slice)),
         }
-        self.push_member_pending(i, step);
+        self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);
+        if matches!(step, Step::Load { .. }) {
+            self.stats.user_loads.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(shard) = i.and_then(|i| self.shards.get_mut(i)) {
+            shard.inflight.push_back((Pending::Members(step), hops));
+        }
     }
 
-    /// Reads the rooms and blocks of the user whose channel `ch` is subscribed.
-    fn send_load(&mut self, ch: &Bytes) {
-        let Some(w) = self.users.get(ch) else { return };
-        let user = w.user.clone();
-        let (max_rooms, max_blocks) = (w.max_rooms as u64, w.max_blocks as u64);
-        let rooms = m::user_key(&user, "r");
-        let Some((i, conn)) = self.cmd_for(&rooms) else {
-            return self.out.push(EngineEvent::UserLoadFailed {
-                user,
-                over_cap: None,
-            });
+    /// The command `step` sends; `None` when there is nothing to send.
+    fn command_of(&self, step: &Step) -> Option<Command> {
+        let d = |n: u64| n.to_string().into_bytes();
+        let room_key = |room: &RoomName, suffix: &str| {
+            let mut k = Vec::new();
+            super::script::key(&mut k, room, suffix);
+            k
         };
-        let (mut d1, mut d2) = ([0; 20], [0; 20]);
-        eval(
-            &mut conn.wbuf,
-            m::LOAD_USER,
-            &[&rooms, &m::user_key(&user, "b")],
-            &[decimal(max_rooms, &mut d1), decimal(max_blocks, &mut d2)],
-        );
-        self.stats.user_loads.fetch_add(1, Ordering::Relaxed);
-        self.push_member_pending(i, Step::Load { user });
+        Some(match step {
+            Step::Room(req) => {
+                let (meta, members) = (room_key(&req.room, "m"), room_key(&req.room, "u"));
+                let user = req.user.as_bytes().to_vec();
+                match req.change {
+                    MemberChange::Join {
+                        epoch_hint, serial, ..
+                    } => Command::Eval(
+                        m::ROOM_JOIN,
+                        vec![meta, members],
+                        vec![d(epoch_hint), user, d(serial)],
+                    ),
+                    MemberChange::Leave { .. } => {
+                        Command::Eval(m::ROOM_LEAVE, vec![members], vec![user])
+                    }
+                }
+            }
+            Step::UserJoin { req, join, .. } => user_command(req, Some(join)),
+            Step::UserLeave { req, .. } => user_command(req, None),
+            Step::Undo { req, join } => Command::Eval(
+                m::ROOM_UNDO,
+                vec![room_key(&req.room, "u")],
+                vec![req.user.as_bytes().to_vec(), join.to_vec()],
+            ),
+            Step::Load { user } => {
+                let w = self.users.get(&m::notice_channel(user))?;
+                Command::Eval(
+                    m::LOAD_USER,
+                    vec![m::user_key(user, "r"), m::user_key(user, "b")],
+                    vec![d(w.max_rooms as u64), d(w.max_blocks as u64)],
+                )
+            }
+            Step::Kick { user, .. } => Command::Plain(vec![
+                b"PUBLISH".to_vec(),
+                m::notice_channel(user).to_vec(),
+                b"K".to_vec(),
+            ]),
+            Step::ReadMembers { room, max, .. } => Command::Eval(
+                m::READ_MEMBERS,
+                vec![room_key(room, "u")],
+                vec![d(*max as u64)],
+            ),
+            Step::Claim { user, max, .. } => Command::Eval(
+                p::CLAIM,
+                vec![p::presence_key(user)],
+                vec![
+                    self.presence.field.clone(),
+                    d(*max as u64),
+                    d(self.presence.lease_ms),
+                ],
+            ),
+            Step::SetPresence { user } => {
+                let conns = self
+                    .users
+                    .get(&m::notice_channel(user))
+                    .map_or(0, |w| w.conns);
+                Command::Eval(
+                    p::SET,
+                    vec![p::presence_key(user)],
+                    vec![
+                        self.presence.field.clone(),
+                        d(u64::from(conns)),
+                        d(self.presence.lease_ms),
+                    ],
+                )
+            }
+            Step::Lookup { lookup, .. } => match lookup {
+                Lookup::Presence { .. } => Command::Eval(p::READ, vec![lookup.key()], vec![]),
+                Lookup::Rooms { .. } => Command::Plain(vec![b"HKEYS".to_vec(), lookup.key()]),
+                Lookup::MemberCount { .. } => Command::Plain(vec![b"HLEN".to_vec(), lookup.key()]),
+            },
+        })
     }
-
     /// A membership step's reply.
-    pub(super) fn on_member_reply(&mut self, step: Step, reply: Value) {
+    pub(super) fn on_member_reply(&mut self, step: Step, reply: Value, hops: u8) {
+        if let Value::Error(e) = &reply
+            && e.starts_with(b"TRYAGAIN")
+            && hops < MAX_HOPS
+        {
+            // The slot is mid-migration and the step's keys are split between its two
+            // shards for a moment: sent again shortly, the migration having moved on.
+            return self.retry_step_later(step, hops + 1);
+        }
         if let Value::Error(e) = &reply {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(worker = self.worker, error = %String::from_utf8_lossy(e), "the engine refused a membership command");
@@ -333,18 +389,22 @@ impl Engine {
                         Some((new, join))
                     });
                     match parsed {
-                        Some((room_new, join)) => self.send_member_user(Step::UserJoin {
-                            req,
-                            join,
-                            room_new,
-                        }),
+                        Some((room_new, join)) => self.send_step(
+                            Step::UserJoin {
+                                req,
+                                join,
+                                room_new,
+                            },
+                            None,
+                            0,
+                        ),
                         None => self.malformed(Step::Room(req), &reply),
                     }
                 }
                 MemberChange::Leave { .. } => match reply.bytes() {
                     Some(was) => {
                         let was = !was.is_empty();
-                        self.send_member_user(Step::UserLeave { req, was });
+                        self.send_step(Step::UserLeave { req, was }, None, 0);
                     }
                     None => self.malformed(Step::Room(req), &reply),
                 },
@@ -363,7 +423,11 @@ impl Engine {
                     (Some(refused @ (b"blocked" | b"full")), _) => {
                         let blocked = refused == b"blocked";
                         if room_new {
-                            self.send_undo(&req, &join);
+                            let undo = Step::Undo {
+                                req: req.clone(),
+                                join: join.clone(),
+                            };
+                            self.send_step(undo, None, 0);
                         }
                         MemberOutcome::JoinRefused { blocked }
                     }
@@ -401,7 +465,7 @@ impl Engine {
                     },
                 });
             }
-            Step::Undo => {}
+            Step::Undo { .. } => {}
             Step::Load { user } => {
                 let event = match m::parse_user_rooms(&reply) {
                     Ok(rooms) => EngineEvent::UserLoaded { user, rooms },
@@ -413,13 +477,16 @@ impl Engine {
                 };
                 self.out.push(event);
             }
-            Step::Kick { ticket } => self.out.push(EngineEvent::Kicked { ticket, ok: true }),
-            Step::ReadMembers { ticket } => {
+            Step::Kick { ticket, .. } => self.out.push(EngineEvent::Kicked { ticket, ok: true }),
+            Step::ReadMembers { ticket, room, max } => {
                 let members = m::parse_members(&reply);
                 if members == Err(None) {
-                    return self.malformed(Step::ReadMembers { ticket }, &reply);
+                    return self.malformed(Step::ReadMembers { ticket, room, max }, &reply);
                 }
                 self.out.push(EngineEvent::MembersRead { ticket, members });
+            }
+            step @ (Step::Claim { .. } | Step::SetPresence { .. } | Step::Lookup { .. }) => {
+                self.on_presence_reply(step, &reply)
             }
         }
     }
@@ -430,36 +497,32 @@ impl Engine {
         self.fail_member_step(step);
     }
 
-    fn send_undo(&mut self, req: &MemberRequest, join: &Bytes) {
-        let mut members = Vec::new();
-        super::script::key(&mut members, &req.room, "u");
-        let Some((i, conn)) = self.cmd_for(&members) else {
-            return;
-        };
-        eval(
-            &mut conn.wbuf,
-            m::ROOM_UNDO,
-            &[&members],
-            &[req.user.as_bytes(), join],
-        );
-        self.push_member_pending(i, Step::Undo);
-    }
-
     /// A step that will not be answered (the connection failed, or the answer was bad).
     pub(super) fn fail_member_step(&mut self, step: Step) {
         let event = match step {
             Step::Room(req) | Step::UserJoin { req, .. } | Step::UserLeave { req, .. } => {
                 EngineEvent::MemberFailed { ticket: req.ticket }
             }
-            Step::Undo => return,
+            Step::Undo { .. } | Step::SetPresence { .. } => return,
             Step::Load { user } => EngineEvent::UserLoadFailed {
                 user,
                 over_cap: None,
             },
-            Step::Kick { ticket } => EngineEvent::Kicked { ticket, ok: false },
-            Step::ReadMembers { ticket } => EngineEvent::MembersRead {
+            Step::Kick { ticket, .. } => EngineEvent::Kicked { ticket, ok: false },
+            Step::ReadMembers { ticket, .. } => EngineEvent::MembersRead {
                 ticket,
                 members: Err(None),
+            },
+            Step::Claim { ticket, user, .. } => {
+                self.claim_undone(&user);
+                EngineEvent::Claimed {
+                    ticket,
+                    outcome: ClaimOutcome::Failed,
+                }
+            }
+            Step::Lookup { ticket, .. } => EngineEvent::LookedUp {
+                ticket,
+                answer: None,
             },
         };
         self.out.push(event);
@@ -502,8 +565,8 @@ impl Engine {
                     self.stats.users_watched.fetch_add(1, Ordering::Relaxed);
                 }
                 // Subscribed before the read: a change after the read comes as a notice.
-                let ch = ch.clone();
-                self.send_load(&ch);
+                let user = w.user.clone();
+                self.send_step(Step::Load { user }, None, 0);
             }
             _ => {}
         }

@@ -129,7 +129,7 @@ impl Engine {
         let noscript = matches!(&reply, Value::Error(e) if e.starts_with(b"NOSCRIPT"));
         match pending {
             Pending::Asking => {}
-            Pending::Members(step) => self.on_member_reply(step, reply),
+            Pending::Members(step) => self.on_member_reply(step, reply, hops),
             Pending::Receipts(step) => self.on_receipts_reply(i, step, hops, reply),
             Pending::Publish(req, sent) => {
                 let took = self.woke.saturating_duration_since(sent).as_micros() as u64;

@@ -7,7 +7,10 @@
 //! first HELLO subscribes it, the last close unsubscribes it). A HELLO waits until the
 //! channel is subscribed and the user's rooms and blocks are read into the directory
 //! (bounded by `auth.handshake_timeout`; with the engine down it is refused `Overloaded`
-//! `unavailable`, fatal, so the phone reconnects). Every notice, and every read after a
+//! `unavailable`, fatal, so the phone reconnects), and then for its claim: the engine
+//! counts the connection against `limits.max_connections_per_user` on every node together
+//! (`cluster/presence.rs`) or refuses it (`LimitExceeded`, as on one relay). Closes are
+//! handed to the engine once per user and loop tick. Every notice, and every read after a
 //! resubscription, is applied to the directory and to this worker's connections of the
 //! user exactly as a local membership change is (binding, LEFT, GOAWAY); after a read, the
 //! connections' bindings are compared with what the engine holds, so a notice lost while
@@ -27,7 +30,8 @@
 //! replacing `PUT .../members`, the one call that needs them all, reads the engine's
 //! (bounded, `MAX_SET_MEMBERS`) and refreshes it.
 //!
-//! Owns: watched users, HELLOs waiting for their user's load, membership changes in flight.
+//! Owns: watched users, HELLOs waiting for their user's load or their claim, closes not
+//! yet handed to the engine, membership changes and lookups in flight.
 //! Must not touch: the engine's connections (commands out, events in), other workers.
 
 use std::collections::{HashMap, HashSet};
@@ -37,7 +41,10 @@ use pabal_codec::{ErrorCode, Hello, LeftReason, Text};
 use super::super::Core;
 use super::super::ReplyTo;
 use crate::cluster::membership::{Notice, UserRooms};
-use crate::cluster::{EngineCmd, EngineEvent, MemberChange, MemberOutcome, MemberRequest};
+use crate::cluster::presence::Lookup;
+use crate::cluster::{
+    ClaimOutcome, EngineCmd, EngineEvent, MemberChange, MemberOutcome, MemberRequest,
+};
 use crate::conn::Phase;
 use crate::directory::{DirectoryError, JoinPoint};
 use crate::ids::{Origin, RoomName};
@@ -59,6 +66,16 @@ struct Watch {
     loaded: bool,
     /// HELLOs waiting for that read.
     parked: Vec<(Token, Hello)>,
+    /// HELLOs whose claim ([`EngineCmd::Claim`]) is in flight.
+    claiming: usize,
+}
+
+/// A HELLO waiting for its claim of one more connection of the user.
+#[derive(Debug)]
+struct Claim {
+    token: Token,
+    hello: Hello,
+    user: Text,
 }
 
 /// Who waits for a membership change.
@@ -98,6 +115,14 @@ pub(in crate::core) struct MembersSide {
     kicks: HashMap<u64, ReplyTo>,
     /// Replacing member calls waiting for the room's members: answer, room, users wanted.
     sets: HashMap<u64, (ReplyTo, RoomName, Vec<Text>)>,
+    /// HELLOs waiting for their claim, by ticket.
+    claims: HashMap<u64, Claim>,
+    /// Connections whose claim was granted, their HELLO running again.
+    claimed: HashSet<Token>,
+    /// Claimed connections closed this loop tick, per user (one write per user and tick).
+    releases: HashMap<Text, u32>,
+    /// Server-API lookups waiting for the engine, by ticket.
+    lookups: HashMap<u64, ReplyTo>,
 }
 
 impl Core {
@@ -119,8 +144,10 @@ impl Core {
         }
     }
 
-    /// A HELLO of `user` passes once this worker holds the user's rooms from the engine;
-    /// until then it waits (`None`), and the user's channel is watched.
+    /// A HELLO of `user` passes once this worker holds the user's rooms from the engine
+    /// and the engine counted the connection against `limits.max_connections_per_user`
+    /// on every node together (its claim, `cluster/presence.rs`); until then it waits
+    /// (`None`), and the user's channel is watched.
     pub(in crate::core) fn cluster_hello_gate(
         &mut self,
         token: Token,
@@ -135,10 +162,31 @@ impl Core {
         let Some(side) = self.members_side() else {
             return Some(hello);
         };
+        if side.claimed.remove(&token) {
+            return Some(hello);
+        }
         let new = !side.watched.contains_key(user);
         let watch = side.watched.entry(user.clone()).or_default();
         if watch.loaded {
-            return Some(hello);
+            watch.claiming += 1;
+            let ticket = self.next_member_ticket();
+            if let Some(side) = self.members_side() {
+                let user = user.clone();
+                side.claims.insert(
+                    ticket,
+                    Claim {
+                        token,
+                        hello,
+                        user: user.clone(),
+                    },
+                );
+                self.push_engine(EngineCmd::Claim {
+                    ticket,
+                    user,
+                    max: max_conns,
+                });
+            }
+            return None;
         }
         if watch.parked.len() >= max_conns {
             inc(&self.stats.limit_refusals, 1);
@@ -160,14 +208,93 @@ impl Core {
         None
     }
 
+    /// A claim was answered: the HELLO runs again (and passes), or is refused as on one
+    /// relay past the cap, or `unavailable` without the engine.
+    fn on_claimed(&mut self, ticket: u64, outcome: ClaimOutcome) {
+        let max_conns = self.config.limits.max_connections_per_user;
+        let Some(side) = self.members_side() else {
+            return;
+        };
+        let Some(Claim { token, hello, user }) = side.claims.remove(&ticket) else {
+            return;
+        };
+        if let Some(w) = side.watched.get_mut(&user) {
+            w.claiming = w.claiming.saturating_sub(1);
+        }
+        let waiting = self
+            .conn(token)
+            .is_some_and(|c| c.phase == Phase::Handshake);
+        match outcome {
+            ClaimOutcome::Granted if waiting => {
+                if let Some(side) = self.members_side() {
+                    side.claimed.insert(token);
+                }
+                self.on_hello(token, hello);
+            }
+            // The connection went while its claim was in flight: it counts no more.
+            ClaimOutcome::Granted => self.cluster_release(&user),
+            ClaimOutcome::Refused { connections } => {
+                if waiting {
+                    inc(&self.stats.limit_refusals, 1);
+                    let held = DirectoryError::TooManyConnections { max: max_conns };
+                    tracing::debug!(%user, connections, "a HELLO past the cap on every node");
+                    self.fatal(token, ErrorCode::LimitExceeded, held.to_string());
+                }
+            }
+            ClaimOutcome::Failed => {
+                if waiting {
+                    self.fatal(token, ErrorCode::Overloaded, UNAVAILABLE.to_owned());
+                }
+            }
+        }
+        self.unwatch_if_unused(&user);
+    }
+
+    /// A connection of `user` whose claim counted closed (or was refused after it): one
+    /// less in the engine, written once per user at the end of the loop tick.
+    pub(in crate::core) fn cluster_release(&mut self, user: &Text) {
+        if let Some(side) = self.members_side() {
+            *side.releases.entry(user.clone()).or_default() += 1;
+        }
+    }
+
+    /// Hands the loop tick's releases to the engine, one command per user.
+    pub(in crate::core) fn flush_releases(&mut self) {
+        let Some(side) = self.cluster.as_deref_mut() else {
+            return;
+        };
+        if side.members.releases.is_empty() {
+            return;
+        }
+        for (user, closed) in side.members.releases.drain() {
+            side.out.push(EngineCmd::Release { user, closed });
+        }
+    }
+
+    /// A server-API read from the engine ([`crate::mesh::ControlOp::Lookup`]).
+    pub(in crate::core) fn cluster_lookup(&mut self, lookup: Lookup, reply: ReplyTo) {
+        let ticket = self.next_member_ticket();
+        if let Some(side) = self.members_side() {
+            side.lookups.insert(ticket, reply);
+        }
+        self.push_engine(EngineCmd::Lookup { ticket, lookup });
+    }
+
     /// This worker's last connection of `user` closed: the channel is no longer watched
     /// here, and the node forgets the user's membership if no worker holds a connection.
     pub(in crate::core) fn cluster_user_gone(&mut self, user: &Text) {
         let Some(side) = self.members_side() else {
             return;
         };
+        if side.watched.get(user).is_some_and(|w| w.claiming > 0) {
+            // HELLOs wait for their claims: the user's rooms, read for them, stay.
+            return;
+        }
         if side.watched.get(user).is_some_and(|w| w.parked.is_empty()) {
             side.watched.remove(user);
+            // The unwatch deletes the worker's entry; a release after it would count
+            // against a next watch of the user.
+            side.releases.remove(user);
             self.push_engine(EngineCmd::UnwatchUser { user: user.clone() });
         }
         self.directory.forget_if_offline(user);
@@ -200,6 +327,18 @@ impl Core {
                     ControlReply::Kicked { connections: 0 }
                 } else {
                     ControlReply::Refused(ControlRefusal::Unavailable)
+                };
+                self.reply(reply, answer);
+            }
+            EngineEvent::Claimed { ticket, outcome } => self.on_claimed(ticket, outcome),
+            EngineEvent::LookedUp { ticket, answer } => {
+                let Some(reply) = self.members_side().and_then(|s| s.lookups.remove(&ticket))
+                else {
+                    return;
+                };
+                let answer = match answer {
+                    Some(found) => ControlReply::LookedUp(found),
+                    None => ControlReply::Refused(ControlRefusal::Unavailable),
                 };
                 self.reply(reply, answer);
             }
