@@ -36,7 +36,7 @@ use mio::{Events, Poll, Token, Waker};
 use super::resp::{self, Value, decimal};
 use super::script::{self, OPEN, PUBLISH};
 use super::shard::{BACKOFF_MIN, Conn, Pending, Retry, Shard};
-use super::slots::{self, SlotMap};
+use super::slots::SlotMap;
 use super::{
     ClusterConfig, ClusterStats, EngineCmd, EngineEvent, PublishRequest, RedisAddr, Topology,
 };
@@ -44,6 +44,7 @@ use crate::ids::RoomName;
 
 pub(super) mod members;
 mod replies;
+mod topology;
 
 use replies::Redirect;
 
@@ -114,6 +115,7 @@ impl EngineHandle {
             map,
             shards,
             map_retry: Retry::now(),
+            discovery: None,
             channels: HashMap::new(),
             users: HashMap::new(),
             fills_waiting: Vec::new(),
@@ -233,6 +235,8 @@ struct Engine {
     /// The slot map must be read again (a `MOVED`, a lost shard); not before `map_retry`.
     refresh_due: bool,
     map_retry: Retry,
+    /// The slot map or master being read (`engine/topology.rs`), on the engine's poll.
+    discovery: Option<topology::Discovery>,
     channels: HashMap<Bytes, Channel>,
     /// Users' notice channels (`members.rs`), on the shard of their key, with plain
     /// pub/sub whatever the topology (a Redis Cluster carries it to every node).
@@ -295,9 +299,10 @@ impl Engine {
         while !self.stop.load(Ordering::SeqCst) {
             let now = Instant::now();
             self.woke = now;
-            if self.refresh_due && now >= self.map_retry.at {
-                self.refresh_map(now);
+            if self.refresh_due && self.discovery.is_none() && now >= self.map_retry.at {
+                self.start_discovery();
             }
+            self.advance_discovery(now);
             for i in 0..self.shards.len() {
                 if self.shards[i].cmd.is_none() && now >= self.shards[i].cmd_retry.at {
                     self.connect(i, false);
@@ -323,7 +328,12 @@ impl Engine {
                         s.sub.is_none().then_some(s.sub_retry.at),
                     ]
                 })
-                .chain([self.refresh_due.then_some(self.map_retry.at)])
+                .chain([
+                    (self.refresh_due && self.discovery.is_none()).then_some(self.map_retry.at),
+                    self.discovery
+                        .as_ref()
+                        .and_then(topology::Discovery::deadline),
+                ])
                 .flatten()
                 .min();
             let timeout = retry.map(|at| at.saturating_duration_since(Instant::now()));
@@ -338,7 +348,7 @@ impl Engine {
             ready.extend(
                 events
                     .iter()
-                    .filter(|ev| ev.token() != WAKE)
+                    .filter(|ev| ev.token() != WAKE && ev.token() != topology::DISCOVERY)
                     .map(|ev| ((ev.token().0 - 1) / 2, ev.token().0 % 2 == 0)),
             );
             // Answers before pushes: a publish's copy read in the same pass as its answer
@@ -359,6 +369,9 @@ impl Engine {
             self.follow_redirects();
             self.flush_writes();
             self.deliver_events();
+        }
+        if let Some(mut d) = self.discovery.take() {
+            d.close(self.poll.registry());
         }
         if self.up {
             self.stats.engines_up.fetch_sub(1, Ordering::Relaxed);
@@ -395,56 +408,6 @@ impl Engine {
         Retry {
             at: Instant::now() + retry.delay,
             delay: (retry.delay * 2).min(self.config.reconnect_max),
-        }
-    }
-
-    /// Reads the slot map from the seeds (and the shards known), or asks the sentinels
-    /// where the master is, bounded by `cluster.connect_timeout` per address; on a change
-    /// the shards are renumbered and every channel routed again.
-    fn refresh_map(&mut self, now: Instant) {
-        let timeout = self.config.connect_timeout;
-        let (found, what) = match &self.master_name {
-            Some(name) => (
-                slots::ask_sentinels(&self.seeds, name, timeout),
-                "sentinel (SENTINEL get-master-addr-by-name)",
-            ),
-            None => {
-                let mut seeds = self.seeds.clone();
-                for s in &self.shards {
-                    if !seeds.contains(&s.addr) {
-                        seeds.push(s.addr.clone());
-                    }
-                }
-                (slots::discover(&seeds, timeout), "slot map (CLUSTER SLOTS)")
-            }
-        };
-        match found {
-            Ok(map) => {
-                self.refresh_due = false;
-                // At most one refresh per this long, however many MOVEDs arrive.
-                self.map_retry = Retry {
-                    at: now + BACKOFF_MIN * 4,
-                    delay: BACKOFF_MIN,
-                };
-                if self.map.as_ref() != Some(&map) {
-                    tracing::info!(
-                        worker = self.worker,
-                        shards = ?map.shards,
-                        topology = ?self.topology,
-                        "engine topology read (cluster.topology)"
-                    );
-                    self.apply_map(map);
-                } else {
-                    self.route_channels();
-                }
-            }
-            Err(e) => {
-                let addr = self.seeds.first().cloned().unwrap_or(RedisAddr {
-                    host: String::new(),
-                    port: 0,
-                });
-                self.map_retry = self.backoff(self.map_retry, &addr, &e, what);
-            }
         }
     }
 
