@@ -3,7 +3,8 @@
 //! sentinel promotes its replica; the nodes ask the sentinel again, publishes are refused
 //! `unavailable` meanwhile and taken again after, and a phone on the other node sees one
 //! unbroken order. A sentinel that stops answering while the engine asks it again holds
-//! up nothing else on the engine thread.
+//! up nothing else on the engine thread. With `cluster.wait_replicas = 1` a publish is
+//! acknowledged once the replica holds it, and refused `unavailable` while it is down.
 
 #![allow(clippy::unwrap_used)] // reason: tests
 
@@ -113,5 +114,26 @@ per_backend! {
             "publishes waited for the silent sentinel"
         );
         sentinel.resume();
+    }
+
+    fn acknowledgements_wait_for_the_replica(backend) {
+        let Some(mut sentinel) = RedisSentinel::start("wait") else { return };
+        let a = node_with(backend, &sentinel, "wa", |c| {
+            c.wait_replicas = 1;
+            c.wait_timeout = Duration::from_millis(500);
+        });
+        const ROOM: &str = "room:cluster-sentinel-wait";
+        let mut p = Client::connect(a.addr, "alice");
+        let pa = p.join(ROOM);
+        for i in 1..=5u64 {
+            assert_eq!(p.publish_acked(pa, format!("held-{i}").into_bytes()), i);
+        }
+        // Every acknowledged publish is on the replica already (WAIT said so): no waiting.
+        let meta = format!("pabal:{{r:{ROOM}}}:m");
+        assert_eq!(sentinel.replica.cli(&["HGET", &meta, "s"]).trim(), "5");
+        sentinel.replica.kill();
+        // The master runs the script, but no replica acknowledges it: refused, retryable.
+        assert_eq!(p.publish_or_unavailable(pa, &b"unreplicated"[..]), None);
+        assert_eq!(p.publish_or_unavailable(pa, &b"unreplicated-2"[..]), None);
     }
 }

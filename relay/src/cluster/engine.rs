@@ -450,6 +450,7 @@ impl Engine {
                 let _ = self.poll.registry().deregister(&mut conn.stream);
             }
             let inflight = std::mem::take(&mut gone.inflight);
+            self.fail_held(std::mem::take(&mut gone.held));
             self.fail_inflight(inflight);
         }
         self.route_channels();
@@ -596,7 +597,8 @@ impl Engine {
                 after,
                 reader,
             } => self.fills_waiting.push((room, after, reader)),
-            Pending::Asking => {}
+            // The acknowledgements it held are failed with the connection (`fail_cmd`).
+            Pending::Asking | Pending::Wait => {}
             Pending::Members(step) => self.fail_member_step(step),
         }
     }
@@ -609,8 +611,11 @@ impl Engine {
             let _ = self.poll.registry().deregister(&mut conn.stream);
         }
         let inflight = std::mem::take(&mut shard.inflight);
+        let held = std::mem::take(&mut shard.held);
+        shard.wait_due = false;
         let addr = shard.addr.clone();
         self.shards[i].cmd_retry = self.backoff(self.shards[i].cmd_retry, &addr, e, "command");
+        self.fail_held(held);
         self.fail_inflight(inflight);
         self.lost_shard();
         self.note_health();
@@ -732,6 +737,7 @@ impl Engine {
             ],
         );
         self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);
+        shard.wait_due = self.config.wait_replicas > 0;
         shard
             .inflight
             .push_back((Pending::Publish(req, self.woke), hops));
@@ -854,7 +860,7 @@ impl Engine {
                 after,
                 reader,
             } => self.send_fill(room, after, reader, target, hops),
-            Pending::Asking => {}
+            Pending::Asking | Pending::Wait => {}
             // Membership's steps are not re-routed: the change fails, and its retry (which
             // repairs a half-done change) routes again.
             Pending::Members(step) => self.fail_member_step(step),
@@ -892,7 +898,37 @@ impl Engine {
         }
     }
 
+    /// One `WAIT` after the publishes written on each shard since its last one
+    /// (`cluster.wait_replicas`): their acknowledgements are held until it answers.
+    fn append_waits(&mut self) {
+        let mut replicas = [0; 20];
+        let replicas = decimal(u64::from(self.config.wait_replicas), &mut replicas);
+        let mut ms = [0; 20];
+        let ms = decimal(self.config.wait_timeout.as_millis() as u64, &mut ms);
+        for shard in self.shards.iter_mut().filter(|s| s.wait_due) {
+            shard.wait_due = false;
+            if let Some(conn) = shard.cmd.as_mut() {
+                resp::encode(&mut conn.wbuf, [&b"WAIT"[..], replicas, ms].into_iter());
+                self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);
+                shard.inflight.push_back((Pending::Wait, 0));
+            }
+        }
+    }
+
+    /// Acknowledgements held for a `WAIT` that will not answer, or answered with too few
+    /// replicas: refused `unavailable` (Redis ran them; the retry with the same
+    /// idempotency key gets their sequence).
+    fn fail_held(&mut self, held: Vec<EngineEvent>) {
+        for ev in held {
+            if let EngineEvent::Published { ticket, .. } = ev {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                self.out.push(EngineEvent::PublishFailed { ticket });
+            }
+        }
+    }
+
     fn flush_writes(&mut self) {
+        self.append_waits();
         let mut failed = Vec::new();
         for (i, shard) in self.shards.iter_mut().enumerate() {
             if let Some(conn) = shard.cmd.as_mut()
