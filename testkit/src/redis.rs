@@ -466,6 +466,24 @@ impl RedisSentinel {
         out.lines().nth(1)?.trim().parse().ok()
     }
 
+    /// Stops the sentinel (SIGSTOP) until [`RedisSentinel::resume`]: its port still
+    /// accepts connections (the kernel does) but nothing is answered on them.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a [`RedisSentinel::pause`]d sentinel run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid");
+        // SAFETY: kill(2) on our own child's pid, which is not reaped before drop.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "signal {signal} to the sentinel");
+    }
+
     fn sentinel_cli(&self, args: &[&str]) -> Option<String> {
         cli_on(self.port, args)
     }
@@ -473,7 +491,7 @@ impl RedisSentinel {
 
 impl Drop for RedisSentinel {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let _ = self.child.kill(); // SIGKILL ends a paused one too
         let _ = self.child.wait();
     }
 }

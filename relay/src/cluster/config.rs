@@ -54,7 +54,9 @@ pub struct ClusterConfig {
     /// node recognises its own messages coming back over pub/sub. Letters, digits, `.`,
     /// `_`, `-`; 1 to 64 characters. Default: `node-<pid>-<random>` (unique per start).
     pub node_id: Option<String>,
-    /// How long connecting to the engine may take. Default 1 s.
+    /// How long connecting to the engine may take, and how long one seed or sentinel may
+    /// take to answer a topology read (the engine thread goes on meanwhile, and asks the
+    /// next one after it). Default 1 s.
     #[serde(with = "humantime_secs")]
     pub connect_timeout: Duration,
     /// A lost engine connection is retried after 50 ms, doubling up to this. Default 2 s.
@@ -76,6 +78,16 @@ pub struct ClusterConfig {
     /// Default 30 s.
     #[serde(with = "humantime_secs")]
     pub presence_lease: Duration,
+    /// Replicas that must hold a publish before it is acknowledged: after each loop
+    /// tick's publishes on a shard, one `WAIT <wait_replicas> <wait_timeout>` covers them
+    /// all, and their PUBACKs (and the server API's 200s) wait for it; fewer replicas in
+    /// time refuse them `unavailable` (retryable: a retry with the same idempotency key is
+    /// answered with the sequence the first try got). 0 (the default): off, a publish is
+    /// acknowledged once its shard's master ran it. At most 16.
+    pub wait_replicas: u32,
+    /// How long `WAIT` may wait for `wait_replicas` (at most 60 s, more than 0). Default 1 s.
+    #[serde(with = "humantime_secs")]
+    pub wait_timeout: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -91,6 +103,8 @@ impl Default for ClusterConfig {
             max_in_flight: 4096,
             fill_batch: 256,
             presence_lease: Duration::from_secs(30),
+            wait_replicas: 0,
+            wait_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -246,6 +260,15 @@ impl ClusterConfig {
                 "must be 1s ..= 1h".into(),
             ));
         }
+        if self.wait_replicas > 16 {
+            return Err(invalid("cluster.wait_replicas", "must be 0 ..= 16".into()));
+        }
+        if self.wait_timeout.is_zero() || self.wait_timeout > Duration::from_secs(60) {
+            return Err(invalid(
+                "cluster.wait_timeout",
+                "must be > 0 and at most 60s (WAIT 0 would wait forever)".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -363,6 +386,24 @@ mod tests {
             ..ok.clone()
         };
         assert_eq!(field(&bad_id, StorageMode::Memory), "cluster.node_id");
+        let wait = ClusterConfig {
+            wait_replicas: 1,
+            ..ok.clone()
+        };
+        wait.validate(StorageMode::Memory).unwrap();
+        let forever = ClusterConfig {
+            wait_timeout: Duration::ZERO,
+            ..wait
+        };
+        assert_eq!(field(&forever, StorageMode::Memory), "cluster.wait_timeout");
+        let too_many = ClusterConfig {
+            wait_replicas: 17,
+            ..ok.clone()
+        };
+        assert_eq!(
+            field(&too_many, StorageMode::Memory),
+            "cluster.wait_replicas"
+        );
         let zero = ClusterConfig {
             stream_max_len: 0,
             ..ok

@@ -37,7 +37,7 @@ use mio::{Events, Poll, Token, Waker};
 use super::resp::{self, Value, decimal};
 use super::script::{self, OPEN, PUBLISH};
 use super::shard::{BACKOFF_MIN, Conn, Pending, Retry, Shard};
-use super::slots::{self, SlotMap};
+use super::slots::SlotMap;
 use super::{
     ClusterConfig, ClusterStats, EngineCmd, EngineEvent, PublishRequest, RedisAddr, Topology,
 };
@@ -47,6 +47,7 @@ pub(super) mod members;
 pub(super) mod receipts;
 mod presence;
 mod replies;
+mod topology;
 
 use replies::Redirect;
 
@@ -117,6 +118,7 @@ impl EngineHandle {
             map,
             shards,
             map_retry: Retry::now(),
+            discovery: None,
             channels: HashMap::new(),
             users: HashMap::new(),
             receipts: receipts::EngineReceipts::default(),
@@ -238,6 +240,8 @@ struct Engine {
     /// The slot map must be read again (a `MOVED`, a lost shard); not before `map_retry`.
     refresh_due: bool,
     map_retry: Retry,
+    /// The slot map or master being read (`engine/topology.rs`), on the engine's poll.
+    discovery: Option<topology::Discovery>,
     channels: HashMap<Bytes, Channel>,
     /// Users' notice channels (`members.rs`), on the shard of their key, with plain
     /// pub/sub whatever the topology (a Redis Cluster carries it to every node).
@@ -305,9 +309,10 @@ impl Engine {
         while !self.stop.load(Ordering::SeqCst) {
             let now = Instant::now();
             self.woke = now;
-            if self.refresh_due && now >= self.map_retry.at {
-                self.refresh_map(now);
+            if self.refresh_due && self.discovery.is_none() && now >= self.map_retry.at {
+                self.start_discovery();
             }
+            self.advance_discovery(now);
             for i in 0..self.shards.len() {
                 if self.shards[i].cmd.is_none() && now >= self.shards[i].cmd_retry.at {
                     self.connect(i, false);
@@ -335,8 +340,11 @@ impl Engine {
                     ]
                 })
                 .chain([
-                    self.refresh_due.then_some(self.map_retry.at),
+                    (self.refresh_due && self.discovery.is_none()).then_some(self.map_retry.at),
                     Some(presence_at),
+                    self.discovery
+                        .as_ref()
+                        .and_then(topology::Discovery::deadline),
                 ])
                 .flatten()
                 .min();
@@ -352,7 +360,7 @@ impl Engine {
             ready.extend(
                 events
                     .iter()
-                    .filter(|ev| ev.token() != WAKE)
+                    .filter(|ev| ev.token() != WAKE && ev.token() != topology::DISCOVERY)
                     .map(|ev| ((ev.token().0 - 1) / 2, ev.token().0 % 2 == 0)),
             );
             // Answers before pushes: a publish's copy read in the same pass as its answer
@@ -373,6 +381,9 @@ impl Engine {
             self.follow_redirects();
             self.flush_writes();
             self.deliver_events();
+        }
+        if let Some(mut d) = self.discovery.take() {
+            d.close(self.poll.registry());
         }
         if self.up {
             self.stats.engines_up.fetch_sub(1, Ordering::Relaxed);
@@ -409,56 +420,6 @@ impl Engine {
         Retry {
             at: Instant::now() + retry.delay,
             delay: (retry.delay * 2).min(self.config.reconnect_max),
-        }
-    }
-
-    /// Reads the slot map from the seeds (and the shards known), or asks the sentinels
-    /// where the master is, bounded by `cluster.connect_timeout` per address; on a change
-    /// the shards are renumbered and every channel routed again.
-    fn refresh_map(&mut self, now: Instant) {
-        let timeout = self.config.connect_timeout;
-        let (found, what) = match &self.master_name {
-            Some(name) => (
-                slots::ask_sentinels(&self.seeds, name, timeout),
-                "sentinel (SENTINEL get-master-addr-by-name)",
-            ),
-            None => {
-                let mut seeds = self.seeds.clone();
-                for s in &self.shards {
-                    if !seeds.contains(&s.addr) {
-                        seeds.push(s.addr.clone());
-                    }
-                }
-                (slots::discover(&seeds, timeout), "slot map (CLUSTER SLOTS)")
-            }
-        };
-        match found {
-            Ok(map) => {
-                self.refresh_due = false;
-                // At most one refresh per this long, however many MOVEDs arrive.
-                self.map_retry = Retry {
-                    at: now + BACKOFF_MIN * 4,
-                    delay: BACKOFF_MIN,
-                };
-                if self.map.as_ref() != Some(&map) {
-                    tracing::info!(
-                        worker = self.worker,
-                        shards = ?map.shards,
-                        topology = ?self.topology,
-                        "engine topology read (cluster.topology)"
-                    );
-                    self.apply_map(map);
-                } else {
-                    self.route_channels();
-                }
-            }
-            Err(e) => {
-                let addr = self.seeds.first().cloned().unwrap_or(RedisAddr {
-                    host: String::new(),
-                    port: 0,
-                });
-                self.map_retry = self.backoff(self.map_retry, &addr, &e, what);
-            }
         }
     }
 
@@ -501,6 +462,7 @@ impl Engine {
                 let _ = self.poll.registry().deregister(&mut conn.stream);
             }
             let inflight = std::mem::take(&mut gone.inflight);
+            self.fail_held(std::mem::take(&mut gone.held));
             self.fail_inflight(inflight);
         }
         self.route_channels();
@@ -648,7 +610,8 @@ impl Engine {
                 after,
                 reader,
             } => self.fills_waiting.push((room, after, reader)),
-            Pending::Asking => {}
+            // The acknowledgements it held are failed with the connection (`fail_cmd`).
+            Pending::Asking | Pending::Wait => {}
             Pending::Members(step) => self.fail_member_step(step),
             Pending::Receipts(step) => self.receipts_give_up(step),
         }
@@ -662,8 +625,11 @@ impl Engine {
             let _ = self.poll.registry().deregister(&mut conn.stream);
         }
         let inflight = std::mem::take(&mut shard.inflight);
+        let held = std::mem::take(&mut shard.held);
+        shard.wait_due = false;
         let addr = shard.addr.clone();
         self.shards[i].cmd_retry = self.backoff(self.shards[i].cmd_retry, &addr, e, "command");
+        self.fail_held(held);
         self.fail_inflight(inflight);
         self.lost_shard();
         self.note_health();
@@ -801,6 +767,7 @@ impl Engine {
             ],
         );
         self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);
+        shard.wait_due = self.config.wait_replicas > 0;
         shard
             .inflight
             .push_back((Pending::Publish(req, self.woke), hops));
@@ -923,7 +890,7 @@ impl Engine {
                 after,
                 reader,
             } => self.send_fill(room, after, reader, target, hops),
-            Pending::Asking => {}
+            Pending::Asking | Pending::Wait => {}
             // Membership's steps go where Redis said too (`engine/members.rs`).
             Pending::Members(step) => self.send_step(step, target, hops),
             Pending::Receipts(step) => self.receipts_resend(step, eval, target, hops),
@@ -961,7 +928,37 @@ impl Engine {
         }
     }
 
+    /// One `WAIT` after the publishes written on each shard since its last one
+    /// (`cluster.wait_replicas`): their acknowledgements are held until it answers.
+    fn append_waits(&mut self) {
+        let mut replicas = [0; 20];
+        let replicas = decimal(u64::from(self.config.wait_replicas), &mut replicas);
+        let mut ms = [0; 20];
+        let ms = decimal(self.config.wait_timeout.as_millis() as u64, &mut ms);
+        for shard in self.shards.iter_mut().filter(|s| s.wait_due) {
+            shard.wait_due = false;
+            if let Some(conn) = shard.cmd.as_mut() {
+                resp::encode(&mut conn.wbuf, [&b"WAIT"[..], replicas, ms].into_iter());
+                self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);
+                shard.inflight.push_back((Pending::Wait, 0));
+            }
+        }
+    }
+
+    /// Acknowledgements held for a `WAIT` that will not answer, or answered with too few
+    /// replicas: refused `unavailable` (Redis ran them; the retry with the same
+    /// idempotency key gets their sequence).
+    fn fail_held(&mut self, held: Vec<EngineEvent>) {
+        for ev in held {
+            if let EngineEvent::Published { ticket, .. } = ev {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                self.out.push(EngineEvent::PublishFailed { ticket });
+            }
+        }
+    }
+
     fn flush_writes(&mut self) {
+        self.append_waits();
         let mut failed = Vec::new();
         for (i, shard) in self.shards.iter_mut().enumerate() {
             if let Some(conn) = shard.cmd.as_mut()

@@ -115,6 +115,9 @@ pub(super) enum Pending {
     Members(super::engine::members::Step),
     /// Receipts' commands (`engine/receipts.rs`).
     Receipts(super::engine::receipts::Step),
+    /// `WAIT <cluster.wait_replicas> <cluster.wait_timeout>` after a tick's publishes: the
+    /// acknowledgements held in [`Shard::held`] wait for its answer.
+    Wait,
 }
 
 /// When to try connecting next, and the delay after that.
@@ -144,6 +147,11 @@ pub(super) struct Shard {
     pub(super) inflight: VecDeque<(Pending, u8)>,
     /// This worker's publishes answered on `cmd` whose copy on `sub` has not come yet.
     pub(super) copies_due: CopiesDue,
+    /// Publishes were written on `cmd` since its last `WAIT` (`cluster.wait_replicas`).
+    pub(super) wait_due: bool,
+    /// Answered publishes (`EngineEvent::Published`) held until the `WAIT` after them
+    /// answers (`cluster.wait_replicas`); bounded by the publishes in flight.
+    pub(super) held: Vec<super::EngineEvent>,
 }
 
 /// The tickets of this worker's publishes that Redis answered (the worker has their
@@ -193,6 +201,8 @@ impl Shard {
             sub_retry: Retry::now(),
             inflight: VecDeque::new(),
             copies_due: CopiesDue::default(),
+            wait_due: false,
+            held: Vec::new(),
         }
     }
 

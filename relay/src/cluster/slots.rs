@@ -6,18 +6,12 @@
 //! the one Redis is the master the sentinels name (`SENTINEL get-master-addr-by-name`),
 //! asked at start and whenever its connection is lost or it answers as a replica.
 //!
-//! Owns: the slot function, the slot map and its discovery. Must not touch: the engine's
-//! connections (discovery uses a short blocking connection of its own, on the engine
-//! thread, never a worker's).
-
-use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
-
-use bytes::BytesMut;
+//! Owns: the slot function, the slot map and reading the seeds' and sentinels' answers.
+//! Must not touch: connections (the engine thread asks the seeds and sentinels without
+//! blocking, `engine/topology.rs`).
 
 use super::RedisAddr;
-use super::resp::{self, Value};
+use super::resp::Value;
 
 /// Hash slots of a Redis Cluster.
 pub const SLOTS: usize = 16384;
@@ -124,90 +118,13 @@ impl SlotMap {
     }
 }
 
-/// Asks the seeds, in turn, for the cluster's slot map (`CLUSTER SLOTS`); each attempt is
-/// bounded by `timeout` (connect, write and read).
-pub fn discover(seeds: &[RedisAddr], timeout: Duration) -> io::Result<SlotMap> {
-    first_answer(seeds, |seed| {
-        let reply = request(seed, timeout, &[b"CLUSTER", b"SLOTS"])?;
-        SlotMap::from_cluster_slots(&reply, seed).ok_or_else(|| {
-            io::Error::other("CLUSTER SLOTS: a malformed answer, or slots nobody serves")
-        })
-    })
-}
-
-/// Asks the sentinels, in turn, where the master named `name` is now (`SENTINEL
-/// get-master-addr-by-name`): a map of that one Redis.
-pub fn ask_sentinels(
-    sentinels: &[RedisAddr],
-    name: &str,
-    timeout: Duration,
-) -> io::Result<SlotMap> {
-    first_answer(sentinels, |sentinel| {
-        let reply = request(
-            sentinel,
-            timeout,
-            &[b"SENTINEL", b"get-master-addr-by-name", name.as_bytes()],
-        )?;
-        let addr = reply.array().and_then(|a| {
-            let host = std::str::from_utf8(a.first()?.bytes()?).ok()?.to_owned();
-            let port = u16::try_from(a.get(1)?.int()?).ok()?;
-            Some(RedisAddr { host, port })
-        });
-        addr.map(SlotMap::single)
-            .ok_or_else(|| io::Error::other(format!("the sentinel knows no master named `{name}`")))
-    })
-}
-
-/// The first of `addrs` for which `ask` succeeds, or the last error.
-fn first_answer(
-    addrs: &[RedisAddr],
-    mut ask: impl FnMut(&RedisAddr) -> io::Result<SlotMap>,
-) -> io::Result<SlotMap> {
-    let mut last = io::Error::other("no address");
-    for addr in addrs {
-        match ask(addr) {
-            Ok(map) => return Ok(map),
-            Err(e) => last = io::Error::new(e.kind(), format!("{addr}: {e}")),
-        }
-    }
-    Err(last)
-}
-
-/// One command on a short blocking connection of its own; its reply (a Redis error as
-/// an error).
-fn request(addr: &RedisAddr, timeout: Duration, args: &[&[u8]]) -> io::Result<Value> {
-    let mut last = io::Error::other("the address resolves to nothing");
-    for a in (addr.host.as_str(), addr.port).to_socket_addrs()? {
-        let mut s = match TcpStream::connect_timeout(&a, timeout) {
-            Ok(s) => s,
-            Err(e) => {
-                last = e;
-                continue;
-            }
-        };
-        s.set_read_timeout(Some(timeout))?;
-        s.set_write_timeout(Some(timeout))?;
-        let mut out = BytesMut::new();
-        resp::encode(&mut out, args.iter().copied());
-        s.write_all(&out)?;
-        let mut buf = BytesMut::new();
-        let mut chunk = [0u8; 16 * 1024];
-        let reply = loop {
-            if let Some(v) = resp::decode(&mut buf).map_err(io::Error::other)? {
-                break v;
-            }
-            let n = s.read(&mut chunk)?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        if let Value::Error(e) = &reply {
-            return Err(io::Error::other(String::from_utf8_lossy(e).into_owned()));
-        }
-        return Ok(reply);
-    }
-    Err(last)
+/// The master's address in a `SENTINEL get-master-addr-by-name` answer (`[host, port]`;
+/// nil when the sentinel knows no such master).
+pub fn master_from_sentinel(reply: &Value) -> Option<RedisAddr> {
+    let a = reply.array()?;
+    let host = std::str::from_utf8(a.first()?.bytes()?).ok()?.to_owned();
+    let port = u16::try_from(a.get(1)?.int()?).ok()?;
+    Some(RedisAddr { host, port })
 }
 
 #[cfg(test)]

@@ -129,6 +129,7 @@ impl Engine {
         let noscript = matches!(&reply, Value::Error(e) if e.starts_with(b"NOSCRIPT"));
         match pending {
             Pending::Asking => {}
+            Pending::Wait => self.on_wait_reply(i, &reply),
             Pending::Members(step) => self.on_member_reply(step, reply, hops),
             Pending::Receipts(step) => self.on_receipts_reply(i, step, hops, reply),
             Pending::Publish(req, sent) => {
@@ -148,12 +149,17 @@ impl Engine {
                             // The script published it: its copy on the channel is due.
                             shard.copies_due.answered(req.ticket);
                         }
-                        self.out.push(EngineEvent::Published {
+                        let ev = EngineEvent::Published {
                             ticket: req.ticket,
                             epoch: epoch as u64,
                             seq: seq as u64,
                             repeated,
-                        });
+                        };
+                        match self.shards.get_mut(i) {
+                            // Held for the WAIT written after it (`cluster.wait_replicas`).
+                            Some(shard) if self.config.wait_replicas > 0 => shard.held.push(ev),
+                            _ => self.out.push(ev),
+                        }
                     }
                     _ => {
                         self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -217,6 +223,23 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// `WAIT`'s answer: the replicas that hold every publish written before it. Enough
+    /// hands over the acknowledgements held for it; fewer (or an error) refuses them.
+    fn on_wait_reply(&mut self, i: usize, reply: &Value) {
+        let Some(shard) = self.shards.get_mut(i) else {
+            return;
+        };
+        let held = std::mem::take(&mut shard.held);
+        let replicas = reply.int().unwrap_or(-1);
+        if replicas >= i64::from(self.config.wait_replicas) {
+            self.out.extend(held);
+            return;
+        }
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(worker = self.worker, reply = ?reply, want = self.config.wait_replicas, "too few replicas acknowledged; publishes refused (cluster.wait_replicas)");
+        self.fail_held(held);
     }
 
     pub(super) fn read_sub(&mut self, i: usize) {
@@ -295,7 +318,11 @@ impl Engine {
                     )) if self
                         .shards
                         .get_mut(i)
-                        .is_some_and(|s| s.copies_due.take_copy(t)) => {}
+                        .is_some_and(|s| s.copies_due.take_copy(t))
+                        // Its acknowledgement waits for WAIT: the copy must not resolve
+                        // it first (the answer comes on the command connection, or the
+                        // publish fails with it and the hole is read from the stream).
+                        || self.config.wait_replicas > 0 => {}
                     Some((epoch, msg)) => self.out.push(EngineEvent::Message {
                         room: c.room.clone(),
                         epoch,
