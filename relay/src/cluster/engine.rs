@@ -44,8 +44,8 @@ use super::{
 use crate::ids::RoomName;
 
 pub(super) mod members;
-pub(super) mod receipts;
 mod presence;
+pub(super) mod receipts;
 mod replies;
 mod topology;
 

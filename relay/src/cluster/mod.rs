@@ -68,8 +68,8 @@
 mod config;
 pub mod engine;
 pub mod membership;
-pub mod receipts;
 pub mod presence;
+pub mod receipts;
 pub mod resp;
 pub mod script;
 mod shard;
