@@ -41,6 +41,9 @@ use crate::handoff::detect::Noted;
 use crate::ids::RoomName;
 use crate::mesh::{RoomReceipts, RoomUnread};
 
+/// A room's receipts are read for at most this many members (more: refused, 413).
+pub const MAX_RECEIPTS_MEMBERS: usize = 100_000;
+
 /// Markers update: KEYS meta, members, markers; ARGV epoch, channel, publish command, then
 /// `user, delivered, read` per member. Returns how many moved (published on the channel).
 pub const MARKERS: &str = r"

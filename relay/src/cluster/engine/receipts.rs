@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use bytes::{Bytes, BytesMut};
 use pabal_codec::Text;
 
-use super::super::receipts::{self as r, HandoffCheck};
+use super::super::receipts::{self as r, HandoffCheck, MAX_RECEIPTS_MEMBERS};
 use super::super::resp::{self, Value, decimal};
 use super::super::script;
 use super::super::{EngineEvent, Topology};
@@ -40,8 +40,6 @@ const MAX_WAITING_CHECKS: usize = 65_536;
 /// A room's markers are loaded at open for at most this many members (more: learnt as
 /// they move).
 const MAX_LOADED_MARKERS: usize = 10_000;
-/// A room's receipts are read for at most this many members (more: refused).
-pub(in crate::cluster) const MAX_RECEIPTS_MEMBERS: usize = 100_000;
 
 /// A receipts command on a command connection awaiting its reply.
 pub(in crate::cluster) enum Step {
