@@ -255,6 +255,49 @@ per_backend! {
         assert_eq!(markers_of(&body, "bob"), Some((0, 0)), "{body}");
     }
 
+    fn many_members_markers_kept_while_redis_is_down_reach_it_in_one_batch(backend) {
+        // What waits while Redis is down goes as one batch per room on recovery: more than
+        // three members in it once overflowed the script call's argument list (a panic on
+        // the engine thread, and its node's engine gone).
+        let Some(mut redis) = RedisServer::start("receipts-many") else { return };
+        let n = nodes(backend, &redis, "m", |_| {});
+        const ROOM: &str = "group:cr-many";
+        let ((mut ann, _), (mut bob, b)) = ann_and_bob(&n, ROOM);
+        let mut others: Vec<(Client, u32)> = ["cy", "dee", "eve", "fay"]
+            .into_iter()
+            .map(|user| {
+                let mut c = Client::connect(n[1].addr, user);
+                let alias = c.join(ROOM);
+                (c, alias)
+            })
+            .collect();
+        redis.kill();
+        let stats = n[1].cluster().unwrap().clone();
+        let deadline = Instant::now() + WAIT;
+        // Each phone's ACK is kept on node 2 until Redis is back.
+        bob.send(&ClientFrame::Ack(Ack::from_pairs(&[(b, 3)])));
+        for (c, alias) in &mut others {
+            c.send(&ClientFrame::Ack(Ack::from_pairs(&[(*alias, 3)])));
+        }
+        while stats.markers_waiting.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "the markers never waited for the engine");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Let every phone's ACK reach the waiting batch (a later one would only make the
+        // batch smaller: the test would pass without catching the overflow, never fail).
+        std::thread::sleep(Duration::from_millis(300));
+        redis.restart();
+        let receipts = format!("/v1/rooms/{ROOM}/receipts");
+        for node in &n {
+            until(node, &receipts, "every member's markers after recovery", |body| {
+                ["bob", "cy", "dee", "eve", "fay"]
+                    .iter()
+                    .all(|u| markers_of(body, u) == Some((3, 0)))
+            });
+        }
+        receipt_for(&mut ann, "fay", 3, 0);
+    }
+
     fn markers_moved_while_redis_is_down_reach_it_when_it_is_back(backend) {
         let Some(mut redis) = RedisServer::start("receipts-down") else { return };
         let n = nodes(backend, &redis, "d", |_| {});

@@ -30,6 +30,8 @@
 //! Owns: these keys, their scripts, the markers' channel format. Must not touch: the
 //! room's stream, meta or member hash (read only).
 
+use std::collections::HashMap;
+
 use pabal_codec::Text;
 
 use super::resp::Value;
@@ -38,6 +40,9 @@ use crate::directory::JoinPoint;
 use crate::handoff::detect::Noted;
 use crate::ids::RoomName;
 use crate::mesh::{RoomReceipts, RoomUnread};
+
+/// A room's receipts are read for at most this many members (more: refused, 413).
+pub const MAX_RECEIPTS_MEMBERS: usize = 100_000;
 
 /// Markers update: KEYS meta, members, markers; ARGV epoch, channel, publish command, then
 /// `user, delivered, read` per member. Returns how many moved (published on the channel).
@@ -269,16 +274,22 @@ pub fn parse_receipts(reply: &Value) -> Option<ReceiptsAnswer> {
     }
     let epoch = value_num(a.first()?)?;
     let head = value_num(a.get(1)?)?;
-    let markers = a.get(3)?.array()?;
+    // By user, so that a room of many members is one pass over each list, not one pass
+    // over the markers per member.
+    let markers: HashMap<&[u8], &Value> = a
+        .get(3)?
+        .array()?
+        .chunks_exact(2)
+        .filter_map(|m| Some((&m[0].bytes()?[..], &m[1])))
+        .collect();
     let mut members = Vec::new();
     for pair in a.get(2)?.array()?.chunks_exact(2) {
         let user = pair[0].bytes()?;
         let join = super::membership::parse_join_point(pair[1].bytes()?)?;
         let joined_at = if join.epoch == epoch { join.seq } else { 0 };
         let marker = markers
-            .chunks_exact(2)
-            .find(|m| m[0].bytes() == Some(user))
-            .and_then(|m| parse_marker(m[1].bytes()?, epoch))
+            .get(&user[..])
+            .and_then(|m| parse_marker(m.bytes()?, epoch))
             .unwrap_or_default();
         members.push((
             Text::from_utf8(user.clone()).ok()?,
@@ -422,6 +433,43 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_large_rooms_receipts_pair_each_member_with_their_own_marker() {
+        // Markers listed in another order than the members, some members without one.
+        let bulk = |s: String| Value::Bulk(Some(Bytes::from(s)));
+        let n = 20_000;
+        let mut members = Vec::new();
+        let mut markers = Vec::new();
+        for i in 0..n {
+            members.extend([bulk(format!("u{i:05}")), bulk("7:0:1".into())]);
+        }
+        for i in (0..n).rev().filter(|i| i % 3 != 0) {
+            markers.extend([bulk(format!("u{i:05}")), bulk(format!("7:{}:{}", i + 1, i))]);
+        }
+        let reply = Value::Array(Some(vec![
+            bulk("7".into()),
+            bulk(n.to_string()),
+            Value::Array(Some(members)),
+            Value::Array(Some(markers)),
+        ]));
+        let Some(ReceiptsAnswer::Room(r)) = parse_receipts(&reply) else {
+            panic!("not a room");
+        };
+        assert_eq!(r.members.len(), n);
+        for (i, (user, _, marker)) in r.members.iter().enumerate() {
+            assert_eq!(user.as_str(), format!("u{i:05}"));
+            let want = if i % 3 == 0 {
+                Marker::default()
+            } else {
+                Marker {
+                    delivered: i as u64 + 1,
+                    read: i as u64,
+                }
+            };
+            assert_eq!(*marker, want, "{user}");
+        }
     }
 
     #[test]

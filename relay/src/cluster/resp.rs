@@ -74,16 +74,26 @@ pub enum RespError {
 
 /// Appends one command (an array of bulk strings) to `out`.
 pub fn encode<'a>(out: &mut BytesMut, args: impl ExactSizeIterator<Item = &'a [u8]>) {
-    out.extend_from_slice(b"*");
-    push_decimal(out, args.len() as u64);
-    out.extend_from_slice(b"\r\n");
+    push_array_len(out, args.len());
     for arg in args {
-        out.extend_from_slice(b"$");
-        push_decimal(out, arg.len() as u64);
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(arg);
-        out.extend_from_slice(b"\r\n");
+        push_bulk(out, arg);
     }
+}
+
+/// Appends the header of a command of `len` arguments (each then [`push_bulk`]).
+pub fn push_array_len(out: &mut BytesMut, len: usize) {
+    out.extend_from_slice(b"*");
+    push_decimal(out, len as u64);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends one argument of a command (a bulk string).
+pub fn push_bulk(out: &mut BytesMut, arg: &[u8]) {
+    out.extend_from_slice(b"$");
+    push_decimal(out, arg.len() as u64);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(arg);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes `n` in decimal without allocating.

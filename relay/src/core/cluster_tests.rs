@@ -672,8 +672,19 @@ fn a_ticks_acks_and_reads_reach_the_engine_as_one_batch_per_room_and_come_back_f
         frame.encode(&mut bytes);
         h.core.on_bytes(h.now, token, &bytes);
     }
-    h.pump();
     let m = |delivered, read| Marker { delivered, read };
+    // The same tick, ann's phone on another worker: that worker's update for ann reaches
+    // the owner separately, and is merged into ann's one entry.
+    h.core.handle(
+        h.now,
+        vec![CoreMsg::Markers(vec![crate::mesh::MarkerUpdate {
+            room: room.clone(),
+            user: Text::from("ann"),
+            epoch: 77,
+            marker: m(1, 3),
+        }])],
+    );
+    h.pump();
     match engine_cmds(&mut h).as_slice() {
         [
             EngineCmd::Markers {
@@ -685,8 +696,8 @@ fn a_ticks_acks_and_reads_reach_the_engine_as_one_batch_per_room_and_come_back_f
             assert_eq!(r, &room);
             assert_eq!(
                 markers,
-                &vec![(Text::from("ann"), m(3, 2)), (Text::from("bob"), m(2, 0))],
-                "one entry per member, the latest of each part"
+                &vec![(Text::from("ann"), m(3, 3)), (Text::from("bob"), m(2, 0))],
+                "one entry per member, the latest of each part (from every worker)"
             );
         }
         other => panic!("one markers batch for the room: {other:?}"),

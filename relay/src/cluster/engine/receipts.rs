@@ -5,7 +5,7 @@
 //! While a room's shard has no command connection, a markers batch is kept coalesced (the
 //! latest marker per member: markers only move forward, so nothing older is needed) and a
 //! hand-off decision waits; both are sent when the connection is back. Both are bounded
-//! ([`MAX_WAITING_ROOMS`], [`MAX_WAITING_CHECKS`]): past that, an update is dropped and
+//! ([`MAX_WAITING_MARKERS`] members' markers in all rooms, [`MAX_WAITING_CHECKS`]): past that, an update is dropped and
 //! counted (the member's next ACK or READ carries the marker again). Reads for the server
 //! API never wait: they fail at once (503 `unavailable`).
 //!
@@ -15,11 +15,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use pabal_codec::Text;
 
-use super::super::receipts::{self as r, HandoffCheck};
-use super::super::resp::{Value, decimal};
+use super::super::receipts::{self as r, HandoffCheck, MAX_RECEIPTS_MEMBERS};
+use super::super::resp::{self, Value, decimal};
 use super::super::script;
 use super::super::{EngineEvent, Topology};
 use super::{Engine, Pending, encode_script};
@@ -28,17 +28,18 @@ use crate::directory::JoinPoint;
 use crate::ids::RoomName;
 use crate::mesh::RoomUnread;
 
-/// Rooms whose markers may wait for the engine at once, per engine thread.
-const MAX_WAITING_ROOMS: usize = 65_536;
-/// Members' markers of one room that may wait for the engine.
-const MAX_WAITING_MEMBERS: usize = 100_000;
+/// Members' markers that may wait for the engine at once, all rooms, per engine thread
+/// (about 100 bytes each).
+const MAX_WAITING_MARKERS: usize = 262_144;
+/// Members' markers in one `MARKERS` call (a larger batch, such as what waited while the
+/// engine was down, goes as several): bounds one script's run on Redis and the markers
+/// message every node of the room parses.
+const MAX_MARKERS_PER_CALL: usize = 1_024;
 /// Hand-off decisions that may wait for the engine, per engine thread.
 const MAX_WAITING_CHECKS: usize = 65_536;
 /// A room's markers are loaded at open for at most this many members (more: learnt as
 /// they move).
 const MAX_LOADED_MARKERS: usize = 10_000;
-/// A room's receipts are read for at most this many members (more: refused).
-pub(in crate::cluster) const MAX_RECEIPTS_MEMBERS: usize = 100_000;
 
 /// A receipts command on a command connection awaiting its reply.
 pub(in crate::cluster) enum Step {
@@ -74,8 +75,8 @@ struct Gather {
 pub(in crate::cluster) struct EngineReceipts {
     markers_sha: Bytes,
     handoff_sha: Bytes,
-    /// Markers waiting for their shard: room → (epoch, member → latest marker).
-    waiting: HashMap<RoomName, (u64, HashMap<Text, Marker>)>,
+    /// Markers waiting for their shard.
+    waiting: WaitingMarkers,
     /// Hand-off decisions waiting for their shard.
     checks: Vec<HandoffCheck>,
     /// Unread counts being gathered, by ticket.
@@ -87,10 +88,91 @@ impl Default for EngineReceipts {
         EngineReceipts {
             markers_sha: script::sha1_hex(r::MARKERS),
             handoff_sha: script::sha1_hex(r::HANDOFF),
-            waiting: HashMap::new(),
+            waiting: WaitingMarkers::default(),
             checks: Vec::new(),
             gathers: HashMap::new(),
         }
+    }
+}
+
+/// Markers waiting for their shard, coalesced (the latest per member: markers only move
+/// forward), at most [`MAX_WAITING_MARKERS`] in all.
+#[derive(Default)]
+struct WaitingMarkers {
+    /// Room → (epoch, member → latest marker).
+    rooms: HashMap<RoomName, (u64, HashMap<Text, Marker>)>,
+    /// Members' markers held, all rooms.
+    held: usize,
+}
+
+impl WaitingMarkers {
+    /// Merges a batch into what waits; `(whether the room started waiting, how many
+    /// updates were dropped)`.
+    fn keep(&mut self, room: RoomName, epoch: u64, markers: Vec<(Text, Marker)>) -> (bool, u64) {
+        let new_room = !self.rooms.contains_key(&room);
+        if new_room && self.held >= MAX_WAITING_MARKERS {
+            return (false, markers.len() as u64);
+        }
+        let (e, by_member) = self.rooms.entry(room).or_default();
+        if epoch != *e {
+            if epoch < *e {
+                return (new_room, 0); // an older stream's markers
+            }
+            *e = epoch;
+            self.held -= by_member.len();
+            by_member.clear();
+        }
+        let mut dropped = 0;
+        for (user, m) in markers {
+            match by_member.get_mut(&user) {
+                Some(cur) => {
+                    cur.delivered = cur.delivered.max(m.delivered);
+                    cur.read = cur.read.max(m.read);
+                }
+                None if self.held >= MAX_WAITING_MARKERS => dropped += 1,
+                None => {
+                    by_member.insert(user, m);
+                    self.held += 1;
+                }
+            }
+        }
+        (new_room, dropped)
+    }
+
+    /// Everything that waits, by room (nothing waits after).
+    fn take(&mut self) -> HashMap<RoomName, (u64, HashMap<Text, Marker>)> {
+        self.held = 0;
+        std::mem::take(&mut self.rooms)
+    }
+}
+
+/// Appends one [`r::MARKERS`] call (`EVAL` with the script after a NOSCRIPT, else
+/// `EVALSHA`): `keys`, then `head` (epoch, channel, publish verb), then `user, delivered,
+/// read` per member, written straight into `out` (a batch has any number of members).
+fn encode_markers(
+    out: &mut BytesMut,
+    (eval, sha): (bool, &Bytes),
+    keys: [&[u8]; 3],
+    head: [&[u8]; 3],
+    markers: &[(Text, Marker)],
+) {
+    let call: [&[u8]; 3] = if eval {
+        [b"EVAL", r::MARKERS.as_bytes(), b"3"]
+    } else {
+        [b"EVALSHA", sha, b"3"]
+    };
+    resp::push_array_len(
+        out,
+        call.len() + keys.len() + head.len() + 3 * markers.len(),
+    );
+    for arg in call.iter().chain(&keys).chain(&head) {
+        resp::push_bulk(out, arg);
+    }
+    let mut d = [0; 20];
+    for (user, m) in markers {
+        resp::push_bulk(out, user.as_bytes());
+        resp::push_bulk(out, decimal(m.delivered, &mut d));
+        resp::push_bulk(out, decimal(m.read, &mut d));
     }
 }
 
@@ -102,50 +184,48 @@ fn room_key(room: &RoomName, suffix: &str) -> Vec<u8> {
 }
 
 impl Engine {
-    /// Sends a markers batch (`eval` after a NOSCRIPT; `target`: a shard an `ASK` named);
-    /// keeps it while the shard is down.
+    /// Sends a markers batch (`eval` after a NOSCRIPT; `target`: a shard an `ASK` named),
+    /// as several calls of at most [`MAX_MARKERS_PER_CALL`] members; keeps it while the
+    /// shard is down.
     pub(super) fn send_markers(
         &mut self,
         room: RoomName,
         epoch: u64,
-        markers: Vec<(Text, Marker)>,
+        mut markers: Vec<(Text, Marker)>,
         (eval, target, hops): (bool, Option<usize>, u8),
     ) {
+        while markers.len() > MAX_MARKERS_PER_CALL {
+            let rest = markers.split_off(MAX_MARKERS_PER_CALL);
+            self.send_markers(room.clone(), epoch, markers, (eval, target, hops));
+            markers = rest;
+        }
         if markers.is_empty() {
             return;
         }
-        let meta = room_key(&room, "m");
-        let shard = target.or_else(|| self.route(&meta));
         let verb: &[u8] = match self.topology {
             Topology::Single | Topology::Sentinel => b"PUBLISH",
             Topology::Cluster => b"SPUBLISH",
         };
-        let sha = self.receipts.markers_sha.clone();
-        let Some(conn) = self.cmd_conn(shard) else {
+        // Key names in the engine's scratch (no allocation per room per tick).
+        let [meta, members, keys, channel, ..] = &mut self.keys;
+        script::key(meta, &room, "m");
+        let shard = target.or_else(|| self.map.as_ref().map(|m| m.shard_of_key(meta)));
+        let Some(conn) = shard
+            .and_then(|i| self.shards.get_mut(i))
+            .and_then(|s| s.cmd.as_mut())
+        else {
             return self.keep_markers(room, epoch, markers);
         };
-        let (members, keys, channel) = (
-            room_key(&room, "u"),
-            room_key(&room, "k"),
-            room_key(&room, "c"),
-        );
+        script::key(members, &room, "u");
+        script::key(keys, &room, "k");
+        script::key(channel, &room, "c");
         let mut d = [0; 20];
-        let mut nums: Vec<[[u8; 20]; 2]> = vec![[[0; 20]; 2]; markers.len()];
-        let mut args: Vec<&[u8]> = Vec::with_capacity(3 + 3 * markers.len());
-        args.push(decimal(epoch, &mut d));
-        args.push(&channel);
-        args.push(verb);
-        for ((user, m), digits) in markers.iter().zip(nums.iter_mut()) {
-            let [dd, rd] = digits;
-            args.push(user.as_bytes());
-            args.push(decimal(m.delivered, dd));
-            args.push(decimal(m.read, rd));
-        }
-        encode_script(
+        encode_markers(
             &mut conn.wbuf,
-            (r::MARKERS, &sha, eval),
-            &[&meta, &members, &keys],
-            &args,
+            (eval, &self.receipts.markers_sha),
+            [meta, members, keys],
+            [decimal(epoch, &mut d), channel, verb],
+            &markers,
         );
         self.stats.marker_batches.fetch_add(1, Ordering::Relaxed);
         self.push_receipts_pending(
@@ -159,41 +239,17 @@ impl Engine {
         );
     }
 
-    /// Keeps a batch that could not be sent: merged into what waits for the room (the
-    /// latest marker per member), bounded.
+    /// Keeps a batch that could not be sent: merged into what waits (the latest marker per
+    /// member), bounded ([`MAX_WAITING_MARKERS`]).
     fn keep_markers(&mut self, room: RoomName, epoch: u64, markers: Vec<(Text, Marker)>) {
-        let waiting = &mut self.receipts.waiting;
-        if !waiting.contains_key(&room) && waiting.len() >= MAX_WAITING_ROOMS {
-            self.stats
-                .markers_dropped
-                .fetch_add(markers.len() as u64, Ordering::Relaxed);
-            return;
-        }
-        if !waiting.contains_key(&room) {
+        let (new_room, dropped) = self.receipts.waiting.keep(room, epoch, markers);
+        if new_room {
             self.stats.markers_waiting.fetch_add(1, Ordering::Relaxed);
         }
-        let (e, by_member) = waiting.entry(room).or_default();
-        if epoch != *e {
-            if epoch < *e {
-                return; // an older stream's markers
-            }
-            *e = epoch;
-            by_member.clear();
-        }
-        for (user, m) in markers {
-            let full = by_member.len() >= MAX_WAITING_MEMBERS;
-            match by_member.get_mut(&user) {
-                Some(cur) => {
-                    cur.delivered = cur.delivered.max(m.delivered);
-                    cur.read = cur.read.max(m.read);
-                }
-                None if full => {
-                    self.stats.markers_dropped.fetch_add(1, Ordering::Relaxed);
-                }
-                None => {
-                    by_member.insert(user, m);
-                }
-            }
+        if dropped > 0 {
+            self.stats
+                .markers_dropped
+                .fetch_add(dropped, Ordering::Relaxed);
         }
     }
 
@@ -312,7 +368,7 @@ impl Engine {
     /// A command connection came up: what waited for the engine is sent (what still has
     /// no connection waits again).
     pub(super) fn send_receipts_waiting(&mut self) {
-        let waiting = std::mem::take(&mut self.receipts.waiting);
+        let waiting = self.receipts.waiting.take();
         self.stats
             .markers_waiting
             .fetch_sub(waiting.len() as i64, Ordering::Relaxed);
@@ -493,5 +549,82 @@ impl Engine {
             );
             self.push_receipts_pending(shard, Step::RoomUnread { ticket, room, join }, 0);
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests
+mod tests {
+    use super::*;
+
+    fn member(i: usize) -> (Text, Marker) {
+        let m = Marker {
+            delivered: i as u64 + 1,
+            read: i as u64,
+        };
+        (Text::from(format!("user{i}").as_str()), m)
+    }
+
+    #[test]
+    fn a_markers_call_of_any_number_of_members_is_one_command() {
+        // Four members or more overflowed the fixed argument list of `encode_script`
+        // (a panic on the engine thread): a room's tick, or what waited while Redis was down.
+        let markers: Vec<_> = (0..MAX_MARKERS_PER_CALL).map(member).collect();
+        let mut out = BytesMut::new();
+        let sha = script::sha1_hex(r::MARKERS);
+        encode_markers(
+            &mut out,
+            (false, &sha),
+            [b"pabal:{r:x}:m", b"pabal:{r:x}:u", b"pabal:{r:x}:k"],
+            [b"7", b"pabal:{r:x}:c", b"PUBLISH"],
+            &markers,
+        );
+        let Some(Value::Array(Some(args))) = resp::decode(&mut out).unwrap() else {
+            panic!("not one command");
+        };
+        assert!(out.is_empty(), "one command, nothing after it");
+        assert_eq!(args.len(), 9 + 3 * markers.len());
+        let text = |v: &Value| String::from_utf8(v.bytes().unwrap().to_vec()).unwrap();
+        assert_eq!(text(&args[0]), "EVALSHA");
+        assert_eq!(text(&args[2]), "3");
+        assert_eq!(text(&args[6]), "7");
+        let last = &args[args.len() - 3..];
+        assert_eq!(
+            last.iter().map(text).collect::<Vec<_>>(),
+            [
+                format!("user{}", MAX_MARKERS_PER_CALL - 1),
+                MAX_MARKERS_PER_CALL.to_string(),
+                (MAX_MARKERS_PER_CALL - 1).to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn markers_waiting_for_the_engine_are_bounded_in_all_rooms_together() {
+        // Many rooms of a few members each, more than the bound in all.
+        let (rooms, per_room) = (30_000, 10);
+        let mut waiting = WaitingMarkers::default();
+        let (mut started, mut dropped) = (0, 0);
+        for r in 0..rooms {
+            let room = RoomName::new(false, Text::from(format!("room{r}").as_str()));
+            let (new_room, d) = waiting.keep(room, 7, (0..per_room).map(member).collect());
+            started += usize::from(new_room);
+            dropped += d;
+        }
+        let held: usize = waiting.rooms.values().map(|(_, m)| m.len()).sum();
+        assert_eq!(held, MAX_WAITING_MARKERS);
+        assert_eq!(waiting.held, MAX_WAITING_MARKERS);
+        assert_eq!(dropped as usize, rooms * per_room - MAX_WAITING_MARKERS);
+        assert_eq!(started, waiting.rooms.len());
+        // A room's later stream replaces its earlier one's markers, and frees their room.
+        let first = RoomName::new(false, Text::from("room0"));
+        let (new_room, d) = waiting.keep(first.clone(), 8, vec![member(0)]);
+        assert_eq!((new_room, d), (false, 0));
+        assert_eq!(waiting.held, MAX_WAITING_MARKERS - per_room + 1);
+        // An update of a member already waiting is merged, never dropped.
+        let (_, d) = waiting.keep(first, 8, vec![member(0)]);
+        assert_eq!(d, 0);
+        assert_eq!(waiting.take().len(), started);
+        assert_eq!(waiting.held, 0);
     }
 }

@@ -25,14 +25,11 @@ use std::collections::HashMap;
 use pabal_codec::Text;
 
 use super::super::{Core, ReplyTo};
-use crate::cluster::receipts::ReceiptsAnswer;
+use crate::cluster::receipts::{MAX_RECEIPTS_MEMBERS, ReceiptsAnswer};
 use crate::cluster::{EngineCmd, EngineEvent};
 use crate::core::Marker;
 use crate::ids::RoomName;
 use crate::mesh::{ControlRefusal, ControlReply, MarkerUpdate};
-
-/// A room's receipts are read for at most this many members (more: 413).
-const MAX_RECEIPTS_MEMBERS: usize = 100_000;
 
 /// The owner's receipts state in cluster mode.
 #[derive(Debug, Default)]
