@@ -1067,8 +1067,10 @@ fn run_loop(
             // The control plane may have given up waiting; nothing to do then.
             let _ = to.send(answer);
         });
+        // One clock read for the tick's hand-over, not one per command.
+        let handed = Instant::now();
         if let Some(engine) = engine
-            && core.drain_engine(|cmd| engine.send(cmd))
+            && core.drain_engine(|cmd| engine.send(handed, cmd))
         {
             // One wake per tick for everything the owners asked of the engine.
             engine.wake();

@@ -154,10 +154,13 @@ impl EngineHandle {
         })
     }
 
-    /// Queues a command (the engine thread runs it after the next [`EngineHandle::wake`]).
-    pub fn send(&self, cmd: EngineCmd) {
+    /// Queues a command (the engine thread runs it after the next [`EngineHandle::wake`]);
+    /// `queued` is when the worker hands its tick's commands over
+    /// (`ClusterStats::to_engine_us` counts from it): one clock read per tick, not per
+    /// command.
+    pub fn send(&self, queued: Instant, cmd: EngineCmd) {
         // The thread only ends when this handle drops.
-        let _ = self.tx.send((Instant::now(), cmd));
+        let _ = self.tx.send((queued, cmd));
     }
 
     /// Wakes the engine thread for the commands queued since the last wake.
@@ -295,6 +298,13 @@ fn encode_script(
         n += part.len();
     }
     resp::encode(out, all[..n].iter().copied());
+}
+
+/// Shard `shard`'s number in `map`, by its address in `before` (the numbering until now);
+/// `None` when it is not in the new map (its subscriptions went with it).
+fn renumbered(shard: Option<usize>, before: &[RedisAddr], map: &SlotMap) -> Option<usize> {
+    let addr = before.get(shard?)?;
+    map.shards.iter().position(|m| m == addr)
 }
 
 fn channel_key(room: &RoomName) -> Bytes {
@@ -445,8 +455,7 @@ impl Engine {
         // Channels follow their shard's new number; those of a gone shard lost their
         // subscription with it.
         for c in self.channels.values_mut() {
-            let addr = c.shard.and_then(|i| before.get(i));
-            let now_at = addr.and_then(|a| map.shards.iter().position(|m| m == a));
+            let now_at = renumbered(c.shard, &before, &map);
             if now_at.is_none() {
                 if c.state == SubState::Subscribed {
                     self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);

@@ -237,8 +237,7 @@ impl Engine {
     /// follow; those of a gone shard lost their subscription with it.
     pub(super) fn renumber_users(&mut self, before: &[RedisAddr], map: &SlotMap) {
         for w in self.users.values_mut() {
-            let addr = w.shard.and_then(|i| before.get(i));
-            let now_at = addr.and_then(|a| map.shards.iter().position(|m| m == a));
+            let now_at = super::renumbered(w.shard, before, map);
             if now_at.is_none() {
                 if w.state == SubState::Subscribed {
                     self.stats.users_watched.fetch_sub(1, Ordering::Relaxed);

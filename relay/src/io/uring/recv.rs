@@ -250,14 +250,7 @@ impl UringBackend {
         // The peer is done sending (or the socket failed). Replace the multishot receive by
         // single-shot ones; its cancellation completion re-arms (see `on_recv`).
         conn.rdhup = true;
-        if conn.recv_armed && !conn.recv_cancelling {
-            conn.recv_cancelling = true;
-            conn.cancels += 1;
-            self.push_cancel(
-                user_data(OP_RECV, idx, generation),
-                user_data(OP_CANCEL, idx, generation),
-            );
-        }
+        self.cancel_recv(idx, generation);
     }
 
     /// Delivers what was held for resumed connections (data stashed while paused, then a
@@ -293,6 +286,23 @@ impl UringBackend {
     }
 
     /// Pauses or resumes reading (the worker's `Transport::set_reading`).
+    /// Cancels connection `idx`'s armed multishot receive, once (its cancellation's
+    /// completion says what comes next: see `on_recv`).
+    fn cancel_recv(&mut self, idx: u32, generation: u32) {
+        let Some((_, conn)) = self.conns.at_mut(idx) else {
+            return;
+        };
+        if !conn.recv_armed || conn.recv_cancelling {
+            return;
+        }
+        conn.recv_cancelling = true;
+        conn.cancels += 1;
+        self.push_cancel(
+            user_data(OP_RECV, idx, generation),
+            user_data(OP_CANCEL, idx, generation),
+        );
+    }
+
     pub(super) fn switch_reading(&mut self, token: Token, reading: bool) {
         let Some(&idx) = self.by_token.get(&token) else {
             return;
@@ -306,14 +316,7 @@ impl UringBackend {
         }
         conn.reading = reading;
         if !reading {
-            if conn.recv_armed && !conn.recv_cancelling {
-                conn.recv_cancelling = true;
-                conn.cancels += 1;
-                self.push_cancel(
-                    user_data(OP_RECV, idx, generation),
-                    user_data(OP_CANCEL, idx, generation),
-                );
-            }
+            self.cancel_recv(idx, generation);
         } else if conn.stashed() || conn.eof_pending {
             self.queue_ready(idx);
         } else if !conn.recv_armed {
