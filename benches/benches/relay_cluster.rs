@@ -26,12 +26,19 @@
 //! phase's length, default 3; an argument `fanout` or `capacity` runs only that part;
 //! `PABAL_BENCH_SHAPE=rooms-12x1` only that shape; `PABAL_BENCH_RATE=1000` paces every row
 //! at that many messages/s instead of half the one-node rate; `PABAL_BENCH_APPENDFSYNC=no`
-//! or `everysec` runs Redis without its `fsync` per write). Each Redis row also prints the
-//! engine's stages over the paced phase (`ClusterStats::stages`: worker -> engine thread,
-//! Redis' answer, engine thread -> worker), mean and the buckets holding p50 and p99.
-//! Everything shares this machine's cores (Redis, the nodes, the load): on a small machine
-//! the three-node rows measure contention as much as the engine. Print the load average
-//! next to any figure you quote.
+//! or `everysec` runs Redis without its `fsync` per write; `PABAL_BENCH_NODES=1,0` runs only
+//! those rows, 0 the relay alone: the first row run sets the half-of-max rate). Each Redis
+//! row also prints the engine's stages over the paced phase (`ClusterStats::stages`: worker
+//! -> engine thread, Redis' answer, engine thread -> worker), mean and the buckets holding
+//! p50 and p99, and each shape one `added ...` line per Redis row: its p50 / p99 minus the
+//! relay alone's at the same rate (`benches/scripts/cluster_latency.sh` gathers those).
+//!
+//! Placement ([`common::placement`]): unpinned by default, everything shares this machine's
+//! cores (Redis, the nodes, the load), so on a small machine the Redis rows measure
+//! contention as much as the engine. `PABAL_BENCH_REDIS_CPUS=1 PABAL_BENCH_RELAY_CPUS=0`
+//! gives Redis core 1 to itself and puts the relay nodes and the load generator on core 0,
+//! as production gives Redis a machine of its own; the bench prints the placement the
+//! kernel reports. Print the load average next to any figure you quote.
 
 #![allow(clippy::unwrap_used)] // reason: a benchmark driver fails loudly
 
@@ -40,6 +47,7 @@ mod common;
 use common::fanout::{
     Outcome, Reader, Scenario, channel_1000, device_of, rooms_100x100, run_phase,
 };
+use common::placement;
 use common::publish::backend_name;
 use common::redis_capacity::{self, redis_cpu};
 use pabal_relay::cluster::{BUCKETS, ClusterConfig, HistogramSnapshot};
@@ -188,6 +196,36 @@ fn stage_text(h: &HistogramSnapshot) -> String {
     )
 }
 
+/// The rows `PABAL_BENCH_NODES` asks for (a list of node counts, `0` the relay alone), in
+/// [`ROWS`]' order; all of them when unset.
+fn rows() -> Vec<(&'static str, usize)> {
+    let Ok(list) = std::env::var("PABAL_BENCH_NODES") else {
+        return ROWS.to_vec();
+    };
+    let wanted: Vec<usize> = list
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("PABAL_BENCH_NODES={list:?}: expected e.g. 1,0"))
+        })
+        .collect();
+    let rows: Vec<_> = ROWS
+        .into_iter()
+        .filter(|(_, n)| wanted.contains(n))
+        .collect();
+    assert!(
+        !rows.is_empty(),
+        "PABAL_BENCH_NODES={list:?}: no row (0, 1 or 3)"
+    );
+    rows
+}
+
+/// Publish-to-delivery at quantile `q`, ms.
+fn quantile_ms(o: &Outcome, q: f64) -> f64 {
+    o.latency.value_at_quantile(q) as f64 / 1000.0
+}
+
 fn fanout(backend: BackendKind, secs: f64) {
     // `PABAL_BENCH_APPENDFSYNC=everysec` (or `no`): Redis' own fsync per write out of the
     // rows, to tell what the engine adds from what `appendfsync always` costs this disk.
@@ -195,21 +233,27 @@ fn fanout(backend: BackendKind, secs: f64) {
     let Some(redis) = RedisServer::start_with("bench-fanout", &["--appendfsync", &fsync]) else {
         return;
     };
+    // Before any relay or load thread starts: they inherit this process's CPUs.
+    println!("{}", placement::apply(&redis));
     let shape = std::env::var("PABAL_BENCH_SHAPE").ok();
     let fixed_rate: Option<f64> = std::env::var("PABAL_BENCH_RATE")
         .ok()
         .and_then(|r| r.parse().ok());
+    let rows = rows();
     for scenario in [rooms_12x1(), channel_1000(), rooms_100x100()] {
         if shape.as_deref().is_some_and(|s| s != scenario.name) {
             continue;
         }
         let mut paced_rate = fixed_rate;
-        for (shape, nodes) in ROWS {
+        // (nodes, p50, p99) of each row at the paced rate, for the engine's added latency.
+        let mut paced_rows: Vec<(usize, f64, f64)> = Vec::new();
+        for &(shape, nodes) in &rows {
             let (sat, paced, cpu, stages) =
                 one_row(backend, &redis, &scenario, nodes, secs, paced_rate);
             let msg_rate = sat.messages as f64 / sat.secs;
             let rate = *paced_rate.get_or_insert(msg_rate / 2.0);
-            let q = |o: &Outcome, p: f64| o.latency.value_at_quantile(p) as f64 / 1000.0;
+            let q = quantile_ms;
+            paced_rows.push((nodes, q(&paced, 0.5), q(&paced, 0.99)));
             println!(
                 "{:<8} {:<13} {:<13} {:>11.0} {:>9.0} | {:>8.0} {:>11.0} {:>7.2} {:>7.2} {:>8.2} | \
                  {:>9.1}  load {}",
@@ -237,6 +281,39 @@ fn fanout(backend: BackendKind, secs: f64) {
                 );
             }
         }
+        print_added(backend, scenario.name, paced_rate, fixed_rate, &paced_rows);
+    }
+}
+
+/// One line per Redis row: its p50 and p99 at the paced rate minus the relay alone's (the
+/// engine's added latency), as `key=value` fields (`benches/scripts/cluster_latency.sh`
+/// reads them). Nothing without an `alone` row.
+fn print_added(
+    backend: BackendKind,
+    shape: &str,
+    rate: Option<f64>,
+    fixed_rate: Option<f64>,
+    rows: &[(usize, f64, f64)],
+) {
+    let Some(&(_, alone50, alone99)) = rows.iter().find(|r| r.0 == 0) else {
+        return;
+    };
+    let pace = if fixed_rate.is_some() {
+        "fixed"
+    } else {
+        "half-of-max"
+    };
+    for &(nodes, p50, p99) in rows.iter().filter(|r| r.0 > 0) {
+        println!(
+            "added backend={} shape={shape} nodes={nodes} pace={pace} rate={:.0} \
+             alone_p50={alone50:.2} alone_p99={alone99:.2} p50={p50:.2} p99={p99:.2} \
+             added_p50={:+.2} added_p99={:+.2} load={}",
+            backend_name(backend),
+            rate.unwrap_or(0.0),
+            p50 - alone50,
+            p99 - alone99,
+            load_average().split(' ').next().unwrap_or("?"),
+        );
     }
 }
 
@@ -244,6 +321,7 @@ fn capacity(secs: f64) {
     let Some(redis) = RedisServer::start("bench-capacity") else {
         return;
     };
+    println!("{}", placement::apply(&redis));
     println!(
         "\none Redis shard through the publish script (8 connections x 64 pipelined EVALSHA, \
          1,000 rooms, 3 subscribers per channel)"

@@ -13,6 +13,7 @@ use pabal_relay::io::BackendKind;
 use pabal_testkit::{Client, loopback_config};
 
 pub mod fanout;
+pub mod placement;
 pub mod publish;
 pub mod redis_capacity;
 

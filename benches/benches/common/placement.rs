@@ -1,0 +1,133 @@
+//! Where a cluster bench's processes run: `PABAL_BENCH_REDIS_CPUS` pins the private
+//! `redis-server` (every thread of it) to a CPU list, `PABAL_BENCH_RELAY_CPUS` pins this
+//! process (the relay nodes and the load generator: every thread it has and every thread it
+//! starts later) to another, so that Redis has a core to itself, as it has a machine to
+//! itself in production. Lists as `taskset -c` takes them: `1`, `0,2`, `2-3`.
+//!
+//! Owns: the affinity of those two processes, and the line that says where everything
+//! runs. Must not touch: any other process (the system's Redis, other benches).
+
+use pabal_testkit::redis::RedisServer;
+
+/// The CPUs of `PABAL_BENCH_REDIS_CPUS`.
+pub const REDIS_CPUS: &str = "PABAL_BENCH_REDIS_CPUS";
+/// The CPUs of `PABAL_BENCH_RELAY_CPUS`.
+pub const RELAY_CPUS: &str = "PABAL_BENCH_RELAY_CPUS";
+
+/// Parses a CPU list (`0`, `1,3`, `0-2,5`); panics naming `var` on anything else.
+pub fn parse_cpus(var: &str, list: &str) -> Vec<usize> {
+    let bad = || panic!("{var}={list:?}: expected a CPU list such as 1, 0,2 or 2-3");
+    let mut cpus = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let (Ok(lo), Ok(hi)) = (lo.trim().parse::<usize>(), hi.trim().parse::<usize>()) else {
+            bad()
+        };
+        if lo > hi || hi >= libc::CPU_SETSIZE as usize {
+            bad();
+        }
+        cpus.extend(lo..=hi);
+    }
+    if cpus.is_empty() {
+        bad();
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    cpus
+}
+
+/// The CPU list in `var`, if set and not empty.
+fn cpus_from_env(var: &str) -> Option<Vec<usize>> {
+    let list = std::env::var(var).ok()?;
+    (!list.trim().is_empty()).then(|| parse_cpus(var, &list))
+}
+
+/// The thread ids of process `pid`.
+fn threads_of(pid: u32) -> Vec<libc::pid_t> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Pins every thread of `pid` to `cpus`; panics naming `var` if the kernel refuses.
+fn pin_process(var: &str, pid: u32, cpus: &[usize]) {
+    // SAFETY: `cpu_set_t` is a plain bit array for which all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        // SAFETY: `cpu` < CPU_SETSIZE (`parse_cpus` checks), so the bit is inside `set`.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    for tid in threads_of(pid) {
+        // SAFETY: `set` is a valid `cpu_set_t` of the size passed; the call only reads it.
+        let rc =
+            unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &raw const set) };
+        assert!(
+            rc == 0,
+            "{var}: sched_setaffinity({tid}, {cpus:?}) failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The CPUs thread `tid` (0: the calling thread) may run on.
+fn affinity_of(tid: libc::pid_t) -> Vec<usize> {
+    // SAFETY: as in `pin_process`.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid `cpu_set_t` of the size passed; the call writes only it.
+    let rc = unsafe { libc::sched_getaffinity(tid, std::mem::size_of_val(&set), &raw mut set) };
+    if rc != 0 {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `c` < CPU_SETSIZE, so the bit is inside `set`.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+/// `redis-server`'s process id, from its own `INFO server`.
+fn redis_pid(redis: &RedisServer) -> u32 {
+    redis
+        .cli(&["INFO", "server"])
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("INFO server names the process_id")
+}
+
+/// Applies `PABAL_BENCH_REDIS_CPUS` to `redis` and `PABAL_BENCH_RELAY_CPUS` to this process
+/// (call it before the relays and the load start their threads), and returns the line that
+/// says where each runs, as the kernel reports it back.
+pub fn apply(redis: &RedisServer) -> String {
+    let pid = redis_pid(redis);
+    if let Some(cpus) = cpus_from_env(REDIS_CPUS) {
+        pin_process(REDIS_CPUS, pid, &cpus);
+    }
+    if let Some(cpus) = cpus_from_env(RELAY_CPUS) {
+        pin_process(RELAY_CPUS, std::process::id(), &cpus);
+    }
+    format!(
+        "placement: redis-server (pid {pid}) on CPUs {} ({REDIS_CPUS}={}); relay nodes and load \
+         generator (pid {}) on CPUs {} ({RELAY_CPUS}={}); {} CPUs online",
+        cpu_text(&affinity_of(pid as libc::pid_t)),
+        std::env::var(REDIS_CPUS).unwrap_or_else(|_| "unset".into()),
+        std::process::id(),
+        cpu_text(&affinity_of(0)),
+        std::env::var(RELAY_CPUS).unwrap_or_else(|_| "unset".into()),
+        // SAFETY: sysconf reads a system constant.
+        unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) },
+    )
+}
+
+/// `0,1` for a CPU list, `?` for none.
+fn cpu_text(cpus: &[usize]) -> String {
+    if cpus.is_empty() {
+        return "?".into();
+    }
+    cpus.iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The engine's added latency (issue 13: at most 1 ms p99 at half of max rate) with Redis on a
+# core of its own: the relay alone against one node on Redis, rooms-12x1 (12 rooms of one
+# publisher and one subscriber: no fan-out to queue behind), at 1,000 msg/s and at half of
+# one node's saturated rate, both backends, ROUNDS rounds alternating the two rates; then
+# the medians the README's table needs.
+#
+#   benches/scripts/cluster_latency.sh
+#   ROUNDS=5 SECS=3 benches/scripts/cluster_latency.sh
+#   REDIS_CPUS= RELAY_CPUS= benches/scripts/cluster_latency.sh   # unpinned, as before
+#
+# Defaults: REDIS_CPUS=1 (redis-server alone on core 1), RELAY_CPUS=0 (the relay nodes and
+# the load generator on core 0), APPENDFSYNC=everysec, SECS=3 per phase, ROUNDS=3. Each run
+# prints its placement (as the kernel reports it) and the load average; quote them with the
+# figures. Output: the bench's own rows and stage lines, then one summary line per backend
+# and rate.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+ROUNDS=${ROUNDS:-3}
+SECS=${SECS:-3}
+REDIS_CPUS=${REDIS_CPUS-1}
+RELAY_CPUS=${RELAY_CPUS-0}
+APPENDFSYNC=${APPENDFSYNC:-everysec}
+SHAPE=${SHAPE:-rooms-12x1}
+
+cargo bench -p pabal-benches --bench relay_cluster --no-run
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+
+for round in $(seq 1 "$ROUNDS"); do
+  for rate in 1000 half; do
+    echo "== round $round of $ROUNDS, rate $rate, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+    fixed=()
+    if [ "$rate" = 1000 ]; then fixed=(PABAL_BENCH_RATE=1000); fi
+    env PABAL_BENCH_SECS="$SECS" PABAL_BENCH_SHAPE="$SHAPE" PABAL_BENCH_NODES=1,0 \
+      PABAL_BENCH_APPENDFSYNC="$APPENDFSYNC" \
+      PABAL_BENCH_REDIS_CPUS="$REDIS_CPUS" PABAL_BENCH_RELAY_CPUS="$RELAY_CPUS" \
+      "${fixed[@]}" \
+      cargo bench -p pabal-benches --bench relay_cluster -- fanout | tee -a "$out"
+  done
+done
+
+# The median of the numbers on stdin.
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# The values of field $1 in the `added` lines of backend $2 and pace $3, one per line.
+field() { grep '^added ' "$out" | grep " backend=$2 " | grep " pace=$3 " | tr ' ' '\n' | sed -n "s/^$1=//p"; }
+
+echo
+echo "== summary: $SHAPE, one node on Redis against the relay alone, appendfsync $APPENDFSYNC," \
+  "REDIS_CPUS=${REDIS_CPUS:-unset} RELAY_CPUS=${RELAY_CPUS:-unset}, $ROUNDS rounds, medians (each round's added p99 and load)"
+printf '%-9s %-12s %9s %20s %20s %12s  %s\n' backend pace 'msg/s' 'alone p50 / p99 ms' \
+  '1 node p50 / p99 ms' 'added p99' 'per round: added p99 (load)'
+for backend in epoll io_uring; do
+  for pace in fixed half-of-max; do
+    [ -n "$(field rate "$backend" "$pace")" ] || continue
+    rounds=$(paste -d' ' <(field added_p99 "$backend" "$pace") <(field load "$backend" "$pace") |
+      awk '{ printf "%s%s (%s)", (NR > 1 ? " / " : ""), $1, $2 }')
+    printf '%-9s %-12s %9s %20s %20s %12s  %s\n' "$backend" "$pace" \
+      "$(field rate "$backend" "$pace" | median)" \
+      "$(field alone_p50 "$backend" "$pace" | median) / $(field alone_p99 "$backend" "$pace" | median)" \
+      "$(field p50 "$backend" "$pace" | median) / $(field p99 "$backend" "$pace" | median)" \
+      "$(field added_p99 "$backend" "$pace" | tr -d + | median)" "$rounds"
+  done
+done
