@@ -26,7 +26,9 @@
 //! v3 subscribers (`receipts.interval`, 1 s), and the rows are marked `+ack`.
 //!
 //! `cargo bench -p pabal-benches --bench relay_fanout` (`PABAL_BENCH_SECS` sets each phase's
-//! length, default 5; a scenario name as argument runs only that one;
+//! length, default 5; a scenario name as argument runs only that one; `PABAL_BENCH_RATE=N`
+//! paces both backends at N messages/s instead of half of each one's own max, which paces
+//! the faster backend harder;
 //! `PABAL_BENCH_HANDOFF=1` turns the offline hand-off on, with a 1 s delay and an app server
 //! that refuses every connection: no subscriber acks, so every member of every room is
 //! handed off every window, the detection's worst case). Each backend runs in
@@ -76,13 +78,13 @@ fn run(backend: BackendKind, scenario: &Scenario, secs: f64, ack: bool) {
         .collect();
     let saturated = run_phase(&mut publishers, &mut readers, secs, None, ack);
     let msg_rate = saturated.messages as f64 / saturated.secs;
-    let paced = run_phase(
-        &mut publishers,
-        &mut readers,
-        secs,
-        Some(msg_rate / 2.0),
-        ack,
-    );
+    // `PABAL_BENCH_RATE`: one paced rate for both backends (half of each one's own max
+    // paces the faster one harder, and its p99 with it).
+    let paced_rate = std::env::var("PABAL_BENCH_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(msg_rate / 2.0);
+    let paced = run_phase(&mut publishers, &mut readers, secs, Some(paced_rate), ack);
     let name = if ack {
         format!("{}+ack", scenario.name)
     } else {
@@ -91,11 +93,12 @@ fn run(backend: BackendKind, scenario: &Scenario, secs: f64, ack: bool) {
     let per_s = |o: &Outcome| o.deliveries as f64 / o.secs;
     let q = |o: &Outcome, p: f64| o.latency.value_at_quantile(p) as f64 / 1000.0;
     println!(
-        "{:<9} {:<14} {:>12.0} {:>10.0} | {:>11.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+        "{:<9} {:<14} {:>12.0} {:>10.0} | {:>8.0} {:>11.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
         relay.backend(),
         name,
         per_s(&saturated),
         msg_rate,
+        paced_rate,
         per_s(&paced),
         q(&paced, 0.5),
         q(&paced, 0.99),
@@ -117,12 +120,13 @@ fn main() {
     let ack = std::env::var("PABAL_BENCH_ACK").is_ok_and(|v| v == "1");
     let Some(backend) = common::child_backend() else {
         println!(
-            "{:<9} {:<14} {:>12} {:>10} | {:>11} {:>8} {:>8} {:>8} {:>8}",
+            "{:<9} {:<14} {:>12} {:>10} | {:>8} {:>11} {:>8} {:>8} {:>8} {:>8}",
             "backend",
             "scenario",
             "deliv/s max",
             "msg/s max",
-            "deliv/s@50%",
+            "paced/s",
+            "deliv/s@pace",
             "p50 ms",
             "p99 ms",
             "p99.9 ms",

@@ -88,6 +88,8 @@ pub fn run_phase(
 ) -> Outcome {
     let stop = Arc::new(AtomicBool::new(false));
     let deliveries = Arc::new(AtomicU64::new(0));
+    let kind = if rate.is_some() { "paced" } else { "saturated" };
+    phase_mark(kind, "start");
     let start = Instant::now();
     let (lat_tx, lat_rx) = std::sync::mpsc::channel();
     std::thread::scope(|scope| {
@@ -234,6 +236,7 @@ pub fn run_phase(
             }
         }
         let secs = start.elapsed().as_secs_f64();
+        phase_mark(kind, "end");
         let at_end = deliveries.load(Ordering::Relaxed);
         // Let in-flight deliveries land so latency covers every message, then stop.
         std::thread::sleep(Duration::from_millis(500));
@@ -246,6 +249,21 @@ pub fn run_phase(
             latency,
         }
     })
+}
+
+/// With `PABAL_BENCH_PHASE_MARKS=1`, prints (stderr) `phase KIND EDGE monotonic_ns=N`: the
+/// phase's edges on `CLOCK_MONOTONIC`, the clock `perf record -k CLOCK_MONOTONIC` stamps
+/// its samples with, so a trace can be cut to one phase (`benches/scripts/uring_ticks.py`).
+fn phase_mark(kind: &str, edge: &str) {
+    if std::env::var_os("PABAL_BENCH_PHASE_MARKS").is_none() {
+        return;
+    }
+    // SAFETY: an all-zero `timespec` is valid; `clock_gettime` writes only it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is a valid `timespec` for the call to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    let ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    eprintln!("phase {kind} {edge} monotonic_ns={ns}");
 }
 
 /// Sets its flag when dropped, unwinding included.
