@@ -42,7 +42,7 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 # The median of the numbers on stdin.
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%g\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 # The values of field $1 in the `added` lines of backend $2 and pace $3, one per line.
 field() { grep '^added ' "$out" | grep " backend=$2 " | grep " pace=$3 " | tr ' ' '\n' | sed -n "s/^$1=//p"; }
 
