@@ -11,7 +11,8 @@
 //! is the daemon's; heap in use is the usable size of mimalloc's live blocks (see
 //! `common/alloc.rs`). `PABAL_BENCH_ALLOCATOR=glibc` runs it on glibc's malloc instead, for
 //! valgrind's massif (which sees only the system allocator) and for comparison with figures
-//! measured that way before.
+//! measured that way before. mimalloc backs its arenas with transparent huge pages where
+//! the kernel allows it (`madvise` mode): `MIMALLOC_ALLOW_THP=0` shows the RSS without them.
 //!
 //! `cargo bench -p pabal-benches --bench idle_connections` (`PABAL_IDLE_CONNS`: a comma
 //! separated list of connection counts, default `10000,18500`; `PABAL_IDLE_ROOMS`: rooms
