@@ -51,6 +51,10 @@ pub(super) fn pending_sub(room: RoomName, from: StartFrom, request: u64, members
     }
 }
 
+/// The ROOM frame of a binding. Its name is a copy of the room's (made and freed with the
+/// frame, at binding time only): a clone of the shared record's `Text` would make the
+/// name's buffer shared, a 24-byte header kept for as long as the room lives (one per 1:1
+/// room, 12 bytes per idle phone).
 pub(super) fn room_frame(alias: u32, sub: &Sub, head: u64) -> ServerFrame {
     ServerFrame::Room(Room {
         alias,
@@ -59,7 +63,7 @@ pub(super) fn room_frame(alias: u32, sub: &Sub, head: u64) -> ServerFrame {
         epoch: sub.epoch,
         cursor: sub.cursor,
         head: head.max(sub.cursor),
-        name: sub.room.name.clone(),
+        name: Text::from(sub.room.name.as_str()),
     })
 }
 
