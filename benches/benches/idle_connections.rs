@@ -7,6 +7,13 @@
 //! 18,500 connections the relay is near its 20,000-descriptor limit. Kernel socket buffers are not in
 //! the RSS; they are the kernel's (tunable with `net.ipv4.tcp_rmem`/`tcp_wmem`).
 //!
+//! The relay runs on the allocator the daemon ships (mimalloc, `relay/src/main.rs`), so RSS
+//! is the daemon's; heap in use is the usable size of mimalloc's live blocks (see
+//! `common/alloc.rs`). `PABAL_BENCH_ALLOCATOR=glibc` runs it on glibc's malloc instead, for
+//! valgrind's massif (which sees only the system allocator) and for comparison with figures
+//! measured that way before. mimalloc backs its arenas with transparent huge pages where
+//! the kernel allows it (`madvise` mode): `MIMALLOC_ALLOW_THP=0` shows the RSS without them.
+//!
 //! `cargo bench -p pabal-benches --bench idle_connections` (`PABAL_IDLE_CONNS`: a comma
 //! separated list of connection counts, default `10000,18500`; `PABAL_IDLE_ROOMS`: rooms
 //! bound per phone, 0 to 2, default 2, to split the cost of a connection from its bindings).
@@ -14,6 +21,10 @@
 #![allow(clippy::unwrap_used)] // reason: a benchmark driver fails loudly
 
 mod common;
+
+/// The daemon's allocator (or glibc's, by `PABAL_BENCH_ALLOCATOR`), counted.
+#[global_allocator]
+static ALLOCATOR: common::alloc::BenchAlloc = common::alloc::BenchAlloc;
 
 use pabal_relay::io::BackendKind;
 use pabal_relay::runtime::RelayHandle;
@@ -44,10 +55,11 @@ fn measure(backend: BackendKind, n: usize) {
     let relay = RelayHandle::start(config).unwrap();
     let grown = common::growth_with_phones(&relay, n, &[]);
     println!(
-        "{:<9} {:>7} connections: relay RSS +{} KiB = {:.0} bytes per connection \
+        "{:<9} {:>7} connections ({}): relay RSS +{} KiB = {:.0} bytes per connection \
          (heap in use {:.0} bytes per connection)",
         relay.backend(),
         n,
+        common::alloc::allocator_name(),
         grown.rss_kib,
         grown.rss_kib as f64 * 1024.0 / n as f64,
         grown.heap_bytes as f64 / n as f64

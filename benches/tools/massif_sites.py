@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Heap bytes by the relay's allocation site in one detailed massif snapshot (the first frame
 in the relay's own source under each allocation), divided by DIVISOR (the phones).
-usage: massif_sites.py MASSIF_OUT SNAPSHOT [DIVISOR]"""
+usage: massif_sites.py MASSIF_OUT SNAPSHOT [DIVISOR]
+(massif sees only the system allocator: run the bench with PABAL_BENCH_ALLOCATOR=glibc)"""
 import re, sys
 path, want = sys.argv[1], int(sys.argv[2])
 div = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0
@@ -10,10 +11,15 @@ i = lines.index(f"snapshot={want}")
 while not lines[i].startswith("heap_tree="): i += 1
 i += 1
 node = re.compile(r"^(\s*)n(\d+): (\d+) (.*)$")
+# The bench's own allocator wrapper (`benches/benches/common/alloc.rs`, its frames named
+# `alloc.rs` without std's `library/` path) and its `#[global_allocator]` line are the
+# allocator, not a site: the site is the first relay frame below them.
+BENCH_ALLOCATOR = {"alloc.rs", "benches/benches/common/alloc.rs", "idle_connections.rs"}
 def ours(desc):
     m = re.search(r"\(([^():]+):\d+\)$", desc)
     if not m: return False
     f = m.group(1)
+    if f in BENCH_ALLOCATOR: return False
     return "/" not in f or f.startswith("relay/") or "/relay/src" in f
 sites = {}
 def walk(i, attributed):

@@ -91,123 +91,133 @@ impl RoomMap {
     }
 }
 
-/// A user's live connections, counted per worker: the first worker inline (a phone's user
-/// is on one worker), any others in a boxed vector (8 bytes while there are none; a vector
-/// inline took 24, and a vector alone cost every user a heap block). 16 bytes: the first
-/// worker's count is 0 when the user has no live connection (an `Option` took 8 more).
+/// What few users have: channels blocked, live connections on more than one worker. One
+/// box for both, made on first use and dropped when both are empty (8 bytes per user;
+/// two boxed options took 16).
 #[derive(Debug, Default)]
-struct Presence {
-    /// `(worker, connections)`; connections 0 when the user has no live connection.
-    first: (u32, u32),
-    /// Further workers, each with at least one connection (`None`: no other worker).
-    #[allow(clippy::box_collection)] // reason: 8 bytes per user instead of a vector's 24
-    rest: Option<Box<Vec<(u32, u32)>>>,
+struct UserRare {
+    /// Channels the user blocked.
+    blocked: HashSet<RoomName>,
+    /// Workers past the first holding the user's connections, each with at least one.
+    other_cores: Vec<(u32, u32)>,
 }
 
-impl Presence {
-    fn rest(&self) -> &[(u32, u32)] {
-        self.rest.as_deref().map_or(&[], |r| r.as_slice())
+/// One user's entry. Every user with a live connection has one, so its size is paid per
+/// phone (32 bytes): the rooms, the first worker's connections inline (a phone's user is
+/// on one worker), and what few users have boxed apart.
+#[derive(Debug, Default)]
+struct UserEntry {
+    rooms: RoomMap,
+    /// `(worker, connections)` of the first worker holding the user's live connections;
+    /// connections 0 when the user has none (an `Option` took 8 bytes more).
+    first: (u32, u32),
+    /// Blocks and further workers (`None` when neither).
+    rare: Option<Box<UserRare>>,
+}
+
+impl UserEntry {
+    fn other_cores(&self) -> &[(u32, u32)] {
+        self.rare
+            .as_deref()
+            .map_or(&[], |r| r.other_cores.as_slice())
     }
 
-    fn iter(&self) -> impl Iterator<Item = &(u32, u32)> {
+    /// `(worker, connections)` of every worker holding the user's live connections.
+    fn conns(&self) -> impl Iterator<Item = &(u32, u32)> {
         let first = (self.first.1 > 0).then_some(&self.first);
-        first.into_iter().chain(self.rest().iter())
+        first.into_iter().chain(self.other_cores().iter())
     }
 
-    fn count(&self) -> u32 {
-        self.iter().map(|&(_, n)| n).sum()
+    fn conn_count(&self) -> u32 {
+        self.conns().map(|&(_, n)| n).sum()
     }
 
     fn cores(&self) -> Vec<CoreId> {
-        self.iter().map(|&(c, _)| c as CoreId).collect()
+        self.conns().map(|&(c, _)| c as CoreId).collect()
     }
 
-    fn is_empty(&self) -> bool {
+    fn is_offline(&self) -> bool {
         self.first.1 == 0
     }
 
-    fn add(&mut self, core: CoreId) {
+    fn add_conn(&mut self, core: CoreId) {
         let core = core as u32;
         if self.first.1 == 0 {
             self.first = (core, 1);
         } else if self.first.0 == core {
             self.first.1 += 1;
-        } else if let Some((_, n)) = self
-            .rest
-            .iter_mut()
-            .flat_map(|r| r.iter_mut())
-            .find(|(c, _)| *c == core)
-        {
-            *n += 1;
         } else {
-            let rest = self.rest.get_or_insert_default();
-            rest.reserve_exact(1);
-            rest.push((core, 1));
+            let rest = &mut self.rare.get_or_insert_default().other_cores;
+            match rest.iter_mut().find(|(c, _)| *c == core) {
+                Some((_, n)) => *n += 1,
+                None => {
+                    rest.reserve_exact(1);
+                    rest.push((core, 1));
+                }
+            }
         }
     }
 
-    fn remove(&mut self, core: CoreId) {
+    fn remove_conn(&mut self, core: CoreId) {
         let core = core as u32;
         if self.first.1 > 0 && self.first.0 == core {
             self.first.1 -= 1;
             if self.first.1 == 0 {
-                self.first = self.rest.as_mut().and_then(|r| r.pop()).unwrap_or_default();
+                self.first = self
+                    .rare
+                    .as_mut()
+                    .and_then(|r| r.other_cores.pop())
+                    .unwrap_or_default();
             }
-        } else if let Some(rest) = &mut self.rest
-            && let Some(i) = rest.iter().position(|&(c, _)| c == core)
+        } else if let Some(rare) = &mut self.rare
+            && let Some(i) = rare.other_cores.iter().position(|&(c, _)| c == core)
         {
-            rest[i].1 -= 1;
-            if rest[i].1 == 0 {
-                rest.swap_remove(i);
+            rare.other_cores[i].1 -= 1;
+            if rare.other_cores[i].1 == 0 {
+                rare.other_cores.swap_remove(i);
             }
         }
-        if self.rest.as_ref().is_some_and(|r| r.is_empty()) {
-            self.rest = None;
-        }
+        self.drop_empty_rare();
     }
-}
 
-/// One user's entry. Every user with a live connection has one, so its size is paid per
-/// phone: channels blocked (rare) are boxed apart, and connections are counted inline.
-#[derive(Debug, Default)]
-struct UserEntry {
-    rooms: RoomMap,
-    /// Channels the user blocked (`None` when none).
-    #[allow(clippy::box_collection)]
-    // reason: 8 bytes per user instead of a hash set's 48; most users block nothing
-    blocked: Option<Box<HashSet<RoomName>>>,
-    /// Live connections per worker.
-    conns: Presence,
-}
-
-impl UserEntry {
-    fn cores(&self) -> Vec<CoreId> {
-        self.conns.cores()
+    fn drop_empty_rare(&mut self) {
+        if self
+            .rare
+            .as_ref()
+            .is_some_and(|r| r.blocked.is_empty() && r.other_cores.is_empty())
+        {
+            self.rare = None;
+        }
     }
 
     fn is_unused(&self) -> bool {
-        self.rooms.is_empty() && self.blocked.is_none() && self.conns.is_empty()
+        self.rooms.is_empty() && self.rare.is_none() && self.is_offline()
     }
 
     fn is_blocked(&self, room: &RoomName) -> bool {
-        self.blocked.as_ref().is_some_and(|b| b.contains(room))
+        self.rare.as_ref().is_some_and(|r| r.blocked.contains(room))
     }
 
     fn blocked_count(&self) -> usize {
-        self.blocked.as_ref().map_or(0, |b| b.len())
+        self.rare.as_ref().map_or(0, |r| r.blocked.len())
+    }
+
+    fn blocked(&self) -> impl Iterator<Item = &RoomName> {
+        self.rare.iter().flat_map(|r| r.blocked.iter())
     }
 
     fn unblock(&mut self, room: &RoomName) {
-        if let Some(b) = &mut self.blocked {
-            b.remove(room);
-            if b.is_empty() {
-                self.blocked = None;
-            }
+        if let Some(rare) = &mut self.rare {
+            rare.blocked.remove(room);
         }
+        self.drop_empty_rare();
     }
 
     fn block(&mut self, room: &RoomName) {
-        self.blocked.get_or_insert_default().insert(room.clone());
+        self.rare
+            .get_or_insert_default()
+            .blocked
+            .insert(room.clone());
     }
 }
 
@@ -405,10 +415,10 @@ impl Membership for Directory {
     ) -> Result<(UserName, Vec<(RoomName, JoinPoint)>), DirectoryError> {
         let mut shard = self.shard(user).write();
         let (handle, entry) = entry_of(&mut shard, user);
-        if entry.conns.count() as usize >= max_conns {
+        if entry.conn_count() as usize >= max_conns {
             return Err(DirectoryError::TooManyConnections { max: max_conns });
         }
-        entry.conns.add(core);
+        entry.add_conn(core);
         let mut rooms: Vec<(RoomName, JoinPoint)> =
             entry.rooms.iter().map(|(r, j)| (r.clone(), *j)).collect();
         // In a stable order (by kind and name), so a user's rooms get the same aliases on
@@ -421,7 +431,7 @@ impl Membership for Directory {
     fn disconnect(&self, user: &Text, core: CoreId) {
         let mut shard = self.shard(user).write();
         if let Some(entry) = shard.get_mut(user) {
-            entry.conns.remove(core);
+            entry.remove_conn(core);
             if entry.is_unused() {
                 shard.remove(user);
             }
@@ -514,17 +524,13 @@ impl Membership for Directory {
             return Default::default();
         };
         let rooms = entry.rooms.iter().cloned().collect();
-        let blocks = entry
-            .blocked
-            .as_ref()
-            .map(|b| b.iter().cloned().collect())
-            .unwrap_or_default();
+        let blocks = entry.blocked().cloned().collect();
         (rooms, blocks)
     }
 
     fn forget_if_offline(&self, user: &Text) {
         let mut shard = self.shard(user).write();
-        if shard.get(user).is_some_and(|e| e.conns.is_empty()) {
+        if shard.get(user).is_some_and(UserEntry::is_offline) {
             shard.remove(user);
         }
     }
@@ -567,9 +573,10 @@ mod tests {
         // Every user with a live connection costs one entry (in a hash map, so about
         // 1.5 times this): it was 96 bytes with an unboxed blocked set and a vector of
         // workers (and that vector's heap block), 72 with the rooms and other workers in
-        // vectors inline, 48 with the first worker's count in an `Option`.
+        // vectors inline, 48 with the first worker's count in an `Option`, 40 with blocks
+        // and further workers in two boxes (one box now).
         let entry = std::mem::size_of::<UserEntry>();
-        assert!(entry <= 40, "the user entry grew to {entry} bytes");
+        assert!(entry <= 32, "the user entry grew to {entry} bytes");
         let d = Directory::new(1, 10);
         let ann = Text::from("ann");
         for core in [2, 5, 2, 7] {
@@ -597,6 +604,10 @@ mod tests {
         assert_eq!(sorted(d.cores_of(&ann)), vec![5, 7], "no connection on 9");
         d.disconnect(&ann, 7);
         assert_eq!(d.cores_of(&ann), vec![5]);
+        assert!(
+            d.shards[0].read()[&ann].rare.is_none(),
+            "one worker left: the box of further workers is dropped"
+        );
         d.disconnect(&ann, 5);
         assert!(d.cores_of(&ann).is_empty());
         assert!(d.shards[0].read().is_empty(), "the unused entry is dropped");
@@ -614,6 +625,10 @@ mod tests {
             Err(DirectoryError::Blocked(_))
         ));
         assert!(d.add(&ann, &ch, J, true).unwrap().new);
+        assert!(
+            d.shards[0].read()[&ann].rare.is_none(),
+            "nothing blocked, one worker: no box"
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub struct PageInfo {
 
 impl History {
     /// Empty history under `retention`.
-    pub fn new(retention: Retention) -> Self {
+    pub const fn new(retention: Retention) -> Self {
         History {
             msgs: VecDeque::new(),
             bytes: 0,

@@ -7,6 +7,10 @@
 //! protocol relies on that: a room's owner sends a connection's PUBACK before the delivery
 //! of the same message, and a subscription reply before the deliveries that follow it.
 //!
+//! A user's name travels as the directory's [`UserName`] handle, never as a `Text` cloned
+//! out of it: the first clone of a name's `Text` makes its buffer shared, a 24-byte header
+//! kept for as long as the name lives (one per connected user).
+//!
 //! Owns: the message vocabulary and its transport. Must not touch: room or connection state.
 
 use std::sync::Arc;
@@ -16,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender};
 use pabal_codec::{ErrorCode, LeftReason, Text};
 
 use crate::idempotency::IdempotencyKey;
-use crate::ids::{CoreId, Origin, RoomName, StoredRef};
+use crate::ids::{CoreId, Origin, RoomName, StoredRef, UserName};
 use crate::io::Wakeup;
 
 /// Where a connection wants a room's stream to start.
@@ -106,7 +110,7 @@ pub enum CoreMsg {
         /// Its alias for the room.
         alias: u32,
         /// The connection's user.
-        user: Text,
+        user: UserName,
         /// Where the stream asks to start; the owner never starts it before the user's
         /// join point, whatever the request says.
         from: StartFrom,
@@ -123,7 +127,7 @@ pub enum CoreMsg {
         /// Its alias.
         alias: u32,
         /// The connection's user (still a member? the page never reaches before the join).
-        user: Text,
+        user: UserName,
         /// The last sequence it has.
         after: u64,
         /// The subscription request the alias was bound by.
@@ -157,7 +161,7 @@ pub enum CoreMsg {
         /// The room.
         room: RoomName,
         /// The user.
-        user: Text,
+        user: UserName,
         /// Clear a block (app server's explicit subscribe); clients cannot.
         unblock: bool,
         /// Who to tell if it is refused.
@@ -168,7 +172,7 @@ pub enum CoreMsg {
         /// The room.
         room: RoomName,
         /// The user.
-        user: Text,
+        user: UserName,
         /// Also block the channel.
         block: bool,
         /// Reported to the user's connections.
@@ -271,7 +275,7 @@ pub enum CoreMsg {
         /// The room.
         room: RoomName,
         /// The user.
-        user: Text,
+        user: UserName,
         /// The membership: the room's epoch and head at the join, and its serial.
         join: crate::directory::JoinPoint,
     },
@@ -280,7 +284,7 @@ pub enum CoreMsg {
         /// The room.
         room: RoomName,
         /// The user.
-        user: Text,
+        user: UserName,
         /// Why.
         reason: LeftReason,
         /// The serial of the membership that ended: only bindings made for it are unbound.

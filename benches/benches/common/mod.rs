@@ -12,6 +12,7 @@ use pabal_relay::config::Config;
 use pabal_relay::io::BackendKind;
 use pabal_testkit::{Client, loopback_config};
 
+pub mod alloc;
 pub mod fanout;
 pub mod placement;
 pub mod publish;
@@ -86,13 +87,7 @@ pub fn rss_kib() -> u64 {
         .unwrap()
 }
 
-/// Bytes this process's allocator has handed out and not had back (glibc `mallinfo2`: the
-/// main arena and the threads' arenas, plus mmapped chunks).
-pub fn heap_in_use() -> u64 {
-    // SAFETY: `mallinfo2` only reads the allocator's counters and returns them by value.
-    let info = unsafe { libc::mallinfo2() };
-    (info.uordblks + info.hblkhd) as u64
-}
+pub use alloc::heap_in_use;
 
 /// What the relay's process grew by while the phones were held.
 #[derive(Debug, Clone, Copy)]

@@ -17,7 +17,7 @@ use pabal_codec::{
 use super::*;
 use crate::config::AuthMode;
 use crate::conn::{Phase, Sub, heartbeat_ms};
-use crate::ids::RoomName;
+use crate::ids::{RoomName, UserName};
 use crate::io::Token;
 use crate::mesh::{CoreMsg, PublishedBy, StartFrom};
 use crate::stats::inc;
@@ -264,7 +264,7 @@ impl Core {
             }),
         );
         self.users
-            .entry(handle)
+            .entry(handle.clone())
             .and_modify(|conns| conns.push(token))
             .or_insert(UserConns::One(token));
 
@@ -359,7 +359,7 @@ impl Core {
                     room,
                     origin,
                     alias,
-                    user: user.clone(),
+                    user: handle.clone(),
                     from,
                     request,
                 },
@@ -403,7 +403,7 @@ impl Core {
     pub(super) fn on_subscribe(&mut self, token: Token, is_room: bool, name: Text) {
         let room = self.shared_name(RoomName::new(!is_room, name));
         let Some(conn) = self.conn(token) else { return };
-        let user = conn.user_text();
+        let user = user_handle(conn);
         if let Some(alias) = conn.alias_of(&room) {
             // Already bound: restate the binding so a client waiting for ROOM gets one, with
             // the cursor past everything processed (own messages included: the client keeps
@@ -460,7 +460,7 @@ impl Core {
 
     pub(super) fn on_unsubscribe(&mut self, token: Token, alias: u32, block: bool) {
         let Some(conn) = self.conn(token) else { return };
-        let user = conn.user_text();
+        let user = user_handle(conn);
         let Some(Some(sub)) = conn.subs.get(alias as usize) else {
             return self.refuse(
                 token,
@@ -660,4 +660,11 @@ impl Core {
     pub(super) fn decode_failed(&mut self, token: Token, e: DecodeError) {
         self.fatal(token, e.code(), e.to_string());
     }
+}
+
+/// The connection's user as the directory's handle (an empty name before HELLO): what the
+/// messages between workers carry (a `Text` cloned out of the handle would make its buffer
+/// shared, a 24-byte header for as long as the user is connected).
+pub(super) fn user_handle(conn: &crate::conn::Conn) -> UserName {
+    conn.user.clone().unwrap_or_else(|| UserName::from(""))
 }

@@ -734,6 +734,7 @@ impl Core {
             Publisher::Client { by, publish_id } => {
                 if let (Some(id), Some(owned)) = (publish_id, self.owned.get_mut(&p.room)) {
                     owned
+                        .state_mut()
                         .publish_ids
                         .get_or_insert_default()
                         .record(id, seq, now, max_ids, max_age);
@@ -791,7 +792,7 @@ impl Core {
             tracing::warn!(room = %room.name, old = owned.epoch, epoch, "the engine holds a new epoch of the room");
             owned.epoch = epoch;
             owned.head = 0;
-            owned.history.clear();
+            owned.clear_history();
             if let Some(sync) = self.sync_mut(room) {
                 sync.reorder.clear();
             }
@@ -937,7 +938,7 @@ impl Core {
             && seq > owned.head + 1
         {
             tracing::warn!(room = %room.name, from = owned.head + 1, to = seq - 1, "the engine's stream no longer holds these messages");
-            owned.history.clear();
+            owned.clear_history();
             owned.head = seq - 1;
         }
     }
@@ -950,17 +951,20 @@ impl Core {
         }
         let now = self.now;
         let mut refill = false;
+        let config = &self.config;
         if let Some(owned) = self.owned.get_mut(&room) {
             if owned.epoch != epoch || owned.head == 0 {
                 owned.epoch = epoch;
-                owned.history.clear();
+                owned.clear_history();
                 let mut last = None;
                 for m in tail.into_iter().filter(|m| m.seq <= seq) {
                     if last.is_some_and(|l: u64| l + 1 != m.seq) {
-                        owned.history.clear();
+                        owned.clear_history();
                     }
                     last = Some(m.seq);
-                    owned.history.push(stored(m, now), now_ms);
+                    owned
+                        .history_to_append(|| config.retention_for(room.name.as_str()))
+                        .push(stored(m, now), now_ms);
                 }
                 owned.head = seq;
             } else {

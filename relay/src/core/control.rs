@@ -96,6 +96,7 @@ impl Core {
     ) -> Option<u64> {
         let (now, max_age) = (self.now, self.config.control.idempotency_max_age);
         self.owned_room(room)
+            .state_if_any()?
             .idempotency
             .as_mut()?
             .get(key?, now, max_age)
@@ -109,6 +110,7 @@ impl Core {
             self.config.control.idempotency_max_age,
         );
         self.owned_room(room)
+            .state_mut()
             .idempotency
             .get_or_insert_with(|| Box::new(crate::idempotency::IdempotencyWindow::new()))
             .record(key, seq, now, max_keys, max_age);
@@ -199,14 +201,14 @@ impl Core {
                 let retention = self.config.retention_for(room.name.as_str());
                 let now_ms = self.now_ms();
                 ControlReply::Info(self.owned.get_mut(&room).map(|o| {
-                    o.history.evict_expired(now_ms);
+                    o.evict_expired(now_ms);
                     RoomInfo {
                         members: o.members.len(),
                         head: o.head,
                         epoch: o.epoch,
-                        retained_messages: o.history.len(),
-                        retained_bytes: o.history.bytes(),
-                        first_seq: o.history.first_seq(),
+                        retained_messages: o.history().len(),
+                        retained_bytes: o.history().bytes(),
+                        first_seq: o.history().first_seq(),
                         retention,
                     }
                 }))

@@ -149,7 +149,7 @@ impl Core {
                 if let Some(owned) = self.owned.get_mut(name) {
                     owned.epoch = epoch;
                     owned.epoch_stored = false;
-                    owned.history.clear();
+                    owned.clear_history();
                 }
                 self.store_epoch(name)?;
                 tracing::error!(room = %name.name, epoch, "storage: the room lost records to damage; it starts a new epoch");
@@ -191,6 +191,7 @@ impl Core {
         self.create_room(name, epoch);
         let accepted_at = self.now;
         let (now_ms, max_age) = (self.now_ms(), self.config.limits.publish_id_max_age);
+        let config = &self.config;
         let Some(owned) = self.owned.get_mut(name) else {
             return Ok(());
         };
@@ -205,23 +206,25 @@ impl Core {
                 && age < max_age
                 && let Some(at) = accepted_at.checked_sub(age)
             {
-                owned.publish_ids.get_or_insert_default().record(
-                    id,
-                    m.seq,
-                    at,
-                    publish_ids as usize,
-                    max_age,
-                );
+                owned
+                    .state_mut()
+                    .publish_ids
+                    .get_or_insert_default()
+                    .record(id, m.seq, at, publish_ids as usize, max_age);
             }
             if m.seq > history_from {
                 let ts_ms = m.ts_ms;
-                owned.history.push(stored(m, accepted_at), ts_ms);
+                owned
+                    .history_to_append(|| config.retention_for(name.name.as_str()))
+                    .push(stored(m, accepted_at), ts_ms);
             }
         }
         for (user, _) in &members {
             owned.members.insert(user.clone());
         }
-        owned.receipts = super::receipts::RoomMarkers::restored(markers.into_iter());
+        if let Some(restored) = super::receipts::RoomMarkers::restored(markers.into_iter()) {
+            owned.state_mut().receipts = Some(restored);
+        }
         for (user, join) in members {
             if let Err(e) = self.directory.add(&user, name, join, false) {
                 tracing::warn!(%user, room = %name.name, "storage: a stored member could not be restored: {e}");

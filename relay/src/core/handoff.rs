@@ -91,7 +91,7 @@ impl Core {
         };
         let handoff = &self.config.handoff;
         // A room with windows fires hand-offs; the rules are read once per window opened.
-        let first = match owned.handoffs {
+        let first = match owned.state().and_then(|s| s.handoffs.as_ref()) {
             Some(_) => None,
             None => match handoff.delay_for(room) {
                 Some(delay) => Some(delay),
@@ -109,7 +109,7 @@ impl Core {
             publisher: publisher.clone(),
         };
         let epoch = owned.epoch;
-        let windows = owned.handoffs.get_or_insert_with(Box::default);
+        let windows = owned.state_mut().handoffs.get_or_insert_with(Box::default);
         if let Some(at) = windows.note(now, epoch, message, delay) {
             self.handoff.due.push(Due {
                 at,
@@ -127,14 +127,20 @@ impl Core {
             let Some(Due { at, room }) = self.handoff.due.pop() else {
                 break;
             };
-            let Some(windows) = self.owned.get_mut(&room).and_then(|o| o.handoffs.as_mut()) else {
+            let Some(windows) = self
+                .owned
+                .get_mut(&room)
+                .and_then(|o| o.state_if_any()?.handoffs.as_mut())
+            else {
                 continue;
             };
             if !windows.claim(at) {
                 continue; // stale: the room was rescheduled since
             }
             while let Some(owned) = self.owned.get_mut(&room)
-                && let Some(window) = owned.handoffs.as_mut().and_then(|w| w.take_due(now))
+                && let Some(window) = owned
+                    .state_if_any()
+                    .and_then(|s| s.handoffs.as_mut()?.take_due(now))
             {
                 if window.epoch != owned.epoch {
                     continue; // the room's stream restarted: those sequences are gone
@@ -160,11 +166,15 @@ impl Core {
                 inc(&self.stats.handoffs_detected, found as u64);
             }
             if let Some(owned) = self.owned.get_mut(&room)
-                && let Some(windows) = owned.handoffs.as_mut()
+                && let Some(state) = owned.state_if_any()
+                && let Some(windows) = state.handoffs.as_mut()
             {
                 match windows.schedule() {
                     Some(at) => self.handoff.due.push(Due { at, room }),
-                    None if windows.is_empty() => owned.handoffs = None,
+                    None if windows.is_empty() => {
+                        state.handoffs = None;
+                        owned.shed_empty_state();
+                    }
                     None => {}
                 }
             }
@@ -210,9 +220,8 @@ fn owed(
     let before = out.len();
     for member in &owned.members {
         let delivered = owned
-            .receipts
-            .as_ref()
-            .and_then(|r| r.get(member))
+            .state()
+            .and_then(|s| s.receipts.as_ref()?.get(member))
             .unwrap_or_default()
             .delivered;
         let done = join_floor(directory, member, room, owned.epoch).max(delivered);

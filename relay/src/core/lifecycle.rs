@@ -416,9 +416,10 @@ impl Core {
     /// new publish limits.
     pub(super) fn reload(&mut self, config: Arc<Config>) {
         for (room, owned) in &mut self.owned {
-            owned
-                .history
-                .set_retention(config.retention_for(room.name.as_str()));
+            // A room without a history takes the retention when it makes one.
+            if let Some(history) = owned.history_mut() {
+                history.set_retention(config.retention_for(room.name.as_str()));
+            }
         }
         // Connections' buckets take the new rates and bursts at their next take.
         let limits = &config.limits;

@@ -3,7 +3,8 @@
 //!
 //! Owns: the set's representation, sized for the common case. Most rooms are small (a 1:1
 //! room has two members) and every one of them costs its owner this set, so a small set is
-//! a vector with no spare capacity; a large one (a channel's subscribers) is a hash set.
+//! an exact boxed slice (16 bytes in the room's record: a vector's capacity field was 8
+//! more per room); a large one (a channel's subscribers) is a hash set.
 //! Must not touch: the directory, or anything else of the room.
 
 use std::collections::HashSet;
@@ -18,17 +19,18 @@ const FEW_MAX: usize = 16;
 /// A room's members by user name.
 #[derive(Debug, Clone)]
 pub(super) enum MemberSet {
-    /// At most [`FEW_MAX`] users, unordered, each once.
-    Few(Vec<UserName>),
-    /// More; boxed, so that the many small sets stay the size of a vector.
+    /// At most [`FEW_MAX`] users, unordered, each once; reallocated exactly at each join
+    /// and leave (never per message).
+    Few(Box<[UserName]>),
+    /// More; boxed, so that the many small sets stay the size of a boxed slice.
     #[allow(clippy::box_collection)]
-    // reason: the box keeps the enum at a vector's 24 bytes, not a hash set's 48
+    // reason: the box keeps the enum at a boxed slice's 16 bytes, not a hash set's 48
     Many(Box<HashSet<UserName>>),
 }
 
 impl Default for MemberSet {
     fn default() -> Self {
-        MemberSet::Few(Vec::new())
+        MemberSet::Few(Box::default())
     }
 }
 
@@ -50,11 +52,13 @@ impl MemberSet {
                 if users.contains(&user) {
                     return false;
                 }
-                if users.len() < FEW_MAX {
-                    users.reserve_exact(1);
-                    users.push(user);
+                let mut list = std::mem::take(users).into_vec();
+                if list.len() < FEW_MAX {
+                    list.reserve_exact(1);
+                    list.push(user);
+                    *users = list.into_boxed_slice();
                 } else {
-                    let mut many: HashSet<UserName> = users.drain(..).collect();
+                    let mut many: HashSet<UserName> = list.into_iter().collect();
                     many.insert(user);
                     *self = MemberSet::Many(Box::new(many));
                 }
@@ -64,20 +68,19 @@ impl MemberSet {
         }
     }
 
-    /// Removes `user`; false if it was not there. A large set that shrinks to half the
-    /// small size becomes a vector again.
-    pub(super) fn remove(&mut self, user: &Text) -> bool {
+    /// Removes `user` and returns the set's handle to the name; `None` if it was not there.
+    /// A large set that shrinks to half the small size becomes a vector again.
+    pub(super) fn remove(&mut self, user: &Text) -> Option<UserName> {
         match self {
-            MemberSet::Few(users) => match users.iter().position(|u| u == user) {
-                Some(i) => {
-                    users.swap_remove(i);
-                    users.shrink_to_fit();
-                    true
-                }
-                None => false,
-            },
+            MemberSet::Few(users) => {
+                let i = users.iter().position(|u| u == user)?;
+                let mut list = std::mem::take(users).into_vec();
+                let removed = list.swap_remove(i);
+                *users = list.into_boxed_slice();
+                Some(removed)
+            }
             MemberSet::Many(users) => {
-                let removed = users.remove(user);
+                let removed = users.take(user);
                 if users.len() <= FEW_MAX / 2 {
                     *self = MemberSet::Few(users.drain().collect());
                 }
@@ -152,14 +155,15 @@ mod tests {
 
     #[test]
     fn a_small_set_is_an_exact_vector_and_a_large_one_a_hash_set() {
-        // A room holds this inline: a vector's size, not a hash set's 48 bytes.
+        // A room holds this inline: a boxed slice's size, not a vector's 24 bytes or a hash
+        // set's 48.
         let inline = std::mem::size_of::<MemberSet>();
-        assert!(inline <= 24, "the member set grew to {inline} bytes");
+        assert!(inline <= 16, "the member set grew to {inline} bytes");
         let mut set = MemberSet::default();
         assert!(set.insert(user(0)) && set.insert(user(1)));
         assert!(!set.insert(user(1)), "each user once");
         match &set {
-            MemberSet::Few(users) => assert_eq!(users.capacity(), 2, "no spare slots"),
+            MemberSet::Few(users) => assert_eq!(users.len(), 2, "an exact slice of two"),
             MemberSet::Many(_) => panic!("two members made a hash set"),
         }
         for i in 2..100 {
@@ -170,14 +174,14 @@ mod tests {
         assert!((0..100).all(|i| set.contains(&user(i))));
         assert_eq!(set.to_set().len(), 100);
         for i in 0..95 {
-            assert!(set.remove(&user(i)));
-            assert!(!set.remove(&user(i)), "removed once");
+            assert_eq!(set.remove(&user(i)), Some(UserName::from(user(i))));
+            assert!(set.remove(&user(i)).is_none(), "removed once");
         }
         assert!(matches!(set, MemberSet::Few(_)), "shrunk back to a vector");
         assert_eq!(set.len(), 5);
         assert!((95..100).all(|i| set.contains(&user(i))) && !set.contains(&user(0)));
         for i in 95..100 {
-            assert!(set.remove(&user(i)));
+            assert!(set.remove(&user(i)).is_some());
         }
         assert!(set.is_empty());
     }

@@ -15,7 +15,7 @@ use super::stream_pages::PageReader;
 use super::*;
 use crate::directory::DirectoryError;
 use crate::history::History;
-use crate::ids::{Origin, RoomName, Stored, StoredRef};
+use crate::ids::{Origin, RoomName, Stored, StoredRef, UserName};
 use crate::mesh::{CoreMsg, Page, PublishedBy, StartFrom};
 use crate::stats::inc;
 
@@ -91,21 +91,38 @@ impl PartialEq<Vec<u32>> for Interest {
     }
 }
 
-/// A room this worker owns.
+/// A room this worker owns: what every room holds, inline (80 bytes, one per 1:1 room,
+/// i.e. per two phones); what only a used room holds lives in one [`RoomState`] box.
 #[derive(Debug)]
 pub(super) struct OwnedRoom {
     pub(super) epoch: u64,
     pub(super) head: u64,
-    pub(super) history: History,
     /// Subscribed connections per worker.
     pub(super) interest: Interest,
     /// Members (rooms) or subscribers (channels); the directory holds the same facts by
     /// user, and every change to both goes through this owner.
     pub(super) members: super::members::MemberSet,
+    /// Its key in the worker's log (disk mode; 0 until its first record).
+    pub(super) key: crate::storage::RoomKey,
+    /// History, windows of keys and publish ids, receipts, hand-offs: made on first use
+    /// (an idle room that never had a message has none), dropped when all are empty.
+    /// Through the methods below, or directly where another field is borrowed beside it.
+    pub(super) state: Option<Box<RoomState>>,
     /// In the worker's queue of idle rooms to check for eviction.
     pub(super) idle_queued: bool,
-    /// The server API's recent `Idempotency-Key`s and the sequences they got (boxed: most
-    /// rooms never see one, and a room costs its owner this record's size).
+    /// The log holds the room's current epoch (disk mode).
+    pub(super) epoch_stored: bool,
+}
+
+/// What a room holds only once it is used that way: one box for all of it, so that a room
+/// without messages, keys, publish ids, markers or hand-offs (an idle 1:1 room) pays 8
+/// bytes for the lot (inline they took 104 of the room's record).
+#[derive(Debug, Default)]
+pub(super) struct RoomState {
+    /// Retained messages; made at the room's first message, under the retention the
+    /// configuration gives the room's name then (a reload sets every history's).
+    pub(super) history: Option<History>,
+    /// The server API's recent `Idempotency-Key`s and the sequences they got.
     pub(super) idempotency: Option<Box<crate::idempotency::IdempotencyWindow<u64>>>,
     /// Protocol v2: the publish ids of recent messages and the sequences they got (see
     /// [`Core::publish_once_from`]); allocated at the room's first such publish.
@@ -116,16 +133,112 @@ pub(super) struct OwnedRoom {
     /// Offline hand-off: windows of recent messages waiting for their delay (see
     /// [`super::handoff`]); absent while none is pending.
     pub(super) handoffs: Option<Box<crate::handoff::detect::RoomWindows>>,
-    /// Its key in the worker's log (disk mode; 0 until its first record).
-    pub(super) key: crate::storage::RoomKey,
-    /// The log holds the room's current epoch (disk mode).
-    pub(super) epoch_stored: bool,
 }
 
+impl RoomState {
+    /// Holds nothing: no message, no key, no publish id, no marker, no hand-off.
+    fn is_empty(&self) -> bool {
+        self.history.as_ref().is_none_or(History::is_empty)
+            && self.idempotency.is_none()
+            && self.publish_ids.is_none()
+            && self.receipts.is_none()
+            && self.handoffs.is_none()
+    }
+}
+
+/// The history of a room that has none: empty, so every read of it is an empty read.
+static NO_HISTORY: History = History::new(crate::config::Retention {
+    max_messages: 0,
+    max_bytes: 0,
+    max_age: std::time::Duration::ZERO,
+});
+
 impl OwnedRoom {
+    /// A room with no member, no subscribed connection and nothing else held yet.
+    pub(super) fn new(epoch: u64, cores: usize) -> Self {
+        OwnedRoom {
+            epoch,
+            head: 0,
+            interest: Interest::new(cores),
+            members: super::members::MemberSet::default(),
+            key: 0,
+            state: None,
+            idle_queued: false,
+            epoch_stored: false,
+        }
+    }
+
     /// No members, no subscribed connection anywhere: only retained history keeps it.
     pub(super) fn unused(&self) -> bool {
         self.members.is_empty() && self.interest.iter().all(|&n| n == 0)
+    }
+
+    /// The room's retained messages (empty if it never had any).
+    pub(super) fn history(&self) -> &History {
+        self.state
+            .as_ref()
+            .and_then(|s| s.history.as_ref())
+            .unwrap_or(&NO_HISTORY)
+    }
+
+    /// The room's retained messages, if it has a history to change.
+    pub(super) fn history_mut(&mut self) -> Option<&mut History> {
+        self.state.as_mut()?.history.as_mut()
+    }
+
+    /// Drops retained messages past the room's retention.
+    pub(super) fn evict_expired(&mut self, now_ms: u64) {
+        if let Some(history) = self.history_mut() {
+            history.evict_expired(now_ms);
+        }
+    }
+
+    /// Drops the room's retained messages (a new stream, or a gap).
+    pub(super) fn clear_history(&mut self) {
+        if let Some(history) = self.history_mut() {
+            history.clear();
+        }
+    }
+
+    /// The room's history, made (under `retention`) if it has none: for appending.
+    pub(super) fn history_to_append(
+        &mut self,
+        retention: impl FnOnce() -> crate::config::Retention,
+    ) -> &mut History {
+        self.state_mut()
+            .history
+            .get_or_insert_with(|| History::new(retention()))
+    }
+
+    /// What the room holds beyond its record, if anything.
+    pub(super) fn state(&self) -> Option<&RoomState> {
+        self.state.as_deref()
+    }
+
+    /// What the room holds beyond its record, to change in place (`None`: nothing held).
+    pub(super) fn state_if_any(&mut self) -> Option<&mut RoomState> {
+        self.state.as_deref_mut()
+    }
+
+    /// What the room holds beyond its record, made empty if it holds nothing yet.
+    pub(super) fn state_mut(&mut self) -> &mut RoomState {
+        self.state.get_or_insert_default()
+    }
+
+    /// Forgets the room's markers (none left), and the state box if that emptied it.
+    pub(super) fn drop_receipts(&mut self) {
+        if let Some(state) = self.state_if_any() {
+            state.receipts = None;
+        }
+        self.shed_empty_state();
+    }
+
+    /// Drops the state box once it holds nothing (its history emptied by retention, its
+    /// windows and markers gone): a room back to idle costs its record alone again.
+    pub(super) fn shed_empty_state(&mut self) {
+        if self.state.as_ref().is_some_and(|s| s.is_empty()) {
+            self.state = None;
+        }
     }
 }
 
@@ -174,24 +287,7 @@ impl Core {
     /// join costs no entry in the queue of idle rooms (64 bytes each, and the queue keeps
     /// its high-water capacity).
     fn create_room_unqueued(&mut self, room: &RoomName, epoch: u64) {
-        let retention = self.config.retention_for(room.name.as_str());
-        self.hold_room(
-            room.clone(),
-            OwnedRoom {
-                epoch,
-                head: 0,
-                history: History::new(retention),
-                interest: Interest::new(self.cores),
-                members: super::members::MemberSet::default(),
-                idle_queued: false,
-                idempotency: None,
-                publish_ids: None,
-                receipts: None,
-                handoffs: None,
-                key: 0,
-                epoch_stored: false,
-            },
-        );
+        self.hold_room(room.clone(), OwnedRoom::new(epoch, self.cores));
         self.stats
             .rooms
             .store(self.owned.len() as u64, Ordering::Relaxed);
@@ -248,10 +344,11 @@ impl Core {
             if !owned.unused() {
                 continue;
             }
-            owned.history.evict_expired(now_ms);
+            owned.evict_expired(now_ms);
+            owned.shed_empty_state();
             // In disk mode the log forgets the room too (it comes back in a new epoch, as
             // in memory mode); if the log refuses, the room stays and is checked later.
-            if owned.history.is_empty() && self.store_drop(&room) {
+            if owned.history().is_empty() && self.store_drop(&room) {
                 self.owned.remove(&room);
                 self.cluster_forget(&room);
                 evicted += 1;
@@ -395,9 +492,9 @@ impl Core {
     ) -> Option<(Vec<StoredRef>, crate::history::PageInfo, u64, u64)> {
         let now_ms = self.now_ms();
         let owned = self.owned.get_mut(room)?;
-        owned.history.evict_expired(now_ms);
+        owned.evict_expired(now_ms);
         let (epoch, head) = (owned.epoch, owned.head);
-        let mem_first = owned.history.first_seq().unwrap_or(head + 1);
+        let mem_first = owned.history().first_seq().unwrap_or(head + 1);
         if self.durable()
             && after < head
             && after + 1 < mem_first
@@ -409,7 +506,7 @@ impl Core {
         let owned = self.owned.get_mut(room)?;
         let mut msgs = Vec::new();
         let info = owned
-            .history
+            .history()
             .page(after, head, max_bytes, max_msgs, &mut msgs);
         Some((msgs, info, epoch, head))
     }
@@ -468,7 +565,7 @@ impl Core {
                     core,
                     CoreMsg::MemberJoined {
                         room: room.clone(),
-                        user: user.clone(),
+                        user: added.user.clone(),
                         join,
                     },
                 );
@@ -512,9 +609,12 @@ impl Core {
             }
             None => reason,
         };
-        if let Some(owned) = self.owned.get_mut(room) {
-            owned.members.remove(user);
-        }
+        // The member set's handle to the name, for the workers' messages.
+        let handle = self
+            .owned
+            .get_mut(room)
+            .and_then(|owned| owned.members.remove(user))
+            .unwrap_or_else(|| UserName::from(user.as_str()));
         self.forget_markers(room, user);
         self.note_if_unused(room);
         if let Some(join) = was {
@@ -523,7 +623,7 @@ impl Core {
                     core,
                     CoreMsg::MemberLeft {
                         room: room.clone(),
-                        user: user.clone(),
+                        user: handle.clone(),
                         reason,
                         serial: join.serial,
                     },
@@ -582,10 +682,12 @@ impl Core {
         );
         let id = (by.publisher != 0 && max_ids > 0).then_some((by.publisher, by.msg_id));
         if let Some(id) = id
-            && let Some(seq) = self
-                .owned
-                .get_mut(&room)
-                .and_then(|o| o.publish_ids.as_mut()?.get(&id, now, max_age))
+            && let Some(seq) = self.owned.get_mut(&room).and_then(|o| {
+                o.state_if_any()?
+                    .publish_ids
+                    .as_mut()?
+                    .get(&id, now, max_age)
+            })
         {
             inc(&self.stats.publishes_repeated, 1);
             self.send_to(by.origin.core, CoreMsg::Accepted { by, seq });
@@ -632,6 +734,7 @@ impl Core {
         if let Some(id) = publish_id {
             // Remembered once stored, so a repeat is answered with this sequence.
             owned
+                .state_mut()
                 .publish_ids
                 .get_or_insert_default()
                 .record(id, seq, now, max_ids, max_age);
@@ -656,11 +759,14 @@ impl Core {
     /// and sends one delivery per interested worker.
     pub(super) fn append_and_fan_out(&mut self, room: &RoomName, msg: StoredRef) {
         let now_ms = self.now_ms();
+        let config = &self.config;
         let Some(owned) = self.owned.get_mut(room) else {
             return;
         };
         owned.head = msg.seq;
-        owned.history.push(msg.clone(), now_ms);
+        owned
+            .history_to_append(|| config.retention_for(room.name.as_str()))
+            .push(msg.clone(), now_ms);
         let interest = std::mem::take(&mut owned.interest);
         inc(&self.stats.messages_in, 1);
         for (core, &n) in interest.iter().enumerate() {

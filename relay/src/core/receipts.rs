@@ -288,7 +288,8 @@ impl Core {
                 continue;
             };
             let (head, epoch) = (owned.head, owned.epoch);
-            let markers = owned.receipts.get_or_insert_with(Box::default);
+            let markers =
+                (owned.state.get_or_insert_default().receipts).get_or_insert_with(Box::default);
             let mut u = Some(first);
             while let Some(MarkerUpdate {
                 user,
@@ -311,7 +312,7 @@ impl Core {
                 self.receipts_due.push_back((due, room.clone()));
             }
             if markers.by_member.is_empty() {
-                owned.receipts = None;
+                owned.drop_receipts();
             }
             for (user, was, now) in advanced.drain(..) {
                 self.markers_advanced(&room, &user, was, now);
@@ -336,7 +337,7 @@ impl Core {
         else {
             return;
         };
-        let held = owned.receipts.get_or_insert_with(Box::default);
+        let held = owned.state_mut().receipts.get_or_insert_with(Box::default);
         let mut advanced = Vec::new();
         for (user, update) in markers {
             if let Some((was, now)) = held.advance_member(&user, update, u64::MAX, true) {
@@ -348,7 +349,7 @@ impl Core {
             self.receipts_due.push_back((due, room.clone()));
         }
         if held.by_member.is_empty() {
-            owned.receipts = None;
+            owned.drop_receipts();
         }
         for (user, was, now) in advanced {
             self.markers_advanced(room, &user, was, now);
@@ -391,7 +392,7 @@ impl Core {
             let Some(owned) = self.owned.get_mut(&room) else {
                 continue;
             };
-            let Some(markers) = owned.receipts.as_mut() else {
+            let Some(markers) = owned.state.as_mut().and_then(|s| s.receipts.as_mut()) else {
                 continue;
             };
             markers.queued = false;
@@ -490,11 +491,11 @@ impl Core {
     /// The owner forgets a member's markers (the user left the room).
     pub(super) fn forget_markers(&mut self, room: &RoomName, user: &Text) {
         if let Some(owned) = self.owned.get_mut(room)
-            && let Some(markers) = owned.receipts.as_mut()
+            && let Some(markers) = owned.state_if_any().and_then(|s| s.receipts.as_mut())
         {
             markers.by_member.remove(user);
             if markers.by_member.is_empty() {
-                owned.receipts = None;
+                owned.drop_receipts();
             }
         }
     }
@@ -538,9 +539,8 @@ impl Core {
                     .unwrap_or(0)
                     .min(owned.head);
                 let marker = owned
-                    .receipts
-                    .as_ref()
-                    .and_then(|m| m.get(user))
+                    .state()
+                    .and_then(|s| s.receipts.as_ref()?.get(user))
                     .unwrap_or_default();
                 (user.clone(), joined_at, marker)
             })
@@ -559,7 +559,7 @@ impl Core {
     pub fn markers(&self, room: &RoomName, user: &Text) -> Marker {
         self.owned
             .get(room)
-            .and_then(|o| o.receipts.as_ref()?.get(user))
+            .and_then(|o| o.state()?.receipts.as_ref()?.get(user))
             .unwrap_or_default()
     }
 

@@ -320,7 +320,7 @@ impl Sim {
             };
             let floor = if join.epoch == h.epoch { join.seq } else { 0 };
             let mut last = Vec::new();
-            room.history.page(
+            room.history().page(
                 h.last_seq - 1,
                 h.last_seq.min(room.head),
                 usize::MAX,
@@ -354,7 +354,10 @@ impl Sim {
             self.handed_off.insert(key, h.last_seq);
         }
         for room in self.cores[core].owned.values() {
-            let windows = room.handoffs.as_ref().map_or(0, |w| w.len());
+            let windows = room
+                .state()
+                .and_then(|s| s.handoffs.as_ref())
+                .map_or(0, |w| w.len());
             if windows > 3 {
                 return Err(self.fail(format!("a room holds {windows} hand-off windows")));
             }
@@ -402,14 +405,14 @@ impl Sim {
         let msg = if !member || self.chance(30) {
             CoreMsg::Join {
                 room: room.clone(),
-                user,
+                user: user.into(),
                 unblock: false,
                 requester: None,
             }
         } else {
             CoreMsg::Leave {
                 room: room.clone(),
-                user,
+                user: user.into(),
                 block: false,
                 reason: LeftReason::Removed,
             }
@@ -429,7 +432,7 @@ impl Sim {
         let msg = self.control[core].pop_front().unwrap();
         let (user, room) = match &msg {
             CoreMsg::Join { user, room, .. } | CoreMsg::Leave { user, room, .. } => {
-                (user.clone(), room.clone())
+                (user.text(), room.clone())
             }
             _ => unreachable!("only membership changes are queued"),
         };
@@ -653,7 +656,7 @@ impl Sim {
         let room = self.rooms.iter().find(|r| r.id == room_id)?;
         let owned = self.cores[room.owner(self.n())].owned.get(room)?;
         let mut msgs = Vec::new();
-        owned.history.page(seq - 1, seq, usize::MAX, 1, &mut msgs);
+        owned.history().page(seq - 1, seq, usize::MAX, 1, &mut msgs);
         msgs.first()
             .filter(|m| m.seq == seq)
             .map(|m| m.payload.clone())
@@ -729,7 +732,7 @@ impl Sim {
             };
             let mut msgs = Vec::new();
             owned
-                .history
+                .history()
                 .page(0, owned.head, usize::MAX, usize::MAX, &mut msgs);
             let mut seen: HashMap<&Bytes, u64> = HashMap::new();
             for m in &msgs {

@@ -131,8 +131,8 @@ impl Core {
         let Some(owned) = self.owned.get_mut(room) else {
             return false;
         };
-        owned.history.evict_expired(now_ms);
-        let mem_first = owned.history.first_seq().unwrap_or(owned.head + 1);
+        owned.evict_expired(now_ms);
+        let mem_first = owned.history().first_seq().unwrap_or(owned.head + 1);
         after < owned.head && after + 1 < mem_first
     }
 
@@ -259,7 +259,7 @@ impl Core {
             return;
         };
         let (epoch, head) = (owned.epoch, owned.head);
-        let mem_first = owned.history.first_seq().unwrap_or(head + 1);
+        let mem_first = owned.history().first_seq().unwrap_or(head + 1);
         let full = raw.len() >= batch;
         let raw_last = raw.last().map_or(after, |m| m.seq);
         // What this node has not received yet waits for its live delivery (the reader

@@ -234,7 +234,7 @@ impl Harness {
             self.now,
             vec![CoreMsg::Join {
                 room: RoomName::new(false, Text::from(room)),
-                user: Text::from(user),
+                user: Text::from(user).into(),
                 unblock: false,
                 requester: None,
             }],
@@ -248,7 +248,7 @@ impl Harness {
             self.now,
             vec![CoreMsg::Leave {
                 room: RoomName::new(false, Text::from(room)),
-                user: Text::from(user),
+                user: Text::from(user).into(),
                 block: false,
                 reason: LeftReason::Removed,
             }],
@@ -604,13 +604,13 @@ fn a_subscription_answer_for_an_earlier_membership_is_dropped() {
         vec![
             CoreMsg::Join {
                 room: room_named("club"),
-                user: Text::from("bob"),
+                user: Text::from("bob").into(),
                 unblock: false,
                 requester: None,
             },
             CoreMsg::Leave {
                 room: room_named("club"),
-                user: Text::from("bob"),
+                user: Text::from("bob").into(),
                 block: false,
                 reason: LeftReason::Removed,
             },
@@ -628,7 +628,7 @@ fn a_subscription_answer_for_an_earlier_membership_is_dropped() {
             },
             CoreMsg::Join {
                 room: room_named("club"),
-                user: Text::from("bob"),
+                user: Text::from("bob").into(),
                 unblock: false,
                 requester: None,
             },
@@ -1004,7 +1004,7 @@ fn a_late_removal_of_an_earlier_membership_leaves_the_current_binding_alone() {
     h.events(bob);
     let late = |serial| CoreMsg::MemberLeft {
         room: room_named("club"),
-        user: Text::from("bob"),
+        user: Text::from("bob").into(),
         reason: LeftReason::Removed,
         serial,
     };

@@ -47,7 +47,7 @@ use crate::cluster::{
 };
 use crate::conn::Phase;
 use crate::directory::{DirectoryError, JoinPoint};
-use crate::ids::{Origin, RoomName};
+use crate::ids::{Origin, RoomName, UserName};
 use crate::io::Token;
 use crate::mesh::{ControlRefusal, ControlReply};
 use crate::stats::inc;
@@ -453,8 +453,9 @@ impl Core {
                 self.unbind(token, alias, LeftReason::Removed);
             }
         }
+        let handle = UserName::from(user.as_str());
         for (room, join) in &engine.rooms {
-            self.on_member_joined(room.clone(), user.clone(), *join);
+            self.on_member_joined(room.clone(), handle.clone(), *join);
         }
     }
 
@@ -467,15 +468,19 @@ impl Core {
                         self.directory.remove(user, &room, false);
                         self.on_member_left(
                             room.clone(),
-                            user.clone(),
+                            UserName::from(user.as_str()),
                             LeftReason::Removed,
                             old.serial,
                         );
                     }
                     None => {}
                 }
-                let _ = self.directory.add(user, &room, join, true);
-                self.on_member_joined(room, user.clone(), join);
+                // The directory's handle, as the workers' messages carry it.
+                let handle = match self.directory.add(user, &room, join, true) {
+                    Ok(added) => added.user,
+                    Err(_) => UserName::from(user.as_str()),
+                };
+                self.on_member_joined(room, handle, join);
             }
             Notice::Left {
                 room,
@@ -484,7 +489,7 @@ impl Core {
                 blocked,
             } => {
                 self.directory.remove(user, &room, blocked);
-                self.on_member_left(room, user.clone(), reason, join.serial);
+                self.on_member_left(room, UserName::from(user.as_str()), reason, join.serial);
             }
             Notice::Kick => {
                 self.kick_local(user);

@@ -44,8 +44,8 @@ fn ack(h: &mut Harness, token: Token, alias: u32, seq: u64) {
 
 fn windows(h: &Harness, room: &str) -> usize {
     h.core.owned[&room_named(room)]
-        .handoffs
-        .as_ref()
+        .state()
+        .and_then(|s| s.handoffs.as_ref())
         .map_or(0, |w| w.len())
 }
 
@@ -74,7 +74,11 @@ fn an_offline_member_gets_exactly_one_handoff_per_window() {
     h.tick(DELAY * 3);
     assert_eq!(handoffs(&mut h), [], "a window is handed off once");
     assert_eq!(windows(&h, "r"), 0);
-    assert!(h.core.owned[&room_named("r")].handoffs.is_none());
+    assert!(
+        h.core.owned[&room_named("r")]
+            .state()
+            .is_none_or(|s| s.handoffs.is_none())
+    );
     // The next message opens the next window.
     h.publish(ann, a, "m4");
     h.tick(DELAY);
@@ -172,7 +176,7 @@ fn channels_and_rooms_ruled_off_fire_none_and_a_rule_sets_its_own_delay() {
         h.now,
         vec![CoreMsg::Join {
             room: RoomName::new(true, Text::from("brand:acme")),
-            user: Text::from("bob"),
+            user: Text::from("bob").into(),
             unblock: false,
             requester: None,
         }],
@@ -187,7 +191,11 @@ fn channels_and_rooms_ruled_off_fire_none_and_a_rule_sets_its_own_delay() {
             None,
         )
         .unwrap();
-    assert!(h.core.owned[&brand].handoffs.is_none());
+    assert!(
+        h.core.owned[&brand]
+            .state()
+            .is_none_or(|s| s.handoffs.is_none())
+    );
     h.tick(DELAY * 2);
     assert_eq!(handoffs(&mut h), []);
 }
@@ -226,7 +234,11 @@ fn nothing_is_tracked_while_handoff_is_off() {
     let a = h.join(ann, "r");
     h.app_join("r", "bob");
     h.publish(ann, a, "m1");
-    assert!(h.core.owned[&room_named("r")].handoffs.is_none());
+    assert!(
+        h.core.owned[&room_named("r")]
+            .state()
+            .is_none_or(|s| s.handoffs.is_none())
+    );
     h.tick(DELAY * 2);
     assert_eq!(handoffs(&mut h), []);
 }

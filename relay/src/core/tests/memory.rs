@@ -34,8 +34,9 @@ fn an_idle_phone_costs_its_worker_exact_lists_and_a_compact_room() {
     assert_eq!(owned.members.len(), 2);
     assert!(owned.members.contains(&Text::from("bob")));
     // The room record each owned room costs (one per two phones in 1:1 chats); it was 192
-    // bytes with a hash set of members, 168 with a member vector, and receipts' markers and
-    // hand-off windows (each a boxed option, empty while idle) added 8 bytes each.
+    // bytes with a hash set of members, 168 with a member vector, 184 with receipts'
+    // markers and hand-off windows, 80 with its history and every rarely used part in one
+    // box made on first use (`RoomState`) and its members an exact boxed slice.
     // Its per-worker interest counts inline (a vector was a heap block per room).
     assert!(matches!(
         owned.interest,
@@ -48,10 +49,11 @@ fn an_idle_phone_costs_its_worker_exact_lists_and_a_compact_room() {
         "past four workers, boxed"
     );
     let record = std::mem::size_of::<super::owner::OwnedRoom>();
-    assert!(
-        record <= 184,
-        "the owned room record grew to {record} bytes"
-    );
+    assert!(record <= 80, "the owned room record grew to {record} bytes");
+    // An idle room that never had a message holds nothing beyond its record: no history,
+    // no windows, no markers (104 bytes of the record held them, empty).
+    assert!(owned.state().is_none(), "an idle room made its state box");
+    assert!(owned.history().is_empty());
     // And the owner's map holds it boxed: its spare buckets (up to half the map) cost a
     // pointer each, not a record.
     fn value_bytes<K, V>(_: &HashMap<K, V>) -> usize {
@@ -219,4 +221,118 @@ fn a_users_connections_on_a_worker_are_one_token_inline_and_more_in_a_list() {
     assert!(matches!(conns, UserConns::One(11)), "back inline");
     assert!(conns.remove(4), "another token leaves it alone");
     assert!(!conns.remove(11), "none left");
+}
+
+#[test]
+fn a_rooms_state_box_is_made_by_its_first_message_and_dropped_when_emptied() {
+    let mut h = Harness::new(|c| c.retention.max_age = Duration::from_secs(60));
+    let (ann, bob) = two_phones_in_a_room(&mut h);
+    let dm = room_named("dm");
+    assert!(h.core.owned[&dm].state().is_none());
+    h.publish(ann, 0, "hello");
+    h.events(ann);
+    h.events(bob);
+    let owned = &h.core.owned[&dm];
+    assert_eq!(owned.history().len(), 1, "the message is retained");
+    assert_eq!(
+        owned.history().first_seq(),
+        Some(1),
+        "in the state box made for it"
+    );
+    assert!(owned.state().is_some());
+    // Both leave: the room is unused; once retention has dropped the message, the
+    // eviction check finds nothing held and the room goes.
+    h.app_remove("dm", "ann");
+    h.app_remove("dm", "bob");
+    h.tick(Duration::from_secs(120));
+    assert!(
+        !h.core.owned.contains_key(&dm),
+        "the room whose history expired is evicted"
+    );
+}
+
+#[test]
+fn an_emptied_state_box_is_dropped_while_the_room_stays() {
+    let mut h = Harness::new(|_| {});
+    two_phones_in_a_room(&mut h);
+    let dm = room_named("dm");
+    let owned = h.core.owned.get_mut(&dm).unwrap();
+    owned.state_mut();
+    assert!(owned.state().is_some());
+    owned.shed_empty_state();
+    assert!(owned.state().is_none(), "an empty box is not kept");
+    owned.state_mut().idempotency = Some(Box::default());
+    owned.shed_empty_state();
+    assert!(owned.state().is_some(), "a box holding a window stays");
+}
+
+#[test]
+fn a_long_subscriber_list_grows_by_an_eighth_not_by_doubling() {
+    // A channel's subscribers on a worker: doubling left 16,384 slots for 10,000 (26 bytes
+    // per phone of spare capacity).
+    let mut list = Vec::new();
+    for i in 0..10_000u64 {
+        super::push_compact(&mut list, (i, 0u32));
+        if list.len() <= super::EXACT_LIST {
+            assert_eq!(list.capacity(), list.len(), "a short list is exact");
+        }
+    }
+    let spare = list.capacity() - list.len();
+    assert!(
+        spare <= list.len() / 8,
+        "{spare} spare slots for {} entries",
+        list.len()
+    );
+}
+
+#[test]
+fn the_workers_messages_carry_the_users_handle_not_a_text_of_it() {
+    // A `Text` cloned out of the user's handle made the name's buffer shared: a 24-byte
+    // header per connected user, for as long as the user stayed. The JOIN a SUBSCRIBE
+    // sends, the owner's MEMBER JOINED and the binding's SUBSCRIBE carry the handle.
+    let mut h = Harness::new(|_| {});
+    let ann = h.connect("ann", ClientSession::new());
+    h.events(ann);
+    let handle = h.core.conn(ann).unwrap().user.clone().unwrap();
+    h.core.on_subscribe(ann, false, Text::from("news"));
+    let mut sent = std::mem::take(&mut h.core.outbox[0]);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let [msg] = &sent[..] else {
+            panic!("one message at a time: {sent:?}")
+        };
+        let user = match msg {
+            CoreMsg::Join { user, .. } => ("join", user),
+            CoreMsg::MemberJoined { user, .. } => ("member joined", user),
+            CoreMsg::Subscribe { user, .. } => ("subscribe", user),
+            other => panic!("unexpected {other:?}"),
+        };
+        assert!(
+            user.1.same_record(&handle),
+            "{} carries another record",
+            user.0
+        );
+        seen.push(user.0);
+        h.core.handle(h.now, sent);
+        sent = std::mem::take(&mut h.core.outbox[0]);
+    }
+    assert_eq!(seen, ["join", "member joined", "subscribe"]);
+}
+
+#[test]
+fn a_room_frame_names_the_room_with_a_copy_not_a_clone_of_its_record() {
+    // A clone of the room record's `Text` made the name's buffer shared: a 24-byte header
+    // per 1:1 room for as long as the room lived.
+    let mut h = Harness::new(|_| {});
+    let (ann, _) = two_phones_in_a_room(&mut h);
+    let conn = h.core.conn(ann).unwrap();
+    let sub = conn.subs[0].as_ref().unwrap();
+    let ServerFrame::Room(room) = super::delivery::room_frame(0, sub, 0) else {
+        panic!("not a ROOM frame")
+    };
+    assert_eq!(room.name, sub.room.name);
+    assert!(
+        !room.name.same_buffer(&sub.room.name),
+        "the frame shares the record's buffer"
+    );
 }
