@@ -382,11 +382,12 @@ impl Engine {
             return self.send_step_as(step, true, None, hops);
         }
         if let Value::Error(e) = &reply
-            && e.starts_with(b"TRYAGAIN")
+            && super::receipts::transient(e)
             && hops < MAX_HOPS
         {
             // The slot is mid-migration and the step's keys are split between its two
-            // shards for a moment: sent again shortly, the migration having moved on.
+            // shards for a moment, or Redis is still loading its data: sent again
+            // shortly.
             return self.retry_step_later(step, hops + 1);
         }
         if let Value::Error(e) = &reply {

@@ -6,14 +6,17 @@
 //! latest marker per member: markers only move forward, so nothing older is needed) and a
 //! hand-off decision waits; both are sent when the connection is back. Both are bounded
 //! ([`MAX_WAITING_MARKERS`] members' markers in all rooms, [`MAX_WAITING_CHECKS`]): past that, an update is dropped and
-//! counted (the member's next ACK or READ carries the marker again). Reads for the server
-//! API never wait: they fail at once (503 `unavailable`).
+//! counted (the member's next ACK or READ carries the marker again). What Redis answers
+//! `LOADING` (it restarted and is reading its data), `BUSY` or `TRYAGAIN` waits the same
+//! way and goes again after a backoff (50 ms doubling to 1 s). Reads for the server API
+//! never wait: they fail at once (503 `unavailable`).
 //!
 //! Owns: the receipts' commands in flight and waiting. Must not touch: rooms' channels,
 //! publishes or membership (the rest of the engine thread).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use pabal_codec::Text;
@@ -40,6 +43,19 @@ const MAX_WAITING_CHECKS: usize = 65_536;
 /// A room's markers are loaded at open for at most this many members (more: learnt as
 /// they move).
 const MAX_LOADED_MARKERS: usize = 10_000;
+/// The first wait before what Redis answered `LOADING` (or `BUSY`, `TRYAGAIN`) is sent
+/// again (doubling up to [`RETRY_MAX`]).
+const RETRY_MIN: Duration = Duration::from_millis(50);
+/// The longest wait between two sends of what waits for a Redis still loading.
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// An error Redis answers for a while and then not (loading its data at start, a script
+/// over its time limit, a slot mid-migration): what it refused waits and goes again.
+pub(super) fn transient(error: &[u8]) -> bool {
+    [&b"LOADING"[..], b"BUSY", b"TRYAGAIN"]
+        .iter()
+        .any(|kind| error.starts_with(kind))
+}
 
 /// A receipts command on a command connection awaiting its reply.
 pub(in crate::cluster) enum Step {
@@ -85,6 +101,11 @@ pub(in crate::cluster) struct EngineReceipts {
     checks: Vec<HandoffCheck>,
     /// Unread counts being gathered, by ticket.
     gathers: HashMap<u64, Gather>,
+    /// When what waits is sent again although its connection is up (Redis answered it
+    /// `LOADING`); `None`: not due.
+    retry_at: Option<Instant>,
+    /// The wait before the next such retry (0: [`RETRY_MIN`]).
+    backoff: Duration,
 }
 
 /// Markers waiting for their shard, coalesced (the latest per member: markers only move
@@ -373,6 +394,25 @@ impl Engine {
         }
     }
 
+    /// Has what waits sent again after a backoff (doubling from [`RETRY_MIN`] to
+    /// [`RETRY_MAX`], reset by a markers call Redis ran).
+    fn retry_waiting_later(&mut self) {
+        if self.receipts.retry_at.is_none() {
+            let wait = self.receipts.backoff.max(RETRY_MIN);
+            self.receipts.retry_at = Some(self.woke + wait);
+            self.receipts.backoff = (wait * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// Sends what waits if its retry is due (`now`); when it is due next.
+    pub(super) fn receipts_timer(&mut self, now: Instant) -> Option<Instant> {
+        if self.receipts.retry_at.is_some_and(|at| at <= now) {
+            self.receipts.retry_at = None;
+            self.send_receipts_waiting();
+        }
+        self.receipts.retry_at
+    }
+
     /// A command connection came up: what waited for the engine is sent (what still has
     /// no connection waits again).
     pub(super) fn send_receipts_waiting(&mut self) {
@@ -454,6 +494,12 @@ impl Engine {
             if e.starts_with(b"NOSCRIPT") {
                 return self.receipts_resend(step, true, Some(i), hops);
             }
+            if transient(e) && matches!(step, Step::Markers { .. } | Step::Handoff(_)) {
+                // Not refused for what it is (Redis is loading its data, say): it waits,
+                // coalesced and bounded as while the connection is down, and goes again.
+                self.receipts_give_up(step);
+                return self.retry_waiting_later();
+            }
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(worker = self.worker, error = %String::from_utf8_lossy(e), "the engine refused a receipts command");
             return match step {
@@ -464,7 +510,7 @@ impl Engine {
             };
         }
         match step {
-            Step::Markers { .. } => {}
+            Step::Markers { .. } => self.receipts.backoff = Duration::ZERO,
             Step::Handoff(check) => match r::parse_handoff(&reply) {
                 Some(page) => {
                     if page.more {
