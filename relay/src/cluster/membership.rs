@@ -14,7 +14,8 @@
 //! # A change is two scripts
 //! A script may touch one slot only, and a room's and a user's keys lie on different slots.
 //! A change runs the room's script first ([`ROOM_JOIN`] reads the room's epoch and head
-//! and writes the member hash; [`ROOM_LEAVE`] deletes the member), then the user's
+//! and writes the member hash; [`ROOM_LEAVE`] deletes the member, its markers and its
+//! place in the hand-off index, see [`super::receipts`]), then the user's
 //! ([`USER_JOIN`]: checks blocks and the cap on rooms, writes the user's hash, publishes the
 //! notice; [`USER_LEAVE`]: deletes, blocks, publishes). A join the user's side refuses is
 //! undone on the room's side ([`ROOM_UNDO`], only if the member hash still holds that very

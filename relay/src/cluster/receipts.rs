@@ -6,11 +6,14 @@
 //! - `pabal:{r:name}:k`: the markers, user → `epoch:delivered:read`; only members (the
 //!   script checks the member hash `:u`), only forward, never past the room's head in Redis;
 //!   a part of another epoch counts as 0;
-//! - `pabal:{r:name}:h`: the offline hand-off's high-water mark, user → `epoch:seq`: every
-//!   message up to `seq` was handed off (or delivered) for that member.
+//! - `pabal:{r:name}:d`: the offline hand-off's index, a sorted set, user → the sequence
+//!   up to which nothing is owed to the member (`max(join point, delivered, handed off)`
+//!   in the room's epoch); the meta hash's field `d` names the epoch it was built for;
+//! - `pabal:{r:name}:h`: what the scripts before the index kept (user → `epoch:seq`
+//!   handed off); read once by the index's build, then deleted.
 //!
-//! Both lose a member's field when the member leaves (`ROOM_LEAVE` in [`super::membership`]),
-//! so they hold at most one field per member.
+//! Both `:k` and `:d` lose a member's field when the member leaves (`ROOM_LEAVE` in
+//! [`super::membership`]), so they hold at most one field per member.
 //!
 //! # How a marker travels
 //! Each node's owner coalesces its phones' ACKs and READs per loop tick (as on one relay)
@@ -22,13 +25,14 @@
 //!
 //! # Offline hand-off
 //! The node whose owner published a message (its script answered the sequence) is the one
-//! that decides its hand-off: when its window is due, [`HANDOFF`] compares every member's
-//! join point, delivered marker and hand-off mark with the window's last message, hands off
-//! the rest and moves the mark, in one script, so two nodes never hand off the same
-//! message and a member who acked on any node is never handed off.
+//! that decides its hand-off: when its window is due, [`HANDOFF`] reads the members the
+//! index holds below the window's last message (a page at a time), hands off what each is
+//! owed and moves it in the index, in one script, so two nodes never hand off the same
+//! message, a member who acked on any node is never handed off, and a window costs the
+//! members behind it, not the room's size.
 //!
 //! Owns: these keys, their scripts, the markers' channel format. Must not touch: the
-//! room's stream, meta or member hash (read only).
+//! room's stream or member hash (read only), the meta hash but for its field `d`.
 
 use std::collections::HashMap;
 
