@@ -394,6 +394,37 @@ per_backend! {
         assert!(loading.contains("errorstat_LOADING"), "Redis never answered LOADING: {loading}");
     }
 
+    fn a_window_with_more_members_behind_than_a_page_holds_is_handed_off_to_every_one(backend) {
+        // 1,500 members offline: the hand-off decision reads at most 1,000 members a call
+        // (`receipts::HANDOFF_PAGE`), so the engine asks again for the rest.
+        let Some(redis) = RedisServer::start("receipts-pages") else { return };
+        let (url, requests) = app_server();
+        let n = nodes(backend, &redis, "p", |c| {
+            c.handoff.url = url.clone();
+            c.handoff.secret = Some("handoff-test-secret-0123".into());
+            c.handoff.delay = Duration::from_millis(300);
+            c.handoff.batch_interval = Duration::from_millis(100);
+            c.handoff.batch_max = 10_000;
+            c.handoff.queue_max = 10_000;
+        });
+        const ROOM: &str = "group:cr-pages";
+        let offline: Vec<String> = (0..1500).map(|i| format!("off{i:04}")).collect();
+        let (s, body) = call(&n[2], "POST", &format!("/v1/rooms/{ROOM}/members"), Some(json!({ "users": offline })));
+        assert_eq!(s, 200, "{body}");
+        let mut ann = Client::connect(n[0].addr, "ann");
+        let a = ann.join(ROOM);
+        assert_eq!(ann.publish_acked(a, "to everyone"), 1);
+        let mut owed = std::collections::BTreeSet::new();
+        while owed.len() < offline.len() {
+            let items = requests.recv_timeout(WAIT * 2).expect("not every member was handed off");
+            for (user, first, last, publisher) in items {
+                assert_eq!((first, last, publisher.as_str()), (1, 1, "ann"), "{user}");
+                assert!(owed.insert(user.clone()), "{user} handed off twice");
+            }
+        }
+        assert_eq!(owed, offline.iter().cloned().collect());
+    }
+
     fn a_message_is_handed_off_by_one_node_never_to_a_member_who_acked_on_another(backend) {
         let Some(redis) = RedisServer::start("receipts-handoff") else { return };
         let (url, requests) = app_server();
