@@ -901,7 +901,7 @@ impl Engine {
             } => self.send_fill(room, after, reader, target, hops),
             Pending::Asking | Pending::Wait => {}
             // Membership's steps go where Redis said too (`engine/members.rs`).
-            Pending::Members(step) => self.send_step(step, target, hops),
+            Pending::Members(step) => self.send_step_as(step, eval, target, hops),
             Pending::Receipts(step) => self.receipts_resend(step, eval, target, hops),
         }
     }

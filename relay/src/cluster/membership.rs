@@ -14,7 +14,8 @@
 //! # A change is two scripts
 //! A script may touch one slot only, and a room's and a user's keys lie on different slots.
 //! A change runs the room's script first ([`ROOM_JOIN`] reads the room's epoch and head
-//! and writes the member hash; [`ROOM_LEAVE`] deletes the member), then the user's
+//! and writes the member hash; [`ROOM_LEAVE`] deletes the member, its markers and its
+//! place in the hand-off index, see [`super::receipts`]), then the user's
 //! ([`USER_JOIN`]: checks blocks and the cap on rooms, writes the user's hash, publishes the
 //! notice; [`USER_LEAVE`]: deletes, blocks, publishes). A join the user's side refuses is
 //! undone on the room's side ([`ROOM_UNDO`], only if the member hash still holds that very
@@ -47,12 +48,17 @@ use bytes::Bytes;
 use pabal_codec::{LeftReason, Text};
 
 use super::resp::Value;
+use super::script::Script;
 use crate::directory::JoinPoint;
 use crate::ids::RoomName;
 
-/// A room's join: KEYS meta, members; ARGV epoch hint, user, serial. Returns `{1, jp}` for
-/// a new member, `{0, jp}` with the join point in force for a member already.
-pub const ROOM_JOIN: &str = r"
+/// A room's join: KEYS meta, members, hand-off index; ARGV epoch hint, user, serial.
+/// Returns `{1, jp}` for a new member, `{0, jp}` with the join point in force for a member
+/// already. A new member enters the hand-off index at its join point once the index of
+/// this epoch is built (before, its build reads the member; see [`super::receipts`]).
+pub static ROOM_JOIN: Script = Script::new(
+    "ROOM_JOIN",
+    r"
 local cur = redis.call('HGET', KEYS[2], ARGV[2])
 if cur then return {0, cur} end
 local e = redis.call('HGET', KEYS[1], 'e')
@@ -63,34 +69,47 @@ end
 local s = redis.call('HGET', KEYS[1], 's') or '0'
 local jp = e .. ':' .. s .. ':' .. ARGV[3]
 redis.call('HSET', KEYS[2], ARGV[2], jp)
+if redis.call('HGET', KEYS[1], 'd') == e then
+  redis.call('ZADD', KEYS[3], s, ARGV[2])
+end
 return {1, jp}
-";
+",
+);
 
-/// A room's side of a join the user's side refused: KEYS members; ARGV user, join point.
-pub const ROOM_UNDO: &str = r"
+/// A room's side of a join the user's side refused: KEYS members, hand-off index; ARGV
+/// user, join point.
+pub static ROOM_UNDO: Script = Script::new(
+    "ROOM_UNDO",
+    r"
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
 end
 return 1
-";
+",
+);
 
-/// A room's leave: KEYS members; ARGV user. Returns the join point removed, or `''`. The
-/// member's markers and hand-off mark (`pabal:{r:name}:k`, `:h`, on the same slot, see
+/// A room's leave: KEYS members, markers, hand-off index; ARGV user. Returns the join
+/// point removed, or `''`. The member's markers and its place in the hand-off index (see
 /// [`super::receipts`]) go with the membership.
-pub const ROOM_LEAVE: &str = r"
+pub static ROOM_LEAVE: Script = Script::new(
+    "ROOM_LEAVE",
+    r"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then
   redis.call('HDEL', KEYS[1], ARGV[1])
-  local base = string.sub(KEYS[1], 1, -2)
-  redis.call('HDEL', base .. 'k', ARGV[1])
-  redis.call('HDEL', base .. 'h', ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
 end
 return cur or ''
-";
+",
+);
 
 /// A user's join: KEYS rooms, blocks; ARGV field, join point, unblock (`1`), max rooms,
 /// notice channel. Returns `new`, `same`, `blocked` or `full`.
-pub const USER_JOIN: &str = r"
+pub static USER_JOIN: Script = Script::new(
+    "USER_JOIN",
+    r"
 if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then
   if ARGV[3] ~= '1' then return 'blocked' end
   redis.call('SREM', KEYS[2], ARGV[1])
@@ -101,12 +120,15 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('PUBLISH', ARGV[5], 'J ' .. ARGV[2] .. ' ' .. ARGV[1])
 if cur then return 'same' end
 return 'new'
-";
+",
+);
 
 /// A user's leave: KEYS rooms, blocks; ARGV field, block (`1`), max blocks, notice channel,
 /// reason. Returns `{join point removed or '', block}`: block `1` blocked, `2` refused (the
 /// user blocks too many channels; left all the same, reason `u`), `0` not asked.
-pub const USER_LEAVE: &str = r"
+pub static USER_LEAVE: Script = Script::new(
+    "USER_LEAVE",
+    r"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then redis.call('HDEL', KEYS[1], ARGV[1]) end
 local blocked = 0
@@ -128,25 +150,32 @@ if cur or blocked == 1 then
   redis.call('PUBLISH', ARGV[4], 'L ' .. (cur or '0:0:0') .. ' ' .. reason .. ' ' .. b .. ' ' .. ARGV[1])
 end
 return {cur or '', blocked}
-";
+",
+);
 
 /// A user's rooms and blocks: KEYS rooms, blocks; ARGV max rooms, max blocks. Returns
 /// `{'ok', [field, join point, ...], [field, ...]}`, or `{'full', count}` past a cap.
-pub const LOAD_USER: &str = r"
+pub static LOAD_USER: Script = Script::new(
+    "LOAD_USER",
+    r"
 local n = redis.call('HLEN', KEYS[1])
 if n > tonumber(ARGV[1]) then return {'full', n} end
 local b = redis.call('SCARD', KEYS[2])
 if b > tonumber(ARGV[2]) then return {'full', b} end
 return {'ok', redis.call('HGETALL', KEYS[1]), redis.call('SMEMBERS', KEYS[2])}
-";
+",
+);
 
 /// A room's members: KEYS members; ARGV max. Returns `{'ok', [user, ...]}`, or
 /// `{'full', count}` past the cap.
-pub const READ_MEMBERS: &str = r"
+pub static READ_MEMBERS: Script = Script::new(
+    "READ_MEMBERS",
+    r"
 local n = redis.call('HLEN', KEYS[1])
 if n > tonumber(ARGV[1]) then return {'full', n} end
 return {'ok', redis.call('HKEYS', KEYS[1])}
-";
+",
+);
 
 /// Parses [`READ_MEMBERS`]' answer: `Ok(users)`, `Err(Some(count))` past the cap,
 /// `Err(None)` when the answer is not one.

@@ -29,6 +29,7 @@ use pabal_codec::Text;
 
 use super::membership;
 use super::resp::Value;
+use super::script::Script;
 use crate::ids::RoomName;
 
 /// Redis' clock in ms, as the scripts compute it.
@@ -50,9 +51,11 @@ macro_rules! keep_alive {
 
 /// A HELLO's claim: KEYS presence; ARGV own field, max connections, lease ms. Returns
 /// `{1, total}` (claimed: `total` counts this one) or `{0, total}` (refused at the cap).
-pub const CLAIM: &str = concat!(
-    now_ms!(),
-    r"local all = redis.call('HGETALL', KEYS[1])
+pub static CLAIM: Script = Script::new(
+    "PRESENCE_CLAIM",
+    concat!(
+        now_ms!(),
+        r"local all = redis.call('HGETALL', KEYS[1])
 local others, own = 0, 0
 for i = 1, #all, 2 do
   local c, exp = string.match(all[i + 1], '^(%d+):(%d+)$')
@@ -66,29 +69,35 @@ if others + own >= tonumber(ARGV[2]) then return {0, others + own} end
 own = own + 1
 redis.call('HSET', KEYS[1], ARGV[1], own .. ':' .. (now + tonumber(ARGV[3])))
 ",
-    keep_alive!(),
-    "return {1, others + own}\n"
+        keep_alive!(),
+        "return {1, others + own}\n"
+    ),
 );
 
 /// A worker's count of a user, and its lease renewed: KEYS presence; ARGV own field,
 /// count (`0`: the entry goes), lease ms.
-pub const SET: &str = concat!(
-    now_ms!(),
-    r"if ARGV[2] == '0' then
+pub static SET: Script = Script::new(
+    "PRESENCE_SET",
+    concat!(
+        now_ms!(),
+        r"if ARGV[2] == '0' then
   redis.call('HDEL', KEYS[1], ARGV[1])
   return 0
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. (now + tonumber(ARGV[3])))
 ",
-    keep_alive!(),
-    "return 1\n"
+        keep_alive!(),
+        "return 1\n"
+    ),
 );
 
 /// A user's live entries: KEYS presence. Returns `[field, count, ...]` of the entries
 /// whose lease has not run out.
-pub const READ: &str = concat!(
-    now_ms!(),
-    r"local all = redis.call('HGETALL', KEYS[1])
+pub static READ: Script = Script::new(
+    "PRESENCE_READ",
+    concat!(
+        now_ms!(),
+        r"local all = redis.call('HGETALL', KEYS[1])
 local live = {}
 for i = 1, #all, 2 do
   local c, exp = string.match(all[i + 1], '^(%d+):(%d+)$')
@@ -99,6 +108,7 @@ for i = 1, #all, 2 do
 end
 return live
 ",
+    ),
 );
 
 /// The user's presence hash.

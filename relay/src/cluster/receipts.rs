@@ -6,11 +6,14 @@
 //! - `pabal:{r:name}:k`: the markers, user → `epoch:delivered:read`; only members (the
 //!   script checks the member hash `:u`), only forward, never past the room's head in Redis;
 //!   a part of another epoch counts as 0;
-//! - `pabal:{r:name}:h`: the offline hand-off's high-water mark, user → `epoch:seq`: every
-//!   message up to `seq` was handed off (or delivered) for that member.
+//! - `pabal:{r:name}:d`: the offline hand-off's index, a sorted set, user → the sequence
+//!   up to which nothing is owed to the member (`max(join point, delivered, handed off)`
+//!   in the room's epoch); the meta hash's field `d` names the epoch it was built for;
+//! - `pabal:{r:name}:h`: what the scripts before the index kept (user → `epoch:seq`
+//!   handed off); read once by the index's build, then deleted.
 //!
-//! Both lose a member's field when the member leaves (`ROOM_LEAVE` in [`super::membership`]),
-//! so they hold at most one field per member.
+//! Both `:k` and `:d` lose a member's field when the member leaves (`ROOM_LEAVE` in
+//! [`super::membership`]), so they hold at most one field per member.
 //!
 //! # How a marker travels
 //! Each node's owner coalesces its phones' ACKs and READs per loop tick (as on one relay)
@@ -22,19 +25,21 @@
 //!
 //! # Offline hand-off
 //! The node whose owner published a message (its script answered the sequence) is the one
-//! that decides its hand-off: when its window is due, [`HANDOFF`] compares every member's
-//! join point, delivered marker and hand-off mark with the window's last message, hands off
-//! the rest and moves the mark, in one script, so two nodes never hand off the same
-//! message and a member who acked on any node is never handed off.
+//! that decides its hand-off: when its window is due, [`HANDOFF`] reads the members the
+//! index holds below the window's last message (a page at a time), hands off what each is
+//! owed and moves it in the index, in one script, so two nodes never hand off the same
+//! message, a member who acked on any node is never handed off, and a window costs the
+//! members behind it, not the room's size.
 //!
 //! Owns: these keys, their scripts, the markers' channel format. Must not touch: the
-//! room's stream, meta or member hash (read only).
+//! room's stream or member hash (read only), the meta hash but for its field `d`.
 
 use std::collections::HashMap;
 
 use pabal_codec::Text;
 
 use super::resp::Value;
+use super::script::Script;
 use crate::core::Marker;
 use crate::directory::JoinPoint;
 use crate::handoff::detect::Noted;
@@ -44,12 +49,18 @@ use crate::mesh::{RoomReceipts, RoomUnread};
 /// A room's receipts are read for at most this many members (more: refused, 413).
 pub const MAX_RECEIPTS_MEMBERS: usize = 100_000;
 
-/// Markers update: KEYS meta, members, markers; ARGV epoch, channel, publish command, then
-/// `user, delivered, read` per member. Returns how many moved (published on the channel).
-pub const MARKERS: &str = r"
+/// Markers update: KEYS meta, members, markers, hand-off index; ARGV epoch, channel,
+/// publish command, then `user, delivered, read` per member. Returns how many moved
+/// (published on the channel). A delivered marker that moved moves the member's place in
+/// the hand-off index (once the index of this epoch is built: its build reads the
+/// markers).
+pub static MARKERS: Script = Script::new(
+    "MARKERS",
+    r"
 local e = redis.call('HGET', KEYS[1], 'e')
 if e ~= ARGV[1] then return 0 end
 local head = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
+local indexed = redis.call('HGET', KEYS[1], 'd') == e
 local out = {}
 for i = 4, #ARGV, 3 do
   local u = ARGV[i]
@@ -64,6 +75,7 @@ for i = 4, #ARGV, 3 do
     local nd = math.max(d, math.min(tonumber(ARGV[i + 1]) or 0, head), nr)
     if nd ~= d or nr ~= r then
       redis.call('HSET', KEYS[3], u, e .. ':' .. nd .. ':' .. nr)
+      if indexed and nd ~= d then redis.call('ZADD', KEYS[4], 'GT', nd, u) end
       out[#out + 1] = nd .. ' ' .. nr .. ' ' .. string.len(u) .. ' ' .. u
     end
   end
@@ -72,83 +84,132 @@ if #out > 0 then
   redis.call(ARGV[3], ARGV[2], 'R ' .. e .. ' ' .. table.concat(out, ' '))
 end
 return #out
-";
+",
+);
 
 /// A room's markers for a node opening the room (or resubscribing its channel): KEYS meta,
 /// markers; ARGV max. Returns `{epoch, [user, marker, ...]}`, `{epoch}` past the cap (the
 /// node learns markers as they move), `{''}` for a room the engine does not hold.
-pub const LOAD_MARKERS: &str = r"
+pub static LOAD_MARKERS: Script = Script::new(
+    "LOAD_MARKERS",
+    r"
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then return {''} end
 if redis.call('HLEN', KEYS[2]) > tonumber(ARGV[1]) then return {e} end
 return {e, redis.call('HGETALL', KEYS[2])}
-";
+",
+);
 
 /// A room's receipts: KEYS meta, members, markers; ARGV max members. Returns
 /// `{epoch, head, [user, join point, ...], [user, marker, ...]}`, `{''}` for a room the
 /// engine does not hold, `{'full', count}` past the cap.
-pub const READ_RECEIPTS: &str = r"
+pub static READ_RECEIPTS: Script = Script::new(
+    "READ_RECEIPTS",
+    r"
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then return {''} end
 local n = redis.call('HLEN', KEYS[2])
 if n > tonumber(ARGV[1]) then return {'full', n} end
 local s = redis.call('HGET', KEYS[1], 's') or '0'
 return {e, s, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3])}
-";
+",
+);
 
 /// One room of a user's unread counts: KEYS meta, markers; ARGV user. Returns
 /// `{epoch, head, marker or ''}`, or `{''}` for a room the engine does not hold.
-pub const ROOM_UNREAD: &str = r"
+pub static ROOM_UNREAD: Script = Script::new(
+    "ROOM_UNREAD",
+    r"
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then return {''} end
 local s = redis.call('HGET', KEYS[1], 's') or '0'
 return {e, s, redis.call('HGET', KEYS[2], ARGV[1]) or ''}
-";
+",
+);
 
 /// A user's rooms: KEYS the user's rooms hash; ARGV max. Returns `{'ok', [field, join
 /// point, ...]}` or `{'full', count}`.
-pub const USER_ROOMS: &str = r"
+pub static USER_ROOMS: Script = Script::new(
+    "USER_ROOMS",
+    r"
 local n = redis.call('HLEN', KEYS[1])
 if n > tonumber(ARGV[1]) then return {'full', n} end
 return {'ok', redis.call('HGETALL', KEYS[1])}
-";
+",
+);
 
-/// A hand-off window is due: KEYS meta, members, markers, hand-off marks; ARGV epoch, the
-/// window's last sequence, its publisher, the last sequence by someone else (0: none).
-/// Every member with something owed past `max(join point, delivered, handed off)` up to
-/// the window's last message (for its publisher: the last by someone else) gets its mark
-/// moved there. Returns `[user, first, last, ...]`.
-pub const HANDOFF: &str = r"
+/// Members a [`HANDOFF`] call reads from the index at most (one page; a window with more
+/// members behind is decided in several calls, each moving its page's marks).
+pub const HANDOFF_PAGE: usize = 1_000;
+
+/// A hand-off window is due: KEYS meta, members, markers, old hand-off marks (`:h`, read
+/// once, by the index's build), hand-off index; ARGV epoch, the window's last sequence,
+/// its publisher, the last sequence by someone else (0: none), page size.
+///
+/// The index holds every member at the sequence up to which nothing is owed to it
+/// (`max(join point, delivered, handed off)` in this epoch), so the members behind the
+/// window's last message are a range of it: at most a page of them is read, and each
+/// owed one (for the publisher: up to the last message by someone else) is moved to the
+/// window's end in the same step. A room whose index of this epoch does not exist yet (a
+/// room from before the index, or one whose epoch changed) has it built first, once, from
+/// the member hash, the markers and the old marks (which then go).
+///
+/// Returns `{read, more, [user, first, last, ...]}`: `read` how many members the call
+/// read (the build's included), `more` 1 when the page was full (the engine calls again
+/// for the next one: those moved are no longer behind).
+pub static HANDOFF: Script = Script::new(
+    "HANDOFF",
+    r"
 local e = redis.call('HGET', KEYS[1], 'e')
-if e ~= ARGV[1] then return {} end
+if e ~= ARGV[1] then return {0, 0, {}} end
+local read = 0
+if redis.call('HGET', KEYS[1], 'd') ~= e then
+  redis.call('DEL', KEYS[5])
+  local m = redis.call('HGETALL', KEYS[2])
+  for i = 1, #m, 2 do
+    local u = m[i]
+    local done = 0
+    local je, js = string.match(m[i + 1], '^(%d+):(%d+):')
+    if je == e then done = tonumber(js) end
+    local k = redis.call('HGET', KEYS[3], u)
+    if k then
+      local ke, kd = string.match(k, '^(%d+):(%d+):')
+      if ke == e then done = math.max(done, tonumber(kd)) end
+    end
+    local h = redis.call('HGET', KEYS[4], u)
+    if h then
+      local he, hs = string.match(h, '^(%d+):(%d+)$')
+      if he == e then done = math.max(done, tonumber(hs)) end
+    end
+    redis.call('ZADD', KEYS[5], done, u)
+  end
+  read = #m / 2
+  redis.call('DEL', KEYS[4])
+  redis.call('HSET', KEYS[1], 'd', e)
+end
+local last = tonumber(ARGV[2])
+local page = tonumber(ARGV[5])
+local behind = redis.call('ZRANGE', KEYS[5], '-inf', '(' .. last, 'BYSCORE', 'LIMIT', 0, page,
+  'WITHSCORES')
+read = read + #behind / 2
 local out = {}
-local m = redis.call('HGETALL', KEYS[2])
-for i = 1, #m, 2 do
-  local u = m[i]
-  local done = 0
-  local je, js = string.match(m[i + 1], '^(%d+):(%d+):')
-  if je == e then done = tonumber(js) end
-  local k = redis.call('HGET', KEYS[3], u)
-  if k then
-    local ke, kd = string.match(k, '^(%d+):(%d+):')
-    if ke == e then done = math.max(done, tonumber(kd)) end
-  end
-  local h = redis.call('HGET', KEYS[4], u)
-  if h then
-    local he, hs = string.match(h, '^(%d+):(%d+)$')
-    if he == e then done = math.max(done, tonumber(hs)) end
-  end
-  local last = tonumber(ARGV[2])
-  if u == ARGV[3] then last = tonumber(ARGV[4]) end
-  if done < last then
-    redis.call('HSET', KEYS[4], u, e .. ':' .. last)
+for i = 1, #behind, 2 do
+  local u = behind[i]
+  local done = tonumber(behind[i + 1])
+  local upto = last
+  if u == ARGV[3] then upto = tonumber(ARGV[4]) end
+  if done < upto then
+    redis.call('ZADD', KEYS[5], upto, u)
     out[#out + 1] = u
     out[#out + 1] = done + 1
-    out[#out + 1] = last
+    out[#out + 1] = upto
   end
 end
-return out
-";
+local more = 0
+if #behind / 2 >= page and #out > 0 then more = 1 end
+return {read, more, out}
+",
+);
 
 /// A due hand-off window sent to the engine for its decision.
 #[derive(Debug, Clone)]
@@ -240,16 +301,34 @@ pub fn parse_loaded_markers(reply: &Value) -> Option<(u64, Vec<(Text, Marker)>)>
     Some((epoch, markers))
 }
 
-/// Parses [`HANDOFF`]'s answer: `(user, first, last)` per member owed.
-pub fn parse_owed(reply: &Value) -> Option<Vec<(Text, u64, u64)>> {
-    reply
+/// What one [`HANDOFF`] call decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoffPage {
+    /// Members the call read (a full walk only when it built the room's index).
+    pub read: u64,
+    /// The page was full: more members may be behind (the engine calls again).
+    pub more: bool,
+    /// `(user, first, last)` per member owed.
+    pub owed: Vec<(Text, u64, u64)>,
+}
+
+/// Parses [`HANDOFF`]'s answer.
+pub fn parse_handoff(reply: &Value) -> Option<HandoffPage> {
+    let a = reply.array()?;
+    let owed = a
+        .get(2)?
         .array()?
         .chunks_exact(3)
         .map(|c| {
             let user = Text::from_utf8(c[0].bytes()?.clone()).ok()?;
             Some((user, value_num(&c[1])?, value_num(&c[2])?))
         })
-        .collect()
+        .collect::<Option<_>>()?;
+    Some(HandoffPage {
+        read: value_num(a.first()?)?,
+        more: value_num(a.get(1)?)? == 1,
+        owed,
+    })
 }
 
 /// What [`READ_RECEIPTS`] answered.
@@ -505,12 +584,27 @@ mod tests {
     }
 
     #[test]
-    fn owed_members_parse() {
-        let reply = Value::Array(Some(vec![
-            Value::Bulk(Some(Bytes::from_static(b"cy"))),
-            Value::Int(3),
-            Value::Int(5),
-        ]));
-        assert_eq!(parse_owed(&reply), Some(vec![(Text::from("cy"), 3, 5)]));
+    fn a_handoff_page_parses() {
+        let arr = |v: Vec<Value>| Value::Array(Some(v));
+        let reply = arr(vec![
+            Value::Int(4),
+            Value::Int(1),
+            arr(vec![
+                Value::Bulk(Some(Bytes::from_static(b"cy"))),
+                Value::Int(3),
+                Value::Int(5),
+            ]),
+        ]);
+        assert_eq!(
+            parse_handoff(&reply),
+            Some(HandoffPage {
+                read: 4,
+                more: true,
+                owed: vec![(Text::from("cy"), 3, 5)],
+            })
+        );
+        let empty = arr(vec![Value::Int(0), Value::Int(0), arr(vec![])]);
+        assert_eq!(parse_handoff(&empty).map(|p| p.owed.len()), Some(0));
+        assert_eq!(parse_handoff(&arr(vec![Value::Int(0)])), None);
     }
 }

@@ -7,11 +7,19 @@
 //!   `t` (ms since the Unix epoch), `g` (the publishing node's tag), `u` (sender), `p`
 //!   (payload), capped at about `cluster.stream_max_len` entries;
 //! - `pabal:{r:name}:i`: the window of repeat keys (v2 publish ids `d<publisher>:<msg_id>`,
-//!   API `k<Idempotency-Key>`), a sorted set by sequence trimmed to the window's size;
+//!   API `k<Idempotency-Key>`), a sorted set by sequence holding at least the last
+//!   `window` keys: trimmed back to the window's size once every [`TRIM_EVERY`] sequences,
+//!   so it holds at most `window + TRIM_EVERY` (a trim per publish cost a call per publish);
 //! - `pabal:{r:name}:c`: the pub/sub channel; a message on it is
 //!   `<epoch> <seq> <ts> <tag> <sender length> <sender><payload>`.
 //!
+//! Every key a script touches is one of its `KEYS` (Redis Cluster routes by them, ACL key
+//! patterns check them); a channel it publishes on is an argument. The engine sends a
+//! script as `EVALSHA` and its text only after a `NOSCRIPT` ([`Script`]).
+//!
 //! Owns: key names, the scripts, the channel message format. Must not touch: connections.
+
+use std::sync::OnceLock;
 
 use bytes::{Bytes, BytesMut};
 use pabal_codec::Text;
@@ -34,24 +42,40 @@ end
     };
 }
 
+/// The window of repeat keys is trimmed back to its size when the room's sequence is a
+/// multiple of this (any publish, with a repeat key or not), so it never holds more than
+/// `window + TRIM_EVERY` keys and never fewer than the last `window`.
+pub const TRIM_EVERY: u64 = 64;
+
 /// Sequence one message: KEYS meta, stream, repeat window; ARGV epoch hint, ts, tag, sender,
 /// payload, stream max length, channel, repeat key (empty: none), window size, the publish
 /// command (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster). Returns
 /// `{epoch, seq}`, or `{epoch, first seq, 1}` for a repeat key the window holds.
+///
+/// A repeat key costs one `ZADD NX` (it adds the key at the new sequence or finds it
+/// there; a repeat gives the sequence back, unseen by anyone, and answers the first one),
+/// and the trim runs once every [`TRIM_EVERY`] sequences, not per publish. An `XADD`
+/// Redis refuses (an ID at or below the stream's top: a meta hash lost while its stream
+/// was kept) takes the sequence and the key back before the error is answered, so a
+/// retry is never told a sequence that holds no message.
 pub const PUBLISH: &str = concat!(
     epoch_prelude!(),
     r"
-if ARGV[8] ~= '' then
-  local first = redis.call('ZSCORE', KEYS[3], ARGV[8])
-  if first then return {e, tonumber(first), 1} end
-end
 local s = redis.call('HINCRBY', KEYS[1], 's', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], s .. '-0',
+if ARGV[8] ~= '' and redis.call('ZADD', KEYS[3], 'NX', s, ARGV[8]) == 0 then
+  redis.call('HINCRBY', KEYS[1], 's', -1)
+  return {e, tonumber(redis.call('ZSCORE', KEYS[3], ARGV[8])), 1}
+end
+local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], s .. '-0',
   't', ARGV[2], 'g', ARGV[3], 'u', ARGV[4], 'p', ARGV[5])
+if type(added) == 'table' and added.err then
+  if ARGV[8] ~= '' then redis.call('ZREM', KEYS[3], ARGV[8]) end
+  redis.call('HINCRBY', KEYS[1], 's', -1)
+  return added
+end
 redis.call(ARGV[10], ARGV[7], e .. ' ' .. s .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' ..
   string.len(ARGV[4]) .. ' ' .. ARGV[4] .. ARGV[5])
-if ARGV[8] ~= '' then
-  redis.call('ZADD', KEYS[3], s, ARGV[8])
+if s % 64 == 0 then
   redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[9]) + 1))
 end
 return {e, s}
@@ -79,6 +103,63 @@ pub fn sha1_hex(script: &str) -> Bytes {
         out.extend_from_slice(format!("{b:02x}").as_bytes());
     }
     out.freeze()
+}
+
+/// A script the engine runs by its SHA1 (`EVALSHA`), sending its text (`EVAL`) only when
+/// Redis answers `NOSCRIPT` (a new or restarted Redis, a `SCRIPT FLUSH`, a failover to a
+/// replica that never ran it): Redis then holds it for every later call, from any
+/// connection.
+#[derive(Debug)]
+pub struct Script {
+    /// Its name in logs and tests.
+    pub name: &'static str,
+    /// Its text.
+    pub text: &'static str,
+    sha: OnceLock<Bytes>,
+}
+
+impl Script {
+    /// A script named `name`.
+    pub const fn new(name: &'static str, text: &'static str) -> Self {
+        Script {
+            name,
+            text,
+            sha: OnceLock::new(),
+        }
+    }
+
+    /// The SHA1 (hex) Redis names it by, computed once.
+    pub fn sha(&self) -> &Bytes {
+        self.sha.get_or_init(|| sha1_hex(self.text))
+    }
+}
+
+/// Every script the engine runs: `(name, text)`.
+pub fn all_scripts() -> Vec<(&'static str, &'static str)> {
+    use super::{membership as m, presence as p, receipts as r};
+    let mut all = vec![("PUBLISH", PUBLISH), ("OPEN", OPEN)];
+    all.extend(
+        [
+            &m::ROOM_JOIN,
+            &m::ROOM_UNDO,
+            &m::ROOM_LEAVE,
+            &m::USER_JOIN,
+            &m::USER_LEAVE,
+            &m::LOAD_USER,
+            &m::READ_MEMBERS,
+            &r::MARKERS,
+            &r::LOAD_MARKERS,
+            &r::READ_RECEIPTS,
+            &r::ROOM_UNREAD,
+            &r::USER_ROOMS,
+            &r::HANDOFF,
+            &p::CLAIM,
+            &p::SET,
+            &p::READ,
+        ]
+        .map(|s| (s.name, s.text)),
+    );
+    all
 }
 
 /// One of a room's keys: `pabal:{r:name}:<suffix>` (`c:` for a channel) into `out`.
@@ -216,6 +297,16 @@ mod tests {
         for bad in [&b"77 5 1000 n1/0/42 9 bob"[..], b"x 5 1 t 0 ", b"1 2 3"] {
             assert!(parse_channel_message(&Bytes::from_static(bad), b"n/").is_none());
         }
+    }
+
+    #[test]
+    fn the_publish_scripts_trim_runs_every_trim_every_sequences() {
+        assert!(PUBLISH.contains(&format!("if s % {TRIM_EVERY} == 0 then")));
+        let names: Vec<_> = all_scripts().into_iter().map(|(name, _)| name).collect();
+        let mut unique = names.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len(), "{names:?}");
     }
 
     #[test]

@@ -6,13 +6,14 @@
 
 use std::sync::atomic::Ordering;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use pabal_codec::Text;
 
 use super::super::RedisAddr;
 use super::super::membership as m;
 use super::super::presence::{self as p, Lookup};
 use super::super::resp::{self, Value};
+use super::super::script::Script;
 use super::super::slots::SlotMap;
 use super::super::{
     ClaimOutcome, EngineCmd, EngineEvent, MemberChange, MemberOutcome, MemberRequest,
@@ -70,16 +71,10 @@ pub(in crate::cluster) enum Step {
 
 /// What a step sends.
 enum Command {
-    /// `EVAL <script> <keys> <args>`.
-    Eval(&'static str, Vec<Vec<u8>>, Vec<Vec<u8>>),
+    /// `EVALSHA <sha> <keys> <args>` (`EVAL <script> ...` after a NOSCRIPT).
+    Script(&'static Script, Vec<Vec<u8>>, Vec<Vec<u8>>),
     /// A plain command, verb first.
     Plain(Vec<Vec<u8>>),
-}
-
-/// `EVAL <script> <keys> <args>`: membership changes are rare, so the script's text is
-/// sent each time (Redis caches it compiled by its SHA).
-fn eval(out: &mut BytesMut, script: &str, keys: &[&[u8]], args: &[&[u8]]) {
-    encode_script(out, (script, &Bytes::new(), true), keys, args);
 }
 
 /// The user's script of a change (`join`: the join point the room's script gave).
@@ -92,8 +87,8 @@ fn user_command(req: &MemberRequest, join: Option<&Bytes>) -> Command {
     match req.change {
         MemberChange::Join {
             unblock, max_rooms, ..
-        } => Command::Eval(
-            m::USER_JOIN,
+        } => Command::Script(
+            &m::USER_JOIN,
             keys,
             vec![
                 field,
@@ -107,8 +102,8 @@ fn user_command(req: &MemberRequest, join: Option<&Bytes>) -> Command {
             block,
             reason,
             max_blocks,
-        } => Command::Eval(
-            m::USER_LEAVE,
+        } => Command::Script(
+            &m::USER_LEAVE,
             keys,
             vec![
                 field,
@@ -248,14 +243,20 @@ impl Engine {
         }
     }
 
-    /// Sends `step`'s command to `target` (a shard an `ASK` named) or to the shard of its
-    /// key; fails the step when that shard's command connection is down.
+    /// Sends `step`'s command to the shard of its key; fails the step when that shard's
+    /// command connection is down.
     pub(super) fn send_step(&mut self, step: Step, target: Option<usize>, hops: u8) {
+        self.send_step_as(step, false, target, hops);
+    }
+
+    /// [`Engine::send_step`] to `target` (a shard an `ASK` named) if one is given, a
+    /// script with its text when `eval` (after a NOSCRIPT or an `ASKING`).
+    pub(super) fn send_step_as(&mut self, step: Step, eval: bool, target: Option<usize>, hops: u8) {
         let Some(command) = self.command_of(&step) else {
             return; // nothing to send any more (the user is no longer watched)
         };
         let key = match &command {
-            Command::Eval(_, keys, _) => keys.first(),
+            Command::Script(_, keys, _) => keys.first(),
             Command::Plain(parts) => parts.get(1),
         };
         let i = target.or_else(|| key.and_then(|k| self.route(k)));
@@ -266,10 +267,15 @@ impl Engine {
             return self.fail_member_step(step);
         };
         match &command {
-            Command::Eval(script, keys, args) => {
+            Command::Script(script, keys, args) => {
                 let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
                 let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-                eval(&mut conn.wbuf, script, &keys, &args);
+                encode_script(
+                    &mut conn.wbuf,
+                    (script.text, script.sha(), eval),
+                    &keys,
+                    &args,
+                );
             }
             Command::Plain(parts) => resp::encode(&mut conn.wbuf, parts.iter().map(Vec::as_slice)),
         }
@@ -297,27 +303,29 @@ impl Engine {
                 match req.change {
                     MemberChange::Join {
                         epoch_hint, serial, ..
-                    } => Command::Eval(
-                        m::ROOM_JOIN,
-                        vec![meta, members],
+                    } => Command::Script(
+                        &m::ROOM_JOIN,
+                        vec![meta, members, room_key(&req.room, "d")],
                         vec![d(epoch_hint), user, d(serial)],
                     ),
-                    MemberChange::Leave { .. } => {
-                        Command::Eval(m::ROOM_LEAVE, vec![members], vec![user])
-                    }
+                    MemberChange::Leave { .. } => Command::Script(
+                        &m::ROOM_LEAVE,
+                        vec![members, room_key(&req.room, "k"), room_key(&req.room, "d")],
+                        vec![user],
+                    ),
                 }
             }
             Step::UserJoin { req, join, .. } => user_command(req, Some(join)),
             Step::UserLeave { req, .. } => user_command(req, None),
-            Step::Undo { req, join } => Command::Eval(
-                m::ROOM_UNDO,
-                vec![room_key(&req.room, "u")],
+            Step::Undo { req, join } => Command::Script(
+                &m::ROOM_UNDO,
+                vec![room_key(&req.room, "u"), room_key(&req.room, "d")],
                 vec![req.user.as_bytes().to_vec(), join.to_vec()],
             ),
             Step::Load { user } => {
                 let w = self.users.get(&m::notice_channel(user))?;
-                Command::Eval(
-                    m::LOAD_USER,
+                Command::Script(
+                    &m::LOAD_USER,
                     vec![m::user_key(user, "r"), m::user_key(user, "b")],
                     vec![d(w.max_rooms as u64), d(w.max_blocks as u64)],
                 )
@@ -327,13 +335,13 @@ impl Engine {
                 m::notice_channel(user).to_vec(),
                 b"K".to_vec(),
             ]),
-            Step::ReadMembers { room, max, .. } => Command::Eval(
-                m::READ_MEMBERS,
+            Step::ReadMembers { room, max, .. } => Command::Script(
+                &m::READ_MEMBERS,
                 vec![room_key(room, "u")],
                 vec![d(*max as u64)],
             ),
-            Step::Claim { user, max, .. } => Command::Eval(
-                p::CLAIM,
+            Step::Claim { user, max, .. } => Command::Script(
+                &p::CLAIM,
                 vec![p::presence_key(user)],
                 vec![
                     self.presence.field.clone(),
@@ -346,8 +354,8 @@ impl Engine {
                     .users
                     .get(&m::notice_channel(user))
                     .map_or(0, |w| w.conns);
-                Command::Eval(
-                    p::SET,
+                Command::Script(
+                    &p::SET,
                     vec![p::presence_key(user)],
                     vec![
                         self.presence.field.clone(),
@@ -357,7 +365,7 @@ impl Engine {
                 )
             }
             Step::Lookup { lookup, .. } => match lookup {
-                Lookup::Presence { .. } => Command::Eval(p::READ, vec![lookup.key()], vec![]),
+                Lookup::Presence { .. } => Command::Script(&p::READ, vec![lookup.key()], vec![]),
                 Lookup::Rooms { .. } => Command::Plain(vec![b"HKEYS".to_vec(), lookup.key()]),
                 Lookup::MemberCount { .. } => Command::Plain(vec![b"HLEN".to_vec(), lookup.key()]),
             },
@@ -366,11 +374,20 @@ impl Engine {
     /// A membership step's reply.
     pub(super) fn on_member_reply(&mut self, step: Step, reply: Value, hops: u8) {
         if let Value::Error(e) = &reply
-            && e.starts_with(b"TRYAGAIN")
+            && e.starts_with(b"NOSCRIPT")
+        {
+            // Redis does not hold the script (restarted, flushed, failed over): its text
+            // goes once, and Redis holds it for every later call. An `ASK`'s resend is
+            // sent with its text already, so this comes from the shard of the step's key.
+            return self.send_step_as(step, true, None, hops);
+        }
+        if let Value::Error(e) = &reply
+            && super::receipts::transient(e)
             && hops < MAX_HOPS
         {
             // The slot is mid-migration and the step's keys are split between its two
-            // shards for a moment: sent again shortly, the migration having moved on.
+            // shards for a moment, or Redis is still loading its data: sent again
+            // shortly.
             return self.retry_step_later(step, hops + 1);
         }
         if let Value::Error(e) = &reply {

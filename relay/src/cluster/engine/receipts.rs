@@ -6,21 +6,24 @@
 //! latest marker per member: markers only move forward, so nothing older is needed) and a
 //! hand-off decision waits; both are sent when the connection is back. Both are bounded
 //! ([`MAX_WAITING_MARKERS`] members' markers in all rooms, [`MAX_WAITING_CHECKS`]): past that, an update is dropped and
-//! counted (the member's next ACK or READ carries the marker again). Reads for the server
-//! API never wait: they fail at once (503 `unavailable`).
+//! counted (the member's next ACK or READ carries the marker again). What Redis answers
+//! `LOADING` (it restarted and is reading its data), `BUSY` or `TRYAGAIN` waits the same
+//! way and goes again after a backoff (50 ms doubling to 1 s). Reads for the server API
+//! never wait: they fail at once (503 `unavailable`).
 //!
 //! Owns: the receipts' commands in flight and waiting. Must not touch: rooms' channels,
 //! publishes or membership (the rest of the engine thread).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use pabal_codec::Text;
 
-use super::super::receipts::{self as r, HandoffCheck, MAX_RECEIPTS_MEMBERS};
+use super::super::receipts::{self as r, HANDOFF_PAGE, HandoffCheck, MAX_RECEIPTS_MEMBERS};
 use super::super::resp::{self, Value, decimal};
-use super::super::script;
+use super::super::script::{self, Script};
 use super::super::{EngineEvent, Topology};
 use super::{Engine, Pending, encode_script};
 use crate::core::Marker;
@@ -40,6 +43,19 @@ const MAX_WAITING_CHECKS: usize = 65_536;
 /// A room's markers are loaded at open for at most this many members (more: learnt as
 /// they move).
 const MAX_LOADED_MARKERS: usize = 10_000;
+/// The first wait before what Redis answered `LOADING` (or `BUSY`, `TRYAGAIN`) is sent
+/// again (doubling up to [`RETRY_MAX`]).
+const RETRY_MIN: Duration = Duration::from_millis(50);
+/// The longest wait between two sends of what waits for a Redis still loading.
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// An error Redis answers for a while and then not (loading its data at start, a script
+/// over its time limit, a slot mid-migration): what it refused waits and goes again.
+pub(super) fn transient(error: &[u8]) -> bool {
+    [&b"LOADING"[..], b"BUSY", b"TRYAGAIN"]
+        .iter()
+        .any(|kind| error.starts_with(kind))
+}
 
 /// A receipts command on a command connection awaiting its reply.
 pub(in crate::cluster) enum Step {
@@ -54,14 +70,19 @@ pub(in crate::cluster) enum Step {
     /// A room's markers for its owner.
     Load { room: RoomName },
     /// A room's receipts for the server API.
-    Receipts { ticket: u64 },
+    Receipts { ticket: u64, room: RoomName },
     /// A user's rooms, first step of the unread counts.
-    UserRooms { ticket: u64, user: Text },
+    UserRooms {
+        ticket: u64,
+        user: Text,
+        max_rooms: usize,
+    },
     /// One room of a user's unread counts.
     RoomUnread {
         ticket: u64,
         room: RoomName,
         join: JoinPoint,
+        user: Text,
     },
 }
 
@@ -72,27 +93,19 @@ struct Gather {
 }
 
 /// The engine thread's receipts state.
+#[derive(Default)]
 pub(in crate::cluster) struct EngineReceipts {
-    markers_sha: Bytes,
-    handoff_sha: Bytes,
     /// Markers waiting for their shard.
     waiting: WaitingMarkers,
     /// Hand-off decisions waiting for their shard.
     checks: Vec<HandoffCheck>,
     /// Unread counts being gathered, by ticket.
     gathers: HashMap<u64, Gather>,
-}
-
-impl Default for EngineReceipts {
-    fn default() -> Self {
-        EngineReceipts {
-            markers_sha: script::sha1_hex(r::MARKERS),
-            handoff_sha: script::sha1_hex(r::HANDOFF),
-            waiting: WaitingMarkers::default(),
-            checks: Vec::new(),
-            gathers: HashMap::new(),
-        }
-    }
+    /// When what waits is sent again although its connection is up (Redis answered it
+    /// `LOADING`); `None`: not due.
+    retry_at: Option<Instant>,
+    /// The wait before the next such retry (0: [`RETRY_MIN`]).
+    backoff: Duration,
 }
 
 /// Markers waiting for their shard, coalesced (the latest per member: markers only move
@@ -151,15 +164,15 @@ impl WaitingMarkers {
 /// read` per member, written straight into `out` (a batch has any number of members).
 fn encode_markers(
     out: &mut BytesMut,
-    (eval, sha): (bool, &Bytes),
-    keys: [&[u8]; 3],
+    eval: bool,
+    keys: [&[u8]; 4],
     head: [&[u8]; 3],
     markers: &[(Text, Marker)],
 ) {
     let call: [&[u8]; 3] = if eval {
-        [b"EVAL", r::MARKERS.as_bytes(), b"3"]
+        [b"EVAL", r::MARKERS.text.as_bytes(), b"4"]
     } else {
-        [b"EVALSHA", sha, b"3"]
+        [b"EVALSHA", r::MARKERS.sha(), b"4"]
     };
     resp::push_array_len(
         out,
@@ -207,7 +220,7 @@ impl Engine {
             Topology::Cluster => b"SPUBLISH",
         };
         // Key names in the engine's scratch (no allocation per room per tick).
-        let [meta, members, keys, channel, ..] = &mut self.keys;
+        let [meta, members, keys, channel, index, _] = &mut self.keys;
         script::key(meta, &room, "m");
         let shard = target.or_else(|| self.map.as_ref().map(|m| m.shard_of_key(meta)));
         let Some(conn) = shard
@@ -218,12 +231,13 @@ impl Engine {
         };
         script::key(members, &room, "u");
         script::key(keys, &room, "k");
+        script::key(index, &room, "d");
         script::key(channel, &room, "c");
         let mut d = [0; 20];
         encode_markers(
             &mut conn.wbuf,
-            (eval, &self.receipts.markers_sha),
-            [meta, members, keys],
+            eval,
+            [meta, members, keys, index],
             [decimal(epoch, &mut d), channel, verb],
             &markers,
         );
@@ -261,7 +275,6 @@ impl Engine {
     ) {
         let meta = room_key(&check.room, "m");
         let shard = target.or_else(|| self.route(&meta));
-        let sha = self.receipts.handoff_sha.clone();
         let Some(conn) = self.cmd_conn(shard) else {
             if self.receipts.checks.len() < MAX_WAITING_CHECKS {
                 self.receipts.checks.push(check);
@@ -270,22 +283,24 @@ impl Engine {
             }
             return;
         };
-        let (members, keys, handed) = (
+        let (members, keys, handed, index) = (
             room_key(&check.room, "u"),
             room_key(&check.room, "k"),
             room_key(&check.room, "h"),
+            room_key(&check.room, "d"),
         );
-        let (mut d1, mut d2, mut d3) = ([0; 20], [0; 20], [0; 20]);
+        let (mut d1, mut d2, mut d3, mut d4) = ([0; 20], [0; 20], [0; 20], [0; 20]);
         let other = check.other.as_ref().map_or(0, |o| o.seq);
         encode_script(
             &mut conn.wbuf,
-            (r::HANDOFF, &sha, eval),
-            &[&meta, &members, &keys, &handed],
+            (r::HANDOFF.text, r::HANDOFF.sha(), eval),
+            &[&meta, &members, &keys, &handed, &index],
             &[
                 decimal(check.epoch, &mut d1),
                 decimal(check.last.seq, &mut d2),
                 check.last.publisher.as_bytes(),
                 decimal(other, &mut d3),
+                decimal(HANDOFF_PAGE as u64, &mut d4),
             ],
         );
         self.push_receipts_pending(shard, Step::Handoff(check), hops);
@@ -294,61 +309,75 @@ impl Engine {
     /// Reads a room's markers for its owner (nothing while the engine is down: the room's
     /// next open or resubscription reads them).
     pub(super) fn send_load_markers(&mut self, room: RoomName) {
-        let meta = room_key(&room, "m");
-        let shard = self.route(&meta);
-        let Some(conn) = self.cmd_conn(shard) else {
-            return;
-        };
-        let mut d = [0; 20];
-        encode_script(
-            &mut conn.wbuf,
-            (r::LOAD_MARKERS, &Bytes::new(), true),
-            &[&meta, &room_key(&room, "k")],
-            &[decimal(MAX_LOADED_MARKERS as u64, &mut d)],
-        );
-        self.push_receipts_pending(shard, Step::Load { room }, 0);
+        self.send_read(Step::Load { room }, (false, None, 0));
     }
 
     /// The server API's read of a room's markers (fails at once while the engine is down).
     pub(super) fn send_read_receipts(&mut self, ticket: u64, room: &RoomName) {
-        let meta = room_key(room, "m");
-        let shard = self.route(&meta);
-        let Some(conn) = self.cmd_conn(shard) else {
-            return self.out.push(EngineEvent::ReceiptsRead {
-                ticket,
-                answer: Err(()),
-            });
-        };
-        let mut d = [0; 20];
-        encode_script(
-            &mut conn.wbuf,
-            (r::READ_RECEIPTS, &Bytes::new(), true),
-            &[&meta, &room_key(room, "u"), &room_key(room, "k")],
-            &[decimal(MAX_RECEIPTS_MEMBERS as u64, &mut d)],
-        );
-        self.push_receipts_pending(shard, Step::Receipts { ticket }, 0);
+        let room = room.clone();
+        self.send_read(Step::Receipts { ticket, room }, (false, None, 0));
     }
 
     /// The server API's unread counts of `user`: the user's rooms, then each room's head
     /// and marker on its own shard.
     pub(super) fn send_read_unread(&mut self, ticket: u64, user: &Text, max_rooms: usize) {
-        let rooms = super::super::membership::user_key(user, "r");
-        let shard = self.route(&rooms);
-        let Some(conn) = self.cmd_conn(shard) else {
-            return self.out.push(EngineEvent::UnreadRead {
-                ticket,
-                answer: Err(None),
-            });
+        let user = user.clone();
+        let step = Step::UserRooms {
+            ticket,
+            user,
+            max_rooms,
         };
+        self.send_read(step, (false, None, 0));
+    }
+
+    /// Sends one of the reads (`eval`: with the script's text, after a NOSCRIPT; `target`:
+    /// a shard an `ASK` named); while its shard is down it fails at once
+    /// ([`Engine::receipts_give_up`]).
+    fn send_read(&mut self, step: Step, (eval, target, hops): (bool, Option<usize>, u8)) {
         let mut d = [0; 20];
+        let (script, keys, arg): (&Script, Vec<Vec<u8>>, &[u8]) = match &step {
+            Step::Load { room } => (
+                &r::LOAD_MARKERS,
+                vec![room_key(room, "m"), room_key(room, "k")],
+                decimal(MAX_LOADED_MARKERS as u64, &mut d),
+            ),
+            Step::Receipts { room, .. } => (
+                &r::READ_RECEIPTS,
+                vec![
+                    room_key(room, "m"),
+                    room_key(room, "u"),
+                    room_key(room, "k"),
+                ],
+                decimal(MAX_RECEIPTS_MEMBERS as u64, &mut d),
+            ),
+            Step::UserRooms {
+                user, max_rooms, ..
+            } => (
+                &r::USER_ROOMS,
+                vec![super::super::membership::user_key(user, "r")],
+                decimal(*max_rooms as u64, &mut d),
+            ),
+            Step::RoomUnread { room, user, .. } => (
+                &r::ROOM_UNREAD,
+                vec![room_key(room, "m"), room_key(room, "k")],
+                user.as_bytes(),
+            ),
+            Step::Markers { .. } | Step::Handoff(_) => {
+                return self.receipts_resend(step, eval, target, hops);
+            }
+        };
+        let shard = target.or_else(|| keys.first().and_then(|k| self.route(k)));
+        let Some(conn) = self.cmd_conn(shard) else {
+            return self.receipts_give_up(step);
+        };
+        let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
         encode_script(
             &mut conn.wbuf,
-            (r::USER_ROOMS, &Bytes::new(), true),
-            &[&rooms],
-            &[decimal(max_rooms as u64, &mut d)],
+            (script.text, script.sha(), eval),
+            &keys,
+            &[arg],
         );
-        let user = user.clone();
-        self.push_receipts_pending(shard, Step::UserRooms { ticket, user }, 0);
+        self.push_receipts_pending(shard, step, hops);
     }
 
     /// Shard `shard`'s command connection, if it is up.
@@ -363,6 +392,25 @@ impl Engine {
         if let Some(s) = shard.and_then(|i| self.shards.get_mut(i)) {
             s.inflight.push_back((Pending::Receipts(step), hops));
         }
+    }
+
+    /// Has what waits sent again after a backoff (doubling from [`RETRY_MIN`] to
+    /// [`RETRY_MAX`], reset by a markers call Redis ran).
+    fn retry_waiting_later(&mut self) {
+        if self.receipts.retry_at.is_none() {
+            let wait = self.receipts.backoff.max(RETRY_MIN);
+            self.receipts.retry_at = Some(self.woke + wait);
+            self.receipts.backoff = (wait * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// Sends what waits if its retry is due (`now`); when it is due next.
+    pub(super) fn receipts_timer(&mut self, now: Instant) -> Option<Instant> {
+        if self.receipts.retry_at.is_some_and(|at| at <= now) {
+            self.receipts.retry_at = None;
+            self.send_receipts_waiting();
+        }
+        self.receipts.retry_at
     }
 
     /// A command connection came up: what waited for the engine is sent (what still has
@@ -399,7 +447,7 @@ impl Engine {
                     self.receipts.checks.push(check);
                 }
             }
-            Step::Receipts { ticket } => self.out.push(EngineEvent::ReceiptsRead {
+            Step::Receipts { ticket, .. } => self.out.push(EngineEvent::ReceiptsRead {
                 ticket,
                 answer: Err(()),
             }),
@@ -424,8 +472,7 @@ impl Engine {
                 markers,
             } => self.send_markers(room, epoch, markers, (eval, target, hops)),
             Step::Handoff(check) => self.send_handoff(check, (eval, target, hops)),
-            // Reads are not re-routed: the API call fails, and its retry routes again.
-            other => self.receipts_give_up(other),
+            read => self.send_read(read, (eval, target, hops)),
         }
     }
 
@@ -447,6 +494,12 @@ impl Engine {
             if e.starts_with(b"NOSCRIPT") {
                 return self.receipts_resend(step, true, Some(i), hops);
             }
+            if transient(e) && matches!(step, Step::Markers { .. } | Step::Handoff(_)) {
+                // Not refused for what it is (Redis is loading its data, say): it waits,
+                // coalesced and bounded as while the connection is down, and goes again.
+                self.receipts_give_up(step);
+                return self.retry_waiting_later();
+            }
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(worker = self.worker, error = %String::from_utf8_lossy(e), "the engine refused a receipts command");
             return match step {
@@ -457,9 +510,17 @@ impl Engine {
             };
         }
         match step {
-            Step::Markers { .. } => {}
-            Step::Handoff(check) => match r::parse_owed(&reply) {
-                Some(owed) => self.out.push(EngineEvent::HandoffOwed { check, owed }),
+            Step::Markers { .. } => self.receipts.backoff = Duration::ZERO,
+            Step::Handoff(check) => match r::parse_handoff(&reply) {
+                Some(page) => {
+                    if page.more {
+                        // Those this page moved are no longer behind: the next call reads
+                        // the next page.
+                        self.send_handoff(check.clone(), (false, None, 0));
+                    }
+                    let owed = page.owed;
+                    self.out.push(EngineEvent::HandoffOwed { check, owed });
+                }
                 None => {
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(worker = self.worker, reply = ?reply, "a malformed answer to a hand-off decision");
@@ -474,12 +535,14 @@ impl Engine {
                     });
                 }
             }
-            Step::Receipts { ticket } => {
+            Step::Receipts { ticket, .. } => {
                 let answer = r::parse_receipts(&reply).ok_or(());
                 self.out.push(EngineEvent::ReceiptsRead { ticket, answer });
             }
-            Step::UserRooms { ticket, user } => self.on_user_rooms(ticket, &user, &reply),
-            Step::RoomUnread { ticket, room, join } => {
+            Step::UserRooms { ticket, user, .. } => self.on_user_rooms(ticket, &user, &reply),
+            Step::RoomUnread {
+                ticket, room, join, ..
+            } => {
                 let Some(parsed) = r::parse_room_unread(&reply, room, join) else {
                     return self.fail_gather(ticket, true);
                 };
@@ -536,18 +599,17 @@ impl Engine {
             },
         );
         for (room, join) in rooms {
-            let meta = room_key(&room, "m");
-            let shard = self.route(&meta);
-            let Some(conn) = self.cmd_conn(shard) else {
-                return self.fail_gather(ticket, true);
+            let user = user.clone();
+            let step = Step::RoomUnread {
+                ticket,
+                room,
+                join,
+                user,
             };
-            encode_script(
-                &mut conn.wbuf,
-                (r::ROOM_UNREAD, &Bytes::new(), true),
-                &[&meta, &room_key(&room, "k")],
-                &[user.as_bytes()],
-            );
-            self.push_receipts_pending(shard, Step::RoomUnread { ticket, room, join }, 0);
+            self.send_read(step, (false, None, 0));
+            if !self.receipts.gathers.contains_key(&ticket) {
+                return; // failed (a shard is down), answered once
+            }
         }
     }
 }
@@ -571,11 +633,15 @@ mod tests {
         // (a panic on the engine thread): a room's tick, or what waited while Redis was down.
         let markers: Vec<_> = (0..MAX_MARKERS_PER_CALL).map(member).collect();
         let mut out = BytesMut::new();
-        let sha = script::sha1_hex(r::MARKERS);
         encode_markers(
             &mut out,
-            (false, &sha),
-            [b"pabal:{r:x}:m", b"pabal:{r:x}:u", b"pabal:{r:x}:k"],
+            false,
+            [
+                b"pabal:{r:x}:m",
+                b"pabal:{r:x}:u",
+                b"pabal:{r:x}:k",
+                b"pabal:{r:x}:d",
+            ],
             [b"7", b"pabal:{r:x}:c", b"PUBLISH"],
             &markers,
         );
@@ -583,11 +649,12 @@ mod tests {
             panic!("not one command");
         };
         assert!(out.is_empty(), "one command, nothing after it");
-        assert_eq!(args.len(), 9 + 3 * markers.len());
+        assert_eq!(args.len(), 10 + 3 * markers.len());
         let text = |v: &Value| String::from_utf8(v.bytes().unwrap().to_vec()).unwrap();
         assert_eq!(text(&args[0]), "EVALSHA");
-        assert_eq!(text(&args[2]), "3");
-        assert_eq!(text(&args[6]), "7");
+        assert_eq!(text(&args[1]), r::MARKERS.sha().escape_ascii().to_string());
+        assert_eq!(text(&args[2]), "4");
+        assert_eq!(text(&args[7]), "7");
         let last = &args[args.len() - 3..];
         assert_eq!(
             last.iter().map(text).collect::<Vec<_>>(),

@@ -1,0 +1,746 @@
+//! The engine's scripts as Redis runs them.
+//!
+//! End-to-end (real relay nodes on loopback, a real `redis-server` watched with `MONITOR`,
+//! once per I/O backend): every command a script runs touches only keys its call declared
+//! in `KEYS` (what Redis Cluster routes by and ACL key patterns check); every script goes
+//! by its SHA (`EVALSHA`), its text only after Redis answered `NOSCRIPT`; and a `SCRIPT
+//! FLUSH` in the middle of a run costs one resend per script, no failed call.
+//!
+//! Against a real `redis-server` alone: the offline hand-off's index on a large room reads
+//! only the members behind the window (a page at a time), and a room from before the
+//! index is indexed once, on first use.
+
+#![allow(clippy::unwrap_used)] // reason: tests
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use pabal_codec::{Ack, ClientFrame};
+use pabal_relay::cluster::ClusterConfig;
+use pabal_relay::cluster::membership::{ROOM_JOIN, ROOM_LEAVE, ROOM_UNDO};
+use pabal_relay::cluster::receipts::{HANDOFF, HandoffPage, MARKERS, parse_handoff};
+use pabal_relay::cluster::resp::{self, Value};
+use pabal_relay::cluster::script::{PUBLISH, all_scripts, sha1_hex};
+use pabal_relay::config::Config;
+use pabal_relay::io::BackendKind;
+use pabal_testkit::http::{KEY, http};
+use pabal_testkit::redis::RedisServer;
+use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
+use serde_json::{Value as Json, json};
+
+// ---------------------------------------------------------------------------------------
+// MONITOR: what the scripts ran.
+
+/// `redis-cli MONITOR` on a Redis, its lines gathered until it is dropped.
+struct Monitor {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Monitor {
+    fn start(port: u16) -> Monitor {
+        let mut child = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "MONITOR"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-cli runs");
+        let out = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (started, up) = mpsc::channel();
+        let gathered = lines.clone();
+        std::thread::spawn(move || {
+            let mut started = Some(started);
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                if let Some(tx) = started.take() {
+                    let _ = tx.send(()); // "OK": watching
+                }
+                gathered.lock().unwrap().push(line);
+            }
+        });
+        up.recv_timeout(WAIT).expect("MONITOR started");
+        Monitor { child, lines }
+    }
+
+    /// The lines so far.
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits for a line containing `text`; how many lines there were up to it.
+    fn lines_through(&self, text: &str) -> usize {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(at) = self.lines().iter().position(|l| l.contains(text)) {
+                return at + 1;
+            }
+            assert!(Instant::now() < deadline, "MONITOR never showed {text}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One MONITOR line: the client (`lua` for a command a script ran) and the arguments.
+fn parse_line(line: &str) -> Option<(String, Vec<Vec<u8>>)> {
+    let open = line.find('[')?;
+    let close = open + line[open..].find(']')?;
+    let client = line[open + 1..close].split(' ').nth(1)?.to_owned();
+    let b = &line.as_bytes()[close + 1..];
+    let mut args = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'"' {
+            i += 1;
+            continue;
+        }
+        i += 1;
+        let mut arg = Vec::new();
+        while i < b.len() && b[i] != b'"' {
+            if b[i] == b'\\' && i + 1 < b.len() {
+                i += 1;
+                match b[i] {
+                    b'n' => arg.push(b'\n'),
+                    b'r' => arg.push(b'\r'),
+                    b't' => arg.push(b'\t'),
+                    b'a' => arg.push(7),
+                    b'b' => arg.push(8),
+                    b'x' => {
+                        let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                        arg.push(u8::from_str_radix(hex, 16).ok()?);
+                        i += 2;
+                    }
+                    c => arg.push(c),
+                }
+            } else {
+                arg.push(b[i]);
+            }
+            i += 1;
+        }
+        i += 1;
+        args.push(arg);
+    }
+    Some((client, args))
+}
+
+/// The keys a command run by a script touches (every command the scripts run is named
+/// here: a new one must say where its keys are).
+fn keys_of(args: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let cmd = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
+    match cmd.as_str() {
+        "TIME" | "PUBLISH" | "SPUBLISH" => Vec::new(),
+        "DEL" => args[1..].to_vec(),
+        "HGET" | "HSET" | "HDEL" | "HINCRBY" | "HEXISTS" | "HGETALL" | "HKEYS" | "HLEN"
+        | "XADD" | "XRANGE" | "ZADD" | "ZSCORE" | "ZREM" | "ZRANGE" | "ZREMRANGEBYRANK"
+        | "SISMEMBER" | "SREM" | "SADD" | "SCARD" | "SMEMBERS" | "PTTL" | "PEXPIRE" => {
+            vec![args[1].clone()]
+        }
+        other => panic!("a script ran {other}: say in keys_of where its keys are"),
+    }
+}
+
+/// One script call as MONITOR saw it.
+struct Call {
+    client: String,
+    script: &'static str,
+    /// Sent with its text (`EVAL`), not its SHA.
+    text: bool,
+    declared: Vec<Vec<u8>>,
+    /// `(command, key)` for every key its commands touched.
+    touched: Vec<(String, Vec<u8>)>,
+    /// Whether it came after the `SCRIPT FLUSH`.
+    after_flush: bool,
+}
+
+/// The script calls in MONITOR's `lines`, with the commands each ran.
+fn script_calls(lines: &[String]) -> Vec<Call> {
+    let by_sha: HashMap<Vec<u8>, &'static str> = all_scripts()
+        .into_iter()
+        .map(|(name, text)| (sha1_hex(text).to_vec(), name))
+        .collect();
+    let mut calls: Vec<Call> = Vec::new();
+    let mut open = false;
+    let mut flushed = false;
+    for line in lines {
+        let Some((client, args)) = parse_line(line) else {
+            continue;
+        };
+        let Some(verb) = args
+            .first()
+            .map(|v| String::from_utf8_lossy(v).to_ascii_uppercase())
+        else {
+            continue;
+        };
+        if client == "lua" {
+            assert!(
+                open,
+                "a script's command with no script call before it: {line}"
+            );
+            let call = calls.last_mut().unwrap();
+            for key in keys_of(&args) {
+                call.touched.push((verb.clone(), key));
+            }
+            continue;
+        }
+        open = false;
+        if verb == "SCRIPT"
+            && args
+                .get(1)
+                .is_some_and(|a| a.eq_ignore_ascii_case(b"FLUSH"))
+        {
+            flushed = true;
+        }
+        if verb != "EVAL" && verb != "EVALSHA" {
+            continue;
+        }
+        let text = verb == "EVAL";
+        let sha = if text {
+            sha1_hex(std::str::from_utf8(&args[1]).unwrap()).to_vec()
+        } else {
+            args[1].clone()
+        };
+        let script = *by_sha
+            .get(&sha)
+            .unwrap_or_else(|| panic!("a script the relay does not name: {line}"));
+        let n: usize = std::str::from_utf8(&args[2]).unwrap().parse().unwrap();
+        calls.push(Call {
+            client,
+            script,
+            text,
+            declared: args[3..3 + n].to_vec(),
+            touched: Vec::new(),
+            after_flush: flushed,
+        });
+        open = true;
+    }
+    calls
+}
+
+// ---------------------------------------------------------------------------------------
+// The end-to-end run.
+
+/// A server-API call to `node`.
+fn call(node: &TestRelay, method: &str, path: &str, body: Option<Json>) -> (u16, Json) {
+    let body = body.map(|b| b.to_string());
+    let addr = node.handle().control_addr().unwrap();
+    http(addr, method, path, Some(KEY), body.as_deref())
+}
+
+/// A server-API call that must answer 200.
+fn ok(node: &TestRelay, method: &str, path: &str, body: Option<Json>) -> Json {
+    let (status, answer) = call(node, method, path, body);
+    assert_eq!(status, 200, "{method} {path}: {answer}");
+    answer
+}
+
+/// The SHA of a script by its name.
+fn sha_of(name: &str) -> String {
+    let (_, text) = all_scripts().into_iter().find(|(n, _)| *n == name).unwrap();
+    String::from_utf8(sha1_hex(text).to_vec()).unwrap()
+}
+
+/// Waits until MONITOR saw a hand-off decision (`HANDOFF`) after its line `from`; the
+/// number of lines then.
+fn handoff_decided(monitor: &Monitor, from: usize) -> usize {
+    let sha = sha_of("HANDOFF");
+    let deadline = Instant::now() + WAIT * 2;
+    loop {
+        let lines = monitor.lines();
+        if lines[from.min(lines.len())..]
+            .iter()
+            .any(|l| l.contains(&sha))
+        {
+            return lines.len();
+        }
+        assert!(Instant::now() < deadline, "no hand-off was decided");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The server API's reads from the engine, and a replacing member call setting `set`.
+fn reads_and_a_replacement(n: &[TestRelay], unread_of: &str, set: &[&str]) {
+    ok(&n[2], "GET", &format!("/v1/rooms/{ROOM}/receipts"), None);
+    ok(&n[2], "GET", &format!("/v1/users/{unread_of}/unread"), None);
+    ok(&n[2], "GET", "/v1/users/ann/presence", None);
+    let members = format!("/v1/rooms/{ROOM}/members");
+    ok(&n[1], "PUT", &members, Some(json!({ "users": set })));
+}
+
+const ROOM: &str = "group:scripts";
+
+/// Every script runs at least once: joins through a phone and the API, a refused join
+/// (its undo), publishes, ACKs, a hand-off decision, the API's reads, a replacing member
+/// call, a leave, a closed connection.
+fn every_script_once(n: &[TestRelay], monitor: &Monitor) {
+    let members = format!("/v1/rooms/{ROOM}/members");
+    ok(&n[2], "POST", &members, Some(json!({"users": ["cy"]})));
+    let mut ann = Client::connect(n[0].addr, "ann");
+    let a = ann.join(ROOM);
+    let mut bob = Client::connect(n[1].addr, "bob");
+    let b = bob.join(ROOM);
+    for seq in 1..=2 {
+        assert_eq!(ann.publish_acked(a, format!("m{seq}")), seq);
+    }
+    bob.wait_for(|e| matches!(e, pabal_codec::Event::Message { seq: Some(2), .. }));
+    bob.send(&ClientFrame::Ack(Ack::from_pairs(&[(b, 2)])));
+    handoff_decided(monitor, 0);
+    let path = format!("/v1/rooms/{ROOM}/receipts");
+    let deadline = Instant::now() + WAIT;
+    // bob's ACK reaches the engine asynchronously.
+    while ok(&n[2], "GET", &path, None)["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["user"] != "bob" || m["delivered_up_to"] != 2)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "bob's ACK never reached the engine"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    reads_and_a_replacement(n, "bob", &["ann", "bob", "cy"]);
+    // dee may be in two rooms (`limits.max_rooms_per_user`): the third join is refused
+    // on the user's side and undone on the room's.
+    for room in ["first", "second", "third"] {
+        let path = format!("/v1/rooms/{room}/members");
+        let _ = call(&n[2], "POST", &path, Some(json!({"users": ["dee"]})));
+    }
+    ok(&n[2], "DELETE", &format!("{members}/bob"), None);
+    drop(bob);
+    drop(ann);
+}
+
+/// After a `SCRIPT FLUSH` (MONITOR's line `flushed_at`): the same kinds of calls all
+/// succeed.
+fn after_the_flush(n: &[TestRelay], monitor: &Monitor, flushed_at: usize) {
+    let members = format!("/v1/rooms/{ROOM}/members");
+    let mut ann = Client::connect(n[0].addr, "ann");
+    let a = ann.join(ROOM);
+    assert_eq!(ann.publish_acked(a, "m3"), 3);
+    handoff_decided(monitor, flushed_at);
+    ok(&n[1], "POST", &members, Some(json!({"users": ["eve"]})));
+    ok(&n[1], "DELETE", &format!("{members}/eve"), None);
+    reads_and_a_replacement(n, "ann", &["ann", "cy"]);
+    drop(ann);
+}
+
+/// Three nodes on `redis`, with the hand-off to `url`, every user in at most two rooms.
+fn nodes(backend: BackendKind, redis: &RedisServer, url: &str) -> Vec<TestRelay> {
+    (1..=3)
+        .map(|i| {
+            let cluster = ClusterConfig {
+                redis: vec![redis.url()],
+                node_id: Some(format!("s{i}")),
+                ..ClusterConfig::default()
+            };
+            TestRelay::cluster_node(backend, cluster, |c: &mut Config| {
+                c.receipts.interval = Duration::from_millis(20);
+                c.handoff.url = url.to_owned();
+                c.handoff.secret = Some("handoff-test-secret-0123".into());
+                c.handoff.delay = Duration::from_millis(500);
+                c.handoff.batch_interval = Duration::from_millis(100);
+                c.limits.max_rooms_per_user = 2;
+            })
+        })
+        .collect()
+}
+
+per_backend! {
+    fn every_script_declares_its_keys_goes_by_sha_and_survives_a_script_flush(backend) {
+        let Some(redis) = RedisServer::start("scripts-monitor") else { return };
+        let monitor = Monitor::start(redis.port);
+        // The hand-off's app server takes connections and never answers: the decisions
+        // are what is watched, not the requests.
+        let app = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hooks/pabal", app.local_addr().unwrap());
+        let n = nodes(backend, &redis, &url);
+        every_script_once(&n, &monitor);
+        assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
+        let flushed_at = monitor.lines_through("\"SCRIPT\" \"FLUSH\"");
+        after_the_flush(&n, &monitor, flushed_at);
+        // The last calls reach MONITOR's output.
+        std::thread::sleep(Duration::from_millis(300));
+        let calls = script_calls(&monitor.lines());
+        drop(monitor);
+
+        // Every key a script touched was declared by its call.
+        let mut problems = BTreeSet::new();
+        for c in &calls {
+            for (cmd, key) in &c.touched {
+                if !c.declared.contains(key) {
+                    problems.insert(format!("{} touched {cmd} {} not in its KEYS", c.script, String::from_utf8_lossy(key)));
+                }
+            }
+        }
+
+        // Every script ran (the check above is about all of them).
+        let ran: BTreeSet<&str> = calls.iter().map(|c| c.script).collect();
+        for (name, _) in all_scripts() {
+            if !ran.contains(name) {
+                problems.insert(format!("{name} never ran"));
+            }
+        }
+
+        // A script's text goes only after its SHA was tried on that connection (and Redis
+        // answered NOSCRIPT): each EVAL follows an EVALSHA of the same script, one each.
+        let mut tried: HashMap<(&str, &str), usize> = HashMap::new();
+        for c in &calls {
+            let k = (c.client.as_str(), c.script);
+            if !c.text {
+                *tried.entry(k).or_default() += 1;
+            } else if let Some(left) = tried.get_mut(&k).filter(|n| **n > 0) {
+                *left -= 1;
+            } else {
+                problems.insert(format!("{} went as EVAL with no EVALSHA before it", c.script));
+            }
+        }
+        // The flush was met: scripts called after it were loaded again with their text,
+        // and every call after it succeeded (the API answered 200 above).
+        let reloaded: BTreeSet<&str> = calls.iter().filter(|c| c.after_flush && c.text).map(|c| c.script).collect();
+        for script in ["PUBLISH", "ROOM_JOIN", "USER_JOIN", "ROOM_LEAVE", "USER_LEAVE", "READ_RECEIPTS", "PRESENCE_CLAIM", "HANDOFF"] {
+            if !reloaded.contains(script) {
+                problems.insert(format!("{script} was not sent again after the flush"));
+            }
+        }
+        assert!(problems.is_empty(), "{problems:#?}");
+        let by_sha = calls.iter().filter(|c| !c.text).count();
+        assert!(by_sha > calls.len() / 2, "{by_sha} of {} calls by SHA", calls.len());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The hand-off's index, script against Redis.
+
+/// A plain connection to a Redis.
+struct Redis {
+    s: TcpStream,
+    buf: BytesMut,
+}
+
+impl Redis {
+    fn connect(port: u16) -> Redis {
+        Redis {
+            s: TcpStream::connect(("127.0.0.1", port)).unwrap(),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Sends `cmds` pipelined; their replies (an error reply fails the test).
+    fn pipeline(&mut self, cmds: &[Vec<Vec<u8>>]) -> Vec<Value> {
+        let mut out = BytesMut::new();
+        for c in cmds {
+            resp::encode(&mut out, c.iter().map(Vec::as_slice));
+        }
+        self.s.write_all(&out).unwrap();
+        let mut replies = Vec::with_capacity(cmds.len());
+        let mut chunk = vec![0u8; 64 * 1024];
+        while replies.len() < cmds.len() {
+            match resp::decode(&mut self.buf).unwrap() {
+                Some(Value::Error(e)) => panic!("redis: {}", String::from_utf8_lossy(&e)),
+                Some(v) => replies.push(v),
+                None => {
+                    let got = self.s.read(&mut chunk).unwrap();
+                    assert!(got > 0, "redis closed the connection");
+                    self.buf.extend_from_slice(&chunk[..got]);
+                }
+            }
+        }
+        replies
+    }
+
+    fn call(&mut self, cmd: &[&str]) -> Value {
+        let cmd: Vec<Vec<u8>> = cmd.iter().map(|a| a.as_bytes().to_vec()).collect();
+        self.pipeline(&[cmd]).pop().unwrap()
+    }
+}
+
+/// Room `big`'s key `suffix`.
+fn key(suffix: &str) -> String {
+    format!("pabal:{{r:big}}:{suffix}")
+}
+
+/// `EVAL <text>` on room `big`'s keys `suffixes`, with `args`.
+fn eval(text: &str, suffixes: &[&str], args: &[String]) -> Vec<Vec<u8>> {
+    let mut c = vec![
+        b"EVAL".to_vec(),
+        text.as_bytes().to_vec(),
+        suffixes.len().to_string().into_bytes(),
+    ];
+    c.extend(suffixes.iter().map(|s| key(s).into_bytes()));
+    c.extend(args.iter().map(|a| a.as_bytes().to_vec()));
+    c
+}
+
+fn s(v: impl ToString) -> String {
+    v.to_string()
+}
+
+/// `user` joins room `big` (epoch 7 if it is new), as the engine's join call does.
+fn join(user: &str) -> Vec<Vec<u8>> {
+    eval(ROOM_JOIN.text, &["m", "u", "d"], &[s(7), s(user), s(1)])
+}
+
+/// `user` leaves room `big`.
+fn leave(user: &str) -> Vec<Vec<u8>> {
+    eval(ROOM_LEAVE.text, &["u", "k", "d"], &[s(user)])
+}
+
+/// A message by `sender` in room `big`.
+fn publish(sender: &str) -> Vec<Vec<u8>> {
+    publish_in(7, sender)
+}
+
+/// A message by `sender` in room `big`, epoch `epoch` if the room is new.
+fn publish_in(epoch: u64, sender: &str) -> Vec<Vec<u8>> {
+    let args = [
+        s(epoch),
+        s(1),
+        s("n/0/1"),
+        s(sender),
+        s("hi"),
+        s(1000),
+        key("c"),
+        s(""),
+        s(16),
+        s("PUBLISH"),
+    ];
+    eval(PUBLISH, &["m", "s", "i"], &args)
+}
+
+/// Markers calls moving each of `users` to delivered `seq` in epoch `epoch`.
+fn delivered(users: &[&str], seq: u64, epoch: u64) -> Vec<Vec<Vec<u8>>> {
+    users
+        .chunks(1000)
+        .map(|chunk| {
+            let mut args = vec![s(epoch), key("c"), s("PUBLISH")];
+            for u in chunk {
+                args.extend([s(u), s(seq), s(0)]);
+            }
+            eval(MARKERS.text, &["m", "u", "k", "d"], &args)
+        })
+        .collect()
+}
+
+/// One hand-off call: window ending at `last`, by `publisher`, `other` the last by
+/// someone else.
+fn handoff(
+    r: &mut Redis,
+    epoch: u64,
+    last: u64,
+    publisher: &str,
+    other: u64,
+    page: usize,
+) -> HandoffPage {
+    let args = [s(epoch), s(last), s(publisher), s(other), s(page)];
+    let reply = r.pipeline(&[eval(HANDOFF.text, &["m", "u", "k", "h", "d"], &args)]);
+    parse_handoff(&reply[0]).expect("a hand-off answer")
+}
+
+/// The owed `(user, first, last)` as a map by user (each once).
+fn owed_by_user(pages: &[HandoffPage]) -> BTreeMap<String, (u64, u64)> {
+    let mut out = BTreeMap::new();
+    for p in pages {
+        for (user, first, last) in &p.owed {
+            assert!(
+                out.insert(user.to_string(), (*first, *last)).is_none(),
+                "{user} owed twice"
+            );
+        }
+    }
+    out
+}
+
+fn score(r: &mut Redis, user: &str) -> Option<u64> {
+    r.call(&["ZSCORE", &key("d"), user])
+        .bytes()
+        .map(|b| std::str::from_utf8(b).unwrap().parse().unwrap())
+}
+
+#[test]
+fn a_large_rooms_handoff_reads_only_the_members_behind_a_page_at_a_time() {
+    let Some(redis) = RedisServer::start_with("scripts-handoff", &["--appendonly", "no"]) else {
+        return;
+    };
+    let mut r = Redis::connect(redis.port);
+    let users: Vec<String> = (0..5000).map(|i| format!("u{i:04}")).collect();
+    let joins: Vec<_> = users.iter().map(|u| join(u)).collect();
+    r.pipeline(&joins);
+    r.pipeline(&[publish("u0000"), publish("u0000"), publish("u0000")]);
+    // Every member but 50 received 1..=3 (the publisher among them).
+    let behind: Vec<&str> = users
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 100 == 99)
+        .map(|(_, u)| u.as_str())
+        .collect();
+    let acked: Vec<&str> = users
+        .iter()
+        .map(String::as_str)
+        .filter(|u| !behind.contains(u))
+        .collect();
+    r.pipeline(&delivered(&acked, 3, 7));
+
+    // The first window builds the index (one walk of the member hash) and hands off
+    // exactly the 50 behind.
+    let first = handoff(&mut r, 7, 3, "u0000", 0, 1000);
+    let want: BTreeMap<String, (u64, u64)> =
+        behind.iter().map(|u| (u.to_string(), (1, 3))).collect();
+    assert_eq!(owed_by_user(std::slice::from_ref(&first)), want);
+    assert_eq!((first.read, first.more), (5000 + 50, false));
+    // Handed off once: the same window again owes nothing and reads nothing.
+    let again = handoff(&mut r, 7, 3, "u0000", 0, 1000);
+    assert_eq!((again.read, again.owed.len()), (0, 0));
+
+    // The next window reads only the members behind it: the 50 handed off up to 3 and
+    // 20 who did not receive 4..=5; not the room's 5,000.
+    r.pipeline(&[publish("u0000"), publish("u0000")]);
+    let stalled: Vec<&str> = acked
+        .iter()
+        .copied()
+        .filter(|u| u.ends_with("49"))
+        .take(20)
+        .collect();
+    assert_eq!(stalled.len(), 20);
+    let moving: Vec<&str> = acked
+        .iter()
+        .copied()
+        .filter(|u| !stalled.contains(u))
+        .collect();
+    r.pipeline(&delivered(&moving, 5, 7));
+    let second = handoff(&mut r, 7, 5, "u0000", 0, 1000);
+    let behind_now: BTreeSet<&str> = behind.iter().chain(&stalled).copied().collect();
+    assert_eq!(
+        second.read, 70,
+        "the call read more members than are behind"
+    );
+    let want: BTreeMap<String, (u64, u64)> =
+        behind_now.iter().map(|u| (u.to_string(), (4, 5))).collect();
+    assert_eq!(owed_by_user(std::slice::from_ref(&second)), want);
+
+    // A window with 70 behind, a page of 30: three calls, each reading at most its page;
+    // the publisher (behind, but owed only up to the last message by someone else, which
+    // it was handed off already) is owed nothing and does not stop the paging.
+    r.pipeline(&[publish("u0099")]);
+    r.pipeline(&delivered(&moving, 6, 7));
+    let mut pages = Vec::new();
+    loop {
+        let page = handoff(&mut r, 7, 6, "u0099", 5, 30);
+        assert!(page.read <= 30, "a page read {} members", page.read);
+        let more = page.more;
+        pages.push(page);
+        assert!(pages.len() <= 4, "paging did not end");
+        if !more {
+            break;
+        }
+    }
+    let want: BTreeMap<String, (u64, u64)> = behind_now
+        .iter()
+        .filter(|u| **u != "u0099")
+        .map(|u| (u.to_string(), (6, 6)))
+        .collect();
+    assert_eq!(owed_by_user(&pages), want);
+    assert_eq!(score(&mut r, "u0099"), Some(5));
+}
+
+#[test]
+fn a_room_from_before_the_index_is_indexed_once_on_first_use_and_kept_in_step() {
+    let Some(redis) = RedisServer::start_with("scripts-migrate", &["--appendonly", "no"]) else {
+        return;
+    };
+    let mut r = Redis::connect(redis.port);
+    // A room as the scripts before the index left it: members, markers, old hand-off
+    // marks (one of a member who left since), no index.
+    for cmd in [
+        vec!["HSET", &key("m"), "e", "7", "s", "5"],
+        vec![
+            "HSET",
+            &key("u"),
+            "a",
+            "7:0:1",
+            "b",
+            "7:2:2",
+            "c",
+            "7:0:3",
+            "d",
+            "6:9:4",
+            "e",
+            "7:0:5",
+        ],
+        vec!["HSET", &key("k"), "a", "7:5:5", "c", "7:1:0"],
+        vec!["HSET", &key("h"), "b", "7:4", "e", "7:5", "zed", "7:1"],
+    ] {
+        r.call(&cmd);
+    }
+    let page = handoff(&mut r, 7, 5, "a", 0, 1000);
+    // a received everything, e was handed off everything; b from its old mark, c from
+    // its marker, d's join point of another epoch counts as 0.
+    let want: BTreeMap<String, (u64, u64)> = [("b", (5, 5)), ("c", (2, 5)), ("d", (1, 5))]
+        .into_iter()
+        .map(|(u, p)| (u.to_string(), p))
+        .collect();
+    assert_eq!(owed_by_user(std::slice::from_ref(&page)), want);
+    assert_eq!(page.read, 5 + 3);
+    assert_eq!(
+        r.call(&["EXISTS", &key("h")]).int(),
+        Some(0),
+        "the old marks went into the index"
+    );
+    assert_eq!(r.call(&["ZCARD", &key("d")]).int(), Some(5), "members only");
+    assert_eq!(
+        r.call(&["HGET", &key("m"), "d"])
+            .bytes()
+            .map(|b| b.to_vec()),
+        Some(b"7".to_vec())
+    );
+    // Built once: the next window reads only who is behind it.
+    assert_eq!(handoff(&mut r, 7, 5, "a", 0, 1000).read, 0);
+
+    // Kept in step: a join enters at its join point, a marker moves its member, a leave
+    // and an undone join take their member out.
+    r.pipeline(&[join("f"), publish("a")]);
+    assert_eq!(score(&mut r, "f"), Some(5));
+    r.pipeline(&delivered(&["b"], 6, 7));
+    assert_eq!(score(&mut r, "b"), Some(6));
+    r.pipeline(&[leave("c")]);
+    assert_eq!(score(&mut r, "c"), None);
+    let jp = r
+        .call(&["HGET", &key("u"), "f"])
+        .bytes()
+        .map(|b| String::from_utf8(b.to_vec()).unwrap())
+        .unwrap();
+    r.pipeline(&[eval(ROOM_UNDO.text, &["u", "d"], &[s("f"), jp])]);
+    assert_eq!(score(&mut r, "f"), None);
+    let page = handoff(&mut r, 7, 6, "a", 0, 1000);
+    let owed: BTreeSet<String> = page.owed.iter().map(|o| o.0.to_string()).collect();
+    assert_eq!(
+        owed,
+        ["d", "e"].map(String::from).into_iter().collect(),
+        "{page:?}"
+    );
+    assert_eq!(page.read, 3, "a (the publisher), d and e are behind 6");
+
+    // A new epoch (the room's meta lost and created again): the index is built again,
+    // nothing of the old epoch counts.
+    r.call(&["DEL", &key("m"), &key("s")]);
+    r.pipeline(&[publish_in(8, "x")]);
+    let page = handoff(&mut r, 8, 1, "x", 0, 1000);
+    let owed: BTreeSet<String> = page.owed.iter().map(|o| o.0.to_string()).collect();
+    assert_eq!(
+        owed,
+        ["a", "b", "d", "e"].map(String::from).into_iter().collect(),
+        "{page:?}"
+    );
+}
