@@ -133,6 +133,11 @@ impl Conn {
     /// Reads what the socket has into the read buffer: an error, or EOF as one (nothing
     /// while dialing).
     pub(super) fn fill(&mut self) -> io::Result<()> {
+        self.fill_at_most(usize::MAX)
+    }
+
+    /// [`Conn::fill`], failing once the read buffer holds more than `max` bytes.
+    pub(super) fn fill_at_most(&mut self, max: usize) -> io::Result<()> {
         let Link::Up(stream) = &mut self.link else {
             return Ok(());
         };
@@ -144,6 +149,9 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
+            }
+            if self.rbuf.len() > max {
+                return Err(io::Error::other("the answer is too long"));
             }
         }
     }
