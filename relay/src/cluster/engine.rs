@@ -4,8 +4,9 @@
 //!
 //! With `cluster.topology = "single"` that is one Redis; with `"sentinel"` it is the one
 //! master the sentinels name (asked again whenever its connection is lost or it answers
-//! `READONLY`: a failover moves it). With `"cluster"` it is every
-//! shard's master of a Redis Cluster: the slot map comes from the seeds (`CLUSTER SLOTS`,
+//! `READONLY`: a failover moves it). With `"cluster"` it is the shard masters of a Redis
+//! Cluster that its commands need, each dialed on its first need (its commands wait on the
+//! connection meanwhile): the slot map comes from the seeds (`CLUSTER SLOTS`,
 //! [`super::slots`]); each room's commands go to the shard of its hash slot, its channel
 //! is subscribed there with sharded pub/sub (`SSUBSCRIBE`; the script `SPUBLISH`es); a
 //! `MOVED` corrects the map (and has it read again) and sends the command where Redis
@@ -14,9 +15,11 @@
 //! `unavailable`, it is reconnected with backoff, its channels resubscribed and the owners
 //! told to read the stream), and the map is read again in case its slots moved.
 //!
-//! What the connections answer is read in [`replies`]; membership's commands and users'
-//! notice channels are in [`members`]; presence entries, lookups and the retries of
-//! membership steps answered `TRYAGAIN` in `presence`.
+//! Connections are dialed without blocking in [`dial`]; what they answer is read in
+//! [`replies`]; publishes answered `TRYAGAIN` wait for their retry in `tryagain`, their
+//! room's later ones behind them; membership's commands and users' notice channels are in
+//! [`members`]; presence entries, lookups and the retries of membership steps answered
+//! `TRYAGAIN` in `presence`.
 //!
 //! Owns: the slot map, the shards' connections, what is in flight on them, the subscribed
 //! channels and reconnection with backoff. Must not touch: rooms or connections (it only
@@ -339,13 +342,6 @@ impl Engine {
                 self.start_discovery();
             }
             self.advance_discovery(now);
-            for i in 0..self.shards.len() {
-                self.redial(i, now);
-                self.advance_dial(i, false, now);
-                self.advance_dial(i, true, now);
-            }
-            self.after_dials();
-            self.note_health();
             while let Ok((queued, cmd)) = self.cmds.try_recv() {
                 let waited = now.saturating_duration_since(queued).as_micros() as u64;
                 self.stats.to_engine_us.record(waited, 1);
@@ -353,6 +349,10 @@ impl Engine {
             }
             let presence_at = self.presence_timers(now);
             let held_at = self.held_timers(now);
+            // After the commands: a shard one of them needed starts connecting before the
+            // poll waits.
+            self.advance_connections(now);
+            self.note_health();
             self.flush_writes();
             self.deliver_events();
             let retry = self
@@ -495,8 +495,37 @@ impl Engine {
                 tracing::info!(worker = self.worker, node = %self.node_id, addr = %shard.addr, "engine {what} connection up");
                 self.note_health();
             }
-            Err(e) if pubsub => self.fail_sub(i, &e),
-            Err(e) => self.fail_cmd(i, &e),
+            Err(e) if pubsub => {
+                self.fail_sub(i, &e);
+                self.fail_opens(i);
+                // The users whose channel waited on this dial: their first load (a
+                // parked HELLO) is refused `unavailable` now, not kept waiting for a
+                // shard that did not answer (one already loaded keeps what it has).
+                for w in self.users.values().filter(|w| w.shard == Some(i)) {
+                    self.out.push(EngineEvent::UserLoadFailed {
+                        user: w.user.clone(),
+                        over_cap: None,
+                    });
+                }
+            }
+            Err(e) => {
+                self.fail_cmd(i, &e);
+                self.fail_opens(i);
+            }
+        }
+    }
+
+    /// Shard `i` could not be dialed: the opens waiting for it are answered
+    /// [`EngineEvent::OpenFailed`] (the owner refuses what waits for the room rather than
+    /// keep it waiting for a shard that does not answer).
+    fn fail_opens(&mut self, i: usize) {
+        for c in self.channels.values_mut().filter(|c| c.shard == Some(i)) {
+            if !c.opens.is_empty() {
+                c.opens.clear();
+                self.out.push(EngineEvent::OpenFailed {
+                    room: c.room.clone(),
+                });
+            }
         }
     }
 
@@ -629,6 +658,22 @@ impl Engine {
         self.shards.len() - 1
     }
 
+    /// Dials what is due and moves the dials in progress on; what waited for a connection
+    /// is queued on those that started (which may need more shards: dialed in turn).
+    fn advance_connections(&mut self, now: Instant) {
+        loop {
+            for i in 0..self.shards.len() {
+                self.redial(i, now);
+                self.advance_dial(i, false, now);
+                self.advance_dial(i, true, now);
+            }
+            if !self.dialed {
+                return;
+            }
+            self.after_dials();
+        }
+    }
+
     /// Connections started dialing: what waited for one (subscriptions, opens, stream
     /// reads, receipts) is queued on them (it goes once they are connected).
     fn after_dials(&mut self) {
@@ -749,7 +794,7 @@ impl Engine {
         match cmd {
             // Behind a publish of its room waiting for a retry (TRYAGAIN): after it.
             EngineCmd::Publish(req) if self.held.behind(&req.room, req.ticket) => {
-                self.hold_behind(req, 0)
+                self.hold_behind(req)
             }
             EngineCmd::Publish(req) => self.send_publish(req, false, None, 0),
             EngineCmd::Open {

@@ -119,13 +119,13 @@ impl Engine {
             Pending::Publish(req, _)
                 if tryagain::not_run(&reply) && self.held.behind(&req.room, req.ticket) =>
             {
-                self.hold_behind(req, hops);
+                self.hold_behind(req);
                 return Ok(());
             }
-            Pending::Publish(req, _) if tryagain::is_tryagain(&reply) && hops < MAX_HOPS => {
+            Pending::Publish(req, _) if tryagain::is_tryagain(&reply) && self.may_retry(&req) => {
                 // The slot is mid-migration with the room's keys on both sides for a
                 // moment: sent again shortly, the migration having moved on.
-                self.retry_publish_later(req, hops + 1);
+                self.retry_publish_later(req);
                 return Ok(());
             }
             other => other,

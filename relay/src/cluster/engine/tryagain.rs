@@ -1,7 +1,8 @@
 //! Publishes answered `TRYAGAIN`: during a slot's migration, with some of a room's keys
 //! moved and some not yet, Redis refuses the room's script for a moment. The publish is
-//! sent again after a backoff (50 ms doubling, at most [`super::MAX_HOPS`] tries with its
-//! redirects, as membership steps are), instead of being refused to the phone.
+//! sent again after a backoff (50 ms doubling, at most [`MAX_TRIES`] times: 3.15 s in
+//! all; each try may follow its own `MOVED`/`ASK` redirects, bounded as any command's),
+//! instead of being refused to the phone.
 //!
 //! A room's order is kept by holding its later publishes behind it: once one of the
 //! room's publishes waits for its retry, every later publish of the room (new ones from the
@@ -31,10 +32,12 @@ use crate::ids::RoomName;
 
 /// The first wait before a publish answered `TRYAGAIN` goes again (doubling per try).
 const TRYAGAIN_BACKOFF: Duration = Duration::from_millis(50);
+/// How often one publish is sent again after `TRYAGAIN` before it is refused.
+pub(super) const MAX_TRIES: u8 = 6;
 
-/// The wait before a command's retry after its `hops`-th `TRYAGAIN` or redirect.
-pub(super) fn tryagain_wait(hops: u8) -> Duration {
-    TRYAGAIN_BACKOFF * (1 << hops.saturating_sub(1).min(8))
+/// The wait before a publish goes again after its `tries`-th `TRYAGAIN`.
+pub(super) fn tryagain_wait(tries: u8) -> Duration {
+    TRYAGAIN_BACKOFF * (1 << tries.saturating_sub(1).min(8))
 }
 
 /// Whether `reply` says Redis did not run the command (it can go again as it was).
@@ -51,10 +54,10 @@ pub(super) fn is_tryagain(reply: &Value) -> bool {
 
 /// One room's publishes held behind a retry.
 struct RoomQueue {
-    /// In ticket order, each with its hops so far.
+    /// In ticket order, each with the `TRYAGAIN`s it met.
     waiting: VecDeque<(PublishRequest, u8)>,
-    /// The ticket of the one sent and not answered yet (the queue's head went).
-    sent: Option<u64>,
+    /// The one sent and not answered yet (the queue's head went): its ticket and tries.
+    sent: Option<(u64, u8)>,
     /// When the head goes (again).
     at: Instant,
 }
@@ -69,23 +72,38 @@ impl HeldPublishes {
     /// Whether a publish of `room` with `ticket` must wait behind one of the room's held
     /// publishes (it is not the one sent).
     pub(super) fn behind(&self, room: &RoomName, ticket: u64) -> bool {
-        !self.rooms.is_empty() && self.rooms.get(room).is_some_and(|q| q.sent != Some(ticket))
+        !self.rooms.is_empty()
+            && self
+                .rooms
+                .get(room)
+                .is_some_and(|q| q.sent.is_none_or(|(t, _)| t != ticket))
     }
 
-    /// Holds `req` (after `hops` tries), in ticket order; a room held anew waits `wait`.
-    /// The one sent coming back unrun goes first again, after `wait`.
-    fn hold(&mut self, req: PublishRequest, hops: u8, now: Instant, wait: Duration) {
+    /// The `TRYAGAIN`s publish `ticket` of `room` met so far.
+    pub(super) fn tries(&self, room: &RoomName, ticket: u64) -> u8 {
+        if self.rooms.is_empty() {
+            return 0;
+        }
+        match self.rooms.get(room).and_then(|q| q.sent) {
+            Some((t, tries)) if t == ticket => tries,
+            _ => 0,
+        }
+    }
+
+    /// Holds `req` (after `tries` `TRYAGAIN`s), in ticket order; a room held anew waits
+    /// `wait`. The one sent coming back unrun goes first again, after `wait`.
+    fn hold(&mut self, req: PublishRequest, tries: u8, now: Instant, wait: Duration) {
         let q = self.rooms.entry(req.room.clone()).or_insert(RoomQueue {
             waiting: VecDeque::new(),
             sent: None,
             at: now + wait,
         });
-        if q.sent == Some(req.ticket) {
+        if q.sent.is_some_and(|(t, _)| t == req.ticket) {
             q.sent = None;
             q.at = now + wait;
         }
         let at = q.waiting.partition_point(|(r, _)| r.ticket < req.ticket);
-        q.waiting.insert(at, (req, hops));
+        q.waiting.insert(at, (req, tries));
     }
 
     /// The publish `ticket` of `room` was answered (or given up): the room's next goes.
@@ -96,7 +114,7 @@ impl HeldPublishes {
         let Some(q) = self.rooms.get_mut(room) else {
             return;
         };
-        if q.sent != Some(ticket) {
+        if q.sent.is_none_or(|(t, _)| t != ticket) {
             return;
         }
         q.sent = None;
@@ -112,10 +130,10 @@ impl HeldPublishes {
         for q in self.rooms.values_mut() {
             if q.sent.is_none()
                 && q.at <= now
-                && let Some((req, hops)) = q.waiting.pop_front()
+                && let Some((req, tries)) = q.waiting.pop_front()
             {
-                q.sent = Some(req.ticket);
-                due.push((req, hops));
+                q.sent = Some((req.ticket, tries));
+                due.push((req, tries));
             }
         }
         due
@@ -132,17 +150,24 @@ impl HeldPublishes {
 }
 
 impl Engine {
-    /// A publish answered `TRYAGAIN` after `hops` tries goes again after a backoff, its
-    /// room's later publishes behind it.
-    pub(super) fn retry_publish_later(&mut self, req: PublishRequest, hops: u8) {
-        let wait = tryagain_wait(hops);
-        self.held.hold(req, hops, Instant::now(), wait);
+    /// Whether a publish answered `TRYAGAIN` may go again (it met fewer than
+    /// [`MAX_TRIES`]).
+    pub(super) fn may_retry(&self, req: &PublishRequest) -> bool {
+        self.held.tries(&req.room, req.ticket) < MAX_TRIES
+    }
+
+    /// A publish answered `TRYAGAIN` goes again after a backoff, its room's later
+    /// publishes behind it.
+    pub(super) fn retry_publish_later(&mut self, req: PublishRequest) {
+        let tries = self.held.tries(&req.room, req.ticket) + 1;
+        self.held
+            .hold(req, tries, Instant::now(), tryagain_wait(tries));
     }
 
     /// A publish of a held room (a new one, or one in flight that came back unrun) waits
     /// in the room's queue.
-    pub(super) fn hold_behind(&mut self, req: PublishRequest, hops: u8) {
-        self.held.hold(req, hops, Instant::now(), Duration::ZERO);
+    pub(super) fn hold_behind(&mut self, req: PublishRequest) {
+        self.held.hold(req, 0, Instant::now(), Duration::ZERO);
     }
 
     /// Publish `ticket` of `room` was answered or given up: the room's next held one goes.
@@ -152,8 +177,8 @@ impl Engine {
 
     /// Sends the held publishes due; returns when the next is due.
     pub(super) fn held_timers(&mut self, now: Instant) -> Option<Instant> {
-        for (req, hops) in self.held.due(now) {
-            self.send_publish(req, false, None, hops);
+        for (req, _) in self.held.due(now) {
+            self.send_publish(req, false, None, 0);
         }
         self.held.next_at()
     }
@@ -188,12 +213,14 @@ mod tests {
         let wait = tryagain_wait(1);
         assert_eq!(wait, Duration::from_millis(50));
         assert_eq!(tryagain_wait(3), Duration::from_millis(200));
+        let all: Duration = (1..=MAX_TRIES).map(tryagain_wait).sum();
+        assert_eq!(all, Duration::from_millis(3150));
         // 2 meets TRYAGAIN; 4 (in flight behind it) comes back with an ASK, then 3.
         held.hold(publish(&room, 2), 1, t0, wait);
         assert!(held.behind(&room, 3));
         assert!(!held.behind(&other, 3), "another room is not held");
-        held.hold(publish(&room, 4), 1, t0, Duration::ZERO);
-        held.hold(publish(&room, 3), 1, t0, Duration::ZERO);
+        held.hold(publish(&room, 4), 0, t0, Duration::ZERO);
+        held.hold(publish(&room, 3), 0, t0, Duration::ZERO);
         assert!(held.due(t0).is_empty(), "the first waits its backoff");
         assert_eq!(held.next_at(), Some(t0 + wait));
         let t1 = t0 + wait;
@@ -201,6 +228,8 @@ mod tests {
         assert_eq!(first, [2]);
         assert!(held.due(t1).is_empty(), "one at a time");
         assert!(!held.behind(&room, 2), "the one sent is not behind itself");
+        assert_eq!(held.tries(&room, 2), 1);
+        assert_eq!(held.tries(&room, 3), 0);
         // It meets TRYAGAIN again: first again, after a longer wait.
         held.hold(publish(&room, 2), 2, t1, tryagain_wait(2));
         assert!(held.due(t1).is_empty());
