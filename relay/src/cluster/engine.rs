@@ -15,11 +15,11 @@
 //! `unavailable`, it is reconnected with backoff, its channels resubscribed and the owners
 //! told to read the stream), and the map is read again in case its slots moved.
 //!
-//! Connections are dialed without blocking in [`dial`]; what they answer is read in
-//! [`replies`]; publishes answered `TRYAGAIN` wait for their retry in `tryagain`, their
-//! room's later ones behind them; membership's commands and users' notice channels are in
-//! [`members`]; presence entries, lookups and the retries of membership steps answered
-//! `TRYAGAIN` in `presence`.
+//! Shards are dialed on their first need in `connections`, without blocking in [`dial`];
+//! what they answer is read in [`replies`]; publishes answered `TRYAGAIN` wait for their
+//! retry in `tryagain`, their room's later ones behind them; membership's commands and
+//! users' notice channels are in [`members`]; presence entries, lookups and the retries
+//! of membership steps answered `TRYAGAIN` in `presence`.
 //!
 //! Owns: the slot map, the shards' connections, what is in flight on them, the subscribed
 //! channels and reconnection with backoff. Must not touch: rooms or connections (it only
@@ -39,13 +39,14 @@ use mio::{Events, Poll, Token, Waker};
 
 use super::resp::{self, Value, decimal};
 use super::script::{self, OPEN, PUBLISH};
-use super::shard::{BACKOFF_MIN, Conn, Pending, Progress, Retry, Shard};
+use super::shard::{Conn, Pending, Retry, Shard};
 use super::slots::SlotMap;
 use super::{
     ClusterConfig, ClusterStats, EngineCmd, EngineEvent, PublishRequest, RedisAddr, Topology,
 };
 use crate::ids::RoomName;
 
+mod connections;
 pub(super) mod dial;
 pub(super) mod members;
 mod presence;
@@ -432,103 +433,6 @@ impl Engine {
         }
     }
 
-    /// The shard serving `key`, if the slot map is known, dialing it on this first need
-    /// (its commands wait on the connection until it is up); `None` too while it dials
-    /// with [`super::shard::DIAL_QUEUE_MAX`] commands waiting (the command is refused
-    /// `unavailable` or waits, as when the engine is down).
-    fn route(&mut self, key: &[u8]) -> Option<usize> {
-        let i = self.map.as_ref().map(|m| m.shard_of_key(key))?;
-        self.need(i);
-        (!self.shards.get(i)?.queue_full()).then_some(i)
-    }
-
-    /// Shard `i` is needed: its connections are dialed now unless they are up, dialing,
-    /// or waiting for their backoff.
-    fn need(&mut self, i: usize) {
-        let Some(shard) = self.shards.get_mut(i) else {
-            return;
-        };
-        if !shard.wanted {
-            shard.wanted = true;
-            self.redial(i, Instant::now());
-        }
-    }
-
-    /// Starts dialing shard `i`'s connections that are in use, down and past their
-    /// backoff.
-    fn redial(&mut self, i: usize, now: Instant) {
-        let timeout = self.config.connect_timeout;
-        let (cmd_token, sub_token) = Shard::tokens(i);
-        let Some(shard) = self.shards.get_mut(i).filter(|s| s.wanted) else {
-            return;
-        };
-        if shard.cmd.is_none() && now >= shard.cmd_retry.at {
-            shard.cmd = Some(Conn::dial(&shard.addr, cmd_token, now, timeout));
-            self.dialed = true;
-        }
-        if shard.sub.is_none() && now >= shard.sub_retry.at {
-            shard.sub = Some(Conn::dial(&shard.addr, sub_token, now, timeout));
-            self.dialed = true;
-        }
-    }
-
-    /// Moves shard `i`'s command (`pubsub` false) or pub/sub connection's dial on: up, or
-    /// failed (what waited on it fails as with a lost connection, and it is redialed with
-    /// backoff).
-    fn advance_dial(&mut self, i: usize, pubsub: bool, now: Instant) {
-        let Some(shard) = self.shards.get_mut(i) else {
-            return;
-        };
-        let (conn, retry) = if pubsub {
-            (shard.sub.as_mut(), &mut shard.sub_retry)
-        } else {
-            (shard.cmd.as_mut(), &mut shard.cmd_retry)
-        };
-        let Some(conn) = conn else {
-            return;
-        };
-        match conn.advance(self.poll.registry(), &mut self.resolver, now) {
-            Ok(Progress::Same) => {}
-            Ok(Progress::Connected) => {
-                retry.delay = BACKOFF_MIN;
-                let what = if pubsub { "pub/sub" } else { "command" };
-                tracing::info!(worker = self.worker, node = %self.node_id, addr = %shard.addr, "engine {what} connection up");
-                self.note_health();
-            }
-            Err(e) if pubsub => {
-                self.fail_sub(i, &e);
-                self.fail_opens(i);
-                // The users whose channel waited on this dial: their first load (a
-                // parked HELLO) is refused `unavailable` now, not kept waiting for a
-                // shard that did not answer (one already loaded keeps what it has).
-                for w in self.users.values().filter(|w| w.shard == Some(i)) {
-                    self.out.push(EngineEvent::UserLoadFailed {
-                        user: w.user.clone(),
-                        over_cap: None,
-                    });
-                }
-            }
-            Err(e) => {
-                self.fail_cmd(i, &e);
-                self.fail_opens(i);
-            }
-        }
-    }
-
-    /// Shard `i` could not be dialed: the opens waiting for it are answered
-    /// [`EngineEvent::OpenFailed`] (the owner refuses what waits for the room rather than
-    /// keep it waiting for a shard that does not answer).
-    fn fail_opens(&mut self, i: usize) {
-        for c in self.channels.values_mut().filter(|c| c.shard == Some(i)) {
-            if !c.opens.is_empty() {
-                c.opens.clear();
-                self.out.push(EngineEvent::OpenFailed {
-                    room: c.room.clone(),
-                });
-            }
-        }
-    }
-
     /// `(subscribe, unsubscribe)`: sharded pub/sub on a Redis Cluster (a channel lives on
     /// its slot's shard), plain pub/sub on one Redis.
     fn sub_verbs(&self) -> (&'static [u8], &'static [u8]) {
@@ -656,50 +560,6 @@ impl Engine {
             map.shards.push(addr.clone());
         }
         self.shards.len() - 1
-    }
-
-    /// Dials what is due and moves the dials in progress on; what waited for a connection
-    /// is queued on those that started (which may need more shards: dialed in turn).
-    fn advance_connections(&mut self, now: Instant) {
-        loop {
-            for i in 0..self.shards.len() {
-                self.redial(i, now);
-                self.advance_dial(i, false, now);
-                self.advance_dial(i, true, now);
-            }
-            if !self.dialed {
-                return;
-            }
-            self.after_dials();
-        }
-    }
-
-    /// Connections started dialing: what waited for one (subscriptions, opens, stream
-    /// reads, receipts) is queued on them (it goes once they are connected).
-    fn after_dials(&mut self) {
-        if !std::mem::take(&mut self.dialed) {
-            return;
-        }
-        self.route_channels();
-        let ready: Vec<Bytes> = self
-            .channels
-            .iter()
-            .filter(|(_, c)| {
-                c.state == SubState::Subscribed
-                    && !c.opens.is_empty()
-                    && c.shard
-                        .and_then(|i| self.shards.get(i))
-                        .is_some_and(|s| s.cmd.is_some())
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for ch in ready {
-            self.send_opens(&ch);
-        }
-        for (room, after, reader) in std::mem::take(&mut self.fills_waiting) {
-            self.send_fill(room, after, reader, None, 0);
-        }
-        self.send_receipts_waiting();
     }
 
     /// A shard's connection failed: on a Redis Cluster its slots may have moved to a
