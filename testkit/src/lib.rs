@@ -18,6 +18,7 @@ use std::time::Duration;
 use pabal_relay::io::BackendKind;
 use pabal_relay::io::probe::{self, BackendOptions};
 
+pub mod blackhole;
 mod client;
 pub mod daemon;
 pub mod http;

@@ -2,27 +2,67 @@
 //! "cluster"`, one seed address), once per I/O backend. Rooms land on the shard of their
 //! hash slot (checked through the cluster's own slot map), every node's phones see one
 //! order of every room, a shard's lost pub/sub connections are repaired from the stream,
-//! and a slot that moved is followed (`MOVED`).
+//! and a slot that moved is followed (`MOVED`), publishes meeting `TRYAGAIN` mid-migration
+//! included. A node connects only to the shards its rooms and users live on, and a shard
+//! whose address drops SYNs holds up no other shard's publishes.
 
 #![allow(clippy::unwrap_used)] // reason: tests
 
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
-use pabal_codec::ClientSession;
+use pabal_codec::{ClientSession, Event};
 use pabal_relay::cluster::{ClusterConfig, Topology};
 use pabal_relay::io::BackendKind;
+use pabal_testkit::blackhole::Blackhole;
+use pabal_testkit::http::request;
 use pabal_testkit::redis::{RedisCluster, filled_despite_killed_subscriptions};
-use pabal_testkit::{Client, TestRelay, per_backend};
+use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
 
 /// A node on `cluster`, given only its first master as seed: the rest comes from the
 /// slot map.
 fn node(backend: BackendKind, cluster: &RedisCluster, id: &str) -> TestRelay {
-    let config = ClusterConfig {
+    node_with(backend, cluster, id, |_| {})
+}
+
+/// [`node`] with `tweak` applied to its `[cluster]` section.
+fn node_with(
+    backend: BackendKind,
+    cluster: &RedisCluster,
+    id: &str,
+    tweak: impl FnOnce(&mut ClusterConfig),
+) -> TestRelay {
+    let mut config = ClusterConfig {
         topology: Topology::Cluster,
         redis: vec![cluster.urls()[0].clone()],
         node_id: Some(id.into()),
         ..ClusterConfig::default()
     };
-    TestRelay::cluster_node(backend, config, |c| c.retention.max_messages = 10_000)
+    tweak(&mut config);
+    TestRelay::cluster_node(backend, config, |c| {
+        c.retention.max_messages = 10_000;
+        // A publish's answer may wait for a whole connect_timeout (below).
+        c.control.reply_timeout = Duration::from_secs(60);
+    })
+}
+
+/// A user name starting with `prefix` whose keys (`pabal:{u:<name>}:*`) live on shard
+/// `shard`.
+fn user_on(cluster: &RedisCluster, prefix: &str, shard: usize) -> String {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|u| cluster.owner_of(cluster.slot(&format!("pabal:{{u:{u}}}:r"))) == shard)
+        .unwrap()
+}
+
+/// The clients shard `n` has, other than the `redis-cli` asking (`CLIENT LIST`).
+fn clients_of(cluster: &RedisCluster, n: usize) -> usize {
+    cluster.nodes[n]
+        .cli(&["CLIENT", "LIST"])
+        .lines()
+        .filter(|l| l.starts_with("id=") && !l.contains("cmd=client|list"))
+        .count()
 }
 
 /// The meta key of `room`, which every key of the room shares the slot of.
@@ -61,6 +101,10 @@ fn keys_only_on(cluster: &RedisCluster, slot: u16, shard: usize) {
         }
     }
 }
+
+/// Long enough that only an engine thread waiting on the blackholed shard's connect delays
+/// another shard's publish by it (the client gives up after `WAIT`, 20 s).
+const SILENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 per_backend! {
     fn rooms_on_every_shard_keep_one_order_on_every_node(backend) {
@@ -136,6 +180,146 @@ per_backend! {
         }
         let got = reader.read_through(alias, 30);
         assert_eq!(got[&30], Bytes::from_static(b"alice-29"));
+        keys_only_on(&cluster, slot, to);
+    }
+
+    fn a_node_connects_only_to_the_shards_its_rooms_and_users_live_on(backend) {
+        let Some(cluster) = RedisCluster::start("lazy", 3) else { return };
+        // Not the seed's shard: the seed is asked for the slot map (on a connection of
+        // its own, closed once answered).
+        let (room, _, shard) = one_room_per_shard(&cluster, "lazy").swap_remove(1);
+        assert_ne!(shard, 0);
+        let (reader_name, writer) = (user_on(&cluster, "r", shard), user_on(&cluster, "w", shard));
+        let a = node(backend, &cluster, "la");
+        let mut reader = Client::connect(a.addr, &reader_name);
+        let alias = reader.join(&room);
+        let seqs = Client::publish_all(a.addr, &room, &writer, 10);
+        assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+        reader.read_through(alias, 10);
+        assert!(clients_of(&cluster, shard) >= 2, "the node's commands and pub/sub on its shard");
+        // Every engine thread used to connect to every shard up front.
+        let deadline = Instant::now() + WAIT;
+        for other in (0..3).filter(|&n| n != shard) {
+            while clients_of(&cluster, other) > 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "shard {other} holds the node's connections: {}",
+                    cluster.nodes[other].cli(&["CLIENT", "LIST"])
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        assert!(clients_of(&cluster, shard) >= 2, "still connected");
+    }
+
+    fn a_shard_whose_address_drops_syns_holds_up_no_other_shards_publishes(backend) {
+        let Some(cluster) = RedisCluster::start("blackhole", 3) else { return };
+        let rooms = one_room_per_shard(&cluster, "syn");
+        let on = |s: usize| rooms.iter().find(|r| r.2 == s).unwrap().0.clone();
+        let (live_room, dead_room) = (on(1), on(2));
+        let user = user_on(&cluster, "alice", 1);
+        // Shard 2 announces an address whose SYNs are dropped: the slot map names it, and
+        // a connect to it neither succeeds nor is refused before SILENT_TIMEOUT.
+        let hole = Blackhole::start();
+        let port = hole.port.to_string();
+        cluster.nodes[2].cli(&["CONFIG", "SET", "cluster-announce-port", &port]);
+        let deadline = Instant::now() + WAIT;
+        while !cluster.nodes[0].cli(&["CLUSTER", "SLOTS"]).lines().any(|l| l.trim() == port) {
+            assert!(Instant::now() < deadline, "the seed never named the new port");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let a = node_with(backend, &cluster, "bh", |c| c.connect_timeout = SILENT_TIMEOUT);
+        let mut p = Client::connect(a.addr, &user);
+        let live = p.join(&live_room);
+        assert_eq!(p.publish_acked(live, &b"before"[..]), 1);
+        // A publish to the blackholed shard's room makes the engine dial it. (Read with
+        // a timeout past SILENT_TIMEOUT: the testkit's HTTP client gives up after WAIT.)
+        let control = a.handle().control_addr().unwrap();
+        let path = format!("/v1/rooms/{dead_room}/messages");
+        let stuck = std::thread::spawn(move || {
+            let body = r#"{"sender":"server","text":"into the void"}"#;
+            let mut stream = std::net::TcpStream::connect(control).unwrap();
+            stream.set_read_timeout(Some(SILENT_TIMEOUT * 2)).unwrap();
+            stream.write_all(&request("POST", &path, None, body)).unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).unwrap();
+            answer
+        });
+        // The engine dials it: the node is not ready while a shard it uses is down.
+        let stats = a.cluster().unwrap().clone();
+        let deadline = Instant::now() + WAIT;
+        while stats.healthy() {
+            assert!(Instant::now() < deadline, "the blackholed shard was never dialed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Meanwhile the other shard's publishes are answered (they waited the whole
+        // connect while the engine thread connected blocking).
+        let started = Instant::now();
+        for i in 0..10u64 {
+            assert_eq!(p.publish_acked(live, format!("during-{i}").into_bytes()), i + 2);
+        }
+        assert!(started.elapsed() < SILENT_TIMEOUT, "publishes waited for the blackholed shard");
+        // The blackholed shard's publish is refused, typed and retryable, once its connect
+        // is given up: not hung.
+        let answer = stuck.join().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("unavailable"), "{answer}");
+        // And the live shard still answers.
+        assert_eq!(p.publish_acked(live, &b"after"[..]), 12);
+    }
+
+    fn a_publish_meeting_tryagain_mid_migration_is_acknowledged_in_order(backend) {
+        let Some(cluster) = RedisCluster::start("tryagain", 3) else { return };
+        let (a, b) = (node(backend, &cluster, "ta"), node(backend, &cluster, "tb"));
+        let (room, slot, from) = one_room_per_shard(&cluster, "tryagain").swap_remove(0);
+        let to = (from + 1) % cluster.nodes.len();
+        let mut reader = Client::connect(b.addr, "reader");
+        let alias = reader.join(&room);
+        // No device, no publish ids: the room's window key never exists, so once the
+        // room's keys moved mid-migration the script (declaring all three) meets a key
+        // missing on the importing shard: TRYAGAIN until the slot is handed over.
+        let mut p = Client::connect(a.addr, "alice");
+        let pa = p.join(&room);
+        for i in 1..=10u64 {
+            assert_eq!(p.publish_acked(pa, format!("m-{i}").into_bytes()), i);
+        }
+        let tryagains = || -> u64 {
+            cluster.nodes[to]
+                .cli(&["INFO", "errorstats"])
+                .lines()
+                .find_map(|l| l.strip_prefix("errorstat_TRYAGAIN:count="))
+                .and_then(|c| c.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        cluster.begin_migration(slot, from, to);
+        // Ten publishes at once: the first meets TRYAGAIN, the rest must not overtake it.
+        let ids: Vec<u64> = (11..=20u64)
+            .map(|i| p.publish(pa, format!("m-{i}").into_bytes()))
+            .collect();
+        let deadline = Instant::now() + WAIT;
+        while tryagains() == 0 {
+            assert!(Instant::now() < deadline, "no publish met TRYAGAIN");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        cluster.finish_migration(slot, to);
+        // Acknowledged without the phone's retry, in the order sent.
+        let seqs: Vec<u64> = ids
+            .iter()
+            .map(|&id| {
+                match p.wait_for(|e| {
+                    matches!(e, Event::PubAck { msg_id, .. } if *msg_id == id)
+                        || matches!(e, Event::Error(err) if err.reference == id)
+                }) {
+                    Event::PubAck { seq, .. } => seq,
+                    other => panic!("publish {id} refused: {other:?}"),
+                }
+            })
+            .collect();
+        assert_eq!(seqs, (11..=20).collect::<Vec<_>>());
+        let got = reader.read_through(alias, 20);
+        for (seq, payload) in got {
+            assert_eq!(payload, Bytes::from(format!("m-{seq}")), "the order sent");
+        }
         keys_only_on(&cluster, slot, to);
     }
 }

@@ -26,9 +26,9 @@ pub enum Topology {
     /// One Redis (primary): `cluster.redis` holds exactly its address.
     Single,
     /// A Redis Cluster: `cluster.redis` holds seed addresses; the engine reads the slot map
-    /// (`CLUSTER SLOTS`) from the first that answers, connects to every shard's master,
-    /// runs each room's script on the shard of its hash slot, subscribes with sharded
-    /// pub/sub (`SSUBSCRIBE`) and follows `MOVED` and `ASK`.
+    /// (`CLUSTER SLOTS`) from the first that answers, connects to a shard's master on
+    /// its first command, runs each room's script on the shard of its hash slot,
+    /// subscribes with sharded pub/sub (`SSUBSCRIBE`) and follows `MOVED` and `ASK`.
     Cluster,
     /// One Redis master behind Sentinel: `cluster.redis` holds the sentinels,
     /// `sentinel://host:port/<master-name>` (one master name); the engine asks them where
@@ -54,9 +54,11 @@ pub struct ClusterConfig {
     /// node recognises its own messages coming back over pub/sub. Letters, digits, `.`,
     /// `_`, `-`; 1 to 64 characters. Default: `node-<pid>-<random>` (unique per start).
     pub node_id: Option<String>,
-    /// How long connecting to the engine may take, and how long one seed or sentinel may
-    /// take to answer a topology read (the engine thread goes on meanwhile, and asks the
-    /// next one after it). Default 1 s.
+    /// How long connecting to one Redis may take (name resolution and TCP connect, a
+    /// deadline on the engine thread's loop: other shards go on meanwhile, the shard's
+    /// commands wait and are refused `unavailable` if it is not up by then), and how long
+    /// one seed or sentinel may take to answer a topology read (the next is asked after
+    /// it). Default 1 s.
     #[serde(with = "humantime_secs")]
     pub connect_timeout: Duration,
     /// A lost engine connection is retried after 50 ms, doubling up to this. Default 2 s.

@@ -4,8 +4,9 @@
 //!
 //! With `cluster.topology = "single"` that is one Redis; with `"sentinel"` it is the one
 //! master the sentinels name (asked again whenever its connection is lost or it answers
-//! `READONLY`: a failover moves it). With `"cluster"` it is every
-//! shard's master of a Redis Cluster: the slot map comes from the seeds (`CLUSTER SLOTS`,
+//! `READONLY`: a failover moves it). With `"cluster"` it is the shard masters of a Redis
+//! Cluster that its commands need, each dialed on its first need (its commands wait on the
+//! connection meanwhile): the slot map comes from the seeds (`CLUSTER SLOTS`,
 //! [`super::slots`]); each room's commands go to the shard of its hash slot, its channel
 //! is subscribed there with sharded pub/sub (`SSUBSCRIBE`; the script `SPUBLISH`es); a
 //! `MOVED` corrects the map (and has it read again) and sends the command where Redis
@@ -14,9 +15,11 @@
 //! `unavailable`, it is reconnected with backoff, its channels resubscribed and the owners
 //! told to read the stream), and the map is read again in case its slots moved.
 //!
-//! What the connections answer is read in [`replies`]; membership's commands and users'
-//! notice channels are in [`members`]; presence entries, lookups and the retries of
-//! membership steps answered `TRYAGAIN` in `presence`.
+//! Shards are dialed on their first need in `connections`, without blocking in [`dial`];
+//! what they answer is read in [`replies`]; publishes answered `TRYAGAIN` wait for their
+//! retry in `tryagain`, their room's later ones behind them; membership's commands and
+//! users' notice channels are in [`members`]; presence entries, lookups and the retries
+//! of membership steps answered `TRYAGAIN` in `presence`.
 //!
 //! Owns: the slot map, the shards' connections, what is in flight on them, the subscribed
 //! channels and reconnection with backoff. Must not touch: rooms or connections (it only
@@ -36,18 +39,21 @@ use mio::{Events, Poll, Token, Waker};
 
 use super::resp::{self, Value, decimal};
 use super::script::{self, OPEN, PUBLISH};
-use super::shard::{BACKOFF_MIN, Conn, Pending, Retry, Shard};
+use super::shard::{Conn, Pending, Retry, Shard};
 use super::slots::SlotMap;
 use super::{
     ClusterConfig, ClusterStats, EngineCmd, EngineEvent, PublishRequest, RedisAddr, Topology,
 };
 use crate::ids::RoomName;
 
+mod connections;
+pub(super) mod dial;
 pub(super) mod members;
 mod presence;
 pub(super) mod receipts;
 mod replies;
 mod topology;
+mod tryagain;
 
 use replies::Redirect;
 
@@ -88,15 +94,19 @@ impl EngineHandle {
             _ => None,
         };
         // One Redis serves every slot; a cluster's map is read by the engine thread.
+        // The one Redis is dialed up front (it serves everything); a cluster's shards
+        // each on their first command.
         let (map, shards) = match config.topology {
-            Topology::Single => (
-                Some(SlotMap::single(seeds[0].clone())),
-                vec![Shard::new(seeds[0].clone())],
-            ),
+            Topology::Single => {
+                let mut shard = Shard::new(seeds[0].clone());
+                shard.wanted = true;
+                (Some(SlotMap::single(seeds[0].clone())), vec![shard])
+            }
             Topology::Cluster | Topology::Sentinel => (None, Vec::new()),
         };
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        let resolver = dial::Resolver::new(waker.clone());
         let (tx, cmds) = crossbeam_channel::unbounded();
         let (events_tx, events) = crossbeam_channel::bounded(EVENT_QUEUE);
         let stop = Arc::new(AtomicBool::new(false));
@@ -118,6 +128,9 @@ impl EngineHandle {
             map,
             shards,
             map_retry: Retry::now(),
+            resolver,
+            dialed: false,
+            held: tryagain::HeldPublishes::default(),
             discovery: None,
             channels: HashMap::new(),
             users: HashMap::new(),
@@ -243,6 +256,13 @@ struct Engine {
     /// The slot map must be read again (a `MOVED`, a lost shard); not before `map_retry`.
     refresh_due: bool,
     map_retry: Retry,
+    /// Resolves host names off the engine thread (`engine/dial.rs`).
+    resolver: dial::Resolver,
+    /// A connection started dialing: what waits for one is queued on it at the loop's
+    /// next turn ([`Engine::after_dials`]).
+    dialed: bool,
+    /// Publishes held behind one of their room's answered `TRYAGAIN` (`tryagain.rs`).
+    held: tryagain::HeldPublishes,
     /// The slot map or master being read (`engine/topology.rs`), on the engine's poll.
     discovery: Option<topology::Discovery>,
     channels: HashMap<Bytes, Channel>,
@@ -323,21 +343,17 @@ impl Engine {
                 self.start_discovery();
             }
             self.advance_discovery(now);
-            for i in 0..self.shards.len() {
-                if self.shards[i].cmd.is_none() && now >= self.shards[i].cmd_retry.at {
-                    self.connect(i, false);
-                }
-                if self.shards[i].sub.is_none() && now >= self.shards[i].sub_retry.at {
-                    self.connect(i, true);
-                }
-            }
-            self.note_health();
             while let Ok((queued, cmd)) = self.cmds.try_recv() {
                 let waited = now.saturating_duration_since(queued).as_micros() as u64;
                 self.stats.to_engine_us.record(waited, 1);
                 self.on_cmd(cmd);
             }
             let presence_at = self.presence_timers(now);
+            let held_at = self.held_timers(now);
+            // After the commands: a shard one of them needed starts connecting before the
+            // poll waits.
+            self.advance_connections(now);
+            self.note_health();
             self.flush_writes();
             self.deliver_events();
             let retry = self
@@ -345,13 +361,16 @@ impl Engine {
                 .iter()
                 .flat_map(|s| {
                     [
-                        s.cmd.is_none().then_some(s.cmd_retry.at),
-                        s.sub.is_none().then_some(s.sub_retry.at),
+                        (s.wanted && s.cmd.is_none()).then_some(s.cmd_retry.at),
+                        (s.wanted && s.sub.is_none()).then_some(s.sub_retry.at),
+                        s.cmd.as_ref().and_then(Conn::deadline),
+                        s.sub.as_ref().and_then(Conn::deadline),
                     ]
                 })
                 .chain([
                     (self.refresh_due && self.discovery.is_none()).then_some(self.map_retry.at),
                     Some(presence_at),
+                    held_at,
                     self.discovery
                         .as_ref()
                         .and_then(topology::Discovery::deadline),
@@ -401,18 +420,17 @@ impl Engine {
         self.stats.engines.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Up: the slot map (or master) is known and every shard in use has both connections
+    /// up (one dialing counts as down; a shard no command needed yet is not waited for).
     fn note_health(&mut self) {
-        let up = !self.shards.is_empty() && self.shards.iter().all(Shard::up);
+        let up = self.map.is_some()
+            && !self.shards.is_empty()
+            && self.shards.iter().filter(|s| s.wanted).all(Shard::up);
         if up != self.up {
             self.up = up;
             let d = if up { 1 } else { -1 };
             self.stats.engines_up.fetch_add(d, Ordering::Relaxed);
         }
-    }
-
-    /// The shard serving `key`, if the slot map is known.
-    fn route(&self, key: &[u8]) -> Option<usize> {
-        self.map.as_ref().map(|m| m.shard_of_key(key))
     }
 
     /// `(subscribe, unsubscribe)`: sharded pub/sub on a Redis Cluster (a channel lives on
@@ -468,11 +486,17 @@ impl Engine {
         self.map = Some(map);
         for mut gone in old.into_iter().flatten() {
             for conn in [gone.cmd.as_mut(), gone.sub.as_mut()].into_iter().flatten() {
-                let _ = self.poll.registry().deregister(&mut conn.stream);
+                conn.deregister(self.poll.registry());
             }
             let inflight = std::mem::take(&mut gone.inflight);
             self.fail_held(std::mem::take(&mut gone.held));
             self.fail_inflight(inflight);
+        }
+        // Behind Sentinel the one master serves everything: dialed up front.
+        if self.topology != Topology::Cluster {
+            for i in 0..self.shards.len() {
+                self.need(i);
+            }
         }
         self.route_channels();
         self.note_health();
@@ -482,6 +506,22 @@ impl Engine {
     /// subscribes those not subscribed where their shard's pub/sub connection is up.
     fn route_channels(&mut self) {
         let (subscribe, unsubscribe) = self.sub_verbs();
+        // The shards the channels (rooms' and users') live on are needed.
+        let needed: Vec<usize> = match self.map.as_ref() {
+            Some(map) => {
+                let mut needed: Vec<usize> = (self.channels.keys())
+                    .chain(self.users.keys())
+                    .map(|ch| map.shard_of_key(ch))
+                    .collect();
+                needed.sort_unstable();
+                needed.dedup();
+                needed
+            }
+            None => return,
+        };
+        for i in needed {
+            self.need(i);
+        }
         let Some(map) = self.map.as_ref() else {
             return;
         };
@@ -522,63 +562,6 @@ impl Engine {
         self.shards.len() - 1
     }
 
-    /// Connects shard `i`'s command (`pubsub` false) or pub/sub connection; what waited
-    /// for it is sent.
-    fn connect(&mut self, i: usize, pubsub: bool) {
-        let addr = self.shards[i].addr.clone();
-        let (cmd_token, sub_token) = Shard::tokens(i);
-        let token = if pubsub { sub_token } else { cmd_token };
-        let what = if pubsub { "pub/sub" } else { "command" };
-        let conn = Conn::open(
-            &addr,
-            self.config.connect_timeout,
-            self.poll.registry(),
-            token,
-        );
-        let shard = &mut self.shards[i];
-        let (slot, retry) = if pubsub {
-            (&mut shard.sub, &mut shard.sub_retry)
-        } else {
-            (&mut shard.cmd, &mut shard.cmd_retry)
-        };
-        match conn {
-            Ok(conn) => {
-                *slot = Some(conn);
-                retry.delay = BACKOFF_MIN;
-                tracing::info!(worker = self.worker, node = %self.node_id, addr = %addr, "engine {what} connection up");
-            }
-            Err(e) => {
-                let before = *retry;
-                let after = self.backoff(before, &addr, &e, what);
-                let shard = &mut self.shards[i];
-                *(if pubsub {
-                    &mut shard.sub_retry
-                } else {
-                    &mut shard.cmd_retry
-                }) = after;
-                return self.lost_shard();
-            }
-        }
-        if pubsub {
-            return self.route_channels();
-        }
-        let ready: Vec<Bytes> = self
-            .channels
-            .iter()
-            .filter(|(_, c)| {
-                c.shard == Some(i) && c.state == SubState::Subscribed && !c.opens.is_empty()
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for ch in ready {
-            self.send_opens(&ch);
-        }
-        for (room, after, reader) in std::mem::take(&mut self.fills_waiting) {
-            self.send_fill(room, after, reader, None, 0);
-        }
-        self.send_receipts_waiting();
-    }
-
     /// A shard's connection failed: on a Redis Cluster its slots may have moved to a
     /// promoted replica, behind Sentinel the master may have, so the map is read again
     /// (from any node, or sentinel, that answers).
@@ -606,6 +589,7 @@ impl Engine {
         match p {
             Pending::Publish(req, _) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                self.publish_answered(&req.room, req.ticket);
                 self.out
                     .push(EngineEvent::PublishFailed { ticket: req.ticket });
             }
@@ -631,7 +615,7 @@ impl Engine {
             return;
         };
         if let Some(mut conn) = shard.cmd.take() {
-            let _ = self.poll.registry().deregister(&mut conn.stream);
+            conn.deregister(self.poll.registry());
         }
         let inflight = std::mem::take(&mut shard.inflight);
         let held = std::mem::take(&mut shard.held);
@@ -649,7 +633,7 @@ impl Engine {
             return;
         };
         if let Some(mut conn) = shard.sub.take() {
-            let _ = self.poll.registry().deregister(&mut conn.stream);
+            conn.deregister(self.poll.registry());
         }
         let addr = shard.addr.clone();
         self.shards[i].sub_retry = self.backoff(self.shards[i].sub_retry, &addr, e, "pub/sub");
@@ -668,6 +652,10 @@ impl Engine {
 
     fn on_cmd(&mut self, cmd: EngineCmd) {
         match cmd {
+            // Behind a publish of its room waiting for a retry (TRYAGAIN): after it.
+            EngineCmd::Publish(req) if self.held.behind(&req.room, req.ticket) => {
+                self.hold_behind(req)
+            }
             EngineCmd::Publish(req) => self.send_publish(req, false, None, 0),
             EngineCmd::Open {
                 room,
@@ -739,9 +727,11 @@ impl Engine {
 
     /// Runs the publish script on the room's shard (`target`: a shard named by an `ASK`).
     fn send_publish(&mut self, req: PublishRequest, eval: bool, target: Option<usize>, hops: u8) {
+        let mut meta = std::mem::take(&mut self.keys[0]);
+        script::key(&mut meta, &req.room, "m");
+        let shard = target.or_else(|| self.route(&meta));
+        self.keys[0] = meta;
         let [meta, stream, ids, channel, tag, repeat] = &mut self.keys;
-        script::key(meta, &req.room, "m");
-        let shard = target.or_else(|| self.map.as_ref().map(|m| m.shard_of_key(meta)));
         let Some(shard) = shard.and_then(|i| self.shards.get_mut(i)) else {
             return self.give_up(Pending::Publish(req, self.woke));
         };
@@ -791,9 +781,11 @@ impl Engine {
         target: Option<usize>,
         hops: u8,
     ) {
+        let mut meta = std::mem::take(&mut self.keys[0]);
+        script::key(&mut meta, &room, "m");
+        let shard = target.or_else(|| self.route(&meta));
+        self.keys[0] = meta;
         let [meta, stream, ..] = &mut self.keys;
-        script::key(meta, &room, "m");
-        let shard = target.or_else(|| self.map.as_ref().map(|m| m.shard_of_key(meta)));
         let Some(shard) = shard.and_then(|i| self.shards.get_mut(i)) else {
             return self.give_up(Pending::Open { room, hint, tail });
         };
@@ -847,9 +839,11 @@ impl Engine {
         target: Option<usize>,
         hops: u8,
     ) {
+        let mut stream_key = std::mem::take(&mut self.keys[1]);
+        script::key(&mut stream_key, &room, "s");
+        let shard = target.or_else(|| self.route(&stream_key));
+        self.keys[1] = stream_key;
         let [_, stream, start, ..] = &mut self.keys;
-        script::key(stream, &room, "s");
-        let shard = target.or_else(|| self.map.as_ref().map(|m| m.shard_of_key(stream)));
         let Some(conn) = shard
             .and_then(|i| self.shards.get_mut(i))
             .and_then(|s| s.cmd.as_mut())
@@ -921,6 +915,7 @@ impl Engine {
                 }
                 Redirect::Ask { addr } => {
                     let i = self.shard_at(&addr);
+                    self.need(i);
                     match self.shards[i].cmd.as_mut() {
                         Some(conn) => {
                             resp::encode(&mut conn.wbuf, [&b"ASKING"[..]].into_iter());

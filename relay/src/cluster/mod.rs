@@ -16,8 +16,8 @@
 //!
 //! # Engine I/O: a dedicated thread per worker
 //! Each worker has an engine thread ([`engine`]) with two pipelined connections
-//! (commands; pub/sub) to each Redis it uses (the one Redis, or every shard master of a
-//! Redis Cluster, routed by hash slot: [`slots`]) driven by mio, and a RESP2 codec of our own ([`resp`]: encode into a
+//! (commands; pub/sub) to each Redis it uses (the one Redis, or the shard masters of a
+//! Redis Cluster its commands need, routed by hash slot: [`slots`]) driven by mio, and a RESP2 codec of our own ([`resp`]: encode into a
 //! reused buffer, decode bounded). The worker hands it commands through a channel once per
 //! loop tick and wakes it; replies come back through a channel and the worker's eventfd,
 //! like mesh messages. We chose the thread over driving Redis from the worker's own backend
@@ -374,6 +374,13 @@ pub enum EngineEvent {
         seq: u64,
         /// Its most recent messages, ascending (what retention left of the asked tail).
         tail: Vec<EngineMessage>,
+    },
+    /// The room's open cannot be answered: its shard could not be connected to (the dial
+    /// failed or timed out). What waits for the room is refused `unavailable`; the next
+    /// request opens it again.
+    OpenFailed {
+        /// The room.
+        room: RoomName,
     },
     /// Messages of the stream after `after`, ascending (a page of at most
     /// `cluster.fill_batch`).

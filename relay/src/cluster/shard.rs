@@ -7,65 +7,117 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
+use super::engine::dial::{Dial, Dialed, Resolver};
 use super::{PublishRequest, RedisAddr};
 use crate::ids::RoomName;
 
 /// The first reconnect delay (doubling up to `cluster.reconnect_max`).
 pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Commands that wait on a command connection while it dials; past it the shard's
+/// commands are refused `unavailable` (retryable) until it is connected.
+pub(super) const DIAL_QUEUE_MAX: usize = 4096;
 /// Answered publishes whose channel copy is still expected, per shard; past it the oldest
 /// is forgotten (its copy, should it come, is handed over as any message is).
 const COPIES_DUE_MAX: usize = 4096;
 
-/// A connection to Redis with its buffers.
+/// A connection to Redis with its buffers. While it dials, commands are written into
+/// its buffer and wait there (see `Shard::queue_full`); they go when it is connected.
 pub(super) struct Conn {
-    pub(super) stream: TcpStream,
+    link: Link,
     pub(super) rbuf: BytesMut,
     pub(super) wbuf: BytesMut,
 }
 
+/// The socket of a [`Conn`].
+enum Link {
+    /// Resolving or connecting, by a deadline (`engine/dial.rs`).
+    Dialing(Dial),
+    Up(TcpStream),
+}
+
+/// What [`Conn::advance`] came to.
+pub(super) enum Progress {
+    /// Connected or still dialing: nothing to do.
+    Same,
+    /// Connected just now.
+    Connected,
+}
+
 impl Conn {
-    /// Connects (blocking, bounded by `timeout`) and registers the socket as `token`.
-    pub(super) fn open(
-        addr: &RedisAddr,
-        timeout: Duration,
-        registry: &Registry,
-        token: Token,
-    ) -> io::Result<Conn> {
-        let mut last = io::Error::other("the address resolves to nothing");
-        for a in (addr.host.as_str(), addr.port).to_socket_addrs()? {
-            match std::net::TcpStream::connect_timeout(&a, timeout) {
-                Ok(s) => {
-                    s.set_nodelay(true)?;
-                    s.set_nonblocking(true)?;
-                    let mut stream = TcpStream::from_std(s);
-                    registry.register(
-                        &mut stream,
-                        token,
-                        Interest::READABLE | Interest::WRITABLE,
-                    )?;
-                    return Ok(Conn {
-                        stream,
-                        rbuf: BytesMut::with_capacity(64 * 1024),
-                        wbuf: BytesMut::with_capacity(64 * 1024),
-                    });
-                }
-                Err(e) => last = e,
-            }
+    /// Starts dialing `addr` at `now` (the socket is registered as `token`);
+    /// [`Conn::advance`] moves it on.
+    pub(super) fn dial(addr: &RedisAddr, token: Token, now: Instant, timeout: Duration) -> Conn {
+        Conn {
+            link: Link::Dialing(Dial::new(addr.clone(), token, now, timeout)),
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            wbuf: BytesMut::with_capacity(64 * 1024),
         }
-        Err(last)
     }
 
-    /// Writes what is buffered until the socket would block.
+    /// Whether it is connected (not dialing).
+    pub(super) fn is_up(&self) -> bool {
+        matches!(self.link, Link::Up(_))
+    }
+
+    /// When a dial in progress gives up.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        match &self.link {
+            Link::Dialing(d) => Some(d.deadline()),
+            Link::Up(_) => None,
+        }
+    }
+
+    /// Moves a dial on at `now`: an error when it failed (the connection is then gone).
+    pub(super) fn advance(
+        &mut self,
+        registry: &Registry,
+        resolver: &mut Resolver,
+        now: Instant,
+    ) -> io::Result<Progress> {
+        let Link::Dialing(dial) = &mut self.link else {
+            return Ok(Progress::Same);
+        };
+        match dial.advance(registry, resolver, now) {
+            Dialed::Waiting => Ok(Progress::Same),
+            Dialed::Connected(stream) => {
+                self.link = Link::Up(stream);
+                Ok(Progress::Connected)
+            }
+            Dialed::Failed(e) => Err(e),
+        }
+    }
+
+    /// Registers the socket under `token` from now on.
+    pub(super) fn reregister(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        match &mut self.link {
+            Link::Dialing(d) => d.reregister(registry, token),
+            Link::Up(s) => registry.reregister(s, token, Interest::READABLE | Interest::WRITABLE),
+        }
+    }
+
+    /// Takes the socket off the poll (the connection is dropped after).
+    pub(super) fn deregister(&mut self, registry: &Registry) {
+        match &mut self.link {
+            Link::Dialing(d) => d.close(registry),
+            Link::Up(s) => {
+                let _ = registry.deregister(s);
+            }
+        }
+    }
+
+    /// Writes what is buffered until the socket would block (nothing while dialing).
     pub(super) fn flush(&mut self) -> io::Result<()> {
+        let Link::Up(stream) = &mut self.link else {
+            return Ok(());
+        };
         while !self.wbuf.is_empty() {
-            match self.stream.write(&self.wbuf) {
+            match stream.write(&self.wbuf) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     let _ = self.wbuf.split_to(n);
@@ -78,16 +130,28 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads what the socket has into the read buffer: an error, or EOF as one.
+    /// Reads what the socket has into the read buffer: an error, or EOF as one (nothing
+    /// while dialing).
     pub(super) fn fill(&mut self) -> io::Result<()> {
+        self.fill_at_most(usize::MAX)
+    }
+
+    /// [`Conn::fill`], failing once the read buffer holds more than `max` bytes.
+    pub(super) fn fill_at_most(&mut self, max: usize) -> io::Result<()> {
+        let Link::Up(stream) = &mut self.link else {
+            return Ok(());
+        };
         let mut chunk = [0u8; 16 * 1024];
         loop {
-            match self.stream.read(&mut chunk) {
+            match stream.read(&mut chunk) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => self.rbuf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
+            }
+            if self.rbuf.len() > max {
+                return Err(io::Error::other("the answer is too long"));
             }
         }
     }
@@ -139,7 +203,12 @@ impl Retry {
 /// One Redis: its two connections and the commands in flight on the first.
 pub(super) struct Shard {
     pub(super) addr: RedisAddr,
+    /// A command for one of its slots came (or it is the only Redis): its connections are
+    /// dialed, and redialed when lost. A shard nobody needed has none.
+    pub(super) wanted: bool,
+    /// Commands; `Some` while dialing too (commands wait in its buffer).
     pub(super) cmd: Option<Conn>,
+    /// Pub/sub; `Some` while dialing too (subscriptions wait in its buffer).
     pub(super) sub: Option<Conn>,
     pub(super) cmd_retry: Retry,
     pub(super) sub_retry: Retry,
@@ -195,6 +264,7 @@ impl Shard {
     pub(super) fn new(addr: RedisAddr) -> Self {
         Shard {
             addr,
+            wanted: false,
             cmd: None,
             sub: None,
             cmd_retry: Retry::now(),
@@ -211,21 +281,26 @@ impl Shard {
         (Token(2 * i + 1), Token(2 * i + 2))
     }
 
-    /// Both connections are up.
+    /// Both connections are up (connected, not dialing).
     pub(super) fn up(&self) -> bool {
-        self.cmd.is_some() && self.sub.is_some()
+        self.cmd.as_ref().is_some_and(Conn::is_up) && self.sub.as_ref().is_some_and(Conn::is_up)
+    }
+
+    /// The command connection is dialing with [`DIAL_QUEUE_MAX`] commands waiting on it:
+    /// more are refused (`unavailable`) rather than queued.
+    pub(super) fn queue_full(&self) -> bool {
+        self.cmd.as_ref().is_some_and(|c| !c.is_up()) && self.inflight.len() >= DIAL_QUEUE_MAX
     }
 
     /// Registers the open connections under shard `i`'s tokens (after the shards were
     /// renumbered by a new slot map).
     pub(super) fn reregister(&mut self, registry: &Registry, i: usize) -> io::Result<()> {
         let (ct, st) = Self::tokens(i);
-        let both = Interest::READABLE | Interest::WRITABLE;
         if let Some(c) = self.cmd.as_mut() {
-            registry.reregister(&mut c.stream, ct, both)?;
+            c.reregister(registry, ct)?;
         }
         if let Some(c) = self.sub.as_mut() {
-            registry.reregister(&mut c.stream, st, both)?;
+            c.reregister(registry, st)?;
         }
         Ok(())
     }

@@ -260,6 +260,16 @@ impl Core {
                 seq,
                 tail,
             } => self.on_opened(room, epoch, seq, tail),
+            EngineEvent::OpenFailed { room } => {
+                // Still opening: forgotten (its channel closed, what waited refused), so
+                // the next request opens it again.
+                if self
+                    .sync_mut(&room)
+                    .is_some_and(|s| s.state == SyncState::Opening)
+                {
+                    self.cluster_forget(&room);
+                }
+            }
             EngineEvent::Filled { room, after, msgs } => self.on_filled(&room, after, msgs),
             EngineEvent::Read {
                 room,

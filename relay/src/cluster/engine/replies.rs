@@ -18,7 +18,7 @@ use super::super::resp::{self, Value};
 use super::super::script;
 use super::super::shard::Pending;
 use super::super::{EngineEvent, EngineMessage, RedisAddr};
-use super::{Channel, Engine, MAX_HOPS, SubState, channel_key};
+use super::{Channel, Engine, MAX_HOPS, SubState, channel_key, tryagain};
 
 /// A command answered `MOVED` or `ASK`: where to send it again.
 pub(super) enum Redirect {
@@ -113,6 +113,23 @@ impl Engine {
     }
 
     fn on_reply(&mut self, i: usize, pending: Pending, hops: u8, reply: Value) -> io::Result<()> {
+        let pending = match pending {
+            // Behind an earlier publish of its room waiting for a retry: it waits too, in
+            // order (`tryagain.rs`).
+            Pending::Publish(req, _)
+                if tryagain::not_run(&reply) && self.held.behind(&req.room, req.ticket) =>
+            {
+                self.hold_behind(req);
+                return Ok(());
+            }
+            Pending::Publish(req, _) if tryagain::is_tryagain(&reply) && self.may_retry(&req) => {
+                // The slot is mid-migration with the room's keys on both sides for a
+                // moment: sent again shortly, the migration having moved on.
+                self.retry_publish_later(req);
+                return Ok(());
+            }
+            other => other,
+        };
         if let Value::Error(e) = &reply
             && let Some(r) = redirect(e)
         {
@@ -149,6 +166,7 @@ impl Engine {
                             // The script published it: its copy on the channel is due.
                             shard.copies_due.answered(req.ticket);
                         }
+                        self.publish_answered(&req.room, req.ticket);
                         let ev = EngineEvent::Published {
                             ticket: req.ticket,
                             epoch: epoch as u64,
@@ -169,6 +187,7 @@ impl Engine {
                             self.lost_shard();
                         }
                         tracing::warn!(worker = self.worker, reply = ?reply, "engine refused a publish");
+                        self.publish_answered(&req.room, req.ticket);
                         self.out
                             .push(EngineEvent::PublishFailed { ticket: req.ticket });
                     }

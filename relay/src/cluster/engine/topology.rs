@@ -1,7 +1,8 @@
 //! Reading the engine's topology without blocking the engine thread: the slot map of a
 //! Redis Cluster (`CLUSTER SLOTS` from a seed or a known shard) or where Sentinel says
 //! the master is (`SENTINEL get-master-addr-by-name`), asked on a connection of its own
-//! registered on the engine thread's mio poll, one address after the other (each bounded
+//! registered on the engine thread's mio poll (dialed as a shard's are, `dial.rs`: names
+//! resolved off the thread), one address after the other (each bounded
 //! by `cluster.connect_timeout`, from the connect to the answer), with the engine's
 //! backoff when none answers. While a seed or sentinel is slow or silent, every shard
 //! already known keeps taking publishes and delivering pushes.
@@ -12,19 +13,17 @@
 //! live in [`super::super::slots`].
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::io;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use mio::net::TcpStream;
-use mio::{Interest, Registry, Token};
+use mio::{Registry, Token};
 
 use super::super::RedisAddr;
 use super::super::resp::{self, Value};
-use super::super::shard::{BACKOFF_MIN, Retry};
+use super::super::shard::{BACKOFF_MIN, Conn, Retry};
 use super::super::slots::{self, SlotMap};
 use super::Engine;
+use super::dial::Resolver;
 
 /// The discovery connection's token (shards use `1..`, the waker `0`).
 pub(super) const DISCOVERY: Token = Token(usize::MAX - 1);
@@ -67,14 +66,11 @@ impl Question {
     }
 }
 
-/// One address being asked.
+/// One address being asked: its connection (dialed without blocking, the request in
+/// its buffer until it is up) and when it is given up.
 struct Attempt {
     addr: RedisAddr,
-    stream: TcpStream,
-    /// The request, until written.
-    wbuf: BytesMut,
-    rbuf: BytesMut,
-    /// When this address is given up.
+    conn: Conn,
     deadline: Instant,
 }
 
@@ -84,9 +80,6 @@ pub(super) struct Discovery {
     question: Question,
     /// Addresses not asked yet.
     addrs: VecDeque<RedisAddr>,
-    /// Resolved socket addresses of the address being tried, not tried yet.
-    ips: VecDeque<SocketAddr>,
-    ips_of: Option<RedisAddr>,
     attempt: Option<Attempt>,
     timeout: Duration,
     last_error: Option<io::Error>,
@@ -98,8 +91,6 @@ impl Discovery {
         Discovery {
             question,
             addrs: addrs.into(),
-            ips: VecDeque::new(),
-            ips_of: None,
             attempt: None,
             timeout,
             last_error: None,
@@ -111,40 +102,50 @@ impl Discovery {
         self.attempt.as_ref().map(|a| a.deadline)
     }
 
-    /// Moves on as far as the sockets allow at `now`: the map, the last error once every
-    /// address failed, or `None` while an answer is awaited.
+    /// Moves on as far as the resolver and the sockets allow at `now`: the map, the last
+    /// error once every address failed, or `None` while an answer is awaited.
     pub(super) fn advance(
         &mut self,
         registry: &Registry,
+        resolver: &mut Resolver,
         now: Instant,
     ) -> Option<Result<SlotMap, io::Error>> {
         loop {
             if self.attempt.is_none() {
-                match self.connect_next(registry, now) {
-                    Some(Ok(())) => {}
-                    Some(Err(e)) => {
-                        self.note_error(e);
-                        continue;
+                let Some(addr) = self.addrs.pop_front() else {
+                    let e = self
+                        .last_error
+                        .take()
+                        .unwrap_or_else(|| io::Error::other("no address to ask"));
+                    return Some(Err(e));
+                };
+                let mut conn = Conn::dial(&addr, DISCOVERY, now, self.timeout);
+                let name;
+                let args: &[&[u8]] = match &self.question {
+                    Question::ClusterSlots => &[b"CLUSTER", b"SLOTS"],
+                    Question::Master(n) => {
+                        name = n.as_bytes();
+                        &[b"SENTINEL", b"get-master-addr-by-name", name]
                     }
-                    None => {
-                        let e = self
-                            .last_error
-                            .take()
-                            .unwrap_or_else(|| io::Error::other("no address to ask"));
-                        return Some(Err(e));
-                    }
-                }
+                };
+                resp::encode(&mut conn.wbuf, args.iter().copied());
+                self.attempt = Some(Attempt {
+                    addr,
+                    conn,
+                    deadline: now + self.timeout,
+                });
             }
             let attempt = self.attempt.as_mut()?;
-            match self.question.step(attempt, now) {
+            match self.question.step(attempt, registry, resolver, now) {
                 Ok(None) => return None,
                 Ok(Some(map)) => {
-                    self.drop_attempt(registry);
+                    self.close(registry);
                     return Some(Ok(map));
                 }
                 Err(e) => {
-                    self.drop_attempt(registry);
-                    self.note_error(e);
+                    let addr = &attempt.addr;
+                    self.last_error = Some(io::Error::new(e.kind(), format!("{addr}: {e}")));
+                    self.close(registry);
                 }
             }
         }
@@ -152,120 +153,35 @@ impl Discovery {
 
     /// Gives up the connection (the engine stops, or the read is no longer wanted).
     pub(super) fn close(&mut self, registry: &Registry) {
-        self.drop_attempt(registry);
-    }
-
-    fn note_error(&mut self, e: io::Error) {
-        let at = self
-            .attempt
-            .as_ref()
-            .map(|a| &a.addr)
-            .or(self.ips_of.as_ref());
-        self.last_error = Some(match at {
-            Some(addr) => io::Error::new(e.kind(), format!("{addr}: {e}")),
-            None => e,
-        });
-    }
-
-    fn drop_attempt(&mut self, registry: &Registry) {
         if let Some(mut a) = self.attempt.take() {
-            let _ = registry.deregister(&mut a.stream);
+            a.conn.deregister(registry);
         }
-    }
-
-    /// Starts connecting to the next socket address: `None` when none is left.
-    fn connect_next(&mut self, registry: &Registry, now: Instant) -> Option<io::Result<()>> {
-        while self.ips.is_empty() {
-            let addr = self.addrs.pop_front()?;
-            // Resolving a name may block; the seeds are usually addresses (a name is
-            // resolved once per address per read).
-            match (addr.host.as_str(), addr.port).to_socket_addrs() {
-                Ok(ips) => self.ips.extend(ips),
-                Err(e) => {
-                    self.ips_of = Some(addr);
-                    return Some(Err(e));
-                }
-            }
-            self.ips_of = Some(addr);
-        }
-        let ip = self.ips.pop_front()?;
-        let addr = self.ips_of.clone()?;
-        let connected = TcpStream::connect(ip).and_then(|mut stream| {
-            registry.register(
-                &mut stream,
-                DISCOVERY,
-                Interest::READABLE | Interest::WRITABLE,
-            )?;
-            Ok(stream)
-        });
-        Some(connected.map(|stream| {
-            let mut wbuf = BytesMut::new();
-            let name;
-            let args: &[&[u8]] = match &self.question {
-                Question::ClusterSlots => &[b"CLUSTER", b"SLOTS"],
-                Question::Master(n) => {
-                    name = n.as_bytes();
-                    &[b"SENTINEL", b"get-master-addr-by-name", name]
-                }
-            };
-            resp::encode(&mut wbuf, args.iter().copied());
-            self.attempt = Some(Attempt {
-                addr,
-                stream,
-                wbuf,
-                rbuf: BytesMut::new(),
-                deadline: now + self.timeout,
-            });
-        }))
     }
 }
 
 impl Question {
     /// One attempt's progress: its map once answered, `None` while waiting, an error when
     /// it failed or its time is up.
-    fn step(&self, a: &mut Attempt, now: Instant) -> io::Result<Option<SlotMap>> {
+    fn step(
+        &self,
+        a: &mut Attempt,
+        registry: &Registry,
+        resolver: &mut Resolver,
+        now: Instant,
+    ) -> io::Result<Option<SlotMap>> {
         if now >= a.deadline {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "no answer within cluster.connect_timeout",
             ));
         }
-        if let Some(e) = a.stream.take_error()? {
-            return Err(e);
+        a.conn.advance(registry, resolver, now)?;
+        if !a.conn.is_up() {
+            return Ok(None);
         }
-        if !a.wbuf.is_empty() {
-            // Still connecting: the socket has no peer yet (mio's documented way to tell).
-            match a.stream.peer_addr() {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(None),
-                Err(e) => return Err(e),
-            }
-            while !a.wbuf.is_empty() {
-                match a.stream.write(&a.wbuf) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) => {
-                        let _ = a.wbuf.split_to(n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            match a.stream.read(&mut chunk) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => a.rbuf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-            if a.rbuf.len() > ANSWER_MAX {
-                return Err(io::Error::other("the answer is too long"));
-            }
-        }
-        match resp::decode(&mut a.rbuf).map_err(io::Error::other)? {
+        a.conn.flush()?;
+        a.conn.fill_at_most(ANSWER_MAX)?;
+        match resp::decode(&mut a.conn.rbuf).map_err(io::Error::other)? {
             Some(reply) => self.read(&reply, &a.addr).map(Some),
             None => Ok(None),
         }
@@ -299,7 +215,7 @@ impl Engine {
         let Some(d) = self.discovery.as_mut() else {
             return;
         };
-        let Some(found) = d.advance(self.poll.registry(), now) else {
+        let Some(found) = d.advance(self.poll.registry(), &mut self.resolver, now) else {
             return;
         };
         let what = d.question.what();

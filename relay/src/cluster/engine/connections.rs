@@ -1,0 +1,160 @@
+//! The engine thread's connections to its shards: a shard is dialed on its first need
+//! (the first command or subscription routed to one of its slots, an `ASK` naming it;
+//! the one Redis and the Sentinel master up front), its commands wait on the connection
+//! while it dials (bounded: [`super::super::shard::DIAL_QUEUE_MAX`]), each loop turn moves
+//! the dials on, what waited for a connection is queued once one starts, and a failed dial
+//! refuses what waited for that shard (publishes, opens, users' first loads) and backs off.
+//!
+//! Owns: when shards are dialed and what a dial's outcome does. Must not touch: the
+//! sockets and name resolution (`dial.rs`, `shard.rs`), what the commands mean.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::super::EngineEvent;
+use super::super::shard::{BACKOFF_MIN, Conn, Progress, Shard};
+use super::{Engine, SubState};
+
+impl Engine {
+    /// The shard serving `key`, if the slot map is known, dialing it on this first need
+    /// (its commands wait on the connection until it is up); `None` too while it dials
+    /// with [`super::shard::DIAL_QUEUE_MAX`] commands waiting (the command is refused
+    /// `unavailable` or waits, as when the engine is down).
+    pub(super) fn route(&mut self, key: &[u8]) -> Option<usize> {
+        let i = self.map.as_ref().map(|m| m.shard_of_key(key))?;
+        self.need(i);
+        (!self.shards.get(i)?.queue_full()).then_some(i)
+    }
+
+    /// Shard `i` is needed: its connections are dialed now unless they are up, dialing,
+    /// or waiting for their backoff.
+    pub(super) fn need(&mut self, i: usize) {
+        let Some(shard) = self.shards.get_mut(i) else {
+            return;
+        };
+        if !shard.wanted {
+            shard.wanted = true;
+            self.redial(i, Instant::now());
+        }
+    }
+
+    /// Starts dialing shard `i`'s connections that are in use, down and past their
+    /// backoff.
+    fn redial(&mut self, i: usize, now: Instant) {
+        let timeout = self.config.connect_timeout;
+        let (cmd_token, sub_token) = Shard::tokens(i);
+        let Some(shard) = self.shards.get_mut(i).filter(|s| s.wanted) else {
+            return;
+        };
+        if shard.cmd.is_none() && now >= shard.cmd_retry.at {
+            shard.cmd = Some(Conn::dial(&shard.addr, cmd_token, now, timeout));
+            self.dialed = true;
+        }
+        if shard.sub.is_none() && now >= shard.sub_retry.at {
+            shard.sub = Some(Conn::dial(&shard.addr, sub_token, now, timeout));
+            self.dialed = true;
+        }
+    }
+
+    /// Moves shard `i`'s command (`pubsub` false) or pub/sub connection's dial on: up, or
+    /// failed (what waited on it fails as with a lost connection, and it is redialed with
+    /// backoff).
+    fn advance_dial(&mut self, i: usize, pubsub: bool, now: Instant) {
+        let Some(shard) = self.shards.get_mut(i) else {
+            return;
+        };
+        let (conn, retry) = if pubsub {
+            (shard.sub.as_mut(), &mut shard.sub_retry)
+        } else {
+            (shard.cmd.as_mut(), &mut shard.cmd_retry)
+        };
+        let Some(conn) = conn else {
+            return;
+        };
+        match conn.advance(self.poll.registry(), &mut self.resolver, now) {
+            Ok(Progress::Same) => {}
+            Ok(Progress::Connected) => {
+                retry.delay = BACKOFF_MIN;
+                let what = if pubsub { "pub/sub" } else { "command" };
+                tracing::info!(worker = self.worker, node = %self.node_id, addr = %shard.addr, "engine {what} connection up");
+                self.note_health();
+            }
+            Err(e) if pubsub => {
+                self.fail_sub(i, &e);
+                self.fail_opens(i);
+                // The users whose channel waited on this dial: their first load (a
+                // parked HELLO) is refused `unavailable` now, not kept waiting for a
+                // shard that did not answer (one already loaded keeps what it has).
+                for w in self.users.values().filter(|w| w.shard == Some(i)) {
+                    self.out.push(EngineEvent::UserLoadFailed {
+                        user: w.user.clone(),
+                        over_cap: None,
+                    });
+                }
+            }
+            Err(e) => {
+                self.fail_cmd(i, &e);
+                self.fail_opens(i);
+            }
+        }
+    }
+
+    /// Shard `i` could not be dialed: the opens waiting for it are answered
+    /// [`EngineEvent::OpenFailed`] (the owner refuses what waits for the room rather than
+    /// keep it waiting for a shard that does not answer).
+    fn fail_opens(&mut self, i: usize) {
+        for c in self.channels.values_mut().filter(|c| c.shard == Some(i)) {
+            if !c.opens.is_empty() {
+                c.opens.clear();
+                self.out.push(EngineEvent::OpenFailed {
+                    room: c.room.clone(),
+                });
+            }
+        }
+    }
+
+    /// Dials what is due and moves the dials in progress on; what waited for a connection
+    /// is queued on those that started (which may need more shards: dialed in turn).
+    pub(super) fn advance_connections(&mut self, now: Instant) {
+        loop {
+            for i in 0..self.shards.len() {
+                self.redial(i, now);
+                self.advance_dial(i, false, now);
+                self.advance_dial(i, true, now);
+            }
+            if !self.dialed {
+                return;
+            }
+            self.after_dials();
+        }
+    }
+
+    /// Connections started dialing: what waited for one (subscriptions, opens, stream
+    /// reads, receipts) is queued on them (it goes once they are connected).
+    fn after_dials(&mut self) {
+        if !std::mem::take(&mut self.dialed) {
+            return;
+        }
+        self.route_channels();
+        let ready: Vec<Bytes> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| {
+                c.state == SubState::Subscribed
+                    && !c.opens.is_empty()
+                    && c.shard
+                        .and_then(|i| self.shards.get(i))
+                        .is_some_and(|s| s.cmd.is_some())
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for ch in ready {
+            self.send_opens(&ch);
+        }
+        for (room, after, reader) in std::mem::take(&mut self.fills_waiting) {
+            self.send_fill(room, after, reader, None, 0);
+        }
+        self.send_receipts_waiting();
+    }
+}

@@ -1,0 +1,264 @@
+//! Publishes answered `TRYAGAIN`: during a slot's migration, with some of a room's keys
+//! moved and some not yet, Redis refuses the room's script for a moment. The publish is
+//! sent again after a backoff (50 ms doubling, at most [`MAX_TRIES`] times: 3.15 s in
+//! all; each try may follow its own `MOVED`/`ASK` redirects, bounded as any command's),
+//! instead of being refused to the phone.
+//!
+//! A room's order is kept by holding its later publishes behind it: once one of the
+//! room's publishes waits for its retry, every later publish of the room (new ones from the
+//! worker, and those in flight that come back unrun: `TRYAGAIN`, `MOVED`, `ASK`,
+//! `NOSCRIPT`) waits in the room's queue in ticket order, and the queue goes one publish
+//! at a time (the next once the one before is answered) until it is empty. We chose
+//! holding over refusing the later ones: a refusal would make the phone retry them, and a
+//! retry the phone sends before the refused one's is sequenced first, the very overtaking
+//! this prevents; holding costs one round trip per publish of that room for the length of
+//! the migration. What holding cannot undo: a later publish already in flight that Redis
+//! ran before the earlier one's `TRYAGAIN` came back (a key arriving on the importing
+//! shard between two pipelined scripts) keeps the sequence Redis gave it.
+//!
+//! Held publishes are bounded by `cluster.max_in_flight` (the worker counts them in
+//! flight until answered and refuses more).
+//!
+//! Owns: the rooms' queues of held publishes and their timers. Must not touch: how a
+//! publish is encoded or routed (`send_publish`), the replies' meaning (`replies.rs`).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::super::PublishRequest;
+use super::super::resp::Value;
+use super::Engine;
+use crate::ids::RoomName;
+
+/// The first wait before a publish answered `TRYAGAIN` goes again (doubling per try).
+const TRYAGAIN_BACKOFF: Duration = Duration::from_millis(50);
+/// How often one publish is sent again after `TRYAGAIN` before it is refused.
+pub(super) const MAX_TRIES: u8 = 6;
+
+/// The wait before a publish goes again after its `tries`-th `TRYAGAIN`.
+pub(super) fn tryagain_wait(tries: u8) -> Duration {
+    TRYAGAIN_BACKOFF * (1 << tries.saturating_sub(1).min(8))
+}
+
+/// Whether `reply` says Redis did not run the command (it can go again as it was).
+pub(super) fn not_run(reply: &Value) -> bool {
+    matches!(reply, Value::Error(e) if [&b"TRYAGAIN"[..], b"MOVED ", b"ASK ", b"NOSCRIPT"]
+        .iter()
+        .any(|p| e.starts_with(p)))
+}
+
+/// Whether `reply` is `TRYAGAIN`.
+pub(super) fn is_tryagain(reply: &Value) -> bool {
+    matches!(reply, Value::Error(e) if e.starts_with(b"TRYAGAIN"))
+}
+
+/// One room's publishes held behind a retry.
+struct RoomQueue {
+    /// In ticket order, each with the `TRYAGAIN`s it met.
+    waiting: VecDeque<(PublishRequest, u8)>,
+    /// The one sent and not answered yet (the queue's head went): its ticket and tries.
+    sent: Option<(u64, u8)>,
+    /// When the head goes (again).
+    at: Instant,
+}
+
+/// Every room with held publishes.
+#[derive(Default)]
+pub(super) struct HeldPublishes {
+    rooms: HashMap<RoomName, RoomQueue>,
+}
+
+impl HeldPublishes {
+    /// Whether a publish of `room` with `ticket` must wait behind one of the room's held
+    /// publishes (it is not the one sent).
+    pub(super) fn behind(&self, room: &RoomName, ticket: u64) -> bool {
+        !self.rooms.is_empty()
+            && self
+                .rooms
+                .get(room)
+                .is_some_and(|q| q.sent.is_none_or(|(t, _)| t != ticket))
+    }
+
+    /// The `TRYAGAIN`s publish `ticket` of `room` met so far.
+    pub(super) fn tries(&self, room: &RoomName, ticket: u64) -> u8 {
+        if self.rooms.is_empty() {
+            return 0;
+        }
+        match self.rooms.get(room).and_then(|q| q.sent) {
+            Some((t, tries)) if t == ticket => tries,
+            _ => 0,
+        }
+    }
+
+    /// Holds `req` (after `tries` `TRYAGAIN`s), in ticket order; a room held anew waits
+    /// `wait`. The one sent coming back unrun goes first again, after `wait`.
+    fn hold(&mut self, req: PublishRequest, tries: u8, now: Instant, wait: Duration) {
+        let q = self.rooms.entry(req.room.clone()).or_insert(RoomQueue {
+            waiting: VecDeque::new(),
+            sent: None,
+            at: now + wait,
+        });
+        if q.sent.is_some_and(|(t, _)| t == req.ticket) {
+            q.sent = None;
+            q.at = now + wait;
+        }
+        let at = q.waiting.partition_point(|(r, _)| r.ticket < req.ticket);
+        q.waiting.insert(at, (req, tries));
+    }
+
+    /// The publish `ticket` of `room` was answered (or given up): the room's next goes.
+    fn answered(&mut self, room: &RoomName, ticket: u64, now: Instant) {
+        if self.rooms.is_empty() {
+            return;
+        }
+        let Some(q) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if q.sent.is_none_or(|(t, _)| t != ticket) {
+            return;
+        }
+        q.sent = None;
+        q.at = now;
+        if q.waiting.is_empty() {
+            self.rooms.remove(room);
+        }
+    }
+
+    /// The heads due at `now`, each marked sent.
+    fn due(&mut self, now: Instant) -> Vec<(PublishRequest, u8)> {
+        let mut due = Vec::new();
+        for q in self.rooms.values_mut() {
+            if q.sent.is_none()
+                && q.at <= now
+                && let Some((req, tries)) = q.waiting.pop_front()
+            {
+                q.sent = Some((req.ticket, tries));
+                due.push((req, tries));
+            }
+        }
+        due
+    }
+
+    /// When the next head is due.
+    fn next_at(&self) -> Option<Instant> {
+        self.rooms
+            .values()
+            .filter(|q| q.sent.is_none() && !q.waiting.is_empty())
+            .map(|q| q.at)
+            .min()
+    }
+}
+
+impl Engine {
+    /// Whether a publish answered `TRYAGAIN` may go again (it met fewer than
+    /// [`MAX_TRIES`]).
+    pub(super) fn may_retry(&self, req: &PublishRequest) -> bool {
+        self.held.tries(&req.room, req.ticket) < MAX_TRIES
+    }
+
+    /// A publish answered `TRYAGAIN` goes again after a backoff, its room's later
+    /// publishes behind it.
+    pub(super) fn retry_publish_later(&mut self, req: PublishRequest) {
+        let tries = self.held.tries(&req.room, req.ticket) + 1;
+        self.held
+            .hold(req, tries, Instant::now(), tryagain_wait(tries));
+    }
+
+    /// A publish of a held room (a new one, or one in flight that came back unrun) waits
+    /// in the room's queue.
+    pub(super) fn hold_behind(&mut self, req: PublishRequest) {
+        self.held.hold(req, 0, Instant::now(), Duration::ZERO);
+    }
+
+    /// Publish `ticket` of `room` was answered or given up: the room's next held one goes.
+    pub(super) fn publish_answered(&mut self, room: &RoomName, ticket: u64) {
+        self.held.answered(room, ticket, self.woke);
+    }
+
+    /// Sends the held publishes due; returns when the next is due.
+    pub(super) fn held_timers(&mut self, now: Instant) -> Option<Instant> {
+        for (req, _) in self.held.due(now) {
+            self.send_publish(req, false, None, 0);
+        }
+        self.held.next_at()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use pabal_codec::Text;
+
+    fn publish(room: &RoomName, ticket: u64) -> PublishRequest {
+        PublishRequest {
+            ticket,
+            room: room.clone(),
+            epoch_hint: 1,
+            ts_ms: 0,
+            sender: Text::from("alice"),
+            payload: Bytes::new(),
+            repeat: None,
+            window: 1,
+        }
+    }
+
+    #[test]
+    fn a_rooms_held_publishes_go_one_at_a_time_in_ticket_order() {
+        let room = RoomName::new(false, Text::from("r"));
+        let other = RoomName::new(false, Text::from("o"));
+        let mut held = HeldPublishes::default();
+        let t0 = Instant::now();
+        let wait = tryagain_wait(1);
+        assert_eq!(wait, Duration::from_millis(50));
+        assert_eq!(tryagain_wait(3), Duration::from_millis(200));
+        let all: Duration = (1..=MAX_TRIES).map(tryagain_wait).sum();
+        assert_eq!(all, Duration::from_millis(3150));
+        // 2 meets TRYAGAIN; 4 (in flight behind it) comes back with an ASK, then 3.
+        held.hold(publish(&room, 2), 1, t0, wait);
+        assert!(held.behind(&room, 3));
+        assert!(!held.behind(&other, 3), "another room is not held");
+        held.hold(publish(&room, 4), 0, t0, Duration::ZERO);
+        held.hold(publish(&room, 3), 0, t0, Duration::ZERO);
+        assert!(held.due(t0).is_empty(), "the first waits its backoff");
+        assert_eq!(held.next_at(), Some(t0 + wait));
+        let t1 = t0 + wait;
+        let first: Vec<u64> = held.due(t1).iter().map(|(r, _)| r.ticket).collect();
+        assert_eq!(first, [2]);
+        assert!(held.due(t1).is_empty(), "one at a time");
+        assert!(!held.behind(&room, 2), "the one sent is not behind itself");
+        assert_eq!(held.tries(&room, 2), 1);
+        assert_eq!(held.tries(&room, 3), 0);
+        // It meets TRYAGAIN again: first again, after a longer wait.
+        held.hold(publish(&room, 2), 2, t1, tryagain_wait(2));
+        assert!(held.due(t1).is_empty());
+        let t2 = t1 + tryagain_wait(2);
+        assert_eq!(held.due(t2)[0].0.ticket, 2);
+        held.answered(&room, 2, t2);
+        assert_eq!(held.due(t2)[0].0.ticket, 3);
+        held.answered(&room, 3, t2);
+        assert_eq!(held.due(t2)[0].0.ticket, 4);
+        held.answered(&room, 4, t2);
+        assert!(
+            held.rooms.is_empty(),
+            "the room is let go once its queue is empty"
+        );
+        assert!(!held.behind(&room, 5));
+    }
+
+    #[test]
+    fn only_unrun_answers_are_held() {
+        let e = |s: &'static str| Value::Error(Bytes::from_static(s.as_bytes()));
+        assert!(not_run(&e(
+            "TRYAGAIN Multiple keys request during rehashing of slot"
+        )));
+        assert!(not_run(&e("MOVED 1 127.0.0.1:7000")));
+        assert!(not_run(&e("ASK 1 127.0.0.1:7000")));
+        assert!(not_run(&e("NOSCRIPT No matching script")));
+        assert!(!not_run(&e("ERR script error")));
+        assert!(!not_run(&Value::Int(1)));
+        assert!(is_tryagain(&e("TRYAGAIN x")));
+        assert!(!is_tryagain(&e("MOVED 1 a:1")));
+    }
+}
