@@ -217,15 +217,27 @@ pub enum Phase {
     Closing,
 }
 
+/// How a pending binding was asked for (decides whether a ROOM frame is needed and whether
+/// the client saw the alias before the owner's answer). The start's epoch and sequence wait
+/// in the binding's `epoch` and `cursor` meanwhile (see [`Sub::start_from`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartKind {
+    /// [`StartFrom::Live`].
+    Live,
+    /// [`StartFrom::Resume`].
+    Resume,
+    /// [`StartFrom::Join`].
+    Join,
+}
+
 /// How a bound alias is being fed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubMode {
     /// Asked the room's owner; waiting for its answer. Deliveries are ignored.
     Pending {
-        /// How the binding was asked for (decides whether a ROOM frame is needed): only
-        /// needed until the answer, so it lives here, not in every binding (8 bytes of
-        /// each [`Sub`]).
-        from: StartFrom,
+        /// How the binding was asked for. Only the kind lives here (1 byte); a
+        /// [`StartFrom`] kept in every binding took 24 bytes of each [`Sub`].
+        from: StartKind,
     },
     /// Behind the room's head: fed page by page from history, not from live deliveries.
     CatchingUp {
@@ -236,36 +248,132 @@ pub enum SubMode {
     Live,
 }
 
-/// A bound alias.
+/// `Sub::acked_behind`'s value for "no acknowledgement held": nothing acknowledged yet, or
+/// an acknowledgement more than `u32::MAX - 1` sequences behind the position (the explicit
+/// fallback of the 4-byte field: it reads as 0, and the client's next ACK restates it).
+const NO_ACK: u32 = u32::MAX;
+
+/// A bound alias: 56 bytes (it was 80 with the pending start kept in every binding and the
+/// acknowledgement a full `u64`).
 #[derive(Debug, Clone)]
 pub struct Sub {
     /// The room.
     pub room: RoomName,
-    /// The epoch of the room's stream.
+    /// The epoch of the room's stream (while pending: the requested start's epoch).
     pub epoch: u64,
     /// The client's cursor: the last sequence it has accounted for. DELIVER omits the
-    /// sequence when it is `cursor + 1`.
+    /// sequence when it is `cursor + 1`. While pending: the requested start's sequence
+    /// (the owner's answer sets the cursor; nothing reads it before).
     pub cursor: u64,
     /// The last sequence processed for this connection, including the client's own
-    /// messages that are skipped rather than echoed (`position >= cursor`).
-    pub position: u64,
-    /// How it is fed.
-    pub mode: SubMode,
-    /// The highest sequence the client acknowledged (never past `position`).
-    pub acked: u64,
+    /// messages that are skipped rather than echoed (`position >= cursor`); 0 while
+    /// pending. Moved only by [`Sub::set_position`], which keeps `acked` where it was.
+    position: u64,
     /// The membership this binding was made for (its serial; see `JoinPoint::serial`): a
     /// removal of another membership leaves it alone.
     pub membership: u64,
     /// The subscription request this binding waits for (or was answered by): answers to
     /// any other request, e.g. one still in flight from an earlier membership, are stale.
     pub request: u64,
+    /// The highest sequence the client acknowledged (never past `position`), as its
+    /// distance below `position`, or [`NO_ACK`].
+    acked_behind: u32,
+    /// How it is fed.
+    pub mode: SubMode,
 }
 
 impl Sub {
+    /// A binding waiting for the owner's answer to `request`, asked to start `from`.
+    pub fn pending(room: RoomName, from: StartFrom, request: u64, membership: u64) -> Self {
+        let (kind, epoch, seq) = match from {
+            StartFrom::Live => (StartKind::Live, 0, 0),
+            StartFrom::Resume { epoch, last_seq } => (StartKind::Resume, epoch, last_seq),
+            StartFrom::Join { epoch, seq } => (StartKind::Join, epoch, seq),
+        };
+        Sub {
+            room,
+            epoch,
+            cursor: seq,
+            position: 0,
+            membership,
+            request,
+            acked_behind: NO_ACK,
+            mode: SubMode::Pending { from: kind },
+        }
+    }
+
     /// Waiting for the owner's answer ([`SubMode::Pending`]).
     pub fn is_pending(&self) -> bool {
         matches!(self.mode, SubMode::Pending { .. })
     }
+
+    /// The start this binding asked for, while it waits for the owner's answer.
+    pub fn start_from(&self) -> Option<StartFrom> {
+        let SubMode::Pending { from } = self.mode else {
+            return None;
+        };
+        Some(match from {
+            StartKind::Live => StartFrom::Live,
+            StartKind::Resume => StartFrom::Resume {
+                epoch: self.epoch,
+                last_seq: self.cursor,
+            },
+            StartKind::Join => StartFrom::Join {
+                epoch: self.epoch,
+                seq: self.cursor,
+            },
+        })
+    }
+
+    /// The last sequence processed for this connection (see the field).
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// Moves the position to `seq`, keeping the acknowledgement where it was.
+    pub fn set_position(&mut self, seq: u64) {
+        let acked = self.acked();
+        self.position = seq;
+        self.acked_behind = behind(seq, acked);
+    }
+
+    /// The highest sequence the client acknowledged (0 for none).
+    pub fn acked(&self) -> u64 {
+        match self.acked_behind {
+            NO_ACK => 0,
+            behind => self.position - u64::from(behind),
+        }
+    }
+
+    /// Records an acknowledgement of `seq` (at most the position): whether it moved. One
+    /// more than `u32::MAX - 1` sequences below the position is not held (the field's
+    /// explicit limit): it moves nothing, and an ACK nearer the position does.
+    pub fn ack(&mut self, seq: u64) -> bool {
+        let acked = seq.min(self.position);
+        if acked <= self.acked() {
+            return false;
+        }
+        match behind(self.position, acked) {
+            NO_ACK => false,
+            held => {
+                self.acked_behind = held;
+                true
+            }
+        }
+    }
+}
+
+/// `acked`'s distance below `position` as `Sub::acked_behind` keeps it: [`NO_ACK`] for
+/// nothing acknowledged, or for a distance the field cannot hold.
+fn behind(position: u64, acked: u64) -> u32 {
+    if acked == 0 {
+        return NO_ACK;
+    }
+    position
+        .checked_sub(acked)
+        .and_then(|d| u32::try_from(d).ok())
+        .filter(|&d| d != NO_ACK)
+        .unwrap_or(NO_ACK)
 }
 
 /// The state only some connections need, boxed apart so that the record of an idle phone
@@ -538,7 +646,7 @@ impl Conn {
         match free {
             Some(i) => i as u32,
             None => {
-                // A phone binds a few rooms: no spare slots (128 bytes each) for those.
+                // A phone binds a few rooms: no spare slots (56 bytes each) for those.
                 if self.subs.len() < EXACT_SUBS {
                     self.subs.reserve_exact(1);
                 }
@@ -631,26 +739,21 @@ mod tests {
         for (expected, name) in [(0, "a"), (1, "b")] {
             let alias = conn.free_alias();
             assert_eq!(alias, expected);
-            conn.subs[alias as usize] = Some(Sub {
-                room: RoomName::new(false, Text::from(name)),
-                epoch: 1,
-                cursor: 0,
-                position: 0,
-                mode: SubMode::Pending {
-                    from: StartFrom::Join { epoch: 1, seq: 0 },
-                },
-                acked: 0,
-                membership: 1,
-                request: 1,
-            });
+            conn.subs[alias as usize] = Some(Sub::pending(
+                RoomName::new(false, Text::from(name)),
+                StartFrom::Join { epoch: 1, seq: 0 },
+                1,
+                1,
+            ));
         }
         assert_eq!(conn.subs.capacity(), 2);
-        // A binding: the room's shared name, four u64 stream positions (sequences are u64
-        // on the wire), its membership serial and request id, and how it is fed (with the
-        // start it was asked for while pending). It was 128 bytes with the room's name
-        // inline and the start kept for its whole life.
+        // A binding: the room's shared name, its epoch, cursor and position (sequences are
+        // u64 on the wire), its membership serial and request id, the acknowledgement as a
+        // 4-byte distance below the position, and how it is fed (a byte: a pending start's
+        // epoch and sequence wait in the epoch and cursor). It was 128 bytes with the room's
+        // name inline, 80 with the start and the acknowledgement in full.
         let sub = std::mem::size_of::<Option<Sub>>();
-        assert!(sub <= 80, "a binding grew to {sub} bytes");
+        assert!(sub <= 56, "a binding grew to {sub} bytes");
         // Retiring an alias makes the rare state; the PONG that frees it drops it again.
         conn.retire(0);
         assert!(conn.rare.is_some());
@@ -659,6 +762,59 @@ mod tests {
             conn.pong();
         }
         assert!(conn.rare.is_none());
+    }
+
+    #[test]
+    fn a_bindings_compact_positions_read_back_exactly_and_overflow_explicitly() {
+        let room = RoomName::new(false, Text::from("dm"));
+        // A pending binding keeps the start it asked for in its epoch and cursor fields.
+        let far = u64::MAX - 7;
+        for from in [
+            StartFrom::Live,
+            StartFrom::Resume {
+                epoch: 1_764_358_800_123,
+                last_seq: far,
+            },
+            StartFrom::Join { epoch: 9, seq: 41 },
+        ] {
+            let sub = Sub::pending(room.clone(), from, 3, 4);
+            assert_eq!(sub.start_from(), Some(from));
+            assert_eq!((sub.position(), sub.acked()), (0, 0));
+        }
+        let mut sub = Sub::pending(room, StartFrom::Live, 1, 1);
+        assert!(!sub.ack(5), "nothing processed: nothing to acknowledge");
+        // Answered: the binding starts at sequence 2^40, beyond any 32-bit field.
+        let start = 1u64 << 40;
+        sub.mode = SubMode::Live;
+        sub.set_position(start);
+        assert_eq!(sub.start_from(), None);
+        assert_eq!(sub.acked(), 0);
+        assert!(
+            sub.ack(start + 9),
+            "an ACK past the position counts up to it"
+        );
+        assert_eq!(sub.acked(), start);
+        sub.set_position(start + 100);
+        assert_eq!(
+            sub.acked(),
+            start,
+            "the position moves, the acknowledgement stays"
+        );
+        assert!(!sub.ack(start - 1) && sub.acked() == start);
+        assert!(sub.ack(start + 60) && sub.acked() == start + 60);
+        // The acknowledgement's distance at the field's limit still reads back exactly.
+        let limit = start + 60 + u64::from(NO_ACK - 1);
+        sub.set_position(limit);
+        assert_eq!(sub.acked(), start + 60);
+        // One further: the fallback, no acknowledgement held (never a wrapped value).
+        sub.set_position(limit + 1);
+        assert_eq!(sub.acked(), 0);
+        assert!(!sub.ack(start + 60), "too far below the position to hold");
+        assert_eq!(sub.acked(), 0);
+        assert!(
+            sub.ack(limit) && sub.acked() == limit,
+            "a near ACK restates it"
+        );
     }
 
     #[test]

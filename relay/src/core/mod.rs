@@ -831,6 +831,6 @@ mod sim;
 #[cfg(test)]
 mod tests;
 
-use delivery::{pending_sub, room_frame};
+use delivery::room_frame;
 use owner::OwnedRoom;
 pub use receipts::Marker;

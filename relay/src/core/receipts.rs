@@ -227,7 +227,7 @@ impl Core {
                 user: user.text(),
                 epoch: sub.epoch,
                 marker: Marker {
-                    delivered: sub.acked,
+                    delivered: sub.acked(),
                     read: 0,
                 },
             });
