@@ -376,6 +376,93 @@ fn behind(position: u64, acked: u64) -> u32 {
         .unwrap_or(NO_ACK)
 }
 
+/// A connection's bound aliases (index = alias). Up to two bindings (a phone's 1:1 room
+/// and a channel) live inline in the record, as two slots; a third moves them all into a
+/// vector. Inline, an idle phone's bindings take no heap block (two of them in an exact
+/// vector took a 112-byte block, its allocator overhead and the vector's 24 bytes here).
+/// Reads as a slice of slots: an unbound alias is `None`, an alias past the end unknown.
+#[derive(Debug)]
+pub enum Bindings {
+    /// Aliases 0 and 1.
+    Inline([Option<Sub>; INLINE_SUBS]),
+    /// Any number of aliases.
+    Spilled(Vec<Option<Sub>>),
+}
+
+/// Bindings held in the connection's record before they move to a vector.
+const INLINE_SUBS: usize = 2;
+
+impl Default for Bindings {
+    fn default() -> Self {
+        Bindings::Inline([None, None])
+    }
+}
+
+impl From<Vec<Option<Sub>>> for Bindings {
+    /// Inline when the slots fit, the vector itself otherwise (every slot kept: a free
+    /// one may be a retired alias that [`Conn::free_alias`] must not hand out again).
+    fn from(subs: Vec<Option<Sub>>) -> Self {
+        if subs.len() > INLINE_SUBS {
+            return Bindings::Spilled(subs);
+        }
+        let mut inline = Bindings::default();
+        for (slot, sub) in inline.iter_mut().zip(subs) {
+            *slot = sub;
+        }
+        inline
+    }
+}
+
+impl Bindings {
+    /// The bound aliases' bindings, in alias order.
+    pub fn into_bound(self) -> impl Iterator<Item = Sub> {
+        let (inline, spilled) = match self {
+            Bindings::Inline(slots) => (slots, Vec::new()),
+            Bindings::Spilled(subs) => ([None, None], subs),
+        };
+        inline.into_iter().chain(spilled).flatten()
+    }
+
+    /// Adds a free slot at the end (moving inline slots to a vector).
+    fn push_free(&mut self) {
+        match self {
+            Bindings::Inline(slots) => {
+                let mut spilled = Vec::with_capacity(INLINE_SUBS + 1);
+                spilled.extend(slots.iter_mut().map(Option::take));
+                spilled.push(None);
+                *self = Bindings::Spilled(spilled);
+            }
+            Bindings::Spilled(subs) => {
+                // A phone binds a few rooms: no spare slots (56 bytes each) for those.
+                if subs.len() < EXACT_SUBS {
+                    subs.reserve_exact(1);
+                }
+                subs.push(None);
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Bindings {
+    type Target = [Option<Sub>];
+
+    fn deref(&self) -> &[Option<Sub>] {
+        match self {
+            Bindings::Inline(slots) => slots,
+            Bindings::Spilled(subs) => subs,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Bindings {
+    fn deref_mut(&mut self) -> &mut [Option<Sub>] {
+        match self {
+            Bindings::Inline(slots) => slots,
+            Bindings::Spilled(subs) => subs,
+        }
+    }
+}
+
 /// The state only some connections need, boxed apart so that the record of an idle phone
 /// stays small.
 #[derive(Debug, Default)]
@@ -423,7 +510,7 @@ pub struct Conn {
     /// The authenticated user, once open.
     pub user: Option<crate::ids::UserName>,
     /// Bound aliases (index = alias).
-    pub subs: Vec<Option<Sub>>,
+    pub subs: Bindings,
     /// DELIVER encoding state.
     pub ctx: DeliverContext,
     /// Fed from history because the queue hit its cap.
@@ -493,7 +580,7 @@ impl Conn {
             sending: false,
             dirty: false,
             user: None,
-            subs: Vec::new(),
+            subs: Bindings::default(),
             ctx: DeliverContext::new(0, 1),
             lagging: false,
             fetches: 0,
@@ -646,11 +733,7 @@ impl Conn {
         match free {
             Some(i) => i as u32,
             None => {
-                // A phone binds a few rooms: no spare slots (56 bytes each) for those.
-                if self.subs.len() < EXACT_SUBS {
-                    self.subs.reserve_exact(1);
-                }
-                self.subs.push(None);
+                self.subs.push_free();
                 (self.subs.len() - 1) as u32
             }
         }
@@ -716,12 +799,17 @@ mod tests {
         // Rare state (backlogs, retired aliases, a pending fatal ERROR) lives apart; times
         // are 32-bit stamps (they were `Instant`s, 16 bytes each: 352 bytes), and a partial
         // frame's buffer is boxed (an empty one took 32 bytes); the user's name is an 8-byte
-        // shared handle (a 32-byte `Text`: 240 bytes).
+        // shared handle (a 32-byte `Text`: 240 bytes); two bindings live in it (216 bytes
+        // with a 24-byte vector of them, which took a heap block of its own).
         let record = std::mem::size_of::<Conn>();
         eprintln!("the connection record: {record} bytes");
         assert!(
-            record <= 216,
+            record <= 312,
             "the connection record grew to {record} bytes"
+        );
+        assert!(
+            std::mem::size_of::<Bindings>() <= 2 * std::mem::size_of::<Option<Sub>>() + 8,
+            "two inline bindings and a tag"
         );
         assert!(conn.rbuf.is_none());
         conn.ping();
@@ -735,7 +823,7 @@ mod tests {
         // The next frame takes it, with its buffer, from the pool again.
         conn.ping();
         assert!(conn.output.as_ref().is_some_and(|o| o.out.capacity() > 0));
-        // Two bindings take two slots, not a vector's spare capacity.
+        // Two bindings take the record's two slots, no heap block.
         for (expected, name) in [(0, "a"), (1, "b")] {
             let alias = conn.free_alias();
             assert_eq!(alias, expected);
@@ -746,7 +834,7 @@ mod tests {
                 1,
             ));
         }
-        assert_eq!(conn.subs.capacity(), 2);
+        assert!(matches!(conn.subs, Bindings::Inline(_)));
         // A binding: the room's shared name, its epoch, cursor and position (sequences are
         // u64 on the wire), its membership serial and request id, the acknowledgement as a
         // 4-byte distance below the position, and how it is fed (a byte: a pending start's
@@ -762,6 +850,67 @@ mod tests {
             conn.pong();
         }
         assert!(conn.rare.is_none());
+    }
+
+    #[test]
+    fn bindings_spill_past_two_keeping_every_alias() {
+        let t0 = Stamp(0);
+        let bucket = Tokens::full(1.0, t0);
+        let mut conn = Conn::new(1, 1, t0, Duration::from_secs(30), bucket, bucket);
+        let bind = |conn: &mut Conn, name: &str| {
+            let alias = conn.free_alias();
+            conn.subs[alias as usize] = Some(Sub::pending(
+                RoomName::new(false, Text::from(name)),
+                StartFrom::Live,
+                1,
+                1,
+            ));
+            alias
+        };
+        assert_eq!((bind(&mut conn, "a"), bind(&mut conn, "b")), (0, 1));
+        // A third moves all three to a vector, exact, with the first two where they were.
+        assert_eq!(bind(&mut conn, "c"), 2);
+        let Bindings::Spilled(subs) = &conn.subs else {
+            panic!("three bindings do not fit inline");
+        };
+        assert_eq!(subs.capacity(), 3);
+        for (alias, name) in ["a", "b", "c"].into_iter().enumerate() {
+            let room = RoomName::new(false, Text::from(name));
+            assert_eq!(conn.alias_of(&room), Some(alias as u32));
+        }
+        // An unbound, retired alias is not handed out again until its PONG.
+        conn.subs[1] = None;
+        conn.retire(1);
+        assert_eq!(bind(&mut conn, "d"), 3);
+        assert_eq!(conn.bound(), 3);
+        let bound: Vec<_> = std::mem::take(&mut conn.subs)
+            .into_bound()
+            .map(|s| s.room.name.clone())
+            .collect();
+        assert_eq!(bound, ["a", "c", "d"].map(Text::from));
+
+        // A HELLO's slots: two or fewer go inline, free ones kept as slots; more stay a
+        // vector with every slot, a free (retired) last one included.
+        let sub = |name: &str| {
+            Some(Sub::pending(
+                RoomName::new(true, Text::from(name)),
+                StartFrom::Live,
+                1,
+                1,
+            ))
+        };
+        let two = Bindings::from(vec![None, sub("x")]);
+        assert!(matches!(&two, Bindings::Inline([None, Some(_)])));
+        let three = Bindings::from(vec![sub("x"), sub("y"), None]);
+        assert_eq!(three.len(), 3);
+        let mut conn = Conn::new(2, 2, t0, Duration::from_secs(30), bucket, bucket);
+        conn.subs = three;
+        conn.retire(2);
+        assert_eq!(
+            conn.free_alias(),
+            3,
+            "the retired last slot stays out of use"
+        );
     }
 
     #[test]

@@ -346,7 +346,7 @@ impl Core {
             subscribe.push((alias as u32, room, from, request));
         }
         if let Some(conn) = self.conn(token) {
-            conn.subs = subs;
+            conn.subs = subs.into();
         }
         for (alias, reason) in left {
             self.write(token, &ServerFrame::Left(Left { alias, reason }));

@@ -177,7 +177,7 @@ impl Core {
         if conn.lagging {
             dec(&self.stats.lagging, 1);
         }
-        for sub in conn.subs.into_iter().flatten() {
+        for sub in conn.subs.into_bound() {
             if !sub.is_pending() {
                 self.unsubscribe_local(&sub.room, token);
             }
