@@ -800,17 +800,21 @@ mod tests {
         // are 32-bit stamps (they were `Instant`s, 16 bytes each: 352 bytes), and a partial
         // frame's buffer is boxed (an empty one took 32 bytes); the user's name is an 8-byte
         // shared handle (a 32-byte `Text`: 240 bytes); two bindings live in it (216 bytes
-        // with a 24-byte vector of them, which took a heap block of its own).
+        // with a 24-byte vector of them, which took a heap block of its own; 312 with the
+        // DELIVER state's sender-alias bound and hand as usizes).
         let record = std::mem::size_of::<Conn>();
         eprintln!("the connection record: {record} bytes");
         assert!(
-            record <= 312,
+            record <= 296,
             "the connection record grew to {record} bytes"
         );
         assert!(
             std::mem::size_of::<Bindings>() <= 2 * std::mem::size_of::<Option<Sub>>() + 8,
             "two inline bindings and a tag"
         );
+        // The DELIVER encoding state: the last timestamp, the sender aliases' list, and the
+        // list's bound and hand as u32s (48 bytes with them as usizes).
+        assert!(std::mem::size_of::<DeliverContext>() <= 40);
         assert!(conn.rbuf.is_none());
         conn.ping();
         assert!(conn.queued() > 0 && conn.output.as_ref().is_some_and(|o| o.out.capacity() > 0));

@@ -188,7 +188,10 @@ impl EpollBackend {
     /// selector id where debug assertions are on).
     #[cfg(test)]
     pub(super) fn connection_record_bytes() -> (usize, usize) {
-        (std::mem::size_of::<Conn>(), std::mem::size_of::<TcpStream>())
+        (
+            std::mem::size_of::<Conn>(),
+            std::mem::size_of::<TcpStream>(),
+        )
     }
 
     fn release(&mut self, idx: u32) -> Option<Conn> {
