@@ -474,9 +474,10 @@ pub struct Rare {
     /// The fatal ERROR to send once `publishes_in_flight` reaches zero ([`Phase::Failing`]).
     pub fatal: Option<ServerFrame>,
     /// Aliases unbound (LEFT sent) that may not be bound again yet, each with the number of
-    /// the relay PING whose PONG frees it: until the client has answered a PING sent after
-    /// the LEFT, a frame naming the alias may still be one it sent for the old room.
-    pub retired: Vec<(u32, u64)>,
+    /// PONGs that frees it (the PINGs unanswered when it was retired, and the one that
+    /// follows the LEFT): until the client has answered a PING sent after the LEFT, a frame
+    /// naming the alias may still be one it sent for the old room.
+    pub retired: Vec<(u32, u32)>,
 }
 
 impl Rare {
@@ -515,8 +516,9 @@ pub struct Conn {
     pub ctx: DeliverContext,
     /// Fed from history because the queue hit its cap.
     pub lagging: bool,
-    /// Page requests in flight.
-    pub fetches: u32,
+    /// Page requests in flight (at most the worker's page budget, itself at most
+    /// `u16::MAX`).
+    pub fetches: u16,
     /// When the connection was accepted.
     pub accepted_at: Stamp,
     /// Last time anything arrived.
@@ -535,10 +537,12 @@ pub struct Conn {
     pub publishes_in_flight: u32,
     /// What only some connections need (`None` until one does).
     pub rare: Option<Box<Rare>>,
-    /// PINGs the relay sent on this connection, and PONGs the client answered with.
-    pub pings_sent: u64,
-    /// See `pings_sent`.
-    pub pongs_seen: u64,
+    /// PINGs the relay sent on this connection that the client has not answered yet (each
+    /// PONG answers the oldest). Counts of all PINGs and PONGs took 16 bytes; saturating,
+    /// though a client cannot leave 2^32 PINGs unanswered: the relay sends one per
+    /// heartbeat and one per flush that queued a LEFT, and a client that answers none is
+    /// closed at its heartbeat timeout.
+    pub pings_unanswered: u32,
     /// A PING must follow the LEFTs queued since the last one (see [`Rare::retired`]).
     pub retire_ping_due: bool,
     /// The one heartbeat/handshake/linger deadline in force (its stamp); timer entries for
@@ -594,8 +598,7 @@ impl Conn {
             publishes_in_flight: 0,
             timer_at: None,
             rare: None,
-            pings_sent: 0,
-            pongs_seen: 0,
+            pings_unanswered: 0,
             retire_ping_due: false,
             claims: None,
             service: false,
@@ -724,7 +727,7 @@ impl Conn {
 
     /// The lowest free alias: unbound and not retired (see [`Rare::retired`]).
     pub fn free_alias(&mut self) -> u32 {
-        let retired: &[(u32, u64)] = self.rare.as_ref().map_or(&[], |r| &r.retired);
+        let retired: &[(u32, u32)] = self.rare.as_ref().map_or(&[], |r| &r.retired);
         let free = self
             .subs
             .iter()
@@ -742,24 +745,30 @@ impl Conn {
     /// An alias was unbound with a LEFT: it stays out of use until the client answers the
     /// PING that will follow the LEFT (queued at the next flush).
     pub fn retire(&mut self, alias: u32) {
-        let ping = self.pings_sent + 1;
-        self.rare_mut().retired.push((alias, ping));
+        let pongs = self.pings_unanswered.saturating_add(1);
+        self.rare_mut().retired.push((alias, pongs));
         self.retire_ping_due = true;
     }
 
     /// Queues a PING (heartbeat or retirement), counting it.
     pub fn ping(&mut self) {
         self.write(&ServerFrame::Ping(pabal_codec::Ping::default()));
-        self.pings_sent += 1;
+        self.pings_unanswered = self.pings_unanswered.saturating_add(1);
         self.retire_ping_due = false;
     }
 
-    /// The client answered a PING: aliases retired before it are free again.
+    /// The client answered a PING: aliases retired before it are free again. A PONG with
+    /// no PING unanswered frees nothing.
     pub fn pong(&mut self) {
-        self.pongs_seen = (self.pongs_seen + 1).min(self.pings_sent);
-        let seen = self.pongs_seen;
+        if self.pings_unanswered == 0 {
+            return;
+        }
+        self.pings_unanswered -= 1;
         if let Some(rare) = &mut self.rare {
-            rare.retired.retain(|&(_, ping)| ping > seen);
+            for (_, pongs) in &mut rare.retired {
+                *pongs -= 1;
+            }
+            rare.retired.retain(|&(_, pongs)| pongs > 0);
         }
         self.trim_rare();
     }
@@ -801,11 +810,12 @@ mod tests {
         // frame's buffer is boxed (an empty one took 32 bytes); the user's name is an 8-byte
         // shared handle (a 32-byte `Text`: 240 bytes); two bindings live in it (216 bytes
         // with a 24-byte vector of them, which took a heap block of its own; 312 with the
-        // DELIVER state's sender-alias bound and hand as usizes).
+        // DELIVER state's sender-alias bound and hand as usizes; 296 with counts of every
+        // PING and PONG instead of the PINGs unanswered, and page requests as a u32).
         let record = std::mem::size_of::<Conn>();
         eprintln!("the connection record: {record} bytes");
         assert!(
-            record <= 296,
+            record <= 280,
             "the connection record grew to {record} bytes"
         );
         assert!(
@@ -850,10 +860,41 @@ mod tests {
         conn.retire(0);
         assert!(conn.rare.is_some());
         conn.ping();
-        for _ in 0..conn.pings_sent {
+        while conn.pings_unanswered > 0 {
             conn.pong();
         }
         assert!(conn.rare.is_none());
+    }
+
+    #[test]
+    fn a_retired_alias_is_freed_by_the_pong_to_the_ping_after_its_left() {
+        let t0 = Stamp(0);
+        let bucket = Tokens::full(1.0, t0);
+        let mut conn = Conn::new(1, 1, t0, Duration::from_secs(30), bucket, bucket);
+        conn.ping();
+        conn.ping(); // two heartbeats unanswered
+        conn.retire(0);
+        conn.pong(); // the first heartbeat's
+        assert_eq!(conn.free_alias(), 1, "alias 0 is retired");
+        conn.ping(); // the PING after the LEFT
+        conn.ping(); // and another heartbeat
+        conn.pong(); // the second heartbeat's
+        assert_eq!(conn.free_alias(), 1, "its PING is not answered yet");
+        conn.pong(); // the PING after the LEFT
+        assert!(conn.rare.is_none());
+        assert_eq!(conn.free_alias(), 0, "free again");
+        conn.pong();
+        conn.pong(); // one more than was sent: nothing to answer
+        assert_eq!(conn.pings_unanswered, 0);
+        conn.retire(0);
+        assert_eq!(
+            conn.free_alias(),
+            1,
+            "the extra PONGs answered nothing later"
+        );
+        conn.ping();
+        conn.pong();
+        assert_eq!(conn.free_alias(), 0);
     }
 
     #[test]

@@ -247,7 +247,8 @@ impl Core {
         // Pages are asked for only below the low-water mark, so the pages in flight fill at
         // most the rest of the cap.
         let cap = self.config.connection.max_queued_bytes;
-        let budget = ((cap - cap / 4) / self.config.connection.replay_page_bytes).max(1);
+        let budget = ((cap - cap / 4) / self.config.connection.replay_page_bytes)
+            .clamp(1, usize::from(u16::MAX));
         let origin = self.origin(token);
         let mut requests = Vec::new();
         {
@@ -255,7 +256,7 @@ impl Core {
             if conn.phase != Phase::Open {
                 return;
             }
-            let mut fetches = conn.fetches as usize;
+            let mut fetches = usize::from(conn.fetches);
             for (alias, sub) in conn.subs.iter_mut().enumerate() {
                 if fetches >= budget {
                     break;
@@ -268,7 +269,7 @@ impl Core {
                     requests.push((sub.room.clone(), alias as u32, sub.position(), sub.request));
                 }
             }
-            conn.fetches = fetches as u32;
+            conn.fetches = u16::try_from(fetches).unwrap_or(u16::MAX);
         }
         let user = self.conn(token).map(|c| c.user_text()).unwrap_or_default();
         for (room, alias, after, request) in requests {
