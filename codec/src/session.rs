@@ -42,8 +42,10 @@ pub fn room_id(channel: bool, name: &str) -> u64 {
 #[derive(Debug, Clone)]
 pub struct SenderAliases {
     slots: Vec<Text>,
-    capacity: usize,
-    hand: usize,
+    /// At most this many slots (4 bytes: every connection's record holds one).
+    capacity: u32,
+    /// The slot reused next once full.
+    hand: u32,
 }
 
 impl SenderAliases {
@@ -51,7 +53,7 @@ impl SenderAliases {
     pub fn new(capacity: usize) -> Self {
         SenderAliases {
             slots: Vec::new(),
-            capacity: capacity.max(1),
+            capacity: u32::try_from(capacity.max(1)).unwrap_or(u32::MAX),
             hand: 0,
         }
     }
@@ -65,14 +67,14 @@ impl SenderAliases {
         {
             return (i as u32, false);
         }
-        if self.slots.len() < self.capacity {
+        if self.slots.len() < self.capacity as usize {
             self.slots.push(sender.clone());
             return ((self.slots.len() - 1) as u32, true);
         }
         let slot = self.hand;
         self.hand = (self.hand + 1) % self.capacity;
-        self.slots[slot] = sender.clone();
-        (slot as u32, true)
+        self.slots[slot as usize] = sender.clone();
+        (slot, true)
     }
 }
 

@@ -217,15 +217,27 @@ pub enum Phase {
     Closing,
 }
 
+/// How a pending binding was asked for (decides whether a ROOM frame is needed and whether
+/// the client saw the alias before the owner's answer). The start's epoch and sequence wait
+/// in the binding's `epoch` and `cursor` meanwhile (see [`Sub::start_from`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartKind {
+    /// [`StartFrom::Live`].
+    Live,
+    /// [`StartFrom::Resume`].
+    Resume,
+    /// [`StartFrom::Join`].
+    Join,
+}
+
 /// How a bound alias is being fed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubMode {
     /// Asked the room's owner; waiting for its answer. Deliveries are ignored.
     Pending {
-        /// How the binding was asked for (decides whether a ROOM frame is needed): only
-        /// needed until the answer, so it lives here, not in every binding (8 bytes of
-        /// each [`Sub`]).
-        from: StartFrom,
+        /// How the binding was asked for. Only the kind lives here (1 byte); a
+        /// [`StartFrom`] kept in every binding took 24 bytes of each [`Sub`].
+        from: StartKind,
     },
     /// Behind the room's head: fed page by page from history, not from live deliveries.
     CatchingUp {
@@ -236,35 +248,218 @@ pub enum SubMode {
     Live,
 }
 
-/// A bound alias.
+/// `Sub::acked_behind`'s value for "no acknowledgement held": nothing acknowledged yet, or
+/// an acknowledgement more than `u32::MAX - 1` sequences behind the position (the explicit
+/// fallback of the 4-byte field: it reads as 0, and the client's next ACK restates it).
+const NO_ACK: u32 = u32::MAX;
+
+/// A bound alias: 56 bytes (it was 80 with the pending start kept in every binding and the
+/// acknowledgement a full `u64`).
 #[derive(Debug, Clone)]
 pub struct Sub {
     /// The room.
     pub room: RoomName,
-    /// The epoch of the room's stream.
+    /// The epoch of the room's stream (while pending: the requested start's epoch).
     pub epoch: u64,
     /// The client's cursor: the last sequence it has accounted for. DELIVER omits the
-    /// sequence when it is `cursor + 1`.
+    /// sequence when it is `cursor + 1`. While pending: the requested start's sequence
+    /// (the owner's answer sets the cursor; nothing reads it before).
     pub cursor: u64,
     /// The last sequence processed for this connection, including the client's own
-    /// messages that are skipped rather than echoed (`position >= cursor`).
-    pub position: u64,
-    /// How it is fed.
-    pub mode: SubMode,
-    /// The highest sequence the client acknowledged (never past `position`).
-    pub acked: u64,
+    /// messages that are skipped rather than echoed (`position >= cursor`); 0 while
+    /// pending. Moved only by [`Sub::set_position`], which keeps `acked` where it was.
+    position: u64,
     /// The membership this binding was made for (its serial; see `JoinPoint::serial`): a
     /// removal of another membership leaves it alone.
     pub membership: u64,
     /// The subscription request this binding waits for (or was answered by): answers to
     /// any other request, e.g. one still in flight from an earlier membership, are stale.
     pub request: u64,
+    /// The highest sequence the client acknowledged (never past `position`), as its
+    /// distance below `position`, or [`NO_ACK`].
+    acked_behind: u32,
+    /// How it is fed.
+    pub mode: SubMode,
 }
 
 impl Sub {
+    /// A binding waiting for the owner's answer to `request`, asked to start `from`.
+    pub fn pending(room: RoomName, from: StartFrom, request: u64, membership: u64) -> Self {
+        let (kind, epoch, seq) = match from {
+            StartFrom::Live => (StartKind::Live, 0, 0),
+            StartFrom::Resume { epoch, last_seq } => (StartKind::Resume, epoch, last_seq),
+            StartFrom::Join { epoch, seq } => (StartKind::Join, epoch, seq),
+        };
+        Sub {
+            room,
+            epoch,
+            cursor: seq,
+            position: 0,
+            membership,
+            request,
+            acked_behind: NO_ACK,
+            mode: SubMode::Pending { from: kind },
+        }
+    }
+
     /// Waiting for the owner's answer ([`SubMode::Pending`]).
     pub fn is_pending(&self) -> bool {
         matches!(self.mode, SubMode::Pending { .. })
+    }
+
+    /// The start this binding asked for, while it waits for the owner's answer.
+    pub fn start_from(&self) -> Option<StartFrom> {
+        let SubMode::Pending { from } = self.mode else {
+            return None;
+        };
+        Some(match from {
+            StartKind::Live => StartFrom::Live,
+            StartKind::Resume => StartFrom::Resume {
+                epoch: self.epoch,
+                last_seq: self.cursor,
+            },
+            StartKind::Join => StartFrom::Join {
+                epoch: self.epoch,
+                seq: self.cursor,
+            },
+        })
+    }
+
+    /// The last sequence processed for this connection (see the field).
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// Moves the position to `seq`, keeping the acknowledgement where it was.
+    pub fn set_position(&mut self, seq: u64) {
+        let acked = self.acked();
+        self.position = seq;
+        self.acked_behind = behind(seq, acked);
+    }
+
+    /// The highest sequence the client acknowledged (0 for none).
+    pub fn acked(&self) -> u64 {
+        match self.acked_behind {
+            NO_ACK => 0,
+            behind => self.position - u64::from(behind),
+        }
+    }
+
+    /// Records an acknowledgement of `seq` (at most the position): whether it moved. One
+    /// more than `u32::MAX - 1` sequences below the position is not held (the field's
+    /// explicit limit): it moves nothing, and an ACK nearer the position does.
+    pub fn ack(&mut self, seq: u64) -> bool {
+        let acked = seq.min(self.position);
+        if acked <= self.acked() {
+            return false;
+        }
+        match behind(self.position, acked) {
+            NO_ACK => false,
+            held => {
+                self.acked_behind = held;
+                true
+            }
+        }
+    }
+}
+
+/// `acked`'s distance below `position` as `Sub::acked_behind` keeps it: [`NO_ACK`] for
+/// nothing acknowledged, or for a distance the field cannot hold.
+fn behind(position: u64, acked: u64) -> u32 {
+    if acked == 0 {
+        return NO_ACK;
+    }
+    position
+        .checked_sub(acked)
+        .and_then(|d| u32::try_from(d).ok())
+        .filter(|&d| d != NO_ACK)
+        .unwrap_or(NO_ACK)
+}
+
+/// A connection's bound aliases (index = alias). Up to two bindings (a phone's 1:1 room
+/// and a channel) live inline in the record, as two slots; a third moves them all into a
+/// vector. Inline, an idle phone's bindings take no heap block (two of them in an exact
+/// vector took a 112-byte block, its allocator overhead and the vector's 24 bytes here).
+/// Reads as a slice of slots: an unbound alias is `None`, an alias past the end unknown.
+#[derive(Debug)]
+pub enum Bindings {
+    /// Aliases 0 and 1.
+    Inline([Option<Sub>; INLINE_SUBS]),
+    /// Any number of aliases.
+    Spilled(Vec<Option<Sub>>),
+}
+
+/// Bindings held in the connection's record before they move to a vector.
+const INLINE_SUBS: usize = 2;
+
+impl Default for Bindings {
+    fn default() -> Self {
+        Bindings::Inline([None, None])
+    }
+}
+
+impl From<Vec<Option<Sub>>> for Bindings {
+    /// Inline when the slots fit, the vector itself otherwise (every slot kept: a free
+    /// one may be a retired alias that [`Conn::free_alias`] must not hand out again).
+    fn from(subs: Vec<Option<Sub>>) -> Self {
+        if subs.len() > INLINE_SUBS {
+            return Bindings::Spilled(subs);
+        }
+        let mut inline = Bindings::default();
+        for (slot, sub) in inline.iter_mut().zip(subs) {
+            *slot = sub;
+        }
+        inline
+    }
+}
+
+impl Bindings {
+    /// The bound aliases' bindings, in alias order.
+    pub fn into_bound(self) -> impl Iterator<Item = Sub> {
+        let (inline, spilled) = match self {
+            Bindings::Inline(slots) => (slots, Vec::new()),
+            Bindings::Spilled(subs) => ([None, None], subs),
+        };
+        inline.into_iter().chain(spilled).flatten()
+    }
+
+    /// Adds a free slot at the end (moving inline slots to a vector).
+    fn push_free(&mut self) {
+        match self {
+            Bindings::Inline(slots) => {
+                let mut spilled = Vec::with_capacity(INLINE_SUBS + 1);
+                spilled.extend(slots.iter_mut().map(Option::take));
+                spilled.push(None);
+                *self = Bindings::Spilled(spilled);
+            }
+            Bindings::Spilled(subs) => {
+                // A phone binds a few rooms: no spare slots (56 bytes each) for those.
+                if subs.len() < EXACT_SUBS {
+                    subs.reserve_exact(1);
+                }
+                subs.push(None);
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Bindings {
+    type Target = [Option<Sub>];
+
+    fn deref(&self) -> &[Option<Sub>] {
+        match self {
+            Bindings::Inline(slots) => slots,
+            Bindings::Spilled(subs) => subs,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Bindings {
+    fn deref_mut(&mut self) -> &mut [Option<Sub>] {
+        match self {
+            Bindings::Inline(slots) => slots,
+            Bindings::Spilled(subs) => subs,
+        }
     }
 }
 
@@ -279,9 +474,10 @@ pub struct Rare {
     /// The fatal ERROR to send once `publishes_in_flight` reaches zero ([`Phase::Failing`]).
     pub fatal: Option<ServerFrame>,
     /// Aliases unbound (LEFT sent) that may not be bound again yet, each with the number of
-    /// the relay PING whose PONG frees it: until the client has answered a PING sent after
-    /// the LEFT, a frame naming the alias may still be one it sent for the old room.
-    pub retired: Vec<(u32, u64)>,
+    /// PONGs that frees it (the PINGs unanswered when it was retired, and the one that
+    /// follows the LEFT): until the client has answered a PING sent after the LEFT, a frame
+    /// naming the alias may still be one it sent for the old room.
+    pub retired: Vec<(u32, u32)>,
 }
 
 impl Rare {
@@ -315,13 +511,14 @@ pub struct Conn {
     /// The authenticated user, once open.
     pub user: Option<crate::ids::UserName>,
     /// Bound aliases (index = alias).
-    pub subs: Vec<Option<Sub>>,
+    pub subs: Bindings,
     /// DELIVER encoding state.
     pub ctx: DeliverContext,
     /// Fed from history because the queue hit its cap.
     pub lagging: bool,
-    /// Page requests in flight.
-    pub fetches: u32,
+    /// Page requests in flight (at most the worker's page budget, itself at most
+    /// `u16::MAX`).
+    pub fetches: u16,
     /// When the connection was accepted.
     pub accepted_at: Stamp,
     /// Last time anything arrived.
@@ -340,10 +537,12 @@ pub struct Conn {
     pub publishes_in_flight: u32,
     /// What only some connections need (`None` until one does).
     pub rare: Option<Box<Rare>>,
-    /// PINGs the relay sent on this connection, and PONGs the client answered with.
-    pub pings_sent: u64,
-    /// See `pings_sent`.
-    pub pongs_seen: u64,
+    /// PINGs the relay sent on this connection that the client has not answered yet (each
+    /// PONG answers the oldest). Counts of all PINGs and PONGs took 16 bytes; saturating,
+    /// though a client cannot leave 2^32 PINGs unanswered: the relay sends one per
+    /// heartbeat and one per flush that queued a LEFT, and a client that answers none is
+    /// closed at its heartbeat timeout.
+    pub pings_unanswered: u32,
     /// A PING must follow the LEFTs queued since the last one (see [`Rare::retired`]).
     pub retire_ping_due: bool,
     /// The one heartbeat/handshake/linger deadline in force (its stamp); timer entries for
@@ -385,7 +584,7 @@ impl Conn {
             sending: false,
             dirty: false,
             user: None,
-            subs: Vec::new(),
+            subs: Bindings::default(),
             ctx: DeliverContext::new(0, 1),
             lagging: false,
             fetches: 0,
@@ -399,8 +598,7 @@ impl Conn {
             publishes_in_flight: 0,
             timer_at: None,
             rare: None,
-            pings_sent: 0,
-            pongs_seen: 0,
+            pings_unanswered: 0,
             retire_ping_due: false,
             claims: None,
             service: false,
@@ -529,7 +727,7 @@ impl Conn {
 
     /// The lowest free alias: unbound and not retired (see [`Rare::retired`]).
     pub fn free_alias(&mut self) -> u32 {
-        let retired: &[(u32, u64)] = self.rare.as_ref().map_or(&[], |r| &r.retired);
+        let retired: &[(u32, u32)] = self.rare.as_ref().map_or(&[], |r| &r.retired);
         let free = self
             .subs
             .iter()
@@ -538,11 +736,7 @@ impl Conn {
         match free {
             Some(i) => i as u32,
             None => {
-                // A phone binds a few rooms: no spare slots (128 bytes each) for those.
-                if self.subs.len() < EXACT_SUBS {
-                    self.subs.reserve_exact(1);
-                }
-                self.subs.push(None);
+                self.subs.push_free();
                 (self.subs.len() - 1) as u32
             }
         }
@@ -551,24 +745,30 @@ impl Conn {
     /// An alias was unbound with a LEFT: it stays out of use until the client answers the
     /// PING that will follow the LEFT (queued at the next flush).
     pub fn retire(&mut self, alias: u32) {
-        let ping = self.pings_sent + 1;
-        self.rare_mut().retired.push((alias, ping));
+        let pongs = self.pings_unanswered.saturating_add(1);
+        self.rare_mut().retired.push((alias, pongs));
         self.retire_ping_due = true;
     }
 
     /// Queues a PING (heartbeat or retirement), counting it.
     pub fn ping(&mut self) {
         self.write(&ServerFrame::Ping(pabal_codec::Ping::default()));
-        self.pings_sent += 1;
+        self.pings_unanswered = self.pings_unanswered.saturating_add(1);
         self.retire_ping_due = false;
     }
 
-    /// The client answered a PING: aliases retired before it are free again.
+    /// The client answered a PING: aliases retired before it are free again. A PONG with
+    /// no PING unanswered frees nothing.
     pub fn pong(&mut self) {
-        self.pongs_seen = (self.pongs_seen + 1).min(self.pings_sent);
-        let seen = self.pongs_seen;
+        if self.pings_unanswered == 0 {
+            return;
+        }
+        self.pings_unanswered -= 1;
         if let Some(rare) = &mut self.rare {
-            rare.retired.retain(|&(_, ping)| ping > seen);
+            for (_, pongs) in &mut rare.retired {
+                *pongs -= 1;
+            }
+            rare.retired.retain(|&(_, pongs)| pongs > 0);
         }
         self.trim_rare();
     }
@@ -608,13 +808,23 @@ mod tests {
         // Rare state (backlogs, retired aliases, a pending fatal ERROR) lives apart; times
         // are 32-bit stamps (they were `Instant`s, 16 bytes each: 352 bytes), and a partial
         // frame's buffer is boxed (an empty one took 32 bytes); the user's name is an 8-byte
-        // shared handle (a 32-byte `Text`: 240 bytes).
+        // shared handle (a 32-byte `Text`: 240 bytes); two bindings live in it (216 bytes
+        // with a 24-byte vector of them, which took a heap block of its own; 312 with the
+        // DELIVER state's sender-alias bound and hand as usizes; 296 with counts of every
+        // PING and PONG instead of the PINGs unanswered, and page requests as a u32).
         let record = std::mem::size_of::<Conn>();
         eprintln!("the connection record: {record} bytes");
         assert!(
-            record <= 216,
+            record <= 280,
             "the connection record grew to {record} bytes"
         );
+        assert!(
+            std::mem::size_of::<Bindings>() <= 2 * std::mem::size_of::<Option<Sub>>() + 8,
+            "two inline bindings and a tag"
+        );
+        // The DELIVER encoding state: the last timestamp, the sender aliases' list, and the
+        // list's bound and hand as u32s (48 bytes with them as usizes).
+        assert!(std::mem::size_of::<DeliverContext>() <= 40);
         assert!(conn.rbuf.is_none());
         conn.ping();
         assert!(conn.queued() > 0 && conn.output.as_ref().is_some_and(|o| o.out.capacity() > 0));
@@ -627,38 +837,178 @@ mod tests {
         // The next frame takes it, with its buffer, from the pool again.
         conn.ping();
         assert!(conn.output.as_ref().is_some_and(|o| o.out.capacity() > 0));
-        // Two bindings take two slots, not a vector's spare capacity.
+        // Two bindings take the record's two slots, no heap block.
         for (expected, name) in [(0, "a"), (1, "b")] {
             let alias = conn.free_alias();
             assert_eq!(alias, expected);
-            conn.subs[alias as usize] = Some(Sub {
-                room: RoomName::new(false, Text::from(name)),
-                epoch: 1,
-                cursor: 0,
-                position: 0,
-                mode: SubMode::Pending {
-                    from: StartFrom::Join { epoch: 1, seq: 0 },
-                },
-                acked: 0,
-                membership: 1,
-                request: 1,
-            });
+            conn.subs[alias as usize] = Some(Sub::pending(
+                RoomName::new(false, Text::from(name)),
+                StartFrom::Join { epoch: 1, seq: 0 },
+                1,
+                1,
+            ));
         }
-        assert_eq!(conn.subs.capacity(), 2);
-        // A binding: the room's shared name, four u64 stream positions (sequences are u64
-        // on the wire), its membership serial and request id, and how it is fed (with the
-        // start it was asked for while pending). It was 128 bytes with the room's name
-        // inline and the start kept for its whole life.
+        assert!(matches!(conn.subs, Bindings::Inline(_)));
+        // A binding: the room's shared name, its epoch, cursor and position (sequences are
+        // u64 on the wire), its membership serial and request id, the acknowledgement as a
+        // 4-byte distance below the position, and how it is fed (a byte: a pending start's
+        // epoch and sequence wait in the epoch and cursor). It was 128 bytes with the room's
+        // name inline, 80 with the start and the acknowledgement in full.
         let sub = std::mem::size_of::<Option<Sub>>();
-        assert!(sub <= 80, "a binding grew to {sub} bytes");
+        assert!(sub <= 56, "a binding grew to {sub} bytes");
         // Retiring an alias makes the rare state; the PONG that frees it drops it again.
         conn.retire(0);
         assert!(conn.rare.is_some());
         conn.ping();
-        for _ in 0..conn.pings_sent {
+        while conn.pings_unanswered > 0 {
             conn.pong();
         }
         assert!(conn.rare.is_none());
+    }
+
+    #[test]
+    fn a_retired_alias_is_freed_by_the_pong_to_the_ping_after_its_left() {
+        let t0 = Stamp(0);
+        let bucket = Tokens::full(1.0, t0);
+        let mut conn = Conn::new(1, 1, t0, Duration::from_secs(30), bucket, bucket);
+        conn.ping();
+        conn.ping(); // two heartbeats unanswered
+        conn.retire(0);
+        conn.pong(); // the first heartbeat's
+        assert_eq!(conn.free_alias(), 1, "alias 0 is retired");
+        conn.ping(); // the PING after the LEFT
+        conn.ping(); // and another heartbeat
+        conn.pong(); // the second heartbeat's
+        assert_eq!(conn.free_alias(), 1, "its PING is not answered yet");
+        conn.pong(); // the PING after the LEFT
+        assert!(conn.rare.is_none());
+        assert_eq!(conn.free_alias(), 0, "free again");
+        conn.pong();
+        conn.pong(); // one more than was sent: nothing to answer
+        assert_eq!(conn.pings_unanswered, 0);
+        conn.retire(0);
+        assert_eq!(
+            conn.free_alias(),
+            1,
+            "the extra PONGs answered nothing later"
+        );
+        conn.ping();
+        conn.pong();
+        assert_eq!(conn.free_alias(), 0);
+    }
+
+    #[test]
+    fn bindings_spill_past_two_keeping_every_alias() {
+        let t0 = Stamp(0);
+        let bucket = Tokens::full(1.0, t0);
+        let mut conn = Conn::new(1, 1, t0, Duration::from_secs(30), bucket, bucket);
+        let bind = |conn: &mut Conn, name: &str| {
+            let alias = conn.free_alias();
+            conn.subs[alias as usize] = Some(Sub::pending(
+                RoomName::new(false, Text::from(name)),
+                StartFrom::Live,
+                1,
+                1,
+            ));
+            alias
+        };
+        assert_eq!((bind(&mut conn, "a"), bind(&mut conn, "b")), (0, 1));
+        // A third moves all three to a vector, exact, with the first two where they were.
+        assert_eq!(bind(&mut conn, "c"), 2);
+        let Bindings::Spilled(subs) = &conn.subs else {
+            panic!("three bindings do not fit inline");
+        };
+        assert_eq!(subs.capacity(), 3);
+        for (alias, name) in ["a", "b", "c"].into_iter().enumerate() {
+            let room = RoomName::new(false, Text::from(name));
+            assert_eq!(conn.alias_of(&room), Some(alias as u32));
+        }
+        // An unbound, retired alias is not handed out again until its PONG.
+        conn.subs[1] = None;
+        conn.retire(1);
+        assert_eq!(bind(&mut conn, "d"), 3);
+        assert_eq!(conn.bound(), 3);
+        let bound: Vec<_> = std::mem::take(&mut conn.subs)
+            .into_bound()
+            .map(|s| s.room.name.clone())
+            .collect();
+        assert_eq!(bound, ["a", "c", "d"].map(Text::from));
+
+        // A HELLO's slots: two or fewer go inline, free ones kept as slots; more stay a
+        // vector with every slot, a free (retired) last one included.
+        let sub = |name: &str| {
+            Some(Sub::pending(
+                RoomName::new(true, Text::from(name)),
+                StartFrom::Live,
+                1,
+                1,
+            ))
+        };
+        let two = Bindings::from(vec![None, sub("x")]);
+        assert!(matches!(&two, Bindings::Inline([None, Some(_)])));
+        let three = Bindings::from(vec![sub("x"), sub("y"), None]);
+        assert_eq!(three.len(), 3);
+        let mut conn = Conn::new(2, 2, t0, Duration::from_secs(30), bucket, bucket);
+        conn.subs = three;
+        conn.retire(2);
+        assert_eq!(
+            conn.free_alias(),
+            3,
+            "the retired last slot stays out of use"
+        );
+    }
+
+    #[test]
+    fn a_bindings_compact_positions_read_back_exactly_and_overflow_explicitly() {
+        let room = RoomName::new(false, Text::from("dm"));
+        // A pending binding keeps the start it asked for in its epoch and cursor fields.
+        let far = u64::MAX - 7;
+        for from in [
+            StartFrom::Live,
+            StartFrom::Resume {
+                epoch: 1_764_358_800_123,
+                last_seq: far,
+            },
+            StartFrom::Join { epoch: 9, seq: 41 },
+        ] {
+            let sub = Sub::pending(room.clone(), from, 3, 4);
+            assert_eq!(sub.start_from(), Some(from));
+            assert_eq!((sub.position(), sub.acked()), (0, 0));
+        }
+        let mut sub = Sub::pending(room, StartFrom::Live, 1, 1);
+        assert!(!sub.ack(5), "nothing processed: nothing to acknowledge");
+        // Answered: the binding starts at sequence 2^40, beyond any 32-bit field.
+        let start = 1u64 << 40;
+        sub.mode = SubMode::Live;
+        sub.set_position(start);
+        assert_eq!(sub.start_from(), None);
+        assert_eq!(sub.acked(), 0);
+        assert!(
+            sub.ack(start + 9),
+            "an ACK past the position counts up to it"
+        );
+        assert_eq!(sub.acked(), start);
+        sub.set_position(start + 100);
+        assert_eq!(
+            sub.acked(),
+            start,
+            "the position moves, the acknowledgement stays"
+        );
+        assert!(!sub.ack(start - 1) && sub.acked() == start);
+        assert!(sub.ack(start + 60) && sub.acked() == start + 60);
+        // The acknowledgement's distance at the field's limit still reads back exactly.
+        let limit = start + 60 + u64::from(NO_ACK - 1);
+        sub.set_position(limit);
+        assert_eq!(sub.acked(), start + 60);
+        // One further: the fallback, no acknowledgement held (never a wrapped value).
+        sub.set_position(limit + 1);
+        assert_eq!(sub.acked(), 0);
+        assert!(!sub.ack(start + 60), "too far below the position to hold");
+        assert_eq!(sub.acked(), 0);
+        assert!(
+            sub.ack(limit) && sub.acked() == limit,
+            "a near ACK restates it"
+        );
     }
 
     #[test]

@@ -126,11 +126,9 @@ impl Core {
         let Some(Some(sub)) = conn.subs.get_mut(alias as usize) else {
             return;
         };
-        let acked = seq.min(sub.position);
-        if acked <= sub.acked {
+        if !sub.ack(seq) {
             return;
         }
-        sub.acked = acked;
         let channel = sub.room.channel;
         self.note_acked(token, alias, channel);
     }
@@ -142,8 +140,11 @@ impl Core {
         let Some(Some(sub)) = conn.subs.get(alias as usize) else {
             return;
         };
-        let read = seq.min(sub.position);
-        let (room, epoch) = (sub.room.clone(), sub.epoch);
+        let read = seq.min(sub.position());
+        // A pending binding's `epoch` holds the start it asked for, not a stream's: its
+        // READ names no stream yet (epoch 0, as before the owner answers).
+        let epoch = if sub.is_pending() { 0 } else { sub.epoch };
+        let room = sub.room.clone();
         let Some(user) = conn.user.clone() else {
             return;
         };
@@ -300,7 +301,12 @@ impl Core {
                     };
                     let request = self.new_request();
                     let serial = rooms[i].1.serial;
-                    subs.push(Some(pending_sub(rooms[i].0.clone(), from, request, serial)));
+                    subs.push(Some(Sub::pending(
+                        rooms[i].0.clone(),
+                        from,
+                        request,
+                        serial,
+                    )));
                     subscribe.push((alias as u32, rooms[i].0.clone(), from, request));
                 }
                 _ => {
@@ -336,11 +342,11 @@ impl Core {
                 seq: join.seq,
             };
             let request = self.new_request();
-            subs[alias] = Some(pending_sub(room.clone(), from, request, join.serial));
+            subs[alias] = Some(Sub::pending(room.clone(), from, request, join.serial));
             subscribe.push((alias as u32, room, from, request));
         }
         if let Some(conn) = self.conn(token) {
-            conn.subs = subs;
+            conn.subs = subs.into();
         }
         for (alias, reason) in left {
             self.write(token, &ServerFrame::Left(Left { alias, reason }));
@@ -411,8 +417,8 @@ impl Core {
             if let Some(Some(sub)) = conn.subs.get_mut(alias as usize)
                 && !sub.is_pending()
             {
-                sub.cursor = sub.position;
-                let frame = room_frame(alias, sub, sub.position);
+                sub.cursor = sub.position();
+                let frame = room_frame(alias, sub, sub.position());
                 self.write(token, &frame);
             }
             return;

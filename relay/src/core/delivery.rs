@@ -10,7 +10,7 @@ use bytes::Bytes;
 use pabal_codec::{DeliverContext, Left, LeftReason, PubAck, Room, ServerFrame, Text};
 
 use super::*;
-use crate::conn::{Phase, Sub, SubMode, deliver_bound};
+use crate::conn::{Phase, StartKind, Sub, SubMode, deliver_bound};
 use crate::directory::JoinPoint;
 use crate::ids::{Origin, RoomName, Stored, StoredRef, UserName};
 use crate::io::Token;
@@ -29,26 +29,13 @@ pub(super) fn advance(
     msg: &Stored,
     me: Origin,
 ) -> Option<pabal_codec::DeliverHeader> {
-    sub.position = msg.seq;
+    sub.set_position(msg.seq);
     if msg.origin == Some(me) {
         return None;
     }
     let header = ctx.header(alias, Some(msg.seq), sub.cursor, &msg.sender, msg.ts_ms);
     sub.cursor = msg.seq;
     Some(header)
-}
-
-pub(super) fn pending_sub(room: RoomName, from: StartFrom, request: u64, membership: u64) -> Sub {
-    Sub {
-        membership,
-        room,
-        epoch: 0,
-        cursor: 0,
-        position: 0,
-        mode: SubMode::Pending { from },
-        acked: 0,
-        request,
-    }
 }
 
 /// The ROOM frame of a binding. Its name is a copy of the room's (made and freed with the
@@ -75,6 +62,7 @@ impl Core {
         let failing = conn.phase == Phase::Failing;
         if let Some(Some(sub)) = conn.subs.get_mut(by.alias as usize)
             && sub.request == by.binding
+            && !sub.is_pending()
         {
             // The same rule as the client's: a contiguous own message advances the cursor,
             // if the alias is still bound by the subscription it was published on (so to the
@@ -82,8 +70,8 @@ impl Core {
             if sub.cursor + 1 == seq {
                 sub.cursor = seq;
             }
-            if sub.position + 1 == seq {
-                sub.position = seq;
+            if sub.position() + 1 == seq {
+                sub.set_position(seq);
             }
         }
         self.write(token, &ServerFrame::PubAck(PubAck { msg_id, seq }));
@@ -127,11 +115,11 @@ impl Core {
         else {
             return self.send_to_owner(&room.clone(), CoreMsg::Unsubscribed { room, core });
         };
-        let clean_resume = matches!(sub.mode, SubMode::Pending {
-            from: StartFrom::Resume { epoch: e, last_seq } } if e == epoch && last_seq == start);
+        let clean_resume = matches!(sub.start_from(),
+            Some(StartFrom::Resume { epoch: e, last_seq }) if e == epoch && last_seq == start);
         sub.epoch = epoch;
         sub.cursor = start;
-        sub.position = start;
+        sub.set_position(start);
         sub.mode = SubMode::CatchingUp { fetching: false };
         let frame = (!clean_resume).then(|| {
             let mut frame = room_frame(alias, sub, head);
@@ -194,7 +182,7 @@ impl Core {
             let Some(Some(sub)) = conn.subs.get_mut(alias as usize) else {
                 return;
             };
-            if to > sub.position {
+            if to > sub.position() {
                 // The client's cursor may trail `position` by its own skipped messages; the
                 // gap covers those too, which the client already holds as its own.
                 let gap = pabal_codec::Gap {
@@ -203,7 +191,7 @@ impl Core {
                     to,
                 };
                 sub.cursor = to;
-                sub.position = to;
+                sub.set_position(to);
                 conn.write(&ServerFrame::Gap(gap));
                 inc(&stats.gaps, 1);
             }
@@ -214,7 +202,7 @@ impl Core {
         let mut cut_short = false;
         for msg in &page.msgs {
             match conn.subs.get(alias as usize) {
-                Some(Some(sub)) if msg.seq <= sub.position => continue,
+                Some(Some(sub)) if msg.seq <= sub.position() => continue,
                 Some(Some(_)) => {}
                 _ => return,
             }
@@ -263,7 +251,8 @@ impl Core {
         // Pages are asked for only below the low-water mark, so the pages in flight fill at
         // most the rest of the cap.
         let cap = self.config.connection.max_queued_bytes;
-        let budget = ((cap - cap / 4) / self.config.connection.replay_page_bytes).max(1);
+        let budget = ((cap - cap / 4) / self.config.connection.replay_page_bytes)
+            .clamp(1, usize::from(u16::MAX));
         let origin = self.origin(token);
         let mut requests = Vec::new();
         {
@@ -271,7 +260,7 @@ impl Core {
             if conn.phase != Phase::Open {
                 return;
             }
-            let mut fetches = conn.fetches as usize;
+            let mut fetches = usize::from(conn.fetches);
             for (alias, sub) in conn.subs.iter_mut().enumerate() {
                 if fetches >= budget {
                     break;
@@ -281,10 +270,10 @@ impl Core {
                 {
                     sub.mode = SubMode::CatchingUp { fetching: true };
                     fetches += 1;
-                    requests.push((sub.room.clone(), alias as u32, sub.position, sub.request));
+                    requests.push((sub.room.clone(), alias as u32, sub.position(), sub.request));
                 }
             }
-            conn.fetches = fetches as u32;
+            conn.fetches = u16::try_from(fetches).unwrap_or(u16::MAX);
         }
         let user = self
             .conn(token)
@@ -349,10 +338,10 @@ impl Core {
                 let Some(Some(sub)) = conn.subs.get_mut(alias as usize) else {
                     continue;
                 };
-                if sub.mode != SubMode::Live || msg.seq <= sub.position {
+                if sub.mode != SubMode::Live || msg.seq <= sub.position() {
                     continue;
                 }
-                if msg.seq != sub.position + 1 || over_cap {
+                if msg.seq != sub.position() + 1 || over_cap {
                     // Behind (queue full) or a hole: catch up from history instead.
                     sub.mode = SubMode::CatchingUp { fetching: false };
                     fell_behind.push(token);
@@ -484,7 +473,7 @@ impl Core {
             let request = self.new_request();
             if let Some(conn) = self.conn(token) {
                 conn.subs[alias as usize] =
-                    Some(pending_sub(room.clone(), from, request, join.serial));
+                    Some(Sub::pending(room.clone(), from, request, join.serial));
             }
             self.send_to_owner(
                 &room.clone(),
@@ -544,7 +533,7 @@ impl Core {
         let announced = !matches!(
             sub.mode,
             SubMode::Pending {
-                from: StartFrom::Live | StartFrom::Join { .. }
+                from: StartKind::Live | StartKind::Join
             }
         );
         if announced {

@@ -177,7 +177,7 @@ impl Core {
         if conn.lagging {
             dec(&self.stats.lagging, 1);
         }
-        for sub in conn.subs.into_iter().flatten() {
+        for sub in conn.subs.into_bound() {
             if !sub.is_pending() {
                 self.unsubscribe_local(&sub.room, token);
             }
@@ -331,6 +331,12 @@ impl Core {
             }
             conn.timer_at = None;
             self.on_timer(token);
+        }
+        // After a storm of connections has gone, the heap gives back what it no longer
+        // needs (at most once per quartering of its entries).
+        let (len, capacity) = (self.timers.len(), self.timers.capacity());
+        if capacity > 4 * len + TIMER_HEAP_STEP {
+            self.timers.shrink_to(len + len / 4 + TIMER_HEAP_STEP);
         }
         self.evict_idle_rooms();
         self.send_due_receipts();

@@ -171,7 +171,8 @@ pub struct Core {
     /// Keyed by the user's shared handle (the directory's), searched with the name.
     users: HashMap<crate::ids::UserName, UserConns>,
     /// Connections' deadlines, ms since the clock's base ([`Clock::deadline_ms`]): 16 bytes
-    /// an entry (24 with an `Instant`), one or two entries per connection.
+    /// an entry (24 with an `Instant`), one or two entries per connection; grown a quarter
+    /// at a time and shrunk when mostly empty, not doubled (`Core::arm`, `run_timers`).
     timers: BinaryHeap<Reverse<(u64, Token)>>,
     /// Owned rooms that became unused, oldest first, with when to check them.
     idle_rooms: VecDeque<(Instant, RoomName)>,
@@ -235,6 +236,9 @@ const EXACT_LIST: usize = 8;
 
 /// Grown past [`EXACT_LIST`], a list gets this fraction of its length in spare slots.
 const GROWTH_DIVISOR: usize = 8;
+
+/// The timer heap grows by a quarter of its entries and this many more (see `Core::arm`).
+const TIMER_HEAP_STEP: usize = 64;
 
 /// Pushes onto a list that is usually short (a user's connections on this worker, a 1:1
 /// room's subscribers here): while it is short it gets no spare capacity, which a vector's
@@ -483,6 +487,12 @@ impl Core {
             .is_none_or(|t| from_now(at_stamp) < from_now(t))
         {
             conn.timer_at = Some(at_stamp);
+            if self.timers.len() == self.timers.capacity() {
+                // A quarter more, not double: the heap holds about one entry per
+                // connection, and doubling left up to half of it spare (16 bytes an entry).
+                self.timers
+                    .reserve_exact(self.timers.len() / 4 + TIMER_HEAP_STEP);
+            }
             self.timers.push(Reverse((at_ms, token)));
         }
     }
@@ -842,6 +852,6 @@ mod sim;
 #[cfg(test)]
 mod tests;
 
-use delivery::{pending_sub, room_frame};
+use delivery::room_frame;
 use owner::OwnedRoom;
 pub use receipts::Marker;

@@ -222,12 +222,17 @@ impl Core {
             let (Some(Some(sub)), Some(user)) = (conn.subs.get(alias as usize), &conn.user) else {
                 continue;
             };
+            if sub.is_pending() {
+                // Rebound in this tick after the ACK: nothing acknowledged on it, and its
+                // `epoch` holds the start it asked for, not a stream's.
+                continue;
+            }
             updates.push(MarkerUpdate {
                 room: sub.room.clone(),
                 user: user.text(),
                 epoch: sub.epoch,
                 marker: Marker {
-                    delivered: sub.acked,
+                    delivered: sub.acked(),
                     read: 0,
                 },
             });

@@ -934,7 +934,7 @@ fn an_ack_counts_only_up_to_what_was_sent() {
         &ClientFrame::Ack(pabal_codec::Ack::from_pairs(&[(b, 1000), (77, 5)])),
     );
     let conn = h.core.conn(bob).unwrap();
-    assert_eq!(conn.subs[b as usize].as_ref().unwrap().acked, 1);
+    assert_eq!(conn.subs[b as usize].as_ref().unwrap().acked(), 1);
 }
 
 #[test]

@@ -1041,6 +1041,28 @@ fn options_validation_names_the_field() {
     BackendOptions::default().validate().unwrap();
 }
 
+/// The epoll connection record lives inline in the slab, 32 bytes (72 with the batch in
+/// flight's queue and its total inline, held by every idle connection): a batch being
+/// written is boxed, from a pool, only while it is in flight (see
+/// [`an_idle_connection_holds_no_send_state`]).
+#[test]
+fn epoll_connection_record_is_compact() {
+    // 32 in release builds: the stream's fd (4), the token (8), the boxed batch (8) and
+    // six flags; the rest of a debug build's mio stream on top.
+    let (record, stream) = EpollBackend::connection_record_bytes();
+    let limit = (stream + 24).next_multiple_of(8);
+    assert!(limit == 32 || stream > 4, "a 4-byte stream leaves 32 bytes");
+    assert_record_at_most("epoll", record, limit);
+}
+
+/// Fails if a backend's per-connection record grew past `limit` bytes.
+fn assert_record_at_most(backend: &str, record: usize, limit: usize) {
+    assert!(
+        record <= limit,
+        "the {backend} connection record grew to {record} bytes"
+    );
+}
+
 /// The io_uring connection record lives inline in the slab, 48 bytes (it was boxed, 200-odd
 /// bytes with a send's `msghdr` and iovec list, then 136 inline with the send queue and its
 /// counters, the stash and the single-shot buffer): a batch being sent comes from a pool
@@ -1048,11 +1070,7 @@ fn options_validation_names_the_field() {
 /// single-shot buffer are boxed apart.
 #[test]
 fn uring_connection_record_is_compact_and_send_vectors_are_pooled() {
-    let record = UringBackend::connection_record_bytes();
-    assert!(
-        record <= 48,
-        "the io_uring connection record grew to {record} bytes"
-    );
+    assert_record_at_most("io_uring", UringBackend::connection_record_bytes(), 48);
     let opts = uring_opts(true);
     if let Err(e) = probe::probe_uring(&opts) {
         pabal_testkit::skip(format_args!("the io_uring variant: {e}"));

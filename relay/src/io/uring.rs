@@ -98,7 +98,7 @@
 //! long as the backend; on drop the backend cancels everything and waits for the
 //! completions, and leaks the memory rather than free it if the kernel does not answer.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::mem;
 use std::net::{self, SocketAddr};
@@ -111,7 +111,7 @@ use io_uring::{EnterFlags, IoUring, cqueue, opcode, squeue, types};
 
 use super::accept::AcceptBackoff;
 use super::probe::BackendOptions;
-use super::slab::{Key, ListPool, Slab};
+use super::slab::{Key, ListPool, Slab, TokenIndex};
 use super::uring_buffers::BufRing;
 use super::uring_storage::{RingCommits, StorageSqe};
 use super::{AcceptStats, Backend, CloseReason, EventSink, SendStats, Token, Transport, Wakeup};
@@ -283,7 +283,8 @@ pub struct UringBackend {
     #[allow(clippy::vec_box)]
     // reason: each is handed to a connection as the box whose address the kernel reads
     batches: Vec<Box<Batch>>,
-    by_token: HashMap<Token, u32>,
+    /// The slot of each token's connection.
+    by_token: TokenIndex,
     listeners: Vec<ListenerSlot>,
     /// Whether accepting is paused, and when to re-arm the listeners.
     accept: AcceptBackoff,
@@ -412,7 +413,7 @@ impl UringBackend {
             conns: Slab::new(GEN_BITS),
             lists: ListPool::default(),
             batches: Vec::new(),
-            by_token: HashMap::new(),
+            by_token: TokenIndex::default(),
             listeners: Vec::new(),
             accept: AcceptBackoff::default(),
             wakeup: Wakeup::new()?,
@@ -672,7 +673,7 @@ impl UringBackend {
             return;
         }
         let token = conn.token;
-        self.by_token.remove(&token);
+        self.by_token.remove(token);
         sink.closed(token, reason);
         self.begin_close(idx);
     }
@@ -782,7 +783,7 @@ impl Transport for UringBackend {
     }
 
     fn close(&mut self, token: Token) {
-        if let Some(idx) = self.by_token.remove(&token) {
+        if let Some(idx) = self.by_token.remove(token) {
             self.begin_close(idx);
         }
     }
@@ -884,7 +885,7 @@ impl Drop for UringBackend {
             self.push_cancel(user_data(OP_WAKE, 0, 0), user_data(OP_MISC, 0, 0));
         }
         self.close_listeners();
-        self.by_token.clear();
+        self.by_token = TokenIndex::default();
         for idx in 0..self.conns.slots() {
             self.begin_close(idx);
         }

@@ -336,3 +336,29 @@ fn a_room_frame_names_the_room_with_a_copy_not_a_clone_of_its_record() {
         "the frame shares the record's buffer"
     );
 }
+
+#[test]
+fn the_timer_heap_holds_one_entry_per_phone_without_a_doubled_capacity() {
+    let mut h = Harness::new(|_| {});
+    let phones: Vec<Token> = (0..1_100)
+        .map(|i| h.connect(&format!("p{i}"), ClientSession::new()))
+        .collect();
+    let (len, capacity) = (h.core.timers.len(), h.core.timers.capacity());
+    assert!(len >= phones.len(), "one deadline per phone: {len}");
+    // A doubling heap held 2,048 entries' room for 1,100 (16 bytes each).
+    assert!(
+        capacity <= len + len / 4 + TIMER_HEAP_STEP,
+        "{capacity} entries' room for {len}"
+    );
+    // Most phones go; once their deadlines have passed the heap gives the room back.
+    for &token in &phones[100..] {
+        h.core.on_closed(h.now, token);
+    }
+    h.tick(Duration::from_secs(3600));
+    let (len, capacity) = (h.core.timers.len(), h.core.timers.capacity());
+    assert!(len <= 2 * 100, "only the phones left have deadlines: {len}");
+    assert!(
+        capacity <= len + len / 4 + TIMER_HEAP_STEP,
+        "{capacity} entries' room for {len} after the storm"
+    );
+}

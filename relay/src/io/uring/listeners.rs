@@ -121,7 +121,7 @@ impl UringBackend {
         let Some(token) = sink.accepted(&stream, peer) else {
             return;
         };
-        if self.by_token.contains_key(&token) {
+        if self.by_token.contains(token) {
             tracing::error!(
                 token,
                 "sink reused a live token; refusing the new connection"

@@ -304,7 +304,7 @@ impl UringBackend {
     }
 
     pub(super) fn switch_reading(&mut self, token: Token, reading: bool) {
-        let Some(&idx) = self.by_token.get(&token) else {
+        let Some(idx) = self.by_token.get(token) else {
             return;
         };
         let Some((key, conn)) = self.conns.at_mut(idx) else {

@@ -212,7 +212,7 @@ impl UringBackend {
 
     /// Takes a batch to send (the worker's `Transport::send`).
     pub(super) fn queue_send(&mut self, token: Token, bufs: &mut VecDeque<Bytes>) {
-        let Some(&idx) = self.by_token.get(&token) else {
+        let Some(idx) = self.by_token.get(token) else {
             tracing::debug!(token, "send on an unknown token; dropped");
             bufs.clear();
             return;
@@ -253,7 +253,7 @@ impl UringBackend {
 
     /// Half-closes after the batch in flight, or now (the worker's `Transport::shutdown_write`).
     pub(super) fn queue_shutdown_write(&mut self, token: Token) {
-        let Some(&idx) = self.by_token.get(&token) else {
+        let Some(idx) = self.by_token.get(token) else {
             return;
         };
         let Some(conn) = self.conn_at(idx) else {
