@@ -48,8 +48,14 @@
 //!   a failure that is not about one connection (EMFILE, ENFILE, ENOBUFS, ENOMEM) the
 //!   accept ends; it is re-armed when the [`AcceptBackoff`] pause is over, and picks up the
 //!   connections waiting in the backlog;
-//! - receive: multishot `RECV` selecting from a provided-buffer ring; each buffer goes back
-//!   to the ring as soon as `EventSink::received` returns. Only a window of the ring's
+//! - receive: multishot `RECV` selecting from a provided-buffer ring, as a bundle
+//!   (`IORING_RECVSEND_BUNDLE`, Linux 6.10, where the kernel has it: one completion carries
+//!   every buffer's worth the socket has ready, filling consecutive ring slots from the
+//!   kernel's head, and names only the first buffer; `BufRing` mirrors which buffer sits in
+//!   which slot, so the rest are found in order and all handed back; a kernel that answers
+//!   EINVAL gets the plain multishot receive, one buffer per completion, as does
+//!   [`BackendOptions::uring_recv_bundle`] off); each buffer goes back to the ring as soon
+//!   as `EventSink::received` returns. Only a window of the ring's
 //!   buffers is posted (64 at first, doubled whenever a receive finds none), topped up with
 //!   the buffers most recently returned, so the same few stay in use and the rest of the
 //!   ring's memory is never touched (`BufRing`). A multishot that ends (no

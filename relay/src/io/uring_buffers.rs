@@ -1,8 +1,9 @@
 //! The io_uring backend's provided-buffer ring ([`BufRing`]): the memory its multishot
-//! receives fill, and which of its buffers are posted to the kernel.
+//! receives fill, which of its buffers are posted to the kernel, and in which ring order
+//! (a bundle receive names only its first buffer; the mirror says which follow).
 //!
-//! Owns two anonymous mappings (the ring's entries and the buffers) and the choice of the
-//! buffers posted; it must not touch the ring itself (registration and completions are
+//! Owns two anonymous mappings (the ring's entries and the buffers), the choice of the
+//! buffers posted and the mirror of their order; it must not touch the ring itself (registration and completions are
 //! [`super::uring`]'s) and never looks inside the bytes.
 
 use std::io;
