@@ -43,6 +43,10 @@ pub struct BackendOptions {
     /// Use multishot accept/receive/poll and the buffer ring where the kernel has them.
     /// `false` forces the single-shot paths (what kernels before 6.0 get). Default true.
     pub uring_multishot: bool,
+    /// Run multishot receives as bundles (`IORING_RECVSEND_BUNDLE`, Linux 6.10) where the
+    /// kernel has them: one completion carries every buffer's worth the socket has ready.
+    /// `false` forces the plain multishot receive (one completion per buffer). Default true.
+    pub uring_recv_bundle: bool,
     /// Try `IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN | COOP_TASKRUN` (falling back to
     /// plain setup if the kernel refuses). Default true.
     pub uring_defer_taskrun: bool,
@@ -68,6 +72,7 @@ impl Default for BackendOptions {
             buf_ring_count: 1024,
             buf_size: 16 * 1024,
             uring_multishot: true,
+            uring_recv_bundle: true,
             uring_defer_taskrun: true,
             uring_tick_completions: 1024,
             epoll_events: 1024,
@@ -254,6 +259,33 @@ pub fn probe_uring(opts: &BackendOptions) -> Result<(), Unavailable> {
         return Err(Unavailable::MissingOpcodes(missing));
     }
     Ok(())
+}
+
+/// Whether `ring`'s kernel takes receive bundles (`IORING_FEAT_RECVSEND_BUNDLE`, Linux 6.10).
+/// Not required: without it multishot receives take one buffer per completion. A kernel that
+/// advertises it and still refuses a bundle (EINVAL) is handled where the receive completes.
+pub(crate) fn recv_bundles(ring: &IoUring) -> bool {
+    ring.params().is_feature_recvsend_bundle()
+}
+
+static RECEIVE_PATH_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// Says once per process which receive path the io_uring workers run.
+pub(crate) fn log_receive_path(opts: &BackendOptions, buffer_ring: bool, bundles: bool) {
+    if RECEIVE_PATH_LOGGED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let path = match (buffer_ring, bundles) {
+        (true, true) => "multishot receive bundles (one completion per socket read, many buffers)",
+        (true, false) if !opts.uring_recv_bundle => {
+            "plain multishot receive (bundles disabled by options)"
+        }
+        (true, false) => {
+            "plain multishot receive (the kernel lacks IORING_FEAT_RECVSEND_BUNDLE, Linux 6.10)"
+        }
+        (false, _) => "single-shot receive into per-connection buffers",
+    };
+    tracing::info!("io_uring receive path: {path}");
 }
 
 static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);

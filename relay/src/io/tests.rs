@@ -1,6 +1,7 @@
 //! Loopback tests of the backend contract, each written once and run against every backend:
 //! io_uring (multishot, with a deliberately small buffer ring so that ENOBUFS re-arming is
-//! exercised), io_uring forced onto its single-shot paths, and epoll (with a small per-tick
+//! exercised; receive bundles where the kernel has them), the same without bundles (plain
+//! multishot receive, [`bundles`]), io_uring forced onto its single-shot paths, and epoll (with a small per-tick
 //! budget). The io_uring variants print a skip line and pass where io_uring is unavailable,
 //! except under CI (`CI=true`), where they fail ([`pabal_testkit::skip`]).
 //!
@@ -28,6 +29,8 @@ use super::probe::{self, BackendOptions, ResolvedKind, Unavailable};
 use super::uring::UringBackend;
 use super::{Backend, BackendKind, CloseReason, EventSink, Token, Wakeup};
 
+mod bundles;
+
 /// Longest any single wait in these tests may take before the test fails.
 const LIMIT: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_millis(5);
@@ -46,14 +49,23 @@ fn uring_opts(multishot: bool) -> BackendOptions {
 }
 
 fn make_uring(multishot: bool) -> Option<Box<dyn Backend>> {
-    let opts = uring_opts(multishot);
-    if let Err(e) = probe::probe_uring(&opts) {
+    make_uring_with(&uring_opts(multishot))
+}
+
+/// Multishot receives without bundles (what a kernel before 6.10 runs).
+fn make_uring_plain_multishot() -> Option<Box<dyn Backend>> {
+    make_uring_with(&BackendOptions {
+        uring_recv_bundle: false,
+        ..uring_opts(true)
+    })
+}
+
+fn make_uring_with(opts: &BackendOptions) -> Option<Box<dyn Backend>> {
+    if let Err(e) = probe::probe_uring(opts) {
         pabal_testkit::skip(format_args!("the io_uring variant: {e}"));
         return None;
     }
-    Some(Box::new(
-        UringBackend::new(&opts).expect("io_uring backend"),
-    ))
+    Some(Box::new(UringBackend::new(opts).expect("io_uring backend")))
 }
 
 fn make_epoll() -> Option<Box<dyn Backend>> {
@@ -71,6 +83,9 @@ macro_rules! for_each_backend {
         }
         mod uring_single_shot {
             $( #[test] fn $test() { if let Some(b) = super::make_uring(false) { super::$test(b) } } )*
+        }
+        mod uring_plain_multishot {
+            $( #[test] fn $test() { if let Some(b) = super::make_uring_plain_multishot() { super::$test(b) } } )*
         }
         mod epoll {
             $( #[test] fn $test() { if let Some(b) = super::make_epoll() { super::$test(b) } } )*

@@ -48,8 +48,14 @@
 //!   a failure that is not about one connection (EMFILE, ENFILE, ENOBUFS, ENOMEM) the
 //!   accept ends; it is re-armed when the [`AcceptBackoff`] pause is over, and picks up the
 //!   connections waiting in the backlog;
-//! - receive: multishot `RECV` selecting from a provided-buffer ring; each buffer goes back
-//!   to the ring as soon as `EventSink::received` returns. Only a window of the ring's
+//! - receive: multishot `RECV` selecting from a provided-buffer ring, as a bundle
+//!   (`IORING_RECVSEND_BUNDLE`, Linux 6.10, where the kernel has it: one completion carries
+//!   every buffer's worth the socket has ready, filling consecutive ring slots from the
+//!   kernel's head, and names only the first buffer; `BufRing` mirrors which buffer sits in
+//!   which slot, so the rest are found in order and all handed back; a kernel that answers
+//!   EINVAL gets the plain multishot receive, one buffer per completion, as does
+//!   [`BackendOptions::uring_recv_bundle`] off); each buffer goes back to the ring as soon
+//!   as `EventSink::received` returns. Only a window of the ring's
 //!   buffers is posted (64 at first, doubled whenever a receive finds none), topped up with
 //!   the buffers most recently returned, so the same few stay in use and the rest of the
 //!   ring's memory is never touched (`BufRing`). A multishot that ends (no
@@ -110,7 +116,7 @@ use bytes::Bytes;
 use io_uring::{EnterFlags, IoUring, cqueue, opcode, squeue, types};
 
 use super::accept::AcceptBackoff;
-use super::probe::BackendOptions;
+use super::probe::{BackendOptions, log_receive_path, recv_bundles};
 use super::slab::{Key, ListPool, Slab, TokenIndex};
 use super::uring_buffers::BufRing;
 use super::uring_storage::{RingCommits, StorageSqe};
@@ -186,6 +192,8 @@ struct Conn {
     reading: bool,
     recv_armed: bool,
     recv_cancelling: bool,
+    /// The armed receive is a bundle (its completions consume consecutive buffers).
+    recv_bundle: bool,
     /// The `POLLRDHUP` watch is in flight.
     hup_armed: bool,
     /// The peer shut down or the socket failed: receive single-shot from now on.
@@ -211,6 +219,7 @@ impl Conn {
             reading: true,
             recv_armed: false,
             recv_cancelling: false,
+            recv_bundle: false,
             hup_armed: false,
             rdhup: false,
             eof_pending: false,
@@ -272,6 +281,12 @@ pub struct UringBackend {
     ring: IoUring,
     bufs: Option<BufRing>,
     recv_multishot: bool,
+    /// Multishot receives are bundles (`IORING_RECVSEND_BUNDLE`, Linux 6.10), until the
+    /// kernel answers EINVAL to one.
+    recv_bundle: bool,
+    /// Receive completions reaped, and those that found the buffer ring empty (ENOBUFS).
+    recv_completions: u64,
+    recv_dry: u64,
     accept_multishot: bool,
     poll_multishot: bool,
     buf_size: usize,
@@ -325,6 +340,7 @@ impl std::fmt::Debug for UringBackend {
             .field("inflight", &self.inflight)
             .field("buffer_ring", &self.bufs.is_some())
             .field("recv_multishot", &self.recv_multishot)
+            .field("recv_bundle", &self.recv_bundle)
             .field("accept_multishot", &self.accept_multishot)
             .finish_non_exhaustive()
     }
@@ -403,9 +419,14 @@ impl UringBackend {
             );
             None
         };
+        let recv_bundle = bufs.is_some() && opts.uring_recv_bundle && recv_bundles(&ring);
+        log_receive_path(opts, bufs.is_some(), recv_bundle);
         let mut this = Self {
             ring,
             recv_multishot: bufs.is_some(),
+            recv_bundle,
+            recv_completions: 0,
+            recv_dry: 0,
             bufs,
             accept_multishot: opts.uring_multishot,
             poll_multishot: opts.uring_multishot,
@@ -714,6 +735,22 @@ impl UringBackend {
     #[cfg(test)]
     pub(super) fn buffer_pages_resident(&self) -> Option<usize> {
         self.bufs.as_ref().map(BufRing::resident_pages)
+    }
+
+    /// Receive completions reaped so far, and how many of them found the buffer ring empty.
+    #[cfg(test)]
+    pub(super) fn receive_completions(&self) -> (u64, u64) {
+        (self.recv_completions, self.recv_dry)
+    }
+
+    /// Whether multishot receives run as bundles, and how many bundles ran past the buffer
+    /// ring's last slot into its first.
+    #[cfg(test)]
+    pub(super) fn receive_bundles(&self) -> (bool, u64) {
+        (
+            self.recv_bundle,
+            self.bufs.as_ref().map_or(0, |b| b.wrapped),
+        )
     }
 
     /// The size of one connection's record in the slab (tests guard it).

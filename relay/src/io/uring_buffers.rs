@@ -1,8 +1,9 @@
 //! The io_uring backend's provided-buffer ring ([`BufRing`]): the memory its multishot
-//! receives fill, and which of its buffers are posted to the kernel.
+//! receives fill, which of its buffers are posted to the kernel, and in which ring order
+//! (a bundle receive names only its first buffer; the mirror says which follow).
 //!
-//! Owns two anonymous mappings (the ring's entries and the buffers) and the choice of the
-//! buffers posted; it must not touch the ring itself (registration and completions are
+//! Owns two anonymous mappings (the ring's entries and the buffers), the choice of the
+//! buffers posted and the mirror of their order; it must not touch the ring itself (registration and completions are
 //! [`super::uring`]'s) and never looks inside the bytes.
 
 use std::io;
@@ -86,6 +87,19 @@ pub(super) struct BufRing {
     target: u16,
     /// Buffers neither posted nor lent to the sink, the most recently returned last.
     spare: Vec<u16>,
+    /// The ring's order, mirrored: the buffer id we wrote into each slot (index: slot).
+    /// A bundle receive consumes consecutive slots from the kernel's head and names only
+    /// the first buffer; this says which ones follow it.
+    slot_bid: Box<[u16]>,
+    /// The slot each buffer was last written into (index: buffer id).
+    bid_slot: Box<[u16]>,
+    /// Whether each buffer sits in the ring (written, not yet handed back by a
+    /// completion): a completion naming one that does not is refused, not trusted.
+    in_ring: Box<[bool]>,
+    /// Bundles that ran past the ring's last slot into its first (tests show that the
+    /// wrap was exercised).
+    #[cfg(test)]
+    pub(super) wrapped: u64,
 }
 
 impl BufRing {
@@ -102,6 +116,11 @@ impl BufRing {
             target: POSTED_AT_FIRST.min(count),
             // Buffer 0 on top: the first posted are the first in memory.
             spare: (0..count).rev().collect(),
+            slot_bid: vec![0; usize::from(count)].into_boxed_slice(),
+            bid_slot: vec![0; usize::from(count)].into_boxed_slice(),
+            in_ring: vec![false; usize::from(count)].into_boxed_slice(),
+            #[cfg(test)]
+            wrapped: 0,
         };
         ring.top_up();
         Ok(ring)
@@ -131,6 +150,9 @@ impl BufRing {
     fn put(&mut self, bid: u16) {
         debug_assert!(bid < self.count);
         let slot = usize::from(self.tail & (self.count - 1));
+        self.slot_bid[slot] = bid;
+        self.bid_slot[usize::from(bid)] = slot as u16;
+        self.in_ring[usize::from(bid)] = true;
         let addr = self.data.ptr.as_ptr() as u64 + u64::from(bid) * u64::from(self.size);
         let entry = self
             .entries
@@ -168,14 +190,81 @@ impl BufRing {
         tail.store(self.tail, Ordering::Release);
     }
 
-    /// Takes back buffer `bid`, which a completion handed us (the kernel took it from the
-    /// posted ones), and tops the ring up.
-    pub(super) fn recycle(&mut self, bid: u16) {
-        if bid < self.count {
+    /// The `i`-th buffer of a completion whose first buffer is `first`, and how many bytes
+    /// the kernel could put in it: the buffer in the `i`-th slot after `first`'s, where the
+    /// kernel took it from, and that slot's length (the kernel shortens a bundle's first
+    /// entry to what the socket holds). `None` if that slot does not hold a buffer we
+    /// posted and have not had back (a completion we cannot trust).
+    pub(super) fn nth_after(&self, first: u16, i: u16) -> Option<(u16, usize)> {
+        if first >= self.count || i >= self.count || !self.in_ring[usize::from(first)] {
+            return None;
+        }
+        let slot = self.bid_slot[usize::from(first)].wrapping_add(i) & (self.count - 1);
+        let bid = self.slot_bid[usize::from(slot)];
+        if !self.in_ring[usize::from(bid)] {
+            return None;
+        }
+        let entry = self
+            .entries
+            .ptr
+            .as_ptr()
+            .cast::<RawBuf>()
+            .wrapping_add(usize::from(slot));
+        // SAFETY: `slot < count`: in the entries mapping, aligned (see `put`). The kernel
+        // writes an entry's `len` only while it maps the entry for a receive, before the
+        // completion that hands it back; this one has been handed back, so nothing writes
+        // it now. A volatile read: the kernel wrote it, not this thread.
+        let len = unsafe { (&raw const (*entry).len).read_volatile() };
+        Some((bid, (len as usize).min(self.size as usize)))
+    }
+
+    /// How many buffers, from `first` on in ring order, a bundle receive of `bytes` filled
+    /// (as the kernel counts them: each to its slot's length, the last partly). `None` if
+    /// the completion names buffers we cannot account for.
+    pub(super) fn bundle_len(&self, first: u16, bytes: usize) -> Option<usize> {
+        let mut left = bytes;
+        let mut n: u16 = 0;
+        while left > 0 {
+            let (_, len) = self.nth_after(first, n)?;
+            if len == 0 {
+                return None;
+            }
+            left = left.saturating_sub(len);
+            n += 1;
+        }
+        Some(usize::from(n))
+    }
+
+    /// Takes back the `n` buffers from `first` on in ring order, which a completion handed
+    /// us (the kernel took them from the posted ones), and tops the ring up once. Returns
+    /// `false`, and takes back nothing, if any of them is not in the ring.
+    pub(super) fn release(&mut self, first: u16, n: usize) -> bool {
+        let Ok(n) = u16::try_from(n) else {
+            return false;
+        };
+        if n == 0 {
+            return true;
+        }
+        if (0..n).any(|i| self.nth_after(first, i).is_none()) {
+            return false;
+        }
+        #[cfg(test)]
+        {
+            let start = self.bid_slot[usize::from(first)];
+            if u32::from(start) + u32::from(n) > u32::from(self.count) {
+                self.wrapped += 1;
+            }
+        }
+        // Every slot is read before the first top-up rewrites any of them.
+        let slot = self.bid_slot[usize::from(first)];
+        for i in 0..n {
+            let bid = self.slot_bid[usize::from(slot.wrapping_add(i) & (self.count - 1))];
+            self.in_ring[usize::from(bid)] = false;
             self.posted = self.posted.saturating_sub(1);
             self.spare.push(bid);
-            self.top_up();
         }
+        self.top_up();
+        true
     }
 
     /// Pages of buffer memory that are resident (`mincore`), for tests.
@@ -204,7 +293,7 @@ impl BufRing {
         let offset = usize::from(bid) * self.size as usize;
         // SAFETY: in bounds (checked above). The kernel wrote these bytes before posting the
         // completion that named `bid`, and it does not touch buffer `bid` again until we
-        // `recycle` it, which happens only after the returned slice is dead.
+        // `release` it, which happens only after the returned slice is dead.
         Some(unsafe { std::slice::from_raw_parts(self.data.ptr.as_ptr().add(offset), len) })
     }
 }

@@ -29,10 +29,25 @@ pub(super) struct Rare {
     pub(super) rbuf: Option<Box<[u8]>>,
 }
 
+/// Hands received bytes to the sink, or to the stash while reads are paused.
+fn deliver(
+    sink: &mut dyn EventSink,
+    token: Token,
+    reading: bool,
+    stash: Option<&mut Vec<u8>>,
+    data: &[u8],
+) {
+    match stash {
+        Some(stash) if !reading => stash.extend_from_slice(data),
+        _ => sink.received(token, data),
+    }
+}
+
 impl UringBackend {
     pub(super) fn arm_recv(&mut self, idx: u32) {
         let ring = self.bufs.is_some();
         let multishot = self.recv_multishot && ring;
+        let bundle = multishot && self.recv_bundle;
         let buf_size = self.buf_size;
         let Some((key, conn)) = self.conns.at_mut(idx) else {
             return;
@@ -42,7 +57,13 @@ impl UringBackend {
             return;
         }
         let ud = user_data(OP_RECV, idx, generation);
-        let entry = if multishot && !conn.rdhup {
+        conn.recv_bundle = bundle && !conn.rdhup;
+        let entry = if conn.recv_bundle {
+            // One completion for every buffer's worth the socket has ready.
+            opcode::RecvMultiBundle::new(conn.fd(), BGID)
+                .build()
+                .user_data(ud)
+        } else if multishot && !conn.rdhup {
             opcode::RecvMulti::new(conn.fd(), BGID)
                 .build()
                 .user_data(ud)
@@ -121,23 +142,35 @@ impl UringBackend {
             Close(CloseReason),
             Finalize,
         }
+        self.recv_completions += 1;
         let bid = cqueue::buffer_select(flags);
         let Self {
             conns,
             bufs,
             recv_multishot,
+            recv_bundle,
+            recv_dry,
             ..
         } = self;
         let key = Key {
             index: idx,
             generation,
         };
-        let conn = conns.get_mut(key);
-        let Some(conn) = conn else {
-            if let (Some(bid), Some(bufs)) = (bid, bufs.as_mut()) {
-                bufs.recycle(bid);
+        let Some(conn) = conns.get_mut(key) else {
+            // Cannot happen (a slot outlives its operations); if it did, a plain receive's
+            // one buffer is known, a bundle's are not: keep those out of the ring.
+            if let (Some(bid), Some(bufs), false) = (bid, bufs.as_mut(), *recv_bundle) {
+                bufs.release(bid, 1);
             }
             return;
+        };
+        // Buffers this completion consumed from the ring: a bundle names the first and
+        // fills as many as its bytes need (none when it carries no data); a plain receive
+        // consumes the one it names.
+        let consumed = match (bid, bufs.as_ref()) {
+            (Some(first), Some(b)) if conn.recv_bundle => b.bundle_len(first, res.max(0) as usize),
+            (Some(_), Some(_)) => Some(1),
+            _ => Some(0),
         };
         if !more {
             conn.recv_armed = false;
@@ -146,43 +179,57 @@ impl UringBackend {
         let next = if conn.closing {
             Next::Finalize
         } else if res > 0 {
-            let len = res as usize;
             let (token, reading) = (conn.token, conn.reading);
             if !reading {
                 conn.rare.get_or_insert_default(); // for the stash
             }
-            let (stash, rbuf) = match conn.rare.as_deref_mut() {
+            let (mut stash, rbuf) = match conn.rare.as_deref_mut() {
                 Some(Rare { stash, rbuf }) => (Some(stash), rbuf.as_deref()),
                 None => (None, None),
             };
-            let data = match bid {
-                Some(bid) => bufs.as_ref().and_then(|b| b.slice(bid, len)),
-                None => rbuf.and_then(|b| b.get(..len)),
-            };
-            let next = match (data, stash) {
-                (Some(data), stash) if reading => {
-                    if let Some(stash) = stash
-                        && !stash.is_empty()
-                    {
-                        sink.received(token, stash);
-                        stash.clear();
+            if reading
+                && let Some(stash) = stash.as_deref_mut()
+                && !stash.is_empty()
+            {
+                sink.received(token, stash);
+                stash.clear();
+            }
+            let mut left = res as usize;
+            let mut valid = consumed.is_some();
+            match (bid, bufs.as_ref()) {
+                (Some(first), Some(bufs)) => {
+                    for i in 0..consumed.unwrap_or(0) {
+                        let data = u16::try_from(i)
+                            .ok()
+                            .and_then(|i| bufs.nth_after(first, i))
+                            .and_then(|(bid, cap)| bufs.slice(bid, left.min(cap)));
+                        let Some(data) = data else {
+                            valid = false;
+                            break;
+                        };
+                        left -= data.len();
+                        deliver(sink, token, reading, stash.as_deref_mut(), data);
                     }
-                    sink.received(token, data);
-                    if more { Next::Nothing } else { Next::Rearm }
+                    // Every byte the completion reports lies in the buffers it consumed.
+                    valid &= left == 0;
                 }
-                (Some(data), Some(stash)) => {
-                    stash.extend_from_slice(data);
-                    if more { Next::Nothing } else { Next::Rearm }
-                }
-                _ => Next::Close(CloseReason::Error(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "receive completion names no valid buffer",
-                ))),
-            };
+                (None, _) => match rbuf.and_then(|b| b.get(..left)) {
+                    Some(data) => deliver(sink, token, reading, stash, data),
+                    None => valid = false,
+                },
+                (Some(_), None) => valid = false,
+            }
             if reading {
                 conn.trim_rare();
             }
-            next
+            match (valid, more) {
+                (false, _) => Next::Close(CloseReason::Error(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "receive completion names no valid buffer",
+                ))),
+                (true, true) => Next::Nothing,
+                (true, false) => Next::Rearm,
+            }
         } else if res == 0 {
             if conn.reading {
                 conn.deliver_stash(sink);
@@ -193,8 +240,10 @@ impl UringBackend {
             }
         } else {
             match -res {
-                // The ring ran dry: post more buffers, and re-arm.
+                // The ring ran dry (a bundle took what was posted, or nothing was): post
+                // more buffers, and re-arm; the rest waits in the socket.
                 libc::ENOBUFS => {
+                    *recv_dry += 1;
                     if let Some(bufs) = bufs.as_mut() {
                         bufs.ran_dry();
                     }
@@ -202,6 +251,13 @@ impl UringBackend {
                 }
                 // The receive was cancelled (pause): re-arm if reading.
                 libc::ECANCELED | libc::EINTR | libc::EAGAIN => Next::Rearm,
+                libc::EINVAL if conn.recv_bundle && *recv_bundle => {
+                    tracing::warn!(
+                        "io_uring: receive bundles refused (EINVAL); plain multishot receive"
+                    );
+                    *recv_bundle = false;
+                    Next::Rearm
+                }
                 libc::EINVAL if *recv_multishot => {
                     tracing::debug!(
                         "io_uring: multishot receive unsupported (EINVAL); single-shot receive into per-connection buffers"
@@ -212,9 +268,15 @@ impl UringBackend {
                 _ => Next::Close(CloseReason::Error(errno(res))),
             }
         };
-        // The sink is done with the buffer: give it back.
-        if let (Some(bid), Some(bufs)) = (bid, bufs.as_mut()) {
-            bufs.recycle(bid);
+        // The sink is done with the buffers: give them back.
+        if let (Some(bid), Some(bufs)) = (bid, bufs.as_mut())
+            && !consumed.is_some_and(|n| bufs.release(bid, n))
+        {
+            tracing::error!(
+                bid,
+                consumed,
+                "receive completion names buffers not in the ring"
+            );
         }
         match next {
             Next::Nothing => {}
