@@ -349,6 +349,7 @@ impl Engine {
                 self.on_cmd(cmd);
             }
             let presence_at = self.presence_timers(now);
+            let receipts_at = self.receipts_timer(now);
             let held_at = self.held_timers(now);
             // After the commands: a shard one of them needed starts connecting before the
             // poll waits.
@@ -370,6 +371,7 @@ impl Engine {
                 .chain([
                     (self.refresh_due && self.discovery.is_none()).then_some(self.map_retry.at),
                     Some(presence_at),
+                    receipts_at,
                     held_at,
                     self.discovery
                         .as_ref()

@@ -127,9 +127,8 @@ impl Engine {
             .push((Instant::now() + wait, step, hops));
     }
 
-    /// Sends the steps whose backoff ended, renews this worker's presence entries when
-    /// due, and sends the receipts' calls that wait for a Redis still loading when due
-    /// (`receipts.rs`); returns when it must run next.
+    /// Sends the steps whose backoff ended and renews this worker's presence entries when
+    /// due; returns when it must run next.
     pub(super) fn presence_timers(&mut self, now: Instant) -> Instant {
         if self.presence.retries.iter().any(|(at, ..)| *at <= now) {
             let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.presence.retries)
@@ -153,13 +152,11 @@ impl Engine {
                 self.send_step(Step::SetPresence { user }, None, 0);
             }
         }
-        let receipts_at = self.receipts_timer(now);
         self.presence
             .retries
             .iter()
             .map(|(at, ..)| *at)
             .chain([self.presence.renew_at])
-            .chain(receipts_at)
             .min()
             .unwrap_or(self.presence.renew_at)
     }
