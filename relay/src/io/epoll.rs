@@ -248,11 +248,7 @@ impl EpollBackend {
         let Some(token) = sink.accepted(&std_stream, peer) else {
             return;
         };
-        if self.by_token.contains(token) {
-            tracing::error!(
-                token,
-                "sink reused a live token; refusing the new connection"
-            );
+        if self.by_token.refuses_reuse(token) {
             return;
         }
         let conn = Conn {

@@ -290,6 +290,19 @@ impl TokenIndex {
         self.get(token).is_some()
     }
 
+    /// Whether an accepted connection must be refused because the sink handed out a token
+    /// that is still live (a bug on the sink's side, logged here for both backends).
+    pub fn refuses_reuse(&self, token: Token) -> bool {
+        let live = self.contains(token);
+        if live {
+            tracing::error!(
+                token,
+                "sink reused a live token; refusing the new connection"
+            );
+        }
+        live
+    }
+
     /// Indexes `token` at `slot` (a token indexed already moves to `slot`).
     pub fn insert(&mut self, token: Token, slot: u32) {
         self.remove(token);

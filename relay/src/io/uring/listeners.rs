@@ -121,11 +121,7 @@ impl UringBackend {
         let Some(token) = sink.accepted(&stream, peer) else {
             return;
         };
-        if self.by_token.contains(token) {
-            tracing::error!(
-                token,
-                "sink reused a live token; refusing the new connection"
-            );
+        if self.by_token.refuses_reuse(token) {
             return;
         }
         let idx = match self.conns.insert(Conn::new(token, stream)) {
