@@ -24,7 +24,7 @@
 //! tick that sent to 1,000 subscribers had spent it before collecting more than the first
 //! enter's 40 receives, so the next tick had nothing to send: the worker alternated a
 //! sending tick and a receiving one, and each connection got one `SEND` every other tick,
-//! twice as large as epoll's (README, "io_uring against epoll with ACKs").
+//! twice as large as epoll's (benches/RESULTS.md, "io_uring against epoll with ACKs").
 //!
 //! Why the extra enters: on a `DEFER_TASKRUN` ring a receive's completion is task work that
 //! the kernel runs inside `io_uring_enter`, and since Linux 6.13 it runs at most 20 of them
@@ -32,7 +32,7 @@
 //! the wait asked for (one) after it slept. One enter per tick made a tick handle at most
 //! about 20 receives: with a thousand subscribers sending ACKs the worker turned ten times
 //! as often as epoll's, fanned out a few publishes per turn and sent each connection half
-//! as much per `SEND` (README, "io_uring against epoll with ACKs"). The only other
+//! as much per `SEND` (benches/RESULTS.md, "io_uring against epoll with ACKs"). The only other
 //! `io_uring_enter` happens when the submission queue is full: it is flushed and the push
 //! retried (and what still does not fit waits in a user-space backlog).
 //!
