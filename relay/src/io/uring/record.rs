@@ -240,6 +240,11 @@ mod tests {
         assert_eq!(set, ["reading"], "a new connection only reads");
         assert_eq!(conn.ops(), 0);
         assert_eq!(std::mem::size_of::<Conn>(), 32);
+        assert_eq!(
+            std::mem::size_of::<Option<Conn>>(),
+            32,
+            "the slab's `Option` takes the descriptor's niche, no tag"
+        );
     }
 
     /// The count of cancellations in flight is a `u16`: receive cancellations are refused
