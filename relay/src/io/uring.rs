@@ -57,7 +57,7 @@
 //!   EINVAL gets the plain multishot receive, one buffer per completion, as does
 //!   [`BackendOptions::uring_recv_bundle`] off); each buffer goes back to the ring as soon
 //!   as `EventSink::received` returns. Only a window of the ring's
-//!   buffers is posted (64 at first, doubled whenever a receive finds none), topped up with
+//!   buffers is posted (8 at first, doubled whenever a receive finds none), topped up with
 //!   the buffers most recently returned, so the same few stay in use and the rest of the
 //!   ring's memory is never touched (`BufRing`). A multishot that ends (no
 //!   `IORING_CQE_F_MORE`: ENOBUFS, CQ overflow, cancellation) is re-armed while the
