@@ -38,10 +38,11 @@
 //!
 //! # Files
 //! This file owns the ring (setup, the submission backlog, the tick's enters and the
-//! reaping that routes each completion by its `user_data`), the connection record and its
-//! closing, the wakeup poll and teardown. By concern, beside it: [`listeners`] (listeners and
-//! their accepts), [`recv`] (receives, the `POLLRDHUP` watch, pausing reads), [`send`]
-//! (batches, `SEND`/`SENDMSG`, short writes, half-close).
+//! reaping that routes each completion by its `user_data`), a connection's closing, the
+//! wakeup poll and teardown. By concern, beside it: [`record`] (the 32-byte connection
+//! record: its flags as bits of one `u16`, its bounded count of cancellations in flight),
+//! [`listeners`] (listeners and their accepts), [`recv`] (receives, the `POLLRDHUP` watch,
+//! pausing reads), [`send`] (batches, `SEND`/`SENDMSG`, short writes, half-close).
 //!
 //! # Operations
 //! - accept: multishot `ACCEPT` per listener (single-shot, re-armed, where unsupported). On
@@ -56,7 +57,7 @@
 //!   EINVAL gets the plain multishot receive, one buffer per completion, as does
 //!   [`BackendOptions::uring_recv_bundle`] off); each buffer goes back to the ring as soon
 //!   as `EventSink::received` returns. Only a window of the ring's
-//!   buffers is posted (64 at first, doubled whenever a receive finds none), topped up with
+//!   buffers is posted (8 at first, doubled whenever a receive finds none), topped up with
 //!   the buffers most recently returned, so the same few stay in use and the rest of the
 //!   ring's memory is never touched (`BufRing`). A multishot that ends (no
 //!   `IORING_CQE_F_MORE`: ENOBUFS, CQ overflow, cancellation) is re-armed while the
@@ -74,7 +75,10 @@
 //!   sends go to the kernel in the tick's one `io_uring_enter`;
 //! - wake: multishot `POLL_ADD` on the eventfd;
 //! - close: `ASYNC_CANCEL` of the connection's receive and send, then, once every operation
-//!   that names the fd has completed, `CLOSE` through the ring.
+//!   that names the fd has completed, `CLOSE` through the ring. A connection counts its
+//!   cancellations in flight in a `u16`; a receive's cancellation that would leave no room
+//!   for closing's three is refused and the connection closed with that error
+//!   (`record::CancelsExhausted`), so the count never wraps.
 //!
 //! # Why not `SEND_ZC`
 //! We do not use zero-copy send. A relay sends small coalesced frames: tens to a few hundred
@@ -108,7 +112,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::mem;
 use std::net::{self, SocketAddr};
-use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::fd::IntoRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -124,11 +128,12 @@ use super::{AcceptStats, Backend, CloseReason, EventSink, SendStats, Token, Tran
 use crate::storage::CommitExecutor;
 
 mod listeners;
+mod record;
 mod recv;
 mod send;
 
 use listeners::ListenerSlot;
-use recv::Rare;
+use record::Conn;
 use send::Batch;
 
 /// The buffer group of our one provided-buffer ring.
@@ -147,7 +152,7 @@ const OP_ACCEPT: u8 = 1;
 const OP_RECV: u8 = 2;
 const OP_SEND: u8 = 3;
 const OP_SHUTDOWN: u8 = 4;
-/// A cancellation on behalf of a connection (counted in its `cancels`).
+/// A cancellation on behalf of a connection (counted in its record: [`Conn::ops`]).
 const OP_CANCEL: u8 = 5;
 /// Close and listener/wake cancellations: nothing to do on completion.
 const OP_MISC: u8 = 6;
@@ -171,105 +176,6 @@ fn decode(ud: u64) -> (u8, u32, u32) {
 
 fn errno(res: i32) -> io::Error {
     io::Error::from_raw_os_error(-res)
-}
-
-/// One connection's record, inline in the slab (48 bytes: what every connection needs;
-/// a batch being sent and the rare state are boxed apart).
-struct Conn {
-    token: Token,
-    /// Owned; closed through the ring once no operation names it.
-    stream: net::TcpStream,
-    /// Our cancellations in flight for this connection.
-    cancels: u32,
-    /// The batch being sent (`None` while idle).
-    batch: Option<Box<Batch>>,
-    /// The stash and the single-shot receive buffer, made on first use.
-    rare: Option<Box<Rare>>,
-    /// A send of `batch` is in flight.
-    inflight: bool,
-    /// The worker closed it, or we reported `closed`: waiting for operations to finish.
-    closing: bool,
-    reading: bool,
-    recv_armed: bool,
-    recv_cancelling: bool,
-    /// The armed receive is a bundle (its completions consume consecutive buffers).
-    recv_bundle: bool,
-    /// The `POLLRDHUP` watch is in flight.
-    hup_armed: bool,
-    /// The peer shut down or the socket failed: receive single-shot from now on.
-    rdhup: bool,
-    /// EOF arrived while reads were paused; reported on resume, after the stash.
-    eof_pending: bool,
-    shutdown_pending: bool,
-    shutdown_inflight: bool,
-    /// On the `ready` list.
-    queued: bool,
-}
-
-impl Conn {
-    fn new(token: Token, stream: net::TcpStream) -> Self {
-        Self {
-            token,
-            stream,
-            cancels: 0,
-            batch: None,
-            rare: None,
-            inflight: false,
-            closing: false,
-            reading: true,
-            recv_armed: false,
-            recv_cancelling: false,
-            recv_bundle: false,
-            hup_armed: false,
-            rdhup: false,
-            eof_pending: false,
-            shutdown_pending: false,
-            shutdown_inflight: false,
-            queued: false,
-        }
-    }
-
-    fn fd(&self) -> types::Fd {
-        types::Fd(self.stream.as_raw_fd())
-    }
-
-    /// Whether data waits in the stash.
-    fn stashed(&self) -> bool {
-        self.rare.as_ref().is_some_and(|r| !r.stash.is_empty())
-    }
-
-    /// Hands the stash to the sink and empties it; frees the rare state once nothing is
-    /// left in it.
-    fn deliver_stash(&mut self, sink: &mut dyn EventSink) {
-        if let Some(rare) = self.rare.as_mut()
-            && !rare.stash.is_empty()
-        {
-            sink.received(self.token, &rare.stash);
-            rare.stash.clear();
-        }
-        self.trim_rare();
-    }
-
-    /// Frees the rare state when it holds nothing: no stash, no single-shot buffer (whose
-    /// address a receive may hold, so it stays while there is one).
-    fn trim_rare(&mut self) {
-        if self
-            .rare
-            .as_ref()
-            .is_some_and(|r| r.rbuf.is_none() && r.stash.is_empty())
-        {
-            self.rare = None;
-        }
-    }
-
-    /// Operations in flight that name this connection's fd or memory.
-    fn ops(&self) -> u32 {
-        u32::from(self.recv_armed)
-            + u32::from(self.hup_armed)
-            + u32::from(self.inflight)
-            + u32::from(self.shutdown_inflight)
-            + self.cancels
-    }
 }
 
 /// The io_uring implementation of [`Backend`].
@@ -615,7 +521,7 @@ impl UringBackend {
             },
             OP_SHUTDOWN => {
                 if let Some(conn) = self.conn_mut(idx, generation) {
-                    conn.shutdown_inflight = false;
+                    conn.flags.set_shutdown_inflight(false);
                     if res < 0 {
                         tracing::debug!(token = conn.token, error = %errno(res), "shutdown(SHUT_WR) failed");
                     }
@@ -624,7 +530,7 @@ impl UringBackend {
             }
             OP_CANCEL => {
                 if let Some(conn) = self.conn_mut(idx, generation) {
-                    conn.cancels = conn.cancels.saturating_sub(1);
+                    conn.cancel_done();
                     self.maybe_finalize(idx);
                 }
             }
@@ -655,9 +561,9 @@ impl UringBackend {
 
     fn queue_ready(&mut self, idx: u32) {
         if let Some((key, conn)) = self.conns.at_mut(idx)
-            && !conn.queued
+            && !conn.flags.queued()
         {
-            conn.queued = true;
+            conn.flags.set_queued(true);
             self.ready.push(key);
         }
     }
@@ -690,7 +596,7 @@ impl UringBackend {
         let Some(conn) = self.conn_at(idx) else {
             return;
         };
-        if conn.closing {
+        if conn.flags.closing() {
             return;
         }
         let token = conn.token;
@@ -706,18 +612,22 @@ impl UringBackend {
             return;
         };
         let generation = key.generation;
-        if conn.closing {
+        if conn.flags.closing() {
             return;
         }
-        conn.closing = true;
+        conn.flags.set_closing(true);
         if let Some(rare) = conn.rare.as_mut() {
             rare.stash = Vec::new();
         }
-        let cancel_recv = conn.recv_armed && !conn.recv_cancelling;
-        let cancel_send = conn.inflight;
-        let cancel_hup = conn.hup_armed;
-        conn.recv_cancelling |= cancel_recv;
-        conn.cancels += u32::from(cancel_recv) + u32::from(cancel_send) + u32::from(cancel_hup);
+        let cancel_recv = conn.flags.recv_armed() && !conn.flags.recv_cancelling();
+        let cancel_send = conn.flags.send_inflight();
+        let cancel_hup = conn.flags.hup_armed();
+        if cancel_recv {
+            conn.flags.set_recv_cancelling(true);
+        }
+        conn.count_close_cancels(
+            u16::from(cancel_recv) + u16::from(cancel_send) + u16::from(cancel_hup),
+        );
         let on_behalf = user_data(OP_CANCEL, idx, generation);
         if cancel_recv {
             self.push_cancel(user_data(OP_RECV, idx, generation), on_behalf);
@@ -759,11 +669,20 @@ impl UringBackend {
         mem::size_of::<Conn>()
     }
 
+    /// Puts `token`'s connection's count of cancellations in flight at its bound (tests of
+    /// the refusal, [`record::CancelsExhausted`]).
+    #[cfg(test)]
+    pub(super) fn fill_cancels(&mut self, token: Token) {
+        if let Some(conn) = self.by_token.get(token).and_then(|idx| self.conn_at(idx)) {
+            conn.fill_cancels();
+        }
+    }
+
     /// Frees a closing connection's slot once no operation names it, closing its fd
     /// through the ring.
     fn maybe_finalize(&mut self, idx: u32) {
         match self.conn_at(idx) {
-            Some(conn) if conn.closing && conn.ops() == 0 => {}
+            Some(conn) if conn.flags.closing() && conn.ops() == 0 => {}
             _ => return,
         }
         let Some(conn) = self.conns.remove_at(idx) else {
@@ -832,7 +751,7 @@ impl Backend for UringBackend {
         let held = self
             .conns
             .iter()
-            .filter(|c| !c.inflight && c.batch.is_some())
+            .filter(|c| !c.flags.send_inflight() && c.batch.is_some())
             .count();
         (held, self.lists.spare())
     }

@@ -16,6 +16,7 @@ use io_uring::{cqueue, opcode, squeue};
 
 use super::super::slab::Key;
 use super::super::{CloseReason, EventSink, Token};
+use super::record::CancelsExhausted;
 use super::{BGID, OP_CANCEL, OP_HUP, OP_RECV, UringBackend, errno, user_data};
 
 /// What only a paused connection, or one on the single-shot receive path, needs: boxed, so
@@ -53,17 +54,17 @@ impl UringBackend {
             return;
         };
         let generation = key.generation;
-        if conn.recv_armed || conn.closing {
+        if conn.flags.recv_armed() || conn.flags.closing() {
             return;
         }
         let ud = user_data(OP_RECV, idx, generation);
-        conn.recv_bundle = bundle && !conn.rdhup;
-        let entry = if conn.recv_bundle {
+        conn.flags.set_recv_is_bundle(bundle && !conn.flags.rdhup());
+        let entry = if conn.flags.recv_is_bundle() {
             // One completion for every buffer's worth the socket has ready.
             opcode::RecvMultiBundle::new(conn.fd(), BGID)
                 .build()
                 .user_data(ud)
-        } else if multishot && !conn.rdhup {
+        } else if multishot && !conn.flags.rdhup() {
             opcode::RecvMulti::new(conn.fd(), BGID)
                 .build()
                 .user_data(ud)
@@ -86,8 +87,8 @@ impl UringBackend {
                 .build()
                 .user_data(ud)
         };
-        conn.recv_armed = true;
-        conn.recv_cancelling = false;
+        conn.flags.set_recv_armed(true);
+        conn.flags.set_recv_cancelling(false);
         // SAFETY: with buffer select the kernel writes only into buffer-ring memory, which
         // outlives every operation (see `Drop`). Otherwise `rbuf` is a heap block the
         // connection owns (not part of the record; the rare state holding it is kept while
@@ -114,10 +115,10 @@ impl UringBackend {
             return;
         };
         let generation = key.generation;
-        if conn.hup_armed || conn.rdhup || conn.closing {
+        if conn.flags.hup_armed() || conn.flags.rdhup() || conn.flags.closing() {
             return;
         }
-        conn.hup_armed = true;
+        conn.flags.set_hup_armed(true);
         // POLLERR and POLLHUP are always reported.
         let entry = opcode::PollAdd::new(conn.fd(), libc::POLLRDHUP as u32)
             .build()
@@ -168,18 +169,20 @@ impl UringBackend {
         // fills as many as its bytes need (none when it carries no data); a plain receive
         // consumes the one it names.
         let consumed = match (bid, bufs.as_ref()) {
-            (Some(first), Some(b)) if conn.recv_bundle => b.bundle_len(first, res.max(0) as usize),
+            (Some(first), Some(b)) if conn.flags.recv_is_bundle() => {
+                b.bundle_len(first, res.max(0) as usize)
+            }
             (Some(_), Some(_)) => Some(1),
             _ => Some(0),
         };
         if !more {
-            conn.recv_armed = false;
-            conn.recv_cancelling = false;
+            conn.flags.set_recv_armed(false);
+            conn.flags.set_recv_cancelling(false);
         }
-        let next = if conn.closing {
+        let next = if conn.flags.closing() {
             Next::Finalize
         } else if res > 0 {
-            let (token, reading) = (conn.token, conn.reading);
+            let (token, reading) = (conn.token, conn.flags.reading());
             if !reading {
                 conn.rare.get_or_insert_default(); // for the stash
             }
@@ -231,11 +234,11 @@ impl UringBackend {
                 (true, false) => Next::Rearm,
             }
         } else if res == 0 {
-            if conn.reading {
+            if conn.flags.reading() {
                 conn.deliver_stash(sink);
                 Next::Close(CloseReason::PeerClosed)
             } else {
-                conn.eof_pending = true;
+                conn.flags.set_eof_pending(true);
                 Next::Nothing
             }
         } else {
@@ -251,7 +254,7 @@ impl UringBackend {
                 }
                 // The receive was cancelled (pause): re-arm if reading.
                 libc::ECANCELED | libc::EINTR | libc::EAGAIN => Next::Rearm,
-                libc::EINVAL if conn.recv_bundle && *recv_bundle => {
+                libc::EINVAL if conn.flags.recv_is_bundle() && *recv_bundle => {
                     tracing::warn!(
                         "io_uring: receive bundles refused (EINVAL); plain multishot receive"
                     );
@@ -282,9 +285,9 @@ impl UringBackend {
             Next::Nothing => {}
             Next::Rearm => {
                 if let Some(conn) = self.conn_mut(idx, generation)
-                    && conn.reading
-                    && !conn.eof_pending
-                    && !conn.recv_armed
+                    && conn.flags.reading()
+                    && !conn.flags.eof_pending()
+                    && !conn.flags.recv_armed()
                 {
                     self.arm_recv(idx);
                 }
@@ -298,8 +301,8 @@ impl UringBackend {
         let Some(conn) = self.conn_mut(idx, generation) else {
             return;
         };
-        conn.hup_armed = false;
-        if conn.closing {
+        conn.flags.set_hup_armed(false);
+        if conn.flags.closing() {
             self.maybe_finalize(idx);
             return;
         }
@@ -311,7 +314,7 @@ impl UringBackend {
         }
         // The peer is done sending (or the socket failed). Replace the multishot receive by
         // single-shot ones; its cancellation completion re-arms (see `on_recv`).
-        conn.rdhup = true;
+        conn.flags.set_rdhup(true);
         self.cancel_recv(idx, generation);
     }
 
@@ -325,15 +328,24 @@ impl UringBackend {
             let Some(conn) = self.conn_mut(idx, key.generation) else {
                 continue;
             };
-            conn.queued = false;
-            if conn.closing || !conn.reading {
+            conn.flags.set_queued(false);
+            if conn.flags.closing() {
+                continue;
+            }
+            if conn.flags.cancels_exhausted() {
+                let error = io::Error::other(CancelsExhausted);
+                self.close_with(idx, CloseReason::Error(error), sink);
+                delivered = true;
+                continue;
+            }
+            if !conn.flags.reading() {
                 continue;
             }
             if conn.stashed() {
                 conn.deliver_stash(sink);
                 delivered = true;
             }
-            if conn.eof_pending {
+            if conn.flags.eof_pending() {
                 self.close_with(idx, CloseReason::PeerClosed, sink);
                 delivered = true;
             } else {
@@ -347,24 +359,31 @@ impl UringBackend {
         delivered
     }
 
-    /// Pauses or resumes reading (the worker's `Transport::set_reading`).
     /// Cancels connection `idx`'s armed multishot receive, once (its cancellation's
     /// completion says what comes next: see `on_recv`).
     fn cancel_recv(&mut self, idx: u32, generation: u32) {
         let Some((_, conn)) = self.conns.at_mut(idx) else {
             return;
         };
-        if !conn.recv_armed || conn.recv_cancelling {
+        if !conn.flags.recv_armed() || conn.flags.recv_cancelling() {
             return;
         }
-        conn.recv_cancelling = true;
-        conn.cancels += 1;
+        if conn.count_recv_cancel().is_err() {
+            // Refused: close on the next tick (the sink is not at hand here); until then a
+            // paused connection's data waits in the stash, as when a receive races its
+            // cancellation.
+            conn.flags.set_cancels_exhausted(true);
+            self.queue_ready(idx);
+            return;
+        }
+        conn.flags.set_recv_cancelling(true);
         self.push_cancel(
             user_data(OP_RECV, idx, generation),
             user_data(OP_CANCEL, idx, generation),
         );
     }
 
+    /// Pauses or resumes reading (the worker's `Transport::set_reading`).
     pub(super) fn switch_reading(&mut self, token: Token, reading: bool) {
         let Some(idx) = self.by_token.get(token) else {
             return;
@@ -373,15 +392,15 @@ impl UringBackend {
             return;
         };
         let generation = key.generation;
-        if conn.reading == reading {
+        if conn.flags.reading() == reading {
             return;
         }
-        conn.reading = reading;
+        conn.flags.set_reading(reading);
         if !reading {
             self.cancel_recv(idx, generation);
-        } else if conn.stashed() || conn.eof_pending {
+        } else if conn.stashed() || conn.flags.eof_pending() {
             self.queue_ready(idx);
-        } else if !conn.recv_armed {
+        } else if !conn.flags.recv_armed() {
             self.arm_recv(idx);
         }
         // Resumed while the cancellation is in flight: the cancelled receive's completion

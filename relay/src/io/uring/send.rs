@@ -78,7 +78,7 @@ impl UringBackend {
                     iov_len: b.len(),
                 }),
         );
-        conn.inflight = true;
+        conn.flags.set_send_inflight(true);
         let ioprio = if full && self.send_poll_first {
             RECVSEND_POLL_FIRST
         } else {
@@ -117,10 +117,10 @@ impl UringBackend {
             return;
         };
         let generation = key.generation;
-        if conn.shutdown_inflight {
+        if conn.flags.shutdown_inflight() {
             return;
         }
-        conn.shutdown_inflight = true;
+        conn.flags.set_shutdown_inflight(true);
         let entry = opcode::Shutdown::new(conn.fd(), libc::SHUT_WR)
             .build()
             .user_data(user_data(OP_SHUTDOWN, idx, generation));
@@ -151,8 +151,8 @@ impl UringBackend {
         let Some(conn) = self.conn_mut(idx, generation) else {
             return;
         };
-        conn.inflight = false;
-        if conn.closing {
+        conn.flags.set_send_inflight(false);
+        if conn.flags.closing() {
             self.release_batch(idx);
             self.maybe_finalize(idx);
             return;
@@ -173,7 +173,7 @@ impl UringBackend {
             }
             return;
         }
-        let (token, shutdown) = (conn.token, conn.shutdown_pending);
+        let (token, shutdown) = (conn.token, conn.flags.shutdown_pending());
         let Some(batch) = conn.batch.as_deref_mut() else {
             return; // a completion for a send we never made: nothing to account
         };
@@ -195,7 +195,7 @@ impl UringBackend {
             return;
         }
         let total = mem::take(&mut batch.total);
-        conn.shutdown_pending = false;
+        conn.flags.set_shutdown_pending(false);
         // The emptied queue and the batch go to the pools: an idle connection holds none.
         self.release_batch(idx);
         sink.sent(token, total);
@@ -227,7 +227,7 @@ impl UringBackend {
             return;
         };
         let total: usize = bufs.iter().map(Bytes::len).sum();
-        let inflight = conn.inflight;
+        let inflight = conn.flags.send_inflight();
         let batch = conn
             .batch
             .get_or_insert_with(|| batches.pop().unwrap_or_else(Batch::new));
@@ -259,8 +259,8 @@ impl UringBackend {
         let Some(conn) = self.conn_at(idx) else {
             return;
         };
-        if conn.inflight {
-            conn.shutdown_pending = true;
+        if conn.flags.send_inflight() {
+            conn.flags.set_shutdown_pending(true);
         } else {
             self.push_shutdown(idx);
         }
