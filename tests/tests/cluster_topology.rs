@@ -17,7 +17,9 @@ use pabal_relay::cluster::{ClusterConfig, Topology};
 use pabal_relay::io::BackendKind;
 use pabal_testkit::blackhole::Blackhole;
 use pabal_testkit::http::request;
-use pabal_testkit::redis::{RedisCluster, filled_despite_killed_subscriptions};
+use pabal_testkit::redis::{
+    RedisCluster, filled_despite_killed_subscriptions, opens_answered_despite_killed_commands,
+};
 use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
 
 /// A node on `cluster`, given only its first master as seed: the rest comes from the
@@ -321,5 +323,18 @@ per_backend! {
             assert_eq!(payload, Bytes::from(format!("m-{seq}")), "the order sent");
         }
         keys_only_on(&cluster, slot, to);
+    }
+
+    fn every_open_in_flight_when_a_shards_command_connection_drops_is_answered(backend) {
+        let Some(cluster) = RedisCluster::start("cmd-kill", 3) else { return };
+        let a = node(backend, &cluster, "ck");
+        // Channels on shard 1 (not the seed): opens on its command connection.
+        let channels: Vec<String> = (0..)
+            .map(|i| format!("news:cmd-kill-{i}"))
+            .filter(|c| cluster.owner_of(cluster.slot(&format!("pabal:{{c:{c}}}:m"))) == 1)
+            .take(64)
+            .collect();
+        let bound = opens_answered_despite_killed_commands(&a, &cluster.nodes[1], &channels);
+        eprintln!("bound {bound} of {}", channels.len());
     }
 }
