@@ -9,14 +9,15 @@
 #![allow(clippy::unwrap_used)] // reason: tests
 
 use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pabal_codec::{ClientSession, Event};
-use pabal_relay::cluster::{ClusterConfig, Topology};
+use pabal_codec::{ClientFrame, ClientSession, Event, Subscribe, Text};
+use pabal_relay::cluster::{ClusterConfig, RetryKind, Topology};
 use pabal_relay::io::BackendKind;
 use pabal_testkit::blackhole::Blackhole;
-use pabal_testkit::http::request;
+use pabal_testkit::http::{get_anonymous, request, with_ops_routes};
 use pabal_testkit::redis::{
     RedisCluster, filled_despite_killed_subscriptions, opens_answered_despite_killed_commands,
 };
@@ -285,21 +286,13 @@ per_backend! {
         for i in 1..=10u64 {
             assert_eq!(p.publish_acked(pa, format!("m-{i}").into_bytes()), i);
         }
-        let tryagains = || -> u64 {
-            cluster.nodes[to]
-                .cli(&["INFO", "errorstats"])
-                .lines()
-                .find_map(|l| l.strip_prefix("errorstat_TRYAGAIN:count="))
-                .and_then(|c| c.trim().parse().ok())
-                .unwrap_or(0)
-        };
         cluster.begin_migration(slot, from, to);
         // Ten publishes at once: the first meets TRYAGAIN, the rest must not overtake it.
         let ids: Vec<u64> = (11..=20u64)
             .map(|i| p.publish(pa, format!("m-{i}").into_bytes()))
             .collect();
         let deadline = Instant::now() + WAIT;
-        while tryagains() == 0 {
+        while tryagains(&cluster, to) == 0 {
             assert!(Instant::now() < deadline, "no publish met TRYAGAIN");
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -337,4 +330,93 @@ per_backend! {
         let bound = opens_answered_despite_killed_commands(&a, &cluster.nodes[1], &channels);
         eprintln!("bound {bound} of {}", channels.len());
     }
+
+    fn an_open_meeting_tryagain_mid_migration_is_retried_without_resetting_its_connection(backend) {
+        let Some(cluster) = RedisCluster::start("open-tryagain", 3) else { return };
+        let (a, b) = (node(backend, &cluster, "oa"), node(backend, &cluster, "ob"));
+        let (from, to) = (1, 2);
+        let channel_on = |shard: usize, prefix: &str| -> String {
+            (0..)
+                .map(|i| format!("news:{prefix}-{i}"))
+                .find(|c| cluster.owner_of(cluster.slot(&channel_meta(c))) == shard)
+                .unwrap()
+        };
+        let (moving, other) = (channel_on(from, "moving"), channel_on(to, "other"));
+        let slot = cluster.slot(&channel_meta(&moving));
+        // Node a opens the channel: its meta hash (the epoch) exists from now on, its
+        // stream not (nothing published), so mid-migration OPEN (declaring both) finds one
+        // key on the importing shard and not the other: TRYAGAIN.
+        let mut alice = Client::connect(a.addr, "alice");
+        alice.subscribe(&moving);
+        // Node b's command connection to the importing shard, in use before.
+        let mut bob = Client::connect(b.addr, "bob");
+        bob.subscribe(&other);
+        let before = command_clients(&cluster, to);
+        assert!(!before.is_empty());
+        let tryagains_before = tryagains(&cluster, to);
+        cluster.begin_migration(slot, from, to);
+        bob.send(&ClientFrame::Subscribe(Subscribe {
+            room: false,
+            name: Text::from(moving.as_str()),
+        }));
+        let deadline = Instant::now() + WAIT;
+        while tryagains(&cluster, to) == tryagains_before {
+            assert!(Instant::now() < deadline, "the open never met TRYAGAIN");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        cluster.finish_migration(slot, to);
+        match bob.wait_for(|e| matches!(e, Event::Bound { .. } | Event::Error(_))) {
+            Event::Bound { room, .. } => {
+                assert_eq!(room.name.as_ref().map(|n| n.as_str()), Some(moving.as_str()));
+            }
+            other => panic!("the open was refused: {other:?}"),
+        }
+        // The TRYAGAIN was an answer, not a broken connection: the command connections
+        // to the importing shard are the ones from before (each reset failed whatever
+        // else was in flight on it).
+        let after = command_clients(&cluster, to);
+        for id in &before {
+            assert!(after.contains(id), "command connection {id} was reset: {after:?}");
+        }
+        // Counted by kind: the ASK that sent the open to the importing shard, the
+        // TRYAGAIN it met there; none given up.
+        let stats = b.cluster().unwrap().clone();
+        assert!(stats.retries_of(RetryKind::Ask) >= 1);
+        assert!(stats.retries_of(RetryKind::TryAgain) >= 1);
+        assert_eq!(stats.retries_given_up.load(Ordering::Relaxed), 0);
+        let metrics = get_anonymous(with_ops_routes(&b), "/metrics").body;
+        let tryagain = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("pabal_cluster_engine_retries_total{kind=\"tryagain\"} "))
+            .and_then(|n| n.trim().parse::<u64>().ok());
+        assert!(tryagain.is_some_and(|n| n >= 1), "{metrics}");
+        // And the channel works through both nodes.
+        let seqs = Client::publish_all(b.addr, &moving, "bob", 3);
+        assert_eq!(seqs, vec![1, 2, 3]);
+    }
+}
+
+/// The meta key of channel `name`.
+fn channel_meta(name: &str) -> String {
+    format!("pabal:{{c:{name}}}:m")
+}
+
+/// Shard `n`'s command connections (not pub/sub, not the `redis-cli` asking): their ids.
+fn command_clients(cluster: &RedisCluster, n: usize) -> Vec<String> {
+    cluster.nodes[n]
+        .cli(&["CLIENT", "LIST", "TYPE", "normal"])
+        .lines()
+        .filter(|l| l.starts_with("id=") && !l.contains("cmd=client|list"))
+        .filter_map(|l| l.split(' ').next().map(str::to_owned))
+        .collect()
+}
+
+/// How many commands shard `n` answered `TRYAGAIN` so far.
+fn tryagains(cluster: &RedisCluster, n: usize) -> u64 {
+    cluster.nodes[n]
+        .cli(&["INFO", "errorstats"])
+        .lines()
+        .find_map(|l| l.strip_prefix("errorstat_TRYAGAIN:count="))
+        .and_then(|c| c.trim().parse().ok())
+        .unwrap_or(0)
 }
