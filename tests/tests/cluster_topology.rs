@@ -215,6 +215,37 @@ per_backend! {
         assert!(clients_of(&cluster, shard) >= 2, "still connected");
     }
 
+    fn a_shard_no_longer_needed_is_let_go_and_dialed_again_on_its_next_need(backend) {
+        let Some(cluster) = RedisCluster::start("idle", 3) else { return };
+        // Not the seed's shard (asked for the slot map on a connection of its own).
+        let (room, _, shard) =
+            one_room_per_shard(&cluster, "idle").into_iter().find(|r| r.2 == 1).unwrap();
+        let user = user_on(&cluster, "u", shard);
+        let a = node_with(backend, &cluster, "ia", |c| c.shard_idle = Duration::from_secs(1));
+        let mut phone = Client::connect(a.addr, &user);
+        let alias = phone.join(&room);
+        assert_eq!(phone.publish_acked(alias, &b"first"[..]), 1);
+        assert!(clients_of(&cluster, shard) >= 2, "the node's commands and pub/sub");
+        // The last phone goes: the room and the user are let go, and with them every
+        // reason to hold the shard's connections.
+        let session = phone.drop_link();
+        let deadline = Instant::now() + WAIT;
+        while clients_of(&cluster, shard) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "shard {shard} still holds the node's connections: {}",
+                cluster.nodes[shard].cli(&["CLIENT", "LIST"])
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Needed again: dialed again, and nothing was lost meanwhile.
+        assert_eq!(Client::publish_all(a.addr, &room, "other", 1), vec![2]);
+        let mut phone = Client::connect_with(a.addr, &user, session);
+        let got = phone.messages(alias, 1);
+        assert_eq!(got, vec![(2, Bytes::from_static(b"other-0"))]);
+        assert!(clients_of(&cluster, shard) >= 2, "connected again");
+    }
+
     fn a_shard_whose_address_drops_syns_holds_up_no_other_shards_publishes(backend) {
         let Some(cluster) = RedisCluster::start("blackhole", 3) else { return };
         let rooms = one_room_per_shard(&cluster, "syn");

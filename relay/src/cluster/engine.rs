@@ -133,6 +133,7 @@ impl EngineHandle {
             dialed: false,
             held: tryagain::HeldPublishes::default(),
             later: tryagain::LaterCommands::default(),
+            idle_check_at: Instant::now() + config.shard_idle / 4,
             discovery: None,
             channels: HashMap::new(),
             users: HashMap::new(),
@@ -268,6 +269,9 @@ struct Engine {
     /// Opens, stream reads and membership steps waiting to go again after `TRYAGAIN`,
     /// `LOADING` or `BUSY` (`tryagain.rs`).
     later: tryagain::LaterCommands,
+    /// When shards no longer needed are looked for next (`cluster.shard_idle`,
+    /// `connections.rs`).
+    idle_check_at: Instant,
     /// The slot map or master being read (`engine/topology.rs`), on the engine's poll.
     discovery: Option<topology::Discovery>,
     channels: HashMap<Bytes, Channel>,
@@ -359,6 +363,7 @@ impl Engine {
             // After the commands: a shard one of them needed starts connecting before the
             // poll waits.
             self.advance_connections(now);
+            let idle_at = self.release_idle_shards(now);
             self.note_health();
             self.flush_writes();
             self.deliver_events();
@@ -378,6 +383,7 @@ impl Engine {
                     Some(presence_at),
                     receipts_at,
                     retry_at,
+                    idle_at,
                     self.discovery
                         .as_ref()
                         .and_then(topology::Discovery::deadline),
