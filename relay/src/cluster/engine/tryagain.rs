@@ -304,4 +304,37 @@ mod tests {
         assert!(is_tryagain(&e("TRYAGAIN x")));
         assert!(!is_tryagain(&e("MOVED 1 a:1")));
     }
+
+    #[test]
+    fn retries_are_counted_by_the_kind_redis_answered() {
+        use super::super::super::{ClusterStats, RetryKind};
+        let stats = ClusterStats::default();
+        for error in [
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "LOADING Redis is loading the dataset in memory",
+            "BUSY Redis is busy running a script",
+            "ASK 1 127.0.0.1:7000",
+            "MOVED 1 127.0.0.1:7000",
+            "MOVED 2 127.0.0.1:7001",
+            "ERR script error",
+            "NOSCRIPT No matching script",
+        ] {
+            stats.count_retry(error.as_bytes());
+        }
+        let counted: Vec<(&str, u64)> = RetryKind::ALL
+            .iter()
+            .map(|&k| (k.label(), stats.retries_of(k)))
+            .collect();
+        assert_eq!(
+            counted,
+            [
+                ("tryagain", 1),
+                ("loading", 1),
+                ("busy", 1),
+                ("ask", 1),
+                ("moved", 2)
+            ]
+        );
+        assert_eq!(RetryKind::of(b"ASKING"), None, "ASK is followed by a space");
+    }
 }
