@@ -37,8 +37,11 @@
 //! cores (Redis, the nodes, the load), so on a small machine the Redis rows measure
 //! contention as much as the engine. `PABAL_BENCH_REDIS_CPUS=1 PABAL_BENCH_RELAY_CPUS=0`
 //! gives Redis core 1 to itself and puts the relay nodes and the load generator on core 0,
-//! as production gives Redis a machine of its own; the bench prints the placement the
-//! kernel reports. Print the load average next to any figure you quote.
+//! as production gives Redis a machine of its own; `PABAL_BENCH_LOAD_CPUS=1` then moves
+//! the load generator's threads (publishers and reader, per thread, for each phase) to
+//! core 1 beside Redis, leaving core 0 to the relay node (worker and engine thread). The
+//! bench prints the placement the kernel reports. Print the load average next to any
+//! figure you quote.
 
 #![allow(clippy::unwrap_used)] // reason: a benchmark driver fails loudly
 

@@ -203,6 +203,11 @@ pub struct ClusterScrape {
     pub markers_dropped: u64,
     /// Rooms whose markers wait for the engine.
     pub markers_waiting: i64,
+    /// Commands sent again after a retry's or redirect's error, by kind (in
+    /// [`crate::cluster::RetryKind::ALL`]'s order).
+    pub retries: [u64; 5],
+    /// Commands given up after too many retries and redirects.
+    pub retries_given_up: u64,
 }
 
 impl ClusterScrape {
@@ -225,6 +230,8 @@ impl ClusterScrape {
             marker_batches: c.marker_batches.load(Relaxed),
             markers_dropped: c.markers_dropped.load(Relaxed),
             markers_waiting: c.markers_waiting.load(Relaxed),
+            retries: crate::cluster::RetryKind::ALL.map(|k| c.retries_of(k)),
+            retries_given_up: c.retries_given_up.load(Relaxed),
         }
     }
 
@@ -275,9 +282,25 @@ impl ClusterScrape {
                 "Marker updates dropped because too many waited for the engine while it was down.",
                 self.markers_dropped,
             ),
+            (
+                "pabal_cluster_engine_retries_given_up",
+                "Engine commands given up after too many retries and redirects together (refused unavailable).",
+                self.retries_given_up,
+            ),
         ] {
             let c = ConstCounter::new(v);
             c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "pabal_cluster_engine_retries",
+            "Engine commands Redis answered with an error that sends them again, by kind: \
+             tryagain, loading, busy (sent again after a backoff), ask, moved (sent where \
+             Redis said).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (kind, n) in crate::cluster::RetryKind::ALL.iter().zip(self.retries) {
+            ConstCounter::new(n).encode(m.encode_family(&[("kind", kind.label())])?)?;
         }
         for (name, help, v) in [
             (

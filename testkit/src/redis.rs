@@ -217,6 +217,60 @@ pub fn filled_despite_killed_subscriptions(
     kills
 }
 
+/// Opens in flight when their connection drops: a phone on `node` subscribes to
+/// `channels` (each a room the node opens with a script on `redis`) while `redis` holds
+/// every script (`CLIENT PAUSE WRITE`), so the opens are written and unanswered when
+/// every command connection to `redis` is killed (`CLIENT KILL TYPE normal`). Each must
+/// be answered: bound (its open sent again on the next connection) or refused typed and
+/// retryable (`Overloaded`, not fatal), none left waiting; and the node binds a new one
+/// after. Returns how many were bound.
+pub fn opens_answered_despite_killed_commands(
+    node: &crate::TestRelay,
+    redis: &RedisServer,
+    channels: &[String],
+) -> usize {
+    use pabal_codec::{ClientFrame, ErrorCode, Event, Subscribe, Text};
+    let stats = node.cluster().expect("a cluster node").clone();
+    let mut phone = crate::Client::connect(node.addr, "cmd-kill");
+    redis.cli(&["CLIENT", "PAUSE", "60000", "WRITE"]);
+    let before = stats.pipeline_depth.load(Ordering::Relaxed);
+    for name in channels {
+        phone.send(&ClientFrame::Subscribe(Subscribe {
+            room: false,
+            name: Text::from(name.as_str()),
+        }));
+    }
+    let deadline = Instant::now() + WAIT;
+    while stats.pipeline_depth.load(Ordering::Relaxed) < before + channels.len() as i64 {
+        assert!(
+            Instant::now() < deadline,
+            "the opens never went to Redis: {} in flight",
+            stats.pipeline_depth.load(Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+    assert_ne!(killed.trim(), "0", "no command connection was killed");
+    redis.cli(&["CLIENT", "UNPAUSE"]);
+    let mut bound = std::collections::HashSet::new();
+    let mut refused = 0;
+    while bound.len() + refused < channels.len() {
+        match phone.wait_for(|e| matches!(e, Event::Bound { .. } | Event::Error(_))) {
+            Event::Bound { room, .. } => {
+                assert!(bound.insert(room.name.clone()), "bound twice: {room:?}");
+            }
+            Event::Error(e) => {
+                assert_eq!(e.code, ErrorCode::Overloaded, "{e:?}");
+                assert!(!e.fatal, "{e:?}");
+                refused += 1;
+            }
+            _ => unreachable!(),
+        }
+    }
+    phone.subscribe(&format!("{}-after", channels[0]));
+    bound.len()
+}
+
 /// A Redis Cluster of private `redis-server` processes, one master per shard and no
 /// replicas (`--cluster-enabled yes`, joined with `redis-cli --cluster create`), each
 /// killed when dropped.

@@ -16,7 +16,9 @@ use bytes::Bytes;
 use pabal_codec::{ClientSession, ErrorCode, Event};
 use pabal_relay::cluster::ClusterConfig;
 use pabal_relay::io::BackendKind;
-use pabal_testkit::redis::{RedisServer, filled_despite_killed_subscriptions};
+use pabal_testkit::redis::{
+    RedisServer, filled_despite_killed_subscriptions, opens_answered_despite_killed_commands,
+};
 use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
 
 /// A cluster node on `redis`: two workers, named `id`.
@@ -240,5 +242,12 @@ per_backend! {
             events < 2 * COUNT,
             "{events} events for {COUNT} publishes: their channel copies were handed over too"
         );
+    }
+
+    fn every_open_in_flight_when_the_command_connection_drops_is_answered(backend) {
+        let Some(redis) = RedisServer::start("cmd-kill") else { return };
+        let a = node(backend, &redis, "ck");
+        let channels: Vec<String> = (0..64).map(|i| format!("news:cmd-kill-{i}")).collect();
+        opens_answered_despite_killed_commands(&a, &redis, &channels);
     }
 }

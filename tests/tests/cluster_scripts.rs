@@ -143,8 +143,9 @@ fn keys_of(args: &[Vec<u8>]) -> Vec<Vec<u8>> {
         "TIME" | "PUBLISH" | "SPUBLISH" => Vec::new(),
         "DEL" => args[1..].to_vec(),
         "HGET" | "HSET" | "HDEL" | "HINCRBY" | "HEXISTS" | "HGETALL" | "HKEYS" | "HLEN"
-        | "XADD" | "XRANGE" | "ZADD" | "ZSCORE" | "ZREM" | "ZRANGE" | "ZREMRANGEBYRANK"
-        | "SISMEMBER" | "SREM" | "SADD" | "SCARD" | "SMEMBERS" | "PTTL" | "PEXPIRE" => {
+        | "HSCAN" | "XADD" | "XRANGE" | "ZADD" | "ZSCORE" | "ZREM" | "ZRANGE"
+        | "ZREMRANGEBYRANK" | "SISMEMBER" | "SREM" | "SADD" | "SCARD" | "SMEMBERS" | "PTTL"
+        | "PEXPIRE" => {
             vec![args[1].clone()]
         }
         other => panic!("a script ran {other}: say in keys_of where its keys are"),
@@ -534,6 +535,34 @@ fn delivered(users: &[&str], seq: u64, epoch: u64) -> Vec<Vec<Vec<u8>>> {
         .collect()
 }
 
+/// Hand-off calls for one window until the last says no `more`, as the engine makes
+/// them; each reads about a page at most (`HSCAN`'s `COUNT` is a hint: a few more).
+fn handoff_all(
+    r: &mut Redis,
+    epoch: u64,
+    last: u64,
+    publisher: &str,
+    other: u64,
+    page: usize,
+) -> Vec<HandoffPage> {
+    let mut pages = Vec::new();
+    loop {
+        let p = handoff(r, epoch, last, publisher, other, page);
+        assert!(
+            p.read < 2 * page as u64,
+            "call {} read {} members, page {page}",
+            pages.len(),
+            p.read
+        );
+        let more = p.more;
+        pages.push(p);
+        assert!(pages.len() <= 100, "the calls did not end");
+        if !more {
+            return pages;
+        }
+    }
+}
+
 /// One hand-off call: window ending at `last`, by `publisher`, `other` the last by
 /// someone else.
 fn handoff(
@@ -593,13 +622,13 @@ fn a_large_rooms_handoff_reads_only_the_members_behind_a_page_at_a_time() {
         .collect();
     r.pipeline(&delivered(&acked, 3, 7));
 
-    // The first window builds the index (one walk of the member hash) and hands off
-    // exactly the 50 behind.
-    let first = handoff(&mut r, 7, 3, "u0000", 0, 1000);
+    // The first window builds the index (a walk of the member hash, a page a call) and
+    // hands off exactly the 50 behind.
+    let first = handoff_all(&mut r, 7, 3, "u0000", 0, 1000);
     let want: BTreeMap<String, (u64, u64)> =
         behind.iter().map(|u| (u.to_string(), (1, 3))).collect();
-    assert_eq!(owed_by_user(std::slice::from_ref(&first)), want);
-    assert_eq!((first.read, first.more), (5000 + 50, false));
+    assert_eq!(owed_by_user(&first), want);
+    assert_eq!(first.iter().map(|p| p.read).sum::<u64>(), 5000 + 50);
     // Handed off once: the same window again owes nothing and reads nothing.
     let again = handoff(&mut r, 7, 3, "u0000", 0, 1000);
     assert_eq!((again.read, again.owed.len()), (0, 0));
@@ -653,6 +682,65 @@ fn a_large_rooms_handoff_reads_only_the_members_behind_a_page_at_a_time() {
         .collect();
     assert_eq!(owed_by_user(&pages), want);
     assert_eq!(score(&mut r, "u0099"), Some(5));
+}
+
+#[test]
+fn a_large_room_from_before_the_index_is_indexed_a_page_a_call_and_kept_in_step_meanwhile() {
+    let Some(redis) = RedisServer::start_with("scripts-build", &["--appendonly", "no"]) else {
+        return;
+    };
+    let mut r = Redis::connect(redis.port);
+    // 5,000 members as the scripts before the index left them: join points, markers,
+    // old hand-off marks, no index. Every 100th received nothing; the rest 1..=3 (half
+    // by marker, half by an old mark).
+    let users: Vec<String> = (0..5000).map(|i| format!("o{i:04}")).collect();
+    r.call(&["HSET", &key("m"), "e", "7", "s", "3"]);
+    for (n, chunk) in users.chunks(500).enumerate() {
+        let mut members = vec!["HSET".to_string(), key("u")];
+        let (mut markers, mut marks) = (members.clone(), vec!["HSET".to_string(), key("h")]);
+        markers[1] = key("k");
+        for (i, u) in chunk.iter().enumerate() {
+            members.extend([u.clone(), "7:0:1".into()]);
+            match (n * 500 + i) % 100 {
+                99 => {}
+                j if j % 2 == 0 => markers.extend([u.clone(), "7:3:0".into()]),
+                _ => marks.extend([u.clone(), "7:3".into()]),
+            }
+        }
+        for cmd in [&members, &markers, &marks] {
+            r.call(&cmd.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+    }
+    // The first call reads a page of the members, not 5,000.
+    let first = handoff(&mut r, 7, 3, "o0000", 0, 1000);
+    assert!(first.more, "the build is not through");
+    assert!(
+        first.read < 2000,
+        "the first call read {} members",
+        first.read
+    );
+    // Meanwhile a new member joins and one of those behind receives everything: the
+    // index keeps both in step although it is still being built.
+    r.pipeline(&[join("late")]);
+    r.pipeline(&delivered(&["o4999"], 3, 7));
+    let mut pages = vec![first];
+    pages.extend(handoff_all(&mut r, 7, 3, "o0000", 0, 1000));
+    let want: BTreeMap<String, (u64, u64)> = users
+        .iter()
+        .enumerate()
+        .filter(|(i, u)| i % 100 == 99 && u.as_str() != "o4999")
+        .map(|(_, u)| (u.clone(), (1, 3)))
+        .collect();
+    assert_eq!(owed_by_user(&pages), want);
+    assert_eq!(score(&mut r, "late"), Some(3), "joined at the head");
+    assert_eq!(r.call(&["ZCARD", &key("d")]).int(), Some(5001));
+    assert_eq!(
+        r.call(&["EXISTS", &key("h")]).int(),
+        Some(0),
+        "the old marks went"
+    );
+    // Built once: the same window again reads nothing.
+    assert_eq!(handoff(&mut r, 7, 3, "o0000", 0, 1000).read, 0);
 }
 
 #[test]

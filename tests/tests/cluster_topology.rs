@@ -9,15 +9,18 @@
 #![allow(clippy::unwrap_used)] // reason: tests
 
 use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pabal_codec::{ClientSession, Event};
-use pabal_relay::cluster::{ClusterConfig, Topology};
+use pabal_codec::{ClientFrame, ClientSession, Event, Subscribe, Text};
+use pabal_relay::cluster::{ClusterConfig, RetryKind, Topology};
 use pabal_relay::io::BackendKind;
 use pabal_testkit::blackhole::Blackhole;
-use pabal_testkit::http::request;
-use pabal_testkit::redis::{RedisCluster, filled_despite_killed_subscriptions};
+use pabal_testkit::http::{get_anonymous, request, with_ops_routes};
+use pabal_testkit::redis::{
+    RedisCluster, filled_despite_killed_subscriptions, opens_answered_despite_killed_commands,
+};
 use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
 
 /// A node on `cluster`, given only its first master as seed: the rest comes from the
@@ -212,6 +215,37 @@ per_backend! {
         assert!(clients_of(&cluster, shard) >= 2, "still connected");
     }
 
+    fn a_shard_no_longer_needed_is_let_go_and_dialed_again_on_its_next_need(backend) {
+        let Some(cluster) = RedisCluster::start("idle", 3) else { return };
+        // Not the seed's shard (asked for the slot map on a connection of its own).
+        let (room, _, shard) =
+            one_room_per_shard(&cluster, "idle").into_iter().find(|r| r.2 == 1).unwrap();
+        let user = user_on(&cluster, "u", shard);
+        let a = node_with(backend, &cluster, "ia", |c| c.shard_idle = Duration::from_secs(1));
+        let mut phone = Client::connect(a.addr, &user);
+        let alias = phone.join(&room);
+        assert_eq!(phone.publish_acked(alias, &b"first"[..]), 1);
+        assert!(clients_of(&cluster, shard) >= 2, "the node's commands and pub/sub");
+        // The last phone goes: the room and the user are let go, and with them every
+        // reason to hold the shard's connections.
+        let session = phone.drop_link();
+        let deadline = Instant::now() + WAIT;
+        while clients_of(&cluster, shard) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "shard {shard} still holds the node's connections: {}",
+                cluster.nodes[shard].cli(&["CLIENT", "LIST"])
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Needed again: dialed again, and nothing was lost meanwhile.
+        assert_eq!(Client::publish_all(a.addr, &room, "other", 1), vec![2]);
+        let mut phone = Client::connect_with(a.addr, &user, session);
+        let got = phone.messages(alias, 1);
+        assert_eq!(got, vec![(2, Bytes::from_static(b"other-0"))]);
+        assert!(clients_of(&cluster, shard) >= 2, "connected again");
+    }
+
     fn a_shard_whose_address_drops_syns_holds_up_no_other_shards_publishes(backend) {
         let Some(cluster) = RedisCluster::start("blackhole", 3) else { return };
         let rooms = one_room_per_shard(&cluster, "syn");
@@ -283,21 +317,13 @@ per_backend! {
         for i in 1..=10u64 {
             assert_eq!(p.publish_acked(pa, format!("m-{i}").into_bytes()), i);
         }
-        let tryagains = || -> u64 {
-            cluster.nodes[to]
-                .cli(&["INFO", "errorstats"])
-                .lines()
-                .find_map(|l| l.strip_prefix("errorstat_TRYAGAIN:count="))
-                .and_then(|c| c.trim().parse().ok())
-                .unwrap_or(0)
-        };
         cluster.begin_migration(slot, from, to);
         // Ten publishes at once: the first meets TRYAGAIN, the rest must not overtake it.
         let ids: Vec<u64> = (11..=20u64)
             .map(|i| p.publish(pa, format!("m-{i}").into_bytes()))
             .collect();
         let deadline = Instant::now() + WAIT;
-        while tryagains() == 0 {
+        while tryagains(&cluster, to) == 0 {
             assert!(Instant::now() < deadline, "no publish met TRYAGAIN");
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -322,4 +348,175 @@ per_backend! {
         }
         keys_only_on(&cluster, slot, to);
     }
+
+    fn every_open_in_flight_when_a_shards_command_connection_drops_is_answered(backend) {
+        let Some(cluster) = RedisCluster::start("cmd-kill", 3) else { return };
+        let a = node(backend, &cluster, "ck");
+        // Channels on shard 1 (not the seed): opens on its command connection.
+        let channels: Vec<String> = (0..)
+            .map(|i| format!("news:cmd-kill-{i}"))
+            .filter(|c| cluster.owner_of(cluster.slot(&format!("pabal:{{c:{c}}}:m"))) == 1)
+            .take(64)
+            .collect();
+        let bound = opens_answered_despite_killed_commands(&a, &cluster.nodes[1], &channels);
+        eprintln!("bound {bound} of {}", channels.len());
+    }
+
+    fn an_open_meeting_tryagain_mid_migration_is_retried_without_resetting_its_connection(backend) {
+        let Some(MidMigration { cluster, b, mut bob, moving, slot, to, before, .. }) =
+            open_mid_migration(backend, "open-tryagain")
+        else {
+            return;
+        };
+        cluster.finish_migration(slot, to);
+        // Bound once the slot is handed over; or, where handing it over took longer than
+        // the open's retries (five redirects and retries together, about a second: a
+        // loaded machine), refused typed and retryable, and the phone's retry binds.
+        match bob.wait_for(|e| matches!(e, Event::Bound { .. } | Event::Error(_))) {
+            Event::Bound { room, .. } => {
+                assert_eq!(room.name.as_ref().map(|n| n.as_str()), Some(moving.as_str()));
+            }
+            Event::Error(e) => {
+                assert_eq!(e.code, pabal_codec::ErrorCode::Overloaded, "{e:?}");
+                assert!(!e.fatal, "{e:?}");
+                bob.subscribe(&moving);
+            }
+            _ => unreachable!(),
+        }
+        // The TRYAGAIN was an answer, not a broken connection: the command connections
+        // to the importing shard are the ones from before (each reset failed whatever
+        // else was in flight on it).
+        let after = command_clients(&cluster, to);
+        for id in &before {
+            assert!(after.contains(id), "command connection {id} was reset: {after:?}");
+        }
+        // Counted by kind: the ASK that sent the open to the importing shard, the
+        // TRYAGAIN it met there.
+        let stats = b.cluster().unwrap().clone();
+        assert!(stats.retries_of(RetryKind::Ask) >= 1);
+        assert!(stats.retries_of(RetryKind::TryAgain) >= 1);
+        let metrics = get_anonymous(with_ops_routes(&b), "/metrics").body;
+        let tryagain = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("pabal_cluster_engine_retries_total{kind=\"tryagain\"} "))
+            .and_then(|n| n.trim().parse::<u64>().ok());
+        assert!(tryagain.is_some_and(|n| n >= 1), "{metrics}");
+        // And the channel works through both nodes.
+        let seqs = Client::publish_all(b.addr, &moving, "bob", 3);
+        assert_eq!(seqs, vec![1, 2, 3]);
+    }
+
+    fn an_open_meeting_tryagain_past_its_retries_is_refused_typed_and_opened_by_the_next_bind(backend) {
+        let Some(MidMigration { cluster, b, mut bob, moving, slot, to, .. }) =
+            open_mid_migration(backend, "open-given-up")
+        else {
+            return;
+        };
+        // The migration stays half done: the open meets TRYAGAIN at every try, and after
+        // five redirects and retries together it is given up, refused typed and
+        // retryable (it was left waiting).
+        match bob.wait_for(|e| matches!(e, Event::Bound { .. } | Event::Error(_))) {
+            Event::Error(e) => {
+                assert_eq!(e.code, pabal_codec::ErrorCode::Overloaded, "{e:?}");
+                assert!(!e.fatal, "{e:?}");
+            }
+            other => panic!("bound mid-migration: {other:?}"),
+        }
+        let stats = b.cluster().unwrap().clone();
+        assert!(stats.retries_given_up.load(Ordering::Relaxed) >= 1);
+        // Once the slot is handed over, the phone's retry opens it.
+        cluster.finish_migration(slot, to);
+        bob.subscribe(&moving);
+        assert_eq!(Client::publish_all(b.addr, &moving, "bob", 1), vec![1]);
+    }
+}
+
+/// The meta key of channel `name`.
+fn channel_meta(name: &str) -> String {
+    format!("pabal:{{c:{name}}}:m")
+}
+
+/// Shard `n`'s command connections (not pub/sub, not the `redis-cli` asking): their ids.
+fn command_clients(cluster: &RedisCluster, n: usize) -> Vec<String> {
+    cluster.nodes[n]
+        .cli(&["CLIENT", "LIST", "TYPE", "normal"])
+        .lines()
+        .filter(|l| l.starts_with("id=") && !l.contains("cmd=client|list"))
+        .filter_map(|l| l.split(' ').next().map(str::to_owned))
+        .collect()
+}
+
+/// How many commands shard `n` answered `TRYAGAIN` so far.
+fn tryagains(cluster: &RedisCluster, n: usize) -> u64 {
+    cluster.nodes[n]
+        .cli(&["INFO", "errorstats"])
+        .lines()
+        .find_map(|l| l.strip_prefix("errorstat_TRYAGAIN:count="))
+        .and_then(|c| c.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Two nodes on a three-shard cluster with a channel's slot half migrated (keys moved,
+/// not handed over) and node b's phone's open of that channel sent into it and answered
+/// `TRYAGAIN` at least once.
+struct MidMigration {
+    cluster: RedisCluster,
+    /// Node a, which opened the channel before the migration.
+    _a: TestRelay,
+    _alice: Client,
+    b: TestRelay,
+    /// Node b's phone, whose SUBSCRIBE of `moving` waits for its open.
+    bob: Client,
+    moving: String,
+    slot: u16,
+    /// The importing shard.
+    to: usize,
+    /// The importing shard's command connections before the migration.
+    before: Vec<String>,
+}
+
+fn open_mid_migration(backend: BackendKind, name: &str) -> Option<MidMigration> {
+    let cluster = RedisCluster::start(name, 3)?;
+    let (a, b) = (node(backend, &cluster, "oa"), node(backend, &cluster, "ob"));
+    let (from, to) = (1, 2);
+    let channel_on = |shard: usize, prefix: &str| -> String {
+        (0..)
+            .map(|i| format!("news:{prefix}-{i}"))
+            .find(|c| cluster.owner_of(cluster.slot(&channel_meta(c))) == shard)
+            .unwrap()
+    };
+    let (moving, other) = (channel_on(from, "moving"), channel_on(to, "other"));
+    let slot = cluster.slot(&channel_meta(&moving));
+    // Node a opens the channel: its meta hash (the epoch) exists from now on, its stream
+    // not (nothing published), so mid-migration OPEN (declaring both) finds one key on
+    // the importing shard and not the other: TRYAGAIN.
+    let mut alice = Client::connect(a.addr, "alice");
+    alice.subscribe(&moving);
+    // Node b's command connection to the importing shard, in use before.
+    let mut bob = Client::connect(b.addr, "bob");
+    bob.subscribe(&other);
+    let before = command_clients(&cluster, to);
+    assert!(!before.is_empty());
+    let tryagains_before = tryagains(&cluster, to);
+    cluster.begin_migration(slot, from, to);
+    bob.send(&ClientFrame::Subscribe(Subscribe {
+        room: false,
+        name: Text::from(moving.as_str()),
+    }));
+    let deadline = Instant::now() + WAIT;
+    while tryagains(&cluster, to) == tryagains_before {
+        assert!(Instant::now() < deadline, "the open never met TRYAGAIN");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Some(MidMigration {
+        cluster,
+        _a: a,
+        _alice: alice,
+        b,
+        bob,
+        moving,
+        slot,
+        to,
+        before,
+    })
 }

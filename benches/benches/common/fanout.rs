@@ -92,11 +92,15 @@ pub fn run_phase(
     phase_mark(kind, "start");
     let start = Instant::now();
     let (lat_tx, lat_rx) = std::sync::mpsc::channel();
+    // The publishers run on this thread: on `PABAL_BENCH_LOAD_CPUS` for the phase, and so
+    // is the reader it starts (`common::placement`).
+    let _load = super::placement::pin_load_thread();
     std::thread::scope(|scope| {
         // The reader: every subscriber socket on one poll.
         let stop_r = stop.clone();
         let deliveries_r = deliveries.clone();
         scope.spawn(move || {
+            let _load = super::placement::pin_load_thread();
             let mut poll = Poll::new().unwrap();
             for (i, r) in readers.iter_mut().enumerate() {
                 poll.registry()

@@ -2,10 +2,14 @@
 //! `redis-server` (every thread of it) to a CPU list, `PABAL_BENCH_RELAY_CPUS` pins this
 //! process (the relay nodes and the load generator: every thread it has and every thread it
 //! starts later) to another, so that Redis has a core to itself, as it has a machine to
-//! itself in production. Lists as `taskset -c` takes them: `1`, `0,2`, `2-3`.
+//! itself in production. `PABAL_BENCH_LOAD_CPUS` then moves the load generator's own
+//! threads (per thread, for the length of a phase: [`pin_load_thread`]) to a third list,
+//! so that the relay node (worker and engine thread) can have a core to itself while Redis
+//! and the load share another. Lists as `taskset -c` takes them: `1`, `0,2`, `2-3`.
 //!
-//! Owns: the affinity of those two processes, and the line that says where everything
-//! runs. Must not touch: any other process (the system's Redis, other benches).
+//! Owns: the affinity of those processes and of the load generator's threads, and the
+//! line that says where everything runs. Must not touch: any other process (the system's
+//! Redis, other benches).
 
 use pabal_testkit::redis::RedisServer;
 
@@ -13,6 +17,8 @@ use pabal_testkit::redis::RedisServer;
 pub const REDIS_CPUS: &str = "PABAL_BENCH_REDIS_CPUS";
 /// The CPUs of `PABAL_BENCH_RELAY_CPUS`.
 pub const RELAY_CPUS: &str = "PABAL_BENCH_RELAY_CPUS";
+/// The CPUs of `PABAL_BENCH_LOAD_CPUS`.
+pub const LOAD_CPUS: &str = "PABAL_BENCH_LOAD_CPUS";
 
 /// Parses a CPU list (`0`, `1,3`, `0-2,5`); panics naming `var` on anything else.
 pub fn parse_cpus(var: &str, list: &str) -> Vec<usize> {
@@ -54,27 +60,61 @@ fn threads_of(pid: u32) -> Vec<libc::pid_t> {
 
 /// Pins every thread of `pid` to `cpus`; panics naming `var` if the kernel refuses.
 fn pin_process(var: &str, pid: u32, cpus: &[usize]) {
+    for tid in threads_of(pid) {
+        pin_thread(var, tid, cpus);
+    }
+}
+
+/// Pins thread `tid` (0: the calling thread) to `cpus`; panics naming `var` if the kernel
+/// refuses.
+fn pin_thread(var: &str, tid: libc::pid_t, cpus: &[usize]) {
     // SAFETY: `cpu_set_t` is a plain bit array for which all-zero is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     for &cpu in cpus {
-        // SAFETY: `cpu` < CPU_SETSIZE (`parse_cpus` checks), so the bit is inside `set`.
+        // SAFETY: `cpu` < CPU_SETSIZE (`parse_cpus` checks, `affinity_of` reads only
+        // those), so the bit is inside `set`.
         unsafe { libc::CPU_SET(cpu, &mut set) };
     }
-    for tid in threads_of(pid) {
-        // SAFETY: `set` is a valid `cpu_set_t` of the size passed; the call only reads it.
-        let rc =
-            unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &raw const set) };
-        assert!(
-            rc == 0,
-            "{var}: sched_setaffinity({tid}, {cpus:?}) failed: {}",
-            std::io::Error::last_os_error()
-        );
+    // SAFETY: `set` is a valid `cpu_set_t` of the size passed; the call only reads it.
+    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &raw const set) };
+    assert!(
+        rc == 0,
+        "{var}: sched_setaffinity({tid}, {cpus:?}) failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The calling thread on `PABAL_BENCH_LOAD_CPUS` until dropped, then back on the CPUs it
+/// had (a thread that goes on to start relay nodes must not hand them the load's CPUs).
+/// Does nothing while the variable is unset.
+pub struct LoadThread {
+    before: Option<Vec<usize>>,
+}
+
+/// Moves the calling thread, one of the load generator's, to `PABAL_BENCH_LOAD_CPUS`
+/// (unset: it stays where it is, with the relay nodes on `PABAL_BENCH_RELAY_CPUS`).
+pub fn pin_load_thread() -> LoadThread {
+    let Some(cpus) = cpus_from_env(LOAD_CPUS) else {
+        return LoadThread { before: None };
+    };
+    let before = affinity_of(0);
+    pin_thread(LOAD_CPUS, 0, &cpus);
+    LoadThread {
+        before: Some(before),
+    }
+}
+
+impl Drop for LoadThread {
+    fn drop(&mut self) {
+        if let Some(before) = self.before.take().filter(|b| !b.is_empty()) {
+            pin_thread(LOAD_CPUS, 0, &before);
+        }
     }
 }
 
 /// The CPUs thread `tid` (0: the calling thread) may run on.
 fn affinity_of(tid: libc::pid_t) -> Vec<usize> {
-    // SAFETY: as in `pin_process`.
+    // SAFETY: as in `pin_thread`.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid `cpu_set_t` of the size passed; the call writes only it.
     let rc = unsafe { libc::sched_getaffinity(tid, std::mem::size_of_val(&set), &raw mut set) };
@@ -98,8 +138,9 @@ fn redis_pid(redis: &RedisServer) -> u32 {
 }
 
 /// Applies `PABAL_BENCH_REDIS_CPUS` to `redis` and `PABAL_BENCH_RELAY_CPUS` to this process
-/// (call it before the relays and the load start their threads), and returns the line that
-/// says where each runs, as the kernel reports it back.
+/// (call it before the relays and the load start their threads), checks
+/// `PABAL_BENCH_LOAD_CPUS` (applied per load thread, [`pin_load_thread`]), and returns the
+/// line that says where each runs, as the kernel reports it back.
 pub fn apply(redis: &RedisServer) -> String {
     let pid = redis_pid(redis);
     if let Some(cpus) = cpus_from_env(REDIS_CPUS) {
@@ -108,14 +149,25 @@ pub fn apply(redis: &RedisServer) -> String {
     if let Some(cpus) = cpus_from_env(RELAY_CPUS) {
         pin_process(RELAY_CPUS, std::process::id(), &cpus);
     }
+    let relay = affinity_of(0);
+    // As the load's threads will be placed (checked here: a bad list fails before the run).
+    let load = {
+        let pinned = pin_load_thread();
+        let load = affinity_of(0);
+        drop(pinned);
+        load
+    };
     format!(
-        "placement: redis-server (pid {pid}) on CPUs {} ({REDIS_CPUS}={}); relay nodes and load \
-         generator (pid {}) on CPUs {} ({RELAY_CPUS}={}); {} CPUs online",
+        "placement: redis-server (pid {pid}) on CPUs {} ({REDIS_CPUS}={}); relay nodes (pid {}) \
+         on CPUs {} ({RELAY_CPUS}={}); the load generator's threads on CPUs {} ({LOAD_CPUS}={}); \
+         {} CPUs online",
         cpu_text(&affinity_of(pid as libc::pid_t)),
         std::env::var(REDIS_CPUS).unwrap_or_else(|_| "unset".into()),
         std::process::id(),
-        cpu_text(&affinity_of(0)),
+        cpu_text(&relay),
         std::env::var(RELAY_CPUS).unwrap_or_else(|_| "unset".into()),
+        cpu_text(&load),
+        std::env::var(LOAD_CPUS).unwrap_or_else(|_| "unset".into()),
         // SAFETY: sysconf reads a system constant.
         unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) },
     )

@@ -90,6 +90,13 @@ pub struct ClusterConfig {
     /// How long `WAIT` may wait for `wait_replicas` (at most 60 s, more than 0). Default 1 s.
     #[serde(with = "humantime_secs")]
     pub wait_timeout: Duration,
+    /// With `topology = "cluster"`: a shard none of a worker's rooms, users or commands
+    /// has used for this long (no room channel or user channel on its slots, nothing in
+    /// flight on it) has that worker's connections to it closed; its next need dials it
+    /// again. 1 s ..= 24 h. Default 60 s. (The one Redis, or Sentinel's master, is never
+    /// let go.)
+    #[serde(with = "humantime_secs")]
+    pub shard_idle: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -107,6 +114,7 @@ impl Default for ClusterConfig {
             presence_lease: Duration::from_secs(30),
             wait_replicas: 0,
             wait_timeout: Duration::from_secs(1),
+            shard_idle: Duration::from_secs(60),
         }
     }
 }
@@ -271,6 +279,10 @@ impl ClusterConfig {
                 "must be > 0 and at most 60s (WAIT 0 would wait forever)".into(),
             ));
         }
+        if self.shard_idle < Duration::from_secs(1) || self.shard_idle > Duration::from_secs(86_400)
+        {
+            return Err(invalid("cluster.shard_idle", "must be 1s ..= 24h".into()));
+        }
         Ok(())
     }
 
@@ -406,6 +418,11 @@ mod tests {
             field(&too_many, StorageMode::Memory),
             "cluster.wait_replicas"
         );
+        let idle = ClusterConfig {
+            shard_idle: Duration::from_millis(500),
+            ..ok.clone()
+        };
+        assert_eq!(field(&idle, StorageMode::Memory), "cluster.shard_idle");
         let zero = ClusterConfig {
             stream_max_len: 0,
             ..ok

@@ -17,9 +17,10 @@
 //!
 //! Shards are dialed on their first need in `connections`, without blocking in [`dial`];
 //! what they answer is read in [`replies`]; publishes answered `TRYAGAIN` wait for their
-//! retry in `tryagain`, their room's later ones behind them; membership's commands and
-//! users' notice channels are in [`members`]; presence entries, lookups and the retries
-//! of membership steps answered `TRYAGAIN` in `presence`.
+//! retry in `tryagain`, their room's later ones behind them, and so do opens, stream
+//! reads and membership steps answered `TRYAGAIN`, `LOADING` or `BUSY` (each on its own
+//! timer); membership's commands and users' notice channels are in [`members`]; presence
+//! entries and lookups in `presence`.
 //!
 //! Owns: the slot map, the shards' connections, what is in flight on them, the subscribed
 //! channels and reconnection with backoff. Must not touch: rooms or connections (it only
@@ -131,6 +132,8 @@ impl EngineHandle {
             resolver,
             dialed: false,
             held: tryagain::HeldPublishes::default(),
+            later: tryagain::LaterCommands::default(),
+            idle_check_at: Instant::now() + config.shard_idle / 4,
             discovery: None,
             channels: HashMap::new(),
             users: HashMap::new(),
@@ -263,6 +266,12 @@ struct Engine {
     dialed: bool,
     /// Publishes held behind one of their room's answered `TRYAGAIN` (`tryagain.rs`).
     held: tryagain::HeldPublishes,
+    /// Opens, stream reads and membership steps waiting to go again after `TRYAGAIN`,
+    /// `LOADING` or `BUSY` (`tryagain.rs`).
+    later: tryagain::LaterCommands,
+    /// When shards no longer needed are looked for next (`cluster.shard_idle`,
+    /// `connections.rs`).
+    idle_check_at: Instant,
     /// The slot map or master being read (`engine/topology.rs`), on the engine's poll.
     discovery: Option<topology::Discovery>,
     channels: HashMap<Bytes, Channel>,
@@ -350,10 +359,11 @@ impl Engine {
             }
             let presence_at = self.presence_timers(now);
             let receipts_at = self.receipts_timer(now);
-            let held_at = self.held_timers(now);
+            let retry_at = self.retry_timers(now);
             // After the commands: a shard one of them needed starts connecting before the
             // poll waits.
             self.advance_connections(now);
+            let idle_at = self.release_idle_shards(now);
             self.note_health();
             self.flush_writes();
             self.deliver_events();
@@ -372,7 +382,8 @@ impl Engine {
                     (self.refresh_due && self.discovery.is_none()).then_some(self.map_retry.at),
                     Some(presence_at),
                     receipts_at,
-                    held_at,
+                    retry_at,
+                    idle_at,
                     self.discovery
                         .as_ref()
                         .and_then(topology::Discovery::deadline),
@@ -583,6 +594,25 @@ impl Engine {
         self.stats.pipeline_depth.fetch_sub(n, Ordering::Relaxed);
         for (p, _) in inflight {
             self.give_up(p);
+        }
+    }
+
+    /// A command redirected or retried too often ([`MAX_HOPS`] together): an open is
+    /// answered [`EngineEvent::OpenFailed`] (what waits for the room is refused
+    /// `unavailable`; the next request opens it again), a stream read goes again after
+    /// the longest wait (idempotent, and its owner has no other answer), anything else
+    /// fails as when its connection is lost.
+    fn refuse(&mut self, p: Pending) {
+        match p {
+            Pending::Fill { .. } => self.retry_later(p, MAX_HOPS),
+            Pending::Open { room, .. } => {
+                self.stats.retries_given_up.fetch_add(1, Ordering::Relaxed);
+                self.out.push(EngineEvent::OpenFailed { room });
+            }
+            other => {
+                self.stats.retries_given_up.fetch_add(1, Ordering::Relaxed);
+                self.give_up(other);
+            }
         }
     }
 

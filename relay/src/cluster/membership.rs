@@ -69,7 +69,7 @@ end
 local s = redis.call('HGET', KEYS[1], 's') or '0'
 local jp = e .. ':' .. s .. ':' .. ARGV[3]
 redis.call('HSET', KEYS[2], ARGV[2], jp)
-if redis.call('HGET', KEYS[1], 'd') == e then
+if redis.call('HGET', KEYS[1], 'd') == e or redis.call('HGET', KEYS[1], 'b') == e then
   redis.call('ZADD', KEYS[3], s, ARGV[2])
 end
 return {1, jp}

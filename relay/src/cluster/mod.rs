@@ -575,6 +575,66 @@ pub struct ClusterStats {
     pub markers_dropped: AtomicU64,
     /// Rooms whose markers wait for the engine (down), all workers together.
     pub markers_waiting: AtomicI64,
+    /// Commands Redis answered with an error that sends them again, by kind
+    /// ([`RetryKind`] as index): `TRYAGAIN`, `LOADING`, `BUSY` (sent again after a
+    /// backoff), `ASK`, `MOVED` (sent where Redis said), on command and pub/sub
+    /// connections.
+    pub retries: [AtomicU64; RetryKind::ALL.len()],
+    /// Commands given up after too many retries and redirects together (a publish or
+    /// membership step refused `unavailable`, an open answered `OpenFailed`).
+    pub retries_given_up: AtomicU64,
+}
+
+/// An error Redis answers that sends the command again (a retry or a redirect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryKind {
+    /// A slot mid-migration with a multi-key command's keys split between two shards.
+    TryAgain,
+    /// Redis is loading its data (just restarted).
+    Loading,
+    /// A script runs past its time limit.
+    Busy,
+    /// A slot mid-migration: the key is on the importing shard.
+    Ask,
+    /// The slot lives on another shard.
+    Moved,
+}
+
+impl RetryKind {
+    /// Every kind, in the order of [`ClusterStats::retries`].
+    pub const ALL: [RetryKind; 5] = [
+        RetryKind::TryAgain,
+        RetryKind::Loading,
+        RetryKind::Busy,
+        RetryKind::Ask,
+        RetryKind::Moved,
+    ];
+
+    /// The kind of the error Redis answered (`error`: the error line), if it is one.
+    pub fn of(error: &[u8]) -> Option<RetryKind> {
+        let kinds: [(&[u8], RetryKind); 5] = [
+            (b"TRYAGAIN", RetryKind::TryAgain),
+            (b"LOADING", RetryKind::Loading),
+            (b"BUSY", RetryKind::Busy),
+            (b"ASK ", RetryKind::Ask),
+            (b"MOVED ", RetryKind::Moved),
+        ];
+        kinds
+            .into_iter()
+            .find(|(prefix, _)| error.starts_with(prefix))
+            .map(|(_, kind)| kind)
+    }
+
+    /// Its metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            RetryKind::TryAgain => "tryagain",
+            RetryKind::Loading => "loading",
+            RetryKind::Busy => "busy",
+            RetryKind::Ask => "ask",
+            RetryKind::Moved => "moved",
+        }
+    }
 }
 
 impl ClusterStats {
@@ -593,6 +653,18 @@ impl ClusterStats {
             h.add_to(into);
         }
         out
+    }
+
+    /// Counts `error` in [`ClusterStats::retries`] if it is a retry's or redirect's.
+    pub fn count_retry(&self, error: &[u8]) {
+        if let Some(kind) = RetryKind::of(error) {
+            self.retries[kind as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// [`ClusterStats::retries`] of `kind` so far.
+    pub fn retries_of(&self, kind: RetryKind) -> u64 {
+        self.retries[kind as usize].load(Ordering::Relaxed)
     }
 
     /// Whether every engine thread has its connections up.

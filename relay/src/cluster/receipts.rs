@@ -52,15 +52,15 @@ pub const MAX_RECEIPTS_MEMBERS: usize = 100_000;
 /// Markers update: KEYS meta, members, markers, hand-off index; ARGV epoch, channel,
 /// publish command, then `user, delivered, read` per member. Returns how many moved
 /// (published on the channel). A delivered marker that moved moves the member's place in
-/// the hand-off index (once the index of this epoch is built: its build reads the
-/// markers).
+/// the hand-off index (once the index of this epoch is built or being built: its build
+/// reads the markers).
 pub static MARKERS: Script = Script::new(
     "MARKERS",
     r"
 local e = redis.call('HGET', KEYS[1], 'e')
 if e ~= ARGV[1] then return 0 end
 local head = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
-local indexed = redis.call('HGET', KEYS[1], 'd') == e
+local indexed = redis.call('HGET', KEYS[1], 'd') == e or redis.call('HGET', KEYS[1], 'b') == e
 local out = {}
 for i = 4, #ARGV, 3 do
   local u = ARGV[i]
@@ -152,7 +152,11 @@ pub const HANDOFF_PAGE: usize = 1_000;
 /// owed one (for the publisher: up to the last message by someone else) is moved to the
 /// window's end in the same step. A room whose index of this epoch does not exist yet (a
 /// room from before the index, or one whose epoch changed) has it built first, once, from
-/// the member hash, the markers and the old marks (which then go).
+/// the member hash, the markers and the old marks (which then go), a page at a time: each
+/// call reads about a page of members (`HSCAN` with `COUNT` page, a hint Redis may
+/// exceed by a few) and keeps its cursor in the meta hash (`b` the epoch being built,
+/// `bc` the cursor), answering `{read, 1, {}}` until the scan is through; meanwhile joins
+/// and markers write the index as they do once it is built (`d`).
 ///
 /// Returns `{read, more, [user, first, last, ...]}`: `read` how many members the call
 /// read (the build's included), `more` 1 when the page was full (the engine calls again
@@ -163,9 +167,17 @@ pub static HANDOFF: Script = Script::new(
 local e = redis.call('HGET', KEYS[1], 'e')
 if e ~= ARGV[1] then return {0, 0, {}} end
 local read = 0
+local page = tonumber(ARGV[5])
 if redis.call('HGET', KEYS[1], 'd') ~= e then
-  redis.call('DEL', KEYS[5])
-  local m = redis.call('HGETALL', KEYS[2])
+  local cursor = '0'
+  if redis.call('HGET', KEYS[1], 'b') == e then
+    cursor = redis.call('HGET', KEYS[1], 'bc') or '0'
+  else
+    redis.call('DEL', KEYS[5])
+    redis.call('HSET', KEYS[1], 'b', e)
+  end
+  local scan = redis.call('HSCAN', KEYS[2], cursor, 'COUNT', page)
+  local m = scan[2]
   for i = 1, #m, 2 do
     local u = m[i]
     local done = 0
@@ -184,11 +196,15 @@ if redis.call('HGET', KEYS[1], 'd') ~= e then
     redis.call('ZADD', KEYS[5], done, u)
   end
   read = #m / 2
+  if scan[1] ~= '0' then
+    redis.call('HSET', KEYS[1], 'bc', scan[1])
+    return {read, 1, {}}
+  end
   redis.call('DEL', KEYS[4])
+  redis.call('HDEL', KEYS[1], 'b', 'bc')
   redis.call('HSET', KEYS[1], 'd', e)
 end
 local last = tonumber(ARGV[2])
-local page = tonumber(ARGV[5])
 local behind = redis.call('ZRANGE', KEYS[5], '-inf', '(' .. last, 'BYSCORE', 'LIMIT', 0, page,
   'WITHSCORES')
 read = read + #behind / 2
@@ -304,9 +320,10 @@ pub fn parse_loaded_markers(reply: &Value) -> Option<(u64, Vec<(Text, Marker)>)>
 /// What one [`HANDOFF`] call decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandoffPage {
-    /// Members the call read (a full walk only when it built the room's index).
+    /// Members the call read (about a page more while it builds the room's index).
     pub read: u64,
-    /// The page was full: more members may be behind (the engine calls again).
+    /// The page was full, or the index's build is not through: more members may be
+    /// behind (the engine calls again).
     pub more: bool,
     /// `(user, first, last)` per member owed.
     pub owed: Vec<(Text, u64, u64)>,

@@ -221,6 +221,9 @@ pub(super) struct Shard {
     /// Answered publishes (`EngineEvent::Published`) held until the `WAIT` after them
     /// answers (`cluster.wait_replicas`); bounded by the publishes in flight.
     pub(super) held: Vec<super::EngineEvent>,
+    /// When a command was last routed to it, or a room or user channel last seen on its
+    /// slots (`cluster.shard_idle` counts from it).
+    pub(super) last_used: Instant,
 }
 
 /// The tickets of this worker's publishes that Redis answered (the worker has their
@@ -273,6 +276,7 @@ impl Shard {
             copies_due: CopiesDue::default(),
             wait_due: false,
             held: Vec::new(),
+            last_used: Instant::now(),
         }
     }
 

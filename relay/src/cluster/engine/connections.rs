@@ -4,16 +4,19 @@
 //! while it dials (bounded: [`super::super::shard::DIAL_QUEUE_MAX`]), each loop turn moves
 //! the dials on, what waited for a connection is queued once one starts, and a failed dial
 //! refuses what waited for that shard (publishes, opens, users' first loads) and backs off.
+//! On a Redis Cluster a shard no longer needed (no room or user channel on its slots,
+//! nothing in flight, no command routed to it for `cluster.shard_idle`) has its
+//! connections closed; its next need dials it again.
 //!
-//! Owns: when shards are dialed and what a dial's outcome does. Must not touch: the
-//! sockets and name resolution (`dial.rs`, `shard.rs`), what the commands mean.
+//! Owns: when shards are dialed and let go, and what a dial's outcome does. Must not
+//! touch: the sockets and name resolution (`dial.rs`, `shard.rs`), what the commands mean.
 
 use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::super::EngineEvent;
-use super::super::shard::{BACKOFF_MIN, Conn, Progress, Shard};
+use super::super::shard::{BACKOFF_MIN, Conn, CopiesDue, Progress, Retry, Shard};
+use super::super::{EngineEvent, Topology};
 use super::{Engine, SubState};
 
 impl Engine {
@@ -33,10 +36,57 @@ impl Engine {
         let Some(shard) = self.shards.get_mut(i) else {
             return;
         };
+        shard.last_used = self.woke;
         if !shard.wanted {
             shard.wanted = true;
             self.redial(i, Instant::now());
         }
+    }
+
+    /// On a Redis Cluster, closes the connections of the shards no longer needed: no room
+    /// or user channel on their slots, nothing in flight or held, no command routed to
+    /// them for `cluster.shard_idle`. Looked at every quarter of it (it walks the
+    /// channels); returns when to look next.
+    pub(super) fn release_idle_shards(&mut self, now: Instant) -> Option<Instant> {
+        if self.topology != Topology::Cluster {
+            return None;
+        }
+        if now < self.idle_check_at {
+            return Some(self.idle_check_at);
+        }
+        let idle = self.config.shard_idle;
+        self.idle_check_at = now + idle / 4;
+        let mut in_use = vec![false; self.shards.len()];
+        let on = self.channels.values().filter_map(|c| c.shard);
+        for i in on.chain(self.users.values().filter_map(|w| w.shard)) {
+            if let Some(used) = in_use.get_mut(i) {
+                *used = true;
+            }
+        }
+        for (i, shard) in self.shards.iter_mut().enumerate() {
+            if in_use[i] || !shard.inflight.is_empty() || !shard.held.is_empty() {
+                shard.last_used = now;
+            }
+            if !shard.wanted || now.saturating_duration_since(shard.last_used) < idle {
+                continue;
+            }
+            for conn in [shard.cmd.as_mut(), shard.sub.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                conn.deregister(self.poll.registry());
+            }
+            shard.cmd = None;
+            shard.sub = None;
+            shard.wanted = false;
+            shard.wait_due = false;
+            shard.copies_due = CopiesDue::default();
+            shard.cmd_retry = Retry::now();
+            shard.sub_retry = Retry::now();
+            tracing::info!(worker = self.worker, node = %self.node_id, addr = %shard.addr, "engine connections to a shard no longer needed closed (cluster.shard_idle)");
+        }
+        self.note_health();
+        Some(self.idle_check_at)
     }
 
     /// Starts dialing shard `i`'s connections that are in use, down and past their

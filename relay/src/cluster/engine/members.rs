@@ -388,10 +388,14 @@ impl Engine {
             // The slot is mid-migration and the step's keys are split between its two
             // shards for a moment, or Redis is still loading its data: sent again
             // shortly.
-            return self.retry_step_later(step, hops + 1);
+            return self.retry_later(Pending::Members(step), hops + 1);
         }
         if let Value::Error(e) = &reply {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            if super::receipts::transient(e) {
+                // Its redirects and retries are spent.
+                self.stats.retries_given_up.fetch_add(1, Ordering::Relaxed);
+            }
             tracing::warn!(worker = self.worker, error = %String::from_utf8_lossy(e), "the engine refused a membership command");
             return self.fail_member_step(step);
         }

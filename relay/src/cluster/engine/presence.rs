@@ -1,9 +1,8 @@
 //! The engine thread's side of a user across nodes ([`crate::cluster::presence`]): this
 //! worker's presence entries (claimed at HELLO, rewritten when connections close, renewed
-//! every third of the lease), the server API's lookups, and the membership steps waiting
-//! to be sent again after a `TRYAGAIN`.
+//! every third of the lease) and the server API's lookups.
 //!
-//! Owns: the worker's presence field, the renewal timer, the steps' retry queue. Must not
+//! Owns: the worker's presence field, the renewal timer. Must not
 //! touch: rooms' channels or publishes, users' notice subscriptions (`members.rs`).
 
 use std::time::{Duration, Instant};
@@ -14,10 +13,7 @@ use super::super::{ClaimOutcome, EngineCmd, EngineEvent};
 use super::Engine;
 use super::members::Step;
 
-/// The first wait before a step answered `TRYAGAIN` goes again (doubling per try).
-const TRYAGAIN_BACKOFF: Duration = Duration::from_millis(50);
-
-/// One worker's presence in the engine and its membership steps waiting to be resent.
+/// One worker's presence in the engine.
 pub(super) struct PresenceState {
     /// `node/worker/run`: this worker's field in every user's presence hash (a new run of
     /// the node writes new fields; the old run's expire with their lease).
@@ -26,8 +22,6 @@ pub(super) struct PresenceState {
     pub(super) lease_ms: u64,
     /// The next renewal of every entry.
     renew_at: Instant,
-    /// Steps answered `TRYAGAIN`: when each goes again, with its hops.
-    retries: Vec<(Instant, Step, u8)>,
 }
 
 impl PresenceState {
@@ -39,7 +33,6 @@ impl PresenceState {
             field: format!("{node_id}/{worker}/{run}").into_bytes(),
             lease_ms: lease.as_millis() as u64,
             renew_at: Instant::now() + lease / 3,
-            retries: Vec::new(),
         }
     }
 }
@@ -119,26 +112,8 @@ impl Engine {
         }
     }
 
-    /// Sends `step` again after a backoff (`hops`: its tries so far).
-    pub(super) fn retry_step_later(&mut self, step: Step, hops: u8) {
-        let wait = TRYAGAIN_BACKOFF * (1 << hops.min(8));
-        self.presence
-            .retries
-            .push((Instant::now() + wait, step, hops));
-    }
-
-    /// Sends the steps whose backoff ended and renews this worker's presence entries when
-    /// due; returns when it must run next.
+    /// Renews this worker's presence entries when due; returns when it must run next.
     pub(super) fn presence_timers(&mut self, now: Instant) -> Instant {
-        if self.presence.retries.iter().any(|(at, ..)| *at <= now) {
-            let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.presence.retries)
-                .into_iter()
-                .partition(|(at, ..)| *at <= now);
-            self.presence.retries = wait;
-            for (_, step, hops) in due {
-                self.send_step(step, None, hops);
-            }
-        }
         if now >= self.presence.renew_at {
             let lease = Duration::from_millis(self.presence.lease_ms);
             self.presence.renew_at = now + lease / 3;
@@ -152,13 +127,7 @@ impl Engine {
                 self.send_step(Step::SetPresence { user }, None, 0);
             }
         }
-        self.presence
-            .retries
-            .iter()
-            .map(|(at, ..)| *at)
-            .chain([self.presence.renew_at])
-            .min()
-            .unwrap_or(self.presence.renew_at)
+        self.presence.renew_at
     }
 }
 

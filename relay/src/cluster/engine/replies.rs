@@ -98,6 +98,9 @@ impl Engine {
             }
             self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
             self.stats.pipeline_depth.fetch_sub(1, Ordering::Relaxed);
+            if let Value::Error(e) = &reply {
+                self.stats.count_retry(e);
+            }
             if let Err(e) = self.on_reply(i, pending, hops, reply) {
                 self.fail_cmd(i, &e);
                 break;
@@ -128,6 +131,19 @@ impl Engine {
                 self.retry_publish_later(req);
                 return Ok(());
             }
+            // An open or a stream read Redis did not run for now (a slot mid-migration
+            // with the room's keys split, Redis loading its data, a busy script): sent
+            // again shortly on its own, the connection and what else is in flight on it
+            // untouched.
+            p @ (Pending::Open { .. } | Pending::Fill { .. }) if matches!(&reply, Value::Error(e) if super::receipts::transient(e)) =>
+            {
+                if hops < MAX_HOPS {
+                    self.retry_later(p, hops + 1);
+                } else {
+                    self.refuse(p);
+                }
+                return Ok(());
+            }
             other => other,
         };
         if let Value::Error(e) = &reply
@@ -137,7 +153,7 @@ impl Engine {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(worker = self.worker, error = %String::from_utf8_lossy(e), "a command was redirected too often");
                 self.refresh_due = true;
-                self.give_up(pending);
+                self.refuse(pending);
             } else {
                 self.redirects.push((pending, hops + 1, r));
             }
@@ -182,6 +198,10 @@ impl Engine {
                     _ => {
                         self.stats.errors.fetch_add(1, Ordering::Relaxed);
                         self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        if tryagain::is_tryagain(&reply) {
+                            // Its tries are spent.
+                            self.stats.retries_given_up.fetch_add(1, Ordering::Relaxed);
+                        }
                         if matches!(&reply, Value::Error(e) if e.starts_with(b"READONLY")) {
                             // A replica now (a failover): ask where the master went.
                             self.lost_shard();
@@ -275,6 +295,7 @@ impl Engine {
 
     fn on_push(&mut self, i: usize, push: &Value) {
         if let Value::Error(e) = push {
+            self.stats.count_retry(e);
             // A sharded subscription sent to a shard that no longer serves its slot.
             match redirect(e) {
                 Some(Redirect::Moved { slot, addr }) => {

@@ -19,14 +19,25 @@
 //! Held publishes are bounded by `cluster.max_in_flight` (the worker counts them in
 //! flight until answered and refuses more).
 //!
-//! Owns: the rooms' queues of held publishes and their timers. Must not touch: how a
-//! publish is encoded or routed (`send_publish`), the replies' meaning (`replies.rs`).
+//! Other commands answered with an error Redis gives for a while and then not
+//! (`TRYAGAIN`, `LOADING`, `BUSY`: see [`super::receipts::transient`]) wait here too, each
+//! on its own timer ([`LaterCommands`]): membership steps, rooms' opens and stream reads
+//! go again after 50 ms doubling, at most [`super::MAX_HOPS`] redirects and retries
+//! together; then a step fails, an open is answered `OpenFailed` (what waits for the room
+//! is refused `unavailable`, retryable) and a stream read keeps going at the longest wait
+//! (a read is idempotent and its owner has no other answer). They need no order among
+//! themselves: a room has one open and one read of its owner in flight at a time.
+//!
+//! Owns: the rooms' queues of held publishes, the commands waiting for a retry, their
+//! timers. Must not touch: how a command is encoded or routed (`send_publish`, ...),
+//! the replies' meaning (`replies.rs`).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::super::PublishRequest;
 use super::super::resp::Value;
+use super::super::shard::Pending;
 use super::Engine;
 use crate::ids::RoomName;
 
@@ -50,6 +61,20 @@ pub(super) fn not_run(reply: &Value) -> bool {
 /// Whether `reply` is `TRYAGAIN`.
 pub(super) fn is_tryagain(reply: &Value) -> bool {
     matches!(reply, Value::Error(e) if e.starts_with(b"TRYAGAIN"))
+}
+
+/// The wait before a command (not a publish) goes again after its `hops`-th redirect or
+/// retry.
+fn later_wait(hops: u8) -> Duration {
+    TRYAGAIN_BACKOFF * (1 << hops.min(8))
+}
+
+/// Commands (not publishes) waiting to go again after a transient error: (when, the
+/// command, its redirects and retries so far). Bounded by what is in flight: each came
+/// off a connection's in-flight queue.
+#[derive(Default)]
+pub(super) struct LaterCommands {
+    waiting: Vec<(Instant, Pending, u8)>,
 }
 
 /// One room's publishes held behind a retry.
@@ -175,12 +200,30 @@ impl Engine {
         self.held.answered(room, ticket, self.woke);
     }
 
-    /// Sends the held publishes due; returns when the next is due.
-    pub(super) fn held_timers(&mut self, now: Instant) -> Option<Instant> {
+    /// Sends `p` (not a publish) again after a backoff; `hops`: its redirects and retries
+    /// so far, this one included.
+    pub(super) fn retry_later(&mut self, p: Pending, hops: u8) {
+        let at = Instant::now() + later_wait(hops);
+        self.later.waiting.push((at, p, hops));
+    }
+
+    /// Sends the held publishes and the commands waiting for a retry that are due;
+    /// returns when the next is due.
+    pub(super) fn retry_timers(&mut self, now: Instant) -> Option<Instant> {
         for (req, _) in self.held.due(now) {
             self.send_publish(req, false, None, 0);
         }
-        self.held.next_at()
+        if self.later.waiting.iter().any(|(at, ..)| *at <= now) {
+            let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.later.waiting)
+                .into_iter()
+                .partition(|(at, ..)| *at <= now);
+            self.later.waiting = wait;
+            for (_, p, hops) in due {
+                self.resend(p, false, None, hops);
+            }
+        }
+        let later = self.later.waiting.iter().map(|(at, ..)| *at).min();
+        self.held.next_at().into_iter().chain(later).min()
     }
 }
 
@@ -260,5 +303,38 @@ mod tests {
         assert!(!not_run(&Value::Int(1)));
         assert!(is_tryagain(&e("TRYAGAIN x")));
         assert!(!is_tryagain(&e("MOVED 1 a:1")));
+    }
+
+    #[test]
+    fn retries_are_counted_by_the_kind_redis_answered() {
+        use super::super::super::{ClusterStats, RetryKind};
+        let stats = ClusterStats::default();
+        for error in [
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "LOADING Redis is loading the dataset in memory",
+            "BUSY Redis is busy running a script",
+            "ASK 1 127.0.0.1:7000",
+            "MOVED 1 127.0.0.1:7000",
+            "MOVED 2 127.0.0.1:7001",
+            "ERR script error",
+            "NOSCRIPT No matching script",
+        ] {
+            stats.count_retry(error.as_bytes());
+        }
+        let counted: Vec<(&str, u64)> = RetryKind::ALL
+            .iter()
+            .map(|&k| (k.label(), stats.retries_of(k)))
+            .collect();
+        assert_eq!(
+            counted,
+            [
+                ("tryagain", 1),
+                ("loading", 1),
+                ("busy", 1),
+                ("ask", 1),
+                ("moved", 2)
+            ]
+        );
+        assert_eq!(RetryKind::of(b"ASKING"), None, "ASK is followed by a space");
     }
 }
