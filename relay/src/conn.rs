@@ -13,7 +13,6 @@ use bytes::{Bytes, BytesMut};
 use pabal_codec::{DeliverContext, DeliverHeader, ServerFrame, Text};
 
 use crate::ids::RoomName;
-use crate::io::Token;
 use crate::mesh::StartFrom;
 
 /// Payloads at least this long travel as their own shared buffer in the send batch (a
@@ -492,10 +491,6 @@ impl Rare {
 /// One client connection.
 #[derive(Debug)]
 pub struct Conn {
-    /// The backend's token.
-    pub token: Token,
-    /// Relay-wide id, sent in WELCOME.
-    pub id: u64,
     /// Where it stands.
     pub phase: Phase,
     /// Bytes received but not yet decoded (at most one partial frame); `None` without
@@ -568,16 +563,12 @@ pub struct Conn {
 impl Conn {
     /// A new connection in the handshake phase.
     pub fn new(
-        token: Token,
-        id: u64,
         now: Stamp,
         heartbeat: Duration,
         publish_bucket: Tokens,
         subscribe_bucket: Tokens,
     ) -> Self {
         Conn {
-            token,
-            id,
             phase: Phase::Handshake,
             rbuf: None,
             output: None,
@@ -804,18 +795,20 @@ mod tests {
     fn an_idle_connection_holds_no_buffers_and_a_compact_record() {
         let t0 = Stamp(0);
         let bucket = Tokens::full(1.0, t0);
-        let mut conn = Conn::new(1, 1, t0, Duration::from_secs(30), bucket, bucket);
+        let mut conn = Conn::new(t0, Duration::from_secs(30), bucket, bucket);
         // Rare state (backlogs, retired aliases, a pending fatal ERROR) lives apart; times
         // are 32-bit stamps (they were `Instant`s, 16 bytes each: 352 bytes), and a partial
         // frame's buffer is boxed (an empty one took 32 bytes); the user's name is an 8-byte
         // shared handle (a 32-byte `Text`: 240 bytes); two bindings live in it (216 bytes
         // with a 24-byte vector of them, which took a heap block of its own; 312 with the
         // DELIVER state's sender-alias bound and hand as usizes; 296 with counts of every
-        // PING and PONG instead of the PINGs unanswered, and page requests as a u32).
+        // PING and PONG instead of the PINGs unanswered, and page requests as a u32; 280
+        // with the backend's token, which is the slab key, and the relay-wide id, which is
+        // only sent in WELCOME, kept in it).
         let record = std::mem::size_of::<Conn>();
         eprintln!("the connection record: {record} bytes");
         assert!(
-            record <= 280,
+            record <= 264,
             "the connection record grew to {record} bytes"
         );
         assert!(
@@ -870,7 +863,7 @@ mod tests {
     fn a_retired_alias_is_freed_by_the_pong_to_the_ping_after_its_left() {
         let t0 = Stamp(0);
         let bucket = Tokens::full(1.0, t0);
-        let mut conn = Conn::new(1, 1, t0, Duration::from_secs(30), bucket, bucket);
+        let mut conn = Conn::new(t0, Duration::from_secs(30), bucket, bucket);
         conn.ping();
         conn.ping(); // two heartbeats unanswered
         conn.retire(0);
@@ -901,7 +894,7 @@ mod tests {
     fn bindings_spill_past_two_keeping_every_alias() {
         let t0 = Stamp(0);
         let bucket = Tokens::full(1.0, t0);
-        let mut conn = Conn::new(1, 1, t0, Duration::from_secs(30), bucket, bucket);
+        let mut conn = Conn::new(t0, Duration::from_secs(30), bucket, bucket);
         let bind = |conn: &mut Conn, name: &str| {
             let alias = conn.free_alias();
             conn.subs[alias as usize] = Some(Sub::pending(
@@ -948,7 +941,7 @@ mod tests {
         assert!(matches!(&two, Bindings::Inline([None, Some(_)])));
         let three = Bindings::from(vec![sub("x"), sub("y"), None]);
         assert_eq!(three.len(), 3);
-        let mut conn = Conn::new(2, 2, t0, Duration::from_secs(30), bucket, bucket);
+        let mut conn = Conn::new(t0, Duration::from_secs(30), bucket, bucket);
         conn.subs = three;
         conn.retire(2);
         assert_eq!(

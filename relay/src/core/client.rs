@@ -250,7 +250,11 @@ impl Core {
         conn.publisher = hello
             .device_id
             .map_or(0, |device| publisher_of(&user, device));
-        let conn_id = conn.id;
+        // The relay-wide id is given with the WELCOME (a connection that never opens takes
+        // none), not kept in the record: the log line below ties it to the token.
+        self.next_conn_id += 1;
+        let conn_id = ((self.id as u64) << 48) | self.next_conn_id;
+        tracing::trace!(token, conn_id, "connection opened");
         self.write(
             token,
             &ServerFrame::Welcome(Welcome {

@@ -232,7 +232,7 @@ impl Core {
         } else {
             SubMode::CatchingUp { fetching: false }
         };
-        Self::mark_dirty(dirty, conn);
+        Self::mark_dirty(dirty, token, conn);
         // A page cut short waits for the socket to drain (`on_sent` asks again): asking now
         // would fetch the same message that did not fit, again and again.
         if !page.complete && !cut_short && conn.queued() <= low_water {
@@ -353,7 +353,7 @@ impl Core {
                 }
             };
             conn.write_deliver(&header, &msg.payload);
-            Self::mark_dirty(dirty, conn);
+            Self::mark_dirty(dirty, token, conn);
             written += 1;
         }
         inc(&stats.deliveries, written);
@@ -412,7 +412,7 @@ impl Core {
             }
             let header = conn.ctx.header(alias, None, cursor, sender, ts_ms);
             conn.write_deliver(&header, payload);
-            Self::mark_dirty(dirty, conn);
+            Self::mark_dirty(dirty, token, conn);
         }
     }
 
@@ -447,7 +447,7 @@ impl Core {
         }
         conn.rare_mut().ephemeral_backlog.extend(backlog);
         conn.trim_rare();
-        Self::mark_dirty(dirty, conn);
+        Self::mark_dirty(dirty, token, conn);
     }
 
     pub(super) fn on_member_joined(&mut self, room: RoomName, user: UserName, join: JoinPoint) {

@@ -30,29 +30,17 @@ impl Core {
         let total = self.shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
         let overloaded =
             total > self.config.limits.max_connections || !self.accept_bucket.take(self.now);
-        self.next_conn_id += 1;
-        let conn_id = ((self.id as u64) << 48) | self.next_conn_id;
         let limits = &self.config.limits;
         let stamp = self.clock.stamp(self.now);
         let publish = Tokens::full(limits.publish_burst, stamp);
         let subscribe = Tokens::full(limits.subscribe_burst, stamp);
-        let conn = Conn::new(
-            0,
-            conn_id,
-            stamp,
-            self.config.heartbeat.interval,
-            publish,
-            subscribe,
-        );
+        let conn = Conn::new(stamp, self.config.heartbeat.interval, publish, subscribe);
         let Ok(key) = self.conns.insert(conn) else {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             return None;
         };
         let token = token_of(key);
-        if let Some(conn) = self.conns.get_mut(key) {
-            conn.token = token;
-        }
-        tracing::trace!(%peer, token, conn_id, "connection admitted");
+        tracing::trace!(%peer, token, "connection admitted");
         inc(&self.stats.connections, 1);
         inc(&self.stats.accepted, 1);
         let deadline = self.now + self.config.auth.handshake_timeout;
@@ -87,7 +75,7 @@ impl Core {
         conn.phase = Phase::Closing;
         conn.rare_mut().closing_since = Some(now);
         conn.rbuf = None;
-        Self::mark_dirty(dirty, conn);
+        Self::mark_dirty(dirty, token, conn);
         self.arm(token, now + LINGER);
     }
 
@@ -122,7 +110,7 @@ impl Core {
                 conn.rare_mut().fatal = Some(frame);
                 conn.rbuf = None;
                 conn.reading = false;
-                Self::mark_dirty(dirty, conn);
+                Self::mark_dirty(dirty, token, conn);
                 self.arm(token, now + LINGER);
             }
             Phase::Handshake | Phase::Open => {
@@ -230,7 +218,7 @@ impl Core {
         // Flush again: more output may be queued, reading may resume, or a close proceeds.
         let Core { conns, dirty, .. } = self;
         if let Some(conn) = conn_in(conns, token) {
-            Self::mark_dirty(dirty, conn);
+            Self::mark_dirty(dirty, token, conn);
         }
         if drained {
             self.flush_ephemeral_backlog(token);
@@ -254,9 +242,9 @@ impl Core {
         self.shutdown.deadline = Some(self.now + self.config.shutdown.grace);
         self.close_listeners = true;
         // Stop reading: no publish from this worker's clients after this point.
-        for conn in self.conns.iter_mut() {
+        for (key, conn) in self.conns.iter_mut_keyed() {
             conn.reading = false;
-            Self::mark_dirty(&mut self.dirty, conn);
+            Self::mark_dirty(&mut self.dirty, token_of(key), conn);
         }
         for core in 0..self.cores {
             self.send_to(core, CoreMsg::Fence { round: 1 });
@@ -280,7 +268,7 @@ impl Core {
         // Every delivery acknowledged anywhere before the drain has reached this worker.
         self.shutdown.goaways_sent = true;
         let spread = self.config.shutdown.reconnect_spread.as_millis() as u64;
-        let tokens: Vec<Token> = self.conns.iter().map(|c| c.token).collect();
+        let tokens: Vec<Token> = self.tokens();
         for token in tokens {
             if self
                 .conn(token)
@@ -396,7 +384,7 @@ impl Core {
                     conn.ping();
                     let Core { conns, dirty, .. } = self;
                     if let Some(conn) = conn_in(conns, token) {
-                        Self::mark_dirty(dirty, conn);
+                        Self::mark_dirty(dirty, token, conn);
                     }
                     self.arm(token, now + timeout);
                 } else {

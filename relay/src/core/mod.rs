@@ -438,6 +438,15 @@ impl Core {
         next.map(|at| at.saturating_duration_since(self.now))
     }
 
+    /// Every connection's token, in slot order (the record does not keep its own: the slab
+    /// key is the token).
+    pub(super) fn tokens(&self) -> Vec<Token> {
+        self.conns
+            .iter_keyed()
+            .map(|(key, _)| token_of(key))
+            .collect()
+    }
+
     pub(super) fn conn(&mut self, token: Token) -> Option<&mut Conn> {
         conn_in(&mut self.conns, token)
     }
@@ -454,10 +463,10 @@ impl Core {
         self.send_to(owner, msg);
     }
 
-    pub(super) fn mark_dirty(dirty: &mut Vec<Token>, conn: &mut Conn) {
+    pub(super) fn mark_dirty(dirty: &mut Vec<Token>, token: Token, conn: &mut Conn) {
         if !conn.dirty {
             conn.dirty = true;
-            dirty.push(conn.token);
+            dirty.push(token);
         }
     }
 
@@ -465,7 +474,7 @@ impl Core {
         let Core { conns, dirty, .. } = self;
         if let Some(conn) = conn_in(conns, token) {
             conn.write(frame);
-            Self::mark_dirty(dirty, conn);
+            Self::mark_dirty(dirty, token, conn);
         }
     }
 
@@ -733,7 +742,7 @@ impl Core {
             CoreMsg::Reload(config) => self.reload(config),
             CoreMsg::Stop => {
                 self.shutdown.stop = true;
-                let tokens: Vec<Token> = self.conns.iter().map(|c| c.token).collect();
+                let tokens: Vec<Token> = self.tokens();
                 for token in tokens {
                     self.close_now(token);
                 }

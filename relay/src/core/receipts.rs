@@ -489,7 +489,7 @@ impl Core {
                 frame.entries.push(entry);
             }
             write_receipt(conn, &mut frame, window);
-            Self::mark_dirty(dirty, conn);
+            Self::mark_dirty(dirty, token, conn);
         }
     }
 
