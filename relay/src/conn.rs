@@ -576,7 +576,7 @@ impl Conn {
             dirty: false,
             user: None,
             subs: Bindings::default(),
-            ctx: DeliverContext::new(0, 1),
+            ctx: DeliverContext::new(0),
             lagging: false,
             fetches: 0,
             accepted_at: now,
@@ -804,20 +804,26 @@ mod tests {
         // DELIVER state's sender-alias bound and hand as usizes; 296 with counts of every
         // PING and PONG instead of the PINGs unanswered, and page requests as a u32; 280
         // with the backend's token, which is the slab key, and the relay-wide id, which is
-        // only sent in WELCOME, kept in it).
+        // only sent in WELCOME, kept in it; 264 with the DELIVER state's sender table
+        // inline, empty).
         let record = std::mem::size_of::<Conn>();
         eprintln!("the connection record: {record} bytes");
         assert!(
-            record <= 264,
+            record <= 240,
             "the connection record grew to {record} bytes"
         );
         assert!(
             std::mem::size_of::<Bindings>() <= 2 * std::mem::size_of::<Option<Sub>>() + 8,
             "two inline bindings and a tag"
         );
-        // The DELIVER encoding state: the last timestamp, the sender aliases' list, and the
-        // list's bound and hand as u32s (48 bytes with them as usizes).
-        assert!(std::mem::size_of::<DeliverContext>() <= 40);
+        // The DELIVER encoding state: the last timestamp and the sender table, made on the
+        // first sender (40 bytes with the table's list, bound and hand inline; 48 with the
+        // bound and hand as usizes).
+        assert!(std::mem::size_of::<DeliverContext>() <= 16);
+        assert!(
+            !conn.ctx.senders().is_made(),
+            "nothing sent: no sender table"
+        );
         assert!(conn.rbuf.is_none());
         conn.ping();
         assert!(conn.queued() > 0 && conn.output.as_ref().is_some_and(|o| o.out.capacity() > 0));

@@ -237,7 +237,6 @@ impl Core {
         let granted = self.negotiate_heartbeat(hello.heartbeat_secs);
         let now_ms = self.now_ms();
         let max_rooms = self.config.connection.max_rooms;
-        let sender_aliases = self.config.connection.sender_aliases;
         let max_frame_len = self.config.connection.max_frame_len as u32;
         let Some(conn) = self.conn(token) else { return };
         conn.phase = Phase::Open;
@@ -246,7 +245,7 @@ impl Core {
         conn.receipts = hello.version >= 3;
         conn.claims = claims.map(Box::new);
         conn.heartbeat_ms = heartbeat_ms(Duration::from_secs(u64::from(granted)));
-        conn.ctx = DeliverContext::new(now_ms, sender_aliases);
+        conn.ctx = DeliverContext::new(now_ms);
         conn.publisher = hello
             .device_id
             .map_or(0, |device| publisher_of(&user, device));

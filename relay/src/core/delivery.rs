@@ -28,12 +28,20 @@ pub(super) fn advance(
     alias: u32,
     msg: &Stored,
     me: Origin,
+    sender_aliases: usize,
 ) -> Option<pabal_codec::DeliverHeader> {
     sub.set_position(msg.seq);
     if msg.origin == Some(me) {
         return None;
     }
-    let header = ctx.header(alias, Some(msg.seq), sub.cursor, &msg.sender, msg.ts_ms);
+    let header = ctx.header(
+        alias,
+        Some(msg.seq),
+        sub.cursor,
+        &msg.sender,
+        msg.ts_ms,
+        sender_aliases,
+    );
     sub.cursor = msg.seq;
     Some(header)
 }
@@ -169,6 +177,7 @@ impl Core {
         let me = self.origin(token);
         let low_water = self.low_water();
         let window = self.config.connection.max_queued_bytes;
+        let sender_aliases = self.config.connection.sender_aliases;
         let Core {
             conns,
             dirty,
@@ -214,7 +223,7 @@ impl Core {
                 let Some(Some(sub)) = conn.subs.get_mut(alias as usize) else {
                     return;
                 };
-                match advance(&mut conn.ctx, sub, alias, msg, me) {
+                match advance(&mut conn.ctx, sub, alias, msg, me, sender_aliases) {
                     Some(header) => header,
                     None => continue,
                 }
@@ -319,6 +328,7 @@ impl Core {
     pub(super) fn fan_out(&mut self, room: &RoomName, msg: &StoredRef) {
         let core = self.id;
         let cap = self.config.connection.max_queued_bytes;
+        let sender_aliases = self.config.connection.sender_aliases;
         let mut fell_behind: Vec<Token> = Vec::new();
         let Core {
             local,
@@ -347,7 +357,14 @@ impl Core {
                     fell_behind.push(token);
                     continue;
                 }
-                match advance(&mut conn.ctx, sub, alias, msg, Origin { core, token }) {
+                match advance(
+                    &mut conn.ctx,
+                    sub,
+                    alias,
+                    msg,
+                    Origin { core, token },
+                    sender_aliases,
+                ) {
                     Some(header) => header,
                     None => continue,
                 }
@@ -382,6 +399,7 @@ impl Core {
     ) {
         let core = self.id;
         let cap = self.config.connection.max_queued_bytes;
+        let sender_aliases = self.config.connection.sender_aliases;
         let Core {
             local,
             conns,
@@ -410,7 +428,9 @@ impl Core {
                 backlog.push((alias, sender.clone(), ts_ms, payload.clone()));
                 continue;
             }
-            let header = conn.ctx.header(alias, None, cursor, sender, ts_ms);
+            let header = conn
+                .ctx
+                .header(alias, None, cursor, sender, ts_ms, sender_aliases);
             conn.write_deliver(&header, payload);
             Self::mark_dirty(dirty, token, conn);
         }
@@ -418,6 +438,7 @@ impl Core {
 
     pub(super) fn flush_ephemeral_backlog(&mut self, token: Token) {
         let window = self.config.connection.max_queued_bytes;
+        let sender_aliases = self.config.connection.sender_aliases;
         let Core { conns, dirty, .. } = self;
         let Some(conn) = conn_in(conns, token).filter(|c| c.is_open()) else {
             return;
@@ -442,7 +463,9 @@ impl Core {
                 Some(Some(sub)) => sub.cursor,
                 _ => continue,
             };
-            let header = conn.ctx.header(alias, None, cursor, &sender, ts_ms);
+            let header = conn
+                .ctx
+                .header(alias, None, cursor, &sender, ts_ms, sender_aliases);
             conn.write_deliver(&header, &payload);
         }
         conn.rare_mut().ephemeral_backlog.extend(backlog);
