@@ -67,7 +67,7 @@ impl Core {
         let (token, msg_id) = (by.origin.token, by.msg_id);
         let Some(conn) = self.conn(token) else { return };
         conn.publishes_in_flight = conn.publishes_in_flight.saturating_sub(1);
-        let failing = conn.phase == Phase::Failing;
+        let failing = conn.phase() == Phase::Failing;
         if let Some(Some(sub)) = conn.subs.get_mut(by.alias as usize)
             && sub.request == by.binding
             && !sub.is_pending()
@@ -94,7 +94,7 @@ impl Core {
         let token = by.origin.token;
         let Some(conn) = self.conn(token) else { return };
         conn.publishes_in_flight = conn.publishes_in_flight.saturating_sub(1);
-        let failing = conn.phase == Phase::Failing;
+        let failing = conn.phase() == Phase::Failing;
         self.refuse(token, code, by.msg_id, message);
         if failing && self.conn(token).is_some_and(|c| c.publishes_in_flight == 0) {
             self.finish_failing(token);
@@ -266,7 +266,7 @@ impl Core {
         let mut requests = Vec::new();
         {
             let Some(conn) = self.conn(token) else { return };
-            if conn.phase != Phase::Open {
+            if conn.phase() != Phase::Open {
                 return;
             }
             let mut fetches = usize::from(conn.fetches);
@@ -313,7 +313,7 @@ impl Core {
             .iter()
             .flatten()
             .any(|s| matches!(s.mode, SubMode::CatchingUp { .. }));
-        match (conn.lagging, lagging) {
+        match (conn.lagging(), lagging) {
             (false, true) => {
                 inc(&stats.lagging, 1);
                 inc(&stats.lag_events, 1);
@@ -321,7 +321,7 @@ impl Core {
             (true, false) => dec(&stats.lagging, 1),
             _ => {}
         }
-        conn.lagging = lagging;
+        conn.set_lagging(lagging);
     }
 
     /// Writes a new message to every live connection of this worker subscribed to the room.
@@ -418,7 +418,7 @@ impl Core {
                 Some(Some(sub)) if !sub.is_pending() => sub.cursor,
                 _ => continue,
             };
-            if conn.lagging || !conn.window_allows(deliver_bound(payload.len(), sender), cap) {
+            if conn.lagging() || !conn.window_allows(deliver_bound(payload.len(), sender), cap) {
                 // Collapse: keep only the latest event per (alias, sender).
                 let backlog = &mut conn.rare_mut().ephemeral_backlog;
                 backlog.retain(|(a, s, _, _)| !(*a == alias && s == sender));
@@ -481,7 +481,7 @@ impl Core {
             let Some(conn) = self.conn(token) else {
                 continue;
             };
-            if conn.phase != Phase::Open || conn.alias_of(&room).is_some() {
+            if conn.phase() != Phase::Open || conn.alias_of(&room).is_some() {
                 continue;
             }
             if conn.bound() >= max_rooms {

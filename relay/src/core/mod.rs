@@ -464,8 +464,8 @@ impl Core {
     }
 
     pub(super) fn mark_dirty(dirty: &mut Vec<Token>, token: Token, conn: &mut Conn) {
-        if !conn.dirty {
-            conn.dirty = true;
+        if !conn.dirty() {
+            conn.set_dirty(true);
             dirty.push(token);
         }
     }
@@ -492,10 +492,10 @@ impl Core {
         // within a day of now).
         let from_now = |t: Stamp| t.since(now) as i32;
         if conn
-            .timer_at
+            .timer_at()
             .is_none_or(|t| from_now(at_stamp) < from_now(t))
         {
-            conn.timer_at = Some(at_stamp);
+            conn.set_timer_at(Some(at_stamp));
             if self.timers.len() == self.timers.capacity() {
                 // A quarter more, not double: the heap holds about one entry per
                 // connection, and doubling left up to half of it spare (16 bytes an entry).
@@ -789,13 +789,13 @@ impl Core {
             let Some(conn) = conn_in(&mut self.conns, token) else {
                 continue;
             };
-            conn.dirty = false;
+            conn.set_dirty(false);
             // Backpressure on input: a client that does not read its replies stops being
             // read until its queue drains.
-            let want_reading = conn.reading && conn.queued() < cap && !self.shutdown.draining;
-            if want_reading != conn.backend_reading {
+            let want_reading = conn.reading() && conn.queued() < cap && !self.shutdown.draining;
+            if want_reading != conn.backend_reading() {
                 transport.set_reading(token, want_reading);
-                conn.backend_reading = want_reading;
+                conn.set_backend_reading(want_reading);
             }
             let queued = conn.queued() as u64;
             if queued
@@ -808,19 +808,23 @@ impl Core {
                     .queue_high_water
                     .fetch_max(queued, std::sync::atomic::Ordering::Relaxed);
             }
-            if conn.retire_ping_due && conn.writable() {
+            if conn.retire_ping_due() && conn.writable() {
                 // After LEFTs: the PONG tells when the client can no longer name the
                 // retired aliases for their old rooms.
                 conn.ping();
             }
-            if !conn.sending && conn.has_output() {
+            if !conn.sending() && conn.has_output() {
                 let bytes = conn.take_batch();
                 inc(&self.stats.bytes_out, bytes as u64);
                 inc(&self.stats.sends, 1);
                 transport.send(token, conn.batch());
             }
-            if conn.phase == Phase::Closing && !conn.sending && !conn.has_output() && !conn.shut {
-                conn.shut = true;
+            if conn.phase() == Phase::Closing
+                && !conn.sending()
+                && !conn.has_output()
+                && !conn.shut()
+            {
+                conn.set_shut(true);
                 transport.shutdown_write(token);
             }
         }

@@ -467,7 +467,7 @@ impl Core {
         } = self;
         let Some(subs) = local.get(room) else { return };
         for &(token, alias) in subs {
-            let Some(conn) = conn_in(conns, token).filter(|c| c.is_open() && c.receipts) else {
+            let Some(conn) = conn_in(conns, token).filter(|c| c.is_open() && c.receipts()) else {
                 continue;
             };
             match conn.subs.get(alias as usize) {
