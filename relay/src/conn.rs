@@ -458,7 +458,8 @@ const TIMER_ARMED: u16 = 1 << 10;
 const PHASE_SHIFT: u32 = 11;
 const PHASE_MASK: u16 = 0b11 << PHASE_SHIFT;
 
-/// One client connection: 216 bytes (see the test `an_idle_connection_holds_no_buffers_and_a_compact_record`).
+/// One client connection: 216 bytes (the test
+/// `an_idle_connection_holds_no_buffers_and_a_compact_record` guards it).
 #[derive(Debug)]
 pub struct Conn {
     /// Bytes received but not yet decoded (at most one partial frame); `None` without
