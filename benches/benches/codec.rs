@@ -15,6 +15,9 @@ use pabal_codec::{Ack, ClientFrame, Decoder, DeliverContext, Ping, Publish, Text
 /// The relay's deterministic generator, so every run benches the same stream.
 use pabal_relay::rng::SplitMix64 as Rng;
 
+/// Sender aliases per connection (the relay's default `connection.sender_aliases`).
+const SENDER_ALIASES: usize = 64;
+
 /// What a busy client sends: 90% PUBLISH of 10-200 bytes (chat lines; some with an ACK
 /// riding along), 8% ACK of a few rooms, 2% PING. Returns the stream and its frame count.
 fn client_stream(frames: usize) -> (Bytes, usize) {
@@ -89,7 +92,7 @@ fn encode_deliver(c: &mut Criterion) {
         })
         .collect();
     let bytes: usize = {
-        let mut ctx = DeliverContext::new(0, 64);
+        let mut ctx = DeliverContext::new(0);
         let mut out = BytesMut::new();
         for (i, (s, _, p)) in msgs.iter().enumerate() {
             let h = ctx.header(
@@ -98,20 +101,21 @@ fn encode_deliver(c: &mut Criterion) {
                 i as u64,
                 &senders[*s],
                 i as u64 * 1000,
+                SENDER_ALIASES,
             );
             h.encode_prefix(p.len(), &mut out);
             out.extend_from_slice(p);
         }
         out.len()
     };
-    let mut ctx = DeliverContext::new(0, 64);
+    let mut ctx = DeliverContext::new(0);
     let mut out = BytesMut::with_capacity(bytes * 2);
     let (mut seq, mut ts) = (0u64, 0u64);
     let mut run = || {
         out.clear();
         for (s, dt, payload) in &msgs {
             ts += dt;
-            let header = ctx.header(0, Some(seq + 1), seq, &senders[*s], ts);
+            let header = ctx.header(0, Some(seq + 1), seq, &senders[*s], ts, SENDER_ALIASES);
             seq += 1;
             header.encode_prefix(payload.len(), &mut out);
             out.extend_from_slice(payload);
@@ -141,7 +145,7 @@ struct Recipient {
 fn recipients() -> Vec<Recipient> {
     (0..RECIPIENTS)
         .map(|i| Recipient {
-            ctx: DeliverContext::new(1_767_225_600_000, 64),
+            ctx: DeliverContext::new(1_767_225_600_000),
             alias: (i % 7) as u32,
             cursor: 0,
             out: BytesMut::with_capacity(4096),
@@ -168,7 +172,9 @@ fn fanout_small(c: &mut Criterion) {
             for r in &mut conns {
                 // The socket took last round's bytes.
                 r.out.clear();
-                let header = r.ctx.header(r.alias, Some(seq), r.cursor, sender, ts);
+                let header = r
+                    .ctx
+                    .header(r.alias, Some(seq), r.cursor, sender, ts, SENDER_ALIASES);
                 r.cursor = seq;
                 header.encode_prefix(payload.len(), &mut r.out);
                 r.out.extend_from_slice(&payload);
@@ -194,7 +200,9 @@ fn fanout_large(c: &mut Criterion) {
         for r in conns.iter_mut() {
             // The socket took last round's frames.
             r.queue.clear();
-            let header = r.ctx.header(r.alias, Some(seq), r.cursor, sender, ts);
+            let header = r
+                .ctx
+                .header(r.alias, Some(seq), r.cursor, sender, ts, SENDER_ALIASES);
             r.cursor = seq;
             r.out.reserve(64);
             header.encode_prefix(payload.len(), &mut r.out);

@@ -39,42 +39,57 @@ pub fn room_id(channel: bool, name: &str) -> u64 {
 
 /// The relay's table of sender aliases for one connection: a bounded set of user ids, each
 /// with a small number. When full, the oldest slot is reused (and redefined on the wire).
-#[derive(Debug, Clone)]
+///
+/// The bound is passed to each [`SenderAliases::alias`] (it is the relay's config, the same
+/// for every connection), and the table is made on the first sender: a connection that has
+/// been sent nothing holds 8 bytes here (a vector, its bound and its hand took 32 of every
+/// connection's record).
+#[derive(Debug, Clone, Default)]
 pub struct SenderAliases {
+    table: Option<Box<SenderTable>>,
+}
+
+/// A [`SenderAliases`] table once it has a sender.
+#[derive(Debug, Clone, Default)]
+struct SenderTable {
     slots: Vec<Text>,
-    /// At most this many slots (4 bytes: every connection's record holds one).
-    capacity: u32,
     /// The slot reused next once full.
     hand: u32,
 }
 
 impl SenderAliases {
-    /// A table of at most `capacity` (at least 1) senders.
-    pub fn new(capacity: usize) -> Self {
-        SenderAliases {
-            slots: Vec::new(),
-            capacity: u32::try_from(capacity.max(1)).unwrap_or(u32::MAX),
-            hand: 0,
-        }
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    /// The alias for `sender`, and whether it must be (re)defined in this frame.
-    pub fn alias(&mut self, sender: &Text) -> (u32, bool) {
-        if let Some(i) = self
+    /// The alias for `sender`, and whether it must be (re)defined in this frame, in a table
+    /// of at most `capacity` (at least 1) senders. A table never shrinks: after a lower
+    /// bound (a reload), its slots past the bound stay defined and are reused in turn with
+    /// the rest.
+    pub fn alias(&mut self, sender: &Text, capacity: usize) -> (u32, bool) {
+        let table = self.table.get_or_insert_default();
+        if let Some(i) = table
             .slots
             .iter()
             .position(|s| s.same_buffer(sender) || s == sender)
         {
             return (i as u32, false);
         }
-        if self.slots.len() < self.capacity as usize {
-            self.slots.push(sender.clone());
-            return ((self.slots.len() - 1) as u32, true);
+        if table.slots.len() < capacity.max(1) && table.slots.len() < u32::MAX as usize {
+            table.slots.push(sender.clone());
+            return ((table.slots.len() - 1) as u32, true);
         }
-        let slot = self.hand;
-        self.hand = (self.hand + 1) % self.capacity;
-        self.slots[slot as usize] = sender.clone();
-        (slot, true)
+        // Full: at least one slot (the bound is at least 1), each below `u32::MAX`.
+        let slot = table.hand as usize % table.slots.len();
+        table.hand = ((slot + 1) % table.slots.len()) as u32;
+        table.slots[slot] = sender.clone();
+        (slot as u32, true)
+    }
+
+    /// Whether the table has been made (it is on the first sender).
+    pub fn is_made(&self) -> bool {
+        self.table.is_some()
     }
 }
 
@@ -87,16 +102,22 @@ pub struct DeliverContext {
 
 impl DeliverContext {
     /// Starts from the `server_time_ms` sent in WELCOME.
-    pub fn new(welcome_time_ms: u64, sender_capacity: usize) -> Self {
+    pub fn new(welcome_time_ms: u64) -> Self {
         DeliverContext {
             last_ts_ms: welcome_time_ms,
-            senders: SenderAliases::new(sender_capacity),
+            senders: SenderAliases::new(),
         }
+    }
+
+    /// The sender table (made on the first sender: see [`SenderAliases`]).
+    pub fn senders(&self) -> &SenderAliases {
+        &self.senders
     }
 
     /// The header for one delivery to this connection. `seq` is `None` for an ephemeral
     /// event; `cursor` is the last sequence of this alias the connection has been given
-    /// (frames already queued to it count).
+    /// (frames already queued to it count); the sender table holds at most
+    /// `sender_capacity` senders (see [`SenderAliases::alias`]).
     pub fn header(
         &mut self,
         alias: u32,
@@ -104,8 +125,9 @@ impl DeliverContext {
         cursor: u64,
         sender: &Text,
         ts_ms: u64,
+        sender_capacity: usize,
     ) -> DeliverHeader {
-        let (sender_alias, new) = self.senders.alias(sender);
+        let (sender_alias, new) = self.senders.alias(sender, sender_capacity);
         let ts_delta_ms = ts_ms as i64 - self.last_ts_ms as i64;
         self.last_ts_ms = ts_ms;
         DeliverHeader {
@@ -121,9 +143,16 @@ impl DeliverContext {
 
 impl DeliverContext {
     /// A RECEIPT entry (version 3) for `member`'s markers: the member is named by its slot
-    /// in this connection's sender table (PROTOCOL.md §10), defined by the entry if needed.
-    pub fn receipt_entry(&mut self, member: &Text, delivered: u64, read: u64) -> ReceiptEntry {
-        let (member_alias, new) = self.senders.alias(member);
+    /// in this connection's sender table (PROTOCOL.md §10, at most `sender_capacity`
+    /// senders), defined by the entry if needed.
+    pub fn receipt_entry(
+        &mut self,
+        member: &Text,
+        delivered: u64,
+        read: u64,
+        sender_capacity: usize,
+    ) -> ReceiptEntry {
+        let (member_alias, new) = self.senders.alias(member, sender_capacity);
         ReceiptEntry {
             member_alias,
             new_member: new.then(|| member.clone()),
@@ -703,7 +732,7 @@ mod tests {
     /// The relay side builds headers; the client side resolves them back.
     #[test]
     fn implicit_sequences_senders_and_times_round_trip() {
-        let mut relay = DeliverContext::new(1_000, 2);
+        let mut relay = DeliverContext::new(1_000);
         let mut client = ClientSession::new();
         client.apply(welcome(1_000)).unwrap();
         client.apply(room(0, 10)).unwrap();
@@ -717,7 +746,7 @@ mod tests {
         for (i, s) in senders.iter().enumerate() {
             let seq = 11 + i as u64;
             let ts = 1_000 + 250 * i as u64;
-            let header = relay.header(0, Some(seq), cursor, s, ts);
+            let header = relay.header(0, Some(seq), cursor, s, ts, 2);
             assert_eq!(header.seq, None, "contiguous sequences are implicit");
             cursor = seq;
             let ev = client
@@ -743,14 +772,48 @@ mod tests {
     }
 
     #[test]
+    fn a_sender_table_is_made_on_the_first_sender_and_bounded_by_the_capacity_passed() {
+        // Nothing sent: no table, and the context is a time and a pointer.
+        let mut relay = DeliverContext::new(0);
+        assert!(!relay.senders().is_made());
+        assert_eq!(std::mem::size_of::<DeliverContext>(), 16);
+        let name = |n: &str| Text::from(n);
+        let alias = |relay: &mut DeliverContext, n: &str, capacity: usize| {
+            let h = relay.header(0, None, 0, &name(n), 0, capacity);
+            (h.sender_alias, h.new_sender.is_some())
+        };
+        assert_eq!(alias(&mut relay, "ann", 2), (0, true));
+        assert!(relay.senders().is_made());
+        assert_eq!(alias(&mut relay, "bob", 2), (1, true));
+        assert_eq!(alias(&mut relay, "ann", 2), (0, false));
+        // Full at 2: the oldest slot is redefined, then the next.
+        assert_eq!(alias(&mut relay, "cat", 2), (0, true));
+        assert_eq!(alias(&mut relay, "dan", 2), (1, true));
+        assert_eq!(alias(&mut relay, "eve", 2), (0, true));
+        // A raised bound grows the table; a lowered one never shrinks it: the slots past
+        // it stay defined and are reused in turn, none beyond them made.
+        assert_eq!(alias(&mut relay, "fay", 3), (2, true));
+        assert_eq!(alias(&mut relay, "fay", 1), (2, false));
+        let reused: Vec<_> = ["gus", "hal", "ida", "jon"]
+            .into_iter()
+            .map(|n| alias(&mut relay, n, 1))
+            .collect();
+        assert_eq!(reused, [(1, true), (2, true), (0, true), (1, true)]);
+        // A bound of 0 is 1.
+        let mut one = DeliverContext::new(0);
+        assert_eq!(alias(&mut one, "ann", 0), (0, true));
+        assert_eq!(alias(&mut one, "bob", 0), (0, true));
+    }
+
+    #[test]
     fn a_skip_is_refused_unless_it_is_the_clients_own_message() {
         let mut client = ClientSession::new();
         client.apply(welcome(0)).unwrap();
         client.apply(room(0, 3)).unwrap();
-        let mut relay = DeliverContext::new(0, 8);
+        let mut relay = DeliverContext::new(0);
         let sender = Text::from("x");
         // Skipping 4 silently is a loss.
-        let header = relay.header(0, Some(5), 3, &sender, 0);
+        let header = relay.header(0, Some(5), 3, &sender, 0, 8);
         assert_eq!(header.seq, Some(5));
         let err = client
             .apply(ServerFrame::Deliver(Deliver {
@@ -942,7 +1005,7 @@ mod tests {
 
     #[test]
     fn receipts_name_members_through_the_sender_table_and_read_needs_version_3() {
-        let mut relay = DeliverContext::new(0, 2);
+        let mut relay = DeliverContext::new(0);
         let mut client = ClientSession::new();
         client.hello(Bytes::from_static(b"t"), 0);
         let welcome_v = |version| {
@@ -962,7 +1025,7 @@ mod tests {
             Some(ClientFrame::Read(Read { alias: 0, seq: 3 }))
         );
         // A sender slot defined by a DELIVER names the same user in a RECEIPT, and back.
-        let header = relay.header(0, Some(4), 3, &Text::from("ann"), 0);
+        let header = relay.header(0, Some(4), 3, &Text::from("ann"), 0, 2);
         client
             .apply(ServerFrame::Deliver(Deliver {
                 header,
@@ -970,8 +1033,8 @@ mod tests {
             }))
             .unwrap();
         let entries = vec![
-            relay.receipt_entry(&Text::from("ann"), 4, 4),
-            relay.receipt_entry(&Text::from("cat"), 4, 9),
+            relay.receipt_entry(&Text::from("ann"), 4, 4, 2),
+            relay.receipt_entry(&Text::from("cat"), 4, 9, 2),
         ];
         assert_eq!(entries[0].new_member, None, "ann's slot is defined already");
         assert_eq!(entries[1].read, 4, "read never past delivered");

@@ -236,7 +236,9 @@ pub struct ConnectionConfig {
     pub max_queued_bytes: usize,
     /// Rooms and channels bound on one connection. Default 4096.
     pub max_rooms: usize,
-    /// Sender aliases kept per connection. Default 64.
+    /// Sender aliases kept per connection. Default 64. Passed with each DELIVER and
+    /// RECEIPT entry (a connection keeps no copy): a reload applies to open connections at
+    /// their next one; a table never shrinks (see `pabal_codec::SenderAliases`).
     pub sender_aliases: usize,
     /// Bytes of history fetched per page while a connection catches up (at most
     /// `max_queued_bytes`). Default 4 KiB.

@@ -16,7 +16,7 @@ use pabal_codec::{
 
 use super::*;
 use crate::config::AuthMode;
-use crate::conn::{Phase, Sub, heartbeat_ms};
+use crate::conn::{Bucket, BucketRates, Phase, Sub, heartbeat_ms};
 use crate::ids::{RoomName, UserName};
 use crate::io::Token;
 use crate::mesh::{CoreMsg, PublishedBy, StartFrom};
@@ -45,7 +45,7 @@ impl Core {
     pub(super) fn on_frame(&mut self, token: Token, frame: ClientFrame) {
         inc(&self.stats.frames_in, 1);
         let Some(conn) = self.conn(token) else { return };
-        let phase = conn.phase;
+        let phase = conn.phase();
         match (phase, frame) {
             (Phase::Failing | Phase::Closing, _) => {}
             (Phase::Handshake, ClientFrame::Hello(hello)) => self.on_hello(token, hello),
@@ -107,7 +107,7 @@ impl Core {
             }
             (Phase::Open, ClientFrame::Bye) => self.begin_close(token),
             (Phase::Open, ClientFrame::Read(read)) => {
-                if self.conn(token).is_some_and(|c| c.receipts) {
+                if self.conn(token).is_some_and(|c| c.receipts()) {
                     self.on_read(token, read.alias, read.seq);
                 } else {
                     // Before version 3 there is no READ: answered as any unknown type was.
@@ -153,12 +153,9 @@ impl Core {
 
     pub(super) fn take_subscribe_budget(&mut self, token: Token) -> bool {
         let now = self.clock.stamp(self.now);
-        let (rate, burst) = (
-            self.config.limits.subscribe_rate,
-            self.config.limits.subscribe_burst,
-        );
+        let rates = BucketRates::from(&self.config.limits);
         self.conn(token)
-            .is_some_and(|c| c.service || c.subscribe_bucket.take(now, rate, burst))
+            .is_some_and(|c| c.service() || c.buckets.take(Bucket::Subscribe, now, rates))
     }
 
     pub(super) fn negotiate_heartbeat(&self, asked_secs: u32) -> u32 {
@@ -237,20 +234,23 @@ impl Core {
         let granted = self.negotiate_heartbeat(hello.heartbeat_secs);
         let now_ms = self.now_ms();
         let max_rooms = self.config.connection.max_rooms;
-        let sender_aliases = self.config.connection.sender_aliases;
         let max_frame_len = self.config.connection.max_frame_len as u32;
         let Some(conn) = self.conn(token) else { return };
-        conn.phase = Phase::Open;
+        conn.set_phase(Phase::Open);
         conn.user = Some(handle.clone());
-        conn.service = claims.as_ref().is_some_and(|c| c.service);
-        conn.receipts = hello.version >= 3;
+        conn.set_service(claims.as_ref().is_some_and(|c| c.service));
+        conn.set_receipts(hello.version >= 3);
         conn.claims = claims.map(Box::new);
         conn.heartbeat_ms = heartbeat_ms(Duration::from_secs(u64::from(granted)));
-        conn.ctx = DeliverContext::new(now_ms, sender_aliases);
+        conn.ctx = DeliverContext::new(now_ms);
         conn.publisher = hello
             .device_id
             .map_or(0, |device| publisher_of(&user, device));
-        let conn_id = conn.id;
+        // The relay-wide id is given with the WELCOME (a connection that never opens takes
+        // none), not kept in the record: the log line below ties it to the token.
+        self.next_conn_id += 1;
+        let conn_id = ((self.id as u64) << 48) | self.next_conn_id;
+        tracing::trace!(token, conn_id, "connection opened");
         self.write(
             token,
             &ServerFrame::Welcome(Welcome {
@@ -436,7 +436,7 @@ impl Core {
             .conn(token)
             .is_some_and(|c| match (&c.claims, is_room) {
                 (None, _) => true, // no auth: development mode, clients manage themselves
-                (Some(_), true) => c.service,
+                (Some(_), true) => c.service(),
                 (Some(claims), false) => claims.may_subscribe(room.name.as_str()),
             });
         if !permitted {
@@ -511,12 +511,9 @@ impl Core {
                 format!("payload of {} bytes exceeds {max_payload}", p.payload.len()),
             );
         }
-        let (rate, burst) = (
-            self.config.limits.publish_rate,
-            self.config.limits.publish_burst,
-        );
+        let rates = BucketRates::from(&self.config.limits);
         let Some(conn) = self.conn(token) else { return };
-        if !conn.service && !conn.publish_bucket.take(now, rate, burst) {
+        if !conn.service() && !conn.buckets.take(Bucket::Publish, now, rates) {
             inc(&self.stats.rate_limited, 1);
             return self.refuse(
                 token,
@@ -525,7 +522,7 @@ impl Core {
                 "publish rate limit; slow down".into(),
             );
         }
-        let service = conn.service;
+        let service = conn.service();
         let may_publish = |name: &str| {
             auth_none || service || conn.claims.as_ref().is_some_and(|c| c.may_publish(name))
         };
@@ -601,14 +598,14 @@ impl Core {
         let stamp = self.clock.stamp(now);
         let Some(conn) = self.conn(token) else { return };
         conn.last_rx = stamp;
-        if conn.ping_sent.take().is_some() {
+        if conn.take_ping_sent().is_some() {
             // The heartbeat was answered: the next ping is due an interval from now, which
             // may be sooner than the deadline armed for the answer.
             let at = now + Duration::from_millis(conn.heartbeat_ms.into());
             self.arm(token, at);
         }
         let Some(conn) = self.conn(token) else { return };
-        if !matches!(conn.phase, Phase::Handshake | Phase::Open) || draining {
+        if !matches!(conn.phase(), Phase::Handshake | Phase::Open) || draining {
             return;
         }
         // Whole frames are decoded out of the worker's one read buffer; a connection keeps
@@ -629,7 +626,7 @@ impl Core {
         loop {
             let Core { conns, decoder, .. } = &mut *self;
             if conn_in(conns, token)
-                .filter(|c| matches!(c.phase, Phase::Handshake | Phase::Open))
+                .filter(|c| matches!(c.phase(), Phase::Handshake | Phase::Open))
                 .is_none()
             {
                 buf.clear();

@@ -45,7 +45,7 @@ impl Core {
         for token in tokens {
             if self
                 .conn(token)
-                .is_none_or(|c| c.phase == crate::conn::Phase::Closing)
+                .is_none_or(|c| c.phase() == crate::conn::Phase::Closing)
             {
                 continue;
             }

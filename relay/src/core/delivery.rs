@@ -28,12 +28,20 @@ pub(super) fn advance(
     alias: u32,
     msg: &Stored,
     me: Origin,
+    sender_aliases: usize,
 ) -> Option<pabal_codec::DeliverHeader> {
     sub.set_position(msg.seq);
     if msg.origin == Some(me) {
         return None;
     }
-    let header = ctx.header(alias, Some(msg.seq), sub.cursor, &msg.sender, msg.ts_ms);
+    let header = ctx.header(
+        alias,
+        Some(msg.seq),
+        sub.cursor,
+        &msg.sender,
+        msg.ts_ms,
+        sender_aliases,
+    );
     sub.cursor = msg.seq;
     Some(header)
 }
@@ -59,7 +67,7 @@ impl Core {
         let (token, msg_id) = (by.origin.token, by.msg_id);
         let Some(conn) = self.conn(token) else { return };
         conn.publishes_in_flight = conn.publishes_in_flight.saturating_sub(1);
-        let failing = conn.phase == Phase::Failing;
+        let failing = conn.phase() == Phase::Failing;
         if let Some(Some(sub)) = conn.subs.get_mut(by.alias as usize)
             && sub.request == by.binding
             && !sub.is_pending()
@@ -86,7 +94,7 @@ impl Core {
         let token = by.origin.token;
         let Some(conn) = self.conn(token) else { return };
         conn.publishes_in_flight = conn.publishes_in_flight.saturating_sub(1);
-        let failing = conn.phase == Phase::Failing;
+        let failing = conn.phase() == Phase::Failing;
         self.refuse(token, code, by.msg_id, message);
         if failing && self.conn(token).is_some_and(|c| c.publishes_in_flight == 0) {
             self.finish_failing(token);
@@ -169,6 +177,7 @@ impl Core {
         let me = self.origin(token);
         let low_water = self.low_water();
         let window = self.config.connection.max_queued_bytes;
+        let sender_aliases = self.config.connection.sender_aliases;
         let Core {
             conns,
             dirty,
@@ -214,7 +223,7 @@ impl Core {
                 let Some(Some(sub)) = conn.subs.get_mut(alias as usize) else {
                     return;
                 };
-                match advance(&mut conn.ctx, sub, alias, msg, me) {
+                match advance(&mut conn.ctx, sub, alias, msg, me, sender_aliases) {
                     Some(header) => header,
                     None => continue,
                 }
@@ -232,7 +241,7 @@ impl Core {
         } else {
             SubMode::CatchingUp { fetching: false }
         };
-        Self::mark_dirty(dirty, conn);
+        Self::mark_dirty(dirty, token, conn);
         // A page cut short waits for the socket to drain (`on_sent` asks again): asking now
         // would fetch the same message that did not fit, again and again.
         if !page.complete && !cut_short && conn.queued() <= low_water {
@@ -257,7 +266,7 @@ impl Core {
         let mut requests = Vec::new();
         {
             let Some(conn) = self.conn(token) else { return };
-            if conn.phase != Phase::Open {
+            if conn.phase() != Phase::Open {
                 return;
             }
             let mut fetches = usize::from(conn.fetches);
@@ -304,7 +313,7 @@ impl Core {
             .iter()
             .flatten()
             .any(|s| matches!(s.mode, SubMode::CatchingUp { .. }));
-        match (conn.lagging, lagging) {
+        match (conn.lagging(), lagging) {
             (false, true) => {
                 inc(&stats.lagging, 1);
                 inc(&stats.lag_events, 1);
@@ -312,13 +321,14 @@ impl Core {
             (true, false) => dec(&stats.lagging, 1),
             _ => {}
         }
-        conn.lagging = lagging;
+        conn.set_lagging(lagging);
     }
 
     /// Writes a new message to every live connection of this worker subscribed to the room.
     pub(super) fn fan_out(&mut self, room: &RoomName, msg: &StoredRef) {
         let core = self.id;
         let cap = self.config.connection.max_queued_bytes;
+        let sender_aliases = self.config.connection.sender_aliases;
         let mut fell_behind: Vec<Token> = Vec::new();
         let Core {
             local,
@@ -347,13 +357,20 @@ impl Core {
                     fell_behind.push(token);
                     continue;
                 }
-                match advance(&mut conn.ctx, sub, alias, msg, Origin { core, token }) {
+                match advance(
+                    &mut conn.ctx,
+                    sub,
+                    alias,
+                    msg,
+                    Origin { core, token },
+                    sender_aliases,
+                ) {
                     Some(header) => header,
                     None => continue,
                 }
             };
             conn.write_deliver(&header, &msg.payload);
-            Self::mark_dirty(dirty, conn);
+            Self::mark_dirty(dirty, token, conn);
             written += 1;
         }
         inc(&stats.deliveries, written);
@@ -382,6 +399,7 @@ impl Core {
     ) {
         let core = self.id;
         let cap = self.config.connection.max_queued_bytes;
+        let sender_aliases = self.config.connection.sender_aliases;
         let Core {
             local,
             conns,
@@ -400,7 +418,7 @@ impl Core {
                 Some(Some(sub)) if !sub.is_pending() => sub.cursor,
                 _ => continue,
             };
-            if conn.lagging || !conn.window_allows(deliver_bound(payload.len(), sender), cap) {
+            if conn.lagging() || !conn.window_allows(deliver_bound(payload.len(), sender), cap) {
                 // Collapse: keep only the latest event per (alias, sender).
                 let backlog = &mut conn.rare_mut().ephemeral_backlog;
                 backlog.retain(|(a, s, _, _)| !(*a == alias && s == sender));
@@ -410,14 +428,17 @@ impl Core {
                 backlog.push((alias, sender.clone(), ts_ms, payload.clone()));
                 continue;
             }
-            let header = conn.ctx.header(alias, None, cursor, sender, ts_ms);
+            let header = conn
+                .ctx
+                .header(alias, None, cursor, sender, ts_ms, sender_aliases);
             conn.write_deliver(&header, payload);
-            Self::mark_dirty(dirty, conn);
+            Self::mark_dirty(dirty, token, conn);
         }
     }
 
     pub(super) fn flush_ephemeral_backlog(&mut self, token: Token) {
         let window = self.config.connection.max_queued_bytes;
+        let sender_aliases = self.config.connection.sender_aliases;
         let Core { conns, dirty, .. } = self;
         let Some(conn) = conn_in(conns, token).filter(|c| c.is_open()) else {
             return;
@@ -442,12 +463,14 @@ impl Core {
                 Some(Some(sub)) => sub.cursor,
                 _ => continue,
             };
-            let header = conn.ctx.header(alias, None, cursor, &sender, ts_ms);
+            let header = conn
+                .ctx
+                .header(alias, None, cursor, &sender, ts_ms, sender_aliases);
             conn.write_deliver(&header, &payload);
         }
         conn.rare_mut().ephemeral_backlog.extend(backlog);
         conn.trim_rare();
-        Self::mark_dirty(dirty, conn);
+        Self::mark_dirty(dirty, token, conn);
     }
 
     pub(super) fn on_member_joined(&mut self, room: RoomName, user: UserName, join: JoinPoint) {
@@ -458,7 +481,7 @@ impl Core {
             let Some(conn) = self.conn(token) else {
                 continue;
             };
-            if conn.phase != Phase::Open || conn.alias_of(&room).is_some() {
+            if conn.phase() != Phase::Open || conn.alias_of(&room).is_some() {
                 continue;
             }
             if conn.bound() >= max_rooms {

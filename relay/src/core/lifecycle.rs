@@ -15,7 +15,7 @@ use pabal_codec::{ErrorCode, ErrorFrame, GoAway, GoAwayReason, ServerFrame, Text
 
 use super::*;
 use crate::config::Config;
-use crate::conn::{Conn, Phase, Stamp, Tokens};
+use crate::conn::{BucketRates, Conn, Phase, RateBuckets, Stamp};
 use crate::ids::RoomName;
 use crate::io::Token;
 use crate::mesh::CoreMsg;
@@ -30,29 +30,16 @@ impl Core {
         let total = self.shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
         let overloaded =
             total > self.config.limits.max_connections || !self.accept_bucket.take(self.now);
-        self.next_conn_id += 1;
-        let conn_id = ((self.id as u64) << 48) | self.next_conn_id;
         let limits = &self.config.limits;
         let stamp = self.clock.stamp(self.now);
-        let publish = Tokens::full(limits.publish_burst, stamp);
-        let subscribe = Tokens::full(limits.subscribe_burst, stamp);
-        let conn = Conn::new(
-            0,
-            conn_id,
-            stamp,
-            self.config.heartbeat.interval,
-            publish,
-            subscribe,
-        );
+        let buckets = RateBuckets::full(BucketRates::from(limits), stamp);
+        let conn = Conn::new(stamp, self.config.heartbeat.interval, buckets);
         let Ok(key) = self.conns.insert(conn) else {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             return None;
         };
         let token = token_of(key);
-        if let Some(conn) = self.conns.get_mut(key) {
-            conn.token = token;
-        }
-        tracing::trace!(%peer, token, conn_id, "connection admitted");
+        tracing::trace!(%peer, token, "connection admitted");
         inc(&self.stats.connections, 1);
         inc(&self.stats.accepted, 1);
         let deadline = self.now + self.config.auth.handshake_timeout;
@@ -81,13 +68,13 @@ impl Core {
         let Some(conn) = conn_in(conns, token) else {
             return;
         };
-        if conn.phase == Phase::Closing {
+        if conn.phase() == Phase::Closing {
             return;
         }
-        conn.phase = Phase::Closing;
+        conn.set_phase(Phase::Closing);
         conn.rare_mut().closing_since = Some(now);
         conn.rbuf = None;
-        Self::mark_dirty(dirty, conn);
+        Self::mark_dirty(dirty, token, conn);
         self.arm(token, now + LINGER);
     }
 
@@ -115,14 +102,14 @@ impl Core {
         let Some(conn) = conn_in(conns, token) else {
             return;
         };
-        match conn.phase {
+        match conn.phase() {
             Phase::Failing | Phase::Closing => {}
             Phase::Handshake | Phase::Open if conn.publishes_in_flight > 0 => {
-                conn.phase = Phase::Failing;
+                conn.set_phase(Phase::Failing);
                 conn.rare_mut().fatal = Some(frame);
                 conn.rbuf = None;
-                conn.reading = false;
-                Self::mark_dirty(dirty, conn);
+                conn.set_reading(false);
+                Self::mark_dirty(dirty, token, conn);
                 self.arm(token, now + LINGER);
             }
             Phase::Handshake | Phase::Open => {
@@ -135,7 +122,7 @@ impl Core {
     /// A failing connection's publishes are all answered (or their time ran out): the fatal
     /// ERROR goes out last, and the connection closes.
     pub(super) fn finish_failing(&mut self, token: Token) {
-        let Some(conn) = self.conn(token).filter(|c| c.phase == Phase::Failing) else {
+        let Some(conn) = self.conn(token).filter(|c| c.phase() == Phase::Failing) else {
             return;
         };
         if let Some(frame) = conn.rare.as_mut().and_then(|r| r.fatal.take()) {
@@ -153,7 +140,10 @@ impl Core {
         retry_after_ms: u64,
         message: Text,
     ) {
-        if self.conn(token).is_some_and(|c| c.phase == Phase::Failing) {
+        if self
+            .conn(token)
+            .is_some_and(|c| c.phase() == Phase::Failing)
+        {
             return self.finish_failing(token);
         }
         self.write(
@@ -174,7 +164,7 @@ impl Core {
         };
         dec(&self.stats.connections, 1);
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
-        if conn.lagging {
+        if conn.lagging() {
             dec(&self.stats.lagging, 1);
         }
         for sub in conn.subs.into_bound() {
@@ -226,11 +216,11 @@ impl Core {
         let Some(conn) = self.conn(token) else { return };
         conn.batch_sent();
         let drained = conn.queued() <= low_water;
-        let lagging = conn.lagging;
+        let lagging = conn.lagging();
         // Flush again: more output may be queued, reading may resume, or a close proceeds.
         let Core { conns, dirty, .. } = self;
         if let Some(conn) = conn_in(conns, token) {
-            Self::mark_dirty(dirty, conn);
+            Self::mark_dirty(dirty, token, conn);
         }
         if drained {
             self.flush_ephemeral_backlog(token);
@@ -254,9 +244,9 @@ impl Core {
         self.shutdown.deadline = Some(self.now + self.config.shutdown.grace);
         self.close_listeners = true;
         // Stop reading: no publish from this worker's clients after this point.
-        for conn in self.conns.iter_mut() {
-            conn.reading = false;
-            Self::mark_dirty(&mut self.dirty, conn);
+        for (key, conn) in self.conns.iter_mut_keyed() {
+            conn.set_reading(false);
+            Self::mark_dirty(&mut self.dirty, token_of(key), conn);
         }
         for core in 0..self.cores {
             self.send_to(core, CoreMsg::Fence { round: 1 });
@@ -280,11 +270,11 @@ impl Core {
         // Every delivery acknowledged anywhere before the drain has reached this worker.
         self.shutdown.goaways_sent = true;
         let spread = self.config.shutdown.reconnect_spread.as_millis() as u64;
-        let tokens: Vec<Token> = self.conns.iter().map(|c| c.token).collect();
+        let tokens: Vec<Token> = self.tokens();
         for token in tokens {
             if self
                 .conn(token)
-                .is_some_and(|c| c.phase == Phase::Handshake)
+                .is_some_and(|c| c.phase() == Phase::Handshake)
             {
                 self.close_now(token);
                 continue;
@@ -326,10 +316,10 @@ impl Core {
             let Some(conn) = self.conn(token) else {
                 continue;
             };
-            if conn.timer_at != Some(at) {
+            if conn.timer_at() != Some(at) {
                 continue; // superseded by a sooner deadline
             }
-            conn.timer_at = None;
+            conn.set_timer_at(None);
             self.on_timer(token);
         }
         // After a storm of connections has gone, the heap gives back what it no longer
@@ -351,13 +341,11 @@ impl Core {
         let handshake_timeout = self.config.auth.handshake_timeout;
         let timeout = self.config.heartbeat.timeout;
         let (clock, stamp) = (self.clock, self.clock.stamp(now));
-        let limits = &self.config.limits;
-        let publish = (limits.publish_rate, limits.publish_burst);
-        let subscribe = (limits.subscribe_rate, limits.subscribe_burst);
+        let rates = BucketRates::from(&self.config.limits);
         let Some(conn) = self.conn(token) else { return };
-        match conn.phase {
+        match conn.phase() {
             Phase::Handshake => {
-                let deadline = clock.instant_of(conn.accepted_at, now) + handshake_timeout;
+                let deadline = clock.instant_of(conn.accepted_at(), now) + handshake_timeout;
                 if now >= deadline {
                     self.goaway(
                         token,
@@ -370,14 +358,12 @@ impl Core {
                 }
             }
             Phase::Open => {
-                // Keeps the buckets' stamps young (see `Stamp`): a heartbeat comes at
+                // Keeps the buckets' stamp young (see `Stamp`): a heartbeat comes at
                 // least once an interval.
-                conn.publish_bucket.settle(stamp, publish.0, publish.1);
-                conn.subscribe_bucket
-                    .settle(stamp, subscribe.0, subscribe.1);
+                conn.buckets.settle(stamp, rates);
                 let quiet_until = clock.instant_of(conn.last_rx, now)
                     + Duration::from_millis(conn.heartbeat_ms.into());
-                if let Some(sent) = conn.ping_sent {
+                if let Some(sent) = conn.ping_sent() {
                     let sent = clock.instant_of(sent, now);
                     if now >= sent + timeout {
                         inc(&self.stats.heartbeat_timeouts, 1);
@@ -392,11 +378,11 @@ impl Core {
                         self.arm(token, sent + timeout);
                     }
                 } else if now >= quiet_until {
-                    conn.ping_sent = Some(stamp);
+                    conn.set_ping_sent(stamp);
                     conn.ping();
                     let Core { conns, dirty, .. } = self;
                     if let Some(conn) = conn_in(conns, token) {
-                        Self::mark_dirty(dirty, conn);
+                        Self::mark_dirty(dirty, token, conn);
                     }
                     self.arm(token, now + timeout);
                 } else {

@@ -438,6 +438,15 @@ impl Core {
         next.map(|at| at.saturating_duration_since(self.now))
     }
 
+    /// Every connection's token, in slot order (the record does not keep its own: the slab
+    /// key is the token).
+    pub(super) fn tokens(&self) -> Vec<Token> {
+        self.conns
+            .iter_keyed()
+            .map(|(key, _)| token_of(key))
+            .collect()
+    }
+
     pub(super) fn conn(&mut self, token: Token) -> Option<&mut Conn> {
         conn_in(&mut self.conns, token)
     }
@@ -454,10 +463,10 @@ impl Core {
         self.send_to(owner, msg);
     }
 
-    pub(super) fn mark_dirty(dirty: &mut Vec<Token>, conn: &mut Conn) {
-        if !conn.dirty {
-            conn.dirty = true;
-            dirty.push(conn.token);
+    pub(super) fn mark_dirty(dirty: &mut Vec<Token>, token: Token, conn: &mut Conn) {
+        if !conn.dirty() {
+            conn.set_dirty(true);
+            dirty.push(token);
         }
     }
 
@@ -465,7 +474,7 @@ impl Core {
         let Core { conns, dirty, .. } = self;
         if let Some(conn) = conn_in(conns, token) {
             conn.write(frame);
-            Self::mark_dirty(dirty, conn);
+            Self::mark_dirty(dirty, token, conn);
         }
     }
 
@@ -483,10 +492,10 @@ impl Core {
         // within a day of now).
         let from_now = |t: Stamp| t.since(now) as i32;
         if conn
-            .timer_at
+            .timer_at()
             .is_none_or(|t| from_now(at_stamp) < from_now(t))
         {
-            conn.timer_at = Some(at_stamp);
+            conn.set_timer_at(Some(at_stamp));
             if self.timers.len() == self.timers.capacity() {
                 // A quarter more, not double: the heap holds about one entry per
                 // connection, and doubling left up to half of it spare (16 bytes an entry).
@@ -733,7 +742,7 @@ impl Core {
             CoreMsg::Reload(config) => self.reload(config),
             CoreMsg::Stop => {
                 self.shutdown.stop = true;
-                let tokens: Vec<Token> = self.conns.iter().map(|c| c.token).collect();
+                let tokens: Vec<Token> = self.tokens();
                 for token in tokens {
                     self.close_now(token);
                 }
@@ -780,13 +789,13 @@ impl Core {
             let Some(conn) = conn_in(&mut self.conns, token) else {
                 continue;
             };
-            conn.dirty = false;
+            conn.set_dirty(false);
             // Backpressure on input: a client that does not read its replies stops being
             // read until its queue drains.
-            let want_reading = conn.reading && conn.queued() < cap && !self.shutdown.draining;
-            if want_reading != conn.backend_reading {
+            let want_reading = conn.reading() && conn.queued() < cap && !self.shutdown.draining;
+            if want_reading != conn.backend_reading() {
                 transport.set_reading(token, want_reading);
-                conn.backend_reading = want_reading;
+                conn.set_backend_reading(want_reading);
             }
             let queued = conn.queued() as u64;
             if queued
@@ -799,19 +808,23 @@ impl Core {
                     .queue_high_water
                     .fetch_max(queued, std::sync::atomic::Ordering::Relaxed);
             }
-            if conn.retire_ping_due && conn.writable() {
+            if conn.retire_ping_due() && conn.writable() {
                 // After LEFTs: the PONG tells when the client can no longer name the
                 // retired aliases for their old rooms.
                 conn.ping();
             }
-            if !conn.sending && conn.has_output() {
+            if !conn.sending() && conn.has_output() {
                 let bytes = conn.take_batch();
                 inc(&self.stats.bytes_out, bytes as u64);
                 inc(&self.stats.sends, 1);
                 transport.send(token, conn.batch());
             }
-            if conn.phase == Phase::Closing && !conn.sending && !conn.has_output() && !conn.shut {
-                conn.shut = true;
+            if conn.phase() == Phase::Closing
+                && !conn.sending()
+                && !conn.has_output()
+                && !conn.shut()
+            {
+                conn.set_shut(true);
                 transport.shutdown_write(token);
             }
         }

@@ -456,6 +456,7 @@ impl Core {
     /// full misses the update (the server API has the markers).
     pub(super) fn on_receipts(&mut self, room: &RoomName, epoch: u64, markers: &[(Text, Marker)]) {
         let window = self.config.connection.max_queued_bytes;
+        let sender_aliases = self.config.connection.sender_aliases;
         // Room for the length prefix, the type byte and the alias.
         let max_body = self.config.connection.max_frame_len.saturating_sub(16);
         let Core {
@@ -466,7 +467,7 @@ impl Core {
         } = self;
         let Some(subs) = local.get(room) else { return };
         for &(token, alias) in subs {
-            let Some(conn) = conn_in(conns, token).filter(|c| c.is_open() && c.receipts) else {
+            let Some(conn) = conn_in(conns, token).filter(|c| c.is_open() && c.receipts()) else {
                 continue;
             };
             match conn.subs.get(alias as usize) {
@@ -479,7 +480,9 @@ impl Core {
             };
             let mut len = 0;
             for (user, m) in markers {
-                let entry = conn.ctx.receipt_entry(user, m.delivered, m.read);
+                let entry = conn
+                    .ctx
+                    .receipt_entry(user, m.delivered, m.read, sender_aliases);
                 let entry_len = entry.encoded_len();
                 if len + entry_len > max_body && !frame.entries.is_empty() {
                     write_receipt(conn, &mut frame, window);
@@ -489,7 +492,7 @@ impl Core {
                 frame.entries.push(entry);
             }
             write_receipt(conn, &mut frame, window);
-            Self::mark_dirty(dirty, conn);
+            Self::mark_dirty(dirty, token, conn);
         }
     }
 

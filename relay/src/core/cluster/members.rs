@@ -223,7 +223,7 @@ impl Core {
         }
         let waiting = self
             .conn(token)
-            .is_some_and(|c| c.phase == Phase::Handshake);
+            .is_some_and(|c| c.phase() == Phase::Handshake);
         match outcome {
             ClaimOutcome::Granted if waiting => {
                 if let Some(side) = self.members_side() {
@@ -357,7 +357,7 @@ impl Core {
         for (token, hello) in parked {
             if self
                 .conn(token)
-                .is_some_and(|c| c.phase == Phase::Handshake)
+                .is_some_and(|c| c.phase() == Phase::Handshake)
             {
                 self.on_hello(token, hello);
             }

@@ -362,3 +362,45 @@ fn the_timer_heap_holds_one_entry_per_phone_without_a_doubled_capacity() {
         "{capacity} entries' room for {len} after the storm"
     );
 }
+
+#[test]
+fn an_idle_phone_holds_no_sender_table_until_its_first_delivery() {
+    // The DELIVER state's sender table (a vector, its bound and hand: 32 bytes of every
+    // record) is made on the first sender.
+    let mut h = Harness::new(|_| {});
+    let (ann, bob) = two_phones_in_a_room(&mut h);
+    for token in [ann, bob] {
+        assert!(!h.core.conn(token).unwrap().ctx.senders().is_made());
+    }
+    h.publish(ann, 0, "hi");
+    let got = h.events(bob);
+    assert!(
+        got.iter().any(|e| matches!(e, Event::Message { .. })),
+        "{got:?}"
+    );
+    assert!(h.core.conn(bob).unwrap().ctx.senders().is_made());
+    assert!(
+        !h.core.conn(ann).unwrap().ctx.senders().is_made(),
+        "the publisher got a PUBACK, not a DELIVER"
+    );
+}
+
+#[test]
+fn a_connection_id_is_given_at_welcome_not_kept_from_the_accept() {
+    // The record keeps no id: WELCOME's is the worker's next, so a connection that never
+    // says HELLO takes none, and ids stay distinct.
+    let mut h = Harness::new(|_| {});
+    let welcome_id = |h: &mut Harness, user: &str| {
+        let token = h.connect_forged(user, &[]);
+        match h.frames(token).first() {
+            Some(ServerFrame::Welcome(w)) => w.conn_id,
+            other => panic!("no WELCOME: {other:?}"),
+        }
+    };
+    let first = welcome_id(&mut h, "ann");
+    let silent = h.core.admit(h.now, "127.0.0.1:1".parse().unwrap());
+    assert!(silent.is_some());
+    let second = welcome_id(&mut h, "bob");
+    assert_eq!(second, first + 1, "the silent connection took no id");
+    assert_eq!(first >> 48, 0, "worker 0's ids");
+}
