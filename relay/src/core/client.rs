@@ -215,14 +215,14 @@ impl Core {
             }
         };
         // A cluster node reads the user's rooms from the engine first (the HELLO waits).
-        let Some(hello) = self.cluster_hello_gate(token, hello, &user) else {
+        let Some(hello) = self.cluster_hello_gate(token, hello, user.as_str()) else {
             return;
         };
         // Register with the directory first: a refusal must come before the session opens.
         // The connection, the worker's user map and the user's member sets share the
         // directory's handle to the name.
         let (handle, rooms) = match self.directory.connect(
-            &user,
+            user.as_str(),
             self.id,
             self.config.limits.max_connections_per_user,
         ) {
@@ -230,7 +230,7 @@ impl Core {
             Err(e) => {
                 inc(&self.stats.limit_refusals, 1);
                 // Its claim counted on every node (a cluster node): it counts no more.
-                self.cluster_release(&user);
+                self.cluster_release(user.as_str());
                 return self.fatal(token, ErrorCode::LimitExceeded, e.to_string());
             }
         };

@@ -311,7 +311,7 @@ pub(super) fn conn_in(conns: &mut Slab<Conn>, token: Token) -> Option<&mut Conn>
 impl Core {
     /// The user's connections on this worker, copied out (the caller goes on to change the
     /// core while it walks them).
-    pub(super) fn tokens_of(&self, user: &Text) -> Vec<Token> {
+    pub(super) fn tokens_of(&self, user: &str) -> Vec<Token> {
         self.users
             .get(user)
             .map_or_else(Vec::new, |c| c.as_slice().to_vec())

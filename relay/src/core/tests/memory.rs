@@ -22,17 +22,14 @@ fn an_idle_phone_costs_its_worker_exact_lists_and_a_compact_room() {
     let dm = room_named("dm");
     // One connection of a user, held inline (a one-token vector was a heap block of its
     // own); two subscribers of a 1:1 room: no spare slots (a vector's doubling gave four).
-    assert!(matches!(
-        h.core.users[&Text::from("ann")],
-        UserConns::One(_)
-    ));
+    assert!(matches!(h.core.users["ann"], UserConns::One(_)));
     assert_eq!(h.core.local[&dm].capacity(), 2);
     // A room made by a join has its member at once: it is never queued for an eviction
     // check (each entry was 64 bytes, one per two phones).
     assert!(h.core.idle_rooms.is_empty());
     let owned = &h.core.owned[&dm];
     assert_eq!(owned.members.len(), 2);
-    assert!(owned.members.contains(&Text::from("bob")));
+    assert!(owned.members.contains("bob"));
     // The room record each owned room costs (one per two phones in 1:1 chats); it was 192
     // bytes with a hash set of members, 168 with a member vector, 184 with receipts'
     // markers and hand-off windows, 80 with its history and every rarely used part in one
@@ -97,8 +94,12 @@ fn a_rooms_name_is_one_record_shared_by_its_owner_the_directory_the_worker_and_b
     for user in ["ann", "bob"] {
         let user = Text::from(user);
         // What the directory holds for each member (a connect lists it; undone at once).
-        let (_, rooms) = h.core.directory.connect(&user, 0, usize::MAX).unwrap();
-        h.core.directory.disconnect(&user, 0);
+        let (_, rooms) = h
+            .core
+            .directory
+            .connect(user.as_str(), 0, usize::MAX)
+            .unwrap();
+        h.core.directory.disconnect(user.as_str(), 0);
         assert_eq!(rooms.len(), 1);
         assert!(
             rooms[0].0.same_record(&owners),
@@ -120,7 +121,7 @@ fn a_users_name_is_one_record_shared_by_the_connection_the_worker_the_directory_
         let name = Text::from(name);
         let user = h.core.conn(token).unwrap().user.clone().unwrap();
         assert_eq!(user, name);
-        let (key, conns) = h.core.users.get_key_value(&name).unwrap();
+        let (key, conns) = h.core.users.get_key_value(name.as_str()).unwrap();
         assert!(
             key.same_record(&user),
             "the worker's map shares {name}'s record"
@@ -143,13 +144,15 @@ fn a_users_name_is_one_record_shared_by_the_connection_the_worker_the_directory_
         let added = h
             .core
             .directory
-            .add(&name, &room_named("other"), join, false);
+            .add(name.as_str(), &room_named("other"), join, false);
         let added = added.unwrap();
         assert!(
             added.user.same_record(&user),
             "the directory keys {name} by the record"
         );
-        h.core.directory.remove(&name, &room_named("other"), false);
+        h.core
+            .directory
+            .remove(name.as_str(), &room_named("other"), false);
     }
     // A second connection of ann's shares the record; the name stays the same user's.
     let again = h.connect("ann", ClientSession::new());
@@ -157,7 +160,7 @@ fn a_users_name_is_one_record_shared_by_the_connection_the_worker_the_directory_
     let second = h.core.conn(again).unwrap().user.clone().unwrap();
     assert!(second.same_record(&first));
     assert_eq!(
-        h.core.users[&Text::from("ann")].as_slice(),
+        h.core.users["ann"].as_slice(),
         &[ann, again],
         "one entry, both connections"
     );
