@@ -15,7 +15,9 @@ use pabal_codec::{Text, room_id};
 pub type CoreId = usize;
 
 /// What names a room: its kind, its name and the 64-bit id derived from both. One record
-/// per room, shared by every [`RoomName`] that names it.
+/// per room, shared by every [`RoomName`] that names it: 32 bytes in its reference-counted
+/// block, and the name's bytes in an exact block of their own (a `Text` took 32 bytes of
+/// the record and the bytes' block: 64 and 16 bytes for a 1:1 room's name, 48 and 16 now).
 #[derive(Debug)]
 pub struct RoomRecord {
     /// `room_id(channel, name)`.
@@ -23,7 +25,56 @@ pub struct RoomRecord {
     /// A broadcast channel rather than a room.
     pub channel: bool,
     /// The name.
-    pub name: Text,
+    pub name: RoomText,
+}
+
+/// A room's name in its record: the bytes in an exact boxed `str` (a frame or a record
+/// that carries the name as a `Text` copies it, see [`RoomText::text`]).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RoomText(Box<str>);
+
+impl RoomText {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The name, as a `Text`: a copy (for a frame or a stored record; never per delivery).
+    pub fn text(&self) -> Text {
+        Text::from(self.as_str())
+    }
+}
+
+impl std::ops::Deref for RoomText {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for RoomText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for RoomText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<Text> for RoomText {
+    fn eq(&self, other: &Text) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl PartialEq<str> for RoomText {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
 }
 
 /// A room or a channel, by kind and name: a shared handle (8 bytes) to one [`RoomRecord`],
@@ -43,12 +94,13 @@ pub struct RoomRecord {
 pub struct RoomName(Arc<RoomRecord>);
 
 impl RoomName {
-    /// Names a room (`channel = false`) or channel.
-    pub fn new(channel: bool, name: Text) -> Self {
+    /// Names a room (`channel = false`) or channel: a record holding a copy of the name.
+    pub fn new(channel: bool, name: impl std::borrow::Borrow<str>) -> Self {
+        let name: &str = name.borrow();
         RoomName(Arc::new(RoomRecord {
-            id: room_id(channel, name.as_str()),
+            id: room_id(channel, name),
             channel,
-            name,
+            name: RoomText(name.into()),
         }))
     }
 
@@ -56,7 +108,11 @@ impl RoomName {
     /// (which anyone can make on purpose) looks like, for tests of collision handling.
     #[cfg(test)]
     pub(crate) fn with_id(id: u64, channel: bool, name: Text) -> Self {
-        RoomName(Arc::new(RoomRecord { id, channel, name }))
+        RoomName(Arc::new(RoomRecord {
+            id,
+            channel,
+            name: RoomText(name.as_str().into()),
+        }))
     }
 
     /// The worker that owns this room: assigns its sequences and keeps its history.

@@ -579,9 +579,9 @@ impl Core {
         self.send_to_owner(&room, msg);
     }
 
-    /// The worker's own copy of a room's name if it has one (bindings to a room then share
-    /// one name), or a copy of its own: a name sliced out of a frame would keep the whole
-    /// read buffer it arrived in alive for as long as the binding lasts.
+    /// The worker's own record of a room's name if it has one (bindings to a room then share
+    /// one record), or `room` (a record always holds a copy of the name, never a slice of
+    /// the frame it arrived in, which would keep that read buffer alive).
     pub(super) fn shared_name(&self, room: RoomName) -> RoomName {
         if let Some((known, _)) = self.local.get_key_value(&room) {
             return known.clone();
@@ -589,7 +589,7 @@ impl Core {
         if let Some((known, _)) = self.owned.get_key_value(&room) {
             return known.clone();
         }
-        RoomName::new(room.channel, Text::from(room.name.as_str()))
+        room
     }
 
     /// Bytes arrived on a connection at `now`.
