@@ -264,10 +264,7 @@ impl Core {
                 user: user.clone(),
             }),
         );
-        self.users
-            .entry(handle.clone())
-            .and_modify(|conns| conns.push(token))
-            .or_insert(UserConns::One(token));
+        self.users.add(&handle, token);
 
         // Resolve resume entries against the user's own rooms: entry i is alias i.
         let mut by_id: HashMap<u64, usize> = HashMap::with_capacity(rooms.len());

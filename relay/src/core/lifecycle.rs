@@ -183,13 +183,7 @@ impl Core {
             }
         }
         if let Some(user) = conn.user {
-            let mut last = false;
-            if let Some(conns) = self.users.get_mut(&user)
-                && !conns.remove(token)
-            {
-                self.users.remove(&user);
-                last = true;
-            }
+            let last = self.users.remove(&user, token);
             self.directory.disconnect(&user, self.id);
             self.cluster_release(&user);
             if last {

@@ -309,7 +309,7 @@ impl Core {
 
     /// Stops watching `user` if this worker holds no connection of theirs and no HELLO.
     fn unwatch_if_unused(&mut self, user: &str) {
-        if self.users.contains_key(user) {
+        if self.users.contains(user) {
             return;
         }
         self.cluster_user_gone(user);

@@ -20,9 +20,11 @@ fn an_idle_phone_costs_its_worker_exact_lists_and_a_compact_room() {
     let mut h = Harness::new(|_| {});
     two_phones_in_a_room(&mut h);
     let dm = room_named("dm");
-    // One connection of a user, held inline (a one-token vector was a heap block of its
-    // own); two subscribers of a 1:1 room: no spare slots (a vector's doubling gave four).
-    assert!(matches!(h.core.users["ann"], UserConns::One(_)));
+    // One connection of a user, its token in the map's bucket (a one-token vector was a
+    // heap block of its own), no list of further ones; two subscribers of a 1:1 room: no
+    // spare slots (a vector's doubling gave four).
+    assert_eq!(h.core.users.tokens("ann").len(), 1);
+    assert_eq!(h.core.users.users_with_more(), 0);
     assert_eq!(h.core.local[&dm].capacity(), 2);
     // A room made by a join has its member at once: it is never queued for an eviction
     // check (each entry was 64 bytes, one per two phones).
@@ -121,12 +123,12 @@ fn a_users_name_is_one_record_shared_by_the_connection_the_worker_the_directory_
         let name = Text::from(name);
         let user = h.core.conn(token).unwrap().user.clone().unwrap();
         assert_eq!(user, name);
-        let (key, conns) = h.core.users.get_key_value(name.as_str()).unwrap();
+        let key = h.core.users.handle(name.as_str()).unwrap();
         assert!(
             key.same_record(&user),
             "the worker's map shares {name}'s record"
         );
-        assert_eq!(conns.as_slice(), &[token]);
+        assert_eq!(h.core.users.tokens(name.as_str()), [token]);
         let super::members::MemberSet::Few(members) = &h.core.owned[&dm].members else {
             panic!("a 1:1 room's members are a vector");
         };
@@ -160,9 +162,9 @@ fn a_users_name_is_one_record_shared_by_the_connection_the_worker_the_directory_
     let second = h.core.conn(again).unwrap().user.clone().unwrap();
     assert!(second.same_record(&first));
     assert_eq!(
-        h.core.users["ann"].as_slice(),
-        &[ann, again],
-        "one entry, both connections"
+        h.core.users.tokens("ann"),
+        [ann, again],
+        "one user, both connections"
     );
 }
 
@@ -208,22 +210,38 @@ fn a_connections_32_bit_stamps_keep_heartbeats_and_rate_limits_across_the_clocks
 }
 
 #[test]
-fn a_users_connections_on_a_worker_are_one_token_inline_and_more_in_a_list() {
-    // The worker's user map holds one per connected user (a vector made it 24 bytes).
+fn a_users_connections_on_a_worker_are_one_token_in_the_bucket_and_more_in_a_list() {
+    // The worker's map of first connections holds one entry per connected user: the
+    // handle and a token (with a one-token-or-list enum it was 24 bytes).
+    let mut conns = UserConns::default();
     assert_eq!(
-        std::mem::size_of::<UserConns>(),
+        conns.first_entry_bytes(),
         16,
-        "a boxed slice's size, no more"
+        "a handle and a token, no more"
     );
-    let mut conns = UserConns::One(7);
-    conns.push(9);
-    conns.push(11);
-    assert_eq!(conns.as_slice(), &[7, 9, 11]);
-    assert!(conns.remove(9) && conns.remove(4));
-    assert!(conns.remove(7), "one left");
-    assert!(matches!(conns, UserConns::One(11)), "back inline");
-    assert!(conns.remove(4), "another token leaves it alone");
-    assert!(!conns.remove(11), "none left");
+    let ann = crate::ids::UserName::from("ann");
+    let bob = crate::ids::UserName::from("bob");
+    conns.add(&ann, 7);
+    conns.add(&bob, 8);
+    assert_eq!(conns.users_with_more(), 0, "one connection each: no list");
+    conns.add(&ann, 9);
+    conns.add(&ann, 11);
+    assert_eq!(conns.tokens("ann"), [7, 9, 11]);
+    assert_eq!(conns.users_with_more(), 1);
+    assert!(!conns.remove("ann", 9) && !conns.remove("ann", 4));
+    assert_eq!(conns.tokens("ann"), [7, 11]);
+    assert!(!conns.remove("ann", 7), "one left");
+    assert_eq!(conns.tokens("ann"), [11], "the next one moved up");
+    assert_eq!(
+        conns.users_with_more(),
+        0,
+        "the list is gone with its last token"
+    );
+    assert!(!conns.remove("ann", 4), "another token leaves it alone");
+    assert!(!conns.remove("eve", 4), "an unknown user too");
+    assert!(conns.remove("ann", 11), "none left");
+    assert!(!conns.contains("ann") && conns.tokens("ann").is_empty());
+    assert!(conns.contains("bob"));
 }
 
 #[test]
