@@ -196,9 +196,7 @@ impl Core {
     /// Removes a connection from a room's local fan-out list and tells the owner.
     pub(super) fn unsubscribe_local(&mut self, room: &RoomName, token: Token) {
         if let Some(list) = self.local.get_mut(room) {
-            if let Some(i) = list.iter().position(|&(t, _)| t == token) {
-                list.swap_remove(i);
-            }
+            list.remove_token(token);
             if list.is_empty() {
                 self.local.remove(room);
             }

@@ -471,7 +471,7 @@ impl Core {
             ..
         } = self;
         let Some(subs) = local.get(room) else { return };
-        for &(token, alias) in subs {
+        for (token, alias) in subs.iter().map(|s| s.parts()) {
             let Some(conn) = conn_in(conns, token).filter(|c| c.is_open() && c.receipts) else {
                 continue;
             };

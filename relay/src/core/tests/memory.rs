@@ -380,3 +380,64 @@ fn the_timer_heap_holds_one_entry_per_phone_without_a_doubled_capacity() {
         "{capacity} entries' room for {len} after the storm"
     );
 }
+
+#[test]
+fn a_fan_out_entry_is_12_bytes_and_keeps_the_whole_token() {
+    // A `(Token, u32)` pair was 16 bytes with its padding, in every room's list.
+    assert_eq!(std::mem::size_of::<Subscriber>(), 12);
+    // Both halves of the token come back, the generation's high bits included.
+    for token in [0, 1, u64::from(u32::MAX), (7 << 32) | 3, u64::MAX] {
+        assert_eq!(Subscriber::new(token, 9).parts(), (token, 9));
+    }
+    let mut h = Harness::new(|_| {});
+    let (ann, bob) = two_phones_in_a_room(&mut h);
+    let mut listed: Vec<(Token, u32)> = h.core.local[&room_named("dm")]
+        .iter()
+        .map(|s| s.parts())
+        .collect();
+    listed.sort_unstable();
+    let mut expected = [(ann, 0), (bob, 0)];
+    expected.sort_unstable();
+    assert_eq!(listed, expected);
+    // Unbinding finds the entry by its token.
+    h.core.unsubscribe_local(&room_named("dm"), ann);
+    let left: Vec<Token> = h.core.local[&room_named("dm")]
+        .iter()
+        .map(|s| s.token())
+        .collect();
+    assert_eq!(left, [bob]);
+}
+
+#[test]
+fn a_short_fan_out_list_is_an_exact_slice_and_a_long_one_grows_by_an_eighth() {
+    // In the worker's map of rooms, each bucket holds the list: a boxed slice's 16 bytes,
+    // not a vector's 24.
+    assert_eq!(std::mem::size_of::<FanOut>(), 16);
+    let mut list = FanOut::default();
+    for t in 0..8u64 {
+        list.push(Subscriber::new(t, 0));
+        assert!(matches!(list, FanOut::Short(_)), "{} entries", t + 1);
+        assert_eq!(list.capacity(), t as usize + 1, "no spare slot");
+    }
+    for t in 8..100u64 {
+        list.push(Subscriber::new(t, 0));
+    }
+    assert!(matches!(list, FanOut::Long(_)));
+    assert!(list.capacity() - 100 <= 100 / 8, "an eighth spare at most");
+    list.remove_token(4_000);
+    assert_eq!(list.iter().count(), 100, "an unknown token leaves it alone");
+    for t in 0..96u64 {
+        list.remove_token(t);
+    }
+    assert!(
+        matches!(list, FanOut::Short(_)) && list.capacity() == 4,
+        "back to an exact slice at half the short size"
+    );
+    let mut left: Vec<Token> = list.iter().map(|s| s.token()).collect();
+    left.sort_unstable();
+    assert_eq!(left, [96, 97, 98, 99]);
+    for t in 96..100u64 {
+        list.remove_token(t);
+    }
+    assert!(list.is_empty());
+}
