@@ -12,7 +12,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use pabal_codec::Text;
 use parking_lot::RwLock;
 use thiserror::Error;
 
@@ -287,37 +286,37 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
     /// the user's rooms with their join points, refused past `max_conns` connections.
     fn connect(
         &self,
-        user: &Text,
+        user: &str,
         core: CoreId,
         max_conns: usize,
     ) -> Result<(UserName, Vec<(RoomName, JoinPoint)>), DirectoryError>;
     /// A connection of `user` on `core` closed.
-    fn disconnect(&self, user: &Text, core: CoreId);
+    fn disconnect(&self, user: &str, core: CoreId);
     /// Adds `user` to `room` at `join`: a no-op that reports the join point in force if the
     /// user is a member already; a blocked channel stays blocked unless `unblock`.
     fn add(
         &self,
-        user: &Text,
+        user: &str,
         room: &RoomName,
         join: JoinPoint,
         unblock: bool,
     ) -> Result<Added, DirectoryError>;
     /// Removes `user` from `room`, optionally blocking it (refused past the per-user cap on
     /// blocks: the user leaves all the same).
-    fn remove(&self, user: &Text, room: &RoomName, block: bool) -> Removed;
+    fn remove(&self, user: &str, room: &RoomName, block: bool) -> Removed;
     /// Where `user`'s stream of `room` starts, if the user belongs to it.
-    fn join_point(&self, user: &Text, room: &RoomName) -> Option<JoinPoint>;
+    fn join_point(&self, user: &str, room: &RoomName) -> Option<JoinPoint>;
     /// Whether `user` blocked `room` (a channel).
-    fn is_blocked(&self, user: &Text, room: &RoomName) -> bool;
+    fn is_blocked(&self, user: &str, room: &RoomName) -> bool;
     /// Sets how many channels one user may block.
     fn set_max_blocked_per_user(&self, max: usize);
     /// `user`'s rooms with their join points, and the channels they blocked (a cluster
     /// node compares them with the engine's, see `core/cluster/members.rs`).
-    fn snapshot(&self, user: &Text) -> (Vec<(RoomName, JoinPoint)>, Vec<RoomName>);
+    fn snapshot(&self, user: &str) -> (Vec<(RoomName, JoinPoint)>, Vec<RoomName>);
     /// Drops everything held for `user` unless they have a live connection (a cluster node
     /// holds a user's membership only while it holds a connection of theirs: the engine
     /// holds it for good).
-    fn forget_if_offline(&self, user: &Text);
+    fn forget_if_offline(&self, user: &str);
 }
 
 /// The relay-wide membership directory.
@@ -351,14 +350,14 @@ impl Directory {
         self.max_rooms_per_user.store(max, Ordering::Relaxed);
     }
 
-    fn shard(&self, user: &Text) -> &RwLock<HashMap<UserName, UserEntry>> {
+    fn shard(&self, user: &str) -> &RwLock<HashMap<UserName, UserEntry>> {
         use std::hash::BuildHasher;
         let h = self.shard_of.hash_one(user.as_bytes());
         &self.shards[(h as usize) & (self.shards.len() - 1)]
     }
 
     /// Workers holding `user`'s live connections.
-    pub fn cores_of(&self, user: &Text) -> Vec<CoreId> {
+    pub fn cores_of(&self, user: &str) -> Vec<CoreId> {
         self.shard(user)
             .read()
             .get(user)
@@ -367,7 +366,7 @@ impl Directory {
     }
 
     /// The rooms and channels `user` belongs to.
-    pub fn rooms_of(&self, user: &Text) -> Vec<RoomName> {
+    pub fn rooms_of(&self, user: &str) -> Vec<RoomName> {
         self.shard(user)
             .read()
             .get(user)
@@ -381,15 +380,14 @@ impl Directory {
 /// the user has one).
 fn entry_of<'a>(
     shard: &'a mut HashMap<UserName, UserEntry>,
-    user: &Text,
+    user: &str,
 ) -> (UserName, &'a mut UserEntry) {
     let handle = match shard.get_key_value(user) {
         Some((handle, _)) => handle.clone(),
         None => {
-            // A copy of the name's bytes, not a clone of the caller's `Text`: a clone would
-            // turn the caller's buffer into a shared one (another heap block, kept for as
-            // long as the record lives); a short name's copy is one exact block.
-            let handle = UserName::new(Text::from(user.as_str()));
+            // One block holding a copy of the name's bytes (never a share of the caller's
+            // buffer, which would keep that buffer for as long as the record lives).
+            let handle = UserName::new(user);
             shard.insert(handle.clone(), UserEntry::default());
             handle
         }
@@ -409,7 +407,7 @@ impl Membership for Directory {
     /// Refused (and not recorded) if the user already holds `max_conns` connections.
     fn connect(
         &self,
-        user: &Text,
+        user: &str,
         core: CoreId,
         max_conns: usize,
     ) -> Result<(UserName, Vec<(RoomName, JoinPoint)>), DirectoryError> {
@@ -428,7 +426,7 @@ impl Membership for Directory {
     }
 
     /// A connection of `user` on `core` closed.
-    fn disconnect(&self, user: &Text, core: CoreId) {
+    fn disconnect(&self, user: &str, core: CoreId) {
         let mut shard = self.shard(user).write();
         if let Some(entry) = shard.get_mut(user) {
             entry.remove_conn(core);
@@ -442,7 +440,7 @@ impl Membership for Directory {
     /// member). A blocked channel stays blocked unless `unblock`.
     fn add(
         &self,
-        user: &Text,
+        user: &str,
         room: &RoomName,
         join: JoinPoint,
         unblock: bool,
@@ -478,7 +476,7 @@ impl Membership for Directory {
 
     /// Removes `user` from `room`, optionally blocking it (refused past the per-user cap on
     /// blocks: the user leaves all the same).
-    fn remove(&self, user: &Text, room: &RoomName, block: bool) -> Removed {
+    fn remove(&self, user: &str, room: &RoomName, block: bool) -> Removed {
         let max_blocked = self.max_blocked_per_user.load(Ordering::Relaxed);
         let mut shard = self.shard(user).write();
         let (_, entry) = entry_of(&mut shard, user);
@@ -503,7 +501,7 @@ impl Membership for Directory {
     }
 
     /// Where `user`'s stream of `room` starts, if the user belongs to it.
-    fn join_point(&self, user: &Text, room: &RoomName) -> Option<JoinPoint> {
+    fn join_point(&self, user: &str, room: &RoomName) -> Option<JoinPoint> {
         self.shard(user)
             .read()
             .get(user)
@@ -511,14 +509,14 @@ impl Membership for Directory {
     }
 
     /// Whether `user` blocked `room`.
-    fn is_blocked(&self, user: &Text, room: &RoomName) -> bool {
+    fn is_blocked(&self, user: &str, room: &RoomName) -> bool {
         self.shard(user)
             .read()
             .get(user)
             .is_some_and(|e| e.is_blocked(room))
     }
 
-    fn snapshot(&self, user: &Text) -> (Vec<(RoomName, JoinPoint)>, Vec<RoomName>) {
+    fn snapshot(&self, user: &str) -> (Vec<(RoomName, JoinPoint)>, Vec<RoomName>) {
         let shard = self.shard(user).read();
         let Some(entry) = shard.get(user) else {
             return Default::default();
@@ -528,7 +526,7 @@ impl Membership for Directory {
         (rooms, blocks)
     }
 
-    fn forget_if_offline(&self, user: &Text) {
+    fn forget_if_offline(&self, user: &str) {
         let mut shard = self.shard(user).write();
         if shard.get(user).is_some_and(UserEntry::is_offline) {
             shard.remove(user);
@@ -540,6 +538,7 @@ impl Membership for Directory {
 #[allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
 mod tests {
     use super::*;
+    use pabal_codec::Text;
 
     fn room(name: &str) -> RoomName {
         RoomName::new(false, Text::from(name))
@@ -554,18 +553,18 @@ mod tests {
     #[test]
     fn connect_sees_rooms_and_joins_see_connections() {
         let d = Directory::new(4, 10);
-        let ann = Text::from("ann");
-        let first = d.add(&ann, &room("a"), J, false).unwrap();
+        let ann = "ann";
+        let first = d.add(ann, &room("a"), J, false).unwrap();
         assert!(first.cores.is_empty());
-        let (handle, rooms) = d.connect(&ann, 3, 4).unwrap();
+        let (handle, rooms) = d.connect(ann, 3, 4).unwrap();
         assert_eq!(rooms, vec![(room("a"), J)]);
         // One record for the user: the handle the join made is the one a connection gets.
-        assert!(handle.same_record(&first.user) && handle == ann);
-        let added = d.add(&ann, &room("b"), J, false).unwrap();
+        assert!(handle.same_record(&first.user) && *handle == *ann);
+        let added = d.add(ann, &room("b"), J, false).unwrap();
         assert_eq!((added.new, added.cores), (true, vec![3]));
-        d.disconnect(&ann, 3);
-        assert!(d.cores_of(&ann).is_empty());
-        assert!(d.join_point(&ann, &room("b")).is_some());
+        d.disconnect(ann, 3);
+        assert!(d.cores_of(ann).is_empty());
+        assert!(d.join_point(ann, &room("b")).is_some());
     }
 
     #[test]
@@ -578,12 +577,12 @@ mod tests {
         let entry = std::mem::size_of::<UserEntry>();
         assert!(entry <= 32, "the user entry grew to {entry} bytes");
         let d = Directory::new(1, 10);
-        let ann = Text::from("ann");
+        let ann = "ann";
         for core in [2, 5, 2, 7] {
-            d.connect(&ann, core, 4).unwrap();
+            d.connect(ann, core, 4).unwrap();
         }
         assert_eq!(
-            d.connect(&ann, 9, 4),
+            d.connect(ann, 9, 4),
             Err(DirectoryError::TooManyConnections { max: 4 }),
             "the cap counts every worker's connections"
         );
@@ -591,42 +590,42 @@ mod tests {
             v.sort_unstable();
             v
         };
-        assert_eq!(sorted(d.cores_of(&ann)), vec![2, 5, 7]);
-        d.disconnect(&ann, 2);
+        assert_eq!(sorted(d.cores_of(ann)), vec![2, 5, 7]);
+        d.disconnect(ann, 2);
         assert_eq!(
-            sorted(d.cores_of(&ann)),
+            sorted(d.cores_of(ann)),
             vec![2, 5, 7],
             "one of two left on 2"
         );
-        d.disconnect(&ann, 2);
-        assert_eq!(sorted(d.cores_of(&ann)), vec![5, 7]);
-        d.disconnect(&ann, 9);
-        assert_eq!(sorted(d.cores_of(&ann)), vec![5, 7], "no connection on 9");
-        d.disconnect(&ann, 7);
-        assert_eq!(d.cores_of(&ann), vec![5]);
+        d.disconnect(ann, 2);
+        assert_eq!(sorted(d.cores_of(ann)), vec![5, 7]);
+        d.disconnect(ann, 9);
+        assert_eq!(sorted(d.cores_of(ann)), vec![5, 7], "no connection on 9");
+        d.disconnect(ann, 7);
+        assert_eq!(d.cores_of(ann), vec![5]);
         assert!(
-            d.shards[0].read()[&ann].rare.is_none(),
+            d.shards[0].read()[ann].rare.is_none(),
             "one worker left: the box of further workers is dropped"
         );
-        d.disconnect(&ann, 5);
-        assert!(d.cores_of(&ann).is_empty());
+        d.disconnect(ann, 5);
+        assert!(d.cores_of(ann).is_empty());
         assert!(d.shards[0].read().is_empty(), "the unused entry is dropped");
     }
 
     #[test]
     fn blocking_sticks_until_unblocked() {
         let d = Directory::new(1, 10);
-        let ann = Text::from("ann");
+        let ann = "ann";
         let ch = RoomName::new(true, Text::from("news"));
-        d.add(&ann, &ch, J, false).unwrap();
-        assert!(d.remove(&ann, &ch, true).was.is_some());
+        d.add(ann, &ch, J, false).unwrap();
+        assert!(d.remove(ann, &ch, true).was.is_some());
         assert!(matches!(
-            d.add(&ann, &ch, J, false),
+            d.add(ann, &ch, J, false),
             Err(DirectoryError::Blocked(_))
         ));
-        assert!(d.add(&ann, &ch, J, true).unwrap().new);
+        assert!(d.add(ann, &ch, J, true).unwrap().new);
         assert!(
-            d.shards[0].read()[&ann].rare.is_none(),
+            d.shards[0].read()[ann].rare.is_none(),
             "nothing blocked, one worker: no box"
         );
     }
@@ -634,65 +633,65 @@ mod tests {
     #[test]
     fn rooms_per_user_are_capped() {
         let d = Directory::new(1, 2);
-        let ann = Text::from("ann");
-        d.add(&ann, &room("a"), J, false).unwrap();
-        d.add(&ann, &room("b"), J, false).unwrap();
+        let ann = "ann";
+        d.add(ann, &room("a"), J, false).unwrap();
+        d.add(ann, &room("b"), J, false).unwrap();
         assert_eq!(
-            d.add(&ann, &room("c"), J, false),
+            d.add(ann, &room("c"), J, false),
             Err(DirectoryError::TooManyRooms { max: 2 })
         );
         // Re-adding an existing room is fine at the cap.
-        assert!(!d.add(&ann, &room("a"), J, false).unwrap().new);
+        assert!(!d.add(ann, &room("a"), J, false).unwrap().new);
     }
 
     #[test]
     fn blocks_per_user_are_capped_and_the_user_still_leaves() {
         let d = Directory::new(1, 10);
         d.set_max_blocked_per_user(2);
-        let ann = Text::from("ann");
+        let ann = "ann";
         let ch = |n: &str| RoomName::new(true, Text::from(n));
         for n in ["a", "b"] {
-            assert_eq!(d.remove(&ann, &ch(n), true).block_refused, None);
+            assert_eq!(d.remove(ann, &ch(n), true).block_refused, None);
         }
-        d.add(&ann, &ch("c"), J, false).unwrap();
-        let removed = d.remove(&ann, &ch("c"), true);
+        d.add(ann, &ch("c"), J, false).unwrap();
+        let removed = d.remove(ann, &ch("c"), true);
         assert!(removed.was.is_some(), "left all the same");
         assert_eq!(
             removed.block_refused,
             Some(DirectoryError::TooManyBlocks { max: 2 })
         );
-        assert!(d.add(&ann, &ch("c"), J, false).unwrap().new, "not blocked");
+        assert!(d.add(ann, &ch("c"), J, false).unwrap().new, "not blocked");
         // Blocking what is already blocked is no new block.
-        assert_eq!(d.remove(&ann, &ch("a"), true).block_refused, None);
+        assert_eq!(d.remove(ann, &ch("a"), true).block_refused, None);
     }
 
     #[test]
     fn join_points_are_per_membership() {
         let d = Directory::new(1, 10);
-        let ann = Text::from("ann");
+        let ann = "ann";
         let jp = |seq, serial| JoinPoint {
             epoch: 7,
             seq,
             serial,
         };
-        assert_eq!(d.join_point(&ann, &room("a")), None);
-        d.add(&ann, &room("a"), jp(3, 1), false).unwrap();
-        assert_eq!(d.join_point(&ann, &room("a")), Some(jp(3, 1)));
-        d.remove(&ann, &room("a"), false);
-        d.add(&ann, &room("a"), jp(9, 2), false).unwrap();
-        assert_eq!(d.join_point(&ann, &room("a")), Some(jp(9, 2)));
+        assert_eq!(d.join_point(ann, &room("a")), None);
+        d.add(ann, &room("a"), jp(3, 1), false).unwrap();
+        assert_eq!(d.join_point(ann, &room("a")), Some(jp(3, 1)));
+        d.remove(ann, &room("a"), false);
+        d.add(ann, &room("a"), jp(9, 2), false).unwrap();
+        assert_eq!(d.join_point(ann, &room("a")), Some(jp(9, 2)));
     }
 
     #[test]
     fn unused_entries_are_dropped() {
         let d = Directory::new(1, 2);
-        let ann = Text::from("ann");
-        d.connect(&ann, 0, 1).unwrap();
+        let ann = "ann";
+        d.connect(ann, 0, 1).unwrap();
         assert_eq!(
-            d.connect(&ann, 1, 1),
+            d.connect(ann, 1, 1),
             Err(DirectoryError::TooManyConnections { max: 1 })
         );
-        d.disconnect(&ann, 0);
+        d.disconnect(ann, 0);
         assert!(d.shards[0].read().is_empty());
     }
 }

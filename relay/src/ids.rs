@@ -7,6 +7,7 @@
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
+use arcstr::ArcStr;
 use bytes::Bytes;
 use pabal_codec::{Text, room_id};
 
@@ -14,7 +15,9 @@ use pabal_codec::{Text, room_id};
 pub type CoreId = usize;
 
 /// What names a room: its kind, its name and the 64-bit id derived from both. One record
-/// per room, shared by every [`RoomName`] that names it.
+/// per room, shared by every [`RoomName`] that names it: 32 bytes in its reference-counted
+/// block, and the name's bytes in an exact block of their own (a `Text` took 32 bytes of
+/// the record and the bytes' block: 64 and 16 bytes for a 1:1 room's name, 48 and 16 now).
 #[derive(Debug)]
 pub struct RoomRecord {
     /// `room_id(channel, name)`.
@@ -22,7 +25,56 @@ pub struct RoomRecord {
     /// A broadcast channel rather than a room.
     pub channel: bool,
     /// The name.
-    pub name: Text,
+    pub name: RoomText,
+}
+
+/// A room's name in its record: the bytes in an exact boxed `str` (a frame or a record
+/// that carries the name as a `Text` copies it, see [`RoomText::text`]).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RoomText(Box<str>);
+
+impl RoomText {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The name, as a `Text`: a copy (for a frame or a stored record; never per delivery).
+    pub fn text(&self) -> Text {
+        Text::from(self.as_str())
+    }
+}
+
+impl std::ops::Deref for RoomText {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for RoomText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for RoomText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<Text> for RoomText {
+    fn eq(&self, other: &Text) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl PartialEq<str> for RoomText {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
 }
 
 /// A room or a channel, by kind and name: a shared handle (8 bytes) to one [`RoomRecord`],
@@ -42,12 +94,13 @@ pub struct RoomRecord {
 pub struct RoomName(Arc<RoomRecord>);
 
 impl RoomName {
-    /// Names a room (`channel = false`) or channel.
-    pub fn new(channel: bool, name: Text) -> Self {
+    /// Names a room (`channel = false`) or channel: a record holding a copy of the name.
+    pub fn new(channel: bool, name: impl std::borrow::Borrow<str>) -> Self {
+        let name: &str = name.borrow();
         RoomName(Arc::new(RoomRecord {
-            id: room_id(channel, name.as_str()),
+            id: room_id(channel, name),
             channel,
-            name,
+            name: RoomText(name.into()),
         }))
     }
 
@@ -55,7 +108,11 @@ impl RoomName {
     /// (which anyone can make on purpose) looks like, for tests of collision handling.
     #[cfg(test)]
     pub(crate) fn with_id(id: u64, channel: bool, name: Text) -> Self {
-        RoomName(Arc::new(RoomRecord { id, channel, name }))
+        RoomName(Arc::new(RoomRecord {
+            id,
+            channel,
+            name: RoomText(name.as_str().into()),
+        }))
     }
 
     /// The worker that owns this room: assigns its sequences and keeps its history.
@@ -107,63 +164,72 @@ impl Hash for RoomName {
 /// A user's name as a shared handle (8 bytes): one record per connected user, made at HELLO
 /// and shared by the connection's record, the worker's user → connections map, the
 /// directory's key and the member sets of the user's rooms (each held a 32-byte `Text`
-/// before, about 150 bytes per idle phone with the maps' load factor). Cloned by reference
-/// count, read through `Deref` as the [`Text`] (so `&user` passes where a `&Text` is
-/// asked for). Two handles made apart for the same name are equal; the directory hands
-/// out its own (see `Added::user`) so that a room's member set shares the connection's.
-/// No interner: the record is freed with its last handle.
+/// before, about 150 bytes per idle phone with the maps' load factor). The record is one
+/// heap block holding the reference count, the length and the name's bytes (32 bytes for a
+/// name of up to 16 bytes; an `Arc` of a `Text` took a 48-byte block and the bytes' own
+/// block, 64 bytes). Cloned by reference count, read through `Deref` as the name's `str`
+/// (so `&user` passes where a `&str` is asked for). Two handles made apart for the same
+/// name are equal; the directory hands out its own (see `Added::user`) so that a room's
+/// member set shares the connection's. No interner: the record is freed with its last
+/// handle.
 ///
 /// Compares and hashes as the name (exact; the same record is equal without comparing
-/// bytes), like the `Text` it holds, so a map keyed by it is searched with a `&Text`.
+/// bytes), so a map keyed by it is searched with a `&str`.
 #[derive(Clone)]
-pub struct UserName(Arc<Text>);
+pub struct UserName(ArcStr);
 
 impl UserName {
-    /// A handle to a new record for `name`.
-    pub fn new(name: Text) -> Self {
-        UserName(Arc::new(name))
+    /// A handle to a new record holding a copy of `name`.
+    pub fn new(name: &str) -> Self {
+        UserName(ArcStr::from(name))
     }
 
-    /// The name, as a `Text` (a reference-counted clone, no copy of the bytes).
+    /// The name, as a `Text`: a copy of the bytes (for a frame or a record that carries the
+    /// name; never per delivery).
     pub fn text(&self) -> Text {
-        Text::clone(&self.0)
+        Text::from(self.as_str())
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
     }
 
     /// Whether both handles share one record.
     pub fn same_record(&self, other: &UserName) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        ArcStr::ptr_eq(&self.0, &other.0)
     }
 }
 
 impl std::ops::Deref for UserName {
-    type Target = Text;
+    type Target = str;
 
-    fn deref(&self) -> &Text {
+    fn deref(&self) -> &str {
         &self.0
     }
 }
 
-impl std::borrow::Borrow<Text> for UserName {
-    fn borrow(&self) -> &Text {
+impl std::borrow::Borrow<str> for UserName {
+    fn borrow(&self) -> &str {
         &self.0
     }
 }
 
 impl std::fmt::Debug for UserName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(&*self.0, f)
+        std::fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
 impl std::fmt::Display for UserName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.0.as_str())
+        f.write_str(self.as_str())
     }
 }
 
 impl PartialEq for UserName {
     fn eq(&self, other: &Self) -> bool {
-        self.same_record(other) || *self.0 == *other.0
+        self.same_record(other) || self.as_str() == other.as_str()
     }
 }
 
@@ -171,26 +237,38 @@ impl Eq for UserName {}
 
 impl PartialEq<Text> for UserName {
     fn eq(&self, other: &Text) -> bool {
-        *self.0 == *other
+        self.as_str() == other.as_str()
+    }
+}
+
+impl PartialEq<str> for UserName {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
     }
 }
 
 impl Hash for UserName {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        // As the `Text` hashes (`Borrow<Text>` requires equal hashes).
-        self.0.hash(state);
+        // As the `str` hashes (`Borrow<str>` requires equal hashes).
+        self.as_str().hash(state);
+    }
+}
+
+impl From<&Text> for UserName {
+    fn from(name: &Text) -> Self {
+        UserName::new(name.as_str())
     }
 }
 
 impl From<Text> for UserName {
     fn from(name: Text) -> Self {
-        UserName::new(name)
+        UserName::new(name.as_str())
     }
 }
 
 impl From<&str> for UserName {
     fn from(name: &str) -> Self {
-        UserName::new(Text::from(name))
+        UserName::new(name)
     }
 }
 
@@ -263,19 +341,20 @@ mod tests {
         assert_eq!(again, ann, "equal by name, whatever the record");
         assert_ne!(UserName::from("bob"), ann);
         assert_eq!(ann, Text::from("ann"));
-        // A map keyed by handles is searched with the name's `Text` (equal hashes).
+        // A map keyed by handles is searched with the name (equal hashes).
         let map: std::collections::HashMap<UserName, u32> = [(ann.clone(), 7)].into();
-        assert_eq!(map.get(&Text::from("ann")), Some(&7));
-        assert_eq!(map.get(&Text::from("bob")), None);
-        let (key, _) = map
-            .get_key_value(&Text::from("ann"))
-            .expect("found by its text");
+        assert_eq!(map.get("ann"), Some(&7));
+        assert_eq!(map.get(Text::from("ann").as_str()), Some(&7));
+        assert_eq!(map.get("bob"), None);
+        let (key, _) = map.get_key_value("ann").expect("found by its name");
         assert!(key.same_record(&ann));
-        // The text is the name's, shared rather than copied.
+        // One record, counted: the handle, its clone and the map's key; no interner
+        // keeps another.
+        assert_eq!(ArcStr::strong_count(&ann.0), Some(3));
+        drop(map);
+        assert_eq!(ArcStr::strong_count(&ann.0), Some(2));
+        // A frame's `Text` is a copy, not a share of the record.
         assert_eq!(ann.text().as_str(), "ann");
-        // Freed with its last handle: no interner keeps it.
-        let weak = Arc::downgrade(&ann.0);
-        drop((ann, copy, map));
-        assert!(weak.upgrade().is_none());
+        assert_eq!(ArcStr::strong_count(&ann.0), Some(2));
     }
 }

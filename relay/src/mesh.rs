@@ -416,7 +416,7 @@ pub struct MarkerUpdate {
     /// The room.
     pub room: RoomName,
     /// The member.
-    pub user: Text,
+    pub user: UserName,
     /// The room's stream the sequences belong to.
     pub epoch: u64,
     /// Acknowledged (delivered) and read up to.

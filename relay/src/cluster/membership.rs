@@ -211,7 +211,7 @@ pub fn notice_channel(user: &Text) -> Bytes {
 
 /// A room as a field of the user's hash: `r:name` or `c:name`.
 pub fn room_field(room: &RoomName) -> Vec<u8> {
-    let mut out = Vec::with_capacity(room.name.as_bytes().len() + 2);
+    let mut out = Vec::with_capacity(room.name.len() + 2);
     out.extend_from_slice(if room.channel { b"c:" } else { b"r:" });
     out.extend_from_slice(room.name.as_bytes());
     out

@@ -510,7 +510,7 @@ impl Call<'_> {
             ("POST", ["v1", "users", user, "disconnect"]) => {
                 let user = name("a user id", user)?;
                 let mut closed = 0;
-                for worker in relay.directory().cores_of(&user) {
+                for worker in relay.directory().cores_of(user.as_str()) {
                     match self
                         .call(worker, ControlOp::Kick { user: user.clone() })
                         .await?
@@ -552,7 +552,7 @@ impl Call<'_> {
                 }
                 // From the membership directory, which counts every live connection: no
                 // worker is asked, so an app server may call it before every push.
-                let online = !relay.directory().cores_of(&user).is_empty();
+                let online = !relay.directory().cores_of(user.as_str()).is_empty();
                 Ok(json!({ "user": user.as_str(), "online": online }))
             }
             ("GET", ["v1", "users", user, "rooms"]) => {
@@ -565,7 +565,7 @@ impl Call<'_> {
                     };
                     rooms
                 } else {
-                    relay.directory().rooms_of(&user)
+                    relay.directory().rooms_of(user.as_str())
                 };
                 let rooms: Vec<Value> = rooms
                     .iter()
@@ -677,7 +677,7 @@ impl Call<'_> {
             self.relay.send(worker, CoreMsg::Control { op, reply: tx });
             vec![(Vec::new(), rx)]
         } else {
-            let mut rooms = self.relay.directory().rooms_of(&user);
+            let mut rooms = self.relay.directory().rooms_of(user.as_str());
             rooms.retain(|r| !r.channel);
             self.ask_owners(rooms, |rooms| ControlOp::Unread {
                 user: user.clone(),

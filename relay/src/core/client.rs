@@ -212,14 +212,14 @@ impl Core {
             }
         };
         // A cluster node reads the user's rooms from the engine first (the HELLO waits).
-        let Some(hello) = self.cluster_hello_gate(token, hello, &user) else {
+        let Some(hello) = self.cluster_hello_gate(token, hello, user.as_str()) else {
             return;
         };
         // Register with the directory first: a refusal must come before the session opens.
         // The connection, the worker's user map and the user's member sets share the
         // directory's handle to the name.
         let (handle, rooms) = match self.directory.connect(
-            &user,
+            user.as_str(),
             self.id,
             self.config.limits.max_connections_per_user,
         ) {
@@ -227,7 +227,7 @@ impl Core {
             Err(e) => {
                 inc(&self.stats.limit_refusals, 1);
                 // Its claim counted on every node (a cluster node): it counts no more.
-                self.cluster_release(&user);
+                self.cluster_release(user.as_str());
                 return self.fatal(token, ErrorCode::LimitExceeded, e.to_string());
             }
         };
@@ -264,10 +264,7 @@ impl Core {
                 user: user.clone(),
             }),
         );
-        self.users
-            .entry(handle.clone())
-            .and_modify(|conns| conns.push(token))
-            .or_insert(UserConns::One(token));
+        self.users.add(&handle, token);
 
         // Resolve resume entries against the user's own rooms: entry i is alias i.
         let mut by_id: HashMap<u64, usize> = HashMap::with_capacity(rooms.len());
@@ -576,9 +573,9 @@ impl Core {
         self.send_to_owner(&room, msg);
     }
 
-    /// The worker's own copy of a room's name if it has one (bindings to a room then share
-    /// one name), or a copy of its own: a name sliced out of a frame would keep the whole
-    /// read buffer it arrived in alive for as long as the binding lasts.
+    /// The worker's own record of a room's name if it has one (bindings to a room then share
+    /// one record), or `room` (a record always holds a copy of the name, never a slice of
+    /// the frame it arrived in, which would keep that read buffer alive).
     pub(super) fn shared_name(&self, room: RoomName) -> RoomName {
         if let Some((known, _)) = self.local.get_key_value(&room) {
             return known.clone();
@@ -586,7 +583,7 @@ impl Core {
         if let Some((known, _)) = self.owned.get_key_value(&room) {
             return known.clone();
         }
-        RoomName::new(room.channel, Text::from(room.name.as_str()))
+        room
     }
 
     /// Bytes arrived on a connection at `now`.

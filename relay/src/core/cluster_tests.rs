@@ -679,7 +679,7 @@ fn a_ticks_acks_and_reads_reach_the_engine_as_one_batch_per_room_and_come_back_f
         h.now,
         vec![CoreMsg::Markers(vec![crate::mesh::MarkerUpdate {
             room: room.clone(),
-            user: Text::from("ann"),
+            user: "ann".into(),
             epoch: 77,
             marker: m(1, 3),
         }])],
@@ -703,7 +703,7 @@ fn a_ticks_acks_and_reads_reach_the_engine_as_one_batch_per_room_and_come_back_f
         other => panic!("one markers batch for the room: {other:?}"),
     }
     assert_eq!(
-        h.core.markers(&room, &Text::from("bob")),
+        h.core.markers(&room, "bob"),
         Marker::default(),
         "the markers are the engine's: applied when its channel says they moved"
     );
@@ -716,7 +716,7 @@ fn a_ticks_acks_and_reads_reach_the_engine_as_one_batch_per_room_and_come_back_f
             markers: vec![(Text::from("bob"), m(2, 0))],
         },
     );
-    assert_eq!(h.core.markers(&room, &Text::from("bob")), m(2, 0));
+    assert_eq!(h.core.markers(&room, "bob"), m(2, 0));
     h.tick(h.core.config.receipts.interval);
     let receipts: Vec<Event> = h
         .events(ann)

@@ -39,7 +39,7 @@ impl ControlOp {
 impl Core {
     /// Closes this worker's connections of `user` not closing already (GOAWAY kicked);
     /// how many.
-    pub(super) fn kick_local(&mut self, user: &Text) -> usize {
+    pub(super) fn kick_local(&mut self, user: &str) -> usize {
         let tokens = self.tokens_of(user);
         let mut kicked = 0;
         for token in tokens {
@@ -173,12 +173,12 @@ impl Core {
                 let mut refused = Vec::new();
                 let mut removed = Vec::new();
                 for user in remove {
-                    if self.leave_member(&room, &user, false, LeftReason::Removed) {
+                    if self.leave_member(&room, user.as_str(), false, LeftReason::Removed) {
                         removed.push(user);
                     }
                 }
                 for user in add {
-                    match self.join_member(&room, &user, false) {
+                    match self.join_member(&room, user.as_str(), false) {
                         Ok(true) => added.push(user),
                         Ok(false) => {}
                         Err(e) => {
@@ -225,13 +225,15 @@ impl Core {
                 }
             }
             ControlOp::Kick { user } | ControlOp::KickEverywhere { user } => ControlReply::Kicked {
-                connections: self.kick_local(&user),
+                connections: self.kick_local(user.as_str()),
             },
-            ControlOp::Unread { user, rooms } => ControlReply::Unread(self.unread_of(&user, rooms)),
+            ControlOp::Unread { user, rooms } => {
+                ControlReply::Unread(self.unread_of(user.as_str(), rooms))
+            }
             ControlOp::UnreadEverywhere { user } => {
                 // Alone (never sent so by the server API): the rooms owned here.
                 let rooms = self.owned.keys().filter(|r| !r.channel).cloned().collect();
-                ControlReply::Unread(self.unread_of(&user, rooms))
+                ControlReply::Unread(self.unread_of(user.as_str(), rooms))
             }
             ControlOp::Receipts { room } => ControlReply::Receipts(self.receipts_of(&room)),
             // Only a cluster node has an engine to read (`core/cluster/members.rs` takes it

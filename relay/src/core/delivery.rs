@@ -139,7 +139,10 @@ impl Core {
         if let Some(frame) = frame {
             self.write(token, &frame);
         }
-        push_compact(self.local.entry(room.clone()).or_default(), (token, alias));
+        self.local
+            .entry(room.clone())
+            .or_default()
+            .push(Subscriber::new(token, alias));
         // A phone resuming hundreds of rooms gets one first page per room; past its queue
         // cap the rest wait and are fetched page by page as the socket drains, like any
         // lagging connection, so a resume never grows memory past the cap.
@@ -339,7 +342,7 @@ impl Core {
         } = self;
         let Some(subs) = local.get(room) else { return };
         let mut written = 0;
-        for &(token, alias) in subs {
+        for (token, alias) in subs.iter().map(|s| s.parts()) {
             let Some(conn) = conn_in(conns, token).filter(|c| c.is_open()) else {
                 continue;
             };
@@ -407,7 +410,7 @@ impl Core {
             ..
         } = self;
         let Some(subs) = local.get(room) else { return };
-        for &(token, alias) in subs {
+        for (token, alias) in subs.iter().map(|s| s.parts()) {
             if origin == Some(Origin { core, token }) {
                 continue;
             }

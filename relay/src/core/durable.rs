@@ -226,12 +226,12 @@ impl Core {
             owned.state_mut().receipts = Some(restored);
         }
         for (user, join) in members {
-            if let Err(e) = self.directory.add(&user, name, join, false) {
+            if let Err(e) = self.directory.add(user.as_str(), name, join, false) {
                 tracing::warn!(%user, room = %name.name, "storage: a stored member could not be restored: {e}");
             }
         }
         for user in blocked {
-            self.directory.remove(&user, name, true);
+            self.directory.remove(user.as_str(), name, true);
         }
         self.note_if_unused(name);
         Ok(())
@@ -282,7 +282,7 @@ impl Core {
     pub(super) fn store_join(
         &mut self,
         room: &RoomName,
-        user: &Text,
+        user: &str,
         join: JoinPoint,
         unblock: bool,
     ) -> Result<(), StorageError> {
@@ -298,10 +298,9 @@ impl Core {
                 .get(&key)
                 .is_some_and(|r| r.blocked.contains(user));
             if unblock && blocked {
-                d.log.append_block(key, user.as_str(), false)?;
+                d.log.append_block(key, user, false)?;
             }
-            d.log
-                .append_join(key, user.as_str(), join.epoch, join.seq)?;
+            d.log.append_join(key, user, join.epoch, join.seq)?;
         }
         Ok(())
     }
@@ -310,7 +309,7 @@ impl Core {
     pub(super) fn store_leave(
         &mut self,
         room: &RoomName,
-        user: &Text,
+        user: &str,
         member: bool,
         block: bool,
     ) -> Result<(), StorageError> {
@@ -320,10 +319,10 @@ impl Core {
         let key = self.store_epoch(room)?;
         if let Some(d) = self.storage.as_deref_mut() {
             if member {
-                d.log.append_leave(key, user.as_str())?;
+                d.log.append_leave(key, user)?;
             }
             if block {
-                d.log.append_block(key, user.as_str(), true)?;
+                d.log.append_block(key, user, true)?;
             }
         }
         Ok(())

@@ -231,7 +231,7 @@ fn owed(
                 epoch: window.epoch,
                 first_seq,
                 last_seq: last.seq,
-                user: member.clone(),
+                user: member.text(),
                 publisher: last.publisher.clone(),
                 time_ms: last.ts_ms,
             });
@@ -242,7 +242,7 @@ fn owed(
 
 /// Where `user`'s stream of the room starts: the join point in the room's current epoch (0
 /// for a membership from an earlier epoch; `u64::MAX`, nothing owed, for a non-member).
-fn join_floor(directory: &dyn Membership, user: &Text, room: &RoomName, epoch: u64) -> u64 {
+fn join_floor(directory: &dyn Membership, user: &str, room: &RoomName, epoch: u64) -> u64 {
     match directory.join_point(user, room) {
         Some(join) if join.epoch == epoch => join.seq,
         Some(_) => 0,

@@ -173,13 +173,7 @@ impl Core {
             }
         }
         if let Some(user) = conn.user {
-            let mut last = false;
-            if let Some(conns) = self.users.get_mut(&user)
-                && !conns.remove(token)
-            {
-                self.users.remove(&user);
-                last = true;
-            }
+            let last = self.users.remove(&user, token);
             self.directory.disconnect(&user, self.id);
             self.cluster_release(&user);
             if last {
@@ -192,9 +186,7 @@ impl Core {
     /// Removes a connection from a room's local fan-out list and tells the owner.
     pub(super) fn unsubscribe_local(&mut self, room: &RoomName, token: Token) {
         if let Some(list) = self.local.get_mut(room) {
-            if let Some(i) = list.iter().position(|&(t, _)| t == token) {
-                list.swap_remove(i);
-            }
+            list.remove_token(token);
             if list.is_empty() {
                 self.local.remove(room);
             }

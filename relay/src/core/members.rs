@@ -36,7 +36,7 @@ impl Default for MemberSet {
 
 impl MemberSet {
     /// Whether `user` is in the set.
-    pub(super) fn contains(&self, user: &Text) -> bool {
+    pub(super) fn contains(&self, user: &str) -> bool {
         match self {
             MemberSet::Few(users) => users.iter().any(|u| u == user),
             MemberSet::Many(users) => users.contains(user),
@@ -70,7 +70,7 @@ impl MemberSet {
 
     /// Removes `user` and returns the set's handle to the name; `None` if it was not there.
     /// A large set that shrinks to half the small size becomes a vector again.
-    pub(super) fn remove(&mut self, user: &Text) -> Option<UserName> {
+    pub(super) fn remove(&mut self, user: &str) -> Option<UserName> {
         match self {
             MemberSet::Few(users) => {
                 let i = users.iter().position(|u| u == user)?;
@@ -126,18 +126,18 @@ pub(super) enum MemberIter<'a> {
 }
 
 impl<'a> Iterator for MemberIter<'a> {
-    type Item = &'a Text;
+    type Item = &'a UserName;
 
-    fn next(&mut self) -> Option<&'a Text> {
+    fn next(&mut self) -> Option<&'a UserName> {
         match self {
-            MemberIter::Few(users) => users.next().map(|u| &**u),
-            MemberIter::Many(users) => users.next().map(|u| &**u),
+            MemberIter::Few(users) => users.next(),
+            MemberIter::Many(users) => users.next(),
         }
     }
 }
 
 impl<'a> IntoIterator for &'a MemberSet {
-    type Item = &'a Text;
+    type Item = &'a UserName;
     type IntoIter = MemberIter<'a>;
 
     fn into_iter(self) -> MemberIter<'a> {
@@ -171,17 +171,19 @@ mod tests {
         }
         assert!(matches!(set, MemberSet::Many(_)));
         assert_eq!(set.len(), 100);
-        assert!((0..100).all(|i| set.contains(&user(i))));
+        assert!((0..100).all(|i| set.contains(user(i).as_str())));
         assert_eq!(set.to_set().len(), 100);
         for i in 0..95 {
-            assert_eq!(set.remove(&user(i)), Some(UserName::from(user(i))));
-            assert!(set.remove(&user(i)).is_none(), "removed once");
+            assert_eq!(set.remove(user(i).as_str()), Some(UserName::from(user(i))));
+            assert!(set.remove(user(i).as_str()).is_none(), "removed once");
         }
         assert!(matches!(set, MemberSet::Few(_)), "shrunk back to a vector");
         assert_eq!(set.len(), 5);
-        assert!((95..100).all(|i| set.contains(&user(i))) && !set.contains(&user(0)));
+        assert!(
+            (95..100).all(|i| set.contains(user(i).as_str())) && !set.contains(user(0).as_str())
+        );
         for i in 95..100 {
-            assert!(set.remove(&user(i)).is_some());
+            assert!(set.remove(user(i).as_str()).is_some());
         }
         assert!(set.is_empty());
     }
@@ -193,7 +195,7 @@ mod tests {
             for i in 0..n {
                 set.insert(user(i));
             }
-            let mut seen: Vec<&Text> = (&set).into_iter().collect();
+            let mut seen: Vec<&UserName> = (&set).into_iter().collect();
             seen.sort_by(|a, b| a.as_str().cmp(b.as_str()));
             seen.dedup();
             assert_eq!(seen.len(), n, "{n} members");

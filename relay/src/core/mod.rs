@@ -167,9 +167,11 @@ pub struct Core {
     /// Boxed: a hash map keeps up to twice its entries in buckets, and a bucket of a boxed
     /// record costs a pointer, not the whole record.
     owned: HashMap<RoomName, Box<OwnedRoom>>,
-    local: HashMap<RoomName, Vec<(Token, u32)>>,
-    /// Keyed by the user's shared handle (the directory's), searched with the name.
-    users: HashMap<crate::ids::UserName, UserConns>,
+    /// Each room's subscribed bindings on this worker (its fan-out list).
+    local: HashMap<RoomName, FanOut>,
+    /// The users' connections here, keyed by the user's shared handle (the directory's),
+    /// searched with the name.
+    users: UserConns,
     /// Connections' deadlines, ms since the clock's base ([`Clock::deadline_ms`]): 16 bytes
     /// an entry (24 with an `Instant`), one or two entries per connection; grown a quarter
     /// at a time and shrunk when mostly empty, not doubled (`Core::arm`, `run_timers`).
@@ -255,50 +257,212 @@ pub(super) fn push_compact<T>(list: &mut Vec<T>, item: T) {
     list.push(item);
 }
 
-/// A user's connections on this worker: one inline (a phone's user has one connection),
-/// more in an exact boxed slice (16 bytes: the enum is 16 too, the one token sits beside
-/// the slice's non-null pointer; a vector made it 24). A one-token vector cost every phone
-/// a heap block besides the map's bucket.
-#[derive(Debug, Clone)]
-pub(super) enum UserConns {
-    /// The usual case.
-    One(Token),
-    /// Two or more (a user connected from several devices to this worker); reallocated
-    /// exactly at each connect and close of such a user (never per message).
-    Many(Box<[Token]>),
+/// One subscribed binding in a room's fan-out list on a worker: the connection's token in
+/// its two 32-bit halves and the binding's alias, 12 bytes aligned to 4 (a `(Token, u32)`
+/// pair took 16 with its padding: a 1:1 room's two subscribers were a 32-byte block, 24
+/// now, and a 10,000-subscriber channel's list 160 KB, 120 now).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Subscriber {
+    /// The token's low half (the slab slot) and high half (its generation).
+    token: [u32; 2],
+    alias: u32,
+}
+
+impl Subscriber {
+    pub(super) fn new(token: Token, alias: u32) -> Self {
+        Subscriber {
+            token: [token as u32, (token >> 32) as u32],
+            alias,
+        }
+    }
+
+    pub(super) fn token(self) -> Token {
+        u64::from(self.token[0]) | (u64::from(self.token[1]) << 32)
+    }
+
+    /// The token and the alias.
+    pub(super) fn parts(self) -> (Token, u32) {
+        (self.token(), self.alias)
+    }
+}
+
+/// A room's subscribed bindings on a worker (its fan-out list): while short (at most
+/// [`EXACT_LIST`]: a 1:1 room's two) an exact boxed slice, 16 bytes in the map's bucket (a
+/// vector's 24 put 8 bytes more in every bucket, about 6.5 per idle phone at the map's
+/// load factor); longer (a channel's), a boxed vector grown by [`push_compact`]. Changed
+/// at each bind and unbind, never per message; read per message as a slice.
+#[derive(Debug)]
+pub(super) enum FanOut {
+    /// At most [`EXACT_LIST`] entries, no spare slot.
+    Short(Box<[Subscriber]>),
+    /// More: grown by an eighth at a time.
+    #[allow(clippy::box_collection)]
+    // reason: the box keeps the enum at a boxed slice's 16 bytes, not a vector's 24
+    Long(Box<Vec<Subscriber>>),
+}
+
+impl Default for FanOut {
+    fn default() -> Self {
+        FanOut::Short(Box::default())
+    }
+}
+
+impl FanOut {
+    /// The entries.
+    pub(super) fn as_slice(&self) -> &[Subscriber] {
+        match self {
+            FanOut::Short(list) => list,
+            FanOut::Long(list) => list,
+        }
+    }
+
+    /// The entries, in no particular order.
+    pub(super) fn iter(&self) -> std::slice::Iter<'_, Subscriber> {
+        self.as_slice().iter()
+    }
+
+    /// Slots held, spare ones included.
+    #[cfg(test)]
+    pub(super) fn capacity(&self) -> usize {
+        match self {
+            FanOut::Short(list) => list.len(),
+            FanOut::Long(list) => list.capacity(),
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+
+    /// Adds an entry; past [`EXACT_LIST`] the list becomes a growing vector.
+    pub(super) fn push(&mut self, sub: Subscriber) {
+        match self {
+            FanOut::Short(list) => {
+                let mut grown = std::mem::take(list).into_vec();
+                if grown.len() < EXACT_LIST {
+                    grown.reserve_exact(1);
+                    grown.push(sub);
+                    *list = grown.into_boxed_slice();
+                } else {
+                    push_compact(&mut grown, sub);
+                    *self = FanOut::Long(Box::new(grown));
+                }
+            }
+            FanOut::Long(list) => push_compact(list, sub),
+        }
+    }
+
+    /// Removes the entry of `token` (a connection binds a room once); a long list that
+    /// falls to half the short size becomes an exact slice again.
+    pub(super) fn remove_token(&mut self, token: Token) {
+        let Some(i) = self.iter().position(|s| s.token() == token) else {
+            return;
+        };
+        match self {
+            FanOut::Short(list) => {
+                let mut left = std::mem::take(list).into_vec();
+                left.swap_remove(i);
+                *list = left.into_boxed_slice();
+            }
+            FanOut::Long(list) => {
+                list.swap_remove(i);
+                if list.len() <= EXACT_LIST / 2 {
+                    *self = FanOut::Short(std::mem::take(&mut **list).into_boxed_slice());
+                }
+            }
+        }
+    }
+}
+
+/// A worker's users and their connections here: each user's first connection in one map
+/// (16 bytes a bucket, the user's handle and a token: a phone's user has one connection),
+/// the further ones of a user connected from several devices in another, empty while
+/// every user has one. A map of the handle to a one-token-or-list enum took 24 bytes a
+/// bucket (about 13 bytes more per idle phone at the map's load factor).
+#[derive(Debug, Default)]
+pub(super) struct UserConns {
+    /// Each user's first connection on this worker.
+    first: HashMap<crate::ids::UserName, Token>,
+    /// The connections after the first, in the order they came; exact lists (changed at
+    /// each connect and close of such a user, never per message).
+    more: HashMap<crate::ids::UserName, Vec<Token>>,
 }
 
 impl UserConns {
-    /// The tokens.
-    pub(super) fn as_slice(&self) -> &[Token] {
-        match self {
-            UserConns::One(token) => std::slice::from_ref(token),
-            UserConns::Many(tokens) => tokens,
+    /// Adds a connection of `user` (the directory's handle, shared).
+    pub(super) fn add(&mut self, user: &crate::ids::UserName, token: Token) {
+        if !self.first.contains_key(user.as_str()) {
+            self.first.insert(user.clone(), token);
+            return;
         }
+        let list = match self.more.get_mut(user.as_str()) {
+            Some(list) => list,
+            None => self.more.entry(user.clone()).or_default(),
+        };
+        list.reserve_exact(1);
+        list.push(token);
     }
 
-    /// Adds a connection.
-    pub(super) fn push(&mut self, token: Token) {
-        let mut tokens = self.as_slice().to_vec();
-        tokens.reserve_exact(1);
-        tokens.push(token);
-        *self = UserConns::Many(tokens.into_boxed_slice());
-    }
-
-    /// Removes a connection; false once none is left (the caller drops the entry).
-    pub(super) fn remove(&mut self, token: Token) -> bool {
-        match self {
-            UserConns::One(first) => *first != token,
-            UserConns::Many(tokens) => {
-                let left: Vec<Token> = tokens.iter().copied().filter(|&t| t != token).collect();
-                *self = match left[..] {
-                    [] => return false,
-                    [only] => UserConns::One(only),
-                    _ => UserConns::Many(left.into_boxed_slice()),
-                };
-                true
+    /// Removes a connection of `user`; true if it was the user's last one here (the user's
+    /// entry is gone then).
+    pub(super) fn remove(&mut self, user: &str, token: Token) -> bool {
+        let Some(first) = self.first.get_mut(user) else {
+            return false;
+        };
+        let more = self.more.get_mut(user);
+        if *first == token {
+            let Some(list) = more else {
+                self.first.remove(user);
+                return true;
+            };
+            // The next one moves up (the list is never left empty).
+            *first = list.remove(0);
+            if list.is_empty() {
+                self.more.remove(user);
+            }
+        } else if let Some(list) = more
+            && let Some(i) = list.iter().position(|&t| t == token)
+        {
+            list.remove(i);
+            if list.is_empty() {
+                self.more.remove(user);
+            } else {
+                list.shrink_to_fit();
             }
         }
+        false
+    }
+
+    /// The user's connections here, first to last.
+    pub(super) fn tokens(&self, user: &str) -> Vec<Token> {
+        let Some(&first) = self.first.get(user) else {
+            return Vec::new();
+        };
+        let more = self.more.get(user).map_or(&[][..], Vec::as_slice);
+        std::iter::once(first).chain(more.iter().copied()).collect()
+    }
+
+    /// Whether the user has a connection here.
+    pub(super) fn contains(&self, user: &str) -> bool {
+        self.first.contains_key(user)
+    }
+
+    /// The handle the user is keyed by (for tests of sharing).
+    #[cfg(test)]
+    pub(super) fn handle(&self, user: &str) -> Option<&crate::ids::UserName> {
+        self.first.get_key_value(user).map(|(k, _)| k)
+    }
+
+    /// How many users have further connections here (for tests).
+    #[cfg(test)]
+    pub(super) fn users_with_more(&self) -> usize {
+        self.more.len()
+    }
+
+    /// The bytes of one entry of the first connections' map, bucket size (for the guard).
+    #[cfg(test)]
+    pub(super) fn first_entry_bytes(&self) -> usize {
+        std::mem::size_of::<(crate::ids::UserName, Token)>()
     }
 }
 
@@ -311,10 +475,8 @@ pub(super) fn conn_in(conns: &mut Slab<Conn>, token: Token) -> Option<&mut Conn>
 impl Core {
     /// The user's connections on this worker, copied out (the caller goes on to change the
     /// core while it walks them).
-    pub(super) fn tokens_of(&self, user: &Text) -> Vec<Token> {
-        self.users
-            .get(user)
-            .map_or_else(Vec::new, |c| c.as_slice().to_vec())
+    pub(super) fn tokens_of(&self, user: &str) -> Vec<Token> {
+        self.users.tokens(user)
     }
 
     /// A worker's state: worker `id` of `cores`. `epoch` is the relay's boot epoch: rooms
@@ -354,7 +516,7 @@ impl Core {
             close_listeners: false,
             owned: HashMap::new(),
             local: HashMap::new(),
-            users: HashMap::new(),
+            users: UserConns::default(),
             timers: BinaryHeap::new(),
             idle_rooms: VecDeque::new(),
             next_request: 0,

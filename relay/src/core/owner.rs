@@ -368,7 +368,7 @@ impl Core {
     /// The floor of `user`'s stream of an owned room: the user's join point in the room's
     /// current epoch (everything of a later epoch was published after the join), or `None`
     /// when the user is not a member. Every start (resume, join, page) is clamped to it.
-    pub(super) fn join_floor(&self, user: &Text, room: &RoomName, owned_epoch: u64) -> Option<u64> {
+    pub(super) fn join_floor(&self, user: &str, room: &RoomName, owned_epoch: u64) -> Option<u64> {
         let join = self.directory.join_point(user, room)?;
         Some(if join.epoch == owned_epoch {
             join.seq
@@ -386,7 +386,7 @@ impl Core {
         room: RoomName,
         origin: Origin,
         alias: u32,
-        user: &Text,
+        user: &str,
         from: StartFrom,
         request: u64,
     ) {
@@ -436,7 +436,7 @@ impl Core {
         room: RoomName,
         origin: Origin,
         alias: u32,
-        user: &Text,
+        user: &str,
         after: u64,
         request: u64,
     ) {
@@ -517,7 +517,7 @@ impl Core {
     pub(super) fn join_member(
         &mut self,
         room: &RoomName,
-        user: &Text,
+        user: &str,
         unblock: bool,
     ) -> Result<bool, DirectoryError> {
         // The directory and the workers keep the owner's handle of the room (one shared
@@ -580,7 +580,7 @@ impl Core {
     pub(super) fn leave_member(
         &mut self,
         room: &RoomName,
-        user: &Text,
+        user: &str,
         block: bool,
         reason: LeftReason,
     ) -> bool {
@@ -614,7 +614,7 @@ impl Core {
             .owned
             .get_mut(room)
             .and_then(|owned| owned.members.remove(user))
-            .unwrap_or_else(|| UserName::from(user.as_str()));
+            .unwrap_or_else(|| UserName::from(user));
         self.forget_markers(room, user);
         self.note_if_unused(room);
         if let Some(join) = was {

@@ -38,7 +38,7 @@ use std::sync::Arc;
 use pabal_codec::{Receipt, ServerFrame, Text};
 
 use super::*;
-use crate::ids::RoomName;
+use crate::ids::{RoomName, UserName};
 use crate::io::Token;
 use crate::mesh::{CoreMsg, MarkerUpdate, RoomReceipts, RoomUnread};
 
@@ -80,7 +80,8 @@ struct Entry {
 #[derive(Debug, Default)]
 pub(super) struct RoomMarkers {
     by_member: HashMap<Text, Entry>,
-    /// Members whose markers moved since the last RECEIPT update, in order.
+    /// Members whose markers moved since the last RECEIPT update, in order (sharing the
+    /// keys of `by_member`).
     moved: Vec<Text>,
     /// In the worker's queue of rooms due a RECEIPT update.
     queued: bool,
@@ -110,7 +111,7 @@ impl RoomMarkers {
         })
     }
 
-    pub(super) fn get(&self, user: &Text) -> Option<Marker> {
+    pub(super) fn get(&self, user: &str) -> Option<Marker> {
         self.by_member.get(user).map(|e| e.marker)
     }
 
@@ -119,25 +120,30 @@ impl RoomMarkers {
     /// entry gets one only if `admit`.
     fn advance_member(
         &mut self,
-        user: &Text,
+        user: &str,
         update: Marker,
         head: u64,
         admit: bool,
     ) -> Option<(Marker, Marker)> {
         let entry = match self.by_member.get_mut(user) {
             Some(entry) => entry,
-            None if admit => self.by_member.entry(user.clone()).or_default(),
+            // The member's first marker: its key is a copy of the name (once per member's
+            // entry; the RECEIPT updates share it).
+            None if admit => self.by_member.entry(Text::from(user)).or_default(),
             None => return None,
         };
         let was = entry.marker;
         if !entry.marker.advance(update, head) {
             return None;
         }
+        let now = entry.marker;
         if !entry.moved {
             entry.moved = true;
-            self.moved.push(user.clone());
+            if let Some((key, _)) = self.by_member.get_key_value(user) {
+                self.moved.push(key.clone());
+            }
         }
-        Some((was, entry.marker))
+        Some((was, now))
     }
 
     #[cfg(test)]
@@ -193,7 +199,7 @@ impl Core {
 
     /// A READ on a binding of `room` (stream `epoch`) up to `read`: the user's read marker
     /// may advance (sent to the owner at the end of the tick, coalesced).
-    pub(super) fn note_read(&mut self, room: &RoomName, user: &Text, epoch: u64, read: u64) {
+    pub(super) fn note_read(&mut self, room: &RoomName, user: &UserName, epoch: u64, read: u64) {
         if room.channel {
             return;
         }
@@ -229,7 +235,7 @@ impl Core {
             }
             updates.push(MarkerUpdate {
                 room: sub.room.clone(),
-                user: user.text(),
+                user: user.clone(),
                 epoch: sub.epoch,
                 marker: Marker {
                     delivered: sub.acked(),
@@ -345,7 +351,7 @@ impl Core {
         let held = owned.state_mut().receipts.get_or_insert_with(Box::default);
         let mut advanced = Vec::new();
         for (user, update) in markers {
-            if let Some((was, now)) = held.advance_member(&user, update, u64::MAX, true) {
+            if let Some((was, now)) = held.advance_member(user.as_str(), update, u64::MAX, true) {
                 advanced.push((user, was, now));
             }
         }
@@ -357,7 +363,7 @@ impl Core {
             owned.drop_receipts();
         }
         for (user, was, now) in advanced {
-            self.markers_advanced(room, &user, was, now);
+            self.markers_advanced(room, user.as_str(), was, now);
         }
     }
 
@@ -367,7 +373,7 @@ impl Core {
     pub(super) fn markers_advanced(
         &mut self,
         room: &RoomName,
-        user: &Text,
+        user: &str,
         was: Marker,
         now: Marker,
     ) {
@@ -466,7 +472,7 @@ impl Core {
             ..
         } = self;
         let Some(subs) = local.get(room) else { return };
-        for &(token, alias) in subs {
+        for (token, alias) in subs.iter().map(|s| s.parts()) {
             let Some(conn) = conn_in(conns, token).filter(|c| c.is_open() && c.receipts()) else {
                 continue;
             };
@@ -497,7 +503,7 @@ impl Core {
     }
 
     /// The owner forgets a member's markers (the user left the room).
-    pub(super) fn forget_markers(&mut self, room: &RoomName, user: &Text) {
+    pub(super) fn forget_markers(&mut self, room: &RoomName, user: &str) {
         if let Some(owned) = self.owned.get_mut(room)
             && let Some(markers) = owned.state_if_any().and_then(|s| s.receipts.as_mut())
         {
@@ -511,7 +517,7 @@ impl Core {
     /// The server API's unread counts of `user` in `rooms` (owned here; rooms the user is
     /// not a member of, or channels, are left out): the messages after both the user's
     /// read marker and join point.
-    pub(super) fn unread_of(&self, user: &Text, rooms: Vec<RoomName>) -> Vec<RoomUnread> {
+    pub(super) fn unread_of(&self, user: &str, rooms: Vec<RoomName>) -> Vec<RoomUnread> {
         let mut out = Vec::with_capacity(rooms.len());
         for room in rooms {
             let Some(owned) = self.owned.get(&room).filter(|_| !room.channel) else {
@@ -550,7 +556,7 @@ impl Core {
                     .state()
                     .and_then(|s| s.receipts.as_ref()?.get(user))
                     .unwrap_or_default();
-                (user.clone(), joined_at, marker)
+                (user.text(), joined_at, marker)
             })
             .collect();
         members.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
@@ -564,7 +570,7 @@ impl Core {
     /// `user`'s markers in owned `room` (all 0 when the user has none, is not a member, or
     /// the room is not owned here). Messages at or before the user's join point were
     /// never the user's: a marker below it means none since the join.
-    pub fn markers(&self, room: &RoomName, user: &Text) -> Marker {
+    pub fn markers(&self, room: &RoomName, user: &str) -> Marker {
         self.owned
             .get(room)
             .and_then(|o| o.state()?.receipts.as_ref()?.get(user))
@@ -574,7 +580,7 @@ impl Core {
     /// Every message of owned `room` up to the returned sequence was delivered to (and
     /// acknowledged by) a connection of `user` (see [`Core::markers`]).
     #[cfg_attr(not(test), allow(dead_code))] // reason: the offline hand-off and the receipts API call it
-    pub fn delivered_up_to(&self, room: &RoomName, user: &Text) -> u64 {
+    pub fn delivered_up_to(&self, room: &RoomName, user: &str) -> u64 {
         self.markers(room, user).delivered
     }
 }

@@ -315,7 +315,7 @@ impl Sim {
             let Some(room) = owned.get(&h.room) else {
                 return Err(self.fail(format!("a hand-off for a room not owned here: {what}")));
             };
-            let Some(join) = self.directory.join_point(&h.user, &h.room) else {
+            let Some(join) = self.directory.join_point(h.user.as_str(), &h.room) else {
                 return Err(self.fail(format!("a hand-off for a non-member: {what}")));
             };
             let floor = if join.epoch == h.epoch { join.seq } else { 0 };
@@ -400,7 +400,7 @@ impl Sim {
         let room = self.rooms[r].clone();
         let u = self.random(self.phones.len());
         let user = self.phones[u].user.clone();
-        let member = self.directory.join_point(&user, &room).is_some();
+        let member = self.directory.join_point(user.as_str(), &room).is_some();
         // Mostly adds while few are members, removals otherwise.
         let msg = if !member || self.chance(30) {
             CoreMsg::Join {
@@ -436,11 +436,11 @@ impl Sim {
             }
             _ => unreachable!("only membership changes are queued"),
         };
-        let before = self.directory.join_point(&user, &room);
+        let before = self.directory.join_point(user.as_str(), &room);
         self.note(format!("control at {core}: {msg:?}"));
         self.cores[core].handle(self.now, vec![msg]);
         // One message in the batch: the room's head now is its head at the change.
-        let after = self.directory.join_point(&user, &room);
+        let after = self.directory.join_point(user.as_str(), &room);
         let head = self.cores[core].owned.get(&room).map_or(0, |o| o.head);
         let key = (user, room.id);
         match (before, after) {

@@ -736,7 +736,7 @@ fn a_refused_join_creates_no_room_and_client_created_rooms_are_capped() {
     let ann = h.connect("ann", ClientSession::new());
     // A blocked channel: the refused subscribe leaves nothing behind.
     let news = RoomName::new(true, Text::from("news"));
-    h.core.directory.remove(&Text::from("ann"), &news, true);
+    h.core.directory.remove("ann", &news, true);
     h.send(
         ann,
         &ClientFrame::Subscribe(Subscribe {
@@ -998,7 +998,7 @@ fn a_late_removal_of_an_earlier_membership_leaves_the_current_binding_alone() {
     let serial = h
         .core
         .directory
-        .join_point(&Text::from("bob"), &room_named("club"))
+        .join_point("bob", &room_named("club"))
         .unwrap()
         .serial;
     h.events(bob);

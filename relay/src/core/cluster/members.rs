@@ -152,7 +152,7 @@ impl Core {
         &mut self,
         token: Token,
         hello: Hello,
-        user: &Text,
+        user: &str,
     ) -> Option<Hello> {
         let max_conns = self.config.limits.max_connections_per_user;
         let (max_rooms, max_blocks) = (
@@ -166,12 +166,12 @@ impl Core {
             return Some(hello);
         }
         let new = !side.watched.contains_key(user);
-        let watch = side.watched.entry(user.clone()).or_default();
+        let watch = side.watched.entry(Text::from(user)).or_default();
         if watch.loaded {
             watch.claiming += 1;
             let ticket = self.next_member_ticket();
             if let Some(side) = self.members_side() {
-                let user = user.clone();
+                let user = Text::from(user);
                 side.claims.insert(
                     ticket,
                     Claim {
@@ -200,7 +200,7 @@ impl Core {
         watch.parked.push((token, hello));
         if new {
             self.push_engine(EngineCmd::WatchUser {
-                user: user.clone(),
+                user: Text::from(user),
                 max_rooms,
                 max_blocks,
             });
@@ -232,7 +232,7 @@ impl Core {
                 self.on_hello(token, hello);
             }
             // The connection went while its claim was in flight: it counts no more.
-            ClaimOutcome::Granted => self.cluster_release(&user),
+            ClaimOutcome::Granted => self.cluster_release(user.as_str()),
             ClaimOutcome::Refused { connections } => {
                 if waiting {
                     inc(&self.stats.limit_refusals, 1);
@@ -247,14 +247,19 @@ impl Core {
                 }
             }
         }
-        self.unwatch_if_unused(&user);
+        self.unwatch_if_unused(user.as_str());
     }
 
     /// A connection of `user` whose claim counted closed (or was refused after it): one
     /// less in the engine, written once per user at the end of the loop tick.
-    pub(in crate::core) fn cluster_release(&mut self, user: &Text) {
+    pub(in crate::core) fn cluster_release(&mut self, user: &str) {
         if let Some(side) = self.members_side() {
-            *side.releases.entry(user.clone()).or_default() += 1;
+            match side.releases.get_mut(user) {
+                Some(n) => *n += 1,
+                None => {
+                    side.releases.insert(Text::from(user), 1);
+                }
+            }
         }
     }
 
@@ -282,7 +287,7 @@ impl Core {
 
     /// This worker's last connection of `user` closed: the channel is no longer watched
     /// here, and the node forgets the user's membership if no worker holds a connection.
-    pub(in crate::core) fn cluster_user_gone(&mut self, user: &Text) {
+    pub(in crate::core) fn cluster_user_gone(&mut self, user: &str) {
         let Some(side) = self.members_side() else {
             return;
         };
@@ -295,14 +300,16 @@ impl Core {
             // The unwatch deletes the worker's entry; a release after it would count
             // against a next watch of the user.
             side.releases.remove(user);
-            self.push_engine(EngineCmd::UnwatchUser { user: user.clone() });
+            self.push_engine(EngineCmd::UnwatchUser {
+                user: Text::from(user),
+            });
         }
         self.directory.forget_if_offline(user);
     }
 
     /// Stops watching `user` if this worker holds no connection of theirs and no HELLO.
-    fn unwatch_if_unused(&mut self, user: &Text) {
-        if self.users.contains_key(user) {
+    fn unwatch_if_unused(&mut self, user: &str) {
+        if self.users.contains(user) {
             return;
         }
         self.cluster_user_gone(user);
@@ -311,11 +318,11 @@ impl Core {
     /// What the engine reports about membership.
     pub(in crate::core) fn on_member_event(&mut self, event: EngineEvent) {
         match event {
-            EngineEvent::UserLoaded { user, rooms } => self.on_user_loaded(&user, rooms),
+            EngineEvent::UserLoaded { user, rooms } => self.on_user_loaded(user.as_str(), rooms),
             EngineEvent::UserLoadFailed { user, over_cap } => {
-                self.on_user_load_failed(&user, over_cap)
+                self.on_user_load_failed(user.as_str(), over_cap)
             }
-            EngineEvent::Notice { user, notice } => self.on_notice(&user, notice),
+            EngineEvent::Notice { user, notice } => self.on_notice(user.as_str(), notice),
             EngineEvent::MembersRead { ticket, members } => self.on_members_read(ticket, members),
             EngineEvent::MemberDone { ticket, outcome } => self.on_member_done(ticket, outcome),
             EngineEvent::MemberFailed { ticket } => self.on_member_failed(ticket),
@@ -346,7 +353,7 @@ impl Core {
         }
     }
 
-    fn on_user_loaded(&mut self, user: &Text, engine: UserRooms) {
+    fn on_user_loaded(&mut self, user: &str, engine: UserRooms) {
         self.sync_directory(user, &engine);
         self.sync_connections(user, &engine);
         let Some(watch) = self.members_side().and_then(|s| s.watched.get_mut(user)) else {
@@ -365,7 +372,7 @@ impl Core {
         self.unwatch_if_unused(user);
     }
 
-    fn on_user_load_failed(&mut self, user: &Text, over_cap: Option<u64>) {
+    fn on_user_load_failed(&mut self, user: &str, over_cap: Option<u64>) {
         let Some(watch) = self.members_side().and_then(|s| s.watched.get_mut(user)) else {
             return;
         };
@@ -391,12 +398,14 @@ impl Core {
         if let Some(side) = self.members_side() {
             side.watched.remove(user);
         }
-        self.push_engine(EngineCmd::UnwatchUser { user: user.clone() });
+        self.push_engine(EngineCmd::UnwatchUser {
+            user: Text::from(user),
+        });
         self.directory.forget_if_offline(user);
     }
 
     /// Makes the directory's entry of `user` what the engine holds.
-    fn sync_directory(&mut self, user: &Text, engine: &UserRooms) {
+    fn sync_directory(&mut self, user: &str, engine: &UserRooms) {
         let (cached, blocked) = self.directory.snapshot(user);
         let held: HashMap<&RoomName, JoinPoint> =
             engine.rooms.iter().map(|(r, j)| (r, *j)).collect();
@@ -432,7 +441,7 @@ impl Core {
 
     /// Makes this worker's connections of `user` bind what the engine holds: bindings of
     /// memberships that ended go (LEFT removed), memberships not bound yet are bound.
-    fn sync_connections(&mut self, user: &Text, engine: &UserRooms) {
+    fn sync_connections(&mut self, user: &str, engine: &UserRooms) {
         let held: HashMap<&RoomName, u64> =
             engine.rooms.iter().map(|(r, j)| (r, j.serial)).collect();
         let tokens = self.tokens_of(user);
@@ -453,13 +462,13 @@ impl Core {
                 self.unbind(token, alias, LeftReason::Removed);
             }
         }
-        let handle = UserName::from(user.as_str());
+        let handle = UserName::from(user);
         for (room, join) in &engine.rooms {
             self.on_member_joined(room.clone(), handle.clone(), *join);
         }
     }
 
-    fn on_notice(&mut self, user: &Text, notice: Notice) {
+    fn on_notice(&mut self, user: &str, notice: Notice) {
         match notice {
             Notice::Joined { room, join } => {
                 match self.directory.join_point(user, &room) {
@@ -468,7 +477,7 @@ impl Core {
                         self.directory.remove(user, &room, false);
                         self.on_member_left(
                             room.clone(),
-                            UserName::from(user.as_str()),
+                            UserName::from(user),
                             LeftReason::Removed,
                             old.serial,
                         );
@@ -478,7 +487,7 @@ impl Core {
                 // The directory's handle, as the workers' messages carry it.
                 let handle = match self.directory.add(user, &room, join, true) {
                     Ok(added) => added.user,
-                    Err(_) => UserName::from(user.as_str()),
+                    Err(_) => UserName::from(user),
                 };
                 self.on_member_joined(room, handle, join);
             }
@@ -489,7 +498,7 @@ impl Core {
                 blocked,
             } => {
                 self.directory.remove(user, &room, blocked);
-                self.on_member_left(room, UserName::from(user.as_str()), reason, join.serial);
+                self.on_member_left(room, UserName::from(user), reason, join.serial);
             }
             Notice::Kick => {
                 self.kick_local(user);
@@ -734,9 +743,9 @@ impl Core {
                     inc(&self.stats.limit_refusals, 1);
                 }
                 if let Some(owned) = self.owned.get_mut(&room) {
-                    owned.members.remove(&user);
+                    owned.members.remove(user.as_str());
                 }
-                self.forget_markers(&room, &user);
+                self.forget_markers(&room, user.as_str());
                 self.note_if_unused(&room);
                 was.then_some(Ok(false))
             }

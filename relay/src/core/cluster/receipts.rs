@@ -71,7 +71,8 @@ impl Core {
                 *epoch = u.epoch;
                 list.clear();
             }
-            list.push((u.user, u.marker));
+            // The engine's batch carries the name as a `Text` (a copy; cluster mode only).
+            list.push((u.user.text(), u.marker));
         }
     }
 

@@ -20,19 +20,18 @@ fn an_idle_phone_costs_its_worker_exact_lists_and_a_compact_room() {
     let mut h = Harness::new(|_| {});
     two_phones_in_a_room(&mut h);
     let dm = room_named("dm");
-    // One connection of a user, held inline (a one-token vector was a heap block of its
-    // own); two subscribers of a 1:1 room: no spare slots (a vector's doubling gave four).
-    assert!(matches!(
-        h.core.users[&Text::from("ann")],
-        UserConns::One(_)
-    ));
+    // One connection of a user, its token in the map's bucket (a one-token vector was a
+    // heap block of its own), no list of further ones; two subscribers of a 1:1 room: no
+    // spare slots (a vector's doubling gave four).
+    assert_eq!(h.core.users.tokens("ann").len(), 1);
+    assert_eq!(h.core.users.users_with_more(), 0);
     assert_eq!(h.core.local[&dm].capacity(), 2);
     // A room made by a join has its member at once: it is never queued for an eviction
     // check (each entry was 64 bytes, one per two phones).
     assert!(h.core.idle_rooms.is_empty());
     let owned = &h.core.owned[&dm];
     assert_eq!(owned.members.len(), 2);
-    assert!(owned.members.contains(&Text::from("bob")));
+    assert!(owned.members.contains("bob"));
     // The room record each owned room costs (one per two phones in 1:1 chats); it was 192
     // bytes with a hash set of members, 168 with a member vector, 184 with receipts'
     // markers and hand-off windows, 80 with its history and every rarely used part in one
@@ -97,8 +96,12 @@ fn a_rooms_name_is_one_record_shared_by_its_owner_the_directory_the_worker_and_b
     for user in ["ann", "bob"] {
         let user = Text::from(user);
         // What the directory holds for each member (a connect lists it; undone at once).
-        let (_, rooms) = h.core.directory.connect(&user, 0, usize::MAX).unwrap();
-        h.core.directory.disconnect(&user, 0);
+        let (_, rooms) = h
+            .core
+            .directory
+            .connect(user.as_str(), 0, usize::MAX)
+            .unwrap();
+        h.core.directory.disconnect(user.as_str(), 0);
         assert_eq!(rooms.len(), 1);
         assert!(
             rooms[0].0.same_record(&owners),
@@ -120,12 +123,12 @@ fn a_users_name_is_one_record_shared_by_the_connection_the_worker_the_directory_
         let name = Text::from(name);
         let user = h.core.conn(token).unwrap().user.clone().unwrap();
         assert_eq!(user, name);
-        let (key, conns) = h.core.users.get_key_value(&name).unwrap();
+        let key = h.core.users.handle(name.as_str()).unwrap();
         assert!(
             key.same_record(&user),
             "the worker's map shares {name}'s record"
         );
-        assert_eq!(conns.as_slice(), &[token]);
+        assert_eq!(h.core.users.tokens(name.as_str()), [token]);
         let super::members::MemberSet::Few(members) = &h.core.owned[&dm].members else {
             panic!("a 1:1 room's members are a vector");
         };
@@ -143,13 +146,15 @@ fn a_users_name_is_one_record_shared_by_the_connection_the_worker_the_directory_
         let added = h
             .core
             .directory
-            .add(&name, &room_named("other"), join, false);
+            .add(name.as_str(), &room_named("other"), join, false);
         let added = added.unwrap();
         assert!(
             added.user.same_record(&user),
             "the directory keys {name} by the record"
         );
-        h.core.directory.remove(&name, &room_named("other"), false);
+        h.core
+            .directory
+            .remove(name.as_str(), &room_named("other"), false);
     }
     // A second connection of ann's shares the record; the name stays the same user's.
     let again = h.connect("ann", ClientSession::new());
@@ -157,9 +162,9 @@ fn a_users_name_is_one_record_shared_by_the_connection_the_worker_the_directory_
     let second = h.core.conn(again).unwrap().user.clone().unwrap();
     assert!(second.same_record(&first));
     assert_eq!(
-        h.core.users[&Text::from("ann")].as_slice(),
-        &[ann, again],
-        "one entry, both connections"
+        h.core.users.tokens("ann"),
+        [ann, again],
+        "one user, both connections"
     );
 }
 
@@ -205,22 +210,38 @@ fn a_connections_32_bit_stamps_keep_heartbeats_and_rate_limits_across_the_clocks
 }
 
 #[test]
-fn a_users_connections_on_a_worker_are_one_token_inline_and_more_in_a_list() {
-    // The worker's user map holds one per connected user (a vector made it 24 bytes).
+fn a_users_connections_on_a_worker_are_one_token_in_the_bucket_and_more_in_a_list() {
+    // The worker's map of first connections holds one entry per connected user: the
+    // handle and a token (with a one-token-or-list enum it was 24 bytes).
+    let mut conns = UserConns::default();
     assert_eq!(
-        std::mem::size_of::<UserConns>(),
+        conns.first_entry_bytes(),
         16,
-        "a boxed slice's size, no more"
+        "a handle and a token, no more"
     );
-    let mut conns = UserConns::One(7);
-    conns.push(9);
-    conns.push(11);
-    assert_eq!(conns.as_slice(), &[7, 9, 11]);
-    assert!(conns.remove(9) && conns.remove(4));
-    assert!(conns.remove(7), "one left");
-    assert!(matches!(conns, UserConns::One(11)), "back inline");
-    assert!(conns.remove(4), "another token leaves it alone");
-    assert!(!conns.remove(11), "none left");
+    let ann = crate::ids::UserName::from("ann");
+    let bob = crate::ids::UserName::from("bob");
+    conns.add(&ann, 7);
+    conns.add(&bob, 8);
+    assert_eq!(conns.users_with_more(), 0, "one connection each: no list");
+    conns.add(&ann, 9);
+    conns.add(&ann, 11);
+    assert_eq!(conns.tokens("ann"), [7, 9, 11]);
+    assert_eq!(conns.users_with_more(), 1);
+    assert!(!conns.remove("ann", 9) && !conns.remove("ann", 4));
+    assert_eq!(conns.tokens("ann"), [7, 11]);
+    assert!(!conns.remove("ann", 7), "one left");
+    assert_eq!(conns.tokens("ann"), [11], "the next one moved up");
+    assert_eq!(
+        conns.users_with_more(),
+        0,
+        "the list is gone with its last token"
+    );
+    assert!(!conns.remove("ann", 4), "another token leaves it alone");
+    assert!(!conns.remove("eve", 4), "an unknown user too");
+    assert!(conns.remove("ann", 11), "none left");
+    assert!(!conns.contains("ann") && conns.tokens("ann").is_empty());
+    assert!(conns.contains("bob"));
 }
 
 #[test]
@@ -322,7 +343,8 @@ fn the_workers_messages_carry_the_users_handle_not_a_text_of_it() {
 #[test]
 fn a_room_frame_names_the_room_with_a_copy_not_a_clone_of_its_record() {
     // A clone of the room record's `Text` made the name's buffer shared: a 24-byte header
-    // per 1:1 room for as long as the room lived.
+    // per 1:1 room for as long as the room lived. The record holds the bytes in a boxed
+    // `str` now (nothing to share); the frame's `Text` is a copy.
     let mut h = Harness::new(|_| {});
     let (ann, _) = two_phones_in_a_room(&mut h);
     let conn = h.core.conn(ann).unwrap();
@@ -330,11 +352,7 @@ fn a_room_frame_names_the_room_with_a_copy_not_a_clone_of_its_record() {
     let ServerFrame::Room(room) = super::delivery::room_frame(0, sub, 0) else {
         panic!("not a ROOM frame")
     };
-    assert_eq!(room.name, sub.room.name);
-    assert!(
-        !room.name.same_buffer(&sub.room.name),
-        "the frame shares the record's buffer"
-    );
+    assert!(sub.room.name == room.name, "the frame names the room");
 }
 
 #[test]
@@ -403,4 +421,65 @@ fn a_connection_id_is_given_at_welcome_not_kept_from_the_accept() {
     let second = welcome_id(&mut h, "bob");
     assert_eq!(second, first + 1, "the silent connection took no id");
     assert_eq!(first >> 48, 0, "worker 0's ids");
+}
+
+#[test]
+fn a_fan_out_entry_is_12_bytes_and_keeps_the_whole_token() {
+    // A `(Token, u32)` pair was 16 bytes with its padding, in every room's list.
+    assert_eq!(std::mem::size_of::<Subscriber>(), 12);
+    // Both halves of the token come back, the generation's high bits included.
+    for token in [0, 1, u64::from(u32::MAX), (7 << 32) | 3, u64::MAX] {
+        assert_eq!(Subscriber::new(token, 9).parts(), (token, 9));
+    }
+    let mut h = Harness::new(|_| {});
+    let (ann, bob) = two_phones_in_a_room(&mut h);
+    let mut listed: Vec<(Token, u32)> = h.core.local[&room_named("dm")]
+        .iter()
+        .map(|s| s.parts())
+        .collect();
+    listed.sort_unstable();
+    let mut expected = [(ann, 0), (bob, 0)];
+    expected.sort_unstable();
+    assert_eq!(listed, expected);
+    // Unbinding finds the entry by its token.
+    h.core.unsubscribe_local(&room_named("dm"), ann);
+    let left: Vec<Token> = h.core.local[&room_named("dm")]
+        .iter()
+        .map(|s| s.token())
+        .collect();
+    assert_eq!(left, [bob]);
+}
+
+#[test]
+fn a_short_fan_out_list_is_an_exact_slice_and_a_long_one_grows_by_an_eighth() {
+    // In the worker's map of rooms, each bucket holds the list: a boxed slice's 16 bytes,
+    // not a vector's 24.
+    assert_eq!(std::mem::size_of::<FanOut>(), 16);
+    let mut list = FanOut::default();
+    for t in 0..8u64 {
+        list.push(Subscriber::new(t, 0));
+        assert!(matches!(list, FanOut::Short(_)), "{} entries", t + 1);
+        assert_eq!(list.capacity(), t as usize + 1, "no spare slot");
+    }
+    for t in 8..100u64 {
+        list.push(Subscriber::new(t, 0));
+    }
+    assert!(matches!(list, FanOut::Long(_)));
+    assert!(list.capacity() - 100 <= 100 / 8, "an eighth spare at most");
+    list.remove_token(4_000);
+    assert_eq!(list.iter().count(), 100, "an unknown token leaves it alone");
+    for t in 0..96u64 {
+        list.remove_token(t);
+    }
+    assert!(
+        matches!(list, FanOut::Short(_)) && list.capacity() == 4,
+        "back to an exact slice at half the short size"
+    );
+    let mut left: Vec<Token> = list.iter().map(|s| s.token()).collect();
+    left.sort_unstable();
+    assert_eq!(left, [96, 97, 98, 99]);
+    for t in 96..100u64 {
+        list.remove_token(t);
+    }
+    assert!(list.is_empty());
 }

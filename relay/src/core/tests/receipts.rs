@@ -28,7 +28,7 @@ fn two_devices(h: &mut Harness) -> (Token, u32, Token, u32, Token) {
 }
 
 fn delivered(h: &Harness, user: &str) -> u64 {
-    h.core.delivered_up_to(&room_named("r"), &Text::from(user))
+    h.core.delivered_up_to(&room_named("r"), user)
 }
 
 #[test]
@@ -89,6 +89,41 @@ fn acks_within_one_tick_reach_the_owner_as_one_update_per_room_and_user() {
 }
 
 #[test]
+fn marker_updates_carry_the_users_handle_not_a_copy_of_the_name() {
+    // An ACK's and a READ's update to the owner named the user with a `Text` taken out of
+    // the name's record: the first such clone made the name's buffer shared (a 24-byte
+    // header per connected user, kept as long as the user stayed). They carry the
+    // connection's handle: a reference count, no copy, no header.
+    let mut h = Harness::new(|_| {});
+    let (phone, a1, _, _, _) = two_devices(&mut h);
+    let handle = h.core.conn(phone).unwrap().user.clone().unwrap();
+    for frame in [
+        ClientFrame::Ack(Ack::from_pairs(&[(a1, 2)])),
+        ClientFrame::Read(pabal_codec::Read { alias: a1, seq: 1 }),
+    ] {
+        let mut bytes = BytesMut::new();
+        frame.encode(&mut bytes);
+        h.core.on_bytes(h.now, phone, &bytes);
+        h.core.send_pending_markers();
+        let updates: Vec<&crate::mesh::MarkerUpdate> = h.core.outbox[0]
+            .iter()
+            .filter_map(|m| match m {
+                CoreMsg::Markers(updates) => Some(updates.iter()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(updates.len(), 1, "{frame:?}");
+        assert!(
+            updates[0].user.same_record(&handle),
+            "{frame:?}: the update carries another record of the name"
+        );
+        h.pump();
+    }
+    assert_eq!(delivered(&h, "ann"), 2);
+}
+
+#[test]
 fn markers_are_kept_for_members_only_never_past_the_head_and_forgotten_on_leave() {
     let mut h = Harness::new(|_| {});
     let (phone, a1, _, _, _) = two_devices(&mut h);
@@ -97,7 +132,7 @@ fn markers_are_kept_for_members_only_never_past_the_head_and_forgotten_on_leave(
     let update = |user: &str, epoch: u64, delivered: u64, read: u64| {
         CoreMsg::Markers(vec![crate::mesh::MarkerUpdate {
             room: room.clone(),
-            user: Text::from(user),
+            user: user.into(),
             epoch,
             marker: Marker { delivered, read },
         }])
@@ -105,7 +140,7 @@ fn markers_are_kept_for_members_only_never_past_the_head_and_forgotten_on_leave(
     // Past the head (3): clamped to it; read implies delivered.
     h.core.handle(h.now, vec![update("bob", epoch, 1000, 2)]);
     let bob = |h: &Harness| {
-        let m = h.core.markers(&room_named("r"), &Text::from("bob"));
+        let m = h.core.markers(&room_named("r"), "bob");
         (m.delivered, m.read)
     };
     assert_eq!(bob(&h), (3, 2));
@@ -113,7 +148,7 @@ fn markers_are_kept_for_members_only_never_past_the_head_and_forgotten_on_leave(
     assert_eq!(bob(&h), (3, 3));
     // Not a member: nothing is kept.
     h.core.handle(h.now, vec![update("eve", epoch, 2, 0)]);
-    assert_eq!(h.core.markers(&room, &Text::from("eve")), Marker::default());
+    assert_eq!(h.core.markers(&room, "eve"), Marker::default());
     // Another stream of the room: not this one's sequences.
     h.core.handle(h.now, vec![update("ann", epoch + 1, 2, 0)]);
     assert_eq!(delivered(&h, "ann"), 0);
@@ -191,7 +226,7 @@ fn members_get_one_receipt_per_interval_with_the_markers_that_moved() {
     assert_eq!(receipts(&mut h, bob), vec![vec![("ann".to_string(), 3, 3)]]);
     let room = room_named("r");
     assert_eq!(
-        h.core.markers(&room, &Text::from("ann")),
+        h.core.markers(&room, "ann"),
         Marker {
             delivered: 3,
             read: 3
@@ -229,7 +264,7 @@ fn a_version_2_session_gets_no_receipt_and_may_not_send_read() {
         })
         .collect();
     assert_eq!(errors, vec![(ErrorCode::UnknownFrameType, true)]);
-    let dan = h.core.markers(&room_named("r"), &Text::from("dan"));
+    let dan = h.core.markers(&room_named("r"), "dan");
     assert_eq!(dan.read, 0);
 }
 
@@ -244,7 +279,7 @@ fn unread_counts_start_at_the_join_point_and_follow_the_read_marker() {
     let room = room_named("r");
     let unread = |h: &Harness, user: &str| -> Vec<(u64, u64, u64)> {
         h.core
-            .unread_of(&Text::from(user), vec![room.clone()])
+            .unread_of(Text::from(user).as_str(), vec![room.clone()])
             .into_iter()
             .map(|u| (u.head, u.joined_at, u.unread))
             .collect()
