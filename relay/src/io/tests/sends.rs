@@ -2,8 +2,8 @@
 //! DELIVER) with a few batches of several buffers among them, and one large one-buffer batch
 //! that meets a full socket. On every backend every byte arrives, in order, with one `sent`
 //! per batch; on epoll a one-buffer batch goes out with `send(2)`, never through `sendmsg`
-//! and its iovec import ([`crate::io::SendStats::vectored_writes`]), and a short one-buffer write waits
-//! for the writable edge like a vectored one.
+//! and its iovec import ([`crate::io::SendStats::vectored_writes`]), and a short one-buffer
+//! write waits for the writable edge like a vectored one.
 //!
 //! Owns only these tests; the harness ([`Server`], [`Rec`]) is the parent module's.
 
