@@ -38,9 +38,9 @@
 //! and reports the server's CPU time per delivery: the relay worker thread's run time over
 //! the trial (`/proc/self/task/TID/schedstat`; a relay waits in the kernel without using
 //! CPU, so everything it counts is the relay's work: its loop, reads, routing and sends),
-//! and for the baseline the sending thread's CPU time inside its send bursts
-//! (`CLOCK_THREAD_CPUTIME_ID`; its sleeps and yields between instants are not a server's
-//! work). baseline CPU / relay CPU is the share of the relay's CPU that is the kernel's one
+//! and for the baseline the sending thread's run time inside its send bursts (its
+//! `schedstat` read before and after each; its sleeps and yields between instants are not a
+//! server's work). baseline CPU / relay CPU is the share of the relay's CPU that is the kernel's one
 //! send per delivery (1 = the relay adds nothing); it says what a change to the relay's own
 //! work did, where the max-rate ratio (the figure) cannot tell it from noise.
 //!
@@ -490,16 +490,22 @@ fn cpu_rate() -> f64 {
     env_or("PABAL_PHONE_CPU_RATE", 20_000.0)
 }
 
-/// A thread's CPU time so far, nanoseconds (`CLOCK_THREAD_CPUTIME_ID`).
+/// The calling thread's run time so far, nanoseconds: the first field of its
+/// `/proc/thread-self/schedstat`, read again (one `pread`) from a file opened once per thread.
 fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    use std::os::unix::fs::FileExt;
+    thread_local! {
+        static SCHEDSTAT: std::fs::File =
+            std::fs::File::open("/proc/thread-self/schedstat").unwrap();
+    }
+    let mut buf = [0u8; 128];
+    let n = SCHEDSTAT.with(|f| f.read_at(&mut buf, 0).unwrap());
+    schedstat_run_ns(&String::from_utf8_lossy(&buf[..n]))
+}
+
+/// The run time (nanoseconds) in a `schedstat` line: its first field.
+fn schedstat_run_ns(line: &str) -> u64 {
+    line.split_whitespace().next().unwrap().parse().unwrap()
 }
 
 /// The run time so far of this process's thread named `name`, nanoseconds (the first field
@@ -509,8 +515,7 @@ fn named_thread_cpu_ns(name: &str) -> u64 {
         let dir = task.unwrap().path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
         if comm.trim() == name {
-            let stat = std::fs::read_to_string(dir.join("schedstat")).unwrap();
-            return stat.split_whitespace().next().unwrap().parse().unwrap();
+            return schedstat_run_ns(&std::fs::read_to_string(dir.join("schedstat")).unwrap());
         }
     }
     panic!("no thread named {name}");
