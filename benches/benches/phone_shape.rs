@@ -35,14 +35,16 @@
 //! The max rate moves by a third from trial to trial on a shared VM; the work per delivery
 //! does not. After its search, each measurement runs one more trial at
 //! `PABAL_PHONE_CPU_RATE` deliveries/s (default 20,000, under every max seen; 0 skips it)
-//! and reports the server's CPU time per delivery: the relay worker thread's run time over
-//! the trial (`/proc/self/task/TID/schedstat`; a relay waits in the kernel without using
-//! CPU, so everything it counts is the relay's work: its loop, reads, routing and sends),
-//! and for the baseline the sending thread's run time inside its send bursts (its
-//! `schedstat` read before and after each; its sleeps and yields between instants are not a
-//! server's work). baseline CPU / relay CPU is the share of the relay's CPU that is the kernel's one
-//! send per delivery (1 = the relay adds nothing); it says what a change to the relay's own
-//! work did, where the max-rate ratio (the figure) cannot tell it from noise.
+//! and reports the server's CPU time per delivery: the relay process's CPU time over the
+//! trial (`CLOCK_PROCESS_CPUTIME_ID`: the worker, and io_uring's kernel workers if it punts
+//! work to them; the rest of that process sleeps, and a relay waits in the kernel without
+//! using CPU, so all of it is the relay's work: its loop, reads, routing and sends), and
+//! for the baseline the sending thread's CPU time inside its send bursts
+//! (`CLOCK_THREAD_CPUTIME_ID` before and after each; its sleeps and yields between instants
+//! are not a server's work). baseline CPU / relay CPU is the share of the relay's CPU that
+//! is the kernel's one send per delivery (1 = the relay adds nothing); it says what a
+//! change to the relay's own work did, where the max-rate ratio (the figure)
+//! cannot tell it from noise.
 //!
 //! # Modes (`PABAL_PHONE_MODE`)
 //! - `shape` (default): relay (io_uring, epoll) and baseline, `PABAL_PHONE_ROUNDS` rounds
@@ -490,41 +492,24 @@ fn cpu_rate() -> f64 {
     env_or("PABAL_PHONE_CPU_RATE", 20_000.0)
 }
 
-/// The calling thread's run time so far, nanoseconds: the first field of its
-/// `/proc/thread-self/schedstat`, read again (one `pread`) from a file opened once per thread.
-fn thread_cpu_ns() -> u64 {
-    use std::os::unix::fs::FileExt;
-    thread_local! {
-        static SCHEDSTAT: std::fs::File =
-            std::fs::File::open("/proc/thread-self/schedstat").unwrap();
-    }
-    let mut buf = [0u8; 128];
-    let n = SCHEDSTAT.with(|f| f.read_at(&mut buf, 0).unwrap());
-    schedstat_run_ns(&String::from_utf8_lossy(&buf[..n]))
-}
-
-/// The run time (nanoseconds) in a `schedstat` line: its first field.
-fn schedstat_run_ns(line: &str) -> u64 {
-    line.split_whitespace().next().unwrap().parse().unwrap()
-}
-
-/// The run time so far of this process's thread named `name`, nanoseconds (the first field
-/// of `/proc/self/task/TID/schedstat`).
-fn named_thread_cpu_ns(name: &str) -> u64 {
-    for task in std::fs::read_dir("/proc/self/task").unwrap() {
-        let dir = task.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.trim() == name {
-            return schedstat_run_ns(&std::fs::read_to_string(dir.join("schedstat")).unwrap());
-        }
-    }
-    panic!("no thread named {name}");
-}
-
 impl Outcome {
     fn passed(&self) -> bool {
         self.lost == 0 && self.p99_us <= P99_LIMIT_US
     }
+}
+
+/// CPU time so far on `clock` (`CLOCK_THREAD_CPUTIME_ID`, `CLOCK_PROCESS_CPUTIME_ID`),
+/// nanoseconds. The kernel brings a running task's count up to date for these clocks (a
+/// task's `schedstat` lags until its next tick or switch: too coarse for one burst).
+fn cpu_clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec that outlives the call.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime({clock})");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Searches the max rate (deliveries/s) that `trial` passes: x1.5 from `start` up to the
@@ -614,10 +599,12 @@ fn relay_max(
     let mut cpu = 0.0;
     if cpu_rate() > 0.0 && workers == 1 {
         let trial = Trial::new(next_trial_id(), cpu_rate(), secs, members);
-        let before = named_thread_cpu_ns("pabal-worker-0");
+        // The whole process: the worker, and io_uring's kernel workers where it punts work.
+        let before = cpu_clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID);
         link.start(&trial);
         let (received, _, _) = link.result();
-        cpu = (named_thread_cpu_ns("pabal-worker-0") - before) as f64 / received.max(1) as f64;
+        let used = cpu_clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID) - before;
+        cpu = used as f64 / received.max(1) as f64;
     }
     link.finish();
     relay.stop().unwrap();
@@ -716,7 +703,7 @@ fn baseline_max(rooms: usize, members: usize, start: f64) -> (Outcome, f64) {
         let mut cpu_ns = 0;
         while k < trial.publishes {
             wait_until(trial.intended(k));
-            let burst = thread_cpu_ns();
+            let burst = cpu_clock_ns(libc::CLOCK_THREAD_CPUTIME_ID);
             let now = now_ns();
             while k < trial.publishes && trial.intended(k) <= now {
                 let frame = deliver_frame(&trial.payload(k));
@@ -726,7 +713,7 @@ fn baseline_max(rooms: usize, members: usize, start: f64) -> (Outcome, f64) {
                 }
                 k += 1;
             }
-            cpu_ns += thread_cpu_ns() - burst;
+            cpu_ns += cpu_clock_ns(libc::CLOCK_THREAD_CPUTIME_ID) - burst;
         }
         let (received, p99_us, _) = link.result();
         let outcome = Outcome {
