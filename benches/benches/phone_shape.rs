@@ -44,7 +44,10 @@
 //! are not a server's work). baseline CPU / relay CPU is the share of the relay's CPU that
 //! is the kernel's one send per delivery (1 = the relay adds nothing); it says what a
 //! change to the relay's own work did, where the max-rate ratio (the figure)
-//! cannot tell it from noise.
+//! cannot tell it from noise. The relay's process is pinned to core 0 with its worker:
+//! started unpinned (its idle main thread free to run on the phones' core), the same relay
+//! measured 9.9-13.0 us per delivery against 4.7-10.1 pinned on the 2-vCPU VM (load 7-10),
+//! for a reason not yet found; compare figures taken the same way only.
 //!
 //! # Modes (`PABAL_PHONE_MODE`)
 //! - `shape` (default): relay (io_uring, epoll) and baseline, `PABAL_PHONE_ROUNDS` rounds
@@ -649,7 +652,10 @@ fn relay_max_isolated(
 }
 
 /// The child side of [`relay_max_isolated`]: `--relay-max BACKEND WORKERS ROOMS MEMBERS START`.
+/// The process runs pinned to core 0, the baseline's core, whoever started it (the relay's
+/// workers pin themselves; this pins the rest of the process with them).
 fn relay_max_child(args: &[String]) {
+    pin_to(0);
     let backend = if args[0] == "epoll" {
         BackendKind::Epoll
     } else {
