@@ -29,6 +29,25 @@
 //! tried twice) for the relay on each backend and for the baseline, interleaved per round;
 //! medians of the rounds. Each relay measurement runs in a process of its own (this
 //! executable with `--relay-max`), so no backend measures on a heap another relay left.
+//! The relay runs on the daemon's allocator (mimalloc, `relay/src/main.rs`).
+//!
+//! # CPU per delivery at a fixed rate (beside the max-rate ratio)
+//! The max rate moves by a third from trial to trial on a shared VM; the work per delivery
+//! does not. After its search, each measurement runs one more trial at
+//! `PABAL_PHONE_CPU_RATE` deliveries/s (default 20,000, under every max seen; 0 skips it)
+//! and reports the server's CPU time per delivery: the relay process's CPU time over the
+//! trial (`CLOCK_PROCESS_CPUTIME_ID`: the worker, and io_uring's kernel workers if it punts
+//! work to them; the rest of that process sleeps, and a relay waits in the kernel without
+//! using CPU, so all of it is the relay's work: its loop, reads, routing and sends), and
+//! for the baseline the sending thread's CPU time inside its send bursts
+//! (`CLOCK_THREAD_CPUTIME_ID` before and after each; its sleeps and yields between instants
+//! are not a server's work). baseline CPU / relay CPU is the share of the relay's CPU that
+//! is the kernel's one send per delivery (1 = the relay adds nothing); it says what a
+//! change to the relay's own work did, where the max-rate ratio (the figure)
+//! cannot tell it from noise. The relay's process is pinned to core 0 with its worker:
+//! started unpinned (its idle main thread free to run on the phones' core), the same relay
+//! measured 9.9-13.0 us per delivery against 4.7-10.1 pinned on the 2-vCPU VM (load 7-10),
+//! for a reason not yet found; compare figures taken the same way only.
 //!
 //! # Modes (`PABAL_PHONE_MODE`)
 //! - `shape` (default): relay (io_uring, epoll) and baseline, `PABAL_PHONE_ROUNDS` rounds
@@ -47,6 +66,10 @@
 #![allow(clippy::unwrap_used)] // reason: a benchmark driver fails loudly
 
 mod common;
+
+/// The daemon's allocator: the relay in this process allocates as it does in production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -467,10 +490,29 @@ struct Outcome {
     lost: u64,
 }
 
+/// The rate (deliveries/s) of the trial that measures CPU per delivery; 0 skips it.
+fn cpu_rate() -> f64 {
+    env_or("PABAL_PHONE_CPU_RATE", 20_000.0)
+}
+
 impl Outcome {
     fn passed(&self) -> bool {
         self.lost == 0 && self.p99_us <= P99_LIMIT_US
     }
+}
+
+/// CPU time so far on `clock` (`CLOCK_THREAD_CPUTIME_ID`, `CLOCK_PROCESS_CPUTIME_ID`),
+/// nanoseconds. The kernel brings a running task's count up to date for these clocks (a
+/// task's `schedstat` lags until its next tick or switch: too coarse for one burst).
+fn cpu_clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec that outlives the call.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime({clock})");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Searches the max rate (deliveries/s) that `trial` passes: x1.5 from `start` up to the
@@ -530,14 +572,15 @@ fn trial_secs() -> f64 {
     env_or("PABAL_BENCH_SECS", 2.0)
 }
 
-/// The relay's max rate at the shape, with `workers` workers.
+/// The relay's max rate at the shape, with `workers` workers, and its worker's CPU
+/// nanoseconds per delivery at [`cpu_rate`] (one worker's; 0 when skipped).
 fn relay_max(
     backend: BackendKind,
     workers: usize,
     rooms: usize,
     members: usize,
     start: f64,
-) -> (Outcome, &'static str) {
+) -> (Outcome, &'static str, f64) {
     let mut config = common::relay_config(backend);
     config.workers = workers;
     let relay = RelayHandle::start(config).unwrap();
@@ -556,9 +599,19 @@ fn relay_max(
             lost: expected.saturating_sub(received),
         }
     });
+    let mut cpu = 0.0;
+    if cpu_rate() > 0.0 && workers == 1 {
+        let trial = Trial::new(next_trial_id(), cpu_rate(), secs, members);
+        // The whole process: the worker, and io_uring's kernel workers where it punts work.
+        let before = cpu_clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID);
+        link.start(&trial);
+        let (received, _, _) = link.result();
+        let used = cpu_clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID) - before;
+        cpu = used as f64 / received.max(1) as f64;
+    }
     link.finish();
     relay.stop().unwrap();
-    (best, name)
+    (best, name, cpu)
 }
 
 /// [`relay_max`] in a process of its own (this executable with `--relay-max`): a relay
@@ -570,7 +623,7 @@ fn relay_max_isolated(
     rooms: usize,
     members: usize,
     start: f64,
-) -> (Outcome, String) {
+) -> (Outcome, String, f64) {
     let name = match backend {
         BackendKind::Epoll => "epoll",
         _ => "io_uring",
@@ -595,19 +648,22 @@ fn relay_max_isolated(
         p99_us: f[1].parse().unwrap(),
         lost: f[2].parse().unwrap(),
     };
-    (outcome, f[3].to_string())
+    (outcome, f[3].to_string(), f[4].parse().unwrap())
 }
 
 /// The child side of [`relay_max_isolated`]: `--relay-max BACKEND WORKERS ROOMS MEMBERS START`.
+/// The process runs pinned to core 0, the baseline's core, whoever started it (the relay's
+/// workers pin themselves; this pins the rest of the process with them).
 fn relay_max_child(args: &[String]) {
+    pin_to(0);
     let backend = if args[0] == "epoll" {
         BackendKind::Epoll
     } else {
         BackendKind::IoUring
     };
     let n = |i: usize| -> usize { args[i].parse().unwrap() };
-    let (o, name) = relay_max(backend, n(1), n(2), n(3), args[4].parse().unwrap());
-    println!("relay-max: {} {} {} {name}", o.rate, o.p99_us, o.lost);
+    let (o, name, cpu) = relay_max(backend, n(1), n(2), n(3), args[4].parse().unwrap());
+    println!("relay-max: {} {} {} {name} {cpu}", o.rate, o.p99_us, o.lost);
 }
 
 /// A DELIVER frame as the relay sends it to a phone (steady state: next in sequence, a
@@ -629,8 +685,10 @@ fn deliver_frame(payload: &[u8]) -> BytesMut {
     out
 }
 
-/// The raw-send baseline's max rate: this thread (on core 0) sends, the child reads.
-fn baseline_max(rooms: usize, members: usize, start: f64) -> Outcome {
+/// The raw-send baseline's max rate: this thread (on core 0) sends, the child reads. With
+/// it, the sending thread's CPU nanoseconds per delivery inside its send bursts at
+/// [`cpu_rate`] (0 when skipped).
+fn baseline_max(rooms: usize, members: usize, start: f64) -> (Outcome, f64) {
     pin_to(0);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut link = ChildLink::spawn("raw", listener.local_addr().unwrap(), rooms, members, 1);
@@ -643,12 +701,15 @@ fn baseline_max(rooms: usize, members: usize, start: f64) -> Outcome {
         .collect();
     link.wait_ready();
     let secs = trial_secs();
-    let best = search(start, |rate| {
+    // One trial at `rate`: its outcome and the CPU time spent in its send bursts.
+    let mut trial_at = |rate| {
         let trial = Trial::new(next_trial_id(), rate, secs, members);
         link.start(&trial);
         let mut k = 0;
+        let mut cpu_ns = 0;
         while k < trial.publishes {
             wait_until(trial.intended(k));
+            let burst = cpu_clock_ns(libc::CLOCK_THREAD_CPUTIME_ID);
             let now = now_ns();
             while k < trial.publishes && trial.intended(k) <= now {
                 let frame = deliver_frame(&trial.payload(k));
@@ -658,16 +719,24 @@ fn baseline_max(rooms: usize, members: usize, start: f64) -> Outcome {
                 }
                 k += 1;
             }
+            cpu_ns += cpu_clock_ns(libc::CLOCK_THREAD_CPUTIME_ID) - burst;
         }
         let (received, p99_us, _) = link.result();
-        Outcome {
+        let outcome = Outcome {
             rate,
             p99_us,
             lost: (trial.publishes * members as u64).saturating_sub(received),
-        }
-    });
+        };
+        (outcome, cpu_ns as f64 / received.max(1) as f64)
+    };
+    let best = search(start, |rate| trial_at(rate).0);
+    let cpu = if cpu_rate() > 0.0 {
+        trial_at(cpu_rate()).1
+    } else {
+        0.0
+    };
     link.finish();
-    best
+    (best, cpu)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -694,31 +763,54 @@ fn mode_shape() {
             rooms * members
         );
         let mut base_rates = Vec::new();
+        let mut base_cpus = Vec::new();
         let mut relay_rates: Vec<Vec<f64>> = backends.iter().map(|_| Vec::new()).collect();
         let mut ratios: Vec<Vec<f64>> = backends.iter().map(|_| Vec::new()).collect();
+        let mut cpus: Vec<Vec<f64>> = backends.iter().map(|_| Vec::new()).collect();
+        let mut cpu_ratios: Vec<Vec<f64>> = backends.iter().map(|_| Vec::new()).collect();
         let mut names = vec![String::new(); backends.len()];
         let mut start = 20_000.0;
         for round in 1..=rounds {
-            let base = baseline_max(rooms, members, start);
+            let (base, base_cpu) = baseline_max(rooms, members, start);
             start = base.rate * 0.8;
-            let mut line = format!("  round {round}: baseline {}", show(&base));
+            let mut line = format!(
+                "  round {round}: baseline {}, {:.2} us/delivery",
+                show(&base),
+                base_cpu / 1000.0
+            );
             base_rates.push(base.rate);
+            base_cpus.push(base_cpu);
             for (b, &backend) in backends.iter().enumerate() {
-                let (o, name) = relay_max_isolated(backend, 1, rooms, members, start);
-                line += &format!(", {name} {} = {:.2}", show(&o), o.rate / base.rate);
+                let (o, name, cpu) = relay_max_isolated(backend, 1, rooms, members, start);
+                line += &format!(
+                    "; {name} {} = {:.2}, {:.2} us/delivery = {:.2}",
+                    show(&o),
+                    o.rate / base.rate,
+                    cpu / 1000.0,
+                    base_cpu / cpu
+                );
                 names[b] = name;
                 relay_rates[b].push(o.rate);
                 ratios[b].push(o.rate / base.rate);
+                cpus[b].push(cpu);
+                cpu_ratios[b].push(base_cpu / cpu);
             }
             println!("{line}");
         }
-        println!("  median baseline {:.0} deliveries/s", median(base_rates));
+        println!(
+            "  median baseline {:.0} deliveries/s; CPU per delivery at {:.0}/s: {:.2} us",
+            median(base_rates),
+            cpu_rate(),
+            median(base_cpus) / 1000.0
+        );
         for b in 0..backends.len() {
             println!(
-                "  median {:<9} {:.0} deliveries/s, relay/baseline {:.2}",
+                "  median {:<9} {:.0} deliveries/s, relay/baseline {:.2}; CPU per delivery {:.2} us, baseline/relay {:.2}",
                 names[b],
                 median(relay_rates[b].clone()),
-                median(ratios[b].clone())
+                median(ratios[b].clone()),
+                median(cpus[b].clone()) / 1000.0,
+                median(cpu_ratios[b].clone())
             );
         }
     }
@@ -737,7 +829,7 @@ fn mode_workers() {
         let mut one = None;
         let mut start = 20_000.0;
         for workers in worker_counts() {
-            let (o, name) = relay_max_isolated(backend, workers, rooms, members, start);
+            let (o, name, _) = relay_max_isolated(backend, workers, rooms, members, start);
             start = o.rate;
             let base = *one.get_or_insert(o.rate / workers as f64);
             println!(

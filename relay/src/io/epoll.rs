@@ -21,6 +21,11 @@
 //! drains every listener again by itself, since the connections left in the backlog raise
 //! no new edge.
 //!
+//! A write is one `send(2)` when the batch is one buffer (a phone's usual batch: one
+//! DELIVER), one `sendmsg` of up to `MAX_IOVECS` (64) buffers otherwise
+//! ([`SendStats::vectored_writes`] counts those): the kernel's single-buffer path skips the
+//! `msghdr` copy and the iovec import that a phone's stream would pay once per delivery.
+//!
 //! All sink calls happen inside [`Backend::poll`]: `send`, `set_reading` and `shutdown_write`
 //! only record work (the `dirty` list), which `poll` performs before it waits. A tick that
 //! produced events this way does not block in `epoll_wait`.
@@ -370,18 +375,7 @@ impl EpollBackend {
                 self.mark_dirty(idx);
                 return;
             }
-            let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut n_iov = 0;
-            let mut offered = 0;
-            for (slot, buf) in iov.iter_mut().zip(sending.out.iter()) {
-                *slot = IoSlice::new(buf);
-                n_iov += 1;
-                offered += buf.len();
-            }
-            // sendmsg rather than writev: MSG_NOSIGNAL turns a write to a reset peer into
-            // EPIPE instead of SIGPIPE, whatever the process's signal disposition.
-            let res = SockRef::from(&conn.stream)
-                .send_vectored_with_flags(&iov[..n_iov], libc::MSG_NOSIGNAL);
+            let (res, offered) = write_some(&conn.stream, &sending.out, &mut self.send_stats);
             match res {
                 Ok(0) => {
                     let e = io::Error::from(io::ErrorKind::WriteZero);
@@ -509,6 +503,35 @@ impl EventSink for Counting<'_> {
         self.calls += 1;
         self.inner.woken();
     }
+}
+
+/// One write of the front of `out` (non-empty, its front buffer non-empty): `send(2)` for
+/// a single buffer, a phone's usual batch (the kernel takes it without `sendmsg`'s
+/// `msghdr` copy and iovec import), `sendmsg` with up to [`MAX_IOVECS`] buffers otherwise.
+/// MSG_NOSIGNAL either way: a write to a reset peer is EPIPE, not SIGPIPE, whatever the
+/// process's signal disposition. Returns the result and the bytes offered.
+fn write_some(
+    stream: &TcpStream,
+    out: &VecDeque<Bytes>,
+    stats: &mut SendStats,
+) -> (io::Result<usize>, usize) {
+    let sock = SockRef::from(stream);
+    if out.len() == 1
+        && let Some(only) = out.front()
+    {
+        return (sock.send_with_flags(only, libc::MSG_NOSIGNAL), only.len());
+    }
+    let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+    let mut n_iov = 0;
+    let mut offered = 0;
+    for (slot, buf) in iov.iter_mut().zip(out.iter()) {
+        *slot = IoSlice::new(buf);
+        n_iov += 1;
+        offered += buf.len();
+    }
+    stats.vectored_writes += 1;
+    let res = sock.send_vectored_with_flags(&iov[..n_iov], libc::MSG_NOSIGNAL);
+    (res, offered)
 }
 
 fn shutdown_write_now(conn: &Conn) {

@@ -20,7 +20,8 @@
 //!   token until it reports [`EventSink::closed`] for it or the worker calls [`Backend::close`],
 //!   and never after either.
 //! - [`Backend::send`] takes ownership of a batch of buffers and writes all of them, in order,
-//!   as few syscalls as the kernel allows (vectored). At most one batch is in flight per
+//!   as few syscalls as the kernel allows (vectored; a batch of one buffer needs no iovec,
+//!   and epoll sends it with `send(2)`). At most one batch is in flight per
 //!   connection: the worker calls `send` again only after [`EventSink::sent`] for that token.
 //!   Partial writes are the backend's business, not the worker's. A short write means the
 //!   socket buffer is full: the backend waits for the kernel to say there is room (epoll's
@@ -162,6 +163,11 @@ pub struct SendStats {
     /// `IORING_RECVSEND_POLL_FIRST`). Each is a wasted round through the kernel; the
     /// backends keep it at zero, and tests assert that.
     pub blind_retries: u64,
+    /// Writes that went through `sendmsg` with an iovec list because the batch held more
+    /// than one buffer (epoll). A batch of one buffer, a phone's usual one, goes out with
+    /// `send(2)`, which the kernel takes without importing a `msghdr` and an iovec; tests
+    /// assert that a stream of one-buffer batches makes none. io_uring leaves it at zero.
+    pub vectored_writes: u64,
 }
 
 /// Which backend to run; the config's `io_backend`.

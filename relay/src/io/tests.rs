@@ -126,6 +126,8 @@ macro_rules! for_each_backend_in_child {
 
 for_each_backend_in_child!(accept_retries_the_backlog_when_descriptors_return);
 
+mod sends;
+
 for_each_backend!(
     echo_1mib_random_chunks,
     many_connections,
@@ -611,38 +613,37 @@ fn large_batch_partial_writes(b: Box<dyn Backend>) {
 /// write; io_uring: the rest goes with `IORING_RECVSEND_POLL_FIRST`), and every byte still
 /// arrives, in order, with one `sent`.
 fn full_socket_waits_for_room_without_blind_retries(b: Box<dyn Backend>) {
+    // A phone's batch (one buffer) and a burst's (many): both paths meet the full buffer.
+    let (srv, stats) = send_into_a_full_socket(b, 11, |whole| {
+        let total = whole.len();
+        let mut batch = VecDeque::new();
+        batch.push_back(whole.slice(..total / 2));
+        for chunk in (total / 2..total).step_by(16 * 1024) {
+            batch.push_back(whole.slice(chunk..(chunk + 16 * 1024).min(total)));
+        }
+        batch
+    });
+    assert!(stats.short_writes > 1, "{stats:?}");
+    srv.assert_clean();
+}
+
+/// Sends one batch of 4 MiB (`pattern(seed)`, cut by `batch_of`) into a 64 KiB socket
+/// buffer whose reader reads nothing until the first short write; checks that every byte
+/// arrives with one `sent` and that no write was tried on the full socket, and returns the
+/// server and its send stats.
+fn send_into_a_full_socket(
+    b: Box<dyn Backend>,
+    seed: u64,
+    batch_of: impl FnOnce(&Bytes) -> VecDeque<Bytes>,
+) -> (Server, super::SendStats) {
     let mut srv = Server::new(b);
     srv.s.sndbuf = Some(64 * 1024);
-    let addr = srv.addr;
     let total = 4 << 20;
-    let whole = Bytes::from(pattern(11, total));
-    let expect = whole.clone();
-    let go = Arc::new(AtomicBool::new(false));
-    let go_client = go.clone();
-    let client = thread::spawn(move || {
-        let mut s = slow_reader(addr);
-        // Not a byte is read until the server has met the full buffer.
-        let deadline = Instant::now() + LIMIT;
-        while !go_client.load(Ordering::Acquire) {
-            assert!(
-                Instant::now() < deadline,
-                "the server never filled the socket"
-            );
-            thread::sleep(TICK);
-        }
-        let mut got = vec![0u8; total];
-        s.read_exact(&mut got).unwrap();
-        assert!(got[..] == expect[..], "bytes differ");
-    });
+    let whole = Bytes::from(pattern(seed, total));
+    let (go, client) = gated_slow_reader(srv.addr, whole.clone());
     srv.until("the accept", |s| s.s.accepted.len() == 1);
     let token = srv.s.accepted[0];
-    // A phone's batch (one buffer) and a burst's (many): both paths meet the full buffer.
-    let mut batch = VecDeque::new();
-    batch.push_back(whole.slice(..total / 2));
-    for chunk in (total / 2..total).step_by(16 * 1024) {
-        batch.push_back(whole.slice(chunk..(chunk + 16 * 1024).min(total)));
-    }
-    srv.b.send(token, &mut batch);
+    srv.b.send(token, &mut batch_of(&whole));
     srv.until("a short write", |s| s.b.send_stats().short_writes > 0);
     go.store(true, Ordering::Release);
     srv.until("sent", |s| !s.s.sent.is_empty());
@@ -650,12 +651,11 @@ fn full_socket_waits_for_room_without_blind_retries(b: Box<dyn Backend>) {
     join(client);
     assert_eq!(srv.s.sent, vec![(token, total)]);
     let stats = srv.b.send_stats();
-    assert!(stats.short_writes > 1, "{stats:?}");
     assert_eq!(
         stats.blind_retries, 0,
         "a write was tried on a full socket: {stats:?}"
     );
-    srv.assert_clean();
+    (srv, stats)
 }
 
 fn pause_stops_received_until_resumed(b: Box<dyn Backend>) {
@@ -1267,6 +1267,36 @@ fn epoll_failed_wakeup_read_keeps_the_batch() {
     });
     assert!(srv.s.woken >= 1, "a failed read counts as a wake");
     srv.assert_clean();
+}
+
+/// Reads `expect.len()` bytes from `s` and checks them against `expect`.
+fn read_and_check(s: &mut TcpStream, expect: &[u8]) {
+    let mut got = vec![0u8; expect.len()];
+    s.read_exact(&mut got).unwrap();
+    assert!(got[..] == expect[..], "bytes differ");
+}
+
+/// A client thread on a [`slow_reader`] socket that reads not a byte until the returned
+/// flag is set (the server has met the full buffer), then reads and checks `expect`.
+fn gated_slow_reader(
+    addr: std::net::SocketAddr,
+    expect: Bytes,
+) -> (Arc<AtomicBool>, thread::JoinHandle<()>) {
+    let go = Arc::new(AtomicBool::new(false));
+    let go_client = go.clone();
+    let client = thread::spawn(move || {
+        let mut s = slow_reader(addr);
+        let deadline = Instant::now() + LIMIT;
+        while !go_client.load(Ordering::Acquire) {
+            assert!(
+                Instant::now() < deadline,
+                "the server never filled the socket"
+            );
+            thread::sleep(TICK);
+        }
+        read_and_check(&mut s, &expect);
+    });
+    (go, client)
 }
 
 /// A client socket with a small (64 KiB) receive buffer, so the server's sends fill the
