@@ -1,54 +1,32 @@
-//! The heap blocks of a user's and a room's shared name record, counted by a wrapper around
-//! the system allocator (every idle phone holds one user record, and one 1:1 room record
+//! The heap blocks of a user's and a room's shared name record, counted by dhat's heap
+//! profiler in testing mode (every idle phone holds one user record, and one 1:1 room record
 //! per two phones: a block more, or a larger one, is paid per phone).
 //!
-//! One test function: the counter is process-wide, and tests of one binary run on
-//! several threads.
-
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+//! One test function: dhat allows one profiler at a time in a process, and tests of one
+//! binary run on several threads.
 
 use pabal_codec::Text;
 use pabal_relay::ids::{RoomName, UserName};
 
-struct Counting;
-
-static BLOCKS: AtomicUsize = AtomicUsize::new(0);
-static BYTES: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        BLOCKS.fetch_add(1, Ordering::Relaxed);
-        BYTES.fetch_add(layout.size(), Ordering::Relaxed);
-        // SAFETY: the caller's contract for `alloc` is passed on as it is.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from `System.alloc` with this layout (above).
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: dhat::Alloc = dhat::Alloc;
 
 /// Blocks and bytes asked for while `make` runs (what it returns is kept alive until the
 /// count is taken).
-fn counted<T>(make: impl FnOnce() -> T) -> (T, usize, usize) {
-    let (blocks, bytes) = (
-        BLOCKS.load(Ordering::Relaxed),
-        BYTES.load(Ordering::Relaxed),
-    );
+fn counted<T>(make: impl FnOnce() -> T) -> (T, u64, u64) {
+    let before = dhat::HeapStats::get();
     let made = make();
-    let blocks = BLOCKS.load(Ordering::Relaxed) - blocks;
-    let bytes = BYTES.load(Ordering::Relaxed) - bytes;
-    (made, blocks, bytes)
+    let after = dhat::HeapStats::get();
+    (
+        made,
+        after.total_blocks - before.total_blocks,
+        after.total_bytes - before.total_bytes,
+    )
 }
 
 #[test]
 fn a_name_record_is_one_block_holding_its_counts_and_bytes() {
+    let _profiler = dhat::Profiler::builder().testing().build();
     // A 12-byte user id: one block of the count, the length and the bytes (an `Arc` of a
     // `Text` was a 48-byte block and the bytes' own block).
     let (user, blocks, bytes) = counted(|| UserName::new("u-0123456789"));
