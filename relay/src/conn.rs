@@ -700,7 +700,8 @@ impl Conn {
         }
     }
 
-    /// The user's name (empty before HELLO), as a `Text` sharing the handle's bytes.
+    /// The user's name (empty before HELLO), as a `Text`: a copy of the handle's bytes, one
+    /// small block per publish (the message's sender in the room's history).
     pub fn user_text(&self) -> Text {
         self.user
             .as_ref()
