@@ -80,7 +80,20 @@ fn phones(addr: SocketAddr, n: usize, ca: Option<&str>) {
 }
 
 fn relay(backend: BackendKind, certs: Option<&Certs>) -> RelayHandle {
+    relay_keeping(backend, certs, None)
+}
+
+/// A relay whose rooms keep `history` messages (`None`: the default retention).
+fn relay_keeping(
+    backend: BackendKind,
+    certs: Option<&Certs>,
+    history: Option<usize>,
+) -> RelayHandle {
     let mut config: Config = common::relay_config(backend);
+    if let Some(messages) = history {
+        config.retention.max_messages = messages;
+        config.retention.max_bytes = usize::MAX;
+    }
     if let Some(c) = certs {
         config.tls.cert_file = Some(c.cert.clone());
         config.tls.key_file = Some(c.key.clone());
@@ -118,7 +131,10 @@ fn handshakes(backend: BackendKind, certs: &Certs, resume: bool, secs: u64) -> f
 }
 
 fn deliveries(backend: BackendKind, certs: Option<&Certs>, subs: usize, msgs: usize) -> f64 {
-    let relay = relay(backend, certs);
+    // The writer publishes as fast as it can: a reader that falls more than its window
+    // behind is fed from history, so the room keeps the whole run (with the default 1,000
+    // a lagging reader was told of a gap and waited for messages that never came).
+    let relay = relay_keeping(backend, certs, Some(msgs));
     let tls = certs.map(|c| tls_options(&c.ca, true));
     let addr = relay.local_addr();
     let mut readers: Vec<Client> = (0..subs)
@@ -140,10 +156,13 @@ fn deliveries(backend: BackendKind, certs: Option<&Certs>, subs: usize, msgs: us
             std::thread::spawn(move || {
                 let mut got = 0;
                 while got < msgs {
-                    if let Some(ClientEvent::Message { .. }) =
-                        r.next_event(Duration::from_secs(10)).unwrap()
-                    {
-                        got += 1;
+                    match r.next_event(Duration::from_secs(10)).unwrap() {
+                        Some(ClientEvent::Message { .. }) => got += 1,
+                        Some(ClientEvent::Gap { from, to, .. }) => {
+                            panic!("a reader missed {from}..={to}: retention is too short")
+                        }
+                        Some(_) => {}
+                        None => panic!("a reader got nothing for 10 s after {got} messages"),
                     }
                 }
             })
