@@ -17,6 +17,9 @@ use thiserror::Error;
 
 use crate::ids::{CoreId, RoomName, UserName};
 
+mod packed_join;
+use packed_join::PackedJoin;
+
 /// Where a member's stream starts: the room's epoch and last sequence when they joined. A
 /// connection that binds the room without a resume entry replays from here (within
 /// retention), so nothing published after the join is missed.
@@ -35,10 +38,11 @@ pub struct JoinPoint {
 /// A user's rooms and their join points: an exact boxed slice kept sorted by room id (a
 /// user belongs to a few rooms; a hash map would cost several times the entries it holds,
 /// and a vector's capacity field 8 bytes more per user), searched by binary search; rooms
-/// whose ids collide sit next to each other and are told apart by name. Each entry is 32
-/// bytes: the room's shared name handle and its join point.
+/// whose ids collide sit next to each other and are told apart by name. Each entry is 24
+/// bytes: the room's shared name handle and its join point packed ([`PackedJoin`]; 32
+/// bytes with the three fields whole).
 #[derive(Debug, Default)]
-struct RoomMap(Box<[(RoomName, JoinPoint)]>);
+struct RoomMap(Box<[(RoomName, PackedJoin)]>);
 
 impl RoomMap {
     /// Where `room` is, or where it would go.
@@ -52,12 +56,13 @@ impl RoomMap {
             .ok_or(start)
     }
 
-    fn get(&self, room: &RoomName) -> Option<&JoinPoint> {
-        self.find(room).ok().map(|i| &self.0[i].1)
+    fn get(&self, room: &RoomName) -> Option<JoinPoint> {
+        self.find(room).ok().map(|i| self.0[i].1.unpack())
     }
 
     /// Joins and leaves only (never per message): each reallocates the exact slice.
     fn insert(&mut self, room: RoomName, join: JoinPoint) {
+        let join = PackedJoin::pack(join);
         match self.find(&room) {
             Ok(i) => self.0[i].1 = join,
             Err(i) => {
@@ -74,7 +79,7 @@ impl RoomMap {
         let mut rooms = std::mem::take(&mut self.0).into_vec();
         let (_, join) = rooms.remove(i);
         self.0 = rooms.into_boxed_slice();
-        Some(join)
+        Some(join.unpack())
     }
 
     fn len(&self) -> usize {
@@ -85,14 +90,16 @@ impl RoomMap {
         self.0.is_empty()
     }
 
-    fn iter(&self) -> impl Iterator<Item = &(RoomName, JoinPoint)> {
-        self.0.iter()
+    /// The rooms with their join points unpacked.
+    fn iter(&self) -> impl Iterator<Item = (&RoomName, JoinPoint)> {
+        self.0.iter().map(|(r, j)| (r, j.unpack()))
     }
 }
 
-/// What few users have: channels blocked, live connections on more than one worker. One
-/// box for both, made on first use and dropped when both are empty (8 bytes per user;
-/// two boxed options took 16).
+/// What few users have: channels blocked, live connections on more than one worker. Kept
+/// in a map of its own beside the users' (a shard's [`Shard::rare`]), so a user's entry
+/// holds no pointer to it (8 bytes in every user's bucket, about 13 per phone at the map's
+/// load factor); an entry exists only while one of the two is not empty.
 #[derive(Debug, Default)]
 struct UserRare {
     /// Channels the user blocked.
@@ -101,52 +108,112 @@ struct UserRare {
     other_cores: Vec<(u32, u32)>,
 }
 
+impl UserRare {
+    fn is_empty(&self) -> bool {
+        self.blocked.is_empty() && self.other_cores.is_empty()
+    }
+}
+
 /// One user's entry. Every user with a live connection has one, so its size is paid per
-/// phone (32 bytes): the rooms, the first worker's connections inline (a phone's user is
-/// on one worker), and what few users have boxed apart.
+/// phone (24 bytes): the rooms and the first worker's connections inline (a phone's user
+/// is on one worker); what few users have is in the shard's [`Shard::rare`].
 #[derive(Debug, Default)]
 struct UserEntry {
     rooms: RoomMap,
     /// `(worker, connections)` of the first worker holding the user's live connections;
     /// connections 0 when the user has none (an `Option` took 8 bytes more).
     first: (u32, u32),
-    /// Blocks and further workers (`None` when neither).
-    rare: Option<Box<UserRare>>,
 }
 
 impl UserEntry {
-    fn other_cores(&self) -> &[(u32, u32)] {
+    fn is_offline(&self) -> bool {
+        self.first.1 == 0
+    }
+}
+
+/// One shard of the directory: the users, and what few of them have beside their entry.
+#[derive(Debug, Default)]
+struct Shard {
+    /// Keyed by the user's shared handle, searched with the name's `Text`.
+    users: HashMap<UserName, UserEntry>,
+    /// Blocks and further workers, by the same handle, for users who have either (an entry
+    /// here only beside one in `users`).
+    rare: HashMap<UserName, UserRare>,
+}
+
+impl Shard {
+    /// `user`'s entry, made if missing, and the handle it is keyed by (at HELLO and
+    /// membership changes only: a lookup more than an entry API would take, for not making
+    /// a record when the user has one).
+    fn entry_of(&mut self, user: &str) -> (UserName, &mut UserEntry) {
+        let handle = match self.users.get_key_value(user) {
+            Some((handle, _)) => handle.clone(),
+            None => {
+                // One block holding a copy of the name's bytes (never a share of the
+                // caller's buffer, which would keep that buffer for as long as the record
+                // lives).
+                let handle = UserName::new(user);
+                self.users.insert(handle.clone(), UserEntry::default());
+                handle
+            }
+        };
+        let entry = self.users.entry(handle.clone()).or_default();
+        (handle, entry)
+    }
+
+    fn other_cores(&self, user: &str) -> &[(u32, u32)] {
         self.rare
-            .as_deref()
+            .get(user)
             .map_or(&[], |r| r.other_cores.as_slice())
     }
 
     /// `(worker, connections)` of every worker holding the user's live connections.
-    fn conns(&self) -> impl Iterator<Item = &(u32, u32)> {
-        let first = (self.first.1 > 0).then_some(&self.first);
-        first.into_iter().chain(self.other_cores().iter())
+    fn conns<'a>(&'a self, user: &str) -> impl Iterator<Item = &'a (u32, u32)> + 'a {
+        let first = self.users.get(user).map(|e| &e.first);
+        first
+            .filter(|f| f.1 > 0)
+            .into_iter()
+            .chain(self.other_cores(user).iter())
     }
 
-    fn conn_count(&self) -> u32 {
-        self.conns().map(|&(_, n)| n).sum()
+    fn conn_count(&self, user: &str) -> u32 {
+        self.conns(user).map(|&(_, n)| n).sum()
     }
 
-    fn cores(&self) -> Vec<CoreId> {
-        self.conns().map(|&(c, _)| c as CoreId).collect()
+    fn cores(&self, user: &str) -> Vec<CoreId> {
+        self.conns(user).map(|&(c, _)| c as CoreId).collect()
     }
 
-    fn is_offline(&self) -> bool {
-        self.first.1 == 0
+    /// The user's rare part, made if missing (the user's entry exists).
+    fn rare_of(&mut self, handle: &UserName) -> &mut UserRare {
+        self.rare.entry(handle.clone()).or_default()
     }
 
-    fn add_conn(&mut self, core: CoreId) {
+    /// Drops `user`'s rare part once empty, and their entry once unused (no room, nothing
+    /// rare, no live connection).
+    fn drop_unused(&mut self, user: &str) {
+        if self.rare.get(user).is_some_and(UserRare::is_empty) {
+            self.rare.remove(user);
+        }
+        if !self.rare.contains_key(user)
+            && self
+                .users
+                .get(user)
+                .is_some_and(|e| e.rooms.is_empty() && e.is_offline())
+        {
+            self.users.remove(user);
+        }
+    }
+
+    fn add_conn(&mut self, handle: &UserName, core: CoreId) {
         let core = core as u32;
-        if self.first.1 == 0 {
-            self.first = (core, 1);
-        } else if self.first.0 == core {
-            self.first.1 += 1;
+        let (_, entry) = self.entry_of(handle.as_str());
+        if entry.first.1 == 0 {
+            entry.first = (core, 1);
+        } else if entry.first.0 == core {
+            entry.first.1 += 1;
         } else {
-            let rest = &mut self.rare.get_or_insert_default().other_cores;
+            let rest = &mut self.rare_of(handle).other_cores;
             match rest.iter_mut().find(|(c, _)| *c == core) {
                 Some((_, n)) => *n += 1,
                 None => {
@@ -157,18 +224,21 @@ impl UserEntry {
         }
     }
 
-    fn remove_conn(&mut self, core: CoreId) {
+    fn remove_conn(&mut self, user: &str, core: CoreId) {
         let core = core as u32;
-        if self.first.1 > 0 && self.first.0 == core {
-            self.first.1 -= 1;
-            if self.first.1 == 0 {
-                self.first = self
+        let Some(entry) = self.users.get_mut(user) else {
+            return;
+        };
+        if entry.first.1 > 0 && entry.first.0 == core {
+            entry.first.1 -= 1;
+            if entry.first.1 == 0 {
+                entry.first = self
                     .rare
-                    .as_mut()
+                    .get_mut(user)
                     .and_then(|r| r.other_cores.pop())
                     .unwrap_or_default();
             }
-        } else if let Some(rare) = &mut self.rare
+        } else if let Some(rare) = self.rare.get_mut(user)
             && let Some(i) = rare.other_cores.iter().position(|&(c, _)| c == core)
         {
             rare.other_cores[i].1 -= 1;
@@ -176,47 +246,28 @@ impl UserEntry {
                 rare.other_cores.swap_remove(i);
             }
         }
-        self.drop_empty_rare();
+        self.drop_unused(user);
     }
 
-    fn drop_empty_rare(&mut self) {
-        if self
-            .rare
-            .as_ref()
-            .is_some_and(|r| r.blocked.is_empty() && r.other_cores.is_empty())
-        {
-            self.rare = None;
-        }
-    }
-
-    fn is_unused(&self) -> bool {
-        self.rooms.is_empty() && self.rare.is_none() && self.is_offline()
-    }
-
-    fn is_blocked(&self, room: &RoomName) -> bool {
-        self.rare.as_ref().is_some_and(|r| r.blocked.contains(room))
-    }
-
-    fn blocked_count(&self) -> usize {
-        self.rare.as_ref().map_or(0, |r| r.blocked.len())
-    }
-
-    fn blocked(&self) -> impl Iterator<Item = &RoomName> {
-        self.rare.iter().flat_map(|r| r.blocked.iter())
-    }
-
-    fn unblock(&mut self, room: &RoomName) {
-        if let Some(rare) = &mut self.rare {
-            rare.blocked.remove(room);
-        }
-        self.drop_empty_rare();
-    }
-
-    fn block(&mut self, room: &RoomName) {
+    fn is_blocked(&self, user: &str, room: &RoomName) -> bool {
         self.rare
-            .get_or_insert_default()
-            .blocked
-            .insert(room.clone());
+            .get(user)
+            .is_some_and(|r| r.blocked.contains(room))
+    }
+
+    fn blocked_count(&self, user: &str) -> usize {
+        self.rare.get(user).map_or(0, |r| r.blocked.len())
+    }
+
+    /// Unblocks `room`, dropping the user's rare part if that leaves it empty (never the
+    /// user's entry: the caller holds its handle).
+    fn unblock(&mut self, user: &str, room: &RoomName) {
+        if let Some(rare) = self.rare.get_mut(user) {
+            rare.blocked.remove(room);
+            if rare.is_empty() {
+                self.rare.remove(user);
+            }
+        }
     }
 }
 
@@ -322,8 +373,7 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
 /// The relay-wide membership directory.
 #[derive(Debug)]
 pub struct Directory {
-    /// Keyed by the user's shared handle, searched with the name's `Text`.
-    shards: Box<[RwLock<HashMap<UserName, UserEntry>>]>,
+    shards: Box<[RwLock<Shard>]>,
     /// Picks a user's shard: keyed (randomly seeded SipHash), so no client can choose user
     /// ids that all land on one shard's lock.
     shard_of: std::collections::hash_map::RandomState,
@@ -337,7 +387,7 @@ impl Directory {
     pub fn new(shards: usize, max_rooms_per_user: usize) -> Self {
         let shards = shards.clamp(1, 1024).next_power_of_two();
         Directory {
-            shards: (0..shards).map(|_| RwLock::new(HashMap::new())).collect(),
+            shards: (0..shards).map(|_| RwLock::new(Shard::default())).collect(),
             shard_of: std::collections::hash_map::RandomState::new(),
             max_rooms_per_user: AtomicUsize::new(max_rooms_per_user),
             max_blocked_per_user: AtomicUsize::new(1000),
@@ -350,7 +400,7 @@ impl Directory {
         self.max_rooms_per_user.store(max, Ordering::Relaxed);
     }
 
-    fn shard(&self, user: &str) -> &RwLock<HashMap<UserName, UserEntry>> {
+    fn shard(&self, user: &str) -> &RwLock<Shard> {
         use std::hash::BuildHasher;
         let h = self.shard_of.hash_one(user.as_bytes());
         &self.shards[(h as usize) & (self.shards.len() - 1)]
@@ -358,42 +408,18 @@ impl Directory {
 
     /// Workers holding `user`'s live connections.
     pub fn cores_of(&self, user: &str) -> Vec<CoreId> {
-        self.shard(user)
-            .read()
-            .get(user)
-            .map(UserEntry::cores)
-            .unwrap_or_default()
+        self.shard(user).read().cores(user)
     }
 
     /// The rooms and channels `user` belongs to.
     pub fn rooms_of(&self, user: &str) -> Vec<RoomName> {
         self.shard(user)
             .read()
+            .users
             .get(user)
             .map(|e| e.rooms.iter().map(|(r, _)| r.clone()).collect())
             .unwrap_or_default()
     }
-}
-
-/// `user`'s entry, made if missing, and the handle it is keyed by (at HELLO and membership
-/// changes only: a lookup more than an entry API would take, for not making a record when
-/// the user has one).
-fn entry_of<'a>(
-    shard: &'a mut HashMap<UserName, UserEntry>,
-    user: &str,
-) -> (UserName, &'a mut UserEntry) {
-    let handle = match shard.get_key_value(user) {
-        Some((handle, _)) => handle.clone(),
-        None => {
-            // One block holding a copy of the name's bytes (never a share of the caller's
-            // buffer, which would keep that buffer for as long as the record lives).
-            let handle = UserName::new(user);
-            shard.insert(handle.clone(), UserEntry::default());
-            handle
-        }
-    };
-    let entry = shard.entry(handle.clone()).or_default();
-    (handle, entry)
 }
 
 impl Membership for Directory {
@@ -412,13 +438,17 @@ impl Membership for Directory {
         max_conns: usize,
     ) -> Result<(UserName, Vec<(RoomName, JoinPoint)>), DirectoryError> {
         let mut shard = self.shard(user).write();
-        let (handle, entry) = entry_of(&mut shard, user);
-        if entry.conn_count() as usize >= max_conns {
+        let (handle, _) = shard.entry_of(user);
+        if shard.conn_count(user) as usize >= max_conns {
+            shard.drop_unused(user);
             return Err(DirectoryError::TooManyConnections { max: max_conns });
         }
-        entry.add_conn(core);
-        let mut rooms: Vec<(RoomName, JoinPoint)> =
-            entry.rooms.iter().map(|(r, j)| (r.clone(), *j)).collect();
+        shard.add_conn(&handle, core);
+        let mut rooms: Vec<(RoomName, JoinPoint)> = shard
+            .users
+            .get(user)
+            .map(|e| e.rooms.iter().map(|(r, j)| (r.clone(), j)).collect())
+            .unwrap_or_default();
         // In a stable order (by kind and name), so a user's rooms get the same aliases on
         // every connection and every run.
         rooms.sort_unstable_by(|(a, _), (b, _)| (a.channel, &a.name).cmp(&(b.channel, &b.name)));
@@ -427,13 +457,7 @@ impl Membership for Directory {
 
     /// A connection of `user` on `core` closed.
     fn disconnect(&self, user: &str, core: CoreId) {
-        let mut shard = self.shard(user).write();
-        if let Some(entry) = shard.get_mut(user) {
-            entry.remove_conn(core);
-            if entry.is_unused() {
-                shard.remove(user);
-            }
-        }
+        self.shard(user).write().remove_conn(user, core);
     }
 
     /// Adds `user` to `room` (a no-op that reports the existing join point if already a
@@ -446,30 +470,33 @@ impl Membership for Directory {
         unblock: bool,
     ) -> Result<Added, DirectoryError> {
         let mut shard = self.shard(user).write();
-        let (handle, entry) = entry_of(&mut shard, user);
-        if entry.is_blocked(room) {
+        let (handle, _) = shard.entry_of(user);
+        if shard.is_blocked(user, room) {
             if !unblock {
                 return Err(DirectoryError::Blocked(room.name.to_string()));
             }
-            entry.unblock(room);
+            shard.unblock(user, room);
         }
+        let cores = shard.cores(user);
+        let max_rooms = self.max_rooms_per_user.load(Ordering::Relaxed);
+        let (_, entry) = shard.entry_of(user);
         if let Some(existing) = entry.rooms.get(room) {
             return Ok(Added {
                 new: false,
-                join: *existing,
-                cores: entry.cores(),
+                join: existing,
+                cores,
                 user: handle,
             });
         }
-        let max_rooms = self.max_rooms_per_user.load(Ordering::Relaxed);
         if entry.rooms.len() >= max_rooms {
+            shard.drop_unused(user);
             return Err(DirectoryError::TooManyRooms { max: max_rooms });
         }
         entry.rooms.insert(room.clone(), join);
         Ok(Added {
             new: true,
             join,
-            cores: entry.cores(),
+            cores,
             user: handle,
         })
     }
@@ -479,20 +506,18 @@ impl Membership for Directory {
     fn remove(&self, user: &str, room: &RoomName, block: bool) -> Removed {
         let max_blocked = self.max_blocked_per_user.load(Ordering::Relaxed);
         let mut shard = self.shard(user).write();
-        let (_, entry) = entry_of(&mut shard, user);
+        let (handle, entry) = shard.entry_of(user);
         let was = entry.rooms.remove(room);
         let mut block_refused = None;
-        if block && !entry.is_blocked(room) {
-            if entry.blocked_count() >= max_blocked {
+        if block && !shard.is_blocked(user, room) {
+            if shard.blocked_count(user) >= max_blocked {
                 block_refused = Some(DirectoryError::TooManyBlocks { max: max_blocked });
             } else {
-                entry.block(room);
+                shard.rare_of(&handle).blocked.insert(room.clone());
             }
         }
-        let cores = entry.cores();
-        if entry.is_unused() {
-            shard.remove(user);
-        }
+        let cores = shard.cores(user);
+        shard.drop_unused(user);
         Removed {
             was,
             cores,
@@ -504,32 +529,36 @@ impl Membership for Directory {
     fn join_point(&self, user: &str, room: &RoomName) -> Option<JoinPoint> {
         self.shard(user)
             .read()
+            .users
             .get(user)
-            .and_then(|e| e.rooms.get(room).copied())
+            .and_then(|e| e.rooms.get(room))
     }
 
     /// Whether `user` blocked `room`.
     fn is_blocked(&self, user: &str, room: &RoomName) -> bool {
-        self.shard(user)
-            .read()
-            .get(user)
-            .is_some_and(|e| e.is_blocked(room))
+        self.shard(user).read().is_blocked(user, room)
     }
 
     fn snapshot(&self, user: &str) -> (Vec<(RoomName, JoinPoint)>, Vec<RoomName>) {
         let shard = self.shard(user).read();
-        let Some(entry) = shard.get(user) else {
-            return Default::default();
-        };
-        let rooms = entry.rooms.iter().cloned().collect();
-        let blocks = entry.blocked().cloned().collect();
+        let rooms = shard
+            .users
+            .get(user)
+            .map(|e| e.rooms.iter().map(|(r, j)| (r.clone(), j)).collect())
+            .unwrap_or_default();
+        let blocks = shard
+            .rare
+            .get(user)
+            .map(|r| r.blocked.iter().cloned().collect())
+            .unwrap_or_default();
         (rooms, blocks)
     }
 
     fn forget_if_offline(&self, user: &str) {
         let mut shard = self.shard(user).write();
-        if shard.get(user).is_some_and(UserEntry::is_offline) {
-            shard.remove(user);
+        if shard.users.get(user).is_some_and(UserEntry::is_offline) {
+            shard.users.remove(user);
+            shard.rare.remove(user);
         }
     }
 }
@@ -570,12 +599,13 @@ mod tests {
     #[test]
     fn a_user_entry_is_compact_and_counts_connections_per_worker() {
         // Every user with a live connection costs one entry (in a hash map, so about
-        // 1.5 times this): it was 96 bytes with an unboxed blocked set and a vector of
-        // workers (and that vector's heap block), 72 with the rooms and other workers in
-        // vectors inline, 48 with the first worker's count in an `Option`, 40 with blocks
-        // and further workers in two boxes (one box now).
+        // 1.6 times this with the key): it was 96 bytes with an unboxed blocked set and a
+        // vector of workers (and that vector's heap block), 72 with the rooms and other
+        // workers in vectors inline, 48 with the first worker's count in an `Option`, 40
+        // with blocks and further workers in two boxes, 32 with one box, 24 with them in
+        // the shard's map of rare parts.
         let entry = std::mem::size_of::<UserEntry>();
-        assert!(entry <= 32, "the user entry grew to {entry} bytes");
+        assert!(entry <= 24, "the user entry grew to {entry} bytes");
         let d = Directory::new(1, 10);
         let ann = "ann";
         for core in [2, 5, 2, 7] {
@@ -604,12 +634,15 @@ mod tests {
         d.disconnect(ann, 7);
         assert_eq!(d.cores_of(ann), vec![5]);
         assert!(
-            d.shards[0].read()[ann].rare.is_none(),
-            "one worker left: the box of further workers is dropped"
+            d.shards[0].read().rare.is_empty(),
+            "one worker left: the rare part of further workers is dropped"
         );
         d.disconnect(ann, 5);
         assert!(d.cores_of(ann).is_empty());
-        assert!(d.shards[0].read().is_empty(), "the unused entry is dropped");
+        assert!(
+            d.shards[0].read().users.is_empty(),
+            "the unused entry is dropped"
+        );
     }
 
     #[test]
@@ -625,8 +658,8 @@ mod tests {
         ));
         assert!(d.add(ann, &ch, J, true).unwrap().new);
         assert!(
-            d.shards[0].read()[ann].rare.is_none(),
-            "nothing blocked, one worker: no box"
+            d.shards[0].read().rare.is_empty(),
+            "nothing blocked, one worker: no rare part"
         );
     }
 
@@ -683,6 +716,91 @@ mod tests {
     }
 
     #[test]
+    fn a_phones_two_rooms_are_a_48_byte_block_and_read_back_exactly() {
+        // (room, join point) entries of 24 bytes: two rooms a 48-byte block (64 with the
+        // join points' three fields whole).
+        let entry = std::mem::size_of::<(RoomName, PackedJoin)>();
+        assert!(entry <= 24, "a room entry grew to {entry} bytes");
+        let d = Directory::new(1, 10);
+        let ann = "ann";
+        let now_ms = 1_795_000_000_000;
+        let joins = [
+            // What the owner gives: packed inline.
+            JoinPoint {
+                epoch: now_ms,
+                seq: 0,
+                serial: now_ms * 1000 + 3,
+            },
+            // A head too far for the inline form beside a serial: boxed, as exact.
+            JoinPoint {
+                epoch: now_ms - 86_400_000,
+                seq: 1 << 40,
+                serial: now_ms * 1000 + 4,
+            },
+            // Restored from a durable log: no serial.
+            JoinPoint {
+                epoch: now_ms,
+                seq: 77,
+                serial: 0,
+            },
+        ];
+        let rooms: Vec<RoomName> = (0..joins.len()).map(|i| room(&format!("r{i}"))).collect();
+        for (r, j) in rooms.iter().zip(joins) {
+            d.add(ann, r, j, false).unwrap();
+        }
+        for (r, j) in rooms.iter().zip(joins) {
+            assert_eq!(d.join_point(ann, r), Some(j));
+        }
+        let (_, mut connected) = d.connect(ann, 0, 1).unwrap();
+        connected.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        assert_eq!(
+            connected,
+            rooms.iter().cloned().zip(joins).collect::<Vec<_>>()
+        );
+        assert_eq!(d.remove(ann, &rooms[1], false).was, Some(joins[1]));
+        let boxed = d.shards[0].read().users[ann]
+            .rooms
+            .0
+            .iter()
+            .filter(|(_, j)| j.is_boxed())
+            .count();
+        assert_eq!(boxed, 0, "the owner's join points are inline");
+    }
+
+    #[test]
+    fn a_blocking_user_offline_and_in_no_room_is_kept_until_nothing_is_left() {
+        let d = Directory::new(1, 10);
+        let ann = "ann";
+        let ch = RoomName::new(true, Text::from("news"));
+        assert_eq!(d.remove(ann, &ch, true).block_refused, None);
+        assert!(d.is_blocked(ann, &ch), "the block is kept while offline");
+        assert_eq!(d.snapshot(ann).1, vec![ch.clone()]);
+        // Unblocking by a join keeps the user's entry (its handle is the one returned).
+        let added = d.add(ann, &ch, J, true).unwrap();
+        assert!(added.new && !d.is_blocked(ann, &ch));
+        {
+            let shard = d.shards[0].read();
+            assert!(shard.rare.is_empty(), "nothing rare left");
+            let (key, _) = shard.users.get_key_value(ann).unwrap();
+            assert!(key.same_record(&added.user));
+        }
+        d.remove(ann, &ch, false);
+        let shard = d.shards[0].read();
+        assert!(shard.users.is_empty() && shard.rare.is_empty());
+    }
+
+    #[test]
+    fn forgetting_an_offline_user_drops_their_rare_part_too() {
+        let d = Directory::new(1, 10);
+        let ann = "ann";
+        let ch = RoomName::new(true, Text::from("news"));
+        d.remove(ann, &ch, true);
+        d.forget_if_offline(ann);
+        let shard = d.shards[0].read();
+        assert!(shard.users.is_empty() && shard.rare.is_empty());
+    }
+
+    #[test]
     fn unused_entries_are_dropped() {
         let d = Directory::new(1, 2);
         let ann = "ann";
@@ -692,6 +810,6 @@ mod tests {
             Err(DirectoryError::TooManyConnections { max: 1 })
         );
         d.disconnect(ann, 0);
-        assert!(d.shards[0].read().is_empty());
+        assert!(d.shards[0].read().users.is_empty());
     }
 }
