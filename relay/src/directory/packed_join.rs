@@ -11,7 +11,8 @@
 //! durable log has serial 0 (see `storage/state.rs`): then the epoch takes the first word
 //! and the head the second. Whatever fits neither form (a room more than about two years
 //! old at the join, a head past 2^26 beside a serial, an epoch or serial out of range)
-//! is kept whole in a box: exact, never a silent wrap, 8 bytes more than it took before.
+//! is kept whole in a box: exact, never a silent wrap, 16 bytes more than it took
+//! before (a 24-byte box beside the 16-byte slot, where the point took 24).
 
 use std::num::NonZeroU64;
 
