@@ -27,8 +27,8 @@ pub struct ClusterScrape {
     pub subscriptions: i64,
     /// Messages read back from streams to fill holes.
     pub holes_filled: u64,
-    /// Engine connection failures, refusals and malformed replies.
-    pub errors: u64,
+    /// Engine errors by kind (in [`crate::cluster::EngineErrorKind::ALL`]'s order).
+    pub errors: [u64; 6],
     /// Publishes refused `unavailable`.
     pub refused: u64,
     /// Engine threads with both connections up.
@@ -67,7 +67,7 @@ impl ClusterScrape {
             pipeline_depth: c.pipeline_depth.load(Relaxed),
             subscriptions: c.subscriptions.load(Relaxed),
             holes_filled: c.holes_filled.load(Relaxed),
-            errors: c.errors.load(Relaxed),
+            errors: crate::cluster::EngineErrorKind::ALL.map(|k| c.errors_of(k)),
             refused: c.refused.load(Relaxed),
             engines_up: c.engines_up.load(Relaxed),
             engines: c.engines.load(Relaxed),
@@ -95,11 +95,6 @@ impl ClusterScrape {
                 "pabal_cluster_holes_filled",
                 "Messages read back from a room's stream to fill a hole (a sequence jump or a lost subscription).",
                 self.holes_filled,
-            ),
-            (
-                "pabal_cluster_engine_errors",
-                "Engine connection failures, refused commands and malformed replies.",
-                self.errors,
             ),
             (
                 "pabal_cluster_publishes_refused",
@@ -149,6 +144,20 @@ impl ClusterScrape {
             MetricType::Counter,
         )?;
         for (kind, n) in crate::cluster::RetryKind::ALL.iter().zip(self.retries) {
+            ConstCounter::new(n).encode(m.encode_family(&[("kind", kind.label())])?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "pabal_cluster_engine_errors",
+            "Engine errors, by kind: refused (a connection refused), timeout (a connection \
+             or the topology's answer past cluster.connect_timeout), connection_lost (closed, \
+             reset, or not made otherwise), protocol (an answer the engine cannot read), \
+             error_reply (Redis answered a command with an error: a script's error, \
+             READONLY, OOM, a subscription refused, redirected too often), replicas (WAIT \
+             answered with too few replicas).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (kind, n) in crate::cluster::EngineErrorKind::ALL.iter().zip(self.errors) {
             ConstCounter::new(n).encode(m.encode_family(&[("kind", kind.label())])?)?;
         }
         for (name, help, v) in [
