@@ -172,7 +172,7 @@ impl EngineHandle {
     }
 
     /// Queues a command (the engine thread runs it after the next [`EngineHandle::wake`]);
-    /// `queued` is when the worker hands its tick's commands over
+    /// `queued` is when the worker's tick that queued it began
     /// (`ClusterStats::to_engine_us` counts from it): one clock read per tick, not per
     /// command.
     pub fn send(&self, queued: Instant, cmd: EngineCmd) {

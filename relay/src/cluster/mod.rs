@@ -564,7 +564,8 @@ pub struct ClusterStats {
     /// Users' notice channels subscribed, all workers together.
     pub users_watched: AtomicI64,
     /// The engine's path by stage, in µs (see ARCHITECTURE.md's cluster section): a
-    /// command queued by its worker until its engine thread took it off the channel.
+    /// command, from the start of the worker's tick that queued it (just after the poll
+    /// that read its frame), until its engine thread took it off the channel.
     pub to_engine_us: Histogram,
     /// A publish written to Redis until its answer was read (Redis' own time, its
     /// `appendfsync` included, and the loopback both ways).

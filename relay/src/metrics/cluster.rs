@@ -199,7 +199,7 @@ impl ClusterScrape {
         for (name, help, h) in [
             (
                 "pabal_cluster_to_engine_seconds",
-                "A command queued by a worker until its engine thread took it.",
+                "From the start of the worker's tick that queued a command until its engine thread took it.",
                 to_engine,
             ),
             (
