@@ -767,3 +767,52 @@ impl ClusterStats {
         self.engines_up.load(Ordering::Relaxed) >= self.engines.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    #[test]
+    fn engine_errors_are_counted_by_their_kind() {
+        let cases = [
+            (io::Error::from(io::ErrorKind::ConnectionRefused), "refused"),
+            (io::Error::from(io::ErrorKind::TimedOut), "timeout"),
+            (malformed("a reply nobody asked for"), "protocol"),
+            (RedisAnswered::io("ERR no such master"), "error_reply"),
+            (
+                io::Error::from(io::ErrorKind::UnexpectedEof),
+                "connection_lost",
+            ),
+            (
+                io::Error::from(io::ErrorKind::ConnectionReset),
+                "connection_lost",
+            ),
+            (
+                io::Error::other("the address resolves to nothing"),
+                "connection_lost",
+            ),
+        ];
+        let stats = ClusterStats::default();
+        for (e, label) in &cases {
+            let kind = EngineErrorKind::of_io(e);
+            assert_eq!(kind.label(), *label, "{e}");
+            stats.count_error(kind);
+        }
+        let counted: Vec<(&str, u64)> = EngineErrorKind::ALL
+            .iter()
+            .map(|&k| (k.label(), stats.errors_of(k)))
+            .collect();
+        assert_eq!(
+            counted,
+            [
+                ("refused", 1),
+                ("timeout", 1),
+                ("connection_lost", 3),
+                ("protocol", 1),
+                ("error_reply", 1),
+                ("replicas", 0),
+            ]
+        );
+    }
+}
