@@ -50,9 +50,9 @@ mod common;
 use common::fanout::{
     Outcome, Reader, Scenario, channel_1000, device_of, rooms_100x100, run_phase,
 };
-use common::placement;
 use common::publish::backend_name;
 use common::redis_capacity::{self, redis_cpu};
+use common::{placement, sched};
 use pabal_relay::cluster::{BUCKETS, ClusterConfig, HistogramSnapshot};
 use pabal_relay::io::BackendKind;
 use pabal_relay::runtime::RelayHandle;
@@ -93,7 +93,7 @@ fn one_row(
     nodes: usize,
     secs: f64,
     paced_rate: Option<f64>,
-) -> (Outcome, Outcome, f64, [HistogramSnapshot; 3]) {
+) -> (Outcome, Outcome, f64, [HistogramSnapshot; 3], String) {
     redis.cli(&["FLUSHALL"]);
     let relays: Vec<RelayHandle> = (0..nodes.max(1))
         .map(|i| {
@@ -140,7 +140,13 @@ fn one_row(
     };
     let rate = paced_rate.unwrap_or(saturated.messages as f64 / saturated.secs / 2.0);
     let stages_before = engine_stages(&relays);
+    let sched_before = sched::Snapshot::now(redis, placement::redis_pid(redis));
+    let depth =
+        sched::DepthSampler::start(relays.iter().filter_map(|r| r.cluster().cloned()).collect());
     let paced = run_phase(&mut publishers, &mut readers, secs, Some(rate), false);
+    let depth = depth.finish();
+    let sched = sched::Snapshot::now(redis, placement::redis_pid(redis))
+        .since(&sched_before, paced.messages);
     let stages = engine_stages(&relays);
     let stages = std::array::from_fn(|k| minus(&stages[k], &stages_before[k]));
     drop(readers);
@@ -148,7 +154,13 @@ fn one_row(
     for relay in relays {
         relay.stop().unwrap();
     }
-    (saturated, paced, cpu_per_msg, stages)
+    (
+        saturated,
+        paced,
+        cpu_per_msg,
+        stages,
+        format!("{sched} · {depth}"),
+    )
 }
 
 /// The engine's stage histograms (`ClusterStats::stages`), every node together.
@@ -251,7 +263,7 @@ fn fanout(backend: BackendKind, secs: f64) {
         // (nodes, p50, p99) of each row at the paced rate, for the engine's added latency.
         let mut paced_rows: Vec<(usize, f64, f64)> = Vec::new();
         for &(shape, nodes) in &rows {
-            let (sat, paced, cpu, stages) =
+            let (sat, paced, cpu, stages, sched) =
                 one_row(backend, &redis, &scenario, nodes, secs, paced_rate);
             let msg_rate = sat.messages as f64 / sat.secs;
             let rate = *paced_rate.get_or_insert(msg_rate / 2.0);
@@ -282,6 +294,7 @@ fn fanout(backend: BackendKind, secs: f64) {
                     stage_text(reply),
                     stage_text(to_worker),
                 );
+                println!("         {sched}");
             }
         }
         print_added(backend, scenario.name, paced_rate, fixed_rate, &paced_rows);

@@ -1013,6 +1013,17 @@ fn configure_socket(
     let _ = sock.set_tcp_user_timeout(Some(hb.timeout + Duration::from_secs(60)));
 }
 
+/// Hands the engine what the owners asked of it since the last hand-over, with one wake
+/// (cluster mode); `queued`: when the tick began (one clock read per tick, not one per
+/// command).
+fn hand_to_engine(core: &mut Core, engine: Option<&EngineHandle>, queued: Instant) {
+    if let Some(engine) = engine
+        && core.drain_engine(|cmd| engine.send(queued, cmd))
+    {
+        engine.wake();
+    }
+}
+
 /// The event loop: drain messages, run timers, flush (one send per connection, one batch
 /// per peer worker), then wait in the backend (one `io_uring_enter` or `epoll_wait`).
 ///
@@ -1060,6 +1071,12 @@ fn run_loop(
             }
         }
         core.run_timers(now);
+        // What the tick's frames asked of the engine (publishes) goes before the
+        // connections' writes: Redis runs the scripts while this worker writes. Stamped
+        // with the tick's start, just after the poll that read the frames, so that
+        // `pabal_cluster_to_engine_seconds` holds the worker's own time before the
+        // hand-over.
+        hand_to_engine(core, engine, now);
         core.flush(&mut layers.transport(backend));
         layers.flush(backend);
         core.drain_mesh(|to, batch| mesh.send(to, batch));
@@ -1067,14 +1084,8 @@ fn run_loop(
             // The control plane may have given up waiting; nothing to do then.
             let _ = to.send(answer);
         });
-        // One clock read for the tick's hand-over, not one per command.
-        let handed = Instant::now();
-        if let Some(engine) = engine
-            && core.drain_engine(|cmd| engine.send(handed, cmd))
-        {
-            // One wake per tick for everything the owners asked of the engine.
-            engine.wake();
-        }
+        // What the flush added (marker batches, releases).
+        hand_to_engine(core, engine, now);
         if let Some(tx) = handoff {
             // try_send: a full channel drops the hand-off and counts it; never waits.
             core.drain_handoffs(|h| {

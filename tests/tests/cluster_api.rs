@@ -2,19 +2,23 @@
 //! publish (`POST /v1/messages`) sequences every room through the engine (Redis' own
 //! sequences, each room's window of `Idempotency-Key`s), and a history read
 //! (`GET /v1/rooms/{room}/messages`) past a node's memory reads the room's stream, with a
-//! gap for exactly what the stream's retention dropped. Real relay nodes on loopback and a
-//! real `redis-server`, once per I/O backend.
+//! gap for exactly what the stream's retention dropped; a stream read Redis answers `BUSY`
+//! (a script past `busy-reply-threshold`) is sent again on its own timer until Redis
+//! answers, past the retries an open or a membership step gets, and its reader answered in
+//! full. Real relay nodes on loopback and a real `redis-server`, once per I/O backend.
 
 #![allow(clippy::unwrap_used)] // reason: tests
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pabal_relay::cluster::ClusterConfig;
+use pabal_relay::cluster::{ClusterConfig, EngineErrorKind, RetryKind};
 use pabal_relay::io::BackendKind;
 use pabal_testkit::http::{Reply, get, raw_http, request};
 use pabal_testkit::redis::RedisServer;
-use pabal_testkit::{Client, TestRelay, per_backend};
+use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
 use serde_json::{Value, json};
 
 /// Messages a node keeps in memory per room: far fewer than the tests publish.
@@ -32,7 +36,11 @@ fn node(backend: BackendKind, redis: &RedisServer, id: &str, stream: u64) -> Tes
         fill_batch: PAGE,
         ..ClusterConfig::default()
     };
-    TestRelay::cluster_node(backend, cluster, |c| c.retention.max_messages = MEMORY)
+    TestRelay::cluster_node(backend, cluster, |c| {
+        c.retention.max_messages = MEMORY;
+        // A history read may wait out a busy script.
+        c.control.reply_timeout = Duration::from_secs(60);
+    })
 }
 
 fn control(node: &TestRelay) -> SocketAddr {
@@ -104,6 +112,19 @@ fn stream_first(redis: &RedisServer, room: &str) -> u64 {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("{key} holds no entry: {out:?}"))
 }
+
+/// BUSY answers to one read that prove it went on past the retries an open or a
+/// membership step gets: five (100 ms doubling), the sixth gives those up, and the read is
+/// sent again after the longest wait.
+const PAST_RETRIES: u64 = 7;
+
+/// A script that keeps Redis busy until `SCRIPT KILL` (at most a minute; it writes nothing,
+/// so it may be killed): Redis answers `BUSY` to everything else once it has run
+/// `busy-reply-threshold`.
+const BUSY_SCRIPT: &str = "local t = redis.call('TIME') \
+     local from = tonumber(t[1]) \
+     while tonumber(redis.call('TIME')[1]) - from < 60 do end \
+     return 1";
 
 fn texts(msgs: Vec<(u64, Bytes)>) -> Vec<(u64, String)> {
     msgs.into_iter()
@@ -199,5 +220,56 @@ per_backend! {
         let got: Vec<u64> = json["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
         assert_eq!(got, (first..=COUNT).collect::<Vec<_>>(), "every message the stream holds");
         assert_eq!(json["last_seq"], COUNT);
+    }
+
+    fn a_stream_read_answered_busy_is_sent_again_until_redis_answers(backend) {
+        let Some(redis) = RedisServer::start("busy-read") else { return };
+        const ROOM: &str = "room:cluster-busy-read";
+        const COUNT: u64 = 40;
+        let (a, b) = (node(backend, &redis, "ba", 10_000), node(backend, &redis, "bb", 10_000));
+        let mut p = Client::connect(a.addr, "alice");
+        let pa = p.join(ROOM);
+        for seq in 1..=COUNT {
+            assert_eq!(p.publish_acked(pa, format!("m-{seq}").into_bytes()), seq);
+        }
+        // Node b opens the room (its first read): from now on a read of it is only stream
+        // reads (XRANGE), nothing else.
+        let (seqs, gap, _) = history(control(&b), ROOM, 0, 1000);
+        assert_eq!((seqs, gap), ((1..=COUNT).collect::<Vec<_>>(), None));
+        let stats = b.cluster().unwrap().clone();
+        let busy_before = stats.retries_of(RetryKind::Busy);
+        let given_up_before = stats.retries_given_up.load(Ordering::Relaxed);
+        redis.cli(&["CONFIG", "SET", "busy-reply-threshold", "10"]);
+        std::thread::scope(|s| {
+            let running = s.spawn(|| redis.cli(&["EVAL", BUSY_SCRIPT, "0"]));
+            let deadline = Instant::now() + WAIT;
+            while !redis.try_cli(&["GET", "x"]).is_some_and(|r| r.starts_with("BUSY")) {
+                assert!(Instant::now() < deadline, "Redis never answered BUSY");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            // The read meets BUSY (counted on node b, which sends nothing else), again and
+            // again, past the retries anything else gets.
+            let read = s.spawn(|| history(control(&b), ROOM, 0, 1000));
+            let deadline = Instant::now() + WAIT;
+            while stats.retries_of(RetryKind::Busy) < busy_before + PAST_RETRIES {
+                assert!(Instant::now() < deadline, "the read stopped meeting BUSY");
+                assert!(!read.is_finished(), "answered while Redis was busy");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            redis.cli(&["SCRIPT", "KILL"]);
+            assert!(running.join().unwrap().contains("killed"), "the script ran until killed");
+            // Answered once Redis is: every message, in order, no gap.
+            let (seqs, gap, _) = read.join().unwrap();
+            assert_eq!((seqs, gap), ((1..=COUNT).collect::<Vec<_>>(), None));
+        });
+        assert_eq!(stats.retries_given_up.load(Ordering::Relaxed), given_up_before);
+        // BUSY was an answer: no connection was reset for it, none read as malformed.
+        for kind in EngineErrorKind::ALL {
+            assert_eq!(stats.errors_of(kind), 0, "{} counted", kind.label());
+        }
+        // And the room goes on through both nodes.
+        let mut bob = Client::connect(b.addr, "bob");
+        let pb = bob.join(ROOM);
+        assert_eq!(bob.publish_acked(pb, &b"m-41"[..]), COUNT + 1);
     }
 }

@@ -17,6 +17,7 @@ pub mod fanout;
 pub mod placement;
 pub mod publish;
 pub mod redis_capacity;
+pub mod sched;
 
 /// The test relay ([`loopback_config`]) on one worker, pinned, without the control listener,
 /// and with no rate limit in the way.

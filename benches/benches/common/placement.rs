@@ -128,7 +128,7 @@ fn affinity_of(tid: libc::pid_t) -> Vec<usize> {
 }
 
 /// `redis-server`'s process id, from its own `INFO server`.
-fn redis_pid(redis: &RedisServer) -> u32 {
+pub fn redis_pid(redis: &RedisServer) -> u32 {
     redis
         .cli(&["INFO", "server"])
         .lines()

@@ -43,7 +43,8 @@ use super::script::{self, OPEN, PUBLISH};
 use super::shard::{Conn, Pending, Retry, Shard};
 use super::slots::SlotMap;
 use super::{
-    ClusterConfig, ClusterStats, EngineCmd, EngineEvent, PublishRequest, RedisAddr, Topology,
+    ClusterConfig, ClusterStats, EngineCmd, EngineErrorKind, EngineEvent, PublishRequest,
+    RedisAddr, Topology,
 };
 use crate::ids::RoomName;
 
@@ -171,7 +172,7 @@ impl EngineHandle {
     }
 
     /// Queues a command (the engine thread runs it after the next [`EngineHandle::wake`]);
-    /// `queued` is when the worker hands its tick's commands over
+    /// `queued` is when the worker's tick that queued it began
     /// (`ClusterStats::to_engine_us` counts from it): one clock read per tick, not per
     /// command.
     pub fn send(&self, queued: Instant, cmd: EngineCmd) {
@@ -456,7 +457,7 @@ impl Engine {
     }
 
     fn backoff(&self, retry: Retry, addr: &RedisAddr, e: &io::Error, what: &str) -> Retry {
-        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        self.stats.count_error(EngineErrorKind::of_io(e));
         tracing::warn!(worker = self.worker, addr = %addr, error = %e, "engine {what} connection down; retrying in {} ms", retry.delay.as_millis());
         Retry {
             at: Instant::now() + retry.delay,

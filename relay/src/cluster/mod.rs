@@ -544,8 +544,10 @@ pub struct ClusterStats {
     pub subscriptions: AtomicI64,
     /// Messages read from a stream to fill a hole (a sequence jump or a lost subscription).
     pub holes_filled: AtomicU64,
-    /// Connection failures, refusals and malformed replies.
-    pub errors: AtomicU64,
+    /// Engine errors by kind ([`EngineErrorKind`] as index): connections refused, timed
+    /// out or lost, malformed answers, commands Redis answered with an error, too few
+    /// replicas.
+    pub errors: [AtomicU64; EngineErrorKind::ALL.len()],
     /// Publishes refused because the engine was unavailable or `cluster.max_in_flight` was
     /// reached.
     pub refused: AtomicU64,
@@ -562,7 +564,8 @@ pub struct ClusterStats {
     /// Users' notice channels subscribed, all workers together.
     pub users_watched: AtomicI64,
     /// The engine's path by stage, in µs (see ARCHITECTURE.md's cluster section): a
-    /// command queued by its worker until its engine thread took it off the channel.
+    /// command, from the start of the worker's tick that queued it (just after the poll
+    /// that read its frame), until its engine thread took it off the channel.
     pub to_engine_us: Histogram,
     /// A publish written to Redis until its answer was read (Redis' own time, its
     /// `appendfsync` included, and the loopback both ways).
@@ -637,7 +640,99 @@ impl RetryKind {
     }
 }
 
+/// What an engine error was (`pabal_cluster_engine_errors_total{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineErrorKind {
+    /// A connection to Redis (or a sentinel, a seed) was refused: nothing listens there.
+    Refused,
+    /// A connection, or an answer to the slot map's or master's question, took longer
+    /// than `cluster.connect_timeout`.
+    Timeout,
+    /// A connection closed, was reset or could not be made otherwise (a name that does not
+    /// resolve): what was in flight on it is failed or waits for the next one.
+    ConnectionLost,
+    /// An answer the engine cannot read: malformed RESP, one nobody asked for, a reply or
+    /// a message of the wrong shape (the connection is reset where it carried it).
+    Protocol,
+    /// Redis answered a command with an error that is not a retry's or redirect's: a
+    /// script's error, `READONLY`, `OOM`, a subscription refused, a command redirected or
+    /// retried too often.
+    ErrorReply,
+    /// `WAIT` answered with fewer replicas than `cluster.wait_replicas` (the publishes it
+    /// held are refused `unavailable`).
+    Replicas,
+}
+
+impl EngineErrorKind {
+    /// Every kind, in the order of [`ClusterStats::errors`].
+    pub const ALL: [EngineErrorKind; 6] = [
+        EngineErrorKind::Refused,
+        EngineErrorKind::Timeout,
+        EngineErrorKind::ConnectionLost,
+        EngineErrorKind::Protocol,
+        EngineErrorKind::ErrorReply,
+        EngineErrorKind::Replicas,
+    ];
+
+    /// The kind of a connection's (or a discovery's) failure: refused and timed out by
+    /// their I/O kind, malformed answers as `InvalidData`, errors Redis answered as
+    /// [`RedisAnswered`]; anything else lost the connection.
+    pub fn of_io(e: &std::io::Error) -> EngineErrorKind {
+        match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => EngineErrorKind::Refused,
+            std::io::ErrorKind::TimedOut => EngineErrorKind::Timeout,
+            std::io::ErrorKind::InvalidData => EngineErrorKind::Protocol,
+            _ if e.get_ref().is_some_and(|r| r.is::<RedisAnswered>()) => {
+                EngineErrorKind::ErrorReply
+            }
+            _ => EngineErrorKind::ConnectionLost,
+        }
+    }
+
+    /// Its metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            EngineErrorKind::Refused => "refused",
+            EngineErrorKind::Timeout => "timeout",
+            EngineErrorKind::ConnectionLost => "connection_lost",
+            EngineErrorKind::Protocol => "protocol",
+            EngineErrorKind::ErrorReply => "error_reply",
+            EngineErrorKind::Replicas => "replicas",
+        }
+    }
+}
+
+/// An error Redis answered where the engine needed an answer to go on (the slot map's or
+/// the master's question), carried in an `io::Error` so that it counts as
+/// [`EngineErrorKind::ErrorReply`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RedisAnswered(pub String);
+
+impl RedisAnswered {
+    /// `what` as an `io::Error`.
+    pub fn io(what: impl Into<String>) -> std::io::Error {
+        std::io::Error::other(RedisAnswered(what.into()))
+    }
+}
+
+/// A malformed or unexpected answer, as an `io::Error` (counted
+/// [`EngineErrorKind::Protocol`]).
+pub(crate) fn malformed(what: impl Into<String>) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, what.into())
+}
+
 impl ClusterStats {
+    /// Counts one engine error of `kind`.
+    pub fn count_error(&self, kind: EngineErrorKind) {
+        self.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// [`ClusterStats::errors`] of `kind` so far.
+    pub fn errors_of(&self, kind: EngineErrorKind) -> u64 {
+        self.errors[kind as usize].load(Ordering::Relaxed)
+    }
+
     /// The engine's path by stage so far, every worker together: `[to_engine_us,
     /// publish_reply_us, to_worker_us]`.
     pub fn stages(&self) -> [HistogramSnapshot; 3] {
@@ -670,5 +765,54 @@ impl ClusterStats {
     /// Whether every engine thread has its connections up.
     pub fn healthy(&self) -> bool {
         self.engines_up.load(Ordering::Relaxed) >= self.engines.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    #[test]
+    fn engine_errors_are_counted_by_their_kind() {
+        let cases = [
+            (io::Error::from(io::ErrorKind::ConnectionRefused), "refused"),
+            (io::Error::from(io::ErrorKind::TimedOut), "timeout"),
+            (malformed("a reply nobody asked for"), "protocol"),
+            (RedisAnswered::io("ERR no such master"), "error_reply"),
+            (
+                io::Error::from(io::ErrorKind::UnexpectedEof),
+                "connection_lost",
+            ),
+            (
+                io::Error::from(io::ErrorKind::ConnectionReset),
+                "connection_lost",
+            ),
+            (
+                io::Error::other("the address resolves to nothing"),
+                "connection_lost",
+            ),
+        ];
+        let stats = ClusterStats::default();
+        for (e, label) in &cases {
+            let kind = EngineErrorKind::of_io(e);
+            assert_eq!(kind.label(), *label, "{e}");
+            stats.count_error(kind);
+        }
+        let counted: Vec<(&str, u64)> = EngineErrorKind::ALL
+            .iter()
+            .map(|&k| (k.label(), stats.errors_of(k)))
+            .collect();
+        assert_eq!(
+            counted,
+            [
+                ("refused", 1),
+                ("timeout", 1),
+                ("connection_lost", 3),
+                ("protocol", 1),
+                ("error_reply", 1),
+                ("replicas", 0),
+            ]
+        );
     }
 }

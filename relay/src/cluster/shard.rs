@@ -151,7 +151,7 @@ impl Conn {
                 Err(e) => return Err(e),
             }
             if self.rbuf.len() > max {
-                return Err(io::Error::other("the answer is too long"));
+                return Err(super::malformed("the answer is too long"));
             }
         }
     }

@@ -16,7 +16,8 @@ use super::super::resp::{self, Value};
 use super::super::script::Script;
 use super::super::slots::SlotMap;
 use super::super::{
-    ClaimOutcome, EngineCmd, EngineEvent, MemberChange, MemberOutcome, MemberRequest,
+    ClaimOutcome, EngineCmd, EngineErrorKind, EngineEvent, MemberChange, MemberOutcome,
+    MemberRequest,
 };
 use super::{Engine, MAX_HOPS, Pending, SubState, encode_script};
 use crate::ids::RoomName;
@@ -391,7 +392,7 @@ impl Engine {
             return self.retry_later(Pending::Members(step), hops + 1);
         }
         if let Value::Error(e) = &reply {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            self.stats.count_error(EngineErrorKind::ErrorReply);
             if super::receipts::transient(e) {
                 // Its redirects and retries are spent.
                 self.stats.retries_given_up.fetch_add(1, Ordering::Relaxed);
@@ -512,7 +513,7 @@ impl Engine {
     }
 
     fn malformed(&mut self, step: Step, reply: &Value) {
-        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        self.stats.count_error(EngineErrorKind::Protocol);
         tracing::warn!(worker = self.worker, reply = ?reply, "a malformed answer to a membership command");
         self.fail_member_step(step);
     }
@@ -574,7 +575,7 @@ impl Engine {
                         notice,
                     }),
                     None => {
-                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        self.stats.count_error(EngineErrorKind::Protocol);
                         tracing::warn!(worker = self.worker, "a malformed notice was dropped");
                     }
                 }

@@ -24,7 +24,7 @@ use pabal_codec::Text;
 use super::super::receipts::{self as r, HANDOFF_PAGE, HandoffCheck, MAX_RECEIPTS_MEMBERS};
 use super::super::resp::{self, Value, decimal};
 use super::super::script::{self, Script};
-use super::super::{EngineEvent, Topology};
+use super::super::{EngineErrorKind, EngineEvent, Topology};
 use super::{Engine, Pending, encode_script};
 use crate::core::Marker;
 use crate::directory::JoinPoint;
@@ -500,7 +500,7 @@ impl Engine {
                 self.receipts_give_up(step);
                 return self.retry_waiting_later();
             }
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            self.stats.count_error(EngineErrorKind::ErrorReply);
             tracing::warn!(worker = self.worker, error = %String::from_utf8_lossy(e), "the engine refused a receipts command");
             return match step {
                 // Refused, not lost: a marker is sent again with the member's next ACK or
@@ -522,7 +522,7 @@ impl Engine {
                     self.out.push(EngineEvent::HandoffOwed { check, owed });
                 }
                 None => {
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    self.stats.count_error(EngineErrorKind::Protocol);
                     tracing::warn!(worker = self.worker, reply = ?reply, "a malformed answer to a hand-off decision");
                 }
             },

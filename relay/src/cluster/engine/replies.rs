@@ -17,7 +17,7 @@ use bytes::Bytes;
 use super::super::resp::{self, Value};
 use super::super::script;
 use super::super::shard::Pending;
-use super::super::{EngineEvent, EngineMessage, RedisAddr};
+use super::super::{EngineErrorKind, EngineEvent, EngineMessage, RedisAddr, malformed};
 use super::{Channel, Engine, MAX_HOPS, SubState, channel_key, tryagain};
 
 /// A command answered `MOVED` or `ASK`: where to send it again.
@@ -79,7 +79,7 @@ impl Engine {
             match resp::decode(&mut conn.rbuf) {
                 Ok(Some(v)) => self.replies.push(v),
                 Ok(None) => return read,
-                Err(e) => return Err(io::Error::other(e)),
+                Err(e) => return Err(malformed(e.to_string())),
             }
         }
     }
@@ -90,7 +90,7 @@ impl Engine {
         for reply in replies.drain(..) {
             let Some((pending, hops)) = self.shards.get_mut(i).and_then(|s| s.inflight.pop_front())
             else {
-                self.fail_cmd(i, &io::Error::other("a reply nobody asked for"));
+                self.fail_cmd(i, &malformed("a reply nobody asked for"));
                 break;
             };
             if matches!(pending, Pending::Asking) {
@@ -150,7 +150,7 @@ impl Engine {
             && let Some(r) = redirect(e)
         {
             if hops >= MAX_HOPS {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.count_error(EngineErrorKind::ErrorReply);
                 tracing::warn!(worker = self.worker, error = %String::from_utf8_lossy(e), "a command was redirected too often");
                 self.refresh_due = true;
                 self.refuse(pending);
@@ -196,7 +196,11 @@ impl Engine {
                         }
                     }
                     _ => {
-                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        self.stats.count_error(if matches!(reply, Value::Error(_)) {
+                            EngineErrorKind::ErrorReply
+                        } else {
+                            EngineErrorKind::Protocol
+                        });
                         self.stats.refused.fetch_add(1, Ordering::Relaxed);
                         if tryagain::is_tryagain(&reply) {
                             // Its tries are spent.
@@ -228,9 +232,7 @@ impl Engine {
                     if let Some(c) = self.channels.get_mut(&channel_key(&room)) {
                         c.opens.push((hint, tail));
                     }
-                    return Err(io::Error::other(format!(
-                        "bad answer to a room's open: {reply:?}"
-                    )));
+                    return Err(malformed(format!("bad answer to a room's open: {reply:?}")));
                 };
                 self.out.push(EngineEvent::Opened {
                     room,
@@ -246,9 +248,7 @@ impl Engine {
             } => {
                 let Some(msgs) = script::parse_entries(&reply, &self.prefix) else {
                     self.fills_waiting.push((room, after, reader));
-                    return Err(io::Error::other(format!(
-                        "bad answer to a stream read: {reply:?}"
-                    )));
+                    return Err(malformed(format!("bad answer to a stream read: {reply:?}")));
                 };
                 self.out.push(match reader {
                     None => EngineEvent::Filled { room, after, msgs },
@@ -276,7 +276,7 @@ impl Engine {
             self.out.extend(held);
             return;
         }
-        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        self.stats.count_error(EngineErrorKind::Replicas);
         tracing::warn!(worker = self.worker, reply = ?reply, want = self.config.wait_replicas, "too few replicas acknowledged; publishes refused (cluster.wait_replicas)");
         self.fail_held(held);
     }
@@ -312,7 +312,7 @@ impl Engine {
                     self.route_channels();
                 }
                 _ => {
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    self.stats.count_error(EngineErrorKind::ErrorReply);
                     self.lost_shard();
                     tracing::warn!(worker = self.worker, error = %String::from_utf8_lossy(e), "the pub/sub connection refused a subscription");
                 }
@@ -320,7 +320,7 @@ impl Engine {
             return;
         }
         let Some([kind, ch, body]) = push.array() else {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            self.stats.count_error(EngineErrorKind::Protocol);
             tracing::warn!(worker = self.worker, push = ?push, "unexpected reply on the pub/sub connection");
             return;
         };
@@ -369,7 +369,7 @@ impl Engine {
                         msg,
                     }),
                     None => {
-                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        self.stats.count_error(EngineErrorKind::Protocol);
                         tracing::warn!(
                             worker = self.worker,
                             "a malformed message on a room's channel was dropped"

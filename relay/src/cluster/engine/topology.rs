@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use mio::{Registry, Token};
 
-use super::super::RedisAddr;
 use super::super::resp::{self, Value};
 use super::super::shard::{BACKOFF_MIN, Conn, Retry};
 use super::super::slots::{self, SlotMap};
+use super::super::{RedisAddr, RedisAnswered, malformed};
 use super::Engine;
 use super::dial::Resolver;
 
@@ -51,16 +51,16 @@ impl Question {
     /// The map an answer from `from` gives, or why it gives none.
     fn read(&self, reply: &Value, from: &RedisAddr) -> io::Result<SlotMap> {
         if let Value::Error(e) = reply {
-            return Err(io::Error::other(String::from_utf8_lossy(e).into_owned()));
+            return Err(RedisAnswered::io(String::from_utf8_lossy(e)));
         }
         match self {
             Question::ClusterSlots => SlotMap::from_cluster_slots(reply, from).ok_or_else(|| {
-                io::Error::other("CLUSTER SLOTS: a malformed answer, or slots nobody serves")
+                malformed("CLUSTER SLOTS: a malformed answer, or slots nobody serves")
             }),
             Question::Master(name) => slots::master_from_sentinel(reply)
                 .map(SlotMap::single)
                 .ok_or_else(|| {
-                    io::Error::other(format!("the sentinel knows no master named `{name}`"))
+                    RedisAnswered::io(format!("the sentinel knows no master named `{name}`"))
                 }),
         }
     }
@@ -181,7 +181,7 @@ impl Question {
         }
         a.conn.flush()?;
         a.conn.fill_at_most(ANSWER_MAX)?;
-        match resp::decode(&mut a.conn.rbuf).map_err(io::Error::other)? {
+        match resp::decode(&mut a.conn.rbuf).map_err(|e| malformed(e.to_string()))? {
             Some(reply) => self.read(&reply, &a.addr).map(Some),
             None => Ok(None),
         }
