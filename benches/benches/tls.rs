@@ -5,7 +5,10 @@
 //! - deliveries per second to subscribers of one room, plain vs TLS.
 //!
 //! `cargo bench -p pabal-benches --bench tls` (`PABAL_IDLE_CONNS`, default 2000;
-//! `PABAL_BENCH_SECS`, default 3). Test certificates are made at run time (`pabal_testkit::pki`).
+//! `PABAL_BENCH_SECS`, default 3; `PABAL_TLS_PHASES`, default `idle,handshakes,deliveries`:
+//! which parts to run, e.g. `handshakes` alone to profile them; `PABAL_BENCH_BACKEND`,
+//! `epoll` or `io_uring`: that backend alone, in this process). Test certificates are made at
+//! run time (`pabal_testkit::pki`).
 
 #![allow(clippy::unwrap_used)] // reason: a benchmark driver fails loudly
 
@@ -246,7 +249,10 @@ fn main() {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
     };
-    {
+    let phases = std::env::var("PABAL_TLS_PHASES")
+        .unwrap_or_else(|_| "idle,handshakes,deliveries".to_string());
+    let runs = |phase: &str| phases.split(',').any(|p| p.trim() == phase);
+    if runs("idle") {
         let plain = idle(backend, false);
         let tls = idle(backend, true);
         println!(
@@ -254,12 +260,16 @@ fn main() {
              TLS costs {:.0} B more",
             tls - plain
         );
+    }
+    if runs("handshakes") {
         let full = handshakes(backend, &certs, false, secs);
         let resumed = handshakes(backend, &certs, true, secs);
         println!(
             "{backend:?}: handshakes + HELLO/WELCOME per second, one worker (client in the same \
              process): full {full:.0}/s, resumed (0-RTT HELLO) {resumed:.0}/s"
         );
+    }
+    if runs("deliveries") {
         let plain = deliveries(backend, None, 20, 20_000);
         let tls = deliveries(backend, Some(&certs), 20, 20_000);
         println!(

@@ -207,7 +207,6 @@ const REQUIRED_OPS: &[(u8, &str)] = &[
     (opcode::PollAdd::CODE, "POLL_ADD"),
     (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
     (opcode::Close::CODE, "CLOSE"),
-    (opcode::Shutdown::CODE, "SHUTDOWN"),
 ];
 
 const SYSCTL: &str = "/proc/sys/kernel/io_uring_disabled";

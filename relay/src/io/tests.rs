@@ -30,6 +30,7 @@ use super::uring::UringBackend;
 use super::{Backend, BackendKind, CloseReason, EventSink, Token, Wakeup};
 
 mod bundles;
+mod half_close;
 mod uring_record;
 
 /// Longest any single wait in these tests may take before the test fails.

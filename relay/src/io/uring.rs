@@ -9,7 +9,9 @@
 //! or any fd it was not given.
 //!
 //! # Shape of one tick ([`Backend::poll`])
-//! `send`, `set_reading`, `shutdown_write`, `close` and re-arms only queue SQEs. `poll`
+//! `send`, `set_reading`, `close` and re-arms only queue SQEs (`shutdown_write` half-closes
+//! at once with `shutdown(2)` when no send is in flight, after the batch otherwise: io_uring
+//! would run a `SHUTDOWN` on a worker thread, see `UringBackend::shutdown_now`). `poll`
 //! delivers what is held in user space (data that arrived while a connection was paused),
 //! then makes one `io_uring_enter` that submits everything queued and waits (with the
 //! EXT_ARG timeout) for at least one completion, and reaps the completion queue. Then it
@@ -151,7 +153,6 @@ const TEARDOWN_WAIT: Duration = Duration::from_secs(2);
 const OP_ACCEPT: u8 = 1;
 const OP_RECV: u8 = 2;
 const OP_SEND: u8 = 3;
-const OP_SHUTDOWN: u8 = 4;
 /// A cancellation on behalf of a connection (counted in its record: [`Conn::ops`]).
 const OP_CANCEL: u8 = 5;
 /// Close and listener/wake cancellations: nothing to do on completion.
@@ -519,15 +520,6 @@ impl UringBackend {
                 Some(storage) => storage.on_cqe(idx, generation, res),
                 None => tracing::error!("storage completion without a storage executor"),
             },
-            OP_SHUTDOWN => {
-                if let Some(conn) = self.conn_mut(idx, generation) {
-                    conn.flags.set_shutdown_inflight(false);
-                    if res < 0 {
-                        tracing::debug!(token = conn.token, error = %errno(res), "shutdown(SHUT_WR) failed");
-                    }
-                    self.maybe_finalize(idx);
-                }
-            }
             OP_CANCEL => {
                 if let Some(conn) = self.conn_mut(idx, generation) {
                     conn.cancel_done();

@@ -124,7 +124,6 @@ impl Conn {
         u32::from(f.recv_armed())
             + u32::from(f.hup_armed())
             + u32::from(f.send_inflight())
-            + u32::from(f.shutdown_inflight())
             + u32::from(self.cancels)
     }
 
@@ -190,15 +189,13 @@ conn_flags! {
     7 => send_inflight, set_send_inflight;
     /// `shutdown_write` was asked for while a send was in flight: it follows the batch.
     8 => shutdown_pending, set_shutdown_pending;
-    /// The `SHUTDOWN` is in flight.
-    9 => shutdown_inflight, set_shutdown_inflight;
     /// The worker closed it, or we reported `closed`: waiting for operations to finish.
-    10 => closing, set_closing;
+    9 => closing, set_closing;
     /// On the `ready` list.
-    11 => queued, set_queued;
+    10 => queued, set_queued;
     /// A receive's cancellation was refused ([`CancelsExhausted`]): the next tick closes
     /// the connection with that error.
-    12 => cancels_exhausted, set_cancels_exhausted;
+    11 => cancels_exhausted, set_cancels_exhausted;
 }
 
 #[cfg(test)]
@@ -211,7 +208,7 @@ mod tests {
     #[test]
     fn each_connection_flag_sets_and_clears_only_its_own_bit() {
         let all = ConnFlags::ALL;
-        assert_eq!(all.len(), 13);
+        assert_eq!(all.len(), 12);
         assert!(all.len() <= 16, "the flags fit the u16");
         for &(name, get, set) in all {
             for background in [ConnFlags(0), ConnFlags(u16::MAX)] {

@@ -10,13 +10,14 @@
 use std::collections::VecDeque;
 use std::io;
 use std::mem;
+use std::net::Shutdown;
 
 use bytes::Bytes;
 use io_uring::opcode;
 
 use super::super::slab::consume;
 use super::super::{CloseReason, EventSink, Token};
-use super::{IOV_MAX, OP_SEND, OP_SHUTDOWN, RECVSEND_POLL_FIRST, UringBackend, errno, user_data};
+use super::{IOV_MAX, OP_SEND, RECVSEND_POLL_FIRST, UringBackend, errno, user_data};
 
 /// A batch being sent: its buffers, its progress, and the `msghdr` and iovec list a
 /// `SENDMSG` points the kernel at. Boxed, so the vectors keep their address while a send is
@@ -112,21 +113,23 @@ impl UringBackend {
         unsafe { self.push(entry) }
     }
 
-    pub(super) fn push_shutdown(&mut self, idx: u32) {
-        let Some((key, conn)) = self.conns.at_mut(idx) else {
+    /// Half-closes the connection now, with `shutdown(2)` on the worker's thread.
+    ///
+    /// Not through the ring: io_uring cannot run `IORING_OP_SHUTDOWN` without blocking, so
+    /// it hands every one to a worker thread of its io-wq (`iou-wrk-*`), which the kernel
+    /// wakes, runs and puts back to sleep for each half-close. A TLS or closing connection
+    /// half-closes once in its life (after its last batch: `close_notify`, the goodbye):
+    /// that was a thread wake-up per connection, competing for the worker's and the
+    /// clients' cores, that epoll's direct `shutdown` does not pay (benches/RESULTS.md, "TLS
+    /// handshakes: io_uring against epoll"). On a TCP socket `shutdown(SHUT_WR)` queues the
+    /// FIN and returns; it never waits.
+    pub(super) fn shutdown_now(&mut self, idx: u32) {
+        let Some(conn) = self.conn_at(idx) else {
             return;
         };
-        let generation = key.generation;
-        if conn.flags.shutdown_inflight() {
-            return;
+        if let Err(e) = conn.stream.shutdown(Shutdown::Write) {
+            tracing::debug!(token = conn.token, error = %e, "shutdown(SHUT_WR) failed");
         }
-        conn.flags.set_shutdown_inflight(true);
-        let entry = opcode::Shutdown::new(conn.fd(), libc::SHUT_WR)
-            .build()
-            .user_data(user_data(OP_SHUTDOWN, idx, generation));
-        // SAFETY: shutdown references no memory; the fd stays open until its completion
-        // (`ops()` counts it).
-        unsafe { self.push(entry) }
     }
 
     /// Takes a finished batch from the connection: its emptied queue to the queue pool, the
@@ -200,7 +203,7 @@ impl UringBackend {
         self.release_batch(idx);
         sink.sent(token, total);
         if shutdown {
-            self.push_shutdown(idx);
+            self.shutdown_now(idx);
         }
     }
 
@@ -262,7 +265,7 @@ impl UringBackend {
         if conn.flags.send_inflight() {
             conn.flags.set_shutdown_pending(true);
         } else {
-            self.push_shutdown(idx);
+            self.shutdown_now(idx);
         }
     }
 }
