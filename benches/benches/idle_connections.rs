@@ -14,9 +14,21 @@
 //! measured that way before. mimalloc backs its arenas with transparent huge pages where
 //! the kernel allows it (`madvise` mode): `MIMALLOC_ALLOW_THP=0` shows the RSS without them.
 //!
+//! Three figures per connection: the RSS growth; its anonymous part (`RssAnon`: the RSS
+//! less file pages, chiefly this executable's code, which the first connections page in
+//! once: 250-450 KiB whatever the count, not a phone's cost); and the heap in use. The gap
+//! between the anonymous growth and the heap is the allocator's: blocks freed while the
+//! phones connected (the worker's tables and lists grown by reallocation) whose pages it
+//! has not yet returned (benches/RESULTS.md, "Where RSS beyond the heap goes").
+//!
 //! `cargo bench -p pabal-benches --bench idle_connections` (`PABAL_IDLE_CONNS`: a comma
 //! separated list of connection counts, default `10000,18500`; `PABAL_IDLE_ROOMS`: rooms
 //! bound per phone, 0 to 2, default 2, to split the cost of a connection from its bindings).
+//! Diagnostics: `PABAL_BENCH_SMAPS=PREFIX` saves `/proc/self/smaps` before and after the
+//! phones connect (`benches/tools/smaps_diff.py` compares them mapping by mapping);
+//! `PABAL_BENCH_TRACE_LARGE=1` prints each block of 16 KiB or more freed while they connect,
+//! with the relay's frames that freed it (the measurement itself is then off: the traces
+//! take memory).
 
 #![allow(clippy::unwrap_used)] // reason: a benchmark driver fails loudly
 
@@ -54,14 +66,17 @@ fn measure(backend: BackendKind, n: usize) {
     let config = common::relay_config(backend);
     let relay = RelayHandle::start(config).unwrap();
     let grown = common::growth_with_phones(&relay, n, &[]);
+    let per = |kib: u64| kib as f64 * 1024.0 / n as f64;
     println!(
-        "{:<9} {:>7} connections ({}): relay RSS +{} KiB = {:.0} bytes per connection \
-         (heap in use {:.0} bytes per connection)",
+        "{:<9} {:>7} connections ({}): relay RSS +{} KiB = {:.0} bytes per connection, \
+         anonymous +{} KiB = {:.0} (heap in use {:.0} bytes per connection)",
         relay.backend(),
         n,
         common::alloc::allocator_name(),
         grown.rss_kib,
-        grown.rss_kib as f64 * 1024.0 / n as f64,
+        per(grown.rss_kib),
+        grown.rss_anon_kib,
+        per(grown.rss_anon_kib),
         grown.heap_bytes as f64 / n as f64
     );
     relay.stop().unwrap();

@@ -59,7 +59,58 @@ fn count_in(ptr: *mut u8) -> *mut u8 {
 
 fn count_out(ptr: *mut u8) {
     // SAFETY: `ptr` is a live block of mimalloc's, about to be freed or reallocated.
-    MI_IN_USE.fetch_sub(unsafe { MiMalloc.usable_size(ptr) }, Ordering::Relaxed);
+    let size = unsafe { MiMalloc.usable_size(ptr) };
+    MI_IN_USE.fetch_sub(size, Ordering::Relaxed);
+    note_large_free(size);
+}
+
+/// Blocks at least this large are noted when freed while tracing is on.
+const LARGE_FREE: usize = 16 * 1024;
+/// Frees noted at most (the rest are counted in sizes only).
+const LARGE_FREES: usize = 256;
+
+/// Whether large frees are noted now ([`trace_large_frees`]). Off while one is being noted:
+/// noting allocates, and frees of its own must not be noted (nor recurse).
+static TRACE_LARGE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Each large block freed while tracing: its usable size and where it was freed.
+static LARGE_FREED: std::sync::Mutex<Vec<(usize, std::backtrace::Backtrace)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Notes a block of `size` usable bytes being freed, with the stack that frees it, when it
+/// is large and tracing is on (a diagnostic: capturing the stack takes memory and time).
+fn note_large_free(size: usize) {
+    if size < LARGE_FREE || !TRACE_LARGE.swap(false, Ordering::Relaxed) {
+        return;
+    }
+    let mut freed = LARGE_FREED.lock().unwrap_or_else(|e| e.into_inner());
+    if freed.len() < LARGE_FREES {
+        freed.push((size, std::backtrace::Backtrace::force_capture()));
+    }
+    drop(freed);
+    TRACE_LARGE.store(true, Ordering::Relaxed);
+}
+
+/// Starts (or stops) noting the large blocks freed, with the stacks that free them.
+pub fn trace_large_frees(on: bool) {
+    TRACE_LARGE.store(on, Ordering::Relaxed);
+}
+
+/// Prints each large block freed while tracing (and forgets them): its size and the
+/// relay's innermost source lines on the stack that freed it.
+pub fn print_large_frees() {
+    let freed = std::mem::take(&mut *LARGE_FREED.lock().unwrap_or_else(|e| e.into_inner()));
+    let total: usize = freed.iter().map(|(size, _)| size).sum();
+    eprintln!("{} large blocks freed, {} KiB:", freed.len(), total >> 10);
+    for (size, stack) in freed {
+        let text = stack.to_string();
+        let frames: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.find("relay/src/").map(|at| &l[at..]))
+            .take(4)
+            .collect();
+        eprintln!("  {size:>7} B freed at {}", frames.join(" < "));
+    }
 }
 
 // SAFETY: every call forwards to the one allocator chosen for the process (never changed
@@ -103,6 +154,9 @@ unsafe impl GlobalAlloc for BenchAlloc {
         // SAFETY: the caller's contract, forwarded.
         let new = unsafe { MiMalloc.realloc(ptr, layout, new_size) };
         if !new.is_null() {
+            if new != ptr {
+                note_large_free(old);
+            }
             MI_IN_USE.fetch_sub(old, Ordering::Relaxed);
             count_in(new);
         }

@@ -79,10 +79,22 @@ fn bind_all(mut client: Client, rooms: &[(bool, String)]) -> TcpStream {
 
 /// This process's resident set, KiB.
 pub fn rss_kib() -> u64 {
+    status_kib("VmRSS:")
+}
+
+/// This process's anonymous resident memory, KiB: the resident set less the pages of files
+/// mapped (its own executable's code among them, paged in as code paths first run) and of
+/// shared memory.
+pub fn rss_anon_kib() -> u64 {
+    status_kib("RssAnon:")
+}
+
+/// One KiB figure of `/proc/self/status`, by its field name (with the colon).
+fn status_kib(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap()
@@ -95,6 +107,9 @@ pub use alloc::heap_in_use;
 pub struct Growth {
     /// Resident set, KiB.
     pub rss_kib: u64,
+    /// Anonymous resident memory ([`rss_anon_kib`]), KiB: the resident set without the
+    /// executable's code paged in by the first connections (a fixed cost, not a phone's).
+    pub rss_anon_kib: u64,
     /// Heap in use ([`heap_in_use`]), bytes.
     pub heap_bytes: u64,
 }
@@ -119,7 +134,10 @@ pub fn growth_with_phones(
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     std::thread::sleep(Duration::from_millis(200));
-    let before = (rss_kib(), heap_in_use());
+    let before = (rss_kib(), heap_in_use(), rss_anon_kib());
+    save_smaps("before");
+    let trace = std::env::var_os("PABAL_BENCH_TRACE_LARGE").is_some();
+    alloc::trace_large_frees(trace);
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--phones", &n.to_string(), &relay.local_addr().to_string()])
         .args(extra)
@@ -130,7 +148,12 @@ pub fn growth_with_phones(
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
     std::thread::sleep(Duration::from_millis(500));
-    let after = (rss_kib(), heap_in_use());
+    let after = (rss_kib(), heap_in_use(), rss_anon_kib());
+    save_smaps("after");
+    if trace {
+        alloc::trace_large_frees(false);
+        alloc::print_large_frees();
+    }
     assert_eq!(relay.stats().connections, n as u64);
     // A profiler's window: `PABAL_BENCH_HOLD_SECS` keeps the phones connected this long
     // after the measurement (e.g. for `vgdb --pid=PID detailed_snapshot FILE` under massif).
@@ -146,6 +169,19 @@ pub fn growth_with_phones(
     Growth {
         rss_kib: after.0.saturating_sub(before.0),
         heap_bytes: after.1.saturating_sub(before.1),
+        rss_anon_kib: after.2.saturating_sub(before.2),
+    }
+}
+
+/// Where `PABAL_BENCH_SMAPS` asks for it, a copy of this process's `/proc/self/smaps` as
+/// `PREFIX.PID.WHEN` (the resident set per mapping, for `benches/tools/smaps_diff.py`).
+fn save_smaps(when: &str) {
+    if let Ok(prefix) = std::env::var("PABAL_BENCH_SMAPS") {
+        let path = format!("{prefix}.{}.{when}", std::process::id());
+        // Read then written: procfs files do not copy with `copy_file_range`.
+        let smaps = std::fs::read("/proc/self/smaps").unwrap();
+        std::fs::write(&path, smaps).unwrap();
+        eprintln!("smaps {when}: {path}");
     }
 }
 

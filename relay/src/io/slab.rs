@@ -307,22 +307,50 @@ type Token = u64;
 /// map).
 const DENSE_FREE: usize = 1024;
 
+/// Entries per chunk of a [`TokenIndex`]'s dense part (8 KiB: a small block for the
+/// allocator, made once and never moved).
+const INDEX_CHUNK: usize = 1024;
+
+/// One chunk of a [`TokenIndex`]'s dense part: [`INDEX_CHUNK`] entries, allocated once at
+/// their full size, and how many of them are taken (a chunk left empty at the end is freed
+/// whole, with no scan).
+#[derive(Debug)]
+struct IndexChunk {
+    /// By the token's low half within the chunk: `(high half, slot + 1)`, `(0, 0)` when empty.
+    entries: Box<[(u32, u32)]>,
+    /// Entries taken.
+    live: u32,
+}
+
+impl IndexChunk {
+    fn new() -> Self {
+        IndexChunk {
+            entries: vec![(0, 0); INDEX_CHUNK].into_boxed_slice(),
+            live: 0,
+        }
+    }
+}
+
 /// A backend's connections by the worker's token: the slot each token's connection is in.
 ///
 /// The worker's tokens are its own slab keys (the slot in the low 32 bits, a generation in
-/// the high), so their low halves are dense: the index is a vector indexed by the low half
+/// the high), so their low halves are dense: the index is an array indexed by the low half
 /// holding (high half, slot + 1), 8 bytes per entry, where a hash map spent 16 bytes a
 /// bucket and held up to twice the buckets it had entries (28 bytes per idle phone at
-/// 10,000). The backend contract does not promise dense tokens, so a token whose low half
-/// is far past the connections indexed, or whose entry is taken by another live token
-/// (a slot the worker reused before the backend let the old connection go), goes to a hash
-/// map instead: any token works, dense ones cost least. The vector's empty tail is cut
-/// and its spare capacity returned when it is less than a quarter full (bounded: at most
-/// once per halving, not per removal).
+/// 10,000). The array is a list of chunks of [`INDEX_CHUNK`] entries, each allocated once
+/// and never moved, like the [`Slab`]'s: a vector grown by doubling held up to twice the
+/// entries in use (16,384 at 10,000 connections), and every doubling copied it and freed
+/// the old block, whose pages the allocator keeps resident for a while (112 KiB freed that
+/// way while 10,000 phones connected). The backend contract does not promise dense tokens,
+/// so a token whose low half is far past the connections indexed, or whose entry is taken
+/// by another live token (a slot the worker reused before the backend let the old
+/// connection go), goes to a hash map instead: any token works, dense ones cost least.
+/// Empty chunks at the end are freed as they empty, all but one (so a connection coming
+/// and going at a chunk's edge does not free and allocate a chunk each time).
 #[derive(Debug, Default)]
 pub struct TokenIndex {
-    /// By the token's low half: `(high half, slot + 1)`, `(0, 0)` when empty.
-    dense: Vec<(u32, u32)>,
+    /// The dense part, by the token's low half ([`INDEX_CHUNK`] entries a chunk).
+    dense: Vec<IndexChunk>,
     /// Tokens the dense part does not hold.
     sparse: HashMap<Token, u32>,
     /// Entries in `dense`.
@@ -330,11 +358,22 @@ pub struct TokenIndex {
 }
 
 impl TokenIndex {
+    /// The dense entry for the low half `lo`, if its chunk is allocated.
+    fn entry(&self, lo: usize) -> Option<(u32, u32)> {
+        let chunk = self.dense.get(lo / INDEX_CHUNK)?;
+        chunk.entries.get(lo % INDEX_CHUNK).copied()
+    }
+
+    /// Entries the dense part has allocated.
+    fn dense_slots(&self) -> usize {
+        self.dense.len() * INDEX_CHUNK
+    }
+
     /// The slot of `token`'s connection.
     pub fn get(&self, token: Token) -> Option<u32> {
         let (lo, hi) = (token as u32 as usize, (token >> 32) as u32);
-        match self.dense.get(lo) {
-            Some(&(h, slot)) if slot != 0 && h == hi => Some(slot - 1),
+        match self.entry(lo) {
+            Some((h, slot)) if slot != 0 && h == hi => Some(slot - 1),
             _ if self.sparse.is_empty() => None,
             _ => self.sparse.get(&token).copied(),
         }
@@ -363,14 +402,18 @@ impl TokenIndex {
         self.remove(token);
         let (lo, hi) = (token as u32 as usize, (token >> 32) as u32);
         let bound = DENSE_FREE.max(2 * (self.len() + 1));
-        let fits = lo < self.dense.len() || lo < bound;
+        let fits = lo < self.dense_slots() || lo < bound;
         // `slot + 1` must not wrap (slabs stop far below `u32::MAX` slots).
         if fits && slot < u32::MAX {
-            if self.dense.len() <= lo {
-                self.dense.resize(lo + 1, (0, 0));
+            while self.dense.len() <= lo / INDEX_CHUNK {
+                self.dense.push(IndexChunk::new());
             }
-            if self.dense[lo].1 == 0 {
-                self.dense[lo] = (hi, slot + 1);
+            if let Some(chunk) = self.dense.get_mut(lo / INDEX_CHUNK)
+                && let Some(entry) = chunk.entries.get_mut(lo % INDEX_CHUNK)
+                && entry.1 == 0
+            {
+                *entry = (hi, slot + 1);
+                chunk.live += 1;
                 self.dense_len += 1;
                 return;
             }
@@ -381,17 +424,23 @@ impl TokenIndex {
     /// Forgets `token`; returns its slot.
     pub fn remove(&mut self, token: Token) -> Option<u32> {
         let (lo, hi) = (token as u32 as usize, (token >> 32) as u32);
-        if let Some(entry) = self.dense.get_mut(lo)
+        if let Some(chunk) = self.dense.get_mut(lo / INDEX_CHUNK)
+            && let Some(entry) = chunk.entries.get_mut(lo % INDEX_CHUNK)
             && entry.1 != 0
             && entry.0 == hi
         {
             let slot = entry.1 - 1;
             *entry = (0, 0);
+            chunk.live -= 1;
             self.dense_len -= 1;
             self.trim();
             return Some(slot);
         }
-        self.sparse.remove(&token)
+        let slot = self.sparse.remove(&token);
+        if self.sparse.is_empty() && self.sparse.capacity() > 0 {
+            self.sparse = HashMap::new();
+        }
+        slot
     }
 
     /// Tokens indexed.
@@ -404,18 +453,28 @@ impl TokenIndex {
         self.len() == 0
     }
 
-    /// Cuts the empty tail and returns spare capacity once the vector is under a quarter
-    /// full: each trim at least halves the capacity, so trims stay rare.
+    /// Frees the empty chunks at the end of the dense part but the last of them: a chunk
+    /// is freed only once the one before it is empty too.
     fn trim(&mut self) {
-        if self.dense.capacity() > DENSE_FREE && self.dense_len < self.dense.capacity() / 4 {
-            while self.dense.last().is_some_and(|e| e.1 == 0) {
-                self.dense.pop();
-            }
-            self.dense.shrink_to(self.dense_len.max(DENSE_FREE) * 2);
+        while let [.., before, last] = self.dense.as_slice()
+            && before.live == 0
+            && last.live == 0
+        {
+            self.dense.pop();
         }
-        if self.sparse.is_empty() && self.sparse.capacity() > 0 {
-            self.sparse = HashMap::new();
-        }
+    }
+
+    /// Entries the dense part has allocated (tests check the spare ones are few).
+    #[cfg(test)]
+    fn allocated_entries(&self) -> usize {
+        self.dense.iter().map(|chunk| chunk.entries.len()).sum()
+    }
+
+    /// Where the dense entry for the low half `lo` lives (tests check entries never move).
+    #[cfg(test)]
+    fn entry_address(&self, lo: usize) -> Option<*const (u32, u32)> {
+        let chunk = self.dense.get(lo / INDEX_CHUNK)?;
+        chunk.entries.get(lo % INDEX_CHUNK).map(std::ptr::from_ref)
     }
 }
 
@@ -454,8 +513,8 @@ mod tests {
             (Some(1), Some(2))
         );
         assert!(
-            index.dense.len() < 20_000,
-            "a stray token does not size the vector"
+            index.dense_slots() < 20_000,
+            "a stray token does not size the dense part"
         );
         assert_eq!(index.remove(token(3, 42)), Some(52));
         assert_eq!(index.get(token(3, 42)), None);
@@ -468,15 +527,15 @@ mod tests {
             assert!(index.remove(t).is_some());
             assert!(index.remove(t).is_none(), "removed once");
         }
-        // Churn: once the vector is under a quarter full its capacity goes back.
+        // Churn: emptied chunks at the end go back (all but one).
         for slot in 100..5000 {
             assert!(index.remove(token(3, slot)).is_some());
         }
         assert_eq!(index.len(), 99, "slots 0 to 99 but 42");
         assert!(
-            index.dense.capacity() <= 2 * DENSE_FREE,
+            index.allocated_entries() <= 2 * INDEX_CHUNK,
             "{}",
-            index.dense.capacity()
+            index.allocated_entries()
         );
         assert!(
             (0..100)
@@ -487,6 +546,43 @@ mod tests {
             index.sparse.capacity() == 0,
             "the emptied map freed its buckets"
         );
+    }
+
+    #[test]
+    fn a_token_index_grows_by_chunks_and_its_entries_never_move() {
+        let mut index = TokenIndex::default();
+        let token = |generation: u64, slot: u64| (generation << 32) | slot;
+        index.insert(token(1, 0), 0);
+        let first_at = index.entry_address(0).unwrap();
+        for slot in 1..10_000 {
+            index.insert(token(1, slot), slot as u32);
+        }
+        // A vector doubling up to the connections held 16,384 entries for 10,000 tokens by
+        // now, and had copied (and freed) its block at each doubling.
+        assert!(
+            index.allocated_entries() <= 10_000 + INDEX_CHUNK,
+            "{} entries allocated for 10,000 tokens",
+            index.allocated_entries()
+        );
+        assert_eq!(index.entry_address(0), Some(first_at), "an entry moved");
+        assert!(index.sparse.is_empty(), "dense tokens take no map bucket");
+        assert!((0..10_000).all(|slot| index.get(token(1, slot)) == Some(slot as u32)));
+        // A connection coming and going at a chunk's edge keeps the chunk: the empty one
+        // after the last used chunk stays.
+        let chunks = index.dense.len();
+        for _ in 0..3 {
+            index.insert(token(2, 10_240), 1);
+            assert_eq!(index.dense.len(), chunks + 1);
+            assert_eq!(index.remove(token(2, 10_240)), Some(1));
+            assert_eq!(index.dense.len(), chunks + 1, "the spare chunk is kept");
+        }
+        // Emptied from the end, chunks go back but one.
+        for slot in (1_000..10_000).rev() {
+            assert_eq!(index.remove(token(1, slot)), Some(slot as u32));
+        }
+        assert_eq!(index.dense.len(), 2, "the used chunk and one spare");
+        assert_eq!(index.entry_address(0), Some(first_at));
+        assert_eq!(index.len(), 1_000);
     }
 
     #[test]
