@@ -822,6 +822,49 @@ mod tests {
         assert_eq!(alias(&mut one, "bob", 0), (0, true));
     }
 
+    /// A relay's own form of a sender's id: a shared handle.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    struct Handle(std::sync::Arc<str>);
+
+    impl SenderId for Handle {
+        fn as_bytes(&self) -> &[u8] {
+            self.0.as_bytes()
+        }
+        fn same(&self, other: &Self) -> bool {
+            std::sync::Arc::ptr_eq(&self.0, &other.0)
+        }
+        fn to_text(&self) -> Text {
+            Text::from(&*self.0)
+        }
+    }
+
+    #[test]
+    fn a_relays_own_sender_form_is_kept_by_handle_and_encodes_as_text() {
+        let ann = Handle(std::sync::Arc::from("ann"));
+        let mut own = DeliverContext::<Handle>::new(1_000);
+        let mut text = DeliverContext::new(1_000);
+        let header = own.header(0, Some(11), 10, &ann, 1_250, 4);
+        // The table's slot and the header hold the handle: no copy of the name.
+        assert_eq!(std::sync::Arc::strong_count(&ann.0), 3);
+        let same = text.header(0, Some(11), 10, &Text::from("ann"), 1_250, 4);
+        let (mut a, mut b) = (bytes::BytesMut::new(), bytes::BytesMut::new());
+        header.encode_prefix(2, &mut a);
+        same.encode_prefix(2, &mut b);
+        assert_eq!((a, header.prefix_len(2)), (b, same.prefix_len(2)));
+        drop(header);
+        // Found again by the same handle, and by the name from another one.
+        assert!(own.header(0, None, 11, &ann, 1_250, 4).new_sender.is_none());
+        let other = Handle(std::sync::Arc::from("ann"));
+        assert!(
+            own.header(0, None, 11, &other, 1_250, 4)
+                .new_sender
+                .is_none()
+        );
+        // A RECEIPT entry that defines a member writes its name.
+        let entry = own.receipt_entry(&Handle(std::sync::Arc::from("bob")), 3, 1, 4);
+        assert_eq!(entry.new_member, Some(Text::from("bob")));
+    }
+
     #[test]
     fn a_skip_is_refused_unless_it_is_the_clients_own_message() {
         let mut client = ClientSession::new();
