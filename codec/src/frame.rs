@@ -12,7 +12,7 @@ use crate::error::{DecodeError, ErrorCode, GoAwayReason, LeftReason};
 use crate::limits::Limits;
 use crate::reader::Reader;
 pub use crate::receipt::{Read, Receipt, ReceiptEntry};
-use crate::text::Text;
+use crate::text::{SenderId, Text};
 use crate::varint::{len_u64, put_u64, unzigzag, zigzag};
 
 /// The newest protocol version this crate speaks: what a client offers first.
@@ -87,13 +87,24 @@ fn check_flags(frame: &'static str, flags: u8, defined: u8) -> Result<(), Decode
 
 #[inline]
 fn text_len(t: &Text) -> usize {
-    len_u64(t.len() as u64) + t.len()
+    bytes_len(t.as_bytes())
+}
+
+#[inline]
+fn bytes_len(b: &[u8]) -> usize {
+    len_u64(b.len() as u64) + b.len()
 }
 
 #[inline]
 fn put_text(dst: &mut impl BufMut, t: &Text) {
-    put_u64(dst, t.len() as u64);
-    dst.put_slice(t.as_bytes());
+    put_bytes(dst, t.as_bytes());
+}
+
+/// A length-prefixed string field from its (already validated) UTF-8 bytes.
+#[inline]
+fn put_bytes(dst: &mut impl BufMut, b: &[u8]) {
+    put_u64(dst, b.len() as u64);
+    dst.put_slice(b);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -729,9 +740,10 @@ pub struct PubAck {
 }
 
 /// The per-recipient part of a DELIVER: everything but the payload. The relay builds one
-/// per connection and sends it ahead of the payload that all recipients share.
+/// per connection and sends it ahead of the payload that all recipients share. The sender's
+/// id is a [`Text`] as decoded, or the relay's own form of it ([`SenderId`]) as built.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeliverHeader {
+pub struct DeliverHeader<S = Text> {
     /// The room's alias on this connection.
     pub alias: u32,
     /// The sequence, when it is not `cursor + 1` (see [`Room::cursor`]). Always `None` for
@@ -742,7 +754,7 @@ pub struct DeliverHeader {
     /// The sender's alias on this connection.
     pub sender_alias: u32,
     /// The sender's user id, when this frame (re)defines `sender_alias`.
-    pub new_sender: Option<Text>,
+    pub new_sender: Option<S>,
     /// The relay's acceptance time minus the previous DELIVER's (or WELCOME's), in ms.
     pub ts_delta_ms: i64,
 }
@@ -751,12 +763,15 @@ const DELIVER_SEQ: u8 = 0b001;
 const DELIVER_NEW_SENDER: u8 = 0b010;
 const DELIVER_EPHEMERAL: u8 = 0b100;
 
-impl DeliverHeader {
+impl<S: SenderId> DeliverHeader<S> {
     fn fields_len(&self) -> usize {
         1 + len_u64(u64::from(self.alias))
             + self.seq.map_or(0, len_u64)
             + len_u64(u64::from(self.sender_alias))
-            + self.new_sender.as_ref().map_or(0, text_len)
+            + self
+                .new_sender
+                .as_ref()
+                .map_or(0, |s| bytes_len(s.as_bytes()))
             + len_u64(zigzag(self.ts_delta_ms))
     }
 
@@ -787,7 +802,7 @@ impl DeliverHeader {
         }
         put_u64(dst, u64::from(self.sender_alias));
         if let Some(sender) = &self.new_sender {
-            put_text(dst, sender);
+            put_bytes(dst, sender.as_bytes());
         }
         put_u64(dst, zigzag(self.ts_delta_ms));
     }

@@ -37,4 +37,4 @@ pub use limits::Limits;
 pub use session::{
     ClientSession, DeliverContext, Event, MemberMarkers, RoomState, SenderAliases, room_id,
 };
-pub use text::Text;
+pub use text::{SenderId, Text};

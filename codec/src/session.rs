@@ -19,7 +19,7 @@ use crate::frame::{
     ClientFrame, DeliverHeader, ErrorFrame, GoAway, Hello, PROTOCOL_VERSION, Ping, Pong, Publish,
     Read, Receipt, ReceiptEntry, ResumeEntry, ResumeList, ServerFrame, Welcome,
 };
-use crate::text::Text;
+use crate::text::{SenderId, Text};
 
 /// The stable id of a room or channel: FNV-1a (64-bit) over a kind byte (`r` for a room,
 /// `c` for a channel) followed by the name's UTF-8 bytes. Stable across restarts and
@@ -43,21 +43,37 @@ pub fn room_id(channel: bool, name: &str) -> u64 {
 /// The bound is passed to each [`SenderAliases::alias`] (it is the relay's config, the same
 /// for every connection), and the table is made on the first sender: a connection that has
 /// been sent nothing holds 8 bytes here (a vector, its bound and its hand took 32 of every
-/// connection's record).
-#[derive(Debug, Clone, Default)]
-pub struct SenderAliases {
-    table: Option<Box<SenderTable>>,
+/// connection's record). A slot keeps the sender's id as the relay holds it (`S`, see
+/// [`SenderId`]): a clone of a shared handle, never a copy of the name.
+#[derive(Debug, Clone)]
+pub struct SenderAliases<S = Text> {
+    table: Option<Box<SenderTable<S>>>,
+}
+
+impl<S> Default for SenderAliases<S> {
+    fn default() -> Self {
+        SenderAliases { table: None }
+    }
 }
 
 /// A [`SenderAliases`] table once it has a sender.
-#[derive(Debug, Clone, Default)]
-struct SenderTable {
-    slots: Vec<Text>,
+#[derive(Debug, Clone)]
+struct SenderTable<S> {
+    slots: Vec<S>,
     /// The slot reused next once full.
     hand: u32,
 }
 
-impl SenderAliases {
+impl<S> Default for SenderTable<S> {
+    fn default() -> Self {
+        SenderTable {
+            slots: Vec::new(),
+            hand: 0,
+        }
+    }
+}
+
+impl<S: SenderId> SenderAliases<S> {
     /// An empty table.
     pub fn new() -> Self {
         Self::default()
@@ -67,12 +83,12 @@ impl SenderAliases {
     /// of at most `capacity` (at least 1) senders. A table never shrinks: after a lower
     /// bound (a reload), its slots past the bound stay defined and are reused in turn with
     /// the rest.
-    pub fn alias(&mut self, sender: &Text, capacity: usize) -> (u32, bool) {
+    pub fn alias(&mut self, sender: &S, capacity: usize) -> (u32, bool) {
         let table = self.table.get_or_insert_default();
         if let Some(i) = table
             .slots
             .iter()
-            .position(|s| s.same_buffer(sender) || s == sender)
+            .position(|s| s.same(sender) || s.as_bytes() == sender.as_bytes())
         {
             return (i as u32, false);
         }
@@ -93,14 +109,15 @@ impl SenderAliases {
     }
 }
 
-/// The relay's per-connection state for building DELIVER headers.
+/// The relay's per-connection state for building DELIVER headers, with senders' ids held
+/// as `S` (see [`SenderId`]).
 #[derive(Debug, Clone)]
-pub struct DeliverContext {
+pub struct DeliverContext<S = Text> {
     last_ts_ms: u64,
-    senders: SenderAliases,
+    senders: SenderAliases<S>,
 }
 
-impl DeliverContext {
+impl<S: SenderId> DeliverContext<S> {
     /// Starts from the `server_time_ms` sent in WELCOME.
     pub fn new(welcome_time_ms: u64) -> Self {
         DeliverContext {
@@ -110,7 +127,7 @@ impl DeliverContext {
     }
 
     /// The sender table (made on the first sender: see [`SenderAliases`]).
-    pub fn senders(&self) -> &SenderAliases {
+    pub fn senders(&self) -> &SenderAliases<S> {
         &self.senders
     }
 
@@ -123,10 +140,10 @@ impl DeliverContext {
         alias: u32,
         seq: Option<u64>,
         cursor: u64,
-        sender: &Text,
+        sender: &S,
         ts_ms: u64,
         sender_capacity: usize,
-    ) -> DeliverHeader {
+    ) -> DeliverHeader<S> {
         let (sender_alias, new) = self.senders.alias(sender, sender_capacity);
         let ts_delta_ms = ts_ms as i64 - self.last_ts_ms as i64;
         self.last_ts_ms = ts_ms;
@@ -141,13 +158,13 @@ impl DeliverContext {
     }
 }
 
-impl DeliverContext {
+impl<S: SenderId> DeliverContext<S> {
     /// A RECEIPT entry (version 3) for `member`'s markers: the member is named by its slot
     /// in this connection's sender table (PROTOCOL.md §10, at most `sender_capacity`
     /// senders), defined by the entry if needed.
     pub fn receipt_entry(
         &mut self,
-        member: &Text,
+        member: &S,
         delivered: u64,
         read: u64,
         sender_capacity: usize,
@@ -155,7 +172,7 @@ impl DeliverContext {
         let (member_alias, new) = self.senders.alias(member, sender_capacity);
         ReceiptEntry {
             member_alias,
-            new_member: new.then(|| member.clone()),
+            new_member: new.then(|| member.to_text()),
             delivered,
             read: read.min(delivered),
         }
@@ -803,6 +820,49 @@ mod tests {
         let mut one = DeliverContext::new(0);
         assert_eq!(alias(&mut one, "ann", 0), (0, true));
         assert_eq!(alias(&mut one, "bob", 0), (0, true));
+    }
+
+    /// A relay's own form of a sender's id: a shared handle.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    struct Handle(std::sync::Arc<str>);
+
+    impl SenderId for Handle {
+        fn as_bytes(&self) -> &[u8] {
+            self.0.as_bytes()
+        }
+        fn same(&self, other: &Self) -> bool {
+            std::sync::Arc::ptr_eq(&self.0, &other.0)
+        }
+        fn to_text(&self) -> Text {
+            Text::from(&*self.0)
+        }
+    }
+
+    #[test]
+    fn a_relays_own_sender_form_is_kept_by_handle_and_encodes_as_text() {
+        let ann = Handle(std::sync::Arc::from("ann"));
+        let mut own = DeliverContext::<Handle>::new(1_000);
+        let mut text = DeliverContext::new(1_000);
+        let header = own.header(0, Some(11), 10, &ann, 1_250, 4);
+        // The table's slot and the header hold the handle: no copy of the name.
+        assert_eq!(std::sync::Arc::strong_count(&ann.0), 3);
+        let same = text.header(0, Some(11), 10, &Text::from("ann"), 1_250, 4);
+        let (mut a, mut b) = (bytes::BytesMut::new(), bytes::BytesMut::new());
+        header.encode_prefix(2, &mut a);
+        same.encode_prefix(2, &mut b);
+        assert_eq!((a, header.prefix_len(2)), (b, same.prefix_len(2)));
+        drop(header);
+        // Found again by the same handle, and by the name from another one.
+        assert!(own.header(0, None, 11, &ann, 1_250, 4).new_sender.is_none());
+        let other = Handle(std::sync::Arc::from("ann"));
+        assert!(
+            own.header(0, None, 11, &other, 1_250, 4)
+                .new_sender
+                .is_none()
+        );
+        // A RECEIPT entry that defines a member writes its name.
+        let entry = own.receipt_entry(&Handle(std::sync::Arc::from("bob")), 3, 1, 4);
+        assert_eq!(entry.new_member, Some(Text::from("bob")));
     }
 
     #[test]

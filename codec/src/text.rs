@@ -58,6 +58,37 @@ impl Text {
     }
 }
 
+/// A user id in the form its holder keeps it: what a connection's table of sender aliases
+/// ([`crate::SenderAliases`]) keeps per slot and a DELIVER that (re)defines an alias writes.
+/// [`Text`] is one; a relay may use a shared handle of its own, so that neither a message's
+/// sender nor a delivery ever copies the name.
+pub trait SenderId: Clone {
+    /// The id's UTF-8 bytes.
+    fn as_bytes(&self) -> &[u8];
+
+    /// Whether both are known to be the same id without comparing bytes (shared memory);
+    /// `false` says nothing.
+    fn same(&self, other: &Self) -> bool;
+
+    /// The id as a `Text` (for a RECEIPT entry that defines it; a copy where the holder
+    /// keeps it otherwise).
+    fn to_text(&self) -> Text;
+}
+
+impl SenderId for Text {
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn same(&self, other: &Self) -> bool {
+        self.same_buffer(other)
+    }
+
+    fn to_text(&self) -> Text {
+        self.clone()
+    }
+}
+
 impl From<&str> for Text {
     fn from(s: &str) -> Self {
         Text(Bytes::copy_from_slice(s.as_bytes()))

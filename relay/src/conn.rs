@@ -10,10 +10,11 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use pabal_codec::{DeliverContext, DeliverHeader, ServerFrame, Text};
+use pabal_codec::{DeliverContext, DeliverHeader, ServerFrame};
 
 use crate::ids::RoomName;
 use crate::mesh::StartFrom;
+use crate::sender_name::SenderName;
 
 mod rate;
 
@@ -30,7 +31,7 @@ const DELIVER_FIELDS_MAX: usize = 64;
 
 /// An upper bound on the bytes a DELIVER of `payload_len` bytes from `sender` takes queued
 /// (the sender's name counts in case it must be defined in this frame).
-pub fn deliver_bound(payload_len: usize, sender: &Text) -> usize {
+pub fn deliver_bound(payload_len: usize, sender: &SenderName) -> usize {
     payload_len + sender.len() + DELIVER_FIELDS_MAX
 }
 
@@ -383,7 +384,7 @@ impl std::ops::DerefMut for Bindings {
 #[derive(Debug, Default)]
 pub struct Rare {
     /// Latest ephemeral event per (alias, sender) held back while the queue is full.
-    pub ephemeral_backlog: Vec<(u32, Text, u64, Bytes)>,
+    pub ephemeral_backlog: Vec<(u32, SenderName, u64, Bytes)>,
     /// When closing began.
     pub closing_since: Option<Instant>,
     /// The fatal ERROR to send once `publishes_in_flight` reaches zero ([`Phase::Failing`]).
@@ -481,7 +482,7 @@ pub struct Conn {
     /// Bound aliases (index = alias).
     pub subs: Bindings,
     /// DELIVER encoding state.
-    pub ctx: DeliverContext,
+    pub ctx: DeliverContext<SenderName>,
     /// Last time anything arrived.
     pub last_rx: Stamp,
     /// While handshaking, when the connection was accepted; once open, when the
@@ -650,7 +651,7 @@ impl Conn {
 
     /// Queues a DELIVER: the per-connection header, then the shared payload (copied when
     /// small, referenced when large). Dropped once closing.
-    pub fn write_deliver(&mut self, header: &DeliverHeader, payload: &Bytes) {
+    pub fn write_deliver(&mut self, header: &DeliverHeader<SenderName>, payload: &Bytes) {
         if !self.writable() {
             return;
         }
@@ -700,12 +701,13 @@ impl Conn {
         }
     }
 
-    /// The user's name (empty before HELLO), as a `Text`: a copy of the handle's bytes, one
-    /// small block per publish (the message's sender in the room's history).
-    pub fn user_text(&self) -> Text {
+    /// The user as a message's sender (no one before HELLO): the connection's name record,
+    /// shared, so a publish copies nothing and allocates nothing for its sender (the room's
+    /// history and every recipient's sender table hold the same record).
+    pub fn sender(&self) -> SenderName {
         self.user
             .as_ref()
-            .map_or_else(Text::default, crate::ids::UserName::text)
+            .map_or_else(SenderName::default, |u| SenderName::User(u.clone()))
     }
 
     /// The connection's rare state, made on first use.
@@ -793,6 +795,8 @@ impl Conn {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
 mod tests {
+    use pabal_codec::Text;
+
     use super::*;
 
     const ONE_A_SECOND: BucketRates = BucketRates {
@@ -840,7 +844,7 @@ mod tests {
         // The DELIVER encoding state: the last timestamp and the sender table, made on the
         // first sender (40 bytes with the table's list, bound and hand inline; 48 with the
         // bound and hand as usizes).
-        assert!(std::mem::size_of::<DeliverContext>() <= 16);
+        assert!(std::mem::size_of::<DeliverContext<SenderName>>() <= 16);
         assert!(
             !conn.ctx.senders().is_made(),
             "nothing sent: no sender table"

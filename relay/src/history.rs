@@ -164,7 +164,7 @@ mod tests {
             seq,
             ts_ms,
             accepted_at: std::time::Instant::now(),
-            sender: Text::from("u"),
+            sender: Text::from("u").into(),
             origin: None,
             payload: Bytes::from(vec![0u8; len]),
         })

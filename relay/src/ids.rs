@@ -292,8 +292,9 @@ pub struct Stored {
     pub ts_ms: u64,
     /// When the owner accepted it, on the monotonic clock (for the relay's own latency).
     pub accepted_at: std::time::Instant,
-    /// Who published it.
-    pub sender: Text,
+    /// Who published it: the publishing connection's name record, shared (a local
+    /// publish), or the bytes it arrived in.
+    pub sender: crate::sender_name::SenderName,
     /// The connection that published it (never echoed back to it); `None` for the server API.
     pub origin: Option<Origin>,
     /// The body, exactly as published.

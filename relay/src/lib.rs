@@ -30,7 +30,10 @@ pub mod metrics;
 pub mod reload;
 pub mod rng;
 pub mod runtime;
+pub mod sender_name;
 pub(crate) mod stats;
 pub mod storage;
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks;
 pub(crate) mod transport;
 pub mod watchdog;

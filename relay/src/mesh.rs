@@ -22,6 +22,7 @@ use pabal_codec::{ErrorCode, LeftReason, Text};
 use crate::idempotency::IdempotencyKey;
 use crate::ids::{CoreId, Origin, RoomName, StoredRef, UserName};
 use crate::io::Wakeup;
+use crate::sender_name::SenderName;
 
 /// Where a connection wants a room's stream to start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,8 +85,8 @@ pub enum CoreMsg {
         room: RoomName,
         /// The publishing connection, alias, binding and message id.
         by: PublishedBy,
-        /// The publishing user.
-        sender: Text,
+        /// The publishing user: the connection's name record, shared.
+        sender: SenderName,
         /// The body.
         payload: Bytes,
     },
@@ -95,8 +96,8 @@ pub enum CoreMsg {
         room: RoomName,
         /// The publishing connection.
         origin: Origin,
-        /// The publishing user.
-        sender: Text,
+        /// The publishing user: the connection's name record, shared.
+        sender: SenderName,
         /// The body.
         payload: Bytes,
     },
@@ -264,7 +265,7 @@ pub enum CoreMsg {
         /// The publishing connection (not echoed).
         origin: Option<Origin>,
         /// The sender.
-        sender: Text,
+        sender: SenderName,
         /// The owner's clock.
         ts_ms: u64,
         /// The body.

@@ -85,7 +85,7 @@ pub use config::{
 };
 pub use engine::EngineHandle;
 
-use crate::ids::RoomName;
+use crate::ids::{RoomName, UserName};
 use crate::stats::Histogram;
 /// The stage histograms' snapshots ([`ClusterStats::stages`]) and their buckets' upper
 /// bounds (µs).
@@ -172,8 +172,8 @@ pub enum EngineCmd {
         room: RoomName,
         /// The room's epoch the markers belong to.
         epoch: u64,
-        /// One marker per member.
-        markers: Vec<(Text, crate::core::Marker)>,
+        /// One marker per member, the member named by its shared record (no copy).
+        markers: Vec<(UserName, crate::core::Marker)>,
     },
     /// Read a room's markers (the room opened here, or its channel was resubscribed):
     /// answered by [`EngineEvent::Markers`] with every member's markers.
@@ -301,8 +301,9 @@ pub struct PublishRequest {
     pub epoch_hint: u64,
     /// When the owner took it, ms since the Unix epoch.
     pub ts_ms: u64,
-    /// Shown as the sender.
-    pub sender: Text,
+    /// Shown as the sender: the publishing connection's name record, shared (or the
+    /// server API's name).
+    pub sender: crate::sender_name::SenderName,
     /// The body.
     pub payload: Bytes,
     /// What names the message across retries (a v2 publish id or an `Idempotency-Key`):

@@ -523,7 +523,7 @@ impl Core {
         let may_publish = |name: &str| {
             auth_none || service || conn.claims.as_ref().is_some_and(|c| c.may_publish(name))
         };
-        let sender = conn.user_text();
+        let sender = conn.sender();
         let Some(Some(sub)) = conn.subs.get_mut(p.alias as usize) else {
             let reference = p.msg_id.unwrap_or(0);
             return self.refuse(

@@ -57,6 +57,7 @@ use crate::cluster::{
 use crate::idempotency::IdempotencyKey;
 use crate::ids::{RoomName, Stored, StoredRef};
 use crate::mesh::{ControlOp, ControlRefusal, ControlReply, CoreMsg, Published, PublishedBy};
+use crate::sender_name::SenderName;
 use crate::stats::inc;
 
 mod members;
@@ -134,7 +135,7 @@ struct PendingPublish {
     room: RoomName,
     publisher: Publisher,
     ts_ms: u64,
-    sender: Text,
+    sender: SenderName,
     payload: Bytes,
 }
 
@@ -417,7 +418,12 @@ impl Core {
                         ControlReply::Published(Some(Published::Repeat { seq })),
                     );
                 } else {
-                    self.cluster_publish(room, Publisher::Api { reply, key }, sender, payload);
+                    self.cluster_publish(
+                        room,
+                        Publisher::Api { reply, key },
+                        sender.into(),
+                        payload,
+                    );
                 }
                 None
             }
@@ -552,7 +558,7 @@ impl Core {
             return self.answer_batch(batch, index, Ok(Published::Repeat { seq }));
         }
         let publisher = Publisher::Batch { batch, index, key };
-        self.cluster_publish(room, publisher, sender, payload);
+        self.cluster_publish(room, publisher, sender.into(), payload);
     }
 
     /// Room `index` of `batch` has its answer; the batch is answered once all have one.
@@ -599,7 +605,7 @@ impl Core {
         &mut self,
         room: RoomName,
         by: PublishedBy,
-        sender: Text,
+        sender: SenderName,
         payload: Bytes,
         publish_id: Option<PublishId>,
     ) {
@@ -610,7 +616,7 @@ impl Core {
         &mut self,
         room: RoomName,
         publisher: Publisher,
-        sender: Text,
+        sender: SenderName,
         payload: Bytes,
     ) {
         let payload = if payload.len() < COMPACT_BELOW {
@@ -1058,7 +1064,7 @@ pub(super) fn stored(m: EngineMessage, now: Instant) -> StoredRef {
         seq: m.seq,
         ts_ms: m.ts_ms,
         accepted_at: now,
-        sender: m.sender,
+        sender: SenderName::Wire(m.sender),
         origin: None,
         payload: m.payload,
     })

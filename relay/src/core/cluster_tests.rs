@@ -4,7 +4,7 @@
 use super::*;
 use crate::cluster::{ClusterConfig, ClusterStats, EngineCmd, EngineEvent, EngineMessage};
 use crate::directory::JoinPoint;
-use crate::ids::RoomName;
+use crate::ids::{RoomName, UserName};
 
 fn cluster_harness() -> Harness {
     let mut h = Harness::new(|c| c.cluster = Some(ClusterConfig::default()));
@@ -696,9 +696,16 @@ fn a_ticks_acks_and_reads_reach_the_engine_as_one_batch_per_room_and_come_back_f
             assert_eq!(r, &room);
             assert_eq!(
                 markers,
-                &vec![(Text::from("ann"), m(3, 3)), (Text::from("bob"), m(2, 0))],
+                &vec![
+                    (UserName::from("ann"), m(3, 3)),
+                    (UserName::from("bob"), m(2, 0))
+                ],
                 "one entry per member, the latest of each part (from every worker)"
             );
+            // Bob's entry is his connection's own name record, shared: the batch copies
+            // no member's name.
+            let bobs = h.core.conn(bob).unwrap().user.clone().unwrap();
+            assert!(markers[1].0.same_record(&bobs), "bob's name was copied");
         }
         other => panic!("one markers batch for the room: {other:?}"),
     }

@@ -15,6 +15,7 @@ use crate::directory::DirectoryError;
 use crate::idempotency::IdempotencyKey;
 use crate::ids::RoomName;
 use crate::mesh::{ControlOp, ControlRefusal, ControlReply, Published, RoomInfo};
+use crate::sender_name::SenderName;
 use crate::stats::inc;
 
 impl ControlOp {
@@ -68,7 +69,7 @@ impl Core {
     fn publish_once(
         &mut self,
         room: RoomName,
-        sender: Text,
+        sender: SenderName,
         payload: Bytes,
         key: Option<IdempotencyKey>,
     ) -> Result<Published, ControlRefusal> {
@@ -131,10 +132,10 @@ impl Core {
                 key,
             } => {
                 if ephemeral {
-                    self.broadcast_ephemeral(&room, None, sender, payload);
+                    self.broadcast_ephemeral(&room, None, sender.into(), payload);
                     return ControlReply::Published(None);
                 }
-                match self.publish_once(room, sender, payload, key) {
+                match self.publish_once(room, sender.into(), payload, key) {
                     Ok(done) => ControlReply::Published(Some(done)),
                     Err(why) => ControlReply::Refused(why),
                 }
@@ -145,6 +146,7 @@ impl Core {
                 payload,
                 key,
             } => {
+                let sender = SenderName::from(sender);
                 let mut out = Vec::with_capacity(rooms.len());
                 for room in rooms {
                     let done =

@@ -23,13 +23,13 @@ use crate::stats::{dec, inc};
 /// sequences per room across LEFT and ROOM, PROTOCOL.md §9). The one rule for live and
 /// replayed deliveries alike.
 pub(super) fn advance(
-    ctx: &mut DeliverContext,
+    ctx: &mut DeliverContext<SenderName>,
     sub: &mut Sub,
     alias: u32,
     msg: &Stored,
     me: Origin,
     sender_aliases: usize,
-) -> Option<pabal_codec::DeliverHeader> {
+) -> Option<pabal_codec::DeliverHeader<SenderName>> {
     sub.set_position(msg.seq);
     if msg.origin == Some(me) {
         return None;
@@ -396,7 +396,7 @@ impl Core {
         &mut self,
         room: &RoomName,
         origin: Option<Origin>,
-        sender: &Text,
+        sender: &SenderName,
         ts_ms: u64,
         payload: &Bytes,
     ) {

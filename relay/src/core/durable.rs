@@ -31,6 +31,7 @@ use crate::directory::JoinPoint;
 use crate::history::PageInfo;
 use crate::ids::{CoreId, RoomName, Stored, StoredRef};
 use crate::mesh::{ControlRefusal, ControlReply, CoreMsg};
+use crate::sender_name::SenderName;
 use crate::storage::{
     Completion, Job, Lsn, RecoveryReport, RoomKey, StorageError, StorageEvent, StoredMessage,
     WorkerLog,
@@ -100,7 +101,7 @@ fn stored(m: StoredMessage, accepted_at: Instant) -> StoredRef {
         seq: m.seq,
         ts_ms: m.ts_ms,
         accepted_at,
-        sender: m.sender,
+        sender: SenderName::Wire(m.sender),
         origin: None,
         payload: m.payload,
     })
@@ -263,7 +264,7 @@ impl Core {
         room: &RoomName,
         seq: u64,
         ts_ms: u64,
-        sender: &Text,
+        sender: &str,
         payload: &Bytes,
         publish_id: Option<super::owner::PublishId>,
     ) -> Result<(), StorageError> {
@@ -273,7 +274,7 @@ impl Core {
         let key = self.store_epoch(room)?;
         if let Some(d) = self.storage.as_deref_mut() {
             d.log
-                .append_message(key, seq, ts_ms, 0, sender.as_str(), payload, publish_id)?;
+                .append_message(key, seq, ts_ms, 0, sender, payload, publish_id)?;
         }
         Ok(())
     }

@@ -25,6 +25,7 @@ use crate::directory::Membership;
 use crate::handoff::Handoff;
 use crate::handoff::detect::{Due, Noted, Window};
 use crate::ids::RoomName;
+use crate::sender_name::SenderName;
 use crate::stats::inc;
 
 /// The owner's hand-off state.
@@ -62,7 +63,7 @@ impl Core {
         room: &RoomName,
         seq: u64,
         ts_ms: u64,
-        publisher: &Text,
+        publisher: &SenderName,
     ) {
         if self.cluster.is_none() {
             self.note_window(room, seq, ts_ms, publisher);
@@ -76,12 +77,12 @@ impl Core {
         room: &RoomName,
         seq: u64,
         ts_ms: u64,
-        publisher: &Text,
+        publisher: &SenderName,
     ) {
         self.note_window(room, seq, ts_ms, publisher);
     }
 
-    fn note_window(&mut self, room: &RoomName, seq: u64, ts_ms: u64, publisher: &Text) {
+    fn note_window(&mut self, room: &RoomName, seq: u64, ts_ms: u64, publisher: &SenderName) {
         if !self.handoff.on {
             return;
         }
@@ -193,7 +194,7 @@ impl Core {
                 first_seq,
                 last_seq,
                 user,
-                publisher: last.publisher.clone(),
+                publisher: last.publisher.text(),
                 time_ms: last.ts_ms,
             });
         }
@@ -232,7 +233,7 @@ fn owed(
                 first_seq,
                 last_seq: last.seq,
                 user: member.text(),
-                publisher: last.publisher.clone(),
+                publisher: last.publisher.text(),
                 time_ms: last.ts_ms,
             });
         }

@@ -57,6 +57,7 @@ use crate::io::Token;
 pub use crate::io::Transport;
 use crate::io::slab::{Key, Slab};
 use crate::mesh::{ControlReply, CoreMsg};
+use crate::sender_name::SenderName;
 use crate::stats::{CoreStats, inc};
 
 /// Payloads shorter than this are copied out of the publisher's read buffer when accepted,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use pabal_codec::{LeftReason, Text};
+use pabal_codec::LeftReason;
 
 use super::stream_pages::PageReader;
 use super::*;
@@ -639,7 +639,7 @@ impl Core {
         &mut self,
         room: &RoomName,
         origin: Option<Origin>,
-        sender: Text,
+        sender: SenderName,
         payload: Bytes,
     ) {
         let ts_ms = self.now_ms();
@@ -672,7 +672,7 @@ impl Core {
         &mut self,
         room: RoomName,
         by: PublishedBy,
-        sender: Text,
+        sender: SenderName,
         payload: Bytes,
     ) -> Result<(), crate::storage::StorageError> {
         let (now, max_ids, max_age) = (
@@ -710,7 +710,7 @@ impl Core {
         &mut self,
         room: RoomName,
         from: Option<PublishedBy>,
-        sender: Text,
+        sender: SenderName,
         payload: Bytes,
         publish_id: Option<PublishId>,
     ) -> Result<u64, crate::storage::StorageError> {
@@ -724,7 +724,7 @@ impl Core {
             payload
         };
         let seq = self.owned_room(&room).head + 1;
-        self.store_message(&room, seq, now_ms, &sender, &payload, publish_id)?;
+        self.store_message(&room, seq, now_ms, sender.as_str(), &payload, publish_id)?;
         let (max_ids, max_age) = (
             self.config.limits.publish_ids,
             self.config.limits.publish_id_max_age,

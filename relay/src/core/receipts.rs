@@ -486,9 +486,11 @@ impl Core {
             };
             let mut len = 0;
             for (user, m) in markers {
+                // The table's slot shares the name's buffer (a reference count).
+                let member = SenderName::Wire(user.clone());
                 let entry = conn
                     .ctx
-                    .receipt_entry(user, m.delivered, m.read, sender_aliases);
+                    .receipt_entry(&member, m.delivered, m.read, sender_aliases);
                 let entry_len = entry.encoded_len();
                 if len + entry_len > max_body && !frame.entries.is_empty() {
                     write_receipt(conn, &mut frame, window);

@@ -330,7 +330,7 @@ impl Sim {
             let last_publisher = last
                 .first()
                 .filter(|m| m.seq == h.last_seq)
-                .map(|m| m.sender.clone());
+                .map(|m| m.sender.text());
             if h.epoch != room.epoch
                 || h.first_seq <= floor
                 || h.first_seq > h.last_seq

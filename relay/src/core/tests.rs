@@ -623,7 +623,7 @@ fn a_subscription_answer_for_an_earlier_membership_is_dropped() {
                     msg_id: 99,
                     publisher: 0,
                 },
-                sender: Text::from("ann"),
+                sender: Text::from("ann").into(),
                 payload: Bytes::from_static(b"while-removed"),
             },
             CoreMsg::Join {
@@ -692,7 +692,7 @@ fn nothing_is_written_to_a_connection_once_it_is_closing() {
         vec![CoreMsg::DeliverEphemeral {
             room: room_named("r"),
             origin: None,
-            sender: Text::from("ann"),
+            sender: Text::from("ann").into(),
             ts_ms: 0,
             payload: Bytes::from_static(b"typing"),
         }],

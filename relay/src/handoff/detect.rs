@@ -24,9 +24,8 @@ use std::cmp::Ordering;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use pabal_codec::Text;
-
 use crate::ids::RoomName;
+use crate::sender_name::SenderName;
 
 /// One message as a window remembers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,8 +34,8 @@ pub struct Noted {
     pub seq: u64,
     /// When it was accepted, ms since the Unix epoch.
     pub ts_ms: u64,
-    /// Who published it.
-    pub publisher: Text,
+    /// Who published it (the message's own sender, shared).
+    pub publisher: SenderName,
 }
 
 /// Messages of one room accepted within `delay` of each other's window opening.
@@ -191,6 +190,8 @@ impl Ord for Due {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
 mod tests {
+    use pabal_codec::Text;
+
     use super::*;
 
     const DELAY: Duration = Duration::from_secs(10);
@@ -199,7 +200,7 @@ mod tests {
         Noted {
             seq,
             ts_ms: seq * 1000,
-            publisher: Text::from_static(publisher),
+            publisher: Text::from_static(publisher).into(),
         }
     }
 

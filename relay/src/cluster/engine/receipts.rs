@@ -28,7 +28,7 @@ use super::super::{EngineErrorKind, EngineEvent, Topology};
 use super::{Engine, Pending, encode_script};
 use crate::core::Marker;
 use crate::directory::JoinPoint;
-use crate::ids::RoomName;
+use crate::ids::{RoomName, UserName};
 use crate::mesh::RoomUnread;
 
 /// Members' markers that may wait for the engine at once, all rooms, per engine thread
@@ -63,7 +63,7 @@ pub(in crate::cluster) enum Step {
     Markers {
         room: RoomName,
         epoch: u64,
-        markers: Vec<(Text, Marker)>,
+        markers: Vec<(UserName, Marker)>,
     },
     /// A hand-off decision.
     Handoff(HandoffCheck),
@@ -113,7 +113,7 @@ pub(in crate::cluster) struct EngineReceipts {
 #[derive(Default)]
 struct WaitingMarkers {
     /// Room → (epoch, member → latest marker).
-    rooms: HashMap<RoomName, (u64, HashMap<Text, Marker>)>,
+    rooms: HashMap<RoomName, (u64, HashMap<UserName, Marker>)>,
     /// Members' markers held, all rooms.
     held: usize,
 }
@@ -121,7 +121,12 @@ struct WaitingMarkers {
 impl WaitingMarkers {
     /// Merges a batch into what waits; `(whether the room started waiting, how many
     /// updates were dropped)`.
-    fn keep(&mut self, room: RoomName, epoch: u64, markers: Vec<(Text, Marker)>) -> (bool, u64) {
+    fn keep(
+        &mut self,
+        room: RoomName,
+        epoch: u64,
+        markers: Vec<(UserName, Marker)>,
+    ) -> (bool, u64) {
         let new_room = !self.rooms.contains_key(&room);
         if new_room && self.held >= MAX_WAITING_MARKERS {
             return (false, markers.len() as u64);
@@ -153,7 +158,7 @@ impl WaitingMarkers {
     }
 
     /// Everything that waits, by room (nothing waits after).
-    fn take(&mut self) -> HashMap<RoomName, (u64, HashMap<Text, Marker>)> {
+    fn take(&mut self) -> HashMap<RoomName, (u64, HashMap<UserName, Marker>)> {
         self.held = 0;
         std::mem::take(&mut self.rooms)
     }
@@ -167,7 +172,7 @@ fn encode_markers(
     eval: bool,
     keys: [&[u8]; 4],
     head: [&[u8]; 3],
-    markers: &[(Text, Marker)],
+    markers: &[(UserName, Marker)],
 ) {
     let call: [&[u8]; 3] = if eval {
         [b"EVAL", r::MARKERS.text.as_bytes(), b"4"]
@@ -204,7 +209,7 @@ impl Engine {
         &mut self,
         room: RoomName,
         epoch: u64,
-        mut markers: Vec<(Text, Marker)>,
+        mut markers: Vec<(UserName, Marker)>,
         (eval, target, hops): (bool, Option<usize>, u8),
     ) {
         while markers.len() > MAX_MARKERS_PER_CALL {
@@ -255,7 +260,7 @@ impl Engine {
 
     /// Keeps a batch that could not be sent: merged into what waits (the latest marker per
     /// member), bounded ([`MAX_WAITING_MARKERS`]).
-    fn keep_markers(&mut self, room: RoomName, epoch: u64, markers: Vec<(Text, Marker)>) {
+    fn keep_markers(&mut self, room: RoomName, epoch: u64, markers: Vec<(UserName, Marker)>) {
         let (new_room, dropped) = self.receipts.waiting.keep(room, epoch, markers);
         if new_room {
             self.stats.markers_waiting.fetch_add(1, Ordering::Relaxed);
@@ -619,12 +624,12 @@ impl Engine {
 mod tests {
     use super::*;
 
-    fn member(i: usize) -> (Text, Marker) {
+    fn member(i: usize) -> (UserName, Marker) {
         let m = Marker {
             delivered: i as u64 + 1,
             read: i as u64,
         };
-        (Text::from(format!("user{i}").as_str()), m)
+        (UserName::from(format!("user{i}").as_str()), m)
     }
 
     #[test]

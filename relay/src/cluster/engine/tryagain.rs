@@ -240,7 +240,7 @@ mod tests {
             room: room.clone(),
             epoch_hint: 1,
             ts_ms: 0,
-            sender: Text::from("alice"),
+            sender: Text::from("alice").into(),
             payload: Bytes::new(),
             repeat: None,
             window: 1,

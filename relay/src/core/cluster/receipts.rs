@@ -28,21 +28,21 @@ use super::super::{Core, ReplyTo};
 use crate::cluster::receipts::{MAX_RECEIPTS_MEMBERS, ReceiptsAnswer};
 use crate::cluster::{EngineCmd, EngineEvent};
 use crate::core::Marker;
-use crate::ids::RoomName;
+use crate::ids::{RoomName, UserName};
 use crate::mesh::{ControlRefusal, ControlReply, MarkerUpdate};
 
 /// The owner's receipts state in cluster mode.
 #[derive(Debug, Default)]
 pub(in crate::core) struct ReceiptsSide {
     /// This tick's marker updates per room: the room's epoch and the updates.
-    batches: HashMap<RoomName, (u64, Vec<(Text, Marker)>)>,
+    batches: HashMap<RoomName, (u64, Vec<(UserName, Marker)>)>,
     /// Server-API reads waiting for the engine, by ticket.
     api: HashMap<u64, ReplyTo>,
     next_ticket: u64,
 }
 
 /// Merges a room's updates into one per member (the largest of each part), sorted by user.
-fn one_per_member(list: &mut Vec<(Text, Marker)>) {
+fn one_per_member(list: &mut Vec<(UserName, Marker)>) {
     list.sort_unstable_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
     list.dedup_by(|later, kept| {
         if later.0 != kept.0 {
@@ -71,8 +71,8 @@ impl Core {
                 *epoch = u.epoch;
                 list.clear();
             }
-            // The engine's batch carries the name as a `Text` (a copy; cluster mode only).
-            list.push((u.user.text(), u.marker));
+            // The engine's batch shares the member's name record (no copy per member).
+            list.push((u.user, u.marker));
         }
     }
 
@@ -196,15 +196,18 @@ mod tests {
     fn a_rooms_updates_merge_into_one_per_member() {
         let m = |delivered, read| Marker { delivered, read };
         let mut list = vec![
-            (Text::from("bob"), m(5, 0)),
-            (Text::from("ann"), m(3, 1)),
-            (Text::from("bob"), m(2, 2)),
-            (Text::from("ann"), m(4, 0)),
+            (UserName::from("bob"), m(5, 0)),
+            (UserName::from("ann"), m(3, 1)),
+            (UserName::from("bob"), m(2, 2)),
+            (UserName::from("ann"), m(4, 0)),
         ];
         one_per_member(&mut list);
         assert_eq!(
             list,
-            vec![(Text::from("ann"), m(4, 1)), (Text::from("bob"), m(5, 2))]
+            vec![
+                (UserName::from("ann"), m(4, 1)),
+                (UserName::from("bob"), m(5, 2))
+            ]
         );
     }
 }

@@ -186,7 +186,7 @@ fn channels_and_rooms_ruled_off_fire_none_and_a_rule_sets_its_own_delay() {
         .accept_publish(
             brand.clone(),
             None,
-            Text::from("acme"),
+            Text::from("acme").into(),
             Bytes::from_static(b"sale"),
             None,
         )

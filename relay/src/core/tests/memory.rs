@@ -404,6 +404,47 @@ fn an_idle_phone_holds_no_sender_table_until_its_first_delivery() {
 }
 
 #[test]
+fn a_messages_sender_is_the_publishers_name_record_in_history_and_sender_tables() {
+    // A publish copied the user's name into a `Text` (a block per message, kept in
+    // history, and a second one once a recipient's sender table shared it); the message
+    // carries the connection's record now, and its entry is no larger.
+    assert_eq!(std::mem::size_of::<crate::ids::Stored>(), 120);
+    let mut h = Harness::new(|_| {});
+    let (ann, bob) = two_phones_in_a_room(&mut h);
+    h.publish(ann, 0, "hi");
+    h.publish(ann, 0, "again");
+    assert_eq!(h.messages(bob).len(), 2);
+    let anns = h.core.conn(ann).unwrap().user.clone().unwrap();
+    let dm = room_named("dm");
+    let mut kept = Vec::new();
+    h.core.owned[&dm]
+        .history()
+        .page(0, 2, usize::MAX, usize::MAX, &mut kept);
+    assert_eq!(kept.len(), 2);
+    for msg in &kept {
+        assert!(
+            matches!(&msg.sender, crate::sender_name::SenderName::User(u) if u.same_record(&anns)),
+            "the sender was copied: {:?}",
+            msg.sender
+        );
+    }
+    // Bob's connection defined ann's alias once, with her record, and finds it by it.
+    let mut ctx = h.core.conn(bob).unwrap().ctx.clone();
+    let header = ctx.header(
+        0,
+        Some(3),
+        2,
+        &crate::sender_name::SenderName::User(anns),
+        0,
+        64,
+    );
+    assert!(
+        header.new_sender.is_none(),
+        "ann's alias is defined already"
+    );
+}
+
+#[test]
 fn a_connection_id_is_given_at_welcome_not_kept_from_the_accept() {
     // The record keeps no id: WELCOME's is the worker's next, so a connection that never
     // says HELLO takes none, and ids stay distinct.
