@@ -14,9 +14,13 @@
 //! measured that way before. mimalloc backs its arenas with transparent huge pages where
 //! the kernel allows it (`madvise` mode): `MIMALLOC_ALLOW_THP=0` shows the RSS without them.
 //!
-//! Three figures per connection: the RSS growth; its anonymous part (`RssAnon`: the RSS
-//! less file pages, chiefly this executable's code, which the first connections page in
-//! once: 250-450 KiB whatever the count, not a phone's cost); and the heap in use. The gap
+//! Before the measured phones connect, `PABAL_IDLE_WARM` warm-up phones (default 100, the
+//! same shape, held in the relay's process through the measurement) pay the fixed costs:
+//! the relay's code paged in by the first connections and the workers' first tables. The
+//! figures are what each further phone costs. Three per connection: the RSS growth; its
+//! anonymous part (`RssAnon`: the RSS less file pages, chiefly this executable's code,
+//! which the first connections page in once: 250-450 KiB whatever the count, not a
+//! phone's cost; with `PABAL_IDLE_WARM=0` it shows in the RSS growth); and the heap in use. The gap
 //! between the anonymous growth and the heap is the allocator's: blocks freed while the
 //! phones connected (the worker's tables and lists grown by reallocation) whose pages it
 //! has not yet returned (benches/RESULTS.md, "Where RSS beyond the heap goes").
@@ -65,7 +69,25 @@ fn phones(addr: std::net::SocketAddr, n: usize) {
 fn measure(backend: BackendKind, n: usize) {
     let config = common::relay_config(backend);
     let relay = RelayHandle::start(config).unwrap();
+    // The first phones page in the relay's code for accepting, authenticating and binding
+    // (file-backed pages of this executable, 250-450 KiB whatever the count) and make each
+    // worker's tables: a fixed cost, paid here by warm-up phones of the same shape that stay
+    // connected through the measurement, so the growth is what each further phone costs.
+    let warm_phones = std::env::var("PABAL_IDLE_WARM")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100usize);
+    let warm: Vec<_> = (0..warm_phones)
+        .map(|i| {
+            let rooms = [
+                (false, format!("warm:{}", i / 2)),
+                (true, "news".to_string()),
+            ];
+            common::pabal_client(relay.local_addr(), &format!("warm{i}"), &rooms)
+        })
+        .collect();
     let grown = common::growth_with_phones(&relay, n, &[]);
+    drop(warm);
     let per = |kib: u64| kib as f64 * 1024.0 / n as f64;
     println!(
         "{:<9} {:>7} connections ({}): relay RSS +{} KiB = {:.0} bytes per connection, \
