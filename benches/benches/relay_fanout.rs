@@ -25,6 +25,16 @@
 //! the relay then keeps delivered markers per (user, room) and sends RECEIPT updates to the
 //! v3 subscribers (`receipts.interval`, 1 s), and the rows are marked `+ack`.
 //!
+//! Two columns count the saturated phase's deliveries: "deliv/s max" what the subscribers
+//! read during it, "relay sent/s" what the relay wrote to their sockets (its own counter).
+//! They differ when the reader falls behind: it runs on the load's core beside the
+//! publisher, and here it costs about as much per delivery as the relay (~0.1 µs), so on
+//! two cores both threads run the whole phase and the reader's figure is the lower of two
+//! near-equal capacities; what the relay sent beyond it waits in the socket buffers
+//! (read in the half second after the phase: none is lost). Compare backends on both.
+//! `PABAL_BENCH_COUNTS=1` prints (stderr) what each thread ran and waited for a core in
+//! the saturated phase, and the relay's ticks and sends (`common::phase_counts`).
+//!
 //! `cargo bench -p pabal-benches --bench relay_fanout` (`PABAL_BENCH_SECS` sets each phase's
 //! length, default 5; a scenario name as argument runs only that one; `PABAL_BENCH_RATE=N`
 //! paces both backends at N messages/s instead of half of each one's own max, which paces
@@ -42,8 +52,9 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::fanout::{
-    Outcome, Reader, Scenario, channel_1000, device_of, rooms_100x100, run_phase,
+    Outcome, Reader, Scenario, channel_1000, device_of, rooms_100x100, run_phase_with,
 };
+use common::phase_counts;
 use pabal_relay::io::BackendKind;
 use pabal_relay::runtime::RelayHandle;
 
@@ -76,7 +87,18 @@ fn run(backend: BackendKind, scenario: &Scenario, secs: f64, ack: bool) {
             (s, (0..rooms.len() as u32).collect())
         })
         .collect();
-    let saturated = run_phase(&mut publishers, &mut readers, secs, None, ack);
+    // The relay's own count of what it wrote to the sockets, over the phase alone: the
+    // reader's count is capped by the load generator's core (see the module docs).
+    let before = phase_counts::Snapshot::now(&relay);
+    let mut after = None;
+    let saturated = run_phase_with(&mut publishers, &mut readers, secs, None, ack, &mut || {
+        after = Some(phase_counts::Snapshot::now(&relay));
+    });
+    let after = after.unwrap();
+    if phase_counts::enabled() {
+        report_counts(scenario, &saturated, &before, &after);
+    }
+    let relay_rate = after.deliveries_per_sec_since(&before);
     let msg_rate = saturated.messages as f64 / saturated.secs;
     // `PABAL_BENCH_RATE`: one paced rate for both backends (half of each one's own max
     // paces the faster one harder, and its p99 with it).
@@ -84,7 +106,14 @@ fn run(backend: BackendKind, scenario: &Scenario, secs: f64, ack: bool) {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(msg_rate / 2.0);
-    let paced = run_phase(&mut publishers, &mut readers, secs, Some(paced_rate), ack);
+    let paced = run_phase_with(
+        &mut publishers,
+        &mut readers,
+        secs,
+        Some(paced_rate),
+        ack,
+        &mut || {},
+    );
     let name = if ack {
         format!("{}+ack", scenario.name)
     } else {
@@ -93,10 +122,11 @@ fn run(backend: BackendKind, scenario: &Scenario, secs: f64, ack: bool) {
     let per_s = |o: &Outcome| o.deliveries as f64 / o.secs;
     let q = |o: &Outcome, p: f64| o.latency.value_at_quantile(p) as f64 / 1000.0;
     println!(
-        "{:<9} {:<14} {:>12.0} {:>10.0} | {:>8.0} {:>11.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+        "{:<9} {:<14} {:>12.0} {:>12.0} {:>10.0} | {:>8.0} {:>11.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
         relay.backend(),
         name,
         per_s(&saturated),
+        relay_rate,
         msg_rate,
         paced_rate,
         per_s(&paced),
@@ -110,6 +140,40 @@ fn run(backend: BackendKind, scenario: &Scenario, secs: f64, ack: bool) {
     relay.stop().unwrap();
 }
 
+/// `PABAL_BENCH_COUNTS=1`: what the saturated phase cost (stderr), so that a difference
+/// between the backends can be traced to the relay's core or the load generator's.
+fn report_counts(
+    scenario: &Scenario,
+    o: &Outcome,
+    before: &phase_counts::Snapshot,
+    after: &phase_counts::Snapshot,
+) {
+    // Each publisher spreads its messages evenly over its rooms: the mean fan-out.
+    let fanouts: Vec<usize> = scenario
+        .publishers
+        .iter()
+        .flat_map(|(_, rooms)| rooms.iter())
+        .map(|room| {
+            scenario
+                .subscribers
+                .iter()
+                .filter(|(_, bound)| bound.contains(room))
+                .count()
+        })
+        .collect();
+    let fanout = fanouts.iter().sum::<usize>() as f64 / fanouts.len().max(1) as f64;
+    eprintln!(
+        "counts {} saturated: published x fan-out {:.2} M/s, read {:.2} M/s in the phase, \
+         {:.2} M/s with the 0.5 s after it; {:.1} deliveries per read",
+        scenario.name,
+        o.messages as f64 * fanout / o.secs / 1e6,
+        o.deliveries as f64 / o.secs / 1e6,
+        o.delivered_by_stop as f64 / o.secs / 1e6,
+        o.delivered_by_stop as f64 / o.reads.max(1) as f64,
+    );
+    eprintln!("{}", after.since(before));
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument selects scenarios by name.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
@@ -120,10 +184,11 @@ fn main() {
     let ack = std::env::var("PABAL_BENCH_ACK").is_ok_and(|v| v == "1");
     let Some(backend) = common::child_backend() else {
         println!(
-            "{:<9} {:<14} {:>12} {:>10} | {:>8} {:>11} {:>8} {:>8} {:>8} {:>8}",
+            "{:<9} {:<14} {:>12} {:>12} {:>10} | {:>8} {:>11} {:>8} {:>8} {:>8} {:>8}",
             "backend",
             "scenario",
             "deliv/s max",
+            "relay sent/s",
             "msg/s max",
             "paced/s",
             "deliv/s@pace",

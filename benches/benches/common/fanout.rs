@@ -68,6 +68,11 @@ pub fn rooms_100x100() -> Scenario {
 pub struct Outcome {
     /// Deliveries read by the subscribers while publishing.
     pub deliveries: u64,
+    /// Deliveries read by the subscribers by the time the reader stopped (the phase and
+    /// the half second after it): what the relay had accepted and delivered late.
+    pub delivered_by_stop: u64,
+    /// Reads that returned data, over the same span as `delivered_by_stop`.
+    pub reads: u64,
     /// Messages published.
     pub messages: u64,
     /// The phase's length.
@@ -86,6 +91,20 @@ pub fn run_phase(
     rate: Option<f64>,
     ack: bool,
 ) -> Outcome {
+    run_phase_with(publishers, readers, secs, rate, ack, &mut || {})
+}
+
+/// [`run_phase`], calling `at_end` on the publishers' thread the moment publishing stops
+/// (before the in-flight deliveries are let land): where a caller reads counters that
+/// must cover the phase alone.
+pub fn run_phase_with(
+    publishers: &mut [(TcpStream, Vec<u32>)],
+    readers: &mut [Reader],
+    secs: f64,
+    rate: Option<f64>,
+    ack: bool,
+    at_end: &mut dyn FnMut(),
+) -> Outcome {
     let stop = Arc::new(AtomicBool::new(false));
     let deliveries = Arc::new(AtomicU64::new(0));
     let kind = if rate.is_some() { "paced" } else { "saturated" };
@@ -99,7 +118,7 @@ pub fn run_phase(
         // The reader: every subscriber socket on one poll.
         let stop_r = stop.clone();
         let deliveries_r = deliveries.clone();
-        scope.spawn(move || {
+        let reader = move || {
             let _load = super::placement::pin_load_thread();
             let mut poll = Poll::new().unwrap();
             for (i, r) in readers.iter_mut().enumerate() {
@@ -115,6 +134,7 @@ pub fn run_phase(
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
             let mut chunk = vec![0u8; 256 * 1024];
             let mut count = 0u64;
+            let mut reads = 0u64;
             while !stop_r.load(Ordering::Relaxed) {
                 match poll.poll(&mut events, Some(Duration::from_millis(50))) {
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -126,7 +146,10 @@ pub fn run_phase(
                     loop {
                         match reader.stream.read(&mut chunk) {
                             Ok(0) => break,
-                            Ok(n) => bufs[i].extend_from_slice(&chunk[..n]),
+                            Ok(n) => {
+                                reads += 1;
+                                bufs[i].extend_from_slice(&chunk[..n]);
+                            }
                             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                             Err(e) if e.kind() == ErrorKind::Interrupted => {}
                             Err(e) => panic!("read: {e}"),
@@ -155,8 +178,13 @@ pub fn run_phase(
                 }
                 deliveries_r.store(count, Ordering::Relaxed);
             }
-            lat_tx.send(hist).unwrap();
-        });
+            lat_tx.send((hist, count, reads)).unwrap();
+        };
+        // Named, so that `phase_counts` can tell it from the relay's threads.
+        std::thread::Builder::new()
+            .name("bench-reader".into())
+            .spawn_scoped(scope, reader)
+            .unwrap();
         // A panic below (a refused publish) must still stop the reader, or the scope waits
         // for it forever.
         let _stop_reader = StopOnDrop(&stop);
@@ -241,13 +269,16 @@ pub fn run_phase(
         }
         let secs = start.elapsed().as_secs_f64();
         phase_mark(kind, "end");
-        let at_end = deliveries.load(Ordering::Relaxed);
+        let read_at_end = deliveries.load(Ordering::Relaxed);
+        at_end();
         // Let in-flight deliveries land so latency covers every message, then stop.
         std::thread::sleep(Duration::from_millis(500));
         stop.store(true, Ordering::Relaxed);
-        let latency = lat_rx.recv().unwrap();
+        let (latency, delivered_by_stop, reads) = lat_rx.recv().unwrap();
         Outcome {
-            deliveries: at_end,
+            deliveries: read_at_end,
+            delivered_by_stop,
+            reads,
             messages: published,
             secs,
             latency,

@@ -14,6 +14,7 @@ use pabal_testkit::{Client, loopback_config};
 
 pub mod alloc;
 pub mod fanout;
+pub mod phase_counts;
 pub mod placement;
 pub mod publish;
 pub mod redis_capacity;

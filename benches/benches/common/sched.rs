@@ -20,7 +20,7 @@ use pabal_testkit::redis::RedisServer;
 use super::redis_capacity::redis_cpu;
 
 /// One thread's counters: (ns run, ns waited on a run queue, times it ran).
-type Counts = (u64, u64, u64);
+pub type Counts = (u64, u64, u64);
 
 /// The threads of interest by role, at one instant.
 #[derive(Default)]
@@ -37,19 +37,22 @@ enum Role {
     Redis,
 }
 
-fn schedstat(pid: u32, tid: u32) -> Option<Counts> {
+/// Thread `tid` of process `pid`'s counters.
+pub fn schedstat(pid: u32, tid: u32) -> Option<Counts> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
     let mut f = text.split_whitespace().map(|v| v.parse::<u64>().ok());
     Some((f.next()??, f.next()??, f.next()??))
 }
 
-fn comm(pid: u32, tid: u32) -> String {
+/// Thread `tid` of process `pid`'s name.
+pub fn comm(pid: u32, tid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
 }
 
-fn tasks(pid: u32) -> Vec<u32> {
+/// The threads of process `pid`.
+pub fn tasks(pid: u32) -> Vec<u32> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| {
             d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
