@@ -20,7 +20,9 @@
 //! figures are what each further phone costs. Three per connection: the RSS growth; its
 //! anonymous part (`RssAnon`: the RSS less file pages, chiefly this executable's code,
 //! which the first connections page in once: 250-450 KiB whatever the count, not a
-//! phone's cost; with `PABAL_IDLE_WARM=0` it shows in the RSS growth); and the heap in use. The gap
+//! phone's cost; with `PABAL_IDLE_WARM=0` it shows in the RSS growth); and the heap in use.
+//! A profile of the whole heap (massif's per-site table divided by the count) wants
+//! `PABAL_IDLE_WARM=0`: the warm-up phones' blocks, and their clients', are in it otherwise. The gap
 //! between the anonymous growth and the heap is the allocator's: blocks freed while the
 //! phones connected (the worker's tables and lists grown by reallocation) whose pages it
 //! has not yet returned (benches/RESULTS.md, "Where RSS beyond the heap goes").
