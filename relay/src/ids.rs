@@ -11,6 +11,25 @@ use arcstr::ArcStr;
 use bytes::Bytes;
 use pabal_codec::{Text, room_id};
 
+/// `Debug` and `Display` for a name type with an `as_str`: written as the name (quoted by
+/// `Debug`, as a `str` is), so logs and test failures read the same whichever form holds it.
+macro_rules! fmt_as_str {
+    ($name:ty) => {
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                std::fmt::Debug::fmt(self.as_str(), f)
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use fmt_as_str;
+
 /// Index of a worker (one per core).
 pub type CoreId = usize;
 
@@ -53,17 +72,7 @@ impl std::ops::Deref for RoomText {
     }
 }
 
-impl std::fmt::Debug for RoomText {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl std::fmt::Display for RoomText {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+fmt_as_str!(RoomText);
 
 impl PartialEq<Text> for RoomText {
     fn eq(&self, other: &Text) -> bool {
@@ -215,17 +224,7 @@ impl std::borrow::Borrow<str> for UserName {
     }
 }
 
-impl std::fmt::Debug for UserName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl std::fmt::Display for UserName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+fmt_as_str!(UserName);
 
 impl PartialEq for UserName {
     fn eq(&self, other: &Self) -> bool {

@@ -109,17 +109,7 @@ impl PartialEq<str> for SenderName {
     }
 }
 
-impl std::fmt::Debug for SenderName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl std::fmt::Display for SenderName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::ids::fmt_as_str!(SenderName);
 
 #[cfg(test)]
 mod tests {
