@@ -107,6 +107,10 @@ fn one_row(
                     // The saturated phases keep up to 3,072 publishes in flight on one
                     // worker; the default bound (4,096) refused some under a loaded machine.
                     max_in_flight: 65_536,
+                    // `PABAL_BENCH_ENGINE_THREAD=1`: each worker's engine on a thread of
+                    // its own (`cluster.engine_thread`) instead of the worker's thread.
+                    engine_thread: std::env::var("PABAL_BENCH_ENGINE_THREAD")
+                        .is_ok_and(|v| v == "1"),
                     ..ClusterConfig::default()
                 });
             }
@@ -271,7 +275,7 @@ fn fanout(backend: BackendKind, secs: f64) {
             paced_rows.push((nodes, q(&paced, 0.5), q(&paced, 0.99)));
             println!(
                 "{:<8} {:<13} {:<13} {:>11.0} {:>9.0} | {:>8.0} {:>11.0} {:>7.2} {:>7.2} {:>8.2} | \
-                 {:>9.1}  load {}",
+                 {:>9.1}  load {}  loadgen run {:.1} µs/msg",
                 backend_name(backend),
                 scenario.name,
                 shape,
@@ -284,6 +288,7 @@ fn fanout(backend: BackendKind, secs: f64) {
                 paced.latency.max() as f64 / 1000.0,
                 cpu,
                 load_average(),
+                paced.load_run_ns as f64 / 1e3 / paced.messages.max(1) as f64,
             );
             if nodes > 0 {
                 let [to_engine, reply, to_worker] = &stages;

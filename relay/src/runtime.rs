@@ -745,8 +745,9 @@ impl Worker {
                 bail!("{text}");
             }
         };
-        // Cluster mode: this worker's engine thread, answering through the worker's wakeup.
-        let engine = match (&self.config.cluster, &self.cluster) {
+        // Cluster mode: this worker's engine, on the worker's thread (its poll watched by the
+        // backend) or on a thread of its own answering through the worker's wakeup.
+        let mut engine = match (&self.config.cluster, &self.cluster) {
             (Some(config), Some((stats, node))) => {
                 let wakeup = backend.wakeup();
                 match EngineHandle::spawn(
@@ -757,11 +758,18 @@ impl Worker {
                     stats.clone(),
                 ) {
                     Ok(engine) => {
+                        if let Some(fd) = engine.poll_fd()
+                            && let Err(e) = backend.watch_readable(fd)
+                        {
+                            let text = format!("cannot watch the engine's connections: {e}");
+                            let _ = ready.send((self.id, Err(anyhow!("{text}"))));
+                            bail!("{text}");
+                        }
                         core.attach_cluster(stats.clone());
                         Some(engine)
                     }
                     Err(e) => {
-                        let text = format!("cannot start the engine thread: {e}");
+                        let text = format!("cannot start the engine: {e}");
                         let _ = ready.send((self.id, Err(anyhow!("{text}"))));
                         bail!("{text}");
                     }
@@ -791,7 +799,7 @@ impl Worker {
             &self.stats,
             &self.stall,
             executor.as_mut(),
-            engine.as_ref(),
+            engine.as_mut(),
             self.handoff.as_ref(),
         );
         if let (Some(mut log), Some(exec)) = (core.take_storage(), executor.as_mut()) {
@@ -1016,7 +1024,7 @@ fn configure_socket(
 /// Hands the engine what the owners asked of it since the last hand-over, with one wake
 /// (cluster mode); `queued`: when the tick began (one clock read per tick, not one per
 /// command).
-fn hand_to_engine(core: &mut Core, engine: Option<&EngineHandle>, queued: Instant) {
+fn hand_to_engine(core: &mut Core, engine: &mut Option<&mut EngineHandle>, queued: Instant) {
     if let Some(engine) = engine
         && core.drain_engine(|cmd| engine.send(queued, cmd))
     {
@@ -1040,7 +1048,7 @@ fn run_loop(
     stats: &CoreStats,
     stall: &StallHook,
     mut storage: Option<&mut Executor>,
-    engine: Option<&EngineHandle>,
+    mut engine: Option<&mut EngineHandle>,
     handoff: Option<&crate::handoff::HandoffTx>,
 ) -> anyhow::Result<()> {
     let mut next_sample = Instant::now();
@@ -1063,8 +1071,10 @@ fn run_loop(
         while let Ok(batch) = inbox.try_recv() {
             core.handle(now, batch);
         }
-        if let Some(engine) = engine {
-            // What the engine answered since the last tick (cluster mode).
+        if let Some(engine) = engine.as_deref_mut() {
+            // What the engine answered since the last tick (cluster mode); an engine on this
+            // thread reads it now.
+            engine.turn();
             let took = Instant::now();
             while let Some(event) = engine.try_recv(took) {
                 core.on_engine(now, event);
@@ -1076,7 +1086,7 @@ fn run_loop(
         // with the tick's start, just after the poll that read the frames, so that
         // `pabal_cluster_to_engine_seconds` holds the worker's own time before the
         // hand-over.
-        hand_to_engine(core, engine, now);
+        hand_to_engine(core, &mut engine, now);
         core.flush(&mut layers.transport(backend));
         layers.flush(backend);
         core.drain_mesh(|to, batch| mesh.send(to, batch));
@@ -1085,7 +1095,7 @@ fn run_loop(
             let _ = to.send(answer);
         });
         // What the flush added (marker batches, releases).
-        hand_to_engine(core, engine, now);
+        hand_to_engine(core, &mut engine, now);
         if let Some(tx) = handoff {
             // try_send: a full channel drops the hand-off and counts it; never waits.
             core.drain_handoffs(|h| {
@@ -1101,9 +1111,17 @@ fn run_loop(
         if core.finished() {
             return Ok(());
         }
-        let engine_waits = engine.is_some_and(EngineHandle::has_events);
+        let engine_waits = engine.as_deref().is_some_and(EngineHandle::has_events);
         let timeout = if inbox.is_empty() && !layers.has_work() && !engine_waits {
-            core.next_timeout()
+            // An engine on this thread: its next timer bounds the wait too.
+            let engine_at = engine.as_deref().and_then(EngineHandle::deadline);
+            match (core.next_timeout(), engine_at) {
+                (t, None) => t,
+                (t, Some(at)) => {
+                    let until = at.saturating_duration_since(Instant::now());
+                    Some(t.map_or(until, |t| t.min(until)))
+                }
+            }
         } else {
             Some(Duration::ZERO)
         };

@@ -5,6 +5,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use mio::net::TcpStream as MioStream;
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use pabal_codec::{Ack, ClientFrame, Decoder, Publish, ServerFrame};
 
@@ -79,6 +81,10 @@ pub struct Outcome {
     pub secs: f64,
     /// Publish-to-delivery latency, µs, from each message's intended send time.
     pub latency: Histogram<u64>,
+    /// CPU time the load generator's own threads (the publishers' and the reader) ran
+    /// during the phase, ns (the kernel's schedstat): what the load took from the machine
+    /// the relay shares.
+    pub load_run_ns: u64,
 }
 
 /// Runs publishers and the reader for `secs`. `rate`: `None` saturates (a window of
@@ -114,12 +120,14 @@ pub fn run_phase_with(
     // The publishers run on this thread: on `PABAL_BENCH_LOAD_CPUS` for the phase, and so
     // is the reader it starts (`common::placement`).
     let _load = super::placement::pin_load_thread();
+    let publishers_run_at_start = thread_run_ns();
     std::thread::scope(|scope| {
         // The reader: every subscriber socket on one poll.
         let stop_r = stop.clone();
         let deliveries_r = deliveries.clone();
         let reader = move || {
             let _load = super::placement::pin_load_thread();
+            let run_at_start = thread_run_ns();
             let mut poll = Poll::new().unwrap();
             for (i, r) in readers.iter_mut().enumerate() {
                 poll.registry()
@@ -143,18 +151,9 @@ pub fn run_phase_with(
                 for ev in &events {
                     let i = ev.token().0;
                     let reader = &mut readers[i];
-                    loop {
-                        match reader.stream.read(&mut chunk) {
-                            Ok(0) => break,
-                            Ok(n) => {
-                                reads += 1;
-                                bufs[i].extend_from_slice(&chunk[..n]);
-                            }
-                            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                            Err(e) => panic!("read: {e}"),
-                        }
-                    }
+                    // A closed socket stays quiet; what it delivered is counted.
+                    let _closed =
+                        read_ready(&mut reader.stream, &mut chunk, &mut bufs[i], &mut reads);
                     let now = start.elapsed().as_nanos() as u64;
                     let mut got = false;
                     while let Some(frame) = decoder.decode_server(&mut bufs[i]).unwrap() {
@@ -178,7 +177,9 @@ pub fn run_phase_with(
                 }
                 deliveries_r.store(count, Ordering::Relaxed);
             }
-            lat_tx.send((hist, count, reads)).unwrap();
+            lat_tx
+                .send((hist, count, reads, thread_run_ns() - run_at_start))
+                .unwrap();
         };
         // Named, so that `phase_counts` can tell it from the relay's threads.
         std::thread::Builder::new()
@@ -195,13 +196,22 @@ pub fn run_phase_with(
         // A device never reuses a msg_id: the paced phase continues after the saturated one.
         let id_base = if rate.is_some() { 1 << 40 } else { 0 };
         let mut bufs: Vec<BytesMut> = publishers.iter().map(|_| BytesMut::new()).collect();
-        for (s, _) in publishers.iter() {
+        // PUBACKs are read from the sockets the poll says are readable, not from every
+        // publisher's socket each round: on a small machine the load generator's own system
+        // calls take the core the relay under test needs.
+        let mut acks = Poll::new().unwrap();
+        for (p, (s, _)) in publishers.iter().enumerate() {
             s.set_nonblocking(true).unwrap();
+            acks.registry()
+                .register(&mut SourceFd(&s.as_raw_fd()), Token(p), Interest::READABLE)
+                .unwrap();
         }
+        let mut ack_events = Events::with_capacity(publishers.len().max(1));
         let decoder = Decoder::default();
         let mut published = 0u64;
         let mut out = BytesMut::new();
         let mut chunk = vec![0u8; 64 * 1024];
+        let mut ack_reads = 0u64;
         let per_pub_interval = rate.map(|r| 1e9 * publishers.len() as f64 / r);
         let publishers_n = publishers.len();
         while start.elapsed().as_secs_f64() < secs {
@@ -240,18 +250,29 @@ pub fn run_phase_with(
                     published += 1;
                 }
                 if !out.is_empty() {
-                    stream.set_nonblocking(false).unwrap();
-                    stream.write_all(&out).unwrap();
-                    stream.set_nonblocking(true).unwrap();
+                    write_all_nonblocking(stream, &out);
                 }
-                loop {
-                    match stream.read(&mut chunk) {
-                        Ok(0) => panic!("publisher closed"),
-                        Ok(n) => bufs[p].extend_from_slice(&chunk[..n]),
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                        Err(e) => panic!("publisher read: {e}"),
-                    }
+            }
+            // Wait for PUBACKs only where nothing is due before the next round: saturated,
+            // every window full; paced, the round's sleep comes first.
+            let all_full = rate.is_none() && in_flight.iter().all(|&n| n >= window);
+            if rate.is_some() {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            let wait = all_full.then_some(Duration::from_millis(1));
+            match acks.poll(&mut ack_events, wait.or(Some(Duration::ZERO))) {
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                other => other.unwrap(),
+            }
+            for ev in &ack_events {
+                let p = ev.token().0;
+                if read_ready(
+                    &mut publishers[p].0,
+                    &mut chunk,
+                    &mut bufs[p],
+                    &mut ack_reads,
+                ) {
+                    panic!("publisher closed");
                 }
                 while let Some(frame) = decoder.decode_server(&mut bufs[p]).unwrap() {
                     match frame {
@@ -261,20 +282,16 @@ pub fn run_phase_with(
                     }
                 }
             }
-            if rate.is_some() {
-                std::thread::sleep(Duration::from_micros(200));
-            } else {
-                std::thread::yield_now();
-            }
         }
         let secs = start.elapsed().as_secs_f64();
         phase_mark(kind, "end");
         let read_at_end = deliveries.load(Ordering::Relaxed);
+        let publishers_run = thread_run_ns() - publishers_run_at_start;
         at_end();
         // Let in-flight deliveries land so latency covers every message, then stop.
         std::thread::sleep(Duration::from_millis(500));
         stop.store(true, Ordering::Relaxed);
-        let (latency, delivered_by_stop, reads) = lat_rx.recv().unwrap();
+        let (latency, delivered_by_stop, reads, reader_run) = lat_rx.recv().unwrap();
         Outcome {
             deliveries: read_at_end,
             delivered_by_stop,
@@ -282,8 +299,62 @@ pub fn run_phase_with(
             messages: published,
             secs,
             latency,
+            load_run_ns: publishers_run + reader_run,
         }
     })
+}
+
+/// The calling thread's CPU time so far, ns (the first field of its schedstat).
+fn thread_run_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads a socket the poll reported readable (edge-triggered) into `buf` until it is
+/// drained: a short read means the kernel had no more, so no second call to hear
+/// `WouldBlock`. Counts reads that returned data in `reads`; true when the peer closed.
+fn read_ready(
+    stream: &mut impl Read,
+    chunk: &mut [u8],
+    buf: &mut BytesMut,
+    reads: &mut u64,
+) -> bool {
+    loop {
+        match stream.read(chunk) {
+            Ok(0) => return true,
+            Ok(n) => {
+                *reads += 1;
+                buf.extend_from_slice(&chunk[..n]);
+                if n < chunk.len() {
+                    return false;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
+/// Writes all of `bytes` to a non-blocking socket: one `send` when the socket has room (the
+/// usual case), and only when it is full, blocking for the rest.
+fn write_all_nonblocking(stream: &mut TcpStream, bytes: &[u8]) {
+    let mut at = 0;
+    while at < bytes.len() {
+        match stream.write(&bytes[at..]) {
+            Ok(n) => at += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                stream.set_nonblocking(false).unwrap();
+                stream.write_all(&bytes[at..]).unwrap();
+                stream.set_nonblocking(true).unwrap();
+                return;
+            }
+            Err(e) => panic!("publish write: {e}"),
+        }
+    }
 }
 
 /// With `PABAL_BENCH_PHASE_MARKS=1`, prints (stderr) `phase KIND EDGE monotonic_ns=N`: the

@@ -97,6 +97,12 @@ pub struct ClusterConfig {
     /// let go.)
     #[serde(with = "humantime_secs")]
     pub shard_idle: Duration,
+    /// Where each worker's engine runs: `false` (the default), on the worker's own thread,
+    /// its Redis connections on the worker's poll beside the phones' (no thread hop
+    /// between the worker and Redis either way); `true`, on a thread of its own per
+    /// worker (`pabal-engine-N`), handed commands and answering through channels and
+    /// wake-ups. README "A cluster on Redis" has both measured.
+    pub engine_thread: bool,
 }
 
 impl Default for ClusterConfig {
@@ -115,6 +121,7 @@ impl Default for ClusterConfig {
             wait_replicas: 0,
             wait_timeout: Duration::from_secs(1),
             shard_idle: Duration::from_secs(60),
+            engine_thread: false,
         }
     }
 }

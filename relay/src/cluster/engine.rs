@@ -67,22 +67,50 @@ const MAX_HOPS: u8 = 5;
 /// buffer, or drop the subscriber, which the owner then repairs from the stream).
 const EVENT_QUEUE: usize = 65_536;
 
-/// The worker's side of its engine thread; dropping it stops the thread.
+/// The worker's side of its engine; dropping it stops the engine (and joins its thread).
 #[derive(Debug)]
 pub struct EngineHandle {
     /// Commands, each with when its worker queued it.
     tx: Sender<(Instant, EngineCmd)>,
-    /// Events, each with when the engine thread read what it reports.
+    /// Events, each with when the engine read what it reports.
     events: Receiver<(Instant, EngineEvent)>,
-    waker: Arc<Waker>,
     stats: Arc<ClusterStats>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    driver: Driver,
+}
+
+/// Where the engine's loop runs (`cluster.engine_thread`).
+enum Driver {
+    /// On a thread of its own, woken by its mio [`Waker`].
+    Thread {
+        waker: Arc<Waker>,
+        stop: Arc<AtomicBool>,
+        thread: Option<JoinHandle<()>>,
+    },
+    /// On the worker's thread: the worker turns it once per tick ([`EngineHandle::turn`])
+    /// and after handing it commands ([`EngineHandle::wake`]), and its backend watches the
+    /// engine's poll ([`EngineHandle::poll_fd`]) so that an answer from Redis ends the
+    /// worker's wait. No thread hop either way.
+    Inline {
+        engine: Box<Engine>,
+        events: Events,
+        /// The engine's next timer as of its last pass.
+        deadline: Option<Instant>,
+    },
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Driver::Thread { .. } => "Thread",
+            Driver::Inline { .. } => "Inline",
+        })
+    }
 }
 
 impl EngineHandle {
-    /// Starts worker `worker`'s engine thread; `wake_worker` wakes the worker's loop when
-    /// events wait.
+    /// Starts worker `worker`'s engine: on a thread of its own with
+    /// `cluster.engine_thread` (`wake_worker` wakes the worker's loop when events wait),
+    /// else on the worker's thread (the worker drives it: [`EngineHandle::turn`]).
     pub fn spawn(
         worker: usize,
         config: &ClusterConfig,
@@ -110,8 +138,22 @@ impl EngineHandle {
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         let resolver = dial::Resolver::new(waker.clone());
         let (tx, cmds) = crossbeam_channel::unbounded();
-        let (events_tx, events) = crossbeam_channel::bounded(EVENT_QUEUE);
+        // On the worker's thread the queue cannot be bounded by waiting (the worker is its
+        // reader): it holds what one pass read, and the worker takes all of it before the
+        // engine's next pass.
+        let (events_tx, events) = if config.engine_thread {
+            crossbeam_channel::bounded(EVENT_QUEUE)
+        } else {
+            crossbeam_channel::unbounded()
+        };
         let stop = Arc::new(AtomicBool::new(false));
+        // On the worker's thread the worker takes the events right after the pass that
+        // read them: no wake-up needed (it would cost an eventfd write per pass).
+        let wake_worker: Box<dyn Fn() + Send> = if config.engine_thread {
+            wake_worker
+        } else {
+            Box::new(|| {})
+        };
         let engine = Engine {
             prefix: format!("{node_id}/{worker}/").into_bytes(),
             node_id: node_id.to_owned(),
@@ -151,39 +193,96 @@ impl EngineHandle {
             woke: Instant::now(),
             presence: presence::PresenceState::new(node_id, worker, config.presence_lease),
         };
-        // Counted before the thread runs: until it is up, the node is not healthy (counted
-        // by the thread itself, a relay could look healthy while an engine had not started).
+        // Counted before the engine runs: until it is up, the node is not healthy (counted
+        // by the engine itself, a relay could look healthy while an engine had not started).
         let counted = engine.stats.clone();
         counted.engines.fetch_add(1, Ordering::Relaxed);
-        let thread = std::thread::Builder::new()
-            .name(format!("pabal-engine-{worker}"))
-            .spawn(move || engine.run())
-            .inspect_err(|_| {
-                counted.engines.fetch_sub(1, Ordering::Relaxed);
-            })?;
+        let driver = if config.engine_thread {
+            let thread = std::thread::Builder::new()
+                .name(format!("pabal-engine-{worker}"))
+                .spawn(move || engine.run())
+                .inspect_err(|_| {
+                    counted.engines.fetch_sub(1, Ordering::Relaxed);
+                })?;
+            Driver::Thread {
+                waker,
+                stop,
+                thread: Some(thread),
+            }
+        } else {
+            Driver::Inline {
+                engine: Box::new(engine),
+                events: Events::with_capacity(64),
+                deadline: Some(Instant::now()),
+            }
+        };
         Ok(EngineHandle {
             tx,
             events,
-            waker,
             stats,
-            stop,
-            thread: Some(thread),
+            driver,
         })
     }
 
-    /// Queues a command (the engine thread runs it after the next [`EngineHandle::wake`]);
-    /// `queued` is when the worker's tick that queued it began
-    /// (`ClusterStats::to_engine_us` counts from it): one clock read per tick, not per
-    /// command.
+    /// Queues a command (the engine runs it at the next [`EngineHandle::wake`]); `queued`
+    /// is when the worker's tick that queued it began (`ClusterStats::to_engine_us` counts
+    /// from it): one clock read per tick, not per command.
     pub fn send(&self, queued: Instant, cmd: EngineCmd) {
-        // The thread only ends when this handle drops.
+        // The engine only ends when this handle drops.
         let _ = self.tx.send((queued, cmd));
     }
 
-    /// Wakes the engine thread for the commands queued since the last wake.
-    pub fn wake(&self) {
-        if let Err(e) = self.waker.wake() {
-            tracing::warn!(error = %e, "cannot wake the engine thread");
+    /// Has the engine take the commands queued since the last wake: wakes its thread, or
+    /// on the worker's thread runs its pass up to the writes (the commands go to Redis
+    /// now, before the worker writes to its connections).
+    pub fn wake(&mut self) {
+        match &mut self.driver {
+            Driver::Thread { waker, .. } => {
+                if let Err(e) = waker.wake() {
+                    tracing::warn!(error = %e, "cannot wake the engine thread");
+                }
+            }
+            Driver::Inline {
+                engine, deadline, ..
+            } => *deadline = engine.before_poll(Instant::now()),
+        }
+    }
+
+    /// On the worker's thread: one whole pass of the engine without waiting (what Redis
+    /// answered, its timers, its writes); the events it read are then ready for
+    /// [`EngineHandle::try_recv`]. Nothing on a thread of its own.
+    pub fn turn(&mut self) {
+        let Driver::Inline {
+            engine,
+            events,
+            deadline,
+        } = &mut self.driver
+        else {
+            return;
+        };
+        engine.before_poll(Instant::now());
+        if !engine.poll_and_process(events, Some(std::time::Duration::ZERO)) {
+            tracing::error!(worker = engine.worker, "the engine's poll failed");
+        }
+        *deadline = engine.before_poll(Instant::now());
+    }
+
+    /// On the worker's thread: when the engine's next timer is due (the worker waits no
+    /// longer); `None` on a thread of its own or with no timer.
+    pub fn deadline(&self) -> Option<Instant> {
+        match &self.driver {
+            Driver::Thread { .. } => None,
+            Driver::Inline { deadline, .. } => *deadline,
+        }
+    }
+
+    /// On the worker's thread: the engine's poll, for the worker's backend to watch
+    /// (readable when any of the engine's connections has something); `None` on a thread.
+    pub fn poll_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match &self.driver {
+            Driver::Thread { .. } => None,
+            Driver::Inline { engine, .. } => Some(engine.poll.as_raw_fd()),
         }
     }
 
@@ -204,12 +303,23 @@ impl EngineHandle {
 
 impl Drop for EngineHandle {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.wake();
-        if let Some(t) = self.thread.take()
-            && t.join().is_err()
-        {
-            tracing::error!("the engine thread panicked");
+        match &mut self.driver {
+            Driver::Thread {
+                waker,
+                stop,
+                thread,
+            } => {
+                stop.store(true, Ordering::SeqCst);
+                if let Err(e) = waker.wake() {
+                    tracing::warn!(error = %e, "cannot wake the engine thread");
+                }
+                if let Some(t) = thread.take()
+                    && t.join().is_err()
+                {
+                    tracing::error!("the engine thread panicked");
+                }
+            }
+            Driver::Inline { engine, .. } => engine.finish(),
         }
     }
 }
@@ -347,88 +457,113 @@ impl Engine {
     fn run(mut self) {
         let mut events = Events::with_capacity(64);
         while !self.stop.load(Ordering::SeqCst) {
-            let now = Instant::now();
-            self.woke = now;
-            if self.refresh_due && self.discovery.is_none() && now >= self.map_retry.at {
-                self.start_discovery();
-            }
-            self.advance_discovery(now);
-            while let Ok((queued, cmd)) = self.cmds.try_recv() {
-                let waited = now.saturating_duration_since(queued).as_micros() as u64;
-                self.stats.to_engine_us.record(waited, 1);
-                self.on_cmd(cmd);
-            }
-            let presence_at = self.presence_timers(now);
-            let receipts_at = self.receipts_timer(now);
-            let retry_at = self.retry_timers(now);
-            // After the commands: a shard one of them needed starts connecting before the
-            // poll waits.
-            self.advance_connections(now);
-            let idle_at = self.release_idle_shards(now);
-            self.note_health();
-            self.flush_writes();
-            self.deliver_events();
-            let retry = self
-                .shards
-                .iter()
-                .flat_map(|s| {
-                    [
-                        (s.wanted && s.cmd.is_none()).then_some(s.cmd_retry.at),
-                        (s.wanted && s.sub.is_none()).then_some(s.sub_retry.at),
-                        s.cmd.as_ref().and_then(Conn::deadline),
-                        s.sub.as_ref().and_then(Conn::deadline),
-                    ]
-                })
-                .chain([
-                    (self.refresh_due && self.discovery.is_none()).then_some(self.map_retry.at),
-                    Some(presence_at),
-                    receipts_at,
-                    retry_at,
-                    idle_at,
-                    self.discovery
-                        .as_ref()
-                        .and_then(topology::Discovery::deadline),
-                ])
-                .flatten()
-                .min();
+            let retry = self.before_poll(Instant::now());
             let timeout = retry.map(|at| at.saturating_duration_since(Instant::now()));
-            if let Err(e) = self.poll.poll(&mut events, timeout)
-                && e.kind() != io::ErrorKind::Interrupted
-            {
-                tracing::error!(worker = self.worker, error = %e, "engine poll failed; the engine thread stops");
+            if !self.poll_and_process(&mut events, timeout) {
+                tracing::error!(worker = self.worker, "the engine thread stops");
                 break;
             }
-            self.woke = Instant::now();
-            let mut ready = std::mem::take(&mut self.ready);
-            ready.extend(
-                events
-                    .iter()
-                    .filter(|ev| ev.token() != WAKE && ev.token() != topology::DISCOVERY)
-                    .map(|ev| ((ev.token().0 - 1) / 2, ev.token().0 % 2 == 0)),
-            );
-            // Answers before pushes: a publish's copy read in the same pass as its answer
-            // is then known for a duplicate and not handed over (`CopiesDue`).
-            ready.sort_unstable_by_key(|&(_, pubsub)| pubsub);
-            for &(shard, pubsub) in &ready {
-                if shard >= self.shards.len() {
-                    continue;
-                }
-                if pubsub {
-                    self.read_sub(shard);
-                } else {
-                    self.read_cmd(shard);
-                }
-            }
-            ready.clear();
-            self.ready = ready;
-            self.follow_redirects();
-            self.flush_writes();
-            self.deliver_events();
         }
+        self.finish();
+    }
+
+    /// The first half of one pass: the topology, the worker's commands, the timers,
+    /// connections, writes and events. Returns the next timer.
+    fn before_poll(&mut self, now: Instant) -> Option<Instant> {
+        self.woke = now;
+        if self.refresh_due && self.discovery.is_none() && now >= self.map_retry.at {
+            self.start_discovery();
+        }
+        self.advance_discovery(now);
+        while let Ok((queued, cmd)) = self.cmds.try_recv() {
+            let waited = now.saturating_duration_since(queued).as_micros() as u64;
+            self.stats.to_engine_us.record(waited, 1);
+            self.on_cmd(cmd);
+        }
+        let presence_at = self.presence_timers(now);
+        let receipts_at = self.receipts_timer(now);
+        let retry_at = self.retry_timers(now);
+        // After the commands: a shard one of them needed starts connecting before the
+        // poll waits.
+        self.advance_connections(now);
+        let idle_at = self.release_idle_shards(now);
+        self.note_health();
+        self.flush_writes();
+        self.deliver_events();
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                [
+                    (s.wanted && s.cmd.is_none()).then_some(s.cmd_retry.at),
+                    (s.wanted && s.sub.is_none()).then_some(s.sub_retry.at),
+                    s.cmd.as_ref().and_then(Conn::deadline),
+                    s.sub.as_ref().and_then(Conn::deadline),
+                ]
+            })
+            .chain([
+                (self.refresh_due && self.discovery.is_none()).then_some(self.map_retry.at),
+                Some(presence_at),
+                receipts_at,
+                retry_at,
+                idle_at,
+                self.discovery
+                    .as_ref()
+                    .and_then(topology::Discovery::deadline),
+            ])
+            .flatten()
+            .min()
+    }
+
+    /// The second half: waits up to `timeout` for the connections, reads what they
+    /// have, follows redirects, writes and hands the events over. False when the poll
+    /// itself failed.
+    fn poll_and_process(
+        &mut self,
+        events: &mut Events,
+        timeout: Option<std::time::Duration>,
+    ) -> bool {
+        if let Err(e) = self.poll.poll(events, timeout)
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            tracing::error!(worker = self.worker, error = %e, "engine poll failed");
+            return false;
+        }
+        self.woke = Instant::now();
+        let mut ready = std::mem::take(&mut self.ready);
+        ready.extend(
+            events
+                .iter()
+                .filter(|ev| ev.token() != WAKE && ev.token() != topology::DISCOVERY)
+                .map(|ev| ((ev.token().0 - 1) / 2, ev.token().0 % 2 == 0)),
+        );
+        // Answers before pushes: a publish's copy read in the same pass as its answer
+        // is then known for a duplicate and not handed over (`CopiesDue`).
+        ready.sort_unstable_by_key(|&(_, pubsub)| pubsub);
+        for &(shard, pubsub) in &ready {
+            if shard >= self.shards.len() {
+                continue;
+            }
+            if pubsub {
+                self.read_sub(shard);
+            } else {
+                self.read_cmd(shard);
+            }
+        }
+        ready.clear();
+        self.ready = ready;
+        self.follow_redirects();
+        self.flush_writes();
+        self.deliver_events();
+        true
+    }
+
+    /// The engine stops: the topology read closed, the counts of engines taken back.
+    fn finish(&mut self) {
         if let Some(mut d) = self.discovery.take() {
             d.close(self.poll.registry());
         }
         if self.up {
+            self.up = false;
             self.stats.engines_up.fetch_sub(1, Ordering::Relaxed);
         }
         self.stats.engines.fetch_sub(1, Ordering::Relaxed);

@@ -52,7 +52,8 @@ const MAX_IOVECS: usize = 64;
 // mio tokens: the top two bits say what the token names.
 // - connection: bits 0..32 slot index, bits 32..62 slot generation;
 // - listener: bits 0..32 listener index;
-// - the wakeup eventfd.
+// - the wakeup eventfd;
+// - the watched descriptor (`Backend::watch_readable`).
 const _: () = assert!(
     usize::BITS == 64,
     "the token encoding assumes a 64-bit target"
@@ -61,9 +62,11 @@ const KIND_SHIFT: u32 = 62;
 const KIND_CONN: usize = 0;
 const KIND_LISTENER: usize = 1;
 const KIND_WAKE: usize = 2;
+const KIND_WATCH: usize = 3;
 const GEN_BITS: u32 = 30;
 const GEN_MASK: u32 = (1 << GEN_BITS) - 1;
 const WAKE_TOKEN: MioToken = MioToken(KIND_WAKE << KIND_SHIFT);
+const WATCH_TOKEN: MioToken = MioToken(KIND_WATCH << KIND_SHIFT);
 
 fn conn_token(key: Key) -> MioToken {
     MioToken(((key.generation as usize) << 32) | key.index as usize)
@@ -635,6 +638,12 @@ impl Backend for EpollBackend {
         self.wakeup.clone()
     }
 
+    fn watch_readable(&mut self, fd: std::os::fd::RawFd) -> io::Result<()> {
+        self.poll
+            .registry()
+            .register(&mut SourceFd(&fd), WATCH_TOKEN, Interest::READABLE)
+    }
+
     fn accept_stats(&self) -> AcceptStats {
         self.accept.stats()
     }
@@ -690,6 +699,9 @@ impl Backend for EpollBackend {
                         sink.woken();
                     }
                 },
+                // The wait ended; the worker's next tick turns the watched descriptor's
+                // owner.
+                KIND_WATCH => {}
                 KIND_LISTENER => {
                     let lidx = raw & ((1 << 32) - 1);
                     if self.accept_all(lidx, sink) && self.accept.in_episode() {

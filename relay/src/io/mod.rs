@@ -131,6 +131,11 @@ pub trait Backend: Transport {
     fn add_listener(&mut self, listener: TcpListener) -> io::Result<()>;
     /// The handle other threads use to interrupt [`Backend::poll`].
     fn wakeup(&self) -> Wakeup;
+    /// Ends [`Backend::poll`]'s wait whenever `fd` becomes readable (a cluster engine's
+    /// own poll run on the worker's thread: its Redis connections beside the phones').
+    /// Nothing is read from `fd`: the worker's next tick hands it to its owner. At most one
+    /// descriptor; it must stay open until the backend drops.
+    fn watch_readable(&mut self, fd: std::os::fd::RawFd) -> io::Result<()>;
     /// Submit queued work, wait for events (at most `timeout`; `None` waits indefinitely),
     /// and report them to `sink`. While accepting is paused, the wait ends in time for the
     /// retry.

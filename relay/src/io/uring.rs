@@ -163,6 +163,8 @@ const OP_HUP: u8 = 8;
 /// A durable-log write or sync ([`super::uring_storage`]): index and generation are the
 /// executor's own.
 const OP_STORAGE: u8 = 9;
+/// The poll on the watched descriptor ([`Backend::watch_readable`]).
+const OP_WATCH: u8 = 10;
 const GEN_BITS: u32 = 24;
 const GEN_MASK: u32 = (1 << GEN_BITS) - 1;
 
@@ -213,6 +215,9 @@ pub struct UringBackend {
     wakeup: Wakeup,
     wake_armed: bool,
     wake_closing: bool,
+    /// The watched descriptor ([`Backend::watch_readable`]) and whether its poll is armed.
+    watch: Option<std::os::fd::RawFd>,
+    watch_armed: bool,
     /// SQEs that did not fit in the submission queue.
     backlog: VecDeque<squeue::Entry>,
     /// Connections with user-space events for the next tick.
@@ -347,6 +352,8 @@ impl UringBackend {
             wakeup: Wakeup::new()?,
             wake_armed: false,
             wake_closing: false,
+            watch: None,
+            watch_armed: false,
             backlog: VecDeque::new(),
             ready: Vec::new(),
             cqes: Vec::new(),
@@ -512,6 +519,7 @@ impl UringBackend {
         }
         match op {
             OP_WAKE => self.on_wake(res, more, sink),
+            OP_WATCH => self.on_watch(res, more),
             OP_ACCEPT => self.on_accept(idx as usize, res, more, sink),
             OP_RECV => self.on_recv(idx, generation, res, flags, more, sink),
             OP_SEND => self.on_send(idx, generation, res, sink),
@@ -689,7 +697,44 @@ impl UringBackend {
         unsafe { self.push(entry) }
     }
 
+    fn arm_watch(&mut self) {
+        let Some(fd) = self.watch else {
+            return;
+        };
+        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .multi(self.poll_multishot)
+            .build()
+            .user_data(user_data(OP_WATCH, 0, 0));
+        self.watch_armed = true;
+        // SAFETY: a poll references no memory of ours; the kernel holds its own reference to
+        // the watched descriptor's file until the poll completes or is cancelled (on drop).
+        unsafe { self.push(entry) }
+    }
+
     // ---- completions ----
+
+    /// The watched descriptor was readable: the completion itself ended the wait. Re-armed
+    /// when the poll ended; a failure other than a cancellation is said and not re-armed
+    /// (it would fail again at once).
+    fn on_watch(&mut self, res: i32, more: bool) {
+        if !more {
+            self.watch_armed = false;
+        }
+        if res < 0 {
+            if res == -libc::EINVAL && self.poll_multishot {
+                tracing::debug!("io_uring: multishot poll unsupported; re-arming single-shot");
+                self.poll_multishot = false;
+            } else {
+                if res != -libc::ECANCELED {
+                    tracing::error!(error = %errno(res), "io_uring poll on the engine's descriptor failed");
+                }
+                return;
+            }
+        }
+        if !self.watch_armed && !self.wake_closing {
+            self.arm_watch();
+        }
+    }
 
     fn on_wake(&mut self, res: i32, more: bool, sink: &mut dyn EventSink) {
         if !more {
@@ -758,6 +803,15 @@ impl Backend for UringBackend {
 
     fn wakeup(&self) -> Wakeup {
         self.wakeup.clone()
+    }
+
+    fn watch_readable(&mut self, fd: std::os::fd::RawFd) -> io::Result<()> {
+        if self.watch.is_some() {
+            return Err(io::Error::other("one descriptor is watched already"));
+        }
+        self.watch = Some(fd);
+        self.arm_watch();
+        Ok(())
     }
 
     fn accept_stats(&self) -> AcceptStats {
@@ -831,6 +885,9 @@ impl Drop for UringBackend {
         self.wake_closing = true;
         if self.wake_armed {
             self.push_cancel(user_data(OP_WAKE, 0, 0), user_data(OP_MISC, 0, 0));
+        }
+        if self.watch_armed {
+            self.push_cancel(user_data(OP_WATCH, 0, 0), user_data(OP_MISC, 0, 0));
         }
         self.close_listeners();
         self.by_token = TokenIndex::default();
