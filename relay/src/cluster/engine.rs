@@ -1,6 +1,9 @@
-//! One worker's engine thread: two pipelined connections (commands, pub/sub) to each Redis
-//! it needs on mio, fed by the worker once per loop tick and answering through a channel
-//! and the worker's wakeup.
+//! One worker's engine: two pipelined connections (commands, pub/sub) to each Redis it needs
+//! on a mio poll of its own, fed by the worker once per loop tick and answering through a
+//! channel. It runs on the worker's thread (the default: the worker turns it each tick and
+//! its backend watches the engine's poll, [`EngineHandle::turn`]) or, with
+//! `cluster.engine_thread`, on a thread of its own woken by its waker and waking the worker
+//! through the worker's wakeup ([`Driver`]); the passes are the same either way.
 //!
 //! With `cluster.topology = "single"` that is one Redis; with `"sentinel"` it is the one
 //! master the sentinels name (asked again whenever its connection is lost or it answers
@@ -24,8 +27,9 @@
 //!
 //! Owns: the slot map, the shards' connections, what is in flight on them, the subscribed
 //! channels and reconnection with backoff. Must not touch: rooms or connections (it only
-//! reports [`EngineEvent`]s), the worker's thread (it never blocks the worker: the worker
-//! only sends on an unbounded channel whose length the worker bounds itself).
+//! reports [`EngineEvent`]s), the worker's own state (it never blocks the worker: the worker
+//! only sends on an unbounded channel whose length the worker bounds itself, and on the
+//! worker's thread a pass never waits).
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
