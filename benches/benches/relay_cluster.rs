@@ -47,6 +47,10 @@
 
 mod common;
 
+/// The daemon's allocator: the relay in this process allocates as it does in production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use common::fanout::{
     Outcome, Reader, Scenario, channel_1000, device_of, rooms_100x100, run_phase,
 };

@@ -48,6 +48,10 @@
 
 mod common;
 
+/// The daemon's allocator: the relay in this process allocates as it does in production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::TcpStream;
 use std::time::Duration;
 

@@ -10,6 +10,8 @@
 #   REDIS_CPUS= RELAY_CPUS= benches/scripts/cluster_latency.sh   # unpinned, as before
 #   LOAD_CPUS=1 benches/scripts/cluster_latency.sh   # the relay node alone on core 0,
 #                                                    # Redis and the load on core 1
+#   ENGINE_THREAD=1 benches/scripts/cluster_latency.sh   # each worker's engine on a thread
+#                                                        # of its own (cluster.engine_thread)
 #
 # Defaults: REDIS_CPUS=1 (redis-server alone on core 1), RELAY_CPUS=0 (the relay nodes and
 # the load generator on core 0), LOAD_CPUS unset (the load generator's threads stay with
@@ -27,6 +29,7 @@ REDIS_CPUS=${REDIS_CPUS-1}
 RELAY_CPUS=${RELAY_CPUS-0}
 LOAD_CPUS=${LOAD_CPUS-}
 APPENDFSYNC=${APPENDFSYNC:-everysec}
+ENGINE_THREAD=${ENGINE_THREAD:-0}
 SHAPE=${SHAPE:-rooms-12x1}
 
 cargo bench -p pabal-benches --bench relay_cluster --no-run
@@ -41,7 +44,7 @@ for round in $(seq 1 "$ROUNDS"); do
     env PABAL_BENCH_SECS="$SECS" PABAL_BENCH_SHAPE="$SHAPE" PABAL_BENCH_NODES=1,0 \
       PABAL_BENCH_APPENDFSYNC="$APPENDFSYNC" \
       PABAL_BENCH_REDIS_CPUS="$REDIS_CPUS" PABAL_BENCH_RELAY_CPUS="$RELAY_CPUS" \
-      PABAL_BENCH_LOAD_CPUS="$LOAD_CPUS" \
+      PABAL_BENCH_LOAD_CPUS="$LOAD_CPUS" PABAL_BENCH_ENGINE_THREAD="$ENGINE_THREAD" \
       "${fixed[@]}" \
       cargo bench -p pabal-benches --bench relay_cluster -- fanout | tee -a "$out"
   done
@@ -54,7 +57,7 @@ field() { grep '^added ' "$out" | grep " backend=$2 " | grep " pace=$3 " | tr ' 
 
 echo
 echo "== summary: $SHAPE, one node on Redis against the relay alone, appendfsync $APPENDFSYNC," \
-  "REDIS_CPUS=${REDIS_CPUS:-unset} RELAY_CPUS=${RELAY_CPUS:-unset} LOAD_CPUS=${LOAD_CPUS:-unset}, $ROUNDS rounds, medians (each round's added p99 and load)"
+  "REDIS_CPUS=${REDIS_CPUS:-unset} RELAY_CPUS=${RELAY_CPUS:-unset} LOAD_CPUS=${LOAD_CPUS:-unset} ENGINE_THREAD=$ENGINE_THREAD, $ROUNDS rounds, medians (each round's added p99 and load)"
 printf '%-9s %-12s %9s %20s %20s %12s  %s\n' backend pace 'msg/s' 'alone p50 / p99 ms' \
   '1 node p50 / p99 ms' 'added p99' 'per round: added p99 (load)'
 for backend in epoll io_uring; do

@@ -264,7 +264,7 @@ impl EngineHandle {
         else {
             return;
         };
-        engine.before_poll(Instant::now());
+        // The commands went at the last wake; timers and writes run after the reads.
         if !engine.poll_and_process(events, Some(std::time::Duration::ZERO)) {
             tracing::error!(worker = engine.worker, "the engine's poll failed");
         }
