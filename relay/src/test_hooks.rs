@@ -3,51 +3,29 @@
 //! share its binary with the crate's unit tests). Compiled in only with the `test-hooks`
 //! feature; never in a release build.
 //!
-//! Owns: a single-worker [`Core`], a transport that keeps what was written per connection
-//! in buffers it reuses (so driving the core allocates nothing of its own once warm), and
-//! the clock. Must not touch: anything of the core's but its public entry points.
+//! Owns: a single-worker [`Core`], the tests' shared transport (`core/test_wire.rs`: it
+//! keeps what was written per connection in buffers it reuses, so driving the core
+//! allocates nothing of its own once warm), and the clock. Must not touch: anything of the core's but its public entry points.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use pabal_codec::{ClientFrame, Decoder, Limits, ServerFrame};
 
 use crate::config::Config;
+use crate::core::test_wire::TestWire;
 use crate::core::{Clock, Core, Shared};
 use crate::directory::{Directory, Membership};
-use crate::io::{Token, Transport};
+use crate::io::Token;
 use crate::stats::CoreStats;
-
-/// What the core handed to "the sockets": each connection's written bytes (reused
-/// buffers) and the batches in flight.
-#[derive(Default)]
-struct Kept {
-    written: HashMap<Token, BytesMut>,
-    in_flight: Vec<(Token, usize)>,
-}
-
-impl Transport for Kept {
-    fn send(&mut self, token: Token, bufs: &mut VecDeque<Bytes>) {
-        let out = self.written.entry(token).or_default();
-        let mut n = 0;
-        for b in bufs.drain(..) {
-            n += b.len();
-            out.extend_from_slice(&b);
-        }
-        self.in_flight.push((token, n));
-    }
-    fn set_reading(&mut self, _: Token, _: bool) {}
-    fn shutdown_write(&mut self, _: Token) {}
-    fn close(&mut self, _: Token) {}
-    fn close_listeners(&mut self) {}
-}
 
 /// One worker (the owner of every room) and its connections, driven by frames.
 pub struct OneWorker {
     core: Core,
-    kept: Kept,
+    kept: TestWire,
+    /// Sends completed in one round (reused).
+    done: Vec<(Token, usize)>,
     frame: BytesMut,
     now: Instant,
 }
@@ -77,7 +55,8 @@ impl OneWorker {
                 Clock::new(now, 1_767_225_600_000),
                 now,
             ),
-            kept: Kept::default(),
+            kept: TestWire::default(),
+            done: Vec::new(),
             frame: BytesMut::with_capacity(4096),
             now,
         }
@@ -86,9 +65,7 @@ impl OneWorker {
     /// A new connection; `None` if the worker has no slot left.
     pub fn connect(&mut self) -> Option<Token> {
         let token = self.core.admit(self.now, "127.0.0.1:1".parse().ok()?)?;
-        self.kept
-            .written
-            .insert(token, BytesMut::with_capacity(1 << 16));
+        self.kept.reserve(token, 1 << 16);
         Some(token)
     }
 
@@ -108,15 +85,14 @@ impl OneWorker {
         self.core.on_bytes(self.now, token, &self.frame);
         for _ in 0..1000 {
             self.core.flush(&mut self.kept);
-            if self.kept.in_flight.is_empty() {
+            if !self.kept.any_sending() {
                 break;
             }
-            let mut done = std::mem::take(&mut self.kept.in_flight);
-            for &(sent, n) in &done {
+            self.done.clear();
+            self.kept.complete_all(|_| false, &mut self.done);
+            for &(sent, n) in &self.done {
                 self.core.on_sent(self.now, sent, n);
             }
-            done.clear();
-            self.kept.in_flight = done;
         }
     }
 
@@ -124,7 +100,7 @@ impl OneWorker {
     pub fn received(&mut self, token: Token) -> Vec<ServerFrame> {
         let decoder = Decoder::new(Limits::default());
         let mut frames = Vec::new();
-        if let Some(written) = self.kept.written.get_mut(&token) {
+        if let Some(written) = self.kept.written_mut(token) {
             while let Ok(Some(frame)) = decoder.decode_server(written) {
                 frames.push(frame);
             }

@@ -1025,6 +1025,8 @@ mod stream_pages;
 
 #[cfg(test)]
 mod sim;
+#[cfg(any(test, feature = "test-hooks"))]
+pub(crate) mod test_wire;
 #[cfg(test)]
 mod tests;
 

@@ -40,7 +40,8 @@ use pabal_codec::{
     ClientFrame, ClientSession, Decoder, Event, LeftReason, Limits, ServerFrame, Text,
 };
 
-use super::{Clock, Core, Shared, Transport};
+use super::test_wire::TestWire;
+use super::{Clock, Core, Shared};
 use crate::config::Config;
 use crate::directory::{Directory, Membership};
 use crate::ids::RoomName;
@@ -48,41 +49,6 @@ use crate::io::Token;
 use crate::mesh::CoreMsg;
 use crate::rng::SplitMix64;
 use crate::stats::CoreStats;
-
-/// One worker's sockets as the simulation sees them.
-#[derive(Default)]
-struct SimWire {
-    /// Bytes handed to each socket and not yet taken by its phone, one entry per send.
-    in_flight: HashMap<Token, VecDeque<Bytes>>,
-    /// Half-closed (the relay's last frame is out) or closed by the relay.
-    ended: BTreeSet<Token>,
-    /// Sends after a half-close or close (a real socket answers EPIPE).
-    after_end: usize,
-}
-
-impl Transport for SimWire {
-    fn send(&mut self, token: Token, bufs: &mut VecDeque<Bytes>) {
-        if self.ended.contains(&token) {
-            self.after_end += 1;
-        }
-        let mut batch = BytesMut::new();
-        for b in bufs.drain(..) {
-            batch.extend_from_slice(&b);
-        }
-        self.in_flight
-            .entry(token)
-            .or_default()
-            .push_back(batch.freeze());
-    }
-    fn set_reading(&mut self, _: Token, _: bool) {}
-    fn shutdown_write(&mut self, token: Token) {
-        self.ended.insert(token);
-    }
-    fn close(&mut self, token: Token) {
-        self.ended.insert(token);
-    }
-    fn close_listeners(&mut self) {}
-}
 
 /// A phone's connection to one worker.
 struct Link {
@@ -166,7 +132,7 @@ struct Sim {
     directory: Arc<Directory>,
     cores: Vec<Core>,
     stats: Vec<Arc<CoreStats>>,
-    wires: Vec<SimWire>,
+    wires: Vec<TestWire>,
     /// Mesh batches in flight, FIFO per (from, to).
     links: Vec<VecDeque<Vec<CoreMsg>>>,
     /// Control operations on their way to each worker.
@@ -238,7 +204,7 @@ impl Sim {
             now,
             config,
             directory,
-            wires: (0..shape.cores).map(|_| SimWire::default()).collect(),
+            wires: (0..shape.cores).map(|_| TestWire::default()).collect(),
             links: (0..shape.cores * shape.cores)
                 .map(|_| VecDeque::new())
                 .collect(),
@@ -287,7 +253,7 @@ impl Sim {
         self.cores[core].drain_replies(|to, answer| {
             let _ = to.send(answer);
         });
-        if self.wires[core].after_end > 0 {
+        if self.wires[core].sends_after_end() > 0 {
             return Err(self.fail(format!("worker {core} wrote to a socket after its end")));
         }
         self.check_handoffs(core)?;
@@ -500,8 +466,7 @@ impl Sim {
             "{} cut from worker {}",
             self.phones[p].user, link.core
         ));
-        self.wires[link.core].in_flight.remove(&link.token);
-        self.wires[link.core].ended.remove(&link.token);
+        self.wires[link.core].forget(link.token);
         self.cores[link.core].on_closed(self.now, link.token);
         self.service(link.core)
     }
@@ -525,14 +490,12 @@ impl Sim {
             return Ok(());
         };
         let (core, token) = (link.core, link.token);
-        let Some(bytes) = self.wires[core]
-            .in_flight
-            .get_mut(&token)
-            .and_then(VecDeque::pop_front)
-        else {
+        let Some(n) = self.wires[core].complete(token) else {
             return Ok(());
         };
-        let n = bytes.len();
+        let Some(bytes) = self.wires[core].take_first(token, n) else {
+            return Err(self.fail(format!("worker {core}'s send to {token:?} lost its bytes")));
+        };
         self.phones[p]
             .link
             .as_mut()
@@ -543,11 +506,8 @@ impl Sim {
         self.cores[core].on_sent(self.now, token, n);
         self.service(core)?;
         // The relay half-closed after its last frame and the phone read it all: EOF.
-        let drained = self.wires[core]
-            .in_flight
-            .get(&token)
-            .is_none_or(VecDeque::is_empty);
-        if drained && self.wires[core].ended.contains(&token) {
+        let drained = !self.wires[core].sending(token);
+        if drained && self.wires[core].has_ended(token) {
             self.cut(p)?;
         }
         Ok(())
@@ -821,12 +781,10 @@ impl Sim {
                     self.service(core)?;
                     moved = true;
                 }
-                let pending_down = self.phones[p].link.as_ref().is_some_and(|l| {
-                    self.wires[l.core]
-                        .in_flight
-                        .get(&l.token)
-                        .is_some_and(|q| !q.is_empty())
-                });
+                let pending_down = self.phones[p]
+                    .link
+                    .as_ref()
+                    .is_some_and(|l| self.wires[l.core].sending(l.token));
                 if pending_down {
                     self.complete_send(p)?;
                     moved = true;

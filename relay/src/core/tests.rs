@@ -4,55 +4,19 @@
 
 #![allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use pabal_codec::{ClientFrame, ClientSession, Decoder, ErrorCode, Event, Limits, Subscribe, Text};
 
+use super::test_wire::TestWire;
 use super::*;
 use crate::directory::Directory;
 
 #[path = "cluster_tests.rs"]
 mod cluster;
-
-/// What the worker handed to "the sockets".
-#[derive(Default)]
-struct Wire {
-    written: HashMap<Token, BytesMut>,
-    in_flight: HashMap<Token, usize>,
-    closed: HashSet<Token>,
-    half_closed: HashSet<Token>,
-    /// Sends after a half-close (a real socket answers EPIPE).
-    after_shutdown: usize,
-}
-
-impl Transport for Wire {
-    fn send(&mut self, token: Token, bufs: &mut VecDeque<Bytes>) {
-        if self.half_closed.contains(&token) {
-            self.after_shutdown += 1;
-        }
-        let out = self.written.entry(token).or_default();
-        let mut n = 0;
-        for b in bufs.drain(..) {
-            n += b.len();
-            out.extend_from_slice(&b);
-        }
-        assert!(
-            self.in_flight.insert(token, n).is_none(),
-            "two batches in flight"
-        );
-    }
-    fn set_reading(&mut self, _: Token, _: bool) {}
-    fn shutdown_write(&mut self, token: Token) {
-        self.half_closed.insert(token);
-    }
-    fn close(&mut self, token: Token) {
-        self.closed.insert(token);
-    }
-    fn close_listeners(&mut self) {}
-}
 
 struct Phone {
     session: ClientSession,
@@ -64,7 +28,7 @@ struct Phone {
 
 struct Harness {
     core: Core,
-    wire: Wire,
+    wire: TestWire,
     phones: HashMap<Token, Phone>,
     stalled: HashSet<Token>,
     stats: Arc<CoreStats>,
@@ -94,7 +58,7 @@ impl Harness {
         );
         Harness {
             core,
-            wire: Wire::default(),
+            wire: TestWire::default(),
             phones: HashMap::new(),
             stalled: HashSet::new(),
             stats,
@@ -113,20 +77,16 @@ impl Harness {
 
     /// Flushes and completes sends (except to stalled phones) until nothing moves.
     fn pump(&mut self) {
+        let mut done = Vec::new();
         for _ in 0..1000 {
             self.core.flush(&mut self.wire);
-            let done: Vec<(Token, usize)> = self
-                .wire
-                .in_flight
-                .iter()
-                .filter(|(t, _)| !self.stalled.contains(t))
-                .map(|(t, n)| (*t, *n))
-                .collect();
+            done.clear();
+            self.wire
+                .complete_all(|t| self.stalled.contains(&t), &mut done);
             if done.is_empty() {
                 break;
             }
-            for (token, n) in done {
-                self.wire.in_flight.remove(&token);
+            for &(token, n) in &done {
                 self.core.on_sent(self.now, token, n);
             }
         }
@@ -136,8 +96,8 @@ impl Harness {
     fn read_all(&mut self) {
         let decoder = Decoder::new(Limits::default());
         for (token, phone) in &mut self.phones {
-            if let Some(bytes) = self.wire.written.get_mut(token) {
-                phone.inbox.extend_from_slice(&bytes.split());
+            if let Some(bytes) = self.wire.take_written(*token) {
+                phone.inbox.extend_from_slice(&bytes);
             }
             while let Some(frame) = decoder.decode_server(&mut phone.inbox).unwrap() {
                 match &mut phone.forged {
@@ -322,15 +282,12 @@ fn anything_before_hello_is_a_fatal_protocol_error() {
         matches!(&events[..], [Event::Error(e)] if e.fatal && e.code == ErrorCode::ProtocolViolation),
         "{events:?}"
     );
-    assert!(
-        h.wire.half_closed.contains(&token),
-        "flushed, then half-closed"
-    );
+    assert!(h.wire.half_closed(token), "flushed, then half-closed");
     // Its linger runs out: closed for good.
     h.now += Duration::from_secs(3);
     h.core.run_timers(h.now);
     h.core.flush(&mut h.wire);
-    assert!(h.wire.closed.contains(&token));
+    assert!(h.wire.closed(token));
 }
 
 /// ann publishes into group "g" (alias returned) where bob's socket has stopped draining,
@@ -464,9 +421,9 @@ fn a_silent_phone_is_pinged_then_closed() {
         matches!(&events[..], [Event::GoAway(g)] if g.reason == pabal_codec::GoAwayReason::Timeout),
         "{events:?}"
     );
-    assert!(h.wire.half_closed.contains(&t));
+    assert!(h.wire.half_closed(t));
     h.tick(Duration::from_secs(3));
-    assert!(h.wire.closed.contains(&t));
+    assert!(h.wire.closed(t));
     assert_eq!(h.stats.heartbeat_timeouts.load(Ordering::Relaxed), 1);
 }
 
@@ -672,7 +629,7 @@ fn a_fatal_error_is_the_last_frame_even_after_a_publish_in_the_same_read() {
         matches!(&events[..], [Event::PubAck { seq: 1, .. }, Event::Error(e)] if e.fatal),
         "{events:?}"
     );
-    assert!(h.wire.half_closed.contains(&ann));
+    assert!(h.wire.half_closed(ann));
 }
 
 #[test]
@@ -683,7 +640,7 @@ fn nothing_is_written_to_a_connection_once_it_is_closing() {
     let bob = h.connect("bob", ClientSession::new());
     h.join(bob, "r");
     h.send(bob, &ClientFrame::Bye);
-    assert!(h.wire.half_closed.contains(&bob));
+    assert!(h.wire.half_closed(bob));
     for i in 0..3 {
         h.publish(ann, a, &format!("m{i}"));
     }
@@ -698,7 +655,7 @@ fn nothing_is_written_to_a_connection_once_it_is_closing() {
         }],
     );
     h.pump();
-    assert_eq!(h.wire.after_shutdown, 0, "sends after the half-close");
+    assert_eq!(h.wire.sends_after_end(), 0, "sends after the half-close");
 }
 
 #[test]
@@ -1184,8 +1141,8 @@ fn publish_ids_are_per_user_and_device_and_need_a_device() {
             b
         });
         h.core.flush(&mut h.wire);
-        let written = h.wire.written.get_mut(&plain).unwrap().split();
-        h.wire.in_flight.remove(&plain);
+        let written = h.wire.take_written(plain).unwrap();
+        h.wire.complete(plain);
         h.core.on_sent(h.now, plain, written.len());
         let mut buf = written;
         let frame = Decoder::new(Limits::default())
