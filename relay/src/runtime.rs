@@ -1073,8 +1073,8 @@ fn run_loop(
         }
         if let Some(engine) = engine.as_deref_mut() {
             // What the engine answered since the last tick (cluster mode); an engine on this
-            // thread reads it now.
-            engine.turn();
+            // thread reads it now (its poll only when the backend saw it signal).
+            engine.turn(backend.watch_fired());
             let took = Instant::now();
             while let Some(event) = engine.try_recv(took) {
                 core.on_engine(now, event);

@@ -67,6 +67,9 @@ use replies::Redirect;
 const WAKE: Token = Token(0);
 /// How often one command may be redirected (`MOVED`, `ASK`) before it is given up.
 const MAX_HOPS: u8 = 5;
+/// Readiness events one inline pass reads from the engine's poll (one per connection with
+/// something to read: two per shard).
+const INLINE_EVENTS: usize = 64;
 /// Events waiting for the worker; a full queue makes the engine thread wait (and Redis
 /// buffer, or drop the subscriber, which the owner then repairs from the stream).
 const EVENT_QUEUE: usize = 65_536;
@@ -99,6 +102,10 @@ enum Driver {
         events: Events,
         /// The engine's next timer as of its last pass.
         deadline: Option<Instant>,
+        /// Its poll must be read at the next turn whether or not the backend saw it
+        /// signal: the first turn, and after a read that filled `events` (more may wait,
+        /// and a nested poll signals only what becomes ready anew).
+        read_due: bool,
     },
 }
 
@@ -216,8 +223,9 @@ impl EngineHandle {
         } else {
             Driver::Inline {
                 engine: Box::new(engine),
-                events: Events::with_capacity(64),
+                events: Events::with_capacity(INLINE_EVENTS),
                 deadline: Some(Instant::now()),
+                read_due: true,
             }
         };
         Ok(EngineHandle {
@@ -254,19 +262,27 @@ impl EngineHandle {
 
     /// On the worker's thread: one whole pass of the engine without waiting (what Redis
     /// answered, its timers, its writes); the events it read are then ready for
-    /// [`EngineHandle::try_recv`]. Nothing on a thread of its own.
-    pub fn turn(&mut self) {
+    /// [`EngineHandle::try_recv`]. `signalled`: the worker's backend saw the engine's poll
+    /// become readable ([`crate::io::Backend::watch_fired`]); without it the pass skips the
+    /// poll's system call (nothing new can be there). Nothing on a thread of its own.
+    pub fn turn(&mut self, signalled: bool) {
         let Driver::Inline {
             engine,
             events,
             deadline,
+            read_due,
         } = &mut self.driver
         else {
             return;
         };
-        // The commands went at the last wake; timers and writes run after the reads.
-        if !engine.poll_and_process(events, Some(std::time::Duration::ZERO)) {
-            tracing::error!(worker = engine.worker, "the engine's poll failed");
+        if signalled || *read_due {
+            if !engine.poll_and_process(events, Some(std::time::Duration::ZERO)) {
+                tracing::error!(worker = engine.worker, "the engine's poll failed");
+            }
+            *read_due = events.iter().count() >= INLINE_EVENTS;
+        } else if deadline.is_none_or(|at| at > Instant::now()) {
+            // Nothing read and no timer due: nothing for the engine to do.
+            return;
         }
         *deadline = engine.before_poll(Instant::now());
     }

@@ -116,6 +116,8 @@ pub struct EpollBackend {
     poll: Poll,
     events: Events,
     wakeup: Wakeup,
+    /// The watched descriptor signalled since [`Backend::watch_fired`] last asked.
+    watch_fired: bool,
     listeners: Vec<Option<TcpListener>>,
     conns: Slab<Conn>,
     /// Spare send queues (a connection holds one only while it sends).
@@ -157,6 +159,7 @@ impl EpollBackend {
             poll,
             events: Events::with_capacity(opts.epoll_events),
             wakeup,
+            watch_fired: false,
             listeners: Vec::new(),
             conns: Slab::new(GEN_BITS),
             lists: ListPool::default(),
@@ -644,6 +647,10 @@ impl Backend for EpollBackend {
             .register(&mut SourceFd(&fd), WATCH_TOKEN, Interest::READABLE)
     }
 
+    fn watch_fired(&mut self) -> bool {
+        std::mem::take(&mut self.watch_fired)
+    }
+
     fn accept_stats(&self) -> AcceptStats {
         self.accept.stats()
     }
@@ -701,7 +708,7 @@ impl Backend for EpollBackend {
                 },
                 // The wait ended; the worker's next tick turns the watched descriptor's
                 // owner.
-                KIND_WATCH => {}
+                KIND_WATCH => self.watch_fired = true,
                 KIND_LISTENER => {
                     let lidx = raw & ((1 << 32) - 1);
                     if self.accept_all(lidx, sink) && self.accept.in_episode() {

@@ -136,6 +136,10 @@ pub trait Backend: Transport {
     /// Nothing is read from `fd`: the worker's next tick hands it to its owner. At most one
     /// descriptor; it must stay open until the backend drops.
     fn watch_readable(&mut self, fd: std::os::fd::RawFd) -> io::Result<()>;
+    /// Whether the watched descriptor may have become readable since the last call (it
+    /// signalled, or its watch failed and nothing can tell): the worker then turns its
+    /// owner's poll, and skips that system call otherwise.
+    fn watch_fired(&mut self) -> bool;
     /// Submit queued work, wait for events (at most `timeout`; `None` waits indefinitely),
     /// and report them to `sink`. While accepting is paused, the wait ends in time for the
     /// retry.

@@ -128,6 +128,7 @@ macro_rules! for_each_backend_in_child {
 for_each_backend_in_child!(accept_retries_the_backlog_when_descriptors_return);
 
 mod sends;
+mod watch;
 
 for_each_backend!(
     echo_1mib_random_chunks,

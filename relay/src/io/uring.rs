@@ -218,6 +218,10 @@ pub struct UringBackend {
     /// The watched descriptor ([`Backend::watch_readable`]) and whether its poll is armed.
     watch: Option<std::os::fd::RawFd>,
     watch_armed: bool,
+    /// The watched descriptor signalled since [`Backend::watch_fired`] last asked.
+    watch_fired: bool,
+    /// Its poll failed for good: from then on every tick counts as signalled.
+    watch_failed: bool,
     /// SQEs that did not fit in the submission queue.
     backlog: VecDeque<squeue::Entry>,
     /// Connections with user-space events for the next tick.
@@ -354,6 +358,8 @@ impl UringBackend {
             wake_closing: false,
             watch: None,
             watch_armed: false,
+            watch_fired: false,
+            watch_failed: false,
             backlog: VecDeque::new(),
             ready: Vec::new(),
             cqes: Vec::new(),
@@ -720,13 +726,16 @@ impl UringBackend {
         if !more {
             self.watch_armed = false;
         }
+        // Anything but a cancellation counts as signalled: the owner looks for itself.
+        self.watch_fired |= res != -libc::ECANCELED;
         if res < 0 {
             if res == -libc::EINVAL && self.poll_multishot {
                 tracing::debug!("io_uring: multishot poll unsupported; re-arming single-shot");
                 self.poll_multishot = false;
             } else {
                 if res != -libc::ECANCELED {
-                    tracing::error!(error = %errno(res), "io_uring poll on the engine's descriptor failed");
+                    tracing::error!(error = %errno(res), "io_uring poll on the engine's descriptor failed; its owner is turned every tick");
+                    self.watch_failed = true;
                 }
                 return;
             }
@@ -803,6 +812,10 @@ impl Backend for UringBackend {
 
     fn wakeup(&self) -> Wakeup {
         self.wakeup.clone()
+    }
+
+    fn watch_fired(&mut self) -> bool {
+        std::mem::take(&mut self.watch_fired) || self.watch_failed
     }
 
     fn watch_readable(&mut self, fd: std::os::fd::RawFd) -> io::Result<()> {
