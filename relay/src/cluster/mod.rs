@@ -29,9 +29,11 @@
 //! on a thread of its own (`pabal-engine-N`), fed through a channel and a waker and
 //! answering through a channel and the worker's eventfd: one thread hop each way. We chose
 //! the worker's thread by measurement (README "A cluster on Redis"): on two cores at
-//! 30,000 publishes/s the two hops cost 80-120 µs of mean wait each under load and the
-//! engine-added p99 was 1.3-2.5 times the inline one; the thread stays an option for a node
-//! whose workers are saturated by their phones. The engine never blocks: its connects are
+//! 35,000-38,000 publishes/s the relay's own part of a publish's way (worker to engine,
+//! engine back to the worker) fell from 107-151 µs to 56-97 µs on average, one thread
+//! fewer per worker, for the same CPU per message; the tail there is set by the machine's
+//! two cores either way. The thread stays an option (a node whose workers' own phones keep
+//! them busy can give the engine a core of its own). The engine never blocks: its connects are
 //! non-blocking, host names resolve on helper threads ([`engine::dial`]), and on the
 //! worker's thread its event queue is drained by the worker after every pass.
 //! In-flight publishes are bounded per worker
