@@ -577,13 +577,20 @@ impl UringBackend {
     // ---- arming operations ----
 
     fn arm_wake(&mut self) {
-        let entry = opcode::PollAdd::new(types::Fd(self.wakeup.as_raw_fd()), libc::POLLIN as u32)
+        self.wake_armed = true;
+        self.push_readable_poll(self.wakeup.as_raw_fd(), OP_WAKE);
+    }
+
+    /// A poll for `fd` becoming readable (multishot where the kernel has it), completing
+    /// as `op`.
+    fn push_readable_poll(&mut self, fd: std::os::fd::RawFd, op: u8) {
+        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
             .multi(self.poll_multishot)
             .build()
-            .user_data(user_data(OP_WAKE, 0, 0));
-        self.wake_armed = true;
+            .user_data(user_data(op, 0, 0));
         // SAFETY: a poll references no memory of ours; the kernel holds its own reference to
-        // the eventfd's file.
+        // the descriptor's file (the wakeup's eventfd, or the watched descriptor) until the
+        // poll completes or is cancelled (on drop).
         unsafe { self.push(entry) }
     }
 
@@ -704,17 +711,10 @@ impl UringBackend {
     }
 
     fn arm_watch(&mut self) {
-        let Some(fd) = self.watch else {
-            return;
-        };
-        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-            .multi(self.poll_multishot)
-            .build()
-            .user_data(user_data(OP_WATCH, 0, 0));
-        self.watch_armed = true;
-        // SAFETY: a poll references no memory of ours; the kernel holds its own reference to
-        // the watched descriptor's file until the poll completes or is cancelled (on drop).
-        unsafe { self.push(entry) }
+        if let Some(fd) = self.watch {
+            self.watch_armed = true;
+            self.push_readable_poll(fd, OP_WATCH);
+        }
     }
 
     // ---- completions ----
