@@ -52,7 +52,7 @@ mod common;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use common::fanout::{
-    Outcome, Reader, Scenario, channel_1000, device_of, rooms_100x100, run_phase,
+    Outcome, Publisher, Reader, Scenario, channel_1000, device_of, rooms_100x100, run_phase,
 };
 use common::publish::backend_name;
 use common::redis_capacity::{self, redis_cpu};
@@ -135,7 +135,7 @@ fn one_row(
         .map(|(p, (user, rooms))| {
             let addr = addrs[p % addrs.len()];
             let s = common::pabal_device(addr, user, rooms, device_of(user));
-            (s, (0..rooms.len() as u32).collect::<Vec<u32>>())
+            Publisher::new(s, (0..rooms.len() as u32).collect())
         })
         .collect();
     let before = redis_cpu(redis);

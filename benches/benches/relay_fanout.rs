@@ -52,11 +52,10 @@ mod common;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::net::TcpStream;
 use std::time::Duration;
 
 use common::fanout::{
-    Outcome, Reader, Scenario, channel_1000, device_of, rooms_100x100, run_phase_with,
+    Outcome, Publisher, Reader, Scenario, channel_1000, device_of, rooms_100x100, run_phase_with,
 };
 use common::phase_counts;
 use pabal_relay::io::BackendKind;
@@ -83,12 +82,12 @@ fn run(backend: BackendKind, scenario: &Scenario, secs: f64, ack: bool) {
         .iter()
         .map(|(user, rooms)| Reader::connect(addr, user, rooms))
         .collect();
-    let mut publishers: Vec<(TcpStream, Vec<u32>)> = scenario
+    let mut publishers: Vec<Publisher> = scenario
         .publishers
         .iter()
         .map(|(user, rooms)| {
             let s = common::pabal_device(addr, user, rooms, device_of(user));
-            (s, (0..rooms.len() as u32).collect())
+            Publisher::new(s, (0..rooms.len() as u32).collect())
         })
         .collect();
     // The relay's own count of what it wrote to the sockets, over the phase alone: the

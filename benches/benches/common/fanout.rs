@@ -91,7 +91,7 @@ pub struct Outcome {
 /// unacknowledged publishes per publisher), `Some(r)` publishes `r` messages/s in total,
 /// open loop.
 pub fn run_phase(
-    publishers: &mut [(TcpStream, Vec<u32>)],
+    publishers: &mut [Publisher],
     readers: &mut [Reader],
     secs: f64,
     rate: Option<f64>,
@@ -104,7 +104,7 @@ pub fn run_phase(
 /// (before the in-flight deliveries are let land): where a caller reads counters that
 /// must cover the phase alone.
 pub fn run_phase_with(
-    publishers: &mut [(TcpStream, Vec<u32>)],
+    publishers: &mut [Publisher],
     readers: &mut [Reader],
     secs: f64,
     rate: Option<f64>,
@@ -134,9 +134,6 @@ pub fn run_phase_with(
                     .register(&mut r.stream, Token(i), Interest::READABLE)
                     .unwrap();
             }
-            let mut bufs: Vec<BytesMut> = (0..readers.len())
-                .map(|_| BytesMut::with_capacity(64 * 1024))
-                .collect();
             let decoder = Decoder::default();
             let mut events = Events::with_capacity(1024);
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
@@ -152,11 +149,15 @@ pub fn run_phase_with(
                     let i = ev.token().0;
                     let reader = &mut readers[i];
                     // A closed socket stays quiet; what it delivered is counted.
-                    let _closed =
-                        read_ready(&mut reader.stream, &mut chunk, &mut bufs[i], &mut reads);
+                    let _closed = read_ready(
+                        &mut reader.stream,
+                        &mut chunk,
+                        &mut reader.pending,
+                        &mut reads,
+                    );
                     let now = start.elapsed().as_nanos() as u64;
                     let mut got = false;
-                    while let Some(frame) = decoder.decode_server(&mut bufs[i]).unwrap() {
+                    while let Some(frame) = decoder.decode_server(&mut reader.pending).unwrap() {
                         if let ServerFrame::Deliver(d) = frame {
                             let sent = u64::from_le_bytes(d.payload[..8].try_into().unwrap());
                             hist.record((now.saturating_sub(sent) / 1000).max(1))
@@ -195,15 +196,18 @@ pub fn run_phase_with(
         let mut next_msg = vec![0u64; publishers.len()];
         // A device never reuses a msg_id: the paced phase continues after the saturated one.
         let id_base = if rate.is_some() { 1 << 40 } else { 0 };
-        let mut bufs: Vec<BytesMut> = publishers.iter().map(|_| BytesMut::new()).collect();
         // PUBACKs are read from the sockets the poll says are readable, not from every
         // publisher's socket each round: on a small machine the load generator's own system
         // calls take the core the relay under test needs.
         let mut acks = Poll::new().unwrap();
-        for (p, (s, _)) in publishers.iter().enumerate() {
-            s.set_nonblocking(true).unwrap();
+        for (p, publisher) in publishers.iter().enumerate() {
+            publisher.stream.set_nonblocking(true).unwrap();
             acks.registry()
-                .register(&mut SourceFd(&s.as_raw_fd()), Token(p), Interest::READABLE)
+                .register(
+                    &mut SourceFd(&publisher.stream.as_raw_fd()),
+                    Token(p),
+                    Interest::READABLE,
+                )
                 .unwrap();
         }
         let mut ack_events = Events::with_capacity(publishers.len().max(1));
@@ -216,7 +220,8 @@ pub fn run_phase_with(
         let publishers_n = publishers.len();
         while start.elapsed().as_secs_f64() < secs {
             let now = start.elapsed().as_nanos() as u64;
-            for (p, (stream, aliases)) in publishers.iter_mut().enumerate() {
+            for (p, publisher) in publishers.iter_mut().enumerate() {
+                let aliases = &publisher.aliases;
                 out.clear();
                 loop {
                     let intended = match per_pub_interval {
@@ -250,7 +255,7 @@ pub fn run_phase_with(
                     published += 1;
                 }
                 if !out.is_empty() {
-                    write_all_nonblocking(stream, &out);
+                    write_all_nonblocking(&mut publisher.stream, &out);
                 }
             }
             // Wait for PUBACKs only where nothing is due before the next round: saturated,
@@ -266,17 +271,19 @@ pub fn run_phase_with(
             }
             for ev in &ack_events {
                 let p = ev.token().0;
+                let publisher = &mut publishers[p];
                 if read_ready(
-                    &mut publishers[p].0,
+                    &mut publisher.stream,
                     &mut chunk,
-                    &mut bufs[p],
+                    &mut publisher.pending,
                     &mut ack_reads,
                 ) {
                     panic!("publisher closed");
                 }
-                while let Some(frame) = decoder.decode_server(&mut bufs[p]).unwrap() {
+                while let Some(frame) = decoder.decode_server(&mut publisher.pending).unwrap() {
                     match frame {
-                        ServerFrame::PubAck(_) => in_flight[p] -= 1,
+                        // A PUBACK of the phase before counts for nothing here.
+                        ServerFrame::PubAck(_) => in_flight[p] = in_flight[p].saturating_sub(1),
                         ServerFrame::Error(e) => panic!("publish refused: {}", e.message),
                         _ => {}
                     }
@@ -381,6 +388,28 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
+/// A publisher's socket, the aliases it publishes to, and what it read of a PUBACK not yet
+/// whole (kept from one phase to the next: a phase can end between two reads of a frame).
+pub struct Publisher {
+    /// The socket.
+    pub stream: TcpStream,
+    /// The aliases it publishes to, in turn.
+    pub aliases: Vec<u32>,
+    /// Bytes read and not yet decoded.
+    pending: BytesMut,
+}
+
+impl Publisher {
+    /// A device publishing to `aliases` over `stream`.
+    pub fn new(stream: TcpStream, aliases: Vec<u32>) -> Publisher {
+        Publisher {
+            stream,
+            aliases,
+            pending: BytesMut::new(),
+        }
+    }
+}
+
 /// A subscriber's socket, what it got per alias, and what it acknowledged.
 pub struct Reader {
     /// The socket.
@@ -391,6 +420,9 @@ pub struct Reader {
     pub acked: Vec<u64>,
     /// Bytes of ACK frames not yet written (the socket was full).
     pub out: Vec<u8>,
+    /// Bytes read and not yet decoded: kept from one phase to the next, since a phase can
+    /// end between two reads of one frame (the next phase's first read then starts mid-frame).
+    pending: BytesMut,
 }
 
 impl Reader {
@@ -403,6 +435,7 @@ impl Reader {
             received: Vec::new(),
             acked: Vec::new(),
             out: Vec::new(),
+            pending: BytesMut::with_capacity(64 * 1024),
         }
     }
 
