@@ -34,7 +34,7 @@ pub const FIELDS: &[(&str, Reload)] = &[
     ("workers", Reload::Restart),
     ("pin_workers", Reload::Restart),
     ("io_backend", Reload::Restart),
-    // Each worker's engine thread connects with these at start.
+    // Each worker's engine connects with these at start.
     ("cluster", Reload::Restart),
     ("auth.mode", Reload::Restart),
     // Only validation reads it, and the new file was validated with it.

@@ -227,7 +227,7 @@ impl RelayHandle {
             config.limits.max_rooms_per_user,
         ));
         let shared = Arc::new(Shared::default());
-        // Cluster mode: one node id for this start, one metrics block for every engine thread.
+        // Cluster mode: one node id for this start, one metrics block for every engine.
         let cluster = config
             .cluster
             .as_ref()

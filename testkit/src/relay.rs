@@ -40,7 +40,7 @@ pub struct TestRelay {
 
 impl TestRelay {
     /// A cluster node: two workers on `backend`, `cluster` as its `[cluster]` section,
-    /// `tweak` for the rest; returned once every engine thread is up, since a phone's HELLO
+    /// `tweak` for the rest; returned once every engine is up, since a phone's HELLO
     /// is refused `unavailable` before that (its rooms are read from the engine).
     pub fn cluster_node(
         backend: BackendKind,
@@ -55,7 +55,7 @@ impl TestRelay {
         node
     }
 
-    /// Waits until every engine thread of a cluster node has its connections up (the
+    /// Waits until every engine of a cluster node has its connections up (the
     /// slot map read, or the master found through Sentinel); panics after [`WAIT`].
     pub fn wait_for_engine(&self) {
         let stats = self.cluster().expect("a cluster node").clone();

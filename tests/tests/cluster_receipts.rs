@@ -297,7 +297,7 @@ per_backend! {
     fn many_members_markers_kept_while_redis_is_down_reach_it_in_one_batch(backend) {
         // What waits while Redis is down goes as one batch per room on recovery: more than
         // three members in it once overflowed the script call's argument list (a panic on
-        // the engine thread, and its node's engine gone).
+        // the engine, and its node's engine gone).
         let Some(mut redis) = RedisServer::start("receipts-many") else { return };
         let n = nodes(backend, &redis, "m", |_| {});
         const ROOM: &str = "group:cr-many";

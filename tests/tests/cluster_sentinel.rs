@@ -3,7 +3,7 @@
 //! sentinel promotes its replica; the nodes ask the sentinel again, publishes are refused
 //! `unavailable` meanwhile and taken again after, and a phone on the other node sees one
 //! unbroken order. A sentinel that stops answering while the engine asks it again holds
-//! up nothing else on the engine thread. With `cluster.wait_replicas = 1` a publish is
+//! up nothing else on the engine. With `cluster.wait_replicas = 1` a publish is
 //! acknowledged once the replica holds it, and refused `unavailable` while it is down.
 
 #![allow(clippy::unwrap_used)] // reason: tests
@@ -35,7 +35,7 @@ fn node_with(
     TestRelay::cluster_node(backend, cluster, |_| {})
 }
 
-/// Long enough that only an engine thread waiting on the silent sentinel delays a publish
+/// Long enough that only an engine waiting on the silent sentinel delays a publish
 /// by it (the client gives up after `WAIT`, 20 s).
 const SILENT_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -105,7 +105,7 @@ fn keys_only_on(cluster: &RedisCluster, slot: u16, shard: usize) {
     }
 }
 
-/// Long enough that only an engine thread waiting on the blackholed shard's connect delays
+/// Long enough that only an engine waiting on the blackholed shard's connect delays
 /// another shard's publish by it (the client gives up after `WAIT`, 20 s).
 const SILENT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -200,7 +200,7 @@ per_backend! {
         assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
         reader.read_through(alias, 10);
         assert!(clients_of(&cluster, shard) >= 2, "the node's commands and pub/sub on its shard");
-        // Every engine thread used to connect to every shard up front.
+        // Every engine used to connect to every shard up front.
         let deadline = Instant::now() + WAIT;
         for other in (0..3).filter(|&n| n != shard) {
             while clients_of(&cluster, other) > 0 {
@@ -287,7 +287,7 @@ per_backend! {
             std::thread::sleep(Duration::from_millis(5));
         }
         // Meanwhile the other shard's publishes are answered (they waited the whole
-        // connect while the engine thread connected blocking).
+        // connect while the engine connected blocking).
         let started = Instant::now();
         for i in 0..10u64 {
             assert_eq!(p.publish_acked(live, format!("during-{i}").into_bytes()), i + 2);

@@ -1,7 +1,7 @@
 //! `[cluster]`: the engine several relay nodes share, its address and bounds.
 //!
 //! Owns: the section's fields, defaults and validation. Must not touch: anything that runs
-//! (the engine threads read a validated copy).
+//! (the engines read a validated copy).
 
 use std::time::Duration;
 
@@ -55,7 +55,7 @@ pub struct ClusterConfig {
     /// `_`, `-`; 1 to 64 characters. Default: `node-<pid>-<random>` (unique per start).
     pub node_id: Option<String>,
     /// How long connecting to one Redis may take (name resolution and TCP connect, a
-    /// deadline on the engine thread's loop: other shards go on meanwhile, the shard's
+    /// deadline on the engine's loop: other shards go on meanwhile, the shard's
     /// commands wait and are refused `unavailable` if it is not up by then), and how long
     /// one seed or sentinel may take to answer a topology read (the next is asked after
     /// it). Default 1 s.

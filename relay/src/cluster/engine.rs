@@ -63,14 +63,14 @@ mod tryagain;
 
 use replies::Redirect;
 
-/// The engine thread's waker (shard `i`'s connections are tokens `2i+1` and `2i+2`).
+/// The engine's waker (shard `i`'s connections are tokens `2i+1` and `2i+2`).
 const WAKE: Token = Token(0);
 /// How often one command may be redirected (`MOVED`, `ASK`) before it is given up.
 const MAX_HOPS: u8 = 5;
 /// Readiness events one inline pass reads from the engine's poll (one per connection with
 /// something to read: two per shard).
 const INLINE_EVENTS: usize = 64;
-/// Events waiting for the worker; a full queue makes the engine thread wait (and Redis
+/// Events waiting for the worker; a full queue makes an engine on its own thread wait (and Redis
 /// buffer, or drop the subscriber, which the owner then repairs from the stream).
 const EVENT_QUEUE: usize = 65_536;
 
@@ -134,7 +134,7 @@ impl EngineHandle {
             Topology::Sentinel => Some(config.sentinels().map_err(io::Error::other)?.1),
             _ => None,
         };
-        // One Redis serves every slot; a cluster's map is read by the engine thread.
+        // One Redis serves every slot; a cluster's map is read by the engine.
         // The one Redis is dialed up front (it serves everything); a cluster's shards
         // each on their first command.
         let (map, shards) = match config.topology {
@@ -390,7 +390,7 @@ struct Engine {
     /// The slot map must be read again (a `MOVED`, a lost shard); not before `map_retry`.
     refresh_due: bool,
     map_retry: Retry,
-    /// Resolves host names off the engine thread (`engine/dial.rs`).
+    /// Resolves host names off the engine's thread (`engine/dial.rs`).
     resolver: dial::Resolver,
     /// A connection started dialing: what waits for one is queued on it at the loop's
     /// next turn ([`Engine::after_dials`]).

@@ -45,7 +45,7 @@
 //! is the room's script then the user's, and a notice on the user's channel reaches every
 //! worker (on every node) that holds a connection of the user; a worker reads the user's
 //! rooms and blocks when it starts watching them and whenever its pub/sub connection comes
-//! back. The engine thread's side is `engine/members.rs`; the worker's is
+//! back. The engine's side is `engine/members.rs`; the worker's is
 //! `core/cluster/members.rs`.
 //!
 //! # Receipts and the offline hand-off
@@ -54,14 +54,14 @@
 //! moves the markers forward and publishes the moved ones on the room's channel, and every
 //! node's owner sends RECEIPTs from that. The server API's receipts and unread counts are
 //! read there. A message's offline hand-off is decided by the node that sequenced it, by
-//! one script that compares every member's markers and hand-off mark. The engine thread's
+//! one script that compares every member's markers and hand-off mark. The engine's
 //! side is `engine/receipts.rs`; the worker's is `core/cluster/receipts.rs`.
 //!
 //! # A user across nodes
 //! Each worker's count of each user's connections lives in the engine with a lease
 //! ([`presence`]): presence, a user's rooms and a room's member count are read there by
 //! the server API, and every HELLO claims its connection against
-//! `limits.max_connections_per_user` on every node together. The engine thread's side is
+//! `limits.max_connections_per_user` on every node together. The engine's side is
 //! `engine/presence.rs`.
 //!
 //! # Failure
@@ -73,7 +73,7 @@
 //! what it missed from the stream before delivering anything newer. Live connections stay
 //! up throughout; `/readyz` says 503 while any worker's engine is down.
 //!
-//! Owns: the engine threads, the wire format, the scripts and key names, the cluster's
+//! Owns: the engines, the wire format, the scripts and key names, the cluster's
 //! metrics. Must not touch: connections or rooms (the owner worker's core applies what the
 //! engine reports, see `core/cluster.rs`).
 
@@ -103,7 +103,7 @@ use crate::stats::Histogram;
 /// bounds (µs).
 pub use crate::stats::{BUCKETS, HistogramSnapshot};
 
-/// A request from an owner worker to its engine thread.
+/// A request from an owner worker to its engine.
 #[derive(Debug)]
 pub enum EngineCmd {
     /// Sequence, store and publish one message.
@@ -178,7 +178,7 @@ pub enum EngineCmd {
     },
     /// Move members' markers of a room forward in the engine and publish those that moved
     /// ([`receipts::MARKERS`]): one per room per owner tick. While the engine is down the
-    /// engine thread keeps the latest marker per member (bounded) and sends it on recovery.
+    /// engine keeps the latest marker per member (bounded) and sends it on recovery.
     Markers {
         /// The room.
         room: RoomName,
@@ -356,7 +356,7 @@ pub struct EngineMessage {
     pub payload: Bytes,
 }
 
-/// What an engine thread reports to its worker.
+/// What an engine reports to its worker.
 #[derive(Debug)]
 pub enum EngineEvent {
     /// The script ran: the message has this sequence.
@@ -545,7 +545,7 @@ pub enum ClaimOutcome {
     Failed,
 }
 
-/// The cluster's metrics, shared by the engine threads and the owners (counted per batch
+/// The cluster's metrics, shared by the engines and the owners (counted per batch
 /// or per event, never locked).
 #[derive(Debug, Default)]
 pub struct ClusterStats {
@@ -578,12 +578,12 @@ pub struct ClusterStats {
     pub users_watched: AtomicI64,
     /// The engine's path by stage, in µs (see ARCHITECTURE.md's cluster section): a
     /// command, from the start of the worker's tick that queued it (just after the poll
-    /// that read its frame), until its engine thread took it off the channel.
+    /// that read its frame), until its engine took it off the channel.
     pub to_engine_us: Histogram,
     /// A publish written to Redis until its answer was read (Redis' own time, its
     /// `appendfsync` included, and the loopback both ways).
     pub publish_reply_us: Histogram,
-    /// An answer or message read by the engine thread until its worker took the event.
+    /// An answer or message read by the engine until its worker took the event.
     pub to_worker_us: Histogram,
     /// Markers script calls (one per room per owner tick with markers that moved).
     pub marker_batches: AtomicU64,
@@ -775,7 +775,7 @@ impl ClusterStats {
         self.retries[kind as usize].load(Ordering::Relaxed)
     }
 
-    /// Whether every engine thread has its connections up.
+    /// Whether every engine has its connections up.
     pub fn healthy(&self) -> bool {
         self.engines_up.load(Ordering::Relaxed) >= self.engines.load(Ordering::Relaxed)
     }

@@ -1,5 +1,5 @@
-//! One Redis an engine thread talks to (the single Redis, or one Redis Cluster shard's
-//! master): its command and pub/sub connections on the engine thread's mio poll, their
+//! One Redis an engine talks to (the single Redis, or one Redis Cluster shard's
+//! master): its command and pub/sub connections on the engine's mio poll, their
 //! buffers, their reconnection backoff, and what is in flight on the command connection.
 //!
 //! Owns: the sockets and their bytes. Must not touch: what the commands mean (the engine
@@ -159,7 +159,7 @@ impl Conn {
 
 /// A command on a command connection awaiting its reply (in order).
 pub(super) enum Pending {
-    /// A publish, with when it was written (its engine thread's clock).
+    /// A publish, with when it was written (its engine's clock).
     Publish(PublishRequest, Instant),
     Open {
         room: RoomName,

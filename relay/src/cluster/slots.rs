@@ -7,7 +7,7 @@
 //! asked at start and whenever its connection is lost or it answers as a replica.
 //!
 //! Owns: the slot function, the slot map and reading the seeds' and sentinels' answers.
-//! Must not touch: connections (the engine thread asks the seeds and sentinels without
+//! Must not touch: connections (the engine asks the seeds and sentinels without
 //! blocking, `engine/topology.rs`).
 
 use super::RedisAddr;

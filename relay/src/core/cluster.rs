@@ -196,7 +196,7 @@ pub(super) struct ClusterSide {
 impl Core {
     /// Makes this worker a cluster node's owner (`[cluster]`): its rooms are sequenced by
     /// the engine. The runtime carries [`Core::drain_engine`]'s commands to the worker's
-    /// engine thread and feeds its events to [`Core::on_engine`].
+    /// engine and feeds its events to [`Core::on_engine`].
     pub fn attach_cluster(&mut self, stats: Arc<ClusterStats>) {
         self.cluster = Some(Box::new(ClusterSide {
             out: Vec::new(),
@@ -229,7 +229,7 @@ impl Core {
         any
     }
 
-    /// What the engine thread reports, at `now`.
+    /// What the engine reports, at `now`.
     pub fn on_engine(&mut self, now: Instant, event: EngineEvent) {
         self.advance_to(now);
         match event {

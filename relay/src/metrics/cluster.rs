@@ -1,5 +1,5 @@
 //! The cluster's families on `GET /metrics` (`pabal_cluster_*`, `[cluster]` only): what
-//! the engine threads and the owners count in [`crate::cluster::ClusterStats`], read once
+//! the engines and the owners count in [`crate::cluster::ClusterStats`], read once
 //! per scrape into a [`ClusterScrape`] and encoded.
 //!
 //! Owns: the cluster's metric names, help texts and labels. Must not touch: the counters
@@ -199,7 +199,7 @@ impl ClusterScrape {
         for (name, help, h) in [
             (
                 "pabal_cluster_to_engine_seconds",
-                "From the start of the worker's tick that queued a command until its engine thread took it.",
+                "From the start of the worker's tick that queued a command until its engine took it.",
                 to_engine,
             ),
             (
@@ -209,7 +209,7 @@ impl ClusterScrape {
             ),
             (
                 "pabal_cluster_to_worker_seconds",
-                "An answer or message read by an engine thread until its worker took it.",
+                "An answer or message read by an engine until its worker took it.",
                 to_worker,
             ),
         ] {

@@ -1,4 +1,4 @@
-//! The engine thread's connections to its shards: a shard is dialed on its first need
+//! The engine's connections to its shards: a shard is dialed on its first need
 //! (the first command or subscription routed to one of its slots, an `ASK` naming it;
 //! the one Redis and the Sentinel master up front), its commands wait on the connection
 //! while it dials (bounded: [`super::super::shard::DIAL_QUEUE_MAX`]), each loop turn moves

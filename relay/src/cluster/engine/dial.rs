@@ -1,4 +1,4 @@
-//! Connecting to a Redis without blocking the engine thread: a host name is resolved on a
+//! Connecting to a Redis without blocking the engine: a host name is resolved on a
 //! helper thread ([`Resolver`], which hands the addresses back through a channel and the
 //! engine's waker), the socket connects on the engine's mio poll ([`Dial`]: mio's
 //! `TcpStream::connect`, then writable, then the socket's error or its peer), and
@@ -39,7 +39,7 @@ const MAX_ANSWERS: usize = 1024;
 /// A name's addresses, or why it has none.
 type Answer = Result<Vec<IpAddr>, String>;
 
-/// Resolves host names on helper threads without blocking the engine thread.
+/// Resolves host names on helper threads without blocking the engine.
 pub(crate) struct Resolver {
     waker: Arc<Waker>,
     tx: Sender<(String, Answer)>,

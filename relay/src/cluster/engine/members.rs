@@ -1,8 +1,8 @@
-//! The engine thread's side of membership ([`crate::cluster::membership`]): the two-step
+//! The engine's side of membership ([`crate::cluster::membership`]): the two-step
 //! membership changes, users' notice channels and the loads of a user's rooms.
 //!
 //! Owns: the users' channels' subscriptions and the membership commands in flight. Must
-//! not touch: rooms' channels or publishes (the rest of the engine thread).
+//! not touch: rooms' channels or publishes (the rest of the engine).
 
 use std::sync::atomic::Ordering;
 
@@ -22,7 +22,7 @@ use super::super::{
 use super::{Engine, MAX_HOPS, Pending, SubState, encode_script};
 use crate::ids::RoomName;
 
-/// A user's notice channel on this engine thread.
+/// A user's notice channel on this engine.
 pub(super) struct UserWatch {
     pub(super) user: Text,
     pub(super) state: SubState,

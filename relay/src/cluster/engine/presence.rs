@@ -1,4 +1,4 @@
-//! The engine thread's side of a user across nodes ([`crate::cluster::presence`]): this
+//! The engine's side of a user across nodes ([`crate::cluster::presence`]): this
 //! worker's presence entries (claimed at HELLO, rewritten when connections close, renewed
 //! every third of the lease) and the server API's lookups.
 //!

@@ -1,4 +1,4 @@
-//! The engine thread's side of receipts ([`crate::cluster::receipts`]): markers batches,
+//! The engine's side of receipts ([`crate::cluster::receipts`]): markers batches,
 //! hand-off decisions, the server API's reads of markers and unread counts, and what waits
 //! for the engine while it is down.
 //!
@@ -12,7 +12,7 @@
 //! never wait: they fail at once (503 `unavailable`).
 //!
 //! Owns: the receipts' commands in flight and waiting. Must not touch: rooms' channels,
-//! publishes or membership (the rest of the engine thread).
+//! publishes or membership (the rest of the engine).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -31,14 +31,14 @@ use crate::directory::JoinPoint;
 use crate::ids::{RoomName, UserName};
 use crate::mesh::RoomUnread;
 
-/// Members' markers that may wait for the engine at once, all rooms, per engine thread
+/// Members' markers that may wait for the engine at once, all rooms, per engine
 /// (about 100 bytes each).
 const MAX_WAITING_MARKERS: usize = 262_144;
 /// Members' markers in one `MARKERS` call (a larger batch, such as what waited while the
 /// engine was down, goes as several): bounds one script's run on Redis and the markers
 /// message every node of the room parses.
 const MAX_MARKERS_PER_CALL: usize = 1_024;
-/// Hand-off decisions that may wait for the engine, per engine thread.
+/// Hand-off decisions that may wait for the engine, per engine.
 const MAX_WAITING_CHECKS: usize = 65_536;
 /// A room's markers are loaded at open for at most this many members (more: learnt as
 /// they move).
@@ -92,7 +92,7 @@ struct Gather {
     rooms: Vec<RoomUnread>,
 }
 
-/// The engine thread's receipts state.
+/// The engine's receipts state.
 #[derive(Default)]
 pub(in crate::cluster) struct EngineReceipts {
     /// Markers waiting for their shard.
@@ -635,7 +635,7 @@ mod tests {
     #[test]
     fn a_markers_call_of_any_number_of_members_is_one_command() {
         // Four members or more overflowed the fixed argument list of `encode_script`
-        // (a panic on the engine thread): a room's tick, or what waited while Redis was down.
+        // (a panic in the engine): a room's tick, or what waited while Redis was down.
         let markers: Vec<_> = (0..MAX_MARKERS_PER_CALL).map(member).collect();
         let mut out = BytesMut::new();
         encode_markers(

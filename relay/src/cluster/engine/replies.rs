@@ -1,11 +1,11 @@
-//! The engine thread's read side: decoding what each shard's connections answer,
+//! The engine's read side: decoding what each shard's connections answer,
 //! turning replies to commands (publishes, opens, fills, membership steps) and pub/sub
 //! pushes (room messages, subscription confirmations, sharded subscriptions dropped by a
 //! slot move) into [`EngineEvent`]s, following `MOVED`/`ASK` redirects, and handing the
 //! events to the worker.
 //!
 //! Owns: reply parsing and the events built from it. Must not touch: what is sent or how
-//! connections are made (the rest of the engine thread), rooms or connections (the worker).
+//! connections are made (the rest of the engine), rooms or connections (the worker).
 
 use std::collections::HashMap;
 use std::io;

@@ -1,7 +1,7 @@
-//! Reading the engine's topology without blocking the engine thread: the slot map of a
+//! Reading the engine's topology without blocking the engine: the slot map of a
 //! Redis Cluster (`CLUSTER SLOTS` from a seed or a known shard) or where Sentinel says
 //! the master is (`SENTINEL get-master-addr-by-name`), asked on a connection of its own
-//! registered on the engine thread's mio poll (dialed as a shard's are, `dial.rs`: names
+//! registered on the engine's mio poll (dialed as a shard's are, `dial.rs`: names
 //! resolved off the thread), one address after the other (each bounded
 //! by `cluster.connect_timeout`, from the connect to the answer), with the engine's
 //! backoff when none answers. While a seed or sentinel is slow or silent, every shard
