@@ -27,7 +27,10 @@
 //! `PABAL_BENCH_SHAPE=rooms-12x1` only that shape; `PABAL_BENCH_RATE=1000` paces every row
 //! at that many messages/s instead of half the one-node rate; `PABAL_BENCH_APPENDFSYNC=no`
 //! or `everysec` runs Redis without its `fsync` per write; `PABAL_BENCH_NODES=1,0` runs only
-//! those rows, 0 the relay alone: the first row run sets the half-of-max rate). Each Redis
+//! those rows, 0 the relay alone: the first row run sets the half-of-max rate;
+//! `PABAL_BENCH_ENGINE_THREAD=1` runs each worker's engine on a thread of its own,
+//! `cluster.engine_thread`, instead of the worker's). Every row prints the load generator's
+//! own CPU per message ("loadgen run", its publishers' and reader's threads). Each Redis
 //! row also prints the engine's stages over the paced phase (`ClusterStats::stages`: worker
 //! -> engine thread, Redis' answer, engine thread -> worker), mean and the buckets holding
 //! p50 and p99, and each shape one `added ...` line per Redis row: its p50 / p99 minus the

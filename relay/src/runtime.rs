@@ -1024,7 +1024,7 @@ fn configure_socket(
 /// Hands the engine what the owners asked of it since the last hand-over, with one wake
 /// (cluster mode); `queued`: when the tick began (one clock read per tick, not one per
 /// command).
-fn hand_to_engine(core: &mut Core, engine: &mut Option<&mut EngineHandle>, queued: Instant) {
+fn hand_to_engine(core: &mut Core, engine: Option<&mut EngineHandle>, queued: Instant) {
     if let Some(engine) = engine
         && core.drain_engine(|cmd| engine.send(queued, cmd))
     {
@@ -1086,7 +1086,7 @@ fn run_loop(
         // with the tick's start, just after the poll that read the frames, so that
         // `pabal_cluster_to_engine_seconds` holds the worker's own time before the
         // hand-over.
-        hand_to_engine(core, &mut engine, now);
+        hand_to_engine(core, engine.as_deref_mut(), now);
         core.flush(&mut layers.transport(backend));
         layers.flush(backend);
         core.drain_mesh(|to, batch| mesh.send(to, batch));
@@ -1095,7 +1095,7 @@ fn run_loop(
             let _ = to.send(answer);
         });
         // What the flush added (marker batches, releases).
-        hand_to_engine(core, &mut engine, now);
+        hand_to_engine(core, engine.as_deref_mut(), now);
         if let Some(tx) = handoff {
             // try_send: a full channel drops the hand-off and counts it; never waits.
             core.drain_handoffs(|h| {

@@ -276,9 +276,8 @@ impl EngineHandle {
             return;
         };
         if signalled || *read_due {
-            if !engine.poll_and_process(events, Some(std::time::Duration::ZERO)) {
-                tracing::error!(worker = engine.worker, "the engine's poll failed");
-            }
+            // A failed poll is logged there; the next signal or due read tries again.
+            engine.poll_and_process(events, Some(std::time::Duration::ZERO));
             *read_due = events.iter().count() >= INLINE_EVENTS;
         } else if deadline.is_none_or(|at| at > Instant::now()) {
             // Nothing read and no timer due: nothing for the engine to do.
