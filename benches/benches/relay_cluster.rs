@@ -16,14 +16,19 @@
 //! 2. **One Redis shard's capacity through the script** (in the parent process, no relay):
 //!    8 connections, 64 pipelined `EVALSHA` each, over 1,000 rooms, three connections
 //!    subscribed to every room's channel; the script as the relay runs it (with and without
-//!    a device's publish id) and without its `XADD`, its `PUBLISH`, or both. Calls/s, Redis
-//!    CPU per call (`INFO cpu`), the script's own time per call (`INFO commandstats`).
+//!    a device's publish id), as it was before, and without its `XADD`, its `PUBLISH`, or
+//!    both. Calls/s, Redis CPU per call (`INFO cpu`), the script's own time per call (`INFO
+//!    commandstats`).
+//! 3. **Redis' instructions per call of the same variants** (argument `instructions` only:
+//!    minutes, under valgrind): a `redis-server` under callgrind, the count repeatable where
+//!    calls/s swing from one minute to the next.
 //!
 //! Redis is a private `redis-server` (`pabal_testkit::redis`: `appendonly yes`,
 //! `appendfsync always`, the recommended production setting), flushed between rows.
 //!
 //! `cargo bench -p pabal-benches --bench relay_cluster` (`PABAL_BENCH_SECS` sets each
-//! phase's length, default 3; an argument `fanout` or `capacity` runs only that part;
+//! phase's length, default 3; an argument `fanout` or `capacity` runs only that part, and
+//! `instructions` runs part 3, which the default leaves out;
 //! `PABAL_BENCH_SHAPE=rooms-12x1` only that shape; `PABAL_BENCH_RATE=1000` paces every row
 //! at that many messages/s instead of half the one-node rate; `PABAL_BENCH_APPENDFSYNC=no`
 //! or `everysec` runs Redis without its `fsync` per write; `PABAL_BENCH_NODES=1,0` runs only
@@ -372,6 +377,32 @@ fn capacity(secs: f64) {
     }
 }
 
+/// Redis' instructions per call of each variant ([`redis_capacity::instructions`]): the
+/// figure that holds still on a machine whose calls/s do not.
+fn instructions() {
+    if !redis_capacity::valgrind_available() {
+        println!("\ninstructions: valgrind is not installed here (apt-get install valgrind)");
+        return;
+    }
+    println!(
+        "\nRedis' own instructions per publish-script call (callgrind, one connection x 64 \
+         pipelined EVALSHA, 1,000 rooms, 3 subscribers per channel, no persistence)"
+    );
+    println!("{:<48} {:>14}", "variant", "instr./call");
+    let variants = redis_capacity::variants();
+    let first = redis_capacity::instructions(&variants[0]);
+    println!("{:<48} {:>14.0}", variants[0].name, first);
+    for variant in &variants[1..] {
+        let n = redis_capacity::instructions(variant);
+        println!(
+            "{:<48} {:>14.0}  ({:+.1}% against the first)",
+            variant.name,
+            n,
+            (n / first - 1.0) * 100.0
+        );
+    }
+}
+
 fn main() {
     let secs: f64 = std::env::var("PABAL_BENCH_SECS")
         .ok()
@@ -399,6 +430,9 @@ fn main() {
         }
         if wants("capacity") {
             capacity(secs);
+        }
+        if part.as_deref() == Some("instructions") {
+            instructions();
         }
         return;
     };

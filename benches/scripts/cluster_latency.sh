@@ -12,13 +12,17 @@
 #                                                    # Redis and the load on core 1
 #   ENGINE_THREAD=1 benches/scripts/cluster_latency.sh   # each worker's engine on a thread
 #                                                        # of its own (cluster.engine_thread)
+#   LOAD_IDLE=1 benches/scripts/cluster_latency.sh   # the load generator under SCHED_IDLE:
+#                                                    # it takes only what Redis and the
+#                                                    # relay leave of their cores
 #
 # Defaults: REDIS_CPUS=1 (redis-server alone on core 1), RELAY_CPUS=0 (the relay nodes and
 # the load generator on core 0), LOAD_CPUS unset (the load generator's threads stay with
 # the relay nodes; set: on those CPUs, each thread pinned, PABAL_BENCH_LOAD_CPUS),
-# APPENDFSYNC=everysec, SECS=3 per phase, ROUNDS=3. Each run
-# prints its placement (as the kernel reports it) and the load average; quote them with the
-# figures. Output: the bench's own rows and stage lines, then one summary line per backend
+# APPENDFSYNC=everysec, SECS=3 per phase, ROUNDS=3, PAUSE_SECS=5. Each run
+# prints its placement (as the kernel reports it) and the load average, and the script prints
+# the machine's own pauses (benches/benches/machine_pauses.rs) before and after; quote them
+# with the figures. Output: the bench's own rows and stage lines, then one summary line per backend
 # and rate.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,13 +32,21 @@ SECS=${SECS:-3}
 REDIS_CPUS=${REDIS_CPUS-1}
 RELAY_CPUS=${RELAY_CPUS-0}
 LOAD_CPUS=${LOAD_CPUS-}
+LOAD_IDLE=${LOAD_IDLE:-0}
 APPENDFSYNC=${APPENDFSYNC:-everysec}
 ENGINE_THREAD=${ENGINE_THREAD:-0}
 SHAPE=${SHAPE:-rooms-12x1}
 
 cargo bench -p pabal-benches --bench relay_cluster --no-run
+cargo bench -p pabal-benches --bench machine_pauses --no-run
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
+
+# The machine's own pauses (a thread spinning alone on each CPU), before and after the run:
+# the floor under every p99 below.
+pauses() { PABAL_BENCH_SECS=${PAUSE_SECS:-5} cargo bench -q -p pabal-benches --bench machine_pauses; }
+echo "== the machine's pauses before the run"
+pauses
 
 for round in $(seq 1 "$ROUNDS"); do
   for rate in 1000 half; do
@@ -45,10 +57,14 @@ for round in $(seq 1 "$ROUNDS"); do
       PABAL_BENCH_APPENDFSYNC="$APPENDFSYNC" \
       PABAL_BENCH_REDIS_CPUS="$REDIS_CPUS" PABAL_BENCH_RELAY_CPUS="$RELAY_CPUS" \
       PABAL_BENCH_LOAD_CPUS="$LOAD_CPUS" PABAL_BENCH_ENGINE_THREAD="$ENGINE_THREAD" \
+      PABAL_BENCH_LOAD_IDLE="$LOAD_IDLE" \
       "${fixed[@]}" \
       cargo bench -p pabal-benches --bench relay_cluster -- fanout | tee -a "$out"
   done
 done
+
+echo "== the machine's pauses after the run"
+pauses
 
 # The median of the numbers on stdin.
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%g\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
@@ -57,7 +73,7 @@ field() { grep '^added ' "$out" | grep " backend=$2 " | grep " pace=$3 " | tr ' 
 
 echo
 echo "== summary: $SHAPE, one node on Redis against the relay alone, appendfsync $APPENDFSYNC," \
-  "REDIS_CPUS=${REDIS_CPUS:-unset} RELAY_CPUS=${RELAY_CPUS:-unset} LOAD_CPUS=${LOAD_CPUS:-unset} ENGINE_THREAD=$ENGINE_THREAD, $ROUNDS rounds, medians (each round's added p99 and load)"
+  "REDIS_CPUS=${REDIS_CPUS:-unset} RELAY_CPUS=${RELAY_CPUS:-unset} LOAD_CPUS=${LOAD_CPUS:-unset} LOAD_IDLE=$LOAD_IDLE ENGINE_THREAD=$ENGINE_THREAD, $ROUNDS rounds, medians (each round's added p99 and load)"
 printf '%-9s %-12s %9s %20s %20s %12s  %s\n' backend pace 'msg/s' 'alone p50 / p99 ms' \
   '1 node p50 / p99 ms' 'added p99' 'per round: added p99 (load)'
 for backend in epoll io_uring; do

@@ -462,6 +462,19 @@ impl Redis {
         replies
     }
 
+    /// The next value Redis sends unasked (a subscription's message).
+    fn next_pushed(&mut self) -> Value {
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            if let Some(v) = resp::decode(&mut self.buf).unwrap() {
+                return v;
+            }
+            let got = self.s.read(&mut chunk).unwrap();
+            assert!(got > 0, "redis closed the connection");
+            self.buf.extend_from_slice(&chunk[..got]);
+        }
+    }
+
     fn call(&mut self, cmd: &[&str]) -> Value {
         let cmd: Vec<Vec<u8>> = cmd.iter().map(|a| a.as_bytes().to_vec()).collect();
         self.pipeline(&[cmd]).pop().unwrap()
@@ -517,6 +530,7 @@ fn publish_in(epoch: u64, sender: &str) -> Vec<Vec<u8>> {
         s(""),
         s(16),
         s("PUBLISH"),
+        s(sender.len()),
     ];
     eval(PUBLISH, &["m", "s", "i"], &args)
 }
@@ -596,6 +610,39 @@ fn score(r: &mut Redis, user: &str) -> Option<u64> {
     r.call(&["ZSCORE", &key("d"), user])
         .bytes()
         .map(|b| std::str::from_utf8(b).unwrap().parse().unwrap())
+}
+
+#[test]
+fn the_publish_scripts_channel_message_carries_the_sender_whole_whatever_its_bytes() {
+    let Some(redis) = RedisServer::start_with("scripts-publish", &["--appendonly", "no"]) else {
+        return;
+    };
+    let mut sub = Redis::connect(redis.port);
+    sub.s
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    sub.call(&["SUBSCRIBE", &key("c")]);
+    let mut r = Redis::connect(redis.port);
+    // The caller passes the sender's length in bytes (the script no longer counts it):
+    // a multibyte name must come out whole, the payload after it untouched.
+    for (sender, seq) in [("bob", 1), ("짱구", 2), ("", 3)] {
+        let reply = r.pipeline(&[publish(sender)]).pop().unwrap();
+        let got: Vec<i64> = reply
+            .array()
+            .unwrap()
+            .iter()
+            .map(|v| v.int().unwrap())
+            .collect();
+        assert_eq!(got, [7, seq], "{{epoch, seq}} as integers for {sender:?}");
+        let pushed = sub.next_pushed();
+        let parts = pushed.array().unwrap();
+        let body = bytes::Bytes::copy_from_slice(parts[2].bytes().unwrap());
+        let (epoch, m) = pabal_relay::cluster::script::parse_channel_message(&body, b"n/0/")
+            .expect("the channel message parses");
+        assert_eq!((epoch, m.seq, m.ticket), (7, seq as u64, Some(1)));
+        assert_eq!(m.sender.as_str(), sender);
+        assert_eq!(&m.payload[..], b"hi");
+    }
 }
 
 #[test]

@@ -6,9 +6,14 @@
 //! threads (per thread, for the length of a phase: [`pin_load_thread`]) to a third list,
 //! so that the relay node (worker and engine thread) can have a core to itself while Redis
 //! and the load share another. Lists as `taskset -c` takes them: `1`, `0,2`, `2-3`.
+//! `PABAL_BENCH_LOAD_IDLE=1` runs the load generator's threads under `SCHED_IDLE` for the
+//! phase: they take only the CPU time Redis and the relay leave, as phones on other machines
+//! would (a machine too small to give each a core otherwise puts whichever shares a core
+//! with the load in a queue behind it).
 //!
-//! Owns: the affinity of those processes and of the load generator's threads, and the
-//! line that says where everything runs. Must not touch: any other process (the system's
+//! Owns: the affinity (and, with `PABAL_BENCH_LOAD_IDLE`, the scheduling policy) of those
+//! processes and of the load generator's threads, and the line that says where everything
+//! runs. Must not touch: any other process (the system's
 //! Redis, other benches).
 
 use pabal_testkit::redis::RedisServer;
@@ -19,6 +24,13 @@ pub const REDIS_CPUS: &str = "PABAL_BENCH_REDIS_CPUS";
 pub const RELAY_CPUS: &str = "PABAL_BENCH_RELAY_CPUS";
 /// The CPUs of `PABAL_BENCH_LOAD_CPUS`.
 pub const LOAD_CPUS: &str = "PABAL_BENCH_LOAD_CPUS";
+/// `1`: the load generator's threads under `SCHED_IDLE` for each phase.
+pub const LOAD_IDLE: &str = "PABAL_BENCH_LOAD_IDLE";
+
+/// Whether `PABAL_BENCH_LOAD_IDLE=1`.
+fn load_idle() -> bool {
+    std::env::var(LOAD_IDLE).is_ok_and(|v| v == "1")
+}
 
 /// Parses a CPU list (`0`, `1,3`, `0-2,5`); panics naming `var` on anything else.
 pub fn parse_cpus(var: &str, list: &str) -> Vec<usize> {
@@ -84,28 +96,54 @@ fn pin_thread(var: &str, tid: libc::pid_t, cpus: &[usize]) {
     );
 }
 
-/// The calling thread on `PABAL_BENCH_LOAD_CPUS` until dropped, then back on the CPUs it
-/// had (a thread that goes on to start relay nodes must not hand them the load's CPUs).
-/// Does nothing while the variable is unset.
+/// The calling thread on `PABAL_BENCH_LOAD_CPUS` (and under `SCHED_IDLE` with
+/// `PABAL_BENCH_LOAD_IDLE=1`) until dropped, then back on the CPUs and the policy it had (a
+/// thread that goes on to start relay nodes must not hand them the load's CPUs or policy).
+/// Does nothing while both variables are unset.
 pub struct LoadThread {
     before: Option<Vec<usize>>,
+    policy_before: Option<libc::c_int>,
 }
 
 /// Moves the calling thread, one of the load generator's, to `PABAL_BENCH_LOAD_CPUS`
-/// (unset: it stays where it is, with the relay nodes on `PABAL_BENCH_RELAY_CPUS`).
+/// (unset: it stays where it is, with the relay nodes on `PABAL_BENCH_RELAY_CPUS`), and
+/// under `SCHED_IDLE` when `PABAL_BENCH_LOAD_IDLE=1`.
 pub fn pin_load_thread() -> LoadThread {
-    let Some(cpus) = cpus_from_env(LOAD_CPUS) else {
-        return LoadThread { before: None };
-    };
-    let before = affinity_of(0);
-    pin_thread(LOAD_CPUS, 0, &cpus);
+    let before = cpus_from_env(LOAD_CPUS).map(|cpus| {
+        let before = affinity_of(0);
+        pin_thread(LOAD_CPUS, 0, &cpus);
+        before
+    });
+    let policy_before = load_idle().then(|| {
+        // SAFETY: reads the calling thread's policy; no pointer.
+        let policy = unsafe { libc::sched_getscheduler(0) };
+        set_policy(libc::SCHED_IDLE);
+        policy
+    });
     LoadThread {
-        before: Some(before),
+        before,
+        policy_before,
     }
+}
+
+/// Sets the calling thread's scheduling policy (`SCHED_IDLE` or `SCHED_OTHER`, priority 0);
+/// panics naming `PABAL_BENCH_LOAD_IDLE` if the kernel refuses.
+fn set_policy(policy: libc::c_int) {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid `sched_param` the call only reads; 0 is the calling thread.
+    let rc = unsafe { libc::sched_setscheduler(0, policy, &raw const param) };
+    assert!(
+        rc == 0,
+        "{LOAD_IDLE}: sched_setscheduler(0, {policy}) failed: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 impl Drop for LoadThread {
     fn drop(&mut self) {
+        if let Some(policy) = self.policy_before.take().filter(|&p| p >= 0) {
+            set_policy(policy);
+        }
         if let Some(before) = self.before.take().filter(|b| !b.is_empty()) {
             pin_thread(LOAD_CPUS, 0, &before);
         }
@@ -151,16 +189,18 @@ pub fn apply(redis: &RedisServer) -> String {
     }
     let relay = affinity_of(0);
     // As the load's threads will be placed (checked here: a bad list fails before the run).
-    let load = {
+    let (load, load_policy) = {
         let pinned = pin_load_thread();
         let load = affinity_of(0);
+        // SAFETY: reads the calling thread's policy; no pointer.
+        let policy = unsafe { libc::sched_getscheduler(0) };
         drop(pinned);
-        load
+        (load, policy)
     };
     format!(
         "placement: redis-server (pid {pid}) on CPUs {} ({REDIS_CPUS}={}); relay nodes (pid {}) \
-         on CPUs {} ({RELAY_CPUS}={}); the load generator's threads on CPUs {} ({LOAD_CPUS}={}); \
-         {} CPUs online",
+         on CPUs {} ({RELAY_CPUS}={}); the load generator's threads on CPUs {} ({LOAD_CPUS}={}) under {} \
+         ({LOAD_IDLE}={}); {} CPUs online",
         cpu_text(&affinity_of(pid as libc::pid_t)),
         std::env::var(REDIS_CPUS).unwrap_or_else(|_| "unset".into()),
         std::process::id(),
@@ -168,6 +208,12 @@ pub fn apply(redis: &RedisServer) -> String {
         std::env::var(RELAY_CPUS).unwrap_or_else(|_| "unset".into()),
         cpu_text(&load),
         std::env::var(LOAD_CPUS).unwrap_or_else(|_| "unset".into()),
+        if load_policy == libc::SCHED_IDLE {
+            "SCHED_IDLE"
+        } else {
+            "SCHED_OTHER"
+        },
+        std::env::var(LOAD_IDLE).unwrap_or_else(|_| "unset".into()),
         // SAFETY: sysconf reads a system constant.
         unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) },
     )

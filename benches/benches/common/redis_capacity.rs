@@ -4,10 +4,16 @@
 //! holding every room). The script is `pabal_relay::cluster::script::PUBLISH` itself, and
 //! variants of it without its `XADD` or its `PUBLISH`, to say what in it costs.
 //!
+//! Calls/s and CPU per call swing by a third from one minute to the next on a shared VM;
+//! [`instructions`] counts Redis' own instructions per call instead (a `redis-server`
+//! under callgrind), which the same script, inputs and binary repeat exactly, so that a
+//! change of a few percent in the script can be told at all.
+//!
 //! Owns: the driver and the variants. Must not touch: the relay (nothing here runs one).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -110,6 +116,26 @@ end
 return {e, s}
 ";
 
+/// The publish script as it was before it made the new sequence a string once and took the
+/// sender's length from its caller (`printf` formatted a Lua number four times a call):
+/// the script as a single Redis runs it, those lines put back.
+fn numbers_per_use() -> String {
+    let mut script = single_redis_script();
+    for (now, before) in [
+        (
+            "local n = redis.call('HINCRBY', KEYS[1], 's', 1)\nlocal s = tostring(n)\n",
+            "local s = redis.call('HINCRBY', KEYS[1], 's', 1)\n",
+        ),
+        ("ARGV[11] .. ' '", "string.len(ARGV[4]) .. ' '"),
+        ("if n % 64 == 0", "if s % 64 == 0"),
+        ("return {e, n}", "return {e, s}"),
+    ] {
+        assert!(script.contains(now), "the publish script changed shape");
+        script = script.replace(now, before);
+    }
+    script
+}
+
 /// The variants measured, the script as the relay runs it first.
 pub fn variants() -> Vec<Variant> {
     let script = single_redis_script();
@@ -117,6 +143,11 @@ pub fn variants() -> Vec<Variant> {
         Variant {
             name: "script, publish id",
             script: script.clone(),
+            publish_id: true,
+        },
+        Variant {
+            name: "publish id, numbers formatted per use (before)",
+            script: numbers_per_use(),
             publish_id: true,
         },
         Variant {
@@ -209,6 +240,150 @@ fn read_replies(s: &mut TcpStream, buf: &mut BytesMut, mut n: usize) {
     }
 }
 
+/// One connection's share of the load: connection `c` of `of` publishes round robin over
+/// its rooms (every `of`-th), [`PIPELINE`] calls a write, while `more(calls sent)`; returns
+/// the calls sent.
+fn drive(
+    port: u16,
+    sha: &str,
+    publish_id: bool,
+    (c, of): (usize, usize),
+    more: impl Fn(u64) -> bool,
+) -> u64 {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_nodelay(true).unwrap();
+    let rooms: Vec<[String; 4]> = (c..ROOMS).step_by(of).map(keys).collect();
+    let payload = [7u8; 32];
+    let sender = "sender";
+    let sender_len = sender.len().to_string();
+    let mut out = BytesMut::new();
+    let mut buf = BytesMut::new();
+    let (mut sent, mut next) = (0u64, 0usize);
+    while more(sent) {
+        out.clear();
+        for _ in 0..PIPELINE {
+            let [m, st, i, ch] = &rooms[next % rooms.len()];
+            next += 1;
+            sent += 1;
+            let id = if publish_id {
+                format!("d{c}:{sent}")
+            } else {
+                String::new()
+            };
+            let ts = sent.to_string();
+            let args: [&[u8]; 17] = [
+                b"EVALSHA",
+                sha.as_bytes(),
+                b"3",
+                m.as_bytes(),
+                st.as_bytes(),
+                i.as_bytes(),
+                b"1",
+                ts.as_bytes(),
+                b"bench/0/1",
+                sender.as_bytes(),
+                &payload,
+                b"10000",
+                ch.as_bytes(),
+                id.as_bytes(),
+                b"1000",
+                b"PUBLISH",
+                sender_len.as_bytes(),
+            ];
+            resp::encode(&mut out, args.into_iter());
+        }
+        s.write_all(&out).unwrap();
+        read_replies(&mut s, &mut buf, PIPELINE);
+    }
+    sent
+}
+
+/// Calls per callgrind run: the two runs differ by `MANY - FEW` calls, and everything else
+/// (start, script load, subscriptions, shutdown) cancels out.
+const FEW: u64 = 64 * 80;
+const MANY: u64 = 64 * 240;
+
+/// Whether `valgrind` runs here.
+pub fn valgrind_available() -> bool {
+    Command::new("valgrind")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Redis' own (user-space) instructions per call of `variant`: a private `redis-server`
+/// (no persistence: its disk writes are the kernel's, not counted) under `valgrind
+/// --tool=callgrind`, [`SUBSCRIBERS`] connections subscribed to every room's channel, one
+/// connection driving [`FEW`] calls, then a fresh one [`MANY`]; the difference over the
+/// difference in calls. The same binary, script and inputs give the same count whatever
+/// else the machine runs.
+pub fn instructions(variant: &Variant) -> f64 {
+    let run = |calls: u64| -> u64 {
+        let port = pabal_testkit::redis::free_port();
+        let dir =
+            std::env::temp_dir().join(format!("pabal-callgrind-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("callgrind.out");
+        let mut child = Command::new("valgrind")
+            .arg("--tool=callgrind")
+            .arg(format!("--callgrind-out-file={}", out.display()))
+            .args([
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("valgrind starts");
+        let cli = |args: &[&str]| -> String {
+            let out = Command::new("redis-cli")
+                .args(["-p", &port.to_string()])
+                .args(args)
+                .output()
+                .expect("redis-cli runs");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while cli(&["PING"]) != "PONG" {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server under callgrind never answered"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let sha = cli(&["SCRIPT", "LOAD", &variant.script]);
+        assert_eq!(sha.len(), 40, "SCRIPT LOAD answered {sha:?}");
+        let stop = Arc::new(AtomicBool::new(false));
+        let subs = subscribers(port, &stop);
+        let sent = drive(port, &sha, variant.publish_id, (0, 1), |sent| sent < calls);
+        assert_eq!(sent, calls);
+        stop.store(true, Ordering::Relaxed);
+        for s in subs {
+            s.join().unwrap();
+        }
+        cli(&["SHUTDOWN", "NOSAVE"]);
+        child.wait().unwrap();
+        let text = std::fs::read_to_string(&out).expect("callgrind wrote its counts");
+        let _ = std::fs::remove_dir_all(&dir);
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("summary:")
+                    .or_else(|| l.strip_prefix("totals:"))
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .expect("callgrind's output holds a summary line")
+    };
+    let few = run(FEW);
+    let many = run(MANY);
+    (many.saturating_sub(few)) as f64 / (MANY - FEW) as f64
+}
+
 fn keys(room: usize) -> [String; 4] {
     let tag = format!("pabal:{{r:cap{room}}}");
     [
@@ -266,49 +441,9 @@ pub fn measure(redis: &RedisServer, variant: &Variant, secs: f64) -> Capacity {
         .map(|c| {
             let (sha, port, publish_id) = (sha.clone(), redis.port, variant.publish_id);
             std::thread::spawn(move || {
-                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-                s.set_nodelay(true).unwrap();
-                let rooms: Vec<[String; 4]> = (c..ROOMS).step_by(CONNECTIONS).map(keys).collect();
-                let payload = [7u8; 32];
-                let mut out = BytesMut::new();
-                let mut buf = BytesMut::new();
-                let (mut sent, mut next) = (0u64, 0usize);
-                while start.elapsed().as_secs_f64() < secs {
-                    out.clear();
-                    for _ in 0..PIPELINE {
-                        let [m, st, i, ch] = &rooms[next % rooms.len()];
-                        next += 1;
-                        sent += 1;
-                        let id = if publish_id {
-                            format!("d{c}:{sent}")
-                        } else {
-                            String::new()
-                        };
-                        let ts = sent.to_string();
-                        let args: [&[u8]; 16] = [
-                            b"EVALSHA",
-                            sha.as_bytes(),
-                            b"3",
-                            m.as_bytes(),
-                            st.as_bytes(),
-                            i.as_bytes(),
-                            b"1",
-                            ts.as_bytes(),
-                            b"bench/0/1",
-                            b"sender",
-                            &payload,
-                            b"10000",
-                            ch.as_bytes(),
-                            id.as_bytes(),
-                            b"1000",
-                            b"PUBLISH",
-                        ];
-                        resp::encode(&mut out, args.into_iter());
-                    }
-                    s.write_all(&out).unwrap();
-                    read_replies(&mut s, &mut buf, PIPELINE);
-                }
-                sent
+                drive(port, &sha, publish_id, (c, CONNECTIONS), |_| {
+                    start.elapsed().as_secs_f64() < secs
+                })
             })
         })
         .collect();

@@ -931,6 +931,7 @@ impl Engine {
         script::tag(tag, &self.node_id, self.worker, req.ticket);
         script::repeat_key(repeat, req.repeat.as_ref());
         let (mut d1, mut d2, mut d3, mut d4) = ([0; 20], [0; 20], [0; 20], [0; 20]);
+        let mut d5 = [0; 20];
         let verb: &[u8] = match self.topology {
             Topology::Single | Topology::Sentinel => b"PUBLISH",
             Topology::Cluster => b"SPUBLISH",
@@ -950,6 +951,7 @@ impl Engine {
                 repeat,
                 decimal(req.window.max(1) as u64, &mut d4),
                 verb,
+                decimal(req.sender.as_bytes().len() as u64, &mut d5),
             ],
         );
         self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);

@@ -49,8 +49,14 @@ pub const TRIM_EVERY: u64 = 64;
 
 /// Sequence one message: KEYS meta, stream, repeat window; ARGV epoch hint, ts, tag, sender,
 /// payload, stream max length, channel, repeat key (empty: none), window size, the publish
-/// command (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster). Returns
-/// `{epoch, seq}`, or `{epoch, first seq, 1}` for a repeat key the window holds.
+/// command (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster), the sender's
+/// length in bytes (decimal). Returns `{epoch, seq}`, or `{epoch, first seq, 1}` for a
+/// repeat key the window holds.
+///
+/// The new sequence is made a string once (`s`) and used as one everywhere: a Lua number
+/// passed to `redis.call` or joined into a string is formatted by `printf` each time, and
+/// with the sender's length (which the caller knows) that was four formats a call; one
+/// now, about 6% of Redis' instructions per call (`relay_cluster -- instructions`).
 ///
 /// A repeat key costs one `ZADD NX` (it adds the key at the new sequence or finds it
 /// there; a repeat gives the sequence back, unseen by anyone, and answers the first one),
@@ -61,7 +67,8 @@ pub const TRIM_EVERY: u64 = 64;
 pub const PUBLISH: &str = concat!(
     epoch_prelude!(),
     r"
-local s = redis.call('HINCRBY', KEYS[1], 's', 1)
+local n = redis.call('HINCRBY', KEYS[1], 's', 1)
+local s = tostring(n)
 if ARGV[8] ~= '' and redis.call('ZADD', KEYS[3], 'NX', s, ARGV[8]) == 0 then
   redis.call('HINCRBY', KEYS[1], 's', -1)
   return {e, tonumber(redis.call('ZSCORE', KEYS[3], ARGV[8])), 1}
@@ -74,11 +81,11 @@ if type(added) == 'table' and added.err then
   return added
 end
 redis.call(ARGV[10], ARGV[7], e .. ' ' .. s .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' ..
-  string.len(ARGV[4]) .. ' ' .. ARGV[4] .. ARGV[5])
-if s % 64 == 0 then
+  ARGV[11] .. ' ' .. ARGV[4] .. ARGV[5])
+if n % 64 == 0 then
   redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[9]) + 1))
 end
-return {e, s}
+return {e, n}
 "
 );
 
@@ -301,7 +308,7 @@ mod tests {
 
     #[test]
     fn the_publish_scripts_trim_runs_every_trim_every_sequences() {
-        assert!(PUBLISH.contains(&format!("if s % {TRIM_EVERY} == 0 then")));
+        assert!(PUBLISH.contains(&format!("if n % {TRIM_EVERY} == 0 then")));
         let names: Vec<_> = all_scripts().into_iter().map(|(name, _)| name).collect();
         let mut unique = names.clone();
         unique.sort_unstable();
