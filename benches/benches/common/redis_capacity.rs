@@ -116,20 +116,32 @@ end
 return {e, s}
 ";
 
-/// The publish script as it was before it made the new sequence a string once and took the
-/// sender's length from its caller (`printf` formatted a Lua number four times a call):
-/// the script as a single Redis runs it, those lines put back.
-fn numbers_per_use() -> String {
+/// The publish script made the new sequence a string once and took the sender's length
+/// from its caller: before, `printf` formatted a Lua number four times a call.
+const NUMBERS_PER_USE: &[(&str, &str)] = &[
+    (
+        "local n = redis.call('HINCRBY', KEYS[1], 's', 1)\nlocal s = tostring(n)\n",
+        "local s = redis.call('HINCRBY', KEYS[1], 's', 1)\n",
+    ),
+    ("ARGV[11] .. ' '", "string.len(ARGV[4]) .. ' '"),
+    ("if n % 64 == 0", "if s % 64 == 0"),
+    ("return {e, n}", "return {e, s}"),
+];
+
+/// The publish script trims the stream once every 64 sequences: before, every `XADD` had
+/// its `MAXLEN ~`.
+const TRIM_PER_XADD: &[(&str, &str)] = &[
+    (
+        "redis.pcall('XADD', KEYS[2], s .. '-0',",
+        "redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], s .. '-0',",
+    ),
+    ("  redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', ARGV[6])\n", ""),
+];
+
+/// The script as a single Redis runs it with `changes` undone (each `(now, before)`).
+fn as_before(changes: &[&[(&str, &str)]]) -> String {
     let mut script = single_redis_script();
-    for (now, before) in [
-        (
-            "local n = redis.call('HINCRBY', KEYS[1], 's', 1)\nlocal s = tostring(n)\n",
-            "local s = redis.call('HINCRBY', KEYS[1], 's', 1)\n",
-        ),
-        ("ARGV[11] .. ' '", "string.len(ARGV[4]) .. ' '"),
-        ("if n % 64 == 0", "if s % 64 == 0"),
-        ("return {e, n}", "return {e, s}"),
-    ] {
+    for &(now, before) in changes.iter().copied().flatten() {
         assert!(script.contains(now), "the publish script changed shape");
         script = script.replace(now, before);
     }
@@ -147,7 +159,17 @@ pub fn variants() -> Vec<Variant> {
         },
         Variant {
             name: "publish id, numbers formatted per use (before)",
-            script: numbers_per_use(),
+            script: as_before(&[NUMBERS_PER_USE]),
+            publish_id: true,
+        },
+        Variant {
+            name: "publish id, stream trimmed per XADD (before)",
+            script: as_before(&[TRIM_PER_XADD]),
+            publish_id: true,
+        },
+        Variant {
+            name: "publish id, both as before",
+            script: as_before(&[NUMBERS_PER_USE, TRIM_PER_XADD]),
             publish_id: true,
         },
         Variant {
