@@ -360,13 +360,13 @@ fn capacity(secs: f64) {
          1,000 rooms, 3 subscribers per channel)"
     );
     println!(
-        "{:<20} {:>10} {:>15} {:>15} {:>18}",
+        "{:<48} {:>10} {:>15} {:>15} {:>18}",
         "variant", "calls/s", "redis CPU us", "script us/call", "1 core at that CPU"
     );
     for variant in redis_capacity::variants() {
         let c = redis_capacity::measure(&redis, &variant, secs);
         println!(
-            "{:<20} {:>10.0} {:>15.2} {:>15.2} {:>16.0}/s  load {}",
+            "{:<48} {:>10.0} {:>15.2} {:>15.2} {:>16.0}/s  load {}",
             variant.name,
             c.per_s,
             c.cpu_us,

@@ -135,7 +135,10 @@ const TRIM_PER_XADD: &[(&str, &str)] = &[
         "redis.pcall('XADD', KEYS[2], s .. '-0',",
         "redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], s .. '-0',",
     ),
-    ("  redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', ARGV[6])\n", ""),
+    (
+        "  redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', ARGV[6])\n",
+        "",
+    ),
 ];
 
 /// The script as a single Redis runs it with `changes` undone (each `(now, before)`).
