@@ -2,7 +2,9 @@
 //! node's in-memory history (`retention.max_messages`), once per I/O backend. It must be
 //! fed from the room's Redis stream, page by page (`cluster.fill_batch`), every message the
 //! stream still holds in order and once, with a GAP for exactly what the stream's
-//! retention (`cluster.stream_max_len`, trimmed approximately by Redis) dropped.
+//! retention (`cluster.stream_max_len`, trimmed approximately by Redis) dropped; and a
+//! stream that nodes wrote in both entry forms (`cluster.stream_entry`: `fields` during a
+//! rolling upgrade, `packed`) is read whole, in order, by a node that holds none of it.
 
 #![allow(clippy::unwrap_used)] // reason: tests
 
@@ -10,23 +12,34 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pabal_codec::Event;
-use pabal_relay::cluster::ClusterConfig;
+use pabal_relay::cluster::{ClusterConfig, StreamEntry};
 use pabal_relay::io::BackendKind;
 use pabal_testkit::redis::RedisServer;
 use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
 
 /// Messages a node keeps in memory per room: far fewer than the stream.
 const MEMORY: usize = 50;
-/// Messages the stream keeps (about: `XADD MAXLEN ~` trims whole nodes of entries).
+/// Messages the stream keeps (about: `XTRIM MAXLEN ~` trims whole nodes of entries).
 const STREAM: u64 = 300;
 /// Messages per stream page.
 const PAGE: usize = 32;
 
 fn node(backend: BackendKind, redis: &RedisServer, id: &str) -> TestRelay {
+    node_writing(backend, redis, id, StreamEntry::Packed)
+}
+
+/// A node that writes its stream entries as `entry`.
+fn node_writing(
+    backend: BackendKind,
+    redis: &RedisServer,
+    id: &str,
+    entry: StreamEntry,
+) -> TestRelay {
     let cluster = ClusterConfig {
         redis: vec![redis.url()],
         node_id: Some(id.into()),
         stream_max_len: STREAM,
+        stream_entry: entry,
         fill_batch: PAGE,
         ..ClusterConfig::default()
     };
@@ -120,5 +133,39 @@ per_backend! {
         let (gaps, seqs) = read_to(&mut near, near_alias, COUNT);
         assert_eq!(gaps, vec![], "nothing after its cursor was dropped");
         assert_eq!(seqs, (near_cursor + 1..=COUNT).collect::<Vec<_>>());
+    }
+
+    fn a_stream_written_in_both_entry_forms_is_read_whole_by_another_node(backend) {
+        let Some(redis) = RedisServer::start("mixed-entries") else { return };
+        // A rolling upgrade's middle: one node still writes four fields, one packs.
+        let a = node_writing(backend, &redis, "ma", StreamEntry::Fields);
+        let b = node_writing(backend, &redis, "mb", StreamEntry::Packed);
+        let c = node(backend, &redis, "mc");
+        const ROOM: &str = "room:cluster-mixed-entries";
+        // Past a node's memory, inside the stream's retention.
+        const COUNT: u64 = 2 * MEMORY as u64 + 20;
+        let mut reader = Client::connect(a.addr, "reader");
+        let alias = reader.join(ROOM);
+        for n in [&b, &c] {
+            Client::connect(n.addr, "reader").join(ROOM);
+        }
+        let session = reader.drop_link();
+        let (mut pa, mut pb) = (Client::connect(a.addr, "alice"), Client::connect(b.addr, "bob"));
+        let (aa, ab) = (pa.join(ROOM), pb.join(ROOM));
+        for seq in 1..=COUNT {
+            let (p, alias) = if seq % 2 == 1 { (&mut pa, aa) } else { (&mut pb, ab) };
+            assert_eq!(p.publish_acked(alias, format!("m-{seq}").into_bytes()), seq);
+        }
+        // Both forms are in the stream, interleaved.
+        let key = format!("pabal:{{r:{ROOM}}}:s");
+        let entries = redis.cli(&["XRANGE", &key, "1-0", "2-0"]);
+        let fields: Vec<&str> = entries.lines().map(str::trim).collect();
+        assert!(fields.contains(&"t") && fields.contains(&"m"), "{entries}");
+        // The reader resumes from its cursor (0) on a node that holds none of the room: every
+        // message from the stream, in order, once.
+        let mut reader = Client::connect_with(c.addr, "reader", session);
+        let (gaps, seqs) = read_to(&mut reader, alias, COUNT);
+        assert_eq!(gaps, vec![], "nothing was dropped");
+        assert_eq!(seqs, (1..=COUNT).collect::<Vec<_>>());
     }
 }

@@ -21,11 +21,14 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use pabal_codec::{Ack, ClientFrame};
-use pabal_relay::cluster::ClusterConfig;
 use pabal_relay::cluster::membership::{ROOM_JOIN, ROOM_LEAVE, ROOM_UNDO};
 use pabal_relay::cluster::receipts::{HANDOFF, HandoffPage, MARKERS, parse_handoff};
 use pabal_relay::cluster::resp::{self, Value};
-use pabal_relay::cluster::script::{PUBLISH, all_scripts, sha1_hex};
+use pabal_relay::cluster::script::{
+    PUBLISH, PUBLISH_FIELDS, all_scripts, message_tail, parse_channel_message, parse_entries,
+    sha1_hex,
+};
+use pabal_relay::cluster::{ClusterConfig, StreamEntry};
 use pabal_relay::config::Config;
 use pabal_relay::io::BackendKind;
 use pabal_testkit::http::{KEY, http};
@@ -296,6 +299,8 @@ fn every_script_once(n: &[TestRelay], monitor: &Monitor) {
     }
     bob.wait_for(|e| matches!(e, pabal_codec::Event::Message { seq: Some(2), .. }));
     bob.send(&ClientFrame::Ack(Ack::from_pairs(&[(b, 2)])));
+    // bob's node writes its stream entries in four fields (`PUBLISH_FIELDS`).
+    assert_eq!(bob.publish_acked(b, "m3"), 3);
     handoff_decided(monitor, 0);
     let path = format!("/v1/rooms/{ROOM}/receipts");
     let deadline = Instant::now() + WAIT;
@@ -330,7 +335,7 @@ fn after_the_flush(n: &[TestRelay], monitor: &Monitor, flushed_at: usize) {
     let members = format!("/v1/rooms/{ROOM}/members");
     let mut ann = Client::connect(n[0].addr, "ann");
     let a = ann.join(ROOM);
-    assert_eq!(ann.publish_acked(a, "m3"), 3);
+    assert_eq!(ann.publish_acked(a, "m4"), 4);
     handoff_decided(monitor, flushed_at);
     ok(&n[1], "POST", &members, Some(json!({"users": ["eve"]})));
     ok(&n[1], "DELETE", &format!("{members}/eve"), None);
@@ -338,13 +343,20 @@ fn after_the_flush(n: &[TestRelay], monitor: &Monitor, flushed_at: usize) {
     drop(ann);
 }
 
-/// Three nodes on `redis`, with the hand-off to `url`, every user in at most two rooms.
+/// Three nodes on `redis`, with the hand-off to `url`, every user in at most two rooms; the
+/// second writes its stream entries in four fields (`cluster.stream_entry = "fields"`, as
+/// in a rolling upgrade), so that both publish scripts run.
 fn nodes(backend: BackendKind, redis: &RedisServer, url: &str) -> Vec<TestRelay> {
     (1..=3)
         .map(|i| {
             let cluster = ClusterConfig {
                 redis: vec![redis.url()],
                 node_id: Some(format!("s{i}")),
+                stream_entry: if i == 2 {
+                    StreamEntry::Fields
+                } else {
+                    StreamEntry::Packed
+                },
                 ..ClusterConfig::default()
             };
             TestRelay::cluster_node(backend, cluster, |c: &mut Config| {
@@ -519,6 +531,24 @@ fn publish(sender: &str) -> Vec<Vec<u8>> {
 
 /// A message by `sender` in room `big`, epoch `epoch` if the room is new.
 fn publish_in(epoch: u64, sender: &str) -> Vec<Vec<u8>> {
+    let mut tail = Vec::new();
+    message_tail(&mut tail, 1, b"n/0/1", sender.as_bytes(), b"hi");
+    let tail = String::from_utf8(tail).unwrap();
+    let args = [
+        s(epoch),
+        tail,
+        s(1000),
+        key("c"),
+        s(""),
+        s(16),
+        s("PUBLISH"),
+    ];
+    eval(PUBLISH, &["m", "s", "i"], &args)
+}
+
+/// [`publish_in`] with the stream entry in four fields, as a node with
+/// `cluster.stream_entry = "fields"` sends it.
+fn publish_fields_in(epoch: u64, sender: &str) -> Vec<Vec<u8>> {
     let args = [
         s(epoch),
         s(1),
@@ -532,7 +562,7 @@ fn publish_in(epoch: u64, sender: &str) -> Vec<Vec<u8>> {
         s("PUBLISH"),
         s(sender.len()),
     ];
-    eval(PUBLISH, &["m", "s", "i"], &args)
+    eval(PUBLISH_FIELDS, &["m", "s", "i"], &args)
 }
 
 /// Markers calls moving each of `users` to delivered `seq` in epoch `epoch`.
@@ -623,10 +653,24 @@ fn the_publish_scripts_channel_message_carries_the_sender_whole_whatever_its_byt
         .unwrap();
     sub.call(&["SUBSCRIBE", &key("c")]);
     let mut r = Redis::connect(redis.port);
-    // The caller passes the sender's length in bytes (the script no longer counts it):
-    // a multibyte name must come out whole, the payload after it untouched.
-    for (sender, seq) in [("bob", 1), ("짱구", 2), ("", 3)] {
-        let reply = r.pipeline(&[publish(sender)]).pop().unwrap();
+    // The caller passes the sender's length in bytes (the scripts do not count it): a
+    // multibyte name must come out whole, the payload after it untouched, from either
+    // script, on the channel and from the stream.
+    let cases = [
+        ("bob", 1),
+        ("짱구", 2),
+        ("", 3),
+        ("bob", 4),
+        ("짱구", 5),
+        ("", 6),
+    ];
+    for (sender, seq) in cases {
+        let call = if seq <= 3 {
+            publish(sender)
+        } else {
+            publish_fields_in(7, sender)
+        };
+        let reply = r.pipeline(&[call]).pop().unwrap();
         let got: Vec<i64> = reply
             .array()
             .unwrap()
@@ -637,12 +681,31 @@ fn the_publish_scripts_channel_message_carries_the_sender_whole_whatever_its_byt
         let pushed = sub.next_pushed();
         let parts = pushed.array().unwrap();
         let body = bytes::Bytes::copy_from_slice(parts[2].bytes().unwrap());
-        let (epoch, m) = pabal_relay::cluster::script::parse_channel_message(&body, b"n/0/")
-            .expect("the channel message parses");
-        assert_eq!((epoch, m.seq, m.ticket), (7, seq as u64, Some(1)));
+        let (epoch, m) = parse_channel_message(&body, b"n/0/").expect("the channel message parses");
+        assert_eq!(
+            (epoch, m.seq, m.ts_ms, m.ticket),
+            (7, seq as u64, 1, Some(1))
+        );
         assert_eq!(m.sender.as_str(), sender);
         assert_eq!(&m.payload[..], b"hi");
     }
+    // The stream holds both forms (three packed, three in fields); read back, each entry
+    // is the message its channel carried.
+    let entries = r.call(&["XRANGE", &key("s"), "-", "+"]);
+    let got = parse_entries(&entries, b"n/0/").expect("both forms parse");
+    assert_eq!(got.len(), cases.len());
+    for (m, (sender, seq)) in got.iter().zip(cases) {
+        assert_eq!((m.seq, m.ts_ms, m.ticket), (seq as u64, 1, Some(1)));
+        assert_eq!((m.sender.as_str(), &m.payload[..]), (sender, &b"hi"[..]));
+    }
+    let raw = redis.cli(&["XRANGE", &key("s"), "-", "+"]);
+    let names: Vec<&str> = raw.lines().map(str::trim).collect();
+    let count = |f: &str| names.iter().filter(|n| **n == f).count();
+    assert_eq!(
+        (count("m"), count("t")),
+        (3, 3),
+        "three of each form: {raw}"
+    );
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! One Redis shard's capacity through the cluster's publish script, without a relay: many
 //! connections, each a pipeline of `EVALSHA publish` over its own rooms, against a private
 //! `redis-server`, with three connections subscribed to every room's channel (three nodes
-//! holding every room). The script is `pabal_relay::cluster::script::PUBLISH` itself, and
-//! variants of it without its `XADD` or its `PUBLISH`, to say what in it costs.
+//! holding every room). The script is `pabal_relay::cluster::script::PUBLISH` itself (the
+//! stream entry packed), `PUBLISH_FIELDS` (four fields, for rolling upgrades), earlier
+//! forms of the script, and variants without its `XADD` or its `PUBLISH`, to say what in
+//! it costs.
 //!
 //! Calls/s and CPU per call swing by a third from one minute to the next on a shared VM;
 //! [`instructions`] counts Redis' own instructions per call instead (a `redis-server`
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use pabal_relay::cluster::resp::{self, Value};
-use pabal_relay::cluster::script::PUBLISH;
+use pabal_relay::cluster::script::{PUBLISH, PUBLISH_FIELDS, message_tail};
 use pabal_testkit::redis::RedisServer;
 
 /// Rooms the load is spread over.
@@ -33,6 +35,7 @@ const PIPELINE: usize = 64;
 const SUBSCRIBERS: usize = 3;
 
 /// A variant of the publish script.
+#[derive(Clone)]
 pub struct Variant {
     /// Its name in the table.
     pub name: &'static str,
@@ -40,6 +43,9 @@ pub struct Variant {
     pub script: String,
     /// Whether each publish carries a repeat key (a device's publish id: `ZADD` and a trim).
     pub publish_id: bool,
+    /// Whether it takes [`PUBLISH`]'s arguments (the message's tail joined) or
+    /// [`PUBLISH_FIELDS`]'s (ts, tag, sender, payload, sender length apart).
+    pub packed: bool,
 }
 
 /// The script without the statements that call one of `calls` (`redis.call(...)` and
@@ -81,13 +87,18 @@ fn without(script: &str, calls: &[&str]) -> String {
     out
 }
 
-/// The publish script as a single Redis runs it: the relay passes its publish command as
-/// `ARGV[10]` (`PUBLISH`, or `SPUBLISH` on a Redis Cluster); written out here so that the
-/// variants can leave the call out.
-fn single_redis_script() -> String {
-    let call = "redis.call(ARGV[10],";
-    assert!(PUBLISH.contains(call), "the publish script changed shape");
-    PUBLISH.replace(call, "redis.call('PUBLISH',")
+/// A publish script as a single Redis runs it: the relay passes its publish command as an
+/// argument (`PUBLISH`, or `SPUBLISH` on a Redis Cluster: `ARGV[7]` of [`PUBLISH`],
+/// `ARGV[10]` of [`PUBLISH_FIELDS`]); written out here so that the variants can leave the
+/// call out.
+fn single_redis_script(packed: bool) -> String {
+    let (script, call) = if packed {
+        (PUBLISH, "redis.call(ARGV[7],")
+    } else {
+        (PUBLISH_FIELDS, "redis.call(ARGV[10],")
+    };
+    assert!(script.contains(call), "the publish script changed shape");
+    script.replace(call, "redis.call('PUBLISH',")
 }
 
 /// The publish script as it was before its publish-id window became one `ZADD NX` and a
@@ -116,8 +127,8 @@ end
 return {e, s}
 ";
 
-/// The publish script made the new sequence a string once and took the sender's length
-/// from its caller: before, `printf` formatted a Lua number four times a call.
+/// The publish script (in fields) made the new sequence a string once and took the sender's
+/// length from its caller: before, `printf` formatted a Lua number four times a call.
 const NUMBERS_PER_USE: &[(&str, &str)] = &[
     (
         "local n = redis.call('HINCRBY', KEYS[1], 's', 1)\nlocal s = tostring(n)\n",
@@ -128,8 +139,8 @@ const NUMBERS_PER_USE: &[(&str, &str)] = &[
     ("return {e, n}", "return {e, s}"),
 ];
 
-/// The publish script trims the stream once every 64 sequences: before, every `XADD` had
-/// its `MAXLEN ~`.
+/// The publish script (in fields) trims the stream once every 64 sequences: before, every
+/// `XADD` had its `MAXLEN ~`.
 const TRIM_PER_XADD: &[(&str, &str)] = &[
     (
         "redis.pcall('XADD', KEYS[2], s .. '-0',",
@@ -141,9 +152,9 @@ const TRIM_PER_XADD: &[(&str, &str)] = &[
     ),
 ];
 
-/// The script as a single Redis runs it with `changes` undone (each `(now, before)`).
+/// [`PUBLISH_FIELDS`] as a single Redis runs it with `changes` undone (each `(now, before)`).
 fn as_before(changes: &[&[(&str, &str)]]) -> String {
-    let mut script = single_redis_script();
+    let mut script = single_redis_script(false);
     for &(now, before) in changes.iter().copied().flatten() {
         assert!(script.contains(now), "the publish script changed shape");
         script = script.replace(now, before);
@@ -153,53 +164,59 @@ fn as_before(changes: &[&[(&str, &str)]]) -> String {
 
 /// The variants measured, the script as the relay runs it first.
 pub fn variants() -> Vec<Variant> {
-    let script = single_redis_script();
+    let script = single_redis_script(true);
+    let variant = |name, script, publish_id, packed| Variant {
+        name,
+        script,
+        publish_id,
+        packed,
+    };
     vec![
-        Variant {
-            name: "script, publish id",
-            script: script.clone(),
-            publish_id: true,
-        },
-        Variant {
-            name: "publish id, numbers formatted per use (before)",
-            script: as_before(&[NUMBERS_PER_USE]),
-            publish_id: true,
-        },
-        Variant {
-            name: "publish id, stream trimmed per XADD (before)",
-            script: as_before(&[TRIM_PER_XADD]),
-            publish_id: true,
-        },
-        Variant {
-            name: "publish id, both as before",
-            script: as_before(&[NUMBERS_PER_USE, TRIM_PER_XADD]),
-            publish_id: true,
-        },
-        Variant {
-            name: "publish id, per-call window (before)",
-            script: PER_CALL_WINDOW.to_string(),
-            publish_id: true,
-        },
-        Variant {
-            name: "script",
-            script: script.clone(),
-            publish_id: false,
-        },
-        Variant {
-            name: "without XADD",
-            script: without(&script, &["XADD"]),
-            publish_id: false,
-        },
-        Variant {
-            name: "without PUBLISH",
-            script: without(&script, &["PUBLISH"]),
-            publish_id: false,
-        },
-        Variant {
-            name: "without both",
-            script: without(&script, &["XADD", "PUBLISH"]),
-            publish_id: false,
-        },
+        variant("script, publish id", script.clone(), true, true),
+        variant(
+            "stream entry in four fields, publish id",
+            single_redis_script(false),
+            true,
+            false,
+        ),
+        variant(
+            "fields, numbers formatted per use (before)",
+            as_before(&[NUMBERS_PER_USE]),
+            true,
+            false,
+        ),
+        variant(
+            "fields, stream trimmed per XADD (before)",
+            as_before(&[TRIM_PER_XADD]),
+            true,
+            false,
+        ),
+        variant(
+            "fields, both as before (bd86814)",
+            as_before(&[NUMBERS_PER_USE, TRIM_PER_XADD]),
+            true,
+            false,
+        ),
+        variant(
+            "publish id, per-call window (before)",
+            PER_CALL_WINDOW.to_string(),
+            true,
+            false,
+        ),
+        variant("script", script.clone(), false, true),
+        variant("without XADD", without(&script, &["XADD"]), false, true),
+        variant(
+            "without PUBLISH",
+            without(&script, &["PUBLISH"]),
+            false,
+            true,
+        ),
+        variant(
+            "without both",
+            without(&script, &["XADD", "PUBLISH"]),
+            false,
+            true,
+        ),
     ]
 }
 
@@ -266,12 +283,12 @@ fn read_replies(s: &mut TcpStream, buf: &mut BytesMut, mut n: usize) {
 }
 
 /// One connection's share of the load: connection `c` of `of` publishes round robin over
-/// its rooms (every `of`-th), [`PIPELINE`] calls a write, while `more(calls sent)`; returns
-/// the calls sent.
+/// its rooms (every `of`-th), [`PIPELINE`] calls a write, while `more(calls sent)`, with
+/// `variant`'s arguments; returns the calls sent.
 fn drive(
     port: u16,
     sha: &str,
-    publish_id: bool,
+    variant: &Variant,
     (c, of): (usize, usize),
     more: impl Fn(u64) -> bool,
 ) -> u64 {
@@ -279,8 +296,9 @@ fn drive(
     s.set_nodelay(true).unwrap();
     let rooms: Vec<[String; 4]> = (c..ROOMS).step_by(of).map(keys).collect();
     let payload = [7u8; 32];
-    let sender = "sender";
+    let (sender, tag) = (&b"sender"[..], &b"bench/0/1"[..]);
     let sender_len = sender.len().to_string();
+    let mut tail = Vec::new();
     let mut out = BytesMut::new();
     let mut buf = BytesMut::new();
     let (mut sent, mut next) = (0u64, 0usize);
@@ -290,13 +308,12 @@ fn drive(
             let [m, st, i, ch] = &rooms[next % rooms.len()];
             next += 1;
             sent += 1;
-            let id = if publish_id {
+            let id = if variant.publish_id {
                 format!("d{c}:{sent}")
             } else {
                 String::new()
             };
-            let ts = sent.to_string();
-            let args: [&[u8]; 17] = [
+            let head: [&[u8]; 7] = [
                 b"EVALSHA",
                 sha.as_bytes(),
                 b"3",
@@ -304,18 +321,36 @@ fn drive(
                 st.as_bytes(),
                 i.as_bytes(),
                 b"1",
-                ts.as_bytes(),
-                b"bench/0/1",
-                sender.as_bytes(),
-                &payload,
-                b"10000",
-                ch.as_bytes(),
-                id.as_bytes(),
-                b"1000",
-                b"PUBLISH",
-                sender_len.as_bytes(),
             ];
-            resp::encode(&mut out, args.into_iter());
+            if variant.packed {
+                message_tail(&mut tail, sent, tag, sender, &payload);
+                let args: [&[u8]; 6] = [
+                    &tail,
+                    b"10000",
+                    ch.as_bytes(),
+                    id.as_bytes(),
+                    b"1000",
+                    b"PUBLISH",
+                ];
+                let all: Vec<&[u8]> = head.into_iter().chain(args).collect();
+                resp::encode(&mut out, all.into_iter());
+            } else {
+                let ts = sent.to_string();
+                let args: [&[u8]; 10] = [
+                    ts.as_bytes(),
+                    tag,
+                    sender,
+                    &payload,
+                    b"10000",
+                    ch.as_bytes(),
+                    id.as_bytes(),
+                    b"1000",
+                    b"PUBLISH",
+                    sender_len.as_bytes(),
+                ];
+                let all: Vec<&[u8]> = head.into_iter().chain(args).collect();
+                resp::encode(&mut out, all.into_iter());
+            }
         }
         s.write_all(&out).unwrap();
         read_replies(&mut s, &mut buf, PIPELINE);
@@ -386,7 +421,7 @@ pub fn instructions(variant: &Variant) -> f64 {
         assert_eq!(sha.len(), 40, "SCRIPT LOAD answered {sha:?}");
         let stop = Arc::new(AtomicBool::new(false));
         let subs = subscribers(port, &stop);
-        let sent = drive(port, &sha, variant.publish_id, (0, 1), |sent| sent < calls);
+        let sent = drive(port, &sha, variant, (0, 1), |sent| sent < calls);
         assert_eq!(sent, calls);
         stop.store(true, Ordering::Relaxed);
         for s in subs {
@@ -464,9 +499,9 @@ pub fn measure(redis: &RedisServer, variant: &Variant, secs: f64) -> Capacity {
     let start = Instant::now();
     let drivers: Vec<_> = (0..CONNECTIONS)
         .map(|c| {
-            let (sha, port, publish_id) = (sha.clone(), redis.port, variant.publish_id);
+            let (sha, port, variant) = (sha.clone(), redis.port, variant.clone());
             std::thread::spawn(move || {
-                drive(port, &sha, publish_id, (c, CONNECTIONS), |_| {
+                drive(port, &sha, &variant, (c, CONNECTIONS), |_| {
                     start.elapsed().as_secs_f64() < secs
                 })
             })

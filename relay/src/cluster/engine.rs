@@ -43,12 +43,12 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::{Events, Poll, Token, Waker};
 
 use super::resp::{self, Value, decimal};
-use super::script::{self, OPEN, PUBLISH};
+use super::script::{self, OPEN, PUBLISH, PUBLISH_FIELDS};
 use super::shard::{Conn, Pending, Retry, Shard};
 use super::slots::SlotMap;
 use super::{
     ClusterConfig, ClusterStats, EngineCmd, EngineErrorKind, EngineEvent, PublishRequest,
-    RedisAddr, Topology,
+    RedisAddr, StreamEntry, Topology,
 };
 use crate::ids::RoomName;
 
@@ -196,6 +196,8 @@ impl EngineHandle {
             redirects: Vec::new(),
             out: Vec::new(),
             publish_sha: script::sha1_hex(PUBLISH),
+            publish_fields_sha: script::sha1_hex(PUBLISH_FIELDS),
+            tail: Vec::new(),
             open_sha: script::sha1_hex(OPEN),
             keys: Default::default(),
             up: false,
@@ -415,9 +417,12 @@ struct Engine {
     redirects: Vec<(Pending, u8, Redirect)>,
     out: Vec<EngineEvent>,
     publish_sha: Bytes,
+    publish_fields_sha: Bytes,
     open_sha: Bytes,
     /// Scratch for key names and the tag (reused: no allocation per publish).
     keys: [Vec<u8>; 6],
+    /// Scratch for a packed publish's message tail (reused).
+    tail: Vec<u8>,
     /// Every shard's connections are up (counted in `engines_up`).
     up: bool,
     /// Replies decoded from one read (reused).
@@ -936,24 +941,41 @@ impl Engine {
             Topology::Single | Topology::Sentinel => b"PUBLISH",
             Topology::Cluster => b"SPUBLISH",
         };
-        encode_script(
-            &mut conn.wbuf,
-            (PUBLISH, &self.publish_sha, eval),
-            &[meta, stream, ids],
-            &[
-                decimal(req.epoch_hint, &mut d1),
-                decimal(req.ts_ms, &mut d2),
-                tag,
-                req.sender.as_bytes(),
-                &req.payload,
-                decimal(self.config.stream_max_len, &mut d3),
-                channel,
-                repeat,
-                decimal(req.window.max(1) as u64, &mut d4),
-                verb,
-                decimal(req.sender.as_bytes().len() as u64, &mut d5),
-            ],
+        let (hint, max_len) = (
+            decimal(req.epoch_hint, &mut d1),
+            decimal(self.config.stream_max_len, &mut d3),
         );
+        let window = decimal(req.window.max(1) as u64, &mut d4);
+        match self.config.stream_entry {
+            StreamEntry::Packed => {
+                let sender = req.sender.as_bytes();
+                script::message_tail(&mut self.tail, req.ts_ms, tag, sender, &req.payload);
+                encode_script(
+                    &mut conn.wbuf,
+                    (PUBLISH, &self.publish_sha, eval),
+                    &[meta, stream, ids],
+                    &[hint, &self.tail, max_len, channel, repeat, window, verb],
+                );
+            }
+            StreamEntry::Fields => encode_script(
+                &mut conn.wbuf,
+                (PUBLISH_FIELDS, &self.publish_fields_sha, eval),
+                &[meta, stream, ids],
+                &[
+                    hint,
+                    decimal(req.ts_ms, &mut d2),
+                    tag,
+                    req.sender.as_bytes(),
+                    &req.payload,
+                    max_len,
+                    channel,
+                    repeat,
+                    window,
+                    verb,
+                    decimal(req.sender.as_bytes().len() as u64, &mut d5),
+                ],
+            ),
+        }
         self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);
         shard.wait_due = self.config.wait_replicas > 0;
         shard

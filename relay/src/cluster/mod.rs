@@ -93,7 +93,8 @@ use bytes::Bytes;
 use pabal_codec::Text;
 
 pub use config::{
-    ClusterConfig, EngineKind, RedisAddr, Topology, parse_redis_url, parse_sentinel_url,
+    ClusterConfig, EngineKind, RedisAddr, StreamEntry, Topology, parse_redis_url,
+    parse_sentinel_url,
 };
 pub use engine::EngineHandle;
 
