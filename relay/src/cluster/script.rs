@@ -96,9 +96,9 @@ return {e, n}
 "
 );
 
-/// [`PUBLISH`] writing the stream entry as four fields (`t`, `g`, `u`, `p`), which versions
-/// before `cluster.stream_entry = "packed"` read (for a rolling upgrade from one):
-/// sequence one message: KEYS meta, stream, repeat window; ARGV epoch hint, ts, tag, sender,
+/// [`PUBLISH`] writing the stream entry as four fields (`t`, `g`, `u`, `p`), the only form
+/// versions before `cluster.stream_entry` read (`stream_entry = "fields"`, for a rolling
+/// upgrade from one). KEYS meta, stream, repeat window; ARGV epoch hint, ts, tag, sender,
 /// payload, stream max length, channel, repeat key (empty: none), window size, the publish
 /// command (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster), the sender's
 /// length in bytes (decimal). Returns `{epoch, seq}`, or `{epoch, first seq, 1}` for a
