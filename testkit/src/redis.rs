@@ -49,15 +49,28 @@ impl RedisServer {
             crate::skip("redis-server is not installed (.ci/install-redis.sh installs it)");
             return None;
         }
-        let port = free_port();
         let mut server = RedisServer {
             child: None,
-            port,
+            port: free_port(),
             dir: TempDir::new(&format!("redis-{name}")),
             extra: extra.iter().map(|a| (*a).to_owned()).collect(),
         };
-        server.restart();
-        Some(server)
+        // The port was free when asked for; another test's process may take it before
+        // redis-server binds it, and redis-server then exits: try again on another.
+        for _ in 0..5 {
+            match server.spawn_and_wait() {
+                Ok(()) => return Some(server),
+                Err(status) => {
+                    eprintln!(
+                        "redis-server on port {} exited ({status}) before answering PING; \
+                         trying another port",
+                        server.port
+                    );
+                    server.port = free_port();
+                }
+            }
+        }
+        panic!("redis-server exited five times before answering PING")
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -68,6 +81,17 @@ impl RedisServer {
     /// Starts the server again (after [`RedisServer::kill`]) on the same port and
     /// directory, and waits until it answers PING (its append-only file loaded).
     pub fn restart(&mut self) {
+        if let Err(status) = self.spawn_and_wait() {
+            panic!(
+                "redis-server on port {} exited ({status}) before answering PING",
+                self.port
+            );
+        }
+    }
+
+    /// Starts `redis-server` on this port and directory and waits until it answers PING;
+    /// its exit status if it exits first. Panics past [`WAIT`].
+    fn spawn_and_wait(&mut self) -> Result<(), std::process::ExitStatus> {
         assert!(self.child.is_none(), "already running");
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
@@ -88,7 +112,15 @@ impl RedisServer {
         let deadline = Instant::now() + WAIT;
         loop {
             if self.try_cli(&["PING"]).is_some_and(|r| r.trim() == "PONG") {
-                return;
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return Err(status);
             }
             assert!(
                 Instant::now() < deadline,
