@@ -421,7 +421,8 @@ struct Engine {
     open_sha: Bytes,
     /// Scratch for key names and the tag (reused: no allocation per publish).
     keys: [Vec<u8>; 6],
-    /// Scratch for a packed publish's message tail (reused).
+    /// Scratch for a packed publish's message head (reused; the payload goes straight
+    /// from the request into the connection's buffer).
     tail: Vec<u8>,
     /// Every shard's connections are up (counted in `engines_up`).
     up: bool,
@@ -435,6 +436,32 @@ struct Engine {
     /// This worker's presence entries and membership steps waiting to go again
     /// (`presence.rs`).
     presence: presence::PresenceState,
+}
+
+/// [`encode_script`] with each argument made of parts (a packed publish's message head and
+/// its payload: the payload copied once, into `out`).
+fn encode_script_parts(
+    out: &mut BytesMut,
+    (script, sha, eval): (&str, &Bytes, bool),
+    keys: &[&[u8]],
+    args: &[&[&[u8]]],
+) {
+    let mut digits = [0; 20];
+    resp::push_array_len(out, 3 + keys.len() + args.len());
+    if eval {
+        resp::push_bulk(out, b"EVAL");
+        resp::push_bulk(out, script.as_bytes());
+    } else {
+        resp::push_bulk(out, b"EVALSHA");
+        resp::push_bulk(out, sha);
+    }
+    resp::push_bulk(out, decimal(keys.len() as u64, &mut digits));
+    for key in keys {
+        resp::push_bulk(out, key);
+    }
+    for parts in args {
+        resp::push_bulk_parts(out, parts);
+    }
 }
 
 /// Appends one script call on a room's meta hash and stream: `EVALSHA <sha> 2 <meta>
@@ -949,12 +976,20 @@ impl Engine {
         match self.config.stream_entry {
             StreamEntry::Packed => {
                 let sender = req.sender.as_bytes();
-                script::message_tail(&mut self.tail, req.ts_ms, tag, sender, &req.payload);
-                encode_script(
+                script::message_head(&mut self.tail, req.ts_ms, tag, sender);
+                encode_script_parts(
                     &mut conn.wbuf,
                     (PUBLISH, &self.publish_sha, eval),
                     &[meta, stream, ids],
-                    &[hint, &self.tail, max_len, channel, repeat, window, verb],
+                    &[
+                        &[hint],
+                        &[&self.tail, &req.payload],
+                        &[max_len],
+                        &[channel],
+                        &[repeat],
+                        &[window],
+                        &[verb],
+                    ],
                 );
             }
             StreamEntry::Fields => encode_script(

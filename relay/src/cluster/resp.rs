@@ -96,6 +96,18 @@ pub fn push_bulk(out: &mut BytesMut, arg: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends one argument of a command, a bulk string made of `parts` one after another
+/// (each copied once, straight into `out`).
+pub fn push_bulk_parts(out: &mut BytesMut, parts: &[&[u8]]) {
+    out.extend_from_slice(b"$");
+    push_decimal(out, parts.iter().map(|p| p.len() as u64).sum());
+    out.extend_from_slice(b"\r\n");
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Writes `n` in decimal without allocating.
 pub fn push_decimal(out: &mut BytesMut, n: u64) {
     let mut digits = [0u8; 20];
@@ -208,6 +220,21 @@ fn parse(buf: &BytesMut, at: usize, depth: usize) -> Result<Option<(Value, usize
 #[allow(clippy::unwrap_used)] // reason: tests
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bulk_of_parts_is_the_bulk_of_their_join() {
+        for parts in [
+            &[][..],
+            &[&b""[..]],
+            &[&b"12 n/0/1 3 bob"[..], b"hello"],
+            &[b"a", b"", b"bc"],
+        ] {
+            let (mut joined, mut split) = (BytesMut::new(), BytesMut::new());
+            push_bulk(&mut joined, &parts.concat());
+            push_bulk_parts(&mut split, parts);
+            assert_eq!(joined, split);
+        }
+    }
 
     #[test]
     fn commands_encode_as_arrays_of_bulk_strings() {

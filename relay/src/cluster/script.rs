@@ -273,6 +273,13 @@ fn num(b: &[u8]) -> Option<u64> {
 /// (cleared first): the stream entry [`PUBLISH`] writes and the channel message after its
 /// `<epoch> <seq> `.
 pub fn message_tail(out: &mut Vec<u8>, ts_ms: u64, tag: &[u8], sender: &[u8], payload: &[u8]) {
+    message_head(out, ts_ms, tag, sender);
+    out.extend_from_slice(payload);
+}
+
+/// [`message_tail`] up to the payload: `<ts> <tag> <sender length> <sender>` (the engine
+/// sends the payload after it as the same argument, not copied here first).
+pub fn message_head(out: &mut Vec<u8>, ts_ms: u64, tag: &[u8], sender: &[u8]) {
     let mut digits = [0; 20];
     out.clear();
     out.extend_from_slice(super::resp::decimal(ts_ms, &mut digits));
@@ -282,7 +289,6 @@ pub fn message_tail(out: &mut Vec<u8>, ts_ms: u64, tag: &[u8], sender: &[u8], pa
     out.extend_from_slice(super::resp::decimal(sender.len() as u64, &mut digits));
     out.push(b' ');
     out.extend_from_slice(sender);
-    out.extend_from_slice(payload);
 }
 
 /// The next `N` space-ended fields of `body` from `at`, and where the rest starts.
