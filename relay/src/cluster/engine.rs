@@ -197,7 +197,7 @@ impl EngineHandle {
             out: Vec::new(),
             publish_sha: script::sha1_hex(PUBLISH),
             publish_fields_sha: script::sha1_hex(PUBLISH_FIELDS),
-            tail: Vec::new(),
+            message_head: Vec::new(),
             open_sha: script::sha1_hex(OPEN),
             keys: Default::default(),
             up: false,
@@ -423,7 +423,7 @@ struct Engine {
     keys: [Vec<u8>; 6],
     /// Scratch for a packed publish's message head (reused; the payload goes straight
     /// from the request into the connection's buffer).
-    tail: Vec<u8>,
+    message_head: Vec<u8>,
     /// Every shard's connections are up (counted in `engines_up`).
     up: bool,
     /// Replies decoded from one read (reused).
@@ -438,16 +438,16 @@ struct Engine {
     presence: presence::PresenceState,
 }
 
-/// [`encode_script`] with each argument made of parts (a packed publish's message head and
-/// its payload: the payload copied once, into `out`).
-fn encode_script_parts(
+/// Appends the head of one script call: the array's length, `EVALSHA <sha> <n keys>
+/// <keys>` (`EVAL <script> ...` when `eval`, after a NOSCRIPT); `args` arguments follow.
+fn push_script_head(
     out: &mut BytesMut,
     (script, sha, eval): (&str, &Bytes, bool),
     keys: &[&[u8]],
-    args: &[&[&[u8]]],
+    args: usize,
 ) {
     let mut digits = [0; 20];
-    resp::push_array_len(out, 3 + keys.len() + args.len());
+    resp::push_array_len(out, 3 + keys.len() + args);
     if eval {
         resp::push_bulk(out, b"EVAL");
         resp::push_bulk(out, script.as_bytes());
@@ -459,36 +459,29 @@ fn encode_script_parts(
     for key in keys {
         resp::push_bulk(out, key);
     }
-    for parts in args {
-        resp::push_bulk_parts(out, parts);
-    }
 }
 
 /// Appends one script call on a room's meta hash and stream: `EVALSHA <sha> 2 <meta>
 /// <stream> <args>` (`EVAL <script> ...` when `eval`, after a NOSCRIPT).
-fn encode_script(
-    out: &mut BytesMut,
-    (script, sha, eval): (&str, &Bytes, bool),
-    keys: &[&[u8]],
-    args: &[&[u8]],
-) {
-    let mut all: [&[u8]; 20] = [&[]; 20];
-    let mut digits = [0; 20];
-    let head: [&[u8]; 3] = if eval {
-        [
-            b"EVAL",
-            script.as_bytes(),
-            decimal(keys.len() as u64, &mut digits),
-        ]
-    } else {
-        [b"EVALSHA", sha, decimal(keys.len() as u64, &mut digits)]
-    };
-    let mut n = 0;
-    for part in [&head[..], keys, args] {
-        all[n..n + part.len()].copy_from_slice(part);
-        n += part.len();
+fn encode_script(out: &mut BytesMut, script: (&str, &Bytes, bool), keys: &[&[u8]], args: &[&[u8]]) {
+    push_script_head(out, script, keys, args.len());
+    for arg in args {
+        resp::push_bulk(out, arg);
     }
-    resp::encode(out, all[..n].iter().copied());
+}
+
+/// [`encode_script`] with each argument made of parts (a packed publish's message head and
+/// its payload: the payload copied once, into `out`).
+fn encode_script_parts(
+    out: &mut BytesMut,
+    script: (&str, &Bytes, bool),
+    keys: &[&[u8]],
+    args: &[&[&[u8]]],
+) {
+    push_script_head(out, script, keys, args.len());
+    for parts in args {
+        resp::push_bulk_parts(out, parts);
+    }
 }
 
 /// Shard `shard`'s number in `map`, by its address in `before` (the numbering until now);
@@ -976,14 +969,14 @@ impl Engine {
         match self.config.stream_entry {
             StreamEntry::Packed => {
                 let sender = req.sender.as_bytes();
-                script::message_head(&mut self.tail, req.ts_ms, tag, sender);
+                script::message_head(&mut self.message_head, req.ts_ms, tag, sender);
                 encode_script_parts(
                     &mut conn.wbuf,
                     (PUBLISH, &self.publish_sha, eval),
                     &[meta, stream, ids],
                     &[
                         &[hint],
-                        &[&self.tail, &req.payload],
+                        &[&self.message_head, &req.payload],
                         &[max_len],
                         &[channel],
                         &[repeat],
