@@ -157,12 +157,14 @@ fn one_row(
     let rate = paced_rate.unwrap_or(saturated.messages as f64 / saturated.secs / 2.0);
     let stages_before = engine_stages(&relays);
     let sched_before = sched::Snapshot::now(redis, placement::redis_pid(redis));
+    let forks_before = redis_forks(redis);
     let depth =
         sched::DepthSampler::start(relays.iter().filter_map(|r| r.cluster().cloned()).collect());
     let paced = run_phase(&mut publishers, &mut readers, secs, Some(rate), false);
     let depth = depth.finish();
     let sched = sched::Snapshot::now(redis, placement::redis_pid(redis))
         .since(&sched_before, paced.messages);
+    let forks = redis_forks(redis) - forks_before;
     let stages = engine_stages(&relays);
     let stages = std::array::from_fn(|k| minus(&stages[k], &stages_before[k]));
     drop(readers);
@@ -175,8 +177,15 @@ fn one_row(
         paced,
         cpu_per_msg,
         stages,
-        format!("{sched} · {depth}"),
+        format!("{sched} · {depth} · Redis forks (AOF rewrites) {forks}"),
     )
+}
+
+/// How many times Redis has forked (`total_forks`: AOF rewrites and snapshots). A fork's
+/// child shares Redis' CPUs, so a rewrite in the paced phase on a pinned Redis is a stall
+/// the engine did not cause.
+fn redis_forks(redis: &RedisServer) -> u64 {
+    redis_capacity::info_field(&redis.cli(&["INFO", "stats"]), "total_forks", None) as u64
 }
 
 /// The engine's stage histograms (`ClusterStats::stages`), every node together.

@@ -37,29 +37,42 @@ APPENDFSYNC=${APPENDFSYNC:-everysec}
 ENGINE_THREAD=${ENGINE_THREAD:-0}
 SHAPE=${SHAPE:-rooms-12x1}
 
-cargo bench -p pabal-benches --bench relay_cluster --no-run
-cargo bench -p pabal-benches --bench machine_pauses --no-run
+# PABAL_BENCH_BIN_DIR: run the bench executables there (benches/scripts/device_prepare.sh
+# puts them in .device/bin) instead of building them with cargo.
+bench() {
+  local name=$1
+  shift
+  if [ -n "${PABAL_BENCH_BIN_DIR:-}" ]; then
+    "$PABAL_BENCH_BIN_DIR/$name" --bench "$@"
+  else
+    cargo bench -q -p pabal-benches --bench "$name" -- "$@"
+  fi
+}
+if [ -z "${PABAL_BENCH_BIN_DIR:-}" ]; then
+  cargo bench -p pabal-benches --bench relay_cluster --no-run
+  cargo bench -p pabal-benches --bench machine_pauses --no-run
+fi
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 
 # The machine's own pauses (a thread spinning alone on each CPU), before and after the run:
 # the floor under every p99 below.
-pauses() { PABAL_BENCH_SECS=${PAUSE_SECS:-5} cargo bench -q -p pabal-benches --bench machine_pauses; }
+pauses() { PABAL_BENCH_SECS=${PAUSE_SECS:-5} bench machine_pauses; }
 echo "== the machine's pauses before the run"
 pauses
 
 for round in $(seq 1 "$ROUNDS"); do
   for rate in 1000 half; do
     echo "== round $round of $ROUNDS, rate $rate, load average $(cut -d' ' -f1-3 /proc/loadavg)"
-    fixed=()
-    if [ "$rate" = 1000 ]; then fixed=(PABAL_BENCH_RATE=1000); fi
-    env PABAL_BENCH_SECS="$SECS" PABAL_BENCH_SHAPE="$SHAPE" PABAL_BENCH_NODES=1,0 \
-      PABAL_BENCH_APPENDFSYNC="$APPENDFSYNC" \
-      PABAL_BENCH_REDIS_CPUS="$REDIS_CPUS" PABAL_BENCH_RELAY_CPUS="$RELAY_CPUS" \
-      PABAL_BENCH_LOAD_CPUS="$LOAD_CPUS" PABAL_BENCH_ENGINE_THREAD="$ENGINE_THREAD" \
-      PABAL_BENCH_LOAD_IDLE="$LOAD_IDLE" \
-      "${fixed[@]}" \
-      cargo bench -p pabal-benches --bench relay_cluster -- fanout | tee -a "$out"
+    (
+      export PABAL_BENCH_SECS="$SECS" PABAL_BENCH_SHAPE="$SHAPE" PABAL_BENCH_NODES=1,0 \
+        PABAL_BENCH_APPENDFSYNC="$APPENDFSYNC" \
+        PABAL_BENCH_REDIS_CPUS="$REDIS_CPUS" PABAL_BENCH_RELAY_CPUS="$RELAY_CPUS" \
+        PABAL_BENCH_LOAD_CPUS="$LOAD_CPUS" PABAL_BENCH_ENGINE_THREAD="$ENGINE_THREAD" \
+        PABAL_BENCH_LOAD_IDLE="$LOAD_IDLE"
+      if [ "$rate" = 1000 ]; then export PABAL_BENCH_RATE=1000; fi
+      bench relay_cluster fanout
+    ) | tee -a "$out"
   done
 done
 
