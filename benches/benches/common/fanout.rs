@@ -295,8 +295,23 @@ pub fn run_phase_with(
         let read_at_end = deliveries.load(Ordering::Relaxed);
         let publishers_run = thread_run_ns() - publishers_run_at_start;
         at_end();
-        // Let in-flight deliveries land so latency covers every message, then stop.
-        std::thread::sleep(Duration::from_millis(500));
+        // Let in-flight deliveries land so latency covers every message, then stop: until
+        // the reader has counted nothing new for QUIET (at least 500 ms, at most DRAIN). A
+        // broadcast saturated across nodes leaves seconds queued in the sockets, and a
+        // phase started on that backlog would time the backlog.
+        const QUIET: Duration = Duration::from_millis(300);
+        const DRAIN: Duration = Duration::from_secs(30);
+        let drain_start = Instant::now();
+        std::thread::sleep(Duration::from_millis(200));
+        let mut seen = deliveries.load(Ordering::Relaxed);
+        loop {
+            std::thread::sleep(QUIET);
+            let now_seen = deliveries.load(Ordering::Relaxed);
+            if now_seen == seen || drain_start.elapsed() >= DRAIN {
+                break;
+            }
+            seen = now_seen;
+        }
         stop.store(true, Ordering::Relaxed);
         let (latency, delivered_by_stop, reads, reader_run) = lat_rx.recv().unwrap();
         Outcome {
