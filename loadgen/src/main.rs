@@ -379,16 +379,20 @@ fn spawn_nodes(cli: &Cli, scenario: &Scenario) -> anyhow::Result<Vec<Arc<Mutex<S
                 node_id: format!("loadgen-{run_tag}-{k}"),
             }),
             io_backend: None,
+            log_dir: None,
         };
         let relay = SpawnedRelay::start(&options)?;
         eprintln!(
-            "spawned relay {k}: clients on {}, control on {} ({} worker(s){})",
+            "spawned relay {k}: clients on {}, control on {} ({} worker(s){}){}",
             relay.addr,
             relay.control,
             options.workers.max(1),
             cli.redis
                 .as_ref()
-                .map_or(String::new(), |r| format!(", cluster on {r}"))
+                .map_or(String::new(), |r| format!(", cluster on {r}")),
+            relay
+                .log_path()
+                .map_or(String::new(), |p| format!(", its log in {}", p.display()))
         );
         nodes.push(Arc::new(Mutex::new(relay)));
     }
@@ -424,6 +428,7 @@ fn tls_reconnect_main(cli: &Cli) -> anyhow::Result<bool> {
             api_key_file: None,
             cluster: None,
             io_backend: None,
+            log_dir: None,
         };
         let relay = SpawnedRelay::start(&options)?;
         eprintln!("spawned relay: TLS on {}", relay.addr);

@@ -6,7 +6,17 @@
 //! killing it with SIGKILL and starting it again on the same ports ([`SpawnedRelay::kill`],
 //! [`SpawnedRelay::restart`]), and stopping it with SIGTERM (then waiting for its graceful
 //! exit). Must not touch: the run itself, and Redis (the caller runs it).
+//!
+//! # Its log
+//! The child's stderr (its log, `[log] level = "warn"`; `RUST_LOG` in loadgen's environment
+//! reaches the child and overrides it) is loadgen's own, unless a folder is named
+//! ([`SpawnOptions::log_dir`], or the environment variable [`NODE_LOGS_ENV`]): then each
+//! child writes `<folder>/<name>.log` (the cluster node's id, else `relay-<n>`), appended
+//! to across a kill and restart, each start marked by a line of loadgen's. A failed run
+//! then keeps what every node said, node by node.
 
+use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -34,7 +44,14 @@ pub struct SpawnOptions {
     pub cluster: Option<ClusterNode>,
     /// The relay's `io_backend` (`epoll`, `io_uring`); `None`: its default.
     pub io_backend: Option<String>,
+    /// A folder for the child's log (`<name>.log`, see the module docs); `None`: the
+    /// folder [`NODE_LOGS_ENV`] names, if set, else the child's stderr is loadgen's.
+    pub log_dir: Option<PathBuf>,
 }
+
+/// The environment variable naming a folder for spawned relays' logs when
+/// [`SpawnOptions::log_dir`] does not.
+pub const NODE_LOGS_ENV: &str = "PABAL_LOADGEN_NODE_LOGS";
 
 /// What makes a spawned relay one node of a cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +72,10 @@ pub struct SpawnedRelay {
     pub control: SocketAddr,
     config_path: PathBuf,
     bin: PathBuf,
+    /// Where the child's stderr goes (appended to); `None`: loadgen's stderr.
+    log_path: Option<PathBuf>,
+    /// Starts so far (a restart is the second).
+    starts: u32,
 }
 
 /// Tells apart the configuration files of the relays one loadgen process starts.
@@ -146,19 +167,37 @@ impl SpawnedRelay {
         while control == addr {
             control = free_port()?;
         }
+        let n = NEXT_CONFIG.fetch_add(1, Ordering::Relaxed);
         let config_path = std::env::temp_dir().join(format!(
-            "pabal-loadgen-relay-{}-{}.toml",
+            "pabal-loadgen-relay-{}-{n}.toml",
             std::process::id(),
-            NEXT_CONFIG.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::write(&config_path, config_text(addr, control, o))
             .with_context(|| format!("cannot write {}", config_path.display()))?;
+        let log_dir = o
+            .log_dir
+            .clone()
+            .or_else(|| std::env::var_os(NODE_LOGS_ENV).map(PathBuf::from));
+        let log_path = match log_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                let name = o
+                    .cluster
+                    .as_ref()
+                    .map_or_else(|| format!("relay-{n}"), |c| c.node_id.clone());
+                Some(dir.join(format!("{name}.log")))
+            }
+            None => None,
+        };
         let mut relay = SpawnedRelay {
             child: None,
             addr,
             control,
             config_path,
             bin,
+            log_path,
+            starts: 0,
         };
         relay.launch()?;
         Ok(relay)
@@ -167,12 +206,17 @@ impl SpawnedRelay {
     /// Starts the child on the configuration already written and waits (up to 20 s) until
     /// it accepts connections on its client port and its server API.
     fn launch(&mut self) -> anyhow::Result<()> {
+        self.starts += 1;
+        let stderr = match &self.log_path {
+            Some(path) => Stdio::from(self.open_log(path)?),
+            None => Stdio::inherit(),
+        };
         let child = Command::new(&self.bin)
             .arg("--config")
             .arg(&self.config_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .with_context(|| format!("cannot start {}", self.bin.display()))?;
         self.child = Some(child);
@@ -202,6 +246,34 @@ impl SpawnedRelay {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Opens the child's log for appending, marked with this start.
+    fn open_log(&self, path: &Path) -> anyhow::Result<File> {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        writeln!(
+            file,
+            "--- loadgen: start {} of {} on {} (unix time {}.{:03} s) ---",
+            self.starts,
+            self.bin.display(),
+            self.addr,
+            since_epoch.as_secs(),
+            since_epoch.subsec_millis()
+        )
+        .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(file)
+    }
+
+    /// The file the child's stderr goes to, if it has one (see the module docs).
+    pub fn log_path(&self) -> Option<&Path> {
+        self.log_path.as_deref()
     }
 
     /// The child's process id, while it runs.

@@ -14,11 +14,17 @@
 //! Needs `redis-server` (`.ci/install-redis.sh`) and the `relay` binary next to the test's
 //! (`cargo test --workspace` builds it; alone: `cargo build -p pabal-relay --bin relay`);
 //! without either it skips, and fails under `CI=true`.
+//!
+//! Each node's log goes to a file (`<node id>.log`): in a temporary folder, or under the one
+//! `PABAL_LOADGEN_NODE_LOGS` names (kept); a failing test prints each node's last lines and
+//! keeps the files, so a race seen once in CI leaves what the nodes said. `RUST_LOG` (for
+//! example `pabal_relay::core::cluster=debug`) reaches the nodes.
 
 #![allow(clippy::unwrap_used, reason = "tests")]
 
 mod common;
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use pabal_loadgen::api::ControlApi;
@@ -26,9 +32,10 @@ use pabal_loadgen::fault::NodeFault;
 use pabal_loadgen::report;
 use pabal_loadgen::run::{RetentionSource, RunConfig, run};
 use pabal_loadgen::scenario::Scenario;
-use pabal_loadgen::spawn::{ClusterNode, SpawnOptions, SpawnedRelay};
+use pabal_loadgen::spawn::{ClusterNode, NODE_LOGS_ENV, SpawnOptions, SpawnedRelay};
 use pabal_loadgen::targets::{TargetPolicy, Targets};
 use pabal_relay::io::BackendKind;
+use pabal_testkit::TempDir;
 use pabal_testkit::per_backend;
 use pabal_testkit::redis::RedisServer;
 
@@ -79,13 +86,72 @@ fn backend_name(backend: BackendKind) -> &'static str {
     }
 }
 
+/// Lines of each node's log a failing test prints.
+const LOG_LINES: usize = 200;
+
+/// The nodes' logs of one test: a folder of `<node id>.log` files, under
+/// `PABAL_LOADGEN_NODE_LOGS` if set, else temporary. A test failing (panicking) while this
+/// lives prints where they are and each one's last [`LOG_LINES`] lines, and keeps them.
+struct NodeLogs {
+    dir: PathBuf,
+    temp: Option<TempDir>,
+}
+
+impl NodeLogs {
+    fn new(test: &str) -> NodeLogs {
+        match std::env::var_os(NODE_LOGS_ENV) {
+            Some(dir) => NodeLogs {
+                dir: PathBuf::from(dir).join(test),
+                temp: None,
+            },
+            None => {
+                let temp = TempDir::new(test);
+                NodeLogs {
+                    dir: temp.path(""),
+                    temp: Some(temp),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for NodeLogs {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        // Kept for whoever looks into the failure.
+        std::mem::forget(self.temp.take());
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        logs.sort();
+        eprintln!("the nodes' logs are in {}", self.dir.display());
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(LOG_LINES);
+            eprintln!(
+                "----- {} (its last {} of {} lines) -----",
+                log.display(),
+                lines.len() - from,
+                lines.len()
+            );
+            for line in &lines[from..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
 /// Three cluster nodes on `redis` and a run of `scenario` over them (`policy`), memberships
-/// set through every node's server API; the nodes, for a fault.
+/// set through every node's server API, their logs in `logs`; the nodes, for a fault.
 fn three_nodes(
     backend: BackendKind,
     redis: &RedisServer,
     scenario: &str,
     policy: TargetPolicy,
+    logs: &NodeLogs,
 ) -> (Vec<Arc<Mutex<SpawnedRelay>>>, Vec<ControlApi>, RunConfig) {
     let nodes: Vec<Arc<Mutex<SpawnedRelay>>> = (1..=3)
         .map(|k| {
@@ -96,6 +162,7 @@ fn three_nodes(
                     node_id: format!("kill-test-{k}"),
                 }),
                 io_backend: Some(backend_name(backend).into()),
+                log_dir: Some(logs.dir.clone()),
                 ..SpawnOptions::default()
             };
             Arc::new(Mutex::new(SpawnedRelay::start(&options).unwrap()))
@@ -134,11 +201,12 @@ per_backend! {
             return;
         }
         let Some(redis) = RedisServer::start("loadgen-kill") else { return };
+        let logs = NodeLogs::new(&format!("cluster-kill-{}", backend_name(backend)));
         // Dropped often and moving on at every reconnect: after node 2's restart phones come
         // back to it from cursors it never served.
         let scenario = SCENARIO.replace("[drops]\n", "[drops]\nper_hour = 900\n");
         let (nodes, _apis, mut config) =
-            three_nodes(backend, &redis, &scenario, TargetPolicy::Rotate);
+            three_nodes(backend, &redis, &scenario, TargetPolicy::Rotate, &logs);
         config.fault = Some(NodeFault {
             node: nodes[1].clone(),
             label: "node 2".into(),
@@ -170,10 +238,11 @@ per_backend! {
             return;
         }
         let Some(redis) = RedisServer::start("loadgen-rotate") else { return };
+        let logs = NodeLogs::new(&format!("cluster-rotate-{}", backend_name(backend)));
         // Dropped often: every phone resumes several times, each time on the next node.
         let scenario = SCENARIO.replace("[drops]\n", "[drops]\nper_hour = 900\n");
         let (_nodes, _apis, config) =
-            three_nodes(backend, &redis, &scenario, TargetPolicy::Rotate);
+            three_nodes(backend, &redis, &scenario, TargetPolicy::Rotate, &logs);
         let connecting = config.plan.phones.iter().filter(|p| !p.publisher).count() as u64;
         let report = run(config).unwrap();
         let table = report::table(&report);
