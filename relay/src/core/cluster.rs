@@ -7,10 +7,13 @@
 //! The first request for a room at its owner (a subscription, join, publish, server-API
 //! call) opens it: the engine subscribes the room's channel, then reads the room's epoch,
 //! head and recent tail. Requests for the room wait (bounded, `MAX_PARKED`) until it is
-//! open, then run as on one relay. When the last connection on this node lets the room go,
-//! its channel is unsubscribed (its history stays); the next request opens it again, and
-//! if the engine's head moved meanwhile the requests wait until the owner has read what it
-//! missed from the stream (so a join point is never taken from a stale head).
+//! open, then run as on one relay. What the channel brings before that read is answered
+//! waits for the answer too (bounded, `MAX_REORDER`), then follows the head it set: a
+//! message published just after the read can be heard before its answer. When the last
+//! connection on this node lets the room go, its channel is unsubscribed (its history
+//! stays); the next request opens it again, and if the engine's head moved meanwhile the
+//! requests wait until the owner has read what it missed from the stream (so a join point
+//! is never taken from a stale head).
 //!
 //! # Order and holes
 //! A message whose sequence follows the head is appended and fanned out; one after a hole
@@ -171,6 +174,12 @@ struct RoomSync {
     /// Reopening a room whose history fell behind: it opens (and the waiting requests run,
     /// join points included) once its head reaches this.
     open_at: u64,
+    /// The open was asked for and its answer ([`EngineEvent::Opened`]) not taken yet.
+    awaiting_open: bool,
+    /// Messages the room's channel brought while `awaiting_open`, with their epochs, in the
+    /// order heard (at most `MAX_REORDER`; more are read back from the stream): offered
+    /// once the answer set the room's epoch and head.
+    early: Vec<(u64, EngineMessage)>,
 }
 
 /// The cluster state of one worker.
@@ -278,7 +287,7 @@ impl Core {
                 reader,
                 msgs,
             } => self.on_stream_read(&room, after, reader, msgs),
-            EngineEvent::Message { room, epoch, msg } => self.offer_engine_msg(&room, epoch, msg),
+            EngineEvent::Message { room, epoch, msg } => self.on_channel_msg(&room, epoch, msg),
             member @ (EngineEvent::MemberDone { .. }
             | EngineEvent::MemberFailed { .. }
             | EngineEvent::UserLoaded { .. }
@@ -470,7 +479,9 @@ impl Core {
                 let Some(side) = self.cluster.as_deref_mut() else {
                     return Gate::Run;
                 };
-                side.rooms.entry(room.clone()).or_default().state = SyncState::Opening;
+                let sync = side.rooms.entry(room.clone()).or_default();
+                sync.state = SyncState::Opening;
+                sync.awaiting_open = true;
                 side.out.push(EngineCmd::Open {
                     room: room.clone(),
                     epoch_hint,
@@ -783,6 +794,27 @@ impl Core {
         })
     }
 
+    /// A message from the room's channel. Until the room's open is answered it waits: the
+    /// channel is subscribed before the OPEN script runs, so a message published just
+    /// after the script can be heard before the script's answer (Redis may write the
+    /// subscriber's push before the command's reply, and the engine reads what arrives),
+    /// while the room is not held here yet or holds another epoch. Dropped, it would be a
+    /// hole nothing reveals when no later message comes (a 1:1 room's last ones).
+    fn on_channel_msg(&mut self, room: &RoomName, epoch: u64, msg: EngineMessage) {
+        if let Some(sync) = self.sync_mut(room)
+            && sync.awaiting_open
+        {
+            if sync.early.len() < MAX_REORDER {
+                sync.early.push((epoch, msg));
+            } else {
+                // Read back from the stream once open, with whatever else it missed.
+                sync.resync = true;
+            }
+            return;
+        }
+        self.offer_engine_msg(room, epoch, msg);
+    }
+
     /// A message from the channel or the stream: this worker's own publish resolves its
     /// publisher first (so the PUBACK precedes the delivery and the publisher is not sent
     /// its own message).
@@ -990,16 +1022,29 @@ impl Core {
         let Some(sync) = self.sync_mut(&room) else {
             return;
         };
+        sync.awaiting_open = false;
+        let early = std::mem::take(&mut sync.early);
         if refill {
             // Reopened behind the engine: catch up from the stream before anything runs.
             sync.open_at = seq;
             sync.resync = false;
+            self.offer_early(&room, early);
             return self.request_fill(&room);
         }
         let resync = std::mem::take(&mut sync.resync);
+        // What the channel brought meanwhile follows the head the answer set (a hole
+        // before it is read from the stream), before the waiting requests run.
+        self.offer_early(&room, early);
         self.finish_open(&room);
         if resync {
             self.request_fill(&room);
+        }
+    }
+
+    /// Offers the messages heard while the room's open was not answered yet.
+    fn offer_early(&mut self, room: &RoomName, early: Vec<(u64, EngineMessage)>) {
+        for (epoch, msg) in early {
+            self.offer_engine_msg(room, epoch, msg);
         }
     }
 
