@@ -214,25 +214,6 @@ struct OwnSeqs {
     seqs: Vec<u64>,
 }
 
-/// Moves `cursor` (of a room in `epoch`) past the room's own sequences that directly follow
-/// it: their PUBACKs stood in for their delivery, so the connection holds them. A PUBACK can
-/// come before the DELIVERs of the sequences below it (on a cluster, another node's message
-/// still on its way to this one); without this the cursor would stop below the client's own
-/// last messages until something later arrived, and the next HELLO would resume from there.
-/// Those passed are forgotten.
-fn pass_own(cursor: &mut u64, epoch: u64, own: Option<&mut OwnSeqs>) {
-    let Some(own) = own.filter(|o| o.epoch == epoch) else {
-        return;
-    };
-    while let Some(next) = cursor.checked_add(1)
-        && own.seqs.contains(&next)
-    {
-        *cursor = next;
-    }
-    let at = *cursor;
-    own.seqs.retain(|&s| s > at);
-}
-
 /// A server frame resolved against the session: every alias, implicit sequence, sender and
 /// time made explicit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -549,7 +530,7 @@ impl ClientSession {
                     .filter(|old| old.room_id == r.room_id && old.epoch != r.epoch)
                     .map(|old| old.epoch);
                 self.names.insert(r.room_id, (r.name.clone(), r.channel));
-                let mut room = RoomState {
+                let room = RoomState {
                     room_id: r.room_id,
                     name: Some(r.name),
                     channel: Some(r.channel),
@@ -557,12 +538,11 @@ impl ClientSession {
                     cursor: r.cursor,
                 };
                 // Own sequences above the new cursor stay (the relay skips them on the new
-                // binding too), and those right after it are held already; a new epoch makes
-                // them meaningless.
+                // binding too); a new epoch makes them meaningless.
                 self.epochs.insert(r.room_id, r.epoch);
                 if let Some(own) = self.own.get_mut(&r.room_id) {
                     if own.epoch == r.epoch {
-                        pass_own(&mut room.cursor, r.epoch, Some(own));
+                        own.seqs.retain(|&s| s > r.cursor);
                     } else {
                         self.own.remove(&r.room_id);
                     }
@@ -608,7 +588,6 @@ impl ClientSession {
                 let contiguous = match bound {
                     Some(room) if Some(p.seq) == room.cursor.checked_add(1) => {
                         room.cursor = p.seq;
-                        pass_own(&mut room.cursor, room.epoch, self.own.get_mut(&room_id));
                         true
                     }
                     Some(room) if p.seq <= room.cursor => true,
@@ -663,7 +642,9 @@ impl ClientSession {
                         });
                     }
                     room.cursor = seq;
-                    pass_own(&mut room.cursor, room.epoch, own);
+                    if let Some(own) = own {
+                        own.seqs.retain(|&s| s > seq);
+                    }
                     Some(seq)
                 };
                 Event::Message {
@@ -688,11 +669,9 @@ impl ClientSession {
                     });
                 }
                 room.cursor = g.to;
-                pass_own(
-                    &mut room.cursor,
-                    room.epoch,
-                    self.own.get_mut(&room.room_id),
-                );
+                if let Some(own) = self.own.get_mut(&room.room_id) {
+                    own.seqs.retain(|&s| s > g.to);
+                }
                 Event::Gap {
                     alias: g.alias,
                     room_id: room.room_id,
@@ -926,76 +905,6 @@ mod tests {
             payload: Bytes::new(),
         }));
         assert!(matches!(ev, Ok(Event::Message { seq: Some(5), .. })));
-    }
-
-    /// loadgen's `cluster_kill` (phone 48, `dm-11`): the client's PUBACK for 2 came before
-    /// the DELIVER of 1 (another node's message, read back from the stream by the client's
-    /// node after the hole), then its PUBACK for 3; nothing later came in the 1:1 room. The
-    /// client holds 1..=3: its cursor, and so its next resume, must say 3.
-    #[test]
-    fn own_sequences_right_after_the_cursor_are_passed_when_it_reaches_them() {
-        let mut client = ClientSession::new();
-        client.apply(welcome(0)).unwrap();
-        client.apply(room(0, 0)).unwrap();
-        let mut relay = DeliverContext::new(0);
-        let sender = Text::from("x");
-        let (two, _) = client.publish(0, Bytes::from_static(b"2"), None);
-        let (three, _) = client.publish(0, Bytes::from_static(b"3"), None);
-        client
-            .apply(ServerFrame::PubAck(PubAck {
-                msg_id: two,
-                seq: 2,
-            }))
-            .unwrap();
-        assert_eq!(client.room(0).unwrap().cursor, 0, "1 is not here yet");
-        let header = relay.header(0, Some(1), 0, &sender, 0, 8);
-        let ev = client.apply(ServerFrame::Deliver(Deliver {
-            header,
-            payload: Bytes::new(),
-        }));
-        assert!(matches!(ev, Ok(Event::Message { seq: Some(1), .. })));
-        assert_eq!(client.room(0).unwrap().cursor, 2, "1, then its own 2");
-        client
-            .apply(ServerFrame::PubAck(PubAck {
-                msg_id: three,
-                seq: 3,
-            }))
-            .unwrap();
-        assert_eq!(client.room(0).unwrap().cursor, 3);
-        let hello = hello_of(client.hello(Bytes::from_static(b"t"), 0));
-        assert_eq!(
-            hello.resume.iter().map(|e| e.last_seq).collect::<Vec<_>>(),
-            vec![3],
-            "the next connection resumes after the client's own 3"
-        );
-        // The same through a GAP, and on a new binding: own 5 right after a GAP to 4, own
-        // 7 right after a ROOM at 6.
-        client.apply(welcome(0)).unwrap();
-        client.apply(room(0, 3)).unwrap();
-        let (five, _) = client.publish(0, Bytes::from_static(b"5"), None);
-        client
-            .apply(ServerFrame::PubAck(PubAck {
-                msg_id: five,
-                seq: 5,
-            }))
-            .unwrap();
-        client
-            .apply(ServerFrame::Gap(Gap {
-                alias: 0,
-                from: 4,
-                to: 4,
-            }))
-            .unwrap();
-        assert_eq!(client.room(0).unwrap().cursor, 5);
-        let (seven, _) = client.publish(0, Bytes::from_static(b"7"), None);
-        client
-            .apply(ServerFrame::PubAck(PubAck {
-                msg_id: seven,
-                seq: 7,
-            }))
-            .unwrap();
-        client.apply(room(0, 6)).unwrap();
-        assert_eq!(client.room(0).unwrap().cursor, 7);
     }
 
     fn hello_of(frame: ClientFrame) -> Hello {

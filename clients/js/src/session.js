@@ -253,7 +253,7 @@ export class Session {
         const own = this.own.get(key);
         if (own) {
           if (own.epoch === f.epoch) {
-            this.#passOwn(room);
+            for (const s of own.seqs) if (s <= f.cursor) own.seqs.delete(s);
           } else {
             this.own.delete(key);
           }
@@ -284,7 +284,6 @@ export class Session {
         const bound = this.aliases.get(sent.alias) === sent.key ? room : undefined;
         if (bound && f.seq === bound.cursor + 1) {
           bound.cursor = f.seq;
-          this.#passOwn(bound);
         } else if (!(bound && f.seq <= bound.cursor) && room) {
           let own = this.own.get(sent.key);
           if (!own || own.epoch !== room.epoch) {
@@ -317,7 +316,7 @@ export class Session {
             if (!ownSeqs?.has(s)) throw breakOf(f.alias, room.cursor, seq);
           }
           room.cursor = seq;
-          this.#passOwn(room);
+          if (ownSeqs) for (const s of ownSeqs) if (s <= seq) ownSeqs.delete(s);
         }
         return {
           type: 'message',
@@ -347,28 +346,12 @@ export class Session {
         if (f.from !== room.cursor + 1) throw breakOf(f.alias, room.cursor, f.from);
         room.cursor = f.to;
         const own = this.own.get(keyOf(room.roomId));
-        if (own && own.epoch === room.epoch) this.#passOwn(room);
-        else if (own) for (const s of own.seqs) if (s <= f.to) own.seqs.delete(s);
+        if (own) for (const s of own.seqs) if (s <= f.to) own.seqs.delete(s);
         return { type: 'gap', room: publicRoom(room), from: f.from, to: f.to };
       }
       default:
         return f;
     }
-  }
-
-  /**
-   * Moves the room's cursor past its own sequences right after it (§9): their PUBACKs
-   * stood in for their delivery. A PUBACK can come before the DELIVERs of the sequences
-   * below it (on a cluster, another node's message still on its way); without this the
-   * cursor, and the next resume, would stop below the client's own last messages. Those
-   * passed are forgotten.
-   * @param {RoomState} room
-   */
-  #passOwn(room) {
-    const own = this.own.get(keyOf(room.roomId));
-    if (!own || own.epoch !== room.epoch) return;
-    while (Number.isSafeInteger(room.cursor + 1) && own.seqs.has(room.cursor + 1)) room.cursor += 1;
-    for (const s of own.seqs) if (s <= room.cursor) own.seqs.delete(s);
   }
 
   /** @param {number} alias @param {string} key */
