@@ -214,6 +214,23 @@ struct OwnSeqs {
     seqs: Vec<u64>,
 }
 
+/// The last sequence of `room` the client holds: its cursor, passed by the client's own
+/// acknowledged sequences directly after it (their PUBACKs stood in for their delivery).
+/// The cursor itself stops below them when a PUBACK came before the DELIVERs of the
+/// sequences under it (on a cluster, another node's message still on its way to this
+/// one); the next connection resumes from this instead (PROTOCOL.md §9).
+fn held_of(room: &RoomState, own: Option<&OwnSeqs>) -> u64 {
+    let mut held = room.cursor;
+    if let Some(own) = own.filter(|o| o.epoch == room.epoch) {
+        while let Some(next) = held.checked_add(1)
+            && own.seqs.contains(&next)
+        {
+            held = next;
+        }
+    }
+    held
+}
+
 /// A server frame resolved against the session: every alias, implicit sequence, sender and
 /// time made explicit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -403,6 +420,11 @@ impl ClientSession {
         // Rooms parked by LEFT `Restarted` follow the bound ones (a room bound again since
         // is no longer parked).
         known.extend(self.parked.drain(..).map(|room| (u32::MAX, room)));
+        // The next connection resumes after the client's own sequences that follow each
+        // cursor: it holds them, and this connection's record of them ends here.
+        for (_, room) in &mut known {
+            room.cursor = held_of(room, self.own.get(&room.room_id));
+        }
         let entries: Vec<ResumeEntry> = known
             .iter()
             .map(|(_, r)| ResumeEntry {
@@ -480,6 +502,14 @@ impl ClientSession {
     /// The state of one alias.
     pub fn room(&self, alias: u32) -> Option<&RoomState> {
         self.rooms.get(&alias)
+    }
+
+    /// The last sequence the client holds of the room bound to `alias`: its cursor,
+    /// passed by the client's own acknowledged sequences directly after it, which is
+    /// where the next connection resumes.
+    pub fn held(&self, alias: u32) -> Option<u64> {
+        let room = self.rooms.get(&alias)?;
+        Some(held_of(room, self.own.get(&room.room_id)))
     }
 
     /// Every bound alias.
@@ -905,6 +935,61 @@ mod tests {
             payload: Bytes::new(),
         }));
         assert!(matches!(ev, Ok(Event::Message { seq: Some(5), .. })));
+    }
+
+    /// loadgen's `cluster_kill` (phone 48, `dm-11`): the PUBACK of the client's 2 came
+    /// before the DELIVER of 1 (another node's message, on its way to the client's node),
+    /// then its PUBACK of 3, and nothing later came in the 1:1 room. While the connection
+    /// lives the cursor follows the relay's numbering (1: the relay numbers a GAP after it
+    /// from there); the client holds 1..=3, and the next connection resumes after 3.
+    #[test]
+    fn the_next_connection_resumes_past_own_sequences_right_after_the_cursor() {
+        let mut client = ClientSession::new();
+        client.apply(welcome(0)).unwrap();
+        client.apply(room(0, 0)).unwrap();
+        let mut relay = DeliverContext::new(0);
+        let sender = Text::from("x");
+        let (two, _) = client.publish(0, Bytes::from_static(b"2"), None);
+        let (three, _) = client.publish(0, Bytes::from_static(b"3"), None);
+        let puback = |msg_id, seq| ServerFrame::PubAck(PubAck { msg_id, seq });
+        client.apply(puback(two, 2)).unwrap();
+        let header = relay.header(0, Some(1), 0, &sender, 0, 8);
+        let ev = client.apply(ServerFrame::Deliver(Deliver {
+            header,
+            payload: Bytes::new(),
+        }));
+        assert!(matches!(ev, Ok(Event::Message { seq: Some(1), .. })));
+        client.apply(puback(three, 3)).unwrap();
+        assert_eq!(client.room(0).unwrap().cursor, 1, "the relay's numbering");
+        assert_eq!(client.held(0), Some(3), "1, then its own 2 and 3");
+        // The relay's GAP after a skipped own message starts at the cursor it numbers from.
+        let mut lagging = client.clone();
+        lagging
+            .apply(ServerFrame::Gap(Gap {
+                alias: 0,
+                from: 2,
+                to: 9,
+            }))
+            .unwrap();
+        assert_eq!(lagging.held(0), Some(9));
+        let hello = hello_of(client.hello(Bytes::from_static(b"t"), 0));
+        assert_eq!(
+            hello.resume.iter().map(|e| e.last_seq).collect::<Vec<_>>(),
+            vec![3],
+            "the next connection resumes after the client's own 3"
+        );
+        assert_eq!(client.room(0).unwrap().cursor, 3);
+        // An own sequence after a hole stays above it: 5 with 4 not held.
+        client.apply(welcome(0)).unwrap();
+        client.apply(room(0, 3)).unwrap();
+        let (five, _) = client.publish(0, Bytes::from_static(b"5"), None);
+        client.apply(puback(five, 5)).unwrap();
+        assert_eq!(client.held(0), Some(3));
+        let hello = hello_of(client.hello(Bytes::from_static(b"t"), 0));
+        assert_eq!(
+            hello.resume.iter().map(|e| e.last_seq).collect::<Vec<_>>(),
+            vec![3]
+        );
     }
 
     fn hello_of(frame: ClientFrame) -> Hello {

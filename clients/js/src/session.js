@@ -100,6 +100,9 @@ export class Session {
   }
 
   #resetConnection() {
+    // The next connection resumes after the client's own sequences that follow each cursor
+    // (§9): it holds them, and this connection's record of them ends here.
+    if (this.own) for (const [key, room] of this.rooms) this.#foldOwn(key, room);
     this.welcomed = false;
     this.lastTsMs = 0;
     /** @type {Map<number, string>} alias → room key */
@@ -215,12 +218,12 @@ export class Session {
     return {
       deviceId: this.deviceId.toString(16).padStart(16, '0'),
       lastMsgId: this.lastMsgId,
-      rooms: [...this.rooms.values()].map((r) => ({
+      rooms: [...this.rooms].map(([key, r]) => ({
         roomId: r.roomId.toString(),
         name: r.name,
         channel: r.channel,
         epoch: r.epoch.toString(),
-        cursor: r.cursor,
+        cursor: this.#held(key, r),
       })),
     };
   }
@@ -352,6 +355,33 @@ export class Session {
       default:
         return f;
     }
+  }
+
+  /**
+   * Moves a room's cursor past the client's own sequences directly after it: their PUBACKs
+   * stood in for their delivery. The cursor stops below them when a PUBACK came before the
+   * DELIVERs of the sequences under it (on a cluster, another node's message still on its
+   * way); a new connection resumes after them instead.
+   * @param {string} key
+   * @param {RoomState} room
+   */
+  #foldOwn(key, room) {
+    room.cursor = this.#held(key, room);
+  }
+
+  /**
+   * The last sequence of a room the client holds: its cursor, passed by its own sequences
+   * directly after it.
+   * @param {string} key
+   * @param {RoomState} room
+   * @returns {number}
+   */
+  #held(key, room) {
+    const own = this.own.get(key);
+    let held = room.cursor;
+    if (!own || own.epoch !== room.epoch) return held;
+    while (Number.isSafeInteger(held + 1) && own.seqs.has(held + 1)) held += 1;
+    return held;
   }
 
   /** @param {number} alias @param {string} key */

@@ -58,6 +58,28 @@ test('an explicit sequence may skip only own sequences', () => {
   breaks(() => s.apply(/** @type {any} */ (deliver(44)))); // a repeat
 });
 
+test('the next connection resumes past own sequences right after the cursor', () => {
+  // A PUBACK before the DELIVER of the sequence under it (a cluster's other node's message
+  // on its way): the cursor follows the relay's numbering while the connection lives, and
+  // the next one resumes after the client's own 43 and 44.
+  const s = bound(41);
+  s.publish(HIKING); // msg 1
+  s.publish(HIKING); // msg 2
+  s.apply({ type: 'puback', msgId: 1, seq: 43 }); // 42 not here yet: own
+  s.apply(/** @type {any} */ (deliver(null))); // 42
+  s.apply({ type: 'puback', msgId: 2, seq: 44 }); // own
+  assert.equal(s.room(HIKING)?.cursor, 42);
+  assert.equal(s.snapshot().rooms[0].cursor, 44);
+  // The relay numbers a GAP from its cursor, at the client's own 43.
+  const lagging = bound(41);
+  lagging.publish(HIKING);
+  lagging.apply({ type: 'puback', msgId: 1, seq: 43 });
+  lagging.apply(/** @type {any} */ (deliver(null)));
+  assert.equal(lagging.apply({ type: 'gap', alias: 0, from: 43, to: 50 }).type, 'gap');
+  s.endConnection();
+  assert.deepEqual(s.startConnection(), [{ roomId: HIKING, epoch: EPOCH, lastSeq: 44 }]);
+});
+
 test('an undefined sender alias is a violation', () => {
   const s = bound();
   breaks(() => s.apply(/** @type {any} */ (deliver(null, null))), 'unknown_sender');

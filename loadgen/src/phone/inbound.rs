@@ -61,8 +61,10 @@ impl Phone {
 
     pub(super) fn sync_cursor(&mut self, alias: u32) -> Option<usize> {
         let slot = self.slot_of_alias(alias)?;
-        if let Some(rs) = self.session.room(alias) {
-            self.rooms[slot].known = Some((rs.epoch, rs.cursor));
+        // What the phone holds: its cursor, passed by its own acknowledged sequences after
+        // it (a PUBACK can come before the DELIVERs below it; the next HELLO resumes there).
+        if let (Some(rs), Some(held)) = (self.session.room(alias), self.session.held(alias)) {
+            self.rooms[slot].known = Some((rs.epoch, held));
         }
         Some(slot)
     }
@@ -136,10 +138,12 @@ impl Phone {
                     }
                 }
                 let label = self.label(shared);
+                // Own sequences above the ROOM's cursor stay the phone's on a new binding.
+                let held = self.session.held(alias).unwrap_or(room.cursor);
                 let r = &mut self.rooms[slot];
                 r.alias = Some(alias);
                 shared.ledger.note_epoch(r.room, room.epoch);
-                if r.known != Some((room.epoch, room.cursor)) {
+                if r.known != Some((room.epoch, held)) {
                     // A new stream (a join, another epoch, a moved cursor): what came before
                     // may legitimately come again.
                     r.forget_recent();
@@ -149,12 +153,12 @@ impl Phone {
                 } else if !std::mem::take(&mut r.resync)
                     && let Some((epoch, cursor)) = r.known
                     && epoch == room.epoch
-                    && cursor != room.cursor
+                    && cursor != held
                 {
-                    let (what, n) = if room.cursor > cursor {
-                        ("skipped", room.cursor - cursor)
+                    let (what, n) = if held > cursor {
+                        ("skipped", held - cursor)
                     } else {
-                        ("rewound", cursor - room.cursor)
+                        ("rewound", cursor - held)
                     };
                     ctx.violations.add(
                         Violation {
@@ -162,14 +166,13 @@ impl Phone {
                             phone: Some(label),
                             room: Some(shared.plan.rooms[r.room as usize].name.clone()),
                             detail: format!(
-                                "ROOM {what} the cursor from {cursor} to {} in epoch {epoch}",
-                                room.cursor
+                                "ROOM {what} the cursor from {cursor} to {held} in epoch {epoch}"
                             ),
                         },
                         n,
                     );
                 }
-                r.known = Some((room.epoch, room.cursor));
+                r.known = Some((room.epoch, held));
                 r.acked = r.acked.min(room.cursor);
             }
             Event::Left { alias, .. } => {
