@@ -117,6 +117,17 @@ fn other(seq: u64, body: &str) -> EngineMessage {
     }
 }
 
+/// The ranges of the GAPs among `frames`, in order.
+fn gaps(frames: &[ServerFrame]) -> Vec<(u64, u64)> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Gap(g) => Some((g.from, g.to)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The bodies of the DELIVERs among `frames`, in order.
 fn delivered(frames: &[ServerFrame]) -> Vec<&[u8]> {
     frames
@@ -521,13 +532,7 @@ fn a_resume_past_the_nodes_memory_reads_the_stream_one_page_at_a_time() {
     // From 8 on, the node's memory answers.
     assert!(engine_cmds(&mut h).is_empty());
     let frames = h.frames(phone);
-    let gaps: Vec<(u64, u64)> = frames
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::Gap(g) => Some((g.from, g.to)),
-            _ => None,
-        })
-        .collect();
+    let gaps = gaps(&frames);
     assert_eq!(
         gaps,
         vec![(3, 3)],
@@ -818,13 +823,7 @@ fn messages_heard_before_the_open_answer_are_not_lost() {
     // Whatever the worker reads back from the stream, it gets what the stream holds.
     answer_fills(&mut h, &room, &[1, 2, 3]);
     let frames = h.frames(phone);
-    let gaps: Vec<(u64, u64)> = frames
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::Gap(g) => Some((g.from, g.to)),
-            _ => None,
-        })
-        .collect();
+    let gaps = gaps(&frames);
     assert_eq!(gaps, vec![], "nothing was dropped by retention");
     assert_eq!(
         delivered(&frames),
