@@ -176,6 +176,10 @@ struct RoomSync {
     open_at: u64,
     /// The open was asked for and its answer ([`EngineEvent::Opened`]) not taken yet.
     awaiting_open: bool,
+    /// The room reopened behind the engine while a stream read sent before was still out:
+    /// that read's answer may stop short of `open_at` (it ran before the messages after
+    /// it were published), and the room then reads again.
+    stale_fill: bool,
     /// Messages the room's channel brought while `awaiting_open`, with their epochs, in the
     /// order heard (at most `MAX_REORDER`; more are read back from the stream): offered
     /// once the answer set the room's epoch and head.
@@ -928,6 +932,7 @@ impl Core {
         };
         // Still filling while this page is applied: no second read for the same hole.
         let covers = sync.fill_covers;
+        let stale = std::mem::take(&mut sync.stale_fill);
         let Some(epoch) = self.owned.get(room).map(|o| o.epoch) else {
             return;
         };
@@ -971,11 +976,15 @@ impl Core {
             self.request_fill(room);
         }
         let head = self.owned.get(room).map_or(0, |o| o.head);
-        if self
+        let reopening = self
             .sync_mut(room)
-            .is_some_and(|s| s.state == SyncState::Opening && s.open_at > 0 && head >= s.open_at)
-        {
-            self.finish_open(room);
+            .filter(|s| s.state == SyncState::Opening && s.open_at > 0)
+            .map(|s| s.open_at);
+        match reopening {
+            Some(open_at) if head >= open_at => self.finish_open(room),
+            // A read older than the reopening stopped short: read what it could not see.
+            Some(_) if stale => self.request_fill(room),
+            _ => {}
         }
     }
 
@@ -1028,6 +1037,7 @@ impl Core {
             // Reopened behind the engine: catch up from the stream before anything runs.
             sync.open_at = seq;
             sync.resync = false;
+            sync.stale_fill = sync.filling;
             self.offer_early(&room, early);
             return self.request_fill(&room);
         }

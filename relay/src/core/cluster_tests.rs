@@ -877,3 +877,95 @@ fn a_message_heard_while_a_room_reopens_is_kept() {
     answer_fills(&mut h, &room, &[1]);
     assert_eq!(delivered(&h.frames(phone)), vec![&b"m1"[..]]);
 }
+
+/// A room reopening behind the engine waits until its head reaches what OPEN read. When a
+/// stream read sent before the room was let go is still out, its answer can stop short of
+/// that (it was read before the messages after it were published): the room reads again
+/// instead of staying closed to its phones until another message comes.
+#[test]
+fn a_reopened_room_reads_again_past_an_older_read_that_stops_short() {
+    let mut h = cluster_harness();
+    let room = RoomName::new(false, Text::from("dm"));
+    // bob, a member since before 1.
+    MEMBERS.with(|m| {
+        m.borrow_mut().entry(Text::from("bob")).or_default().push((
+            room.clone(),
+            JoinPoint {
+                epoch: 77,
+                seq: 0,
+                serial: 1,
+            },
+        ));
+    });
+    let bob = h.connect("bob", ClientSession::new());
+    open_dm(&mut h, bob);
+    let message = |seq| EngineEvent::Message {
+        room: room.clone(),
+        epoch: 77,
+        msg: other(seq, &format!("m{seq}")),
+    };
+    feed(&mut h, message(1));
+    // 3 comes before 2: a read of the stream after 1 goes out.
+    feed(&mut h, message(3));
+    assert!(matches!(
+        engine_cmds(&mut h).as_slice(),
+        [EngineCmd::Fill { after: 1, .. }]
+    ));
+    // bob's phone goes away before its answer; the channel closes here.
+    h.core.on_closed(h.now, bob);
+    h.pump();
+    assert!(
+        engine_cmds(&mut h)
+            .iter()
+            .any(|c| matches!(c, EngineCmd::Close { .. })),
+        "the channel closes"
+    );
+    // It comes back, resuming after 1; the room opens again, and OPEN reads head 6.
+    let phone = h.connect_forged("bob", &[entry("dm", 77, 1)]);
+    assert!(
+        engine_cmds(&mut h)
+            .iter()
+            .any(|c| matches!(c, EngineCmd::Open { .. })),
+        "the room opens again"
+    );
+    feed(
+        &mut h,
+        EngineEvent::Opened {
+            room: room.clone(),
+            epoch: 77,
+            seq: 6,
+            tail: Vec::new(),
+        },
+    );
+    // The older read answers with what the stream held when it ran.
+    feed(
+        &mut h,
+        EngineEvent::Filled {
+            room: room.clone(),
+            after: 1,
+            msgs: vec![other(2, "m2"), other(3, "m3")],
+        },
+    );
+    assert!(
+        matches!(
+            engine_cmds(&mut h).as_slice(),
+            [EngineCmd::Fill { after: 3, .. }]
+        ),
+        "read again from the head"
+    );
+    feed(
+        &mut h,
+        EngineEvent::Filled {
+            room: room.clone(),
+            after: 3,
+            msgs: (4..=6).map(|s| other(s, &format!("m{s}"))).collect(),
+        },
+    );
+    let frames = h.frames(phone);
+    assert_eq!(gaps(&frames), vec![]);
+    assert_eq!(
+        delivered(&frames),
+        vec![&b"m2"[..], &b"m3"[..], &b"m4"[..], &b"m5"[..], &b"m6"[..]],
+        "{frames:?}"
+    );
+}
