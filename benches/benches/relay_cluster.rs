@@ -16,12 +16,14 @@
 //! 2. **One Redis shard's capacity through the script** (in the parent process, no relay):
 //!    8 connections, 64 pipelined `EVALSHA` each, over 1,000 rooms, three connections
 //!    subscribed to every room's channel; the script as the relay runs it (with and without
-//!    a device's publish id), as it was before, and without its `XADD`, its `PUBLISH`, or
-//!    both. Calls/s, Redis CPU per call (`INFO cpu`), the script's own time per call (`INFO
-//!    commandstats`).
+//!    a device's publish id), its forms for rolling upgrades, as an earlier commit ran it,
+//!    and without its `XADD`, its `PUBLISH`, or both. Calls/s, Redis CPU per call (`INFO
+//!    cpu`), the script's own time per call (`INFO commandstats`).
 //! 3. **Redis' instructions per call of the same variants** (argument `instructions` only:
 //!    minutes, under valgrind): a `redis-server` under callgrind, the count repeatable where
-//!    calls/s swing from one minute to the next.
+//!    calls/s swing from one minute to the next, with the calls over 1,000, 100 and 10
+//!    rooms (each room's window of repeat keys small, about Redis' 128-key listpack
+//!    limit, and past it).
 //!
 //! Redis is a private `redis-server` (`pabal_testkit::redis`: `appendonly yes`,
 //! `appendfsync always`, the recommended production setting), flushed between rows.
@@ -387,29 +389,41 @@ fn capacity(secs: f64) {
 }
 
 /// Redis' instructions per call of each variant ([`redis_capacity::instructions`]): the
-/// figure that holds still on a machine whose calls/s do not.
+/// figure that holds still on a machine whose calls/s do not. Three spreads of the calls:
+/// over 1,000 rooms (each room's window of repeat keys 5-15 keys over the counted calls),
+/// 100 rooms (51-154: Redis' listpack, turned into a skiplist past 128) and 10 rooms
+/// (512-1,536: a skiplist, trimmed back to the window's 1,000 sequences every 64).
 fn instructions() {
     if !redis_capacity::valgrind_available() {
         println!("\ninstructions: valgrind is not installed here (apt-get install valgrind)");
         return;
     }
+    const ROOMS: [usize; 3] = [1000, 100, 10];
     println!(
         "\nRedis' own instructions per publish-script call (callgrind, one connection x 64 \
-         pipelined EVALSHA, 1,000 rooms, 3 subscribers per channel, no persistence)"
+         pipelined EVALSHA, 3 subscribers per channel, no persistence), by rooms the calls \
+         go round"
     );
-    println!("{:<48} {:>14}", "variant", "instr./call");
+    println!(
+        "{:<42} {:>22} {:>22} {:>22}",
+        "variant", "1,000 rooms", "100 rooms", "10 rooms"
+    );
     let variants = redis_capacity::variants();
-    let first = redis_capacity::instructions(&variants[0]);
-    println!("{:<48} {:>14.0}", variants[0].name, first);
-    for variant in &variants[1..] {
-        let n = redis_capacity::instructions(variant);
-        println!(
-            "{:<48} {:>14.0}  ({:+.1}% against the first)",
-            variant.name,
-            n,
-            (n / first - 1.0) * 100.0
-        );
+    let first = ROOMS.map(|rooms| redis_capacity::instructions(&variants[0], rooms));
+    print!("{:<42}", variants[0].name);
+    for n in first {
+        print!(" {n:>22.0}");
     }
+    println!();
+    for variant in &variants[1..] {
+        print!("{:<42}", variant.name);
+        for (rooms, first) in ROOMS.into_iter().zip(first) {
+            let n = redis_capacity::instructions(variant, rooms);
+            print!(" {:>13.0} ({:+5.1}%)", n, (n / first - 1.0) * 100.0);
+        }
+        println!();
+    }
+    println!("(in brackets: against the first row, in the same column)");
 }
 
 fn main() {

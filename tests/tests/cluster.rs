@@ -215,6 +215,20 @@ per_backend! {
         assert_eq!(next, seq + 1, "the repeat took no sequence");
         let got = reader.read_through(alias, next);
         assert_eq!(got.len(), 2, "delivered once: {got:?}");
+        // Messages without a publish id, one of them the room's 64th (a publish that trims
+        // the window): the window still spans the room's last `limits.publish_ids`
+        // sequences, so the first message is still a repeat.
+        let mut bob = Client::connect(b.addr, "bob");
+        let bb = bob.join(ROOM);
+        let last = (0..70).fold(next, |_, i| bob.publish_acked(bb, format!("b{i}").into_bytes()));
+        assert_eq!(last, next + 70);
+        let mut again = Client::connect_with(b.addr, "alice", ClientSession::with_device(42, 0));
+        let ra = again.join(ROOM);
+        assert_eq!(
+            again.publish_acked(ra, &b"hello"[..]),
+            seq,
+            "still the first sequence after the room's 64th message"
+        );
     }
 
     fn a_publish_answered_is_handed_to_its_worker_once_not_again_with_its_copy(backend) {

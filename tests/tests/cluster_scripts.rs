@@ -25,10 +25,10 @@ use pabal_relay::cluster::membership::{ROOM_JOIN, ROOM_LEAVE, ROOM_UNDO};
 use pabal_relay::cluster::receipts::{HANDOFF, HandoffPage, MARKERS, parse_handoff};
 use pabal_relay::cluster::resp::{self, Value};
 use pabal_relay::cluster::script::{
-    PUBLISH, PUBLISH_FIELDS, all_scripts, message_tail, parse_channel_message, parse_entries,
-    sha1_hex,
+    PUBLISH, PUBLISH_FIELDS, TRIM_EVERY, all_scripts, message_tail, parse_channel_message,
+    parse_entries, parse_published, publish_script, sha1_hex,
 };
-use pabal_relay::cluster::{ClusterConfig, StreamEntry};
+use pabal_relay::cluster::{ClusterConfig, StreamEntry, WindowOrder};
 use pabal_relay::config::Config;
 use pabal_relay::io::BackendKind;
 use pabal_testkit::http::{KEY, http};
@@ -546,23 +546,42 @@ fn publish_in(epoch: u64, sender: &str) -> Vec<Vec<u8>> {
     eval(PUBLISH, &["m", "s", "i"], &args)
 }
 
-/// [`publish_in`] with the stream entry in four fields, as a node with
-/// `cluster.stream_entry = "fields"` sends it.
-fn publish_fields_in(epoch: u64, sender: &str) -> Vec<Vec<u8>> {
+/// [`publish_in`] (epoch 7) with the stream entry in four fields, as a node with
+/// `cluster.stream_entry = "fields"` sends it, by `script` (a form of `PUBLISH_FIELDS`), with repeat
+/// key `repeat` (empty: none) and a window of `window` sequences.
+fn publish_fields_keyed(script: &str, sender: &str, repeat: &str, window: u64) -> Vec<Vec<u8>> {
     let args = [
-        s(epoch),
+        s(7),
         s(1),
         s("n/0/1"),
         s(sender),
         s("hi"),
         s(1000),
         key("c"),
-        s(""),
-        s(16),
+        s(repeat),
+        s(window),
         s("PUBLISH"),
         s(sender.len()),
     ];
-    eval(PUBLISH_FIELDS, &["m", "s", "i"], &args)
+    eval(script, &["m", "s", "i"], &args)
+}
+
+/// A message in room `big` (epoch 7) by `script` (a form of `PUBLISH`), with repeat key
+/// `repeat` (empty: none) and a window of `window` sequences.
+fn publish_keyed(script: &str, repeat: &str, window: u64) -> Vec<Vec<u8>> {
+    let mut tail = Vec::new();
+    message_tail(&mut tail, 1, b"n/0/1", b"a", b"hi");
+    let tail = String::from_utf8(tail).unwrap();
+    let args = [
+        s(7),
+        tail,
+        s(1000),
+        key("c"),
+        s(repeat),
+        s(window),
+        s("PUBLISH"),
+    ];
+    eval(script, &["m", "s", "i"], &args)
 }
 
 /// Markers calls moving each of `users` to delivered `seq` in epoch `epoch`.
@@ -668,16 +687,15 @@ fn the_publish_scripts_channel_message_carries_the_sender_whole_whatever_its_byt
         let call = if seq <= 3 {
             publish(sender)
         } else {
-            publish_fields_in(7, sender)
+            publish_fields_keyed(PUBLISH_FIELDS, sender, "", 16)
         };
         let reply = r.pipeline(&[call]).pop().unwrap();
-        let got: Vec<i64> = reply
-            .array()
-            .unwrap()
-            .iter()
-            .map(|v| v.int().unwrap())
-            .collect();
-        assert_eq!(got, [7, seq], "{{epoch, seq}} as integers for {sender:?}");
+        assert_eq!(
+            reply.bytes().map(|b| &b[..]),
+            Some(format!("7 {seq}").as_bytes()),
+            "\"<epoch> <seq>\" for {sender:?}"
+        );
+        assert_eq!(parse_published(&reply), Some((7, seq as u64, false)));
         let pushed = sub.next_pushed();
         let parts = pushed.array().unwrap();
         let body = bytes::Bytes::copy_from_slice(parts[2].bytes().unwrap());
@@ -706,6 +724,83 @@ fn the_publish_scripts_channel_message_carries_the_sender_whole_whatever_its_byt
         (3, 3),
         "three of each form: {raw}"
     );
+}
+
+#[test]
+fn the_publish_window_answers_repeats_whichever_order_wrote_them_and_trims_by_sequence() {
+    let Some(redis) = RedisServer::start_with("scripts-window", &["--appendonly", "no"]) else {
+        return;
+    };
+    let mut r = Redis::connect(redis.port);
+    const WINDOW: u64 = 100;
+    const LAST: u64 = 150;
+    // The four forms a rolling upgrade can mix, each writing every fourth sequence; every
+    // fifth sequence has no repeat key, and neither has any multiple of TRIM_EVERY (the
+    // publishes that trim): a trim by a publish without a key keeps the window too.
+    let forms = [
+        (StreamEntry::Packed, WindowOrder::Descending),
+        (StreamEntry::Packed, WindowOrder::Ascending),
+        (StreamEntry::Fields, WindowOrder::Descending),
+        (StreamEntry::Fields, WindowOrder::Ascending),
+    ];
+    let call = |n: u64, repeat: &str| {
+        let (entry, order) = forms[n as usize % forms.len()];
+        let script = publish_script(entry, order);
+        match entry {
+            StreamEntry::Packed => publish_keyed(script, repeat, WINDOW),
+            StreamEntry::Fields => publish_fields_keyed(script, "a", repeat, WINDOW),
+        }
+    };
+    let keyed = |n: u64| !n.is_multiple_of(5) && !n.is_multiple_of(TRIM_EVERY);
+    let calls: Vec<_> = (1..=LAST)
+        .map(|n| {
+            call(
+                n,
+                &if keyed(n) {
+                    format!("k{n}")
+                } else {
+                    String::new()
+                },
+            )
+        })
+        .collect();
+    for (n, reply) in (1..=LAST).zip(r.pipeline(&calls)) {
+        assert_eq!(parse_published(&reply), Some((7, n, false)), "{reply:?}");
+    }
+    // Trimmed at 128: the keys of sequences 29 ..= 150 are kept, every one of them, in
+    // both signs (positive from the ascending forms, negative from the others).
+    let forgotten = 128 - WINDOW;
+    let kept: Vec<u64> = (forgotten + 1..=LAST).filter(|&n| keyed(n)).collect();
+    let card = r.call(&["ZCARD", &key("i")]).int().unwrap();
+    assert_eq!(
+        card as usize,
+        kept.len(),
+        "the window after its trim at 128"
+    );
+    let signs = r.call(&["ZRANGE", &key("i"), "0", "-1", "WITHSCORES"]);
+    let scores: Vec<i64> = signs.array().unwrap()[1..]
+        .iter()
+        .step_by(2)
+        .map(|v| v.int().unwrap())
+        .collect();
+    assert!(scores.iter().any(|&s| s < 0) && scores.iter().any(|&s| s > 0));
+    // Each kept key, repeated through another form than the one that wrote it, answers
+    // its first sequence and takes none.
+    let repeats: Vec<_> = kept
+        .iter()
+        .map(|&n| call(n + 1, &format!("k{n}")))
+        .collect();
+    for (&n, reply) in kept.iter().zip(r.pipeline(&repeats)) {
+        assert_eq!(
+            parse_published(&reply),
+            Some((7, n, true)),
+            "key k{n}: {reply:?}"
+        );
+    }
+    assert_eq!(r.call(&["HGET", &key("m"), "s"]).int(), Some(LAST as i64));
+    // A key of a forgotten sequence is a new message.
+    let reply = r.pipeline(&[call(1, "k1")]).pop().unwrap();
+    assert_eq!(parse_published(&reply), Some((7, LAST + 1, false)));
 }
 
 #[test]

@@ -2,9 +2,9 @@
 //! connections, each a pipeline of `EVALSHA publish` over its own rooms, against a private
 //! `redis-server`, with three connections subscribed to every room's channel (three nodes
 //! holding every room). The script is `pabal_relay::cluster::script::PUBLISH` itself (the
-//! stream entry packed), `PUBLISH_FIELDS` (four fields, for rolling upgrades), earlier
-//! forms of the script, and variants without its `XADD` or its `PUBLISH`, to say what in
-//! it costs.
+//! stream entry packed), its forms for rolling upgrades (`PUBLISH_ASCENDING`,
+//! `PUBLISH_FIELDS`), the script as an earlier commit ran it, and variants without its
+//! `XADD` or its `PUBLISH`, to say what in it costs.
 //!
 //! Calls/s and CPU per call swing by a third from one minute to the next on a shared VM;
 //! [`instructions`] counts Redis' own instructions per call instead (a `redis-server`
@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use pabal_relay::cluster::resp::{self, Value};
-use pabal_relay::cluster::script::{PUBLISH, PUBLISH_FIELDS, message_tail};
+use pabal_relay::cluster::script::{PUBLISH, PUBLISH_ASCENDING, PUBLISH_FIELDS, message_tail};
 use pabal_testkit::redis::RedisServer;
 
-/// Rooms the load is spread over.
+/// Rooms the load is spread over in [`measure`].
 const ROOMS: usize = 1000;
 /// Connections driving the script.
 const CONNECTIONS: usize = 8;
@@ -88,83 +88,46 @@ fn without(script: &str, calls: &[&str]) -> String {
 }
 
 /// A publish script as a single Redis runs it: the relay passes its publish command as an
-/// argument (`PUBLISH`, or `SPUBLISH` on a Redis Cluster: `ARGV[7]` of [`PUBLISH`],
-/// `ARGV[10]` of [`PUBLISH_FIELDS`]); written out here so that the variants can leave the
-/// call out.
-fn single_redis_script(packed: bool) -> String {
-    let (script, call) = if packed {
-        (PUBLISH, "redis.call(ARGV[7],")
-    } else {
-        (PUBLISH_FIELDS, "redis.call(ARGV[10],")
-    };
+/// argument (`PUBLISH`, or `SPUBLISH` on a Redis Cluster), `call` in `script`; written out
+/// here so that the variants can leave the call out.
+fn single_redis_script(script: &str, call: &str) -> String {
     assert!(script.contains(call), "the publish script changed shape");
     script.replace(call, "redis.call('PUBLISH',")
 }
 
-/// The publish script as it was before its publish-id window became one `ZADD NX` and a
-/// trim every 64 sequences: `ZSCORE` first, then `ZADD` and a trim on every call with a
-/// publish id (issue #13). Measured beside the script, under the same load, to say what
-/// the change saved.
-const PER_CALL_WINDOW: &str = r"
+/// The publish script as `fdb14f3` ran it (packed, before the answer became a string, the
+/// window's keys were scored negated and trimmed by sequence, and the increments and the
+/// sequence's string stopped going through `printf("%.14g")`), as a single Redis runs it:
+/// measured beside the script, under the same load, to say what the change saved.
+const AS_IN_FDB14F3: &str = r"
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then
   e = ARGV[1]
   redis.call('HSET', KEYS[1], 'e', e)
 end
-if ARGV[8] ~= '' then
-  local first = redis.call('ZSCORE', KEYS[3], ARGV[8])
-  if first then return {e, tonumber(first), 1} end
+local n = redis.call('HINCRBY', KEYS[1], 's', 1)
+local s = tostring(n)
+if ARGV[5] ~= '' and redis.call('ZADD', KEYS[3], 'NX', s, ARGV[5]) == 0 then
+  redis.call('HINCRBY', KEYS[1], 's', -1)
+  return {e, tonumber(redis.call('ZSCORE', KEYS[3], ARGV[5])), 1}
 end
-local s = redis.call('HINCRBY', KEYS[1], 's', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], s .. '-0',
-  't', ARGV[2], 'g', ARGV[3], 'u', ARGV[4], 'p', ARGV[5])
-redis.call('PUBLISH', ARGV[7], e .. ' ' .. s .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' ..
-  string.len(ARGV[4]) .. ' ' .. ARGV[4] .. ARGV[5])
-if ARGV[8] ~= '' then
-  redis.call('ZADD', KEYS[3], s, ARGV[8])
-  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[9]) + 1))
+local added = redis.pcall('XADD', KEYS[2], s .. '-0', 'm', ARGV[2])
+if type(added) == 'table' and added.err then
+  if ARGV[5] ~= '' then redis.call('ZREM', KEYS[3], ARGV[5]) end
+  redis.call('HINCRBY', KEYS[1], 's', -1)
+  return added
 end
-return {e, s}
+redis.call('PUBLISH', ARGV[4], e .. ' ' .. s .. ' ' .. ARGV[2])
+if n % 64 == 0 then
+  redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', ARGV[3])
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[6]) + 1))
+end
+return {e, n}
 ";
-
-/// The publish script (in fields) made the new sequence a string once and took the sender's
-/// length from its caller: before, `printf` formatted a Lua number four times a call.
-const NUMBERS_PER_USE: &[(&str, &str)] = &[
-    (
-        "local n = redis.call('HINCRBY', KEYS[1], 's', 1)\nlocal s = tostring(n)\n",
-        "local s = redis.call('HINCRBY', KEYS[1], 's', 1)\n",
-    ),
-    ("ARGV[11] .. ' '", "string.len(ARGV[4]) .. ' '"),
-    ("if n % 64 == 0", "if s % 64 == 0"),
-    ("return {e, n}", "return {e, s}"),
-];
-
-/// The publish script (in fields) trims the stream once every 64 sequences: before, every
-/// `XADD` had its `MAXLEN ~`.
-const TRIM_PER_XADD: &[(&str, &str)] = &[
-    (
-        "redis.pcall('XADD', KEYS[2], s .. '-0',",
-        "redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], s .. '-0',",
-    ),
-    (
-        "  redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', ARGV[6])\n",
-        "",
-    ),
-];
-
-/// [`PUBLISH_FIELDS`] as a single Redis runs it with `changes` undone (each `(now, before)`).
-fn as_before(changes: &[&[(&str, &str)]]) -> String {
-    let mut script = single_redis_script(false);
-    for &(now, before) in changes.iter().copied().flatten() {
-        assert!(script.contains(now), "the publish script changed shape");
-        script = script.replace(now, before);
-    }
-    script
-}
 
 /// The variants measured, the script as the relay runs it first.
 pub fn variants() -> Vec<Variant> {
-    let script = single_redis_script(true);
+    let script = single_redis_script(PUBLISH, "redis.call(ARGV[7],");
     let variant = |name, script, publish_id, packed| Variant {
         name,
         script,
@@ -174,36 +137,25 @@ pub fn variants() -> Vec<Variant> {
     vec![
         variant("script, publish id", script.clone(), true, true),
         variant(
+            "window ascending, publish id",
+            single_redis_script(&PUBLISH_ASCENDING, "redis.call(ARGV[7],"),
+            true,
+            true,
+        ),
+        variant(
+            "as in fdb14f3, publish id",
+            AS_IN_FDB14F3.to_string(),
+            true,
+            true,
+        ),
+        variant(
             "stream entry in four fields, publish id",
-            single_redis_script(false),
-            true,
-            false,
-        ),
-        variant(
-            "fields, numbers formatted per use (before)",
-            as_before(&[NUMBERS_PER_USE]),
-            true,
-            false,
-        ),
-        variant(
-            "fields, stream trimmed per XADD (before)",
-            as_before(&[TRIM_PER_XADD]),
-            true,
-            false,
-        ),
-        variant(
-            "fields, both as before (bd86814)",
-            as_before(&[NUMBERS_PER_USE, TRIM_PER_XADD]),
-            true,
-            false,
-        ),
-        variant(
-            "publish id, per-call window (before)",
-            PER_CALL_WINDOW.to_string(),
+            single_redis_script(PUBLISH_FIELDS, "redis.call(ARGV[10],"),
             true,
             false,
         ),
         variant("script", script.clone(), false, true),
+        variant("as in fdb14f3", AS_IN_FDB14F3.to_string(), false, true),
         variant("without XADD", without(&script, &["XADD"]), false, true),
         variant(
             "without PUBLISH",
@@ -283,18 +235,19 @@ fn read_replies(s: &mut TcpStream, buf: &mut BytesMut, mut n: usize) {
 }
 
 /// One connection's share of the load: connection `c` of `of` publishes round robin over
-/// its rooms (every `of`-th), [`PIPELINE`] calls a write, while `more(calls sent)`, with
+/// its rooms (every `of`-th of `rooms`), [`PIPELINE`] calls a write, while `more(calls sent)`, with
 /// `variant`'s arguments; returns the calls sent.
 fn drive(
     port: u16,
     sha: &str,
     variant: &Variant,
+    rooms: usize,
     (c, of): (usize, usize),
     more: impl Fn(u64) -> bool,
 ) -> u64 {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_nodelay(true).unwrap();
-    let rooms: Vec<[String; 4]> = (c..ROOMS).step_by(of).map(keys).collect();
+    let rooms: Vec<[String; 4]> = (c..rooms).step_by(of).map(keys).collect();
     let payload = [7u8; 32];
     let (sender, tag) = (&b"sender"[..], &b"bench/0/1"[..]);
     let sender_len = sender.len().to_string();
@@ -373,13 +326,15 @@ pub fn valgrind_available() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Redis' own (user-space) instructions per call of `variant`: a private `redis-server`
-/// (no persistence: its disk writes are the kernel's, not counted) under `valgrind
-/// --tool=callgrind`, [`SUBSCRIBERS`] connections subscribed to every room's channel, one
-/// connection driving [`FEW`] calls, then a fresh one [`MANY`]; the difference over the
-/// difference in calls. The same binary, script and inputs give the same count whatever
+/// Redis' own (user-space) instructions per call of `variant` over `rooms` rooms: a private
+/// `redis-server` (no persistence: its disk writes are the kernel's, not counted) under
+/// `valgrind --tool=callgrind`, [`SUBSCRIBERS`] connections subscribed to every room's
+/// channel, one connection driving [`FEW`] calls, then a fresh one [`MANY`]; the
+/// difference over the difference in calls. The rooms set how large each room's window of
+/// repeat keys is over those calls: `FEW / rooms` to `MANY / rooms` keys (Redis keeps a
+/// window of up to 128 keys in a listpack, and a larger one in a skiplist). The same binary, script and inputs give the same count whatever
 /// else the machine runs.
-pub fn instructions(variant: &Variant) -> f64 {
+pub fn instructions(variant: &Variant, rooms: usize) -> f64 {
     let run = |calls: u64| -> u64 {
         let port = pabal_testkit::redis::free_port();
         let dir =
@@ -420,8 +375,8 @@ pub fn instructions(variant: &Variant) -> f64 {
         let sha = cli(&["SCRIPT", "LOAD", &variant.script]);
         assert_eq!(sha.len(), 40, "SCRIPT LOAD answered {sha:?}");
         let stop = Arc::new(AtomicBool::new(false));
-        let subs = subscribers(port, &stop);
-        let sent = drive(port, &sha, variant, (0, 1), |sent| sent < calls);
+        let subs = subscribers(port, rooms, &stop);
+        let sent = drive(port, &sha, variant, rooms, (0, 1), |sent| sent < calls);
         assert_eq!(sent, calls);
         stop.store(true, Ordering::Relaxed);
         for s in subs {
@@ -454,13 +409,17 @@ fn keys(room: usize) -> [String; 4] {
     ]
 }
 
-/// Connections subscribed to every room's channel, drained until `stop`.
-fn subscribers(port: u16, stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<()>> {
+/// Connections subscribed to every channel of `rooms` rooms, drained until `stop`.
+fn subscribers(
+    port: u16,
+    rooms: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<()>> {
     (0..SUBSCRIBERS)
         .map(|_| {
             let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
             let mut out = BytesMut::new();
-            let channels: Vec<String> = (0..ROOMS).map(|r| keys(r)[3].clone()).collect();
+            let channels: Vec<String> = (0..rooms).map(|r| keys(r)[3].clone()).collect();
             resp::encode(
                 &mut out,
                 std::iter::once(&b"SUBSCRIBE"[..])
@@ -470,7 +429,7 @@ fn subscribers(port: u16, stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle
             );
             s.write_all(&out).unwrap();
             let mut buf = BytesMut::new();
-            read_replies(&mut s, &mut buf, ROOMS);
+            read_replies(&mut s, &mut buf, rooms);
             s.set_read_timeout(Some(Duration::from_millis(100)))
                 .unwrap();
             let stop = stop.clone();
@@ -493,7 +452,7 @@ pub fn measure(redis: &RedisServer, variant: &Variant, secs: f64) -> Capacity {
         .to_string();
     assert_eq!(sha.len(), 40, "SCRIPT LOAD answered {sha:?}");
     let stop = Arc::new(AtomicBool::new(false));
-    let subs = subscribers(redis.port, &stop);
+    let subs = subscribers(redis.port, ROOMS, &stop);
     redis.cli(&["CONFIG", "RESETSTAT"]);
     let before = redis_cpu(redis);
     let start = Instant::now();
@@ -501,7 +460,7 @@ pub fn measure(redis: &RedisServer, variant: &Variant, secs: f64) -> Capacity {
         .map(|c| {
             let (sha, port, variant) = (sha.clone(), redis.port, variant.clone());
             std::thread::spawn(move || {
-                drive(port, &sha, &variant, (c, CONNECTIONS), |_| {
+                drive(port, &sha, &variant, ROOMS, (c, CONNECTIONS), |_| {
                     start.elapsed().as_secs_f64() < secs
                 })
             })

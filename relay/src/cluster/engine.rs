@@ -43,7 +43,7 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::{Events, Poll, Token, Waker};
 
 use super::resp::{self, Value, decimal};
-use super::script::{self, OPEN, PUBLISH, PUBLISH_FIELDS};
+use super::script::{self, OPEN};
 use super::shard::{Conn, Pending, Retry, Shard};
 use super::slots::SlotMap;
 use super::{
@@ -195,8 +195,11 @@ impl EngineHandle {
             fills_waiting: Vec::new(),
             redirects: Vec::new(),
             out: Vec::new(),
-            publish_sha: script::sha1_hex(PUBLISH),
-            publish_fields_sha: script::sha1_hex(PUBLISH_FIELDS),
+            publish: script::publish_script(config.stream_entry, config.window_order),
+            publish_sha: script::sha1_hex(script::publish_script(
+                config.stream_entry,
+                config.window_order,
+            )),
             message_head: Vec::new(),
             open_sha: script::sha1_hex(OPEN),
             keys: Default::default(),
@@ -416,8 +419,9 @@ struct Engine {
     /// Commands answered `MOVED` or `ASK` in the replies being read, with their hops.
     redirects: Vec<(Pending, u8, Redirect)>,
     out: Vec<EngineEvent>,
+    /// The publish script this node runs (`cluster.stream_entry`, `cluster.window_order`).
+    publish: &'static str,
     publish_sha: Bytes,
-    publish_fields_sha: Bytes,
     open_sha: Bytes,
     /// Scratch for key names and the tag (reused: no allocation per publish).
     keys: [Vec<u8>; 6],
@@ -972,7 +976,7 @@ impl Engine {
                 script::message_head(&mut self.message_head, req.ts_ms, tag, sender);
                 encode_script_parts(
                     &mut conn.wbuf,
-                    (PUBLISH, &self.publish_sha, eval),
+                    (self.publish, &self.publish_sha, eval),
                     &[meta, stream, ids],
                     &[
                         &[hint],
@@ -987,7 +991,7 @@ impl Engine {
             }
             StreamEntry::Fields => encode_script(
                 &mut conn.wbuf,
-                (PUBLISH_FIELDS, &self.publish_fields_sha, eval),
+                (self.publish, &self.publish_sha, eval),
                 &[meta, stream, ids],
                 &[
                     hint,

@@ -93,7 +93,7 @@ use bytes::Bytes;
 use pabal_codec::Text;
 
 pub use config::{
-    ClusterConfig, EngineKind, RedisAddr, StreamEntry, Topology, parse_redis_url,
+    ClusterConfig, EngineKind, RedisAddr, StreamEntry, Topology, WindowOrder, parse_redis_url,
     parse_sentinel_url,
 };
 pub use engine::EngineHandle;
@@ -323,7 +323,9 @@ pub struct PublishRequest {
     /// a repeat the room's window in the engine remembers is answered with the first
     /// sequence and publishes nothing, whichever node it reaches.
     pub repeat: Option<RepeatKey>,
-    /// How many of the room's recent repeat keys the engine keeps.
+    /// The room's last sequences whose repeat keys the engine keeps:
+    /// `max(limits.publish_ids, control.idempotency_keys)`, for every publish, with a key
+    /// or not (any publish may be the one that trims the window).
     pub window: usize,
 }
 

@@ -11,9 +11,12 @@
 //!   both. Trimmed back to about `cluster.stream_max_len` entries (`XTRIM MAXLEN ~`) once
 //!   every [`TRIM_EVERY`] sequences, so it holds at most that many more;
 //! - `pabal:{r:name}:i`: the window of repeat keys (v2 publish ids `d<publisher>:<msg_id>`,
-//!   API `k<Idempotency-Key>`), a sorted set by sequence holding at least the last
-//!   `window` keys: trimmed back to the window's size once every [`TRIM_EVERY`] sequences,
-//!   so it holds at most `window + TRIM_EVERY` (a trim per publish cost a call per publish);
+//!   API `k<Idempotency-Key>`), a sorted set scored by the key's sequence negated (newest
+//!   first; by the sequence itself with `cluster.window_order = "ascending"`, as versions
+//!   before it wrote it) holding the keys of at least the room's last `window` sequences:
+//!   trimmed back to those once every [`TRIM_EVERY`] sequences (by score, whatever the
+//!   sign), so it holds keys of at most `window + TRIM_EVERY` (a trim per publish cost a
+//!   call per publish);
 //! - `pabal:{r:name}:c`: the pub/sub channel; a message on it is
 //!   `<epoch> <seq> <ts> <tag> <sender length> <sender><payload>` (from either script).
 //!
@@ -23,12 +26,13 @@
 //!
 //! Owns: key names, the scripts, the channel message format. Must not touch: connections.
 
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use pabal_codec::Text;
 
 use super::EngineMessage;
+use super::config::{StreamEntry, WindowOrder};
 use super::resp::Value;
 use crate::ids::RoomName;
 
@@ -46,91 +50,156 @@ end
     };
 }
 
-/// The window of repeat keys and the stream are trimmed back to their sizes when the room's
-/// sequence is a multiple of this (any publish, with a repeat key or not), so the window
-/// never holds more than `window + TRIM_EVERY` keys and never fewer than the last `window`,
-/// and the stream never more than `TRIM_EVERY` entries past what `XTRIM MAXLEN ~` keeps
-/// (a `MAXLEN ~` on every `XADD` cost Redis 3.5% more instructions per call).
+/// The stream is trimmed back to its size (`XTRIM MAXLEN ~`), and the window of repeat keys
+/// back to the keys of its last `window` sequences, when the room's sequence is a multiple
+/// of this (any publish, with a repeat key or not): the window never holds keys of more
+/// than `window + TRIM_EVERY` sequences and never drops one of the last `window`, and the
+/// stream never holds more than `TRIM_EVERY` entries past what `XTRIM MAXLEN ~` keeps (a
+/// `MAXLEN ~` on every `XADD` cost Redis 3.5% more instructions per call).
 pub const TRIM_EVERY: u64 = 64;
 
 /// Sequence one message: KEYS meta, stream, repeat window; ARGV epoch hint, the message's
 /// tail (`<ts> <tag> <sender length> <sender><payload>`, [`message_tail`]), stream max
-/// length, channel, repeat key (empty: none), window size, the publish command (`PUBLISH`,
-/// or `SPUBLISH`: sharded pub/sub on a Redis Cluster). Appends the tail as the stream
-/// entry's one field `m` and publishes `<epoch> <seq> <tail>`. Returns `{epoch, seq}`, or
-/// `{epoch, first seq, 1}` for a repeat key the window holds.
+/// length, channel, repeat key (empty: none), window (sequences), the publish command
+/// (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster). Appends the tail as the
+/// stream entry's one field `m` and publishes `<epoch> <seq> <tail>`. Answers
+/// `"<epoch> <seq>"` (a bulk string), or `{epoch, first seq, 1}` for a repeat key the
+/// window holds ([`parse_published`] reads both).
 ///
-/// The tail comes joined by the caller, once for both the stream and the channel: against
-/// [`PUBLISH_FIELDS`] (four fields, 11 arguments, a channel message joined from seven parts
-/// in Lua) Redis runs 8.8% fewer instructions per call (`relay_cluster -- instructions`).
-/// The new sequence is made a string once (`s`): a Lua number passed to `redis.call` or
-/// joined into a string is formatted by `printf` each time.
+/// What each part saves Redis (`relay_cluster -- instructions`, benches/RESULTS.md):
+/// - The tail comes joined by the caller, once for both the stream and the channel (against
+///   [`PUBLISH_FIELDS`]' four fields, 8.8% fewer instructions per call).
+/// - The new sequence is made a string once (`s`), by `string.format('%d')`: a Lua number
+///   passed to `redis.call` or joined into a string is formatted by `printf("%.17g")` or
+///   `("%.14g")` each time, about 2,000 instructions a number. So the increments are
+///   strings too.
+/// - The answer of a new publish is one string: a Lua table costs Redis its conversion
+///   (the `err`/`ok` field lookups, a deferred length).
+/// - A repeat key costs one `ZADD NX` (it adds the key at the new sequence or finds it
+///   there; a repeat gives the sequence back, unseen by anyone, and answers the first
+///   one), scored by the sequence **negated**: the newest key goes first, where Redis'
+///   small sorted sets (a listpack, up to 128 keys) insert it without reading every
+///   other score first. [`PUBLISH_ASCENDING`] scores by the sequence itself, as versions
+///   before `cluster.window_order` did; both read either sign (`math.abs`), and trim by
+///   score, so windows written in either order, or both, stay right.
+/// - The trims (the window's and the stream's) run once every [`TRIM_EVERY`] sequences.
 ///
-/// A repeat key costs one `ZADD NX` (it adds the key at the new sequence or finds it
-/// there; a repeat gives the sequence back, unseen by anyone, and answers the first one),
-/// and the trims (the window's and the stream's) run once every [`TRIM_EVERY`] sequences,
-/// not per publish. An `XADD` Redis refuses (an ID at or below the stream's top: a meta
-/// hash lost while its stream was kept) takes the sequence and the key back before the
-/// error is answered, so a retry is never told a sequence that holds no message.
+/// An `XADD` Redis refuses (an ID at or below the stream's top: a meta hash lost while its
+/// stream was kept) takes the sequence and the key back before the error is answered, so a
+/// retry is never told a sequence that holds no message.
 pub const PUBLISH: &str = concat!(
     epoch_prelude!(),
     r"
-local n = redis.call('HINCRBY', KEYS[1], 's', 1)
-local s = tostring(n)
-if ARGV[5] ~= '' and redis.call('ZADD', KEYS[3], 'NX', s, ARGV[5]) == 0 then
-  redis.call('HINCRBY', KEYS[1], 's', -1)
-  return {e, tonumber(redis.call('ZSCORE', KEYS[3], ARGV[5])), 1}
+local n = redis.call('HINCRBY', KEYS[1], 's', '1')
+local s = string.format('%d', n)
+if ARGV[5] ~= '' and redis.call('ZADD', KEYS[3], 'NX', '-' .. s, ARGV[5]) == 0 then
+  redis.call('HINCRBY', KEYS[1], 's', '-1')
+  return {e, math.abs(tonumber(redis.call('ZSCORE', KEYS[3], ARGV[5]))), 1}
 end
 local added = redis.pcall('XADD', KEYS[2], s .. '-0', 'm', ARGV[2])
 if type(added) == 'table' and added.err then
   if ARGV[5] ~= '' then redis.call('ZREM', KEYS[3], ARGV[5]) end
-  redis.call('HINCRBY', KEYS[1], 's', -1)
+  redis.call('HINCRBY', KEYS[1], 's', '-1')
   return added
 end
-redis.call(ARGV[7], ARGV[4], e .. ' ' .. s .. ' ' .. ARGV[2])
+local head = e .. ' ' .. s
+redis.call(ARGV[7], ARGV[4], head .. ' ' .. ARGV[2])
 if n % 64 == 0 then
   redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', ARGV[3])
-  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[6]) + 1))
+  local old = n - tonumber(ARGV[6])
+  if old > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], -old, old) end
 end
-return {e, n}
+return head
 "
 );
 
 /// [`PUBLISH`] writing the stream entry as four fields (`t`, `g`, `u`, `p`), the only form
 /// versions before `cluster.stream_entry` read (`stream_entry = "fields"`, for a rolling
 /// upgrade from one). KEYS meta, stream, repeat window; ARGV epoch hint, ts, tag, sender,
-/// payload, stream max length, channel, repeat key (empty: none), window size, the publish
-/// command (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster), the sender's
-/// length in bytes (decimal). Returns `{epoch, seq}`, or `{epoch, first seq, 1}` for a
-/// repeat key the window holds.
-///
-/// Otherwise as [`PUBLISH`]: the sequence a string once, the trims every [`TRIM_EVERY`]
-/// sequences, a refused `XADD` taken back.
+/// payload, stream max length, channel, repeat key (empty: none), window (sequences), the
+/// publish command (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster), the
+/// sender's length in bytes (decimal). Answers as [`PUBLISH`] does, and is otherwise as
+/// it is: the sequence a string once, the window's keys scored by the sequence negated
+/// ([`PUBLISH_FIELDS_ASCENDING`]: as is), the trims every [`TRIM_EVERY`] sequences, a
+/// refused `XADD` taken back.
 pub const PUBLISH_FIELDS: &str = concat!(
     epoch_prelude!(),
     r"
-local n = redis.call('HINCRBY', KEYS[1], 's', 1)
-local s = tostring(n)
-if ARGV[8] ~= '' and redis.call('ZADD', KEYS[3], 'NX', s, ARGV[8]) == 0 then
-  redis.call('HINCRBY', KEYS[1], 's', -1)
-  return {e, tonumber(redis.call('ZSCORE', KEYS[3], ARGV[8])), 1}
+local n = redis.call('HINCRBY', KEYS[1], 's', '1')
+local s = string.format('%d', n)
+if ARGV[8] ~= '' and redis.call('ZADD', KEYS[3], 'NX', '-' .. s, ARGV[8]) == 0 then
+  redis.call('HINCRBY', KEYS[1], 's', '-1')
+  return {e, math.abs(tonumber(redis.call('ZSCORE', KEYS[3], ARGV[8]))), 1}
 end
 local added = redis.pcall('XADD', KEYS[2], s .. '-0',
   't', ARGV[2], 'g', ARGV[3], 'u', ARGV[4], 'p', ARGV[5])
 if type(added) == 'table' and added.err then
   if ARGV[8] ~= '' then redis.call('ZREM', KEYS[3], ARGV[8]) end
-  redis.call('HINCRBY', KEYS[1], 's', -1)
+  redis.call('HINCRBY', KEYS[1], 's', '-1')
   return added
 end
-redis.call(ARGV[10], ARGV[7], e .. ' ' .. s .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' ..
+local head = e .. ' ' .. s
+redis.call(ARGV[10], ARGV[7], head .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' ..
   ARGV[11] .. ' ' .. ARGV[4] .. ARGV[5])
 if n % 64 == 0 then
   redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', ARGV[6])
-  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[9]) + 1))
+  local old = n - tonumber(ARGV[9])
+  if old > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], -old, old) end
 end
-return {e, n}
+return head
 "
 );
+
+/// How [`PUBLISH`] scores a repeat key, and how the ascending forms do instead.
+const NEGATED_SCORE: &str = "'NX', '-' .. s,";
+const SEQUENCE_SCORE: &str = "'NX', s,";
+
+/// [`PUBLISH`] scoring the window's keys by the sequence itself, as versions before
+/// `cluster.window_order` did and still read: for a rolling upgrade from one
+/// (`window_order = "ascending"`). Those versions trim the window by rank, the lowest
+/// scores first, so a key scored negated would be the first they drop.
+pub static PUBLISH_ASCENDING: LazyLock<String> = LazyLock::new(|| ascending(PUBLISH));
+
+/// [`PUBLISH_FIELDS`] scoring the window's keys by the sequence itself
+/// ([`PUBLISH_ASCENDING`]).
+pub static PUBLISH_FIELDS_ASCENDING: LazyLock<String> = LazyLock::new(|| ascending(PUBLISH_FIELDS));
+
+fn ascending(script: &str) -> String {
+    assert_eq!(
+        script.matches(NEGATED_SCORE).count(),
+        1,
+        "the script changed shape"
+    );
+    script.replace(NEGATED_SCORE, SEQUENCE_SCORE)
+}
+
+/// The publish script a node runs: by how it writes stream entries and window keys.
+pub fn publish_script(entry: StreamEntry, order: WindowOrder) -> &'static str {
+    match (entry, order) {
+        (StreamEntry::Packed, WindowOrder::Descending) => PUBLISH,
+        (StreamEntry::Packed, WindowOrder::Ascending) => PUBLISH_ASCENDING.as_str(),
+        (StreamEntry::Fields, WindowOrder::Descending) => PUBLISH_FIELDS,
+        (StreamEntry::Fields, WindowOrder::Ascending) => PUBLISH_FIELDS_ASCENDING.as_str(),
+    }
+}
+
+/// A publish script's answer: `(epoch, seq, repeated)`, from `"<epoch> <seq>"` (a new
+/// message) or `{epoch, seq}` / `{epoch, first seq, 1}` (a repeat; and every answer of the
+/// versions before the string); `None` for anything else.
+pub fn parse_published(reply: &Value) -> Option<(u64, u64, bool)> {
+    if let Some(head) = reply.bytes() {
+        let ([epoch], at) = fields::<1>(head, 0)?;
+        return Some((num(epoch)?, num(head.get(at..)?)?, false));
+    }
+    let a = reply.array()?;
+    let repeated = a.get(2).and_then(Value::int) == Some(1);
+    let (epoch, seq) = (a.first()?.int()?, a.get(1)?.int()?);
+    Some((
+        u64::try_from(epoch).ok()?,
+        u64::try_from(seq).ok()?,
+        repeated,
+    ))
+}
 
 /// A room's state: KEYS meta, stream; ARGV epoch hint, tail length. Returns
 /// `{epoch, seq, entries of the last <tail> sequences}`.
@@ -189,7 +258,12 @@ pub fn all_scripts() -> Vec<(&'static str, &'static str)> {
     use super::{membership as m, presence as p, receipts as r};
     let mut all = vec![
         ("PUBLISH", PUBLISH),
+        ("PUBLISH_ASCENDING", PUBLISH_ASCENDING.as_str()),
         ("PUBLISH_FIELDS", PUBLISH_FIELDS),
+        (
+            "PUBLISH_FIELDS_ASCENDING",
+            PUBLISH_FIELDS_ASCENDING.as_str(),
+        ),
         ("OPEN", OPEN),
     ];
     all.extend(
@@ -433,14 +507,42 @@ mod tests {
 
     #[test]
     fn the_publish_scripts_trim_runs_every_trim_every_sequences() {
-        for script in [PUBLISH, PUBLISH_FIELDS] {
+        for script in [
+            PUBLISH,
+            PUBLISH_FIELDS,
+            &PUBLISH_ASCENDING,
+            &PUBLISH_FIELDS_ASCENDING,
+        ] {
             assert!(script.contains(&format!("if n % {TRIM_EVERY} == 0 then")));
         }
+        assert!(!PUBLISH_ASCENDING.contains(NEGATED_SCORE));
         let names: Vec<_> = all_scripts().into_iter().map(|(name, _)| name).collect();
         let mut unique = names.clone();
         unique.sort_unstable();
         unique.dedup();
         assert_eq!(unique.len(), names.len(), "{names:?}");
+    }
+
+    #[test]
+    fn a_publish_answer_is_a_string_or_a_table_and_nothing_else() {
+        let bulk = |b: &'static [u8]| Value::Bulk(Some(Bytes::from_static(b)));
+        let table = |v: &[i64]| Value::Array(Some(v.iter().map(|&n| Value::Int(n)).collect()));
+        assert_eq!(parse_published(&bulk(b"77 5")), Some((77, 5, false)));
+        assert_eq!(parse_published(&table(&[77, 5])), Some((77, 5, false)));
+        assert_eq!(parse_published(&table(&[77, 3, 1])), Some((77, 3, true)));
+        // A negative sequence (what a version before `window_order` answers for a key
+        // scored negated: this version's scripts never do) and anything malformed.
+        for bad in [
+            bulk(b"77"),
+            bulk(b"77 "),
+            bulk(b"x 5"),
+            bulk(b"77 5 1"),
+            table(&[77, -3, 1]),
+            table(&[77]),
+            Value::Error(Bytes::from_static(b"ERR boom")),
+        ] {
+            assert_eq!(parse_published(&bad), None, "{bad:?}");
+        }
     }
 
     #[test]

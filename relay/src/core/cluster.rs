@@ -641,23 +641,26 @@ impl Core {
         };
         let (epoch_hint, ts_ms) = (self.fresh_epoch(), self.now_ms());
         let max = self.config.cluster.as_ref().map_or(0, |c| c.max_in_flight);
-        let (repeat, window) = match &publisher {
+        let repeat = match &publisher {
             Publisher::Client {
                 publish_id: Some((publisher, msg_id)),
                 ..
-            } => (
-                Some(RepeatKey::Device {
-                    publisher: *publisher,
-                    msg_id: *msg_id,
-                }),
-                self.config.limits.publish_ids,
-            ),
-            Publisher::Api { key: Some(key), .. } | Publisher::Batch { key: Some(key), .. } => (
-                Some(RepeatKey::Api(*key)),
-                self.config.control.idempotency_keys,
-            ),
-            _ => (None, 0),
+            } => Some(RepeatKey::Device {
+                publisher: *publisher,
+                msg_id: *msg_id,
+            }),
+            Publisher::Api { key: Some(key), .. } | Publisher::Batch { key: Some(key), .. } => {
+                Some(RepeatKey::Api(*key))
+            }
+            _ => None,
         };
+        // One window per room holds both kinds of key, and any publish may be the one
+        // that trims it: every publish names the same span.
+        let window = self
+            .config
+            .limits
+            .publish_ids
+            .max(self.config.control.idempotency_keys);
         let Some(side) = self.cluster.as_deref_mut() else {
             return;
         };

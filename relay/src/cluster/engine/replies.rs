@@ -172,11 +172,7 @@ impl Engine {
                     self.send_publish(req, true, Some(i), hops);
                     return Ok(());
                 }
-                let answer = reply.array().and_then(|a| {
-                    let repeated = a.get(2).and_then(Value::int) == Some(1);
-                    Some((a.first()?.int()?, a.get(1)?.int()?, repeated))
-                });
-                match answer {
+                match script::parse_published(&reply) {
                     Some((epoch, seq, repeated)) if epoch > 0 && seq > 0 => {
                         if !repeated && let Some(shard) = self.shards.get_mut(i) {
                             // The script published it: its copy on the channel is due.
@@ -185,8 +181,8 @@ impl Engine {
                         self.publish_answered(&req.room, req.ticket);
                         let ev = EngineEvent::Published {
                             ticket: req.ticket,
-                            epoch: epoch as u64,
-                            seq: seq as u64,
+                            epoch,
+                            seq,
                             repeated,
                         };
                         match self.shards.get_mut(i) {
