@@ -801,6 +801,17 @@ fn the_publish_window_answers_repeats_whichever_order_wrote_them_and_trims_by_se
     // A key of a forgotten sequence is a new message.
     let reply = r.pipeline(&[call(1, "k1")]).pop().unwrap();
     assert_eq!(parse_published(&reply), Some((7, LAST + 1, false)));
+    // The room's meta hash and stream lost, its window kept: the new epoch's first
+    // sequence empties the window, so a key from before is a new message, not a repeat
+    // answered with a sequence that names another message now.
+    r.call(&["DEL", &key("m"), &key("s")]);
+    let replies = r.pipeline(&[call(2, ""), call(3, "k149")]);
+    assert_eq!(parse_published(&replies[0]), Some((7, 1, false)));
+    assert_eq!(
+        parse_published(&replies[1]),
+        Some((7, 2, false)),
+        "k149 of the epoch before"
+    );
 }
 
 #[test]

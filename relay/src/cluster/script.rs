@@ -84,6 +84,9 @@ pub const TRIM_EVERY: u64 = 64;
 ///   score, so windows written in either order, or both, stay right.
 /// - The trims (the window's and the stream's) run once every [`TRIM_EVERY`] sequences.
 ///
+/// The room's first sequence empties the window: a key there is of an earlier epoch (the
+/// meta hash lost, the window kept), and its sequence names another message now.
+///
 /// An `XADD` Redis refuses (an ID at or below the stream's top: a meta hash lost while its
 /// stream was kept) takes the sequence and the key back before the error is answered, so a
 /// retry is never told a sequence that holds no message.
@@ -92,6 +95,7 @@ pub const PUBLISH: &str = concat!(
     r"
 local n = redis.call('HINCRBY', KEYS[1], 's', '1')
 local s = string.format('%d', n)
+if n == 1 then redis.call('DEL', KEYS[3]) end
 if ARGV[5] ~= '' and redis.call('ZADD', KEYS[3], 'NX', '-' .. s, ARGV[5]) == 0 then
   redis.call('HINCRBY', KEYS[1], 's', '-1')
   return {e, math.abs(tonumber(redis.call('ZSCORE', KEYS[3], ARGV[5]))), 1}
@@ -119,7 +123,7 @@ return head
 /// payload, stream max length, channel, repeat key (empty: none), window (sequences), the
 /// publish command (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster), the
 /// sender's length in bytes (decimal). Answers as [`PUBLISH`] does, and is otherwise as
-/// it is: the sequence a string once, the window's keys scored by the sequence negated
+/// it is: the sequence a string once, the window emptied by the first sequence, the window's keys scored by the sequence negated
 /// ([`PUBLISH_FIELDS_ASCENDING`]: as is), the trims every [`TRIM_EVERY`] sequences, a
 /// refused `XADD` taken back.
 pub const PUBLISH_FIELDS: &str = concat!(
@@ -127,6 +131,7 @@ pub const PUBLISH_FIELDS: &str = concat!(
     r"
 local n = redis.call('HINCRBY', KEYS[1], 's', '1')
 local s = string.format('%d', n)
+if n == 1 then redis.call('DEL', KEYS[3]) end
 if ARGV[8] ~= '' and redis.call('ZADD', KEYS[3], 'NX', '-' .. s, ARGV[8]) == 0 then
   redis.call('HINCRBY', KEYS[1], 's', '-1')
   return {e, math.abs(tonumber(redis.call('ZSCORE', KEYS[3], ARGV[8]))), 1}
