@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pabal_codec::Event;
-use pabal_relay::cluster::{ClusterConfig, StreamEntry};
+use pabal_relay::cluster::{ClusterConfig, StreamEntry, WindowOrder};
 use pabal_relay::io::BackendKind;
 use pabal_testkit::redis::RedisServer;
 use pabal_testkit::{Client, TestRelay, WAIT, per_backend};
@@ -40,6 +40,11 @@ fn node_writing(
         node_id: Some(id.into()),
         stream_max_len: STREAM,
         stream_entry: entry,
+        // The versions `fields` is for predate `window_order` too.
+        window_order: match entry {
+            StreamEntry::Fields => WindowOrder::Ascending,
+            StreamEntry::Packed => WindowOrder::Descending,
+        },
         fill_batch: PAGE,
         ..ClusterConfig::default()
     };

@@ -48,7 +48,8 @@ pub enum StreamEntry {
     Packed,
     /// Four fields, `t` (ms), `g` (tag), `u` (sender), `p` (payload), as versions before
     /// `packed` wrote and read them: for a rolling upgrade from such a version, until every
-    /// node runs this one (then `packed`, node by node).
+    /// node runs this one (then `packed`, node by node). Those versions also predate
+    /// `window_order`: `fields` goes with `window_order = "ascending"` only.
     Fields,
 }
 
@@ -102,7 +103,8 @@ pub struct ClusterConfig {
     /// stream, past the node's memory). Default 10000.
     pub stream_max_len: u64,
     /// How this node writes messages into the streams: `packed` (the default) or
-    /// `fields` (readable by versions before `packed`; for a rolling upgrade from one).
+    /// `fields` (readable by versions before `packed`; for a rolling upgrade from one,
+    /// with `window_order = "ascending"`).
     pub stream_entry: StreamEntry,
     /// How this node scores the keys of each room's window of repeat keys:
     /// `descending` (the default) or `ascending` (as versions before it; for a rolling
@@ -272,6 +274,15 @@ impl ClusterConfig {
                         .into(),
                 ));
             }
+        }
+        if self.stream_entry == StreamEntry::Fields && self.window_order != WindowOrder::Ascending {
+            return Err(invalid(
+                "cluster.window_order",
+                "stream_entry = \"fields\" is for a rolling upgrade from a version before \
+                 \"packed\", which scores each room's window of repeat keys ascending too: set \
+                 window_order = \"ascending\" with it"
+                    .into(),
+            ));
         }
         if let Some(id) = &self.node_id
             && (id.is_empty()
@@ -472,6 +483,18 @@ mod tests {
             ..ok.clone()
         };
         assert_eq!(field(&idle, StorageMode::Memory), "cluster.shard_idle");
+        let fields = |window_order| ClusterConfig {
+            stream_entry: StreamEntry::Fields,
+            window_order,
+            ..ok.clone()
+        };
+        fields(WindowOrder::Ascending)
+            .validate(StorageMode::Memory)
+            .unwrap();
+        assert_eq!(
+            field(&fields(WindowOrder::Descending), StorageMode::Memory),
+            "cluster.window_order"
+        );
         let zero = ClusterConfig {
             stream_max_len: 0,
             ..ok

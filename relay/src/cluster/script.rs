@@ -79,9 +79,10 @@ pub const TRIM_EVERY: u64 = 64;
 ///   there; a repeat gives the sequence back, unseen by anyone, and answers the first
 ///   one), scored by the sequence **negated**: the newest key goes first, where Redis'
 ///   small sorted sets (a listpack, up to 128 keys) insert it without reading every
-///   other score first. [`PUBLISH_ASCENDING`] scores by the sequence itself, as versions
-///   before `cluster.window_order` did; both read either sign (`math.abs`), and trim by
-///   score, so windows written in either order, or both, stay right.
+///   other score first. [`PUBLISH_ASCENDING`] and [`PUBLISH_FIELDS`] score by the sequence
+///   itself, as versions before `cluster.window_order` did; all three read either sign
+///   (`math.abs`) and trim by score, so windows written in either order, or both, stay
+///   right.
 /// - The trims (the window's and the stream's) run once every [`TRIM_EVERY`] sequences.
 ///
 /// The room's first sequence empties the window: a key there is of an earlier epoch (the
@@ -123,16 +124,17 @@ return head
 /// payload, stream max length, channel, repeat key (empty: none), window (sequences), the
 /// publish command (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster), the
 /// sender's length in bytes (decimal). Answers as [`PUBLISH`] does, and is otherwise as
-/// it is: the sequence a string once, the window emptied by the first sequence, the window's keys scored by the sequence negated
-/// ([`PUBLISH_FIELDS_ASCENDING`]: as is), the trims every [`TRIM_EVERY`] sequences, a
-/// refused `XADD` taken back.
+/// it is (the sequence a string once, the window emptied by the first sequence and trimmed
+/// by score, the trims every [`TRIM_EVERY`] sequences, a refused `XADD` taken back) but for
+/// one thing: it scores the window's keys by the sequence itself, as [`PUBLISH_ASCENDING`]
+/// does, since the versions it is for predate `window_order` too.
 pub const PUBLISH_FIELDS: &str = concat!(
     epoch_prelude!(),
     r"
 local n = redis.call('HINCRBY', KEYS[1], 's', '1')
 local s = string.format('%d', n)
 if n == 1 then redis.call('DEL', KEYS[3]) end
-if ARGV[8] ~= '' and redis.call('ZADD', KEYS[3], 'NX', '-' .. s, ARGV[8]) == 0 then
+if ARGV[8] ~= '' and redis.call('ZADD', KEYS[3], 'NX', s, ARGV[8]) == 0 then
   redis.call('HINCRBY', KEYS[1], 's', '-1')
   return {e, math.abs(tonumber(redis.call('ZSCORE', KEYS[3], ARGV[8]))), 1}
 end
@@ -155,7 +157,7 @@ return head
 "
 );
 
-/// How [`PUBLISH`] scores a repeat key, and how the ascending forms do instead.
+/// How [`PUBLISH`] scores a repeat key, and how [`PUBLISH_ASCENDING`] does instead.
 const NEGATED_SCORE: &str = "'NX', '-' .. s,";
 const SEQUENCE_SCORE: &str = "'NX', s,";
 
@@ -163,28 +165,23 @@ const SEQUENCE_SCORE: &str = "'NX', s,";
 /// `cluster.window_order` did and still read: for a rolling upgrade from one
 /// (`window_order = "ascending"`). Those versions trim the window by rank, the lowest
 /// scores first, so a key scored negated would be the first they drop.
-pub static PUBLISH_ASCENDING: LazyLock<String> = LazyLock::new(|| ascending(PUBLISH));
-
-/// [`PUBLISH_FIELDS`] scoring the window's keys by the sequence itself
-/// ([`PUBLISH_ASCENDING`]).
-pub static PUBLISH_FIELDS_ASCENDING: LazyLock<String> = LazyLock::new(|| ascending(PUBLISH_FIELDS));
-
-fn ascending(script: &str) -> String {
+pub static PUBLISH_ASCENDING: LazyLock<String> = LazyLock::new(|| {
     assert_eq!(
-        script.matches(NEGATED_SCORE).count(),
+        PUBLISH.matches(NEGATED_SCORE).count(),
         1,
         "the script changed shape"
     );
-    script.replace(NEGATED_SCORE, SEQUENCE_SCORE)
-}
+    PUBLISH.replace(NEGATED_SCORE, SEQUENCE_SCORE)
+});
 
 /// The publish script a node runs: by how it writes stream entries and window keys.
+/// [`PUBLISH_FIELDS`] scores ascending whatever `order` says: the versions it is for
+/// predate `window_order` too, and validation refuses `fields` with `descending`.
 pub fn publish_script(entry: StreamEntry, order: WindowOrder) -> &'static str {
     match (entry, order) {
         (StreamEntry::Packed, WindowOrder::Descending) => PUBLISH,
         (StreamEntry::Packed, WindowOrder::Ascending) => PUBLISH_ASCENDING.as_str(),
-        (StreamEntry::Fields, WindowOrder::Descending) => PUBLISH_FIELDS,
-        (StreamEntry::Fields, WindowOrder::Ascending) => PUBLISH_FIELDS_ASCENDING.as_str(),
+        (StreamEntry::Fields, _) => PUBLISH_FIELDS,
     }
 }
 
@@ -265,10 +262,6 @@ pub fn all_scripts() -> Vec<(&'static str, &'static str)> {
         ("PUBLISH", PUBLISH),
         ("PUBLISH_ASCENDING", PUBLISH_ASCENDING.as_str()),
         ("PUBLISH_FIELDS", PUBLISH_FIELDS),
-        (
-            "PUBLISH_FIELDS_ASCENDING",
-            PUBLISH_FIELDS_ASCENDING.as_str(),
-        ),
         ("OPEN", OPEN),
     ];
     all.extend(
@@ -512,15 +505,11 @@ mod tests {
 
     #[test]
     fn the_publish_scripts_trim_runs_every_trim_every_sequences() {
-        for script in [
-            PUBLISH,
-            PUBLISH_FIELDS,
-            &PUBLISH_ASCENDING,
-            &PUBLISH_FIELDS_ASCENDING,
-        ] {
+        for script in [PUBLISH, PUBLISH_FIELDS, &PUBLISH_ASCENDING] {
             assert!(script.contains(&format!("if n % {TRIM_EVERY} == 0 then")));
         }
         assert!(!PUBLISH_ASCENDING.contains(NEGATED_SCORE));
+        assert!(!PUBLISH_FIELDS.contains(NEGATED_SCORE));
         let names: Vec<_> = all_scripts().into_iter().map(|(name, _)| name).collect();
         let mut unique = names.clone();
         unique.sort_unstable();
