@@ -288,7 +288,14 @@ impl EngineHandle {
             // Nothing read and no timer due: nothing for the engine to do.
             return;
         }
-        *deadline = engine.before_poll(Instant::now());
+        let now = Instant::now();
+        *deadline = engine.before_poll(now);
+        if *read_due {
+            // More may wait in the engine's poll, and the backend's watch will not signal
+            // what was ready already (io_uring's poll on it fires on what becomes ready
+            // anew): the worker must not wait before the next turn reads it.
+            *deadline = Some(now);
+        }
     }
 
     /// On the worker's thread: when the engine's next timer is due (the worker waits no
