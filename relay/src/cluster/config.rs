@@ -61,8 +61,9 @@ pub enum WindowOrder {
     /// By the sequence negated, the newest key first: Redis inserts it into a small
     /// window (a listpack, up to 128 keys) without reading every other score first (14%
     /// fewer Redis instructions per publish with a publish id while rooms' windows hold
-    /// 51-154 keys, 1-2% with fewer or more; benches/RESULTS.md, session 13). Versions
-    /// before this setting mistake such a key's sequence and trim those keys first.
+    /// 51-154 keys; within 2% either way with fewer or more; benches/RESULTS.md, session
+    /// 13). Versions before this setting mistake such a key's sequence and trim those keys
+    /// first.
     Descending,
     /// By the sequence itself, as versions before this setting wrote and trimmed them: for
     /// a rolling upgrade from such a version, until every node runs this one (then

@@ -165,6 +165,7 @@ impl EngineHandle {
         } else {
             Box::new(|| {})
         };
+        let publish = script::publish_script(config.stream_entry, config.window_order);
         let engine = Engine {
             prefix: format!("{node_id}/{worker}/").into_bytes(),
             node_id: node_id.to_owned(),
@@ -195,11 +196,8 @@ impl EngineHandle {
             fills_waiting: Vec::new(),
             redirects: Vec::new(),
             out: Vec::new(),
-            publish: script::publish_script(config.stream_entry, config.window_order),
-            publish_sha: script::sha1_hex(script::publish_script(
-                config.stream_entry,
-                config.window_order,
-            )),
+            publish,
+            publish_sha: script::sha1_hex(publish),
             message_head: Vec::new(),
             open_sha: script::sha1_hex(OPEN),
             keys: Default::default(),
