@@ -558,9 +558,9 @@ fn publish_in(epoch: u64, sender: &str) -> Vec<Vec<u8>> {
 }
 
 /// [`publish_in`] (epoch 7) with the stream entry in four fields, as a node with
-/// `cluster.stream_entry = "fields"` sends it, by `script` (a form of `PUBLISH_FIELDS`), with repeat
+/// `cluster.stream_entry = "fields"` sends it (`PUBLISH_FIELDS`), by `sender`, with repeat
 /// key `repeat` (empty: none) and a window of `window` sequences.
-fn publish_fields_keyed(script: &str, sender: &str, repeat: &str, window: u64) -> Vec<Vec<u8>> {
+fn publish_fields_keyed(sender: &str, repeat: &str, window: u64) -> Vec<Vec<u8>> {
     let args = [
         s(7),
         s(1),
@@ -574,7 +574,7 @@ fn publish_fields_keyed(script: &str, sender: &str, repeat: &str, window: u64) -
         s("PUBLISH"),
         s(sender.len()),
     ];
-    eval(script, &["m", "s", "i"], &args)
+    eval(PUBLISH_FIELDS, &["m", "s", "i"], &args)
 }
 
 /// A message in room `big` (epoch 7) by `script` (a form of `PUBLISH`), with repeat key
@@ -698,7 +698,7 @@ fn the_publish_scripts_channel_message_carries_the_sender_whole_whatever_its_byt
         let call = if seq <= 3 {
             publish(sender)
         } else {
-            publish_fields_keyed(PUBLISH_FIELDS, sender, "", 16)
+            publish_fields_keyed(sender, "", 16)
         };
         let reply = r.pipeline(&[call]).pop().unwrap();
         assert_eq!(
@@ -753,13 +753,11 @@ fn the_publish_window_answers_repeats_whichever_order_wrote_them_and_trims_by_se
         (StreamEntry::Packed, WindowOrder::Ascending),
         (StreamEntry::Fields, WindowOrder::Ascending),
     ];
-    let call = |n: u64, repeat: &str| {
-        let (entry, order) = forms[n as usize % forms.len()];
-        let script = publish_script(entry, order);
-        match entry {
-            StreamEntry::Packed => publish_keyed(script, repeat, WINDOW),
-            StreamEntry::Fields => publish_fields_keyed(script, "a", repeat, WINDOW),
+    let call = |n: u64, repeat: &str| match forms[n as usize % forms.len()] {
+        (StreamEntry::Packed, order) => {
+            publish_keyed(publish_script(StreamEntry::Packed, order), repeat, WINDOW)
         }
+        (StreamEntry::Fields, _) => publish_fields_keyed("a", repeat, WINDOW),
     };
     let keyed = |n: u64| !n.is_multiple_of(5) && !n.is_multiple_of(TRIM_EVERY);
     let calls: Vec<_> = (1..=LAST)

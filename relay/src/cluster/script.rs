@@ -12,8 +12,8 @@
 //!   every [`TRIM_EVERY`] sequences, so it holds at most that many more;
 //! - `pabal:{r:name}:i`: the window of repeat keys (v2 publish ids `d<publisher>:<msg_id>`,
 //!   API `k<Idempotency-Key>`), a sorted set scored by the key's sequence negated (newest
-//!   first; by the sequence itself with `cluster.window_order = "ascending"`, as versions
-//!   before it wrote it) holding the keys of at least the room's last `window` sequences:
+//!   first; by the sequence itself with `cluster.window_order = "ascending"` or
+//!   `stream_entry = "fields"`, as versions before it wrote it) holding the keys of at least the room's last `window` sequences:
 //!   trimmed back to those once every [`TRIM_EVERY`] sequences (by score, whatever the
 //!   sign), so it holds keys of at most `window + TRIM_EVERY` (a trim per publish cost a
 //!   call per publish);

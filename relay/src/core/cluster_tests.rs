@@ -169,6 +169,15 @@ fn open_dm(h: &mut Harness, token: Token) -> (RoomName, u32) {
     (room, alias)
 }
 
+/// bob alone in `dm`, opened at head 0; his events so far dropped.
+fn bob_in_dm() -> (Harness, Token, RoomName) {
+    let mut h = cluster_harness();
+    let bob = h.connect("bob", ClientSession::new());
+    let (room, _) = open_dm(&mut h, bob);
+    h.events(bob);
+    (h, bob, room)
+}
+
 /// ann (with `session`) and bob in `dm`, opened; their events so far dropped.
 fn ann_and_bob(session: ClientSession) -> (Harness, Token, Token, RoomName, u32) {
     let mut h = cluster_harness();
@@ -267,10 +276,7 @@ fn engine_order_holes_filled_and_no_echo_to_the_publisher() {
 
 #[test]
 fn a_resubscribed_channel_is_caught_up_from_the_stream() {
-    let mut h = cluster_harness();
-    let bob = h.connect("bob", ClientSession::new());
-    let (room, _) = open_dm(&mut h, bob);
-    h.events(bob);
+    let (mut h, bob, room) = bob_in_dm();
     // The pub/sub connection came back: whatever was published meanwhile is read first.
     feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
     assert!(matches!(
@@ -323,10 +329,7 @@ fn publishes_past_the_in_flight_bound_are_refused_unavailable() {
 
 #[test]
 fn only_what_the_stream_dropped_becomes_a_gap() {
-    let mut h = cluster_harness();
-    let bob = h.connect("bob", ClientSession::new());
-    let (room, _) = open_dm(&mut h, bob);
-    h.events(bob);
+    let (mut h, bob, room) = bob_in_dm();
     let message = |seq| EngineEvent::Message {
         room: room.clone(),
         epoch: 77,
@@ -864,10 +867,7 @@ fn messages_heard_before_the_open_answer_are_not_lost() {
 /// back): a message heard before the open's answer waits for it, then follows the head.
 #[test]
 fn a_message_heard_while_a_room_reopens_is_kept() {
-    let mut h = cluster_harness();
-    let bob = h.connect("bob", ClientSession::new());
-    let (room, _) = open_dm(&mut h, bob);
-    h.events(bob);
+    let (mut h, bob, room) = bob_in_dm();
     // Bob's phone goes away and comes back; 1 arrives before the open's answer (head 0).
     let phone = close_and_resume(&mut h, bob, 0);
     feed(
