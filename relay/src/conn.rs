@@ -182,8 +182,10 @@ pub struct Sub {
     /// (the owner's answer sets the cursor; nothing reads it before).
     pub cursor: u64,
     /// The last sequence processed for this connection, including the client's own
-    /// messages that are skipped rather than echoed (`position >= cursor`); 0 while
-    /// pending. Moved only by [`Sub::set_position`], which keeps `acked` where it was.
+    /// messages that are skipped rather than echoed (`position >= cursor`). While pending:
+    /// 0, or where PUBACKs of the client's own messages right after a resumed cursor moved
+    /// the client's cursor (the owner's answer then starts past them). Moved only by
+    /// [`Sub::set_position`], which keeps `acked` where it was.
     position: u64,
     /// The membership this binding was made for (its serial; see `JoinPoint::serial`): a
     /// removal of another membership leaves it alone.

@@ -1097,6 +1097,21 @@ impl Core {
         }
     }
 
+    /// Nothing of `room` is under way with the engine: no open asked for or requests
+    /// waiting for one, no stream read out (always, off a cluster). The owner evicts only
+    /// such a room.
+    pub(super) fn cluster_settled(&self, room: &RoomName) -> bool {
+        self.cluster
+            .as_deref()
+            .and_then(|side| side.rooms.get(room))
+            .is_none_or(|s| {
+                s.state != SyncState::Opening
+                    && s.parked.is_empty()
+                    && !s.awaiting_open
+                    && !s.filling
+            })
+    }
+
     /// The owner evicted `room`: its channel is no longer needed here.
     pub(super) fn cluster_forget(&mut self, room: &RoomName) {
         let Some(side) = self.cluster.as_deref_mut() else {

@@ -234,14 +234,7 @@ fn engine_order_holes_filled_and_no_echo_to_the_publisher() {
         [EngineCmd::Fill { after: 0, .. }]
     ));
     // 2 over pub/sub: still after the hole.
-    feed(
-        &mut h,
-        EngineEvent::Message {
-            room: room.clone(),
-            epoch: 77,
-            msg: other(2, "two"),
-        },
-    );
+    hear(&mut h, &room, other(2, "two"));
     assert!(h.messages(bob).is_empty());
     // The stream brings 1..=3; its 3 is ann's own, whose ticket the answer already used.
     let mine = EngineMessage {
@@ -497,14 +490,7 @@ fn a_resume_past_the_nodes_memory_reads_the_stream_one_page_at_a_time() {
     let bob = h.connect("bob", ClientSession::new());
     let (room, _) = open_dm(&mut h, bob);
     for seq in 1..=10 {
-        feed(
-            &mut h,
-            EngineEvent::Message {
-                room: room.clone(),
-                epoch: 77,
-                msg: other(seq, &format!("m{seq}")),
-            },
-        );
+        hear(&mut h, &room, other(seq, &format!("m{seq}")));
     }
     assert!(engine_cmds(&mut h).is_empty());
     // The node remembers 8..=10; bob's other phone resumes from 2.
@@ -646,14 +632,7 @@ fn a_multi_room_api_publish_answers_each_room_on_its_own() {
 fn a_ticks_acks_and_reads_reach_the_engine_as_one_batch_per_room_and_come_back_from_it() {
     let (mut h, ann, bob, room, a) = ann_and_bob(ClientSession::new());
     for seq in 1..=3 {
-        feed(
-            &mut h,
-            EngineEvent::Message {
-                room: room.clone(),
-                epoch: 77,
-                msg: other(seq, "m"),
-            },
-        );
+        hear(&mut h, &room, other(seq, "m"));
     }
     assert_eq!(seqs(h.messages(bob)).len(), 3);
     let b = h.phones[&bob].session.alias_of("dm").unwrap();
@@ -794,6 +773,40 @@ fn member_from_the_start(room: &RoomName, user: &str) {
 /// bob's phone `bob` goes away (the room's channel closes on this node, its history
 /// stays) and comes back resuming `dm` after `cursor` (the room opens again): the new
 /// phone.
+/// `dm`, bob a member of it as the engine holds it (not made through this owner, which
+/// would count him): `connect` makes his connection, whose HELLO opens the room.
+fn bob_opening_dm(connect: impl FnOnce(&mut Harness) -> Token) -> (Harness, Token, RoomName) {
+    let mut h = cluster_harness();
+    let room = RoomName::new(false, Text::from("dm"));
+    member_from_the_start(&room, "bob");
+    let bob = connect(&mut h);
+    assert!(
+        matches!(engine_cmds(&mut h).as_slice(), [EngineCmd::Open { room: r, .. }] if *r == room),
+        "the room opens first"
+    );
+    (h, bob, room)
+}
+
+/// The engine answers the room's open: epoch 77, head `seq`, the stream's last messages.
+fn answer_open(h: &mut Harness, room: &RoomName, seq: u64, tail: Vec<EngineMessage>) {
+    let (room, epoch) = (room.clone(), 77);
+    feed(
+        h,
+        EngineEvent::Opened {
+            room,
+            epoch,
+            seq,
+            tail,
+        },
+    );
+}
+
+/// The room's channel brings `msg` (epoch 77).
+fn hear(h: &mut Harness, room: &RoomName, msg: EngineMessage) {
+    let (room, epoch) = (room.clone(), 77);
+    feed(h, EngineEvent::Message { room, epoch, msg });
+}
+
 fn close_and_resume(h: &mut Harness, bob: Token, cursor: u64) -> Token {
     h.core.on_closed(h.now, bob);
     h.pump();
@@ -823,34 +836,12 @@ fn close_and_resume(h: &mut Harness, bob: Token, cursor: u64) -> Token {
 /// seen from a real Redis.)
 #[test]
 fn messages_heard_before_the_open_answer_are_not_lost() {
-    let mut h = cluster_harness();
-    let room = RoomName::new(false, Text::from("dm"));
-    member_from_the_start(&room, "bob");
     // Bob's phone saw 1 on the node that went away; it resumes here.
-    let phone = h.connect_forged("bob", &[entry("dm", 77, 1)]);
-    assert!(
-        matches!(engine_cmds(&mut h).as_slice(), [EngineCmd::Open { room: r, .. }] if *r == room),
-        "the room opens first"
-    );
+    let (mut h, phone, room) = bob_opening_dm(|h| h.connect_forged("bob", &[entry("dm", 77, 1)]));
     for seq in [2, 3] {
-        feed(
-            &mut h,
-            EngineEvent::Message {
-                room: room.clone(),
-                epoch: 77,
-                msg: other(seq, &format!("m{seq}")),
-            },
-        );
+        hear(&mut h, &room, other(seq, &format!("m{seq}")));
     }
-    feed(
-        &mut h,
-        EngineEvent::Opened {
-            room: room.clone(),
-            epoch: 77,
-            seq: 1,
-            tail: vec![other(1, "m1")],
-        },
-    );
+    answer_open(&mut h, &room, 1, vec![other(1, "m1")]);
     // Whatever the worker reads back from the stream, it gets what the stream holds.
     answer_fills(&mut h, &room, &[1, 2, 3]);
     let frames = h.frames(phone);
@@ -870,23 +861,8 @@ fn a_message_heard_while_a_room_reopens_is_kept() {
     let (mut h, bob, room) = bob_in_dm();
     // Bob's phone goes away and comes back; 1 arrives before the open's answer (head 0).
     let phone = close_and_resume(&mut h, bob, 0);
-    feed(
-        &mut h,
-        EngineEvent::Message {
-            room: room.clone(),
-            epoch: 77,
-            msg: other(1, "m1"),
-        },
-    );
-    feed(
-        &mut h,
-        EngineEvent::Opened {
-            room: room.clone(),
-            epoch: 77,
-            seq: 0,
-            tail: Vec::new(),
-        },
-    );
+    hear(&mut h, &room, other(1, "m1"));
+    answer_open(&mut h, &room, 0, Vec::new());
     answer_fills(&mut h, &room, &[1]);
     assert_eq!(delivered(&h.frames(phone)), vec![&b"m1"[..]]);
 }
@@ -918,15 +894,7 @@ fn a_reopened_room_reads_again_past_an_older_read_that_stops_short() {
     // bob's phone goes away before its answer and comes back resuming after 1; OPEN
     // reads head 6.
     let phone = close_and_resume(&mut h, bob, 1);
-    feed(
-        &mut h,
-        EngineEvent::Opened {
-            room: room.clone(),
-            epoch: 77,
-            seq: 6,
-            tail: Vec::new(),
-        },
-    );
+    answer_open(&mut h, &room, 6, Vec::new());
     // The older read answers with what the stream held when it ran.
     feed(
         &mut h,
@@ -958,4 +926,95 @@ fn a_reopened_room_reads_again_past_an_older_read_that_stops_short() {
         vec![&b"m2"[..], &b"m3"[..], &b"m4"[..], &b"m5"[..], &b"m6"[..]],
         "{frames:?}"
     );
+}
+
+/// A room let go and opening again is in use while a binding waits for its open, though
+/// nothing is bound to it yet: the idle sweep must leave it (evicting it refused the waiting
+/// binding `unavailable`, and the phone went without the room until it reconnected).
+/// Found by the cluster simulation (`sim/redis.rs`).
+#[test]
+fn a_room_opening_again_is_not_evicted_while_a_binding_waits_for_it() {
+    let (mut h, bob, room) = bob_opening_dm(|h| h.connect("bob", ClientSession::new()));
+    answer_open(&mut h, &room, 0, Vec::new());
+    let phone = close_and_resume(&mut h, bob, 0);
+    // The room, empty and unbound, comes up in the idle sweep before its open is answered.
+    h.tick(IDLE_ROOM_CHECK + Duration::from_secs(1));
+    let cmds = engine_cmds(&mut h);
+    assert!(
+        !cmds.iter().any(|c| matches!(c, EngineCmd::Close { .. })),
+        "{cmds:?}"
+    );
+    answer_open(&mut h, &room, 0, Vec::new());
+    hear(&mut h, &room, other(1, "m1"));
+    let frames = h.frames(phone);
+    assert!(
+        !frames.iter().any(|f| matches!(f, ServerFrame::Error(_))),
+        "{frames:?}"
+    );
+    assert_eq!(delivered(&frames), vec![&b"m1"[..]]);
+}
+
+/// A phone resumes after 9 on a node that holds only 12 and 13, so its binding waits for a
+/// read of the stream; meanwhile it publishes again a message whose PUBACK it never saw,
+/// and the engine's window answers the repeat with 10. The phone's cursor moves to 10 with
+/// that PUBACK (PROTOCOL.md §9, a contiguous own sequence), so the relay must not send 10
+/// back, nor number 11 as if the cursor were still 9 (the phone would take 10's body for
+/// 11's). Found by the cluster simulation (`sim/redis.rs`).
+#[test]
+fn a_repeat_answered_while_a_resumed_binding_waits_moves_its_cursor_as_the_phones() {
+    let (mut h, phone, room) = bob_opening_dm(|h| h.connect_forged("bob", &[entry("dm", 77, 9)]));
+    answer_open(&mut h, &room, 13, vec![other(12, "m12"), other(13, "m13")]);
+    let reader = match engine_cmds(&mut h).as_slice() {
+        [
+            ..,
+            EngineCmd::Read {
+                after: 9, reader, ..
+            },
+        ] => *reader,
+        other => panic!("the binding reads the stream after 9: {other:?}"),
+    };
+    let publish = ClientFrame::Publish(pabal_codec::Publish {
+        alias: 0,
+        msg_id: Some(5),
+        ack: None,
+        payload: Bytes::from_static(b"m10"),
+    });
+    h.send(phone, &publish);
+    let ticket = match engine_cmds(&mut h).as_slice() {
+        [EngineCmd::Publish(req)] => req.ticket,
+        other => panic!("{other:?}"),
+    };
+    feed(
+        &mut h,
+        EngineEvent::Published {
+            ticket,
+            epoch: 77,
+            seq: 10,
+            repeated: true,
+        },
+    );
+    feed(
+        &mut h,
+        EngineEvent::Read {
+            room: room.clone(),
+            after: 9,
+            reader,
+            msgs: (10..=13).map(|s| other(s, &format!("m{s}"))).collect(),
+        },
+    );
+    let frames = h.frames(phone);
+    let acked = frames
+        .iter()
+        .position(|f| matches!(f, ServerFrame::PubAck(a) if a.seq == 10));
+    let first_deliver = frames
+        .iter()
+        .position(|f| matches!(f, ServerFrame::Deliver(_)));
+    assert!(acked < first_deliver, "the PUBACK first: {frames:?}");
+    assert_eq!(
+        delivered(&frames),
+        vec![&b"m11"[..], &b"m12"[..], &b"m13"[..]],
+        "{frames:?}"
+    );
+    // The first DELIVER names no sequence: cursor + 1, the cursor being 10 on both sides.
+    assert_eq!(delivered_seqs(&frames).first(), Some(&None), "{frames:?}");
 }

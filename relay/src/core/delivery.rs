@@ -70,16 +70,27 @@ impl Core {
         let failing = conn.phase() == Phase::Failing;
         if let Some(Some(sub)) = conn.subs.get_mut(by.alias as usize)
             && sub.request == by.binding
-            && !sub.is_pending()
         {
-            // The same rule as the client's: a contiguous own message advances the cursor,
-            // if the alias is still bound by the subscription it was published on (so to the
-            // same room).
-            if sub.cursor + 1 == seq {
-                sub.cursor = seq;
-            }
-            if sub.position() + 1 == seq {
-                sub.set_position(seq);
+            if sub.is_pending() {
+                // A resumed alias whose owner has not answered yet (on a cluster, a repeat's
+                // PUBACK can come first): the client's rule moves its cursor from the one it
+                // resumed with all the same. The position, unused while pending, keeps where
+                // it moved; `on_subscribed` starts past it.
+                if matches!(sub.start_from(), Some(StartFrom::Resume { .. }))
+                    && sub.cursor.max(sub.position()) + 1 == seq
+                {
+                    sub.set_position(seq);
+                }
+            } else {
+                // The same rule as the client's: a contiguous own message advances the
+                // cursor, if the alias is still bound by the subscription it was published
+                // on (so to the same room).
+                if sub.cursor + 1 == seq {
+                    sub.cursor = seq;
+                }
+                if sub.position() + 1 == seq {
+                    sub.set_position(seq);
+                }
             }
         }
         self.write(token, &ServerFrame::PubAck(PubAck { msg_id, seq }));
@@ -125,9 +136,16 @@ impl Core {
         };
         let clean_resume = matches!(sub.start_from(),
             Some(StartFrom::Resume { epoch: e, last_seq }) if e == epoch && last_seq == start);
+        // Where the client's cursor moved past `start` by PUBACKs of its own messages while
+        // the binding was pending (`on_accepted`); they are not sent back.
+        let own_past = sub.position().max(start);
         sub.epoch = epoch;
         sub.cursor = start;
         sub.set_position(start);
+        if clean_resume {
+            sub.cursor = own_past;
+            sub.set_position(own_past);
+        }
         sub.mode = SubMode::CatchingUp { fetching: false };
         let frame = (!clean_resume).then(|| {
             let mut frame = room_frame(alias, sub, head);

@@ -337,9 +337,16 @@ impl Core {
             let Some((_, room)) = self.idle_rooms.pop_front() else {
                 break;
             };
+            // On a cluster, a room reopening (requests waiting for its open, a stream read
+            // out) is in use although nothing is bound to it yet: checked again later.
+            let settled = self.cluster_settled(&room);
             let Some(owned) = self.owned.get_mut(&room) else {
                 continue;
             };
+            if !settled {
+                self.idle_rooms.push_back((now + IDLE_ROOM_CHECK, room));
+                continue;
+            }
             owned.idle_queued = false;
             if !owned.unused() {
                 continue;

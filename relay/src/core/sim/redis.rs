@@ -1,0 +1,730 @@
+//! The cluster's engine as the simulation plays it: one Redis holding each room's epoch,
+//! head, capped stream, window of repeat keys and channel, and for each node's worker what
+//! its engine (`cluster/engine.rs`) has on its two connections: commands written and not yet
+//! run, answers on their way back, subscriptions written, pushes on their way back. The
+//! scheduler in `mod.rs` picks which of them moves next, and when a connection is lost, a
+//! message leaves the stream, or a node dies.
+//!
+//! What it holds to, as Redis and the engine do: commands of one connection run in the order
+//! written and are answered in that order; pushes of one connection arrive in the order
+//! Redis sent them; the two connections keep no order between them. A lost command
+//! connection fails the publishes on it (whether or not Redis ran them), and its opens and
+//! stream reads go again on the next one; a lost pub/sub connection loses what was on its
+//! way, its subscriptions, and a re-established one subscribes every channel again, then
+//! tells the owner (`Resubscribed`) for every channel it had opened. A subscription is
+//! confirmed before the room's open is written, so a message can be heard before the open's
+//! answer. The stream is trimmed to the last `stream_max_len` entries (the strictest
+//! `MAXLEN ~` could leave), and repeat keys of the last `window` sequences always answer.
+//!
+//! Owns: test scaffolding only. Must not touch: anything outside tests.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use bytes::Bytes;
+use pabal_codec::Text;
+
+use crate::cluster::membership::UserRooms;
+use crate::cluster::{ClaimOutcome, EngineCmd, EngineEvent, EngineMessage, RepeatKey};
+use crate::directory::JoinPoint;
+use crate::ids::RoomName;
+
+/// The epoch of the simulation's rooms, as the engine holds them from the start (every
+/// user's join point names it).
+pub(super) const EPOCH: u64 = 1_767_225_600_000;
+
+/// One run of a node: a restarted node is a new run, and no ticket of an earlier run is its.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Origin {
+    node: usize,
+    run: u64,
+}
+
+/// One stream entry.
+#[derive(Debug, Clone)]
+struct Entry {
+    seq: u64,
+    ts_ms: u64,
+    origin: Origin,
+    ticket: u64,
+    sender: Text,
+    payload: Bytes,
+}
+
+/// One room as Redis holds it.
+struct Room {
+    name: RoomName,
+    head: u64,
+    stream: VecDeque<Entry>,
+    /// Every body ever sequenced, by sequence (index `seq - 1`): the truth phones are
+    /// checked against, retention or not.
+    bodies: Vec<Bytes>,
+    /// Sequences `1..=trimmed` have left the stream.
+    trimmed: u64,
+    /// Repeat key -> its sequence.
+    window: HashMap<(u8, u64, u64), u64>,
+    /// Nodes whose pub/sub connection subscribes the room's channel.
+    subscribers: BTreeSet<usize>,
+}
+
+/// A command on a node's command connection, as Redis will run it.
+#[derive(Debug)]
+enum Written {
+    Cmd(EngineCmd),
+    /// The open's read, written once its channel's subscription was confirmed.
+    Open {
+        room: RoomName,
+        tail: u64,
+    },
+    /// A watched user's rooms, read again after the user's channel was subscribed again.
+    Load {
+        user: Text,
+    },
+}
+
+#[derive(Debug)]
+enum SubWritten {
+    Subscribe(RoomName),
+    Unsubscribe(RoomName),
+}
+
+#[derive(Debug)]
+enum Push {
+    Message(RoomName, Entry),
+    Confirmed(RoomName),
+}
+
+/// One channel as a node's engine holds it.
+#[derive(Debug, Default)]
+struct Channel {
+    subscribed: bool,
+    /// Its subscription is written and not yet confirmed.
+    subscribing: bool,
+    /// Its open's read was written at least once (a later confirmation is a
+    /// resubscription).
+    opened: bool,
+    /// Opens waiting for the subscription (or the command connection): their tail lengths.
+    opens: Vec<u64>,
+}
+
+/// One node's engine and connections.
+#[derive(Default)]
+struct Node {
+    run: u64,
+    cmd_up: bool,
+    sub_up: bool,
+    /// In order: commands written, each with Redis' answer once it ran (the answered ones
+    /// are a prefix).
+    inflight: VecDeque<(Written, Option<EngineEvent>)>,
+    sub_out: VecDeque<SubWritten>,
+    pushes: VecDeque<Push>,
+    channels: BTreeMap<u64, (RoomName, Channel)>,
+    /// Stream reads waiting for the command connection.
+    reads_waiting: Vec<EngineCmd>,
+    watched: BTreeSet<Text>,
+}
+
+/// What can go wrong, chosen by the scheduler.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Fault {
+    LoseCommands,
+    LosePubSub,
+    /// One push of a room's channel lost while a later one of the room follows it (the
+    /// owner sees the jump).
+    DropPush,
+}
+
+/// The model Redis and every node's engine.
+pub(super) struct Engine {
+    rooms: Vec<Room>,
+    nodes: Vec<Node>,
+    stream_max_len: usize,
+    fill_batch: usize,
+    /// Fault injection: a re-established subscription does not tell the owner to read
+    /// what it missed (what the engine would be without `Resubscribed`).
+    pub(super) forget_resubscribed: bool,
+    /// Events an engine reports without Redis (a publish with no connection to go on, a
+    /// subscription confirmed): `(node, event)`, handed over by the scheduler.
+    pub(super) immediate: Vec<(usize, EngineEvent)>,
+}
+
+fn repeat_key(key: &RepeatKey) -> (u8, u64, u64) {
+    match key {
+        RepeatKey::Device { publisher, msg_id } => (0, *publisher, *msg_id),
+        RepeatKey::Api(k) => {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            k.hash(&mut h);
+            (1, h.finish(), 0)
+        }
+    }
+}
+
+impl Engine {
+    pub(super) fn new(
+        rooms: &[RoomName],
+        nodes: usize,
+        stream_max_len: usize,
+        fill_batch: usize,
+    ) -> Self {
+        Engine {
+            rooms: rooms
+                .iter()
+                .map(|name| Room {
+                    name: name.clone(),
+                    head: 0,
+                    stream: VecDeque::new(),
+                    bodies: Vec::new(),
+                    trimmed: 0,
+                    window: HashMap::new(),
+                    subscribers: BTreeSet::new(),
+                })
+                .collect(),
+            nodes: (0..nodes)
+                .map(|_| Node {
+                    cmd_up: true,
+                    sub_up: true,
+                    ..Node::default()
+                })
+                .collect(),
+            stream_max_len,
+            fill_batch,
+            forget_resubscribed: false,
+            immediate: Vec::new(),
+        }
+    }
+
+    fn room(&self, id: u64) -> &Room {
+        self.rooms
+            .iter()
+            .find(|r| r.name.id == id)
+            .expect("a room of the simulation")
+    }
+
+    fn room_mut(&mut self, id: u64) -> &mut Room {
+        self.rooms
+            .iter_mut()
+            .find(|r| r.name.id == id)
+            .expect("a room of the simulation")
+    }
+
+    /// The body Redis sequenced as `seq` of the room, whether or not the stream still
+    /// holds it.
+    pub(super) fn body(&self, room_id: u64, seq: u64) -> Option<Bytes> {
+        let room = self.rooms.iter().find(|r| r.name.id == room_id)?;
+        room.bodies
+            .get(usize::try_from(seq).ok()?.checked_sub(1)?)
+            .cloned()
+    }
+
+    pub(super) fn head(&self, room_id: u64) -> u64 {
+        self.room(room_id).head
+    }
+
+    /// Sequences `1..=trimmed(room)` have left the stream.
+    pub(super) fn trimmed(&self, room_id: u64) -> u64 {
+        self.room(room_id).trimmed
+    }
+
+    /// Every body of every room, by room: (room name, bodies by sequence).
+    pub(super) fn all_bodies(&self) -> impl Iterator<Item = (&RoomName, &[Bytes])> {
+        self.rooms.iter().map(|r| (&r.name, &r.bodies[..]))
+    }
+
+    /// The user's rooms as the engine holds them: every room, from its first sequence.
+    fn user_rooms(&self) -> UserRooms {
+        UserRooms {
+            rooms: self
+                .rooms
+                .iter()
+                .map(|r| {
+                    let join = JoinPoint {
+                        epoch: EPOCH,
+                        seq: 0,
+                        serial: 1,
+                    };
+                    (r.name.clone(), join)
+                })
+                .collect(),
+            blocks: Vec::new(),
+        }
+    }
+
+    // ---- what a node's worker hands its engine -------------------------------------------
+
+    /// The worker of `node` hands its engine a command.
+    pub(super) fn submit(&mut self, node: usize, cmd: EngineCmd) {
+        let n = &mut self.nodes[node];
+        match cmd {
+            EngineCmd::Open { room, tail, .. } => {
+                let sub_up = n.sub_up;
+                let (_, c) = n
+                    .channels
+                    .entry(room.id)
+                    .or_insert_with(|| (room.clone(), Channel::default()));
+                c.opens.push(tail);
+                let subscribed = c.subscribed;
+                // An idle channel is subscribed; its opens wait for the confirmation.
+                let subscribe = !subscribed && !c.subscribing && sub_up;
+                c.subscribing |= subscribe;
+                if subscribed {
+                    self.send_opens(node, room.id);
+                } else if subscribe {
+                    n.sub_out.push_back(SubWritten::Subscribe(room));
+                }
+            }
+            EngineCmd::Close { room } => {
+                if n.channels.remove(&room.id).is_some() && n.sub_up {
+                    n.sub_out.push_back(SubWritten::Unsubscribe(room));
+                }
+            }
+            EngineCmd::Publish(req) if !n.cmd_up => {
+                self.immediate
+                    .push((node, EngineEvent::PublishFailed { ticket: req.ticket }));
+            }
+            cmd @ (EngineCmd::Fill { .. } | EngineCmd::Read { .. }) if !n.cmd_up => {
+                n.reads_waiting.push(cmd);
+            }
+            EngineCmd::WatchUser { user, .. } => {
+                n.watched.insert(user.clone());
+                self.write(node, Written::Load { user });
+            }
+            EngineCmd::UnwatchUser { user } => {
+                n.watched.remove(&user);
+            }
+            // Markers moved (the simulation's phones read no receipts) and connections
+            // released: nothing a phone here sees.
+            EngineCmd::Markers { .. } | EngineCmd::Release { .. } => {}
+            cmd => self.write(node, Written::Cmd(cmd)),
+        }
+    }
+
+    /// Writes a command on the node's command connection; with none, it fails or waits as
+    /// the engine's `give_up` says.
+    fn write(&mut self, node: usize, w: Written) {
+        if self.nodes[node].cmd_up {
+            self.nodes[node].inflight.push_back((w, None));
+        } else {
+            self.give_up(node, w);
+        }
+    }
+
+    /// A command that will get no answer: a publish fails, an open or stream read waits for
+    /// the next connection, a user's load or a claim fails.
+    fn give_up(&mut self, node: usize, w: Written) {
+        let n = &mut self.nodes[node];
+        let event = match w {
+            Written::Cmd(EngineCmd::Publish(req)) => {
+                EngineEvent::PublishFailed { ticket: req.ticket }
+            }
+            Written::Open { room, tail } => {
+                if let Some((_, c)) = n.channels.get_mut(&room.id) {
+                    c.opens.push(tail);
+                }
+                return;
+            }
+            Written::Cmd(cmd @ (EngineCmd::Fill { .. } | EngineCmd::Read { .. })) => {
+                n.reads_waiting.push(cmd);
+                return;
+            }
+            Written::Load { user } | Written::Cmd(EngineCmd::WatchUser { user, .. }) => {
+                EngineEvent::UserLoadFailed {
+                    user,
+                    over_cap: None,
+                }
+            }
+            Written::Cmd(EngineCmd::Claim { ticket, .. }) => EngineEvent::Claimed {
+                ticket,
+                outcome: ClaimOutcome::Failed,
+            },
+            // A room's markers, read when it opens: an empty answer changes nothing.
+            Written::Cmd(EngineCmd::LoadMarkers { .. }) => return,
+            Written::Cmd(other) => panic!("not in this simulation: {other:?}"),
+        };
+        self.immediate.push((node, event));
+    }
+
+    /// The channel's subscription is confirmed: its waiting opens are written (once the
+    /// command connection is up).
+    fn send_opens(&mut self, node: usize, room_id: u64) {
+        if !self.nodes[node].cmd_up {
+            return;
+        }
+        let Some((room, c)) = self.nodes[node].channels.get_mut(&room_id) else {
+            return;
+        };
+        c.opened = true;
+        let room = room.clone();
+        for tail in std::mem::take(&mut c.opens) {
+            self.write(
+                node,
+                Written::Open {
+                    room: room.clone(),
+                    tail,
+                },
+            );
+        }
+    }
+
+    // ---- Redis ---------------------------------------------------------------------------
+
+    /// The nodes for which `has` holds.
+    fn nodes_where(&self, has: impl Fn(&Node) -> bool) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| has(&self.nodes[i]))
+            .collect()
+    }
+
+    /// Nodes with a command Redis has not run yet.
+    pub(super) fn runnable(&self) -> Vec<usize> {
+        self.nodes_where(|n| n.inflight.iter().any(|(_, a)| a.is_none()))
+    }
+
+    /// Nodes with a subscription change Redis has not run yet.
+    pub(super) fn subscribing(&self) -> Vec<usize> {
+        self.nodes_where(|n| !n.sub_out.is_empty())
+    }
+
+    /// Nodes with an answer on its way.
+    pub(super) fn answering(&self) -> Vec<usize> {
+        self.nodes_where(|n| n.inflight.front().is_some_and(|(_, a)| a.is_some()))
+    }
+
+    /// Nodes with a push on its way.
+    pub(super) fn pushing(&self) -> Vec<usize> {
+        self.nodes_where(|n| !n.pushes.is_empty())
+    }
+
+    /// Nodes with a connection down.
+    pub(super) fn down(&self) -> Vec<usize> {
+        self.nodes_where(|n| !n.cmd_up || !n.sub_up)
+    }
+
+    /// Redis runs the node's next command; returns what it was, for the trace.
+    pub(super) fn run_command(&mut self, node: usize) -> Option<String> {
+        let i = self.nodes[node]
+            .inflight
+            .iter()
+            .position(|(_, a)| a.is_none())?;
+        let (written, _) = self.nodes[node].inflight.remove(i)?;
+        let what = format!("{written:?}");
+        let answer = self.run(node, &written);
+        self.nodes[node].inflight.insert(i, (written, Some(answer)));
+        Some(what)
+    }
+
+    /// What Redis answers `written` from `node`, having run it.
+    fn run(&mut self, node: usize, written: &Written) -> EngineEvent {
+        let origin = Origin {
+            node,
+            run: self.nodes[node].run,
+        };
+        match written {
+            Written::Cmd(EngineCmd::Publish(req)) => {
+                let key = req.repeat.as_ref().map(repeat_key);
+                let window = req.window.max(1) as u64;
+                let room = self.room_mut(req.room.id);
+                if let Some(&first) = key.as_ref().and_then(|k| room.window.get(k)) {
+                    EngineEvent::Published {
+                        ticket: req.ticket,
+                        epoch: EPOCH,
+                        seq: first,
+                        repeated: true,
+                    }
+                } else {
+                    room.head += 1;
+                    let seq = room.head;
+                    if let Some(k) = key {
+                        room.window.insert(k, seq);
+                    }
+                    if seq.is_multiple_of(crate::cluster::script::TRIM_EVERY) {
+                        room.window.retain(|_, s| *s + window > seq);
+                    }
+                    let entry = Entry {
+                        seq,
+                        ts_ms: req.ts_ms,
+                        origin,
+                        ticket: req.ticket,
+                        sender: req.sender.text(),
+                        payload: req.payload.clone(),
+                    };
+                    room.bodies.push(req.payload.clone());
+                    room.stream.push_back(entry.clone());
+                    let (name, subscribers) = (room.name.clone(), room.subscribers.clone());
+                    for s in subscribers {
+                        self.nodes[s]
+                            .pushes
+                            .push_back(Push::Message(name.clone(), entry.clone()));
+                    }
+                    EngineEvent::Published {
+                        ticket: req.ticket,
+                        epoch: EPOCH,
+                        seq,
+                        repeated: false,
+                    }
+                }
+            }
+            Written::Open { room, tail } => {
+                let r = self.room(room.id);
+                let from = r.head.saturating_sub(*tail) + 1;
+                EngineEvent::Opened {
+                    room: room.clone(),
+                    epoch: EPOCH,
+                    seq: r.head,
+                    tail: self.entries(node, room.id, from, usize::MAX),
+                }
+            }
+            Written::Cmd(EngineCmd::Fill { room, after }) => EngineEvent::Filled {
+                room: room.clone(),
+                after: *after,
+                msgs: self.entries(node, room.id, after + 1, self.fill_batch),
+            },
+            Written::Cmd(EngineCmd::Read {
+                room,
+                after,
+                reader,
+            }) => EngineEvent::Read {
+                room: room.clone(),
+                after: *after,
+                reader: *reader,
+                msgs: self.entries(node, room.id, after + 1, self.fill_batch),
+            },
+            Written::Load { user } | Written::Cmd(EngineCmd::WatchUser { user, .. }) => {
+                EngineEvent::UserLoaded {
+                    user: user.clone(),
+                    rooms: self.user_rooms(),
+                }
+            }
+            Written::Cmd(EngineCmd::Claim { ticket, .. }) => EngineEvent::Claimed {
+                ticket: *ticket,
+                outcome: ClaimOutcome::Granted,
+            },
+            Written::Cmd(EngineCmd::LoadMarkers { room }) => EngineEvent::Markers {
+                room: room.clone(),
+                epoch: EPOCH,
+                markers: Vec::new(),
+            },
+            Written::Cmd(other) => panic!("not in this simulation: {other:?}"),
+        }
+    }
+
+    /// The stream's entries from `from` on, at most `max`, as the node's engine reports
+    /// them (its own run's tickets named).
+    fn entries(&self, node: usize, room_id: u64, from: u64, max: usize) -> Vec<EngineMessage> {
+        let origin = Origin {
+            node,
+            run: self.nodes[node].run,
+        };
+        self.room(room_id)
+            .stream
+            .iter()
+            .filter(|e| e.seq >= from)
+            .take(max)
+            .map(|e| message(e, origin))
+            .collect()
+    }
+
+    /// Redis runs the node's next subscription change.
+    pub(super) fn run_subscription(&mut self, node: usize) -> Option<String> {
+        let s = self.nodes[node].sub_out.pop_front()?;
+        let what = format!("{s:?}");
+        match s {
+            SubWritten::Subscribe(room) => {
+                self.room_mut(room.id).subscribers.insert(node);
+                self.nodes[node].pushes.push_back(Push::Confirmed(room));
+            }
+            SubWritten::Unsubscribe(room) => {
+                self.room_mut(room.id).subscribers.remove(&node);
+            }
+        }
+        Some(what)
+    }
+
+    /// The node's next answer reaches its engine.
+    pub(super) fn answer(&mut self, node: usize) -> Option<EngineEvent> {
+        let n = &mut self.nodes[node];
+        if n.inflight.front().is_none_or(|(_, a)| a.is_none()) {
+            return None;
+        }
+        n.inflight.pop_front().and_then(|(_, a)| a)
+    }
+
+    /// The node's next push reaches its engine: what the engine hands its worker, if
+    /// anything.
+    pub(super) fn push(&mut self, node: usize) -> Vec<EngineEvent> {
+        let origin = Origin {
+            node,
+            run: self.nodes[node].run,
+        };
+        let Some(push) = self.nodes[node].pushes.pop_front() else {
+            return Vec::new();
+        };
+        match push {
+            Push::Message(room, entry) => match self.nodes[node].channels.get(&room.id) {
+                // Unsubscribed meanwhile.
+                None => Vec::new(),
+                Some(_) => vec![EngineEvent::Message {
+                    room,
+                    epoch: EPOCH,
+                    msg: message(&entry, origin),
+                }],
+            },
+            Push::Confirmed(room) => {
+                let Some((_, c)) = self.nodes[node].channels.get_mut(&room.id) else {
+                    return Vec::new();
+                };
+                c.subscribed = true;
+                c.subscribing = false;
+                let again = c.opened && c.opens.is_empty() && !self.forget_resubscribed;
+                self.send_opens(node, room.id);
+                if again {
+                    vec![EngineEvent::Resubscribed { room }]
+                } else {
+                    Vec::new()
+                }
+            }
+        }
+    }
+
+    // ---- faults --------------------------------------------------------------------------
+
+    /// Something goes wrong with the node's engine; returns whether it could.
+    pub(super) fn fault(&mut self, node: usize, fault: Fault) -> bool {
+        match fault {
+            Fault::LoseCommands => {
+                if !self.nodes[node].cmd_up {
+                    return false;
+                }
+                self.nodes[node].cmd_up = false;
+                let inflight = std::mem::take(&mut self.nodes[node].inflight);
+                for (w, _) in inflight {
+                    self.give_up(node, w);
+                }
+                true
+            }
+            Fault::LosePubSub => {
+                let n = &mut self.nodes[node];
+                if !n.sub_up {
+                    return false;
+                }
+                n.sub_up = false;
+                n.pushes.clear();
+                n.sub_out.clear();
+                for (_, c) in n.channels.values_mut() {
+                    c.subscribed = false;
+                    c.subscribing = false;
+                }
+                for room in &mut self.rooms {
+                    room.subscribers.remove(&node);
+                }
+                true
+            }
+            Fault::DropPush => {
+                let pushes = &self.nodes[node].pushes;
+                let dropped = (0..pushes.len()).find(|&i| {
+                    let Push::Message(room, _) = &pushes[i] else {
+                        return false;
+                    };
+                    pushes
+                        .iter()
+                        .skip(i + 1)
+                        .any(|p| matches!(p, Push::Message(r, _) if r.id == room.id))
+                });
+                dropped
+                    .and_then(|i| self.nodes[node].pushes.remove(i))
+                    .is_some()
+            }
+        }
+    }
+
+    /// The node's lost connections come back: stream reads and opens go again, channels
+    /// and users are subscribed again.
+    pub(super) fn reconnect(&mut self, node: usize) {
+        if !self.nodes[node].cmd_up {
+            self.nodes[node].cmd_up = true;
+            for cmd in std::mem::take(&mut self.nodes[node].reads_waiting) {
+                self.write(node, Written::Cmd(cmd));
+            }
+            let subscribed: Vec<u64> = self.nodes[node]
+                .channels
+                .iter()
+                .filter(|(_, (_, c))| c.subscribed)
+                .map(|(&id, _)| id)
+                .collect();
+            for id in subscribed {
+                self.send_opens(node, id);
+            }
+        }
+        if !self.nodes[node].sub_up {
+            let n = &mut self.nodes[node];
+            n.sub_up = true;
+            let mut rooms: Vec<RoomName> = n
+                .channels
+                .values_mut()
+                .map(|(r, c)| {
+                    c.subscribing = true;
+                    r.clone()
+                })
+                .collect();
+            rooms.sort_by_key(|r| r.id);
+            for room in rooms {
+                n.sub_out.push_back(SubWritten::Subscribe(room));
+            }
+            let users: Vec<Text> = n.watched.iter().cloned().collect();
+            for user in users {
+                self.write(node, Written::Load { user });
+            }
+        }
+    }
+
+    /// The stream keeps only its last `stream_max_len` entries (what `XTRIM MAXLEN ~` may
+    /// leave at the strictest). Returns how many left.
+    pub(super) fn trim(&mut self, room_index: usize) -> usize {
+        let max = self.stream_max_len;
+        let i = room_index % self.rooms.len();
+        let room = &mut self.rooms[i];
+        let mut n = 0;
+        while room.stream.len() > max {
+            if let Some(e) = room.stream.pop_front() {
+                room.trimmed = e.seq;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The node is killed and started again: everything its engine had is gone (what Redis
+    /// ran stays), and its tickets are no longer anyone's.
+    pub(super) fn restart(&mut self, node: usize) {
+        let run = self.nodes[node].run + 1;
+        self.nodes[node] = Node {
+            run,
+            cmd_up: true,
+            sub_up: true,
+            ..Node::default()
+        };
+        for room in &mut self.rooms {
+            room.subscribers.remove(&node);
+        }
+    }
+
+    /// Nothing moves: no command, answer, subscription or push on its way, every
+    /// connection up.
+    pub(super) fn settled(&self) -> bool {
+        self.runnable().is_empty()
+            && self.answering().is_empty()
+            && self.subscribing().is_empty()
+            && self.pushing().is_empty()
+            && self.down().is_empty()
+            && self.immediate.is_empty()
+    }
+}
+
+fn message(e: &Entry, to: Origin) -> EngineMessage {
+    EngineMessage {
+        seq: e.seq,
+        ts_ms: e.ts_ms,
+        ticket: (e.origin == to).then_some(e.ticket),
+        sender: e.sender.clone(),
+        payload: e.payload.clone(),
+    }
+}
