@@ -139,9 +139,22 @@ struct Shard {
     /// Blocks and further workers, by the same handle, for users who have either (an entry
     /// here only beside one in `users`).
     rare: HashMap<UserName, UserRare>,
+    /// Users the workers of a cluster node watch, with how many workers do
+    /// ([`Membership::hold`]): empty off a cluster.
+    held: HashMap<UserName, u32>,
 }
 
 impl Shard {
+    fn forget_if_offline(&mut self, user: &str) {
+        if self.held.contains_key(user) {
+            return;
+        }
+        if self.users.get(user).is_some_and(UserEntry::is_offline) {
+            self.users.remove(user);
+            self.rare.remove(user);
+        }
+    }
+
     /// `user`'s entry, made if missing, and the handle it is keyed by (at HELLO and
     /// membership changes only: a lookup more than an entry API would take, for not making
     /// a record when the user has one).
@@ -364,10 +377,16 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
     /// `user`'s rooms with their join points, and the channels they blocked (a cluster
     /// node compares them with the engine's, see `core/cluster/members.rs`).
     fn snapshot(&self, user: &str) -> (Vec<(RoomName, JoinPoint)>, Vec<RoomName>);
-    /// Drops everything held for `user` unless they have a live connection (a cluster node
-    /// holds a user's membership only while it holds a connection of theirs: the engine
-    /// holds it for good).
+    /// Drops everything held for `user` unless they have a live connection or a worker
+    /// holds them (a cluster node holds a user's membership only while it holds a
+    /// connection of theirs or waits to: the engine holds it for good).
     fn forget_if_offline(&self, user: &str);
+    /// A worker of a cluster node watches `user` (their rooms are read into this directory
+    /// for its HELLOs, and kept current by notices): what is held for them stays, connected
+    /// or not, until every worker that holds them has released them.
+    fn hold(&self, user: &str);
+    /// The worker no longer watches `user`; then [`Membership::forget_if_offline`].
+    fn release(&self, user: &str);
 }
 
 /// The relay-wide membership directory.
@@ -555,11 +574,28 @@ impl Membership for Directory {
     }
 
     fn forget_if_offline(&self, user: &str) {
+        self.shard(user).write().forget_if_offline(user);
+    }
+
+    fn hold(&self, user: &str) {
         let mut shard = self.shard(user).write();
-        if shard.users.get(user).is_some_and(UserEntry::is_offline) {
-            shard.users.remove(user);
-            shard.rare.remove(user);
+        match shard.held.get_mut(user) {
+            Some(n) => *n += 1,
+            None => {
+                shard.held.insert(UserName::new(user), 1);
+            }
         }
+    }
+
+    fn release(&self, user: &str) {
+        let mut shard = self.shard(user).write();
+        if let Some(n) = shard.held.get_mut(user) {
+            *n -= 1;
+            if *n == 0 {
+                shard.held.remove(user);
+            }
+        }
+        shard.forget_if_offline(user);
     }
 }
 
@@ -798,6 +834,29 @@ mod tests {
         d.forget_if_offline(ann);
         let shard = d.shards[0].read();
         assert!(shard.users.is_empty() && shard.rare.is_empty());
+    }
+
+    #[test]
+    fn a_user_held_by_a_worker_is_kept_until_every_holder_releases_them() {
+        let d = Directory::new(1, 10);
+        let ann = "ann";
+        let dm = room("dm");
+        // Two workers of one node watch ann (a HELLO on each, neither through yet).
+        d.hold(ann);
+        d.hold(ann);
+        d.add(ann, &dm, J, false).unwrap();
+        d.release(ann);
+        assert_eq!(
+            d.join_point(ann, &dm),
+            Some(J),
+            "the other worker holds ann"
+        );
+        d.forget_if_offline(ann);
+        assert_eq!(d.join_point(ann, &dm), Some(J), "held: not forgotten");
+        d.release(ann);
+        assert_eq!(d.join_point(ann, &dm), None, "nobody holds ann, offline");
+        let shard = d.shards[0].read();
+        assert!(shard.users.is_empty() && shard.held.is_empty());
     }
 
     #[test]

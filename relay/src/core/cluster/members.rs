@@ -166,6 +166,14 @@ impl Core {
             return Some(hello);
         }
         let new = !side.watched.contains_key(user);
+        if new {
+            // The user's rooms, once read, stay in this node's directory while this worker
+            // watches them (`release`).
+            self.directory.hold(user);
+        }
+        let Some(side) = self.members_side() else {
+            return Some(hello);
+        };
         let watch = side.watched.entry(Text::from(user)).or_default();
         if watch.loaded {
             watch.claiming += 1;
@@ -303,8 +311,13 @@ impl Core {
             self.push_engine(EngineCmd::UnwatchUser {
                 user: Text::from(user),
             });
+            // Another worker of this node may watch the user still (a HELLO there waiting
+            // for its claim, its rooms read into this node's directory): the directory
+            // forgets them only once no worker does.
+            self.directory.release(user);
+        } else {
+            self.directory.forget_if_offline(user);
         }
-        self.directory.forget_if_offline(user);
     }
 
     /// Stops watching `user` if this worker holds no connection of theirs and no HELLO.
@@ -395,13 +408,14 @@ impl Core {
                 None => self.fatal(token, ErrorCode::Overloaded, UNAVAILABLE.to_owned()),
             }
         }
-        if let Some(side) = self.members_side() {
-            side.watched.remove(user);
+        if let Some(side) = self.members_side()
+            && side.watched.remove(user).is_some()
+        {
+            self.directory.release(user);
         }
         self.push_engine(EngineCmd::UnwatchUser {
             user: Text::from(user),
         });
-        self.directory.forget_if_offline(user);
     }
 
     /// Makes the directory's entry of `user` what the engine holds.

@@ -142,6 +142,9 @@ struct Shape {
 struct Violation(String);
 
 struct Sim {
+    /// Workers per node: the mesh joins the workers of one node (a cluster's nodes share
+    /// only the engine).
+    workers: usize,
     rng: SplitMix64,
     now: Instant,
     config: Arc<Config>,
@@ -171,19 +174,24 @@ const PEER: &str = "127.0.0.1:40000";
 
 impl Sim {
     fn new(seed: u64, shape: Shape, tweak: impl FnOnce(&mut Config)) -> Self {
-        Self::build(seed, shape, false, tweak)
+        Self::build(seed, shape, shape.cores, false, tweak)
     }
 
-    /// `shape.cores` relay nodes of one worker each on one Redis ([`redis`]), every phone
-    /// a member of every room from its first message. Retention, stream length and stream
-    /// pages are drawn from the seed, small, so that phones resume from the stream, read it
-    /// in pages and meet its exact gaps.
+    /// `shape.cores` relay nodes of one to three workers each (drawn from the seed) on one
+    /// Redis ([`redis`]), every phone a member of every room from its first message.
+    /// Retention, stream length and stream pages are drawn from the seed, small, so that
+    /// phones resume from the stream, read it in pages and meet its exact gaps.
     fn clustered(seed: u64, shape: Shape) -> Self {
         let mut rng = SplitMix64::new(seed ^ 0xc105);
+        let workers = 1 + (rng.next_u64() % 3) as usize;
         let retained = 2 + (rng.next_u64() % 30) as usize;
         let stream_max_len = 4 + rng.next_u64() % 60;
         let fill_batch = 1 + (rng.next_u64() % 8) as usize;
-        Self::build(seed, shape, true, |c| {
+        let shape = Shape {
+            cores: shape.cores * workers,
+            ..shape
+        };
+        Self::build(seed, shape, workers, true, |c| {
             c.retention.max_messages = retained;
             c.cluster = Some(crate::cluster::ClusterConfig {
                 stream_max_len,
@@ -193,7 +201,14 @@ impl Sim {
         })
     }
 
-    fn build(seed: u64, shape: Shape, cluster: bool, tweak: impl FnOnce(&mut Config)) -> Self {
+    /// `shape.cores` workers in nodes of `workers` (a cluster's nodes; one node without).
+    fn build(
+        seed: u64,
+        shape: Shape,
+        workers: usize,
+        cluster: bool,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         let mut config = Config::default();
         config.limits.publish_rate = 1e9;
         config.limits.publish_burst = 1e9;
@@ -212,35 +227,21 @@ impl Sim {
         let config = Arc::new(config);
         let directory = Arc::new(Directory::new(4, config.limits.max_rooms_per_user));
         let now = Instant::now();
-        let shared = Arc::new(Shared::default());
         let mut cores = Vec::new();
         let mut stats = Vec::new();
-        for id in 0..shape.cores {
-            let s = Arc::new(CoreStats::default());
-            stats.push(s.clone());
-            // A node of one worker per core on a cluster, each with its own directory (a
-            // cache of what the engine holds for the users it has connections of).
+        for _ in 0..shape.cores / workers {
+            // On a cluster, each node has its own directory: a cache of what the engine
+            // holds for the users it has connections of.
             let membership: Arc<dyn Membership> = if cluster {
-                Arc::new(Directory::new(1, config.limits.max_rooms_per_user))
+                Arc::new(Directory::new(workers, config.limits.max_rooms_per_user))
             } else {
                 directory.clone()
             };
-            let (id, n) = if cluster { (0, 1) } else { (id, shape.cores) };
-            let mut core = Core::new(
-                id,
-                n,
-                config.clone(),
-                membership,
-                1_000,
-                s,
-                shared.clone(),
-                Clock::new(now, redis::EPOCH),
-                now,
-            );
-            if cluster {
-                core.attach_cluster(Arc::new(crate::cluster::ClusterStats::default()));
+            let node = new_node(&config, membership, workers, now, redis::EPOCH);
+            for (core, s) in node {
+                cores.push(core);
+                stats.push(s);
             }
-            cores.push(core);
         }
         let phones: Vec<Phone> = (0..shape.phones)
             .map(|i| Phone {
@@ -271,6 +272,7 @@ impl Sim {
             redis::Engine::new(&rooms, shape.cores, c.stream_max_len as usize, c.fill_batch)
         });
         Sim {
+            workers,
             rng: SplitMix64::new(seed),
             now,
             config,
@@ -352,7 +354,8 @@ impl Sim {
         let n = self.n();
         self.cores[core].flush(&mut self.wires[core]);
         let links = &mut self.links;
-        self.cores[core].drain_mesh(|to, batch| links[core * n + to].push_back(batch));
+        let node = core / self.workers * self.workers;
+        self.cores[core].drain_mesh(|to, batch| links[core * n + node + to].push_back(batch));
         self.cores[core].drain_replies(|to, answer| {
             let _ = to.send(answer);
         });
@@ -1004,36 +1007,53 @@ impl Sim {
         Ok(())
     }
 
-    /// Node `node` is killed -9 and started again: its phones' connections are gone
-    /// without a word, its worker is a new one, and its engine starts from nothing.
-    fn restart(&mut self, node: usize) -> Result<(), Violation> {
-        self.note(format!("node {node} is killed and restarted"));
+    /// The node of worker `core` is killed -9 and started again: its phones' connections
+    /// are gone without a word, its workers are new ones, and their engines start from
+    /// nothing.
+    fn restart(&mut self, core: usize) -> Result<(), Violation> {
+        let first = core / self.workers * self.workers;
+        let workers = first..first + self.workers;
+        self.note(format!(
+            "the node of workers {workers:?} is killed and restarted"
+        ));
         for phone in &mut self.phones {
-            if phone.link.as_ref().is_some_and(|l| l.core == node) {
+            if phone
+                .link
+                .as_ref()
+                .is_some_and(|l| workers.contains(&l.core))
+            {
                 phone.link = None;
             }
         }
-        self.wires[node] = TestWire::default();
-        let stats = Arc::new(CoreStats::default());
-        self.stats[node] = stats.clone();
         let since = self.now.saturating_duration_since(self.began).as_millis() as u64;
-        let membership: Arc<dyn Membership> =
-            Arc::new(Directory::new(1, self.config.limits.max_rooms_per_user));
-        let mut core = Core::new(
-            0,
-            1,
-            self.config.clone(),
+        let membership: Arc<dyn Membership> = Arc::new(Directory::new(
+            self.workers,
+            self.config.limits.max_rooms_per_user,
+        ));
+        let node = new_node(
+            &self.config,
             membership,
-            1_000,
-            stats,
-            Arc::new(Shared::default()),
-            Clock::new(self.now, redis::EPOCH + since),
+            self.workers,
             self.now,
+            redis::EPOCH + since,
         );
-        core.attach_cluster(Arc::new(crate::cluster::ClusterStats::default()));
-        self.cores[node] = core;
-        self.engine.as_mut().unwrap().restart(node);
-        self.service(node)
+        for (c, (worker, stats)) in workers.clone().zip(node) {
+            self.cores[c] = worker;
+            self.stats[c] = stats;
+            self.wires[c] = TestWire::default();
+            self.engine.as_mut().unwrap().restart(c);
+            for link in &mut self.links[c * self.cores.len()..(c + 1) * self.cores.len()] {
+                link.clear();
+            }
+            let n = self.cores.len();
+            for from in 0..n {
+                self.links[from * n + c].clear();
+            }
+        }
+        for c in workers {
+            self.service(c)?;
+        }
+        Ok(())
     }
 
     /// Everything the engines and Redis have in flight moves once; whether anything did.
@@ -1215,6 +1235,38 @@ impl Sim {
         }
         Ok(())
     }
+}
+
+/// One node's `workers` workers, started at `now` with the wall clock reading `now_ms`
+/// (on a cluster, each attached to its engine), with their stats.
+fn new_node(
+    config: &Arc<Config>,
+    membership: Arc<dyn Membership>,
+    workers: usize,
+    now: Instant,
+    now_ms: u64,
+) -> Vec<(Core, Arc<CoreStats>)> {
+    let shared = Arc::new(Shared::default());
+    (0..workers)
+        .map(|id| {
+            let stats = Arc::new(CoreStats::default());
+            let mut core = Core::new(
+                id,
+                workers,
+                config.clone(),
+                membership.clone(),
+                1_000,
+                stats.clone(),
+                shared.clone(),
+                Clock::new(now, now_ms),
+                now,
+            );
+            if config.cluster.is_some() {
+                core.attach_cluster(Arc::new(crate::cluster::ClusterStats::default()));
+            }
+            (core, stats)
+        })
+        .collect()
 }
 
 impl Shape {
