@@ -205,13 +205,34 @@ pub struct RoomState {
     pub cursor: u64,
 }
 
-/// The sequences of one room this connection published and got PUBACKs for, above the
-/// cursor: the relay skips them instead of echoing them. Kept per room, not per alias, so
-/// they survive a LEFT and a new binding of the same room (PROTOCOL.md §9).
+/// The sequences of one room this connection published and got PUBACKs for: the relay
+/// skips them instead of echoing them. Kept per room, not per alias, so they survive a LEFT
+/// and a new binding of the same room (PROTOCOL.md §9), until a DELIVER or GAP passes them
+/// or a ROOM's cursor reaches them.
 #[derive(Debug, Clone, Default)]
 struct OwnSeqs {
     epoch: u64,
+    /// Those above the cursor.
     seqs: Vec<u64>,
+    /// Those the cursor passed by their PUBACKs (`lo..=hi`, up to the cursor): a rebinding
+    /// of the room may start below them (a rejoin on a cluster), and the relay skips them
+    /// there too.
+    passed: Option<(u64, u64)>,
+}
+
+impl OwnSeqs {
+    fn contains(&self, seq: u64) -> bool {
+        self.seqs.contains(&seq) || self.passed.is_some_and(|(lo, hi)| (lo..=hi).contains(&seq))
+    }
+
+    /// Forgets those at or below `seq`.
+    fn forget_through(&mut self, seq: u64) {
+        self.seqs.retain(|&s| s > seq);
+        self.passed = match self.passed {
+            Some((lo, hi)) if hi > seq => Some((lo.max(seq + 1), hi)),
+            _ => None,
+        };
+    }
 }
 
 /// The last sequence of `room` the client holds: its cursor, passed by the client's own
@@ -223,7 +244,7 @@ fn held_of(room: &RoomState, own: Option<&OwnSeqs>) -> u64 {
     let mut held = room.cursor;
     if let Some(own) = own.filter(|o| o.epoch == room.epoch) {
         while let Some(next) = held.checked_add(1)
-            && own.seqs.contains(&next)
+            && own.contains(next)
         {
             held = next;
         }
@@ -572,7 +593,7 @@ impl ClientSession {
                 self.epochs.insert(r.room_id, r.epoch);
                 if let Some(own) = self.own.get_mut(&r.room_id) {
                     if own.epoch == r.epoch {
-                        own.seqs.retain(|&s| s > r.cursor);
+                        own.forget_through(r.cursor);
                     } else {
                         self.own.remove(&r.room_id);
                     }
@@ -618,20 +639,29 @@ impl ClientSession {
                 let contiguous = match bound {
                     Some(room) if Some(p.seq) == room.cursor.checked_add(1) => {
                         room.cursor = p.seq;
-                        true
+                        Some(true)
                     }
-                    Some(room) if p.seq <= room.cursor => true,
-                    _ => false,
+                    Some(room) if p.seq <= room.cursor => None,
+                    _ => Some(false),
                 };
-                if !contiguous {
+                if let Some(passed) = contiguous {
                     let own = self.own.entry(room_id).or_default();
                     if own.epoch != epoch {
                         *own = OwnSeqs {
                             epoch,
-                            seqs: Vec::new(),
+                            ..OwnSeqs::default()
                         };
                     }
-                    own.seqs.push(p.seq);
+                    if !passed {
+                        own.seqs.push(p.seq);
+                    } else {
+                        // A run of them directly below the cursor (anything else that moved
+                        // the cursor in between forgot the run before it).
+                        own.passed = match own.passed {
+                            Some((lo, hi)) if hi + 1 == p.seq => Some((lo, p.seq)),
+                            _ => Some((p.seq, p.seq)),
+                        };
+                    }
                 }
                 Event::PubAck {
                     alias,
@@ -663,7 +693,7 @@ impl ClientSession {
                         .get_mut(&room.room_id)
                         .filter(|o| o.epoch == room.epoch);
                     let skipped_all_own =
-                        (next..seq).all(|s| own.as_ref().is_some_and(|o| o.seqs.contains(&s)));
+                        (next..seq).all(|s| own.as_ref().is_some_and(|o| o.contains(s)));
                     if seq <= room.cursor || !skipped_all_own {
                         return Err(SessionError::SequenceBreak {
                             alias: h.alias,
@@ -673,7 +703,7 @@ impl ClientSession {
                     }
                     room.cursor = seq;
                     if let Some(own) = own {
-                        own.seqs.retain(|&s| s > seq);
+                        own.forget_through(seq);
                     }
                     Some(seq)
                 };
@@ -700,7 +730,7 @@ impl ClientSession {
                 }
                 room.cursor = g.to;
                 if let Some(own) = self.own.get_mut(&room.room_id) {
-                    own.seqs.retain(|&s| s > g.to);
+                    own.forget_through(g.to);
                 }
                 Event::Gap {
                     alias: g.alias,
@@ -989,6 +1019,57 @@ mod tests {
         assert_eq!(
             hello.resume.iter().map(|e| e.last_seq).collect::<Vec<_>>(),
             vec![3]
+        );
+    }
+
+    /// On a cluster, a rejoin's join point (10) can lie below an own sequence whose
+    /// PUBACK moved the cursor on the old binding (11: the publish reached Redis after the
+    /// rejoin, the LEFT of the old membership reached the client's node after its PUBACK).
+    /// The relay skips 11 on the new binding as the connection's own; the client must
+    /// know it for its own there too. Found by the cluster simulation.
+    #[test]
+    fn own_sequences_passed_by_their_pubacks_stay_own_for_a_rebinding_below_them() {
+        let mut client = ClientSession::new();
+        client.apply(welcome(0)).unwrap();
+        client.apply(room(0, 9)).unwrap();
+        let (ten, _) = client.publish(0, Bytes::from_static(b"10"), None);
+        let (eleven, _) = client.publish(0, Bytes::from_static(b"11"), None);
+        let puback = |msg_id, seq| ServerFrame::PubAck(PubAck { msg_id, seq });
+        client.apply(puback(ten, 10)).unwrap();
+        client.apply(puback(eleven, 11)).unwrap();
+        assert_eq!(
+            client.room(0).unwrap().cursor,
+            11,
+            "contiguous own messages"
+        );
+        client
+            .apply(ServerFrame::Left(Left {
+                alias: 0,
+                reason: LeftReason::Removed,
+            }))
+            .unwrap();
+        client.apply(room(1, 10)).unwrap();
+        let mut relay = DeliverContext::new(0);
+        let header = relay.header(1, Some(12), 10, &Text::from("x"), 0, 8);
+        assert_eq!(header.seq, Some(12), "explicit: it skips the own 11");
+        let ev = client.apply(ServerFrame::Deliver(Deliver {
+            header,
+            payload: Bytes::new(),
+        }));
+        assert!(
+            matches!(ev, Ok(Event::Message { seq: Some(12), .. })),
+            "{ev:?}"
+        );
+        // Passed by a delivery, they are forgotten: a later binding from 10 may not skip 11.
+        client.apply(room(1, 10)).unwrap();
+        let header = relay.header(1, Some(12), 10, &Text::from("x"), 0, 8);
+        let ev = client.apply(ServerFrame::Deliver(Deliver {
+            header,
+            payload: Bytes::new(),
+        }));
+        assert!(
+            matches!(ev, Err(SessionError::SequenceBreak { .. })),
+            "{ev:?}"
         );
     }
 

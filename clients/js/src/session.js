@@ -44,8 +44,33 @@ export class SessionError extends Error {
  * @property {number} cursor the last sequence held (0: none)
  */
 
+/**
+ * @typedef {object} OwnSeqs the sequences of one room this connection published and got
+ *   PUBACKs for: the relay skips them instead of echoing them (PROTOCOL.md §9). Kept per room,
+ *   so they survive a LEFT and a new binding of the room, until a DELIVER or GAP passes them
+ *   or a ROOM's cursor reaches them.
+ * @property {bigint} epoch
+ * @property {Set<number>} seqs those above the cursor
+ * @property {[number, number] | null} passed those the cursor passed by their PUBACKs
+ *   (`lo..=hi`, up to the cursor)
+ */
+
 /** @param {bigint} id */
 const keyOf = (id) => id.toString(16);
+
+/** @param {OwnSeqs} own @param {number} seq */
+const ownHas = (own, seq) =>
+  own.seqs.has(seq) || (own.passed !== null && seq >= own.passed[0] && seq <= own.passed[1]);
+
+/**
+ * Forgets the own sequences at or below `seq`.
+ * @param {OwnSeqs} own
+ * @param {number} seq
+ */
+function forgetOwnThrough(own, seq) {
+  for (const s of own.seqs) if (s <= seq) own.seqs.delete(s);
+  own.passed = own.passed && own.passed[1] > seq ? [Math.max(own.passed[0], seq + 1), own.passed[1]] : null;
+}
 
 /**
  * A device id as a bigint: a bigint, or a string of 1 to 16 hex digits (the snapshot's form).
@@ -111,7 +136,7 @@ export class Session {
     this.aliasOfRoom = new Map();
     /** @type {Map<number, string>} */
     this.senders = new Map();
-    /** @type {Map<string, { epoch: bigint, seqs: Set<number> }>} own sequences per room */
+    /** @type {Map<string, OwnSeqs>} own sequences per room */
     this.own = new Map();
     /** @type {Map<number, { alias: number, key: string }>} publishes awaiting PUBACK */
     this.inFlight = new Map();
@@ -256,7 +281,7 @@ export class Session {
         const own = this.own.get(key);
         if (own) {
           if (own.epoch === f.epoch) {
-            for (const s of own.seqs) if (s <= f.cursor) own.seqs.delete(s);
+            forgetOwnThrough(own, f.cursor);
           } else {
             this.own.delete(key);
           }
@@ -285,15 +310,22 @@ export class Session {
         this.inFlight.delete(f.msgId);
         const room = this.rooms.get(sent.key);
         const bound = this.aliases.get(sent.alias) === sent.key ? room : undefined;
-        if (bound && f.seq === bound.cursor + 1) {
-          bound.cursor = f.seq;
-        } else if (!(bound && f.seq <= bound.cursor) && room) {
+        const passed = bound !== undefined && f.seq === bound.cursor + 1;
+        if (passed) bound.cursor = f.seq;
+        if ((passed || !(bound && f.seq <= bound.cursor)) && room) {
           let own = this.own.get(sent.key);
           if (!own || own.epoch !== room.epoch) {
-            own = { epoch: room.epoch, seqs: new Set() };
+            own = { epoch: room.epoch, seqs: new Set(), passed: null };
             this.own.set(sent.key, own);
           }
-          own.seqs.add(f.seq);
+          if (!passed) {
+            own.seqs.add(f.seq);
+          } else {
+            // A run of them directly below the cursor (anything else that moved the cursor
+            // in between forgot the run before it): a rebinding of the room may start below
+            // them (a rejoin on a cluster), and the relay skips them there too.
+            own.passed = own.passed && own.passed[1] + 1 === f.seq ? [own.passed[0], f.seq] : [f.seq, f.seq];
+          }
         }
         return { type: 'puback', msgId: f.msgId, seq: f.seq, room: room ? publicRoom(room) : null };
       }
@@ -310,16 +342,16 @@ export class Session {
         if (!f.ephemeral) {
           const next = room.cursor + 1;
           seq = f.seq ?? next;
-          const own = this.own.get(keyOf(room.roomId));
-          const ownSeqs = own && own.epoch === room.epoch ? own.seqs : null;
+          const stored = this.own.get(keyOf(room.roomId));
+          const own = stored && stored.epoch === room.epoch ? stored : null;
           if (seq <= room.cursor || !Number.isSafeInteger(next)) {
             throw breakOf(f.alias, room.cursor, seq);
           }
           for (let s = next; s < seq; s++) {
-            if (!ownSeqs?.has(s)) throw breakOf(f.alias, room.cursor, seq);
+            if (!own || !ownHas(own, s)) throw breakOf(f.alias, room.cursor, seq);
           }
           room.cursor = seq;
-          if (ownSeqs) for (const s of ownSeqs) if (s <= seq) ownSeqs.delete(s);
+          if (own) forgetOwnThrough(own, seq);
         }
         return {
           type: 'message',
@@ -349,7 +381,7 @@ export class Session {
         if (f.from !== room.cursor + 1) throw breakOf(f.alias, room.cursor, f.from);
         room.cursor = f.to;
         const own = this.own.get(keyOf(room.roomId));
-        if (own) for (const s of own.seqs) if (s <= f.to) own.seqs.delete(s);
+        if (own) forgetOwnThrough(own, f.to);
         return { type: 'gap', room: publicRoom(room), from: f.from, to: f.to };
       }
       default:
@@ -380,7 +412,7 @@ export class Session {
     const own = this.own.get(key);
     let held = room.cursor;
     if (!own || own.epoch !== room.epoch) return held;
-    while (Number.isSafeInteger(held + 1) && own.seqs.has(held + 1)) held += 1;
+    while (Number.isSafeInteger(held + 1) && ownHas(own, held + 1)) held += 1;
     return held;
   }
 

@@ -33,7 +33,19 @@ pub(super) struct UserWatch {
     /// This worker's connections of the user counted in the engine (claims in flight
     /// included): what its presence entry says (`presence.rs`).
     pub(super) conns: u32,
+    /// Reads of the user's rooms ([`Step::Load`]) sent and not answered yet.
+    loads: u32,
+    /// Notices heard while a read was out, in order: the read may have run before their
+    /// changes (its answer, on the command connection, can come after them, on the pub/sub
+    /// connection), so they follow its answer instead of being undone by it. Past
+    /// [`MAX_HELD_NOTICES`] they are dropped and the user is read again instead.
+    held: Vec<m::Notice>,
+    /// Held notices were dropped: read the user again once the reads out are answered.
+    reread: bool,
 }
+
+/// Notices one user's channel may hold while a read of the user's rooms is out.
+const MAX_HELD_NOTICES: usize = 256;
 
 /// A membership command on the command connection awaiting its reply. Each carries what
 /// it takes to send it again: a step answered `MOVED` or `ASK` goes where Redis said, one
@@ -137,10 +149,13 @@ impl Engine {
                     max_rooms,
                     max_blocks,
                     conns: 0,
+                    loads: 0,
+                    held: Vec::new(),
+                    reread: false,
                 });
                 match w.state {
                     // Already subscribed (a connection raced its unwatch): read again.
-                    SubState::Subscribed => self.send_step(Step::Load { user }, None, 0),
+                    SubState::Subscribed => self.send_load(user),
                     SubState::Subscribing => {}
                     SubState::Idle if sub_up => self.route_users(),
                     // The engine is down: refused now (the phone retries).
@@ -489,14 +504,18 @@ impl Engine {
             Step::Undo { .. } => {}
             Step::Load { user } => {
                 let event = match m::parse_user_rooms(&reply) {
-                    Ok(rooms) => EngineEvent::UserLoaded { user, rooms },
+                    Ok(rooms) => EngineEvent::UserLoaded {
+                        user: user.clone(),
+                        rooms,
+                    },
                     Err(Some(n)) => EngineEvent::UserLoadFailed {
-                        user,
+                        user: user.clone(),
                         over_cap: Some(n),
                     },
                     Err(None) => return self.malformed(Step::Load { user }, &reply),
                 };
                 self.out.push(event);
+                self.load_answered(&user);
             }
             Step::Kick { ticket, .. } => self.out.push(EngineEvent::Kicked { ticket, ok: true }),
             Step::ReadMembers { ticket, room, max } => {
@@ -518,6 +537,36 @@ impl Engine {
         self.fail_member_step(step);
     }
 
+    /// Reads the user's rooms (and holds the user's notices until the answer).
+    fn send_load(&mut self, user: Text) {
+        if let Some(w) = self.users.get_mut(&m::notice_channel(&user)) {
+            w.loads += 1;
+        }
+        self.send_step(Step::Load { user }, None, 0);
+    }
+
+    /// A read of the user's rooms was answered (or failed): once none is out, the notices
+    /// heard meanwhile follow its answer, in order, or the user is read again if some were
+    /// dropped.
+    fn load_answered(&mut self, user: &Text) {
+        let Some(w) = self.users.get_mut(&m::notice_channel(user)) else {
+            return;
+        };
+        w.loads = w.loads.saturating_sub(1);
+        if w.loads > 0 {
+            return;
+        }
+        if std::mem::take(&mut w.reread) {
+            return self.send_load(user.clone());
+        }
+        for notice in std::mem::take(&mut w.held) {
+            self.out.push(EngineEvent::Notice {
+                user: user.clone(),
+                notice,
+            });
+        }
+    }
+
     /// A step that will not be answered (the connection failed, or the answer was bad).
     pub(super) fn fail_member_step(&mut self, step: Step) {
         let event = match step {
@@ -525,10 +574,13 @@ impl Engine {
                 EngineEvent::MemberFailed { ticket: req.ticket }
             }
             Step::Undo { .. } | Step::SetPresence { .. } => return,
-            Step::Load { user } => EngineEvent::UserLoadFailed {
-                user,
-                over_cap: None,
-            },
+            Step::Load { user } => {
+                self.out.push(EngineEvent::UserLoadFailed {
+                    user: user.clone(),
+                    over_cap: None,
+                });
+                return self.load_answered(&user);
+            }
             Step::Kick { ticket, .. } => EngineEvent::Kicked { ticket, ok: false },
             Step::ReadMembers { ticket, .. } => EngineEvent::MembersRead {
                 ticket,
@@ -570,6 +622,14 @@ impl Engine {
             b"message" => {
                 self.stats.notices.fetch_add(1, Ordering::Relaxed);
                 match body.bytes().and_then(|b| m::parse_notice(b)) {
+                    Some(notice) if w.loads > 0 => {
+                        if w.held.len() < MAX_HELD_NOTICES {
+                            w.held.push(notice);
+                        } else {
+                            w.held.clear();
+                            w.reread = true;
+                        }
+                    }
                     Some(notice) => self.out.push(EngineEvent::Notice {
                         user: w.user.clone(),
                         notice,
@@ -587,7 +647,7 @@ impl Engine {
                 }
                 // Subscribed before the read: a change after the read comes as a notice.
                 let user = w.user.clone();
-                self.send_step(Step::Load { user }, None, 0);
+                self.send_load(user);
             }
             _ => {}
         }

@@ -105,19 +105,35 @@ struct Phone {
 type Interval = (u64, Option<u64>);
 
 /// The truth the simulation checks against: membership intervals as the owners applied
-/// them, in sequences of each room.
+/// them (on a cluster: as Redis ran the changes), in sequences of each room.
 #[derive(Default)]
 struct Model {
     /// (user, room id) -> its memberships, oldest first.
     intervals: HashMap<(Text, u64), Vec<Interval>>,
+    /// On a cluster a removal takes effect on each node when its notice arrives: what other
+    /// nodes publish meanwhile may still reach the user's phones there (README, Cluster).
+    /// Past the end of a membership is then not checked, and such a message may come again
+    /// with a later membership.
+    removal_leaks: bool,
 }
 
 impl Model {
     fn allowed(&self, user: &Text, room: u64, seq: u64) -> bool {
         self.intervals.get(&(user.clone(), room)).is_some_and(|v| {
-            v.iter()
-                .any(|&(after, until)| seq > after && until.is_none_or(|u| seq <= u))
+            v.iter().any(|&(after, until)| {
+                seq > after && (self.removal_leaks || until.is_none_or(|u| seq <= u))
+            })
         })
+    }
+
+    /// `seq` is past the end of one of the user's memberships of the room (and before the
+    /// next): what a removal can leak on a cluster.
+    fn past_an_end(&self, user: &Text, room: u64, seq: u64) -> bool {
+        self.removal_leaks
+            && self
+                .intervals
+                .get(&(user.clone(), room))
+                .is_some_and(|v| v.iter().any(|&(_, until)| until.is_some_and(|u| seq > u)))
     }
 
     fn current(&self, user: &Text, room: u64) -> Option<u64> {
@@ -259,7 +275,10 @@ impl Sim {
         let rooms: Vec<RoomName> = (0..shape.rooms)
             .map(|r| RoomName::new(false, Text::from(format!("room{r}"))))
             .collect();
-        let mut model = Model::default();
+        let mut model = Model {
+            removal_leaks: cluster,
+            ..Model::default()
+        };
         let engine = cluster.then(|| {
             // Every phone is a member of every room from its first message.
             for phone in &phones {
@@ -269,7 +288,9 @@ impl Sim {
                 }
             }
             let c = config.cluster.as_ref().unwrap();
-            redis::Engine::new(&rooms, shape.cores, c.stream_max_len as usize, c.fill_batch)
+            let users: Vec<Text> = phones.iter().map(|p| p.user.clone()).collect();
+            let (max_len, batch) = (c.stream_max_len as usize, c.fill_batch);
+            redis::Engine::new(&rooms, &users, shape.cores, max_len, batch)
         });
         Sim {
             workers,
@@ -472,7 +493,10 @@ impl Sim {
         let room = self.rooms[r].clone();
         let u = self.random(self.phones.len());
         let user = self.phones[u].user.clone();
-        let member = self.directory.join_point(user.as_str(), &room).is_some();
+        let member = match &self.engine {
+            Some(engine) => engine.is_member(&user, room.id),
+            None => self.directory.join_point(user.as_str(), &room).is_some(),
+        };
         // Mostly adds while few are members, removals otherwise.
         let msg = if !member || self.chance(30) {
             CoreMsg::Join {
@@ -489,7 +513,9 @@ impl Sim {
                 reason: LeftReason::Removed,
             }
         };
-        let owner = room.owner(self.n());
+        // On a cluster, the app server calls any node: the room's owner worker there.
+        let node = self.random(self.n() / self.workers) * self.workers;
+        let owner = node + room.owner(self.workers);
         self.control[owner].push_back(msg);
     }
 
@@ -508,8 +534,14 @@ impl Sim {
             }
             _ => unreachable!("only membership changes are queued"),
         };
-        let before = self.directory.join_point(user.as_str(), &room);
         self.note(format!("control at {core}: {msg:?}"));
+        if self.engine.is_some() {
+            // The engine runs the change; `membership_changes` keeps the model.
+            self.cores[core].handle(self.now, vec![msg]);
+            self.service(core)?;
+            return Ok(true);
+        }
+        let before = self.directory.join_point(user.as_str(), &room);
         self.cores[core].handle(self.now, vec![msg]);
         // One message in the batch: the room's head now is its head at the change.
         let after = self.directory.join_point(user.as_str(), &room);
@@ -932,29 +964,31 @@ impl Sim {
         let (answering, pushing, down) = (engine.answering(), engine.pushing(), engine.down());
         let any = self.random(self.n());
         match roll {
-            0..=11 => {
-                if let Some(node) = self.pick(&runnable)
-                    && let Some(what) = self.engine.as_mut().unwrap().run_command(node)
-                {
-                    self.note(format!("Redis runs {node}'s {what}"));
+            0..=10 => {
+                if let Some(node) = self.pick(&runnable) {
+                    self.run_command(node);
                 }
             }
-            12..=15 => {
+            11..=15 => {
                 if let Some(node) = self.pick(&subscribing)
                     && let Some(what) = self.engine.as_mut().unwrap().run_subscription(node)
                 {
                     self.note(format!("Redis runs {node}'s {what}"));
                 }
             }
-            16..=25 => {
+            16..=24 => {
                 if let Some(node) = self.pick(&answering) {
                     self.answer(node)?;
                 }
             }
-            26..=33 => {
+            25..=31 => {
                 if let Some(node) = self.pick(&pushing) {
                     self.push(node)?;
                 }
+            }
+            32 => self.queue_control(),
+            33 => {
+                self.deliver_control()?;
             }
             34 => {
                 let fault = match self.random(6) {
@@ -985,11 +1019,33 @@ impl Sim {
         Ok(())
     }
 
-    fn answer(&mut self, node: usize) -> Result<(), Violation> {
-        match self.engine.as_mut().unwrap().answer(node) {
-            Some(event) => self.hand_over(node, event),
-            None => Ok(()),
+    /// Redis runs the node's next command; the model follows the memberships it changed.
+    fn run_command(&mut self, node: usize) -> bool {
+        let engine = self.engine.as_mut().unwrap();
+        let Some(what) = engine.run_command(node) else {
+            return false;
+        };
+        let changes = std::mem::take(&mut engine.changes);
+        self.note(format!("Redis runs {node}'s {what}"));
+        for (user, room, change) in changes {
+            let intervals = self.model.intervals.entry((user, room)).or_default();
+            match change {
+                Ok(join) => intervals.push((join.seq, None)),
+                Err(head) => {
+                    if let Some(last) = intervals.last_mut() {
+                        last.1 = Some(head);
+                    }
+                }
+            }
         }
+        true
+    }
+
+    fn answer(&mut self, node: usize) -> Result<(), Violation> {
+        for event in self.engine.as_mut().unwrap().answer(node) {
+            self.hand_over(node, event)?;
+        }
+        Ok(())
     }
 
     fn push(&mut self, node: usize) -> Result<(), Violation> {
@@ -1073,7 +1129,7 @@ impl Sim {
             while engine.run_subscription(node).is_some() {}
         }
         for node in engine.runnable() {
-            while engine.run_command(node).is_some() {}
+            while self.run_command(node) {}
         }
         for node in 0..self.n() {
             while self.engine.as_ref().unwrap().answering().contains(&node) {
@@ -1142,10 +1198,12 @@ impl Sim {
                     .get(&room.id)
                     .map(|v| v.iter().map(|&(s, _)| s).filter(|&s| s > after).collect())
                     .unwrap_or_default();
-                let before = got.len();
                 got.sort_unstable();
+                let twice = got
+                    .windows(2)
+                    .any(|w| w[0] == w[1] && !self.model.past_an_end(&phone.user, room.id, w[0]));
                 got.dedup();
-                if got.len() != before {
+                if twice {
                     return Err(self.fail(format!(
                         "{} received a message of {} twice",
                         phone.user, room.name
@@ -1418,7 +1476,7 @@ fn run_cluster_seed(seed: u64, tweak: impl FnOnce(&mut redis::Engine)) -> Result
 
 #[test]
 fn seeded_cluster_simulations_keep_the_delivery_contract() {
-    for seed in seeds_to_run(400) {
+    for seed in seeds_to_run(1000) {
         if let Err(Violation(what)) = run_cluster_seed(seed, |_| {}) {
             panic!(
                 "cluster simulation seed {seed} ({:?}) failed; replay with PABAL_SIM_SEED={seed}\n{what}",
@@ -1441,16 +1499,43 @@ fn the_same_cluster_seed_replays_the_same_run() {
     assert_eq!(run(11), run(11));
 }
 
+/// The first of seeds `1..=seeds` whose cluster, its engine broken by `fault`, breaks the
+/// contract, and what it said; fails when none does.
+fn cluster_fault_found(seeds: u64, fault: fn(&mut redis::Engine), name: &str) -> String {
+    let found =
+        (1..=seeds).find_map(|seed| run_cluster_seed(seed, fault).err().map(|v| (seed, v.0)));
+    let (seed, what) = found.unwrap_or_else(|| panic!("no seed found {name}"));
+    eprintln!("PABAL_SIM_SEED={seed} finds {name}: {what}");
+    what
+}
+
 #[test]
 fn the_cluster_simulator_finds_what_a_lost_subscription_loses_without_resubscribed() {
     // Fault injection: an engine that re-subscribes a channel without telling the owner
     // to read the stream leaves a hole nobody fills, and some seed must say so.
-    let found = (1..=500).find_map(|seed| {
-        run_cluster_seed(seed, |e| e.forget_resubscribed = true)
-            .err()
-            .map(|v| (seed, v.0))
-    });
-    let (seed, what) = found.expect("no seed found the loss");
-    eprintln!("PABAL_SIM_SEED={seed} without Resubscribed finds it: {what}");
+    let what = cluster_fault_found(500, |e| e.forget_resubscribed = true, "the loss");
     assert!(what.contains("never received"), "{what}");
+}
+
+#[test]
+fn the_cluster_simulator_finds_a_users_read_that_undoes_a_later_notice() {
+    // Fault injection: an engine that hands a notice over before the answer of a read of
+    // the user's rooms that ran before the change lets the read undo it (the user loses a
+    // room they were added to), and some seed must say so.
+    let fault = |e: &mut redis::Engine| e.notices_before_loads = true;
+    let what = cluster_fault_found(3_000, fault, "the undone notice");
+    assert!(what.contains("never received"), "{what}");
+}
+
+#[test]
+fn the_cluster_seeds_that_found_bugs_keep_the_contract() {
+    // Each found one of the bugs fixed with the cluster simulation (past the seeds the
+    // default run takes); their runs change with the code, so this keeps them as examples:
+    // the named tests in `cluster_tests.rs`, `directory.rs` and the codec's session pin the
+    // fixes, and the fault injection above the engine's held notices.
+    for seed in [2145, 4291] {
+        if let Err(Violation(what)) = run_cluster_seed(seed, |_| {}) {
+            panic!("cluster simulation seed {seed} failed\n{what}");
+        }
+    }
 }

@@ -23,8 +23,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use bytes::Bytes;
 use pabal_codec::Text;
 
-use crate::cluster::membership::UserRooms;
-use crate::cluster::{ClaimOutcome, EngineCmd, EngineEvent, EngineMessage, RepeatKey};
+use crate::cluster::membership::{Notice, UserRooms};
+use crate::cluster::{
+    ClaimOutcome, EngineCmd, EngineEvent, EngineMessage, MemberChange, MemberOutcome, RepeatKey,
+};
 use crate::directory::JoinPoint;
 use crate::ids::RoomName;
 
@@ -91,7 +93,13 @@ enum SubWritten {
 enum Push {
     Message(RoomName, Entry),
     Confirmed(RoomName),
+    /// A notice on a user's channel.
+    Notice(Text, Notice),
 }
+
+/// A membership change as Redis ran it: the user, the room, and the join point that began
+/// (`Ok`) or the head at which the membership ended (`Err`).
+pub(super) type MembershipChange = (Text, u64, Result<JoinPoint, u64>);
 
 /// One channel as a node's engine holds it.
 #[derive(Debug, Default)]
@@ -121,6 +129,9 @@ struct Node {
     /// Stream reads waiting for the command connection.
     reads_waiting: Vec<EngineCmd>,
     watched: BTreeSet<Text>,
+    /// Reads of a user's rooms out, and the notices heard meanwhile (they follow the read's
+    /// answer, as the engine holds them).
+    loads: BTreeMap<Text, (u32, Vec<Notice>)>,
 }
 
 /// What can go wrong, chosen by the scheduler.
@@ -136,12 +147,19 @@ pub(super) enum Fault {
 /// The model Redis and every node's engine.
 pub(super) struct Engine {
     rooms: Vec<Room>,
+    /// (user, room id) -> the membership in force.
+    members: HashMap<(Text, u64), JoinPoint>,
+    /// Membership changes run since the scheduler last took them.
+    pub(super) changes: Vec<MembershipChange>,
     nodes: Vec<Node>,
     stream_max_len: usize,
     fill_batch: usize,
     /// Fault injection: a re-established subscription does not tell the owner to read
     /// what it missed (what the engine would be without `Resubscribed`).
     pub(super) forget_resubscribed: bool,
+    /// Fault injection: notices heard while a read of the user's rooms is out are handed
+    /// over at once, before the read's answer (what the engine was before it held them).
+    pub(super) notices_before_loads: bool,
     /// Events an engine reports without Redis (a publish with no connection to go on, a
     /// subscription confirmed): `(node, event)`, handed over by the scheduler.
     pub(super) immediate: Vec<(usize, EngineEvent)>,
@@ -160,13 +178,29 @@ fn repeat_key(key: &RepeatKey) -> (u8, u64, u64) {
 }
 
 impl Engine {
+    /// Every one of `users` a member of every room from its first sequence.
     pub(super) fn new(
         rooms: &[RoomName],
+        users: &[Text],
         nodes: usize,
         stream_max_len: usize,
         fill_batch: usize,
     ) -> Self {
+        let from_the_start = JoinPoint {
+            epoch: EPOCH,
+            seq: 0,
+            serial: 1,
+        };
         Engine {
+            members: users
+                .iter()
+                .flat_map(|u| {
+                    rooms
+                        .iter()
+                        .map(move |r| ((u.clone(), r.id), from_the_start))
+                })
+                .collect(),
+            changes: Vec::new(),
             rooms: rooms
                 .iter()
                 .map(|name| Room {
@@ -189,6 +223,7 @@ impl Engine {
             stream_max_len,
             fill_batch,
             forget_resubscribed: false,
+            notices_before_loads: false,
             immediate: Vec::new(),
         }
     }
@@ -230,22 +265,85 @@ impl Engine {
         self.rooms.iter().map(|r| (&r.name, &r.bodies[..]))
     }
 
-    /// The user's rooms as the engine holds them: every room, from its first sequence.
-    fn user_rooms(&self) -> UserRooms {
+    /// Whether `user` is a member of the room now.
+    pub(super) fn is_member(&self, user: &Text, room_id: u64) -> bool {
+        self.members.contains_key(&(user.clone(), room_id))
+    }
+
+    /// The user's rooms as the engine holds them.
+    fn user_rooms(&self, user: &Text) -> UserRooms {
         UserRooms {
             rooms: self
                 .rooms
                 .iter()
-                .map(|r| {
-                    let join = JoinPoint {
-                        epoch: EPOCH,
-                        seq: 0,
-                        serial: 1,
-                    };
-                    (r.name.clone(), join)
+                .filter_map(|r| {
+                    let join = self.members.get(&(user.clone(), r.name.id))?;
+                    Some((r.name.clone(), *join))
                 })
                 .collect(),
             blocks: Vec::new(),
+        }
+    }
+
+    /// Runs a membership change (both of its scripts at once) and publishes its notice on
+    /// the user's channel.
+    fn change_member(&mut self, req: &crate::cluster::MemberRequest) -> EngineEvent {
+        let key = (req.user.clone(), req.room.id);
+        let head = self.room(req.room.id).head;
+        let (outcome, notice) = match req.change {
+            MemberChange::Join { serial, .. } => match self.members.get(&key) {
+                Some(&join) => (MemberOutcome::Joined { new: false, join }, None),
+                None => {
+                    let join = JoinPoint {
+                        epoch: EPOCH,
+                        seq: head,
+                        serial,
+                    };
+                    self.members.insert(key, join);
+                    self.changes.push((req.user.clone(), req.room.id, Ok(join)));
+                    let room = req.room.clone();
+                    (
+                        MemberOutcome::Joined { new: true, join },
+                        Some(Notice::Joined { room, join }),
+                    )
+                }
+            },
+            MemberChange::Leave { reason, .. } => match self.members.remove(&key) {
+                Some(join) => {
+                    self.changes
+                        .push((req.user.clone(), req.room.id, Err(head)));
+                    let notice = Notice::Left {
+                        room: req.room.clone(),
+                        join,
+                        reason,
+                        blocked: false,
+                    };
+                    let outcome = MemberOutcome::Left {
+                        was: true,
+                        block_refused: false,
+                    };
+                    (outcome, Some(notice))
+                }
+                None => {
+                    let outcome = MemberOutcome::Left {
+                        was: false,
+                        block_refused: false,
+                    };
+                    (outcome, None)
+                }
+            },
+        };
+        if let Some(notice) = notice {
+            for n in self.nodes.iter_mut().filter(|n| n.sub_up) {
+                if n.watched.contains(&req.user) {
+                    n.pushes
+                        .push_back(Push::Notice(req.user.clone(), notice.clone()));
+                }
+            }
+        }
+        EngineEvent::MemberDone {
+            ticket: req.ticket,
+            outcome,
         }
     }
 
@@ -286,10 +384,11 @@ impl Engine {
             }
             EngineCmd::WatchUser { user, .. } => {
                 n.watched.insert(user.clone());
-                self.write(node, Written::Load { user });
+                self.write_load(node, user);
             }
             EngineCmd::UnwatchUser { user } => {
                 n.watched.remove(&user);
+                n.loads.remove(&user);
             }
             // Markers moved (the simulation's phones read no receipts) and connections
             // released: nothing a phone here sees.
@@ -306,6 +405,33 @@ impl Engine {
         } else {
             self.give_up(node, w);
         }
+    }
+
+    /// Reads the user's rooms: notices for the user wait for the answer.
+    fn write_load(&mut self, node: usize, user: Text) {
+        self.nodes[node].loads.entry(user.clone()).or_default().0 += 1;
+        self.write(node, Written::Load { user });
+    }
+
+    /// A read of the user's rooms was answered or failed: once none is out, the notices
+    /// heard meanwhile follow.
+    fn load_answered(&mut self, node: usize, user: &Text) -> Vec<EngineEvent> {
+        let loads = &mut self.nodes[node].loads;
+        let Some((out, held)) = loads.get_mut(user) else {
+            return Vec::new();
+        };
+        *out -= 1;
+        if *out > 0 {
+            return Vec::new();
+        }
+        let held = std::mem::take(held);
+        loads.remove(user);
+        held.into_iter()
+            .map(|notice| EngineEvent::Notice {
+                user: user.clone(),
+                notice,
+            })
+            .collect()
     }
 
     /// A command that will get no answer: a publish fails, an open or stream read waits for
@@ -327,15 +453,23 @@ impl Engine {
                 return;
             }
             Written::Load { user } | Written::Cmd(EngineCmd::WatchUser { user, .. }) => {
-                EngineEvent::UserLoadFailed {
-                    user,
+                let failed = EngineEvent::UserLoadFailed {
+                    user: user.clone(),
                     over_cap: None,
+                };
+                self.immediate.push((node, failed));
+                for notice in self.load_answered(node, &user) {
+                    self.immediate.push((node, notice));
                 }
+                return;
             }
             Written::Cmd(EngineCmd::Claim { ticket, .. }) => EngineEvent::Claimed {
                 ticket,
                 outcome: ClaimOutcome::Failed,
             },
+            Written::Cmd(EngineCmd::Member(req)) => {
+                EngineEvent::MemberFailed { ticket: req.ticket }
+            }
             // A room's markers, read when it opens: an empty answer changes nothing.
             Written::Cmd(EngineCmd::LoadMarkers { .. }) => return,
             Written::Cmd(other) => panic!("not in this simulation: {other:?}"),
@@ -491,13 +625,14 @@ impl Engine {
             Written::Load { user } | Written::Cmd(EngineCmd::WatchUser { user, .. }) => {
                 EngineEvent::UserLoaded {
                     user: user.clone(),
-                    rooms: self.user_rooms(),
+                    rooms: self.user_rooms(user),
                 }
             }
             Written::Cmd(EngineCmd::Claim { ticket, .. }) => EngineEvent::Claimed {
                 ticket: *ticket,
                 outcome: ClaimOutcome::Granted,
             },
+            Written::Cmd(EngineCmd::Member(req)) => self.change_member(req),
             Written::Cmd(EngineCmd::LoadMarkers { room }) => EngineEvent::Markers {
                 room: room.clone(),
                 epoch: EPOCH,
@@ -539,13 +674,20 @@ impl Engine {
         Some(what)
     }
 
-    /// The node's next answer reaches its engine.
-    pub(super) fn answer(&mut self, node: usize) -> Option<EngineEvent> {
+    /// The node's next answer reaches its engine: what the engine hands its worker.
+    pub(super) fn answer(&mut self, node: usize) -> Vec<EngineEvent> {
         let n = &mut self.nodes[node];
         if n.inflight.front().is_none_or(|(_, a)| a.is_none()) {
-            return None;
+            return Vec::new();
         }
-        n.inflight.pop_front().and_then(|(_, a)| a)
+        let Some((written, Some(answer))) = n.inflight.pop_front() else {
+            return Vec::new();
+        };
+        let mut events = vec![answer];
+        if let Written::Load { user } = &written {
+            events.extend(self.load_answered(node, user));
+        }
+        events
     }
 
     /// The node's next push reaches its engine: what the engine hands its worker, if
@@ -568,6 +710,21 @@ impl Engine {
                     msg: message(&entry, origin),
                 }],
             },
+            Push::Notice(user, notice) => {
+                let n = &mut self.nodes[node];
+                if !n.watched.contains(&user) {
+                    Vec::new()
+                } else if let Some((_, held)) = n
+                    .loads
+                    .get_mut(&user)
+                    .filter(|_| !self.notices_before_loads)
+                {
+                    held.push(notice);
+                    Vec::new()
+                } else {
+                    vec![EngineEvent::Notice { user, notice }]
+                }
+            }
             Push::Confirmed(room) => {
                 let Some((_, c)) = self.nodes[node].channels.get_mut(&room.id) else {
                     return Vec::new();
@@ -671,7 +828,7 @@ impl Engine {
             }
             let users: Vec<Text> = n.watched.iter().cloned().collect();
             for user in users {
-                self.write(node, Written::Load { user });
+                self.write_load(node, user);
             }
         }
     }
