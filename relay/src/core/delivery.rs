@@ -77,7 +77,7 @@ impl Core {
                 // resumed with all the same. The position, unused while pending, keeps where
                 // it moved; `on_subscribed` starts past it.
                 if matches!(sub.start_from(), Some(StartFrom::Resume { .. }))
-                    && sub.cursor.max(sub.position()) + 1 == seq
+                    && sub.cursor.max(sub.position()).checked_add(1) == Some(seq)
                 {
                     sub.set_position(seq);
                 }
