@@ -1018,3 +1018,49 @@ fn a_repeat_answered_while_a_resumed_binding_waits_moves_its_cursor_as_the_phone
     // The first DELIVER names no sequence: cursor + 1, the cursor being 10 on both sides.
     assert_eq!(delivered_seqs(&frames).first(), Some(&None), "{frames:?}");
 }
+
+/// A notice that another membership of bob's ended (serial 9; the one in force is serial 1)
+/// reaches a worker after it read bob's rooms, which showed the later membership (the engine holds a user's notices behind such a read): it is old news and
+/// must not end the membership in force. Found by the cluster simulation.
+#[test]
+fn a_notice_that_an_earlier_membership_ended_leaves_the_one_in_force() {
+    use crate::cluster::membership::Notice;
+    let (mut h, bob, room) = bob_opening_dm(|h| h.connect("bob", ClientSession::new()));
+    answer_open(&mut h, &room, 0, Vec::new());
+    let alias = h.phones[&bob]
+        .session
+        .alias_of("dm")
+        .expect("bound from the HELLO");
+    let ended = JoinPoint {
+        epoch: 77,
+        seq: 0,
+        serial: 9,
+    };
+    feed(
+        &mut h,
+        EngineEvent::Notice {
+            user: Text::from("bob"),
+            notice: Notice::Left {
+                room: room.clone(),
+                join: ended,
+                reason: LeftReason::Removed,
+                blocked: false,
+            },
+        },
+    );
+    let events = h.events(bob);
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Left { .. })),
+        "{events:?}"
+    );
+    hear(&mut h, &room, other(1, "m1"));
+    assert_eq!(seqs(h.messages(bob)), vec![1]);
+    assert_eq!(h.phones[&bob].session.alias_of("dm"), Some(alias));
+    // The node still holds the membership: bob's next phone here binds dm from it.
+    let tablet = h.connect("bob", ClientSession::new());
+    assert!(
+        h.phones[&tablet].session.alias_of("dm").is_some(),
+        "{:?}",
+        h.events(tablet)
+    );
+}

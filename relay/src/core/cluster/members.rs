@@ -367,8 +367,24 @@ impl Core {
     }
 
     fn on_user_loaded(&mut self, user: &str, engine: UserRooms) {
-        self.sync_directory(user, &engine);
-        self.sync_connections(user, &engine);
+        let Some(watch) = self.members_side().and_then(|s| s.watched.get(user)) else {
+            return self.directory.forget_if_offline(user);
+        };
+        let (claiming, parked) = (
+            watch.claiming > 0,
+            watch.parked.iter().map(|&(t, _)| t).collect::<Vec<_>>(),
+        );
+        let waiting = parked
+            .into_iter()
+            .any(|t| self.conn(t).is_some_and(|c| c.phase() == Phase::Handshake));
+        // A read for a watch about to end (no connection, no HELLO of the user here any
+        // more) is not applied: it may be older than a change another worker of this node
+        // applied to their common directory since, and with the watch ended no notice would
+        // follow it here to put that back (the workers that keep the user keep it current).
+        if self.users.contains(user) || waiting || claiming {
+            self.sync_directory(user, &engine);
+            self.sync_connections(user, &engine);
+        }
         let Some(watch) = self.members_side().and_then(|s| s.watched.get_mut(user)) else {
             return self.directory.forget_if_offline(user);
         };
@@ -511,6 +527,13 @@ impl Core {
                 reason,
                 blocked,
             } => {
+                // About a membership other than the one in force (a later one began: a
+                // notice held behind a read of the user that showed it, or one heard late):
+                // old news, which must not end the later membership. Serial 0: only a block.
+                let current = self.directory.join_point(user, &room);
+                if join.serial != 0 && current.is_some_and(|c| c.serial != join.serial) {
+                    return;
+                }
                 self.directory.remove(user, &room, blocked);
                 self.on_member_left(room, UserName::from(user), reason, join.serial);
             }

@@ -1533,7 +1533,7 @@ fn the_cluster_seeds_that_found_bugs_keep_the_contract() {
     // default run takes); their runs change with the code, so this keeps them as examples:
     // the named tests in `cluster_tests.rs`, `directory.rs` and the codec's session pin the
     // fixes, and the fault injection above the engine's held notices.
-    for seed in [2145, 4291] {
+    for seed in [2145, 4291, 5430, 21080] {
         if let Err(Violation(what)) = run_cluster_seed(seed, |_| {}) {
             panic!("cluster simulation seed {seed} failed\n{what}");
         }
