@@ -206,32 +206,58 @@ pub struct RoomState {
 }
 
 /// The sequences of one room this connection published and got PUBACKs for: the relay
-/// skips them instead of echoing them. Kept per room, not per alias, so they survive a LEFT
-/// and a new binding of the same room (PROTOCOL.md §9), until a DELIVER or GAP passes them
-/// or a ROOM's cursor reaches them.
+/// skips them instead of echoing them, on every binding of the room (PROTOCOL.md §9). Kept
+/// per room, not per alias, for the life of the connection (a new epoch forgets them): a
+/// later binding may start below one the cursor has passed (on a cluster, a removal and a
+/// rejoin whose join point Redis took before the publish ran).
 #[derive(Debug, Clone, Default)]
 struct OwnSeqs {
     epoch: u64,
-    /// Those above the cursor.
-    seqs: Vec<u64>,
-    /// Those the cursor passed by their PUBACKs (`lo..=hi`, up to the cursor): a rebinding
-    /// of the room may start below them (a rejoin on a cluster), and the relay skips them
-    /// there too.
-    passed: Option<(u64, u64)>,
+    /// Runs of consecutive sequences `(first, last)`, ascending, apart; at most
+    /// [`MAX_OWN_RUNS`], the oldest dropped first.
+    runs: Vec<(u64, u64)>,
 }
+
+/// Runs of own sequences one room keeps. Past it the oldest go: a rebinding below one of
+/// them then meets a DELIVER the session refuses (`SequenceBreak`), and the next
+/// connection resumes without loss.
+const MAX_OWN_RUNS: usize = 1024;
 
 impl OwnSeqs {
     fn contains(&self, seq: u64) -> bool {
-        self.seqs.contains(&seq) || self.passed.is_some_and(|(lo, hi)| (lo..=hi).contains(&seq))
+        self.covers(seq, seq)
     }
 
-    /// Forgets those at or below `seq`.
-    fn forget_through(&mut self, seq: u64) {
-        self.seqs.retain(|&s| s > seq);
-        self.passed = match self.passed {
-            Some((lo, hi)) if hi > seq => Some((lo.max(seq + 1), hi)),
-            _ => None,
-        };
+    /// Whether every sequence of `from..=to` is one of them (runs are maximal, so one run
+    /// holds them all).
+    fn covers(&self, from: u64, to: u64) -> bool {
+        let i = self.runs.partition_point(|&(_, last)| last < from);
+        self.runs
+            .get(i)
+            .is_some_and(|&(first, last)| first <= from && to <= last)
+    }
+
+    fn insert(&mut self, seq: u64) {
+        let i = self.runs.partition_point(|&(_, last)| last < seq);
+        if self.runs.get(i).is_some_and(|&(first, _)| first <= seq) {
+            return;
+        }
+        let joins_before = i > 0 && self.runs[i - 1].1 + 1 == seq;
+        let joins_after = self.runs.get(i).is_some_and(|&(first, _)| first == seq + 1);
+        match (joins_before, joins_after) {
+            (true, true) => {
+                self.runs[i - 1].1 = self.runs[i].1;
+                self.runs.remove(i);
+            }
+            (true, false) => self.runs[i - 1].1 = seq,
+            (false, true) => self.runs[i].0 = seq,
+            (false, false) => {
+                self.runs.insert(i, (seq, seq));
+                if self.runs.len() > MAX_OWN_RUNS {
+                    self.runs.remove(0);
+                }
+            }
+        }
     }
 }
 
@@ -591,12 +617,12 @@ impl ClientSession {
                 // Own sequences above the new cursor stay (the relay skips them on the new
                 // binding too); a new epoch makes them meaningless.
                 self.epochs.insert(r.room_id, r.epoch);
-                if let Some(own) = self.own.get_mut(&r.room_id) {
-                    if own.epoch == r.epoch {
-                        own.forget_through(r.cursor);
-                    } else {
-                        self.own.remove(&r.room_id);
-                    }
+                if self
+                    .own
+                    .get(&r.room_id)
+                    .is_some_and(|own| own.epoch != r.epoch)
+                {
+                    self.own.remove(&r.room_id);
                 }
                 self.parked.retain(|p| p.room_id != r.room_id);
                 self.rooms.insert(r.alias, room.clone());
@@ -631,38 +657,24 @@ impl ClientSession {
                 // The sequence belongs to the room's stream as last bound on this connection
                 // (a relay sends a ROOM before the PUBACKs that follow it). The cursor moves
                 // only while the alias is still bound to that room (an alias may be rebound
-                // in the meantime); otherwise the sequence is remembered as the room's own,
-                // in case the room is bound again on this connection.
+                // in the meantime), and the sequence is the room's own either way.
                 let epoch = self.epochs.get(&room_id).copied().unwrap_or(0);
                 let bound = self.rooms.get_mut(&alias).filter(|r| r.room_id == room_id);
                 // Checked: there is no sequence after 2^64-1 (a relay may claim that cursor).
-                let contiguous = match bound {
-                    Some(room) if Some(p.seq) == room.cursor.checked_add(1) => {
-                        room.cursor = p.seq;
-                        Some(true)
-                    }
-                    Some(room) if p.seq <= room.cursor => None,
-                    _ => Some(false),
-                };
-                if let Some(passed) = contiguous {
-                    let own = self.own.entry(room_id).or_default();
-                    if own.epoch != epoch {
-                        *own = OwnSeqs {
-                            epoch,
-                            ..OwnSeqs::default()
-                        };
-                    }
-                    if !passed {
-                        own.seqs.push(p.seq);
-                    } else {
-                        // A run of them directly below the cursor (anything else that moved
-                        // the cursor in between forgot the run before it).
-                        own.passed = match own.passed {
-                            Some((lo, hi)) if hi + 1 == p.seq => Some((lo, p.seq)),
-                            _ => Some((p.seq, p.seq)),
-                        };
-                    }
+                if let Some(room) = bound
+                    && Some(p.seq) == room.cursor.checked_add(1)
+                {
+                    room.cursor = p.seq;
                 }
+                // Own either way: a later binding of the room may start below it.
+                let own = self.own.entry(room_id).or_default();
+                if own.epoch != epoch {
+                    *own = OwnSeqs {
+                        epoch,
+                        runs: Vec::new(),
+                    };
+                }
+                own.insert(p.seq);
                 Event::PubAck {
                     alias,
                     msg_id: p.msg_id,
@@ -687,13 +699,14 @@ impl ClientSession {
                     // go, and `seq <= cursor` below refuses it.
                     let next = room.cursor.saturating_add(1);
                     let seq = h.seq.unwrap_or(next);
-                    // Only the client's own acknowledged messages may be skipped silently.
+                    // Only the client's own acknowledged messages may be skipped silently (one
+                    // look-up however far the sequence jumps).
                     let own = self
                         .own
-                        .get_mut(&room.room_id)
+                        .get(&room.room_id)
                         .filter(|o| o.epoch == room.epoch);
                     let skipped_all_own =
-                        (next..seq).all(|s| own.as_ref().is_some_and(|o| o.contains(s)));
+                        seq == next || own.is_some_and(|o| o.covers(next, seq.saturating_sub(1)));
                     if seq <= room.cursor || !skipped_all_own {
                         return Err(SessionError::SequenceBreak {
                             alias: h.alias,
@@ -702,9 +715,6 @@ impl ClientSession {
                         });
                     }
                     room.cursor = seq;
-                    if let Some(own) = own {
-                        own.forget_through(seq);
-                    }
                     Some(seq)
                 };
                 Event::Message {
@@ -729,9 +739,6 @@ impl ClientSession {
                     });
                 }
                 room.cursor = g.to;
-                if let Some(own) = self.own.get_mut(&room.room_id) {
-                    own.forget_through(g.to);
-                }
                 Event::Gap {
                     alias: g.alias,
                     room_id: room.room_id,
@@ -1060,9 +1067,20 @@ mod tests {
             matches!(ev, Ok(Event::Message { seq: Some(12), .. })),
             "{ev:?}"
         );
-        // Passed by a delivery, they are forgotten: a later binding from 10 may not skip 11.
+        // Passed by a delivery too, they stay the connection's own: a later binding from 10
+        // (another rejoin) skips 11 again.
         client.apply(room(1, 10)).unwrap();
         let header = relay.header(1, Some(12), 10, &Text::from("x"), 0, 8);
+        let ev = client.apply(ServerFrame::Deliver(Deliver {
+            header,
+            payload: Bytes::new(),
+        }));
+        assert!(
+            matches!(ev, Ok(Event::Message { seq: Some(12), .. })),
+            "{ev:?}"
+        );
+        // A skip over anything else is refused, however far it jumps (one look-up).
+        let header = relay.header(1, Some(u64::MAX), 12, &Text::from("x"), 0, 8);
         let ev = client.apply(ServerFrame::Deliver(Deliver {
             header,
             payload: Bytes::new(),
@@ -1071,6 +1089,24 @@ mod tests {
             matches!(ev, Err(SessionError::SequenceBreak { .. })),
             "{ev:?}"
         );
+    }
+
+    #[test]
+    fn own_sequences_are_kept_as_runs_the_oldest_dropped_past_the_bound() {
+        let mut own = OwnSeqs::default();
+        for seq in [5, 7, 6, 9, 3, 4] {
+            own.insert(seq);
+        }
+        assert_eq!(own.runs, vec![(3, 7), (9, 9)]);
+        assert!(own.covers(3, 7) && !own.covers(7, 9) && own.contains(9) && !own.contains(8));
+        own.insert(8);
+        assert_eq!(own.runs, vec![(3, 9)]);
+        let mut many = OwnSeqs::default();
+        for i in 0..=MAX_OWN_RUNS as u64 {
+            many.insert(2 * i + 1);
+        }
+        assert_eq!(many.runs.len(), MAX_OWN_RUNS);
+        assert!(!many.contains(1) && many.contains(3), "the oldest run went");
     }
 
     fn hello_of(frame: ClientFrame) -> Hello {

@@ -46,30 +46,71 @@ export class SessionError extends Error {
 
 /**
  * @typedef {object} OwnSeqs the sequences of one room this connection published and got
- *   PUBACKs for: the relay skips them instead of echoing them (PROTOCOL.md §9). Kept per room,
- *   so they survive a LEFT and a new binding of the room, until a DELIVER or GAP passes them
- *   or a ROOM's cursor reaches them.
+ *   PUBACKs for: the relay skips them instead of echoing them, on every binding of the room
+ *   (PROTOCOL.md §9). Kept per room for the life of the connection (a new epoch forgets them):
+ *   a later binding may start below one the cursor has passed (on a cluster, a removal and a
+ *   rejoin whose join point Redis took before the publish ran).
  * @property {bigint} epoch
- * @property {Set<number>} seqs those above the cursor
- * @property {[number, number] | null} passed those the cursor passed by their PUBACKs
- *   (`lo..=hi`, up to the cursor)
+ * @property {Array<[number, number]>} runs runs of consecutive sequences, ascending, apart;
+ *   at most MAX_OWN_RUNS, the oldest dropped first
  */
 
 /** @param {bigint} id */
 const keyOf = (id) => id.toString(16);
 
-/** @param {OwnSeqs} own @param {number} seq */
-const ownHas = (own, seq) =>
-  own.seqs.has(seq) || (own.passed !== null && seq >= own.passed[0] && seq <= own.passed[1]);
+/**
+ * Runs of own sequences one room keeps. Past it the oldest go: a rebinding below one of them
+ * then meets a DELIVER the session refuses (sequence_break), and the next connection resumes
+ * without loss.
+ */
+const MAX_OWN_RUNS = 1024;
 
 /**
- * Forgets the own sequences at or below `seq`.
+ * The index of the first run ending at or after `seq`.
  * @param {OwnSeqs} own
  * @param {number} seq
  */
-function forgetOwnThrough(own, seq) {
-  for (const s of own.seqs) if (s <= seq) own.seqs.delete(s);
-  own.passed = own.passed && own.passed[1] > seq ? [Math.max(own.passed[0], seq + 1), own.passed[1]] : null;
+function runAt(own, seq) {
+  let lo = 0;
+  let hi = own.runs.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (own.runs[mid][1] < seq) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/**
+ * Whether every sequence of `from..=to` is one of the room's own (runs are maximal: one holds
+ * them all).
+ * @param {OwnSeqs} own
+ * @param {number} from
+ * @param {number} to
+ */
+function ownCovers(own, from, to) {
+  const run = own.runs[runAt(own, from)];
+  return run !== undefined && run[0] <= from && to <= run[1];
+}
+
+/** @param {OwnSeqs} own @param {number} seq */
+function insertOwn(own, seq) {
+  const i = runAt(own, seq);
+  const next = own.runs[i];
+  if (next && next[0] <= seq) return;
+  const before = i > 0 && own.runs[i - 1][1] + 1 === seq;
+  const after = next !== undefined && next[0] === seq + 1;
+  if (before && after) {
+    own.runs[i - 1][1] = next[1];
+    own.runs.splice(i, 1);
+  } else if (before) {
+    own.runs[i - 1][1] = seq;
+  } else if (after) {
+    next[0] = seq;
+  } else {
+    own.runs.splice(i, 0, [seq, seq]);
+    if (own.runs.length > MAX_OWN_RUNS) own.runs.shift();
+  }
 }
 
 /**
@@ -278,14 +319,7 @@ export class Session {
             : null;
         const room = { roomId: f.roomId, name: f.name, channel: f.channel, epoch: f.epoch, cursor: f.cursor };
         this.rooms.set(key, room);
-        const own = this.own.get(key);
-        if (own) {
-          if (own.epoch === f.epoch) {
-            forgetOwnThrough(own, f.cursor);
-          } else {
-            this.own.delete(key);
-          }
-        }
+        if (this.own.get(key)?.epoch !== f.epoch) this.own.delete(key);
         const previous = this.aliases.get(f.alias);
         if (previous !== undefined) this.aliasOfRoom.delete(previous);
         const oldAlias = this.aliasOfRoom.get(key);
@@ -310,22 +344,15 @@ export class Session {
         this.inFlight.delete(f.msgId);
         const room = this.rooms.get(sent.key);
         const bound = this.aliases.get(sent.alias) === sent.key ? room : undefined;
-        const passed = bound !== undefined && f.seq === bound.cursor + 1;
-        if (passed) bound.cursor = f.seq;
-        if ((passed || !(bound && f.seq <= bound.cursor)) && room) {
+        if (bound && f.seq === bound.cursor + 1) bound.cursor = f.seq;
+        // Own either way: a later binding of the room may start below it.
+        if (room) {
           let own = this.own.get(sent.key);
           if (!own || own.epoch !== room.epoch) {
-            own = { epoch: room.epoch, seqs: new Set(), passed: null };
+            own = { epoch: room.epoch, runs: [] };
             this.own.set(sent.key, own);
           }
-          if (!passed) {
-            own.seqs.add(f.seq);
-          } else {
-            // A run of them directly below the cursor (anything else that moved the cursor
-            // in between forgot the run before it): a rebinding of the room may start below
-            // them (a rejoin on a cluster), and the relay skips them there too.
-            own.passed = own.passed && own.passed[1] + 1 === f.seq ? [own.passed[0], f.seq] : [f.seq, f.seq];
-          }
+          insertOwn(own, f.seq);
         }
         return { type: 'puback', msgId: f.msgId, seq: f.seq, room: room ? publicRoom(room) : null };
       }
@@ -347,11 +374,9 @@ export class Session {
           if (seq <= room.cursor || !Number.isSafeInteger(next)) {
             throw breakOf(f.alias, room.cursor, seq);
           }
-          for (let s = next; s < seq; s++) {
-            if (!own || !ownHas(own, s)) throw breakOf(f.alias, room.cursor, seq);
-          }
+          // Only the client's own may be skipped (one look-up however far it jumps).
+          if (seq !== next && !(own && ownCovers(own, next, seq - 1))) throw breakOf(f.alias, room.cursor, seq);
           room.cursor = seq;
-          if (own) forgetOwnThrough(own, seq);
         }
         return {
           type: 'message',
@@ -380,8 +405,6 @@ export class Session {
         const room = this.#bound(f.alias, 'GAP');
         if (f.from !== room.cursor + 1) throw breakOf(f.alias, room.cursor, f.from);
         room.cursor = f.to;
-        const own = this.own.get(keyOf(room.roomId));
-        if (own) forgetOwnThrough(own, f.to);
         return { type: 'gap', room: publicRoom(room), from: f.from, to: f.to };
       }
       default:
@@ -412,7 +435,7 @@ export class Session {
     const own = this.own.get(key);
     let held = room.cursor;
     if (!own || own.epoch !== room.epoch) return held;
-    while (Number.isSafeInteger(held + 1) && ownHas(own, held + 1)) held += 1;
+    while (Number.isSafeInteger(held + 1) && ownCovers(own, held + 1, held + 1)) held += 1;
     return held;
   }
 
