@@ -205,6 +205,7 @@ impl Engine {
         for (room, after, reader) in std::mem::take(&mut self.fills_waiting) {
             self.send_fill(room, after, reader, None, 0);
         }
+        self.send_reads_due();
         self.send_receipts_waiting();
     }
 }

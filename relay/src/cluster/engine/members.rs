@@ -42,6 +42,10 @@ pub(super) struct UserWatch {
     held: Vec<m::Notice>,
     /// Held notices were dropped: read the user again once the reads out are answered.
     reread: bool,
+    /// A read failed for want of the command connection: read again once it is back (a
+    /// read after a resubscription repairs what notices were lost; the worker keeps its
+    /// cache meanwhile, so without this a lost notice would stay lost).
+    read_due: bool,
 }
 
 /// Notices one user's channel may hold while a read of the user's rooms is out.
@@ -152,6 +156,7 @@ impl Engine {
                     loads: 0,
                     held: Vec::new(),
                     reread: false,
+                    read_due: false,
                 });
                 match w.state {
                     // Already subscribed (a connection raced its unwatch): read again.
@@ -537,6 +542,29 @@ impl Engine {
         self.fail_member_step(step);
     }
 
+    /// Users whose read failed for want of the command connection, on a shard whose
+    /// command connection is back: read again (after a dial).
+    pub(super) fn send_reads_due(&mut self) {
+        let due: Vec<Text> = self
+            .users
+            .values_mut()
+            .filter(|w| {
+                w.read_due
+                    && w.state == SubState::Subscribed
+                    && w.shard
+                        .and_then(|i| self.shards.get(i))
+                        .is_some_and(|s| s.cmd.is_some())
+            })
+            .map(|w| {
+                w.read_due = false;
+                w.user.clone()
+            })
+            .collect();
+        for user in due {
+            self.send_load(user);
+        }
+    }
+
     /// Reads the user's rooms (and holds the user's notices until the answer).
     fn send_load(&mut self, user: Text) {
         if let Some(w) = self.users.get_mut(&m::notice_channel(&user)) {
@@ -579,6 +607,9 @@ impl Engine {
                     user: user.clone(),
                     over_cap: None,
                 });
+                if let Some(w) = self.users.get_mut(&m::notice_channel(&user)) {
+                    w.read_due = true;
+                }
                 return self.load_answered(&user);
             }
             Step::Kick { ticket, .. } => EngineEvent::Kicked { ticket, ok: false },

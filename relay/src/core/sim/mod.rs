@@ -1524,7 +1524,10 @@ fn the_cluster_simulator_finds_a_users_read_that_undoes_a_later_notice() {
     // room they were added to), and some seed must say so.
     let fault = |e: &mut redis::Engine| e.notices_before_loads = true;
     let what = cluster_fault_found(3_000, fault, "the undone notice");
-    assert!(what.contains("never received"), "{what}");
+    assert!(
+        what.contains("never received") || what.contains("before the head"),
+        "a member went without its room's messages: {what}"
+    );
 }
 
 #[test]
@@ -1533,7 +1536,7 @@ fn the_cluster_seeds_that_found_bugs_keep_the_contract() {
     // default run takes); their runs change with the code, so this keeps them as examples:
     // the named tests in `cluster_tests.rs`, `directory.rs` and the codec's session pin the
     // fixes, and the fault injection above the engine's held notices.
-    for seed in [2145, 4291, 5430, 21080] {
+    for seed in [2145, 4291, 5430, 5928, 21080, 34110] {
         if let Err(Violation(what)) = run_cluster_seed(seed, |_| {}) {
             panic!("cluster simulation seed {seed} failed\n{what}");
         }

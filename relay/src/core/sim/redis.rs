@@ -87,6 +87,9 @@ enum Written {
 enum SubWritten {
     Subscribe(RoomName),
     Unsubscribe(RoomName),
+    /// A user's notice channel.
+    SubscribeUser(Text),
+    UnsubscribeUser(Text),
 }
 
 #[derive(Debug)]
@@ -95,6 +98,8 @@ enum Push {
     Confirmed(RoomName),
     /// A notice on a user's channel.
     Notice(Text, Notice),
+    /// A user's channel is subscribed: the user is read next.
+    UserConfirmed(Text),
 }
 
 /// A membership change as Redis ran it: the user, the room, and the join point that began
@@ -129,6 +134,11 @@ struct Node {
     /// Stream reads waiting for the command connection.
     reads_waiting: Vec<EngineCmd>,
     watched: BTreeSet<Text>,
+    /// Users whose channel Redis holds subscribed on the node's pub/sub connection.
+    user_subs: BTreeSet<Text>,
+    /// Users whose read failed for want of the command connection: read again when it is
+    /// back.
+    reads_due: BTreeSet<Text>,
     /// Reads of a user's rooms out, and the notices heard meanwhile (they follow the read's
     /// answer, as the engine holds them).
     loads: BTreeMap<Text, (u32, Vec<Notice>)>,
@@ -335,7 +345,7 @@ impl Engine {
         };
         if let Some(notice) = notice {
             for n in self.nodes.iter_mut().filter(|n| n.sub_up) {
-                if n.watched.contains(&req.user) {
+                if n.user_subs.contains(&req.user) {
                     n.pushes
                         .push_back(Push::Notice(req.user.clone(), notice.clone()));
                 }
@@ -382,13 +392,26 @@ impl Engine {
             cmd @ (EngineCmd::Fill { .. } | EngineCmd::Read { .. }) if !n.cmd_up => {
                 n.reads_waiting.push(cmd);
             }
+            // The user's channel is subscribed, then the user read (after the confirmation:
+            // a change after the read comes as a notice).
             EngineCmd::WatchUser { user, .. } => {
                 n.watched.insert(user.clone());
-                self.write_load(node, user);
+                if n.sub_up {
+                    n.sub_out.push_back(SubWritten::SubscribeUser(user));
+                } else if !n.cmd_up {
+                    let failed = EngineEvent::UserLoadFailed {
+                        user,
+                        over_cap: None,
+                    };
+                    self.immediate.push((node, failed));
+                }
             }
             EngineCmd::UnwatchUser { user } => {
                 n.watched.remove(&user);
                 n.loads.remove(&user);
+                if n.sub_up {
+                    n.sub_out.push_back(SubWritten::UnsubscribeUser(user));
+                }
             }
             // Markers moved (the simulation's phones read no receipts) and connections
             // released: nothing a phone here sees.
@@ -453,6 +476,9 @@ impl Engine {
                 return;
             }
             Written::Load { user } | Written::Cmd(EngineCmd::WatchUser { user, .. }) => {
+                if n.watched.contains(&user) {
+                    n.reads_due.insert(user.clone());
+                }
                 let failed = EngineEvent::UserLoadFailed {
                     user: user.clone(),
                     over_cap: None,
@@ -670,6 +696,13 @@ impl Engine {
             SubWritten::Unsubscribe(room) => {
                 self.room_mut(room.id).subscribers.remove(&node);
             }
+            SubWritten::SubscribeUser(user) => {
+                self.nodes[node].user_subs.insert(user.clone());
+                self.nodes[node].pushes.push_back(Push::UserConfirmed(user));
+            }
+            SubWritten::UnsubscribeUser(user) => {
+                self.nodes[node].user_subs.remove(&user);
+            }
         }
         Some(what)
     }
@@ -710,6 +743,12 @@ impl Engine {
                     msg: message(&entry, origin),
                 }],
             },
+            Push::UserConfirmed(user) => {
+                if self.nodes[node].watched.contains(&user) {
+                    self.write_load(node, user);
+                }
+                Vec::new()
+            }
             Push::Notice(user, notice) => {
                 let n = &mut self.nodes[node];
                 if !n.watched.contains(&user) {
@@ -766,6 +805,7 @@ impl Engine {
                 n.sub_up = false;
                 n.pushes.clear();
                 n.sub_out.clear();
+                n.user_subs.clear();
                 for (_, c) in n.channels.values_mut() {
                     c.subscribed = false;
                     c.subscribing = false;
@@ -810,6 +850,14 @@ impl Engine {
             for id in subscribed {
                 self.send_opens(node, id);
             }
+            let n = &mut self.nodes[node];
+            let due: Vec<Text> = std::mem::take(&mut n.reads_due)
+                .into_iter()
+                .filter(|u| n.watched.contains(u) && n.user_subs.contains(u))
+                .collect();
+            for user in due {
+                self.write_load(node, user);
+            }
         }
         if !self.nodes[node].sub_up {
             let n = &mut self.nodes[node];
@@ -826,9 +874,8 @@ impl Engine {
             for room in rooms {
                 n.sub_out.push_back(SubWritten::Subscribe(room));
             }
-            let users: Vec<Text> = n.watched.iter().cloned().collect();
-            for user in users {
-                self.write_load(node, user);
+            for user in &n.watched {
+                n.sub_out.push_back(SubWritten::SubscribeUser(user.clone()));
             }
         }
     }
