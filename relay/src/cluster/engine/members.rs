@@ -685,3 +685,117 @@ impl Engine {
         true
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
+mod tests {
+    use super::*;
+    use crate::cluster::ClusterConfig;
+    use crate::cluster::engine::{Driver, EngineHandle};
+    use crate::cluster::membership::Notice;
+    use std::sync::Arc;
+
+    /// An engine on the test's thread whose Redis does not answer (nothing listens on port
+    /// 1): its steps fail as with the command connection down.
+    fn engine_down() -> EngineHandle {
+        let config = ClusterConfig {
+            redis: vec!["redis://127.0.0.1:1".into()],
+            ..ClusterConfig::default()
+        };
+        let stats = Arc::new(super::super::super::ClusterStats::default());
+        EngineHandle::spawn(0, &config, "t", Box::new(|| {}), stats).unwrap()
+    }
+
+    fn engine_of(handle: &mut EngineHandle) -> &mut Engine {
+        match &mut handle.driver {
+            Driver::Inline { engine, .. } => engine,
+            Driver::Thread { .. } => unreachable!("spawned on the test's thread"),
+        }
+    }
+
+    /// An engine whose Redis does not answer, with ann's channel watched and subscribed:
+    /// the engine, ann, and her channel.
+    fn ann_watched() -> (EngineHandle, Text, Bytes) {
+        let mut handle = engine_down();
+        let user = Text::from("ann");
+        let ch = m::notice_channel(&user);
+        engine_of(&mut handle).users.insert(
+            ch.clone(),
+            UserWatch {
+                user: user.clone(),
+                state: SubState::Subscribed,
+                shard: Some(0),
+                max_rooms: 100,
+                max_blocks: 100,
+                conns: 0,
+                loads: 0,
+                held: Vec::new(),
+                reread: false,
+                read_due: false,
+            },
+        );
+        (handle, user, ch)
+    }
+
+    /// A notice heard while a read of the user is out follows the read's answer: the read
+    /// may have run before the notice's change (two connections, no order between them).
+    #[test]
+    fn a_notice_heard_while_a_read_of_the_user_is_out_follows_its_answer() {
+        let (mut handle, ann, ch) = ann_watched();
+        let e = engine_of(&mut handle);
+        e.users.get_mut(&ch).unwrap().loads = 1;
+        let notice = Value::Bulk(Some(Bytes::from_static(b"J 7:3:99 r:dm")));
+        assert!(e.on_user_push(b"message", &ch, &notice));
+        assert!(e.out.is_empty(), "held: {:?}", e.out);
+        let rooms = Value::Array(Some(vec![
+            Value::Bulk(Some(Bytes::from_static(b"ok"))),
+            Value::Array(Some(Vec::new())),
+            Value::Array(Some(Vec::new())),
+        ]));
+        e.on_member_reply(Step::Load { user: ann.clone() }, rooms, 0);
+        assert!(
+            matches!(
+                e.out.as_slice(),
+                [
+                    EngineEvent::UserLoaded { .. },
+                    EngineEvent::Notice {
+                        notice: Notice::Joined { .. },
+                        ..
+                    }
+                ]
+            ),
+            "{:?}",
+            e.out
+        );
+        // With no read out, a notice goes at once.
+        e.out.clear();
+        assert!(e.on_user_push(b"message", &ch, &notice));
+        assert!(matches!(e.out.as_slice(), [EngineEvent::Notice { .. }]));
+    }
+
+    /// A read that fails for want of the command connection is marked to go again once the
+    /// connection is back (and not before).
+    #[test]
+    fn a_read_that_found_no_command_connection_is_due_again() {
+        let (mut handle, ann, ch) = ann_watched();
+        let e = engine_of(&mut handle);
+        e.send_load(ann);
+        assert!(
+            matches!(
+                e.out.as_slice(),
+                [EngineEvent::UserLoadFailed { over_cap: None, .. }]
+            ),
+            "{:?}",
+            e.out
+        );
+        let w = &e.users[&ch];
+        assert!(w.read_due && w.loads == 0);
+        e.out.clear();
+        e.send_reads_due();
+        assert!(
+            e.out.is_empty(),
+            "still no connection: nothing sent, nothing failed"
+        );
+        assert!(e.users[&ch].read_due);
+    }
+}
