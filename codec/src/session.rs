@@ -1055,14 +1055,18 @@ mod tests {
                 reason: LeftReason::Removed,
             }))
             .unwrap();
-        client.apply(room(1, 10)).unwrap();
+        // The relay's DELIVER of `seq` on alias 1, with its cursor at `cursor`.
         let mut relay = DeliverContext::new(0);
-        let header = relay.header(1, Some(12), 10, &Text::from("x"), 0, 8);
-        assert_eq!(header.seq, Some(12), "explicit: it skips the own 11");
-        let ev = client.apply(ServerFrame::Deliver(Deliver {
-            header,
-            payload: Bytes::new(),
-        }));
+        let mut deliver = |client: &mut ClientSession, seq, cursor| {
+            let header = relay.header(1, Some(seq), cursor, &Text::from("x"), 0, 8);
+            client.apply(ServerFrame::Deliver(Deliver {
+                header,
+                payload: Bytes::new(),
+            }))
+        };
+        // The rejoin binds from 10; the relay skips the own 11.
+        client.apply(room(1, 10)).unwrap();
+        let ev = deliver(&mut client, 12, 10);
         assert!(
             matches!(ev, Ok(Event::Message { seq: Some(12), .. })),
             "{ev:?}"
@@ -1070,21 +1074,13 @@ mod tests {
         // Passed by a delivery too, they stay the connection's own: a later binding from 10
         // (another rejoin) skips 11 again.
         client.apply(room(1, 10)).unwrap();
-        let header = relay.header(1, Some(12), 10, &Text::from("x"), 0, 8);
-        let ev = client.apply(ServerFrame::Deliver(Deliver {
-            header,
-            payload: Bytes::new(),
-        }));
+        let ev = deliver(&mut client, 12, 10);
         assert!(
             matches!(ev, Ok(Event::Message { seq: Some(12), .. })),
             "{ev:?}"
         );
         // A skip over anything else is refused, however far it jumps (one look-up).
-        let header = relay.header(1, Some(u64::MAX), 12, &Text::from("x"), 0, 8);
-        let ev = client.apply(ServerFrame::Deliver(Deliver {
-            header,
-            payload: Bytes::new(),
-        }));
+        let ev = deliver(&mut client, u64::MAX, 12);
         assert!(
             matches!(ev, Err(SessionError::SequenceBreak { .. })),
             "{ev:?}"

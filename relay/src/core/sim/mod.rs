@@ -23,16 +23,17 @@
 //! every phone connected and nothing stalled, every member holds every message of its
 //! current membership exactly once, and a drain delivers all of it before the GOAWAY.
 //!
-//! **A cluster on Redis** (`Sim::clustered`, `seeded_cluster_simulations_...`): every core
-//! is a node of one worker with its own directory, and the engine is `redis.rs`'s model of
-//! one Redis and each node's two connections to it. The scheduler then also picks Redis
-//! running a node's next command or subscription, an answer or a push reaching a node, and
-//! faults: a command or pub/sub connection lost (and later re-established), a push lost
-//! where a later one of the room reveals the hole, a room's stream trimmed to its length, a
-//! node killed -9 and started again. Every phone is a member of every room from its first
-//! message; retention, stream length and stream pages are small and drawn from the seed.
-//! What is checked is the same, against what Redis sequenced, and a GAP must name only
-//! what the stream no longer held (or the phone's own).
+//! **A cluster on Redis** (`cluster.rs`, `Sim::clustered`): nodes of one to three workers,
+//! each node with its own directory, each worker with its own engine, on `redis.rs`'s model
+//! of one Redis and each engine's two connections to it. The scheduler then also picks Redis
+//! running an engine's next command or subscription, an answer or a push reaching an
+//! engine, membership changes through any node, and faults: a command or pub/sub connection
+//! lost (and later re-established), a push lost where a later one of the room reveals the
+//! hole, a room's stream trimmed to its length, a node killed -9 and started again. Every
+//! phone starts a member of every room; retention, stream length and stream pages are small
+//! and drawn from the seed. What is checked is the same, against what Redis sequenced, and
+//! a GAP must name only what the stream no longer held (or the phone's own); a membership's
+//! end is not checked (`Model::removal_leaks`: a removal is not exact across nodes).
 //!
 //! A failing seed prints itself; `PABAL_SIM_SEED=<seed>` replays it exactly. CI runs a
 //! bounded number of seeds; `PABAL_SIM_SEEDS=<n>` (and `PABAL_SIM_FROM=<first>`) run more.
@@ -51,6 +52,7 @@ use pabal_codec::{
     ClientFrame, ClientSession, Decoder, Event, LeftReason, Limits, ServerFrame, Text,
 };
 
+mod cluster;
 mod redis;
 
 use super::test_wire::TestWire;
@@ -191,30 +193,6 @@ const PEER: &str = "127.0.0.1:40000";
 impl Sim {
     fn new(seed: u64, shape: Shape, tweak: impl FnOnce(&mut Config)) -> Self {
         Self::build(seed, shape, shape.cores, false, tweak)
-    }
-
-    /// `shape.cores` relay nodes of one to three workers each (drawn from the seed) on one
-    /// Redis ([`redis`]), every phone a member of every room from its first message.
-    /// Retention, stream length and stream pages are drawn from the seed, small, so that
-    /// phones resume from the stream, read it in pages and meet its exact gaps.
-    fn clustered(seed: u64, shape: Shape) -> Self {
-        let mut rng = SplitMix64::new(seed ^ 0xc105);
-        let workers = 1 + (rng.next_u64() % 3) as usize;
-        let retained = 2 + (rng.next_u64() % 30) as usize;
-        let stream_max_len = 4 + rng.next_u64() % 60;
-        let fill_batch = 1 + (rng.next_u64() % 8) as usize;
-        let shape = Shape {
-            cores: shape.cores * workers,
-            ..shape
-        };
-        Self::build(seed, shape, workers, true, |c| {
-            c.retention.max_messages = retained;
-            c.cluster = Some(crate::cluster::ClusterConfig {
-                stream_max_len,
-                fill_batch,
-                ..Default::default()
-            });
-        })
     }
 
     /// `shape.cores` workers in nodes of `workers` (a cluster's nodes; one node without).
@@ -951,197 +929,6 @@ impl Sim {
         Ok(())
     }
 
-    // ---- a cluster's steps -----------------------------------------------------------------
-
-    fn pick(&mut self, of: &[usize]) -> Option<usize> {
-        (!of.is_empty()).then(|| of[self.random(of.len())])
-    }
-
-    fn engine_step(&mut self, roll: usize) -> Result<(), Violation> {
-        use redis::Fault;
-        let engine = self.engine.as_ref().unwrap();
-        let (runnable, subscribing) = (engine.runnable(), engine.subscribing());
-        let (answering, pushing, down) = (engine.answering(), engine.pushing(), engine.down());
-        let any = self.random(self.n());
-        match roll {
-            0..=10 => {
-                if let Some(node) = self.pick(&runnable) {
-                    self.run_command(node);
-                }
-            }
-            11..=15 => {
-                if let Some(node) = self.pick(&subscribing)
-                    && let Some(what) = self.engine.as_mut().unwrap().run_subscription(node)
-                {
-                    self.note(format!("Redis runs {node}'s {what}"));
-                }
-            }
-            16..=24 => {
-                if let Some(node) = self.pick(&answering) {
-                    self.answer(node)?;
-                }
-            }
-            25..=31 => {
-                if let Some(node) = self.pick(&pushing) {
-                    self.push(node)?;
-                }
-            }
-            32 => self.queue_control(),
-            33 => {
-                self.deliver_control()?;
-            }
-            34 => {
-                let fault = match self.random(6) {
-                    0 => Fault::LoseCommands,
-                    1 => Fault::LosePubSub,
-                    2 => Fault::DropPush,
-                    3 | 4 => {
-                        let r = self.random(self.rooms.len());
-                        let n = self.engine.as_mut().unwrap().trim(r);
-                        self.note(format!("the stream of room{r} is trimmed by {n}"));
-                        return Ok(());
-                    }
-                    _ => return self.restart(any),
-                };
-                if self.engine.as_mut().unwrap().fault(any, fault) {
-                    self.note(format!("engine {any}: {fault:?}"));
-                    self.hand_over_immediate()?;
-                }
-            }
-            _ => {
-                if let Some(node) = self.pick(&down) {
-                    self.note(format!("engine {node} reconnects"));
-                    self.engine.as_mut().unwrap().reconnect(node);
-                    self.hand_over_immediate()?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Redis runs the node's next command; the model follows the memberships it changed.
-    fn run_command(&mut self, node: usize) -> bool {
-        let engine = self.engine.as_mut().unwrap();
-        let Some(what) = engine.run_command(node) else {
-            return false;
-        };
-        let changes = std::mem::take(&mut engine.changes);
-        self.note(format!("Redis runs {node}'s {what}"));
-        for (user, room, change) in changes {
-            let intervals = self.model.intervals.entry((user, room)).or_default();
-            match change {
-                Ok(join) => intervals.push((join.seq, None)),
-                Err(head) => {
-                    if let Some(last) = intervals.last_mut() {
-                        last.1 = Some(head);
-                    }
-                }
-            }
-        }
-        true
-    }
-
-    fn answer(&mut self, node: usize) -> Result<(), Violation> {
-        for event in self.engine.as_mut().unwrap().answer(node) {
-            self.hand_over(node, event)?;
-        }
-        Ok(())
-    }
-
-    fn push(&mut self, node: usize) -> Result<(), Violation> {
-        for event in self.engine.as_mut().unwrap().push(node) {
-            self.hand_over(node, event)?;
-        }
-        Ok(())
-    }
-
-    fn hand_over_immediate(&mut self) -> Result<(), Violation> {
-        let events = std::mem::take(&mut self.engine.as_mut().unwrap().immediate);
-        for (node, event) in events {
-            self.hand_over(node, event)?;
-        }
-        Ok(())
-    }
-
-    /// The node of worker `core` is killed -9 and started again: its phones' connections
-    /// are gone without a word, its workers are new ones, and their engines start from
-    /// nothing.
-    fn restart(&mut self, core: usize) -> Result<(), Violation> {
-        let first = core / self.workers * self.workers;
-        let workers = first..first + self.workers;
-        self.note(format!(
-            "the node of workers {workers:?} is killed and restarted"
-        ));
-        for phone in &mut self.phones {
-            if phone
-                .link
-                .as_ref()
-                .is_some_and(|l| workers.contains(&l.core))
-            {
-                phone.link = None;
-            }
-        }
-        let since = self.now.saturating_duration_since(self.began).as_millis() as u64;
-        let membership: Arc<dyn Membership> = Arc::new(Directory::new(
-            self.workers,
-            self.config.limits.max_rooms_per_user,
-        ));
-        let node = new_node(
-            &self.config,
-            membership,
-            self.workers,
-            self.now,
-            redis::EPOCH + since,
-        );
-        for (c, (worker, stats)) in workers.clone().zip(node) {
-            self.cores[c] = worker;
-            self.stats[c] = stats;
-            self.wires[c] = TestWire::default();
-            self.engine.as_mut().unwrap().restart(c);
-            for link in &mut self.links[c * self.cores.len()..(c + 1) * self.cores.len()] {
-                link.clear();
-            }
-            let n = self.cores.len();
-            for from in 0..n {
-                self.links[from * n + c].clear();
-            }
-        }
-        for c in workers {
-            self.service(c)?;
-        }
-        Ok(())
-    }
-
-    /// Everything the engines and Redis have in flight moves once; whether anything did.
-    fn settle_engines(&mut self) -> Result<bool, Violation> {
-        let Some(engine) = self.engine.as_mut() else {
-            return Ok(false);
-        };
-        if engine.settled() {
-            return Ok(false);
-        }
-        for node in engine.down() {
-            engine.reconnect(node);
-        }
-        self.hand_over_immediate()?;
-        let engine = self.engine.as_mut().unwrap();
-        for node in engine.subscribing() {
-            while engine.run_subscription(node).is_some() {}
-        }
-        for node in engine.runnable() {
-            while self.run_command(node) {}
-        }
-        for node in 0..self.n() {
-            while self.engine.as_ref().unwrap().answering().contains(&node) {
-                self.answer(node)?;
-            }
-            while self.engine.as_ref().unwrap().pushing().contains(&node) {
-                self.push(node)?;
-            }
-        }
-        Ok(true)
-    }
-
     /// Runs everything in flight to the end, with no stalls and no new traffic.
     fn quiesce(&mut self) -> Result<(), Violation> {
         for link in self.phones.iter_mut().filter_map(|p| p.link.as_mut()) {
@@ -1456,89 +1243,4 @@ fn the_simulator_finds_a_republished_message_stored_twice() {
         what.contains("twice") || what.contains("PUBACK seq"),
         "{what}"
     );
-}
-
-/// A cluster of 2 to 4 nodes.
-fn cluster_shape_of(seed: u64) -> Shape {
-    Shape::drawn(seed, 0xc1a5, [(2, 3), (2, 6), (1, 3)])
-}
-
-/// Runs one seed of a cluster to its end; `tweak` may break the model's engine on purpose.
-fn run_cluster_seed(seed: u64, tweak: impl FnOnce(&mut redis::Engine)) -> Result<(), Violation> {
-    let shape = cluster_shape_of(seed);
-    let mut sim = Sim::clustered(seed, shape);
-    tweak(sim.engine.as_mut().unwrap());
-    for _ in 0..shape.steps {
-        sim.step()?;
-    }
-    sim.finish()
-}
-
-#[test]
-fn seeded_cluster_simulations_keep_the_delivery_contract() {
-    for seed in seeds_to_run(1000) {
-        if let Err(Violation(what)) = run_cluster_seed(seed, |_| {}) {
-            panic!(
-                "cluster simulation seed {seed} ({:?}) failed; replay with PABAL_SIM_SEED={seed}\n{what}",
-                cluster_shape_of(seed)
-            );
-        }
-    }
-}
-
-#[test]
-fn the_same_cluster_seed_replays_the_same_run() {
-    let run = |seed| {
-        let shape = cluster_shape_of(seed);
-        let mut sim = Sim::clustered(seed, shape);
-        for _ in 0..shape.steps {
-            sim.step().unwrap();
-        }
-        sim.trace.iter().cloned().collect::<Vec<_>>()
-    };
-    assert_eq!(run(11), run(11));
-}
-
-/// The first of seeds `1..=seeds` whose cluster, its engine broken by `fault`, breaks the
-/// contract, and what it said; fails when none does.
-fn cluster_fault_found(seeds: u64, fault: fn(&mut redis::Engine), name: &str) -> String {
-    let found =
-        (1..=seeds).find_map(|seed| run_cluster_seed(seed, fault).err().map(|v| (seed, v.0)));
-    let (seed, what) = found.unwrap_or_else(|| panic!("no seed found {name}"));
-    eprintln!("PABAL_SIM_SEED={seed} finds {name}: {what}");
-    what
-}
-
-#[test]
-fn the_cluster_simulator_finds_what_a_lost_subscription_loses_without_resubscribed() {
-    // Fault injection: an engine that re-subscribes a channel without telling the owner
-    // to read the stream leaves a hole nobody fills, and some seed must say so.
-    let what = cluster_fault_found(500, |e| e.forget_resubscribed = true, "the loss");
-    assert!(what.contains("never received"), "{what}");
-}
-
-#[test]
-fn the_cluster_simulator_finds_a_users_read_that_undoes_a_later_notice() {
-    // Fault injection: an engine that hands a notice over before the answer of a read of
-    // the user's rooms that ran before the change lets the read undo it (the user loses a
-    // room they were added to), and some seed must say so.
-    let fault = |e: &mut redis::Engine| e.notices_before_loads = true;
-    let what = cluster_fault_found(3_000, fault, "the undone notice");
-    assert!(
-        what.contains("never received") || what.contains("before the head"),
-        "a member went without its room's messages: {what}"
-    );
-}
-
-#[test]
-fn the_cluster_seeds_that_found_bugs_keep_the_contract() {
-    // Each found one of the bugs fixed with the cluster simulation (past the seeds the
-    // default run takes); their runs change with the code, so this keeps them as examples:
-    // the named tests in `cluster_tests.rs`, `directory.rs` and the codec's session pin the
-    // fixes, and the fault injection above the engine's held notices.
-    for seed in [2145, 4291, 5430, 5928, 21080, 34110] {
-        if let Err(Violation(what)) = run_cluster_seed(seed, |_| {}) {
-            panic!("cluster simulation seed {seed} failed\n{what}");
-        }
-    }
 }
