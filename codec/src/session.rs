@@ -224,17 +224,19 @@ struct OwnSeqs {
 const MAX_OWN_RUNS: usize = 1024;
 
 impl OwnSeqs {
-    fn contains(&self, seq: u64) -> bool {
-        self.covers(seq, seq)
+    /// The last of the run that holds `seq`, if one does.
+    fn run_end(&self, seq: u64) -> Option<u64> {
+        let i = self.runs.partition_point(|&(_, last)| last < seq);
+        self.runs
+            .get(i)
+            .filter(|&&(first, _)| first <= seq)
+            .map(|&(_, last)| last)
     }
 
     /// Whether every sequence of `from..=to` is one of them (runs are maximal, so one run
     /// holds them all).
     fn covers(&self, from: u64, to: u64) -> bool {
-        let i = self.runs.partition_point(|&(_, last)| last < from);
-        self.runs
-            .get(i)
-            .is_some_and(|&(first, last)| first <= from && to <= last)
+        self.run_end(from).is_some_and(|last| to <= last)
     }
 
     fn insert(&mut self, seq: u64) {
@@ -267,15 +269,9 @@ impl OwnSeqs {
 /// sequences under it (on a cluster, another node's message still on its way to this
 /// one); the next connection resumes from this instead (PROTOCOL.md §9).
 fn held_of(room: &RoomState, own: Option<&OwnSeqs>) -> u64 {
-    let mut held = room.cursor;
-    if let Some(own) = own.filter(|o| o.epoch == room.epoch) {
-        while let Some(next) = held.checked_add(1)
-            && own.contains(next)
-        {
-            held = next;
-        }
-    }
-    held
+    own.filter(|o| o.epoch == room.epoch)
+        .and_then(|o| o.run_end(room.cursor.checked_add(1)?))
+        .unwrap_or(room.cursor)
 }
 
 /// A server frame resolved against the session: every alias, implicit sequence, sender and
@@ -1094,7 +1090,8 @@ mod tests {
             own.insert(seq);
         }
         assert_eq!(own.runs, vec![(3, 7), (9, 9)]);
-        assert!(own.covers(3, 7) && !own.covers(7, 9) && own.contains(9) && !own.contains(8));
+        assert!(own.covers(3, 7) && !own.covers(7, 9) && own.covers(9, 9) && !own.covers(8, 8));
+        assert_eq!((own.run_end(4), own.run_end(8)), (Some(7), None));
         own.insert(8);
         assert_eq!(own.runs, vec![(3, 9)]);
         let mut many = OwnSeqs::default();
@@ -1102,7 +1099,10 @@ mod tests {
             many.insert(2 * i + 1);
         }
         assert_eq!(many.runs.len(), MAX_OWN_RUNS);
-        assert!(!many.contains(1) && many.contains(3), "the oldest run went");
+        assert!(
+            !many.covers(1, 1) && many.covers(3, 3),
+            "the oldest run went"
+        );
     }
 
     fn hello_of(frame: ClientFrame) -> Hello {

@@ -89,8 +89,18 @@ function runAt(own, seq) {
  * @param {number} to
  */
 function ownCovers(own, from, to) {
-  const run = own.runs[runAt(own, from)];
-  return run !== undefined && run[0] <= from && to <= run[1];
+  const end = ownRunEnd(own, from);
+  return end !== null && to <= end;
+}
+
+/**
+ * The last of the run that holds `seq`, or null.
+ * @param {OwnSeqs} own
+ * @param {number} seq
+ */
+function ownRunEnd(own, seq) {
+  const run = own.runs[runAt(own, seq)];
+  return run !== undefined && run[0] <= seq ? run[1] : null;
 }
 
 /** @param {OwnSeqs} own @param {number} seq */
@@ -435,7 +445,7 @@ export class Session {
     const own = this.own.get(key);
     let held = room.cursor;
     if (!own || own.epoch !== room.epoch) return held;
-    while (Number.isSafeInteger(held + 1) && ownCovers(own, held + 1, held + 1)) held += 1;
+    if (Number.isSafeInteger(held + 1)) held = ownRunEnd(own, held + 1) ?? held;
     return held;
   }
 

@@ -367,36 +367,25 @@ impl Core {
     }
 
     fn on_user_loaded(&mut self, user: &str, engine: UserRooms) {
-        let Some(watch) = self.members_side().and_then(|s| s.watched.get(user)) else {
-            return self.directory.forget_if_offline(user);
-        };
-        let (claiming, parked) = (
-            watch.claiming > 0,
-            watch.parked.iter().map(|&(t, _)| t).collect::<Vec<_>>(),
-        );
-        let waiting = parked
-            .into_iter()
-            .any(|t| self.conn(t).is_some_and(|c| c.phase() == Phase::Handshake));
-        // A read for a watch about to end (no connection, no HELLO of the user here any
-        // more) is not applied: it may be older than a change another worker of this node
-        // applied to their common directory since, and with the watch ended no notice would
-        // follow it here to put that back (the workers that keep the user keep it current).
-        if self.users.contains(user) || waiting || claiming {
-            self.sync_directory(user, &engine);
-            self.sync_connections(user, &engine);
-        }
         let Some(watch) = self.members_side().and_then(|s| s.watched.get_mut(user)) else {
             return self.directory.forget_if_offline(user);
         };
         watch.loaded = true;
-        let parked = std::mem::take(&mut watch.parked);
+        let claiming = watch.claiming > 0;
+        let parked: Vec<(Token, Hello)> = std::mem::take(&mut watch.parked)
+            .into_iter()
+            .filter(|&(t, _)| self.conn(t).is_some_and(|c| c.phase() == Phase::Handshake))
+            .collect();
+        // A read for a watch about to end (no connection, no HELLO of the user here any
+        // more) is not applied: it may be older than a change another worker of this node
+        // applied to their common directory since, and with the watch ended no notice would
+        // follow it here to put that back (the workers that keep the user keep it current).
+        if self.users.contains(user) || !parked.is_empty() || claiming {
+            self.sync_directory(user, &engine);
+            self.sync_connections(user, &engine);
+        }
         for (token, hello) in parked {
-            if self
-                .conn(token)
-                .is_some_and(|c| c.phase() == Phase::Handshake)
-            {
-                self.on_hello(token, hello);
-            }
+            self.on_hello(token, hello);
         }
         self.unwatch_if_unused(user);
     }

@@ -475,7 +475,7 @@ impl Engine {
                 n.reads_waiting.push(cmd);
                 return;
             }
-            Written::Load { user } | Written::Cmd(EngineCmd::WatchUser { user, .. }) => {
+            Written::Load { user } => {
                 if n.watched.contains(&user) {
                     n.reads_due.insert(user.clone());
                 }
@@ -648,12 +648,10 @@ impl Engine {
                 reader: *reader,
                 msgs: self.entries(node, room.id, after + 1, self.fill_batch),
             },
-            Written::Load { user } | Written::Cmd(EngineCmd::WatchUser { user, .. }) => {
-                EngineEvent::UserLoaded {
-                    user: user.clone(),
-                    rooms: self.user_rooms(user),
-                }
-            }
+            Written::Load { user } => EngineEvent::UserLoaded {
+                user: user.clone(),
+                rooms: self.user_rooms(user),
+            },
             Written::Cmd(EngineCmd::Claim { ticket, .. }) => EngineEvent::Claimed {
                 ticket: *ticket,
                 outcome: ClaimOutcome::Granted,
