@@ -142,6 +142,46 @@ struct Shard {
     /// Users the workers of a cluster node watch, with how many workers do
     /// ([`Membership::hold`]): empty off a cluster.
     held: HashMap<UserName, u32>,
+    /// Memberships a removal in a room's order ended ([`Membership::end`]): empty off a
+    /// cluster.
+    ended: Ended,
+}
+
+/// Memberships that ended by a removal placed in their room's order (a cluster node,
+/// [`Membership::end`]), as `(user, room, serial)`: a read of the user's rooms, or a join
+/// notice, that still names one ran before the removal reached the user's side in the
+/// engine, and must not bring it back. The newest [`ENDED_MAX`] per shard are kept (the
+/// user's side changes a few milliseconds after the room's; this covers minutes of
+/// removals at thousands a second).
+#[derive(Debug, Default)]
+struct Ended {
+    set: HashSet<(UserName, RoomName, u64)>,
+    order: std::collections::VecDeque<(UserName, RoomName, u64)>,
+}
+
+/// Ended memberships remembered per directory shard.
+const ENDED_MAX: usize = 4096;
+
+impl Ended {
+    fn insert(&mut self, user: &str, room: &RoomName, serial: u64) {
+        let key = (UserName::new(user), room.clone(), serial);
+        if !self.set.insert(key.clone()) {
+            return;
+        }
+        self.order.push_back(key);
+        if self.order.len() > ENDED_MAX
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+    }
+
+    fn contains(&self, user: &str, room: &RoomName, serial: u64) -> bool {
+        !self.set.is_empty()
+            && self
+                .set
+                .contains(&(UserName::new(user), room.clone(), serial))
+    }
 }
 
 impl Shard {
@@ -368,6 +408,13 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
     /// Removes `user` from `room`, optionally blocking it (refused past the per-user cap on
     /// blocks: the user leaves all the same).
     fn remove(&self, user: &str, room: &RoomName, block: bool) -> Removed;
+    /// A removal placed in `room`'s order (a cluster node, `core/cluster.rs`) ended
+    /// `user`'s membership `serial`: it is removed if in force, and remembered as ended
+    /// ([`Membership::ended`]) whether or not this directory held it.
+    fn end(&self, user: &str, room: &RoomName, serial: u64) -> Removed;
+    /// Whether `user`'s membership `serial` of `room` ended by a removal in the room's
+    /// order ([`Membership::end`]): a read or notice naming it is older than the removal.
+    fn ended(&self, user: &str, room: &RoomName, serial: u64) -> bool;
     /// Where `user`'s stream of `room` starts, if the user belongs to it.
     fn join_point(&self, user: &str, room: &RoomName) -> Option<JoinPoint>;
     /// Whether `user` blocked `room` (a channel).
@@ -542,6 +589,36 @@ impl Membership for Directory {
             cores,
             block_refused,
         }
+    }
+
+    fn end(&self, user: &str, room: &RoomName, serial: u64) -> Removed {
+        let mut shard = self.shard(user).write();
+        shard.ended.insert(user, room, serial);
+        let in_force = shard
+            .users
+            .get(user)
+            .and_then(|e| e.rooms.get(room))
+            .is_some_and(|j| j.serial == serial);
+        let was = if in_force {
+            shard.users.get_mut(user).and_then(|e| e.rooms.remove(room))
+        } else {
+            None
+        };
+        let cores = if was.is_some() {
+            shard.cores(user)
+        } else {
+            Vec::new()
+        };
+        shard.drop_unused(user);
+        Removed {
+            was,
+            cores,
+            block_refused: None,
+        }
+    }
+
+    fn ended(&self, user: &str, room: &RoomName, serial: u64) -> bool {
+        self.shard(user).read().ended.contains(user, room, serial)
     }
 
     /// Where `user`'s stream of `room` starts, if the user belongs to it.

@@ -136,6 +136,61 @@ per_backend! {
         assert_eq!(got, vec![(3, "back".to_string())], "nothing from while bob was removed");
     }
 
+    fn a_removal_takes_effect_on_every_node_at_its_place_in_the_rooms_order(backend) {
+        let Some(redis) = RedisServer::start("members-order") else { return };
+        let n = nodes(backend, &redis, "o");
+        const ROOM: &str = "group:cm-order";
+        let mut bob = Client::connect(n[2].addr, "bob");
+        let (s, _) = call(&n[0], "POST", &format!("/v1/rooms/{ROOM}/members"), Some(json!({"users": ["bob"]})));
+        assert_eq!(s, 200);
+        let alias = bound(&mut bob, ROOM);
+        // Two publishers on node 1 keep the room busy while node 2 removes bob.
+        let publishers: Vec<_> = ["alice", "carol"]
+            .into_iter()
+            .map(|tag| {
+                let addr = n[0].addr;
+                std::thread::spawn(move || Client::publish_all(addr, ROOM, tag, 30))
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let (s, b) = call(&n[1], "DELETE", &format!("/v1/rooms/{ROOM}/members/bob"), None);
+        assert_eq!((s, &b["removed"]), (200, &json!(["bob"])), "{b}");
+        for p in publishers {
+            assert_eq!(p.join().unwrap().len(), 30);
+        }
+        // The removal's place in the room's stream: `<seq>-1`, after message `seq`.
+        let stream = redis.cli(&["XRANGE", &format!("pabal:{{r:{ROOM}}}:s"), "-", "+"]);
+        let place: Vec<(u64, u64)> = stream
+            .lines()
+            .filter_map(|l| {
+                let (seq, sub) = l.trim().split_once('-')?;
+                Some((seq.parse().ok()?, sub.parse().ok()?))
+            })
+            .filter(|&(_, sub)| sub > 0)
+            .collect();
+        let [(removed_after, 1)] = place[..] else {
+            panic!("one removal in the stream: {place:?}\n{stream}");
+        };
+        // bob's phone on node 3 got every message up to it, then LEFT, and nothing after.
+        let mut seqs = Vec::new();
+        loop {
+            match bob.wait_for(|e| matches!(e, Event::Message { .. } | Event::Left { .. })) {
+                Event::Message { seq: Some(seq), .. } => seqs.push(seq),
+                Event::Left { alias: a, reason, .. } => {
+                    assert_eq!((a, reason), (alias, LeftReason::Removed));
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(seqs, (1..=removed_after).collect::<Vec<_>>(), "up to the removal, not past it");
+        let metrics = pabal_testkit::http::get_anonymous(pabal_testkit::http::with_ops_routes(&n[2]), "/metrics").body;
+        assert!(
+            metrics.lines().any(|l| l.starts_with("pabal_cluster_removals_in_order_total ") && !l.ends_with(" 0")),
+            "node 3 applied the removal in the room's order: {metrics}"
+        );
+    }
+
     fn a_disconnect_through_one_node_closes_the_users_connections_on_every_node(backend) {
         let Some(redis) = RedisServer::start("members-kick") else { return };
         let n = nodes(backend, &redis, "k");

@@ -26,7 +26,7 @@ use pabal_relay::cluster::receipts::{HANDOFF, HandoffPage, MARKERS, parse_handof
 use pabal_relay::cluster::resp::{self, Value};
 use pabal_relay::cluster::script::{
     PUBLISH, PUBLISH_FIELDS, TRIM_EVERY, all_scripts, message_tail, parse_channel_message,
-    parse_entries, parse_published, publish_script, sha1_hex,
+    parse_channel_removal, parse_entries, parse_published, publish_script, sha1_hex,
 };
 use pabal_relay::cluster::{ClusterConfig, StreamEntry, WindowOrder};
 use pabal_relay::config::Config;
@@ -146,7 +146,7 @@ fn keys_of(args: &[Vec<u8>]) -> Vec<Vec<u8>> {
         "TIME" | "PUBLISH" | "SPUBLISH" => Vec::new(),
         "DEL" => args[1..].to_vec(),
         "HGET" | "HSET" | "HDEL" | "HINCRBY" | "HEXISTS" | "HGETALL" | "HKEYS" | "HLEN"
-        | "HSCAN" | "XADD" | "XRANGE" | "ZADD" | "ZSCORE" | "ZREM" | "ZRANGE"
+        | "HSCAN" | "XADD" | "XRANGE" | "ZADD" | "ZSCORE" | "ZREM" | "ZRANGE" | "ZCARD"
         | "ZREMRANGEBYRANK" | "SISMEMBER" | "SREM" | "SADD" | "SCARD" | "SMEMBERS" | "PTTL"
         | "PEXPIRE" => {
             vec![args[1].clone()]
@@ -530,9 +530,10 @@ fn join(user: &str) -> Vec<Vec<u8>> {
     eval(ROOM_JOIN.text, &["m", "u", "d"], &[s(7), s(user), s(1)])
 }
 
-/// `user` leaves room `big`.
+/// `user` leaves room `big` (removed: the removal placed in the room's order).
 fn leave(user: &str) -> Vec<Vec<u8>> {
-    eval(ROOM_LEAVE.text, &["u", "k", "d"], &[s(user)])
+    let args = [s(user), s("r"), key("c"), s("PUBLISH")];
+    eval(ROOM_LEAVE.text, &["u", "k", "d", "m", "s", "x"], &args)
 }
 
 /// A message by `sender` in room `big`.
@@ -672,16 +673,22 @@ fn score(r: &mut Redis, user: &str) -> Option<u64> {
         .map(|b| std::str::from_utf8(b).unwrap().parse().unwrap())
 }
 
-#[test]
-fn the_publish_scripts_channel_message_carries_the_sender_whole_whatever_its_bytes() {
-    let Some(redis) = RedisServer::start_with("scripts-publish", &["--appendonly", "no"]) else {
-        return;
-    };
+/// A private Redis (`name`) and a connection subscribed to room `big`'s channel.
+fn subscribed(name: &str) -> Option<(RedisServer, Redis)> {
+    let redis = RedisServer::start_with(name, &["--appendonly", "no"])?;
     let mut sub = Redis::connect(redis.port);
     sub.s
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     sub.call(&["SUBSCRIBE", &key("c")]);
+    Some((redis, sub))
+}
+
+#[test]
+fn the_publish_scripts_channel_message_carries_the_sender_whole_whatever_its_bytes() {
+    let Some((redis, mut sub)) = subscribed("scripts-publish") else {
+        return;
+    };
     let mut r = Redis::connect(redis.port);
     // The caller passes the sender's length in bytes (the scripts do not count it): a
     // multibyte name must come out whole, the payload after it untouched, from either
@@ -721,7 +728,9 @@ fn the_publish_scripts_channel_message_carries_the_sender_whole_whatever_its_byt
     // The stream holds both forms (three packed, three in fields); read back, each entry
     // is the message its channel carried.
     let entries = r.call(&["XRANGE", &key("s"), "-", "+"]);
-    let got = parse_entries(&entries, b"n/0/").expect("both forms parse");
+    let got = parse_entries(&entries, b"n/0/")
+        .expect("both forms parse")
+        .msgs;
     assert_eq!(got.len(), cases.len());
     for (m, (sender, seq)) in got.iter().zip(cases) {
         assert_eq!((m.seq, m.ts_ms, m.ticket), (seq as u64, 1, Some(1)));
@@ -735,6 +744,50 @@ fn the_publish_scripts_channel_message_carries_the_sender_whole_whatever_its_byt
         (3, 3),
         "three of each form: {raw}"
     );
+}
+
+#[test]
+fn a_removal_is_placed_in_the_rooms_stream_and_channel_between_two_messages() {
+    use pabal_codec::LeftReason;
+    use pabal_relay::cluster::membership::parse_join_point;
+    let Some((redis, mut sub)) = subscribed("scripts-removal") else {
+        return;
+    };
+    let mut r = Redis::connect(redis.port);
+    let join_point = |r: &mut Redis, user: &str| {
+        let jp = r.call(&["HGET", &key("u"), user]);
+        parse_join_point(jp.bytes().unwrap()).unwrap()
+    };
+    // bob's removal after message 1; removing him again is no change (no second mark),
+    // and his join after message 2 is a new membership with a later serial.
+    r.pipeline(&[join("ann"), join("bob"), publish("ann")]);
+    let was = join_point(&mut r, "bob");
+    r.pipeline(&[leave("bob"), leave("bob"), publish("ann"), join("bob")]);
+    let now = join_point(&mut r, "bob");
+    assert_eq!((was.seq, now.seq), (0, 2));
+    assert!(now.serial > was.serial, "{was:?} then {now:?}");
+    assert!(join_point(&mut r, "ann").serial > 0);
+    let span = parse_entries(&r.call(&["XRANGE", &key("s"), "-", "+"]), b"").unwrap();
+    let seqs: Vec<u64> = span.msgs.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![1, 2]);
+    assert_eq!(span.marks.len(), 1, "{:?}", span.marks);
+    let mark = &span.marks[0];
+    assert_eq!(
+        (mark.place(), mark.user.as_str(), mark.join, mark.reason),
+        ((1, 1), "bob", was, LeftReason::Removed)
+    );
+    // The channel carries the same, in the same order.
+    let body = |v: Value| bytes::Bytes::copy_from_slice(v.array().unwrap()[2].bytes().unwrap());
+    let first = body(sub.next_pushed());
+    assert_eq!(parse_channel_message(&first, b"").unwrap().1.seq, 1);
+    let (epoch, heard) = parse_channel_removal(&body(sub.next_pushed())).unwrap();
+    assert_eq!((epoch, &heard), (7, mark));
+    let second = body(sub.next_pushed());
+    assert!(
+        parse_channel_removal(&second).is_none(),
+        "a message is not a removal"
+    );
+    assert_eq!(parse_channel_message(&second, b"").unwrap().1.seq, 2);
 }
 
 #[test]

@@ -111,6 +111,16 @@ pub struct ClusterConfig {
     /// `descending` (the default) or `ascending` (as versions before it; for a rolling
     /// upgrade from one).
     pub window_order: WindowOrder,
+    /// Whether a removal from a room (by the server API, or a phone's plain UNSUBSCRIBE)
+    /// is placed in the room's own order, an entry of its stream and a message on its
+    /// channel that every node applies before the next message: `true` (the default), so
+    /// no node delivers a message published after a removal to the removed user's phones.
+    /// `false`: the removal takes effect on each node as the user's notice arrives (a
+    /// message published meanwhile can still reach the user's phones there), as versions
+    /// before this setting did and the only kind they read (they take a stream holding
+    /// removals for malformed): for a rolling upgrade from one, until every node runs this
+    /// one (then `true`, node by node).
+    pub ordered_removals: bool,
     /// Publishes one worker may have in flight to the engine; more are refused with
     /// `Overloaded` `unavailable` (retryable) rather than queued. Default 4096.
     pub max_in_flight: usize,
@@ -160,6 +170,7 @@ impl Default for ClusterConfig {
             stream_max_len: 10_000,
             stream_entry: StreamEntry::Packed,
             window_order: WindowOrder::Descending,
+            ordered_removals: true,
             max_in_flight: 4096,
             fill_batch: 256,
             presence_lease: Duration::from_secs(30),

@@ -420,7 +420,9 @@ struct Engine {
     users: HashMap<Bytes, members::UserWatch>,
     /// Receipts' commands waiting for the engine and gathers (`receipts.rs`).
     receipts: receipts::EngineReceipts,
-    fills_waiting: Vec<(RoomName, u64, Option<u64>)>,
+    /// Stream reads waiting for their shard's command connection: room, start (see
+    /// [`Engine::send_fill`]), reader.
+    fills_waiting: Vec<(RoomName, (u64, u64), Option<u64>)>,
     /// Commands answered `MOVED` or `ASK` in the replies being read, with their hops.
     redirects: Vec<(Pending, u8, Redirect)>,
     out: Vec<EngineEvent>,
@@ -536,6 +538,11 @@ impl Engine {
         let presence_at = self.presence_timers(now);
         let receipts_at = self.receipts_timer(now);
         let retry_at = self.retry_timers(now);
+        let copies_at = self
+            .shards
+            .iter_mut()
+            .filter_map(|s| s.copies.expire(now, &mut self.out))
+            .min();
         // After the commands: a shard one of them needed starts connecting before the
         // poll waits.
         self.advance_connections(now);
@@ -558,6 +565,7 @@ impl Engine {
                 Some(presence_at),
                 receipts_at,
                 retry_at,
+                copies_at,
                 idle_at,
                 self.discovery
                     .as_ref()
@@ -590,7 +598,8 @@ impl Engine {
                 .map(|ev| ((ev.token().0 - 1) / 2, ev.token().0 % 2 == 0)),
         );
         // Answers before pushes: a publish's copy read in the same pass as its answer
-        // is then known for a duplicate and not handed over (`CopiesDue`).
+        // releases the answer (after what the channel carried before it) and is not
+        // handed over itself (`copies.rs`).
         ready.sort_unstable_by_key(|&(_, pubsub)| pubsub);
         for &(shard, pubsub) in &ready {
             if shard >= self.shards.len() {
@@ -856,6 +865,8 @@ impl Engine {
         if let Some(mut conn) = shard.sub.take() {
             conn.deregister(self.poll.registry());
         }
+        // No copy due will come: the answers waiting for one go unordered.
+        shard.copies.lost(&mut self.out);
         let addr = shard.addr.clone();
         self.shards[i].sub_retry = self.backoff(self.shards[i].sub_retry, &addr, e, "pub/sub");
         let mut confirmed = 0;
@@ -899,12 +910,14 @@ impl Engine {
                     SubState::Idle => self.route_channels(),
                 }
             }
-            EngineCmd::Fill { room, after } => self.send_fill(room, after, None, None, 0),
+            EngineCmd::Fill { room, after, sub } => {
+                self.send_fill(room, (after, sub), None, None, 0);
+            }
             EngineCmd::Read {
                 room,
                 after,
                 reader,
-            } => self.send_fill(room, after, Some(reader), None, 0),
+            } => self.send_fill(room, (after, u64::MAX), Some(reader), None, 0),
             cmd @ (EngineCmd::Member(_)
             | EngineCmd::WatchUser { .. }
             | EngineCmd::UnwatchUser { .. }
@@ -1033,7 +1046,7 @@ impl Engine {
         script::key(&mut meta, &room, "m");
         let shard = target.or_else(|| self.route(&meta));
         self.keys[0] = meta;
-        let [meta, stream, ..] = &mut self.keys;
+        let [meta, stream, removals, ..] = &mut self.keys;
         let Some(shard) = shard.and_then(|i| self.shards.get_mut(i)) else {
             return self.give_up(Pending::Open { room, hint, tail });
         };
@@ -1041,11 +1054,12 @@ impl Engine {
             return self.give_up(Pending::Open { room, hint, tail });
         };
         script::key(stream, &room, "s");
+        script::key(removals, &room, "x");
         let (mut d1, mut d2) = ([0; 20], [0; 20]);
         encode_script(
             &mut conn.wbuf,
             (OPEN, &self.open_sha, eval),
-            &[meta, stream],
+            &[meta, stream, removals],
             &[decimal(hint, &mut d1), decimal(tail, &mut d2)],
         );
         self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);
@@ -1076,13 +1090,15 @@ impl Engine {
         }
     }
 
-    /// Reads a page of the room's stream after `after` (`XRANGE <after+1>-0 + COUNT
-    /// fill_batch`), for the owner's history or for a `reader`; waits for the room's
-    /// shard's command connection while it is down.
+    /// Reads a page of the room's stream after the entry `after` = `(seq, sub)`, exclusive
+    /// (`XRANGE (<seq>-<sub> + COUNT fill_batch`): for the owner's history (after its head
+    /// message and the removals after it already applied) or for a `reader` (sub
+    /// `u64::MAX`: from the next message); waits for the room's shard's command connection
+    /// while it is down.
     fn send_fill(
         &mut self,
         room: RoomName,
-        after: u64,
+        after: (u64, u64),
         reader: Option<u64>,
         target: Option<usize>,
         hops: u8,
@@ -1101,8 +1117,10 @@ impl Engine {
         };
         start.clear();
         let mut d = [0; 20];
-        start.extend_from_slice(decimal(after + 1, &mut d));
-        start.extend_from_slice(b"-0");
+        start.push(b'(');
+        start.extend_from_slice(decimal(after.0, &mut d));
+        start.push(b'-');
+        start.extend_from_slice(decimal(after.1, &mut d));
         let mut d2 = [0; 20];
         resp::encode(
             &mut conn.wbuf,

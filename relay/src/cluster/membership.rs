@@ -52,10 +52,16 @@ use super::script::Script;
 use crate::directory::JoinPoint;
 use crate::ids::RoomName;
 
-/// A room's join: KEYS meta, members, hand-off index; ARGV epoch hint, user, serial.
+/// A room's join: KEYS meta, members, hand-off index; ARGV epoch hint, user, serial hint.
 /// Returns `{1, jp}` for a new member, `{0, jp}` with the join point in force for a member
 /// already. A new member enters the hand-off index at its join point once the index of
 /// this epoch is built (before, its build reads the member; see [`super::receipts`]).
+///
+/// The membership's serial is the room's: one past the last the room gave (meta field
+/// `j`), and at least the caller's hint (a node's clock-based serial, as versions before
+/// `j` used alone), so a room's serials only grow and no two of its memberships share one,
+/// whichever nodes asked at once (a removal in the room's order names the membership it
+/// ends by its join point: [`ROOM_LEAVE`]).
 pub static ROOM_JOIN: Script = Script::new(
     "ROOM_JOIN",
     r"
@@ -67,7 +73,10 @@ if not e then
   redis.call('HSET', KEYS[1], 'e', e)
 end
 local s = redis.call('HGET', KEYS[1], 's') or '0'
-local jp = e .. ':' .. s .. ':' .. ARGV[3]
+local serial = math.max(tonumber(redis.call('HGET', KEYS[1], 'j') or '0') + 1, tonumber(ARGV[3]))
+serial = string.format('%d', serial)
+redis.call('HSET', KEYS[1], 'j', serial)
+local jp = e .. ':' .. s .. ':' .. serial
 redis.call('HSET', KEYS[2], ARGV[2], jp)
 if redis.call('HGET', KEYS[1], 'd') == e or redis.call('HGET', KEYS[1], 'b') == e then
   redis.call('ZADD', KEYS[3], s, ARGV[2])
@@ -89,9 +98,26 @@ return 1
 ",
 );
 
-/// A room's leave: KEYS members, markers, hand-off index; ARGV user. Returns the join
-/// point removed, or `''`. The member's markers and its place in the hand-off index (see
-/// [`super::receipts`]) go with the membership.
+/// A room's leave: KEYS members, markers, hand-off index, meta, stream, removals; ARGV
+/// user, reason letter (`r`, `u`; empty: no removal mark), channel, the publish command
+/// (`PUBLISH`, or `SPUBLISH` on a Redis Cluster). Returns the join point removed, or `''`.
+/// The member's markers and its place in the hand-off index (see [`super::receipts`]) go
+/// with the membership.
+///
+/// With a reason, the removal is also placed in the room's own order: an entry of the
+/// room's stream right after its head message, id `<head>-*` (Redis numbers it after the
+/// removals already there, so the `n`-th removal after message `s` is `s-n` and the next
+/// message, `s+1-0`, sorts after every one), with one field `l`: `<join point> <reason>
+/// <user>`; and the same on the room's channel, `<epoch> <id> <join point> <reason>
+/// <user>`. Every node reads the room's channel and stream in that order and applies the
+/// removal before the message after it ([`crate::cluster::RemovalMark`]), so no message
+/// published after the removal reaches the user's phones on any node. The room's last
+/// [`REMOVALS_KEPT`] removals are also kept as their channel messages in a sorted set
+/// (`pabal:{r:name}:x`, by sequence), which [`super::script::OPEN`] returns: a node that
+/// opens the room (subscribing its channel only now) learns the removals before the tail
+/// it reads too, whose notices may still be on their way to it. A room the engine holds
+/// no epoch of has no messages, and no mark is needed. An `XADD` Redis refuses (a stream
+/// ahead of its meta hash, which lost it) leaves the removal to the user's notice.
 pub static ROOM_LEAVE: Script = Script::new(
     "ROOM_LEAVE",
     r"
@@ -100,10 +126,27 @@ if cur then
   redis.call('HDEL', KEYS[1], ARGV[1])
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('ZREM', KEYS[3], ARGV[1])
+  local e = redis.call('HGET', KEYS[4], 'e')
+  if ARGV[2] ~= '' and e then
+    local s = redis.call('HGET', KEYS[4], 's') or '0'
+    local body = cur .. ' ' .. ARGV[2] .. ' ' .. ARGV[1]
+    local id = redis.pcall('XADD', KEYS[5], s .. '-*', 'l', body)
+    if type(id) == 'string' then
+      local heard = e .. ' ' .. id .. ' ' .. body
+      redis.call(ARGV[4], ARGV[3], heard)
+      redis.call('ZADD', KEYS[6], s, heard)
+      if redis.call('ZCARD', KEYS[6]) > 1024 then
+        redis.call('ZREMRANGEBYRANK', KEYS[6], 0, -1025)
+      end
+    end
+  end
 end
 return cur or ''
 ",
 );
+
+/// How many of a room's last removals [`ROOM_LEAVE`] keeps for [`super::script::OPEN`].
+pub const REMOVALS_KEPT: usize = 1024;
 
 /// A user's join: KEYS rooms, blocks; ARGV field, join point, unblock (`1`), max rooms,
 /// notice channel. Returns `new`, `same`, `blocked` or `full`.
@@ -253,7 +296,7 @@ pub fn reason_code(reason: LeftReason) -> &'static str {
     }
 }
 
-fn reason_of(code: &[u8]) -> Option<LeftReason> {
+pub(super) fn reason_of(code: &[u8]) -> Option<LeftReason> {
     match code {
         b"b" => Some(LeftReason::Blocked),
         b"u" => Some(LeftReason::Unsubscribed),

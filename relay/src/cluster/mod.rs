@@ -78,6 +78,7 @@
 //! engine reports, see `core/cluster.rs`).
 
 mod config;
+pub(crate) mod copies;
 pub mod engine;
 pub mod membership;
 pub mod presence;
@@ -124,6 +125,9 @@ pub enum EngineCmd {
         room: RoomName,
         /// The last sequence the owner holds.
         after: u64,
+        /// The last removal after that message the owner applied (0: none): the page
+        /// starts after it (stream id `<after>-<sub>`, exclusive).
+        sub: u64,
     },
     /// Read one page of the room's stream after `after` (up to `cluster.fill_batch`
     /// messages) for a reader the owner's memory no longer covers: a phone resuming, or a
@@ -359,6 +363,32 @@ pub struct EngineMessage {
     pub payload: Bytes,
 }
 
+/// A member's removal in the room's own order ([`membership::ROOM_LEAVE`]): it came after
+/// message `seq` (the room's head when the removal ran) and before `seq + 1`, the `sub`-th
+/// removal there (its stream id is `<seq>-<sub>`, `sub` ≥ 1, where a message's is
+/// `<seq>-0`). Every node applies it in that place, so no node delivers a message
+/// published after it to the user's phones, whichever node sequenced that message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemovalMark {
+    /// The message it follows.
+    pub seq: u64,
+    /// Its place among the removals after that message (from 1).
+    pub sub: u64,
+    /// Who was removed.
+    pub user: Text,
+    /// The membership that ended.
+    pub join: crate::directory::JoinPoint,
+    /// What the user's connections are told.
+    pub reason: pabal_codec::LeftReason,
+}
+
+impl RemovalMark {
+    /// Its place in the room's order.
+    pub fn place(&self) -> (u64, u64) {
+        (self.seq, self.sub)
+    }
+}
+
 /// What an engine reports to its worker.
 #[derive(Debug)]
 pub enum EngineEvent {
@@ -373,6 +403,12 @@ pub enum EngineEvent {
         /// The repeat key was in the room's window: `seq` is the first publish's, and
         /// nothing was published now.
         repeated: bool,
+        /// Everything the room's channel carried before this message's copy was handed
+        /// over first (the engine holds an answer until its copy is read), so a removal
+        /// placed before it is known: the message may enter the room's order from this
+        /// answer. `false` when the copy did not come (the pub/sub connection was lost,
+        /// or it took too long): the message enters from the stream instead.
+        ordered: bool,
     },
     /// The publish did not reach the engine (or the engine refused it); not sequenced as
     /// far as this node knows.
@@ -390,6 +426,8 @@ pub enum EngineEvent {
         seq: u64,
         /// Its most recent messages, ascending (what retention left of the asked tail).
         tail: Vec<EngineMessage>,
+        /// The removals placed among them (in the same span of the stream), ascending.
+        marks: Vec<RemovalMark>,
     },
     /// The room's open cannot be answered: its shard could not be connected to (the dial
     /// failed or timed out). What waits for the room is refused `unavailable`; the next
@@ -407,6 +445,12 @@ pub enum EngineEvent {
         after: u64,
         /// What the stream holds after it.
         msgs: Vec<EngineMessage>,
+        /// The removals placed after `after` in the same span (those after the head's
+        /// message included), ascending.
+        marks: Vec<RemovalMark>,
+        /// The page holds `cluster.fill_batch` entries (messages and removals): the
+        /// stream may hold more.
+        full: bool,
     },
     /// A page of the stream for a reader ([`EngineCmd::Read`]), ascending (at most
     /// `cluster.fill_batch`). While the command connection is down the read waits for
@@ -420,6 +464,12 @@ pub enum EngineEvent {
         reader: u64,
         /// What the stream holds after `after`.
         msgs: Vec<EngineMessage>,
+        /// The page holds `cluster.fill_batch` entries (messages and removals): the
+        /// stream may hold more.
+        full: bool,
+        /// The sequence of the page's last entry, message or removal (`after` when
+        /// empty): the next page starts after it.
+        last: u64,
     },
     /// A message from the room's channel.
     Message {
@@ -429,6 +479,15 @@ pub enum EngineEvent {
         epoch: u64,
         /// The message.
         msg: EngineMessage,
+    },
+    /// A removal from the room's channel, in its order among the messages.
+    Removal {
+        /// The room.
+        room: RoomName,
+        /// The room's epoch as the removal names it.
+        epoch: u64,
+        /// The removal.
+        mark: RemovalMark,
     },
     /// The pub/sub connection came back and the room's channel is subscribed again: what
     /// was published meanwhile must be read from the stream.
@@ -560,6 +619,9 @@ pub struct ClusterStats {
     pub subscriptions: AtomicI64,
     /// Messages read from a stream to fill a hole (a sequence jump or a lost subscription).
     pub holes_filled: AtomicU64,
+    /// Removals applied in their rooms' order (`membership::ROOM_LEAVE`'s marks), all
+    /// workers together.
+    pub removals_in_order: AtomicU64,
     /// Engine errors by kind ([`EngineErrorKind`] as index): connections refused, timed
     /// out or lost, malformed answers, commands Redis answered with an error, too few
     /// replicas.

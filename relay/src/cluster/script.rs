@@ -2,8 +2,11 @@
 //!
 //! Keys of a room (all share the hash tag `{r:<name>}`, or `{c:<name>}` for a channel, so a
 //! Redis Cluster keeps a room on one shard and runs its script there):
-//! - `pabal:{r:name}:m`: the meta hash: `e` the epoch (set once), `s` the last sequence;
-//! - `pabal:{r:name}:s`: the stream, one entry per message with id `<seq>-0` and either one
+//! - `pabal:{r:name}:m`: the meta hash: `e` the epoch (set once), `s` the last sequence,
+//!   `j` the last membership serial ([`super::membership::ROOM_JOIN`]);
+//! - `pabal:{r:name}:s`: the stream, one entry per message with id `<seq>-0` (and per
+//!   removal placed after message `<seq>`, id `<seq>-<n>`, see
+//!   [`super::membership::ROOM_LEAVE`]) and either one
 //!   field `m`, the channel message's tail `<ts> <tag> <sender length> <sender><payload>`
 //!   ([`PUBLISH`], `cluster.stream_entry = "packed"`), or four, `t` (ms since the Unix
 //!   epoch), `g` (the publishing node's tag), `u` (sender), `p` (payload)
@@ -17,6 +20,8 @@
 //!   trimmed back to those once every [`TRIM_EVERY`] sequences (by score, whatever the
 //!   sign), so it holds keys of at most `window + TRIM_EVERY` (a trim per publish cost a
 //!   call per publish);
+//! - `pabal:{r:name}:x`: the room's last removals, as their channel messages
+//!   ([`super::membership::ROOM_LEAVE`], read by [`OPEN`]);
 //! - `pabal:{r:name}:c`: the pub/sub channel; a message on it is
 //!   `<epoch> <seq> <ts> <tag> <sender length> <sender><payload>` (from either script).
 //!
@@ -31,9 +36,9 @@ use std::sync::{LazyLock, OnceLock};
 use bytes::{Bytes, BytesMut};
 use pabal_codec::Text;
 
-use super::EngineMessage;
 use super::config::{StreamEntry, WindowOrder};
 use super::resp::Value;
+use super::{EngineMessage, RemovalMark};
 use crate::ids::RoomName;
 
 /// The start of both scripts: `e` is the room's epoch, created from ARGV[1] (the caller's
@@ -203,15 +208,16 @@ pub fn parse_published(reply: &Value) -> Option<(u64, u64, bool)> {
     ))
 }
 
-/// A room's state: KEYS meta, stream; ARGV epoch hint, tail length. Returns
-/// `{epoch, seq, entries of the last <tail> sequences}`.
+/// A room's state: KEYS meta, stream, removals; ARGV epoch hint, tail length. Returns
+/// `{epoch, seq, entries of the last <tail> sequences (with the removals after the message
+/// before them), the room's last removals}` (see [`super::membership::ROOM_LEAVE`]).
 pub const OPEN: &str = concat!(
     epoch_prelude!(),
     r"
 local s = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
-local from = s - tonumber(ARGV[2]) + 1
-if from < 1 then from = 1 end
-return {e, s, redis.call('XRANGE', KEYS[2], from .. '-0', '+')}
+local from = s - tonumber(ARGV[2])
+if from < 0 then from = 0 end
+return {e, s, redis.call('XRANGE', KEYS[2], from .. '-1', '+'), redis.call('ZRANGE', KEYS[3], 0, -1)}
 "
 );
 
@@ -399,19 +405,47 @@ pub fn parse_channel_message(body: &Bytes, prefix: &[u8]) -> Option<(u64, Engine
     Some((num(epoch)?, parse_tail(body, at, num(seq)?, prefix)?))
 }
 
-/// Parses one `XRANGE` entry: `[id, [field, value, ...]]`, packed (`m`, the message's
-/// tail) or in fields (`t`, `g`, `u`, `p`).
-pub fn parse_entry(entry: &Value, prefix: &[u8]) -> Option<EngineMessage> {
+/// One `XRANGE` entry: a message, or a removal placed between two ([`RemovalMark`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// A message.
+    Message(EngineMessage),
+    /// A removal.
+    Removal(RemovalMark),
+}
+
+/// Parses one `XRANGE` entry: `[id, [field, value, ...]]`: a message (id `<seq>-0`),
+/// packed (`m`, the message's tail) or in fields (`t`, `g`, `u`, `p`), or a removal (id
+/// `<seq>-<sub>`, `sub` ≥ 1, field `l`: `<join point> <reason> <user>`, see
+/// [`super::membership::ROOM_LEAVE`]).
+pub fn parse_entry(entry: &Value, prefix: &[u8]) -> Option<Entry> {
     let [id, fields] = entry.array()? else {
         return None;
     };
     let id = id.bytes()?;
-    let seq = num(id.strip_suffix(b"-0")?)?;
+    let (seq, sub) = parse_id(id)?;
+    let fields = fields.array()?;
+    if sub > 0 {
+        let [name, body] = fields else {
+            return None;
+        };
+        if &name.bytes()?[..] != b"l" {
+            return None;
+        }
+        let (join, reason, user) = parse_removal_body(body.bytes()?, 0)?;
+        return Some(Entry::Removal(RemovalMark {
+            seq,
+            sub,
+            user,
+            join,
+            reason,
+        }));
+    }
     let (mut ts, mut tag, mut sender, mut payload) = (None, None, None, None);
-    for pair in fields.array()?.chunks_exact(2) {
+    for pair in fields.chunks_exact(2) {
         let value = pair[1].bytes()?;
         match &pair[0].bytes()?[..] {
-            b"m" => return parse_tail(value, 0, seq, prefix),
+            b"m" => return parse_tail(value, 0, seq, prefix).map(Entry::Message),
             b"t" => ts = num(value),
             b"g" => tag = Some(value.clone()),
             b"u" => sender = Text::from_utf8(value.clone()).ok(),
@@ -419,22 +453,85 @@ pub fn parse_entry(entry: &Value, prefix: &[u8]) -> Option<EngineMessage> {
             _ => {}
         }
     }
-    Some(EngineMessage {
+    Some(Entry::Message(EngineMessage {
         seq,
         ts_ms: ts?,
         ticket: own_ticket(&tag?, prefix),
         sender: sender?,
         payload: payload?,
-    })
+    }))
+}
+
+/// A stream id `<seq>-<sub>`.
+fn parse_id(id: &[u8]) -> Option<(u64, u64)> {
+    let dash = id.iter().position(|&b| b == b'-')?;
+    Some((num(&id[..dash])?, num(&id[dash + 1..])?))
+}
+
+/// `<join point> <reason> <user>` from `at` of `body`.
+fn parse_removal_body(
+    body: &Bytes,
+    at: usize,
+) -> Option<(crate::directory::JoinPoint, pabal_codec::LeftReason, Text)> {
+    let ([join, reason], at) = fields::<2>(body, at)?;
+    let join = super::membership::parse_join_point(join)?;
+    let reason = super::membership::reason_of(reason)?;
+    let user = body.get(at..).filter(|u| !u.is_empty())?;
+    let user = Text::from_utf8(body.slice(at..at + user.len())).ok()?;
+    Some((join, reason, user))
+}
+
+/// Parses a removal on a room's channel, `<epoch> <seq>-<sub> <join point> <reason>
+/// <user>`: `(epoch, removal)`, or `None` when the body is not one.
+pub fn parse_channel_removal(body: &Bytes) -> Option<(u64, RemovalMark)> {
+    let ([epoch, id], at) = fields::<2>(body, 0)?;
+    let (seq, sub) = parse_id(id)?;
+    if sub == 0 {
+        return None;
+    }
+    let (join, reason, user) = parse_removal_body(body, at)?;
+    Some((
+        num(epoch)?,
+        RemovalMark {
+            seq,
+            sub,
+            user,
+            join,
+            reason,
+        },
+    ))
+}
+
+/// What an `XRANGE` reply holds: its messages and the removals among them, each ascending.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StreamSpan {
+    /// The messages.
+    pub msgs: Vec<EngineMessage>,
+    /// The removals.
+    pub marks: Vec<RemovalMark>,
+    /// Entries read, of either kind (a page of `COUNT n` is full at `n`).
+    pub entries: usize,
+    /// The sequence of the last entry's id (0: none).
+    pub last: u64,
 }
 
 /// Parses the entries of an `XRANGE` reply, ascending; `None` if any is malformed.
-pub fn parse_entries(reply: &Value, prefix: &[u8]) -> Option<Vec<EngineMessage>> {
-    reply
-        .array()?
-        .iter()
-        .map(|e| parse_entry(e, prefix))
-        .collect()
+pub fn parse_entries(reply: &Value, prefix: &[u8]) -> Option<StreamSpan> {
+    let mut span = StreamSpan::default();
+    for entry in reply.array()? {
+        span.entries += 1;
+        match parse_entry(entry, prefix)? {
+            Entry::Message(m) => {
+                span.last = m.seq;
+                span.msgs.push(m);
+            }
+            Entry::Removal(r) => {
+                span.last = r.seq;
+                span.marks.push(r);
+            }
+        }
+    }
+    Some(span)
 }
 
 #[cfg(test)]
@@ -486,7 +583,9 @@ mod tests {
                 .map(|f| bulk(f.as_bytes()))
                 .to_vec(),
         );
-        let msgs = parse_entries(&Value::Array(Some(vec![packed, fields])), b"n1/0/").unwrap();
+        let msgs = parse_entries(&Value::Array(Some(vec![packed, fields])), b"n1/0/")
+            .unwrap()
+            .msgs;
         assert_eq!(msgs.len(), 2);
         for (m, (seq, ticket)) in msgs.iter().zip([(5, Some(42)), (6, None)]) {
             assert_eq!((m.seq, m.ts_ms, m.ticket), (seq, 1000, ticket));

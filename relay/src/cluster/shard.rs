@@ -22,9 +22,6 @@ pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Commands that wait on a command connection while it dials; past it the shard's
 /// commands are refused `unavailable` (retryable) until it is connected.
 pub(super) const DIAL_QUEUE_MAX: usize = 4096;
-/// Answered publishes whose channel copy is still expected, per shard; past it the oldest
-/// is forgotten (its copy, should it come, is handed over as any message is).
-const COPIES_DUE_MAX: usize = 4096;
 
 /// A connection to Redis with its buffers. While it dials, commands are written into
 /// its buffer and wait there (see `Shard::queue_full`); they go when it is connected.
@@ -168,7 +165,8 @@ pub(super) enum Pending {
     },
     Fill {
         room: RoomName,
-        after: u64,
+        /// The entry the page starts after, `(seq, sub)` (see `Engine::send_fill`).
+        after: (u64, u64),
         /// The owner's reader waiting for this page ([`super::EngineCmd::Read`]); `None`:
         /// a fill of the owner's own history.
         reader: Option<u64>,
@@ -214,8 +212,8 @@ pub(super) struct Shard {
     pub(super) sub_retry: Retry,
     /// Commands sent on `cmd`, with how often each was redirected (`MOVED`, `ASK`).
     pub(super) inflight: VecDeque<(Pending, u8)>,
-    /// This worker's publishes answered on `cmd` whose copy on `sub` has not come yet.
-    pub(super) copies_due: CopiesDue,
+    /// This worker's publishes answered on `cmd` and their copies on `sub`.
+    pub(super) copies: super::copies::Copies,
     /// Publishes were written on `cmd` since its last `WAIT` (`cluster.wait_replicas`).
     pub(super) wait_due: bool,
     /// Answered publishes (`EngineEvent::Published`) held until the `WAIT` after them
@@ -224,43 +222,6 @@ pub(super) struct Shard {
     /// When a command was last routed to it, or a room or user channel last seen on its
     /// slots (`cluster.shard_idle` counts from it).
     pub(super) last_used: Instant,
-}
-
-/// The tickets of this worker's publishes that Redis answered (the worker has their
-/// sequence), in the order Redis ran them, until their copy comes back on the shard's
-/// pub/sub connection: that copy would only be a duplicate for the worker, so it is not
-/// handed over (one event and one wake-up of the worker fewer per publish).
-///
-/// Redis runs one shard's scripts one at a time: their answers on the command connection
-/// and their copies on the pub/sub connection come in the same order, so a copy is found
-/// at the front, and what is before it will get no copy (its room was unsubscribed, or
-/// the pub/sub connection was lost meanwhile). A copy read before its answer is not here
-/// and is handed over (the worker resolves the publish from it and drops the answer).
-#[derive(Default)]
-pub(super) struct CopiesDue {
-    tickets: VecDeque<u64>,
-}
-
-impl CopiesDue {
-    /// Redis answered publish `ticket` (and published it on its room's channel).
-    pub(super) fn answered(&mut self, ticket: u64) {
-        if self.tickets.len() >= COPIES_DUE_MAX {
-            self.tickets.pop_front();
-        }
-        self.tickets.push_back(ticket);
-    }
-
-    /// Whether the copy of `ticket` just read is one whose answer was handed over (it is
-    /// then forgotten, with the older ones whose copies will not come).
-    pub(super) fn take_copy(&mut self, ticket: u64) -> bool {
-        match self.tickets.iter().position(|&t| t == ticket) {
-            Some(at) => {
-                self.tickets.drain(..=at);
-                true
-            }
-            None => false,
-        }
-    }
 }
 
 impl Shard {
@@ -273,7 +234,7 @@ impl Shard {
             cmd_retry: Retry::now(),
             sub_retry: Retry::now(),
             inflight: VecDeque::new(),
-            copies_due: CopiesDue::default(),
+            copies: super::copies::Copies::default(),
             wait_due: false,
             held: Vec::new(),
             last_used: Instant::now(),
@@ -307,36 +268,5 @@ impl Shard {
             c.reregister(registry, st)?;
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_copy_is_skipped_once_after_its_answer_and_older_answers_are_forgotten() {
-        let mut due = CopiesDue::default();
-        assert!(!due.take_copy(1), "read before its answer: handed over");
-        for t in [1, 2, 3] {
-            due.answered(t);
-        }
-        // 1's copy never came (its room was let go): 2's copy forgets it.
-        assert!(due.take_copy(2));
-        assert!(!due.take_copy(2), "skipped once");
-        assert!(!due.take_copy(1), "forgotten");
-        assert!(due.take_copy(3));
-        assert!(due.tickets.is_empty());
-    }
-
-    #[test]
-    fn answers_whose_copies_never_come_are_bounded() {
-        let mut due = CopiesDue::default();
-        for t in 0..(COPIES_DUE_MAX as u64 + 10) {
-            due.answered(t);
-        }
-        assert_eq!(due.tickets.len(), COPIES_DUE_MAX);
-        assert!(!due.take_copy(0), "the oldest was forgotten");
-        assert!(due.take_copy(COPIES_DUE_MAX as u64 + 9));
     }
 }

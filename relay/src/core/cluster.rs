@@ -55,7 +55,7 @@ use pabal_codec::{ErrorCode, Text};
 use super::owner::PublishId;
 use super::{COMPACT_BELOW, Core, ReplyTo};
 use crate::cluster::{
-    ClusterStats, EngineCmd, EngineEvent, EngineMessage, PublishRequest, RepeatKey,
+    ClusterStats, EngineCmd, EngineEvent, EngineMessage, PublishRequest, RemovalMark, RepeatKey,
 };
 use crate::idempotency::IdempotencyKey;
 use crate::ids::{RoomName, Stored, StoredRef};
@@ -180,10 +180,28 @@ struct RoomSync {
     /// that read's answer may stop short of `open_at` (it ran before the messages after
     /// it were published), and the room then reads again.
     stale_fill: bool,
-    /// Messages the room's channel brought while `awaiting_open`, with their epochs, in the
+    /// What the room's channel brought while `awaiting_open`, with their epochs, in the
     /// order heard (at most `MAX_REORDER`; more are read back from the stream): offered
     /// once the answer set the room's epoch and head.
-    early: Vec<(u64, EngineMessage)>,
+    early: Vec<(u64, Heard)>,
+    /// Removals known and placed after the head, by place: each is applied once the head
+    /// reaches the message it follows, before the next one is appended.
+    marks: BTreeMap<(u64, u64), RemovalMark>,
+    /// The place of the last removal applied (`(0, 0)`: none this epoch): the next stream
+    /// read starts after it when it follows the head's message.
+    applied: (u64, u64),
+    /// This worker's messages whose publishers were answered from a script's answer that
+    /// came unordered (`EngineEvent::Published { ordered: false }`): by sequence, with
+    /// their tickets; each enters the room's order when the stream or the channel brings
+    /// it, as the message resolved here (so its publisher is not sent it).
+    answered: BTreeMap<u64, (u64, StoredRef)>,
+}
+
+/// What a room's channel carries, in its order.
+#[derive(Debug)]
+enum Heard {
+    Message(EngineMessage),
+    Removal(RemovalMark),
 }
 
 /// The cluster state of one worker.
@@ -251,6 +269,7 @@ impl Core {
                 epoch,
                 seq,
                 repeated,
+                ordered,
             } => {
                 let Some(p) = self.take_pending(ticket) else {
                     return; // its message came back first and resolved it
@@ -261,7 +280,19 @@ impl Core {
                 }
                 let room = p.room.clone();
                 let msg = self.resolve(p, seq);
-                self.cluster_offer(&room, epoch, msg);
+                if ordered {
+                    return self.cluster_offer(&room, epoch, msg, false);
+                }
+                // A removal placed before it may not be known yet: it enters the room's
+                // order from the stream (or its copy, should that still come).
+                let same_epoch = self.owned.get(&room).is_some_and(|o| o.epoch == epoch);
+                if let Some(sync) = self.sync_mut(&room)
+                    && same_epoch
+                    && sync.answered.len() < MAX_REORDER
+                {
+                    sync.answered.insert(seq, (ticket, msg));
+                }
+                self.request_fill(&room);
             }
             EngineEvent::PublishFailed { ticket } => {
                 if let Some(p) = self.take_pending(ticket) {
@@ -273,7 +304,8 @@ impl Core {
                 epoch,
                 seq,
                 tail,
-            } => self.on_opened(room, epoch, seq, tail),
+                marks,
+            } => self.on_opened(room, epoch, seq, tail, marks),
             EngineEvent::OpenFailed { room } => {
                 // Still opening: forgotten (its channel closed, what waited refused), so
                 // the next request opens it again.
@@ -284,14 +316,27 @@ impl Core {
                     self.cluster_forget(&room);
                 }
             }
-            EngineEvent::Filled { room, after, msgs } => self.on_filled(&room, after, msgs),
+            EngineEvent::Filled {
+                room,
+                after,
+                msgs,
+                marks,
+                full,
+            } => self.on_filled(&room, after, msgs, marks, full),
             EngineEvent::Read {
                 room,
                 after,
                 reader,
                 msgs,
-            } => self.on_stream_read(&room, after, reader, msgs),
-            EngineEvent::Message { room, epoch, msg } => self.on_channel_msg(&room, epoch, msg),
+                full,
+                last,
+            } => self.on_stream_read(&room, after, reader, msgs, full, last),
+            EngineEvent::Message { room, epoch, msg } => {
+                self.on_channel(&room, epoch, Heard::Message(msg));
+            }
+            EngineEvent::Removal { room, epoch, mark } => {
+                self.on_channel(&room, epoch, Heard::Removal(mark));
+            }
             member @ (EngineEvent::MemberDone { .. }
             | EngineEvent::MemberFailed { .. }
             | EngineEvent::UserLoaded { .. }
@@ -801,41 +846,63 @@ impl Core {
         })
     }
 
-    /// A message from the room's channel. Until the room's open is answered it waits: the
-    /// channel is subscribed before the OPEN script runs, so a message published just
-    /// after the script can be heard before the script's answer (Redis may write the
-    /// subscriber's push before the command's reply, and the engine reads what arrives),
-    /// while the room is not held here yet or holds another epoch. Dropped, it would be a
-    /// hole nothing reveals when no later message comes (a 1:1 room's last ones).
-    fn on_channel_msg(&mut self, room: &RoomName, epoch: u64, msg: EngineMessage) {
+    /// A message or a removal from the room's channel. Until the room's open is answered
+    /// it waits: the channel is subscribed before the OPEN script runs, so a message
+    /// published just after the script can be heard before the script's answer (Redis may
+    /// write the subscriber's push before the command's reply, and the engine reads what
+    /// arrives), while the room is not held here yet or holds another epoch. Dropped, it
+    /// would be a hole nothing reveals when no later message comes (a 1:1 room's last
+    /// ones).
+    fn on_channel(&mut self, room: &RoomName, epoch: u64, heard: Heard) {
         if let Some(sync) = self.sync_mut(room)
             && sync.awaiting_open
         {
             if sync.early.len() < MAX_REORDER {
-                sync.early.push((epoch, msg));
+                sync.early.push((epoch, heard));
             } else {
                 // Read back from the stream once open, with whatever else it missed.
                 sync.resync = true;
             }
             return;
         }
-        self.offer_engine_msg(room, epoch, msg);
+        match heard {
+            Heard::Message(msg) => self.offer_engine_msg(room, epoch, msg, false),
+            Heard::Removal(mark) => self.offer_mark(room, epoch, mark),
+        }
     }
 
-    /// A message from the channel or the stream: this worker's own publish resolves its
-    /// publisher first (so the PUBACK precedes the delivery and the publisher is not sent
-    /// its own message).
-    fn offer_engine_msg(&mut self, room: &RoomName, epoch: u64, m: EngineMessage) {
+    /// A message from the channel or the stream (`from_fill`): this worker's own publish
+    /// resolves its publisher first (so the PUBACK precedes the delivery and the publisher
+    /// is not sent its own message), or was resolved from an unordered answer.
+    fn offer_engine_msg(&mut self, room: &RoomName, epoch: u64, m: EngineMessage, from_fill: bool) {
         let msg = match m.ticket.and_then(|t| self.take_pending(t)) {
             Some(p) => self.resolve(p, m.seq),
-            None => stored(m, self.now),
+            None => {
+                let resolved = m.ticket.and_then(|t| {
+                    let sync = self.sync_mut(room)?;
+                    match sync.answered.get(&m.seq) {
+                        Some((ticket, _)) if *ticket == t => {
+                            sync.answered.remove(&m.seq).map(|(_, msg)| msg)
+                        }
+                        _ => None,
+                    }
+                });
+                match resolved {
+                    Some(msg) => msg,
+                    None => stored(m, self.now),
+                }
+            }
         };
-        self.cluster_offer(room, epoch, msg);
+        self.cluster_offer(room, epoch, msg, from_fill);
     }
 
     /// Appends `msg` if it follows the head (and whatever waited after it); holds it and
-    /// reads the hole from the stream if it does not.
-    fn cluster_offer(&mut self, room: &RoomName, epoch: u64, msg: StoredRef) {
+    /// reads the hole from the stream if it does not. While the stream is being read
+    /// (`filling`), only the read's own messages (`from_fill`) are appended: what the
+    /// channel brings meanwhile waits until the read is complete, since a removal placed
+    /// before it may be in the part of the stream not read yet (a pub/sub connection that
+    /// came back, a room reopened).
+    fn cluster_offer(&mut self, room: &RoomName, epoch: u64, msg: StoredRef, from_fill: bool) {
         let Some(owned) = self.owned.get_mut(room) else {
             return;
         };
@@ -850,18 +917,23 @@ impl Core {
             owned.clear_history();
             if let Some(sync) = self.sync_mut(room) {
                 sync.reorder.clear();
+                sync.marks.clear();
+                sync.answered.clear();
+                sync.applied = (0, 0);
             }
-            return self.cluster_offer(room, epoch, msg);
+            return self.cluster_offer(room, epoch, msg, from_fill);
         }
         let head = owned.head;
         if msg.seq <= head {
             return; // already here (an echo, or read back with a hole)
         }
-        if msg.seq > head + 1 {
+        let filling = self.sync_mut(room).is_some_and(|s| s.filling);
+        if msg.seq > head + 1 || (filling && !from_fill) {
             if let Some(sync) = self.sync_mut(room)
                 && sync.reorder.len() < MAX_REORDER
             {
-                sync.reorder.insert(msg.seq, msg);
+                // A copy that waited first may know its publisher: it stays.
+                sync.reorder.entry(msg.seq).or_insert(msg);
             }
             return self.request_fill(room);
         }
@@ -871,11 +943,20 @@ impl Core {
             .sync_mut(room)
             .and_then(|sync| sync.reorder.remove(&msg.seq))
             .unwrap_or(msg);
-        self.append_and_fan_out(room, msg);
-        self.drain_reorder(room);
+        self.cluster_append(room, msg);
+        if !from_fill {
+            self.drain_reorder(room);
+        }
     }
 
-    /// Appends what waited after a hole now filled.
+    /// Appends the message after the head and fans it out, then applies the removals
+    /// placed after it.
+    fn cluster_append(&mut self, room: &RoomName, msg: StoredRef) {
+        self.append_and_fan_out(room, msg);
+        self.apply_due_marks(room);
+    }
+
+    /// Appends what waited after a hole now filled (nothing while the stream is read).
     fn drain_reorder(&mut self, room: &RoomName) {
         loop {
             let Some(head) = self.owned.get(room).map(|o| o.head) else {
@@ -884,6 +965,9 @@ impl Core {
             let Some(sync) = self.sync_mut(room) else {
                 return;
             };
+            if sync.filling {
+                return;
+            }
             while sync
                 .reorder
                 .first_key_value()
@@ -894,7 +978,7 @@ impl Core {
             match sync.reorder.first_entry() {
                 Some(e) if *e.key() == head + 1 => {
                     let msg = e.remove();
-                    self.append_and_fan_out(room, msg);
+                    self.cluster_append(room, msg);
                 }
                 Some(_) => return self.request_fill(room),
                 None => return,
@@ -902,7 +986,99 @@ impl Core {
         }
     }
 
-    /// Reads the stream after the room's head (one read in flight per room).
+    /// A removal in the room's order: applied now if the head has reached the message it
+    /// follows, else held until it does (and the messages before it are read from the
+    /// stream: a removal after the head reveals a hole as a message does). One of another
+    /// epoch is passed over: a newer epoch's first message starts the room again here,
+    /// and its stream read brings the removal back.
+    fn offer_mark(&mut self, room: &RoomName, epoch: u64, mark: RemovalMark) {
+        let Some((room_epoch, head)) = self.owned.get(room).map(|o| (o.epoch, o.head)) else {
+            return;
+        };
+        let Some(sync) = self.sync_mut(room) else {
+            return;
+        };
+        if epoch != room_epoch || mark.place() <= sync.applied {
+            return;
+        }
+        if mark.seq <= head {
+            return self.apply_removal(room, mark);
+        }
+        sync.marks.insert(mark.place(), mark);
+        self.request_fill(room);
+    }
+
+    /// Applies the removals placed at or before the head, in order; forgets the answered
+    /// messages the head passed.
+    fn apply_due_marks(&mut self, room: &RoomName) {
+        let Some(head) = self.owned.get(room).map(|o| o.head) else {
+            return;
+        };
+        loop {
+            let Some(sync) = self.sync_mut(room) else {
+                return;
+            };
+            while sync
+                .answered
+                .first_key_value()
+                .is_some_and(|(&s, _)| s <= head)
+            {
+                sync.answered.pop_first();
+            }
+            match sync.marks.first_entry() {
+                Some(e) if e.key().0 <= head => {
+                    let mark = e.remove();
+                    self.apply_removal(room, mark);
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// A removal reached its place in the room's order here: the membership ends in this
+    /// node's directory (and stays ended: a read or notice still naming it is older), and
+    /// the user's connections bound by it are unbound (LEFT) before any later message of
+    /// this owner reaches them, as one relay's owner removes a member. The user's notice,
+    /// when it comes, finds the membership gone.
+    fn apply_removal(&mut self, room: &RoomName, mark: RemovalMark) {
+        if let Some(sync) = self.sync_mut(room) {
+            sync.applied = sync.applied.max(mark.place());
+        }
+        let user = mark.user.as_str();
+        let removed = self.directory.end(user, room, mark.join.serial);
+        if let Some(cluster) = self.cluster.as_deref() {
+            cluster
+                .stats
+                .removals_in_order
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        // Still a member by a later membership: the owner's set keeps them.
+        let gone = self.directory.join_point(user, room).is_none();
+        let handle = match self.owned.get_mut(room) {
+            Some(owned) if gone => owned.members.remove(user),
+            _ => None,
+        }
+        .unwrap_or_else(|| crate::ids::UserName::from(user));
+        if gone {
+            self.forget_markers(room, user);
+        }
+        if removed.was.is_some() {
+            for core in removed.cores {
+                self.send_to(
+                    core,
+                    CoreMsg::MemberLeft {
+                        room: room.clone(),
+                        user: handle.clone(),
+                        reason: mark.reason,
+                        serial: mark.join.serial,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Reads the stream after the room's head (one read in flight per room), after the
+    /// removals placed after the head's message already applied.
     fn request_fill(&mut self, room: &RoomName) {
         let Some(after) = self.owned.get(room).map(|o| o.head) else {
             return;
@@ -916,42 +1092,63 @@ impl Core {
         if !sync.filling {
             sync.filling = true;
             sync.fill_covers = sync.reorder.last_key_value().map_or(0, |(&s, _)| s);
+            let sub = if sync.applied.0 == after {
+                sync.applied.1
+            } else {
+                0
+            };
             side.out.push(EngineCmd::Fill {
                 room: room.clone(),
                 after,
+                sub,
             });
         }
     }
 
-    fn on_filled(&mut self, room: &RoomName, after: u64, msgs: Vec<EngineMessage>) {
-        let batch = self
-            .config
-            .cluster
-            .as_ref()
-            .map_or(usize::MAX, |c| c.fill_batch);
-        let full = msgs.len() >= batch;
+    fn on_filled(
+        &mut self,
+        room: &RoomName,
+        after: u64,
+        msgs: Vec<EngineMessage>,
+        marks: Vec<RemovalMark>,
+        full: bool,
+    ) {
         let Some(sync) = self.sync_mut(room) else {
             return;
         };
-        // Still filling while this page is applied: no second read for the same hole.
+        // Still filling while this page is applied: no second read for the same hole, and
+        // nothing from the channel appended between its messages.
         let covers = sync.fill_covers;
         let stale = std::mem::take(&mut sync.stale_fill);
         let Some(epoch) = self.owned.get(room).map(|o| o.epoch) else {
             return;
         };
+        // In the stream's order: the page holds everything from where it starts to its
+        // last entry, so an entry past the head's next message says retention dropped
+        // what is between (for a removal, the message it follows too).
         let mut filled = 0;
-        for m in msgs {
+        let (mut marks, mut msgs) = (marks.into_iter().peekable(), msgs.into_iter().peekable());
+        loop {
             let Some(head) = self.owned.get(room).map(|o| o.head) else {
                 return;
             };
+            let mark_first = match (marks.peek(), msgs.peek()) {
+                (Some(r), Some(m)) => r.place() < (m.seq, 0),
+                (r, _) => r.is_some(),
+            };
+            if mark_first {
+                let Some(mark) = marks.next() else { break };
+                self.jump(room, mark.seq + 1);
+                self.offer_mark(room, epoch, mark);
+                continue;
+            }
+            let Some(m) = msgs.next() else { break };
             if m.seq <= head {
                 continue;
             }
-            if m.seq > head + 1 {
-                self.jump(room, m.seq);
-            }
+            self.jump(room, m.seq);
             filled += 1;
-            self.offer_engine_msg(room, epoch, m);
+            self.offer_engine_msg(room, epoch, m, true);
         }
         let waiting = self
             .sync_mut(room)
@@ -974,9 +1171,12 @@ impl Core {
         if filled > 0 {
             tracing::debug!(room = %room.name, after, filled, "filled a hole from the stream");
         }
-        self.drain_reorder(room);
         if full {
+            // The rest of the stream first: a removal after this page's last message
+            // would be in the next page, and what waits after it must not pass it.
             self.request_fill(room);
+        } else {
+            self.drain_reorder(room);
         }
         let head = self.owned.get(room).map_or(0, |o| o.head);
         let reopening = self
@@ -1000,10 +1200,19 @@ impl Core {
             tracing::warn!(room = %room.name, from = owned.head + 1, to = seq - 1, "the engine's stream no longer holds these messages");
             owned.clear_history();
             owned.head = seq - 1;
+            // Removals placed among what was dropped still end their memberships.
+            self.apply_due_marks(room);
         }
     }
 
-    fn on_opened(&mut self, room: RoomName, epoch: u64, seq: u64, tail: Vec<EngineMessage>) {
+    fn on_opened(
+        &mut self,
+        room: RoomName,
+        epoch: u64,
+        seq: u64,
+        tail: Vec<EngineMessage>,
+        marks: Vec<RemovalMark>,
+    ) {
         let now_ms = self.now_ms();
         self.cluster_load_markers(&room);
         if !self.owned.contains_key(&room) {
@@ -1011,9 +1220,11 @@ impl Core {
         }
         let now = self.now;
         let mut refill = false;
+        let mut fresh = false;
         let config = &self.config;
         if let Some(owned) = self.owned.get_mut(&room) {
             if owned.epoch != epoch || owned.head == 0 {
+                fresh = true;
                 owned.epoch = epoch;
                 owned.clear_history();
                 let mut last = None;
@@ -1035,29 +1246,44 @@ impl Core {
             return;
         };
         sync.awaiting_open = false;
+        if fresh {
+            sync.marks.clear();
+            sync.answered.clear();
+            sync.applied = (0, 0);
+        }
         let early = std::mem::take(&mut sync.early);
         if refill {
-            // Reopened behind the engine: catch up from the stream before anything runs.
+            // Reopened behind the engine: catch up from the stream before anything runs
+            // (the removals among the tail come with it, in their places).
             sync.open_at = seq;
             sync.resync = false;
             sync.stale_fill = sync.filling;
-            self.offer_early(&room, early);
-            return self.request_fill(&room);
+            self.request_fill(&room);
+            return self.offer_early(&room, early);
         }
         let resync = std::mem::take(&mut sync.resync);
+        // The removals among the tail (all at or before the head the answer set) end
+        // their memberships here before any waiting request runs.
+        for mark in marks {
+            self.offer_mark(&room, epoch, mark);
+        }
+        if resync {
+            // The channel was lost meanwhile: the stream first (what it brought waits).
+            self.request_fill(&room);
+        }
         // What the channel brought meanwhile follows the head the answer set (a hole
         // before it is read from the stream), before the waiting requests run.
         self.offer_early(&room, early);
         self.finish_open(&room);
-        if resync {
-            self.request_fill(&room);
-        }
     }
 
-    /// Offers the messages heard while the room's open was not answered yet.
-    fn offer_early(&mut self, room: &RoomName, early: Vec<(u64, EngineMessage)>) {
-        for (epoch, msg) in early {
-            self.offer_engine_msg(room, epoch, msg);
+    /// Offers what the channel brought while the room's open was not answered yet.
+    fn offer_early(&mut self, room: &RoomName, early: Vec<(u64, Heard)>) {
+        for (epoch, heard) in early {
+            match heard {
+                Heard::Message(msg) => self.offer_engine_msg(room, epoch, msg, false),
+                Heard::Removal(mark) => self.offer_mark(room, epoch, mark),
+            }
         }
     }
 
@@ -1093,6 +1319,7 @@ impl Core {
         {
             sync.state = SyncState::Closed;
             sync.reorder.clear();
+            sync.answered.clear();
             side.out.push(EngineCmd::Close { room: room.clone() });
         }
     }

@@ -6,7 +6,7 @@ use crate::cluster::{ClusterConfig, ClusterStats, EngineCmd, EngineEvent, Engine
 use crate::directory::JoinPoint;
 use crate::ids::{RoomName, UserName};
 
-fn cluster_harness() -> Harness {
+pub(super) fn cluster_harness() -> Harness {
     let mut h = Harness::new(|c| c.cluster = Some(ClusterConfig::default()));
     h.core.attach_cluster(Arc::new(ClusterStats::default()));
     h
@@ -14,7 +14,7 @@ fn cluster_harness() -> Harness {
 
 /// What the engine asked of the worker, less the membership commands, which
 /// [`Harness::play_engine_membership`] answered.
-fn engine_cmds(h: &mut Harness) -> Vec<EngineCmd> {
+pub(super) fn engine_cmds(h: &mut Harness) -> Vec<EngineCmd> {
     h.play_engine_membership();
     HELD.with(|held| std::mem::take(&mut *held.borrow_mut()))
 }
@@ -100,14 +100,14 @@ impl Harness {
     }
 }
 
-fn feed(h: &mut Harness, event: EngineEvent) {
+pub(super) fn feed(h: &mut Harness, event: EngineEvent) {
     h.core.on_engine(h.now, event);
     h.pump();
     h.play_engine_membership();
 }
 
 /// Another node's message.
-fn other(seq: u64, body: &str) -> EngineMessage {
+pub(super) fn other(seq: u64, body: &str) -> EngineMessage {
     EngineMessage {
         seq,
         ts_ms: 1_767_225_600_000,
@@ -145,7 +145,7 @@ fn seqs(messages: Vec<(u64, Bytes)>) -> Vec<u64> {
 
 /// `user` joins `dm`, which opens the room first (epoch 77, head 0): nothing binds until
 /// the engine answers.
-fn open_dm(h: &mut Harness, token: Token) -> (RoomName, u32) {
+pub(super) fn open_dm(h: &mut Harness, token: Token) -> (RoomName, u32) {
     let subscribe = ClientFrame::Subscribe(Subscribe {
         room: true,
         name: Text::from("dm"),
@@ -163,6 +163,7 @@ fn open_dm(h: &mut Harness, token: Token) -> (RoomName, u32) {
             epoch: 77,
             seq: 0,
             tail: Vec::new(),
+            marks: Vec::new(),
         },
     );
     let alias = h.phones[&token].session.alias_of("dm").unwrap();
@@ -179,7 +180,7 @@ fn bob_in_dm() -> (Harness, Token, RoomName) {
 }
 
 /// ann (with `session`) and bob in `dm`, opened; their events so far dropped.
-fn ann_and_bob(session: ClientSession) -> (Harness, Token, Token, RoomName, u32) {
+pub(super) fn ann_and_bob(session: ClientSession) -> (Harness, Token, Token, RoomName, u32) {
     let mut h = cluster_harness();
     let ann = h.connect("ann", session);
     let bob = h.connect("bob", ClientSession::new());
@@ -211,6 +212,7 @@ fn publish_answered(
             epoch,
             seq,
             repeated,
+            ordered: true,
         },
     );
     let acks = h.events(token);
@@ -247,6 +249,8 @@ fn engine_order_holes_filled_and_no_echo_to_the_publisher() {
             room: room.clone(),
             after: 0,
             msgs: vec![other(1, "one"), other(2, "two"), mine],
+            marks: Vec::new(),
+            full: false,
         },
     );
     assert_eq!(seqs(h.messages(bob)), vec![1, 2, 3]);
@@ -282,6 +286,8 @@ fn a_resubscribed_channel_is_caught_up_from_the_stream() {
             room,
             after: 0,
             msgs: vec![other(1, "one"), other(2, "two")],
+            marks: Vec::new(),
+            full: false,
         },
     );
     assert_eq!(seqs(h.messages(bob)), vec![1, 2]);
@@ -332,6 +338,8 @@ fn only_what_the_stream_dropped_becomes_a_gap() {
         room: room.clone(),
         after,
         msgs: msgs.iter().map(|&s| other(s, "x")).collect(),
+        marks: Vec::new(),
+        full: false,
     };
     // 5 arrives; the stream, read after it, starts at 4: retention dropped 1..=3.
     feed(&mut h, message(5));
@@ -357,6 +365,8 @@ fn only_what_the_stream_dropped_becomes_a_gap() {
             after: 0,
             reader,
             msgs: [4, 5].iter().map(|&s| other(s, "x")).collect(),
+            full: false,
+            last: 5,
         },
     );
     let events = h.events(bob);
@@ -511,6 +521,8 @@ fn a_resume_past_the_nodes_memory_reads_the_stream_one_page_at_a_time() {
                 after,
                 reader,
                 msgs: msgs.iter().map(|&s| other(s, &format!("m{s}"))).collect(),
+                full: msgs.len() >= 2,
+                last: msgs.last().copied().unwrap_or(after),
             },
         );
     };
@@ -570,6 +582,7 @@ fn a_multi_room_api_publish_answers_each_room_on_its_own() {
                 epoch,
                 seq,
                 tail,
+                marks: Vec::new(),
             },
         );
     }
@@ -598,6 +611,7 @@ fn a_multi_room_api_publish_answers_each_room_on_its_own() {
             epoch,
             seq,
             repeated,
+            ordered: true,
         },
     );
     answered(&mut h);
@@ -750,6 +764,8 @@ fn answer_fills(h: &mut Harness, room: &RoomName, stream: &[u64]) {
                     room: room.clone(),
                     after,
                     msgs,
+                    marks: Vec::new(),
+                    full: false,
                 },
             );
         }
@@ -788,7 +804,7 @@ fn bob_opening_dm(connect: impl FnOnce(&mut Harness) -> Token) -> (Harness, Toke
 }
 
 /// The engine answers the room's open: epoch 77, head `seq`, the stream's last messages.
-fn answer_open(h: &mut Harness, room: &RoomName, seq: u64, tail: Vec<EngineMessage>) {
+pub(super) fn answer_open(h: &mut Harness, room: &RoomName, seq: u64, tail: Vec<EngineMessage>) {
     let (room, epoch) = (room.clone(), 77);
     feed(
         h,
@@ -797,12 +813,13 @@ fn answer_open(h: &mut Harness, room: &RoomName, seq: u64, tail: Vec<EngineMessa
             epoch,
             seq,
             tail,
+            marks: Vec::new(),
         },
     );
 }
 
 /// The room's channel brings `msg` (epoch 77).
-fn hear(h: &mut Harness, room: &RoomName, msg: EngineMessage) {
+pub(super) fn hear(h: &mut Harness, room: &RoomName, msg: EngineMessage) {
     let (room, epoch) = (room.clone(), 77);
     feed(h, EngineEvent::Message { room, epoch, msg });
 }
@@ -902,6 +919,8 @@ fn a_reopened_room_reads_again_past_an_older_read_that_stops_short() {
             room: room.clone(),
             after: 1,
             msgs: vec![other(2, "m2"), other(3, "m3")],
+            marks: Vec::new(),
+            full: false,
         },
     );
     assert!(
@@ -917,6 +936,8 @@ fn a_reopened_room_reads_again_past_an_older_read_that_stops_short() {
             room: room.clone(),
             after: 3,
             msgs: (4..=6).map(|s| other(s, &format!("m{s}"))).collect(),
+            marks: Vec::new(),
+            full: false,
         },
     );
     let frames = h.frames(phone);
@@ -991,6 +1012,7 @@ fn a_repeat_answered_while_a_resumed_binding_waits_moves_its_cursor_as_the_phone
             epoch: 77,
             seq: 10,
             repeated: true,
+            ordered: true,
         },
     );
     feed(
@@ -1000,6 +1022,8 @@ fn a_repeat_answered_while_a_resumed_binding_waits_moves_its_cursor_as_the_phone
             after: 9,
             reader,
             msgs: (10..=13).map(|s| other(s, &format!("m{s}"))).collect(),
+            full: false,
+            last: 13,
         },
     );
     let frames = h.frames(phone);

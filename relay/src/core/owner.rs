@@ -426,7 +426,13 @@ impl Core {
         } else {
             floor
         };
-        let start = asked.max(floor.min(owned.head));
+        // A join point past a trailing node's head stands too: what the node has not
+        // received yet up to it was published before the join.
+        let start = if trails_engine {
+            asked.max(floor)
+        } else {
+            asked.max(floor.min(owned.head))
+        };
         let reader = PageReader::Subscribe {
             origin,
             alias,
@@ -447,10 +453,15 @@ impl Core {
         after: u64,
         request: u64,
     ) {
-        let floor = self
-            .owned
-            .get(&room)
-            .and_then(|o| Some(self.join_floor(user, &room, o.epoch)?.min(o.head)));
+        let trails_engine = self.cluster.is_some();
+        let floor = self.owned.get(&room).and_then(|o| {
+            let floor = self.join_floor(user, &room, o.epoch)?;
+            Some(if trails_engine {
+                floor
+            } else {
+                floor.min(o.head)
+            })
+        });
         let Some(floor) = floor else {
             return self.not_member(room, origin, alias, request);
         };

@@ -238,8 +238,9 @@ impl Core {
         after: u64,
         id: u64,
         raw: Vec<EngineMessage>,
+        full: bool,
+        raw_last: u64,
     ) {
-        let batch = self.config.cluster.as_ref().map_or(1, |c| c.fill_batch);
         let Some(reader) = self
             .cluster
             .as_deref_mut()
@@ -260,8 +261,6 @@ impl Core {
         };
         let (epoch, head) = (owned.epoch, owned.head);
         let mem_first = owned.history().first_seq().unwrap_or(head + 1);
-        let full = raw.len() >= batch;
-        let raw_last = raw.last().map_or(after, |m| m.seq);
         // What this node has not received yet waits for its live delivery (the reader
         // goes live at the owner's head).
         // Entries past the room's age are dropped from the front only (clocks of different

@@ -1201,3 +1201,4 @@ fn a_session_speaks_the_version_of_its_hello() {
 mod handoff;
 mod memory;
 mod receipts;
+mod removals;

@@ -27,6 +27,8 @@ pub struct ClusterScrape {
     pub subscriptions: i64,
     /// Messages read back from streams to fill holes.
     pub holes_filled: u64,
+    /// Removals applied in their rooms' order.
+    pub removals_in_order: u64,
     /// Engine errors by kind (in [`crate::cluster::EngineErrorKind::ALL`]'s order).
     pub errors: [u64; 6],
     /// Publishes refused `unavailable`.
@@ -67,6 +69,7 @@ impl ClusterScrape {
             pipeline_depth: c.pipeline_depth.load(Relaxed),
             subscriptions: c.subscriptions.load(Relaxed),
             holes_filled: c.holes_filled.load(Relaxed),
+            removals_in_order: c.removals_in_order.load(Relaxed),
             errors: crate::cluster::EngineErrorKind::ALL.map(|k| c.errors_of(k)),
             refused: c.refused.load(Relaxed),
             engines_up: c.engines_up.load(Relaxed),
@@ -95,6 +98,11 @@ impl ClusterScrape {
                 "pabal_cluster_holes_filled",
                 "Messages read back from a room's stream to fill a hole (a sequence jump or a lost subscription).",
                 self.holes_filled,
+            ),
+            (
+                "pabal_cluster_removals_in_order",
+                "Removals from rooms applied in the room's own order (after the message before them, before the next).",
+                self.removals_in_order,
             ),
             (
                 "pabal_cluster_publishes_refused",

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::super::shard::{BACKOFF_MIN, Conn, CopiesDue, Progress, Retry, Shard};
+use super::super::shard::{BACKOFF_MIN, Conn, Progress, Retry, Shard};
 use super::super::{EngineEvent, Topology};
 use super::{Engine, SubState};
 
@@ -80,7 +80,7 @@ impl Engine {
             shard.sub = None;
             shard.wanted = false;
             shard.wait_due = false;
-            shard.copies_due = CopiesDue::default();
+            shard.copies.lost(&mut self.out);
             shard.cmd_retry = Retry::now();
             shard.sub_retry = Retry::now();
             tracing::info!(worker = self.worker, node = %self.node_id, addr = %shard.addr, "engine connections to a shard no longer needed closed (cluster.shard_idle)");

@@ -17,7 +17,7 @@ use super::super::script::Script;
 use super::super::slots::SlotMap;
 use super::super::{
     ClaimOutcome, EngineCmd, EngineErrorKind, EngineEvent, MemberChange, MemberOutcome,
-    MemberRequest,
+    MemberRequest, Topology,
 };
 use super::{Engine, MAX_HOPS, Pending, SubState, encode_script};
 use crate::ids::RoomName;
@@ -329,11 +329,36 @@ impl Engine {
                         vec![meta, members, room_key(&req.room, "d")],
                         vec![d(epoch_hint), user, d(serial)],
                     ),
-                    MemberChange::Leave { .. } => Command::Script(
-                        &m::ROOM_LEAVE,
-                        vec![members, room_key(&req.room, "k"), room_key(&req.room, "d")],
-                        vec![user],
-                    ),
+                    MemberChange::Leave { block, reason, .. } => {
+                        // A leave that blocks takes effect by its notice: only the user's
+                        // side knows whether the block is refused (and the LEFT says so).
+                        let mark = if block || !self.config.ordered_removals {
+                            ""
+                        } else {
+                            m::reason_code(reason)
+                        };
+                        let verb: &[u8] = match self.topology {
+                            Topology::Single | Topology::Sentinel => b"PUBLISH",
+                            Topology::Cluster => b"SPUBLISH",
+                        };
+                        Command::Script(
+                            &m::ROOM_LEAVE,
+                            vec![
+                                members,
+                                room_key(&req.room, "k"),
+                                room_key(&req.room, "d"),
+                                meta,
+                                room_key(&req.room, "s"),
+                                room_key(&req.room, "x"),
+                            ],
+                            vec![
+                                user,
+                                mark.as_bytes().to_vec(),
+                                room_key(&req.room, "c"),
+                                verb.to_vec(),
+                            ],
+                        )
+                    }
                 }
             }
             Step::UserJoin { req, join, .. } => user_command(req, Some(join)),

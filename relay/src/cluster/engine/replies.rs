@@ -176,7 +176,7 @@ impl Engine {
                     Some((epoch, seq, repeated)) if epoch > 0 && seq > 0 => {
                         if !repeated && let Some(shard) = self.shards.get_mut(i) {
                             // The script published it: its copy on the channel is due.
-                            shard.copies_due.answered(req.ticket);
+                            shard.copies.answered(req.ticket);
                         }
                         self.publish_answered(&req.room, req.ticket);
                         let ev = EngineEvent::Published {
@@ -184,11 +184,16 @@ impl Engine {
                             epoch,
                             seq,
                             repeated,
+                            ordered: true,
                         };
                         match self.shards.get_mut(i) {
                             // Held for the WAIT written after it (`cluster.wait_replicas`).
                             Some(shard) if self.config.wait_replicas > 0 => shard.held.push(ev),
-                            _ => self.out.push(ev),
+                            // Handed over once its copy is read (`copies.rs`).
+                            Some(shard) => {
+                                shard.copies.ready(req.ticket, ev, self.woke, &mut self.out);
+                            }
+                            None => self.out.push(ev),
                         }
                     }
                     _ => {
@@ -221,10 +226,19 @@ impl Engine {
                 let parsed = reply.array().and_then(|a| {
                     let epoch = a.first()?.int()?;
                     let seq = a.get(1)?.int()?;
-                    let tail = script::parse_entries(a.get(2)?, &self.prefix)?;
-                    Some((epoch, seq, tail))
+                    let mut span = script::parse_entries(a.get(2)?, &self.prefix)?;
+                    // The room's last removals, this epoch's, with those of the tail.
+                    for heard in a.get(3)?.array()? {
+                        let (e, mark) = script::parse_channel_removal(heard.bytes()?)?;
+                        if e as i64 == epoch {
+                            span.marks.push(mark);
+                        }
+                    }
+                    span.marks.sort_by_key(super::super::RemovalMark::place);
+                    span.marks.dedup_by_key(|m| m.place());
+                    Some((epoch, seq, span))
                 });
-                let Some((epoch, seq, tail)) = parsed.filter(|(e, s, _)| *e > 0 && *s >= 0) else {
+                let Some((epoch, seq, span)) = parsed.filter(|(e, s, _)| *e > 0 && *s >= 0) else {
                     if let Some(c) = self.channels.get_mut(&channel_key(&room)) {
                         c.opens.push((hint, tail));
                     }
@@ -234,7 +248,8 @@ impl Engine {
                     room,
                     epoch: epoch as u64,
                     seq: seq as u64,
-                    tail,
+                    tail: span.msgs,
+                    marks: span.marks,
                 });
             }
             Pending::Fill {
@@ -242,17 +257,27 @@ impl Engine {
                 after,
                 reader,
             } => {
-                let Some(msgs) = script::parse_entries(&reply, &self.prefix) else {
+                let Some(span) = script::parse_entries(&reply, &self.prefix) else {
                     self.fills_waiting.push((room, after, reader));
                     return Err(malformed(format!("bad answer to a stream read: {reply:?}")));
                 };
+                let full = span.entries >= self.config.fill_batch;
                 self.out.push(match reader {
-                    None => EngineEvent::Filled { room, after, msgs },
+                    None => EngineEvent::Filled {
+                        room,
+                        after: after.0,
+                        msgs: span.msgs,
+                        marks: span.marks,
+                        full,
+                    },
+                    // A reader pages messages: the removals are the owner's.
                     Some(reader) => EngineEvent::Read {
                         room,
-                        after,
+                        after: after.0,
                         reader,
-                        msgs,
+                        last: span.last.max(after.0),
+                        msgs: span.msgs,
+                        full,
                     },
                 });
             }
@@ -269,7 +294,14 @@ impl Engine {
         let held = std::mem::take(&mut shard.held);
         let replicas = reply.int().unwrap_or(-1);
         if replicas >= i64::from(self.config.wait_replicas) {
-            self.out.extend(held);
+            // Each then waits for its copy, if that is not read yet (`copies.rs`).
+            for ev in held {
+                let ticket = match &ev {
+                    EngineEvent::Published { ticket, .. } => *ticket,
+                    _ => u64::MAX,
+                };
+                shard.copies.ready(ticket, ev, self.woke, &mut self.out);
+            }
             return;
         }
         self.stats.count_error(EngineErrorKind::Replicas);
@@ -341,11 +373,19 @@ impl Engine {
                         markers,
                     });
                 }
+                if let Some((epoch, mark)) = body.bytes().and_then(script::parse_channel_removal) {
+                    return self.out.push(EngineEvent::Removal {
+                        room: c.room.clone(),
+                        epoch,
+                        mark,
+                    });
+                }
                 match body
                     .bytes()
                     .and_then(|b| script::parse_channel_message(b, &self.prefix))
                 {
-                    // This worker's own publish, its answer handed over already.
+                    // This worker's own publish whose answer came first: the answer,
+                    // released by this copy (`copies.rs`), carries it.
                     Some((
                         _,
                         EngineMessage {
@@ -354,7 +394,7 @@ impl Engine {
                     )) if self
                         .shards
                         .get_mut(i)
-                        .is_some_and(|s| s.copies_due.take_copy(t))
+                        .is_some_and(|s| s.copies.copy_read(t, &mut self.out))
                         // Its acknowledgement waits for WAIT: the copy must not resolve
                         // it first (the answer comes on the command connection, or the
                         // publish fails with it and the hole is read from the stream).

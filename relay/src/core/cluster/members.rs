@@ -366,7 +366,12 @@ impl Core {
         }
     }
 
-    fn on_user_loaded(&mut self, user: &str, engine: UserRooms) {
+    fn on_user_loaded(&mut self, user: &str, mut engine: UserRooms) {
+        // A membership a removal in its room's order already ended here: this read ran
+        // before the removal reached the user's side in the engine.
+        engine
+            .rooms
+            .retain(|(room, join)| !self.directory.ended(user, room, join.serial));
         let Some(watch) = self.members_side().and_then(|s| s.watched.get_mut(user)) else {
             return self.directory.forget_if_offline(user);
         };
@@ -490,6 +495,11 @@ impl Core {
     fn on_notice(&mut self, user: &str, notice: Notice) {
         match notice {
             Notice::Joined { room, join } => {
+                if self.directory.ended(user, &room, join.serial) {
+                    // Heard after its removal's place in the room's order was applied
+                    // here (two connections, or two shards): old news.
+                    return;
+                }
                 match self.directory.join_point(user, &room) {
                     Some(j) if j == join => {}
                     Some(old) => {

@@ -69,11 +69,12 @@ impl Sim {
                 self.deliver_control()?;
             }
             34 => {
-                let fault = match self.random(6) {
+                let fault = match self.random(7) {
                     0 => Fault::LoseCommands,
                     1 => Fault::LosePubSub,
                     2 => Fault::DropPush,
-                    3 | 4 => {
+                    3 => Fault::CopiesLate,
+                    4 | 5 => {
                         let r = self.random(self.rooms.len());
                         let n = self.engine.as_mut().unwrap().trim(r);
                         self.note(format!("the stream of room{r} is trimmed by {n}"));
@@ -291,6 +292,27 @@ fn the_cluster_simulator_finds_a_users_read_that_undoes_a_later_notice() {
         what.contains("never received") || what.contains("before the head"),
         "a member went without its room's messages: {what}"
     );
+}
+
+#[test]
+fn the_cluster_simulator_finds_a_removal_left_to_its_notice() {
+    // Fault injection: removals applied as the users' notices arrive, not in their rooms'
+    // order (`cluster.ordered_removals = false`, as versions before it): a message
+    // another node sequences while the notice is on its way reaches the removed user's
+    // phones, and some seed must say so.
+    let fault = |e: &mut redis::Engine| e.ordered_removals = false;
+    let what = cluster_fault_found(3_000, fault, "a removal's leak");
+    assert!(what.contains("outside its membership"), "{what}");
+}
+
+#[test]
+fn the_cluster_simulator_finds_an_answer_handed_over_before_its_copy() {
+    // Fault injection: an engine that hands a publish's answer over before its copy is
+    // read lets the message enter the room's order before a removal the channel carried
+    // ahead of it, and the removed user's phone on the publishing node gets it.
+    let fault = |e: &mut redis::Engine| e.answers_before_copies = true;
+    let what = cluster_fault_found(20_000, fault, "an answer passing a removal");
+    assert!(what.contains("outside its membership"), "{what}");
 }
 
 #[test]

@@ -254,7 +254,7 @@ impl Sim {
             .map(|r| RoomName::new(false, Text::from(format!("room{r}"))))
             .collect();
         let mut model = Model {
-            removal_leaks: cluster,
+            removal_leaks: false,
             ..Model::default()
         };
         let engine = cluster.then(|| {
@@ -268,7 +268,9 @@ impl Sim {
             let c = config.cluster.as_ref().unwrap();
             let users: Vec<Text> = phones.iter().map(|p| p.user.clone()).collect();
             let (max_len, batch) = (c.stream_max_len as usize, c.fill_batch);
-            redis::Engine::new(&rooms, &users, shape.cores, max_len, batch)
+            let mut engine = redis::Engine::new(&rooms, &users, shape.cores, max_len, batch);
+            engine.ordered_removals = c.ordered_removals;
+            engine
         });
         Sim {
             workers,

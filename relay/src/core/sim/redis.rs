@@ -23,9 +23,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use bytes::Bytes;
 use pabal_codec::Text;
 
+use crate::cluster::copies::Copies;
 use crate::cluster::membership::{Notice, UserRooms};
 use crate::cluster::{
-    ClaimOutcome, EngineCmd, EngineEvent, EngineMessage, MemberChange, MemberOutcome, RepeatKey,
+    ClaimOutcome, EngineCmd, EngineEvent, EngineMessage, MemberChange, MemberOutcome, RemovalMark,
+    RepeatKey,
 };
 use crate::directory::JoinPoint;
 use crate::ids::RoomName;
@@ -52,11 +54,29 @@ struct Entry {
     payload: Bytes,
 }
 
+/// One stream entry: a message (id `<seq>-0`), or a removal placed after message `seq`
+/// (id `<seq>-<sub>`).
+#[derive(Debug, Clone)]
+enum Item {
+    Msg(Entry),
+    Mark(RemovalMark),
+}
+
+impl Item {
+    /// Its stream id.
+    fn place(&self) -> (u64, u64) {
+        match self {
+            Item::Msg(e) => (e.seq, 0),
+            Item::Mark(m) => m.place(),
+        }
+    }
+}
+
 /// One room as Redis holds it.
 struct Room {
     name: RoomName,
     head: u64,
-    stream: VecDeque<Entry>,
+    stream: VecDeque<Item>,
     /// Every body ever sequenced, by sequence (index `seq - 1`): the truth phones are
     /// checked against, retention or not.
     bodies: Vec<Bytes>,
@@ -66,6 +86,10 @@ struct Room {
     window: HashMap<(u8, u64, u64), u64>,
     /// Nodes whose pub/sub connection subscribes the room's channel.
     subscribers: BTreeSet<usize>,
+    /// The last membership serial the room gave (`ROOM_JOIN`'s `j`).
+    serial: u64,
+    /// The room's last removals (`ROOM_LEAVE`'s sorted set, which `OPEN` returns).
+    removals: VecDeque<RemovalMark>,
 }
 
 /// A command on a node's command connection, as Redis will run it.
@@ -95,6 +119,7 @@ enum SubWritten {
 #[derive(Debug)]
 enum Push {
     Message(RoomName, Entry),
+    Removal(RoomName, RemovalMark),
     Confirmed(RoomName),
     /// A notice on a user's channel.
     Notice(Text, Notice),
@@ -142,6 +167,9 @@ struct Node {
     /// Reads of a user's rooms out, and the notices heard meanwhile (they follow the read's
     /// answer, as the engine holds them).
     loads: BTreeMap<Text, (u32, Vec<Notice>)>,
+    /// The engine's answered publishes and their copies (`cluster/copies.rs`, the
+    /// engine's own): an answer reaches the worker once its copy was read.
+    copies: Copies,
 }
 
 /// What can go wrong, chosen by the scheduler.
@@ -149,9 +177,13 @@ struct Node {
 pub(super) enum Fault {
     LoseCommands,
     LosePubSub,
-    /// One push of a room's channel lost while a later one of the room follows it (the
-    /// owner sees the jump).
+    /// One message push of a room's channel lost while a later one of the room follows it
+    /// (the owner sees the jump). A removal's push is never lost alone: Redis loses pushes
+    /// only with their connection (`LosePubSub`), and a lost removal reveals no jump.
     DropPush,
+    /// The answers waiting for their copies wait too long and go to the worker unordered
+    /// (`copies.rs`, `COPY_WAIT`).
+    CopiesLate,
 }
 
 /// The model Redis and every node's engine.
@@ -170,6 +202,14 @@ pub(super) struct Engine {
     /// Fault injection: notices heard while a read of the user's rooms is out are handed
     /// over at once, before the read's answer (what the engine was before it held them).
     pub(super) notices_before_loads: bool,
+    /// Fault injection: a publish's answer is handed over at once, ordered, before its
+    /// copy (and what the channel carried before it) is read (the engine before it held
+    /// answers for their copies).
+    pub(super) answers_before_copies: bool,
+    /// The model's clock for the engines' held answers (`Copies` waits in time).
+    clock: std::time::Instant,
+    /// `cluster.ordered_removals`: a removal is placed in its room's order.
+    pub(super) ordered_removals: bool,
     /// Events an engine reports without Redis (a publish with no connection to go on, a
     /// subscription confirmed): `(node, event)`, handed over by the scheduler.
     pub(super) immediate: Vec<(usize, EngineEvent)>,
@@ -221,6 +261,8 @@ impl Engine {
                     trimmed: 0,
                     window: HashMap::new(),
                     subscribers: BTreeSet::new(),
+                    serial: 1,
+                    removals: VecDeque::new(),
                 })
                 .collect(),
             nodes: (0..nodes)
@@ -234,6 +276,9 @@ impl Engine {
             fill_batch,
             forget_resubscribed: false,
             notices_before_loads: false,
+            answers_before_copies: false,
+            ordered_removals: true,
+            clock: std::time::Instant::now(),
             immediate: Vec::new(),
         }
     }
@@ -304,10 +349,12 @@ impl Engine {
             MemberChange::Join { serial, .. } => match self.members.get(&key) {
                 Some(&join) => (MemberOutcome::Joined { new: false, join }, None),
                 None => {
+                    let room = self.room_mut(req.room.id);
+                    room.serial = (room.serial + 1).max(serial);
                     let join = JoinPoint {
                         epoch: EPOCH,
                         seq: head,
-                        serial,
+                        serial: room.serial,
                     };
                     self.members.insert(key, join);
                     self.changes.push((req.user.clone(), req.room.id, Ok(join)));
@@ -318,10 +365,13 @@ impl Engine {
                     )
                 }
             },
-            MemberChange::Leave { reason, .. } => match self.members.remove(&key) {
+            MemberChange::Leave { reason, block, .. } => match self.members.remove(&key) {
                 Some(join) => {
                     self.changes
                         .push((req.user.clone(), req.room.id, Err(head)));
+                    if !block && self.ordered_removals {
+                        self.place_removal(req.room.id, &req.user, join, reason);
+                    }
                     let notice = Notice::Left {
                         room: req.room.clone(),
                         join,
@@ -354,6 +404,41 @@ impl Engine {
         EngineEvent::MemberDone {
             ticket: req.ticket,
             outcome,
+        }
+    }
+
+    /// `ROOM_LEAVE`'s mark: a removal entry after the room's head, and its push to every
+    /// subscriber of the room's channel.
+    fn place_removal(
+        &mut self,
+        room_id: u64,
+        user: &Text,
+        join: JoinPoint,
+        reason: pabal_codec::LeftReason,
+    ) {
+        let room = self.room_mut(room_id);
+        let head = room.head;
+        let sub = match room.stream.back().map(Item::place) {
+            Some((seq, sub)) if seq == head => sub + 1,
+            _ => 1,
+        };
+        let mark = RemovalMark {
+            seq: head,
+            sub,
+            user: user.clone(),
+            join,
+            reason,
+        };
+        room.stream.push_back(Item::Mark(mark.clone()));
+        room.removals.push_back(mark.clone());
+        if room.removals.len() > crate::cluster::membership::REMOVALS_KEPT {
+            room.removals.pop_front();
+        }
+        let (name, subscribers) = (room.name.clone(), room.subscribers.clone());
+        for s in subscribers {
+            self.nodes[s]
+                .pushes
+                .push_back(Push::Removal(name.clone(), mark.clone()));
         }
     }
 
@@ -589,6 +674,7 @@ impl Engine {
                         epoch: EPOCH,
                         seq: first,
                         repeated: true,
+                        ordered: true,
                     }
                 } else {
                     room.head += 1;
@@ -608,7 +694,7 @@ impl Engine {
                         payload: req.payload.clone(),
                     };
                     room.bodies.push(req.payload.clone());
-                    room.stream.push_back(entry.clone());
+                    room.stream.push_back(Item::Msg(entry.clone()));
                     let (name, subscribers) = (room.name.clone(), room.subscribers.clone());
                     for s in subscribers {
                         self.nodes[s]
@@ -620,34 +706,51 @@ impl Engine {
                         epoch: EPOCH,
                         seq,
                         repeated: false,
+                        ordered: true,
                     }
                 }
             }
             Written::Open { room, tail } => {
                 let r = self.room(room.id);
-                let from = r.head.saturating_sub(*tail) + 1;
+                let from = r.head.saturating_sub(*tail);
+                let mut span = self.span(node, room.id, (from, 0), usize::MAX);
+                span.marks
+                    .extend(self.room(room.id).removals.iter().cloned());
+                span.marks.sort_by_key(RemovalMark::place);
+                span.marks.dedup_by_key(|m| m.place());
                 EngineEvent::Opened {
                     room: room.clone(),
                     epoch: EPOCH,
-                    seq: r.head,
-                    tail: self.entries(node, room.id, from, usize::MAX),
+                    seq: self.room(room.id).head,
+                    tail: span.msgs,
+                    marks: span.marks,
                 }
             }
-            Written::Cmd(EngineCmd::Fill { room, after }) => EngineEvent::Filled {
-                room: room.clone(),
-                after: *after,
-                msgs: self.entries(node, room.id, after + 1, self.fill_batch),
-            },
+            Written::Cmd(EngineCmd::Fill { room, after, sub }) => {
+                let span = self.span(node, room.id, (*after, *sub), self.fill_batch);
+                EngineEvent::Filled {
+                    room: room.clone(),
+                    after: *after,
+                    msgs: span.msgs,
+                    marks: span.marks,
+                    full: span.entries >= self.fill_batch,
+                }
+            }
             Written::Cmd(EngineCmd::Read {
                 room,
                 after,
                 reader,
-            }) => EngineEvent::Read {
-                room: room.clone(),
-                after: *after,
-                reader: *reader,
-                msgs: self.entries(node, room.id, after + 1, self.fill_batch),
-            },
+            }) => {
+                let span = self.span(node, room.id, (*after, u64::MAX), self.fill_batch);
+                EngineEvent::Read {
+                    room: room.clone(),
+                    after: *after,
+                    reader: *reader,
+                    msgs: span.msgs,
+                    full: span.entries >= self.fill_batch,
+                    last: span.last.max(*after),
+                }
+            }
             Written::Load { user } => EngineEvent::UserLoaded {
                 user: user.clone(),
                 rooms: self.user_rooms(user),
@@ -666,20 +769,35 @@ impl Engine {
         }
     }
 
-    /// The stream's entries from `from` on, at most `max`, as the node's engine reports
-    /// them (its own run's tickets named).
-    fn entries(&self, node: usize, room_id: u64, from: u64, max: usize) -> Vec<EngineMessage> {
+    /// The stream's entries after the id `after` (exclusive, `XRANGE (<seq>-<sub>`), at
+    /// most `max`, as the node's engine reports them (its own run's tickets named).
+    fn span(
+        &self,
+        node: usize,
+        room_id: u64,
+        after: (u64, u64),
+        max: usize,
+    ) -> crate::cluster::script::StreamSpan {
         let origin = Origin {
             node,
             run: self.nodes[node].run,
         };
-        self.room(room_id)
+        let mut span = crate::cluster::script::StreamSpan::default();
+        for item in self
+            .room(room_id)
             .stream
             .iter()
-            .filter(|e| e.seq >= from)
+            .filter(|i| i.place() > after)
             .take(max)
-            .map(|e| message(e, origin))
-            .collect()
+        {
+            span.entries += 1;
+            span.last = item.place().0;
+            match item {
+                Item::Msg(e) => span.msgs.push(message(e, origin)),
+                Item::Mark(m) => span.marks.push(m.clone()),
+            }
+        }
+        span
     }
 
     /// Redis runs the node's next subscription change.
@@ -714,7 +832,19 @@ impl Engine {
         let Some((written, Some(answer))) = n.inflight.pop_front() else {
             return Vec::new();
         };
-        let mut events = vec![answer];
+        let mut events = Vec::new();
+        match answer {
+            EngineEvent::Published {
+                ticket, repeated, ..
+            } if !self.answers_before_copies => {
+                let copies = &mut self.nodes[node].copies;
+                if !repeated {
+                    copies.answered(ticket);
+                }
+                copies.ready(ticket, answer, self.clock, &mut events);
+            }
+            answer => events.push(answer),
+        }
         if let Written::Load { user } = &written {
             events.extend(self.load_answered(node, user));
         }
@@ -732,13 +862,28 @@ impl Engine {
             return Vec::new();
         };
         match push {
-            Push::Message(room, entry) => match self.nodes[node].channels.get(&room.id) {
-                // Unsubscribed meanwhile.
+            Push::Message(room, entry) => {
+                let msg = message(&entry, origin);
+                let mut events = Vec::new();
+                // This engine's own publish whose answer came first: released by it.
+                let answered = msg.ticket.is_some_and(|t| {
+                    !self.answers_before_copies && self.nodes[node].copies.copy_read(t, &mut events)
+                });
+                if !answered && self.nodes[node].channels.contains_key(&room.id) {
+                    events.push(EngineEvent::Message {
+                        room,
+                        epoch: EPOCH,
+                        msg,
+                    });
+                }
+                events
+            }
+            Push::Removal(room, mark) => match self.nodes[node].channels.get(&room.id) {
                 None => Vec::new(),
-                Some(_) => vec![EngineEvent::Message {
+                Some(_) => vec![EngineEvent::Removal {
                     room,
                     epoch: EPOCH,
-                    msg: message(&entry, origin),
+                    mark,
                 }],
             },
             Push::UserConfirmed(user) => {
@@ -802,6 +947,11 @@ impl Engine {
                 }
                 n.sub_up = false;
                 n.pushes.clear();
+                let mut released = Vec::new();
+                n.copies.lost(&mut released);
+                self.immediate
+                    .extend(released.into_iter().map(|e| (node, e)));
+                let n = &mut self.nodes[node];
                 n.sub_out.clear();
                 n.user_subs.clear();
                 for (_, c) in n.channels.values_mut() {
@@ -827,6 +977,15 @@ impl Engine {
                 dropped
                     .and_then(|i| self.nodes[node].pushes.remove(i))
                     .is_some()
+            }
+            Fault::CopiesLate => {
+                let late = self.clock + crate::cluster::copies::COPY_WAIT;
+                let mut released = Vec::new();
+                self.nodes[node].copies.expire(late, &mut released);
+                let any = !released.is_empty();
+                self.immediate
+                    .extend(released.into_iter().map(|e| (node, e)));
+                any
             }
         }
     }
@@ -886,10 +1045,10 @@ impl Engine {
         let room = &mut self.rooms[i];
         let mut n = 0;
         while room.stream.len() > max {
-            if let Some(e) = room.stream.pop_front() {
+            if let Some(Item::Msg(e)) = room.stream.pop_front() {
                 room.trimmed = e.seq;
-                n += 1;
             }
+            n += 1;
         }
         n
     }

@@ -1,0 +1,219 @@
+//! This worker's answered publishes and their copies on the room's channel, per shard: an
+//! answer is handed to the worker only once its copy was read.
+//!
+//! A publish's script answers on the command connection and publishes the message on the
+//! room's pub/sub connection; nothing orders the two as they arrive. What the channel
+//! carried before the copy includes every removal placed before the message
+//! ([`super::RemovalMark`]). Held until its copy is read, an answer reaches the worker after
+//! all of that, so the message may enter the room's order from the answer
+//! (`EngineEvent::Published { ordered: true }`) and no removal before it is passed over.
+//! Redis writes a script's pushes before its reply in the same pass, so the hold costs
+//! nothing in the common case.
+//!
+//! Redis runs one shard's scripts one at a time: their answers and their copies come in the
+//! same order, so a copy is found at the front of what is due, and what is before it will
+//! get no copy (its room was unsubscribed meanwhile). An answer whose copy will not come
+//! (that, the pub/sub connection lost, or [`COPY_WAIT`] passed) goes to the worker marked
+//! unordered: the message then enters the room's order from the stream.
+//!
+//! A copy read before its answer is handed over as any message is (the worker resolves the
+//! publish from it and drops the answer), except while `cluster.wait_replicas` holds
+//! acknowledgements: then the copy is dropped and remembered, and the answer, once `WAIT`
+//! releases it, goes at once.
+//!
+//! Owns: the tickets and the held answers. Must not touch: connections.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::EngineEvent;
+
+/// Tickets remembered per shard (answered with their copy due, or copies read before
+/// their answer); past it the oldest is forgotten (an answer then goes unordered, a copy is
+/// handed over as any message is).
+const COPIES_MAX: usize = 4096;
+
+/// How long an answer waits for its copy before it goes to the worker unordered (its
+/// message then read from the stream): a pub/sub connection far behind its command
+/// connection must not hold PUBACKs for long.
+pub(crate) const COPY_WAIT: Duration = Duration::from_millis(100);
+
+/// One shard's answered publishes and copies (see the module docs).
+#[derive(Debug, Default)]
+pub(crate) struct Copies {
+    /// Answered publishes (not repeats) whose copy has not been read, in the order Redis
+    /// ran them.
+    due: VecDeque<u64>,
+    /// Copies read before their answer.
+    early: VecDeque<u64>,
+    /// Answers ready for the worker whose copy is still due, with when they became ready.
+    waiting: VecDeque<(u64, Instant, EngineEvent)>,
+}
+
+impl Copies {
+    /// Redis answered publish `ticket` (and published it on its room's channel).
+    pub(crate) fn answered(&mut self, ticket: u64) {
+        if let Some(at) = self.early.iter().position(|&t| t == ticket) {
+            self.early.remove(at);
+            return;
+        }
+        if self.due.len() >= COPIES_MAX {
+            self.due.pop_front();
+        }
+        self.due.push_back(ticket);
+    }
+
+    /// An answer is ready for the worker (at once, or once `WAIT` released it): it goes
+    /// to `out` if its copy was read (or is not due: a repeat), else it waits for it.
+    pub(crate) fn ready(
+        &mut self,
+        ticket: u64,
+        event: EngineEvent,
+        now: Instant,
+        out: &mut Vec<EngineEvent>,
+    ) {
+        if self.due.contains(&ticket) {
+            self.waiting.push_back((ticket, now, event));
+        } else {
+            out.push(event);
+        }
+    }
+
+    /// The copy of this worker's publish `ticket` was read. Returns whether its answer
+    /// came first (the copy is then dropped: the answer carries it), having handed over
+    /// the answers it released; `false` when the answer has not come (the copy is
+    /// remembered).
+    pub(crate) fn copy_read(&mut self, ticket: u64, out: &mut Vec<EngineEvent>) -> bool {
+        let Some(at) = self.due.iter().position(|&t| t == ticket) else {
+            if self.early.len() >= COPIES_MAX {
+                self.early.pop_front();
+            }
+            self.early.push_back(ticket);
+            return false;
+        };
+        // Those before it get no copy.
+        self.due.drain(..=at);
+        while let Some((t, ..)) = self.waiting.front()
+            && !self.due.contains(t)
+        {
+            let Some((t, _, event)) = self.waiting.pop_front() else {
+                break;
+            };
+            out.push(if t == ticket { event } else { unordered(event) });
+        }
+        true
+    }
+
+    /// The shard's pub/sub connection was lost: no copy due will come, and the answers
+    /// that waited for one go to the worker unordered.
+    pub(crate) fn lost(&mut self, out: &mut Vec<EngineEvent>) {
+        self.due.clear();
+        self.early.clear();
+        out.extend(self.waiting.drain(..).map(|(_, _, e)| unordered(e)));
+    }
+
+    /// Answers that waited [`COPY_WAIT`] go to the worker unordered (their copies, should
+    /// they come, are dropped). Returns when the next one is due.
+    pub(crate) fn expire(&mut self, now: Instant, out: &mut Vec<EngineEvent>) -> Option<Instant> {
+        while let Some(&(_, since, _)) = self.waiting.front() {
+            if now.saturating_duration_since(since) < COPY_WAIT {
+                return Some(since + COPY_WAIT);
+            }
+            // Its ticket stays due: the copy, should it come, is dropped.
+            if let Some((_, _, event)) = self.waiting.pop_front() {
+                out.push(unordered(event));
+            }
+        }
+        None
+    }
+}
+
+/// `event` (a publish's answer) marked as not ordered after its copy.
+fn unordered(mut event: EngineEvent) -> EngineEvent {
+    if let EngineEvent::Published { ordered, .. } = &mut event {
+        *ordered = false;
+    }
+    event
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(ticket: u64) -> EngineEvent {
+        EngineEvent::Published {
+            ticket,
+            epoch: 1,
+            seq: ticket,
+            repeated: false,
+            ordered: true,
+        }
+    }
+
+    fn tickets(out: &[EngineEvent]) -> Vec<(u64, bool)> {
+        out.iter()
+            .filter_map(|e| match e {
+                EngineEvent::Published {
+                    ticket, ordered, ..
+                } => Some((*ticket, *ordered)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_answer_waits_for_its_copy_and_earlier_ones_without_a_copy_go_unordered() {
+        let (mut copies, now, mut out) = (Copies::default(), Instant::now(), Vec::new());
+        for t in [1, 2, 3] {
+            copies.answered(t);
+            copies.ready(t, answer(t), now, &mut out);
+        }
+        assert!(out.is_empty(), "every answer waits for its copy");
+        // 1's copy never came (its room was let go): 2's copy releases both.
+        assert!(copies.copy_read(2, &mut out));
+        assert_eq!(tickets(&out), [(1, false), (2, true)]);
+        out.clear();
+        assert!(copies.copy_read(3, &mut out));
+        assert_eq!(tickets(&out), [(3, true)]);
+        assert!(copies.due.is_empty() && copies.waiting.is_empty());
+    }
+
+    #[test]
+    fn a_copy_read_before_its_answer_lets_the_answer_go_at_once() {
+        let (mut copies, now, mut out) = (Copies::default(), Instant::now(), Vec::new());
+        assert!(!copies.copy_read(7, &mut out), "no answer yet: handed over");
+        copies.answered(7);
+        copies.ready(7, answer(7), now, &mut out);
+        assert_eq!(tickets(&out), [(7, true)]);
+        assert!(copies.due.is_empty() && copies.early.is_empty());
+    }
+
+    #[test]
+    fn answers_go_unordered_when_the_connection_is_lost_or_the_copy_is_late() {
+        let (mut copies, now, mut out) = (Copies::default(), Instant::now(), Vec::new());
+        copies.answered(1);
+        copies.ready(1, answer(1), now, &mut out);
+        assert_eq!(copies.expire(now, &mut out), Some(now + COPY_WAIT));
+        assert!(out.is_empty());
+        assert_eq!(copies.expire(now + COPY_WAIT, &mut out), None);
+        assert_eq!(tickets(&out), [(1, false)]);
+        out.clear();
+        copies.answered(2);
+        copies.ready(2, answer(2), now, &mut out);
+        copies.lost(&mut out);
+        assert_eq!(tickets(&out), [(2, false)]);
+        assert!(copies.due.is_empty());
+    }
+
+    #[test]
+    fn what_is_remembered_is_bounded() {
+        let (mut copies, mut out) = (Copies::default(), Vec::new());
+        for t in 0..(COPIES_MAX as u64 + 10) {
+            copies.answered(t);
+            copies.copy_read(1_000_000 + t, &mut out);
+        }
+        assert_eq!(copies.due.len(), COPIES_MAX);
+        assert_eq!(copies.early.len(), COPIES_MAX);
+        assert!(!copies.copy_read(0, &mut out), "the oldest was forgotten");
+    }
+}

@@ -1,0 +1,228 @@
+//! A cluster node's removals in their rooms' order (`core/cluster.rs`): a removal the
+//! room's channel or stream places after message `n` unbinds the user's phones before
+//! message `n + 1` reaches them, and a read or notice older than it does not bring the
+//! membership back.
+
+use super::cluster::{ann_and_bob, engine_cmds, feed, hear, other};
+use super::*;
+use crate::cluster::{EngineCmd, EngineEvent, RemovalMark};
+use crate::directory::JoinPoint;
+use crate::ids::RoomName;
+
+/// bob's membership of `room` as this node's directory holds it.
+fn bobs_join(h: &Harness, room: &RoomName) -> JoinPoint {
+    h.core.directory.join_point("bob", room).unwrap()
+}
+
+/// bob's removal placed after message `seq` (the `sub`-th there).
+fn bob_removed(join: JoinPoint, seq: u64, sub: u64) -> RemovalMark {
+    RemovalMark {
+        seq,
+        sub,
+        user: Text::from("bob"),
+        join,
+        reason: LeftReason::Removed,
+    }
+}
+
+fn removal(h: &mut Harness, room: &RoomName, mark: RemovalMark) {
+    let room = room.clone();
+    feed(
+        h,
+        EngineEvent::Removal {
+            room,
+            epoch: 77,
+            mark,
+        },
+    );
+}
+
+/// The LEFT reasons among `events`.
+fn lefts(events: &[Event]) -> Vec<LeftReason> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Left { reason, .. } => Some(*reason),
+            _ => None,
+        })
+        .collect()
+}
+
+/// bob's phone got the messages `seqs` (nothing published after his removal), then LEFT.
+fn removed_after(h: &mut Harness, bob: Token, got: &[u64]) {
+    let events = h.events(bob);
+    assert_eq!(seqs(&events), got, "nothing published after the removal");
+    assert_eq!(lefts(&events), vec![LeftReason::Removed]);
+}
+
+/// The one stream read the worker asks for: where it starts, `(after, sub)`.
+fn fill_asked(h: &mut Harness) -> (u64, u64) {
+    match engine_cmds(h).as_slice() {
+        [EngineCmd::Fill { after, sub, .. }] => (*after, *sub),
+        other => panic!("one stream read, not {other:?}"),
+    }
+}
+
+fn seqs(events: &[Event]) -> Vec<u64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message { seq, .. } => *seq,
+            _ => None,
+        })
+        .collect()
+}
+
+/// ann and bob in `dm`; message 1, then bob's removal after it, come over the channel.
+fn bob_removed_after_one() -> (Harness, Token, Token, RoomName, JoinPoint) {
+    let (mut h, ann, bob, room, _) = ann_and_bob(ClientSession::new());
+    let join = bobs_join(&h, &room);
+    hear(&mut h, &room, other(1, "one"));
+    removal(&mut h, &room, bob_removed(join, 1, 1));
+    (h, ann, bob, room, join)
+}
+
+#[test]
+fn a_removal_unbinds_the_user_between_the_message_before_it_and_the_one_after() {
+    let (mut h, ann, bob, room, _) = bob_removed_after_one();
+    hear(&mut h, &room, other(2, "two"));
+    removed_after(&mut h, bob, &[1]);
+    assert_eq!(seqs(&h.events(ann)), vec![1, 2]);
+    assert_eq!(h.core.directory.join_point("bob", &room), None);
+    assert!(engine_cmds(&mut h).is_empty(), "no hole: nothing to read");
+}
+
+#[test]
+fn a_removal_heard_before_the_message_it_follows_waits_for_it() {
+    let (mut h, _ann, bob, room, _) = ann_and_bob(ClientSession::new());
+    let join = bobs_join(&h, &room);
+    // The removal after 1 reveals that 1 is missing: the stream is read, and what the
+    // channel brings meanwhile waits for it.
+    removal(&mut h, &room, bob_removed(join, 1, 1));
+    assert!(h.events(bob).is_empty(), "applied only after message 1");
+    assert_eq!(fill_asked(&mut h), (0, 0));
+    hear(&mut h, &room, other(2, "two"));
+    feed(
+        &mut h,
+        EngineEvent::Filled {
+            room: room.clone(),
+            after: 0,
+            msgs: vec![other(1, "one"), other(2, "two")],
+            marks: vec![bob_removed(join, 1, 1)],
+            full: false,
+        },
+    );
+    removed_after(&mut h, bob, &[1]);
+}
+
+#[test]
+fn while_the_stream_is_read_page_by_page_the_channel_waits_for_the_last_page() {
+    let (mut h, _ann, bob, room, _) = ann_and_bob(ClientSession::new());
+    let join = bobs_join(&h, &room);
+    hear(&mut h, &room, other(1, "one"));
+    assert_eq!(seqs(&h.events(bob)), vec![1]);
+    // The pub/sub connection came back: the stream after the head is read. 2 comes on the
+    // new subscription, but bob's removal after 1 was published while the connection was
+    // down: 2 waits for the stream, whose first page (full) holds another removal there.
+    feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
+    assert_eq!(fill_asked(&mut h), (1, 0));
+    hear(&mut h, &room, other(2, "two"));
+    assert!(h.events(bob).is_empty(), "2 waits for the stream");
+    let dave = RemovalMark {
+        user: Text::from("dave"),
+        ..bob_removed(join, 1, 1)
+    };
+    let page = |msgs, marks, full| EngineEvent::Filled {
+        room: room.clone(),
+        after: 1,
+        msgs,
+        marks,
+        full,
+    };
+    feed(&mut h, page(Vec::new(), vec![dave], true));
+    assert_eq!(
+        fill_asked(&mut h),
+        (1, 1),
+        "the next page, after the removal read"
+    );
+    assert!(
+        h.events(bob).is_empty(),
+        "2 waits for the rest of the stream"
+    );
+    let rest = vec![bob_removed(join, 1, 2)];
+    feed(&mut h, page(vec![other(2, "two")], rest, false));
+    removed_after(&mut h, bob, &[]);
+}
+
+#[test]
+fn an_answer_that_came_without_its_copy_enters_from_the_stream() {
+    let (mut h, ann, bob, room, a) = ann_and_bob(ClientSession::new());
+    let join = bobs_join(&h, &room);
+    h.publish(ann, a, "mine");
+    let Some(EngineCmd::Publish(req)) = engine_cmds(&mut h).pop() else {
+        panic!("a publish for the engine");
+    };
+    // Its copy did not come in time (the pub/sub connection was lost): the PUBACK goes,
+    // the message waits for the stream, where a removal of bob comes before it.
+    feed(
+        &mut h,
+        EngineEvent::Published {
+            ticket: req.ticket,
+            epoch: 77,
+            seq: 1,
+            repeated: false,
+            ordered: false,
+        },
+    );
+    assert!(
+        matches!(h.events(ann).as_slice(), [Event::PubAck { seq: 1, .. }]),
+        "the PUBACK at once"
+    );
+    assert!(h.events(bob).is_empty());
+    assert_eq!(fill_asked(&mut h).0, 0);
+    let mut mine = other(1, "mine");
+    mine.ticket = Some(req.ticket);
+    feed(
+        &mut h,
+        EngineEvent::Filled {
+            room: room.clone(),
+            after: 0,
+            msgs: vec![mine],
+            marks: vec![bob_removed(join, 0, 1)],
+            full: false,
+        },
+    );
+    removed_after(&mut h, bob, &[]);
+    assert!(h.events(ann).is_empty(), "not sent her own message");
+    assert_eq!(h.core.owned[&room].head, 1);
+}
+
+#[test]
+fn a_read_or_notice_older_than_a_removal_does_not_bring_the_membership_back() {
+    use crate::cluster::membership::{Notice, UserRooms};
+    let (mut h, _ann, bob, room, join) = bob_removed_after_one();
+    assert_eq!(lefts(&h.events(bob)), vec![LeftReason::Removed]);
+    // A read of bob's rooms that ran before the removal reached his side in Redis, and the
+    // notice of the join it ended, heard late: neither binds the room again.
+    let rooms = UserRooms {
+        rooms: vec![(room.clone(), join)],
+        blocks: Vec::new(),
+    };
+    let user = Text::from("bob");
+    feed(
+        &mut h,
+        EngineEvent::UserLoaded {
+            user: user.clone(),
+            rooms,
+        },
+    );
+    let notice = Notice::Joined {
+        room: room.clone(),
+        join,
+    };
+    feed(&mut h, EngineEvent::Notice { user, notice });
+    hear(&mut h, &room, other(2, "two"));
+    assert!(h.events(bob).is_empty(), "not bound again");
+    assert_eq!(h.core.directory.join_point("bob", &room), None);
+    assert!(h.phones[&bob].session.alias_of("dm").is_none());
+}
