@@ -46,8 +46,19 @@ pub(crate) struct Copies {
     due: VecDeque<u64>,
     /// Copies read before their answer.
     early: VecDeque<u64>,
-    /// Answers ready for the worker whose copy is still due, with when they became ready.
-    waiting: VecDeque<(u64, Instant, EngineEvent)>,
+    /// Answers ready for the worker, in the order Redis ran them, held while the first
+    /// of them still waits for its copy: with when each became ready, and whether it
+    /// stays ordered (its copy will come, or came).
+    waiting: VecDeque<Held>,
+}
+
+/// An answer held in [`Copies::waiting`].
+#[derive(Debug)]
+struct Held {
+    ticket: u64,
+    since: Instant,
+    event: EngineEvent,
+    ordered: bool,
 }
 
 impl Copies {
@@ -64,7 +75,9 @@ impl Copies {
     }
 
     /// An answer is ready for the worker (at once, or once `WAIT` released it): it goes
-    /// to `out` if its copy was read (or is not due: a repeat), else it waits for it.
+    /// to `out` if its copy was read (or is not due: a repeat) and no earlier answer is
+    /// held, else it is held behind them (answers reach the worker in the order Redis ran
+    /// them: a repeat's answer never passes the first publish's).
     pub(crate) fn ready(
         &mut self,
         ticket: u64,
@@ -72,11 +85,15 @@ impl Copies {
         now: Instant,
         out: &mut Vec<EngineEvent>,
     ) {
-        if self.due.contains(&ticket) {
-            self.waiting.push_back((ticket, now, event));
-        } else {
-            out.push(event);
+        if self.waiting.is_empty() && !self.due.contains(&ticket) {
+            return out.push(event);
         }
+        self.waiting.push_back(Held {
+            ticket,
+            since: now,
+            event,
+            ordered: true,
+        });
     }
 
     /// The copy of this worker's publish `ticket` was read. Returns whether its answer
@@ -91,40 +108,63 @@ impl Copies {
             self.early.push_back(ticket);
             return false;
         };
-        // Those before it get no copy.
-        self.due.drain(..=at);
-        while let Some((t, ..)) = self.waiting.front()
-            && !self.due.contains(t)
-        {
-            let Some((t, _, event)) = self.waiting.pop_front() else {
-                break;
-            };
-            out.push(if t == ticket { event } else { unordered(event) });
+        // Those before it get no copy: their answers go unordered.
+        for skipped in self.due.drain(..at) {
+            if let Some(held) = self.waiting.iter_mut().find(|h| h.ticket == skipped) {
+                held.ordered = false;
+            }
         }
+        self.due.pop_front();
+        self.release(out);
         true
     }
 
+    /// Hands over the held answers from the first on, up to one whose copy is still due.
+    fn release(&mut self, out: &mut Vec<EngineEvent>) {
+        while self
+            .waiting
+            .front()
+            .is_some_and(|h| !self.due.contains(&h.ticket))
+        {
+            if let Some(held) = self.waiting.pop_front() {
+                out.push(held.into_event());
+            }
+        }
+    }
+
     /// The shard's pub/sub connection was lost: no copy due will come, and the answers
-    /// that waited for one go to the worker unordered.
+    /// held go to the worker unordered.
     pub(crate) fn lost(&mut self, out: &mut Vec<EngineEvent>) {
         self.due.clear();
         self.early.clear();
-        out.extend(self.waiting.drain(..).map(|(_, _, e)| unordered(e)));
+        out.extend(self.waiting.drain(..).map(|h| unordered(h.event)));
     }
 
-    /// Answers that waited [`COPY_WAIT`] go to the worker unordered (their copies, should
-    /// they come, are dropped). Returns when the next one is due.
+    /// Answers that waited [`COPY_WAIT`] for their copies go to the worker unordered
+    /// (their copies, should they come, are dropped), with those held behind them that
+    /// are not waiting for one. Returns when the next one is due.
     pub(crate) fn expire(&mut self, now: Instant, out: &mut Vec<EngineEvent>) -> Option<Instant> {
-        while let Some(&(_, since, _)) = self.waiting.front() {
+        while let Some(since) = self.waiting.front().map(|h| h.since) {
             if now.saturating_duration_since(since) < COPY_WAIT {
                 return Some(since + COPY_WAIT);
             }
             // Its ticket stays due: the copy, should it come, is dropped.
-            if let Some((_, _, event)) = self.waiting.pop_front() {
-                out.push(unordered(event));
+            if let Some(held) = self.waiting.pop_front() {
+                out.push(unordered(held.event));
             }
+            self.release(out);
         }
         None
+    }
+}
+
+impl Held {
+    fn into_event(self) -> EngineEvent {
+        if self.ordered {
+            self.event
+        } else {
+            unordered(self.event)
+        }
     }
 }
 
@@ -176,6 +216,21 @@ mod tests {
         assert!(copies.copy_read(3, &mut out));
         assert_eq!(tickets(&out), [(3, true)]);
         assert!(copies.due.is_empty() && copies.waiting.is_empty());
+    }
+
+    #[test]
+    fn answers_reach_the_worker_in_the_order_redis_ran_them() {
+        let (mut copies, now, mut out) = (Copies::default(), Instant::now(), Vec::new());
+        copies.answered(1);
+        copies.ready(1, answer(1), now, &mut out);
+        // 2's copy was read before its answer; 3 is a repeat (no copy): both wait behind 1.
+        assert!(!copies.copy_read(2, &mut out));
+        copies.answered(2);
+        copies.ready(2, answer(2), now, &mut out);
+        copies.ready(3, answer(3), now, &mut out);
+        assert!(out.is_empty(), "nothing passes 1");
+        assert!(copies.copy_read(1, &mut out));
+        assert_eq!(tickets(&out), [(1, true), (2, true), (3, true)]);
     }
 
     #[test]

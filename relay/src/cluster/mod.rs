@@ -9,10 +9,13 @@
 //! (`cluster.stream_max_len`), `PUBLISH` to its channel with epoch, sequence and the
 //! publishing node's tag. The script's answer is the PUBACK's sequence. Every node where a
 //! connection binds the room subscribes its channel; a message from the channel, or the
-//! script's answer, enters the owner's history and the same per-worker fan-out as on one
-//! relay, strictly in sequence order: a message after a hole waits while the owner reads
-//! the hole from the stream (`XRANGE` by sequence: stream ids are `<seq>-0`). The node's own
-//! publishes coming back over pub/sub are recognised by their tag (`node/worker/ticket`).
+//! script's answer (handed over once its copy on the channel was read: [`copies`]), enters
+//! the owner's history and the same per-worker fan-out as on one relay, strictly in
+//! sequence order: a message after a hole waits while the owner reads the hole from the
+//! stream (`XRANGE` by id: a message's is `<seq>-0`). The node's own publishes coming back
+//! over pub/sub are recognised by their tag (`node/worker/ticket`). A removal from a room is
+//! placed in the same order (stream id `<seq>-<n>`, and the channel: [`RemovalMark`]), and
+//! every node applies it between the message before it and the next.
 //!
 //! # Engine I/O: on the worker's thread, its own poll nested in the worker's
 //! Each worker has an engine ([`engine`]) with two pipelined connections (commands;
@@ -619,8 +622,8 @@ pub struct ClusterStats {
     pub subscriptions: AtomicI64,
     /// Messages read from a stream to fill a hole (a sequence jump or a lost subscription).
     pub holes_filled: AtomicU64,
-    /// Removals applied in their rooms' order (`membership::ROOM_LEAVE`'s marks), all
-    /// workers together.
+    /// Removals applied in their rooms' order (`membership::ROOM_LEAVE`'s marks) that ended
+    /// a membership this node held, all workers together.
     pub removals_in_order: AtomicU64,
     /// Engine errors by kind ([`EngineErrorKind`] as index): connections refused, timed
     /// out or lost, malformed answers, commands Redis answered with an error, too few

@@ -23,7 +23,17 @@
 //! pub/sub connection makes the owner read the stream after its head before anything else.
 //! This node's own publishes are recognised by their ticket whichever way they come back
 //! first (script answer, channel, stream): the PUBACK always goes out before the delivery,
-//! and the publishing connection never gets its own message.
+//! and the publishing connection never gets its own message. A script's answer reaches the
+//! owner after what the channel carried before its copy (`cluster/copies.rs`); one that
+//! came without its copy (`ordered: false`) resolves its publisher, and its message waits
+//! for the stream. While the stream is read, only the read's entries are appended.
+//!
+//! # Removals in the room's order
+//! A removal the room's channel, stream or open brings ([`RemovalMark`], placed after
+//! message `n`) is applied once the head reaches `n`, before `n + 1` is appended: the
+//! membership ends in the node's directory (remembered as ended, so an older read or
+//! notice cannot bring it back) and the user's connections bound by it are unbound, as one
+//! relay's owner removes a member.
 //!
 //! # The server API
 //! A multi-room publish is a batch: each room opens (or waits for its room) and publishes
@@ -40,7 +50,8 @@
 //! the engine, markers back from the room's channel, the server API's reads). This node's
 //! own publishes (and only those) join the offline hand-off's windows, in `resolve`.
 //!
-//! Owns: each room's open state, parked requests, the reorder buffer, publishes in flight
+//! Owns: each room's open state, parked requests, the reorder buffer, removals waiting for
+//! their place, publishes in flight
 //! (`cluster.max_in_flight`), multi-room API publishes waiting for their rooms. Must not touch: the engine's connections (only
 //! [`EngineCmd`]s out, [`EngineEvent`]s in), other workers (messages only).
 
@@ -64,6 +75,7 @@ use crate::sender_name::SenderName;
 use crate::stats::inc;
 
 mod members;
+mod order;
 mod receipts;
 
 /// Requests waiting for one room to open; more are refused (`unavailable`).
@@ -844,365 +856,6 @@ impl Core {
             origin,
             payload: p.payload,
         })
-    }
-
-    /// A message or a removal from the room's channel. Until the room's open is answered
-    /// it waits: the channel is subscribed before the OPEN script runs, so a message
-    /// published just after the script can be heard before the script's answer (Redis may
-    /// write the subscriber's push before the command's reply, and the engine reads what
-    /// arrives), while the room is not held here yet or holds another epoch. Dropped, it
-    /// would be a hole nothing reveals when no later message comes (a 1:1 room's last
-    /// ones).
-    fn on_channel(&mut self, room: &RoomName, epoch: u64, heard: Heard) {
-        if let Some(sync) = self.sync_mut(room)
-            && sync.awaiting_open
-        {
-            if sync.early.len() < MAX_REORDER {
-                sync.early.push((epoch, heard));
-            } else {
-                // Read back from the stream once open, with whatever else it missed.
-                sync.resync = true;
-            }
-            return;
-        }
-        match heard {
-            Heard::Message(msg) => self.offer_engine_msg(room, epoch, msg, false),
-            Heard::Removal(mark) => self.offer_mark(room, epoch, mark),
-        }
-    }
-
-    /// A message from the channel or the stream (`from_fill`): this worker's own publish
-    /// resolves its publisher first (so the PUBACK precedes the delivery and the publisher
-    /// is not sent its own message), or was resolved from an unordered answer.
-    fn offer_engine_msg(&mut self, room: &RoomName, epoch: u64, m: EngineMessage, from_fill: bool) {
-        let msg = match m.ticket.and_then(|t| self.take_pending(t)) {
-            Some(p) => self.resolve(p, m.seq),
-            None => {
-                let resolved = m.ticket.and_then(|t| {
-                    let sync = self.sync_mut(room)?;
-                    match sync.answered.get(&m.seq) {
-                        Some((ticket, _)) if *ticket == t => {
-                            sync.answered.remove(&m.seq).map(|(_, msg)| msg)
-                        }
-                        _ => None,
-                    }
-                });
-                match resolved {
-                    Some(msg) => msg,
-                    None => stored(m, self.now),
-                }
-            }
-        };
-        self.cluster_offer(room, epoch, msg, from_fill);
-    }
-
-    /// Appends `msg` if it follows the head (and whatever waited after it); holds it and
-    /// reads the hole from the stream if it does not. While the stream is being read
-    /// (`filling`), only the read's own messages (`from_fill`) are appended: what the
-    /// channel brings meanwhile waits until the read is complete, since a removal placed
-    /// before it may be in the part of the stream not read yet (a pub/sub connection that
-    /// came back, a room reopened).
-    fn cluster_offer(&mut self, room: &RoomName, epoch: u64, msg: StoredRef, from_fill: bool) {
-        let Some(owned) = self.owned.get_mut(room) else {
-            return;
-        };
-        if epoch != owned.epoch {
-            if epoch < owned.epoch {
-                return;
-            }
-            // The engine lost the room and started it again: a new stream.
-            tracing::warn!(room = %room.name, old = owned.epoch, epoch, "the engine holds a new epoch of the room");
-            owned.epoch = epoch;
-            owned.head = 0;
-            owned.clear_history();
-            if let Some(sync) = self.sync_mut(room) {
-                sync.reorder.clear();
-                sync.marks.clear();
-                sync.answered.clear();
-                sync.applied = (0, 0);
-            }
-            return self.cluster_offer(room, epoch, msg, from_fill);
-        }
-        let head = owned.head;
-        if msg.seq <= head {
-            return; // already here (an echo, or read back with a hole)
-        }
-        let filling = self.sync_mut(room).is_some_and(|s| s.filling);
-        if msg.seq > head + 1 || (filling && !from_fill) {
-            if let Some(sync) = self.sync_mut(room)
-                && sync.reorder.len() < MAX_REORDER
-            {
-                // A copy that waited first may know its publisher: it stays.
-                sync.reorder.entry(msg.seq).or_insert(msg);
-            }
-            return self.request_fill(room);
-        }
-        // The copy that waited after a hole came first: it alone may know its publisher
-        // (so the publisher is not sent its own message).
-        let msg = self
-            .sync_mut(room)
-            .and_then(|sync| sync.reorder.remove(&msg.seq))
-            .unwrap_or(msg);
-        self.cluster_append(room, msg);
-        if !from_fill {
-            self.drain_reorder(room);
-        }
-    }
-
-    /// Appends the message after the head and fans it out, then applies the removals
-    /// placed after it.
-    fn cluster_append(&mut self, room: &RoomName, msg: StoredRef) {
-        self.append_and_fan_out(room, msg);
-        self.apply_due_marks(room);
-    }
-
-    /// Appends what waited after a hole now filled (nothing while the stream is read).
-    fn drain_reorder(&mut self, room: &RoomName) {
-        loop {
-            let Some(head) = self.owned.get(room).map(|o| o.head) else {
-                return;
-            };
-            let Some(sync) = self.sync_mut(room) else {
-                return;
-            };
-            if sync.filling {
-                return;
-            }
-            while sync
-                .reorder
-                .first_key_value()
-                .is_some_and(|(&s, _)| s <= head)
-            {
-                sync.reorder.pop_first();
-            }
-            match sync.reorder.first_entry() {
-                Some(e) if *e.key() == head + 1 => {
-                    let msg = e.remove();
-                    self.cluster_append(room, msg);
-                }
-                Some(_) => return self.request_fill(room),
-                None => return,
-            }
-        }
-    }
-
-    /// A removal in the room's order: applied now if the head has reached the message it
-    /// follows, else held until it does (and the messages before it are read from the
-    /// stream: a removal after the head reveals a hole as a message does). One of another
-    /// epoch is passed over: a newer epoch's first message starts the room again here,
-    /// and its stream read brings the removal back.
-    fn offer_mark(&mut self, room: &RoomName, epoch: u64, mark: RemovalMark) {
-        let Some((room_epoch, head)) = self.owned.get(room).map(|o| (o.epoch, o.head)) else {
-            return;
-        };
-        let Some(sync) = self.sync_mut(room) else {
-            return;
-        };
-        if epoch != room_epoch || mark.place() <= sync.applied {
-            return;
-        }
-        if mark.seq <= head {
-            return self.apply_removal(room, mark);
-        }
-        sync.marks.insert(mark.place(), mark);
-        self.request_fill(room);
-    }
-
-    /// Applies the removals placed at or before the head, in order; forgets the answered
-    /// messages the head passed.
-    fn apply_due_marks(&mut self, room: &RoomName) {
-        let Some(head) = self.owned.get(room).map(|o| o.head) else {
-            return;
-        };
-        loop {
-            let Some(sync) = self.sync_mut(room) else {
-                return;
-            };
-            while sync
-                .answered
-                .first_key_value()
-                .is_some_and(|(&s, _)| s <= head)
-            {
-                sync.answered.pop_first();
-            }
-            match sync.marks.first_entry() {
-                Some(e) if e.key().0 <= head => {
-                    let mark = e.remove();
-                    self.apply_removal(room, mark);
-                }
-                _ => return,
-            }
-        }
-    }
-
-    /// A removal reached its place in the room's order here: the membership ends in this
-    /// node's directory (and stays ended: a read or notice still naming it is older), and
-    /// the user's connections bound by it are unbound (LEFT) before any later message of
-    /// this owner reaches them, as one relay's owner removes a member. The user's notice,
-    /// when it comes, finds the membership gone.
-    fn apply_removal(&mut self, room: &RoomName, mark: RemovalMark) {
-        if let Some(sync) = self.sync_mut(room) {
-            sync.applied = sync.applied.max(mark.place());
-        }
-        let user = mark.user.as_str();
-        let removed = self.directory.end(user, room, mark.join.serial);
-        if let Some(cluster) = self.cluster.as_deref() {
-            cluster
-                .stats
-                .removals_in_order
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        // Still a member by a later membership: the owner's set keeps them.
-        let gone = self.directory.join_point(user, room).is_none();
-        let handle = match self.owned.get_mut(room) {
-            Some(owned) if gone => owned.members.remove(user),
-            _ => None,
-        }
-        .unwrap_or_else(|| crate::ids::UserName::from(user));
-        if gone {
-            self.forget_markers(room, user);
-        }
-        if removed.was.is_some() {
-            for core in removed.cores {
-                self.send_to(
-                    core,
-                    CoreMsg::MemberLeft {
-                        room: room.clone(),
-                        user: handle.clone(),
-                        reason: mark.reason,
-                        serial: mark.join.serial,
-                    },
-                );
-            }
-        }
-    }
-
-    /// Reads the stream after the room's head (one read in flight per room), after the
-    /// removals placed after the head's message already applied.
-    fn request_fill(&mut self, room: &RoomName) {
-        let Some(after) = self.owned.get(room).map(|o| o.head) else {
-            return;
-        };
-        let Some(side) = self.cluster.as_deref_mut() else {
-            return;
-        };
-        let Some(sync) = side.rooms.get_mut(room) else {
-            return;
-        };
-        if !sync.filling {
-            sync.filling = true;
-            sync.fill_covers = sync.reorder.last_key_value().map_or(0, |(&s, _)| s);
-            let sub = if sync.applied.0 == after {
-                sync.applied.1
-            } else {
-                0
-            };
-            side.out.push(EngineCmd::Fill {
-                room: room.clone(),
-                after,
-                sub,
-            });
-        }
-    }
-
-    fn on_filled(
-        &mut self,
-        room: &RoomName,
-        after: u64,
-        msgs: Vec<EngineMessage>,
-        marks: Vec<RemovalMark>,
-        full: bool,
-    ) {
-        let Some(sync) = self.sync_mut(room) else {
-            return;
-        };
-        // Still filling while this page is applied: no second read for the same hole, and
-        // nothing from the channel appended between its messages.
-        let covers = sync.fill_covers;
-        let stale = std::mem::take(&mut sync.stale_fill);
-        let Some(epoch) = self.owned.get(room).map(|o| o.epoch) else {
-            return;
-        };
-        // In the stream's order: the page holds everything from where it starts to its
-        // last entry, so an entry past the head's next message says retention dropped
-        // what is between (for a removal, the message it follows too).
-        let mut filled = 0;
-        let (mut marks, mut msgs) = (marks.into_iter().peekable(), msgs.into_iter().peekable());
-        loop {
-            let Some(head) = self.owned.get(room).map(|o| o.head) else {
-                return;
-            };
-            let mark_first = match (marks.peek(), msgs.peek()) {
-                (Some(r), Some(m)) => r.place() < (m.seq, 0),
-                (r, _) => r.is_some(),
-            };
-            if mark_first {
-                let Some(mark) = marks.next() else { break };
-                self.jump(room, mark.seq + 1);
-                self.offer_mark(room, epoch, mark);
-                continue;
-            }
-            let Some(m) = msgs.next() else { break };
-            if m.seq <= head {
-                continue;
-            }
-            self.jump(room, m.seq);
-            filled += 1;
-            self.offer_engine_msg(room, epoch, m, true);
-        }
-        let waiting = self
-            .sync_mut(room)
-            .and_then(|s| s.reorder.first_key_value().map(|(&s, _)| s));
-        if let Some(first) = waiting
-            && !full
-            && first <= covers
-            && self.owned.get(room).is_some_and(|o| o.head + 1 < first)
-        {
-            // The stream held `first` when it was read, and nothing between the head and
-            // it: retention dropped that.
-            self.jump(room, first);
-        }
-        if let Some(side) = self.cluster.as_deref_mut() {
-            side.stats.holes_filled.fetch_add(filled, Ordering::Relaxed);
-            if let Some(sync) = side.rooms.get_mut(room) {
-                sync.filling = false;
-            }
-        }
-        if filled > 0 {
-            tracing::debug!(room = %room.name, after, filled, "filled a hole from the stream");
-        }
-        if full {
-            // The rest of the stream first: a removal after this page's last message
-            // would be in the next page, and what waits after it must not pass it.
-            self.request_fill(room);
-        } else {
-            self.drain_reorder(room);
-        }
-        let head = self.owned.get(room).map_or(0, |o| o.head);
-        let reopening = self
-            .sync_mut(room)
-            .filter(|s| s.state == SyncState::Opening && s.open_at > 0)
-            .map(|s| s.open_at);
-        match reopening {
-            Some(open_at) if head >= open_at => self.finish_open(room),
-            // A read older than the reopening stopped short: read what it could not see.
-            Some(_) if stale => self.request_fill(room),
-            _ => {}
-        }
-    }
-
-    /// Retention dropped the messages before `seq`: the head moves past them, and phones
-    /// reading that far get an exact GAP.
-    fn jump(&mut self, room: &RoomName, seq: u64) {
-        if let Some(owned) = self.owned.get_mut(room)
-            && seq > owned.head + 1
-        {
-            tracing::warn!(room = %room.name, from = owned.head + 1, to = seq - 1, "the engine's stream no longer holds these messages");
-            owned.clear_history();
-            owned.head = seq - 1;
-            // Removals placed among what was dropped still end their memberships.
-            self.apply_due_marks(room);
-        }
     }
 
     fn on_opened(

@@ -101,7 +101,7 @@ impl ClusterScrape {
             ),
             (
                 "pabal_cluster_removals_in_order",
-                "Removals from rooms applied in the room's own order (after the message before them, before the next).",
+                "Removals from rooms applied in the room's own order (after the message before them, before the next) that ended a membership this node held.",
                 self.removals_in_order,
             ),
             (

@@ -319,9 +319,13 @@ fn the_cluster_simulator_finds_an_answer_handed_over_before_its_copy() {
 fn the_cluster_seeds_that_found_bugs_keep_the_contract() {
     // Each found one of the bugs fixed with the cluster simulation (past the seeds the
     // default run takes); their runs change with the code, so this keeps them as examples:
-    // the named tests in `cluster_tests.rs`, `directory.rs` and the codec's session pin the
-    // fixes, and the fault injection above the engine's held notices.
-    for seed in [2145, 4291, 5430, 5928, 21080, 34110] {
+    // the named tests in `cluster_tests.rs`, `tests/removals.rs`, `directory.rs`,
+    // `cluster/copies.rs` and the codec's session pin the fixes, and the fault injections
+    // above the engine's held notices and answers. The last three came with removals in
+    // the room's order: a full page of removals read again and again (7767), a removal
+    // just before an open's tail (16391), a repeat's answer passing the first publish's
+    // while that waited for its copy (92607).
+    for seed in [2145, 4291, 5430, 5928, 21080, 34110, 7767, 16391, 92607] {
         if let Err(Violation(what)) = run_cluster_seed(seed, |_| {}) {
             panic!("cluster simulation seed {seed} failed\n{what}");
         }

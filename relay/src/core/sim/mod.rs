@@ -32,8 +32,8 @@
 //! hole, a room's stream trimmed to its length, a node killed -9 and started again. Every
 //! phone starts a member of every room; retention, stream length and stream pages are small
 //! and drawn from the seed. What is checked is the same, against what Redis sequenced, and
-//! a GAP must name only what the stream no longer held (or the phone's own); a membership's
-//! end is not checked (`Model::removal_leaks`: a removal is not exact across nodes).
+//! a GAP must name only what the stream no longer held (or the phone's own), and a
+//! membership ends exactly where Redis placed its removal in the room's order.
 //!
 //! A failing seed prints itself; `PABAL_SIM_SEED=<seed>` replays it exactly. CI runs a
 //! bounded number of seeds; `PABAL_SIM_SEEDS=<n>` (and `PABAL_SIM_FROM=<first>`) run more.
@@ -112,30 +112,14 @@ type Interval = (u64, Option<u64>);
 struct Model {
     /// (user, room id) -> its memberships, oldest first.
     intervals: HashMap<(Text, u64), Vec<Interval>>,
-    /// On a cluster a removal takes effect on each node when its notice arrives: what other
-    /// nodes publish meanwhile may still reach the user's phones there (README, Cluster).
-    /// Past the end of a membership is then not checked, and such a message may come again
-    /// with a later membership.
-    removal_leaks: bool,
 }
 
 impl Model {
     fn allowed(&self, user: &Text, room: u64, seq: u64) -> bool {
         self.intervals.get(&(user.clone(), room)).is_some_and(|v| {
-            v.iter().any(|&(after, until)| {
-                seq > after && (self.removal_leaks || until.is_none_or(|u| seq <= u))
-            })
+            v.iter()
+                .any(|&(after, until)| seq > after && until.is_none_or(|u| seq <= u))
         })
-    }
-
-    /// `seq` is past the end of one of the user's memberships of the room (and before the
-    /// next): what a removal can leak on a cluster.
-    fn past_an_end(&self, user: &Text, room: u64, seq: u64) -> bool {
-        self.removal_leaks
-            && self
-                .intervals
-                .get(&(user.clone(), room))
-                .is_some_and(|v| v.iter().any(|&(_, until)| until.is_some_and(|u| seq > u)))
     }
 
     fn current(&self, user: &Text, room: u64) -> Option<u64> {
@@ -253,10 +237,7 @@ impl Sim {
         let rooms: Vec<RoomName> = (0..shape.rooms)
             .map(|r| RoomName::new(false, Text::from(format!("room{r}"))))
             .collect();
-        let mut model = Model {
-            removal_leaks: false,
-            ..Model::default()
-        };
+        let mut model = Model::default();
         let engine = cluster.then(|| {
             // Every phone is a member of every room from its first message.
             for phone in &phones {
@@ -988,9 +969,7 @@ impl Sim {
                     .map(|v| v.iter().map(|&(s, _)| s).filter(|&s| s > after).collect())
                     .unwrap_or_default();
                 got.sort_unstable();
-                let twice = got
-                    .windows(2)
-                    .any(|w| w[0] == w[1] && !self.model.past_an_end(&phone.user, room.id, w[0]));
+                let twice = got.windows(2).any(|w| w[0] == w[1]);
                 got.dedup();
                 if twice {
                     return Err(self.fail(format!(
