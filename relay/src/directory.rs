@@ -937,6 +937,28 @@ mod tests {
     }
 
     #[test]
+    fn a_membership_a_removal_ended_stays_ended_and_the_record_is_bounded() {
+        let d = Directory::new(1, 10);
+        let (ann, dm) = ("ann", room("dm"));
+        d.connect(ann, 3, 4).unwrap();
+        d.add(ann, &dm, J, false).unwrap();
+        // A removal of an earlier membership leaves the one in force.
+        let earlier = d.end(ann, &dm, J.serial + 1);
+        assert_eq!((earlier.was, d.join_point(ann, &dm)), (None, Some(J)));
+        let ended = d.end(ann, &dm, J.serial);
+        assert_eq!((ended.was, ended.cores), (Some(J), vec![3]));
+        assert_eq!(d.join_point(ann, &dm), None);
+        assert!(d.ended(ann, &dm, J.serial) && !d.ended(ann, &room("other"), J.serial));
+        // Remembered whether or not the directory held the user, the newest ENDED_MAX.
+        for serial in 0..ENDED_MAX as u64 {
+            d.end("bob", &dm, 1_000 + serial);
+        }
+        assert!(!d.ended(ann, &dm, J.serial), "the oldest went");
+        assert!(d.ended("bob", &dm, 1_000 + ENDED_MAX as u64 - 1));
+        assert_eq!(d.shards[0].read().ended.order.len(), ENDED_MAX);
+    }
+
+    #[test]
     fn unused_entries_are_dropped() {
         let d = Directory::new(1, 2);
         let ann = "ann";
