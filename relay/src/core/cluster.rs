@@ -196,8 +196,9 @@ struct RoomSync {
     /// order heard (at most `MAX_REORDER`; more are read back from the stream): offered
     /// once the answer set the room's epoch and head.
     early: Vec<(u64, Heard)>,
-    /// Removals known and placed after the head, by place: each is applied once the head
-    /// reaches the message it follows, before the next one is appended.
+    /// Removals known and placed after the head, by place (at most `MAX_REORDER`; more
+    /// are read back from the stream): each is applied once the head reaches the message it
+    /// follows, before the next one is appended.
     marks: BTreeMap<(u64, u64), RemovalMark>,
     /// The place of the last removal applied (`(0, 0)`: none this epoch): the next stream
     /// read starts after it when it follows the head's message.

@@ -186,7 +186,11 @@ impl Core {
         if mark.seq <= head {
             return self.apply_removal(room, mark);
         }
-        sync.marks.insert(mark.place(), mark);
+        // Past the bound it is read back from the stream with the messages before it (a
+        // stream read brings every removal after the head).
+        if sync.marks.len() < MAX_REORDER {
+            sync.marks.insert(mark.place(), mark);
+        }
         self.request_fill(room);
     }
 
