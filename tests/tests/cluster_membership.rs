@@ -189,6 +189,18 @@ per_backend! {
             metrics.lines().any(|l| l.starts_with("pabal_cluster_removals_in_order_total ") && !l.ends_with(" 0")),
             "node 3 applied the removal in the room's order: {metrics}"
         );
+        // A channel's unsubscribe goes by its notice: no mark in the channel's stream.
+        const NEWS: &str = "cm-order-news";
+        let c = bob.subscribe(NEWS);
+        let mut brand = Client::connect(n[0].addr, "brand");
+        let b = brand.subscribe(NEWS);
+        brand.publish_acked(b, &b"news"[..]);
+        bob.send(&ClientFrame::Unsubscribe(Unsubscribe { alias: c, block: false }));
+        assert_eq!(left(&mut bob, c), LeftReason::Unsubscribed);
+        let stream = redis.cli(&["XRANGE", &format!("pabal:{{c:{NEWS}}}:s"), "-", "+"]);
+        assert!(stream.lines().any(|l| l.trim() == "1-0"), "{stream}");
+        assert!(!stream.lines().any(|l| l.trim().starts_with("1-") && l.trim() != "1-0"), "{stream}");
+        assert_eq!(redis.cli(&["EXISTS", &format!("pabal:{{c:{NEWS}}}:x")]).trim(), "0");
     }
 
     fn a_disconnect_through_one_node_closes_the_users_connections_on_every_node(backend) {

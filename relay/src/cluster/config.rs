@@ -111,8 +111,8 @@ pub struct ClusterConfig {
     /// `descending` (the default) or `ascending` (as versions before it; for a rolling
     /// upgrade from one).
     pub window_order: WindowOrder,
-    /// Whether a removal from a room (by the server API, or a phone's plain UNSUBSCRIBE)
-    /// is placed in the room's own order, an entry of its stream and a message on its
+    /// Whether a removal from a room (by the server API, or a phone's UNSUBSCRIBE; not a
+    /// channel's, which goes by its notice) is placed in the room's own order, an entry of its stream and a message on its
     /// channel that every node applies before the next message: `true` (the default), so
     /// no node delivers a message published after a removal to the removed user's phones.
     /// `false`: the removal takes effect on each node as the user's notice arrives (a

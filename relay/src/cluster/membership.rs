@@ -104,7 +104,8 @@ return 1
 /// The member's markers and its place in the hand-off index (see [`super::receipts`]) go
 /// with the membership.
 ///
-/// With a reason, the removal is also placed in the room's own order: an entry of the
+/// With a reason (the engine gives one for a room's plain removal, not a channel's or a
+/// block), the removal is also placed in the room's own order: an entry of the
 /// room's stream right after its head message, id `<head>-*` (Redis numbers it after the
 /// removals already there, so the `n`-th removal after message `s` is `s-n` and the next
 /// message, `s+1-0`, sorts after every one), with one field `l`: `<join point> <reason>

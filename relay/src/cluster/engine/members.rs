@@ -331,8 +331,11 @@ impl Engine {
                     ),
                     MemberChange::Leave { block, reason, .. } => {
                         // A leave that blocks takes effect by its notice: only the user's
-                        // side knows whether the block is refused (and the LEFT says so).
-                        let mark = if block || !self.config.ordered_removals {
+                        // side knows whether the block is refused (and the LEFT says so). So
+                        // does a channel's: its subscribers come and go all the time, and a
+                        // mark each would take its stream's retention (`MAXLEN` counts
+                        // entries) and every node's share of its channel.
+                        let mark = if block || req.room.channel || !self.config.ordered_removals {
                             ""
                         } else {
                             m::reason_code(reason)

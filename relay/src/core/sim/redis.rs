@@ -369,7 +369,7 @@ impl Engine {
                 Some(join) => {
                     self.changes
                         .push((req.user.clone(), req.room.id, Err(head)));
-                    if !block && self.ordered_removals {
+                    if !block && !req.room.channel && self.ordered_removals {
                         self.place_removal(req.room.id, &req.user, join, reason);
                     }
                     let notice = Notice::Left {
