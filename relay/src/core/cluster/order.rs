@@ -232,36 +232,34 @@ impl Core {
         }
         let user = mark.user.as_str();
         let removed = self.directory.end(user, room, mark.join.serial);
-        if let Some(cluster) = self.cluster.as_deref()
-            && removed.was.is_some()
-        {
+        // Only a membership this node held ends here: a removal of one it never knew (a
+        // room's older removals, read at its open) leaves the owner's set and markers to
+        // what the engine says of the user now.
+        if removed.was.is_none() {
+            return;
+        }
+        if let Some(cluster) = self.cluster.as_deref() {
             cluster
                 .stats
                 .removals_in_order
                 .fetch_add(1, Ordering::Relaxed);
         }
-        // Still a member by a later membership: the owner's set keeps them.
-        let gone = self.directory.join_point(user, room).is_none();
-        let handle = match self.owned.get_mut(room) {
-            Some(owned) if gone => owned.members.remove(user),
-            _ => None,
-        }
-        .unwrap_or_else(|| crate::ids::UserName::from(user));
-        if gone {
-            self.forget_markers(room, user);
-        }
-        if removed.was.is_some() {
-            for core in removed.cores {
-                self.send_to(
-                    core,
-                    CoreMsg::MemberLeft {
-                        room: room.clone(),
-                        user: handle.clone(),
-                        reason: mark.reason,
-                        serial: mark.join.serial,
-                    },
-                );
-            }
+        let handle = self
+            .owned
+            .get_mut(room)
+            .and_then(|owned| owned.members.remove(user))
+            .unwrap_or_else(|| crate::ids::UserName::from(user));
+        self.forget_markers(room, user);
+        for core in removed.cores {
+            self.send_to(
+                core,
+                CoreMsg::MemberLeft {
+                    room: room.clone(),
+                    user: handle.clone(),
+                    reason: mark.reason,
+                    serial: mark.join.serial,
+                },
+            );
         }
     }
 
