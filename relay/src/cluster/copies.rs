@@ -23,7 +23,7 @@
 //!
 //! Owns: the tickets and the held answers. Must not touch: connections.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::EngineEvent;
@@ -43,13 +43,67 @@ pub(crate) const COPY_WAIT: Duration = Duration::from_millis(100);
 pub(crate) struct Copies {
     /// Answered publishes (not repeats) whose copy has not been read, in the order Redis
     /// ran them.
-    due: VecDeque<u64>,
+    due: Tickets,
     /// Copies read before their answer.
-    early: VecDeque<u64>,
+    early: Tickets,
     /// Answers ready for the worker, in the order Redis ran them, held while the first
     /// of them still waits for its copy: with when each became ready, and whether it
     /// stays ordered (its copy will come, or came).
     waiting: VecDeque<Held>,
+}
+
+/// Tickets in the order they came, at most [`COPIES_MAX`] (the oldest forgotten), with a
+/// set beside them: a look-up per answer and per copy costs one hash, however many wait.
+#[derive(Debug, Default)]
+struct Tickets {
+    order: VecDeque<u64>,
+    set: HashSet<u64>,
+}
+
+impl Tickets {
+    fn contains(&self, ticket: u64) -> bool {
+        self.set.contains(&ticket)
+    }
+
+    fn push(&mut self, ticket: u64) {
+        if self.order.len() >= COPIES_MAX
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        if self.set.insert(ticket) {
+            self.order.push_back(ticket);
+        }
+    }
+
+    /// Forgets `ticket`; whether it was there.
+    fn remove(&mut self, ticket: u64) -> bool {
+        if !self.set.remove(&ticket) {
+            return false;
+        }
+        if let Some(at) = self.order.iter().position(|&t| t == ticket) {
+            self.order.remove(at);
+        }
+        true
+    }
+
+    /// Forgets `ticket` and every one before it; those before it, in order.
+    fn take_through(&mut self, ticket: u64) -> Vec<u64> {
+        let mut before = Vec::new();
+        while let Some(t) = self.order.pop_front() {
+            self.set.remove(&t);
+            if t == ticket {
+                break;
+            }
+            before.push(t);
+        }
+        before
+    }
+
+    fn clear(&mut self) {
+        self.order.clear();
+        self.set.clear();
+    }
 }
 
 /// An answer held in [`Copies::waiting`].
@@ -64,14 +118,9 @@ struct Held {
 impl Copies {
     /// Redis answered publish `ticket` (and published it on its room's channel).
     pub(crate) fn answered(&mut self, ticket: u64) {
-        if let Some(at) = self.early.iter().position(|&t| t == ticket) {
-            self.early.remove(at);
-            return;
+        if !self.early.remove(ticket) {
+            self.due.push(ticket);
         }
-        if self.due.len() >= COPIES_MAX {
-            self.due.pop_front();
-        }
-        self.due.push_back(ticket);
     }
 
     /// An answer is ready for the worker (at once, or once `WAIT` released it): it goes
@@ -85,7 +134,7 @@ impl Copies {
         now: Instant,
         out: &mut Vec<EngineEvent>,
     ) {
-        if self.waiting.is_empty() && !self.due.contains(&ticket) {
+        if self.waiting.is_empty() && !self.due.contains(ticket) {
             return out.push(event);
         }
         self.waiting.push_back(Held {
@@ -101,20 +150,16 @@ impl Copies {
     /// the answers it released; `false` when the answer has not come (the copy is
     /// remembered).
     pub(crate) fn copy_read(&mut self, ticket: u64, out: &mut Vec<EngineEvent>) -> bool {
-        let Some(at) = self.due.iter().position(|&t| t == ticket) else {
-            if self.early.len() >= COPIES_MAX {
-                self.early.pop_front();
-            }
-            self.early.push_back(ticket);
+        if !self.due.contains(ticket) {
+            self.early.push(ticket);
             return false;
-        };
+        }
         // Those before it get no copy: their answers go unordered.
-        for skipped in self.due.drain(..at) {
+        for skipped in self.due.take_through(ticket) {
             if let Some(held) = self.waiting.iter_mut().find(|h| h.ticket == skipped) {
                 held.ordered = false;
             }
         }
-        self.due.pop_front();
         self.release(out);
         true
     }
@@ -124,7 +169,7 @@ impl Copies {
         while self
             .waiting
             .front()
-            .is_some_and(|h| !self.due.contains(&h.ticket))
+            .is_some_and(|h| !self.due.contains(h.ticket))
         {
             if let Some(held) = self.waiting.pop_front() {
                 out.push(held.into_event());
@@ -215,7 +260,7 @@ mod tests {
         out.clear();
         assert!(copies.copy_read(3, &mut out));
         assert_eq!(tickets(&out), [(3, true)]);
-        assert!(copies.due.is_empty() && copies.waiting.is_empty());
+        assert!(copies.due.order.is_empty() && copies.waiting.is_empty());
     }
 
     #[test]
@@ -240,7 +285,7 @@ mod tests {
         copies.answered(7);
         copies.ready(7, answer(7), now, &mut out);
         assert_eq!(tickets(&out), [(7, true)]);
-        assert!(copies.due.is_empty() && copies.early.is_empty());
+        assert!(copies.due.order.is_empty() && copies.early.order.is_empty());
     }
 
     #[test]
@@ -257,7 +302,7 @@ mod tests {
         copies.ready(2, answer(2), now, &mut out);
         copies.lost(&mut out);
         assert_eq!(tickets(&out), [(2, false)]);
-        assert!(copies.due.is_empty());
+        assert!(copies.due.order.is_empty() && copies.due.set.is_empty());
     }
 
     #[test]
@@ -267,8 +312,11 @@ mod tests {
             copies.answered(t);
             copies.copy_read(1_000_000 + t, &mut out);
         }
-        assert_eq!(copies.due.len(), COPIES_MAX);
-        assert_eq!(copies.early.len(), COPIES_MAX);
+        assert_eq!(
+            (copies.due.order.len(), copies.due.set.len()),
+            (COPIES_MAX, COPIES_MAX)
+        );
+        assert_eq!(copies.early.set.len(), COPIES_MAX);
         assert!(!copies.copy_read(0, &mut out), "the oldest was forgotten");
     }
 }
