@@ -408,7 +408,7 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
     /// Removes `user` from `room`, optionally blocking it (refused past the per-user cap on
     /// blocks: the user leaves all the same).
     fn remove(&self, user: &str, room: &RoomName, block: bool) -> Removed;
-    /// A removal placed in `room`'s order (a cluster node, `core/cluster.rs`) ended
+    /// A removal placed in `room`'s order (a cluster node, `core/cluster/order.rs`) ended
     /// `user`'s membership `serial`: it is removed if in force, and remembered as ended
     /// ([`Membership::ended`]) whether or not this directory held it.
     fn end(&self, user: &str, room: &RoomName, serial: u64) -> Removed;
