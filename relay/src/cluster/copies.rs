@@ -7,8 +7,9 @@
 //! ([`super::RemovalMark`]). Held until its copy is read, an answer reaches the worker after
 //! all of that, so the message may enter the room's order from the answer
 //! (`EngineEvent::Published { ordered: true }`) and no removal before it is passed over.
-//! Redis writes a script's pushes before its reply in the same pass, so the hold costs
-//! nothing in the common case.
+//! Redis queues a script's pushes and its reply in the same loop, so the hold is expected
+//! to cost a pass of the engine at most (benches/RESULTS.md, Session 15: no difference at
+//! 1,000 msg/s).
 //!
 //! Redis runs one shard's scripts one at a time: their answers and their copies come in the
 //! same order, so a copy is found at the front of what is due, and what is before it will

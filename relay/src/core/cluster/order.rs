@@ -150,13 +150,7 @@ impl Core {
             if sync.filling {
                 return;
             }
-            while sync
-                .reorder
-                .first_key_value()
-                .is_some_and(|(&s, _)| s <= head)
-            {
-                sync.reorder.pop_first();
-            }
+            drop_through(&mut sync.reorder, head);
             match sync.reorder.first_entry() {
                 Some(e) if *e.key() == head + 1 => {
                     let msg = e.remove();
@@ -200,17 +194,13 @@ impl Core {
         let Some(head) = self.owned.get(room).map(|o| o.head) else {
             return;
         };
+        if let Some(sync) = self.sync_mut(room) {
+            drop_through(&mut sync.answered, head);
+        }
         loop {
             let Some(sync) = self.sync_mut(room) else {
                 return;
             };
-            while sync
-                .answered
-                .first_key_value()
-                .is_some_and(|(&s, _)| s <= head)
-            {
-                sync.answered.pop_first();
-            }
             match sync.marks.first_entry() {
                 Some(e) if e.key().0 <= head => {
                     let mark = e.remove();
@@ -389,5 +379,12 @@ impl Core {
             // Removals placed among what was dropped still end their memberships.
             self.apply_due_marks(room);
         }
+    }
+}
+
+/// Drops the entries at or below `head` (what the room's head has passed).
+fn drop_through<V>(map: &mut std::collections::BTreeMap<u64, V>, head: u64) {
+    while map.first_key_value().is_some_and(|(&s, _)| s <= head) {
+        map.pop_first();
     }
 }

@@ -97,7 +97,9 @@ fn a_removal_heard_before_the_message_it_follows_waits_for_it() {
     let (mut h, _ann, bob, room, _) = ann_and_bob(ClientSession::new());
     let join = bobs_join(&h, &room);
     // The removal after 1 reveals that 1 is missing: the stream is read, and what the
-    // channel brings meanwhile waits for it.
+    // channel brings meanwhile waits for it. The read ran before the removal was placed
+    // (its answer shows 1 alone): the removal heard is applied once 1 is appended, before
+    // 2 waiting behind it.
     removal(&mut h, &room, bob_removed(join, 1, 1));
     assert!(h.events(bob).is_empty(), "applied only after message 1");
     assert_eq!(fill_asked(&mut h), (0, 0));
@@ -107,8 +109,8 @@ fn a_removal_heard_before_the_message_it_follows_waits_for_it() {
         EngineEvent::Filled {
             room: room.clone(),
             after: 0,
-            msgs: vec![other(1, "one"), other(2, "two")],
-            marks: vec![bob_removed(join, 1, 1)],
+            msgs: vec![other(1, "one")],
+            marks: Vec::new(),
             full: false,
         },
     );
