@@ -502,8 +502,13 @@ impl Core {
                 }
                 match self.directory.join_point(user, &room) {
                     Some(j) if j == join => {}
+                    // A later membership is in force (a room numbers its memberships in
+                    // order): this notice was heard here after another worker of the node
+                    // applied the later one to their common directory. Old news.
+                    Some(later) if later.serial > join.serial => return,
                     Some(old) => {
-                        self.directory.remove(user, &room, false);
+                        // Ended (and remembered so: see `Notice::Left`).
+                        self.directory.end(user, &room, old.serial);
                         self.on_member_left(
                             room.clone(),
                             UserName::from(user),
@@ -532,6 +537,11 @@ impl Core {
                 let current = self.directory.join_point(user, &room);
                 if join.serial != 0 && current.is_some_and(|c| c.serial != join.serial) {
                     return;
+                }
+                if join.serial != 0 {
+                    // Remembered as ended, so that its JOINED notice, heard late by another
+                    // worker of this node watching the user, cannot bring it back.
+                    self.directory.end(user, &room, join.serial);
                 }
                 self.directory.remove(user, &room, blocked);
                 self.on_member_left(room, UserName::from(user), reason, join.serial);

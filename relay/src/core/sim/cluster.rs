@@ -324,8 +324,12 @@ fn the_cluster_seeds_that_found_bugs_keep_the_contract() {
     // above the engine's held notices and answers. The last three came with removals in
     // the room's order: a full page of removals read again and again (7767), a removal
     // just before an open's tail (16391), a repeat's answer passing the first publish's
-    // while that waited for its copy (92607).
-    for seed in [2145, 4291, 5430, 5928, 21080, 34110, 7767, 16391, 92607] {
+    // while that waited for its copy (92607). Then a join notice heard late by a second
+    // worker of the node watching the user, which undid the later membership the first
+    // had applied to their common directory (447065).
+    for seed in [
+        2145, 4291, 5430, 5928, 21080, 34110, 7767, 16391, 92607, 447065,
+    ] {
         if let Err(Violation(what)) = run_cluster_seed(seed, |_| {}) {
             panic!("cluster simulation seed {seed} failed\n{what}");
         }

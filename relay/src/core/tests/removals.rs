@@ -228,3 +228,89 @@ fn a_read_or_notice_older_than_a_removal_does_not_bring_the_membership_back() {
     assert_eq!(h.core.directory.join_point("bob", &room), None);
     assert!(h.phones[&bob].session.alias_of("dm").is_none());
 }
+
+/// Two workers of one node watch bob and share the node's directory, each hearing his
+/// notices on its own pub/sub connection. One applies that his membership ended and a later
+/// one began; the other, lagging, hears the first membership's JOINED only then. Applied,
+/// it ended the later membership and bound the room again from the earlier join point (or,
+/// with no later one, brought the ended membership back). Found by the cluster simulation
+/// (seed 447065).
+#[test]
+fn a_join_notice_heard_late_neither_revives_its_ended_membership_nor_ends_a_later_one() {
+    use crate::cluster::membership::Notice;
+    let (mut h, _ann, bob, room, _) = ann_and_bob(ClientSession::new());
+    let first = bobs_join(&h, &room);
+    let user = Text::from("bob");
+    let notice = |h: &mut Harness, notice| {
+        let user = user.clone();
+        feed(h, EngineEvent::Notice { user, notice });
+    };
+    let joined = |join| Notice::Joined {
+        room: room.clone(),
+        join,
+    };
+    let left = Notice::Left {
+        room: room.clone(),
+        join: first,
+        reason: LeftReason::Removed,
+        blocked: false,
+    };
+    notice(&mut h, left);
+    assert_eq!(lefts(&h.events(bob)), vec![LeftReason::Removed]);
+    notice(&mut h, joined(first));
+    assert_eq!(h.core.directory.join_point("bob", &room), None);
+    assert!(h.events(bob).is_empty(), "the ended membership stays ended");
+    let later = JoinPoint {
+        seq: 5,
+        serial: first.serial + 10,
+        ..first
+    };
+    notice(&mut h, joined(later));
+    assert!(h.phones[&bob].session.alias_of("dm").is_some());
+    h.events(bob);
+    notice(&mut h, joined(first));
+    assert_eq!(h.core.directory.join_point("bob", &room), Some(later));
+    assert!(
+        lefts(&h.events(bob)).is_empty(),
+        "the later membership stays"
+    );
+}
+
+/// A read of bob's rooms shows a later membership before this worker heard any notice of
+/// it: the earlier membership's JOINED, heard after the read, is older than what is in
+/// force (a room numbers its memberships in order) and leaves it.
+#[test]
+fn a_join_notice_older_than_the_membership_in_force_leaves_it() {
+    use crate::cluster::membership::{Notice, UserRooms};
+    let (mut h, _ann, bob, room, _) = ann_and_bob(ClientSession::new());
+    let first = bobs_join(&h, &room);
+    let later = JoinPoint {
+        seq: 5,
+        serial: first.serial + 10,
+        ..first
+    };
+    let user = Text::from("bob");
+    let rooms = UserRooms {
+        rooms: vec![(room.clone(), later)],
+        blocks: Vec::new(),
+    };
+    feed(
+        &mut h,
+        EngineEvent::UserLoaded {
+            user: user.clone(),
+            rooms,
+        },
+    );
+    assert_eq!(h.core.directory.join_point("bob", &room), Some(later));
+    h.events(bob);
+    let notice = Notice::Joined {
+        room: room.clone(),
+        join: first,
+    };
+    feed(&mut h, EngineEvent::Notice { user, notice });
+    assert_eq!(h.core.directory.join_point("bob", &room), Some(later));
+    assert!(
+        lefts(&h.events(bob)).is_empty(),
+        "the later membership stays"
+    );
+}
