@@ -271,6 +271,15 @@ pub enum CoreMsg {
         /// The body.
         payload: Bytes,
     },
+    /// The room's stream restarted in a new epoch (a cluster's engine lost the room and
+    /// started it again): the connections bound to it here bind it again, so each is told
+    /// the new epoch (a ROOM) before any of its messages.
+    Restarted {
+        /// The room.
+        room: RoomName,
+        /// The new epoch.
+        epoch: u64,
+    },
     /// A user joined: bind the room on their connections here.
     MemberJoined {
         /// The room.

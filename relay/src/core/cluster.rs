@@ -876,9 +876,16 @@ impl Core {
         let mut refill = false;
         let mut fresh = false;
         let config = &self.config;
+        let mut restarted = Vec::new();
         if let Some(owned) = self.owned.get_mut(&room) {
             if owned.epoch != epoch || owned.head == 0 {
                 fresh = true;
+                if owned.epoch != epoch {
+                    // Reopened in a new epoch: the workers binding the room bind it again.
+                    restarted = (0..owned.interest.len())
+                        .filter(|&c| owned.interest[c] > 0)
+                        .collect();
+                }
                 owned.epoch = epoch;
                 owned.clear_history();
                 let mut last = None;
@@ -895,6 +902,10 @@ impl Core {
             } else {
                 refill = seq > owned.head;
             }
+        }
+        for core in restarted {
+            let room = room.clone();
+            self.send_to(core, CoreMsg::Restarted { room, epoch });
         }
         let Some(sync) = self.sync_mut(&room) else {
             return;

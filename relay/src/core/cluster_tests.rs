@@ -25,6 +25,8 @@ thread_local! {
         Default::default();
     /// Commands for the engine other than membership, kept for [`engine_cmds`].
     static HELD: std::cell::RefCell<Vec<EngineCmd>> = Default::default();
+    /// The epoch hints of the joins the engine answered, in order.
+    static JOIN_HINTS: std::cell::RefCell<Vec<u64>> = Default::default();
 }
 
 impl Harness {
@@ -59,9 +61,13 @@ impl Harness {
                         outcome: crate::cluster::ClaimOutcome::Granted,
                     }),
                     EngineCmd::Member(req) => {
-                        let MemberChange::Join { serial, .. } = req.change else {
+                        let MemberChange::Join {
+                            serial, epoch_hint, ..
+                        } = req.change
+                        else {
                             panic!("only joins in these tests: {req:?}");
                         };
+                        JOIN_HINTS.with(|h| h.borrow_mut().push(epoch_hint));
                         let (epoch, seq) = self
                             .core
                             .owned
@@ -1087,4 +1093,86 @@ fn a_notice_that_an_earlier_membership_ended_leaves_the_one_in_force() {
         "{:?}",
         h.events(tablet)
     );
+}
+
+/// A join's epoch hint is what the engine starts the room's stream under if it lost the
+/// room (its sequences start again at 1 there): never the epoch the owner holds, or every
+/// node would take the new messages for ones it had already delivered. Found by review.
+#[test]
+fn a_join_hints_a_fresh_epoch_even_at_the_rooms_owner() {
+    let (h, _ann, _bob, room, _) = ann_and_bob(ClientSession::new());
+    assert_eq!(h.core.owned[&room].epoch, 77);
+    let hints = JOIN_HINTS.with(|h| std::mem::take(&mut *h.borrow_mut()));
+    assert!(!hints.is_empty(), "bob's join went to the engine");
+    assert!(hints.iter().all(|&e| e > 77), "{hints:?}");
+}
+
+/// The engine lost the room and a join started it again under a new epoch (100) before
+/// any message of it reached this node. dave's join point is in that later epoch, so
+/// nothing the owner holds of the older one is his (before, his floor was 0 and he got
+/// it all). When the new epoch's first message comes, ann and bob, bound at 3 in the old
+/// one, are bound again (a ROOM with the new epoch) and get it (before, it was at or below
+/// their cursors and skipped without a word).
+#[test]
+fn a_room_the_engine_started_again_is_bound_again_in_its_new_epoch() {
+    use crate::cluster::membership::Notice;
+    let (mut h, ann, bob, room, _) = ann_and_bob(ClientSession::new());
+    for seq in 1..=3 {
+        hear(&mut h, &room, other(seq, "old"));
+    }
+    assert_eq!(h.messages(bob).len(), 3);
+    h.events(ann);
+    let dave = h.connect("dave", ClientSession::new());
+    h.events(dave);
+    let join = JoinPoint {
+        epoch: 100,
+        seq: 0,
+        serial: 5,
+    };
+    let notice = Notice::Joined {
+        room: room.clone(),
+        join,
+    };
+    let user = Text::from("dave");
+    feed(&mut h, EngineEvent::Notice { user, notice });
+    let events = h.events(dave);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Bound { room, .. } if room.cursor == 3)),
+        "bound at the owner's head: {events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Message { .. })),
+        "{events:?}"
+    );
+    let msg = other(1, "new");
+    feed(
+        &mut h,
+        EngineEvent::Message {
+            room: room.clone(),
+            epoch: 100,
+            msg,
+        },
+    );
+    for phone in [ann, bob, dave] {
+        let events = h.events(phone);
+        assert!(
+            events.iter().any(|e| matches!(e,
+                Event::Bound { room, .. } if room.epoch == 100 && room.cursor == 0)),
+            "told of the new epoch: {events:?}"
+        );
+        let got: Vec<(u64, &[u8])> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message {
+                    seq: Some(s),
+                    payload,
+                    ..
+                } => Some((*s, &payload[..])),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, vec![(1, &b"new"[..])], "{events:?}");
+    }
 }

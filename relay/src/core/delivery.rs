@@ -533,6 +533,56 @@ impl Core {
         }
     }
 
+    /// The room's stream restarted in `epoch` (see [`CoreMsg::Restarted`]): every alias
+    /// bound to it here is bound again from the owner, resuming from where it was in the
+    /// old epoch. Since the epochs differ, the owner's answer is a ROOM with the new epoch
+    /// (the client forgets the old one's cursor), then the new stream from its start (or
+    /// the user's join point in it). Without this, the new epoch's sequences at or below
+    /// an alias's old cursor were skipped without a word.
+    pub(super) fn on_restarted(&mut self, room: &RoomName, epoch: u64) {
+        let Some(subs) = self.local.remove(room) else {
+            return;
+        };
+        let core = self.id;
+        for (token, alias) in subs.iter().map(|s| s.parts()) {
+            let origin = self.origin(token);
+            let request = self.new_request();
+            let Some(conn) = self.conn(token) else {
+                continue;
+            };
+            let user = client::user_handle(conn);
+            let Some(sub) = conn.sub_for(alias, room).filter(|s| s.epoch < epoch) else {
+                // Bound in the new epoch already: it stays.
+                self.local
+                    .entry(room.clone())
+                    .or_default()
+                    .push(Subscriber::new(token, alias));
+                continue;
+            };
+            let from = StartFrom::Resume {
+                epoch: sub.epoch,
+                last_seq: sub.cursor,
+            };
+            *sub = Sub::pending(room.clone(), from, request, sub.membership);
+            // The new binding is counted before the old one is let go, so the owner never
+            // sees the room unused meanwhile.
+            self.send_to_owner(
+                room,
+                CoreMsg::Subscribe {
+                    room: room.clone(),
+                    origin,
+                    alias,
+                    user,
+                    from,
+                    request,
+                },
+            );
+            let room = room.clone();
+            self.send_to_owner(&room.clone(), CoreMsg::Unsubscribed { room, core });
+            self.update_lagging(token);
+        }
+    }
+
     pub(super) fn on_member_left(
         &mut self,
         room: RoomName,

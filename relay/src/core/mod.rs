@@ -897,6 +897,7 @@ impl Core {
                 reason,
                 serial,
             } => self.on_member_left(room, user, reason, serial),
+            CoreMsg::Restarted { room, epoch } => self.on_restarted(&room, epoch),
             CoreMsg::Drain => self.begin_drain(),
             CoreMsg::Fence { round } => self.on_fence(round),
             CoreMsg::Probe { seq } => {

@@ -375,12 +375,14 @@ impl Core {
     /// The floor of `user`'s stream of an owned room: the user's join point in the room's
     /// current epoch (everything of a later epoch was published after the join), or `None`
     /// when the user is not a member. Every start (resume, join, page) is clamped to it.
+    /// A join in a later epoch than the owner holds (a cluster's engine lost the room and
+    /// the join started it again) is past everything the owner holds: its head.
     pub(super) fn join_floor(&self, user: &str, room: &RoomName, owned_epoch: u64) -> Option<u64> {
         let join = self.directory.join_point(user, room)?;
-        Some(if join.epoch == owned_epoch {
-            join.seq
-        } else {
-            0
+        Some(match join.epoch.cmp(&owned_epoch) {
+            std::cmp::Ordering::Equal => join.seq,
+            std::cmp::Ordering::Less => 0,
+            std::cmp::Ordering::Greater => self.owned.get(room).map_or(0, |o| o.head),
         })
     }
 

@@ -712,12 +712,13 @@ impl Core {
     ) {
         let change = match (join, leave) {
             (Some(unblock), _) => {
-                let epoch_hint = match self.owned.get(&room) {
-                    Some(o) => o.epoch,
-                    None => self.fresh_epoch(),
-                };
+                // A fresh epoch even when this worker owns the room: the hint is taken
+                // only where the engine holds no epoch of the room (it lost the room), and
+                // the room's sequences start again there, so the owner's epoch would give
+                // them again under the same epoch, and every node would drop them as
+                // already delivered.
                 MemberChange::Join {
-                    epoch_hint,
+                    epoch_hint: self.fresh_epoch(),
                     serial: self.fresh_serial(),
                     unblock,
                     max_rooms: self.config.limits.max_rooms_per_user,

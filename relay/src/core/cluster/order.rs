@@ -97,6 +97,14 @@ impl Core {
             owned.epoch = epoch;
             owned.head = 0;
             owned.clear_history();
+            // Every worker binding the room binds it again, told of the new epoch first.
+            let cores: Vec<usize> = (0..owned.interest.len())
+                .filter(|&c| owned.interest[c] > 0)
+                .collect();
+            for core in cores {
+                let room = room.clone();
+                self.send_to(core, CoreMsg::Restarted { room, epoch });
+            }
             if let Some(sync) = self.sync_mut(room) {
                 sync.reorder.clear();
                 sync.marks.clear();
