@@ -167,8 +167,11 @@ enum SyncState {
     Closed,
 }
 
+/// No limit on the removals applied ([`RoomSync::apply_limit`]).
+const NO_LIMIT: (u64, u64) = (u64::MAX, u64::MAX);
+
 /// A room's state on this node.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct RoomSync {
     state: SyncState,
     /// Requests waiting for the room to open.
@@ -203,11 +206,35 @@ struct RoomSync {
     /// The place of the last removal applied (`(0, 0)`: none this epoch): the next stream
     /// read starts after it when it follows the head's message.
     applied: (u64, u64),
+    /// While a full page of the stream is applied, the last place it covers: removals held
+    /// past it wait for the next page ([`NO_LIMIT`] otherwise).
+    apply_limit: (u64, u64),
     /// This worker's messages whose publishers were answered from a script's answer that
     /// came unordered (`EngineEvent::Published { ordered: false }`): by sequence, with
     /// their tickets; each enters the room's order when the stream or the channel brings
     /// it, as the message resolved here (so its publisher is not sent it).
     answered: BTreeMap<u64, (u64, StoredRef)>,
+}
+
+impl Default for RoomSync {
+    fn default() -> Self {
+        RoomSync {
+            state: SyncState::default(),
+            parked: Vec::new(),
+            reorder: BTreeMap::new(),
+            filling: false,
+            fill_covers: 0,
+            resync: false,
+            open_at: 0,
+            awaiting_open: false,
+            stale_fill: false,
+            early: Vec::new(),
+            marks: BTreeMap::new(),
+            applied: (0, 0),
+            apply_limit: NO_LIMIT,
+            answered: BTreeMap::new(),
+        }
+    }
 }
 
 /// What a room's channel carries, in its order.
@@ -369,11 +396,17 @@ impl Core {
                 let Some(sync) = self.sync_mut(&room) else {
                     return;
                 };
-                if sync.state == SyncState::Open {
-                    self.request_fill(&room);
-                } else {
+                if sync.awaiting_open || sync.state == SyncState::Closed {
+                    // Read once the open's answer set the head.
                     sync.resync = true;
+                    return;
                 }
+                // A read already out may have run before the channel was lost: what was
+                // published after it and not heard is read once it is answered.
+                if sync.filling {
+                    sync.stale_fill = true;
+                }
+                self.request_fill(&room);
             }
         }
     }
@@ -923,6 +956,13 @@ impl Core {
             sync.open_at = seq;
             sync.resync = false;
             sync.stale_fill = sync.filling;
+            // The room's removals the answer named wait for their places (the read may
+            // not bring those retention dropped).
+            for mark in marks {
+                if mark.place() > sync.applied && sync.marks.len() < MAX_REORDER {
+                    sync.marks.insert(mark.place(), mark);
+                }
+            }
             self.request_fill(&room);
             return self.offer_early(&room, early);
         }
@@ -930,7 +970,7 @@ impl Core {
         // The removals among the tail (all at or before the head the answer set) end
         // their memberships here before any waiting request runs.
         for mark in marks {
-            self.offer_mark(&room, epoch, mark);
+            self.offer_mark(&room, epoch, mark, true);
         }
         if resync {
             // The channel was lost meanwhile: the stream first (what it brought waits).
@@ -947,7 +987,7 @@ impl Core {
         for (epoch, heard) in early {
             match heard {
                 Heard::Message(msg) => self.offer_engine_msg(room, epoch, msg, false),
-                Heard::Removal(mark) => self.offer_mark(room, epoch, mark),
+                Heard::Removal(mark) => self.offer_mark(room, epoch, mark, false),
             }
         }
     }

@@ -1176,3 +1176,40 @@ fn a_room_the_engine_started_again_is_bound_again_in_its_new_epoch() {
         assert_eq!(got, vec![(1, &b"new"[..])], "{events:?}");
     }
 }
+
+/// A stream read is out when the pub/sub connection comes back, and it ran before the
+/// connection was lost: 3, published while it was down, is in neither its page nor the
+/// channel. The stream is read again once the read is answered (before, nothing read it
+/// until a later message revealed the hole: never, in a room that went quiet). Found by
+/// review.
+#[test]
+fn a_resubscription_while_a_read_is_out_reads_again_after_it() {
+    let (mut h, _ann, bob, room, _) = ann_and_bob(ClientSession::new());
+    hear(&mut h, &room, other(2, "two"));
+    let fills = |h: &mut Harness| -> Vec<u64> {
+        engine_cmds(h)
+            .into_iter()
+            .filter_map(|c| match c {
+                EngineCmd::Fill { after, .. } => Some(after),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(fills(&mut h), vec![0]);
+    feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
+    assert!(fills(&mut h).is_empty(), "one read at a time");
+    let page = EngineEvent::Filled {
+        room: room.clone(),
+        after: 0,
+        msgs: vec![other(1, "one"), other(2, "two")],
+        marks: Vec::new(),
+        full: false,
+    };
+    feed(&mut h, page);
+    assert_eq!(seqs(h.messages(bob)), vec![1, 2]);
+    assert_eq!(
+        fills(&mut h),
+        vec![2],
+        "read again after the resubscription"
+    );
+}

@@ -9,7 +9,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{Heard, MAX_REORDER, SyncState, stored};
+use super::{Heard, MAX_REORDER, NO_LIMIT, SyncState, stored};
 use crate::cluster::{EngineCmd, EngineMessage, RemovalMark};
 use crate::core::Core;
 use crate::ids::{RoomName, StoredRef};
@@ -37,7 +37,7 @@ impl Core {
         }
         match heard {
             Heard::Message(msg) => self.offer_engine_msg(room, epoch, msg, false),
-            Heard::Removal(mark) => self.offer_mark(room, epoch, mark),
+            Heard::Removal(mark) => self.offer_mark(room, epoch, mark, false),
         }
     }
 
@@ -165,7 +165,18 @@ impl Core {
                     self.cluster_append(room, msg);
                 }
                 Some(_) => return self.request_fill(room),
-                None => return,
+                None => {
+                    // A removal held past the head (heard while the stream was read)
+                    // reveals a hole as a message does.
+                    if sync
+                        .marks
+                        .first_key_value()
+                        .is_some_and(|(&(s, _), _)| s > head)
+                    {
+                        self.request_fill(room);
+                    }
+                    return;
+                }
             }
         }
     }
@@ -175,7 +186,17 @@ impl Core {
     /// stream: a removal after the head reveals a hole as a message does). One of another
     /// epoch is passed over: a newer epoch's first message starts the room again here,
     /// and its stream read brings the removal back.
-    pub(super) fn offer_mark(&mut self, room: &RoomName, epoch: u64, mark: RemovalMark) {
+    ///
+    /// While the stream is read, one heard on the channel (not `in_order`: the stream's
+    /// pages and an open's answer are) waits whatever its place: the read may bring an
+    /// earlier removal the channel lost, and the two must be applied in their order.
+    pub(super) fn offer_mark(
+        &mut self,
+        room: &RoomName,
+        epoch: u64,
+        mark: RemovalMark,
+        in_order: bool,
+    ) {
         let Some((room_epoch, head)) = self.owned.get(room).map(|o| (o.epoch, o.head)) else {
             return;
         };
@@ -185,15 +206,20 @@ impl Core {
         if epoch != room_epoch || mark.place() <= sync.applied {
             return;
         }
-        if mark.seq <= head {
-            return self.apply_removal(room, mark);
+        let filling = sync.filling;
+        if mark.seq <= head && (in_order || !filling) {
+            // After any held at an earlier place of the same message.
+            sync.marks.insert(mark.place(), mark);
+            return self.apply_due_marks(room);
         }
         // Past the bound it is read back from the stream with the messages before it (a
         // stream read brings every removal after the head).
         if sync.marks.len() < MAX_REORDER {
             sync.marks.insert(mark.place(), mark);
         }
-        self.request_fill(room);
+        if !filling {
+            self.request_fill(room);
+        }
     }
 
     /// Applies the removals placed at or before the head, in order; forgets the answered
@@ -209,8 +235,13 @@ impl Core {
             let Some(sync) = self.sync_mut(room) else {
                 return;
             };
+            let (applied, limit) = (sync.applied, sync.apply_limit);
             match sync.marks.first_entry() {
-                Some(e) if e.key().0 <= head => {
+                // Passed already (heard twice: the channel and the stream).
+                Some(e) if *e.key() <= applied => {
+                    e.remove();
+                }
+                Some(e) if e.key().0 <= head && *e.key() <= limit => {
                     let mark = e.remove();
                     self.apply_removal(room, mark);
                 }
@@ -304,6 +335,20 @@ impl Core {
         // nothing from the channel appended between its messages.
         let covers = sync.fill_covers;
         let stale = std::mem::take(&mut sync.stale_fill);
+        // The page's removals join those held, in place order, so that each is applied at
+        // its place whatever the channel brought meanwhile. A full page covers the stream
+        // only up to its last entry: a held removal past that waits for the next page,
+        // which may hold an earlier one at the same message.
+        for mark in &marks {
+            if mark.place() > sync.applied {
+                sync.marks.insert(mark.place(), mark.clone());
+            }
+        }
+        if full {
+            let last_msg = msgs.last().map(|m| (m.seq, 0));
+            let last_mark = marks.last().map(RemovalMark::place);
+            sync.apply_limit = last_msg.max(last_mark).unwrap_or((after, u64::MAX));
+        }
         let Some(epoch) = self.owned.get(room).map(|o| o.epoch) else {
             return;
         };
@@ -323,7 +368,7 @@ impl Core {
             if mark_first {
                 let Some(mark) = marks.next() else { break };
                 self.jump(room, mark.seq + 1);
-                self.offer_mark(room, epoch, mark);
+                self.offer_mark(room, epoch, mark, true);
                 continue;
             }
             let Some(m) = msgs.next() else { break };
@@ -350,6 +395,7 @@ impl Core {
             side.stats.holes_filled.fetch_add(filled, Ordering::Relaxed);
             if let Some(sync) = side.rooms.get_mut(room) {
                 sync.filling = false;
+                sync.apply_limit = NO_LIMIT;
             }
         }
         if filled > 0 {
@@ -360,6 +406,9 @@ impl Core {
             // would be in the next page, and what waits after it must not pass it.
             self.request_fill(room);
         } else {
+            // The read is complete: the removals held at the head's message (heard while
+            // it was out) are due.
+            self.apply_due_marks(room);
             self.drain_reorder(room);
         }
         let head = self.owned.get(room).map_or(0, |o| o.head);
@@ -367,11 +416,13 @@ impl Core {
             .sync_mut(room)
             .filter(|s| s.state == SyncState::Opening && s.open_at > 0)
             .map(|s| s.open_at);
-        match reopening {
-            Some(open_at) if head >= open_at => self.finish_open(room),
-            // A read older than the reopening stopped short: read what it could not see.
-            Some(_) if stale => self.request_fill(room),
-            _ => {}
+        if reopening.is_some_and(|open_at| head >= open_at) {
+            self.finish_open(room);
+        }
+        if stale {
+            // A read older than a reopening or a resubscription may have stopped short
+            // of what was published before them: read what it could not see.
+            self.request_fill(room);
         }
     }
 

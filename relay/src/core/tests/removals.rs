@@ -314,3 +314,113 @@ fn a_join_notice_older_than_the_membership_in_force_leaves_it() {
         "the later membership stays"
     );
 }
+
+/// A removal after 1 placed while the pub/sub connection was down (bob's, (1,1)), then
+/// another right after it (dave's, (1,2)) heard on the new subscription while the stream is
+/// read. The read brings both. The one heard was applied at once (1 is the head), and the
+/// stream's earlier one was then passed over as if applied: bob got 2. Heard while the
+/// stream is read, a removal now waits for the read. Found by review.
+#[test]
+fn a_removal_heard_while_the_stream_is_read_waits_for_an_earlier_one_it_brings() {
+    let (mut h, _ann, bob, room, _) = ann_and_bob(ClientSession::new());
+    let join = bobs_join(&h, &room);
+    let dave = RemovalMark {
+        user: Text::from("dave"),
+        ..bob_removed(join, 1, 2)
+    };
+    hear(&mut h, &room, other(1, "one"));
+    assert_eq!(seqs(&h.events(bob)), vec![1]);
+    feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
+    assert_eq!(fill_asked(&mut h), (1, 0));
+    removal(&mut h, &room, dave.clone());
+    let page = EngineEvent::Filled {
+        room: room.clone(),
+        after: 1,
+        msgs: vec![other(2, "two")],
+        marks: vec![bob_removed(join, 1, 1), dave],
+        full: false,
+    };
+    feed(&mut h, page);
+    removed_after(&mut h, bob, &[]);
+}
+
+/// The same with 1 not here yet: dave's removal after 1 is heard and held, and the read
+/// brings 1, bob's removal and dave's. Applying the held one when 1 was appended passed
+/// over bob's. Found by review.
+#[test]
+fn a_held_removal_waits_for_an_earlier_one_the_stream_brings_at_the_same_message() {
+    let (mut h, _ann, bob, room, _) = ann_and_bob(ClientSession::new());
+    let join = bobs_join(&h, &room);
+    let dave = RemovalMark {
+        user: Text::from("dave"),
+        ..bob_removed(join, 1, 2)
+    };
+    feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
+    assert_eq!(fill_asked(&mut h), (0, 0));
+    removal(&mut h, &room, dave.clone());
+    let page = EngineEvent::Filled {
+        room: room.clone(),
+        after: 0,
+        msgs: vec![other(1, "one")],
+        marks: vec![bob_removed(join, 1, 1), dave],
+        full: false,
+    };
+    feed(&mut h, page);
+    hear(&mut h, &room, other(2, "two"));
+    removed_after(&mut h, bob, &[1]);
+}
+
+/// A removal heard while a read is out, placed after the head's message and not in the
+/// read (it was placed after the read ran): applied once the read is complete, before the
+/// message after it.
+#[test]
+fn a_removal_heard_while_the_stream_is_read_is_applied_when_the_read_completes() {
+    let (mut h, _ann, bob, room, _) = ann_and_bob(ClientSession::new());
+    let join = bobs_join(&h, &room);
+    hear(&mut h, &room, other(1, "one"));
+    assert_eq!(seqs(&h.events(bob)), vec![1]);
+    feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
+    assert_eq!(fill_asked(&mut h), (1, 0));
+    removal(&mut h, &room, bob_removed(join, 1, 1));
+    assert!(h.events(bob).is_empty(), "waits for the read");
+    hear(&mut h, &room, other(2, "two"));
+    let page = EngineEvent::Filled {
+        room: room.clone(),
+        after: 1,
+        msgs: Vec::new(),
+        marks: Vec::new(),
+        full: false,
+    };
+    feed(&mut h, page);
+    removed_after(&mut h, bob, &[]);
+}
+
+/// A removal heard while the stream is read page by page waits past a full page, whose
+/// next page may hold an earlier one at the same message: erin's removal (1,1) fills the
+/// first page, dave's (1,3) is heard meanwhile, and bob's (1,2) is in the second page.
+#[test]
+fn a_removal_heard_while_the_stream_is_read_waits_past_a_full_page() {
+    let (mut h, _ann, bob, room, _) = ann_and_bob(ClientSession::new());
+    let join = bobs_join(&h, &room);
+    let someone = |user: &str, sub| RemovalMark {
+        user: Text::from(user),
+        ..bob_removed(join, 1, sub)
+    };
+    hear(&mut h, &room, other(1, "one"));
+    assert_eq!(seqs(&h.events(bob)), vec![1]);
+    feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
+    assert_eq!(fill_asked(&mut h), (1, 0));
+    removal(&mut h, &room, someone("dave", 3));
+    let page = |msgs, marks, full| EngineEvent::Filled {
+        room: room.clone(),
+        after: 1,
+        msgs,
+        marks,
+        full,
+    };
+    feed(&mut h, page(Vec::new(), vec![someone("erin", 1)], true));
+    assert_eq!(fill_asked(&mut h), (1, 1));
+    let rest = vec![bob_removed(join, 1, 2), someone("dave", 3)];
+    feed(&mut h, page(vec![other(2, "two")], rest, false));
+    removed_after(&mut h, bob, &[]);
+}
