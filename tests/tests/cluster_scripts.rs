@@ -148,7 +148,7 @@ fn keys_of(args: &[Vec<u8>]) -> Vec<Vec<u8>> {
         "HGET" | "HSET" | "HDEL" | "HINCRBY" | "HEXISTS" | "HGETALL" | "HKEYS" | "HLEN"
         | "HSCAN" | "XADD" | "XRANGE" | "ZADD" | "ZSCORE" | "ZREM" | "ZRANGE" | "ZCARD"
         | "ZREMRANGEBYRANK" | "SISMEMBER" | "SREM" | "SADD" | "SCARD" | "SMEMBERS" | "PTTL"
-        | "PEXPIRE" => {
+        | "PEXPIRE" | "XLEN" | "XTRIM" => {
             vec![args[1].clone()]
         }
         other => panic!("a script ran {other}: say in keys_of where its keys are"),
@@ -532,7 +532,12 @@ fn join(user: &str) -> Vec<Vec<u8>> {
 
 /// `user` leaves room `big` (removed: the removal placed in the room's order).
 fn leave(user: &str) -> Vec<Vec<u8>> {
-    let args = [s(user), s("r"), key("c"), s("PUBLISH")];
+    leave_trimming(user, 1000)
+}
+
+/// [`leave`], the room's stream kept to `max_len` entries.
+fn leave_trimming(user: &str, max_len: u64) -> Vec<Vec<u8>> {
+    let args = [s(user), s("r"), key("c"), s("PUBLISH"), s(max_len)];
     eval(ROOM_LEAVE.text, &["u", "k", "d", "m", "s", "x"], &args)
 }
 
@@ -788,6 +793,43 @@ fn a_removal_is_placed_in_the_rooms_stream_and_channel_between_two_messages() {
         "a message is not a removal"
     );
     assert_eq!(parse_channel_message(&second, b"").unwrap().1.seq, 2);
+}
+
+/// 1,100 removals after one message, and nobody publishes: the stream stays near its
+/// length (it grew by one entry a removal before, to 1,101 entries), and the room's set of
+/// removals keeps the last 1,024 (before, `1-10` sorted before `1-2` and went first).
+/// Found by review.
+#[test]
+fn removals_keep_the_stream_to_its_length_and_the_set_keeps_the_last_ones() {
+    use pabal_relay::cluster::membership::REMOVALS_KEPT;
+    let Some(redis) = RedisServer::start_with("scripts-removals", &["--appendonly", "no"]) else {
+        return;
+    };
+    let mut r = Redis::connect(redis.port);
+    const REMOVALS: usize = 1100;
+    r.pipeline(&[publish("ann")]);
+    let calls: Vec<_> = (0..REMOVALS)
+        .flat_map(|i| {
+            let user = format!("u{i}");
+            [join(&user), leave_trimming(&user, 100)]
+        })
+        .collect();
+    r.pipeline(&calls);
+    let len = r.call(&["XLEN", &key("s")]).int().unwrap();
+    assert!(len <= 100 + 64 + 100, "the stream's length: {len}");
+    let kept = r.call(&["ZRANGE", &key("x"), "0", "-1"]);
+    let subs: Vec<u64> = kept
+        .array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            let body = bytes::Bytes::copy_from_slice(v.bytes().unwrap());
+            parse_channel_removal(&body).unwrap().1.sub
+        })
+        .collect();
+    let first = (REMOVALS - REMOVALS_KEPT + 1) as u64;
+    let expected: Vec<u64> = (first..=REMOVALS as u64).collect();
+    assert_eq!(subs, expected, "the last removals, in their order");
 }
 
 #[test]

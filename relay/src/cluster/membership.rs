@@ -100,7 +100,9 @@ return 1
 
 /// A room's leave: KEYS members, markers, hand-off index, meta, stream, removals; ARGV
 /// user, reason letter (`r`, `u`; empty: no removal mark), channel, the publish command
-/// (`PUBLISH`, or `SPUBLISH` on a Redis Cluster). Returns the join point removed, or `''`.
+/// (`PUBLISH`, or `SPUBLISH` on a Redis Cluster), the stream's max length
+/// (`cluster.stream_max_len`; empty: not trimmed here). Returns the join point removed,
+/// or `''`.
 /// The member's markers and its place in the hand-off index (see [`super::receipts`]) go
 /// with the membership.
 ///
@@ -114,11 +116,15 @@ return 1
 /// removal before the message after it ([`crate::cluster::RemovalMark`]), so no message
 /// published after the removal reaches the user's phones on any node. The room's last
 /// [`REMOVALS_KEPT`] removals are also kept as their channel messages in a sorted set
-/// (`pabal:{r:name}:x`, by sequence), which [`super::script::OPEN`] returns: a node that
+/// (`pabal:{r:name}:x`, by sequence; the removal's own number zero-padded in the member,
+/// so that the oldest go first when removals after one message outnumber the set), which
+/// [`super::script::OPEN`] returns: a node that
 /// opens the room (subscribing its channel only now) learns the removals before the tail
 /// it reads too, whose notices may still be on their way to it. A room the engine holds
 /// no epoch of has no messages, and no mark is needed. An `XADD` Redis refuses (a stream
-/// ahead of its meta hash, which lost it) leaves the removal to the user's notice.
+/// ahead of its meta hash, which lost it) leaves the removal to the user's notice. A room's
+/// stream is trimmed to its max length here too once removals took it 64 past it, as the
+/// publish script trims it, so that removals in a room nobody publishes to do not grow it.
 pub static ROOM_LEAVE: Script = Script::new(
     "ROOM_LEAVE",
     r"
@@ -133,11 +139,15 @@ if cur then
     local body = cur .. ' ' .. ARGV[2] .. ' ' .. ARGV[1]
     local id = redis.pcall('XADD', KEYS[5], s .. '-*', 'l', body)
     if type(id) == 'string' then
-      local heard = e .. ' ' .. id .. ' ' .. body
-      redis.call(ARGV[4], ARGV[3], heard)
-      redis.call('ZADD', KEYS[6], s, heard)
+      redis.call(ARGV[4], ARGV[3], e .. ' ' .. id .. ' ' .. body)
+      local n = string.format('%010d', tonumber(string.match(id, '-(%d+)$')))
+      redis.call('ZADD', KEYS[6], s, e .. ' ' .. s .. '-' .. n .. ' ' .. body)
       if redis.call('ZCARD', KEYS[6]) > 1024 then
         redis.call('ZREMRANGEBYRANK', KEYS[6], 0, -1025)
+      end
+      local max = tonumber(ARGV[5])
+      if max and redis.call('XLEN', KEYS[5]) > max + 64 then
+        redis.call('XTRIM', KEYS[5], 'MAXLEN', '~', max)
       end
     end
   end

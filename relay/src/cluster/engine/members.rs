@@ -359,6 +359,7 @@ impl Engine {
                                 mark.as_bytes().to_vec(),
                                 room_key(&req.room, "c"),
                                 verb.to_vec(),
+                                self.config.stream_max_len.to_string().into_bytes(),
                             ],
                         )
                     }
