@@ -369,4 +369,32 @@ per_backend! {
         assert_eq!((s, &b["removed"]), (200, &json!(["bob"])), "{b}");
         assert_eq!(left(&mut bob, alias), LeftReason::Removed);
     }
+
+    fn a_join_the_users_side_refuses_takes_the_room_side_back_even_left_from_before(backend) {
+        let Some(redis) = RedisServer::start("members-undo") else { return };
+        let cluster = ClusterConfig {
+            redis: vec![redis.url()],
+            node_id: Some("u1".into()),
+            ..ClusterConfig::default()
+        };
+        let node = TestRelay::cluster_node(backend, cluster, |c| c.limits.max_rooms_per_user = 1);
+        let path = |room: &str| format!("/v1/rooms/{room}/members");
+        let (s, b) = call(&node, "POST", &path("group:undo-a"), Some(json!({"users": ["carol"]})));
+        assert_eq!(s, 200, "{b}");
+        // A refused join whose undo was lost (its connection failed, or its node died):
+        // the room's member hash holds carol, her own rooms do not. Before, a retry found
+        // her a member of the room already and undid nothing: she stayed in its member
+        // hash (and hand-off index) for good.
+        const B: &str = "group:undo-b";
+        let members = format!("pabal:{{r:{B}}}:u");
+        redis.cli(&["HSET", &members, "carol", "1767225600000:0:7"]);
+        let (s, b) = call(&node, "POST", &path(B), Some(json!({"users": ["carol"]})));
+        assert_eq!((s, &b["refused"][0]["user"]), (200, &json!("carol")), "over her cap: {b}");
+        // The undo follows the answer on the engine's connection.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while redis.cli(&["HEXISTS", &members, "carol"]).trim() != "0" {
+            assert!(std::time::Instant::now() < deadline, "carol is still in {B}'s members");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
 }

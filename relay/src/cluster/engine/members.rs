@@ -492,13 +492,15 @@ impl Engine {
                     },
                     (Some(refused @ (b"blocked" | b"full")), _) => {
                         let blocked = refused == b"blocked";
-                        if room_new {
-                            let undo = Step::Undo {
-                                req: req.clone(),
-                                join: join.clone(),
-                            };
-                            self.send_step(undo, None, 0);
-                        }
+                        // Whether or not the room's side was new: a room membership the
+                        // user's side refused is one an earlier refusal left when its undo
+                        // was lost (its connection failed, or its node died), and the
+                        // retry takes it back (`ROOM_UNDO` only if it is still this one).
+                        let undo = Step::Undo {
+                            req: req.clone(),
+                            join: join.clone(),
+                        };
+                        self.send_step(undo, None, 0);
                         MemberOutcome::JoinRefused { blocked }
                     }
                     _ => {
