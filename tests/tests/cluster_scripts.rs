@@ -25,8 +25,8 @@ use pabal_relay::cluster::membership::{ROOM_JOIN, ROOM_LEAVE, ROOM_UNDO};
 use pabal_relay::cluster::receipts::{HANDOFF, HandoffPage, MARKERS, parse_handoff};
 use pabal_relay::cluster::resp::{self, Value};
 use pabal_relay::cluster::script::{
-    PUBLISH, PUBLISH_FIELDS, TRIM_EVERY, all_scripts, message_tail, parse_channel_message,
-    parse_channel_removal, parse_entries, parse_published, publish_script, sha1_hex,
+    FILL, PUBLISH, PUBLISH_FIELDS, TRIM_EVERY, all_scripts, message_tail, parse_channel_message,
+    parse_channel_removal, parse_entries, parse_fill, parse_published, publish_script, sha1_hex,
 };
 use pabal_relay::cluster::{ClusterConfig, StreamEntry, WindowOrder};
 use pabal_relay::config::Config;
@@ -148,7 +148,7 @@ fn keys_of(args: &[Vec<u8>]) -> Vec<Vec<u8>> {
         "HGET" | "HSET" | "HDEL" | "HINCRBY" | "HEXISTS" | "HGETALL" | "HKEYS" | "HLEN"
         | "HSCAN" | "XADD" | "XRANGE" | "ZADD" | "ZSCORE" | "ZREM" | "ZRANGE" | "ZCARD"
         | "ZREMRANGEBYRANK" | "SISMEMBER" | "SREM" | "SADD" | "SCARD" | "SMEMBERS" | "PTTL"
-        | "PEXPIRE" | "XLEN" | "XTRIM" => {
+        | "PEXPIRE" | "XLEN" | "XTRIM" | "ZRANGEBYSCORE" => {
             vec![args[1].clone()]
         }
         other => panic!("a script ran {other}: say in keys_of where its keys are"),
@@ -830,6 +830,61 @@ fn removals_keep_the_stream_to_its_length_and_the_set_keeps_the_last_ones() {
     let first = (REMOVALS - REMOVALS_KEPT + 1) as u64;
     let expected: Vec<u64> = (first..=REMOVALS as u64).collect();
     assert_eq!(subs, expected, "the last removals, in their order");
+}
+
+/// The owner's stream read (`FILL`) answers the room's epoch, and the removals
+/// retention dropped from the stream after where it reads from (from the room's set of
+/// last removals): bob's, after message 1, trimmed with messages 1 to 3. Found by the
+/// cluster simulation (seed 451676): a node whose channel lagged jumped past the trimmed
+/// messages and never applied the removal among them.
+#[test]
+fn a_stream_read_past_what_retention_dropped_brings_the_removals_among_it() {
+    let Some(redis) = RedisServer::start_with("scripts-fill", &["--appendonly", "no"]) else {
+        return;
+    };
+    let mut r = Redis::connect(redis.port);
+    r.pipeline(&[join("ann"), join("bob"), publish("ann"), leave("bob")]);
+    r.pipeline(&[
+        publish("ann"),
+        publish("ann"),
+        publish("ann"),
+        publish("ann"),
+    ]);
+    let fill = |r: &mut Redis, after: (u64, u64)| {
+        let args = [
+            format!("({}-{}", after.0, after.1),
+            s(16),
+            s(after.0),
+            s(after.1),
+        ];
+        let reply = r
+            .pipeline(&[eval(FILL, &["s", "x", "m"], &args)])
+            .pop()
+            .unwrap();
+        parse_fill(&reply, b"", after).unwrap()
+    };
+    let (epoch, span) = fill(&mut r, (1, 0));
+    assert_eq!((epoch, span.marks.len(), span.msgs.len()), (7, 1, 4));
+    r.call(&["XTRIM", &key("s"), "MAXLEN", "2"]);
+    let (epoch, span) = fill(&mut r, (1, 0));
+    let seqs: Vec<u64> = span.msgs.iter().map(|m| m.seq).collect();
+    assert_eq!((epoch, seqs), (7, vec![4, 5]));
+    let marks: Vec<(u64, u64, &str)> = span
+        .marks
+        .iter()
+        .map(|m| (m.seq, m.sub, m.user.as_str()))
+        .collect();
+    assert_eq!(
+        marks,
+        vec![(1, 1, "bob")],
+        "from the set, the stream trimmed"
+    );
+    // Read from where the stream still holds: nothing from the set.
+    let (_, span) = fill(&mut r, (4, 0));
+    assert!(span.marks.is_empty() && span.msgs.len() == 1, "{span:?}");
+    // The room lost in Redis: epoch 0.
+    r.call(&["DEL", &key("m")]);
+    assert_eq!(fill(&mut r, (5, 0)).0, 0);
 }
 
 #[test]

@@ -200,6 +200,7 @@ impl EngineHandle {
             publish_sha: script::sha1_hex(publish),
             message_head: Vec::new(),
             open_sha: script::sha1_hex(OPEN),
+            fill_sha: script::sha1_hex(script::FILL),
             keys: Default::default(),
             up: false,
             replies: Vec::new(),
@@ -430,6 +431,8 @@ struct Engine {
     publish: &'static str,
     publish_sha: Bytes,
     open_sha: Bytes,
+    /// [`script::FILL`]'s.
+    fill_sha: Bytes,
     /// Scratch for key names and the tag (reused: no allocation per publish).
     keys: [Vec<u8>; 6],
     /// Scratch for a packed publish's message head (reused; the payload goes straight
@@ -911,13 +914,13 @@ impl Engine {
                 }
             }
             EngineCmd::Fill { room, after, sub } => {
-                self.send_fill(room, (after, sub), None, None, 0);
+                self.send_fill(room, (after, sub), None, None, 0, false);
             }
             EngineCmd::Read {
                 room,
                 after,
                 reader,
-            } => self.send_fill(room, (after, u64::MAX), Some(reader), None, 0),
+            } => self.send_fill(room, (after, u64::MAX), Some(reader), None, 0, false),
             cmd @ (EngineCmd::Member(_)
             | EngineCmd::WatchUser { .. }
             | EngineCmd::UnwatchUser { .. }
@@ -1095,6 +1098,10 @@ impl Engine {
     /// message and the removals after it already applied) or for a `reader` (sub
     /// `u64::MAX`: from the next message); waits for the room's shard's command connection
     /// while it is down.
+    ///
+    /// The owner's reads run [`script::FILL`] (`eval`: by its text, after a `NOSCRIPT`),
+    /// which also answers the room's epoch and the removals retention dropped; a reader's
+    /// are a plain `XRANGE`.
     fn send_fill(
         &mut self,
         room: RoomName,
@@ -1102,12 +1109,13 @@ impl Engine {
         reader: Option<u64>,
         target: Option<usize>,
         hops: u8,
+        eval: bool,
     ) {
         let mut stream_key = std::mem::take(&mut self.keys[1]);
         script::key(&mut stream_key, &room, "s");
         let shard = target.or_else(|| self.route(&stream_key));
         self.keys[1] = stream_key;
-        let [_, stream, start, ..] = &mut self.keys;
+        let [meta, stream, start, removals, ..] = &mut self.keys;
         let Some(conn) = shard
             .and_then(|i| self.shards.get_mut(i))
             .and_then(|s| s.cmd.as_mut())
@@ -1122,18 +1130,36 @@ impl Engine {
         start.push(b'-');
         start.extend_from_slice(decimal(after.1, &mut d));
         let mut d2 = [0; 20];
-        resp::encode(
-            &mut conn.wbuf,
-            [
-                &b"XRANGE"[..],
-                &stream[..],
-                &start[..],
-                &b"+"[..],
-                &b"COUNT"[..],
-                decimal(self.config.fill_batch as u64, &mut d2),
-            ]
-            .into_iter(),
-        );
+        let count = decimal(self.config.fill_batch as u64, &mut d2);
+        if reader.is_none() {
+            script::key(meta, &room, "m");
+            script::key(removals, &room, "x");
+            let (mut d3, mut d4) = ([0; 20], [0; 20]);
+            encode_script(
+                &mut conn.wbuf,
+                (script::FILL, &self.fill_sha, eval),
+                &[stream, removals, meta],
+                &[
+                    start,
+                    count,
+                    decimal(after.0, &mut d3),
+                    decimal(after.1, &mut d4),
+                ],
+            );
+        } else {
+            resp::encode(
+                &mut conn.wbuf,
+                [
+                    &b"XRANGE"[..],
+                    &stream[..],
+                    &start[..],
+                    &b"+"[..],
+                    &b"COUNT"[..],
+                    count,
+                ]
+                .into_iter(),
+            );
+        }
         self.stats.pipeline_depth.fetch_add(1, Ordering::Relaxed);
         if let Some(s) = shard.and_then(|i| self.shards.get_mut(i)) {
             s.inflight.push_back((
@@ -1158,7 +1184,7 @@ impl Engine {
                 room,
                 after,
                 reader,
-            } => self.send_fill(room, after, reader, target, hops),
+            } => self.send_fill(room, after, reader, target, hops, eval),
             Pending::Asking | Pending::Wait => {}
             // Membership's steps go where Redis said too (`engine/members.rs`).
             Pending::Members(step) => self.send_step_as(step, eval, target, hops),

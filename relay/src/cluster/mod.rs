@@ -444,6 +444,9 @@ pub enum EngineEvent {
     Filled {
         /// The room.
         room: RoomName,
+        /// The room's epoch in the engine when the page was read (`0`: it held none): a
+        /// page of another epoch than the owner's is not its stream's.
+        epoch: u64,
         /// The request's start.
         after: u64,
         /// What the stream holds after it.

@@ -221,6 +221,68 @@ return {e, s, redis.call('XRANGE', KEYS[2], from .. '-1', '+'), redis.call('ZRAN
 "
 );
 
+/// A page of a room's stream for its owner: KEYS stream, removals, meta; ARGV start
+/// (`(<seq>-<sub>`, exclusive), count, the start's sequence, the start's sub. Returns
+/// `{epoch, entries, removals}`: the room's epoch now (`0`: none), at most `count` entries
+/// after the start, and, when the stream's oldest entry is past the start (retention
+/// dropped what followed it), the room's last removals placed at or after the start's
+/// message (at most `count`, from its set: [`super::membership::ROOM_LEAVE`]) — those the
+/// stream no longer holds. The epoch tells a page of the stream the owner holds from one
+/// of a stream the engine started again ([`parse_fill`]).
+pub const FILL: &str = r"
+local page = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
+local gone = {}
+local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+local trimmed = true
+if oldest then
+  local s, n = string.match(oldest[1], '^(%d+)-(%d+)$')
+  s, n = tonumber(s), tonumber(n)
+  local as, an = tonumber(ARGV[3]), tonumber(ARGV[4])
+  local past = s > as or (s == as and n > an)
+  trimmed = past and not (s == as and n == an + 1)
+end
+if trimmed then
+  gone = redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[3], '+inf', 'LIMIT', 0, ARGV[2])
+end
+return {redis.call('HGET', KEYS[3], 'e') or '0', page, gone}
+";
+
+/// [`FILL`]'s answer read: the room's epoch (`0`: the engine holds none) and the page,
+/// with the removals the stream no longer held between `after` and the page's first entry
+/// merged in their places; `None` if malformed.
+pub fn parse_fill(reply: &Value, prefix: &[u8], after: (u64, u64)) -> Option<(u64, StreamSpan)> {
+    let [epoch, page, gone] = reply.array()? else {
+        return None;
+    };
+    let epoch = match epoch {
+        Value::Int(n) => u64::try_from(*n).ok()?,
+        other => num(other.bytes()?)?,
+    };
+    let mut span = parse_entries(page, prefix)?;
+    let first = [
+        span.msgs.first().map(|m| (m.seq, 0)),
+        span.marks.first().map(RemovalMark::place),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or((u64::MAX, u64::MAX));
+    let mut merged = false;
+    for member in gone.array()? {
+        let body = Bytes::copy_from_slice(member.bytes()?);
+        let (e, mark) = parse_channel_removal(&body)?;
+        if e == epoch && mark.place() > after && mark.place() < first {
+            span.marks.push(mark);
+            merged = true;
+        }
+    }
+    if merged {
+        span.marks.sort_by_key(RemovalMark::place);
+        span.marks.dedup_by_key(|m| m.place());
+    }
+    Some((epoch, span))
+}
+
 /// The SHA1 (hex) Redis names a script by.
 pub fn sha1_hex(script: &str) -> Bytes {
     use sha1::Digest;
@@ -269,6 +331,7 @@ pub fn all_scripts() -> Vec<(&'static str, &'static str)> {
         ("PUBLISH_ASCENDING", PUBLISH_ASCENDING.as_str()),
         ("PUBLISH_FIELDS", PUBLISH_FIELDS),
         ("OPEN", OPEN),
+        ("FILL", FILL),
     ];
     all.extend(
         [

@@ -180,6 +180,8 @@ struct RoomSync {
     reorder: BTreeMap<u64, StoredRef>,
     /// A stream read is in flight.
     filling: bool,
+    /// The owner's epoch of the room when that read was sent.
+    fill_epoch: u64,
     /// The highest sequence waiting after a hole when that read was sent: the stream held
     /// everything up to it then, so a hole below it that the read does not fill was dropped
     /// by retention (a hole above it may only be newer than the read).
@@ -223,6 +225,7 @@ impl Default for RoomSync {
             parked: Vec::new(),
             reorder: BTreeMap::new(),
             filling: false,
+            fill_epoch: 0,
             fill_covers: 0,
             resync: false,
             open_at: 0,
@@ -358,11 +361,12 @@ impl Core {
             }
             EngineEvent::Filled {
                 room,
+                epoch,
                 after,
                 msgs,
                 marks,
                 full,
-            } => self.on_filled(&room, after, msgs, marks, full),
+            } => self.on_filled(&room, epoch, after, msgs, marks, full),
             EngineEvent::Read {
                 room,
                 after,

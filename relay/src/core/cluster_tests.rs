@@ -252,6 +252,7 @@ fn engine_order_holes_filled_and_no_echo_to_the_publisher() {
     feed(
         &mut h,
         EngineEvent::Filled {
+            epoch: 77,
             room: room.clone(),
             after: 0,
             msgs: vec![other(1, "one"), other(2, "two"), mine],
@@ -289,6 +290,7 @@ fn a_resubscribed_channel_is_caught_up_from_the_stream() {
     feed(
         &mut h,
         EngineEvent::Filled {
+            epoch: 77,
             room,
             after: 0,
             msgs: vec![other(1, "one"), other(2, "two")],
@@ -341,6 +343,7 @@ fn only_what_the_stream_dropped_becomes_a_gap() {
         msg: other(seq, "x"),
     };
     let filled = |after, msgs: &[u64]| EngineEvent::Filled {
+        epoch: 77,
         room: room.clone(),
         after,
         msgs: msgs.iter().map(|&s| other(s, "x")).collect(),
@@ -767,6 +770,7 @@ fn answer_fills(h: &mut Harness, room: &RoomName, stream: &[u64]) {
             feed(
                 h,
                 EngineEvent::Filled {
+                    epoch: 77,
                     room: room.clone(),
                     after,
                     msgs,
@@ -922,6 +926,7 @@ fn a_reopened_room_reads_again_past_an_older_read_that_stops_short() {
     feed(
         &mut h,
         EngineEvent::Filled {
+            epoch: 77,
             room: room.clone(),
             after: 1,
             msgs: vec![other(2, "m2"), other(3, "m3")],
@@ -939,6 +944,7 @@ fn a_reopened_room_reads_again_past_an_older_read_that_stops_short() {
     feed(
         &mut h,
         EngineEvent::Filled {
+            epoch: 77,
             room: room.clone(),
             after: 3,
             msgs: (4..=6).map(|s| other(s, &format!("m{s}"))).collect(),
@@ -1199,6 +1205,7 @@ fn a_resubscription_while_a_read_is_out_reads_again_after_it() {
     feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
     assert!(fills(&mut h).is_empty(), "one read at a time");
     let page = EngineEvent::Filled {
+        epoch: 77,
         room: room.clone(),
         after: 0,
         msgs: vec![other(1, "one"), other(2, "two")],
@@ -1211,5 +1218,114 @@ fn a_resubscription_while_a_read_is_out_reads_again_after_it() {
         fills(&mut h),
         vec![2],
         "read again after the resubscription"
+    );
+}
+
+/// A stream read is out when the room's channel brings a new epoch's first message (the
+/// engine started the room again). The read ran before: its page (epoch 77, the old
+/// stream's 2..=5) is passed over, not appended as the new epoch's, and the new stream is
+/// read from its start. Found by review.
+#[test]
+fn a_page_read_before_the_engine_started_the_room_again_is_passed_over() {
+    let (mut h, _ann, bob, room, _) = ann_and_bob(ClientSession::new());
+    hear(&mut h, &room, other(1, "old1"));
+    hear(&mut h, &room, other(3, "old3"));
+    let fills = |h: &mut Harness| -> Vec<u64> {
+        engine_cmds(h)
+            .into_iter()
+            .filter_map(|c| match c {
+                EngineCmd::Fill { after, .. } => Some(after),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(fills(&mut h), vec![1]);
+    h.events(bob);
+    let new = |seq, body| EngineEvent::Message {
+        room: room.clone(),
+        epoch: 78,
+        msg: other(seq, body),
+    };
+    feed(&mut h, new(1, "new1"));
+    let old_page = EngineEvent::Filled {
+        epoch: 77,
+        room: room.clone(),
+        after: 1,
+        msgs: (2..=5).map(|s| other(s, "old")).collect(),
+        marks: Vec::new(),
+        full: false,
+    };
+    feed(&mut h, old_page);
+    assert_eq!(h.core.owned[&room].epoch, 78);
+    assert_eq!(fills(&mut h), vec![0], "the new stream, from its start");
+    let new_page = EngineEvent::Filled {
+        epoch: 78,
+        room: room.clone(),
+        after: 0,
+        msgs: vec![other(1, "new1"), other(2, "new2")],
+        marks: Vec::new(),
+        full: false,
+    };
+    feed(&mut h, new_page);
+    let got: Vec<(u64, Bytes)> = h.messages(bob);
+    assert_eq!(
+        got,
+        vec![(1, Bytes::from("new1")), (2, Bytes::from("new2"))]
+    );
+}
+
+/// The engine started the room again under a lower epoch (a node whose clock is behind):
+/// its messages were dropped here for as long as the room stayed open. A message of a
+/// lower epoch now asks the stream which epoch is the room's, and the owner follows it.
+/// Found by review.
+#[test]
+fn a_room_the_engine_started_again_under_a_lower_epoch_follows_it() {
+    let (mut h, _ann, bob, room, _) = ann_and_bob(ClientSession::new());
+    hear(&mut h, &room, other(1, "old"));
+    assert_eq!(seqs(h.messages(bob)), vec![1]);
+    feed(
+        &mut h,
+        EngineEvent::Message {
+            room: room.clone(),
+            epoch: 76,
+            msg: other(1, "lower"),
+        },
+    );
+    let asked: Vec<u64> = engine_cmds(&mut h)
+        .into_iter()
+        .filter_map(|c| match c {
+            EngineCmd::Fill { after, .. } => Some(after),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, vec![1], "the stream is asked");
+    let page = EngineEvent::Filled {
+        epoch: 76,
+        room: room.clone(),
+        after: 1,
+        msgs: Vec::new(),
+        marks: Vec::new(),
+        full: false,
+    };
+    feed(&mut h, page);
+    assert_eq!(h.core.owned[&room].epoch, 76);
+    let page = EngineEvent::Filled {
+        epoch: 76,
+        room: room.clone(),
+        after: 0,
+        msgs: vec![other(1, "lower")],
+        marks: Vec::new(),
+        full: false,
+    };
+    feed(&mut h, page);
+    let events = h.events(bob);
+    assert!(
+        events.iter().any(|e| matches!(e,
+            Event::Bound { room, .. } if room.epoch == 76 && room.cursor == 0)),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Message { seq: Some(1), payload, .. } if &payload[..] == b"lower")),
+        "{events:?}"
     );
 }

@@ -551,7 +551,7 @@ impl Core {
                 continue;
             };
             let user = client::user_handle(conn);
-            let Some(sub) = conn.sub_for(alias, room).filter(|s| s.epoch < epoch) else {
+            let Some(sub) = conn.sub_for(alias, room).filter(|s| s.epoch != epoch) else {
                 // Bound in the new epoch already: it stays.
                 self.local
                     .entry(room.clone())

@@ -203,7 +203,7 @@ impl Engine {
             self.send_opens(&ch);
         }
         for (room, after, reader) in std::mem::take(&mut self.fills_waiting) {
-            self.send_fill(room, after, reader, None, 0);
+            self.send_fill(room, after, reader, None, 0, false);
         }
         self.send_reads_due();
         self.send_receipts_waiting();

@@ -255,9 +255,18 @@ impl Engine {
             Pending::Fill {
                 room,
                 after,
+                reader: None,
+            } if noscript => self.send_fill(room, after, None, Some(i), hops, true),
+            Pending::Fill {
+                room,
+                after,
                 reader,
             } => {
-                let Some(span) = script::parse_entries(&reply, &self.prefix) else {
+                let parsed = match reader {
+                    None => script::parse_fill(&reply, &self.prefix, after),
+                    Some(_) => script::parse_entries(&reply, &self.prefix).map(|s| (0, s)),
+                };
+                let Some((epoch, span)) = parsed else {
                     self.fills_waiting.push((room, after, reader));
                     return Err(malformed(format!("bad answer to a stream read: {reply:?}")));
                 };
@@ -265,6 +274,7 @@ impl Engine {
                 self.out.push(match reader {
                     None => EngineEvent::Filled {
                         room,
+                        epoch,
                         after: after.0,
                         msgs: span.msgs,
                         marks: span.marks,

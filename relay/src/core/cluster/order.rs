@@ -90,27 +90,12 @@ impl Core {
         };
         if epoch != owned.epoch {
             if epoch < owned.epoch {
-                return;
+                // From before the room started again here, or the engine started it again
+                // under a lower epoch (a node whose clock is behind): the stream's read
+                // says which, by the epoch it answers with.
+                return self.request_fill(room);
             }
-            // The engine lost the room and started it again: a new stream.
-            tracing::warn!(room = %room.name, old = owned.epoch, epoch, "the engine holds a new epoch of the room");
-            owned.epoch = epoch;
-            owned.head = 0;
-            owned.clear_history();
-            // Every worker binding the room binds it again, told of the new epoch first.
-            let cores: Vec<usize> = (0..owned.interest.len())
-                .filter(|&c| owned.interest[c] > 0)
-                .collect();
-            for core in cores {
-                let room = room.clone();
-                self.send_to(core, CoreMsg::Restarted { room, epoch });
-            }
-            if let Some(sync) = self.sync_mut(room) {
-                sync.reorder.clear();
-                sync.marks.clear();
-                sync.answered.clear();
-                sync.applied = (0, 0);
-            }
+            self.restart_epoch(room, epoch);
             return self.cluster_offer(room, epoch, msg, from_fill);
         }
         let head = owned.head;
@@ -136,6 +121,33 @@ impl Core {
         self.cluster_append(room, msg);
         if !from_fill {
             self.drain_reorder(room);
+        }
+    }
+
+    /// The engine lost the room and started it again in `epoch`: a new stream, from
+    /// nothing. Every worker binding the room binds it again, told of the new epoch first
+    /// ([`CoreMsg::Restarted`]); a stream read out now is of the old stream, and its
+    /// answer is passed over (see [`Core::on_filled`]).
+    fn restart_epoch(&mut self, room: &RoomName, epoch: u64) {
+        let Some(owned) = self.owned.get_mut(room) else {
+            return;
+        };
+        tracing::warn!(room = %room.name, old = owned.epoch, epoch, "the engine holds a new epoch of the room");
+        owned.epoch = epoch;
+        owned.head = 0;
+        owned.clear_history();
+        let cores: Vec<usize> = (0..owned.interest.len())
+            .filter(|&c| owned.interest[c] > 0)
+            .collect();
+        for core in cores {
+            let room = room.clone();
+            self.send_to(core, CoreMsg::Restarted { room, epoch });
+        }
+        if let Some(sync) = self.sync_mut(room) {
+            sync.reorder.clear();
+            sync.marks.clear();
+            sync.answered.clear();
+            sync.applied = (0, 0);
         }
     }
 
@@ -295,7 +307,7 @@ impl Core {
     /// Reads the stream after the room's head (one read in flight per room), after the
     /// removals placed after the head's message already applied.
     pub(super) fn request_fill(&mut self, room: &RoomName) {
-        let Some(after) = self.owned.get(room).map(|o| o.head) else {
+        let Some((after, epoch)) = self.owned.get(room).map(|o| (o.head, o.epoch)) else {
             return;
         };
         let Some(side) = self.cluster.as_deref_mut() else {
@@ -306,6 +318,7 @@ impl Core {
         };
         if !sync.filling {
             sync.filling = true;
+            sync.fill_epoch = epoch;
             sync.fill_covers = sync.reorder.last_key_value().map_or(0, |(&s, _)| s);
             let sub = if sync.applied.0 == after {
                 sync.applied.1
@@ -320,14 +333,41 @@ impl Core {
         }
     }
 
+    /// A page of the room's stream after `after`, read when the engine's epoch of the
+    /// room was `epoch`. A page of another epoch than the owner's is not of its stream:
+    /// of the epoch the owner held when it asked, it was read before the owner followed
+    /// the engine's restart of the room, and the new stream is read; of any other, the
+    /// engine started the room again (under a lower epoch too: a node whose clock is
+    /// behind), and the owner follows it and reads its stream from the start. Epoch 0: the
+    /// engine holds none (it lost the room, and no publish or join started it again
+    /// yet): nothing to read until one does.
     pub(super) fn on_filled(
         &mut self,
         room: &RoomName,
+        epoch: u64,
         after: u64,
         msgs: Vec<EngineMessage>,
         marks: Vec<RemovalMark>,
         full: bool,
     ) {
+        let Some(owned_epoch) = self.owned.get(room).map(|o| o.epoch) else {
+            return;
+        };
+        if epoch != owned_epoch {
+            let Some(sync) = self.sync_mut(room) else {
+                return;
+            };
+            sync.filling = false;
+            if epoch == 0 {
+                return;
+            }
+            // The epoch the owner held when it asked: the owner started the room again
+            // since, and this page is of the stream before.
+            if epoch != sync.fill_epoch {
+                self.restart_epoch(room, epoch);
+            }
+            return self.request_fill(room);
+        }
         let Some(sync) = self.sync_mut(room) else {
             return;
         };
@@ -349,9 +389,6 @@ impl Core {
             let last_mark = marks.last().map(RemovalMark::place);
             sync.apply_limit = last_msg.max(last_mark).unwrap_or((after, u64::MAX));
         }
-        let Some(epoch) = self.owned.get(room).map(|o| o.epoch) else {
-            return;
-        };
         // In the stream's order: the page holds everything from where it starts to its
         // last entry, so an entry past the head's next message says retention dropped
         // what is between (for a removal, the message it follows too).

@@ -326,9 +326,10 @@ fn the_cluster_seeds_that_found_bugs_keep_the_contract() {
     // just before an open's tail (16391), a repeat's answer passing the first publish's
     // while that waited for its copy (92607). Then a join notice heard late by a second
     // worker of the node watching the user, which undid the later membership the first
-    // had applied to their common directory (447065).
+    // had applied to their common directory (447065); a removal retention dropped from the
+    // stream before a node whose channel lagged read it (451676).
     for seed in [
-        2145, 4291, 5430, 5928, 21080, 34110, 7767, 16391, 92607, 447065,
+        2145, 4291, 5430, 5928, 21080, 34110, 7767, 16391, 92607, 447065, 451676,
     ] {
         if let Err(Violation(what)) = run_cluster_seed(seed, |_| {}) {
             panic!("cluster simulation seed {seed} failed\n{what}");

@@ -727,9 +727,10 @@ impl Engine {
                 }
             }
             Written::Cmd(EngineCmd::Fill { room, after, sub }) => {
-                let span = self.span(node, room.id, (*after, *sub), self.fill_batch);
+                let span = self.fill_span(node, room.id, (*after, *sub));
                 EngineEvent::Filled {
                     room: room.clone(),
+                    epoch: EPOCH,
                     after: *after,
                     msgs: span.msgs,
                     marks: span.marks,
@@ -767,6 +768,45 @@ impl Engine {
             },
             Written::Cmd(other) => panic!("not in this simulation: {other:?}"),
         }
+    }
+
+    /// `FILL`'s page (`script::FILL`): the stream's entries after `after`, at most a
+    /// batch, with the room's last removals the stream no longer holds between `after`
+    /// and the page's first entry (retention dropped them), as `script::parse_fill`
+    /// merges them.
+    fn fill_span(
+        &self,
+        node: usize,
+        room_id: u64,
+        after: (u64, u64),
+    ) -> crate::cluster::script::StreamSpan {
+        let mut span = self.span(node, room_id, after, self.fill_batch);
+        let room = self.room(room_id);
+        let trimmed = room.stream.front().is_none_or(|oldest| {
+            let o = oldest.place();
+            o > after && o != (after.0, after.1 + 1)
+        });
+        if trimmed {
+            let first = [
+                span.msgs.first().map(|m| (m.seq, 0)),
+                span.marks.first().map(RemovalMark::place),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or((u64::MAX, u64::MAX));
+            span.marks.extend(
+                room.removals
+                    .iter()
+                    .filter(|m| m.seq >= after.0)
+                    .take(self.fill_batch)
+                    .filter(|m| m.place() > after && m.place() < first)
+                    .cloned(),
+            );
+            span.marks.sort_by_key(RemovalMark::place);
+            span.marks.dedup_by_key(|m| m.place());
+        }
+        span
     }
 
     /// The stream's entries after the id `after` (exclusive, `XRANGE (<seq>-<sub>`), at

@@ -107,6 +107,7 @@ fn a_removal_heard_before_the_message_it_follows_waits_for_it() {
     feed(
         &mut h,
         EngineEvent::Filled {
+            epoch: 77,
             room: room.clone(),
             after: 0,
             msgs: vec![other(1, "one")],
@@ -135,6 +136,7 @@ fn while_the_stream_is_read_page_by_page_the_channel_waits_for_the_last_page() {
         ..bob_removed(join, 1, 1)
     };
     let page = |msgs, marks, full| EngineEvent::Filled {
+        epoch: 77,
         room: room.clone(),
         after: 1,
         msgs,
@@ -187,6 +189,7 @@ fn an_answer_that_came_without_its_copy_enters_from_the_stream() {
     feed(
         &mut h,
         EngineEvent::Filled {
+            epoch: 77,
             room: room.clone(),
             after: 0,
             msgs: vec![mine],
@@ -334,6 +337,7 @@ fn a_removal_heard_while_the_stream_is_read_waits_for_an_earlier_one_it_brings()
     assert_eq!(fill_asked(&mut h), (1, 0));
     removal(&mut h, &room, dave.clone());
     let page = EngineEvent::Filled {
+        epoch: 77,
         room: room.clone(),
         after: 1,
         msgs: vec![other(2, "two")],
@@ -359,6 +363,7 @@ fn a_held_removal_waits_for_an_earlier_one_the_stream_brings_at_the_same_message
     assert_eq!(fill_asked(&mut h), (0, 0));
     removal(&mut h, &room, dave.clone());
     let page = EngineEvent::Filled {
+        epoch: 77,
         room: room.clone(),
         after: 0,
         msgs: vec![other(1, "one")],
@@ -385,6 +390,7 @@ fn a_removal_heard_while_the_stream_is_read_is_applied_when_the_read_completes()
     assert!(h.events(bob).is_empty(), "waits for the read");
     hear(&mut h, &room, other(2, "two"));
     let page = EngineEvent::Filled {
+        epoch: 77,
         room: room.clone(),
         after: 1,
         msgs: Vec::new(),
@@ -412,6 +418,7 @@ fn a_removal_heard_while_the_stream_is_read_waits_past_a_full_page() {
     assert_eq!(fill_asked(&mut h), (1, 0));
     removal(&mut h, &room, someone("dave", 3));
     let page = |msgs, marks, full| EngineEvent::Filled {
+        epoch: 77,
         room: room.clone(),
         after: 1,
         msgs,
