@@ -14,8 +14,9 @@
 //! Redis runs one shard's scripts one at a time: their answers and their copies come in the
 //! same order, so a copy is found at the front of what is due, and what is before it will
 //! get no copy (its room was unsubscribed meanwhile). An answer whose copy will not come
-//! (that, the pub/sub connection lost, or [`COPY_WAIT`] passed) goes to the worker marked
-//! unordered: the message then enters the room's order from the stream.
+//! (that, the pub/sub connection lost, the shard gone from a new slot map, or
+//! [`COPY_WAIT`] passed) goes to the worker marked unordered: the message then enters the
+//! room's order from the stream.
 //!
 //! A copy read before its answer is handed over as any message is (the worker resolves the
 //! publish from it and drops the answer), except while `cluster.wait_replicas` holds
@@ -178,8 +179,8 @@ impl Copies {
         }
     }
 
-    /// The shard's pub/sub connection was lost: no copy due will come, and the answers
-    /// held go to the worker unordered.
+    /// The shard's pub/sub connection was lost (or the shard left the slot map): no copy
+    /// due will come, and the answers held go to the worker unordered.
     pub(crate) fn lost(&mut self, out: &mut Vec<EngineEvent>) {
         self.due.clear();
         self.early.clear();

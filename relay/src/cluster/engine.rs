@@ -54,6 +54,8 @@ use crate::ids::RoomName;
 
 mod connections;
 pub(super) mod dial;
+#[cfg(test)]
+mod fault_tests;
 pub(super) mod members;
 mod presence;
 pub(super) mod receipts;
@@ -666,7 +668,8 @@ impl Engine {
     }
 
     /// Takes `map`: shards still in it keep their connections (renumbered), new ones
-    /// connect, gone ones fail what was in flight on them.
+    /// connect, gone ones fail what was in flight on them (and hand over, unordered, the
+    /// answers that waited for their copies).
     fn apply_map(&mut self, map: SlotMap) {
         let before: Vec<RedisAddr> = self.shards.iter().map(|s| s.addr.clone()).collect();
         let mut old: Vec<Option<Shard>> = std::mem::take(&mut self.shards)
@@ -703,6 +706,9 @@ impl Engine {
                 conn.deregister(self.poll.registry());
             }
             let inflight = std::mem::take(&mut gone.inflight);
+            // Its pub/sub connection goes with it: the answers waiting for their copies
+            // go to the worker unordered, as when that connection is lost.
+            gone.copies.lost(&mut self.out);
             self.fail_held(std::mem::take(&mut gone.held));
             self.fail_inflight(inflight);
         }
