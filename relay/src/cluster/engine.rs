@@ -16,7 +16,9 @@
 //! said, an `ASK` sends `ASKING` and the command to the importing shard; a shard whose
 //! connection is lost is handled like a lost single Redis (its publishes fail
 //! `unavailable`, it is reconnected with backoff, its channels resubscribed and the owners
-//! told to read the stream), and the map is read again in case its slots moved.
+//! told to read the stream), and the map is read again in case its slots moved. A
+//! subscription refused with an error (`-BUSY` while a script runs, ...) is sent again
+//! after a backoff, on the same connection.
 //!
 //! Shards are dialed on their first need in `connections`, without blocking in [`dial`];
 //! what they answer is read in [`replies`]; publishes answered `TRYAGAIN` wait for their
@@ -359,7 +361,8 @@ impl Drop for EngineHandle {
 /// A channel's subscription on its shard's pub/sub connection.
 #[derive(PartialEq, Eq, Clone, Copy)]
 enum SubState {
-    /// Not asked for on the current connection (none is up).
+    /// Not asked for on the current connection (none is up, or it refused the channel and
+    /// its backoff is not over: [`Engine::subscriptions_refused`]).
     Idle,
     /// SUBSCRIBE sent, not confirmed.
     Subscribing,
@@ -543,6 +546,7 @@ impl Engine {
         let presence_at = self.presence_timers(now);
         let receipts_at = self.receipts_timer(now);
         let retry_at = self.retry_timers(now);
+        let resubscribe_at = self.resubscribe_timers(now);
         let copies_at = self
             .shards
             .iter_mut()
@@ -570,6 +574,7 @@ impl Engine {
                 Some(presence_at),
                 receipts_at,
                 retry_at,
+                resubscribe_at,
                 copies_at,
                 idle_at,
                 self.discovery
@@ -761,7 +766,8 @@ impl Engine {
                 c.shard = Some(want);
             }
             if c.state == SubState::Idle
-                && let Some(sub) = self.shards.get_mut(want).and_then(|s| s.sub.as_mut())
+                && let Some(sub) =
+                    (self.shards.get_mut(want)).and_then(|s| s.sub_for_subscribing(self.woke))
             {
                 resp::encode(&mut sub.wbuf, [subscribe, &ch[..]].into_iter());
                 c.state = SubState::Subscribing;
@@ -876,6 +882,8 @@ impl Engine {
         }
         // No copy due will come: the answers waiting for one go unordered.
         shard.copies.lost(&mut self.out);
+        // The next connection subscribes everything, after its own backoff.
+        shard.resubscribe_at = None;
         let addr = shard.addr.clone();
         self.shards[i].sub_retry = self.backoff(self.shards[i].sub_retry, &addr, e, "pub/sub");
         let mut confirmed = 0;
@@ -889,6 +897,49 @@ impl Engine {
         self.users_down(i);
         self.lost_shard();
         self.note_health();
+    }
+
+    /// Shard `i`'s pub/sub connection answered a subscription with an error (`-BUSY`
+    /// while a script runs, `-NOPERM`, ...; the error does not name the channel): its
+    /// channels and users not confirmed yet are subscribed again after a backoff (that of
+    /// the pub/sub connection's reconnection, doubling from its last delay up to
+    /// `cluster.reconnect_max`), the connection and what it holds untouched. One whose
+    /// confirmation comes meanwhile (sent after the refused one) is subscribed as usual.
+    fn subscriptions_refused(&mut self, i: usize) {
+        let (now, max) = (self.woke, self.config.reconnect_max);
+        let Some(shard) = self.shards.get_mut(i) else {
+            return;
+        };
+        let delay = shard.sub_retry.delay;
+        shard.resubscribe_at = Some(now + delay);
+        shard.sub_retry.delay = (delay * 2).min(max);
+        for c in self.channels.values_mut().filter(|c| c.shard == Some(i)) {
+            if c.state == SubState::Subscribing {
+                c.state = SubState::Idle;
+            }
+        }
+        for w in self.users.values_mut().filter(|w| w.shard == Some(i)) {
+            if w.state == SubState::Subscribing {
+                w.state = SubState::Idle;
+            }
+        }
+        tracing::warn!(worker = self.worker, addr = %self.shards[i].addr, "subscriptions refused; subscribing again in {} ms", delay.as_millis());
+    }
+
+    /// Subscribes what waited since a refusal ([`Engine::subscriptions_refused`]) once its
+    /// backoff is over; returns when the next one is.
+    fn resubscribe_timers(&mut self, now: Instant) -> Option<Instant> {
+        let mut due = false;
+        for shard in &mut self.shards {
+            if shard.resubscribe_at.is_some_and(|at| at <= now) {
+                shard.resubscribe_at = None;
+                due = true;
+            }
+        }
+        if due {
+            self.route_channels();
+        }
+        self.shards.iter().filter_map(|s| s.resubscribe_at).min()
     }
 
     fn on_cmd(&mut self, cmd: EngineCmd) {

@@ -222,6 +222,10 @@ pub(super) struct Shard {
     /// When a command was last routed to it, or a room or user channel last seen on its
     /// slots (`cluster.shard_idle` counts from it).
     pub(super) last_used: Instant,
+    /// `sub` refused a subscription (an error reply: a busy script, ...): the channels
+    /// not subscribed wait until then (backing off as `sub_retry` does), not to hammer a
+    /// Redis that refuses.
+    pub(super) resubscribe_at: Option<Instant>,
 }
 
 impl Shard {
@@ -238,6 +242,7 @@ impl Shard {
             wait_due: false,
             held: Vec::new(),
             last_used: Instant::now(),
+            resubscribe_at: None,
         }
     }
 
@@ -249,6 +254,16 @@ impl Shard {
     /// Both connections are up (connected, not dialing).
     pub(super) fn up(&self) -> bool {
         self.cmd.as_ref().is_some_and(Conn::is_up) && self.sub.as_ref().is_some_and(Conn::is_up)
+    }
+
+    /// The pub/sub connection to subscribe on at `now` (up, or dialing: the subscriptions
+    /// wait in its buffer), unless subscriptions are held back after a refusal
+    /// (`resubscribe_at`).
+    pub(super) fn sub_for_subscribing(&mut self, now: Instant) -> Option<&mut Conn> {
+        if self.resubscribe_at.is_some_and(|at| at > now) {
+            return None;
+        }
+        self.sub.as_mut()
     }
 
     /// The command connection is dialing with [`DIAL_QUEUE_MAX`] commands waiting on it:

@@ -5,14 +5,24 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // reason: tests fail loudly on purpose
 
-use std::sync::Arc;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::super::resp::Value;
+use super::super::resp::{self, Value};
 use super::super::slots::SlotMap;
-use super::super::{ClusterConfig, ClusterStats, EngineEvent, RedisAddr, Topology};
-use super::{Driver, Engine, EngineHandle};
+use super::super::{
+    ClusterConfig, ClusterStats, EngineCmd, EngineErrorKind, EngineEvent, RedisAddr, Topology,
+};
+use super::{Driver, Engine, EngineHandle, SubState, channel_key};
+use crate::ids::RoomName;
+
+/// Every wait for an event is bounded by it: a missing event fails the test, a slow
+/// machine does not.
+const WAIT: Duration = Duration::from_secs(20);
 
 fn engine_of(handle: &mut EngineHandle) -> &mut Engine {
     match &mut handle.driver {
@@ -26,6 +36,80 @@ fn spawn(config: &ClusterConfig) -> (EngineHandle, Arc<ClusterStats>) {
     let handle = EngineHandle::spawn(0, config, "t", Box::new(|| {}), stats.clone())
         .expect("the engine starts");
     (handle, stats)
+}
+
+/// Turns the engine (as the worker's ticks do) until `done` holds for the events so far;
+/// false after [`WAIT`].
+fn turn_until(
+    handle: &mut EngineHandle,
+    events: &mut Vec<EngineEvent>,
+    mut done: impl FnMut(&[EngineEvent]) -> bool,
+) -> bool {
+    let end = Instant::now() + WAIT;
+    while Instant::now() < end {
+        handle.turn(true);
+        while let Some(ev) = handle.try_recv(Instant::now()) {
+            events.push(ev);
+        }
+        if done(events) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    false
+}
+
+/// What a fake Redis received: (connection number, the command's arguments), in order.
+type Log = Arc<Mutex<Vec<(usize, Vec<Vec<u8>>)>>>;
+
+/// A fake Redis on loopback: logs every command each connection sends and writes what
+/// `answer` makes of it (nothing for `None`); the test may write more itself on any
+/// connection (`conns`). Returns its port.
+fn fake_redis(
+    answer: impl Fn(&[Vec<u8>]) -> Option<Vec<u8>> + Send + Sync + 'static,
+) -> (u16, Log, Arc<Mutex<Vec<TcpStream>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let log: Log = Arc::default();
+    let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let (log2, conns2) = (log.clone(), conns.clone());
+    let answer = Arc::new(answer);
+    std::thread::spawn(move || {
+        for (n, mut s) in listener.incoming().flatten().enumerate() {
+            conns2.lock().unwrap().push(s.try_clone().unwrap());
+            let (log, answer) = (log2.clone(), answer.clone());
+            std::thread::spawn(move || {
+                let mut buf = bytes::BytesMut::new();
+                let mut chunk = [0; 65536];
+                while let Ok(k) = s.read(&mut chunk) {
+                    if k == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..k]);
+                    while let Ok(Some(Value::Array(Some(items)))) = resp::decode(&mut buf) {
+                        let args: Vec<Vec<u8>> = items
+                            .iter()
+                            .map(|v| v.bytes().map(|b| b.to_vec()).unwrap_or_default())
+                            .collect();
+                        let reply = answer(&args);
+                        log.lock().unwrap().push((n, args));
+                        if let Some(reply) = reply {
+                            let _ = s.write_all(&reply);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, log, conns)
+}
+
+/// The commands of `log` whose name is `verb`.
+fn sent(log: &Log, verb: &[u8]) -> usize {
+    let log = log.lock().unwrap();
+    log.iter()
+        .filter(|(_, a)| a.first().is_some_and(|v| v == verb))
+        .count()
 }
 
 /// A `CLUSTER SLOTS` answer: each range served by 127.0.0.1 at its port.
@@ -96,4 +180,61 @@ fn an_answer_waiting_for_its_copy_survives_its_shard_leaving_the_map() {
         "publish 7's answer, unordered: {:?}",
         e.out
     );
+}
+
+/// A subscription Redis refused with an error other than `MOVED` (here `-BUSY`: any
+/// client's script past `busy-reply-threshold`) is sent again after a backoff and counted
+/// as an error reply: the room's open then goes and is answered. Before, the channel
+/// stayed `Subscribing` for good and the room never opened on this worker.
+#[test]
+fn a_subscription_refused_busy_is_sent_again_and_the_room_opens() {
+    let refused = Arc::new(Mutex::new(false));
+    let (port, log, _conns) = fake_redis(move |args| match &args.first()?[..] {
+        b"SUBSCRIBE" => {
+            let ch = args.get(1)?;
+            let mut first = refused.lock().unwrap();
+            if !*first {
+                *first = true;
+                return Some(b"-BUSY Redis is busy running a script.\r\n".to_vec());
+            }
+            let mut out = format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n", ch.len()).into_bytes();
+            out.extend_from_slice(ch);
+            out.extend_from_slice(b"\r\n:1\r\n");
+            Some(out)
+        }
+        // The open script: epoch 1, sequence 0, no tail, no removals.
+        b"EVALSHA" | b"EVAL" => Some(b"*4\r\n:1\r\n:0\r\n*0\r\n*0\r\n".to_vec()),
+        _ => None,
+    });
+    let config = ClusterConfig {
+        redis: vec![format!("redis://127.0.0.1:{port}")],
+        ..ClusterConfig::default()
+    };
+    let (mut handle, stats) = spawn(&config);
+    let mut events = Vec::new();
+    assert!(turn_until(&mut handle, &mut events, |_| stats.healthy()));
+    let room = RoomName::new(false, pabal_codec::Text::from("busy"));
+    handle.send(
+        Instant::now(),
+        EngineCmd::Open {
+            room: room.clone(),
+            epoch_hint: 1,
+            tail: 0,
+        },
+    );
+    handle.wake();
+    let opened = turn_until(&mut handle, &mut events, |evs| {
+        evs.iter()
+            .any(|ev| matches!(ev, EngineEvent::Opened { room: r, .. } if *r == room))
+    });
+    let state = engine_of(&mut handle)
+        .channels
+        .get(&channel_key(&room))
+        .map(|c| c.state == SubState::Subscribing);
+    assert!(
+        opened,
+        "the room did not open; its channel Subscribing: {state:?}; events {events:?}"
+    );
+    assert_eq!(sent(&log, b"SUBSCRIBE"), 2, "refused once, then taken");
+    assert_eq!(stats.errors_of(EngineErrorKind::ErrorReply), 1);
 }

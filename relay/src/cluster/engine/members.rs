@@ -241,7 +241,8 @@ impl Engine {
                 w.shard = Some(want);
             }
             if w.state == SubState::Idle
-                && let Some(sub) = self.shards.get_mut(want).and_then(|s| s.sub.as_mut())
+                && let Some(sub) =
+                    (self.shards.get_mut(want)).and_then(|s| s.sub_for_subscribing(self.woke))
             {
                 resp::encode(&mut sub.wbuf, [&b"SUBSCRIBE"[..], &ch[..]].into_iter());
                 w.state = SubState::Subscribing;

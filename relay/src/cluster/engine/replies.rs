@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use super::super::resp::{self, Value};
 use super::super::script;
-use super::super::shard::Pending;
+use super::super::shard::{BACKOFF_MIN, Pending};
 use super::super::{EngineErrorKind, EngineEvent, EngineMessage, RedisAddr, malformed};
 use super::{Channel, Engine, MAX_HOPS, SubState, channel_key, tryagain};
 
@@ -349,10 +349,13 @@ impl Engine {
                     }
                     self.route_channels();
                 }
+                // Anything else (a busy script, a permission): subscribed again after a
+                // backoff.
                 _ => {
                     self.stats.count_error(EngineErrorKind::ErrorReply);
                     self.lost_shard();
                     tracing::warn!(worker = self.worker, error = %String::from_utf8_lossy(e), "the pub/sub connection refused a subscription");
+                    self.subscriptions_refused(i);
                 }
             }
             return;
@@ -365,6 +368,12 @@ impl Engine {
         let (Some(kind), Some(ch)) = (kind.bytes(), ch.bytes()) else {
             return;
         };
+        if matches!(&kind[..], b"subscribe" | b"ssubscribe")
+            && let Some(shard) = self.shards.get_mut(i)
+        {
+            // Subscriptions are taken again: a later refusal backs off from the start.
+            shard.sub_retry.delay = BACKOFF_MIN;
+        }
         if self.on_user_push(kind, ch, body) {
             return;
         }
