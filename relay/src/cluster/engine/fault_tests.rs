@@ -15,7 +15,8 @@ use bytes::Bytes;
 use super::super::resp::{self, Value};
 use super::super::slots::SlotMap;
 use super::super::{
-    ClusterConfig, ClusterStats, EngineCmd, EngineErrorKind, EngineEvent, RedisAddr, Topology,
+    ClusterConfig, ClusterStats, EngineCmd, EngineErrorKind, EngineEvent, PublishRequest,
+    RedisAddr, Topology,
 };
 use super::{Driver, Engine, EngineHandle, SubState, channel_key};
 use crate::ids::RoomName;
@@ -237,4 +238,125 @@ fn a_subscription_refused_busy_is_sent_again_and_the_room_opens() {
     );
     assert_eq!(sent(&log, b"SUBSCRIBE"), 2, "refused once, then taken");
     assert_eq!(stats.errors_of(EngineErrorKind::ErrorReply), 1);
+}
+
+fn publish(room: &RoomName, ticket: u64) -> PublishRequest {
+    PublishRequest {
+        ticket,
+        room: room.clone(),
+        epoch_hint: 1,
+        ts_ms: 1,
+        sender: pabal_codec::Text::from("alice").into(),
+        payload: Bytes::from(format!("body{ticket}")),
+        repeat: None,
+        window: 1,
+    }
+}
+
+/// Two pipelined publishes of a room answered `NOSCRIPT` in two reads, with a third
+/// publish of the room handed over between them, reach Redis in ticket order: the third
+/// is held behind the second (sent again as `EVAL`). Before, the first's `EVAL`, the
+/// third's `EVALSHA` and then the second's `EVAL` went in that order, and Redis sequenced
+/// the third before the second. The fake Redis runs scripts as Redis does (`EVALSHA`
+/// refused `NOSCRIPT` until an `EVAL` loaded the script) and answers in order, each reply
+/// held back until the test lets it go (a TCP segment at a time).
+#[test]
+fn noscript_resends_keep_a_rooms_publish_order() {
+    // Replies computed as each command arrives, written when the test releases them.
+    let queued: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let (loaded, seq, q) = (
+        Arc::new(Mutex::new(false)),
+        Arc::new(Mutex::new(0)),
+        queued.clone(),
+    );
+    let (port, log, conns) = fake_redis(move |args| {
+        let reply = match &args.first()?[..] {
+            b"EVALSHA" if !*loaded.lock().unwrap() => b"-NOSCRIPT No matching script.\r\n".to_vec(),
+            verb @ (b"EVALSHA" | b"EVAL") => {
+                if verb == b"EVAL" {
+                    *loaded.lock().unwrap() = true;
+                }
+                let mut seq = seq.lock().unwrap();
+                *seq += 1;
+                format!("*2\r\n:1\r\n:{seq}\r\n").into_bytes()
+            }
+            _ => return None,
+        };
+        q.lock().unwrap().push(reply);
+        None
+    });
+    let config = ClusterConfig {
+        redis: vec![format!("redis://127.0.0.1:{port}")],
+        ..ClusterConfig::default()
+    };
+    let (mut handle, stats) = spawn(&config);
+    let mut events = Vec::new();
+    assert!(turn_until(&mut handle, &mut events, |_| stats.healthy()));
+    // (verb, ticket) of each script call received, in order.
+    let calls = || -> Vec<(String, u64)> {
+        let log = log.lock().unwrap();
+        log.iter()
+            .filter(|(_, a)| a.first().is_some_and(|v| v.starts_with(b"EVAL")))
+            .map(|(_, a)| {
+                let tag = a.iter().find_map(|x| {
+                    let text = String::from_utf8_lossy(x).into_owned();
+                    let at = text.find("t/0/")? + 4;
+                    text[at..].split(' ').next()?.parse::<u64>().ok()
+                });
+                (String::from_utf8_lossy(&a[0]).into_owned(), tag.unwrap())
+            })
+            .collect()
+    };
+    let cmd_conn = || {
+        log.lock()
+            .unwrap()
+            .iter()
+            .find(|(_, a)| a[0].starts_with(b"EVAL"))
+            .unwrap()
+            .0
+    };
+    // Writes the next `n` replies Redis has for the command connection.
+    let release = |n: usize| {
+        let replies: Vec<Vec<u8>> = queued.lock().unwrap().drain(..n).collect();
+        let mut c = conns.lock().unwrap()[cmd_conn()].try_clone().unwrap();
+        for r in replies {
+            c.write_all(&r).unwrap();
+        }
+    };
+    let room = RoomName::new(false, pabal_codec::Text::from("r"));
+    handle.send(Instant::now(), EngineCmd::Publish(publish(&room, 1)));
+    handle.send(Instant::now(), EngineCmd::Publish(publish(&room, 2)));
+    handle.wake();
+    assert!(turn_until(&mut handle, &mut events, |_| queued
+        .lock()
+        .unwrap()
+        .len()
+        == 2));
+    // 1's NOSCRIPT alone: 1 goes again as EVAL.
+    release(1);
+    assert!(turn_until(&mut handle, &mut events, |_| calls().len() == 3));
+    // The worker's next tick: publish 3 of the room (written now, if it is not held).
+    handle.send(Instant::now(), EngineCmd::Publish(publish(&room, 3)));
+    handle.wake();
+    // 2's NOSCRIPT, then whatever Redis answers, until all three are answered.
+    release(1);
+    let answered = turn_until(&mut handle, &mut events, |evs| {
+        let n = queued.lock().unwrap().len();
+        if n > 0 {
+            release(n);
+        }
+        (1..=3).all(|t| {
+            evs.iter()
+                .any(|ev| matches!(ev, EngineEvent::Published { ticket, .. } if *ticket == t))
+        })
+    });
+    let calls = calls();
+    assert!(answered, "calls {calls:?}; events {events:?}");
+    // The first two were refused NOSCRIPT; Redis ran the others in the order they came.
+    let ran: Vec<u64> = calls[2..].iter().map(|(_, t)| *t).collect();
+    assert_eq!(
+        ran,
+        [1, 2, 3],
+        "Redis sequenced them in this order: {calls:?}"
+    );
 }

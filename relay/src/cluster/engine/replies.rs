@@ -144,6 +144,14 @@ impl Engine {
                 }
                 return Ok(());
             }
+            // Not run, and sent again now (where Redis said, or as `EVAL`) behind what is
+            // in flight: its room's later publishes are held behind it.
+            Pending::Publish(req, sent)
+                if tryagain::not_run(&reply) && !tryagain::is_tryagain(&reply) =>
+            {
+                self.lead_room(&req);
+                Pending::Publish(req, sent)
+            }
             other => other,
         };
         if let Value::Error(e) = &reply

@@ -5,10 +5,14 @@
 //! instead of being refused to the phone.
 //!
 //! A room's order is kept by holding its later publishes behind it: once one of the
-//! room's publishes waits for its retry, every later publish of the room (new ones from the
-//! worker, and those in flight that come back unrun: `TRYAGAIN`, `MOVED`, `ASK`,
-//! `NOSCRIPT`) waits in the room's queue in ticket order, and the queue goes one publish
-//! at a time (the next once the one before is answered) until it is empty. We chose
+//! room's publishes waits for its retry, or came back unrun otherwise (`MOVED`, `ASK`,
+//! `NOSCRIPT`: it goes again at once, where Redis said or as `EVAL`, but at the tail of a
+//! pipeline that later publishes of its room may already be in), every later publish of
+//! the room (new ones from the worker, and those in flight that come back unrun:
+//! `TRYAGAIN`, `MOVED`, `ASK`, `NOSCRIPT`) waits in the room's queue in ticket order, and
+//! the queue goes one publish at a time (the next once the one before is answered, and
+//! once every publish of the room that was in flight when the room was held has come
+//! back: answered, failed, or held in its place) until it is empty. We chose
 //! holding over refusing the later ones: a refusal would make the phone retry them, and a
 //! retry the phone sends before the refused one's is sequenced first, the very overtaking
 //! this prevents; holding costs one round trip per publish of that room for the length of
@@ -32,7 +36,7 @@
 //! timers. Must not touch: how a command is encoded or routed (`send_publish`, ...),
 //! the replies' meaning (`replies.rs`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::super::PublishRequest;
@@ -85,6 +89,9 @@ struct RoomQueue {
     sent: Option<(u64, u8)>,
     /// When the head goes (again).
     at: Instant,
+    /// The room's publishes that were in flight when it was held, not back yet: the head
+    /// waits for them (one coming back unrun takes its place in `waiting`).
+    outstanding: HashSet<u64>,
 }
 
 /// Every room with held publishes.
@@ -102,6 +109,30 @@ impl HeldPublishes {
                 .rooms
                 .get(room)
                 .is_some_and(|q| q.sent.is_none_or(|(t, _)| t != ticket))
+    }
+
+    /// Whether `room`'s publishes are held.
+    pub(super) fn holds(&self, room: &RoomName) -> bool {
+        !self.rooms.is_empty() && self.rooms.contains_key(room)
+    }
+
+    /// Publish `ticket` of `room` came back unrun (`MOVED`, `ASK`, `NOSCRIPT`) and goes
+    /// again at once: the room is held behind it (as if its head were sent), unless it is
+    /// already.
+    fn lead(&mut self, room: &RoomName, ticket: u64, now: Instant) {
+        self.rooms.entry(room.clone()).or_insert(RoomQueue {
+            waiting: VecDeque::new(),
+            sent: Some((ticket, 0)),
+            at: now,
+            outstanding: HashSet::new(),
+        });
+    }
+
+    /// The room just held waits for `tickets`, its publishes in flight.
+    fn wait_for(&mut self, room: &RoomName, tickets: HashSet<u64>) {
+        if let Some(q) = self.rooms.get_mut(room) {
+            q.outstanding = tickets;
+        }
     }
 
     /// The `TRYAGAIN`s publish `ticket` of `room` met so far.
@@ -122,7 +153,9 @@ impl HeldPublishes {
             waiting: VecDeque::new(),
             sent: None,
             at: now + wait,
+            outstanding: HashSet::new(),
         });
+        q.outstanding.remove(&req.ticket);
         if q.sent.is_some_and(|(t, _)| t == req.ticket) {
             q.sent = None;
             q.at = now + wait;
@@ -131,7 +164,8 @@ impl HeldPublishes {
         q.waiting.insert(at, (req, tries));
     }
 
-    /// The publish `ticket` of `room` was answered (or given up): the room's next goes.
+    /// The publish `ticket` of `room` was answered (or given up): the room's next goes
+    /// (once nothing it waits for is in flight).
     fn answered(&mut self, room: &RoomName, ticket: u64, now: Instant) {
         if self.rooms.is_empty() {
             return;
@@ -139,12 +173,12 @@ impl HeldPublishes {
         let Some(q) = self.rooms.get_mut(room) else {
             return;
         };
-        if q.sent.is_none_or(|(t, _)| t != ticket) {
-            return;
+        q.outstanding.remove(&ticket);
+        if q.sent.is_some_and(|(t, _)| t == ticket) {
+            q.sent = None;
+            q.at = now;
         }
-        q.sent = None;
-        q.at = now;
-        if q.waiting.is_empty() {
+        if q.sent.is_none() && q.waiting.is_empty() && q.outstanding.is_empty() {
             self.rooms.remove(room);
         }
     }
@@ -154,6 +188,7 @@ impl HeldPublishes {
         let mut due = Vec::new();
         for q in self.rooms.values_mut() {
             if q.sent.is_none()
+                && q.outstanding.is_empty()
                 && q.at <= now
                 && let Some((req, tries)) = q.waiting.pop_front()
             {
@@ -168,7 +203,7 @@ impl HeldPublishes {
     fn next_at(&self) -> Option<Instant> {
         self.rooms
             .values()
-            .filter(|q| q.sent.is_none() && !q.waiting.is_empty())
+            .filter(|q| q.sent.is_none() && q.outstanding.is_empty() && !q.waiting.is_empty())
             .map(|q| q.at)
             .min()
     }
@@ -185,14 +220,47 @@ impl Engine {
     /// publishes behind it.
     pub(super) fn retry_publish_later(&mut self, req: PublishRequest) {
         let tries = self.held.tries(&req.room, req.ticket) + 1;
-        self.held
-            .hold(req, tries, Instant::now(), tryagain_wait(tries));
+        let fresh = !self.held.holds(&req.room);
+        let (room, ticket) = (req.room.clone(), req.ticket);
+        self.held.hold(req, tries, self.woke, tryagain_wait(tries));
+        if fresh {
+            let in_flight = self.in_flight_of(&room, ticket);
+            self.held.wait_for(&room, in_flight);
+        }
+    }
+
+    /// A publish came back unrun (`MOVED`, `ASK`, `NOSCRIPT`) and goes again now: its
+    /// room's later publishes are held behind it, so that none is run before it.
+    pub(super) fn lead_room(&mut self, req: &PublishRequest) {
+        if self.held.holds(&req.room) {
+            return;
+        }
+        self.held.lead(&req.room, req.ticket, self.woke);
+        let in_flight = self.in_flight_of(&req.room, req.ticket);
+        self.held.wait_for(&req.room, in_flight);
+    }
+
+    /// The tickets of `room`'s publishes in flight on any shard, or answered `MOVED`/`ASK`
+    /// and about to go again, other than `except`. A walk of everything in flight: only
+    /// when a room starts being held.
+    fn in_flight_of(&self, room: &RoomName, except: u64) -> HashSet<u64> {
+        let in_flight = self.shards.iter().flat_map(|s| s.inflight.iter());
+        in_flight
+            .map(|(p, _)| p)
+            .chain(self.redirects.iter().map(|(p, ..)| p))
+            .filter_map(|p| match p {
+                Pending::Publish(req, _) if req.ticket != except && req.room == *room => {
+                    Some(req.ticket)
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// A publish of a held room (a new one, or one in flight that came back unrun) waits
     /// in the room's queue.
     pub(super) fn hold_behind(&mut self, req: PublishRequest) {
-        self.held.hold(req, 0, Instant::now(), Duration::ZERO);
+        self.held.hold(req, 0, self.woke, Duration::ZERO);
     }
 
     /// Publish `ticket` of `room` was answered or given up: the room's next held one goes.
@@ -288,6 +356,40 @@ mod tests {
             "the room is let go once its queue is empty"
         );
         assert!(!held.behind(&room, 5));
+    }
+
+    /// A room held because one of its publishes came back `MOVED` (sent again at once, to
+    /// the slot's new shard) lets its next go only once the publishes that were in flight
+    /// behind it (on the old shard) have come back: the one resent may be answered first.
+    #[test]
+    fn a_held_rooms_next_waits_for_what_was_in_flight_when_it_was_held() {
+        let room = RoomName::new(false, Text::from("r"));
+        let mut held = HeldPublishes::default();
+        let t0 = Instant::now();
+        let tickets = |due: Vec<(PublishRequest, u8)>| -> Vec<u64> {
+            due.iter().map(|(r, _)| r.ticket).collect()
+        };
+        held.lead(&room, 1, t0);
+        held.wait_for(&room, [2].into());
+        assert!(held.behind(&room, 3), "a new one waits");
+        held.hold(publish(&room, 3), 0, t0, Duration::ZERO);
+        // 1 is answered by the new shard before 2's MOVED comes back from the old one.
+        held.answered(&room, 1, t0);
+        assert!(held.due(t0).is_empty(), "3 waits for 2");
+        assert_eq!(held.next_at(), None);
+        held.hold(publish(&room, 2), 0, t0, Duration::ZERO);
+        assert_eq!(tickets(held.due(t0)), [2]);
+        held.answered(&room, 2, t0);
+        assert_eq!(tickets(held.due(t0)), [3]);
+        held.answered(&room, 3, t0);
+        assert!(!held.holds(&room), "let go once its queue is empty");
+        // One in flight that Redis ran (answered, not unrun) is back too.
+        held.lead(&room, 4, t0);
+        held.wait_for(&room, [5].into());
+        held.answered(&room, 4, t0);
+        assert!(held.holds(&room), "5 is still out");
+        held.answered(&room, 5, t0);
+        assert!(!held.holds(&room));
     }
 
     #[test]
