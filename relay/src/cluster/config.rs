@@ -99,6 +99,15 @@ pub struct ClusterConfig {
     /// A lost engine connection is retried after 50 ms, doubling up to this. Default 2 s.
     #[serde(with = "humantime_secs")]
     pub reconnect_max: Duration,
+    /// How long an engine connection may stay silent: a command in flight with no reply
+    /// for this long, or a `PING` (sent on a connection idle for this long, and on every
+    /// new connection) unanswered for this long, and the connection is taken for lost
+    /// (closed, what was in flight on it failed, redialed with backoff; the engine is down
+    /// until Redis answers on the new one). A command connection with `wait_replicas` is
+    /// given `wait_timeout` more (a `WAIT` holds it that long). 100 ms ..= 300 s; default
+    /// 5 s.
+    #[serde(with = "humantime_secs")]
+    pub reply_timeout: Duration,
     /// Messages each room's stream keeps in the engine (trimmed by `XTRIM MAXLEN ~` every
     /// 64 sequences): how far back a phone on any node can resume or page (from the
     /// stream, past the node's memory). Default 10000.
@@ -167,6 +176,7 @@ impl Default for ClusterConfig {
             node_id: None,
             connect_timeout: Duration::from_secs(1),
             reconnect_max: Duration::from_secs(2),
+            reply_timeout: Duration::from_secs(5),
             stream_max_len: 10_000,
             stream_entry: StreamEntry::Packed,
             window_order: WindowOrder::Descending,
@@ -320,6 +330,14 @@ impl ClusterConfig {
             return Err(invalid(
                 "cluster.reconnect_max",
                 "must be 50ms ..= 300s".into(),
+            ));
+        }
+        if self.reply_timeout < Duration::from_millis(100)
+            || self.reply_timeout > Duration::from_secs(300)
+        {
+            return Err(invalid(
+                "cluster.reply_timeout",
+                "must be 100ms ..= 300s".into(),
             ));
         }
         if self.stream_max_len == 0 {
@@ -495,6 +513,13 @@ mod tests {
             ..ok.clone()
         };
         assert_eq!(field(&idle, StorageMode::Memory), "cluster.shard_idle");
+        for bad in [Duration::from_millis(99), Duration::from_secs(301)] {
+            let silent = ClusterConfig {
+                reply_timeout: bad,
+                ..ok.clone()
+            };
+            assert_eq!(field(&silent, StorageMode::Memory), "cluster.reply_timeout");
+        }
         let fields = |window_order| ClusterConfig {
             stream_entry: StreamEntry::Fields,
             window_order,

@@ -16,7 +16,8 @@
 //! said, an `ASK` sends `ASKING` and the command to the importing shard; a shard whose
 //! connection is lost is handled like a lost single Redis (its publishes fail
 //! `unavailable`, it is reconnected with backoff, its channels resubscribed and the owners
-//! told to read the stream), and the map is read again in case its slots moved. A
+//! told to read the stream), and the map is read again in case its slots moved. So is a
+//! connection that stays silent past `cluster.reply_timeout` (`connections`). A
 //! subscription refused with an error (`-BUSY` while a script runs, ...) is sent again
 //! after a backoff, on the same connection.
 //!
@@ -546,6 +547,7 @@ impl Engine {
         let presence_at = self.presence_timers(now);
         let receipts_at = self.receipts_timer(now);
         let retry_at = self.retry_timers(now);
+        let silence_at = self.silence_timers(now);
         let resubscribe_at = self.resubscribe_timers(now);
         let copies_at = self
             .shards
@@ -574,6 +576,7 @@ impl Engine {
                 Some(presence_at),
                 receipts_at,
                 retry_at,
+                silence_at,
                 resubscribe_at,
                 copies_at,
                 idle_at,
@@ -802,7 +805,7 @@ impl Engine {
     fn fail_inflight(&mut self, inflight: VecDeque<(Pending, u8)>) {
         let n = inflight
             .iter()
-            .filter(|(p, _)| !matches!(p, Pending::Asking))
+            .filter(|(p, _)| !matches!(p, Pending::Asking | Pending::Ping))
             .count() as i64;
         self.stats.pipeline_depth.fetch_sub(n, Ordering::Relaxed);
         for (p, _) in inflight {
@@ -849,7 +852,7 @@ impl Engine {
                 reader,
             } => self.fills_waiting.push((room, after, reader)),
             // The acknowledgements it held are failed with the connection (`fail_cmd`).
-            Pending::Asking | Pending::Wait => {}
+            Pending::Asking | Pending::Ping | Pending::Wait => {}
             Pending::Members(step) => self.fail_member_step(step),
             Pending::Receipts(step) => self.receipts_give_up(step),
         }
@@ -1242,7 +1245,7 @@ impl Engine {
                 after,
                 reader,
             } => self.send_fill(room, after, reader, target, hops, eval),
-            Pending::Asking | Pending::Wait => {}
+            Pending::Asking | Pending::Ping | Pending::Wait => {}
             // Membership's steps go where Redis said too (`engine/members.rs`).
             Pending::Members(step) => self.send_step_as(step, eval, target, hops),
             Pending::Receipts(step) => self.receipts_resend(step, eval, target, hops),

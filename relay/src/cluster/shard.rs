@@ -29,6 +29,15 @@ pub(super) struct Conn {
     link: Link,
     pub(super) rbuf: BytesMut,
     pub(super) wbuf: BytesMut,
+    /// When Redis last sent anything on it (or it connected); `cluster.reply_timeout`
+    /// counts from it (`engine/connections.rs`).
+    pub(super) heard: Instant,
+    /// Redis answered on it since it connected: only then does it count as up for the
+    /// engine's health (a peer that accepts and never answers is not a Redis up).
+    pub(super) answered: bool,
+    /// Since when it has been waiting for Redis with nothing heard meanwhile: a command in
+    /// flight, or a `PING` sent; `None` while nothing is awaited.
+    pub(super) awaiting: Option<Instant>,
 }
 
 /// The socket of a [`Conn`].
@@ -54,6 +63,9 @@ impl Conn {
             link: Link::Dialing(Dial::new(addr.clone(), token, now, timeout)),
             rbuf: BytesMut::with_capacity(64 * 1024),
             wbuf: BytesMut::with_capacity(64 * 1024),
+            heard: now,
+            answered: false,
+            awaiting: None,
         }
     }
 
@@ -84,6 +96,7 @@ impl Conn {
             Dialed::Waiting => Ok(Progress::Same),
             Dialed::Connected(stream) => {
                 self.link = Link::Up(stream);
+                self.heard = now;
                 Ok(Progress::Connected)
             }
             Dialed::Failed(e) => Err(e),
@@ -173,6 +186,9 @@ pub(super) enum Pending {
     },
     /// `ASKING` before a command sent to a slot's importing shard (its `+OK` is dropped).
     Asking,
+    /// `PING` on a new or idle connection (`cluster.reply_timeout`; its `+PONG` is
+    /// dropped).
+    Ping,
     /// Membership's commands (`engine/members.rs`).
     Members(super::engine::members::Step),
     /// Receipts' commands (`engine/receipts.rs`).
@@ -251,9 +267,10 @@ impl Shard {
         (Token(2 * i + 1), Token(2 * i + 2))
     }
 
-    /// Both connections are up (connected, not dialing).
+    /// Both connections are up (connected, not dialing) and Redis answered on each.
     pub(super) fn up(&self) -> bool {
-        self.cmd.as_ref().is_some_and(Conn::is_up) && self.sub.as_ref().is_some_and(Conn::is_up)
+        let up = |c: &Conn| c.is_up() && c.answered;
+        self.cmd.as_ref().is_some_and(up) && self.sub.as_ref().is_some_and(up)
     }
 
     /// The pub/sub connection to subscribe on at `now` (up, or dialing: the subscriptions

@@ -8,14 +8,22 @@
 //! nothing in flight, no command routed to it for `cluster.shard_idle`) has its
 //! connections closed; its next need dials it again.
 //!
+//! Silence (`cluster.reply_timeout`): each connection is sent a `PING` once connected
+//! (it counts as up only once Redis answered on it) and whenever it has been idle that
+//! long; one awaiting Redis (a command in flight, a `PING`) that hears nothing for that
+//! long is lost as if Redis had closed it. The timers run on the engine's clock (`now`),
+//! like every other.
+//!
 //! Owns: when shards are dialed and let go, and what a dial's outcome does. Must not
 //! touch: the sockets and name resolution (`dial.rs`, `shard.rs`), what the commands mean.
 
+use std::io;
 use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::super::shard::{BACKOFF_MIN, Conn, Progress, Retry, Shard};
+use super::super::resp;
+use super::super::shard::{BACKOFF_MIN, Conn, Pending, Progress, Retry, Shard};
 use super::super::{EngineEvent, Topology};
 use super::{Engine, SubState};
 
@@ -128,6 +136,8 @@ impl Engine {
                 retry.delay = BACKOFF_MIN;
                 let what = if pubsub { "pub/sub" } else { "command" };
                 tracing::info!(worker = self.worker, node = %self.node_id, addr = %shard.addr, "engine {what} connection up");
+                // Up once Redis answers on it (a peer that only accepts is not).
+                self.ping(i, pubsub, now);
                 self.note_health();
             }
             Err(e) if pubsub => {
@@ -148,6 +158,87 @@ impl Engine {
                 self.fail_opens(i);
             }
         }
+    }
+
+    /// Writes a `PING` on shard `i`'s command (`pubsub` false) or pub/sub connection: it
+    /// now awaits an answer (`cluster.reply_timeout`).
+    fn ping(&mut self, i: usize, pubsub: bool, now: Instant) {
+        let Some(shard) = self.shards.get_mut(i) else {
+            return;
+        };
+        let conn = if pubsub {
+            shard.sub.as_mut()
+        } else {
+            shard.cmd.as_mut()
+        };
+        let Some(conn) = conn else {
+            return;
+        };
+        resp::encode(&mut conn.wbuf, [&b"PING"[..]].into_iter());
+        conn.awaiting.get_or_insert(now);
+        if !pubsub {
+            shard.inflight.push_back((Pending::Ping, 0));
+        }
+    }
+
+    /// `cluster.reply_timeout` on every connection that is up: one awaiting Redis (a
+    /// command in flight, a `PING`) with nothing heard for that long is lost (closed,
+    /// what was in flight failed as when Redis closes it, redialed with backoff); one
+    /// idle that long is sent a `PING`. Returns when the next is due.
+    pub(super) fn silence_timers(&mut self, now: Instant) -> Option<Instant> {
+        let limit = self.config.reply_timeout;
+        // With `cluster.wait_replicas`, a `WAIT` may hold a command connection for
+        // `cluster.wait_timeout` before it answers.
+        let cmd_limit = match self.config.wait_replicas {
+            0 => limit,
+            _ => limit + self.config.wait_timeout,
+        };
+        let (mut lost, mut pings) = (Vec::new(), Vec::new());
+        let mut next: Option<Instant> = None;
+        for (i, shard) in self.shards.iter_mut().enumerate() {
+            let busy = !shard.inflight.is_empty();
+            for (pubsub, conn) in [(false, shard.cmd.as_mut()), (true, shard.sub.as_mut())] {
+                let Some(conn) = conn.filter(|c| c.is_up()) else {
+                    continue;
+                };
+                if !pubsub {
+                    // Commands in flight are awaited from the pass that saw them.
+                    conn.awaiting = match (busy, conn.awaiting) {
+                        (false, _) => None,
+                        (true, since) => Some(since.unwrap_or(now)),
+                    };
+                }
+                let awaited = if pubsub { limit } else { cmd_limit };
+                let due = match conn.awaiting {
+                    Some(since) if now >= since + awaited => {
+                        lost.push((i, pubsub));
+                        continue;
+                    }
+                    Some(since) => since + awaited,
+                    None if now >= conn.heard + limit => {
+                        pings.push((i, pubsub));
+                        now + limit
+                    }
+                    None => conn.heard + limit,
+                };
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        for (i, pubsub) in pings {
+            self.ping(i, pubsub, now);
+        }
+        for (i, pubsub) in lost {
+            let e = io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no answer from Redis within cluster.reply_timeout",
+            );
+            if pubsub {
+                self.fail_sub(i, &e);
+            } else {
+                self.fail_cmd(i, &e);
+            }
+        }
+        next
     }
 
     /// Shard `i` could not be dialed: the opens waiting for it are answered

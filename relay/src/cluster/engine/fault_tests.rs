@@ -1,12 +1,14 @@
 //! The engine against Redis faults found in review (s16): a shard leaving the slot map
 //! with answers held for their copies, a subscription refused, publishes of a room
-//! answered unrun. Each drives a real engine on the test's thread (inline driver), some
-//! against a fake Redis on a thread of the test's own; none needs a redis-server.
+//! answered unrun, a Redis that goes silent. Each drives a real engine on the test's
+//! thread (inline driver), some against a fake Redis on a thread of the test's own; none
+//! needs a redis-server. Waits are bounded by [`WAIT`], and nothing asserts how fast.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // reason: tests fail loudly on purpose
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -205,6 +207,7 @@ fn a_subscription_refused_busy_is_sent_again_and_the_room_opens() {
         }
         // The open script: epoch 1, sequence 0, no tail, no removals.
         b"EVALSHA" | b"EVAL" => Some(b"*4\r\n:1\r\n:0\r\n*0\r\n*0\r\n".to_vec()),
+        b"PING" => Some(b"+PONG\r\n".to_vec()),
         _ => None,
     });
     let config = ClusterConfig {
@@ -271,6 +274,8 @@ fn noscript_resends_keep_a_rooms_publish_order() {
     );
     let (port, log, conns) = fake_redis(move |args| {
         let reply = match &args.first()?[..] {
+            // Each connection's first command (no idle one comes: see reply_timeout).
+            b"PING" => return Some(b"+PONG\r\n".to_vec()),
             b"EVALSHA" if !*loaded.lock().unwrap() => b"-NOSCRIPT No matching script.\r\n".to_vec(),
             verb @ (b"EVALSHA" | b"EVAL") => {
                 if verb == b"EVAL" {
@@ -287,6 +292,8 @@ fn noscript_resends_keep_a_rooms_publish_order() {
     });
     let config = ClusterConfig {
         redis: vec![format!("redis://127.0.0.1:{port}")],
+        // No idle PING: the replies here are released in order by hand.
+        reply_timeout: Duration::from_secs(300),
         ..ClusterConfig::default()
     };
     let (mut handle, stats) = spawn(&config);
@@ -359,4 +366,97 @@ fn noscript_resends_keep_a_rooms_publish_order() {
         [1, 2, 3],
         "Redis sequenced them in this order: {calls:?}"
     );
+}
+
+/// A fake Redis that answers `PING` until it is sent a script, then never answers
+/// anything again on any connection (hung, stopped, or gone without a RST).
+fn redis_that_hangs_on_a_script() -> (u16, Log) {
+    let hung = Arc::new(AtomicBool::new(false));
+    let (port, log, _conns) = fake_redis(move |args| {
+        if args.first().is_some_and(|v| v.starts_with(b"EVAL")) {
+            hung.store(true, Ordering::SeqCst);
+        }
+        let ping = args.first().is_some_and(|v| v == b"PING");
+        (ping && !hung.load(Ordering::SeqCst)).then(|| b"+PONG\r\n".to_vec())
+    });
+    (port, log)
+}
+
+fn silent_after(port: u16) -> ClusterConfig {
+    ClusterConfig {
+        redis: vec![format!("redis://127.0.0.1:{port}")],
+        reply_timeout: Duration::from_millis(200),
+        ..ClusterConfig::default()
+    }
+}
+
+/// A publish in flight to a Redis that stops answering is failed once
+/// `cluster.reply_timeout` passed with no reply (counted as a timeout), and the engine
+/// counts as down from then on (`/readyz` 503): it reconnects, but the peer that accepts
+/// the new connections never answers their `PING`. Before, the publish waited for good
+/// and the engine counted as up.
+#[test]
+fn a_publish_to_a_redis_that_stopped_answering_fails_and_the_engine_is_down() {
+    let (port, _log) = redis_that_hangs_on_a_script();
+    let (mut handle, stats) = spawn(&silent_after(port));
+    let mut events = Vec::new();
+    assert!(turn_until(&mut handle, &mut events, |_| stats.healthy()));
+    let room = RoomName::new(false, pabal_codec::Text::from("r"));
+    handle.send(Instant::now(), EngineCmd::Publish(publish(&room, 1)));
+    handle.wake();
+    let failed = turn_until(&mut handle, &mut events, |evs| {
+        evs.iter()
+            .any(|ev| matches!(ev, EngineEvent::PublishFailed { ticket: 1 }))
+    });
+    assert!(failed, "publish 1 still in flight: {events:?}");
+    assert!(stats.errors_of(EngineErrorKind::Timeout) >= 1);
+}
+
+/// A peer that accepts the connections and never answers (a stopped Redis, a hung proxy)
+/// is not an engine up (`/readyz` 503) though both connections are connected: each counts
+/// only once Redis answered on it (its first `PING`). Before, connected was up.
+#[test]
+fn a_peer_that_accepts_and_never_answers_is_not_an_engine_up() {
+    let (port, _log, _conns) = fake_redis(|_| None);
+    let (mut handle, stats) = spawn(&silent_after(port));
+    let end = Instant::now() + WAIT;
+    let mut connected = false;
+    while !connected && Instant::now() < end {
+        handle.turn(true);
+        while handle.try_recv(Instant::now()).is_some() {}
+        let shard = engine_of(&mut handle).shards.first();
+        let up = |c: Option<&super::super::shard::Conn>| c.is_some_and(|c| c.is_up());
+        connected = shard.is_some_and(|s| up(s.cmd.as_ref()) && up(s.sub.as_ref()));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(connected, "both connections connected at once");
+    assert!(!stats.healthy(), "connected, never answered: down");
+}
+
+/// An idle connection is sent a `PING` every `cluster.reply_timeout`; answered, the
+/// engine stays up and counts no error. Before, an idle connection was never checked.
+#[test]
+fn idle_connections_are_pinged_and_stay_up_while_redis_answers() {
+    let (port, log) = redis_that_hangs_on_a_script();
+    let (mut handle, stats) = spawn(&silent_after(port));
+    let mut events = Vec::new();
+    assert!(turn_until(&mut handle, &mut events, |_| stats.healthy()));
+    // Each connection's first PING (at connect), then at least two more each.
+    let pinged = turn_until(&mut handle, &mut events, |_| {
+        let log = log.lock().unwrap();
+        let on = |n: usize| {
+            log.iter()
+                .filter(|(c, a)| *c == n && a[0] == b"PING")
+                .count()
+        };
+        on(0) >= 3 && on(1) >= 3
+    });
+    assert!(pinged, "{:?}", log.lock().unwrap());
+    assert!(stats.healthy());
+    let errors: u64 = EngineErrorKind::ALL
+        .iter()
+        .map(|&k| stats.errors_of(k))
+        .sum();
+    assert_eq!(errors, 0);
+    assert!(events.is_empty(), "{events:?}");
 }

@@ -50,6 +50,21 @@ fn redirect(error: &[u8]) -> Option<Redirect> {
     }
 }
 
+/// Whether `push` answers a `PING` on a pub/sub connection: `+PONG` before any
+/// subscription, `["pong", ""]` once subscribed.
+fn is_pong(push: &Value) -> bool {
+    match push {
+        Value::Simple(s) => &s[..] == b"PONG",
+        Value::Array(Some(a)) => {
+            a.len() == 2
+                && a.first()
+                    .and_then(Value::bytes)
+                    .is_some_and(|k| &k[..] == b"pong")
+        }
+        _ => false,
+    }
+}
+
 /// Channel `ch`, if it is (to be) subscribed on shard `i` (a push from another shard is
 /// about a subscription it left).
 fn channel_on<'a>(
@@ -74,7 +89,31 @@ impl Engine {
         }) else {
             return Ok(());
         };
+        let had = conn.rbuf.len();
         let read = conn.fill();
+        if conn.rbuf.len() != had {
+            // Redis is there: a PING is answered (pub/sub: nothing else is awaited
+            // there), commands in flight wait afresh from now.
+            conn.heard = self.woke;
+            conn.awaiting = if pubsub {
+                None
+            } else {
+                conn.awaiting.map(|_| self.woke)
+            };
+            if !conn.answered {
+                conn.answered = true;
+                self.note_health();
+            }
+        }
+        let Some(conn) = self.shards.get_mut(i).and_then(|s| {
+            if pubsub {
+                s.sub.as_mut()
+            } else {
+                s.cmd.as_mut()
+            }
+        }) else {
+            return read;
+        };
         loop {
             match resp::decode(&mut conn.rbuf) {
                 Ok(Some(v)) => self.replies.push(v),
@@ -93,7 +132,7 @@ impl Engine {
                 self.fail_cmd(i, &malformed("a reply nobody asked for"));
                 break;
             };
-            if matches!(pending, Pending::Asking) {
+            if matches!(pending, Pending::Asking | Pending::Ping) {
                 continue;
             }
             self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
@@ -169,7 +208,7 @@ impl Engine {
         }
         let noscript = matches!(&reply, Value::Error(e) if e.starts_with(b"NOSCRIPT"));
         match pending {
-            Pending::Asking => {}
+            Pending::Asking | Pending::Ping => {}
             Pending::Wait => self.on_wait_reply(i, &reply),
             Pending::Members(step) => self.on_member_reply(step, reply, hops),
             Pending::Receipts(step) => self.on_receipts_reply(i, step, hops, reply),
@@ -340,6 +379,9 @@ impl Engine {
     }
 
     fn on_push(&mut self, i: usize, push: &Value) {
+        if is_pong(push) {
+            return; // a PING's answer (`cluster.reply_timeout`): heard, nothing more
+        }
         if let Value::Error(e) = push {
             self.stats.count_retry(e);
             // A sharded subscription sent to a shard that no longer serves its slot.
