@@ -138,6 +138,26 @@ impl RedisServer {
         }
     }
 
+    /// Stops the server (SIGSTOP) until [`RedisServer::resume`]: its port still accepts
+    /// connections (the kernel does) but nothing is answered on them, as from a Redis
+    /// swapping hard, a hung proxy or a host gone without a RST.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a [`RedisServer::pause`]d server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let child = self.child.as_ref().expect("the server runs");
+        let pid = libc::pid_t::try_from(child.id()).expect("a pid");
+        // SAFETY: kill(2) on our own child's pid, which is not reaped before it is killed.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "signal {signal} to redis-server");
+    }
+
     /// Runs one command with `redis-cli`; its output.
     pub fn cli(&self, args: &[&str]) -> String {
         self.try_cli(args).expect("redis-cli runs")

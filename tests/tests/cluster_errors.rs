@@ -1,8 +1,9 @@
 //! End-to-end: `pabal_cluster_engine_errors_total{kind}` counts each kind of engine error
 //! under its own label, once per I/O backend. Real relay nodes on loopback; a real Redis
 //! where Redis is the one failing (a connection killed, a script's error, too few
-//! replicas), and where the peer is not a Redis at all (nothing listening, an address that
-//! drops SYNs, a listener that answers garbage), that peer.
+//! replicas, a stopped Redis: silent past `cluster.reply_timeout`), and where the peer is
+//! not a Redis at all (nothing listening, an address that drops SYNs, a listener that
+//! answers garbage), that peer.
 
 #![allow(clippy::unwrap_used)] // reason: tests
 
@@ -142,6 +143,41 @@ per_backend! {
         redis.cli(&["SET", &meta, "not a hash"]);
         refused_unavailable(&mut p, alias);
         only(&node, EngineErrorKind::ErrorReply);
+    }
+
+    fn a_stopped_redis_counts_as_timeout_and_the_node_recovers_once_it_runs(backend) {
+        const ROOM: &str = "room:errors-stopped";
+        let Some(redis) = RedisServer::start("errors-stopped") else { return };
+        let node = node_on(backend, redis.url(), |c| {
+            c.reply_timeout = Duration::from_millis(300);
+        });
+        node.wait_for_engine();
+        let ops = with_ops_routes(&node);
+        let mut p = Client::connect(node.addr, "alice");
+        let alias = p.join(ROOM);
+        assert_eq!(p.publish_acked(alias, &b"first"[..]), 1);
+        // Stopped: the connections stay open and nothing answers. The publish in flight
+        // is refused once cluster.reply_timeout passed, and the node is not ready.
+        redis.pause();
+        refused_unavailable(&mut p, alias);
+        counts(&node, EngineErrorKind::Timeout);
+        let deadline = Instant::now() + WAIT;
+        while get_anonymous(ops, "/readyz").status != 503 {
+            assert!(Instant::now() < deadline, "/readyz never said the engine is down");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        redis.resume();
+        let deadline = Instant::now() + WAIT;
+        while get_anonymous(ops, "/readyz").status != 200 {
+            assert!(Instant::now() < deadline, "/readyz never recovered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Taken again (the refused one may have run: Redis read it before the close).
+        let deadline = Instant::now() + WAIT;
+        while p.publish_or_unavailable(alias, &b"after"[..]).is_none() {
+            assert!(Instant::now() < deadline, "publishes never recovered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn too_few_replicas_count_as_replicas(backend) {
