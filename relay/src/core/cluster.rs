@@ -340,6 +340,16 @@ impl Core {
             EngineEvent::PublishFailed { ticket } => {
                 if let Some(p) = self.take_pending(ticket) {
                     self.refuse_publisher(p.publisher);
+                    // Redis may have run it all the same (a connection lost after the
+                    // script, `WAIT` short of its replicas, whose copy the engine does not
+                    // take): other nodes deliver it, and the stream says whether it is
+                    // there, with no later message needed to reveal it.
+                    if self
+                        .sync_mut(&p.room)
+                        .is_some_and(|s| s.state == SyncState::Open)
+                    {
+                        self.request_fill(&p.room);
+                    }
                 }
             }
             EngineEvent::Opened {

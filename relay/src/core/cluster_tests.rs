@@ -1329,3 +1329,39 @@ fn a_room_the_engine_started_again_under_a_lower_epoch_follows_it() {
         "{events:?}"
     );
 }
+
+/// A publish the engine fails may have run in Redis all the same (`WAIT` short of its
+/// replicas: the engine does not take its copy, and other nodes deliver it): the owner
+/// reads the stream at once. Before, the message reached this node's phones only when a
+/// later message revealed the hole: never, in a room that went quiet. Found by review.
+#[test]
+fn a_failed_publish_that_redis_ran_reaches_this_nodes_phones_from_the_stream() {
+    let (mut h, ann, bob, room, a) = ann_and_bob(ClientSession::new());
+    h.publish(ann, a, "maybe");
+    let Some(EngineCmd::Publish(req)) = engine_cmds(&mut h).pop() else {
+        panic!("a publish for the engine");
+    };
+    feed(&mut h, EngineEvent::PublishFailed { ticket: req.ticket });
+    assert!(
+        matches!(h.events(ann).as_slice(), [Event::Error(_)]),
+        "refused, retryable"
+    );
+    let asked: Vec<u64> = engine_cmds(&mut h)
+        .into_iter()
+        .filter_map(|c| match c {
+            EngineCmd::Fill { after, .. } => Some(after),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked, vec![0], "the stream is read");
+    let page = EngineEvent::Filled {
+        epoch: 77,
+        room: room.clone(),
+        after: 0,
+        msgs: vec![other(1, "maybe")],
+        marks: Vec::new(),
+        full: false,
+    };
+    feed(&mut h, page);
+    assert_eq!(seqs(h.messages(bob)), vec![1]);
+}
