@@ -29,18 +29,22 @@ pub(super) enum Redirect {
     Ask { addr: RedisAddr },
 }
 
-/// Parses `MOVED <slot> <host>:<port>` or `ASK <slot> <host>:<port>`.
-fn redirect(error: &[u8]) -> Option<Redirect> {
+/// Parses `MOVED <slot> <host>:<port>` or `ASK <slot> <host>:<port>`, answered by the
+/// shard at `from`. An empty host (or `?`: Redis 7's `cluster-preferred-endpoint-type
+/// unknown-endpoint`) is the host the command was sent to, as the cluster's slot map
+/// reads it (`slots.rs`).
+fn redirect(error: &[u8], from: Option<&RedisAddr>) -> Option<Redirect> {
     let text = std::str::from_utf8(error).ok()?;
     let mut parts = text.split(' ');
     let (kind, slot, addr) = (parts.next()?, parts.next()?, parts.next()?);
     let slot: u16 = slot.parse().ok()?;
     let (host, port) = addr.rsplit_once(':')?;
+    let host = match host.trim_start_matches('[').trim_end_matches(']') {
+        "" | "?" => from?.host.clone(),
+        host => host.to_owned(),
+    };
     let addr = RedisAddr {
-        host: host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
+        host,
         port: port.parse().ok()?,
     };
     match kind {
@@ -194,7 +198,7 @@ impl Engine {
             other => other,
         };
         if let Value::Error(e) = &reply
-            && let Some(r) = redirect(e)
+            && let Some(r) = redirect(e, self.shards.get(i).map(|s| &s.addr))
         {
             if hops >= MAX_HOPS {
                 self.stats.count_error(EngineErrorKind::ErrorReply);
@@ -385,7 +389,7 @@ impl Engine {
         if let Value::Error(e) = push {
             self.stats.count_retry(e);
             // A sharded subscription sent to a shard that no longer serves its slot.
-            match redirect(e) {
+            match redirect(e, self.shards.get(i).map(|s| &s.addr)) {
                 Some(Redirect::Moved { slot, addr }) => {
                     let shard = self.shard_at(&addr);
                     if let Some(map) = self.map.as_mut() {
@@ -539,5 +543,36 @@ impl Engine {
             }
         }
         (self.wake_worker)();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests
+mod tests {
+    use super::*;
+
+    /// An empty or unknown host in a redirect is the host the command went to (Redis 7,
+    /// `cluster-preferred-endpoint-type unknown-endpoint`); before, it was dialed as
+    /// host "", and every redirected command for the slot failed. Found by review.
+    #[test]
+    fn a_redirect_without_a_host_goes_to_the_host_that_answered() {
+        let from = RedisAddr {
+            host: "10.0.0.5".into(),
+            port: 6379,
+        };
+        for error in [&b"MOVED 3999 :6380"[..], b"MOVED 3999 ?:6380"] {
+            let Some(Redirect::Moved { slot, addr }) = redirect(error, Some(&from)) else {
+                panic!("a MOVED");
+            };
+            assert_eq!(
+                (slot, addr.host.as_str(), addr.port),
+                (3999, "10.0.0.5", 6380)
+            );
+        }
+        let Some(Redirect::Ask { addr }) = redirect(b"ASK 1 [::1]:7000", Some(&from)) else {
+            panic!("an ASK");
+        };
+        assert_eq!((addr.host.as_str(), addr.port), ("::1", 7000));
+        assert!(redirect(b"MOVED 3999 :6380", None).is_none());
     }
 }
