@@ -112,6 +112,30 @@ pub(super) fn feed(h: &mut Harness, event: EngineEvent) {
     h.play_engine_membership();
 }
 
+/// A page of the room's stream read in `epoch` after `after`: `msgs`, no removals, the
+/// stream's end.
+fn filled(room: &RoomName, epoch: u64, after: u64, msgs: Vec<EngineMessage>) -> EngineEvent {
+    EngineEvent::Filled {
+        epoch,
+        room: room.clone(),
+        after,
+        msgs,
+        marks: Vec::new(),
+        full: false,
+    }
+}
+
+/// Where each stream read the worker asked for starts.
+fn fills_asked(h: &mut Harness) -> Vec<u64> {
+    engine_cmds(h)
+        .into_iter()
+        .filter_map(|c| match c {
+            EngineCmd::Fill { after, .. } => Some(after),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Another node's message.
 pub(super) fn other(seq: u64, body: &str) -> EngineMessage {
     EngineMessage {
@@ -251,14 +275,7 @@ fn engine_order_holes_filled_and_no_echo_to_the_publisher() {
     };
     feed(
         &mut h,
-        EngineEvent::Filled {
-            epoch: 77,
-            room: room.clone(),
-            after: 0,
-            msgs: vec![other(1, "one"), other(2, "two"), mine],
-            marks: Vec::new(),
-            full: false,
-        },
+        filled(&room, 77, 0, vec![other(1, "one"), other(2, "two"), mine]),
     );
     assert_eq!(seqs(h.messages(bob)), vec![1, 2, 3]);
     assert_eq!(
@@ -925,14 +942,7 @@ fn a_reopened_room_reads_again_past_an_older_read_that_stops_short() {
     // The older read answers with what the stream held when it ran.
     feed(
         &mut h,
-        EngineEvent::Filled {
-            epoch: 77,
-            room: room.clone(),
-            after: 1,
-            msgs: vec![other(2, "m2"), other(3, "m3")],
-            marks: Vec::new(),
-            full: false,
-        },
+        filled(&room, 77, 1, vec![other(2, "m2"), other(3, "m3")]),
     );
     assert!(
         matches!(
@@ -943,14 +953,12 @@ fn a_reopened_room_reads_again_past_an_older_read_that_stops_short() {
     );
     feed(
         &mut h,
-        EngineEvent::Filled {
-            epoch: 77,
-            room: room.clone(),
-            after: 3,
-            msgs: (4..=6).map(|s| other(s, &format!("m{s}"))).collect(),
-            marks: Vec::new(),
-            full: false,
-        },
+        filled(
+            &room,
+            77,
+            3,
+            (4..=6).map(|s| other(s, &format!("m{s}"))).collect(),
+        ),
     );
     let frames = h.frames(phone);
     assert_eq!(gaps(&frames), vec![]);
@@ -1192,30 +1200,14 @@ fn a_room_the_engine_started_again_is_bound_again_in_its_new_epoch() {
 fn a_resubscription_while_a_read_is_out_reads_again_after_it() {
     let (mut h, _ann, bob, room, _) = ann_and_bob(ClientSession::new());
     hear(&mut h, &room, other(2, "two"));
-    let fills = |h: &mut Harness| -> Vec<u64> {
-        engine_cmds(h)
-            .into_iter()
-            .filter_map(|c| match c {
-                EngineCmd::Fill { after, .. } => Some(after),
-                _ => None,
-            })
-            .collect()
-    };
-    assert_eq!(fills(&mut h), vec![0]);
+    assert_eq!(fills_asked(&mut h), vec![0]);
     feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
-    assert!(fills(&mut h).is_empty(), "one read at a time");
-    let page = EngineEvent::Filled {
-        epoch: 77,
-        room: room.clone(),
-        after: 0,
-        msgs: vec![other(1, "one"), other(2, "two")],
-        marks: Vec::new(),
-        full: false,
-    };
+    assert!(fills_asked(&mut h).is_empty(), "one read at a time");
+    let page = filled(&room, 77, 0, vec![other(1, "one"), other(2, "two")]);
     feed(&mut h, page);
     assert_eq!(seqs(h.messages(bob)), vec![1, 2]);
     assert_eq!(
-        fills(&mut h),
+        fills_asked(&mut h),
         vec![2],
         "read again after the resubscription"
     );
@@ -1230,16 +1222,7 @@ fn a_page_read_before_the_engine_started_the_room_again_is_passed_over() {
     let (mut h, _ann, bob, room, _) = ann_and_bob(ClientSession::new());
     hear(&mut h, &room, other(1, "old1"));
     hear(&mut h, &room, other(3, "old3"));
-    let fills = |h: &mut Harness| -> Vec<u64> {
-        engine_cmds(h)
-            .into_iter()
-            .filter_map(|c| match c {
-                EngineCmd::Fill { after, .. } => Some(after),
-                _ => None,
-            })
-            .collect()
-    };
-    assert_eq!(fills(&mut h), vec![1]);
+    assert_eq!(fills_asked(&mut h), vec![1]);
     h.events(bob);
     let new = |seq, body| EngineEvent::Message {
         room: room.clone(),
@@ -1247,25 +1230,15 @@ fn a_page_read_before_the_engine_started_the_room_again_is_passed_over() {
         msg: other(seq, body),
     };
     feed(&mut h, new(1, "new1"));
-    let old_page = EngineEvent::Filled {
-        epoch: 77,
-        room: room.clone(),
-        after: 1,
-        msgs: (2..=5).map(|s| other(s, "old")).collect(),
-        marks: Vec::new(),
-        full: false,
-    };
+    let old_page = filled(&room, 77, 1, (2..=5).map(|s| other(s, "old")).collect());
     feed(&mut h, old_page);
     assert_eq!(h.core.owned[&room].epoch, 78);
-    assert_eq!(fills(&mut h), vec![0], "the new stream, from its start");
-    let new_page = EngineEvent::Filled {
-        epoch: 78,
-        room: room.clone(),
-        after: 0,
-        msgs: vec![other(1, "new1"), other(2, "new2")],
-        marks: Vec::new(),
-        full: false,
-    };
+    assert_eq!(
+        fills_asked(&mut h),
+        vec![0],
+        "the new stream, from its start"
+    );
+    let new_page = filled(&room, 78, 0, vec![other(1, "new1"), other(2, "new2")]);
     feed(&mut h, new_page);
     let got: Vec<(u64, Bytes)> = h.messages(bob);
     assert_eq!(
@@ -1291,32 +1264,12 @@ fn a_room_the_engine_started_again_under_a_lower_epoch_follows_it() {
             msg: other(1, "lower"),
         },
     );
-    let asked: Vec<u64> = engine_cmds(&mut h)
-        .into_iter()
-        .filter_map(|c| match c {
-            EngineCmd::Fill { after, .. } => Some(after),
-            _ => None,
-        })
-        .collect();
+    let asked = fills_asked(&mut h);
     assert_eq!(asked, vec![1], "the stream is asked");
-    let page = EngineEvent::Filled {
-        epoch: 76,
-        room: room.clone(),
-        after: 1,
-        msgs: Vec::new(),
-        marks: Vec::new(),
-        full: false,
-    };
+    let page = filled(&room, 76, 1, Vec::new());
     feed(&mut h, page);
     assert_eq!(h.core.owned[&room].epoch, 76);
-    let page = EngineEvent::Filled {
-        epoch: 76,
-        room: room.clone(),
-        after: 0,
-        msgs: vec![other(1, "lower")],
-        marks: Vec::new(),
-        full: false,
-    };
+    let page = filled(&room, 76, 0, vec![other(1, "lower")]);
     feed(&mut h, page);
     let events = h.events(bob);
     assert!(
@@ -1346,22 +1299,59 @@ fn a_failed_publish_that_redis_ran_reaches_this_nodes_phones_from_the_stream() {
         matches!(h.events(ann).as_slice(), [Event::Error(_)]),
         "refused, retryable"
     );
-    let asked: Vec<u64> = engine_cmds(&mut h)
-        .into_iter()
-        .filter_map(|c| match c {
-            EngineCmd::Fill { after, .. } => Some(after),
-            _ => None,
-        })
-        .collect();
+    let asked = fills_asked(&mut h);
     assert_eq!(asked, vec![0], "the stream is read");
-    let page = EngineEvent::Filled {
-        epoch: 77,
-        room: room.clone(),
-        after: 0,
-        msgs: vec![other(1, "maybe")],
-        marks: Vec::new(),
-        full: false,
-    };
+    let page = filled(&room, 77, 0, vec![other(1, "maybe")]);
     feed(&mut h, page);
     assert_eq!(seqs(h.messages(bob)), vec![1]);
+}
+
+/// A room reopening behind the engine (requests wait for its head to reach the open's)
+/// when the engine starts it again in a new epoch: the old stream's head will never be
+/// reached, so the waiting requests run once the room follows the new epoch (they waited
+/// for good before).
+#[test]
+fn a_room_reopening_when_the_engine_starts_it_again_lets_its_requests_run() {
+    let mut h = cluster_harness();
+    let room = RoomName::new(false, Text::from("dm"));
+    member_from_the_start(&room, "bob");
+    let bob = h.connect("bob", ClientSession::new());
+    open_dm(&mut h, bob);
+    hear(&mut h, &room, other(1, "m1"));
+    // bob's phone goes away and comes back resuming after 1; OPEN reads head 6: the
+    // binding waits for the read of 2 to 6.
+    let phone = close_and_resume(&mut h, bob, 1);
+    answer_open(&mut h, &room, 6, Vec::new());
+    assert!(matches!(
+        engine_cmds(&mut h).as_slice(),
+        [EngineCmd::Fill { after: 1, .. }]
+    ));
+    let new = EngineEvent::Message {
+        room: room.clone(),
+        epoch: 78,
+        msg: other(1, "new1"),
+    };
+    feed(&mut h, new);
+    // The read of the old stream answers (after the restart, in the new epoch): where it
+    // started is the old stream's, so it is passed over and the new stream read.
+    let stale = filled(&room, 78, 1, vec![other(2, "new2")]);
+    feed(&mut h, stale);
+    assert!(matches!(
+        engine_cmds(&mut h).as_slice(),
+        [EngineCmd::Fill { after: 0, .. }]
+    ));
+    let page = filled(&room, 78, 0, vec![other(1, "new1"), other(2, "new2")]);
+    feed(&mut h, page);
+    let frames = h.frames(phone);
+    assert!(
+        frames
+            .iter()
+            .any(|f| matches!(f, ServerFrame::Room(r) if r.epoch == 78)),
+        "bound in the new epoch: {frames:?}"
+    );
+    assert_eq!(
+        delivered(&frames),
+        vec![&b"new1"[..], &b"new2"[..]],
+        "{frames:?}"
+    );
 }

@@ -143,11 +143,17 @@ impl Core {
             let room = room.clone();
             self.send_to(core, CoreMsg::Restarted { room, epoch });
         }
-        if let Some(sync) = self.sync_mut(room) {
-            sync.reorder.clear();
-            sync.marks.clear();
-            sync.answered.clear();
-            sync.applied = (0, 0);
+        let Some(sync) = self.sync_mut(room) else {
+            return;
+        };
+        sync.reorder.clear();
+        sync.marks.clear();
+        sync.answered.clear();
+        sync.applied = (0, 0);
+        // A reopening waited for the head to reach the old stream's: the new stream is
+        // read from its start, and the waiting requests run now.
+        if sync.state == SyncState::Opening && sync.open_at > 0 {
+            self.finish_open(room);
         }
     }
 
@@ -334,13 +340,13 @@ impl Core {
     }
 
     /// A page of the room's stream after `after`, read when the engine's epoch of the
-    /// room was `epoch`. A page of another epoch than the owner's is not of its stream:
-    /// of the epoch the owner held when it asked, it was read before the owner followed
-    /// the engine's restart of the room, and the new stream is read; of any other, the
-    /// engine started the room again (under a lower epoch too: a node whose clock is
-    /// behind), and the owner follows it and reads its stream from the start. Epoch 0: the
-    /// engine holds none (it lost the room, and no publish or join started it again
-    /// yet): nothing to read until one does.
+    /// room was `epoch`. A page asked for in another epoch than the owner's now, or of
+    /// another epoch, is not of its stream: of the epoch the owner held when it asked, it
+    /// was read before the owner followed the engine's restart of the room; of any other,
+    /// the engine started the room again (under a lower epoch too: a node whose clock is
+    /// behind), and the owner follows it. Either way the owner's stream is read again
+    /// from its head. Epoch 0: the engine holds none (it lost the room, and no publish or
+    /// join started it again yet): nothing to read until one does.
     pub(super) fn on_filled(
         &mut self,
         room: &RoomName,
@@ -353,24 +359,24 @@ impl Core {
         let Some(owned_epoch) = self.owned.get(room).map(|o| o.epoch) else {
             return;
         };
-        if epoch != owned_epoch {
-            let Some(sync) = self.sync_mut(room) else {
-                return;
-            };
+        let Some(sync) = self.sync_mut(room) else {
+            return;
+        };
+        let asked_in = sync.fill_epoch;
+        if epoch != owned_epoch || asked_in != owned_epoch {
+            // Asked in another epoch than the owner's now (where it starts is of the old
+            // stream), or answered in one.
             sync.filling = false;
             if epoch == 0 {
                 return;
             }
-            // The epoch the owner held when it asked: the owner started the room again
-            // since, and this page is of the stream before.
-            if epoch != sync.fill_epoch {
+            // Of the epoch the owner held when it asked: read before the owner followed
+            // the engine's restart of the room, and passed over.
+            if epoch != owned_epoch && epoch != asked_in {
                 self.restart_epoch(room, epoch);
             }
             return self.request_fill(room);
         }
-        let Some(sync) = self.sync_mut(room) else {
-            return;
-        };
         // Still filling while this page is applied: no second read for the same hole, and
         // nothing from the channel appended between its messages.
         let covers = sync.fill_covers;
