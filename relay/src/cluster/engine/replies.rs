@@ -312,6 +312,23 @@ impl Engine {
                 room,
                 after,
                 reader,
+            } if matches!(reply, Value::Error(_)) => {
+                // Redis refused the read (a room's key of the wrong type, say): an error
+                // reply, not a broken connection; read again later (a room that stays
+                // broken is read every 1.6 s, not in a loop).
+                self.stats.count_error(EngineErrorKind::ErrorReply);
+                tracing::warn!(worker = self.worker, room = %room.name, ?reply, "a stream read was refused");
+                let p = Pending::Fill {
+                    room,
+                    after,
+                    reader,
+                };
+                self.retry_later(p, MAX_HOPS);
+            }
+            Pending::Fill {
+                room,
+                after,
+                reader,
             } => {
                 let parsed = match reader {
                     None => script::parse_fill(&reply, &self.prefix, after),
