@@ -259,14 +259,7 @@ pub fn parse_fill(reply: &Value, prefix: &[u8], after: (u64, u64)) -> Option<(u6
         other => num(other.bytes()?)?,
     };
     let mut span = parse_entries(page, prefix)?;
-    let first = [
-        span.msgs.first().map(|m| (m.seq, 0)),
-        span.marks.first().map(RemovalMark::place),
-    ]
-    .into_iter()
-    .flatten()
-    .min()
-    .unwrap_or((u64::MAX, u64::MAX));
+    let first = span.first_place();
     let mut merged = false;
     for member in gone.array()? {
         let body = Bytes::copy_from_slice(member.bytes()?);
@@ -576,6 +569,19 @@ pub struct StreamSpan {
     pub entries: usize,
     /// The sequence of the last entry's id (0: none).
     pub last: u64,
+}
+
+impl StreamSpan {
+    /// The place of its first entry, message (`(seq, 0)`) or removal; past every place
+    /// when it has none.
+    pub fn first_place(&self) -> (u64, u64) {
+        let msg = self.msgs.first().map(|m| (m.seq, 0));
+        let mark = self.marks.first().map(RemovalMark::place);
+        msg.into_iter()
+            .chain(mark)
+            .min()
+            .unwrap_or((u64::MAX, u64::MAX))
+    }
 }
 
 /// Parses the entries of an `XRANGE` reply, ascending; `None` if any is malformed.

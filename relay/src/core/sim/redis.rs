@@ -787,14 +787,7 @@ impl Engine {
             o > after && o != (after.0, after.1 + 1)
         });
         if trimmed {
-            let first = [
-                span.msgs.first().map(|m| (m.seq, 0)),
-                span.marks.first().map(RemovalMark::place),
-            ]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or((u64::MAX, u64::MAX));
+            let first = span.first_place();
             span.marks.extend(
                 room.removals
                     .iter()
