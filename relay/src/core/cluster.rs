@@ -167,11 +167,8 @@ enum SyncState {
     Closed,
 }
 
-/// No limit on the removals applied ([`RoomSync::apply_limit`]).
-const NO_LIMIT: (u64, u64) = (u64::MAX, u64::MAX);
-
 /// A room's state on this node.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct RoomSync {
     state: SyncState,
     /// Requests waiting for the room to open.
@@ -209,35 +206,13 @@ struct RoomSync {
     /// read starts after it when it follows the head's message.
     applied: (u64, u64),
     /// While a full page of the stream is applied, the last place it covers: removals held
-    /// past it wait for the next page ([`NO_LIMIT`] otherwise).
-    apply_limit: (u64, u64),
+    /// past it wait for the next page.
+    apply_limit: Option<(u64, u64)>,
     /// This worker's messages whose publishers were answered from a script's answer that
     /// came unordered (`EngineEvent::Published { ordered: false }`): by sequence, with
     /// their tickets; each enters the room's order when the stream or the channel brings
     /// it, as the message resolved here (so its publisher is not sent it).
     answered: BTreeMap<u64, (u64, StoredRef)>,
-}
-
-impl Default for RoomSync {
-    fn default() -> Self {
-        RoomSync {
-            state: SyncState::default(),
-            parked: Vec::new(),
-            reorder: BTreeMap::new(),
-            filling: false,
-            fill_epoch: 0,
-            fill_covers: 0,
-            resync: false,
-            open_at: 0,
-            awaiting_open: false,
-            stale_fill: false,
-            early: Vec::new(),
-            marks: BTreeMap::new(),
-            applied: (0, 0),
-            apply_limit: NO_LIMIT,
-            answered: BTreeMap::new(),
-        }
-    }
 }
 
 /// What a room's channel carries, in its order.

@@ -9,7 +9,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{Heard, MAX_REORDER, NO_LIMIT, SyncState, stored};
+use super::{Heard, MAX_REORDER, SyncState, stored};
 use crate::cluster::{EngineCmd, EngineMessage, RemovalMark};
 use crate::core::Core;
 use crate::ids::{RoomName, StoredRef};
@@ -259,7 +259,7 @@ impl Core {
                 Some(e) if *e.key() <= applied => {
                     e.remove();
                 }
-                Some(e) if e.key().0 <= head && *e.key() <= limit => {
+                Some(e) if e.key().0 <= head && limit.is_none_or(|l| *e.key() <= l) => {
                     let mark = e.remove();
                     self.apply_removal(room, mark);
                 }
@@ -393,7 +393,7 @@ impl Core {
         if full {
             let last_msg = msgs.last().map(|m| (m.seq, 0));
             let last_mark = marks.last().map(RemovalMark::place);
-            sync.apply_limit = last_msg.max(last_mark).unwrap_or((after, u64::MAX));
+            sync.apply_limit = last_msg.max(last_mark);
         }
         // In the stream's order: the page holds everything from where it starts to its
         // last entry, so an entry past the head's next message says retention dropped
@@ -438,7 +438,7 @@ impl Core {
             side.stats.holes_filled.fetch_add(filled, Ordering::Relaxed);
             if let Some(sync) = side.rooms.get_mut(room) {
                 sync.filling = false;
-                sync.apply_limit = NO_LIMIT;
+                sync.apply_limit = None;
             }
         }
         if filled > 0 {

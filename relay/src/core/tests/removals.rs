@@ -25,6 +25,21 @@ fn bob_removed(join: JoinPoint, seq: u64, sub: u64) -> RemovalMark {
     }
 }
 
+/// A later membership of bob's than `first` (a room numbers its memberships in order).
+fn later_than(first: JoinPoint) -> JoinPoint {
+    JoinPoint {
+        seq: 5,
+        serial: first.serial + 10,
+        ..first
+    }
+}
+
+/// bob's `notice`, heard on his user channel.
+fn bobs_notice(h: &mut Harness, notice: crate::cluster::membership::Notice) {
+    let user = Text::from("bob");
+    feed(h, EngineEvent::Notice { user, notice });
+}
+
 fn removal(h: &mut Harness, room: &RoomName, mark: RemovalMark) {
     let room = room.clone();
     feed(
@@ -243,11 +258,7 @@ fn a_join_notice_heard_late_neither_revives_its_ended_membership_nor_ends_a_late
     use crate::cluster::membership::Notice;
     let (mut h, _ann, bob, room, _) = ann_and_bob(ClientSession::new());
     let first = bobs_join(&h, &room);
-    let user = Text::from("bob");
-    let notice = |h: &mut Harness, notice| {
-        let user = user.clone();
-        feed(h, EngineEvent::Notice { user, notice });
-    };
+    let notice = bobs_notice;
     let joined = |join| Notice::Joined {
         room: room.clone(),
         join,
@@ -263,11 +274,7 @@ fn a_join_notice_heard_late_neither_revives_its_ended_membership_nor_ends_a_late
     notice(&mut h, joined(first));
     assert_eq!(h.core.directory.join_point("bob", &room), None);
     assert!(h.events(bob).is_empty(), "the ended membership stays ended");
-    let later = JoinPoint {
-        seq: 5,
-        serial: first.serial + 10,
-        ..first
-    };
+    let later = later_than(first);
     notice(&mut h, joined(later));
     assert!(h.phones[&bob].session.alias_of("dm").is_some());
     h.events(bob);
@@ -287,30 +294,20 @@ fn a_join_notice_older_than_the_membership_in_force_leaves_it() {
     use crate::cluster::membership::{Notice, UserRooms};
     let (mut h, _ann, bob, room, _) = ann_and_bob(ClientSession::new());
     let first = bobs_join(&h, &room);
-    let later = JoinPoint {
-        seq: 5,
-        serial: first.serial + 10,
-        ..first
-    };
-    let user = Text::from("bob");
+    let later = later_than(first);
     let rooms = UserRooms {
         rooms: vec![(room.clone(), later)],
         blocks: Vec::new(),
     };
-    feed(
-        &mut h,
-        EngineEvent::UserLoaded {
-            user: user.clone(),
-            rooms,
-        },
-    );
+    let user = Text::from("bob");
+    feed(&mut h, EngineEvent::UserLoaded { user, rooms });
     assert_eq!(h.core.directory.join_point("bob", &room), Some(later));
     h.events(bob);
     let notice = Notice::Joined {
         room: room.clone(),
         join: first,
     };
-    feed(&mut h, EngineEvent::Notice { user, notice });
+    bobs_notice(&mut h, notice);
     assert_eq!(h.core.directory.join_point("bob", &room), Some(later));
     assert!(
         lefts(&h.events(bob)).is_empty(),
