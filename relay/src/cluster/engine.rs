@@ -913,19 +913,25 @@ impl Engine {
         let Some(shard) = self.shards.get_mut(i) else {
             return;
         };
-        let delay = shard.sub_retry.delay;
-        shard.resubscribe_at = Some(now + delay);
-        shard.sub_retry.delay = (delay * 2).min(max);
+        let mut refused = 0;
         for c in self.channels.values_mut().filter(|c| c.shard == Some(i)) {
             if c.state == SubState::Subscribing {
                 c.state = SubState::Idle;
+                refused += 1;
             }
         }
         for w in self.users.values_mut().filter(|w| w.shard == Some(i)) {
             if w.state == SubState::Subscribing {
                 w.state = SubState::Idle;
+                refused += 1;
             }
         }
+        if refused == 0 {
+            return; // it answered something else (a `PING`): nothing to subscribe again
+        }
+        let delay = shard.sub_retry.delay;
+        shard.resubscribe_at = Some(now + delay);
+        shard.sub_retry.delay = (delay * 2).min(max);
         tracing::warn!(worker = self.worker, addr = %self.shards[i].addr, "subscriptions refused; subscribing again in {} ms", delay.as_millis());
     }
 

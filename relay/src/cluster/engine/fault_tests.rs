@@ -18,7 +18,7 @@ use super::super::resp::{self, Value};
 use super::super::slots::SlotMap;
 use super::super::{
     ClusterConfig, ClusterStats, EngineCmd, EngineErrorKind, EngineEvent, PublishRequest,
-    RedisAddr, Topology,
+    RedisAddr, RetryKind, Topology,
 };
 use super::{Driver, Engine, EngineHandle, SubState, channel_key};
 use crate::ids::RoomName;
@@ -185,12 +185,11 @@ fn an_answer_waiting_for_its_copy_survives_its_shard_leaving_the_map() {
     );
 }
 
-/// A subscription Redis refused with an error other than `MOVED` (here `-BUSY`: any
-/// client's script past `busy-reply-threshold`) is sent again after a backoff and counted
-/// as an error reply: the room's open then goes and is answered. Before, the channel
-/// stayed `Subscribing` for good and the room never opened on this worker.
-#[test]
-fn a_subscription_refused_busy_is_sent_again_and_the_room_opens() {
+/// A subscription Redis refused with an error other than `MOVED` is sent again after a
+/// backoff: the room's open then goes and is answered. Before, the channel stayed
+/// `Subscribing` for good and the room never opened on this worker. Returns the engine's
+/// counters.
+fn a_subscription_refused_is_sent_again(refusal: &'static [u8]) -> Arc<ClusterStats> {
     let refused = Arc::new(Mutex::new(false));
     let (port, log, _conns) = fake_redis(move |args| match &args.first()?[..] {
         b"SUBSCRIBE" => {
@@ -198,7 +197,7 @@ fn a_subscription_refused_busy_is_sent_again_and_the_room_opens() {
             let mut first = refused.lock().unwrap();
             if !*first {
                 *first = true;
-                return Some(b"-BUSY Redis is busy running a script.\r\n".to_vec());
+                return Some(refusal.to_vec());
             }
             let mut out = format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n", ch.len()).into_bytes();
             out.extend_from_slice(ch);
@@ -240,7 +239,87 @@ fn a_subscription_refused_busy_is_sent_again_and_the_room_opens() {
         "the room did not open; its channel Subscribing: {state:?}; events {events:?}"
     );
     assert_eq!(sent(&log, b"SUBSCRIBE"), 2, "refused once, then taken");
+    stats
+}
+
+/// `-BUSY` (any client's script past `busy-reply-threshold`) is Redis busy for a while:
+/// counted as a retry, not as an error reply (CI: the busy-read test counted one).
+#[test]
+fn a_subscription_refused_busy_is_sent_again_and_the_room_opens() {
+    let stats = a_subscription_refused_is_sent_again(b"-BUSY Redis is busy running a script.\r\n");
+    assert_eq!(stats.retries_of(RetryKind::Busy), 1);
+    assert_eq!(stats.errors_of(EngineErrorKind::ErrorReply), 0);
+}
+
+/// A refusal that is no busy Redis (a permission) counts as an error reply.
+#[test]
+fn a_subscription_refused_for_good_reason_counts_an_error_reply() {
+    let stats =
+        a_subscription_refused_is_sent_again(b"-NOPERM no permissions to access a channel\r\n");
     assert_eq!(stats.errors_of(EngineErrorKind::ErrorReply), 1);
+}
+
+/// A pub/sub connection's idle `PING` answered `-BUSY` was heard: the engine stays up,
+/// its subscription stays, nothing is subscribed again and nothing counts as an error.
+/// Before, the answer counted as an error reply and as a lost shard.
+#[test]
+fn a_pubsub_ping_answered_busy_is_an_answer() {
+    let busy = Arc::new(AtomicBool::new(false));
+    let busy2 = busy.clone();
+    let (port, log, _conns) = fake_redis(move |args| match &args.first()?[..] {
+        b"SUBSCRIBE" => {
+            let ch = args.get(1)?;
+            let mut out = format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n", ch.len()).into_bytes();
+            out.extend_from_slice(ch);
+            out.extend_from_slice(b"\r\n:1\r\n");
+            Some(out)
+        }
+        b"EVALSHA" | b"EVAL" => Some(b"*4\r\n:1\r\n:0\r\n*0\r\n*0\r\n".to_vec()),
+        b"PING" if busy2.load(Ordering::SeqCst) => {
+            Some(b"-BUSY Redis is busy running a script.\r\n".to_vec())
+        }
+        b"PING" => Some(b"+PONG\r\n".to_vec()),
+        _ => None,
+    });
+    let (mut handle, stats) = spawn(&silent_after(port));
+    let mut events = Vec::new();
+    assert!(turn_until(&mut handle, &mut events, |_| stats.healthy()));
+    let room = RoomName::new(false, pabal_codec::Text::from("pinged"));
+    handle.send(
+        Instant::now(),
+        EngineCmd::Open {
+            room: room.clone(),
+            epoch_hint: 1,
+            tail: 0,
+        },
+    );
+    handle.wake();
+    assert!(turn_until(&mut handle, &mut events, |evs| {
+        evs.iter()
+            .any(|ev| matches!(ev, EngineEvent::Opened { room: r, .. } if *r == room))
+    }));
+    busy.store(true, Ordering::SeqCst);
+    let pings_before = sent(&log, b"PING");
+    // Idle, each connection is pinged every 200 ms: wait for several answered BUSY.
+    assert!(turn_until(&mut handle, &mut events, |_| {
+        sent(&log, b"PING") >= pings_before + 6
+    }));
+    assert!(
+        stats.retries_of(RetryKind::Busy) >= 1,
+        "the pub/sub PING met BUSY"
+    );
+    assert!(stats.healthy());
+    let errors: u64 = EngineErrorKind::ALL
+        .iter()
+        .map(|&k| stats.errors_of(k))
+        .sum();
+    assert_eq!(errors, 0);
+    assert_eq!(sent(&log, b"SUBSCRIBE"), 1, "subscribed once, kept");
+    let state = engine_of(&mut handle)
+        .channels
+        .get(&channel_key(&room))
+        .map(|c| c.state == SubState::Subscribed);
+    assert_eq!(state, Some(true));
 }
 
 fn publish(room: &RoomName, ticket: u64) -> PublishRequest {

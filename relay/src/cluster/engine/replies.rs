@@ -420,8 +420,16 @@ impl Engine {
                     }
                     self.route_channels();
                 }
-                // Anything else (a busy script, a permission): subscribed again after a
-                // backoff.
+                // Redis busy for a while (a script past `busy-reply-threshold`, loading its
+                // data): an answer, not an error, and no sign the slot map moved. It may
+                // answer a `PING` (the connection is fine) or a subscription: what was
+                // being subscribed goes again after a backoff.
+                _ if super::receipts::transient(e) => {
+                    tracing::debug!(worker = self.worker, error = %String::from_utf8_lossy(e), "the pub/sub connection answered busy");
+                    self.subscriptions_refused(i);
+                }
+                // Anything else (a permission, say): an error reply; subscribed again
+                // after a backoff.
                 _ => {
                     self.stats.count_error(EngineErrorKind::ErrorReply);
                     self.lost_shard();
