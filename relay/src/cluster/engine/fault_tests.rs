@@ -185,6 +185,31 @@ fn an_answer_waiting_for_its_copy_survives_its_shard_leaving_the_map() {
     );
 }
 
+/// Redis's confirmation of a `SUBSCRIBE` to `ch` (one channel, the connection's first).
+fn subscribed(ch: &[u8]) -> Vec<u8> {
+    let mut out = format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n", ch.len()).into_bytes();
+    out.extend_from_slice(ch);
+    out.extend_from_slice(b"\r\n:1\r\n");
+    out
+}
+
+/// Opens `room` on the engine; whether it was answered `Opened` within [`WAIT`].
+fn open(handle: &mut EngineHandle, events: &mut Vec<EngineEvent>, room: &RoomName) -> bool {
+    handle.send(
+        Instant::now(),
+        EngineCmd::Open {
+            room: room.clone(),
+            epoch_hint: 1,
+            tail: 0,
+        },
+    );
+    handle.wake();
+    turn_until(handle, events, |evs| {
+        evs.iter()
+            .any(|ev| matches!(ev, EngineEvent::Opened { room: r, .. } if r == room))
+    })
+}
+
 /// A subscription Redis refused with an error other than `MOVED` is sent again after a
 /// backoff: the room's open then goes and is answered. Before, the channel stayed
 /// `Subscribing` for good and the room never opened on this worker. Returns the engine's
@@ -199,10 +224,7 @@ fn a_subscription_refused_is_sent_again(refusal: &'static [u8]) -> Arc<ClusterSt
                 *first = true;
                 return Some(refusal.to_vec());
             }
-            let mut out = format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n", ch.len()).into_bytes();
-            out.extend_from_slice(ch);
-            out.extend_from_slice(b"\r\n:1\r\n");
-            Some(out)
+            Some(subscribed(ch))
         }
         // The open script: epoch 1, sequence 0, no tail, no removals.
         b"EVALSHA" | b"EVAL" => Some(b"*4\r\n:1\r\n:0\r\n*0\r\n*0\r\n".to_vec()),
@@ -217,19 +239,7 @@ fn a_subscription_refused_is_sent_again(refusal: &'static [u8]) -> Arc<ClusterSt
     let mut events = Vec::new();
     assert!(turn_until(&mut handle, &mut events, |_| stats.healthy()));
     let room = RoomName::new(false, pabal_codec::Text::from("busy"));
-    handle.send(
-        Instant::now(),
-        EngineCmd::Open {
-            room: room.clone(),
-            epoch_hint: 1,
-            tail: 0,
-        },
-    );
-    handle.wake();
-    let opened = turn_until(&mut handle, &mut events, |evs| {
-        evs.iter()
-            .any(|ev| matches!(ev, EngineEvent::Opened { room: r, .. } if *r == room))
-    });
+    let opened = open(&mut handle, &mut events, &room);
     let state = engine_of(&mut handle)
         .channels
         .get(&channel_key(&room))
@@ -269,10 +279,7 @@ fn a_pubsub_ping_answered_busy_is_an_answer() {
     let (port, log, _conns) = fake_redis(move |args| match &args.first()?[..] {
         b"SUBSCRIBE" => {
             let ch = args.get(1)?;
-            let mut out = format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n", ch.len()).into_bytes();
-            out.extend_from_slice(ch);
-            out.extend_from_slice(b"\r\n:1\r\n");
-            Some(out)
+            Some(subscribed(ch))
         }
         b"EVALSHA" | b"EVAL" => Some(b"*4\r\n:1\r\n:0\r\n*0\r\n*0\r\n".to_vec()),
         b"PING" if busy2.load(Ordering::SeqCst) => {
@@ -285,19 +292,7 @@ fn a_pubsub_ping_answered_busy_is_an_answer() {
     let mut events = Vec::new();
     assert!(turn_until(&mut handle, &mut events, |_| stats.healthy()));
     let room = RoomName::new(false, pabal_codec::Text::from("pinged"));
-    handle.send(
-        Instant::now(),
-        EngineCmd::Open {
-            room: room.clone(),
-            epoch_hint: 1,
-            tail: 0,
-        },
-    );
-    handle.wake();
-    assert!(turn_until(&mut handle, &mut events, |evs| {
-        evs.iter()
-            .any(|ev| matches!(ev, EngineEvent::Opened { room: r, .. } if *r == room))
-    }));
+    assert!(open(&mut handle, &mut events, &room));
     busy.store(true, Ordering::SeqCst);
     let pings_before = sent(&log, b"PING");
     // Idle, each connection is pinged every 200 ms: wait for several answered BUSY.
