@@ -5,7 +5,8 @@
 //! gap for exactly what the stream's retention dropped; a stream read Redis answers `BUSY`
 //! (a script past `busy-reply-threshold`) is sent again on its own timer until Redis
 //! answers, past the retries an open or a membership step gets, and its reader answered in
-//! full. Real relay nodes on loopback and a real `redis-server`, once per I/O backend.
+//! full; a room nobody publishes to gives its history back to Redis once the ages the
+//! relay serves it by are past. Real relay nodes on loopback and a real `redis-server`, once per I/O backend.
 
 #![allow(clippy::unwrap_used)] // reason: tests
 
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pabal_relay::cluster::{ClusterConfig, EngineErrorKind, RetryKind};
+use pabal_relay::config::Config;
 use pabal_relay::io::BackendKind;
 use pabal_testkit::http::{Reply, get, raw_http, request};
 use pabal_testkit::redis::RedisServer;
@@ -29,13 +31,7 @@ const PAGE: usize = 4;
 /// A cluster node named `id` on `redis` (two workers) whose stream keeps about `stream`
 /// messages; ready once its engine is up.
 fn node(backend: BackendKind, redis: &RedisServer, id: &str, stream: u64) -> TestRelay {
-    node_pinged(
-        backend,
-        redis,
-        id,
-        stream,
-        ClusterConfig::default().reply_timeout,
-    )
+    node_with(backend, redis, id, stream, |_| {}, |_| {})
 }
 
 /// [`node`] whose idle connections to Redis are sent a `PING` every `ping` (its
@@ -47,18 +43,38 @@ fn node_pinged(
     stream: u64,
     ping: Duration,
 ) -> TestRelay {
-    let cluster = ClusterConfig {
+    node_with(
+        backend,
+        redis,
+        id,
+        stream,
+        |c| c.reply_timeout = ping,
+        |_| {},
+    )
+}
+
+/// [`node`] with `cluster` and `config` changed as the test needs.
+fn node_with(
+    backend: BackendKind,
+    redis: &RedisServer,
+    id: &str,
+    stream: u64,
+    cluster: impl FnOnce(&mut ClusterConfig),
+    config: impl FnOnce(&mut Config),
+) -> TestRelay {
+    let mut section = ClusterConfig {
         redis: vec![redis.url()],
         node_id: Some(id.into()),
         stream_max_len: stream,
         fill_batch: PAGE,
-        reply_timeout: ping,
         ..ClusterConfig::default()
     };
-    TestRelay::cluster_node(backend, cluster, |c| {
+    cluster(&mut section);
+    TestRelay::cluster_node(backend, section, |c| {
         c.retention.max_messages = MEMORY;
         // A history read may wait out a busy script.
         c.control.reply_timeout = Duration::from_secs(60);
+        config(c);
     })
 }
 
@@ -239,6 +255,40 @@ per_backend! {
         let got: Vec<u64> = json["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
         assert_eq!(got, (first..=COUNT).collect::<Vec<_>>(), "every message the stream holds");
         assert_eq!(json["last_seq"], COUNT);
+    }
+
+    fn a_room_nobody_publishes_to_gives_its_history_back_to_redis(backend) {
+        let Some(redis) = RedisServer::start("history-expiry") else { return };
+        const ROOM: &str = "room:cluster-history-expiry";
+        let (stream, meta) = (format!("pabal:{{r:{ROOM}}}:s"), format!("pabal:{{r:{ROOM}}}:m"));
+        // Node a serves its rooms' history for a second (a read's `retention.max_age`,
+        // a repeat key's ages): its publishes set the room's history to expire 1.25 s
+        // after them.
+        let second = Duration::from_secs(1);
+        let a = node_with(backend, &redis, "xa", 1000, |_| {}, |c| {
+            c.retention.max_age = second;
+            c.limits.publish_id_max_age = second;
+            c.control.idempotency_max_age = second;
+        });
+        let mut p = Client::connect(a.addr, "alice");
+        let pa = p.join(ROOM);
+        for seq in 1..=3 {
+            assert_eq!(p.publish_acked(pa, format!("m-{seq}").into_bytes()), seq);
+        }
+        let ttl: i64 = redis.cli(&["PTTL", &stream]).trim().parse().unwrap();
+        assert!(ttl != -1 && ttl <= 1250, "the stream's expiry: {ttl} ms");
+        // Nobody publishes for that long: Redis drops the history, the meta hash stays.
+        let deadline = Instant::now() + WAIT;
+        while redis.cli(&["EXISTS", &stream]).trim() != "0" {
+            assert!(Instant::now() < deadline, "the stream never expired");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(redis.cli(&["HGET", &meta, "s"]).trim(), "3");
+        // The next message takes the next sequence, and a node that never held the room
+        // reads it with an exact gap for what expired.
+        assert_eq!(p.publish_acked(pa, &b"m-4"[..]), 4);
+        let b = node(backend, &redis, "xb", 1000);
+        assert_eq!(history(control(&b), ROOM, 0, 100), (vec![4], Some((1, 3)), 4));
     }
 
     fn a_stream_read_answered_busy_is_sent_again_until_redis_answers(backend) {

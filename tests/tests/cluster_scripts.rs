@@ -25,8 +25,9 @@ use pabal_relay::cluster::membership::{ROOM_JOIN, ROOM_LEAVE, ROOM_UNDO};
 use pabal_relay::cluster::receipts::{HANDOFF, HandoffPage, MARKERS, parse_handoff};
 use pabal_relay::cluster::resp::{self, Value};
 use pabal_relay::cluster::script::{
-    FILL, PUBLISH, PUBLISH_FIELDS, TRIM_EVERY, all_scripts, message_tail, parse_channel_message,
-    parse_channel_removal, parse_entries, parse_fill, parse_published, publish_script, sha1_hex,
+    FILL, OPEN, PUBLISH, PUBLISH_ASCENDING, PUBLISH_FIELDS, StreamSpan, TRIM_EVERY, all_scripts,
+    message_tail, parse_channel_message, parse_channel_removal, parse_entries, parse_fill,
+    parse_published, publish_script, sha1_hex,
 };
 use pabal_relay::cluster::{ClusterConfig, StreamEntry, WindowOrder};
 use pabal_relay::config::Config;
@@ -148,7 +149,7 @@ fn keys_of(args: &[Vec<u8>]) -> Vec<Vec<u8>> {
         "HGET" | "HSET" | "HDEL" | "HINCRBY" | "HEXISTS" | "HGETALL" | "HKEYS" | "HLEN"
         | "HSCAN" | "XADD" | "XRANGE" | "ZADD" | "ZSCORE" | "ZREM" | "ZRANGE" | "ZCARD"
         | "ZREMRANGEBYRANK" | "SISMEMBER" | "SREM" | "SADD" | "SCARD" | "SMEMBERS" | "PTTL"
-        | "PEXPIRE" | "XLEN" | "XTRIM" | "ZRANGEBYSCORE" => {
+        | "PEXPIRE" | "XLEN" | "XTRIM" | "ZRANGEBYSCORE" | "ZREMRANGEBYSCORE" | "HMGET" => {
             vec![args[1].clone()]
         }
         other => panic!("a script ran {other}: say in keys_of where its keys are"),
@@ -601,6 +602,27 @@ fn publish_keyed(script: &str, repeat: &str, window: u64) -> Vec<Vec<u8>> {
     eval(script, &["m", "s", "i"], &args)
 }
 
+/// The owner's stream read (`FILL`) of room `big` after `after`, 16 entries at most:
+/// the room's epoch and the page.
+fn fill(r: &mut Redis, after: (u64, u64)) -> (u64, StreamSpan) {
+    let args = [
+        format!("({}-{}", after.0, after.1),
+        s(16),
+        s(after.0),
+        s(after.1),
+    ];
+    let reply = r
+        .pipeline(&[eval(FILL, &["s", "x", "m"], &args)])
+        .pop()
+        .unwrap();
+    parse_fill(&reply, b"", after).unwrap()
+}
+
+/// The sequences of `span`'s messages.
+fn seqs_of(span: &StreamSpan) -> Vec<u64> {
+    span.msgs.iter().map(|m| m.seq).collect()
+}
+
 /// Markers calls moving each of `users` to delivered `seq` in epoch `epoch`.
 fn delivered(users: &[&str], seq: u64, epoch: u64) -> Vec<Vec<Vec<u8>>> {
     users
@@ -850,19 +872,6 @@ fn a_stream_read_past_what_retention_dropped_brings_the_removals_among_it() {
         publish("ann"),
         publish("ann"),
     ]);
-    let fill = |r: &mut Redis, after: (u64, u64)| {
-        let args = [
-            format!("({}-{}", after.0, after.1),
-            s(16),
-            s(after.0),
-            s(after.1),
-        ];
-        let reply = r
-            .pipeline(&[eval(FILL, &["s", "x", "m"], &args)])
-            .pop()
-            .unwrap();
-        parse_fill(&reply, b"", after).unwrap()
-    };
     let (epoch, span) = fill(&mut r, (1, 0));
     assert_eq!((epoch, span.marks.len(), span.msgs.len()), (7, 1, 4));
     r.call(&["XTRIM", &key("s"), "MAXLEN", "2"]);
@@ -885,6 +894,92 @@ fn a_stream_read_past_what_retention_dropped_brings_the_removals_among_it() {
     // The room lost in Redis: epoch 0.
     r.call(&["DEL", &key("m")]);
     assert_eq!(fill(&mut r, (5, 0)).0, 0);
+}
+
+/// A room's meta hash lost (evicted, say) while its stream was kept: the room starts
+/// again (a join makes its meta hash under a new epoch, as a node's join does), its open
+/// and its stream reads do not take the earlier epoch's entries for this one's, and its
+/// first publish empties the old stream. Before, every `XADD` of the new epoch was
+/// refused (its sequences at or below the old stream's top), so the room took no
+/// message again, and its open answered the old messages as its tail.
+#[test]
+fn a_room_whose_meta_hash_was_lost_starts_again_past_its_old_stream() {
+    let Some(redis) = RedisServer::start_with("scripts-meta-lost", &["--appendonly", "no"]) else {
+        return;
+    };
+    let mut r = Redis::connect(redis.port);
+    r.pipeline(&[join("ann"), publish("ann"), publish("ann"), publish("ann")]);
+    r.call(&["DEL", &key("m")]);
+    r.pipeline(&[eval(
+        ROOM_JOIN.text,
+        &["m", "u", "d"],
+        &[s(9), s("bob"), s(1)],
+    )]);
+    let open = r
+        .pipeline(&[eval(OPEN, &["m", "s", "x"], &[s(9), s(100)])])
+        .pop()
+        .unwrap();
+    let open = open.array().unwrap();
+    assert_eq!((open[0].int(), open[1].int()), (Some(9), Some(0)));
+    assert_eq!(
+        open[2].array().map(<[Value]>::len),
+        Some(0),
+        "no tail: {open:?}"
+    );
+    let (epoch, span) = fill(&mut r, (0, 0));
+    assert_eq!((epoch, seqs_of(&span)), (9, vec![]));
+    let reply = r.pipeline(&[publish_in(9, "bob")]).pop().unwrap();
+    assert_eq!(parse_published(&reply), Some((9, 1, false)));
+    assert_eq!(
+        r.call(&["XLEN", &key("s")]).int(),
+        Some(1),
+        "the old stream gone"
+    );
+    assert_eq!(seqs_of(&fill(&mut r, (0, 0)).1), vec![1]);
+}
+
+/// A publish that carries an expiry (the last argument) sets the room's stream and window
+/// of repeat keys to expire that long after it, in each form of the script; one without
+/// leaves them as they are; a removal sets its stream's and the room's last removals'.
+#[test]
+fn a_publish_or_a_removal_with_an_expiry_sets_the_rooms_history_to_expire() {
+    let Some(redis) = RedisServer::start_with("scripts-expiry", &["--appendonly", "no"]) else {
+        return;
+    };
+    let mut r = Redis::connect(redis.port);
+    let expiring = |mut call: Vec<Vec<u8>>, ms: u64| {
+        call.push(ms.to_string().into_bytes());
+        call
+    };
+    let pttl = |r: &mut Redis, suffix: &str| r.call(&["PTTL", &key(suffix)]).int().unwrap();
+    r.pipeline(&[join("ann"), join("bob"), publish("ann")]);
+    assert_eq!(pttl(&mut r, "s"), -1, "no expiry asked");
+    let forms = [
+        publish_keyed(PUBLISH, "k1", 16),
+        publish_keyed(PUBLISH_ASCENDING.as_str(), "k2", 16),
+        publish_fields_keyed("ann", "k3", 16),
+    ];
+    let mut ms = 100_000;
+    for form in forms {
+        ms += 100_000;
+        r.pipeline(&[expiring(form, ms)]);
+        for suffix in ["s", "i"] {
+            let left = pttl(&mut r, suffix);
+            assert!(
+                left > ms as i64 - 100_000 && left <= ms as i64,
+                "{suffix}: {left}"
+            );
+        }
+    }
+    // Without one: left as it is.
+    r.pipeline(&[publish_keyed(PUBLISH, "k4", 16)]);
+    assert!(pttl(&mut r, "s") > 300_000);
+    assert_eq!(pttl(&mut r, "x"), -2, "no removal yet");
+    r.pipeline(&[expiring(leave("bob"), 900_000)]);
+    for suffix in ["s", "x"] {
+        let left = pttl(&mut r, suffix);
+        assert!(left > 800_000 && left <= 900_000, "{suffix}: {left}");
+    }
 }
 
 #[test]

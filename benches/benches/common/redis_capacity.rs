@@ -277,19 +277,21 @@ fn drive(
             ];
             if variant.packed {
                 message_tail(&mut tail, sent, tag, sender, &payload);
-                let args: [&[u8]; 6] = [
+                // No expiry: a node sets a room's only every quarter of its span.
+                let args: [&[u8]; 7] = [
                     &tail,
                     b"10000",
                     ch.as_bytes(),
                     id.as_bytes(),
                     b"1000",
                     b"PUBLISH",
+                    b"",
                 ];
                 let all: Vec<&[u8]> = head.into_iter().chain(args).collect();
                 resp::encode(&mut out, all.into_iter());
             } else {
                 let ts = sent.to_string();
-                let args: [&[u8]; 10] = [
+                let args: [&[u8]; 11] = [
                     ts.as_bytes(),
                     tag,
                     sender,
@@ -300,6 +302,7 @@ fn drive(
                     b"1000",
                     b"PUBLISH",
                     sender_len.as_bytes(),
+                    b"",
                 ];
                 let all: Vec<&[u8]> = head.into_iter().chain(args).collect();
                 resp::encode(&mut out, all.into_iter());

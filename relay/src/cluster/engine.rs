@@ -1047,7 +1047,11 @@ impl Engine {
         script::tag(tag, &self.node_id, self.worker, req.ticket);
         script::repeat_key(repeat, req.repeat.as_ref());
         let (mut d1, mut d2, mut d3, mut d4) = ([0; 20], [0; 20], [0; 20], [0; 20]);
-        let mut d5 = [0; 20];
+        let (mut d5, mut d6) = ([0; 20], [0; 20]);
+        let expire = match req.expire_ms {
+            Some(ms) => decimal(ms, &mut d6),
+            None => &[],
+        };
         let verb: &[u8] = match self.topology {
             Topology::Single | Topology::Sentinel => b"PUBLISH",
             Topology::Cluster => b"SPUBLISH",
@@ -1073,6 +1077,7 @@ impl Engine {
                         &[repeat],
                         &[window],
                         &[verb],
+                        &[expire],
                     ],
                 );
             }
@@ -1092,6 +1097,7 @@ impl Engine {
                     window,
                     verb,
                     decimal(req.sender.as_bytes().len() as u64, &mut d5),
+                    expire,
                 ],
             ),
         }

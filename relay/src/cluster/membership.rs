@@ -101,8 +101,8 @@ return 1
 /// A room's leave: KEYS members, markers, hand-off index, meta, stream, removals; ARGV
 /// user, reason letter (`r`, `u`; empty: no removal mark), channel, the publish command
 /// (`PUBLISH`, or `SPUBLISH` on a Redis Cluster), the stream's max length
-/// (`cluster.stream_max_len`; empty: not trimmed here). Returns the join point removed,
-/// or `''`.
+/// (`cluster.stream_max_len`; empty: not trimmed here), the history's expiry (ms; empty
+/// or absent: left as it is). Returns the join point removed, or `''`.
 /// The member's markers and its place in the hand-off index (see [`super::receipts`]) go
 /// with the membership.
 ///
@@ -124,7 +124,9 @@ return 1
 /// no epoch of has no messages, and no mark is needed. An `XADD` Redis refuses (a stream
 /// ahead of its meta hash, which lost it) leaves the removal to the user's notice. A room's
 /// stream is trimmed to its max length here too once removals took it 64 past it, as the
-/// publish script trims it, so that removals in a room nobody publishes to do not grow it.
+/// publish script trims it, so that removals in a room nobody publishes to do not grow it;
+/// and its stream and last removals are set to expire as a publish sets them
+/// (`core/cluster/history_expiry.rs`), so that they do not outlive the room's use either.
 pub static ROOM_LEAVE: Script = Script::new(
     "ROOM_LEAVE",
     r"
@@ -148,6 +150,10 @@ if cur then
       local max = tonumber(ARGV[5])
       if max and redis.call('XLEN', KEYS[5]) > max + 64 then
         redis.call('XTRIM', KEYS[5], 'MAXLEN', '~', max)
+      end
+      if ARGV[6] and ARGV[6] ~= '' then
+        redis.call('PEXPIRE', KEYS[5], ARGV[6])
+        redis.call('PEXPIRE', KEYS[6], ARGV[6])
       end
     end
   end

@@ -282,6 +282,9 @@ pub enum MemberChange {
         reason: pabal_codec::LeftReason,
         /// `limits.max_blocked_per_user`.
         max_blocks: usize,
+        /// A removal placed in the room's stream sets the room's history (its stream and
+        /// last removals) to expire this long (ms) after it.
+        expire_ms: u64,
     },
 }
 
@@ -334,6 +337,9 @@ pub struct PublishRequest {
     /// `max(limits.publish_ids, control.idempotency_keys)`, for every publish, with a key
     /// or not (any publish may be the one that trims the window).
     pub window: usize,
+    /// Sets the room's history (its stream and window) to expire this long (ms) after
+    /// the publish; `None`: leaves it (see `core/cluster/history_expiry.rs`).
+    pub expire_ms: Option<u64>,
 }
 
 /// What names a publish across retries.

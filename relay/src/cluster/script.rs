@@ -66,7 +66,8 @@ pub const TRIM_EVERY: u64 = 64;
 /// Sequence one message: KEYS meta, stream, repeat window; ARGV epoch hint, the message's
 /// tail (`<ts> <tag> <sender length> <sender><payload>`, [`message_tail`]), stream max
 /// length, channel, repeat key (empty: none), window (sequences), the publish command
-/// (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster). Appends the tail as the
+/// (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster), the history's expiry
+/// (ms; empty or absent: left as it is, see [`history_expiry`]). Appends the tail as the
 /// stream entry's one field `m` and publishes `<epoch> <seq> <tail>`. Answers
 /// `"<epoch> <seq>"` (a bulk string), or `{epoch, first seq, 1}` for a repeat key the
 /// window holds ([`parse_published`] reads both).
@@ -91,7 +92,15 @@ pub const TRIM_EVERY: u64 = 64;
 /// - The trims (the window's and the stream's) run once every [`TRIM_EVERY`] sequences.
 ///
 /// The room's first sequence empties the window: a key there is of an earlier epoch (the
-/// meta hash lost, the window kept), and its sequence names another message now.
+/// meta hash lost, the window kept), and its sequence names another message now. So does
+/// it the stream when the stream holds a message: that is of an earlier epoch too (a meta
+/// hash evicted or lost while its stream was kept), whose sequences would otherwise refuse
+/// every `XADD` of this one for good. (A removal of this epoch before its first message,
+/// `0-n`, cannot sit beside it: its `XADD` is refused below an entry past it.)
+///
+/// With an expiry, the stream and the window expire that long after this publish (the
+/// node sends one every so often, not on every publish: [`history_expiry`]): a room nobody
+/// publishes to any more gives back its history's memory, its meta hash and members kept.
 ///
 /// An `XADD` Redis refuses (an ID at or below the stream's top: a meta hash lost while its
 /// stream was kept) takes the sequence and the key back before the error is answered, so a
@@ -101,7 +110,10 @@ pub const PUBLISH: &str = concat!(
     r"
 local n = redis.call('HINCRBY', KEYS[1], 's', '1')
 local s = string.format('%d', n)
-if n == 1 then redis.call('DEL', KEYS[3]) end
+if n == 1 then
+  redis.call('DEL', KEYS[3])
+  if #redis.call('XRANGE', KEYS[2], '1-0', '+', 'COUNT', 1) > 0 then redis.call('DEL', KEYS[2]) end
+end
 if ARGV[5] ~= '' and redis.call('ZADD', KEYS[3], 'NX', '-' .. s, ARGV[5]) == 0 then
   redis.call('HINCRBY', KEYS[1], 's', '-1')
   return {e, math.abs(tonumber(redis.call('ZSCORE', KEYS[3], ARGV[5]))), 1}
@@ -114,6 +126,10 @@ if type(added) == 'table' and added.err then
 end
 local head = e .. ' ' .. s
 redis.call(ARGV[7], ARGV[4], head .. ' ' .. ARGV[2])
+if ARGV[8] and ARGV[8] ~= '' then
+  redis.call('PEXPIRE', KEYS[2], ARGV[8])
+  redis.call('PEXPIRE', KEYS[3], ARGV[8])
+end
 if n % 64 == 0 then
   redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', ARGV[3])
   local old = n - tonumber(ARGV[6])
@@ -128,8 +144,9 @@ return head
 /// upgrade from one). KEYS meta, stream, repeat window; ARGV epoch hint, ts, tag, sender,
 /// payload, stream max length, channel, repeat key (empty: none), window (sequences), the
 /// publish command (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster), the
-/// sender's length in bytes (decimal). Answers as [`PUBLISH`] does, and is otherwise as
-/// it is (the sequence a string once, the window emptied by the first sequence and trimmed
+/// sender's length in bytes (decimal), the history's expiry (ms; empty or absent: none).
+/// Answers as [`PUBLISH`] does, and is otherwise as it is (the sequence a string once,
+/// the window and an earlier epoch's stream emptied by the first sequence, the window trimmed
 /// by score, the trims every [`TRIM_EVERY`] sequences, a refused `XADD` taken back) but for
 /// one thing: it scores the window's keys by the sequence itself, as [`PUBLISH_ASCENDING`]
 /// does, since the versions it is for predate `window_order` too.
@@ -138,7 +155,10 @@ pub const PUBLISH_FIELDS: &str = concat!(
     r"
 local n = redis.call('HINCRBY', KEYS[1], 's', '1')
 local s = string.format('%d', n)
-if n == 1 then redis.call('DEL', KEYS[3]) end
+if n == 1 then
+  redis.call('DEL', KEYS[3])
+  if #redis.call('XRANGE', KEYS[2], '1-0', '+', 'COUNT', 1) > 0 then redis.call('DEL', KEYS[2]) end
+end
 if ARGV[8] ~= '' and redis.call('ZADD', KEYS[3], 'NX', s, ARGV[8]) == 0 then
   redis.call('HINCRBY', KEYS[1], 's', '-1')
   return {e, math.abs(tonumber(redis.call('ZSCORE', KEYS[3], ARGV[8]))), 1}
@@ -153,6 +173,10 @@ end
 local head = e .. ' ' .. s
 redis.call(ARGV[10], ARGV[7], head .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' ..
   ARGV[11] .. ' ' .. ARGV[4] .. ARGV[5])
+if ARGV[12] and ARGV[12] ~= '' then
+  redis.call('PEXPIRE', KEYS[2], ARGV[12])
+  redis.call('PEXPIRE', KEYS[3], ARGV[12])
+end
 if n % 64 == 0 then
   redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', ARGV[6])
   local old = n - tonumber(ARGV[9])
@@ -210,14 +234,17 @@ pub fn parse_published(reply: &Value) -> Option<(u64, u64, bool)> {
 
 /// A room's state: KEYS meta, stream, removals; ARGV epoch hint, tail length. Returns
 /// `{epoch, seq, entries of the last <tail> sequences (with the removals after the message
-/// before them), the room's last removals}` (see [`super::membership::ROOM_LEAVE`]).
+/// before them), the room's last removals}` (see [`super::membership::ROOM_LEAVE`]). The
+/// tail ends at the room's sequence: a stream past it is of an earlier epoch (its meta
+/// hash lost), emptied by the epoch's first publish.
 pub const OPEN: &str = concat!(
     epoch_prelude!(),
     r"
 local s = tonumber(redis.call('HGET', KEYS[1], 's') or '0')
 local from = s - tonumber(ARGV[2])
 if from < 0 then from = 0 end
-return {e, s, redis.call('XRANGE', KEYS[2], from .. '-1', '+'), redis.call('ZRANGE', KEYS[3], 0, -1)}
+local to = '(' .. string.format('%d', s + 1) .. '-0'
+return {e, s, redis.call('XRANGE', KEYS[2], from .. '-1', to), redis.call('ZRANGE', KEYS[3], 0, -1)}
 "
 );
 
@@ -228,9 +255,12 @@ return {e, s, redis.call('XRANGE', KEYS[2], from .. '-1', '+'), redis.call('ZRAN
 /// dropped what followed it), the room's last removals placed at or after the start's
 /// message (at most `count`, from its set: [`super::membership::ROOM_LEAVE`]) — those the
 /// stream no longer holds. The epoch tells a page of the stream the owner holds from one
-/// of a stream the engine started again ([`parse_fill`]).
+/// of a stream the engine started again ([`parse_fill`]). The page ends at the room's
+/// sequence, as [`OPEN`]'s tail does.
 pub const FILL: &str = r"
-local page = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
+local meta = redis.call('HMGET', KEYS[3], 'e', 's')
+local to = '(' .. string.format('%d', tonumber(meta[2] or '0') + 1) .. '-0'
+local page = redis.call('XRANGE', KEYS[1], ARGV[1], to, 'COUNT', ARGV[2])
 local gone = {}
 local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
 local trimmed = true
@@ -244,7 +274,7 @@ end
 if trimmed then
   gone = redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[3], '+inf', 'LIMIT', 0, ARGV[2])
 end
-return {redis.call('HGET', KEYS[3], 'e') or '0', page, gone}
+return {meta[1] or '0', page, gone}
 ";
 
 /// [`FILL`]'s answer read: the room's epoch (`0`: the engine holds none) and the page,

@@ -74,6 +74,7 @@ use crate::mesh::{ControlOp, ControlRefusal, ControlReply, CoreMsg, Published, P
 use crate::sender_name::SenderName;
 use crate::stats::inc;
 
+mod history_expiry;
 mod members;
 mod order;
 mod receipts;
@@ -152,6 +153,8 @@ struct PendingPublish {
     ts_ms: u64,
     sender: SenderName,
     payload: Bytes,
+    /// It sets the room's history to expire (`cluster/history_expiry.rs`).
+    sets_expiry: bool,
 }
 
 /// Where a room's channel subscription stands on this node.
@@ -240,6 +243,8 @@ pub(super) struct ClusterSide {
     members: members::MembersSide,
     /// Markers batches and receipts reads (`cluster/receipts.rs`).
     receipts: receipts::ReceiptsSide,
+    /// When this worker's publishes last set each room's history to expire.
+    history_expiry: history_expiry::HistoryExpiry,
 }
 
 impl Core {
@@ -260,6 +265,7 @@ impl Core {
             stats,
             members: members::MembersSide::default(),
             receipts: receipts::ReceiptsSide::default(),
+            history_expiry: history_expiry::HistoryExpiry::default(),
         }));
     }
 
@@ -741,6 +747,7 @@ impl Core {
             .limits
             .publish_ids
             .max(self.config.control.idempotency_keys);
+        let span = self.history_span(&room);
         let Some(side) = self.cluster.as_deref_mut() else {
             return;
         };
@@ -750,6 +757,7 @@ impl Core {
         }
         let ticket = side.next_ticket;
         side.next_ticket += 1;
+        let expire_ms = side.history_expiry.due(&room, ts_ms, span);
         side.out.push(EngineCmd::Publish(PublishRequest {
             ticket,
             room: room.clone(),
@@ -759,6 +767,7 @@ impl Core {
             payload: payload.clone(),
             repeat,
             window,
+            expire_ms,
         }));
         side.pending.insert(
             ticket,
@@ -768,8 +777,20 @@ impl Core {
                 ts_ms,
                 sender,
                 payload,
+                sets_expiry: expire_ms.is_some(),
             },
         );
+    }
+
+    /// What `room`'s history in Redis is kept for (`cluster/history_expiry.rs`): the
+    /// messages a read may serve (`retention.max_age`), the repeat keys a retry may name
+    /// (`limits.publish_id_max_age`, `control.idempotency_max_age`).
+    pub(super) fn history_span(&self, room: &RoomName) -> std::time::Duration {
+        self.config
+            .retention_for(room.name.as_str())
+            .max_age
+            .max(self.config.limits.publish_id_max_age)
+            .max(self.config.control.idempotency_max_age)
     }
 
     /// A publish the engine did not take: `Overloaded` `unavailable` (retryable).
@@ -844,6 +865,11 @@ impl Core {
         );
         // This node sequenced it: this node decides its offline hand-off.
         self.note_own_for_handoff(&p.room, seq, p.ts_ms, &p.sender);
+        if p.sets_expiry
+            && let Some(side) = self.cluster.as_deref_mut()
+        {
+            side.history_expiry.set(&p.room, p.ts_ms);
+        }
         let origin = match p.publisher {
             Publisher::Client { by, publish_id } => {
                 if let (Some(id), Some(owned)) = (publish_id, self.owned.get_mut(&p.room)) {

@@ -327,6 +327,7 @@ fn publish(room: &RoomName, ticket: u64) -> PublishRequest {
         payload: Bytes::from(format!("body{ticket}")),
         repeat: None,
         window: 1,
+        expire_ms: None,
     }
 }
 

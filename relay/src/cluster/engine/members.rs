@@ -119,6 +119,7 @@ fn user_command(req: &MemberRequest, join: Option<&Bytes>) -> Command {
             block,
             reason,
             max_blocks,
+            ..
         } => Command::Script(
             &m::USER_LEAVE,
             keys,
@@ -330,7 +331,12 @@ impl Engine {
                         vec![meta, members, room_key(&req.room, "d")],
                         vec![d(epoch_hint), user, d(serial)],
                     ),
-                    MemberChange::Leave { block, reason, .. } => {
+                    MemberChange::Leave {
+                        block,
+                        reason,
+                        expire_ms,
+                        ..
+                    } => {
                         // A leave that blocks takes effect by its notice: only the user's
                         // side knows whether the block is refused (and the LEFT says so). So
                         // does a channel's: its subscribers come and go all the time, and a
@@ -361,6 +367,7 @@ impl Engine {
                                 room_key(&req.room, "c"),
                                 verb.to_vec(),
                                 self.config.stream_max_len.to_string().into_bytes(),
+                                d(expire_ms),
                             ],
                         )
                     }

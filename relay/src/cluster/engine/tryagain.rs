@@ -312,6 +312,7 @@ mod tests {
             payload: Bytes::new(),
             repeat: None,
             window: 1,
+            expire_ms: None,
         }
     }
 

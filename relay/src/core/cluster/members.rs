@@ -40,6 +40,7 @@ use pabal_codec::{ErrorCode, Hello, LeftReason, Text};
 
 use super::super::Core;
 use super::super::ReplyTo;
+use super::history_expiry;
 use crate::cluster::membership::{Notice, UserRooms};
 use crate::cluster::presence::Lookup;
 use crate::cluster::{
@@ -728,6 +729,9 @@ impl Core {
                 block,
                 reason,
                 max_blocks: self.config.limits.max_blocked_per_user,
+                // A removal placed in the room's stream sets its history to expire as a
+                // publish does (removals are few: each one sets it).
+                expire_ms: history_expiry::expiry_of(self.history_span(&room)).as_millis() as u64,
             },
             (None, None) => return,
         };
