@@ -1,7 +1,9 @@
 //! End-to-end: relay nodes on one Redis (`[cluster]`), each a real relay on loopback, once
 //! per I/O backend. Every node's phones must see one order of every room with no hole and
 //! no duplicate (`ClientSession` refuses a duplicate or a reordering; the tests refuse a
-//! GAP), whatever happens to the engine connections or to Redis itself.
+//! GAP), whatever happens to the engine connections or to Redis itself, a failover that
+//! lost acknowledged writes included (the room's sequence is moved past what the nodes
+//! delivered).
 //!
 //! Phones join rooms themselves (`room:` rooms are open to join); membership lives in the
 //! engine, so a phone that joined on one node binds the room on any other
@@ -51,6 +53,39 @@ per_backend! {
             "killed {kills} pub/sub connections; holes filled: {}",
             b.cluster().unwrap().holes_filled.load(Ordering::Relaxed)
         );
+    }
+
+    fn a_failover_that_lost_writes_is_moved_past_what_the_nodes_delivered(backend) {
+        let Some(redis) = RedisServer::start("lost-writes") else { return };
+        const ROOM: &str = "room:cluster-lost-writes";
+        let (a, b) = (node(backend, &redis, "la"), node(backend, &redis, "lb"));
+        let mut reader = Client::connect(b.addr, "reader");
+        let alias = reader.join(ROOM);
+        let mut p = Client::connect(a.addr, "alice");
+        let pa = p.join(ROOM);
+        for seq in 1..=5 {
+            assert_eq!(p.publish_acked(pa, format!("m-{seq}").into_bytes()), seq);
+        }
+        let seqs = |msgs: Vec<(u64, Bytes)>| msgs.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+        assert_eq!(seqs(reader.messages(alias, 5)), vec![1, 2, 3, 4, 5]);
+        // What a failover to a replica three writes behind leaves: the room's sequence at
+        // 2, its stream without 3..=5, which both nodes delivered.
+        let (meta, stream) = (format!("pabal:{{r:{ROOM}}}:m"), format!("pabal:{{r:{ROOM}}}:s"));
+        redis.cli(&["HSET", &meta, "s", "2"]);
+        redis.cli(&["XDEL", &stream, "3-0", "4-0", "5-0"]);
+        // The failover took their connections: each node reads its open rooms again, and
+        // its owner, holding 5, moves the room's sequence up to it.
+        redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+        let raised = |n: &TestRelay| n.cluster().unwrap().sequences_raised.load(Ordering::Relaxed);
+        let deadline = Instant::now() + WAIT;
+        while raised(&a) + raised(&b) == 0 {
+            assert!(Instant::now() < deadline, "no node moved the room's sequence up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(redis.cli(&["HGET", &meta, "s"]).trim(), "5");
+        // The next message takes 6 (before, 3: both nodes dropped it as delivered).
+        assert_eq!(p.publish_acked(pa, &b"m-6"[..]), 6);
+        assert_eq!(seqs(reader.messages(alias, 1)), vec![6]);
     }
 
     fn redis_restart_refuses_then_recovers(backend) {

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -25,9 +26,9 @@ use pabal_relay::cluster::membership::{ROOM_JOIN, ROOM_LEAVE, ROOM_UNDO};
 use pabal_relay::cluster::receipts::{HANDOFF, HandoffPage, MARKERS, parse_handoff};
 use pabal_relay::cluster::resp::{self, Value};
 use pabal_relay::cluster::script::{
-    FILL, OPEN, PUBLISH, PUBLISH_ASCENDING, PUBLISH_FIELDS, StreamSpan, TRIM_EVERY, all_scripts,
-    message_tail, parse_channel_message, parse_channel_removal, parse_entries, parse_fill,
-    parse_published, publish_script, sha1_hex,
+    FILL, OPEN, PUBLISH, PUBLISH_ASCENDING, PUBLISH_FIELDS, RAISE, StreamSpan, TRIM_EVERY,
+    all_scripts, message_tail, parse_channel_message, parse_channel_removal, parse_entries,
+    parse_fill, parse_published, publish_script, sha1_hex,
 };
 use pabal_relay::cluster::{ClusterConfig, StreamEntry, WindowOrder};
 use pabal_relay::config::Config;
@@ -286,9 +287,9 @@ fn reads_and_a_replacement(n: &[TestRelay], unread_of: &str, set: &[&str]) {
 const ROOM: &str = "group:scripts";
 
 /// Every script runs at least once: joins through a phone and the API, a refused join
-/// (its undo), publishes, ACKs, a hand-off decision, the API's reads, a replacing member
-/// call, a leave, a closed connection.
-fn every_script_once(n: &[TestRelay], monitor: &Monitor) {
+/// (its undo), publishes, a sequence Redis lost moved up, ACKs, a hand-off decision, the
+/// API's reads, a replacing member call, a leave, a closed connection.
+fn every_script_once(n: &[TestRelay], monitor: &Monitor, redis: &RedisServer) {
     let members = format!("/v1/rooms/{ROOM}/members");
     ok(&n[2], "POST", &members, Some(json!({"users": ["cy"]})));
     let mut ann = Client::connect(n[0].addr, "ann");
@@ -302,6 +303,26 @@ fn every_script_once(n: &[TestRelay], monitor: &Monitor) {
     bob.send(&ClientFrame::Ack(Ack::from_pairs(&[(b, 2)])));
     // bob's node writes its stream entries in four fields (`PUBLISH_FIELDS`).
     assert_eq!(bob.publish_acked(b, "m3"), 3);
+    // Redis loses the room's sequence's last step (a failover to a replica behind): its
+    // owners read the room again once their pub/sub connections are back, and move the
+    // sequence up to what they delivered (`RAISE`).
+    redis.cli(&["HINCRBY", &format!("pabal:{{r:{ROOM}}}:m"), "s", "-1"]);
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    let raised = || {
+        n.iter()
+            .map(|node| {
+                node.cluster()
+                    .unwrap()
+                    .sequences_raised
+                    .load(Ordering::Relaxed)
+            })
+            .sum::<u64>()
+    };
+    let deadline = Instant::now() + WAIT;
+    while raised() == 0 {
+        assert!(Instant::now() < deadline, "no owner moved the sequence up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     handoff_decided(monitor, 0);
     let path = format!("/v1/rooms/{ROOM}/receipts");
     let deadline = Instant::now() + WAIT;
@@ -392,7 +413,7 @@ per_backend! {
         let app = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/hooks/pabal", app.local_addr().unwrap());
         let n = nodes(backend, &redis, &url);
-        every_script_once(&n, &monitor);
+        every_script_once(&n, &monitor, &redis);
         assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
         let flushed_at = monitor.lines_through("\"SCRIPT\" \"FLUSH\"");
         after_the_flush(&n, &monitor, flushed_at);
@@ -603,8 +624,8 @@ fn publish_keyed(script: &str, repeat: &str, window: u64) -> Vec<Vec<u8>> {
 }
 
 /// The owner's stream read (`FILL`) of room `big` after `after`, 16 entries at most:
-/// the room's epoch and the page.
-fn fill(r: &mut Redis, after: (u64, u64)) -> (u64, StreamSpan) {
+/// the room's epoch, its sequence and the page.
+fn fill(r: &mut Redis, after: (u64, u64)) -> (u64, u64, StreamSpan) {
     let args = [
         format!("({}-{}", after.0, after.1),
         s(16),
@@ -872,10 +893,13 @@ fn a_stream_read_past_what_retention_dropped_brings_the_removals_among_it() {
         publish("ann"),
         publish("ann"),
     ]);
-    let (epoch, span) = fill(&mut r, (1, 0));
-    assert_eq!((epoch, span.marks.len(), span.msgs.len()), (7, 1, 4));
+    let (epoch, seq, span) = fill(&mut r, (1, 0));
+    assert_eq!(
+        (epoch, seq, span.marks.len(), span.msgs.len()),
+        (7, 5, 1, 4)
+    );
     r.call(&["XTRIM", &key("s"), "MAXLEN", "2"]);
-    let (epoch, span) = fill(&mut r, (1, 0));
+    let (epoch, _, span) = fill(&mut r, (1, 0));
     let seqs: Vec<u64> = span.msgs.iter().map(|m| m.seq).collect();
     assert_eq!((epoch, seqs), (7, vec![4, 5]));
     let marks: Vec<(u64, u64, &str)> = span
@@ -889,7 +913,7 @@ fn a_stream_read_past_what_retention_dropped_brings_the_removals_among_it() {
         "from the set, the stream trimmed"
     );
     // Read from where the stream still holds: nothing from the set.
-    let (_, span) = fill(&mut r, (4, 0));
+    let (_, _, span) = fill(&mut r, (4, 0));
     assert!(span.marks.is_empty() && span.msgs.len() == 1, "{span:?}");
     // The room lost in Redis: epoch 0.
     r.call(&["DEL", &key("m")]);
@@ -926,8 +950,8 @@ fn a_room_whose_meta_hash_was_lost_starts_again_past_its_old_stream() {
         Some(0),
         "no tail: {open:?}"
     );
-    let (epoch, span) = fill(&mut r, (0, 0));
-    assert_eq!((epoch, seqs_of(&span)), (9, vec![]));
+    let (epoch, seq, span) = fill(&mut r, (0, 0));
+    assert_eq!((epoch, seq, seqs_of(&span)), (9, 0, vec![]));
     let reply = r.pipeline(&[publish_in(9, "bob")]).pop().unwrap();
     assert_eq!(parse_published(&reply), Some((9, 1, false)));
     assert_eq!(
@@ -935,7 +959,7 @@ fn a_room_whose_meta_hash_was_lost_starts_again_past_its_old_stream() {
         Some(1),
         "the old stream gone"
     );
-    assert_eq!(seqs_of(&fill(&mut r, (0, 0)).1), vec![1]);
+    assert_eq!(seqs_of(&fill(&mut r, (0, 0)).2), vec![1]);
 }
 
 /// A publish that carries an expiry (the last argument) sets the room's stream and window
@@ -980,6 +1004,33 @@ fn a_publish_or_a_removal_with_an_expiry_sets_the_rooms_history_to_expire() {
         let left = pttl(&mut r, suffix);
         assert!(left > 800_000 && left <= 900_000, "{suffix}: {left}");
     }
+}
+
+/// `RAISE` moves a room's sequence up to an owner's head, in the room's epoch only: the
+/// next publish takes the one after; a head at or below it, or another epoch, changes
+/// nothing.
+#[test]
+fn raise_moves_a_rooms_sequence_up_in_its_epoch_only() {
+    let Some(redis) = RedisServer::start_with("scripts-raise", &["--appendonly", "no"]) else {
+        return;
+    };
+    let mut r = Redis::connect(redis.port);
+    r.pipeline(&[publish("ann"), publish("ann")]);
+    let raise = |epoch: u64, head: u64| eval(RAISE.text, &["m"], &[s(epoch), s(head)]);
+    let answers: Vec<Option<i64>> = r
+        .pipeline(&[
+            raise(8, 9),
+            raise(7, 2),
+            raise(7, 1),
+            raise(7, 5),
+            raise(7, 5),
+        ])
+        .iter()
+        .map(Value::int)
+        .collect();
+    assert_eq!(answers, vec![Some(0), Some(0), Some(0), Some(1), Some(0)]);
+    let reply = r.pipeline(&[publish("ann")]).pop().unwrap();
+    assert_eq!(parse_published(&reply), Some((7, 6, false)));
 }
 
 #[test]

@@ -979,6 +979,9 @@ impl Engine {
                     SubState::Idle => self.route_channels(),
                 }
             }
+            EngineCmd::Raise { room, epoch, head } => {
+                self.send_step(members::Step::Raise { room, epoch, head }, None, 0);
+            }
             EngineCmd::Fill { room, after, sub } => {
                 self.send_fill(room, (after, sub), None, None, 0, false);
             }

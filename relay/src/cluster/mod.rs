@@ -122,6 +122,16 @@ pub enum EngineCmd {
         /// Messages of the tail to read.
         tail: u64,
     },
+    /// Move the room's sequence in `epoch` up to `head` if it is below (Redis lost
+    /// writes this owner delivered: [`script::RAISE`]).
+    Raise {
+        /// The room.
+        room: RoomName,
+        /// The owner's epoch of the room.
+        epoch: u64,
+        /// The owner's head.
+        head: u64,
+    },
     /// Read the room's stream after `after`, up to `cluster.fill_batch` messages.
     Fill {
         /// The room.
@@ -453,6 +463,9 @@ pub enum EngineEvent {
         /// The room's epoch in the engine when the page was read (`0`: it held none): a
         /// page of another epoch than the owner's is not its stream's.
         epoch: u64,
+        /// The room's sequence in the engine when the page was read: below the owner's
+        /// head in the same epoch, Redis lost writes ([`script::RAISE`]).
+        room_seq: u64,
         /// The request's start.
         after: u64,
         /// What the stream holds after it.
@@ -631,6 +644,9 @@ pub struct ClusterStats {
     pub subscriptions: AtomicI64,
     /// Messages read from a stream to fill a hole (a sequence jump or a lost subscription).
     pub holes_filled: AtomicU64,
+    /// Rooms whose sequence went back below what this node delivered (Redis lost writes)
+    /// and was moved up again ([`script::RAISE`]).
+    pub sequences_raised: AtomicU64,
     /// Removals applied in their rooms' order (`membership::ROOM_LEAVE`'s marks) that ended
     /// a membership this node held, all workers together.
     pub removals_in_order: AtomicU64,

@@ -250,7 +250,9 @@ return {e, s, redis.call('XRANGE', KEYS[2], from .. '-1', to), redis.call('ZRANG
 
 /// A page of a room's stream for its owner: KEYS stream, removals, meta; ARGV start
 /// (`(<seq>-<sub>`, exclusive), count, the start's sequence, the start's sub. Returns
-/// `{epoch, entries, removals}`: the room's epoch now (`0`: none), at most `count` entries
+/// `{epoch, entries, removals, seq}`: the room's epoch now (`0`: none) and, last, its
+/// sequence (which tells an owner holding more that Redis lost writes: [`RAISE`]), at most
+/// `count` entries
 /// after the start, and, when the stream's oldest entry is past the start (retention
 /// dropped what followed it), the room's last removals placed at or after the start's
 /// message (at most `count`, from its set: [`super::membership::ROOM_LEAVE`]) — those the
@@ -274,20 +276,25 @@ end
 if trimmed then
   gone = redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[3], '+inf', 'LIMIT', 0, ARGV[2])
 end
-return {meta[1] or '0', page, gone}
+return {meta[1] or '0', page, gone, meta[2] or '0'}
 ";
 
-/// [`FILL`]'s answer read: the room's epoch (`0`: the engine holds none) and the page,
-/// with the removals the stream no longer held between `after` and the page's first entry
-/// merged in their places; `None` if malformed.
-pub fn parse_fill(reply: &Value, prefix: &[u8], after: (u64, u64)) -> Option<(u64, StreamSpan)> {
-    let [epoch, page, gone] = reply.array()? else {
+/// [`FILL`]'s answer read: the room's epoch (`0`: the engine holds none), its sequence
+/// and the page, with the removals the stream no longer held between `after` and the
+/// page's first entry merged in their places; `None` if malformed.
+pub fn parse_fill(
+    reply: &Value,
+    prefix: &[u8],
+    after: (u64, u64),
+) -> Option<(u64, u64, StreamSpan)> {
+    let [epoch, page, gone, seq] = reply.array()? else {
         return None;
     };
-    let epoch = match epoch {
-        Value::Int(n) => u64::try_from(*n).ok()?,
-        other => num(other.bytes()?)?,
+    let number = |v: &Value| match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        other => num(other.bytes()?),
     };
+    let (epoch, seq) = (number(epoch)?, number(seq)?);
     let mut span = parse_entries(page, prefix)?;
     let first = span.first_place();
     let mut merged = false;
@@ -303,8 +310,31 @@ pub fn parse_fill(reply: &Value, prefix: &[u8], after: (u64, u64)) -> Option<(u6
         span.marks.sort_by_key(RemovalMark::place);
         span.marks.dedup_by_key(|m| m.place());
     }
-    Some((epoch, span))
+    Some((epoch, seq, span))
 }
+
+/// A room's sequence moved up to what an owner holds: KEYS meta; ARGV epoch, the owner's
+/// head. Answers `1` if it did, `0` if the room is in another epoch or its sequence is
+/// there already.
+///
+/// Redis can lose writes it acknowledged: a failover to a replica that had not received
+/// them, a restart from an AOF synced once a second. The room's sequence then goes back
+/// below what nodes delivered, in the same epoch, and its next publishes are given those
+/// sequences again: every node that delivered the lost messages drops the new ones as
+/// already delivered, until the sequence passes the highest it held. An owner that sees
+/// the room's sequence below its head ([`FILL`]'s answer, an open's, its own publish
+/// answered at or below its head) sends this: the sequences past it then start past what
+/// any node delivered, and what was lost is a gap (its messages exist only on the nodes
+/// that delivered them).
+pub static RAISE: Script = Script::new(
+    "RAISE",
+    r"
+if redis.call('HGET', KEYS[1], 'e') ~= ARGV[1] then return 0 end
+if tonumber(redis.call('HGET', KEYS[1], 's') or '0') >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 's', ARGV[2])
+return 1
+",
+);
 
 /// The SHA1 (hex) Redis names a script by.
 pub fn sha1_hex(script: &str) -> Bytes {
@@ -358,6 +388,7 @@ pub fn all_scripts() -> Vec<(&'static str, &'static str)> {
     ];
     all.extend(
         [
+            &RAISE,
             &m::ROOM_JOIN,
             &m::ROOM_UNDO,
             &m::ROOM_LEAVE,

@@ -353,11 +353,15 @@ impl Core {
             EngineEvent::Filled {
                 room,
                 epoch,
+                room_seq,
                 after,
                 msgs,
                 marks,
                 full,
-            } => self.on_filled(&room, epoch, after, msgs, marks, full),
+            } => {
+                self.check_room_seq(&room, epoch, room_seq);
+                self.on_filled(&room, epoch, after, msgs, marks, full);
+            }
             EngineEvent::Read {
                 room,
                 after,
@@ -782,6 +786,27 @@ impl Core {
         );
     }
 
+    /// The engine says `room`'s sequence in `epoch` is `room_seq`: below the head this
+    /// owner holds in the same epoch, Redis lost writes it had acknowledged (a failover
+    /// to a replica behind, a restart from an AOF synced once a second), and would give
+    /// their sequences again, to new messages every node that delivered the lost ones
+    /// would drop. The engine moves it up to the head ([`crate::cluster::script::RAISE`]):
+    /// what was lost becomes a gap.
+    pub(super) fn check_room_seq(&mut self, room: &RoomName, epoch: u64, room_seq: u64) {
+        let Some(owned) = self.owned.get(room) else {
+            return;
+        };
+        if owned.epoch != epoch || room_seq >= owned.head {
+            return;
+        }
+        let head = owned.head;
+        self.push_engine(EngineCmd::Raise {
+            room: room.clone(),
+            epoch,
+            head,
+        });
+    }
+
     /// What `room`'s history in Redis is kept for (`cluster/history_expiry.rs`): the
     /// messages a read may serve (`retention.max_age`), the repeat keys a retry may name
     /// (`limits.publish_id_max_age`, `control.idempotency_max_age`).
@@ -951,6 +976,7 @@ impl Core {
                 refill = seq > owned.head;
             }
         }
+        self.check_room_seq(&room, epoch, seq);
         for core in restarted {
             let room = room.clone();
             self.send_to(core, CoreMsg::Restarted { room, epoch });

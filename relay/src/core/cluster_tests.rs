@@ -112,11 +112,16 @@ pub(super) fn feed(h: &mut Harness, event: EngineEvent) {
     h.play_engine_membership();
 }
 
+/// The room's sequence a test's stream read answers: ahead of everything the tests
+/// publish (a read's page ends where `cluster.fill_batch` does, not at the room's head).
+pub(super) const ROOM_SEQ_AHEAD: u64 = 1_000;
+
 /// A page of the room's stream read in `epoch` after `after`: `msgs`, no removals, the
 /// stream's end.
 fn filled(room: &RoomName, epoch: u64, after: u64, msgs: Vec<EngineMessage>) -> EngineEvent {
     EngineEvent::Filled {
         epoch,
+        room_seq: ROOM_SEQ_AHEAD,
         room: room.clone(),
         after,
         msgs,
@@ -308,6 +313,7 @@ fn a_resubscribed_channel_is_caught_up_from_the_stream() {
         &mut h,
         EngineEvent::Filled {
             epoch: 77,
+            room_seq: ROOM_SEQ_AHEAD,
             room,
             after: 0,
             msgs: vec![other(1, "one"), other(2, "two")],
@@ -316,6 +322,52 @@ fn a_resubscribed_channel_is_caught_up_from_the_stream() {
         },
     );
     assert_eq!(seqs(h.messages(bob)), vec![1, 2]);
+}
+
+/// The read after a resubscription (a failover took the connection) answers the room's
+/// sequence below what this owner delivered, in the same epoch: Redis lost writes, and
+/// would give their sequences again. The owner asks the engine to move it up to its head
+/// (`script::RAISE`); a read answering it at or past the head asks nothing.
+#[test]
+fn a_read_answering_the_rooms_sequence_below_the_head_raises_it() {
+    let (mut h, bob, room) = bob_in_dm();
+    let page = |room_seq, after, msgs: &[u64]| EngineEvent::Filled {
+        epoch: 77,
+        room_seq,
+        room: room.clone(),
+        after,
+        msgs: msgs.iter().map(|&s| other(s, "x")).collect(),
+        marks: Vec::new(),
+        full: false,
+    };
+    let raises = |cmds: Vec<EngineCmd>| -> Vec<(u64, u64)> {
+        cmds.into_iter()
+            .filter_map(|c| match c {
+                EngineCmd::Raise { epoch, head, .. } => Some((epoch, head)),
+                _ => None,
+            })
+            .collect()
+    };
+    feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
+    engine_cmds(&mut h);
+    feed(&mut h, page(5, 0, &[1, 2, 3, 4, 5]));
+    assert_eq!(seqs(h.messages(bob)), vec![1, 2, 3, 4, 5]);
+    assert_eq!(raises(engine_cmds(&mut h)), vec![]);
+    // The new master lacks 3..=5.
+    feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
+    assert!(matches!(
+        engine_cmds(&mut h).as_slice(),
+        [EngineCmd::Fill { after: 5, .. }]
+    ));
+    feed(&mut h, page(2, 5, &[]));
+    assert_eq!(raises(engine_cmds(&mut h)), vec![(77, 5)]);
+    // Moved up: the next message is 6, delivered at once.
+    hear(&mut h, &room, other(6, "six"));
+    assert_eq!(seqs(h.messages(bob)), vec![6]);
+    feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
+    engine_cmds(&mut h);
+    feed(&mut h, page(6, 6, &[]));
+    assert_eq!(raises(engine_cmds(&mut h)), vec![]);
 }
 
 #[test]
@@ -361,6 +413,7 @@ fn only_what_the_stream_dropped_becomes_a_gap() {
     };
     let filled = |after, msgs: &[u64]| EngineEvent::Filled {
         epoch: 77,
+        room_seq: ROOM_SEQ_AHEAD,
         room: room.clone(),
         after,
         msgs: msgs.iter().map(|&s| other(s, "x")).collect(),
@@ -788,6 +841,7 @@ fn answer_fills(h: &mut Harness, room: &RoomName, stream: &[u64]) {
                 h,
                 EngineEvent::Filled {
                     epoch: 77,
+                    room_seq: ROOM_SEQ_AHEAD,
                     room: room.clone(),
                     after,
                     msgs,

@@ -27,6 +27,8 @@ pub struct ClusterScrape {
     pub subscriptions: i64,
     /// Messages read back from streams to fill holes.
     pub holes_filled: u64,
+    /// Rooms' sequences moved up after Redis lost writes.
+    pub sequences_raised: u64,
     /// Removals applied in their rooms' order.
     pub removals_in_order: u64,
     /// Engine errors by kind (in [`crate::cluster::EngineErrorKind::ALL`]'s order).
@@ -69,6 +71,7 @@ impl ClusterScrape {
             pipeline_depth: c.pipeline_depth.load(Relaxed),
             subscriptions: c.subscriptions.load(Relaxed),
             holes_filled: c.holes_filled.load(Relaxed),
+            sequences_raised: c.sequences_raised.load(Relaxed),
             removals_in_order: c.removals_in_order.load(Relaxed),
             errors: crate::cluster::EngineErrorKind::ALL.map(|k| c.errors_of(k)),
             refused: c.refused.load(Relaxed),
@@ -98,6 +101,11 @@ impl ClusterScrape {
                 "pabal_cluster_holes_filled",
                 "Messages read back from a room's stream to fill a hole (a sequence jump or a lost subscription).",
                 self.holes_filled,
+            ),
+            (
+                "pabal_cluster_sequences_raised",
+                "Rooms whose sequence Redis gave back below what this node delivered (it lost writes: a failover to a replica behind, a restart from an AOF not synced) and the node moved up again; what was lost is a gap.",
+                self.sequences_raised,
             ),
             (
                 "pabal_cluster_removals_in_order",

@@ -51,7 +51,8 @@ pub(super) struct UserWatch {
 /// Notices one user's channel may hold while a read of the user's rooms is out.
 const MAX_HELD_NOTICES: usize = 256;
 
-/// A membership command on the command connection awaiting its reply. Each carries what
+/// A membership command (or presence's, or a room's sequence raised: scripts answered
+/// the same way) on the command connection awaiting its reply. Each carries what
 /// it takes to send it again: a step answered `MOVED` or `ASK` goes where Redis said, one
 /// answered `TRYAGAIN` (a slot mid-migration) goes again after a short backoff, both
 /// bounded by the engine's `MAX_HOPS`.
@@ -84,6 +85,12 @@ pub(in crate::cluster) enum Step {
     SetPresence { user: Text },
     /// A server-API read (`presence.rs`).
     Lookup { ticket: u64, lookup: Lookup },
+    /// A room's sequence moved up to its owner's head (`script::RAISE`).
+    Raise {
+        room: RoomName,
+        epoch: u64,
+        head: u64,
+    },
 }
 
 /// What a step sends.
@@ -422,6 +429,11 @@ impl Engine {
                     ],
                 )
             }
+            Step::Raise { room, epoch, head } => Command::Script(
+                &super::super::script::RAISE,
+                vec![room_key(room, "m")],
+                vec![d(*epoch), d(*head)],
+            ),
             Step::Lookup { lookup, .. } => match lookup {
                 Lookup::Presence { .. } => Command::Script(&p::READ, vec![lookup.key()], vec![]),
                 Lookup::Rooms { .. } => Command::Plain(vec![b"HKEYS".to_vec(), lookup.key()]),
@@ -572,6 +584,12 @@ impl Engine {
             step @ (Step::Claim { .. } | Step::SetPresence { .. } | Step::Lookup { .. }) => {
                 self.on_presence_reply(step, &reply)
             }
+            Step::Raise { room, epoch, head } => {
+                if reply.int() == Some(1) {
+                    self.stats.sequences_raised.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(worker = self.worker, room = %room.name, epoch, head, "Redis lost writes of the room (its sequence was below what this node delivered): moved it up; what was lost is a gap");
+                }
+            }
         }
     }
 
@@ -640,7 +658,8 @@ impl Engine {
             Step::Room(req) | Step::UserJoin { req, .. } | Step::UserLeave { req, .. } => {
                 EngineEvent::MemberFailed { ticket: req.ticket }
             }
-            Step::Undo { .. } | Step::SetPresence { .. } => return,
+            // A raise not made is asked again by the owner's next read or publish.
+            Step::Undo { .. } | Step::SetPresence { .. } | Step::Raise { .. } => return,
             Step::Load { user } => {
                 self.out.push(EngineEvent::UserLoadFailed {
                     user: user.clone(),

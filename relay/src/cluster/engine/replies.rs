@@ -332,9 +332,9 @@ impl Engine {
             } => {
                 let parsed = match reader {
                     None => script::parse_fill(&reply, &self.prefix, after),
-                    Some(_) => script::parse_entries(&reply, &self.prefix).map(|s| (0, s)),
+                    Some(_) => script::parse_entries(&reply, &self.prefix).map(|s| (0, 0, s)),
                 };
-                let Some((epoch, span)) = parsed else {
+                let Some((epoch, room_seq, span)) = parsed else {
                     self.fills_waiting.push((room, after, reader));
                     return Err(malformed(format!("bad answer to a stream read: {reply:?}")));
                 };
@@ -343,6 +343,7 @@ impl Engine {
                     None => EngineEvent::Filled {
                         room,
                         epoch,
+                        room_seq,
                         after: after.0,
                         msgs: span.msgs,
                         marks: span.marks,

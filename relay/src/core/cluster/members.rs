@@ -139,7 +139,8 @@ impl Core {
         side.next_ticket
     }
 
-    fn push_engine(&mut self, cmd: EngineCmd) {
+    /// Queues `cmd` for this worker's engine.
+    pub(in crate::core) fn push_engine(&mut self, cmd: EngineCmd) {
         if let Some(side) = self.cluster.as_deref_mut() {
             side.out.push(cmd);
         }

@@ -731,6 +731,7 @@ impl Engine {
                 EngineEvent::Filled {
                     room: room.clone(),
                     epoch: EPOCH,
+                    room_seq: self.room(room.id).head,
                     after: *after,
                     msgs: span.msgs,
                     marks: span.marks,
@@ -766,6 +767,12 @@ impl Engine {
                 epoch: EPOCH,
                 markers: Vec::new(),
             },
+            // This Redis loses no write: an owner that thinks it did is wrong.
+            Written::Cmd(EngineCmd::Raise { room, head, .. }) => {
+                panic!(
+                    "{room:?}'s owner saw its sequence below its head {head}, and no write was lost"
+                )
+            }
             Written::Cmd(other) => panic!("not in this simulation: {other:?}"),
         }
     }

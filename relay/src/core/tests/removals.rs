@@ -3,7 +3,7 @@
 //! message `n + 1` reaches them, and a read or notice older than it does not bring the
 //! membership back.
 
-use super::cluster::{ann_and_bob, engine_cmds, feed, hear, other};
+use super::cluster::{ROOM_SEQ_AHEAD, ann_and_bob, engine_cmds, feed, hear, other};
 use super::*;
 use crate::cluster::{EngineCmd, EngineEvent, RemovalMark};
 use crate::directory::JoinPoint;
@@ -123,6 +123,7 @@ fn a_removal_heard_before_the_message_it_follows_waits_for_it() {
         &mut h,
         EngineEvent::Filled {
             epoch: 77,
+            room_seq: ROOM_SEQ_AHEAD,
             room: room.clone(),
             after: 0,
             msgs: vec![other(1, "one")],
@@ -152,6 +153,7 @@ fn while_the_stream_is_read_page_by_page_the_channel_waits_for_the_last_page() {
     };
     let page = |msgs, marks, full| EngineEvent::Filled {
         epoch: 77,
+        room_seq: ROOM_SEQ_AHEAD,
         room: room.clone(),
         after: 1,
         msgs,
@@ -205,6 +207,7 @@ fn an_answer_that_came_without_its_copy_enters_from_the_stream() {
         &mut h,
         EngineEvent::Filled {
             epoch: 77,
+            room_seq: ROOM_SEQ_AHEAD,
             room: room.clone(),
             after: 0,
             msgs: vec![mine],
@@ -335,6 +338,7 @@ fn a_removal_heard_while_the_stream_is_read_waits_for_an_earlier_one_it_brings()
     removal(&mut h, &room, dave.clone());
     let page = EngineEvent::Filled {
         epoch: 77,
+        room_seq: ROOM_SEQ_AHEAD,
         room: room.clone(),
         after: 1,
         msgs: vec![other(2, "two")],
@@ -361,6 +365,7 @@ fn a_held_removal_waits_for_an_earlier_one_the_stream_brings_at_the_same_message
     removal(&mut h, &room, dave.clone());
     let page = EngineEvent::Filled {
         epoch: 77,
+        room_seq: ROOM_SEQ_AHEAD,
         room: room.clone(),
         after: 0,
         msgs: vec![other(1, "one")],
@@ -388,6 +393,7 @@ fn a_removal_heard_while_the_stream_is_read_is_applied_when_the_read_completes()
     hear(&mut h, &room, other(2, "two"));
     let page = EngineEvent::Filled {
         epoch: 77,
+        room_seq: ROOM_SEQ_AHEAD,
         room: room.clone(),
         after: 1,
         msgs: Vec::new(),
@@ -416,6 +422,7 @@ fn a_removal_heard_while_the_stream_is_read_waits_past_a_full_page() {
     removal(&mut h, &room, someone("dave", 3));
     let page = |msgs, marks, full| EngineEvent::Filled {
         epoch: 77,
+        room_seq: ROOM_SEQ_AHEAD,
         room: room.clone(),
         after: 1,
         msgs,
