@@ -753,6 +753,7 @@ impl Worker {
                 match EngineHandle::spawn(
                     self.id,
                     config,
+                    self.config.limits.max_payload,
                     node,
                     Box::new(move || wakeup.wake()),
                     stats.clone(),

@@ -47,11 +47,11 @@ use mio::{Events, Poll, Token, Waker};
 
 use super::resp::{self, Value, decimal};
 use super::script::{self, OPEN};
-use super::shard::{Conn, Pending, Retry, Shard};
+use super::shard::{self, Conn, Pending, Retry, Shard};
 use super::slots::SlotMap;
 use super::{
-    ClusterConfig, ClusterStats, EngineCmd, EngineErrorKind, EngineEvent, PublishRequest,
-    RedisAddr, StreamEntry, Topology,
+    ClusterConfig, ClusterStats, EngineCmd, EngineErrorKind, EngineEvent, MAX_OPEN_TAIL,
+    PublishRequest, RedisAddr, StreamEntry, Topology,
 };
 use crate::ids::RoomName;
 
@@ -127,9 +127,12 @@ impl EngineHandle {
     /// Starts worker `worker`'s engine: on a thread of its own with
     /// `cluster.engine_thread` (`wake_worker` wakes the worker's loop when events wait),
     /// else on the worker's thread (the worker drives it: [`EngineHandle::turn`]).
+    /// `max_payload` (`limits.max_payload`) bounds what a connection buffers of a reply
+    /// not yet whole (`shard::reply_max`).
     pub fn spawn(
         worker: usize,
         config: &ClusterConfig,
+        max_payload: usize,
         node_id: &str,
         wake_worker: Box<dyn Fn() + Send>,
         stats: Arc<ClusterStats>,
@@ -191,6 +194,7 @@ impl EngineHandle {
             map_retry: Retry::now(),
             resolver,
             dialed: false,
+            reply_max: shard::reply_max(config.fill_batch, max_payload),
             held: tryagain::HeldPublishes::default(),
             later: tryagain::LaterCommands::default(),
             idle_check_at: Instant::now() + config.shard_idle / 4,
@@ -448,6 +452,8 @@ struct Engine {
     up: bool,
     /// Replies decoded from one read (reused).
     replies: Vec<Value>,
+    /// The most a connection buffers of a reply not yet whole ([`shard::reply_max`]).
+    reply_max: usize,
     /// Connections with events from one poll (reused): (shard, pub/sub?).
     ready: Vec<(usize, bool)>,
     /// When the thread last woke (its loop's clock: commands written and replies read in
@@ -972,7 +978,7 @@ impl Engine {
                     opens: Vec::new(),
                     opened: false,
                 });
-                c.opens.push((epoch_hint, tail));
+                c.opens.push((epoch_hint, tail.min(MAX_OPEN_TAIL)));
                 match c.state {
                     SubState::Subscribed => self.send_opens(&ch),
                     SubState::Subscribing => {}
@@ -1368,7 +1374,7 @@ mod tests {
             redis: vec!["redis://127.0.0.1:1".into()],
             ..ClusterConfig::default()
         };
-        let handle = EngineHandle::spawn(0, &config, "t", Box::new(|| {}), stats.clone())
+        let handle = EngineHandle::spawn(0, &config, 16 << 10, "t", Box::new(|| {}), stats.clone())
             .expect("the engine thread starts");
         assert_eq!(stats.engines.load(Ordering::Relaxed), 1);
         assert!(!stats.healthy());

@@ -108,6 +108,10 @@ use crate::stats::Histogram;
 /// bounds (µs).
 pub use crate::stats::{BUCKETS, HistogramSnapshot};
 
+/// The most tail messages an open reads ([`EngineCmd::Open`]'s `tail`); the engine's
+/// bound on a reply's size counts on it.
+pub const MAX_OPEN_TAIL: u64 = 4096;
+
 /// A request from an owner worker to its engine.
 #[derive(Debug)]
 pub enum EngineCmd {
@@ -119,7 +123,7 @@ pub enum EngineCmd {
         room: RoomName,
         /// The epoch the room gets if the engine does not hold it.
         epoch_hint: u64,
-        /// Messages of the tail to read.
+        /// Messages of the tail to read, at most [`MAX_OPEN_TAIL`].
         tail: u64,
     },
     /// Move the room's sequence in `epoch` up to `head` if it is below (Redis lost

@@ -1,9 +1,10 @@
 //! RESP2, the Redis wire protocol: commands encoded into a reused buffer, replies decoded
 //! incrementally from a buffer, both sans-IO.
 //!
-//! Owns: the byte format and its bounds (a reply's size and nesting), so a broken or hostile
-//! server cannot make a node allocate without limit. Must not touch: sockets, commands'
-//! meaning.
+//! Owns: the byte format and its bounds (one bulk string's size, one array's length,
+//! nesting; a whole reply's size is bounded by the connection reading it, `shard.rs`), so
+//! a broken or hostile server cannot make a node allocate without limit, and what an
+//! incomplete reply still lacks ([`Decoder`]). Must not touch: sockets, commands' meaning.
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -131,13 +132,54 @@ pub fn decimal(n: u64, buf: &mut [u8; 20]) -> &[u8] {
 
 /// Takes one complete reply off the front of `buf`: `Ok(None)` until it is all there.
 pub fn decode(buf: &mut BytesMut) -> Result<Option<Value>, RespError> {
-    match parse(buf, 0, 0)? {
-        Some((value, used)) => {
-            buf.advance(used);
-            Ok(Some(value))
+    Decoder::default().decode(buf)
+}
+
+/// Decodes the replies at the front of one connection's buffer, remembering what the
+/// incomplete reply at its front lacks: while the buffer holds fewer bytes than it needs
+/// it is not looked at again, and once found incomplete it is measured (its lines read,
+/// nothing copied) before it is built. A large reply arriving in many reads is then
+/// walked once per read instead of copied once per read.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    /// The reply at the front of the buffer is incomplete and needs at least this many
+    /// bytes from the buffer's start; 0 while none is known to be.
+    need: usize,
+}
+
+impl Decoder {
+    /// Takes one complete reply off the front of `buf` (the buffer this decoder has been
+    /// reading, only ever appended to meanwhile): `Ok(None)` until it is all there.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Value>, RespError> {
+        if self.need > 0 {
+            if buf.len() < self.need {
+                return Ok(None);
+            }
+            if let Parsed::Short(need) = parse(buf, 0, 0, false)? {
+                self.need = need;
+                return Ok(None);
+            }
         }
-        None => Ok(None),
+        match parse(buf, 0, 0, true)? {
+            Parsed::Whole(value, used) => {
+                self.need = 0;
+                buf.advance(used);
+                Ok(value)
+            }
+            Parsed::Short(need) => {
+                self.need = need;
+                Ok(None)
+            }
+        }
     }
+}
+
+/// What [`parse`] found at an offset.
+enum Parsed {
+    /// A whole reply (built, or `None` when only measured) and where the next starts.
+    Whole(Option<Value>, usize),
+    /// Incomplete: the buffer needs at least this many bytes before it can be whole.
+    Short(usize),
 }
 
 /// The line starting at `at` (without CRLF) and where the next one starts.
@@ -154,66 +196,69 @@ fn number(text: &[u8]) -> Result<i64, RespError> {
         .ok_or(RespError::BadNumber)
 }
 
-fn parse(buf: &BytesMut, at: usize, depth: usize) -> Result<Option<(Value, usize)>, RespError> {
+/// The reply starting at `at`, `depth` arrays deep; `build` false only measures it (no
+/// value, nothing copied).
+fn parse(buf: &[u8], at: usize, depth: usize, build: bool) -> Result<Parsed, RespError> {
     if depth > MAX_DEPTH {
         return Err(RespError::TooLarge("nesting"));
     }
     let Some(&kind) = buf.get(at) else {
-        return Ok(None);
+        return Ok(Parsed::Short(at + 1));
     };
     let Some((text, next)) = line(buf, at + 1) else {
         if buf.len() - at > MAX_BULK {
             return Err(RespError::TooLarge("line"));
         }
-        return Ok(None);
+        return Ok(Parsed::Short(buf.len() + 1));
     };
-    let slice = |from: usize, to: usize| Bytes::copy_from_slice(&buf[from..to]);
-    let value = match kind {
-        b'+' => (Value::Simple(slice(at + 1, at + 1 + text.len())), next),
-        b'-' => (Value::Error(slice(at + 1, at + 1 + text.len())), next),
-        b':' => (Value::Int(number(text)?), next),
+    let slice = |from: usize, to: usize| build.then(|| Bytes::copy_from_slice(&buf[from..to]));
+    let parsed = match kind {
+        b'+' => Parsed::Whole(slice(at + 1, at + 1 + text.len()).map(Value::Simple), next),
+        b'-' => Parsed::Whole(slice(at + 1, at + 1 + text.len()).map(Value::Error), next),
+        b':' => Parsed::Whole(Some(Value::Int(number(text)?)), next),
         b'$' => {
             let len = number(text)?;
             if len < 0 {
-                return Ok(Some((Value::Bulk(None), next)));
+                return Ok(Parsed::Whole(Some(Value::Bulk(None)), next));
             }
             let len = len as usize;
             if len > MAX_BULK {
                 return Err(RespError::TooLarge("bulk string"));
             }
             if buf.len() < next + len + 2 {
-                return Ok(None);
+                return Ok(Parsed::Short(next + len + 2));
             }
             if &buf[next + len..next + len + 2] != b"\r\n" {
                 return Err(RespError::BadTerminator);
             }
-            (Value::Bulk(Some(slice(next, next + len))), next + len + 2)
+            let bulk = slice(next, next + len).map(|b| Value::Bulk(Some(b)));
+            Parsed::Whole(bulk, next + len + 2)
         }
         b'*' => {
             let len = number(text)?;
             if len < 0 {
-                return Ok(Some((Value::Array(None), next)));
+                return Ok(Parsed::Whole(Some(Value::Array(None)), next));
             }
             let len = len as usize;
             if len > MAX_ARRAY {
                 return Err(RespError::TooLarge("array"));
             }
-            let mut items = Vec::with_capacity(len.min(64));
+            let mut items = Vec::with_capacity(if build { len.min(64) } else { 0 });
             let mut at = next;
             for _ in 0..len {
-                match parse(buf, at, depth + 1)? {
-                    Some((item, used)) => {
-                        items.push(item);
-                        at = used;
+                match parse(buf, at, depth + 1, build)? {
+                    Parsed::Whole(item, end) => {
+                        items.extend(item);
+                        at = end;
                     }
-                    None => return Ok(None),
+                    short @ Parsed::Short(_) => return Ok(short),
                 }
             }
-            (Value::Array(Some(items)), at)
+            Parsed::Whole(build.then_some(Value::Array(Some(items))), at)
         }
         other => return Err(RespError::UnknownType(other)),
     };
-    Ok(Some(value))
+    Ok(parsed)
 }
 
 #[cfg(test)]
@@ -269,6 +314,51 @@ mod tests {
             Some(Value::Error(Bytes::from_static(b"ERR x")))
         );
         assert!(buf.is_empty());
+    }
+
+    /// Fed in pieces of any size, a decoder takes the same replies as fed all at once.
+    #[test]
+    fn replies_fed_in_pieces_decode_as_fed_whole() {
+        let full = b"*3\r\n$3\r\nabc\r\n:-7\r\n*2\r\n+OK\r\n$-1\r\n-ERR x\r\n$0\r\n\r\n";
+        let mut whole = Vec::new();
+        let mut buf = BytesMut::from(&full[..]);
+        while let Some(v) = decode(&mut buf).unwrap() {
+            whole.push(v);
+        }
+        assert_eq!(whole.len(), 3);
+        for size in 1..full.len() {
+            let (mut decoder, mut buf, mut got) = (Decoder::default(), BytesMut::new(), Vec::new());
+            for piece in full.chunks(size) {
+                buf.extend_from_slice(piece);
+                while let Some(v) = decoder.decode(&mut buf).unwrap() {
+                    got.push(v);
+                }
+            }
+            assert_eq!(got, whole, "in pieces of {size}");
+            assert!(buf.is_empty());
+        }
+    }
+
+    /// A reply found incomplete remembers what it lacks: a bulk's bytes (the whole of it
+    /// and its CRLF), or one more byte of a line. Before, every read parsed it again from
+    /// its start, copying every bulk that was complete.
+    #[test]
+    fn an_incomplete_reply_waits_for_what_it_lacks() {
+        let mut decoder = Decoder::default();
+        let mut buf = BytesMut::from(&b"*2\r\n$10\r\nab"[..]);
+        assert_eq!(decoder.decode(&mut buf), Ok(None));
+        assert_eq!(decoder.need, 4 + 5 + 10 + 2);
+        buf.extend_from_slice(b"cdefghij\r\n:4");
+        assert_eq!(decoder.decode(&mut buf), Ok(None));
+        assert_eq!(
+            decoder.need,
+            buf.len() + 1,
+            "the integer's line is not ended"
+        );
+        buf.extend_from_slice(b"2\r\n");
+        let v = decoder.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(v.array().unwrap()[1], Value::Int(42));
+        assert_eq!(decoder.need, 0);
     }
 
     #[test]

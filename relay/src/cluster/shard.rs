@@ -1,6 +1,7 @@
 //! One Redis an engine talks to (the single Redis, or one Redis Cluster shard's
 //! master): its command and pub/sub connections on the engine's mio poll, their
-//! buffers, their reconnection backoff, and what is in flight on the command connection.
+//! buffers (what one buffers of a reply not yet whole is bounded: [`reply_max`]), their
+//! reconnection backoff, and what is in flight on the command connection.
 //!
 //! Owns: the sockets and their bytes. Must not touch: what the commands mean (the engine
 //! encodes them and reads the replies, see `engine.rs`).
@@ -14,7 +15,8 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use super::engine::dial::{Dial, Dialed, Resolver};
-use super::{PublishRequest, RedisAddr};
+use super::resp::{self, RespError, Value};
+use super::{MAX_OPEN_TAIL, PublishRequest, RedisAddr};
 use crate::ids::RoomName;
 
 /// The first reconnect delay (doubling up to `cluster.reconnect_max`).
@@ -22,12 +24,37 @@ pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Commands that wait on a command connection while it dials; past it the shard's
 /// commands are refused `unavailable` (retryable) until it is connected.
 pub(super) const DIAL_QUEUE_MAX: usize = 4096;
+/// The least [`reply_max`] is: room for the replies that are no page of messages (a
+/// user's rooms, a hand-off page, a slot map) and for pages of small messages.
+pub(super) const REPLY_MIN: usize = 64 << 20;
+/// What a connection reads at most before what it read is decoded and handled (then it
+/// reads on): what one read decodes into at once stays small, whatever Redis sends.
+pub(super) const READ_ROUND: usize = 1 << 20;
+/// A message's bytes in a reply beside its payload: its sender, time and tag, its stream
+/// entry's id and fields, and their RESP framing.
+const ENTRY_OVERHEAD: usize = 1024;
+
+/// The most one connection buffers of a reply that is not whole yet: the largest reply
+/// the engine asks for is a page of messages, `cluster.fill_batch` of them read from a
+/// stream or an open's tail of at most [`MAX_OPEN_TAIL`], each at most `max_payload`
+/// (`limits.max_payload`) with its [`ENTRY_OVERHEAD`]; never less than [`REPLY_MIN`].
+/// Past it Redis is taken for broken (the connection is reset as for a malformed answer):
+/// without it, `*1048576` followed by 16 MiB bulk strings would have a node buffer 16 TiB
+/// before its decoder could refuse anything. It assumes the nodes of a cluster share
+/// `limits.max_payload` (a node with a smaller one reads pages of the larger messages up
+/// to [`REPLY_MIN`]).
+pub(super) fn reply_max(fill_batch: usize, max_payload: usize) -> usize {
+    let entries = fill_batch.max(MAX_OPEN_TAIL as usize);
+    REPLY_MIN.max(entries.saturating_mul(max_payload.saturating_add(ENTRY_OVERHEAD)))
+}
 
 /// A connection to Redis with its buffers. While it dials, commands are written into
 /// its buffer and wait there (see `Shard::queue_full`); they go when it is connected.
 pub(super) struct Conn {
     link: Link,
     pub(super) rbuf: BytesMut,
+    /// Decodes `rbuf`, remembering what the reply at its front still lacks.
+    decoder: resp::Decoder,
     pub(super) wbuf: BytesMut,
     /// When Redis last sent anything on it (or it connected); `cluster.reply_timeout`
     /// counts from it (`engine/connections.rs`).
@@ -62,6 +89,7 @@ impl Conn {
         Conn {
             link: Link::Dialing(Dial::new(addr.clone(), token, now, timeout)),
             rbuf: BytesMut::with_capacity(64 * 1024),
+            decoder: resp::Decoder::default(),
             wbuf: BytesMut::with_capacity(64 * 1024),
             heard: now,
             answered: false,
@@ -140,30 +168,44 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads what the socket has into the read buffer: an error, or EOF as one (nothing
-    /// while dialing).
-    pub(super) fn fill(&mut self) -> io::Result<()> {
-        self.fill_at_most(usize::MAX)
-    }
-
-    /// [`Conn::fill`], failing once the read buffer holds more than `max` bytes.
-    pub(super) fn fill_at_most(&mut self, max: usize) -> io::Result<()> {
+    /// Reads what the socket has into the read buffer until it would block (`Ok(false)`)
+    /// or until it read more than `most` bytes (`Ok(true)`: more may wait, to be read once
+    /// what the buffer holds is handled); an error, or EOF as one (nothing while dialing).
+    pub(super) fn fill(&mut self, most: usize) -> io::Result<bool> {
         let Link::Up(stream) = &mut self.link else {
-            return Ok(());
+            return Ok(false);
         };
         let mut chunk = [0u8; 16 * 1024];
+        let mut read = 0;
         loop {
             match stream.read(&mut chunk) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => self.rbuf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Ok(n) => {
+                    self.rbuf.extend_from_slice(&chunk[..n]);
+                    read += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
-            if self.rbuf.len() > max {
-                return Err(super::malformed("the answer is too long"));
+            if read > most {
+                return Ok(true);
             }
         }
+    }
+
+    /// Reads what the socket has, failing once the read buffer holds more than `max`
+    /// bytes.
+    pub(super) fn fill_at_most(&mut self, max: usize) -> io::Result<()> {
+        if self.fill(max)? || self.rbuf.len() > max {
+            return Err(super::malformed("the answer is too long"));
+        }
+        Ok(())
+    }
+
+    /// Takes the next complete reply off the read buffer: `Ok(None)` until one is whole.
+    pub(super) fn decode(&mut self) -> Result<Option<Value>, RespError> {
+        self.decoder.decode(&mut self.rbuf)
     }
 }
 

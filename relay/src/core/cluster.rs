@@ -66,7 +66,8 @@ use pabal_codec::{ErrorCode, Text};
 use super::owner::PublishId;
 use super::{COMPACT_BELOW, Core, ReplyTo};
 use crate::cluster::{
-    ClusterStats, EngineCmd, EngineEvent, EngineMessage, PublishRequest, RemovalMark, RepeatKey,
+    ClusterStats, EngineCmd, EngineEvent, EngineMessage, MAX_OPEN_TAIL, PublishRequest,
+    RemovalMark, RepeatKey,
 };
 use crate::idempotency::IdempotencyKey;
 use crate::ids::{RoomName, Stored, StoredRef};
@@ -83,8 +84,6 @@ mod receipts;
 const MAX_PARKED: usize = 4096;
 /// Messages after a hole held per room; more are read back from the stream with the hole.
 const MAX_REORDER: usize = 8192;
-/// The most tail messages read when a room opens.
-const MAX_OPEN_TAIL: u64 = 4096;
 /// The message a publish refused for want of the engine carries (with `Overloaded`).
 pub(super) const UNAVAILABLE: &str = "unavailable";
 

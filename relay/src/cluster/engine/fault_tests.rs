@@ -1,8 +1,8 @@
-//! The engine against Redis faults found in review (s16): a shard leaving the slot map
-//! with answers held for their copies, a subscription refused, publishes of a room
-//! answered unrun, a Redis that goes silent. Each drives a real engine on the test's
-//! thread (inline driver), some against a fake Redis on a thread of the test's own; none
-//! needs a redis-server. Waits are bounded by [`WAIT`], and nothing asserts how fast.
+//! The engine against Redis faults found in review (s16): a shard leaving the slot map with
+//! answers held for their copies, a subscription refused, publishes of a room answered
+//! unrun, a Redis that goes silent, a reply without end. Each drives a real engine on the
+//! test's thread (inline driver), some against a fake Redis on a thread of the test's own;
+//! none needs a redis-server. Waits are bounded by [`WAIT`], and nothing asserts how fast.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // reason: tests fail loudly on purpose
 
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::super::resp::{self, Value};
+use super::super::shard::reply_max;
 use super::super::slots::SlotMap;
 use super::super::{
     ClusterConfig, ClusterStats, EngineCmd, EngineErrorKind, EngineEvent, PublishRequest,
@@ -34,12 +35,35 @@ fn engine_of(handle: &mut EngineHandle) -> &mut Engine {
     }
 }
 
+/// The engines' `limits.max_payload` (its default).
+const MAX_PAYLOAD: usize = 16 << 10;
+
 fn spawn(config: &ClusterConfig) -> (EngineHandle, Arc<ClusterStats>) {
     let stats = Arc::new(ClusterStats::default());
-    let handle = EngineHandle::spawn(0, config, "t", Box::new(|| {}), stats.clone())
+    let handle = EngineHandle::spawn(0, config, MAX_PAYLOAD, "t", Box::new(|| {}), stats.clone())
         .expect("the engine starts");
     (handle, stats)
 }
+
+/// `[cluster]` with the one Redis on loopback at `port`, the rest as by default.
+fn on_port(port: u16) -> ClusterConfig {
+    ClusterConfig {
+        redis: vec![format!("redis://127.0.0.1:{port}")],
+        ..ClusterConfig::default()
+    }
+}
+
+/// [`spawn`], turned until the engine is up (Redis answered both connections); with the
+/// events handed over meanwhile.
+fn spawn_up(config: &ClusterConfig) -> (EngineHandle, Arc<ClusterStats>, Vec<EngineEvent>) {
+    let (mut handle, stats) = spawn(config);
+    let mut events = Vec::new();
+    assert!(turn_until(&mut handle, &mut events, |_| stats.healthy()));
+    (handle, stats, events)
+}
+
+/// The open script's answer: epoch 1, sequence 0, no tail, no removals.
+const OPENED: &[u8] = b"*4\r\n:1\r\n:0\r\n*0\r\n*0\r\n";
 
 /// Turns the engine (as the worker's ticks do) until `done` holds for the events so far;
 /// false after [`WAIT`].
@@ -226,18 +250,12 @@ fn a_subscription_refused_is_sent_again(refusal: &'static [u8]) -> Arc<ClusterSt
             }
             Some(subscribed(ch))
         }
-        // The open script: epoch 1, sequence 0, no tail, no removals.
-        b"EVALSHA" | b"EVAL" => Some(b"*4\r\n:1\r\n:0\r\n*0\r\n*0\r\n".to_vec()),
+        b"EVALSHA" | b"EVAL" => Some(OPENED.to_vec()),
         b"PING" => Some(b"+PONG\r\n".to_vec()),
         _ => None,
     });
-    let config = ClusterConfig {
-        redis: vec![format!("redis://127.0.0.1:{port}")],
-        ..ClusterConfig::default()
-    };
-    let (mut handle, stats) = spawn(&config);
-    let mut events = Vec::new();
-    assert!(turn_until(&mut handle, &mut events, |_| stats.healthy()));
+    let config = on_port(port);
+    let (mut handle, stats, mut events) = spawn_up(&config);
     let room = RoomName::new(false, pabal_codec::Text::from("busy"));
     let opened = open(&mut handle, &mut events, &room);
     let state = engine_of(&mut handle)
@@ -281,16 +299,14 @@ fn a_pubsub_ping_answered_busy_is_an_answer() {
             let ch = args.get(1)?;
             Some(subscribed(ch))
         }
-        b"EVALSHA" | b"EVAL" => Some(b"*4\r\n:1\r\n:0\r\n*0\r\n*0\r\n".to_vec()),
+        b"EVALSHA" | b"EVAL" => Some(OPENED.to_vec()),
         b"PING" if busy2.load(Ordering::SeqCst) => {
             Some(b"-BUSY Redis is busy running a script.\r\n".to_vec())
         }
         b"PING" => Some(b"+PONG\r\n".to_vec()),
         _ => None,
     });
-    let (mut handle, stats) = spawn(&silent_after(port));
-    let mut events = Vec::new();
-    assert!(turn_until(&mut handle, &mut events, |_| stats.healthy()));
+    let (mut handle, stats, mut events) = spawn_up(&silent_after(port));
     let room = RoomName::new(false, pabal_codec::Text::from("pinged"));
     assert!(open(&mut handle, &mut events, &room));
     busy.store(true, Ordering::SeqCst);
@@ -366,14 +382,11 @@ fn noscript_resends_keep_a_rooms_publish_order() {
         None
     });
     let config = ClusterConfig {
-        redis: vec![format!("redis://127.0.0.1:{port}")],
         // No idle PING: the replies here are released in order by hand.
         reply_timeout: Duration::from_secs(300),
-        ..ClusterConfig::default()
+        ..on_port(port)
     };
-    let (mut handle, stats) = spawn(&config);
-    let mut events = Vec::new();
-    assert!(turn_until(&mut handle, &mut events, |_| stats.healthy()));
+    let (mut handle, _stats, mut events) = spawn_up(&config);
     // (verb, ticket) of each script call received, in order.
     let calls = || -> Vec<(String, u64)> {
         let log = log.lock().unwrap();
@@ -459,9 +472,8 @@ fn redis_that_hangs_on_a_script() -> (u16, Log) {
 
 fn silent_after(port: u16) -> ClusterConfig {
     ClusterConfig {
-        redis: vec![format!("redis://127.0.0.1:{port}")],
         reply_timeout: Duration::from_millis(200),
-        ..ClusterConfig::default()
+        ..on_port(port)
     }
 }
 
@@ -473,9 +485,7 @@ fn silent_after(port: u16) -> ClusterConfig {
 #[test]
 fn a_publish_to_a_redis_that_stopped_answering_fails_and_the_engine_is_down() {
     let (port, _log) = redis_that_hangs_on_a_script();
-    let (mut handle, stats) = spawn(&silent_after(port));
-    let mut events = Vec::new();
-    assert!(turn_until(&mut handle, &mut events, |_| stats.healthy()));
+    let (mut handle, stats, mut events) = spawn_up(&silent_after(port));
     let room = RoomName::new(false, pabal_codec::Text::from("r"));
     handle.send(Instant::now(), EngineCmd::Publish(publish(&room, 1)));
     handle.wake();
@@ -513,9 +523,7 @@ fn a_peer_that_accepts_and_never_answers_is_not_an_engine_up() {
 #[test]
 fn idle_connections_are_pinged_and_stay_up_while_redis_answers() {
     let (port, log) = redis_that_hangs_on_a_script();
-    let (mut handle, stats) = spawn(&silent_after(port));
-    let mut events = Vec::new();
-    assert!(turn_until(&mut handle, &mut events, |_| stats.healthy()));
+    let (mut handle, stats, mut events) = spawn_up(&silent_after(port));
     // Each connection's first PING (at connect), then at least two more each.
     let pinged = turn_until(&mut handle, &mut events, |_| {
         let log = log.lock().unwrap();
@@ -534,4 +542,50 @@ fn idle_connections_are_pinged_and_stay_up_while_redis_answers() {
         .sum();
     assert_eq!(errors, 0);
     assert!(events.is_empty(), "{events:?}");
+}
+
+/// A reply Redis never finishes (`*1048576` followed by 16 MiB bulk strings, more of them
+/// than [`reply_max`] bytes) is refused once the connection holds that much of it: counted
+/// as a protocol error, the connection reset and dialed again, and the engine up again
+/// once Redis answers the new one. Before, the node buffered whatever Redis sent of it
+/// (16 TiB, had Redis gone on).
+#[test]
+fn a_reply_longer_than_the_bound_resets_its_connection() {
+    let bound = reply_max(ClusterConfig::default().fill_batch, MAX_PAYLOAD);
+    let bulk = resp::MAX_BULK;
+    let mut endless = b"*1048576\r\n".to_vec();
+    while endless.len() <= bound {
+        endless.extend_from_slice(format!("${bulk}\r\n").as_bytes());
+        endless.resize(endless.len() + bulk, b'x');
+        endless.extend_from_slice(b"\r\n");
+    }
+    let sent_once = AtomicBool::new(false);
+    let (port, log, _conns) = fake_redis(move |args| match &args.first()?[..] {
+        // The first connection's PING is answered with it, every later one with PONG.
+        b"PING" if !sent_once.swap(true, Ordering::SeqCst) => Some(endless.clone()),
+        b"PING" => Some(b"+PONG\r\n".to_vec()),
+        _ => None,
+    });
+    let config = on_port(port);
+    let (mut handle, stats) = spawn(&config);
+    let mut events = Vec::new();
+    let recovered = turn_until(&mut handle, &mut events, |_| {
+        stats.errors_of(EngineErrorKind::Protocol) >= 1 && stats.healthy()
+    });
+    let connections = log.lock().unwrap().iter().map(|(n, _)| n + 1).max();
+    assert!(
+        recovered,
+        "protocol errors {}, healthy {}, connections {connections:?}",
+        stats.errors_of(EngineErrorKind::Protocol),
+        stats.healthy()
+    );
+    assert_eq!(stats.errors_of(EngineErrorKind::Protocol), 1);
+    assert!(
+        connections >= Some(3),
+        "the reset connection was dialed again"
+    );
+    let shard = &engine_of(&mut handle).shards[0];
+    for conn in [&shard.cmd, &shard.sub] {
+        assert!(conn.as_ref().is_some_and(|c| c.rbuf.len() <= bound));
+    }
 }

@@ -761,7 +761,7 @@ mod tests {
             ..ClusterConfig::default()
         };
         let stats = Arc::new(super::super::super::ClusterStats::default());
-        EngineHandle::spawn(0, &config, "t", Box::new(|| {}), stats).unwrap()
+        EngineHandle::spawn(0, &config, 16 << 10, "t", Box::new(|| {}), stats).unwrap()
     }
 
     fn engine_of(handle: &mut EngineHandle) -> &mut Engine {

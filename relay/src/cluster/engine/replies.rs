@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::super::resp::{self, Value};
+use super::super::resp::Value;
 use super::super::script;
-use super::super::shard::{BACKOFF_MIN, Pending};
+use super::super::shard::{BACKOFF_MIN, Pending, READ_ROUND};
 use super::super::{EngineErrorKind, EngineEvent, EngineMessage, RedisAddr, malformed};
 use super::{Channel, Engine, MAX_HOPS, SubState, channel_key, tryagain};
 
@@ -80,21 +80,27 @@ fn channel_on<'a>(
 }
 
 impl Engine {
-    /// Reads what shard `i`'s connection has and decodes every complete reply into
-    /// `self.replies`; the read's or the decoder's error comes after what decoded.
-    fn read_replies(&mut self, i: usize, pubsub: bool) -> io::Result<()> {
+    /// Reads up to [`READ_ROUND`] of what shard `i`'s connection has and decodes every
+    /// complete reply into `self.replies`: whether more may wait (read it once those are
+    /// handled); the read's or the decoder's error comes after what decoded. A reply not
+    /// whole with more than `reply_max` bytes of it read, or more replies on the command
+    /// connection than commands in flight there, is an error too: Redis cannot have the
+    /// node buffer without bound.
+    fn read_replies(&mut self, i: usize, pubsub: bool) -> io::Result<bool> {
         let Some(shard) = self.shards.get_mut(i) else {
-            return Ok(());
+            return Ok(false);
         };
-        let Some(conn) = (if pubsub {
-            shard.sub.as_mut()
+        let (conn, asked) = if pubsub {
+            (shard.sub.as_mut(), usize::MAX)
         } else {
-            shard.cmd.as_mut()
-        }) else {
-            return Ok(());
+            (shard.cmd.as_mut(), shard.inflight.len())
+        };
+        let Some(conn) = conn else {
+            return Ok(false);
         };
         let had = conn.rbuf.len();
-        let read = conn.fill();
+        let read = conn.fill(READ_ROUND);
+        let first_answer = conn.rbuf.len() != had && !conn.answered;
         if conn.rbuf.len() != had {
             // Redis is there: a PING is answered (pub/sub: nothing else is awaited
             // there), commands in flight wait afresh from now.
@@ -104,57 +110,65 @@ impl Engine {
             } else {
                 conn.awaiting.map(|_| self.woke)
             };
-            if !conn.answered {
-                conn.answered = true;
-                self.note_health();
-            }
+            conn.answered = true;
         }
-        let Some(conn) = self.shards.get_mut(i).and_then(|s| {
-            if pubsub {
-                s.sub.as_mut()
-            } else {
-                s.cmd.as_mut()
+        let decoded = loop {
+            if self.replies.len() > asked {
+                break Err(malformed("a reply nobody asked for"));
             }
-        }) else {
-            return read;
-        };
-        loop {
-            match resp::decode(&mut conn.rbuf) {
+            match conn.decode() {
                 Ok(Some(v)) => self.replies.push(v),
-                Ok(None) => return read,
-                Err(e) => return Err(malformed(e.to_string())),
+                Ok(None) => break Ok(conn.rbuf.len()),
+                Err(e) => break Err(malformed(e.to_string())),
             }
+        };
+        if first_answer {
+            self.note_health();
+        }
+        let max = self.reply_max;
+        match decoded? {
+            unfinished if unfinished > max => Err(malformed(format!(
+                "a reply longer than {max} bytes ({unfinished} read and not whole)"
+            ))),
+            _ => read,
         }
     }
 
+    /// Reads and handles what shard `i`'s command connection has.
     pub(super) fn read_cmd(&mut self, i: usize) {
-        let result = self.read_replies(i, false);
-        let mut replies = std::mem::take(&mut self.replies);
-        for reply in replies.drain(..) {
-            let Some((pending, hops)) = self.shards.get_mut(i).and_then(|s| s.inflight.pop_front())
-            else {
-                self.fail_cmd(i, &malformed("a reply nobody asked for"));
-                break;
-            };
-            if matches!(pending, Pending::Asking | Pending::Ping) {
-                continue;
+        loop {
+            let result = self.read_replies(i, false);
+            let mut replies = std::mem::take(&mut self.replies);
+            for reply in replies.drain(..) {
+                let Some((pending, hops)) =
+                    self.shards.get_mut(i).and_then(|s| s.inflight.pop_front())
+                else {
+                    self.fail_cmd(i, &malformed("a reply nobody asked for"));
+                    break;
+                };
+                if matches!(pending, Pending::Asking | Pending::Ping) {
+                    continue;
+                }
+                self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
+                self.stats.pipeline_depth.fetch_sub(1, Ordering::Relaxed);
+                if let Value::Error(e) = &reply {
+                    self.stats.count_retry(e);
+                }
+                if let Err(e) = self.on_reply(i, pending, hops, reply) {
+                    self.fail_cmd(i, &e);
+                    break;
+                }
             }
-            self.stats.round_trips.fetch_add(1, Ordering::Relaxed);
-            self.stats.pipeline_depth.fetch_sub(1, Ordering::Relaxed);
-            if let Value::Error(e) = &reply {
-                self.stats.count_retry(e);
+            replies.clear();
+            self.replies = replies;
+            if self.shards.get(i).is_none_or(|s| s.cmd.is_none()) {
+                return; // failed while its replies were handled
             }
-            if let Err(e) = self.on_reply(i, pending, hops, reply) {
-                self.fail_cmd(i, &e);
-                break;
+            match result {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => return self.fail_cmd(i, &e),
             }
-        }
-        replies.clear();
-        self.replies = replies;
-        if let Err(e) = result
-            && self.shards.get(i).is_some_and(|s| s.cmd.is_some())
-        {
-            self.fail_cmd(i, &e);
         }
     }
 
@@ -388,15 +402,20 @@ impl Engine {
         self.fail_held(held);
     }
 
+    /// Reads and handles what shard `i`'s pub/sub connection has.
     pub(super) fn read_sub(&mut self, i: usize) {
-        let result = self.read_replies(i, true);
-        let mut pushes = std::mem::take(&mut self.replies);
-        for push in pushes.drain(..) {
-            self.on_push(i, &push);
-        }
-        self.replies = pushes;
-        if let Err(e) = result {
-            self.fail_sub(i, &e);
+        loop {
+            let result = self.read_replies(i, true);
+            let mut pushes = std::mem::take(&mut self.replies);
+            for push in pushes.drain(..) {
+                self.on_push(i, &push);
+            }
+            self.replies = pushes;
+            match result {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => return self.fail_sub(i, &e),
+            }
         }
     }
 

@@ -181,7 +181,7 @@ impl Question {
         }
         a.conn.flush()?;
         a.conn.fill_at_most(ANSWER_MAX)?;
-        match resp::decode(&mut a.conn.rbuf).map_err(|e| malformed(e.to_string()))? {
+        match a.conn.decode().map_err(|e| malformed(e.to_string()))? {
             Some(reply) => self.read(&reply, &a.addr).map(Some),
             None => Ok(None),
         }
