@@ -412,8 +412,8 @@ struct Engine {
     map_retry: Retry,
     /// Resolves host names off the engine's thread (`engine/dial.rs`).
     resolver: dial::Resolver,
-    /// A connection started dialing: what waits for one is queued on it at the loop's
-    /// next turn ([`Engine::after_dials`]).
+    /// A connection started dialing, or a command connection connected: what waits for
+    /// one is queued on it ([`Engine::after_dials`]).
     dialed: bool,
     /// Publishes held behind one of their room's answered `TRYAGAIN` (`tryagain.rs`).
     held: tryagain::HeldPublishes,

@@ -2,8 +2,9 @@
 //! (the first command or subscription routed to one of its slots, an `ASK` naming it;
 //! the one Redis and the Sentinel master up front), its commands wait on the connection
 //! while it dials (bounded: [`super::super::shard::DIAL_QUEUE_MAX`]), each loop turn moves
-//! the dials on, what waited for a connection is queued once one starts, and a failed dial
-//! refuses what waited for that shard (publishes, opens, users' first loads) and backs off.
+//! the dials on, what waited for a connection is queued once one starts (what did not fit
+//! while it dialed, once it connects), and a failed dial refuses what waited for that
+//! shard (publishes, opens, users' first loads) and backs off.
 //! On a Redis Cluster a shard no longer needed (no room or user channel on its slots,
 //! nothing in flight, no command routed to it for `cluster.shard_idle`) has its
 //! connections closed; its next need dials it again.
@@ -139,6 +140,9 @@ impl Engine {
                 // Up once Redis answers on it (a peer that only accepts is not).
                 self.ping(i, pubsub, now);
                 self.note_health();
+                // What could not wait on it while it dialed ([`Shard::queue_full`]) went
+                // back to its waiting list: queued now (`after_dials`), it has room.
+                self.dialed |= !pubsub;
             }
             Err(e) if pubsub => {
                 self.fail_sub(i, &e);
@@ -271,8 +275,11 @@ impl Engine {
         }
     }
 
-    /// Connections started dialing: what waited for one (subscriptions, opens, stream
-    /// reads, receipts) is queued on them (it goes once they are connected).
+    /// Connections started dialing, or a command connection connected: what waited for
+    /// one (subscriptions, opens, stream reads, receipts) is queued on them (it goes once
+    /// they are connected). While a command connection dials, what is past
+    /// [`super::super::shard::DIAL_QUEUE_MAX`] goes back to its waiting list, and is queued
+    /// again when it connects.
     fn after_dials(&mut self) {
         if !std::mem::take(&mut self.dialed) {
             return;

@@ -1,8 +1,9 @@
 //! The engine against Redis faults found in review (s16): a shard leaving the slot map with
 //! answers held for their copies, a subscription refused, publishes of a room answered
-//! unrun, a Redis that goes silent, a reply without end. Each drives a real engine on the
-//! test's thread (inline driver), some against a fake Redis on a thread of the test's own;
-//! none needs a redis-server. Waits are bounded by [`WAIT`], and nothing asserts how fast.
+//! unrun, a Redis that goes silent, a reply without end, more work than a dialing
+//! connection holds. Each drives a real engine on the test's thread (inline driver), some
+//! against a fake Redis on a thread of the test's own; none needs a redis-server. Waits are
+//! bounded by [`WAIT`], and nothing asserts how fast.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // reason: tests fail loudly on purpose
 
@@ -14,14 +15,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::super::receipts::HandoffCheck;
 use super::super::resp::{self, Value};
-use super::super::shard::reply_max;
+use super::super::shard::{Conn, DIAL_QUEUE_MAX, Shard, reply_max};
 use super::super::slots::SlotMap;
 use super::super::{
     ClusterConfig, ClusterStats, EngineCmd, EngineErrorKind, EngineEvent, PublishRequest,
     RedisAddr, RetryKind, Topology,
 };
 use super::{Driver, Engine, EngineHandle, SubState, channel_key};
+use crate::handoff::detect::Noted;
 use crate::ids::RoomName;
 
 /// Every wait for an event is bounded by it: a missing event fails the test, a slow
@@ -588,4 +591,90 @@ fn a_reply_longer_than_the_bound_resets_its_connection() {
     for conn in [&shard.cmd, &shard.sub] {
         assert!(conn.as_ref().is_some_and(|c| c.rbuf.len() <= bound));
     }
+}
+
+/// What a dialing command connection could not queue ([`DIAL_QUEUE_MAX`] commands wait on
+/// it already) goes back to its waiting list: a stream read, a hand-off decision, the open
+/// of a subscribed room. Each is sent once the connection is up. Before, they waited for
+/// the next dial (none came: the offline pushes of the hand-off went missing, the read
+/// and the open held the room's delivery).
+#[test]
+fn what_a_dialing_connection_could_not_queue_is_sent_once_it_connects() {
+    let (port, log, _conns) = fake_redis(|args| {
+        let names = |room: &[u8]| {
+            args.iter()
+                .any(|a| a.windows(room.len()).any(|w| w == room))
+        };
+        match &args.first()?[..] {
+            b"PING" => Some(b"+PONG\r\n".to_vec()),
+            b"SUBSCRIBE" => Some(subscribed(args.get(1)?)),
+            // An empty page.
+            b"XRANGE" => Some(b"*0\r\n".to_vec()),
+            // The hand-off decision: no member read, none owed.
+            b"EVALSHA" if names(b"{r:handed}") => Some(b"*3\r\n:0\r\n:0\r\n*0\r\n".to_vec()),
+            b"EVALSHA" => Some(OPENED.to_vec()),
+            _ => None,
+        }
+    });
+    let config = on_port(port);
+    let (mut handle, _stats, mut events) = spawn_up(&config);
+    let opened = RoomName::new(false, pabal_codec::Text::from("opened"));
+    assert!(open(&mut handle, &mut events, &opened));
+    // The command connection is lost and dialing again, with as many commands waiting on
+    // it as it may hold.
+    let e = engine_of(&mut handle);
+    e.fail_cmd(0, &std::io::Error::other("lost for the test"));
+    let addr = e.shards[0].addr.clone();
+    let token = Shard::tokens(0).0;
+    e.shards[0].cmd = Some(Conn::dial(
+        &addr,
+        token,
+        Instant::now(),
+        config.connect_timeout,
+    ));
+    let page = |name: &str| RoomName::new(false, pabal_codec::Text::from(name.to_owned()));
+    for reader in 0..DIAL_QUEUE_MAX as u64 {
+        let room = page(&format!("read{reader}"));
+        e.send_fill(room, (0, u64::MAX), Some(reader), None, 0, false);
+    }
+    assert!(e.shards[0].queue_full());
+    // One more of each: each goes back to its waiting list.
+    e.send_fill(page("late"), (0, u64::MAX), Some(u64::MAX), None, 0, false);
+    let check = HandoffCheck {
+        room: page("handed"),
+        epoch: 1,
+        last: Noted {
+            seq: 1,
+            ts_ms: 1,
+            publisher: pabal_codec::Text::from("alice").into(),
+        },
+        other: None,
+    };
+    e.send_handoff(check, (false, None, 0));
+    e.send_open(opened.clone(), 1, 0, false, None, 0);
+    assert_eq!(e.fills_waiting.len(), 1);
+    let waiting_opens = e.channels.get(&channel_key(&opened)).map(|c| c.opens.len());
+    assert_eq!(waiting_opens, Some(1));
+    // Commands `verb` naming `room`'s keys that Redis received.
+    let received = |verb: &[u8], room: &[u8]| {
+        let log = log.lock().unwrap();
+        let names = |a: &Vec<u8>| a.windows(room.len()).any(|w| w == room);
+        let of = |a: &[Vec<u8>]| a.first().is_some_and(|v| v == verb) && a.iter().any(names);
+        log.iter().filter(|(_, a)| of(a)).count()
+    };
+    let (read, handed, opens) = (
+        || received(b"XRANGE", b"{r:late}"),
+        || received(b"EVALSHA", b"{r:handed}"),
+        || received(b"EVALSHA", b"{r:opened}"),
+    );
+    let all_sent = turn_until(&mut handle, &mut events, |_| {
+        read() == 1 && handed() == 1 && opens() == 2
+    });
+    assert!(
+        all_sent,
+        "received: the read {}, the hand-off {}, the opens {} (the first, then the one that waited)",
+        read(),
+        handed(),
+        opens()
+    );
 }
