@@ -986,7 +986,13 @@ impl Engine {
                 }
             }
             EngineCmd::Raise { room, epoch, head } => {
-                self.send_step(members::Step::Raise { room, epoch, head }, None, 0);
+                let step = members::Step::Raise {
+                    room,
+                    epoch,
+                    head,
+                    tries: 0,
+                };
+                self.send_step(step, None, 0);
             }
             EngineCmd::Fill { room, after, sub } => {
                 self.send_fill(room, (after, sub), None, None, 0, false);

@@ -481,6 +481,14 @@ pub enum EngineEvent {
         /// stream may hold more.
         full: bool,
     },
+    /// An [`EngineCmd::Raise`] Redis did not run (its connection lost, an error
+    /// answered): the owner reads the room again, which asks again if it is behind.
+    RaiseFailed {
+        /// The room.
+        room: RoomName,
+        /// The epoch it was asked in.
+        epoch: u64,
+    },
     /// A page of the stream for a reader ([`EngineCmd::Read`]), ascending (at most
     /// `cluster.fill_batch`). While the command connection is down the read waits for
     /// the next one, like a fill.

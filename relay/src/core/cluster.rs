@@ -301,6 +301,11 @@ impl Core {
                     // The engine's window knew it: the first publish's sequence, nothing new.
                     return self.resolve_repeat(p.publisher, seq);
                 }
+                // At or below the head: another message holds its sequence here (Redis
+                // gave it again, having lost writes), or its own did without resolving it
+                // (a fresh open's tail). `RAISE` tells which: it moves the room's
+                // sequence only when it is below the head.
+                self.check_room_seq(&p.room, epoch, seq.saturating_sub(1));
                 let room = p.room.clone();
                 let msg = self.resolve(p, seq);
                 if ordered {
@@ -358,8 +363,20 @@ impl Core {
                 marks,
                 full,
             } => {
-                self.check_room_seq(&room, epoch, room_seq);
+                // After the page: the head may have jumped to a message held from the
+                // channel that Redis has since lost (`order.rs`, past what retention dropped).
                 self.on_filled(&room, epoch, after, msgs, marks, full);
+                self.check_room_seq(&room, epoch, room_seq);
+            }
+            EngineEvent::RaiseFailed { room, epoch } => {
+                // Not run (the connection lost again, Redis refusing): read the room
+                // again, which asks again if its sequence is still behind.
+                let open = self
+                    .sync_mut(&room)
+                    .is_some_and(|s| s.state == SyncState::Open);
+                if open && self.owned.get(&room).is_some_and(|o| o.epoch == epoch) {
+                    self.request_fill(&room);
+                }
             }
             EngineEvent::Read {
                 room,

@@ -340,14 +340,6 @@ fn a_read_answering_the_rooms_sequence_below_the_head_raises_it() {
         marks: Vec::new(),
         full: false,
     };
-    let raises = |cmds: Vec<EngineCmd>| -> Vec<(u64, u64)> {
-        cmds.into_iter()
-            .filter_map(|c| match c {
-                EngineCmd::Raise { epoch, head, .. } => Some((epoch, head)),
-                _ => None,
-            })
-            .collect()
-    };
     feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
     engine_cmds(&mut h);
     feed(&mut h, page(5, 0, &[1, 2, 3, 4, 5]));
@@ -368,6 +360,77 @@ fn a_read_answering_the_rooms_sequence_below_the_head_raises_it() {
     engine_cmds(&mut h);
     feed(&mut h, page(6, 6, &[]));
     assert_eq!(raises(engine_cmds(&mut h)), vec![]);
+}
+
+/// The raises `cmds` asks for: (epoch, head).
+fn raises(cmds: Vec<EngineCmd>) -> Vec<(u64, u64)> {
+    cmds.into_iter()
+        .filter_map(|c| match c {
+            EngineCmd::Raise { epoch, head, .. } => Some((epoch, head)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A message held after a hole (heard before a failover that lost it) becomes the head
+/// once the read answers nothing between: past the room's sequence that read answered.
+/// The owner compares after applying the page, so it asks for the raise (to 7). Found by
+/// review: the check ran before the page, and the new master's 6 and 7 were dropped.
+#[test]
+fn a_held_message_past_the_rooms_sequence_is_raised_to() {
+    let (mut h, bob, room) = bob_in_dm();
+    for s in 1..=5 {
+        hear(&mut h, &room, other(s, "old"));
+    }
+    assert_eq!(seqs(h.messages(bob)), vec![1, 2, 3, 4, 5]);
+    engine_cmds(&mut h);
+    // 6 lost on pub/sub, 7 heard: a hole, read from the stream.
+    hear(&mut h, &room, other(7, "seven"));
+    assert!(matches!(
+        engine_cmds(&mut h).as_slice(),
+        [EngineCmd::Fill { after: 5, .. }]
+    ));
+    // A failover lost 6 and 7: the read answers the room's sequence 5, nothing after.
+    feed(
+        &mut h,
+        EngineEvent::Filled {
+            epoch: 77,
+            room_seq: 5,
+            room: room.clone(),
+            after: 5,
+            msgs: vec![],
+            marks: vec![],
+            full: false,
+        },
+    );
+    assert_eq!(raises(engine_cmds(&mut h)), vec![(77, 7)]);
+}
+
+/// This owner's own publish answered at or below its head (Redis lost writes and gives
+/// their sequences again): the owner asks for the raise to its head. Found by review.
+#[test]
+fn an_own_publish_answered_at_or_below_the_head_asks_for_a_raise() {
+    let (mut h, ann, bob, room, a) = ann_and_bob(ClientSession::new());
+    for s in 1..=5 {
+        hear(&mut h, &room, other(s, "old"));
+    }
+    h.events(ann);
+    h.events(bob);
+    engine_cmds(&mut h);
+    h.publish(ann, a, "reused");
+    let mut cmds = engine_cmds(&mut h);
+    let Some(EngineCmd::Publish(req)) = cmds.pop() else {
+        panic!("{cmds:?}");
+    };
+    let answered = |seq| EngineEvent::Published {
+        ticket: req.ticket,
+        epoch: 77,
+        seq,
+        repeated: false,
+        ordered: true,
+    };
+    feed(&mut h, answered(3));
+    assert_eq!(raises(engine_cmds(&mut h)), vec![(77, 5)]);
 }
 
 #[test]

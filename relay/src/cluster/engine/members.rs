@@ -48,6 +48,10 @@ pub(super) struct UserWatch {
     read_due: bool,
 }
 
+/// Sends of a [`Step::Raise`] Redis did not run before the owner is told (each after the
+/// longest retry backoff).
+const RAISE_TRIES: u8 = 3;
+
 /// Notices one user's channel may hold while a read of the user's rooms is out.
 const MAX_HELD_NOTICES: usize = 256;
 
@@ -85,11 +89,13 @@ pub(in crate::cluster) enum Step {
     SetPresence { user: Text },
     /// A server-API read (`presence.rs`).
     Lookup { ticket: u64, lookup: Lookup },
-    /// A room's sequence moved up to its owner's head (`script::RAISE`).
+    /// A room's sequence moved up to its owner's head (`script::RAISE`), sent `tries`
+    /// times before.
     Raise {
         room: RoomName,
         epoch: u64,
         head: u64,
+        tries: u8,
     },
 }
 
@@ -429,7 +435,9 @@ impl Engine {
                     ],
                 )
             }
-            Step::Raise { room, epoch, head } => Command::Script(
+            Step::Raise {
+                room, epoch, head, ..
+            } => Command::Script(
                 &super::super::script::RAISE,
                 vec![room_key(room, "m")],
                 vec![d(*epoch), d(*head)],
@@ -584,7 +592,9 @@ impl Engine {
             step @ (Step::Claim { .. } | Step::SetPresence { .. } | Step::Lookup { .. }) => {
                 self.on_presence_reply(step, &reply)
             }
-            Step::Raise { room, epoch, head } => {
+            Step::Raise {
+                room, epoch, head, ..
+            } => {
                 if reply.int() == Some(1) {
                     self.stats.sequences_raised.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(worker = self.worker, room = %room.name, epoch, head, "Redis lost writes of the room (its sequence was below what this node delivered): moved it up; what was lost is a gap");
@@ -658,8 +668,25 @@ impl Engine {
             Step::Room(req) | Step::UserJoin { req, .. } | Step::UserLeave { req, .. } => {
                 EngineEvent::MemberFailed { ticket: req.ticket }
             }
-            // A raise not made is asked again by the owner's next read or publish.
-            Step::Undo { .. } | Step::SetPresence { .. } | Step::Raise { .. } => return,
+            Step::Undo { .. } | Step::SetPresence { .. } => return,
+            // Sent again after the longest backoff, a few times (a connection lost again
+            // in a failover, `READONLY` from a master just demoted); then the owner reads
+            // the room again, which asks again if it is still behind.
+            Step::Raise {
+                room,
+                epoch,
+                head,
+                tries,
+            } if tries < RAISE_TRIES => {
+                let again = Step::Raise {
+                    room,
+                    epoch,
+                    head,
+                    tries: tries + 1,
+                };
+                return self.retry_later(Pending::Members(again), MAX_HOPS);
+            }
+            Step::Raise { room, epoch, .. } => EngineEvent::RaiseFailed { room, epoch },
             Step::Load { user } => {
                 self.out.push(EngineEvent::UserLoadFailed {
                     user: user.clone(),
