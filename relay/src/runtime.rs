@@ -753,7 +753,9 @@ impl Worker {
                 match EngineHandle::spawn(
                     self.id,
                     config,
-                    self.config.limits.max_payload,
+                    // Restart-only, and above every payload `limits.max_payload` (which a
+                    // reload may raise) lets through: the bound cannot fall below a page.
+                    self.config.connection.max_frame_len,
                     node,
                     Box::new(move || wakeup.wake()),
                     stats.clone(),

@@ -127,8 +127,9 @@ impl EngineHandle {
     /// Starts worker `worker`'s engine: on a thread of its own with
     /// `cluster.engine_thread` (`wake_worker` wakes the worker's loop when events wait),
     /// else on the worker's thread (the worker drives it: [`EngineHandle::turn`]).
-    /// `max_payload` (`limits.max_payload`) bounds what a connection buffers of a reply
-    /// not yet whole (`shard::reply_max`).
+    /// `max_payload` (the node's `connection.max_frame_len`, which no reload changes and no
+    /// payload passes) bounds what a connection buffers of a reply not yet whole
+    /// (`shard::reply_max`).
     pub fn spawn(
         worker: usize,
         config: &ClusterConfig,

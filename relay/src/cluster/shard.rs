@@ -37,12 +37,15 @@ const ENTRY_OVERHEAD: usize = 1024;
 /// The most one connection buffers of a reply that is not whole yet: the largest reply
 /// the engine asks for is a page of messages, `cluster.fill_batch` of them read from a
 /// stream or an open's tail of at most [`MAX_OPEN_TAIL`], each at most `max_payload`
-/// (`limits.max_payload`) with its [`ENTRY_OVERHEAD`]; never less than [`REPLY_MIN`].
-/// Past it Redis is taken for broken (the connection is reset as for a malformed answer):
-/// without it, `*1048576` followed by 16 MiB bulk strings would have a node buffer 16 TiB
-/// before its decoder could refuse anything. It assumes the nodes of a cluster share
-/// `limits.max_payload` (a node with a smaller one reads pages of the larger messages up
-/// to [`REPLY_MIN`]).
+/// (the node's `connection.max_frame_len`: above any `limits.max_payload`, which a reload
+/// may raise, and fixed until a restart) with its [`ENTRY_OVERHEAD`]; never less than
+/// [`REPLY_MIN`]. Past it Redis is taken for broken (the connection is reset as for a
+/// malformed answer, and the command sent again): without it, `*1048576` followed by
+/// 16 MiB bulk strings would have a node buffer 16 TiB before its decoder could refuse
+/// anything. It assumes the nodes of a cluster share `connection.max_frame_len`: a node
+/// with a smaller one than another's would reset its connection on a page of that one's
+/// largest messages again and again (found by review, with the bound on
+/// `limits.max_payload`, which a reload raises).
 pub(super) fn reply_max(fill_batch: usize, max_payload: usize) -> usize {
     let entries = fill_batch.max(MAX_OPEN_TAIL as usize);
     REPLY_MIN.max(entries.saturating_mul(max_payload.saturating_add(ENTRY_OVERHEAD)))
