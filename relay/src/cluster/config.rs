@@ -130,6 +130,14 @@ pub struct ClusterConfig {
     /// removals for malformed): for a rolling upgrade from one, until every node runs this
     /// one (then `true`, node by node).
     pub ordered_removals: bool,
+    /// Whether a room's history in Redis (its stream, window of repeat keys and last
+    /// removals) expires once nobody publishes to it: `true` (the default) sets it to
+    /// expire 3/2 of the room's span (the longest of `retention.max_age`,
+    /// `limits.publish_id_max_age`, `control.idempotency_max_age`) after the last publish
+    /// or removal. `false` sets no expiry, as versions before this setting did: for a
+    /// rolling upgrade from one (whose publishes would not renew an expiry a new node set),
+    /// until every node runs this one.
+    pub expire_history: bool,
     /// Publishes one worker may have in flight to the engine; more are refused with
     /// `Overloaded` `unavailable` (retryable) rather than queued. Default 4096.
     pub max_in_flight: usize,
@@ -181,6 +189,7 @@ impl Default for ClusterConfig {
             stream_entry: StreamEntry::Packed,
             window_order: WindowOrder::Descending,
             ordered_removals: true,
+            expire_history: true,
             max_in_flight: 4096,
             fill_batch: 256,
             presence_lease: Duration::from_secs(30),

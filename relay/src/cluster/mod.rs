@@ -297,8 +297,8 @@ pub enum MemberChange {
         /// `limits.max_blocked_per_user`.
         max_blocks: usize,
         /// A removal placed in the room's stream sets the room's history (its stream and
-        /// last removals) to expire this long (ms) after it.
-        expire_ms: u64,
+        /// last removals) to expire this long (ms) after it; `None`: leaves it.
+        expire_ms: Option<u64>,
     },
 }
 

@@ -152,8 +152,9 @@ struct PendingPublish {
     ts_ms: u64,
     sender: SenderName,
     payload: Bytes,
-    /// It sets the room's history to expire (`cluster/history_expiry.rs`).
-    sets_expiry: bool,
+    /// It sets the room's history to expire (`cluster/history_expiry.rs`): with a
+    /// repeat key (`Some(true)`: the window gets it too) or without.
+    sets_expiry: Option<bool>,
 }
 
 /// Where a room's channel subscription stands on this node.
@@ -777,7 +778,8 @@ impl Core {
         }
         let ticket = side.next_ticket;
         side.next_ticket += 1;
-        let expire_ms = side.history_expiry.due(&room, ts_ms, span);
+        let keyed = repeat.is_some();
+        let expire_ms = span.and_then(|span| side.history_expiry.due(&room, ts_ms, span, keyed));
         side.out.push(EngineCmd::Publish(PublishRequest {
             ticket,
             room: room.clone(),
@@ -797,7 +799,7 @@ impl Core {
                 ts_ms,
                 sender,
                 payload,
-                sets_expiry: expire_ms.is_some(),
+                sets_expiry: expire_ms.map(|_| keyed),
             },
         );
     }
@@ -826,12 +828,16 @@ impl Core {
     /// What `room`'s history in Redis is kept for (`cluster/history_expiry.rs`): the
     /// messages a read may serve (`retention.max_age`), the repeat keys a retry may name
     /// (`limits.publish_id_max_age`, `control.idempotency_max_age`).
-    pub(super) fn history_span(&self, room: &RoomName) -> std::time::Duration {
-        self.config
+    /// `None` with `cluster.expire_history = false`: the history never expires.
+    pub(super) fn history_span(&self, room: &RoomName) -> Option<std::time::Duration> {
+        self.config.cluster.as_ref().filter(|c| c.expire_history)?;
+        let span = self
+            .config
             .retention_for(room.name.as_str())
             .max_age
             .max(self.config.limits.publish_id_max_age)
-            .max(self.config.control.idempotency_max_age)
+            .max(self.config.control.idempotency_max_age);
+        Some(span)
     }
 
     /// A publish the engine did not take: `Overloaded` `unavailable` (retryable).
@@ -906,10 +912,10 @@ impl Core {
         );
         // This node sequenced it: this node decides its offline hand-off.
         self.note_own_for_handoff(&p.room, seq, p.ts_ms, &p.sender);
-        if p.sets_expiry
+        if let Some(keyed) = p.sets_expiry
             && let Some(side) = self.cluster.as_deref_mut()
         {
-            side.history_expiry.set(&p.room, p.ts_ms);
+            side.history_expiry.set(&p.room, p.ts_ms, keyed);
         }
         let origin = match p.publisher {
             Publisher::Client { by, publish_id } => {

@@ -380,7 +380,7 @@ impl Engine {
                                 room_key(&req.room, "c"),
                                 verb.to_vec(),
                                 self.config.stream_max_len.to_string().into_bytes(),
-                                d(expire_ms),
+                                expire_ms.map(d).unwrap_or_default(),
                             ],
                         )
                     }

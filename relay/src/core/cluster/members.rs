@@ -732,7 +732,7 @@ impl Core {
                 max_blocks: self.config.limits.max_blocked_per_user,
                 // A removal placed in the room's stream sets its history to expire as a
                 // publish does (removals are few: each one sets it).
-                expire_ms: history_expiry::expiry_of(self.history_span(&room)).as_millis() as u64,
+                expire_ms: self.history_span(&room).and_then(history_expiry::expiry_ms),
             },
             (None, None) => return,
         };
