@@ -45,7 +45,7 @@ const EXPIRY_MAX: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// least [`EXPIRY_MIN`]; `None` past [`EXPIRY_MAX`] (kept for good).
 pub(super) fn expiry_ms(span: Duration) -> Option<u64> {
     let expiry = span.saturating_add(span / 2).max(EXPIRY_MIN);
-    (expiry <= EXPIRY_MAX).then(|| expiry.as_millis() as u64)
+    (expiry <= EXPIRY_MAX).then_some(expiry.as_millis() as u64)
 }
 
 /// A room's last setting this worker made.
