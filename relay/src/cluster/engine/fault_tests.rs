@@ -134,6 +134,14 @@ fn fake_redis(
     (port, log, conns)
 }
 
+/// Engine errors counted, of every kind.
+fn errors(stats: &ClusterStats) -> u64 {
+    EngineErrorKind::ALL
+        .iter()
+        .map(|&k| stats.errors_of(k))
+        .sum()
+}
+
 /// The commands of `log` whose name is `verb`.
 fn sent(log: &Log, verb: &[u8]) -> usize {
     let log = log.lock().unwrap();
@@ -323,11 +331,7 @@ fn a_pubsub_ping_answered_busy_is_an_answer() {
         "the pub/sub PING met BUSY"
     );
     assert!(stats.healthy());
-    let errors: u64 = EngineErrorKind::ALL
-        .iter()
-        .map(|&k| stats.errors_of(k))
-        .sum();
-    assert_eq!(errors, 0);
+    assert_eq!(errors(&stats), 0);
     assert_eq!(sent(&log, b"SUBSCRIBE"), 1, "subscribed once, kept");
     let state = engine_of(&mut handle)
         .channels
@@ -539,11 +543,7 @@ fn idle_connections_are_pinged_and_stay_up_while_redis_answers() {
     });
     assert!(pinged, "{:?}", log.lock().unwrap());
     assert!(stats.healthy());
-    let errors: u64 = EngineErrorKind::ALL
-        .iter()
-        .map(|&k| stats.errors_of(k))
-        .sum();
-    assert_eq!(errors, 0);
+    assert_eq!(errors(&stats), 0);
     assert!(events.is_empty(), "{events:?}");
 }
 
