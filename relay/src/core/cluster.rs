@@ -50,6 +50,12 @@
 //! the engine, markers back from the room's channel, the server API's reads). This node's
 //! own publishes (and only those) join the offline hand-off's windows, in `resolve`.
 //!
+//! # What Redis keeps, and loses
+//! A room's history in Redis expires once nobody publishes to it: a publish now and then
+//! carries the expiry (`cluster/history_expiry.rs`). A room whose sequence Redis gave
+//! back below this owner's head (a failover that lost writes) is moved up to it
+//! ([`Core::check_room_seq`], script `RAISE`).
+//!
 //! Owns: each room's open state, parked requests, the reorder buffer, removals waiting for
 //! their place, publishes in flight
 //! (`cluster.max_in_flight`), multi-room API publishes waiting for their rooms. Must not touch: the engine's connections (only
