@@ -67,7 +67,7 @@ pub const TRIM_EVERY: u64 = 64;
 /// tail (`<ts> <tag> <sender length> <sender><payload>`, [`message_tail`]), stream max
 /// length, channel, repeat key (empty: none), window (sequences), the publish command
 /// (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster), the history's expiry
-/// (ms; empty or absent: left as it is, see [`history_expiry`]). Appends the tail as the
+/// (ms; empty or absent: left as it is, see `core/cluster/history_expiry.rs`). Appends the tail as the
 /// stream entry's one field `m` and publishes `<epoch> <seq> <tail>`. Answers
 /// `"<epoch> <seq>"` (a bulk string), or `{epoch, first seq, 1}` for a repeat key the
 /// window holds ([`parse_published`] reads both).
@@ -99,7 +99,7 @@ pub const TRIM_EVERY: u64 = 64;
 /// `0-n`, cannot sit beside it: its `XADD` is refused below an entry past it.)
 ///
 /// With an expiry, the stream and the window expire that long after this publish (the
-/// node sends one every so often, not on every publish: [`history_expiry`]): a room nobody
+/// node sends one every so often, not on every publish: `core/cluster/history_expiry.rs`): a room nobody
 /// publishes to any more gives back its history's memory, its meta hash and members kept.
 ///
 /// An `XADD` Redis refuses (an ID at or below the stream's top: a meta hash lost while its

@@ -119,15 +119,33 @@ pub(super) const ROOM_SEQ_AHEAD: u64 = 1_000;
 /// A page of the room's stream read in `epoch` after `after`: `msgs`, no removals, the
 /// stream's end.
 fn filled(room: &RoomName, epoch: u64, after: u64, msgs: Vec<EngineMessage>) -> EngineEvent {
+    filled_at(room, epoch, ROOM_SEQ_AHEAD, after, msgs)
+}
+
+/// [`filled`], the room's sequence then `room_seq`.
+fn filled_at(
+    room: &RoomName,
+    epoch: u64,
+    room_seq: u64,
+    after: u64,
+    msgs: Vec<EngineMessage>,
+) -> EngineEvent {
     EngineEvent::Filled {
         epoch,
-        room_seq: ROOM_SEQ_AHEAD,
+        room_seq,
         room: room.clone(),
         after,
         msgs,
         marks: Vec::new(),
         full: false,
     }
+}
+
+/// A page of the room's stream read in epoch 77 after `after`, the room's sequence then
+/// `room_seq`: messages `seqs`, no removals, the stream's end.
+fn page_of(room: &RoomName, room_seq: u64, after: u64, seqs: &[u64]) -> EngineEvent {
+    let msgs = seqs.iter().map(|&s| other(s, "x")).collect();
+    filled_at(room, 77, room_seq, after, msgs)
 }
 
 /// Where each stream read the worker asked for starts.
@@ -331,15 +349,7 @@ fn a_resubscribed_channel_is_caught_up_from_the_stream() {
 #[test]
 fn a_read_answering_the_rooms_sequence_below_the_head_raises_it() {
     let (mut h, bob, room) = bob_in_dm();
-    let page = |room_seq, after, msgs: &[u64]| EngineEvent::Filled {
-        epoch: 77,
-        room_seq,
-        room: room.clone(),
-        after,
-        msgs: msgs.iter().map(|&s| other(s, "x")).collect(),
-        marks: Vec::new(),
-        full: false,
-    };
+    let page = |room_seq, after, seqs: &[u64]| page_of(&room, room_seq, after, seqs);
     feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
     engine_cmds(&mut h);
     feed(&mut h, page(5, 0, &[1, 2, 3, 4, 5]));
@@ -391,18 +401,7 @@ fn a_held_message_past_the_rooms_sequence_is_raised_to() {
         [EngineCmd::Fill { after: 5, .. }]
     ));
     // A failover lost 6 and 7: the read answers the room's sequence 5, nothing after.
-    feed(
-        &mut h,
-        EngineEvent::Filled {
-            epoch: 77,
-            room_seq: 5,
-            room: room.clone(),
-            after: 5,
-            msgs: vec![],
-            marks: vec![],
-            full: false,
-        },
-    );
+    feed(&mut h, page_of(&room, 5, 5, &[]));
     assert_eq!(raises(engine_cmds(&mut h)), vec![(77, 7)]);
 }
 
@@ -474,15 +473,7 @@ fn only_what_the_stream_dropped_becomes_a_gap() {
         epoch: 77,
         msg: other(seq, "x"),
     };
-    let filled = |after, msgs: &[u64]| EngineEvent::Filled {
-        epoch: 77,
-        room_seq: ROOM_SEQ_AHEAD,
-        room: room.clone(),
-        after,
-        msgs: msgs.iter().map(|&s| other(s, "x")).collect(),
-        marks: Vec::new(),
-        full: false,
-    };
+    let filled = |after, seqs: &[u64]| page_of(&room, ROOM_SEQ_AHEAD, after, seqs);
     // 5 arrives; the stream, read after it, starts at 4: retention dropped 1..=3.
     feed(&mut h, message(5));
     assert!(matches!(
