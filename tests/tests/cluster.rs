@@ -33,6 +33,67 @@ fn node(backend: BackendKind, redis: &RedisServer, id: &str) -> TestRelay {
     TestRelay::cluster_node(backend, cluster, |c| c.retention.max_messages = 10_000)
 }
 
+/// Two nodes that delivered a room's messages 1..=5, which Redis then lost: what a
+/// failover to a replica three writes behind leaves (the room's sequence at 2, its stream
+/// without 3..=5).
+struct LostWrites {
+    nodes: [TestRelay; 2],
+    /// On the second node.
+    reader: (Client, u32),
+    /// On the first node.
+    publisher: (Client, u32),
+    /// The room's meta hash.
+    meta: String,
+}
+
+impl LostWrites {
+    fn new(backend: BackendKind, redis: &RedisServer, room: &str, ids: [&str; 2]) -> Self {
+        let nodes = ids.map(|id| node(backend, redis, id));
+        let mut reader = Client::connect(nodes[1].addr, "reader");
+        let alias = reader.join(room);
+        let mut p = Client::connect(nodes[0].addr, "alice");
+        let pa = p.join(room);
+        for seq in 1..=5 {
+            assert_eq!(p.publish_acked(pa, format!("m-{seq}").into_bytes()), seq);
+        }
+        assert_eq!(seqs(reader.messages(alias, 5)), vec![1, 2, 3, 4, 5]);
+        let (meta, stream) = (
+            format!("pabal:{{r:{room}}}:m"),
+            format!("pabal:{{r:{room}}}:s"),
+        );
+        redis.cli(&["HSET", &meta, "s", "2"]);
+        redis.cli(&["XDEL", &stream, "3-0", "4-0", "5-0"]);
+        LostWrites {
+            nodes,
+            reader: (reader, alias),
+            publisher: (p, pa),
+            meta,
+        }
+    }
+
+    /// Raises of a room's sequence, on both nodes.
+    fn raised(&self) -> u64 {
+        let raised = |n: &TestRelay| {
+            n.cluster()
+                .unwrap()
+                .sequences_raised
+                .load(Ordering::Relaxed)
+        };
+        self.nodes.iter().map(raised).sum()
+    }
+
+    /// The next message is acknowledged as 6 and reaches the reader on the other node.
+    fn sixth_reaches_the_other_node(&mut self) {
+        let ((p, pa), (reader, alias)) = (&mut self.publisher, &mut self.reader);
+        assert_eq!(p.publish_acked(*pa, &b"m-6"[..]), 6);
+        assert_eq!(seqs(reader.messages(*alias, 1)), vec![6]);
+    }
+}
+
+fn seqs(msgs: Vec<(u64, Bytes)>) -> Vec<u64> {
+    msgs.into_iter().map(|(s, _)| s).collect()
+}
+
 per_backend! {
     fn three_nodes_see_one_order(backend) {
         let Some(redis) = RedisServer::start("three-nodes") else { return };
@@ -57,35 +118,30 @@ per_backend! {
 
     fn a_failover_that_lost_writes_is_moved_past_what_the_nodes_delivered(backend) {
         let Some(redis) = RedisServer::start("lost-writes") else { return };
-        const ROOM: &str = "room:cluster-lost-writes";
-        let (a, b) = (node(backend, &redis, "la"), node(backend, &redis, "lb"));
-        let mut reader = Client::connect(b.addr, "reader");
-        let alias = reader.join(ROOM);
-        let mut p = Client::connect(a.addr, "alice");
-        let pa = p.join(ROOM);
-        for seq in 1..=5 {
-            assert_eq!(p.publish_acked(pa, format!("m-{seq}").into_bytes()), seq);
-        }
-        let seqs = |msgs: Vec<(u64, Bytes)>| msgs.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
-        assert_eq!(seqs(reader.messages(alias, 5)), vec![1, 2, 3, 4, 5]);
-        // What a failover to a replica three writes behind leaves: the room's sequence at
-        // 2, its stream without 3..=5, which both nodes delivered.
-        let (meta, stream) = (format!("pabal:{{r:{ROOM}}}:m"), format!("pabal:{{r:{ROOM}}}:s"));
-        redis.cli(&["HSET", &meta, "s", "2"]);
-        redis.cli(&["XDEL", &stream, "3-0", "4-0", "5-0"]);
+        let mut lost = LostWrites::new(backend, &redis, "room:cluster-lost-writes", ["la", "lb"]);
         // The failover took their connections: each node reads its open rooms again, and
         // its owner, holding 5, moves the room's sequence up to it.
         redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
-        let raised = |n: &TestRelay| n.cluster().unwrap().sequences_raised.load(Ordering::Relaxed);
         let deadline = Instant::now() + WAIT;
-        while raised(&a) + raised(&b) == 0 {
+        while lost.raised() == 0 {
             assert!(Instant::now() < deadline, "no node moved the room's sequence up");
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(redis.cli(&["HGET", &meta, "s"]).trim(), "5");
+        assert_eq!(redis.cli(&["HGET", &lost.meta, "s"]).trim(), "5");
         // The next message takes 6 (before, 3: both nodes dropped it as delivered).
-        assert_eq!(p.publish_acked(pa, &b"m-6"[..]), 6);
-        assert_eq!(seqs(reader.messages(alias, 1)), vec![6]);
+        lost.sixth_reaches_the_other_node();
+    }
+
+    fn a_publish_run_before_the_nodes_read_again_goes_past_what_they_delivered(backend) {
+        let Some(redis) = RedisServer::start("lost-writes-publish") else { return };
+        let mut lost =
+            LostWrites::new(backend, &redis, "room:cluster-lost-writes-publish", ["wa", "wb"]);
+        // No node has read the room again (their connections stay up): the next publish is
+        // the first thing Redis runs for it, and carries its owner's head. It takes 6
+        // (before, 3: both nodes dropped it as delivered).
+        lost.sixth_reaches_the_other_node();
+        assert_eq!(redis.cli(&["HGET", &lost.meta, "s"]).trim(), "6");
+        assert_eq!(lost.raised(), 0, "the publish needed no raise");
     }
 
     fn redis_restart_refuses_then_recovers(backend) {

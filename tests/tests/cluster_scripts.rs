@@ -1033,6 +1033,58 @@ fn raise_moves_a_rooms_sequence_up_in_its_epoch_only() {
     assert_eq!(parse_published(&reply), Some((7, 6, false)));
 }
 
+/// `call` (a form of the publish script, sent without an expiry) carrying its owner's
+/// epoch and head, as an owner that holds the room sends it.
+fn with_owner_head(mut call: Vec<Vec<u8>>, (epoch, head): (u64, u64)) -> Vec<Vec<u8>> {
+    call.extend([Vec::new(), s(epoch).into_bytes(), s(head).into_bytes()]);
+    call
+}
+
+/// Every form of the publish script, given its owner's head in the room's epoch, answers
+/// a sequence past it (Redis lost the writes between): a head of another epoch, or below
+/// the sequence, changes nothing. A repeat keeps the raise and answers its first sequence.
+#[test]
+fn a_publish_takes_a_sequence_past_its_owners_head_in_its_epoch_only() {
+    let Some(redis) = RedisServer::start_with("scripts-owner-head", &["--appendonly", "no"]) else {
+        return;
+    };
+    let mut r = Redis::connect(redis.port);
+    r.pipeline(&[publish("ann"), publish("ann")]);
+    let call = |form: usize, repeat: &str, owner: (u64, u64)| {
+        let call = match form % 3 {
+            0 => publish_keyed(PUBLISH, repeat, 16),
+            1 => publish_keyed(&PUBLISH_ASCENDING, repeat, 16),
+            _ => publish_fields_keyed("a", repeat, 16),
+        };
+        with_owner_head(call, owner)
+    };
+    let calls = [
+        call(0, "", (8, 9)),
+        call(1, "", (7, 2)),
+        call(2, "", (7, 10)),
+        call(0, "", (7, 11)),
+        call(1, "k1", (7, 20)),
+        call(2, "k2", (7, 30)),
+        call(0, "k3", (7, 40)),
+        call(1, "k1", (7, 50)),
+        publish("ann"),
+    ];
+    let answers: Vec<_> = r.pipeline(&calls).iter().map(parse_published).collect();
+    let new = |seq| Some((7, seq, false));
+    let expected = [new(3), new(4), new(11), new(12), new(21), new(31), new(41)];
+    assert_eq!(answers[..7], expected);
+    assert_eq!(
+        answers[7],
+        Some((7, 21, true)),
+        "a repeat answers its first sequence"
+    );
+    assert_eq!(answers[8], new(51), "the raise a repeat made stays");
+    // The stream holds exactly the sequences given: the lost ones are a gap.
+    let span = parse_entries(&r.call(&["XRANGE", &key("s"), "-", "+"]), b"").unwrap();
+    let seqs: Vec<u64> = span.msgs.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 11, 12, 21, 31, 41, 51]);
+}
+
 #[test]
 fn the_publish_window_answers_repeats_whichever_order_wrote_them_and_trims_by_sequence() {
     let Some(redis) = RedisServer::start_with("scripts-window", &["--appendonly", "no"]) else {

@@ -49,6 +49,9 @@ pub struct Variant {
     /// Whether every call sets the room's history to expire (a node sets it only every
     /// quarter of a room's span: this is what doing it on every publish would cost).
     pub expire: bool,
+    /// Whether every call names its owner's epoch and head (the room's sequence before
+    /// it), as a node holding the room sends it: the script compares, raises nothing.
+    pub owner_head: bool,
 }
 
 /// The script without the statements that call one of `calls` (`redis.call(...)` and
@@ -137,6 +140,7 @@ pub fn variants() -> Vec<Variant> {
         publish_id,
         packed,
         expire: false,
+        owner_head: true,
     };
     vec![
         variant("script, publish id", script.clone(), true, true),
@@ -145,18 +149,26 @@ pub fn variants() -> Vec<Variant> {
             expire: true,
             ..variant("", script.clone(), true, true)
         },
+        Variant {
+            name: "without the owner's head, publish id",
+            owner_head: false,
+            ..variant("", script.clone(), true, true)
+        },
         variant(
             "window ascending, publish id",
             single_redis_script(&PUBLISH_ASCENDING, "redis.call(ARGV[7],"),
             true,
             true,
         ),
-        variant(
-            "as in fdb14f3, publish id",
-            AS_IN_FDB14F3.to_string(),
-            true,
-            true,
-        ),
+        Variant {
+            owner_head: false,
+            ..variant(
+                "as in fdb14f3, publish id",
+                AS_IN_FDB14F3.to_string(),
+                true,
+                true,
+            )
+        },
         variant(
             "four fields, ascending, publish id",
             single_redis_script(PUBLISH_FIELDS, "redis.call(ARGV[10],"),
@@ -164,7 +176,10 @@ pub fn variants() -> Vec<Variant> {
             false,
         ),
         variant("script", script.clone(), false, true),
-        variant("as in fdb14f3", AS_IN_FDB14F3.to_string(), false, true),
+        Variant {
+            owner_head: false,
+            ..variant("as in fdb14f3", AS_IN_FDB14F3.to_string(), false, true)
+        },
         variant("without XADD", without(&script, &["XADD"]), false, true),
         variant(
             "without PUBLISH",
@@ -275,7 +290,7 @@ fn drive(
             } else {
                 String::new()
             };
-            let head: [&[u8]; 7] = [
+            let call: [&[u8]; 7] = [
                 b"EVALSHA",
                 sha.as_bytes(),
                 b"3",
@@ -286,9 +301,15 @@ fn drive(
             ];
             // A node sets a room's expiry only every quarter of its span.
             let expire: &[u8] = if variant.expire { b"90000000" } else { b"" };
+            // This connection alone publishes to its rooms: the room's sequence so far.
+            let head = ((next - 1) / rooms.len()).to_string();
+            let (owner_epoch, owner_head): (&[u8], &[u8]) = (b"1", head.as_bytes());
+            // A node leaves the owner's two arguments out when it has none.
+            let len = call.len() + if variant.packed { 9 } else { 13 }
+                - if variant.owner_head { 0 } else { 2 };
             if variant.packed {
                 message_tail(&mut tail, sent, tag, sender, &payload);
-                let args: [&[u8]; 7] = [
+                let args: [&[u8]; 9] = [
                     &tail,
                     b"10000",
                     ch.as_bytes(),
@@ -296,12 +317,14 @@ fn drive(
                     b"1000",
                     b"PUBLISH",
                     expire,
+                    owner_epoch,
+                    owner_head,
                 ];
-                let all: Vec<&[u8]> = head.into_iter().chain(args).collect();
+                let all: Vec<&[u8]> = call.into_iter().chain(args).take(len).collect();
                 resp::encode(&mut out, all.into_iter());
             } else {
                 let ts = sent.to_string();
-                let args: [&[u8]; 11] = [
+                let args: [&[u8]; 13] = [
                     ts.as_bytes(),
                     tag,
                     sender,
@@ -313,8 +336,10 @@ fn drive(
                     b"PUBLISH",
                     sender_len.as_bytes(),
                     expire,
+                    owner_epoch,
+                    owner_head,
                 ];
-                let all: Vec<&[u8]> = head.into_iter().chain(args).collect();
+                let all: Vec<&[u8]> = call.into_iter().chain(args).take(len).collect();
                 resp::encode(&mut out, all.into_iter());
             }
         }

@@ -354,6 +354,9 @@ pub struct PublishRequest {
     /// Sets the room's history (its stream and window) to expire this long (ms) after
     /// the publish; `None`: leaves it (see `core/cluster/history_expiry.rs`).
     pub expire_ms: Option<u64>,
+    /// The owner's `(epoch, head)` for the room, when it holds one: in that epoch the
+    /// sequence given is past the head, whatever Redis lost ([`script::PUBLISH`]).
+    pub owner_head: Option<(u64, u64)>,
 }
 
 /// What names a publish across retries.

@@ -55,6 +55,31 @@ end
     };
 }
 
+/// The publish scripts' next sequence: `n` (a number) and `s` (its string), past the
+/// owner's head when ARGV[`$epoch`] names the room's epoch and ARGV[`$head`] a head at or
+/// past it (see [`PUBLISH`]).
+macro_rules! next_sequence {
+    ($epoch:literal, $head:literal) => {
+        concat!(
+            r"
+local n = redis.call('HINCRBY', KEYS[1], 's', '1')
+local s = string.format('%d', n)
+if ARGV[",
+            $epoch,
+            r"] == e then
+  local h = ARGV[",
+            $head,
+            r"]
+  if #s < #h or (#s == #h and s <= h) then
+    n = tonumber(h) + 1
+    s = string.format('%d', n)
+    redis.call('HSET', KEYS[1], 's', s)
+  end
+end"
+        )
+    };
+}
+
 /// The stream is trimmed back to its size (`XTRIM MAXLEN ~`), and the window of repeat keys
 /// back to the keys of its last `window` sequences, when the room's sequence is a multiple
 /// of this (any publish, with a repeat key or not): the window never holds keys of more
@@ -67,8 +92,9 @@ pub const TRIM_EVERY: u64 = 64;
 /// tail (`<ts> <tag> <sender length> <sender><payload>`, [`message_tail`]), stream max
 /// length, channel, repeat key (empty: none), window (sequences), the publish command
 /// (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster), the history's expiry
-/// (ms; empty or absent: left as it is, see `core/cluster/history_expiry.rs`). Appends the tail as the
-/// stream entry's one field `m` and publishes `<epoch> <seq> <tail>`. Answers
+/// (ms; empty or absent: left as it is, see `core/cluster/history_expiry.rs`), and the
+/// publishing owner's epoch and head (empty or absent: none; see below). Appends the tail
+/// as the stream entry's one field `m` and publishes `<epoch> <seq> <tail>`. Answers
 /// `"<epoch> <seq>"` (a bulk string), or `{epoch, first seq, 1}` for a repeat key the
 /// window holds ([`parse_published`] reads both).
 ///
@@ -90,6 +116,10 @@ pub const TRIM_EVERY: u64 = 64;
 ///   (`math.abs`) and trim by score, so windows written in either order, or both, stay
 ///   right.
 /// - The trims (the window's and the stream's) run once every [`TRIM_EVERY`] sequences.
+/// - The owner's head (below) is compared with the sequence as strings, by length first
+///   (both decimal, no leading zeros): `tonumber` on every call cost 800 instructions
+///   more. Its two arguments cost about 1,200 instructions each, and a node leaves them
+///   out when it holds no head.
 ///
 /// The room's first sequence empties the window: a key there is of an earlier epoch (the
 /// meta hash lost, the window kept), and its sequence names another message now. So does
@@ -102,14 +132,20 @@ pub const TRIM_EVERY: u64 = 64;
 /// node sends one every so often, not on every publish: `core/cluster/history_expiry.rs`): a room nobody
 /// publishes to any more gives back its history's memory, its meta hash and members kept.
 ///
+/// A sequence at or below the owner's head, in the owner's epoch, is one Redis gave out
+/// before and lost (a failover to a replica behind, a restart from an AOF synced once a
+/// second): every node that delivered the lost message would drop this one as delivered.
+/// The publish takes the sequence past the head instead, as [`RAISE`] would, in the same
+/// call: nodes read their open rooms again after a failover and raise them, but a publish
+/// the new master runs before those reads come back would otherwise be lost this way.
+///
 /// An `XADD` Redis refuses (an ID at or below the stream's top: a meta hash lost while its
 /// stream was kept) takes the sequence and the key back before the error is answered, so a
 /// retry is never told a sequence that holds no message.
 pub const PUBLISH: &str = concat!(
     epoch_prelude!(),
+    next_sequence!("9", "10"),
     r"
-local n = redis.call('HINCRBY', KEYS[1], 's', '1')
-local s = string.format('%d', n)
 if n == 1 then
   redis.call('DEL', KEYS[3])
   if #redis.call('XRANGE', KEYS[2], '1-0', '+', 'COUNT', 1) > 0 then redis.call('DEL', KEYS[2]) end
@@ -144,17 +180,18 @@ return head
 /// upgrade from one). KEYS meta, stream, repeat window; ARGV epoch hint, ts, tag, sender,
 /// payload, stream max length, channel, repeat key (empty: none), window (sequences), the
 /// publish command (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster), the
-/// sender's length in bytes (decimal), the history's expiry (ms; empty or absent: none).
+/// sender's length in bytes (decimal), the history's expiry (ms; empty or absent: none),
+/// the publishing owner's epoch and head (empty or absent: none).
 /// Answers as [`PUBLISH`] does, and is otherwise as it is (the sequence a string once,
+/// past the owner's head in its epoch,
 /// the window and an earlier epoch's stream emptied by the first sequence, the window trimmed
 /// by score, the trims every [`TRIM_EVERY`] sequences, a refused `XADD` taken back) but for
 /// one thing: it scores the window's keys by the sequence itself, as [`PUBLISH_ASCENDING`]
 /// does, since the versions it is for predate `window_order` too.
 pub const PUBLISH_FIELDS: &str = concat!(
     epoch_prelude!(),
+    next_sequence!("13", "14"),
     r"
-local n = redis.call('HINCRBY', KEYS[1], 's', '1')
-local s = string.format('%d', n)
 if n == 1 then
   redis.call('DEL', KEYS[3])
   if #redis.call('XRANGE', KEYS[2], '1-0', '+', 'COUNT', 1) > 0 then redis.call('DEL', KEYS[2]) end

@@ -775,6 +775,13 @@ impl Core {
             .publish_ids
             .max(self.config.control.idempotency_keys);
         let span = self.history_span(&room);
+        // Redis' answer is past what this owner delivered, even from a Redis that lost
+        // writes and was not read again yet (`script::PUBLISH`).
+        let owner_head = self
+            .owned
+            .get(&room)
+            .filter(|o| o.epoch != 0 && o.head != 0)
+            .map(|o| (o.epoch, o.head));
         let Some(side) = self.cluster.as_deref_mut() else {
             return;
         };
@@ -796,6 +803,7 @@ impl Core {
             repeat,
             window,
             expire_ms,
+            owner_head,
         }));
         side.pending.insert(
             ticket,

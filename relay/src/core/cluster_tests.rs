@@ -407,6 +407,28 @@ fn a_held_message_past_the_rooms_sequence_is_raised_to() {
 
 /// This owner's own publish answered at or below its head (Redis lost writes and gives
 /// their sequences again): the owner asks for the raise to its head. Found by review.
+/// A publish names the owner's head once it holds one, so that Redis answers past it
+/// even when it lost writes nobody read back yet (`script::PUBLISH`).
+#[test]
+fn a_publish_carries_its_owners_head_once_it_holds_one() {
+    let (mut h, ann, bob, room, a) = ann_and_bob(ClientSession::new());
+    let owner_head = |h: &mut Harness| {
+        h.publish(ann, a, "hi");
+        match engine_cmds(h).pop() {
+            Some(EngineCmd::Publish(req)) => req.owner_head,
+            other => panic!("{other:?}"),
+        }
+    };
+    engine_cmds(&mut h);
+    assert_eq!(owner_head(&mut h), None, "no message yet");
+    for s in 1..=5 {
+        hear(&mut h, &room, other(s, "old"));
+    }
+    h.events(ann);
+    h.events(bob);
+    assert_eq!(owner_head(&mut h), Some((77, 5)));
+}
+
 #[test]
 fn an_own_publish_answered_at_or_below_the_head_asks_for_a_raise() {
     let (mut h, ann, bob, room, a) = ann_and_bob(ClientSession::new());

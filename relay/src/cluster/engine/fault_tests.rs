@@ -351,6 +351,7 @@ fn publish(room: &RoomName, ticket: u64) -> PublishRequest {
         repeat: None,
         window: 1,
         expire_ms: None,
+        owner_head: None,
     }
 }
 

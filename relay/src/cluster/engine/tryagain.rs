@@ -313,6 +313,7 @@ mod tests {
             repeat: None,
             window: 1,
             expire_ms: None,
+            owner_head: None,
         }
     }
 

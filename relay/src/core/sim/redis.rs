@@ -678,6 +678,16 @@ impl Engine {
                 let key = req.repeat.as_ref().map(repeat_key);
                 let window = req.window.max(1) as u64;
                 let room = self.room_mut(req.room.id);
+                if let Some((epoch, head)) = req.owner_head {
+                    // `script::PUBLISH` gives a sequence past it: this Redis loses no
+                    // write, so an owner's head is never past the room's sequence.
+                    assert!(
+                        epoch != EPOCH || head <= room.head,
+                        "{:?}'s owner holds {head}, past the room's sequence {}: no write was lost",
+                        req.room,
+                        room.head
+                    );
+                }
                 if let Some(&first) = key.as_ref().and_then(|k| room.window.get(k)) {
                     EngineEvent::Published {
                         ticket: req.ticket,
