@@ -35,7 +35,7 @@ fn node(backend: BackendKind, redis: &RedisServer, id: &str) -> TestRelay {
 
 /// Two nodes that delivered a room's messages 1..=5, which Redis then lost: what a
 /// failover to a replica three writes behind leaves (the room's sequence at 2, its stream
-/// without 3..=5).
+/// without 3..=5 and its last ID back at 2-0, its window without their keys).
 struct LostWrites {
     nodes: [TestRelay; 2],
     /// On the second node.
@@ -61,8 +61,11 @@ impl LostWrites {
             format!("pabal:{{r:{room}}}:m"),
             format!("pabal:{{r:{room}}}:s"),
         );
+        let window = format!("pabal:{{r:{room}}}:i");
         redis.cli(&["HSET", &meta, "s", "2"]);
         redis.cli(&["XDEL", &stream, "3-0", "4-0", "5-0"]);
+        redis.cli(&["XSETID", &stream, "2-0"]);
+        redis.cli(&["ZREMRANGEBYSCORE", &window, "-5", "-3"]);
         LostWrites {
             nodes,
             reader: (reader, alias),

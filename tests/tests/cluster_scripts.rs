@@ -1016,7 +1016,6 @@ fn raise_moves_a_rooms_sequence_up_in_its_epoch_only() {
     };
     let mut r = Redis::connect(redis.port);
     r.pipeline(&[publish("ann"), publish("ann")]);
-    let raise = |epoch: u64, head: u64| eval(RAISE.text, &["m"], &[s(epoch), s(head)]);
     let answers: Vec<Option<i64>> = r
         .pipeline(&[
             raise(8, 9),
@@ -1031,6 +1030,52 @@ fn raise_moves_a_rooms_sequence_up_in_its_epoch_only() {
     assert_eq!(answers, vec![Some(0), Some(0), Some(0), Some(1), Some(0)]);
     let reply = r.pipeline(&[publish("ann")]).pop().unwrap();
     assert_eq!(parse_published(&reply), Some((7, 6, false)));
+}
+
+/// `RAISE` of room `big` to `head` in `epoch`.
+fn raise(epoch: u64, head: u64) -> Vec<Vec<u8>> {
+    eval(RAISE.text, &["m", "s", "i"], &[s(epoch), s(head)])
+}
+
+/// A room holding no sequence of its epoch (its meta hash recreated, every publish of the
+/// new epoch lost) still holds an earlier epoch's stream and window: whatever raises it, a
+/// publish naming its owner's head or `RAISE`, empties them as the epoch's first publish
+/// would, or every `XADD` below the old stream's top would be refused.
+#[test]
+fn a_raise_of_a_room_without_a_sequence_empties_what_an_earlier_epoch_left() {
+    let Some(redis) = RedisServer::start_with("scripts-raise-first", &["--appendonly", "no"])
+    else {
+        return;
+    };
+    let mut r = Redis::connect(redis.port);
+    let leftovers = |r: &mut Redis| {
+        r.call(&["FLUSHALL"]);
+        r.call(&["HSET", &key("m"), "e", "9"]);
+        for seq in 1..=10 {
+            let id = format!("{seq}-0");
+            r.call(&["XADD", &key("s"), &id, "m", "old"]);
+        }
+        r.call(&["ZADD", &key("i"), "-3", "dold"]);
+    };
+    let seqs = |r: &mut Redis| -> Vec<u64> {
+        let span = parse_entries(&r.call(&["XRANGE", &key("s"), "-", "+"]), b"").unwrap();
+        span.msgs.iter().map(|m| m.seq).collect()
+    };
+    leftovers(&mut r);
+    let call = with_owner_head(publish_keyed(PUBLISH, "dold", 16), (9, 5));
+    let reply = r.pipeline(&[call]).pop().unwrap();
+    assert_eq!(parse_published(&reply), Some((9, 6, false)));
+    assert_eq!(seqs(&mut r), vec![6]);
+    leftovers(&mut r);
+    let answers: Vec<_> = r.pipeline(&[raise(9, 5)]).iter().map(Value::int).collect();
+    assert_eq!(answers, vec![Some(1)]);
+    assert_eq!(r.call(&["EXISTS", &key("s"), &key("i")]).int(), Some(0));
+    let reply = r
+        .pipeline(&[publish_keyed(PUBLISH, "dold", 16)])
+        .pop()
+        .unwrap();
+    assert_eq!(parse_published(&reply), Some((9, 6, false)));
+    assert_eq!(seqs(&mut r), vec![6]);
 }
 
 /// `call` (a form of the publish script, sent without an expiry) carrying its owner's

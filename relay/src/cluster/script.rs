@@ -57,12 +57,15 @@ end
 
 /// The publish scripts' next sequence: `n` (a number) and `s` (its string), past the
 /// owner's head when ARGV[`$epoch`] names the room's epoch and ARGV[`$head`] a head at or
-/// past it (see [`PUBLISH`]).
+/// past it (see [`PUBLISH`]); `first`: Redis holds no sequence of the room's epoch (the
+/// room's first message, or the first after every one of its epoch was lost), whose
+/// publish empties what an earlier epoch left (the raise does not change that).
 macro_rules! next_sequence {
     ($epoch:literal, $head:literal) => {
         concat!(
             r"
 local n = redis.call('HINCRBY', KEYS[1], 's', '1')
+local first = n == 1
 local s = string.format('%d', n)
 if ARGV[",
             $epoch,
@@ -70,7 +73,7 @@ if ARGV[",
   local h = ARGV[",
             $head,
             r"]
-  if #s < #h or (#s == #h and s <= h) then
+  if h and (#s < #h or (#s == #h and s <= h)) then
     n = tonumber(h) + 1
     s = string.format('%d', n)
     redis.call('HSET', KEYS[1], 's', s)
@@ -146,7 +149,7 @@ pub const PUBLISH: &str = concat!(
     epoch_prelude!(),
     next_sequence!("9", "10"),
     r"
-if n == 1 then
+if first then
   redis.call('DEL', KEYS[3])
   if #redis.call('XRANGE', KEYS[2], '1-0', '+', 'COUNT', 1) > 0 then redis.call('DEL', KEYS[2]) end
 end
@@ -192,7 +195,7 @@ pub const PUBLISH_FIELDS: &str = concat!(
     epoch_prelude!(),
     next_sequence!("13", "14"),
     r"
-if n == 1 then
+if first then
   redis.call('DEL', KEYS[3])
   if #redis.call('XRANGE', KEYS[2], '1-0', '+', 'COUNT', 1) > 0 then redis.call('DEL', KEYS[2]) end
 end
@@ -350,9 +353,11 @@ pub fn parse_fill(
     Some((epoch, seq, span))
 }
 
-/// A room's sequence moved up to what an owner holds: KEYS meta; ARGV epoch, the owner's
-/// head. Answers `1` if it did, `0` if the room is in another epoch or its sequence is
-/// there already.
+/// A room's sequence moved up to what an owner holds: KEYS meta, stream, repeat window;
+/// ARGV epoch, the owner's head. Answers `1` if it did, `0` if the room is in another
+/// epoch or its sequence is there already. A room holding no sequence of its epoch is
+/// emptied of what an earlier epoch left first, as its first publish would have done
+/// ([`PUBLISH`]): past the raise, no publish is its first.
 ///
 /// Redis can lose writes it acknowledged: a failover to a replica that had not received
 /// them, a restart from an AOF synced once a second. The room's sequence then goes back
@@ -367,7 +372,12 @@ pub static RAISE: Script = Script::new(
     "RAISE",
     r"
 if redis.call('HGET', KEYS[1], 'e') ~= ARGV[1] then return 0 end
-if tonumber(redis.call('HGET', KEYS[1], 's') or '0') >= tonumber(ARGV[2]) then return 0 end
+local s = redis.call('HGET', KEYS[1], 's') or '0'
+if tonumber(s) >= tonumber(ARGV[2]) then return 0 end
+if s == '0' then
+  redis.call('DEL', KEYS[3])
+  if #redis.call('XRANGE', KEYS[2], '1-0', '+', 'COUNT', 1) > 0 then redis.call('DEL', KEYS[2]) end
+end
 redis.call('HSET', KEYS[1], 's', ARGV[2])
 return 1
 ",

@@ -54,7 +54,9 @@
 //! A room's history in Redis expires once nobody publishes to it: a publish now and then
 //! carries the expiry (`cluster/history_expiry.rs`). A room whose sequence Redis gave
 //! back below this owner's head (a failover that lost writes) is moved up to it
-//! ([`Core::check_room_seq`], script `RAISE`).
+//! ([`Core::check_room_seq`], script `RAISE`), and every publish names that head
+//! (`PublishRequest::owner_head`), so one Redis runs before the owner's read comes back
+//! is given a sequence past it too.
 //!
 //! Owns: each room's open state, parked requests, the reorder buffer, removals waiting for
 //! their place, publishes in flight

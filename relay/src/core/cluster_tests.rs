@@ -405,8 +405,6 @@ fn a_held_message_past_the_rooms_sequence_is_raised_to() {
     assert_eq!(raises(engine_cmds(&mut h)), vec![(77, 7)]);
 }
 
-/// This owner's own publish answered at or below its head (Redis lost writes and gives
-/// their sequences again): the owner asks for the raise to its head. Found by review.
 /// A publish names the owner's head once it holds one, so that Redis answers past it
 /// even when it lost writes nobody read back yet (`script::PUBLISH`).
 #[test]
@@ -429,6 +427,8 @@ fn a_publish_carries_its_owners_head_once_it_holds_one() {
     assert_eq!(owner_head(&mut h), Some((77, 5)));
 }
 
+/// This owner's own publish answered at or below its head (Redis lost writes and gives
+/// their sequences again): the owner asks for the raise to its head. Found by review.
 #[test]
 fn an_own_publish_answered_at_or_below_the_head_asks_for_a_raise() {
     let (mut h, ann, bob, room, a) = ann_and_bob(ClientSession::new());

@@ -439,7 +439,11 @@ impl Engine {
                 room, epoch, head, ..
             } => Command::Script(
                 &super::super::script::RAISE,
-                vec![room_key(room, "m")],
+                vec![
+                    room_key(room, "m"),
+                    room_key(room, "s"),
+                    room_key(room, "i"),
+                ],
                 vec![d(*epoch), d(*head)],
             ),
             Step::Lookup { lookup, .. } => match lookup {
