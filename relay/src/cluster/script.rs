@@ -88,7 +88,9 @@ end"
 /// of this (any publish, with a repeat key or not): the window never holds keys of more
 /// than `window + TRIM_EVERY` sequences and never drops one of the last `window`, and the
 /// stream never holds more than `TRIM_EVERY` entries past what `XTRIM MAXLEN ~` keeps (a
-/// `MAXLEN ~` on every `XADD` cost Redis 3.5% more instructions per call).
+/// `MAXLEN ~` on every `XADD` cost Redis 3.5% more instructions per call). A raise (Redis
+/// lost writes: [`RAISE`], or a publish past its owner's head) can jump over one multiple:
+/// until the next, twice that many publishes' keys and entries.
 pub const TRIM_EVERY: u64 = 64;
 
 /// Sequence one message: KEYS meta, stream, repeat window; ARGV epoch hint, the message's
