@@ -27,8 +27,8 @@ use pabal_relay::cluster::receipts::{HANDOFF, HandoffPage, MARKERS, parse_handof
 use pabal_relay::cluster::resp::{self, Value};
 use pabal_relay::cluster::script::{
     FILL, OPEN, PUBLISH, PUBLISH_ASCENDING, PUBLISH_FIELDS, RAISE, StreamSpan, TRIM_EVERY,
-    all_scripts, message_tail, parse_channel_message, parse_channel_removal, parse_entries,
-    parse_fill, parse_published, publish_script, sha1_hex,
+    all_scripts, message_tail, node_publish_script, parse_channel_message, parse_channel_removal,
+    parse_entries, parse_fill, parse_published, publish_script, sha1_hex,
 };
 use pabal_relay::cluster::{ClusterConfig, StreamEntry, WindowOrder};
 use pabal_relay::config::Config;
@@ -573,16 +573,12 @@ fn publish_in(epoch: u64, sender: &str) -> Vec<Vec<u8>> {
     let mut tail = Vec::new();
     message_tail(&mut tail, 1, b"n/0/1", sender.as_bytes(), b"hi");
     let tail = String::from_utf8(tail).unwrap();
-    let args = [
-        s(epoch),
-        tail,
-        s(1000),
-        key("c"),
-        s(""),
-        s(16),
-        s("PUBLISH"),
-    ];
-    eval(PUBLISH, &["m", "s", "i"], &args)
+    let args = [s(epoch), tail, key("c"), s(""), s(16)];
+    eval(
+        &node_publish_script(PUBLISH, 1000, false),
+        &["m", "s", "i"],
+        &args,
+    )
 }
 
 /// [`publish_in`] (epoch 7) with the stream entry in four fields, as a node with
@@ -595,14 +591,13 @@ fn publish_fields_keyed(sender: &str, repeat: &str, window: u64) -> Vec<Vec<u8>>
         s("n/0/1"),
         s(sender),
         s("hi"),
-        s(1000),
         key("c"),
         s(repeat),
         s(window),
-        s("PUBLISH"),
         s(sender.len()),
     ];
-    eval(PUBLISH_FIELDS, &["m", "s", "i"], &args)
+    let script = node_publish_script(PUBLISH_FIELDS, 1000, false);
+    eval(&script, &["m", "s", "i"], &args)
 }
 
 /// A message in room `big` (epoch 7) by `script` (a form of `PUBLISH`), with repeat key
@@ -611,16 +606,12 @@ fn publish_keyed(script: &str, repeat: &str, window: u64) -> Vec<Vec<u8>> {
     let mut tail = Vec::new();
     message_tail(&mut tail, 1, b"n/0/1", b"a", b"hi");
     let tail = String::from_utf8(tail).unwrap();
-    let args = [
-        s(7),
-        tail,
-        s(1000),
-        key("c"),
-        s(repeat),
-        s(window),
-        s("PUBLISH"),
-    ];
-    eval(script, &["m", "s", "i"], &args)
+    let args = [s(7), tail, key("c"), s(repeat), s(window)];
+    eval(
+        &node_publish_script(script, 1000, false),
+        &["m", "s", "i"],
+        &args,
+    )
 }
 
 /// The owner's stream read (`FILL`) of room `big` after `after`, 16 entries at most:

@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use pabal_relay::cluster::resp::{self, Value};
-use pabal_relay::cluster::script::{PUBLISH, PUBLISH_ASCENDING, PUBLISH_FIELDS, message_tail};
+use pabal_relay::cluster::script::{
+    PUBLISH, PUBLISH_ASCENDING, PUBLISH_FIELDS, message_tail, node_publish_script,
+};
 use pabal_testkit::redis::RedisServer;
 
 /// Rooms the load is spread over in [`measure`].
@@ -52,6 +54,9 @@ pub struct Variant {
     /// Whether every call names its owner's epoch and head (the room's sequence before
     /// it), as a node holding the room sends it: the script compares, raises nothing.
     pub owner_head: bool,
+    /// Whether it takes the stream's length and the publish command as arguments, as
+    /// `fdb14f3`'s script did (the relay's has them in its text).
+    pub constants_as_arguments: bool,
 }
 
 /// The script without the statements that call one of `calls` (`redis.call(...)` and
@@ -93,12 +98,9 @@ fn without(script: &str, calls: &[&str]) -> String {
     out
 }
 
-/// A publish script as a single Redis runs it: the relay passes its publish command as an
-/// argument (`PUBLISH`, or `SPUBLISH` on a Redis Cluster), `call` in `script`; written out
-/// here so that the variants can leave the call out.
-fn single_redis_script(script: &str, call: &str) -> String {
-    assert!(script.contains(call), "the publish script changed shape");
-    script.replace(call, "redis.call('PUBLISH',")
+/// A publish script as a node on a single Redis with the default stream length runs it.
+fn single_redis_script(script: &str) -> String {
+    node_publish_script(script, 10_000, false)
 }
 
 /// The publish script as `fdb14f3` ran it (packed, before the answer became a string, the
@@ -133,7 +135,7 @@ return {e, n}
 
 /// The variants measured, the script as the relay runs it first.
 pub fn variants() -> Vec<Variant> {
-    let script = single_redis_script(PUBLISH, "redis.call(ARGV[7],");
+    let script = single_redis_script(PUBLISH);
     let variant = |name, script, publish_id, packed| Variant {
         name,
         script,
@@ -141,6 +143,7 @@ pub fn variants() -> Vec<Variant> {
         packed,
         expire: false,
         owner_head: true,
+        constants_as_arguments: false,
     };
     vec![
         variant("script, publish id", script.clone(), true, true),
@@ -156,12 +159,13 @@ pub fn variants() -> Vec<Variant> {
         },
         variant(
             "window ascending, publish id",
-            single_redis_script(&PUBLISH_ASCENDING, "redis.call(ARGV[7],"),
+            single_redis_script(&PUBLISH_ASCENDING),
             true,
             true,
         ),
         Variant {
             owner_head: false,
+            constants_as_arguments: true,
             ..variant(
                 "as in fdb14f3, publish id",
                 AS_IN_FDB14F3.to_string(),
@@ -171,13 +175,14 @@ pub fn variants() -> Vec<Variant> {
         },
         variant(
             "four fields, ascending, publish id",
-            single_redis_script(PUBLISH_FIELDS, "redis.call(ARGV[10],"),
+            single_redis_script(PUBLISH_FIELDS),
             true,
             false,
         ),
         variant("script", script.clone(), false, true),
         Variant {
             owner_head: false,
+            constants_as_arguments: true,
             ..variant("as in fdb14f3", AS_IN_FDB14F3.to_string(), false, true)
         },
         variant("without XADD", without(&script, &["XADD"]), false, true),
@@ -304,44 +309,31 @@ fn drive(
             // This connection alone publishes to its rooms: the room's sequence so far.
             let head = ((next - 1) / rooms.len()).to_string();
             let (owner_epoch, owner_head): (&[u8], &[u8]) = (b"1", head.as_bytes());
-            // A node leaves the owner's two arguments out when it has none.
-            let len = call.len() + if variant.packed { 9 } else { 13 }
-                - if variant.owner_head { 0 } else { 2 };
+            let ts = sent.to_string();
+            let mut args: Vec<&[u8]> = Vec::with_capacity(12);
             if variant.packed {
                 message_tail(&mut tail, sent, tag, sender, &payload);
-                let args: [&[u8]; 9] = [
-                    &tail,
-                    b"10000",
-                    ch.as_bytes(),
-                    id.as_bytes(),
-                    b"1000",
-                    b"PUBLISH",
-                    expire,
-                    owner_epoch,
-                    owner_head,
-                ];
-                let all: Vec<&[u8]> = call.into_iter().chain(args).take(len).collect();
-                resp::encode(&mut out, all.into_iter());
+                args.push(&tail);
+                // `fdb14f3`'s script takes the stream's length and the publish command as
+                // arguments; the relay's now has them in its text.
+                if variant.constants_as_arguments {
+                    args.push(b"10000");
+                }
+                args.extend([ch.as_bytes(), id.as_bytes(), b"1000"]);
+                if variant.constants_as_arguments {
+                    args.push(b"PUBLISH");
+                }
             } else {
-                let ts = sent.to_string();
-                let args: [&[u8]; 13] = [
-                    ts.as_bytes(),
-                    tag,
-                    sender,
-                    &payload,
-                    b"10000",
-                    ch.as_bytes(),
-                    id.as_bytes(),
-                    b"1000",
-                    b"PUBLISH",
-                    sender_len.as_bytes(),
-                    expire,
-                    owner_epoch,
-                    owner_head,
-                ];
-                let all: Vec<&[u8]> = call.into_iter().chain(args).take(len).collect();
-                resp::encode(&mut out, all.into_iter());
+                args.extend([ts.as_bytes(), tag, sender, &payload[..]]);
+                args.extend([ch.as_bytes(), id.as_bytes(), b"1000", sender_len.as_bytes()]);
             }
+            args.push(expire);
+            // A node leaves the owner's two arguments out when it has none.
+            if variant.owner_head {
+                args.extend([owner_epoch, owner_head]);
+            }
+            let all: Vec<&[u8]> = call.into_iter().chain(args).collect();
+            resp::encode(&mut out, all.into_iter());
         }
         s.write_all(&out).unwrap();
         read_replies(&mut s, &mut buf, PIPELINE);

@@ -174,7 +174,11 @@ impl EngineHandle {
         } else {
             Box::new(|| {})
         };
-        let publish = script::publish_script(config.stream_entry, config.window_order);
+        let publish = script::node_publish_script(
+            script::publish_script(config.stream_entry, config.window_order),
+            config.stream_max_len,
+            config.topology == Topology::Cluster,
+        );
         let engine = Engine {
             prefix: format!("{node_id}/{worker}/").into_bytes(),
             node_id: node_id.to_owned(),
@@ -206,8 +210,8 @@ impl EngineHandle {
             fills_waiting: Vec::new(),
             redirects: Vec::new(),
             out: Vec::new(),
+            publish_sha: script::sha1_hex(&publish),
             publish,
-            publish_sha: script::sha1_hex(publish),
             message_head: Vec::new(),
             open_sha: script::sha1_hex(OPEN),
             fill_sha: script::sha1_hex(script::FILL),
@@ -439,7 +443,7 @@ struct Engine {
     redirects: Vec<(Pending, u8, Redirect)>,
     out: Vec<EngineEvent>,
     /// The publish script this node runs (`cluster.stream_entry`, `cluster.window_order`).
-    publish: &'static str,
+    publish: String,
     publish_sha: Bytes,
     open_sha: Bytes,
     /// [`script::FILL`]'s.
@@ -1062,7 +1066,7 @@ impl Engine {
         script::key(channel, &req.room, "c");
         script::tag(tag, &self.node_id, self.worker, req.ticket);
         script::repeat_key(repeat, req.repeat.as_ref());
-        let (mut d1, mut d2, mut d3, mut d4) = ([0; 20], [0; 20], [0; 20], [0; 20]);
+        let (mut d1, mut d2, mut d4) = ([0; 20], [0; 20], [0; 20]);
         let (mut d5, mut d6, mut d7, mut d8) = ([0; 20], [0; 20], [0; 20], [0; 20]);
         let expire = match req.expire_ms {
             Some(ms) => decimal(ms, &mut d6),
@@ -1075,50 +1079,39 @@ impl Engine {
             None => (&[][..], &[][..]),
         };
         let without_owner = usize::from(req.owner_head.is_none()) * 2;
-        let verb: &[u8] = match self.topology {
-            Topology::Single | Topology::Sentinel => b"PUBLISH",
-            Topology::Cluster => b"SPUBLISH",
-        };
-        let (hint, max_len) = (
-            decimal(req.epoch_hint, &mut d1),
-            decimal(self.config.stream_max_len, &mut d3),
-        );
+        let hint = decimal(req.epoch_hint, &mut d1);
         let window = decimal(req.window.max(1) as u64, &mut d4);
         match self.config.stream_entry {
             StreamEntry::Packed => {
                 let sender = req.sender.as_bytes();
                 script::message_head(&mut self.message_head, req.ts_ms, tag, sender);
-                let args: [&[&[u8]]; 10] = [
+                let args: [&[&[u8]]; 8] = [
                     &[hint],
                     &[&self.message_head, &req.payload],
-                    &[max_len],
                     &[channel],
                     &[repeat],
                     &[window],
-                    &[verb],
                     &[expire],
                     &[owner_epoch],
                     &[owner_head],
                 ];
                 encode_script_parts(
                     &mut conn.wbuf,
-                    (self.publish, &self.publish_sha, eval),
+                    (&self.publish, &self.publish_sha, eval),
                     &[meta, stream, ids],
                     &args[..args.len() - without_owner],
                 );
             }
             StreamEntry::Fields => {
-                let args: [&[u8]; 14] = [
+                let args: [&[u8]; 12] = [
                     hint,
                     decimal(req.ts_ms, &mut d2),
                     tag,
                     req.sender.as_bytes(),
                     &req.payload,
-                    max_len,
                     channel,
                     repeat,
                     window,
-                    verb,
                     decimal(req.sender.as_bytes().len() as u64, &mut d5),
                     expire,
                     owner_epoch,
@@ -1126,7 +1119,7 @@ impl Engine {
                 ];
                 encode_script(
                     &mut conn.wbuf,
-                    (self.publish, &self.publish_sha, eval),
+                    (&self.publish, &self.publish_sha, eval),
                     &[meta, stream, ids],
                     &args[..args.len() - without_owner],
                 );

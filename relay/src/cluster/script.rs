@@ -94,11 +94,13 @@ end"
 pub const TRIM_EVERY: u64 = 64;
 
 /// Sequence one message: KEYS meta, stream, repeat window; ARGV epoch hint, the message's
-/// tail (`<ts> <tag> <sender length> <sender><payload>`, [`message_tail`]), stream max
-/// length, channel, repeat key (empty: none), window (sequences), the publish command
-/// (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster), the history's expiry
-/// (ms; empty or absent: left as it is, see `core/cluster/history_expiry.rs`), and the
-/// publishing owner's epoch and head (empty or absent: none; see below). Appends the tail
+/// tail (`<ts> <tag> <sender length> <sender><payload>`, [`message_tail`]), channel,
+/// repeat key (empty: none), window (sequences), the history's expiry (ms; empty or
+/// absent: left as it is, see `core/cluster/history_expiry.rs`), and the publishing
+/// owner's epoch and head (empty or absent: none; see below). The stream's length
+/// (`'10000'`) and the publish command (`'PUBLISH'`) are written in the text, which a node
+/// sets to its own ([`node_publish_script`]: `cluster.stream_max_len`, and `SPUBLISH`,
+/// sharded pub/sub, on a Redis Cluster). Appends the tail
 /// as the stream entry's one field `m` and publishes `<epoch> <seq> <tail>`. Answers
 /// `"<epoch> <seq>"` (a bulk string), or `{epoch, first seq, 1}` for a repeat key the
 /// window holds ([`parse_published`] reads both).
@@ -121,6 +123,8 @@ pub const TRIM_EVERY: u64 = 64;
 ///   (`math.abs`) and trim by score, so windows written in either order, or both, stay
 ///   right.
 /// - The trims (the window's and the stream's) run once every [`TRIM_EVERY`] sequences.
+/// - What a node never changes (the stream's length, the publish command) is in the text,
+///   not an argument: an argument costs Redis about 1,200 instructions a call.
 /// - The owner's head (below) is compared with the sequence as strings, by length first
 ///   (both decimal, no leading zeros): `tonumber` on every call cost 800 instructions
 ///   more. Its two arguments cost about 1,200 instructions each, and a node leaves them
@@ -149,31 +153,31 @@ pub const TRIM_EVERY: u64 = 64;
 /// retry is never told a sequence that holds no message.
 pub const PUBLISH: &str = concat!(
     epoch_prelude!(),
-    next_sequence!("9", "10"),
+    next_sequence!("7", "8"),
     r"
 if first then
   redis.call('DEL', KEYS[3])
   if #redis.call('XRANGE', KEYS[2], '1-0', '+', 'COUNT', 1) > 0 then redis.call('DEL', KEYS[2]) end
 end
-if ARGV[5] ~= '' and redis.call('ZADD', KEYS[3], 'NX', '-' .. s, ARGV[5]) == 0 then
+if ARGV[4] ~= '' and redis.call('ZADD', KEYS[3], 'NX', '-' .. s, ARGV[4]) == 0 then
   redis.call('HINCRBY', KEYS[1], 's', '-1')
-  return {e, math.abs(tonumber(redis.call('ZSCORE', KEYS[3], ARGV[5]))), 1}
+  return {e, math.abs(tonumber(redis.call('ZSCORE', KEYS[3], ARGV[4]))), 1}
 end
 local added = redis.pcall('XADD', KEYS[2], s .. '-0', 'm', ARGV[2])
 if type(added) == 'table' and added.err then
-  if ARGV[5] ~= '' then redis.call('ZREM', KEYS[3], ARGV[5]) end
+  if ARGV[4] ~= '' then redis.call('ZREM', KEYS[3], ARGV[4]) end
   redis.call('HINCRBY', KEYS[1], 's', '-1')
   return added
 end
 local head = e .. ' ' .. s
-redis.call(ARGV[7], ARGV[4], head .. ' ' .. ARGV[2])
-if ARGV[8] and ARGV[8] ~= '' then
-  redis.call('PEXPIRE', KEYS[2], ARGV[8])
-  redis.call('PEXPIRE', KEYS[3], ARGV[8])
+redis.call('PUBLISH', ARGV[3], head .. ' ' .. ARGV[2])
+if ARGV[6] and ARGV[6] ~= '' then
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+  redis.call('PEXPIRE', KEYS[3], ARGV[6])
 end
 if n % 64 == 0 then
-  redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', ARGV[3])
-  local old = n - tonumber(ARGV[6])
+  redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', '10000')
+  local old = n - tonumber(ARGV[5])
   if old > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], -old, old) end
 end
 return head
@@ -183,10 +187,10 @@ return head
 /// [`PUBLISH`] writing the stream entry as four fields (`t`, `g`, `u`, `p`), the only form
 /// versions before `cluster.stream_entry` read (`stream_entry = "fields"`, for a rolling
 /// upgrade from one). KEYS meta, stream, repeat window; ARGV epoch hint, ts, tag, sender,
-/// payload, stream max length, channel, repeat key (empty: none), window (sequences), the
-/// publish command (`PUBLISH`, or `SPUBLISH`: sharded pub/sub on a Redis Cluster), the
-/// sender's length in bytes (decimal), the history's expiry (ms; empty or absent: none),
-/// the publishing owner's epoch and head (empty or absent: none).
+/// payload, channel, repeat key (empty: none), window (sequences), the sender's length in
+/// bytes (decimal), the history's expiry (ms; empty or absent: none), the publishing
+/// owner's epoch and head (empty or absent: none); the stream's length and the publish
+/// command in the text, as in [`PUBLISH`].
 /// Answers as [`PUBLISH`] does, and is otherwise as it is (the sequence a string once,
 /// past the owner's head in its epoch,
 /// the window and an earlier epoch's stream emptied by the first sequence, the window trimmed
@@ -195,33 +199,33 @@ return head
 /// does, since the versions it is for predate `window_order` too.
 pub const PUBLISH_FIELDS: &str = concat!(
     epoch_prelude!(),
-    next_sequence!("13", "14"),
+    next_sequence!("11", "12"),
     r"
 if first then
   redis.call('DEL', KEYS[3])
   if #redis.call('XRANGE', KEYS[2], '1-0', '+', 'COUNT', 1) > 0 then redis.call('DEL', KEYS[2]) end
 end
-if ARGV[8] ~= '' and redis.call('ZADD', KEYS[3], 'NX', s, ARGV[8]) == 0 then
+if ARGV[7] ~= '' and redis.call('ZADD', KEYS[3], 'NX', s, ARGV[7]) == 0 then
   redis.call('HINCRBY', KEYS[1], 's', '-1')
-  return {e, math.abs(tonumber(redis.call('ZSCORE', KEYS[3], ARGV[8]))), 1}
+  return {e, math.abs(tonumber(redis.call('ZSCORE', KEYS[3], ARGV[7]))), 1}
 end
 local added = redis.pcall('XADD', KEYS[2], s .. '-0',
   't', ARGV[2], 'g', ARGV[3], 'u', ARGV[4], 'p', ARGV[5])
 if type(added) == 'table' and added.err then
-  if ARGV[8] ~= '' then redis.call('ZREM', KEYS[3], ARGV[8]) end
+  if ARGV[7] ~= '' then redis.call('ZREM', KEYS[3], ARGV[7]) end
   redis.call('HINCRBY', KEYS[1], 's', '-1')
   return added
 end
 local head = e .. ' ' .. s
-redis.call(ARGV[10], ARGV[7], head .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' ..
-  ARGV[11] .. ' ' .. ARGV[4] .. ARGV[5])
-if ARGV[12] and ARGV[12] ~= '' then
-  redis.call('PEXPIRE', KEYS[2], ARGV[12])
-  redis.call('PEXPIRE', KEYS[3], ARGV[12])
+redis.call('PUBLISH', ARGV[6], head .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' ..
+  ARGV[9] .. ' ' .. ARGV[4] .. ARGV[5])
+if ARGV[10] and ARGV[10] ~= '' then
+  redis.call('PEXPIRE', KEYS[2], ARGV[10])
+  redis.call('PEXPIRE', KEYS[3], ARGV[10])
 end
 if n % 64 == 0 then
-  redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', ARGV[6])
-  local old = n - tonumber(ARGV[9])
+  redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', '10000')
+  local old = n - tonumber(ARGV[8])
   if old > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], -old, old) end
 end
 return head
@@ -244,6 +248,35 @@ pub static PUBLISH_ASCENDING: LazyLock<String> = LazyLock::new(|| {
     );
     PUBLISH.replace(NEGATED_SCORE, SEQUENCE_SCORE)
 });
+
+/// What [`PUBLISH`] and its forms write in their text for a node to set.
+const STREAM_LENGTH: &str = "'MAXLEN', '~', '10000')";
+const PUBLISH_COMMAND: &str = "redis.call('PUBLISH',";
+
+/// The text of publish script `script` ([`publish_script`]) as a node runs it: the
+/// stream kept to `stream_max_len` entries, and published with `SPUBLISH` (sharded pub/sub)
+/// when `sharded` (a Redis Cluster).
+pub fn node_publish_script(script: &str, stream_max_len: u64, sharded: bool) -> String {
+    assert_eq!(
+        script.matches(STREAM_LENGTH).count(),
+        1,
+        "the script changed shape"
+    );
+    assert_eq!(
+        script.matches(PUBLISH_COMMAND).count(),
+        1,
+        "the script changed shape"
+    );
+    let text = script.replace(
+        STREAM_LENGTH,
+        &format!("'MAXLEN', '~', '{stream_max_len}')"),
+    );
+    if sharded {
+        text.replace(PUBLISH_COMMAND, "redis.call('SPUBLISH',")
+    } else {
+        text
+    }
+}
 
 /// The publish script a node runs: by how it writes stream entries and window keys.
 /// [`PUBLISH_FIELDS`] scores ascending whatever `order` says: the versions it is for
