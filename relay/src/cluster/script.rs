@@ -83,6 +83,26 @@ end"
     };
 }
 
+/// The body of the `if` that empties what an earlier epoch left in a room holding no
+/// sequence of its own (KEYS[2] the stream, KEYS[3] the window), closing it: the window
+/// whole, the stream if it holds a message (a removal of this epoch before its first
+/// message, `0-n`, is kept). Run by the epoch's first publish, or by the raise past it.
+macro_rules! empty_earlier_epoch {
+    () => {
+        r"
+  redis.call('DEL', KEYS[3])
+  if #redis.call('XRANGE', KEYS[2], '1-0', '+', 'COUNT', 1) > 0 then redis.call('DEL', KEYS[2]) end
+end"
+    };
+}
+
+/// `text` with its one `from` made `to`; panics unless `from` occurs exactly once (a
+/// script that changed shape under a derived form).
+fn replace_once(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(text.matches(from).count(), 1, "the script changed shape");
+    text.replace(from, to)
+}
+
 /// The stream is trimmed back to its size (`XTRIM MAXLEN ~`), and the window of repeat keys
 /// back to the keys of its last `window` sequences, when the room's sequence is a multiple
 /// of this (any publish, with a repeat key or not): the window never holds keys of more
@@ -155,10 +175,9 @@ pub const PUBLISH: &str = concat!(
     epoch_prelude!(),
     next_sequence!("7", "8"),
     r"
-if first then
-  redis.call('DEL', KEYS[3])
-  if #redis.call('XRANGE', KEYS[2], '1-0', '+', 'COUNT', 1) > 0 then redis.call('DEL', KEYS[2]) end
-end
+if first then",
+    empty_earlier_epoch!(),
+    r"
 if ARGV[4] ~= '' and redis.call('ZADD', KEYS[3], 'NX', '-' .. s, ARGV[4]) == 0 then
   redis.call('HINCRBY', KEYS[1], 's', '-1')
   return {e, math.abs(tonumber(redis.call('ZSCORE', KEYS[3], ARGV[4]))), 1}
@@ -201,10 +220,9 @@ pub const PUBLISH_FIELDS: &str = concat!(
     epoch_prelude!(),
     next_sequence!("11", "12"),
     r"
-if first then
-  redis.call('DEL', KEYS[3])
-  if #redis.call('XRANGE', KEYS[2], '1-0', '+', 'COUNT', 1) > 0 then redis.call('DEL', KEYS[2]) end
-end
+if first then",
+    empty_earlier_epoch!(),
+    r"
 if ARGV[7] ~= '' and redis.call('ZADD', KEYS[3], 'NX', s, ARGV[7]) == 0 then
   redis.call('HINCRBY', KEYS[1], 's', '-1')
   return {e, math.abs(tonumber(redis.call('ZSCORE', KEYS[3], ARGV[7]))), 1}
@@ -240,14 +258,8 @@ const SEQUENCE_SCORE: &str = "'NX', s,";
 /// `cluster.window_order` did and still read: for a rolling upgrade from one
 /// (`window_order = "ascending"`). Those versions trim the window by rank, the lowest
 /// scores first, so a key scored negated would be the first they drop.
-pub static PUBLISH_ASCENDING: LazyLock<String> = LazyLock::new(|| {
-    assert_eq!(
-        PUBLISH.matches(NEGATED_SCORE).count(),
-        1,
-        "the script changed shape"
-    );
-    PUBLISH.replace(NEGATED_SCORE, SEQUENCE_SCORE)
-});
+pub static PUBLISH_ASCENDING: LazyLock<String> =
+    LazyLock::new(|| replace_once(PUBLISH, NEGATED_SCORE, SEQUENCE_SCORE));
 
 /// What [`PUBLISH`] and its forms write in their text for a node to set.
 const STREAM_LENGTH: &str = "'MAXLEN', '~', '10000')";
@@ -257,25 +269,17 @@ const PUBLISH_COMMAND: &str = "redis.call('PUBLISH',";
 /// stream kept to `stream_max_len` entries, and published with `SPUBLISH` (sharded pub/sub)
 /// when `sharded` (a Redis Cluster).
 pub fn node_publish_script(script: &str, stream_max_len: u64, sharded: bool) -> String {
-    assert_eq!(
-        script.matches(STREAM_LENGTH).count(),
-        1,
-        "the script changed shape"
-    );
-    assert_eq!(
-        script.matches(PUBLISH_COMMAND).count(),
-        1,
-        "the script changed shape"
-    );
-    let text = script.replace(
-        STREAM_LENGTH,
-        &format!("'MAXLEN', '~', '{stream_max_len}')"),
-    );
-    if sharded {
-        text.replace(PUBLISH_COMMAND, "redis.call('SPUBLISH',")
+    let length = format!("'MAXLEN', '~', '{stream_max_len}')");
+    let command = if sharded {
+        "redis.call('SPUBLISH',"
     } else {
-        text
-    }
+        PUBLISH_COMMAND
+    };
+    replace_once(
+        &replace_once(script, STREAM_LENGTH, &length),
+        PUBLISH_COMMAND,
+        command,
+    )
 }
 
 /// The publish script a node runs: by how it writes stream entries and window keys.
@@ -405,17 +409,18 @@ pub fn parse_fill(
 /// that delivered them).
 pub static RAISE: Script = Script::new(
     "RAISE",
-    r"
+    concat!(
+        r"
 if redis.call('HGET', KEYS[1], 'e') ~= ARGV[1] then return 0 end
 local s = redis.call('HGET', KEYS[1], 's') or '0'
 if tonumber(s) >= tonumber(ARGV[2]) then return 0 end
-if s == '0' then
-  redis.call('DEL', KEYS[3])
-  if #redis.call('XRANGE', KEYS[2], '1-0', '+', 'COUNT', 1) > 0 then redis.call('DEL', KEYS[2]) end
-end
+if s == '0' then",
+        empty_earlier_epoch!(),
+        r"
 redis.call('HSET', KEYS[1], 's', ARGV[2])
 return 1
-",
+"
+    ),
 );
 
 /// The SHA1 (hex) Redis names a script by.

@@ -449,11 +449,7 @@ impl Engine {
         if let EngineCmd::Raise { room, head, .. } = &cmd {
             // Run at once, answering nothing (`script::RAISE`): this Redis loses no write,
             // so its sequence is never below an owner's head, and a raise changes nothing.
-            let at = self.room(room.id).head;
-            assert!(
-                *head <= at,
-                "{room:?}'s owner holds {head}, past the room's sequence {at}: no write was lost"
-            );
+            no_write_lost(room, *head, self.room(room.id).head);
             return;
         }
         let n = &mut self.nodes[node];
@@ -678,15 +674,9 @@ impl Engine {
                 let key = req.repeat.as_ref().map(repeat_key);
                 let window = req.window.max(1) as u64;
                 let room = self.room_mut(req.room.id);
-                if let Some((epoch, head)) = req.owner_head {
-                    // `script::PUBLISH` gives a sequence past it: this Redis loses no
-                    // write, so an owner's head is never past the room's sequence.
-                    assert!(
-                        epoch != EPOCH || head <= room.head,
-                        "{:?}'s owner holds {head}, past the room's sequence {}: no write was lost",
-                        req.room,
-                        room.head
-                    );
+                // `script::PUBLISH` gives a sequence past the owner's head.
+                if let Some((EPOCH, head)) = req.owner_head {
+                    no_write_lost(&req.room, head, room.head);
                 }
                 if let Some(&first) = key.as_ref().and_then(|k| room.window.get(k)) {
                     EngineEvent::Published {
@@ -1142,4 +1132,14 @@ fn message(e: &Entry, to: Origin) -> EngineMessage {
         sender: e.sender.clone(),
         payload: e.payload.clone(),
     }
+}
+
+/// This Redis loses no write, so an owner's head (what it asks a raise to, or names in a
+/// publish) is never past the room's sequence `at`; past it, the owner holds a sequence
+/// Redis never gave.
+fn no_write_lost(room: &RoomName, head: u64, at: u64) {
+    assert!(
+        head <= at,
+        "{room:?}'s owner holds {head}, past the room's sequence {at}: no write was lost"
+    );
 }
