@@ -15,8 +15,8 @@ use super::test_wire::TestWire;
 use super::*;
 use crate::directory::Directory;
 
-#[path = "cluster_tests.rs"]
 mod cluster;
+mod cluster_reopen;
 
 struct Phone {
     session: ClientSession,
@@ -71,7 +71,7 @@ impl Harness {
         frame.encode(&mut bytes);
         self.core.on_bytes(self.now, token, &bytes);
         self.pump();
-        // A cluster node's HELLO and joins wait for the engine (cluster_tests.rs).
+        // A cluster node's HELLO and joins wait for the engine (tests/cluster.rs).
         self.play_engine_membership();
     }
 

@@ -319,7 +319,7 @@ fn the_cluster_simulator_finds_an_answer_handed_over_before_its_copy() {
 fn the_cluster_seeds_that_found_bugs_keep_the_contract() {
     // Each found one of the bugs fixed with the cluster simulation (past the seeds the
     // default run takes); their runs change with the code, so this keeps them as examples:
-    // the named tests in `cluster_tests.rs`, `tests/removals.rs`, `directory.rs`,
+    // the named tests in `tests/cluster.rs`, `tests/cluster_reopen.rs`, `tests/removals.rs`, `directory.rs`,
     // `cluster/copies.rs` and the codec's session pin the fixes, and the fault injections
     // above the engine's held notices and answers. The last three came with removals in
     // the room's order: a full page of removals read again and again (7767), a removal
