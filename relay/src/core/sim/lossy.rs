@@ -16,8 +16,11 @@
 //! body, the new body is the sequence's truth and the sequence is no longer lost. A lost
 //! body that was still on its way and reaches a phone after its sequence went to another
 //! body is the same race, found late. What the checker allows in this mode: a GAP over a
-//! lost sequence, a member missing one, a body that is in its room twice once at a lost
-//! sequence (the publish failed with the failover, and the phone sent it again).
+//! lost sequence, a member missing one (or a drain's cursor before one), a lost sequence
+//! reaching a user who was a member when it was lost (a removal Redis placed after the
+//! loss comes before it in the room's order), a body that is in its room twice once at a
+//! lost sequence (the publish failed with the failover, and the phone sent it again). What
+//! it adds: an owner's history reaches its head (`check_history_ends`).
 //!
 //! Owns: test scaffolding only. Must not touch: anything outside tests.
 
@@ -71,6 +74,8 @@ pub(super) struct Tally {
     pub(super) given_again: u64,
     /// The run ended at the documented residual race: what was found.
     pub(super) residual: Option<String>,
+    /// The members of each lost sequence's room when Redis lost it, by (room id, seq).
+    members: HashMap<(u64, u64), Vec<Text>>,
 }
 
 /// Moves the room's sequence up to `head` (`RAISE`, or a publish's owner head): the
@@ -160,7 +165,17 @@ impl Sim {
         let engine = self.engine.as_mut().unwrap();
         let before = engine.head(self.rooms[r].id);
         engine.fault(0, Fault::LoseWrites { room: r, k });
-        let lost: Vec<u64> = (engine.head(self.rooms[r].id) + 1..=before).collect();
+        let room_id = self.rooms[r].id;
+        let lost: Vec<u64> = (engine.head(room_id) + 1..=before).collect();
+        let members: Vec<Text> = self
+            .phones
+            .iter()
+            .map(|p| p.user.clone())
+            .filter(|u| self.model.current(u, room_id).is_some())
+            .collect();
+        for &seq in &lost {
+            self.lossy.members.insert((room_id, seq), members.clone());
+        }
         self.lossy.failovers += 1;
         self.lossy.lost += lost.len() as u64;
         self.note(format!(
@@ -258,6 +273,18 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// `user` was a member of the room when Redis lost its sequence `seq`, which is still
+    /// lost: the owners that had it may deliver it to them, even where a removal Redis
+    /// placed after the loss comes before it in the room's order now.
+    pub(super) fn member_when_lost(&self, user: &Text, room_id: u64, seq: u64) -> bool {
+        self.lost(room_id, seq)
+            && self
+                .lossy
+                .members
+                .get(&(room_id, seq))
+                .is_some_and(|m| m.contains(user))
     }
 
     /// Sequence `seq` of the room is a lost write's: a GAP may name it, a member may lack
