@@ -287,6 +287,18 @@ impl Sim {
                 .is_some_and(|m| m.contains(user))
     }
 
+    /// `seq` of the room is lost, and `user` joined the room again since Redis lost it:
+    /// a membership that ended before it in the room's order (a removal placed after the
+    /// loss) may have got it, and the new one gets it again.
+    pub(super) fn rejoined_past_lost(&self, user: &Text, room_id: u64, seq: u64) -> bool {
+        self.member_when_lost(user, room_id, seq)
+            && self
+                .model
+                .intervals
+                .get(&(user.clone(), room_id))
+                .is_some_and(|v| v.len() > 1)
+    }
+
     /// Sequence `seq` of the room is a lost write's: a GAP may name it, a member may lack
     /// it.
     pub(super) fn lost(&self, room_id: u64, seq: u64) -> bool {

@@ -998,7 +998,9 @@ impl Sim {
                     .map(|v| v.iter().map(|&(s, _)| s).filter(|&s| s > after).collect())
                     .unwrap_or_default();
                 got.sort_unstable();
-                let twice = got.windows(2).any(|w| w[0] == w[1]);
+                let twice = got
+                    .windows(2)
+                    .any(|w| w[0] == w[1] && !self.rejoined_past_lost(&phone.user, room.id, w[0]));
                 got.dedup();
                 if twice {
                     return Err(self.fail(format!(
