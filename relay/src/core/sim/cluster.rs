@@ -1,6 +1,8 @@
 //! The simulator's cluster (see `mod.rs`): nodes of one to three workers on the model of
 //! Redis and the engines in `redis.rs`, the scheduler's steps for Redis, the engines'
-//! connections and their faults, and the cluster's seeded tests.
+//! connections and their faults (with `lose_writes`, a failover losing writes, `lossy.rs`),
+//! and the cluster's seeded tests: the contract kept, with and without lost writes, and the
+//! fault injections each checker must catch.
 //!
 //! Owns: test scaffolding only. Must not touch: anything outside tests.
 
@@ -44,7 +46,7 @@ impl Sim {
         match roll {
             0..=10 => {
                 if let Some(node) = self.pick(&runnable) {
-                    self.run_command(node);
+                    self.run_command(node)?;
                 }
             }
             11..=15 => {
@@ -69,6 +71,10 @@ impl Sim {
                 self.deliver_control()?;
             }
             34 => {
+                // Drawn only where Redis may lose writes: other runs draw as before.
+                if self.engine.as_ref().unwrap().lose_writes && self.chance(20) {
+                    return self.lose_writes();
+                }
                 let fault = match self.random(7) {
                     0 => Fault::LoseCommands,
                     1 => Fault::LosePubSub,
@@ -98,11 +104,12 @@ impl Sim {
         Ok(())
     }
 
-    /// Redis runs the node's next command; the model follows the memberships it changed.
-    pub(super) fn run_command(&mut self, node: usize) -> bool {
+    /// Redis runs the node's next command; the model follows the memberships it changed,
+    /// and judges a lost write's sequence given again (`lossy.rs`).
+    pub(super) fn run_command(&mut self, node: usize) -> Result<bool, Violation> {
         let engine = self.engine.as_mut().unwrap();
         let Some(what) = engine.run_command(node) else {
-            return false;
+            return Ok(false);
         };
         let changes = std::mem::take(&mut engine.changes);
         self.note(format!("Redis runs {node}'s {what}"));
@@ -117,7 +124,8 @@ impl Sim {
                 }
             }
         }
-        true
+        self.judge_reuses()?;
+        Ok(true)
     }
 
     pub(super) fn answer(&mut self, node: usize) -> Result<(), Violation> {
@@ -208,7 +216,7 @@ impl Sim {
             while engine.run_subscription(node).is_some() {}
         }
         for node in engine.runnable() {
-            while self.run_command(node) {}
+            while self.run_command(node)? {}
         }
         for node in 0..self.n() {
             while self.engine.as_ref().unwrap().answering().contains(&node) {
@@ -248,6 +256,123 @@ fn seeded_cluster_simulations_keep_the_delivery_contract() {
             );
         }
     }
+}
+
+/// Runs one seed of a cluster whose Redis loses writes (`lossy.rs`) to its end; `tweak`
+/// may break the model's engine on purpose. `Ok(Some(what))`: the run ended at the
+/// documented residual race, inconclusive. A panic (a relay's assertion) is a violation
+/// too, so that a sweep goes on past it.
+fn run_lossy_seed(
+    seed: u64,
+    tweak: impl FnOnce(&mut redis::Engine),
+) -> (Result<Option<String>, Violation>, lossy::Tally) {
+    let shape = cluster_shape_of(seed);
+    let mut sim = Sim::clustered(seed, shape);
+    let engine = sim.engine.as_mut().unwrap();
+    engine.lose_writes = true;
+    tweak(engine);
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        (0..shape.steps)
+            .try_for_each(|_| sim.step())
+            .and_then(|()| sim.finish())
+    }));
+    let run = run.unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_default();
+        Err(sim.fail(format!("panicked: {what}")))
+    });
+    let tally = std::mem::take(&mut sim.lossy);
+    let ended = match (&tally.residual, run) {
+        (Some(what), _) => Ok(Some(what.clone())),
+        (None, run) => run.map(|()| None),
+    };
+    (ended, tally)
+}
+
+#[test]
+#[ignore = "finds four relay bugs with lost writes (see the comment): run with --ignored"]
+fn seeded_lossy_failovers_keep_the_delivery_contract() {
+    // Every promise of ARCHITECTURE.md's "Writes Redis lost" with Redis losing a room's
+    // last writes now and then; a run that meets the documented residual race ends there,
+    // counted, not passed. Every seed runs (a sweep goes on past a failure); the test
+    // fails on the first that broke the contract.
+    //
+    // Ignored until the relay handles what it found, four bugs outside the documented
+    // race (seeds 1..=100,000: 5,659 broke the contract, each one of these; 5,008 ended at
+    // the documented race):
+    // - An open whose tail ends below the room's sequence (Redis lost the last writes and
+    //   a raise moved the sequence past them: the stream's last entry is below it):
+    //   `Core::on_opened` sets a fresh room's head to the sequence over a history that
+    //   ends below it, with no gap. Pages then stop at the history's end (a reader on
+    //   another worker asks again forever), and the next message breaks `History::push`'s
+    //   order (its debug assertion panics). Seeds 64, 66, 74, 118, 163 (9861, 10562: the
+    //   panic, in the same call); 4,778 seeds.
+    // - A stream page with a hole in its middle (lost sequences a raise passed: 1..=5, 7,
+    //   8 after 0): `on_stream_read` makes a gap only before the page's first message, so
+    //   the phone gets 7 after 5 and its session refuses the frame. Seeds 284, 418, 588,
+    //   640; 755 seeds.
+    // - An owner waiting for a sequence Redis no longer has never stops waiting: a hole
+    //   Redis lost and another node raised past (its own publish's answer came unordered
+    //   as the failover took the channel, or the channel brought a later one: `FILL`
+    //   answers the room's sequence at or past the hole and no entry), or a reopen's
+    //   catch-up to the open's sequence when Redis lost the last of it (`FILL` answers a
+    //   room sequence below it). The room stalls on that node: its phones never get later
+    //   messages, or never bind it (a GOAWAY at 0). Seeds 532, 3523, 13071 (raised past),
+    //   8046 (the reopen's target); 124 seeds.
+    // - A removal Redis placed below an owner's head (the room's sequence went back, the
+    //   owner still holds the lost messages): the owner hears it on the channel and drops
+    //   it as behind what it applied; the removed member keeps getting the room. Seeds
+    //   36380, 60579; 2 seeds.
+    let (mut seeds, mut failovers, mut lost, mut given_again) = (0, 0, 0, 0);
+    let (mut residual, mut broken) = (Vec::new(), Vec::new());
+    for seed in seeds_to_run(1000) {
+        let (ended, tally) = run_lossy_seed(seed, |_| {});
+        match ended {
+            Err(Violation(what)) => broken.push((seed, what)),
+            Ok(Some(what)) => residual.push((seed, what)),
+            Ok(None) => {}
+        }
+        seeds += 1;
+        failovers += tally.failovers;
+        lost += tally.lost;
+        given_again += tally.given_again;
+    }
+    for (seed, what) in &residual {
+        eprintln!("PABAL_SIM_SEED={seed} ends at the documented residual race: {what}");
+    }
+    for (seed, what) in &broken {
+        let first = what.lines().next().unwrap_or_default();
+        eprintln!("PABAL_SIM_SEED={seed} breaks the contract: {first}");
+    }
+    // Who had the lost sequence Redis gave again: a node's owner (the race as documented),
+    // only a phone (every node that had it restarted or closed the room), or a phone that
+    // got the lost body after the sequence went to another (it was on its way).
+    let count = |what: &str| residual.iter().filter(|(_, w)| w.contains(what)).count();
+    eprintln!(
+        "lossy failovers: {seeds} seeds, {failovers} failovers losing {lost} writes, {given_again} \
+         lost sequences given again with nobody holding them; {} seeds ended at the documented \
+         residual race (inconclusive: {} a node's owner held it, {} only a phone had it, {} \
+         found late), {} broke the contract",
+        residual.len(),
+        count("owner holds"),
+        count(" got it (PUBACK"),
+        count("got the lost"),
+        broken.len()
+    );
+    if let Some((seed, what)) = broken.first() {
+        panic!(
+            "{} of {seeds} lossy cluster seeds failed; the first, seed {seed} ({:?}): replay with PABAL_SIM_SEED={seed}\n{what}",
+            broken.len(),
+            cluster_shape_of(*seed)
+        );
+    }
+    assert!(
+        lost > 0 || seeds < 10,
+        "no write was lost: nothing was checked"
+    );
 }
 
 #[test]
@@ -335,4 +460,22 @@ fn the_cluster_seeds_that_found_bugs_keep_the_contract() {
             panic!("cluster simulation seed {seed} failed\n{what}");
         }
     }
+}
+
+#[test]
+fn the_lossy_cluster_simulator_finds_a_raise_that_does_nothing() {
+    // Fault injection: a Redis whose `RAISE` does nothing and whose publish ignores the
+    // owner's head gives a lost write's sequence again to a publish through the very node
+    // that delivered it: a phone gets another body at a sequence it had, or nobody gets the
+    // new message, and some seed must say so (not end at the residual race).
+    let found = (1..=2_000).find_map(|seed| {
+        let (ended, _) = run_lossy_seed(seed, |e| e.raise_ignored = true);
+        ended.err().map(|v| (seed, v.0))
+    });
+    let (seed, what) = found.expect("no seed found a sequence given twice");
+    eprintln!("PABAL_SIM_SEED={seed} finds a raise that does nothing: {what}");
+    assert!(
+        what.contains("the owner holds") || what.contains("never received"),
+        "{what}"
+    );
 }

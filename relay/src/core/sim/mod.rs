@@ -35,6 +35,14 @@
 //! a GAP must name only what the stream no longer held (or the phone's own), and a
 //! membership ends exactly where Redis placed its removal in the room's order.
 //!
+//! **Writes Redis lost** (`lossy.rs`, opt-in, the cluster's lossy seeded test): Redis
+//! sometimes loses a room's last writes and fails over, every node losing its connections;
+//! `RAISE` and a publish's owner head move the room's sequence up. A lost sequence is then
+//! allowed in a GAP, missing from a member and past a drain's cursor, and may reach whoever
+//! was a member when it was lost; a phone that got it is checked against the lost body; an
+//! owner's history must reach its head; a run meeting the documented residual race (a lost
+//! write's sequence given again while someone had it) ends there, inconclusive and counted.
+//!
 //! A failing seed prints itself; `PABAL_SIM_SEED=<seed>` replays it exactly. CI runs a
 //! bounded number of seeds; `PABAL_SIM_SEEDS=<n>` (and `PABAL_SIM_FROM=<first>`) run more.
 //!
@@ -53,6 +61,7 @@ use pabal_codec::{
 };
 
 mod cluster;
+mod lossy;
 mod redis;
 
 use super::test_wire::TestWire;
@@ -170,6 +179,8 @@ struct Sim {
     /// A cluster on Redis: every core is a node of one worker, the engine is [`redis`]'s
     /// model, and the truth is what Redis sequenced.
     engine: Option<redis::Engine>,
+    /// With lost writes (`lossy.rs`): what they did, and the residual race a run ended at.
+    lossy: lossy::Tally,
 }
 
 const PEER: &str = "127.0.0.1:40000";
@@ -274,6 +285,7 @@ impl Sim {
             handed_off: HashMap::new(),
             began: now,
             engine,
+            lossy: lossy::Tally::default(),
         }
     }
 
@@ -329,6 +341,7 @@ impl Sim {
     fn hand_over(&mut self, node: usize, event: EngineEvent) -> Result<(), Violation> {
         self.note(format!("engine {node} -> {event:?}"));
         self.cores[node].on_engine(self.now, event);
+        self.check_history_ends(node)?;
         self.service(node)
     }
 
@@ -667,7 +680,9 @@ impl Sim {
                 payload,
                 ..
             } => {
-                if !self.model.allowed(&user, room_id, seq) {
+                if !self.model.allowed(&user, room_id, seq)
+                    && !self.member_when_lost(&user, room_id, seq)
+                {
                     return Err(self.fail(format!(
                         "{user} received seq {seq} of room {room_id:#x} outside its membership: {:?}",
                         self.model.intervals.get(&(user.clone(), room_id))
@@ -675,6 +690,9 @@ impl Sim {
                 }
                 let truth = self.stored(room_id, seq);
                 if truth.as_ref() != Some(&payload) {
+                    if let Some(late) = self.lost_body_late(&user, room_id, seq, &payload) {
+                        return Err(late);
+                    }
                     return Err(self.fail(format!(
                         "{user} received {payload:?} as seq {seq} of {room_id:#x}; the owner holds {truth:?}"
                     )));
@@ -691,6 +709,9 @@ impl Sim {
                     phone.own.entry(room_id).or_default().insert(seq);
                     let truth = self.stored(room_id, seq);
                     if truth.as_ref() != Some(&body) {
+                        if let Some(late) = self.lost_body_late(&user, room_id, seq, &body) {
+                            return Err(late);
+                        }
                         return Err(self.fail(format!(
                             "{user} got PUBACK seq {seq} for {body:?} (msg_id {msg_id}); the owner holds {truth:?} there"
                         )));
@@ -704,12 +725,16 @@ impl Sim {
             Event::Gap {
                 room_id, from, to, ..
             } => {
-                // Exact: only what the stream no longer holds (or the phone's own).
+                // Exact: only what the stream no longer holds (or the phone's own, or a
+                // write Redis lost).
                 if let Some(engine) = &self.engine {
                     let trimmed = engine.trimmed(room_id);
                     let own = self.phones[p].own.get(&room_id);
-                    let owed =
-                        (from..=to).find(|s| *s > trimmed && own.is_none_or(|o| !o.contains(s)));
+                    let owed = (from..=to).find(|s| {
+                        *s > trimmed
+                            && own.is_none_or(|o| !o.contains(s))
+                            && !self.lost(room_id, *s)
+                    });
                     if let Some(s) = owed {
                         return Err(self.fail(format!(
                             "{user} got a GAP {from}..={to} of {room_id:#x}, but the stream holds {s} (trimmed through {trimmed})"
@@ -821,6 +846,10 @@ impl Sim {
             for (room, bodies) in engine.all_bodies() {
                 let mut seen: HashMap<&Bytes, usize> = HashMap::new();
                 for (i, body) in bodies.iter().enumerate() {
+                    // A lost write's body: its phone may have sent it again.
+                    if engine.is_lost(room.id, i as u64 + 1) {
+                        continue;
+                    }
                     if let Some(first) = seen.insert(body, i + 1) {
                         return Err(self.fail(format!(
                             "{body:?} is in {} twice: sequences {first} and {}",
@@ -969,7 +998,9 @@ impl Sim {
                     .map(|v| v.iter().map(|&(s, _)| s).filter(|&s| s > after).collect())
                     .unwrap_or_default();
                 got.sort_unstable();
-                let twice = got.windows(2).any(|w| w[0] == w[1]);
+                let twice = got
+                    .windows(2)
+                    .any(|w| w[0] == w[1] && !self.rejoined_past_lost(&phone.user, room.id, w[0]));
                 got.dedup();
                 if twice {
                     return Err(self.fail(format!(
@@ -979,6 +1010,7 @@ impl Sim {
                 }
                 let missing: Vec<u64> = (after + 1..=head)
                     .filter(|s| !own.contains(s) && got.binary_search(s).is_err())
+                    .filter(|s| !self.lost(room.id, *s))
                     .filter(|s| !gaps.iter().any(|&(from, to)| (from..=to).contains(s)))
                     .collect();
                 if !missing.is_empty() {
@@ -1049,8 +1081,10 @@ impl Sim {
                 }
                 let cursor = cursors.get(&room.id).copied().unwrap_or(0);
                 let own = phone.own.get(&room.id);
-                let missed =
-                    (cursor + 1..=heads[&room.id]).any(|s| own.is_none_or(|o| !o.contains(&s)));
+                // A write Redis lost past the cursor is nobody's to deliver (a GAP names it
+                // once a later message comes).
+                let missed = (cursor + 1..=heads[&room.id])
+                    .any(|s| own.is_none_or(|o| !o.contains(&s)) && !self.lost(room.id, s));
                 if missed {
                     return Err(self.fail(format!(
                         "{} got its GOAWAY at {cursor} of {}, before the head {}",

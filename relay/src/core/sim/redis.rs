@@ -15,6 +15,10 @@
 //! confirmed before the room's open is written, so a message can be heard before the open's
 //! answer. The stream is trimmed to the last `stream_max_len` entries (the strictest
 //! `MAXLEN ~` could leave), and repeat keys of the last `window` sequences always answer.
+//! This Redis loses no write, and fails a run whose owner raises, or names a head, past a
+//! room's sequence; with `lose_writes` on it may lose a room's last writes in a failover,
+//! and `RAISE` and a publish's owner head move the sequence up (`lossy.rs` holds that
+//! model).
 //!
 //! Owns: test scaffolding only. Must not touch: anything outside tests.
 
@@ -32,6 +36,8 @@ use crate::cluster::{
 use crate::directory::JoinPoint;
 use crate::ids::RoomName;
 
+use super::lossy::{Losses, Reuse, raise_to};
+
 /// The epoch of the simulation's rooms, as the engine holds them from the start (every
 /// user's join point names it).
 pub(super) const EPOCH: u64 = 1_767_225_600_000;
@@ -45,7 +51,7 @@ struct Origin {
 
 /// One stream entry.
 #[derive(Debug, Clone)]
-struct Entry {
+pub(super) struct Entry {
     seq: u64,
     ts_ms: u64,
     origin: Origin,
@@ -57,14 +63,14 @@ struct Entry {
 /// One stream entry: a message (id `<seq>-0`), or a removal placed after message `seq`
 /// (id `<seq>-<sub>`).
 #[derive(Debug, Clone)]
-enum Item {
+pub(super) enum Item {
     Msg(Entry),
     Mark(RemovalMark),
 }
 
 impl Item {
     /// Its stream id.
-    fn place(&self) -> (u64, u64) {
+    pub(super) fn place(&self) -> (u64, u64) {
         match self {
             Item::Msg(e) => (e.seq, 0),
             Item::Mark(m) => m.place(),
@@ -73,17 +79,20 @@ impl Item {
 }
 
 /// One room as Redis holds it.
-struct Room {
-    name: RoomName,
-    head: u64,
-    stream: VecDeque<Item>,
+pub(super) struct Room {
+    pub(super) name: RoomName,
+    pub(super) head: u64,
+    pub(super) stream: VecDeque<Item>,
     /// Every body ever sequenced, by sequence (index `seq - 1`): the truth phones are
-    /// checked against, retention or not.
-    bodies: Vec<Bytes>,
+    /// checked against, retention or not (a lost write's too, until its sequence is given
+    /// again: `lossy.rs`).
+    pub(super) bodies: Vec<Bytes>,
     /// Sequences `1..=trimmed` have left the stream.
-    trimmed: u64,
+    pub(super) trimmed: u64,
     /// Repeat key -> its sequence.
-    window: HashMap<(u8, u64, u64), u64>,
+    pub(super) window: HashMap<(u8, u64, u64), u64>,
+    /// What a failover that lost writes left (`lossy.rs`).
+    pub(super) losses: Losses,
     /// Nodes whose pub/sub connection subscribes the room's channel.
     subscribers: BTreeSet<usize>,
     /// The last membership serial the room gave (`ROOM_JOIN`'s `j`).
@@ -184,11 +193,17 @@ pub(super) enum Fault {
     /// The answers waiting for their copies wait too long and go to the worker unordered
     /// (`copies.rs`, `COPY_WAIT`).
     CopiesLate,
+    /// Redis loses the last `k` writes of room `room` (by index) and fails over: every
+    /// node loses both connections (`lossy.rs`; only with `Engine::lose_writes`).
+    LoseWrites {
+        room: usize,
+        k: u64,
+    },
 }
 
 /// The model Redis and every node's engine.
 pub(super) struct Engine {
-    rooms: Vec<Room>,
+    pub(super) rooms: Vec<Room>,
     /// (user, room id) -> the membership in force.
     members: HashMap<(Text, u64), JoinPoint>,
     /// Membership changes run since the scheduler last took them.
@@ -196,6 +211,16 @@ pub(super) struct Engine {
     nodes: Vec<Node>,
     stream_max_len: usize,
     fill_batch: usize,
+    /// Redis may lose its last writes (`Fault::LoseWrites`), and `RAISE` and a publish's
+    /// owner head move a room's sequence up for real (`lossy.rs`). Off, this Redis loses
+    /// no write, and a raise or owner head past a room's sequence fails the run.
+    pub(super) lose_writes: bool,
+    /// Fault injection (with `lose_writes`): `RAISE` does nothing and a publish ignores
+    /// its owner's head (Redis before the relay handled lost writes).
+    pub(super) raise_ignored: bool,
+    /// Publishes given a sequence a lost write had (`lossy.rs`), since the scheduler last
+    /// took them.
+    pub(super) reused: Vec<Reuse>,
     /// Fault injection: a re-established subscription does not tell the owner to read
     /// what it missed (what the engine would be without `Resubscribed`).
     pub(super) forget_resubscribed: bool,
@@ -263,6 +288,7 @@ impl Engine {
                     subscribers: BTreeSet::new(),
                     serial: 1,
                     removals: VecDeque::new(),
+                    losses: Losses::default(),
                 })
                 .collect(),
             nodes: (0..nodes)
@@ -274,6 +300,9 @@ impl Engine {
                 .collect(),
             stream_max_len,
             fill_batch,
+            lose_writes: false,
+            raise_ignored: false,
+            reused: Vec::new(),
             forget_resubscribed: false,
             notices_before_loads: false,
             answers_before_copies: false,
@@ -283,14 +312,14 @@ impl Engine {
         }
     }
 
-    fn room(&self, id: u64) -> &Room {
+    pub(super) fn room(&self, id: u64) -> &Room {
         self.rooms
             .iter()
             .find(|r| r.name.id == id)
             .expect("a room of the simulation")
     }
 
-    fn room_mut(&mut self, id: u64) -> &mut Room {
+    pub(super) fn room_mut(&mut self, id: u64) -> &mut Room {
         self.rooms
             .iter_mut()
             .find(|r| r.name.id == id)
@@ -304,6 +333,10 @@ impl Engine {
         room.bodies
             .get(usize::try_from(seq).ok()?.checked_sub(1)?)
             .cloned()
+    }
+
+    pub(super) fn nodes_len(&self) -> usize {
+        self.nodes.len()
     }
 
     pub(super) fn head(&self, room_id: u64) -> u64 {
@@ -350,6 +383,7 @@ impl Engine {
                 Some(&join) => (MemberOutcome::Joined { new: false, join }, None),
                 None => {
                     let room = self.room_mut(req.room.id);
+                    room.losses.changed(head);
                     room.serial = (room.serial + 1).max(serial);
                     let join = JoinPoint {
                         epoch: EPOCH,
@@ -367,6 +401,7 @@ impl Engine {
             },
             MemberChange::Leave { reason, block, .. } => match self.members.remove(&key) {
                 Some(join) => {
+                    self.room_mut(req.room.id).losses.changed(head);
                     self.changes
                         .push((req.user.clone(), req.room.id, Err(head)));
                     if !block && !req.room.channel && self.ordered_removals {
@@ -446,10 +481,14 @@ impl Engine {
 
     /// The worker of `node` hands its engine a command.
     pub(super) fn submit(&mut self, node: usize, cmd: EngineCmd) {
-        if let EngineCmd::Raise { room, head, .. } = &cmd {
-            // Run at once, answering nothing (`script::RAISE`): this Redis loses no write,
-            // so its sequence is never below an owner's head, and a raise changes nothing.
-            no_write_lost(room, *head, self.room(room.id).head);
+        if let EngineCmd::Raise { room, epoch, head } = &cmd {
+            // Run at once, answering nothing (`script::RAISE`): without lost writes, a
+            // room's sequence is never below an owner's head, and a raise changes nothing.
+            if self.lose_writes {
+                self.raise(room.id, *epoch, *head);
+            } else {
+                no_write_lost(room, *head, self.room(room.id).head);
+            }
             return;
         }
         let n = &mut self.nodes[node];
@@ -673,10 +712,16 @@ impl Engine {
             Written::Cmd(EngineCmd::Publish(req)) => {
                 let key = req.repeat.as_ref().map(repeat_key);
                 let window = req.window.max(1) as u64;
+                let (lossy, ignored) = (self.lose_writes, self.raise_ignored);
                 let room = self.room_mut(req.room.id);
-                // `script::PUBLISH` gives a sequence past the owner's head.
+                // `script::PUBLISH` gives a sequence past the owner's head (raising the
+                // room to it first, where Redis lost writes).
                 if let Some((EPOCH, head)) = req.owner_head {
-                    no_write_lost(&req.room, head, room.head);
+                    if !lossy {
+                        no_write_lost(&req.room, head, room.head);
+                    } else if !ignored {
+                        raise_to(room, head);
+                    }
                 }
                 if let Some(&first) = key.as_ref().and_then(|k| room.window.get(k)) {
                     EngineEvent::Published {
@@ -703,13 +748,27 @@ impl Engine {
                         sender: req.sender.text(),
                         payload: req.payload.clone(),
                     };
-                    room.bodies.push(req.payload.clone());
+                    // A sequence a lost write had: its body stays the truth until the
+                    // scheduler judged who may hold it (`lossy.rs`).
+                    let reused = usize::try_from(seq).unwrap() <= room.bodies.len();
+                    if !reused {
+                        room.bodies.push(req.payload.clone());
+                    }
                     room.stream.push_back(Item::Msg(entry.clone()));
                     let (name, subscribers) = (room.name.clone(), room.subscribers.clone());
                     for s in subscribers {
                         self.nodes[s]
                             .pushes
                             .push_back(Push::Message(name.clone(), entry.clone()));
+                    }
+                    if reused {
+                        self.reused.push(Reuse {
+                            room: req.room.id,
+                            seq,
+                            body: req.payload.clone(),
+                            owner_head: req.owner_head,
+                            node,
+                        });
                     }
                     EngineEvent::Published {
                         ticket: req.ticket,
@@ -1021,6 +1080,10 @@ impl Engine {
                 dropped
                     .and_then(|i| self.nodes[node].pushes.remove(i))
                     .is_some()
+            }
+            Fault::LoseWrites { room, k } => {
+                self.fail_over(room, k);
+                true
             }
             Fault::CopiesLate => {
                 let late = self.clock + crate::cluster::copies::COPY_WAIT;
