@@ -374,7 +374,15 @@ impl Core {
             } => {
                 // After the page: the head may have jumped to a message held from the
                 // channel that Redis has since lost (`order.rs`, past what retention dropped).
-                self.on_filled(&room, epoch, after, msgs, marks, full);
+                let page = order::FillPage {
+                    epoch,
+                    room_seq,
+                    after,
+                    msgs,
+                    marks,
+                    full,
+                };
+                self.on_filled(&room, page);
                 self.check_room_seq(&room, epoch, room_seq);
             }
             EngineEvent::RaiseFailed { room, epoch } => {
@@ -1008,6 +1016,12 @@ impl Core {
                     owned
                         .history_to_append(|| config.retention_for(room.name.as_str()))
                         .push(stored(m, now), now_ms);
+                }
+                if last.is_some_and(|l| l != seq) {
+                    // The stream ends below the room's sequence: Redis lost what was
+                    // between and a raise moved the sequence past it. Memory holds only
+                    // what follows the head; readers before it go to the stream.
+                    owned.clear_history();
                 }
                 owned.head = seq;
             } else {

@@ -265,12 +265,18 @@ impl Core {
         // goes live at the owner's head).
         // Entries past the room's age are dropped from the front only (clocks of different
         // nodes may disagree, and a page must not skip a message in its middle).
-        let msgs: Vec<StoredRef> = raw
+        let mut msgs: Vec<StoredRef> = raw
             .into_iter()
             .filter(|m| m.seq > after && m.seq <= head)
             .skip_while(|m| m.ts_ms < oldest_ms)
             .map(|m| stored(m, now))
             .collect();
+        // A page is one run: a page's only gap is before its first message. A hole in its
+        // middle (what Redis lost, raised past) ends it there; the next page starts with
+        // that gap.
+        if let Some(hole) = msgs.windows(2).position(|w| w[0].seq + 1 != w[1].seq) {
+            msgs.truncate(hole + 1);
+        }
         // The first sequence the stream (or, past it, memory) still holds after `after`.
         let next = match msgs.first() {
             Some(m) => m.seq,

@@ -15,6 +15,22 @@ use crate::core::Core;
 use crate::ids::{RoomName, StoredRef};
 use crate::mesh::CoreMsg;
 
+/// A page of a room's stream the owner read (`EngineEvent::Filled`).
+pub(super) struct FillPage {
+    /// The room's epoch in the engine when the page was read.
+    pub(super) epoch: u64,
+    /// The room's sequence, read in the same script as the page.
+    pub(super) room_seq: u64,
+    /// Where the page starts (after this sequence).
+    pub(super) after: u64,
+    /// The messages, ascending.
+    pub(super) msgs: Vec<EngineMessage>,
+    /// The removals among them (and those retention dropped after `after`), in order.
+    pub(super) marks: Vec<RemovalMark>,
+    /// The page holds a whole batch: the stream may hold more.
+    pub(super) full: bool,
+}
+
 impl Core {
     /// A message or a removal from the room's channel. Until the room's open is answered
     /// it waits: the channel is subscribed before the OPEN script runs, so a message
@@ -347,15 +363,15 @@ impl Core {
     /// behind), and the owner follows it. Either way the owner's stream is read again
     /// from its head. Epoch 0: the engine holds none (it lost the room, and no publish or
     /// join started it again yet): nothing to read until one does.
-    pub(super) fn on_filled(
-        &mut self,
-        room: &RoomName,
-        epoch: u64,
-        after: u64,
-        msgs: Vec<EngineMessage>,
-        marks: Vec<RemovalMark>,
-        full: bool,
-    ) {
+    pub(super) fn on_filled(&mut self, room: &RoomName, page: FillPage) {
+        let FillPage {
+            epoch,
+            room_seq,
+            after,
+            msgs,
+            marks,
+            full,
+        } = page;
         let Some(owned_epoch) = self.owned.get(room).map(|o| o.epoch) else {
             return;
         };
@@ -434,6 +450,15 @@ impl Core {
             // it: retention dropped that.
             self.jump(room, first);
         }
+        if !full {
+            // The page reached the stream's end, read in the same script as the room's
+            // sequence: what that names past the head and the page is not in the stream
+            // and never will be (Redis lost it and a raise moved the sequence past it, or
+            // the stream expired). Waiting for it would stall the room: it is a gap, up to
+            // what the channel brought meanwhile.
+            let past = waiting.map_or(room_seq + 1, |first| first.min(room_seq + 1));
+            self.jump(room, past);
+        }
         if let Some(side) = self.cluster.as_deref_mut() {
             side.stats.holes_filled.fetch_add(filled, Ordering::Relaxed);
             if let Some(sync) = side.rooms.get_mut(room) {
@@ -459,7 +484,9 @@ impl Core {
             .sync_mut(room)
             .filter(|s| s.state == SyncState::Opening && s.open_at > 0)
             .map(|s| s.open_at);
-        if reopening.is_some_and(|open_at| head >= open_at) {
+        // A page that reached the stream's end, asked after the open (not stale), also
+        // ends the reopening: Redis may have lost what the open's sequence named.
+        if reopening.is_some_and(|open_at| head >= open_at || (!full && !stale)) {
             self.finish_open(room);
         }
         if stale {

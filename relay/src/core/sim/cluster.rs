@@ -125,6 +125,7 @@ impl Sim {
             }
         }
         self.judge_reuses()?;
+        self.judge_removals_below_lost()?;
         Ok(true)
     }
 
@@ -293,39 +294,25 @@ fn run_lossy_seed(
 }
 
 #[test]
-#[ignore = "finds four relay bugs with lost writes (see the comment): run with --ignored"]
 fn seeded_lossy_failovers_keep_the_delivery_contract() {
     // Every promise of ARCHITECTURE.md's "Writes Redis lost" with Redis losing a room's
     // last writes now and then; a run that meets the documented residual race ends there,
     // counted, not passed. Every seed runs (a sweep goes on past a failure); the test
     // fails on the first that broke the contract.
     //
-    // Ignored until the relay handles what it found, four bugs outside the documented
-    // race (seeds 1..=100,000: 5,659 broke the contract, each one of these; 5,008 ended at
-    // the documented race):
-    // - An open whose tail ends below the room's sequence (Redis lost the last writes and
-    //   a raise moved the sequence past them: the stream's last entry is below it):
-    //   `Core::on_opened` sets a fresh room's head to the sequence over a history that
-    //   ends below it, with no gap. Pages then stop at the history's end (a reader on
-    //   another worker asks again forever), and the next message breaks `History::push`'s
-    //   order (its debug assertion panics). Seeds 64, 66, 74, 118, 163 (9861, 10562: the
-    //   panic, in the same call); 4,778 seeds.
-    // - A stream page with a hole in its middle (lost sequences a raise passed: 1..=5, 7,
-    //   8 after 0): `on_stream_read` makes a gap only before the page's first message, so
-    //   the phone gets 7 after 5 and its session refuses the frame. Seeds 284, 418, 588,
-    //   640; 755 seeds.
-    // - An owner waiting for a sequence Redis no longer has never stops waiting: a hole
-    //   Redis lost and another node raised past (its own publish's answer came unordered
-    //   as the failover took the channel, or the channel brought a later one: `FILL`
-    //   answers the room's sequence at or past the hole and no entry), or a reopen's
-    //   catch-up to the open's sequence when Redis lost the last of it (`FILL` answers a
-    //   room sequence below it). The room stalls on that node: its phones never get later
-    //   messages, or never bind it (a GOAWAY at 0). Seeds 532, 3523, 13071 (raised past),
-    //   8046 (the reopen's target); 124 seeds.
-    // - A removal Redis placed below an owner's head (the room's sequence went back, the
-    //   owner still holds the lost messages): the owner hears it on the channel and drops
-    //   it as behind what it applied; the removed member keeps getting the room. Seeds
-    //   36380, 60579; 2 seeds.
+    // Its first sweep (seeds 1..=100,000) found three relay bugs, each fixed with a test
+    // of its own in `core/tests/` (5,657 seeds broke the contract before):
+    // - an open whose tail ends below the room's sequence (Redis lost the last writes and
+    //   a raise moved the sequence past them) kept a history ending below the head: pages
+    //   stopped at its end and the next message broke `History::push`'s order (seeds 64,
+    //   118, 163, 9861);
+    // - a reader's stream page with a hole in its middle (lost sequences a raise passed)
+    //   sent a phone 7 right after 5 (seeds 284, 418);
+    // - an owner waited forever for sequences Redis no longer had (a read reaching the
+    //   stream's end below the room's sequence; a reopening whose target Redis lost): the
+    //   room stalled on that node (seeds 532, 3523, 8046, 13071).
+    // And a fourth case of the residual race, now counted as one: a removal Redis placed
+    // below another node's head (seeds 36380, 60579).
     let (mut seeds, mut failovers, mut lost, mut given_again) = (0, 0, 0, 0);
     let (mut residual, mut broken) = (Vec::new(), Vec::new());
     for seed in seeds_to_run(1000) {

@@ -218,6 +218,31 @@ impl Sim {
         Ok(())
     }
 
+    /// Judges each removal Redis just placed below a lost write's sequence (the room's
+    /// sequence went back): where some node's owner holds the room past the place, that
+    /// owner has passed it and never applies it, the documented residual race for a
+    /// removal (made through a node behind another node's head, before that node's
+    /// raise), and the run ends there, inconclusive and counted.
+    pub(super) fn judge_removals_below_lost(&mut self) -> Result<(), Violation> {
+        let placed = std::mem::take(&mut self.engine.as_mut().unwrap().placed_below_lost);
+        for (room_id, at) in placed {
+            let Some(room) = self.rooms.iter().find(|r| r.id == room_id) else {
+                continue;
+            };
+            let past = self.cores.iter().enumerate().find_map(|(c, core)| {
+                let o = core.owned.get(room)?;
+                (o.epoch == EPOCH && o.head > at).then_some((c, o.head))
+            });
+            if let Some((c, head)) = past {
+                let what = format!(
+                    "Redis places a removal of {room_id:#x} at {at} while worker {c}'s owner holds the room at {head}"
+                );
+                return Err(self.residual(what));
+            }
+        }
+        Ok(())
+    }
+
     /// Who has sequence `seq` of the room: a node's owner at or past it, a phone that got
     /// it or its PUBACK.
     fn holder(&self, room_id: u64, seq: u64) -> Option<String> {

@@ -221,6 +221,9 @@ pub(super) struct Engine {
     /// Publishes given a sequence a lost write had (`lossy.rs`), since the scheduler last
     /// took them.
     pub(super) reused: Vec<Reuse>,
+    /// Removals placed at a room's sequence while a lost write's sequence is above it
+    /// (`lossy.rs`): `(room id, place's sequence)`, since the scheduler last took them.
+    pub(super) placed_below_lost: Vec<(u64, u64)>,
     /// Fault injection: a re-established subscription does not tell the owner to read
     /// what it missed (what the engine would be without `Resubscribed`).
     pub(super) forget_resubscribed: bool,
@@ -303,6 +306,7 @@ impl Engine {
             lose_writes: false,
             raise_ignored: false,
             reused: Vec::new(),
+            placed_below_lost: Vec::new(),
             forget_resubscribed: false,
             notices_before_loads: false,
             answers_before_copies: false,
@@ -451,8 +455,13 @@ impl Engine {
         join: JoinPoint,
         reason: pabal_codec::LeftReason,
     ) {
+        let lose_writes = self.lose_writes;
         let room = self.room_mut(room_id);
         let head = room.head;
+        if lose_writes && room.bodies.len() as u64 > head {
+            self.placed_below_lost.push((room_id, head));
+        }
+        let room = self.room_mut(room_id);
         let sub = match room.stream.back().map(Item::place) {
             Some((seq, sub)) if seq == head => sub + 1,
             _ => 1,

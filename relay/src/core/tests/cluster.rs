@@ -2,7 +2,9 @@
 //! worker, what it asks of the engine read back with [`Core::drain_engine`].
 
 use super::*;
-use crate::cluster::{ClusterConfig, ClusterStats, EngineCmd, EngineEvent, EngineMessage};
+use crate::cluster::{
+    ClusterConfig, ClusterStats, EngineCmd, EngineEvent, EngineMessage, RemovalMark,
+};
 use crate::directory::JoinPoint;
 use crate::ids::{RoomName, UserName};
 
@@ -112,9 +114,34 @@ pub(super) fn feed(h: &mut Harness, event: EngineEvent) {
     h.play_engine_membership();
 }
 
-/// The room's sequence a test's stream read answers: ahead of everything the tests
-/// publish (a read's page ends where `cluster.fill_batch` does, not at the room's head).
-pub(super) const ROOM_SEQ_AHEAD: u64 = 1_000;
+/// The room's sequence a stream read answers with a page that reaches the stream's end,
+/// from a Redis that lost nothing: the page's last entry, or where it starts. (Past it,
+/// the stream holds nothing more: what the sequence names beyond is a gap.)
+pub(super) fn stream_end(after: u64, msgs: &[EngineMessage], marks: &[RemovalMark]) -> u64 {
+    let last_msg = msgs.last().map_or(0, |m| m.seq);
+    let last_mark = marks.last().map_or(0, |m| m.place().0);
+    after.max(last_msg).max(last_mark)
+}
+
+/// A page of the room's stream read in epoch 77 after `after`, the room's sequence
+/// [`stream_end`].
+pub(super) fn stream_page(
+    room: &RoomName,
+    after: u64,
+    msgs: Vec<EngineMessage>,
+    marks: Vec<RemovalMark>,
+    full: bool,
+) -> EngineEvent {
+    EngineEvent::Filled {
+        epoch: 77,
+        room_seq: stream_end(after, &msgs, &marks),
+        room: room.clone(),
+        after,
+        msgs,
+        marks,
+        full,
+    }
+}
 
 /// A page of the room's stream read in `epoch` after `after`: `msgs`, no removals, the
 /// stream's end.
@@ -124,7 +151,8 @@ pub(super) fn filled(
     after: u64,
     msgs: Vec<EngineMessage>,
 ) -> EngineEvent {
-    filled_at(room, epoch, ROOM_SEQ_AHEAD, after, msgs)
+    let room_seq = stream_end(after, &msgs, &[]);
+    filled_at(room, epoch, room_seq, after, msgs)
 }
 
 /// [`filled`], the room's sequence then `room_seq`.
@@ -151,6 +179,56 @@ fn filled_at(
 fn page_of(room: &RoomName, room_seq: u64, after: u64, seqs: &[u64]) -> EngineEvent {
     let msgs = seqs.iter().map(|&s| other(s, "x")).collect();
     filled_at(room, 77, room_seq, after, msgs)
+}
+
+/// Answers the stream reads the worker asks for (the owner's fills and its readers'
+/// pages) from `stream`, the room's messages in the engine (epoch 77, bodies `m<seq>`),
+/// until it asks for none; the room's sequence is the stream's last.
+pub(super) fn answer_fills(h: &mut Harness, room: &RoomName, stream: &[u64]) {
+    answer_reads(h, room, stream, stream.last().copied().unwrap_or(0));
+}
+
+/// [`answer_fills`], the room's sequence `room_seq` (past the stream's last where Redis
+/// lost what a raise passed).
+pub(super) fn answer_reads(h: &mut Harness, room: &RoomName, stream: &[u64], room_seq: u64) {
+    let after_of = |after: u64| -> Vec<EngineMessage> {
+        stream
+            .iter()
+            .filter(|&&s| s > after)
+            .map(|&s| other(s, &format!("m{s}")))
+            .collect()
+    };
+    // A worker that asks again and again for what the stream cannot give is stalled.
+    for _ in 0..100 {
+        let cmds = engine_cmds(h);
+        if cmds.is_empty() {
+            return;
+        }
+        for cmd in cmds {
+            let event = match cmd {
+                EngineCmd::Fill { after, .. } => EngineEvent::Filled {
+                    epoch: 77,
+                    room_seq,
+                    room: room.clone(),
+                    after,
+                    msgs: after_of(after),
+                    marks: Vec::new(),
+                    full: false,
+                },
+                EngineCmd::Read { after, reader, .. } => EngineEvent::Read {
+                    room: room.clone(),
+                    after,
+                    reader,
+                    msgs: after_of(after),
+                    full: false,
+                    last: room_seq.max(after),
+                },
+                other => panic!("only stream reads expected: {other:?}"),
+            };
+            feed(h, event);
+        }
+    }
+    panic!("the worker still asks for stream reads after 100 answers: stalled");
 }
 
 /// Where each stream read the worker asked for starts.
@@ -334,15 +412,13 @@ fn a_resubscribed_channel_is_caught_up_from_the_stream() {
     ));
     feed(
         &mut h,
-        EngineEvent::Filled {
-            epoch: 77,
-            room_seq: ROOM_SEQ_AHEAD,
-            room,
-            after: 0,
-            msgs: vec![other(1, "one"), other(2, "two")],
-            marks: Vec::new(),
-            full: false,
-        },
+        stream_page(
+            &room,
+            0,
+            vec![other(1, "one"), other(2, "two")],
+            Vec::new(),
+            false,
+        ),
     );
     assert_eq!(seqs(h.messages(bob)), vec![1, 2]);
 }
@@ -500,7 +576,8 @@ fn only_what_the_stream_dropped_becomes_a_gap() {
         epoch: 77,
         msg: other(seq, "x"),
     };
-    let filled = |after, seqs: &[u64]| page_of(&room, ROOM_SEQ_AHEAD, after, seqs);
+    let filled =
+        |after, seqs: &[u64]| page_of(&room, seqs.last().map_or(after, |&s| s), after, seqs);
     // 5 arrives; the stream, read after it, starts at 4: retention dropped 1..=3.
     feed(&mut h, message(5));
     assert!(matches!(
@@ -920,4 +997,103 @@ pub(super) fn answer_open(h: &mut Harness, room: &RoomName, seq: u64, tail: Vec<
 pub(super) fn hear(h: &mut Harness, room: &RoomName, msg: EngineMessage) {
     let (room, epoch) = (room.clone(), 77);
     feed(h, EngineEvent::Message { room, epoch, msg });
+}
+
+/// Redis lost 2..=4 and a raise on another node moved the room's sequence past them. The
+/// read after a resubscription reaches the stream's end at 1 and answers the sequence 4:
+/// no entry will ever come for 2..=4 (the script reads the page and the sequence at
+/// once), so they are a gap at once and the room goes on; waiting for them stalled the
+/// room on this node.
+#[test]
+fn what_the_rooms_sequence_names_past_the_streams_end_is_a_gap() {
+    let (mut h, bob, room) = bob_in_dm();
+    feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
+    assert_eq!(fills_asked(&mut h), vec![0]);
+    feed(&mut h, page_of(&room, 4, 0, &[1]));
+    assert_eq!(
+        fills_asked(&mut h),
+        Vec::<u64>::new(),
+        "nothing left to wait for"
+    );
+    assert_eq!(
+        h.core.owned.get(&room).map(|o| o.head),
+        Some(4),
+        "the head is past the gap before anything else comes"
+    );
+    feed(
+        &mut h,
+        EngineEvent::Message {
+            room: room.clone(),
+            epoch: 77,
+            msg: other(5, "m5"),
+        },
+    );
+    answer_reads(&mut h, &room, &[1, 5], 5);
+    let events = h.events(bob);
+    let got: Vec<(u64, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message { seq: Some(s), .. } => Some((*s, *s)),
+            Event::Gap { from, to, .. } => Some((*from, *to)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, vec![(1, 1), (2, 4), (5, 5)], "{events:?}");
+}
+
+/// A reader's page from the stream with a hole in its middle (what Redis lost, raised
+/// past: 1, 2, then 5): the page ends at the hole and the next one starts with its gap; a
+/// phone is never sent 5 right after 2.
+#[test]
+fn a_stream_page_with_a_hole_in_its_middle_ends_at_it() {
+    let (mut h, bob, room) = bob_in_dm();
+    let message = |seq| EngineEvent::Message {
+        room: room.clone(),
+        epoch: 77,
+        msg: other(seq, "x"),
+    };
+    // The owner holds 5 only (its read of the stream starts there).
+    feed(&mut h, message(5));
+    assert_eq!(fills_asked(&mut h), vec![0]);
+    feed(&mut h, page_of(&room, 5, 0, &[5]));
+    let read = |h: &mut Harness| match engine_cmds(h).as_slice() {
+        [EngineCmd::Read { after, reader, .. }] => (*after, *reader),
+        other => panic!("{other:?}"),
+    };
+    let (after, reader) = read(&mut h);
+    assert_eq!(after, 0);
+    feed(
+        &mut h,
+        EngineEvent::Read {
+            room: room.clone(),
+            after: 0,
+            reader,
+            msgs: [1, 2, 5].iter().map(|&s| other(s, "x")).collect(),
+            full: false,
+            last: 5,
+        },
+    );
+    let (after, reader) = read(&mut h);
+    assert_eq!(after, 2, "the next page starts after the hole's start");
+    feed(
+        &mut h,
+        EngineEvent::Read {
+            room: room.clone(),
+            after: 2,
+            reader,
+            msgs: vec![other(5, "x")],
+            full: false,
+            last: 5,
+        },
+    );
+    let events = h.events(bob);
+    let got: Vec<(u64, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message { seq: Some(s), .. } => Some((*s, *s)),
+            Event::Gap { from, to, .. } => Some((*from, *to)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, vec![(1, 1), (2, 2), (3, 4), (5, 5)], "{events:?}");
 }

@@ -8,39 +8,6 @@ use crate::cluster::{EngineCmd, EngineEvent};
 use crate::directory::JoinPoint;
 use crate::ids::RoomName;
 
-/// Answers the stream reads the worker asks for from `stream` (the room's messages in the
-/// engine), until it asks for none.
-fn answer_fills(h: &mut Harness, room: &RoomName, stream: &[u64]) {
-    loop {
-        let cmds = engine_cmds(h);
-        if cmds.is_empty() {
-            return;
-        }
-        for cmd in cmds {
-            let EngineCmd::Fill { after, .. } = cmd else {
-                panic!("only stream reads expected: {cmd:?}");
-            };
-            let msgs = stream
-                .iter()
-                .filter(|&&s| s > after)
-                .map(|&s| other(s, &format!("m{s}")))
-                .collect();
-            feed(
-                h,
-                EngineEvent::Filled {
-                    epoch: 77,
-                    room_seq: ROOM_SEQ_AHEAD,
-                    room: room.clone(),
-                    after,
-                    msgs,
-                    marks: Vec::new(),
-                    full: false,
-                },
-            );
-        }
-    }
-}
-
 /// `user` a member of `room` in the engine from its first sequence (epoch 77).
 fn member_from_the_start(room: &RoomName, user: &str) {
     MEMBERS.with(|m| {
@@ -573,6 +540,63 @@ fn a_room_reopening_when_the_engine_starts_it_again_lets_its_requests_run() {
     assert_eq!(
         delivered(&frames),
         vec![&b"new1"[..], &b"new2"[..]],
+        "{frames:?}"
+    );
+}
+
+/// Redis lost 2..=4 and a raise moved the room's sequence past them (another node held
+/// them), then 5 was published: the stream holds 1 and 5, the sequence says 5. A phone
+/// resuming after 0 opens the room here: the open's tail is 1 and 5, with a hole. What
+/// the worker keeps in memory must still follow the head without a break (a message
+/// appended after a break tripped `History::push`'s order), and the phone gets 1, an
+/// exact GAP over what Redis lost, then 5 and what follows.
+#[test]
+fn an_open_whose_tail_has_a_hole_keeps_memory_in_order() {
+    let (mut h, phone, room) = bob_opening_dm(|h| h.connect_forged("bob", &[entry("dm", 77, 0)]));
+    answer_open(&mut h, &room, 5, vec![other(1, "m1"), other(5, "m5")]);
+    answer_fills(&mut h, &room, &[1, 5]);
+    hear(&mut h, &room, other(6, "m6"));
+    answer_fills(&mut h, &room, &[1, 5, 6]);
+    let frames = h.frames(phone);
+    assert_eq!(gaps(&frames), vec![(2, 4)], "{frames:?}");
+    assert_eq!(
+        delivered(&frames),
+        vec![&b"m1"[..], &b"m5"[..], &b"m6"[..]],
+        "{frames:?}"
+    );
+}
+
+/// The same loss seen by an open whose tail ends below the room's sequence: Redis lost
+/// 4..=5 after a raise to 5, so the stream ends at 3 and the sequence is 5. Memory keeps
+/// nothing before the head, and the next message appends after it.
+#[test]
+fn an_open_whose_tail_ends_below_the_rooms_sequence_appends_after_it() {
+    let (mut h, phone, room) = bob_opening_dm(|h| h.connect_forged("bob", &[entry("dm", 77, 3)]));
+    let tail = (1..=3).map(|s| other(s, &format!("m{s}"))).collect();
+    answer_open(&mut h, &room, 5, tail);
+    answer_reads(&mut h, &room, &[1, 2, 3], 5);
+    hear(&mut h, &room, other(6, "m6"));
+    answer_fills(&mut h, &room, &[1, 2, 3, 6]);
+    let frames = h.frames(phone);
+    assert_eq!(gaps(&frames), vec![(4, 5)], "{frames:?}");
+    assert_eq!(delivered(&frames), vec![&b"m6"[..]], "{frames:?}");
+}
+
+/// A room reopening behind the engine waits until its head reaches what OPEN read (5).
+/// Redis lost 4..=5 since (a failover, no raise yet): the read reaches the stream's end
+/// at 3. The reopening ends there and the phone binds; nothing waits for what Redis lost
+/// (before, the room stayed closed to its phones on this node).
+#[test]
+fn a_reopening_whose_target_redis_lost_since_ends_at_the_streams_end() {
+    let (mut h, bob, room) = bob_in_dm();
+    hear(&mut h, &room, other(1, "m1"));
+    let phone = close_and_resume(&mut h, bob, 1);
+    answer_open(&mut h, &room, 5, Vec::new());
+    answer_fills(&mut h, &room, &[1, 2, 3]);
+    let frames = h.frames(phone);
+    assert_eq!(
+        delivered(&frames),
+        vec![&b"m2"[..], &b"m3"[..]],
         "{frames:?}"
     );
 }

@@ -3,7 +3,7 @@
 //! message `n + 1` reaches them, and a read or notice older than it does not bring the
 //! membership back.
 
-use super::cluster::{ROOM_SEQ_AHEAD, ann_and_bob, engine_cmds, feed, hear, other};
+use super::cluster::{ann_and_bob, engine_cmds, feed, hear, other, stream_page};
 use super::*;
 use crate::cluster::{EngineCmd, EngineEvent, RemovalMark};
 use crate::directory::JoinPoint;
@@ -121,15 +121,7 @@ fn a_removal_heard_before_the_message_it_follows_waits_for_it() {
     hear(&mut h, &room, other(2, "two"));
     feed(
         &mut h,
-        EngineEvent::Filled {
-            epoch: 77,
-            room_seq: ROOM_SEQ_AHEAD,
-            room: room.clone(),
-            after: 0,
-            msgs: vec![other(1, "one")],
-            marks: Vec::new(),
-            full: false,
-        },
+        stream_page(&room, 0, vec![other(1, "one")], Vec::new(), false),
     );
     removed_after(&mut h, bob, &[1]);
 }
@@ -151,15 +143,7 @@ fn while_the_stream_is_read_page_by_page_the_channel_waits_for_the_last_page() {
         user: Text::from("dave"),
         ..bob_removed(join, 1, 1)
     };
-    let page = |msgs, marks, full| EngineEvent::Filled {
-        epoch: 77,
-        room_seq: ROOM_SEQ_AHEAD,
-        room: room.clone(),
-        after: 1,
-        msgs,
-        marks,
-        full,
-    };
+    let page = |msgs, marks, full| stream_page(&room, 1, msgs, marks, full);
     feed(&mut h, page(Vec::new(), vec![dave], true));
     assert_eq!(
         fill_asked(&mut h),
@@ -205,15 +189,7 @@ fn an_answer_that_came_without_its_copy_enters_from_the_stream() {
     mine.ticket = Some(req.ticket);
     feed(
         &mut h,
-        EngineEvent::Filled {
-            epoch: 77,
-            room_seq: ROOM_SEQ_AHEAD,
-            room: room.clone(),
-            after: 0,
-            msgs: vec![mine],
-            marks: vec![bob_removed(join, 0, 1)],
-            full: false,
-        },
+        stream_page(&room, 0, vec![mine], vec![bob_removed(join, 0, 1)], false),
     );
     removed_after(&mut h, bob, &[]);
     assert!(h.events(ann).is_empty(), "not sent her own message");
@@ -336,15 +312,13 @@ fn a_removal_heard_while_the_stream_is_read_waits_for_an_earlier_one_it_brings()
     feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
     assert_eq!(fill_asked(&mut h), (1, 0));
     removal(&mut h, &room, dave.clone());
-    let page = EngineEvent::Filled {
-        epoch: 77,
-        room_seq: ROOM_SEQ_AHEAD,
-        room: room.clone(),
-        after: 1,
-        msgs: vec![other(2, "two")],
-        marks: vec![bob_removed(join, 1, 1), dave],
-        full: false,
-    };
+    let page = stream_page(
+        &room,
+        1,
+        vec![other(2, "two")],
+        vec![bob_removed(join, 1, 1), dave],
+        false,
+    );
     feed(&mut h, page);
     removed_after(&mut h, bob, &[]);
 }
@@ -363,15 +337,13 @@ fn a_held_removal_waits_for_an_earlier_one_the_stream_brings_at_the_same_message
     feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
     assert_eq!(fill_asked(&mut h), (0, 0));
     removal(&mut h, &room, dave.clone());
-    let page = EngineEvent::Filled {
-        epoch: 77,
-        room_seq: ROOM_SEQ_AHEAD,
-        room: room.clone(),
-        after: 0,
-        msgs: vec![other(1, "one")],
-        marks: vec![bob_removed(join, 1, 1), dave],
-        full: false,
-    };
+    let page = stream_page(
+        &room,
+        0,
+        vec![other(1, "one")],
+        vec![bob_removed(join, 1, 1), dave],
+        false,
+    );
     feed(&mut h, page);
     hear(&mut h, &room, other(2, "two"));
     removed_after(&mut h, bob, &[1]);
@@ -391,15 +363,7 @@ fn a_removal_heard_while_the_stream_is_read_is_applied_when_the_read_completes()
     removal(&mut h, &room, bob_removed(join, 1, 1));
     assert!(h.events(bob).is_empty(), "waits for the read");
     hear(&mut h, &room, other(2, "two"));
-    let page = EngineEvent::Filled {
-        epoch: 77,
-        room_seq: ROOM_SEQ_AHEAD,
-        room: room.clone(),
-        after: 1,
-        msgs: Vec::new(),
-        marks: Vec::new(),
-        full: false,
-    };
+    let page = stream_page(&room, 1, Vec::new(), Vec::new(), false);
     feed(&mut h, page);
     removed_after(&mut h, bob, &[]);
 }
@@ -420,15 +384,7 @@ fn a_removal_heard_while_the_stream_is_read_waits_past_a_full_page() {
     feed(&mut h, EngineEvent::Resubscribed { room: room.clone() });
     assert_eq!(fill_asked(&mut h), (1, 0));
     removal(&mut h, &room, someone("dave", 3));
-    let page = |msgs, marks, full| EngineEvent::Filled {
-        epoch: 77,
-        room_seq: ROOM_SEQ_AHEAD,
-        room: room.clone(),
-        after: 1,
-        msgs,
-        marks,
-        full,
-    };
+    let page = |msgs, marks, full| stream_page(&room, 1, msgs, marks, full);
     feed(&mut h, page(Vec::new(), vec![someone("erin", 1)], true));
     assert_eq!(fill_asked(&mut h), (1, 1));
     let rest = vec![bob_removed(join, 1, 2), someone("dave", 3)];
