@@ -438,9 +438,12 @@ impl Core {
             filled += 1;
             self.offer_engine_msg(room, epoch, m, true);
         }
+        // The first message held past the head (one the page's jumps passed is dropped
+        // when the reorder buffer drains).
+        let head = self.owned.get(room).map_or(0, |o| o.head);
         let waiting = self
             .sync_mut(room)
-            .and_then(|s| s.reorder.first_key_value().map(|(&s, _)| s));
+            .and_then(|s| s.reorder.range(head + 1..).next().map(|(&s, _)| s));
         if let Some(first) = waiting
             && !full
             && first <= covers

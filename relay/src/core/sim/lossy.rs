@@ -15,7 +15,9 @@
 //! raise), and the run ends there, inconclusive and counted; otherwise nobody has the lost
 //! body, the new body is the sequence's truth and the sequence is no longer lost. A lost
 //! body that was still on its way and reaches a phone after its sequence went to another
-//! body is the same race, found late. What the checker allows in this mode: a GAP over a
+//! body is the same race, found late. So is a removal Redis placed below a node owner's
+//! head (the room's sequence went back): that owner may never apply it, and a delivery to
+//! the removed user past its place ends the run the same way. What the checker allows in this mode: a GAP over a
 //! lost sequence, a member missing one (or a drain's cursor before one), a lost sequence
 //! reaching a user who was a member when it was lost (a removal Redis placed after the
 //! loss comes before it in the room's order), a body that is in its room twice once at a
@@ -76,6 +78,9 @@ pub(super) struct Tally {
     pub(super) residual: Option<String>,
     /// The members of each lost sequence's room when Redis lost it, by (room id, seq).
     members: HashMap<(u64, u64), Vec<Text>>,
+    /// Removals Redis placed below an owner's head, by (room id, user): (place's
+    /// sequence, the owner's worker, its head then).
+    removals_below: HashMap<(u64, Text), (u64, usize, u64)>,
 }
 
 /// Moves the room's sequence up to `head` (`RAISE`, or a publish's owner head): the
@@ -218,14 +223,16 @@ impl Sim {
         Ok(())
     }
 
-    /// Judges each removal Redis just placed below a lost write's sequence (the room's
-    /// sequence went back): where some node's owner holds the room past the place, that
-    /// owner has passed it and never applies it, the documented residual race for a
-    /// removal (made through a node behind another node's head, before that node's
-    /// raise), and the run ends there, inconclusive and counted.
-    pub(super) fn judge_removals_below_lost(&mut self) -> Result<(), Violation> {
+    /// Notes each removal Redis just placed below a lost write's sequence (the room's
+    /// sequence went back) where some node's owner holds the room past the place: that
+    /// owner may have passed the place for good (its reads start after its head), the
+    /// documented residual race for a removal (made through a node behind another node's
+    /// head, before that node's raise). A delivery to the removed user past the place is
+    /// then that race ([`Sim::removal_passed`]), and ends the run, inconclusive and
+    /// counted; until one happens the run goes on.
+    pub(super) fn judge_removals_below_lost(&mut self) {
         let placed = std::mem::take(&mut self.engine.as_mut().unwrap().placed_below_lost);
-        for (room_id, at) in placed {
+        for (room_id, user, at) in placed {
             let Some(room) = self.rooms.iter().find(|r| r.id == room_id) else {
                 continue;
             };
@@ -234,13 +241,31 @@ impl Sim {
                 (o.epoch == EPOCH && o.head > at).then_some((c, o.head))
             });
             if let Some((c, head)) = past {
-                let what = format!(
-                    "Redis places a removal of {room_id:#x} at {at} while worker {c}'s owner holds the room at {head}"
-                );
-                return Err(self.residual(what));
+                self.note(format!(
+                    "Redis places {user}'s removal from {room_id:#x} at {at} while worker {c}'s owner holds the room at {head}"
+                ));
+                self.lossy
+                    .removals_below
+                    .insert((room_id, user), (at, c, head));
             }
         }
-        Ok(())
+    }
+
+    /// `user` received `seq` of the room outside its membership, after Redis placed the
+    /// removal that ended it below an owner's head ([`Sim::judge_removals_below_lost`]):
+    /// the documented residual race, not a leak of the relay's own.
+    pub(super) fn removal_passed(
+        &mut self,
+        user: &Text,
+        room_id: u64,
+        seq: u64,
+    ) -> Option<Violation> {
+        let &(at, c, head) = self.lossy.removals_below.get(&(room_id, user.clone()))?;
+        (seq > at).then(|| {
+            self.residual(format!(
+                "{user} received {seq} of {room_id:#x} past its removal, which Redis placed at {at} while worker {c}'s owner held the room at {head}"
+            ))
+        })
     }
 
     /// Who has sequence `seq` of the room: a node's owner at or past it, a phone that got

@@ -683,6 +683,9 @@ impl Sim {
                 if !self.model.allowed(&user, room_id, seq)
                     && !self.member_when_lost(&user, room_id, seq)
                 {
+                    if let Some(residual) = self.removal_passed(&user, room_id, seq) {
+                        return Err(residual);
+                    }
                     return Err(self.fail(format!(
                         "{user} received seq {seq} of room {room_id:#x} outside its membership: {:?}",
                         self.model.intervals.get(&(user.clone(), room_id))

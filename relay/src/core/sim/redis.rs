@@ -222,8 +222,9 @@ pub(super) struct Engine {
     /// took them.
     pub(super) reused: Vec<Reuse>,
     /// Removals placed at a room's sequence while a lost write's sequence is above it
-    /// (`lossy.rs`): `(room id, place's sequence)`, since the scheduler last took them.
-    pub(super) placed_below_lost: Vec<(u64, u64)>,
+    /// (`lossy.rs`): `(room id, user, place's sequence)`, since the scheduler last took
+    /// them.
+    pub(super) placed_below_lost: Vec<(u64, Text, u64)>,
     /// Fault injection: a re-established subscription does not tell the owner to read
     /// what it missed (what the engine would be without `Resubscribed`).
     pub(super) forget_resubscribed: bool,
@@ -459,7 +460,7 @@ impl Engine {
         let room = self.room_mut(room_id);
         let head = room.head;
         if lose_writes && room.bodies.len() as u64 > head {
-            self.placed_below_lost.push((room_id, head));
+            self.placed_below_lost.push((room_id, user.clone(), head));
         }
         let room = self.room_mut(room_id);
         let sub = match room.stream.back().map(Item::place) {
