@@ -194,6 +194,9 @@ struct RoomSync {
     /// everything up to it then, so a hole below it that the read does not fill was dropped
     /// by retention (a hole above it may only be newer than the read).
     fill_covers: u64,
+    /// The last place of a removal held when that read was sent (heard, or named by an
+    /// open's answer): Redis held it then.
+    fill_marks_cover: (u64, u64),
     /// The channel was resubscribed while the room was opening: read the stream once open.
     resync: bool,
     /// Reopening a room whose history fell behind: it opens (and the waiting requests run,

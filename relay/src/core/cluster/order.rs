@@ -342,6 +342,7 @@ impl Core {
             sync.filling = true;
             sync.fill_epoch = epoch;
             sync.fill_covers = sync.reorder.last_key_value().map_or(0, |(&s, _)| s);
+            sync.fill_marks_cover = sync.marks.last_key_value().map_or((0, 0), |(&p, _)| p);
             let sub = if sync.applied.0 == after {
                 sync.applied.1
             } else {
@@ -461,6 +462,20 @@ impl Core {
             // what the channel brought meanwhile.
             let past = waiting.map_or(room_seq + 1, |first| first.min(room_seq + 1));
             self.jump(room, past);
+            if !stale {
+                // A removal Redis held when the read was sent, placed past the sequence the
+                // read answered and past every message held, went with the writes Redis
+                // lost (an open's answer named it, or it was heard before a failover): it
+                // will never be read back, and holding it would have the stream read again
+                // on every turn (and apply it once a new message takes its sequence).
+                let head = self.owned.get(room).map_or(0, |o| o.head);
+                if let Some(sync) = self.sync_mut(room) {
+                    let bound = room_seq.max(head).max(sync.fill_covers);
+                    let cover = sync.fill_marks_cover;
+                    sync.marks
+                        .retain(|&place, _| place > cover || place.0 <= bound);
+                }
+            }
         }
         if let Some(side) = self.cluster.as_deref_mut() {
             side.stats.holes_filled.fetch_add(filled, Ordering::Relaxed);

@@ -4,7 +4,7 @@
 
 use super::cluster::*;
 use super::*;
-use crate::cluster::{EngineCmd, EngineEvent};
+use crate::cluster::{EngineCmd, EngineEvent, RemovalMark};
 use crate::directory::JoinPoint;
 use crate::ids::RoomName;
 
@@ -599,4 +599,48 @@ fn a_reopening_whose_target_redis_lost_since_ends_at_the_streams_end() {
         vec![&b"m2"[..], &b"m3"[..]],
         "{frames:?}"
     );
+}
+
+/// A room reopening behind the engine: the open read the sequence 10 and named a removal
+/// placed after 10 (the room's last removals). Redis then lost 9, 10 and the removal (a
+/// failover): the read after the head reaches the stream's end at 8. The removal will
+/// never be read back; the owner drops it rather than read the stream again on every turn
+/// (and apply it once a new message took sequence 10). Found by review.
+#[test]
+fn a_removal_redis_lost_with_the_writes_before_it_is_not_waited_for() {
+    let (mut h, bob, room) = bob_in_dm();
+    hear(&mut h, &room, other(1, "m1"));
+    let phone = close_and_resume(&mut h, bob, 1);
+    let carol_removed = RemovalMark {
+        seq: 10,
+        sub: 1,
+        user: Text::from("carol"),
+        join: JoinPoint {
+            epoch: 77,
+            seq: 0,
+            serial: 1,
+        },
+        reason: pabal_codec::LeftReason::Removed,
+    };
+    feed(
+        &mut h,
+        EngineEvent::Opened {
+            room: room.clone(),
+            epoch: 77,
+            seq: 10,
+            tail: Vec::new(),
+            marks: vec![carol_removed],
+        },
+    );
+    assert_eq!(fills_asked(&mut h), vec![1]);
+    let stream: Vec<u64> = (2..=8).collect();
+    let msgs = stream.iter().map(|&s| other(s, &format!("m{s}"))).collect();
+    feed(&mut h, stream_page(&room, 1, msgs, Vec::new(), false));
+    assert_eq!(
+        fills_asked(&mut h),
+        Vec::<u64>::new(),
+        "nothing left to read"
+    );
+    let frames = h.frames(phone);
+    assert_eq!(delivered(&frames).len(), 7, "2..=8: {frames:?}");
 }
