@@ -1020,14 +1020,7 @@ fn what_the_rooms_sequence_names_past_the_streams_end_is_a_gap() {
         Some(4),
         "the head is past the gap before anything else comes"
     );
-    feed(
-        &mut h,
-        EngineEvent::Message {
-            room: room.clone(),
-            epoch: 77,
-            msg: other(5, "m5"),
-        },
-    );
+    hear(&mut h, &room, other(5, "m5"));
     answer_reads(&mut h, &room, &[1, 5], 5);
     let events = h.events(bob);
     let got = sequences_and_gaps(&events);
@@ -1040,13 +1033,8 @@ fn what_the_rooms_sequence_names_past_the_streams_end_is_a_gap() {
 #[test]
 fn a_stream_page_with_a_hole_in_its_middle_ends_at_it() {
     let (mut h, bob, room) = bob_in_dm();
-    let message = |seq| EngineEvent::Message {
-        room: room.clone(),
-        epoch: 77,
-        msg: other(seq, "x"),
-    };
     // The owner holds 5 only (its read of the stream starts there).
-    feed(&mut h, message(5));
+    hear(&mut h, &room, other(5, "x"));
     assert_eq!(fills_asked(&mut h), vec![0]);
     feed(&mut h, page_of(&room, 5, 0, &[5]));
     let read = |h: &mut Harness| match engine_cmds(h).as_slice() {
