@@ -769,26 +769,24 @@ fn mode_shape() {
         let mut cpus: Vec<Vec<f64>> = backends.iter().map(|_| Vec::new()).collect();
         let mut cpu_ratios: Vec<Vec<f64>> = backends.iter().map(|_| Vec::new()).collect();
         let mut names = vec![String::new(); backends.len()];
+        // `PABAL_PHONE_CPU_RATE=0` skips the CPU trial: print no CPU figures then.
+        let cpu_measured = cpu_rate() > 0.0;
         let mut start = 20_000.0;
         for round in 1..=rounds {
             let (base, base_cpu) = baseline_max(rooms, members, start);
             start = base.rate * 0.8;
-            let mut line = format!(
-                "  round {round}: baseline {}, {:.2} us/delivery",
-                show(&base),
-                base_cpu / 1000.0
-            );
+            let mut line = format!("  round {round}: baseline {}", show(&base));
+            if cpu_measured {
+                line += &format!(", {:.2} us/delivery", base_cpu / 1000.0);
+            }
             base_rates.push(base.rate);
             base_cpus.push(base_cpu);
             for (b, &backend) in backends.iter().enumerate() {
                 let (o, name, cpu) = relay_max_isolated(backend, 1, rooms, members, start);
-                line += &format!(
-                    "; {name} {} = {:.2}, {:.2} us/delivery = {:.2}",
-                    show(&o),
-                    o.rate / base.rate,
-                    cpu / 1000.0,
-                    base_cpu / cpu
-                );
+                line += &format!("; {name} {} = {:.2}", show(&o), o.rate / base.rate);
+                if cpu_measured {
+                    line += &format!(", {:.2} us/delivery = {:.2}", cpu / 1000.0, base_cpu / cpu);
+                }
                 names[b] = name;
                 relay_rates[b].push(o.rate);
                 ratios[b].push(o.rate / base.rate);
@@ -797,21 +795,30 @@ fn mode_shape() {
             }
             println!("{line}");
         }
-        println!(
-            "  median baseline {:.0} deliveries/s; CPU per delivery at {:.0}/s: {:.2} us",
-            median(base_rates),
-            cpu_rate(),
-            median(base_cpus) / 1000.0
-        );
+        let mut line = format!("  median baseline {:.0} deliveries/s", median(base_rates));
+        if cpu_measured {
+            line += &format!(
+                "; CPU per delivery at {:.0}/s: {:.2} us",
+                cpu_rate(),
+                median(base_cpus) / 1000.0
+            );
+        }
+        println!("{line}");
         for b in 0..backends.len() {
-            println!(
-                "  median {:<9} {:.0} deliveries/s, relay/baseline {:.2}; CPU per delivery {:.2} us, baseline/relay {:.2}",
+            let mut line = format!(
+                "  median {:<9} {:.0} deliveries/s, relay/baseline {:.2}",
                 names[b],
                 median(relay_rates[b].clone()),
-                median(ratios[b].clone()),
-                median(cpus[b].clone()) / 1000.0,
-                median(cpu_ratios[b].clone())
+                median(ratios[b].clone())
             );
+            if cpu_measured {
+                line += &format!(
+                    "; CPU per delivery {:.2} us, baseline/relay {:.2}",
+                    median(cpus[b].clone()) / 1000.0,
+                    median(cpu_ratios[b].clone())
+                );
+            }
+            println!("{line}");
         }
     }
 }
