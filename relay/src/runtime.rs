@@ -259,11 +259,19 @@ impl RelayHandle {
         let (ready_tx, ready_rx) =
             crossbeam_channel::bounded::<(usize, anyhow::Result<Wakeup>)>(workers);
         let (exited_tx, exited_rx) = crossbeam_channel::unbounded();
+        // Worker `i` goes to the `i`-th CPU this thread may run on (its affinity mask, as
+        // `taskset` or systemd's `CPUAffinity=` set it); past the mask's end they wrap round.
         let core_ids = if config.pin_workers {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {
             Vec::new()
         };
+        if !core_ids.is_empty() && workers > core_ids.len() {
+            tracing::warn!(
+                "{workers} workers pinned over the {} CPUs this process may run on: some share                  a CPU (set workers = 0 for one per CPU, or widen the CPU affinity)",
+                core_ids.len()
+            );
+        }
         let mut mesh_txs = Vec::new();
         let mut handles = Vec::new();
         let mut stats = Vec::new();
