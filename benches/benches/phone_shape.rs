@@ -75,7 +75,7 @@ use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -187,13 +187,44 @@ fn wait_until(ns: u64) {
     }
 }
 
+/// Where the CPUs this bench may use travel to its `--relay-max` children.
+const CPUS_VAR: &str = "PABAL_PHONE_CPUS";
+
+/// The CPUs this bench may use, in order: the mask the top-level process started with (a
+/// `taskset` around the bench is kept), or `PABAL_PHONE_CPUS` in a `--relay-max` child,
+/// which starts inside its parent's mask already narrowed to core 0. Every placement (the
+/// relay's workers, the phones' readers, the baseline's sender) counts in this list, not
+/// in the calling thread's current mask: counted there after a pin to core 0, the phones'
+/// process went to core 0 with the server, and every worker with worker 0 (found in
+/// session 20).
+fn bench_cpus() -> &'static [usize] {
+    static CPUS: OnceLock<Vec<usize>> = OnceLock::new();
+    CPUS.get_or_init(|| match std::env::var(CPUS_VAR) {
+        Ok(list) => common::placement::parse_cpus(CPUS_VAR, &list),
+        Err(_) => {
+            let ids: Vec<usize> = core_affinity::get_core_ids()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| c.id)
+                .collect();
+            if ids.is_empty() { vec![0] } else { ids }
+        }
+    })
+}
+
+/// `cpus` as a CPU list (`0,1,2`), for `taskset` and [`CPUS_VAR`].
+fn cpu_list(cpus: &[usize]) -> String {
+    cpus.iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Pins the calling thread to the `core`-th of [`bench_cpus`] (the last if there are fewer).
 fn pin_to(core: usize) {
-    if let Some(id) = core_affinity::get_core_ids().and_then(|ids| {
-        let n = ids.len();
-        ids.get(core.min(n.saturating_sub(1))).copied()
-    }) {
-        core_affinity::set_for_current(id);
-    }
+    let cpus = bench_cpus();
+    let cpu = cpus[core.min(cpus.len() - 1)];
+    common::placement::pin_current_thread(CPUS_VAR, &[cpu]);
 }
 
 // ---- the child: phones, publishers, readers ---------------------------------------------
@@ -425,11 +456,11 @@ struct ChildLink {
 impl ChildLink {
     fn spawn(mode: &str, addr: SocketAddr, rooms: usize, members: usize, core: usize) -> Self {
         let readers: usize = env_or("PABAL_PHONE_READERS", 1);
-        let cores = core_affinity::get_core_ids().map_or(1, |c| c.len());
-        let first = core.min(cores - 1);
-        let last = (first + readers - 1).min(cores - 1);
+        let cpus = bench_cpus();
+        let first = core.min(cpus.len() - 1);
+        let last = (first + readers - 1).min(cpus.len() - 1);
         let mut child = Command::new("taskset")
-            .args(["-c", &format!("{first}-{last}")])
+            .args(["-c", &cpu_list(&cpus[first..=last])])
             .arg(std::env::current_exe().unwrap())
             .args(["--phones-child", mode, &addr.to_string()])
             .args([rooms.to_string(), members.to_string(), readers.to_string()])
@@ -583,11 +614,11 @@ fn relay_max(
 ) -> (Outcome, &'static str, f64) {
     let mut config = common::relay_config(backend);
     config.workers = workers;
-    // The workers take cores 0..workers of this thread's mask, so all of them: a mask
-    // inherited from a pinned parent (core 0 alone) put every worker on core 0 (session
-    // 20's 16-core run: 1 to 8 workers all at one core's rate). Then this thread joins
-    // worker 0's core.
-    common::placement::unpin_current_thread();
+    // The workers take the first `workers` CPUs of this thread's mask, so it must hold all
+    // of them: a mask inherited from a pinned parent (core 0 alone) put every worker on
+    // core 0 (session 20's 16-core run: 1 to 8 workers all at one core's rate). Then this
+    // thread joins worker 0's core.
+    common::placement::pin_current_thread(CPUS_VAR, bench_cpus());
     let relay = RelayHandle::start(config).unwrap();
     pin_to(0);
     let name = relay.backend();
@@ -635,6 +666,7 @@ fn relay_max_isolated(
         _ => "io_uring",
     };
     let out = Command::new(std::env::current_exe().unwrap())
+        .env(CPUS_VAR, cpu_list(bench_cpus()))
         .args(["--relay-max", name])
         .args([workers, rooms, members].map(|n| n.to_string()))
         .arg(start.to_string())
@@ -904,6 +936,8 @@ fn mode_storm() {
 }
 
 fn main() {
+    // Before anything pins a thread: the CPUs this bench may use.
+    bench_cpus();
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--phones-child") {
         return child(&args[i + 1..]);

@@ -268,7 +268,8 @@ impl RelayHandle {
         };
         if !core_ids.is_empty() && workers > core_ids.len() {
             tracing::warn!(
-                "{workers} workers pinned over the {} CPUs this process may run on: some share                  a CPU (set workers = 0 for one per CPU, or widen the CPU affinity)",
+                "{workers} workers pinned over the {} CPUs this process may run on: some share \
+                 a CPU (set workers = 0 for one per CPU, or widen the CPU affinity)",
                 core_ids.len()
             );
         }

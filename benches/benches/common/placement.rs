@@ -77,15 +77,10 @@ fn pin_process(var: &str, pid: u32, cpus: &[usize]) {
     }
 }
 
-/// Lets the calling thread run on every online CPU again (within a container's cpuset the
-/// kernel keeps only those it allows). Threads and processes it starts inherit its mask,
-/// and the relay pins worker `i` to the `i`-th CPU of the mask of the thread that starts
-/// it: started inside a mask of one CPU, every worker shares that CPU.
-pub fn unpin_current_thread() {
-    const ONLINE: &str = "/sys/devices/system/cpu/online";
-    let list = std::fs::read_to_string(ONLINE)
-        .unwrap_or_else(|e| panic!("{ONLINE}: {e} (the CPUs to unpin onto)"));
-    pin_thread("unpin", 0, &parse_cpus(ONLINE, &list));
+/// Pins the calling thread to `cpus` (threads and processes it starts inherit them);
+/// panics naming `var` if the kernel refuses.
+pub fn pin_current_thread(var: &str, cpus: &[usize]) {
+    pin_thread(var, 0, cpus);
 }
 
 /// Pins thread `tid` (0: the calling thread) to `cpus`; panics naming `var` if the kernel
