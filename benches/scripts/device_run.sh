@@ -14,7 +14,8 @@
 # turns with the main thread and every answer waits), RELAY_CPUS (4: the relay node's
 # worker and engine),
 # LOAD_CPUS (8-15: the load generator's threads, one each); the three-node rows run on
-# FANOUT_CPUS (4-15). STAGES picks stages (default "capacity latency workers fanout"):
+# FANOUT_CPUS (4-15). STAGES picks stages (default "capacity latency fanout workers", the
+# new workers stage last so that a long one costs no earlier stage's figures):
 # `workers` is the phone's shape at WORKERS workers (default 1,2,4,8: the relay's workers
 # on cores 0..W-1, the phones' PHONE_READERS reader threads, default 8, on the cores after
 # them), 1-second trials, about 150 s; `fixed` is the latency shape paced at FIXED_RATE
@@ -29,7 +30,7 @@ REDIS_CPUS=${REDIS_CPUS:-2-3}
 RELAY_CPUS=${RELAY_CPUS:-4}
 LOAD_CPUS=${LOAD_CPUS:-8-15}
 FANOUT_CPUS=${FANOUT_CPUS:-4-15}
-STAGES=${STAGES:-capacity latency workers fanout}
+STAGES=${STAGES:-capacity latency fanout workers}
 # The `fixed` stage's rounds run in a child shell: it reads these from the environment.
 export REDIS_CPUS RELAY_CPUS LOAD_CPUS ROUNDS="${ROUNDS:-3}" FIXED_RATE="${FIXED_RATE:-31000}"
 
