@@ -462,27 +462,13 @@ pub enum EngineEvent {
         /// The room.
         room: RoomName,
     },
-    /// Messages of the stream after `after`, ascending (a page of at most
+    /// Messages of the stream after the page's `after`, ascending (a page of at most
     /// `cluster.fill_batch`).
     Filled {
         /// The room.
         room: RoomName,
-        /// The room's epoch in the engine when the page was read (`0`: it held none): a
-        /// page of another epoch than the owner's is not its stream's.
-        epoch: u64,
-        /// The room's sequence in the engine when the page was read: below the owner's
-        /// head in the same epoch, Redis lost writes ([`script::RAISE`]).
-        room_seq: u64,
-        /// The request's start.
-        after: u64,
-        /// What the stream holds after it.
-        msgs: Vec<EngineMessage>,
-        /// The removals placed after `after` in the same span (those after the head's
-        /// message included), ascending.
-        marks: Vec<RemovalMark>,
-        /// The page holds `cluster.fill_batch` entries (messages and removals): the
-        /// stream may hold more.
-        full: bool,
+        /// The page.
+        page: FillPage,
     },
     /// An [`EngineCmd::Raise`] Redis did not run (its connection lost, an error
     /// answered): the owner reads the room again, which asks again if it is behind.
@@ -631,6 +617,27 @@ pub enum EngineEvent {
         /// The answer.
         answer: Option<presence::LookupAnswer>,
     },
+}
+
+/// A page of a room's stream read for its owner ([`EngineEvent::Filled`]).
+#[derive(Debug)]
+pub struct FillPage {
+    /// The room's epoch in the engine when the page was read (`0`: it held none): a page
+    /// of another epoch than the owner's is not its stream's.
+    pub epoch: u64,
+    /// The room's sequence in the engine, read in the same script as the page: below the
+    /// owner's head in the same epoch, Redis lost writes ([`script::RAISE`]).
+    pub room_seq: u64,
+    /// The request's start: the page holds what comes after it.
+    pub after: u64,
+    /// What the stream holds after `after`.
+    pub msgs: Vec<EngineMessage>,
+    /// The removals placed after `after` in the same span (those after the head's message
+    /// included), ascending.
+    pub marks: Vec<RemovalMark>,
+    /// The page holds `cluster.fill_batch` entries (messages and removals): the stream may
+    /// hold more.
+    pub full: bool,
 }
 
 /// What a HELLO's claim came to.

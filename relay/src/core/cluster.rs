@@ -366,25 +366,10 @@ impl Core {
                     self.cluster_forget(&room);
                 }
             }
-            EngineEvent::Filled {
-                room,
-                epoch,
-                room_seq,
-                after,
-                msgs,
-                marks,
-                full,
-            } => {
+            EngineEvent::Filled { room, page } => {
                 // After the page: the head may have jumped to a message held from the
                 // channel that Redis has since lost (`order.rs`, past what retention dropped).
-                let page = order::FillPage {
-                    epoch,
-                    room_seq,
-                    after,
-                    msgs,
-                    marks,
-                    full,
-                };
+                let (epoch, room_seq) = (page.epoch, page.room_seq);
                 self.on_filled(&room, page);
                 self.check_room_seq(&room, epoch, room_seq);
             }

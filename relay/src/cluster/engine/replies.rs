@@ -17,7 +17,7 @@ use bytes::Bytes;
 use super::super::resp::Value;
 use super::super::script;
 use super::super::shard::{BACKOFF_MIN, Pending, READ_ROUND};
-use super::super::{EngineErrorKind, EngineEvent, EngineMessage, RedisAddr, malformed};
+use super::super::{EngineErrorKind, EngineEvent, EngineMessage, FillPage, RedisAddr, malformed};
 use super::{Channel, Engine, MAX_HOPS, SubState, channel_key, tryagain};
 
 /// A command answered `MOVED` or `ASK`: where to send it again.
@@ -356,12 +356,14 @@ impl Engine {
                 self.out.push(match reader {
                     None => EngineEvent::Filled {
                         room,
-                        epoch,
-                        room_seq,
-                        after: after.0,
-                        msgs: span.msgs,
-                        marks: span.marks,
-                        full,
+                        page: FillPage {
+                            epoch,
+                            room_seq,
+                            after: after.0,
+                            msgs: span.msgs,
+                            marks: span.marks,
+                            full,
+                        },
                     },
                     // A reader pages messages: the removals are the owner's.
                     Some(reader) => EngineEvent::Read {

@@ -10,26 +10,10 @@
 use std::sync::atomic::Ordering;
 
 use super::{Heard, MAX_REORDER, SyncState, stored};
-use crate::cluster::{EngineCmd, EngineMessage, RemovalMark};
+use crate::cluster::{EngineCmd, EngineMessage, FillPage, RemovalMark};
 use crate::core::Core;
 use crate::ids::{RoomName, StoredRef};
 use crate::mesh::CoreMsg;
-
-/// A page of a room's stream the owner read (`EngineEvent::Filled`).
-pub(super) struct FillPage {
-    /// The room's epoch in the engine when the page was read.
-    pub(super) epoch: u64,
-    /// The room's sequence, read in the same script as the page.
-    pub(super) room_seq: u64,
-    /// Where the page starts (after this sequence).
-    pub(super) after: u64,
-    /// The messages, ascending.
-    pub(super) msgs: Vec<EngineMessage>,
-    /// The removals among them (and those retention dropped after `after`), in order.
-    pub(super) marks: Vec<RemovalMark>,
-    /// The page holds a whole batch: the stream may hold more.
-    pub(super) full: bool,
-}
 
 impl Core {
     /// A message or a removal from the room's channel. Until the room's open is answered

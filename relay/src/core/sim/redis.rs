@@ -30,8 +30,8 @@ use pabal_codec::Text;
 use crate::cluster::copies::Copies;
 use crate::cluster::membership::{Notice, UserRooms};
 use crate::cluster::{
-    ClaimOutcome, EngineCmd, EngineEvent, EngineMessage, MemberChange, MemberOutcome, RemovalMark,
-    RepeatKey,
+    ClaimOutcome, EngineCmd, EngineEvent, EngineMessage, FillPage, MemberChange, MemberOutcome,
+    RemovalMark, RepeatKey,
 };
 use crate::directory::JoinPoint;
 use crate::ids::RoomName;
@@ -809,12 +809,14 @@ impl Engine {
                 let span = self.fill_span(node, room.id, (*after, *sub));
                 EngineEvent::Filled {
                     room: room.clone(),
-                    epoch: EPOCH,
-                    room_seq: self.room(room.id).head,
-                    after: *after,
-                    msgs: span.msgs,
-                    marks: span.marks,
-                    full: span.entries >= self.fill_batch,
+                    page: FillPage {
+                        epoch: EPOCH,
+                        room_seq: self.room(room.id).head,
+                        after: *after,
+                        msgs: span.msgs,
+                        marks: span.marks,
+                        full: span.entries >= self.fill_batch,
+                    },
                 }
             }
             Written::Cmd(EngineCmd::Read {

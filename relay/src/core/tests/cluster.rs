@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::cluster::{
-    ClusterConfig, ClusterStats, EngineCmd, EngineEvent, EngineMessage, RemovalMark,
+    ClusterConfig, ClusterStats, EngineCmd, EngineEvent, EngineMessage, FillPage, RemovalMark,
 };
 use crate::directory::JoinPoint;
 use crate::ids::{RoomName, UserName};
@@ -133,13 +133,15 @@ pub(super) fn stream_page(
     full: bool,
 ) -> EngineEvent {
     EngineEvent::Filled {
-        epoch: 77,
-        room_seq: stream_end(after, &msgs, &marks),
         room: room.clone(),
-        after,
-        msgs,
-        marks,
-        full,
+        page: FillPage {
+            epoch: 77,
+            room_seq: stream_end(after, &msgs, &marks),
+            after,
+            msgs,
+            marks,
+            full,
+        },
     }
 }
 
@@ -164,13 +166,15 @@ fn filled_at(
     msgs: Vec<EngineMessage>,
 ) -> EngineEvent {
     EngineEvent::Filled {
-        epoch,
-        room_seq,
         room: room.clone(),
-        after,
-        msgs,
-        marks: Vec::new(),
-        full: false,
+        page: FillPage {
+            epoch,
+            room_seq,
+            after,
+            msgs,
+            marks: Vec::new(),
+            full: false,
+        },
     }
 }
 
@@ -179,6 +183,19 @@ fn filled_at(
 fn page_of(room: &RoomName, room_seq: u64, after: u64, seqs: &[u64]) -> EngineEvent {
     let msgs = seqs.iter().map(|&s| other(s, "x")).collect();
     filled_at(room, 77, room_seq, after, msgs)
+}
+
+/// A reader's page of the room's stream after `after`, the stream's end (not full) at
+/// `last`: messages `seqs`.
+fn read_page(room: &RoomName, after: u64, reader: u64, seqs: &[u64], last: u64) -> EngineEvent {
+    EngineEvent::Read {
+        room: room.clone(),
+        after,
+        reader,
+        msgs: seqs.iter().map(|&s| other(s, "x")).collect(),
+        full: false,
+        last,
+    }
 }
 
 /// Answers the stream reads the worker asks for (the owner's fills and its readers'
@@ -207,13 +224,15 @@ pub(super) fn answer_reads(h: &mut Harness, room: &RoomName, stream: &[u64], roo
         for cmd in cmds {
             let event = match cmd {
                 EngineCmd::Fill { after, .. } => EngineEvent::Filled {
-                    epoch: 77,
-                    room_seq,
                     room: room.clone(),
-                    after,
-                    msgs: after_of(after),
-                    marks: Vec::new(),
-                    full: false,
+                    page: FillPage {
+                        epoch: 77,
+                        room_seq,
+                        after,
+                        msgs: after_of(after),
+                        marks: Vec::new(),
+                        full: false,
+                    },
                 },
                 EngineCmd::Read { after, reader, .. } => EngineEvent::Read {
                     room: room.clone(),
@@ -595,17 +614,7 @@ fn only_what_the_stream_dropped_becomes_a_gap() {
         ] => *reader,
         other => panic!("{other:?}"),
     };
-    feed(
-        &mut h,
-        EngineEvent::Read {
-            room: room.clone(),
-            after: 0,
-            reader,
-            msgs: [4, 5].iter().map(|&s| other(s, "x")).collect(),
-            full: false,
-            last: 5,
-        },
-    );
+    feed(&mut h, read_page(&room, 0, reader, &[4, 5], 5));
     let events = h.events(bob);
     assert!(
         events
@@ -1043,30 +1052,10 @@ fn a_stream_page_with_a_hole_in_its_middle_ends_at_it() {
     };
     let (after, reader) = read(&mut h);
     assert_eq!(after, 0);
-    feed(
-        &mut h,
-        EngineEvent::Read {
-            room: room.clone(),
-            after: 0,
-            reader,
-            msgs: [1, 2, 5].iter().map(|&s| other(s, "x")).collect(),
-            full: false,
-            last: 5,
-        },
-    );
+    feed(&mut h, read_page(&room, 0, reader, &[1, 2, 5], 5));
     let (after, reader) = read(&mut h);
     assert_eq!(after, 2, "the next page starts after the hole's start");
-    feed(
-        &mut h,
-        EngineEvent::Read {
-            room: room.clone(),
-            after: 2,
-            reader,
-            msgs: vec![other(5, "x")],
-            full: false,
-            last: 5,
-        },
-    );
+    feed(&mut h, read_page(&room, 2, reader, &[5], 5));
     let events = h.events(bob);
     let got = sequences_and_gaps(&events);
     assert_eq!(got, vec![(1, 1), (2, 2), (3, 4), (5, 5)], "{events:?}");
