@@ -202,22 +202,10 @@ fn bench_cpus() -> &'static [usize] {
     CPUS.get_or_init(|| match std::env::var(CPUS_VAR) {
         Ok(list) => common::placement::parse_cpus(CPUS_VAR, &list),
         Err(_) => {
-            let ids: Vec<usize> = core_affinity::get_core_ids()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|c| c.id)
-                .collect();
-            if ids.is_empty() { vec![0] } else { ids }
+            let cpus = common::placement::current_thread_cpus();
+            if cpus.is_empty() { vec![0] } else { cpus }
         }
     })
-}
-
-/// `cpus` as a CPU list (`0,1,2`), for `taskset` and [`CPUS_VAR`].
-fn cpu_list(cpus: &[usize]) -> String {
-    cpus.iter()
-        .map(usize::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// Pins the calling thread to the `core`-th of [`bench_cpus`] (the last if there are fewer).
@@ -460,7 +448,7 @@ impl ChildLink {
         let first = core.min(cpus.len() - 1);
         let last = (first + readers - 1).min(cpus.len() - 1);
         let mut child = Command::new("taskset")
-            .args(["-c", &cpu_list(&cpus[first..=last])])
+            .args(["-c", &common::placement::cpu_text(&cpus[first..=last])])
             .arg(std::env::current_exe().unwrap())
             .args(["--phones-child", mode, &addr.to_string()])
             .args([rooms.to_string(), members.to_string(), readers.to_string()])
@@ -666,7 +654,7 @@ fn relay_max_isolated(
         _ => "io_uring",
     };
     let out = Command::new(std::env::current_exe().unwrap())
-        .env(CPUS_VAR, cpu_list(bench_cpus()))
+        .env(CPUS_VAR, common::placement::cpu_text(bench_cpus()))
         .args(["--relay-max", name])
         .args([workers, rooms, members].map(|n| n.to_string()))
         .arg(start.to_string())

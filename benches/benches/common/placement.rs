@@ -77,6 +77,11 @@ fn pin_process(var: &str, pid: u32, cpus: &[usize]) {
     }
 }
 
+/// The CPUs the calling thread may run on (its affinity mask).
+pub fn current_thread_cpus() -> Vec<usize> {
+    affinity_of(0)
+}
+
 /// Pins the calling thread to `cpus` (threads and processes it starts inherit them);
 /// panics naming `var` if the kernel refuses.
 pub fn pin_current_thread(var: &str, cpus: &[usize]) {
@@ -225,8 +230,8 @@ pub fn apply(redis: &RedisServer) -> String {
     )
 }
 
-/// `0,1` for a CPU list, `?` for none.
-fn cpu_text(cpus: &[usize]) -> String {
+/// `0,1` for a CPU list (as `taskset -c` takes it), `?` for none.
+pub fn cpu_text(cpus: &[usize]) -> String {
     if cpus.is_empty() {
         return "?".into();
     }
